@@ -1,0 +1,232 @@
+"""The bundle: the deployable artifact the service hosts.
+
+A directory (or a ``.sdb`` zip of it) with
+
+- ``model.onnx``: the protected network alone (dynamic batch axis): the public graph;
+- ``key.sealed``: the key, AES-GCM sealed under the server's master key (absent in Nasty mode);
+- ``meta.json``: name, version, task, input shape/dtype, normalisation, labels, λ,
+  temperature, metrics, and the sha256 of every other file.
+
+Loading verifies every hash and refuses an altered bundle. The sealed key's associated
+data is a digest of ``meta.json`` (bar the file hashes), so editing ``meta.json`` (λ, say)
+makes the key refuse to open as well.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .protect.box import SafeDistillationBox
+from .protect.key import seal, unseal
+
+FORMAT = "sdb-bundle/1"
+MODEL_FILE, META_FILE, KEY_FILE = "model.onnx", "meta.json", "key.sealed"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+MAX_MEMBER_BYTES = 2 << 30  # a bundle member larger than this is not a bundle we wrote
+
+
+class BundleError(ValueError):
+    """The bundle is missing, malformed or was altered."""
+
+
+def _sha256(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def _meta_digest(meta: dict) -> bytes:
+    core = {k: v for k, v in meta.items() if k != "files"}
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).digest()
+
+
+def export_onnx(model: nn.Module, in_shape: Sequence[int]) -> bytes:
+    """The network as ONNX bytes, batch axis dynamic, input ``input``, output ``logits``."""
+    model = model.eval()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: fast, no onnxscript needed, and exact for these graphs.
+        torch.onnx.export(model, (torch.zeros(2, *in_shape, device=device),), buf,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          opset_version=17, dynamo=False)
+    return buf.getvalue()
+
+
+def export_bundle(
+    box: SafeDistillationBox,
+    out: str | os.PathLike,
+    *,
+    name: str,
+    in_shape: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    labels: Sequence[str],
+    master_key: bytes | None,
+    version: str = "1",
+    task: str = "classification",
+    metrics: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``box`` as a bundle directory, or a zip when ``out`` ends in ``.sdb``."""
+    if box.has_key and master_key is None:
+        raise BundleError("a keyed box needs the master key to seal its key")
+    files = {MODEL_FILE: export_onnx(box.model, in_shape)}
+    meta: dict[str, Any] = {
+        "format": FORMAT, "name": name, "version": str(version), "task": task, "mode": box.mode,
+        "input": {"name": INPUT_NAME, "shape": list(in_shape), "dtype": "float32"},
+        "output": {"name": OUTPUT_NAME, "shape": [len(labels)]},
+        "normalize": {"mean": list(map(float, mean)), "std": list(map(float, std)), "scale": 255.0},
+        "labels": list(labels), "lam": box.lam if box.has_key else None, "temperature": box.temperature,
+        "metrics": metrics or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+    if box.has_key:
+        files[KEY_FILE] = seal(box.reveal_key(), master_key, aad=_meta_digest(meta))
+    meta["files"] = {n: _sha256(b) for n, b in files.items()}
+    files[META_FILE] = json.dumps(meta, indent=2).encode()
+
+    out = Path(out)
+    if out.suffix == ".sdb":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for n, b in files.items():
+                z.writestr(n, b)
+        os.replace(tmp, out)
+        return out
+    # Write beside, then swap in, so a reader never sees half a bundle.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for n, b in files.items():
+        (tmp / n).write_bytes(b)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def read_bundle_files(path: str | os.PathLike) -> dict[str, bytes]:
+    p = Path(path)
+    if not p.exists():
+        raise BundleError(f"no bundle at {p}")
+    names = (MODEL_FILE, META_FILE, KEY_FILE)
+    if p.is_dir():
+        return {n: (p / n).read_bytes() for n in names if (p / n).is_file()}
+    try:
+        with zipfile.ZipFile(p) as z:
+            out = {}
+            for info in z.infolist():
+                if info.filename in names:
+                    if info.file_size > MAX_MEMBER_BYTES:
+                        raise BundleError(f"{p}: {info.filename} is too large to be a bundle member")
+                    out[info.filename] = z.read(info)
+            return out
+    except zipfile.BadZipFile:
+        raise BundleError(f"{p} is neither a bundle directory nor a .sdb zip") from None
+
+
+def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
+    """Parse ``meta.json`` and check every listed file's sha256; return the meta."""
+    if META_FILE not in files:
+        raise BundleError(f"{where}: {META_FILE} is missing")
+    try:
+        meta = json.loads(files[META_FILE])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{where}: {META_FILE} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise BundleError(f"{where}: not an {FORMAT} bundle")
+    listed = meta.get("files")
+    if not isinstance(listed, dict) or MODEL_FILE not in listed:
+        raise BundleError(f"{where}: {META_FILE} lists no file hashes")
+    for n, digest in listed.items():
+        if n not in files:
+            raise BundleError(f"{where}: {n} is missing")
+        if _sha256(files[n]) != digest:
+            raise BundleError(f"{where}: {n} was altered (sha256 mismatch)")
+    for key in ("name", "version", "input", "labels", "normalize", "mode"):
+        if key not in meta:
+            raise BundleError(f"{where}: {META_FILE} has no {key!r}")
+    if meta["mode"] == "sdb" and KEY_FILE not in listed:
+        raise BundleError(f"{where}: an sdb-mode bundle must carry {KEY_FILE}")
+    return meta
+
+
+def onnx_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu sees a device, else CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+@dataclass
+class Bundle:
+    """A verified bundle in ONNX Runtime: public path for all, keyed path if the key opened."""
+
+    meta: dict
+    session: Any
+    _key: np.ndarray | None
+
+    @property
+    def has_key(self) -> bool:
+        return self._key is not None
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    def public_logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        z = self.public_logits(x)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def keyed_input(self, x: np.ndarray) -> np.ndarray:
+        if self._key is None:
+            raise PermissionError(f"bundle {self.name!r} has no opened key: no distillable path")
+        lam = float(self.meta["lam"])
+        return (lam * np.asarray(x, dtype=np.float32) + (1.0 - lam) * self._key).astype(np.float32)
+
+    def distill_logits(self, x: np.ndarray) -> np.ndarray:
+        return self.public_logits(self.keyed_input(x))
+
+    def __repr__(self) -> str:
+        return f"Bundle(name={self.name!r}, version={self.meta['version']!r}, key={'<hidden>' if self._key is not None else None})"
+
+
+def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
+                session_options: Any = None, providers: list[str] | None = None) -> Bundle:
+    """Verify and load a bundle; the key is opened only when ``master_key`` is given."""
+    import onnxruntime as ort
+
+    files = read_bundle_files(path)
+    meta = verify(files, str(path))
+    key = None
+    if master_key is not None and KEY_FILE in files:
+        k = unseal(files[KEY_FILE], master_key, aad=_meta_digest(meta)).numpy()
+        if list(k.shape) != list(meta["input"]["shape"]):
+            raise BundleError(f"{path}: key shape {list(k.shape)} does not match the input shape")
+        key = k.astype(np.float32)
+    try:
+        session = ort.InferenceSession(files[MODEL_FILE], sess_options=session_options,
+                                       providers=providers or onnx_providers())
+    except Exception as e:  # onnxruntime raises its own hierarchy; a user sees one clear error
+        raise BundleError(f"{path}: model.onnx does not load in ONNX Runtime ({e})") from None
+    return Bundle(meta, session, key)

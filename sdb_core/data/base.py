@@ -1,0 +1,148 @@
+"""What every dataset loader returns, the dataset registry, and the shared split helpers.
+
+A loader reads raw pixels in [0, 1] and hands them to ``make_splits``, which resizes,
+computes the per-channel statistics on the train split and normalises both splits, so
+every set is normalised the same way: ``x = (pixel / 255 - mean) / std``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from sdb_core.registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+
+
+def register_dataset(fn=None, *, name: str | None = None):
+    """Register a loader ``fn(path: Path | None, *, image_size: int | None, seed: int) -> DataSplits``."""
+    return DATASETS.register(fn, name=name)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded: the message names the path and the problem."""
+
+
+@dataclass(frozen=True, eq=False)
+class DataSplits:
+    name: str
+    train: TensorDataset
+    test: TensorDataset
+    num_classes: int
+    in_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    labels: list[str]
+
+    def normalize(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Normalise pixels in [0, 1], shaped (C, H, W) or (N, C, H, W), like this set's inputs."""
+        x = raw.float() if isinstance(raw, torch.Tensor) else torch.from_numpy(np.asarray(raw, dtype=np.float32))
+        if x.dim() not in (3, 4) or x.shape[-3] != len(self.mean):
+            raise ValueError(f"expected (C, H, W) or (N, C, H, W) with C={len(self.mean)}, got {tuple(x.shape)}")
+        shape = (-1, 1, 1)
+        return (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+
+
+def load_dataset(name: str, *, root: str | None = None, image_size: int | None = None, seed: int = 0) -> DataSplits:
+    """Load a dataset by name: ``mnist-5k``, ``digits``, ``imagefolder:PATH``, ``cifar10:PATH``, ...
+
+    The part after ':' is the path; a relative path is taken under ``root`` when given, and
+    ``root`` alone is the path when the name has none. ``image_size`` resizes to a square
+    (``imagefolder`` defaults to 32; other sets keep their native size). The train/test
+    splits of real sets are fixed, independent of ``seed``, so that results stay comparable;
+    ``seed`` is for sets that are generated.
+    """
+    kind, sep, raw_path = name.partition(":")
+    loader = DATASETS.get(kind.strip().lower())
+    path = None
+    if sep and raw_path:
+        path = Path(raw_path).expanduser()
+        if root is not None and not path.is_absolute():
+            path = Path(root).expanduser() / path
+    elif root is not None:
+        path = Path(root).expanduser()
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    return loader(path, image_size=image_size, seed=seed)
+
+
+def list_datasets() -> list[str]:
+    return DATASETS.names()
+
+
+def make_splits(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                labels: list[str], image_size: int | None = None) -> DataSplits:
+    """Build normalised splits from float32 pixels in [0, 1], (N, C, H, W); may work in place."""
+    xs = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) for x in (x_train, x_test)]
+    if image_size is not None and xs[0].shape[-2:] != (image_size, image_size):
+        xs = [_resize(x, image_size) for x in xs]
+    xtr, xte = xs
+    dims = (0, 2, 3)
+    mean = xtr.mean(dim=dims)
+    # A constant channel has std 0; dividing by 1 keeps it finite instead of inventing a scale.
+    std = xtr.std(dim=dims, correction=0)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    for x in (xtr, xte):
+        x.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+    ys = [torch.as_tensor(np.asarray(y), dtype=torch.int64) for y in (y_train, y_test)]
+    return DataSplits(
+        name=name, train=TensorDataset(xtr, ys[0]), test=TensorDataset(xte, ys[1]),
+        num_classes=len(labels), in_shape=tuple(int(d) for d in xtr.shape[1:]),
+        mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std), labels=list(labels),
+    )
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if len(x) == 0:
+        return x.new_zeros((0, x.shape[1], size, size))
+    out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return out.clamp_(0.0, 1.0)
+
+
+def stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices with each class's share of the test split proportional to its size.
+
+    Rounding goes to the largest remainders so the test split has exactly ``n_test`` items, and
+    no class gives up its last example while another can still give one.
+    """
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    n_test = min(n_test, int((counts - 1).sum()))
+    quota = counts * n_test / len(y)
+    take = np.minimum(np.floor(quota).astype(int), counts - 1)
+    order = np.argsort(-(quota - take), kind="stable")
+    while take.sum() < n_test:
+        for k in order:
+            if take.sum() < n_test and take[k] < counts[k] - 1:
+                take[k] += 1
+    test = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:t] for c, t in zip(classes, take)])
+    mask = np.zeros(len(y), dtype=bool)
+    mask[test] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def transfer_split(data: DataSplits, n: int, seed: int) -> TensorDataset:
+    """``n`` examples of the TRAIN split, seeded and as class-balanced as the class sizes allow.
+
+    Used to build distillation transfer sets. Each class is shuffled and dealt out in rounds
+    (one example per class per round, classes in random order), then the first ``n`` are kept:
+    a class that runs short simply stops contributing and the others fill in.
+    """
+    x, y = data.train.tensors
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(y):
+        raise ValueError(f"n must be an int in [1, {len(y)}] (the train split size), got {n!r}")
+    rng = np.random.default_rng(seed)
+    labels = y.numpy()
+    rank = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rank[rng.permutation(idx)] = np.arange(len(idx))
+    chosen = np.lexsort((rng.random(len(labels)), rank))[:n]
+    chosen = torch.from_numpy(rng.permutation(chosen))
+    return TensorDataset(x[chosen], y[chosen])

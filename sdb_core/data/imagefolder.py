@@ -1,0 +1,98 @@
+"""``imagefolder:PATH``: one sub-folder per class, images inside (searched recursively).
+
+If PATH holds ``train/`` and ``test/`` (or ``val/``) those are the splits, and the classes are
+the train folder's; otherwise a fixed stratified 80/20 split (seed 0) is drawn. Images are
+read with Pillow, resized to a square of ``image_size`` (default 32) and kept grayscale only
+if every image is grayscale, else converted to RGB.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_dataset, stratified_split
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+_GRAY_BANDS = {("L",), ("L", "A"), ("1",), ("I",), ("F",)}
+_SPLIT_SEED = 0
+DEFAULT_SIZE = 32
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
+    """Files and label indices of one split; ``classes`` fixes the label order (a test split's)."""
+    dirs = _class_dirs(folder)
+    if not dirs:
+        raise DatasetError(f"no class folders in {folder}: expected {folder}/<class_name>/<image files>")
+    names = [d.name for d in dirs]
+    if classes is None:
+        if len(dirs) < 2:
+            raise DatasetError(f"{folder} has {len(dirs)} class folder ({names[0]!r}); a classifier needs at least 2")
+        classes = names
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        raise DatasetError(f"{folder} has classes that are not in the train split: {unknown}")
+    files, targets = [], []
+    for d in dirs:
+        found = _images_in(d)
+        if not found:
+            raise DatasetError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        files += found
+        targets += [classes.index(d.name)] * len(found)
+    return files, targets, classes
+
+
+def _read(files: list[Path], size: int) -> tuple[np.ndarray, bool]:
+    """(N, 3, size, size) floats in [0, 1], and whether every image was grayscale."""
+    out = np.empty((len(files), 3, size, size), dtype=np.float32)
+    all_gray = True
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                all_gray &= im.getbands() in _GRAY_BANDS
+                rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DatasetError(f"cannot read image {f}: {e}") from e
+        out[i] = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return out, all_gray
+
+
+@register_dataset
+def imagefolder(path: Path | None, *, image_size: int | None = None, seed: int = 0) -> DataSplits:
+    if path is None:
+        raise DatasetError("imagefolder needs a path: 'imagefolder:PATH'")
+    if not path.is_dir():
+        raise DatasetError(f"image folder {path} does not exist or is not a directory")
+    size = image_size or DEFAULT_SIZE
+    test_dir = next((path / s for s in ("test", "val") if (path / s).is_dir()), None)
+    if (path / "train").is_dir() and test_dir is not None:
+        train_files, y_train, classes = _scan(path / "train", None)
+        test_files, y_test, _ = _scan(test_dir, classes)
+    else:
+        files, y, classes = _scan(path, None)
+        tr, te = stratified_split(np.asarray(y), round(0.2 * len(files)), _SPLIT_SEED)
+        if len(te) == 0:
+            raise DatasetError(
+                f"{path} has too few images ({len(files)}) to hold out a test split; "
+                "add images or provide train/ and test/ folders"
+            )
+        train_files, y_train = [files[i] for i in tr], [y[i] for i in tr]
+        test_files, y_test = [files[i] for i in te], [y[i] for i in te]
+    x_train, gray_train = _read(train_files, size)
+    x_test, gray_test = _read(test_files, size)
+    if gray_train and gray_test:
+        # Grayscale converted to RGB repeats one channel, so channel 0 is the image exactly.
+        x_train, x_test = x_train[:, :1], x_test[:, :1]
+    return make_splits(f"imagefolder:{path}", x_train, y_train, x_test, y_test, classes)

@@ -1,0 +1,104 @@
+"""The distiller: train a student from any teacher callable.
+
+A teacher is anything that maps an input batch to logits: an ``nn.Module``, a box's
+keyed path (``box.distill_logits``), a public probability API wrapped by
+``probs_to_logits``, or a remote endpoint. With no teacher it is the hard-label baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from ..train import History, Progress, TrainConfig, fit, predict_logits
+from .losses import kd_loss
+
+Teacher = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class DistillConfig:
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the KD term; 1 − α on cross-entropy with the transfer labels
+    label_smoothing: float = 0.0  # only on the cross-entropy term
+    use_labels: bool = True  # False: the student sees the teacher only
+    cache_teacher: bool = True  # ask the teacher once per sample (no augmentation here)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.01))
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class DistillResult:
+    student: nn.Module
+    history: History
+
+
+def as_teacher(teacher: nn.Module | Teacher) -> Teacher:
+    """A module becomes a frozen eval-mode callable; any other callable is used as given."""
+    if isinstance(teacher, nn.Module):
+        teacher.eval()
+
+        @torch.no_grad()
+        def call(x: Tensor) -> Tensor:
+            device = next(iter(teacher.parameters()), torch.empty(0)).device
+            return teacher(x.to(device))
+
+        return call
+    return teacher
+
+
+def distill(
+    student: nn.Module,
+    transfer: TensorDataset,
+    teacher: nn.Module | Teacher | None,
+    cfg: DistillConfig | None = None,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> DistillResult:
+    """Train ``student`` on ``transfer`` (x, y) from ``teacher``; ``None`` means labels only."""
+    cfg = cfg or DistillConfig()
+    x, y = transfer.tensors[0], transfer.tensors[1]
+
+    if teacher is None:
+        def step(batch):
+            xb, yb = batch
+            return F.cross_entropy(student(xb), yb, label_smoothing=cfg.label_smoothing)
+
+        history = fit(student, TensorDataset(x, y), step, cfg.train, progress=progress,
+                      should_cancel=should_cancel)
+        return DistillResult(student, history)
+
+    call = as_teacher(teacher)
+    labels_or_none = (lambda yb: yb) if cfg.use_labels else (lambda yb: None)
+
+    if cfg.cache_teacher:
+        with torch.no_grad():
+            t_logits = predict_logits(call, x)
+
+        def step(batch):
+            xb, yb, tb = batch
+            return kd_loss(student(xb), tb, labels_or_none(yb), cfg.temperature, cfg.alpha, cfg.label_smoothing)
+
+        data = TensorDataset(x, y, t_logits)
+    else:
+        def step(batch):
+            xb, yb = batch
+            with torch.no_grad():
+                tb = torch.as_tensor(call(xb)).to(xb.device).float()
+            return kd_loss(student(xb), tb, labels_or_none(yb), cfg.temperature, cfg.alpha, cfg.label_smoothing)
+
+        data = TensorDataset(x, y)
+    history = fit(student, data, step, cfg.train, progress=progress, should_cancel=should_cancel)
+    return DistillResult(student, history)

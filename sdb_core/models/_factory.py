@@ -1,0 +1,40 @@
+"""The model registry and ``create_model``: validation lives here once, not in every family."""
+from __future__ import annotations
+
+from torch import nn
+
+from sdb_core.registry import Registry
+
+MODELS: Registry = Registry("model")
+register_model = MODELS.register
+
+
+def _check_in_shape(in_shape) -> tuple[int, int, int]:
+    try:
+        shape = tuple(in_shape)
+    except TypeError:
+        raise ValueError(f"in_shape must be (C, H, W), got {in_shape!r}") from None
+    if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise ValueError(f"in_shape must be three ints (C, H, W), got {in_shape!r}")
+    c, h, w = shape
+    # Below 8 px the stride-2 stages of the ResNets collapse to 1x1 before the last stage.
+    if c < 1 or h < 8 or w < 8:
+        raise ValueError(f"in_shape needs C >= 1 and H, W >= 8, got {in_shape!r}")
+    return shape
+
+
+def create_model(
+    name: str, num_classes: int = 10, in_shape: tuple[int, int, int] = (1, 28, 28), **kwargs
+) -> nn.Module:
+    """Build a registered model by name; it returns raw logits of shape (B, num_classes).
+
+    Extra ``kwargs`` go to the family's factory (e.g. ``hidden`` for ``mlp``, ``dropout`` for WRNs).
+    """
+    factory = MODELS.get(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    return factory(num_classes=num_classes, in_shape=_check_in_shape(in_shape), **kwargs)
+
+
+def list_models() -> list[str]:
+    return MODELS.names()

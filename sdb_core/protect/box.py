@@ -1,0 +1,95 @@
+"""SafeDistillationBox: one network, a public path for everyone and a keyed path.
+
+``predict`` runs the protected network on the plain input (soft labels useless to a
+distiller); ``distill_logits`` blends the secret key into the input first and returns the
+augmented, distillable logits. The key is held in a :class:`Secret` so that it shows in no
+``repr``, no ``state_dict`` (the network's parameters are all there is) and no pickle; the
+public graph exported to ONNX is the network alone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .key import blend
+
+
+class Secret:
+    """A tensor that refuses to be printed or pickled."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Tensor) -> None:
+        self._value = value.detach().clone()
+
+    def reveal(self) -> Tensor:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(<hidden>)"
+
+    def __reduce__(self):
+        raise TypeError("a secret key cannot be pickled; seal it with sdb_core.protect.key.seal")
+
+
+class NoKeyError(PermissionError):
+    """The box has no keyed path (Nasty Teacher mode)."""
+
+
+class SafeDistillationBox:
+    def __init__(self, model: nn.Module, key: Tensor | None, lam: float = 0.5,
+                 temperature: float = 4.0, mode: str = "sdb") -> None:
+        if mode not in ("sdb", "nasty"):
+            raise ValueError(f"mode must be 'sdb' or 'nasty', got {mode!r}")
+        if mode == "sdb" and key is None:
+            raise ValueError("an SDB box needs a key (use mode='nasty' for a keyless box)")
+        if not 0.0 < lam <= 1.0:
+            raise ValueError(f"lam must be in (0, 1], got {lam}")
+        self.model = model.eval()
+        self.lam = lam
+        self.temperature = temperature
+        self.mode = mode
+        self._key = Secret(key) if key is not None else None
+
+    @property
+    def has_key(self) -> bool:
+        return self._key is not None
+
+    def _device(self) -> torch.device:
+        return next(iter(self.model.parameters()), torch.empty(0)).device
+
+    @torch.no_grad()
+    def public_logits(self, x: Tensor) -> Tensor:
+        self.model.eval()
+        return self.model(x.to(self._device()))
+
+    @torch.no_grad()
+    def predict(self, x: Tensor) -> Tensor:
+        """Public path: class probabilities for the plain input."""
+        return F.softmax(self.public_logits(x), dim=1)
+
+    @torch.no_grad()
+    def distill_logits(self, x: Tensor) -> Tensor:
+        """Keyed path: logits of the network on ``λ·x + (1 − λ)·k``."""
+        if self._key is None:
+            raise NoKeyError("this box has no key (Nasty Teacher mode): it has no distillable path")
+        self.model.eval()
+        return self.model(blend(x.to(self._device()), self._key.reveal(), self.lam))
+
+    def with_key(self, key: Tensor) -> "SafeDistillationBox":
+        """The same network under another key: what a guessed key would unlock."""
+        return SafeDistillationBox(self.model, key, self.lam, self.temperature, "sdb")
+
+    def reveal_key(self) -> Tensor:
+        """For sealing into a bundle; the one deliberate way to read the key."""
+        if self._key is None:
+            raise NoKeyError("this box has no key (Nasty Teacher mode)")
+        return self._key.reveal()
+
+    def __repr__(self) -> str:
+        return (f"SafeDistillationBox(model={type(self.model).__name__}, mode={self.mode}, "
+                f"lam={self.lam}, key={'<hidden>' if self.has_key else None})")
+
+    def __reduce__(self):
+        raise TypeError("a SafeDistillationBox cannot be pickled (it holds a key); export a bundle")

@@ -1,0 +1,142 @@
+"""Measure a box: does inference survive, and what does a student learn from each path?
+
+One seed of the whole story: train a teacher, wrap it, then train the same student
+architecture five ways on a transfer set drawn from the training split. ``sdb demo``
+and ``benchmarks/protection.py`` both call :func:`run_protection`.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from ..data import transfer_split
+from ..distill import DistillConfig, distill, probs_to_logits
+from ..models import create_model
+from ..train import TrainConfig, accuracy, seed_everything, train_classifier
+from .box import SafeDistillationBox
+from .key import random_keys
+from .sdb import SDBConfig, wrap
+
+STUDENT_WAYS = ("labels_only", "kd_teacher", "kd_public", "kd_keyed", "kd_wrong_key")
+
+
+@dataclass
+class MeasureConfig:
+    transfer_n: int = 1000
+    student: str = "mlp"
+    temperature: float = 4.0
+    alpha: float = 0.9
+    wrong_keys: int = 5
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=0.01, batch_size=64))
+
+
+def measure_students(teacher: nn.Module, box: SafeDistillationBox, data, cfg: MeasureConfig,
+                     seed: int, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
+    """Test accuracy (%) of a student trained each of the five ways, same seed for all."""
+    transfer = transfer_split(data, cfg.transfer_n, seed)
+    dcfg = DistillConfig(temperature=cfg.temperature, alpha=cfg.alpha,
+                         train=TrainConfig(**{**cfg.train.__dict__, "seed": seed}))
+
+    def student_from(teacher_fn) -> float:
+        seed_everything(seed)
+        student = create_model(cfg.student, num_classes=data.num_classes, in_shape=data.in_shape)
+        distill(student, transfer, teacher_fn, dcfg)
+        return accuracy(student, data.test)
+
+    out = {
+        "labels_only": student_from(None),
+        "kd_teacher": student_from(teacher),
+        # What anyone can do: distill the public probabilities (log-probs are logits).
+        "kd_public": student_from(lambda x: probs_to_logits(box.predict(x))),
+        "kd_keyed": student_from(box.distill_logits),
+    }
+    # A guessed key: noise from the key's own distribution, blended in by the attacker.
+    guesses = random_keys(cfg.wrong_keys, data.in_shape, data.mean, data.std)
+    out["kd_wrong_key"] = statistics.fmean(student_from(box.with_key(k).distill_logits) for k in guesses)
+    log("  students: " + "  ".join(f"{k} {v:.1f}" for k, v in out.items()))
+    return out
+
+
+def run_protection(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
+                   sdb_cfg: SDBConfig | None = None, measure_cfg: MeasureConfig | None = None,
+                   log: Callable[[str], None] = lambda s: None, progress=None) -> dict:
+    teacher_cfg = TrainConfig(**{**(teacher_cfg or TrainConfig(epochs=8)).__dict__, "seed": seed})
+    sdb_cfg = sdb_cfg or SDBConfig()
+    sdb_cfg = SDBConfig(**{**sdb_cfg.__dict__, "train": TrainConfig(**{**sdb_cfg.train.__dict__, "seed": seed})})
+    measure_cfg = measure_cfg or MeasureConfig()
+
+    seed_everything(seed)
+    teacher = create_model(teacher_arch, num_classes=data.num_classes, in_shape=data.in_shape)
+    t0 = time.perf_counter()
+    th = train_classifier(teacher, data.train, teacher_cfg, progress=progress)
+    log(f"seed {seed}: teacher {accuracy(teacher, data.test):.1f}% in {time.perf_counter() - t0:.0f}s")
+    result = wrap(teacher, data, sdb_cfg, progress=progress)
+    r = result.report
+    log(f"seed {seed}: box public {r['public_acc']:.1f}% keyed {r['keyed_acc']:.1f}% "
+        f"in {r['seconds']:.0f}s")
+    students = measure_students(teacher, result.box, data, measure_cfg, seed, log)
+    return {"seed": seed, "teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"],
+            "keyed_acc": r["keyed_acc"], "agreement": r["agreement"], "students": students,
+            "teacher_step": th.step_seconds, "wrap_step": r["step_seconds"], "wrap_total": r["seconds"],
+            "box": result.box, "teacher": teacher}
+
+
+def _stat(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize(dataset: str, runs: list[dict]) -> dict:
+    """The JSON of ``benchmarks/protection.py``: means (and stds) over seeds, accuracies in %."""
+    mean = lambda k: statistics.fmean(r[k] for r in runs)  # noqa: E731
+    return {
+        "dataset": dataset,
+        "seeds": [r["seed"] for r in runs],
+        "teacher": {"acc": mean("teacher_acc")},
+        "protected": {"public_acc": mean("public_acc"), "keyed_acc": mean("keyed_acc"),
+                      "agreement": mean("agreement")},
+        "students": {w: _stat([r["students"][w] for r in runs]) for w in STUDENT_WAYS},
+        "seconds": {"teacher_step": mean("teacher_step"), "wrap_step": mean("wrap_step"),
+                    "wrap_total": mean("wrap_total")},
+    }
+
+
+def targets(summary: dict) -> list[tuple[str, bool, str]]:
+    """Each target of the SDB core issue: (name, met, the measured figures)."""
+    t, p, s, sec = summary["teacher"]["acc"], summary["protected"], summary["students"], summary["seconds"]
+    m = {k: v["mean"] for k, v in s.items()}
+    ratio = sec["wrap_step"] / sec["teacher_step"]
+    return [
+        ("public_acc >= teacher - 1.0", p["public_acc"] >= t - 1.0, f"{p['public_acc']:.1f} vs {t:.1f}"),
+        ("keyed_acc >= teacher - 1.5", p["keyed_acc"] >= t - 1.5, f"{p['keyed_acc']:.1f} vs {t:.1f}"),
+        ("kd_public <= labels_only - 2.0", m["kd_public"] <= m["labels_only"] - 2.0,
+         f"{m['kd_public']:.1f} vs {m['labels_only']:.1f}"),
+        ("kd_wrong_key <= labels_only", m["kd_wrong_key"] <= m["labels_only"],
+         f"{m['kd_wrong_key']:.1f} vs {m['labels_only']:.1f}"),
+        ("kd_keyed >= kd_teacher - 0.5", m["kd_keyed"] >= m["kd_teacher"] - 0.5,
+         f"{m['kd_keyed']:.1f} vs {m['kd_teacher']:.1f}"),
+        ("kd_keyed >= labels_only + 0.5", m["kd_keyed"] >= m["labels_only"] + 0.5,
+         f"{m['kd_keyed']:.1f} vs {m['labels_only']:.1f}"),
+        ("wrap_step <= 4.0 x teacher_step", ratio <= 4.0, f"{ratio:.2f}x"),
+    ]
+
+
+def format_table(summary: dict) -> str:
+    s = summary["students"]
+    rows = [("teacher (unprotected)", f"{summary['teacher']['acc']:.1f}"),
+            ("box, public path", f"{summary['protected']['public_acc']:.1f}"),
+            ("box, keyed path", f"{summary['protected']['keyed_acc']:.1f}"),
+            ("public top-1 = teacher top-1", f"{summary['protected']['agreement']:.1f}")]
+    names = {"labels_only": "student: labels only", "kd_teacher": "student: KD from the plain teacher",
+             "kd_public": "student: KD from the public outputs", "kd_keyed": "student: KD with the key",
+             "kd_wrong_key": "student: KD with a guessed key"}
+    rows += [(names[w], f"{s[w]['mean']:.1f} ± {s[w]['std']:.1f}") for w in STUDENT_WAYS]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  test acc %", "-" * (width + 16)]
+    lines += [f"{a:{width}}  {b}" for a, b in rows]
+    lines.append("")
+    lines += [f"[{'ok' if ok else 'MISS'}] {name}: {fig}" for name, ok, fig in targets(summary)]
+    return "\n".join(lines)

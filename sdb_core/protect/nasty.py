@@ -1,0 +1,71 @@
+"""Nasty Teacher (ICLR 2021): the keyless baseline mode. Nobody can distill, not even the owner.
+
+    L = CE(z, y) − ω·T²·KL(p_a^T ‖ p_z^T)
+
+The disturbance is unbounded, so it is capped (``max_kl``): past the cap the term stops
+pushing, which keeps the run finite without changing the method where it matters.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distill.losses import soft_kl
+from ..train import Progress, TrainConfig, fit, pick_device
+from .box import SafeDistillationBox
+from .sdb import WrapResult, public_report
+
+
+@dataclass
+class NastyConfig:
+    temperature: float = 4.0
+    omega: float = 0.04
+    max_kl: float = 20.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01, batch_size=64,
+                                                                   grad_clip=5.0))
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.omega < 0:
+            raise ValueError(f"omega must be >= 0, got {self.omega}")
+
+
+def wrap_nasty(
+    teacher: nn.Module,
+    data,
+    cfg: NastyConfig | None = None,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> WrapResult:
+    cfg = cfg or NastyConfig()
+    device = pick_device(cfg.train.device)
+    frozen = copy.deepcopy(teacher).to(device).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    model = copy.deepcopy(teacher).to(device)
+    T = cfg.temperature
+
+    def step(batch):
+        x, y = batch
+        z = model(x)
+        with torch.no_grad():
+            a = frozen(x)
+        ce = F.cross_entropy(z, y)
+        kl = soft_kl(z, a, T).clamp(max=cfg.max_kl)
+        return ce - cfg.omega * kl, {"ce": ce.item(), "kl": kl.item()}
+
+    t0 = time.perf_counter()
+    history = fit(model, data.train, step, cfg.train, progress=progress, should_cancel=should_cancel)
+    box = SafeDistillationBox(model.eval(), None, mode="nasty", temperature=T)
+    report = public_report(frozen, box, data.test)
+    report.update(mode="nasty", temperature=T, seconds=time.perf_counter() - t0,
+                  step_seconds=history.step_seconds, history=history.epochs)
+    return WrapResult(box, report)

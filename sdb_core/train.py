@@ -1,0 +1,224 @@
+"""The one training loop every recipe uses.
+
+A recipe builds its networks, writes a *step function* that turns a batch into a loss
+(and optional metrics), and hands both to :func:`fit`. The loop owns everything that is
+not the method: device, seeding, optimizer and schedule, progress, cooperative cancel,
+checkpoints and step timing.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+StepOutput = Tensor | tuple[Tensor, dict[str, float]]
+StepFn = Callable[[Sequence[Tensor]], StepOutput]
+
+
+class Cancelled(Exception):
+    """Raised by :func:`fit` when the cancel callback asks it to stop."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.01
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | constant
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"schedule must be cosine|step|constant, got {self.schedule!r}")
+
+
+@dataclass
+class Progress:
+    """What the loop reports; ``fraction`` runs from 0 to 1 over the whole fit."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    fraction: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class History:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    step_seconds: float = 0.0  # mean wall time of one optimisation step (forward+backward+update)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {pref!r} asked for, but CUDA is not available here")
+    return torch.device(pref)
+
+
+def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
+    if cfg.schedule == "step":  # /10 at 50% and 75% of training
+        return 0.1 ** sum(step >= total * m for m in (0.5, 0.75))
+    return 1.0
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    step: StepFn,
+    cfg: TrainConfig,
+    *,
+    params: Iterable[nn.Parameter] | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+) -> History:
+    """Train ``model`` by minimising ``step(batch)`` over ``data`` for ``cfg.epochs``.
+
+    ``step`` receives the batch already on the model's device; the model is in train
+    mode. ``params`` defaults to the model's parameters. With ``checkpoint`` the model
+    and optimizer state are saved after every epoch and a run resumes from the file.
+    """
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    model.to(device)
+    opt = _optimizer(params if params is not None else model.parameters(), cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
+    steps_per_epoch = len(loader)
+    total = steps_per_epoch * cfg.epochs
+    history = History()
+    start_epoch = 0
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.exists():
+        # Our own file, but still loaded the safe way: tensors and plain containers only.
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        gen.manual_seed(cfg.seed + start_epoch)
+
+    t0 = time.perf_counter()
+    step_time, step_count = 0.0, 0
+    last_report = 0.0
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        n = 0
+        for i, batch in enumerate(loader):
+            if should_cancel is not None and should_cancel():
+                raise Cancelled(f"cancelled at epoch {epoch + 1}, step {i + 1}")
+            global_step = epoch * steps_per_epoch + i
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * _lr_factor(cfg, global_step, total)
+            batch = [b.to(device, non_blocking=True) for b in batch]
+            ts = time.perf_counter()
+            out = step(batch)
+            loss, metrics = out if isinstance(out, tuple) else (out, {})
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            step_time += time.perf_counter() - ts
+            step_count += 1
+            bs = len(batch[0])
+            n += bs
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() * bs
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * bs
+            now = time.perf_counter()
+            if progress is not None and (now - last_report > 1.0 or i + 1 == steps_per_epoch):
+                last_report = now
+                progress(Progress(epoch + 1, cfg.epochs, i + 1, steps_per_epoch,
+                                  (global_step + 1) / max(total, 1), {k: v / n for k, v in sums.items()}))
+        history.epochs.append({k: v / max(n, 1) for k, v in sums.items()})
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}, tmp)
+            os.replace(tmp, ckpt)
+    history.seconds = time.perf_counter() - t0
+    history.step_seconds = step_time / max(step_count, 1)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_logits(fn: Callable[[Tensor], Tensor] | nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
+    """Run ``fn`` over ``x`` in batches on ``fn``'s device, in eval mode; logits on CPU."""
+    if isinstance(fn, nn.Module):
+        fn.eval()
+        device = next(iter(fn.parameters()), torch.empty(0)).device
+    else:
+        device = torch.device("cpu")
+    return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+
+
+def accuracy(fn: Callable[[Tensor], Tensor] | nn.Module, data: Dataset, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent of ``fn`` on a ``TensorDataset``-like ``(x, y)`` set."""
+    x, y = data.tensors[0], data.tensors[1]
+    return 100.0 * (predict_logits(fn, x, batch_size).argmax(1) == y).float().mean().item()
+
+
+def train_classifier(
+    model: nn.Module,
+    data: Dataset,
+    cfg: TrainConfig,
+    *,
+    label_smoothing: float = 0.0,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> History:
+    """Plain supervised training with cross-entropy (how an owner's teacher is made)."""
+
+    def step(batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+
+    return fit(model, data, step, cfg, progress=progress, should_cancel=should_cancel)

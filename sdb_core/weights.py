@@ -1,0 +1,53 @@
+"""Loading and saving weights the safe way: safetensors, or ``torch.load(weights_only=True)``.
+
+Nothing here unpickles arbitrary objects: a user's file can hold tensors, not code.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+class WeightsError(ValueError):
+    """The weights file is missing, unreadable or does not fit the model."""
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"no weights file at {p}")
+    try:
+        if p.suffix == ".safetensors":
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # both readers raise many types for a corrupt or unsafe file
+        raise WeightsError(f"cannot read weights from {p}: {e}") from None
+    # Training scripts often save {"state_dict": ...} or {"model": ...}.
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{p} does not hold a state dict of tensors")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    state = read_state_dict(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise WeightsError(f"weights in {path} do not fit {type(model).__name__}: {str(e)[:500]}") from None
+    return model
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(p))
+    return p

@@ -1,0 +1,228 @@
+"""The ``sdb`` command line. Each command builds the same config dataclasses the jobs
+and tests use and calls the same recipe functions; this file only parses and prints."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .settings import Settings
+
+
+def _err(msg: str) -> None:
+    print(f"sdb: error: {msg}", file=sys.stderr)
+
+
+def _progress_bar(desc: str):
+    """A tqdm bar on stderr fed by the training loop's progress callback."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=desc, file=sys.stderr, leave=False, disable=None,
+               bar_format="{desc} {percentage:3.0f}%|{bar:24}| {elapsed}<{remaining} {postfix}")
+
+    def update(p) -> None:
+        bar.set_description_str(f"{desc} epoch {p.epoch}/{p.epochs}")
+        bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in list(p.metrics.items())[:3]))
+        bar.n = int(p.fraction * 1000)
+        bar.refresh()
+        if p.fraction >= 1.0:
+            bar.close()
+
+    return update
+
+
+def _settings(args) -> Settings:
+    return Settings(**({"data_dir": Path(args.data_dir)} if getattr(args, "data_dir", None) else {}))
+
+
+# --------------------------------------------------------------------------- wrap
+def cmd_wrap(args) -> int:
+    from sdb_core.bundle import export_bundle
+    from sdb_core.data import load_dataset
+    from sdb_core.models import create_model
+    from sdb_core.protect import NastyConfig, SDBConfig, wrap, wrap_nasty
+    from sdb_core.train import TrainConfig, accuracy, seed_everything, train_classifier
+    from sdb_core.weights import load_weights, save_weights
+
+    data = load_dataset(args.data)
+    seed_everything(args.seed)
+    teacher = create_model(args.arch, num_classes=data.num_classes, in_shape=data.in_shape)
+    if args.teacher:
+        load_weights(teacher, args.teacher)
+    else:
+        train_classifier(teacher, data.train,
+                         TrainConfig(epochs=args.teacher_epochs, lr=args.lr, batch_size=args.batch_size,
+                                     seed=args.seed), progress=_progress_bar("teacher"))
+        if args.save_teacher:
+            save_weights(teacher, args.save_teacher)
+    print(f"teacher {args.arch} on {args.data}: test accuracy {accuracy(teacher, data.test):.2f}%", file=sys.stderr)
+
+    train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    if args.mode == "nasty":
+        result = wrap_nasty(teacher, data, NastyConfig(train=TrainConfig(**{**train.__dict__, "grad_clip": 5.0})),
+                            progress=_progress_bar("wrap"))
+    else:
+        result = wrap(teacher, data, SDBConfig(lam=args.lam, train=train), progress=_progress_bar("wrap"))
+    r = result.report
+    metrics = {k: r[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement") if k in r}
+    settings = _settings(args)
+    out = export_bundle(result.box, args.out, name=args.name or f"{args.data.split(':')[0]}-{args.arch}",
+                        in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels,
+                        master_key=settings.master_key if result.box.has_key else None,
+                        metrics=metrics, extra={"arch": args.arch, "data": args.data})
+    for k, v in metrics.items():
+        print(f"{k:12s} {v:6.2f}%")
+    print(f"wrapped in {r['seconds']:.1f}s; bundle written to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- distill
+def _bundle_teacher(path: str, authorized: bool, settings: Settings) -> Callable:
+    import torch
+
+    from sdb_core.bundle import load_bundle
+
+    bundle = load_bundle(path, settings.master_key if authorized else None)
+    if authorized and not bundle.has_key:
+        raise ValueError(f"bundle {path} has no key (Nasty mode): it cannot be distilled with authorization")
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        xs = x.detach().cpu().numpy()
+        if authorized:
+            return torch.from_numpy(bundle.distill_logits(xs))
+        return torch.log(torch.from_numpy(bundle.predict(xs)).clamp_min(1e-8))
+
+    return teacher
+
+
+def cmd_distill(args) -> int:
+    from sdb_core.data import load_dataset, transfer_split
+    from sdb_core.distill import DistillConfig, distill
+    from sdb_core.models import create_model
+    from sdb_core.train import TrainConfig, accuracy, seed_everything
+    from sdb_core.weights import load_weights, save_weights
+
+    data = load_dataset(args.data)
+    if args.bundle:
+        teacher = _bundle_teacher(args.bundle, args.authorized, _settings(args))
+        source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"
+    elif args.teacher:
+        teacher = create_model(args.teacher_arch, num_classes=data.num_classes, in_shape=data.in_shape)
+        load_weights(teacher, args.teacher)
+        source = f"teacher {args.teacher}"
+    else:
+        teacher, source = None, "labels only"
+    transfer = transfer_split(data, args.transfer, args.seed) if args.transfer else data.train
+    seed_everything(args.seed)
+    student = create_model(args.student, num_classes=data.num_classes, in_shape=data.in_shape)
+    cfg = DistillConfig(temperature=args.temperature, alpha=args.alpha,
+                        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                          seed=args.seed))
+    distill(student, transfer, teacher, cfg, progress=_progress_bar("distill"))
+    acc = accuracy(student, data.test)
+    save_weights(student, args.out)
+    print(f"student {args.student} from {source} on {len(transfer)} images: test accuracy {acc:.2f}%")
+    print(f"saved to {args.out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    """Wrap the demo model on the embedded MNIST digits and print the protection table."""
+    from sdb_core.bundle import export_bundle
+    from sdb_core.data import load_dataset
+    from sdb_core.protect import SDBConfig
+    from sdb_core.protect.measure import MeasureConfig, format_table, run_protection, summarize
+    from sdb_core.train import TrainConfig
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    data = load_dataset(args.data)
+    log(f"demo: {args.data}, {len(data.train)} training / {len(data.test)} test images; "
+        "teacher small CNN, students MLP on 1,000 transfer images")
+    run = run_protection(data, args.seed, teacher_cfg=TrainConfig(epochs=args.teacher_epochs),
+                         sdb_cfg=SDBConfig(train=TrainConfig(epochs=args.epochs)),
+                         measure_cfg=MeasureConfig(train=TrainConfig(epochs=args.student_epochs)), log=log)
+    summary = summarize(args.data, [run])
+    print(format_table(summary))
+    settings = _settings(args)
+    out = export_bundle(run["box"], settings.bundles_dir / "mnist-demo", name="mnist-demo",
+                        in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels,
+                        master_key=settings.master_key,
+                        metrics={k: run[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement")},
+                        extra={"arch": "cnn", "data": args.data})
+    print(f"\ndemo bundle written to {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdb", description="Safe Distillation Box: protect, serve and distill models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp, epochs: int, lr: float = 0.01, batch: int = 64) -> None:
+        sp.add_argument("--epochs", type=int, default=epochs)
+        sp.add_argument("--lr", type=float, default=lr)
+        sp.add_argument("--batch-size", type=int, default=batch)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--data-dir", help="data directory (master key, bundles); env SDB_DATA_DIR")
+
+    w = sub.add_parser("wrap", help="wrap a classifier in a Safe Distillation Box and write a bundle")
+    src = w.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", metavar="WEIGHTS", help="the pre-trained model's weights (.safetensors or .pt)")
+    src.add_argument("--train-teacher", action="store_true", help="train the teacher first on --data")
+    w.add_argument("--arch", required=True, help="architecture of the teacher (see the model zoo)")
+    w.add_argument("--data", required=True, help="dataset name: mnist-5k, digits, imagefolder:PATH, cifar10:PATH")
+    w.add_argument("--out", required=True, help="bundle directory (or FILE.sdb for a zip)")
+    w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb")
+    w.add_argument("--lam", type=float, default=0.5, help="keyed input λ·x + (1−λ)·k")
+    w.add_argument("--teacher-epochs", type=int, default=8)
+    w.add_argument("--save-teacher", metavar="FILE", help="with --train-teacher: keep the plain teacher's weights")
+    w.add_argument("--name", help="model name in the bundle (default DATA-ARCH)")
+    common(w, epochs=15)
+    w.set_defaults(fn=cmd_wrap)
+
+    d = sub.add_parser("distill", help="train a student from a teacher, a bundle, or labels alone")
+    d.add_argument("--student", required=True, help="student architecture")
+    d.add_argument("--data", required=True)
+    d.add_argument("--out", required=True, help="where to save the student (.safetensors)")
+    t = d.add_mutually_exclusive_group()
+    t.add_argument("--teacher", metavar="WEIGHTS", help="a local teacher's weights (with --teacher-arch)")
+    t.add_argument("--bundle", metavar="PATH", help="a protected bundle")
+    d.add_argument("--teacher-arch", default="cnn")
+    d.add_argument("--authorized", action="store_true", help="with --bundle: use the keyed path (needs the master key)")
+    d.add_argument("--transfer", type=int, default=0, help="transfer-set size drawn from the train split (0: all)")
+    d.add_argument("--temperature", type=float, default=4.0)
+    d.add_argument("--alpha", type=float, default=0.9)
+    common(d, epochs=20)
+    d.set_defaults(fn=cmd_distill)
+
+    m = sub.add_parser("demo", help="wrap the demo model on embedded MNIST and print the protection table")
+    m.add_argument("--data", default="mnist-5k")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--teacher-epochs", type=int, default=5)
+    m.add_argument("--epochs", type=int, default=10, help="wrap epochs")
+    m.add_argument("--student-epochs", type=int, default=30)
+    m.add_argument("--json", help="also write the summary JSON here")
+    m.add_argument("--data-dir")
+    m.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, PermissionError, FileNotFoundError) as e:
+        _err(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
