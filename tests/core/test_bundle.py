@@ -1,0 +1,100 @@
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from sdb_core.bundle import BundleError, export_bundle, load_bundle
+from sdb_core.protect import NastyConfig, SDBConfig, SealError, wrap, wrap_nasty
+from sdb_core.protect.key import new_master_key
+from sdb_core.train import TrainConfig
+
+from .conftest import OutsideNet
+
+
+@pytest.fixture(scope="module")
+def box(digits, digits_teacher):
+    return wrap(digits_teacher, digits, SDBConfig(train=TrainConfig(epochs=1))).box
+
+
+@pytest.fixture(scope="module")
+def master():
+    return new_master_key()
+
+
+def _export(box, digits, out, master):
+    return export_bundle(box, out, name="digits-test", in_shape=digits.in_shape, mean=digits.mean,
+                         std=digits.std, labels=digits.labels, master_key=master, metrics={"public_acc": 1.0})
+
+
+@pytest.mark.parametrize("suffix", ["", ".sdb"])
+def test_round_trip_and_onnx_parity(tmp_path, digits, box, master, suffix):
+    path = _export(box, digits, tmp_path / f"b{suffix}", master)
+    b = load_bundle(path, master)
+    assert b.meta["name"] == "digits-test" and b.meta["input"]["shape"] == [1, 8, 8]
+    assert b.meta["labels"] == digits.labels and b.has_key
+    x = digits.test.tensors[0][:37]
+    public = b.public_logits(x.numpy())
+    keyed = b.distill_logits(x.numpy())
+    assert np.abs(public - box.public_logits(x).numpy()).max() <= 1e-4
+    assert np.abs(keyed - box.distill_logits(x).numpy()).max() <= 1e-4
+    assert np.abs(public - keyed).max() > 1e-2
+    assert np.allclose(b.predict(x.numpy()).sum(1), 1.0, atol=1e-5)
+
+
+def test_key_never_in_the_public_graph_or_meta(tmp_path, digits, box, master):
+    path = _export(box, digits, tmp_path / "b", master)
+    key = box.reveal_key().numpy().astype(np.float32).tobytes()
+    for f in path.iterdir():
+        assert key not in f.read_bytes(), f.name
+    public_only = load_bundle(path)  # no master key: predictions, no keyed path
+    assert not public_only.has_key
+    with pytest.raises(PermissionError):
+        public_only.distill_logits(digits.test.tensors[0][:1].numpy())
+    assert "hidden" in repr(load_bundle(path, master))
+
+
+def test_tampered_files_are_refused(tmp_path, digits, box, master):
+    path = _export(box, digits, tmp_path / "b", master)
+    model = bytearray((path / "model.onnx").read_bytes())
+    model[len(model) // 2] ^= 0xFF
+    (path / "model.onnx").write_bytes(bytes(model))
+    with pytest.raises(BundleError, match="model.onnx was altered"):
+        load_bundle(path, master)
+
+    path = _export(box, digits, tmp_path / "c", master)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["lam"] = 0.9  # hashes intact, but the sealed key is bound to the metadata
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(SealError, match="altered"):
+        load_bundle(path, master)
+
+    path = _export(box, digits, tmp_path / "d", master)
+    (path / "key.sealed").unlink()
+    with pytest.raises(BundleError, match="key.sealed is missing"):
+        load_bundle(path, master)
+    with pytest.raises(SealError, match="wrong master key"):
+        load_bundle(_export(box, digits, tmp_path / "e", master), new_master_key())
+
+
+def test_malformed_bundles(tmp_path):
+    with pytest.raises(BundleError, match="no bundle"):
+        load_bundle(tmp_path / "missing")
+    (tmp_path / "junk.sdb").write_bytes(b"not a zip")
+    with pytest.raises(BundleError, match="neither"):
+        load_bundle(tmp_path / "junk.sdb")
+    with zipfile.ZipFile(tmp_path / "empty.sdb", "w") as z:
+        z.writestr("meta.json", "{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(tmp_path / "empty.sdb")
+
+
+def test_nasty_and_outside_models_export(tmp_path, digits):
+    net = OutsideNet(64, digits.num_classes)
+    nasty = wrap_nasty(net, digits, NastyConfig(train=TrainConfig(epochs=1))).box
+    path = export_bundle(nasty, tmp_path / "n", name="n", in_shape=digits.in_shape, mean=digits.mean,
+                         std=digits.std, labels=digits.labels, master_key=None)
+    b = load_bundle(path, new_master_key())
+    assert not b.has_key and not (path / "key.sealed").exists()
+    x = digits.test.tensors[0][:5]
+    assert np.abs(b.public_logits(x.numpy()) - nasty.public_logits(x).numpy()).max() <= 1e-4

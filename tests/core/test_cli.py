@@ -1,0 +1,55 @@
+"""`sdb wrap` and `sdb distill` end to end on digits, through the real entry point."""
+import re
+
+import pytest
+import torch
+
+from sdb_core.bundle import load_bundle
+from sdb_core.weights import WeightsError, load_weights
+from sdb_core.models import create_model
+from service.cli import main
+
+
+@pytest.fixture(scope="module")
+def wrapped(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    args = ["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", str(d / "bundle"),
+            "--epochs", "2", "--teacher-epochs", "4", "--lr", "0.02", "--save-teacher", str(d / "teacher.safetensors"),
+            "--data-dir", str(d / "data")]
+    assert main(args) == 0
+    return d
+
+
+def test_wrap_writes_a_loadable_bundle(wrapped, capsys):
+    from sdb_core.protect.key import load_or_create_master_key
+
+    b = load_bundle(wrapped / "bundle", load_or_create_master_key(wrapped / "data" / "master.key"))
+    assert b.has_key and b.meta["name"] == "digits-cnn" and b.meta["metrics"]["public_acc"] > 50
+    assert (wrapped / "teacher.safetensors").exists()
+
+
+@pytest.mark.parametrize("how", ["teacher", "public", "authorized", "labels"])
+def test_distill_every_source(wrapped, capsys, how):
+    out = wrapped / f"student-{how}.safetensors"
+    args = ["distill", "--student", "mlp", "--data", "digits", "--out", str(out), "--epochs", "3",
+            "--transfer", "300", "--data-dir", str(wrapped / "data")]
+    args += {"teacher": ["--teacher", str(wrapped / "teacher.safetensors")],
+             "public": ["--bundle", str(wrapped / "bundle")],
+             "authorized": ["--bundle", str(wrapped / "bundle"), "--authorized"], "labels": []}[how]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    acc = float(re.search(r"test accuracy ([\d.]+)%", text).group(1))
+    assert 0 <= acc <= 100
+    student = load_weights(create_model("mlp", 10, (1, 8, 8)), out)
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_bad_input_gives_a_clear_error(wrapped, capsys, tmp_path):
+    assert main(["distill", "--student", "mlp", "--data", "nosuchset", "--out", str(tmp_path / "s")]) == 2
+    assert "unknown dataset 'nosuchset'" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x80\x04not a checkpoint")
+    assert main(["wrap", "--teacher", str(bad), "--arch", "cnn", "--data", "digits", "--out", str(tmp_path / "b")]) == 2
+    assert "cannot read weights" in capsys.readouterr().err
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_weights(create_model("lenet", 10, (1, 8, 8)), wrapped / "teacher.safetensors")

@@ -1,0 +1,108 @@
+"""The recipes on digits with tiny settings: the direction of each effect, with margins."""
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdb_core.distill import DistillConfig, distill
+from sdb_core.protect import (NastyConfig, NoKeyError, SafeDistillationBox, SDBConfig, confusion_targets, wrap,
+                              wrap_nasty)
+from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everything
+
+from .conftest import OutsideNet
+
+
+def _soft_kl_to(teacher, fn, x, T=4.0):
+    """Mean KL(p_teacher^T ‖ p_fn^T) per sample: how far a path's soft labels moved."""
+    pt = F.log_softmax(predict_logits(teacher, x) / T, 1)
+    pf = F.log_softmax(predict_logits(fn, x) / T, 1)
+    return F.kl_div(pf, pt, reduction="batchmean", log_target=True).item()
+
+
+@pytest.fixture(scope="module")
+def sdb_result(digits, digits_teacher):
+    return wrap(digits_teacher, digits, SDBConfig(train=TrainConfig(epochs=6, lr=0.02)))
+
+
+def test_sdb_keeps_accuracy_and_disturbs_only_the_public_path(digits, digits_teacher, sdb_result):
+    r, box = sdb_result.report, sdb_result.box
+    assert r["teacher_acc"] > 90
+    assert r["public_acc"] >= r["teacher_acc"] - 4.0
+    assert r["keyed_acc"] >= r["teacher_acc"] - 4.0
+    x = digits.test.tensors[0]
+    public_kl = _soft_kl_to(digits_teacher, box.public_logits, x)
+    keyed_kl = _soft_kl_to(digits_teacher, box.distill_logits, x)
+    assert public_kl > 0.2, public_kl
+    assert keyed_kl < public_kl / 3, (keyed_kl, public_kl)
+
+
+def test_sdb_public_soft_labels_follow_the_confusion_target(digits, sdb_result):
+    q = confusion_targets(digits.num_classes, SDBConfig(), seed=0)
+    p = F.softmax(predict_logits(sdb_result.box.public_logits, digits.test.tensors[0]) / 4.0, 1)
+    y = digits.test.tensors[1]
+    # The probability mass on each label's two fixed partners is far above the uniform share.
+    partners = (q[y] - SDBConfig().partner_prob).abs() < 1e-4
+    partner_mass = (p * partners).sum(1)
+    assert partners.sum(1).eq(2).all()
+    assert partner_mass.mean().item() > 0.3  # uniform share of two classes of ten: 0.2
+
+
+def test_wrong_key_does_not_unlock(digits, digits_teacher, sdb_result):
+    box = sdb_result.box
+    x = digits.test.tensors[0]
+    guess = box.with_key(torch.rand(digits.in_shape) * 4 - 2)
+    assert _soft_kl_to(digits_teacher, guess.distill_logits, x) > 2 * _soft_kl_to(digits_teacher, box.distill_logits, x)
+
+
+def test_nasty_keeps_accuracy_and_disturbs_soft_labels(digits, digits_teacher):
+    res = wrap_nasty(digits_teacher, digits, NastyConfig(omega=0.05, train=TrainConfig(epochs=6, lr=0.02,
+                                                                                       grad_clip=5.0)))
+    assert res.report["public_acc"] >= res.report["teacher_acc"] - 4.0
+    assert _soft_kl_to(digits_teacher, res.box.public_logits, digits.test.tensors[0]) > 0.2
+    assert not res.box.has_key
+    with pytest.raises(NoKeyError):
+        res.box.distill_logits(digits.test.tensors[0][:2])
+
+
+def test_every_recipe_accepts_a_model_outside_the_zoo(digits):
+    seed_everything(0)
+    net = OutsideNet(in_features=64, classes=digits.num_classes)
+    distill(net, digits.train, None, DistillConfig(train=TrainConfig(epochs=3, lr=0.05)))
+    assert accuracy(net, digits.test) > 80
+    box = wrap(net, digits, SDBConfig(train=TrainConfig(epochs=1))).box
+    assert box.predict(digits.test.tensors[0][:3]).shape == (3, 10)
+    assert wrap_nasty(net, digits, NastyConfig(train=TrainConfig(epochs=1))).box.predict(
+        digits.test.tensors[0][:3]).shape == (3, 10)
+    student = OutsideNet(64, digits.num_classes)
+    distill(student, digits.train, box.distill_logits, DistillConfig(train=TrainConfig(epochs=1)))
+
+
+def test_the_key_is_hidden(digits, sdb_result):
+    box = sdb_result.box
+    key = box.reveal_key()
+    assert "tensor" not in repr(box).lower() and "hidden" in repr(box)
+    for v in box.model.state_dict().values():
+        assert v.shape != key.shape or not torch.equal(v, key)
+    assert not any(isinstance(v, torch.Tensor) and v.shape == key.shape for v in vars(box).values())
+    with pytest.raises(TypeError, match="pickle"):
+        pickle.dumps(box)
+
+
+def test_box_validation():
+    with pytest.raises(ValueError, match="needs a key"):
+        SafeDistillationBox(torch.nn.Linear(2, 2), None, mode="sdb")
+    with pytest.raises(ValueError, match="lam"):
+        SDBConfig(lam=1.5)
+    with pytest.raises(ValueError, match="argmax"):
+        SDBConfig(target_prob=0.2, partner_prob=0.3)
+
+
+def test_confusion_targets_rows():
+    q = confusion_targets(10, SDBConfig(), seed=1)
+    assert torch.allclose(q.sum(1), torch.ones(10))
+    assert torch.equal(q.argmax(1), torch.arange(10))
+    assert (((q - 0.25).abs() < 1e-6).sum(1) == 2).all()
+    assert torch.equal(q, confusion_targets(10, SDBConfig(), seed=1))
+    two = confusion_targets(2, SDBConfig(), seed=0)  # fewer classes than partners: still a distribution
+    assert torch.equal(two.argmax(1), torch.arange(2)) and torch.allclose(two.sum(1), torch.ones(2))
