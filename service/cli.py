@@ -158,6 +158,82 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve, keys, models
+def _service_settings(args) -> Settings:
+    """Settings from SDB_* env, with the options given on the command line on top."""
+    over = {k: v for k, v in (("data_dir", getattr(args, "data_dir", None)), ("host", getattr(args, "host", None)),
+                              ("port", getattr(args, "port", None)), ("workers", getattr(args, "workers", None)))
+            if v is not None}
+    return Settings(**over)
+
+
+def cmd_serve(args) -> int:
+    from . import commands
+
+    return commands.serve(_service_settings(args), access_log=args.access_log)
+
+
+def cmd_keys(args) -> int:
+    from . import commands
+
+    s = _service_settings(args)
+    if args.keys_command == "create":
+        return commands.keys_create(s, scopes=args.scopes, models=args.models, quota=args.quota,
+                                    quota_window=args.quota_window, expires=args.expires, name=args.name)
+    if args.keys_command == "list":
+        return commands.keys_list(s)
+    return commands.keys_revoke(s, args.key_id)
+
+
+def cmd_models(args) -> int:
+    from . import commands
+
+    s = _service_settings(args)
+    if args.models_command == "list":
+        return commands.models_list(s)
+    if args.models_command == "add":
+        return commands.models_add(s, args.path)
+    return commands.models_remove(s, args.name, args.version)
+
+
+def _add_service_commands(sub) -> None:
+    sv = sub.add_parser("serve", help="serve the registered models over HTTP (uvicorn)")
+    sv.add_argument("--host", help="env SDB_HOST (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="env SDB_PORT (default 8000)")
+    sv.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    sv.add_argument("--workers", type=int, help="job workers for the jobs queue (env SDB_WORKERS, default 1)")
+    sv.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    sv.set_defaults(fn=cmd_serve)
+
+    k = sub.add_parser("keys", help="create, list and revoke API keys (on the data dir; no server needed)")
+    ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = ks.add_parser("create", help="create a key; prints it alone on the last line")
+    kc.add_argument("--scopes", required=True, help="comma-separated: predict,distill,jobs,admin")
+    kc.add_argument("--models", help="comma-separated model allowlist (default: every model)")
+    kc.add_argument("--quota", type=int, help="samples the key may be served on the keyed path")
+    kc.add_argument("--quota-window", type=int, metavar="SECONDS", help="restart the quota every SECONDS")
+    kc.add_argument("--expires", type=float, metavar="DAYS", help="expire after DAYS days")
+    kc.add_argument("--name", default="", help="a note to tell keys apart")
+    ks.add_parser("list", help="list keys (never their secrets)")
+    kr = ks.add_parser("revoke", help="revoke a key by id")
+    kr.add_argument("key_id")
+    for sp in (kc, *[ks.choices[n] for n in ("list", "revoke")]):
+        sp.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    k.set_defaults(fn=cmd_keys)
+
+    m = sub.add_parser("models", help="list, add and remove served models (on the data dir)")
+    ms = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    ms.add_parser("list", help="registered models")
+    ma = ms.add_parser("add", help="verify a bundle and register it; a running server serves it shortly")
+    ma.add_argument("path", help="bundle directory or .sdb file")
+    mr = ms.add_parser("remove", help="stop serving a model (every version, or --version)")
+    mr.add_argument("name")
+    mr.add_argument("--version")
+    for sp in ms.choices.values():
+        sp.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    m.set_defaults(fn=cmd_models)
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdb", description="Safe Distillation Box: protect, serve and distill models.")
@@ -209,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", help="also write the summary JSON here")
     m.add_argument("--data-dir")
     m.set_defaults(fn=cmd_demo)
+    _add_service_commands(sub)
     return p
 
 

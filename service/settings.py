@@ -24,7 +24,26 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     max_payload_bytes: int = Field(8 << 20, ge=1024)
     jobs_backend: str = Field("embedded", pattern="^(embedded|ray)$")
-    workers: int = Field(1, ge=0)
+    workers: int = Field(1, ge=0)  # job workers (the jobs issue); `serve` stores it, starts none yet
+
+    # Secrets beside the data: the pepper that keys API-key hashes (created 0600 on first use).
+    pepper_file: Path | None = None  # default: <data_dir>/pepper.key
+
+    # ONNX Runtime: 0 lets ORT choose (one thread per core).
+    ort_intra_op_threads: int = Field(0, ge=0)
+    ort_inter_op_threads: int = Field(0, ge=0)
+
+    # Micro-batching: concurrent requests to one model merge into one ORT call.
+    batching: bool = True
+    batch_max_samples: int = Field(64, ge=1)
+    batch_max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
+    max_request_samples: int = Field(1024, ge=1)
+
+    public_predict: bool = True  # False: predict needs a key with the predict scope
+    auth_cache_s: float = Field(1.0, ge=0.0)  # how stale a key row (revocation by another process) may be
+    usage_flush_s: float = Field(0.5, gt=0.0)  # write-behind of quota counters and usage
+    models_sync_s: float = Field(2.0, gt=0.0)  # picks up `sdb models add|remove` from the store
+    register_demo: bool = True  # register <data_dir>/bundles/mnist-demo when no model ever was
 
     @property
     def db_url(self) -> str:
@@ -37,6 +56,15 @@ class Settings(BaseSettings):
     @cached_property
     def master_key(self) -> bytes:
         return load_or_create_master_key(self.master_key_path)
+
+    @property
+    def pepper_path(self) -> Path:
+        return self.pepper_file or self.data_dir / "pepper.key"
+
+    @cached_property
+    def pepper(self) -> bytes:
+        # Same file format and creation rules as the master key: 32 random bytes, hex, mode 0600.
+        return load_or_create_master_key(self.pepper_path)
 
     @property
     def bundles_dir(self) -> Path:

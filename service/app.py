@@ -1,0 +1,101 @@
+"""The FastAPI application: ``build_app(settings)`` wires store, keys, models and routes.
+
+The lifespan opens the store (creating or migrating the schema), creates the master key
+and pepper on first start, loads every registered model, registers the demo bundle on
+a fresh data dir, and runs two background loops: the write-behind of quota and usage,
+and the model sync that picks up ``sdb models add|remove``.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from . import errors
+from .auth import Keyring
+from .metrics import Metrics
+from .middleware import ServiceMiddleware
+from .registry import Registry
+from .routes import health, keys, models, v2
+from .settings import Settings
+from .store import Store
+
+log = logging.getLogger("sdb.service")
+
+DEMO_NAME = "mnist-demo"
+
+
+def register_demo(settings: Settings, store: Store, registry: Registry) -> None:
+    """On a data dir that never had a model, serve the demo bundle if ``sdb demo`` wrote one."""
+    path = settings.bundles_dir / DEMO_NAME
+    if not settings.register_demo or not path.is_dir() or store.models() or store.has_audit("model.demo"):
+        return
+    try:
+        registry.add(path, actor="server")
+    except errors.ApiError as e:
+        log.warning("demo bundle at %s not served: %s", path, e.message)
+        return
+    store.audit("server", "model.demo", DEMO_NAME, str(path))
+
+
+async def _every(seconds: float, fn: Callable[[], None], what: str) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await run_in_threadpool(fn)
+        except Exception:
+            log.exception("%s failed; will retry", what)
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        def start() -> tuple[Store, Keyring, Registry]:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            _ = settings.master_key, settings.pepper  # created 0600 on first start
+            store = Store(settings.db_url)
+            registry = Registry(settings, store, on_batch=metrics.observe_batch)
+            registry.sync()
+            register_demo(settings, store, registry)
+            return store, Keyring(store, settings.pepper, settings.auth_cache_s), registry
+
+        store, keyring, registry = await run_in_threadpool(start)
+        app.state.store, app.state.keyring, app.state.registry = store, keyring, registry
+        metrics.models.set_function(lambda: len(registry.all()))
+        loops = [asyncio.create_task(_every(settings.usage_flush_s, keyring.flush, "usage flush")),
+                 asyncio.create_task(_every(settings.models_sync_s, registry.sync, "model sync"))]
+        app.state.ready = True
+        log.info("ready: %d model(s) on %s", len(registry.all()), settings.data_dir)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            for t in loops:
+                t.cancel()
+            for t in loops:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            try:
+                await run_in_threadpool(keyring.flush)
+            finally:
+                registry.close()
+                store.close()
+
+    app = FastAPI(title="SDB", summary="Safe Distillation Box: predictions for everyone, "
+                  "distillable logits only for authorized keys", version="1", lifespan=lifespan)
+    app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
+    app.state.registry = None
+    errors.install(app)
+    for r in (health.router, models.router, keys.router, v2.router):
+        app.include_router(r)
+    app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
+                       registry_of=lambda: app.state.registry)
+    return app

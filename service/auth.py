@@ -1,0 +1,235 @@
+"""API keys: ``sdb_<id>_<secret>``, 256 random bits, stored only as HMAC-SHA256 with a pepper.
+
+The pepper is a server secret in the data dir (not in the database), so a leaked
+database alone cannot be used to test guesses. Keys carry scopes, a model allowlist,
+an expiry, a revocation time and a sample quota (lifetime, or per window).
+
+The :class:`Keyring` keeps the request path free of database writes: key rows are
+cached for ``auth_cache_s`` (a revocation through this server drops the cache at once;
+one made by another process takes effect within that time), and quota counters and
+usage are kept in memory and written behind every ``usage_flush_s``.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from .errors import ApiError
+from .store import ApiKeyRow, Store
+
+SCOPES = ("predict", "distill", "jobs", "admin")
+# A scope also grants the ones listed here: a distiller may call predict too.
+IMPLIED = {"admin": set(SCOPES), "distill": {"predict"}}
+KEY_RE = re.compile(r"sdb_([0-9a-f]{12})_([0-9a-f]{64})")
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """What a request authenticated as: the row's policy, never its secret or hash."""
+
+    id: str
+    name: str
+    scopes: frozenset[str]
+    models: frozenset[str] | None
+    quota: int | None
+    quota_window_s: int | None
+    expires_at: float | None
+    revoked_at: float | None
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row: ApiKeyRow) -> ApiKey:
+        return cls(id=row.id, name=row.name, scopes=frozenset(filter(None, row.scopes.split(","))),
+                   models=None if row.models is None else frozenset(filter(None, row.models.split(","))),
+                   quota=row.quota, quota_window_s=row.quota_window_s, expires_at=row.expires_at,
+                   revoked_at=row.revoked_at, created_at=row.created_at)
+
+    def grants(self, scope: str) -> bool:
+        return scope in self.scopes or any(scope in IMPLIED.get(s, ()) for s in self.scopes)
+
+    def allows_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    def public(self) -> dict:
+        return {"id": self.id, "name": self.name, "scopes": sorted(self.scopes),
+                "models": None if self.models is None else sorted(self.models), "quota": self.quota,
+                "quota_window_s": self.quota_window_s, "created_at": self.created_at,
+                "expires_at": self.expires_at, "revoked_at": self.revoked_at}
+
+
+def hash_secret(pepper: bytes, key_id: str, secret: str) -> str:
+    return hmac.new(pepper, f"{key_id}:{secret}".encode(), hashlib.sha256).hexdigest()
+
+
+def parse_token(token: str) -> tuple[str, str] | None:
+    m = KEY_RE.fullmatch(token)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _unauthorized(code: str, message: str) -> ApiError:
+    return ApiError(401, code, message, {"WWW-Authenticate": "Bearer"})
+
+
+def check_scope(key: ApiKey, scope: str, model: str | None = None) -> None:
+    if not key.grants(scope):
+        raise ApiError(403, "forbidden_scope", f"this API key lacks the {scope!r} scope")
+    if model is not None and not key.allows_model(model):
+        raise ApiError(403, "model_not_allowed", f"this API key is not allowed to use model {model!r}")
+
+
+def validate_policy(scopes: Iterable[str], quota: int | None, quota_window_s: int | None,
+                    expires_days: float | None) -> list[str]:
+    scopes = sorted({s.strip() for s in scopes if s.strip()})
+    unknown = [s for s in scopes if s not in SCOPES]
+    if not scopes or unknown:
+        raise ValueError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}; got {unknown or 'none'}")
+    if quota is not None and quota < 0:
+        raise ValueError(f"quota must be >= 0, got {quota}")
+    if quota_window_s is not None and quota_window_s < 1:
+        raise ValueError(f"quota window must be >= 1 second, got {quota_window_s}")
+    if expires_days is not None and not expires_days > 0:
+        raise ValueError(f"expiry must be > 0 days, got {expires_days}")
+    return scopes
+
+
+def create_key(store: Store, pepper: bytes, *, scopes: Iterable[str], models: Iterable[str] | None = None,
+               quota: int | None = None, quota_window_s: int | None = None, expires_days: float | None = None,
+               name: str = "", actor: str = "cli") -> tuple[str, ApiKey]:
+    """A new key: returns the token (shown once) and its public record."""
+    scope_list = validate_policy(scopes, quota, quota_window_s, expires_days)
+    model_list = None if models is None else sorted({m.strip() for m in models if m.strip()})
+    key_id, secret = secrets.token_hex(6), secrets.token_hex(32)
+    now = time.time()
+    row = ApiKeyRow(id=key_id, secret_hash=hash_secret(pepper, key_id, secret), name=name,
+                    scopes=",".join(scope_list), models=None if model_list is None else ",".join(model_list),
+                    quota=quota, quota_window_s=quota_window_s, window_start=0, used=0, created_at=now,
+                    expires_at=None if expires_days is None else now + expires_days * 86400.0, revoked_at=None)
+    store.add_key(row)
+    store.audit(actor, "key.create", key_id, f"scopes={row.scopes} models={row.models} quota={quota}")
+    return f"sdb_{key_id}_{secret}", ApiKey.from_row(row)
+
+
+def window_start(window_s: int | None, now: float) -> int:
+    return 0 if not window_s else int(now - now % window_s)
+
+
+class Keyring:
+    def __init__(self, store: Store, pepper: bytes, cache_s: float = 1.0):
+        self.store, self._pepper, self.cache_s = store, pepper, cache_s
+        self._lock = threading.Lock()
+        self._rows: dict[str, tuple[float, ApiKeyRow]] = {}
+        self._generation: dict[str, int] = {}  # bumped on invalidation: a slow fetch then is not cached
+        self._pending: dict[tuple[str, int], int] = {}  # (key id, window start) → samples not yet written
+        self._usage: dict[tuple[str, str, str, str], list[int]] = {}  # (key, model, kind, day) → [req, samples]
+
+    # ------------------------------------------------------------ authentication
+    def cached_row(self, key_id: str) -> ApiKeyRow | None:
+        hit = self._rows.get(key_id)
+        if hit is not None and time.monotonic() - hit[0] <= self.cache_s:
+            return hit[1]
+        return None
+
+    def fetch_row(self, key_id: str) -> ApiKeyRow | None:
+        """Blocking: read the row from the store (call off the event loop)."""
+        gen = self._generation.get(key_id, 0)
+        row = self.store.get_key(key_id)
+        with self._lock:
+            if row is not None and self._generation.get(key_id, 0) == gen:
+                self._rows[key_id] = (time.monotonic(), row)
+        return row
+
+    def invalidate(self, key_id: str) -> None:
+        with self._lock:
+            self._rows.pop(key_id, None)
+            self._generation[key_id] = self._generation.get(key_id, 0) + 1
+
+    def verify(self, token: str, row: ApiKeyRow | None) -> ApiKey:
+        parsed = parse_token(token)
+        expected = row.secret_hash if row is not None else "0" * 64
+        given = hash_secret(self._pepper, *parsed) if parsed else "1" * 64
+        if not hmac.compare_digest(expected, given) or row is None:
+            raise _unauthorized("invalid_key", "unknown API key")
+        key = ApiKey.from_row(row)
+        if key.revoked_at is not None:
+            raise _unauthorized("key_revoked", "this API key was revoked")
+        if key.expires_at is not None and key.expires_at <= time.time():
+            raise _unauthorized("key_expired", "this API key has expired")
+        return key
+
+    @staticmethod
+    def token_from_header(authorization: str | None) -> tuple[str, str]:
+        """(token, key id) from an Authorization header, or a 401."""
+        if not authorization:
+            raise _unauthorized("missing_key", "an API key is required: Authorization: Bearer sdb_…")
+        scheme, _, token = authorization.strip().partition(" ")
+        parsed = parse_token(token.strip()) if scheme.lower() == "bearer" else None
+        if parsed is None:
+            raise _unauthorized("invalid_key", "malformed API key: expected Authorization: Bearer sdb_<id>_<secret>")
+        return token.strip(), parsed[0]
+
+    # ------------------------------------------------------------ quota and usage
+    def charge(self, key: ApiKey, samples: int) -> None:
+        """Count ``samples`` against the key's quota, or raise 429 and count nothing."""
+        if key.quota is not None:
+            now = time.time()
+            ws = window_start(key.quota_window_s, now)
+            with self._lock:
+                hit = self._rows.get(key.id)
+                row_used = 0
+                if hit is not None and hit[1].window_start == ws:
+                    row_used = hit[1].used
+                used = row_used + self._pending.get((key.id, ws), 0)
+                if used + samples > key.quota:
+                    headers = None
+                    if key.quota_window_s:
+                        headers = {"Retry-After": str(max(1, int(ws + key.quota_window_s - now + 0.999)))}
+                    raise ApiError(429, "quota_exceeded",
+                                   f"sample quota spent: {used} of {key.quota} used, {samples} asked", headers)
+                self._pending[(key.id, ws)] = self._pending.get((key.id, ws), 0) + samples
+        else:
+            with self._lock:
+                self._pending[(key.id, 0)] = self._pending.get((key.id, 0), 0) + samples
+
+    def record(self, key_id: str, model: str, kind: str, samples: int) -> None:
+        day = time.strftime("%Y-%m-%d", time.gmtime())
+        with self._lock:
+            acc = self._usage.setdefault((key_id, model, kind, day), [0, 0])
+            acc[0] += 1
+            acc[1] += samples
+
+    def flush(self) -> None:
+        """Blocking: write pending counters and usage to the store.
+
+        A counter leaves ``_pending`` only after its write committed, and the cached row
+        is dropped in the same step, so no request ever sees the samples twice or not at all.
+        """
+        with self._lock:
+            pending = dict(self._pending)
+            usage, self._usage = self._usage, {}
+        try:
+            for (key_id, ws), n in sorted(pending.items(), key=lambda kv: kv[0][1]):
+                self.store.charge(key_id, n, ws)
+                with self._lock:
+                    left = self._pending.get((key_id, ws), 0) - n
+                    if left > 0:
+                        self._pending[(key_id, ws)] = left
+                    else:
+                        self._pending.pop((key_id, ws), None)
+                    self._rows.pop(key_id, None)
+                    self._generation[key_id] = self._generation.get(key_id, 0) + 1
+            for (key_id, model, kind, day), (req, n) in usage.items():
+                self.store.record_usage(key_id, model, kind, day, req, n)
+        except Exception:
+            with self._lock:  # keep the usage for the next try rather than forgive it
+                for k, (req, n) in usage.items():
+                    acc = self._usage.setdefault(k, [0, 0])
+                    acc[0] += req
+                    acc[1] += n
+            raise

@@ -1,0 +1,111 @@
+"""A micro-batcher: concurrent requests to one model become one ONNX Runtime call.
+
+Requests queue on the event loop; one drain task per model takes everything queued
+(up to ``max_samples``), runs it in a worker thread, and hands each caller its rows.
+While one call runs, the next batch fills by itself, so at low load a request waits for
+nobody (``max_wait_s = 0`` is the default: the only extra wait is one loop turn), and
+at high load batches grow with the load. A positive ``max_wait_s`` bounds how long the
+first request of a batch may wait for company.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from concurrent.futures import Executor
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+class BatcherClosed(RuntimeError):
+    """The model was removed while this request waited."""
+
+
+class MicroBatcher(Generic[P, R]):
+    def __init__(self, fn: Callable[[Sequence[P]], list[R]], executor: Executor, *, max_samples: int = 64,
+                 max_wait_s: float = 0.0, enabled: bool = True,
+                 on_batch: Callable[[int, int], None] | None = None):
+        self.fn, self.executor = fn, executor
+        self.max_samples, self.max_wait_s, self.enabled = max_samples, max_wait_s, enabled
+        self.on_batch = on_batch  # (requests, samples) per ORT call, for metrics
+        self._queue: deque[tuple[P, int, asyncio.Future]] = deque()
+        self._queued_samples = 0
+        self._drainer: asyncio.Task | None = None
+        self._filled: asyncio.Event | None = None
+        self._closed = False
+
+    async def submit(self, payload: P, samples: int) -> R:
+        if self._closed:
+            raise BatcherClosed("model removed")
+        loop = asyncio.get_running_loop()
+        if not self.enabled:
+            self._count(1, samples)
+            return (await loop.run_in_executor(self.executor, self.fn, [payload]))[0]
+        fut: asyncio.Future = loop.create_future()
+        self._queue.append((payload, samples, fut))
+        self._queued_samples += samples
+        if self._filled is not None and self._queued_samples >= self.max_samples:
+            self._filled.set()
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain())
+        return await fut
+
+    def close(self) -> None:
+        """Refuse new work; what is queued is still served."""
+        self._closed = True
+
+    def _count(self, requests: int, samples: int) -> None:
+        if self.on_batch is not None:
+            self.on_batch(requests, samples)
+
+    def _take(self) -> list[tuple[P, int, asyncio.Future]]:
+        batch, total = [], 0
+        while self._queue and (not batch or total + self._queue[0][1] <= self.max_samples):
+            item = self._queue.popleft()
+            total += item[1]
+            batch.append(item)
+        self._queued_samples -= total
+        return batch
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0)  # one loop turn: requests parsed in this turn join the first batch
+        while self._queue:
+            if self.max_wait_s > 0 and self._queued_samples < self.max_samples:
+                self._filled = asyncio.Event()
+                try:
+                    await asyncio.wait_for(self._filled.wait(), self.max_wait_s)
+                except TimeoutError:
+                    pass
+                self._filled = None
+            batch = [b for b in self._take() if not b[2].cancelled()]
+            if not batch:
+                continue
+            self._count(len(batch), sum(b[1] for b in batch))
+            payloads = [b[0] for b in batch]
+            try:
+                results = await loop.run_in_executor(self.executor, self.fn, payloads)
+            except Exception:
+                # One bad request must not fail its neighbours: run them one by one.
+                results = [await self._alone(loop, p) for p in payloads]
+            for (_, _, fut), res in zip(batch, results):
+                if fut.done():
+                    continue
+                if isinstance(res, _Failed):
+                    fut.set_exception(res.exc)
+                else:
+                    fut.set_result(res)
+
+    async def _alone(self, loop: asyncio.AbstractEventLoop, payload: P) -> Any:
+        try:
+            return (await loop.run_in_executor(self.executor, self.fn, [payload]))[0]
+        except Exception as e:  # handed to that one caller
+            return _Failed(e)
+
+
+class _Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: Exception):
+        self.exc = exc

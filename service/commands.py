@@ -1,0 +1,125 @@
+"""The service's CLI commands: ``serve``, ``keys``, ``models``. ``keys`` and ``models`` work on
+the data dir's store directly, no running server needed; a running server picks up model
+changes within ``models_sync_s`` and key changes within ``auth_cache_s``."""
+from __future__ import annotations
+
+import sys
+import time
+from datetime import datetime, timezone
+
+from .auth import ApiKey, create_key
+from .errors import ApiError
+from .settings import Settings
+from .store import Store
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _split(text: str | None) -> list[str] | None:
+    return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
+
+
+def serve(settings: Settings, *, access_log: bool = False) -> int:
+    import uvicorn
+
+    from .app import build_app
+
+    print(f"sdb: serving on http://{settings.host}:{settings.port} (data {settings.data_dir.resolve()}, "
+          f"docs at /docs)", file=sys.stderr, flush=True)
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
+                access_log=access_log, server_header=False)
+    return 0
+
+
+def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: int | None,
+                quota_window: int | None, expires: float | None, name: str) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_url)
+    try:
+        token, key = create_key(store, settings.pepper, scopes=_split(scopes) or [], models=_split(models),
+                                quota=quota, quota_window_s=quota_window, expires_days=expires, name=name)
+    finally:
+        store.close()
+    print(f"created key {key.id}: scopes {','.join(sorted(key.scopes))}; "
+          f"models {'all' if key.models is None else ','.join(sorted(key.models))}; "
+          f"quota {'unlimited' if key.quota is None else key.quota}; expires {_when(key.expires_at)}")
+    print("the key below is shown this once; store it now:")
+    print(token)
+    return 0
+
+
+def keys_list(settings: Settings) -> int:
+    store = Store(settings.db_url)
+    try:
+        rows = store.keys()
+    finally:
+        store.close()
+    print(f"{'id':12}  {'scopes':24}  {'models':20}  {'used/quota':>14}  {'expires':16}  status")
+    now = time.time()
+    for r in rows:
+        k = ApiKey.from_row(r)
+        status = ("revoked" if k.revoked_at else "expired" if k.expires_at and k.expires_at <= now else "active")
+        quota = f"{r.used}/{'-' if k.quota is None else k.quota}"
+        models = "all" if k.models is None else ",".join(sorted(k.models))
+        print(f"{k.id:12}  {','.join(sorted(k.scopes)):24}  {models:20}  {quota:>14}  "
+              f"{_when(k.expires_at):16}  {status}")
+    return 0
+
+
+def keys_revoke(settings: Settings, key_id: str) -> int:
+    store = Store(settings.db_url)
+    try:
+        row = store.revoke_key(key_id)
+        if row is None:
+            raise ValueError(f"no API key with id {key_id!r}")
+        store.audit("cli", "key.revoke", key_id)
+    finally:
+        store.close()
+    print(f"revoked {key_id}")
+    return 0
+
+
+def models_list(settings: Settings) -> int:
+    store = Store(settings.db_url)
+    try:
+        rows = store.models()
+    finally:
+        store.close()
+    print(f"{'name':24}  {'version':10}  {'added':16}  path")
+    for r in rows:
+        print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):16}  {r.path}")
+    return 0
+
+
+def models_add(settings: Settings, path: str) -> int:
+    from .registry import Registry
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_url)
+    registry = Registry(settings, store)
+    try:
+        model = registry.add(path, actor="cli")  # verifies the bundle first: a refused one changes nothing
+    except ApiError as e:
+        raise ValueError(e.message) from None
+    finally:
+        registry.close()
+        store.close()
+    print(f"registered {model.name} version {model.version} from {model.path}")
+    return 0
+
+
+def models_remove(settings: Settings, name: str, version: str | None) -> int:
+    store = Store(settings.db_url)
+    try:
+        rows = store.remove_model(name, version)
+        for r in rows:
+            store.audit("cli", "model.remove", f"{r.name}@{r.version}", r.path)
+    finally:
+        store.close()
+    if not rows:
+        raise ValueError(f"no model named {name!r}" + (f" with version {version!r}" if version else ""))
+    for r in rows:
+        print(f"removed {r.name} version {r.version}")
+    return 0

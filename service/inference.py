@@ -1,0 +1,52 @@
+"""The two paths a request can take through a hosted model, shared by v1 and v2 routes.
+
+The keyed path is reached only from here, and only after the caller's key was checked
+for ``distill`` on that model and its quota charged.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .auth import ANONYMOUS, ApiKey, Keyring, check_scope
+from .batching import BatcherClosed
+from .errors import ApiError, not_found
+from .metrics import Metrics
+from .registry import HostedModel
+
+
+async def _logits(model: HostedModel, x: np.ndarray, keyed: bool) -> np.ndarray:
+    try:
+        return await model.logits(x, keyed=keyed)
+    except BatcherClosed:
+        raise not_found(f"model {model.name!r} was removed", "model_not_found") from None
+
+
+def require_predict(key: ApiKey | None, model: str, public: bool) -> None:
+    if public:
+        return
+    if key is None:
+        raise ApiError(401, "missing_key", "this server requires an API key for predictions",
+                       {"WWW-Authenticate": "Bearer"})
+    check_scope(key, "predict", model)
+
+
+async def public_logits(model: HostedModel, x: np.ndarray, key: ApiKey | None, keyring: Keyring,
+                        metrics: Metrics) -> np.ndarray:
+    z = await _logits(model, x, keyed=False)
+    key_id = key.id if key is not None else ANONYMOUS
+    metrics.samples.labels(model.name, "predict", key_id).inc(len(x))
+    if key is not None:
+        keyring.record(key.id, model.name, "predict", len(x))
+    return z
+
+
+async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: Keyring,
+                       metrics: Metrics) -> np.ndarray:
+    check_scope(key, "distill", model.name)
+    if not model.distillable:
+        raise ApiError(400, "not_distillable", f"model {model.name!r} has no keyed path (Nasty mode)")
+    keyring.charge(key, len(x))
+    z = await _logits(model, x, keyed=True)
+    metrics.samples.labels(model.name, "distill", key.id).inc(len(x))
+    keyring.record(key.id, model.name, "distill", len(x))
+    return z

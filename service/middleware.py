@@ -1,0 +1,81 @@
+"""One pure-ASGI middleware around the whole app: payload limit, metrics, last-resort 500.
+
+Pure ASGI (not BaseHTTPMiddleware) because it sits on every request's path. An
+exception that escapes every handler is logged here (never the request's headers) and
+answered with the generic error body, so the server keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import INTERNAL, error_response
+
+log = logging.getLogger("sdb.service")
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, *, max_payload_bytes: int, metrics, registry_of):
+        self.app, self.limit, self.metrics, self.registry_of = app, max_payload_bytes, metrics, registry_of
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status, started = 500, False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        try:
+            declared = _content_length(scope)
+            if declared is not None and declared > self.limit:
+                await error_response(413, "payload_too_large",
+                                     f"body of {declared} bytes is over the {self.limit}-byte limit")(
+                    scope, receive, send_tracked)
+            else:
+                await self.app(scope, self._limited(receive), send_tracked)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await error_response(*INTERNAL)(scope, receive, send_tracked)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            name = (scope.get("path_params") or {}).get("name")
+            registry = self.registry_of()
+            model = name if name and registry is not None and name in registry else ""
+            self.metrics.observe_request(template, scope.get("method", ""), model, status,
+                                         time.perf_counter() - start)
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+        limit = self.limit
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    # FastAPI re-raises HTTPException from body reading as is; the handler maps it.
+                    raise HTTPException(413, f"body is over the {limit}-byte limit")
+            return message
+
+        return counted
+
+
+def _content_length(scope: Scope) -> int | None:
+    for k, v in scope.get("headers", ()):
+        if k == b"content-length":
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None

@@ -1,0 +1,228 @@
+"""Hosted models: verified bundles in ONNX Runtime sessions, added and removed while serving.
+
+The store's ``models`` table is the truth; :meth:`Registry.sync` makes memory match it,
+so ``sdb models add|remove`` (which writes the store directly) reaches a running server
+within ``models_sync_s``, and a restart reloads the same set. A bundle that fails
+verification is refused before anything changes: running models are never touched.
+The key opened with the master key lives only in memory, inside the loaded bundle.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from sdb_core.bundle import Bundle, load_bundle, onnx_providers
+
+from .batching import MicroBatcher
+from .errors import ApiError, not_found
+from .settings import Settings
+from .store import ModelRow, Store
+
+log = logging.getLogger("sdb.service")
+
+
+def version_key(v: str) -> tuple:
+    """Natural order: "10" after "9", "1.10" after "1.9"."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_]", v))
+
+
+@dataclass
+class HostedModel:
+    name: str
+    version: str
+    path: str
+    added_at: float
+    bundle: Bundle
+    batcher: MicroBatcher = field(repr=False)
+
+    @property
+    def meta(self) -> dict:
+        return self.bundle.meta
+
+    @property
+    def in_shape(self) -> list[int]:
+        return list(self.meta["input"]["shape"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta["labels"])
+
+    @property
+    def distillable(self) -> bool:
+        return self.bundle.has_key
+
+    def run(self, items: Sequence[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
+        """Blocking: logits for each (inputs, keyed) item, all in one ORT call."""
+        xs = [self.bundle.keyed_input(x) if keyed else x for x, keyed in items]
+        z = self.bundle.public_logits(xs[0] if len(xs) == 1 else np.concatenate(xs))
+        out, start = [], 0
+        for x in xs:
+            out.append(z[start:start + len(x)])
+            start += len(x)
+        return out
+
+    async def logits(self, x: np.ndarray, keyed: bool = False) -> np.ndarray:
+        if keyed and not self.distillable:
+            raise ApiError(400, "not_distillable", f"model {self.name!r} has no keyed path (Nasty mode)")
+        return await self.batcher.submit((x, keyed), len(x))
+
+    def describe(self) -> dict:
+        m = self.meta
+        return {"name": self.name, "version": self.version, "task": m.get("task", "classification"),
+                "mode": m["mode"], "distillable": self.distillable,
+                "input": {"name": m["input"]["name"], "shape": self.in_shape, "dtype": m["input"]["dtype"]},
+                "normalize": m["normalize"], "labels": self.labels, "temperature": m.get("temperature"),
+                "metrics": m.get("metrics", {}), "added_at": self.added_at}
+
+
+class Registry:
+    def __init__(self, settings: Settings, store: Store,
+                 on_batch: Callable[[str, int, int], None] | None = None):
+        self.settings, self.store, self.on_batch = settings, store, on_batch
+        # ORT releases the GIL: a few threads let several models run at once.
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdb-ort")
+        self._lock = threading.RLock()
+        # name → version → model; replaced whole on change, so readers need no lock.
+        self._models: dict[str, dict[str, HostedModel]] = {}
+        self.failed: dict[tuple[str, str], str] = {}  # refused at sync: (name, version) → why
+        self._failed_seen: dict[tuple[str, str], float] = {}  # added_at of the row that failed
+
+    # ------------------------------------------------------------ reading
+    def get(self, name: str, version: str | None = None) -> HostedModel:
+        versions = self._models.get(name)
+        if not versions:
+            raise not_found(f"no model named {name!r}", "model_not_found")
+        if version is None:
+            return versions[max(versions, key=version_key)]
+        if version not in versions:
+            raise not_found(f"model {name!r} has no version {version!r}", "model_not_found")
+        return versions[version]
+
+    def versions(self, name: str) -> list[str]:
+        return sorted(self._models.get(name, {}), key=version_key)
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def all(self) -> list[HostedModel]:
+        return [m for n in sorted(self._models) for _, m in sorted(self._models[n].items(),
+                                                                    key=lambda kv: version_key(kv[0]))]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._models
+
+    # ------------------------------------------------------------ loading (blocking)
+    def session_options(self):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.settings.ort_intra_op_threads
+        so.inter_op_num_threads = self.settings.ort_inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Spinning worker threads would steal the core the event loop needs between calls.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        return so
+
+    def load(self, path: str) -> Bundle:
+        """Verify and load; raises ValueError (BundleError, SealError) or OSError when refused."""
+        return load_bundle(path, self.settings.master_key, session_options=self.session_options(),
+                           providers=onnx_providers())
+
+    def _host(self, row: ModelRow, bundle: Bundle) -> HostedModel:
+        s = self.settings
+        model: HostedModel
+
+        def count(requests: int, samples: int) -> None:
+            if self.on_batch is not None:
+                self.on_batch(row.name, requests, samples)
+
+        batcher = MicroBatcher(lambda items: model.run(items), self.executor, max_samples=s.batch_max_samples,
+                               max_wait_s=s.batch_max_wait_ms / 1000.0, enabled=s.batching, on_batch=count)
+        model = HostedModel(row.name, row.version, row.path, row.added_at, bundle, batcher)
+        return model
+
+    def _install(self, model: HostedModel) -> None:
+        with self._lock:
+            versions = dict(self._models.get(model.name, {}))
+            old = versions.get(model.version)
+            versions[model.version] = model
+            self._models = {**self._models, model.name: versions}
+        if old is not None:
+            old.batcher.close()
+
+    def _uninstall(self, name: str, version: str) -> None:
+        with self._lock:
+            versions = dict(self._models.get(name, {}))
+            old = versions.pop(version, None)
+            models = dict(self._models)
+            if versions:
+                models[name] = versions
+            else:
+                models.pop(name, None)
+            self._models = models
+        if old is not None:
+            old.batcher.close()
+
+    def add(self, path: str | Path, actor: str) -> HostedModel:
+        """Verify a bundle, record it in the store, serve it. 400 when refused, 409 when present."""
+        path = str(Path(path).expanduser().resolve())
+        try:
+            bundle = self.load(path)
+        except (ValueError, OSError) as e:
+            self.store.audit(actor, "model.refused", path, str(e))
+            raise ApiError(400, "bundle_refused", f"bundle refused: {e}") from None
+        name, version = str(bundle.meta["name"]), str(bundle.meta["version"])
+        row = self.store.add_model(name, version, path)
+        if row is None:
+            raise ApiError(409, "model_exists", f"model {name!r} version {version!r} is already registered")
+        self.store.audit(actor, "model.add", f"{name}@{version}", path)
+        model = self._host(row, bundle)
+        self._install(model)
+        log.info("serving model %s version %s from %s", name, version, path)
+        return model
+
+    def remove(self, name: str, version: str | None, actor: str) -> list[tuple[str, str]]:
+        rows = self.store.remove_model(name, version)
+        for r in rows:
+            self._uninstall(r.name, r.version)
+            self.store.audit(actor, "model.remove", f"{r.name}@{r.version}", r.path)
+        return [(r.name, r.version) for r in rows]
+
+    def sync(self) -> None:
+        """Make memory match the store; a row whose bundle fails is logged and skipped."""
+        rows = {(r.name, r.version): r for r in self.store.models()}
+        for (name, version), m in [((m.name, m.version), m) for m in self.all()]:
+            row = rows.get((name, version))
+            if row is None or row.added_at != m.added_at:
+                self._uninstall(name, version)
+        for key, row in rows.items():
+            current = self._models.get(row.name, {}).get(row.version)
+            if current is not None and current.added_at == row.added_at:
+                continue
+            if self._failed_seen.get(key) == row.added_at:
+                continue  # refused before: a new add (new added_at) tries again
+            try:
+                bundle = self.load(row.path)
+            except (ValueError, OSError) as e:
+                self.failed[key], self._failed_seen[key] = str(e), row.added_at
+                log.error("model %s version %s not served: %s", row.name, row.version, e)
+                continue
+            self.failed.pop(key, None)
+            self._failed_seen.pop(key, None)
+            self._install(self._host(row, bundle))
+        for key in [k for k in self.failed if k not in rows]:
+            self.failed.pop(key, None)
+            self._failed_seen.pop(key, None)
+
+    def close(self) -> None:
+        for m in self.all():
+            m.batcher.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,170 @@
+"""The Open Inference Protocol (v2, as KServe and Triton speak it), FP32 tensors as JSON.
+
+Outputs: ``probabilities`` (public path, the default) and ``distill_logits`` (keyed path:
+asked for by name, and only with a ``distill`` key for the model). Errors keep this
+service's ``{"error": {"code", "message"}}`` body with the protocol's statuses.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from importlib.metadata import PackageNotFoundError, version as package_version
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+from starlette.responses import Response
+
+from ..deps import KeyringDep, MetricsDep, OptionalApiKeyDep, RegistryDep, SettingsDep
+from ..errors import ApiError, invalid
+from ..inference import keyed_logits, public_logits, require_predict
+from ..registry import HostedModel
+from ..schemas import json_body_doc, json_response
+from ..tensors import as_batch, parse_json, softmax, to_array
+
+router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
+
+PUBLIC_OUTPUT, KEYED_OUTPUT = "probabilities", "distill_logits"
+
+
+class InferInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str = Field(description="FP32 only")
+    data: list = Field(description="row-major values, flat or nested")
+
+
+class InferOutputRequest(BaseModel):
+    name: str = Field(description=f"{PUBLIC_OUTPUT} or {KEYED_OUTPUT} (needs a distill key)")
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[InferInput]
+    outputs: list[InferOutputRequest] | None = None
+
+
+def _server_version() -> str:
+    try:
+        return package_version("sdb")
+    except PackageNotFoundError:
+        return "0"
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> Response:
+    return json_response({"name": "sdb", "version": _server_version(), "extensions": []})
+
+
+@router.get("/health/live", summary="Server live")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/health/ready", summary="Server ready")
+async def ready(request: Request) -> Response:
+    if not getattr(request.app.state, "ready", False):
+        raise ApiError(503, "not_ready", "the server is still starting")
+    return json_response({"ready": True})
+
+
+def _metadata(registry, m: HostedModel) -> dict:
+    classes = len(m.labels)
+    return {"name": m.name, "versions": registry.versions(m.name), "platform": "onnxruntime_onnx",
+            "inputs": [{"name": m.meta["input"]["name"], "datatype": "FP32", "shape": [-1, *m.in_shape]}],
+            "outputs": [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}]
+            + ([{"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}] if m.distillable else [])}
+
+
+@router.get("/models/{name}", summary="Model metadata")
+async def model_metadata(name: str, registry: RegistryDep) -> Response:
+    return json_response(_metadata(registry, registry.get(name)))
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model version metadata")
+async def model_version_metadata(name: str, version: str, registry: RegistryDep) -> Response:
+    return json_response(_metadata(registry, registry.get(name, version)))
+
+
+@router.get("/models/{name}/ready", summary="Model ready")
+async def model_ready(name: str, registry: RegistryDep) -> Response:
+    return json_response({"name": registry.get(name).name, "ready": True})
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready")
+async def model_version_ready(name: str, version: str, registry: RegistryDep) -> Response:
+    m = registry.get(name, version)
+    return json_response({"name": m.name, "version": m.version, "ready": True})
+
+
+def _input_tensor(obj: dict, model: HostedModel, max_samples: int):
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise invalid("inputs must be a list of exactly one tensor object", "invalid_request")
+    t = inputs[0]
+    if t.get("name") != model.meta["input"]["name"]:
+        raise invalid(f"unknown input {t.get('name')!r}; this model's input is "
+                      f"{model.meta['input']['name']!r}", "invalid_request")
+    if t.get("datatype") != "FP32":
+        raise invalid(f"datatype {t.get('datatype')!r} is not supported; send FP32", "invalid_dtype")
+    shape = t.get("shape")
+    if (not isinstance(shape, list) or not shape or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise invalid("shape must be a list of non-negative integers", "invalid_shape")
+    data = to_array(t.get("data"), "data")
+    if data.size != math.prod(shape):
+        raise invalid(f"data has {data.size} values; shape {shape} needs {math.prod(shape)}", "invalid_shape")
+    return as_batch(data.reshape(shape), model.in_shape, max_samples)
+
+
+def _wanted(obj: dict) -> list[str]:
+    outputs = obj.get("outputs")
+    if outputs is None:
+        return [PUBLIC_OUTPUT]
+    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
+        raise invalid("outputs must be a non-empty list of {\"name\": ...}", "invalid_request")
+    names = [o.get("name") for o in outputs]
+    unknown = [n for n in names if n not in (PUBLIC_OUTPUT, KEYED_OUTPUT)]
+    if unknown:
+        raise invalid(f"unknown output(s) {unknown}; available: {PUBLIC_OUTPUT}, {KEYED_OUTPUT}", "invalid_request")
+    return list(dict.fromkeys(names))
+
+
+async def _infer(model: HostedModel, request: Request, key, keyring, metrics, settings) -> Response:
+    obj = parse_json(await request.body())
+    wanted = _wanted(obj)
+    if KEYED_OUTPUT in wanted and key is None:
+        raise ApiError(401, "missing_key", f"output {KEYED_OUTPUT!r} needs an API key with the distill scope",
+                       {"WWW-Authenticate": "Bearer"})
+    if PUBLIC_OUTPUT in wanted:
+        require_predict(key, model.name, settings.public_predict)
+    x = _input_tensor(obj, model, settings.max_request_samples)
+    jobs = {}
+    if KEYED_OUTPUT in wanted:  # checks scope and charges quota before anything runs
+        jobs[KEYED_OUTPUT] = keyed_logits(model, x, key, keyring, metrics)
+    if PUBLIC_OUTPUT in wanted:
+        jobs[PUBLIC_OUTPUT] = public_logits(model, x, key, keyring, metrics)
+    # Awaited together, both paths ride in the same ONNX Runtime call.
+    results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+    outputs = []
+    for name in wanted:
+        value = softmax(results[name]) if name == PUBLIC_OUTPUT else results[name]
+        outputs.append({"name": name, "datatype": "FP32", "shape": list(value.shape), "data": value.ravel()})
+    body = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
+    if isinstance(obj.get("id"), str):
+        body["id"] = obj["id"]
+    return json_response(body)
+
+
+_INFER_DOC = json_body_doc(InferRequest)
+
+
+@router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC)
+async def infer(name: str, request: Request, registry: RegistryDep, key: OptionalApiKeyDep, keyring: KeyringDep,
+                metrics: MetricsDep, settings: SettingsDep) -> Response:
+    return await _infer(registry.get(name), request, key, keyring, metrics, settings)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_INFER_DOC)
+async def infer_version(name: str, version: str, request: Request, registry: RegistryDep, key: OptionalApiKeyDep,
+                        keyring: KeyringDep, metrics: MetricsDep, settings: SettingsDep) -> Response:
+    return await _infer(registry.get(name, version), request, key, keyring, metrics, settings)

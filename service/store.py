@@ -1,0 +1,215 @@
+"""The SQL store: API keys, hosted models, usage and the audit log.
+
+SQLAlchemy 2 with portable SQL only, so the same code runs on SQLite (the default, a file
+in the data dir) and on PostgreSQL (``SDB_DATABASE_URL``). The schema is created and
+migrated at start by :func:`migrate`: an ordered list of steps and a version row.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from sqlalchemy import (BigInteger, Connection, Float, Integer, String, Text, create_engine, event, select,
+                        update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+
+
+class ApiKeyRow(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))  # HMAC-SHA256(pepper, id:secret), hex
+    name: Mapped[str] = mapped_column(String(200), default="")
+    scopes: Mapped[str] = mapped_column(String(200))  # comma-separated
+    models: Mapped[str | None] = mapped_column(Text, nullable=True)  # comma-separated; NULL: every model
+    quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # samples; NULL: unlimited
+    quota_window_s: Mapped[int | None] = mapped_column(Integer, nullable=True)  # NULL: lifetime quota
+    window_start: Mapped[int] = mapped_column(BigInteger, default=0)
+    used: Mapped[int] = mapped_column(BigInteger, default=0)  # samples in the current window
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    version: Mapped[str] = mapped_column(String(100), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    added_at: Mapped[float] = mapped_column(Float)
+
+
+class UsageRow(Base):
+    """Samples served, summed per key, model, path and UTC day."""
+
+    __tablename__ = "usage"
+    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20), primary_key=True)  # predict | distill
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    samples: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class AuditRow(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float)
+    actor: Mapped[str] = mapped_column(String(64))  # a key id, or "cli" / "server"
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(300), default="")
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+def _v1(conn: Connection) -> None:
+    Base.metadata.create_all(conn, tables=[t for name, t in Base.metadata.tables.items()
+                                           if name != "schema_version"])
+
+
+# Append a step to change the schema; never edit a released one.
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+
+
+def migrate(engine: Engine) -> int:
+    """Bring the schema to the latest version; returns it."""
+    SchemaVersion.__table__.create(engine, checkfirst=True)
+    with engine.begin() as conn:
+        row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).scalar()
+        current = row or 0
+        for step in MIGRATIONS[current:]:
+            step(conn)
+        if row is None:
+            conn.execute(SchemaVersion.__table__.insert().values(id=1, version=len(MIGRATIONS)))
+        elif current != len(MIGRATIONS):
+            conn.execute(update(SchemaVersion).where(SchemaVersion.id == 1).values(version=len(MIGRATIONS)))
+    return len(MIGRATIONS)
+
+
+class Store:
+    """The engine and a session factory; every method opens and closes its own session."""
+
+    def __init__(self, url: str):
+        sqlite = url.startswith("sqlite")
+        self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
+                                    pool_pre_ping=not sqlite)
+        if sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.session: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
+        migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(select(1))
+
+    # ---------------------------------------------------------------- audit
+    def audit(self, actor: str, action: str, target: str = "", detail: str = "") -> None:
+        with self.session.begin() as s:
+            s.add(AuditRow(at=time.time(), actor=actor, action=action, target=target, detail=detail))
+
+    def audit_log(self, limit: int = 100) -> list[AuditRow]:
+        with self.session() as s:
+            return list(s.scalars(select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)))
+
+    def has_audit(self, action: str) -> bool:
+        with self.session() as s:
+            return s.scalar(select(AuditRow.id).where(AuditRow.action == action).limit(1)) is not None
+
+    # ---------------------------------------------------------------- models
+    def models(self) -> list[ModelRow]:
+        with self.session() as s:
+            return list(s.scalars(select(ModelRow).order_by(ModelRow.name, ModelRow.version)))
+
+    def add_model(self, name: str, version: str, path: str) -> ModelRow | None:
+        """None when that name and version is already registered."""
+        row = ModelRow(name=name, version=version, path=path, added_at=time.time())
+        try:
+            with self.session.begin() as s:
+                s.add(row)
+        except IntegrityError:
+            return None
+        return row
+
+    def remove_model(self, name: str, version: str | None = None) -> list[ModelRow]:
+        with self.session.begin() as s:
+            q = select(ModelRow).where(ModelRow.name == name)
+            if version is not None:
+                q = q.where(ModelRow.version == version)
+            rows = list(s.scalars(q))
+            for r in rows:
+                s.delete(r)
+            return rows
+
+    # ---------------------------------------------------------------- keys
+    def add_key(self, row: ApiKeyRow) -> None:
+        with self.session.begin() as s:
+            s.add(row)
+
+    def get_key(self, key_id: str) -> ApiKeyRow | None:
+        with self.session() as s:
+            return s.get(ApiKeyRow, key_id)
+
+    def keys(self) -> list[ApiKeyRow]:
+        with self.session() as s:
+            return list(s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)))
+
+    def revoke_key(self, key_id: str) -> ApiKeyRow | None:
+        with self.session.begin() as s:
+            row = s.get(ApiKeyRow, key_id)
+            if row is not None and row.revoked_at is None:
+                row.revoked_at = time.time()
+            return row
+
+    def charge(self, key_id: str, samples: int, window_start: int) -> None:
+        """Add served samples to a key's counter, restarting it when a new window began."""
+        with self.session.begin() as s:
+            row = s.get(ApiKeyRow, key_id, with_for_update=True)
+            if row is None:
+                return
+            if row.window_start != window_start:
+                row.window_start, row.used = window_start, 0
+            row.used += samples
+
+    def record_usage(self, key_id: str, model: str, kind: str, day: str, requests: int, samples: int) -> None:
+        pk = {"key_id": key_id, "model": model, "kind": kind, "day": day}
+        for _ in range(2):  # a concurrent first insert by another process: retry as an update
+            try:
+                with self.session.begin() as s:
+                    row = s.get(UsageRow, pk, with_for_update=True)
+                    if row is None:
+                        s.add(UsageRow(**pk, requests=requests, samples=samples))
+                    else:
+                        row.requests += requests
+                        row.samples += samples
+                return
+            except IntegrityError:
+                continue
+
+    def usage(self, key_id: str | None = None) -> list[UsageRow]:
+        with self.session() as s:
+            q = select(UsageRow)
+            if key_id is not None:
+                q = q.where(UsageRow.key_id == key_id)
+            return list(s.scalars(q))
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets readers run beside the one writer (the CLI beside a running server).
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()

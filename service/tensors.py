@@ -1,0 +1,108 @@
+"""Request bodies to model inputs: JSON arrays and images, checked before any model runs.
+
+JSON is parsed by orjson (C) and turned into one numpy array in one call: no Python
+loop over elements. Every way an input can be wrong ends in an :class:`ApiError`
+(400 unparseable, 422 wrong shape/type/values, 415 unreadable image).
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import orjson
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ApiError, bad_request, invalid
+
+IMAGE_FORMATS = ("PNG", "JPEG")
+MAX_IMAGE_PIXELS = 16_000_000  # decoded size bound: a small upload may not unpack into gigabytes
+
+
+def parse_json(body: bytes) -> dict:
+    if not body:
+        raise bad_request("empty body: expected a JSON object", "malformed_body")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise bad_request(f"body is not valid JSON ({e.msg} at char {e.pos})", "malformed_body") from None
+    if not isinstance(obj, dict):
+        raise bad_request("body must be a JSON object", "malformed_body")
+    return obj
+
+
+def to_array(value: Any, what: str = "inputs") -> np.ndarray:
+    """A rectangular array of numbers, as float32; 422 for anything else."""
+    if not isinstance(value, list):
+        raise invalid(f"{what} must be an array of numbers", "invalid_input")
+    try:
+        arr = np.array(value)
+    except (ValueError, TypeError, OverflowError):
+        raise invalid(f"{what} must be a rectangular array of numbers (ragged or mixed)", "invalid_shape") from None
+    if arr.dtype.kind not in "fiu":
+        raise invalid(f"{what} must contain numbers only, not {_kind_name(arr.dtype)}", "invalid_dtype")
+    if arr.size == 0:
+        raise invalid(f"{what} is empty", "invalid_shape")
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float32, copy=False)
+    if not np.isfinite(out).all():
+        raise invalid(f"{what} has NaN, Inf or values beyond float32 range", "non_finite")
+    return out
+
+
+def _kind_name(dtype: np.dtype) -> str:
+    return {"b": "booleans", "U": "strings", "S": "strings", "O": "objects or nulls"}.get(dtype.kind, str(dtype))
+
+
+def as_batch(arr: np.ndarray, in_shape: Sequence[int], max_samples: int) -> np.ndarray:
+    """(N, *in_shape) from a batch, one sample, or flat rows of prod(in_shape) values."""
+    shape = tuple(in_shape)
+    if arr.shape == shape:
+        arr = arr[None]
+    elif arr.ndim == 2 and arr.shape[1] == math.prod(shape):
+        arr = arr.reshape((arr.shape[0], *shape))
+    elif arr.shape[1:] != shape:
+        raise invalid(f"inputs have shape {list(arr.shape)}; this model takes [N, {', '.join(map(str, shape))}] "
+                      f"(or one sample, or rows of {math.prod(shape)} values)", "invalid_shape")
+    if arr.shape[0] > max_samples:
+        raise invalid(f"{arr.shape[0]} samples in one request; at most {max_samples}", "too_many_samples")
+    return np.ascontiguousarray(arr)
+
+
+def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.ndarray:
+    """One PNG/JPEG → (C, H, W) normalised like the bundle's training data."""
+    c, h, w = in_shape
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format not in IMAGE_FORMATS:
+            raise ApiError(415, "unsupported_image", f"image format {img.format} is not PNG or JPEG")
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise ApiError(415, "unsupported_image", f"image of {img.width}×{img.height} pixels is too large")
+        img.load()
+        if c not in (1, 3):
+            raise invalid(f"this model takes {c}-channel inputs; images must be sent as arrays", "invalid_shape")
+        img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            EOFError, MemoryError):
+        raise ApiError(415, "unsupported_image", "the upload is not a readable PNG or JPEG image") from None
+    pixels = np.asarray(img, dtype=np.float32)
+    pixels = pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
+    mean = np.asarray(normalize["mean"], np.float32).reshape(-1, 1, 1)
+    std = np.asarray(normalize["std"], np.float32).reshape(-1, 1, 1)
+    return ((pixels / float(normalize.get("scale", 255.0)) - mean) / std).astype(np.float32)
+
+
+def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = z / temperature if temperature != 1.0 else z
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def top_k(probs: np.ndarray, k: int, labels: Sequence[str]) -> list[dict]:
+    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    scores = np.take_along_axis(probs, idx, axis=1)
+    return [{"labels": [labels[i] for i in row], "indices": row, "scores": s}
+            for row, s in zip(idx.tolist(), scores.tolist())]

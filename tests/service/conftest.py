@@ -1,0 +1,184 @@
+"""Real fixtures for the service: a bundle trained on ``digits`` once per session, and a
+real app on a real SQLite file per test, driven in process or through uvicorn."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from asgi_lifespan import LifespanManager
+
+from service.app import build_app
+from service.auth import create_key
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SDB = str(ROOT / ".venv" / "bin" / "sdb") if (ROOT / ".venv" / "bin" / "sdb").exists() else shutil.which("sdb")
+
+
+@dataclass
+class Bundles:
+    master_key_file: Path
+    a: Path  # digits-a version 1
+    a2: Path  # digits-a version 2 (same network)
+    b: Path  # digits-b
+    x: np.ndarray  # a few normalised test inputs, (N, 1, 8, 8)
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory) -> Bundles:
+    import torch
+
+    from sdb_core.bundle import export_bundle
+    from sdb_core.data import load_dataset
+    from sdb_core.models import create_model
+    from sdb_core.protect import SDBConfig, wrap
+    from sdb_core.protect.key import load_or_create_master_key
+    from sdb_core.train import TrainConfig, seed_everything, train_classifier
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bundles")
+    master_file = root / "master.key"
+    master = load_or_create_master_key(master_file)
+    data = load_dataset("digits")
+    seed_everything(0)
+    teacher = create_model("cnn", num_classes=data.num_classes, in_shape=data.in_shape)
+    train_classifier(teacher, data.train, TrainConfig(epochs=2))
+    box = wrap(teacher, data, SDBConfig(train=TrainConfig(epochs=1))).box
+    common = dict(in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels, master_key=master)
+    a = export_bundle(box, root / "digits-a", name="digits-a", **common)
+    a2 = export_bundle(box, root / "digits-a-v2", name="digits-a", version="2", **common)
+    b = export_bundle(box, root / "digits-b", name="digits-b", **common)
+    x = data.test.tensors[0][:8].numpy().astype(np.float32)
+    return Bundles(master_file, a, a2, b, x)
+
+
+def make_settings(data_dir: Path, bundles: Bundles, **over) -> Settings:
+    base = dict(data_dir=data_dir, master_key_file=bundles.master_key_file, ort_intra_op_threads=1,
+                ort_inter_op_threads=1, usage_flush_s=0.05, models_sync_s=0.1, auth_cache_s=1.0)
+    return Settings(**{**base, **over})
+
+
+@dataclass
+class Service:
+    """A running app and what tests need around it."""
+
+    app: object
+    client: httpx.AsyncClient
+    settings: Settings
+
+    def key(self, scopes=("distill",), **kw) -> str:
+        token, _ = create_key(self.app.state.store, self.settings.pepper, scopes=scopes, **kw)
+        return token
+
+    def auth(self, token: str) -> dict:
+        return {"Authorization": f"Bearer {token}"}
+
+    @property
+    def admin(self) -> dict:
+        if not hasattr(self, "_admin"):
+            self._admin = self.auth(self.key(("admin",)))
+        return self._admin
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+async def start_service(settings: Settings, *bundle_paths: Path):
+    app = build_app(settings)
+    manager = LifespanManager(app, startup_timeout=60, shutdown_timeout=30)
+    await manager.__aenter__()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url="http://sdb.test")
+    svc = Service(app, client, settings)
+    for p in bundle_paths:
+        r = await client.post("/v1/models", json={"path": str(p)}, headers=svc.admin)
+        assert r.status_code == 201, r.text
+    return svc, manager
+
+
+@pytest.fixture
+async def svc(tmp_path, bundles):
+    """The app with digits-a (v1, v2) and digits-b served."""
+    service, manager = await start_service(make_settings(tmp_path / "data", bundles), bundles.a, bundles.a2, bundles.b)
+    yield service
+    await service.client.aclose()
+    await manager.__aexit__(None, None, None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sdb_env(data_dir: Path, bundles: Bundles, port: int | None = None) -> dict:
+    env = {**os.environ, "SDB_DATA_DIR": str(data_dir), "SDB_MASTER_KEY_FILE": str(bundles.master_key_file),
+           "SDB_ORT_INTRA_OP_THREADS": "1", "SDB_ORT_INTER_OP_THREADS": "1"}
+    if port is not None:
+        env["SDB_PORT"] = str(port)
+    return env
+
+
+def run_sdb(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([SDB, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+class Server:
+    """``sdb serve`` as a subprocess on a free loopback port."""
+
+    def __init__(self, data_dir: Path, bundles: Bundles):
+        self.port = free_port()
+        self.env = sdb_env(data_dir, bundles, self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([SDB, "serve", "--host", "127.0.0.1"], env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sdb serve exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)  # polling a port that is not open yet: there is nothing to wait on
+        raise TimeoutError("sdb serve did not become ready")
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+@pytest.fixture
+def server_factory(bundles):
+    started: list[Server] = []
+
+    def start(data_dir: Path) -> Server:
+        s = Server(data_dir, bundles)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.stop()
+
+

@@ -1,0 +1,160 @@
+"""Every route's happy path, in process, and the parity of served outputs with the bundle."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdb_core.bundle import load_bundle
+
+pytestmark = pytest.mark.anyio
+
+
+def v2_body(x: np.ndarray, *outputs: str) -> dict:
+    body = {"id": "r1", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                    "data": x.ravel().tolist()}]}
+    if outputs:
+        body["outputs"] = [{"name": o} for o in outputs]
+    return body
+
+
+async def test_health_ready_metrics_docs(svc):
+    c = svc.client
+    assert (await c.get("/healthz")).json() == {"status": "ok"}
+    ready = (await c.get("/readyz")).json()
+    assert ready["status"] == "ready" and ready["models"] == 3
+    await c.post("/v1/models/digits-a/predict", json={"inputs": np.zeros((1, 1, 8, 8)).tolist()})
+    text = (await c.get("/metrics")).text
+    assert 'sdb_requests_total{method="POST",model="digits-a",route="/v1/models/{name}/predict",status="200"}' in text
+    assert 'sdb_samples_total{key_id="anonymous",kind="predict",model="digits-a"} 1.0' in text
+    assert (await c.get("/docs")).status_code == 200
+    paths = (await c.get("/openapi.json")).json()["paths"]
+    assert {"/v1/models/{name}/predict", "/v1/models/{name}/distill", "/v2/models/{name}/infer", "/v1/keys"} <= set(paths)
+
+
+async def test_models_list_and_get(svc):
+    models = (await svc.client.get("/v1/models")).json()["models"]
+    assert [(m["name"], m["version"]) for m in models] == [("digits-a", "1"), ("digits-a", "2"), ("digits-b", "1")]
+    one = (await svc.client.get("/v1/models/digits-a")).json()
+    assert one["version"] == "2" and one["versions"] == ["1", "2"] and one["distillable"]
+    assert one["input"]["shape"] == [1, 8, 8] and len(one["labels"]) == 10
+    assert (await svc.client.get("/v1/models/digits-a", params={"version": "1"})).json()["version"] == "1"
+
+
+async def test_predict_matches_bundle_public_path(svc, bundles):
+    ref = load_bundle(bundles.a).predict(bundles.x)
+    r = await svc.client.post("/v1/models/digits-a/predict", json={"inputs": bundles.x.tolist(), "top_k": 3})
+    assert r.status_code == 200
+    preds = r.json()["predictions"]
+    assert len(preds) == len(bundles.x)
+    for p, row in zip(preds, ref):
+        order = np.argsort(-row)[:3]
+        assert p["indices"] == order.tolist() and p["labels"] == [str(i) for i in order]
+        np.testing.assert_allclose(p["scores"], row[order], rtol=1e-5, atol=1e-6)
+    # one sample without batch axis, and flat rows, are the same request
+    one = await svc.client.post("/v1/models/digits-a/predict", json={"inputs": bundles.x[0].tolist()})
+    flat = await svc.client.post("/v1/models/digits-a/predict", json={"inputs": bundles.x[:1].reshape(1, -1).tolist()})
+    assert one.json()["predictions"] == flat.json()["predictions"]
+    assert len(one.json()["predictions"][0]["labels"]) == 5
+
+
+async def test_distill_keyed_logits_differ_and_match_bundle(svc, bundles):
+    token = svc.key(("distill",), models=["digits-a"])
+    r = await svc.client.post("/v1/models/digits-a/distill", json={"inputs": bundles.x.tolist(), "temperature": 4},
+                              headers=svc.auth(token))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    keyed = np.array(body["logits"], dtype=np.float32)
+    ref = load_bundle(bundles.a, svc.settings.master_key)
+    np.testing.assert_allclose(keyed, ref.distill_logits(bundles.x), rtol=1e-4, atol=1e-4)
+    public = ref.public_logits(bundles.x)
+    assert np.abs(keyed - public).max() > 0.1
+    soft = np.array(body["soft_targets"])
+    np.testing.assert_allclose(soft.sum(1), 1.0, atol=1e-5)
+    assert body["temperature"] == 4.0
+
+
+async def test_predict_image_upload(svc, bundles):
+    img = Image.fromarray((np.arange(64).reshape(8, 8) * 4).astype(np.uint8), "L")
+    png, jpg = io.BytesIO(), io.BytesIO()
+    img.save(png, "PNG")
+    img.convert("RGB").save(jpg, "JPEG")
+    r = await svc.client.post("/v1/models/digits-b/predict", files={"file": ("d.png", png.getvalue(), "image/png")},
+                              data={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"][0]["labels"]) == 2
+    # the same image preprocessed by hand with the bundle's normalisation gives the same answer
+    meta = load_bundle(bundles.b).meta["normalize"]
+    x = ((np.asarray(img, np.float32) / 255.0 - meta["mean"][0]) / meta["std"][0])[None, None]
+    ref = load_bundle(bundles.b).predict(x)[0]
+    np.testing.assert_allclose(r.json()["predictions"][0]["scores"], np.sort(ref)[::-1][:2], rtol=1e-4)
+    raw = await svc.client.post("/v1/models/digits-b/predict?top_k=1", content=jpg.getvalue(),
+                                headers={"content-type": "image/jpeg"})
+    assert raw.status_code == 200 and len(raw.json()["predictions"][0]["labels"]) == 1
+
+
+async def test_v2_protocol(svc, bundles):
+    c = svc.client
+    assert (await c.get("/v2/health/live")).json() == {"live": True}
+    assert (await c.get("/v2/health/ready")).json() == {"ready": True}
+    assert (await c.get("/v2")).json()["name"] == "sdb"
+    meta = (await c.get("/v2/models/digits-a")).json()
+    assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "distill_logits"]
+    assert (await c.get("/v2/models/digits-a/versions/1")).json()["name"] == "digits-a"
+    assert (await c.get("/v2/models/digits-a/ready")).json()["ready"] is True
+    assert (await c.get("/v2/models/digits-a/versions/2/ready")).json()["ready"] is True
+
+    r = await c.post("/v2/models/digits-a/infer", json=v2_body(bundles.x))
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["id"] == "r1" and [o["name"] for o in out["outputs"]] == ["probabilities"]
+    probs = np.array(out["outputs"][0]["data"]).reshape(out["outputs"][0]["shape"])
+    np.testing.assert_allclose(probs, load_bundle(bundles.a2).predict(bundles.x), rtol=1e-5, atol=1e-6)
+
+    token = svc.key(("distill",))
+    r = await c.post("/v2/models/digits-a/versions/1/infer", json=v2_body(bundles.x, "probabilities", "distill_logits"),
+                     headers=svc.auth(token))
+    assert r.status_code == 200, r.text
+    outs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in r.json()["outputs"]}
+    ref = load_bundle(bundles.a, svc.settings.master_key)
+    np.testing.assert_allclose(outs["distill_logits"], ref.distill_logits(bundles.x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outs["probabilities"], ref.predict(bundles.x), rtol=1e-5, atol=1e-6)
+
+
+async def test_keys_create_list_revoke(svc):
+    c = svc.client
+    r = await c.post("/v1/keys", json={"scopes": ["distill"], "models": ["digits-a"], "quota": 10,
+                                       "expires_days": 1, "name": "alice"}, headers=svc.admin)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    token = created["key"]
+    assert token.startswith(f"sdb_{created['id']}_") and created["scopes"] == ["distill"]
+    listed = (await c.get("/v1/keys", headers=svc.admin)).json()["keys"]
+    assert created["id"] in {k["id"] for k in listed}
+    assert token not in (await c.get("/v1/keys", headers=svc.admin)).text
+    assert all("secret" not in k and "key" not in k for k in listed)
+    x = {"inputs": np.zeros((1, 1, 8, 8)).tolist()}
+    assert (await c.post("/v1/models/digits-a/distill", json=x, headers=svc.auth(token))).status_code == 200
+    r = await c.delete(f"/v1/keys/{created['id']}", headers=svc.admin)
+    assert r.status_code == 200 and r.json()["revoked_at"] is not None
+    r = await c.post("/v1/models/digits-a/distill", json=x, headers=svc.auth(token))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "key_revoked"
+    assert (await c.delete("/v1/keys/nope", headers=svc.admin)).status_code == 404
+
+
+async def test_admin_add_and_remove_model(svc, bundles):
+    c = svc.client
+    r = await c.delete("/v1/models/digits-a", params={"version": "2"}, headers=svc.admin)
+    assert r.json() == {"removed": [{"name": "digits-a", "version": "2"}]}
+    assert (await c.get("/v1/models/digits-a")).json()["version"] == "1"
+    assert (await c.delete("/v1/models/digits-b", headers=svc.admin)).status_code == 200
+    assert (await c.get("/v1/models/digits-b")).status_code == 404
+    r = await c.post("/v1/models", json={"path": str(bundles.b)}, headers=svc.admin)
+    assert r.status_code == 201 and r.json()["name"] == "digits-b"
+    r = await c.post("/v1/models", json={"path": str(bundles.b)}, headers=svc.admin)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "model_exists"
+    x = {"inputs": np.zeros((1, 1, 8, 8)).tolist()}
+    assert (await c.post("/v1/models/digits-b/predict", json=x)).status_code == 200
