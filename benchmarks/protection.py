@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def main() -> int:
     for seed in args.seeds:
         run = run_protection(
             data, seed, teacher_cfg=TrainConfig(epochs=args.teacher_epochs),
-            sdb_cfg=SDBConfig(train=TrainConfig(epochs=args.wrap_epochs)),
+            sdb_cfg=SDBConfig(train=replace(SDBConfig().train, epochs=args.wrap_epochs)),
             measure_cfg=MeasureConfig(transfer_n=args.transfer, train=TrainConfig(epochs=args.student_epochs)),
             log=lambda s: print(s, flush=True))
         runs.append({k: v for k, v in run.items() if k not in ("box", "teacher")})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from torch import nn
@@ -39,7 +39,7 @@ def measure_students(teacher: nn.Module, box: SafeDistillationBox, data, cfg: Me
     """Test accuracy (%) of a student trained each of the five ways, same seed for all."""
     transfer = transfer_split(data, cfg.transfer_n, seed)
     dcfg = DistillConfig(temperature=cfg.temperature, alpha=cfg.alpha,
-                         train=TrainConfig(**{**cfg.train.__dict__, "seed": seed}))
+                         train=replace(cfg.train, seed=seed))
 
     def student_from(teacher_fn) -> float:
         seed_everything(seed)
@@ -64,9 +64,9 @@ def measure_students(teacher: nn.Module, box: SafeDistillationBox, data, cfg: Me
 def run_protection(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
                    sdb_cfg: SDBConfig | None = None, measure_cfg: MeasureConfig | None = None,
                    log: Callable[[str], None] = lambda s: None, progress=None) -> dict:
-    teacher_cfg = TrainConfig(**{**(teacher_cfg or TrainConfig(epochs=8)).__dict__, "seed": seed})
+    teacher_cfg = replace(teacher_cfg or TrainConfig(epochs=8), seed=seed)
     sdb_cfg = sdb_cfg or SDBConfig()
-    sdb_cfg = SDBConfig(**{**sdb_cfg.__dict__, "train": TrainConfig(**{**sdb_cfg.train.__dict__, "seed": seed})})
+    sdb_cfg = replace(sdb_cfg, train=replace(sdb_cfg.train, seed=seed))
     measure_cfg = measure_cfg or MeasureConfig()
 
     seed_everything(seed)

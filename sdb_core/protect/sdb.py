@@ -42,7 +42,10 @@ class SDBConfig:
     target_prob: float = 0.40  # q_y on the true class
     partner_prob: float = 0.25  # q_y on each confusion partner
     partners: int = 2
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01, batch_size=64))
+    # Clipping matters: the first epoch's gradients are ~10x a teacher's (the keyed path starts
+    # out wrong) and without a clip one run in three collapsed to a constant output here.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01, batch_size=64,
+                                                                   grad_clip=5.0))
 
     def __post_init__(self) -> None:
         if not 0.0 < self.lam < 1.0:
