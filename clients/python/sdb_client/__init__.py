@@ -1,0 +1,60 @@
+"""Python SDK for SDB, the Safe Distillation Box service.
+
+    from sdb_client import Client
+    with Client("http://127.0.0.1:8000", api_key="sdb_...") as c:   # or SDB_URL / SDB_API_KEY
+        c.models()
+        c.predict("mnist-demo", x, top_k=3)
+        c.distill_logits("mnist-demo", x)       # a key with the distill scope
+
+``AsyncClient`` has the same methods as coroutines; ``RemoteTeacher`` makes the keyed path
+a teacher for knowledge distillation. Dependencies: httpx and numpy (torch optional).
+"""
+from ._base import (
+                    DEFAULT_BATCH_SIZE,
+                    DEFAULT_MAX_RETRIES,
+                    DEFAULT_TIMEOUT,
+                    Distilled,
+                    JobLogs,
+                    __version__,
+                    retry_delay,
+)
+from ._exceptions import (
+                    APIConnectionError,
+                    APITimeoutError,
+                    AuthError,
+                    BadRequest,
+                    ConfigurationError,
+                    NotFound,
+                    PayloadTooLarge,
+                    PermissionDenied,
+                    QuotaError,
+                    SDBError,
+                    ServerError,
+)
+from .async_client import AsyncClient
+from .client import Client
+from .teacher import RemoteTeacher
+
+__all__ = [
+                    "DEFAULT_BATCH_SIZE",
+                    "DEFAULT_MAX_RETRIES",
+                    "DEFAULT_TIMEOUT",
+                    "APIConnectionError",
+                    "APITimeoutError",
+                    "AsyncClient",
+                    "AuthError",
+                    "BadRequest",
+                    "Client",
+                    "ConfigurationError",
+                    "Distilled",
+                    "JobLogs",
+                    "NotFound",
+                    "PayloadTooLarge",
+                    "PermissionDenied",
+                    "QuotaError",
+                    "RemoteTeacher",
+                    "SDBError",
+                    "ServerError",
+                    "__version__",
+                    "retry_delay",
+]

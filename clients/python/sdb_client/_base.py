@@ -1,0 +1,378 @@
+"""Everything the two clients share that does no I/O: configuration, URLs, headers, the
+retry policy, error mapping, request bodies and batching.
+
+``Client`` and ``AsyncClient`` only send what this module builds and parse what it
+returns, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+import numpy as np
+
+from . import _exceptions as exc
+
+__version__ = "0.1.0"
+
+# --------------------------------------------------------------------------- configuration
+ENV_URL = "SDB_URL"
+ENV_KEY = "SDB_API_KEY"
+DEFAULT_URL = "http://127.0.0.1:8000"  # `sdb serve` with no settings
+
+# Timeouts and retries. Each is overridable per client (constructor) and per call
+# (`client.with_options(timeout=..., max_retries=...)`).
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)  # seconds: read/write/pool 60, connect 5
+DEFAULT_MAX_RETRIES = 3  # resends after the first attempt
+BACKOFF_INITIAL_S = 0.25  # first wait; doubles per attempt, with jitter
+BACKOFF_MAX_S = 8.0
+RETRY_AFTER_MAX_S = 60.0  # a Retry-After longer than this is not waited for: the error is raised
+RETRY_STATUSES = frozenset({429, 503})
+
+DEFAULT_BATCH_SIZE = 256  # samples per request: below the server's default 1,024 and 8 MB limits
+DEFAULT_MAX_CONCURRENCY = 4  # AsyncClient: batches of one call in flight at once
+DEFAULT_POLL_S = 1.0  # jobs.wait
+JOB_DONE = frozenset({"succeeded", "failed", "cancelled"})
+
+KEY_RE = re.compile(r"sdb_[0-9a-f]{12}_[0-9a-f]{64}")
+_KEY_LIKE = re.compile(r"(sdb_[0-9a-f]{12}_)[0-9a-f]{4,}")  # for scrubbing any text we show
+
+Inputs = np.ndarray | Sequence[Any]
+
+
+def resolve_url(url: str | None) -> str:
+    """The base URL from the argument, else ``SDB_URL``, else the local default; no trailing slash."""
+    raw = url if url is not None else os.environ.get(ENV_URL) or DEFAULT_URL
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        source = "url" if url is not None else ENV_URL
+        raise exc.ConfigurationError(f"{source} must be an http(s) URL like http://127.0.0.1:8000, got {raw!r}",
+                                     code="invalid_url")
+    return raw.strip().rstrip("/")
+
+
+def resolve_key(api_key: str | None) -> str | None:
+    """The API key from the argument, else ``SDB_API_KEY``, else None (public predict only).
+
+    A key that is not ``sdb_<12 hex>_<64 hex>`` is refused here, before any request; the
+    message never repeats the key."""
+    source = "api_key"
+    if api_key is None:
+        api_key, source = os.environ.get(ENV_KEY) or None, ENV_KEY
+    if api_key is None:
+        return None
+    key = api_key.strip()
+    if not KEY_RE.fullmatch(key):
+        raise exc.ConfigurationError(
+            f"{source} is not an SDB API key: expected sdb_<12 hex digits>_<64 hex digits> "
+            f"({len(key)} characters given; keys are 81)", code="invalid_key_format")
+    return key
+
+
+def redact(text: str) -> str:
+    """Replace the secret part of anything that looks like an API key."""
+    return _KEY_LIKE.sub(r"\1***", text)
+
+
+def model_path(name: str, *rest: str) -> str:
+    return "/".join(["/v1/models", quote(name, safe=""), *rest])
+
+
+def key_path(key_id: str) -> str:
+    return "/v1/keys/" + quote(str(key_id), safe="")
+
+
+def job_path(job_id: str, *rest: str) -> str:
+    return "/".join(["/v1/jobs", quote(str(job_id), safe=""), *(quote(r, safe="") for r in rest)])
+
+
+@dataclass(frozen=True)
+class Options:
+    """Per-client settings; ``with_options`` makes a copy with some replaced."""
+
+    timeout: httpx.Timeout
+    max_retries: int
+    batch_size: int
+
+    @staticmethod
+    def make(timeout: float | httpx.Timeout | None, max_retries: int | None,
+             batch_size: int | None, base: Options | None = None) -> Options:
+        if timeout is None:
+            t = base.timeout if base else DEFAULT_TIMEOUT
+        else:
+            t = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(float(timeout))
+        r = max_retries if max_retries is not None else (base.max_retries if base else DEFAULT_MAX_RETRIES)
+        b = batch_size if batch_size is not None else (base.batch_size if base else DEFAULT_BATCH_SIZE)
+        if r < 0:
+            raise exc.ConfigurationError(f"max_retries must be >= 0, got {r}", code="invalid_option")
+        if b < 1:
+            raise exc.ConfigurationError(f"batch_size must be >= 1, got {b}", code="invalid_option")
+        return Options(t, int(r), int(b))
+
+
+class BaseClient:
+    """Configuration and request preparation shared by ``Client`` and ``AsyncClient``."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
+                 batch_size: int | None = None):
+        self.base_url = resolve_url(url)
+        self._api_key = resolve_key(api_key)
+        self.options = Options.make(timeout, max_retries, batch_size)
+
+    @property
+    def has_key(self) -> bool:
+        return self._api_key is not None
+
+    @property
+    def batch_size(self) -> int:
+        return self.options.batch_size
+
+    def _headers(self) -> dict[str, str]:
+        h = {"Accept": "application/json", "User-Agent": f"sdb-client/{__version__}"}
+        if self._api_key is not None:
+            h["Authorization"] = f"Bearer {self._api_key}"
+        return h
+
+    def _url(self, path: str) -> str:
+        return self.base_url + path
+
+    def __repr__(self) -> str:  # never the key
+        key = "set" if self._api_key is not None else None
+        return f"{type(self).__name__}(url={self.base_url!r}, api_key={key!r}, max_retries={self.options.max_retries})"
+
+
+# --------------------------------------------------------------------------- retries
+# Errors raised before the request could reach the server: resending is always safe.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def backoff(attempt: int) -> float:
+    """Exponential backoff with jitter for attempt 0, 1, 2, ..."""
+    return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** attempt) * (0.5 + random.random() / 2)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        secs = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        secs = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, secs) if math.isfinite(secs) else None
+
+
+def retry_delay(attempt: int, max_retries: int, *, status: int | None = None,
+                headers: Mapping[str, str] | None = None, error: BaseException | None = None,
+                idempotent: bool = True) -> float | None:
+    """The one place that decides: seconds to wait before resending, or None to give up.
+
+    - transport errors: retried if the request never left (connect), or if resending it is
+      harmless (``idempotent``; not for key creation or job submission);
+    - 503: retried, after Retry-After if the server gave one, else with backoff;
+    - 429: retried only after the Retry-After the server gave (a quota window refills);
+      without one the quota is a lifetime quota and waiting will not help;
+    - a Retry-After over ``RETRY_AFTER_MAX_S`` is not waited for;
+    - anything else (every other 4xx, 500, 502, 504) is not retried.
+    """
+    if attempt >= max_retries:
+        return None
+    if error is not None:
+        if isinstance(error, _NOT_SENT) or (idempotent and isinstance(error, httpx.TransportError)):
+            return backoff(attempt)
+        return None
+    if status not in RETRY_STATUSES:
+        return None
+    after = parse_retry_after((headers or {}).get("retry-after"))
+    if after is None:
+        return None if status == 429 else backoff(attempt)
+    return after if after <= RETRY_AFTER_MAX_S else None
+
+
+# --------------------------------------------------------------------------- errors
+_STATUS_ERRORS: dict[int, type[exc.SDBError]] = {
+    400: exc.BadRequest, 401: exc.AuthError, 403: exc.PermissionDenied, 404: exc.NotFound,
+    413: exc.PayloadTooLarge, 415: exc.BadRequest, 422: exc.BadRequest, 429: exc.QuotaError,
+}
+
+
+def error_from_response(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> exc.SDBError:
+    """The typed error for a non-2xx answer, from the service's ``{"error": {"code", "message"}}``."""
+    code, message = None, None
+    try:
+        obj = json.loads(body)
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, dict):
+            code, message = err.get("code"), err.get("message")
+        elif isinstance(obj, dict) and isinstance(obj.get("detail"), str):  # a plain FastAPI/Starlette body
+            message = obj["detail"]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    if message is None:
+        text = body[:300].decode("utf-8", "replace").strip()
+        message = text or httpx.codes.get_reason_phrase(status) or "error"
+    code = str(code) if code else (httpx.codes.get_reason_phrase(status) or "error").lower().replace(" ", "_")
+    cls = _STATUS_ERRORS.get(status) or (exc.ServerError if status >= 500 else exc.SDBError)
+    return cls(redact(str(message)), status=status, code=code,
+               retry_after=parse_retry_after((headers or {}).get("retry-after")))
+
+
+def connection_error(e: httpx.TransportError) -> exc.APIConnectionError:
+    cls = exc.APITimeoutError if isinstance(e, httpx.TimeoutException) else exc.APIConnectionError
+    code = "timeout" if cls is exc.APITimeoutError else "connection_error"
+    return cls(redact(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__), code=code)
+
+
+# --------------------------------------------------------------------------- bodies and batching
+def encode_json(obj: Any) -> bytes:
+    """Compact JSON; NaN and Inf are refused here (they are not JSON) as the server would."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        raise exc.BadRequest("inputs have NaN or Inf values", code="non_finite") from None
+
+
+def as_array(inputs: Inputs) -> np.ndarray:
+    """Inputs (ndarray, nested lists, or anything with ``.numpy()`` such as a torch tensor) as
+    float32 with a leading batch axis."""
+    if inputs is None:
+        raise exc.BadRequest("inputs are required", code="invalid_input")
+    if hasattr(inputs, "detach") and hasattr(inputs, "cpu"):  # a torch tensor, without importing torch
+        inputs = inputs.detach().cpu().numpy()
+    try:
+        arr = np.asarray(inputs, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise exc.BadRequest("inputs must be a rectangular array of numbers", code="invalid_input") from None
+    if arr.ndim == 0 or arr.size == 0:
+        raise exc.BadRequest(f"inputs must be a non-empty batch, got shape {list(arr.shape)}", code="invalid_shape")
+    return arr
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def split_batches(arr: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    for s in batch_slices(len(arr), batch_size):
+        yield arr[s]
+
+
+def predict_body(x: np.ndarray, top_k: int) -> bytes:
+    return encode_json({"inputs": x.tolist(), "top_k": int(top_k)})
+
+
+def distill_body(x: np.ndarray, temperature: float | None) -> bytes:
+    body: dict[str, Any] = {"inputs": x.tolist()}
+    if temperature is not None:
+        body["temperature"] = float(temperature)
+    return encode_json(body)
+
+
+def image_upload(image_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list:
+    """multipart ``files`` for one image path or several (read now, so a retry can resend them)."""
+    paths = [image_path] if isinstance(image_path, (str, os.PathLike)) else list(image_path)
+    if not paths:
+        raise exc.BadRequest("image_path is empty", code="invalid_input")
+    files = []
+    for p in map(Path, paths):
+        ctype = "image/png" if p.suffix.lower() == ".png" else "image/jpeg"
+        files.append(("file", (p.name, p.read_bytes(), ctype)))
+    return files
+
+
+@dataclass(frozen=True)
+class Distilled:
+    """What ``/distill`` answers: the keyed path's logits (N, C), and ``softmax(logits / T)``
+    when a temperature was asked for."""
+
+    model: str
+    version: str
+    logits: np.ndarray
+    temperature: float | None = None
+    soft_targets: np.ndarray | None = None
+
+
+def merge_distilled(parts: Sequence[dict]) -> Distilled:
+    first = parts[0]
+    logits = np.concatenate([np.asarray(p["logits"], dtype=np.float32) for p in parts])
+    soft = None
+    if first.get("soft_targets") is not None:
+        soft = np.concatenate([np.asarray(p["soft_targets"], dtype=np.float32) for p in parts])
+    return Distilled(first["model"], first["version"], logits, first.get("temperature"), soft)
+
+
+def merge_predictions(parts: Sequence[dict]) -> list[dict]:
+    return [pred for p in parts for pred in p["predictions"]]
+
+
+def key_create_body(scopes: str | Sequence[str], models: Sequence[str] | None, quota: int | None,
+                    quota_window_s: int | None, expires_days: float | None, name: str) -> bytes:
+    scope_list = [s.strip() for s in scopes.split(",")] if isinstance(scopes, str) else list(scopes)
+    body: dict[str, Any] = {"scopes": scope_list, "name": name}
+    for k, v in (("models", None if models is None else list(models)), ("quota", quota),
+                 ("quota_window_s", quota_window_s), ("expires_days", expires_days)):
+        if v is not None:
+            body[k] = v
+    return encode_json(body)
+
+
+def job_submit_body(kind: str, params: Mapping[str, Any] | None) -> bytes:
+    return encode_json({"kind": kind, "params": dict(params or {})})
+
+
+def listed(obj: Any, field: str) -> list:
+    """``[...]`` or ``{"<field>": [...]}``: the list either way."""
+    if isinstance(obj, dict):
+        return list(obj.get(field, []))
+    return list(obj)
+
+
+@dataclass(frozen=True)
+class JobLogs:
+    """A piece of a job's log and the offset to ask for next (``jobs.logs(id, offset=...)``)."""
+
+    text: str
+    offset: int
+
+
+def parse_logs(resp: httpx.Response, offset: int) -> JobLogs:
+    """The log route may answer JSON (``text`` or ``lines`` with ``next_offset``/``offset``) or plain text."""
+    if resp.headers.get("content-type", "").startswith("application/json"):
+        obj = resp.json()
+        text = obj.get("text")
+        if text is None:
+            text = "".join(line if line.endswith("\n") else line + "\n" for line in obj.get("lines", []))
+        nxt = obj.get("next_offset", obj.get("offset_next", None))
+        if nxt is None:
+            nxt = offset + len(text.encode())
+        return JobLogs(text, int(nxt))
+    nxt = resp.headers.get("x-next-offset")
+    return JobLogs(resp.text, int(nxt) if nxt else offset + len(resp.content))
+
+
+def download_target(name: str, dest: str | os.PathLike | None) -> Path:
+    """Where an artifact lands: ``dest`` itself, or ``dest/<name>`` if it is a directory (default: cwd)."""
+    base = Path(name).name
+    if not base or base in (".", ".."):
+        raise exc.BadRequest(f"not an artifact name: {name!r}", code="invalid_request")
+    if dest is None:
+        return Path.cwd() / base
+    d = Path(dest)
+    return d / base if d.is_dir() else d

@@ -1,0 +1,205 @@
+"""The asyncio client: the methods of ``Client``, with ``async def``.
+
+The batches of one ``predict``/``distill`` call go out concurrently (at most
+``max_concurrency`` in flight) and come back in input order.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from itertools import count
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from . import _base as b
+from ._base import Distilled, Inputs, JobLogs
+from ._exceptions import BadRequest
+
+T = TypeVar("T")
+
+
+class AsyncClient(b.BaseClient):
+    """SDB over HTTP from asyncio; see ``Client`` for the arguments. Use ``async with`` or
+    ``await client.aclose()``."""
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
+                 batch_size: int | None = None, max_concurrency: int = b.DEFAULT_MAX_CONCURRENCY,
+                 http_client: httpx.AsyncClient | None = None):
+        super().__init__(url, api_key, timeout=timeout, max_retries=max_retries, batch_size=batch_size)
+        if max_concurrency < 1:
+            raise b.exc.ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}",
+                                           code="invalid_option")
+        self.max_concurrency = max_concurrency
+        self._http = http_client or httpx.AsyncClient(timeout=self.options.timeout)
+        self._owns_http = http_client is None
+        self.keys = AsyncKeys(self)
+        self.jobs = AsyncJobs(self)
+
+    def with_options(self, *, timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
+                     batch_size: int | None = None) -> AsyncClient:
+        """A client sharing this one's connections, with some options replaced."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.options = b.Options.make(timeout, max_retries, batch_size, base=self.options)
+        other._owns_http = False
+        other.keys, other.jobs = AsyncKeys(other), AsyncJobs(other)
+        return other
+
+    async def aclose(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:  # noqa: PYI034
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ transport
+    async def _request(self, method: str, path: str, *, content: bytes | None = None,
+                       params: Mapping[str, Any] | None = None, files: Any = None, data: Any = None,
+                       idempotent: bool = True, stream: bool = False) -> httpx.Response:
+        headers = self._headers()
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in count():
+            try:
+                req = self._http.build_request(method, self._url(path), content=content, params=params,
+                                               files=files, data=data, headers=headers,
+                                               timeout=self.options.timeout)
+                resp = await self._http.send(req, stream=stream)
+            except httpx.TransportError as e:
+                delay = b.retry_delay(attempt, self.options.max_retries, error=e, idempotent=idempotent)
+                if delay is None:
+                    raise b.connection_error(e) from None
+                await asyncio.sleep(delay)
+                continue
+            if resp.is_success:
+                return resp
+            if stream:
+                await resp.aread()
+                await resp.aclose()
+            delay = b.retry_delay(attempt, self.options.max_retries, status=resp.status_code, headers=resp.headers)
+            if delay is None:
+                raise b.error_from_response(resp.status_code, resp.content, resp.headers)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return (await self._request(method, path, **kw)).json()
+
+    async def _in_order(self, calls: Sequence[Awaitable[T]]) -> list[T]:
+        """Await ``calls`` with at most ``max_concurrency`` running; results in the given order."""
+        sem = asyncio.Semaphore(self.max_concurrency)
+
+        async def one(c: Awaitable[T]) -> T:
+            async with sem:
+                return await c
+
+        return list(await asyncio.gather(*(one(c) for c in calls)))
+
+    # ------------------------------------------------------------------ models
+    async def models(self) -> list[dict]:
+        return (await self._json("GET", "/v1/models"))["models"]
+
+    async def model(self, name: str) -> dict:
+        return await self._json("GET", b.model_path(name))
+
+    async def predict(self, name: str, inputs: Inputs | None = None, *,
+                      image_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                      top_k: int = 1, batch_size: int | None = None) -> list[dict]:
+        path = b.model_path(name, "predict")
+        if (inputs is None) == (image_path is None):
+            raise BadRequest("give either inputs or image_path", code="invalid_request")
+        if image_path is not None:
+            obj = await self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)})
+            return obj["predictions"]
+        x = b.as_array(inputs)
+        parts = await self._in_order([self._json("POST", path, content=b.predict_body(xb, top_k))
+                                      for xb in b.split_batches(x, batch_size or self.batch_size)])
+        return b.merge_predictions(parts)
+
+    async def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
+                      batch_size: int | None = None) -> Distilled:
+        x = b.as_array(inputs)
+        path = b.model_path(name, "distill")
+        parts = await self._in_order([self._json("POST", path, content=b.distill_body(xb, temperature))
+                                      for xb in b.split_batches(x, batch_size or self.batch_size)])
+        return b.merge_distilled(parts)
+
+    async def distill_logits(self, name: str, inputs: Inputs, *, batch_size: int | None = None) -> np.ndarray:
+        return (await self.distill(name, inputs, batch_size=batch_size)).logits
+
+
+class AsyncKeys:
+    def __init__(self, client: AsyncClient):
+        self._c = client
+
+    async def create(self, scopes: str | Sequence[str], *, models: Sequence[str] | None = None,
+                     quota: int | None = None, quota_window_s: int | None = None,
+                     expires_days: float | None = None, name: str = "") -> dict:
+        body = b.key_create_body(scopes, models, quota, quota_window_s, expires_days, name)
+        return await self._c._json("POST", "/v1/keys", content=body, idempotent=False)
+
+    async def list(self) -> list[dict]:
+        return b.listed(await self._c._json("GET", "/v1/keys"), "keys")
+
+    async def revoke(self, key_id: str) -> dict:
+        return await self._c._json("DELETE", b.key_path(key_id))
+
+
+class AsyncJobs:
+    def __init__(self, client: AsyncClient):
+        self._c = client
+
+    async def submit(self, kind: str, params: Mapping[str, Any] | None = None) -> dict:
+        return await self._c._json("POST", "/v1/jobs", content=b.job_submit_body(kind, params), idempotent=False)
+
+    async def get(self, job_id: str) -> dict:
+        return await self._c._json("GET", b.job_path(job_id))
+
+    async def list(self, **filters: Any) -> list[dict]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return b.listed(await self._c._json("GET", "/v1/jobs", params=params or None), "jobs")
+
+    async def cancel(self, job_id: str) -> dict:
+        return await self._c._json("POST", b.job_path(job_id, "cancel"))
+
+    async def logs(self, job_id: str, offset: int = 0) -> JobLogs:
+        resp = await self._c._request("GET", b.job_path(job_id, "logs"), params={"offset": offset})
+        return b.parse_logs(resp, offset)
+
+    async def artifacts(self, job_id: str) -> list[dict]:
+        return b.listed(await self._c._json("GET", b.job_path(job_id, "artifacts")), "artifacts")
+
+    async def download(self, job_id: str, name: str, dest: str | os.PathLike | None = None) -> Path:
+        target = b.download_target(name, dest)
+        tmp = target.with_name(target.name + ".part")
+        resp = await self._c._request("GET", b.job_path(job_id, "artifacts", name), stream=True)
+        try:
+            with open(tmp, "wb") as f:  # noqa: ASYNC230  (local writes are short; the network is awaited)
+                async for chunk in resp.aiter_bytes():
+                    f.write(chunk)
+        finally:
+            await resp.aclose()
+        os.replace(tmp, target)
+        return target
+
+    async def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = b.DEFAULT_POLL_S) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.get(job_id)
+            if job.get("status") in b.JOB_DONE:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job.get('status')!r} after {timeout} s")
+            await asyncio.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+
+
+__all__ = ["AsyncClient", "AsyncJobs", "AsyncKeys"]

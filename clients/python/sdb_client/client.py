@@ -1,0 +1,205 @@
+"""The synchronous client. ``AsyncClient`` (``async_client.py``) has the same methods."""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from . import _base as b
+from ._base import Distilled, Inputs, JobLogs
+from ._exceptions import BadRequest
+
+
+class Client(b.BaseClient):
+    """SDB over HTTP.
+
+    ``url`` defaults to ``SDB_URL`` (else http://127.0.0.1:8000), ``api_key`` to
+    ``SDB_API_KEY`` (none: public predict only). ``timeout`` (seconds or an
+    ``httpx.Timeout``), ``max_retries`` and ``batch_size`` (samples per request) override
+    the defaults in ``_base``; ``with_options`` overrides them for some calls only.
+    """
+
+    def __init__(self, url: str | None = None, api_key: str | None = None, *,
+                 timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
+                 batch_size: int | None = None, http_client: httpx.Client | None = None):
+        super().__init__(url, api_key, timeout=timeout, max_retries=max_retries, batch_size=batch_size)
+        self._http = http_client or httpx.Client(timeout=self.options.timeout)
+        self._owns_http = http_client is None
+        self.keys = Keys(self)
+        self.jobs = Jobs(self)
+
+    def with_options(self, *, timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
+                     batch_size: int | None = None) -> Client:
+        """A client sharing this one's connections, with some options replaced:
+        ``client.with_options(max_retries=0).models()``."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.options = b.Options.make(timeout, max_retries, batch_size, base=self.options)
+        other._owns_http = False
+        other.keys, other.jobs = Keys(other), Jobs(other)
+        return other
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:  # noqa: PYI034  (typing.Self needs 3.11)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transport
+    def _request(self, method: str, path: str, *, content: bytes | None = None,
+                 params: Mapping[str, Any] | None = None, files: Any = None, data: Any = None,
+                 idempotent: bool = True, stream: bool = False) -> httpx.Response:
+        """Send with the retry policy of ``_base.retry_delay``; a non-2xx answer raises its typed error.
+        With ``stream`` the caller reads and closes the response."""
+        headers = self._headers()
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in count():
+            try:
+                req = self._http.build_request(method, self._url(path), content=content, params=params,
+                                               files=files, data=data, headers=headers,
+                                               timeout=self.options.timeout)
+                resp = self._http.send(req, stream=stream)
+            except httpx.TransportError as e:
+                delay = b.retry_delay(attempt, self.options.max_retries, error=e, idempotent=idempotent)
+                if delay is None:
+                    raise b.connection_error(e) from None
+                time.sleep(delay)
+                continue
+            if resp.is_success:
+                return resp
+            if stream:
+                resp.read()
+                resp.close()
+            delay = b.retry_delay(attempt, self.options.max_retries, status=resp.status_code, headers=resp.headers)
+            if delay is None:
+                raise b.error_from_response(resp.status_code, resp.content, resp.headers)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        return self._request(method, path, **kw).json()
+
+    # ------------------------------------------------------------------ models
+    def models(self) -> list[dict]:
+        """The models being served (name, version, versions, mode, distillable, labels, input...)."""
+        return self._json("GET", "/v1/models")["models"]
+
+    def model(self, name: str) -> dict:
+        return self._json("GET", b.model_path(name))
+
+    def predict(self, name: str, inputs: Inputs | None = None, *,
+                image_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                top_k: int = 1, batch_size: int | None = None) -> list[dict]:
+        """Top-k labels through the public path, one ``{"labels", "indices", "scores"}`` per sample,
+        in input order. Give normalised ``inputs`` (any batch size: sent in batches) or image files."""
+        path = b.model_path(name, "predict")
+        if (inputs is None) == (image_path is None):
+            raise BadRequest("give either inputs or image_path", code="invalid_request")
+        if image_path is not None:
+            return self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)})["predictions"]
+        x = b.as_array(inputs)
+        parts = [self._json("POST", path, content=b.predict_body(xb, top_k))
+                 for xb in b.split_batches(x, batch_size or self.batch_size)]
+        return b.merge_predictions(parts)
+
+    def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
+                batch_size: int | None = None) -> Distilled:
+        """The keyed path (a key with the ``distill`` scope for ``name``): logits, and with
+        ``temperature`` also the server's ``softmax(logits / T)``. Batched, in input order."""
+        x = b.as_array(inputs)
+        path = b.model_path(name, "distill")
+        parts = [self._json("POST", path, content=b.distill_body(xb, temperature))
+                 for xb in b.split_batches(x, batch_size or self.batch_size)]
+        return b.merge_distilled(parts)
+
+    def distill_logits(self, name: str, inputs: Inputs, *, batch_size: int | None = None) -> np.ndarray:
+        """The keyed path's logits, (N, C) float32, in input order."""
+        return self.distill(name, inputs, batch_size=batch_size).logits
+
+
+class Keys:
+    """``/v1/keys``: needs a key with the ``admin`` scope."""
+
+    def __init__(self, client: Client):
+        self._c = client
+
+    def create(self, scopes: str | Sequence[str], *, models: Sequence[str] | None = None,
+               quota: int | None = None, quota_window_s: int | None = None,
+               expires_days: float | None = None, name: str = "") -> dict:
+        """A new key; the answer's ``"key"`` is its secret, shown this once."""
+        body = b.key_create_body(scopes, models, quota, quota_window_s, expires_days, name)
+        return self._c._json("POST", "/v1/keys", content=body, idempotent=False)
+
+    def list(self) -> list[dict]:
+        return b.listed(self._c._json("GET", "/v1/keys"), "keys")
+
+    def revoke(self, key_id: str) -> dict:
+        return self._c._json("DELETE", b.key_path(key_id))
+
+
+class Jobs:
+    """``/v1/jobs``: needs a key with the ``jobs`` scope."""
+
+    def __init__(self, client: Client):
+        self._c = client
+
+    def submit(self, kind: str, params: Mapping[str, Any] | None = None) -> dict:
+        """Queue a job (``wrap``, ``distill``, ``audit``, ...); the answer carries its ``id``."""
+        return self._c._json("POST", "/v1/jobs", content=b.job_submit_body(kind, params), idempotent=False)
+
+    def get(self, job_id: str) -> dict:
+        return self._c._json("GET", b.job_path(job_id))
+
+    def list(self, **filters: Any) -> list[dict]:
+        """Jobs, newest first; ``filters`` become query parameters (e.g. ``status="running"``)."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        return b.listed(self._c._json("GET", "/v1/jobs", params=params or None), "jobs")
+
+    def cancel(self, job_id: str) -> dict:
+        return self._c._json("POST", b.job_path(job_id, "cancel"))
+
+    def logs(self, job_id: str, offset: int = 0) -> JobLogs:
+        """The log from byte ``offset``; pass the answer's ``offset`` to get only what is new."""
+        return b.parse_logs(self._c._request("GET", b.job_path(job_id, "logs"), params={"offset": offset}), offset)
+
+    def artifacts(self, job_id: str) -> list[dict]:
+        return b.listed(self._c._json("GET", b.job_path(job_id, "artifacts")), "artifacts")
+
+    def download(self, job_id: str, name: str, dest: str | os.PathLike | None = None) -> Path:
+        """Stream artifact ``name`` to ``dest`` (a file, or a directory; default the current one)."""
+        target = b.download_target(name, dest)
+        tmp = target.with_name(target.name + ".part")
+        resp = self._c._request("GET", b.job_path(job_id, "artifacts", name), stream=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.writelines(resp.iter_bytes())
+        finally:
+            resp.close()
+        os.replace(tmp, target)
+        return target
+
+    def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = b.DEFAULT_POLL_S) -> dict:
+        """Poll until the job is succeeded, failed or cancelled, and return it; ``TimeoutError``
+        after ``timeout`` seconds. A failed job is returned, not raised: check ``status``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get(job_id)
+            if job.get("status") in b.JOB_DONE:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} still {job.get('status')!r} after {timeout} s")
+            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+
+
+__all__ = ["Client", "Jobs", "Keys"]

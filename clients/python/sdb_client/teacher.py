@@ -1,0 +1,169 @@
+"""``RemoteTeacher``: a remote protected model's keyed path as a KD teacher.
+
+Three ways to use it::
+
+    teacher = RemoteTeacher(client, "mnist", temperature=4.0, batch_size=256)
+
+    # 1. a callable, x -> logits, same type as x (numpy in, numpy out; torch in, torch out):
+    #    the teacher of sdb_core.distill.distill, or any loop. A large x is split into
+    #    batch_size requests with `prefetch` more in flight; results in input order.
+    distill(student, transfer, teacher, DistillConfig())
+
+    # 2. a KD loop that trains on batch i while batch i+1's logits are on their way:
+    for xb, yb, tb in teacher.iter_batches(x, y, batch_size=64, shuffle=True, seed=epoch):
+        loss = kd_loss(student(xb), tb, yb, T, alpha); ...
+
+    # 3. softmax(logits / T) for loops that want probabilities:
+    p = teacher.soft_targets(xb)
+
+torch is imported only when a torch tensor is given (the SDK itself depends on numpy and httpx only).
+"""
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from ._base import batch_slices
+from ._exceptions import ConfigurationError
+from .client import Client
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _to_numpy(x: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
+    """x as a float32 array, and the function that turns an answer back into x's kind."""
+    if _is_torch(x):
+        import torch  # only now: the caller has torch
+
+        arr = x.detach().to("cpu", torch.float32).numpy()
+        device = x.device
+        return arr, lambda z: torch.from_numpy(np.ascontiguousarray(z)).to(device)
+    return np.asarray(x, dtype=np.float32), lambda z: z
+
+
+def _take(x: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` of a numpy array or torch tensor, in its own kind."""
+    if _is_torch(x):
+        import torch
+
+        return x[torch.from_numpy(idx).to(x.device)]
+    return np.asarray(x)[idx]
+
+
+def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = z / temperature
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class RemoteTeacher:
+    """A remote model's keyed path (``POST /v1/models/{model}/distill``) as a teacher callable.
+
+    ``client`` must carry a key with the ``distill`` scope for ``model`` (else the first call
+    raises ``PermissionDenied`` or ``AuthError``). ``temperature`` is used by ``soft_targets``
+    (``__call__`` returns logits: the distiller applies its own temperature). ``batch_size``
+    samples go in one request (default: the client's); ``prefetch`` more requests are kept
+    in flight in a background thread while the caller works.
+    """
+
+    def __init__(self, client: Client, model: str, temperature: float | None = None,
+                 batch_size: int | None = None, *, prefetch: int = 1):
+        if not isinstance(client, Client):
+            raise ConfigurationError("RemoteTeacher needs a (synchronous) sdb_client.Client", code="invalid_option")
+        if temperature is not None and not temperature > 0:
+            raise ConfigurationError(f"temperature must be > 0, got {temperature}", code="invalid_option")
+        if prefetch < 0:
+            raise ConfigurationError(f"prefetch must be >= 0, got {prefetch}", code="invalid_option")
+        self.client, self.model, self.temperature = client, model, temperature
+        self.batch_size = batch_size or client.batch_size
+        if self.batch_size < 1:
+            raise ConfigurationError(f"batch_size must be >= 1, got {self.batch_size}", code="invalid_option")
+        self.prefetch = prefetch
+        self._pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="sdb-teacher")
+        self.requests = 0  # requests issued (queued or sent), for the curious and the tests
+
+    def __repr__(self) -> str:
+        return (f"RemoteTeacher(model={self.model!r}, url={self.client.base_url!r}, batch_size={self.batch_size}, "
+                f"temperature={self.temperature}, prefetch={self.prefetch})")
+
+    # ------------------------------------------------------------------ fetching
+    def _fetch(self, x: np.ndarray) -> np.ndarray:
+        self.requests += 1
+        return self.client.distill_logits(self.model, x, batch_size=len(x))
+
+    def _submit(self, x: np.ndarray) -> Future:
+        self.requests += 1
+        return self._pool.submit(self.client.distill_logits, self.model, x, batch_size=len(x))
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a float32 array of any length, requests pipelined, in input order."""
+        parts = batch_slices(len(x), self.batch_size)
+        if len(parts) == 1 or self.prefetch == 0:
+            return np.concatenate([self._fetch(x[s]) for s in parts])
+        out: list[np.ndarray] = []
+        pending: deque[Future] = deque()
+        for s in parts:
+            pending.append(self._submit(x[s]))
+            if len(pending) > self.prefetch:
+                out.append(pending.popleft().result())
+        out.extend(f.result() for f in pending)
+        return np.concatenate(out)
+
+    def __call__(self, x: Any) -> Any:
+        """Logits (N, C) for inputs (N, ...), as numpy or torch like ``x``."""
+        arr, back = _to_numpy(x)
+        return back(self.logits(arr))
+
+    def soft_targets(self, x: Any, temperature: float | None = None) -> Any:
+        """``softmax(logits / T)`` with ``T`` = ``temperature`` or the teacher's."""
+        t = temperature if temperature is not None else self.temperature
+        if t is None:
+            raise ConfigurationError("soft_targets needs a temperature (give one here or to RemoteTeacher)",
+                                     code="invalid_option")
+        arr, back = _to_numpy(x)
+        return back(softmax(self.logits(arr), t).astype(np.float32))
+
+    def iter_batches(self, x: Any, y: Any = None, *, batch_size: int | None = None, shuffle: bool = False,
+                     seed: int | None = None, drop_last: bool = False) -> Iterator[tuple]:
+        """Yield ``(xb, logits)`` (or ``(xb, yb, logits)`` with ``y``) over ``x`` in batches,
+        with the next ``prefetch`` batches' requests already in flight while the caller trains
+        on this one. Batches are numpy or torch like ``x``; ``shuffle`` uses ``seed``."""
+        bs = batch_size or self.batch_size
+        arr, back = _to_numpy(x)
+        n = len(arr)
+        order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
+        parts = [order[s] for s in batch_slices(n, bs)]
+        if drop_last and parts and len(parts[-1]) < bs:
+            parts.pop()
+        pending: deque[Future] = deque()
+        ahead = max(1, self.prefetch)
+        for idx in parts[:ahead]:
+            pending.append(self._submit(arr[idx]))
+        for i, idx in enumerate(parts):
+            logits = pending.popleft().result()
+            if i + ahead < len(parts):  # the next request leaves before the caller gets this batch
+                pending.append(self._submit(arr[parts[i + ahead]]))
+            xb = _take(x, idx)
+            yield (xb, logits_like(back, logits)) if y is None else (xb, _take(y, idx), logits_like(back, logits))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> RemoteTeacher:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def logits_like(back: Callable[[np.ndarray], Any], z: np.ndarray) -> Any:
+    return back(z)
+
+
+__all__ = ["RemoteTeacher", "softmax"]

@@ -1,0 +1,111 @@
+"""The I/O-free half of the SDK: configuration, the retry decision, error mapping, batching."""
+from __future__ import annotations
+
+import email.utils
+import time
+
+import httpx
+import numpy as np
+import pytest
+import sdb_client
+from sdb_client import _base as b
+from sdb_client import _exceptions as e
+
+KEY = "sdb_0123456789ab_" + "f" * 64
+
+
+def test_key_from_argument_or_env(monkeypatch):
+    monkeypatch.setenv("SDB_API_KEY", KEY)
+    monkeypatch.setenv("SDB_URL", "http://example.test:9000/")
+    c = sdb_client.Client()
+    assert c.has_key and c.base_url == "http://example.test:9000"
+    monkeypatch.delenv("SDB_API_KEY")
+    monkeypatch.delenv("SDB_URL")
+    c = sdb_client.Client()
+    assert not c.has_key and c.base_url == b.DEFAULT_URL
+
+
+@pytest.mark.parametrize("bad", ["sk-123", KEY[:-1], KEY.upper(), KEY + "0", "sdb__" + "f" * 64])
+def test_malformed_key_is_refused_at_construction_without_echo(bad, monkeypatch):
+    with pytest.raises(e.ConfigurationError) as info:
+        sdb_client.Client("http://127.0.0.1:1", api_key=bad)
+    assert info.value.code == "invalid_key_format" and "sdb_<12 hex digits>_<64 hex digits>" in str(info.value)
+    assert bad not in str(info.value) and bad not in repr(info.value)
+    assert isinstance(info.value, ValueError)
+    monkeypatch.setenv("SDB_API_KEY", bad)
+    with pytest.raises(e.ConfigurationError, match="SDB_API_KEY"):
+        sdb_client.AsyncClient("http://127.0.0.1:1")
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "ftp://x", "http://", ""])
+def test_malformed_url_is_refused(url):
+    with pytest.raises(e.ConfigurationError, match="http"):
+        sdb_client.Client(url)
+
+
+def test_repr_never_shows_the_key():
+    for c in (sdb_client.Client("http://h:1", api_key=KEY), sdb_client.AsyncClient("http://h:1", api_key=KEY)):
+        assert KEY not in repr(c) and "f" * 16 not in repr(c) and "api_key='set'" in repr(c)
+        assert KEY not in repr(c.with_options(max_retries=0))
+
+
+def test_with_options_overrides_per_call_and_keeps_the_rest():
+    c = sdb_client.Client("http://h:1", api_key=KEY, max_retries=5, batch_size=10, timeout=3)
+    d = c.with_options(max_retries=0)
+    assert (d.options.max_retries, d.options.batch_size, d.options.timeout.read) == (0, 10, 3.0)
+    assert c.options.max_retries == 5 and d._http is c._http and d.has_key
+    with pytest.raises(e.ConfigurationError):
+        c.with_options(batch_size=0)
+
+
+def test_retry_decision():
+    r = b.retry_delay
+    assert r(0, 3, status=503) is not None  # backoff
+    assert r(0, 3, status=503, headers={"retry-after": "2"}) == 2.0
+    assert r(0, 3, status=429, headers={"retry-after": "1"}) == 1.0
+    assert r(0, 3, status=429) is None  # lifetime quota: waiting will not refill it
+    assert r(0, 3, status=429, headers={"retry-after": str(b.RETRY_AFTER_MAX_S + 1)}) is None
+    for status in (400, 401, 403, 404, 409, 413, 415, 422, 500, 502, 504):
+        assert r(0, 3, status=status, headers={"retry-after": "0"}) is None, status
+    assert r(3, 3, status=503) is None  # bounded
+    req = httpx.Request("POST", "http://h/x")
+    assert r(0, 3, error=httpx.ConnectError("refused", request=req), idempotent=False) is not None
+    assert r(0, 3, error=httpx.ReadError("reset", request=req), idempotent=True) is not None
+    assert r(0, 3, error=httpx.ReadError("reset", request=req), idempotent=False) is None
+    delays = [b.backoff(i) for i in range(10)]
+    assert all(0 < d <= b.BACKOFF_MAX_S for d in delays) and b.backoff(0) <= b.BACKOFF_INITIAL_S
+
+
+def test_retry_after_http_date():
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)
+    assert 28 <= b.parse_retry_after(when) <= 31
+    assert b.parse_retry_after("soon") is None and b.parse_retry_after(None) is None
+
+
+@pytest.mark.parametrize("status,cls", [(400, e.BadRequest), (401, e.AuthError), (403, e.PermissionDenied),
+                                        (404, e.NotFound), (413, e.PayloadTooLarge), (415, e.BadRequest),
+                                        (422, e.BadRequest), (429, e.QuotaError), (500, e.ServerError),
+                                        (503, e.ServerError), (409, e.SDBError)])
+def test_error_mapping(status, cls):
+    body = b'{"error": {"code": "some_code", "message": "what went wrong"}}'
+    err = b.error_from_response(status, body, {"retry-after": "7"})
+    assert type(err) is cls and isinstance(err, e.SDBError)
+    assert (err.status, err.code, err.message, err.retry_after) == (status, "some_code", "what went wrong", 7.0)
+    bare = b.error_from_response(status, b"<html>proxy says no</html>")
+    assert type(bare) is cls and bare.code and "proxy says no" in bare.message
+
+
+def test_error_messages_are_scrubbed_of_keys():
+    body = ('{"error": {"code": "x", "message": "bad Bearer ' + KEY + '"}}').encode()
+    err = b.error_from_response(401, body)
+    assert KEY not in str(err) and "f" * 8 not in repr(err) and "sdb_0123456789ab_***" in err.message
+
+
+def test_batching_helpers():
+    assert b.batch_slices(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    x = np.arange(10, dtype=np.float32).reshape(5, 2)
+    assert [len(p) for p in b.split_batches(x, 2)] == [2, 2, 1]
+    with pytest.raises(e.BadRequest, match="non-empty"):
+        b.as_array([])
+    with pytest.raises(e.BadRequest, match="NaN"):
+        b.distill_body(np.array([[np.nan]], np.float32), None)

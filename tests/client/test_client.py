@@ -1,0 +1,203 @@
+"""Every method of ``Client`` and ``AsyncClient`` against the real service on a loopback port,
+and the error each status of the real service maps to."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sdb_client import (
+    AsyncClient,
+    AuthError,
+    BadRequest,
+    Client,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    QuotaError,
+)
+
+from sdb_core.bundle import load_bundle
+
+from .conftest import MODEL, write_png
+
+
+@pytest.fixture(scope="module")
+def bundle(sdb_server, master_key):
+    """The bundle the server hosts, loaded locally with its key."""
+    return load_bundle(sdb_server.bundles.a, master_key)
+
+
+@pytest.fixture(scope="module")
+def keyed(bundle):
+    return bundle.distill_logits
+
+
+@pytest.fixture
+def client(sdb_server):
+    with Client(sdb_server.url, sdb_server.distill_key) as c:
+        yield c
+
+
+@pytest.fixture
+def admin(sdb_server):
+    with Client(sdb_server.url, sdb_server.admin_key) as c:
+        yield c
+
+
+def test_models_and_model(client):
+    models = client.models()
+    assert [m["name"] for m in models] == [MODEL]
+    m = client.model(MODEL)
+    assert m["name"] == MODEL and m["distillable"] and len(m["labels"]) == 10
+
+
+def test_predict_inputs_and_image(client, sdb_server, tmp_path):
+    x = sdb_server.bundles.x
+    preds = client.predict(MODEL, x, top_k=3)
+    assert len(preds) == len(x) and all(len(p["labels"]) == 3 for p in preds)
+    public = Client(sdb_server.url, api_key=None)  # predict is public on this server
+    assert [p["indices"] for p in public.predict(MODEL, x.tolist())] == [p["indices"][:1] for p in preds]
+    png = write_png(tmp_path / "digit.png", x[0])
+    (p,) = client.predict(MODEL, image_path=png, top_k=2)
+    assert len(p["labels"]) == 2 and len(p["scores"]) == 2
+    with pytest.raises(BadRequest):
+        client.predict(MODEL)  # neither inputs nor an image
+
+
+def test_distill_logits_equal_the_local_keyed_path(client, sdb_server, keyed):
+    x = sdb_server.bundles.x
+    z = client.distill_logits(MODEL, x)
+    assert z.dtype == np.float32 and z.shape == (len(x), 10)
+    np.testing.assert_allclose(z, keyed(x), atol=1e-4)
+    d = client.distill(MODEL, x, temperature=4.0)
+    e = np.exp(d.logits / 4.0 - (d.logits / 4.0).max(1, keepdims=True))
+    np.testing.assert_allclose(d.soft_targets, e / e.sum(1, keepdims=True), atol=1e-5)
+    assert (d.model, d.temperature) == (MODEL, 4.0)
+
+
+def test_batching_1000_inputs_complete_and_in_order(client, sdb_server, keyed, bundle):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1000, 1, 8, 8)).astype(np.float32)
+    x[:, 0, 0, 0] = np.arange(1000)  # every sample distinct, so an order slip would show
+    z = client.distill_logits(MODEL, x, batch_size=64)
+    assert z.shape == (1000, 10)
+    np.testing.assert_allclose(z, keyed(x), atol=1e-4)
+    preds = client.with_options(batch_size=64).predict(MODEL, x, top_k=1)
+    assert [p["indices"][0] for p in preds] == bundle.predict(x).argmax(1).tolist()
+    with pytest.raises(PayloadTooLarge) as info:  # the same 1,000 in one request are over the 256 KiB limit
+        client.distill_logits(MODEL, x, batch_size=1000)
+    assert info.value.status == 413
+
+
+def test_keys_create_list_revoke(admin, sdb_server):
+    created = admin.keys.create(["distill"], models=[MODEL], quota=100, name="sdk-test")
+    token = created["key"]
+    assert created["scopes"] == ["distill"] and created["models"] == [MODEL] and token.startswith("sdb_")
+    assert created["id"] in [k["id"] for k in admin.keys.list()]
+    assert all("key" not in k for k in admin.keys.list())
+    with Client(sdb_server.url, token) as c:
+        assert c.distill_logits(MODEL, sdb_server.bundles.x[:2]).shape == (2, 10)
+        assert admin.keys.revoke(created["id"])["revoked_at"] is not None
+        with pytest.raises(AuthError) as info:
+            c.distill_logits(MODEL, sdb_server.bundles.x[:2])
+        assert info.value.code == "key_revoked" and token not in str(info.value)
+    with pytest.raises(NotFound):
+        admin.keys.revoke("0" * 12)
+    with pytest.raises(BadRequest):
+        admin.keys.create(["superuser"])
+
+
+def test_jobs_methods_map_the_missing_routes_to_not_found(admin, tmp_path):
+    # The jobs routes are not on the service yet: every method must reach the server and
+    # turn its 404 into NotFound (their happy paths are covered against a stub in test_jobs).
+    calls = [lambda: admin.jobs.submit("wrap", {"data": "digits"}), lambda: admin.jobs.get("j1"),
+             lambda: admin.jobs.list(), lambda: admin.jobs.cancel("j1"), lambda: admin.jobs.logs("j1"),
+             lambda: admin.jobs.artifacts("j1"), lambda: admin.jobs.download("j1", "student.safetensors", tmp_path),
+             lambda: admin.jobs.wait("j1", timeout=1)]
+    for call in calls:
+        with pytest.raises(NotFound) as info:
+            call()
+        assert info.value.status == 404
+    assert not list(tmp_path.iterdir())  # no partial download left behind
+
+
+def test_errors_from_the_real_service(sdb_server):
+    x = sdb_server.bundles.x[:2]
+    with Client(sdb_server.url, api_key=None) as anon, pytest.raises(AuthError) as info:
+        anon.distill_logits(MODEL, x)
+    assert (info.value.status, info.value.code) == (401, "missing_key")
+    unknown = "sdb_" + "a" * 12 + "_" + "b" * 64
+    with Client(sdb_server.url, unknown) as c, pytest.raises(AuthError) as info:
+        c.distill_logits(MODEL, x)
+    assert unknown not in str(info.value) and unknown not in repr(info.value)
+    with Client(sdb_server.url, sdb_server.distill_key) as c:
+        with pytest.raises(NotFound) as nf:
+            c.model("no-such-model")
+        assert nf.value.code == "model_not_found"
+        with pytest.raises(BadRequest) as bad:
+            c.distill_logits(MODEL, np.zeros((2, 3, 5, 5), np.float32))
+        assert (bad.value.status, bad.value.code) == (422, "invalid_shape")
+        with pytest.raises(BadRequest) as bad:
+            c.distill(MODEL, x, temperature=-1.0)
+        assert bad.value.status == 422
+        with pytest.raises(PermissionDenied):
+            c.keys.list()  # admin scope
+
+
+def test_predict_only_key_gets_permission_denied_and_no_logits(sdb_server):
+    with Client(sdb_server.url, sdb_server.predict_key) as c:
+        assert len(c.predict(MODEL, sdb_server.bundles.x[:2])) == 2
+        with pytest.raises(PermissionDenied) as info:
+            c.distill_logits(MODEL, sdb_server.bundles.x[:2])
+    assert (info.value.status, info.value.code) == (403, "forbidden_scope")
+    assert "logits" not in vars(info.value)
+
+
+def test_quota_error_is_raised_without_waiting_an_hour(sdb_server):
+    token = sdb_server.key(("distill",), quota=3, quota_window_s=3600)
+    with Client(sdb_server.url, token) as c:
+        c.distill_logits(MODEL, sdb_server.bundles.x[:3])
+        with pytest.raises(QuotaError) as info:
+            c.distill_logits(MODEL, sdb_server.bundles.x[:1])
+    assert info.value.status == 429 and info.value.code == "quota_exceeded" and info.value.retry_after > 60
+
+
+# --------------------------------------------------------------------------- AsyncClient
+@pytest.mark.anyio
+async def test_async_client_every_method(sdb_server, keyed, tmp_path):
+    x = sdb_server.bundles.x
+    async with AsyncClient(sdb_server.url, sdb_server.admin_key, max_concurrency=3) as c:
+        assert [m["name"] for m in await c.models()] == [MODEL]
+        assert (await c.model(MODEL))["name"] == MODEL
+        preds = await c.predict(MODEL, x, top_k=2, batch_size=3)
+        assert len(preds) == len(x) and len(preds[0]["labels"]) == 2
+        (p,) = await c.predict(MODEL, image_path=write_png(tmp_path / "d.png", x[1]))
+        assert len(p["labels"]) == 1
+        big = np.random.default_rng(1).normal(size=(300, 1, 8, 8)).astype(np.float32)
+        np.testing.assert_allclose(await c.distill_logits(MODEL, big, batch_size=64), keyed(big), atol=1e-4)
+        d = await c.distill(MODEL, x, temperature=2.0)
+        assert d.soft_targets.shape == (len(x), 10)
+        created = await c.keys.create("predict", name="async")
+        assert created["id"] in [k["id"] for k in await c.keys.list()]
+        assert (await c.keys.revoke(created["id"]))["revoked_at"] is not None
+        for call in (c.jobs.submit("audit"), c.jobs.get("j"), c.jobs.list(status="running"), c.jobs.cancel("j"),
+                     c.jobs.logs("j", offset=5), c.jobs.artifacts("j"), c.jobs.download("j", "a.bin", tmp_path),
+                     c.jobs.wait("j", timeout=1)):
+            with pytest.raises(NotFound):
+                await call
+
+
+@pytest.mark.anyio
+async def test_async_client_errors(sdb_server):
+    x = sdb_server.bundles.x[:2]
+    async with AsyncClient(sdb_server.url, sdb_server.predict_key) as c:
+        with pytest.raises(PermissionDenied):
+            await c.distill_logits(MODEL, x)
+        with pytest.raises(NotFound):
+            await c.model("nope")
+        with pytest.raises(BadRequest):
+            await c.predict(MODEL, np.zeros((1, 7), np.float32))
+    async with AsyncClient(sdb_server.url) as c:
+        with pytest.raises(AuthError):
+            await c.keys.list()
+        with pytest.raises(PayloadTooLarge):
+            await c.predict(MODEL, np.zeros((1000, 1, 8, 8), np.float32) + 0.123456789, batch_size=1000)

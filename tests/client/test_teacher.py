@@ -1,0 +1,96 @@
+"""RemoteTeacher: the same logits as the local keyed path, numpy and torch, batching with
+prefetch, and as the teacher of sdb_core's distiller."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sdb_client import Client, PermissionDenied, RemoteTeacher
+from torch.utils.data import TensorDataset
+
+from sdb_core.bundle import load_bundle
+from sdb_core.distill import DistillConfig, distill
+from sdb_core.models import create_model
+from sdb_core.train import TrainConfig
+
+from .conftest import MODEL
+
+
+@pytest.fixture(scope="module")
+def keyed(sdb_server, master_key):
+    return load_bundle(sdb_server.bundles.a, master_key).distill_logits
+
+
+@pytest.fixture
+def teacher(sdb_server):
+    with Client(sdb_server.url, sdb_server.distill_key) as c, RemoteTeacher(c, MODEL, 4.0, batch_size=32) as t:
+        yield t
+
+
+def inputs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 1, 8, 8)).astype(np.float32)
+
+
+def test_same_logits_as_the_local_keyed_path_numpy_and_torch(teacher, keyed):
+    x = inputs(200)
+    z = teacher(x)
+    assert isinstance(z, np.ndarray) and z.shape == (200, 10)
+    np.testing.assert_allclose(z, keyed(x), atol=1e-4)
+    assert teacher.requests == 7  # 200 / 32, pipelined
+    zt = teacher(torch.from_numpy(x))
+    assert isinstance(zt, torch.Tensor) and zt.dtype == torch.float32
+    np.testing.assert_allclose(zt.numpy(), keyed(x), atol=1e-4)
+    p = teacher.soft_targets(x[:5])
+    e = np.exp(keyed(x[:5]) / 4.0 - (keyed(x[:5]) / 4.0).max(1, keepdims=True))
+    np.testing.assert_allclose(p, e / e.sum(1, keepdims=True), atol=1e-5)
+
+
+def test_iter_batches_prefetches_and_keeps_order(teacher, keyed):
+    x, y = inputs(100, seed=1), np.arange(100)
+    seen = []
+    for xb, yb, tb in teacher.iter_batches(x, y, batch_size=16, shuffle=True, seed=3):
+        assert len(xb) == len(yb) == len(tb) <= 16
+        np.testing.assert_allclose(tb, keyed(xb), atol=1e-4)
+        np.testing.assert_array_equal(xb, x[yb])
+        seen.extend(yb.tolist())
+    assert sorted(seen) == list(range(100)) and seen != list(range(100))
+    xt = torch.from_numpy(x)
+    batches = list(teacher.iter_batches(xt, batch_size=48))
+    assert [len(b[0]) for b in batches] == [48, 48, 4] and isinstance(batches[0][1], torch.Tensor)
+    np.testing.assert_allclose(torch.cat([b[1] for b in batches]).numpy(), keyed(x), atol=1e-4)
+
+
+def test_prefetch_overlaps_the_next_request_with_the_callers_work(teacher):
+    # While the caller holds batch i, batch i+1's request has already been sent.
+    it = teacher.iter_batches(inputs(64), batch_size=16)
+    next(it)
+    before = teacher.requests
+    assert before == 2
+    for _ in it:
+        pass
+    assert teacher.requests == 4
+
+
+def test_distiller_with_the_remote_teacher_matches_the_local_one(teacher, keyed, sdb_server):
+    from sdb_core.data import load_dataset, transfer_split
+
+    data = load_dataset("digits")
+    transfer = transfer_split(data, 200, seed=0)
+    local = lambda x: torch.from_numpy(keyed(x.numpy()))
+    students = []
+    for t, cache in ((local, True), (teacher, True), (teacher, False)):
+        torch.manual_seed(0)
+        s = create_model("mlp", num_classes=data.num_classes, in_shape=data.in_shape)
+        cfg = DistillConfig(cache_teacher=cache, train=TrainConfig(epochs=2, batch_size=64, seed=0))
+        distill(s, TensorDataset(*transfer.tensors), t, cfg)
+        students.append(torch.cat([p.detach().flatten() for p in s.parameters()]))
+    assert torch.allclose(students[0], students[1], atol=1e-4)
+    assert torch.allclose(students[0], students[2], atol=1e-4)
+
+
+def test_predict_only_key_gets_permission_denied(sdb_server):
+    with Client(sdb_server.url, sdb_server.predict_key) as c, RemoteTeacher(c, MODEL) as t:
+        with pytest.raises(PermissionDenied):
+            t(inputs(4))
+        with pytest.raises(PermissionDenied):
+            list(t.iter_batches(inputs(40), batch_size=8))
