@@ -97,6 +97,21 @@ def _bundle_teacher(path: str, authorized: bool, settings: Settings) -> Callable
     return teacher
 
 
+def _remote_teacher(args):
+    """The keyed path of a model on a remote SDB server, through the SDK's RemoteTeacher."""
+    from sdb_client import Client, RemoteTeacher
+
+    if not args.model:
+        raise ValueError("--remote needs --model NAME (the served model to distill)")
+    client = Client(args.remote, args.api_key)  # no --api-key: SDB_API_KEY
+    if not client.has_key:
+        raise ValueError("--remote needs an API key with the distill scope: --api-key or env SDB_API_KEY")
+    info = client.model(args.model)  # fail before training on a wrong name or a Nasty-mode model
+    if not info.get("distillable", True):
+        raise ValueError(f"model {args.model!r} on {client.base_url} has no keyed path (Nasty mode)")
+    return RemoteTeacher(client, args.model, temperature=args.temperature)
+
+
 def cmd_distill(args) -> int:
     from sdb_core.data import load_dataset, transfer_split
     from sdb_core.distill import DistillConfig, distill
@@ -105,7 +120,16 @@ def cmd_distill(args) -> int:
     from sdb_core.weights import load_weights, save_weights
 
     data = load_dataset(args.data)
-    if args.bundle:
+    if args.remote:
+        from sdb_client import SDBError
+
+        try:
+            teacher = _remote_teacher(args)
+        except SDBError as e:  # malformed key or URL (a ValueError), unreachable, 401/403/404
+            _err(f"remote teacher: {e}")
+            return 2
+        source = f"remote model {args.model} at {teacher.client.base_url} (keyed path)"
+    elif args.bundle:
         teacher = _bundle_teacher(args.bundle, args.authorized, _settings(args))
         source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"
     elif args.teacher:
@@ -120,7 +144,17 @@ def cmd_distill(args) -> int:
     cfg = DistillConfig(temperature=args.temperature, alpha=args.alpha,
                         train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                           seed=args.seed))
-    distill(student, transfer, teacher, cfg, progress=_progress_bar("distill"))
+    try:
+        distill(student, transfer, teacher, cfg, progress=_progress_bar("distill"))
+    except Exception as e:
+        if not args.remote or not type(e).__module__.startswith("sdb_client"):
+            raise
+        _err(f"remote teacher: {e}")  # e.g. the key's quota ran out mid-way
+        return 2
+    finally:
+        if args.remote:
+            teacher.close()
+            teacher.client.close()
     acc = accuracy(student, data.test)
     save_weights(student, args.out)
     print(f"student {args.student} from {source} on {len(transfer)} images: test accuracy {acc:.2f}%")
@@ -268,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = d.add_mutually_exclusive_group()
     t.add_argument("--teacher", metavar="WEIGHTS", help="a local teacher's weights (with --teacher-arch)")
     t.add_argument("--bundle", metavar="PATH", help="a protected bundle")
+    t.add_argument("--remote", metavar="URL", help="an SDB server: distill from its keyed path over HTTP (with --model)")
+    d.add_argument("--model", metavar="NAME", help="with --remote: the served model's name")
+    d.add_argument("--api-key", help="with --remote: a key with the distill scope (default: env SDB_API_KEY)")
     d.add_argument("--teacher-arch", default="cnn")
     d.add_argument("--authorized", action="store_true", help="with --bundle: use the keyed path (needs the master key)")
     d.add_argument("--transfer", type=int, default=0, help="transfer-set size drawn from the train split (0: all)")
