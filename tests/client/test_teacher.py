@@ -94,3 +94,12 @@ def test_predict_only_key_gets_permission_denied(sdb_server):
             t(inputs(4))
         with pytest.raises(PermissionDenied):
             list(t.iter_batches(inputs(40), batch_size=8))
+
+
+def test_iter_batches_without_prefetch(sdb_server, keyed):
+    with Client(sdb_server.url, sdb_server.distill_key) as c, RemoteTeacher(c, MODEL, prefetch=0) as t:
+        it = t.iter_batches(inputs(48), batch_size=16)
+        next(it)
+        assert t.requests == 1
+        rest = list(it)
+    assert len(rest) == 2 and t.requests == 3

@@ -133,7 +133,8 @@ class RemoteTeacher:
                      seed: int | None = None, drop_last: bool = False) -> Iterator[tuple]:
         """Yield ``(xb, logits)`` (or ``(xb, yb, logits)`` with ``y``) over ``x`` in batches,
         with the next ``prefetch`` batches' requests already in flight while the caller trains
-        on this one. Batches are numpy or torch like ``x``; ``shuffle`` uses ``seed``."""
+        on this one (``prefetch=0``: none). Batches are numpy or torch like ``x``; ``shuffle``
+        uses ``seed``."""
         bs = batch_size or self.batch_size
         arr, back = _to_numpy(x)
         n = len(arr)
@@ -142,12 +143,12 @@ class RemoteTeacher:
         if drop_last and parts and len(parts[-1]) < bs:
             parts.pop()
         pending: deque[Future] = deque()
-        ahead = max(1, self.prefetch)
+        ahead = self.prefetch  # 0: each batch is fetched when the caller asks for it
         for idx in parts[:ahead]:
             pending.append(self._submit(arr[idx]))
         for i, idx in enumerate(parts):
-            logits = pending.popleft().result()
-            if i + ahead < len(parts):  # the next request leaves before the caller gets this batch
+            logits = pending.popleft().result() if ahead else self._fetch(arr[idx])
+            if ahead and i + ahead < len(parts):  # the next request leaves before the caller gets this batch
                 pending.append(self._submit(arr[parts[i + ahead]]))
             xb = _take(x, idx)
             yield (xb, logits_like(back, logits)) if y is None else (xb, _take(y, idx), logits_like(back, logits))
