@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Callable
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -33,7 +33,7 @@ DEMO_NAME = "mnist-demo"
 def register_demo(settings: Settings, store: Store, registry: Registry) -> None:
     """On a data dir that never had a model, serve the demo bundle if ``sdb demo`` wrote one."""
     path = settings.bundles_dir / DEMO_NAME
-    if not settings.register_demo or not path.is_dir() or store.models() or store.has_audit("model.demo"):
+    if not settings.register_demo or not path.is_dir() or store.list_models() or store.has_audit("model.demo"):
         return
     try:
         registry.add(path, actor="server")

@@ -17,8 +17,8 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .errors import ApiError
 from .store import ApiKeyRow, Store

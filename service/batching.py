@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Generic, TypeVar
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -86,7 +87,7 @@ class MicroBatcher(Generic[P, R]):
             payloads = [b[0] for b in batch]
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, payloads)
-            except Exception:
+            except Exception:  # noqa: BLE001 - retried one by one, each caller gets its own error
                 # One bad request must not fail its neighbours: run them one by one.
                 results = [await self._alone(loop, p) for p in payloads]
             for (_, _, fut), res in zip(batch, results):
@@ -100,7 +101,7 @@ class MicroBatcher(Generic[P, R]):
     async def _alone(self, loop: asyncio.AbstractEventLoop, payload: P) -> Any:
         try:
             return (await loop.run_in_executor(self.executor, self.fn, [payload]))[0]
-        except Exception as e:  # handed to that one caller
+        except Exception as e:  # noqa: BLE001 - handed to that one caller
             return _Failed(e)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from .auth import ApiKey, create_key
 from .errors import ApiError
@@ -14,7 +14,7 @@ from .store import Store
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -53,7 +53,7 @@ def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: i
 def keys_list(settings: Settings) -> int:
     store = Store(settings.db_url)
     try:
-        rows = store.keys()
+        rows = store.list_keys()
     finally:
         store.close()
     print(f"{'id':12}  {'scopes':24}  {'models':20}  {'used/quota':>14}  {'expires':16}  status")
@@ -84,7 +84,7 @@ def keys_revoke(settings: Settings, key_id: str) -> int:
 def models_list(settings: Settings) -> int:
     store = Store(settings.db_url)
     try:
-        rows = store.models()
+        rows = store.list_models()
     finally:
         store.close()
     print(f"{'name':24}  {'version':10}  {'added':16}  path")

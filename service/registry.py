@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -198,7 +198,7 @@ class Registry:
 
     def sync(self) -> None:
         """Make memory match the store; a row whose bundle fails is logged and skipped."""
-        rows = {(r.name, r.version): r for r in self.store.models()}
+        rows = {(r.name, r.version): r for r in self.store.list_models()}
         for (name, version), m in [((m.name, m.version), m) for m in self.all()]:
             row = rows.get((name, version))
             if row is None or row.added_at != m.added_at:

@@ -7,10 +7,20 @@ migrated at start by :func:`migrate`: an ordered list of steps and a version row
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from sqlalchemy import (BigInteger, Connection, Float, Integer, String, Text, create_engine, event, select,
-                        update)
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Float,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    select,
+    update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -129,7 +139,7 @@ class Store:
             return s.scalar(select(AuditRow.id).where(AuditRow.action == action).limit(1)) is not None
 
     # ---------------------------------------------------------------- models
-    def models(self) -> list[ModelRow]:
+    def list_models(self) -> list[ModelRow]:
         with self.session() as s:
             return list(s.scalars(select(ModelRow).order_by(ModelRow.name, ModelRow.version)))
 
@@ -162,7 +172,7 @@ class Store:
         with self.session() as s:
             return s.get(ApiKeyRow, key_id)
 
-    def keys(self) -> list[ApiKeyRow]:
+    def list_keys(self) -> list[ApiKeyRow]:
         with self.session() as s:
             return list(s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)))
 

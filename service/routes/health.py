@@ -23,7 +23,7 @@ async def readyz(request: Request, store: StoreDep, registry: RegistryDep) -> Re
         raise ApiError(503, "not_ready", "the server is still starting")
     try:
         await run_in_threadpool(store.ping)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any driver error means not ready
         raise ApiError(503, "store_unreachable", "the store does not answer") from None
     failed = {f"{n}@{v}": why for (n, v), why in registry.failed.items()}
     return json_response({"status": "ready", "models": len(registry.all()), "failed": failed})

@@ -26,7 +26,7 @@ def create(body: CreateKeyRequest, admin: AdminKeyDep, store: StoreDep, settings
 
 @router.get("", response_model=KeyList, summary="Every key, without secrets")
 def list_keys(_: AdminKeyDep, store: StoreDep) -> Response:
-    return json_response({"keys": [ApiKey.from_row(r).public() for r in store.keys()]})
+    return json_response({"keys": [ApiKey.from_row(r).public() for r in store.list_keys()]})
 
 
 @router.delete("/{key_id}", response_model=KeyPublic, summary="Revoke a key (at once on this server)")

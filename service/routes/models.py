@@ -7,13 +7,32 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from ..deps import (AdminKeyDep, DistillKeyDep, KeyringDep, MetricsDep, OptionalApiKeyDep, RegistryDep,
-                    SettingsDep)
+from ..deps import (
+    AdminKeyDep,
+    DistillKeyDep,
+    KeyringDep,
+    MetricsDep,
+    OptionalApiKeyDep,
+    RegistryDep,
+    SettingsDep,
+)
 from ..errors import ApiError, invalid, not_found
 from ..inference import keyed_logits, public_logits, require_predict
 from ..registry import HostedModel
-from ..schemas import (AddModelRequest, DistillOptions, DistillRequest, DistillResponse, ModelInfo, ModelList,
-                       PredictOptions, PredictRequest, PredictResponse, json_body_doc, json_response, options)
+from ..schemas import (
+    AddModelRequest,
+    DistillOptions,
+    DistillRequest,
+    DistillResponse,
+    ModelInfo,
+    ModelList,
+    PredictOptions,
+    PredictRequest,
+    PredictResponse,
+    json_body_doc,
+    json_response,
+    options,
+)
 from ..tensors import as_batch, image_to_input, parse_json, softmax, to_array, top_k
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

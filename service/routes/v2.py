@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from importlib.metadata import PackageNotFoundError, version as package_version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field

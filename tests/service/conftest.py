@@ -6,7 +6,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,8 @@ def bundles(tmp_path_factory) -> Bundles:
     teacher = create_model("cnn", num_classes=data.num_classes, in_shape=data.in_shape)
     train_classifier(teacher, data.train, TrainConfig(epochs=2))
     box = wrap(teacher, data, SDBConfig(train=TrainConfig(epochs=1))).box
-    common = dict(in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels, master_key=master)
+    common = {"in_shape": data.in_shape, "mean": data.mean, "std": data.std, "labels": data.labels,
+              "master_key": master}
     a = export_bundle(box, root / "digits-a", name="digits-a", **common)
     a2 = export_bundle(box, root / "digits-a-v2", name="digits-a", version="2", **common)
     b = export_bundle(box, root / "digits-b", name="digits-b", **common)
@@ -62,8 +62,8 @@ def bundles(tmp_path_factory) -> Bundles:
 
 
 def make_settings(data_dir: Path, bundles: Bundles, **over) -> Settings:
-    base = dict(data_dir=data_dir, master_key_file=bundles.master_key_file, ort_intra_op_threads=1,
-                ort_inter_op_threads=1, usage_flush_s=0.05, models_sync_s=0.1, auth_cache_s=1.0)
+    base = {"data_dir": data_dir, "master_key_file": bundles.master_key_file, "ort_intra_op_threads": 1,
+            "ort_inter_op_threads": 1, "usage_flush_s": 0.05, "models_sync_s": 0.1, "auth_cache_s": 1.0}
     return Settings(**{**base, **over})
 
 
@@ -130,7 +130,7 @@ def sdb_env(data_dir: Path, bundles: Bundles, port: int | None = None) -> dict:
 
 
 def run_sdb(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([SDB, *args], env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([SDB, *args], env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
 class Server:

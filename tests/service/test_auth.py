@@ -1,0 +1,131 @@
+"""The authorization matrix: every protected route × every kind of key."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from sqlalchemy import update
+
+from service.auth import hash_secret, parse_token
+from service.store import ApiKeyRow
+
+pytestmark = pytest.mark.anyio
+
+X = np.zeros((2, 1, 8, 8), np.float32)
+V2 = {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": X.ravel().tolist()}],
+      "outputs": [{"name": "probabilities"}, {"name": "distill_logits"}]}
+
+# route → (scope it needs, is it about one model, how to call it)
+ROUTES = {
+    "distill": ("distill", True, lambda c, h: c.post("/v1/models/digits-a/distill", json={"inputs": X.tolist()}, headers=h)),
+    "v2-keyed": ("distill", True, lambda c, h: c.post("/v2/models/digits-a/infer", json=V2, headers=h)),
+    "keys-create": ("admin", False, lambda c, h: c.post("/v1/keys", json={"scopes": ["predict"]}, headers=h)),
+    "keys-list": ("admin", False, lambda c, h: c.get("/v1/keys", headers=h)),
+    "keys-revoke": ("admin", False, lambda c, h: c.delete("/v1/keys/000000000000", headers=h)),
+    "models-add": ("admin", False, lambda c, h: c.post("/v1/models", json={"path": "/nonexistent"}, headers=h)),
+    "models-remove": ("admin", False, lambda c, h: c.delete("/v1/models/digits-b", headers=h)),
+}
+WRONG_SCOPE = {"distill": ("predict", "jobs"), "admin": ("distill", "predict", "jobs")}
+
+
+def expire(svc, token: str) -> None:
+    key_id, _ = parse_token(token)
+    with svc.app.state.store.session.begin() as s:
+        s.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(expires_at=time.time() - 1))
+
+
+def cases(svc, scope: str, per_model: bool) -> list[tuple[str, dict | None, set[int]]]:
+    valid = svc.key((scope,), models=["digits-a"] if per_model else None)
+    revoked = svc.key((scope,))
+    svc.app.state.store.revoke_key(parse_token(revoked)[0])
+    expired = svc.key((scope,), expires_days=1)
+    expire(svc, expired)
+    key_id, secret = parse_token(valid)
+    unknown = f"sdb_{'0' * 12}_{secret}"
+    wrong_secret = f"sdb_{key_id}_{'f' * 64}"
+    assert hash_secret(svc.settings.pepper, key_id, secret) != hash_secret(svc.settings.pepper, key_id, "f" * 64)
+    out = [("no key", None, {401}),
+           ("malformed", {"Authorization": "Bearer not-a-key"}, {401}),
+           ("wrong scheme", {"Authorization": f"Basic {valid}"}, {401}),
+           ("unknown id", svc.auth(unknown), {401}),
+           ("wrong secret", svc.auth(wrong_secret), {401}),
+           ("revoked", svc.auth(revoked), {401}),
+           ("expired", svc.auth(expired), {401})]
+    out += [(f"scope {s}", svc.auth(svc.key((s,))), {403}) for s in WRONG_SCOPE[scope]]
+    if per_model:
+        out.append(("other model", svc.auth(svc.key((scope,), models=["digits-b"])), {403}))
+    # a valid key reaches the route: what follows is the route's own answer
+    out.append(("valid", svc.auth(valid), {200, 201, 400, 404}))
+    return out
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_authorization_matrix(svc, route):
+    scope, per_model, call = ROUTES[route]
+    for case, headers, statuses in cases(svc, scope, per_model):
+        r = await call(svc.client, headers or {})
+        assert r.status_code in statuses, (route, case, r.status_code, r.text)
+        body = r.json()
+        if r.status_code >= 400:
+            assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+        if r.status_code == 401:
+            assert r.headers["www-authenticate"] == "Bearer"
+        if case == "valid" and scope == "distill":
+            assert r.status_code == 200 and "logits" in r.text
+
+
+async def test_public_routes_need_no_key_and_reject_bad_ones(svc):
+    c = svc.client
+    body = {"inputs": X.tolist()}
+    assert (await c.post("/v1/models/digits-a/predict", json=body)).status_code == 200
+    assert (await c.post("/v2/models/digits-a/infer", json={**V2, "outputs": [{"name": "probabilities"}]})).status_code == 200
+    # a presented key must be valid, even where none is needed
+    r = await c.post("/v1/models/digits-a/predict", json=body, headers={"Authorization": "Bearer sdb_x"})
+    assert r.status_code == 401
+    # keyed output on v2 without a key: 401, and nothing keyed in the body
+    r = await c.post("/v2/models/digits-a/infer", json=V2)
+    assert r.status_code == 401 and set(r.json()) == {"error"}
+    # a predict-only key asking for the keyed output: 403
+    r = await c.post("/v2/models/digits-a/infer", json=V2, headers=svc.auth(svc.key(("predict",))))
+    assert r.status_code == 403 and set(r.json()) == {"error"}
+
+
+async def test_secret_is_never_returned_or_logged(svc, caplog):
+    token = svc.key(("admin",))
+    r = await svc.client.get("/v1/keys", headers=svc.auth(token))
+    assert token not in r.text and parse_token(token)[1] not in r.text
+    bad = f"sdb_{'1' * 12}_{'a' * 64}"
+    r = await svc.client.get("/v1/keys", headers=svc.auth(bad))
+    assert bad not in r.text and "a" * 64 not in caplog.text
+    assert parse_token(token)[1] not in (await svc.client.get("/metrics")).text
+
+
+async def test_quota_429_and_window_retry_after(svc):
+    c = svc.client
+    token = svc.key(("distill",), quota=3)
+    h = svc.auth(token)
+    one = {"inputs": X[:1].tolist()}
+    assert (await c.post("/v1/models/digits-a/distill", json={"inputs": X.tolist()}, headers=h)).status_code == 200
+    assert (await c.post("/v1/models/digits-a/distill", json=one, headers=h)).status_code == 200
+    r = await c.post("/v1/models/digits-a/distill", json=one, headers=h)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+    assert "retry-after" not in r.headers and set(r.json()) == {"error"}
+    # predict does not spend the distill quota
+    assert (await c.post("/v1/models/digits-a/predict", json=one, headers=h)).status_code == 200
+
+    windowed = svc.auth(svc.key(("distill",), quota=1, quota_window_s=3600))
+    assert (await c.post("/v1/models/digits-a/distill", json=one, headers=windowed)).status_code == 200
+    r = await c.post("/v1/models/digits-a/distill", json=one, headers=windowed)
+    assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 3600
+
+
+async def test_quota_is_written_to_the_store(svc):
+    token = svc.key(("distill",), quota=100)
+    key_id = parse_token(token)[0]
+    r = await svc.client.post("/v1/models/digits-a/distill", json={"inputs": X.tolist()}, headers=svc.auth(token))
+    assert r.status_code == 200
+    svc.app.state.keyring.flush()
+    assert svc.app.state.store.get_key(key_id).used == 2
+    usage = svc.app.state.store.usage(key_id)
+    assert [(u.model, u.kind, u.requests, u.samples) for u in usage] == [("digits-a", "distill", 1, 2)]

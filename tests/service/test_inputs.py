@@ -1,0 +1,125 @@
+"""Bad input of every kind: the right status and error body, and the next request is served."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.anyio
+
+GOOD = {"inputs": np.zeros((1, 1, 8, 8)).tolist()}
+PREDICT = "/v1/models/digits-a/predict"
+
+
+def gif() -> bytes:
+    b = io.BytesIO()
+    Image.new("L", (8, 8)).save(b, "GIF")
+    return b.getvalue()
+
+
+JSON = {"content-type": "application/json"}
+# (what, method, path, kwargs, status, error code)
+BAD = [
+    ("not json", "post", PREDICT, {"content": b"{nope", "headers": JSON}, 400, "malformed_body"),
+    ("empty body", "post", PREDICT, {"content": b"", "headers": JSON}, 400, "malformed_body"),
+    ("json array", "post", PREDICT, {"json": [1, 2]}, 400, "malformed_body"),
+    ("NaN literal", "post", PREDICT, {"content": b'{"inputs": [NaN]}', "headers": JSON}, 400, "malformed_body"),
+    ("no inputs", "post", PREDICT, {"json": {"top_k": 1}}, 422, "invalid_input"),
+    ("inputs a string", "post", PREDICT, {"json": {"inputs": "0.5"}}, 422, "invalid_input"),
+    ("ragged", "post", PREDICT, {"json": {"inputs": [[0.0] * 64, [0.0] * 63]}}, 422, "invalid_shape"),
+    ("strings", "post", PREDICT, {"json": {"inputs": [["a"] * 64]}}, 422, "invalid_dtype"),
+    ("nulls", "post", PREDICT, {"json": {"inputs": [[None] * 64]}}, 422, "invalid_dtype"),
+    ("booleans", "post", PREDICT, {"json": {"inputs": [[True] * 64]}}, 422, "invalid_dtype"),
+    ("objects", "post", PREDICT, {"json": {"inputs": [{"a": 1}]}}, 422, "invalid_dtype"),
+    ("empty", "post", PREDICT, {"json": {"inputs": []}}, 422, "invalid_shape"),
+    ("wrong shape", "post", PREDICT, {"json": {"inputs": np.zeros((1, 3, 8, 8)).tolist()}}, 422, "invalid_shape"),
+    ("beyond float32", "post", PREDICT, {"json": {"inputs": [[1e39] * 64]}}, 422, "non_finite"),
+    ("too many samples", "post", PREDICT, {"json": {"inputs": np.zeros((1025, 64)).tolist()}}, 422,
+     "too_many_samples"),
+    ("top_k zero", "post", PREDICT, {"json": {**GOOD, "top_k": 0}}, 422, "invalid_request"),
+    ("top_k text", "post", PREDICT, {"json": {**GOOD, "top_k": "x"}}, 422, "invalid_request"),
+    ("deep nesting", "post", PREDICT, {"content": b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                       "headers": JSON}, 400, "malformed_body"),
+    ("unknown model", "post", "/v1/models/nope/predict", {"json": GOOD}, 404, "model_not_found"),
+    ("unknown version", "get", "/v1/models/digits-a?version=9", {}, 404, "model_not_found"),
+    ("unknown route", "get", "/v1/nothing", {}, 404, "not_found"),
+    ("wrong method", "get", PREDICT, {}, 405, "method_not_allowed"),
+    ("text body", "post", PREDICT, {"content": b"0.5", "headers": {"content-type": "text/plain"}}, 415,
+     "unsupported_media_type"),
+    ("garbage image", "post", PREDICT, {"files": {"file": ("x.png", b"\x89PNG garbage", "image/png")}}, 415,
+     "unsupported_image"),
+    ("gif image", "post", PREDICT, {"files": {"file": ("x.gif", gif(), "image/gif")}}, 415, "unsupported_image"),
+    ("raw garbage jpeg", "post", PREDICT, {"content": b"\xff\xd8\xff junk", "headers": {"content-type": "image/jpeg"}},
+     415, "unsupported_image"),
+    ("multipart without file", "post", PREDICT, {"data": {"top_k": "1"}, "files": {}}, 415, None),
+    ("v2 int32", "post", "/v2/models/digits-a/infer",
+     {"json": {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "INT32", "data": [0] * 64}]}},
+     422, "invalid_dtype"),
+    ("v2 size mismatch", "post", "/v2/models/digits-a/infer",
+     {"json": {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}},
+     422, "invalid_shape"),
+    ("v2 wrong input name", "post", "/v2/models/digits-a/infer",
+     {"json": {"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}},
+     422, "invalid_request"),
+    ("v2 unknown output", "post", "/v2/models/digits-a/infer",
+     {"json": {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}],
+               "outputs": [{"name": "secrets"}]}}, 422, "invalid_request"),
+    ("v2 bad shape", "post", "/v2/models/digits-a/infer",
+     {"json": {"inputs": [{"name": "input", "shape": [-1, "a"], "datatype": "FP32", "data": [0.0] * 64}]}},
+     422, "invalid_shape"),
+    ("v2 unknown model", "get", "/v2/models/nope/ready", {}, 404, "model_not_found"),
+]
+
+
+@pytest.mark.parametrize("what,method,path,kwargs,status,code", BAD, ids=[b[0] for b in BAD])
+async def test_bad_input_then_good_request(svc, what, method, path, kwargs, status, code):
+    r = await getattr(svc.client, method)(path, **kwargs)
+    if what == "multipart without file":  # httpx sends form fields alone as urlencoded
+        status = r.status_code
+        assert status in (415, 422)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and isinstance(body["error"]["message"], str)
+    if code:
+        assert body["error"]["code"] == code
+    assert (await svc.client.post(PREDICT, json=GOOD)).status_code == 200
+
+
+async def test_bad_distill_input_costs_no_quota(svc):
+    h = svc.auth(svc.key(("distill",), quota=1))
+    r = await svc.client.post("/v1/models/digits-a/distill", json={"inputs": [[1e300] * 64]}, headers=h)
+    assert r.status_code == 422
+    r = await svc.client.post("/v1/models/digits-a/distill", json={"inputs": "x", "temperature": -1}, headers=h)
+    assert r.status_code == 422
+    r = await svc.client.post("/v1/models/digits-a/distill", content=b"0", headers={**h, "content-type": "text/csv"})
+    assert r.status_code == 415
+    assert (await svc.client.post("/v1/models/digits-a/distill", json=GOOD, headers=h)).status_code == 200
+
+
+async def test_payload_limit_413(svc):
+    big = b'{"inputs": [' + b"0.0," * (2 << 20) + b"0.0]}"
+    assert len(big) > svc.settings.max_payload_bytes
+    r = await svc.client.post(PREDICT, content=big, headers=JSON)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+    async def chunks():  # no Content-Length: the limit is counted on the stream
+        for _ in range(10):
+            yield b" " * (1 << 20)
+
+    r = await svc.client.post(PREDICT, content=chunks(), headers=JSON)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+    assert (await svc.client.post(PREDICT, json=GOOD)).status_code == 200
+
+
+async def test_bad_admin_bodies(svc):
+    c = svc.client
+    r = await c.post("/v1/keys", json={"scopes": ["root"]}, headers=svc.admin)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    r = await c.post("/v1/keys", json={"scopes": []}, headers=svc.admin)
+    assert r.status_code == 422
+    r = await c.post("/v1/keys", content=b"{", headers={**svc.admin, **JSON})
+    assert r.status_code in (400, 422) and set(r.json()) == {"error"}
+    r = await c.post("/v1/models", json={"path": "/does/not/exist"}, headers=svc.admin)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "bundle_refused"
