@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .settings import Settings
 
@@ -59,12 +60,14 @@ def cmd_wrap(args) -> int:
             save_weights(teacher, args.save_teacher)
     print(f"teacher {args.arch} on {args.data}: test accuracy {accuracy(teacher, data.test):.2f}%", file=sys.stderr)
 
-    train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    # Start from each recipe's own training defaults (e.g. its gradient clip), then apply the flags.
+    flags = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     if args.mode == "nasty":
-        result = wrap_nasty(teacher, data, NastyConfig(train=TrainConfig(**{**train.__dict__, "grad_clip": 5.0})),
+        result = wrap_nasty(teacher, data, NastyConfig(train=replace(NastyConfig().train, **flags)),
                             progress=_progress_bar("wrap"))
     else:
-        result = wrap(teacher, data, SDBConfig(lam=args.lam, train=train), progress=_progress_bar("wrap"))
+        result = wrap(teacher, data, SDBConfig(lam=args.lam, train=replace(SDBConfig().train, **flags)),
+                      progress=_progress_bar("wrap"))
     r = result.report
     metrics = {k: r[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement") if k in r}
     settings = _settings(args)
@@ -171,12 +174,12 @@ def cmd_demo(args) -> int:
     from sdb_core.protect.measure import MeasureConfig, format_table, run_protection, summarize
     from sdb_core.train import TrainConfig
 
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda s: print(s, file=sys.stderr, flush=True)
     data = load_dataset(args.data)
     log(f"demo: {args.data}, {len(data.train)} training / {len(data.test)} test images; "
         "teacher small CNN, students MLP on 1,000 transfer images")
     run = run_protection(data, args.seed, teacher_cfg=TrainConfig(epochs=args.teacher_epochs),
-                         sdb_cfg=SDBConfig(train=TrainConfig(epochs=args.epochs)),
+                         sdb_cfg=SDBConfig(train=replace(SDBConfig().train, epochs=args.epochs)),
                          measure_cfg=MeasureConfig(train=TrainConfig(epochs=args.student_epochs)), log=log)
     summary = summarize(args.data, [run])
     print(format_table(summary))
