@@ -72,6 +72,11 @@ def test_distill_logits_equal_the_local_keyed_path(client, sdb_server, keyed):
     e = np.exp(d.logits / 4.0 - (d.logits / 4.0).max(1, keepdims=True))
     np.testing.assert_allclose(d.soft_targets, e / e.sum(1, keepdims=True), atol=1e-5)
     assert (d.model, d.temperature) == (MODEL, 4.0)
+    # distill_logits(..., temperature=T): tempered logits whose softmax is the soft target at T.
+    zt = client.distill_logits(MODEL, x, 4.0)
+    np.testing.assert_allclose(zt, keyed(x) / 4.0, atol=1e-4)
+    with pytest.raises(ValueError, match="temperature"):
+        client.distill_logits(MODEL, x, 0.0)
 
 
 def test_batching_1000_inputs_complete_and_in_order(client, sdb_server, keyed, bundle):
@@ -174,6 +179,7 @@ async def test_async_client_every_method(sdb_server, keyed, tmp_path):
         assert len(p["labels"]) == 1
         big = np.random.default_rng(1).normal(size=(300, 1, 8, 8)).astype(np.float32)
         np.testing.assert_allclose(await c.distill_logits(MODEL, big, batch_size=64), keyed(big), atol=1e-4)
+        np.testing.assert_allclose(await c.distill_logits(MODEL, x, 2.0), keyed(x) / 2.0, atol=1e-4)
         d = await c.distill(MODEL, x, temperature=2.0)
         assert d.soft_targets.shape == (len(x), 10)
         created = await c.keys.create("predict", name="async")

@@ -278,6 +278,13 @@ def predict_body(x: np.ndarray, top_k: int) -> bytes:
     return encode_json({"inputs": x.tolist(), "top_k": int(top_k)})
 
 
+def temper(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Logits / T, checked: softmax of the result is the soft target at temperature T."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return logits if temperature == 1.0 else (logits / np.float32(temperature)).astype(np.float32)
+
+
 def distill_body(x: np.ndarray, temperature: float | None) -> bytes:
     body: dict[str, Any] = {"inputs": x.tolist()}
     if temperature is not None:

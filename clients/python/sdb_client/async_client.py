@@ -133,8 +133,9 @@ class AsyncClient(b.BaseClient):
                                       for xb in b.split_batches(x, batch_size or self.batch_size)])
         return b.merge_distilled(parts)
 
-    async def distill_logits(self, name: str, inputs: Inputs, *, batch_size: int | None = None) -> np.ndarray:
-        return (await self.distill(name, inputs, batch_size=batch_size)).logits
+    async def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
+                             batch_size: int | None = None) -> np.ndarray:
+        return b.temper((await self.distill(name, inputs, batch_size=batch_size)).logits, temperature)
 
 
 class AsyncKeys:

@@ -123,9 +123,11 @@ class Client(b.BaseClient):
                  for xb in b.split_batches(x, batch_size or self.batch_size)]
         return b.merge_distilled(parts)
 
-    def distill_logits(self, name: str, inputs: Inputs, *, batch_size: int | None = None) -> np.ndarray:
-        """The keyed path's logits, (N, C) float32, in input order."""
-        return self.distill(name, inputs, batch_size=batch_size).logits
+    def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
+                       batch_size: int | None = None) -> np.ndarray:
+        """The keyed path's logits divided by ``temperature``, (N, C) float32, in input order:
+        their softmax is the soft target at that temperature (1.0: the raw logits)."""
+        return b.temper(self.distill(name, inputs, batch_size=batch_size).logits, temperature)
 
 
 class Keys:
