@@ -15,8 +15,21 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 
 install: $(STAMP)
 
+DATA_DIR ?= $(or $(SDB_DATA_DIR),.sdb)
+URL      := http://127.0.0.1:8000
+
+# Builds the demo bundle on first run (reused later), then serves it. The master key and
+# pepper are created in $(DATA_DIR) (git-ignored), never in the repo.
 run: $(STAMP)
-	$(BIN)/sdb demo
+	@test -d $(DATA_DIR)/bundles/mnist-demo || SDB_DATA_DIR=$(DATA_DIR) $(BIN)/sdb demo
+	@echo ""
+	@echo "SDB on $(URL) (docs: $(URL)/docs). Predict, anyone:"
+	@echo "  $(BIN)/python -c 'import json; print(json.dumps({\"inputs\": [[0.0]*784], \"top_k\": 3}))' | curl -s -H 'content-type: application/json' -d @- $(URL)/v1/models/mnist-demo/predict"
+	@echo "Distillable logits need a key (printed alone on the last line):"
+	@echo "  KEY=\$$($(BIN)/sdb keys create --data-dir $(DATA_DIR) --scopes distill --models mnist-demo | tail -1)"
+	@echo "  ... | curl -s -H \"Authorization: Bearer \$$KEY\" -H 'content-type: application/json' -d @- $(URL)/v1/models/mnist-demo/distill"
+	@echo ""
+	SDB_DATA_DIR=$(DATA_DIR) $(BIN)/sdb serve --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

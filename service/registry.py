@@ -173,6 +173,10 @@ class Registry:
 
     def add(self, path: str | Path, actor: str) -> HostedModel:
         """Verify a bundle, record it in the store, serve it. 400 when refused, 409 when present."""
+        with self._lock:  # one writer at a time: a sync must not load the row this add is writing
+            return self._add(path, actor)
+
+    def _add(self, path: str | Path, actor: str) -> HostedModel:
         path = str(Path(path).expanduser().resolve())
         try:
             bundle = self.load(path)
@@ -190,6 +194,10 @@ class Registry:
         return model
 
     def remove(self, name: str, version: str | None, actor: str) -> list[tuple[str, str]]:
+        with self._lock:
+            return self._remove(name, version, actor)
+
+    def _remove(self, name: str, version: str | None, actor: str) -> list[tuple[str, str]]:
         rows = self.store.remove_model(name, version)
         for r in rows:
             self._uninstall(r.name, r.version)
@@ -198,6 +206,10 @@ class Registry:
 
     def sync(self) -> None:
         """Make memory match the store; a row whose bundle fails is logged and skipped."""
+        with self._lock:
+            self._sync()
+
+    def _sync(self) -> None:
         rows = {(r.name, r.version): r for r in self.store.list_models()}
         for (name, version), m in [((m.name, m.version), m) for m in self.all()]:
             row = rows.get((name, version))
