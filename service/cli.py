@@ -165,6 +165,68 @@ def cmd_distill(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- audit
+def cmd_audit(args) -> int:
+    """Attack the public outputs of a bundle or a plain model; print the table, write the report."""
+    import torch
+
+    from sdb_core.data import load_dataset
+    from sdb_core.protect.audit import AuditConfig, audit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.data)
+    if args.bundle:
+        from sdb_core.bundle import load_bundle
+
+        target = load_bundle(args.bundle)  # no master key: the public path is all an attacker has
+        if list(target.meta["input"]["shape"]) != list(data.in_shape):
+            raise ValueError(f"bundle input shape {target.meta['input']['shape']} does not match "
+                             f"{args.data}'s {list(data.in_shape)}")
+    else:
+        from sdb_core.models import create_model
+        from sdb_core.weights import load_weights
+
+        if not args.arch:
+            raise ValueError("--teacher needs --arch (the architecture of the weights)")
+        target = load_weights(create_model(args.arch, num_classes=data.num_classes, in_shape=data.in_shape),
+                              args.teacher)
+    base = AuditConfig()
+    cfg = AuditConfig(transfer_n=args.transfer, student=args.student, policy=args.policy, top_k=args.top_k,
+                      keys=args.keys, threshold=args.threshold, seeds=tuple(args.seeds), steps=args.steps,
+                      train=replace(base.train, lr=args.lr))
+    report = audit(target, data, cfg, progress=_progress_bar("audit: student"))
+    print(report.format_table())
+    paths = report.save(args.out)
+    print(f"\nreport {paths['report']}\nchart  {paths['chart']}")
+    return 1 if args.fail_on_leak and report.verdict == "leaks" else 0
+
+
+def _add_audit_command(sub) -> None:
+    from sdb_core.protect.audit import POLICIES, AuditConfig
+
+    base = AuditConfig()
+    a = sub.add_parser("audit", help="measure how much a model's public outputs teach a distiller")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", metavar="PATH", help="a bundle (its public path only; no master key is used)")
+    src.add_argument("--teacher", metavar="WEIGHTS", help="a plain model's weights (with --arch)")
+    a.add_argument("--arch", help="with --teacher: its architecture")
+    a.add_argument("--data", required=True, help="dataset: the transfer images and the test split")
+    a.add_argument("--policy", choices=POLICIES, default=base.policy, help="what the public API returns")
+    a.add_argument("--top-k", type=int, default=base.top_k, help="k of the top_k policy")
+    a.add_argument("--out", default="audit", help="directory for report.json, table.txt, advantages.png")
+    a.add_argument("--transfer", type=int, default=base.transfer_n, help="attacker's transfer-set size N")
+    a.add_argument("--student", default=base.student, help="attacker's student architecture")
+    a.add_argument("--steps", type=int, default=base.steps, help="optimisation steps per student")
+    a.add_argument("--lr", type=float, default=base.train.lr)
+    a.add_argument("--keys", type=int, default=base.keys, help="random keys the attacker blends in (boxes)")
+    a.add_argument("--threshold", type=float, default=base.threshold, help="advantage (points) that is a leak")
+    a.add_argument("--seeds", type=int, nargs="+", default=list(base.seeds))
+    a.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a.add_argument("--fail-on-leak", action="store_true", help="exit 1 when the verdict is `leaks`")
+    a.set_defaults(fn=cmd_audit)
+
+
 # --------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
     """Wrap the demo model on the embedded MNIST digits and print the protection table."""
@@ -326,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data-dir")
     m.set_defaults(fn=cmd_demo)
     _add_service_commands(sub)
+    _add_audit_command(sub)
     return p
 
 

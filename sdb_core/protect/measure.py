@@ -34,6 +34,26 @@ class MeasureConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=0.01, batch_size=64))
 
 
+def student_accuracy(arch: str, data, transfer, teacher, dcfg: DistillConfig, seed: int, *,
+                     evaluate_on=None, should_cancel: Callable[[], bool] | None = None) -> float:
+    """Test accuracy (%) of a fresh ``arch`` student distilled on ``transfer`` from ``teacher``.
+
+    The student's initialisation depends on ``seed`` only, so students compared at one seed
+    differ by what they were taught and nothing else. ``teacher=None``: labels only.
+    ``evaluate_on`` replaces ``data.test`` (e.g. a held-out split for model selection).
+    """
+    seed_everything(seed)
+    student = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)
+    distill(student, transfer, teacher, replace(dcfg, train=replace(dcfg.train, seed=seed)),
+            should_cancel=should_cancel)
+    return accuracy(student, data.test if evaluate_on is None else evaluate_on)
+
+
+def public_teacher(predict: Callable) -> Callable:
+    """KD from a probability API: log-probabilities are logits up to a per-row constant."""
+    return lambda x: probs_to_logits(predict(x))
+
+
 def measure_students(teacher: nn.Module, box: SafeDistillationBox, data, cfg: MeasureConfig,
                      seed: int, log: Callable[[str], None] = lambda s: None) -> dict[str, float]:
     """Test accuracy (%) of a student trained each of the five ways, same seed for all."""
@@ -42,16 +62,13 @@ def measure_students(teacher: nn.Module, box: SafeDistillationBox, data, cfg: Me
                          train=replace(cfg.train, seed=seed))
 
     def student_from(teacher_fn) -> float:
-        seed_everything(seed)
-        student = create_model(cfg.student, num_classes=data.num_classes, in_shape=data.in_shape)
-        distill(student, transfer, teacher_fn, dcfg)
-        return accuracy(student, data.test)
+        return student_accuracy(cfg.student, data, transfer, teacher_fn, dcfg, seed)
 
     out = {
         "labels_only": student_from(None),
         "kd_teacher": student_from(teacher),
         # What anyone can do: distill the public probabilities (log-probs are logits).
-        "kd_public": student_from(lambda x: probs_to_logits(box.predict(x))),
+        "kd_public": student_from(public_teacher(box.predict)),
         "kd_keyed": student_from(box.distill_logits),
     }
     # A guessed key: noise from the key's own distribution, blended in by the attacker.
@@ -61,14 +78,13 @@ def measure_students(teacher: nn.Module, box: SafeDistillationBox, data, cfg: Me
     return out
 
 
-def run_protection(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
-                   sdb_cfg: SDBConfig | None = None, measure_cfg: MeasureConfig | None = None,
-                   log: Callable[[str], None] = lambda s: None, progress=None) -> dict:
+def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
+                   sdb_cfg: SDBConfig | None = None, log: Callable[[str], None] = lambda s: None,
+                   progress=None):
+    """Train the owner's teacher at ``seed`` and wrap it: ``(teacher, teacher history, WrapResult)``."""
     teacher_cfg = replace(teacher_cfg or TrainConfig(epochs=8), seed=seed)
     sdb_cfg = sdb_cfg or SDBConfig()
     sdb_cfg = replace(sdb_cfg, train=replace(sdb_cfg.train, seed=seed))
-    measure_cfg = measure_cfg or MeasureConfig()
-
     seed_everything(seed)
     teacher = create_model(teacher_arch, num_classes=data.num_classes, in_shape=data.in_shape)
     t0 = time.perf_counter()
@@ -78,6 +94,17 @@ def run_protection(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: T
     r = result.report
     log(f"seed {seed}: box public {r['public_acc']:.1f}% keyed {r['keyed_acc']:.1f}% "
         f"in {r['seconds']:.0f}s")
+    return teacher, th, result
+
+
+def run_protection(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
+                   sdb_cfg: SDBConfig | None = None, measure_cfg: MeasureConfig | None = None,
+                   log: Callable[[str], None] = lambda s: None, progress=None) -> dict:
+    measure_cfg = measure_cfg or MeasureConfig()
+
+    teacher, th, result = train_and_wrap(data, seed, teacher_arch=teacher_arch, teacher_cfg=teacher_cfg,
+                                         sdb_cfg=sdb_cfg, log=log, progress=progress)
+    r = result.report
     students = measure_students(teacher, result.box, data, measure_cfg, seed, log)
     return {"seed": seed, "teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"],
             "keyed_acc": r["keyed_acc"], "agreement": r["agreement"], "students": students,
