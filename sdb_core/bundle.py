@@ -24,14 +24,16 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
-from .protect.box import SafeDistillationBox
-from .protect.key import seal, unseal
+from .protect.seal import seal, unseal
+
+if TYPE_CHECKING:  # torch only where a bundle is made: loading one must stay light
+    from torch import nn
+
+    from .protect.box import SafeDistillationBox
 
 FORMAT = "sdb-bundle/1"
 MODEL_FILE, META_FILE, KEY_FILE = "model.onnx", "meta.json", "key.sealed"
@@ -52,8 +54,10 @@ def _meta_digest(meta: dict) -> bytes:
     return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
-def export_onnx(model: nn.Module, in_shape: Sequence[int]) -> bytes:
+def export_onnx(model: "nn.Module", in_shape: Sequence[int]) -> bytes:
     """The network as ONNX bytes, batch axis dynamic, input ``input``, output ``logits``."""
+    import torch
+
     model = model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
     buf = io.BytesIO()
@@ -68,7 +72,7 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int]) -> bytes:
 
 
 def export_bundle(
-    box: SafeDistillationBox,
+    box: "SafeDistillationBox",
     out: str | os.PathLike,
     *,
     name: str,
@@ -220,7 +224,7 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
     meta = verify(files, str(path))
     key = None
     if master_key is not None and KEY_FILE in files:
-        k = unseal(files[KEY_FILE], master_key, aad=_meta_digest(meta)).numpy()
+        k = unseal(files[KEY_FILE], master_key, aad=_meta_digest(meta))
         if list(k.shape) != list(meta["input"]["shape"]):
             raise BundleError(f"{path}: key shape {list(k.shape)} does not match the input shape")
         key = k.astype(np.float32)

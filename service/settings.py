@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sdb_core.protect.key import load_or_create_master_key
+from sdb_core.protect.seal import load_or_create_master_key
 
 
 class Settings(BaseSettings):

@@ -1,9 +1,21 @@
-"""Protection: the box, its key, the SDB and Nasty Teacher recipes."""
-from .box import NoKeyError, SafeDistillationBox
-from .key import SealError, blend, generate_key, load_or_create_master_key, random_keys, seal, unseal
-from .nasty import NastyConfig, wrap_nasty
-from .sdb import SDBConfig, WrapResult, confusion_targets, wrap
+"""Protection: the box, its key, the SDB and Nasty Teacher recipes.
 
-__all__ = ["NoKeyError", "SafeDistillationBox", "SealError", "blend", "generate_key",
-           "load_or_create_master_key", "random_keys", "seal", "unseal", "NastyConfig", "wrap_nasty",
-           "SDBConfig", "WrapResult", "confusion_targets", "wrap"]
+Names resolve lazily (PEP 562): ``sdb_core.protect.seal`` and the bundle loader must not
+pull in torch through this package, or the service's cold start pays seconds for it.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "NoKeyError": "box", "SafeDistillationBox": "box",
+    "SealError": "seal", "seal": "seal", "unseal": "seal", "load_or_create_master_key": "seal",
+    "blend": "key", "generate_key": "key", "random_keys": "key",
+    "NastyConfig": "nasty", "wrap_nasty": "nasty",
+    "SDBConfig": "sdb", "WrapResult": "sdb", "confusion_targets": "sdb", "wrap": "sdb",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
