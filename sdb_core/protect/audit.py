@@ -15,6 +15,9 @@ Attacks (every one sees the public outputs only, through :class:`PublicAPI`):
 - ``topk{k}`` KD from the top-k probabilities renormalised (the stingy view);
 - ``smooth`` KD from the outputs after temperature scaling and label smoothing, (τ, ε)
   chosen by a student's agreement with the public labels on a held-out part of the transfer set;
+- ``skeptical`` a skeptical student (after Kundu et al., NeurIPS 2021, simplified): an auxiliary
+  head on the student's first hidden stage takes the soft labels, only after a delay; the final
+  head learns from the labels and by self-distillation from that auxiliary head;
 - ``key_mean`` / ``key_ensemble`` for a box with a keyed path: the attacker blends random
   keys of the key's distribution into its images (λ is public in a bundle's meta) and
   distils the public outputs on them, one student per key (mean) or their average (ensemble).
@@ -41,14 +44,15 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ..data import transfer_split
-from ..distill import DistillConfig
-from ..train import Progress, TrainConfig
+from ..distill import DistillConfig, soft_kl
+from ..models import create_model
+from ..train import Progress, TrainConfig, accuracy, fit, predict_logits, seed_everything
 from .box import SafeDistillationBox
 from .key import blend, random_keys
 from .measure import public_teacher, student_accuracy
 
 POLICIES = ("probs", "top_k", "label")
-FAMILIES = ("labels", "kd", "topk", "smooth", "keys")
+FAMILIES = ("labels", "kd", "topk", "smooth", "skeptical", "keys")
 
 
 @dataclass
@@ -63,6 +67,8 @@ class AuditConfig:
     smooth_taus: tuple[float, ...] = (0.5, 2.0, 4.0)  # temperature scaling of the public outputs
     smooth_eps: tuple[float, ...] = (0.0, 0.1)  # label smoothing mixed into them
     holdout: float = 0.2  # share of the transfer set held out to choose (τ, ε)
+    skeptical_temperature: float = 4.0
+    skeptical_delay: float = 0.25  # share of training before the teacher's soft labels are used
     keys: int = 10  # random keys blended in by the attacker (boxes with a keyed path only)
     key_temperature: float = 4.0
     policy: str = "probs"  # what the public API returns: probs | top_k | label
@@ -260,6 +266,50 @@ def _keyed_teacher(api: PublicAPI, keys: Tensor) -> Callable[[Tensor], Tensor]:
     return public_teacher(lambda x: torch.stack([api(blend(x, k, lam)) for k in keys]).mean(0))
 
 
+class _Skeptic(nn.Module):
+    """A student plus an auxiliary head on its first activation (its shallowest hidden stage)."""
+
+    def __init__(self, student: nn.Module, num_classes: int, in_shape) -> None:
+        super().__init__()
+        self.student = student
+        act = next((m for m in student.modules() if isinstance(m, (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh))), None)
+        if act is None:
+            raise ValueError(f"the skeptical student needs an activation layer in {type(student).__name__}")
+        self._feat: Tensor | None = None
+        act.register_forward_hook(lambda m, i, o: setattr(self, "_feat", o))
+        with torch.no_grad():
+            student(torch.zeros(2, *in_shape))
+        self.aux = nn.Sequential(nn.Flatten(), nn.Linear(self._feat[0].numel(), num_classes))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.student(x)
+        return out, self.aux(self._feat)
+
+
+def _skeptical_accuracy(cfg: AuditConfig, data, transfer: TensorDataset, teacher, train: TrainConfig,
+                        seed: int, should_cancel) -> float:
+    seed_everything(seed)
+    student = create_model(cfg.student, num_classes=data.num_classes, in_shape=data.in_shape)
+    net = _Skeptic(student, data.num_classes, data.in_shape)
+    x, y = transfer.tensors
+    t_logits = predict_logits(teacher, x)
+    total = math.ceil(len(x) / train.batch_size) * train.epochs
+    delay, t, step_no = int(cfg.skeptical_delay * total), cfg.skeptical_temperature, [0]
+
+    def step(batch):
+        xb, yb, tb = batch
+        out, aux = net(xb)
+        use_teacher = float(step_no[0] >= delay)
+        step_no[0] += 1
+        loss = (F.cross_entropy(out, yb) + F.cross_entropy(aux, yb)
+                + use_teacher * soft_kl(aux, tb, t)  # the teacher reaches the shallow head only
+                + soft_kl(out, aux.detach(), t))  # the final head self-distils from it
+        return loss
+
+    fit(net, TensorDataset(x, y, t_logits), step, replace(train, seed=seed), should_cancel=should_cancel)
+    return accuracy(student, data.test)
+
+
 def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed + 7919).permutation(n)
     h = max(1, round(n * holdout))
@@ -274,6 +324,8 @@ def _attack_plan(cfg: AuditConfig, api: PublicAPI) -> list[tuple[str, str]]:
         plan += [(f"topk{k}", "topk") for k in cfg.sparse_k]
     if "smooth" in cfg.families:
         plan.append(("smooth", "smooth"))
+    if "skeptical" in cfg.families:
+        plan.append(("skeptical", "skeptical"))
     if "keys" in cfg.families and api.lam is not None and cfg.keys > 0:
         plan += [("key_mean", "keys"), ("key_ensemble", "keys")]
     return plan
@@ -299,13 +351,17 @@ def audit(
     accs: dict[str, list[float]] = {n: [] for n, _ in plan}
     detail: dict[str, list] = {n: [] for n, _ in plan}
 
-    def student(transfer: TensorDataset, teacher, dcfg: DistillConfig, seed: int, evaluate_on=None) -> float:
+    def student(transfer: TensorDataset, teacher, dcfg: DistillConfig, seed: int, evaluate_on=None,
+                skeptical: bool = False) -> float:
         nonlocal done
         if cfg.steps is not None:
             per_epoch = math.ceil(len(transfer) / cfg.train.batch_size)
             dcfg = replace(dcfg, train=replace(dcfg.train, epochs=math.ceil(cfg.steps / per_epoch)))
-        acc = student_accuracy(cfg.student, data, transfer, teacher, dcfg, seed, evaluate_on=evaluate_on,
-                               should_cancel=should_cancel)
+        if skeptical:
+            acc = _skeptical_accuracy(cfg, data, transfer, teacher, dcfg.train, seed, should_cancel)
+        else:
+            acc = student_accuracy(cfg.student, data, transfer, teacher, dcfg, seed, evaluate_on=evaluate_on,
+                                   should_cancel=should_cancel)
         if not math.isfinite(acc):
             raise FloatingPointError(f"a student's accuracy is {acc}")
         done += 1
@@ -327,6 +383,9 @@ def audit(
                 acc = student(transfer, public_teacher(api), kd(t, a), seed)
             elif fam == "topk":
                 acc = student(transfer, _topk_teacher(api, int(name[4:])), kd(cfg.sparse_temperature, 0.9), seed)
+            elif fam == "skeptical":
+                acc = student(transfer, public_teacher(api), kd(cfg.skeptical_temperature, 0.9), seed,
+                              skeptical=True)
             elif fam == "smooth":
                 fit_idx, held_idx = _split(len(x), cfg.holdout, seed)
                 fit = TensorDataset(x[fit_idx], y_pub[fit_idx])

@@ -59,7 +59,7 @@ def test_every_attack_runs_on_a_box(digits, box):
     report = audit(box, digits, AuditConfig(**TINY), progress=lambda p: seen.append(p.fraction))
     names = set(report.attacks)
     assert {"labels_ls0", "labels_ls0.1", "labels_ls0.2", "kd_T0.25_a0.9", "kd_T20_a0.5", "topk1", "topk3",
-            "smooth", "key_mean", "key_ensemble"} <= names
+            "smooth", "skeptical", "key_mean", "key_ensemble"} <= names
     assert len([n for n in names if n.startswith("kd_")]) == 12
     assert all(math.isfinite(a["acc"]) and 0 <= a["acc"] <= 100 for a in report.attacks.values())
     assert report.verdict in ("protected", "leaks")
