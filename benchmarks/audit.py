@@ -1,0 +1,122 @@
+"""Leak audit of the unprotected teacher and of the protected box; table + JSON.
+
+    python benchmarks/audit.py --json benchmarks/results/audit.json [--seeds 0 1 2] [--policy probs]
+
+Per seed: train the small-CNN teacher and wrap it with the default SDB recipe (the same
+``train_and_wrap`` as ``benchmarks/protection.py``), audit the teacher's plain probabilities
+and the box's public outputs under ``--policy`` with the default ``AuditConfig``, and
+train the authorized students at the audit's transfer-set size: KD from the keyed path
+and KD from the plain teacher (true labels, T = 4, α = 0.9, same steps as the audit).
+Advantages are means over seeds; a verdict is taken on those means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdb_core.bundle import export_bundle  # noqa: E402
+from sdb_core.data import load_dataset, transfer_split  # noqa: E402
+from sdb_core.distill import DistillConfig  # noqa: E402
+from sdb_core.protect.audit import POLICIES, AuditConfig, audit  # noqa: E402
+from sdb_core.protect.key import new_master_key  # noqa: E402
+from sdb_core.protect.measure import student_accuracy, train_and_wrap  # noqa: E402
+
+
+def authorized(teacher, box, data, cfg: AuditConfig, seed: int) -> dict[str, float]:
+    """The key holder's view at the audit's N: KD from the keyed path vs from the plain teacher."""
+    transfer = transfer_split(data, cfg.transfer_n, seed)
+    epochs = math.ceil(cfg.steps / math.ceil(len(transfer) / cfg.train.batch_size)) if cfg.steps else cfg.train.epochs
+    dcfg = DistillConfig(temperature=4.0, alpha=0.9, train=replace(cfg.train, epochs=epochs))
+    return {"kd_keyed": student_accuracy(cfg.student, data, transfer, box.distill_logits, dcfg, seed),
+            "kd_teacher": student_accuracy(cfg.student, data, transfer, teacher, dcfg, seed)}
+
+
+def combine(reports: list[dict], threshold: float) -> dict:
+    """Mean advantage per attack over seeds, and the verdict on those means."""
+    names = [n for n, a in reports[0]["attacks"].items() if a["family"] != "labels"]
+    adv = {n: statistics.fmean(r["attacks"][n]["advantage"] for r in reports) for n in names}
+    acc = {n: statistics.fmean(r["attacks"][n]["acc"] for r in reports) for n in reports[0]["attacks"]}
+    worst = max(adv, key=adv.get)
+    return {"verdict": "protected" if adv[worst] <= threshold else "leaks", "worst_attack": worst,
+            "max_advantage": adv[worst], "advantages": adv, "accuracies": acc,
+            "public_acc": statistics.fmean(r["public_acc"] for r in reports)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="mnist-5k")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--policy", choices=POLICIES, default="probs", help="output policy of the protected box")
+    p.add_argument("--json", help="write the summary here")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-bundles", metavar="DIR",
+                   help="also export each seed's box as DIR/seedN (public path only: its key is sealed under "
+                        "a throwaway master key), e.g. to audit it again with `sdb audit --bundle --policy`")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+
+    data = load_dataset(args.data)
+    base = AuditConfig()
+    t0 = time.perf_counter()
+    runs = []
+    for seed in args.seeds:
+        teacher, _, result = train_and_wrap(data, seed, log=log)
+        if args.save_bundles:
+            export_bundle(result.box, Path(args.save_bundles) / f"seed{seed}", name=f"{args.data}-seed{seed}",
+                          in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels,
+                          master_key=new_master_key(), extra={"arch": "cnn", "data": args.data})
+        cfg = replace(base, seeds=(seed,))
+        rt = audit(teacher, data, cfg, log=log)
+        log(rt.format_table())
+        rp = audit(result.box, data, replace(cfg, policy=args.policy), log=log)
+        log(rp.format_table())
+        auth = authorized(teacher, result.box, data, cfg, seed)
+        log(f"seed {seed}: authorized KD at N={cfg.transfer_n}: keyed {auth['kd_keyed']:.1f} "
+            f"teacher {auth['kd_teacher']:.1f}")
+        runs.append({"seed": seed, "teacher": rt.to_dict(), "protected": rp.to_dict(), "authorized": auth,
+                     "wrap": {k: result.report[k] for k in ("teacher_acc", "public_acc", "keyed_acc")}})
+
+    summary = {
+        "dataset": args.data, "seeds": args.seeds,
+        "teacher": combine([r["teacher"] for r in runs], base.threshold),
+        "protected": {**combine([r["protected"] for r in runs], base.threshold), "policy": args.policy},
+        "authorized": {"n": base.transfer_n,
+                       "kd_keyed": statistics.fmean(r["authorized"]["kd_keyed"] for r in runs),
+                       "kd_teacher": statistics.fmean(r["authorized"]["kd_teacher"] for r in runs)},
+        "settings": {k: v for k, v in runs[0]["teacher"]["config"].items() if k != "seeds"},
+        "runs": runs, "seconds": time.perf_counter() - t0,
+    }
+    print()
+    width = max(len(n) for n in summary["teacher"]["advantages"])
+    print(f"{'attack':{width}}  {'teacher':>8}  {'protected':>9}   (mean advantage, points, seeds {args.seeds})")
+    for n, v in summary["teacher"]["advantages"].items():
+        pv = summary["protected"]["advantages"].get(n)
+        print(f"{n:{width}}  {v:+8.2f}  {'' if pv is None else f'{pv:+9.2f}'}")
+    for n in summary["protected"]["advantages"]:
+        if n not in summary["teacher"]["advantages"]:
+            print(f"{n:{width}}  {'':8}  {summary['protected']['advantages'][n]:+9.2f}")
+    for who in ("teacher", "protected"):
+        s = summary[who]
+        print(f"{who}: {s['verdict']} (worst {s['worst_attack']} {s['max_advantage']:+.2f}; public top-1 "
+              f"{s['public_acc']:.1f}%)")
+    a = summary["authorized"]
+    print(f"authorized KD at N={a['n']}: keyed {a['kd_keyed']:.2f} vs plain teacher {a['kd_teacher']:.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
