@@ -19,10 +19,11 @@ from starlette.concurrency import run_in_threadpool
 
 from . import errors
 from .auth import Keyring
+from .jobs.queue import JobQueue
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .registry import Registry
-from .routes import health, keys, models, v2
+from .routes import health, jobs, keys, models, v2
 from .settings import Settings
 from .store import Store
 
@@ -70,9 +71,19 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
         store, keyring, registry = await run_in_threadpool(start)
         app.state.store, app.state.keyring, app.state.registry = store, keyring, registry
+        app.state.jobs = queue = JobQueue(store)
         metrics.models.set_function(lambda: len(registry.all()))
         loops = [asyncio.create_task(_every(settings.usage_flush_s, keyring.flush, "usage flush")),
-                 asyncio.create_task(_every(settings.models_sync_s, registry.sync, "model sync"))]
+                 asyncio.create_task(_every(settings.models_sync_s, registry.sync, "model sync")),
+                 asyncio.create_task(_every(settings.job_reap_s, lambda: queue.reap(settings.job_stale_s),
+                                            "job reaper"))]
+        dispatcher = None
+        if settings.jobs_backend == "ray":
+            from .jobs.ray_backend import RayDispatcher, start_ray
+
+            start_ray(settings)  # blocking (a local instance takes seconds), before ready
+            dispatcher = RayDispatcher(settings, queue)
+            dispatcher.start()
         # torch and ORT leave ~10⁶ long-lived objects; a full collection walking them stalled
         # requests for 100+ ms (the p99 at concurrency 32). Frozen, the collector skips them.
         gc.collect()
@@ -83,6 +94,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.ready = False
+            if dispatcher is not None:
+                await run_in_threadpool(dispatcher.stop)
             for t in loops:
                 t.cancel()
             for t in loops:
@@ -99,7 +112,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.state.registry = None
     errors.install(app)
-    for r in (health.router, models.router, keys.router, v2.router):
+    for r in (health.router, models.router, keys.router, v2.router, jobs.router):
         app.include_router(r)
     app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
                        registry_of=lambda: app.state.registry)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,66 +40,20 @@ def _settings(args) -> Settings:
 
 # --------------------------------------------------------------------------- wrap
 def cmd_wrap(args) -> int:
-    from sdb_core.bundle import export_bundle
-    from sdb_core.data import load_dataset
-    from sdb_core.models import create_model
-    from sdb_core.protect import NastyConfig, SDBConfig, wrap, wrap_nasty
-    from sdb_core.train import TrainConfig, accuracy, seed_everything, train_classifier
-    from sdb_core.weights import load_weights, save_weights
+    from .pipelines import WrapSpec, wrap_to_bundle
 
-    data = load_dataset(args.data)
-    seed_everything(args.seed)
-    teacher = create_model(args.arch, num_classes=data.num_classes, in_shape=data.in_shape)
-    if args.teacher:
-        load_weights(teacher, args.teacher)
-    else:
-        train_classifier(teacher, data.train,
-                         TrainConfig(epochs=args.teacher_epochs, lr=args.lr, batch_size=args.batch_size,
-                                     seed=args.seed), progress=_progress_bar("teacher"))
-        if args.save_teacher:
-            save_weights(teacher, args.save_teacher)
-    print(f"teacher {args.arch} on {args.data}: test accuracy {accuracy(teacher, data.test):.2f}%", file=sys.stderr)
-
-    # Start from each recipe's own training defaults (e.g. its gradient clip), then apply the flags.
-    flags = dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    if args.mode == "nasty":
-        result = wrap_nasty(teacher, data, NastyConfig(train=replace(NastyConfig().train, **flags)),
-                            progress=_progress_bar("wrap"))
-    else:
-        result = wrap(teacher, data, SDBConfig(lam=args.lam, train=replace(SDBConfig().train, **flags)),
-                      progress=_progress_bar("wrap"))
-    r = result.report
-    metrics = {k: r[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement") if k in r}
-    settings = _settings(args)
-    out = export_bundle(result.box, args.out, name=args.name or f"{args.data.split(':')[0]}-{args.arch}",
-                        in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels,
-                        master_key=settings.master_key if result.box.has_key else None,
-                        metrics=metrics, extra={"arch": args.arch, "data": args.data})
-    for k, v in metrics.items():
+    spec = WrapSpec(data=args.data, arch=args.arch, out=args.out, name=args.name, teacher=args.teacher,
+                    teacher_epochs=args.teacher_epochs, save_teacher=args.save_teacher, mode=args.mode,
+                    lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    outcome = wrap_to_bundle(spec, _settings(args).master_key, phase=_progress_bar,
+                             log=lambda s: print(s, file=sys.stderr))
+    for k, v in outcome.metrics.items():
         print(f"{k:12s} {v:6.2f}%")
-    print(f"wrapped in {r['seconds']:.1f}s; bundle written to {out}")
+    print(f"wrapped in {outcome.report['seconds']:.1f}s; bundle written to {outcome.bundle}")
     return 0
 
 
 # --------------------------------------------------------------------------- distill
-def _bundle_teacher(path: str, authorized: bool, settings: Settings) -> Callable:
-    import torch
-
-    from sdb_core.bundle import load_bundle
-
-    bundle = load_bundle(path, settings.master_key if authorized else None)
-    if authorized and not bundle.has_key:
-        raise ValueError(f"bundle {path} has no key (Nasty mode): it cannot be distilled with authorization")
-
-    def teacher(x: torch.Tensor) -> torch.Tensor:
-        xs = x.detach().cpu().numpy()
-        if authorized:
-            return torch.from_numpy(bundle.distill_logits(xs))
-        return torch.log(torch.from_numpy(bundle.predict(xs)).clamp_min(1e-8))
-
-    return teacher
-
-
 def _remote_teacher(args):
     """The keyed path of a model on a remote SDB server, through the SDK's RemoteTeacher."""
     from sdb_client import Client, RemoteTeacher
@@ -116,11 +70,10 @@ def _remote_teacher(args):
 
 
 def cmd_distill(args) -> int:
-    from sdb_core.data import load_dataset, transfer_split
-    from sdb_core.distill import DistillConfig, distill
-    from sdb_core.models import create_model
-    from sdb_core.train import TrainConfig, accuracy, seed_everything
-    from sdb_core.weights import load_weights, save_weights
+    from sdb_core.data import load_dataset
+    from sdb_core.weights import save_weights
+
+    from .pipelines import DistillSpec, bundle_teacher, distill_student, weights_teacher
 
     data = load_dataset(args.data)
     if args.remote:
@@ -133,22 +86,19 @@ def cmd_distill(args) -> int:
             return 2
         source = f"remote model {args.model} at {teacher.client.base_url} (keyed path)"
     elif args.bundle:
-        teacher = _bundle_teacher(args.bundle, args.authorized, _settings(args))
+        teacher = bundle_teacher(args.bundle, _settings(args).master_key if args.authorized else None,
+                                 args.authorized)
         source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"
     elif args.teacher:
-        teacher = create_model(args.teacher_arch, num_classes=data.num_classes, in_shape=data.in_shape)
-        load_weights(teacher, args.teacher)
+        teacher = weights_teacher(args.teacher, args.teacher_arch, data)
         source = f"teacher {args.teacher}"
     else:
         teacher, source = None, "labels only"
-    transfer = transfer_split(data, args.transfer, args.seed) if args.transfer else data.train
-    seed_everything(args.seed)
-    student = create_model(args.student, num_classes=data.num_classes, in_shape=data.in_shape)
-    cfg = DistillConfig(temperature=args.temperature, alpha=args.alpha,
-                        train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                          seed=args.seed))
+    spec = DistillSpec(student=args.student, data=args.data, transfer=args.transfer,
+                       temperature=args.temperature, alpha=args.alpha, epochs=args.epochs, lr=args.lr,
+                       batch_size=args.batch_size, seed=args.seed)
     try:
-        distill(student, transfer, teacher, cfg, progress=_progress_bar("distill"))
+        outcome = distill_student(spec, teacher, data=data, phase=_progress_bar)
     except Exception as e:
         if not args.remote or not type(e).__module__.startswith("sdb_client"):
             raise
@@ -158,9 +108,9 @@ def cmd_distill(args) -> int:
         if args.remote:
             teacher.close()
             teacher.client.close()
-    acc = accuracy(student, data.test)
-    save_weights(student, args.out)
-    print(f"student {args.student} from {source} on {len(transfer)} images: test accuracy {acc:.2f}%")
+    save_weights(outcome.student, args.out)
+    print(f"student {args.student} from {source} on {outcome.transfer_size} images: "
+          f"test accuracy {outcome.accuracy:.2f}%")
     print(f"saved to {args.out}")
     return 0
 
@@ -272,6 +222,18 @@ def cmd_serve(args) -> int:
     return commands.serve(_service_settings(args), access_log=args.access_log)
 
 
+def cmd_worker(args) -> int:
+    from . import commands
+
+    return commands.worker(_service_settings(args))
+
+
+def cmd_jobs(args) -> int:
+    from .jobs import cli
+
+    return cli.run(args)
+
+
 def cmd_keys(args) -> int:
     from . import commands
 
@@ -303,6 +265,32 @@ def _add_service_commands(sub) -> None:
     sv.add_argument("--workers", type=int, help="job workers for the jobs queue (env SDB_WORKERS, default 1)")
     sv.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
     sv.set_defaults(fn=cmd_serve)
+
+    wk = sub.add_parser("worker", help="run one more job worker on the data dir (beside `sdb serve`)")
+    wk.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    wk.set_defaults(fn=cmd_worker)
+
+    j = sub.add_parser("jobs", help="submit and follow offline jobs on a running server (over HTTP)")
+    js = j.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    jsub = js.add_parser("submit", help="queue a job; prints its id")
+    jsub.add_argument("kind", help="wrap, distill, ...")
+    jsub.add_argument("--params", default="{}", help="the params: a JSON object, or a JSON file")
+    jsub.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
+    jsub.add_argument("--wait", action="store_true", help="follow the log until the job ends")
+    jst = js.add_parser("status", help="a job's status, progress and metrics (JSON)")
+    jst.add_argument("job_id")
+    jl = js.add_parser("logs", help="print a job's log")
+    jl.add_argument("job_id")
+    jl.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    jc = js.add_parser("cancel", help="cancel a queued or running job")
+    jc.add_argument("job_id")
+    jls = js.add_parser("list", help="your jobs (all jobs with an admin key)")
+    jls.add_argument("--status")
+    jls.add_argument("--kind")
+    for sp in js.choices.values():
+        sp.add_argument("--url", help="the server (env SDB_URL, default http://127.0.0.1:8000)")
+        sp.add_argument("--api-key", help="a key with the jobs scope (env SDB_API_KEY)")
+    j.set_defaults(fn=cmd_jobs)
 
     k = sub.add_parser("keys", help="create, list and revoke API keys (on the data dir; no server needed)")
     ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")

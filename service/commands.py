@@ -3,6 +3,7 @@ the data dir's store directly, no running server needed; a running server picks 
 changes within ``models_sync_s`` and key changes within ``auth_cache_s``."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -28,9 +29,37 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
 
     print(f"sdb: serving on http://{settings.host}:{settings.port} (data {settings.data_dir.resolve()}, "
           f"docs at /docs)", file=sys.stderr, flush=True)
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
-                access_log=access_log, server_header=False)
+    pool = None
+    if settings.jobs_backend == "embedded" and settings.workers > 0:
+        from .jobs.ray_backend import portable_settings
+        from .jobs.worker import WorkerPool
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _ = settings.master_key  # created once here, not raced by the workers
+        env = {**os.environ, **{f"SDB_{k.upper()}": str(v) for k, v in portable_settings(settings).items()
+                                if v is not None and k in _WORKER_ENV}}
+        pool = WorkerPool(settings.workers, env).start()
+        print(f"sdb: {settings.workers} job worker(s): pids {pool.pids}", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
+                    access_log=access_log, server_header=False)
+    finally:
+        if pool is not None:
+            pool.stop()
     return 0
+
+
+# What a worker process must share with its server (the rest comes from the same environment).
+_WORKER_ENV = ("data_dir", "database_url", "master_key_file", "pepper_file")
+
+
+def worker(settings: Settings) -> int:
+    from .jobs.worker import main_worker
+
+    if settings.jobs_backend != "embedded":
+        raise ValueError(f"sdb worker runs embedded jobs; this data dir's backend is {settings.jobs_backend!r} "
+                         "(Ray jobs run on the cluster's workers)")
+    return main_worker(settings)
 
 
 def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: int | None,

@@ -11,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from .auth import ApiKey, Keyring, check_scope
+from .jobs.queue import JobQueue
 from .metrics import Metrics
 from .registry import Registry
 from .settings import Settings
@@ -37,11 +38,16 @@ async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def _jobs_queue(request: Request) -> JobQueue:
+    return request.app.state.jobs
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[Store, Depends(_store)]
 RegistryDep = Annotated[Registry, Depends(_registry)]
 KeyringDep = Annotated[Keyring, Depends(_keyring)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
+JobQueueDep = Annotated[JobQueue, Depends(_jobs_queue)]
 
 # Declared for the OpenAPI "Authorize" button; the header itself is checked below, so a
 # wrong scheme and a malformed key get the same precise 401 as a missing one.
@@ -82,5 +88,11 @@ async def _distiller(name: str, key: ApiKeyDep) -> ApiKey:
     return key
 
 
+async def _jobs(key: ApiKeyDep) -> ApiKey:
+    check_scope(key, "jobs")
+    return key
+
+
 AdminKeyDep = Annotated[ApiKey, Depends(_admin)]
+JobsKeyDep = Annotated[ApiKey, Depends(_jobs)]
 DistillKeyDep = Annotated[ApiKey, Depends(_distiller)]  # for the model in the path's {name}

@@ -24,7 +24,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     max_payload_bytes: int = Field(8 << 20, ge=1024)
     jobs_backend: str = Field("embedded", pattern="^(embedded|ray)$")
-    workers: int = Field(1, ge=0)  # job workers (the jobs issue); `serve` stores it, starts none yet
+    workers: int = Field(1, ge=0)  # job worker processes `sdb serve` starts (embedded backend)
+    ray_address: str | None = None  # jobs_backend=ray: a cluster address; unset starts a local Ray
+
+    # Jobs: how often a worker polls the queue and heartbeats, and when a silent one counts as dead.
+    job_poll_s: float = Field(1.0, gt=0.0)
+    job_heartbeat_s: float = Field(2.0, gt=0.0)  # also how fast a cancel is seen (<= this + a batch)
+    job_stale_s: float = Field(15.0, gt=0.0)  # no heartbeat for this long: the worker is dead
+    job_reap_s: float = Field(5.0, gt=0.0)  # how often the server and workers look for dead ones
+    job_torch_threads: int = Field(0, ge=0)  # torch threads per worker; 0 leaves torch's default
 
     # Secrets beside the data: the pepper that keys API-key hashes (created 0600 on first use).
     pepper_file: Path | None = None  # default: <data_dir>/pepper.key
@@ -70,3 +78,7 @@ class Settings(BaseSettings):
     @property
     def bundles_dir(self) -> Path:
         return self.data_dir / "bundles"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"

@@ -1,4 +1,4 @@
-"""The SQL store: API keys, hosted models, usage and the audit log.
+"""The SQL store: API keys, hosted models, usage, the audit log and jobs.
 
 SQLAlchemy 2 with portable SQL only, so the same code runs on SQLite (the default, a file
 in the data dir) and on PostgreSQL (``SDB_DATABASE_URL``). The schema is created and
@@ -11,11 +11,13 @@ from collections.abc import Callable
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Connection,
     Float,
     Integer,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
     select,
@@ -82,13 +84,49 @@ class AuditRow(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+class JobRow(Base):
+    """One offline job: the table is the truth for every backend (embedded workers, Ray)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    params: Mapped[str] = mapped_column(Text)  # JSON, as validated at submission
+    owner: Mapped[str] = mapped_column(String(32), index=True)  # the submitting key's id
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    backend: Mapped[str] = mapped_column(String(16), default="embedded")
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed|cancelled
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    step: Mapped[str] = mapped_column(String(200), default="")
+    message: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[str] = mapped_column(Text, default="{}")  # JSON: the latest metrics
+    result: Mapped[str] = mapped_column(Text, default="{}")  # JSON: what the kind returned
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    training_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # first progress of training
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+JOB_DONE = ("succeeded", "failed", "cancelled")
+
+
 def _v1(conn: Connection) -> None:
-    Base.metadata.create_all(conn, tables=[t for name, t in Base.metadata.tables.items()
-                                           if name != "schema_version"])
+    # The tables of the first release, named: later tables come from their own steps.
+    v1 = ("api_keys", "models", "usage", "audit_log")
+    Base.metadata.create_all(conn, tables=[Base.metadata.tables[n] for n in v1])
+
+
+def _v2(conn: Connection) -> None:
+    JobRow.__table__.create(conn, checkfirst=True)
 
 
 # Append a step to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 
 
 def migrate(engine: Engine) -> int:

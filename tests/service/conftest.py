@@ -123,7 +123,7 @@ def free_port() -> int:
 
 def sdb_env(data_dir: Path, bundles: Bundles, port: int | None = None) -> dict:
     env = {**os.environ, "SDB_DATA_DIR": str(data_dir), "SDB_MASTER_KEY_FILE": str(bundles.master_key_file),
-           "SDB_ORT_INTRA_OP_THREADS": "1", "SDB_ORT_INTER_OP_THREADS": "1"}
+           "SDB_ORT_INTRA_OP_THREADS": "1", "SDB_ORT_INTER_OP_THREADS": "1", "SDB_WORKERS": "0"}
     if port is not None:
         env["SDB_PORT"] = str(port)
     return env

@@ -1,0 +1,84 @@
+"""``sdb jobs submit|status|logs|cancel|list``: a running server's jobs over HTTP, through the SDK."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _params(text: str) -> dict:
+    src = text
+    if not text.lstrip().startswith("{") and Path(text).is_file():
+        src = Path(text).read_text()
+    try:
+        obj = json.loads(src)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--params is neither a JSON object nor a JSON file: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("--params must be a JSON object")  # noqa: TRY004  (the CLI reports ValueErrors)
+    return obj
+
+
+def follow(client, job_id: str, poll_s: float = 1.0, out=sys.stdout) -> dict:
+    """Print the log as it grows until the job ends; returns the job."""
+    offset = 0
+    while True:
+        chunk = client.jobs.logs(job_id, offset=offset)
+        if chunk.text:
+            out.write(chunk.text)
+            out.flush()
+        offset = chunk.offset
+        job = client.jobs.get(job_id)
+        if job["status"] in TERMINAL:
+            rest = client.jobs.logs(job_id, offset=offset)
+            out.write(rest.text)
+            out.flush()
+            return job
+        if not chunk.text:
+            time.sleep(poll_s)
+
+
+def run(args) -> int:
+    from sdb_client import Client, SDBError
+
+    try:
+        client = Client(args.url, args.api_key)
+    except SDBError as e:
+        raise ValueError(str(e)) from None
+    try:
+        with client:
+            return _run(client, args)
+    except SDBError as e:
+        print(f"sdb: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(client, args) -> int:
+    cmd = args.jobs_command
+    if cmd == "submit":
+        job = client.jobs.submit(args.kind, _params(args.params), idempotency_key=args.idempotency_key)
+        print(job["id"])
+        if args.wait:
+            job = follow(client, job["id"], out=sys.stderr)
+            print(json.dumps(job, indent=2))
+            return 0 if job["status"] == "succeeded" else 1
+        return 0
+    if cmd == "status":
+        print(json.dumps(client.jobs.get(args.job_id), indent=2))
+        return 0
+    if cmd == "logs":
+        if args.follow:
+            job = follow(client, args.job_id)
+            return 0 if job["status"] == "succeeded" else 1
+        print(client.jobs.logs(args.job_id).text, end="")
+        return 0
+    if cmd == "cancel":
+        job = client.jobs.cancel(args.job_id)
+        print(f"{job['id']}: {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
+        return 0
+    for j in client.jobs.list(status=args.status, kind=args.kind):
+        print(f"{j['id']}  {j['kind']:10}  {j['status']:10}  {100 * j['progress']:5.1f}%  {j['step']}")
+    return 0

@@ -1,0 +1,85 @@
+"""What a running job sees: its log, its artifacts directory, progress by phase, and cancel.
+
+The training loop calls the phase callbacks and ``should_cancel`` from the job's thread; a
+heartbeat thread (:mod:`.runner`) reads :meth:`JobContext.snapshot` and writes it to the
+store, and sets ``cancel`` when the store says the job was cancelled (or is no longer ours).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sdb_core.train import Progress
+
+from ..settings import Settings
+from ..store import JobRow
+from .queue import JobQueue
+
+
+class JobContext:
+    def __init__(self, settings: Settings, queue: JobQueue, job: JobRow, worker: str, workdir: Path,
+                 stop: threading.Event | None = None):
+        self.settings, self.queue, self.job, self.worker = settings, queue, job, worker
+        self.workdir = workdir
+        self.artifacts = workdir / "artifacts"
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        self.cancel = threading.Event()  # set by the heartbeat: cancel asked, or the job was taken from us
+        self.stop = stop or threading.Event()  # set by the worker: it is shutting down
+        self._log = open(workdir / "log.txt", "a", encoding="utf-8")  # noqa: SIM115  (open for the whole job)
+        self._lock = threading.Lock()
+        self._spans: dict[str, tuple[float, float]] = {}
+        self._state: dict = {"progress": 0.0, "step": "starting", "metrics": {}, "training": False}
+        self.curves: dict[str, list[dict]] = {}  # phase → points of the training curves
+
+    # ------------------------------------------------------------ log
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        with self._lock:
+            for line in str(message).splitlines() or [""]:
+                self._log.write(f"{stamp} {line}\n")
+            self._log.flush()
+
+    def close(self) -> None:
+        self._log.close()
+
+    # ------------------------------------------------------------ progress
+    def plan(self, **weights: float) -> None:
+        """Split the fraction 0..1 over phases in order, e.g. ``plan(teacher=8, wrap=15)`` by epochs."""
+        total = sum(weights.values()) or 1.0
+        start = 0.0
+        for name, w in weights.items():
+            self._spans[name] = (start, start + w / total)
+            start += w / total
+
+    def step(self, step: str, progress: float | None = None) -> None:
+        with self._lock:
+            self._state["step"] = step
+            if progress is not None:
+                self._state["progress"] = progress
+        self.log(step)
+
+    def phase(self, name: str) -> Callable[[Progress], None]:
+        lo, hi = self._spans.get(name, (0.0, 1.0))
+        points = self.curves.setdefault(name, [])
+        self.step(f"{name}: started", lo)
+
+        def report(p: Progress) -> None:
+            point = {"epoch": p.epoch, "step": p.step, "steps": p.steps,
+                     "x": (p.epoch - 1) + p.step / max(p.steps, 1), **p.metrics}
+            points.append(point)
+            with self._lock:
+                self._state.update(progress=lo + (hi - lo) * p.fraction, metrics=dict(p.metrics), training=True,
+                                   step=f"{name} epoch {p.epoch}/{p.epochs} step {p.step}/{p.steps}")
+            shown = " ".join(f"{k}={v:.4f}" for k, v in p.metrics.items())
+            self.log(f"{name} epoch {p.epoch}/{p.epochs} step {p.step}/{p.steps} {shown}")
+
+        return report
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {**self._state, "metrics": dict(self._state["metrics"])}
+
+    def should_cancel(self) -> bool:
+        return self.cancel.is_set() or self.stop.is_set()

@@ -1,0 +1,87 @@
+"""``distill``: a student from a hosted model's keyed path (the submitting key needs ``distill``
+for that model, checked at submission) or from local teacher weights under the data dir.
+Artifacts: ``student.safetensors``, ``report.json``, ``curves.png``.
+"""
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+
+from ...auth import check_scope
+from ...errors import invalid
+from ...pipelines import DistillSpec, bundle_teacher, distill_student, weights_teacher
+from .base import NAME_PATTERN, JobParams, Submission, check_arch, data_name, job_kind, under
+
+
+class DistillParams(JobParams):
+    teacher: str | None = Field(None, pattern=NAME_PATTERN, description="a hosted model (its keyed path)")
+    teacher_version: str | None = Field(None, description="a version of it; default the highest at submission")
+    teacher_weights: str | None = Field(None, description="or local teacher weights under the data dir")
+    teacher_arch: str = "cnn"
+    student: str
+    data: str
+    epochs: int = Field(20, ge=1, le=1000)
+    transfer: int = Field(0, ge=0, description="transfer-set size from the train split; 0: all")
+    temperature: float = Field(4.0, gt=0, le=100)
+    alpha: float = Field(0.9, ge=0, le=1)
+    lr: float = Field(0.01, gt=0, le=10)
+    batch_size: int = Field(64, ge=1, le=4096)
+
+    @field_validator("student", "teacher_arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return check_arch(v)
+
+    @model_validator(mode="after")
+    def _one_teacher(self):
+        if (self.teacher is None) == (self.teacher_weights is None):
+            raise ValueError("give exactly one of teacher (a hosted model) or teacher_weights (a local file)")
+        return self
+
+
+def check(p: DistillParams, sub: Submission) -> DistillParams:
+    try:
+        update = {"data": data_name(p.data, sub.settings)}
+        if p.teacher_weights is not None:
+            path = under(sub.settings.data_dir, p.teacher_weights, "teacher_weights")
+            if not path.is_file():
+                raise ValueError(f"no teacher weights at {p.teacher_weights!r} under the data directory")
+            update["teacher_weights"] = str(path)
+    except ValueError as e:
+        raise invalid(str(e), "invalid_params") from None
+    if p.teacher is not None:
+        check_scope(sub.key, "distill", p.teacher)  # 403 before anything is queued
+        model = sub.models.get(p.teacher, p.teacher_version)  # 404 for an unknown model or version
+        if not model.distillable:
+            raise invalid(f"model {p.teacher!r} has no keyed path (Nasty mode): it cannot be distilled",
+                          "not_distillable")
+        update["teacher_version"] = model.version  # pinned: a later deploy does not change this job
+    return p.model_copy(update=update)
+
+
+@job_kind("distill", DistillParams, check)
+def run(ctx, p: DistillParams) -> dict:
+    from sdb_core.data import load_dataset
+    from sdb_core.weights import save_weights
+
+    data = load_dataset(p.data)
+    if p.teacher is not None:
+        row = next((r for r in ctx.queue.store.list_models()
+                    if r.name == p.teacher and r.version == p.teacher_version), None)
+        if row is None:
+            raise ValueError(f"model {p.teacher!r} version {p.teacher_version!r} is no longer served")
+        teacher = bundle_teacher(row.path, ctx.settings.master_key, authorized=True)
+        source = f"model {p.teacher} version {p.teacher_version} (keyed path)"
+    else:
+        teacher = weights_teacher(p.teacher_weights, p.teacher_arch, data)
+        source = f"teacher weights {p.teacher_weights}"
+    ctx.log(f"distilling a {p.student} from {source} on {p.data}")
+    spec = DistillSpec(student=p.student, data=p.data, transfer=p.transfer, temperature=p.temperature,
+                       alpha=p.alpha, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=p.seed)
+    outcome = distill_student(spec, teacher, data=data, phase=ctx.phase, should_cancel=ctx.should_cancel)
+    save_weights(outcome.student, ctx.artifacts / "student.safetensors")
+    ctx.log(f"student test accuracy {outcome.accuracy:.2f}% on {outcome.transfer_size} transfer images")
+    return {"summary": f"student {p.student}: test accuracy {outcome.accuracy:.2f}%",
+            "metrics": {"student_acc": outcome.accuracy},
+            "result": {"weights": "student.safetensors", "student": p.student, "source": source,
+                       "transfer_size": outcome.transfer_size},
+            "history": outcome.history, "seconds": outcome.seconds}

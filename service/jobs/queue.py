@@ -1,0 +1,188 @@
+"""The job queue on the SQL store: submit, claim, heartbeat, finish, cancel and reap.
+
+Every state change is one conditional UPDATE (``WHERE status = ... AND worker = ...``) whose
+row count tells whether it won, so concurrent workers, the API and the reaper can race freely:
+
+- claim: the oldest queued job is picked with ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL;
+  SQLAlchemy leaves the clause out on SQLite, where writers are serialised anyway) and taken
+  with ``UPDATE ... WHERE id = :id AND status = 'queued'``; a lost race tries the next one.
+- a worker's heartbeat, progress and finish only apply while the job is still its own and
+  ``running``: a job the reaper has failed or requeued cannot be overwritten by a late worker.
+- the reaper fails (or requeues once, if training had not started) a running job whose
+  heartbeat is older than ``stale_s``.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..store import JOB_DONE, JobRow, Store
+
+MAX_ATTEMPTS = 2  # a job that died before training started is requeued once
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a heartbeat learnt: the job is still ours, and whether a cancel was asked."""
+
+    owned: bool
+    cancel: bool
+
+
+class JobQueue:
+    def __init__(self, store: Store):
+        self.store = store
+
+    # ------------------------------------------------------------ API side
+    def submit(self, kind: str, params: dict, owner: str, *, backend: str = "embedded",
+               idempotency_key: str | None = None) -> tuple[JobRow, bool]:
+        """(job, created); with an idempotency key already used by ``owner``, that key's job."""
+        if idempotency_key is not None:
+            existing = self.by_idempotency_key(owner, idempotency_key)
+            if existing is not None:
+                return existing, False
+        row = JobRow(id=uuid.uuid4().hex, kind=kind, params=json.dumps(params, sort_keys=True), owner=owner,
+                     idempotency_key=idempotency_key, backend=backend, status="queued", cancel_requested=False,
+                     progress=0.0, step="queued", message="", metrics="{}", result="{}", attempts=0,
+                     created_at=time.time())
+        try:
+            with self.store.session.begin() as s:
+                s.add(row)
+        except IntegrityError:  # the same key raced us: theirs wins
+            existing = self.by_idempotency_key(owner, idempotency_key or "")
+            if existing is None:
+                raise
+            return existing, False
+        return row, True
+
+    def by_idempotency_key(self, owner: str, key: str) -> JobRow | None:
+        with self.store.session() as s:
+            return s.scalar(select(JobRow).where(JobRow.owner == owner, JobRow.idempotency_key == key))
+
+    def get(self, job_id: str) -> JobRow | None:
+        with self.store.session() as s:
+            return s.get(JobRow, job_id)
+
+    def list(self, *, owner: str | None = None, status: str | None = None, kind: str | None = None,
+             limit: int = 100) -> list[JobRow]:
+        q = select(JobRow)
+        if owner is not None:
+            q = q.where(JobRow.owner == owner)
+        if status is not None:
+            q = q.where(JobRow.status == status)
+        if kind is not None:
+            q = q.where(JobRow.kind == kind)
+        with self.store.session() as s:
+            return list(s.scalars(q.order_by(JobRow.created_at.desc(), JobRow.id).limit(limit)))
+
+    def cancel(self, job_id: str) -> JobRow | None:
+        """A queued job is cancelled at once; a running one is asked to stop (its worker ends it)."""
+        now = time.time()
+        with self.store.session.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
+                      .values(status="cancelled", cancel_requested=True, finished_at=now, step="cancelled",
+                              message="cancelled before it started"))
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
+                      .values(cancel_requested=True, message="cancel requested"))
+        return self.get(job_id)
+
+    # ------------------------------------------------------------ worker side
+    def claim(self, worker: str, *, backend: str = "embedded", job_id: str | None = None) -> JobRow | None:
+        """Take the oldest queued job of ``backend`` (or exactly ``job_id``) for ``worker``; None if none."""
+        for _ in range(5):
+            with self.store.session.begin() as s:
+                q = select(JobRow.id).where(JobRow.status == "queued")
+                q = q.where(JobRow.id == job_id) if job_id is not None else q.where(JobRow.backend == backend)
+                candidate = s.scalar(q.order_by(JobRow.created_at, JobRow.id).limit(1)
+                                     .with_for_update(skip_locked=True))
+                if candidate is None:
+                    return None
+                now = time.time()
+                won = s.execute(update(JobRow).where(JobRow.id == candidate, JobRow.status == "queued")
+                                .values(status="running", worker=worker, heartbeat_at=now, started_at=now,
+                                        training_at=None, attempts=JobRow.attempts + 1, step="starting",
+                                        message=f"claimed by {worker}")).rowcount
+            if won == 1:
+                return self.get(candidate)
+            if job_id is not None:
+                return None
+        return None
+
+    def heartbeat(self, job_id: str, worker: str, *, progress: float | None = None, step: str | None = None,
+                  message: str | None = None, metrics: dict | None = None, training: bool = False) -> Beat:
+        values: dict = {"heartbeat_at": time.time()}
+        if progress is not None:
+            values["progress"] = max(0.0, min(1.0, float(progress)))
+        if step is not None:
+            values["step"] = step[:200]
+        if message is not None:
+            values["message"] = message
+        if metrics is not None:
+            values["metrics"] = json.dumps(metrics)
+        with self.store.session.begin() as s:
+            owned = s.execute(update(JobRow).where(*self._mine(job_id, worker)).values(**values)).rowcount == 1
+            if owned and training:
+                s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.training_at.is_(None))
+                          .values(training_at=values["heartbeat_at"]))
+            cancel = bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+        return Beat(owned, cancel)
+
+    def finish(self, job_id: str, worker: str, status: str, *, error: str | None = None, message: str = "",
+               result: dict | None = None, metrics: dict | None = None) -> bool:
+        assert status in JOB_DONE, status
+        values: dict = {"status": status, "finished_at": time.time(), "error": error, "message": message,
+                        "step": status}
+        if status == "succeeded":
+            values["progress"] = 1.0
+        if result is not None:
+            values["result"] = json.dumps(result)
+        if metrics is not None:
+            values["metrics"] = json.dumps(metrics)
+        with self.store.session.begin() as s:
+            return s.execute(update(JobRow).where(*self._mine(job_id, worker)).values(**values)).rowcount == 1
+
+    def release(self, job_id: str, worker: str, reason: str) -> bool:
+        """Put a running job back in the queue (its worker is shutting down); the attempt is not counted."""
+        with self.store.session.begin() as s:
+            return s.execute(update(JobRow).where(*self._mine(job_id, worker))
+                             .values(status="queued", worker=None, heartbeat_at=None, step="queued",
+                                     progress=0.0, training_at=None, attempts=JobRow.attempts - 1,
+                                     message=reason)).rowcount == 1
+
+    @staticmethod
+    def _mine(job_id: str, worker: str):
+        return JobRow.id == job_id, JobRow.worker == worker, JobRow.status == "running"
+
+    # ------------------------------------------------------------ reaper
+    def reap(self, stale_s: float) -> list[tuple[str, str]]:
+        """End or requeue running jobs whose worker stopped heartbeating; returns (id, new status)."""
+        now = time.time()
+        cutoff = now - stale_s
+        with self.store.session() as s:
+            stale = list(s.scalars(select(JobRow).where(
+                JobRow.status == "running", or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff))))
+        done = []
+        for job in stale:
+            silent = f"worker {job.worker} sent no heartbeat for {now - (job.heartbeat_at or now):.0f} s"
+            if job.cancel_requested:
+                values = {"status": "cancelled", "finished_at": now, "step": "cancelled",
+                          "message": f"cancelled; {silent}"}
+            elif job.training_at is None and job.attempts < MAX_ATTEMPTS:
+                values = {"status": "queued", "worker": None, "heartbeat_at": None, "step": "queued",
+                          "progress": 0.0, "message": f"requeued: {silent} before training started"}
+            else:
+                values = {"status": "failed", "finished_at": now, "step": "failed",
+                          "error": f"worker lost: {silent} (killed or out of memory?)",
+                          "message": "worker lost"}
+            with self.store.session.begin() as s:
+                won = s.execute(update(JobRow).where(
+                    JobRow.id == job.id, JobRow.status == "running", JobRow.worker == job.worker,
+                    or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff)).values(**values)).rowcount
+            if won:
+                done.append((job.id, values["status"]))
+        return done

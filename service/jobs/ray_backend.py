@@ -1,0 +1,102 @@
+"""The Ray backend (``SDB_JOBS_BACKEND=ray``): the same kinds run as Ray tasks.
+
+The store stays the truth. The API server's :class:`RayDispatcher` sends every queued Ray job
+to the cluster as a task asking for the job's ``cpus``/``gpus``; the task claims that job by id
+(so a job sent twice, or cancelled while waiting for resources, runs at most once) and runs it
+with the same runner as an embedded worker: heartbeat, progress, cancel, log and artifacts
+through the same store and data dir. The cluster's workers therefore need the data dir on a
+shared filesystem and the store reachable (PostgreSQL, or SQLite for a one-machine cluster).
+A task whose process dies stops heartbeating, and the reaper ends its job like any other.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from ..settings import Settings
+from ..store import Store
+from .queue import JobQueue
+
+log = logging.getLogger("sdb.jobs")
+
+
+def portable_settings(settings: Settings) -> dict:
+    """Settings a process elsewhere can rebuild: every path absolute, the store URL explicit."""
+    over = {"data_dir": str(settings.data_dir.resolve()), "database_url": settings.db_url,
+            "master_key_file": str(settings.master_key_path.resolve()),
+            "pepper_file": str(settings.pepper_path.resolve())}
+    return {**settings.model_dump(mode="json"), **over}
+
+
+def run_task(settings_dict: dict, job_id: str) -> str:
+    """The Ray task: claim ``job_id`` and run it; ``skipped`` when it is no longer queued."""
+    from .runner import execute
+    from .worker import worker_id
+
+    settings = Settings(**settings_dict)
+    if settings.job_torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.job_torch_threads)
+    store = Store(settings.db_url)
+    try:
+        queue = JobQueue(store)
+        me = worker_id("ray")
+        job = queue.claim(me, job_id=job_id)
+        if job is None:
+            return "skipped"
+        return execute(settings, queue, job, me)
+    finally:
+        store.close()
+
+
+def start_ray(settings: Settings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, log_to_driver=False)
+    else:  # a local instance with one CPU per configured worker
+        ray.init(num_cpus=max(settings.workers, 1), include_dashboard=False, log_to_driver=False)
+    log.info("jobs run on Ray: %s", ray.get_runtime_context().gcs_address)
+
+
+class RayDispatcher(threading.Thread):
+    def __init__(self, settings: Settings, queue: JobQueue):
+        super().__init__(name="sdb-ray-dispatcher", daemon=True)
+        self.settings, self.queue = settings, queue
+        self.stopped = threading.Event()
+        self.inflight: dict[str, object] = {}  # job id → ObjectRef
+
+    def run(self) -> None:
+        import ray
+
+        task = ray.remote(run_task)
+        portable = portable_settings(self.settings)
+        while not self.stopped.wait(self.settings.job_poll_s):
+            try:
+                for job in self.queue.list(status="queued", limit=1000):
+                    if job.backend != "ray" or job.id in self.inflight:
+                        continue
+                    from .kinds import get_kind
+
+                    p = get_kind(job.kind).params.model_validate_json(job.params)
+                    self.inflight[job.id] = task.options(num_cpus=p.cpus, num_gpus=p.gpus,
+                                                         max_retries=0).remote(portable, job.id)
+                    log.info("job %s sent to Ray (cpus %s, gpus %s)", job.id, p.cpus, p.gpus)
+                if self.inflight:
+                    ready, _ = ray.wait(list(self.inflight.values()), num_returns=len(self.inflight), timeout=0)
+                    for job_id, ref in list(self.inflight.items()):
+                        if ref in ready:
+                            del self.inflight[job_id]
+                            try:
+                                log.info("job %s: Ray task ended %s", job_id, ray.get(ref))
+                            except Exception as e:  # noqa: BLE001  (a crashed task: the reaper ends its job)
+                                log.warning("job %s: Ray task failed: %s", job_id, e)
+            except Exception:
+                log.exception("Ray dispatcher; will retry")
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=10)

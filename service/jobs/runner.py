@@ -1,0 +1,97 @@
+"""Run one claimed job to its end, the same way on every backend (an embedded worker process
+or a Ray task): heartbeat and progress to the store, log and artifacts under
+``<data_dir>/jobs/<id>/``, ``report.json`` and the training curves, then the final status.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import traceback
+
+from sdb_core.train import Cancelled
+
+from ..settings import Settings
+from ..store import JobRow
+from .context import JobContext
+from .kinds import get_kind
+from .plots import plot_curves
+from .queue import JobQueue
+
+
+class Heartbeat(threading.Thread):
+    """Writes the job's progress every ``interval`` seconds; sets ``ctx.cancel`` when asked to stop."""
+
+    def __init__(self, ctx: JobContext, interval: float):
+        super().__init__(name=f"heartbeat-{ctx.job.id[:8]}", daemon=True)
+        self.ctx, self.interval = ctx, interval
+        self.done = threading.Event()
+        self.lost = False
+
+    def beat(self) -> None:
+        s = self.ctx.snapshot()
+        b = self.ctx.queue.heartbeat(self.ctx.job.id, self.ctx.worker, progress=s["progress"], step=s["step"],
+                                     metrics=s["metrics"], training=s["training"])
+        if not b.owned:
+            self.lost = True
+        if b.cancel or not b.owned:
+            self.ctx.cancel.set()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            try:
+                self.beat()
+            except Exception as e:  # noqa: BLE001  (the store briefly unreachable must not kill the job)
+                self.ctx.log(f"heartbeat failed: {type(e).__name__}: {e}")
+
+
+def job_dir(settings: Settings, job_id: str):
+    return settings.jobs_dir / job_id
+
+
+def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str,
+            stop: threading.Event | None = None) -> str:
+    """Run a job this worker has claimed; returns the status it ended in (or ``queued`` if released)."""
+    workdir = job_dir(settings, job.id)
+    if (workdir / "artifacts").exists():  # a requeued job starts clean
+        shutil.rmtree(workdir / "artifacts")
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = JobContext(settings, queue, job, worker, workdir, stop)
+    ctx.log(f"job {job.id} ({job.kind}) attempt {job.attempts} on worker {worker}")
+    hb = Heartbeat(ctx, settings.job_heartbeat_s)
+    hb.start()
+    t0 = time.time()
+    try:
+        kind = get_kind(job.kind)
+        params = kind.params.model_validate_json(job.params)
+        report = kind.run(ctx, params)
+        ctx.step("writing report", None)
+        plot_curves(ctx.curves, ctx.artifacts / "curves.png", title=f"{job.kind} {job.id[:8]}")
+        full = {"job": {"id": job.id, "kind": job.kind, "params": json.loads(job.params),
+                        "attempt": job.attempts, "worker": worker, "seconds": time.time() - t0},
+                **report, "curves": ctx.curves}
+        (ctx.artifacts / "report.json").write_text(json.dumps(full, indent=2, default=str))
+        ok = queue.finish(job.id, worker, "succeeded", message=report.get("summary", "done"),
+                          result=report.get("result", {}), metrics=report.get("metrics", {}))
+        ctx.log("succeeded" if ok else "finished, but the job was no longer ours (reaped?)")
+        return "succeeded"
+    except Cancelled as e:
+        if hb.lost:
+            ctx.log(f"stopped: the job was taken from this worker ({e})")
+            return "lost"
+        if ctx.stop.is_set() and not ctx.cancel.is_set():
+            queue.release(job.id, worker, f"requeued: worker {worker} shut down")
+            ctx.log("released: the worker is shutting down; the job goes back to the queue")
+            return "queued"
+        queue.finish(job.id, worker, "cancelled", message=str(e))
+        ctx.log(f"cancelled: {e}")
+        return "cancelled"
+    except Exception as e:  # noqa: BLE001  (any error of a recipe fails the job, with its traceback logged)
+        ctx.log(traceback.format_exc())
+        queue.finish(job.id, worker, "failed", error=f"{type(e).__name__}: {e}"[:2000], message="failed")
+        return "failed"
+    finally:
+        hb.done.set()
+        hb.join(timeout=5)
+        ctx.close()

@@ -1,0 +1,127 @@
+"""Embedded workers: ``sdb worker`` is one process that claims jobs from the store and runs them;
+``sdb serve`` starts ``--workers N`` of them (:class:`WorkerPool`) and restarts one that dies.
+
+A worker also reaps: any running job whose worker stopped heartbeating is failed or requeued
+(:meth:`JobQueue.reap`), so a killed worker's job is cleaned up by its peers or the server.
+SIGTERM/SIGINT stop the worker; a job it was running goes back to the queue.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from ..settings import Settings
+from ..store import Store
+from .queue import JobQueue
+from .runner import execute
+
+log = logging.getLogger("sdb.jobs")
+
+
+def worker_id(prefix: str = "worker") -> str:
+    return f"{prefix}:{socket.gethostname()}:{os.getpid()}"
+
+
+def run_worker(settings: Settings, *, stop: threading.Event | None = None, once: bool = False) -> int:
+    """Claim and run embedded jobs until ``stop`` is set (or, with ``once``, until the queue is empty)."""
+    if settings.job_torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.job_torch_threads)
+    stop = stop or threading.Event()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    _ = settings.master_key  # created on first use, as the server does
+    store = Store(settings.db_url)
+    queue = JobQueue(store)
+    me = worker_id()
+    log.info("worker %s on %s", me, settings.data_dir.resolve())
+    last_reap = 0.0
+    try:
+        while not stop.is_set():
+            if time.monotonic() - last_reap >= settings.job_reap_s:
+                last_reap = time.monotonic()
+                for job_id, status in queue.reap(settings.job_stale_s):
+                    log.warning("job %s: its worker stopped heartbeating; now %s", job_id, status)
+            job = queue.claim(me)
+            if job is None:
+                if once:
+                    break
+                stop.wait(settings.job_poll_s)
+                continue
+            log.info("job %s (%s): started", job.id, job.kind)
+            status = execute(settings, queue, job, me, stop)
+            log.info("job %s: %s", job.id, status)
+    finally:
+        store.close()
+    return 0
+
+
+PARENT_ENV = "SDB_WORKER_PARENT_PID"  # set by WorkerPool: the worker stops when that server is gone
+
+
+def _watch_parent(pid: int, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        if os.getppid() != pid:
+            log.warning("server pid %d is gone; stopping", pid)
+            stop.set()
+
+
+def main_worker(settings: Settings) -> int:
+    """The ``sdb worker`` process: SIGTERM or Ctrl-C stop it after releasing its job."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        threading.Thread(target=_watch_parent, args=(int(parent), stop), daemon=True).start()
+    return run_worker(settings, stop=stop)
+
+
+class WorkerPool:
+    """``n`` ``sdb worker`` processes on the server's settings; one that exits is started again."""
+
+    def __init__(self, n: int, env: dict[str, str] | None = None, restart_delay_s: float = 1.0):
+        self.n, self.env, self.restart_delay_s = n, env, restart_delay_s
+        self.procs: list[subprocess.Popen] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="sdb-worker-pool", daemon=True)
+
+    def _spawn(self) -> subprocess.Popen:
+        env = {**(self.env if self.env is not None else os.environ), PARENT_ENV: str(os.getpid())}
+        return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env)
+
+    def start(self) -> WorkerPool:
+        self.procs = [self._spawn() for _ in range(self.n)]
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.restart_delay_s):
+            for i, p in enumerate(self.procs):
+                if p.poll() is not None and not self._stop.is_set():
+                    log.warning("job worker pid %d exited with %s; starting another", p.pid, p.returncode)
+                    self.procs[i] = self._spawn()
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

@@ -1,0 +1,152 @@
+"""``/v1/jobs``: submit, list, get, cancel, logs and artifacts (scope ``jobs``).
+
+A key sees its own jobs only (another key's job is a 404, so ids are not probed); an admin
+key sees every job. Params are validated by the kind's pydantic model and its submission
+check before anything is queued: a bad job is a 422 (or 403/404) and leaves no row.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+from fastapi import APIRouter, Header, Query
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import FileResponse, Response
+
+from ..auth import ApiKey
+from ..deps import JobQueueDep, JobsKeyDep, RegistryDep, SettingsDep
+from ..errors import ApiError, invalid, not_found
+from ..jobs.kinds import KINDS, Submission, get_kind
+from ..jobs.runner import job_dir
+from ..jobs.schemas import (
+    ArtifactList,
+    JobList,
+    JobLogChunk,
+    JobPublic,
+    JobStatus,
+    JobSubmit,
+    job_public,
+)
+from ..schemas import json_response
+from ..store import JOB_DONE, JobRow
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ARTIFACT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+LOG_CHUNK_MAX = 1 << 20
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"params.{where}: {err['msg']}" if where else f"params: {err['msg']}")
+    return "; ".join(parts)
+
+
+def _own(queue, job_id: str, key: ApiKey) -> JobRow:
+    row = queue.get(job_id)
+    if row is None or (row.owner != key.id and not key.grants("admin")):
+        raise not_found(f"no job with id {job_id!r}", "job_not_found")
+    return row
+
+
+@router.post("", status_code=202, response_model=JobPublic,
+             summary="Queue a job; the same Idempotency-Key returns the same job")
+def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, registry: RegistryDep, settings: SettingsDep,
+           idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200)) -> Response:
+    if body.kind not in KINDS:
+        raise invalid(f"unknown job kind {body.kind!r}; known: {', '.join(KINDS.names())}", "unknown_kind")
+    kind = get_kind(body.kind)
+    try:
+        params = kind.params.model_validate(body.params)
+    except ValidationError as e:
+        raise invalid(_validation_message(e), "invalid_params") from None
+    if kind.check is not None:
+        params = kind.check(params, Submission(key, registry, settings, queue))
+    stored = params.model_dump(mode="json")
+    row, created = queue.submit(body.kind, stored, key.id, backend=settings.jobs_backend,
+                                idempotency_key=idempotency_key)
+    if not created and (row.kind != body.kind or json.loads(row.params) != stored):
+        raise ApiError(409, "idempotency_conflict",
+                       "this Idempotency-Key was used for a different job; use a new key")
+    if created:
+        queue.store.audit(key.id, "job.submit", row.id, body.kind)
+    return json_response(job_public(row), status=202)
+
+
+@router.get("", response_model=JobList, summary="Jobs, newest first: your own, or all with admin")
+def list_jobs(key: JobsKeyDep, queue: JobQueueDep, status: JobStatus | None = None,
+              kind: str | None = Query(None, max_length=64), limit: int = Query(100, ge=1, le=1000)) -> Response:
+    owner = None if key.grants("admin") else key.id
+    rows = queue.list(owner=owner, status=status.value if status else None, kind=kind, limit=limit)
+    return json_response({"jobs": [job_public(r) for r in rows]})
+
+
+@router.get("/{job_id}", response_model=JobPublic, summary="Status, progress, metrics, error")
+def get_job(job_id: str, key: JobsKeyDep, queue: JobQueueDep) -> Response:
+    return json_response(job_public(_own(queue, job_id, key)))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic,
+             summary="Cancel: a queued job at once, a running one within seconds")
+def cancel(job_id: str, key: JobsKeyDep, queue: JobQueueDep) -> Response:
+    row = _own(queue, job_id, key)
+    if row.status in ("succeeded", "failed"):
+        raise ApiError(409, "job_finished", f"job {job_id} already {row.status}")
+    row = queue.cancel(job_id)
+    queue.store.audit(key.id, "job.cancel", job_id)
+    return json_response(job_public(row))
+
+
+@router.get("/{job_id}/logs", response_model=JobLogChunk, summary="The log from a byte offset")
+async def logs(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep,
+               offset: int = Query(0, ge=0), limit: int = Query(LOG_CHUNK_MAX, ge=1, le=LOG_CHUNK_MAX)) -> Response:
+    row = await run_in_threadpool(_own, queue, job_id, key)
+    path = job_dir(settings, job_id) / "log.txt"
+
+    def read() -> bytes:
+        if not path.is_file():
+            return b""
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+
+    chunk = await run_in_threadpool(read)
+    text, used = _decode_whole(chunk)
+    end = offset + used
+    size = path.stat().st_size if path.is_file() else 0
+    return json_response({"text": text, "offset": offset, "next_offset": end, "status": row.status,
+                          "done": row.status in JOB_DONE and end >= size})
+
+
+def _decode_whole(chunk: bytes) -> tuple[str, int]:
+    """Decode, leaving a UTF-8 character cut at the end of the chunk for the next call."""
+    for cut in range(4):
+        try:
+            return chunk[:len(chunk) - cut].decode("utf-8"), len(chunk) - cut
+        except UnicodeDecodeError:
+            continue
+    return chunk.decode("utf-8", "replace"), len(chunk)
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="The files a job produced")
+def artifacts(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
+    _own(queue, job_id, key)
+    d = job_dir(settings, job_id) / "artifacts"
+    files = sorted(p for p in d.iterdir() if p.is_file() and ARTIFACT_RE.fullmatch(p.name)) if d.is_dir() else []
+    return json_response({"artifacts": [{"name": p.name, "size": p.stat().st_size} for p in files]})
+
+
+@router.get("/{job_id}/artifacts/{name}", summary="Download one artifact",
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def artifact(job_id: str, name: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
+    _own(queue, job_id, key)
+    if not ARTIFACT_RE.fullmatch(name) or ".." in name:
+        raise invalid(f"not an artifact name: {name!r}", "invalid_artifact_name")
+    d = (job_dir(settings, job_id) / "artifacts").resolve()
+    p = (d / name).resolve()
+    if p.parent != d or not p.is_file():
+        raise not_found(f"job {job_id} has no artifact {name!r}", "artifact_not_found")
+    return FileResponse(p, filename=name)

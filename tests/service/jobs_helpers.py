@@ -1,0 +1,111 @@
+"""Helpers for the jobs tests that run real processes: ``sdb serve`` with its workers, ``sdb worker``,
+keys and models written to the data dir's store before the server starts."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from service.auth import create_key
+from service.settings import Settings
+from service.store import Store
+
+from .conftest import SDB, Bundles, free_port, sdb_env
+
+# Short intervals so that the tests see cancel, death and reaping in seconds.
+FAST = {"SDB_JOB_POLL_S": "0.2", "SDB_JOB_HEARTBEAT_S": "0.4", "SDB_JOB_STALE_S": "3", "SDB_JOB_REAP_S": "0.5",
+        "SDB_JOB_TORCH_THREADS": "1", "SDB_MODELS_SYNC_S": "0.2", "SDB_REGISTER_DEMO": "false"}
+
+
+def prepare(data_dir: Path, bundles: Bundles, models: dict[str, Path] | None = None) -> Settings:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(data_dir=data_dir, master_key_file=bundles.master_key_file)
+    store = Store(settings.db_url)
+    for name, path in (models or {}).items():
+        store.add_model(name, "1", str(path))
+    store.close()
+    return settings
+
+
+def key(settings: Settings, scopes, **kw) -> str:
+    store = Store(settings.db_url)
+    try:
+        token, _ = create_key(store, settings.pepper, scopes=scopes, **kw)
+    finally:
+        store.close()
+    return token
+
+
+class JobServer:
+    """``sdb serve`` with its job workers, as a subprocess on a free loopback port."""
+
+    def __init__(self, data_dir: Path, bundles: Bundles, **env: str):
+        self.port = free_port()
+        self.env = {**sdb_env(data_dir, bundles, self.port), **FAST, **env}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([SDB, "serve", "--host", "127.0.0.1"], env=self.env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sdb serve exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("sdb serve did not become ready")
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return err
+
+
+def start_worker(data_dir: Path, bundles: Bundles, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([SDB, "worker"], env={**sdb_env(data_dir, bundles), **FAST, **env},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_worker(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def wait_for(fn, timeout: float, what: str, every: float = 0.1):
+    """Poll ``fn`` until it returns something truthy (a job's state lives in another process)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s")
+        time.sleep(every)
+
+
+def worker_pid(job: dict) -> int:
+    return int(job["worker"].rsplit(":", 1)[1])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

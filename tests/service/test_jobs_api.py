@@ -1,0 +1,206 @@
+"""The /v1/jobs routes in process (real app, real SQLite): validation per kind, scope and
+ownership, idempotency, cancel of a queued job, logs, artifacts, the claim and the reaper,
+and the schema migration of a data dir made before jobs existed."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from service.jobs.queue import JobQueue
+from service.store import Store
+
+from .conftest import make_settings, start_service
+
+WRAP = {"data": "digits", "arch": "cnn", "epochs": 1, "name": "digits-demo", "deploy": True}
+DISTILL = {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1}
+
+
+@pytest.fixture
+async def jsvc(tmp_path, bundles):
+    service, manager = await start_service(make_settings(tmp_path / "data", bundles), bundles.a, bundles.b)
+    yield service
+    await service.client.aclose()
+    await manager.__aexit__(None, None, None)
+
+
+async def submit(svc, token, kind, params, **headers):
+    return await svc.client.post("/v1/jobs", json={"kind": kind, "params": params},
+                                 headers={**svc.auth(token), **headers})
+
+
+@pytest.mark.anyio
+async def test_submit_accepts_the_issue_examples_and_lists_them(jsvc):
+    tok = jsvc.key(("jobs", "distill"))
+    r = await submit(jsvc, tok, "wrap", WRAP)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["kind"] == "wrap" and job["params"]["epochs"] == 1
+    assert job["params"]["deploy"] is True and job["progress"] == 0.0
+    r = await submit(jsvc, tok, "distill", DISTILL)
+    assert r.status_code == 202, r.text
+    assert r.json()["params"]["teacher_version"] == "1"  # pinned at submission
+    got = (await jsvc.client.get(f"/v1/jobs/{job['id']}", headers=jsvc.auth(tok))).json()
+    assert got["id"] == job["id"] and got["created_at"] > 0
+    listed = (await jsvc.client.get("/v1/jobs", headers=jsvc.auth(tok))).json()["jobs"]
+    assert [j["kind"] for j in listed] == ["distill", "wrap"]
+    only = (await jsvc.client.get("/v1/jobs?kind=wrap&status=queued", headers=jsvc.auth(tok))).json()["jobs"]
+    assert [j["id"] for j in only] == [job["id"]]
+    assert (await jsvc.client.get("/v1/jobs?status=bogus", headers=jsvc.auth(tok))).status_code == 422
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("kind", "params", "needle"), [
+    ("wrap", {"arch": "cnn"}, "params.data"),
+    ("wrap", {**WRAP, "arch": "transformer9000"}, "unknown architecture"),
+    ("wrap", {**WRAP, "epochs": 0}, "params.epochs"),
+    ("wrap", {**WRAP, "epochs": "many"}, "params.epochs"),
+    ("wrap", {**WRAP, "unknown": 1}, "params.unknown"),
+    ("wrap", {**WRAP, "name": "../evil"}, "params.name"),
+    ("wrap", {**WRAP, "data": "nosuchset"}, "unknown data set"),
+    ("wrap", {**WRAP, "data": "imagefolder:/etc"}, "relative to the data directory"),
+    ("wrap", {**WRAP, "teacher": "../../master.key"}, "relative to the data directory"),
+    ("wrap", {**WRAP, "teacher": "missing.safetensors"}, "no teacher weights"),
+    ("distill", {"student": "mlp", "data": "digits"}, "exactly one of teacher"),
+    ("distill", {**DISTILL, "teacher_weights": "t.safetensors"}, "exactly one of teacher"),
+    ("distill", {**DISTILL, "student": "nope"}, "unknown architecture"),
+    ("distill", {**DISTILL, "temperature": 0}, "params.temperature"),
+    ("distill", {**DISTILL, "cpus": -1}, "params.cpus"),
+    ("nosuchkind", {}, "unknown job kind"),
+])
+async def test_bad_params_are_refused_and_never_queued(jsvc, kind, params, needle):
+    tok = jsvc.key(("jobs", "distill"))
+    r = await submit(jsvc, tok, kind, params)
+    assert r.status_code == 422, r.text
+    assert needle in r.json()["error"]["message"]
+    assert (await jsvc.client.get("/v1/jobs", headers=jsvc.auth(tok))).json()["jobs"] == []
+
+
+@pytest.mark.anyio
+async def test_scope_and_ownership(jsvc):
+    jobs_only = jsvc.key(("jobs",))
+    other = jsvc.key(("jobs", "distill"))
+    assert (await jsvc.client.get("/v1/jobs")).status_code == 401
+    r = await submit(jsvc, jsvc.key(("distill",)), "distill", DISTILL)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_scope"
+    # distilling a hosted model needs distill for that model, checked before queueing
+    r = await submit(jsvc, jobs_only, "distill", DISTILL)
+    assert r.status_code == 403 and "distill" in r.json()["error"]["message"]
+    r = await submit(jsvc, jsvc.key(("jobs", "distill"), models=["digits-b"]), "distill", DISTILL)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+    r = await submit(jsvc, other, "distill", {**DISTILL, "teacher": "nosuchmodel"})
+    assert r.status_code == 404
+    # deploying over a served model someone else owns needs admin
+    r = await submit(jsvc, jobs_only, "wrap", {**WRAP, "name": "digits-a"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned"
+
+    mine = (await submit(jsvc, jobs_only, "wrap", WRAP)).json()
+    theirs = (await submit(jsvc, other, "distill", DISTILL)).json()
+    for path in ("", "/logs", "/artifacts", "/artifacts/report.json"):
+        r = await jsvc.client.get(f"/v1/jobs/{theirs['id']}{path}", headers=jsvc.auth(jobs_only))
+        assert r.status_code == 404, path
+    r = await jsvc.client.post(f"/v1/jobs/{theirs['id']}/cancel", headers=jsvc.auth(jobs_only))
+    assert r.status_code == 404
+    seen = (await jsvc.client.get("/v1/jobs", headers=jsvc.auth(jobs_only))).json()["jobs"]
+    assert [j["id"] for j in seen] == [mine["id"]]
+    everything = (await jsvc.client.get("/v1/jobs", headers=jsvc.admin)).json()["jobs"]
+    assert {j["id"] for j in everything} == {mine["id"], theirs["id"]}
+    assert (await jsvc.client.get(f"/v1/jobs/{theirs['id']}", headers=jsvc.admin)).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_idempotency_key_returns_the_same_job(jsvc):
+    tok, other = jsvc.key(("jobs",)), jsvc.key(("jobs",))
+    first = await submit(jsvc, tok, "wrap", WRAP, **{"Idempotency-Key": "abc"})
+    again = await submit(jsvc, tok, "wrap", WRAP, **{"Idempotency-Key": "abc"})
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    conflict = await submit(jsvc, tok, "wrap", {**WRAP, "epochs": 2}, **{"Idempotency-Key": "abc"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["code"] == "idempotency_conflict"
+    # keys are per API key: another key's "abc" is another job
+    theirs = await submit(jsvc, other, "wrap", WRAP, **{"Idempotency-Key": "abc"})
+    assert theirs.json()["id"] != first.json()["id"]
+    fresh = await submit(jsvc, tok, "wrap", WRAP)
+    assert fresh.json()["id"] != first.json()["id"]
+    assert len((await jsvc.client.get("/v1/jobs", headers=jsvc.admin)).json()["jobs"]) == 3
+
+
+@pytest.mark.anyio
+async def test_cancel_queued_logs_and_artifacts(jsvc):
+    tok = jsvc.key(("jobs",))
+    job = (await submit(jsvc, tok, "wrap", WRAP)).json()
+    r = await jsvc.client.post(f"/v1/jobs/{job['id']}/cancel", headers=jsvc.auth(tok))
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert jsvc.app.state.jobs.claim("w") is None  # a cancelled job is never claimed
+
+    # a log and artifacts as a worker leaves them
+    d = jsvc.settings.jobs_dir / job["id"]
+    (d / "artifacts").mkdir(parents=True)
+    (d / "log.txt").write_text("first line\nsecond: é\n", encoding="utf-8")
+    (d / "artifacts" / "report.json").write_text('{"ok": true}')
+    (jsvc.settings.data_dir / "secret.txt").write_text("not yours")
+    h = jsvc.auth(tok)
+    log = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs", headers=h)).json()
+    assert log["text"] == "first line\nsecond: é\n" and log["next_offset"] == len(log["text"].encode())
+    assert log["done"] is True and log["status"] == "cancelled"
+    cut = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=11&limit=9", headers=h)).json()
+    assert cut["text"] == "second: " and cut["next_offset"] == 19  # é is not split in two
+    rest = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=19", headers=h)).json()
+    assert rest["text"] == "é\n"
+    arts = (await jsvc.client.get(f"/v1/jobs/{job['id']}/artifacts", headers=h)).json()["artifacts"]
+    assert arts == [{"name": "report.json", "size": 12}]
+    r = await jsvc.client.get(f"/v1/jobs/{job['id']}/artifacts/report.json", headers=h)
+    assert r.status_code == 200 and r.json() == {"ok": True}
+    for bad in ("..%2F..%2Fsecret.txt", "%2E%2E", "%2E%2E%2Fsecret.txt", ".hidden", "missing.bin"):
+        r = await jsvc.client.get(f"/v1/jobs/{job['id']}/artifacts/{bad}", headers=h)
+        assert r.status_code in (404, 422), bad
+        assert "not yours" not in r.text
+    r = await jsvc.client.post(f"/v1/jobs/{job['id']}/cancel", headers=h)
+    assert r.status_code == 200  # cancelling a cancelled job is harmless
+
+
+def test_claim_is_exclusive_and_the_reaper_ends_silent_jobs(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'q.sqlite3'}")
+    q = JobQueue(store)
+    ids = [q.submit("wrap", {"i": i}, "owner")[0].id for i in range(3)]
+    a, b = q.claim("a"), q.claim("b")
+    assert (a.id, b.id) == (ids[0], ids[1]) and a.attempts == 1
+    assert q.claim("c", job_id=ids[0]) is None  # already taken
+    assert q.heartbeat(a.id, "b").owned is False  # not b's job
+    assert q.heartbeat(a.id, "a", progress=0.5, step="x", training=True).owned
+    q.cancel(b.id)
+    assert q.heartbeat(b.id, "b").cancel is True
+    time.sleep(0.05)
+    reaped = dict(q.reap(stale_s=0.01))
+    assert reaped == {a.id: "failed", b.id: "cancelled"}  # a had started training; b was asked to stop
+    assert "worker lost" in q.get(a.id).error
+    assert q.finish(a.id, "a", "succeeded") is False  # a late worker cannot overwrite
+    c = q.claim("c")
+    assert c.id == ids[2]
+    time.sleep(0.05)
+    assert dict(q.reap(stale_s=0.01)) == {c.id: "queued"}  # died before training: requeued once
+    c2 = q.claim("d")
+    assert c2.id == c.id and c2.attempts == 2
+    time.sleep(0.05)
+    assert dict(q.reap(stale_s=0.01)) == {c.id: "failed"}  # not twice
+    store.close()
+
+
+def test_an_existing_data_dir_gets_the_jobs_table(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    engine = create_engine(url)
+    with engine.begin() as conn:  # the schema as the first release left it
+        conn.execute(text("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)"))
+        conn.execute(text("INSERT INTO schema_version VALUES (1, 1)"))
+        conn.execute(text("CREATE TABLE models (name VARCHAR(200), version VARCHAR(100), path TEXT, "
+                          "added_at FLOAT, PRIMARY KEY (name, version))"))
+        conn.execute(text("INSERT INTO models VALUES ('old', '1', '/x', 1.0)"))
+    engine.dispose()
+    store = Store(url)
+    assert "jobs" in inspect(store.engine).get_table_names()
+    assert [m.name for m in store.list_models()] == ["old"]
+    job, _ = JobQueue(store).submit("wrap", {}, "k")
+    assert json.loads(JobQueue(store).get(job.id).params) == {}
+    store.close()

@@ -1,0 +1,148 @@
+"""Jobs end to end with real processes: ``sdb serve`` and its workers on a real SQLite store.
+
+Submit and follow wrap (deployed: the new version answers predict) and distill to success and
+download every artifact; cancel a running job; kill -9 a worker mid-job; two workers and ten
+jobs; a server restart keeps every job.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from sdb_client import Client
+
+from .conftest import run_sdb
+from .jobs_helpers import JobServer, alive, key, prepare, wait_for, worker_pid
+
+WRAP = {"data": "digits", "arch": "cnn", "epochs": 1, "name": "digits-demo", "deploy": True}
+DISTILL = {"teacher": "digits-demo", "student": "mlp", "data": "digits", "epochs": 1}
+QUICK = {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
+LONG = {"data": "digits", "arch": "mlp", "teacher_epochs": 1, "epochs": 1000, "name": "long"}
+
+
+@pytest.fixture
+def servers():
+    started: list[JobServer] = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+def done(c: Client, job_id: str, timeout: float) -> dict:
+    return c.jobs.wait(job_id, timeout=timeout, poll_s=0.2)
+
+
+def test_wrap_with_deploy_then_distill_it_then_restart(tmp_path, bundles, servers):
+    data = tmp_path / "data"
+    settings = prepare(data, bundles)
+    token = key(settings, ["jobs", "distill"])
+    servers.append(JobServer(data, bundles, SDB_WORKERS="1"))
+    url = servers[0].url
+    with Client(url, token) as c:
+        wrap = c.jobs.submit("wrap", WRAP)
+        job = done(c, wrap["id"], 120)
+        assert job["status"] == "succeeded", job
+        assert job["progress"] == 1.0 and job["metrics"]["public_acc"] > 50
+        assert job["result"]["deployed"] is True and job["result"]["version"] == "1"
+        names = {a["name"] for a in c.jobs.artifacts(wrap["id"])}
+        assert names == {"bundle.sdb", "report.json", "curves.png"}
+        for n in names:
+            assert c.jobs.download(wrap["id"], n, tmp_path).stat().st_size > 0
+        assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        report = json.loads((tmp_path / "report.json").read_text())
+        assert report["job"]["id"] == wrap["id"] and report["curves"]["teacher"] and report["curves"]["wrap"]
+        log = c.jobs.logs(wrap["id"])
+        assert "teacher epoch 8/8" in log.text and "deployed digits-demo version 1" in log.text
+
+        # the API process picks the deployed model up from the store
+        info = wait_for(lambda: httpx.get(f"{url}/v1/models/digits-demo").status_code == 200, 10, "deployed")
+        assert info
+        r = httpx.post(f"{url}/v1/models/digits-demo/predict", json={"inputs": bundles.x[:3].tolist()})
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+
+        dist = c.jobs.submit("distill", DISTILL)
+        job = done(c, dist["id"], 60)
+        assert job["status"] == "succeeded", job
+        assert 0 <= job["metrics"]["student_acc"] <= 100  # one epoch: accuracy is not the point here
+        assert {a["name"] for a in c.jobs.artifacts(dist["id"])} == {"student.safetensors", "report.json",
+                                                                     "curves.png"}
+        from sdb_core.models import create_model
+        from sdb_core.weights import load_weights
+
+        load_weights(create_model("mlp", num_classes=10, in_shape=(1, 8, 8)),
+                     c.jobs.download(dist["id"], "student.safetensors", tmp_path))
+
+        # the CLI over HTTP: submit from a params file and follow, status, logs, cancel
+        env = {**servers[0].env, "SDB_URL": url, "SDB_API_KEY": token}
+        (tmp_path / "p.json").write_text(json.dumps({**DISTILL, "transfer": 100}))
+        r = run_sdb("jobs", "submit", "distill", "--params", str(tmp_path / "p.json"), "--wait", env=env)
+        assert r.returncode == 0, r.stderr
+        cli_id = r.stdout.splitlines()[0]
+        assert json.loads(r.stdout[len(cli_id):])["status"] == "succeeded" and "distilling" in r.stderr
+        r = run_sdb("jobs", "status", cli_id, env=env)
+        assert r.returncode == 0 and json.loads(r.stdout)["id"] == cli_id
+        r = run_sdb("jobs", "logs", cli_id, "--follow", env=env)
+        assert r.returncode == 0 and "student test accuracy" in r.stdout
+        r = run_sdb("jobs", "cancel", cli_id, env=env)
+        assert r.returncode == 2 and "already succeeded" in r.stderr
+        r = run_sdb("jobs", "submit", "distill", "--params", '{"student": "mlp"}', env=env)
+        assert r.returncode == 2 and "params.data" in r.stderr
+        before = {j["id"]: j["status"] for j in c.jobs.list()}
+
+    servers.pop().stop()
+    servers.append(JobServer(data, bundles, SDB_WORKERS="0"))
+    with Client(servers[0].url, token) as c:
+        assert {j["id"]: j["status"] for j in c.jobs.list()} == before  # a restart keeps every job
+        assert c.jobs.logs(dist["id"]).text
+
+
+def test_cancel_a_running_job_then_kill_a_worker(tmp_path, bundles, servers):
+    data = tmp_path / "data"
+    settings = prepare(data, bundles, {"digits-a": bundles.a})
+    token = key(settings, ["jobs", "distill"])
+    servers.append(JobServer(data, bundles, SDB_WORKERS="1"))
+    with Client(servers[0].url, token) as c:
+        long = c.jobs.submit("wrap", LONG)
+        job = wait_for(lambda: (j := c.jobs.get(long["id"]))["step"].startswith("wrap epoch") and j, 60, "training")
+        pid = worker_pid(job)
+        t0 = time.monotonic()
+        assert c.jobs.cancel(long["id"])["cancel_requested"] is True
+        job = done(c, long["id"], 10)
+        assert job["status"] == "cancelled" and time.monotonic() - t0 < 5.0, job
+        assert "cancelled" in c.jobs.logs(long["id"]).text
+        quick = c.jobs.submit("distill", QUICK)
+        job = done(c, quick["id"], 60)
+        assert job["status"] == "succeeded" and worker_pid(job) == pid  # the same worker took the next job
+
+        # kill -9 the worker in the middle of training
+        long = c.jobs.submit("wrap", LONG)
+        job = wait_for(lambda: (j := c.jobs.get(long["id"]))["step"].startswith("wrap epoch") and j, 60, "training")
+        t0 = time.monotonic()
+        os.kill(worker_pid(job), signal.SIGKILL)
+        job = done(c, long["id"], 30)
+        assert job["status"] == "failed" and "worker lost" in job["error"], job
+        assert time.monotonic() - t0 < 30
+        assert not alive(pid)
+        nxt = c.jobs.submit("distill", QUICK)  # the pool started another worker
+        job = done(c, nxt["id"], 60)
+        assert job["status"] == "succeeded" and worker_pid(job) != pid
+        assert c.jobs.list(status="running") == []
+
+
+def test_two_workers_run_ten_jobs_exactly_once(tmp_path, bundles, servers):
+    data = tmp_path / "data"
+    settings = prepare(data, bundles, {"digits-a": bundles.a})
+    token = key(settings, ["jobs", "distill"])
+    servers.append(JobServer(data, bundles, SDB_WORKERS="2"))
+    with Client(servers[0].url, token) as c:
+        ids = [c.jobs.submit("distill", {**QUICK, "seed": i})["id"] for i in range(10)]
+        jobs = [done(c, i, 120) for i in ids]
+        assert [j["status"] for j in jobs] == ["succeeded"] * 10
+        assert [j["attempts"] for j in jobs] == [1] * 10
+        for i in ids:
+            assert c.jobs.logs(i).text.count(" attempt ") == 1
+        assert len({j["worker"] for j in jobs}) <= 2
