@@ -111,17 +111,20 @@ def test_keys_create_list_revoke(admin, sdb_server):
         admin.keys.create(["superuser"])
 
 
-def test_jobs_methods_map_the_missing_routes_to_not_found(admin, tmp_path):
-    # The jobs routes are not on the service yet: every method must reach the server and
-    # turn its 404 into NotFound (their happy paths are covered against a stub in test_jobs).
-    calls = [lambda: admin.jobs.submit("wrap", {"data": "digits"}), lambda: admin.jobs.get("j1"),
-             lambda: admin.jobs.list(), lambda: admin.jobs.cancel("j1"), lambda: admin.jobs.logs("j1"),
+def test_jobs_methods_map_unknown_jobs_and_bad_params_to_typed_errors(admin, tmp_path):
+    # Every jobs method reaches the real routes: an unknown job is NotFound, bad params BadRequest
+    # (the happy paths run real workers in test_jobs_service).
+    with pytest.raises(BadRequest) as info:
+        admin.jobs.submit("wrap", {"data": "digits"})
+    assert info.value.status == 422 and "arch" in str(info.value)
+    calls = [lambda: admin.jobs.get("j1"), lambda: admin.jobs.cancel("j1"), lambda: admin.jobs.logs("j1"),
              lambda: admin.jobs.artifacts("j1"), lambda: admin.jobs.download("j1", "student.safetensors", tmp_path),
              lambda: admin.jobs.wait("j1", timeout=1)]
     for call in calls:
         with pytest.raises(NotFound) as info:
             call()
         assert info.value.status == 404
+    assert isinstance(admin.jobs.list(status="running"), list)
     assert not list(tmp_path.iterdir())  # no partial download left behind
 
 
@@ -185,9 +188,11 @@ async def test_async_client_every_method(sdb_server, keyed, tmp_path):
         created = await c.keys.create("predict", name="async")
         assert created["id"] in [k["id"] for k in await c.keys.list()]
         assert (await c.keys.revoke(created["id"]))["revoked_at"] is not None
-        for call in (c.jobs.submit("audit"), c.jobs.get("j"), c.jobs.list(status="running"), c.jobs.cancel("j"),
-                     c.jobs.logs("j", offset=5), c.jobs.artifacts("j"), c.jobs.download("j", "a.bin", tmp_path),
-                     c.jobs.wait("j", timeout=1)):
+        with pytest.raises(BadRequest):
+            await c.jobs.submit("nosuchkind")
+        assert isinstance(await c.jobs.list(status="running"), list)
+        for call in (c.jobs.get("j"), c.jobs.cancel("j"), c.jobs.logs("j", offset=5), c.jobs.artifacts("j"),
+                     c.jobs.download("j", "a.bin", tmp_path), c.jobs.wait("j", timeout=1)):
             with pytest.raises(NotFound):
                 await call
 

@@ -1,8 +1,6 @@
 """The jobs methods against DESIGN.md's contract, served by the scripted stub over real HTTP.
 
-The service has no jobs routes yet (a later issue); test_client checks that every jobs
-method maps the real server's 404 to NotFound. Once the routes land, these happy paths
-are to be run against the real service too.
+The same happy paths against the real routes and real workers are in test_jobs_service.
 """
 from __future__ import annotations
 

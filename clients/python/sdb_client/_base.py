@@ -344,6 +344,13 @@ def job_submit_body(kind: str, params: Mapping[str, Any] | None) -> bytes:
     return encode_json({"kind": kind, "params": dict(params or {})})
 
 
+def idempotency(key: str | None) -> dict[str, Any]:
+    """Request options for a job submission: with an Idempotency-Key a resend is harmless."""
+    if key is None:
+        return {"idempotent": False}
+    return {"idempotent": True, "extra_headers": {"Idempotency-Key": key}}
+
+
 def listed(obj: Any, field: str) -> list:
     """``[...]`` or ``{"<field>": [...]}``: the list either way."""
     if isinstance(obj, dict):

@@ -64,8 +64,9 @@ class AsyncClient(b.BaseClient):
     # ------------------------------------------------------------------ transport
     async def _request(self, method: str, path: str, *, content: bytes | None = None,
                        params: Mapping[str, Any] | None = None, files: Any = None, data: Any = None,
-                       idempotent: bool = True, stream: bool = False) -> httpx.Response:
-        headers = self._headers()
+                       idempotent: bool = True, stream: bool = False,
+                 extra_headers: Mapping[str, str] | None = None) -> httpx.Response:
+        headers = {**self._headers(), **(extra_headers or {})}
         if content is not None:
             headers["Content-Type"] = "application/json"
         for attempt in count():
@@ -159,8 +160,10 @@ class AsyncJobs:
     def __init__(self, client: AsyncClient):
         self._c = client
 
-    async def submit(self, kind: str, params: Mapping[str, Any] | None = None) -> dict:
-        return await self._c._json("POST", "/v1/jobs", content=b.job_submit_body(kind, params), idempotent=False)
+    async def submit(self, kind: str, params: Mapping[str, Any] | None = None, *,
+                     idempotency_key: str | None = None) -> dict:
+        return await self._c._json("POST", "/v1/jobs", content=b.job_submit_body(kind, params),
+                                   **b.idempotency(idempotency_key))
 
     async def get(self, job_id: str) -> dict:
         return await self._c._json("GET", b.job_path(job_id))

@@ -58,10 +58,11 @@ class Client(b.BaseClient):
     # ------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, *, content: bytes | None = None,
                  params: Mapping[str, Any] | None = None, files: Any = None, data: Any = None,
-                 idempotent: bool = True, stream: bool = False) -> httpx.Response:
+                 idempotent: bool = True, stream: bool = False,
+                 extra_headers: Mapping[str, str] | None = None) -> httpx.Response:
         """Send with the retry policy of ``_base.retry_delay``; a non-2xx answer raises its typed error.
         With ``stream`` the caller reads and closes the response."""
-        headers = self._headers()
+        headers = {**self._headers(), **(extra_headers or {})}
         if content is not None:
             headers["Content-Type"] = "application/json"
         for attempt in count():
@@ -156,9 +157,12 @@ class Jobs:
     def __init__(self, client: Client):
         self._c = client
 
-    def submit(self, kind: str, params: Mapping[str, Any] | None = None) -> dict:
-        """Queue a job (``wrap``, ``distill``, ``audit``, ...); the answer carries its ``id``."""
-        return self._c._json("POST", "/v1/jobs", content=b.job_submit_body(kind, params), idempotent=False)
+    def submit(self, kind: str, params: Mapping[str, Any] | None = None, *,
+               idempotency_key: str | None = None) -> dict:
+        """Queue a job (``wrap``, ``distill``, ``audit``, ...); the answer carries its ``id``.
+        With ``idempotency_key`` a resend returns the same job, so it is retried like a read."""
+        return self._c._json("POST", "/v1/jobs", content=b.job_submit_body(kind, params),
+                             **b.idempotency(idempotency_key))
 
     def get(self, job_id: str) -> dict:
         return self._c._json("GET", b.job_path(job_id))
