@@ -129,7 +129,14 @@ def cmd_audit(args) -> int:
     if args.bundle:
         from sdb_core.bundle import load_bundle
 
-        target = load_bundle(args.bundle)  # no master key: the public path is all an attacker has
+        options = None
+        if args.threads:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+        # No master key: the public path is all an attacker has.
+        target = load_bundle(args.bundle, session_options=options)
         if list(target.meta["input"]["shape"]) != list(data.in_shape):
             raise ValueError(f"bundle input shape {target.meta['input']['shape']} does not match "
                              f"{args.data}'s {list(data.in_shape)}")
