@@ -20,12 +20,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .progress import Cancelled, Progress
+
 StepOutput = Tensor | tuple[Tensor, dict[str, float]]
 StepFn = Callable[[Sequence[Tensor]], StepOutput]
-
-
-class Cancelled(Exception):
-    """Raised by :func:`fit` when the cancel callback asks it to stop."""
 
 
 @dataclass
@@ -52,18 +50,6 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be cosine|step|constant, got {self.schedule!r}")
-
-
-@dataclass
-class Progress:
-    """What the loop reports; ``fraction`` runs from 0 to 1 over the whole fit."""
-
-    epoch: int
-    epochs: int
-    step: int
-    steps: int
-    fraction: float
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdb_core.train import Progress
+from sdb_core.progress import Progress
 
 PhaseFn = Callable[[str], Callable[[Progress], None] | None]
 Log = Callable[[str], None]

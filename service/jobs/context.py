@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sdb_core.train import Progress
+from sdb_core.progress import Progress
 
 from ..settings import Settings
 from ..store import JobRow

@@ -10,7 +10,7 @@ import threading
 import time
 import traceback
 
-from sdb_core.train import Cancelled
+from sdb_core.progress import Cancelled
 
 from ..settings import Settings
 from ..store import JobRow
