@@ -16,19 +16,19 @@ import json
 import subprocess
 import sys
 import tempfile
-from dataclasses import replace
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdb_core.data import load_dataset  # noqa: E402
-from sdb_core.models import create_model  # noqa: E402
-from sdb_core.protect import SDBConfig, wrap  # noqa: E402
-from sdb_core.protect.measure import MeasureConfig, format_table, run_protection, summarize, targets  # noqa: E402
-from sdb_core.train import TrainConfig, seed_everything, train_classifier  # noqa: E402
+from sdb_core.data import load_dataset
+from sdb_core.models import create_model
+from sdb_core.protect import SDBConfig, wrap
+from sdb_core.protect.measure import MeasureConfig, format_table, run_protection, summarize, targets
+from sdb_core.train import TrainConfig, seed_everything, train_classifier
 
 
 def step_timing(data, rounds: int) -> tuple[float, float]:

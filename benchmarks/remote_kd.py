@@ -34,14 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdb_client import Client, RemoteTeacher, SDBError  # noqa: E402
-from sdb_core.bundle import export_bundle, load_bundle  # noqa: E402
-from sdb_core.data import load_dataset, transfer_split  # noqa: E402
-from sdb_core.distill import DistillConfig, distill, kd_loss  # noqa: E402
-from sdb_core.models import create_model  # noqa: E402
-from sdb_core.protect import SDBConfig, wrap  # noqa: E402
-from sdb_core.protect.key import load_or_create_master_key  # noqa: E402
-from sdb_core.train import TrainConfig, accuracy, seed_everything, train_classifier  # noqa: E402
+from sdb_client import Client, RemoteTeacher, SDBError
+
+from sdb_core.bundle import export_bundle, load_bundle
+from sdb_core.data import load_dataset, transfer_split
+from sdb_core.distill import DistillConfig, distill, kd_loss
+from sdb_core.models import create_model
+from sdb_core.protect import SDBConfig, wrap
+from sdb_core.protect.key import load_or_create_master_key
+from sdb_core.train import TrainConfig, accuracy, seed_everything, train_classifier
 
 SDB = str(Path(sys.executable).with_name("sdb"))
 NAME = "kd-demo"
@@ -157,7 +158,7 @@ def main() -> int:
         server = Server(root, bundle_path, args.threads)
         try:
             client = Client(server.url, server.key, batch_size=args.request_batch)
-            local = lambda xb: torch.from_numpy(bundle.distill_logits(xb.numpy()))  # noqa: E731
+            local = lambda xb: torch.from_numpy(bundle.distill_logits(xb.numpy()))
             z_local, z_remote = bundle.distill_logits(x.numpy()), client.distill_logits(NAME, x.numpy())
             max_diff = float(np.abs(z_local - z_remote).max())
             results = {}

@@ -22,9 +22,10 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def _meta_digest(meta: dict) -> bytes:
     return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
-def export_onnx(model: "nn.Module", in_shape: Sequence[int]) -> bytes:
+def export_onnx(model: nn.Module, in_shape: Sequence[int]) -> bytes:
     """The network as ONNX bytes, batch axis dynamic, input ``input``, output ``logits``."""
     import torch
 
@@ -72,7 +73,7 @@ def export_onnx(model: "nn.Module", in_shape: Sequence[int]) -> bytes:
 
 
 def export_bundle(
-    box: "SafeDistillationBox",
+    box: SafeDistillationBox,
     out: str | os.PathLike,
     *,
     name: str,
@@ -231,6 +232,6 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
     try:
         session = ort.InferenceSession(files[MODEL_FILE], sess_options=session_options,
                                        providers=providers or onnx_providers())
-    except Exception as e:  # onnxruntime raises its own hierarchy; a user sees one clear error
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a user sees one clear error
         raise BundleError(f"{path}: model.onnx does not load in ONNX Runtime ({e})") from None
     return Bundle(meta, session, key)

@@ -5,7 +5,8 @@ an unknown name raises ``ValueError`` that lists the known names.
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 F = TypeVar("F", bound=Callable)
 

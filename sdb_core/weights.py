@@ -25,7 +25,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = load_file(str(p))
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # both readers raise many types for a corrupt or unsafe file
+    except Exception as e:  # noqa: BLE001 - both readers raise many types for a corrupt or unsafe file
         raise WeightsError(f"cannot read weights from {p}: {e}") from None
     # Training scripts often save {"state_dict": ...} or {"model": ...}.
     for wrapper in ("state_dict", "model"):

@@ -6,8 +6,8 @@ keyed path (``box.distill_logits``), a public probability API wrapped by
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -12,7 +12,12 @@ _EXPORTS = {
     "NastyConfig": "nasty", "wrap_nasty": "nasty",
     "SDBConfig": "sdb", "WrapResult": "sdb", "confusion_targets": "sdb", "wrap": "sdb",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = [  # noqa: RUF022 - grouped by module, as _EXPORTS
+    "NoKeyError", "SafeDistillationBox", "SealError", "seal", "unseal", "load_or_create_master_key",
+    "blend", "generate_key", "random_keys", "NastyConfig", "wrap_nasty", "SDBConfig", "WrapResult",
+    "confusion_targets", "wrap",
+]
+assert set(__all__) == set(_EXPORTS)
 
 
 def __getattr__(name: str):

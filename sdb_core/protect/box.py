@@ -77,7 +77,7 @@ class SafeDistillationBox:
         self.model.eval()
         return self.model(blend(x.to(self._device()), self._key.reveal(), self.lam))
 
-    def with_key(self, key: Tensor) -> "SafeDistillationBox":
+    def with_key(self, key: Tensor) -> SafeDistillationBox:
         """The same network under another key: what a guessed key would unlock."""
         return SafeDistillationBox(self.model, key, self.lam, self.temperature, "sdb")
 

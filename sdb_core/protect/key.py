@@ -7,14 +7,14 @@ the inputs. A keyed input is ``b_k(x) = λ·x + (1 − λ)·k``. At rest the key
 from __future__ import annotations
 
 import secrets
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 # Sealing needs no torch and lives apart, so the service loads bundles without importing it.
-from .seal import MASTER_KEY_BYTES, SealError, load_or_create_master_key, new_master_key, seal, unseal  # noqa: F401
+from .seal import MASTER_KEY_BYTES, SealError, load_or_create_master_key, new_master_key, seal, unseal
 
 
 def _normalise(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -44,5 +44,14 @@ def blend(x: Tensor, key: Tensor, lam: float) -> Tensor:
     return lam * x + (1.0 - lam) * key.to(device=x.device, dtype=x.dtype)
 
 
-__all__ = ["SealError", "blend", "generate_key", "random_keys", "seal", "unseal", "new_master_key",
-           "load_or_create_master_key", "MASTER_KEY_BYTES"]
+__all__ = [
+    "MASTER_KEY_BYTES",
+    "SealError",
+    "blend",
+    "generate_key",
+    "load_or_create_master_key",
+    "new_master_key",
+    "random_keys",
+    "seal",
+    "unseal",
+]

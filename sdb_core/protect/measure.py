@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from torch import nn
 
@@ -118,7 +118,7 @@ def _stat(values: list[float]) -> dict[str, float]:
 
 def summarize(dataset: str, runs: list[dict]) -> dict:
     """The JSON of ``benchmarks/protection.py``: means (and stds) over seeds, accuracies in %."""
-    mean = lambda k: statistics.fmean(r[k] for r in runs)  # noqa: E731
+    mean = lambda k: statistics.fmean(r[k] for r in runs)
     return {
         "dataset": dataset,
         "seeds": [r["seed"] for r in runs],

@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ..train import Progress, TrainConfig, accuracy, fit, pick_device, predict_logits
 from ..distill.losses import kl_to_target, soft_kl
+from ..train import Progress, TrainConfig, accuracy, fit, pick_device, predict_logits
 from .box import SafeDistillationBox
 from .key import blend, generate_key, random_keys
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from sdb_core.bundle import load_bundle
-from sdb_core.weights import WeightsError, load_weights
 from sdb_core.models import create_model
+from sdb_core.weights import WeightsError, load_weights
 from service.cli import main
 
 

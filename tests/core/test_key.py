@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from sdb_core.protect.key import (SealError, blend, generate_key, load_or_create_master_key, new_master_key,
-                                  random_keys, seal, unseal)
+from sdb_core.protect.key import (
+    SealError,
+    blend,
+    generate_key,
+    load_or_create_master_key,
+    new_master_key,
+    random_keys,
+    seal,
+    unseal,
+)
 
 
 def test_generated_key_is_fresh_and_in_the_pixel_range():

@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 
 from sdb_core.distill import DistillConfig, distill
-from sdb_core.protect import (NastyConfig, NoKeyError, SafeDistillationBox, SDBConfig, confusion_targets,
-                              random_keys, wrap, wrap_nasty)
+from sdb_core.protect import (
+    NastyConfig,
+    NoKeyError,
+    SafeDistillationBox,
+    SDBConfig,
+    confusion_targets,
+    random_keys,
+    wrap,
+    wrap_nasty,
+)
 from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everything
 
 from .conftest import OutsideNet

@@ -54,7 +54,7 @@ def test_cooperative_cancel():
 def test_checkpoint_resumes(tmp_path):
     ckpt = tmp_path / "c.pt"
     net = _net()
-    step = lambda b: F.cross_entropy(net(b[0]), b[1])  # noqa: E731
+    step = lambda b: F.cross_entropy(net(b[0]), b[1])
     fit(net, _toy(), step, TrainConfig(epochs=2), checkpoint=ckpt)
     assert ckpt.exists()
     state = torch.load(ckpt, weights_only=True)
