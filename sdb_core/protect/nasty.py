@@ -7,7 +7,6 @@ pushing, which keeps the run finite without changing the method where it matters
 """
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from torch import nn
 from ..distill.losses import soft_kl
 from ..train import Progress, TrainConfig, fit, pick_device
 from .box import SafeDistillationBox
-from .sdb import WrapResult, public_report
+from .sdb import WrapResult, frozen_and_trainable, public_report
 
 
 @dataclass
@@ -47,10 +46,7 @@ def wrap_nasty(
 ) -> WrapResult:
     cfg = cfg or NastyConfig()
     device = pick_device(cfg.train.device)
-    frozen = copy.deepcopy(teacher).to(device).eval()
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    model = copy.deepcopy(teacher).to(device)
+    frozen, model = frozen_and_trainable(teacher, device)
     T = cfg.temperature
 
     def step(batch):

@@ -89,6 +89,14 @@ def confusion_targets(num_classes: int, cfg: SDBConfig, seed: int) -> Tensor:
     return q / q.sum(1, keepdim=True)  # few classes: renormalise, the order is kept
 
 
+def frozen_and_trainable(teacher: nn.Module, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """f_A (a frozen eval-mode copy) and f (a trainable copy): the owner's model stays untouched."""
+    frozen = copy.deepcopy(teacher).to(device).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    return frozen, copy.deepcopy(teacher).to(device)
+
+
 def public_report(teacher: nn.Module, box: SafeDistillationBox, test, keyed: bool = True) -> dict:
     """Accuracies of the teacher and both paths of the box, and public/teacher top-1 agreement."""
     x = test.tensors[0]
@@ -116,10 +124,7 @@ def wrap(
     key = generate_key(data.in_shape, data.mean, data.std) if key is None else key.float()
     if tuple(key.shape) != tuple(data.in_shape):
         raise ValueError(f"key shape {tuple(key.shape)} does not match the input shape {tuple(data.in_shape)}")
-    frozen = copy.deepcopy(teacher).to(device).eval()
-    for p in frozen.parameters():
-        p.requires_grad_(False)
-    model = copy.deepcopy(teacher).to(device)
+    frozen, model = frozen_and_trainable(teacher, device)
     q = confusion_targets(data.num_classes, cfg, cfg.train.seed).to(device)
     k = key.to(device)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
