@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdb_core.bundle import export_bundle  # noqa: E402
 from sdb_core.data import load_dataset, transfer_split  # noqa: E402
 from sdb_core.distill import DistillConfig  # noqa: E402
-from sdb_core.protect.audit import POLICIES, AuditConfig, audit  # noqa: E402
+from sdb_core.protect.audit import POLICIES, AuditConfig, audit, score, verdict_of  # noqa: E402
 from sdb_core.protect.key import new_master_key  # noqa: E402
 from sdb_core.protect.measure import student_accuracy, train_and_wrap  # noqa: E402
 
@@ -42,14 +42,29 @@ def authorized(teacher, box, data, cfg: AuditConfig, seed: int) -> dict[str, flo
 
 
 def combine(reports: list[dict], threshold: float) -> dict:
-    """Mean advantage per attack over seeds, and the verdict on those means."""
-    names = [n for n, a in reports[0]["attacks"].items() if a["family"] != "labels"]
-    adv = {n: statistics.fmean(r["attacks"][n]["advantage"] for r in reports) for n in names}
-    acc = {n: statistics.fmean(r["attacks"][n]["acc"] for r in reports) for n in reports[0]["attacks"]}
-    worst = max(adv, key=adv.get)
-    return {"verdict": "protected" if adv[worst] <= threshold else "leaks", "worst_attack": worst,
-            "max_advantage": adv[worst], "advantages": adv, "accuracies": acc,
+    """Advantages over all seeds (each seed against its own labels-only reference), verdict on the means."""
+    families = {n: a["family"] for n, a in reports[0]["attacks"].items()}
+    accs = {n: [acc for r in reports for acc in r["attacks"][n]["accs"]] for n in families}
+    attacks = score(accs, families)
+    reference, worst, max_adv = verdict_of(attacks)
+    return {"verdict": "protected" if max_adv <= threshold else "leaks", "worst_attack": worst,
+            "max_advantage": max_adv, "reference": reference,
+            "advantages": {n: a["advantage"] for n, a in attacks.items() if not a["label_only"]},
+            "accuracies": {n: a["acc"] for n, a in attacks.items()},
             "public_acc": statistics.fmean(r["public_acc"] for r in reports)}
+
+
+def summarize(args, runs: list[dict], threshold: float, n: int) -> dict:
+    return {
+        "dataset": args.data, "seeds": [r["seed"] for r in runs],
+        "teacher": combine([r["teacher"] for r in runs], threshold),
+        "protected": {**combine([r["protected"] for r in runs], threshold), "policy": args.policy},
+        "authorized": {"n": n,
+                       "kd_keyed": statistics.fmean(r["authorized"]["kd_keyed"] for r in runs),
+                       "kd_teacher": statistics.fmean(r["authorized"]["kd_teacher"] for r in runs)},
+        "settings": {k: v for k, v in runs[0]["teacher"]["config"].items() if k != "seeds"},
+        "runs": runs,
+    }
 
 
 def main() -> int:
@@ -59,6 +74,7 @@ def main() -> int:
     p.add_argument("--policy", choices=POLICIES, default="probs", help="output policy of the protected box")
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rescore", metavar="JSON", help="re-score the runs of a saved summary (no training)")
     p.add_argument("--save-bundles", metavar="DIR",
                    help="also export each seed's box as DIR/seedN (public path only: its key is sealed under "
                         "a throwaway master key), e.g. to audit it again with `sdb audit --bundle --policy`")
@@ -70,7 +86,10 @@ def main() -> int:
     base = AuditConfig()
     t0 = time.perf_counter()
     runs = []
-    for seed in args.seeds:
+    if args.rescore:  # the scoring changed, the students did not: re-score a saved run
+        old = json.loads(Path(args.rescore).read_text())
+        runs, args.seeds, args.policy = old["runs"], old["seeds"], old["protected"]["policy"]
+    for seed in [] if args.rescore else args.seeds:
         teacher, _, result = train_and_wrap(data, seed, log=log)
         if args.save_bundles:
             export_bundle(result.box, Path(args.save_bundles) / f"seed{seed}", name=f"{args.data}-seed{seed}",
@@ -87,16 +106,8 @@ def main() -> int:
         runs.append({"seed": seed, "teacher": rt.to_dict(), "protected": rp.to_dict(), "authorized": auth,
                      "wrap": {k: result.report[k] for k in ("teacher_acc", "public_acc", "keyed_acc")}})
 
-    summary = {
-        "dataset": args.data, "seeds": args.seeds,
-        "teacher": combine([r["teacher"] for r in runs], base.threshold),
-        "protected": {**combine([r["protected"] for r in runs], base.threshold), "policy": args.policy},
-        "authorized": {"n": base.transfer_n,
-                       "kd_keyed": statistics.fmean(r["authorized"]["kd_keyed"] for r in runs),
-                       "kd_teacher": statistics.fmean(r["authorized"]["kd_teacher"] for r in runs)},
-        "settings": {k: v for k, v in runs[0]["teacher"]["config"].items() if k != "seeds"},
-        "runs": runs, "seconds": time.perf_counter() - t0,
-    }
+    summary = summarize(args, runs, base.threshold, base.transfer_n)
+    summary["seconds"] = old["seconds"] if args.rescore else time.perf_counter() - t0
     print()
     width = max(len(n) for n in summary["teacher"]["advantages"])
     print(f"{'attack':{width}}  {'teacher':>8}  {'protected':>9}   (mean advantage, points, seeds {args.seeds})")
