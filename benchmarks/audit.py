@@ -89,6 +89,16 @@ def main() -> int:
     if args.rescore:  # the scoring changed, the students did not: re-score a saved run
         old = json.loads(Path(args.rescore).read_text())
         runs, args.seeds, args.policy = old["runs"], old["seeds"], old["protected"]["policy"]
+        for run in runs:
+            for who in ("teacher", "protected"):
+                rep = run[who]
+                attacks = score({n: a["accs"] for n, a in rep["attacks"].items()},
+                                {n: a["family"] for n, a in rep["attacks"].items()})
+                for n, a in attacks.items():
+                    a["detail"] = rep["attacks"][n].get("detail", [])
+                rep["attacks"] = attacks
+                rep["reference"], rep["worst_attack"], rep["max_advantage"] = verdict_of(attacks)
+                rep["verdict"] = "protected" if rep["max_advantage"] <= base.threshold else "leaks"
     for seed in [] if args.rescore else args.seeds:
         teacher, _, result = train_and_wrap(data, seed, log=log)
         if args.save_bundles:
