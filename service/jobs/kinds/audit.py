@@ -11,7 +11,16 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ...errors import invalid
-from .base import NAME_PATTERN, JobParams, Submission, check_arch, data_name, job_kind, under
+from .base import (
+    NAME_PATTERN,
+    JobParams,
+    Submission,
+    check_arch,
+    data_name,
+    job_kind,
+    served_model_path,
+    weights_file,
+)
 
 # sdb_core.protect.audit.FAMILIES, spelled out so that validating a submission imports no torch
 # (tests/service/test_jobs_audit.py checks the two agree).
@@ -51,10 +60,7 @@ def check(p: AuditParams, sub: Submission) -> AuditParams:
     try:
         update = {"data": data_name(p.data, sub.settings)}
         if p.teacher_weights is not None:
-            path = under(sub.settings.data_dir, p.teacher_weights, "teacher_weights")
-            if not path.is_file():
-                raise ValueError(f"no teacher weights at {p.teacher_weights!r} under the data directory")
-            update["teacher_weights"] = str(path)
+            update["teacher_weights"] = weights_file(p.teacher_weights, sub.settings)
     except ValueError as e:
         raise invalid(str(e), "invalid_params") from None
     if p.model is not None:
@@ -72,11 +78,8 @@ def run(ctx, p: AuditParams) -> dict:
 
     data = load_dataset(p.data)
     if p.model is not None:
-        row = next((r for r in ctx.queue.store.list_models()
-                    if r.name == p.model and r.version == p.model_version), None)
-        if row is None:
-            raise ValueError(f"model {p.model!r} version {p.model_version!r} is no longer served")
-        target = load_bundle(row.path)  # no master key: the public path is all an attacker has
+        bundle_path = served_model_path(ctx.queue, p.model, p.model_version)
+        target = load_bundle(bundle_path)  # no master key: the public path is all an attacker has
         if list(target.meta["input"]["shape"]) != list(data.in_shape):
             raise ValueError(f"model input shape {target.meta['input']['shape']} does not match "
                              f"{p.data}'s {list(data.in_shape)}")

@@ -78,6 +78,22 @@ def under(root: Path, relative: str, what: str) -> Path:
     return full
 
 
+def weights_file(relative: str, settings: Settings) -> str:
+    """A weights file named relative to the data dir; it must exist there (ValueError otherwise)."""
+    path = under(settings.data_dir, relative, "teacher_weights")
+    if not path.is_file():
+        raise ValueError(f"no teacher weights at {relative!r} under the data directory")
+    return str(path)
+
+
+def served_model_path(queue: JobQueue, name: str, version: str) -> str:
+    """The bundle path of a model version pinned at submission; ValueError if it was removed since."""
+    row = next((r for r in queue.store.list_models() if r.name == name and r.version == version), None)
+    if row is None:
+        raise ValueError(f"model {name!r} version {version!r} is no longer served")
+    return row.path
+
+
 def data_name(value: str, settings: Settings) -> str:
     """A data set name; one with a path (``imagefolder:PATH``) must point inside the data dir."""
     from sdb_core.data import list_datasets

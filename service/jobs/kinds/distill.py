@@ -9,7 +9,16 @@ from pydantic import Field, field_validator, model_validator
 from ...auth import check_scope
 from ...errors import invalid
 from ...pipelines import DistillSpec, bundle_teacher, distill_student, weights_teacher
-from .base import NAME_PATTERN, JobParams, Submission, check_arch, data_name, job_kind, under
+from .base import (
+    NAME_PATTERN,
+    JobParams,
+    Submission,
+    check_arch,
+    data_name,
+    job_kind,
+    served_model_path,
+    weights_file,
+)
 
 
 class DistillParams(JobParams):
@@ -42,10 +51,7 @@ def check(p: DistillParams, sub: Submission) -> DistillParams:
     try:
         update = {"data": data_name(p.data, sub.settings)}
         if p.teacher_weights is not None:
-            path = under(sub.settings.data_dir, p.teacher_weights, "teacher_weights")
-            if not path.is_file():
-                raise ValueError(f"no teacher weights at {p.teacher_weights!r} under the data directory")
-            update["teacher_weights"] = str(path)
+            update["teacher_weights"] = weights_file(p.teacher_weights, sub.settings)
     except ValueError as e:
         raise invalid(str(e), "invalid_params") from None
     if p.teacher is not None:
@@ -65,11 +71,8 @@ def run(ctx, p: DistillParams) -> dict:
 
     data = load_dataset(p.data)
     if p.teacher is not None:
-        row = next((r for r in ctx.queue.store.list_models()
-                    if r.name == p.teacher and r.version == p.teacher_version), None)
-        if row is None:
-            raise ValueError(f"model {p.teacher!r} version {p.teacher_version!r} is no longer served")
-        teacher = bundle_teacher(row.path, ctx.settings.master_key, authorized=True)
+        bundle_path = served_model_path(ctx.queue, p.teacher, p.teacher_version)
+        teacher = bundle_teacher(bundle_path, ctx.settings.master_key, authorized=True)
         source = f"model {p.teacher} version {p.teacher_version} (keyed path)"
     else:
         teacher = weights_teacher(p.teacher_weights, p.teacher_arch, data)
