@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -136,13 +137,14 @@ def run_sdb(*args: str, env: dict) -> subprocess.CompletedProcess:
 class Server:
     """``sdb serve`` as a subprocess on a free loopback port."""
 
-    def __init__(self, data_dir: Path, bundles: Bundles):
+    def __init__(self, data_dir: Path, bundles: Bundles, env: dict[str, str] | None = None,
+                 ready_timeout: float = 60.0):
         self.port = free_port()
-        self.env = sdb_env(data_dir, bundles, self.port)
+        self.env = {**sdb_env(data_dir, bundles, self.port), **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([SDB, "serve", "--host", "127.0.0.1"], env=self.env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self._wait_ready()
+        self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -157,8 +159,9 @@ class Server:
             time.sleep(0.05)  # polling a port that is not open yet: there is nothing to wait on
         raise TimeoutError("sdb serve did not become ready")
 
-    def stop(self) -> str:
-        self.proc.terminate()
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
         try:
             _, err = self.proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:

@@ -8,13 +8,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
-
 from service.auth import create_key
 from service.settings import Settings
 from service.store import Store
 
-from .conftest import SDB, Bundles, free_port, sdb_env
+from .conftest import SDB, Bundles, Server, sdb_env
 
 # Short intervals so that the tests see cancel, death and reaping in seconds.
 FAST = {"SDB_JOB_POLL_S": "0.2", "SDB_JOB_HEARTBEAT_S": "0.4", "SDB_JOB_STALE_S": "3", "SDB_JOB_REAP_S": "0.5",
@@ -40,36 +38,15 @@ def key(settings: Settings, scopes, **kw) -> str:
     return token
 
 
-class JobServer:
+class JobServer(Server):
     """``sdb serve`` with its job workers, as a subprocess on a free loopback port."""
 
     def __init__(self, data_dir: Path, bundles: Bundles, **env: str):
-        self.port = free_port()
-        self.env = {**sdb_env(data_dir, bundles, self.port), **FAST, **env}
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([SDB, "serve", "--host", "127.0.0.1"], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sdb serve exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("sdb serve did not become ready")
+        # Starting the worker pool too takes longer than a bare server.
+        super().__init__(data_dir, bundles, {**FAST, **env}, ready_timeout=90.0)
 
     def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        try:
-            _, err = self.proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return err
+        return super().stop(signal.SIGINT)  # SIGINT: workers put their jobs back and exit
 
 
 def start_worker(data_dir: Path, bundles: Bundles, **env: str) -> subprocess.Popen:
