@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch only where a bundle is made: loading one must stay li
 FORMAT = "sdb-bundle/1"
 MODEL_FILE, META_FILE, KEY_FILE = "model.onnx", "meta.json", "key.sealed"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
+MODES = ("sdb", "nasty", "plain")  # keyed box, keyless box, any network with no key (pose, style, ...)
 MAX_MEMBER_BYTES = 2 << 30  # a bundle member larger than this is not a bundle we wrote
 
 
@@ -55,52 +56,87 @@ def _meta_digest(meta: dict) -> bytes:
     return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
-def export_onnx(model: nn.Module, in_shape: Sequence[int]) -> bytes:
-    """The network as ONNX bytes, batch axis dynamic, input ``input``, output ``logits``."""
+def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: bool = False) -> bytes:
+    """The network as ONNX bytes, batch axis dynamic, input ``input``, output ``logits``.
+
+    ``dynamic_spatial`` also frees the trailing H, W axes of input and output (fully
+    convolutional networks, e.g. style transfer, that take any image size).
+    """
     import torch
 
     model = model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
+    in_axes: dict[int, str] = {0: "batch"}
+    out_axes: dict[int, str] = {0: "batch"}
+    if dynamic_spatial:
+        in_axes.update({len(in_shape) - 1: "height", len(in_shape): "width"})
+        out_axes.update({2: "out_height", 3: "out_width"})
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: fast, no onnxscript needed, and exact for these graphs.
         torch.onnx.export(model, (torch.zeros(2, *in_shape, device=device),), buf,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          dynamic_axes={INPUT_NAME: in_axes, OUTPUT_NAME: out_axes},
                           opset_version=17, dynamo=False)
     return buf.getvalue()
 
 
+def _output_shape(model: nn.Module, in_shape: Sequence[int]) -> list[int]:
+    """The per-sample output shape of ``model`` on a zero input (a plain module's ``output.shape``)."""
+    import torch
+
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    with torch.no_grad():
+        return list(model.eval()(torch.zeros(1, *in_shape, device=device)).shape[1:])
+
+
 def export_bundle(
-    box: SafeDistillationBox,
+    box: SafeDistillationBox | nn.Module,
     out: str | os.PathLike,
     *,
     name: str,
     in_shape: Sequence[int],
     mean: Sequence[float],
     std: Sequence[float],
-    labels: Sequence[str],
-    master_key: bytes | None,
+    labels: Sequence[str] = (),
+    master_key: bytes | None = None,
     version: str = "1",
     task: str = "classification",
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    dynamic_spatial: bool = False,
 ) -> Path:
-    """Write ``box`` as a bundle directory, or a zip when ``out`` ends in ``.sdb``."""
-    if box.has_key and master_key is None:
+    """Write ``box`` as a bundle directory, or a zip when ``out`` ends in ``.sdb``.
+
+    ``box`` is a :class:`SafeDistillationBox` (modes ``sdb`` and ``nasty``) or a plain
+    ``nn.Module``: mode ``plain``, no key, any output shape (pose heatmaps, images, ...)
+    and any ``task``; what a plain model's outputs mean is the task's business.
+    """
+    from .protect.box import SafeDistillationBox
+
+    if isinstance(box, SafeDistillationBox):
+        model, mode, has_key = box.model, box.mode, box.has_key
+        lam, temperature = (box.lam if box.has_key else None), box.temperature
+        out_shape = [len(labels)]
+    else:
+        model, mode, has_key, lam, temperature = box, "plain", False, None, None
+        out_shape = _output_shape(model, in_shape)
+    if has_key and master_key is None:
         raise BundleError("a keyed box needs the master key to seal its key")
-    files = {MODEL_FILE: export_onnx(box.model, in_shape)}
+    files = {MODEL_FILE: export_onnx(model, in_shape, dynamic_spatial=dynamic_spatial)}
     meta: dict[str, Any] = {
-        "format": FORMAT, "name": name, "version": str(version), "task": task, "mode": box.mode,
+        "format": FORMAT, "name": name, "version": str(version), "task": task, "mode": mode,
         "input": {"name": INPUT_NAME, "shape": list(in_shape), "dtype": "float32"},
-        "output": {"name": OUTPUT_NAME, "shape": [len(labels)]},
+        "output": {"name": OUTPUT_NAME, "shape": out_shape},
         "normalize": {"mean": list(map(float, mean)), "std": list(map(float, std)), "scale": 255.0},
-        "labels": list(labels), "lam": box.lam if box.has_key else None, "temperature": box.temperature,
+        "labels": list(labels), "lam": lam, "temperature": temperature,
         "metrics": metrics or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
-    if box.has_key:
+    if dynamic_spatial:
+        meta["input"]["dynamic_spatial"] = True
+    if has_key:
         files[KEY_FILE] = seal(box.reveal_key(), master_key, aad=_meta_digest(meta))
     meta["files"] = {n: _sha256(b) for n, b in files.items()}
     files[META_FILE] = json.dumps(meta, indent=2).encode()
@@ -166,6 +202,8 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
     for key in ("name", "version", "input", "labels", "normalize", "mode"):
         if key not in meta:
             raise BundleError(f"{where}: {META_FILE} has no {key!r}")
+    if meta["mode"] not in MODES:
+        raise BundleError(f"{where}: unknown mode {meta['mode']!r}")
     if meta["mode"] == "sdb" and KEY_FILE not in listed:
         raise BundleError(f"{where}: an sdb-mode bundle must carry {KEY_FILE}")
     return meta

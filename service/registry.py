@@ -70,7 +70,7 @@ class HostedModel:
 
     async def logits(self, x: np.ndarray, keyed: bool = False) -> np.ndarray:
         if keyed and not self.distillable:
-            raise ApiError(400, "not_distillable", f"model {self.name!r} has no keyed path (Nasty mode)")
+            raise ApiError(400, "not_distillable", f"model {self.name!r} has no keyed path ({self.meta['mode']} mode)")
         return await self.batcher.submit((x, keyed), len(x))
 
     def describe(self) -> dict:

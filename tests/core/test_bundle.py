@@ -3,6 +3,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from sdb_core.bundle import BundleError, export_bundle, load_bundle
 from sdb_core.protect import NastyConfig, SDBConfig, SealError, wrap, wrap_nasty
@@ -98,3 +99,28 @@ def test_nasty_and_outside_models_export(tmp_path, digits):
     assert not b.has_key and not (path / "key.sealed").exists()
     x = digits.test.tensors[0][:5]
     assert np.abs(b.public_logits(x.numpy()) - nasty.public_logits(x).numpy()).max() <= 1e-4
+
+
+def test_plain_module_exports_with_any_output_shape_and_free_spatial_axes(tmp_path):
+    # A fully convolutional net (a pose or style model, say): no key, output not a label vector.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    path = export_bundle(net, tmp_path / "p", name="p", in_shape=(3, 16, 16), mean=[0.0] * 3, std=[1.0] * 3,
+                         task="pose", dynamic_spatial=True)
+    b = load_bundle(path, new_master_key())
+    assert b.meta["mode"] == "plain" and b.meta["task"] == "pose" and not b.has_key
+    assert b.meta["output"]["shape"] == [2, 16, 16]
+    x = torch.rand(3, 3, 24, 20)  # another size than exported: the spatial axes are free
+    with torch.no_grad():
+        want = net(x).numpy()
+    assert np.abs(b.public_logits(x.numpy()) - want).max() <= 1e-4
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    net = torch.nn.Linear(4, 2)
+    path = export_bundle(net, tmp_path / "m", name="m", in_shape=(4,), mean=[0.0], std=[1.0])
+    meta = json.loads((path / "meta.json").read_text())
+    meta["mode"] = "open-sesame"
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="unknown mode"):
+        load_bundle(path)
