@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install postgres lint bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -31,7 +31,16 @@ run: $(STAMP)
 	@echo ""
 	SDB_DATA_DIR=$(DATA_DIR) $(BIN)/sdb serve --host 127.0.0.1 --port 8000
 
-test: $(STAMP)
+# The store tests run on SQLite and on PostgreSQL: they start a throwaway PostgreSQL cluster
+# themselves (tests/service/pgcluster.py), which needs the server binaries. As root on
+# Debian/Ubuntu this installs them; anyone else is told the command.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else echo "the tests need the PostgreSQL server: sudo apt-get install -y postgresql"; exit 1; fi
+
+test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -19,6 +19,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".sdb")
     database_url: str | None = None  # default: SQLite in the data dir
+    # The database password from a file (a compose or Kubernetes secret), so that it is in
+    # neither the URL nor the environment; used when the URL itself has no password.
+    database_password_file: Path | None = None
     master_key_file: Path | None = None  # default: <data_dir>/master.key
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -56,7 +59,17 @@ class Settings(BaseSettings):
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'sdb.sqlite3').resolve()}"
+        if not self.database_url:
+            return f"sqlite:///{(self.data_dir / 'sdb.sqlite3').resolve()}"
+        if self.database_password_file is None:
+            return self.database_url
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_url)
+        if url.password:
+            return self.database_url
+        password = self.database_password_file.read_text().strip()
+        return url.set(password=password).render_as_string(hide_password=False)
 
     @property
     def master_key_path(self) -> Path:

@@ -21,9 +21,10 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -129,10 +130,21 @@ def _v2(conn: Connection) -> None:
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
 
 
+# Any constant: the PostgreSQL advisory lock that serialises migrations across processes and hosts.
+_MIGRATE_LOCK = 0x5DB0_0001
+
+
 def migrate(engine: Engine) -> int:
-    """Bring the schema to the latest version; returns it."""
-    SchemaVersion.__table__.create(engine, checkfirst=True)
+    """Bring the schema to the latest version; returns it.
+
+    One transaction. On PostgreSQL (where DDL is transactional) it first takes an advisory
+    lock: the API and every worker start at once on a fresh database, and without the lock
+    two of them would both find no table and race to create it.
+    """
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+        SchemaVersion.__table__.create(conn, checkfirst=True)
         row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).scalar()
         current = row or 0
         for step in MIGRATIONS[current:]:
@@ -148,6 +160,7 @@ class Store:
     """The engine and a session factory; every method opens and closes its own session."""
 
     def __init__(self, url: str):
+        url = normalise_url(url)
         sqlite = url.startswith("sqlite")
         self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
                                     pool_pre_ping=not sqlite)
@@ -165,8 +178,11 @@ class Store:
 
     # ---------------------------------------------------------------- audit
     def audit(self, actor: str, action: str, target: str = "", detail: str = "") -> None:
+        # Clipped to the columns: PostgreSQL refuses an over-long value (SQLite kept it), and a
+        # long bundle path must not turn an audit line into a failed request.
         with self.session.begin() as s:
-            s.add(AuditRow(at=time.time(), actor=actor, action=action, target=target, detail=detail))
+            s.add(AuditRow(at=time.time(), actor=actor[:64], action=action[:64], target=target[:300],
+                           detail=detail))
 
     def audit_log(self, limit: int = 100) -> list[AuditRow]:
         with self.session() as s:
@@ -252,6 +268,16 @@ class Store:
             if key_id is not None:
                 q = q.where(UsageRow.key_id == key_id)
             return list(s.scalars(q))
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` (and ``postgres://``) mean psycopg 3, the driver the project pins;
+    SQLAlchemy alone would pick psycopg2, which is not installed."""
+    u = make_url(url)
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+        return u.render_as_string(hide_password=False)
+    return url
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

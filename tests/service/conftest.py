@@ -1,5 +1,9 @@
 """Real fixtures for the service: a bundle trained on ``digits`` once per session, and a
-real app on a real SQLite file per test, driven in process or through uvicorn."""
+real app on a real SQLite file per test, driven in process or through uvicorn.
+
+``db_url`` is the store matrix: a test (or a module, with ``pytest.mark.usefixtures("db_url")``)
+that asks for it runs twice, on SQLite and on PostgreSQL, with ``SDB_DATABASE_URL`` set so that
+the app, the CLI and every worker process it starts use that store."""
 from __future__ import annotations
 
 import os
@@ -20,8 +24,44 @@ from service.app import build_app
 from service.auth import create_key
 from service.settings import Settings
 
+from .pgcluster import Cluster, Databases, PostgresMissing
+
 ROOT = Path(__file__).resolve().parents[2]
 SDB = str(ROOT / ".venv" / "bin" / "sdb") if (ROOT / ".venv" / "bin" / "sdb").exists() else shutil.which("sdb")
+
+
+@pytest.fixture(scope="session")
+def pg_databases():
+    """A throwaway PostgreSQL cluster for the session (or SDB_TEST_DATABASE_URL's server)."""
+    external = os.environ.get("SDB_TEST_DATABASE_URL")
+    if external:
+        yield Databases(external)
+        return
+    try:
+        cluster = Cluster().start()
+    except PostgresMissing as e:
+        pytest.fail(str(e), pytrace=False)  # fail, never skip: see pgcluster.py
+    try:
+        yield Databases(cluster.admin_url)
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path, monkeypatch) -> str:
+    """The store URL of this test, exported as SDB_DATABASE_URL: a SQLite file, or a fresh database."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+        monkeypatch.setenv("SDB_DATABASE_URL", url)
+        yield url
+        return
+    databases = request.getfixturevalue("pg_databases")
+    url = databases.create()
+    monkeypatch.setenv("SDB_DATABASE_URL", url)
+    try:
+        yield url
+    finally:
+        databases.drop(url)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from sqlalchemy import update
 from service.auth import hash_secret, parse_token
 from service.store import ApiKeyRow
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("db_url")]  # SQLite and PostgreSQL
 
 X = np.zeros((2, 1, 8, 8), np.float32)
 V2 = {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": X.ravel().tolist()}],

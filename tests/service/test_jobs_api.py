@@ -1,6 +1,6 @@
-"""The /v1/jobs routes in process (real app, real SQLite): validation per kind, scope and
-ownership, idempotency, cancel of a queued job, logs, artifacts, the claim and the reaper,
-and the schema migration of a data dir made before jobs existed."""
+"""The /v1/jobs routes in process (real app, on SQLite and on PostgreSQL): validation per kind,
+scope and ownership, idempotency, cancel of a queued job, logs, artifacts, the claim and the
+reaper, and the schema migration of a store made before jobs existed."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,8 @@ from service.jobs.queue import JobQueue
 from service.store import Store
 
 from .conftest import make_settings, start_service
+
+pytestmark = pytest.mark.usefixtures("db_url")  # every test on SQLite and on PostgreSQL
 
 WRAP = {"data": "digits", "arch": "cnn", "epochs": 1, "name": "digits-demo", "deploy": True}
 DISTILL = {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1}
@@ -161,8 +163,8 @@ async def test_cancel_queued_logs_and_artifacts(jsvc):
     assert r.status_code == 200  # cancelling a cancelled job is harmless
 
 
-def test_claim_is_exclusive_and_the_reaper_ends_silent_jobs(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'q.sqlite3'}")
+def test_claim_is_exclusive_and_the_reaper_ends_silent_jobs(db_url):
+    store = Store(db_url)
     q = JobQueue(store)
     ids = [q.submit("wrap", {"i": i}, "owner")[0].id for i in range(3)]
     a, b = q.claim("a"), q.claim("b")
@@ -188,8 +190,8 @@ def test_claim_is_exclusive_and_the_reaper_ends_silent_jobs(tmp_path):
     store.close()
 
 
-def test_an_existing_data_dir_gets_the_jobs_table(tmp_path):
-    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+def test_an_existing_data_dir_gets_the_jobs_table(db_url):
+    url = db_url
     engine = create_engine(url)
     with engine.begin() as conn:  # the schema as the first release left it
         conn.execute(text("CREATE TABLE schema_version (id INTEGER PRIMARY KEY, version INTEGER)"))

@@ -17,7 +17,7 @@ from service.middleware import ServiceMiddleware
 
 from .conftest import make_settings, run_sdb, sdb_env, start_service
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("db_url")]  # SQLite and PostgreSQL
 GOOD = {"inputs": np.zeros((2, 1, 8, 8)).tolist()}
 
 

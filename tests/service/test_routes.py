@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdb_core.bundle import load_bundle
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("db_url")]  # SQLite and PostgreSQL
 
 
 def v2_body(x: np.ndarray, *outputs: str) -> dict:
