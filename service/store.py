@@ -137,13 +137,17 @@ _MIGRATE_LOCK = 0x5DB0_0001
 def migrate(engine: Engine) -> int:
     """Bring the schema to the latest version; returns it.
 
-    One transaction. On PostgreSQL (where DDL is transactional) it first takes an advisory
-    lock: the API and every worker start at once on a fresh database, and without the lock
-    two of them would both find no table and race to create it.
+    One transaction, serialised across processes: the API and every worker start at once on
+    a fresh database, and without a lock two of them both found no table and raced to create
+    it. PostgreSQL (DDL is transactional) takes an advisory lock, SQLite its write lock.
     """
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
+        elif conn.dialect.name == "sqlite":
+            # The write lock now: the sqlite3 driver opens no transaction for DDL, so two
+            # processes on a fresh data dir (server and workers) both created the tables.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
         SchemaVersion.__table__.create(conn, checkfirst=True)
         row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).scalar()
         current = row or 0

@@ -1,0 +1,149 @@
+"""The store under concurrency, on SQLite and on PostgreSQL: processes starting at once on a fresh
+database, claims racing over many connections, and two ``sdb worker`` processes (as
+``docker compose up --scale worker=2`` runs them) sharing one PostgreSQL job table. Then what
+only PostgreSQL has: ``postgresql://`` URLs and the password from a file."""
+from __future__ import annotations
+
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from sdb_client import Client
+from sqlalchemy import inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from service.jobs.queue import JobQueue
+from service.settings import Settings
+from service.store import MIGRATIONS, JobRow, SchemaVersion, Store
+
+from .conftest import SDB, sdb_env
+from .jobs_helpers import FAST, JobServer, key, prepare, stop_worker, wait_for
+
+QUICK = {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
+
+
+def _together(n: int, fn) -> list:
+    """Run ``fn(i)`` in ``n`` threads released at the same instant; their results, or raise the first error."""
+    barrier = threading.Barrier(n)
+    out: list = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = fn(i)
+        except BaseException as e:  # noqa: BLE001  (re-raised below in the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def test_processes_starting_at_once_migrate_a_fresh_store_once(db_url):
+    stores = _together(6, lambda _: Store(db_url))
+    try:
+        with stores[0].session() as s:
+            assert s.scalars(select(SchemaVersion.version)).all() == [len(MIGRATIONS)]
+        assert {"schema_version", "api_keys", "models", "usage", "audit_log", "jobs"} <= set(
+            inspect(stores[0].engine).get_table_names())
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_racing_claims_take_every_job_exactly_once(db_url):
+    setup = Store(db_url)
+    ids = {JobQueue(setup).submit("wrap", {"i": i}, "owner")[0].id for i in range(40)}
+    stores = [Store(db_url) for _ in range(6)]  # one engine (its own connections) per claimer
+
+    def drain(i: int) -> list[str]:
+        queue, mine = JobQueue(stores[i]), []
+        while (job := queue.claim(f"w{i}")) is not None:
+            mine.append(job.id)
+        return mine
+
+    try:
+        claimed = _together(6, drain)
+        flat = [j for c in claimed for j in c]
+        assert len(flat) == len(set(flat)) == 40 and set(flat) == ids
+        with setup.session() as s:
+            rows = list(s.scalars(select(JobRow)))
+        by_worker = {r.id: r.worker for r in rows}
+        for i, mine in enumerate(claimed):
+            assert all(by_worker[j] == f"w{i}" for j in mine)
+        assert {(r.status, r.attempts) for r in rows} == {("running", 1)}
+    finally:
+        for s in (setup, *stores):
+            s.close()
+
+
+def _start_worker(data: Path, bundles, log: Path) -> subprocess.Popen:
+    """``sdb worker`` as the compose file's worker service runs it; its log goes to ``log``."""
+    with log.open("w") as f:
+        return subprocess.Popen([SDB, "worker"], env={**sdb_env(data, bundles), **FAST},
+                                stdout=subprocess.DEVNULL, stderr=f)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_worker_processes_share_one_postgresql_job_table(db_url, tmp_path, bundles):
+    data = tmp_path / "data"
+    settings = prepare(data, bundles, {"digits-a": bundles.a})
+    assert settings.db_url == db_url  # the whole test runs on the PostgreSQL database
+    token = key(settings, ["jobs", "distill"])
+    server = JobServer(data, bundles, SDB_WORKERS="0")  # the API alone, like `sdb serve --workers 0`
+    logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+    workers = [_start_worker(data, bundles, log) for log in logs]
+    try:
+        # both polling before anything is queued, so that the two really compete
+        wait_for(lambda: all("worker worker:" in log.read_text() for log in logs), 90, "both workers up")
+        with Client(server.url, token) as c:
+            ids = [c.jobs.submit("distill", {**QUICK, "seed": i})["id"] for i in range(6)]
+            jobs = [c.jobs.wait(i, timeout=180, poll_s=0.2) for i in ids]
+            assert [j["status"] for j in jobs] == ["succeeded"] * 6, jobs
+            assert [j["attempts"] for j in jobs] == [1] * 6
+            for i in ids:
+                assert c.jobs.logs(i).text.count(" attempt ") == 1  # started once, by one worker
+        pids = {w.pid for w in workers}
+        ran = {int(j["worker"].rsplit(":", 1)[1]) for j in jobs}
+        assert ran == pids, (ran, pids)  # both took jobs, and nobody else did
+        for log in logs:
+            assert "Traceback" not in log.read_text()
+    finally:
+        for w in workers:
+            stop_worker(w)
+        server.stop()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_postgresql_urls_and_the_password_file(db_url, tmp_path, monkeypatch):
+    url = make_url(db_url)
+    assert url.drivername == "postgresql+psycopg" and url.password
+    plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    store = Store(plain)  # what a user writes: postgresql://... means psycopg 3 here
+    try:
+        assert store.engine.dialect.driver == "psycopg"
+        store.add_model("m", "1", "/p")
+    finally:
+        store.close()
+
+    monkeypatch.delenv("SDB_DATABASE_URL")
+    no_password = url._replace(password=None).render_as_string(hide_password=False)  # set() keeps it
+    with pytest.raises(OperationalError, match="password"):
+        Store(no_password)  # the test cluster asks for a password over TCP
+    pw = tmp_path / "pg_password"
+    pw.write_text(url.password + "\n")
+    s = Settings(data_dir=tmp_path, database_url=no_password, database_password_file=pw)
+    assert url.password not in repr(s)  # the settings never hold the password itself
+    store = Store(s.db_url)
+    try:
+        assert [(m.name, m.version) for m in store.list_models()] == [("m", "1")]
+    finally:
+        store.close()
