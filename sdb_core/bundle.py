@@ -56,39 +56,52 @@ def _meta_digest(meta: dict) -> bytes:
     return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).digest()
 
 
-def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: bool = False) -> bytes:
+def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: bool = False,
+                extra_inputs: Sequence[tuple[str, Sequence[int]]] = ()) -> bytes:
     """The network as ONNX bytes, batch axis dynamic, input ``input``, output ``logits``.
 
     ``dynamic_spatial`` also frees the trailing H, W axes of input and output (fully
     convolutional networks, e.g. style transfer, that take any image size).
+    ``extra_inputs`` are further ``(name, per-sample shape)`` inputs after ``input``, batched
+    like it (a second image, a per-sample scalar with shape ``[]``); with ``dynamic_spatial``
+    an image-shaped one (C, H, W) gets its own free H, W axes.
     """
     import torch
 
     model = model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
-    in_axes: dict[int, str] = {0: "batch"}
+    names, args, axes = [], [], {}
+    for name, shape in [(INPUT_NAME, in_shape), *extra_inputs]:
+        a: dict[int, str] = {0: "batch"}
+        if dynamic_spatial and len(shape) == len(in_shape) >= 2:
+            prefix = "" if name == INPUT_NAME else f"{name}_"
+            a.update({len(shape) - 1: f"{prefix}height", len(shape): f"{prefix}width"})
+        names.append(name)
+        args.append(torch.zeros(2, *shape, device=device))
+        axes[name] = a
     out_axes: dict[int, str] = {0: "batch"}
     if dynamic_spatial:
-        in_axes.update({len(in_shape) - 1: "height", len(in_shape): "width"})
         out_axes.update({2: "out_height", 3: "out_width"})
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: fast, no onnxscript needed, and exact for these graphs.
-        torch.onnx.export(model, (torch.zeros(2, *in_shape, device=device),), buf,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: in_axes, OUTPUT_NAME: out_axes},
+        torch.onnx.export(model, tuple(args), buf,
+                          input_names=names, output_names=[OUTPUT_NAME],
+                          dynamic_axes={**axes, OUTPUT_NAME: out_axes},
                           opset_version=17, dynamo=False)
     return buf.getvalue()
 
 
-def _output_shape(model: nn.Module, in_shape: Sequence[int]) -> list[int]:
+def _output_shape(model: nn.Module, in_shape: Sequence[int],
+                  extra_inputs: Sequence[tuple[str, Sequence[int]]] = ()) -> list[int]:
     """The per-sample output shape of ``model`` on a zero input (a plain module's ``output.shape``)."""
     import torch
 
     device = next(iter(model.parameters()), torch.empty(0)).device
+    args = [torch.zeros(1, *shape, device=device) for shape in [in_shape, *(s for _, s in extra_inputs)]]
     with torch.no_grad():
-        return list(model.eval()(torch.zeros(1, *in_shape, device=device)).shape[1:])
+        return list(model.eval()(*args).shape[1:])
 
 
 def export_bundle(
@@ -106,12 +119,14 @@ def export_bundle(
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     dynamic_spatial: bool = False,
+    extra_inputs: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> Path:
     """Write ``box`` as a bundle directory, or a zip when ``out`` ends in ``.sdb``.
 
     ``box`` is a :class:`SafeDistillationBox` (modes ``sdb`` and ``nasty``) or a plain
     ``nn.Module``: mode ``plain``, no key, any output shape (pose heatmaps, images, ...)
     and any ``task``; what a plain model's outputs mean is the task's business.
+    ``extra_inputs`` (plain modules only) are further named inputs, listed in ``meta["inputs"]``.
     """
     from .protect.box import SafeDistillationBox
 
@@ -119,12 +134,14 @@ def export_bundle(
         model, mode, has_key = box.model, box.mode, box.has_key
         lam, temperature = (box.lam if box.has_key else None), box.temperature
         out_shape = [len(labels)]
+        if extra_inputs:
+            raise BundleError("a protection box has one input; extra_inputs are for plain modules")
     else:
         model, mode, has_key, lam, temperature = box, "plain", False, None, None
-        out_shape = _output_shape(model, in_shape)
+        out_shape = _output_shape(model, in_shape, extra_inputs)
     if has_key and master_key is None:
         raise BundleError("a keyed box needs the master key to seal its key")
-    files = {MODEL_FILE: export_onnx(model, in_shape, dynamic_spatial=dynamic_spatial)}
+    files = {MODEL_FILE: export_onnx(model, in_shape, dynamic_spatial=dynamic_spatial, extra_inputs=extra_inputs)}
     meta: dict[str, Any] = {
         "format": FORMAT, "name": name, "version": str(version), "task": task, "mode": mode,
         "input": {"name": INPUT_NAME, "shape": list(in_shape), "dtype": "float32"},
@@ -136,6 +153,11 @@ def export_bundle(
     }
     if dynamic_spatial:
         meta["input"]["dynamic_spatial"] = True
+    if extra_inputs:  # only then: single-input bundles keep their meta.json exactly as before
+        meta["inputs"] = [dict(meta["input"])] + [
+            {"name": n, "shape": list(s), "dtype": "float32",
+             **({"dynamic_spatial": True} if dynamic_spatial and len(s) == len(in_shape) >= 2 else {})}
+            for n, s in extra_inputs]
     if has_key:
         files[KEY_FILE] = seal(box.reveal_key(), master_key, aad=_meta_digest(meta))
     meta["files"] = {n: _sha256(b) for n, b in files.items()}
