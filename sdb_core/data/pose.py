@@ -89,7 +89,8 @@ def pose_figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]
     height = rng.uniform(0.45, 0.85) * size
     torso = height / 3.0
     j = lambda lo, hi: torso * rng.uniform(lo, hi)
-    lean = rng.uniform(-15, 15)
+    # Mostly upright, sometimes strongly tilted (falling, cartwheels): the mean pose must not score well.
+    lean = rng.uniform(-25, 25) if rng.random() < 0.7 else rng.uniform(-100, 100)
     up = _rot(np.array([0.0, -1.0]), lean)      # pelvis -> neck (y grows downwards)
     right = _rot(np.array([1.0, 0.0]), lean)    # towards the image's right = the person's left
     # The pelvis is placed so the figure mostly fits; now and then it is pushed partly out of frame.
@@ -114,12 +115,12 @@ def pose_figure(rng: np.random.Generator, size: int) -> tuple[np.ndarray, float]
         shoulder = neck + sgn * j(0.3, 0.4) * right - 0.05 * torso * up
         hip = pelvis + sgn * j(0.18, 0.26) * right
         # Arm: abduction from hanging down, then the elbow bends either way.
-        d = _rot(-up, -sgn * rng.uniform(-20, 150))
+        d = _rot(-up, -sgn * rng.uniform(-30, 175))
         elbow = shoulder + j(0.5, 0.65) * d
-        wrist = elbow + j(0.45, 0.6) * _rot(d, rng.choice([-1, 1]) * rng.uniform(0, 140))
-        d = _rot(-up, -sgn * rng.uniform(-12, 50))
+        wrist = elbow + j(0.45, 0.6) * _rot(d, rng.choice([-1, 1]) * rng.uniform(0, 150))
+        d = _rot(-up, -sgn * rng.uniform(-20, 80))
         knee = hip + j(0.7, 0.85) * d
-        ankle = knee + j(0.65, 0.8) * _rot(d, rng.uniform(-50, 50))
+        ankle = knee + j(0.65, 0.8) * _rot(d, rng.uniform(-90, 90))
         for i, p in zip((5, 7, 9, 11, 13, 15), (shoulder, elbow, wrist, hip, knee, ankle)):
             k[i + side] = p
     return k, torso
