@@ -44,9 +44,21 @@ async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: 
                        metrics: Metrics) -> np.ndarray:
     check_scope(key, "distill", model.name)
     if not model.distillable:
-        raise ApiError(400, "not_distillable", f"model {model.name!r} has no keyed path (Nasty mode)")
+        task = model.meta.get("task", "classification")
+        raise ApiError(400, "not_distillable", f"model {model.name!r} has no keyed path "
+                       f"({'a ' + task + ' model' if task != 'classification' else 'Nasty mode'})")
     keyring.charge(key, len(x))
     z = await _logits(model, x, keyed=True)
     metrics.samples.labels(model.name, "distill", key.id).inc(len(x))
     keyring.record(key.id, model.name, "distill", len(x))
     return z
+
+
+def pose_predictions(meta: dict, heatmaps: np.ndarray) -> dict:
+    """A pose model's heatmaps as keypoints: (x, y) in input pixels and the peak value per joint."""
+    from sdb_core.heatmaps import decode
+
+    points, scores = decode(heatmaps, int(meta.get("pose", {}).get("stride", 4)))
+    return {"joints": list(meta.get("labels", [])),
+            "predictions": [{"keypoints": np.round(p, 3).tolist(), "scores": np.round(s, 5).tolist()}
+                            for p, s in zip(points, scores)]}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sdb_core.data.pose import CocoKeypoints
+from sdb_core.heatmaps import decode
 
 PCK_ALPHA = 0.2
 
@@ -24,20 +24,7 @@ PCK_ALPHA = 0.2
 def decode_heatmaps(heatmaps: np.ndarray | Tensor, stride: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """(N, J, h, w) heatmaps -> keypoints (N, J, 2) in input pixel indices, and scores (N, J) = peak values."""
     hm = heatmaps.detach().cpu().numpy() if isinstance(heatmaps, Tensor) else np.asarray(heatmaps)
-    n, j, h, w = hm.shape
-    flat = hm.reshape(n, j, -1)
-    idx = flat.argmax(-1)
-    scores = np.take_along_axis(flat, idx[..., None], -1)[..., 0]
-    py, px = np.divmod(idx, w)
-    x, y = px.astype(np.float64), py.astype(np.float64)
-    ni, ji = np.meshgrid(np.arange(n), np.arange(j), indexing="ij")
-    inner_x, inner_y = (px > 0) & (px < w - 1), (py > 0) & (py < h - 1)
-    dx = hm[ni, ji, py, np.clip(px + 1, 0, w - 1)] - hm[ni, ji, py, np.clip(px - 1, 0, w - 1)]
-    dy = hm[ni, ji, np.clip(py + 1, 0, h - 1), px] - hm[ni, ji, np.clip(py - 1, 0, h - 1), px]
-    x += 0.25 * np.sign(dx) * inner_x
-    y += 0.25 * np.sign(dy) * inner_y
-    pts = np.stack([x, y], -1)
-    return (pts + 0.5) * stride - 0.5, scores
+    return decode(hm, stride)
 
 
 def pck(pred: np.ndarray, gt: np.ndarray, visibility: np.ndarray, bboxes: np.ndarray,
@@ -114,11 +101,9 @@ def draw_pose_grid(data: CocoKeypoints, keypoints: np.ndarray, out: str | Path, 
         d = ImageDraw.Draw(tile)
         p = (keypoints[i] + 0.5) * scale
         for a, b in SKELETON:
-            a, b = a - 1, b - 1
-            colour = (255, 140, 0) if a % 2 == 1 and b % 2 == 1 and a > 0 else (60, 140, 255)
-            if a % 2 == 1 and b % 2 == 0 and a > 0:
-                colour = (200, 200, 200)
-            d.line([tuple(p[a]), tuple(p[b])], fill=colour, width=2)
+            a, b = a - 1, b - 1  # COCO's skeleton is 1-based; odd 0-based ids are left joints
+            side = {1: (255, 140, 0), 0: (60, 140, 255)}.get(a % 2) if a % 2 == b % 2 and a and b else None
+            d.line([tuple(p[a]), tuple(p[b])], fill=side or (200, 200, 200), width=2)
         for j in range(len(p)):
             colour = (255, 140, 0) if j % 2 == 1 else (60, 140, 255) if j > 0 else (255, 255, 0)
             d.ellipse([p[j, 0] - 2, p[j, 1] - 2, p[j, 0] + 2, p[j, 1] + 2], fill=colour)
@@ -128,10 +113,4 @@ def draw_pose_grid(data: CocoKeypoints, keypoints: np.ndarray, out: str | Path, 
         grid.paste(tile, ((i % cols) * size, (i // cols) * size))
     out = Path(out)
     grid.save(out)
-    return out
-
-
-def write_report(report: dict, out: str | Path) -> Path:
-    out = Path(out)
-    out.write_text(json.dumps(report, indent=2))
     return out

@@ -17,7 +17,7 @@ from ..deps import (
     SettingsDep,
 )
 from ..errors import ApiError, invalid, not_found
-from ..inference import keyed_logits, public_logits, require_predict
+from ..inference import keyed_logits, pose_predictions, public_logits, require_predict
 from ..registry import HostedModel
 from ..schemas import (
     AddModelRequest,
@@ -87,6 +87,8 @@ async def predict(name: str, request: Request, registry: RegistryDep, settings: 
                   top_k_query: int | None = Query(None, alias="top_k", ge=1, le=1000)) -> Response:
     require_predict(key, name, settings.public_predict)
     model = registry.get(name, version)
+    if model.meta.get("task") == "pose":  # keypoints instead of labels, same inputs
+        return await _predict_pose(model, request, settings, keyring, metrics, key)
     media = _media_type(request)
     if media == "multipart/form-data" or media in _IMAGE_TYPES:
         x, fields = await _images(model, request, media)
@@ -102,6 +104,22 @@ async def predict(name: str, request: Request, registry: RegistryDep, settings: 
     k = min(opts.top_k, len(model.labels))
     return json_response({"model": model.name, "version": model.version,
                           "predictions": top_k(softmax(z), k, model.labels)})
+
+
+async def _predict_pose(model: HostedModel, request: Request, settings, keyring, metrics, key) -> Response:
+    """Keypoints (x, y in input pixels) with a score per joint; a pose model has no keyed path."""
+    media = _media_type(request)
+    if media == "multipart/form-data" or media in _IMAGE_TYPES:
+        x, _ = await _images(model, request, media)
+    elif media in ("application/json", ""):
+        obj = parse_json(await request.body())
+        x = as_batch(to_array(obj.get("inputs")), model.in_shape, settings.max_request_samples)
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       f"send application/json, multipart/form-data, image/png or image/jpeg, not {media}")
+    heatmaps = await public_logits(model, x, key, keyring, metrics)
+    return json_response({"model": model.name, "version": model.version, "task": "pose",
+                          **pose_predictions(model.meta, heatmaps)})
 
 
 @router.post("/{name}/distill", response_model=DistillResponse,

@@ -1,0 +1,71 @@
+"""A pose bundle exported from an OKDHP run, served by ``sdb serve``: predict returns keypoints with scores
+that match PyTorch on the same inputs; there is no keyed path."""
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from sdb_core.data.pose import KEYPOINTS
+from sdb_core.distill.okdhp import OKDHPConfig, PoseDataConfig, export_pose_bundle, okdhp, pose_train_config
+from sdb_core.distill.pose_metrics import decode_heatmaps
+
+from .jobs_helpers import key, prepare
+
+
+@pytest.fixture(scope="module")
+def pose_bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pose")
+    cfg = OKDHPConfig(data=PoseDataConfig(root=str(root), n_train=32, n_test=8, input_size=32), width=8,
+                      branch_stacks=(1, 1), train=pose_train_config(epochs=1, batch_size=16, lr=2e-3))
+    res = okdhp(cfg)
+    path = export_pose_bundle(res.target, res.data, root / "pose.sdb", name="pose-tiny", metrics=res.metrics)
+    x = res.data.test.images[:4].clone()
+    with torch.no_grad():
+        heatmaps = res.target.eval()(x)
+    return path, x.numpy(), heatmaps.numpy()
+
+
+def test_pose_bundle_served_over_http_returns_keypoints_matching_pytorch(tmp_path, bundles, server_factory,
+                                                                         pose_bundle):
+    path, x, heatmaps = pose_bundle
+    settings = prepare(tmp_path / "data", bundles, {"pose-tiny": path})
+    distiller = key(settings, ["distill"])
+    srv = server_factory(tmp_path / "data")
+    info = httpx.get(f"{srv.url}/v1/models/pose-tiny", timeout=30).json()
+    assert info["task"] == "pose" and info["mode"] == "plain" and info["distillable"] is False
+    assert info["labels"] == KEYPOINTS
+
+    r = httpx.post(f"{srv.url}/v1/models/pose-tiny/predict", json={"inputs": x.tolist()}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["task"] == "pose" and body["joints"] == KEYPOINTS and len(body["predictions"]) == len(x)
+    want_pts, want_scores = decode_heatmaps(heatmaps, stride=4)
+    got_pts = np.array([p["keypoints"] for p in body["predictions"]])
+    got_scores = np.array([p["scores"] for p in body["predictions"]])
+    assert got_pts.shape == (len(x), 17, 2)
+    np.testing.assert_allclose(got_pts, want_pts, atol=1e-2)
+    np.testing.assert_allclose(got_scores, want_scores, atol=1e-4)
+    assert (got_pts >= -0.5).all() and (got_pts <= 31.5).all()  # input pixels of the 32x32 crop
+
+    # An image upload works too: resized to the input, one prediction of 17 joints.
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    r = httpx.post(f"{srv.url}/v1/models/pose-tiny/predict", content=buf.getvalue(),
+                   headers={"Content-Type": "image/png"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["predictions"]) == 1 and len(r.json()["predictions"][0]["keypoints"]) == 17
+
+    # No keyed path: /distill on a pose model is a clear 400, even for a key allowed to distill.
+    r = httpx.post(f"{srv.url}/v1/models/pose-tiny/distill", json={"inputs": x.tolist()},
+                   headers={"Authorization": f"Bearer {distiller}"}, timeout=60)
+    assert r.status_code == 400, r.text
+    assert "pose" in r.json()["error"]["message"]
+    # A wrong input shape is refused, naming the shape the model takes.
+    r = httpx.post(f"{srv.url}/v1/models/pose-tiny/predict", json={"inputs": x[:, :, :16].tolist()}, timeout=60)
+    assert r.status_code == 422 and "3, 32, 32" in r.json()["error"]["message"]
