@@ -69,3 +69,38 @@ def test_pose_bundle_served_over_http_returns_keypoints_matching_pytorch(tmp_pat
     # A wrong input shape is refused, naming the shape the model takes.
     r = httpx.post(f"{srv.url}/v1/models/pose-tiny/predict", json={"inputs": x[:, :, :16].tolist()}, timeout=60)
     assert r.status_code == 422 and "3, 32, 32" in r.json()["error"]["message"]
+
+
+def test_okdhp_job_writes_bundle_predictions_and_report(tmp_path, bundles):
+    import json
+
+    from sdb_client import BadRequest, Client
+
+    from sdb_core.bundle import load_bundle
+
+    from .jobs_helpers import JobServer
+
+    data = tmp_path / "data"
+    settings = prepare(data, bundles)
+    s = JobServer(data, bundles, SDB_WORKERS="1")
+    try:
+        with Client(s.url, key(settings, ["jobs"])) as c:
+            with pytest.raises(BadRequest):  # the target must be one of the branches
+                c.jobs.submit("okdhp", {"branch_stacks": [1, 1], "target_branch": 2})
+            with pytest.raises(BadRequest):  # data outside the data dir
+                c.jobs.submit("okdhp", {"data": "coco-keypoints:../elsewhere"})
+            sub = c.jobs.submit("okdhp", {"n_train": 32, "n_test": 8, "input_size": 32, "width": 8,
+                                          "branch_stacks": [1, 1], "epochs": 1, "name": "pose-job"})
+            job = c.jobs.wait(sub["id"], timeout=240, poll_s=0.3)
+            assert job["status"] == "succeeded", job
+            assert 0 <= job["metrics"]["pck"] <= 100 and "ensemble_pck" in job["metrics"]
+            names = {a["name"] for a in c.jobs.artifacts(sub["id"])}
+            assert {"bundle.sdb", "predictions.png", "report.json", "curves.png"} <= names
+            assert c.jobs.download(sub["id"], "predictions.png", tmp_path).read_bytes()[:4] == b"\x89PNG"
+            report = json.loads(c.jobs.download(sub["id"], "report.json", tmp_path).read_text())
+            assert report["curves"]["okdhp"] and "kd" in report["curves"]["okdhp"][-1]
+            bundle = load_bundle(c.jobs.download(sub["id"], "bundle.sdb", tmp_path))
+            assert bundle.meta["task"] == "pose" and bundle.meta["mode"] == "plain" and not bundle.has_key
+            assert bundle.meta["output"]["shape"] == [17, 8, 8] and bundle.meta["pose"]["stride"] == 4
+    finally:
+        s.stop()
