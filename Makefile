@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install postgres lint bench clean
+.PHONY: run test install postgres secrets lock lint bench clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -42,6 +42,20 @@ postgres:
 
 test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q
+
+# docker-compose.yml's secrets: 32 random bytes each, hex, made once and kept. The directory is
+# private to you; the files are world-readable so that the image's user (uid 10001) can read
+# them through the compose bind mount.
+SECRETS := secrets/master.key secrets/pepper.key secrets/db_password secrets/ray_token
+secrets: $(SECRETS)
+$(SECRETS):
+	@mkdir -p secrets && chmod 700 secrets
+	@head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > $@ && echo >> $@ && chmod 644 $@
+	@echo "created $@"
+
+# requirements.lock (what the Docker image installs) from the versions tested in this venv.
+lock: $(STAMP)
+	$(BIN)/python deploy/lock.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check sdb_core service tests benchmarks

@@ -1,0 +1,266 @@
+"""The deployment files cannot drift from the code: there is no Docker engine here, so the
+Dockerfile, docker-compose.yml (with its GPU override and deploy/scale.env) are parsed and every
+command, flag, setting, port, secret and health check they use is checked against the CLI
+parser, the Settings class, the app's routes and Ray's own CLI. hadolint lints the Dockerfile."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import tomllib
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from sqlalchemy.engine import make_url
+
+from service.cli import build_parser
+from service.settings import Settings
+
+from .conftest import ROOT
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+GPU = yaml.safe_load((ROOT / "docker-compose.gpu.yml").read_text())
+SCALE_ENV = dict(line.split("=", 1) for line in (ROOT / "deploy/scale.env").read_text().splitlines()
+                 if line and not line.startswith("#"))
+SERVICES = COMPOSE["services"]
+SDB_SERVICES = [n for n, s in SERVICES.items() if s.get("image", "").startswith("sdb")]
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+# ----------------------------------------------------------------------------- parsing helpers
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """{stage name: [(INSTRUCTION, arguments)]}, continuation lines joined, comments dropped."""
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    logical = ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not logical and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        logical += line
+        if logical.endswith("\\"):
+            logical = logical[:-1] + " "
+            continue
+        op, _, rest = logical.partition(" ")
+        logical = ""
+        if op.upper() == "FROM":
+            m = re.fullmatch(r"\S+(?:\s+AS\s+(\S+))?", rest.strip(), flags=re.IGNORECASE)
+            assert m and m.group(1), f"every stage is named: FROM {rest}"
+            current = stages.setdefault(m.group(1), [])
+        current.append((op.upper(), rest.strip()))
+    return stages
+
+
+STAGES = dockerfile_stages()
+FINAL = ("cpu", "gpu")  # the two images a user builds: the default target and --target gpu
+
+
+def one(stage: str, op: str) -> str:
+    found = [a for o, a in STAGES[stage] if o == op]
+    assert len(found) == 1, (stage, op, found)
+    return found[0]
+
+
+def env_of(stage: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for op, args in STAGES[stage]:
+        if op == "ENV":
+            env.update(kv.split("=", 1) for kv in shlex.split(args))
+    return env
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's ${VAR:-default} and ${VAR}, from ``env`` (the shell or an --env-file)."""
+    if not isinstance(value, str):
+        return value
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1), m.group(2) or ""), value)
+
+
+def argv(service: dict) -> list[str]:
+    return [*service.get("entrypoint", [])[1:], *service["command"]] if "entrypoint" in service \
+        else list(service["command"])
+
+
+# ----------------------------------------------------------------------------- the Dockerfile
+def test_dockerfile_images_run_sdb_serve_as_non_root_with_the_data_volume():
+    assert set(FINAL) <= set(STAGES) and list(STAGES)[-1] == "cpu"  # the default target is the CPU image
+    assert "--target gpu" in (ROOT / "Dockerfile").read_text()  # the one documented switch
+    default = Settings.model_fields
+    for stage in FINAL:
+        entry, cmd = json.loads(one(stage, "ENTRYPOINT")), json.loads(one(stage, "CMD"))
+        assert entry == ["sdb"]
+        args = build_parser().parse_args(cmd)  # SystemExit on an unknown command or flag
+        assert args.command == "serve"
+        user = one(stage, "USER").split(":")[0]
+        assert user not in ("root", "0") and user.isdigit()
+        env = env_of(stage)
+        assert set(json.loads(one(stage, "VOLUME"))) == {env["SDB_DATA_DIR"]}
+        assert one(stage, "EXPOSE") == str(default["port"].default)
+        assert env["SDB_HOST"] == "0.0.0.0"  # reachable from outside the container
+        for name, value in env.items():
+            if name.startswith("SDB_"):
+                assert name[4:].lower() in default, f"{stage}: {name} is not a setting"
+                Settings(**{name[4:].lower(): value})  # and its value validates
+    for stage in ("build", "gpu-build"):  # the lock, then the project without its dependencies
+        runs = " ".join(a for o, a in STAGES[stage] if o == "RUN")
+        assert "-r requirements.lock" in runs or "requirements-gpu.lock" in runs
+        assert "--no-deps ." in runs
+    assert "onnxruntime-gpu" in " ".join(a for o, a in STAGES["gpu-build"] if o == "RUN")
+    assert one("gpu-base", "FROM").split()[0] == "${CUDA_IMAGE}"
+    assert "nvidia/cuda:" in (ROOT / "Dockerfile").read_text() and "-runtime-" in (ROOT / "Dockerfile").read_text()
+
+
+def test_healthcheck_is_served_and_passes_against_a_running_server(tmp_path, server_factory):
+    from service.app import build_app
+
+    paths = build_app(Settings(data_dir=tmp_path)).openapi()["paths"]
+    server = server_factory(tmp_path / "data")
+    for stage in FINAL:
+        spec = one(stage, "HEALTHCHECK")
+        cmd = json.loads(spec[spec.index("CMD") + 3:].strip())
+        assert cmd[:2] == ["python", "-c"]
+        path = re.search(r"'(/[a-z]+)'", cmd[2]).group(1)
+        assert "get" in paths[path]
+        assert "SDB_PORT" in cmd[2] and f"'{Settings.model_fields['port'].default}'" in cmd[2]
+        # the image's own check, run as Docker runs it, against a live `sdb serve`
+        ok = subprocess.run([str(VENV_BIN / "python"), "-c", cmd[2]], env={"SDB_PORT": str(server.port)},
+                            capture_output=True, timeout=30, check=False)
+        assert ok.returncode == 0, ok.stderr
+    server.stop()
+    down = subprocess.run([str(VENV_BIN / "python"), "-c", cmd[2]], env={"SDB_PORT": str(server.port)},
+                          capture_output=True, timeout=30, check=False)
+    assert down.returncode != 0  # and it fails when the server is gone
+
+
+def test_hadolint_passes():
+    r = subprocess.run([str(VENV_BIN / "hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_lock_pins_every_requirement_within_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    client = tomllib.loads((ROOT / "clients/python/pyproject.toml").read_text())["project"]
+    pins = {canonicalize_name(n): v for n, v in (line.split("==") for line in
+            (ROOT / "requirements.lock").read_text().splitlines() if line and not line.startswith("#"))}
+    wanted = [*project["dependencies"], *client["dependencies"], *project["optional-dependencies"]["postgres"],
+              *project["optional-dependencies"]["ray"]]
+    for line in wanted:
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in requirements.lock: make lock"
+        assert req.specifier.contains(pins[name], prereleases=True), (line, pins[name])
+    assert "sdb" not in pins and "sdb-client" not in pins  # the project comes from the source tree
+    assert project["optional-dependencies"]["postgres"] == ["psycopg[binary]==3.3.9"]
+
+
+def test_nothing_secret_enters_the_image():
+    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    assert ignore[0] == "*"  # everything is left out of the build context unless listed
+    allowed = {p.lstrip("!").rstrip("/") for p in ignore if p.startswith("!")}
+    assert not any(p.startswith(("secrets", ".sdb", ".venv", ".git")) for p in allowed)
+    text = (ROOT / "Dockerfile").read_text()
+    copied = [src for s in STAGES.values() for o, a in s if o == "COPY" and "--from" not in a
+              for src in a.split()[:-1]]
+    assert all(c.rstrip("/") in allowed for c in copied), copied
+    assert not re.search(r"\b[0-9a-f]{32,}\b", text)
+    assert not re.search(r"(?i)(ENV|ARG)\s+\S*(PASSWORD|SECRET|TOKEN|PEPPER|MASTER_KEY)\b(?!_FILE)", text)
+
+
+# ----------------------------------------------------------------------------- docker-compose.yml
+@pytest.mark.parametrize("mode", ["one-host", "scale"])
+def test_compose_commands_settings_and_ports_exist(mode):
+    shell = SCALE_ENV if mode == "scale" else {}
+    fields = Settings.model_fields
+    for name in SDB_SERVICES:
+        svc = SERVICES[name]
+        env = {k: interpolate(v, shell) for k, v in svc.get("environment", {}).items()}
+        for k in env:
+            if k.startswith("SDB_"):
+                assert k[4:].lower() in fields, f"{name}: {k} is not a setting"
+        settings = Settings(**{k[4:].lower(): v for k, v in env.items() if k.startswith("SDB_")})
+        if svc.get("entrypoint", ["sdb"])[0] == "ray":
+            continue
+        args = build_parser().parse_args(argv(svc))  # SystemExit on an unknown command or flag
+        assert args.command in ("serve", "worker"), name
+        if args.command == "serve":
+            assert args.workers == 0  # jobs run in the worker service or on Ray
+            port = args.port or settings.port
+            assert port == fields["port"].default
+            assert [p.split(":")[-1] for p in svc["ports"]] == [str(port)]
+            assert settings.jobs_backend == ("ray" if mode == "scale" else "embedded")
+        if mode == "scale":
+            url = make_url(settings.database_url)
+            assert url.host == "postgres" and url.password is None  # the password comes from a file
+            assert url.username == SERVICES["postgres"]["environment"]["POSTGRES_USER"]
+            assert url.database == SERVICES["postgres"]["environment"]["POSTGRES_DB"]
+        else:
+            assert not settings.database_url  # SQLite on the shared volume
+        assert {"source": "sdb-data", "target": settings.data_dir.as_posix()} == _volume(svc["volumes"][0])
+    assert interpolate(SERVICES["worker"]["deploy"]["replicas"], shell) == ("0" if mode == "scale" else "1")
+
+
+def _volume(spec: str) -> dict:
+    source, target = spec.split(":")[:2]
+    return {"source": source, "target": target}
+
+
+def test_compose_secrets_are_files_mounted_where_the_settings_read_them():
+    declared = COMPOSE["secrets"]
+    for name, s in declared.items():
+        assert s["file"].startswith("./secrets/")  # git-ignored, docker-ignored, made by `make secrets`
+    assert "/secrets/" in (ROOT / ".gitignore").read_text().split()
+    makefile = (ROOT / "Makefile").read_text()
+    assert all(s["file"][2:] in makefile for s in declared.values())
+    for name, svc in SERVICES.items():
+        mounted = set(svc.get("secrets", []))
+        assert mounted <= set(declared), name
+        for k, v in svc.get("environment", {}).items():
+            if k.endswith(("_FILE", "_PATH")) and str(v).startswith("/run/secrets/"):
+                assert v.rsplit("/", 1)[1] in mounted, (name, k)
+            # a value that is itself a secret: only file paths and non-secret words allowed
+            if re.search(r"PASSWORD|SECRET|TOKEN|PEPPER|MASTER_KEY", k):
+                assert k.endswith(("_FILE", "_PATH", "_MODE")), (name, k)
+    for text in [(ROOT / p).read_text() for p in ("docker-compose.yml", "docker-compose.gpu.yml", "deploy/scale.env")]:
+        assert not re.search(r"\b[0-9a-f]{32,}\b", text)
+        assert not re.search(r"://[^/\s:@]+:[^@\s]+@", text)  # no user:password@ in a URL
+
+
+def test_compose_profiles_and_scaling():
+    assert "profiles" not in SERVICES["api"] and "profiles" not in SERVICES["worker"]
+    assert "ports" not in SERVICES["worker"] and "container_name" not in SERVICES["worker"]  # --scale worker=N
+    assert {n for n, s in SERVICES.items() if "scale" in s.get("profiles", [])} == {"postgres", "ray-head",
+                                                                                  "ray-worker"}
+    for name in SDB_SERVICES:
+        svc = SERVICES[name]
+        if name != "api":
+            assert svc["healthcheck"] == {"disable": True}  # the image's check is for `sdb serve`
+        assert svc["build"] == "." and svc["image"] == "sdb:latest"
+    # the GPU variant: the gpu target and the standard device reservation on every SDB service
+    assert set(GPU["services"]) == set(SDB_SERVICES)
+    for svc in GPU["services"].values():
+        assert svc["build"] == {"context": ".", "target": "gpu"} and svc["image"] == "sdb:gpu"
+        assert svc["deploy"]["resources"]["reservations"]["devices"] == [
+            {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+
+
+def test_ray_nodes_use_flags_ray_has_and_the_api_reaches_the_head():
+    help_text = subprocess.run([str(VENV_BIN / "ray"), "start", "--help"], capture_output=True, text=True,
+                               timeout=120, check=True).stdout
+    head, worker = SERVICES["ray-head"], SERVICES["ray-worker"]
+    for svc in (head, worker):
+        assert svc["entrypoint"] == ["ray"] and svc["command"][0] == "start" and "--block" in svc["command"]
+        for flag in svc["command"][1:]:
+            assert re.search(rf"^\s+{re.escape(flag.split('=')[0])}\b", help_text, re.MULTILINE), flag
+        assert svc["environment"]["RAY_AUTH_MODE"] == "token"
+    opts = dict(f.split("=", 1) for f in head["command"] if "=" in f)
+    client = urlsplit(SCALE_ENV["SDB_RAY_ADDRESS"])
+    assert (client.scheme, client.hostname, str(client.port)) == ("ray", "ray-head", opts["--ray-client-server-port"])
+    assert dict(f.split("=", 1) for f in worker["command"] if "=" in f)["--address"] == f"ray-head:{opts['--port']}"
