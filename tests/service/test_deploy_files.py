@@ -264,3 +264,55 @@ def test_ray_nodes_use_flags_ray_has_and_the_api_reaches_the_head():
     client = urlsplit(SCALE_ENV["SDB_RAY_ADDRESS"])
     assert (client.scheme, client.hostname, str(client.port)) == ("ray", "ray-head", opts["--ray-client-server-port"])
     assert dict(f.split("=", 1) for f in worker["command"] if "=" in f)["--address"] == f"ray-head:{opts['--port']}"
+
+
+# ----------------------------------------------------------------------------- README "Deploy"
+def readme_deploy_commands() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## Deploy\n"):]
+    section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    lines = [re.sub(r"\s+#.*$", "", ln).strip() for b in blocks for ln in b.splitlines()]
+    # KEY=$(COMMAND | tail -1): the command inside
+    lines = [re.sub(r"^\w+=\$\((.*?)\|.*\)$", r"\1", ln) for ln in lines]
+    return [shlex.split(ln) for ln in lines if ln]
+
+
+def test_readme_deploy_commands_name_what_exists():
+    """Every command the Deploy section shows: its files, profiles, services and sdb arguments exist."""
+    makefile = (ROOT / "Makefile").read_text()
+    commands = readme_deploy_commands()
+    assert len(commands) >= 10
+    for cmd in commands:
+        if cmd[0] == "make":
+            assert re.search(rf"^{cmd[1]}:", makefile, re.MULTILINE), cmd
+        elif cmd[:2] == ["docker", "build"]:
+            assert cmd[cmd.index("--target") + 1] in STAGES and cmd[-1] == "."
+        elif cmd[:2] == ["docker", "compose"]:
+            files = [cmd[i + 1] for i, a in enumerate(cmd) if a == "-f"] or ["docker-compose.yml"]
+            services = {}
+            for f in files:
+                services.update(yaml.safe_load((ROOT / f).read_text())["services"])
+            for i, a in enumerate(cmd):
+                if a == "--env-file":
+                    assert (ROOT / cmd[i + 1]).is_file()
+                if a == "--profile":
+                    assert any(cmd[i + 1] in s.get("profiles", []) for s in SERVICES.values())
+                if a == "--scale":
+                    assert cmd[i + 1].split("=")[0] in SERVICES
+            if "exec" in cmd:
+                rest = cmd[cmd.index("exec") + 1:]
+                while rest[0].startswith("-"):
+                    rest = rest[2:] if rest[0] == "-e" else rest[1:]
+                service, program = rest[0], rest[1:]
+                assert service in services, cmd
+                if program[0] == "sdb":
+                    args = build_parser().parse_args(program[1:])  # SystemExit on an unknown command or flag
+                    if program[1:3] == ["jobs", "submit"]:  # and the job's params validate
+                        from service.jobs.kinds import get_kind
+
+                        get_kind(args.kind).params.model_validate_json(args.params)
+                else:
+                    assert program[0] == SERVICES[service]["entrypoint"][0]
+        else:
+            assert cmd[0] == "curl" and cmd[-1].startswith("localhost:8000/"), cmd
