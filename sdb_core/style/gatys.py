@@ -1,0 +1,141 @@
+"""Gatys et al. (arXiv 1508.06576): optimise the pixels of one image so that its features
+keep the content image's and its Gram matrices take the style image's.
+
+Adam runs through :func:`sdb_core.train.fit` (the image is the one parameter of a tiny
+module, one "batch" per step), so it gets the loop's progress, cancel and timing. L-BFGS
+cannot: it re-evaluates the loss several times per step through a closure, which ``fit``'s
+one-backward-per-batch loop has no place for; it runs in the short loop below instead, with
+the same progress and cancel callbacks.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from ..progress import Cancelled, Progress
+from ..train import TrainConfig, fit, seed_everything
+from .images import fit_square, load_image
+from .loss_net import STYLE_LAYERS, LossNet, LossNetConfig, build_loss_net
+from .losses import StyleCriterion, result_losses, tv_loss
+
+
+@dataclass
+class GatysConfig:
+    content: str = "chelsea"  # an embedded image name or a file path
+    style: str = "flower"
+    size: int = 256  # both images: shorter side resized, centre square cropped
+    steps: int = 200  # Adam steps, or L-BFGS iterations
+    optimizer: str = "lbfgs"  # lbfgs | adam
+    lr: float | None = None  # default: 1.0 for L-BFGS, 0.02 for Adam
+    init: str = "content"  # content | noise
+    content_weight: float = 1.0
+    style_weight: float = 10.0
+    tv_weight: float = 0.0
+    content_layers: tuple[str, ...] = ("relu4_1",)
+    style_layers: tuple[str, ...] = STYLE_LAYERS
+    loss_net: LossNetConfig = field(default_factory=LossNetConfig)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("lbfgs", "adam"):
+            raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {self.optimizer!r}")
+        if self.init not in ("content", "noise"):
+            raise ValueError(f"init must be 'content' or 'noise', got {self.init!r}")
+        if not 16 <= self.size <= 2048:
+            raise ValueError(f"size must be in [16, 2048], got {self.size}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("content_weight", "style_weight", "tv_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class GatysResult:
+    image: Tensor  # (3, H, W) in [0, 1]
+    content: Tensor
+    style: Tensor
+    losses: dict[str, float]  # content_loss, style_loss, style_loss_content, style_loss_cut
+    history: list[dict[str, float]]
+    seconds: float
+    loss_net: dict
+
+
+class _Canvas(nn.Module):
+    """The image being optimised, as the only parameter of a module (what ``fit`` trains)."""
+
+    def __init__(self, init: Tensor):
+        super().__init__()
+        self.image = nn.Parameter(init.clone().unsqueeze(0))
+
+
+def stylize(cfg: GatysConfig, *, content: Tensor | None = None, style: Tensor | None = None,
+            net: LossNet | None = None, progress: Callable[[Progress], None] | None = None,
+            should_cancel: Callable[[], bool] | None = None) -> GatysResult:
+    """Optimise an image; ``content``/``style`` tensors (3, H, W) override the config's names."""
+    seed_everything(cfg.seed)
+    net = net or build_loss_net(cfg.loss_net)
+    content = fit_square(content if content is not None else load_image(cfg.content), cfg.size)
+    style = fit_square(style if style is not None else load_image(cfg.style), cfg.size)
+    crit = StyleCriterion(net, style, content_layers=cfg.content_layers, style_layers=cfg.style_layers)
+    crit.set_content(content)
+    init = content if cfg.init == "content" else torch.rand(content.shape, generator=torch.Generator().manual_seed(cfg.seed))
+    canvas = _Canvas(init)
+
+    def objective(img: Tensor) -> tuple[Tensor, dict[str, float]]:
+        c, s = crit.losses(img)
+        loss = cfg.content_weight * c + cfg.style_weight * s
+        if cfg.tv_weight:
+            loss = loss + cfg.tv_weight * tv_loss(img)
+        return loss, {"content": c.item(), "style": s.item()}
+
+    t0 = time.perf_counter()
+    if cfg.optimizer == "adam":
+        history = _adam(canvas, objective, cfg, progress, should_cancel)
+    else:
+        history = _lbfgs(canvas, objective, cfg, progress, should_cancel)
+    seconds = time.perf_counter() - t0
+    image = canvas.image.detach()[0].clamp(0, 1)
+    return GatysResult(image, content, style, result_losses(net, style, image, content), history, seconds,
+                       net.describe())
+
+
+def _adam(canvas: _Canvas, objective, cfg: GatysConfig, progress, should_cancel) -> list[dict[str, float]]:
+    def step(_batch):
+        with torch.no_grad():  # projected gradient: the image stays a valid image
+            canvas.image.clamp_(0, 1)
+        return objective(canvas.image)
+
+    # One item, one epoch per step: fit's history then holds every step's losses.
+    tc = TrainConfig(epochs=cfg.steps, batch_size=1, lr=cfg.lr or 0.02, optimizer="adam", weight_decay=0.0,
+                     schedule="constant", seed=cfg.seed, device="cpu")
+    hist = fit(canvas, TensorDataset(torch.zeros(1, 1)), step, tc, progress=progress, should_cancel=should_cancel)
+    return hist.epochs
+
+
+def _lbfgs(canvas: _Canvas, objective, cfg: GatysConfig, progress, should_cancel) -> list[dict[str, float]]:
+    opt = torch.optim.LBFGS([canvas.image], lr=cfg.lr or 1.0, max_iter=cfg.steps, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
+    history: list[dict[str, float]] = []
+
+    def closure() -> Tensor:
+        if should_cancel is not None and should_cancel():
+            raise Cancelled(f"cancelled after {len(history)} evaluations")
+        opt.zero_grad(set_to_none=True)
+        loss, metrics = objective(canvas.image)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} after {len(history)} evaluations")
+        loss.backward()
+        history.append({"loss": loss.item(), **metrics})
+        if progress is not None:
+            n = len(history)
+            progress(Progress(1, 1, min(n, cfg.steps), cfg.steps, min(n / cfg.steps, 1.0), history[-1]))
+        return loss
+
+    opt.step(closure)
+    return history
