@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .registry import Registry
 from .routes import health, jobs, keys, models, v2
+from .routes import style as style_routes
 from .settings import Settings
 from .store import Store
 
@@ -114,6 +115,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     for r in (health.router, models.router, keys.router, v2.router, jobs.router):
         app.include_router(r)
+    app.include_router(style_routes.router)
     app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
                        registry_of=lambda: app.state.registry)
     return app

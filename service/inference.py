@@ -21,6 +21,19 @@ async def _logits(model: HostedModel, x: np.ndarray, keyed: bool) -> np.ndarray:
         raise not_found(f"model {model.name!r} was removed", "model_not_found") from None
 
 
+# Tasks served by a route of their own, never by predict/distill/infer: their outputs are not
+# class scores (a style bundle's is an image).
+TASK_ROUTES = {"style": "POST /v1/style/{name}"}
+
+
+def require_classifier(model: HostedModel) -> None:
+    """400, naming the right route, for a bundle whose task has a route of its own."""
+    task = model.meta.get("task", "classification")
+    if task in TASK_ROUTES:
+        raise ApiError(400, "wrong_task",
+                       f"model {model.name!r} is a {task} model: {TASK_ROUTES[task].format(name=model.name)}")
+
+
 def require_predict(key: ApiKey | None, model: str, public: bool) -> None:
     if public:
         return

@@ -2,7 +2,7 @@
 arXiv 1703.06868): a frozen encoder, an AdaIN layer and a trained decoder; any style image
 works at inference without retraining, and ``alpha`` trades content for style.
 
-The encoder is the loss network's prefix up to ``layer`` (relu4_1 as in the paper), so the
+The encoder is the loss network's prefix up to ``layer`` (relu3_1 here, see below), so the
 loss network that judges the result is the one that encodes it. The decoder mirrors the
 encoder with nearest upsampling instead of pooling and reflection padding, without
 normalisation layers (the paper found they hurt). Training goes through
@@ -34,13 +34,17 @@ class AdaINConfig:
     eval_content: str = "chelsea"
     eval_style: str = "flower"
     alpha: float = 1.0  # for the evaluation image
-    layer: str = "relu4_1"  # the encoder's last layer, where AdaIN acts
+    # The encoder's last layer, where AdaIN acts. The paper's relu4_1 needs a decoder trained far
+    # longer than a CPU allows: after 300 steps here its results had a *higher* style loss than the
+    # content image (cut −24%); relu3_1's decoder, one pooling shallower, reached +32% (+55% with
+    # the identity term below) in the same steps.
+    layer: str = "relu3_1"
     size: int = 256
     crop: int = 96
     epochs: int = 4
     samples: int = 400
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 2e-3
     style_weight: float = 10.0
     # Pixel identity term ‖g(f(c)) − c‖² (Park & Lee's SANet uses one): the paper trains its
     # decoder for 160k steps; with a few hundred here, a direct pixel signal is what teaches it

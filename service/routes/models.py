@@ -17,7 +17,7 @@ from ..deps import (
     SettingsDep,
 )
 from ..errors import ApiError, invalid, not_found
-from ..inference import keyed_logits, pose_predictions, public_logits, require_predict
+from ..inference import keyed_logits, pose_predictions, public_logits, require_classifier, require_predict
 from ..registry import HostedModel
 from ..schemas import (
     AddModelRequest,
@@ -89,6 +89,7 @@ async def predict(name: str, request: Request, registry: RegistryDep, settings: 
     model = registry.get(name, version)
     if model.meta.get("task") == "pose":  # keypoints instead of labels, same inputs
         return await _predict_pose(model, request, settings, keyring, metrics, key)
+    require_classifier(model)
     media = _media_type(request)
     if media == "multipart/form-data" or media in _IMAGE_TYPES:
         x, fields = await _images(model, request, media)
@@ -128,6 +129,7 @@ async def _predict_pose(model: HostedModel, request: Request, settings, keyring,
 async def distill(name: str, request: Request, key: DistillKeyDep, registry: RegistryDep, settings: SettingsDep,
                   keyring: KeyringDep, metrics: MetricsDep, version: str | None = VersionQuery) -> Response:
     model = registry.get(name, version)
+    require_classifier(model)
     media = _media_type(request)
     if media not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", f"distill takes application/json, not {media}")

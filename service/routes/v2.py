@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from ..deps import KeyringDep, MetricsDep, OptionalApiKeyDep, RegistryDep, SettingsDep
 from ..errors import ApiError, invalid
-from ..inference import keyed_logits, public_logits, require_predict
+from ..inference import keyed_logits, public_logits, require_classifier, require_predict
 from ..registry import HostedModel
 from ..schemas import json_body_doc, json_response
 from ..tensors import as_batch, parse_json, softmax, to_array
@@ -131,6 +131,7 @@ def _wanted(obj: dict) -> list[str]:
 
 
 async def _infer(model: HostedModel, request: Request, key, keyring, metrics, settings) -> Response:
+    require_classifier(model)
     obj = parse_json(await request.body())
     wanted = _wanted(obj)
     if KEYED_OUTPUT in wanted and key is None:

@@ -1,5 +1,5 @@
 """Job kinds by name. Each module registers one kind with ``@job_kind``; import it here."""
-from . import audit, distill, wrap  # noqa: F401  (registers the kinds)
+from . import audit, distill, style, wrap  # noqa: F401  (registers the kinds)
 from . import okdhp  # noqa: F401  (pose distillation)
 from . import amalgamate  # noqa: F401  (knowledge amalgamation: afk, branching, datafree)
 from .base import KINDS, JobParams, Kind, Submission, get_kind, job_kind

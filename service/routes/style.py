@@ -1,0 +1,177 @@
+"""``POST /v1/style/{name}``: stylize an image with a hosted style bundle; the answer is a PNG.
+
+A style bundle (task ``style``, from the ``style`` job kind) is fully convolutional: the
+output has the input's size. ``fast`` bundles take one image; ``adain`` bundles take a
+content image, a style image and ``alpha`` (1 = all style, 0 = the content reconstructed).
+Bodies: ``multipart/form-data`` (``file``, and ``style`` for AdaIN, ``alpha`` as a field),
+JSON (``{"image": base64, "style": base64, "alpha": 0.8}``) or a raw ``image/png|jpeg``
+body (no style image, so fast bundles only). ``alpha`` may also be a query parameter.
+
+Images are checked before any model runs: PNG or JPEG only, each side between
+``MIN_SIDE`` and ``MAX_SIDE`` pixels (a stylization costs time and memory in proportion
+to the pixels, and ONNX Runtime would happily take a 10,000² image and the server with it).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.responses import Response
+
+from sdb_core.bundle import INPUT_NAME, OUTPUT_NAME
+
+from ..auth import ANONYMOUS
+from ..deps import KeyringDep, MetricsDep, OptionalApiKeyDep, RegistryDep, SettingsDep
+from ..errors import ApiError, bad_request, invalid
+from ..inference import require_predict
+from ..registry import HostedModel
+from ..schemas import json_body_doc, options
+from ..tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS, parse_json
+
+router = APIRouter(prefix="/v1/style", tags=["style"])
+
+MAX_SIDE = 1024
+MIN_SIDE = 16
+_IMAGE_TYPES = ("image/png", "image/jpeg")
+
+
+class StyleRequest(BaseModel):
+    image: str = Field(description="the content image, PNG or JPEG, base64")
+    style: str | None = Field(None, description="the style image (AdaIN bundles only), PNG or JPEG, base64")
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="AdaIN's content-style trade-off (default 1)")
+
+
+class StyleOptions(BaseModel):
+    alpha: float | None = Field(None, ge=0.0, le=1.0)
+
+
+_UPLOAD_DOC = {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"file": {"type": "string", "format": "binary"},
+                                     "style": {"type": "string", "format": "binary"},
+                                     "alpha": {"type": "number"}}, "required": ["file"]}},
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
+
+
+def decode(data: bytes, what: str) -> np.ndarray:
+    """PNG/JPEG bytes → (1, 3, H, W) float32 in [0, 1]; 415 unreadable, 413 too large, 422 too small."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format not in IMAGE_FORMATS:
+            raise ApiError(415, "unsupported_image", f"{what}: image format {img.format} is not PNG or JPEG")
+        if img.width * img.height > MAX_IMAGE_PIXELS or max(img.width, img.height) > MAX_SIDE:
+            raise ApiError(413, "image_too_large", f"{what} is {img.width}x{img.height} pixels; this endpoint "
+                           f"takes at most {MAX_SIDE} pixels a side")
+        if min(img.width, img.height) < MIN_SIDE:
+            raise invalid(f"{what} is {img.width}x{img.height} pixels; at least {MIN_SIDE} a side", "image_too_small")
+        rgb = img.convert("RGB")
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError,
+            MemoryError):
+        raise ApiError(415, "unsupported_image", f"{what} is not a readable PNG or JPEG image") from None
+    return (np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1)[None] / 255.0).astype(np.float32)
+
+
+def encode_png(x: np.ndarray) -> bytes:
+    """(3, H, W) in [0, 1] → PNG bytes."""
+    arr = (np.clip(x, 0.0, 1.0).transpose(1, 2, 0) * 255.0 + 0.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pad(x: np.ndarray, multiple: int) -> np.ndarray:
+    """Reflect-pad H and W up to a multiple of the network's down-sampling factor."""
+    h, w = x.shape[-2:]
+    ph, pw = -h % multiple, -w % multiple
+    if not ph and not pw:
+        return x
+    mode = "reflect" if ph < h and pw < w else "edge"
+    return np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode=mode)
+
+
+def stylize(model: HostedModel, content: np.ndarray, style: np.ndarray | None, alpha: float) -> np.ndarray:
+    """Blocking: one ONNX Runtime call; the output cropped back to the content's size."""
+    info = model.meta.get("style", {})
+    multiple = int(info.get("multiple", 1))
+    h, w = content.shape[-2:]
+    feeds = {INPUT_NAME: _pad(content, multiple)}
+    if info.get("method") == "adain":
+        feeds["style"] = _pad(style, multiple)
+        feeds["alpha"] = np.full((1,), alpha, dtype=np.float32)
+    out = model.bundle.session.run([OUTPUT_NAME], feeds)[0]
+    return out[0, :, :h, :w]
+
+
+def _style_model(registry, name: str, version: str | None) -> HostedModel:
+    model = registry.get(name, version)
+    if model.meta.get("task") != "style":
+        raise bad_request(f"model {name!r} is a {model.meta.get('task', 'classification')} model, not a style "
+                          f"model: use POST /v1/models/{name}/predict", "wrong_task")
+    return model
+
+
+async def _read(request: Request, alpha_query: float | None) -> tuple[bytes, bytes | None, float | None]:
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        form = await request.form(max_files=2, max_fields=4)
+        content, style = form.get("file"), form.get("style")
+        if not isinstance(content, UploadFile):
+            raise invalid("multipart body has no file: send the content image as field 'file'", "invalid_request")
+        if style is not None and not isinstance(style, UploadFile):
+            raise invalid("field 'style' must be an image file", "invalid_request")
+        alpha_field = form.get("alpha")
+        opts = options(StyleOptions, {"alpha": alpha_field if alpha_field is not None else alpha_query})
+        return await content.read(), (await style.read() if style is not None else None), opts.alpha
+    if media in _IMAGE_TYPES:
+        return await request.body(), None, alpha_query
+    if media in ("application/json", ""):
+        obj = parse_json(await request.body())
+        body = options(StyleRequest, {"alpha": alpha_query, **obj})
+        return _b64(body.image, "image"), (_b64(body.style, "style") if body.style else None), body.alpha
+    raise ApiError(415, "unsupported_media_type",
+                   f"send multipart/form-data, application/json, image/png or image/jpeg, not {media}")
+
+
+def _b64(s: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(s, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(f"{what} is not valid base64", "invalid_request") from None
+
+
+@router.post("/{name}", summary="Stylize an image (PNG out)", response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "the stylized image, PNG"}},
+             openapi_extra=json_body_doc(StyleRequest, *_UPLOAD_DOC.items()))
+async def style(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, keyring: KeyringDep,
+                metrics: MetricsDep, key: OptionalApiKeyDep,
+                version: str | None = Query(None, description="a version of the model; default the highest"),
+                alpha: float | None = Query(None, ge=0.0, le=1.0, description="AdaIN only: 1 all style")) -> Response:
+    require_predict(key, name, settings.public_predict)
+    model = _style_model(registry, name, version)
+    method = model.meta.get("style", {}).get("method")
+    content_bytes, style_bytes, alpha_value = await _read(request, alpha)
+    if method == "adain" and style_bytes is None:
+        raise invalid(f"model {name!r} is an AdaIN model: send a style image too (field 'style')", "missing_style")
+    if method != "adain" and (style_bytes is not None or alpha_value is not None):
+        raise invalid(f"model {name!r} was trained for one style: it takes no style image and no alpha",
+                      "unexpected_style")
+
+    def work() -> bytes:  # decoding, the network and encoding grow with the image: off the event loop
+        content = decode(content_bytes, "content image")
+        style_img = decode(style_bytes, "style image") if style_bytes is not None else None
+        return encode_png(stylize(model, content, style_img, 1.0 if alpha_value is None else alpha_value))
+
+    png = await run_in_threadpool(work)
+    metrics.samples.labels(model.name, "style", key.id if key is not None else ANONYMOUS).inc(1)
+    if key is not None:
+        keyring.record(key.id, model.name, "style", 1)
+    return Response(png, media_type="image/png", headers={"X-Model-Version": model.version})

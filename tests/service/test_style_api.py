@@ -1,0 +1,194 @@
+"""``POST /v1/style/{name}`` on real style bundles, and the ``style`` job kind end to end."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sdb_client import BadRequest, Client
+from torch import nn
+
+from sdb_core.bundle import export_bundle
+from sdb_core.protect.key import load_or_create_master_key
+from sdb_core.style import adain, fast
+from sdb_core.style.export import export_style_bundle
+from sdb_core.style.loss_net import LossNetConfig
+
+from .conftest import make_settings, start_service
+from .jobs_helpers import JobServer, key, prepare, wait_for
+
+TINY_NET = LossNetConfig(width=0.125)
+
+
+@pytest.fixture(scope="module")
+def style_bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("style")
+    load_or_create_master_key(root / "master.key")  # before any server or worker process could race for it
+    f = fast.train(fast.FastConfig(size=32, crop=32, epochs=1, samples=8, channels=4, res_blocks=1,
+                                   loss_net=TINY_NET))
+    a = adain.train(adain.AdaINConfig(size=32, crop=32, epochs=1, samples=8, styles=("flower",), loss_net=TINY_NET))
+    with torch.no_grad():  # two steps leave the decoder's output below 0, all black once clamped: centre it
+        a.net.decoder[-1][-1].bias.fill_(0.5)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    return SimpleNamespace(
+        master_key_file=root / "master.key", fast=f, adain=a,
+        fast_path=export_style_bundle(f, root / "fast.sdb", name="mosaic", style_name="flower", size=32),
+        adain_path=export_style_bundle(a, root / "adain.sdb", name="anystyle", size=32),
+        classifier_path=export_bundle(classifier, root / "cls.sdb", name="tiny-cls", in_shape=(3, 2, 2),
+                                      mean=(0, 0, 0), std=(1, 1, 1), labels=["a", "b", "c"]))
+
+
+@pytest.fixture
+async def svc(tmp_path, style_bundles):
+    b = style_bundles
+    service, manager = await start_service(make_settings(tmp_path / "data", b), b.fast_path, b.adain_path,
+                                           b.classifier_path)
+    yield service
+    await service.client.aclose()
+    await manager.__aexit__(None, None, None)
+
+
+def _png(h: int, w: int, seed: int = 0) -> tuple[bytes, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), rng.integers(0, 256, (h, w))], -1)
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8), "RGB").save(buf, format="PNG")
+    return buf.getvalue(), arr.astype(np.float32).transpose(2, 0, 1) / 255.0
+
+
+def _torch_reference(fn, x: np.ndarray, multiple: int, *more) -> np.ndarray:
+    """What PyTorch gives on the same padded input, cropped back and rounded to 8 bits."""
+    h, w = x.shape[-2:]
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.pad(a[None], ((0, 0), (0, 0), (0, -a.shape[-2] % multiple), (0, -a.shape[-1] % multiple)),
+                      mode="reflect")
+
+    with torch.no_grad():
+        y = fn(torch.from_numpy(pad(x)), *(torch.from_numpy(pad(m)) for m in more))[0, :, :h, :w].numpy()
+    return (np.clip(y, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0)
+
+
+def _decode(content: bytes) -> np.ndarray:
+    img = Image.open(io.BytesIO(content))
+    assert img.format == "PNG"
+    return np.asarray(img.convert("RGB"))
+
+
+@pytest.mark.anyio
+async def test_fast_bundle_returns_a_png_of_the_input_size_matching_pytorch(svc, style_bundles):
+    for h, w in ((40, 52), (37, 50)):  # a multiple of 4, and a size the service pads and crops back
+        data, x = _png(h, w)
+        r = await svc.client.post("/v1/style/mosaic", files={"file": ("c.png", data, "image/png")})
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "image/png"
+        out = _decode(r.content)
+        assert out.shape == (h, w, 3)
+        ref = _torch_reference(style_bundles.fast.net.eval(), x, 4)
+        assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+    r = await svc.client.post("/v1/style/mosaic", content=data, headers={"content-type": "image/png"})
+    assert r.status_code == 200 and _decode(r.content).shape == (37, 50, 3)
+
+
+@pytest.mark.anyio
+async def test_adain_bundle_takes_a_style_image_and_alpha(svc, style_bundles):
+    content, x = _png(48, 40, 1)
+    style, s = _png(32, 56, 2)
+    net = style_bundles.adain.net.eval()
+    body = {"image": base64.b64encode(content).decode(), "style": base64.b64encode(style).decode(), "alpha": 0.5}
+    r = await svc.client.post("/v1/style/anystyle", json=body)
+    assert r.status_code == 200, r.text
+    out = _decode(r.content)
+    assert out.shape == (48, 40, 3)
+    ref = _torch_reference(lambda c, st: net(c, st, torch.tensor([0.5])), x, style_bundles.adain.multiple, s)
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+    # alpha changes the result; multipart with alpha as a field works the same way
+    r0 = await svc.client.post("/v1/style/anystyle", data={"alpha": "0"},
+                               files={"file": ("c.png", content, "image/png"), "style": ("s.png", style, "image/png")})
+    assert r0.status_code == 200, r0.text
+    assert np.abs(_decode(r0.content).astype(int) - out.astype(int)).max() > 0
+    assert len(np.unique(out)) > 10  # a real image, not a constant one
+
+
+@pytest.mark.anyio
+async def test_bad_requests_get_clear_errors(svc):
+    content, _ = _png(32, 32)
+    style, _ = _png(32, 32, 3)
+    c = svc.client
+
+    async def err(path, **kw):
+        r = await c.post(path, **kw)
+        return r.status_code, r.json()["error"]["code"], r.json()["error"]["message"]
+
+    status, code, msg = await err("/v1/style/anystyle", files={"file": ("c.png", content, "image/png")})
+    assert (status, code) == (422, "missing_style") and "style image" in msg
+    status, code, _ = await err("/v1/style/mosaic", files={"file": ("c.png", content, "image/png"),
+                                                           "style": ("s.png", style, "image/png")})
+    assert (status, code) == (422, "unexpected_style")
+    big, _ = _png(20, 1100)
+    status, code, msg = await err("/v1/style/mosaic", files={"file": ("c.png", big, "image/png")})
+    assert (status, code) == (413, "image_too_large") and "1024" in msg
+    tiny, _ = _png(8, 40)
+    assert (await err("/v1/style/mosaic", files={"file": ("c.png", tiny, "image/png")}))[:2] == (422, "image_too_small")
+    assert (await err("/v1/style/mosaic", files={"file": ("c.png", b"not an image", "image/png")}))[:2] == \
+        (415, "unsupported_image")
+    assert (await err("/v1/style/anystyle", json={"image": "%%%", "style": "AAAA"}))[:2] == (422, "invalid_request")
+    assert (await err("/v1/style/anystyle", json={"image": base64.b64encode(content).decode(),
+                                                  "style": base64.b64encode(style).decode(), "alpha": 2}))[0] == 422
+    assert (await err("/v1/style/no-such", files={"file": ("c.png", content, "image/png")}))[0] == 404
+    status, code, msg = await err("/v1/style/tiny-cls", files={"file": ("c.png", content, "image/png")})
+    assert (status, code) == (400, "wrong_task") and "not a style model" in msg
+    # and the classification paths refuse a style bundle, naming the route that serves it
+    status, code, msg = await err("/v1/models/mosaic/predict", json={"inputs": [[0.0]]})
+    assert (status, code) == (400, "wrong_task") and "POST /v1/style/mosaic" in msg
+    status, code, _ = await err("/v2/models/mosaic/infer", json={"inputs": [{"name": "input", "shape": [1],
+                                                                            "datatype": "FP32", "data": [0.0]}]})
+    assert (status, code) == (400, "wrong_task")
+    r = await c.get("/v1/models/anystyle")
+    assert r.status_code == 200 and r.json()["task"] == "style"
+
+
+def test_style_jobs_write_their_artifacts_and_a_deployed_bundle_is_served(tmp_path, style_bundles):
+    data = tmp_path / "data"
+    settings = prepare(data, style_bundles)
+    s = JobServer(data, style_bundles, SDB_WORKERS="1")
+    try:
+        token = key(settings, ["jobs"])
+        with Client(s.url, token) as c:
+            g = c.jobs.submit("style", {"method": "gatys", "size": 32, "steps": 3})
+            f = c.jobs.submit("style", {"method": "fast", "size": 32, "crop": 32, "epochs": 1, "samples": 4,
+                                        "name": "job-mosaic", "deploy": True})
+            with pytest.raises(BadRequest):  # 422 before queueing: a file outside the data dir
+                c.jobs.submit("style", {"method": "gatys", "style": "../secret.png"})
+            with pytest.raises(BadRequest):
+                c.jobs.submit("style", {"method": "gatys", "deploy": True})
+            job = c.jobs.wait(g["id"], timeout=120, poll_s=0.2)
+            assert job["status"] == "succeeded", job
+            names = {a["name"] for a in c.jobs.artifacts(g["id"])}
+            assert {"stylized.png", "sheet.png", "report.json"} <= names and "bundle.sdb" not in names
+            report = json.loads(c.jobs.download(g["id"], "report.json", tmp_path).read_text())
+            assert report["loss_network"]["kind"] == "random-vgg19"
+            assert {"content_loss", "style_loss", "style_loss_cut"} <= set(report["losses"])
+            assert report["timings"]["total_seconds"] > 0
+            job = c.jobs.wait(f["id"], timeout=120, poll_s=0.2)
+            assert job["status"] == "succeeded", job
+            assert job["result"]["deployed"] and job["result"]["model"] == "job-mosaic"
+            assert "bundle.sdb" in {a["name"] for a in c.jobs.artifacts(f["id"])}
+        data_png, _ = _png(24, 36)
+
+        def served():  # the API process picks the deployed row up on its next model sync
+            r = httpx.post(f"{s.url}/v1/style/job-mosaic", files={"file": ("c.png", data_png, "image/png")})
+            return r if r.status_code != 404 else None
+
+        r = wait_for(served, 30, "the deployed style model is served", every=0.2)
+        assert r.status_code == 200, r.text
+        assert _decode(r.content).shape == (24, 36, 3)
+    finally:
+        s.stop()
