@@ -49,7 +49,7 @@ class BranchingConfig:
     n_test: int = 200
     teacher_widths: tuple[int, ...] = (8, 16, 32)
     widths: tuple[int, ...] = (8, 16, 32)  # the student's (and the scratch network's)
-    convs: int = 1  # 3x3 convs per stage
+    convs: int = 1  # 3x3 convs per encoder stage (decoder stages have two)
     teacher_epochs: int = 6
     epochs: int = 10  # the student's: search + fine-tune
     search_fraction: float = 0.5  # part of the student's epochs spent sampling branch points

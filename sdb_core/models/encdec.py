@@ -20,7 +20,10 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
 
 
 class EncDec(nn.Module):
-    """``in_channels`` image -> ``out_channels`` maps of the same size (input H, W divisible by 2**(L-1))."""
+    """``in_channels`` image -> ``out_channels`` maps of the same size (input H, W divisible by 2**(L-1)).
+
+    ``convs`` 3x3 convs per encoder stage; every decoder stage upsamples and has two.
+    """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 1, widths: Sequence[int] = (8, 16, 32),
                  convs: int = 2):
@@ -30,7 +33,7 @@ class EncDec(nn.Module):
             raise ValueError(f"widths needs >= 2 positive entries, got {widths!r}")
         if convs < 1:
             raise ValueError(f"convs must be >= 1, got {convs!r}")
-        self.in_channels, self.out_channels, self.widths = in_channels, out_channels, widths
+        self.in_channels, self.out_channels, self.widths, self.convs = in_channels, out_channels, widths, convs
         stages: dict[str, nn.Module] = {}
         cin = in_channels
         for i, w in enumerate(widths):
@@ -86,8 +89,31 @@ class EncDec(nn.Module):
         return self.forward_from(x, 0)
 
 
+def encdec_from_state(state: dict[str, Tensor]) -> EncDec:
+    """An untrained ``EncDec`` shaped like the state dict (levels, widths, convs, in/out channels).
+
+    So a weights file alone says what network it is; ValueError when it is not an EncDec's.
+    """
+    try:
+        levels = 0
+        while any(k.startswith(f"stages.enc{levels + 1}.") for k in state):
+            levels += 1
+        convs = [k for k in state if k.startswith("stages.enc1.") and state[k].dim() == 4]
+        widths = []
+        for i in range(1, levels + 1):
+            ws = [k for k in state if k.startswith(f"stages.enc{i}.") and state[k].dim() == 4]
+            widths.append(int(state[max(ws, key=lambda k: int(k.split(".")[2]))].shape[0]))
+        in_channels = int(state[min(convs, key=lambda k: int(k.split(".")[2]))].shape[1])
+        out_channels = int(state["stages.head.weight"].shape[0])
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"not the weights of an encoder-decoder (EncDec): {e}") from None
+    if levels < 2 or not convs:
+        raise ValueError(f"not the weights of an encoder-decoder (EncDec): {levels} encoder stages found")
+    return EncDec(in_channels, out_channels, widths, len(convs))
+
+
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["EncDec", "count_params"]
+__all__ = ["EncDec", "count_params", "encdec_from_state"]

@@ -29,6 +29,7 @@ class TeacherRef(BaseModel):
     labels: list[int] | None = Field(None, min_length=1, max_length=MAX_LABEL,
                                      description="multi-label teachers: the label id of each output, in order")
     in_channels: int = Field(1, ge=1, le=16)
+    task: Literal["seg", "depth", "edges"] | None = Field(None, description="branching: the teacher's dense task")
 
     @model_validator(mode="after")
     def _sane(self):
@@ -55,6 +56,12 @@ class AmalgamateParams(JobParams):
     lr: float = Field(3e-3, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=4096)
     eval_n: int = Field(1000, ge=0, le=100_000, description="test composites for the report's mAP")
+    # ---- branching (synthetic scenes; transfer = unlabeled scenes, eval_n = test scenes) ----
+    scene_size: int = Field(64, ge=16, le=512, description="branching: scene side in pixels")
+    scene_classes: int = Field(4, ge=1, le=6, description="branching: shape classes of the scenes")
+    epochs: int = Field(10, ge=2, le=1000, description="branching: student epochs, the first half searching")
+    candidates: list[str] | None = Field(None, min_length=1, max_length=16,
+                                         description="branching: stages a task may branch out after")
 
     @model_validator(mode="after")
     def _distinct(self):
@@ -182,3 +189,95 @@ def run_afk(ctx, p: AmalgamateParams) -> dict:
                        "widths": list(res.student.widths), "params": res.params,
                        "teacher_params": res.teacher_params, "active_channels": report["active_channels"]},
             "afk": report}
+
+
+# ---- task branching: one student for scene parsing + depth (+ edges) -----------------------------
+
+
+def _check_branching(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
+    from sdb_core.models.encdec import encdec_from_state
+    from sdb_core.weights import WeightsError, read_state_dict
+
+    problems = []
+    nets = {}
+    for t in p.teachers:
+        if t.arch != "encdec":
+            problems.append(f"teacher {t.name}: branching takes encoder-decoder teachers (arch 'encdec'), "
+                            f"got {t.arch!r}")
+        if t.task is None:
+            problems.append(f"teacher {t.name}: branching needs the teacher's task (seg, depth or edges)")
+        try:
+            nets[t.name] = encdec_from_state(read_state_dict(t.weights))
+        except (WeightsError, ValueError) as e:
+            problems.append(f"teacher {t.name}: {e}")
+    tasks = [t.task for t in p.teachers if t.task is not None]
+    if len(set(tasks)) != len(tasks):
+        problems.append(f"one teacher per task, got tasks {tasks}")
+    if nets:
+        levels = {len(n.widths) for n in nets.values()}
+        if len(levels) > 1:
+            problems.append(f"teachers need the same number of encoder stages to branch into, got {sorted(levels)}")
+        if p.student_widths is not None and len(p.student_widths) != min(levels):
+            problems.append(f"student_widths needs {min(levels)} entries, got {len(p.student_widths)}")
+        if p.scene_size % 2 ** (min(levels) - 1):
+            problems.append(f"scene_size must be divisible by {2 ** (min(levels) - 1)}")
+        for t in p.teachers:
+            n = nets.get(t.name)
+            want = {"seg": p.scene_classes + 1}.get(t.task or "", 1)
+            if n is not None and (n.in_channels != 3 or n.out_channels != want):
+                problems.append(f"teacher {t.name}: a {t.task} teacher on RGB scenes of {p.scene_classes} classes "
+                                f"maps 3 channels to {want}, this one {n.in_channels} to {n.out_channels}")
+        if p.candidates:
+            names = next(iter(nets.values())).stage_names[:-1]
+            bad = [c for c in p.candidates if c not in names]
+            if bad:
+                problems.append(f"candidates {bad} are not stages to branch after; stages: {', '.join(names)}")
+    if problems:
+        raise invalid("; ".join(problems), "invalid_params")
+    return p
+
+
+@method("branching", _check_branching)
+def run_branching(ctx, p: AmalgamateParams) -> dict:
+    from sdb_core.amalgamate.branching import BranchingConfig, branching, export_student, prediction_figure
+    from sdb_core.data.scenes import make_scenes
+    from sdb_core.models.encdec import encdec_from_state
+    from sdb_core.weights import read_state_dict, save_weights
+
+    teachers = {}
+    for t in p.teachers:
+        state = read_state_dict(t.weights)
+        net = encdec_from_state(state)
+        net.load_state_dict(state)
+        teachers[t.task] = net.eval()
+    first = next(iter(teachers.values()))
+    widths = tuple(p.student_widths or first.widths)
+    search = max(1, min(p.epochs - 1, round(p.epochs * 0.5)))
+    cfg = BranchingConfig(tasks=tuple(teachers), size=p.scene_size, num_classes=p.scene_classes,
+                          n_train=p.transfer, n_test=max(1, p.eval_n), teacher_widths=first.widths, widths=widths,
+                          convs=first.convs, epochs=p.epochs, candidates=tuple(p.candidates) if p.candidates else None,
+                          scratch=False, batch_size=p.batch_size, lr=p.lr, seed=p.seed)
+    train = make_scenes(p.transfer, size=p.scene_size, num_classes=p.scene_classes, seed=1000 + p.seed)
+    test = make_scenes(cfg.n_test, size=p.scene_size, num_classes=p.scene_classes, seed=2000 + p.seed)
+    ctx.plan(search=search, finetune=p.epochs - search)
+    ctx.log(f"task branching: teachers {', '.join(f'{t.name} ({t.task})' for t in p.teachers)}, "
+            f"{p.transfer} unlabeled {p.scene_size}px scenes, student widths {list(widths)}")
+    res = branching(cfg, teachers=teachers, train=train, test=test, phase=ctx.phase,
+                    should_cancel=ctx.should_cancel, log=ctx.log)
+    student = res.student_model
+    save_weights(student, ctx.artifacts / "student.safetensors")
+    export_student(student, ctx.artifacts / "student.sdb", name=f"branching-{ctx.job.id[:8]}", size=p.scene_size,
+                   num_classes=p.scene_classes, class_names=test.class_names,
+                   metrics={"student": res.student, "teachers": res.teachers},
+                   extra={"amalgamation": {"method": "branching", "teachers": [t.name for t in p.teachers]}})
+    prediction_figure(student, res.teacher_models, test, ctx.artifacts / "predictions.png",
+                      num_classes=p.scene_classes)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in res.student.items() if k != "params")
+    ctx.log(f"student {shown}; {res.student['params']} parameters (teachers {res.teacher_params}); "
+            f"branch points {res.branch_points}")
+    return {"summary": f"branched student for {', '.join(teachers)}: {shown}",
+            "metrics": {"student": res.student, "teachers": res.teachers, "params": res.student["params"]},
+            "result": {"bundle": "student.sdb", "weights": "student.safetensors", "figure": "predictions.png",
+                       "tasks": list(teachers), "branch_points": res.branch_points,
+                       "params": res.student["params"], "teacher_params": res.teacher_params},
+            "branching": {"search_losses": res.search_losses, "history": res.history, "seconds": res.seconds}}
