@@ -1,0 +1,133 @@
+"""DEPARA on the generated zoo: model selection and layer selection against ground-truth transfer.
+
+For every classification task of the zoo in turn as the target (its own zoo model as the target
+model, every other zoo model as a source): the ground truth is each source's linear-probe accuracy
+on the target task's small training set; each method scores the sources from unlabelled probe
+images of the target's domain. Reported, as means over target tasks: Spearman correlation of each
+method's scores with the ground truth, top-1 / top-3 precision (the truly best source is among the
+method's first 1 / 3); for layer selection, the Spearman correlation across a source's layers of
+its per-layer score with its per-layer probe accuracy (mean over targets and sources).
+
+    python benchmarks/depara.py --json benchmarks/results/depara.json
+
+The zoo is cached under $SDB_CACHE_DIR (default: the temp dir) keyed by its config; the first run
+trains it. The random baseline is the expectation over 200 seeded shuffles.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from sdb_core.transfer.depara import METHODS, attribution_graph, rank, spearman
+from sdb_core.transfer.zoo import (
+    ENCODER_LAYERS,
+    FEATURE_LAYER,
+    TARGET_TASKS,
+    ProbeConfig,
+    ZooConfig,
+    build_zoo,
+    probe_images,
+    transfer_accuracy,
+)
+
+
+def topk_hit(scores: dict[str, float], truth: dict[str, float], k: int) -> float:
+    best = max(truth.values())
+    winners = {n for n, v in truth.items() if v == best}
+    picked = sorted(scores, key=lambda n: (-scores[n], n))[:k]
+    return float(bool(winners & set(picked)))
+
+
+def evaluate_method(method: str, tgraph, graphs, truth, lam: float, draws: int = 200) -> dict[str, float]:
+    seeds = range(draws) if method == "random" else [0]
+    rows = []
+    for s in seeds:
+        scores = rank(tgraph, graphs, method, lam, seed=s).scores
+        names = list(truth)
+        rows.append((spearman([scores[n] for n in names], [truth[n] for n in names]),
+                     topk_hit(scores, truth, 1), topk_hit(scores, truth, 3)))
+    a = np.array(rows).mean(0)
+    return {"spearman": float(a[0]), "top1": float(a[1]), "top3": float(a[2])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the summary JSON here")
+    ap.add_argument("--probe", type=int, default=100, help="probe images per target")
+    ap.add_argument("--lam", type=float, default=10.0, help="lambda of S = S_V + lambda S_E (paper: 1 and 10)")
+    ap.add_argument("--train-per-domain", type=int, default=ZooConfig().train_per_domain)
+    ap.add_argument("--epochs", type=int, default=ZooConfig().train.epochs)
+    ap.add_argument("--probe-train", type=int, default=ProbeConfig().train_n, help="target training-set size")
+    ap.add_argument("--cache-dir", help="zoo cache (default $SDB_CACHE_DIR or the temp dir)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    base = ZooConfig()
+    zcfg = ZooConfig(train_per_domain=args.train_per_domain, train=replace(base.train, epochs=args.epochs),
+                     seed=args.seed)
+    zoo = build_zoo(zcfg, cache_dir=args.cache_dir, log=lambda s: print(s, file=sys.stderr))
+    t_zoo = time.perf_counter() - t0
+    pcfg = ProbeConfig(train_n=args.probe_train, seed=args.seed)
+    per_target: dict[str, dict] = {}
+    for target in TARGET_TASKS:
+        sources = {n: m for n, m in zoo.models.items() if n != target}
+        acc = transfer_accuracy(sources, target, pcfg, layers=ENCODER_LAYERS)
+        truth = {n: acc[n][FEATURE_LAYER] for n in sources}
+        probe = probe_images(target, args.probe, args.seed)
+        tgraph = attribution_graph(zoo.models[target], probe, FEATURE_LAYER)
+        graphs = {n: {layer: attribution_graph(m, probe, layer) for layer in ENCODER_LAYERS} for n, m in sources.items()}
+        top = {n: g[FEATURE_LAYER] for n, g in graphs.items()}
+        ms = {m: evaluate_method(m, tgraph, top, truth, args.lam) for m in METHODS}
+        by_lam = {f"{lam:g}": evaluate_method("depara", tgraph, top, truth, lam) for lam in (1.0, 3.0, 10.0)}
+        ls = {}
+        for method in ("depara", "rsa"):
+            rhos = []
+            for n in sources:
+                scores = rank(tgraph, graphs[n], method, args.lam).scores
+                rhos.append(spearman([scores[la] for la in ENCODER_LAYERS], [acc[n][la] for la in ENCODER_LAYERS]))
+            ls[method] = {"spearman": float(np.mean(rhos))}
+        per_target[target] = {"truth": truth, "model_selection": ms, "depara_by_lambda": by_lam, "layer_selection": ls,
+                              "scores": {m: rank(tgraph, top, m, args.lam).scores for m in METHODS if m != "random"},
+                              "layer_accuracy": acc}
+        print(f"target {target:9s} best source {max(truth, key=truth.get):9s} "
+              + " ".join(f"{m}={ms[m]['spearman']:+.2f}" for m in METHODS), file=sys.stderr)
+    summary = {
+        "model_selection": {m: {k: float(np.mean([per_target[t]["model_selection"][m][k] for t in per_target]))
+                                for k in ("spearman", "top1", "top3")} for m in METHODS},
+        "layer_selection": {m: {"spearman": float(np.mean([per_target[t]["layer_selection"][m]["spearman"]
+                                                           for t in per_target]))} for m in ("depara", "rsa")},
+    }
+    by_lambda = {lam: {k: float(np.mean([per_target[t]["depara_by_lambda"][lam][k] for t in per_target]))
+                       for k in ("spearman", "top1", "top3")} for lam in ("1", "3", "10")}
+    seconds = time.perf_counter() - t0
+    print(f"\nmodel selection (means over {len(per_target)} target tasks, {len(zoo.models) - 1} sources each)")
+    print(f"{'method':10s} {'spearman':>9s} {'top1':>6s} {'top3':>6s}")
+    for m, r in summary["model_selection"].items():
+        print(f"{m:10s} {r['spearman']:9.3f} {r['top1']:6.2f} {r['top3']:6.2f}")
+    print("depara by lambda: " + ", ".join(f"{lam}: {r['spearman']:.3f}" for lam, r in by_lambda.items()))
+    print("\nlayer selection (Spearman across the 5 encoder layers, mean over targets and sources)")
+    for m, r in summary["layer_selection"].items():
+        print(f"{m:10s} {r['spearman']:9.3f}")
+    load = os.getloadavg()
+    print(f"\n{seconds:.0f} s (zoo {t_zoo:.0f} s), load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if args.json:
+        out = {**summary, "details": {"targets": per_target, "zoo_scores": zoo.scores, "lam": args.lam,
+                                      "depara_by_lambda": by_lambda,
+                                      "probe": args.probe, "zoo_config_key": zcfg.key(), "seconds": seconds,
+                                      "zoo_seconds": t_zoo, "loadavg": list(load)}}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Transferability: which pre-trained model, and which of its layers, to transfer from (DEPARA)."""

@@ -1,0 +1,330 @@
+"""A zoo of source models to measure transferability on, generated here.
+
+Every model is one small encoder (five conv blocks) with a task head, trained on one task over
+two image domains that share one input format, 3 x 32 x 32 pixels in [0, 1] normalised by
+``ZOO_MEAN``/``ZOO_STD``: the embedded MNIST digits (padded to 32, grey in all three channels)
+and the project's synthetic scenes (``sdb_core.data.scenes``). Tasks:
+
+- digits: ``digit`` (10 classes), ``parity`` (odd/even), ``big`` (digit >= 5), ``rotation``
+  (the digit turned by k x 90 degrees: k);
+- scenes: ``where`` (the quadrant of the nearest shape), ``nearest`` (the nearest shape's class),
+  ``count`` (how many shapes: 2..5), ``seg`` (per-pixel class), ``depth`` (per-pixel depth);
+- both: ``edges`` (per-pixel boundaries).
+
+Ground-truth transferability of a source to a classification target task is the test accuracy
+of a linear probe on the source's frozen features (a layer's output, average-pooled to 4 x 4)
+trained on a small target training set. ``build_zoo`` trains the zoo or loads it from a cache
+directory keyed by its config, so that reruns are fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from sdb_core.progress import Progress
+from sdb_core.train import TrainConfig, fit, seed_everything
+
+ZOO_SHAPE = (3, 32, 32)
+ZOO_MEAN, ZOO_STD = 0.5, 0.25
+ENCODER_LAYERS = tuple(f"encoder.{i}" for i in range(5))  # the layers layer selection scores
+FEATURE_LAYER = ENCODER_LAYERS[-1]  # what model selection and the probes read by default
+
+# task → (domain, kind, outputs): kind "cls" = image-level classes, "seg" = per-pixel classes,
+# "reg" = per-pixel regression, "bin" = per-pixel binary.
+TASKS: dict[str, tuple[str, str, int]] = {
+    "digit": ("digits", "cls", 10),
+    "parity": ("digits", "cls", 2),
+    "big": ("digits", "cls", 2),
+    "rotation": ("rotated", "cls", 4),
+    "where": ("scenes", "cls", 4),
+    "nearest": ("scenes", "cls", 4),
+    "count": ("scenes", "cls", 4),
+    "seg": ("scenes", "seg", 5),
+    "depth": ("scenes", "reg", 1),
+    "edges": ("mixed", "bin", 1),
+}
+# The target tasks of the benchmark: image-level classes a small model learns from the zoo's
+# budget. ``count`` stays a source only: at 32 px its own model is barely above chance (36% of 4).
+TARGET_TASKS = ("digit", "parity", "big", "rotation", "where", "nearest")
+
+
+@dataclass
+class ZooConfig:
+    tasks: tuple[str, ...] = tuple(TASKS)
+    train_per_domain: int = 3000  # training images per domain for the zoo models
+    test_per_domain: int = 1000
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=4, batch_size=64, lr=2e-3,
+                                                                    optimizer="adam", weight_decay=0.0))
+    width: int = 16  # channels of the first block; later blocks 2x and 4x
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty subset of {', '.join(TASKS)}, got {self.tasks!r}")
+        if self.train_per_domain < 10 or self.test_per_domain < 10:
+            raise ValueError(f"need >= 10 images per domain and split, got {self.train_per_domain}, "
+                             f"{self.test_per_domain}")
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        self.tasks = tuple(self.tasks)
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- data
+def normalize(pixels: np.ndarray | Tensor) -> Tensor:
+    x = pixels if isinstance(pixels, Tensor) else torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+    return (x.float() - ZOO_MEAN) / ZOO_STD
+
+
+@dataclass
+class Domain:
+    x: Tensor  # (n, 3, 32, 32) normalised
+    labels: dict[str, Tensor]  # task → targets
+
+
+def _digit_pixels(split: str) -> tuple[np.ndarray, np.ndarray]:
+    from sdb_core.data import load_dataset
+
+    data = load_dataset("mnist-5k")
+    ds = data.train if split == "train" else data.test
+    x, y = ds.tensors
+    raw = (x * data.std[0] + data.mean[0]).clamp(0, 1)  # back to pixels in [0, 1]
+    raw = F.pad(raw, (2, 2, 2, 2))  # 28 → 32
+    return raw.repeat(1, 3, 1, 1).numpy(), y.numpy()
+
+
+def _edges_of(mask: np.ndarray) -> np.ndarray:
+    from sdb_core.data.scenes import edge_map
+
+    return edge_map(mask.astype(np.int64))
+
+
+def make_domain(name: str, n: int, split: str, seed: int) -> Domain:
+    """``n`` images of domain ``digits``, ``rotated``, ``scenes`` or ``mixed`` with every task's targets."""
+    rng = np.random.default_rng(seed + (0 if split == "train" else 7919))
+    if name in ("digits", "rotated"):
+        pix, y = _digit_pixels(split)
+        idx = rng.choice(len(y), size=n, replace=n > len(y))
+        pix, y = pix[idx], y[idx]
+        labels = {"digit": y, "parity": y % 2, "big": (y >= 5).astype(np.int64)}
+        if name == "rotated":
+            k = rng.integers(0, 4, size=n)
+            pix = np.stack([np.rot90(p, int(r), axes=(1, 2)) for p, r in zip(pix, k)])
+            labels = {"rotation": k}
+        labels["edges"] = _edges_of(pix[:, 0] > 0.5)[:, None]
+        return Domain(normalize(pix), {k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in labels.items()})
+    if name == "scenes":
+        from sdb_core.data.scenes import edge_map, make_scenes
+
+        s = make_scenes(n, size=ZOO_SHAPE[1], num_classes=4, seed=seed * 2 + (0 if split == "train" else 1))
+        rows = np.arange(n)
+        near = np.argmin(s.shape_depth, 1)  # undrawn slots sit at the background depth: never nearest
+        cy, cx = s.shape_geom[rows, near, 0], s.shape_geom[rows, near, 1]
+        half = ZOO_SHAPE[1] / 2
+        labels = {"where": (cy >= half).astype(np.int64) * 2 + (cx >= half), "nearest": s.shape_class[rows, near] - 1,
+                  "count": s.counts.sum(1) - 2, "seg": s.seg,
+                  "depth": s.depth[:, None], "edges": edge_map(s.seg)[:, None]}
+        return Domain(normalize(s.images), {k: torch.as_tensor(np.ascontiguousarray(v)) for k, v in labels.items()})
+    if name == "mixed":
+        a, b = make_domain("digits", n - n // 2, split, seed), make_domain("scenes", n // 2, split, seed)
+        return Domain(torch.cat([a.x, b.x]), {"edges": torch.cat([a.labels["edges"], b.labels["edges"]])})
+    raise ValueError(f"unknown domain {name!r}")
+
+
+def task_data(task: str, n: int, split: str, seed: int) -> TensorDataset:
+    """(images, targets) of ``task``: ``n`` images of its domain."""
+    domain, _, _ = TASKS[task]
+    d = make_domain(domain, n, split, seed)
+    y = d.labels[task]
+    y = y.long() if y.dtype in (torch.int32, torch.int64, torch.bool) else y.float()
+    return TensorDataset(d.x, y)
+
+
+# --------------------------------------------------------------------------- models
+class ZooNet(nn.Module):
+    """Five conv blocks (32 → 16 → 16 → 8 → 4 → 4 px) and a head for one task."""
+
+    def __init__(self, kind: str, outputs: int, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        w = width
+        self.kind, self.outputs = kind, outputs
+
+        def block(cin, cout, pool):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
+                                 *([nn.MaxPool2d(2)] if pool else []))
+
+        self.encoder = nn.Sequential(block(in_channels, w, True), block(w, 2 * w, False), block(2 * w, 2 * w, True),
+                                     block(2 * w, 4 * w, True), block(4 * w, 4 * w, False))
+        if kind == "cls":
+            # The 4x4 grid is kept (not pooled away): rotation and counting need where things are.
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * 4 * w, outputs))
+        else:
+            def up(cin, cout):
+                return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1),
+                                     nn.ReLU(inplace=True))
+
+            self.head = nn.Sequential(up(4 * w, 2 * w), up(2 * w, w), nn.Upsample(scale_factor=2, mode="nearest"),
+                                      nn.Conv2d(w, outputs, 3, padding=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(x))
+
+
+def task_loss(kind: str, out: Tensor, y: Tensor) -> Tensor:
+    if kind in ("cls", "seg"):
+        return F.cross_entropy(out, y)
+    if kind == "reg":
+        return F.mse_loss(out, y)
+    return F.binary_cross_entropy_with_logits(out, y)
+
+
+def task_score(kind: str, out: Tensor, y: Tensor) -> float:
+    """Accuracy in percent (pixel accuracy for dense class maps); negative MSE for regression."""
+    if kind in ("cls", "seg"):
+        return 100.0 * (out.argmax(1) == y).float().mean().item()
+    if kind == "reg":
+        return -F.mse_loss(out, y).item()
+    return 100.0 * ((out > 0).float() == y).float().mean().item()
+
+
+def train_task_model(task: str, data: TensorDataset, cfg: TrainConfig, *, width: int = 16, kind: str | None = None,
+                     outputs: int | None = None, progress: Callable[[Progress], None] | None = None,
+                     should_cancel: Callable[[], bool] | None = None) -> ZooNet:
+    """A zoo model for ``task`` (or a classifier with ``outputs`` classes on any data) trained by ``fit``."""
+    if kind is None:
+        _, kind, outputs = TASKS[task]
+    in_channels = data.tensors[0].shape[1]
+    seed_everything(cfg.seed)
+    model = ZooNet(kind, int(outputs), in_channels, width)
+
+    def step(batch):
+        x, y = batch
+        return task_loss(kind, model(x), y)
+
+    fit(model, data, step, cfg, progress=progress, should_cancel=should_cancel)
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: ZooNet, data: TensorDataset, batch_size: int = 250) -> float:
+    model.eval()
+    x, y = data.tensors
+    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return task_score(model.kind, out, y)
+
+
+# --------------------------------------------------------------------------- the zoo
+@dataclass
+class Zoo:
+    config: ZooConfig
+    models: dict[str, ZooNet]
+    scores: dict[str, float]  # each model's test score on its own task
+    directory: Path | None = None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SDB_CACHE_DIR") or Path(tempfile.gettempdir()) / "sdb-cache") / "depara-zoo"
+
+
+def build_zoo(cfg: ZooConfig, *, cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
+              progress: Callable[[str], Callable[[Progress], None]] | None = None,
+              should_cancel: Callable[[], bool] | None = None) -> Zoo:
+    """Train every task's model (or load it from ``cache_dir/<config key>``); report own-task scores."""
+    from sdb_core.weights import load_weights, save_weights
+
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    where = root / cfg.key()
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=str))
+    models, scores = {}, {}
+    for i, task in enumerate(cfg.tasks):
+        _, kind, outputs = TASKS[task]
+        path = where / f"{task}.safetensors"
+        test = task_data(task, cfg.test_per_domain, "test", cfg.seed)
+        if path.exists():
+            model = load_weights(ZooNet(kind, outputs, 3, cfg.width), path).eval()
+        else:
+            train = task_data(task, cfg.train_per_domain, "train", cfg.seed)
+            tcfg = TrainConfig(**{**asdict(cfg.train), "seed": cfg.train.seed + i})
+            model = train_task_model(task, train, tcfg, width=cfg.width,
+                                     progress=progress(task) if progress else None, should_cancel=should_cancel)
+            save_weights(model, path)
+        models[task] = model
+        scores[task] = evaluate(model, test)
+        if log:
+            log(f"zoo model {task}: own-task test score {scores[task]:.2f}")
+    return Zoo(cfg, models, scores, where)
+
+
+# --------------------------------------------------------------------------- ground truth
+def pooled_features(model: nn.Module, layer: str | None, x: Tensor, grid: int = 4, batch_size: int = 250) -> Tensor:
+    """A layer's output average-pooled to ``grid`` x ``grid`` (vectors pass through), flattened."""
+    from sdb_core.transfer.depara import _layer_output
+
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            h = _layer_output(model, layer, x[i:i + batch_size])
+            if h.dim() == 4:
+                h = F.adaptive_avg_pool2d(h, grid)
+            outs.append(h.flatten(1))
+    return torch.cat(outs)
+
+
+@dataclass
+class ProbeConfig:
+    train_n: int = 300  # the small target training set
+    test_n: int = 1000
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, batch_size=100, lr=1e-2, optimizer="adam",
+                                                                    weight_decay=1e-3, schedule="cosine"))
+    seed: int = 0
+
+
+def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, cfg: TrainConfig) -> float:
+    """Test accuracy (percent) of a linear classifier on standardised frozen features, trained by ``fit``."""
+    mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    a, b = (train_x - mu) / sd, (test_x - mu) / sd
+    probe = nn.Linear(a.shape[1], int(max(train_y.max(), test_y.max())) + 1)
+
+    def step(batch):
+        x, y = batch
+        return F.cross_entropy(probe(x), y)
+
+    fit(probe, TensorDataset(a, train_y), step, cfg)
+    with torch.no_grad():
+        return 100.0 * (probe(b).argmax(1) == test_y).float().mean().item()
+
+
+def transfer_accuracy(sources: dict[str, nn.Module], target_task: str, cfg: ProbeConfig,
+                      layers: Sequence[str | None] = (FEATURE_LAYER,)) -> dict[str, dict[str, float]]:
+    """source → layer → linear-probe accuracy on ``target_task``'s small training set."""
+    tr = task_data(target_task, cfg.train_n, "train", cfg.seed + 101)
+    te = task_data(target_task, cfg.test_n, "test", cfg.seed + 101)
+    out: dict[str, dict[str, float]] = {}
+    for name, model in sources.items():
+        out[name] = {}
+        for layer in layers:
+            ftr, fte = pooled_features(model, layer, tr.tensors[0]), pooled_features(model, layer, te.tensors[0])
+            out[name][layer or "output"] = linear_probe(ftr, tr.tensors[1], fte, te.tensors[1], cfg.train)
+    return out
+
+
+def probe_images(task: str, n: int, seed: int = 0) -> Tensor:
+    """``n`` unlabelled images of ``task``'s domain: the probe set DEPARA reads (no labels used)."""
+    return task_data(task, n, "test", seed + 202).tensors[0]

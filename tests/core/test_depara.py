@@ -1,0 +1,159 @@
+"""DEPARA: attribution graphs, their similarity, and model selection on a tiny zoo."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from sdb_core.train import TrainConfig
+from sdb_core.transfer.depara import (
+    DeparaConfig,
+    attribution_graph,
+    attribution_maps,
+    graph_similarity,
+    rank_transferability,
+    select_model,
+    spearman,
+)
+from sdb_core.transfer.zoo import (
+    FEATURE_LAYER,
+    ZooConfig,
+    build_zoo,
+    probe_images,
+    task_data,
+    train_task_model,
+)
+
+
+def tiny_net(seed: int, dtype=torch.float32) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(20, 3)).to(dtype).eval()
+
+
+@pytest.fixture
+def probe():
+    return torch.randn(12, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("lam", [1.0, 10.0])
+def test_a_graph_is_1_plus_lambda_similar_to_itself(probe, lam):
+    g = attribution_graph(tiny_net(0), probe, "3")
+    assert graph_similarity(g, g, "depara", lam) == pytest.approx(1.0 + lam, abs=1e-9)
+    assert graph_similarity(g, g, "depara_v") == pytest.approx(1.0, abs=1e-9)
+    assert graph_similarity(g, g, "rsa") == pytest.approx(1.0, abs=1e-9)
+    # A different model is less similar than the graph is to itself.
+    other = attribution_graph(tiny_net(1), probe, "3")
+    assert graph_similarity(g, other, "depara", lam) < 1.0 + lam - 1e-3
+
+
+def test_similarity_is_symmetric(probe):
+    a, b = attribution_graph(tiny_net(0), probe, "1"), attribution_graph(tiny_net(1), probe, None)
+    for method in ("depara", "depara_v", "depara_e", "rsa"):
+        assert graph_similarity(a, b, method, 10.0) == pytest.approx(graph_similarity(b, a, method, 10.0), abs=1e-12)
+
+
+def test_a_copy_with_reordered_channels_has_the_same_graph(probe):
+    net = tiny_net(0)
+    perm1, perm2 = torch.randperm(6, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 0, 4, 1, 2])
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin[0].weight.copy_(net[0].weight[perm1])
+        twin[0].bias.copy_(net[0].bias[perm1])
+        twin[2].weight.copy_(net[2].weight[perm2][:, perm1])
+        twin[2].bias.copy_(net[2].bias[perm2])
+    # The twin's layer-3 output is the original's with its channels permuted: not the same tensor...
+    assert not torch.allclose(twin[:4](probe), net[:4](probe))
+    for layer in ("1", "3"):
+        a, b = attribution_graph(net, probe, layer), attribution_graph(twin, probe, layer)
+        # ...but the same graph.
+        assert torch.allclose(a.nodes, b.nodes, atol=1e-6) and torch.allclose(a.edges, b.edges, atol=1e-6)
+        assert graph_similarity(a, b, "depara", 1.0) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_attribution_maps_match_finite_differences():
+    net = tiny_net(2, torch.float64)
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    maps = attribution_maps(net, "3", x)
+
+    def f(z):  # the layer's output summed, per image
+        return net[:4](z).flatten(1).sum(1)
+
+    eps = 1e-6
+    grad = torch.zeros_like(x)
+    for idx in range(x[0].numel()):
+        e = torch.zeros(x[0].numel(), dtype=torch.float64)
+        e[idx] = eps
+        e = e.view_as(x[0])
+        grad.view(2, -1)[:, idx] = (f(x + e) - f(x - e)) / (2 * eps)
+    expected = (x * grad).abs().mean(1)
+    assert maps.shape == (2, 5, 5)
+    assert torch.allclose(maps, expected, atol=1e-6)
+    assert maps.abs().sum() > 0
+
+
+def test_spearman_matches_hand_computed_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1, 2.5, 2.5, 4) vs (1, 2, 4, 3), centred: sum of products 3, squares 4.5 and 5
+    assert spearman([1, 2, 2, 5], [1, 2, 9, 3]) == pytest.approx(3.0 / (4.5 * 5) ** 0.5)
+
+
+def test_graph_needs_the_same_probe_set(probe):
+    a = attribution_graph(tiny_net(0), probe, "1")
+    b = attribution_graph(tiny_net(0), probe[:6], "1")
+    with pytest.raises(ValueError, match="probe"):
+        graph_similarity(a, b)
+    with pytest.raises(ValueError, match="layer"):
+        attribution_graph(tiny_net(0), probe, "no.such.layer")
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    cfg = ZooConfig(tasks=("parity", "rotation", "where", "edges"), train_per_domain=600, test_per_domain=50,
+                    train=TrainConfig(epochs=2, batch_size=50, lr=3e-3, optimizer="adam", weight_decay=0.0))
+    return build_zoo(cfg, cache_dir=tmp_path_factory.mktemp("zoo"))
+
+
+def test_on_a_tiny_zoo_the_source_trained_on_the_targets_task_ranks_first(tiny_zoo):
+    # A weak target model: the target task (parity) learned from 300 images, another seed.
+    target = train_task_model("parity", task_data("parity", 300, "train", seed=5),
+                              TrainConfig(epochs=2, batch_size=50, lr=3e-3, optimizer="adam", weight_decay=0.0, seed=9))
+    probe = probe_images("parity", 60)
+    layers = dict.fromkeys(tiny_zoo.models, FEATURE_LAYER)
+    ranking = select_model(target, tiny_zoo.models, probe, DeparaConfig(lam=1.0), target_layer=FEATURE_LAYER,
+                           source_layers=layers)
+    assert ranking.order[0] == "parity", ranking.scores
+    result = rank_transferability(DeparaConfig(), target, tiny_zoo.models, probe, target_layer=FEATURE_LAYER,
+                                  source_layers=layers, layer_candidates={"parity": ["encoder.1", FEATURE_LAYER]})
+    assert result.ranking.order == ranking.order
+    assert set(result.baselines) == {"depara", "depara_v", "depara_e", "rsa", "random"}
+    assert result.matrix[0][0] == pytest.approx(2.0) and len(result.matrix) == 1 + len(tiny_zoo.models)
+    assert set(result.layers["parity"].scores) == {"encoder.1", FEATURE_LAYER}
+
+
+def test_the_zoo_cache_returns_the_same_models(tiny_zoo):
+    again = build_zoo(tiny_zoo.config, cache_dir=tiny_zoo.directory.parent)
+    x = probe_images("rotation", 4)
+    for name, m in tiny_zoo.models.items():
+        assert torch.equal(m(x), again.models[name](x))
+    assert again.scores == tiny_zoo.scores
+
+
+def test_a_hosted_models_onnx_graph_gives_the_torch_models_graph():
+    from sdb_core.bundle import export_onnx
+    from sdb_core.models import create_model
+    from sdb_core.transfer.onnx_graph import OnnxModule
+
+    torch.manual_seed(0)
+    net = create_model("cnn", num_classes=10, in_shape=(1, 8, 8)).eval()
+    graph = OnnxModule(export_onnx(net, (1, 8, 8)))
+    x = torch.randn(10, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(graph(x), net(x), atol=1e-5)
+    relu = next(n for n in graph.layer_names() if n.endswith("features.4/Relu"))
+    a, b = attribution_graph(net, x, "features.4"), attribution_graph(graph, x, relu)
+    assert torch.allclose(a.nodes, b.nodes, atol=1e-5) and torch.allclose(a.edges, b.edges, atol=1e-6)
+    with pytest.raises(ValueError, match="no layer"):
+        attribution_graph(graph, x, "nope")
