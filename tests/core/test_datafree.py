@@ -1,0 +1,198 @@
+"""Data-free amalgamation (group-stack dual-GAN): shapes, losses, no data, and that it learns."""
+import math
+
+import pytest
+import torch
+
+from sdb_core.amalgamate import datafree as df
+from sdb_core.amalgamate.multilabel import (
+    MultiLabelNet,
+    mean_average_precision,
+    predict_probs,
+    train_multilabel,
+)
+from sdb_core.progress import Cancelled
+from sdb_core.train import TrainConfig
+
+IN = (1, 56, 56)
+
+
+def _teachers(widths_a, widths_b):
+    torch.manual_seed(0)
+    a = MultiLabelNet(1, 3, widths=widths_a).eval()
+    b = MultiLabelNet(1, 2, widths=widths_b).eval()
+    return [df.TeacherSpec(a, [0, 1, 2], "a"), df.TeacherSpec(b, [3, 4], "b")]
+
+
+def _tiny(specs, **kw):
+    base = {"teachers": specs, "target": [2, 3], "in_shape": IN, "student_widths": (4, 8, 8)[:len(specs[0].model.blocks)],
+                "latent": 8, "gen_samples": 32, "gen_epochs": 1, "student_samples": 32, "block_epochs": 1, "finetune_epochs": 1,
+                "batch_size": 16, "device": "cpu"}
+    return df.DataFreeConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_group_stack_and_filters_shapes(blocks):
+    # Teachers of different widths: the filters must carry the shared generator into each one's space.
+    specs = _teachers((8, 16, 32)[:blocks], (6, 12, 24)[:blocks])
+    cfg = _tiny(specs)
+    nets = [s.model for s in specs]
+    gen, filters = df.build_generator(cfg, nets)
+    assert len(gen.blocks) == blocks and len(filters) == blocks - 1
+    outs = gen(torch.randn(5, cfg.latent))
+    assert len(outs) == blocks
+    assert outs[-1].shape == (5, *IN) and 0 <= outs[-1].min() and outs[-1].max() <= 1
+    for m, spec in enumerate(specs):
+        feats = spec.model.features(torch.zeros(5, *IN))
+        for j in range(1, blocks):  # stage j enters the last j blocks: its input is the output of block B-j-1
+            entry = feats[blocks - j - 1]
+            assert filters[j - 1][m](outs[j - 1]).shape == entry.shape
+            assert spec.model.forward_from(filters[j - 1][m](outs[j - 1]), blocks - j).shape == (5, len(spec.labels))
+    # The student's block b, filtered, goes through the rest of every teacher.
+    sblocks, sfilters, cols, order = df.build_student(cfg, nets)
+    h = torch.zeros(5, *IN)
+    for b in range(blocks):
+        h = sblocks[b](h)
+        for m, spec in enumerate(specs):
+            assert sfilters[b][m](h).shape == spec.model.features(torch.zeros(5, *IN))[b].shape
+    student = df.regroup(sblocks, sfilters, nets, cols, order, cfg.target)
+    assert student(torch.zeros(5, *IN)).shape == (5, 2)
+
+
+def test_filter_starts_as_identity_and_gates_per_sample():
+    f = df.FeatureFilter(4, 4)
+    h = torch.randn(3, 4, 5, 5)
+    assert torch.allclose(f(h), h)  # zero-initialised last layer: gate 2*sigmoid(0) = 1
+    with torch.no_grad():
+        f.fc2.bias.fill_(-100.0)
+    assert f(h).abs().max() < 1e-30  # a closed gate removes the channels
+    assert df.FeatureFilter(4, 7)(h).shape == (3, 7, 5, 5)
+
+
+def test_label_plan_puts_branches_in_target_order():
+    specs = [df.TeacherSpec(None, [0, 1, 2]), df.TeacherSpec(None, [2, 3])]
+    cols, order = df.label_plan(specs, [3, 0, 2])
+    # 0 and 2 come from the first teacher (columns 0 and 2; it holds 2 first), 3 from the second.
+    assert cols == [[0, 2], [1]]
+    placed = [0, 2, 3]
+    assert [placed[i] for i in order] == [3, 0, 2]
+
+
+def test_config_rejects_labels_no_teacher_holds():
+    specs = _teachers((8, 16), (8, 16))
+    with pytest.raises(ValueError, match="not held"):
+        _tiny(specs, target=[2, 9])
+    with pytest.raises(ValueError, match="variant"):
+        _tiny(specs, variant="gan")
+
+
+# ---------------------------------------------------------------------------------------- losses
+def test_one_hot_loss_hand_computed():
+    logits = torch.tensor([[2.0, -1.0], [0.5, -3.0]])
+    # Thresholded at 0.5: targets [[1, 0], [1, 0]]; BCE = mean of -log sigmoid(+-logit).
+    expected = (math.log1p(math.exp(-2)) + math.log1p(math.exp(-1)) + math.log1p(math.exp(-0.5))
+                + math.log1p(math.exp(-3))) / 4
+    assert df.one_hot_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+    # A higher threshold flips the 0.5 logit (p = 0.62) to a negative target.
+    expected_hi = (math.log1p(math.exp(-2)) + math.log1p(math.exp(-1)) + math.log1p(math.exp(0.5))
+                   + math.log1p(math.exp(-3))) / 4
+    assert df.one_hot_loss(logits, threshold=0.7).item() == pytest.approx(expected_hi, rel=1e-6)
+
+
+def test_activation_loss_hand_computed():
+    f = torch.tensor([[[[1.0, -3.0]], [[0.0, 2.0]]]])  # (1, 2, 1, 2)
+    assert df.activation_loss(f).item() == pytest.approx(-(1 + 3 + 0 + 2) / 4)
+
+
+def test_entropy_loss_hand_computed():
+    # Mean probabilities per label: sigmoid(0)=0.5 for both → frequencies 1/2, 1/2 → -H = -log 2.
+    assert df.entropy_loss(torch.zeros(4, 2)).item() == pytest.approx(-math.log(2), rel=1e-6)
+    # Label frequencies 0.75 and 0.25 (after normalising) → -H = 0.75 log .75 + 0.25 log .25.
+    p = torch.tensor([[0.9, 0.3], [0.6, 0.2]])
+    logits = torch.log(p / (1 - p))
+    expected = 0.75 * math.log(0.75) + 0.25 * math.log(0.25)
+    assert df.entropy_loss(logits).item() == pytest.approx(expected, rel=1e-5)
+    # Balanced frequencies are the minimum: one label always on scores worse.
+    assert df.entropy_loss(torch.tensor([[9.0, -9.0]] * 4)).item() > df.entropy_loss(torch.zeros(4, 2)).item()
+
+
+def test_sparsity_and_consistency_losses_hand_computed():
+    p = torch.tensor([[0.9, 0.3], [0.6, 0.2]])
+    logits = torch.log(p / (1 - p))
+    assert df.sparsity_loss(logits).item() == pytest.approx((0.9 + 0.3 + 0.6 + 0.2) / 4, rel=1e-6)
+    stage = torch.zeros(2, 2)  # p = 0.5 everywhere: BCE to any target is log 2
+    assert df.consistency_loss(stage, logits).item() == pytest.approx(math.log(2), rel=1e-6)
+    # The target side is held fixed: no gradient flows into the deepest stage's logits.
+    final = logits.clone().requires_grad_(True)
+    df.consistency_loss(stage.clone().requires_grad_(True), final).backward()
+    assert final.grad is None
+
+
+def test_bn_statistics_loss_is_zero_on_matching_statistics():
+    torch.manual_seed(0)
+    net = MultiLabelNet(1, 2, widths=(4, 4)).eval()
+    bn = net.blocks[1][1]
+    h = torch.randn(64, 4, 14, 14) * 2 + 1
+    with torch.no_grad():
+        x = net.blocks[1][0](h)  # what the BN layer sees: the conv's output
+    bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+    bn.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+    _, logits, loss = df.bn_statistics_loss(net, h, 1)
+    assert loss.item() < 1e-4 and logits.shape == (64, 2)
+    _, _, far = df.bn_statistics_loss(net, h + 3, 1)
+    assert far.item() > 1.0
+
+
+# ---------------------------------------------------------------------------------------- runs
+def test_runs_on_teachers_alone(monkeypatch, tmp_path):
+    """The recipe takes no data set: any attempt to load or draw one fails the test."""
+    from sdb_core import data
+    from sdb_core.data import composites
+
+    def forbidden(*a, **k):
+        raise AssertionError("the data-free recipe touched a data set")
+
+    monkeypatch.setattr(composites, "make_composites", forbidden)
+    monkeypatch.setattr(data, "load_dataset", forbidden)
+    specs = _teachers((8, 16), (8, 16))
+    seen = []
+    result = df.datafree(_tiny(specs, grid_dir=str(tmp_path / "grids"), checkpoint_dir=str(tmp_path / "ckpt")),
+                         phase=lambda name: seen.append(name) or (lambda p: None))
+    assert result.student(torch.zeros(3, *IN)).shape == (3, 2) and result.target == [2, 3]
+    assert seen == ["generator_stage1", "generator_stage2", "student_block1", "student_block2", "student_finetune"]
+    assert {p.name for p in result.grids} == {"grid_generator_stage1.png", "grid_generator_stage2.png", "grid_final.png"}
+    assert all(p.stat().st_size > 100 for p in result.grids)
+    assert (tmp_path / "ckpt" / "student_finetune.pt").is_file()
+
+
+def test_cancel_stops_the_run():
+    specs = _teachers((8, 16), (8, 16))
+    with pytest.raises(Cancelled):
+        df.datafree(_tiny(specs), should_cancel=lambda: True)
+
+
+def test_student_beats_untrained_on_real_composites():
+    """Teachers trained on real composites; the student, from their weights alone, scores well above an
+    untrained student of the same architecture on real test composites. One-cell composites (28 px, one
+    digit each) keep it fast; the 2x2 ones are the benchmark's."""
+    from sdb_core.data.composites import make_composites
+
+    x, y = make_composites(2000, split="train", grid=1, seed=0)
+    xt, yt = make_composites(500, split="test", grid=1, seed=0)
+    sets = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    target = [1, 3, 6, 8]
+    specs = []
+    for i, labels in enumerate(sets):
+        torch.manual_seed(i)
+        t = MultiLabelNet(1, len(labels), widths=(8, 16, 32))
+        train_multilabel(t, x, y[:, labels], TrainConfig(epochs=4, lr=3e-3, optimizer="adam", weight_decay=0))
+        specs.append(df.TeacherSpec(t.eval(), labels, f"t{i}"))
+    cfg = df.DataFreeConfig(teachers=specs, target=target, in_shape=(1, 28, 28), student_widths=(8, 16, 16),
+                            latent=32, gen_samples=2048, gen_epochs=2, student_samples=2048, block_epochs=1,
+                            finetune_epochs=3, device="cpu")
+    torch.manual_seed(0)
+    untrained = mean_average_precision(predict_probs(df.new_student(cfg, [s.model for s in specs]), torch.as_tensor(xt)),
+                                       yt[:, target])
+    trained = mean_average_precision(predict_probs(df.datafree(cfg).student, torch.as_tensor(xt)), yt[:, target])
+    assert trained > untrained + 10.0, (trained, untrained)
