@@ -62,6 +62,9 @@ class AmalgamateParams(JobParams):
     epochs: int = Field(10, ge=2, le=1000, description="branching: student epochs, the first half searching")
     candidates: list[str] | None = Field(None, min_length=1, max_length=16,
                                          description="branching: stages a task may branch out after")
+    # ---- datafree ----
+    gen_epochs: int = Field(4, ge=0, le=1000, description="datafree: generator epochs per group-stack stage")
+    samples: int = Field(2048, ge=16, le=1_000_000, description="datafree: generated images per epoch")
 
     @model_validator(mode="after")
     def _distinct(self):
@@ -189,6 +192,96 @@ def run_afk(ctx, p: AmalgamateParams) -> dict:
                        "widths": list(res.student.widths), "params": res.params,
                        "teacher_params": res.teacher_params, "active_channels": report["active_channels"]},
             "afk": report}
+
+
+# ---- data-free: group-stack dual-GAN ------------------------------------------------------------
+
+
+def _check_datafree(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
+    problems = []
+    for t in p.teachers:
+        if t.arch != "multilabel":
+            problems.append(f"teacher {t.name}: datafree takes multilabel teachers, got arch {t.arch!r}")
+        if t.labels is None:
+            problems.append(f"teacher {t.name}: datafree needs the label id of each output (labels)")
+    union = {k for t in p.teachers for k in (t.labels or [])}
+    if p.tasks is not None and not set(p.tasks) <= union:
+        problems.append(f"tasks {sorted(set(p.tasks) - union)} are not taught by any teacher")
+    depths = {len(t.widths or AFK_WIDTHS) for t in p.teachers}
+    if len(depths) > 1:
+        problems.append(f"the group stack judges block by block: teachers need the same number of blocks, "
+                        f"got {sorted(depths)}")
+    if depths and min(depths) < 2:
+        problems.append("the group stack needs teachers of at least 2 blocks")
+    if p.student_widths is not None and depths and len(p.student_widths) != min(depths):
+        problems.append(f"student_widths needs {min(depths)} entries, got {len(p.student_widths)}")
+    if len({t.in_channels for t in p.teachers}) > 1:
+        problems.append("teachers must take the same number of input channels")
+    if problems:
+        raise invalid("; ".join(problems), "invalid_params")
+    return p
+
+
+@method("datafree", _check_datafree)
+def run_datafree(ctx, p: AmalgamateParams) -> dict:
+    """No image reaches the recipe; test composites are drawn afterwards only to score the result."""
+    import torch
+
+    from sdb_core.amalgamate.datafree import DataFreeConfig, TeacherSpec, datafree
+    from sdb_core.amalgamate.multilabel import (
+        MultiLabelNet,
+        count_params,
+        mean_average_precision,
+        predict_probs,
+    )
+    from sdb_core.bundle import export_bundle
+    from sdb_core.weights import load_weights, save_weights
+
+    specs = []
+    for t in p.teachers:
+        model = MultiLabelNet(t.in_channels, len(t.labels), t.widths or AFK_WIDTHS)
+        specs.append(TeacherSpec(load_weights(model, t.weights).eval(), t.labels, t.name))
+    tasks = p.tasks or sorted({k for t in p.teachers for k in t.labels})
+    widths = p.student_widths or [max(4, w // 2) for w in specs[0].model.widths]
+    side, channels = 28 * p.grid, p.teachers[0].in_channels
+    cfg = DataFreeConfig(
+        teachers=specs, target=tasks, in_shape=(channels, side, side), student_widths=tuple(widths),
+        gen_samples=p.samples, gen_epochs=p.gen_epochs, student_samples=p.samples, block_epochs=p.layer_epochs,
+        finetune_epochs=p.finetune_epochs, student_lr=p.lr, batch_size=p.batch_size, seed=p.seed,
+        # The image grids go beside the other artifacts: only top-level files are listed and served.
+        checkpoint_dir=str(ctx.workdir / "checkpoints"), grid_dir=str(ctx.artifacts))
+    depth = len(specs[0].model.blocks)
+    ctx.plan(**{f"generator_stage{k}": p.gen_epochs for k in range(1, depth + 1)},
+             **{f"student_block{b}": p.layer_epochs for b in range(1, depth + 1)}, student_finetune=p.finetune_epochs)
+    ctx.log(f"data-free amalgamation: {len(specs)} teachers, tasks {tasks}, no data; student widths {widths}")
+    res = datafree(cfg, phase=ctx.phase, should_cancel=ctx.should_cancel)
+
+    student_map, teacher_map = None, {}
+    if p.eval_n and channels == 1:
+        from sdb_core.data.composites import make_composites
+
+        x, y = make_composites(p.eval_n, split="test", grid=p.grid, seed=p.seed)
+        x = torch.as_tensor(x)
+        student_map = mean_average_precision(predict_probs(res.student, x), y[:, tasks])
+        teacher_map = {s.name: mean_average_precision(predict_probs(s.model, x), y[:, list(s.labels)]) for s in specs}
+    params = count_params(res.student)
+    teacher_params = {s.name: count_params(s.model) for s in specs}
+    save_weights(res.student, ctx.artifacts / "student.safetensors")
+    with torch.no_grad():
+        export_bundle(res.student.cpu(), ctx.artifacts / "student.sdb", name=f"datafree-{ctx.job.id[:8]}",
+                      in_shape=(channels, side, side), mean=(0.0,) * channels, std=(1.0,) * channels,
+                      labels=[str(k) for k in tasks], task="multilabel",
+                      metrics={"map": student_map, "teacher_map": teacher_map},
+                      extra={"amalgamation": {"method": "datafree", "tasks": tasks,
+                                              "teachers": [t.name for t in p.teachers]}})
+    grids = sorted(str(g.relative_to(ctx.artifacts)) for g in res.grids)
+    shown = "n/a" if student_map is None else f"{student_map:.2f}"
+    ctx.log(f"student mAP {shown} (teachers {teacher_map}), {params} parameters in {res.seconds:.0f} s")
+    return {"summary": f"data-free student for tasks {tasks}: mAP {shown}, {params} parameters",
+            "metrics": {"student_map": student_map, "teacher_map": teacher_map, "params": params},
+            "result": {"bundle": "student.sdb", "weights": "student.safetensors", "tasks": tasks, "widths": widths,
+                       "params": params, "teacher_params": teacher_params, "grids": grids},
+            "datafree": {"history": res.history, "seconds": res.seconds}}
 
 
 # ---- task branching: one student for scene parsing + depth (+ edges) -----------------------------
