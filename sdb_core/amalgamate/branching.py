@@ -20,6 +20,7 @@ comparison. Every training run goes through :func:`sdb_core.train.fit`.
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -144,11 +145,14 @@ def teacher_loss(task: str, out: Tensor, teacher_out: Tensor) -> Tensor:
 # ---- modules -------------------------------------------------------------------------------------
 
 class _Frozen(nn.Module):
-    """A teacher held fixed: no gradients to its weights, BatchNorm always in eval mode."""
+    """A copy of a teacher held fixed: no gradients to its weights, BatchNorm always in eval mode.
+
+    A copy, so that pruning the stages the student replaces leaves the caller's teacher whole.
+    """
 
     def __init__(self, net: EncDec):
         super().__init__()
-        self.net = net.eval()
+        self.net = copy.deepcopy(net).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
 
@@ -184,14 +188,17 @@ class BranchedStudent(nn.Module):
         self.branch = dict(branch)
         self.adaptors = nn.ModuleDict({f"{t}@{c}": self.adaptors[f"{t}@{c}"] for t, c in self.branch.items()})
         self.keep = max(names.index(c) for c in self.branch.values()) + 1
-        kept = dict(list(self.trunk.stages.items())[:self.keep])
-        self.trunk.stages = nn.ModuleDict(kept)
+        self.trunk.stages = nn.ModuleDict(dict(list(self.trunk.stages.items())[:self.keep]))
+        # The teacher stages up to the branch point are the student's job now: empty them, so
+        # that the student's weights and parameter count hold only what it runs.
+        for t, c in self.branch.items():
+            teacher = self.teachers[t].net
+            for name in teacher.stage_names[:names.index(c) + 1]:
+                teacher.stages[name] = nn.Identity()
 
     def through(self, task: str, point: str, h: Tensor) -> Tensor:
         """Project the shared features ``h`` (output of stage ``point``) into the teacher's rest."""
-        start = self.trunk.stage_names.index(point) + 1 if point in self.trunk.stage_names else None
-        if start is None:
-            raise ValueError(f"stage {point!r} is not in the student")
+        start = self.trunk.stage_names.index(point) + 1
         return self.teachers[task].net.forward_from(self.adaptors[f"{task}@{point}"](h), start)
 
     def shared(self, x: Tensor, points: set[str]) -> dict[str, Tensor]:
@@ -413,15 +420,6 @@ def train_scratch(scenes: Scenes, cfg: BranchingConfig, *, progress=None, should
     return net.eval()
 
 
-def trainable_params(student: BranchedStudent) -> int:
-    """Parameters of the deployed student: shared stages, adaptors, and each teacher's used rest."""
-    n = count_params(student.trunk) + count_params(student.adaptors)
-    for t, c in student.branch.items():
-        net = student.teachers[t].net
-        n += sum(count_params(s) for s in list(net.stages.values())[net.index(c) + 1:])
-    return n
-
-
 def branching(cfg: BranchingConfig, *, teachers: dict[str, EncDec] | None = None,
               train: Scenes | None = None, test: Scenes | None = None, phase: Phase | None = None,
               should_cancel=None, log: Callable[[str], None] = print) -> BranchingResult:
@@ -445,7 +443,7 @@ def branching(cfg: BranchingConfig, *, teachers: dict[str, EncDec] | None = None
 
     student, search_losses, history = amalgamate(teachers, torch.from_numpy(train.images), cfg, phase=phase,
                                                  should_cancel=should_cancel, log=log)
-    student_metrics = {**evaluate(student, test, cfg.num_classes), "params": trainable_params(student)}
+    student_metrics = {**evaluate(student, test, cfg.num_classes), "params": count_params(student)}
     scratch_metrics = None
     if cfg.scratch:
         log("training the multi-task network from scratch with labels")

@@ -18,10 +18,9 @@ from sdb_core.amalgamate.branching import (
     output_layout,
     prediction_figure,
     train_teacher,
-    trainable_params,
 )
 from sdb_core.data.scenes import make_scenes
-from sdb_core.models.encdec import EncDec
+from sdb_core.models.encdec import EncDec, count_params
 
 TINY = {"size": 32, "num_classes": 2, "n_train": 160, "n_test": 60, "widths": (8, 16, 16),
         "teacher_widths": (8, 16, 16), "teacher_epochs": 5, "epochs": 5, "batch_size": 8, "lr": 1e-2,
@@ -50,12 +49,13 @@ def test_student_beats_an_untrained_one_by_a_margin(run):
     untrained = BranchedStudent(EncDec(3, 1, cfg.widths, cfg.convs), teachers, list(res.branch_points.values()))
     untrained.settle(res.branch_points)
     base = evaluate(untrained, test, cfg.num_classes)
+    teacher_rmse = res.teachers["depth"]["rmse"]
+    # Margins checked on seeds 0-2 of these settings; the tiny teachers themselves vary most.
+    assert res.teachers["seg"]["miou"] > base["miou"] + 20.0 and teacher_rmse < 0.9 * base["rmse"]
     assert res.student["miou"] > base["miou"] + 20.0, (res.student, base)
-    assert res.student["rmse"] < 0.75 * base["rmse"], (res.student, base)
-    # It learned the teachers' tasks (on the true labels of unseen scenes), not something else.
-    assert res.teachers["seg"]["miou"] > 60.0
-    assert res.student["miou"] > res.teachers["seg"]["miou"] - 15.0
-    assert res.student["rmse"] < 1.3 * res.teachers["depth"]["rmse"]
+    assert res.student["miou"] > res.teachers["seg"]["miou"] - 15.0, (res.student, res.teachers)
+    # Depth: at least half of the way from the untrained student's error to the teacher's.
+    assert res.student["rmse"] < base["rmse"] - 0.5 * (base["rmse"] - teacher_rmse), (res.student, base)
 
 
 def test_branch_points_are_the_lowest_search_loss_and_the_student_is_pruned(run):
@@ -70,7 +70,11 @@ def test_branch_points_are_the_lowest_search_loss_and_the_student_is_pruned(run)
     deepest = max(names.index(p) for p in res.branch_points.values())
     assert student.trunk.stage_names == names[:deepest + 1]
     assert sorted(student.adaptors.keys()) == sorted(f"{t}@{p}" for t, p in res.branch_points.items())
-    assert res.student["params"] == trainable_params(student) < res.teacher_params
+    # Its parameters: shared stages, adaptors and each teacher's rest past its branch point only.
+    rests = sum(count_params(s) for t, p in res.branch_points.items()
+                for s in list(res.teacher_models[t].stages.values())[names.index(p) + 1:])
+    expected = count_params(student.trunk) + count_params(student.adaptors) + rests
+    assert res.student["params"] == count_params(student) == expected < res.teacher_params
     assert set(res.history) == {"search", "finetune"} and res.history["finetune"]
 
 
