@@ -91,6 +91,15 @@ def afk_seed(args, seed: int) -> dict:
     # The full student's score on the subset's tasks, for the subset comparison.
     run["student"]["map_on_subset"] = float(np.mean([run["student"]["ap"][k] for k in args.subset]))
 
+    if args.ablation:
+        # What the layer-wise stage buys: the same student, the same epochs, end-to-end KD only.
+        t1 = time.perf_counter()
+        total = args.layer_epochs * len(TEACHER_WIDTHS) + args.finetune_epochs
+        res = afk(AFKConfig(teachers=teachers, tasks=full_tasks, images=torch.from_numpy(xs), data_seed=data_seed,
+                            layer_epochs=0, finetune_epochs=total, eval_n=args.n_test, train=train))
+        run["kd_only"] = {"map": res.map, "params": res.params, "epochs": total,
+                          "seconds": time.perf_counter() - t1}
+
     t1 = time.perf_counter()
     torch.manual_seed(seed)
     scratch = FilteredStudent(1, full_tasks, run["student"]["widths"])
@@ -124,6 +133,8 @@ def afk_summary(args, runs: list[dict]) -> dict:
     out["student"]["map_on_subset"] = mean(r["student"]["map_on_subset"] for r in runs)
     out["scratch"] = {"map": mean(r["scratch"]["map"] for r in runs), "params": runs[0]["scratch"]["params"],
                       "epochs": runs[0]["scratch"]["epochs"]}
+    if "kd_only" in runs[0]:
+        out["kd_only"] = {"map": mean(r["kd_only"]["map"] for r in runs), "epochs": runs[0]["kd_only"]["epochs"]}
     total = sum(teacher_params.values())
     st, sub = out["student"], out["student_subset"]
     out["targets"] = {
@@ -168,6 +179,9 @@ def afk_table(s: dict) -> str:
     rows.append(("AFK student, on the subset", " ".join(map(str, s["student_subset"]["tasks"])),
                  f"{s['student']['map_on_subset']:.2f}", f"{s['student_subset']['teacher_map']:.2f}",
                  str(s["student"]["params"])))
+    if "kd_only" in s:
+        rows.append(("ablation: end-to-end KD only", "0-9", f"{s['kd_only']['map']:.2f}",
+                     f"{s['student']['teacher_map']:.2f}", str(s["student"]["params"])))
     rows.append(("scratch (labels)", "0-9", f"{s['scratch']['map']:.2f}", f"{s['student']['teacher_map']:.2f}",
                  str(s["scratch"]["params"])))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
@@ -268,22 +282,29 @@ def main() -> int:
     p.add_argument("--teacher-epochs", type=int, default=6)
     p.add_argument("--layer-epochs", type=int, default=2)
     p.add_argument("--finetune-epochs", type=int, default=6)
+    p.add_argument("--ablation", action="store_true",
+                   help="AFK: also the full student trained by end-to-end KD only, same epochs (no layer-wise stage)")
     p.add_argument("--subset", type=int, nargs="+", default=[1, 3, 5, 7], help="AFK: the customised task subset")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    out: dict = {"load_average": list(os.getloadavg()), "threads": args.threads}
-    t0 = time.perf_counter()
-    if args.part in ("all", "afk"):
-        out["afk"] = afk_part(args)
-        print(afk_table(out["afk"]))
-    if args.part in ("all", "branching"):
-        branching = branching_part(args)
-        if branching is not None:
-            out["branching"] = branching
-            print(branching_table(branching))
-    out["seconds"] = time.perf_counter() - t0
-    out["load_average_end"] = list(os.getloadavg())
-    print(f"{out['seconds']:.0f} s, load average {out['load_average']} -> {out['load_average_end']}")
+    # Each part is stored with its own timing, and --json merges into an existing file: the
+    # parts can be run (and re-run) separately without losing the other's figures.
+    out: dict = {}
+    if args.json and Path(args.json).is_file():
+        out = json.loads(Path(args.json).read_text())
+    parts = {"afk": (afk_part, afk_table), "branching": (branching_part, branching_table)}
+    for name, (run, table) in parts.items():
+        if args.part not in ("all", name):
+            continue
+        load, t0 = list(os.getloadavg()), time.perf_counter()
+        result = run(args)
+        if result is None:
+            continue
+        result["timing"] = {"seconds": time.perf_counter() - t0, "threads": args.threads,
+                            "load_average_start": load, "load_average_end": list(os.getloadavg())}
+        out[name] = result
+        print(table(result))
+        print(f"{name}: {result['timing']['seconds']:.0f} s, load average {load} -> {result['timing']['load_average_end']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2, default=str))
