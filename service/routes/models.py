@@ -7,15 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from ..deps import (
-    AdminKeyDep,
-    DistillKeyDep,
-    KeyringDep,
-    MetricsDep,
-    OptionalApiKeyDep,
-    RegistryDep,
-    SettingsDep,
-)
+from ..deps import AdminKeyDep, DistillingDep, RegistryDep, Serving, ServingDep
 from ..errors import ApiError, invalid, not_found
 from ..inference import keyed_logits, pose_predictions, public_logits, require_classifier, require_predict
 from ..registry import HostedModel
@@ -81,14 +73,12 @@ async def _images(model: HostedModel, request: Request, media: str) -> tuple[np.
 
 @router.post("/{name}/predict", response_model=PredictResponse, summary="Top-k labels (public path)",
              openapi_extra=json_body_doc(PredictRequest, *_UPLOAD_DOC.items()))
-async def predict(name: str, request: Request, registry: RegistryDep, settings: SettingsDep,
-                  keyring: KeyringDep, metrics: MetricsDep, key: OptionalApiKeyDep,
-                  version: str | None = VersionQuery,
+async def predict(name: str, request: Request, s: ServingDep, version: str | None = VersionQuery,
                   top_k_query: int | None = Query(None, alias="top_k", ge=1, le=1000)) -> Response:
-    require_predict(key, name, settings.public_predict)
-    model = registry.get(name, version)
+    require_predict(s.key, name, s.settings.public_predict)
+    model = s.registry.get(name, version)
     if model.meta.get("task") == "pose":  # keypoints instead of labels, same inputs
-        return await _predict_pose(model, request, settings, keyring, metrics, key)
+        return await _predict_pose(model, request, s)
     require_classifier(model)
     media = _media_type(request)
     if media == "multipart/form-data" or media in _IMAGE_TYPES:
@@ -97,28 +87,28 @@ async def predict(name: str, request: Request, registry: RegistryDep, settings: 
     elif media in ("application/json", ""):
         obj = parse_json(await request.body())
         opts = options(PredictOptions, {**obj, **({"top_k": top_k_query} if top_k_query else {})})
-        x = as_batch(to_array(obj.get("inputs")), model.in_shape, settings.max_request_samples)
+        x = as_batch(to_array(obj.get("inputs")), model.in_shape, s.settings.max_request_samples)
     else:
         raise ApiError(415, "unsupported_media_type",
                        f"send application/json, multipart/form-data, image/png or image/jpeg, not {media}")
-    z = await public_logits(model, x, key, keyring, metrics)
+    z = await public_logits(model, x, s.key, s.keyring, s.metrics)
     k = min(opts.top_k, len(model.labels))
     return json_response({"model": model.name, "version": model.version,
                           "predictions": top_k(softmax(z), k, model.labels)})
 
 
-async def _predict_pose(model: HostedModel, request: Request, settings, keyring, metrics, key) -> Response:
+async def _predict_pose(model: HostedModel, request: Request, s: Serving) -> Response:
     """Keypoints (x, y in input pixels) with a score per joint; a pose model has no keyed path."""
     media = _media_type(request)
     if media == "multipart/form-data" or media in _IMAGE_TYPES:
         x, _ = await _images(model, request, media)
     elif media in ("application/json", ""):
         obj = parse_json(await request.body())
-        x = as_batch(to_array(obj.get("inputs")), model.in_shape, settings.max_request_samples)
+        x = as_batch(to_array(obj.get("inputs")), model.in_shape, s.settings.max_request_samples)
     else:
         raise ApiError(415, "unsupported_media_type",
                        f"send application/json, multipart/form-data, image/png or image/jpeg, not {media}")
-    heatmaps = await public_logits(model, x, key, keyring, metrics)
+    heatmaps = await public_logits(model, x, s.key, s.keyring, s.metrics)
     return json_response({"model": model.name, "version": model.version, "task": "pose",
                           **pose_predictions(model.meta, heatmaps)})
 
@@ -126,17 +116,16 @@ async def _predict_pose(model: HostedModel, request: Request, settings, keyring,
 @router.post("/{name}/distill", response_model=DistillResponse,
              summary="Augmented logits through the keyed path (distill scope for this model)",
              openapi_extra=json_body_doc(DistillRequest))
-async def distill(name: str, request: Request, key: DistillKeyDep, registry: RegistryDep, settings: SettingsDep,
-                  keyring: KeyringDep, metrics: MetricsDep, version: str | None = VersionQuery) -> Response:
-    model = registry.get(name, version)
+async def distill(name: str, request: Request, s: DistillingDep, version: str | None = VersionQuery) -> Response:
+    model = s.registry.get(name, version)
     require_classifier(model)
     media = _media_type(request)
     if media not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", f"distill takes application/json, not {media}")
     obj = parse_json(await request.body())
     opts = options(DistillOptions, obj)
-    x = as_batch(to_array(obj.get("inputs")), model.in_shape, settings.max_request_samples)
-    z = await keyed_logits(model, x, key, keyring, metrics)
+    x = as_batch(to_array(obj.get("inputs")), model.in_shape, s.settings.max_request_samples)
+    z = await keyed_logits(model, x, s.key, s.keyring, s.metrics)
     body = {"model": model.name, "version": model.version, "logits": z}
     if opts.temperature is not None:
         body["temperature"] = opts.temperature

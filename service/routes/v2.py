@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from ..deps import KeyringDep, MetricsDep, OptionalApiKeyDep, RegistryDep, SettingsDep
+from ..deps import RegistryDep, Serving, ServingDep
 from ..errors import ApiError, invalid
 from ..inference import keyed_logits, public_logits, require_classifier, require_predict
 from ..registry import HostedModel
@@ -130,7 +130,8 @@ def _wanted(obj: dict) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-async def _infer(model: HostedModel, request: Request, key, keyring, metrics, settings) -> Response:
+async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
+    key, keyring, metrics, settings = s.key, s.keyring, s.metrics, s.settings
     require_classifier(model)
     obj = parse_json(await request.body())
     wanted = _wanted(obj)
@@ -161,12 +162,10 @@ _INFER_DOC = json_body_doc(InferRequest)
 
 
 @router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC)
-async def infer(name: str, request: Request, registry: RegistryDep, key: OptionalApiKeyDep, keyring: KeyringDep,
-                metrics: MetricsDep, settings: SettingsDep) -> Response:
-    return await _infer(registry.get(name), request, key, keyring, metrics, settings)
+async def infer(name: str, request: Request, s: ServingDep) -> Response:
+    return await _infer(s.registry.get(name), request, s)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_INFER_DOC)
-async def infer_version(name: str, version: str, request: Request, registry: RegistryDep, key: OptionalApiKeyDep,
-                        keyring: KeyringDep, metrics: MetricsDep, settings: SettingsDep) -> Response:
-    return await _infer(registry.get(name, version), request, key, keyring, metrics, settings)
+async def infer_version(name: str, version: str, request: Request, s: ServingDep) -> Response:
+    return await _infer(s.registry.get(name, version), request, s)
