@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from ..settings import Settings
 from ..store import Store
@@ -50,13 +51,29 @@ def run_task(settings_dict: dict, job_id: str) -> str:
         store.close()
 
 
+# How long the API keeps trying a Ray cluster that does not answer yet: compose starts the API
+# beside the Ray head (depends_on waits for the container, not for Ray inside it).
+RAY_CONNECT_S = 120.0
+
+
 def start_ray(settings: Settings) -> None:
     import ray
 
     if ray.is_initialized():
         return
     if settings.ray_address:
-        ray.init(address=settings.ray_address, log_to_driver=False)
+        deadline = time.monotonic() + RAY_CONNECT_S
+        while True:
+            try:
+                ray.init(address=settings.ray_address, log_to_driver=False)
+                break
+            except (ConnectionError, RuntimeError, TimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("Ray at %s not ready (%s: %s); retrying", settings.ray_address, type(e).__name__,
+                            str(e).splitlines()[0] if str(e) else "")
+                ray.shutdown()
+                time.sleep(2.0)
     else:  # a local instance with one CPU per configured worker
         ray.init(num_cpus=max(settings.workers, 1), include_dashboard=False, log_to_driver=False)
     log.info("jobs run on Ray: %s", ray.get_runtime_context().gcs_address)
