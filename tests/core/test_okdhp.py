@@ -97,7 +97,7 @@ def test_tiny_okdhp_run_learns(tmp_path):
     rng = np.random.default_rng(0)
     guess = test.to_image(rng.uniform(0, test.input_size, size=test.joints.shape))
     chance = 100 * pck(guess, test.meta.joints, test.meta.visibility, test.meta.bboxes)
-    assert res.metrics["pck"] > chance + 8, (res.metrics, chance)  # seeds 0-2 measured 13-19 above
+    assert res.metrics["pck"] > chance + 8, (res.metrics, chance)  # seeds 0-2 each measured > 10 above
     assert {"ap", "ensemble_pck", "mean_ensemble_pck", "branch1_pck"} <= set(res.metrics)
     assert res.gflops > 0 and res.seconds > 0
     assert isinstance(res.target, StackedHourglass)
