@@ -129,8 +129,10 @@ def train(cfg: AdaINConfig, *, content: Tensor | None = None, style: Tensor | No
           net: LossNet | None = None, progress: Callable[[Progress], None] | None = None,
           should_cancel: Callable[[], bool] | None = None, checkpoint: str | None = None) -> AdaINResult:
     """Train the decoder; ``content``/``style`` tensors override the evaluation pair's names."""
-    seed_everything(cfg.seed)
+    # Built before seeding: constructing it draws from the global generator, so a run with and
+    # without a prebuilt loss network would otherwise start from different initialisations.
     loss_net = net or build_loss_net(cfg.loss_net)
+    seed_everything(cfg.seed)
     encoder = Encoder(loss_net, cfg.layer)
     decoder = decoder_for(loss_net, cfg.layer)
     model = AdaINNet(encoder, decoder)

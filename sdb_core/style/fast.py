@@ -39,7 +39,9 @@ class FastConfig:
     samples: int = 400  # crops per epoch
     batch_size: int = 4
     lr: float = 3e-3
-    content_weight: float = 1.0
+    # 2, not 1: at 1 the benchmark's result kept SSIM 0.27 to the content with a style cut of 90%,
+    # more style than the 80% target asks and less structure than its SSIM 0.3.
+    content_weight: float = 2.0
     style_weight: float = 10.0
     tv_weight: float = 1.0
     # The first layer's width; the paper's network has 32. At 8 a 256x256 image takes ~0.1 s on one
@@ -120,8 +122,10 @@ def train(cfg: FastConfig, *, style: Tensor | None = None, content: Tensor | Non
           should_cancel: Callable[[], bool] | None = None, checkpoint: str | None = None) -> FastResult:
     """Train a transformation network for one style; ``style``/``content`` tensors override the names
     (``content`` is only the evaluation image: training crops come from ``cfg.content``)."""
-    seed_everything(cfg.seed)
+    # Built before seeding: constructing it draws from the global generator, so a run with and
+    # without a prebuilt loss network would otherwise start from different initialisations.
     loss_net = net or build_loss_net(cfg.loss_net)
+    seed_everything(cfg.seed)
     style = fit_square(style if style is not None else load_image(cfg.style), cfg.size)
     evaluation = fit_square(content if content is not None else load_image(cfg.eval_content), cfg.size)
     crit = StyleCriterion(loss_net, style, content_layers=cfg.content_layers, style_layers=cfg.style_layers)

@@ -78,8 +78,10 @@ def stylize(cfg: GatysConfig, *, content: Tensor | None = None, style: Tensor | 
             net: LossNet | None = None, progress: Callable[[Progress], None] | None = None,
             should_cancel: Callable[[], bool] | None = None) -> GatysResult:
     """Optimise an image; ``content``/``style`` tensors (3, H, W) override the config's names."""
-    seed_everything(cfg.seed)
+    # Built before seeding: constructing it draws from the global generator, so a run with and
+    # without a prebuilt loss network would otherwise start from different initialisations.
     net = net or build_loss_net(cfg.loss_net)
+    seed_everything(cfg.seed)
     content = fit_square(content if content is not None else load_image(cfg.content), cfg.size)
     style = fit_square(style if style is not None else load_image(cfg.style), cfg.size)
     crit = StyleCriterion(net, style, content_layers=cfg.content_layers, style_layers=cfg.style_layers)
