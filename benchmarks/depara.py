@@ -60,7 +60,7 @@ def evaluate_method(method: str, tgraph, graphs, truth, lam: float, draws: int =
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the summary JSON here")
-    ap.add_argument("--probe", type=int, default=100, help="probe images per target")
+    ap.add_argument("--probe", type=int, default=200, help="probe images per target")
     ap.add_argument("--lam", type=float, default=10.0, help="lambda of S = S_V + lambda S_E (paper: 1 and 10)")
     ap.add_argument("--train-per-domain", type=int, default=ZooConfig().train_per_domain)
     ap.add_argument("--epochs", type=int, default=ZooConfig().train.epochs)
