@@ -25,7 +25,8 @@ def server(tmp_path_factory, bundles):
     s.stop()
 
 
-JOB = {"sources": [{"model": "digits-a"}, {"weights": "uploads/random.safetensors", "arch": "cnn", "name": "random"}],
+LAYERS = ["/features/features.1/Relu", "/features/features.4/Relu"]  # node names in the hosted ONNX graph
+JOB = {"sources": [{"model": "digits-a", "candidate_layers": LAYERS}, {"weights": "uploads/random.safetensors", "arch": "cnn", "name": "random"}],
        "target_data": "digits", "probe": 40, "target_train": 400, "target_epochs": 4, "maps": 3}
 
 
@@ -41,6 +42,8 @@ def test_ranks_a_hosted_model_trained_on_the_task_above_a_random_upload(server, 
         report = json.loads(c.jobs.download(sub["id"], "report.json", tmp_path).read_text())["transferability"]
         assert set(report["baselines"]) == {"depara", "depara_v", "depara_e", "rsa", "random"}
         assert report["similarity"]["names"] == ["target", "digits-a", "random"]
+        assert set(report["layer_selection"]["digits-a"]["scores"]) == set(LAYERS)
+        assert job["result"]["best_layers"]["digits-a"] in LAYERS
         m = report["similarity"]["matrix"]
         assert m[0][0] == pytest.approx(1.0 + JOB.get("lam", 10.0)) and m[0][1] == pytest.approx(m[1][0])
         for art in ("similarity.png", "attribution.png"):

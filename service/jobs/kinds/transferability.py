@@ -39,6 +39,8 @@ class ModelSpec(BaseModel):
     arch: str = "cnn"
     num_classes: int = Field(10, ge=1, le=100_000)
     layer: str | None = Field(None, max_length=300, description="the layer to compare at (default: the output)")
+    candidate_layers: list[str] = Field(default_factory=list, max_length=64,
+                                        description="layer selection: score each of these layers against the target")
 
     @model_validator(mode="after")
     def _one(self):
@@ -147,7 +149,9 @@ def run(ctx, p: TransferParams) -> dict:
     ctx.step("graphs: attribution graphs of the target and the sources", None)
     cfg = DeparaConfig(method=p.method, lam=p.lam, seed=p.seed)
     result = rank_transferability(cfg, target, sources, probe, target_layer=target_layer,
-                                  source_layers={s.label: s.layer for s in p.sources}, log=ctx.log)
+                                  source_layers={s.label: s.layer for s in p.sources},
+                                  layer_candidates={s.label: s.candidate_layers for s in p.sources if s.candidate_layers},
+                                  log=ctx.log)
     plot_similarity(result.names, result.matrix, ctx.artifacts / "similarity.png",
                     title=f"S ({'depara' if p.method == 'random' else p.method}, lambda={p.lam:g})")
     shown = probe[:p.maps]
@@ -158,8 +162,10 @@ def run(ctx, p: TransferParams) -> dict:
     for i, name in enumerate(result.ranking.order, 1):
         ctx.log(f"{i}. {name}  S={result.ranking.scores[name]:.4f}")
     best = result.ranking.order[0]
+    for name, r in result.layers.items():
+        ctx.log(f"layer selection for {name}: best layer {r.order[0]}")
     return {"summary": f"best source for {what}: {best}",
             "metrics": {"best_score": result.ranking.scores[best]},
             "result": {"ranking": result.ranking.order, "scores": result.ranking.scores, "method": p.method,
-                       "target": what},
+                       "target": what, "best_layers": {n: r.order[0] for n, r in result.layers.items()}},
             "transferability": result.to_dict()}
