@@ -95,8 +95,8 @@ class OnnxModule(nn.Module):
     def _run(op: str, v: list, a: dict) -> Tensor:
         x = v[0]
         if op == "Conv":
-            if any(d != 1 for d in a.get("dilations", [1, 1])) and len(a.get("dilations", [])) != 2:
-                raise ValueError("Conv dilations must be 2-d")
+            if len(v[1].shape) != 4:
+                raise ValueError(f"only 2-d convolutions are supported, got a weight of shape {tuple(v[1].shape)}")
             x, pad = _pad_input(x, _pads(a))
             return F.conv2d(x, v[1], v[2] if len(v) > 2 else None, stride=tuple(a.get("strides", [1, 1])),
                             padding=pad, dilation=tuple(a.get("dilations", [1, 1])), groups=a.get("group", 1))
