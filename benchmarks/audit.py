@@ -24,12 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdb_core.bundle import export_bundle  # noqa: E402
-from sdb_core.data import load_dataset, transfer_split  # noqa: E402
-from sdb_core.distill import DistillConfig  # noqa: E402
-from sdb_core.protect.audit import POLICIES, AuditConfig, audit, score, verdict_of  # noqa: E402
-from sdb_core.protect.key import new_master_key  # noqa: E402
-from sdb_core.protect.measure import student_accuracy, train_and_wrap  # noqa: E402
+from sdb_core.bundle import export_bundle
+from sdb_core.data import load_dataset, transfer_split
+from sdb_core.distill import DistillConfig
+from sdb_core.protect.audit import POLICIES, AuditConfig, audit, score, verdict_of
+from sdb_core.protect.key import new_master_key
+from sdb_core.protect.measure import student_accuracy, train_and_wrap
 
 
 def authorized(teacher, box, data, cfg: AuditConfig, seed: int) -> dict[str, float]:
@@ -80,7 +80,7 @@ def main() -> int:
                         "a throwaway master key), e.g. to audit it again with `sdb audit --bundle --policy`")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    log = lambda s: print(s, flush=True)  # noqa: E731
+    log = lambda s: print(s, flush=True)
 
     data = load_dataset(args.data)
     base = AuditConfig()

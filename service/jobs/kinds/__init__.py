@@ -1,8 +1,7 @@
 """Job kinds by name. Each module registers one kind with ``@job_kind``; import it here."""
-from . import audit, distill, style, wrap  # noqa: F401  (registers the kinds)
-from . import okdhp  # noqa: F401  (pose distillation)
-from . import amalgamate  # noqa: F401  (knowledge amalgamation: afk, branching, datafree)
-from . import transferability  # noqa: F401  (DEPARA: model and layer selection)
+# Imported for their registrations: protection, distillation, the leak audit, pose (OKDHP),
+# amalgamation (afk, branching, datafree), transferability (DEPARA) and style transfer.
+from . import amalgamate, audit, distill, okdhp, style, transferability, wrap  # noqa: F401
 from .base import KINDS, JobParams, Kind, Submission, get_kind, job_kind
 
 __all__ = ["KINDS", "JobParams", "Kind", "Submission", "get_kind", "job_kind"]
