@@ -11,6 +11,7 @@ A task whose process dies stops heartbeating, and the reaper ends its job like a
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -57,6 +58,10 @@ RAY_CONNECT_S = 120.0
 
 
 def start_ray(settings: Settings) -> None:
+    if not settings.ray_address:
+        # A local instance serves this host only: Ray reads this switch (at import) to put every
+        # address of a single-node instance on 127.0.0.1 instead of the machine's interface.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -74,7 +79,7 @@ def start_ray(settings: Settings) -> None:
                             str(e).splitlines()[0] if str(e) else "")
                 ray.shutdown()
                 time.sleep(2.0)
-    else:  # a local instance with one CPU per configured worker
+    else:  # a local instance with one CPU per configured worker, on loopback: it serves this host only
         ray.init(num_cpus=max(settings.workers, 1), include_dashboard=False, log_to_driver=False)
     log.info("jobs run on Ray: %s", ray.get_runtime_context().gcs_address)
 

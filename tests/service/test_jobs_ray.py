@@ -2,6 +2,10 @@
 same routes, same store, same final state and artifacts as on an embedded worker."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from sdb_client import Client
 
 from .jobs_helpers import JobServer, key, prepare, wait_for
@@ -33,3 +37,17 @@ def test_distill_on_ray_reaches_the_same_state_and_artifacts(tmp_path, bundles):
             assert c.jobs.wait(long["id"], timeout=10, poll_s=0.2)["status"] == "cancelled"
     finally:
         server.stop()
+
+
+def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
+    # The embedded Ray instance serves this host: its addresses must not be the machine's interface.
+    # As in sdb serve: ray is first imported by start_ray.
+    code = ("from service.jobs.ray_backend import start_ray\nfrom service.settings import Settings\n"
+            f"start_ray(Settings(data_dir={str(tmp_path)!r}, workers=1))\nimport ray\n"
+            "print(ray.get_runtime_context().gcs_address, ray.nodes()[0]['NodeManagerAddress'])\nray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    gcs, node = out.stdout.split()
+    assert gcs.startswith("127.0.0.1:") and node == "127.0.0.1"
