@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -78,6 +78,9 @@ class AFKConfig:
     finetune_epochs: int = 4               # end to end
     feature_weight: float = 1.0
     gate_l1: float = 1e-3
+    # 10: the gates then close 10-30% of each task's last-block channels in the benchmark's
+    # budget (at 1 none moved below 0.5), and seed 0's full student went 97.70 -> 97.89 mAP.
+    gate_scale: float = 10.0               # see FilteredStudent
     relevance_samples: int = 256           # images used to measure the teachers' channel relevance
     # Adam: on these composites it reached 97.6 mAP in 6 epochs where SGD (lr 0.05) reached 95.8.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=3e-3, weight_decay=0.0))
@@ -137,18 +140,25 @@ class AFKResult:
 class FilteredStudent(MultiLabelNet):
     """A ``MultiLabelNet`` trunk with a channel gate per task on every block; one output per requested task.
 
-    ``gate_logits[l]`` is (tasks, width_l). The head of task k reads the max-pooled last block
-    through task k's gate, so the outputs are exactly the requested tasks, in ``tasks`` order.
+    ``gate_logits[l]`` is (tasks, width_l); the gate is ``sigmoid(gate_scale * logit)``. The head
+    of task k reads the max-pooled last block through task k's gate, so the outputs are exactly
+    the requested tasks, in ``tasks`` order. ``gate_scale`` > 1 makes the gates move that much
+    faster under Adam (whose steps do not depend on the gradient's size), so that the L1 term can
+    close channels within a short training; it is a buffer, saved with the weights.
     """
 
-    def __init__(self, in_channels: int, tasks: Sequence[int], widths: Sequence[int], *, stem_stride: int = 2):
+    def __init__(self, in_channels: int, tasks: Sequence[int], widths: Sequence[int], *, stem_stride: int = 2,
+                 gate_scale: float = 1.0):
         super().__init__(in_channels, len(tasks), widths, stem_stride=stem_stride)
+        if not gate_scale > 0:
+            raise ValueError(f"gate_scale must be > 0, got {gate_scale}")
         self.tasks = [int(k) for k in tasks]
+        self.register_buffer("gate_scale", torch.tensor(float(gate_scale)))
         self.gate_logits = nn.ParameterList(
-            nn.Parameter(torch.full((len(self.tasks), w), GATE_INIT)) for w in self.widths)
+            nn.Parameter(torch.full((len(self.tasks), w), GATE_INIT / gate_scale)) for w in self.widths)
 
     def gates(self, level: int) -> Tensor:
-        return torch.sigmoid(self.gate_logits[level])
+        return torch.sigmoid(self.gate_scale * self.gate_logits[level])
 
     def task_gate(self, level: int, rows: Sequence[int]) -> Tensor:
         """The channel mask of a group of tasks (a teacher's): a channel open for any of them is open."""
@@ -242,7 +252,8 @@ def afk(
 
     widths = list(cfg.student_widths) if cfg.student_widths is not None else \
         default_student_widths(active, cfg.tasks, cfg.width_scale)
-    student = FilteredStudent(x.shape[1], cfg.tasks, widths, stem_stride=active[0].model.stem_stride)
+    student = FilteredStudent(x.shape[1], cfg.tasks, widths, stem_stride=active[0].model.stem_stride,
+                              gate_scale=cfg.gate_scale)
     student.to(device)
     depth = len(student.blocks)
     with torch.no_grad():
@@ -330,8 +341,6 @@ def _run(net: MultiLabelNet, x: Tensor, n_blocks: int) -> Tensor:
 
 
 def _with_epochs(cfg: TrainConfig, epochs: int) -> TrainConfig:
-    from dataclasses import replace
-
     return replace(cfg, epochs=epochs)
 
 
@@ -374,5 +383,5 @@ def untrained_map(cfg: AFKConfig, seed: int = 0) -> float:
     widths = list(cfg.student_widths) if cfg.student_widths is not None else \
         default_student_widths(active, cfg.tasks, cfg.width_scale)
     xt, yt = make_composites(cfg.eval_n or 500, split="test", grid=cfg.grid, seed=cfg.data_seed)
-    student = FilteredStudent(xt.shape[1], cfg.tasks, widths)
+    student = FilteredStudent(xt.shape[1], cfg.tasks, widths, stem_stride=active[0].model.stem_stride)
     return mean_average_precision(predict_probs(student, torch.from_numpy(xt)).numpy(), np.asarray(yt)[:, cfg.tasks])
