@@ -12,6 +12,7 @@ from .batching import BatcherClosed
 from .errors import ApiError, not_found
 from .metrics import Metrics
 from .registry import HostedModel
+from .tensors import top_k
 
 
 async def _logits(model: HostedModel, x: np.ndarray, keyed: bool) -> np.ndarray:
@@ -26,12 +27,32 @@ async def _logits(model: HostedModel, x: np.ndarray, keyed: bool) -> np.ndarray:
 TASK_ROUTES = {"style": "POST /v1/style/{name}"}
 
 
-def require_classifier(model: HostedModel) -> None:
-    """400, naming the right route, for a bundle whose task has a route of its own."""
+# What predict answers, by task: class scores (softmax), independent labels (a sigmoid each),
+# keypoints. distill and v2 infer serve classifiers only.
+PREDICT_TASKS = ("classification", "multilabel", "pose")
+
+
+def require_task(model: HostedModel, tasks: tuple[str, ...] = ("classification",)) -> str:
+    """The model's task if it is one of ``tasks``; else a 400 naming the route that serves it, if any."""
     task = model.meta.get("task", "classification")
-    if task in TASK_ROUTES:
-        raise ApiError(400, "wrong_task",
-                       f"model {model.name!r} is a {task} model: {TASK_ROUTES[task].format(name=model.name)}")
+    if task in tasks:
+        return task
+    where = TASK_ROUTES.get(task)
+    hint = f": {where.format(name=model.name)}" if where else f"; this route serves {', '.join(tasks)} models"
+    raise ApiError(400, "wrong_task", f"model {model.name!r} is a {task} model{hint}")
+
+
+def require_classifier(model: HostedModel) -> None:
+    require_task(model)
+
+
+def multilabel_predictions(z: np.ndarray, k: int, labels: list[str], threshold: float = 0.5) -> list[dict]:
+    """Top-k labels by their own sigmoid probability, and every label at or over ``threshold``."""
+    probs = 1.0 / (1.0 + np.exp(-z))
+    out = top_k(probs, k, labels)
+    for p, row in zip(out, probs):
+        p["present"] = [labels[i] for i in np.flatnonzero(row >= threshold)]
+    return out
 
 
 def require_predict(key: ApiKey | None, model: str, public: bool) -> None:

@@ -9,7 +9,16 @@ from starlette.responses import Response
 
 from ..deps import AdminKeyDep, DistillingDep, RegistryDep, Serving, ServingDep
 from ..errors import ApiError, invalid, not_found
-from ..inference import keyed_logits, pose_predictions, public_logits, require_classifier, require_predict
+from ..inference import (
+    PREDICT_TASKS,
+    keyed_logits,
+    multilabel_predictions,
+    pose_predictions,
+    public_logits,
+    require_classifier,
+    require_predict,
+    require_task,
+)
 from ..registry import HostedModel
 from ..schemas import (
     AddModelRequest,
@@ -77,9 +86,9 @@ async def predict(name: str, request: Request, s: ServingDep, version: str | Non
                   top_k_query: int | None = Query(None, alias="top_k", ge=1, le=1000)) -> Response:
     require_predict(s.key, name, s.settings.public_predict)
     model = s.registry.get(name, version)
-    if model.meta.get("task") == "pose":  # keypoints instead of labels, same inputs
+    task = require_task(model, PREDICT_TASKS)
+    if task == "pose":  # keypoints instead of labels, same inputs
         return await _predict_pose(model, request, s)
-    require_classifier(model)
     media = _media_type(request)
     if media == "multipart/form-data" or media in _IMAGE_TYPES:
         x, fields = await _images(model, request, media)
@@ -93,6 +102,9 @@ async def predict(name: str, request: Request, s: ServingDep, version: str | Non
                        f"send application/json, multipart/form-data, image/png or image/jpeg, not {media}")
     z = await public_logits(model, x, s.key, s.keyring, s.metrics)
     k = min(opts.top_k, len(model.labels))
+    if task == "multilabel":
+        return json_response({"model": model.name, "version": model.version, "task": task,
+                              "predictions": multilabel_predictions(z, k, model.labels)})
     return json_response({"model": model.name, "version": model.version,
                           "predictions": top_k(softmax(z), k, model.labels)})
 
