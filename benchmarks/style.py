@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--gatys-steps", type=int, default=200)
     p.add_argument("--fast-epochs", type=int, default=3)
-    p.add_argument("--adain-epochs", type=int, default=6)
+    p.add_argument("--adain-epochs", type=int, default=12)
     p.add_argument("--samples", type=int, default=400, help="training crops per epoch (fast, adain)")
     p.add_argument("--weights", help="VGG-19 weights (torchvision layout) instead of the random loss network")
     p.add_argument("--threads", type=int, default=1)
