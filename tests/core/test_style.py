@@ -8,7 +8,14 @@ from safetensors.torch import save_file
 
 from sdb_core.style import adain as adain_method
 from sdb_core.style import fast, gatys
-from sdb_core.style.images import ContentCrops, decode_image, fit_square, load_image, png_bytes
+from sdb_core.style.images import (
+    ContentCrops,
+    content_images,
+    decode_image,
+    fit_square,
+    load_image,
+    png_bytes,
+)
 from sdb_core.style.loss_net import LAYERS, LossNet, LossNetConfig, build_loss_net
 from sdb_core.style.losses import StyleCriterion, adain, gram, mean_std, mean_std_loss, relative_mse, tv_loss
 from sdb_core.weights import WeightsError
@@ -124,6 +131,21 @@ def test_images_embedded_png_round_trip_and_crops():
     b = torch.stack([crops[i][0] for i in range(10)])
     assert a.shape == (10, 3, 48, 48) and torch.equal(a, b)  # seeded by the global generator
     assert (a[0] - a[1]).abs().mean() > 0.01  # and every item a new crop
+
+
+def test_training_crops_from_a_users_image_folder(tmp_path):
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    (tmp_path / "photos" / "a.png").write_bytes(png_bytes(torch.rand(3, 40, 60)))
+    (tmp_path / "photos" / "sub" / "b.png").write_bytes(png_bytes(torch.rand(3, 900, 700)))
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    images = content_images(f"imagefolder:{tmp_path / 'photos'}")
+    assert [tuple(i.shape) for i in images] == [(3, 40, 60), (3, 512, 398)]  # found recursively, big ones shrunk
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        content_images(f"imagefolder:{tmp_path / 'empty'}")
+    with pytest.raises(ValueError, match="does not exist"):
+        content_images(f"imagefolder:{tmp_path / 'absent'}")
+    assert len(content_images("astronaut, coffee")) == 2
 
 
 def test_networks_keep_the_image_size_and_range():
