@@ -6,6 +6,7 @@ migrated at start by :func:`migrate`: an ordered list of steps and a version row
 """
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -285,9 +286,19 @@ def normalise_url(url: str) -> str:
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    # WAL lets readers run beside the one writer (the CLI beside a running server).
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
+    # WAL lets readers run beside the one writer (the CLI beside a running server). Turning a
+    # fresh file to WAL needs it to itself, and SQLite answers "locked" at once rather than
+    # waiting in its busy handler: six processes starting together on a new data dir hit that.
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
