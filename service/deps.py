@@ -115,18 +115,22 @@ class Serving:
     key: ApiKey | None  # None: no Authorization header (a header that is present was valid)
 
 
-async def _serving(request: Request, _: _BearerDoc) -> Serving:
+async def _serving(request: Request) -> Serving:
     state = request.app.state
     key = None if "authorization" not in request.headers else await _authenticate(request, state.keyring)
     return Serving(state.settings, state.registry, state.keyring, state.metrics, key)
 
 
-async def _distilling(name: str, request: Request, _: _BearerDoc) -> Serving:
+async def _distilling(name: str, request: Request) -> Serving:
     state = request.app.state
     key = await _authenticate(request, state.keyring)
     check_scope(key, "distill", name)
     return Serving(state.settings, state.registry, state.keyring, state.metrics, key)
 
 
+# The routes that use these declare the bearer scheme in their OpenAPI (SERVING_DOC): as a
+# sub-dependency it would be one more solve on every request.
+SERVING_DOC = {"security": [{"HTTPBearer": []}, {}]}  # a key is optional; when sent it must be valid
+DISTILLING_DOC = {"security": [{"HTTPBearer": []}]}
 ServingDep = Annotated[Serving, Depends(_serving)]
 DistillingDep = Annotated[Serving, Depends(_distilling)]  # a key with distill scope for the path's {name}

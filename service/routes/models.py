@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from ..deps import AdminKeyDep, DistillingDep, RegistryDep, Serving, ServingDep
+from ..deps import DISTILLING_DOC, SERVING_DOC, AdminKeyDep, DistillingDep, RegistryDep, Serving, ServingDep
 from ..errors import ApiError, invalid, not_found
 from ..inference import (
     PREDICT_TASKS,
@@ -80,10 +80,19 @@ async def _images(model: HostedModel, request: Request, media: str) -> tuple[np.
     return x, fields
 
 
+# Query parameters of the inference routes, read from the request: declared as FastAPI
+# parameters they cost a validation pass each on every request (documented here instead).
+_VERSION_DOC = {"name": "version", "in": "query", "required": False, "schema": {"type": "string"},
+                "description": "a version of the model; default the highest"}
+_TOP_K_DOC = {"name": "top_k", "in": "query", "required": False,
+              "schema": {"type": "integer", "minimum": 1, "maximum": 1000}, "description": "labels to return"}
+
+
 @router.post("/{name}/predict", response_model=PredictResponse, summary="Top-k labels (public path)",
-             openapi_extra=json_body_doc(PredictRequest, *_UPLOAD_DOC.items()))
-async def predict(name: str, request: Request, s: ServingDep, version: str | None = VersionQuery,
-                  top_k_query: int | None = Query(None, alias="top_k", ge=1, le=1000)) -> Response:
+             openapi_extra={**json_body_doc(PredictRequest, *_UPLOAD_DOC.items()), **SERVING_DOC,
+                            "parameters": [_VERSION_DOC, _TOP_K_DOC]})
+async def predict(name: str, request: Request, s: ServingDep) -> Response:
+    version, top_k_query = request.query_params.get("version"), request.query_params.get("top_k")
     require_predict(s.key, name, s.settings.public_predict)
     model = s.registry.get(name, version)
     task = require_task(model, PREDICT_TASKS)
@@ -127,9 +136,9 @@ async def _predict_pose(model: HostedModel, request: Request, s: Serving) -> Res
 
 @router.post("/{name}/distill", response_model=DistillResponse,
              summary="Augmented logits through the keyed path (distill scope for this model)",
-             openapi_extra=json_body_doc(DistillRequest))
-async def distill(name: str, request: Request, s: DistillingDep, version: str | None = VersionQuery) -> Response:
-    model = s.registry.get(name, version)
+             openapi_extra={**json_body_doc(DistillRequest), **DISTILLING_DOC, "parameters": [_VERSION_DOC]})
+async def distill(name: str, request: Request, s: DistillingDep) -> Response:
+    model = s.registry.get(name, request.query_params.get("version"))
     require_classifier(model)
     media = _media_type(request)
     if media not in ("application/json", ""):

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from ..deps import RegistryDep, Serving, ServingDep
+from ..deps import SERVING_DOC, RegistryDep, Serving, ServingDep
 from ..errors import ApiError, invalid
 from ..inference import keyed_logits, public_logits, require_classifier, require_predict
 from ..registry import HostedModel
@@ -158,7 +158,7 @@ async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     return json_response(body)
 
 
-_INFER_DOC = json_body_doc(InferRequest)
+_INFER_DOC = {**json_body_doc(InferRequest), **SERVING_DOC}
 
 
 @router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC)
