@@ -121,10 +121,10 @@ async def _serving(request: Request) -> Serving:
     return Serving(state.settings, state.registry, state.keyring, state.metrics, key)
 
 
-async def _distilling(name: str, request: Request) -> Serving:
+async def _distilling(request: Request) -> Serving:
     state = request.app.state
     key = await _authenticate(request, state.keyring)
-    check_scope(key, "distill", name)
+    check_scope(key, "distill", request.path_params["name"])  # the route's {name}
     return Serving(state.settings, state.registry, state.keyring, state.metrics, key)
 
 
