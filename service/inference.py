@@ -42,10 +42,6 @@ def require_task(model: HostedModel, tasks: tuple[str, ...] = ("classification",
     raise ApiError(400, "wrong_task", f"model {model.name!r} is a {task} model{hint}")
 
 
-def require_classifier(model: HostedModel) -> None:
-    require_task(model)
-
-
 def multilabel_predictions(z: np.ndarray, k: int, labels: list[str], threshold: float = 0.5) -> list[dict]:
     """Top-k labels by their own sigmoid probability, and every label at or over ``threshold``."""
     probs = 1.0 / (1.0 + np.exp(-z))

@@ -15,7 +15,6 @@ from ..inference import (
     multilabel_predictions,
     pose_predictions,
     public_logits,
-    require_classifier,
     require_predict,
     require_task,
 )
@@ -139,7 +138,7 @@ async def _predict_pose(model: HostedModel, request: Request, s: Serving) -> Res
              openapi_extra={**json_body_doc(DistillRequest), **DISTILLING_DOC, "parameters": [_VERSION_DOC]})
 async def distill(name: str, request: Request, s: DistillingDep) -> Response:
     model = s.registry.get(name, request.query_params.get("version"))
-    require_classifier(model)
+    require_task(model)
     media = _media_type(request)
     if media not in ("application/json", ""):
         raise ApiError(415, "unsupported_media_type", f"distill takes application/json, not {media}")

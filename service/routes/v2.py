@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from ..deps import SERVING_DOC, RegistryDep, Serving, ServingDep
 from ..errors import ApiError, invalid
-from ..inference import keyed_logits, public_logits, require_classifier, require_predict
+from ..inference import keyed_logits, public_logits, require_predict, require_task
 from ..registry import HostedModel
 from ..schemas import json_body_doc, json_response
 from ..tensors import as_batch, parse_json, softmax, to_array
@@ -132,7 +132,7 @@ def _wanted(obj: dict) -> list[str]:
 
 async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     key, keyring, metrics, settings = s.key, s.keyring, s.metrics, s.settings
-    require_classifier(model)
+    require_task(model)
     obj = parse_json(await request.body())
     wanted = _wanted(obj)
     if KEYED_OUTPUT in wanted and key is None:

@@ -120,21 +120,28 @@ def run(ctx, p: AmalgamateParams) -> dict:
 AFK_WIDTHS = [16, 32, 64]
 
 
-def _check_afk(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
+def _multilabel_problems(p: AmalgamateParams, method: str, blocks_why: str) -> tuple[list[str], set[int]]:
+    """What AFK and datafree both ask of their teachers: multilabel and labelled, the tasks among
+    their labels, one depth, and student_widths of that depth. Returns (problems, depths)."""
     problems = []
     for t in p.teachers:
         if t.arch != "multilabel":
-            problems.append(f"teacher {t.name}: AFK takes multilabel teachers, got arch {t.arch!r}")
+            problems.append(f"teacher {t.name}: {method} takes multilabel teachers, got arch {t.arch!r}")
         if t.labels is None:
-            problems.append(f"teacher {t.name}: AFK needs the label id of each output (labels)")
+            problems.append(f"teacher {t.name}: {method} needs the label id of each output (labels)")
     union = {k for t in p.teachers for k in (t.labels or [])}
     if p.tasks is not None and not set(p.tasks) <= union:
         problems.append(f"tasks {sorted(set(p.tasks) - union)} are not taught by any teacher")
     depths = {len(t.widths or AFK_WIDTHS) for t in p.teachers}
     if len(depths) > 1:
-        problems.append(f"AFK trains block by block: teachers need the same number of blocks, got {sorted(depths)}")
+        problems.append(f"{blocks_why}: teachers need the same number of blocks, got {sorted(depths)}")
     if p.student_widths is not None and depths and len(p.student_widths) != min(depths):
         problems.append(f"student_widths needs {min(depths)} entries, got {len(p.student_widths)}")
+    return problems, depths
+
+
+def _check_afk(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
+    problems, _ = _multilabel_problems(p, "AFK", "AFK trains block by block")
     if any(t.in_channels != 1 for t in p.teachers):
         problems.append("AFK here trains on digit composites: teachers take 1 input channel")
     if problems:
@@ -198,23 +205,9 @@ def run_afk(ctx, p: AmalgamateParams) -> dict:
 
 
 def _check_datafree(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
-    problems = []
-    for t in p.teachers:
-        if t.arch != "multilabel":
-            problems.append(f"teacher {t.name}: datafree takes multilabel teachers, got arch {t.arch!r}")
-        if t.labels is None:
-            problems.append(f"teacher {t.name}: datafree needs the label id of each output (labels)")
-    union = {k for t in p.teachers for k in (t.labels or [])}
-    if p.tasks is not None and not set(p.tasks) <= union:
-        problems.append(f"tasks {sorted(set(p.tasks) - union)} are not taught by any teacher")
-    depths = {len(t.widths or AFK_WIDTHS) for t in p.teachers}
-    if len(depths) > 1:
-        problems.append(f"the group stack judges block by block: teachers need the same number of blocks, "
-                        f"got {sorted(depths)}")
+    problems, depths = _multilabel_problems(p, "datafree", "the group stack judges block by block")
     if depths and min(depths) < 2:
         problems.append("the group stack needs teachers of at least 2 blocks")
-    if p.student_widths is not None and depths and len(p.student_widths) != min(depths):
-        problems.append(f"student_widths needs {min(depths)} entries, got {len(p.student_widths)}")
     if len({t.in_channels for t in p.teachers}) > 1:
         problems.append("teachers must take the same number of input channels")
     if problems:
