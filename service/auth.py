@@ -124,6 +124,9 @@ class Keyring:
     def __init__(self, store: Store, pepper: bytes, cache_s: float = 1.0):
         self.store, self._pepper, self.cache_s = store, pepper, cache_s
         self._lock = threading.Lock()
+        # One flush at a time: two (the write-behind loop and a shutdown or test flush) would both
+        # take the same pending counters and charge them twice.
+        self._flushing = threading.Lock()
         self._rows: dict[str, tuple[float, ApiKeyRow]] = {}
         self._generation: dict[str, int] = {}  # bumped on invalidation: a slow fetch then is not cached
         self._pending: dict[tuple[str, int], int] = {}  # (key id, window start) → samples not yet written
@@ -210,6 +213,10 @@ class Keyring:
         A counter leaves ``_pending`` only after its write committed, and the cached row
         is dropped in the same step, so no request ever sees the samples twice or not at all.
         """
+        with self._flushing:
+            self._flush()
+
+    def _flush(self) -> None:
         with self._lock:
             pending = dict(self._pending)
             usage, self._usage = self._usage, {}

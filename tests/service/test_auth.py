@@ -129,3 +129,32 @@ async def test_quota_is_written_to_the_store(svc):
     assert svc.app.state.store.get_key(key_id).used == 2
     usage = svc.app.state.store.usage(key_id)
     assert [(u.model, u.kind, u.requests, u.samples) for u in usage] == [("digits-a", "distill", 1, 2)]
+
+
+def test_concurrent_flushes_charge_each_sample_once(db_url):
+    # The write-behind loop and a shutdown flush may run at once; each must not charge what the other took.
+    import threading
+
+    from service.auth import Keyring, create_key
+    from service.store import Store
+
+    store = Store(db_url)
+    try:
+        _, key = create_key(store, b"p" * 32, scopes=["distill"], quota=100)
+        keyring = Keyring(store, b"p" * 32)
+        keyring.charge(key, 3)
+        charge = store.charge
+
+        def slow_charge(*args):  # the real write, made slow enough for two flushes to overlap
+            charge(*args)
+            threading.Event().wait(0.2)
+
+        store.charge = slow_charge
+        flushes = [threading.Thread(target=keyring.flush) for _ in range(2)]
+        for t in flushes:
+            t.start()
+        for t in flushes:
+            t.join()
+        assert store.get_key(key.id).used == 3
+    finally:
+        store.close()
