@@ -1,5 +1,6 @@
 """The ``amalgamate`` job kind, method ``afk``, end to end: a real server and worker amalgamate two
-teachers' weights files into a student bundle that answers exactly the requested tasks."""
+teachers (weights files, or the same networks as hosted models) into a student bundle that answers
+exactly the requested tasks."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from sdb_client import BadRequest, Client
+from sdb_client import BadRequest, Client, NotFound
 
 from sdb_core.amalgamate.afk import FilteredStudent
 from sdb_core.amalgamate.multilabel import MultiLabelNet
-from sdb_core.bundle import load_bundle
+from sdb_core.bundle import export_bundle, load_bundle
 from sdb_core.data.composites import make_composites
+from sdb_core.models import create_model
 from sdb_core.weights import load_weights, save_weights
 
 from .jobs_helpers import JobServer, key, prepare
@@ -22,17 +24,29 @@ TEACHERS = [{"name": "low", "weights": "teachers/low.safetensors", "labels": [0,
             {"name": "high", "weights": "teachers/high.safetensors", "labels": [5, 6, 7, 8, 9], "widths": WIDTHS}]
 TINY = {"method": "afk", "teachers": TEACHERS, "tasks": [2, 7, 9], "transfer": 64, "layer_epochs": 1,
         "finetune_epochs": 1, "batch_size": 32, "eval_n": 64}
+# The same two teachers, hosted: exported as plain multilabel bundles whose labels are the label ids.
+HOSTED = [{"name": "low", "model": "ml-low"}, {"name": "high", "model": "ml-high"}]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, bundles):
     # One server for the module: starting one with its workers is most of these tests' time.
     data = tmp_path_factory.mktemp("amalgamate") / "data"
-    settings = prepare(data, bundles)
-    for i, t in enumerate(TEACHERS):
+    models = {"digits-a": bundles.a}
+    for i, (t, h) in enumerate(zip(TEACHERS, HOSTED)):
         # The plumbing is under test here, not the teachers' quality (tests/core/test_afk.py).
         torch.manual_seed(i)
-        save_weights(MultiLabelNet(1, len(t["labels"]), WIDTHS), data / t["weights"])
+        net = MultiLabelNet(1, len(t["labels"]), WIDTHS)
+        for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_var.uniform_(0.5, 2.0)  # statistics the export must fold, not the identity
+        save_weights(net, data / t["weights"])
+        models[h["model"]] = export_bundle(net.eval(), data / "bundles" / h["model"], name=h["model"],
+                                           in_shape=(1, 56, 56), mean=(0.0,), std=(1.0,),
+                                           labels=[str(k) for k in t["labels"]], task="multilabel")
+    models["plain-cnn"] = export_bundle(create_model("cnn", num_classes=10, in_shape=(1, 56, 56)).eval(),
+                                        data / "bundles" / "plain-cnn", name="plain-cnn", in_shape=(1, 56, 56),
+                                        mean=(0.0,), std=(1.0,), labels=[str(k) for k in range(10)])
+    settings = prepare(data, bundles, models)
     s = JobServer(data, bundles, SDB_WORKERS="1")
     yield s, key(settings, ["jobs"])
     s.stop()
@@ -85,3 +99,50 @@ def test_amalgamate_params_are_checked_before_queueing(server):
         with pytest.raises(BadRequest):
             c.jobs.submit("amalgamate", {**TINY, "method": "no-such-method"})
         assert len(c.jobs.list()) == before  # nothing was queued
+
+
+def test_hosted_models_teach_like_their_weights(server):
+    s, token = server
+    with Client(s.url, token) as c:
+        jobs = [c.jobs.submit("amalgamate", {**TINY, "teachers": t}) for t in (TEACHERS, HOSTED)]
+        by_weights, hosted = (c.jobs.wait(j["id"], timeout=120, poll_s=0.2) for j in jobs)
+    assert by_weights["status"] == "succeeded" and hosted["status"] == "succeeded", hosted
+    # Labels, widths and channels came from the hosted bundles; the rebuilt teachers are the same
+    # networks, so they score the same on the same test composites.
+    assert hosted["params"]["teachers"][0]["labels"] == [0, 1, 2, 3, 4]
+    assert hosted["params"]["teachers"][1]["model_version"] == "1"
+    assert hosted["result"]["tasks"] == [2, 7, 9]
+    assert hosted["result"]["teacher_params"] == pytest.approx(by_weights["result"]["teacher_params"], rel=0.05)
+    assert hosted["metrics"]["teacher_map"] == pytest.approx(by_weights["metrics"]["teacher_map"], abs=0.5)
+
+
+def test_hosted_teachers_of_the_wrong_kind_are_refused_before_queueing(server):
+    s, token = server
+    with Client(s.url, token) as c:
+        before = len(c.jobs.list())
+        with pytest.raises(BadRequest, match="protected"):  # a box's public outputs teach nothing
+            c.jobs.submit("amalgamate", {**TINY, "teachers": [{"name": "box", "model": "digits-a"}, HOSTED[1]]})
+        with pytest.raises(BadRequest, match="not a multilabel network"):
+            c.jobs.submit("amalgamate", {**TINY, "teachers": [{"name": "cnn", "model": "plain-cnn",
+                                                               "labels": list(range(10))}, HOSTED[1]]})
+        with pytest.raises(BadRequest, match="exactly one of model"):
+            c.jobs.submit("amalgamate", {**TINY, "teachers": [{**HOSTED[0], **TEACHERS[0]}, HOSTED[1]]})
+        with pytest.raises(BadRequest, match="3 labels given"):
+            c.jobs.submit("amalgamate", {**TINY, "teachers": [{**HOSTED[0], "labels": [0, 1, 2]}, HOSTED[1]]})
+        with pytest.raises(NotFound):
+            c.jobs.submit("amalgamate", {**TINY, "teachers": [{"name": "x", "model": "no-such-model"}, HOSTED[1]]})
+        assert len(c.jobs.list()) == before  # nothing was queued
+
+
+def test_hosted_teachers_serve_the_data_free_method_too(server):
+    s, token = server
+    tiny = {"method": "datafree", "teachers": HOSTED, "tasks": [7, 2], "samples": 32, "gen_epochs": 1,
+            "layer_epochs": 1, "finetune_epochs": 1, "batch_size": 16, "eval_n": 64}
+    with Client(s.url, token) as c:
+        sub = c.jobs.submit("amalgamate", tiny)
+        job = c.jobs.wait(sub["id"], timeout=120, poll_s=0.2)
+        log = c.jobs.logs(sub["id"]).text
+    assert job["status"] == "succeeded", job
+    assert job["result"]["tasks"] == [7, 2] and job["result"]["bundle"] == "student.sdb"
+    # The export folded the teachers' BatchNorm statistics away: the job says its BN prior is idle.
+    assert "no BatchNorm statistics" in log

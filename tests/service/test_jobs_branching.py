@@ -1,5 +1,6 @@
 """The ``amalgamate`` job kind, method ``branching``, end to end: a real server and worker turn a
-segmentation and a depth teacher's weights into one branched student bundle and a predictions figure."""
+segmentation and a depth teacher (weights files, or hosted models) into one branched student bundle
+and a predictions figure."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 from sdb_client import BadRequest, Client
 
-from sdb_core.bundle import load_bundle
+from sdb_core.bundle import export_bundle, load_bundle
 from sdb_core.data.scenes import make_scenes
 from sdb_core.models.encdec import EncDec
 from sdb_core.weights import save_weights
@@ -19,6 +20,9 @@ from .jobs_helpers import JobServer, key, prepare
 WIDTHS = [4, 8, 8]
 TEACHERS = [{"name": "parser", "weights": "teachers/seg.safetensors", "arch": "encdec", "task": "seg"},
             {"name": "ranger", "weights": "teachers/depth.safetensors", "arch": "encdec", "task": "depth"}]
+# The same teachers hosted as plain bundles; each one's task comes from its bundle's.
+HOSTED = [{"name": "parser", "model": "seg-teacher", "arch": "encdec"},
+          {"name": "ranger", "model": "depth-teacher", "arch": "encdec"}]
 TINY = {"method": "branching", "teachers": TEACHERS, "scene_size": 32, "scene_classes": 2, "transfer": 48,
         "eval_n": 8, "epochs": 2, "batch_size": 16, "candidates": ["dec2", "dec1"]}
 
@@ -26,12 +30,15 @@ TINY = {"method": "branching", "teachers": TEACHERS, "scene_size": 32, "scene_cl
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, bundles):
     data = tmp_path_factory.mktemp("branching") / "data"
-    settings = prepare(data, bundles)
     # The plumbing is under test here, not the teachers (tests/core/test_branching.py trains them).
     torch.manual_seed(0)
-    save_weights(EncDec(3, 3, WIDTHS), data / TEACHERS[0]["weights"])
-    save_weights(EncDec(3, 1, WIDTHS), data / TEACHERS[1]["weights"])
+    models = {}
+    for t, h, net, task in zip(TEACHERS, HOSTED, (EncDec(3, 3, WIDTHS), EncDec(3, 1, WIDTHS)), ("segmentation", "depth")):
+        save_weights(net, data / t["weights"])
+        models[h["model"]] = export_bundle(net.eval(), data / "bundles" / h["model"], name=h["model"],
+                                           in_shape=(3, 32, 32), mean=(0.0,) * 3, std=(1.0,) * 3, task=task)
     save_weights(EncDec(3, 1, [4, 8]), data / "teachers/shallow.safetensors")
+    settings = prepare(data, bundles, models)
     s = JobServer(data, bundles, SDB_WORKERS="1")
     yield s, key(settings, ["jobs"])
     s.stop()
@@ -62,6 +69,21 @@ def test_branching_job_ships_a_segmentation_depth_bundle(server, tmp_path):
     assert bundle.meta["labels"] == ["background", "circle", "square"]
     out = bundle.public_logits(make_scenes(2, size=32, num_classes=2, seed=5).images)
     assert out.shape == (2, 4, 32, 32) and np.isfinite(out).all()
+
+
+def test_hosted_teachers_teach_like_their_weights(server):
+    s, token = server
+    with Client(s.url, token) as c:
+        jobs = [c.jobs.submit("amalgamate", {**TINY, "teachers": t}) for t in (TEACHERS, HOSTED)]
+        by_weights, hosted = (c.jobs.wait(j["id"], timeout=120, poll_s=0.2) for j in jobs)
+    assert by_weights["status"] == "succeeded" and hosted["status"] == "succeeded", hosted
+    assert [t["task"] for t in hosted["params"]["teachers"]] == ["seg", "depth"]  # read from the bundles
+    assert hosted["result"]["tasks"] == ["seg", "depth"]
+    # The rebuilt teachers are the same networks: the same scores on the same test scenes.
+    for task, metrics in by_weights["metrics"]["teachers"].items():
+        for name, value in metrics.items():
+            if name != "params":
+                assert hosted["metrics"]["teachers"][task][name] == pytest.approx(value, rel=1e-3, abs=1e-3)
 
 
 def test_branching_params_are_checked_before_queueing(server):

@@ -1,7 +1,10 @@
-"""``amalgamate``: one student from several teachers' weights, no labels (``method: afk | branching | datafree``).
+"""``amalgamate``: one student from several teachers, no labels (``method: afk | branching | datafree``).
 
-Teachers are weights files under the data dir (safetensors, or a tensors-only torch file),
-each with its architecture and, for the multi-label methods, the label id of each output.
+A teacher is a hosted model (``model``; its ONNX graph is read back into the network it was
+exported from, :mod:`sdb_core.amalgamate.hosted`) or a weights file under the data dir
+(``weights``: safetensors, or a tensors-only torch file), with its architecture family and, for
+the multi-label methods, the label id of each output (a hosted model's own labels when they are
+label ids).
 Every method is one function registered in ``METHODS`` (and optionally a submission check
 in ``CHECKS``); this module only dispatches. Artifacts of every method: ``report.json`` and
 ``curves.png`` (written by the runner), plus the method's own (AFK: ``student.sdb``, an ONNX
@@ -15,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...errors import invalid
-from .base import NAME_PATTERN, JobParams, Submission, job_kind, weights_file
+from .base import NAME_PATTERN, JobParams, Submission, job_kind, served_model_path, weights_file
 
 MAX_LABEL = 1000
 
@@ -23,8 +26,10 @@ MAX_LABEL = 1000
 class TeacherRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN)
-    weights: str = Field(description="the teacher's weights file, relative to the data dir")
-    arch: str = Field("multilabel", description="the teacher's architecture family")
+    model: str | None = Field(None, pattern=NAME_PATTERN, description="a hosted model (plain, of the arch family)")
+    model_version: str | None = Field(None, description="its version (default: the latest, pinned at submission)")
+    weights: str | None = Field(None, description="or the teacher's weights file, relative to the data dir")
+    arch: Literal["multilabel", "encdec"] = Field("multilabel", description="the teacher's architecture family")
     widths: list[int] | None = Field(None, min_length=1, max_length=8, description="channels per block")
     labels: list[int] | None = Field(None, min_length=1, max_length=MAX_LABEL,
                                      description="multi-label teachers: the label id of each output, in order")
@@ -33,6 +38,8 @@ class TeacherRef(BaseModel):
 
     @model_validator(mode="after")
     def _sane(self):
+        if (self.model is None) == (self.weights is None):
+            raise ValueError(f"teacher {self.name}: give exactly one of model (a hosted model) or weights (a file)")
         if self.labels is not None and (len(set(self.labels)) != len(self.labels)
                                         or not all(0 <= k < MAX_LABEL for k in self.labels)):
             raise ValueError(f"teacher {self.name}: labels must be distinct ids in [0, {MAX_LABEL}), got {self.labels}")
@@ -94,12 +101,56 @@ def method(name: str, check: CheckFn | None = None):
     return add
 
 
+def _teacher_net(t: TeacherRef, queue):
+    """The teacher's torch network (eval mode): rebuilt from a hosted model's graph, or its weights file."""
+    if t.model is not None:
+        from sdb_core.amalgamate.hosted import teacher_from_bundle
+
+        return teacher_from_bundle(served_model_path(queue, t.model, t.model_version), t.arch)[0]
+    from sdb_core.weights import load_weights, read_state_dict
+
+    if t.arch == "encdec":
+        from sdb_core.models.encdec import encdec_from_state
+
+        state = read_state_dict(t.weights)
+        net = encdec_from_state(state)
+        net.load_state_dict(state)
+        return net.eval()
+    from sdb_core.amalgamate.multilabel import MultiLabelNet
+
+    return load_weights(MultiLabelNet(t.in_channels, len(t.labels), t.widths or AFK_WIDTHS), t.weights).eval()
+
+
+DENSE_TASKS = {"segmentation": "seg", "depth": "depth", "edges": "edges"}  # bundle task -> branching task
+
+
+def _hosted(t: TeacherRef, sub: Submission) -> TeacherRef:
+    """Pin a hosted teacher's version and read its graph now, so a model of the wrong family is a 400
+    before anything is queued; what the graph says (widths, channels, labels, task) fills the gaps."""
+    from sdb_core.amalgamate.hosted import teacher_from_bundle
+
+    version = sub.models.get(t.model, t.model_version).version  # 404 when it is not hosted
+    t = t.model_copy(update={"model_version": version})
+    net, meta = teacher_from_bundle(served_model_path(sub.queue, t.model, version), t.arch)
+    update: dict[str, Any] = {"widths": list(net.widths), "in_channels": net.in_channels}
+    if t.arch == "multilabel" and t.labels is None:
+        names = meta.get("labels") or []
+        if len(names) == net.num_labels and all(str(n).isdigit() and int(n) < MAX_LABEL for n in names):
+            update["labels"] = [int(n) for n in names]
+    if t.arch == "multilabel" and t.labels is not None and len(t.labels) != net.num_labels:
+        raise ValueError(f"teacher {t.name}: model {t.model} has {net.num_labels} outputs, {len(t.labels)} labels given")
+    if t.arch == "encdec" and t.task is None and meta.get("task") in DENSE_TASKS:
+        update["task"] = DENSE_TASKS[meta["task"]]
+    return t.model_copy(update=update)
+
+
 def check(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
     if p.method not in METHODS:
         raise invalid(f"amalgamation method {p.method!r} is not available here; available: "
                       f"{', '.join(sorted(METHODS))}", "invalid_params")
     try:
-        teachers = [t.model_copy(update={"weights": weights_file(t.weights, sub.settings)}) for t in p.teachers]
+        teachers = [_hosted(t, sub) if t.model is not None
+                    else t.model_copy(update={"weights": weights_file(t.weights, sub.settings)}) for t in p.teachers]
     except ValueError as e:
         raise invalid(str(e), "invalid_params") from None
     p = p.model_copy(update={"teachers": teachers})
@@ -154,15 +205,11 @@ def run_afk(ctx, p: AmalgamateParams) -> dict:
     import torch
 
     from sdb_core.amalgamate.afk import AFKConfig, TeacherSpec, afk
-    from sdb_core.amalgamate.multilabel import MultiLabelNet
     from sdb_core.bundle import export_bundle
     from sdb_core.train import TrainConfig
-    from sdb_core.weights import load_weights, save_weights
+    from sdb_core.weights import save_weights
 
-    teachers = []
-    for t in p.teachers:
-        model = MultiLabelNet(t.in_channels, len(t.labels), t.widths or AFK_WIDTHS)
-        teachers.append(TeacherSpec(t.name, load_weights(model, t.weights).eval(), t.labels))
+    teachers = [TeacherSpec(t.name, _teacher_net(t, ctx.queue), t.labels) for t in p.teachers]
     tasks = p.tasks or sorted({k for t in p.teachers for k in t.labels})
     cfg = AFKConfig(
         teachers=teachers, tasks=tasks, n_transfer=p.transfer, grid=p.grid, data_seed=p.seed,
@@ -221,19 +268,15 @@ def run_datafree(ctx, p: AmalgamateParams) -> dict:
     import torch
 
     from sdb_core.amalgamate.datafree import DataFreeConfig, TeacherSpec, datafree
-    from sdb_core.amalgamate.multilabel import (
-        MultiLabelNet,
-        count_params,
-        mean_average_precision,
-        predict_probs,
-    )
+    from sdb_core.amalgamate.multilabel import count_params, mean_average_precision, predict_probs
     from sdb_core.bundle import export_bundle
-    from sdb_core.weights import load_weights, save_weights
+    from sdb_core.weights import save_weights
 
-    specs = []
-    for t in p.teachers:
-        model = MultiLabelNet(t.in_channels, len(t.labels), t.widths or AFK_WIDTHS)
-        specs.append(TeacherSpec(load_weights(model, t.weights).eval(), t.labels, t.name))
+    specs = [TeacherSpec(_teacher_net(t, ctx.queue), t.labels, t.name) for t in p.teachers]
+    hosted = [t.name for t in p.teachers if t.model is not None]
+    if hosted:
+        ctx.log(f"hosted teachers {', '.join(hosted)} carry no BatchNorm statistics (their export folded them): "
+                "the BN-statistics prior has nothing to match for them")
     tasks = p.tasks or sorted({k for t in p.teachers for k in t.labels})
     widths = p.student_widths or [max(4, w // 2) for w in specs[0].model.widths]
     side, channels = 28 * p.grid, p.teachers[0].in_channels
@@ -281,8 +324,7 @@ def run_datafree(ctx, p: AmalgamateParams) -> dict:
 
 
 def _check_branching(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
-    from sdb_core.models.encdec import encdec_from_state
-    from sdb_core.weights import WeightsError, read_state_dict
+    from sdb_core.weights import WeightsError
 
     problems = []
     nets = {}
@@ -292,10 +334,11 @@ def _check_branching(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
                             f"got {t.arch!r}")
         if t.task is None:
             problems.append(f"teacher {t.name}: branching needs the teacher's task (seg, depth or edges)")
-        try:
-            nets[t.name] = encdec_from_state(read_state_dict(t.weights))
-        except (WeightsError, ValueError) as e:
-            problems.append(f"teacher {t.name}: {e}")
+        if t.arch == "encdec":
+            try:
+                nets[t.name] = _teacher_net(t, sub.queue)
+            except (WeightsError, ValueError) as e:
+                problems.append(f"teacher {t.name}: {e}")
     tasks = [t.task for t in p.teachers if t.task is not None]
     if len(set(tasks)) != len(tasks):
         problems.append(f"one teacher per task, got tasks {tasks}")
@@ -327,15 +370,9 @@ def _check_branching(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
 def run_branching(ctx, p: AmalgamateParams) -> dict:
     from sdb_core.amalgamate.branching import BranchingConfig, branching, export_student, prediction_figure
     from sdb_core.data.scenes import make_scenes
-    from sdb_core.models.encdec import encdec_from_state
-    from sdb_core.weights import read_state_dict, save_weights
+    from sdb_core.weights import save_weights
 
-    teachers = {}
-    for t in p.teachers:
-        state = read_state_dict(t.weights)
-        net = encdec_from_state(state)
-        net.load_state_dict(state)
-        teachers[t.task] = net.eval()
+    teachers = {t.task: _teacher_net(t, ctx.queue) for t in p.teachers}
     first = next(iter(teachers.values()))
     widths = tuple(p.student_widths or first.widths)
     search = max(1, min(p.epochs - 1, round(p.epochs * 0.5)))
