@@ -1,13 +1,16 @@
 """Leak audit of the unprotected teacher and of the protected box; table + JSON.
 
     python benchmarks/audit.py --json benchmarks/results/audit.json [--seeds 0 1 2] [--policy probs]
+    python benchmarks/audit.py --policy top_k label --json benchmarks/results/audit_{policy}.json
 
 Per seed: train the small-CNN teacher and wrap it with the default SDB recipe (the same
 ``train_and_wrap`` as ``benchmarks/protection.py``), audit the teacher's plain probabilities
 and the box's public outputs under ``--policy`` with the default ``AuditConfig``, and
 train the authorized students at the audit's transfer-set size: KD from the keyed path
 and KD from the plain teacher (true labels, T = 4, α = 0.9, same steps as the audit).
-Advantages are means over seeds; a verdict is taken on those means.
+Advantages are means over seeds; a verdict is taken on those means. Several ``--policy``
+values audit the same box (one teacher and one wrap per seed) under each policy and write one
+JSON per policy (``{policy}`` in the ``--json`` path); teacher and authorized figures are shared.
 """
 from __future__ import annotations
 
@@ -54,11 +57,11 @@ def combine(reports: list[dict], threshold: float) -> dict:
             "public_acc": statistics.fmean(r["public_acc"] for r in reports)}
 
 
-def summarize(args, runs: list[dict], threshold: float, n: int) -> dict:
+def summarize(args, runs: list[dict], threshold: float, n: int, policy: str) -> dict:
     return {
         "dataset": args.data, "seeds": [r["seed"] for r in runs],
         "teacher": combine([r["teacher"] for r in runs], threshold),
-        "protected": {**combine([r["protected"] for r in runs], threshold), "policy": args.policy},
+        "protected": {**combine([r["protected"] for r in runs], threshold), "policy": policy},
         "authorized": {"n": n,
                        "kd_keyed": statistics.fmean(r["authorized"]["kd_keyed"] for r in runs),
                        "kd_teacher": statistics.fmean(r["authorized"]["kd_teacher"] for r in runs)},
@@ -71,25 +74,30 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="mnist-5k")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--policy", choices=POLICIES, default="probs", help="output policy of the protected box")
-    p.add_argument("--json", help="write the summary here")
+    p.add_argument("--policy", choices=POLICIES, nargs="+", default=["probs"],
+                   help="output policy (or policies) of the protected box")
+    p.add_argument("--json", help="write the summary here ('{policy}' in the path: one file per policy)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rescore", metavar="JSON", help="re-score the runs of a saved summary (no training)")
     p.add_argument("--save-bundles", metavar="DIR",
                    help="also export each seed's box as DIR/seedN (public path only: its key is sealed under "
                         "a throwaway master key), e.g. to audit it again with `sdb audit --bundle --policy`")
     args = p.parse_args()
+    args.policy = list(dict.fromkeys(args.policy))
+    if len(args.policy) > 1 and (args.rescore or (args.json and "{policy}" not in args.json)):
+        p.error("several policies need '{policy}' in the --json path, and --rescore takes one summary")
     torch.set_num_threads(args.threads)
     log = lambda s: print(s, flush=True)
 
     data = load_dataset(args.data)
     base = AuditConfig()
     t0 = time.perf_counter()
-    runs = []
+    by_policy: dict[str, list[dict]] = {pol: [] for pol in args.policy}
     if args.rescore:  # the scoring changed, the students did not: re-score a saved run
         old = json.loads(Path(args.rescore).read_text())
-        runs, args.seeds, args.policy = old["runs"], old["seeds"], old["protected"]["policy"]
-        for run in runs:
+        args.seeds, args.policy = old["seeds"], [old["protected"]["policy"]]
+        by_policy = {args.policy[0]: old["runs"]}
+        for run in by_policy[args.policy[0]]:
             for who in ("teacher", "protected"):
                 rep = run[who]
                 attacks = score({n: a["accs"] for n, a in rep["attacks"].items()},
@@ -108,19 +116,31 @@ def main() -> int:
         cfg = replace(base, seeds=(seed,))
         rt = audit(teacher, data, cfg, log=log)
         log(rt.format_table())
-        rp = audit(result.box, data, replace(cfg, policy=args.policy), log=log)
-        log(rp.format_table())
+        reports = {}
+        for pol in args.policy:
+            reports[pol] = audit(result.box, data, replace(cfg, policy=pol), log=log)
+            log(reports[pol].format_table())
         auth = authorized(teacher, result.box, data, cfg, seed)
         log(f"seed {seed}: authorized KD at N={cfg.transfer_n}: keyed {auth['kd_keyed']:.1f} "
             f"teacher {auth['kd_teacher']:.1f}")
-        runs.append({"seed": seed, "teacher": rt.to_dict(), "protected": rp.to_dict(), "authorized": auth,
-                     "wrap": {k: result.report[k] for k in ("teacher_acc", "public_acc", "keyed_acc")}})
+        for pol, rp in reports.items():
+            by_policy[pol].append({"seed": seed, "teacher": rt.to_dict(), "protected": rp.to_dict(),
+                                   "authorized": auth,
+                                   "wrap": {k: result.report[k] for k in ("teacher_acc", "public_acc", "keyed_acc")}})
 
-    summary = summarize(args, runs, base.threshold, base.transfer_n)
-    summary["seconds"] = old["seconds"] if args.rescore else time.perf_counter() - t0
+    for pol, runs in by_policy.items():
+        report(args, pol, runs, base, old["seconds"] if args.rescore else time.perf_counter() - t0)
+    return 0
+
+
+def report(args, policy: str, runs: list[dict], base: AuditConfig, seconds: float) -> None:
+    """Print the summary table of one policy's runs and write its JSON."""
+    summary = summarize(args, runs, base.threshold, base.transfer_n, policy)
+    summary["seconds"] = seconds
     print()
     width = max(len(n) for n in summary["teacher"]["advantages"])
-    print(f"{'attack':{width}}  {'teacher':>8}  {'protected':>9}   (mean advantage, points, seeds {args.seeds})")
+    print(f"{'attack':{width}}  {'teacher':>8}  {'protected':>9}   (mean advantage, points, seeds {args.seeds}, "
+          f"policy {policy})")
     for n, v in summary["teacher"]["advantages"].items():
         pv = summary["protected"]["advantages"].get(n)
         print(f"{n:{width}}  {v:+8.2f}  {'' if pv is None else f'{pv:+9.2f}'}")
@@ -134,9 +154,9 @@ def main() -> int:
     a = summary["authorized"]
     print(f"authorized KD at N={a['n']}: keyed {a['kd_keyed']:.2f} vs plain teacher {a['kd_teacher']:.2f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return 0
+        out = Path(args.json.replace("{policy}", policy))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
