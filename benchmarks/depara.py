@@ -11,7 +11,9 @@ its per-layer score with its per-layer probe accuracy (mean over targets and sou
     python benchmarks/depara.py --json benchmarks/results/depara.json
 
 The zoo is cached under $SDB_CACHE_DIR (default: the temp dir) keyed by its config; the first run
-trains it. The random baseline is the expectation over 200 seeded shuffles.
+trains it. The random baseline is the expectation over 200 seeded shuffles. ``truth_reliability`` in the
+JSON details is the mean Spearman correlation between the ground truths of two draws: how far a
+single draw's ranking is reproducible at all.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from sdb_core.transfer.zoo import (
     ZooConfig,
     build_zoo,
     probe_images,
-    transfer_accuracy,
+    transfer_accuracy_draws,
 )
 
 
@@ -43,6 +45,12 @@ def topk_hit(scores: dict[str, float], truth: dict[str, float], k: int) -> float
     winners = {n for n, v in truth.items() if v == best}
     picked = sorted(scores, key=lambda n: (-scores[n], n))[:k]
     return float(bool(winners & set(picked)))
+
+
+def pairwise_agreement(rows: list[list[float]]) -> float | None:
+    """Mean Spearman correlation between every two draws' values (None for a single draw)."""
+    rhos = [spearman(rows[i], rows[j]) for i in range(len(rows)) for j in range(i + 1, len(rows))]
+    return float(np.mean(rhos)) if rhos else None
 
 
 def evaluate_method(method: str, tgraph, graphs, truth, lam: float, draws: int = 200) -> dict[str, float]:
@@ -60,7 +68,9 @@ def evaluate_method(method: str, tgraph, graphs, truth, lam: float, draws: int =
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the summary JSON here")
-    ap.add_argument("--probe", type=int, default=200, help="probe images per target")
+    ap.add_argument("--probe", type=int, default=1000, help="probe images per target, model selection (paper: 1k)")
+    ap.add_argument("--layer-probe", type=int, default=200, help="probe images per target, layer selection (paper: 200)")
+    ap.add_argument("--draws", type=int, default=ProbeConfig().draws, help="draws of the target training set")
     ap.add_argument("--lam", type=float, default=10.0, help="lambda of S = S_V + lambda S_E (paper: 1 and 10)")
     ap.add_argument("--train-per-domain", type=int, default=ZooConfig().train_per_domain)
     ap.add_argument("--epochs", type=int, default=ZooConfig().train.epochs)
@@ -76,30 +86,42 @@ def main(argv=None) -> int:
                      seed=args.seed)
     zoo = build_zoo(zcfg, cache_dir=args.cache_dir, log=lambda s: print(s, file=sys.stderr))
     t_zoo = time.perf_counter() - t0
-    pcfg = ProbeConfig(train_n=args.probe_train, seed=args.seed)
+    pcfg = ProbeConfig(train_n=args.probe_train, draws=args.draws, seed=args.seed)
     per_target: dict[str, dict] = {}
     for target in TARGET_TASKS:
         sources = {n: m for n, m in zoo.models.items() if n != target}
-        acc = transfer_accuracy(sources, target, pcfg, layers=ENCODER_LAYERS)
+        draws = transfer_accuracy_draws(sources, target, pcfg, layers=ENCODER_LAYERS)
+        acc = {n: {la: float(np.mean(v)) for la, v in d.items()} for n, d in draws.items()}
         truth = {n: acc[n][FEATURE_LAYER] for n in sources}
+        names = list(sources)
+        reliability = pairwise_agreement([[draws[n][FEATURE_LAYER][r] for n in names] for r in range(args.draws)])
+        layer_rel = [pairwise_agreement([[draws[n][la][r] for la in ENCODER_LAYERS] for r in range(args.draws)])
+                     for n in names]
+        layer_reliability = None if args.draws < 2 else float(np.mean(layer_rel))
         probe = probe_images(target, args.probe, args.seed)
         tgraph = attribution_graph(zoo.models[target], probe, FEATURE_LAYER)
-        graphs = {n: {layer: attribution_graph(m, probe, layer) for layer in ENCODER_LAYERS} for n, m in sources.items()}
-        top = {n: g[FEATURE_LAYER] for n, g in graphs.items()}
+        top = {n: attribution_graph(m, probe, FEATURE_LAYER) for n, m in sources.items()}
         ms = {m: evaluate_method(m, tgraph, top, truth, args.lam) for m in METHODS}
         by_lam = {f"{lam:g}": evaluate_method("depara", tgraph, top, truth, lam) for lam in (1.0, 3.0, 10.0)}
-        ls = {}
-        for method in ("depara", "rsa"):
-            rhos = []
-            for n in sources:
-                scores = rank(tgraph, graphs[n], method, args.lam).scores
-                rhos.append(spearman([scores[la] for la in ENCODER_LAYERS], [acc[n][la] for la in ENCODER_LAYERS]))
-            ls[method] = {"spearman": float(np.mean(rhos))}
-        per_target[target] = {"truth": truth, "model_selection": ms, "depara_by_lambda": by_lam, "layer_selection": ls,
-                              "scores": {m: rank(tgraph, top, m, args.lam).scores for m in METHODS if m != "random"},
-                              "layer_accuracy": acc}
+        scores = {m: rank(tgraph, top, m, args.lam).scores for m in METHODS if m != "random"}
+        del top
+        lprobe = probe_images(target, args.layer_probe, args.seed)
+        ltgraph = attribution_graph(zoo.models[target], lprobe, FEATURE_LAYER)
+        rhos: dict[str, list[float]] = {"depara": [], "rsa": []}
+        for n, m in sources.items():
+            graphs = {layer: attribution_graph(m, lprobe, layer) for layer in ENCODER_LAYERS}
+            for method, r in rhos.items():
+                lscores = rank(ltgraph, graphs, method, args.lam).scores
+                r.append(spearman([lscores[la] for la in ENCODER_LAYERS], [acc[n][la] for la in ENCODER_LAYERS]))
+        ls = {method: {"spearman": float(np.mean(r))} for method, r in rhos.items()}
+        per_target[target] = {"truth": truth, "truth_reliability": reliability,
+                              "layer_truth_reliability": layer_reliability, "model_selection": ms,
+                              "depara_by_lambda": by_lam, "layer_selection": ls, "scores": scores,
+                              "layer_accuracy": acc, "draws": draws}
         print(f"target {target:9s} best source {max(truth, key=truth.get):9s} "
-              + " ".join(f"{m}={ms[m]['spearman']:+.2f}" for m in METHODS), file=sys.stderr)
+              + " ".join(f"{m}={ms[m]['spearman']:+.2f}" for m in METHODS)
+              + (f" truth draw-vs-draw {reliability:+.2f}" if reliability is not None else "")
+              + f" ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     summary = {
         "model_selection": {m: {k: float(np.mean([per_target[t]["model_selection"][m][k] for t in per_target]))
                                 for k in ("spearman", "top1", "top3")} for m in METHODS},
@@ -122,7 +144,8 @@ def main(argv=None) -> int:
     if args.json:
         out = {**summary, "details": {"targets": per_target, "zoo_scores": zoo.scores, "lam": args.lam,
                                       "depara_by_lambda": by_lambda,
-                                      "probe": args.probe, "zoo_config_key": zcfg.key(), "seconds": seconds,
+                                      "probe": args.probe, "layer_probe": args.layer_probe, "draws": args.draws,
+                                      "zoo_config_key": zcfg.key(), "seconds": seconds,
                                       "zoo_seconds": t_zoo, "loadavg": list(load)}}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -162,18 +162,16 @@ def attribution_graph(model: nn.Module, probe: Tensor, layer: str | None = None,
 
 # --------------------------------------------------------------------------- similarities
 def rankdata(v: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their mean rank (as Spearman's rho wants)."""
+    """Ranks 1..n, ties sharing their mean rank (as Spearman's rho wants). Vectorised: edge vectors of
+    1,000 probe images have half a million entries."""
     v = np.asarray(v, dtype=np.float64)
     order = np.argsort(v, kind="mergesort")
-    ranks = np.empty(len(v), dtype=np.float64)
     sv = v[order]
-    i = 0
-    while i < len(v):
-        j = i
-        while j + 1 < len(v) and sv[j + 1] == sv[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
+    starts = np.r_[True, sv[1:] != sv[:-1]] if len(v) else np.zeros(0, dtype=bool)
+    first = np.flatnonzero(starts)  # sorted position where each run of equal values begins
+    counts = np.diff(np.r_[first, len(v)])
+    ranks = np.empty(len(v), dtype=np.float64)
+    ranks[order] = (first + (counts - 1) / 2.0 + 1.0)[np.cumsum(starts) - 1]
     return ranks
 
 

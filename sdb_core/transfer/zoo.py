@@ -13,7 +13,8 @@ and the project's synthetic scenes (``sdb_core.data.scenes``). Tasks:
 
 Ground-truth transferability of a source to a classification target task is the test accuracy
 of a linear probe on the source's frozen features (a layer's output, average-pooled to 4 x 4)
-trained on a small target training set. ``build_zoo`` trains the zoo or loads it from a cache
+trained on a small target training set, averaged over several draws of that set (one draw alone
+moves by about as much as close sources differ). ``build_zoo`` trains the zoo or loads it from a cache
 directory keyed by its config, so that reruns are fast.
 """
 from __future__ import annotations
@@ -272,19 +273,44 @@ def build_zoo(cfg: ZooConfig, *, cache_dir: str | os.PathLike | None = None, log
 
 
 # --------------------------------------------------------------------------- ground truth
+def _pool(h: Tensor, grid: int) -> Tensor:
+    return (F.adaptive_avg_pool2d(h, grid) if h.dim() == 4 else h).flatten(1)
+
+
 def pooled_features(model: nn.Module, layer: str | None, x: Tensor, grid: int = 4, batch_size: int = 250) -> Tensor:
     """A layer's output average-pooled to ``grid`` x ``grid`` (vectors pass through), flattened."""
-    from sdb_core.transfer.depara import _layer_output
+    return pooled_features_at(model, [layer], x, grid, batch_size)[layer]
+
+
+def pooled_features_at(model: nn.Module, layers: Sequence[str | None], x: Tensor, grid: int = 4,
+                       batch_size: int = 250) -> dict[str | None, Tensor]:
+    """``pooled_features`` of several layers from one forward pass per batch (None: the model's output)."""
+    from sdb_core.transfer.depara import _module
 
     model.eval()
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            h = _layer_output(model, layer, x[i:i + batch_size])
-            if h.dim() == 4:
-                h = F.adaptive_avg_pool2d(h, grid)
-            outs.append(h.flatten(1))
-    return torch.cat(outs)
+    seen: dict[str | None, Tensor] = {}
+    hooks = []
+    for layer in layers:
+        if layer is None or layer == "":
+            continue
+
+        def hook(_m, _inp, out, layer=layer):
+            # pooled at once: a copy, so a later in-place op of the forward pass cannot change it
+            seen[layer] = _pool(out[0] if isinstance(out, (tuple, list)) else out, grid)
+
+        hooks.append(_module(model, layer).register_forward_hook(hook))
+    outs: dict[str | None, list[Tensor]] = {layer: [] for layer in layers}
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                seen.clear()
+                y = model(x[i:i + batch_size])
+                for layer in layers:
+                    outs[layer].append(_pool(y, grid) if layer is None or layer == "" else seen[layer])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {layer: torch.cat(v) for layer, v in outs.items()}
 
 
 @dataclass
@@ -293,13 +319,25 @@ class ProbeConfig:
     test_n: int = 1000
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=60, batch_size=100, lr=1e-2, optimizer="adam",
                                                                     weight_decay=1e-3, schedule="cosine"))
+    # The small training set is drawn ``draws`` times (the probe initialised with another seed each time) and
+    # the ground truth is the mean: one draw's accuracies move by ~0.5-2.5 points, as much as sources differ.
+    draws: int = 3
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train_n < 2 or self.test_n < 1:
+            raise ValueError(f"need train_n >= 2 and test_n >= 1, got {self.train_n}, {self.test_n}")
+        if self.draws < 1:
+            raise ValueError(f"draws must be >= 1, got {self.draws}")
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, cfg: TrainConfig) -> float:
     """Test accuracy (percent) of a linear classifier on standardised frozen features, trained by ``fit``."""
     mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     a, b = (train_x - mu) / sd, (test_x - mu) / sd
+    seed_everything(cfg.seed)  # the probe's initial weights too (fit seeds only what comes after)
     probe = nn.Linear(a.shape[1], int(max(train_y.max(), test_y.max())) + 1)
 
     def step(batch):
@@ -311,18 +349,32 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         return 100.0 * (probe(b).argmax(1) == test_y).float().mean().item()
 
 
+def transfer_accuracy_draws(sources: dict[str, nn.Module], target_task: str, cfg: ProbeConfig,
+                            layers: Sequence[str | None] = (FEATURE_LAYER,)) -> dict[str, dict[str, list[float]]]:
+    """source → layer → linear-probe accuracy on ``target_task`` for each of ``cfg.draws`` small training sets
+    (one fixed test set: the draws differ by the training images and the probe's initialisation)."""
+    from dataclasses import replace
+
+    te = task_data(target_task, cfg.test_n, "test", cfg.seed + 101)
+    trains = [task_data(target_task, cfg.train_n, "train", cfg.seed + 101 + r) for r in range(cfg.draws)]
+    out: dict[str, dict[str, list[float]]] = {}
+    for name, model in sources.items():
+        out[name] = {layer or "output": [] for layer in layers}
+        fte = pooled_features_at(model, layers, te.tensors[0])
+        for r, tr in enumerate(trains):
+            ftr = pooled_features_at(model, layers, tr.tensors[0])
+            tcfg = replace(cfg.train, seed=cfg.train.seed + r)
+            for layer in layers:
+                out[name][layer or "output"].append(
+                    linear_probe(ftr[layer], tr.tensors[1], fte[layer], te.tensors[1], tcfg))
+    return out
+
+
 def transfer_accuracy(sources: dict[str, nn.Module], target_task: str, cfg: ProbeConfig,
                       layers: Sequence[str | None] = (FEATURE_LAYER,)) -> dict[str, dict[str, float]]:
-    """source → layer → linear-probe accuracy on ``target_task``'s small training set."""
-    tr = task_data(target_task, cfg.train_n, "train", cfg.seed + 101)
-    te = task_data(target_task, cfg.test_n, "test", cfg.seed + 101)
-    out: dict[str, dict[str, float]] = {}
-    for name, model in sources.items():
-        out[name] = {}
-        for layer in layers:
-            ftr, fte = pooled_features(model, layer, tr.tensors[0]), pooled_features(model, layer, te.tensors[0])
-            out[name][layer or "output"] = linear_probe(ftr, tr.tensors[1], fte, te.tensors[1], cfg.train)
-    return out
+    """source → layer → linear-probe accuracy on ``target_task``'s small training set (mean over the draws)."""
+    draws = transfer_accuracy_draws(sources, target_task, cfg, layers)
+    return {n: {la: float(np.mean(v)) for la, v in d.items()} for n, d in draws.items()}
 
 
 def probe_images(task: str, n: int, seed: int = 0) -> Tensor:

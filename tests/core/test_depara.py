@@ -18,12 +18,18 @@ from sdb_core.transfer.depara import (
     spearman,
 )
 from sdb_core.transfer.zoo import (
+    ENCODER_LAYERS,
     FEATURE_LAYER,
+    ProbeConfig,
     ZooConfig,
     build_zoo,
+    pooled_features,
+    pooled_features_at,
     probe_images,
     task_data,
     train_task_model,
+    transfer_accuracy,
+    transfer_accuracy_draws,
 )
 
 
@@ -101,6 +107,15 @@ def test_spearman_matches_hand_computed_values():
     assert spearman([1, 2, 2, 5], [1, 2, 9, 3]) == pytest.approx(3.0 / (4.5 * 5) ** 0.5)
 
 
+def test_spearman_ranks_ties_like_a_brute_force_count():
+    from sdb_core.transfer.depara import rankdata
+
+    v = torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(5)).double().numpy()
+    # rank of a value = (number below) + (number equal + 1) / 2
+    expected = [(v < x).sum() + ((v == x).sum() + 1) / 2 for x in v]
+    assert rankdata(v).tolist() == pytest.approx(expected)
+
+
 def test_graph_needs_the_same_probe_set(probe):
     a = attribution_graph(tiny_net(0), probe, "1")
     b = attribution_graph(tiny_net(0), probe[:6], "1")
@@ -132,6 +147,32 @@ def test_on_a_tiny_zoo_the_source_trained_on_the_targets_task_ranks_first(tiny_z
     assert set(result.baselines) == {"depara", "depara_v", "depara_e", "rsa", "random"}
     assert result.matrix[0][0] == pytest.approx(2.0) and len(result.matrix) == 1 + len(tiny_zoo.models)
     assert set(result.layers["parity"].scores) == {"encoder.1", FEATURE_LAYER}
+
+
+def test_features_of_several_layers_from_one_pass_are_each_layers_own(tiny_zoo):
+    model, x = tiny_zoo.models["edges"], probe_images("where", 7)
+    many = pooled_features_at(model, [*ENCODER_LAYERS, None], x, batch_size=3)
+    for layer in [*ENCODER_LAYERS, None]:
+        assert torch.allclose(many[layer], pooled_features(model, layer, x), atol=1e-6)
+    assert many[None].shape == (7, 16)  # the one-channel edge map pooled to 4 x 4
+
+
+def test_the_ground_truth_is_the_mean_over_draws_of_the_target_training_set(tiny_zoo):
+    cfg = ProbeConfig(train_n=60, test_n=40, draws=2,
+                      train=TrainConfig(epochs=3, batch_size=30, lr=1e-2, optimizer="adam", weight_decay=0.0))
+    sources = {n: tiny_zoo.models[n] for n in ("rotation", "where")}
+    draws = transfer_accuracy_draws(sources, "parity", cfg, layers=("encoder.1", FEATURE_LAYER))
+    assert set(draws) == set(sources) and all(set(d) == {"encoder.1", FEATURE_LAYER} for d in draws.values())
+    values = [v for d in draws.values() for v in d.values()]
+    assert all(len(v) == 2 and all(0.0 <= a <= 100.0 for a in v) for v in values)
+    # the draws are different training sets: not every accuracy repeats
+    assert any(v[0] != v[1] for v in values)
+    mean = transfer_accuracy(sources, "parity", cfg, layers=("encoder.1", FEATURE_LAYER))
+    for n, d in draws.items():
+        for layer, v in d.items():
+            assert mean[n][layer] == pytest.approx(sum(v) / 2)
+    with pytest.raises(ValueError, match="draws"):
+        ProbeConfig(draws=0)
 
 
 def test_the_zoo_cache_returns_the_same_models(tiny_zoo):
