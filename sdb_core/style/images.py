@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from ..data.imagefolder import _images_in
 
-_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "hubble_deep_field",
+_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "hubble_deep_field", "retina",
             "colorwheel", "brick", "grass", "gravel", "camera", "moon")
 _SKLEARN = ("china", "flower")
 EMBEDDED = _SKIMAGE + _SKLEARN
@@ -29,6 +29,10 @@ EMBEDDED = _SKIMAGE + _SKLEARN
 # evaluation image, so a feed-forward network is judged on a photograph it never saw.
 CONTENT_IMAGES = ("astronaut", "coffee", "rocket", "china", "camera")
 STYLE_IMAGES = ("flower", "immunohistochemistry", "hubble_deep_field", "brick", "gravel", "colorwheel")
+# AdaIN's default training styles: every embedded colour image and texture but the evaluation
+# photograph (chelsea/cat), so that one decoder sees many palettes and textures. The benchmark
+# also trains one without its evaluation style, to measure a style the decoder never saw.
+ADAIN_STYLES = (*STYLE_IMAGES, "retina", "grass", "coffee", "rocket", "china")
 MAX_PIXELS = 40_000_000  # a decoded image larger than this is refused (decompression bombs)
 
 
@@ -152,14 +156,14 @@ class ContentCrops(Dataset):
     """
 
     def __init__(self, images: Sequence[Tensor], crop: int, length: int, *, scale: float = 1.6,
-                 jitter: float = 0.15):
+                 jitter: float = 0.15, shuffle_channels: bool = False):
         if not images:
             raise ValueError("no images to crop from")
         if crop < 8 or length < 1:
             raise ValueError(f"crop must be >= 8 and length >= 1, got crop={crop}, length={length}")
         side = max(crop, round(crop * scale))
         self.images = [shorter_side(img, side) for img in images]
-        self.crop, self.length, self.jitter = crop, length, jitter
+        self.crop, self.length, self.jitter, self.shuffle_channels = crop, length, jitter, shuffle_channels
 
     def __len__(self) -> int:
         return self.length
@@ -178,6 +182,8 @@ class ContentCrops(Dataset):
             x = (x - x.mean()) * c + x.mean()
             gray = x.mean(0, keepdim=True)
             x = (x - gray) * s + gray
+        if self.shuffle_channels:
+            x = x[torch.randperm(3)]
         return (x.clamp(0, 1).contiguous(),)
 
 

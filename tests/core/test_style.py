@@ -131,6 +131,12 @@ def test_images_embedded_png_round_trip_and_crops():
     b = torch.stack([crops[i][0] for i in range(10)])
     assert a.shape == (10, 3, 48, 48) and torch.equal(a, b)  # seeded by the global generator
     assert (a[0] - a[1]).abs().mean() > 0.01  # and every item a new crop
+    red = torch.zeros(3, 40, 40)
+    red[0] = 1.0
+    shuffled = ContentCrops([red], 32, 30, jitter=0.0, shuffle_channels=True)
+    torch.manual_seed(0)
+    lit = {int(shuffled[i][0].mean((1, 2)).argmax()) for i in range(30)}
+    assert lit == {0, 1, 2}  # the style's colours permuted: one image gives several palettes
 
 
 def test_training_crops_from_a_users_image_folder(tmp_path):
@@ -157,6 +163,24 @@ def test_networks_keep_the_image_size_and_range():
                                   adain_method.decoder_for(loss_net, "relu4_1"))
     out = model(torch.rand(3, 3, 40, 56), torch.rand(1, 3, 64, 32), torch.tensor([0.5]))
     assert out.shape == (3, 3, 40, 56)
+
+
+def test_adain_decoder_skips_carry_the_shallow_features():
+    loss_net = build_loss_net(TINY_NET)
+    dec = adain_method.decoder_for(loss_net, "relu3_1", skips=("relu1_1", "relu2_1"))
+    assert dec.entries == ["relu2_1", "relu1_1", None]  # deepest first, each at its own resolution
+    enc = adain_method.Encoder(loss_net, ("relu1_1", "relu2_1", "relu3_1"))
+    model = adain_method.AdaINNet(enc, dec)
+    x = torch.rand(2, 3, 32, 40)
+    assert model(x, torch.rand(1, 3, 48, 48), torch.ones(1)).shape == (2, 3, 32, 40)
+    feats = enc(x)
+    changed = dict(feats, relu1_1=feats["relu1_1"] + 1.0)
+    with torch.no_grad():
+        assert (dec(changed) - dec(feats)).abs().max() > 1e-4  # the full-resolution skip reaches the output
+    with pytest.raises(ValueError, match="shallower than relu3_1"):
+        adain_method.decoder_for(loss_net, "relu3_1", skips=("relu4_1",))
+    with pytest.raises(ValueError, match="relu<b>_1"):
+        adain_method.decoder_for(loss_net, "relu3_1", skips=("relu1_2",))
 
 
 def _cut(losses: dict) -> float:

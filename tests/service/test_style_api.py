@@ -34,7 +34,7 @@ def style_bundles(tmp_path_factory):
                                    loss_net=TINY_NET))
     a = adain.train(adain.AdaINConfig(size=32, crop=32, epochs=1, samples=8, styles=("flower",), loss_net=TINY_NET))
     with torch.no_grad():  # two steps leave the decoder's output below 0, all black once clamped: centre it
-        a.net.decoder[-1][-1].bias.fill_(0.5)
+        a.net.decoder.stages[-1][-1][-1].bias.fill_(0.5)
     classifier = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     return SimpleNamespace(
         master_key_file=root / "master.key", fast=f, adain=a,
