@@ -32,7 +32,7 @@ METHODS = ("depara", "depara_v", "depara_e", "rsa", "random")
 @dataclass
 class DeparaConfig:
     method: str = "depara"
-    lam: float = 1.0  # lambda: weight of the edge term (1 and 10 in the paper)
+    lam: float = 10.0  # lambda: weight of the edge term (1 and 10 in the paper; 10 as the CLI and job, see README)
     batch_size: int = 50  # probe images per forward/backward pass
     seed: int = 0  # for the random baseline
 
@@ -213,7 +213,7 @@ def rsa_similarity(a: AttributionGraph, b: AttributionGraph) -> float:
     return spearman(a.rdm_vector(), b.rdm_vector())
 
 
-def graph_similarity(a: AttributionGraph, b: AttributionGraph, method: str = "depara", lam: float = 1.0) -> float:
+def graph_similarity(a: AttributionGraph, b: AttributionGraph, method: str = "depara", lam: float = 10.0) -> float:
     """S for ``method``: depara S_V + lam*S_E, depara_v S_V, depara_e S_E, rsa."""
     if method == "depara":
         return node_similarity(a, b) + lam * edge_similarity(a, b)

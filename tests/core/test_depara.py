@@ -141,7 +141,7 @@ def test_on_a_tiny_zoo_the_source_trained_on_the_targets_task_ranks_first(tiny_z
     ranking = select_model(target, tiny_zoo.models, probe, DeparaConfig(lam=1.0), target_layer=FEATURE_LAYER,
                            source_layers=layers)
     assert ranking.order[0] == "parity", ranking.scores
-    result = rank_transferability(DeparaConfig(), target, tiny_zoo.models, probe, target_layer=FEATURE_LAYER,
+    result = rank_transferability(DeparaConfig(lam=1.0), target, tiny_zoo.models, probe, target_layer=FEATURE_LAYER,
                                   source_layers=layers, layer_candidates={"parity": ["encoder.1", FEATURE_LAYER]})
     assert result.ranking.order == ranking.order
     assert set(result.baselines) == {"depara", "depara_v", "depara_e", "rsa", "random"}
