@@ -247,6 +247,18 @@ def two_stage(cfg: OKDHPConfig, data: PoseData | None = None, *, teacher_width: 
 
 # ---------------------------------------------------------------- the recipe
 
+def okdhp_loss(model: MultiBranchHourglass, batch, cfg: OKDHPConfig, ramp: float) -> tuple[Tensor, dict]:
+    """One step's loss (the module docstring's L) at ramp-up value ``ramp``, and its parts for the log."""
+    x, y, w = batch
+    shared, outs, ens, _ = model.forward_all(x)
+    hard = sum(heatmap_mse(h, y, w) for h in shared) + sum(heatmap_mse(h, y, w) for o in outs for h in o)
+    teacher = ens.detach() if cfg.detach_ensemble else ens
+    soft = sum(pixel_kl(h, teacher, w) for o in outs for h in o)
+    ens_loss = heatmap_mse(ens, y, w)
+    loss = hard + cfg.w_ens * ens_loss + cfg.w_kd * ramp * soft
+    return loss, {"hard": hard.item(), "ens": ens_loss.item(), "kd": soft.item(), "ramp": ramp}
+
+
 def okdhp(cfg: OKDHPConfig, data: PoseData | None = None, *, progress: ProgressFn = None,
           should_cancel: Callable[[], bool] | None = None) -> OKDHPResult:
     """Train the multi-branch network online; report the target branch, the ensemble and each branch."""
@@ -258,15 +270,7 @@ def okdhp(cfg: OKDHPConfig, data: PoseData | None = None, *, progress: ProgressF
     ramp_len = cfg.rampup * cfg.train.epochs
 
     def step(batch):
-        x, y, w = batch
-        shared, outs, ens, _ = model.forward_all(x)
-        hard = sum(heatmap_mse(h, y, w) for h in shared) + sum(heatmap_mse(h, y, w) for o in outs for h in o)
-        teacher = ens.detach() if cfg.detach_ensemble else ens
-        soft = sum(pixel_kl(h, teacher, w) for o in outs for h in o)
-        ens_loss = heatmap_mse(ens, y, w)
-        r = rampup(clock(), ramp_len)
-        loss = hard + cfg.w_ens * ens_loss + cfg.w_kd * r * soft
-        return loss, {"hard": hard.item(), "ens": ens_loss.item(), "kd": soft.item(), "ramp": r}
+        return okdhp_loss(model, batch, cfg, rampup(clock(), ramp_len))
 
     t0 = time.perf_counter()
     hist = fit(model, data.train, step, cfg.train, progress=progress, should_cancel=should_cancel)

@@ -14,6 +14,7 @@ from sdb_core.distill.okdhp import (
     PoseDataConfig,
     count_gflops,
     okdhp,
+    okdhp_loss,
     pixel_kl,
     pose_train_config,
     rampup,
@@ -53,6 +54,30 @@ def test_pixel_kl_is_zero_for_identical_maps_and_positive_otherwise():
     b[:, 1] = torch.randn(2, 4, 4)
     w = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 1.0]])
     assert pixel_kl(b, a, w).abs().item() < 1e-6 < pixel_kl(b, a).item()
+
+
+def test_the_kd_term_teaches_the_branches_and_leaves_the_fau_alone():
+    # The ensemble is the teacher: the pixel-wise KL must not pull the FAU (or the ensemble) towards the
+    # branches; only the ensemble's own supervised term trains the FAU.
+    torch.manual_seed(0)
+    net = MultiBranchHourglass(num_joints=5, width=8, shared_stacks=0, branch_stacks=(1, 1),
+                               in_shape=(3, 32, 32))
+    batch = (torch.randn(4, 3, 32, 32), torch.rand(4, 5, 8, 8), torch.ones(4, 5))
+
+    def fau_and_branch_grads(**over):
+        net.zero_grad(set_to_none=True)
+        cfg = OKDHPConfig(branch_stacks=(1, 1), **over)
+        okdhp_loss(net, batch, cfg, ramp=1.0)[0].backward()
+        fau = sum(float(p.grad.abs().sum()) for p in net.fau.parameters() if p.grad is not None)
+        branch = sum(float(p.grad.abs().sum()) for p in net.branches.parameters() if p.grad is not None)
+        return fau, branch
+
+    kd_only = {"w_ens": 0.0, "w_kd": 1.0}
+    fau, branch = fau_and_branch_grads(**kd_only)
+    assert fau == 0.0
+    assert abs(branch - fau_and_branch_grads(w_ens=0.0, w_kd=0.0)[1]) > 1e-6 * branch  # the KL reaches them
+    assert fau_and_branch_grads(**kd_only, detach_ensemble=False)[0] > 0  # the authors' code: it would
+    assert fau_and_branch_grads(w_ens=1.0, w_kd=1.0)[0] > 0               # the ensemble's MSE trains it
 
 
 def test_rampup_rises_from_near_zero_to_one():
