@@ -48,7 +48,7 @@ def combine(reports: list[dict], threshold: float) -> dict:
     """Advantages over all seeds (each seed against its own labels-only reference), verdict on the means."""
     families = {n: a["family"] for n, a in reports[0]["attacks"].items()}
     accs = {n: [acc for r in reports for acc in r["attacks"][n]["accs"]] for n in families}
-    attacks = score(accs, families)
+    attacks = score(accs, families, reports[0].get("policy", "probs"))
     reference, worst, max_adv = verdict_of(attacks)
     return {"verdict": "protected" if max_adv <= threshold else "leaks", "worst_attack": worst,
             "max_advantage": max_adv, "reference": reference,
@@ -101,7 +101,7 @@ def main() -> int:
             for who in ("teacher", "protected"):
                 rep = run[who]
                 attacks = score({n: a["accs"] for n, a in rep["attacks"].items()},
-                                {n: a["family"] for n, a in rep["attacks"].items()})
+                                {n: a["family"] for n, a in rep["attacks"].items()}, rep.get("policy", "probs"))
                 for n, a in attacks.items():
                     a["detail"] = rep["attacks"][n].get("detail", [])
                 rep["attacks"] = attacks

@@ -7,7 +7,7 @@ import torch
 
 from sdb_core.bundle import export_bundle
 from sdb_core.protect import SafeDistillationBox, generate_key
-from sdb_core.protect.audit import AuditConfig, PublicAPI, apply_policy, audit, public_api
+from sdb_core.protect.audit import AuditConfig, PublicAPI, apply_policy, audit, public_api, score, verdict_of
 from sdb_core.protect.key import new_master_key
 from sdb_core.train import TrainConfig
 from sdb_core.weights import save_weights
@@ -97,3 +97,14 @@ def test_cli_audit_bundle_and_teacher(digits, digits_teacher, box, tmp_path, cap
     report = json.loads((tmp_path / "t" / "report.json").read_text())
     assert report["policy"] == "label" and "key_mean" not in report["attacks"]
     assert main(["audit", "--teacher", str(weights), "--data", "digits"]) == 2  # no --arch
+
+
+def test_under_the_label_policy_every_student_on_the_transfer_images_is_label_only():
+    accs = {"labels_ls0.2": [85.0, 84.0], "kd_T10_a0.9": [86.0, 85.5], "key_mean": [80.0, 81.0]}
+    families = {"labels_ls0.2": "labels", "kd_T10_a0.9": "kd", "key_mean": "keys"}
+    # Under probs the tempered KD is knowledge of the model's outputs: an attack, and it leaks.
+    assert verdict_of(score(accs, families, "probs"))[1:] == ("kd_T10_a0.9", pytest.approx(1.25))
+    # Under label its teacher is a one-hot: it joins the reference; the keys stay attacks.
+    attacks = score(accs, families, "label")
+    assert attacks["kd_T10_a0.9"]["label_only"] and not attacks["key_mean"]["label_only"]
+    assert verdict_of(attacks) == ("kd_T10_a0.9", "key_mean", pytest.approx(-5.25))
