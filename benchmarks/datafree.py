@@ -33,7 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdb_core.amalgamate.datafree import DataFreeConfig, TeacherSpec, datafree, distill_student, new_student
+from sdb_core.amalgamate.datafree import (
+    PAPER_RECIPE,
+    DataFreeConfig,
+    TeacherSpec,
+    datafree,
+    distill_student,
+    new_student,
+)
 from sdb_core.amalgamate.multilabel import (
     MultiLabelNet,
     mean_average_precision,
@@ -64,7 +71,7 @@ def run_seed(seed: int, args) -> dict:
         out["teachers"][name] = mean_average_precision(predict_probs(t, xt), yt[:, labels])
         specs.append(TeacherSpec(t, labels, name))
     cfg = DataFreeConfig(teachers=specs, target=TARGET, in_shape=tuple(x.shape[1:]), seed=seed, device="cpu",
-                         gen_epochs=args.gen_epochs, block_epochs=args.block_epochs,
+                         gen_epochs=args.gen_epochs, image_epochs=args.image_epochs, block_epochs=args.block_epochs,
                          finetune_epochs=args.finetune_epochs, gen_samples=args.samples,
                          student_samples=args.samples)
     nets = [s.model for s in specs]
@@ -87,8 +94,9 @@ def run_seed(seed: int, args) -> dict:
             student = new_student(cfg, nets)
             distill_student(student, nets, cfg, lambda n: torch.randn(n, *cfg.in_shape), epochs=epochs, name="noise")
         elif method == "single_generator":
-            # DAFL's losses with DAFL's weights (α = 0.1, β = 5) and no BN prior.
-            student = datafree(replace(cfg, variant="single_generator", w_bn=0.0, w_activation=0.1, w_entropy=5.0,
+            # DAFL as published: its losses and weights (α = 0.1, β = 5), none of the recipe's additions
+            # (PAPER_RECIPE: no BN prior, no label conditioning, no shifts); the same generator steps.
+            student = datafree(replace(cfg, variant="single_generator", **PAPER_RECIPE,
                                        grid_dir=str(args.grids / f"single_seed{seed}") if args.grids else None)).student
         else:
             student = datafree(replace(cfg, grid_dir=str(args.grids / f"dual_seed{seed}") if args.grids else None)).student
@@ -107,9 +115,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--test-n", type=int, default=1000)
     ap.add_argument("--teacher-epochs", type=int, default=6)
     ap.add_argument("--samples", type=int, default=2048, help="images per epoch for every student and generator")
-    ap.add_argument("--gen-epochs", type=int, default=4, help="generator epochs per group-stack stage")
-    ap.add_argument("--block-epochs", type=int, default=2)
-    ap.add_argument("--finetune-epochs", type=int, default=6)
+    ap.add_argument("--gen-epochs", type=int, default=2, help="generator epochs per group-stack feature stage")
+    ap.add_argument("--image-epochs", type=int, default=10, help="generator epochs of the image stage")
+    ap.add_argument("--block-epochs", type=int, default=1)
+    ap.add_argument("--finetune-epochs", type=int, default=9)
     ap.add_argument("--grids", type=Path, default=None, help="write the generators' image grids here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sdb_core.amalgamate import datafree as df
 from sdb_core.amalgamate.multilabel import (
@@ -26,7 +27,7 @@ def _teachers(widths_a, widths_b):
 
 def _tiny(specs, **kw):
     base = {"teachers": specs, "target": [2, 3], "in_shape": IN, "student_widths": (4, 8, 8)[:len(specs[0].model.blocks)],
-                "latent": 8, "gen_samples": 32, "gen_epochs": 1, "student_samples": 32, "block_epochs": 1, "finetune_epochs": 1,
+                "latent": 8, "gen_samples": 32, "gen_epochs": 1, "image_epochs": 1, "student_samples": 32, "block_epochs": 1, "finetune_epochs": 1,
                 "batch_size": 16, "device": "cpu"}
     return df.DataFreeConfig(**{**base, **kw})
 
@@ -40,7 +41,9 @@ def test_group_stack_and_filters_shapes(blocks):
     nets = [s.model for s in specs]
     gen, filters = df.build_generator(cfg, nets)
     assert len(gen.blocks) == blocks and len(filters) == blocks - 1
-    outs = gen(torch.randn(5, cfg.latent))
+    z, y = gen.draw(5)  # the default generator is label-conditioned: noise and a multi-hot target
+    assert y.shape == (5, 5) and (y.sum(1) >= 1).all()
+    outs = gen(z, y=y)
     assert len(outs) == blocks
     assert outs[-1].shape == (5, *IN) and 0 <= outs[-1].min() and outs[-1].max() <= 1
     for m, spec in enumerate(specs):
@@ -144,6 +147,69 @@ def test_bn_statistics_loss_is_zero_on_matching_statistics():
     assert far.item() > 1.0
 
 
+def test_label_conditioned_generator_draws_targets_and_the_one_hot_loss_follows_them():
+    specs = _teachers((8, 16), (8, 16))
+    cfg = _tiny(specs, label_rate=0.3)
+    nets = [s.model for s in specs]
+    gen, filters = df.build_generator(cfg, nets)
+    torch.manual_seed(0)
+    z, y = gen.draw(4000)
+    assert y.shape == (4000, 5) and set(y.unique().tolist()) == {0.0, 1.0} and (y.sum(1) >= 1).all()
+    # Each label on with chance 0.3, plus the forced one for the draws that came out empty (0.7^5 = 17%).
+    assert 0.3 < y.mean().item() < 0.3 + 0.17 / 5 + 0.02
+    with pytest.raises(ValueError, match="label-conditioned"):
+        gen(z[:2])
+    # The one-hot term is each teacher's BCE to its own labels' part of y (teacher b holds labels 3, 4).
+    z, y = z[:8], y[:8]
+    w = {"w_activation": 0.0, "w_entropy": 0.0, "w_sparsity": 0.0, "w_consistency": 0.0, "w_bn": 0.0}
+    total, _ = df.generator_loss(gen.eval(), filters, nets, z, 2, df.DataFreeConfig(**{**cfg.__dict__, **w}), y=y)
+    with torch.no_grad():
+        x = gen(z, y=y)[-1]
+        img = F.binary_cross_entropy_with_logits(nets[0](x), y[:, :3]) + F.binary_cross_entropy_with_logits(nets[1](x), y[:, 3:])
+        h = gen(z, 1, y)[0]
+        feat = sum(F.binary_cross_entropy_with_logits(n.forward_from(filters[0][m](h), 1), y[:, c])
+                   for m, (n, c) in enumerate(zip(nets, ([0, 1, 2], [3, 4]))))
+    assert total.item() == pytest.approx((img + feat).item(), rel=1e-5)
+    # The paper's form: no labels drawn, and the generator takes noise alone.
+    plain, _ = df.build_generator(df.DataFreeConfig(**{**cfg.__dict__, **df.PAPER_RECIPE}), nets)
+    assert plain.draw(3)[1] is None and plain(torch.randn(3, cfg.latent))[-1].shape == (3, *IN)
+
+
+def test_random_shift_rolls_each_image_by_its_own_offset():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 6, 7)
+    out = df.random_shift(x)
+    offsets = set()
+    for i in range(16):
+        found = [(a, b) for a in range(6) for b in range(7) if torch.equal(torch.roll(x[i], (a, b), (1, 2)), out[i])]
+        assert len(found) == 1
+        offsets.add(found[0])
+    assert len(offsets) > 8  # offsets drawn per image, not one for the batch
+
+
+def test_reverse_grad_negates_and_scales_the_gradient():
+    x = torch.randn(3, requires_grad=True)
+    y = df._ReverseGrad.apply(x, 0.5)
+    assert torch.equal(y, x)
+    (y * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.allclose(x.grad, torch.tensor([-0.5, -1.0, -1.5]))
+
+
+def test_adversarial_finetune_moves_the_generator_and_the_plain_one_does_not():
+    specs = _teachers((8, 16), (8, 16))
+    moved = {}
+    for w_adv in (0.0, 1.0):
+        torch.manual_seed(0)
+        result = df.datafree(_tiny(specs, w_adv=w_adv, gen_epochs=0, image_epochs=0))
+        gen = result.generator
+        torch.manual_seed(0)
+        fresh, _ = df.build_generator(_tiny(specs), [s.model for s in specs])
+        moved[w_adv] = max((p - q).abs().max().item() for p, q in zip(gen.parameters(), fresh.parameters()))
+        assert not any(p.requires_grad for p in gen.parameters())  # frozen again for sampling
+    # No generator epochs: only the adversarial fine-tune can change the generator's weights.
+    assert moved[0.0] == 0.0 and moved[1.0] > 1e-4
+
+
 # ---------------------------------------------------------------------------------------- runs
 def test_runs_on_teachers_alone(monkeypatch, tmp_path):
     """The recipe takes no data set: any attempt to load or draw one fails the test."""
@@ -189,8 +255,8 @@ def test_student_beats_untrained_on_real_composites():
         train_multilabel(t, x, y[:, labels], TrainConfig(epochs=4, lr=3e-3, optimizer="adam", weight_decay=0))
         specs.append(df.TeacherSpec(t.eval(), labels, f"t{i}"))
     cfg = df.DataFreeConfig(teachers=specs, target=target, in_shape=(1, 28, 28), student_widths=(8, 16, 16),
-                            latent=32, gen_samples=2048, gen_epochs=2, student_samples=2048, block_epochs=1,
-                            finetune_epochs=3, device="cpu")
+                            latent=32, gen_samples=2048, gen_epochs=2, image_epochs=2, student_samples=2048,
+                            block_epochs=1, finetune_epochs=3, device="cpu")
     torch.manual_seed(0)
     untrained = mean_average_precision(predict_probs(df.new_student(cfg, [s.model for s in specs]), torch.as_tensor(xt)),
                                        yt[:, target])
