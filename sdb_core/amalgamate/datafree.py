@@ -23,6 +23,10 @@ union. The recipe sees the teachers' weights and nothing else: no image, no labe
    multi-branch network whose outputs are the target labels in the order asked; a short
    end-to-end fine-tune on generated images closes the gap the frozen blocks leave.
 
+Additions beyond the paper, each a config field (``PAPER_RECIPE`` turns them all off): a
+BN-statistics prior (``w_bn``), a label-conditioned generator (``label_rate``), random shifts of
+the student's generated images (``shift``), and an adversarial fine-tune (``w_adv``, off by default).
+
 The same student architecture trained on other images (real ones, noise, a DAFL single
 generator) is what :func:`distill_student` does; ``benchmarks/datafree.py`` compares them.
 """
