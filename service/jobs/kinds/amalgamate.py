@@ -58,8 +58,9 @@ class AmalgamateParams(JobParams):
     transfer: int = Field(3000, ge=16, le=100_000, description="unlabeled transfer images generated")
     student_widths: list[int] | None = Field(None, min_length=1, max_length=8)
     width_scale: float = Field(0.85, gt=0, le=4)
-    layer_epochs: int = Field(2, ge=0, le=100, description="AFK: epochs per block, layer-wise")
-    finetune_epochs: int = Field(6, ge=0, le=1000, description="AFK: end-to-end epochs")
+    layer_epochs: int | None = Field(None, ge=0, le=100,
+                                     description="epochs per block, layer-wise (default: afk 2, datafree 1)")
+    finetune_epochs: int | None = Field(None, ge=0, le=1000, description="end-to-end epochs (default: afk 6, datafree 9)")
     lr: float = Field(3e-3, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=4096)
     eval_n: int = Field(1000, ge=0, le=100_000, description="test composites for the report's mAP")
@@ -70,7 +71,8 @@ class AmalgamateParams(JobParams):
     candidates: list[str] | None = Field(None, min_length=1, max_length=16,
                                          description="branching: stages a task may branch out after")
     # ---- datafree ----
-    gen_epochs: int = Field(4, ge=0, le=1000, description="datafree: generator epochs per group-stack stage")
+    gen_epochs: int = Field(2, ge=0, le=1000, description="datafree: generator epochs per feature stage")
+    image_epochs: int = Field(10, ge=0, le=1000, description="datafree: generator epochs of the image stage")
     samples: int = Field(2048, ge=16, le=1_000_000, description="datafree: generated images per epoch")
 
     @model_validator(mode="after")
@@ -121,6 +123,9 @@ def _teacher_net(t: TeacherRef, queue):
     return load_weights(MultiLabelNet(t.in_channels, len(t.labels), t.widths or AFK_WIDTHS), t.weights).eval()
 
 
+# The multi-label methods' student schedules (branching has its own ``epochs``); each method's
+# default is the one its benchmark measured.
+EPOCHS = {"afk": {"layer_epochs": 2, "finetune_epochs": 6}, "datafree": {"layer_epochs": 1, "finetune_epochs": 9}}
 DENSE_TASKS = {"segmentation": "seg", "depth": "depth", "edges": "edges"}  # bundle task -> branching task
 
 
@@ -153,7 +158,8 @@ def check(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
                     else t.model_copy(update={"weights": weights_file(t.weights, sub.settings)}) for t in p.teachers]
     except ValueError as e:
         raise invalid(str(e), "invalid_params") from None
-    p = p.model_copy(update={"teachers": teachers})
+    defaults = {f: v for f, v in EPOCHS.get(p.method, {}).items() if getattr(p, f) is None}
+    p = p.model_copy(update={"teachers": teachers, **defaults})
     extra = CHECKS.get(p.method)
     return extra(p, sub) if extra is not None else p
 
@@ -282,12 +288,13 @@ def run_datafree(ctx, p: AmalgamateParams) -> dict:
     side, channels = 28 * p.grid, p.teachers[0].in_channels
     cfg = DataFreeConfig(
         teachers=specs, target=tasks, in_shape=(channels, side, side), student_widths=tuple(widths),
-        gen_samples=p.samples, gen_epochs=p.gen_epochs, student_samples=p.samples, block_epochs=p.layer_epochs,
+        gen_samples=p.samples, gen_epochs=p.gen_epochs, image_epochs=p.image_epochs, student_samples=p.samples,
+        block_epochs=p.layer_epochs,
         finetune_epochs=p.finetune_epochs, student_lr=p.lr, batch_size=p.batch_size, seed=p.seed,
         # The image grids go beside the other artifacts: only top-level files are listed and served.
         checkpoint_dir=str(ctx.workdir / "checkpoints"), grid_dir=str(ctx.artifacts))
     depth = len(specs[0].model.blocks)
-    ctx.plan(**{f"generator_stage{k}": p.gen_epochs for k in range(1, depth + 1)},
+    ctx.plan(**{f"generator_stage{k}": p.gen_epochs if k < depth else p.image_epochs for k in range(1, depth + 1)},
              **{f"student_block{b}": p.layer_epochs for b in range(1, depth + 1)}, student_finetune=p.finetune_epochs)
     ctx.log(f"data-free amalgamation: {len(specs)} teachers, tasks {tasks}, no data; student widths {widths}")
     res = datafree(cfg, phase=ctx.phase, should_cancel=ctx.should_cancel)
