@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     from sdb_core.style import adain, fast, gatys
-    from sdb_core.style.images import ADAIN_STYLES, load_image, sheet
+    from sdb_core.style.images import STYLE_IMAGES, load_image, sheet
     from sdb_core.style.loss_net import LossNetConfig, build_loss_net
 
     net = build_loss_net(LossNetConfig(weights=args.weights, seed=args.seed))
@@ -127,11 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fast: {args.fast_epochs} epochs x {args.samples} crops ...", file=sys.stderr, flush=True)
     trained["fast"] = fast.train(fast.FastConfig(size=args.size, epochs=args.fast_epochs, samples=args.samples,
                                                  seed=args.seed), **common)
-    # AdaIN claims any style without retraining. The reported decoder is trained on the default
-    # embedded style set (ADAIN_STYLES), which contains the evaluation style, as a deployed one
-    # trained for a service's styles would be; a second decoder trained on the same set without
-    # it measures a style the decoder never saw (run["adain_unseen_style"]), unless --no-unseen.
-    styles = tuple(dict.fromkeys((*ADAIN_STYLES, args.style)))
+    # AdaIN claims any style without retraining. The reported decoder is trained on the embedded
+    # style set plus the evaluation style (what the style job does by default), so the fixed pair's
+    # style is one of its training styles; a second decoder trained on the same set without it
+    # measures a style the decoder never saw (run["adain_unseen_style"]), unless --no-unseen.
+    styles = tuple(dict.fromkeys((*STYLE_IMAGES, args.style)))
     run["adain_training_styles"] = list(styles)
     print(f"adain: {args.adain_epochs} epochs x {args.samples} crops, styles {', '.join(styles)} ...",
           file=sys.stderr, flush=True)

@@ -29,10 +29,6 @@ EMBEDDED = _SKIMAGE + _SKLEARN
 # evaluation image, so a feed-forward network is judged on a photograph it never saw.
 CONTENT_IMAGES = ("astronaut", "coffee", "rocket", "china", "camera")
 STYLE_IMAGES = ("flower", "immunohistochemistry", "hubble_deep_field", "brick", "gravel", "colorwheel")
-# AdaIN's default training styles: every embedded colour image and texture but the evaluation
-# photograph (chelsea/cat), so that one decoder sees many palettes and textures. The benchmark
-# also trains one without its evaluation style, to measure a style the decoder never saw.
-ADAIN_STYLES = (*STYLE_IMAGES, "retina", "grass", "coffee", "rocket", "china")
 MAX_PIXELS = 40_000_000  # a decoded image larger than this is refused (decompression bombs)
 
 
