@@ -197,7 +197,9 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.05)  # polling a port that is not open yet: there is nothing to wait on
-        raise TimeoutError("sdb serve did not become ready")
+        # Say why: the server's own log is the only witness (a flaky start is otherwise a shrug).
+        err = self.stop()
+        raise TimeoutError(f"sdb serve did not become ready in {timeout:.0f} s; its stderr ends:\n{err[-3000:]}")
 
     def stop(self, sig: int = signal.SIGTERM) -> str:
         if self.proc.poll() is None:
