@@ -86,3 +86,15 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def run_jobs(server: Server, token: str, kind: str, params: list[dict], timeout: float = 120.0) -> list[dict]:
+    """Submit every job at once (the workers take them in turn), wait for each, assert they succeeded."""
+    from sdb_client import Client
+
+    with Client(server.url, token) as c:
+        ids = [c.jobs.submit(kind, p)["id"] for p in params]
+        jobs = [c.jobs.wait(i, timeout=timeout, poll_s=0.2) for i in ids]
+    for job in jobs:
+        assert job["status"] == "succeeded", job
+    return jobs

@@ -17,7 +17,7 @@ from sdb_core.data.composites import make_composites
 from sdb_core.models import create_model
 from sdb_core.weights import load_weights, save_weights
 
-from .jobs_helpers import JobServer, key, prepare
+from .jobs_helpers import JobServer, key, prepare, run_jobs
 
 WIDTHS = [8, 8, 8]
 TEACHERS = [{"name": "low", "weights": "teachers/low.safetensors", "labels": [0, 1, 2, 3, 4], "widths": WIDTHS},
@@ -102,11 +102,7 @@ def test_amalgamate_params_are_checked_before_queueing(server):
 
 
 def test_hosted_models_teach_like_their_weights(server):
-    s, token = server
-    with Client(s.url, token) as c:
-        jobs = [c.jobs.submit("amalgamate", {**TINY, "teachers": t}) for t in (TEACHERS, HOSTED)]
-        by_weights, hosted = (c.jobs.wait(j["id"], timeout=120, poll_s=0.2) for j in jobs)
-    assert by_weights["status"] == "succeeded" and hosted["status"] == "succeeded", hosted
+    by_weights, hosted = run_jobs(*server, "amalgamate", [{**TINY, "teachers": t} for t in (TEACHERS, HOSTED)])
     # Labels, widths and channels came from the hosted bundles; the rebuilt teachers are the same
     # networks, so they score the same on the same test composites.
     assert hosted["params"]["teachers"][0]["labels"] == [0, 1, 2, 3, 4]

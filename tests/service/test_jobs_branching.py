@@ -15,7 +15,7 @@ from sdb_core.data.scenes import make_scenes
 from sdb_core.models.encdec import EncDec
 from sdb_core.weights import save_weights
 
-from .jobs_helpers import JobServer, key, prepare
+from .jobs_helpers import JobServer, key, prepare, run_jobs
 
 WIDTHS = [4, 8, 8]
 TEACHERS = [{"name": "parser", "weights": "teachers/seg.safetensors", "arch": "encdec", "task": "seg"},
@@ -72,11 +72,7 @@ def test_branching_job_ships_a_segmentation_depth_bundle(server, tmp_path):
 
 
 def test_hosted_teachers_teach_like_their_weights(server):
-    s, token = server
-    with Client(s.url, token) as c:
-        jobs = [c.jobs.submit("amalgamate", {**TINY, "teachers": t}) for t in (TEACHERS, HOSTED)]
-        by_weights, hosted = (c.jobs.wait(j["id"], timeout=120, poll_s=0.2) for j in jobs)
-    assert by_weights["status"] == "succeeded" and hosted["status"] == "succeeded", hosted
+    by_weights, hosted = run_jobs(*server, "amalgamate", [{**TINY, "teachers": t} for t in (TEACHERS, HOSTED)])
     assert [t["task"] for t in hosted["params"]["teachers"]] == ["seg", "depth"]  # read from the bundles
     assert hosted["result"]["tasks"] == ["seg", "depth"]
     # The rebuilt teachers are the same networks: the same scores on the same test scenes.
