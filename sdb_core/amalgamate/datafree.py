@@ -298,9 +298,11 @@ class MultiBranchStudent(nn.Module):
 
 
 # --------------------------------------------------------------------------- losses
-def one_hot_loss(logits: Tensor, threshold: float = 0.5) -> Tensor:
-    """BCE of the outputs against their own thresholded probabilities: confident, teacher-like outputs."""
-    target = (torch.sigmoid(logits) > threshold).float()
+def one_hot_loss(logits: Tensor, threshold: float = 0.5, target: Tensor | None = None) -> Tensor:
+    """BCE of the outputs against their own thresholded probabilities: confident, teacher-like outputs.
+    A label-conditioned generator gives the ``target`` its image was drawn for instead."""
+    if target is None:
+        target = (torch.sigmoid(logits) > threshold).float()
     return F.binary_cross_entropy_with_logits(logits, target.detach())
 
 
@@ -492,7 +494,7 @@ def generator_loss(gen: GroupStackGenerator, filters: nn.ModuleList, teachers: S
     term is each teacher's BCE to its part of ``y`` instead of to its own thresholded outputs.
     """
     outs = gen(z, stages, y)
-    cols = label_union(cfg.teachers)[1]
+    cols = label_union(cfg.teachers)[1] if y is not None else None
     n_blocks = len(gen.blocks)
     total = z.new_zeros(())
     parts = {"onehot": 0.0, "act": 0.0, "ent": 0.0, "sparse": 0.0, "cons": 0.0}
@@ -509,10 +511,7 @@ def generator_loss(gen: GroupStackGenerator, filters: nn.ModuleList, teachers: S
             else:
                 (feats, logits), bn = run_teacher(teacher, h, n_blocks - j), 0.0
             logits_by_stage[j] = logits
-            if y is None:
-                oh = one_hot_loss(logits, cfg.threshold)
-            else:
-                oh = F.binary_cross_entropy_with_logits(logits, y[:, cols[m]])
+            oh = one_hot_loss(logits, cfg.threshold, None if y is None else y[:, cols[m]])
             act, ent = activation_loss(feats), entropy_loss(logits)
             loss = cfg.w_onehot * oh + cfg.w_activation * act + cfg.w_entropy * ent + cfg.w_bn * bn
             parts["onehot"] += oh.item()
@@ -723,8 +722,7 @@ def adversarial_finetune(student: MultiBranchStudent, gen: GroupStackGenerator, 
         gen_loss, picked = x.new_zeros(()), []
         for m, t in enumerate(teachers):
             _, logits, bn = bn_statistics_loss(t, x, 0) if cfg.w_bn > 0 else (*run_teacher(t, x, 0), 0.0)
-            oh = (one_hot_loss(logits, cfg.threshold) if y is None
-                  else F.binary_cross_entropy_with_logits(logits, y[:, union_cols[m]]))
+            oh = one_hot_loss(logits, cfg.threshold, None if y is None else y[:, union_cols[m]])
             gen_loss = gen_loss + cfg.w_onehot * oh + cfg.w_bn * bn
             if cols[m]:
                 picked.append(logits.detach().index_select(1, torch.as_tensor(cols[m], device=x.device)))

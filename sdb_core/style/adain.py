@@ -153,11 +153,6 @@ class Decoder(nn.Module):
         return h
 
 
-def decoder_for(net: LossNet, layer: str, width: float = 1.0, skips: tuple[str, ...] = ()) -> Decoder:
-    """The decoder of an encoder ending at ``layer`` (see :class:`Decoder`)."""
-    return Decoder(net, layer, width, skips)
-
-
 class AdaINNet(nn.Module):
     """``(content, style, alpha)`` → stylized content in [0, 1]; H and W multiples of the pooling
     factor. ``style`` may be one image for a batch of contents; ``alpha`` is (N,) or (1,)."""
@@ -194,7 +189,7 @@ def train(cfg: AdaINConfig, *, content: Tensor | None = None, style: Tensor | No
     # without a prebuilt loss network would otherwise start from different initialisations.
     loss_net = net or build_loss_net(cfg.loss_net)
     seed_everything(cfg.seed)
-    decoder = decoder_for(loss_net, cfg.layer, cfg.decoder_width, tuple(cfg.skips))
+    decoder = Decoder(loss_net, cfg.layer, cfg.decoder_width, tuple(cfg.skips))
     enc_layers = (*decoder.skips, cfg.layer)
     encoder = Encoder(loss_net, enc_layers)
     model = AdaINNet(encoder, decoder)

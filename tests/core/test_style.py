@@ -160,14 +160,14 @@ def test_networks_keep_the_image_size_and_range():
     assert y.shape == (2, 3, 36, 44) and 0.0 <= y.min() and y.max() <= 1.0
     loss_net = build_loss_net(TINY_NET)
     model = adain_method.AdaINNet(adain_method.Encoder(loss_net, "relu4_1"),
-                                  adain_method.decoder_for(loss_net, "relu4_1"))
+                                  adain_method.Decoder(loss_net, "relu4_1"))
     out = model(torch.rand(3, 3, 40, 56), torch.rand(1, 3, 64, 32), torch.tensor([0.5]))
     assert out.shape == (3, 3, 40, 56)
 
 
 def test_adain_decoder_skips_carry_the_shallow_features():
     loss_net = build_loss_net(TINY_NET)
-    dec = adain_method.decoder_for(loss_net, "relu3_1", skips=("relu1_1", "relu2_1"))
+    dec = adain_method.Decoder(loss_net, "relu3_1", skips=("relu1_1", "relu2_1"))
     assert dec.entries == ["relu2_1", "relu1_1", None]  # deepest first, each at its own resolution
     enc = adain_method.Encoder(loss_net, ("relu1_1", "relu2_1", "relu3_1"))
     model = adain_method.AdaINNet(enc, dec)
@@ -178,9 +178,9 @@ def test_adain_decoder_skips_carry_the_shallow_features():
     with torch.no_grad():
         assert (dec(changed) - dec(feats)).abs().max() > 1e-4  # the full-resolution skip reaches the output
     with pytest.raises(ValueError, match="shallower than relu3_1"):
-        adain_method.decoder_for(loss_net, "relu3_1", skips=("relu4_1",))
+        adain_method.Decoder(loss_net, "relu3_1", skips=("relu4_1",))
     with pytest.raises(ValueError, match="relu<b>_1"):
-        adain_method.decoder_for(loss_net, "relu3_1", skips=("relu1_2",))
+        adain_method.Decoder(loss_net, "relu3_1", skips=("relu1_2",))
 
 
 def _cut(losses: dict) -> float:

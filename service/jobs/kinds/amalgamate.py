@@ -86,7 +86,8 @@ class AmalgamateParams(JobParams):
 
 
 RunFn = Callable[[Any, AmalgamateParams], dict]
-CheckFn = Callable[[AmalgamateParams, Submission], AmalgamateParams]
+# A method's submission check gets the hosted teachers' networks, rebuilt once by ``check``.
+CheckFn = Callable[[AmalgamateParams, Submission, dict[str, Any]], AmalgamateParams]
 METHODS: dict[str, RunFn] = {}
 CHECKS: dict[str, CheckFn] = {}
 
@@ -129,9 +130,10 @@ EPOCHS = {"afk": {"layer_epochs": 2, "finetune_epochs": 6}, "datafree": {"layer_
 DENSE_TASKS = {"segmentation": "seg", "depth": "depth", "edges": "edges"}  # bundle task -> branching task
 
 
-def _hosted(t: TeacherRef, sub: Submission) -> TeacherRef:
+def _hosted(t: TeacherRef, sub: Submission) -> tuple[TeacherRef, Any]:
     """Pin a hosted teacher's version and read its graph now, so a model of the wrong family is a 400
-    before anything is queued; what the graph says (widths, channels, labels, task) fills the gaps."""
+    before anything is queued; what the graph says (widths, channels, labels, task) fills the gaps.
+    Returns the completed reference and the rebuilt network."""
     from sdb_core.amalgamate.hosted import teacher_from_bundle
 
     version = sub.models.get(t.model, t.model_version).version  # 404 when it is not hosted
@@ -146,22 +148,27 @@ def _hosted(t: TeacherRef, sub: Submission) -> TeacherRef:
         raise ValueError(f"teacher {t.name}: model {t.model} has {net.num_labels} outputs, {len(t.labels)} labels given")
     if t.arch == "encdec" and t.task is None and meta.get("task") in DENSE_TASKS:
         update["task"] = DENSE_TASKS[meta["task"]]
-    return t.model_copy(update=update)
+    return t.model_copy(update=update), net
 
 
 def check(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
     if p.method not in METHODS:
         raise invalid(f"amalgamation method {p.method!r} is not available here; available: "
                       f"{', '.join(sorted(METHODS))}", "invalid_params")
+    teachers, hosted = [], {}
     try:
-        teachers = [_hosted(t, sub) if t.model is not None
-                    else t.model_copy(update={"weights": weights_file(t.weights, sub.settings)}) for t in p.teachers]
+        for t in p.teachers:
+            if t.model is not None:
+                t, hosted[t.name] = _hosted(t, sub)
+            else:
+                t = t.model_copy(update={"weights": weights_file(t.weights, sub.settings)})
+            teachers.append(t)
     except ValueError as e:
         raise invalid(str(e), "invalid_params") from None
     defaults = {f: v for f, v in EPOCHS.get(p.method, {}).items() if getattr(p, f) is None}
     p = p.model_copy(update={"teachers": teachers, **defaults})
     extra = CHECKS.get(p.method)
-    return extra(p, sub) if extra is not None else p
+    return extra(p, sub, hosted) if extra is not None else p
 
 
 @job_kind("amalgamate", AmalgamateParams, check)
@@ -197,7 +204,7 @@ def _multilabel_problems(p: AmalgamateParams, method: str, blocks_why: str) -> t
     return problems, depths
 
 
-def _check_afk(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
+def _check_afk(p: AmalgamateParams, sub: Submission, hosted: dict[str, Any]) -> AmalgamateParams:
     problems, _ = _multilabel_problems(p, "AFK", "AFK trains block by block")
     if any(t.in_channels != 1 for t in p.teachers):
         problems.append("AFK here trains on digit composites: teachers take 1 input channel")
@@ -257,7 +264,7 @@ def run_afk(ctx, p: AmalgamateParams) -> dict:
 # ---- data-free: group-stack dual-GAN ------------------------------------------------------------
 
 
-def _check_datafree(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
+def _check_datafree(p: AmalgamateParams, sub: Submission, hosted: dict[str, Any]) -> AmalgamateParams:
     problems, depths = _multilabel_problems(p, "datafree", "the group stack judges block by block")
     if depths and min(depths) < 2:
         problems.append("the group stack needs teachers of at least 2 blocks")
@@ -289,8 +296,7 @@ def run_datafree(ctx, p: AmalgamateParams) -> dict:
     cfg = DataFreeConfig(
         teachers=specs, target=tasks, in_shape=(channels, side, side), student_widths=tuple(widths),
         gen_samples=p.samples, gen_epochs=p.gen_epochs, image_epochs=p.image_epochs, student_samples=p.samples,
-        block_epochs=p.layer_epochs,
-        finetune_epochs=p.finetune_epochs, student_lr=p.lr, batch_size=p.batch_size, seed=p.seed,
+        block_epochs=p.layer_epochs, finetune_epochs=p.finetune_epochs, student_lr=p.lr, batch_size=p.batch_size, seed=p.seed,
         # The image grids go beside the other artifacts: only top-level files are listed and served.
         checkpoint_dir=str(ctx.workdir / "checkpoints"), grid_dir=str(ctx.artifacts))
     depth = len(specs[0].model.blocks)
@@ -330,7 +336,7 @@ def run_datafree(ctx, p: AmalgamateParams) -> dict:
 # ---- task branching: one student for scene parsing + depth (+ edges) -----------------------------
 
 
-def _check_branching(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
+def _check_branching(p: AmalgamateParams, sub: Submission, hosted: dict[str, Any]) -> AmalgamateParams:
     from sdb_core.weights import WeightsError
 
     problems = []
@@ -343,7 +349,7 @@ def _check_branching(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
             problems.append(f"teacher {t.name}: branching needs the teacher's task (seg, depth or edges)")
         if t.arch == "encdec":
             try:
-                nets[t.name] = _teacher_net(t, sub.queue)
+                nets[t.name] = hosted[t.name] if t.name in hosted else _teacher_net(t, sub.queue)
             except (WeightsError, ValueError) as e:
                 problems.append(f"teacher {t.name}: {e}")
     tasks = [t.task for t in p.teachers if t.task is not None]
