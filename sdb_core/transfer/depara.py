@@ -5,7 +5,12 @@ A model's *attribution graph* at one layer, on a probe set of N unlabelled image
 
 - node i: the attribution map of image i, gradient x input of the layer's output (summed over
   the layer's units), absolute value, averaged over the input channels, flattened;
-- edge (i, j): the cosine similarity of images i and j's features at that layer.
+- edge (i, j): the cosine similarity of images i and j's features at that layer. With
+  ``centre=True`` the features are first centred over the probe set (their mean over the N images
+  subtracted), as the authors' code does for its model-selection experiment (``spearman_edge.py``
+  in zju-vipa/DEPARA; its layer-selection code does not). The default is the plain cosine: the
+  issue's definition, and on a tiny zoo the centred edges let a weak target's own-task source lose
+  first place (see README). RSA's dissimilarities read the same (centred or not) features.
 
 Two graphs built on the same probe set are compared by S = S_V + lambda * S_E: S_V is the mean
 cosine similarity between corresponding nodes, S_E the Spearman correlation of the two edge
@@ -34,6 +39,7 @@ class DeparaConfig:
     method: str = "depara"
     lam: float = 10.0  # lambda: weight of the edge term (1 and 10 in the paper; 10 as the CLI and job, see README)
     batch_size: int = 50  # probe images per forward/backward pass
+    centre: bool = False  # centre the features over the probe set before the edges and RSA (the authors' code)
     seed: int = 0  # for the random baseline
 
     def __post_init__(self) -> None:
@@ -149,14 +155,23 @@ def _corr_matrix(f: Tensor) -> Tensor:
     return _cosine_matrix(f - f.mean(1, keepdim=True))
 
 
+def feature_relations(feats: Tensor, centre: bool = False) -> tuple[Tensor, Tensor]:
+    """(edges, rdm) of features (N, D): cosine similarities and 1 - Pearson correlations between the
+    images, of the features centred over the N images first when ``centre``."""
+    f = feats.double()
+    if centre:
+        f = f - f.mean(0, keepdim=True)
+    return _cosine_matrix(f), 1.0 - _corr_matrix(f)
+
+
 def attribution_graph(model: nn.Module, probe: Tensor, layer: str | None = None,
-                      batch_size: int = 50) -> AttributionGraph:
+                      batch_size: int = 50, centre: bool = False) -> AttributionGraph:
     """The attribution graph of ``model`` at ``layer`` (a submodule name; None = the output)."""
     if probe.dim() != 4 or len(probe) < 3:
         raise ValueError(f"probe must be (N, C, H, W) with N >= 3, got {tuple(probe.shape)}")
     maps = attribution_maps(model, layer, probe, batch_size)
-    feats = layer_features(model, layer, probe, batch_size)
-    return AttributionGraph(nodes=maps.flatten(1).double(), edges=_cosine_matrix(feats), rdm=1.0 - _corr_matrix(feats),
+    edges, rdm = feature_relations(layer_features(model, layer, probe, batch_size), centre)
+    return AttributionGraph(nodes=maps.flatten(1).double(), edges=edges, rdm=rdm,
                             layer=layer or "output", map_shape=tuple(maps.shape[1:]))
 
 
@@ -254,16 +269,16 @@ def rank(target: AttributionGraph, candidates: Mapping[str, AttributionGraph], m
 def select_model(target: nn.Module, sources: Mapping[str, nn.Module], probe: Tensor, cfg: DeparaConfig,
                  *, target_layer: str | None = None, source_layers: Mapping[str, str | None] | None = None) -> Ranking:
     """Pre-trained model selection: rank ``sources`` by how well they should transfer to ``target``."""
-    t = attribution_graph(target, probe, target_layer, cfg.batch_size)
+    t = attribution_graph(target, probe, target_layer, cfg.batch_size, cfg.centre)
     layers = source_layers or {}
-    graphs = {n: attribution_graph(m, probe, layers.get(n), cfg.batch_size) for n, m in sources.items()}
+    graphs = {n: attribution_graph(m, probe, layers.get(n), cfg.batch_size, cfg.centre) for n, m in sources.items()}
     return rank(t, graphs, cfg.method, cfg.lam, cfg.seed)
 
 
 def select_layer(source: nn.Module, layers: Sequence[str], target: AttributionGraph, probe: Tensor,
                  cfg: DeparaConfig) -> Ranking:
     """Layer selection: score each of ``source``'s ``layers`` against the target's graph."""
-    graphs = {layer: attribution_graph(source, probe, layer, cfg.batch_size) for layer in layers}
+    graphs = {layer: attribution_graph(source, probe, layer, cfg.batch_size, cfg.centre) for layer in layers}
     return rank(target, graphs, cfg.method, cfg.lam, cfg.seed)
 
 
@@ -299,10 +314,10 @@ def rank_transferability(cfg: DeparaConfig, target: nn.Module, sources: Mapping[
     if target_name in sources:
         raise ValueError(f"a source is named like the target: {target_name!r}")
     layers = source_layers or {}
-    t = attribution_graph(target, probe, target_layer, cfg.batch_size)
+    t = attribution_graph(target, probe, target_layer, cfg.batch_size, cfg.centre)
     graphs: dict[str, AttributionGraph] = {}
     for name, m in sources.items():
-        graphs[name] = attribution_graph(m, probe, layers.get(name), cfg.batch_size)
+        graphs[name] = attribution_graph(m, probe, layers.get(name), cfg.batch_size, cfg.centre)
         if log:
             log(f"attribution graph of {name} at {graphs[name].layer}")
     baselines = {m: rank(t, graphs, m, cfg.lam, cfg.seed) for m in METHODS}

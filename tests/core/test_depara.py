@@ -12,6 +12,7 @@ from sdb_core.transfer.depara import (
     DeparaConfig,
     attribution_graph,
     attribution_maps,
+    feature_relations,
     graph_similarity,
     rank_transferability,
     select_model,
@@ -77,6 +78,21 @@ def test_a_copy_with_reordered_channels_has_the_same_graph(probe):
         # ...but the same graph.
         assert torch.allclose(a.nodes, b.nodes, atol=1e-6) and torch.allclose(a.edges, b.edges, atol=1e-6)
         assert graph_similarity(a, b, "depara", 1.0) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_centred_edges_ignore_what_every_probe_image_shares():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    shifted = f + 5.0 * torch.randn(1, 6, generator=g, dtype=torch.float64)  # one offset common to all images
+    e, r = feature_relations(f, centre=True)
+    e2, r2 = feature_relations(shifted, centre=True)
+    assert torch.allclose(e, e2, atol=1e-9) and torch.allclose(r, r2, atol=1e-9)
+    # plain cosines do see the common offset: every pair looks alike
+    plain, plain2 = feature_relations(f)[0], feature_relations(shifted)[0]  # the default: plain cosines
+    assert plain2.mean() > plain.mean() + 0.3
+    # centred edges are the Pearson correlations between images' deviations from the probe-set mean
+    c = f - f.mean(0)
+    assert torch.allclose(e, torch.nn.functional.cosine_similarity(c[:, None], c[None], dim=2), atol=1e-9)
 
 
 def test_attribution_maps_match_finite_differences():
