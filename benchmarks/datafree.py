@@ -13,7 +13,7 @@ teacher) learns the teachers' target-label probabilities from
   the image only), then the student end to end;
 - ``dual_gan``: the group-stack generator and the block-by-block dual student (the recipe).
 
-Every student trains for the same epochs (the dual student's block epochs plus its fine-tune);
+Every student trains for the same epochs (the dual student's block epochs plus its fine-tune) at the same lr;
 an epoch is ``--samples`` generated images, or the ``--train-n`` real ones. mAP in percent on real test
 composites, means over seeds. JSON: ``{"data_driven": {"map"}, "noise": {"map"},
 "single_generator": {"map"}, "dual_gan": {"map"}, "teachers": {NAME: {"map"}}}``.
@@ -72,7 +72,7 @@ def run_seed(seed: int, args) -> dict:
         specs.append(TeacherSpec(t, labels, name))
     cfg = DataFreeConfig(teachers=specs, target=TARGET, in_shape=tuple(x.shape[1:]), seed=seed, device="cpu",
                          gen_epochs=args.gen_epochs, image_epochs=args.image_epochs, block_epochs=args.block_epochs,
-                         finetune_epochs=args.finetune_epochs, gen_samples=args.samples,
+                         finetune_epochs=args.finetune_epochs, student_lr=args.student_lr, gen_samples=args.samples,
                          student_samples=args.samples)
     nets = [s.model for s in specs]
     depth = len(TEACHER_WIDTHS)
@@ -116,9 +116,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--teacher-epochs", type=int, default=6)
     ap.add_argument("--samples", type=int, default=2048, help="images per epoch for every student and generator")
     ap.add_argument("--gen-epochs", type=int, default=2, help="generator epochs per group-stack feature stage")
-    ap.add_argument("--image-epochs", type=int, default=10, help="generator epochs of the image stage")
+    ap.add_argument("--image-epochs", type=int, default=20, help="generator epochs of the image stage")
     ap.add_argument("--block-epochs", type=int, default=1)
-    ap.add_argument("--finetune-epochs", type=int, default=9)
+    ap.add_argument("--student-lr", type=float, default=1e-2, help="Adam lr of every student (all four ways)")
+    ap.add_argument("--finetune-epochs", type=int, default=20)
     ap.add_argument("--grids", type=Path, default=None, help="write the generators' image grids here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
