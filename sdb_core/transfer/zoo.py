@@ -16,8 +16,9 @@ of a small transfer head on the source's frozen features (a layer's output, aver
 4 x 4) trained on a small target training set, averaged over several draws of that set (one
 draw alone moves by about as much as close sources differ). The head is by default Taskonomy's
 transfer function (two 3 x 3 conv layers on the frozen encoder output, then the task's readout),
-the ground truth the DEPARA paper ranks against; ``head="linear"`` is a linear probe instead. ``build_zoo`` trains the zoo or loads it from a cache
-directory keyed by its config, so that reruns are fast.
+the ground truth the DEPARA paper ranks against; ``head="linear"`` is a linear probe instead.
+``build_zoo`` trains the zoo or loads it from a cache directory keyed by its config, so that
+reruns are fast.
 """
 from __future__ import annotations
 
