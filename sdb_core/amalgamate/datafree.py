@@ -20,7 +20,7 @@ union. The recipe sees the teachers' weights and nothing else: no image, no labe
    labels that m holds (the task-level filter: m's other labels are ignored).
 3. **Regrouping.** The student's blocks, then one branch per teacher (its last filter
    and a copy of that teacher's head, restricted to the target labels it holds): one
-   multi-branch network whose outputs are the target labels in the order asked; a short
+   multi-branch network whose outputs are the target labels in the order asked; an
    end-to-end fine-tune on generated images closes the gap the frozen blocks leave.
 
 Additions beyond the paper, each a config field (``PAPER_RECIPE`` turns them all off): a
