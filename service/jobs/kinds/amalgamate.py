@@ -126,7 +126,7 @@ def _teacher_net(t: TeacherRef, queue):
 
 # The methods' student schedules and lr (branching has its own ``epochs``); each method's default is
 # the one its benchmark measured (datafree's student was under-trained at 9 epochs and lr 3e-3).
-EPOCHS = {"afk": {"layer_epochs": 2, "finetune_epochs": 6, "lr": 3e-3},
+SCHEDULES = {"afk": {"layer_epochs": 2, "finetune_epochs": 6, "lr": 3e-3},
           "datafree": {"layer_epochs": 1, "finetune_epochs": 20, "lr": 1e-2}, "branching": {"lr": 3e-3}}
 DENSE_TASKS = {"segmentation": "seg", "depth": "depth", "edges": "edges"}  # bundle task -> branching task
 
@@ -166,7 +166,7 @@ def check(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
             teachers.append(t)
     except ValueError as e:
         raise invalid(str(e), "invalid_params") from None
-    defaults = {f: v for f, v in EPOCHS.get(p.method, {}).items() if getattr(p, f) is None}
+    defaults = {f: v for f, v in SCHEDULES.get(p.method, {}).items() if getattr(p, f) is None}
     p = p.model_copy(update={"teachers": teachers, **defaults})
     extra = CHECKS.get(p.method)
     return extra(p, sub, hosted) if extra is not None else p
