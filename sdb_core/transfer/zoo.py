@@ -281,16 +281,15 @@ def _pool(h: Tensor, grid: int, flatten: bool = True) -> Tensor:
     return h.flatten(1) if flatten else h
 
 
-def pooled_features(model: nn.Module, layer: str | None, x: Tensor, grid: int = 4, batch_size: int = 250,
-                    flatten: bool = True) -> Tensor:
-    """A layer's output average-pooled to ``grid`` x ``grid`` (vectors pass through), flattened unless
-    ``flatten`` is False (then (N, C, grid, grid) for feature maps)."""
-    return pooled_features_at(model, [layer], x, grid, batch_size, flatten)[layer]
+def pooled_features(model: nn.Module, layer: str | None, x: Tensor, grid: int = 4, batch_size: int = 250) -> Tensor:
+    """A layer's output average-pooled to ``grid`` x ``grid`` (vectors pass through), flattened."""
+    return pooled_features_at(model, [layer], x, grid, batch_size)[layer]
 
 
 def pooled_features_at(model: nn.Module, layers: Sequence[str | None], x: Tensor, grid: int = 4,
                        batch_size: int = 250, flatten: bool = True) -> dict[str | None, Tensor]:
-    """``pooled_features`` of several layers from one forward pass per batch (None: the model's output)."""
+    """``pooled_features`` of several layers from one forward pass per batch (None: the model's output);
+    ``flatten=False`` keeps feature maps as (N, C, grid, grid)."""
     from sdb_core.transfer.depara import _module
 
     model.eval()
@@ -363,15 +362,8 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     mu, sd = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     a, b = (train_x - mu) / sd, (test_x - mu) / sd
     seed_everything(cfg.seed)  # the probe's initial weights too (fit seeds only what comes after)
-    probe = nn.Linear(a.shape[1], int(max(train_y.max(), test_y.max())) + 1)
-
-    def step(batch):
-        x, y = batch
-        return F.cross_entropy(probe(x), y)
-
-    fit(probe, TensorDataset(a, train_y), step, cfg)
-    with torch.no_grad():
-        return 100.0 * (probe(b).argmax(1) == test_y).float().mean().item()
+    probe = nn.Linear(a.shape[1], _num_classes(train_y, test_y))
+    return _fit_and_score(probe, a, train_y, b, test_y, cfg)
 
 
 def readout_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, cfg: TrainConfig,
@@ -387,16 +379,26 @@ def readout_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tens
     seed_everything(cfg.seed)  # the head's initial weights too (fit seeds only what comes after)
     c, h, w = a.shape[1:]
     head = nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(width * h * w, int(max(train_y.max(), test_y.max())) + 1))
+                         nn.ReLU(), nn.Flatten(), nn.Linear(width * h * w, _num_classes(train_y, test_y)))
+    return _fit_and_score(head, a, train_y, b, test_y, cfg)
+
+
+def _num_classes(train_y: Tensor, test_y: Tensor) -> int:
+    return int(max(train_y.max(), test_y.max())) + 1
+
+
+def _fit_and_score(head: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                   cfg: TrainConfig) -> float:
+    """Train ``head`` with cross-entropy by ``fit``; its test accuracy in percent."""
 
     def step(batch):
         x, y = batch
         return F.cross_entropy(head(x), y)
 
-    fit(head, TensorDataset(a, train_y), step, cfg)
+    fit(head, TensorDataset(train_x, train_y), step, cfg)
     head.eval()
     with torch.no_grad():
-        return 100.0 * (head(b).argmax(1) == test_y).float().mean().item()
+        return 100.0 * (head(test_x).argmax(1) == test_y).float().mean().item()
 
 
 def _transfer_head(cfg: ProbeConfig, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
