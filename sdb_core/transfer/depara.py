@@ -32,6 +32,9 @@ import torch
 from torch import Tensor, nn
 
 METHODS = ("depara", "depara_v", "depara_e", "rsa", "random")
+# What the attribution maps differentiate: "sum", the sum of the layer's output (the issue's definition);
+# "norm", its L2 norm per image (the authors' KamalEngine code), which a few large units dominate less.
+ATTRIBUTIONS = ("sum", "norm")
 
 
 @dataclass
@@ -40,6 +43,7 @@ class DeparaConfig:
     lam: float = 10.0  # lambda: weight of the edge term (1 and 10 in the paper; 10 as the CLI and job, see README)
     batch_size: int = 50  # probe images per forward/backward pass
     centre: bool = False  # centre the features over the probe set before the edges and RSA (the authors' code)
+    attribution: str = "sum"  # what the maps differentiate: one of ATTRIBUTIONS
     seed: int = 0  # for the random baseline
 
     def __post_init__(self) -> None:
@@ -49,6 +53,8 @@ class DeparaConfig:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.attribution not in ATTRIBUTIONS:
+            raise ValueError(f"attribution must be one of {', '.join(ATTRIBUTIONS)}, got {self.attribution!r}")
 
 
 # --------------------------------------------------------------------------- graphs
@@ -126,19 +132,24 @@ def layer_features(model: nn.Module, layer: str | None, x: Tensor, batch_size: i
     return torch.cat(outs)
 
 
-def attribution_maps(model: nn.Module, layer: str | None, x: Tensor, batch_size: int = 50) -> Tensor:
-    """|x * d(sum of the layer's output)/dx|, averaged over the input channels: (N, H, W).
+def attribution_maps(model: nn.Module, layer: str | None, x: Tensor, batch_size: int = 50,
+                     attribution: str = "sum") -> Tensor:
+    """|x * d(sum of the layer's output)/dx|, averaged over the input channels: (N, H, W); with
+    ``attribution="norm"`` the L2 norm of each image's layer output is differentiated instead of its sum.
 
     Each image's layer output depends on that image alone (eval mode), so the gradient of the
-    batch's sum is every image's own gradient.
+    batch's sum (of norms) is every image's own gradient.
     """
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"attribution must be one of {', '.join(ATTRIBUTIONS)}, got {attribution!r}")
     model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
     maps = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device).detach().requires_grad_(True)
         out = _layer_output(model, layer, xb)
-        (grad,) = torch.autograd.grad(out.sum(), xb)
+        value = out.sum() if attribution == "sum" else out.flatten(1).norm(dim=1).sum()
+        (grad,) = torch.autograd.grad(value, xb)
         maps.append((xb.detach() * grad).abs().mean(1).cpu())
     return torch.cat(maps)
 
@@ -165,11 +176,11 @@ def feature_relations(feats: Tensor, centre: bool = False) -> tuple[Tensor, Tens
 
 
 def attribution_graph(model: nn.Module, probe: Tensor, layer: str | None = None,
-                      batch_size: int = 50, centre: bool = False) -> AttributionGraph:
+                      batch_size: int = 50, centre: bool = False, attribution: str = "sum") -> AttributionGraph:
     """The attribution graph of ``model`` at ``layer`` (a submodule name; None = the output)."""
     if probe.dim() != 4 or len(probe) < 3:
         raise ValueError(f"probe must be (N, C, H, W) with N >= 3, got {tuple(probe.shape)}")
-    maps = attribution_maps(model, layer, probe, batch_size)
+    maps = attribution_maps(model, layer, probe, batch_size, attribution)
     edges, rdm = feature_relations(layer_features(model, layer, probe, batch_size), centre)
     return AttributionGraph(nodes=maps.flatten(1).double(), edges=edges, rdm=rdm,
                             layer=layer or "output", map_shape=tuple(maps.shape[1:]))
@@ -269,16 +280,18 @@ def rank(target: AttributionGraph, candidates: Mapping[str, AttributionGraph], m
 def select_model(target: nn.Module, sources: Mapping[str, nn.Module], probe: Tensor, cfg: DeparaConfig,
                  *, target_layer: str | None = None, source_layers: Mapping[str, str | None] | None = None) -> Ranking:
     """Pre-trained model selection: rank ``sources`` by how well they should transfer to ``target``."""
-    t = attribution_graph(target, probe, target_layer, cfg.batch_size, cfg.centre)
+    t = attribution_graph(target, probe, target_layer, cfg.batch_size, cfg.centre, cfg.attribution)
     layers = source_layers or {}
-    graphs = {n: attribution_graph(m, probe, layers.get(n), cfg.batch_size, cfg.centre) for n, m in sources.items()}
+    graphs = {n: attribution_graph(m, probe, layers.get(n), cfg.batch_size, cfg.centre, cfg.attribution)
+              for n, m in sources.items()}
     return rank(t, graphs, cfg.method, cfg.lam, cfg.seed)
 
 
 def select_layer(source: nn.Module, layers: Sequence[str], target: AttributionGraph, probe: Tensor,
                  cfg: DeparaConfig) -> Ranking:
     """Layer selection: score each of ``source``'s ``layers`` against the target's graph."""
-    graphs = {layer: attribution_graph(source, probe, layer, cfg.batch_size, cfg.centre) for layer in layers}
+    graphs = {layer: attribution_graph(source, probe, layer, cfg.batch_size, cfg.centre, cfg.attribution)
+              for layer in layers}
     return rank(target, graphs, cfg.method, cfg.lam, cfg.seed)
 
 
@@ -314,10 +327,10 @@ def rank_transferability(cfg: DeparaConfig, target: nn.Module, sources: Mapping[
     if target_name in sources:
         raise ValueError(f"a source is named like the target: {target_name!r}")
     layers = source_layers or {}
-    t = attribution_graph(target, probe, target_layer, cfg.batch_size, cfg.centre)
+    t = attribution_graph(target, probe, target_layer, cfg.batch_size, cfg.centre, cfg.attribution)
     graphs: dict[str, AttributionGraph] = {}
     for name, m in sources.items():
-        graphs[name] = attribution_graph(m, probe, layers.get(name), cfg.batch_size, cfg.centre)
+        graphs[name] = attribution_graph(m, probe, layers.get(name), cfg.batch_size, cfg.centre, cfg.attribution)
         if log:
             log(f"attribution graph of {name} at {graphs[name].layer}")
     baselines = {m: rank(t, graphs, m, cfg.lam, cfg.seed) for m in METHODS}

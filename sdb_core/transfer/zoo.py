@@ -240,6 +240,10 @@ class Zoo:
     scores: dict[str, float]  # each model's test score on its own task
     directory: Path | None = None
 
+    def truth_dir(self) -> Path | None:
+        """Where ``transfer_accuracy_draws`` keeps this zoo's ground truth (next to its models)."""
+        return self.directory / "truth" if self.directory is not None else None
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SDB_CACHE_DIR") or Path(tempfile.gettempdir()) / "sdb-cache") / "depara-zoo"
@@ -264,7 +268,8 @@ def build_zoo(cfg: ZooConfig, *, cache_dir: str | os.PathLike | None = None, log
             model = load_weights(ZooNet(kind, outputs, 3, cfg.width), path).eval()
         else:
             train = task_data(task, cfg.train_per_domain, "train", cfg.seed)
-            tcfg = TrainConfig(**{**asdict(cfg.train), "seed": cfg.train.seed + i})
+            # another zoo seed draws other images and other initial weights (seed 0: the seeds the cache was built with)
+            tcfg = TrainConfig(**{**asdict(cfg.train), "seed": cfg.train.seed + i + 100 * cfg.seed})
             model = train_task_model(task, train, tcfg, width=cfg.width,
                                      progress=progress(task) if progress else None, should_cancel=should_cancel)
             save_weights(model, path)
@@ -356,6 +361,11 @@ class ProbeConfig:
         elif isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
 
+    def key(self) -> str:
+        """What a ground-truth cache is keyed by: everything but ``draws`` (draw r does not depend on it)."""
+        blob = json.dumps({k: v for k, v in asdict(self).items() if k != "draws"}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, cfg: TrainConfig) -> float:
     """Test accuracy (percent) of a linear classifier on standardised frozen features, trained by ``fit``."""
@@ -409,23 +419,48 @@ def _transfer_head(cfg: ProbeConfig, train_x: Tensor, train_y: Tensor, test_x: T
 
 
 def transfer_accuracy_draws(sources: dict[str, nn.Module], target_task: str, cfg: ProbeConfig,
-                            layers: Sequence[str | None] = (FEATURE_LAYER,)) -> dict[str, dict[str, list[float]]]:
+                            layers: Sequence[str | None] = (FEATURE_LAYER,), *,
+                            cache_dir: str | os.PathLike | None = None) -> dict[str, dict[str, list[float]]]:
     """source → layer → transfer-head accuracy on ``target_task`` for each of ``cfg.draws`` small training sets
-    (one fixed test set: the draws differ by the training images and the head's initialisation)."""
+    (one fixed test set: the draws differ by the training images and the head's initialisation).
+
+    With ``cache_dir`` every (source, layer, draw) accuracy is kept in ``cache_dir/<cfg.key()>/`` and read back
+    instead of refitted: a source is named by its key in ``sources``, so the directory must belong to one set of
+    models (``Zoo.truth_dir()``: the zoo's own cache). Draw r is the same fit whatever ``cfg.draws`` is, so
+    asking for more draws later fits only the new ones."""
     from dataclasses import replace
 
-    te = task_data(target_task, cfg.test_n, "test", cfg.seed + 101)
-    trains = [task_data(target_task, cfg.train_n, "train", cfg.seed + 101 + r) for r in range(cfg.draws)]
+    where = Path(cache_dir) / cfg.key() if cache_dir is not None else None
+    data: dict[str, TensorDataset] = {}
+
+    def split(r: int | None) -> TensorDataset:  # built once, and only when some fit is missing
+        if r not in data:
+            data[r] = (task_data(target_task, cfg.test_n, "test", cfg.seed + 101) if r is None
+                       else task_data(target_task, cfg.train_n, "train", cfg.seed + 101 + r))
+        return data[r]
+
     out: dict[str, dict[str, list[float]]] = {}
     for name, model in sources.items():
-        out[name] = {layer or "output": [] for layer in layers}
-        fte = pooled_features_at(model, layers, te.tensors[0], flatten=False)
-        for r, tr in enumerate(trains):
-            ftr = pooled_features_at(model, layers, tr.tensors[0], flatten=False)
-            tcfg = replace(cfg.train, seed=cfg.train.seed + r)
-            for layer in layers:
-                out[name][layer or "output"].append(
-                    _transfer_head(cfg, ftr[layer], tr.tensors[1], fte[layer], te.tensors[1], tcfg))
+        path = where / f"{target_task}--{name}.json" if where is not None else None
+        known: dict[str, dict[str, float]] = json.loads(path.read_text()) if path and path.exists() else {}
+        missing = [r for r in range(cfg.draws) if any(str(r) not in known.get(la or "output", {}) for la in layers)]
+        if missing:
+            te = split(None)
+            fte = pooled_features_at(model, layers, te.tensors[0], flatten=False)
+            for r in missing:
+                tr = split(r)
+                ftr = pooled_features_at(model, layers, tr.tensors[0], flatten=False)
+                tcfg = replace(cfg.train, seed=cfg.train.seed + r)
+                for layer in layers:
+                    known.setdefault(layer or "output", {})[str(r)] = _transfer_head(
+                        cfg, ftr[layer], tr.tensors[1], fte[layer], te.tensors[1], tcfg)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(known, indent=1))
+                tmp.replace(path)  # a killed run leaves the old file, never half of one
+        out[name] = {layer or "output": [known[layer or "output"][str(r)] for r in range(cfg.draws)]
+                     for layer in layers}
     return out
 
 

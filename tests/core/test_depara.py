@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -97,13 +98,15 @@ def test_centred_edges_ignore_what_every_probe_image_shares():
     assert torch.allclose(e, torch.nn.functional.cosine_similarity(c[:, None], c[None], dim=2), atol=1e-9)
 
 
-def test_attribution_maps_match_finite_differences():
+@pytest.mark.parametrize("attribution", ["sum", "norm"])
+def test_attribution_maps_match_finite_differences(attribution):
     net = tiny_net(2, torch.float64)
     x = torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    maps = attribution_maps(net, "3", x)
+    maps = attribution_maps(net, "3", x, attribution=attribution)
 
-    def f(z):  # the layer's output summed, per image
-        return net[:4](z).flatten(1).sum(1)
+    def f(z):  # the layer's output summed (or its L2 norm), per image
+        out = net[:4](z).flatten(1)
+        return out.sum(1) if attribution == "sum" else out.norm(dim=1)
 
     eps = 1e-6
     grad = torch.zeros_like(x)
@@ -116,6 +119,8 @@ def test_attribution_maps_match_finite_differences():
     assert maps.shape == (2, 5, 5)
     assert torch.allclose(maps, expected, atol=1e-6)
     assert maps.abs().sum() > 0
+    with pytest.raises(ValueError, match="attribution"):
+        DeparaConfig(attribution="max")
 
 
 def test_spearman_matches_hand_computed_values():
@@ -191,6 +196,23 @@ def test_the_ground_truth_is_the_mean_over_draws_of_the_target_training_set(tiny
             assert mean[n][layer] == pytest.approx(sum(v) / 2)
     with pytest.raises(ValueError, match="draws"):
         ProbeConfig(draws=0)
+
+
+def test_the_ground_truth_cache_is_read_back_and_grows_by_draws(tiny_zoo, tmp_path):
+    cfg = ProbeConfig(train_n=60, test_n=40, draws=1,
+                      train=TrainConfig(epochs=2, batch_size=30, lr=1e-2, optimizer="adam", weight_decay=0.0))
+    sources = {"where": tiny_zoo.models["where"]}
+    one = transfer_accuracy_draws(sources, "parity", cfg, cache_dir=tmp_path)
+    assert one == transfer_accuracy_draws(sources, "parity", cfg)  # the cache stores what is computed
+    path = tmp_path / cfg.key() / "parity--where.json"
+    # what is cached is what is returned: a value written into the file comes back, nothing is refitted
+    path.write_text(path.read_text().replace(str(one["where"][FEATURE_LAYER][0]), "12.5"))
+    two = transfer_accuracy_draws(sources, "parity", replace(cfg, draws=2), cache_dir=tmp_path)
+    assert two["where"][FEATURE_LAYER][0] == 12.5 and len(two["where"][FEATURE_LAYER]) == 2
+    # draw 1 fitted now is draw 1 of an uncached run; the key ignores draws and nothing else
+    assert two["where"][FEATURE_LAYER][1] == transfer_accuracy_draws(sources, "parity", replace(cfg, draws=2))[
+        "where"][FEATURE_LAYER][1]
+    assert replace(cfg, draws=5).key() == cfg.key() != replace(cfg, train_n=61).key()
 
 
 def test_the_readout_head_learns_what_a_linear_probe_cannot():
