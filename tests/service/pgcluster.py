@@ -46,6 +46,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PREFIX = "sdb-pg-"
+OWNER = "owner.pid"  # the pid of the test process that started the cluster
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Cluster:
     """``start()`` a cluster, ``database()`` a fresh empty database per test, ``stop()``."""
 
@@ -55,7 +69,7 @@ class Cluster:
         self.bindir = server_bindir()
         self.password = secrets.token_hex(8)
         self.port = _free_port()
-        self.base = Path(tempfile.mkdtemp(prefix="sdb-pg-"))
+        self.base = Path(tempfile.mkdtemp(prefix=PREFIX))
         self.data, self.sock, self.log = self.base / "data", self.base / "sock", self.base / "server.log"
         self.as_user: list[str] = []
         if os.geteuid() == 0:
@@ -73,6 +87,8 @@ class Cluster:
             raise RuntimeError(f"{' '.join(args[:2])} failed ({r.returncode}): {r.stderr or r.stdout}\n{log}")
 
     def start(self) -> Cluster:
+        self.reap_orphans()
+        (self.base / OWNER).write_text(str(os.getpid()))
         pwfile = self.base / "pw"
         pwfile.write_text(self.password + "\n")
         if self.as_user:
@@ -90,6 +106,25 @@ class Cluster:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
                   "-w", "-t", "60", "start")
         return self
+
+    def reap_orphans(self) -> None:
+        """Stop and delete the clusters of test sessions that were killed before their teardown
+        (a SIGKILLed pytest never runs ``stop``): their server would otherwise run on forever."""
+        for base in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+            owner = base / OWNER
+            try:
+                pid = int(owner.read_text())
+            except (OSError, ValueError):
+                continue  # being set up right now, or not ours
+            if base == self.base or _alive(pid):
+                continue
+            orphan = object.__new__(Cluster)
+            orphan.bindir, orphan.as_user, orphan.base = self.bindir, self.as_user, base
+            orphan.data, orphan.log = base / "data", base / "server.log"
+            try:
+                orphan.stop()
+            except (RuntimeError, subprocess.TimeoutExpired):
+                shutil.rmtree(base, ignore_errors=True)
 
     @property
     def admin_url(self) -> str:

@@ -4,8 +4,12 @@ database, claims racing over many connections, and two ``sdb worker`` processes 
 only PostgreSQL has: ``postgresql://`` URLs and the password from a file."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +153,31 @@ def test_postgresql_urls_and_the_password_file(db_url, tmp_path, monkeypatch):
         assert [(m.name, m.version) for m in store.list_models()] == [("m", "1")]
     finally:
         store.close()
+
+
+def test_a_killed_sessions_cluster_is_reaped_by_the_next():
+    """A SIGKILLed pytest never stops its throwaway server; the next session's cluster does it."""
+    from .pgcluster import OWNER, Cluster
+
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from tests.service.pgcluster import Cluster; "
+            "c = Cluster().start(); print(c.base, flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).resolve().parents[2])],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        orphan = Path(proc.stdout.readline().strip())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    pid = int((orphan / "data" / "postmaster.pid").read_text().split()[0])
+    assert (orphan / OWNER).exists() and os.path.exists(f"/proc/{pid}")  # left running by the kill
+
+    fresh = Cluster().start()
+    try:
+        assert not orphan.exists()
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{pid}")
+        assert fresh.base.exists()
+    finally:
+        fresh.stop()
