@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -38,8 +37,7 @@ from sdb_core.protect.measure import student_accuracy, train_and_wrap
 def authorized(teacher, box, data, cfg: AuditConfig, seed: int) -> dict[str, float]:
     """The key holder's view at the audit's N: KD from the keyed path vs from the plain teacher."""
     transfer = transfer_split(data, cfg.transfer_n, seed)
-    epochs = math.ceil(cfg.steps / math.ceil(len(transfer) / cfg.train.batch_size)) if cfg.steps else cfg.train.epochs
-    dcfg = DistillConfig(temperature=4.0, alpha=0.9, train=replace(cfg.train, epochs=epochs))
+    dcfg = DistillConfig(temperature=4.0, alpha=0.9, train=replace(cfg.train, epochs=cfg.epochs_for(len(transfer))))
     return {"kd_keyed": student_accuracy(cfg.student, data, transfer, box.distill_logits, dcfg, seed),
             "kd_teacher": student_accuracy(cfg.student, data, transfer, teacher, dcfg, seed)}
 

@@ -118,6 +118,12 @@ class AuditConfig:
         if unknown:
             raise ValueError(f"unknown attack families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
 
+    def epochs_for(self, n: int) -> int:
+        """Epochs of a student on ``n`` transfer images: ``steps`` optimisation steps, else ``train.epochs``."""
+        if self.steps is None:
+            return self.train.epochs
+        return math.ceil(self.steps / math.ceil(n / self.train.batch_size))
+
 
 # --------------------------------------------------------------------------- the public API
 def apply_policy(probs: Tensor, policy: str, k: int = 3) -> Tensor:
@@ -396,9 +402,7 @@ def audit(
     def student(transfer: TensorDataset, teacher, dcfg: DistillConfig, seed: int, evaluate_on=None,
                 skeptical: bool = False) -> float:
         nonlocal done
-        if cfg.steps is not None:
-            per_epoch = math.ceil(len(transfer) / cfg.train.batch_size)
-            dcfg = replace(dcfg, train=replace(dcfg.train, epochs=math.ceil(cfg.steps / per_epoch)))
+        dcfg = replace(dcfg, train=replace(dcfg.train, epochs=cfg.epochs_for(len(transfer))))
         if skeptical:
             acc = _skeptical_accuracy(cfg, data, transfer, teacher, dcfg.train, seed, should_cancel)
         else:

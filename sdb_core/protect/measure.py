@@ -78,18 +78,25 @@ def measure_students(teacher: nn.Module, box: SafeDistillationBox, data, cfg: Me
     return out
 
 
+def train_teacher(data, seed: int, *, arch: str = "cnn", cfg: TrainConfig | None = None,
+                  log: Callable[[str], None] = lambda s: None, progress=None):
+    """The owner's teacher of the benchmarks, trained at ``seed``: ``(teacher, history)``."""
+    cfg = replace(cfg or TrainConfig(epochs=8), seed=seed)
+    seed_everything(seed)
+    teacher = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)
+    t0 = time.perf_counter()
+    history = train_classifier(teacher, data.train, cfg, progress=progress)
+    log(f"seed {seed}: teacher {accuracy(teacher, data.test):.1f}% in {time.perf_counter() - t0:.0f}s")
+    return teacher.eval(), history
+
+
 def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
                    sdb_cfg: SDBConfig | None = None, log: Callable[[str], None] = lambda s: None,
                    progress=None):
     """Train the owner's teacher at ``seed`` and wrap it: ``(teacher, teacher history, WrapResult)``."""
-    teacher_cfg = replace(teacher_cfg or TrainConfig(epochs=8), seed=seed)
+    teacher, th = train_teacher(data, seed, arch=teacher_arch, cfg=teacher_cfg, log=log, progress=progress)
     sdb_cfg = sdb_cfg or SDBConfig()
     sdb_cfg = replace(sdb_cfg, train=replace(sdb_cfg.train, seed=seed))
-    seed_everything(seed)
-    teacher = create_model(teacher_arch, num_classes=data.num_classes, in_shape=data.in_shape)
-    t0 = time.perf_counter()
-    th = train_classifier(teacher, data.train, teacher_cfg, progress=progress)
-    log(f"seed {seed}: teacher {accuracy(teacher, data.test):.1f}% in {time.perf_counter() - t0:.0f}s")
     result = wrap(teacher, data, sdb_cfg, progress=progress)
     r = result.report
     log(f"seed {seed}: box public {r['public_acc']:.1f}% keyed {r['keyed_acc']:.1f}% "
