@@ -187,6 +187,22 @@ def test_random_shift_rolls_each_image_by_its_own_offset():
     assert len(offsets) > 8  # offsets drawn per image, not one for the batch
 
 
+def test_random_warp_turns_each_image_about_the_centre():
+    x = torch.zeros(8, 1, 21, 21)
+    x[:, :, 6:15, 9:12] = 1.0  # a centred vertical bar
+    assert torch.equal(df.random_warp(x, 0.0, 0.0, 0.0), x)
+    torch.manual_seed(0)
+    out = df.random_warp(x, 40.0, 0.2, 0.2)
+    grid = torch.arange(21.0)
+    for img in out[:, 0]:
+        mass = img.sum()
+        centre = ((img.sum(1) * grid).sum() / mass, (img.sum(0) * grid).sum() / mass)
+        assert abs(centre[0] - 10) < 0.5 and abs(centre[1] - 10) < 0.5  # the map fixes the centre
+        assert not torch.allclose(img, x[0, 0], atol=0.1)  # but moves the bar
+    # Each image gets its own map: no two of the eight are the same.
+    assert min((out[i] - out[j]).abs().max() for i in range(8) for j in range(i)) > 0.05
+
+
 def test_reverse_grad_negates_and_scales_the_gradient():
     x = torch.randn(3, requires_grad=True)
     y = df._ReverseGrad.apply(x, 0.5)
