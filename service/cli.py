@@ -233,8 +233,8 @@ def cmd_transfer_rank(args) -> int:
                                                                weight_decay=0.0, seed=args.seed),
                                   kind="cls", outputs=data.num_classes, progress=_progress_bar("weak target"))
         target_layer = "encoder.4"
-    result = rank_transferability(DeparaConfig(method=args.method, lam=args.lam, seed=args.seed), target, sources,
-                                  probe, target_layer=target_layer)
+    cfg = DeparaConfig(method=args.method, seed=args.seed, **({} if args.lam is None else {"lam": args.lam}))
+    result = rank_transferability(cfg, target, sources, probe, target_layer=target_layer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2))
@@ -260,7 +260,7 @@ def _add_transfer_command(sub) -> None:
     r.add_argument("--target-train", type=int, default=500)
     r.add_argument("--target-epochs", type=int, default=3)
     r.add_argument("--method", choices=["depara", "depara_v", "depara_e", "rsa", "random"], default="depara")
-    r.add_argument("--lam", type=float, default=10.0, help="lambda of S = S_V + lambda S_E")
+    r.add_argument("--lam", type=float, help="lambda of S = S_V + lambda S_E (default: DeparaConfig's)")
     r.add_argument("--out", default="transfer", help="directory for report.json and similarity.png")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -8,6 +8,7 @@ import torch
 from sdb_client import BadRequest, Client, NotFound
 
 from sdb_core.models import create_model
+from sdb_core.transfer.depara import DeparaConfig
 from sdb_core.weights import save_weights
 
 from .jobs_helpers import JobServer, key, prepare
@@ -45,7 +46,7 @@ def test_ranks_a_hosted_model_trained_on_the_task_above_a_random_upload(server, 
         assert set(report["layer_selection"]["digits-a"]["scores"]) == set(LAYERS)
         assert job["result"]["best_layers"]["digits-a"] in LAYERS
         m = report["similarity"]["matrix"]
-        assert m[0][0] == pytest.approx(1.0 + JOB.get("lam", 10.0)) and m[0][1] == pytest.approx(m[1][0])
+        assert m[0][0] == pytest.approx(1.0 + JOB.get("lam", DeparaConfig().lam)) and m[0][1] == pytest.approx(m[1][0])
         for art in ("similarity.png", "attribution.png"):
             assert c.jobs.download(sub["id"], art, tmp_path).read_bytes()[:4] == b"\x89PNG"
 

@@ -67,7 +67,8 @@ class TransferParams(JobParams):
     target_train: int = Field(500, ge=10, le=100_000, description="images the weak target model learns from")
     target_epochs: int = Field(3, ge=1, le=100)
     method: Literal[_METHODS] = "depara"  # type: ignore[valid-type]
-    lam: float = Field(10.0, ge=0, le=1000, description="lambda of S = S_V + lambda S_E")
+    lam: float | None = Field(None, ge=0, le=1000,
+                              description="lambda of S = S_V + lambda S_E (default: DeparaConfig's)")
     maps: int = Field(4, ge=1, le=12, description="probe images shown in attribution.png")
 
     @model_validator(mode="after")
@@ -147,13 +148,13 @@ def run(ctx, p: TransferParams) -> dict:
         target, target_layer, what = _load(p.target, probe_set.in_shape, ctx), p.target.layer, p.target.label
     sources = {s.label: _load(s, probe_set.in_shape, ctx) for s in p.sources}
     ctx.step("graphs: attribution graphs of the target and the sources", None)
-    cfg = DeparaConfig(method=p.method, lam=p.lam, seed=p.seed)
+    cfg = DeparaConfig(method=p.method, seed=p.seed, **({} if p.lam is None else {"lam": p.lam}))
     result = rank_transferability(cfg, target, sources, probe, target_layer=target_layer,
                                   source_layers={s.label: s.layer for s in p.sources},
                                   layer_candidates={s.label: s.candidate_layers for s in p.sources if s.candidate_layers},
                                   log=ctx.log)
     plot_similarity(result.names, result.matrix, ctx.artifacts / "similarity.png",
-                    title=f"S ({'depara' if p.method == 'random' else p.method}, lambda={p.lam:g})")
+                    title=f"S ({'depara' if p.method == 'random' else p.method}, lambda={cfg.lam:g})")
     shown = probe[:p.maps]
     layers = {"target": target_layer, **{s.label: s.layer for s in p.sources}}
     models = {"target": target, **sources}
