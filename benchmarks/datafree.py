@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--image-epochs", type=int, default=20, help="generator epochs of the image stage")
     ap.add_argument("--block-epochs", type=int, default=1)
     ap.add_argument("--student-lr", type=float, default=1e-2, help="Adam lr of every student (all four ways)")
-    ap.add_argument("--finetune-epochs", type=int, default=40)
+    ap.add_argument("--finetune-epochs", type=int, default=60)
     ap.add_argument("--grids", type=Path, default=None, help="write the generators' image grids here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

@@ -161,7 +161,8 @@ def test_label_conditioned_generator_draws_targets_and_the_one_hot_loss_follows_
         gen(z[:2])
     # The one-hot term is each teacher's BCE to its own labels' part of y (teacher b holds labels 3, 4).
     z, y = z[:8], y[:8]
-    w = {"w_activation": 0.0, "w_entropy": 0.0, "w_sparsity": 0.0, "w_consistency": 0.0, "w_bn": 0.0}
+    w = {"w_activation": 0.0, "w_entropy": 0.0, "w_sparsity": 0.0, "w_consistency": 0.0, "w_bn": 0.0,
+         "w_modeseek": 0.0}
     total, _ = df.generator_loss(gen.eval(), filters, nets, z, 2, df.DataFreeConfig(**{**cfg.__dict__, **w}), y=y)
     with torch.no_grad():
         x = gen(z, y=y)[-1]
@@ -173,6 +174,25 @@ def test_label_conditioned_generator_draws_targets_and_the_one_hot_loss_follows_
     # The paper's form: no labels drawn, and the generator takes noise alone.
     plain, _ = df.build_generator(df.DataFreeConfig(**{**cfg.__dict__, **df.PAPER_RECIPE}), nets)
     assert plain.draw(3)[1] is None and plain(torch.randn(3, cfg.latent))[-1].shape == (3, *IN)
+
+
+def test_mode_seeking_pairs_targets_and_rewards_distance_per_unit_of_noise():
+    specs = _teachers((8, 16), (8, 16))
+    off = {"w_onehot": 0.0, "w_activation": 0.0, "w_entropy": 0.0, "w_sparsity": 0.0, "w_consistency": 0.0, "w_bn": 0.0}
+    cfg = _tiny(specs, w_modeseek=2.0, **off)
+    nets = [s.model for s in specs]
+    gen, filters = df.build_generator(cfg, nets)
+    torch.manual_seed(0)
+    z, y = gen.draw(6)
+    total, parts = df.generator_loss(gen.eval(), filters, nets, z, 2, cfg, y=y)
+    with torch.no_grad():
+        x = gen(z, y=torch.cat([y[:3], y[:3]]))[-1]  # the second half drawn for the first half's targets
+    ms = (x[:3] - x[3:]).abs().mean() / (z[:3] - z[3:]).abs().mean()
+    assert parts["modeseek"] == pytest.approx(ms.item(), rel=1e-5)
+    assert total.item() == pytest.approx(-2.0 * ms.item(), rel=1e-5)
+    # Only the image stage seeks modes; off in the paper's recipe.
+    assert "modeseek" not in df.generator_loss(gen, filters, nets, z, 1, cfg, y=y)[1]
+    assert df.PAPER_RECIPE["w_modeseek"] == 0.0
 
 
 def test_random_shift_rolls_each_image_by_its_own_offset():

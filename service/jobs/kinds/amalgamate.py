@@ -60,7 +60,7 @@ class AmalgamateParams(JobParams):
     width_scale: float = Field(0.85, gt=0, le=4)
     layer_epochs: int | None = Field(None, ge=0, le=100,
                                      description="epochs per block, layer-wise (default: afk 2, datafree 1)")
-    finetune_epochs: int | None = Field(None, ge=0, le=1000, description="end-to-end epochs (default: afk 6, datafree 40)")
+    finetune_epochs: int | None = Field(None, ge=0, le=1000, description="end-to-end epochs (default: afk 6, datafree 60)")
     lr: float | None = Field(None, gt=0, le=10, description="student Adam lr (default: datafree 1e-2, others 3e-3)")
     batch_size: int = Field(64, ge=1, le=4096)
     eval_n: int = Field(1000, ge=0, le=100_000, description="test composites for the report's mAP")
@@ -127,7 +127,7 @@ def _teacher_net(t: TeacherRef, queue):
 # The methods' student schedules and lr (branching has its own ``epochs``); each method's default is
 # the one its benchmark measured (datafree's student was under-trained at 9 epochs and lr 3e-3).
 SCHEDULES = {"afk": {"layer_epochs": 2, "finetune_epochs": 6, "lr": 3e-3},
-          "datafree": {"layer_epochs": 1, "finetune_epochs": 40, "lr": 1e-2}, "branching": {"lr": 3e-3}}
+          "datafree": {"layer_epochs": 1, "finetune_epochs": 60, "lr": 1e-2}, "branching": {"lr": 3e-3}}
 DENSE_TASKS = {"segmentation": "seg", "depth": "depth", "edges": "edges"}  # bundle task -> branching task
 
 
