@@ -29,7 +29,7 @@ the JSON too (``all_targets``), as is every method's Spearman against a linear-p
 
 The zoos are cached under $SDB_CACHE_DIR (default: the temp dir) keyed by their config, and so is their
 ground truth (every source x layer x draw accuracy, keyed by the probe config); the first run trains and
-fits them (about an hour on two contended cores), a rerun costs only the methods' minutes. The validation
+fits them (about 1.5 h on two contended cores), a rerun costs only the methods' minutes. The validation
 zoo's layer-selection truth uses ``--select-layer-draws`` draws (default 1). The random baseline is the
 expectation over 200 seeded shuffles. ``truth_reliability`` in the JSON details is the mean Spearman
 correlation between the ground truths of two draws: how far a single draw's ranking is reproducible at all.
