@@ -58,9 +58,10 @@ TASKS: dict[str, tuple[str, str, int]] = {
     "depth": ("scenes", "reg", 1),
     "edges": ("mixed", "bin", 1),
 }
-# The target tasks of the benchmark: image-level classes a small model learns from the zoo's
-# budget. ``count`` stays a source only: at 32 px its own model is barely above chance (36% of 4).
-TARGET_TASKS = ("digit", "parity", "big", "rotation", "where", "nearest")
+# The target tasks of the benchmark: every image-level class task of the zoo. ``count``'s own model is weak
+# (41-44% of 4 classes at 32 px), but the issue's target model may be weak; whether any source transfers to it is
+# the benchmark's counting rule's question, not this list's.
+TARGET_TASKS = ("digit", "parity", "big", "rotation", "where", "nearest", "count")
 
 
 @dataclass
