@@ -279,21 +279,24 @@ def rank(target: AttributionGraph, candidates: Mapping[str, AttributionGraph], m
     return Ranking(method, scores, order)
 
 
+def _graph(cfg: DeparaConfig, model: nn.Module, probe: Tensor, layer: str | None) -> AttributionGraph:
+    """``attribution_graph`` with ``cfg``'s batch size, centring and attribution."""
+    return attribution_graph(model, probe, layer, cfg.batch_size, cfg.centre, cfg.attribution)
+
+
 def select_model(target: nn.Module, sources: Mapping[str, nn.Module], probe: Tensor, cfg: DeparaConfig,
                  *, target_layer: str | None = None, source_layers: Mapping[str, str | None] | None = None) -> Ranking:
     """Pre-trained model selection: rank ``sources`` by how well they should transfer to ``target``."""
-    t = attribution_graph(target, probe, target_layer, cfg.batch_size, cfg.centre, cfg.attribution)
+    t = _graph(cfg, target, probe, target_layer)
     layers = source_layers or {}
-    graphs = {n: attribution_graph(m, probe, layers.get(n), cfg.batch_size, cfg.centre, cfg.attribution)
-              for n, m in sources.items()}
+    graphs = {n: _graph(cfg, m, probe, layers.get(n)) for n, m in sources.items()}
     return rank(t, graphs, cfg.method, cfg.lam, cfg.seed)
 
 
 def select_layer(source: nn.Module, layers: Sequence[str], target: AttributionGraph, probe: Tensor,
                  cfg: DeparaConfig) -> Ranking:
     """Layer selection: score each of ``source``'s ``layers`` against the target's graph."""
-    graphs = {layer: attribution_graph(source, probe, layer, cfg.batch_size, cfg.centre, cfg.attribution)
-              for layer in layers}
+    graphs = {layer: _graph(cfg, source, probe, layer) for layer in layers}
     return rank(target, graphs, cfg.method, cfg.lam, cfg.seed)
 
 
@@ -329,10 +332,10 @@ def rank_transferability(cfg: DeparaConfig, target: nn.Module, sources: Mapping[
     if target_name in sources:
         raise ValueError(f"a source is named like the target: {target_name!r}")
     layers = source_layers or {}
-    t = attribution_graph(target, probe, target_layer, cfg.batch_size, cfg.centre, cfg.attribution)
+    t = _graph(cfg, target, probe, target_layer)
     graphs: dict[str, AttributionGraph] = {}
     for name, m in sources.items():
-        graphs[name] = attribution_graph(m, probe, layers.get(name), cfg.batch_size, cfg.centre, cfg.attribution)
+        graphs[name] = _graph(cfg, m, probe, layers.get(name))
         if log:
             log(f"attribution graph of {name} at {graphs[name].layer}")
     baselines = {m: rank(t, graphs, m, cfg.lam, cfg.seed) for m in METHODS}

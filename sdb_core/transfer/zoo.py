@@ -64,6 +64,12 @@ TASKS: dict[str, tuple[str, str, int]] = {
 TARGET_TASKS = ("digit", "parity", "big", "rotation", "where", "nearest", "count")
 
 
+def config_key(cfg, leave_out: Sequence[str] = ()) -> str:
+    """A short stable hash of a config dataclass (bar ``leave_out``): the name of its cache directory."""
+    blob = json.dumps({k: v for k, v in asdict(cfg).items() if k not in leave_out}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 @dataclass
 class ZooConfig:
     tasks: tuple[str, ...] = tuple(TASKS)
@@ -86,8 +92,7 @@ class ZooConfig:
         self.tasks = tuple(self.tasks)
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, default=str).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return config_key(self)
 
 
 # --------------------------------------------------------------------------- data
@@ -364,8 +369,7 @@ class ProbeConfig:
 
     def key(self) -> str:
         """What a ground-truth cache is keyed by: everything but ``draws`` (draw r does not depend on it)."""
-        blob = json.dumps({k: v for k, v in asdict(self).items() if k != "draws"}, sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return config_key(self, leave_out=("draws",))
 
 
 def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, cfg: TrainConfig) -> float:

@@ -65,11 +65,13 @@ class Cluster:
 
     USER = "sdb"
 
-    def __init__(self) -> None:
+    def __init__(self, base: Path | None = None) -> None:
+        """A new cluster in a fresh temporary directory, or (``base``) the one an earlier session left there."""
         self.bindir = server_bindir()
         self.password = secrets.token_hex(8)
         self.port = _free_port()
-        self.base = Path(tempfile.mkdtemp(prefix=PREFIX))
+        fresh = base is None
+        self.base = Path(tempfile.mkdtemp(prefix=PREFIX)) if fresh else base
         self.data, self.sock, self.log = self.base / "data", self.base / "sock", self.base / "server.log"
         self.as_user: list[str] = []
         if os.geteuid() == 0:
@@ -77,7 +79,8 @@ class Cluster:
                 pw = pwd.getpwnam("postgres")
             except KeyError:
                 raise PostgresMissing(f"no `postgres` OS user to run the server as: {INSTALL_HINT}") from None
-            os.chown(self.base, pw.pw_uid, pw.pw_gid)
+            if fresh:
+                os.chown(self.base, pw.pw_uid, pw.pw_gid)
             self.as_user = ["runuser", "-u", "postgres", "--"]
 
     def _run(self, *args: str, timeout: float = 120) -> None:
@@ -118,11 +121,8 @@ class Cluster:
                 continue  # being set up right now, or not ours
             if base == self.base or _alive(pid):
                 continue
-            orphan = object.__new__(Cluster)
-            orphan.bindir, orphan.as_user, orphan.base = self.bindir, self.as_user, base
-            orphan.data, orphan.log = base / "data", base / "server.log"
             try:
-                orphan.stop()
+                Cluster(base).stop()
             except (RuntimeError, subprocess.TimeoutExpired):
                 shutil.rmtree(base, ignore_errors=True)
 

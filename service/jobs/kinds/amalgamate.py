@@ -127,7 +127,8 @@ def _teacher_net(t: TeacherRef, queue):
 # The methods' student schedules and lr (branching has its own ``epochs``); each method's default is
 # the one its benchmark measured (datafree's student was under-trained at 9 epochs and lr 3e-3).
 SCHEDULES = {"afk": {"layer_epochs": 2, "finetune_epochs": 6, "lr": 3e-3},
-          "datafree": {"layer_epochs": 1, "finetune_epochs": 60, "lr": 1e-2}, "branching": {"lr": 3e-3}}
+             "datafree": {"layer_epochs": 1, "finetune_epochs": 60, "lr": 1e-2},
+             "branching": {"lr": 3e-3}}
 DENSE_TASKS = {"segmentation": "seg", "depth": "depth", "edges": "edges"}  # bundle task -> branching task
 
 
