@@ -65,6 +65,7 @@ from sdb_core.transfer.zoo import (
     FEATURE_LAYER,
     HEADS,
     TARGET_TASKS,
+    TASKS,
     ProbeConfig,
     ZooConfig,
     ZooNet,
@@ -77,6 +78,9 @@ LAMBDAS = (10.0, 1.0, 3.0)
 PROBES = (1000, 250)
 TARGET_LAYERS = (FEATURE_LAYER, "output")  # the target's encoder output (the sources' depth) or its logits
 SCORED = ("depara", "depara_v", "depara_e", "rsa")
+# The zoo's first ten tasks: layer selection is measured on their pairs (``--layer-tasks``), whose per-layer ground
+# truth was fitted before the zoo grew (each new pair's would cost 4 more fits per draw on each zoo).
+FIRST_TASKS = tuple(TASKS)[:10]
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,8 @@ def untrained_encoder(seed: int, width: int) -> ZooNet:
 def measure_zoo(seed: int, args, targets: list[str], *, layer_draws: int, with_linear: bool, log) -> dict:
     """Ground truth and every method's terms for every setting on the zoo of ``seed``."""
     base = ZooConfig()
-    zcfg = ZooConfig(train_per_domain=args.train_per_domain, train=replace(base.train, epochs=args.epochs), seed=seed)
+    zcfg = ZooConfig(tasks=tuple(args.zoo_tasks.split(",")), train_per_domain=args.train_per_domain, train=replace(base.train, epochs=args.epochs),
+                     seed=seed)
     t0 = time.perf_counter()
     zoo = build_zoo(zcfg, cache_dir=args.cache_dir, log=log)
     cache = zoo.truth_dir()
@@ -194,12 +199,15 @@ def measure_zoo(seed: int, args, targets: list[str], *, layer_draws: int, with_l
     pcfg = ProbeConfig(train_n=args.probe_train, draws=args.draws, seed=seed, head=args.head)
     lcfg = replace(pcfg, draws=layer_draws)
     untrained = untrained_encoder(seed, zcfg.width)
+    layer_tasks = set(args.layer_tasks.split(","))
     per_target: dict[str, dict] = {}
     for target in targets:
         sources = {n: m for n, m in zoo.models.items() if n != target}
         draws = transfer_accuracy_draws(sources, target, pcfg, cache_dir=cache)
         truth = {n: float(np.mean(draws[n][FEATURE_LAYER])) for n in sources}
-        layer_draws_ = transfer_accuracy_draws(sources, target, lcfg, layers=ENCODER_LAYERS, cache_dir=cache)
+        # layer selection on the pairs of --layer-tasks only (none if the target is not one of them)
+        layer_sources = {n: m for n, m in sources.items() if n in layer_tasks} if target in layer_tasks else {}
+        layer_draws_ = transfer_accuracy_draws(layer_sources, target, lcfg, layers=ENCODER_LAYERS, cache_dir=cache)
         acc = {n: {la: float(np.mean(v)) for la, v in d.items()} for n, d in layer_draws_.items()}
         random_features = float(np.mean(transfer_accuracy_draws({"untrained-encoder": untrained}, target, pcfg,
                                                                 cache_dir=cache)["untrained-encoder"][FEATURE_LAYER]))
@@ -208,10 +216,10 @@ def measure_zoo(seed: int, args, targets: list[str], *, layer_draws: int, with_l
                "truth_reliability": pairwise_agreement([[draws[n][FEATURE_LAYER][r] for n in names]
                                                         for r in range(pcfg.draws)]),
                "layer_accuracy": acc, "random": random_baseline(truth)}
-        if layer_draws > 1:
+        if layer_draws > 1 and layer_sources:
             row["layer_truth_reliability"] = float(np.mean([
                 pairwise_agreement([[layer_draws_[n][la][r] for la in ENCODER_LAYERS] for r in range(layer_draws)])
-                for n in names]))
+                for n in layer_sources]))
         if with_linear:
             linear = transfer_accuracy_draws(sources, target, replace(pcfg, head="linear", train=None),
                                              cache_dir=cache)
@@ -226,7 +234,7 @@ def measure_zoo(seed: int, args, targets: list[str], *, layer_draws: int, with_l
         lprobe = probe[:args.layer_probe]
         treads = {tl: read(zoo.models[target], None if tl == "output" else tl, lprobe) for tl in TARGET_LAYERS}
         row["layer_terms"] = {n: {la: pair_terms(treads, {"s": read(m, la, lprobe)}, (len(lprobe),))
-                                  for la in ENCODER_LAYERS} for n, m in sources.items()}
+                                  for la in ENCODER_LAYERS} for n, m in layer_sources.items()}
         per_target[target] = row
         log(f"zoo seed {seed}: target {target:9s} best source {max(truth, key=truth.get):9s} "
             f"{max(truth.values()):.1f} (untrained encoder {random_features:.1f}"
@@ -259,6 +267,11 @@ def counted(per_target: dict) -> list[str]:
     return [t for t in per_target if per_target[t]["counted"]] or list(per_target)
 
 
+def with_layers(targets: list[str], per_target: dict) -> list[str]:
+    """The targets whose layer selection was measured (see ``--layer-tasks``)."""
+    return [t for t in targets if per_target[t]["layer_terms"]]
+
+
 def choose(per_target: dict, layer_probe: int) -> tuple[dict[str, Setting], dict[str, Setting], dict]:
     """Each method's setting with the best mean (Spearman + top-3) over the counted targets, for model selection,
     and the best mean Spearman for layer selection; with every setting's figures."""
@@ -270,7 +283,8 @@ def choose(per_target: dict, layer_probe: int) -> tuple[dict[str, Setting], dict
         figures["model_selection"][m] = {s.name(): v for s, v in table.items()}
         chosen[m] = max(table, key=lambda s: table[s]["spearman"] + table[s]["top3"])  # first of equals: the default
     for m in ("depara", "rsa"):
-        table = {s: float(np.mean([layer_selection(per_target[t], m, s, layer_probe) for t in ts]))
+        table = {s: float(np.mean([layer_selection(per_target[t], m, s, layer_probe)
+                                   for t in with_layers(ts, per_target)]))
                  for s in grid(m, layer_selection=True)}
         figures["layer_selection"][m] = {s.name(): v for s, v in table.items()}
         chosen_layer[m] = max(table, key=table.get)
@@ -286,7 +300,12 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=ZooConfig().train.epochs)
     ap.add_argument("--probe-train", type=int, default=ProbeConfig().train_n, help="target training-set size")
     ap.add_argument("--head", choices=HEADS, default=ProbeConfig().head, help="the ground truth's transfer head")
-    ap.add_argument("--targets", default=",".join(TARGET_TASKS), help="comma-separated target tasks")
+    ap.add_argument("--zoo-tasks", default=",".join(TASKS), help="comma-separated tasks of the zoo (default: all)")
+    ap.add_argument("--targets", help="comma-separated target tasks (default: the zoo's target tasks)")
+    ap.add_argument("--layer-tasks", default=",".join(FIRST_TASKS),
+                    help="layer selection is measured on the pairs of these tasks only (default: the first ten)")
+    ap.add_argument("--no-linear-probe", action="store_true",
+                    help="skip the linear-probe ground truth of the test zoo (vs_linear_probe; 3 fits per pair)")
     ap.add_argument("--select-on-seed", type=int, default=1, help="the validation zoo's seed (settings chosen there)")
     ap.add_argument("--select-layer-draws", type=int, default=1,
                     help="draws of the validation zoo's layer-selection truth (each draw: 5 fits per source)")
@@ -299,7 +318,10 @@ def main(argv=None) -> int:
         ap.error("--select-on-seed must differ from --seed (choosing on the test zoo is what it is there to avoid)")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    targets = args.targets.split(",")
+    zoo_tasks = args.zoo_tasks.split(",")
+    targets = args.targets.split(",") if args.targets else [t for t in TARGET_TASKS if t in zoo_tasks]
+    if any(t not in TASKS for t in zoo_tasks) or any(t not in zoo_tasks for t in targets):
+        ap.error(f"--zoo-tasks must be tasks of {', '.join(TASKS)} and --targets some of them")
 
     def log(s):
         print(s, file=sys.stderr, flush=True)
@@ -317,7 +339,7 @@ def main(argv=None) -> int:
             log(f"chosen on the validation zoo (seed {args.select_on_seed}) for {m}: {chosen[m].name()} "
                 f"{val_figures['model_selection'][m][chosen[m].name()]}")
     t_val = time.perf_counter() - t0
-    test = measure_zoo(args.seed, args, targets, layer_draws=args.draws, with_linear=True, log=log)
+    test = measure_zoo(args.seed, args, targets, layer_draws=args.draws, with_linear=not args.no_linear_probe, log=log)
     per_target = test["targets"]
     ts = counted(per_target)
 
@@ -327,20 +349,21 @@ def main(argv=None) -> int:
 
     def layer_figures(targets_):
         return {m: {"spearman": float(np.mean([layer_selection(per_target[t], m, chosen_layer[m], args.layer_probe)
-                                               for t in targets_]))} for m in ("depara", "rsa")}
+                                               for t in with_layers(targets_, per_target)]))}
+                for m in ("depara", "rsa")}
 
     summary = {"model_selection": figures(ts), "layer_selection": layer_figures(ts)}
     all_targets = {"targets": list(per_target), "model_selection": figures(list(per_target)),
                    "layer_selection": layer_figures(list(per_target))}
-    vs_linear = {"counted_targets": figures(ts, "truth_linear_probe"),
-                 "all_targets": figures(list(per_target), "truth_linear_probe")}
+    vs_linear = None if args.no_linear_probe else {"counted_targets": figures(ts, "truth_linear_probe"),
+                                                   "all_targets": figures(list(per_target), "truth_linear_probe")}
     plain = {m: mean_over(ts, per_target, lambda r, m=m: model_selection(r, m, Setting())) for m in SCORED}
     lib = DeparaConfig()
     library = Setting(lam=lib.lam, centre=lib.centre, attribution=lib.attribution)
     library_figures = {m: mean_over(ts, per_target, lambda r, m=m: model_selection(r, m, library)) for m in SCORED}
     # layer selection with the setting model selection chose (what the library does: one config for both)
-    shared_layer = {m: float(np.mean([layer_selection(per_target[t], m, chosen[m], args.layer_probe) for t in ts]))
-                    for m in ("depara", "rsa")}
+    shared_layer = {m: float(np.mean([layer_selection(per_target[t], m, chosen[m], args.layer_probe)
+                                      for t in with_layers(ts, per_target)])) for m in ("depara", "rsa")}
     grid_on_test = {s.name(): mean_over(ts, per_target, lambda r, s=s: model_selection(r, "depara", s))
                     for s in grid("depara")}
     seconds = time.perf_counter() - t0
@@ -351,13 +374,15 @@ def main(argv=None) -> int:
         a = all_targets["model_selection"][m]
         print(f"{m:10s} {r['spearman']:9.3f} {r['top1']:6.2f} {r['top3']:6.2f} | "
               f"{a['spearman']:6.3f} {a['top1']:6.2f} {a['top3']:6.2f}  {chosen[m].name() if m in chosen else ''}")
-    print("against the linear-probe truth (counted targets): " + ", ".join(
-        f"{m} {r['spearman']:.3f}" for m, r in vs_linear["counted_targets"].items()))
+    if vs_linear is not None:
+        print("against the linear-probe truth (counted targets): " + ", ".join(
+            f"{m} {r['spearman']:.3f}" for m, r in vs_linear["counted_targets"].items()))
     for what, figs in (("the plain definition (lambda 10, no centring)", plain),
                        (f"the library's defaults ({library.name()})", library_figures)):
         print(f"{what}, counted targets, Spearman/top-3: " + ", ".join(
             f"{m} {r['spearman']:.3f}/{r['top3']:.2f}" for m, r in figs.items()))
-    print("\nlayer selection (Spearman across the 5 encoder layers, mean over counted targets and sources)")
+    print(f"\nlayer selection (Spearman across the 5 encoder layers, mean over the counted targets and the sources "
+          f"among {args.layer_tasks}: {', '.join(with_layers(ts, per_target))})")
     for m, r in summary["layer_selection"].items():
         print(f"{m:10s} {r['spearman']:9.3f}  {chosen_layer[m].name()}; with model selection's setting "
               f"{shared_layer[m]:.3f}")
@@ -373,14 +398,16 @@ def main(argv=None) -> int:
         for r in per_target.values():
             r["scores"] = {m: method_scores(r["terms"], m, chosen[m]) for m in SCORED}
             r["model_selection"] = {m: model_selection(r, m, chosen.get(m, Setting())) for m in METHODS}
-            r["layer_selection"] = {m: layer_selection(r, m, chosen_layer[m], args.layer_probe)
-                                    for m in ("depara", "rsa")}
+            if r["layer_terms"]:
+                r["layer_selection"] = {m: layer_selection(r, m, chosen_layer[m], args.layer_probe)
+                                        for m in ("depara", "rsa")}
         out = {**summary, "counted_targets": ts, "all_targets": all_targets, "vs_linear_probe": vs_linear,
                "chosen": {m: asdict(s) for m, s in chosen.items()},
                "chosen_layer_selection": {m: asdict(s) for m, s in chosen_layer.items()},
                "plain_definition_on_test": plain, "library_defaults_on_test": library_figures,
                "layer_selection_with_model_selection_setting": {m: {"spearman": v} for m, v in shared_layer.items()},
-               "details": {"test_zoo": strip(test), "seed": args.seed, "head": args.head, "draws": args.draws,
+               "details": {"test_zoo": strip(test), "seed": args.seed, "zoo_tasks": zoo_tasks,
+                           "layer_tasks": args.layer_tasks.split(","), "layer_selection_targets": with_layers(ts, per_target), "head": args.head, "draws": args.draws,
                            "layer_probe": args.layer_probe, "grid_on_test": grid_on_test,
                            "seconds": seconds, "validation_seconds": t_val, "loadavg": list(load)}}
         if validation is not None:
