@@ -7,7 +7,10 @@ frozen features from a small target training set; each method scores the sources
 probe images of the target's domain. Reported, as means over target tasks: Spearman correlation of
 each method's scores with the ground truth, top-1 / top-3 precision (the truly best source is among
 the method's first 1 / 3); for layer selection, the Spearman correlation across a source's layers of
-its per-layer score with its per-layer transfer accuracy (mean over targets and sources).
+its per-layer score with its per-layer transfer accuracy (mean over targets and sources). The zoo has
+15 tasks, 12 of them image-level targets (14 sources each); layer selection is measured on the pairs of
+the first ten tasks (``--layer-tasks``: 7 targets x 9 sources), the zoo before it grew, whose per-layer
+truth was fitted then.
 
 Settings are chosen on a validation zoo, never on the figures reported. Each method's free settings
 (DEPARA's lambda, centring the features before the edges / RSA, the probe-set size, which layer of the
@@ -15,8 +18,9 @@ target model is compared, what the attribution maps differentiate) are chosen on
 trained with another seed (``--select-on-seed``, default 1: other images, other initial weights, other
 target training sets and probe images), by the mean over that zoo's counted targets of Spearman + top-3
 precision; then the chosen settings are run once on the test zoo (``--seed``, default 0) and reported.
-``--no-select`` runs the library's defaults (``DeparaConfig()``, probe 1,000, encoder output) instead. The test zoo's figures of every
-DEPARA setting are in the JSON too (``details.grid_on_test``), for reading, not for choosing.
+``--no-select`` runs the library's defaults (``DeparaConfig()``, probe 1,000, encoder output) instead.
+The test zoo's figures of every DEPARA setting are in the JSON too (``details.grid_on_test``), for
+reading, not for choosing.
 
 A target counts in the means only if some source transfers to it better than an untrained encoder
 of the same architecture does (Taskonomy's sanity check against a random network's readout): when
@@ -25,11 +29,14 @@ The rule reads the ground truth alone, never a method's scores; the means over e
 the JSON too (``all_targets``), as is every method's Spearman against a linear-probe ground truth
 (``vs_linear_probe``).
 
-    python benchmarks/depara.py --json benchmarks/results/depara.json
+    OMP_NUM_THREADS=1 python benchmarks/depara.py --json benchmarks/results/depara.json
+    # the ten-task zoo of depara_10tasks.json: --zoo-tasks digit,parity,big,rotation,where,nearest,count,seg,depth,edges
 
-The zoos are cached under $SDB_CACHE_DIR (default: the temp dir) keyed by their config, and so is their
-ground truth (every source x layer x draw accuracy, keyed by the probe config); the first run trains and
-fits them (about 1.5 h on two contended cores), a rerun costs only the methods' minutes. The validation
+The zoos are cached under $SDB_CACHE_DIR (default: the temp dir) keyed by their config bar the task list
+(one file per task model), and so is their ground truth (every source x layer x draw accuracy, one file per
+(target, source) pair, keyed by the probe config), so a grown zoo trains and fits only what is new. The
+ten-task zoo's first run took about 1.5 h on two contended cores; growing it by five tasks (ten new
+models, 105 new pairs' truth on each zoo, every method) 3,162 s at load 1.3-2.2. The validation
 zoo's layer-selection truth uses ``--select-layer-draws`` draws (default 1). The random baseline is the
 expectation over 200 seeded shuffles. ``truth_reliability`` in the JSON details is the mean Spearman
 correlation between the ground truths of two draws: how far a single draw's ranking is reproducible at all.
