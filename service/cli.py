@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from sdb_core.transfer import DEFAULT_PROBE
+
 from .settings import Settings
 
 
@@ -256,7 +258,7 @@ def _add_transfer_command(sub) -> None:
     tg.add_argument("--target-data", help="a labelled data set: a weak target model is trained on it first")
     r.add_argument("--target-layer", help="with --target: the layer to compare at (default: the output)")
     r.add_argument("--probe-data", help="probe images (default: --target-data)")
-    r.add_argument("--probe", type=int, default=100, help="probe images")
+    r.add_argument("--probe", type=int, default=DEFAULT_PROBE, help="probe images (default: %(default)s)")
     r.add_argument("--target-train", type=int, default=500)
     r.add_argument("--target-epochs", type=int, default=3)
     r.add_argument("--method", choices=["depara", "depara_v", "depara_e", "rsa", "random"], default="depara")

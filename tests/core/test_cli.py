@@ -1,4 +1,5 @@
-"""`sdb wrap` and `sdb distill` end to end on digits, through the real entry point."""
+"""`sdb wrap`, `sdb distill` and `sdb transfer rank` end to end on digits, through the real entry point."""
+import json
 import re
 
 import pytest
@@ -53,3 +54,22 @@ def test_bad_input_gives_a_clear_error(wrapped, capsys, tmp_path):
     assert "cannot read weights" in capsys.readouterr().err
     with pytest.raises(WeightsError, match="do not fit"):
         load_weights(create_model("lenet", 10, (1, 8, 8)), wrapped / "teacher.safetensors")
+
+
+def test_transfer_rank_puts_the_trained_source_above_a_random_one(wrapped, tmp_path, capsys):
+    from sdb_core.data import load_dataset
+    from sdb_core.transfer import DEFAULT_PROBE
+    from sdb_core.weights import save_weights
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    save_weights(create_model("cnn", num_classes=10, in_shape=data.in_shape), tmp_path / "random.safetensors")
+    args = ["transfer", "rank", "--target-data", "digits", "--target-train", "400", "--target-epochs", "4",
+            "--source", f"trained=cnn:10:{wrapped / 'teacher.safetensors'}",
+            "--source", f"random=cnn:10:{tmp_path / 'random.safetensors'}", "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ranking"] == ["trained", "random"], report["scores"]
+    assert report["probe_size"] == DEFAULT_PROBE  # no --probe: the default
+    assert (tmp_path / "out" / "similarity.png").read_bytes()[:4] == b"\x89PNG"
+    assert "1. trained" in capsys.readouterr().out

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sdb_core.transfer import DEFAULT_PROBE
+
 from ...errors import invalid
 from .base import (
     NAME_PATTERN,
@@ -63,7 +65,7 @@ class TransferParams(JobParams):
     target: ModelSpec | None = Field(None, description="the target as a model trained (even weakly) on its task")
     target_data: str | None = Field(None, description="or a labelled data set: a weak target model is trained")
     probe_data: str | None = Field(None, description="images of the probe set (default: target_data)")
-    probe: int = Field(100, ge=3, le=2000, description="probe images")
+    probe: int = Field(DEFAULT_PROBE, ge=3, le=2000, description="probe images")
     target_train: int = Field(500, ge=10, le=100_000, description="images the weak target model learns from")
     target_epochs: int = Field(3, ge=1, le=100)
     method: Literal[_METHODS] = "depara"  # type: ignore[valid-type]
