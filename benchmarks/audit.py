@@ -33,6 +33,7 @@ from sdb_core.distill import DistillConfig
 from sdb_core.protect.audit import POLICIES, AuditConfig, audit, score, verdict_of
 from sdb_core.protect.key import new_master_key
 from sdb_core.protect.measure import student_accuracy, train_and_wrap
+from sdb_core.protect.sdb import SDBConfig
 
 
 def authorized(teacher, box, data, cfg: AuditConfig, seed: int, students: int) -> dict:
@@ -77,7 +78,7 @@ def authorized_summary(n: int, per_seed: list[dict]) -> dict:
 
 def summarize(args, runs: list[dict], threshold: float, n: int, policy: str) -> dict:
     return {
-        "dataset": args.data, "seeds": [r["seed"] for r in runs],
+        "dataset": args.data, "seeds": [r["seed"] for r in runs], "lam": args.lam,
         "teacher": combine([r["teacher"] for r in runs], threshold),
         "protected": {**combine([r["protected"] for r in runs], threshold), "policy": policy},
         "authorized": authorized_summary(n, [r["authorized"] for r in runs]),
@@ -94,6 +95,7 @@ def main() -> int:
                    help="output policy (or policies) of the protected box")
     p.add_argument("--json", help="write the summary here ('{policy}' in the path: one file per policy)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lam", type=float, default=SDBConfig().lam, help="the box's keyed input λ·x + (1 − λ)·k")
     p.add_argument("--authorized-students", type=int, default=8, metavar="K",
                    help="student seeds per seed for the authorized comparison (default 8)")
     p.add_argument("--rescore", metavar="JSON", help="re-score the runs of a saved summary (no training)")
@@ -113,7 +115,7 @@ def main() -> int:
     by_policy: dict[str, list[dict]] = {pol: [] for pol in args.policy}
     if args.rescore:  # the scoring changed, the students did not: re-score a saved run
         old = json.loads(Path(args.rescore).read_text())
-        args.seeds, args.policy = old["seeds"], [old["protected"]["policy"]]
+        args.seeds, args.policy, args.lam = old["seeds"], [old["protected"]["policy"]], old.get("lam", args.lam)
         by_policy = {args.policy[0]: old["runs"]}
         for run in by_policy[args.policy[0]]:
             for who in ("teacher", "protected"):
@@ -126,7 +128,7 @@ def main() -> int:
                 rep["reference"], rep["worst_attack"], rep["max_advantage"] = verdict_of(attacks)
                 rep["verdict"] = "protected" if rep["max_advantage"] <= base.threshold else "leaks"
     for seed in [] if args.rescore else args.seeds:
-        teacher, _, result = train_and_wrap(data, seed, log=log)
+        teacher, _, result = train_and_wrap(data, seed, sdb_cfg=SDBConfig(lam=args.lam), log=log)
         if args.save_bundles:
             export_bundle(result.box, Path(args.save_bundles) / f"seed{seed}", name=f"{args.data}-seed{seed}",
                           in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels,

@@ -50,6 +50,7 @@ def main() -> int:
     p.add_argument("--json", help="write the summary here")
     p.add_argument("--teacher-epochs", type=int, default=8)
     p.add_argument("--wrap-epochs", type=int, default=SDBConfig().train.epochs)
+    p.add_argument("--lam", type=float, default=SDBConfig().lam, help="keyed input λ·x + (1 − λ)·k")
     p.add_argument("--student-epochs", type=int, default=MeasureConfig().train.epochs)
     p.add_argument("--transfer", type=int, default=1000)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -64,7 +65,7 @@ def main() -> int:
     for seed in args.seeds:
         run = run_protection(
             data, seed, teacher_cfg=TrainConfig(epochs=args.teacher_epochs),
-            sdb_cfg=SDBConfig(train=replace(SDBConfig().train, epochs=args.wrap_epochs)),
+            sdb_cfg=SDBConfig(lam=args.lam, train=replace(SDBConfig().train, epochs=args.wrap_epochs)),
             measure_cfg=MeasureConfig(transfer_n=args.transfer, train=TrainConfig(epochs=args.student_epochs)),
             log=lambda s: print(s, flush=True))
         runs.append({k: v for k, v in run.items() if k not in ("box", "teacher")})
@@ -77,7 +78,7 @@ def main() -> int:
     summary["runs"] = runs
     summary["settings"] = {"teacher_epochs": args.teacher_epochs, "wrap_epochs": args.wrap_epochs,
                            "student_epochs": args.student_epochs, "transfer": args.transfer,
-                           "threads": args.threads, "sdb": {k: v for k, v in SDBConfig().__dict__.items()
+                           "threads": args.threads, "sdb": {k: v for k, v in SDBConfig(lam=args.lam).__dict__.items()
                                                             if k != "train"}}
     if args.cli:
         with tempfile.TemporaryDirectory() as d:
