@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sdb_core.transfer import DEFAULT_PROBE
 
+from .pipelines import WrapSpec
 from .settings import Settings
 
 
@@ -433,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--data", required=True, help="dataset name: mnist-5k, digits, imagefolder:PATH, cifar10:PATH")
     w.add_argument("--out", required=True, help="bundle directory (or FILE.sdb for a zip)")
     w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb")
-    w.add_argument("--lam", type=float, default=0.5, help="keyed input λ·x + (1−λ)·k")
+    w.add_argument("--lam", type=float, default=WrapSpec.lam, help="keyed input λ·x + (1−λ)·k (default: %(default)s)")
     w.add_argument("--teacher-epochs", type=int, default=8)
     w.add_argument("--save-teacher", metavar="FILE", help="with --train-teacher: keep the plain teacher's weights")
     w.add_argument("--name", help="model name in the bundle (default DATA-ARCH)")

@@ -73,3 +73,14 @@ def test_transfer_rank_puts_the_trained_source_above_a_random_one(wrapped, tmp_p
     assert report["probe_size"] == DEFAULT_PROBE  # no --probe: the default
     assert (tmp_path / "out" / "similarity.png").read_bytes()[:4] == b"\x89PNG"
     assert "1. trained" in capsys.readouterr().out
+
+
+def test_the_cli_and_the_wrap_job_default_to_the_recipe_lambda():
+    from sdb_core.protect import SDBConfig
+    from service.cli import build_parser
+    from service.jobs.kinds.wrap import WrapParams
+    from service.pipelines import WrapSpec
+
+    lam = SDBConfig().lam
+    assert WrapSpec.lam == lam and WrapParams.model_fields["lam"].default == lam
+    assert build_parser().parse_args(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", "b"]).lam == lam

@@ -27,7 +27,7 @@ class WrapParams(JobParams):
     name: str | None = Field(None, pattern=NAME_PATTERN, description="model name (default DATA-ARCH)")
     deploy: bool = False
     mode: Literal["sdb", "nasty"] = "sdb"
-    lam: float = Field(0.5, gt=0, lt=1)
+    lam: float = Field(WrapSpec.lam, gt=0, lt=1, description="keyed input λ·x + (1 − λ)·k")
     lr: float = Field(0.01, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=4096)
 
