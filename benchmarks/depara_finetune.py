@@ -21,19 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from depara import agreement  # benchmarks/depara.py: the same Spearman / top-k as the headline
+from depara import SCORED, agreement  # benchmarks/depara.py: the same methods and Spearman / top-k
 
 from sdb_core.train import TrainConfig, train_classifier
-from sdb_core.transfer.zoo import ProbeConfig, ZooConfig, ZooNet, build_zoo, evaluate, task_data
-
-METHODS = ("depara", "rsa", "depara_e", "depara_v")
+from sdb_core.transfer.zoo import TASKS, ProbeConfig, ZooConfig, ZooNet, build_zoo, evaluate, truth_split
 
 
-def finetune_accuracy(source: ZooNet, width: int, train, test, cfg: TrainConfig) -> float:
-    """Test accuracy (percent) of ``source``'s encoder with a fresh head, all of it trained on ``train``."""
-    classes = int(max(train.tensors[1].max(), test.tensors[1].max())) + 1
+def finetune_accuracy(source: ZooNet, width: int, target: str, train, test, cfg: TrainConfig) -> float:
+    """Test accuracy (percent) of ``source``'s encoder with a fresh ``target`` head, all of it trained on ``train``."""
     torch.manual_seed(cfg.seed)  # the fresh head's initial weights
-    net = ZooNet("cls", classes, 3, width)
+    net = ZooNet("cls", TASKS[target][2], 3, width)
     net.encoder.load_state_dict(source.encoder.state_dict())
     train_classifier(net, train, cfg)
     return evaluate(net, test)
@@ -60,25 +57,21 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     per_target = {}
     for target in run["counted_targets"]:
-        # draw 0 of the run's ground truth: the same training and test images (ProbeConfig's seeds)
-        train = task_data(target, probe.train_n, "train", probe.seed + 101)
-        test = task_data(target, probe.test_n, "test", probe.seed + 101)
+        train, test = truth_split(target, probe, 0), truth_split(target, probe, None)  # the run's draw 0
         stored = test_zoo["targets"][target]
-        truth = {s: finetune_accuracy(m, zoo.config.width, train, test, cfg)
+        truth = {s: finetune_accuracy(m, zoo.config.width, target, train, test, cfg)
                  for s, m in zoo.models.items() if s != target}
-        names = list(truth)
-        frozen = [stored["truth"][n] for n in names]
         per_target[target] = {
             "truth": truth,
-            "agrees_with_frozen_truth": agreement(dict(zip(names, frozen)), truth)["spearman"],
-            "model_selection": {m: agreement(stored["scores"][m], truth) for m in METHODS}}
+            "agrees_with_frozen_truth": agreement(stored["truth"], truth)["spearman"],
+            "model_selection": {m: agreement(stored["scores"][m], truth) for m in SCORED}}
         best = max(truth, key=truth.get)
         print(f"{target:9} best source {best:9} {truth[best]:5.1f}  "
-              + "  ".join(f"{m} {per_target[target]['model_selection'][m]['spearman']:+.2f}" for m in METHODS)
+              + "  ".join(f"{m} {per_target[target]['model_selection'][m]['spearman']:+.2f}" for m in SCORED)
               + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     means = {m: {k: float(np.mean([r["model_selection"][m][k] for r in per_target.values()]))
-                 for k in ("spearman", "top1", "top3")} for m in METHODS}
+                 for k in ("spearman", "top1", "top3")} for m in SCORED}
     frozen_agreement = float(np.mean([r["agrees_with_frozen_truth"] for r in per_target.values()]))
     print(f"\nfine-tuning truth, test zoo seed {seed}, {len(per_target)} targets, {args.epochs} epochs "
           f"(agreement with the frozen-feature truth: Spearman {frozen_agreement:.2f})")

@@ -15,29 +15,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import statistics
 from pathlib import Path
 
-METHODS = ("depara", "rsa", "depara_e", "depara_v")
+from depara import SCORED  # benchmarks/depara.py: the scored methods, DEPARA first
+
 METRICS = ("spearman", "top1", "top3")
 
 
 def per_target(run: dict) -> dict[str, dict[str, dict[str, float]]]:
     """{target: {method: {metric: value}}} over the run's counted targets."""
     targets = run["details"]["test_zoo"]["targets"]
-    return {t: {m: {k: targets[t]["model_selection"][m][k] for k in METRICS} for m in METHODS}
+    return {t: {m: {k: targets[t]["model_selection"][m][k] for k in METRICS} for m in SCORED}
             for t in run["counted_targets"]}
 
 
 def summarise(rows: list[dict[str, dict[str, float]]]) -> dict:
     n = len(rows)
-    means = {m: {k: sum(r[m][k] for r in rows) / n for k in METRICS} for m in METHODS}
+    means = {m: {k: sum(r[m][k] for r in rows) / n for k in METRICS} for m in SCORED}
     gaps = {}
-    for base in METHODS[1:]:
+    for base in SCORED[1:]:
         d = [r["depara"]["spearman"] - r[base]["spearman"] for r in rows]
-        mean = sum(d) / n
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
-        gaps[base] = {"mean": mean, "se": sd / math.sqrt(n), "sd": sd, "depara_wins": sum(x > 0 for x in d), "n": n}
+        sd = statistics.stdev(d) if n > 1 else float("nan")
+        gaps[base] = {"mean": statistics.fmean(d), "se": sd / n ** 0.5, "sd": sd,
+                      "depara_wins": sum(x > 0 for x in d), "n": n}
     return {"n": n, "model_selection": means, "depara_gap": gaps}
 
 
@@ -60,11 +61,11 @@ def main(argv=None) -> int:
                                   **summarise(rows)}
     out["pooled"] = summarise(pooled)
 
-    print(f"{'':22}" + "".join(f"{m:>20}" for m in METHODS) + "   (Spearman / top-1 / top-3)")
+    print(f"{'':22}" + "".join(f"{m:>20}" for m in SCORED) + "   (Spearman / top-1 / top-3)")
     for name, s in [*((f"test seed {r['test_seed']} ({r['n']})", r) for r in out["runs"].values()),
                     (f"pooled ({out['pooled']['n']})", out["pooled"])]:
         cells = "".join(f"{'{:.3f} {:.2f} {:.2f}'.format(*(s['model_selection'][m][k] for k in METRICS)):>20}"
-                        for m in METHODS)
+                        for m in SCORED)
         print(f"{name:22}{cells}")
     for base, g in out["pooled"]["depara_gap"].items():
         print(f"DEPARA - {base:9} pooled Spearman gap {g['mean']:+.3f} +- {g['se']:.3f} "

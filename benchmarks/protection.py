@@ -61,11 +61,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     data = load_dataset(args.data)
+    sdb_cfg = SDBConfig(lam=args.lam, train=replace(SDBConfig().train, epochs=args.wrap_epochs))
     runs = []
     for seed in args.seeds:
         run = run_protection(
-            data, seed, teacher_cfg=TrainConfig(epochs=args.teacher_epochs),
-            sdb_cfg=SDBConfig(lam=args.lam, train=replace(SDBConfig().train, epochs=args.wrap_epochs)),
+            data, seed, teacher_cfg=TrainConfig(epochs=args.teacher_epochs), sdb_cfg=sdb_cfg,
             measure_cfg=MeasureConfig(transfer_n=args.transfer, train=TrainConfig(epochs=args.student_epochs)),
             log=lambda s: print(s, flush=True))
         runs.append({k: v for k, v in run.items() if k not in ("box", "teacher")})
@@ -78,7 +78,7 @@ def main() -> int:
     summary["runs"] = runs
     summary["settings"] = {"teacher_epochs": args.teacher_epochs, "wrap_epochs": args.wrap_epochs,
                            "student_epochs": args.student_epochs, "transfer": args.transfer,
-                           "threads": args.threads, "sdb": {k: v for k, v in SDBConfig(lam=args.lam).__dict__.items()
+                           "threads": args.threads, "sdb": {k: v for k, v in sdb_cfg.__dict__.items()
                                                             if k != "train"}}
     if args.cli:
         with tempfile.TemporaryDirectory() as d:

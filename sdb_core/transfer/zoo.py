@@ -468,6 +468,13 @@ def _transfer_head(cfg: ProbeConfig, train_x: Tensor, train_y: Tensor, test_x: T
     return readout_probe(train_x, train_y, test_x, test_y, tcfg, cfg.width)
 
 
+def truth_split(task: str, cfg: ProbeConfig, draw: int | None) -> TensorDataset:
+    """The ground truth's images of ``task``: draw ``draw``'s small training set, or (None) the fixed test set."""
+    if draw is None:
+        return task_data(task, cfg.test_n, "test", cfg.seed + 101)
+    return task_data(task, cfg.train_n, "train", cfg.seed + 101 + draw)
+
+
 def transfer_accuracy_draws(sources: dict[str, nn.Module], target_task: str, cfg: ProbeConfig,
                             layers: Sequence[str | None] = (FEATURE_LAYER,), *,
                             cache_dir: str | os.PathLike | None = None) -> dict[str, dict[str, list[float]]]:
@@ -485,8 +492,7 @@ def transfer_accuracy_draws(sources: dict[str, nn.Module], target_task: str, cfg
 
     def split(r: int | None) -> TensorDataset:  # built once, and only when some fit is missing
         if r not in data:
-            data[r] = (task_data(target_task, cfg.test_n, "test", cfg.seed + 101) if r is None
-                       else task_data(target_task, cfg.train_n, "train", cfg.seed + 101 + r))
+            data[r] = truth_split(target_task, cfg, r)
         return data[r]
 
     out: dict[str, dict[str, list[float]]] = {}
