@@ -34,6 +34,7 @@ from sdb_core.protect.audit import POLICIES, AuditConfig, audit, score, verdict_
 from sdb_core.protect.key import new_master_key
 from sdb_core.protect.measure import student_accuracy, train_and_wrap
 from sdb_core.protect.sdb import SDBConfig
+from sdb_core.train import TrainConfig
 
 
 def authorized(teacher, box, data, cfg: AuditConfig, seed: int, students: int) -> dict:
@@ -128,7 +129,8 @@ def main() -> int:
                 rep["reference"], rep["worst_attack"], rep["max_advantage"] = verdict_of(attacks)
                 rep["verdict"] = "protected" if rep["max_advantage"] <= base.threshold else "leaks"
     for seed in [] if args.rescore else args.seeds:
-        teacher, _, result = train_and_wrap(data, seed, sdb_cfg=SDBConfig(lam=args.lam), log=log)
+        teacher, _, result = train_and_wrap(data, seed, teacher_cfg=TrainConfig(epochs=8), sdb_cfg=SDBConfig(lam=args.lam),
+                                            log=log)
         if args.save_bundles:
             export_bundle(result.box, Path(args.save_bundles) / f"seed{seed}", name=f"{args.data}-seed{seed}",
                           in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels,

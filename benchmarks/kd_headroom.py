@@ -74,8 +74,8 @@ def neighbour_smoothed(teacher: nn.Module, x_train: torch.Tensor, k: int = 5, be
 
 
 def teachers_of(data, seed: int, log) -> dict:
-    teacher, _ = train_teacher(data, seed, log=log)
-    peer, _ = train_teacher(data, seed + 1000, log=log)
+    teacher, _ = train_teacher(data, seed, cfg=TrainConfig(epochs=8), log=log)
+    peer, _ = train_teacher(data, seed + 1000, cfg=TrainConfig(epochs=8), log=log)
     seed_everything(seed + 2000)
     reference = create_model("mlp", num_classes=data.num_classes, in_shape=data.in_shape)
     train_classifier(reference, data.train, TrainConfig(epochs=10, seed=seed + 2000))

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sdb_core.data import load_dataset
 from sdb_core.models import create_model
-from sdb_core.protect import SDBConfig, wrap
+from sdb_core.protect import SDBConfig, train_box
 from sdb_core.protect.measure import MeasureConfig, format_table, run_protection, summarize, targets
 from sdb_core.train import TrainConfig, seed_everything, train_classifier
 
@@ -39,7 +39,7 @@ def step_timing(data, rounds: int) -> tuple[float, float]:
     t, w = [], []
     for _ in range(rounds):
         t.append(train_classifier(copy.deepcopy(teacher), data.train, TrainConfig(epochs=1)).step_seconds)
-        w.append(wrap(teacher, data, SDBConfig(train=replace(SDBConfig().train, epochs=1))).report["step_seconds"])
+        w.append(train_box(teacher, data, SDBConfig(train=replace(SDBConfig().train, epochs=1))).report["step_seconds"])
     return min(t), min(w)
 
 

@@ -40,7 +40,7 @@ from sdb_core.bundle import export_bundle, load_bundle
 from sdb_core.data import load_dataset, transfer_split
 from sdb_core.distill import DistillConfig, distill, kd_loss
 from sdb_core.models import create_model
-from sdb_core.protect import SDBConfig, wrap
+from sdb_core.protect import SDBConfig, train_box
 from sdb_core.protect.key import load_or_create_master_key
 from sdb_core.train import TrainConfig, accuracy, seed_everything, train_classifier
 
@@ -59,7 +59,7 @@ def build_bundle(data, root: Path, args) -> tuple[Path, bytes]:
     seed_everything(args.seed)
     teacher = create_model("cnn", num_classes=data.num_classes, in_shape=data.in_shape)
     train_classifier(teacher, data.train, TrainConfig(epochs=args.teacher_epochs, seed=args.seed))
-    box = wrap(teacher, data, SDBConfig(train=replace(SDBConfig().train, epochs=args.wrap_epochs))).box
+    box = train_box(teacher, data, SDBConfig(train=replace(SDBConfig().train, epochs=args.wrap_epochs))).box
     path = export_bundle(box, root / "bundles" / NAME, name=NAME, in_shape=data.in_shape, mean=data.mean,
                          std=data.std, labels=data.labels, master_key=master)
     return path, master

@@ -247,7 +247,7 @@ def prepare(data_dir: Path, bundle: str | None) -> tuple[Path, np.ndarray]:
     import torch
 
     from sdb_core.models import create_model
-    from sdb_core.protect import SDBConfig, wrap
+    from sdb_core.protect import SDBConfig, train_box
     from sdb_core.train import TrainConfig, train_classifier
 
     print("building a small CNN bundle on mnist-5k …", file=sys.stderr)
@@ -255,7 +255,7 @@ def prepare(data_dir: Path, bundle: str | None) -> tuple[Path, np.ndarray]:
     data = load_dataset("mnist-5k")
     teacher = create_model("cnn", num_classes=data.num_classes, in_shape=data.in_shape)
     train_classifier(teacher, data.train, TrainConfig(epochs=1))
-    box = wrap(teacher, data, SDBConfig(train=TrainConfig(epochs=1))).box
+    box = train_box(teacher, data, SDBConfig(train=TrainConfig(epochs=1))).box
     export_bundle(box, target, name="mnist-demo", in_shape=data.in_shape, mean=data.mean, std=data.std,
                   labels=data.labels, master_key=load_or_create_master_key(data_dir / "master.key"))
     return target, data.test.tensors[0][:64].numpy()

@@ -101,12 +101,16 @@ def fit(
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
     checkpoint: str | os.PathLike | None = None,
+    train_mode: bool = True,
 ) -> History:
     """Train ``model`` by minimising ``step(batch)`` over ``data`` for ``cfg.epochs``.
 
     ``step`` receives the batch already on the model's device; the model is in train
-    mode. ``params`` defaults to the model's parameters. With ``checkpoint`` the model
-    and optimizer state are saved after every epoch and a run resumes from the file.
+    mode, or with ``train_mode=False`` in eval mode throughout: normalisation layers keep
+    their running statistics and dropout is off, so the model learns exactly the function
+    it will serve (fine-tuning a trained network). ``params`` defaults to the model's
+    parameters. With ``checkpoint`` the model and optimizer state are saved after every
+    epoch and a run resumes from the file.
     """
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -131,7 +135,7 @@ def fit(
     step_time, step_count = 0.0, 0
     last_report = 0.0
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        model.train(train_mode)
         sums: dict[str, float] = {}
         n = 0
         for i, batch in enumerate(loader):
@@ -192,19 +196,36 @@ def accuracy(fn: Callable[[Tensor], Tensor] | nn.Module, data: Dataset, batch_si
     return 100.0 * (predict_logits(fn, x, batch_size).argmax(1) == y).float().mean().item()
 
 
+def random_shift(x: Tensor, pixels: int) -> Tensor:
+    """Each image moved by up to ``pixels`` in each direction (edges replicated), independently."""
+    if pixels <= 0:
+        return x
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (pixels,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * pixels + 1, (n, 1), device=x.device) + torch.arange(h, device=x.device)
+    dx = torch.randint(0, 2 * pixels + 1, (n, 1), device=x.device) + torch.arange(w, device=x.device)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, chan, dy.view(n, 1, h, 1), dx.view(n, 1, 1, w)]
+
+
 def train_classifier(
     model: nn.Module,
     data: Dataset,
     cfg: TrainConfig,
     *,
     label_smoothing: float = 0.0,
+    shift: int = 0,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> History:
-    """Plain supervised training with cross-entropy (how an owner's teacher is made)."""
+    """Plain supervised training with cross-entropy (how an owner's teacher is made).
+
+    ``shift``: random translations of up to that many pixels (augmentation for small sets).
+    """
 
     def step(batch):
         x, y = batch
-        return torch.nn.functional.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        return torch.nn.functional.cross_entropy(model(random_shift(x, shift)), y, label_smoothing=label_smoothing)
 
     return fit(model, data, step, cfg, progress=progress, should_cancel=should_cancel)

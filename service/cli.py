@@ -43,13 +43,22 @@ def _settings(args) -> Settings:
 
 # --------------------------------------------------------------------------- wrap
 def cmd_wrap(args) -> int:
+    from sdb_core.protect import WrapRefused
+
     from .pipelines import WrapSpec, wrap_to_bundle
 
     spec = WrapSpec(data=args.data, arch=args.arch, out=args.out, name=args.name, teacher=args.teacher,
                     teacher_epochs=args.teacher_epochs, save_teacher=args.save_teacher, mode=args.mode,
-                    lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    outcome = wrap_to_bundle(spec, _settings(args).master_key, phase=_progress_bar,
-                             log=lambda s: print(s, file=sys.stderr))
+                    lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                    max_accuracy_drop=args.max_accuracy_drop, max_keyed_drop=args.max_keyed_drop,
+                    min_leak_margin=args.min_leak_margin, check_attempts=args.check_attempts,
+                    check_budget=args.check_budget)
+    try:
+        outcome = wrap_to_bundle(spec, _settings(args).master_key, phase=_progress_bar,
+                                 log=lambda s: print(s, file=sys.stderr))
+    except WrapRefused as e:
+        _err(f"refused, no bundle written: {e}")
+        return 3
     for k, v in outcome.metrics.items():
         print(f"{k:12s} {v:6.2f}%")
     print(f"wrapped in {outcome.report['seconds']:.1f}s; bundle written to {outcome.bundle}")
@@ -275,7 +284,7 @@ def cmd_demo(args) -> int:
     """Wrap the demo model on the embedded MNIST digits and print the protection table."""
     from sdb_core.bundle import export_bundle
     from sdb_core.data import load_dataset
-    from sdb_core.protect import SDBConfig
+    from sdb_core.protect import SDBConfig, WrapRefused
     from sdb_core.protect.measure import MeasureConfig, format_table, run_protection, summarize
     from sdb_core.train import TrainConfig
 
@@ -283,9 +292,13 @@ def cmd_demo(args) -> int:
     data = load_dataset(args.data)
     log(f"demo: {args.data}, {len(data.train)} training / {len(data.test)} test images; "
         "teacher small CNN, students MLP on 1,000 transfer images")
-    run = run_protection(data, args.seed, teacher_cfg=TrainConfig(epochs=args.teacher_epochs),
-                         sdb_cfg=SDBConfig(train=replace(SDBConfig().train, epochs=args.epochs)),
-                         measure_cfg=MeasureConfig(train=TrainConfig(epochs=args.student_epochs)), log=log)
+    try:
+        run = run_protection(data, args.seed, teacher_cfg=TrainConfig(epochs=args.teacher_epochs),
+                             sdb_cfg=SDBConfig(train=replace(SDBConfig().train, epochs=args.epochs)),
+                             measure_cfg=MeasureConfig(train=TrainConfig(epochs=args.student_epochs)), log=log)
+    except WrapRefused as e:
+        _err(f"refused, no demo bundle written: {e}")
+        return 3
     summary = summarize(args.data, [run])
     print(format_table(summary))
     settings = _settings(args)
@@ -293,7 +306,7 @@ def cmd_demo(args) -> int:
                         in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels,
                         master_key=settings.master_key,
                         metrics={k: run[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement")},
-                        extra={"arch": "cnn", "data": args.data})
+                        extra={"arch": "cnn", "data": args.data, "check": run["check"]})
     print(f"\ndemo bundle written to {out}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -435,9 +448,23 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True, help="bundle directory (or FILE.sdb for a zip)")
     w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb")
     w.add_argument("--lam", type=float, default=WrapSpec.lam, help="keyed input λ·x + (1−λ)·k (default: %(default)s)")
-    w.add_argument("--teacher-epochs", type=int, default=8)
+    w.add_argument("--teacher-epochs", type=int,
+                   help="with --train-teacher (default: the architecture's teacher schedule)")
     w.add_argument("--save-teacher", metavar="FILE", help="with --train-teacher: keep the plain teacher's weights")
     w.add_argument("--name", help="model name in the bundle (default DATA-ARCH)")
+    chk = w.add_argument_group("self-check", "measured on a held-out part of the training split; a box that "
+                               "misses a threshold is not written (exit 3)")
+    chk.add_argument("--max-accuracy-drop", type=float, default=WrapSpec.max_accuracy_drop,
+                     help="points of top-1 the public path may lose against the teacher (default: %(default)s)")
+    chk.add_argument("--max-keyed-drop", type=float, default=WrapSpec.max_keyed_drop,
+                     help="points of top-1 the keyed path may lose (default: %(default)s)")
+    chk.add_argument("--min-leak-margin", type=float, default=WrapSpec.min_leak_margin,
+                     help="points a student distilled from the public outputs must stay below one trained "
+                          "on labels alone (default: %(default)s)")
+    chk.add_argument("--check-attempts", type=int, default=WrapSpec.check_attempts,
+                     help="settings tried at most (default: %(default)s)")
+    chk.add_argument("--check-budget", type=float, metavar="SECONDS",
+                     help="no new attempt starts past this (default: none)")
     common(w, epochs=15)
     w.set_defaults(fn=cmd_wrap)
 

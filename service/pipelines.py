@@ -31,7 +31,7 @@ class WrapSpec:
     name: str | None = None  # default DATA-ARCH
     version: str = "1"
     teacher: str | os.PathLike | None = None  # weights; None: train a teacher first
-    teacher_epochs: int = 8
+    teacher_epochs: int | None = None  # None: the architecture's teacher schedule (sdb_core.models.schedules)
     save_teacher: str | os.PathLike | None = None
     mode: str = "sdb"  # sdb | nasty
     lam: float = 0.3  # SDBConfig's (a test keeps them equal; importing it here would import torch)
@@ -39,6 +39,13 @@ class WrapSpec:
     lr: float = 0.01
     batch_size: int = 64
     seed: int = 0
+    # The self-check's thresholds, in points on a held-out part of the training split (Thresholds'
+    # defaults, kept equal by the same test), its attempts and time budget.
+    max_accuracy_drop: float = 1.0
+    max_keyed_drop: float = 1.5
+    min_leak_margin: float = 2.0
+    check_attempts: int = 4
+    check_budget: float | None = None  # seconds
 
 
 @dataclass
@@ -56,8 +63,9 @@ def wrap_to_bundle(spec: WrapSpec, master_key: bytes, *, phase: PhaseFn = _no_ph
     from sdb_core.bundle import export_bundle
     from sdb_core.data import load_dataset
     from sdb_core.models import create_model
-    from sdb_core.protect import NastyConfig, SDBConfig, wrap, wrap_nasty
-    from sdb_core.train import TrainConfig, accuracy, seed_everything, train_classifier
+    from sdb_core.models.schedules import teacher_config, teacher_shift
+    from sdb_core.protect import CheckConfig, NastyConfig, SDBConfig, Thresholds, wrap, wrap_nasty
+    from sdb_core.train import accuracy, seed_everything, train_classifier
     from sdb_core.weights import load_weights, save_weights
 
     data = load_dataset(spec.data)
@@ -67,9 +75,9 @@ def wrap_to_bundle(spec: WrapSpec, master_key: bytes, *, phase: PhaseFn = _no_ph
     if spec.teacher:
         load_weights(teacher, spec.teacher)
     else:
-        h = train_classifier(teacher, data.train,
-                             TrainConfig(epochs=spec.teacher_epochs, lr=spec.lr, batch_size=spec.batch_size,
-                                         seed=spec.seed), progress=phase("teacher"), should_cancel=should_cancel)
+        cfg = teacher_config(spec.arch, epochs=spec.teacher_epochs, batch_size=spec.batch_size, seed=spec.seed)
+        h = train_classifier(teacher, data.train, cfg, shift=teacher_shift(data.in_shape), progress=phase("teacher"),
+                             should_cancel=should_cancel)
         teacher_history = h.epochs
         if spec.save_teacher:
             save_weights(teacher, spec.save_teacher)
@@ -81,15 +89,19 @@ def wrap_to_bundle(spec: WrapSpec, master_key: bytes, *, phase: PhaseFn = _no_ph
         result = wrap_nasty(teacher, data, NastyConfig(train=replace(NastyConfig().train, **flags)),
                             progress=phase("wrap"), should_cancel=should_cancel)
     else:
+        check = CheckConfig(thresholds=Thresholds(spec.max_accuracy_drop, spec.max_keyed_drop, spec.min_leak_margin),
+                            max_attempts=spec.check_attempts, budget_seconds=spec.check_budget, seed=spec.seed)
+        # WrapRefused propagates: the caller exits non-zero (CLI) or fails the job, with its message.
         result = wrap(teacher, data, SDBConfig(lam=spec.lam, train=replace(SDBConfig().train, **flags)),
-                      progress=phase("wrap"), should_cancel=should_cancel)
+                      check=check, progress=phase("wrap"), should_cancel=should_cancel, log=log)
     r = result.report
     metrics = {k: r[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement") if k in r}
     name = spec.name or f"{spec.data.split(':')[0]}-{spec.arch}"
+    extra = {"arch": spec.arch, "data": spec.data, **({"check": r["check"]} if "check" in r else {})}
     out = export_bundle(result.box, spec.out, name=name, version=spec.version, in_shape=data.in_shape,
                         mean=data.mean, std=data.std, labels=data.labels,
                         master_key=master_key if result.box.has_key else None,
-                        metrics=metrics, extra={"arch": spec.arch, "data": spec.data})
+                        metrics=metrics, extra=extra)
     return WrapOutcome(Path(out), name, metrics, r, teacher_history)
 
 

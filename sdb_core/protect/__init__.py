@@ -10,12 +10,13 @@ _EXPORTS = {
     "SealError": "seal", "seal": "seal", "unseal": "seal", "load_or_create_master_key": "seal",
     "blend": "key", "generate_key": "key", "random_keys": "key",
     "NastyConfig": "nasty", "wrap_nasty": "nasty",
-    "SDBConfig": "sdb", "WrapResult": "sdb", "confusion_targets": "sdb", "wrap": "sdb",
+    "SDBConfig": "sdb", "WrapResult": "sdb", "confusion_targets": "sdb", "wrap": "sdb", "train_box": "sdb",
+    "CheckConfig": "check", "Thresholds": "check", "WrapRefused": "check",
 }
 __all__ = [  # noqa: RUF022 - grouped by module, as _EXPORTS
     "NoKeyError", "SafeDistillationBox", "SealError", "seal", "unseal", "load_or_create_master_key",
     "blend", "generate_key", "random_keys", "NastyConfig", "wrap_nasty", "SDBConfig", "WrapResult",
-    "confusion_targets", "wrap",
+    "confusion_targets", "wrap", "train_box", "CheckConfig", "Thresholds", "WrapRefused",
 ]
 assert set(__all__) == set(_EXPORTS)
 

@@ -16,10 +16,12 @@ from torch import nn
 from ..data import transfer_split
 from ..distill import DistillConfig, distill, probs_to_logits
 from ..models import create_model
+from ..models.schedules import teacher_config, teacher_shift
 from ..train import TrainConfig, accuracy, seed_everything, train_classifier
 from .box import SafeDistillationBox
+from .check import CheckConfig, WrapRefused
 from .key import random_keys
-from .sdb import SDBConfig, wrap
+from .sdb import SDBConfig, public_report, wrap
 
 STUDENT_WAYS = ("labels_only", "kd_teacher", "kd_public", "kd_keyed", "kd_wrong_key")
 
@@ -80,25 +82,43 @@ def measure_students(teacher: nn.Module, box: SafeDistillationBox, data, cfg: Me
 
 def train_teacher(data, seed: int, *, arch: str = "cnn", cfg: TrainConfig | None = None,
                   log: Callable[[str], None] = lambda s: None, progress=None):
-    """The owner's teacher of the benchmarks, trained at ``seed``: ``(teacher, history)``."""
-    cfg = replace(cfg or TrainConfig(epochs=8), seed=seed)
+    """The owner's teacher of the benchmarks, trained at ``seed``: ``(teacher, history)``.
+
+    No ``cfg``: ``arch``'s own teacher schedule (``models.schedules``), random shifts included.
+    """
+    shift = 0 if cfg is not None else teacher_shift(data.in_shape)
+    cfg = replace(cfg or teacher_config(arch), seed=seed)
     seed_everything(seed)
     teacher = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)
     t0 = time.perf_counter()
-    history = train_classifier(teacher, data.train, cfg, progress=progress)
+    history = train_classifier(teacher, data.train, cfg, shift=shift, progress=progress)
     log(f"seed {seed}: teacher {accuracy(teacher, data.test):.1f}% in {time.perf_counter() - t0:.0f}s")
     return teacher.eval(), history
 
 
 def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
-                   sdb_cfg: SDBConfig | None = None, log: Callable[[str], None] = lambda s: None,
-                   progress=None):
-    """Train the owner's teacher at ``seed`` and wrap it: ``(teacher, teacher history, WrapResult)``."""
+                   sdb_cfg: SDBConfig | None = None, check: CheckConfig | None = CheckConfig(),  # noqa: B008
+                   keep_refused: bool = False, log: Callable[[str], None] = lambda s: None, progress=None):
+    """Train the owner's teacher at ``seed`` and wrap it: ``(teacher, teacher history, WrapResult)``.
+
+    The report's accuracies are on ``data.test`` (a checked wrap measured itself on held-out
+    training data; those figures stay under ``report["check"]``), ``seconds`` is the whole wrap.
+    ``keep_refused`` (benchmarks): a refused wrap returns its best attempt instead of raising.
+    """
     teacher, th = train_teacher(data, seed, arch=teacher_arch, cfg=teacher_cfg, log=log, progress=progress)
     sdb_cfg = sdb_cfg or SDBConfig()
     sdb_cfg = replace(sdb_cfg, train=replace(sdb_cfg.train, seed=seed))
-    result = wrap(teacher, data, sdb_cfg, progress=progress)
+    t0 = time.perf_counter()
+    try:
+        result = wrap(teacher, data, sdb_cfg, check=check and replace(check, seed=seed), progress=progress,
+                      log=log)
+    except WrapRefused as e:
+        if not keep_refused or e.best is None:
+            raise
+        log(f"seed {seed}: refused ({e}); measured all the same")
+        result = e.best
     r = result.report
+    r.update(public_report(teacher, result.box, data.test), seconds=time.perf_counter() - t0)
     log(f"seed {seed}: box public {r['public_acc']:.1f}% keyed {r['keyed_acc']:.1f}% "
         f"in {r['seconds']:.0f}s")
     return teacher, th, result
@@ -106,17 +126,20 @@ def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: T
 
 def run_protection(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
                    sdb_cfg: SDBConfig | None = None, measure_cfg: MeasureConfig | None = None,
-                   log: Callable[[str], None] = lambda s: None, progress=None) -> dict:
+                   check: CheckConfig | None = CheckConfig(),  # noqa: B008 - frozen
+                   keep_refused: bool = False, log: Callable[[str], None] = lambda s: None,
+                   progress=None) -> dict:
     measure_cfg = measure_cfg or MeasureConfig()
 
     teacher, th, result = train_and_wrap(data, seed, teacher_arch=teacher_arch, teacher_cfg=teacher_cfg,
-                                         sdb_cfg=sdb_cfg, log=log, progress=progress)
+                                         sdb_cfg=sdb_cfg, check=check, keep_refused=keep_refused, log=log,
+                                         progress=progress)
     r = result.report
     students = measure_students(teacher, result.box, data, measure_cfg, seed, log)
     return {"seed": seed, "teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"],
             "keyed_acc": r["keyed_acc"], "agreement": r["agreement"], "students": students,
             "teacher_step": th.step_seconds, "wrap_step": r["step_seconds"], "wrap_total": r["seconds"],
-            "box": result.box, "teacher": teacher}
+            **({"check": r["check"]} if "check" in r else {}), "box": result.box, "teacher": teacher}
 
 
 def _stat(values: list[float]) -> dict[str, float]:

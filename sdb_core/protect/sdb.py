@@ -32,6 +32,7 @@ from torch.utils.data import TensorDataset
 from ..distill.losses import kl_to_target, soft_kl
 from ..train import Progress, TrainConfig, accuracy, fit, pick_device, predict_logits
 from .box import SafeDistillationBox
+from .check import CheckConfig, checked_wrap
 from .key import blend, generate_key, random_keys
 
 
@@ -117,11 +118,36 @@ def wrap(
     data,
     cfg: SDBConfig | None = None,
     *,
+    check: CheckConfig | None = CheckConfig(),  # noqa: B008 - frozen, shared safely
+    key: Tensor | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> WrapResult:
+    """Wrap ``teacher`` (any classifier of ``data.in_shape`` → ``data.num_classes`` logits).
+
+    By default the wrap checks itself (:mod:`.check`): it holds out part of ``data.train``,
+    adapts the setting until the box meets ``check.thresholds`` there and raises
+    :class:`~.check.WrapRefused` when no setting does. The report's ``check`` holds the
+    measured figures. ``check=None`` runs the recipe once on all of ``data.train``, unchecked.
+    """
+    cfg = cfg or SDBConfig()
+    if check is None:
+        return train_box(teacher, data, cfg, key=key, progress=progress, should_cancel=should_cancel)
+    return checked_wrap(teacher, data, cfg, check, key=key, progress=progress, should_cancel=should_cancel,
+                        log=log)
+
+
+def train_box(
+    teacher: nn.Module,
+    data,
+    cfg: SDBConfig | None = None,
+    *,
     key: Tensor | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> WrapResult:
-    """Wrap ``teacher`` (any classifier of ``data.in_shape`` → ``data.num_classes`` logits)."""
+    """The recipe once: fine-tune a box from ``teacher`` on ``data.train``, report on ``data.test``."""
     cfg = cfg or SDBConfig()
     device = pick_device(cfg.train.device)
     key = generate_key(data.in_shape, data.mean, data.std) if key is None else key.float()
@@ -152,8 +178,10 @@ def wrap(
                                              "preserve": preserve.item()}
 
     t0 = time.perf_counter()
+    # Eval mode throughout: BatchNorm keeps the teacher's running statistics (keyed and random-key
+    # batches would otherwise rewrite the ones the clean path serves with) and dropout stays off.
     history = fit(model, TensorDataset(x_train, y_train, teacher_logits), step, cfg.train, progress=progress,
-                  should_cancel=should_cancel)
+                  should_cancel=should_cancel, train_mode=False)
     box = SafeDistillationBox(model.eval(), key.cpu(), cfg.lam, cfg.temperature, mode="sdb")
     report = public_report(frozen, box, data.test)
     report.update(mode="sdb", lam=cfg.lam, temperature=T, seconds=time.perf_counter() - t0,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdb_core.bundle import BundleError, export_bundle, load_bundle
-from sdb_core.protect import NastyConfig, SDBConfig, SealError, wrap, wrap_nasty
+from sdb_core.protect import NastyConfig, SDBConfig, SealError, train_box, wrap_nasty
 from sdb_core.protect.key import new_master_key
 from sdb_core.train import TrainConfig
 
@@ -15,7 +15,7 @@ from .conftest import OutsideNet
 
 @pytest.fixture(scope="module")
 def box(digits, digits_teacher):
-    return wrap(digits_teacher, digits, SDBConfig(train=TrainConfig(epochs=1))).box
+    return train_box(digits_teacher, digits, SDBConfig(train=TrainConfig(epochs=1))).box
 
 
 @pytest.fixture(scope="module")

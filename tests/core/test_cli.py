@@ -14,11 +14,16 @@ from service.cli import main
 @pytest.fixture(scope="module")
 def wrapped(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
+    # Two wrap epochs cannot meet the default thresholds; the plumbing is what is tested here, so the
+    # owner's thresholds are loosened (and one attempt is enough).
     args = ["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", str(d / "bundle"),
             "--epochs", "2", "--teacher-epochs", "4", "--lr", "0.02", "--save-teacher", str(d / "teacher.safetensors"),
-            "--data-dir", str(d / "data")]
+            "--data-dir", str(d / "data"), *LOOSE]
     assert main(args) == 0
     return d
+
+
+LOOSE = ["--max-accuracy-drop", "100", "--max-keyed-drop", "100", "--min-leak-margin", "-100", "--check-attempts", "1"]
 
 
 def test_wrap_writes_a_loadable_bundle(wrapped, capsys):
@@ -27,6 +32,21 @@ def test_wrap_writes_a_loadable_bundle(wrapped, capsys):
     b = load_bundle(wrapped / "bundle", load_or_create_master_key(wrapped / "data" / "master.key"))
     assert b.has_key and b.meta["name"] == "digits-cnn" and b.meta["metrics"]["public_acc"] > 50
     assert (wrapped / "teacher.safetensors").exists()
+    check = b.meta["check"]  # the self-check's measured report ships with the box
+    assert check["passed"] and check["thresholds"]["max_accuracy_drop"] == 100
+    assert check["val_size"] + check["fit_size"] == 1397 and len(check["attempts"]) == 1
+    assert {"public_drop", "keyed_drop", "kd_public", "labels_only"} <= set(check["figures"])
+
+
+def test_wrap_refuses_a_box_that_misses_a_threshold(wrapped, tmp_path, capsys):
+    out = tmp_path / "refused"
+    args = ["wrap", "--teacher", str(wrapped / "teacher.safetensors"), "--arch", "cnn", "--data", "digits",
+            "--out", str(out), "--epochs", "1", "--check-attempts", "2", "--min-leak-margin", "100",
+            "--data-dir", str(wrapped / "data")]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "refused, no bundle written" in err and "after 2 attempt(s)" in err and "leak by" in err
+    assert "self-check attempt 2" in err and not out.exists()
 
 
 @pytest.mark.parametrize("how", ["teacher", "public", "authorized", "labels"])
@@ -83,4 +103,17 @@ def test_the_cli_and_the_wrap_job_default_to_the_recipe_lambda():
 
     lam = SDBConfig().lam
     assert WrapSpec.lam == lam and WrapParams.model_fields["lam"].default == lam
-    assert build_parser().parse_args(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", "b"]).lam == lam
+    args = build_parser().parse_args(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", "b"])
+    assert args.lam == lam
+
+
+def test_the_cli_and_the_wrap_job_default_to_the_library_thresholds():
+    from sdb_core.protect import CheckConfig, Thresholds
+    from service.cli import build_parser
+    from service.jobs.kinds.wrap import WrapParams
+    from service.pipelines import WrapSpec
+
+    args = build_parser().parse_args(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", "b"])
+    for name, value in vars(Thresholds()).items():
+        assert getattr(WrapSpec, name) == value == WrapParams.model_fields[name].default == getattr(args, name)
+    assert WrapSpec.check_attempts == CheckConfig().max_attempts == args.check_attempts

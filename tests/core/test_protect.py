@@ -13,7 +13,7 @@ from sdb_core.protect import (
     SDBConfig,
     confusion_targets,
     random_keys,
-    wrap,
+    train_box,
     wrap_nasty,
 )
 from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everything
@@ -32,7 +32,7 @@ def _soft_kl_to(teacher, fn, x, T=4.0):
 def sdb_result(digits, digits_teacher):
     # A key from a seeded generator keeps the test deterministic; the product draws it from the OS.
     key = random_keys(1, digits.in_shape, digits.mean, digits.std, generator=torch.Generator().manual_seed(7))[0]
-    return wrap(digits_teacher, digits, SDBConfig(train=TrainConfig(epochs=6, lr=0.01)), key=key)
+    return train_box(digits_teacher, digits, SDBConfig(train=TrainConfig(epochs=6, lr=0.01)), key=key)
 
 
 def test_sdb_keeps_accuracy_and_disturbs_only_the_public_path(digits, digits_teacher, sdb_result):
@@ -80,7 +80,7 @@ def test_every_recipe_accepts_a_model_outside_the_zoo(digits):
     net = OutsideNet(in_features=64, classes=digits.num_classes)
     distill(net, digits.train, None, DistillConfig(train=TrainConfig(epochs=3, lr=0.05)))
     assert accuracy(net, digits.test) > 80
-    box = wrap(net, digits, SDBConfig(train=TrainConfig(epochs=1))).box
+    box = train_box(net, digits, SDBConfig(train=TrainConfig(epochs=1))).box
     assert box.predict(digits.test.tensors[0][:3]).shape == (3, 10)
     assert wrap_nasty(net, digits, NastyConfig(train=TrainConfig(epochs=1))).box.predict(
         digits.test.tensors[0][:3]).shape == (3, 10)

@@ -80,7 +80,7 @@ def bundles(tmp_path_factory) -> Bundles:
     from sdb_core.bundle import export_bundle
     from sdb_core.data import load_dataset
     from sdb_core.models import create_model
-    from sdb_core.protect import SDBConfig, wrap
+    from sdb_core.protect import SDBConfig, train_box
     from sdb_core.protect.key import load_or_create_master_key
     from sdb_core.train import TrainConfig, seed_everything, train_classifier
 
@@ -92,7 +92,7 @@ def bundles(tmp_path_factory) -> Bundles:
     seed_everything(0)
     teacher = create_model("cnn", num_classes=data.num_classes, in_shape=data.in_shape)
     train_classifier(teacher, data.train, TrainConfig(epochs=2))
-    box = wrap(teacher, data, SDBConfig(train=TrainConfig(epochs=1))).box
+    box = train_box(teacher, data, SDBConfig(train=TrainConfig(epochs=1))).box
     common = {"in_shape": data.in_shape, "mean": data.mean, "std": data.std, "labels": data.labels,
               "master_key": master}
     a = export_bundle(box, root / "digits-a", name="digits-a", **common)

@@ -16,7 +16,10 @@ from .conftest import make_settings, start_service
 
 pytestmark = pytest.mark.usefixtures("db_url")  # every test on SQLite and on PostgreSQL
 
-WRAP = {"data": "digits", "arch": "cnn", "epochs": 1, "name": "digits-demo", "deploy": True}
+# One wrap epoch cannot meet the default self-check; these tests are about the job, so the owner's
+# thresholds are loosened.
+LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "check_attempts": 1}
+WRAP = {"data": "digits", "arch": "cnn", "epochs": 1, "name": "digits-demo", "deploy": True, **LOOSE}
 DISTILL = {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1}
 
 

@@ -6,6 +6,7 @@ process picks it up on its next model sync (``models_sync_s``), with no call bet
 """
 from __future__ import annotations
 
+import json
 import shutil
 from typing import Literal
 
@@ -22,7 +23,7 @@ class WrapParams(JobParams):
     arch: str = Field(description="the teacher's architecture")
     teacher: str | None = Field(None, description="teacher weights, a path under the data dir; "
                                 "absent: a teacher is trained first")
-    teacher_epochs: int = Field(8, ge=1, le=1000)
+    teacher_epochs: int | None = Field(None, ge=1, le=1000, description="absent: the architecture's schedule")
     epochs: int = Field(15, ge=1, le=1000)
     name: str | None = Field(None, pattern=NAME_PATTERN, description="model name (default DATA-ARCH)")
     deploy: bool = False
@@ -30,6 +31,16 @@ class WrapParams(JobParams):
     lam: float = Field(WrapSpec.lam, gt=0, lt=1, description="keyed input λ·x + (1 − λ)·k")
     lr: float = Field(0.01, gt=0, le=10)
     batch_size: int = Field(64, ge=1, le=4096)
+    max_accuracy_drop: float = Field(WrapSpec.max_accuracy_drop, ge=0, le=100, description=(
+        "self-check: points of top-1 the public path may lose against the teacher, measured on a held-out "
+        "part of the training split"))
+    max_keyed_drop: float = Field(WrapSpec.max_keyed_drop, ge=0, le=100,
+                                  description="self-check: points of top-1 the keyed path may lose")
+    min_leak_margin: float = Field(WrapSpec.min_leak_margin, ge=-100, le=100, description=(
+        "self-check: points a student distilled from the public outputs must stay below labels alone"))
+    check_attempts: int = Field(WrapSpec.check_attempts, ge=1, le=10, description="self-check: settings tried")
+    check_budget: float | None = Field(None, gt=0, le=86400,
+                                       description="self-check: seconds after which no new attempt starts")
 
     @field_validator("arch")
     @classmethod
@@ -77,12 +88,23 @@ def run(ctx, p: WrapParams) -> dict:
     store = ctx.queue.store
     version = _next_version(store, p.model_name) if p.deploy else "1"
     out = ctx.artifacts / "bundle.sdb"
-    ctx.plan(**({} if p.teacher else {"teacher": p.teacher_epochs}), wrap=p.epochs)
+    from sdb_core.models.schedules import teacher_schedule
+
+    ctx.plan(**({} if p.teacher else {"teacher": p.teacher_epochs or teacher_schedule(p.arch)["epochs"]}),
+             wrap=p.epochs)
     spec = WrapSpec(data=p.data, arch=p.arch, out=out, name=p.model_name, version=version, teacher=p.teacher,
                     teacher_epochs=p.teacher_epochs, mode=p.mode, lam=p.lam, epochs=p.epochs, lr=p.lr,
-                    batch_size=p.batch_size, seed=p.seed)
-    outcome = wrap_to_bundle(spec, ctx.settings.master_key, phase=ctx.phase, log=ctx.log,
-                             should_cancel=ctx.should_cancel)
+                    batch_size=p.batch_size, seed=p.seed, max_accuracy_drop=p.max_accuracy_drop,
+                    max_keyed_drop=p.max_keyed_drop, min_leak_margin=p.min_leak_margin,
+                    check_attempts=p.check_attempts, check_budget=p.check_budget)
+    from sdb_core.protect.check import WrapRefused  # here: importing a job kind must not import torch
+
+    try:
+        outcome = wrap_to_bundle(spec, ctx.settings.master_key, phase=ctx.phase, log=ctx.log,
+                                 should_cancel=ctx.should_cancel)
+    except WrapRefused as e:  # the job fails with the message; what was tried stays as an artifact
+        (ctx.artifacts / "check.json").write_text(json.dumps(e.report, indent=2))
+        raise
     ctx.log("metrics: " + ", ".join(f"{k} {v:.2f}%" for k, v in outcome.metrics.items()))
     result = {"model": outcome.name, "version": version, "bundle": "bundle.sdb", "deployed": False}
     if p.deploy:
