@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sdb_core.models import create_model, list_models, register_model
+from sdb_core.models.resnet import CifarResNet
 
 SHAPES = [(1, 28, 28), (3, 32, 32), (1, 8, 8)]
 
@@ -21,7 +22,8 @@ def one_thread():
 
 
 def test_zoo_has_the_documented_models():
-    assert {"mlp", "cnn", "lenet", "resnet8", "resnet20", "resnet56", "wrn16_2", "wrn40_2"} <= set(list_models())
+    assert {"mlp", "cnn", "lenet", "resnet8", "resnet20", "resnet56", "wrn16_2", "wrn40_2", "vit_tiny",
+            "resnet8_gn"} <= set(list_models())
 
 
 @pytest.mark.parametrize("in_shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -44,7 +46,7 @@ def test_forward_backward(name, in_shape):
 
 @pytest.mark.parametrize("in_shape", [(2, 9, 13), (3, 64, 48)])
 def test_odd_and_large_shapes(in_shape):
-    for name in ("cnn", "lenet", "resnet8", "wrn16_1"):
+    for name in ("cnn", "lenet", "resnet8", "wrn16_1", "vit_tiny", "resnet8_gn"):
         assert create_model(name, 4, in_shape)(torch.randn(2, *in_shape)).shape == (2, 4)
 
 
@@ -86,6 +88,8 @@ def test_family_kwargs():
         create_model("mlp", hidden=[])
     with pytest.raises(ValueError, match="dropout must be in \\[0, 1\\), got 1.5"):
         create_model("wrn16_2", dropout=1.5)
+    with pytest.raises(ValueError, match="dropout must be in \\[0, 1\\), got -0.1"):
+        create_model("vit_tiny", dropout=-0.1)
     with pytest.raises(TypeError):
         create_model("resnet20", dropout=0.1)  # a typo'd option must not pass silently
 
@@ -98,6 +102,40 @@ def test_wrn_dropout_acts_only_in_training():
     assert not torch.equal(model(x), model(x))
     model.eval()
     assert torch.equal(model(x), model(x))
+
+
+def test_vit_dropout_acts_only_in_training():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", 10, (1, 28, 28))  # the default dropout, 0.1
+    x = torch.randn(2, 1, 28, 28)
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model = create_model("vit_tiny", 10, (1, 28, 28), dropout=0.0).train()
+    assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize(("in_shape", "tokens"), [((1, 8, 8), 16), ((1, 28, 28), 49), ((3, 32, 32), 64),
+                                                  ((2, 9, 13), 35)])
+def test_vit_patch_grid_follows_the_input(in_shape, tokens):
+    model = create_model("vit_tiny", 10, in_shape)
+    assert model.pos_embed.shape[1] == 1 + tokens  # the class token and one per patch
+    assert isinstance(model.norm, torch.nn.LayerNorm)
+    assert not any(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
+
+
+def test_resnet8_gn_has_group_norm_and_no_batch_norm():
+    model = create_model("resnet8_gn", 10, (3, 32, 32))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 7 and {m.num_groups for m in norms} == {8}
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in create_model("resnet8").modules())
+    # No batch statistics: a sample's output does not depend on the rest of its batch, even in train mode.
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.allclose(model.train()(x)[:1], model(x[:1]), atol=1e-5)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        CifarResNet(8, 10, (3, 32, 32), norm="ln")
 
 
 def test_register_refuses_a_duplicate_name():
