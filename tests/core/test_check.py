@@ -133,7 +133,7 @@ def test_the_check_never_reads_the_test_split(digits, digits_teacher):
     poisoned = replace(digits, test=TensorDataset(torch.randn_like(x) * 50, (y + 1) % 10))
     a = wrap(digits_teacher, digits, cfg, check=check, key=key)
     b = wrap(digits_teacher, poisoned, cfg, check=check, key=key)
-    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     assert [strip(t) for t in a.report["check"]["attempts"]] == [strip(t) for t in b.report["check"]["attempts"]]
     assert a.report["check"]["figures"] == b.report["check"]["figures"]
     for (k, va), vb in zip(a.box.model.state_dict().items(), b.box.model.state_dict().values(), strict=True):
