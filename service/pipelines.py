@@ -65,18 +65,22 @@ def wrap_to_bundle(spec: WrapSpec, master_key: bytes, *, phase: PhaseFn = _no_ph
     from sdb_core.models import create_model
     from sdb_core.models.schedules import teacher_config, teacher_shift
     from sdb_core.protect import CheckConfig, NastyConfig, SDBConfig, Thresholds, wrap, wrap_nasty
+    from sdb_core.protect.check import teacher_data
     from sdb_core.train import accuracy, seed_everything, train_classifier
     from sdb_core.weights import load_weights, save_weights
 
     data = load_dataset(spec.data)
+    check = CheckConfig(thresholds=Thresholds(spec.max_accuracy_drop, spec.max_keyed_drop, spec.min_leak_margin),
+                        max_attempts=spec.check_attempts, budget_seconds=spec.check_budget, seed=spec.seed)
     seed_everything(spec.seed)
     teacher = create_model(spec.arch, num_classes=data.num_classes, in_shape=data.in_shape)
     teacher_history: list[dict] = []
     if spec.teacher:
         load_weights(teacher, spec.teacher)
-    else:
+    else:  # not on the part the wrap's check holds out (an SDB wrap's): there it must be unseen
+        train = (teacher_data(data, check) if spec.mode == "sdb" else data).train
         cfg = teacher_config(spec.arch, epochs=spec.teacher_epochs, batch_size=spec.batch_size, seed=spec.seed)
-        h = train_classifier(teacher, data.train, cfg, shift=teacher_shift(data.in_shape), progress=phase("teacher"),
+        h = train_classifier(teacher, train, cfg, shift=teacher_shift(data.in_shape), progress=phase("teacher"),
                              should_cancel=should_cancel)
         teacher_history = h.epochs
         if spec.save_teacher:
@@ -89,8 +93,6 @@ def wrap_to_bundle(spec: WrapSpec, master_key: bytes, *, phase: PhaseFn = _no_ph
         result = wrap_nasty(teacher, data, NastyConfig(train=replace(NastyConfig().train, **flags)),
                             progress=phase("wrap"), should_cancel=should_cancel)
     else:
-        check = CheckConfig(thresholds=Thresholds(spec.max_accuracy_drop, spec.max_keyed_drop, spec.min_leak_margin),
-                            max_attempts=spec.check_attempts, budget_seconds=spec.check_budget, seed=spec.seed)
         # WrapRefused propagates: the caller exits non-zero (CLI) or fails the job, with its message.
         result = wrap(teacher, data, SDBConfig(lam=spec.lam, train=replace(SDBConfig().train, **flags)),
                       check=check, progress=phase("wrap"), should_cancel=should_cancel, log=log)

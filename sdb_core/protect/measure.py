@@ -19,7 +19,7 @@ from ..models import create_model
 from ..models.schedules import teacher_config, teacher_shift
 from ..train import TrainConfig, accuracy, seed_everything, train_classifier
 from .box import SafeDistillationBox
-from .check import CheckConfig, WrapRefused
+from .check import CheckConfig, WrapRefused, teacher_data
 from .key import random_keys
 from .sdb import SDBConfig, public_report, wrap
 
@@ -105,13 +105,15 @@ def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: T
     training data; those figures stay under ``report["check"]``), ``seconds`` is the whole wrap.
     ``keep_refused`` (benchmarks): a refused wrap returns its best attempt instead of raising.
     """
-    teacher, th = train_teacher(data, seed, arch=teacher_arch, cfg=teacher_cfg, log=log, progress=progress)
+    check = check and replace(check, seed=seed)
+    # A checked wrap measures on held-out training data, which its teacher must not have seen.
+    teacher_on = teacher_data(data, check) if check else data
+    teacher, th = train_teacher(teacher_on, seed, arch=teacher_arch, cfg=teacher_cfg, log=log, progress=progress)
     sdb_cfg = sdb_cfg or SDBConfig()
     sdb_cfg = replace(sdb_cfg, train=replace(sdb_cfg.train, seed=seed))
     t0 = time.perf_counter()
     try:
-        result = wrap(teacher, data, sdb_cfg, check=check and replace(check, seed=seed), progress=progress,
-                      log=log)
+        result = wrap(teacher, data, sdb_cfg, check=check, progress=progress, log=log)
     except WrapRefused as e:
         if not keep_refused or e.best is None:
             raise

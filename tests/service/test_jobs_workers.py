@@ -83,6 +83,16 @@ def test_wrap_with_deploy_then_distill_it_then_restart(tmp_path, bundles, server
         load_weights(create_model("mlp", num_classes=10, in_shape=(1, 8, 8)),
                      c.jobs.download(dist["id"], "student.safetensors", tmp_path))
 
+        # a box that misses the owner's thresholds is refused: the job fails, says why, deploys nothing
+        refused = c.jobs.submit("wrap", {**WRAP, "name": "digits-refused", "teacher_epochs": 2, "min_leak_margin": 100,
+                                         "check_attempts": 2})
+        job = done(c, refused["id"], 120)
+        assert job["status"] == "failed" and "missed the owner's thresholds after 2 attempt(s)" in job["error"], job
+        assert {a["name"] for a in c.jobs.artifacts(refused["id"])} == {"check.json"}
+        check = json.loads(c.jobs.download(refused["id"], "check.json", tmp_path).read_text())
+        assert not check["passed"] and len(check["attempts"]) == 2 and check["thresholds"]["min_leak_margin"] == 100
+        assert httpx.get(f"{url}/v1/models/digits-refused").status_code == 404
+
         # the CLI over HTTP: submit from a params file and follow, status, logs, cancel
         env = {**servers[0].env, "SDB_URL": url, "SDB_API_KEY": token}
         (tmp_path / "p.json").write_text(json.dumps({**DISTILL, "transfer": 100}))
