@@ -14,7 +14,7 @@ from typing import Any
 # Plain dicts (TrainConfig's fields), so this module imports no torch.
 _SGD_SMALL = {"epochs": 15, "lr": 0.02, "optimizer": "sgd"}
 _SGD_RESNET = {"epochs": 30, "lr": 0.1, "optimizer": "sgd"}
-_ADAM_VIT = {"epochs": 40, "lr": 1e-3, "optimizer": "adam", "weight_decay": 5e-5}
+_ADAM_VIT = {"epochs": 60, "lr": 3e-3, "optimizer": "adam", "weight_decay": 5e-5}
 
 SCHEDULES: dict[str, dict[str, Any]] = {
     "cnn": _SGD_SMALL, "lenet": _SGD_SMALL, "mlp": _SGD_SMALL,

@@ -94,7 +94,7 @@ def test_holdout_takes_a_stratified_part_of_train_and_never_the_test_split(digit
 
 def _small_check(**thresholds) -> CheckConfig:
     return CheckConfig(thresholds=Thresholds(**thresholds), max_attempts=2,
-                       student_train=TrainConfig(epochs=3, lr=0.01), transfer_n=400)
+                       student_train=TrainConfig(epochs=3, lr=0.01), student_seeds=1, transfer_n=400)
 
 
 def test_an_impossible_threshold_is_refused_with_what_was_tried(digits, digits_teacher):

@@ -1,0 +1,166 @@
+"""Does the box protect on every architecture and data set? Teachers x data sets, self-checking wrap; matrix + JSON.
+
+    python benchmarks/protection_matrix.py --workers 8 --json benchmarks/results/protection_matrix.json
+    python benchmarks/protection_matrix.py --quick      # cnn and resnet8 on digits, seed 0: the CPU subset
+
+Per (teacher, data set, seed): train the teacher on its own schedule (``sdb_core.models.schedules``),
+wrap it with the library's default, self-checking ``wrap`` (a refused wrap is measured all the same,
+its best attempt, and the cell says so), then train each student architecture five ways on a
+1,000-image transfer set as ``benchmarks/protection.py`` does. Each cell's JSON holds the fields of
+``protection.py``'s JSON (``students`` is the first student's) plus ``students_by_arch``,
+``wrap_seconds``, what the self-check chose per seed and each target per student. ``--audit`` also
+runs the leak audit at N = 300 (``benchmarks/audit.py``'s protocol) on the BatchNorm, LayerNorm and
+GroupNorm cells of the colour set. ``--workers`` runs (cell, seed) units in parallel processes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sdb_core.data import load_dataset
+from sdb_core.protect.audit import AuditConfig, audit
+from sdb_core.protect.measure import MeasureConfig, measure_students, summarize, targets, train_and_wrap
+
+TEACHERS = ("cnn", "lenet", "mlp", "resnet8", "resnet20", "wrn16_2", "vit_tiny", "resnet8_gn")
+DATASETS = ("mnist-5k", "digits", "mnist-textures")
+STUDENTS = ("mlp", "lenet")
+COLOUR = "mnist-textures"
+AUDITED = {"resnet8": "BatchNorm", "vit_tiny": "LayerNorm", "resnet8_gn": "GroupNorm"}  # on COLOUR
+QUICK = {"teachers": ["cnn", "resnet8"], "data": ["digits"], "seeds": [0]}
+# The matrix's targets are protection.py's, less the step-time ratio (a property of one machine).
+MATRIX_TARGETS = 6
+
+
+def run_unit(arch: str, dataset: str, seed: int, students: list[str], threads: int, do_audit: bool) -> dict:
+    """One (teacher, data set, seed): teacher, checked wrap, students of every architecture, audit."""
+    torch.set_num_threads(threads)
+    log = lambda s: print(f"[{arch} {dataset} {seed}] {s}", flush=True)
+    data = load_dataset(dataset)
+    t0 = time.perf_counter()
+    teacher, th, result = train_and_wrap(data, seed, teacher_arch=arch, keep_refused=True, log=log)
+    r = result.report
+    out = {"seed": seed, "teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"], "keyed_acc": r["keyed_acc"],
+           "agreement": r["agreement"], "teacher_step": th.step_seconds, "wrap_step": r["step_seconds"],
+           "wrap_total": r["seconds"], "check": _check_summary(r.get("check")), "students_by_arch": {}}
+    for s in students:
+        out["students_by_arch"][s] = measure_students(teacher, result.box, data, MeasureConfig(student=s), seed, log)
+    if do_audit:
+        cfg = replace(AuditConfig(), seeds=(seed,))
+        out["audit"] = {"teacher": audit(teacher, data, cfg, log=log).to_dict(),
+                        "protected": audit(result.box, data, cfg, log=log).to_dict()}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _check_summary(check: dict | None) -> dict | None:
+    if check is None:
+        return None
+    return {"passed": check["passed"], "chosen": check["chosen"], "attempts": len(check["attempts"]),
+            "figures": check["figures"], "seconds": check["seconds"]}
+
+
+def cell_summary(arch: str, dataset: str, runs: list[dict], students: list[str]) -> dict:
+    by_arch, met = {}, {}
+    for s in students:
+        summary = summarize(dataset, [{**r, "students": r["students_by_arch"][s]} for r in runs])
+        by_arch[s] = summary["students"]
+        met[s] = {name: {"met": ok, "measured": fig} for name, ok, fig in targets(summary)[:MATRIX_TARGETS]}
+    cell = {"teacher_arch": arch, **summary, "students": by_arch[students[0]], "students_by_arch": by_arch,
+            "wrap_seconds": statistics.fmean(r["wrap_total"] for r in runs),
+            "check": [{"seed": r["seed"], **(r["check"] or {})} for r in runs],
+            "targets": met, "met": all(t["met"] for m in met.values() for t in m.values())}
+    if all("audit" in r for r in runs):
+        from audit import combine  # benchmarks/audit.py: one verdict over the seeds' means
+
+        threshold = AuditConfig().threshold
+        cell["audit"] = {who: combine([r["audit"][who] for r in runs], threshold) for who in ("teacher", "protected")}
+        cell["audit"]["met"] = (cell["audit"]["protected"]["verdict"] == "protected"
+                                and cell["audit"]["teacher"]["verdict"] == "leaks")
+    return cell
+
+
+def format_matrix(cells: list[dict]) -> str:
+    head = (f"{'teacher':10} {'data':15} {'teach':>6} {'public':>6} {'keyed':>6} {'student':7} {'labels':>6} "
+            f"{'kd_pub':>6} {'kd_wk':>6} {'kd_tea':>6} {'kd_key':>6} {'check':>9} {'wrap s':>7}  targets")
+    lines = [head, "-" * len(head)]
+    for c in cells:
+        checks = "".join("y" if k.get("passed") else "n" for k in c["check"])
+        for i, (s, st) in enumerate(c["students_by_arch"].items()):
+            m = {k: v["mean"] for k, v in st.items()}
+            missed = [n for n, t in c["targets"][s].items() if not t["met"]]
+            row = (f"{c['teacher_arch']:10} {c['dataset']:15} {c['teacher']['acc']:6.1f} "
+                   f"{c['protected']['public_acc']:6.1f} {c['protected']['keyed_acc']:6.1f}" if i == 0
+                   else f"{'':10} {'':15} {'':6} {'':6} {'':6}")
+            row += (f" {s:7} {m['labels_only']:6.1f} {m['kd_public']:6.1f} {m['kd_wrong_key']:6.1f} "
+                    f"{m['kd_teacher']:6.1f} {m['kd_keyed']:6.1f} "
+                    + (f"{checks:>9} {c['wrap_seconds']:7.0f}" if i == 0 else f"{'':9} {'':7}")
+                    + "  " + ("ok" if not missed else "MISS " + "; ".join(missed)))
+            lines.append(row)
+        if "audit" in c:
+            a = c["audit"]
+            lines.append(f"{'':10} leak audit N=300: teacher {a['teacher']['verdict']} "
+                         f"({a['teacher']['max_advantage']:+.2f}), box {a['protected']['verdict']} "
+                         f"({a['protected']['max_advantage']:+.2f})")
+    met = sum(c["met"] and c.get("audit", {}).get("met", True) for c in cells)
+    lines.append(f"\n{met} of {len(cells)} cells meet every target")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teachers", nargs="+", default=list(TEACHERS))
+    p.add_argument("--data", nargs="+", default=list(DATASETS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--students", nargs="+", default=list(STUDENTS))
+    p.add_argument("--quick", action="store_true", help="cnn and resnet8 on digits, seed 0 (< 10 min on 2 CPU cores)")
+    p.add_argument("--audit", action="store_true", help=f"leak audit on the {'/'.join(AUDITED.values())} cells "
+                   f"of {COLOUR}")
+    p.add_argument("--workers", type=int, default=1, help="(cell, seed) units run in parallel processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--json", help="write the matrix here")
+    args = p.parse_args()
+    if args.quick:
+        args.teachers, args.data, args.seeds = QUICK["teachers"], QUICK["data"], QUICK["seeds"]
+    units = [(a, d, s, args.students, args.threads, args.audit and d == COLOUR and a in AUDITED)
+             for a in args.teachers for d in args.data for s in args.seeds]
+    t0 = time.perf_counter()
+    if args.workers > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+            results = list(pool.map(run_unit, *zip(*units, strict=True)))
+    else:
+        results = [run_unit(*u) for u in units]
+    cells = []
+    for a in args.teachers:
+        for d in args.data:
+            runs = [r for u, r in zip(units, results, strict=True) if u[0] == a and u[1] == d]
+            cells.append(cell_summary(a, d, runs, args.students))
+    seconds = time.perf_counter() - t0
+    print()
+    print(format_matrix(cells))
+    print(f"{seconds:.0f} s, {args.workers} worker(s) x {args.threads} thread(s), "
+          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+    if args.json:
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        out = {"cells": cells, "seeds": args.seeds, "students": args.students, "seconds": seconds,
+               "device": device, "workers": args.workers, "threads": args.threads, "quick": args.quick,
+               "runs": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
