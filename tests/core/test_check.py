@@ -14,14 +14,6 @@ from sdb_core.protect.check import adapt, holdout
 from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everything, train_classifier
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class TinyBN(nn.Module):
     def __init__(self):
         super().__init__()

@@ -21,14 +21,6 @@ SHAPES = [(3, 13, 13), (1, 28, 28), (3, 32, 32)]
 CLASSES = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.cache
 def tiny(in_shape: tuple[int, int, int]) -> DataSplits:
     """48 train and 16 test images of 4 classes, each class a faint pattern under noise."""
