@@ -135,6 +135,13 @@ def transfer_split(data: DataSplits, n: int, seed: int) -> TensorDataset:
     a class that runs short simply stops contributing and the others fill in.
     """
     x, y = data.train.tensors
+    chosen = transfer_indices(data, n, seed)
+    return TensorDataset(x[chosen], y[chosen])
+
+
+def transfer_indices(data: DataSplits, n: int, seed: int) -> torch.Tensor:
+    """The indices into the train split that ``transfer_split`` takes, in its order."""
+    _, y = data.train.tensors
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(y):
         raise ValueError(f"n must be an int in [1, {len(y)}] (the train split size), got {n!r}")
     rng = np.random.default_rng(seed)
@@ -144,5 +151,4 @@ def transfer_split(data: DataSplits, n: int, seed: int) -> TensorDataset:
         idx = np.flatnonzero(labels == c)
         rank[rng.permutation(idx)] = np.arange(len(idx))
     chosen = np.lexsort((rng.random(len(labels)), rank))[:n]
-    chosen = torch.from_numpy(rng.permutation(chosen))
-    return TensorDataset(x[chosen], y[chosen])
+    return torch.from_numpy(rng.permutation(chosen))
