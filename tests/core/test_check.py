@@ -15,11 +15,13 @@ from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everythin
 
 
 class TinyBN(nn.Module):
-    def __init__(self):
+    """Two convolutions, each followed by a normalisation layer (BatchNorm2d, or GroupNorm)."""
+
+    def __init__(self, norm=nn.BatchNorm2d):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(1, 16, 3, padding=1), norm(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), norm(32), nn.ReLU(),
             nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
 
     def forward(self, x):
@@ -27,15 +29,19 @@ class TinyBN(nn.Module):
 
 
 class TinyLN(nn.Module):
-    """LayerNorm and dropout, an MLP outside the zoo."""
+    """An MLP outside the zoo with a normalisation layer (LayerNorm, or BatchNorm1d) and dropout."""
 
-    def __init__(self):
+    def __init__(self, norm=nn.LayerNorm):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), nn.LayerNorm(96), nn.ReLU(), nn.Dropout(0.2),
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 96), norm(96), nn.ReLU(), nn.Dropout(0.2),
                                  nn.Linear(96, 10))
 
     def forward(self, x):
         return self.net(x)
+
+
+NETS = {"batchnorm2d": TinyBN, "groupnorm": lambda: TinyBN(lambda c: nn.GroupNorm(4, c)),
+        "layernorm-dropout": TinyLN, "batchnorm1d-dropout": lambda: TinyLN(nn.BatchNorm1d)}
 
 
 def _teacher(net: nn.Module, digits) -> nn.Module:
@@ -51,9 +57,9 @@ def _kl(a: torch.Tensor, b: torch.Tensor, T: float = 4.0) -> float:
 KEY = 7
 
 
-@pytest.mark.parametrize("make", [TinyBN, TinyLN], ids=["batchnorm", "layernorm-dropout"])
-def test_normalised_networks_keep_the_public_top1_and_the_keyed_soft_labels(digits, make):
-    teacher = _teacher(make(), digits)
+@pytest.mark.parametrize("net", NETS)
+def test_normalised_networks_keep_the_public_top1_and_the_keyed_soft_labels(digits, net):
+    teacher = _teacher(NETS[net](), digits)
     stats = {k: v.clone() for k, v in teacher.state_dict().items() if "running" in k}
     key = random_keys(1, digits.in_shape, digits.mean, digits.std, generator=torch.Generator().manual_seed(KEY))[0]
     # The partner share the self-check moves to when the public path misses on these small nets (at the
