@@ -23,16 +23,20 @@ def _progress_bar(desc: str):
     """A tqdm bar on stderr fed by the training loop's progress callback."""
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, desc=desc, file=sys.stderr, leave=False, disable=None,
-               bar_format="{desc} {percentage:3.0f}%|{bar:24}| {elapsed}<{remaining} {postfix}")
+    bars: list = []  # one bar per fit: a self-checking wrap fits once per attempt
 
     def update(p) -> None:
-        bar.set_description_str(f"{desc} epoch {p.epoch}/{p.epochs}")
-        bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in list(p.metrics.items())[:3]))
+        if not bars:
+            bars.append(tqdm(total=1000, desc=desc, file=sys.stderr, leave=False, disable=None,
+                             bar_format="{desc} {percentage:3.0f}%|{bar:24}| {elapsed}<{remaining} {postfix}"))
+        bar = bars[0]
+        attempt = f" attempt {p.metrics['attempt']}" if "attempt" in p.metrics else ""
+        bar.set_description_str(f"{desc}{attempt} epoch {p.epoch}/{p.epochs}")
+        bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in list(p.metrics.items())[:3] if k != "attempt"))
         bar.n = int(p.fraction * 1000)
         bar.refresh()
-        if p.fraction >= 1.0:
-            bar.close()
+        if p.fraction >= 1.0 or (p.epoch == p.epochs and p.step == p.steps):
+            bars.pop().close()
 
     return update
 

@@ -175,6 +175,14 @@ def settings_of(sdb: SDBConfig) -> dict:
             "batch_size": sdb.train.batch_size}
 
 
+def _attempt_progress(progress, attempt: int, attempts: int):
+    """Attempt ``attempt``'s progress as a share of all attempts, so a watcher's fraction never goes back."""
+    if progress is None:
+        return None
+    return lambda p: progress(replace(p, fraction=(attempt + p.fraction) / attempts,
+                                      metrics={"attempt": attempt + 1, **p.metrics}))
+
+
 def checked_wrap(
     teacher: nn.Module,
     data,
@@ -203,7 +211,8 @@ def checked_wrap(
                 log(f"self-check: budget of {check.budget_seconds:.0f}s reached after {i} attempt(s)")
                 break
         ta = time.perf_counter()
-        result = train_box(teacher, fit_data, cfg, key=key, progress=progress, should_cancel=should_cancel)
+        result = train_box(teacher, fit_data, cfg, key=key, progress=_attempt_progress(progress, i, check.max_attempts),
+                           should_cancel=should_cancel)
         r = result.report
         figures = {"teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"], "keyed_acc": r["keyed_acc"],
                    "public_drop": r["teacher_acc"] - r["public_acc"],

@@ -145,3 +145,18 @@ def test_a_good_box_passes_the_default_check(digits, digits_teacher):
     assert check["passed"] and check["attempts"][-1]["passed"] and check["chosen"] == check["attempts"][-1]["settings"]
     f = check["figures"]
     assert f["public_drop"] <= 1.0 and f["keyed_drop"] <= 1.5 and f["leak_margin"] >= 2.0, f
+
+
+def test_progress_over_attempts_never_goes_back():
+    from sdb_core.progress import Progress
+    from sdb_core.protect.check import _attempt_progress
+
+    seen: list[Progress] = []
+    for attempt in range(3):
+        report = _attempt_progress(seen.append, attempt, 3)
+        for epoch in (1, 2):
+            report(Progress(epoch, 2, 5, 5, epoch / 2, {"loss": 1.0}))
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert [p.metrics["attempt"] for p in seen] == [1, 1, 2, 2, 3, 3] and seen[0].metrics["loss"] == 1.0
+    assert _attempt_progress(None, 0, 3) is None
