@@ -143,7 +143,18 @@ def leak_check(box, data, cfg: CheckConfig, should_cancel=None) -> dict[str, flo
 P_MIN = 0.05  # below this the partners are hardly above the other classes: no confusion left to teach
 
 
-def adapt(sdb: SDBConfig, misses: dict[str, float], step: float) -> tuple[SDBConfig, int]:
+def _fit_drop(teacher, box, train, n: int = 2000) -> float:
+    """Public top-1 drop against the teacher on (up to ``n`` of) the images the box was fitted on."""
+    from ..train import accuracy
+
+    x, y = train.tensors
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
+    part = TensorDataset(x[idx], y[idx])
+    return accuracy(teacher, part) - accuracy(box.public_logits, part)
+
+
+def adapt(sdb: SDBConfig, misses: dict[str, float], step: float,
+          underfit: bool = False) -> tuple[SDBConfig, int]:
     """The next setting to try, moved away from what the last one missed, and the move's direction.
 
     The public path's accuracy and the public outputs' uselessness pull the confusion target's
@@ -152,11 +163,15 @@ def adapt(sdb: SDBConfig, misses: dict[str, float], step: float) -> tuple[SDBCon
     one teaches a distilling student more false near-ties. A public miss lowers ``p`` by ``step``, a
     leak raises it; both at once, or a keyed-path miss, train longer, and a keyed miss also lets
     more of the image through the key (λ up). Direction: -1 (p down), +1 (p up), 0.
+    ``underfit`` (the public path missed even on the images the box was fitted on) is not the
+    margin's fault: a public miss then trains longer at twice the step size (at most 0.05) instead.
     """
-    p, lam, epochs, direction = sdb.partner_prob, sdb.lam, sdb.train.epochs, 0
+    p, lam, epochs, lr, direction = sdb.partner_prob, sdb.lam, sdb.train.epochs, sdb.train.lr, 0
     public, leak, keyed = "public" in misses, "leak" in misses, "keyed" in misses
     p_max = min(sdb.target_prob - 0.05, (1.0 - sdb.target_prob) / sdb.partners - 1e-3)
-    if public and not leak and p > P_MIN + 1e-9:
+    if public and underfit:
+        epochs, lr = math.ceil(epochs * 1.5), max(lr, min(0.05, 2 * lr))
+    elif public and not leak and p > P_MIN + 1e-9:
         p, direction = max(P_MIN, p - step), -1
     elif leak and not public and p < p_max - 1e-9:
         p, direction = min(p_max, p + step), +1
@@ -166,7 +181,7 @@ def adapt(sdb: SDBConfig, misses: dict[str, float], step: float) -> tuple[SDBCon
         lam = min(0.6, lam + 0.1)
         epochs = math.ceil(epochs * 1.5) if direction else epochs
     return replace(sdb, partner_prob=round(p, 4), lam=round(lam, 3),
-                   train=replace(sdb.train, epochs=epochs)), direction
+                   train=replace(sdb.train, epochs=epochs, lr=lr)), direction
 
 
 def settings_of(sdb: SDBConfig) -> dict:
@@ -216,7 +231,8 @@ def checked_wrap(
         r = result.report
         figures = {"teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"], "keyed_acc": r["keyed_acc"],
                    "public_drop": r["teacher_acc"] - r["public_acc"],
-                   "keyed_drop": r["teacher_acc"] - r["keyed_acc"]}
+                   "keyed_drop": r["teacher_acc"] - r["keyed_acc"],
+                   "fit_public_drop": _fit_drop(teacher, result.box, fit_data.train)}
         if check.leak_check:
             figures.update(leak_check(result.box, fit_data, check, should_cancel))
         figures = {k: round(v, 3) for k, v in figures.items()}
@@ -231,10 +247,11 @@ def checked_wrap(
             best = (shortfall, result, attempt)
         if not misses:
             break
-        nxt, direction = adapt(cfg, misses, step)
+        underfit = figures["fit_public_drop"] > th.max_accuracy_drop
+        nxt, direction = adapt(cfg, misses, step, underfit)
         if direction and direction == -last_direction:  # overshot: bracket the partner share more finely
             step /= 2
-            nxt, direction = adapt(cfg, misses, step)
+            nxt, direction = adapt(cfg, misses, step, underfit)
         cfg, last_direction = nxt, direction or last_direction
 
     assert best is not None

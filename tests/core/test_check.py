@@ -120,6 +120,10 @@ def test_adapt_moves_away_from_each_miss():
     assert keyed.lam > base.lam and keyed.train.epochs > epochs
     floor, _ = adapt(replace(base, partner_prob=0.06), {"public": 1.0}, 0.05)
     assert floor.partner_prob == pytest.approx(0.05)
+    # Missed even on its own training images: not the margin's fault, train harder instead.
+    harder, d = adapt(base, {"public": 2.0}, 0.05, underfit=True)
+    assert harder.partner_prob == p and d == 0
+    assert harder.train.epochs > epochs and harder.train.lr == pytest.approx(2 * base.train.lr)
 
 
 def test_the_check_never_reads_the_test_split(digits, digits_teacher):
