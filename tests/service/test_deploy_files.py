@@ -266,11 +266,10 @@ def test_ray_nodes_use_flags_ray_has_and_the_api_reaches_the_head():
     assert dict(f.split("=", 1) for f in worker["command"] if "=" in f)["--address"] == f"ray-head:{opts['--port']}"
 
 
-# ----------------------------------------------------------------------------- README "Deploy"
+# ----------------------------------------------------------------------------- docs/deploy.md
 def readme_deploy_commands() -> list[list[str]]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("\n## Deploy\n"):]
-    section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    """Every command line of the deploy page's bash blocks (the page is the README's former Deploy section)."""
+    section = (ROOT / "docs" / "deploy.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
     lines = [re.sub(r"\s+#.*$", "", ln).strip() for b in blocks for ln in b.splitlines()]
     # KEY=$(COMMAND | tail -1): the command inside
