@@ -79,7 +79,17 @@ class HostedModel:
                 "mode": m["mode"], "distillable": self.distillable,
                 "input": {"name": m["input"]["name"], "shape": self.in_shape, "dtype": m["input"]["dtype"]},
                 "normalize": m["normalize"], "labels": self.labels, "temperature": m.get("temperature"),
-                "metrics": m.get("metrics", {}), "added_at": self.added_at}
+                "metrics": m.get("metrics", {}), "protection": protection_report(m.get("check")),
+                "added_at": self.added_at}
+
+
+def protection_report(check: dict | None) -> dict | None:
+    """What a caller may see of the wrap's self-check: the verdict, the owner's thresholds and the
+    measured figures (held-out data); not the settings tried, which describe the recipe's search."""
+    if not check:
+        return None
+    return {"passed": check["passed"], "thresholds": check["thresholds"], "figures": check["figures"],
+            "held_out": check["val_size"]}
 
 
 class Registry:

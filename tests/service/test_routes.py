@@ -40,6 +40,7 @@ async def test_models_list_and_get(svc):
     one = (await svc.client.get("/v1/models/digits-a")).json()
     assert one["version"] == "2" and one["versions"] == ["1", "2"] and one["distillable"]
     assert one["input"]["shape"] == [1, 8, 8] and len(one["labels"]) == 10
+    assert one["protection"] is None  # an unchecked box (a test fixture) says so
     assert (await svc.client.get("/v1/models/digits-a", params={"version": "1"})).json()["version"] == "1"
 
 

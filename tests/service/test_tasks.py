@@ -59,3 +59,34 @@ async def test_routes_refuse_a_task_they_cannot_serve(svc):
     assert "segmentation-depth model" in r.json()["error"]["message"]
     # and the server still serves the next good request
     assert (await svc.client.post("/v1/models/tags/predict", json=one)).status_code == 200
+
+
+async def test_a_checked_box_shows_its_measured_protection_report(tmp_path, bundles):
+    """The self-check's verdict and figures travel in meta.json and GET /v1/models shows them."""
+    from sdb_core.data import load_dataset
+    from sdb_core.protect import CheckConfig, SDBConfig, Thresholds, wrap
+    from sdb_core.protect.key import load_or_create_master_key
+    from sdb_core.train import TrainConfig
+
+    digits = load_dataset("digits")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    check = CheckConfig(thresholds=Thresholds(100, 100, -100), max_attempts=1, student_seeds=1, transfer_n=200,
+                        student_train=TrainConfig(epochs=1))
+    result = wrap(net, digits, SDBConfig(train=TrainConfig(epochs=1)), check=check)
+    path = export_bundle(result.box, tmp_path / "checked.sdb", name="checked", in_shape=digits.in_shape,
+                         mean=digits.mean, std=digits.std, labels=digits.labels,
+                         master_key=load_or_create_master_key(bundles.master_key_file),
+                         extra={"check": result.report["check"]})
+    service, manager = await start_service(make_settings(tmp_path / "data", bundles), path)
+    try:
+        info = (await service.client.get("/v1/models/checked")).json()
+        report = info["protection"]
+        assert report["passed"] and report["thresholds"]["max_accuracy_drop"] == 100
+        assert report["figures"] == result.report["check"]["figures"] and report["held_out"] > 0
+        assert "attempts" not in report and "chosen" not in report
+        listed = (await service.client.get("/v1/models")).json()["models"]
+        assert [m["protection"] for m in listed if m["name"] == "checked"] == [report]
+    finally:
+        await service.client.aclose()
+        await manager.__aexit__(None, None, None)
