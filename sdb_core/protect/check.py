@@ -117,8 +117,11 @@ def teacher_data(data, check: CheckConfig):
     return replace(fit, test=data.test)
 
 
-def leak_check(box, data, cfg: CheckConfig, should_cancel=None) -> dict[str, float]:
-    """Accuracy of a student on labels alone and one distilled from the public outputs, on unseen images."""
+def leak_check(box, data, cfg: CheckConfig, should_cancel=None, labels_only: float | None = None) -> dict[str, float]:
+    """Accuracy of a student on labels alone and one distilled from the public outputs, on unseen images.
+
+    The labels-only student does not depend on the box: pass an earlier attempt's ``labels_only``.
+    """
     from .measure import public_teacher, student_accuracy
 
     x, y = data.train.tensors
@@ -136,21 +139,19 @@ def leak_check(box, data, cfg: CheckConfig, should_cancel=None) -> dict[str, flo
     run = lambda teacher: statistics.fmean(
         student_accuracy(cfg.student, data, transfer, teacher, dcfg, s, evaluate_on=unseen,
                          should_cancel=should_cancel) for s in seeds)
-    labels_only, kd_public = run(None), run(public_teacher(box.predict))
+    labels_only = run(None) if labels_only is None else labels_only
+    kd_public = run(public_teacher(box.predict))
     return {"labels_only": labels_only, "kd_public": kd_public, "leak_margin": labels_only - kd_public}
 
 
 P_MIN = 0.05  # below this the partners are hardly above the other classes: no confusion left to teach
 
 
-def _fit_drop(teacher, box, train, n: int = 2000) -> float:
-    """Public top-1 drop against the teacher on (up to ``n`` of) the images the box was fitted on."""
-    from ..train import accuracy
-
+def _fit_part(train, n: int = 2000) -> TensorDataset:
+    """Up to ``n`` of the images the box is fitted on (fixed draw), to tell underfitting from a narrow margin."""
     x, y = train.tensors
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
-    part = TensorDataset(x[idx], y[idx])
-    return accuracy(teacher, part) - accuracy(box.public_logits, part)
+    return TensorDataset(x[idx], y[idx])
 
 
 def adapt(sdb: SDBConfig, misses: dict[str, float], step: float,
@@ -210,10 +211,13 @@ def checked_wrap(
     log: Callable[[str], None] = lambda s: None,
 ) -> WrapResult:
     """Wrap with held-out validation, adapting the setting; raise :class:`WrapRefused` on a miss."""
+    from ..train import accuracy
     from .sdb import train_box
 
     t0 = time.perf_counter()
     fit_data, _ = holdout(data, check.val_fraction, check.seed)
+    fit_part = _fit_part(fit_data.train)
+    teacher_fit_acc = accuracy(teacher, fit_part)  # the teacher is frozen: once for every attempt
     th = check.thresholds
     attempts: list[dict] = []
     best: tuple[float, WrapResult, dict] | None = None
@@ -232,9 +236,10 @@ def checked_wrap(
         figures = {"teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"], "keyed_acc": r["keyed_acc"],
                    "public_drop": r["teacher_acc"] - r["public_acc"],
                    "keyed_drop": r["teacher_acc"] - r["keyed_acc"],
-                   "fit_public_drop": _fit_drop(teacher, result.box, fit_data.train)}
+                   "fit_public_drop": teacher_fit_acc - accuracy(result.box.public_logits, fit_part)}
         if check.leak_check:
-            figures.update(leak_check(result.box, fit_data, check, should_cancel))
+            figures.update(leak_check(result.box, fit_data, check, should_cancel,
+                                      labels_only=attempts[0]["figures"]["labels_only"] if attempts else None))
         figures = {k: round(v, 3) for k, v in figures.items()}
         misses = th.misses(figures)
         attempt = {"attempt": i + 1, "settings": settings_of(cfg), "figures": figures, "misses": misses,
