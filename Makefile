@@ -9,8 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
-	$(BIN)/pip install --quiet -e clients/python
+	$(BIN)/pip install --quiet -e clients/python -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,7 +57,7 @@ lock: $(STAMP)
 	$(BIN)/python deploy/lock.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check sdb_core service tests benchmarks
+	$(BIN)/ruff check sdb_core service sdb_cli tests benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/protection.py --data mnist-5k --seeds 0 1 2 --json benchmarks/results/protection.json

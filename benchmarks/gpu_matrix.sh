@@ -28,6 +28,6 @@ echo "matrix: exit $? in $(( $(date +%s) - start )) s" | tee -a "$out/env.txt"
 
 tmp=$(mktemp -d)
 start=$(date +%s)
-"$py" -m service.cli wrap --train-teacher "${wrap[@]}" --out "$tmp/b.sdb" --data-dir "$tmp/data" >"$out/wrap.txt" 2>&1
+"$py" -m sdb_cli wrap --train-teacher "${wrap[@]}" --out "$tmp/b.sdb" --data-dir "$tmp/data" >"$out/wrap.txt" 2>&1
 echo "sdb wrap ${wrap[*]}: exit $? in $(( $(date +%s) - start )) s" | tee -a "$out/env.txt"
 tail -n 30 "$out/matrix.txt"

@@ -83,7 +83,7 @@ def main() -> int:
     if args.cli:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "service.cli", "wrap", "--train-teacher", "--arch", "cnn",
+            subprocess.run([sys.executable, "-m", "sdb_cli", "wrap", "--train-teacher", "--arch", "cnn",
                             "--data", args.data, "--out", f"{d}/b", "--data-dir", f"{d}/data"], check=True,
                            cwd=Path(__file__).resolve().parents[1])
             summary["seconds"]["cli_wrap_default"] = time.perf_counter() - t0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.cli import build_parser
+from sdb_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

@@ -95,7 +95,7 @@ class WorkerPool:
 
     def _spawn(self) -> subprocess.Popen:
         env = {**(self.env if self.env is not None else os.environ), PARENT_ENV: str(os.getpid())}
-        return subprocess.Popen([sys.executable, "-m", "service.cli", "worker"], env=env)
+        return subprocess.Popen([sys.executable, "-m", "service.jobs"], env=env)
 
     def start(self) -> WorkerPool:
         self.procs = [self._spawn() for _ in range(self.n)]

@@ -1,7 +1,7 @@
 """``sdb distill --remote URL --model NAME``: a student trained locally against the remote keyed path."""
 from __future__ import annotations
 
-from service.cli import main
+from sdb_cli.main import main
 
 from .conftest import MODEL
 

@@ -11,7 +11,7 @@ from sdb_core.protect.audit import AuditConfig, PublicAPI, apply_policy, audit, 
 from sdb_core.protect.key import new_master_key
 from sdb_core.train import TrainConfig
 from sdb_core.weights import save_weights
-from service.cli import main
+from sdb_cli.main import main
 
 TINY = {"transfer_n": 60, "steps": 20, "keys": 2, "smooth_taus": (2.0,), "smooth_eps": (0.0, 0.1),
         "train": TrainConfig(lr=0.01, batch_size=32)}

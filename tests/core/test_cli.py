@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
+from sdb_cli.main import main
 from sdb_core.bundle import load_bundle
 from sdb_core.models import create_model
 from sdb_core.weights import WeightsError, load_weights
-from service.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,8 @@ def test_transfer_rank_puts_the_trained_source_above_a_random_one(wrapped, tmp_p
 
 
 def test_the_cli_and_the_wrap_job_default_to_the_recipe_lambda():
+    from sdb_cli.main import build_parser
     from sdb_core.protect import SDBConfig
-    from service.cli import build_parser
     from service.jobs.kinds.wrap import WrapParams
     from service.pipelines import WrapSpec
 
@@ -108,8 +108,8 @@ def test_the_cli_and_the_wrap_job_default_to_the_recipe_lambda():
 
 
 def test_the_cli_and_the_wrap_job_default_to_the_library_thresholds():
+    from sdb_cli.main import build_parser
     from sdb_core.protect import CheckConfig, Thresholds
-    from service.cli import build_parser
     from service.jobs.kinds.wrap import WrapParams
     from service.pipelines import WrapSpec
 

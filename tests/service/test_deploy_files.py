@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from sqlalchemy.engine import make_url
 
-from service.cli import build_parser
+from sdb_cli.main import build_parser
 from service.settings import Settings
 
 from .conftest import ROOT
@@ -154,6 +154,8 @@ def test_the_lock_pins_every_requirement_within_pyproject():
     for line in wanted:
         req = Requirement(line)
         name = canonicalize_name(req.name)
+        if name == "sdb-client":  # the CLI's SDK, from clients/python in the same tree
+            continue
         assert name in pins, f"{req.name} is not in requirements.lock: make lock"
         assert req.specifier.contains(pins[name], prereleases=True), (line, pins[name])
     assert "sdb" not in pins and "sdb-client" not in pins  # the project comes from the source tree

@@ -41,7 +41,7 @@ def follow(client, job_id: str, poll_s: float = 1.0, out=sys.stdout) -> dict:
             time.sleep(poll_s)
 
 
-def run(args) -> int:
+def cmd_jobs(args) -> int:
     from sdb_client import Client, SDBError
 
     try:
@@ -82,3 +82,27 @@ def _run(client, args) -> int:
     for j in client.jobs.list(status=args.status, kind=args.kind):
         print(f"{j['id']}  {j['kind']:10}  {j['status']:10}  {100 * j['progress']:5.1f}%  {j['step']}")
     return 0
+
+
+def add_commands(sub) -> None:
+    j = sub.add_parser("jobs", help="submit and follow offline jobs on a running server (over HTTP)")
+    js = j.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    jsub = js.add_parser("submit", help="queue a job; prints its id")
+    jsub.add_argument("kind", help="wrap, distill, ...")
+    jsub.add_argument("--params", default="{}", help="the params: a JSON object, or a JSON file")
+    jsub.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
+    jsub.add_argument("--wait", action="store_true", help="follow the log until the job ends")
+    jst = js.add_parser("status", help="a job's status, progress and metrics (JSON)")
+    jst.add_argument("job_id")
+    jl = js.add_parser("logs", help="print a job's log")
+    jl.add_argument("job_id")
+    jl.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    jc = js.add_parser("cancel", help="cancel a queued or running job")
+    jc.add_argument("job_id")
+    jls = js.add_parser("list", help="your jobs (all jobs with an admin key)")
+    jls.add_argument("--status")
+    jls.add_argument("--kind")
+    for sp in js.choices.values():
+        sp.add_argument("--url", help="the server (env SDB_URL, default http://127.0.0.1:8000)")
+        sp.add_argument("--api-key", help="a key with the jobs scope (env SDB_API_KEY)")
+    j.set_defaults(fn=cmd_jobs)

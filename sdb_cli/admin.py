@@ -1,5 +1,6 @@
-"""The service's CLI commands: ``serve``, ``keys``, ``models``. ``keys`` and ``models`` work on
-the data dir's store directly, no running server needed; a running server picks up model
+"""``sdb serve``, ``worker``, ``keys``, ``models``: run the service and administer its data dir.
+
+``keys`` and ``models`` work on the data dir's store directly, no running server needed; a running server picks up model
 changes within ``models_sync_s`` and key changes within ``auth_cache_s``."""
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from .auth import ApiKey, create_key
-from .errors import ApiError
-from .settings import Settings
-from .store import Store
+from service.auth import ApiKey, create_key
+from service.errors import ApiError
+from service.settings import Settings
+from service.store import Store
 
 
 def _when(t: float | None) -> str:
@@ -25,14 +26,14 @@ def _split(text: str | None) -> list[str] | None:
 def serve(settings: Settings, *, access_log: bool = False) -> int:
     import uvicorn
 
-    from .app import build_app
+    from service.app import build_app
 
     print(f"sdb: serving on http://{settings.host}:{settings.port} (data {settings.data_dir.resolve()}, "
           f"docs at /docs)", file=sys.stderr, flush=True)
     pool = None
     if settings.jobs_backend == "embedded" and settings.workers > 0:
-        from .jobs.ray_backend import portable_settings
-        from .jobs.worker import WorkerPool
+        from service.jobs.ray_backend import portable_settings
+        from service.jobs.worker import WorkerPool
 
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         _ = settings.master_key  # created once here, not raced by the workers
@@ -54,7 +55,7 @@ _WORKER_ENV = ("data_dir", "database_url", "master_key_file", "pepper_file")
 
 
 def worker(settings: Settings) -> int:
-    from .jobs.worker import main_worker
+    from service.jobs.worker import main_worker
 
     if settings.jobs_backend != "embedded":
         raise ValueError(f"sdb worker runs embedded jobs; this data dir's backend is {settings.jobs_backend!r} "
@@ -123,7 +124,7 @@ def models_list(settings: Settings) -> int:
 
 
 def models_add(settings: Settings, path: str) -> int:
-    from .registry import Registry
+    from service.registry import Registry
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.db_url)
@@ -152,3 +153,80 @@ def models_remove(settings: Settings, name: str, version: str | None) -> int:
     for r in rows:
         print(f"removed {r.name} version {r.version}")
     return 0
+
+
+def _service_settings(args) -> Settings:
+    """Settings from SDB_* env, with the options given on the command line on top."""
+    over = {k: v for k, v in (("data_dir", getattr(args, "data_dir", None)), ("host", getattr(args, "host", None)),
+                              ("port", getattr(args, "port", None)), ("workers", getattr(args, "workers", None)))
+            if v is not None}
+    return Settings(**over)
+
+
+def cmd_serve(args) -> int:
+    return serve(_service_settings(args), access_log=args.access_log)
+
+
+def cmd_worker(args) -> int:
+    return worker(_service_settings(args))
+
+
+def cmd_keys(args) -> int:
+    s = _service_settings(args)
+    if args.keys_command == "create":
+        return keys_create(s, scopes=args.scopes, models=args.models, quota=args.quota,
+                                    quota_window=args.quota_window, expires=args.expires, name=args.name)
+    if args.keys_command == "list":
+        return keys_list(s)
+    return keys_revoke(s, args.key_id)
+
+
+def cmd_models(args) -> int:
+    s = _service_settings(args)
+    if args.models_command == "list":
+        return models_list(s)
+    if args.models_command == "add":
+        return models_add(s, args.path)
+    return models_remove(s, args.name, args.version)
+
+
+def add_commands(sub) -> None:
+    sv = sub.add_parser("serve", help="serve the registered models over HTTP (uvicorn)")
+    sv.add_argument("--host", help="env SDB_HOST (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="env SDB_PORT (default 8000)")
+    sv.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    sv.add_argument("--workers", type=int, help="job workers for the jobs queue (env SDB_WORKERS, default 1)")
+    sv.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    sv.set_defaults(fn=cmd_serve)
+
+    wk = sub.add_parser("worker", help="run one more job worker on the data dir (beside `sdb serve`)")
+    wk.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    wk.set_defaults(fn=cmd_worker)
+
+    k = sub.add_parser("keys", help="create, list and revoke API keys (on the data dir; no server needed)")
+    ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    kc = ks.add_parser("create", help="create a key; prints it alone on the last line")
+    kc.add_argument("--scopes", required=True, help="comma-separated: predict,distill,jobs,admin")
+    kc.add_argument("--models", help="comma-separated model allowlist (default: every model)")
+    kc.add_argument("--quota", type=int, help="samples the key may be served on the keyed path")
+    kc.add_argument("--quota-window", type=int, metavar="SECONDS", help="restart the quota every SECONDS")
+    kc.add_argument("--expires", type=float, metavar="DAYS", help="expire after DAYS days")
+    kc.add_argument("--name", default="", help="a note to tell keys apart")
+    ks.add_parser("list", help="list keys (never their secrets)")
+    kr = ks.add_parser("revoke", help="revoke a key by id")
+    kr.add_argument("key_id")
+    for sp in (kc, *[ks.choices[n] for n in ("list", "revoke")]):
+        sp.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    k.set_defaults(fn=cmd_keys)
+
+    m = sub.add_parser("models", help="list, add and remove served models (on the data dir)")
+    ms = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    ms.add_parser("list", help="registered models")
+    ma = ms.add_parser("add", help="verify a bundle and register it; a running server serves it shortly")
+    ma.add_argument("path", help="bundle directory or .sdb file")
+    mr = ms.add_parser("remove", help="stop serving a model (every version, or --version)")
+    mr.add_argument("name")
+    mr.add_argument("--version")
+    for sp in ms.choices.values():
+        sp.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    m.set_defaults(fn=cmd_models)

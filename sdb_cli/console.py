@@ -1,0 +1,47 @@
+"""What every ``sdb`` command prints with: errors on stderr, a progress bar, the data-dir settings."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from service.settings import Settings
+
+
+def err(msg: str) -> None:
+    print(f"sdb: error: {msg}", file=sys.stderr)
+
+
+def progress_bar(desc: str):
+    """A tqdm bar on stderr fed by the training loop's progress callback."""
+    from tqdm import tqdm
+
+    bars: list = []  # one bar per fit: a self-checking wrap fits once per attempt
+
+    def update(p) -> None:
+        if not bars:
+            bars.append(tqdm(total=1000, desc=desc, file=sys.stderr, leave=False, disable=None,
+                             bar_format="{desc} {percentage:3.0f}%|{bar:24}| {elapsed}<{remaining} {postfix}"))
+        bar = bars[0]
+        attempt = f" attempt {p.metrics['attempt']}" if "attempt" in p.metrics else ""
+        bar.set_description_str(f"{desc}{attempt} epoch {p.epoch}/{p.epochs}")
+        bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in list(p.metrics.items())[:3] if k != "attempt"))
+        bar.n = int(p.fraction * 1000)
+        bar.refresh()
+        if p.fraction >= 1.0 or (p.epoch == p.epochs and p.step == p.steps):
+            bars.pop().close()
+
+    return update
+
+
+def data_settings(args) -> Settings:
+    return Settings(**({"data_dir": Path(args.data_dir)} if getattr(args, "data_dir", None) else {}))
+
+
+
+def add_training_flags(sp, epochs: int, lr: float = 0.01, batch: int = 64) -> None:
+    """The flags of a command that trains: epochs, learning rate, batch size, seed, data dir."""
+    sp.add_argument("--epochs", type=int, default=epochs)
+    sp.add_argument("--lr", type=float, default=lr)
+    sp.add_argument("--batch-size", type=int, default=batch)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--data-dir", help="data directory (master key, bundles); env SDB_DATA_DIR")

@@ -1,0 +1,85 @@
+"""``sdb distill``: train a student from a local teacher, a bundle, a remote server's keyed path, or labels alone."""
+from __future__ import annotations
+
+from .console import add_training_flags, data_settings, err, progress_bar
+
+
+def _remote_teacher(args):
+    """The keyed path of a model on a remote SDB server, through the SDK's RemoteTeacher."""
+    from sdb_client import Client, RemoteTeacher
+
+    if not args.model:
+        raise ValueError("--remote needs --model NAME (the served model to distill)")
+    client = Client(args.remote, args.api_key)  # no --api-key: SDB_API_KEY
+    if not client.has_key:
+        raise ValueError("--remote needs an API key with the distill scope: --api-key or env SDB_API_KEY")
+    info = client.model(args.model)  # fail before training on a wrong name or a Nasty-mode model
+    if not info.get("distillable", True):
+        raise ValueError(f"model {args.model!r} on {client.base_url} has no keyed path (Nasty mode)")
+    return RemoteTeacher(client, args.model, temperature=args.temperature)
+
+
+def cmd_distill(args) -> int:
+    from sdb_core.data import load_dataset
+    from sdb_core.weights import save_weights
+    from service.pipelines import DistillSpec, bundle_teacher, distill_student, weights_teacher
+
+    data = load_dataset(args.data)
+    if args.remote:
+        from sdb_client import SDBError
+
+        try:
+            teacher = _remote_teacher(args)
+        except SDBError as e:  # malformed key or URL (a ValueError), unreachable, 401/403/404
+            err(f"remote teacher: {e}")
+            return 2
+        source = f"remote model {args.model} at {teacher.client.base_url} (keyed path)"
+    elif args.bundle:
+        teacher = bundle_teacher(args.bundle, data_settings(args).master_key if args.authorized else None,
+                                 args.authorized)
+        source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"
+    elif args.teacher:
+        teacher = weights_teacher(args.teacher, args.teacher_arch, data)
+        source = f"teacher {args.teacher}"
+    else:
+        teacher, source = None, "labels only"
+    spec = DistillSpec(student=args.student, data=args.data, transfer=args.transfer,
+                       temperature=args.temperature, alpha=args.alpha, epochs=args.epochs, lr=args.lr,
+                       batch_size=args.batch_size, seed=args.seed)
+    try:
+        outcome = distill_student(spec, teacher, data=data, phase=progress_bar)
+    except Exception as e:
+        if not args.remote or not type(e).__module__.startswith("sdb_client"):
+            raise
+        err(f"remote teacher: {e}")  # e.g. the key's quota ran out mid-way
+        return 2
+    finally:
+        if args.remote:
+            teacher.close()
+            teacher.client.close()
+    save_weights(outcome.student, args.out)
+    print(f"student {args.student} from {source} on {outcome.transfer_size} images: "
+          f"test accuracy {outcome.accuracy:.2f}%")
+    print(f"saved to {args.out}")
+    return 0
+
+
+
+def add_commands(sub) -> None:
+    d = sub.add_parser("distill", help="train a student from a teacher, a bundle, or labels alone")
+    d.add_argument("--student", required=True, help="student architecture")
+    d.add_argument("--data", required=True)
+    d.add_argument("--out", required=True, help="where to save the student (.safetensors)")
+    t = d.add_mutually_exclusive_group()
+    t.add_argument("--teacher", metavar="WEIGHTS", help="a local teacher's weights (with --teacher-arch)")
+    t.add_argument("--bundle", metavar="PATH", help="a protected bundle")
+    t.add_argument("--remote", metavar="URL", help="an SDB server: distill from its keyed path over HTTP (with --model)")
+    d.add_argument("--model", metavar="NAME", help="with --remote: the served model's name")
+    d.add_argument("--api-key", help="with --remote: a key with the distill scope (default: env SDB_API_KEY)")
+    d.add_argument("--teacher-arch", default="cnn")
+    d.add_argument("--authorized", action="store_true", help="with --bundle: use the keyed path (needs the master key)")
+    d.add_argument("--transfer", type=int, default=0, help="transfer-set size drawn from the train split (0: all)")
+    d.add_argument("--temperature", type=float, default=4.0)
+    d.add_argument("--alpha", type=float, default=0.9)
+    add_training_flags(d, epochs=20)
+    d.set_defaults(fn=cmd_distill)

@@ -1,0 +1,38 @@
+"""The ``sdb`` command: one parser over the command modules; this file only dispatches.
+
+Each command builds the same config the jobs and tests use and calls the same recipe; local
+recipes run through ``sdb_core``, admin commands on a data dir through ``service``, client
+commands over HTTP through ``sdb_client``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import admin, distill, jobs, protect, transfer
+from .console import err
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdb", description="Safe Distillation Box: protect, serve and distill models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (protect, distill, admin, jobs, transfer):
+        module.add_commands(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, PermissionError, FileNotFoundError) as e:
+        err(str(e))
+        return 2
+    except KeyboardInterrupt:
+        err("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""``sdb wrap``, ``sdb demo`` and ``sdb audit``: protect a classifier and measure what its public outputs teach."""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from service.pipelines import WrapSpec
+
+from .console import add_training_flags, data_settings, err, progress_bar
+
+
+def cmd_wrap(args) -> int:
+    from sdb_core.protect import WrapRefused
+    from service.pipelines import WrapSpec, wrap_to_bundle
+
+    spec = WrapSpec(data=args.data, arch=args.arch, out=args.out, name=args.name, teacher=args.teacher,
+                    teacher_epochs=args.teacher_epochs, save_teacher=args.save_teacher, mode=args.mode,
+                    lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                    max_accuracy_drop=args.max_accuracy_drop, max_keyed_drop=args.max_keyed_drop,
+                    min_leak_margin=args.min_leak_margin, check_attempts=args.check_attempts,
+                    check_budget=args.check_budget)
+    try:
+        outcome = wrap_to_bundle(spec, data_settings(args).master_key, phase=progress_bar,
+                                 log=lambda s: print(s, file=sys.stderr))
+    except WrapRefused as e:
+        err(f"refused, no bundle written: {e}")
+        return 3
+    for k, v in outcome.metrics.items():
+        print(f"{k:12s} {v:6.2f}%")
+    print(f"wrapped in {outcome.report['seconds']:.1f}s; bundle written to {outcome.bundle}")
+    return 0
+
+
+
+def cmd_demo(args) -> int:
+    """Wrap the demo model on the embedded MNIST digits and print the protection table."""
+    from sdb_core.bundle import export_bundle
+    from sdb_core.data import load_dataset
+    from sdb_core.protect import SDBConfig, WrapRefused
+    from sdb_core.protect.measure import MeasureConfig, format_table, run_protection, summarize
+    from sdb_core.train import TrainConfig
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)
+    data = load_dataset(args.data)
+    log(f"demo: {args.data}, {len(data.train)} training / {len(data.test)} test images; "
+        "teacher small CNN, students MLP on 1,000 transfer images")
+    try:
+        run = run_protection(data, args.seed, teacher_cfg=TrainConfig(epochs=args.teacher_epochs),
+                             sdb_cfg=SDBConfig(train=replace(SDBConfig().train, epochs=args.epochs)),
+                             measure_cfg=MeasureConfig(train=TrainConfig(epochs=args.student_epochs)), log=log)
+    except WrapRefused as e:
+        err(f"refused, no demo bundle written: {e}")
+        return 3
+    summary = summarize(args.data, [run])
+    print(format_table(summary))
+    settings = data_settings(args)
+    out = export_bundle(run["box"], settings.bundles_dir / "mnist-demo", name="mnist-demo",
+                        in_shape=data.in_shape, mean=data.mean, std=data.std, labels=data.labels,
+                        master_key=settings.master_key,
+                        metrics={k: run[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement")},
+                        extra={"arch": "cnn", "data": args.data, "check": run["check"]})
+    print(f"\ndemo bundle written to {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+
+def cmd_audit(args) -> int:
+    """Attack the public outputs of a bundle or a plain model; print the table, write the report."""
+    import torch
+
+    from sdb_core.data import load_dataset
+    from sdb_core.protect.audit import AuditConfig, audit
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.data)
+    if args.bundle:
+        from sdb_core.bundle import load_bundle
+
+        options = None
+        if args.threads:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+        # No master key: the public path is all an attacker has.
+        target = load_bundle(args.bundle, session_options=options)
+        if list(target.meta["input"]["shape"]) != list(data.in_shape):
+            raise ValueError(f"bundle input shape {target.meta['input']['shape']} does not match "
+                             f"{args.data}'s {list(data.in_shape)}")
+    else:
+        from sdb_core.models import create_model
+        from sdb_core.weights import load_weights
+
+        if not args.arch:
+            raise ValueError("--teacher needs --arch (the architecture of the weights)")
+        target = load_weights(create_model(args.arch, num_classes=data.num_classes, in_shape=data.in_shape),
+                              args.teacher)
+    base = AuditConfig()
+    cfg = AuditConfig(transfer_n=args.transfer, student=args.student, policy=args.policy, top_k=args.top_k,
+                      keys=args.keys, threshold=args.threshold, seeds=tuple(args.seeds), steps=args.steps,
+                      train=replace(base.train, lr=args.lr))
+    report = audit(target, data, cfg, progress=progress_bar("audit: student"))
+    print(report.format_table())
+    paths = report.save(args.out)
+    print(f"\nreport {paths['report']}\nchart  {paths['chart']}")
+    return 1 if args.fail_on_leak and report.verdict == "leaks" else 0
+
+
+
+def add_commands(sub) -> None:
+    w = sub.add_parser("wrap", help="wrap a classifier in a Safe Distillation Box and write a bundle")
+    src = w.add_mutually_exclusive_group(required=True)
+    src.add_argument("--teacher", metavar="WEIGHTS", help="the pre-trained model's weights (.safetensors or .pt)")
+    src.add_argument("--train-teacher", action="store_true", help="train the teacher first on --data")
+    w.add_argument("--arch", required=True, help="architecture of the teacher (see the model zoo)")
+    w.add_argument("--data", required=True, help="dataset name: mnist-5k, digits, imagefolder:PATH, cifar10:PATH")
+    w.add_argument("--out", required=True, help="bundle directory (or FILE.sdb for a zip)")
+    w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb")
+    w.add_argument("--lam", type=float, default=WrapSpec.lam, help="keyed input λ·x + (1−λ)·k (default: %(default)s)")
+    w.add_argument("--teacher-epochs", type=int,
+                   help="with --train-teacher (default: the architecture's teacher schedule)")
+    w.add_argument("--save-teacher", metavar="FILE", help="with --train-teacher: keep the plain teacher's weights")
+    w.add_argument("--name", help="model name in the bundle (default DATA-ARCH)")
+    chk = w.add_argument_group("self-check", "measured on a held-out part of the training split; a box that "
+                               "misses a threshold is not written (exit 3)")
+    chk.add_argument("--max-accuracy-drop", type=float, default=WrapSpec.max_accuracy_drop,
+                     help="points of top-1 the public path may lose against the teacher (default: %(default)s)")
+    chk.add_argument("--max-keyed-drop", type=float, default=WrapSpec.max_keyed_drop,
+                     help="points of top-1 the keyed path may lose (default: %(default)s)")
+    chk.add_argument("--min-leak-margin", type=float, default=WrapSpec.min_leak_margin,
+                     help="points a student distilled from the public outputs must stay below one trained "
+                          "on labels alone (default: %(default)s)")
+    chk.add_argument("--check-attempts", type=int, default=WrapSpec.check_attempts,
+                     help="settings tried at most (default: %(default)s)")
+    chk.add_argument("--check-budget", type=float, metavar="SECONDS",
+                     help="no new attempt starts past this (default: none)")
+    add_training_flags(w, epochs=15)
+    w.set_defaults(fn=cmd_wrap)
+
+    m = sub.add_parser("demo", help="wrap the demo model on embedded MNIST and print the protection table")
+    m.add_argument("--data", default="mnist-5k")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--teacher-epochs", type=int, default=8)
+    m.add_argument("--epochs", type=int, default=15, help="wrap epochs")
+    m.add_argument("--student-epochs", type=int, default=30)
+    m.add_argument("--json", help="also write the summary JSON here")
+    m.add_argument("--data-dir")
+    m.set_defaults(fn=cmd_demo)
+
+    from sdb_core.protect.audit import POLICIES, AuditConfig
+
+    base = AuditConfig()
+    a = sub.add_parser("audit", help="measure how much a model's public outputs teach a distiller")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", metavar="PATH", help="a bundle (its public path only; no master key is used)")
+    src.add_argument("--teacher", metavar="WEIGHTS", help="a plain model's weights (with --arch)")
+    a.add_argument("--arch", help="with --teacher: its architecture")
+    a.add_argument("--data", required=True, help="dataset: the transfer images and the test split")
+    a.add_argument("--policy", choices=POLICIES, default=base.policy, help="what the public API returns")
+    a.add_argument("--top-k", type=int, default=base.top_k, help="k of the top_k policy")
+    a.add_argument("--out", default="audit", help="directory for report.json, table.txt, advantages.png")
+    a.add_argument("--transfer", type=int, default=base.transfer_n, help="attacker's transfer-set size N")
+    a.add_argument("--student", default=base.student, help="attacker's student architecture")
+    a.add_argument("--steps", type=int, default=base.steps, help="optimisation steps per student")
+    a.add_argument("--lr", type=float, default=base.train.lr)
+    a.add_argument("--keys", type=int, default=base.keys, help="random keys the attacker blends in (boxes)")
+    a.add_argument("--threshold", type=float, default=base.threshold, help="advantage (points) that is a leak")
+    a.add_argument("--seeds", type=int, nargs="+", default=list(base.seeds))
+    a.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    a.add_argument("--fail-on-leak", action="store_true", help="exit 1 when the verdict is `leaks`")
+    a.set_defaults(fn=cmd_audit)
+
