@@ -1,7 +1,10 @@
 """Knowledge amalgamation: students that learn from several teachers and no labels.
 
 - ``multilabel``: the multi-label network family (``MultiLabelNet``) and mAP;
-- ``afk``: amalgamating filtered knowledge, a task-customised student trained layer-wise.
+- ``afk``: amalgamating filtered knowledge, a task-customised student trained layer-wise;
+- ``branching``: task branching (SBM) over dense scene tasks, with ``scene_tasks`` (tasks, losses, metrics);
+- ``datafree``: the data-free group-stack dual-GAN (a package: config, networks, losses, stages, recipe);
+- ``hosted``: teachers rebuilt from hosted bundles' graphs.
 
 Import the submodules directly (``from sdb_core.amalgamate.afk import afk``); this package
 imports nothing eagerly, so ``import sdb_core.amalgamate`` stays cheap.

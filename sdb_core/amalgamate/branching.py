@@ -16,7 +16,8 @@ the kept points only.
 
 ``branching(config)`` trains the teachers on the scene labels when none are given, amalgamates,
 and also trains a multi-task network of the student's shape from scratch *with* labels for
-comparison. Every training run goes through :func:`sdb_core.train.fit`.
+comparison. Every training run goes through :func:`sdb_core.train.fit`. The tasks themselves (output
+channels, ground truth, losses, metrics) are in :mod:`sdb_core.amalgamate.scene_tasks`.
 """
 from __future__ import annotations
 
@@ -28,16 +29,26 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from sdb_core.amalgamate.scene_tasks import (
+    TASKS,
+    depth_errors,  # noqa: F401 (re-exported, as are edge_f1 and miou: callers import the metrics from here)
+    edge_f1,  # noqa: F401
+    evaluate,
+    label_loss,
+    miou,  # noqa: F401
+    predict_tasks,
+    task_channels,
+    task_labels,
+    teacher_loss,
+)
 from sdb_core.data.scenes import Scenes, edge_map, make_scenes
 from sdb_core.models.encdec import EncDec, count_params
 from sdb_core.progress import Progress
 from sdb_core.train import TrainConfig, fit, seed_everything
 
-TASKS = ("seg", "depth", "edges")
 Phase = Callable[[str], Callable[[Progress], None] | None]
 
 
@@ -107,39 +118,6 @@ class BranchingResult:
         d.pop("student_model", None)
         d.pop("teacher_models", None)
         return d
-
-
-# ---- tasks ---------------------------------------------------------------------------------------
-
-def task_channels(task: str, num_classes: int) -> int:
-    return num_classes + 1 if task == "seg" else 1
-
-
-def task_labels(task: str, scenes: Scenes) -> Tensor:
-    """The ground truth of ``task`` (for teachers, the scratch baseline and evaluation only)."""
-    if task == "seg":
-        return torch.from_numpy(scenes.seg)
-    if task == "depth":
-        return torch.from_numpy(scenes.depth)[:, None]
-    return torch.from_numpy(edge_map(scenes.seg))[:, None]
-
-
-def label_loss(task: str, out: Tensor, y: Tensor) -> Tensor:
-    """Supervised loss of one task's output against its ground truth."""
-    if task == "seg":
-        return F.cross_entropy(out, y)
-    if task == "depth":
-        return F.l1_loss(out, y)
-    return F.binary_cross_entropy_with_logits(out, y, pos_weight=torch.tensor(4.0, device=out.device))
-
-
-def teacher_loss(task: str, out: Tensor, teacher_out: Tensor) -> Tensor:
-    """The amalgamation loss: the student's output against the teacher's on the same image."""
-    if task == "seg":
-        return F.cross_entropy(out, teacher_out.argmax(1))
-    if task == "depth":
-        return F.l1_loss(out, teacher_out)
-    return F.binary_cross_entropy_with_logits(out, torch.sigmoid(teacher_out))
 
 
 # ---- modules -------------------------------------------------------------------------------------
@@ -249,55 +227,6 @@ class _Single(nn.Module):
 
     def forward_tasks(self, x: Tensor) -> dict[str, Tensor]:
         return {self.task: self.net(x)}
-
-
-# ---- metrics -------------------------------------------------------------------------------------
-
-def miou(pred: Tensor, target: Tensor, num_classes: int) -> float:
-    """Mean intersection-over-union in percent over the classes present in pred or target."""
-    k = num_classes + 1
-    conf = torch.bincount((target.reshape(-1) * k + pred.reshape(-1)), minlength=k * k).reshape(k, k).double()
-    inter = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - inter
-    present = union > 0
-    return float(100.0 * (inter[present] / union[present]).mean())
-
-
-def depth_errors(pred: Tensor, target: Tensor) -> dict[str, float]:
-    diff = pred.double() - target.double()
-    return {"rmse": float(diff.pow(2).mean().sqrt()), "abs_rel": float((diff.abs() / target.double()).mean())}
-
-
-def edge_f1(logits: Tensor, target: Tensor) -> float:
-    pred = logits > 0
-    tgt = target > 0.5
-    tp = (pred & tgt).sum().item()
-    precision, recall = tp / max(pred.sum().item(), 1), tp / max(tgt.sum().item(), 1)
-    return 100.0 * 2 * precision * recall / max(precision + recall, 1e-12)
-
-
-@torch.no_grad()
-def predict_tasks(model: nn.Module, images: Tensor, batch_size: int = 100) -> dict[str, Tensor]:
-    model.eval()
-    device = next(model.parameters()).device
-    parts: dict[str, list[Tensor]] = {}
-    for i in range(0, len(images), batch_size):
-        for t, out in model.forward_tasks(images[i:i + batch_size].to(device)).items():
-            parts.setdefault(t, []).append(out.float().cpu())
-    return {t: torch.cat(v) for t, v in parts.items()}
-
-
-def evaluate(model: nn.Module, scenes: Scenes, num_classes: int) -> dict[str, float]:
-    """Metrics of every task ``model.forward_tasks`` returns, against the scenes' exact labels."""
-    out = predict_tasks(model, torch.from_numpy(scenes.images))
-    metrics: dict[str, float] = {}
-    if "seg" in out:
-        metrics["miou"] = miou(out["seg"].argmax(1), task_labels("seg", scenes), num_classes)
-    if "depth" in out:
-        metrics.update(depth_errors(out["depth"], task_labels("depth", scenes)))
-    if "edges" in out:
-        metrics["edge_f1"] = edge_f1(out["edges"], task_labels("edges", scenes))
-    return metrics
 
 
 # ---- training ------------------------------------------------------------------------------------
