@@ -8,20 +8,10 @@ with cross-entropy and label smoothing 0, 0.1 or 0.2; a regulariser that needs n
 knowledge of the model is not a leak). Verdict: ``protected`` when the largest mean
 advantage is at most ``threshold`` points, else ``leaks``, naming the attack.
 
-Attacks (every one sees the public outputs only, through :class:`PublicAPI`):
-
-- ``labels_ls{0,0.1,0.2}`` the labels-only reference students;
-- ``kd_T{T}_a{α}`` KD from the public probabilities, T ∈ {0.25 … 20} (sharpening included);
-- ``topk{k}`` KD from the top-k probabilities renormalised (the stingy view); ``topk1`` is a
-  function of the label alone and counts in the labels-only reference (see :func:`label_only`);
-- ``smooth`` KD from the outputs after temperature scaling and label smoothing, (τ, ε)
-  chosen by a student's agreement with the public labels on a held-out part of the transfer set;
-- ``skeptical`` a skeptical student (after Kundu et al., NeurIPS 2021, simplified): an auxiliary
-  head on the student's first hidden stage takes the soft labels, only after a delay; the final
-  head learns from the labels and by self-distillation from that auxiliary head;
-- ``key_mean`` / ``key_ensemble`` for a box with a keyed path: the attacker blends random
-  keys of the key's distribution into its images (λ is public in a bundle's meta) and
-  distils the public outputs on them, one student per key (mean) or their average (ensemble).
+Attacks (every one sees the public outputs only, through :class:`~.attacks.PublicAPI`) come in
+families, registered by name in :mod:`.attacks`, run in the order of ``FAMILIES``: ``labels``
+(the labels-only reference, always run), ``kd``, ``topk``, ``smooth``, ``skeptical`` and
+``keys`` (boxes with a keyed path only).
 
 Defaults (N = 300, MLP student, 30 epochs) are where the audit *sees* a leak: on mnist-5k
 KD from an unprotected small CNN beats the best labels-only student there, and does not at
@@ -34,26 +24,16 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ..data import transfer_split
-from ..distill import DistillConfig, soft_kl
-from ..models import create_model
-from ..train import Progress, TrainConfig, accuracy, fit, predict_logits, seed_everything
-from .box import SafeDistillationBox
-from .key import blend, random_keys
-from .measure import public_teacher, student_accuracy
-
-POLICIES = ("probs", "top_k", "label")
-FAMILIES = ("labels", "kd", "topk", "smooth", "skeptical", "keys")
+from ..train import Progress, TrainConfig
+from .attacks import ATTACK_FAMILIES, Attack, PublicAPI, Round, public_api
+from .audit_names import FAMILIES, POLICIES
 
 
 @dataclass
@@ -123,62 +103,6 @@ class AuditConfig:
         if self.steps is None:
             return self.train.epochs
         return math.ceil(self.steps / math.ceil(n / self.train.batch_size))
-
-
-# --------------------------------------------------------------------------- the public API
-def apply_policy(probs: Tensor, policy: str, k: int = 3) -> Tensor:
-    """What the public path shows: all probabilities, the top k renormalised, or a one-hot label."""
-    if policy == "probs":
-        return probs
-    if policy == "label":
-        return F.one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype)
-    if policy == "top_k":
-        k = min(k, probs.shape[1])
-        vals, idx = probs.topk(k, dim=1)
-        out = torch.zeros_like(probs).scatter_(1, idx, vals)
-        return out / out.sum(1, keepdim=True).clamp_min(1e-12)
-    raise ValueError(f"policy must be one of {'|'.join(POLICIES)}, got {policy!r}")
-
-
-class PublicAPI:
-    """One callable over any target: a batch of inputs → the probabilities the policy allows.
-
-    ``lam`` is the keyed-input blend of a box (public in a bundle's meta), so an attacker
-    can try keys of its own; ``None`` for a model with no keyed path.
-    """
-
-    def __init__(self, probs_fn: Callable[[Tensor], Tensor], policy: str = "probs", k: int = 3,
-                 lam: float | None = None, name: str = "model") -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {'|'.join(POLICIES)}, got {policy!r}")
-        self._probs, self.policy, self.k, self.lam, self.name = probs_fn, policy, k, lam, name
-
-    @torch.no_grad()
-    def __call__(self, x: Tensor) -> Tensor:
-        return apply_policy(torch.as_tensor(self._probs(x)).float().cpu(), self.policy, self.k)
-
-
-def public_api(target: Any, policy: str = "probs", k: int = 3) -> PublicAPI:
-    """Adapt a box, a plain ``nn.Module`` (its logits are the outputs) or a loaded bundle."""
-    if isinstance(target, PublicAPI):
-        return PublicAPI(target._probs, policy, k, target.lam, target.name)
-    if isinstance(target, SafeDistillationBox):
-        return PublicAPI(target.predict, policy, k, target.lam if target.has_key else None,
-                         f"box ({target.mode})")
-    if isinstance(target, nn.Module):
-        target.eval()
-
-        def probs(x: Tensor) -> Tensor:
-            device = next(iter(target.parameters()), torch.empty(0)).device
-            return F.softmax(target(x.to(device)), dim=1)
-
-        return PublicAPI(probs, policy, k, None, type(target).__name__)
-    if hasattr(target, "meta") and hasattr(target, "predict"):  # sdb_core.bundle.Bundle, no onnxruntime import
-        lam = target.meta.get("lam") if target.meta.get("mode") == "sdb" else None
-        return PublicAPI(lambda x: torch.from_numpy(target.predict(x.detach().cpu().numpy())), policy, k,
-                         None if lam is None else float(lam), f"bundle {target.meta.get('name')}")
-    raise TypeError(f"cannot audit a {type(target).__name__}: pass a SafeDistillationBox, an nn.Module "
-                    "or a loaded bundle")
 
 
 # --------------------------------------------------------------------------- the report
@@ -254,90 +178,7 @@ class AuditReport:
                 "chart": self.plot(out / "advantages.png")}
 
 
-# --------------------------------------------------------------------------- attacks
-def _smooth_teacher(api: PublicAPI, tau: float, eps: float, num_classes: int) -> Callable[[Tensor], Tensor]:
-    """Logits of ``(1 − ε)·softmax(log p / τ) + ε/C``: the outputs re-tempered and smoothed."""
-    def teacher(x: Tensor) -> Tensor:
-        q = F.softmax(torch.log(api(x).clamp_min(1e-8)) / tau, dim=1)
-        return torch.log((1.0 - eps) * q + eps / num_classes)
-    return teacher
-
-
-def _topk_teacher(api: PublicAPI, k: int) -> Callable[[Tensor], Tensor]:
-    return public_teacher(lambda x: apply_policy(api(x), "top_k", k))
-
-
-def _keyed_teacher(api: PublicAPI, keys: Tensor) -> Callable[[Tensor], Tensor]:
-    """The public outputs on the attacker's own keyed inputs, averaged over ``keys``."""
-    lam = api.lam
-    return public_teacher(lambda x: torch.stack([api(blend(x, k, lam)) for k in keys]).mean(0))
-
-
-class _Skeptic(nn.Module):
-    """A student plus an auxiliary head on its first activation (its shallowest hidden stage)."""
-
-    def __init__(self, student: nn.Module, num_classes: int, in_shape) -> None:
-        super().__init__()
-        self.student = student
-        act = next((m for m in student.modules() if isinstance(m, (nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh))), None)
-        if act is None:
-            raise ValueError(f"the skeptical student needs an activation layer in {type(student).__name__}")
-        self._feat: Tensor | None = None
-        act.register_forward_hook(lambda m, i, o: setattr(self, "_feat", o))
-        with torch.no_grad():
-            student(torch.zeros(2, *in_shape))
-        self.aux = nn.Sequential(nn.Flatten(), nn.Linear(self._feat[0].numel(), num_classes))
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = self.student(x)
-        return out, self.aux(self._feat)
-
-
-def _skeptical_accuracy(cfg: AuditConfig, data, transfer: TensorDataset, teacher, train: TrainConfig,
-                        seed: int, should_cancel) -> float:
-    seed_everything(seed)
-    student = create_model(cfg.student, num_classes=data.num_classes, in_shape=data.in_shape)
-    net = _Skeptic(student, data.num_classes, data.in_shape)
-    x, y = transfer.tensors
-    t_logits = predict_logits(teacher, x)
-    total = math.ceil(len(x) / train.batch_size) * train.epochs
-    delay, t, step_no = int(cfg.skeptical_delay * total), cfg.skeptical_temperature, [0]
-
-    def step(batch):
-        xb, yb, tb = batch
-        out, aux = net(xb)
-        use_teacher = float(step_no[0] >= delay)
-        step_no[0] += 1
-        loss = (F.cross_entropy(out, yb) + F.cross_entropy(aux, yb)
-                + use_teacher * soft_kl(aux, tb, t)  # the teacher reaches the shallow head only
-                + soft_kl(out, aux.detach(), t))  # the final head self-distils from it
-        return loss
-
-    fit(net, TensorDataset(x, y, t_logits), step, replace(train, seed=seed), should_cancel=should_cancel)
-    return accuracy(student, data.test)
-
-
-def _split(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    perm = np.random.default_rng(seed + 7919).permutation(n)
-    h = max(1, round(n * holdout))
-    return np.sort(perm[h:]), np.sort(perm[:h])
-
-
-def _attack_plan(cfg: AuditConfig, api: PublicAPI) -> list[tuple[str, str]]:
-    plan = [(f"labels_ls{ls:g}", "labels") for ls in cfg.label_smoothings]
-    if "kd" in cfg.families:
-        plan += [(f"kd_T{t:g}_a{a:g}", "kd") for t in cfg.temperatures for a in cfg.alphas]
-    if "topk" in cfg.families:
-        plan += [(f"topk{k}", "topk") for k in cfg.sparse_k]
-    if "smooth" in cfg.families:
-        plan.append(("smooth", "smooth"))
-    if "skeptical" in cfg.families:
-        plan.append(("skeptical", "skeptical"))
-    if "keys" in cfg.families and api.lam is not None and cfg.keys > 0:
-        plan += [("key_mean", "keys"), ("key_ensemble", "keys")]
-    return plan
-
-
+# --------------------------------------------------------------------------- scoring
 def label_only(name: str, family: str, policy: str = "probs") -> bool:
     """Students taught by the public top-1 alone: the labels-only family and KD from the top-1.
 
@@ -379,6 +220,15 @@ def verdict_of(attacks: dict[str, dict]) -> tuple[str, str, float]:
     return reference, worst, scored[worst]
 
 
+def attack_plan(cfg: AuditConfig, api: PublicAPI) -> list[Attack]:
+    """The attacks of ``cfg`` on ``api``, family by family in the order of ``FAMILIES``.
+
+    The labels-only family always runs: every advantage is measured against it.
+    """
+    return [attack for family in FAMILIES if family == "labels" or family in cfg.families
+            for attack in ATTACK_FAMILIES.get(family)(cfg, api)]
+
+
 def audit(
     target: Any,
     data,
@@ -391,23 +241,14 @@ def audit(
     """Run every attack of ``cfg`` against the public outputs of ``target`` on ``data``."""
     cfg = cfg or AuditConfig()
     api = public_api(target, cfg.policy, cfg.top_k)
-    plan = _attack_plan(cfg, api)
-    students_per_seed = (len(plan) + (len(cfg.smooth_taus) * len(cfg.smooth_eps) if "smooth" in cfg.families else 0)
-                         + (cfg.keys - 1 if any(f == "keys" for _, f in plan) else 0))
-    total, done = students_per_seed * len(cfg.seeds), 0
+    plan = attack_plan(cfg, api)
+    total, done = sum(a.students for a in plan) * len(cfg.seeds), 0
     t0 = time.perf_counter()
-    accs: dict[str, list[float]] = {n: [] for n, _ in plan}
-    detail: dict[str, list] = {n: [] for n, _ in plan}
+    accs: dict[str, list[float]] = {a.name: [] for a in plan}
+    detail: dict[str, list] = {a.name: [] for a in plan}
 
-    def student(transfer: TensorDataset, teacher, dcfg: DistillConfig, seed: int, evaluate_on=None,
-                skeptical: bool = False) -> float:
+    def count(acc: float) -> float:
         nonlocal done
-        dcfg = replace(dcfg, train=replace(dcfg.train, epochs=cfg.epochs_for(len(transfer))))
-        if skeptical:
-            acc = _skeptical_accuracy(cfg, data, transfer, teacher, dcfg.train, seed, should_cancel)
-        else:
-            acc = student_accuracy(cfg.student, data, transfer, teacher, dcfg, seed, evaluate_on=evaluate_on,
-                                   should_cancel=should_cancel)
         if not math.isfinite(acc):
             raise FloatingPointError(f"a student's accuracy is {acc}")
         done += 1
@@ -418,49 +259,15 @@ def audit(
     for seed in cfg.seeds:
         x = transfer_split(data, cfg.transfer_n, seed).tensors[0]
         y_pub = api(x).argmax(1)  # the attacker's only labels: the public top-1
-        transfer = TensorDataset(x, y_pub)
-        kd = lambda t, a: DistillConfig(temperature=t, alpha=a, train=cfg.train)
-        for name, fam in plan:
-            if fam == "labels":
-                ls = cfg.label_smoothings[[f"labels_ls{v:g}" for v in cfg.label_smoothings].index(name)]
-                acc = student(transfer, None, DistillConfig(label_smoothing=ls, train=cfg.train), seed)
-            elif fam == "kd":
-                t, a = (float(s[1:]) for s in name.split("_")[1:])
-                acc = student(transfer, public_teacher(api), kd(t, a), seed)
-            elif fam == "topk":
-                acc = student(transfer, _topk_teacher(api, int(name[4:])), kd(cfg.sparse_temperature, 0.9), seed)
-            elif fam == "skeptical":
-                acc = student(transfer, public_teacher(api), kd(cfg.skeptical_temperature, 0.9), seed,
-                              skeptical=True)
-            elif fam == "smooth":
-                fit_idx, held_idx = _split(len(x), cfg.holdout, seed)
-                fit = TensorDataset(x[fit_idx], y_pub[fit_idx])
-                held = TensorDataset(x[held_idx], y_pub[held_idx])
-                best = None
-                for tau in cfg.smooth_taus:
-                    for eps in cfg.smooth_eps:
-                        # Chosen by how well a student matches the public labels it never saw.
-                        agree = student(fit, _smooth_teacher(api, tau, eps, data.num_classes), kd(1.0, 0.9),
-                                        seed, evaluate_on=held)
-                        if best is None or agree > best[0]:
-                            best = (agree, tau, eps)
-                _, tau, eps = best
-                acc = student(transfer, _smooth_teacher(api, tau, eps, data.num_classes), kd(1.0, 0.9), seed)
-                detail[name].append({"seed": seed, "tau": tau, "eps": eps, "holdout_agreement": best[0]})
-            else:  # keys
-                g = torch.Generator().manual_seed(10_000 + seed)
-                keys = random_keys(cfg.keys, data.in_shape, data.mean, data.std, generator=g)
-                if name == "key_mean":
-                    per_key = [student(transfer, _keyed_teacher(api, keys[i:i + 1]), kd(cfg.key_temperature, 0.9),
-                                       seed) for i in range(cfg.keys)]
-                    acc = statistics.fmean(per_key)
-                    detail[name].append({"seed": seed, "per_key": per_key})
-                else:
-                    acc = student(transfer, _keyed_teacher(api, keys), kd(cfg.key_temperature, 0.9), seed)
-            accs[name].append(acc)
+        r = Round(cfg, data, seed, TensorDataset(x, y_pub), count, should_cancel)
+        for attack in plan:
+            acc, note = attack.run(r)
+            accs[attack.name].append(acc)
+            if note is not None:
+                detail[attack.name].append(note)
         log(f"seed {seed}: " + "  ".join(f"{n} {v[-1]:.1f}" for n, v in accs.items()))
 
-    attacks = score(accs, dict(plan), cfg.policy)
+    attacks = score(accs, {a.name: a.family for a in plan}, cfg.policy)
     for name in attacks:
         attacks[name]["detail"] = detail[name]
     reference, worst, max_adv = verdict_of(attacks)

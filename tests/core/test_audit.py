@@ -5,13 +5,14 @@ import math
 import pytest
 import torch
 
+from sdb_cli.main import main
 from sdb_core.bundle import export_bundle
 from sdb_core.protect import SafeDistillationBox, generate_key
-from sdb_core.protect.audit import AuditConfig, PublicAPI, apply_policy, audit, public_api, score, verdict_of
+from sdb_core.protect.attacks import PublicAPI, apply_policy, public_api
+from sdb_core.protect.audit import AuditConfig, audit, score, verdict_of
 from sdb_core.protect.key import new_master_key
 from sdb_core.train import TrainConfig
 from sdb_core.weights import save_weights
-from sdb_cli.main import main
 
 TINY = {"transfer_n": 60, "steps": 20, "keys": 2, "smooth_taus": (2.0,), "smooth_eps": (0.0, 0.1),
         "train": TrainConfig(lr=0.01, batch_size=32)}

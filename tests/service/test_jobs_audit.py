@@ -6,8 +6,6 @@ import json
 import pytest
 from sdb_client import BadRequest, Client, NotFound
 
-from service.jobs.kinds.audit import _FAMILIES
-
 from .jobs_helpers import JobServer, key, prepare
 
 TINY = {"model": "digits-a", "data": "digits", "transfer": 60, "steps": 30, "keys": 1,
@@ -51,8 +49,3 @@ def test_audit_params_are_checked_before_queueing(server):
             c.jobs.submit("audit", {**TINY, "model": "no-such-model"})
         assert c.jobs.list() == [] or all(j["kind"] != "audit" for j in c.jobs.list())
 
-
-def test_the_service_knows_every_attack_family():
-    from sdb_core.protect.audit import FAMILIES
-
-    assert tuple(_FAMILIES) == tuple(FAMILIES)

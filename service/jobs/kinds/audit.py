@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from sdb_core.protect.audit_names import FAMILIES, POLICIES
+
 from ...errors import invalid
 from .base import (
     NAME_PATTERN,
@@ -22,10 +24,6 @@ from .base import (
     weights_file,
 )
 
-# sdb_core.protect.audit.FAMILIES, spelled out so that validating a submission imports no torch
-# (tests/service/test_jobs_audit.py checks the two agree).
-_FAMILIES = ("labels", "kd", "topk", "smooth", "skeptical", "keys")
-
 
 class AuditParams(JobParams):
     model: str | None = Field(None, pattern=NAME_PATTERN, description="a hosted model (its public path)")
@@ -33,14 +31,14 @@ class AuditParams(JobParams):
     teacher_weights: str | None = Field(None, description="or a plain model's weights under the data dir")
     teacher_arch: str = "cnn"
     data: str
-    policy: Literal["probs", "top_k", "label"] = "probs"
+    policy: Literal[POLICIES] = "probs"  # type: ignore[valid-type]
     top_k: int = Field(3, ge=1, le=100)
     transfer: int = Field(300, ge=20, le=100_000, description="the attacker's transfer-set size")
     student: str = "mlp"
     steps: int = Field(1000, ge=10, le=100_000, description="optimisation steps per student")
     keys: int = Field(10, ge=0, le=100, description="random keys the attacker blends in")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=5)
-    families: list[Literal[_FAMILIES]] | None = Field(None, description="attack families; default all")  # type: ignore[valid-type]
+    families: list[Literal[FAMILIES]] | None = Field(None, description="attack families; default all")  # type: ignore[valid-type]
 
     @field_validator("student", "teacher_arch")
     @classmethod
@@ -74,7 +72,7 @@ def run(ctx, p: AuditParams) -> dict:
 
     from sdb_core.bundle import load_bundle
     from sdb_core.data import load_dataset
-    from sdb_core.protect.audit import FAMILIES, AuditConfig, audit
+    from sdb_core.protect.audit import AuditConfig, audit
 
     data = load_dataset(p.data)
     if p.model is not None:
