@@ -53,6 +53,16 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+from depara_zoo import (  # benchmarks/depara_zoo.py: the zoo and its ground truth
+    HEADS,
+    TARGET_TASKS,
+    TASKS,
+    ProbeConfig,
+    ZooConfig,
+    build_zoo,
+    probe_images,
+    transfer_accuracy_draws,
+)
 
 from sdb_core.transfer.depara import (
     ATTRIBUTIONS,
@@ -67,19 +77,7 @@ from sdb_core.transfer.depara import (
     rsa_similarity,
     spearman,
 )
-from sdb_core.transfer.zoo import (
-    ENCODER_LAYERS,
-    FEATURE_LAYER,
-    HEADS,
-    TARGET_TASKS,
-    TASKS,
-    ProbeConfig,
-    ZooConfig,
-    ZooNet,
-    build_zoo,
-    probe_images,
-    transfer_accuracy_draws,
-)
+from sdb_core.transfer.task_models import ENCODER_LAYERS, FEATURE_LAYER, ZooNet
 
 LAMBDAS = (10.0, 1.0, 3.0)
 PROBES = (1000, 250)

@@ -22,9 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from depara import SCORED, agreement  # benchmarks/depara.py: the same methods and Spearman / top-k
+from depara_zoo import (  # benchmarks/depara_zoo.py
+    TASKS,
+    ProbeConfig,
+    ZooConfig,
+    build_zoo,
+    evaluate,
+    truth_split,
+)
 
 from sdb_core.train import TrainConfig, train_classifier
-from sdb_core.transfer.zoo import TASKS, ProbeConfig, ZooConfig, ZooNet, build_zoo, evaluate, truth_split
+from sdb_core.transfer.task_models import ZooNet
 
 
 def finetune_accuracy(source: ZooNet, width: int, target: str, train, test, cfg: TrainConfig) -> float:

@@ -39,7 +39,7 @@ def cmd_transfer_rank(args) -> int:
     from sdb_core.train import TrainConfig
     from sdb_core.transfer.depara import DeparaConfig, rank_transferability
     from sdb_core.transfer.plots import plot_similarity
-    from sdb_core.transfer.zoo import train_task_model
+    from sdb_core.transfer.task_models import FEATURE_LAYER, train_task_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,7 +56,7 @@ def cmd_transfer_rank(args) -> int:
         target = train_task_model("target", train, TrainConfig(epochs=args.target_epochs, lr=2e-3, optimizer="adam",
                                                                weight_decay=0.0, seed=args.seed),
                                   kind="cls", outputs=data.num_classes, progress=progress_bar("weak target"))
-        target_layer = "encoder.4"
+        target_layer = FEATURE_LAYER
     cfg = DeparaConfig(method=args.method, seed=args.seed, **({} if args.lam is None else {"lam": args.lam}))
     result = rank_transferability(cfg, target, sources, probe, target_layer=target_layer)
     out = Path(args.out)

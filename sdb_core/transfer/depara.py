@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-METHODS = ("depara", "depara_v", "depara_e", "rsa", "random")
+from sdb_core.transfer import METHODS
+
 # What the attribution maps differentiate: "sum", the sum of the layer's output (the issue's definition);
 # "norm", its L2 norm per image (the authors' KamalEngine code), which a few large units dominate less.
 ATTRIBUTIONS = ("sum", "norm")

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sdb_core.transfer import DEFAULT_PROBE
+from sdb_core.transfer import DEFAULT_PROBE, METHODS
 
 from ...errors import invalid
 from .base import (
@@ -26,8 +26,6 @@ from .base import (
     served_model_path,
     weights_file,
 )
-
-_METHODS = ("depara", "depara_v", "depara_e", "rsa", "random")  # sdb_core.transfer.depara.METHODS, torch-free
 
 
 class ModelSpec(BaseModel):
@@ -68,7 +66,7 @@ class TransferParams(JobParams):
     probe: int = Field(DEFAULT_PROBE, ge=3, le=2000, description="probe images")
     target_train: int = Field(500, ge=10, le=100_000, description="images the weak target model learns from")
     target_epochs: int = Field(3, ge=1, le=100)
-    method: Literal[_METHODS] = "depara"  # type: ignore[valid-type]
+    method: Literal[METHODS] = "depara"  # type: ignore[valid-type]
     lam: float | None = Field(None, ge=0, le=1000,
                               description="lambda of S = S_V + lambda S_E (default: DeparaConfig's)")
     maps: int = Field(4, ge=1, le=12, description="probe images shown in attribution.png")
@@ -126,7 +124,7 @@ def run(ctx, p: TransferParams) -> dict:
     from sdb_core.train import TrainConfig
     from sdb_core.transfer.depara import DeparaConfig, attribution_maps, rank_transferability
     from sdb_core.transfer.plots import plot_attributions, plot_similarity
-    from sdb_core.transfer.zoo import train_task_model
+    from sdb_core.transfer.task_models import FEATURE_LAYER, train_task_model
 
     probe_set = load_dataset(p.probe_data or p.target_data)
     x = probe_set.test.tensors[0]
@@ -145,7 +143,7 @@ def run(ctx, p: TransferParams) -> dict:
                                                                weight_decay=0.0, seed=p.seed),
                                   kind="cls", outputs=data.num_classes, progress=ctx.phase("target"),
                                   should_cancel=ctx.should_cancel)
-        target_layer, what = "encoder.4", f"a weak model trained on {p.target_data}"
+        target_layer, what = FEATURE_LAYER, f"a weak model trained on {p.target_data}"
     else:
         target, target_layer, what = _load(p.target, probe_set.in_shape, ctx), p.target.layer, p.target.label
     sources = {s.label: _load(s, probe_set.in_shape, ctx) for s in p.sources}

@@ -1,9 +1,9 @@
-"""A zoo of source models to measure transferability on, generated here.
+"""The DEPARA benchmark's harness: a zoo of source models, generated here, and their ground-truth transfer.
 
-Every model is one small encoder (five conv blocks) with a task head, trained on one task over
-two image domains that share one input format, 3 x 32 x 32 pixels in [0, 1] normalised by
-``ZOO_MEAN``/``ZOO_STD``: the embedded MNIST digits (padded to 32, grey in all three channels)
-and the project's synthetic scenes (``sdb_core.data.scenes``). Tasks:
+Every model is a ``ZooNet`` (``sdb_core.transfer.task_models``: one small encoder of five conv blocks
+with a task head) trained on one task over two image domains that share one input format,
+3 x 32 x 32 pixels in [0, 1] normalised by ``ZOO_MEAN``/``ZOO_STD``: the embedded MNIST digits (padded
+to 32, grey in all three channels) and the project's synthetic scenes (``sdb_core.data.scenes``). Tasks:
 
 - digits: ``digit`` (10 classes), ``parity`` (odd/even), ``big`` (digit >= 5), ``rotation``
   (the digit turned by k x 90 degrees: k);
@@ -42,11 +42,10 @@ from torch.utils.data import TensorDataset
 
 from sdb_core.progress import Progress
 from sdb_core.train import TrainConfig, fit, seed_everything
+from sdb_core.transfer.task_models import FEATURE_LAYER, ZooNet, train_task_model
 
 ZOO_SHAPE = (3, 32, 32)
 ZOO_MEAN, ZOO_STD = 0.5, 0.25
-ENCODER_LAYERS = tuple(f"encoder.{i}" for i in range(5))  # the layers layer selection scores
-FEATURE_LAYER = ENCODER_LAYERS[-1]  # what model selection and the probes read by default
 
 # task → (domain, kind, outputs): kind "cls" = image-level classes, "seg" = per-pixel classes,
 # "reg" = per-pixel regression, "bin" = per-pixel binary.
@@ -211,44 +210,7 @@ def task_data(task: str, n: int, split: str, seed: int) -> TensorDataset:
     return TensorDataset(d.x, y)
 
 
-# --------------------------------------------------------------------------- models
-class ZooNet(nn.Module):
-    """Five conv blocks (32 → 16 → 16 → 8 → 4 → 4 px) and a head for one task."""
-
-    def __init__(self, kind: str, outputs: int, in_channels: int = 3, width: int = 16):
-        super().__init__()
-        w = width
-        self.kind, self.outputs = kind, outputs
-
-        def block(cin, cout, pool):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-                                 *([nn.MaxPool2d(2)] if pool else []))
-
-        self.encoder = nn.Sequential(block(in_channels, w, True), block(w, 2 * w, False), block(2 * w, 2 * w, True),
-                                     block(2 * w, 4 * w, True), block(4 * w, 4 * w, False))
-        if kind == "cls":
-            # The 4x4 grid is kept (not pooled away): rotation and counting need where things are.
-            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * 4 * w, outputs))
-        else:
-            def up(cin, cout):
-                return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, padding=1),
-                                     nn.ReLU(inplace=True))
-
-            self.head = nn.Sequential(up(4 * w, 2 * w), up(2 * w, w), nn.Upsample(scale_factor=2, mode="nearest"),
-                                      nn.Conv2d(w, outputs, 3, padding=1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(x))
-
-
-def task_loss(kind: str, out: Tensor, y: Tensor) -> Tensor:
-    if kind in ("cls", "seg"):
-        return F.cross_entropy(out, y)
-    if kind == "reg":
-        return F.mse_loss(out, y)
-    return F.binary_cross_entropy_with_logits(out, y)
-
-
+# --------------------------------------------------------------------------- scoring the models
 def task_score(kind: str, out: Tensor, y: Tensor) -> float:
     """Accuracy in percent (pixel accuracy for dense class maps); negative MSE for regression."""
     if kind in ("cls", "seg"):
@@ -256,24 +218,6 @@ def task_score(kind: str, out: Tensor, y: Tensor) -> float:
     if kind == "reg":
         return -F.mse_loss(out, y).item()
     return 100.0 * ((out > 0).float() == y).float().mean().item()
-
-
-def train_task_model(task: str, data: TensorDataset, cfg: TrainConfig, *, width: int = 16, kind: str | None = None,
-                     outputs: int | None = None, progress: Callable[[Progress], None] | None = None,
-                     should_cancel: Callable[[], bool] | None = None) -> ZooNet:
-    """A zoo model for ``task`` (or a classifier with ``outputs`` classes on any data) trained by ``fit``."""
-    if kind is None:
-        _, kind, outputs = TASKS[task]
-    in_channels = data.tensors[0].shape[1]
-    seed_everything(cfg.seed)
-    model = ZooNet(kind, int(outputs), in_channels, width)
-
-    def step(batch):
-        x, y = batch
-        return task_loss(kind, model(x), y)
-
-    fit(model, data, step, cfg, progress=progress, should_cancel=should_cancel)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -321,7 +265,7 @@ def build_zoo(cfg: ZooConfig, *, cache_dir: str | os.PathLike | None = None, log
         else:
             train = task_data(task, cfg.train_per_domain, "train", cfg.seed)
             tcfg = TrainConfig(**{**asdict(cfg.train), "seed": cfg.task_seed(task)})
-            model = train_task_model(task, train, tcfg, width=cfg.width,
+            model = train_task_model(task, train, tcfg, kind=kind, outputs=outputs, width=cfg.width,
                                      progress=progress(task) if progress else None, should_cancel=should_cancel)
             save_weights(model, path)
         models[task] = model
