@@ -1,6 +1,10 @@
 """``sdb distill``: train a student from a local teacher, a bundle, a remote server's keyed path, or labels alone."""
 from __future__ import annotations
 
+from sdb_core.distill.config import DistillConfig
+from sdb_core.progress import Hooks
+from sdb_core.tasks.distill import DistillTask
+
 from .console import add_training_flags, data_settings, err, progress_bar
 
 
@@ -20,11 +24,19 @@ def _remote_teacher(args):
 
 
 def cmd_distill(args) -> int:
-    from sdb_core.data import load_dataset
-    from sdb_core.weights import save_weights
-    from service.pipelines import DistillSpec, bundle_teacher, distill_student, weights_teacher
+    from sdb_core.tasks import ModelRef, distill
 
-    data = load_dataset(args.data)
+    teacher, source = None, "labels only"
+    if args.bundle:
+        ref = ModelRef(bundle=args.bundle)
+        source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"
+    elif args.teacher:
+        ref, source = ModelRef(arch=args.teacher_arch, weights=args.teacher), f"teacher {args.teacher}"
+    else:
+        ref = None
+    task = DistillTask.from_options(args.student, args.data, teacher=ref, keyed=args.authorized,
+                                    transfer=args.transfer, temperature=args.temperature, alpha=args.alpha,
+                                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
     if args.remote:
         from sdb_client import SDBError
 
@@ -34,20 +46,9 @@ def cmd_distill(args) -> int:
             err(f"remote teacher: {e}")
             return 2
         source = f"remote model {args.model} at {teacher.client.base_url} (keyed path)"
-    elif args.bundle:
-        teacher = bundle_teacher(args.bundle, data_settings(args).master_key if args.authorized else None,
-                                 args.authorized)
-        source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"
-    elif args.teacher:
-        teacher = weights_teacher(args.teacher, args.teacher_arch, data)
-        source = f"teacher {args.teacher}"
-    else:
-        teacher, source = None, "labels only"
-    spec = DistillSpec(student=args.student, data=args.data, transfer=args.transfer,
-                       temperature=args.temperature, alpha=args.alpha, epochs=args.epochs, lr=args.lr,
-                       batch_size=args.batch_size, seed=args.seed)
+    master_key = data_settings(args).master_key if args.bundle and args.authorized else None
     try:
-        outcome = distill_student(spec, teacher, data=data, phase=progress_bar)
+        outcome = distill.run(task, args.out, Hooks(phase=progress_bar), teacher=teacher, master_key=master_key)
     except Exception as e:
         if not args.remote or not type(e).__module__.startswith("sdb_client"):
             raise
@@ -57,12 +58,10 @@ def cmd_distill(args) -> int:
         if args.remote:
             teacher.close()
             teacher.client.close()
-    save_weights(outcome.student, args.out)
     print(f"student {args.student} from {source} on {outcome.transfer_size} images: "
           f"test accuracy {outcome.accuracy:.2f}%")
     print(f"saved to {args.out}")
     return 0
-
 
 
 def add_commands(sub) -> None:
@@ -79,7 +78,8 @@ def add_commands(sub) -> None:
     d.add_argument("--teacher-arch", default="cnn")
     d.add_argument("--authorized", action="store_true", help="with --bundle: use the keyed path (needs the master key)")
     d.add_argument("--transfer", type=int, default=0, help="transfer-set size drawn from the train split (0: all)")
-    d.add_argument("--temperature", type=float, default=4.0)
-    d.add_argument("--alpha", type=float, default=0.9)
-    add_training_flags(d, epochs=20)
+    base = DistillConfig()
+    d.add_argument("--temperature", type=float, default=base.temperature)
+    d.add_argument("--alpha", type=float, default=base.alpha)
+    add_training_flags(d, epochs=base.train.epochs, lr=base.train.lr, batch=base.train.batch_size)
     d.set_defaults(fn=cmd_distill)

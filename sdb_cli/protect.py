@@ -6,24 +6,26 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from service.pipelines import WrapSpec
+from sdb_core.progress import Hooks
+from sdb_core.protect.config import CheckConfig, SDBConfig, Thresholds
+from sdb_core.tasks.wrap import WrapTask
 
 from .console import add_training_flags, data_settings, err, progress_bar
 
 
 def cmd_wrap(args) -> int:
     from sdb_core.protect import WrapRefused
-    from service.pipelines import WrapSpec, wrap_to_bundle
+    from sdb_core.tasks import wrap
 
-    spec = WrapSpec(data=args.data, arch=args.arch, out=args.out, name=args.name, teacher=args.teacher,
-                    teacher_epochs=args.teacher_epochs, save_teacher=args.save_teacher, mode=args.mode,
-                    lam=args.lam, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                    max_accuracy_drop=args.max_accuracy_drop, max_keyed_drop=args.max_keyed_drop,
-                    min_leak_margin=args.min_leak_margin, check_attempts=args.check_attempts,
-                    check_budget=args.check_budget)
+    task = WrapTask.from_options(
+        args.data, args.arch, teacher=args.teacher, name=args.name, teacher_epochs=args.teacher_epochs,
+        save_teacher=args.save_teacher, mode=args.mode, lam=args.lam, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, seed=args.seed, max_accuracy_drop=args.max_accuracy_drop,
+        max_keyed_drop=args.max_keyed_drop, min_leak_margin=args.min_leak_margin,
+        check_attempts=args.check_attempts, check_budget=args.check_budget)
+    hooks = Hooks(phase=progress_bar, log=lambda s: print(s, file=sys.stderr))
     try:
-        outcome = wrap_to_bundle(spec, data_settings(args).master_key, phase=progress_bar,
-                                 log=lambda s: print(s, file=sys.stderr))
+        outcome = wrap.run(task, args.out, hooks, master_key=data_settings(args).master_key)
     except WrapRefused as e:
         err(f"refused, no bundle written: {e}")
         return 3
@@ -31,7 +33,6 @@ def cmd_wrap(args) -> int:
         print(f"{k:12s} {v:6.2f}%")
     print(f"wrapped in {outcome.report['seconds']:.1f}s; bundle written to {outcome.bundle}")
     return 0
-
 
 
 def cmd_demo(args) -> int:
@@ -121,25 +122,26 @@ def add_commands(sub) -> None:
     w.add_argument("--data", required=True, help="dataset name: mnist-5k, digits, imagefolder:PATH, cifar10:PATH")
     w.add_argument("--out", required=True, help="bundle directory (or FILE.sdb for a zip)")
     w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb")
-    w.add_argument("--lam", type=float, default=WrapSpec.lam, help="keyed input λ·x + (1−λ)·k (default: %(default)s)")
+    w.add_argument("--lam", type=float, default=SDBConfig().lam, help="keyed input λ·x + (1−λ)·k (default: %(default)s)")
     w.add_argument("--teacher-epochs", type=int,
                    help="with --train-teacher (default: the architecture's teacher schedule)")
     w.add_argument("--save-teacher", metavar="FILE", help="with --train-teacher: keep the plain teacher's weights")
     w.add_argument("--name", help="model name in the bundle (default DATA-ARCH)")
     chk = w.add_argument_group("self-check", "measured on a held-out part of the training split; a box that "
                                "misses a threshold is not written (exit 3)")
-    chk.add_argument("--max-accuracy-drop", type=float, default=WrapSpec.max_accuracy_drop,
+    chk.add_argument("--max-accuracy-drop", type=float, default=Thresholds().max_accuracy_drop,
                      help="points of top-1 the public path may lose against the teacher (default: %(default)s)")
-    chk.add_argument("--max-keyed-drop", type=float, default=WrapSpec.max_keyed_drop,
+    chk.add_argument("--max-keyed-drop", type=float, default=Thresholds().max_keyed_drop,
                      help="points of top-1 the keyed path may lose (default: %(default)s)")
-    chk.add_argument("--min-leak-margin", type=float, default=WrapSpec.min_leak_margin,
+    chk.add_argument("--min-leak-margin", type=float, default=Thresholds().min_leak_margin,
                      help="points a student distilled from the public outputs must stay below one trained "
                           "on labels alone (default: %(default)s)")
-    chk.add_argument("--check-attempts", type=int, default=WrapSpec.check_attempts,
+    chk.add_argument("--check-attempts", type=int, default=CheckConfig().max_attempts,
                      help="settings tried at most (default: %(default)s)")
     chk.add_argument("--check-budget", type=float, metavar="SECONDS",
                      help="no new attempt starts past this (default: none)")
-    add_training_flags(w, epochs=15)
+    train = SDBConfig().train
+    add_training_flags(w, epochs=train.epochs, lr=train.lr, batch=train.batch_size)
     w.set_defaults(fn=cmd_wrap)
 
     m = sub.add_parser("demo", help="wrap the demo model on embedded MNIST and print the protection table")

@@ -2,6 +2,7 @@
 training (progress callbacks, cancel) without importing it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -19,3 +20,20 @@ class Progress:
     steps: int
     fraction: float
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[Progress], None]
+
+
+@dataclass
+class Hooks:
+    """How a caller watches and stops a task: the one protocol of the CLI, the jobs and the tests.
+
+    ``phase(name)`` returns the progress callback for that phase of the run (``None``: not
+    watched; the CLI draws a bar, a job maps it onto its overall fraction), ``log`` takes
+    one line, ``should_cancel`` is polled between steps.
+    """
+
+    phase: Callable[[str], ProgressFn | None] = lambda name: None
+    log: Callable[[str], None] = lambda message: None
+    should_cancel: Callable[[], bool] = lambda: False

@@ -21,35 +21,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .progress import Cancelled, Progress
+from .train_config import TrainConfig
 
 StepOutput = Tensor | tuple[Tensor, dict[str, float]]
 StepFn = Callable[[Sequence[Tensor]], StepOutput]
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 0.01
-    optimizer: str = "sgd"  # sgd | adam
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step | constant
-    grad_clip: float | None = None
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule must be cosine|step|constant, got {self.schedule!r}")
 
 
 @dataclass

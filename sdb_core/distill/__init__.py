@@ -1,6 +1,20 @@
-"""Knowledge distillation: losses and the distiller that trains a student from any teacher."""
-from .distiller import DistillConfig, DistillResult, as_teacher, distill
-from .losses import kd_loss, kl_to_target, probs_to_logits, soft_kl
+"""Knowledge distillation: losses and the distiller that trains a student from any teacher.
 
+Names resolve lazily (PEP 562), as in ``sdb_core.protect``: ``sdb_core.distill.config`` is
+torch-free and a job kind or the CLI reads its defaults without importing torch.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "DistillConfig": "config", "DistillResult": "distiller", "as_teacher": "distiller", "distill": "distiller",
+    "kd_loss": "losses", "kl_to_target": "losses", "probs_to_logits": "losses", "soft_kl": "losses",
+}
 __all__ = ["DistillConfig", "DistillResult", "as_teacher", "distill", "kd_loss", "kl_to_target",
            "probs_to_logits", "soft_kl"]
+assert set(__all__) == set(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -7,35 +7,18 @@ keyed path (``box.distill_logits``), a public probability API wrapped by
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ..train import History, Progress, TrainConfig, fit, predict_logits
+from ..train import History, Progress, fit, predict_logits
+from .config import DistillConfig
 from .losses import kd_loss
 
 Teacher = Callable[[Tensor], Tensor]
-
-
-@dataclass
-class DistillConfig:
-    temperature: float = 4.0
-    alpha: float = 0.9  # weight of the KD term; 1 − α on cross-entropy with the transfer labels
-    label_smoothing: float = 0.0  # only on the cross-entropy term
-    use_labels: bool = True  # False: the student sees the teacher only
-    cache_teacher: bool = True  # ask the teacher once per sample (no augmentation here)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=20, lr=0.01))
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass

@@ -9,9 +9,9 @@ _EXPORTS = {
     "NoKeyError": "box", "SafeDistillationBox": "box",
     "SealError": "seal", "seal": "seal", "unseal": "seal", "load_or_create_master_key": "seal",
     "blend": "key", "generate_key": "key", "random_keys": "key",
-    "NastyConfig": "nasty", "wrap_nasty": "nasty",
-    "SDBConfig": "sdb", "WrapResult": "sdb", "confusion_targets": "sdb", "wrap": "sdb", "train_box": "sdb",
-    "CheckConfig": "check", "Thresholds": "check", "WrapRefused": "check",
+    "NastyConfig": "config", "wrap_nasty": "nasty",
+    "SDBConfig": "config", "WrapResult": "sdb", "confusion_targets": "sdb", "wrap": "sdb", "train_box": "sdb",
+    "CheckConfig": "config", "Thresholds": "config", "WrapRefused": "check",
 }
 __all__ = [  # noqa: RUF022 - grouped by module, as _EXPORTS
     "NoKeyError", "SafeDistillationBox", "SealError", "seal", "unseal", "load_or_create_master_key",

@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,57 +26,13 @@ from ..data import stratified_split
 from ..data.base import transfer_indices
 from ..distill import DistillConfig
 from ..progress import Progress
-from ..train import TrainConfig
+from .config import CheckConfig
 
-if TYPE_CHECKING:  # sdb.py imports this module for its default check
+if TYPE_CHECKING:
     from torch import nn
 
-    from .sdb import SDBConfig, WrapResult
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """What the owner accepts, in accuracy points on the validation split (SDB core targets)."""
-
-    max_accuracy_drop: float = 1.0  # public top-1 >= teacher - this
-    max_keyed_drop: float = 1.5  # keyed-path top-1 >= teacher - this
-    min_leak_margin: float = 2.0  # KD from the public outputs <= labels only - this
-
-    def misses(self, f: dict[str, float]) -> dict[str, float]:
-        """Each missed threshold and by how many points."""
-        out = {"public": f["public_drop"] - self.max_accuracy_drop,
-               "keyed": f["keyed_drop"] - self.max_keyed_drop}
-        if "leak_margin" in f:
-            out["leak"] = self.min_leak_margin - f["leak_margin"]
-        return {k: round(v, 3) for k, v in out.items() if v > 0}
-
-
-@dataclass(frozen=True)
-class CheckConfig:
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    val_fraction: float = 0.15  # of the owner's training split, held out for the measurements
-    max_attempts: int = 4
-    budget_seconds: float | None = None  # no new attempt starts once it would likely end past this
-    leak_check: bool = True
-    student: str = "mlp"  # the leak check's student: the cheapest one that learns every zoo input
-    transfer_n: int = 1000
-    # The protection benchmark's students (MeasureConfig), averaged over this many seeds: at 15 epochs and
-    # one seed the check passed digits boxes whose KD-from-public student was 0.5 below labels only on test.
-    student_train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=0.01, batch_size=64))
-    student_seeds: int = 2
-    temperature: float = 4.0  # the leak check's KD temperature and weight on the soft labels
-    alpha: float = 0.9
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.student_seeds < 1:
-            raise ValueError(f"student_seeds must be >= 1, got {self.student_seeds}")
-        if self.budget_seconds is not None and not self.budget_seconds > 0:
-            raise ValueError(f"budget_seconds must be > 0, got {self.budget_seconds}")
+    from .config import SDBConfig
+    from .sdb import WrapResult
 
 
 class WrapRefused(RuntimeError):

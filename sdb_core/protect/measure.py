@@ -19,9 +19,10 @@ from ..models import create_model
 from ..models.schedules import teacher_config, teacher_shift
 from ..train import TrainConfig, accuracy, seed_everything, train_classifier
 from .box import SafeDistillationBox
-from .check import CheckConfig, WrapRefused, teacher_data
+from .check import WrapRefused, teacher_data
+from .config import CheckConfig, SDBConfig
 from .key import random_keys
-from .sdb import SDBConfig, public_report, wrap
+from .sdb import public_report, wrap
 
 STUDENT_WAYS = ("labels_only", "kd_teacher", "kd_public", "kd_keyed", "kd_wrong_key")
 

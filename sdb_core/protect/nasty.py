@@ -9,31 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..distill.losses import soft_kl
-from ..train import Progress, TrainConfig, fit, pick_device
+from ..train import Progress, fit, pick_device
 from .box import SafeDistillationBox
+from .config import NastyConfig
 from .sdb import WrapResult, frozen_and_trainable, public_report
-
-
-@dataclass
-class NastyConfig:
-    temperature: float = 4.0
-    omega: float = 0.04
-    max_kl: float = 20.0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01, batch_size=64,
-                                                                   grad_clip=5.0))
-
-    def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.omega < 0:
-            raise ValueError(f"omega must be >= 0, got {self.omega}")
 
 
 def wrap_nasty(

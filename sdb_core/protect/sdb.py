@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,43 +30,11 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ..distill.losses import kl_to_target, soft_kl
-from ..train import Progress, TrainConfig, accuracy, fit, pick_device, predict_logits
+from ..train import Progress, accuracy, fit, pick_device, predict_logits
 from .box import SafeDistillationBox
-from .check import CheckConfig, checked_wrap
+from .check import checked_wrap
+from .config import CheckConfig, SDBConfig
 from .key import blend, generate_key, random_keys
-
-
-@dataclass
-class SDBConfig:
-    # Keyed input λ·x + (1 − λ)·k. 0.3 rather than the paper's 0.5: the keyed path is a few tenths of a point
-    # short of the plain teacher as a KD source at 0.5 (leak audit, N = 300, 24 student pairs: −0.30 ± 0.12)
-    # and ties at 0.3 (+0.11 ± 0.11), for 0.7 points of public top-1 (96.0 vs 96.7; README, leak audit).
-    lam: float = 0.3
-    temperature: float = 4.0
-    weight: float = 1.0  # w, the disturbance weight
-    target_prob: float = 0.40  # q_y on the true class
-    partner_prob: float = 0.25  # q_y on each confusion partner
-    partners: int = 2
-    # Clipping matters: the first epoch's gradients are ~10x a teacher's (the keyed path starts
-    # out wrong) and without a clip one run in three collapsed to a constant output here.
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01, batch_size=64,
-                                                                   grad_clip=5.0))
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.lam < 1.0:
-            raise ValueError(f"lam must be in (0, 1), got {self.lam}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.weight < 0:
-            raise ValueError(f"weight must be >= 0, got {self.weight}")
-        if self.partners < 1:
-            raise ValueError(f"partners must be >= 1, got {self.partners}")
-        if not 0 < self.partner_prob < self.target_prob < 1:
-            raise ValueError("need 0 < partner_prob < target_prob < 1 so the argmax stays the label, "
-                             f"got partner_prob={self.partner_prob}, target_prob={self.target_prob}")
-        if self.target_prob + self.partners * self.partner_prob > 1 + 1e-9:
-            raise ValueError("target_prob + partners·partner_prob must be <= 1, got "
-                             f"{self.target_prob + self.partners * self.partner_prob:.3f}")
 
 
 @dataclass

@@ -99,10 +99,9 @@ def test_the_cli_and_the_wrap_job_default_to_the_recipe_lambda():
     from sdb_cli.main import build_parser
     from sdb_core.protect import SDBConfig
     from service.jobs.kinds.wrap import WrapParams
-    from service.pipelines import WrapSpec
 
     lam = SDBConfig().lam
-    assert WrapSpec.lam == lam and WrapParams.model_fields["lam"].default == lam
+    assert WrapParams.model_fields["lam"].default == lam
     args = build_parser().parse_args(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", "b"])
     assert args.lam == lam
 
@@ -111,9 +110,8 @@ def test_the_cli_and_the_wrap_job_default_to_the_library_thresholds():
     from sdb_cli.main import build_parser
     from sdb_core.protect import CheckConfig, Thresholds
     from service.jobs.kinds.wrap import WrapParams
-    from service.pipelines import WrapSpec
 
     args = build_parser().parse_args(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", "b"])
     for name, value in vars(Thresholds()).items():
-        assert getattr(WrapSpec, name) == value == WrapParams.model_fields[name].default == getattr(args, name)
-    assert WrapSpec.check_attempts == CheckConfig().max_attempts == args.check_attempts
+        assert value == WrapParams.model_fields[name].default == getattr(args, name)
+    assert CheckConfig().max_attempts == WrapParams.model_fields["check_attempts"].default == args.check_attempts

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator, model_validator
 
+from sdb_core.distill.config import DistillConfig
+from sdb_core.progress import Hooks
+from sdb_core.tasks import ModelRef, distill
+from sdb_core.tasks.distill import DistillTask
+
 from ...auth import check_scope
 from ...errors import invalid
-from ...pipelines import DistillSpec, bundle_teacher, distill_student, weights_teacher
 from .base import (
     NAME_PATTERN,
     JobParams,
@@ -28,12 +32,12 @@ class DistillParams(JobParams):
     teacher_arch: str = "cnn"
     student: str
     data: str
-    epochs: int = Field(20, ge=1, le=1000)
+    epochs: int = Field(DistillConfig().train.epochs, ge=1, le=1000)
     transfer: int = Field(0, ge=0, description="transfer-set size from the train split; 0: all")
-    temperature: float = Field(4.0, gt=0, le=100)
-    alpha: float = Field(0.9, ge=0, le=1)
-    lr: float = Field(0.01, gt=0, le=10)
-    batch_size: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(DistillConfig().temperature, gt=0, le=100)
+    alpha: float = Field(DistillConfig().alpha, ge=0, le=1)
+    lr: float = Field(DistillConfig().train.lr, gt=0, le=10)
+    batch_size: int = Field(DistillConfig().train.batch_size, ge=1, le=4096)
 
     @field_validator("student", "teacher_arch")
     @classmethod
@@ -66,22 +70,19 @@ def check(p: DistillParams, sub: Submission) -> DistillParams:
 
 @job_kind("distill", DistillParams, check)
 def run(ctx, p: DistillParams) -> dict:
-    from sdb_core.data import load_dataset
-    from sdb_core.weights import save_weights
-
-    data = load_dataset(p.data)
     if p.teacher is not None:
         bundle_path = served_model_path(ctx.queue, p.teacher, p.teacher_version)
-        teacher = bundle_teacher(bundle_path, ctx.settings.master_key, authorized=True)
+        teacher = ModelRef(model=p.teacher).hosted_at(bundle_path, p.teacher_version)
         source = f"model {p.teacher} version {p.teacher_version} (keyed path)"
     else:
-        teacher = weights_teacher(p.teacher_weights, p.teacher_arch, data)
+        teacher = ModelRef(arch=p.teacher_arch, weights=p.teacher_weights)
         source = f"teacher weights {p.teacher_weights}"
     ctx.log(f"distilling a {p.student} from {source} on {p.data}")
-    spec = DistillSpec(student=p.student, data=p.data, transfer=p.transfer, temperature=p.temperature,
-                       alpha=p.alpha, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=p.seed)
-    outcome = distill_student(spec, teacher, data=data, phase=ctx.phase, should_cancel=ctx.should_cancel)
-    save_weights(outcome.student, ctx.artifacts / "student.safetensors")
+    task = DistillTask.from_options(p.student, p.data, teacher=teacher, keyed=p.teacher is not None,
+                                    transfer=p.transfer, temperature=p.temperature, alpha=p.alpha, epochs=p.epochs,
+                                    lr=p.lr, batch_size=p.batch_size, seed=p.seed)
+    outcome = distill.run(task, ctx.artifacts / "student.safetensors", Hooks(ctx.phase, ctx.log, ctx.should_cancel),
+                          master_key=ctx.settings.master_key)
     ctx.log(f"student test accuracy {outcome.accuracy:.2f}% on {outcome.transfer_size} transfer images")
     return {"summary": f"student {p.student}: test accuracy {outcome.accuracy:.2f}%",
             "metrics": {"student_acc": outcome.accuracy},

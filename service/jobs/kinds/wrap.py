@@ -12,8 +12,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from sdb_core.progress import Hooks
+from sdb_core.protect.config import CheckConfig, SDBConfig, Thresholds
+from sdb_core.tasks import wrap
+from sdb_core.tasks.wrap import WrapTask
+
 from ...errors import ApiError, invalid
-from ...pipelines import WrapSpec, wrap_to_bundle
 from ...registry import version_key
 from .base import NAME_PATTERN, JobParams, Submission, check_arch, data_name, job_kind, under
 
@@ -24,21 +28,21 @@ class WrapParams(JobParams):
     teacher: str | None = Field(None, description="teacher weights, a path under the data dir; "
                                 "absent: a teacher is trained first")
     teacher_epochs: int | None = Field(None, ge=1, le=1000, description="absent: the architecture's schedule")
-    epochs: int = Field(15, ge=1, le=1000)
+    epochs: int = Field(SDBConfig().train.epochs, ge=1, le=1000)
     name: str | None = Field(None, pattern=NAME_PATTERN, description="model name (default DATA-ARCH)")
     deploy: bool = False
     mode: Literal["sdb", "nasty"] = "sdb"
-    lam: float = Field(WrapSpec.lam, gt=0, lt=1, description="keyed input λ·x + (1 − λ)·k")
-    lr: float = Field(0.01, gt=0, le=10)
-    batch_size: int = Field(64, ge=1, le=4096)
-    max_accuracy_drop: float = Field(WrapSpec.max_accuracy_drop, ge=0, le=100, description=(
+    lam: float = Field(SDBConfig().lam, gt=0, lt=1, description="keyed input λ·x + (1 − λ)·k")
+    lr: float = Field(SDBConfig().train.lr, gt=0, le=10)
+    batch_size: int = Field(SDBConfig().train.batch_size, ge=1, le=4096)
+    max_accuracy_drop: float = Field(Thresholds().max_accuracy_drop, ge=0, le=100, description=(
         "self-check: points of top-1 the public path may lose against the teacher, measured on a held-out "
         "part of the training split"))
-    max_keyed_drop: float = Field(WrapSpec.max_keyed_drop, ge=0, le=100,
+    max_keyed_drop: float = Field(Thresholds().max_keyed_drop, ge=0, le=100,
                                   description="self-check: points of top-1 the keyed path may lose")
-    min_leak_margin: float = Field(WrapSpec.min_leak_margin, ge=-100, le=100, description=(
+    min_leak_margin: float = Field(Thresholds().min_leak_margin, ge=-100, le=100, description=(
         "self-check: points a student distilled from the public outputs must stay below labels alone"))
-    check_attempts: int = Field(WrapSpec.check_attempts, ge=1, le=10, description="self-check: settings tried")
+    check_attempts: int = Field(CheckConfig().max_attempts, ge=1, le=10, description="self-check: settings tried")
     check_budget: float | None = Field(None, gt=0, le=86400,
                                        description="self-check: seconds after which no new attempt starts")
 
@@ -89,19 +93,17 @@ def run(ctx, p: WrapParams) -> dict:
     version = _next_version(store, p.model_name) if p.deploy else "1"
     out = ctx.artifacts / "bundle.sdb"
     from sdb_core.models.schedules import teacher_schedule
+    from sdb_core.protect.check import WrapRefused  # here: importing a job kind must not import torch
 
     ctx.plan(**({} if p.teacher else {"teacher": p.teacher_epochs or teacher_schedule(p.arch)["epochs"]}),
              wrap=p.epochs)
-    spec = WrapSpec(data=p.data, arch=p.arch, out=out, name=p.model_name, version=version, teacher=p.teacher,
-                    teacher_epochs=p.teacher_epochs, mode=p.mode, lam=p.lam, epochs=p.epochs, lr=p.lr,
-                    batch_size=p.batch_size, seed=p.seed, max_accuracy_drop=p.max_accuracy_drop,
-                    max_keyed_drop=p.max_keyed_drop, min_leak_margin=p.min_leak_margin,
-                    check_attempts=p.check_attempts, check_budget=p.check_budget)
-    from sdb_core.protect.check import WrapRefused  # here: importing a job kind must not import torch
-
+    task = WrapTask.from_options(
+        p.data, p.arch, teacher=p.teacher, name=p.model_name, version=version, teacher_epochs=p.teacher_epochs,
+        mode=p.mode, lam=p.lam, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=p.seed,
+        max_accuracy_drop=p.max_accuracy_drop, max_keyed_drop=p.max_keyed_drop, min_leak_margin=p.min_leak_margin,
+        check_attempts=p.check_attempts, check_budget=p.check_budget)
     try:
-        outcome = wrap_to_bundle(spec, ctx.settings.master_key, phase=ctx.phase, log=ctx.log,
-                                 should_cancel=ctx.should_cancel)
+        outcome = wrap.run(task, out, Hooks(ctx.phase, ctx.log, ctx.should_cancel), master_key=ctx.settings.master_key)
     except WrapRefused as e:  # the job fails with the message; what was tried stays as an artifact
         (ctx.artifacts / "check.json").write_text(json.dumps(e.report, indent=2))
         raise

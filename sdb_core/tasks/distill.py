@@ -1,0 +1,98 @@
+"""The ``distill`` task: a student from a teacher (plain weights, a bundle's keyed path or public outputs, any
+callable) or from labels alone, on a named data set."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..distill.config import DistillConfig
+from ..progress import Hooks
+from .refs import ModelRef
+
+
+@dataclass(frozen=True)
+class DistillTask:
+    student: str  # its zoo architecture
+    data: str
+    teacher: ModelRef | None = None  # None: labels only (or a callable passed to ``run``)
+    keyed: bool = False  # a bundle teacher: its keyed path (needs the master key), else its public outputs
+    transfer: int = 0  # transfer-set size drawn from the train split; 0: all of it
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    seed: int = 0
+
+    @classmethod
+    def from_options(cls, student: str, data: str, *, temperature: float | None = None, alpha: float | None = None,
+                     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+                     **task) -> DistillTask:
+        """The task from the flat options the CLI's flags and the job's params share; ``None`` keeps a default."""
+        given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
+        base = DistillConfig()
+        dcfg = replace(base, **given(temperature=temperature, alpha=alpha),
+                       train=replace(base.train, **given(epochs=epochs, lr=lr, batch_size=batch_size)))
+        return cls(student=student, data=data, distill=dcfg, **task)
+
+
+@dataclass
+class DistillOutcome:
+    student: Any
+    accuracy: float
+    transfer_size: int
+    history: list[dict]
+    seconds: float
+
+
+def bundle_teacher(path, master_key: bytes | None, keyed: bool) -> Callable:
+    """A bundle as a teacher callable: its keyed path's logits (needs the master key) or its public outputs' log-probs."""
+    import torch
+
+    from ..bundle import load_bundle
+
+    bundle = load_bundle(path, master_key if keyed else None)
+    if keyed and not bundle.has_key:
+        raise ValueError(f"bundle {path} has no key (Nasty mode): it cannot be distilled with authorization")
+
+    def teacher(x: torch.Tensor) -> torch.Tensor:
+        xs = x.detach().cpu().numpy()
+        out = bundle.distill_logits(xs) if keyed else bundle.predict(xs)
+        z = torch.from_numpy(out) if keyed else torch.log(torch.from_numpy(out).clamp_min(1e-8))
+        return z.to(x.device)
+
+    return teacher
+
+
+def teacher_of(cfg: DistillTask, data, master_key: bytes | None = None) -> Callable | Any | None:
+    """The task's teacher as a network or a callable (None: labels only)."""
+    ref = cfg.teacher
+    if ref is None:
+        return None
+    if ref.kind == "bundle":
+        return bundle_teacher(ref.bundle, master_key, cfg.keyed)
+    if ref.kind == "weights":
+        return ref.network(data.num_classes, data.in_shape)
+    raise ValueError(f"distill needs a teacher with weights or a bundle, got {ref.describe()}")
+
+
+def run(cfg: DistillTask, out: str | os.PathLike, hooks: Hooks | None = None, *, teacher: Callable | Any | None = None,
+        data=None, master_key: bytes | None = None) -> DistillOutcome:
+    """Train ``cfg.student`` on the transfer split from the teacher (``teacher`` overrides ``cfg.teacher``, e.g.
+    a remote server's keyed path) and save its weights to ``out`` (safetensors)."""
+    from ..data import load_dataset, transfer_split
+    from ..distill import distill
+    from ..models import create_model
+    from ..train import accuracy, seed_everything
+    from ..weights import save_weights
+
+    hooks = hooks or Hooks()
+    data = data if data is not None else load_dataset(cfg.data)
+    if teacher is None:
+        teacher = teacher_of(cfg, data, master_key)
+    transfer = transfer_split(data, cfg.transfer, cfg.seed) if cfg.transfer else data.train
+    seed_everything(cfg.seed)
+    student = create_model(cfg.student, num_classes=data.num_classes, in_shape=data.in_shape)
+    dcfg = replace(cfg.distill, train=replace(cfg.distill.train, seed=cfg.seed))
+    result = distill(student, transfer, teacher, dcfg, progress=hooks.phase("distill"), should_cancel=hooks.should_cancel)
+    save_weights(student, out)
+    return DistillOutcome(student, accuracy(student, data.test), len(transfer), result.history.epochs,
+                          result.history.seconds)

@@ -1,0 +1,80 @@
+"""``ModelRef``: one way to name a model everywhere (a zoo architecture with weights, a bundle, a hosted model)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model a task reads. Exactly one source:
+
+    - ``arch`` + ``weights``: a zoo architecture and its weights file (safetensors, or a ``.pt``
+      read with ``weights_only``); ``arch`` alone is an untrained network (a wrap trains it first);
+    - ``bundle``: a bundle directory or ``.sdb`` file;
+    - ``model`` (+ ``version``): a hosted model, which the service resolves to its bundle
+      (:meth:`hosted_at`) before a task runs; a task never sees an unresolved one.
+    """
+
+    arch: str | None = None
+    weights: str | None = None
+    bundle: str | None = None
+    model: str | None = None
+    version: str | None = None
+
+    def __post_init__(self) -> None:
+        sources = [s for s in ("weights", "bundle") if getattr(self, s) is not None]
+        if len(sources) > 1:
+            raise ValueError(f"a model reference names one source, got {' and '.join(sources)}")
+        if self.weights is not None and self.arch is None:
+            raise ValueError("weights need their architecture (arch)")
+        if self.model is None and self.version is not None:
+            raise ValueError("version needs a hosted model name (model)")
+        if self.arch is None and self.bundle is None and self.model is None:
+            raise ValueError("a model reference needs arch (+ weights), bundle or model")
+
+    @property
+    def kind(self) -> str:
+        if self.bundle is not None:
+            return "bundle"
+        if self.model is not None:
+            return "hosted"
+        return "weights" if self.weights is not None else "untrained"
+
+    def hosted_at(self, bundle: str | Path, version: str) -> ModelRef:
+        """This hosted model resolved to its served bundle (the version pinned)."""
+        return replace(self, bundle=str(bundle), version=version)
+
+    @classmethod
+    def parse(cls, text: str) -> tuple[str | None, ModelRef]:
+        """``[NAME=]ARCH:NUM_CLASSES:WEIGHTS`` or ``[NAME=]PATH`` of a bundle (the CLI's form): ``(name, ref)``.
+
+        ``NUM_CLASSES`` is checked against the data set by whoever builds the network.
+        """
+        name, sep, rest = text.partition("=")
+        if not sep:
+            name, rest = None, text
+        parts = rest.split(":", 2)
+        if len(parts) == 3 and parts[1].isdigit():
+            return name, cls(arch=parts[0], weights=parts[2])
+        return name, cls(bundle=rest)
+
+    def describe(self) -> str:
+        """For logs and reports: what this is, without any server path of a hosted model."""
+        if self.model is not None:
+            return f"model {self.model}" + (f" version {self.version}" if self.version else "")
+        if self.bundle is not None:
+            return f"bundle {self.bundle}"
+        return f"{self.arch} weights {self.weights}" if self.weights else f"untrained {self.arch}"
+
+    # ------------------------------------------------------------------ loading (torch from here on)
+    def network(self, num_classes: int, in_shape) -> Any:
+        """A plain model's torch network with its weights, in eval mode."""
+        from ..models import create_model
+        from ..weights import load_weights
+
+        if self.weights is None:
+            raise ValueError(f"{self.describe()} is not a plain model with weights")
+        return load_weights(create_model(self.arch, num_classes=num_classes, in_shape=tuple(in_shape)),
+                            self.weights).eval()

@@ -1,0 +1,121 @@
+"""The ``wrap`` task: a named data set and a teacher (given or trained) to a protected bundle (SDB or Nasty)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..progress import Hooks
+from ..protect.config import CheckConfig, NastyConfig, SDBConfig, Thresholds
+from .refs import ModelRef
+
+MODES = ("sdb", "nasty")
+
+
+@dataclass(frozen=True)
+class WrapTask:
+    """What to wrap and how. The recipes' defaults are their configs' (embedded, never copied)."""
+
+    data: str
+    teacher: ModelRef  # arch + weights, or arch alone: a teacher is trained first on ``data``
+    name: str | None = None  # default DATA-ARCH
+    version: str = "1"
+    mode: str = "sdb"  # sdb | nasty
+    teacher_epochs: int | None = None  # a trained teacher: None is its architecture's schedule
+    save_teacher: str | os.PathLike | None = None  # a trained teacher: keep its plain weights here
+    sdb: SDBConfig = field(default_factory=SDBConfig)
+    nasty: NastyConfig = field(default_factory=NastyConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)  # an SDB wrap checks itself with this
+    seed: int = 0  # of the teacher's training, the recipe's and the check's split
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.teacher.kind not in ("weights", "untrained"):
+            raise ValueError(f"wrap takes a zoo architecture (with or without weights), got {self.teacher.describe()}")
+
+    @property
+    def model_name(self) -> str:
+        return self.name or f"{self.data.split(':')[0]}-{self.teacher.arch}"
+
+    @property
+    def recipe_train(self):
+        """The training settings of the recipe this wrap runs."""
+        return (self.sdb if self.mode == "sdb" else self.nasty).train
+
+    @classmethod
+    def from_options(cls, data: str, arch: str, *, teacher: str | None = None, lam: float | None = None,
+                     max_accuracy_drop: float | None = None, max_keyed_drop: float | None = None,
+                     min_leak_margin: float | None = None, check_attempts: int | None = None,
+                     check_budget: float | None = None, epochs: int | None = None, lr: float | None = None,
+                     batch_size: int | None = None, **task) -> WrapTask:
+        """The task from the flat options the CLI's flags and the job's params share; ``None`` keeps a default."""
+        given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
+        sdb = SDBConfig(**given(lam=lam))
+        thresholds = replace(Thresholds(), **given(max_accuracy_drop=max_accuracy_drop, max_keyed_drop=max_keyed_drop,
+                                                   min_leak_margin=min_leak_margin))
+        check = replace(CheckConfig(), thresholds=thresholds, budget_seconds=check_budget,
+                        **given(max_attempts=check_attempts))
+        out = cls(data=data, teacher=ModelRef(arch=arch, weights=teacher), sdb=sdb, check=check, **task)
+        return out.with_training(**given(epochs=epochs, lr=lr, batch_size=batch_size))
+
+    def with_training(self, **train) -> WrapTask:
+        """This task with the running recipe's training settings changed (``epochs``, ``lr``, ...)."""
+        recipe = self.sdb if self.mode == "sdb" else self.nasty
+        recipe = replace(recipe, train=replace(recipe.train, **train))
+        return replace(self, **({"sdb": recipe} if self.mode == "sdb" else {"nasty": recipe}))
+
+
+@dataclass
+class WrapOutcome:
+    bundle: Path
+    name: str
+    metrics: dict[str, float]
+    report: dict
+    teacher_history: list[dict] = field(default_factory=list)
+
+
+def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, master_key: bytes) -> WrapOutcome:
+    """Load the data, get the teacher (given or trained), wrap it, export the bundle to ``out`` (a directory or
+    ``FILE.sdb``). An SDB wrap checks itself: :class:`~sdb_core.protect.WrapRefused` means nothing was written."""
+    from ..bundle import export_bundle
+    from ..data import load_dataset
+    from ..models import create_model
+    from ..models.schedules import teacher_config, teacher_shift
+    from ..protect import wrap, wrap_nasty
+    from ..protect.check import teacher_data
+    from ..train import accuracy, seed_everything, train_classifier
+    from ..weights import load_weights, save_weights
+
+    hooks = hooks or Hooks()
+    data = load_dataset(cfg.data)
+    check = replace(cfg.check, seed=cfg.seed)
+    seed_everything(cfg.seed)
+    arch = cfg.teacher.arch
+    teacher = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)
+    teacher_history: list[dict] = []
+    if cfg.teacher.weights is not None:
+        load_weights(teacher, cfg.teacher.weights)
+    else:  # not on the part an SDB wrap's check holds out: there it must be unseen
+        train = (teacher_data(data, check) if cfg.mode == "sdb" else data).train
+        tcfg = teacher_config(arch, epochs=cfg.teacher_epochs, batch_size=cfg.recipe_train.batch_size, seed=cfg.seed)
+        h = train_classifier(teacher, train, tcfg, shift=teacher_shift(data.in_shape), progress=hooks.phase("teacher"),
+                             should_cancel=hooks.should_cancel)
+        teacher_history = h.epochs
+        if cfg.save_teacher:
+            save_weights(teacher, cfg.save_teacher)
+    hooks.log(f"teacher {arch} on {cfg.data}: test accuracy {accuracy(teacher, data.test):.2f}%")
+
+    seeded = cfg.with_training(seed=cfg.seed)
+    if cfg.mode == "nasty":
+        result = wrap_nasty(teacher, data, seeded.nasty, progress=hooks.phase("wrap"), should_cancel=hooks.should_cancel)
+    else:  # WrapRefused propagates: the caller exits non-zero (CLI) or fails the job, with its message
+        result = wrap(teacher, data, seeded.sdb, check=check, progress=hooks.phase("wrap"),
+                      should_cancel=hooks.should_cancel, log=hooks.log)
+    r = result.report
+    metrics = {k: r[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement") if k in r}
+    extra = {"arch": arch, "data": cfg.data, **({"check": r["check"]} if "check" in r else {})}
+    path = export_bundle(result.box, out, name=cfg.model_name, version=cfg.version, in_shape=data.in_shape,
+                         mean=data.mean, std=data.std, labels=data.labels,
+                         master_key=master_key if result.box.has_key else None, metrics=metrics, extra=extra)
+    return WrapOutcome(Path(path), cfg.model_name, metrics, r, teacher_history)
