@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdb_core.bundle import export_bundle
 from sdb_core.data import load_dataset, transfer_split
 from sdb_core.distill import DistillConfig
-from sdb_core.protect.audit import POLICIES, AuditConfig, audit, score, verdict_of
-from sdb_core.protect.config import SDBConfig
+from sdb_core.protect.audit import AuditConfig, audit, score, verdict_of
+from sdb_core.protect.config import POLICIES, SDBConfig
 from sdb_core.protect.key import new_master_key
 from sdb_core.protect.measure import student_accuracy, train_and_wrap
 from sdb_core.train import TrainConfig

@@ -71,46 +71,22 @@ def cmd_demo(args) -> int:
 
 def cmd_audit(args) -> int:
     """Attack the public outputs of a bundle or a plain model; print the table, write the report."""
-    import torch
+    from sdb_core.protect.config import AuditConfig
+    from sdb_core.tasks import ModelRef, audit
+    from sdb_core.tasks.audit import AuditTask
 
-    from sdb_core.data import load_dataset
-    from sdb_core.protect.audit import AuditConfig, audit
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = load_dataset(args.data)
-    if args.bundle:
-        from sdb_core.bundle import load_bundle
-
-        options = None
-        if args.threads:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = args.threads
-        # No master key: the public path is all an attacker has.
-        target = load_bundle(args.bundle, session_options=options)
-        if list(target.meta["input"]["shape"]) != list(data.in_shape):
-            raise ValueError(f"bundle input shape {target.meta['input']['shape']} does not match "
-                             f"{args.data}'s {list(data.in_shape)}")
-    else:
-        from sdb_core.models import create_model
-        from sdb_core.weights import load_weights
-
-        if not args.arch:
-            raise ValueError("--teacher needs --arch (the architecture of the weights)")
-        target = load_weights(create_model(args.arch, num_classes=data.num_classes, in_shape=data.in_shape),
-                              args.teacher)
+    if args.teacher and not args.arch:
+        raise ValueError("--teacher needs --arch (the architecture of the weights)")
+    target = ModelRef(bundle=args.bundle) if args.bundle else ModelRef(arch=args.arch, weights=args.teacher)
     base = AuditConfig()
     cfg = AuditConfig(transfer_n=args.transfer, student=args.student, policy=args.policy, top_k=args.top_k,
                       keys=args.keys, threshold=args.threshold, seeds=tuple(args.seeds), steps=args.steps,
                       train=replace(base.train, lr=args.lr))
-    report = audit(target, data, cfg, progress=progress_bar("audit: student"))
-    print(report.format_table())
-    paths = report.save(args.out)
-    print(f"\nreport {paths['report']}\nchart  {paths['chart']}")
-    return 1 if args.fail_on_leak and report.verdict == "leaks" else 0
-
+    outcome = audit.run(AuditTask(args.data, target, cfg, threads=args.threads), args.out,
+                        Hooks(phase=lambda name: progress_bar("audit: student")))
+    print(outcome.report.format_table())
+    print(f"\nreport {outcome.paths['report']}\nchart  {outcome.paths['chart']}")
+    return 1 if args.fail_on_leak and outcome.report.verdict == "leaks" else 0
 
 
 def add_commands(sub) -> None:
@@ -154,7 +130,7 @@ def add_commands(sub) -> None:
     m.add_argument("--data-dir")
     m.set_defaults(fn=cmd_demo)
 
-    from sdb_core.protect.audit import POLICIES, AuditConfig
+    from sdb_core.protect.config import POLICIES, AuditConfig
 
     base = AuditConfig()
     a = sub.add_parser("audit", help="measure how much a model's public outputs teach a distiller")

@@ -1,7 +1,7 @@
 """The attacker of the leak audit: what it sees (:class:`PublicAPI`) and what it tries.
 
 Every attack sees the public outputs only, under the target's output policy. Attacks come in
-families, one registered function per name of :data:`~.audit_names.FAMILIES`: given the audit's
+families, one registered function per name of :data:`~.config.FAMILIES`: given the audit's
 config and the public API, it yields its attacks (name, family, students trained per seed, and
 how one seed of it runs). :func:`~.audit.audit` runs the families in the order of ``FAMILIES``.
 """
@@ -23,8 +23,8 @@ from ..distill import DistillConfig, soft_kl
 from ..models import create_model
 from ..registry import Registry
 from ..train import TrainConfig, accuracy, fit, predict_logits, seed_everything
-from .audit_names import POLICIES
 from .box import SafeDistillationBox
+from .config import POLICIES
 from .key import blend, random_keys
 from .measure import public_teacher, student_accuracy
 

@@ -1,9 +1,10 @@
-"""The protection recipes' settings (SDB, Nasty, the self-check): torch-free, the one source of their defaults.
+"""The protection recipes' settings (SDB, Nasty, the self-check, the leak audit): torch-free, the one source of their defaults.
 
 The CLI, the job kinds and the task modules read every default from here without importing torch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..train_config import TrainConfig
@@ -100,3 +101,78 @@ class CheckConfig:
             raise ValueError(f"student_seeds must be >= 1, got {self.student_seeds}")
         if self.budget_seconds is not None and not self.budget_seconds > 0:
             raise ValueError(f"budget_seconds must be > 0, got {self.budget_seconds}")
+
+
+# The leak audit's names: ``FAMILIES`` is the order it runs its attack families in; :mod:`.attacks`
+# registers one function under each (tests/core/test_audit_families.py checks the two agree).
+POLICIES = ("probs", "top_k", "label")  # what the public API returns
+FAMILIES = ("labels", "kd", "topk", "smooth", "skeptical", "keys")
+
+
+@dataclass
+class AuditConfig:
+    transfer_n: int = 300
+    student: str = "mlp"
+    temperatures: tuple[float, ...] = (0.25, 0.5, 1.0, 4.0, 10.0, 20.0)
+    alphas: tuple[float, ...] = (0.9, 0.5)
+    label_smoothings: tuple[float, ...] = (0.0, 0.1, 0.2)
+    sparse_k: tuple[int, ...] = (1, 3)
+    sparse_temperature: float = 4.0
+    smooth_taus: tuple[float, ...] = (0.5, 2.0, 4.0)  # temperature scaling of the public outputs
+    smooth_eps: tuple[float, ...] = (0.0, 0.1)  # label smoothing mixed into them
+    holdout: float = 0.2  # share of the transfer set held out to choose (τ, ε)
+    skeptical_temperature: float = 4.0
+    skeptical_delay: float = 0.25  # share of training before the teacher's soft labels are used
+    keys: int = 10  # random keys blended in by the attacker (boxes with a keyed path only)
+    key_temperature: float = 4.0
+    policy: str = "probs"  # what the public API returns: probs | top_k | label
+    top_k: int = 3  # k of the top_k policy
+    threshold: float = 0.5  # points of advantage above which the verdict is `leaks`
+    seeds: tuple[int, ...] = (0,)
+    families: tuple[str, ...] = FAMILIES
+    # Every student gets the same number of optimisation steps (epochs follow from the set's
+    # size): an under-trained labels-only reference would make any attack that merely scales
+    # the gradient (KD's T², top-1 "KD") look like a leak. None: use ``train.epochs``.
+    steps: int | None = 1000
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, lr=0.01, batch_size=64))
+
+    def __post_init__(self) -> None:
+        self.temperatures, self.alphas = tuple(self.temperatures), tuple(self.alphas)
+        self.label_smoothings, self.sparse_k = tuple(self.label_smoothings), tuple(self.sparse_k)
+        self.smooth_taus, self.smooth_eps = tuple(self.smooth_taus), tuple(self.smooth_eps)
+        self.seeds, self.families = tuple(self.seeds), tuple(self.families)
+        if isinstance(self.transfer_n, bool) or not isinstance(self.transfer_n, int) or self.transfer_n < 2:
+            raise ValueError(f"transfer_n must be an int >= 2, got {self.transfer_n!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {'|'.join(POLICIES)}, got {self.policy!r}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not self.label_smoothings:
+            raise ValueError("label_smoothings must not be empty: the labels-only reference needs one")
+        if any(not 0.0 <= ls < 1.0 for ls in self.label_smoothings):
+            raise ValueError(f"label_smoothings must be in [0, 1), got {self.label_smoothings}")
+        if any(not t > 0 for t in (*self.temperatures, *self.smooth_taus)):
+            raise ValueError(f"temperatures must be > 0, got {self.temperatures} / {self.smooth_taus}")
+        if any(not 0.0 <= a <= 1.0 for a in self.alphas):
+            raise ValueError(f"alphas must be in [0, 1], got {self.alphas}")
+        if any(k < 1 for k in self.sparse_k):
+            raise ValueError(f"sparse_k must be >= 1, got {self.sparse_k}")
+        if any(not 0.0 <= e < 1.0 for e in self.smooth_eps):
+            raise ValueError(f"smooth_eps must be in [0, 1), got {self.smooth_eps}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.keys < 0:
+            raise ValueError(f"keys must be >= 0, got {self.keys}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1 or None, got {self.steps}")
+        unknown = set(self.families) - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown attack families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+
+    def epochs_for(self, n: int) -> int:
+        """Epochs of a student on ``n`` transfer images: ``steps`` optimisation steps, else ``train.epochs``."""
+        if self.steps is None:
+            return self.train.epochs
+        return math.ceil(self.steps / math.ceil(n / self.train.batch_size))

@@ -4,7 +4,7 @@ import sys
 
 from sdb_core.protect.attacks import ATTACK_FAMILIES, PublicAPI
 from sdb_core.protect.audit import AuditConfig, attack_plan
-from sdb_core.protect.audit_names import FAMILIES
+from sdb_core.protect.config import FAMILIES
 
 
 def test_the_torch_free_names_are_the_registered_families():
@@ -27,7 +27,7 @@ def test_the_plan_runs_the_families_in_order_and_always_the_labels_only_referenc
 
 
 def test_the_names_and_the_audit_job_import_no_torch():
-    code = ("import sys\nimport sdb_core.protect.audit_names, service.jobs.kinds.audit\n"
+    code = ("import sys\nimport sdb_core.protect.config, service.jobs.kinds.audit\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

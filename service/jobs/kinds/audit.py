@@ -6,11 +6,15 @@ audit's own report), ``table.txt``, ``advantages.png``, and the job's ``report.j
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sdb_core.protect.audit_names import FAMILIES, POLICIES
+from sdb_core.progress import Hooks
+from sdb_core.protect.config import FAMILIES, POLICIES, AuditConfig
+from sdb_core.tasks import ModelRef, audit
+from sdb_core.tasks.audit import AuditTask
 
 from ...errors import invalid
 from .base import (
@@ -31,13 +35,13 @@ class AuditParams(JobParams):
     teacher_weights: str | None = Field(None, description="or a plain model's weights under the data dir")
     teacher_arch: str = "cnn"
     data: str
-    policy: Literal[POLICIES] = "probs"  # type: ignore[valid-type]
-    top_k: int = Field(3, ge=1, le=100)
-    transfer: int = Field(300, ge=20, le=100_000, description="the attacker's transfer-set size")
-    student: str = "mlp"
-    steps: int = Field(1000, ge=10, le=100_000, description="optimisation steps per student")
-    keys: int = Field(10, ge=0, le=100, description="random keys the attacker blends in")
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=5)
+    policy: Literal[POLICIES] = AuditConfig().policy  # type: ignore[valid-type]
+    top_k: int = Field(AuditConfig().top_k, ge=1, le=100)
+    transfer: int = Field(AuditConfig().transfer_n, ge=20, le=100_000, description="the attacker's transfer-set size")
+    student: str = AuditConfig().student
+    steps: int = Field(AuditConfig().steps, ge=10, le=100_000, description="optimisation steps per student")
+    keys: int = Field(AuditConfig().keys, ge=0, le=100, description="random keys the attacker blends in")
+    seeds: list[int] = Field(default_factory=lambda: list(AuditConfig().seeds), min_length=1, max_length=5)
     families: list[Literal[FAMILIES]] | None = Field(None, description="attack families; default all")  # type: ignore[valid-type]
 
     @field_validator("student", "teacher_arch")
@@ -68,39 +72,21 @@ def check(p: AuditParams, sub: Submission) -> AuditParams:
 
 @job_kind("audit", AuditParams, check)
 def run(ctx, p: AuditParams) -> dict:
-    from dataclasses import replace
-
-    from sdb_core.bundle import load_bundle
-    from sdb_core.data import load_dataset
-    from sdb_core.protect.audit import AuditConfig, audit
-
-    data = load_dataset(p.data)
     if p.model is not None:
-        bundle_path = served_model_path(ctx.queue, p.model, p.model_version)
-        target = load_bundle(bundle_path)  # no master key: the public path is all an attacker has
-        if list(target.meta["input"]["shape"]) != list(data.in_shape):
-            raise ValueError(f"model input shape {target.meta['input']['shape']} does not match "
-                             f"{p.data}'s {list(data.in_shape)}")
-        what = f"model {p.model} version {p.model_version}"
+        bundle = served_model_path(ctx.queue, p.model, p.model_version)
+        target = ModelRef(model=p.model).hosted_at(bundle, p.model_version)
     else:
-        from sdb_core.models import create_model
-        from sdb_core.weights import load_weights
-
-        target = load_weights(create_model(p.teacher_arch, num_classes=data.num_classes, in_shape=data.in_shape),
-                              p.teacher_weights)
-        what = f"teacher weights {p.teacher_weights}"
-    base = AuditConfig()
-    cfg = replace(base, transfer_n=p.transfer, student=p.student, policy=p.policy, top_k=p.top_k, keys=p.keys,
-                  seeds=tuple(p.seeds), steps=p.steps, families=tuple(p.families or FAMILIES))
-    ctx.log(f"auditing {what} on {p.data} under policy {p.policy}: N={p.transfer}, {p.student} students")
-    report = audit(target, data, cfg, progress=ctx.phase("audit"), should_cancel=ctx.should_cancel, log=ctx.log)
-    paths = report.save(ctx.artifacts)
+        target = ModelRef(arch=p.teacher_arch, weights=p.teacher_weights)
+    cfg = replace(AuditConfig(), transfer_n=p.transfer, student=p.student, policy=p.policy, top_k=p.top_k,
+                  keys=p.keys, seeds=tuple(p.seeds), steps=p.steps, families=tuple(p.families or FAMILIES))
+    outcome = audit.run(AuditTask(p.data, target, cfg), ctx.artifacts, Hooks(ctx.phase, ctx.log, ctx.should_cancel))
+    report = outcome.report
     # The job runner writes its own report.json; the audit's goes beside it as audit.json.
-    paths["report"].rename(ctx.artifacts / "audit.json")
+    outcome.paths["report"].rename(ctx.artifacts / "audit.json")
     ctx.log(report.format_table())
     summary = report.to_dict()
     return {"summary": f"{report.verdict} (worst {summary.get('worst_attack')} {summary.get('max_advantage', 0):+.2f})",
             "metrics": {"max_advantage": summary.get("max_advantage")},
-            "result": {"verdict": report.verdict, "target": what, "policy": p.policy,
+            "result": {"verdict": report.verdict, "target": target.describe(), "policy": p.policy,
                        "worst_attack": summary.get("worst_attack")},
             "audit": summary}

@@ -1,0 +1,66 @@
+"""The ``audit`` task: attack a model's public outputs (a bundle's public path or a plain model) and measure the leak."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..progress import Hooks
+from ..protect.config import AuditConfig
+from .refs import ModelRef
+
+
+@dataclass(frozen=True)
+class AuditTask:
+    data: str  # the attacker's transfer images and the test split
+    target: ModelRef  # a bundle (its public path; no master key is ever used) or arch + weights
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    threads: int = 0  # torch and ONNX Runtime threads (0: their defaults)
+
+    def __post_init__(self) -> None:
+        if self.target.kind not in ("bundle", "weights"):
+            raise ValueError(f"audit needs a bundle or a plain model's weights, got {self.target.describe()}")
+
+
+@dataclass
+class AuditOutcome:
+    report: object  # sdb_core.protect.audit.AuditReport
+    paths: dict[str, Path]  # report.json, table.txt, advantages.png under ``out``
+
+
+def load_target(ref: ModelRef, data, threads: int = 0):
+    """What the attacker queries: a bundle loaded without its key, or a plain network; its input must be the data's."""
+    if ref.kind == "weights":
+        return ref.network(data.num_classes, data.in_shape)
+    from ..bundle import load_bundle
+
+    options = None
+    if threads:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+    target = load_bundle(ref.bundle, session_options=options)
+    if list(target.meta["input"]["shape"]) != list(data.in_shape):
+        raise ValueError(f"{ref.describe()}: input shape {target.meta['input']['shape']} does not match "
+                         f"{data.name}'s {list(data.in_shape)}")
+    return target
+
+
+def run(cfg: AuditTask, out: str | os.PathLike, hooks: Hooks | None = None) -> AuditOutcome:
+    """Run every attack family of ``cfg.audit`` on the public outputs; write the report, table and chart to ``out``."""
+    import torch
+
+    from ..data import load_dataset
+    from ..protect.audit import audit
+
+    hooks = hooks or Hooks()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    data = load_dataset(cfg.data)
+    target = load_target(cfg.target, data, cfg.threads)
+    a = cfg.audit
+    hooks.log(f"auditing {cfg.target.describe()} on {cfg.data} under policy {a.policy}: N={a.transfer_n}, "
+              f"{a.student} students")
+    report = audit(target, data, a, progress=hooks.phase("audit"), should_cancel=hooks.should_cancel, log=hooks.log)
+    return AuditOutcome(report, report.save(out))
