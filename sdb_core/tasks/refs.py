@@ -22,6 +22,7 @@ class ModelRef:
     bundle: str | None = None
     model: str | None = None
     version: str | None = None
+    num_classes: int | None = None  # a plain model's outputs, where no data set says it
 
     def __post_init__(self) -> None:
         sources = [s for s in ("weights", "bundle") if getattr(self, s) is not None]
@@ -48,16 +49,13 @@ class ModelRef:
 
     @classmethod
     def parse(cls, text: str) -> tuple[str | None, ModelRef]:
-        """``[NAME=]ARCH:NUM_CLASSES:WEIGHTS`` or ``[NAME=]PATH`` of a bundle (the CLI's form): ``(name, ref)``.
-
-        ``NUM_CLASSES`` is checked against the data set by whoever builds the network.
-        """
+        """``[NAME=]ARCH:NUM_CLASSES:WEIGHTS`` or ``[NAME=]PATH`` of a bundle (the CLI's form): ``(name, ref)``."""
         name, sep, rest = text.partition("=")
         if not sep:
             name, rest = None, text
         parts = rest.split(":", 2)
         if len(parts) == 3 and parts[1].isdigit():
-            return name, cls(arch=parts[0], weights=parts[2])
+            return name, cls(arch=parts[0], weights=parts[2], num_classes=int(parts[1]))
         return name, cls(bundle=rest)
 
     def describe(self) -> str:
@@ -69,12 +67,15 @@ class ModelRef:
         return f"{self.arch} weights {self.weights}" if self.weights else f"untrained {self.arch}"
 
     # ------------------------------------------------------------------ loading (torch from here on)
-    def network(self, num_classes: int, in_shape) -> Any:
-        """A plain model's torch network with its weights, in eval mode."""
+    def network(self, num_classes: int | None, in_shape) -> Any:
+        """A plain model's torch network with its weights, in eval mode (``num_classes``: the reference's own first)."""
         from ..models import create_model
         from ..weights import load_weights
 
         if self.weights is None:
             raise ValueError(f"{self.describe()} is not a plain model with weights")
-        return load_weights(create_model(self.arch, num_classes=num_classes, in_shape=tuple(in_shape)),
+        n = self.num_classes or num_classes
+        if n is None:
+            raise ValueError(f"{self.describe()}: the number of classes is not known")
+        return load_weights(create_model(self.arch, num_classes=n, in_shape=tuple(in_shape)),
                             self.weights).eval()

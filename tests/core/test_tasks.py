@@ -52,7 +52,7 @@ def test_options_change_only_what_they_name():
 
 
 def test_a_model_reference_names_one_source():
-    assert ModelRef.parse("a=cnn:10:w.safetensors") == ("a", ModelRef(arch="cnn", weights="w.safetensors"))
+    assert ModelRef.parse("a=cnn:10:w.safetensors") == ("a", ModelRef(arch="cnn", weights="w.safetensors", num_classes=10))
     assert ModelRef.parse("b.sdb") == (None, ModelRef(bundle="b.sdb"))
     assert ModelRef(arch="cnn").kind == "untrained"
     hosted = ModelRef(model="m").hosted_at("/srv/m/2.sdb", "2")

@@ -9,11 +9,15 @@ method), ``similarity.png`` (the S matrix over the target and the sources) and
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sdb_core.transfer import DEFAULT_PROBE, METHODS
+from sdb_core.progress import Hooks
+from sdb_core.tasks import ModelRef, transfer
+from sdb_core.tasks.transfer import TARGET_TRAIN, WEAK_TARGET, RankedModel, TransferTask
+from sdb_core.transfer.config import DEFAULT_PROBE, METHODS, DeparaConfig
 
 from ...errors import invalid
 from .base import (
@@ -64,9 +68,9 @@ class TransferParams(JobParams):
     target_data: str | None = Field(None, description="or a labelled data set: a weak target model is trained")
     probe_data: str | None = Field(None, description="images of the probe set (default: target_data)")
     probe: int = Field(DEFAULT_PROBE, ge=3, le=2000, description="probe images")
-    target_train: int = Field(500, ge=10, le=100_000, description="images the weak target model learns from")
-    target_epochs: int = Field(3, ge=1, le=100)
-    method: Literal[METHODS] = "depara"  # type: ignore[valid-type]
+    target_train: int = Field(TARGET_TRAIN, ge=10, le=100_000, description="images the weak target model learns from")
+    target_epochs: int = Field(WEAK_TARGET.epochs, ge=1, le=100)
+    method: Literal[METHODS] = DeparaConfig().method  # type: ignore[valid-type]
     lam: float | None = Field(None, ge=0, le=1000,
                               description="lambda of S = S_V + lambda S_E (default: DeparaConfig's)")
     maps: int = Field(4, ge=1, le=12, description="probe images shown in attribution.png")
@@ -102,64 +106,27 @@ def check(p: TransferParams, sub: Submission) -> TransferParams:
     return p.model_copy(update=update)  # a hosted model that is not served raised NotFound (404) above
 
 
-def _load(spec: ModelSpec, in_shape, ctx):
+def _ranked(spec: ModelSpec, queue, name: str | None = None) -> RankedModel:
+    """The task's form of a model: a hosted one resolved to its served bundle, or plain weights."""
     if spec.model is not None:
-        from sdb_core.transfer.onnx_graph import bundle_module
-
-        module, meta = bundle_module(served_model_path(ctx.queue, spec.model, spec.model_version))
-        if list(meta["input"]["shape"]) != list(in_shape):
-            raise ValueError(f"model {spec.model} takes {meta['input']['shape']}, the probe images are {list(in_shape)}")
-        return module
-    from sdb_core.models import create_model
-    from sdb_core.weights import load_weights
-
-    return load_weights(create_model(spec.arch, num_classes=spec.num_classes, in_shape=tuple(in_shape)), spec.weights).eval()
+        ref = ModelRef(model=spec.model).hosted_at(served_model_path(queue, spec.model, spec.model_version),
+                                                   spec.model_version)
+    else:
+        ref = ModelRef(arch=spec.arch, weights=spec.weights, num_classes=spec.num_classes)
+    return RankedModel(name or spec.label, ref, layer=spec.layer, candidate_layers=tuple(spec.candidate_layers))
 
 
 @job_kind("transferability", TransferParams, check)
 def run(ctx, p: TransferParams) -> dict:
-    import torch
-
-    from sdb_core.data import load_dataset, transfer_split
-    from sdb_core.train import TrainConfig
-    from sdb_core.transfer.depara import DeparaConfig, attribution_maps, rank_transferability
-    from sdb_core.transfer.plots import plot_attributions, plot_similarity
-    from sdb_core.transfer.task_models import FEATURE_LAYER, train_task_model
-
-    probe_set = load_dataset(p.probe_data or p.target_data)
-    x = probe_set.test.tensors[0]
-    if len(x) < p.probe:
-        raise ValueError(f"{probe_set.name} has {len(x)} test images, fewer than probe={p.probe}")
-    gen = torch.Generator().manual_seed(p.seed)
-    probe = x[torch.randperm(len(x), generator=gen)[:p.probe]]
     ctx.plan(target=p.target_epochs if p.target is None else 0.1, graphs=1 + len(p.sources))
-    if p.target is None:
-        data = load_dataset(p.target_data)
-        if list(data.in_shape) != list(probe_set.in_shape):
-            raise ValueError(f"target data {list(data.in_shape)} and probe images {list(probe_set.in_shape)} differ")
-        train = transfer_split(data, min(p.target_train, len(data.train)), p.seed)
-        ctx.log(f"training a weak target model on {len(train)} images of {p.target_data}")
-        target = train_task_model("target", train, TrainConfig(epochs=p.target_epochs, lr=2e-3, optimizer="adam",
-                                                               weight_decay=0.0, seed=p.seed),
-                                  kind="cls", outputs=data.num_classes, progress=ctx.phase("target"),
-                                  should_cancel=ctx.should_cancel)
-        target_layer, what = FEATURE_LAYER, f"a weak model trained on {p.target_data}"
-    else:
-        target, target_layer, what = _load(p.target, probe_set.in_shape, ctx), p.target.layer, p.target.label
-    sources = {s.label: _load(s, probe_set.in_shape, ctx) for s in p.sources}
-    ctx.step("graphs: attribution graphs of the target and the sources", None)
-    cfg = DeparaConfig(method=p.method, seed=p.seed, **({} if p.lam is None else {"lam": p.lam}))
-    result = rank_transferability(cfg, target, sources, probe, target_layer=target_layer,
-                                  source_layers={s.label: s.layer for s in p.sources},
-                                  layer_candidates={s.label: s.candidate_layers for s in p.sources if s.candidate_layers},
-                                  log=ctx.log)
-    plot_similarity(result.names, result.matrix, ctx.artifacts / "similarity.png",
-                    title=f"S ({'depara' if p.method == 'random' else p.method}, lambda={cfg.lam:g})")
-    shown = probe[:p.maps]
-    layers = {"target": target_layer, **{s.label: s.layer for s in p.sources}}
-    models = {"target": target, **sources}
-    maps = {n: attribution_maps(m, layers[n], shown) for n, m in models.items()}
-    plot_attributions(shown, maps, ctx.artifacts / "attribution.png")
+    task = TransferTask(
+        sources=tuple(_ranked(s, ctx.queue) for s in p.sources),
+        target=None if p.target is None else _ranked(p.target, ctx.queue, name=p.target.label),
+        target_data=p.target_data, probe_data=p.probe_data, probe=p.probe, target_train=p.target_train,
+        target_training=replace(WEAK_TARGET, epochs=p.target_epochs),
+        depara=DeparaConfig(method=p.method, **({} if p.lam is None else {"lam": p.lam})), maps=p.maps, seed=p.seed)
+    outcome = transfer.run(task, ctx.artifacts, Hooks(ctx.phase, ctx.log, ctx.should_cancel))
+    result, what = outcome.result, outcome.target
     for i, name in enumerate(result.ranking.order, 1):
         ctx.log(f"{i}. {name}  S={result.ranking.scores[name]:.4f}")
     best = result.ranking.order[0]
