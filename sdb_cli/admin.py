@@ -124,17 +124,17 @@ def models_list(settings: Settings) -> int:
 
 
 def models_add(settings: Settings, path: str) -> int:
-    from service.registry import Registry
+    from service.registry import ModelHost
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.db_url)
-    registry = Registry(settings, store)
+    host = ModelHost(settings, store)
     try:
-        model = registry.add(path, actor="cli")  # verifies the bundle first: a refused one changes nothing
+        model = host.add(path, actor="cli")  # verifies the bundle first: a refused one changes nothing
     except ApiError as e:
         raise ValueError(e.message) from None
     finally:
-        registry.close()
+        host.close()
         store.close()
     print(f"registered {model.name} version {model.version} from {model.path}")
     return 0

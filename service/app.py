@@ -22,7 +22,7 @@ from .auth import Keyring
 from .jobs.queue import JobQueue
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
-from .registry import Registry
+from .registry import ModelHost
 from .routes import health, jobs, keys, models, v2
 from .routes import style as style_routes
 from .settings import Settings
@@ -33,13 +33,13 @@ log = logging.getLogger("sdb.service")
 DEMO_NAME = "mnist-demo"
 
 
-def register_demo(settings: Settings, store: Store, registry: Registry) -> None:
+def register_demo(settings: Settings, store: Store, host: ModelHost) -> None:
     """On a data dir that never had a model, serve the demo bundle if ``sdb demo`` wrote one."""
     path = settings.bundles_dir / DEMO_NAME
     if not settings.register_demo or not path.is_dir() or store.list_models() or store.has_audit("model.demo"):
         return
     try:
-        registry.add(path, actor="server")
+        host.add(path, actor="server")
     except errors.ApiError as e:
         log.warning("demo bundle at %s not served: %s", path, e.message)
         return
@@ -61,21 +61,21 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        def start() -> tuple[Store, Keyring, Registry]:
+        def start() -> tuple[Store, Keyring, ModelHost]:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             _ = settings.master_key, settings.pepper  # created 0600 on first start
             store = Store(settings.db_url)
-            registry = Registry(settings, store, on_batch=metrics.observe_batch)
-            registry.sync()
-            register_demo(settings, store, registry)
-            return store, Keyring(store, settings.pepper, settings.auth_cache_s), registry
+            host = ModelHost(settings, store, on_batch=metrics.observe_batch)
+            host.sync()
+            register_demo(settings, store, host)
+            return store, Keyring(store, settings.pepper, settings.auth_cache_s), host
 
-        store, keyring, registry = await run_in_threadpool(start)
-        app.state.store, app.state.keyring, app.state.registry = store, keyring, registry
+        store, keyring, host = await run_in_threadpool(start)
+        app.state.store, app.state.keyring, app.state.host = store, keyring, host
         app.state.jobs = queue = JobQueue(store)
-        metrics.models.set_function(lambda: len(registry.all()))
+        metrics.models.set_function(lambda: len(host.all()))
         loops = [asyncio.create_task(_every(settings.usage_flush_s, keyring.flush, "usage flush")),
-                 asyncio.create_task(_every(settings.models_sync_s, registry.sync, "model sync")),
+                 asyncio.create_task(_every(settings.models_sync_s, host.sync, "model sync")),
                  asyncio.create_task(_every(settings.job_reap_s, lambda: queue.reap(settings.job_stale_s),
                                             "job reaper"))]
         dispatcher = None
@@ -90,7 +90,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         gc.collect()
         gc.freeze()
         app.state.ready = True
-        log.info("ready: %d model(s) on %s", len(registry.all()), settings.data_dir)
+        log.info("ready: %d model(s) on %s", len(host.all()), settings.data_dir)
         try:
             yield
         finally:
@@ -105,17 +105,17 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             try:
                 await run_in_threadpool(keyring.flush)
             finally:
-                registry.close()
+                host.close()
                 store.close()
 
     app = FastAPI(title="SDB", summary="Safe Distillation Box: predictions for everyone, "
                   "distillable logits only for authorized keys", version="1", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
-    app.state.registry = None
+    app.state.host = None
     errors.install(app)
     for r in (health.router, models.router, keys.router, v2.router, jobs.router):
         app.include_router(r)
     app.include_router(style_routes.router)
     app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
-                       registry_of=lambda: app.state.registry)
+                       registry_of=lambda: app.state.host)
     return app

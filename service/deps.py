@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from .auth import ApiKey, Keyring, check_scope
 from .jobs.queue import JobQueue
 from .metrics import Metrics
-from .registry import Registry
+from .registry import ModelHost
 from .settings import Settings
 from .store import Store
 
@@ -27,8 +27,8 @@ async def _store(request: Request) -> Store:
     return request.app.state.store
 
 
-async def _registry(request: Request) -> Registry:
-    return request.app.state.registry
+async def _host(request: Request) -> ModelHost:
+    return request.app.state.host
 
 
 async def _keyring(request: Request) -> Keyring:
@@ -45,7 +45,7 @@ async def _jobs_queue(request: Request) -> JobQueue:
 
 SettingsDep = Annotated[Settings, Depends(_settings)]
 StoreDep = Annotated[Store, Depends(_store)]
-RegistryDep = Annotated[Registry, Depends(_registry)]
+ModelHostDep = Annotated[ModelHost, Depends(_host)]
 KeyringDep = Annotated[Keyring, Depends(_keyring)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 JobQueueDep = Annotated[JobQueue, Depends(_jobs_queue)]
@@ -109,7 +109,7 @@ class Serving:
     """
 
     settings: Settings
-    registry: Registry
+    host: ModelHost
     keyring: Keyring
     metrics: Metrics
     key: ApiKey | None  # None: no Authorization header (a header that is present was valid)
@@ -118,14 +118,14 @@ class Serving:
 async def _serving(request: Request) -> Serving:
     state = request.app.state
     key = None if "authorization" not in request.headers else await _authenticate(request, state.keyring)
-    return Serving(state.settings, state.registry, state.keyring, state.metrics, key)
+    return Serving(state.settings, state.host, state.keyring, state.metrics, key)
 
 
 async def _distilling(request: Request) -> Serving:
     state = request.app.state
     key = await _authenticate(request, state.keyring)
     check_scope(key, "distill", request.path_params["name"])  # the route's {name}
-    return Serving(state.settings, state.registry, state.keyring, state.metrics, key)
+    return Serving(state.settings, state.host, state.keyring, state.metrics, key)
 
 
 # The routes that use these declare the bearer scheme in their OpenAPI (SERVING_DOC): as a

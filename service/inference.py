@@ -1,9 +1,12 @@
-"""The two paths a request can take through a hosted model, shared by v1 and v2 routes.
+"""The paths a request takes through a hosted model, shared by the v1, v2 and style routes.
 
-The keyed path is reached only from here, and only after the caller's key was checked
-for ``distill`` on that model and its quota charged.
+Every model call goes through the model's micro-batcher and is counted here, once: samples
+served (metrics) and usage per key. The keyed path is reached only from here, and only after
+the caller's key was checked for ``distill`` on that model and its quota charged.
 """
 from __future__ import annotations
+
+from collections.abc import Awaitable
 
 import numpy as np
 
@@ -15,11 +18,19 @@ from .registry import HostedModel
 from .tensors import top_k
 
 
-async def _logits(model: HostedModel, x: np.ndarray, keyed: bool) -> np.ndarray:
+async def _served(call: Awaitable[np.ndarray], model: HostedModel) -> np.ndarray:
     try:
-        return await model.logits(x, keyed=keyed)
+        return await call
     except BatcherClosed:
         raise not_found(f"model {model.name!r} was removed", "model_not_found") from None
+
+
+def _count(model: HostedModel, route: str, samples: int, key: ApiKey | None, keyring: Keyring,
+           metrics: Metrics) -> None:
+    """Samples served, for the metrics and for the key's usage (which the write-behind stores)."""
+    metrics.samples.labels(model.name, route, key.id if key is not None else ANONYMOUS).inc(samples)
+    if key is not None:
+        keyring.record(key.id, model.name, route, samples)
 
 
 # Tasks served by a route of their own, never by predict/distill/infer: their outputs are not
@@ -34,7 +45,7 @@ PREDICT_TASKS = ("classification", "multilabel", "pose")
 
 def require_task(model: HostedModel, tasks: tuple[str, ...] = ("classification",)) -> str:
     """The model's task if it is one of ``tasks``; else a 400 naming the route that serves it, if any."""
-    task = model.meta.get("task", "classification")
+    task = model.task
     if task in tasks:
         return task
     where = TASK_ROUTES.get(task)
@@ -62,11 +73,8 @@ def require_predict(key: ApiKey | None, model: str, public: bool) -> None:
 
 async def public_logits(model: HostedModel, x: np.ndarray, key: ApiKey | None, keyring: Keyring,
                         metrics: Metrics) -> np.ndarray:
-    z = await _logits(model, x, keyed=False)
-    key_id = key.id if key is not None else ANONYMOUS
-    metrics.samples.labels(model.name, "predict", key_id).inc(len(x))
-    if key is not None:
-        keyring.record(key.id, model.name, "predict", len(x))
+    z = await _served(model.logits(x, keyed=False), model)
+    _count(model, "predict", len(x), key, keyring, metrics)
     return z
 
 
@@ -74,14 +82,21 @@ async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: 
                        metrics: Metrics) -> np.ndarray:
     check_scope(key, "distill", model.name)
     if not model.distillable:
-        task = model.meta.get("task", "classification")
+        task = model.task
         raise ApiError(400, "not_distillable", f"model {model.name!r} has no keyed path "
                        f"({'a ' + task + ' model' if task != 'classification' else 'Nasty mode'})")
     keyring.charge(key, len(x))
-    z = await _logits(model, x, keyed=True)
-    metrics.samples.labels(model.name, "distill", key.id).inc(len(x))
-    keyring.record(key.id, model.name, "distill", len(x))
+    z = await _served(model.logits(x, keyed=True), model)
+    _count(model, "distill", len(x), key, keyring, metrics)
     return z
+
+
+async def stylized(model: HostedModel, feeds: dict[str, np.ndarray], key: ApiKey | None, keyring: Keyring,
+                   metrics: Metrics) -> np.ndarray:
+    """A style bundle's output for one request's named inputs (the caller checked predict access)."""
+    out = await _served(model.outputs(feeds), model)
+    _count(model, "style", 1, key, keyring, metrics)
+    return out
 
 
 def pose_predictions(meta: dict, heatmaps: np.ndarray) -> dict:

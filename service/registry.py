@@ -1,6 +1,6 @@
 """Hosted models: verified bundles in ONNX Runtime sessions, added and removed while serving.
 
-The store's ``models`` table is the truth; :meth:`Registry.sync` makes memory match it,
+The store's ``models`` table is the truth; :meth:`ModelHost.sync` makes memory match it,
 so ``sdb models add|remove`` (which writes the store directly) reaches a running server
 within ``models_sync_s``, and a restart reloads the same set. A bundle that fails
 verification is refused before anything changes: running models are never touched.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdb_core.bundle import Bundle, load_bundle, onnx_providers
+from sdb_core.bundle import OUTPUT_NAME, Bundle, load_bundle, onnx_providers
 
 from .batching import MicroBatcher
 from .errors import ApiError, not_found
@@ -47,6 +47,10 @@ class HostedModel:
         return self.bundle.meta
 
     @property
+    def task(self) -> str:
+        return self.meta.get("task", "classification")
+
+    @property
     def in_shape(self) -> list[int]:
         return list(self.meta["input"]["shape"])
 
@@ -68,14 +72,25 @@ class HostedModel:
             start += len(x)
         return out
 
+    def run_feeds(self, items: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        """Blocking: the output for each item of named inputs, one ORT call each.
+
+        For bundles whose requests cannot share a call: a style request's image has its own size.
+        """
+        return [self.bundle.session.run([OUTPUT_NAME], feeds)[0] for feeds in items]
+
     async def logits(self, x: np.ndarray, keyed: bool = False) -> np.ndarray:
         if keyed and not self.distillable:
             raise ApiError(400, "not_distillable", f"model {self.name!r} has no keyed path ({self.meta['mode']} mode)")
         return await self.batcher.submit((x, keyed), len(x))
 
+    async def outputs(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The output for one request of named inputs (a style bundle's), through the batcher."""
+        return await self.batcher.submit(feeds, 1)
+
     def describe(self) -> dict:
         m = self.meta
-        return {"name": self.name, "version": self.version, "task": m.get("task", "classification"),
+        return {"name": self.name, "version": self.version, "task": self.task,
                 "mode": m["mode"], "distillable": self.distillable,
                 "input": {"name": m["input"]["name"], "shape": self.in_shape, "dtype": m["input"]["dtype"]},
                 "normalize": m["normalize"], "labels": self.labels, "temperature": m.get("temperature"),
@@ -92,7 +107,9 @@ def protection_report(check: dict | None) -> dict | None:
             "held_out": check["val_size"]}
 
 
-class Registry:
+class ModelHost:
+    """The models being served, by name and version, each behind its own micro-batcher."""
+
     def __init__(self, settings: Settings, store: Store,
                  on_batch: Callable[[str, int, int], None] | None = None):
         self.settings, self.store, self.on_batch = settings, store, on_batch
@@ -154,8 +171,14 @@ class Registry:
             if self.on_batch is not None:
                 self.on_batch(row.name, requests, samples)
 
-        batcher = MicroBatcher(lambda items: model.run(items), self.executor, max_samples=s.batch_max_samples,
-                               max_wait_s=s.batch_max_wait_ms / 1000.0, enabled=s.batching, on_batch=count)
+        if bundle.meta.get("task") == "style":
+            # Style images differ in size and cannot share an ORT call: a batch of one each,
+            # so no request waits for another's image.
+            run, max_samples = (lambda items: model.run_feeds(items)), 1
+        else:
+            run, max_samples = (lambda items: model.run(items)), s.batch_max_samples
+        batcher = MicroBatcher(run, self.executor, max_samples=max_samples, max_wait_s=s.batch_max_wait_ms / 1000.0,
+                               enabled=s.batching, on_batch=count)
         model = HostedModel(row.name, row.version, row.path, row.added_at, bundle, batcher)
         return model
 

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
 
 from ..auth import ApiKey
-from ..deps import JobQueueDep, JobsKeyDep, RegistryDep, SettingsDep
+from ..deps import JobQueueDep, JobsKeyDep, ModelHostDep, SettingsDep
 from ..errors import ApiError, invalid, not_found
 from ..jobs.kinds import KINDS, Submission, get_kind
 from ..jobs.runner import job_dir
@@ -54,7 +54,7 @@ def _own(queue, job_id: str, key: ApiKey) -> JobRow:
 
 @router.post("", status_code=202, response_model=JobPublic,
              summary="Queue a job; the same Idempotency-Key returns the same job")
-def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, registry: RegistryDep, settings: SettingsDep,
+def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, host: ModelHostDep, settings: SettingsDep,
            idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200)) -> Response:
     if body.kind not in KINDS:
         raise invalid(f"unknown job kind {body.kind!r}; known: {', '.join(KINDS.names())}", "unknown_kind")
@@ -64,7 +64,7 @@ def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, registry: Regis
     except ValidationError as e:
         raise invalid(_validation_message(e), "invalid_params") from None
     if kind.check is not None:
-        params = kind.check(params, Submission(key, registry, settings, queue))
+        params = kind.check(params, Submission(key, host, settings, queue))
     stored = params.model_dump(mode="json")
     row, created = queue.submit(body.kind, stored, key.id, backend=settings.jobs_backend,
                                 idempotency_key=idempotency_key)

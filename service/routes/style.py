@@ -22,24 +22,23 @@ from fastapi import APIRouter, Query, Request
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
-from sdb_core.bundle import INPUT_NAME, OUTPUT_NAME
+from sdb_core.bundle import INPUT_NAME
 
-from ..auth import ANONYMOUS
-from ..deps import KeyringDep, MetricsDep, OptionalApiKeyDep, RegistryDep, SettingsDep
+from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body
+from ..deps import SERVING_DOC, ServingDep
 from ..errors import ApiError, bad_request, invalid
-from ..inference import require_predict
-from ..registry import HostedModel
+from ..inference import require_predict, stylized
+from ..registry import HostedModel, ModelHost
 from ..schemas import json_body_doc, options
-from ..tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS, parse_json
+from ..tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS
 
 router = APIRouter(prefix="/v1/style", tags=["style"])
 
 MAX_SIDE = 1024
 MIN_SIDE = 16
-_IMAGE_TYPES = ("image/png", "image/jpeg")
+_BODY_TYPES = (MULTIPART, JSON, *IMAGE_TYPES)
 
 
 class StyleRequest(BaseModel):
@@ -98,47 +97,39 @@ def _pad(x: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)), mode=mode)
 
 
-def stylize(model: HostedModel, content: np.ndarray, style: np.ndarray | None, alpha: float) -> np.ndarray:
-    """Blocking: one ONNX Runtime call; the output cropped back to the content's size."""
-    info = model.meta.get("style", {})
+def style_feeds(meta: dict, content: np.ndarray, style: np.ndarray | None, alpha: float) -> dict[str, np.ndarray]:
+    """The bundle's named inputs, images padded to its down-sampling factor (the output is cropped back)."""
+    info = meta.get("style", {})
     multiple = int(info.get("multiple", 1))
-    h, w = content.shape[-2:]
     feeds = {INPUT_NAME: _pad(content, multiple)}
     if info.get("method") == "adain":
         feeds["style"] = _pad(style, multiple)
         feeds["alpha"] = np.full((1,), alpha, dtype=np.float32)
-    out = model.bundle.session.run([OUTPUT_NAME], feeds)[0]
-    return out[0, :, :h, :w]
+    return feeds
 
 
-def _style_model(registry, name: str, version: str | None) -> HostedModel:
-    model = registry.get(name, version)
-    if model.meta.get("task") != "style":
-        raise bad_request(f"model {name!r} is a {model.meta.get('task', 'classification')} model, not a style "
+def _style_model(host: ModelHost, name: str, version: str | None) -> HostedModel:
+    model = host.get(name, version)
+    if model.task != "style":
+        raise bad_request(f"model {name!r} is a {model.task} model, not a style "
                           f"model: use POST /v1/models/{name}/predict", "wrong_task")
     return model
 
 
-async def _read(request: Request, alpha_query: float | None) -> tuple[bytes, bytes | None, float | None]:
-    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-    if media == "multipart/form-data":
-        form = await request.form(max_files=2, max_fields=4)
-        content, style = form.get("file"), form.get("style")
-        if not isinstance(content, UploadFile):
-            raise invalid("multipart body has no file: send the content image as field 'file'", "invalid_request")
-        if style is not None and not isinstance(style, UploadFile):
-            raise invalid("field 'style' must be an image file", "invalid_request")
-        alpha_field = form.get("alpha")
-        opts = options(StyleOptions, {"alpha": alpha_field if alpha_field is not None else alpha_query})
-        return await content.read(), (await style.read() if style is not None else None), opts.alpha
-    if media in _IMAGE_TYPES:
-        return await request.body(), None, alpha_query
-    if media in ("application/json", ""):
-        obj = parse_json(await request.body())
-        body = options(StyleRequest, {"alpha": alpha_query, **obj})
-        return _b64(body.image, "image"), (_b64(body.style, "style") if body.style else None), body.alpha
-    raise ApiError(415, "unsupported_media_type",
-                   f"send multipart/form-data, application/json, image/png or image/jpeg, not {media}")
+def _images(body: Body, alpha_query: float | None) -> tuple[bytes, bytes | None, float | None]:
+    """The content image, the style image if sent, and alpha, from whichever body was sent."""
+    if body.json is not None:
+        req = options(StyleRequest, {"alpha": alpha_query, **body.json})
+        return _b64(req.image, "image"), (_b64(req.style, "style") if req.style else None), req.alpha
+    content = body.files.get("file")
+    if content is None:
+        raise invalid("multipart body has no file: send the content image as field 'file'", "invalid_request")
+    if "style" in body.fields:
+        raise invalid("field 'style' must be an image file", "invalid_request")
+    if "alpha" in body.files:
+        raise invalid("field 'alpha' must be a number, not a file", "invalid_request")
+    opts = options(StyleOptions, {"alpha": body.fields.get("alpha", alpha_query)})
+    return content, body.files.get("style"), opts.alpha
 
 
 def _b64(s: str, what: str) -> bytes:
@@ -150,28 +141,28 @@ def _b64(s: str, what: str) -> bytes:
 
 @router.post("/{name}", summary="Stylize an image (PNG out)", response_class=Response,
              responses={200: {"content": {"image/png": {}}, "description": "the stylized image, PNG"}},
-             openapi_extra=json_body_doc(StyleRequest, *_UPLOAD_DOC.items()))
-async def style(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, keyring: KeyringDep,
-                metrics: MetricsDep, key: OptionalApiKeyDep,
+             openapi_extra={**json_body_doc(StyleRequest, *_UPLOAD_DOC.items()), **SERVING_DOC})
+async def style(name: str, request: Request, s: ServingDep,
                 version: str | None = Query(None, description="a version of the model; default the highest"),
                 alpha: float | None = Query(None, ge=0.0, le=1.0, description="AdaIN only: 1 all style")) -> Response:
-    require_predict(key, name, settings.public_predict)
-    model = _style_model(registry, name, version)
+    require_predict(s.key, name, s.settings.public_predict)
+    model = _style_model(s.host, name, version)
     method = model.meta.get("style", {}).get("method")
-    content_bytes, style_bytes, alpha_value = await _read(request, alpha)
+    body = await read_body(request, _BODY_TYPES, max_files=2, max_fields=4)
+    content_bytes, style_bytes, alpha_value = _images(body, alpha)
     if method == "adain" and style_bytes is None:
         raise invalid(f"model {name!r} is an AdaIN model: send a style image too (field 'style')", "missing_style")
     if method != "adain" and (style_bytes is not None or alpha_value is not None):
         raise invalid(f"model {name!r} was trained for one style: it takes no style image and no alpha",
                       "unexpected_style")
 
-    def work() -> bytes:  # decoding, the network and encoding grow with the image: off the event loop
+    def prepare() -> tuple[dict[str, np.ndarray], tuple[int, ...]]:  # grows with the image: off the event loop
         content = decode(content_bytes, "content image")
         style_img = decode(style_bytes, "style image") if style_bytes is not None else None
-        return encode_png(stylize(model, content, style_img, 1.0 if alpha_value is None else alpha_value))
+        alpha_used = 1.0 if alpha_value is None else alpha_value
+        return style_feeds(model.meta, content, style_img, alpha_used), content.shape[-2:]
 
-    png = await run_in_threadpool(work)
-    metrics.samples.labels(model.name, "style", key.id if key is not None else ANONYMOUS).inc(1)
-    if key is not None:
-        keyring.record(key.id, model.name, "style", 1)
+    feeds, (h, w) = await run_in_threadpool(prepare)
+    out = await stylized(model, feeds, s.key, s.keyring, s.metrics)
+    png = await run_in_threadpool(lambda: encode_png(out[0, :, :h, :w]))  # cropped back to the content's size
     return Response(png, media_type="image/png", headers={"X-Model-Version": model.version})

@@ -15,12 +15,13 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from ..deps import SERVING_DOC, RegistryDep, Serving, ServingDep
+from ..bodies import read_json
+from ..deps import SERVING_DOC, ModelHostDep, Serving, ServingDep
 from ..errors import ApiError, invalid
 from ..inference import keyed_logits, public_logits, require_predict, require_task
-from ..registry import HostedModel
+from ..registry import HostedModel, ModelHost
 from ..schemas import json_body_doc, json_response
-from ..tensors import as_batch, parse_json, softmax, to_array
+from ..tensors import as_batch, softmax, to_array
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -68,32 +69,32 @@ async def ready(request: Request) -> Response:
     return json_response({"ready": True})
 
 
-def _metadata(registry, m: HostedModel) -> dict:
+def _metadata(host: ModelHost, m: HostedModel) -> dict:
     classes = len(m.labels)
-    return {"name": m.name, "versions": registry.versions(m.name), "platform": "onnxruntime_onnx",
+    return {"name": m.name, "versions": host.versions(m.name), "platform": "onnxruntime_onnx",
             "inputs": [{"name": m.meta["input"]["name"], "datatype": "FP32", "shape": [-1, *m.in_shape]}],
             "outputs": [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}]
             + ([{"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}] if m.distillable else [])}
 
 
 @router.get("/models/{name}", summary="Model metadata")
-async def model_metadata(name: str, registry: RegistryDep) -> Response:
-    return json_response(_metadata(registry, registry.get(name)))
+async def model_metadata(name: str, host: ModelHostDep) -> Response:
+    return json_response(_metadata(host, host.get(name)))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata")
-async def model_version_metadata(name: str, version: str, registry: RegistryDep) -> Response:
-    return json_response(_metadata(registry, registry.get(name, version)))
+async def model_version_metadata(name: str, version: str, host: ModelHostDep) -> Response:
+    return json_response(_metadata(host, host.get(name, version)))
 
 
 @router.get("/models/{name}/ready", summary="Model ready")
-async def model_ready(name: str, registry: RegistryDep) -> Response:
-    return json_response({"name": registry.get(name).name, "ready": True})
+async def model_ready(name: str, host: ModelHostDep) -> Response:
+    return json_response({"name": host.get(name).name, "ready": True})
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version ready")
-async def model_version_ready(name: str, version: str, registry: RegistryDep) -> Response:
-    m = registry.get(name, version)
+async def model_version_ready(name: str, version: str, host: ModelHostDep) -> Response:
+    m = host.get(name, version)
     return json_response({"name": m.name, "version": m.version, "ready": True})
 
 
@@ -133,7 +134,7 @@ def _wanted(obj: dict) -> list[str]:
 async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     key, keyring, metrics, settings = s.key, s.keyring, s.metrics, s.settings
     require_task(model)
-    obj = parse_json(await request.body())
+    obj = await read_json(request)
     wanted = _wanted(obj)
     if KEYED_OUTPUT in wanted and key is None:
         raise ApiError(401, "missing_key", f"output {KEYED_OUTPUT!r} needs an API key with the distill scope",
@@ -163,9 +164,9 @@ _INFER_DOC = {**json_body_doc(InferRequest), **SERVING_DOC}
 
 @router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC)
 async def infer(name: str, request: Request, s: ServingDep) -> Response:
-    return await _infer(s.registry.get(name), request, s)
+    return await _infer(s.host.get(name), request, s)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_INFER_DOC)
 async def infer_version(name: str, version: str, request: Request, s: ServingDep) -> Response:
-    return await _infer(s.registry.get(name, version), request, s)
+    return await _infer(s.host.get(name, version), request, s)

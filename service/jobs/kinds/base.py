@@ -15,7 +15,7 @@ from sdb_core.registry import Registry
 
 if TYPE_CHECKING:
     from ...auth import ApiKey
-    from ...registry import Registry as ModelRegistry
+    from ...registry import ModelHost
     from ...settings import Settings
     from ..context import JobContext
     from ..queue import JobQueue
@@ -37,7 +37,7 @@ class Submission:
     """What a submission check may look at: who submits, what is hosted, where the data lives."""
 
     key: ApiKey
-    models: ModelRegistry
+    models: ModelHost
     settings: Settings
     queue: JobQueue
 
