@@ -117,5 +117,5 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(r)
     app.include_router(style_routes.router)
     app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
-                       registry_of=lambda: app.state.host)
+                       host_of=lambda: app.state.host)
     return app

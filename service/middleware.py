@@ -18,8 +18,8 @@ log = logging.getLogger("sdb.service")
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, *, max_payload_bytes: int, metrics, registry_of):
-        self.app, self.limit, self.metrics, self.registry_of = app, max_payload_bytes, metrics, registry_of
+    def __init__(self, app: ASGIApp, *, max_payload_bytes: int, metrics, host_of):
+        self.app, self.limit, self.metrics, self.host_of = app, max_payload_bytes, metrics, host_of
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,8 +49,8 @@ class ServiceMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "<unmatched>"
             name = (scope.get("path_params") or {}).get("name")
-            registry = self.registry_of()
-            model = name if name and registry is not None and name in registry else ""
+            host = self.host_of()
+            model = name if name and host is not None and name in host else ""
             self.metrics.observe_request(template, scope.get("method", ""), model, status,
                                          time.perf_counter() - start)
 
