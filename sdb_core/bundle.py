@@ -68,8 +68,10 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
     """
     import torch
 
+    from .train import device_of
+
     model = model.eval()
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = device_of(model)
     names, args, axes = [], [], {}
     for name, shape in [(INPUT_NAME, in_shape), *extra_inputs]:
         a: dict[int, str] = {0: "batch"}
@@ -98,7 +100,9 @@ def _output_shape(model: nn.Module, in_shape: Sequence[int],
     """The per-sample output shape of ``model`` on a zero input (a plain module's ``output.shape``)."""
     import torch
 
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    from .train import device_of
+
+    device = device_of(model)
     args = [torch.zeros(1, *shape, device=device) for shape in [in_shape, *(s for _, s in extra_inputs)]]
     with torch.no_grad():
         return list(model.eval()(*args).shape[1:])

@@ -44,11 +44,17 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(pref: str = "auto") -> torch.device:
+    """The device a run asked for: ``auto`` is CUDA when there is one, else the CPU; a missing CUDA is an error."""
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if pref.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {pref!r} asked for, but CUDA is not available here")
     return torch.device(pref)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where a network lives (its first parameter's device; the CPU for one without parameters)."""
+    return next(iter(module.parameters()), torch.empty(0)).device
 
 
 def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -159,7 +165,7 @@ def predict_logits(fn: Callable[[Tensor], Tensor] | nn.Module, x: Tensor, batch_
     """Run ``fn`` over ``x`` in batches on ``fn``'s device, in eval mode; logits on CPU."""
     if isinstance(fn, nn.Module):
         fn.eval()
-        device = next(iter(fn.parameters()), torch.empty(0)).device
+        device = device_of(fn)
     else:
         device = torch.device("cpu")
     return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ..train import History, Progress, fit, predict_logits
+from ..train import History, Progress, device_of, fit, predict_logits
 from .config import DistillConfig
 from .losses import kd_loss
 
@@ -34,7 +34,7 @@ def as_teacher(teacher: nn.Module | Teacher) -> Teacher:
 
         @torch.no_grad()
         def call(x: Tensor) -> Tensor:
-            device = next(iter(teacher.parameters()), torch.empty(0)).device
+            device = device_of(teacher)
             return teacher(x.to(device))
 
         return call

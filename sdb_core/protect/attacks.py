@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 from ..distill import DistillConfig, soft_kl
 from ..models import create_model
 from ..registry import Registry
-from ..train import TrainConfig, accuracy, fit, predict_logits, seed_everything
+from ..train import TrainConfig, accuracy, device_of, fit, predict_logits, seed_everything
 from .box import SafeDistillationBox
 from .config import POLICIES
 from .key import blend, random_keys
@@ -76,7 +76,7 @@ def public_api(target: Any, policy: str = "probs", k: int = 3) -> PublicAPI:
         target.eval()
 
         def probs(x: Tensor) -> Tensor:
-            device = next(iter(target.parameters()), torch.empty(0)).device
+            device = device_of(target)
             return F.softmax(target(x.to(device)), dim=1)
 
         return PublicAPI(probs, policy, k, None, type(target).__name__)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..train import device_of
 from .key import blend
 
 
@@ -57,7 +58,7 @@ class SafeDistillationBox:
         return self._key is not None
 
     def _device(self) -> torch.device:
-        return next(iter(self.model.parameters()), torch.empty(0)).device
+        return device_of(self.model)
 
     @torch.no_grad()
     def public_logits(self, x: Tensor) -> Tensor:

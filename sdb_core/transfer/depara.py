@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..train import device_of
 from .config import ATTRIBUTIONS, METHODS, DeparaConfig
 
 
@@ -102,7 +103,7 @@ def _layer_output(model: nn.Module, layer: str | None, x: Tensor) -> Tensor:
 def layer_features(model: nn.Module, layer: str | None, x: Tensor, batch_size: int = 200) -> Tensor:
     """Flattened features of ``layer`` on ``x`` (no gradients), float32 on CPU."""
     model.eval()
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = device_of(model)
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
@@ -121,7 +122,7 @@ def attribution_maps(model: nn.Module, layer: str | None, x: Tensor, batch_size:
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"attribution must be one of {', '.join(ATTRIBUTIONS)}, got {attribution!r}")
     model.eval()
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = device_of(model)
     maps = []
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size].to(device).detach().requires_grad_(True)
