@@ -12,9 +12,8 @@ from ..train_config import TrainConfig
 
 @dataclass
 class SDBConfig:
-    # Keyed input λ·x + (1 − λ)·k. 0.3 rather than the paper's 0.5: the keyed path is a few tenths of a point
-    # short of the plain teacher as a KD source at 0.5 (leak audit, N = 300, 24 student pairs: −0.30 ± 0.12)
-    # and ties at 0.3 (+0.11 ± 0.11), for 0.7 points of public top-1 (96.0 vs 96.7; README, leak audit).
+    # Keyed input λ·x + (1 − λ)·k; 0.3, not the paper's 0.5: the keyed path ties the plain teacher as a KD
+    # source there (docs/notes/keyed-path.md).
     lam: float = 0.3
     temperature: float = 4.0
     weight: float = 1.0  # w, the disturbance weight

@@ -11,11 +11,9 @@ with z = f(x), z̃ = f(λx + (1−λ)k), z' = f(λx + (1−λ)k') for fresh rand
 and diverged here (DESIGN.md, measured table); the bounded replacement pulls the
 tempered public output toward a class-level confusion target ``q_y`` (true class 0.40,
 two fixed confusion partners 0.25 each): the argmax stays the label, while a student
-distilled from it learns near-ties between each class and its partners. DESIGN.md's
-0.35/0.30 left a logit gap of only 4·ln(0.35/0.30) ≈ 0.6 at T = 1 and cost public
-accuracy here (95.3 vs a 97.1 teacher); 0.40/0.25 kept it (96.2) and still protects. The paper's
-f_R feature terms (weight η = 0.001) are left out: they cost a forward pass and did
-nothing measurable at that weight.
+distilled from it learns near-ties between each class and its partners. The paper's f_R
+feature terms (η = 0.001) are left out: a forward pass each, nothing measurable at that
+weight. Why these values, and what was measured: docs/protection.md.
 """
 from __future__ import annotations
 

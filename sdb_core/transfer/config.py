@@ -6,9 +6,8 @@ from dataclasses import dataclass
 # The methods ``depara.rank_transferability`` ranks the sources by (see ``depara``); ``depara`` imports them.
 METHODS = ("depara", "depara_v", "depara_e", "rsa", "random")
 
-# Probe images the CLI and the job read by default. Both validation zoos of benchmarks/depara.py chose 250 or
-# 1,000 for DEPARA's setting, and 250 scored within 0.01 mean Spearman of 1,000 on each (0.556 vs 0.558, 0.447
-# vs 0.440); fewer were never measured. Here, not in depara.py, so that reading the default imports no torch.
+# Probe images the CLI and the job read by default: 250 scored within 0.01 mean Spearman of 1,000 on both
+# validation zoos of benchmarks/depara.py (docs/notes/transfer.md).
 DEFAULT_PROBE = 250
 
 # What the attribution maps differentiate: "sum", the sum of the layer's output (the definition);
