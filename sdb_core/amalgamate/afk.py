@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from sdb_core.amalgamate.config import AFKConfig, TeacherSpec
 from sdb_core.amalgamate.multilabel import (
     MultiLabelNet,
     count_params,
@@ -45,71 +46,7 @@ from sdb_core.train import History, TrainConfig, fit, pick_device, seed_everythi
 GATE_INIT = 2.0  # sigmoid(2) = 0.88: every channel starts open; the L1 term closes the unused ones
 
 
-# ---- config -------------------------------------------------------------------------------------
-
-@dataclass
-class TeacherSpec:
-    """A trained multi-label teacher and the global label id of each of its outputs, in order."""
-
-    name: str
-    model: MultiLabelNet
-    labels: list[int]
-
-    def __post_init__(self) -> None:
-        self.labels = [int(v) for v in self.labels]
-        if not self.labels or len(set(self.labels)) != len(self.labels):
-            raise ValueError(f"teacher {self.name!r}: labels must be distinct and non-empty, got {self.labels}")
-        if getattr(self.model, "num_labels", len(self.labels)) != len(self.labels):
-            raise ValueError(f"teacher {self.name!r} has {self.model.num_labels} outputs but "
-                             f"{len(self.labels)} label ids")
-
-
-@dataclass
-class AFKConfig:
-    teachers: list[TeacherSpec]
-    tasks: list[int]                       # the requested label ids, a subset of the teachers' union
-    images: Tensor | None = None           # unlabeled transfer images; None = digit composites
-    n_transfer: int = 3000                 # composites drawn when ``images`` is None
-    grid: int = 2
-    data_seed: int = 0
-    student_widths: Sequence[int] | None = None  # None = sized from the requested share (see below)
-    width_scale: float = 0.85
-    layer_epochs: int = 2                  # per block, layer-wise stage
-    finetune_epochs: int = 4               # end to end
-    feature_weight: float = 1.0
-    gate_l1: float = 1e-3
-    # 10: the gates then close 10-30% of each task's last-block channels in the benchmark's
-    # budget (at 1 none moved below 0.5), and seed 0's full student went 97.70 -> 97.89 mAP.
-    gate_scale: float = 10.0               # see FilteredStudent
-    relevance_samples: int = 256           # images used to measure the teachers' channel relevance
-    # Adam: on these composites it reached 97.6 mAP in 6 epochs where SGD (lr 0.05) reached 95.8.
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=3e-3, weight_decay=0.0))
-    eval_n: int = 1000                     # test composites for the report (labels used for scoring only)
-
-    def __post_init__(self) -> None:
-        if not self.teachers:
-            raise ValueError("at least one teacher is needed")
-        names = [t.name for t in self.teachers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"teacher names must be distinct, got {names}")
-        self.tasks = [int(k) for k in self.tasks]
-        union = sorted({k for t in self.teachers for k in t.labels})
-        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be distinct and non-empty, got {self.tasks}")
-        unknown = [k for k in self.tasks if k not in union]
-        if unknown:
-            raise ValueError(f"tasks {unknown} are not taught by any teacher (their labels: {union})")
-        depth = {len(t.model.blocks) for t in self.teachers}
-        if len(depth) != 1:
-            raise ValueError(f"teachers must have the same number of blocks for layer-wise training, got {depth}")
-        if self.student_widths is not None and len(self.student_widths) != depth.pop():
-            raise ValueError(f"student_widths needs one width per teacher block, got {list(self.student_widths)}")
-        for name in ("layer_epochs", "finetune_epochs", "n_transfer", "relevance_samples"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.width_scale > 0:
-            raise ValueError(f"width_scale must be > 0, got {self.width_scale}")
-
+# ---- result (the config and TeacherSpec are in sdb_core.amalgamate.config) ----------------------
 
 @dataclass
 class AFKResult:

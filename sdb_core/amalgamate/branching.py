@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from sdb_core.amalgamate.config import TASKS, BranchingConfig
 from sdb_core.amalgamate.scene_tasks import (
-    TASKS,
     depth_errors,  # noqa: F401 (re-exported, as are edge_f1 and miou: callers import the metrics from here)
     edge_f1,  # noqa: F401
     evaluate,
@@ -50,54 +50,6 @@ from sdb_core.progress import Progress
 from sdb_core.train import TrainConfig, fit, seed_everything
 
 Phase = Callable[[str], Callable[[Progress], None] | None]
-
-
-@dataclass
-class BranchingConfig:
-    tasks: tuple[str, ...] = ("seg", "depth")  # add "edges" for a third teacher
-    size: int = 64
-    num_classes: int = 4
-    n_train: int = 600
-    n_test: int = 200
-    teacher_widths: tuple[int, ...] = (8, 16, 32)
-    widths: tuple[int, ...] = (8, 16, 32)  # the student's (and the scratch network's)
-    convs: int = 1  # 3x3 convs per encoder stage (decoder stages have two)
-    teacher_epochs: int = 6
-    epochs: int = 10  # the student's: search + fine-tune
-    search_fraction: float = 0.5  # part of the student's epochs spent sampling branch points
-    candidates: tuple[str, ...] | None = None  # stages a task may branch out after; default: bottleneck on
-    scratch: bool = True  # also train the same-shaped multi-task network with labels
-    batch_size: int = 16
-    lr: float = 5e-3
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        self.tasks = tuple(self.tasks)
-        self.widths, self.teacher_widths = tuple(self.widths), tuple(self.teacher_widths)
-        if self.candidates is not None:
-            self.candidates = tuple(self.candidates)
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or len(self.tasks) < 1 or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be distinct names from {TASKS}, got {self.tasks!r}")
-        if len(self.widths) != len(self.teacher_widths):
-            raise ValueError(f"student and teachers need the same number of levels (stages to branch "
-                             f"into), got widths {self.widths!r} and teacher_widths {self.teacher_widths!r}")
-        if self.size % 2 ** (len(self.widths) - 1):
-            raise ValueError(f"size {self.size} must be divisible by {2 ** (len(self.widths) - 1)}")
-        if self.n_train < 1 or self.n_test < 1:
-            raise ValueError(f"n_train and n_test must be >= 1, got {self.n_train}, {self.n_test}")
-        if self.epochs < 2:
-            raise ValueError(f"epochs must be >= 2 (search, then fine-tune), got {self.epochs}")
-        if not 0.0 < self.search_fraction < 1.0:
-            raise ValueError(f"search_fraction must be in (0, 1), got {self.search_fraction}")
-        names = EncDec(3, 1, self.widths, self.convs).stage_names
-        valid = names[:-1]  # after the head there is nothing of the teacher left to branch into
-        for c in self.candidates or ():
-            if c not in valid:
-                raise ValueError(f"candidate {c!r} is not a stage to branch after; stages: {', '.join(valid)}")
-        if self.candidates is not None and not self.candidates:
-            raise ValueError("candidates must name at least one stage")
 
 
 @dataclass
@@ -283,7 +235,7 @@ def amalgamate(teachers: dict[str, EncDec], images: Tensor, cfg: BranchingConfig
     targets = {t: predict_tasks(_Single(t, teachers[t]), images)[t] for t in tasks}
     data = TensorDataset(images, *[targets[t] for t in tasks])
 
-    search_epochs = max(1, min(cfg.epochs - 1, round(cfg.epochs * cfg.search_fraction)))
+    search_epochs = cfg.search_epochs
     rng = random.Random(cfg.seed)
     record: dict[str, dict[str, list[tuple[int, float]]]] = {t: {c: [] for c in candidates} for t in tasks}
     counter = [0]

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sdb_core.amalgamate.config import FAMILIES
 from sdb_core.amalgamate.multilabel import MultiLabelNet
 from sdb_core.models.encdec import EncDec
-
-FAMILIES = ("multilabel", "encdec")
 
 
 class Normalize(nn.Module):

@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdb_core.amalgamate.config import TASKS  # noqa: F401 (re-exported)
 from sdb_core.data.scenes import Scenes, edge_map
-
-TASKS = ("seg", "depth", "edges")
-
 
 # ---- tasks ---------------------------------------------------------------------------------------
 

@@ -17,77 +17,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..progress import Progress
 from ..train import History, TrainConfig, fit, seed_everything
+from .config import AdaINConfig
 from .fast import conv
-from .images import STYLE_IMAGES, ContentCrops, content_images, fit_square, load_image
-from .loss_net import LAYERS, STYLE_LAYERS, LossNet, LossNetConfig, build_loss_net
+from .images import ContentCrops, content_images, fit_square, load_image
+from .loss_net import LAYERS, STYLE_LAYERS, LossNet, build_loss_net
 from .losses import adain, mean_std_loss, relative_mse, result_losses
-
-
-@dataclass
-class AdaINConfig:
-    # Training styles: embedded names or files. Eleven (these, retina, grass, coffee, rocket, china)
-    # with shuffle_style_channels measured worse on the benchmark's pair at 1,200 steps: cut 30.6%
-    # at SSIM 0.495 with flower among them, 23.8% at 0.420 without it.
-    styles: tuple[str, ...] = STYLE_IMAGES
-    content: str = "embedded"  # training crops: embedded | name,name,... | imagefolder:PATH
-    eval_content: str = "chelsea"
-    eval_style: str = "flower"
-    alpha: float = 1.0  # for the evaluation image
-    # The encoder's last layer, where AdaIN acts. The paper's relu4_1 needs a decoder trained far
-    # longer than a CPU allows: after 300 steps here its results had a *higher* style loss than the
-    # content image (cut −24%), and after 600 steps with a decoder twice as wide it cut 27% at
-    # SSIM 0.25; relu3_1's plain decoder, one pooling shallower, cut 60% at SSIM 0.27 in 600 steps.
-    layer: str = "relu3_1"
-    size: int = 256
-    crop: int = 96
-    epochs: int = 4
-    samples: int = 400
-    batch_size: int = 4
-    lr: float = 2e-3
-    style_weight: float = 10.0
-    # Pixel identity term ‖g(f(c)) − c‖² (Park & Lee's SANet uses one): the paper trains its
-    # decoder for 160k steps; with a few hundred here, a direct pixel signal is what teaches it
-    # to invert the encoder at all. 0 gives the paper's loss.
-    identity_weight: float = 10.0
-    # The mean/std style loss's layers; None: relu1_1 up to the AdaIN layer, the paper's rule. All
-    # five (STYLE_LAYERS, which the Gram loss counts) measured: cut 64.7% at SSIM 0.247 against
-    # 59.8% at 0.266 (600 steps, the benchmark's pair): more style, less content, no target met.
-    style_layers: tuple[str, ...] | None = None
-    # The decoder's channels relative to the encoder's. Twice as wide (600 steps, no skips): cut
-    # 64.8% at SSIM 0.225 against 59.8% at 0.266, more style for less content, and slower.
-    decoder_width: float = 1.0
-    # Shallower AdaIN outputs the decoder also receives, each where its activations reach that
-    # resolution (an hourglass with skips, as Avatar-Net, Sheng et al. 2018, fuses scales): AdaIN(f1(c), f1(s))
-    # at relu1_1 and relu2_1 hands the decoder the style's colour and fine statistics and the
-    # content's edges, which relu3_1 alone forces it to re-invent. Measured on the benchmark's pair
-    # (600 steps, the earlier six styles): cut 79.8% at SSIM 0.370 against 59.8% at 0.266 without;
-    # both targets move the right way at once. () is the paper's single-level decoder.
-    skips: tuple[str, ...] = ("relu1_1", "relu2_1")
-    # Random channel permutations of the style crops: six palettes from each style image. Off by
-    # default: measured only together with the eleven styles above (worse there), never alone.
-    shuffle_style_channels: bool = False
-    loss_net: LossNetConfig = field(default_factory=LossNetConfig)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.styles:
-            raise ValueError("styles must name at least one style image")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.layer not in ("relu2_1", "relu3_1", "relu4_1", "relu5_1"):
-            raise ValueError(f"layer must be relu2_1|relu3_1|relu4_1|relu5_1, got {self.layer!r}")
-        if not 32 <= self.crop <= 1024 or self.crop % 16:
-            raise ValueError(f"crop must be a multiple of 16 in [32, 1024], got {self.crop}")
-        if self.epochs < 1 or self.samples < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs, samples and batch_size must be >= 1, got "
-                             f"{self.epochs}, {self.samples}, {self.batch_size}")
 
 
 def stats_layers(layer: str, style_layers: tuple[str, ...] | None = None) -> tuple[str, ...]:

@@ -16,55 +16,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..progress import Progress
 from ..train import History, TrainConfig, fit, seed_everything
+from .config import FastConfig
 from .images import ContentCrops, content_images, fit_square, load_image
-from .loss_net import STYLE_LAYERS, LossNet, LossNetConfig, build_loss_net
+from .loss_net import LossNet, build_loss_net
 from .losses import StyleCriterion, result_losses, tv_loss
-
-
-@dataclass
-class FastConfig:
-    style: str = "flower"  # an embedded image name or a file path
-    content: str = "embedded"  # training crops: embedded | name,name,... | imagefolder:PATH
-    eval_content: str = "chelsea"  # stylized at the end (not among the embedded training images)
-    size: int = 256  # the style image and the evaluation image: shorter side, centre square
-    crop: int = 96
-    epochs: int = 3
-    samples: int = 400  # crops per epoch
-    batch_size: int = 4
-    lr: float = 3e-3
-    # 2, not 1: at 1 the benchmark's result kept SSIM 0.27 to the content with a style cut of 90%,
-    # more style than the 80% target asks and less structure than its SSIM 0.3.
-    content_weight: float = 2.0
-    style_weight: float = 10.0
-    tv_weight: float = 1.0
-    # The first layer's width; the paper's network has 32. At 8 a 256x256 image takes ~0.1 s on one
-    # CPU thread (16: ~0.4 s, dominated by the full-resolution 9x9 and upsampling convolutions).
-    channels: int = 8
-    res_blocks: int = 5
-    # A shallow content layer beside relu4_1 keeps edges: the network sees each crop only a few times.
-    content_layers: tuple[str, ...] = ("relu2_1", "relu4_1")
-    style_layers: tuple[str, ...] = STYLE_LAYERS
-    loss_net: LossNetConfig = field(default_factory=LossNetConfig)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 32 <= self.crop <= 1024 or self.crop % 4:
-            raise ValueError(f"crop must be a multiple of 4 in [32, 1024], got {self.crop}")
-        if not 16 <= self.size <= 2048:
-            raise ValueError(f"size must be in [16, 2048], got {self.size}")
-        if self.epochs < 1 or self.samples < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs, samples and batch_size must be >= 1, got "
-                             f"{self.epochs}, {self.samples}, {self.batch_size}")
-        if not 4 <= self.channels <= 128 or not 0 <= self.res_blocks <= 16:
-            raise ValueError(f"channels must be in [4, 128] and res_blocks in [0, 16], got "
-                             f"{self.channels}, {self.res_blocks}")
 
 
 def conv(c_in: int, c_out: int, k: int, stride: int = 1) -> nn.Sequential:

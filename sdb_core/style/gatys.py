@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -19,40 +19,10 @@ from torch.utils.data import TensorDataset
 
 from ..progress import Cancelled, Progress
 from ..train import TrainConfig, fit, seed_everything
+from .config import GatysConfig
 from .images import fit_square, load_image
-from .loss_net import STYLE_LAYERS, LossNet, LossNetConfig, build_loss_net
+from .loss_net import LossNet, build_loss_net
 from .losses import StyleCriterion, result_losses, tv_loss
-
-
-@dataclass
-class GatysConfig:
-    content: str = "chelsea"  # an embedded image name or a file path
-    style: str = "flower"
-    size: int = 256  # both images: shorter side resized, centre square cropped
-    steps: int = 200  # Adam steps, or L-BFGS iterations
-    optimizer: str = "lbfgs"  # lbfgs | adam
-    lr: float | None = None  # default: 1.0 for L-BFGS, 0.02 for Adam
-    init: str = "content"  # content | noise
-    content_weight: float = 1.0
-    style_weight: float = 10.0
-    tv_weight: float = 0.0
-    content_layers: tuple[str, ...] = ("relu4_1",)
-    style_layers: tuple[str, ...] = STYLE_LAYERS
-    loss_net: LossNetConfig = field(default_factory=LossNetConfig)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in ("lbfgs", "adam"):
-            raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {self.optimizer!r}")
-        if self.init not in ("content", "noise"):
-            raise ValueError(f"init must be 'content' or 'noise', got {self.init!r}")
-        if not 16 <= self.size <= 2048:
-            raise ValueError(f"size must be in [16, 2048], got {self.size}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        for name in ("content_weight", "style_weight", "tv_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -20,15 +20,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..data.imagefolder import _images_in
+from .config import _SKLEARN, CONTENT_IMAGES, EMBEDDED, STYLE_IMAGES  # noqa: F401 (re-exported)
 
-_SKIMAGE = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "hubble_deep_field", "retina",
-            "colorwheel", "brick", "grass", "gravel", "camera", "moon")
-_SKLEARN = ("china", "flower")
-EMBEDDED = _SKIMAGE + _SKLEARN
-# The default training crops. chelsea (and cat, the same photograph) stay out: they are the
-# evaluation image, so a feed-forward network is judged on a photograph it never saw.
-CONTENT_IMAGES = ("astronaut", "coffee", "rocket", "china", "camera")
-STYLE_IMAGES = ("flower", "immunohistochemistry", "hubble_deep_field", "brick", "gravel", "colorwheel")
 MAX_PIXELS = 40_000_000  # a decoded image larger than this is refused (decompression bombs)
 
 

@@ -16,55 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from ..weights import WeightsError, read_state_dict
+from .config import LAYERS, STYLE_LAYERS, VGG19, LossNetConfig  # noqa: F401 (re-exported: callers import them here)
 
-# torchvision's VGG-19 "E" configuration: channels per 3x3 conv, "M" a 2x2 pool.
-VGG19 = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _layer_names() -> list[str]:
-    """``conv1_1, relu1_1, conv1_2, ..., pool1, conv2_1, ...`` in the order of ``features``."""
-    names, block, conv = [], 1, 1
-    for c in VGG19:
-        if c == "M":
-            names.append(f"pool{block}")
-            block, conv = block + 1, 1
-        else:
-            names += [f"conv{block}_{conv}", f"relu{block}_{conv}"]
-            conv += 1
-    return names
-
-
-LAYERS = _layer_names()
-STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-
-
-@dataclass
-class LossNetConfig:
-    weights: str | None = None  # a VGG-19 state dict (torchvision layout): .pth/.pt or .safetensors
-    width: float = 0.25  # channel multiplier of the random network; user weights need 1.0
-    seed: int = 0
-    pool: str = "max"  # max (torchvision) | avg (Gatys et al. found smoother gradients)
-    last: str = "relu5_1"  # the deepest layer built: nothing beyond it is computed
-
-    def __post_init__(self) -> None:
-        if not 0 < self.width <= 1:
-            raise ValueError(f"width must be in (0, 1], got {self.width}")
-        if self.weights is not None and self.width != 1.0:
-            # VGG-19 weights fix the width: the full network, whatever the random default was.
-            self.width = 1.0
-        if self.pool not in ("max", "avg"):
-            raise ValueError(f"pool must be 'max' or 'avg', got {self.pool!r}")
-        if self.last not in LAYERS:
-            raise ValueError(f"last must be a VGG-19 layer name (e.g. relu4_1), got {self.last!r}")
 
 
 class LossNet(nn.Module):

@@ -35,34 +35,22 @@ Modules, in the order a reader needs them: ``config`` (the teachers, the config 
 the label bookkeeping), ``networks`` (filters, the generator, the student and how each
 is shaped), ``losses``, ``images`` (the student's shifts and warps, the PNG grid), ``stages`` (the
 generator, student and fine-tune training stages), ``recipe`` (:func:`datafree`). Every public name
-is importable from this package.
+is importable from this package, lazily (PEP 562, as in ``sdb_core.protect``): ``config`` is torch-free,
+so a job kind or a task reads the defaults without importing torch.
 """
-from .config import PAPER_RECIPE, VARIANTS, DataFreeConfig, PhaseFn, TeacherSpec, label_plan, label_union
-from .images import augment, random_shift, random_warp, save_grid
-from .losses import (
-    activation_loss,
-    bn_statistics_loss,
-    consistency_loss,
-    entropy_loss,
-    generator_loss,
-    one_hot_loss,
-    run_teacher,
-    soft_bce,
-    sparsity_loss,
-)
-from .networks import (
-    Branch,
-    FeatureFilter,
-    GroupStackGenerator,
-    MultiBranchStudent,
-    build_generator,
-    build_student,
-    new_student,
-    regroup,
-)
-from .recipe import DataFreeResult, datafree
-from .stages import _ReverseGrad, adversarial_finetune, distill_student, train_dual, train_generator
+from importlib import import_module
 
+_MODULES = {
+    "config": ("PAPER_RECIPE", "VARIANTS", "DataFreeConfig", "PhaseFn", "TeacherSpec", "label_plan", "label_union"),
+    "images": ("augment", "random_shift", "random_warp", "save_grid"),
+    "losses": ("activation_loss", "bn_statistics_loss", "consistency_loss", "entropy_loss", "generator_loss",
+               "one_hot_loss", "run_teacher", "soft_bce", "sparsity_loss"),
+    "networks": ("Branch", "FeatureFilter", "GroupStackGenerator", "MultiBranchStudent", "build_generator",
+                 "build_student", "new_student", "regroup"),
+    "recipe": ("DataFreeResult", "datafree"),
+    "stages": ("_ReverseGrad", "adversarial_finetune", "distill_student", "train_dual", "train_generator"),
+}
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = [
     "PAPER_RECIPE", "VARIANTS", "Branch", "DataFreeConfig", "DataFreeResult", "FeatureFilter",
     "GroupStackGenerator", "MultiBranchStudent", "PhaseFn", "TeacherSpec", "_ReverseGrad", "activation_loss",
@@ -71,3 +59,10 @@ __all__ = [
     "label_union", "new_student", "one_hot_loss", "random_shift", "random_warp", "regroup", "run_teacher",
     "save_grid", "soft_bce", "sparsity_loss", "train_dual", "train_generator",
 ]
+assert set(__all__) == set(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
