@@ -4,7 +4,7 @@
 A teacher is a network of one of this project's families (``multilabel``: ``MultiLabelNet``; ``encdec``:
 ``EncDec``), named by a :class:`ModelRef` whose ``arch`` is the family: a weights file, or a bundle (a
 hosted model the service resolved, whose graph is read back into the network, see
-:mod:`sdb_core.amalgamate.hosted`). The recipes' configs hold the teachers' networks, so this torch-free
+:mod:`sdb_core.onnx_torch`). The recipes' configs hold the teachers' networks, so this torch-free
 config holds the options the methods share; each reads its default from the recipe config it feeds.
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def teacher_network(t: Teacher) -> Any:
     """The teacher's torch network (eval mode): rebuilt from a bundle's graph, or its weights file."""
     ref = t.ref
     if ref.kind == "bundle":
-        from ..amalgamate.hosted import teacher_from_bundle
+        from ..onnx_torch import teacher_from_bundle
 
         return teacher_from_bundle(ref.bundle, t.family)[0]
     if ref.kind != "weights":

@@ -68,7 +68,7 @@ def load_ranked(m: RankedModel, in_shape):
     if m.model.kind == "weights":
         return m.model.network(None, in_shape)
     from ..bundle import read_bundle_files
-    from ..transfer.onnx_graph import bundle_module
+    from ..onnx_torch import bundle_module
 
     read_bundle_files(m.model.bundle)  # a clear error for a missing or altered bundle
     module, meta = bundle_module(m.model.bundle)

@@ -131,7 +131,7 @@ def test_graph_needs_the_same_probe_set(probe):
 def test_a_hosted_models_onnx_graph_gives_the_torch_models_graph():
     from sdb_core.bundle import export_onnx
     from sdb_core.models import create_model
-    from sdb_core.transfer.onnx_graph import OnnxModule
+    from sdb_core.onnx_torch import OnnxModule
 
     torch.manual_seed(0)
     net = create_model("cnn", num_classes=10, in_shape=(1, 8, 8)).eval()

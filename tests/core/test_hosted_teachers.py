@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from sdb_core.amalgamate.afk import FilteredStudent
-from sdb_core.amalgamate.hosted import teacher_from_bundle
 from sdb_core.amalgamate.multilabel import MultiLabelNet
 from sdb_core.bundle import export_bundle
 from sdb_core.models import create_model
 from sdb_core.models.encdec import EncDec
+from sdb_core.onnx_torch import teacher_from_bundle
 
 
 def _perturb_batchnorm(net: torch.nn.Module) -> torch.nn.Module:

@@ -1,7 +1,7 @@
 """``amalgamate``: one student from several teachers, no labels (``method: afk | branching | datafree``).
 
 A teacher is a hosted model (``model``; its ONNX graph is read back into the network it was
-exported from, :mod:`sdb_core.amalgamate.hosted`) or a weights file under the data dir
+exported from, :mod:`sdb_core.onnx_torch`) or a weights file under the data dir
 (``weights``: safetensors, or a tensors-only torch file), with its architecture family and, for
 the multi-label methods, the label id of each output (a hosted model's own labels when they are
 label ids). This module checks access and files, pins hosted versions, and hands the task to
@@ -97,7 +97,7 @@ def _hosted(t: TeacherRef, sub: Submission) -> tuple[TeacherRef, Any]:
     """Pin a hosted teacher's version and read its graph now, so a model of the wrong family is a 400
     before anything is queued; what the graph says (widths, channels, labels, task) fills the gaps.
     Returns the completed reference and the rebuilt network."""
-    from sdb_core.amalgamate.hosted import teacher_from_bundle
+    from sdb_core.onnx_torch import teacher_from_bundle
 
     version = sub.models.get(t.model, t.model_version).version  # 404 when it is not hosted
     t = t.model_copy(update={"model_version": version})
