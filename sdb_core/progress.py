@@ -29,11 +29,13 @@ ProgressFn = Callable[[Progress], None]
 class Hooks:
     """How a caller watches and stops a task: the one protocol of the CLI, the jobs and the tests.
 
-    ``phase(name)`` returns the progress callback for that phase of the run (``None``: not
-    watched; the CLI draws a bar, a job maps it onto its overall fraction), ``log`` takes
-    one line, ``should_cancel`` is polled between steps.
+    ``plan(**weights)`` announces the run's phases in order with their weights (epochs), so that
+    a job can split its overall fraction over them; ``phase(name)`` returns the progress callback
+    for that phase (``None``: not watched; the CLI draws a bar, a job maps it onto its overall
+    fraction), ``log`` takes one line, ``should_cancel`` is polled between steps.
     """
 
+    plan: Callable[..., None] = lambda **weights: None
     phase: Callable[[str], ProgressFn | None] = lambda name: None
     log: Callable[[str], None] = lambda message: None
     should_cancel: Callable[[], bool] = lambda: False

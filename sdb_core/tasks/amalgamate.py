@@ -176,7 +176,9 @@ def run(cfg: AmalgamateTask, out: str | os.PathLike, hooks: Hooks | None = None,
     checkpoints. Returns the report (summary, metrics, result and the method's own record)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return RECIPES.get(cfg.method).run(cfg.with_schedule(), out, hooks or Hooks(), None if work is None else Path(work))
+    hooks = hooks or Hooks()
+    hooks.plan(**plan(cfg))
+    return RECIPES.get(cfg.method).run(cfg.with_schedule(), out, hooks, None if work is None else Path(work))
 
 
 # ---- AFK --------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def run(cfg: TransferTask, out: str | os.PathLike, hooks: Hooks | None = None) -
     from ..transfer.task_models import FEATURE_LAYER, train_task_model
 
     hooks = hooks or Hooks()
+    hooks.plan(target=cfg.target_training.epochs if cfg.target is None else 0.1, graphs=1 + len(cfg.sources))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     probe_set = load_dataset(cfg.probe_data or cfg.target_data)

@@ -88,6 +88,10 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     from ..weights import load_weights, save_weights
 
     hooks = hooks or Hooks()
+    trained = cfg.teacher.weights is None
+    tcfg = teacher_config(cfg.teacher.arch, epochs=cfg.teacher_epochs, batch_size=cfg.recipe_train.batch_size,
+                          seed=cfg.seed)
+    hooks.plan(**({"teacher": tcfg.epochs} if trained else {}), wrap=cfg.recipe_train.epochs)
     data = load_dataset(cfg.data)
     check = replace(cfg.check, seed=cfg.seed)
     seed_everything(cfg.seed)
@@ -98,7 +102,6 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
         load_weights(teacher, cfg.teacher.weights)
     else:  # not on the part an SDB wrap's check holds out: there it must be unseen
         train = (teacher_data(data, check) if cfg.mode == "sdb" else data).train
-        tcfg = teacher_config(arch, epochs=cfg.teacher_epochs, batch_size=cfg.recipe_train.batch_size, seed=cfg.seed)
         h = train_classifier(teacher, train, tcfg, shift=teacher_shift(data.in_shape), progress=hooks.phase("teacher"),
                              should_cancel=hooks.should_cancel)
         teacher_history = h.epochs

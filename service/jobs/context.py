@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sdb_core.progress import Progress
+from sdb_core.progress import Hooks, Progress
 
 from ..settings import Settings
 from ..store import JobRow
@@ -83,3 +83,8 @@ class JobContext:
 
     def should_cancel(self) -> bool:
         return self.cancel.is_set() or self.stop.is_set()
+
+    @property
+    def hooks(self) -> Hooks:
+        """This job as a task's watcher: its plan, phases, log and cancel (sdb_core.progress's one protocol)."""
+        return Hooks(plan=self.plan, phase=self.phase, log=self.log, should_cancel=self.should_cancel)

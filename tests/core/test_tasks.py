@@ -62,3 +62,16 @@ def test_a_model_reference_names_one_source():
             ModelRef(**bad)
     with pytest.raises(ValueError, match="zoo architecture"):
         WrapTask("digits", ModelRef(bundle="b.sdb"))
+
+
+def test_a_task_announces_its_phases_before_it_reports_them(tmp_path):
+    from sdb_core.progress import Hooks
+    from sdb_core.protect.key import new_master_key
+    from sdb_core.tasks import wrap
+
+    calls = []
+    hooks = Hooks(plan=lambda **w: calls.append(("plan", w)), phase=lambda name: calls.append(("phase", name)))
+    task = WrapTask.from_options("digits", "cnn", mode="nasty", teacher_epochs=1, epochs=1)
+    out = wrap.run(task, tmp_path / "b.sdb", hooks, master_key=new_master_key())
+    assert out.bundle.is_file()
+    assert calls == [("plan", {"teacher": 1, "wrap": 1}), ("phase", "teacher"), ("phase", "wrap")]

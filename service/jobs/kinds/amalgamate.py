@@ -16,7 +16,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdb_core.amalgamate.config import FAMILIES, TASKS
-from sdb_core.progress import Hooks
 from sdb_core.tasks import ModelRef, amalgamate
 from sdb_core.tasks.amalgamate import METHODS, AmalgamateTask, Teacher
 
@@ -155,5 +154,4 @@ def _task(p: AmalgamateParams, queue=None, name: str | None = None) -> Amalgamat
 @job_kind("amalgamate", AmalgamateParams, check)
 def run(ctx, p: AmalgamateParams) -> dict:
     task = _task(p, ctx.queue, name=f"{p.method}-{ctx.job.id[:8]}")
-    ctx.plan(**amalgamate.plan(task))
-    return amalgamate.run(task, ctx.artifacts, Hooks(ctx.phase, ctx.log, ctx.should_cancel), work=ctx.workdir)
+    return amalgamate.run(task, ctx.artifacts, ctx.hooks, work=ctx.workdir)

@@ -11,7 +11,6 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sdb_core.progress import Hooks
 from sdb_core.protect.config import FAMILIES, POLICIES, AuditConfig
 from sdb_core.tasks import ModelRef, audit
 from sdb_core.tasks.audit import AuditTask
@@ -79,7 +78,7 @@ def run(ctx, p: AuditParams) -> dict:
         target = ModelRef(arch=p.teacher_arch, weights=p.teacher_weights)
     cfg = replace(AuditConfig(), transfer_n=p.transfer, student=p.student, policy=p.policy, top_k=p.top_k,
                   keys=p.keys, seeds=tuple(p.seeds), steps=p.steps, families=tuple(p.families or FAMILIES))
-    outcome = audit.run(AuditTask(p.data, target, cfg), ctx.artifacts, Hooks(ctx.phase, ctx.log, ctx.should_cancel))
+    outcome = audit.run(AuditTask(p.data, target, cfg), ctx.artifacts, ctx.hooks)
     report = outcome.report
     # The job runner writes its own report.json; the audit's goes beside it as audit.json.
     outcome.paths["report"].rename(ctx.artifacts / "audit.json")

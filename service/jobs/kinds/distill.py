@@ -7,7 +7,6 @@ from __future__ import annotations
 from pydantic import Field, field_validator, model_validator
 
 from sdb_core.distill.config import DistillConfig
-from sdb_core.progress import Hooks
 from sdb_core.tasks import ModelRef, distill
 from sdb_core.tasks.distill import DistillTask
 
@@ -81,7 +80,7 @@ def run(ctx, p: DistillParams) -> dict:
     task = DistillTask.from_options(p.student, p.data, teacher=teacher, keyed=p.teacher is not None,
                                     transfer=p.transfer, temperature=p.temperature, alpha=p.alpha, epochs=p.epochs,
                                     lr=p.lr, batch_size=p.batch_size, seed=p.seed)
-    outcome = distill.run(task, ctx.artifacts / "student.safetensors", Hooks(ctx.phase, ctx.log, ctx.should_cancel),
+    outcome = distill.run(task, ctx.artifacts / "student.safetensors", ctx.hooks,
                           master_key=ctx.settings.master_key)
     ctx.log(f"student test accuracy {outcome.accuracy:.2f}% on {outcome.transfer_size} transfer images")
     return {"summary": f"student {p.student}: test accuracy {outcome.accuracy:.2f}%",

@@ -11,7 +11,6 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from sdb_core.progress import Hooks
 from sdb_core.tasks import pose
 from sdb_core.tasks.pose import PoseTask
 
@@ -67,4 +66,4 @@ def run(ctx, p: OKDHPParams) -> dict:
         input_size=p.input_size, width=p.width, shared_stacks=p.shared_stacks, branch_stacks=p.branch_stacks,
         target_branch=p.target_branch, ensemble=p.ensemble, w_kd=p.w_kd, w_ens=p.w_ens, epochs=p.epochs, lr=p.lr,
         batch_size=p.batch_size, name=p.name, seed=p.seed)
-    return pose.run(task, ctx.artifacts, Hooks(ctx.phase, ctx.log, ctx.should_cancel))
+    return pose.run(task, ctx.artifacts, ctx.hooks)

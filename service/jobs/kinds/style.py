@@ -14,7 +14,6 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sdb_core.progress import Hooks
 from sdb_core.style.config import EMBEDDED, AdaINConfig, FastConfig, GatysConfig
 from sdb_core.tasks import style
 from sdb_core.tasks.style import METHODS, StyleTask
@@ -107,7 +106,7 @@ def run(ctx, p: StyleParams) -> dict:
         from .wrap import _next_version
 
         task = replace(task, version=_next_version(ctx.queue.store, task.model_name))
-    report = style.run(task, ctx.artifacts, Hooks(ctx.phase, ctx.log, ctx.should_cancel), work=ctx.workdir)
+    report = style.run(task, ctx.artifacts, ctx.hooks, work=ctx.workdir)
     if p.deploy:
         from .wrap import deploy
 

@@ -14,7 +14,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from sdb_core.progress import Hooks
 from sdb_core.tasks import ModelRef, transfer
 from sdb_core.tasks.transfer import TARGET_TRAIN, WEAK_TARGET, RankedModel, TransferTask
 from sdb_core.transfer.config import DEFAULT_PROBE, METHODS, DeparaConfig
@@ -118,14 +117,13 @@ def _ranked(spec: ModelSpec, queue, name: str | None = None) -> RankedModel:
 
 @job_kind("transferability", TransferParams, check)
 def run(ctx, p: TransferParams) -> dict:
-    ctx.plan(target=p.target_epochs if p.target is None else 0.1, graphs=1 + len(p.sources))
     task = TransferTask(
         sources=tuple(_ranked(s, ctx.queue) for s in p.sources),
         target=None if p.target is None else _ranked(p.target, ctx.queue, name=p.target.label),
         target_data=p.target_data, probe_data=p.probe_data, probe=p.probe, target_train=p.target_train,
         target_training=replace(WEAK_TARGET, epochs=p.target_epochs),
         depara=DeparaConfig(method=p.method, **({} if p.lam is None else {"lam": p.lam})), maps=p.maps, seed=p.seed)
-    outcome = transfer.run(task, ctx.artifacts, Hooks(ctx.phase, ctx.log, ctx.should_cancel))
+    outcome = transfer.run(task, ctx.artifacts, ctx.hooks)
     result, what = outcome.result, outcome.target
     for i, name in enumerate(result.ranking.order, 1):
         ctx.log(f"{i}. {name}  S={result.ranking.scores[name]:.4f}")

@@ -12,7 +12,6 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from sdb_core.progress import Hooks
 from sdb_core.protect.config import CheckConfig, SDBConfig, Thresholds
 from sdb_core.tasks import wrap
 from sdb_core.tasks.wrap import WrapTask
@@ -92,18 +91,15 @@ def run(ctx, p: WrapParams) -> dict:
     store = ctx.queue.store
     version = _next_version(store, p.model_name) if p.deploy else "1"
     out = ctx.artifacts / "bundle.sdb"
-    from sdb_core.models.schedules import teacher_schedule
     from sdb_core.protect.check import WrapRefused  # here: importing a job kind must not import torch
 
-    ctx.plan(**({} if p.teacher else {"teacher": p.teacher_epochs or teacher_schedule(p.arch)["epochs"]}),
-             wrap=p.epochs)
     task = WrapTask.from_options(
         p.data, p.arch, teacher=p.teacher, name=p.model_name, version=version, teacher_epochs=p.teacher_epochs,
         mode=p.mode, lam=p.lam, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=p.seed,
         max_accuracy_drop=p.max_accuracy_drop, max_keyed_drop=p.max_keyed_drop, min_leak_margin=p.min_leak_margin,
         check_attempts=p.check_attempts, check_budget=p.check_budget)
     try:
-        outcome = wrap.run(task, out, Hooks(ctx.phase, ctx.log, ctx.should_cancel), master_key=ctx.settings.master_key)
+        outcome = wrap.run(task, out, ctx.hooks, master_key=ctx.settings.master_key)
     except WrapRefused as e:  # the job fails with the message; what was tried stays as an artifact
         (ctx.artifacts / "check.json").write_text(json.dumps(e.report, indent=2))
         raise
