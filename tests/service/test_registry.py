@@ -122,7 +122,7 @@ async def test_unexpected_exception_is_a_bare_500_and_serving_goes_on():
     # The same stack as build_app: error handlers, then the service middleware, then routes.
     app = FastAPI()
     errors.install(app)
-    app.add_middleware(ServiceMiddleware, max_payload_bytes=1024, metrics=Metrics(), registry_of=lambda: None)
+    app.add_middleware(ServiceMiddleware, max_payload_bytes=1024, metrics=Metrics(), host_of=lambda: None)
 
     @app.get("/boom")
     async def boom():
