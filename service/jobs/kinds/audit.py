@@ -15,16 +15,14 @@ from sdb_core.protect.config import FAMILIES, POLICIES, AuditConfig
 from sdb_core.tasks import ModelRef, audit
 from sdb_core.tasks.audit import AuditTask
 
-from ...errors import invalid
 from .base import (
     NAME_PATTERN,
     JobParams,
     Submission,
     check_arch,
-    data_name,
     job_kind,
+    local_inputs,
     served_model_path,
-    weights_file,
 )
 
 
@@ -58,12 +56,7 @@ class AuditParams(JobParams):
 
 
 def check(p: AuditParams, sub: Submission) -> AuditParams:
-    try:
-        update = {"data": data_name(p.data, sub.settings)}
-        if p.teacher_weights is not None:
-            update["teacher_weights"] = weights_file(p.teacher_weights, sub.settings)
-    except ValueError as e:
-        raise invalid(str(e), "invalid_params") from None
+    update = local_inputs(sub.settings, data=p.data, teacher_weights=p.teacher_weights)
     if p.model is not None:
         update["model_version"] = sub.models.get(p.model, p.model_version).version  # 404 if unknown
     return p.model_copy(update=update)

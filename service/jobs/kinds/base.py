@@ -86,6 +86,20 @@ def weights_file(relative: str, settings: Settings) -> str:
     return str(path)
 
 
+def local_inputs(settings: Settings, *, data: str | None = None, teacher_weights: str | None = None) -> dict:
+    """A check's update for the data set and the weights file a job names, resolved under the data dir;
+    a 422 naming the problem otherwise."""
+    from ...errors import invalid
+
+    try:
+        update = {} if data is None else {"data": data_name(data, settings)}
+        if teacher_weights is not None:
+            update["teacher_weights"] = weights_file(teacher_weights, settings)
+    except ValueError as e:
+        raise invalid(str(e), "invalid_params") from None
+    return update
+
+
 def served_model_path(queue: JobQueue, name: str, version: str) -> str:
     """The bundle path of a model version pinned at submission; ValueError if it was removed since."""
     row = next((r for r in queue.store.list_models() if r.name == name and r.version == version), None)

@@ -17,10 +17,9 @@ from .base import (
     JobParams,
     Submission,
     check_arch,
-    data_name,
     job_kind,
+    local_inputs,
     served_model_path,
-    weights_file,
 )
 
 
@@ -51,12 +50,7 @@ class DistillParams(JobParams):
 
 
 def check(p: DistillParams, sub: Submission) -> DistillParams:
-    try:
-        update = {"data": data_name(p.data, sub.settings)}
-        if p.teacher_weights is not None:
-            update["teacher_weights"] = weights_file(p.teacher_weights, sub.settings)
-    except ValueError as e:
-        raise invalid(str(e), "invalid_params") from None
+    update = local_inputs(sub.settings, data=p.data, teacher_weights=p.teacher_weights)
     if p.teacher is not None:
         check_scope(sub.key, "distill", p.teacher)  # 403 before anything is queued
         model = sub.models.get(p.teacher, p.teacher_version)  # 404 for an unknown model or version
