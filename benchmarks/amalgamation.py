@@ -77,10 +77,9 @@ def afk_seed(args, seed: int) -> dict:
 
     def student(tasks: list[int]) -> dict:
         t1 = time.perf_counter()
-        cfg = AFKConfig(teachers=teachers, tasks=tasks, images=torch.from_numpy(xs), data_seed=data_seed,
-                        layer_epochs=args.layer_epochs, finetune_epochs=args.finetune_epochs,
-                        eval_n=args.n_test, train=train)
-        res = afk(cfg)
+        cfg = AFKConfig(tasks=tasks, data_seed=data_seed, layer_epochs=args.layer_epochs,
+                        finetune_epochs=args.finetune_epochs, eval_n=args.n_test, train=train)
+        res = afk(cfg, teachers, torch.from_numpy(xs))
         return {"tasks": tasks, "map": res.map, "params": res.params, "widths": list(res.student.widths),
                 "ap": res.ap, "teacher_map": res.teacher_map, "teacher_ap": res.teacher_ap,
                 "active_channels": res.active_channels, "seconds": time.perf_counter() - t1}
@@ -95,8 +94,8 @@ def afk_seed(args, seed: int) -> dict:
         # What the layer-wise stage buys: the same student, the same epochs, end-to-end KD only.
         t1 = time.perf_counter()
         total = args.layer_epochs * len(TEACHER_WIDTHS) + args.finetune_epochs
-        res = afk(AFKConfig(teachers=teachers, tasks=full_tasks, images=torch.from_numpy(xs), data_seed=data_seed,
-                            layer_epochs=0, finetune_epochs=total, eval_n=args.n_test, train=train))
+        res = afk(AFKConfig(tasks=full_tasks, data_seed=data_seed, layer_epochs=0, finetune_epochs=total,
+                            eval_n=args.n_test, train=train), teachers, torch.from_numpy(xs))
         run["kd_only"] = {"map": res.map, "params": res.params, "epochs": total,
                           "seconds": time.perf_counter() - t1}
 

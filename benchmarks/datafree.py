@@ -69,12 +69,11 @@ def run_seed(seed: int, args) -> dict:
                                                          weight_decay=0.0, seed=seed))
         t.eval()
         out["teachers"][name] = mean_average_precision(predict_probs(t, xt), yt[:, labels])
-        specs.append(TeacherSpec(t, labels, name))
-    cfg = DataFreeConfig(teachers=specs, target=TARGET, in_shape=tuple(x.shape[1:]), seed=seed, device="cpu",
+        specs.append(TeacherSpec(name, t, labels))
+    cfg = DataFreeConfig(target=TARGET, in_shape=tuple(x.shape[1:]), seed=seed, device="cpu",
                          gen_epochs=args.gen_epochs, image_epochs=args.image_epochs, block_epochs=args.block_epochs,
                          finetune_epochs=args.finetune_epochs, student_lr=args.student_lr, gen_samples=args.samples,
                          student_samples=args.samples)
-    nets = [s.model for s in specs]
     depth = len(TEACHER_WIDTHS)
     # The baselines get the dual student's step budget: its blocks' epochs plus its fine-tune.
     epochs = cfg.block_epochs * depth + cfg.finetune_epochs
@@ -88,18 +87,21 @@ def run_seed(seed: int, args) -> dict:
         torch.manual_seed(seed)
         if method == "data_driven":
             # Every real training image once per epoch (--train-n of them; the others draw --samples).
-            student = new_student(cfg, nets)
-            distill_student(student, nets, cfg, x, epochs=epochs, name="data_driven")
+            student = new_student(cfg, specs)
+            distill_student(student, specs, cfg, x, epochs=epochs, name="data_driven")
         elif method == "noise":
-            student = new_student(cfg, nets)
-            distill_student(student, nets, cfg, lambda n: torch.randn(n, *cfg.in_shape), epochs=epochs, name="noise")
+            student = new_student(cfg, specs)
+            distill_student(student, specs, cfg, lambda n: torch.randn(n, *cfg.in_shape), epochs=epochs,
+                            name="noise")
         elif method == "single_generator":
             # DAFL as published: its losses and weights (α = 0.1, β = 5), none of the recipe's additions
             # (PAPER_RECIPE: no BN prior, no label conditioning, no shifts); the same generator steps.
-            student = datafree(replace(cfg, variant="single_generator", **PAPER_RECIPE,
-                                       grid_dir=str(args.grids / f"single_seed{seed}") if args.grids else None)).student
+            grids = str(args.grids / f"single_seed{seed}") if args.grids else None
+            paper = replace(cfg, variant="single_generator", **PAPER_RECIPE, grid_dir=grids)
+            student = datafree(paper, specs).student
         else:
-            student = datafree(replace(cfg, grid_dir=str(args.grids / f"dual_seed{seed}") if args.grids else None)).student
+            grids = str(args.grids / f"dual_seed{seed}") if args.grids else None
+            student = datafree(replace(cfg, grid_dir=grids), specs).student
         out[method] = score(student)
         seconds[method] = time.perf_counter() - t0
         print(f"  seed {seed} {method:17s} mAP {out[method]:6.2f}  ({seconds[method]:.0f} s)", flush=True)

@@ -4,7 +4,8 @@
 - ``afk``: amalgamating filtered knowledge, a task-customised student trained layer-wise;
 - ``branching``: task branching (SBM) over dense scene tasks, with ``scene_tasks`` (tasks, losses, metrics);
 - ``datafree``: the data-free group-stack dual-GAN (a package: config, networks, losses, stages, recipe);
-- ``config``: the recipes' torch-free settings. Hosted teachers are rebuilt by ``sdb_core.onnx_torch``.
+- ``config``: the recipes' torch-free settings and ``TeacherSpec``. Hosted teachers are rebuilt by
+  ``sdb_core.onnx_torch``.
 
 Import the submodules directly (``from sdb_core.amalgamate.afk import afk``); this package
 imports nothing eagerly, so ``import sdb_core.amalgamate`` stays cheap.

@@ -162,29 +162,52 @@ def _soft_targets(teachers: Sequence[TeacherSpec], probs: dict[str, Tensor], tas
     return torch.stack(cols, dim=1)
 
 
+def check_teachers(cfg: AFKConfig, teachers: Sequence[TeacherSpec]) -> None:
+    """Raise ``ValueError`` unless the teachers can teach ``cfg``: named apart, the tasks among their
+    labels, one depth (layer-wise training), and ``cfg.student_widths`` (if given) of that depth."""
+    if not teachers:
+        raise ValueError("at least one teacher is needed")
+    names = [t.name for t in teachers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"teacher names must be distinct, got {names}")
+    union = sorted({k for t in teachers for k in t.labels})
+    unknown = [k for k in cfg.tasks if k not in union]
+    if unknown:
+        raise ValueError(f"tasks {unknown} are not taught by any teacher (their labels: {union})")
+    depth = {len(t.model.blocks) for t in teachers}
+    if len(depth) != 1:
+        raise ValueError(f"teachers must have the same number of blocks for layer-wise training, got {depth}")
+    if cfg.student_widths is not None and len(cfg.student_widths) != depth.pop():
+        raise ValueError(f"student_widths needs one width per teacher block, got {list(cfg.student_widths)}")
+
+
 def afk(
     cfg: AFKConfig,
+    teachers: Sequence[TeacherSpec],
+    images: Tensor | None = None,
     *,
     progress: Callable[[str, Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> AFKResult:
-    """Train a task-customised student from ``cfg.teachers`` without labels; see the module docstring.
+    """Train a task-customised student from ``teachers`` without labels; see the module docstring.
 
+    ``images``: the unlabeled transfer images; None draws ``cfg.n_transfer`` digit composites.
     ``progress`` receives the stage name ("block0", ..., "finetune") with fit's progress.
     """
     from sdb_core.data.composites import make_composites
 
+    check_teachers(cfg, teachers)
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
-    if cfg.images is not None:
-        x = cfg.images.float()
+    if images is not None:
+        x = images.float()
     else:
         x = torch.from_numpy(make_composites(cfg.n_transfer, split="train", grid=cfg.grid, seed=cfg.data_seed)[0])
     # Only teachers that know a requested task take part; their outputs are filtered to those tasks.
-    active = [t for t in cfg.teachers if set(t.labels) & set(cfg.tasks)]
+    active = [t for t in teachers if set(t.labels) & set(cfg.tasks)]
     rows = {t.name: [i for i, k in enumerate(cfg.tasks) if k in t.labels] for t in active}   # student rows
     outs = {t.name: [t.labels.index(k) for k in cfg.tasks if k in t.labels] for t in active}  # teacher cols
-    for t in cfg.teachers:
+    for t in teachers:
         t.model.to(device).eval().requires_grad_(False)
 
     widths = list(cfg.student_widths) if cfg.student_widths is not None else \
@@ -265,9 +288,9 @@ def afk(
         history["finetune"] = fit(student, TensorDataset(x, target), ft_step, _with_epochs(cfg.train, cfg.finetune_epochs),
                                   progress=report("finetune"), should_cancel=should_cancel)
     student.eval().cpu()
-    for t in cfg.teachers:
+    for t in teachers:
         t.model.cpu()
-    return _evaluate(cfg, student, history)
+    return _evaluate(cfg, teachers, student, history)
 
 
 def _run(net: MultiLabelNet, x: Tensor, n_blocks: int) -> Tensor:
@@ -287,7 +310,8 @@ def teacher_scores(teachers: Sequence[TeacherSpec], x: Tensor, tasks: Sequence[i
     return _soft_targets([t for t in teachers if t.name in probs], probs, tasks)
 
 
-def _evaluate(cfg: AFKConfig, student: FilteredStudent, history: dict[str, History]) -> AFKResult:
+def _evaluate(cfg: AFKConfig, teachers: Sequence[TeacherSpec], student: FilteredStudent,
+              history: dict[str, History]) -> AFKResult:
     ap: dict[int, float] = {}
     teacher_ap: dict[int, float] = {}
     smap = tmap = None
@@ -297,26 +321,27 @@ def _evaluate(cfg: AFKConfig, student: FilteredStudent, history: dict[str, Histo
         xt, yt = make_composites(cfg.eval_n, split="test", grid=cfg.grid, seed=cfg.data_seed)
         xt, y = torch.from_numpy(xt), yt[:, cfg.tasks]
         s = predict_probs(student, xt).numpy()
-        tsc = teacher_scores(cfg.teachers, xt, cfg.tasks).numpy()
+        tsc = teacher_scores(teachers, xt, cfg.tasks).numpy()
         ap = dict(zip(cfg.tasks, per_label_ap(s, y).tolist()))
         teacher_ap = dict(zip(cfg.tasks, per_label_ap(tsc, y).tolist()))
         smap, tmap = mean_average_precision(s, y), mean_average_precision(tsc, y)
     gates = student.gates(len(student.blocks) - 1).detach()
     return AFKResult(
         student=student, tasks=list(cfg.tasks), params=count_params(student),
-        teacher_params={t.name: count_params(t.model) for t in cfg.teachers},
+        teacher_params={t.name: count_params(t.model) for t in teachers},
         map=smap, ap=ap, teacher_map=tmap, teacher_ap=teacher_ap,
         active_channels={k: int((gates[i] > 0.5).sum()) for i, k in enumerate(cfg.tasks)},
         history=history,
     )
 
 
-def untrained_map(cfg: AFKConfig, seed: int = 0) -> float:
+def untrained_map(cfg: AFKConfig, teachers: Sequence[TeacherSpec], seed: int = 0) -> float:
     """mAP of a freshly initialised student of the same size: the floor a trained one must beat."""
     from sdb_core.data.composites import make_composites
 
+    check_teachers(cfg, teachers)
     torch.manual_seed(seed)
-    active = [t for t in cfg.teachers if set(t.labels) & set(cfg.tasks)]
+    active = [t for t in teachers if set(t.labels) & set(cfg.tasks)]
     widths = list(cfg.student_widths) if cfg.student_widths is not None else \
         default_student_widths(active, cfg.tasks, cfg.width_scale)
     xt, yt = make_composites(cfg.eval_n or 500, split="test", grid=cfg.grid, seed=cfg.data_seed)

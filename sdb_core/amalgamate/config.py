@@ -1,8 +1,9 @@
 """The amalgamation recipes' settings: torch-free, the one source of their defaults (AFK's and task
-branching's; the data-free recipe's are in :mod:`sdb_core.amalgamate.datafree.config`).
+branching's; the data-free recipe's are in :mod:`sdb_core.amalgamate.datafree.config`), and
+:class:`TeacherSpec`, the multi-label teacher AFK and the data-free recipe take.
 
-The recipes import them from here. An AFK config holds its teachers' networks (and optionally the
-transfer images) as the recipe's inputs; building one imports nothing, reading its defaults neither.
+The recipes import them from here. A config holds settings only: the teachers' networks (and AFK's
+transfer images) are the recipe's arguments. Building one imports nothing, reading its defaults neither.
 """
 from __future__ import annotations
 
@@ -13,19 +14,17 @@ from typing import TYPE_CHECKING
 from ..train_config import TrainConfig
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
     from .multilabel import MultiLabelNet
 
 FAMILIES = ("multilabel", "encdec")  # the teacher networks a hosted bundle is read back into (hosted.py)
 TASKS = ("seg", "depth", "edges")  # the dense scene tasks task branching knows
 
 
-# ---- AFK ----------------------------------------------------------------------------------------
+# ---- the multi-label teachers (AFK, data-free) ---------------------------------------------------
 
 @dataclass
 class TeacherSpec:
-    """A trained multi-label teacher and the global label id of each of its outputs, in order."""
+    """A trained multi-label teacher, the global label id of each of its outputs (in order), and its name."""
 
     name: str
     model: MultiLabelNet
@@ -40,12 +39,12 @@ class TeacherSpec:
                              f"{len(self.labels)} label ids")
 
 
+# ---- AFK ----------------------------------------------------------------------------------------
+
 @dataclass
 class AFKConfig:
-    teachers: list[TeacherSpec]
     tasks: list[int]                       # the requested label ids, a subset of the teachers' union
-    images: Tensor | None = None           # unlabeled transfer images; None = digit composites
-    n_transfer: int = 3000                 # composites drawn when ``images`` is None
+    n_transfer: int = 3000                 # composites drawn when the recipe gets no transfer images
     grid: int = 2
     data_seed: int = 0
     student_widths: Sequence[int] | None = None  # None = sized from the requested share (see below)
@@ -62,24 +61,10 @@ class AFKConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(optimizer="adam", lr=3e-3, weight_decay=0.0))
     eval_n: int = 1000                     # test composites for the report (labels used for scoring only)
 
-    def __post_init__(self) -> None:
-        if not self.teachers:
-            raise ValueError("at least one teacher is needed")
-        names = [t.name for t in self.teachers]
-        if len(set(names)) != len(names):
-            raise ValueError(f"teacher names must be distinct, got {names}")
+    def __post_init__(self) -> None:  # what needs the teachers: afk.check_teachers
         self.tasks = [int(k) for k in self.tasks]
-        union = sorted({k for t in self.teachers for k in t.labels})
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct and non-empty, got {self.tasks}")
-        unknown = [k for k in self.tasks if k not in union]
-        if unknown:
-            raise ValueError(f"tasks {unknown} are not taught by any teacher (their labels: {union})")
-        depth = {len(t.model.blocks) for t in self.teachers}
-        if len(depth) != 1:
-            raise ValueError(f"teachers must have the same number of blocks for layer-wise training, got {depth}")
-        if self.student_widths is not None and len(self.student_widths) != depth.pop():
-            raise ValueError(f"student_widths needs one width per teacher block, got {list(self.student_widths)}")
         for name in ("layer_epochs", "finetune_epochs", "n_transfer", "relevance_samples"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

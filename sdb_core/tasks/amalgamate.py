@@ -4,8 +4,9 @@
 A teacher is a network of one of this project's families (``multilabel``: ``MultiLabelNet``; ``encdec``:
 ``EncDec``), named by a :class:`ModelRef` whose ``arch`` is the family: a weights file, or a bundle (a
 hosted model the service resolved, whose graph is read back into the network, see
-:mod:`sdb_core.onnx_torch`). The recipes' configs hold the teachers' networks, so this torch-free
-config holds the options the methods share; each reads its default from the recipe config it feeds.
+:mod:`sdb_core.onnx_torch`). This torch-free config names the teachers and holds the options the methods
+share (one ``lr``, one ``layer_epochs``, ... whose default depends on the method, see :func:`schedule`);
+each reads its default from the recipe config it feeds, and ``run`` builds that config.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..amalgamate.config import FAMILIES, AFKConfig, BranchingConfig
+from ..amalgamate.config import FAMILIES, AFKConfig, BranchingConfig, TeacherSpec
 from ..amalgamate.datafree.config import DataFreeConfig
 from ..progress import Hooks
 from ..registry import Registry
@@ -183,6 +184,11 @@ def run(cfg: AmalgamateTask, out: str | os.PathLike, hooks: Hooks | None = None,
 
 # ---- AFK --------------------------------------------------------------------------------------------
 
+def _teacher_specs(cfg: AmalgamateTask) -> list[TeacherSpec]:
+    """The multi-label teachers (AFK's, datafree's), their networks loaded."""
+    return [TeacherSpec(t.name, teacher_network(t), list(t.labels)) for t in cfg.teachers]
+
+
 def _multilabel_problems(cfg: AmalgamateTask, method_name: str, blocks_why: str) -> tuple[list[str], set[int]]:
     """What AFK and datafree both ask of their teachers: multilabel and labelled, the tasks among
     their labels, one depth, and student_widths of that depth. Returns (problems, depths)."""
@@ -218,14 +224,14 @@ def _afk_plan(cfg: AmalgamateTask) -> dict[str, float]:
 def _afk(cfg: AmalgamateTask, out: Path, hooks: Hooks, work: Path | None) -> dict:
     import torch
 
-    from ..amalgamate.afk import TeacherSpec, afk
+    from ..amalgamate.afk import afk
     from ..bundle import export_bundle
     from ..weights import save_weights
 
-    teachers = [TeacherSpec(t.name, teacher_network(t), list(t.labels)) for t in cfg.teachers]
+    teachers = _teacher_specs(cfg)
     tasks = cfg.target
     train = replace(_default(AFKConfig, "train"), lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed)
-    acfg = AFKConfig(teachers=teachers, tasks=tasks, n_transfer=cfg.transfer, grid=cfg.grid, data_seed=cfg.seed,
+    acfg = AFKConfig(tasks=tasks, n_transfer=cfg.transfer, grid=cfg.grid, data_seed=cfg.seed,
                      student_widths=cfg.student_widths, width_scale=cfg.width_scale, layer_epochs=cfg.layer_epochs,
                      finetune_epochs=cfg.finetune_epochs, eval_n=cfg.eval_n, train=train)
     phases: dict[str, Any] = {}
@@ -237,7 +243,7 @@ def _afk(cfg: AmalgamateTask, out: Path, hooks: Hooks, work: Path | None) -> dic
             phases[stage](prog)
 
     hooks.log(f"AFK: {len(teachers)} teachers, tasks {tasks}, {cfg.transfer} unlabeled composites")
-    res = afk(acfg, progress=progress, should_cancel=hooks.should_cancel)
+    res = afk(acfg, teachers, progress=progress, should_cancel=hooks.should_cancel)
     save_weights(res.student, out / "student.safetensors")
     side = 28 * cfg.grid
     with torch.no_grad():
@@ -281,12 +287,12 @@ def _datafree(cfg: AmalgamateTask, out: Path, hooks: Hooks, work: Path | None) -
     """No image reaches the recipe; test composites are drawn afterwards only to score the result."""
     import torch
 
-    from ..amalgamate.datafree import TeacherSpec, datafree
+    from ..amalgamate.datafree import datafree
     from ..amalgamate.multilabel import count_params, mean_average_precision, predict_probs
     from ..bundle import export_bundle
     from ..weights import save_weights
 
-    specs = [TeacherSpec(teacher_network(t), list(t.labels), t.name) for t in cfg.teachers]
+    specs = _teacher_specs(cfg)
     bundled = [t.name for t in cfg.teachers if t.ref.kind == "bundle"]
     if bundled:
         hooks.log(f"hosted teachers {', '.join(bundled)} carry no BatchNorm statistics (their export folded "
@@ -295,14 +301,14 @@ def _datafree(cfg: AmalgamateTask, out: Path, hooks: Hooks, work: Path | None) -
     widths = list(cfg.student_widths) if cfg.student_widths else [max(4, w // 2) for w in specs[0].model.widths]
     side, channels = 28 * cfg.grid, cfg.teachers[0].in_channels
     dcfg = DataFreeConfig(
-        teachers=specs, target=tasks, in_shape=(channels, side, side), student_widths=tuple(widths),
+        target=tasks, in_shape=(channels, side, side), student_widths=tuple(widths),
         gen_samples=cfg.samples, gen_epochs=cfg.gen_epochs, image_epochs=cfg.image_epochs,
         student_samples=cfg.samples, block_epochs=cfg.layer_epochs, finetune_epochs=cfg.finetune_epochs,
         student_lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
         # The image grids go beside the other outputs (a job lists and serves only top-level files).
         checkpoint_dir=None if work is None else str(work / "checkpoints"), grid_dir=str(out))
     hooks.log(f"data-free amalgamation: {len(specs)} teachers, tasks {tasks}, no data; student widths {widths}")
-    res = datafree(dcfg, phase=hooks.phase, should_cancel=hooks.should_cancel)
+    res = datafree(dcfg, specs, phase=hooks.phase, should_cancel=hooks.should_cancel)
 
     student_map, teacher_map = None, {}
     if cfg.eval_n and channels == 1:

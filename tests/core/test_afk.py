@@ -97,10 +97,9 @@ def teachers() -> list[TeacherSpec]:
 def test_afk_student_learns_the_requested_tasks_without_labels(teachers):
     tasks = [1, 3, 6, 8]  # two from each teacher
     images, _ = make_composites(1000, seed=12)  # the recipe gets images only: there are no labels to use
-    cfg = AFKConfig(teachers=teachers, tasks=tasks, images=torch.from_numpy(images), layer_epochs=1,
-                    finetune_epochs=4, eval_n=400, data_seed=5, train=TINY_TRAIN)
-    floor = untrained_map(cfg)
-    res = afk(cfg)
+    cfg = AFKConfig(tasks=tasks, layer_epochs=1, finetune_epochs=4, eval_n=400, data_seed=5, train=TINY_TRAIN)
+    floor = untrained_map(cfg, teachers)
+    res = afk(cfg, teachers, torch.from_numpy(images))
     # The heads cover exactly the requested tasks, in the requested order.
     assert res.student.tasks == tasks and res.student(torch.rand(2, 1, 56, 56)).shape == (2, 4)
     assert sorted(res.ap) == sorted(tasks) and set(res.active_channels) == set(tasks)
@@ -122,10 +121,10 @@ def test_a_subset_student_is_smaller(teachers):
     assert all(a <= b for a, b in zip(subset, full)) and subset != full
 
 
-def test_config_rejects_tasks_no_teacher_knows(teachers):
+def test_recipe_and_config_reject_tasks_no_teacher_knows(teachers):
     with pytest.raises(ValueError, match="not taught"):
-        AFKConfig(teachers=teachers, tasks=[1, 12])
+        afk(AFKConfig(tasks=[1, 12]), teachers)  # checked before any training
     with pytest.raises(ValueError, match="distinct"):
-        AFKConfig(teachers=teachers, tasks=[1, 1])
+        AFKConfig(tasks=[1, 1])
     with pytest.raises(ValueError, match="outputs"):
         TeacherSpec("bad", teachers[0].model, [0, 1])

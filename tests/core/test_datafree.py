@@ -22,11 +22,11 @@ def _teachers(widths_a, widths_b):
     torch.manual_seed(0)
     a = MultiLabelNet(1, 3, widths=widths_a).eval()
     b = MultiLabelNet(1, 2, widths=widths_b).eval()
-    return [df.TeacherSpec(a, [0, 1, 2], "a"), df.TeacherSpec(b, [3, 4], "b")]
+    return [df.TeacherSpec("a", a, [0, 1, 2]), df.TeacherSpec("b", b, [3, 4])]
 
 
 def _tiny(specs, **kw):
-    base = {"teachers": specs, "target": [2, 3], "in_shape": IN, "student_widths": (4, 8, 8)[:len(specs[0].model.blocks)],
+    base = {"target": [2, 3], "in_shape": IN, "student_widths": (4, 8, 8)[:len(specs[0].model.blocks)],
                 "latent": 8, "gen_samples": 32, "gen_epochs": 1, "image_epochs": 1, "student_samples": 32, "block_epochs": 1, "finetune_epochs": 1,
                 "batch_size": 16, "device": "cpu"}
     return df.DataFreeConfig(**{**base, **kw})
@@ -38,8 +38,7 @@ def test_group_stack_and_filters_shapes(blocks):
     # Teachers of different widths: the filters must carry the shared generator into each one's space.
     specs = _teachers((8, 16, 32)[:blocks], (6, 12, 24)[:blocks])
     cfg = _tiny(specs)
-    nets = [s.model for s in specs]
-    gen, filters = df.build_generator(cfg, nets)
+    gen, filters = df.build_generator(cfg, specs)
     assert len(gen.blocks) == blocks and len(filters) == blocks - 1
     z, y = gen.draw(5)  # the default generator is label-conditioned: noise and a multi-hot target
     assert y.shape == (5, 5) and (y.sum(1) >= 1).all()
@@ -53,13 +52,13 @@ def test_group_stack_and_filters_shapes(blocks):
             assert filters[j - 1][m](outs[j - 1]).shape == entry.shape
             assert spec.model.forward_from(filters[j - 1][m](outs[j - 1]), blocks - j).shape == (5, len(spec.labels))
     # The student's block b, filtered, goes through the rest of every teacher.
-    sblocks, sfilters, cols, order = df.build_student(cfg, nets)
+    sblocks, sfilters, cols, order = df.build_student(cfg, specs)
     h = torch.zeros(5, *IN)
     for b in range(blocks):
         h = sblocks[b](h)
         for m, spec in enumerate(specs):
             assert sfilters[b][m](h).shape == spec.model.features(torch.zeros(5, *IN))[b].shape
-    student = df.regroup(sblocks, sfilters, nets, cols, order, cfg.target)
+    student = df.regroup(sblocks, sfilters, specs, cols, order, cfg.target)
     assert student(torch.zeros(5, *IN)).shape == (5, 2)
 
 
@@ -74,7 +73,7 @@ def test_filter_starts_as_identity_and_gates_per_sample():
 
 
 def test_label_plan_puts_branches_in_target_order():
-    specs = [df.TeacherSpec(None, [0, 1, 2]), df.TeacherSpec(None, [2, 3])]
+    specs = [df.TeacherSpec("a", None, [0, 1, 2]), df.TeacherSpec("b", None, [2, 3])]
     cols, order = df.label_plan(specs, [3, 0, 2])
     # 0 and 2 come from the first teacher (columns 0 and 2; it holds 2 first), 3 from the second.
     assert cols == [[0, 2], [1]]
@@ -82,10 +81,10 @@ def test_label_plan_puts_branches_in_target_order():
     assert [placed[i] for i in order] == [3, 0, 2]
 
 
-def test_config_rejects_labels_no_teacher_holds():
+def test_recipe_and_config_reject_labels_no_teacher_holds():
     specs = _teachers((8, 16), (8, 16))
     with pytest.raises(ValueError, match="not held"):
-        _tiny(specs, target=[2, 9])
+        df.datafree(_tiny(specs, target=[2, 9]), specs)  # checked before any training
     with pytest.raises(ValueError, match="variant"):
         _tiny(specs, variant="gan")
 
@@ -151,7 +150,7 @@ def test_label_conditioned_generator_draws_targets_and_the_one_hot_loss_follows_
     specs = _teachers((8, 16), (8, 16))
     cfg = _tiny(specs, label_rate=0.3)
     nets = [s.model for s in specs]
-    gen, filters = df.build_generator(cfg, nets)
+    gen, filters = df.build_generator(cfg, specs)
     torch.manual_seed(0)
     z, y = gen.draw(4000)
     assert y.shape == (4000, 5) and set(y.unique().tolist()) == {0.0, 1.0} and (y.sum(1) >= 1).all()
@@ -163,7 +162,7 @@ def test_label_conditioned_generator_draws_targets_and_the_one_hot_loss_follows_
     z, y = z[:8], y[:8]
     w = {"w_activation": 0.0, "w_entropy": 0.0, "w_sparsity": 0.0, "w_consistency": 0.0, "w_bn": 0.0,
          "w_modeseek": 0.0}
-    total, _ = df.generator_loss(gen.eval(), filters, nets, z, 2, df.DataFreeConfig(**{**cfg.__dict__, **w}), y=y)
+    total, _ = df.generator_loss(gen.eval(), filters, specs, z, 2, df.DataFreeConfig(**{**cfg.__dict__, **w}), y=y)
     with torch.no_grad():
         x = gen(z, y=y)[-1]
         img = F.binary_cross_entropy_with_logits(nets[0](x), y[:, :3]) + F.binary_cross_entropy_with_logits(nets[1](x), y[:, 3:])
@@ -172,7 +171,7 @@ def test_label_conditioned_generator_draws_targets_and_the_one_hot_loss_follows_
                    for m, (n, c) in enumerate(zip(nets, ([0, 1, 2], [3, 4]))))
     assert total.item() == pytest.approx((img + feat).item(), rel=1e-5)
     # The paper's form: no labels drawn, and the generator takes noise alone.
-    plain, _ = df.build_generator(df.DataFreeConfig(**{**cfg.__dict__, **df.PAPER_RECIPE}), nets)
+    plain, _ = df.build_generator(df.DataFreeConfig(**{**cfg.__dict__, **df.PAPER_RECIPE}), specs)
     assert plain.draw(3)[1] is None and plain(torch.randn(3, cfg.latent))[-1].shape == (3, *IN)
 
 
@@ -180,18 +179,17 @@ def test_mode_seeking_pairs_targets_and_rewards_distance_per_unit_of_noise():
     specs = _teachers((8, 16), (8, 16))
     off = {"w_onehot": 0.0, "w_activation": 0.0, "w_entropy": 0.0, "w_sparsity": 0.0, "w_consistency": 0.0, "w_bn": 0.0}
     cfg = _tiny(specs, w_modeseek=2.0, **off)
-    nets = [s.model for s in specs]
-    gen, filters = df.build_generator(cfg, nets)
+    gen, filters = df.build_generator(cfg, specs)
     torch.manual_seed(0)
     z, y = gen.draw(6)
-    total, parts = df.generator_loss(gen.eval(), filters, nets, z, 2, cfg, y=y)
+    total, parts = df.generator_loss(gen.eval(), filters, specs, z, 2, cfg, y=y)
     with torch.no_grad():
         x = gen(z, y=torch.cat([y[:3], y[:3]]))[-1]  # the second half drawn for the first half's targets
     ms = (x[:3] - x[3:]).abs().mean() / (z[:3] - z[3:]).abs().mean()
     assert parts["modeseek"] == pytest.approx(ms.item(), rel=1e-5)
     assert total.item() == pytest.approx(-2.0 * ms.item(), rel=1e-5)
     # Only the image stage seeks modes; off in the paper's recipe.
-    assert "modeseek" not in df.generator_loss(gen, filters, nets, z, 1, cfg, y=y)[1]
+    assert "modeseek" not in df.generator_loss(gen, filters, specs, z, 1, cfg, y=y)[1]
     assert df.PAPER_RECIPE["w_modeseek"] == 0.0
 
 
@@ -236,10 +234,10 @@ def test_adversarial_finetune_moves_the_generator_and_the_plain_one_does_not():
     moved = {}
     for w_adv in (0.0, 1.0):
         torch.manual_seed(0)
-        result = df.datafree(_tiny(specs, w_adv=w_adv, gen_epochs=0, image_epochs=0))
+        result = df.datafree(_tiny(specs, w_adv=w_adv, gen_epochs=0, image_epochs=0), specs)
         gen = result.generator
         torch.manual_seed(0)
-        fresh, _ = df.build_generator(_tiny(specs), [s.model for s in specs])
+        fresh, _ = df.build_generator(_tiny(specs), specs)
         moved[w_adv] = max((p - q).abs().max().item() for p, q in zip(gen.parameters(), fresh.parameters()))
         assert not any(p.requires_grad for p in gen.parameters())  # frozen again for sampling
     # No generator epochs: only the adversarial fine-tune can change the generator's weights.
@@ -259,8 +257,8 @@ def test_runs_on_teachers_alone(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "load_dataset", forbidden)
     specs = _teachers((8, 16), (8, 16))
     seen = []
-    result = df.datafree(_tiny(specs, grid_dir=str(tmp_path / "grids"), checkpoint_dir=str(tmp_path / "ckpt")),
-                         phase=lambda name: seen.append(name) or (lambda p: None))
+    cfg = _tiny(specs, grid_dir=str(tmp_path / "grids"), checkpoint_dir=str(tmp_path / "ckpt"))
+    result = df.datafree(cfg, specs, phase=lambda name: seen.append(name) or (lambda p: None))
     assert result.student(torch.zeros(3, *IN)).shape == (3, 2) and result.target == [2, 3]
     assert seen == ["generator_stage1", "generator_stage2", "student_block1", "student_block2", "student_finetune"]
     assert {p.name for p in result.grids} == {"grid_generator_stage1.png", "grid_generator_stage2.png", "grid_final.png"}
@@ -271,7 +269,7 @@ def test_runs_on_teachers_alone(monkeypatch, tmp_path):
 def test_cancel_stops_the_run():
     specs = _teachers((8, 16), (8, 16))
     with pytest.raises(Cancelled):
-        df.datafree(_tiny(specs), should_cancel=lambda: True)
+        df.datafree(_tiny(specs), specs, should_cancel=lambda: True)
 
 
 def test_student_beats_untrained_on_real_composites():
@@ -289,12 +287,12 @@ def test_student_beats_untrained_on_real_composites():
         torch.manual_seed(i)
         t = MultiLabelNet(1, len(labels), widths=(8, 16, 32))
         train_multilabel(t, x, y[:, labels], TrainConfig(epochs=4, lr=3e-3, optimizer="adam", weight_decay=0))
-        specs.append(df.TeacherSpec(t.eval(), labels, f"t{i}"))
-    cfg = df.DataFreeConfig(teachers=specs, target=target, in_shape=(1, 28, 28), student_widths=(8, 16, 16),
+        specs.append(df.TeacherSpec(f"t{i}", t.eval(), labels))
+    cfg = df.DataFreeConfig(target=target, in_shape=(1, 28, 28), student_widths=(8, 16, 16),
                             latent=32, gen_samples=2048, gen_epochs=2, image_epochs=2, student_samples=2048,
                             block_epochs=1, finetune_epochs=3, device="cpu")
     torch.manual_seed(0)
-    untrained = mean_average_precision(predict_probs(df.new_student(cfg, [s.model for s in specs]), torch.as_tensor(xt)),
-                                       yt[:, target])
-    trained = mean_average_precision(predict_probs(df.datafree(cfg).student, torch.as_tensor(xt)), yt[:, target])
+    xt = torch.as_tensor(xt)
+    untrained = mean_average_precision(predict_probs(df.new_student(cfg, specs), xt), yt[:, target])
+    trained = mean_average_precision(predict_probs(df.datafree(cfg, specs).student, xt), yt[:, target])
     assert trained > untrained + 10.0, (trained, untrained)

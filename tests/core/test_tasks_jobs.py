@@ -33,6 +33,13 @@ def test_task_configs_and_job_kinds_import_no_torch():
             "from sdb_core.tasks import ModelRef\n"
             "t = AmalgamateTask('branching', (Teacher('a', ModelRef(arch='encdec', weights='w')),))\n"
             "plan(t), sdb_core.tasks.style.StyleTask('adain'), sdb_core.tasks.pose.PoseTask()\n"
+            # The recipes' configs are settings only (the teachers are the recipes' arguments), and the one
+            # TeacherSpec is reachable from both recipes' modules without torch.
+            "from sdb_core.amalgamate.config import AFKConfig, TeacherSpec\n"
+            "from sdb_core.amalgamate.datafree import DataFreeConfig, TeacherSpec as DataFreeTeacherSpec\n"
+            "assert TeacherSpec is DataFreeTeacherSpec\n"
+            "AFKConfig(tasks=[1, 2]), DataFreeConfig(target=[1, 2], in_shape=(1, 56, 56))\n"
+            "TeacherSpec('a', None, [1])\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]

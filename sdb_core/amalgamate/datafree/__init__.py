@@ -31,11 +31,12 @@ images (``shift``, ``warp``), and an adversarial fine-tune (``w_adv``, off by de
 The same student architecture trained on other images (real ones, noise, a DAFL single
 generator) is what :func:`distill_student` does; ``benchmarks/datafree.py`` compares them.
 
-Modules, in the order a reader needs them: ``config`` (the teachers, the config and its defaults,
-the label bookkeeping), ``networks`` (filters, the generator, the student and how each
-is shaped), ``losses``, ``images`` (the student's shifts and warps, the PNG grid), ``stages`` (the
-generator, student and fine-tune training stages), ``recipe`` (:func:`datafree`). Every public name
-is importable from this package, lazily (PEP 562, as in ``sdb_core.protect``): ``config`` is torch-free,
+Modules, in the order a reader needs them: ``config`` (the config and its defaults, the label
+bookkeeping; a teacher is :class:`~sdb_core.amalgamate.config.TeacherSpec`, re-exported), ``networks``
+(filters, the generator, the student and how each is shaped), ``losses``, ``images`` (the student's
+shifts and warps, the PNG grid), ``stages`` (the generator, student and fine-tune training stages),
+``recipe`` (:func:`datafree`, which takes the config and the teachers). Every public name is
+importable from this package, lazily (PEP 562, as in ``sdb_core.protect``): ``config`` is torch-free,
 so a job kind or a task reads the defaults without importing torch.
 """
 from importlib import import_module
@@ -47,7 +48,7 @@ _MODULES = {
                "one_hot_loss", "run_teacher", "soft_bce", "sparsity_loss"),
     "networks": ("Branch", "FeatureFilter", "GroupStackGenerator", "MultiBranchStudent", "build_generator",
                  "build_student", "new_student", "regroup"),
-    "recipe": ("DataFreeResult", "datafree"),
+    "recipe": ("DataFreeResult", "check_teachers", "datafree"),
     "stages": ("_ReverseGrad", "adversarial_finetune", "distill_student", "train_dual", "train_generator"),
 }
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
@@ -55,9 +56,9 @@ __all__ = [
     "PAPER_RECIPE", "VARIANTS", "Branch", "DataFreeConfig", "DataFreeResult", "FeatureFilter",
     "GroupStackGenerator", "MultiBranchStudent", "PhaseFn", "TeacherSpec", "_ReverseGrad", "activation_loss",
     "adversarial_finetune", "augment", "bn_statistics_loss", "build_generator", "build_student",
-    "consistency_loss", "datafree", "distill_student", "entropy_loss", "generator_loss", "label_plan",
-    "label_union", "new_student", "one_hot_loss", "random_shift", "random_warp", "regroup", "run_teacher",
-    "save_grid", "soft_bce", "sparsity_loss", "train_dual", "train_generator",
+    "check_teachers", "consistency_loss", "datafree", "distill_student", "entropy_loss", "generator_loss",
+    "label_plan", "label_union", "new_student", "one_hot_loss", "random_shift", "random_warp", "regroup",
+    "run_teacher", "save_grid", "soft_bce", "sparsity_loss", "train_dual", "train_generator",
 ]
 assert set(__all__) == set(_EXPORTS)
 

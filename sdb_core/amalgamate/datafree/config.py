@@ -1,14 +1,15 @@
-"""The data-free recipe's settings: its teachers, its config and defaults, which teacher gives each label."""
+"""The data-free recipe's settings: its config and defaults, and which teacher gives each label.
+
+Its teachers, :class:`~sdb_core.amalgamate.config.TeacherSpec`, are the recipe's argument, not settings.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sdb_core.progress import Progress
 
-if TYPE_CHECKING:
-    from torch import nn
+from ..config import TeacherSpec  # the one multi-label teacher (AFK's too), re-exported here
 
 PhaseFn = Callable[[str], Callable[[Progress], None]]
 VARIANTS = ("dual_gan", "single_generator")
@@ -21,18 +22,8 @@ PAPER_RECIPE = {"label_rate": 0.0, "shift": False, "warp": (0.0, 0.0, 0.0), "w_b
 
 
 @dataclass
-class TeacherSpec:
-    """A frozen multi-label teacher and the global label id of each of its outputs."""
-
-    model: nn.Module
-    labels: Sequence[int]
-    name: str = ""
-
-
-@dataclass
 class DataFreeConfig:
-    teachers: Sequence[TeacherSpec]
-    target: Sequence[int]  # the student's labels, in its output order
+    target: Sequence[int]  # the student's labels, in its output order (a subset of the teachers')
     in_shape: tuple[int, int, int]  # the teachers' input (C, H, W)
     variant: str = "dual_gan"  # dual_gan | single_generator (DAFL-style, the benchmark's ablation)
     student_widths: tuple[int, ...] = (8, 16, 32)
@@ -95,23 +86,13 @@ class DataFreeConfig:
     checkpoint_dir: str | None = None  # one checkpoint per stage; a rerun resumes
     grid_dir: str | None = None  # a PNG grid of generated images after every generator stage
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # what needs the teachers: recipe.check_teachers
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if not self.teachers:
-            raise ValueError("at least one teacher is needed")
         if len(self.in_shape) != 3:
             raise ValueError(f"in_shape must be (C, H, W), got {self.in_shape!r}")
-        held = {int(label) for t in self.teachers for label in t.labels}
-        missing = [t for t in self.target if int(t) not in held]
-        if not self.target or missing:
-            raise ValueError(f"target labels must be a non-empty subset of the teachers' labels {sorted(held)}; "
-                             f"not held by any teacher: {missing}")
         if len(set(map(int, self.target))) != len(self.target):
             raise ValueError(f"target labels repeat: {list(self.target)}")
-        for t in self.teachers:
-            if len(set(map(int, t.labels))) != len(t.labels):
-                raise ValueError(f"teacher {t.name!r} lists a label twice: {list(t.labels)}")
         if self.w_adv < 0 or self.w_modeseek < 0:
             raise ValueError(f"w_adv and w_modeseek must be >= 0, got {self.w_adv}, {self.w_modeseek}")
         if not 0.0 <= self.label_rate < 1.0:

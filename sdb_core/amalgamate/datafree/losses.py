@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DataFreeConfig, label_union
+from .config import DataFreeConfig, TeacherSpec, label_union
 
 if TYPE_CHECKING:
     from .networks import GroupStackGenerator
@@ -88,8 +88,8 @@ def bn_statistics_loss(teacher: nn.Module, h: Tensor, start: int) -> tuple[Tenso
     return feats, logits, (torch.stack(terms).mean() if terms else h.new_zeros(()))
 
 
-def generator_loss(gen: GroupStackGenerator, filters: nn.ModuleList, teachers: Sequence[nn.Module], z: Tensor,
-                   stages: int, cfg: DataFreeConfig, *, intermediate: bool = True,
+def generator_loss(gen: GroupStackGenerator, filters: nn.ModuleList, teachers: Sequence[TeacherSpec],
+                   z: Tensor, stages: int, cfg: DataFreeConfig, *, intermediate: bool = True,
                    y: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """The group-stack loss of generator stages 1..``stages`` over every teacher.
 
@@ -103,7 +103,7 @@ def generator_loss(gen: GroupStackGenerator, filters: nn.ModuleList, teachers: S
     if seek and y is not None:
         y = torch.cat([y[:half], y[:half], y[2 * half:]])  # pairs: image i and i + half share a target
     outs = gen(z, stages, y)
-    cols = label_union(cfg.teachers)[1] if y is not None else None
+    cols = label_union(teachers)[1] if y is not None else None
     total = z.new_zeros(())
     parts = {"onehot": 0.0, "act": 0.0, "ent": 0.0, "sparse": 0.0, "cons": 0.0}
     if seek:
@@ -112,7 +112,7 @@ def generator_loss(gen: GroupStackGenerator, filters: nn.ModuleList, teachers: S
         total = total - cfg.w_modeseek * ms
         parts["modeseek"] = ms.item()
     judged = range(1, stages + 1) if intermediate else [stages]
-    for m, teacher in enumerate(teachers):
+    for m, teacher in enumerate([t.model for t in teachers]):
         logits_by_stage = {}
         for j in judged:
             h = outs[j - 1]

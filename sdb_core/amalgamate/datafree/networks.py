@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import DataFreeConfig, label_plan, label_union
+from .config import DataFreeConfig, TeacherSpec, label_plan, label_union
 
 
 def _entry_shapes(teacher: nn.Module, in_shape: Sequence[int]) -> list[tuple[int, ...]]:
@@ -150,9 +150,10 @@ class MultiBranchStudent(nn.Module):
         return torch.cat([b(h) for b in self.branches], dim=1).index_select(1, self.order)
 
 
-def build_generator(cfg: DataFreeConfig, teachers: Sequence[nn.Module]) -> tuple[GroupStackGenerator, nn.ModuleList]:
+def build_generator(cfg: DataFreeConfig,
+                    teachers: Sequence[TeacherSpec]) -> tuple[GroupStackGenerator, nn.ModuleList]:
     """The generator shaped after the first teacher, and filters[j][m] for every feature stage j and teacher m."""
-    entries = [_entry_shapes(t, cfg.in_shape) for t in teachers]
+    entries = [_entry_shapes(t.model, cfg.in_shape) for t in teachers]
     depth = {len(e) for e in entries}
     if len(depth) != 1:
         raise ValueError(f"teachers must have the same number of blocks, got {sorted(depth)}")
@@ -162,7 +163,7 @@ def build_generator(cfg: DataFreeConfig, teachers: Sequence[nn.Module]) -> tuple
             raise ValueError("teachers' feature maps must have the same spatial sizes block by block")
     # Stage j (1-based) enters the teachers at block n_blocks - j; the last stage is the image.
     shapes = [entries[0][n_blocks - j] for j in range(1, n_blocks + 1)]
-    n_labels = len(label_union(cfg.teachers)[0]) if cfg.label_rate > 0 else 0
+    n_labels = len(label_union(teachers)[0]) if cfg.label_rate > 0 else 0
     gen = GroupStackGenerator(cfg.latent, shapes, n_labels, cfg.label_rate)
     filters = nn.ModuleList(
         nn.ModuleList(FeatureFilter(shapes[j][0], entries[m][n_blocks - 1 - j][0]) for m in range(len(teachers)))
@@ -170,40 +171,42 @@ def build_generator(cfg: DataFreeConfig, teachers: Sequence[nn.Module]) -> tuple
     return gen, filters
 
 
-def build_student(cfg: DataFreeConfig, teachers: Sequence[nn.Module]) -> tuple[nn.ModuleList, nn.ModuleList, list[list[int]], list[int]]:
+def build_student(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec]
+                  ) -> tuple[nn.ModuleList, nn.ModuleList, list[list[int]], list[int]]:
     """Student blocks (a MultiLabelNet's), filters[b][m] from student block b into teacher m's block b output."""
     from sdb_core.amalgamate.multilabel import MultiLabelNet
 
     seed_net = MultiLabelNet(cfg.in_shape[0], len(cfg.target), widths=cfg.student_widths)
     blocks = seed_net.blocks
-    if len(blocks) != len(teachers[0].blocks):
-        raise ValueError(f"the student needs as many blocks as the teachers ({len(teachers[0].blocks)}), "
+    depth = len(teachers[0].model.blocks)
+    if len(blocks) != depth:
+        raise ValueError(f"the student needs as many blocks as the teachers ({depth}), "
                          f"got student_widths={cfg.student_widths}")
     s_shapes = _output_shapes(seed_net, cfg.in_shape)
-    t_shapes = [_output_shapes(t, cfg.in_shape) for t in teachers]
+    t_shapes = [_output_shapes(t.model, cfg.in_shape) for t in teachers]
     for m, ts in enumerate(t_shapes):
         if [s[1:] for s in ts] != [s[1:] for s in s_shapes]:
             raise ValueError(f"student and teacher {m} feature maps differ in size: {s_shapes} vs {ts}")
     filters = nn.ModuleList(nn.ModuleList(FeatureFilter(s_shapes[b][0], t_shapes[m][b][0]) for m in range(len(teachers)))
                             for b in range(len(blocks)))
-    cols, order = label_plan(cfg.teachers, cfg.target)
+    cols, order = label_plan(teachers, cfg.target)
     return blocks, filters, cols, order
 
 
-def regroup(blocks: nn.ModuleList, filters: nn.ModuleList, teachers: Sequence[nn.Module], cols: list[list[int]],
-            order: list[int], target: Sequence[int]) -> MultiBranchStudent:
+def regroup(blocks: nn.ModuleList, filters: nn.ModuleList, teachers: Sequence[TeacherSpec],
+            cols: list[list[int]], order: list[int], target: Sequence[int]) -> MultiBranchStudent:
     """One multi-branch network: the blocks, then per contributing teacher its last filter and a copy of its head."""
     branches = []
     for m, idx in enumerate(cols):
         if idx:
-            head = copy.deepcopy(teachers[m].head)
+            head = copy.deepcopy(teachers[m].model.head)
             for p in head.parameters():
                 p.requires_grad_(True)
             branches.append(Branch(filters[-1][m], head, idx))
     return MultiBranchStudent(blocks, branches, order, target)
 
 
-def new_student(cfg: DataFreeConfig, teachers: Sequence[nn.Module]) -> MultiBranchStudent:
+def new_student(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec]) -> MultiBranchStudent:
     """The student architecture before any training (the baselines' starting point)."""
     blocks, filters, cols, order = build_student(cfg, teachers)
     return regroup(blocks, filters, teachers, cols, order, cfg.target)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from sdb_core.train import pick_device
 
@@ -26,29 +26,39 @@ class DataFreeResult:
     seconds: float = 0.0
 
 
-def _freeze(teachers: Sequence[TeacherSpec], device: torch.device) -> list[nn.Module]:
-    nets = []
+def check_teachers(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec]) -> None:
+    """Raise ``ValueError`` unless the teachers hold every target label."""
+    if not teachers:
+        raise ValueError("at least one teacher is needed")
+    held = {int(label) for t in teachers for label in t.labels}
+    missing = [t for t in cfg.target if int(t) not in held]
+    if not cfg.target or missing:
+        raise ValueError(f"target labels must be a non-empty subset of the teachers' labels {sorted(held)}; "
+                         f"not held by any teacher: {missing}")
+
+
+def _freeze(teachers: Sequence[TeacherSpec], device: torch.device) -> None:
     for t in teachers:
-        net = t.model.to(device).eval()
-        for p in net.parameters():
+        t.model.to(device).eval()
+        for p in t.model.parameters():
             p.requires_grad_(False)
-        nets.append(net)
-    return nets
 
 
-def datafree(cfg: DataFreeConfig, *, phase: PhaseFn | None = None,
+def datafree(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec], *, phase: PhaseFn | None = None,
              should_cancel: Callable[[], bool] | None = None) -> DataFreeResult:
-    """Amalgamate the teachers into one student for ``cfg.target`` from their weights alone.
+    """Amalgamate the teachers into one student for ``cfg.target`` from their weights alone
+    (frozen, moved to ``cfg.device``).
 
     ``phase(name)`` gives the progress callback of each stage (generator stages, student
     blocks, fine-tune); ``should_cancel`` stops at the next step (``Cancelled``).
     """
     import time
 
+    check_teachers(cfg, teachers)
     t0 = time.perf_counter()
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    teachers = _freeze(cfg.teachers, device)
+    _freeze(teachers, device)
     history: dict[str, list[dict[str, float]]] = {}
     grids: list[Path] = []
     gen = train_generator(cfg, teachers, device, phase=phase, should_cancel=should_cancel, grids=grids,

@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from sdb_core.train import TrainConfig, fit, pick_device
 
-from .config import DataFreeConfig, PhaseFn, label_plan, label_union
+from .config import DataFreeConfig, PhaseFn, TeacherSpec, label_plan, label_union
 from .images import augment, save_grid
 from .losses import bn_statistics_loss, generator_loss, one_hot_loss, run_teacher, soft_bce
 from .networks import GroupStackGenerator, MultiBranchStudent, build_generator, build_student, regroup
@@ -44,7 +44,7 @@ class _GenStage(nn.Module):
         self.generator, self.filters = generator, filters
 
 
-def train_generator(cfg: DataFreeConfig, teachers: Sequence[nn.Module], device: torch.device, *,
+def train_generator(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec], device: torch.device, *,
                     phase: PhaseFn | None = None, should_cancel: Callable[[], bool] | None = None,
                     grids: list[Path] | None = None, history: dict | None = None) -> GroupStackGenerator:
     gen, filters = build_generator(cfg, teachers)
@@ -87,7 +87,7 @@ def _targets(teachers: Sequence[nn.Module], cols: list[list[int]], order: list[i
         return torch.cat(outs, 1).index_select(1, torch.as_tensor(order, device=x.device))
 
 
-def distill_student(student: MultiBranchStudent, teachers: Sequence[nn.Module], cfg: DataFreeConfig,
+def distill_student(student: MultiBranchStudent, teachers: Sequence[TeacherSpec], cfg: DataFreeConfig,
                     source: Tensor | Callable[[int], Tensor], *, epochs: int, name: str = "finetune",
                     phase: PhaseFn | None = None, should_cancel: Callable[[], bool] | None = None) -> list[dict]:
     """Train ``student`` end to end to the teachers' target-label probabilities on ``source``.
@@ -95,7 +95,8 @@ def distill_student(student: MultiBranchStudent, teachers: Sequence[nn.Module], 
     ``source`` is a tensor of images (real ones, for the data-driven bound) or a function
     drawing ``n`` fresh images (noise, a generator).
     """
-    cols, order = label_plan(cfg.teachers, cfg.target)
+    cols, order = label_plan(teachers, cfg.target)
+    nets = [t.model for t in teachers]
     if isinstance(source, Tensor):
         data = TensorDataset(source)
 
@@ -109,7 +110,7 @@ def distill_student(student: MultiBranchStudent, teachers: Sequence[nn.Module], 
 
     def step(batch):
         x = images(batch)
-        return soft_bce(student(x), _targets(teachers, cols, order, x))
+        return soft_bce(student(x), _targets(nets, cols, order, x))
 
     hist = fit(student, data, step, _train_cfg(cfg, epochs, cfg.student_lr),
                progress=phase(name) if phase else None, should_cancel=should_cancel, checkpoint=_ckpt(cfg, name))
@@ -173,8 +174,9 @@ class _AdvStage(nn.Module):
         self.student, self.generator = student, generator
 
 
-def adversarial_finetune(student: MultiBranchStudent, gen: GroupStackGenerator, teachers: Sequence[nn.Module],
-                         cfg: DataFreeConfig, *, epochs: int, name: str = "student_finetune",
+def adversarial_finetune(student: MultiBranchStudent, gen: GroupStackGenerator,
+                         teachers: Sequence[TeacherSpec], cfg: DataFreeConfig, *, epochs: int,
+                         name: str = "student_finetune",
                          phase: PhaseFn | None = None, should_cancel: Callable[[], bool] | None = None) -> list[dict]:
     """The student's end-to-end fine-tune with the generator trained against it (``cfg.w_adv`` > 0).
 
@@ -183,8 +185,9 @@ def adversarial_finetune(student: MultiBranchStudent, gen: GroupStackGenerator, 
     student (scaled by ``w_adv``), plus the teachers' one-hot and BN-prior terms on the image,
     so that it seeks images the student gets wrong without leaving what the teachers recognise.
     """
-    cols, order = label_plan(cfg.teachers, cfg.target)
-    union_cols = label_union(cfg.teachers)[1]
+    cols, order = label_plan(teachers, cfg.target)
+    union_cols = label_union(teachers)[1]
+    nets = [t.model for t in teachers]
     for p in gen.parameters():
         p.requires_grad_(True)
 
@@ -192,7 +195,7 @@ def adversarial_finetune(student: MultiBranchStudent, gen: GroupStackGenerator, 
         z, y = gen.draw(len(batch[0]), batch[0].device)
         x = augment(gen(z, y=y)[-1], cfg)
         gen_loss, picked = x.new_zeros(()), []
-        for m, t in enumerate(teachers):
+        for m, t in enumerate(nets):
             _, logits, bn = bn_statistics_loss(t, x, 0) if cfg.w_bn > 0 else (*run_teacher(t, x, 0), 0.0)
             oh = one_hot_loss(logits, cfg.threshold, None if y is None else y[:, union_cols[m]])
             gen_loss = gen_loss + cfg.w_onehot * oh + cfg.w_bn * bn
@@ -211,7 +214,7 @@ def adversarial_finetune(student: MultiBranchStudent, gen: GroupStackGenerator, 
     return hist.epochs
 
 
-def train_dual(cfg: DataFreeConfig, teachers: Sequence[nn.Module], sample: Callable[[int], Tensor], *,
+def train_dual(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec], sample: Callable[[int], Tensor], *,
                phase: PhaseFn | None = None, should_cancel: Callable[[], bool] | None = None,
                history: dict | None = None, generator: GroupStackGenerator | None = None) -> MultiBranchStudent:
     """The dual generator: block by block through the teachers' remaining blocks, then regrouped and fine-tuned."""
@@ -222,7 +225,7 @@ def train_dual(cfg: DataFreeConfig, teachers: Sequence[nn.Module], sample: Calla
     for b in range(len(blocks)):
         name = f"student_block{b + 1}"
         hist = fit(_BlockStage(blocks, filters[b]), _sampler_data(cfg.student_samples),
-                   _dual_step(blocks, filters, teachers, cols, b, sample),
+                   _dual_step(blocks, filters, [t.model for t in teachers], cols, b, sample),
                    _train_cfg(cfg, cfg.block_epochs, cfg.student_lr),
                    params=list(blocks[b].parameters()) + list(filters[b].parameters()),
                    progress=phase(name) if phase else None, should_cancel=should_cancel, checkpoint=_ckpt(cfg, name))
