@@ -5,7 +5,10 @@
 #   docker build --target gpu -t sdb:gpu .     CUDA: torch's CUDA wheel and onnxruntime-gpu
 #
 # Nothing secret is in the image: the master key, the pepper and the database password come
-# from files mounted at run time (compose secrets; see docker-compose.yml and the README).
+# from files mounted at run time (compose secrets; see docker-compose.yml and docs/deploy.md).
+# Without them the server creates the master key and pepper in /data-secrets (the default
+# secrets dir beside the data dir: mode 0700, a volume of its own), never in /data, where jobs
+# read files.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # onnxruntime-gpu 1.x wheels on PyPI are built for CUDA 12 with cuDNN 9.
@@ -36,13 +39,13 @@ RUN /opt/sdb/bin/pip install --no-deps . ./clients/python
 
 FROM gpu-base AS gpu
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/sdb sdb \
- && mkdir /data && chown sdb:sdb /data
+ && mkdir /data /data-secrets && chown sdb:sdb /data /data-secrets && chmod 700 /data-secrets
 COPY --from=gpu-build /opt/sdb /opt/sdb
 ENV PATH=/opt/sdb/bin:$PATH PYTHONUNBUFFERED=1 MPLCONFIGDIR=/tmp/matplotlib \
     SDB_DATA_DIR=/data SDB_HOST=0.0.0.0
 USER 10001:10001
 WORKDIR /home/sdb
-VOLUME ["/data"]
+VOLUME ["/data", "/data-secrets"]
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:' + os.environ.get('SDB_PORT', '8000') + '/healthz', timeout=4)"]
@@ -66,13 +69,13 @@ RUN /opt/sdb/bin/pip install --no-deps . ./clients/python
 
 FROM ${PYTHON_IMAGE} AS cpu
 RUN useradd --system --uid 10001 --user-group --create-home --home-dir /home/sdb sdb \
- && mkdir /data && chown sdb:sdb /data
+ && mkdir /data /data-secrets && chown sdb:sdb /data /data-secrets && chmod 700 /data-secrets
 COPY --from=build /opt/sdb /opt/sdb
 ENV PATH=/opt/sdb/bin:$PATH PYTHONUNBUFFERED=1 MPLCONFIGDIR=/tmp/matplotlib \
     SDB_DATA_DIR=/data SDB_HOST=0.0.0.0
 USER 10001:10001
 WORKDIR /home/sdb
-VOLUME ["/data"]
+VOLUME ["/data", "/data-secrets"]
 EXPOSE 8000
 # /healthz answers while the process lives; the port follows SDB_PORT like `sdb serve` does.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -17,10 +17,11 @@ install: $(STAMP)
 DATA_DIR ?= $(or $(SDB_DATA_DIR),.sdb)
 URL      := http://127.0.0.1:8000
 
-# Builds the demo bundle on first run (reused later), then serves it. The master key and
-# pepper are created in $(DATA_DIR) (git-ignored), never in the repo.
+# Builds the demo bundle on first run (reused later; rebuilt if it was sealed before key binding 2),
+# then serves it. The master key and
+# pepper are created in $(DATA_DIR)-secrets (mode 0700, git-ignored), never in the repo.
 run: $(STAMP)
-	@test -d $(DATA_DIR)/bundles/mnist-demo || SDB_DATA_DIR=$(DATA_DIR) $(BIN)/sdb demo
+	@grep -qs '"key_binding": 2' $(DATA_DIR)/bundles/mnist-demo/meta.json || SDB_DATA_DIR=$(DATA_DIR) $(BIN)/sdb demo
 	@echo ""
 	@echo "SDB on $(URL) (docs: $(URL)/docs). Predict, anyone:"
 	@echo "  $(BIN)/python -c 'import json; print(json.dumps({\"inputs\": [[0.0]*784], \"top_k\": 3}))' | curl -s -H 'content-type: application/json' -d @- $(URL)/v1/models/mnist-demo/predict"
@@ -42,15 +43,22 @@ postgres:
 test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q
 
-# docker-compose.yml's secrets: 32 random bytes each, hex, made once and kept. The directory is
-# private to you; the files are world-readable so that the image's user (uid 10001) can read
-# them through the compose bind mount.
+# docker-compose.yml's secrets: 32 random bytes each, hex, made once and kept, in a directory
+# private to you. Each file is mode 0600 and owned by the image's user (uid 10001), who reads it
+# through compose's bind mount (compose cannot set a file secret's owner or mode); the database
+# password is 0640 with PostgreSQL's group (gid 999 in its image), which reads it too. The server
+# refuses secrets others can read. Changing owners needs root: sudo when you are not.
+IMAGE_UID := 10001
+PG_GID    := 999
+SUDO      := $(if $(filter 0,$(shell id -u)),,sudo)
 SECRETS := secrets/master.key secrets/pepper.key secrets/db_password secrets/ray_token
 secrets: $(SECRETS)
 $(SECRETS):
 	@mkdir -p secrets && chmod 700 secrets
-	@head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > $@ && echo >> $@ && chmod 644 $@
-	@echo "created $@"
+	@umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > $@ && echo >> $@
+	@if [ "$@" = secrets/db_password ]; then chmod 640 $@ && $(SUDO) chown $(IMAGE_UID):$(PG_GID) $@; \
+	 else chmod 600 $@ && $(SUDO) chown $(IMAGE_UID):$(IMAGE_UID) $@; fi || { rm -f $@; exit 1; }
+	@echo "created $@ (owner uid $(IMAGE_UID))"
 
 # requirements.lock (what the Docker image installs) from the versions tested in this venv.
 lock: $(STAMP)

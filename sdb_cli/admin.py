@@ -28,6 +28,8 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
 
     from service.app import build_app
 
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.check_secrets()  # SecretsError (exit 2, its message) before anything listens
     print(f"sdb: serving on http://{settings.host}:{settings.port} (data {settings.data_dir.resolve()}, "
           f"docs at /docs)", file=sys.stderr, flush=True)
     pool = None
@@ -35,8 +37,6 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
         from service.jobs.ray_backend import portable_settings
         from service.jobs.worker import WorkerPool
 
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        _ = settings.master_key  # created once here, not raced by the workers
         env = {**os.environ, **{f"SDB_{k.upper()}": str(v) for k, v in portable_settings(settings).items()
                                 if v is not None and k in _WORKER_ENV}}
         pool = WorkerPool(settings.workers, env).start()
@@ -60,6 +60,7 @@ def worker(settings: Settings) -> int:
     if settings.jobs_backend != "embedded":
         raise ValueError(f"sdb worker runs embedded jobs; this data dir's backend is {settings.jobs_backend!r} "
                          "(Ray jobs run on the cluster's workers)")
+    settings.check_secrets()
     return main_worker(settings)
 
 
@@ -206,7 +207,7 @@ def add_commands(sub) -> None:
     k = sub.add_parser("keys", help="create, list and revoke API keys (on the data dir; no server needed)")
     ks = k.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     kc = ks.add_parser("create", help="create a key; prints it alone on the last line")
-    kc.add_argument("--scopes", required=True, help="comma-separated: predict,distill,jobs,admin")
+    kc.add_argument("--scopes", required=True, help="comma-separated: predict,distill,jobs,deploy,admin")
     kc.add_argument("--models", help="comma-separated model allowlist (default: every model)")
     kc.add_argument("--quota", type=int, help="samples the key may be served on the keyed path")
     kc.add_argument("--quota-window", type=int, metavar="SECONDS", help="restart the quota every SECONDS")

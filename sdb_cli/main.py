@@ -10,14 +10,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import admin, distill, jobs, protect, transfer
+from . import admin, distill, files, jobs, protect, transfer
 from .console import err
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdb", description="Safe Distillation Box: protect, serve and distill models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (protect, distill, admin, jobs, transfer):
+    for module in (protect, distill, admin, jobs, files, transfer):
         module.add_commands(sub)
     return p
 

@@ -7,9 +7,12 @@ A directory (or a ``.sdb`` zip of it) with
 - ``meta.json``: name, version, task, input shape/dtype, normalisation, labels, λ,
   temperature, metrics, and the sha256 of every other file.
 
-Loading verifies every hash and refuses an altered bundle. The sealed key's associated
-data is a digest of ``meta.json`` (bar the file hashes), so editing ``meta.json`` (λ, say)
-makes the key refuse to open as well.
+Loading verifies every hash, runs the graph once to check its output shape against
+``meta.json``, and refuses an altered bundle. The sealed key's associated data (key binding 2,
+``meta["key_binding"]``) is a digest of ``meta.json`` and of every other file's sha256, so the
+key opens only beside the network it was sealed with and the metadata (λ, say) it was sealed
+under. Bundles sealed under key binding 1 (``meta.json`` alone) are refused with the key:
+docs/security.md#bundles says why and how to re-seal them.
 """
 from __future__ import annotations
 
@@ -41,6 +44,9 @@ MODEL_FILE, META_FILE, KEY_FILE = "model.onnx", "meta.json", "key.sealed"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MODES = ("sdb", "nasty", "plain")  # keyed box, keyless box, any network with no key (pose, style, ...)
 MAX_MEMBER_BYTES = 2 << 30  # a bundle member larger than this is not a bundle we wrote
+KEY_BINDING = 2  # meta["key_binding"]: what key.sealed's associated data covers (docs/security.md#bundles)
+# Tasks whose output is one score per label: the service indexes ``labels`` with the output.
+LABELLED_TASKS = ("classification", "multilabel")
 
 
 class BundleError(ValueError):
@@ -51,9 +57,37 @@ def _sha256(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def _meta_digest(meta: dict) -> bytes:
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _legacy_aad(meta: dict) -> bytes:
+    """Key binding 1: ``meta.json`` bar the file hashes, so ``model.onnx`` could be swapped with its hash."""
+    return hashlib.sha256(_canonical({k: v for k, v in meta.items() if k != "files"})).digest()
+
+
+def key_aad(meta: dict, files: dict[str, bytes]) -> bytes:
+    """Key binding 2: ``meta.json`` (with ``key_binding`` itself) and the sha256 of every file's bytes
+    but ``meta.json`` and ``key.sealed``, so the key opens only beside the network it was sealed with.
+
+    The prefix keeps it apart from binding 1's bare digest: no meta makes one equal the other.
+    """
     core = {k: v for k, v in meta.items() if k != "files"}
-    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).digest()
+    hashes = {n: _sha256(b) for n, b in files.items() if n not in (META_FILE, KEY_FILE)}
+    return b"sdb-key-binding/2\0" + hashlib.sha256(_canonical({"meta": core, "files": hashes})).digest()
+
+
+def _opening_aad(meta: dict, files: dict[str, bytes], where: str) -> bytes:
+    """The associated data ``key.sealed`` must open with, or why this bundle's key is not opened at all."""
+    binding = meta.get("key_binding", 1)
+    if type(binding) is int and binding == KEY_BINDING:
+        return key_aad(meta, files)
+    if type(binding) is int and binding == 1:
+        raise BundleError(
+            f"{where}: key.sealed was sealed under key binding 1, which binds the key to meta.json but not "
+            f"to model.onnx, so it could be opened beside another network; re-wrap the model, or re-seal "
+            f"this bundle with sdb_core.bundle.reseal_bundle if you trust its files (docs/security.md#bundles)")
+    raise BundleError(f"{where}: unknown key binding {binding!r} (known: 1, {KEY_BINDING})")
 
 
 def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: bool = False,
@@ -137,7 +171,7 @@ def export_bundle(
     if isinstance(box, SafeDistillationBox):
         model, mode, has_key = box.model, box.mode, box.has_key
         lam, temperature = (box.lam if box.has_key else None), box.temperature
-        out_shape = [len(labels)]
+        out_shape = _output_shape(model, in_shape)
         if extra_inputs:
             raise BundleError("a protection box has one input; extra_inputs are for plain modules")
     else:
@@ -162,12 +196,16 @@ def export_bundle(
             {"name": n, "shape": list(s), "dtype": "float32",
              **({"dynamic_spatial": True} if dynamic_spatial and len(s) == len(in_shape) >= 2 else {})}
             for n, s in extra_inputs]
+    output_shape(meta, f"bundle {name!r}")  # a network that disagrees with its labels is refused here, not on load
     if has_key:
-        files[KEY_FILE] = seal(box.reveal_key(), master_key, aad=_meta_digest(meta))
+        meta["key_binding"] = KEY_BINDING
+        files[KEY_FILE] = seal(box.reveal_key(), master_key, aad=key_aad(meta, files))
     meta["files"] = {n: _sha256(b) for n, b in files.items()}
     files[META_FILE] = json.dumps(meta, indent=2).encode()
+    return _write(files, Path(out))
 
-    out = Path(out)
+
+def _write(files: dict[str, bytes], out: Path) -> Path:
     if out.suffix == ".sdb":
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
@@ -225,14 +263,101 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
             raise BundleError(f"{where}: {n} is missing")
         if _sha256(files[n]) != digest:
             raise BundleError(f"{where}: {n} was altered (sha256 mismatch)")
+    unlisted = sorted(files.keys() - listed.keys() - {META_FILE})
+    if unlisted:  # a key.sealed nobody hashed is not opened on trust
+        raise BundleError(f"{where}: {', '.join(unlisted)} is not listed in {META_FILE}")
     for key in ("name", "version", "input", "labels", "normalize", "mode"):
         if key not in meta:
             raise BundleError(f"{where}: {META_FILE} has no {key!r}")
+    if not isinstance(meta["input"], dict) or not isinstance(meta["labels"], list):
+        raise BundleError(f"{where}: {META_FILE}'s input must be an object and its labels a list")
+    _dims(meta["input"].get("shape"), "input", where)
     if meta["mode"] not in MODES:
         raise BundleError(f"{where}: unknown mode {meta['mode']!r}")
     if meta["mode"] == "sdb" and KEY_FILE not in listed:
         raise BundleError(f"{where}: an sdb-mode bundle must carry {KEY_FILE}")
     return meta
+
+
+def reseal_bundle(path: str | os.PathLike, master_key: bytes) -> Path:
+    """Re-seal a key-binding-1 bundle's key under key binding 2, in place; only for files you trust.
+
+    Binding 1 let anyone who could write the bundle pair its key with another network, so
+    re-sealing vouches for the ``model.onnx`` it finds: re-wrap instead if the bundle may have
+    been written by someone else since it was exported.
+    """
+    files = read_bundle_files(path)
+    meta = verify(files, str(path))
+    if KEY_FILE not in files:
+        raise BundleError(f"{path}: no {KEY_FILE} to re-seal")
+    if meta.get("key_binding", 1) != 1:
+        raise BundleError(f"{path}: already sealed under key binding {meta['key_binding']!r}")
+    key = unseal(files[KEY_FILE], master_key, aad=_legacy_aad(meta))
+    del meta["files"]
+    meta["key_binding"] = KEY_BINDING
+    body = {n: b for n, b in files.items() if n not in (META_FILE, KEY_FILE)}
+    body[KEY_FILE] = seal(key, master_key, aad=key_aad(meta, body))
+    meta["files"] = {n: _sha256(b) for n, b in body.items()}
+    return _write({**body, META_FILE: json.dumps(meta, indent=2).encode()}, Path(path))
+
+
+def _dims(value: Any, what: str, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(type(d) is int and d >= 0 for d in value):
+        raise BundleError(f"{where}: {META_FILE}'s {what} shape must be a list of sizes, got {value!r}")
+    return value
+
+
+def output_shape(meta: dict, where: str = "bundle") -> list[int]:
+    """The per-sample output shape ``meta.json`` promises, checked against its labels.
+
+    Classifiers and multi-label models give one score per label, a pose model one heatmap
+    per joint; other tasks' outputs are the task's business (``meta["outputs"]`` and the like).
+    """
+    task, labels = meta.get("task", "classification"), meta.get("labels")
+    declared = meta.get("output", {}).get("shape") if isinstance(meta.get("output"), dict) else None
+    if declared is None:
+        if task not in LABELLED_TASKS or not labels:
+            raise BundleError(f"{where}: {META_FILE} declares no output shape")
+        declared = [len(labels)]  # a classifier's output is its labels
+    shape = _dims(declared, "output", where)
+    if labels and task in LABELLED_TASKS and shape != [len(labels)]:
+        raise BundleError(f"{where}: a {task} model's output must be one score per label, "
+                          f"[{len(labels)}] for {len(labels)} labels; {META_FILE} declares {shape}")
+    if labels and task == "pose" and shape[:1] != [len(labels)]:
+        raise BundleError(f"{where}: a pose model's output must be one heatmap per joint "
+                          f"({len(labels)} joints); {META_FILE} declares {shape}")
+    return shape
+
+
+def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
+    """Refuse a graph whose ``logits`` output disagrees with ``meta.json``: by the graph's declared
+    dims, then by running it once on zeros of the input shape (a graph may declare one shape and
+    compute another)."""
+    want = output_shape(meta, where)
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    if OUTPUT_NAME not in outputs:
+        raise BundleError(f"{where}: model.onnx has no output {OUTPUT_NAME!r} (it has {sorted(outputs)})")
+    graph = list(outputs[OUTPUT_NAME])
+    shown = ["batch" if not isinstance(graph[0], int) else graph[0], *graph[1:]] if graph else []
+    mismatch = (f"{where}: model.onnx outputs {shown} but {META_FILE} declares [batch, "
+                f"{', '.join(map(str, want))}] (task {meta.get('task', 'classification')!r}, "
+                f"{len(meta.get('labels') or [])} labels)")
+    if len(graph) != 1 + len(want) or any(isinstance(g, int) and g != w for g, w in zip(graph[1:], want)):
+        raise BundleError(mismatch)
+    if isinstance(graph[0], int):
+        raise BundleError(f"{where}: model.onnx has a fixed batch size of {graph[0]}; a bundle's batch axis is dynamic")
+    specs = meta.get("inputs") or [meta["input"]]
+    try:
+        feeds = {str(i["name"]): np.zeros((1, *_dims(i["shape"], "input", where)), np.float32) for i in specs}
+    except (KeyError, TypeError):
+        raise BundleError(f"{where}: {META_FILE}'s inputs must each have a name and a shape") from None
+    try:
+        got = session.run([OUTPUT_NAME], feeds)[0].shape
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a user sees one clear error
+        raise BundleError(f"{where}: model.onnx does not run on {META_FILE}'s input shape ({e})") from None
+    if list(got) != [1, *want]:
+        raise BundleError(f"{where}: model.onnx computes {list(got)} for one input but {META_FILE} "
+                          f"declares [1, {', '.join(map(str, want))}]")
 
 
 def onnx_providers() -> list[str]:
@@ -289,7 +414,7 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
     meta = verify(files, str(path))
     key = None
     if master_key is not None and KEY_FILE in files:
-        k = unseal(files[KEY_FILE], master_key, aad=_meta_digest(meta))
+        k = unseal(files[KEY_FILE], master_key, aad=_opening_aad(meta, files, str(path)))
         if list(k.shape) != list(meta["input"]["shape"]):
             raise BundleError(f"{path}: key shape {list(k.shape)} does not match the input shape")
         key = k.astype(np.float32)
@@ -298,4 +423,5 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
                                        providers=providers or onnx_providers())
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a user sees one clear error
         raise BundleError(f"{path}: model.onnx does not load in ONNX Runtime ({e})") from None
+    check_output_shape(session, meta, str(path))
     return Bundle(meta, session, key)

@@ -23,7 +23,7 @@ from .jobs.queue import JobQueue
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .registry import ModelHost
-from .routes import health, jobs, keys, models, v2
+from .routes import deploy, files, health, jobs, keys, models, v2
 from .routes import style as style_routes
 from .settings import Settings
 from .store import Store
@@ -31,6 +31,7 @@ from .store import Store
 log = logging.getLogger("sdb.service")
 
 DEMO_NAME = "mnist-demo"
+UPLOAD_OVERHEAD = 64 << 10  # multipart framing and form fields around an uploaded file
 
 
 def register_demo(settings: Settings, store: Store, host: ModelHost) -> None:
@@ -113,9 +114,11 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.state.host = None
     errors.install(app)
-    for r in (health.router, models.router, keys.router, v2.router, jobs.router):
+    for r in (health.router, models.router, deploy.router, keys.router, v2.router, jobs.router, files.router):
         app.include_router(r)
     app.include_router(style_routes.router)
+    upload = settings.max_file_bytes + UPLOAD_OVERHEAD  # the file part is counted on its own, to the byte
     app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
-                       host_of=lambda: app.state.host)
+                       host_of=lambda: app.state.host,
+                       upload_routes={("POST", "/v1/files"): upload, ("POST", "/v1/models"): upload})
     return app

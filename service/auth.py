@@ -4,10 +4,11 @@ The pepper is a server secret in the data dir (not in the database), so a leaked
 database alone cannot be used to test guesses. Keys carry scopes, a model allowlist,
 an expiry, a revocation time and a sample quota (lifetime, or per window).
 
-The :class:`Keyring` keeps the request path free of database writes: key rows are
-cached for ``auth_cache_s`` (a revocation through this server drops the cache at once;
-one made by another process takes effect within that time), and quota counters and
-usage are kept in memory and written behind every ``usage_flush_s``.
+The :class:`Keyring` caches key rows for ``auth_cache_s`` (a revocation through this server
+drops the cache at once; one made by another process takes effect within that time, and at
+once on the keyed path, whose charge reads the row). The quota is charged in the store, one
+conditional UPDATE per keyed request, so it is exact across requests and server processes;
+the per-model usage statistics are kept in memory and written behind every ``usage_flush_s``.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from .errors import ApiError
 from .store import ApiKeyRow, Store
 
-SCOPES = ("predict", "distill", "jobs", "admin")
+SCOPES = ("predict", "distill", "jobs", "deploy", "admin")  # deploy: upload bundles to serve
 # A scope also grants the ones listed here: a distiller may call predict too.
 IMPLIED = {"admin": set(SCOPES), "distill": {"predict"}}
 KEY_RE = re.compile(r"sdb_([0-9a-f]{12})_([0-9a-f]{64})")
@@ -124,12 +125,8 @@ class Keyring:
     def __init__(self, store: Store, pepper: bytes, cache_s: float = 1.0):
         self.store, self._pepper, self.cache_s = store, pepper, cache_s
         self._lock = threading.Lock()
-        # One flush at a time: two (the write-behind loop and a shutdown or test flush) would both
-        # take the same pending counters and charge them twice.
-        self._flushing = threading.Lock()
         self._rows: dict[str, tuple[float, ApiKeyRow]] = {}
         self._generation: dict[str, int] = {}  # bumped on invalidation: a slow fetch then is not cached
-        self._pending: dict[tuple[str, int], int] = {}  # (key id, window start) → samples not yet written
         self._usage: dict[tuple[str, str, str, str], list[int]] = {}  # (key, model, kind, day) → [req, samples]
 
     # ------------------------------------------------------------ authentication
@@ -179,26 +176,27 @@ class Keyring:
 
     # ------------------------------------------------------------ quota and usage
     def charge(self, key: ApiKey, samples: int) -> None:
-        """Count ``samples`` against the key's quota, or raise 429 and count nothing."""
-        if key.quota is not None:
-            now = time.time()
-            ws = window_start(key.quota_window_s, now)
-            with self._lock:
-                hit = self._rows.get(key.id)
-                row_used = 0
-                if hit is not None and hit[1].window_start == ws:
-                    row_used = hit[1].used
-                used = row_used + self._pending.get((key.id, ws), 0)
-                if used + samples > key.quota:
-                    headers = None
-                    if key.quota_window_s:
-                        headers = {"Retry-After": str(max(1, int(ws + key.quota_window_s - now + 0.999)))}
-                    raise ApiError(429, "quota_exceeded",
-                                   f"sample quota spent: {used} of {key.quota} used, {samples} asked", headers)
-                self._pending[(key.id, ws)] = self._pending.get((key.id, ws), 0) + samples
-        else:
-            with self._lock:
-                self._pending[(key.id, 0)] = self._pending.get((key.id, 0), 0) + samples
+        """Blocking (call off the event loop): count ``samples`` against the key's quota in the
+        store, or count nothing and raise: 429 when they do not fit, 401 when the key was revoked
+        or expired since this request authenticated (in another process, say)."""
+        now = time.time()
+        if self.store.charge(key.id, samples, now) is not None:
+            return
+        row = self.store.get_key(key.id)  # refused: say why
+        if row is None:
+            raise _unauthorized("invalid_key", "unknown API key")
+        if row.revoked_at is not None:
+            self.invalidate(key.id)
+            raise _unauthorized("key_revoked", "this API key was revoked")
+        if row.expires_at is not None and row.expires_at <= now:
+            raise _unauthorized("key_expired", "this API key has expired")
+        ws = window_start(row.quota_window_s, now)
+        used = row.used if row.window_start >= ws else 0
+        headers = None
+        if row.quota_window_s:
+            headers = {"Retry-After": str(max(1, int(ws + row.quota_window_s - now + 0.999)))}
+        raise ApiError(429, "quota_exceeded", f"sample quota spent: {used} of {row.quota} used, {samples} asked",
+                       headers)
 
     def record(self, key_id: str, model: str, kind: str, samples: int) -> None:
         day = time.strftime("%Y-%m-%d", time.gmtime())
@@ -208,35 +206,21 @@ class Keyring:
             acc[1] += samples
 
     def flush(self) -> None:
-        """Blocking: write pending counters and usage to the store.
+        """Blocking: write the usage gathered since the last flush to the store (the write-behind).
 
-        A counter leaves ``_pending`` only after its write committed, and the cached row
-        is dropped in the same step, so no request ever sees the samples twice or not at all.
+        Each flush takes what was gathered under the lock, so two at once (the loop and a shutdown
+        flush) never write the same usage twice; what a failed write left is kept for the next one.
         """
-        with self._flushing:
-            self._flush()
-
-    def _flush(self) -> None:
         with self._lock:
-            pending = dict(self._pending)
             usage, self._usage = self._usage, {}
-        try:
-            for (key_id, ws), n in sorted(pending.items(), key=lambda kv: kv[0][1]):
-                self.store.charge(key_id, n, ws)
-                with self._lock:
-                    left = self._pending.get((key_id, ws), 0) - n
-                    if left > 0:
-                        self._pending[(key_id, ws)] = left
-                    else:
-                        self._pending.pop((key_id, ws), None)
-                    self._rows.pop(key_id, None)
-                    self._generation[key_id] = self._generation.get(key_id, 0) + 1
-            for (key_id, model, kind, day), (req, n) in usage.items():
+        items = list(usage.items())
+        for i, ((key_id, model, kind, day), (req, n)) in enumerate(items):
+            try:
                 self.store.record_usage(key_id, model, kind, day, req, n)
-        except Exception:
-            with self._lock:  # keep the usage for the next try rather than forgive it
-                for k, (req, n) in usage.items():
-                    acc = self._usage.setdefault(k, [0, 0])
-                    acc[0] += req
-                    acc[1] += n
-            raise
+            except Exception:
+                with self._lock:
+                    for k, (req_left, n_left) in items[i:]:
+                        acc = self._usage.setdefault(k, [0, 0])
+                        acc[0] += req_left
+                        acc[1] += n_left
+                raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from .auth import ANONYMOUS, ApiKey, Keyring, check_scope
 from .batching import BatcherClosed
@@ -78,14 +79,22 @@ async def public_logits(model: HostedModel, x: np.ndarray, key: ApiKey | None, k
     return z
 
 
-async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: Keyring,
-                       metrics: Metrics) -> np.ndarray:
+async def charge_keyed(model: HostedModel, samples: int, key: ApiKey, keyring: Keyring) -> None:
+    """The keyed path's gate, passed before any model time is spent: the ``distill`` scope for this
+    model, a keyed path to serve, and the samples charged to the key's quota in the store."""
     check_scope(key, "distill", model.name)
     if not model.distillable:
         task = model.task
         raise ApiError(400, "not_distillable", f"model {model.name!r} has no keyed path "
                        f"({'a ' + task + ' model' if task != 'classification' else 'Nasty mode'})")
-    keyring.charge(key, len(x))
+    await run_in_threadpool(keyring.charge, key, samples)
+
+
+async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: Keyring,
+                       metrics: Metrics, *, charged: bool = False) -> np.ndarray:
+    """The keyed logits of ``x``; ``charged``: the caller already passed :func:`charge_keyed` for them."""
+    if not charged:
+        await charge_keyed(model, len(x), key, keyring)
     z = await _served(model.logits(x, keyed=True), model)
     _count(model, "distill", len(x), key, keyring, metrics)
     return z

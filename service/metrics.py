@@ -1,11 +1,15 @@
-"""Prometheus metrics, in a registry of their own per app (tests build many apps).
+"""Prometheus metrics, in registries of their own per app (tests build many apps).
 
 Labels are bounded: the route template (never the raw path), the model name only when
-that model is hosted, and the key *id* for samples served (never the secret).
+that model is hosted, and the key *id* for samples served (never the secret). Series by key
+id are shown to admin keys only; anyone else reads ``sdb_samples`` summed over keys.
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (.0005, .001, .002, .004, .008, .016, .032, .064, .128, .256, .512, 1.0, 2.5, 5.0, 10.0)
@@ -21,7 +25,12 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.errors = Counter("sdb_errors", "HTTP responses with status >= 400", ["route", "model", "status"],
                               registry=r)
-        self.samples = Counter("sdb_samples", "Samples served", ["model", "kind", "key_id"], registry=r)
+        # Samples by key id in a registry of their own, rendered for admin keys only; everyone
+        # else reads the same counter summed over keys.
+        self.by_key = CollectorRegistry(auto_describe=True)
+        self.samples = Counter("sdb_samples", "Samples served", ["model", "kind", "key_id"], registry=self.by_key)
+        self.by_model = CollectorRegistry(auto_describe=True)
+        self.by_model.register(_SummedOverKeys(self.samples))
         self.batch_requests = Histogram("sdb_batch_requests", "Requests merged into one ONNX Runtime call",
                                         ["model"], buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.batch_samples = Histogram("sdb_batch_samples", "Samples in one ONNX Runtime call", ["model"],
@@ -38,5 +47,27 @@ class Metrics:
         self.batch_requests.labels(model).observe(requests)
         self.batch_samples.labels(model).observe(samples)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, per_key: bool = False) -> bytes:
+        """The exposition; ``per_key`` (an admin key) adds the series by key id."""
+        return generate_latest(self.registry) + generate_latest(self.by_key if per_key else self.by_model)
+
+
+class _SummedOverKeys:
+    """``sdb_samples`` without its ``key_id`` label: what a caller without an admin key reads."""
+
+    def __init__(self, counter: Counter):
+        self.counter = counter
+
+    def describe(self) -> list:
+        return [CounterMetricFamily("sdb_samples", "Samples served", labels=["model", "kind"])]
+
+    def collect(self):
+        sums: dict[tuple[str, str], float] = defaultdict(float)
+        for family in self.counter.collect():
+            for s in family.samples:
+                if s.name == "sdb_samples_total":
+                    sums[s.labels["model"], s.labels["kind"]] += s.value
+        total = CounterMetricFamily("sdb_samples", "Samples served", labels=["model", "kind"])
+        for (model, kind), value in sorted(sums.items()):
+            total.add_metric([model, kind], value)
+        yield total

@@ -18,8 +18,10 @@ log = logging.getLogger("sdb.service")
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, *, max_payload_bytes: int, metrics, host_of):
+    def __init__(self, app: ASGIApp, *, max_payload_bytes: int, metrics, host_of,
+                 upload_routes: dict[tuple[str, str], int] | None = None):
         self.app, self.limit, self.metrics, self.host_of = app, max_payload_bytes, metrics, host_of
+        self.upload_routes = upload_routes or {}  # (method, path) → its own body limit: file uploads
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -35,12 +37,13 @@ class ServiceMiddleware:
 
         try:
             declared = _content_length(scope)
-            if declared is not None and declared > self.limit:
+            limit = self.upload_routes.get((scope.get("method", ""), scope.get("path", "")), self.limit)
+            if declared is not None and declared > limit:
                 await error_response(413, "payload_too_large",
-                                     f"body of {declared} bytes is over the {self.limit}-byte limit")(
+                                     f"body of {declared} bytes is over the {limit}-byte limit")(
                     scope, receive, send_tracked)
             else:
-                await self.app(scope, self._limited(receive), send_tracked)
+                await self.app(scope, self._limited(receive, limit), send_tracked)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
@@ -54,9 +57,8 @@ class ServiceMiddleware:
             self.metrics.observe_request(template, scope.get("method", ""), model, status,
                                          time.perf_counter() - start)
 
-    def _limited(self, receive: Receive) -> Receive:
+    def _limited(self, receive: Receive, limit: int) -> Receive:
         seen = 0
-        limit = self.limit
 
         async def counted() -> Message:
             nonlocal seen

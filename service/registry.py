@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdb_core.bundle import OUTPUT_NAME, Bundle, load_bundle, onnx_providers
+from sdb_core.bundle import OUTPUT_NAME, Bundle, BundleError, load_bundle, onnx_providers, output_shape
 
 from .batching import MicroBatcher
 from .errors import ApiError, not_found
@@ -26,6 +26,27 @@ from .settings import Settings
 from .store import ModelRow, Store
 
 log = logging.getLogger("sdb.service")
+
+
+# The per-sample output each task's routes read, as (shape, what it means): a score per label, a
+# heatmap per joint (decoded to keypoints), an RGB image (encoded as PNG). None: any size there.
+# Other tasks are refused by those routes, not at load.
+SERVED_OUTPUTS: dict[str, tuple[list[int | None], str]] = {
+    "classification": ([None], "one score per label"), "multilabel": ([None], "one score per label"),
+    "pose": ([None, None, None], "a heatmap per joint, [joints, h, w]"),
+    "style": ([3, None, None], "an RGB image, [3, H, W]"),
+}
+
+
+def check_served_output(meta: dict, where: str) -> None:
+    """Refuse a bundle whose (verified) output shape is not what its task's routes read."""
+    task = meta.get("task", "classification")
+    if task not in SERVED_OUTPUTS:
+        return
+    want, means = SERVED_OUTPUTS[task]
+    shape = output_shape(meta, where)
+    if len(shape) != len(want) or any(w is not None and d != w for d, w in zip(shape, want)):
+        raise BundleError(f"{where}: a {task} model is served with {means} per input; this one outputs {shape}")
 
 
 def version_key(v: str) -> tuple:
@@ -159,9 +180,16 @@ class ModelHost:
         return so
 
     def load(self, path: str) -> Bundle:
-        """Verify and load; raises ValueError (BundleError, SealError) or OSError when refused."""
-        return load_bundle(path, self.settings.master_key, session_options=self.session_options(),
-                           providers=onnx_providers())
+        """Verify and load; raises ValueError (BundleError, SealError) or OSError when refused.
+
+        ``load_bundle`` checks the hashes, opens the key only beside the network it was sealed with,
+        and runs the graph once against ``meta.json``'s output shape; then the output must be what
+        the model's task's routes read.
+        """
+        bundle = load_bundle(path, self.settings.master_key, session_options=self.session_options(),
+                             providers=onnx_providers())
+        check_served_output(bundle.meta, path)
+        return bundle
 
     def _host(self, row: ModelRow, bundle: Bundle) -> HostedModel:
         s = self.settings
@@ -204,19 +232,20 @@ class ModelHost:
         if old is not None:
             old.batcher.close()
 
-    def add(self, path: str | Path, actor: str) -> HostedModel:
-        """Verify a bundle, record it in the store, serve it. 400 when refused, 409 when present."""
+    def add(self, path: str | Path, actor: str, *, name: str | None = None, version: str | None = None) -> HostedModel:
+        """Verify a bundle, record it in the store, serve it. 400 when refused, 409 when present.
+        ``name`` and ``version`` default to the bundle's own (an upload is given the next version)."""
         with self._lock:  # one writer at a time: a sync must not load the row this add is writing
-            return self._add(path, actor)
+            return self._add(path, actor, name, version)
 
-    def _add(self, path: str | Path, actor: str) -> HostedModel:
+    def _add(self, path: str | Path, actor: str, name: str | None = None, version: str | None = None) -> HostedModel:
         path = str(Path(path).expanduser().resolve())
         try:
             bundle = self.load(path)
         except (ValueError, OSError) as e:
             self.store.audit(actor, "model.refused", path, str(e))
             raise ApiError(400, "bundle_refused", f"bundle refused: {e}") from None
-        name, version = str(bundle.meta["name"]), str(bundle.meta["version"])
+        name, version = name or str(bundle.meta["name"]), version or str(bundle.meta["version"])
         row = self.store.add_model(name, version, path)
         if row is None:
             raise ApiError(409, "model_exists", f"model {name!r} version {version!r} is already registered")

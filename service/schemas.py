@@ -83,12 +83,8 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
-class AddModelRequest(BaseModel):
-    path: str = Field(description="a bundle directory or .sdb file on the server")
-
-
 class CreateKeyRequest(BaseModel):
-    scopes: list[str] = Field(min_length=1, description="predict | distill | jobs | admin")
+    scopes: list[str] = Field(min_length=1, description="predict | distill | jobs | deploy | admin")
     models: list[str] | None = Field(None, description="allowlist; omitted: every model")
     quota: int | None = Field(None, ge=0, description="samples the key may be served (distill)")
     quota_window_s: int | None = Field(None, ge=1, description="the quota restarts every window; omitted: lifetime")

@@ -1,10 +1,12 @@
 """All settings in one place: environment variables with the prefix ``SDB_``.
 
 Every value has a default that works on one machine, so ``sdb serve`` with no
-settings at all works: data in ``./.sdb``, SQLite there, a master key created there.
+settings at all works: data in ``./.sdb``, SQLite there, the master key and the pepper created
+in ``./.sdb-secrets`` beside it (outside what jobs read; refused when others may read them).
 """
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from pathlib import Path
 
@@ -12,6 +14,20 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdb_core.protect.seal import load_or_create_master_key
+
+log = logging.getLogger("sdb.service")
+
+
+class SecretsError(ValueError):
+    """A server secret the server refuses to use: open to other users, or inside the data dir."""
+
+
+def _private(path: Path, chmod: str) -> None:
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise SecretsError(f"{path} holds server secrets but group or others have access to it (mode "
+                           f"{mode & 0o777:o}); the server will not start until `chmod {chmod} {path}` "
+                           "(owned by the user the server runs as)")
 
 
 class Settings(BaseSettings):
@@ -22,7 +38,11 @@ class Settings(BaseSettings):
     # The database password from a file (a compose or Kubernetes secret), so that it is in
     # neither the URL nor the environment; used when the URL itself has no password.
     database_password_file: Path | None = None
-    master_key_file: Path | None = None  # default: <data_dir>/master.key
+    # Secrets: the master key (seals the boxes' keys) and the pepper (keys API-key hashes), 32
+    # random bytes each, created 0600 on first use in a 0700 directory outside the data dir.
+    secrets_dir: Path | None = None  # default: <data_dir>-secrets, beside the data dir
+    master_key_file: Path | None = None  # default: <secrets_dir>/master.key
+    pepper_file: Path | None = None  # default: <secrets_dir>/pepper.key
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_payload_bytes: int = Field(8 << 20, ge=1024)
@@ -37,9 +57,6 @@ class Settings(BaseSettings):
     job_reap_s: float = Field(5.0, gt=0.0)  # how often the server and workers look for dead ones
     job_torch_threads: int = Field(0, ge=0)  # torch threads per worker; 0 leaves torch's default
 
-    # Secrets beside the data: the pepper that keys API-key hashes (created 0600 on first use).
-    pepper_file: Path | None = None  # default: <data_dir>/pepper.key
-
     # ONNX Runtime threads; 0 lets ORT choose (one per core). One intra-op thread is best for
     # small models (measured: +15% requests/s on the demo model); raise it for big ones.
     ort_intra_op_threads: int = Field(1, ge=0)
@@ -53,9 +70,15 @@ class Settings(BaseSettings):
 
     public_predict: bool = True  # False: predict needs a key with the predict scope
     auth_cache_s: float = Field(1.0, ge=0.0)  # how stale a key row (revocation by another process) may be
-    usage_flush_s: float = Field(0.5, gt=0.0)  # write-behind of quota counters and usage
+    usage_flush_s: float = Field(0.5, gt=0.0)  # write-behind of usage statistics (quotas are charged at once)
     models_sync_s: float = Field(2.0, gt=0.0)  # picks up `sdb models add|remove` from the store
     register_demo: bool = True  # register <data_dir>/bundles/mnist-demo when no model ever was
+
+    # Uploaded files (POST /v1/files, POST /v1/models): the largest upload, and what an archive
+    # (a dataset zip, an .npz, a bundle) may unpack to, in bytes and in members.
+    max_file_bytes: int = Field(512 << 20, ge=1024)
+    max_unpacked_bytes: int = Field(2 << 30, ge=1024)
+    max_archive_members: int = Field(100_000, ge=1)
 
     @property
     def db_url(self) -> str:
@@ -72,21 +95,54 @@ class Settings(BaseSettings):
         return url.set(password=password).render_as_string(hide_password=False)
 
     @property
-    def master_key_path(self) -> Path:
-        return self.master_key_file or self.data_dir / "master.key"
+    def secrets_path(self) -> Path:
+        if self.secrets_dir is not None:
+            return self.secrets_dir
+        data = self.data_dir.resolve()
+        return data.parent / f"{data.name or 'sdb'}-secrets"
 
-    @cached_property
-    def master_key(self) -> bytes:
-        return load_or_create_master_key(self.master_key_path)
+    @property
+    def master_key_path(self) -> Path:
+        return self.master_key_file or self._default_secret("master.key")
 
     @property
     def pepper_path(self) -> Path:
-        return self.pepper_file or self.data_dir / "pepper.key"
+        return self.pepper_file or self._default_secret("pepper.key")
+
+    @cached_property
+    def master_key(self) -> bytes:
+        return self._load_secret(self.master_key_path)
 
     @cached_property
     def pepper(self) -> bytes:
-        # Same file format and creation rules as the master key: 32 random bytes, hex, mode 0600.
-        return load_or_create_master_key(self.pepper_path)
+        return self._load_secret(self.pepper_path)
+
+    def check_secrets(self) -> None:
+        """Load (or create) both secrets: SecretsError when others may read them. ``sdb serve`` and
+        ``sdb worker`` call it before anything else."""
+        _ = self.master_key, self.pepper
+
+    def _default_secret(self, name: str) -> Path:
+        path, legacy = self.secrets_path / name, self.data_dir / name
+        # A data dir from before the secrets dir: its secrets are read in place (with a warning),
+        # not moved, because a secrets dir on a container's ephemeral layer would lose them.
+        return legacy if not path.exists() and legacy.is_file() else path
+
+    def _load_secret(self, path: Path) -> bytes:
+        data, secrets = self.data_dir.resolve(), self.secrets_path.resolve()
+        if secrets.is_relative_to(data):
+            raise SecretsError(f"the secrets dir {secrets} is inside the data dir {data}, where jobs read files: "
+                               "set SDB_SECRETS_DIR to a directory outside it")
+        if path.absolute().parent.resolve() == secrets:
+            secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private(secrets, "700")
+        if path.exists():
+            _private(path, "600")
+        key = load_or_create_master_key(path)  # created 0600
+        if path.resolve().is_relative_to(data):
+            log.warning("%s is inside the data dir %s, where jobs read files: move it to %s (mode 0700) "
+                        "or point SDB_MASTER_KEY_FILE / SDB_PEPPER_FILE outside", path, data, secrets)
+        return key
 
     @property
     def bundles_dir(self) -> Path:
@@ -95,3 +151,7 @@ class Settings(BaseSettings):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"

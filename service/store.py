@@ -1,4 +1,4 @@
-"""The SQL store: API keys, hosted models, usage, the audit log and jobs.
+"""The SQL store: API keys, hosted models, usage, the audit log, jobs and uploaded files.
 
 SQLAlchemy 2 with portable SQL only, so the same code runs on SQLite (the default, a file
 in the data dir) and on PostgreSQL (``SDB_DATABASE_URL``). The schema is created and
@@ -19,8 +19,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
+    bindparam,
+    case,
     create_engine,
     event,
+    or_,
     select,
     text,
     update,
@@ -117,6 +121,23 @@ class JobRow(Base):
 JOB_DONE = ("succeeded", "failed", "cancelled")
 
 
+class FileRow(Base):
+    """An uploaded file (``service/files.py``): checked on upload, stored under ``<data_dir>/files/<id>/``."""
+
+    __tablename__ = "files"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # file- + 24 hex
+    owner: Mapped[str] = mapped_column(String(32), index=True)  # the uploading key's id
+    purpose: Mapped[str] = mapped_column(String(16))  # weights | dataset | image | bundle
+    filename: Mapped[str] = mapped_column(String(255))  # the client's name, cleaned: no path
+    size: Mapped[int] = mapped_column(BigInteger)  # bytes, as uploaded
+    sha256: Mapped[str] = mapped_column(String(64))  # of the upload
+    format: Mapped[str] = mapped_column(String(32))  # what the check found: safetensors, pt, imagefolder, npz, ...
+    stored: Mapped[str] = mapped_column(String(300))  # the checked file or folder, relative to the file's folder
+    info: Mapped[str] = mapped_column(Text, default="{}")  # JSON: what the check measured (tensors, classes, ...)
+    shared: Mapped[bool] = mapped_column(Boolean, default=False)  # an admin's file every key may use
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
 def _v1(conn: Connection) -> None:
     # The tables of the first release, named: later tables come from their own steps.
     v1 = ("api_keys", "models", "usage", "audit_log")
@@ -127,8 +148,12 @@ def _v2(conn: Connection) -> None:
     JobRow.__table__.create(conn, checkfirst=True)
 
 
+def _v3(conn: Connection) -> None:
+    FileRow.__table__.create(conn, checkfirst=True)
+
+
 # Append a step to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
 
 
 # Any constant: the PostgreSQL advisory lock that serialises migrations across processes and hosts.
@@ -242,15 +267,19 @@ class Store:
                 row.revoked_at = time.time()
             return row
 
-    def charge(self, key_id: str, samples: int, window_start: int) -> None:
-        """Add served samples to a key's counter, restarting it when a new window began."""
-        with self.session.begin() as s:
-            row = s.get(ApiKeyRow, key_id, with_for_update=True)
-            if row is None:
-                return
-            if row.window_start != window_start:
-                row.window_start, row.used = window_start, 0
-            row.used += samples
+    def charge(self, key_id: str, samples: int, now: float) -> tuple[int, int] | None:
+        """Count ``samples`` against a key's quota, or nothing: one conditional UPDATE.
+
+        The row is the counter every request and server process shares, so the check and the
+        increment are one statement: the quota condition, the window rollover (a row whose window
+        began before the current one restarts at ``samples``; a lagging clock never restarts a
+        newer one), revocation and expiry. Returns (used, window start) after the charge, or None
+        when refused: an unknown, revoked or expired key, or samples that do not fit the quota.
+        """
+        with self.engine.begin() as conn:
+            params = {"key_id": key_id, "samples": samples, "now": now, "now_s": int(now)}
+            row = conn.execute(_CHARGE, params).first()
+        return None if row is None else (row.used, row.window_start)
 
     def record_usage(self, key_id: str, model: str, kind: str, day: str, requests: int, samples: int) -> None:
         pk = {"key_id": key_id, "model": model, "kind": kind, "day": day}
@@ -273,6 +302,49 @@ class Store:
             if key_id is not None:
                 q = q.where(UsageRow.key_id == key_id)
             return list(s.scalars(q))
+
+    # ---------------------------------------------------------------- files
+    def add_file(self, row: FileRow) -> None:
+        with self.session.begin() as s:
+            s.add(row)
+
+    def get_file(self, file_id: str) -> FileRow | None:
+        with self.session() as s:
+            return s.get(FileRow, file_id)
+
+    def list_files(self, owner: str | None = None, *, shared: bool = False, limit: int = 1000) -> list[FileRow]:
+        """Newest first: ``owner``'s files (with ``shared``, and every shared file), or all when owner is None."""
+        with self.session() as s:
+            q = select(FileRow)
+            if owner is not None:
+                q = q.where((FileRow.owner == owner) | FileRow.shared) if shared else q.where(FileRow.owner == owner)
+            return list(s.scalars(q.order_by(FileRow.created_at.desc(), FileRow.id).limit(limit)))
+
+    def delete_file(self, file_id: str) -> FileRow | None:
+        """The row removed, or None when there was none."""
+        with self.session.begin() as s:
+            row = s.get(FileRow, file_id)
+            if row is not None:
+                s.delete(row)
+            return row
+
+
+def _charge_statement():
+    """:meth:`Store.charge`'s UPDATE, built once (building it per request cost more than running it)."""
+    k = ApiKeyRow.__table__.c
+    now, now_s = bindparam("now", type_=Float), bindparam("now_s", type_=BigInteger)  # now_s: int(now)
+    samples = bindparam("samples", type_=BigInteger)
+    current = now_s - now_s % k.quota_window_s  # the current window's start; NULL for a lifetime quota
+    rolled = and_(k.quota_window_s.is_not(None), k.window_start < current)
+    used = case((rolled, samples), else_=k.used + samples)
+    return (update(ApiKeyRow.__table__)
+            .where(k.id == bindparam("key_id"), k.revoked_at.is_(None),
+                   or_(k.expires_at.is_(None), k.expires_at > now), or_(k.quota.is_(None), used <= k.quota))
+            .values(used=used, window_start=case((rolled, current), else_=k.window_start))
+            .returning(k.used, k.window_start))
+
+
+_CHARGE = _charge_statement()
 
 
 def normalise_url(url: str) -> str:

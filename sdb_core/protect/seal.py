@@ -24,7 +24,11 @@ class SealError(ValueError):
 
 
 def seal(key, master_key: bytes, aad: bytes = b"") -> bytes:
-    """Encrypt and authenticate ``key`` (an array or a CPU tensor) and ``aad`` under ``master_key``."""
+    """Encrypt and authenticate ``key`` (an array or a CPU tensor) and ``aad`` under ``master_key``.
+
+    ``aad`` is what the key is bound to (a bundle's: ``sdb_core.bundle.key_aad``): ``unseal`` opens
+    the key only with the same bytes.
+    """
     _check_master(master_key)
     arr = np.asarray(key.detach().cpu() if hasattr(key, "detach") else key, dtype=np.float32)
     buf = io.BytesIO()
@@ -41,8 +45,8 @@ def unseal(blob: bytes, master_key: bytes, aad: bytes = b"") -> np.ndarray:
     try:
         raw = AESGCM(master_key).decrypt(nonce, blob[len(_MAGIC) + _NONCE:], _MAGIC + aad)
     except InvalidTag:
-        raise SealError("the sealed key could not be opened: wrong master key, "
-                        "or the key or bundle metadata was altered") from None
+        raise SealError("the sealed key could not be opened: wrong master key, or the key, the bundle "
+                        "metadata or the network it is bound to was altered") from None
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 

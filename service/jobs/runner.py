@@ -1,10 +1,12 @@
 """Run one claimed job to its end, the same way on every backend (an embedded worker process
 or a Ray task): heartbeat and progress to the store, log and artifacts under
-``<data_dir>/jobs/<id>/``, ``report.json`` and the training curves, then the final status.
+``<data_dir>/jobs/<id>/``, ``report.json`` and the training curves, then the final status. A failure
+is recorded in words (:func:`service.disclosure.failure_reason`); its traceback stays server-side.
 """
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 import time
@@ -12,12 +14,15 @@ import traceback
 
 from sdb_core.progress import Cancelled
 
+from ..disclosure import failure_reason, hide_paths_in
 from ..settings import Settings
 from ..store import JobRow
 from .context import JobContext
 from .kinds import get_kind
 from .plots import plot_curves
 from .queue import JobQueue
+
+log = logging.getLogger("sdb.jobs")
 
 
 class Heartbeat(threading.Thread):
@@ -42,8 +47,9 @@ class Heartbeat(threading.Thread):
         while not self.done.wait(self.interval):
             try:
                 self.beat()
-            except Exception as e:  # noqa: BLE001  (the store briefly unreachable must not kill the job)
-                self.ctx.log(f"heartbeat failed: {type(e).__name__}: {e}")
+            except Exception:  # the store briefly unreachable must not kill the job
+                log.warning("job %s: heartbeat failed", self.ctx.job.id, exc_info=True)
+                self.ctx.log("heartbeat failed: the store did not answer; trying again")
 
 
 def job_dir(settings: Settings, job_id: str):
@@ -71,7 +77,8 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str,
         full = {"job": {"id": job.id, "kind": job.kind, "params": json.loads(job.params),
                         "attempt": job.attempts, "worker": worker, "seconds": time.time() - t0},
                 **report, "curves": ctx.curves}
-        (ctx.artifacts / "report.json").write_text(json.dumps(full, indent=2, default=str))
+        full = hide_paths_in(json.loads(json.dumps(full, default=str)), settings.data_dir)  # the owner downloads it
+        (ctx.artifacts / "report.json").write_text(json.dumps(full, indent=2))
         ok = queue.finish(job.id, worker, "succeeded", message=report.get("summary", "done"),
                           result=report.get("result", {}), metrics=report.get("metrics", {}))
         ctx.log("succeeded" if ok else "finished, but the job was no longer ours (reaped?)")
@@ -87,9 +94,14 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str,
         queue.finish(job.id, worker, "cancelled", message=str(e))
         ctx.log(f"cancelled: {e}")
         return "cancelled"
-    except Exception as e:  # noqa: BLE001  (any error of a recipe fails the job, with its traceback logged)
-        ctx.log(traceback.format_exc())
-        queue.finish(job.id, worker, "failed", error=f"{type(e).__name__}: {e}"[:2000], message="failed")
+    except Exception as e:  # any error of a recipe fails the job
+        # The owner reads the cause in words (error, log.txt); the traceback, which quotes paths
+        # and file contents, goes to the worker's log and traceback.txt beside log.txt, never served.
+        reason = failure_reason(e, ctx.snapshot()["step"], settings.data_dir)
+        (workdir / "traceback.txt").write_text(traceback.format_exc())
+        log.exception("job %s (%s) failed", job.id, job.kind)
+        ctx.log(f"failed: {reason}")
+        queue.finish(job.id, worker, "failed", error=reason, message="failed")
         return "failed"
     finally:
         hb.done.set()

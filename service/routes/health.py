@@ -1,11 +1,17 @@
-"""Liveness, readiness and Prometheus metrics."""
+"""Liveness, readiness and Prometheus metrics.
+
+None of them shows a server path or a key id to a caller without an admin key; with
+``public_predict`` off they name no model to a caller without a key (docs/security.md).
+"""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ..deps import MetricsDep, ModelHostDep, StoreDep
+from ..auth import check_scope
+from ..deps import MetricsDep, ModelHostDep, OptionalApiKeyDep, SettingsDep, StoreDep
+from ..disclosure import hide_paths
 from ..errors import ApiError
 from ..schemas import json_response
 
@@ -18,17 +24,25 @@ async def healthz() -> Response:
 
 
 @router.get("/readyz", summary="Models loaded and the store reachable")
-async def readyz(request: Request, store: StoreDep, host: ModelHostDep) -> Response:
+async def readyz(request: Request, store: StoreDep, host: ModelHostDep, settings: SettingsDep) -> Response:
     if not getattr(request.app.state, "ready", False):
         raise ApiError(503, "not_ready", "the server is still starting")
     try:
         await run_in_threadpool(store.ping)
     except Exception:  # noqa: BLE001 - any driver error means not ready
         raise ApiError(503, "store_unreachable", "the store does not answer") from None
-    failed = {f"{n}@{v}": why for (n, v), why in host.failed.items()}
-    return json_response({"status": "ready", "models": len(host.all()), "failed": failed})
+    body = {"status": "ready", "models": len(host.all()), "failed_models": len(host.failed)}
+    if settings.public_predict:  # model names are public: which versions failed, and why (the log has the paths)
+        body["failed"] = {f"{n}@{v}": hide_paths(why, settings.data_dir) for (n, v), why in host.failed.items()}
+    return json_response(body)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
-async def metrics(m: MetricsDep) -> Response:
-    return Response(m.render(), media_type=m.content_type)
+@router.get("/metrics", summary="Prometheus metrics (series by key id with an admin key)")
+async def metrics(m: MetricsDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
+    admin = key is not None and key.grants("admin")
+    if not settings.public_predict and not admin:  # the series are labelled with model names
+        if key is None:
+            raise ApiError(401, "missing_key", "this server's metrics need an admin key",
+                           {"WWW-Authenticate": "Bearer"})
+        check_scope(key, "admin")
+    return Response(m.render(per_key=admin), media_type=m.content_type)

@@ -1,8 +1,9 @@
 """``/v1/jobs``: submit, list, get, cancel, logs and artifacts (scope ``jobs``).
 
 A key sees its own jobs only (another key's job is a 404, so ids are not probed); an admin
-key sees every job. Params are validated by the kind's pydantic model and its submission
-check before anything is queued: a bad job is a 422 (or 403/404) and leaves no row.
+key sees every job, as stored; what any other key reads of a job (record, log) names no server
+path. Params are validated by the kind's pydantic model and its submission check before
+anything is queued: a bad job is a 422 (or 403/404) and leaves no row.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from starlette.responses import FileResponse, Response
 
 from ..auth import ApiKey
 from ..deps import JobQueueDep, JobsKeyDep, ModelHostDep, SettingsDep
+from ..disclosure import hide_paths, hide_paths_in
 from ..errors import ApiError, invalid, not_found
 from ..jobs.kinds import KINDS, Submission, get_kind
 from ..jobs.runner import job_dir
@@ -29,6 +31,7 @@ from ..jobs.schemas import (
     job_public,
 )
 from ..schemas import json_response
+from ..settings import Settings
 from ..store import JOB_DONE, JobRow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -52,6 +55,14 @@ def _own(queue, job_id: str, key: ApiKey) -> JobRow:
     return row
 
 
+def _shown(row: JobRow, key: ApiKey, settings: Settings) -> dict:
+    """The job as this key may read it: as stored for an admin, with server paths hidden otherwise."""
+    job = job_public(row)
+    if key.grants("admin"):
+        return job
+    return {**job, **hide_paths_in({f: job[f] for f in ("params", "result", "message", "error")}, settings.data_dir)}
+
+
 @router.post("", status_code=202, response_model=JobPublic,
              summary="Queue a job; the same Idempotency-Key returns the same job")
 def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, host: ModelHostDep, settings: SettingsDep,
@@ -73,31 +84,31 @@ def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, host: ModelHost
                        "this Idempotency-Key was used for a different job; use a new key")
     if created:
         queue.store.audit(key.id, "job.submit", row.id, body.kind)
-    return json_response(job_public(row), status=202)
+    return json_response(_shown(row, key, settings), status=202)
 
 
 @router.get("", response_model=JobList, summary="Jobs, newest first: your own, or all with admin")
-def list_jobs(key: JobsKeyDep, queue: JobQueueDep, status: JobStatus | None = None,
+def list_jobs(key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep, status: JobStatus | None = None,
               kind: str | None = Query(None, max_length=64), limit: int = Query(100, ge=1, le=1000)) -> Response:
     owner = None if key.grants("admin") else key.id
     rows = queue.list(owner=owner, status=status.value if status else None, kind=kind, limit=limit)
-    return json_response({"jobs": [job_public(r) for r in rows]})
+    return json_response({"jobs": [_shown(r, key, settings) for r in rows]})
 
 
 @router.get("/{job_id}", response_model=JobPublic, summary="Status, progress, metrics, error")
-def get_job(job_id: str, key: JobsKeyDep, queue: JobQueueDep) -> Response:
-    return json_response(job_public(_own(queue, job_id, key)))
+def get_job(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
+    return json_response(_shown(_own(queue, job_id, key), key, settings))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic,
              summary="Cancel: a queued job at once, a running one within seconds")
-def cancel(job_id: str, key: JobsKeyDep, queue: JobQueueDep) -> Response:
+def cancel(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
     row = _own(queue, job_id, key)
     if row.status in ("succeeded", "failed"):
         raise ApiError(409, "job_finished", f"job {job_id} already {row.status}")
     row = queue.cancel(job_id)
     queue.store.audit(key.id, "job.cancel", job_id)
-    return json_response(job_public(row))
+    return json_response(_shown(row, key, settings))
 
 
 @router.get("/{job_id}/logs", response_model=JobLogChunk, summary="The log from a byte offset")
@@ -114,7 +125,12 @@ async def logs(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: Setti
             return f.read(limit)
 
     chunk = await run_in_threadpool(read)
+    admin = key.grants("admin")
+    if not admin and len(chunk) == limit and b"\n" in chunk:  # whole lines, so no path is cut in two
+        chunk = chunk[:chunk.rindex(b"\n") + 1]
     text, used = _decode_whole(chunk)
+    if not admin:
+        text = hide_paths(text, settings.data_dir)
     end = offset + used
     size = path.stat().st_size if path.is_file() else 0
     return json_response({"text": text, "offset": offset, "next_offset": end, "status": row.status,

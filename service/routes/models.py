@@ -1,4 +1,5 @@
-"""``/v1/models``: list and describe, predict (anyone), distill (keyed path), admin add/remove."""
+"""``/v1/models``: list and describe, predict (anyone), distill (keyed path), admin remove
+(deploying an uploaded bundle, ``POST /v1/models``, is :mod:`service.routes.deploy`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body
-from ..deps import DISTILLING_DOC, SERVING_DOC, AdminKeyDep, DistillingDep, ModelHostDep, ServingDep
+from ..deps import (
+    DISTILLING_DOC,
+    SERVING_DOC,
+    AdminKeyDep,
+    DistillingDep,
+    ModelHostDep,
+    OptionalApiKeyDep,
+    ServingDep,
+    SettingsDep,
+)
 from ..errors import invalid, not_found
 from ..inference import (
     PREDICT_TASKS,
@@ -20,7 +30,6 @@ from ..inference import (
 )
 from ..registry import HostedModel, ModelHost
 from ..schemas import (
-    AddModelRequest,
     DistillOptions,
     DistillRequest,
     DistillResponse,
@@ -49,13 +58,19 @@ def _describe(host: ModelHost, model: HostedModel) -> dict:
     return {**model.describe(), "versions": host.versions(model.name)}
 
 
-@router.get("", response_model=ModelList, summary="Models being served")
-async def list_models(host: ModelHostDep) -> Response:
-    return json_response({"models": [_describe(host, m) for m in host.all()]})
+@router.get("", response_model=ModelList,
+            summary="Models being served (with public_predict off: those this key may predict with)")
+async def list_models(host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
+    public = settings.public_predict
+    if not public:  # metadata follows predict: a key with the predict scope, and its allowlist
+        require_predict(key, None, public)
+    return json_response({"models": [_describe(host, m) for m in host.all() if public or key.allows_model(m.name)]})
 
 
 @router.get("/{name}", response_model=ModelInfo, summary="One model: input shape, labels, versions")
-async def get_model(name: str, host: ModelHostDep, version: str | None = VersionQuery) -> Response:
+async def get_model(name: str, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep,
+                    version: str | None = VersionQuery) -> Response:
+    require_predict(key, name, settings.public_predict)  # before the lookup: no probing names
     return json_response(_describe(host, host.get(name, version)))
 
 
@@ -122,12 +137,6 @@ async def distill(name: str, request: Request, s: DistillingDep) -> Response:
         body["temperature"] = opts.temperature
         body["soft_targets"] = softmax(z, opts.temperature)
     return json_response(body)
-
-
-@router.post("", status_code=201, response_model=ModelInfo, summary="Serve a bundle from a path on the server (admin)")
-def add_model(body: AddModelRequest, key: AdminKeyDep, host: ModelHostDep) -> Response:
-    model = host.add(body.path, actor=key.id)
-    return json_response(_describe(host, model), status=201)
 
 
 @router.delete("/{name}", summary="Stop serving a model, or one version of it (admin)")

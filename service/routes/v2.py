@@ -16,9 +16,9 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from ..bodies import read_json
-from ..deps import SERVING_DOC, ModelHostDep, Serving, ServingDep
+from ..deps import SERVING_DOC, ModelHostDep, OptionalApiKeyDep, Serving, ServingDep, SettingsDep
 from ..errors import ApiError, invalid
-from ..inference import keyed_logits, public_logits, require_predict, require_task
+from ..inference import charge_keyed, keyed_logits, public_logits, require_predict, require_task
 from ..registry import HostedModel, ModelHost
 from ..schemas import json_body_doc, json_response
 from ..tensors import as_batch, softmax, to_array
@@ -77,23 +77,30 @@ def _metadata(host: ModelHost, m: HostedModel) -> dict:
             + ([{"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}] if m.distillable else [])}
 
 
+# Model metadata follows predict (``public_predict``): checked before the lookup, so no name is probed.
 @router.get("/models/{name}", summary="Model metadata")
-async def model_metadata(name: str, host: ModelHostDep) -> Response:
+async def model_metadata(name: str, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
+    require_predict(key, name, settings.public_predict)
     return json_response(_metadata(host, host.get(name)))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata")
-async def model_version_metadata(name: str, version: str, host: ModelHostDep) -> Response:
+async def model_version_metadata(name: str, version: str, host: ModelHostDep, settings: SettingsDep,
+                                 key: OptionalApiKeyDep) -> Response:
+    require_predict(key, name, settings.public_predict)
     return json_response(_metadata(host, host.get(name, version)))
 
 
 @router.get("/models/{name}/ready", summary="Model ready")
-async def model_ready(name: str, host: ModelHostDep) -> Response:
+async def model_ready(name: str, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
+    require_predict(key, name, settings.public_predict)
     return json_response({"name": host.get(name).name, "ready": True})
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version ready")
-async def model_version_ready(name: str, version: str, host: ModelHostDep) -> Response:
+async def model_version_ready(name: str, version: str, host: ModelHostDep, settings: SettingsDep,
+                              key: OptionalApiKeyDep) -> Response:
+    require_predict(key, name, settings.public_predict)
     m = host.get(name, version)
     return json_response({"name": m.name, "version": m.version, "ready": True})
 
@@ -144,7 +151,8 @@ async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     x = _input_tensor(obj, model, settings.max_request_samples)
     jobs = {}
     if KEYED_OUTPUT in wanted:  # checks scope and charges quota before anything runs
-        jobs[KEYED_OUTPUT] = keyed_logits(model, x, key, keyring, metrics)
+        await charge_keyed(model, len(x), key, keyring)
+        jobs[KEYED_OUTPUT] = keyed_logits(model, x, key, keyring, metrics, charged=True)
     if PUBLIC_OUTPUT in wanted:
         jobs[PUBLIC_OUTPUT] = public_logits(model, x, key, keyring, metrics)
     # Awaited together, both paths ride in the same ONNX Runtime call.

@@ -22,7 +22,7 @@ import uvicorn
 
 from service.app import build_app
 from service.auth import create_key
-from tests.service.conftest import Bundles, bundles, make_settings  # noqa: F401  (bundles: the session fixture)
+from tests.service.conftest import Bundles, bundles, make_settings, sdb_bytes  # noqa: F401  (bundles: the session fixture)
 
 MODEL = "digits-a"
 PAYLOAD_LIMIT = 256 << 10  # small, so a 413 is cheap to provoke; 64 digits samples fit easily
@@ -73,7 +73,7 @@ def sdb_server(tmp_path_factory, bundles) -> SDBServer:  # noqa: F811
     srv = ThreadServer(app)
     store, pepper = app.state.store, settings.pepper
     admin, _ = create_key(store, pepper, scopes=["admin"])
-    r = httpx.post(srv.url + "/v1/models", json={"path": str(bundles.a)},
+    r = httpx.post(srv.url + "/v1/models", files={"file": ("digits-a.sdb", sdb_bytes(bundles.a))},
                    headers={"Authorization": f"Bearer {admin}"}, timeout=60)
     assert r.status_code == 201, r.text
     distill, _ = create_key(store, pepper, scopes=["distill"], models=[MODEL])

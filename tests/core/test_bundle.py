@@ -1,3 +1,5 @@
+import hashlib
+import io
 import json
 import zipfile
 
@@ -5,9 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from sdb_core.bundle import BundleError, export_bundle, load_bundle
+from sdb_core.bundle import (
+    KEY_BINDING,
+    BundleError,
+    _legacy_aad,
+    export_bundle,
+    export_onnx,
+    key_aad,
+    load_bundle,
+    read_bundle_files,
+    reseal_bundle,
+)
 from sdb_core.protect import NastyConfig, SDBConfig, SealError, train_box, wrap_nasty
-from sdb_core.protect.key import new_master_key
+from sdb_core.protect.key import new_master_key, seal, unseal
 from sdb_core.train import TrainConfig
 
 from .conftest import OutsideNet
@@ -124,3 +136,142 @@ def test_unknown_mode_is_refused(tmp_path):
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="unknown mode"):
         load_bundle(path)
+
+
+# ---------------------------------------------------------------- key binding (docs/security.md#bundles)
+def _rewrite(path, meta=None, **files):
+    """Replace files of a bundle directory and recompute meta.json's hashes: what anyone who can
+    write the bundle, but has no master key, can do."""
+    meta = meta if meta is not None else json.loads((path / "meta.json").read_text())
+    for name, data in files.items():
+        (path / name.replace("_", ".")).write_bytes(data)
+    meta["files"] = {n: hashlib.sha256((path / n).read_bytes()).hexdigest() for n in meta["files"]}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def _as_binding_1(path, master):
+    """A bundle as this code sealed it before key binding 2: meta.json alone in the associated data."""
+    files = read_bundle_files(path)
+    meta = json.loads(files["meta.json"])
+    key = unseal(files["key.sealed"], master, aad=key_aad(meta, files))
+    del meta["key_binding"]
+    return _rewrite(path, meta, key_sealed=seal(key, master, aad=_legacy_aad(meta)))
+
+
+def test_the_sealed_key_is_bound_to_meta_and_every_file(tmp_path, digits, box, master):
+    path = _export(box, digits, tmp_path / "b", master)
+    files = read_bundle_files(path)
+    meta = json.loads(files["meta.json"])
+    assert meta["key_binding"] == KEY_BINDING == 2
+    aad = key_aad(meta, files)
+    assert aad == key_aad(meta, {**files, "key.sealed": b"other", "meta.json": b"{}"})  # neither is bound
+    assert aad != key_aad(meta, {**files, "model.onnx": files["model.onnx"] + b"\0"})
+    assert aad != key_aad({**meta, "lam": 0.9}, files) != key_aad({**meta, "key_binding": 1}, files)
+    assert aad != _legacy_aad(meta)
+
+    # Another network under the old one's meta and key, its hash recomputed: the key stays shut.
+    other = export_onnx(OutsideNet(64, digits.num_classes), digits.in_shape)
+    _rewrite(path, model_onnx=other)
+    with pytest.raises(SealError, match="network it is bound to"):
+        load_bundle(path, master)
+    assert not load_bundle(path).has_key  # without the master key it is a public model like any other
+
+
+def test_a_binding_1_bundle_is_refused_with_its_key_until_resealed(tmp_path, digits, box, master):
+    path = _as_binding_1(_export(box, digits, tmp_path / "b", master), master)
+    with pytest.raises(BundleError, match="key binding 1.*re-wrap the model, or re-seal"):
+        load_bundle(path, master)
+    assert not load_bundle(path).has_key  # no key asked for: the public path loads as before
+    with pytest.raises(SealError):
+        reseal_bundle(path, new_master_key())  # only the master key that sealed it re-seals it
+
+    reseal_bundle(path, master)
+    b = load_bundle(path, master)
+    assert b.meta["key_binding"] == KEY_BINDING and b.has_key
+    x = digits.test.tensors[0][:5]
+    assert np.abs(b.distill_logits(x.numpy()) - box.distill_logits(x).numpy()).max() <= 1e-4
+    with pytest.raises(BundleError, match="already sealed under key binding 2"):
+        reseal_bundle(path, master)
+
+
+@pytest.mark.parametrize("binding", [None, 1, 3, "2", True])
+def test_a_binding_2_key_cannot_be_downgraded(tmp_path, digits, box, master, binding):
+    # Claiming another binding in meta.json, with or without a swapped network: the key never opens,
+    # and re-sealing (an admin's trust in the files) cannot launder it into binding 2 either.
+    path = _export(box, digits, tmp_path / "b", master)
+    meta = json.loads((path / "meta.json").read_text())
+    if binding is None:
+        del meta["key_binding"]
+    else:
+        meta["key_binding"] = binding
+    _rewrite(path, meta, model_onnx=export_onnx(OutsideNet(64, digits.num_classes), digits.in_shape))
+    with pytest.raises(BundleError, match="key binding"):
+        load_bundle(path, master)
+    if binding in (None, 1, True):
+        with pytest.raises(SealError):
+            reseal_bundle(path, master)
+
+
+def test_a_member_not_listed_in_meta_is_refused(tmp_path, digits, box, master):
+    plain = export_bundle(OutsideNet(64, 10), tmp_path / "p", name="p", in_shape=digits.in_shape, mean=digits.mean,
+                          std=digits.std, labels=digits.labels)
+    keyed = _export(box, digits, tmp_path / "b", master)
+    (plain / "key.sealed").write_bytes((keyed / "key.sealed").read_bytes())
+    with pytest.raises(BundleError, match="key.sealed is not listed"):
+        load_bundle(plain, master)
+
+
+# ---------------------------------------------------------------- output shape
+def _plain(tmp_path, classes=10, labels=10, **kw):
+    torch.manual_seed(0)
+    return export_bundle(OutsideNet(64, classes), tmp_path / "p", name="p", in_shape=(1, 8, 8), mean=[0.0],
+                         std=[1.0], labels=[str(i) for i in range(labels)], **kw)
+
+
+def test_export_refuses_a_network_that_disagrees_with_its_labels(tmp_path, digits, box, master):
+    with pytest.raises(BundleError, match=r"one score per label, \[12\] for 12 labels; meta.json declares \[10\]"):
+        _plain(tmp_path, labels=12)
+    with pytest.raises(BundleError, match="one score per label"):
+        export_bundle(box, tmp_path / "b", name="b", in_shape=digits.in_shape, mean=digits.mean, std=digits.std,
+                      labels=digits.labels[:3], master_key=master)
+    with pytest.raises(BundleError, match="one heatmap per joint"):
+        _plain(tmp_path, labels=3, task="pose")
+    # Tasks without a label rule (segmentation-depth: channels of several maps) export as they are.
+    assert _plain(tmp_path, labels=3, task="segmentation-depth").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the fixed-axes export below
+def test_load_refuses_a_graph_whose_output_disagrees_with_meta(tmp_path):
+    path = _plain(tmp_path)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["output"]["shape"] == [10] and "key_binding" not in meta  # keyless: nothing to bind
+    good = (path / "model.onnx").read_bytes()
+
+    _rewrite(path, model_onnx=export_onnx(OutsideNet(64, 5), (1, 8, 8)))
+    with pytest.raises(BundleError, match=r"outputs \['batch', 5\] but meta.json declares \[batch, 10\] "
+                                          r"\(task 'classification', 10 labels\)"):
+        load_bundle(path)
+
+    # A graph whose class axis only running it tells (sized by the input's width): the check runs it once.
+    class Pixels(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :x.shape[-1] - 3]
+
+    _rewrite(path, model_onnx=export_onnx(Pixels(), (1, 8, 8)))
+    with pytest.raises(BundleError, match=r"computes \[1, 5\] for one input but meta.json declares \[1, 10\]"):
+        load_bundle(path)
+
+    buf = io.BytesIO()  # exported with every axis fixed
+    torch.onnx.export(OutsideNet(64, 10), torch.zeros(2, 1, 8, 8), buf, input_names=["input"],
+                      output_names=["logits"], opset_version=17, dynamo=False)
+    _rewrite(path, model_onnx=buf.getvalue())
+    with pytest.raises(BundleError, match="fixed batch size of 2"):
+        load_bundle(path)
+
+    _rewrite(path, {**meta, "labels": [str(i) for i in range(12)]}, model_onnx=good)
+    with pytest.raises(BundleError, match="one score per label"):
+        load_bundle(path)
+    del meta["output"]  # a classifier's output defaults to its labels
+    _rewrite(path, meta, model_onnx=good)
+    assert load_bundle(path).meta["labels"] == [str(i) for i in range(10)]

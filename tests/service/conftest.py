@@ -6,12 +6,14 @@ that asks for it runs twice, on SQLite and on PostgreSQL, with ``SDB_DATABASE_UR
 the app, the CLI and every worker process it starts use that store."""
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +137,22 @@ def anyio_backend():
     return "asyncio"
 
 
+def sdb_bytes(bundle: Path) -> bytes:
+    """A bundle directory (or .sdb file) as the bytes of a .sdb zip, for ``POST /v1/models``."""
+    if bundle.is_file():
+        return bundle.read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(bundle.iterdir()):
+            z.write(f, f.name)
+    return buf.getvalue()
+
+
+async def deploy(client: httpx.AsyncClient, bundle: Path, headers: dict) -> httpx.Response:
+    """Upload a bundle to serve: what an admin (or a deploy key) does, no server path involved."""
+    return await client.post("/v1/models", files={"file": (f"{bundle.name}.sdb", sdb_bytes(bundle))}, headers=headers)
+
+
 async def start_service(settings: Settings, *bundle_paths: Path):
     app = build_app(settings)
     manager = LifespanManager(app, startup_timeout=60, shutdown_timeout=30)
@@ -142,7 +160,7 @@ async def start_service(settings: Settings, *bundle_paths: Path):
     client = httpx.AsyncClient(transport=httpx.ASGITransport(manager.app), base_url="http://sdb.test")
     svc = Service(app, client, settings)
     for p in bundle_paths:
-        r = await client.post("/v1/models", json={"path": str(p)}, headers=svc.admin)
+        r = await deploy(client, p, svc.admin)
         assert r.status_code == 201, r.text
     return svc, manager
 

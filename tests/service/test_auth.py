@@ -23,10 +23,13 @@ ROUTES = {
     "keys-create": ("admin", False, lambda c, h: c.post("/v1/keys", json={"scopes": ["predict"]}, headers=h)),
     "keys-list": ("admin", False, lambda c, h: c.get("/v1/keys", headers=h)),
     "keys-revoke": ("admin", False, lambda c, h: c.delete("/v1/keys/000000000000", headers=h)),
-    "models-add": ("admin", False, lambda c, h: c.post("/v1/models", json={"path": "/nonexistent"}, headers=h)),
+    "models-add": ("deploy", False, lambda c, h: c.post("/v1/models", json={"file": "file-" + "0" * 24}, headers=h)),
     "models-remove": ("admin", False, lambda c, h: c.delete("/v1/models/digits-b", headers=h)),
+    "files-list": ("jobs", False, lambda c, h: c.get("/v1/files", headers=h)),
+    "files-delete": ("jobs", False, lambda c, h: c.delete("/v1/files/file-" + "0" * 24, headers=h)),
 }
-WRONG_SCOPE = {"distill": ("predict", "jobs"), "admin": ("distill", "predict", "jobs")}
+WRONG_SCOPE = {"distill": ("predict", "jobs"), "admin": ("distill", "predict", "jobs", "deploy"),
+               "deploy": ("distill", "predict", "jobs"), "jobs": ("distill", "predict")}
 
 
 def expire(svc, token: str) -> None:
@@ -125,14 +128,25 @@ async def test_quota_is_written_to_the_store(svc):
     key_id = parse_token(token)[0]
     r = await svc.client.post("/v1/models/digits-a/distill", json={"inputs": X.tolist()}, headers=svc.auth(token))
     assert r.status_code == 200
-    svc.app.state.keyring.flush()
-    assert svc.app.state.store.get_key(key_id).used == 2
+    assert svc.app.state.store.get_key(key_id).used == 2  # the charge is in the store at once
+    svc.app.state.keyring.flush()  # the usage statistics, written behind
     usage = svc.app.state.store.usage(key_id)
     assert [(u.model, u.kind, u.requests, u.samples) for u in usage] == [("digits-a", "distill", 1, 2)]
 
 
-def test_concurrent_flushes_charge_each_sample_once(db_url):
-    # The write-behind loop and a shutdown flush may run at once; each must not charge what the other took.
+async def test_keyed_path_refuses_a_key_revoked_by_another_process_at_once(svc):
+    # The cached row still says valid (another process revoked it); the charge reads the store.
+    token = svc.key(("distill",), quota=100)
+    one = {"inputs": X[:1].tolist()}
+    assert (await svc.client.post("/v1/models/digits-a/distill", json=one, headers=svc.auth(token))).status_code == 200
+    svc.app.state.store.revoke_key(parse_token(token)[0])
+    r = await svc.client.post("/v1/models/digits-a/distill", json=one, headers=svc.auth(token))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "key_revoked", r.text
+    assert svc.app.state.store.get_key(parse_token(token)[0]).used == 1
+
+
+def test_concurrent_flushes_record_usage_once(db_url):
+    # The write-behind loop and a shutdown flush may run at once; each must not write what the other took.
     import threading
 
     from service.auth import Keyring, create_key
@@ -142,19 +156,19 @@ def test_concurrent_flushes_charge_each_sample_once(db_url):
     try:
         _, key = create_key(store, b"p" * 32, scopes=["distill"], quota=100)
         keyring = Keyring(store, b"p" * 32)
-        keyring.charge(key, 3)
-        charge = store.charge
+        keyring.record(key.id, "digits-a", "distill", 3)
+        record_usage = store.record_usage
 
-        def slow_charge(*args):  # the real write, made slow enough for two flushes to overlap
-            charge(*args)
+        def slow_record(*args):  # the real write, made slow enough for two flushes to overlap
+            record_usage(*args)
             threading.Event().wait(0.2)
 
-        store.charge = slow_charge
+        store.record_usage = slow_record
         flushes = [threading.Thread(target=keyring.flush) for _ in range(2)]
         for t in flushes:
             t.start()
         for t in flushes:
             t.join()
-        assert store.get_key(key.id).used == 3
+        assert [(u.requests, u.samples) for u in store.usage(key.id)] == [(1, 3)]
     finally:
         store.close()

@@ -100,7 +100,11 @@ def test_dockerfile_images_run_sdb_serve_as_non_root_with_the_data_volume():
         user = one(stage, "USER").split(":")[0]
         assert user not in ("root", "0") and user.isdigit()
         env = env_of(stage)
-        assert set(json.loads(one(stage, "VOLUME"))) == {env["SDB_DATA_DIR"]}
+        # the data and, apart from it (jobs read the data dir), the secrets made when none are mounted
+        secrets_dir = Settings(data_dir=env["SDB_DATA_DIR"]).secrets_path
+        assert set(json.loads(one(stage, "VOLUME"))) == {env["SDB_DATA_DIR"], secrets_dir.as_posix()}
+        assert not secrets_dir.is_relative_to(env["SDB_DATA_DIR"])
+        assert f"chmod 700 {secrets_dir}" in " ".join(a for o, a in STAGES[stage] if o == "RUN")
         assert one(stage, "EXPOSE") == str(default["port"].default)
         assert env["SDB_HOST"] == "0.0.0.0"  # reachable from outside the container
         for name, value in env.items():

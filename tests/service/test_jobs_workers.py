@@ -18,7 +18,7 @@ from sdb_client import Client
 from sdb_core.models.schedules import teacher_schedule
 
 from .conftest import run_sdb
-from .jobs_helpers import JobServer, alive, key, prepare, wait_for, worker_pid
+from .jobs_helpers import JobServer, alive, key, prepare, start_worker, stop_worker, wait_for, worker_pid
 
 # One wrap epoch cannot meet the default self-check; these tests are about the job, so the owner's
 # thresholds are loosened.
@@ -39,6 +39,28 @@ def servers():
 
 def done(c: Client, job_id: str, timeout: float) -> dict:
     return c.jobs.wait(job_id, timeout=timeout, poll_s=0.2)
+
+
+def assert_distilled_from_the_keyed_path(student_file, settings, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    from sdb_core.tasks import ModelRef, distill
+    from sdb_core.tasks.distill import DistillTask
+
+    bundle = settings.bundles_dir / "digits-demo" / "1.sdb"
+    master_key = settings.master_key
+    got = load_file(student_file)
+
+    def distance_to_local(keyed: bool) -> float:
+        task = DistillTask.from_options("mlp", "digits", teacher=ModelRef(bundle=str(bundle)), keyed=keyed,
+                                        epochs=DISTILL["epochs"])
+        out = tmp_path / f"local-{'keyed' if keyed else 'public'}.safetensors"
+        distill.run(task, out, master_key=master_key)
+        local = load_file(out)
+        return max((got[k] - local[k]).abs().max().item() for k in got)
+
+    keyed, public = distance_to_local(True), distance_to_local(False)
+    assert keyed < 1e-3 and public > 100 * keyed, (keyed, public)
 
 
 def test_wrap_with_deploy_then_distill_it_then_restart(tmp_path, bundles, servers):
@@ -74,14 +96,13 @@ def test_wrap_with_deploy_then_distill_it_then_restart(tmp_path, bundles, server
         dist = c.jobs.submit("distill", DISTILL)
         job = done(c, dist["id"], 60)
         assert job["status"] == "succeeded", job
-        assert 0 <= job["metrics"]["student_acc"] <= 100  # one epoch: accuracy is not the point here
+        assert job["metrics"]["student_acc"] > 15  # one epoch: above chance, the point is below
         assert {a["name"] for a in c.jobs.artifacts(dist["id"])} == {"student.safetensors", "report.json",
                                                                      "curves.png"}
-        from sdb_core.models import create_model
-        from sdb_core.weights import load_weights
-
-        load_weights(create_model("mlp", num_classes=10, in_shape=(1, 8, 8)),
-                     c.jobs.download(dist["id"], "student.safetensors", tmp_path))
+        # The job distilled the keyed path: its student is the one the same task gives locally from
+        # the deployed bundle's keyed path, not the one its public outputs give.
+        assert_distilled_from_the_keyed_path(c.jobs.download(dist["id"], "student.safetensors", tmp_path),
+                                             settings, tmp_path)
 
         # a box that misses the owner's thresholds is refused: the job fails, says why, deploys nothing
         refused = c.jobs.submit("wrap", {**WRAP, "name": "digits-refused", "teacher_epochs": 2, "min_leak_margin": 100,
@@ -163,3 +184,31 @@ def test_two_workers_run_ten_jobs_exactly_once(tmp_path, bundles, servers):
         for i in ids:
             assert c.jobs.logs(i).text.count(" attempt ") == 1
         assert len({j["worker"] for j in jobs}) <= 2
+
+
+def test_sigterm_puts_a_running_job_back_in_the_queue(tmp_path, bundles, servers):
+    """What docs/jobs.md promises: stopping a worker puts its job back; another worker then takes it."""
+    data = tmp_path / "data"
+    settings = prepare(data, bundles)
+    token = key(settings, ["jobs"])
+    servers.append(JobServer(data, bundles, SDB_WORKERS="0"))
+    first = start_worker(data, bundles)
+    try:
+        with Client(servers[0].url, token) as c:
+            long = c.jobs.submit("wrap", LONG)
+            job = wait_for(lambda: (j := c.jobs.get(long["id"]))["step"].startswith("wrap epoch") and j, 60, "training")
+            assert worker_pid(job) == first.pid
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(30) == 0
+            job = wait_for(lambda: (j := c.jobs.get(long["id"]))["status"] == "queued" and j, 15, "requeued")
+            assert job["error"] is None and "attempt 1" in c.jobs.logs(long["id"]).text
+            second = start_worker(data, bundles)
+            try:
+                job = wait_for(lambda: (j := c.jobs.get(long["id"]))["status"] == "running" and j, 60, "claimed again")
+                assert worker_pid(job) == second.pid and job["attempts"] == 1  # a release is not an attempt
+                c.jobs.cancel(long["id"])
+                assert done(c, long["id"], 30)["status"] == "cancelled"
+            finally:
+                stop_worker(second)
+    finally:
+        stop_worker(first)

@@ -15,7 +15,7 @@ from service import errors
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
 
-from .conftest import make_settings, run_sdb, sdb_env, start_service
+from .conftest import deploy, make_settings, run_sdb, sdb_env, start_service
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("db_url")]  # SQLite and PostgreSQL
 GOOD = {"inputs": np.zeros((2, 1, 8, 8)).tolist()}
@@ -38,7 +38,7 @@ async def test_hot_add_remove_under_concurrent_requests(svc, bundles):
         for _ in range(4):
             assert (await c.delete("/v1/models/digits-b", headers=svc.admin)).status_code == 200
             await asyncio.sleep(0)
-            r = await c.post("/v1/models", json={"path": str(bundles.b)}, headers=svc.admin)
+            r = await deploy(c, bundles.b, svc.admin)
             assert r.status_code == 201, r.text
         stop.set()
 
@@ -68,7 +68,7 @@ def tampered_copies(bundles, tmp_path):
 async def test_tampered_bundle_refused_others_keep_serving(svc, bundles, tmp_path):
     c = svc.client
     for bad in tampered_copies(bundles, tmp_path):
-        r = await c.post("/v1/models", json={"path": str(bad)}, headers=svc.admin)
+        r = await deploy(c, bad, svc.admin)
         assert r.status_code == 400 and r.json()["error"]["code"] == "bundle_refused", r.text
         assert (await c.post("/v1/models/digits-b/predict", json=GOOD)).status_code == 200
     assert len((await c.get("/v1/models")).json()["models"]) == 3
@@ -80,7 +80,8 @@ async def test_bundle_tampered_on_disk_is_refused_at_start(bundles, tmp_path):
     good = tmp_path / "b"
     shutil.copytree(bundles.b, good)
     settings = make_settings(tmp_path / "data", bundles)
-    svc, manager = await start_service(settings, bundles.a, good)
+    svc, manager = await start_service(settings, bundles.a)
+    svc.app.state.host.add(good, actor="cli")  # registered in place, as `sdb models add` does
     await svc.client.aclose()
     await manager.__aexit__(None, None, None)
     (good / "model.onnx").write_bytes((good / "model.onnx").read_bytes() + b"\0")

@@ -9,6 +9,8 @@ from PIL import Image
 
 from sdb_core.bundle import load_bundle
 
+from .conftest import deploy
+
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("db_url")]  # SQLite and PostgreSQL
 
 
@@ -28,7 +30,9 @@ async def test_health_ready_metrics_docs(svc):
     await c.post("/v1/models/digits-a/predict", json={"inputs": np.zeros((1, 1, 8, 8)).tolist()})
     text = (await c.get("/metrics")).text
     assert 'sdb_requests_total{method="POST",model="digits-a",route="/v1/models/{name}/predict",status="200"}' in text
-    assert 'sdb_samples_total{key_id="anonymous",kind="predict",model="digits-a"} 1.0' in text
+    assert 'sdb_samples_total{kind="predict",model="digits-a"} 1.0' in text  # no key ids without admin
+    by_key = (await c.get("/metrics", headers=svc.admin)).text
+    assert 'sdb_samples_total{key_id="anonymous",kind="predict",model="digits-a"} 1.0' in by_key
     assert (await c.get("/docs")).status_code == 200
     paths = (await c.get("/openapi.json")).json()["paths"]
     assert {"/v1/models/{name}/predict", "/v1/models/{name}/distill", "/v2/models/{name}/infer", "/v1/keys"} <= set(paths)
@@ -153,9 +157,9 @@ async def test_admin_add_and_remove_model(svc, bundles):
     assert (await c.get("/v1/models/digits-a")).json()["version"] == "1"
     assert (await c.delete("/v1/models/digits-b", headers=svc.admin)).status_code == 200
     assert (await c.get("/v1/models/digits-b")).status_code == 404
-    r = await c.post("/v1/models", json={"path": str(bundles.b)}, headers=svc.admin)
-    assert r.status_code == 201 and r.json()["name"] == "digits-b"
-    r = await c.post("/v1/models", json={"path": str(bundles.b)}, headers=svc.admin)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "model_exists"
+    r = await deploy(c, bundles.b, svc.admin)
+    assert r.status_code == 201 and (r.json()["name"], r.json()["version"]) == ("digits-b", "1")
+    r = await deploy(c, bundles.b, svc.admin)  # the same bundle again is the next version, never a clash
+    assert r.status_code == 201 and r.json()["version"] == "2" and r.json()["versions"] == ["1", "2"]
     x = {"inputs": np.zeros((1, 1, 8, 8)).tolist()}
     assert (await c.post("/v1/models/digits-b/predict", json=x)).status_code == 200

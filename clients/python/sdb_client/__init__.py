@@ -5,6 +5,8 @@
         c.models()
         c.predict("mnist-demo", x, top_k=3)
         c.distill_logits("mnist-demo", x)       # a key with the distill scope
+        c.files.upload("teacher.safetensors", "weights")   # jobs or deploy scope: name its id in a job
+        c.deploy_model("box.sdb")               # deploy scope: serve a bundle as its next version
 
 ``AsyncClient`` has the same methods as coroutines; ``RemoteTeacher`` makes the keyed path
 a teacher for knowledge distillation. Dependencies: httpx and numpy (torch optional).

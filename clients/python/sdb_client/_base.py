@@ -6,13 +6,16 @@ returns, so the two cannot drift apart.
 """
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import math
 import os
 import random
 import re
+import tempfile
 import time
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +98,10 @@ def key_path(key_id: str) -> str:
 
 def job_path(job_id: str, *rest: str) -> str:
     return "/".join(["/v1/jobs", quote(str(job_id), safe=""), *(quote(r, safe="") for r in rest)])
+
+
+def file_path(file_id: str) -> str:
+    return "/v1/files/" + quote(str(file_id), safe="")
 
 
 @dataclass(frozen=True)
@@ -349,6 +356,49 @@ def idempotency(key: str | None) -> dict[str, Any]:
     if key is None:
         return {"idempotent": False}
     return {"idempotent": True, "extra_headers": {"Idempotency-Key": key}}
+
+
+# --------------------------------------------------------------------------- files
+FILE_PURPOSES = ("weights", "dataset", "image", "bundle")
+FILE_ID_RE = re.compile(r"file-[0-9a-f]{24}")
+
+
+@contextlib.contextmanager
+def upload_part(path: str | os.PathLike, purpose: str) -> Iterator[tuple[str, Any, str]]:
+    """The multipart ``file`` part for ``path``, streamed from disk: a file as it is; a folder zipped
+    first (a dataset's ImageFolder tree, or a bundle directory as a ``.sdb``) into a temporary file."""
+    if purpose not in FILE_PURPOSES:
+        raise exc.BadRequest(f"purpose must be one of {', '.join(FILE_PURPOSES)}, got {purpose!r}",
+                             code="invalid_request")
+    p = Path(path)
+    if p.is_dir():
+        if purpose not in ("dataset", "bundle"):
+            raise exc.BadRequest(f"{p} is a folder; a {purpose} is one file", code="invalid_request")
+        with tempfile.TemporaryFile() as tmp:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                    z.write(f, f.relative_to(p).as_posix())
+            tmp.seek(0)
+            yield (p.name + (".sdb" if purpose == "bundle" else ".zip"), tmp, "application/zip")
+        return
+    if not p.is_file():
+        raise exc.BadRequest(f"no file at {p}", code="invalid_request")
+    with open(p, "rb") as f:
+        yield (p.name, f, "application/octet-stream")
+
+
+def rewind(files: Any) -> None:
+    """Seek every file object of a multipart ``files`` argument back to its start, for a resend."""
+    parts = files.values() if isinstance(files, Mapping) else (files or [])
+    for part in parts:
+        value = part[1] if isinstance(part, tuple) and len(part) == 2 else part
+        obj = value[1] if isinstance(value, tuple) else value
+        if hasattr(obj, "seek"):
+            obj.seek(0)
+
+
+def file_fields(purpose: str, shared: bool) -> dict[str, str]:
+    return {"purpose": purpose, **({"shared": "true"} if shared else {})}
 
 
 def listed(obj: Any, field: str) -> list:

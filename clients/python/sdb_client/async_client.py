@@ -40,6 +40,7 @@ class AsyncClient(b.BaseClient):
         self._owns_http = http_client is None
         self.keys = AsyncKeys(self)
         self.jobs = AsyncJobs(self)
+        self.files = AsyncFiles(self)
 
     def with_options(self, *, timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
                      batch_size: int | None = None) -> AsyncClient:
@@ -48,7 +49,7 @@ class AsyncClient(b.BaseClient):
         other.__dict__.update(self.__dict__)
         other.options = b.Options.make(timeout, max_retries, batch_size, base=self.options)
         other._owns_http = False
-        other.keys, other.jobs = AsyncKeys(other), AsyncJobs(other)
+        other.keys, other.jobs, other.files = AsyncKeys(other), AsyncJobs(other), AsyncFiles(other)
         return other
 
     async def aclose(self) -> None:
@@ -70,6 +71,7 @@ class AsyncClient(b.BaseClient):
         if content is not None:
             headers["Content-Type"] = "application/json"
         for attempt in count():
+            b.rewind(files)
             try:
                 req = self._http.build_request(method, self._url(path), content=content, params=params,
                                                files=files, data=data, headers=headers,
@@ -138,6 +140,14 @@ class AsyncClient(b.BaseClient):
                              batch_size: int | None = None) -> np.ndarray:
         return b.temper((await self.distill(name, inputs, batch_size=batch_size)).logits, temperature)
 
+    async def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None) -> dict:
+        if isinstance(bundle, str) and b.FILE_ID_RE.fullmatch(bundle):
+            body = {"file": bundle, **({"name": name} if name else {})}
+            return await self._json("POST", "/v1/models", content=b.encode_json(body), idempotent=False)
+        with b.upload_part(bundle, "bundle") as part:
+            return await self._json("POST", "/v1/models", files={"file": part},
+                                    data={"name": name} if name else None, idempotent=False)
+
 
 class AsyncKeys:
     def __init__(self, client: AsyncClient):
@@ -154,6 +164,25 @@ class AsyncKeys:
 
     async def revoke(self, key_id: str) -> dict:
         return await self._c._json("DELETE", b.key_path(key_id))
+
+
+class AsyncFiles:
+    def __init__(self, client: AsyncClient):
+        self._c = client
+
+    async def upload(self, path: str | os.PathLike, purpose: str, *, shared: bool = False) -> dict:
+        with b.upload_part(path, purpose) as part:
+            return await self._c._json("POST", "/v1/files", files={"file": part},
+                                       data=b.file_fields(purpose, shared), idempotent=False)
+
+    async def list(self) -> list[dict]:
+        return b.listed(await self._c._json("GET", "/v1/files"), "files")
+
+    async def get(self, file_id: str) -> dict:
+        return await self._c._json("GET", b.file_path(file_id))
+
+    async def delete(self, file_id: str) -> dict:
+        return await self._c._json("DELETE", b.file_path(file_id))
 
 
 class AsyncJobs:
@@ -206,4 +235,4 @@ class AsyncJobs:
             await asyncio.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
 
 
-__all__ = ["AsyncClient", "AsyncJobs", "AsyncKeys"]
+__all__ = ["AsyncClient", "AsyncFiles", "AsyncJobs", "AsyncKeys"]

@@ -33,6 +33,7 @@ class Client(b.BaseClient):
         self._owns_http = http_client is None
         self.keys = Keys(self)
         self.jobs = Jobs(self)
+        self.files = Files(self)
 
     def with_options(self, *, timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
                      batch_size: int | None = None) -> Client:
@@ -42,7 +43,7 @@ class Client(b.BaseClient):
         other.__dict__.update(self.__dict__)
         other.options = b.Options.make(timeout, max_retries, batch_size, base=self.options)
         other._owns_http = False
-        other.keys, other.jobs = Keys(other), Jobs(other)
+        other.keys, other.jobs, other.files = Keys(other), Jobs(other), Files(other)
         return other
 
     def close(self) -> None:
@@ -66,6 +67,7 @@ class Client(b.BaseClient):
         if content is not None:
             headers["Content-Type"] = "application/json"
         for attempt in count():
+            b.rewind(files)
             try:
                 req = self._http.build_request(method, self._url(path), content=content, params=params,
                                                files=files, data=data, headers=headers,
@@ -130,6 +132,16 @@ class Client(b.BaseClient):
         their softmax is the soft target at that temperature (1.0: the raw logits)."""
         return b.temper(self.distill(name, inputs, batch_size=batch_size).logits, temperature)
 
+    def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None) -> dict:
+        """Serve a bundle (a key with the ``deploy`` scope, or admin) as the next version of its name
+        (or ``name``): a ``.sdb`` file or bundle folder, uploaded; or a ``file-…`` id of purpose bundle."""
+        if isinstance(bundle, str) and b.FILE_ID_RE.fullmatch(bundle):
+            body = {"file": bundle, **({"name": name} if name else {})}
+            return self._json("POST", "/v1/models", content=b.encode_json(body), idempotent=False)
+        with b.upload_part(bundle, "bundle") as part:
+            return self._json("POST", "/v1/models", files={"file": part}, data={"name": name} if name else None,
+                              idempotent=False)
+
 
 class Keys:
     """``/v1/keys``: needs a key with the ``admin`` scope."""
@@ -149,6 +161,32 @@ class Keys:
 
     def revoke(self, key_id: str) -> dict:
         return self._c._json("DELETE", b.key_path(key_id))
+
+
+class Files:
+    """``/v1/files``: needs a key with the ``jobs`` or ``deploy`` scope. A file belongs to the key that
+    uploaded it; jobs and deploys name it by its ``id``."""
+
+    def __init__(self, client: Client):
+        self._c = client
+
+    def upload(self, path: str | os.PathLike, purpose: str, *, shared: bool = False) -> dict:
+        """Upload ``path`` as ``weights``, ``dataset`` (a zip or folder of an ImageFolder tree, or an
+        ``.npz``), ``image`` or ``bundle``; the server checks it first. ``shared`` (admin keys): every
+        key may use it."""
+        with b.upload_part(path, purpose) as part:
+            return self._c._json("POST", "/v1/files", files={"file": part}, data=b.file_fields(purpose, shared),
+                                 idempotent=False)
+
+    def list(self) -> list[dict]:
+        """This key's files and the shared ones (every file with an admin key), newest first."""
+        return b.listed(self._c._json("GET", "/v1/files"), "files")
+
+    def get(self, file_id: str) -> dict:
+        return self._c._json("GET", b.file_path(file_id))
+
+    def delete(self, file_id: str) -> dict:
+        return self._c._json("DELETE", b.file_path(file_id))
 
 
 class Jobs:
@@ -208,4 +246,4 @@ class Jobs:
             time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
 
 
-__all__ = ["Client", "Jobs", "Keys"]
+__all__ = ["Client", "Files", "Jobs", "Keys"]

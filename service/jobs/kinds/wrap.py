@@ -126,5 +126,5 @@ def deploy(ctx, bundle, name: str, version: str) -> dict:
     if row is None:
         raise RuntimeError(f"model {name!r} version {version!r} was registered meanwhile; not deployed")
     store.audit(f"job:{ctx.job.id}", "model.add", f"{name}@{version}", str(target))
-    ctx.log(f"deployed {name} version {version} from {target}")
-    return {"deployed": True, "path": str(target)}
+    ctx.log(f"deployed {name} version {version}")
+    return {"deployed": True}  # where the bundle lies is the server's business (the store and audit log have it)

@@ -1,0 +1,123 @@
+"""``npz:PATH``: a NumPy ``.npz`` of images and labels, read with ``allow_pickle=False``.
+
+Arrays: ``x`` images, (N, H, W) or (N, C, H, W) with C = 1 or 3, ``uint8`` (0..255) or floats in
+[0, 1]; ``y`` integer labels in [0, K), shape (N,). Optional: ``x_test`` and ``y_test``, the test
+split (else a fixed stratified 80/20 split, seed 0, whatever the ``seed`` argument, as for
+``imagefolder``); ``labels``, K class names (a string array; default "0" … "K-1").
+"""
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_dataset, stratified_split
+
+_SPLIT_SEED = 0
+REQUIRED, OPTIONAL = ("x", "y"), ("x_test", "y_test", "labels")
+
+
+def _headers(path: Path, max_bytes: int | None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array, from the ``.npy`` headers alone (no data read, nothing unpickled)."""
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        raise DatasetError(f"{path} is not an .npz archive") from None
+    out = {}
+    with z:
+        infos = z.infolist()
+        total = sum(i.file_size for i in infos)
+        if max_bytes is not None and total > max_bytes:
+            raise DatasetError(f"{path} unpacks to {total} bytes, over the limit of {max_bytes}")
+        for info in infos:
+            name = info.filename.removesuffix(".npy")
+            if not info.filename.endswith(".npy") or name in out:
+                raise DatasetError(f"{path}: member {info.filename!r} is not one .npy array")
+            with z.open(info) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    read = {(1, 0): np.lib.format.read_array_header_1_0,
+                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read is None:
+                        raise ValueError(f"unsupported .npy version {version}")
+                    shape, _, dtype = read(f)
+                    header = f.tell()
+                except ValueError as e:
+                    raise DatasetError(f"{path}: array {name!r} has no valid .npy header ({e})") from None
+            if dtype.hasobject:
+                raise DatasetError(f"{path}: array {name!r} holds Python objects (they need pickle: refused)")
+            if info.file_size != header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise DatasetError(f"{path}: array {name!r} is not the size its header says")
+            out[name] = (tuple(int(d) for d in shape), dtype)
+    return out
+
+
+def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
+    """Check an ``.npz`` against the rules above without loading the images; what it holds, or DatasetError."""
+    path = Path(path)
+    arrays = _headers(path, max_bytes)
+    missing = [n for n in REQUIRED if n not in arrays]
+    if missing:
+        raise DatasetError(f"{path} has no array {' or '.join(map(repr, missing))}: expected x (images) and y (labels)")
+    extra = sorted(set(arrays) - set(REQUIRED) - set(OPTIONAL))
+    if extra:
+        raise DatasetError(f"{path} has arrays this loader does not read: {extra[:10]}")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DatasetError(f"{path}: x_test and y_test come together")
+    n = None
+    for xs, ys in (("x", "y"), ("x_test", "y_test")):
+        if xs not in arrays:
+            continue
+        (shape, dtype), (yshape, ydtype) = arrays[xs], arrays[ys]
+        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[1] not in (1, 3)) or 0 in shape:
+            raise DatasetError(f"{path}: {xs} has shape {list(shape)}; expected (N, H, W) or (N, C, H, W), C 1 or 3")
+        if dtype.kind not in "uf":
+            raise DatasetError(f"{path}: {xs} is {dtype}; expected uint8 pixels or floats in [0, 1]")
+        if len(yshape) != 1 or yshape[0] != shape[0]:
+            raise DatasetError(f"{path}: {ys} has shape {list(yshape)}; expected ({shape[0]},), one label per image")
+        if ydtype.kind not in "iu":
+            raise DatasetError(f"{path}: {ys} is {ydtype}; expected integer labels")
+        if n is None:
+            n, image = shape[0], (1, *shape[1:]) if len(shape) == 3 else shape[1:]
+        elif ((1, *shape[1:]) if len(shape) == 3 else shape[1:]) != image:
+            raise DatasetError(f"{path}: x_test images are {list(shape[1:])}, x's are {list(image)}")
+    with np.load(path, allow_pickle=False) as data:
+        ys = [np.asarray(data[k]) for k in ("y", "y_test") if k in arrays]
+        labels = np.asarray(data["labels"]) if "labels" in arrays else None
+    lo, hi = min(int(y.min()) for y in ys), max(int(y.max()) for y in ys)
+    if lo < 0:
+        raise DatasetError(f"{path}: labels must be >= 0, found {lo}")
+    classes = hi + 1
+    if labels is not None:
+        if labels.ndim != 1 or labels.dtype.kind != "U" or len(labels) < classes:
+            raise DatasetError(f"{path}: labels must be {classes} or more class names (a string array)")
+        classes = len(labels)
+    if "x_test" not in arrays and round(0.2 * n) == 0:
+        raise DatasetError(f"{path}: {n} images are too few to hold out a test split; add some or give x_test")
+    return {"samples": n, "shape": list(image), "classes": classes,
+            "splits": "x_test" if "x_test" in arrays else "80/20"}
+
+
+def _pixels(x: np.ndarray) -> np.ndarray:
+    x = x[:, None] if x.ndim == 3 else x
+    return x.astype(np.float32) / 255.0 if x.dtype.kind == "u" else x.astype(np.float32)
+
+
+@register_dataset
+def npz(path: Path | None, *, image_size: int | None = None, seed: int = 0) -> DataSplits:
+    if path is None:
+        raise DatasetError("npz needs a path: 'npz:PATH'")
+    if not path.is_file():
+        raise DatasetError(f"no .npz file at {path}")
+    info = describe_npz(path)
+    with np.load(path, allow_pickle=False) as data:
+        x, y = _pixels(data["x"]), np.asarray(data["y"], dtype=np.int64)
+        labels = [str(s) for s in data["labels"]] if "labels" in data.files else \
+            [str(i) for i in range(info["classes"])]
+        if "x_test" in data.files:
+            x_test, y_test = _pixels(data["x_test"]), np.asarray(data["y_test"], dtype=np.int64)
+        else:
+            train, test = stratified_split(y, round(0.2 * len(y)), _SPLIT_SEED)
+            x, x_test, y, y_test = x[train], x[test], y[train], y[test]
+    return make_splits(f"npz:{path}", x, y, x_test, y_test, labels, image_size)

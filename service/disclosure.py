@@ -1,0 +1,77 @@
+"""What a caller without the admin scope sees of the server's internals: no server paths, no tracebacks.
+
+Job records, job logs, ``report.json`` and ``/readyz`` pass through :func:`hide_paths` before
+they leave the server; a failed job's error is :func:`failure_reason`, a sentence. The full text
+stays where an operator reads it: the store (admin keys see the records as they are), the
+worker's log and the job's ``traceback.txt``. See docs/security.md, "What callers see".
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+# An absolute POSIX path: a "/" that starts no URL ("://"), ratio ("3/10") or relative path
+# ("a/b"), then path characters up to a space, a quote or a bracket.
+_ABS_PATH = re.compile(r"(?<![\w.~/\\-])/(?![/\s])[^\s'\"`,;()\[\]{}<>|]+")
+_OURS = ("sdb_core", "service")  # exceptions these packages raise say what went wrong for a user
+
+
+def _roots(root: Path | None) -> list[str]:
+    if root is None:
+        return []
+    return sorted({str(root.absolute()), str(root.resolve())}, key=len, reverse=True)
+
+
+@lru_cache(maxsize=1)
+def _top_level() -> frozenset[str]:
+    """The names under this machine's ``/``: what a server path starts with. An ONNX node name
+    (``/features/features.4/Relu``) looks like a path too, and a ranking reports it by name."""
+    try:
+        return frozenset(p.name for p in Path("/").iterdir())
+    except OSError:
+        return frozenset()
+
+
+def hide_paths(text: str, root: Path | None = None) -> str:
+    """``text`` with every absolute server path replaced: relative to ``root`` (the data dir) when
+    under it, else by its last component (``…/name``). A path is server-side when its first
+    component exists under this machine's ``/`` (or it is under ``root``)."""
+    roots = _roots(root)
+    top = _top_level()
+
+    def short(m: re.Match) -> str:
+        path = m.group(0)
+        if path.split("/", 2)[1] not in top and not any(path.startswith(r + "/") for r in roots):
+            return path
+        for r in roots:
+            if path.startswith(r + "/") and len(path) > len(r) + 1:
+                return path[len(r) + 1:]
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        return f"…/{name}" if name else "…"
+
+    return _ABS_PATH.sub(short, text)
+
+
+def hide_paths_in(value: Any, root: Path | None = None) -> Any:
+    """:func:`hide_paths` over every string of a JSON value (keys too)."""
+    if isinstance(value, str):
+        return hide_paths(value, root)
+    if isinstance(value, dict):
+        return {hide_paths_in(k, root): hide_paths_in(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [hide_paths_in(v, root) for v in value]
+    return value
+
+
+def failure_reason(e: BaseException, step: str, root: Path | None = None) -> str:
+    """A failed job's error as its owner reads it: the message of an error the project raised on
+    purpose (a bad parameter, a refused box, a removed model), without paths; for anything else
+    (a parser, a driver, a bug) only the step it happened in, since such messages quote files."""
+    if type(e) is ValueError or type(e).__module__.split(".")[0] in _OURS:
+        text = hide_paths(str(e), root).strip()
+        if text:
+            return text[:2000]
+    return (f"the job failed at step {step!r} with an unexpected error; an administrator can read "
+            "the details in the worker's log")

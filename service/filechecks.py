@@ -1,0 +1,313 @@
+"""What an uploaded file must be before it is kept: one check per purpose, each a 422 naming the problem.
+
+- ``weights``: a state dict of tensors that loads the safe way (``sdb_core.weights``: safetensors, or
+  ``torch.load(weights_only=True)``; nothing is ever unpickled), told apart by content, not by name;
+- ``dataset``: a zip of an ImageFolder tree (extracted here, member by member: no absolute paths, no
+  ``..``, no links, under the member and size limits; every image's header read within the pixel
+  limit) or an ``.npz`` of ``x`` and ``y`` (array headers only: no pickled objects);
+- ``image``: a PNG or JPEG that decodes within the pixel limit the predict routes use;
+- ``bundle``: an ``.sdb`` whose ``meta.json`` and file hashes verify.
+
+Every check is blocking (call it in a worker thread) and writes the checked file or folder into
+``out``, a folder the caller moves into place only when the check passed. torch is imported here
+only inside the checks that need it, so importing the app stays torch-free.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import stat
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .errors import ApiError
+from .tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS
+
+PURPOSES = ("weights", "dataset", "image", "bundle")
+_CHUNK = 1 << 20
+_JUNK = ("__MACOSX",)  # what an archiver adds beside the tree (macOS resource forks); skipped like dot-files
+
+
+@dataclass(frozen=True)
+class Limits:
+    unpacked_bytes: int  # what an archive may unpack to
+    members: int  # entries an archive may hold
+    image_pixels: int = MAX_IMAGE_PIXELS
+
+
+@dataclass
+class Checked:
+    format: str  # safetensors | pt | imagefolder | npz | png | jpeg | sdb
+    stored: str  # the checked file or folder, relative to ``out``
+    info: dict = field(default_factory=dict)  # what GET /v1/files shows of the content
+
+
+def rejected(purpose: str, message: str) -> ApiError:
+    return ApiError(422, f"invalid_{purpose}", message)
+
+
+def check_upload(purpose: str, src: Path, out: Path, limits: Limits, filename: str = "upload") -> Checked:
+    """Check ``src`` as ``purpose`` and write what is kept into ``out``; ApiError 422 otherwise.
+
+    ``src`` may be moved. Messages name ``filename`` (the client's), never a server path."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _CHECKS[purpose](src, out, limits, filename)
+    except ApiError:
+        raise
+    except (OSError, ValueError, EOFError, MemoryError) as e:  # anything the readers missed: still a clear 422
+        raise rejected(purpose, f"{filename}: cannot be read as {purpose} ({type(e).__name__})") from None
+
+
+# ----------------------------------------------------------------------------- weights
+def _is_safetensors(path: Path) -> bool:
+    """The format's own framing: an 8-byte little-endian header length, then a JSON object."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 2 <= n <= size - 8
+
+
+def check_weights(src: Path, out: Path, limits: Limits, filename: str) -> Checked:
+    fmt = "safetensors" if _is_safetensors(src) else "pt"
+    dest = out / f"weights.{fmt}"
+    shutil.move(src, dest)
+    from sdb_core.weights import (  # torch: here only, in the caller's worker thread
+        WeightsError,
+        read_state_dict,
+    )
+
+    try:
+        state = read_state_dict(dest)
+    except WeightsError as e:
+        reason = str(e).replace(f"cannot read weights from {dest}: ", "").replace(str(dest), filename)
+        if fmt == "safetensors":
+            raise rejected("weights", f"{filename}: not a valid safetensors file: {_clip(reason)}") from None
+        raise rejected("weights", f"{filename}: not a safetensors file, and torch.load(weights_only=True) refused "
+                       f"it: {_clip(_unpickler_reason(reason))}") from None
+    if not state:
+        raise rejected("weights", f"{filename}: holds no tensors")
+    return Checked(fmt, dest.name, {"tensors": len(state), "parameters": int(sum(t.numel() for t in state.values()))})
+
+
+def _unpickler_reason(text: str) -> str:
+    """What torch's restricted unpickler refused, without its advice to load the file unrestricted."""
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    kept = [p.replace("WeightsUnpickler error:", "").strip() for p in re.split(r"\n\s*\n", text)
+            if p.strip() and not p.strip().startswith(advice)]
+    return " ".join(kept) or "refused"
+
+
+# ----------------------------------------------------------------------------- archives
+def _open_zip(src: Path, purpose: str, filename: str, limits: Limits) -> zipfile.ZipFile:
+    """The zip, its declared sizes within the limits (a bomb is refused before anything is unpacked)."""
+    try:
+        z = zipfile.ZipFile(src)
+    except zipfile.BadZipFile:
+        raise rejected(purpose, f"{filename}: not a zip archive") from None
+    infos = z.infolist()
+    if len(infos) > limits.members:
+        z.close()
+        raise rejected(purpose, f"{filename}: {len(infos)} archive members, over the limit of {limits.members}")
+    total = sum(i.file_size for i in infos)
+    if total > limits.unpacked_bytes:
+        z.close()
+        raise rejected(purpose, f"{filename}: unpacks to {total} bytes, over the limit of {limits.unpacked_bytes}")
+    return z
+
+
+def member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why a member may not be unpacked (it would leave its folder, or is not a plain file or folder)."""
+    name = info.filename
+    if not name or "\x00" in name or "\\" in name:
+        return "has an unusable name"
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return "is an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return "leaves the archive's folder (..)"
+    mode = info.external_attr >> 16  # Unix mode, when the archiver recorded one (its type bits may be 0)
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link"
+    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        return "is not a plain file or folder"
+    return None
+
+
+def _skipped(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    return any(p.startswith(".") or p in _JUNK for p in parts)
+
+
+def extract(z: zipfile.ZipFile, dest: Path, limits: Limits, purpose: str, filename: str) -> int:
+    """Unpack ``z`` into ``dest`` member by member, counting the bytes actually written; files unpacked."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    budget, count = limits.unpacked_bytes, 0
+    for info in z.infolist():
+        problem = member_problem(info)
+        if problem:
+            raise rejected(purpose, f"{filename}: member {info.filename[:200]!r} {problem}")
+        if _skipped(info.filename):
+            continue
+        target = (root / info.filename).resolve()
+        if not target.is_relative_to(root):
+            raise rejected(purpose, f"{filename}: member {info.filename[:200]!r} leaves the archive's folder")
+        if info.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with z.open(info) as r, open(target, "xb") as w:
+                while chunk := r.read(_CHUNK):
+                    budget -= len(chunk)
+                    if budget < 0:
+                        raise rejected(purpose, f"{filename}: unpacks to more than {limits.unpacked_bytes} bytes")
+                    w.write(chunk)
+        except FileExistsError:
+            raise rejected(purpose, f"{filename}: member {info.filename[:200]!r} is in the archive twice") from None
+        except (NotADirectoryError, IsADirectoryError):
+            raise rejected(purpose, f"{filename}: member {info.filename[:200]!r} is both a file and a folder") from None
+        except (zipfile.BadZipFile, EOFError) as e:
+            raise rejected(purpose, f"{filename}: member {info.filename[:200]!r} is corrupt ({e})") from None
+        count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------- datasets
+def check_dataset(src: Path, out: Path, limits: Limits, filename: str) -> Checked:
+    with _open_zip(src, "dataset", filename, limits) as z:
+        names = [i.filename for i in z.infolist() if not i.is_dir()]
+        if names and all(n.endswith(".npy") for n in names):
+            z.close()
+            return _check_npz(src, out, filename, limits)
+        extract(z, out / "data", limits, "dataset", filename)
+    return _check_imagefolder(out, filename, limits)
+
+
+def _check_npz(src: Path, out: Path, filename: str, limits: Limits) -> Checked:
+    from sdb_core.data.npz import describe_npz  # the loader's own rules (imports torch: here only)
+
+    try:
+        info = describe_npz(src, max_bytes=limits.unpacked_bytes)
+    except ValueError as e:
+        raise rejected("dataset", f"{filename}: {_clip(str(e).replace(str(src), 'the archive'))}") from None
+    dest = out / "data.npz"
+    shutil.move(src, dest)
+    return Checked("npz", dest.name, info)
+
+
+def _data_root(folder: Path) -> Path:
+    """The tree's root: a zip of a folder wraps the class folders in one more folder."""
+    while True:
+        entries = [p for p in folder.iterdir() if not _skipped(p.name)]
+        if len(entries) == 1 and entries[0].is_dir() and any(c.is_dir() for c in entries[0].iterdir()) \
+                and entries[0].name not in ("train", "test", "val"):
+            folder = entries[0]
+        else:
+            return folder
+
+
+def _check_imagefolder(out: Path, filename: str, limits: Limits) -> Checked:
+    from sdb_core.data.imagefolder import IMAGE_EXTENSIONS  # the loader's own list (imports torch: here only)
+
+    root = _data_root(out / "data")
+    test = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
+    splits = {"train": root / "train", test.name: test} if (root / "train").is_dir() and test else {"": root}
+    classes: list[str] | None = None
+    images = 0
+    for split, folder in splits.items():
+        where = f"{split}/" if split else "the archive's top level"
+        dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not _skipped(p.name))
+        if not dirs:
+            raise rejected("dataset", f"{filename}: no class folders in {where}: expected <class>/<image files>")
+        if classes is None:
+            classes = [d.name for d in dirs]
+            if len(classes) < 2:
+                raise rejected("dataset", f"{filename}: one class folder ({classes[0]!r}); a classifier needs two")
+        elif unknown := sorted({d.name for d in dirs} - set(classes)):
+            raise rejected("dataset", f"{filename}: {where} has classes that are not in train/: {unknown[:10]}")
+        for d in dirs:
+            found = [p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                     and not _skipped(p.name)]
+            if not found:
+                raise rejected("dataset", f"{filename}: class folder {d.relative_to(root)} holds no images "
+                               f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            for p in found:
+                _image_header(p, limits, f"{filename}: {p.relative_to(root)}")
+            images += len(found)
+    if "" in splits and round(0.2 * images) == 0:
+        raise rejected("dataset", f"{filename}: {images} images are too few to hold out a test split")
+    return Checked("imagefolder", str(root.relative_to(out)), {
+        "classes": classes, "images": images, "splits": "train/" + test.name if "" not in splits else "80/20"})
+
+
+def _image_header(path: Path, limits: Limits, what: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+        raise rejected("dataset", f"{what} is not a readable image") from None
+    if w * h > limits.image_pixels:
+        raise rejected("dataset", f"{what}: {w}×{h} pixels, over the limit of {limits.image_pixels}")
+
+
+# ----------------------------------------------------------------------------- images
+def check_image(src: Path, out: Path, limits: Limits, filename: str) -> Checked:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(src) as im:
+            if im.format not in IMAGE_FORMATS:
+                raise rejected("image", f"{filename}: a {im.format} image; send {' or '.join(IMAGE_FORMATS)}")
+            w, h = im.size
+            if w * h > limits.image_pixels:
+                raise rejected("image", f"{filename}: {w}×{h} pixels, over the limit of {limits.image_pixels}")
+            fmt, mode = im.format.lower(), im.mode
+            im.load()  # a truncated or corrupt file fails here, not in a job
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError, EOFError):
+        raise rejected("image", f"{filename}: not a readable {' or '.join(IMAGE_FORMATS)} image") from None
+    dest = out / f"image.{'jpg' if fmt == 'jpeg' else fmt}"
+    shutil.move(src, dest)
+    return Checked(fmt, dest.name, {"width": w, "height": h, "mode": mode})
+
+
+# ----------------------------------------------------------------------------- bundles
+def read_bundle(src: Path, limits: Limits, filename: str, code: str = "bundle") -> dict:
+    """The verified ``meta.json`` of an ``.sdb`` (hashes checked; the sealed key is not opened here)."""
+    from sdb_core.bundle import BundleError, read_bundle_files, verify
+
+    with _open_zip(src, code, filename, limits):
+        pass
+    try:
+        return verify(read_bundle_files(src), filename)
+    except BundleError as e:
+        raise rejected(code, _clip(str(e).replace(str(src), filename))) from None
+
+
+def check_bundle(src: Path, out: Path, limits: Limits, filename: str) -> Checked:
+    meta = read_bundle(src, limits, filename)
+    dest = out / "bundle.sdb"
+    shutil.move(src, dest)
+    return Checked("sdb", dest.name, {k: meta.get(k) for k in ("name", "version", "task", "mode")})
+
+
+_CHECKS = {"weights": check_weights, "dataset": check_dataset, "image": check_image, "bundle": check_bundle}
+
+
+def _clip(text: str, n: int = 400) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n] + "…"
+
+
+def info_json(info: dict) -> str:
+    return json.dumps(info, sort_keys=True)

@@ -1,0 +1,68 @@
+"""``npz:PATH``: images and labels from an ``.npz``, read without pickle, with a fixed split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sdb_core.data import DatasetError, list_datasets, load_dataset
+from sdb_core.data.npz import describe_npz
+
+
+def write(path, **arrays):
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def test_npz_is_registered_and_splits_80_20_stratified(tmp_path):
+    assert "npz" in list_datasets()
+    x = np.stack([np.full((6, 6), 20 * c, np.uint8) for c in np.arange(30) % 3])
+    data = load_dataset(f"npz:{write(tmp_path / 'd.npz', x=x, y=np.arange(30) % 3)}")
+    assert (len(data.train), len(data.test), data.num_classes, data.in_shape) == (24, 6, 3, (1, 6, 6))
+    assert data.labels == ["0", "1", "2"] and np.bincount(data.test.tensors[1].numpy()).tolist() == [2, 2, 2]
+    # the split is fixed: the same file gives the same test set whatever the seed
+    again = load_dataset(f"npz:{tmp_path / 'd.npz'}", seed=7)
+    assert np.array_equal(data.test.tensors[0].numpy(), again.test.tensors[0].numpy())
+
+
+def test_npz_with_its_own_test_split_labels_and_colour(tmp_path):
+    rng = np.random.default_rng(0)
+    path = write(tmp_path / "c.npz", x=rng.random((8, 3, 4, 4), np.float32), y=np.arange(8) % 2,
+                 x_test=rng.random((4, 3, 4, 4), np.float32), y_test=np.array([0, 1, 1, 0]),
+                 labels=np.array(["no", "yes"]))
+    data = load_dataset(f"npz:{path}", image_size=8)
+    assert (len(data.train), len(data.test), data.labels, data.in_shape) == (8, 4, ["no", "yes"], (3, 8, 8))
+    assert describe_npz(path) == {"samples": 8, "shape": [3, 4, 4], "classes": 2, "splits": "x_test"}
+
+
+@pytest.mark.parametrize("arrays,words", [
+    ({"x": np.zeros((4, 4, 4))}, "no array 'y'"),
+    ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "extra": np.zeros(1)}, "does not read"),
+    ({"x": np.zeros((4, 4, 4), complex), "y": np.zeros(4, int)}, "uint8 pixels or floats"),
+    ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4)}, "integer labels"),
+    ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "x_test": np.zeros((2, 4, 4))}, "come together"),
+    ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "x_test": np.zeros((2, 5, 5)), "y_test": np.zeros(2, int)},
+     "x_test images are"),
+    ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "labels": np.array([1, 2])}, "class names"),
+    ({"x": np.zeros((2, 4, 4)), "y": np.zeros(2, int)}, "too few"),
+    ({"x": np.array([None] * 4, dtype=object), "y": np.zeros(4, int)}, "pickle"),
+], ids=["no-y", "extra", "complex", "float-labels", "half-test", "test-shape", "labels", "too-few", "objects"])
+def test_bad_npz_is_refused_with_the_reason(tmp_path, arrays, words):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DatasetError, match=words):
+        load_dataset(f"npz:{path}")
+
+
+def test_an_archive_that_lies_about_its_array_size_is_refused(tmp_path):
+    import zipfile
+
+    path = tmp_path / "lie.npz"
+    write(path, x=np.zeros((5, 4, 4), np.uint8), y=np.zeros(5, int))
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    members["x.npy"] = members["x.npy"][:-8]  # the header says 80 bytes of pixels; 72 follow
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    with pytest.raises(DatasetError, match="not the size its header says"):
+        describe_npz(path)
