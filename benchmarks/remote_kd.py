@@ -70,6 +70,7 @@ class Server:
 
     def __init__(self, data_dir: Path, bundle: Path, threads: int):
         self.env = {**os.environ, "SDB_DATA_DIR": str(data_dir), "SDB_REGISTER_DEMO": "false",
+                    "SDB_RATE_LIMIT_KEY_PER_S": "0",  # throughput is measured: no per-key rate limit
                     "SDB_ORT_INTRA_OP_THREADS": str(threads), "SDB_ORT_INTER_OP_THREADS": "1"}
         subprocess.run([SDB, "models", "add", str(bundle)], env=self.env, check=True, capture_output=True)
         out = subprocess.run([SDB, "keys", "create", "--scopes", "distill", "--models", NAME], env=self.env,

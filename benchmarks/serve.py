@@ -326,7 +326,9 @@ def main() -> int:
         store.close()
 
         port = free_port()
-        env = {**os.environ, "SDB_DATA_DIR": str(data_dir), "SDB_PORT": str(port)}
+        # Throughput is what is measured: the per-caller rate limits (429s) are off for this server.
+        env = {**os.environ, "SDB_DATA_DIR": str(data_dir), "SDB_PORT": str(port), "SDB_RATE_LIMIT_KEY_PER_S": "0",
+               "SDB_RATE_LIMIT_ADDRESS_PER_S": "0"}
         sdb = str(Path(sys.executable).parent / "sdb")
         t0 = time.perf_counter()
         server = subprocess.Popen([sdb, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

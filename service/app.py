@@ -22,6 +22,7 @@ from .auth import Keyring
 from .jobs.queue import JobQueue
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
+from .ratelimit import RateLimiter
 from .registry import ModelHost
 from .routes import deploy, files, health, jobs, keys, models, v2
 from .routes import style as style_routes
@@ -113,6 +114,9 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                   "distillable logits only for authorized keys", version="1", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.state.host = None
+    app.state.key_limiter = RateLimiter(settings.rate_limit_key_per_s, settings.rate_limit_key_burst)
+    app.state.address_limiter = address_limiter = RateLimiter(settings.rate_limit_address_per_s,
+                                                               settings.rate_limit_address_burst)
     errors.install(app)
     for r in (health.router, models.router, deploy.router, keys.router, v2.router, jobs.router, files.router):
         app.include_router(r)
@@ -120,5 +124,6 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     upload = settings.max_file_bytes + UPLOAD_OVERHEAD  # the file part is counted on its own, to the byte
     app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
                        host_of=lambda: app.state.host,
-                       upload_routes={("POST", "/v1/files"): upload, ("POST", "/v1/models"): upload})
+                       upload_routes={("POST", "/v1/files"): upload, ("POST", "/v1/models"): upload},
+                       address_limiter=address_limiter)
     return app

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from .auth import ApiKey, Keyring, check_scope
+from .errors import ApiError
 from .jobs.queue import JobQueue
 from .metrics import Metrics
 from .registry import ModelHost
@@ -57,11 +58,17 @@ _BearerDoc = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 async def _authenticate(request: Request, keyring: Keyring) -> ApiKey:
-    token, key_id = keyring.token_from_header(request.headers.get("authorization"))
-    row = keyring.cached_row(key_id)
-    if row is None:
-        row = await run_in_threadpool(keyring.fetch_row, key_id)
-    return keyring.verify(token, row)
+    try:
+        token, key_id = keyring.token_from_header(request.headers.get("authorization"))
+        row = keyring.cached_row(key_id)
+        if row is None:
+            row = await run_in_threadpool(keyring.fetch_row, key_id)
+        key = keyring.verify(token, row)
+    except ApiError:  # a malformed, wrong or dead key counts against its address: guessing is rate-limited too
+        request.app.state.address_limiter.check(request.client.host if request.client else "", "this address")
+        raise
+    request.app.state.key_limiter.check(key.id, "this key")  # a valid key spends its own rate only
+    return key
 
 
 async def api_key(request: Request, keyring: KeyringDep, _: _BearerDoc) -> ApiKey:

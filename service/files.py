@@ -206,6 +206,10 @@ def ingest(store: Store, settings: Settings, key: ApiKey, stage: Staging, got: R
     """Blocking: check the received file, move it into place and record it; on any failure nothing stays."""
     if got.size == 0:
         raise invalid("the file is empty", "empty_file")
+    cap = settings.max_file_storage_per_key
+    if not key.grants("admin") and store.file_bytes(key.id) + got.size > cap:
+        raise ApiError(413, "storage_exceeded", f"this key's files would take more than {cap} bytes: delete some "
+                       "(DELETE /v1/files/{id}) first")
     checked: Checked = check_upload(purpose, got.path, stage.dir / "out", limits(settings), got.filename)
     file_id = new_file_id()
     final = settings.files_dir / file_id

@@ -1,4 +1,4 @@
-"""One pure-ASGI middleware around the whole app: payload limit, metrics, last-resort 500.
+"""One pure-ASGI middleware around the whole app: payload limit, the per-address rate, metrics, last-resort 500.
 
 Pure ASGI (not BaseHTTPMiddleware) because it sits on every request's path. An
 exception that escapes every handler is logged here (never the request's headers) and
@@ -7,6 +7,7 @@ answered with the generic error body, so the server keeps serving.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from starlette.exceptions import HTTPException
@@ -15,13 +16,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import INTERNAL, error_response
 
 log = logging.getLogger("sdb.service")
+_PROBES = ("/healthz", "/readyz")  # an orchestrator's liveness and readiness checks are never limited
 
 
 class ServiceMiddleware:
     def __init__(self, app: ASGIApp, *, max_payload_bytes: int, metrics, host_of,
-                 upload_routes: dict[tuple[str, str], int] | None = None):
+                 upload_routes: dict[tuple[str, str], int] | None = None, address_limiter=None):
         self.app, self.limit, self.metrics, self.host_of = app, max_payload_bytes, metrics, host_of
         self.upload_routes = upload_routes or {}  # (method, path) → its own body limit: file uploads
+        # Requests without a key, per client address (a keyed request is limited per key, in deps).
+        self.address_limiter = address_limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -38,7 +42,12 @@ class ServiceMiddleware:
         try:
             declared = _content_length(scope)
             limit = self.upload_routes.get((scope.get("method", ""), scope.get("path", "")), self.limit)
-            if declared is not None and declared > limit:
+            wait = self._address_wait(scope)
+            if wait:
+                await error_response(429, "rate_limited", f"this address is over {self.address_limiter.rate:g} "
+                                     f"requests/s without a key; retry in {wait:.1f} s",
+                                     {"Retry-After": str(max(1, math.ceil(wait)))})(scope, receive, send_tracked)
+            elif declared is not None and declared > limit:
                 await error_response(413, "payload_too_large",
                                      f"body of {declared} bytes is over the {limit}-byte limit")(
                     scope, receive, send_tracked)
@@ -56,6 +65,15 @@ class ServiceMiddleware:
             model = name if name and host is not None and name in host else ""
             self.metrics.observe_request(template, scope.get("method", ""), model, status,
                                          time.perf_counter() - start)
+
+    def _address_wait(self, scope: Scope) -> float:
+        """Seconds until a request without a key from this address may go on (0: now); probes are free."""
+        if self.address_limiter is None or scope.get("path") in _PROBES:
+            return 0.0
+        if any(k == b"authorization" for k, _ in scope.get("headers", ())):
+            return 0.0
+        client = scope.get("client")
+        return self.address_limiter.take(client[0] if client else "")
 
     def _limited(self, receive: Receive, limit: int) -> Receive:
         seen = 0

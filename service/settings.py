@@ -80,6 +80,16 @@ class Settings(BaseSettings):
     max_unpacked_bytes: int = Field(2 << 30, ge=1024)
     max_archive_members: int = Field(100_000, ge=1)
 
+    # Limits per caller (0 turns a rate off): request rate per key and, for requests without a
+    # key, per client address (token buckets, 429 with Retry-After before any model time); jobs a
+    # key may have queued or running at once; bytes of uploaded files a key may keep.
+    rate_limit_key_per_s: float = Field(200.0, ge=0.0)
+    rate_limit_key_burst: int = Field(400, ge=1)
+    rate_limit_address_per_s: float = Field(500.0, ge=0.0)
+    rate_limit_address_burst: int = Field(1000, ge=1)
+    max_active_jobs_per_key: int = Field(16, ge=1)
+    max_file_storage_per_key: int = Field(8 << 30, ge=1024)
+
     @property
     def db_url(self) -> str:
         if not self.database_url:

@@ -24,6 +24,7 @@ from sqlalchemy import (
     case,
     create_engine,
     event,
+    func,
     or_,
     select,
     text,
@@ -307,6 +308,11 @@ class Store:
     def add_file(self, row: FileRow) -> None:
         with self.session.begin() as s:
             s.add(row)
+
+    def file_bytes(self, owner: str) -> int:
+        """The bytes of every file ``owner`` keeps (its storage cap counts them)."""
+        with self.session() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(FileRow.size), 0)).where(FileRow.owner == owner)))
 
     def get_file(self, file_id: str) -> FileRow | None:
         with self.session() as s:

@@ -76,6 +76,7 @@ def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, host: ModelHost
         raise invalid(_validation_message(e), "invalid_params") from None
     if kind.check is not None:
         params = kind.check(params, Submission(key, host, settings, queue))
+    _under_job_cap(queue, key, settings, idempotency_key)
     stored = params.model_dump(mode="json")
     row, created = queue.submit(body.kind, stored, key.id, backend=settings.jobs_backend,
                                 idempotency_key=idempotency_key)
@@ -85,6 +86,17 @@ def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, host: ModelHost
     if created:
         queue.store.audit(key.id, "job.submit", row.id, body.kind)
     return json_response(_shown(row, key, settings), status=202)
+
+
+def _under_job_cap(queue, key, settings, idempotency_key: str | None) -> None:
+    """A key may have ``max_active_jobs_per_key`` jobs queued or running; a retry of one of them is not a new job."""
+    if idempotency_key is not None and queue.by_idempotency_key(key.id, idempotency_key) is not None:
+        return
+    cap = settings.max_active_jobs_per_key
+    active = sum(len(queue.list(owner=key.id, status=s, limit=cap)) for s in ("queued", "running"))
+    if active >= cap:
+        raise ApiError(429, "too_many_jobs", f"this key has {active} jobs queued or running, the most it may have; "
+                       "wait for one to end or cancel one", headers={"Retry-After": "10"})
 
 
 @router.get("", response_model=JobList, summary="Jobs, newest first: your own, or all with admin")

@@ -1,0 +1,49 @@
+"""Token buckets per caller (a key, or a client address without one): over the rate is a 429 before any model time."""
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from .errors import ApiError
+
+
+class RateLimiter:
+    """``rate`` requests per second per caller, in bursts of up to ``burst``; a rate of 0 turns it off.
+
+    Memory is bounded: past ``max_callers`` buckets, the ones that have refilled completely (they
+    hold no state a fresh bucket would not) are dropped first.
+    """
+
+    def __init__(self, rate: float, burst: int, max_callers: int = 100_000) -> None:
+        self.rate, self.burst, self.max_callers = rate, max(1, burst), max_callers
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def take(self, caller: str, now: float | None = None) -> float:
+        """0.0 when the request may go on; otherwise the seconds until it may."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, at = self._buckets.get(caller, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            if tokens < 1.0:
+                self._buckets[caller] = (tokens, now)
+                return (1.0 - tokens) / self.rate
+            self._buckets[caller] = (tokens - 1.0, now)
+            if len(self._buckets) > self.max_callers:
+                self._prune(now)
+            return 0.0
+
+    def _prune(self, now: float) -> None:
+        full = [c for c, (t, at) in self._buckets.items() if t + (now - at) * self.rate >= self.burst]
+        for c in full or list(self._buckets)[: len(self._buckets) // 2]:
+            del self._buckets[c]
+
+    def check(self, caller: str, what: str) -> None:
+        """Raise the 429 (with ``Retry-After``) for a caller over its rate."""
+        wait = self.take(caller)
+        if wait > 0:
+            raise ApiError(429, "rate_limited", f"{what} is over {self.rate:g} requests/s; retry in {wait:.1f} s",
+                           headers={"Retry-After": str(max(1, math.ceil(wait)))})

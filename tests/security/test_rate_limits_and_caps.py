@@ -1,0 +1,115 @@
+"""Limits per caller: request rate per key and per address (429 with Retry-After, before any work),
+jobs a key may have at once, bytes of files a key may keep. The real app in process, SQLite store."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.service.conftest import make_settings, start_service
+
+pytestmark = pytest.mark.anyio
+
+PREDICT = "/v1/models/digits-a/predict"
+ONE = {"inputs": [[[[0.0] * 8] * 8]]}
+
+
+def png(seed: int) -> bytes:
+    """A 64x64 noise image: about 4 KB, the same size for every seed (noise does not compress)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+RATES = {"rate_limit_key_per_s": 0.2, "rate_limit_key_burst": 3, "rate_limit_address_per_s": 0.2,
+         "rate_limit_address_burst": 3}
+CAPS = {"max_active_jobs_per_key": 2, "max_file_storage_per_key": 2 * len(png(0)) + 200}
+
+
+async def _service(tmp_path, bundles, **limits):
+    svc, manager = await start_service(make_settings(tmp_path / "data", bundles, workers=0, **limits), bundles.a)
+    try:
+        yield svc
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def limited(tmp_path, bundles):
+    async for svc in _service(tmp_path, bundles, **RATES):
+        yield svc
+
+
+@pytest.fixture
+async def capped(tmp_path, bundles):
+    async for svc in _service(tmp_path, bundles, **CAPS):
+        yield svc
+
+
+async def test_a_key_over_its_rate_gets_429_before_its_request_is_even_read(limited):
+    h = limited.auth(limited.key(("predict",)))
+    for _ in range(3):
+        assert (await limited.client.post(PREDICT, json=ONE, headers=h)).status_code == 200
+    # Over the rate, even a body the route would refuse as malformed is never read: 429, not 422.
+    r = await limited.client.post(PREDICT, content=b"{not json", headers={**h, "content-type": "application/json"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited", r.text
+    assert int(r.headers["retry-after"]) >= 1
+    # Another key has a bucket of its own.
+    other = limited.auth(limited.key(("predict",)))
+    assert (await limited.client.post(PREDICT, json=ONE, headers=other)).status_code == 200
+
+
+async def test_callers_without_a_key_are_limited_per_address_and_probes_never(limited):
+    c = limited.client
+    for _ in range(3):
+        assert (await c.post(PREDICT, json=ONE)).status_code == 200
+    r = await c.post(PREDICT, json=ONE)
+    assert r.status_code == 429 and "retry-after" in r.headers, r.text
+    assert (await c.get("/v1/models")).status_code == 429
+    for _ in range(5):
+        assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_guessing_key_secrets_is_rate_limited_per_address(limited):
+    bad = {"Authorization": f"Bearer sdb_{'1' * 12}_{'a' * 64}"}
+    codes = [(await limited.client.get("/v1/keys", headers=bad)).status_code for _ in range(5)]
+    assert codes[:3] == [401] * 3 and codes[3:] == [429, 429]
+
+
+async def test_a_key_may_have_only_so_many_jobs_at_once(capped):
+    h = capped.auth(capped.key(("jobs",)))
+    c = capped.client
+    params = {"kind": "wrap", "params": {"data": "digits", "arch": "cnn", "epochs": 1}}
+    first = await c.post("/v1/jobs", json=params, headers={**h, "Idempotency-Key": "one"})
+    assert first.status_code == 202
+    assert (await c.post("/v1/jobs", json=params, headers=h)).status_code == 202
+    r = await c.post("/v1/jobs", json=params, headers=h)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_jobs", r.text
+    # A retry of a job it has is not a new job; after a cancel there is room again.
+    again = await c.post("/v1/jobs", json=params, headers={**h, "Idempotency-Key": "one"})
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    assert (await c.post(f"/v1/jobs/{first.json()['id']}/cancel", headers=h)).status_code == 200
+    assert (await c.post("/v1/jobs", json=params, headers=h)).status_code == 202
+
+
+async def test_a_key_may_keep_only_so_many_bytes_of_files(capped):
+    h = capped.auth(capped.key(("jobs",)))
+    c = capped.client
+
+    async def upload(seed: int):
+        return await c.post("/v1/files", headers=h, data={"purpose": "image"},
+                            files={"file": (f"{seed}.png", png(seed), "image/png")})
+
+    ids = []
+    for seed in (1, 2):
+        r = await upload(seed)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    r = await upload(3)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "storage_exceeded", r.text
+    assert len((await c.get("/v1/files", headers=h)).json()["files"]) == 2  # the refused one left nothing
+    assert (await c.delete(f"/v1/files/{ids[0]}", headers=h)).status_code in (200, 204)
+    assert (await upload(3)).status_code == 201
