@@ -9,6 +9,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from sdb_core.protect.config import POLICIES, AuditConfig
 from service.auth import ApiKey, create_key
 from service.errors import ApiError
 from service.settings import Settings
@@ -118,26 +119,42 @@ def models_list(settings: Settings) -> int:
         rows = store.list_models()
     finally:
         store.close()
-    print(f"{'name':24}  {'version':10}  {'added':16}  path")
+    print(f"{'name':24}  {'version':10}  {'added':16}  {'policy':12}  path")
     for r in rows:
-        print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):16}  {r.path}")
+        print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):16}  {_policy(r):12}  {r.path}")
     return 0
 
 
-def models_add(settings: Settings, path: str) -> int:
-    from service.registry import ModelHost
+def _policy(row) -> str:
+    """A row's output policy (or an OutputPolicy: the same fields) in a few characters: top_k=3/4dp."""
+    shown = row.policy + (f"={row.top_k}" if row.top_k is not None else "")
+    return shown + (f"/{row.decimals}dp" if row.decimals is not None else "")
 
+
+def models_add(settings: Settings, path: str, *, policy: str | None = None, top_k: int | None = None,
+               decimals: int | None = None) -> int:
+    """Register a bundle in place, as an admin (a name someone's key owns included), with its output policy."""
+    from pydantic import ValidationError
+
+    from service.registry import ModelHost
+    from service.schemas import OutputPolicy
+
+    given = {k: v for k, v in {"policy": policy, "top_k": top_k, "decimals": decimals}.items() if v is not None}
+    try:
+        output_policy = OutputPolicy(**given)
+    except ValidationError as e:
+        raise ValueError("; ".join(err["msg"] for err in e.errors())) from None
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(settings.db_url)
     host = ModelHost(settings, store)
     try:
-        model = host.add(path, actor="cli")  # verifies the bundle first: a refused one changes nothing
+        model = host.add(path, actor="cli", policy=output_policy)  # verified first: a refused one changes nothing
     except ApiError as e:
         raise ValueError(e.message) from None
     finally:
         host.close()
         store.close()
-    print(f"registered {model.name} version {model.version} from {model.path}")
+    print(f"registered {model.name} version {model.version} from {model.path} (output policy {_policy(model.policy)})")
     return 0
 
 
@@ -187,7 +204,7 @@ def cmd_models(args) -> int:
     if args.models_command == "list":
         return models_list(s)
     if args.models_command == "add":
-        return models_add(s, args.path)
+        return models_add(s, args.path, policy=args.policy, top_k=args.top_k, decimals=args.decimals)
     return models_remove(s, args.name, args.version)
 
 
@@ -225,6 +242,10 @@ def add_commands(sub) -> None:
     ms.add_parser("list", help="registered models")
     ma = ms.add_parser("add", help="verify a bundle and register it; a running server serves it shortly")
     ma.add_argument("path", help="bundle directory or .sdb file")
+    ma.add_argument("--policy", choices=POLICIES, help="what the public routes return: probs (the default), the "
+                    "top_k classes renormalised, or the label alone")
+    ma.add_argument("--top-k", type=int, help=f"k of the top_k policy (default {AuditConfig().top_k})")
+    ma.add_argument("--decimals", type=int, help="round served probabilities to this many decimals (default: unrounded)")
     mr = ms.add_parser("remove", help="stop serving a model (every version, or --version)")
     mr.add_argument("name")
     mr.add_argument("--version")

@@ -2,7 +2,9 @@
 
 Every model call goes through the model's micro-batcher and is counted here, once: samples
 served (metrics) and usage per key. The keyed path is reached only from here, and only after
-the caller's key was checked for ``distill`` on that model and its quota charged.
+the caller's key was checked for ``distill`` on that model and its quota charged. What leaves
+the public path is decided here too, by the model version's output policy (:func:`policy_outputs`);
+the keyed path is not subject to it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from .batching import BatcherClosed
 from .errors import ApiError, not_found
 from .metrics import Metrics
 from .registry import HostedModel
-from .tensors import top_k
+from .schemas import OutputPolicy
 
 
 async def _served(call: Awaitable[np.ndarray], model: HostedModel) -> np.ndarray:
@@ -54,12 +56,64 @@ def require_task(model: HostedModel, tasks: tuple[str, ...] = ("classification",
     raise ApiError(400, "wrong_task", f"model {model.name!r} is a {task} model{hint}")
 
 
-def multilabel_predictions(z: np.ndarray, k: int, labels: list[str], threshold: float = 0.5) -> list[dict]:
-    """Top-k labels by their own sigmoid probability, and every label at or over ``threshold``."""
+# --------------------------------------------------------------------------- the output policy
+def rounded(values: np.ndarray, decimals: int | None) -> np.ndarray:
+    """``values`` rounded to ``decimals`` (as float64, so that JSON shows 0.123, not float32's 0.12300000339)."""
+    return values if decimals is None else np.round(values.astype(np.float64), decimals)
+
+
+def policy_outputs(probs: np.ndarray, policy: OutputPolicy) -> tuple[np.ndarray, np.ndarray | None]:
+    """What the public path lets out of (N, C) class probabilities: (class indices, their probabilities),
+    both (N, k) in decreasing order of probability. ``probs``: every class; ``top_k``: the k highest,
+    renormalised to sum to one (the rest is not served at all); ``label``: the predicted class and no
+    probability (None). Rounded to ``policy.decimals``. The leak audit's ``apply_policy`` means the same
+    (tests/security/test_output_policy_enforced.py checks that :func:`public_view` equals it)."""
+    if policy.policy == "label":
+        return probs.argmax(axis=1)[:, None], None
+    order = np.argsort(-probs, axis=1, kind="stable")
+    if policy.policy == "top_k":
+        order = order[:, :policy.top_k]
+    values = np.take_along_axis(probs, order, axis=1)
+    if policy.policy == "top_k":
+        values = values / np.maximum(values.sum(axis=1, keepdims=True), 1e-12)
+    return order, rounded(values, policy.decimals)
+
+
+def public_view(probs: np.ndarray, policy: OutputPolicy) -> np.ndarray:
+    """:func:`policy_outputs` as the audit's (N, C) tensor: what is not served is zero, a label is one-hot."""
+    idx, values = policy_outputs(probs, policy)
+    out = np.zeros(probs.shape, dtype=np.float64)
+    np.put_along_axis(out, idx, 1.0 if values is None else values, axis=1)
+    return out
+
+
+def class_predictions(probs: np.ndarray, k: int, labels: list[str], policy: OutputPolicy) -> list[dict]:
+    """``/predict``'s answer for a classifier: the first ``k`` classes the policy serves, with their scores
+    (none under ``label``, which serves one label)."""
+    idx, values = policy_outputs(probs, policy)
+    idx = idx[:, :k]
+    if values is None:
+        return [{"labels": [labels[i] for i in row], "indices": row} for row in idx.tolist()]
+    return [{"labels": [labels[i] for i in row], "indices": row, "scores": v}
+            for row, v in zip(idx.tolist(), values[:, :k].tolist())]
+
+
+def multilabel_predictions(z: np.ndarray, k: int, labels: list[str], policy: OutputPolicy,
+                           threshold: float = 0.5) -> list[dict]:
+    """Top-k labels by their own sigmoid probability, and every label at or over ``threshold`` (``present``).
+    Under ``top_k`` at most the policy's k labels, and ``present`` only among them; under ``label`` the
+    present labels alone, no score."""
     probs = 1.0 / (1.0 + np.exp(-z))
-    out = top_k(probs, k, labels)
-    for p, row in zip(out, probs):
-        p["present"] = [labels[i] for i in np.flatnonzero(row >= threshold)]
+    out = []
+    for row in probs:
+        present = np.flatnonzero(row >= threshold)
+        if policy.policy == "label":
+            out.append({"labels": [labels[i] for i in present], "indices": present.tolist()})
+            continue
+        shown = np.argsort(-row, kind="stable")[:min(k, policy.top_k or k)]
+        out.append({"labels": [labels[i] for i in shown], "indices": shown.tolist(),
+                    "scores": rounded(row[shown], policy.decimals).tolist(),
+                    "present": [labels[i] for i in present if policy.policy == "probs" or i in shown]})
     return out
 
 

@@ -2,14 +2,15 @@
 
 The store's ``models`` table is the truth; :meth:`ModelHost.sync` makes memory match it,
 so ``sdb models add|remove`` (which writes the store directly) reaches a running server
-within ``models_sync_s``, and a restart reloads the same set. A bundle that fails
+within ``models_sync_s``, and a restart reloads the same set. A request for a name or a
+version the store has and this process has not loaded yet loads it then (one load at a time
+per model), so a model another process just deployed answers at once. A bundle that fails
 verification is refused before anything changes: running models are never touched.
 The key opened with the master key lives only in memory, inside the loaded bundle.
 """
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +22,11 @@ import numpy as np
 from sdb_core.bundle import OUTPUT_NAME, Bundle, BundleError, load_bundle, onnx_providers, output_shape
 
 from .batching import MicroBatcher
+from .disclosure import hide_paths
 from .errors import ApiError, not_found
+from .schemas import OutputPolicy
 from .settings import Settings
-from .store import ModelRow, Store
+from .store import ModelRow, Store, version_key
 
 log = logging.getLogger("sdb.service")
 
@@ -49,9 +52,22 @@ def check_served_output(meta: dict, where: str) -> None:
         raise BundleError(f"{where}: a {task} model is served with {means} per input; this one outputs {shape}")
 
 
-def version_key(v: str) -> tuple:
-    """Natural order: "10" after "9", "1.10" after "1.9"."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_]", v))
+def verify_bundle(path: str | Path, master_key: bytes, session_options=None) -> Bundle:
+    """Verify and load; raises ValueError (BundleError, SealError) or OSError when refused.
+
+    ``load_bundle`` checks the hashes, opens the key only beside the network it was sealed with,
+    and runs the graph once against ``meta.json``'s output shape; then the output must be what
+    the model's task's routes read. What a deploy checks before it registers a bundle, and what
+    every server process checks before it serves one.
+    """
+    bundle = load_bundle(path, master_key, session_options=session_options, providers=onnx_providers())
+    check_served_output(bundle.meta, str(path))
+    return bundle
+
+
+def row_policy(row: ModelRow) -> OutputPolicy:
+    """A version's output policy as the store has it (validated when it was deployed)."""
+    return OutputPolicy.model_construct(policy=row.policy or "probs", top_k=row.top_k, decimals=row.decimals)
 
 
 @dataclass
@@ -62,6 +78,7 @@ class HostedModel:
     added_at: float
     bundle: Bundle
     batcher: MicroBatcher = field(repr=False)
+    policy: OutputPolicy = field(default_factory=OutputPolicy)  # what the public routes return
 
     @property
     def meta(self) -> dict:
@@ -116,7 +133,7 @@ class HostedModel:
                 "input": {"name": m["input"]["name"], "shape": self.in_shape, "dtype": m["input"]["dtype"]},
                 "normalize": m["normalize"], "labels": self.labels, "temperature": m.get("temperature"),
                 "metrics": m.get("metrics", {}), "protection": protection_report(m.get("check")),
-                "added_at": self.added_at}
+                "output_policy": self.policy.model_dump(), "added_at": self.added_at}
 
 
 def protection_report(check: dict | None) -> dict | None:
@@ -141,17 +158,29 @@ class ModelHost:
         self._models: dict[str, dict[str, HostedModel]] = {}
         self.failed: dict[tuple[str, str], str] = {}  # refused at sync: (name, version) → why
         self._failed_seen: dict[tuple[str, str], float] = {}  # added_at of the row that failed
+        self._loading: dict[str, threading.Lock] = {}  # one load on demand at a time per model name
+        self._loading_guard = threading.Lock()
 
     # ------------------------------------------------------------ reading
-    def get(self, name: str, version: str | None = None) -> HostedModel:
+    def loaded(self, name: str, version: str | None = None) -> HostedModel | None:
+        """The model in memory (``version`` None: its highest loaded), or None; never the store."""
         versions = self._models.get(name)
         if not versions:
-            raise not_found(f"no model named {name!r}", "model_not_found")
-        if version is None:
-            return versions[max(versions, key=version_key)]
-        if version not in versions:
-            raise not_found(f"model {name!r} has no version {version!r}", "model_not_found")
-        return versions[version]
+            return None
+        return versions[max(versions, key=version_key)] if version is None else versions.get(version)
+
+    def get(self, name: str, version: str | None = None) -> HostedModel:
+        """The model, loaded on demand when the store has it and memory not yet (blocking: from a
+        coroutine, :meth:`aget`). 404 ``model_not_found``; 503 ``model_unavailable`` with the reason
+        when its bundle cannot be loaded. A name already loaded answers its highest loaded version:
+        a newer one deployed by another process becomes the default at the next sync."""
+        return self.loaded(name, version) or self._load_on_demand(name, version)
+
+    async def aget(self, name: str, version: str | None = None) -> HostedModel:
+        """:meth:`get` for the routes: a load on demand runs off the event loop."""
+        from starlette.concurrency import run_in_threadpool
+
+        return self.loaded(name, version) or await run_in_threadpool(self._load_on_demand, name, version)
 
     def versions(self, name: str) -> list[str]:
         return sorted(self._models.get(name, {}), key=version_key)
@@ -179,17 +208,41 @@ class ModelHost:
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return so
 
-    def load(self, path: str) -> Bundle:
-        """Verify and load; raises ValueError (BundleError, SealError) or OSError when refused.
+    def load(self, path: str | Path) -> Bundle:
+        """:func:`verify_bundle` with this server's session options."""
+        return verify_bundle(path, self.settings.master_key, self.session_options())
 
-        ``load_bundle`` checks the hashes, opens the key only beside the network it was sealed with,
-        and runs the graph once against ``meta.json``'s output shape; then the output must be what
-        the model's task's routes read.
-        """
-        bundle = load_bundle(path, self.settings.master_key, session_options=self.session_options(),
-                             providers=onnx_providers())
-        check_served_output(bundle.meta, path)
-        return bundle
+    def _load_on_demand(self, name: str, version: str | None) -> HostedModel:
+        row = self.store.get_model(name, version)
+        if row is None:
+            raise not_found(f"no model named {name!r}" if version is None
+                            else f"model {name!r} has no version {version!r}", "model_not_found")
+        with self._loading_guard:
+            gate = self._loading.setdefault(row.name, threading.Lock())
+        with gate:  # one load per model at a time: a second request waits for the first one's
+            current = self.loaded(row.name, row.version)
+            if current is not None and current.added_at == row.added_at:
+                return current
+            bundle = self._load_row(row)
+            with self._lock:  # removed meanwhile (by this process or another): not served
+                again = self.store.get_model(row.name, row.version)
+                if again is None or again.added_at != row.added_at:
+                    raise not_found(f"model {name!r} was removed", "model_not_found")
+                return self.serve(row, bundle)
+
+    def _load_row(self, row: ModelRow) -> Bundle:
+        """The row's verified bundle; 503 ``model_unavailable`` with the reason (no server path) when it fails,
+        and then it is not tried again until the row changes (a sync retries a new row the same way)."""
+        key = (row.name, row.version)
+        if self._failed_seen.get(key) != row.added_at:
+            try:
+                return self.load(row.path)
+            except (ValueError, OSError) as e:
+                with self._lock:
+                    self.failed[key], self._failed_seen[key] = str(e), row.added_at
+                log.error("model %s version %s not served: %s", row.name, row.version, e)
+        why = hide_paths(self.failed.get(key, "its bundle failed verification"), self.settings.data_dir)
+        raise ApiError(503, "model_unavailable", f"model {row.name!r} version {row.version!r} cannot be served: {why}")
 
     def _host(self, row: ModelRow, bundle: Bundle) -> HostedModel:
         s = self.settings
@@ -207,7 +260,7 @@ class ModelHost:
             run, max_samples = (lambda items: model.run(items)), s.batch_max_samples
         batcher = MicroBatcher(run, self.executor, max_samples=max_samples, max_wait_s=s.batch_max_wait_ms / 1000.0,
                                enabled=s.batching, on_batch=count)
-        model = HostedModel(row.name, row.version, row.path, row.added_at, bundle, batcher)
+        model = HostedModel(row.name, row.version, row.path, row.added_at, bundle, batcher, row_policy(row))
         return model
 
     def _install(self, model: HostedModel) -> None:
@@ -232,27 +285,35 @@ class ModelHost:
         if old is not None:
             old.batcher.close()
 
-    def add(self, path: str | Path, actor: str, *, name: str | None = None, version: str | None = None) -> HostedModel:
-        """Verify a bundle, record it in the store, serve it. 400 when refused, 409 when present.
-        ``name`` and ``version`` default to the bundle's own (an upload is given the next version)."""
-        with self._lock:  # one writer at a time: a sync must not load the row this add is writing
-            return self._add(path, actor, name, version)
-
-    def _add(self, path: str | Path, actor: str, name: str | None = None, version: str | None = None) -> HostedModel:
+    def add(self, path: str | Path, actor: str, *, policy: OutputPolicy | None = None) -> HostedModel:
+        """An admin's registration in place (``sdb models add``, the demo): verify the bundle, record it
+        under its own name and version, serve it. 400 when refused, 409 when that version is present.
+        Deploys by keys (uploads, jobs) go through :func:`service.deploy.deploy_bundle` instead."""
         path = str(Path(path).expanduser().resolve())
         try:
             bundle = self.load(path)
         except (ValueError, OSError) as e:
             self.store.audit(actor, "model.refused", path, str(e))
             raise ApiError(400, "bundle_refused", f"bundle refused: {e}") from None
-        name, version = name or str(bundle.meta["name"]), version or str(bundle.meta["version"])
-        row = self.store.add_model(name, version, path)
-        if row is None:
-            raise ApiError(409, "model_exists", f"model {name!r} version {version!r} is already registered")
-        self.store.audit(actor, "model.add", f"{name}@{version}", path)
+        from .deploy import check_policy  # deploy imports this module
+
+        policy = check_policy(policy, bundle.meta)
+        name, version = str(bundle.meta["name"]), str(bundle.meta["version"])
+        with self._lock:  # one writer at a time: a sync must not load the row this add is writing
+            row = self.store.add_model(name, version, path, **policy.model_dump())
+            if row is None:
+                raise ApiError(409, "model_exists", f"model {name!r} version {version!r} is already registered")
+            self.store.audit(actor, "model.add", f"{name}@{version}", path)
+            return self.serve(row, bundle)
+
+    def serve(self, row: ModelRow, bundle: Bundle) -> HostedModel:
+        """Serve a registered row's verified bundle in this process now (a deploy through this server)."""
         model = self._host(row, bundle)
-        self._install(model)
-        log.info("serving model %s version %s from %s", name, version, path)
+        with self._lock:
+            self._install(model)
+            self.failed.pop((row.name, row.version), None)
+            self._failed_seen.pop((row.name, row.version), None)
+        log.info("serving model %s version %s", row.name, row.version)
         return model
 
     def remove(self, name: str, version: str | None, actor: str) -> list[tuple[str, str]]:

@@ -3,11 +3,13 @@ pydantic (a per-element validator would cost more than the model); these classes
 the small fields and document every body in the OpenAPI schema."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.responses import Response
+
+from sdb_core.protect.config import POLICIES, AuditConfig
 
 from .errors import invalid
 
@@ -39,10 +41,35 @@ class PredictOptions(BaseModel):
     top_k: int = Field(5, ge=1, le=1000)
 
 
+class OutputPolicy(BaseModel):
+    """What the public routes return of a model version, set when it is deployed (docs/security.md#output-policy).
+
+    The policies are the leak audit's (``sdb_core.protect.config.POLICIES``, applied by
+    ``attacks.apply_policy``): ``probs`` every probability, ``top_k`` the ``top_k`` highest,
+    renormalised to sum to one, ``label`` the predicted label alone. ``decimals`` rounds every
+    probability served; None serves them unrounded."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: Literal[POLICIES] = "probs"
+    top_k: int | None = Field(None, ge=1, le=1000, description=f"k of the top_k policy (default {AuditConfig().top_k}); "
+                              "only with top_k")
+    decimals: int | None = Field(None, ge=1, le=8, description="round served probabilities to this many decimals")
+
+    @model_validator(mode="after")
+    def _k_with_top_k(self):
+        if self.policy == "top_k" and self.top_k is None:
+            self.top_k = AuditConfig().top_k
+        elif self.policy != "top_k" and self.top_k is not None:
+            raise ValueError(f"top_k is the k of the top_k policy; this policy is {self.policy!r}")
+        if self.policy == "label" and self.decimals is not None:
+            raise ValueError("the label policy serves no probabilities to round: decimals is for probs and top_k")
+        return self
+
+
 class Prediction(BaseModel):
     labels: list[str]
     indices: list[int]
-    scores: list[float]
+    scores: list[float] | None = Field(None, description="absent under the label output policy")
 
 
 class PredictResponse(BaseModel):
@@ -77,6 +104,7 @@ class ModelInfo(BaseModel):
     mode: str
     distillable: bool
     labels: list[str]
+    output_policy: OutputPolicy
 
 
 class ModelList(BaseModel):

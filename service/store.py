@@ -6,6 +6,7 @@ migrated at start by :func:`migrate`: an ordered list of steps and a version row
 """
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     or_,
     select,
     text,
@@ -62,11 +64,47 @@ class ApiKeyRow(Base):
 
 
 class ModelRow(Base):
+    """One served version of a model, with the output policy its public routes apply."""
+
     __tablename__ = "models"
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     version: Mapped[str] = mapped_column(String(100), primary_key=True)
     path: Mapped[str] = mapped_column(Text)
     added_at: Mapped[float] = mapped_column(Float)
+    policy: Mapped[str] = mapped_column(String(16), default="probs", server_default="probs")  # probs|top_k|label
+    top_k: Mapped[int | None] = mapped_column(Integer, nullable=True)  # k of the top_k policy
+    decimals: Mapped[int | None] = mapped_column(Integer, nullable=True)  # rounding of served probabilities
+
+
+class ModelNameRow(Base):
+    """A model name and its owner: the key that first deployed it; NULL, an admin (``sdb models add``,
+    and every name older than this table). The row outlives the name's versions, so a removed
+    model's name stays its owner's and a version number is never given twice."""
+
+    __tablename__ = "model_names"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    last_version: Mapped[int] = mapped_column(Integer, default=0)  # the highest numeric version ever added
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class DeployRefused(Exception):
+    """A version the store will not add: ``code`` model_not_owned, key_invalid or model_exists."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def may_deploy(claimed: bool, owner: str | None, deployer: str | None, admin: bool) -> bool:
+    """The ownership rule: an admin deploys under any name, anyone under an unclaimed one, a key
+    under a name it owns. ``owner`` None is an admin's name; ``deployer`` None is the admin CLI."""
+    return admin or deployer is None or not claimed or owner == deployer
+
+
+def version_key(v: str) -> tuple:
+    """Natural order: "10" after "9", "1.10" after "1.9"."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_]", v))
 
 
 class UsageRow(Base):
@@ -140,7 +178,8 @@ class FileRow(Base):
 
 
 def _v1(conn: Connection) -> None:
-    # The tables of the first release, named: later tables come from their own steps.
+    # The tables of the first release, named: later tables come from their own steps (and later
+    # columns of these from theirs, which add only what is missing).
     v1 = ("api_keys", "models", "usage", "audit_log")
     Base.metadata.create_all(conn, tables=[Base.metadata.tables[n] for n in v1])
 
@@ -153,8 +192,30 @@ def _v3(conn: Connection) -> None:
     FileRow.__table__.create(conn, checkfirst=True)
 
 
+def _v4(conn: Connection) -> None:
+    """Model names with an owner, and each version's output policy. A database that ran ``_v1``
+    before the policy columns existed gets them here (``_v1`` builds ``models`` from the class);
+    every name already served becomes an admin's, its numeric versions counted."""
+    have = {c["name"] for c in inspect(conn).get_columns("models")}
+    for col in ("policy", "top_k", "decimals"):
+        if col not in have:
+            column = ModelRow.__table__.c[col]
+            kind = column.type.compile(dialect=conn.dialect)
+            default = " NOT NULL DEFAULT 'probs'" if col == "policy" else ""
+            conn.exec_driver_sql(f"ALTER TABLE models ADD COLUMN {col} {kind}{default}")
+    ModelNameRow.__table__.create(conn, checkfirst=True)
+    last: dict[str, int] = {}
+    for name, version in conn.execute(select(ModelRow.name, ModelRow.version)):
+        last[name] = max(last.get(name, 0), int(version) if version.isdigit() else 0)
+    known = set(conn.execute(select(ModelNameRow.name)).scalars())
+    now = time.time()
+    rows = [{"name": n, "owner": None, "last_version": v, "created_at": now} for n, v in last.items() if n not in known]
+    if rows:
+        conn.execute(ModelNameRow.__table__.insert(), rows)
+
+
 # Append a step to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
 
 
 # Any constant: the PostgreSQL advisory lock that serialises migrations across processes and hosts.
@@ -228,14 +289,76 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(ModelRow).order_by(ModelRow.name, ModelRow.version)))
 
-    def add_model(self, name: str, version: str, path: str) -> ModelRow | None:
-        """None when that name and version is already registered."""
-        row = ModelRow(name=name, version=version, path=path, added_at=time.time())
+    def get_model(self, name: str, version: str | None = None) -> ModelRow | None:
+        """One registered version; ``version`` None: the name's highest (natural order)."""
+        with self.session() as s:
+            if version is not None:
+                return s.get(ModelRow, (name, version))
+            rows = list(s.scalars(select(ModelRow).where(ModelRow.name == name)))
+            return max(rows, key=lambda r: version_key(r.version), default=None)
+
+    def add_model(self, name: str, version: str, path: str, **policy) -> ModelRow | None:
+        """An admin's registration of ``name`` at ``version``; None when that version is registered."""
         try:
-            with self.session.begin() as s:
-                s.add(row)
-        except IntegrityError:
+            return self.add_version(name, path, deployer=None, version=version, **policy)
+        except DeployRefused:
             return None
+
+    def add_version(self, name: str, path: str, *, deployer: str | None, version: str | None = None,
+                    policy: str = "probs", top_k: int | None = None, decimals: int | None = None) -> ModelRow:
+        """Register ``path`` as a version of ``name``, in one transaction that also checks the deployer.
+
+        ``deployer`` is the deploying key's id, read here with the name: an admin key deploys under any
+        name, another key under a name it owns or no one has claimed (it becomes the owner); None is the
+        admin CLI. ``version`` None assigns the next one (above every version the name ever had), so two
+        deploys never get the same one. The name's row is the lock (PostgreSQL: ``FOR UPDATE``; SQLite:
+        the write lock); a first deploy racing another one's retries and then meets its owner.
+        Raises :class:`DeployRefused` (``model_not_owned``, ``key_invalid``, ``model_exists``).
+        """
+        for attempt in range(3):
+            try:
+                with self.session.begin() as s:
+                    return self._add_version(s, name, path, deployer, version, policy, top_k, decimals)
+            except IntegrityError:
+                if attempt == 2:
+                    break
+        raise DeployRefused("model_exists", f"model {name!r} version {version!r} is already registered")
+
+    def deploy_refusal(self, name: str, deployer: str | None) -> DeployRefused | None:
+        """Why ``deployer`` may not deploy a version of ``name`` now, or None: :meth:`add_version`'s check,
+        read outside its transaction (a submission's early answer; the deploy checks again)."""
+        with self.session() as s:
+            return _refusal(s, name, deployer, time.time())[1]
+
+    def next_version(self, name: str) -> str:
+        """The version a deploy of ``name`` would be given now (another deploy may take it first)."""
+        with self.session() as s:
+            claim = s.get(ModelNameRow, name)
+            taken = list(s.scalars(select(ModelRow.version).where(ModelRow.name == name)))
+            return _next_version(taken, 0 if claim is None else claim.last_version)
+
+    def _add_version(self, s: Session, name: str, path: str, deployer: str | None, version: str | None,
+                     policy: str, top_k: int | None, decimals: int | None) -> ModelRow:
+        now = time.time()
+        if s.get_bind().dialect.name == "sqlite":
+            s.connection().exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before the first read
+        claim, refusal = _refusal(s, name, deployer, now, lock=True)
+        if refusal is not None:
+            raise refusal
+        if claim is None:
+            claim = ModelNameRow(name=name, owner=deployer, last_version=0, created_at=now)
+            s.add(claim)
+            s.flush()  # a concurrent first deploy of the name fails here, and the caller retries
+        taken = list(s.scalars(select(ModelRow.version).where(ModelRow.name == name)))
+        if version is None:
+            version = _next_version(taken, claim.last_version)
+        elif version in taken:
+            raise DeployRefused("model_exists", f"model {name!r} version {version!r} is already registered")
+        if version.isdigit():
+            claim.last_version = max(claim.last_version, int(version))
+        row = ModelRow(name=name, version=version, path=path, added_at=now, policy=policy, top_k=top_k,
+                       decimals=decimals)
+        s.add(row)
         return row
 
     def remove_model(self, name: str, version: str | None = None) -> list[ModelRow]:
@@ -333,6 +456,33 @@ class Store:
             if row is not None:
                 s.delete(row)
             return row
+
+
+def _refusal(s: Session, name: str, deployer: str | None, now: float,
+             lock: bool = False) -> tuple[ModelNameRow | None, DeployRefused | None]:
+    """The name's row (locked with ``lock``) and why ``deployer`` may not add a version to it, if it may not:
+    the deployer's key as the store has it now (revoked, expired, admin or not), and :func:`may_deploy`."""
+    admin = deployer is None
+    if deployer is not None:
+        key = s.get(ApiKeyRow, deployer)
+        if key is None or key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
+            return None, DeployRefused("key_invalid", "the deploying API key is revoked, expired or unknown")
+        admin = "admin" in key.scopes.split(",")
+    q = select(ModelNameRow).where(ModelNameRow.name == name)
+    claim = s.scalars(q.with_for_update() if lock else q).first()
+    if not may_deploy(claim is not None, None if claim is None else claim.owner, deployer, admin):
+        return claim, DeployRefused("model_not_owned", f"model {name!r} belongs to another key: only its owner "
+                                    "or an admin deploys versions of it")
+    return claim, None
+
+
+def _next_version(taken: list[str], last: int) -> str:
+    """The version after every one a name has (``taken``) or had (``last``, the highest number)."""
+    numeric = [int(v) for v in taken if v.isdigit()]
+    others = [v for v in taken if not v.isdigit()]
+    if not numeric and not last and others:
+        return f"{max(others, key=version_key)}.1"
+    return str(max([*numeric, last]) + 1)
 
 
 def _charge_statement():

@@ -101,9 +101,3 @@ def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
-
-def top_k(probs: np.ndarray, k: int, labels: Sequence[str]) -> list[dict]:
-    idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    scores = np.take_along_axis(probs, idx, axis=1)
-    return [{"labels": [labels[i] for i in row], "indices": row, "scores": s}
-            for row, s in zip(idx.tolist(), scores.tolist())]

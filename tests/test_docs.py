@@ -3,6 +3,7 @@ stays a front door, and every `sdb` command shown in a bash block parses. No mkd
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 from pathlib import Path
@@ -237,3 +238,31 @@ def test_a_bad_sdb_command_is_caught():
         [], [], ["sdb wrap: unknown flag --no-such-flag"], ["sdb audit: unknown flag --polcy"],
         ["sdb: unknown subcommand 'frobnicate' (one of " + ", ".join(_subparsers(parser)) + ")"],
         ["sdb keys: a subcommand is missing (one of create, list, revoke)"]]
+
+
+def documented_job_params() -> list[tuple[str, str, dict]]:
+    """(page, kind, params) of every ``sdb jobs submit KIND --params '{...}'`` in the docs' bash blocks."""
+    found = []
+    for md, _, args in documented_sdb_commands():
+        if args[:2] == ["jobs", "submit"] and "--params" in args:
+            value = args[args.index("--params") + 1]
+            if value.startswith("{"):
+                found.append((md, args[2], json.loads(value)))
+    return found
+
+
+def test_documented_job_params_validate():
+    """The params the docs show are the job API's (one model reference, file ids, no paths)."""
+    from pydantic import ValidationError
+
+    from service.jobs.kinds import get_kind
+
+    examples = documented_job_params()
+    assert len(examples) >= 10, "the docs' job examples were not found"
+    problems = []
+    for md, kind, params in examples:
+        try:
+            get_kind(kind).params.model_validate(params)
+        except (ValidationError, ValueError) as e:
+            problems.append(f"{md}: {kind} {json.dumps(params)[:120]}\n    {str(e).splitlines()[0:3]}")
+    assert problems == [], "\n".join(problems)

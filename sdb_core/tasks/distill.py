@@ -75,9 +75,11 @@ def teacher_of(cfg: DistillTask, data, master_key: bytes | None = None) -> Calla
 
 
 def run(cfg: DistillTask, out: str | os.PathLike, hooks: Hooks | None = None, *, teacher: Callable | Any | None = None,
-        data=None, master_key: bytes | None = None) -> DistillOutcome:
+        data=None, master_key: bytes | None = None, charge: Callable[[int], None] | None = None) -> DistillOutcome:
     """Train ``cfg.student`` on the transfer split from the teacher (``teacher`` overrides ``cfg.teacher``, e.g.
-    a remote server's keyed path) and save its weights to ``out`` (safetensors)."""
+    a remote server's keyed path) and save its weights to ``out`` (safetensors). ``charge`` is called once,
+    before the teacher is asked anything, with the number of samples it will be asked for (the service
+    charges a key's quota there; raising stops the task before any is drawn)."""
     from ..data import load_dataset, transfer_split
     from ..distill import distill
     from ..models import create_model
@@ -92,6 +94,8 @@ def run(cfg: DistillTask, out: str | os.PathLike, hooks: Hooks | None = None, *,
     seed_everything(cfg.seed)
     student = create_model(cfg.student, num_classes=data.num_classes, in_shape=data.in_shape)
     dcfg = replace(cfg.distill, train=replace(cfg.distill.train, seed=cfg.seed))
+    if charge is not None and teacher is not None:  # a cached teacher is asked once per sample, else every epoch
+        charge(len(transfer) * (1 if dcfg.cache_teacher else dcfg.train.epochs))
     result = distill(student, transfer, teacher, dcfg, progress=hooks.phase("distill"), should_cancel=hooks.should_cancel)
     save_weights(student, out)
     return DistillOutcome(student, accuracy(student, data.test), len(transfer), result.history.epochs,

@@ -18,6 +18,7 @@ class WrapTask:
 
     data: str
     teacher: ModelRef  # arch + weights, or arch alone: a teacher is trained first on ``data``
+    data_label: str | None = None  # how the bundle names the data (default ``data``; a service: the id it got)
     name: str | None = None  # default DATA-ARCH
     version: str = "1"
     mode: str = "sdb"  # sdb | nasty
@@ -117,7 +118,7 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
                       should_cancel=hooks.should_cancel, log=hooks.log)
     r = result.report
     metrics = {k: r[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement") if k in r}
-    extra = {"arch": arch, "data": cfg.data, **({"check": r["check"]} if "check" in r else {})}
+    extra = {"arch": arch, "data": cfg.data_label or cfg.data, **({"check": r["check"]} if "check" in r else {})}
     path = export_bundle(result.box, out, name=cfg.model_name, version=cfg.version, in_shape=data.in_shape,
                          mean=data.mean, std=data.std, labels=data.labels,
                          master_key=master_key if result.box.has_key else None, metrics=metrics, extra=extra)

@@ -1,8 +1,12 @@
-"""What a running job sees: its log, its artifacts directory, progress by phase, and cancel.
+"""What a running job sees: its log, its artifacts directory, progress by phase, cancel, and the key
+it runs for.
 
 The training loop calls the phase callbacks and ``should_cancel`` from the job's thread; a
 heartbeat thread (:mod:`.runner`) reads :meth:`JobContext.snapshot` and writes it to the
-store, and sets ``cancel`` when the store says the job was cancelled (or is no longer ours).
+store, and sets ``cancel`` when the store says the job was cancelled (or is no longer ours) or
+when the job's key no longer allows it (:meth:`JobContext.check_key`: revoked, expired, a scope or
+model it lost). A job runs on its key's authority: its files are resolved for that key, and the
+keyed samples it draws are charged to that key's quota (:meth:`JobContext.charge`).
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from pathlib import Path
 
 from sdb_core.progress import Hooks, Progress
 
+from ..auth import ApiKey, Keyring
 from ..settings import Settings
 from ..store import JobRow
+from .kinds.base import Access, key_problem
 from .queue import JobQueue
 
 
@@ -32,6 +38,31 @@ class JobContext:
         self._spans: dict[str, tuple[float, float]] = {}
         self._state: dict = {"progress": 0.0, "step": "starting", "metrics": {}, "training": False}
         self.curves: dict[str, list[dict]] = {}  # phase → points of the training curves
+        self.key: ApiKey | None = None  # the submitting key, as the store has it now (check_key)
+        self.reads: list[Access] = []  # the hosted models the job reads, and how (its params')
+        self.key_stop: str | None = None  # why the job may no longer run on its key's authority
+
+    # ------------------------------------------------------------ the key it runs for
+    def check_key(self) -> str | None:
+        """Read the job's key from the store and say why it no longer allows this job (None: it does);
+        a reason also asks the job to stop."""
+        row = self.queue.store.get_key(self.job.owner)
+        self.key = None if row is None else ApiKey.from_row(row)
+        problem = key_problem(self.key, self.reads, self.settings)
+        if problem is not None and self.key_stop is None:
+            self.key_stop = problem
+            self.cancel.set()
+        return problem
+
+    def charge(self, model: str, samples: int) -> None:
+        """Count ``samples`` keyed samples of ``model`` against the job's key quota before they are drawn: the
+        store's exact charge (nothing counted and ApiError when they do not fit or the key died), and
+        the key's usage statistics."""
+        keyring = Keyring(self.queue.store, b"")  # charging and usage read no secret: no pepper
+        keyring.charge(self.key, samples)
+        keyring.record(self.key.id, model, "distill", samples)
+        keyring.flush()
+        self.log(f"charged {samples} keyed samples of model {model} to the job's key")
 
     # ------------------------------------------------------------ log
     def log(self, message: str) -> None:

@@ -2,6 +2,10 @@
 or a Ray task): heartbeat and progress to the store, log and artifacts under
 ``<data_dir>/jobs/<id>/``, ``report.json`` and the training curves, then the final status. A failure
 is recorded in words (:func:`service.disclosure.failure_reason`); its traceback stays server-side.
+
+A job runs on its key's authority: the key is read again when the job is claimed and on every
+heartbeat, and a job whose key was revoked, expired or lost what the job reads (a scope, a model
+on its allowlist) is cancelled, saying why.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class Heartbeat(threading.Thread):
             self.lost = True
         if b.cancel or not b.owned:
             self.ctx.cancel.set()
+        self.ctx.check_key()  # a key revoked meanwhile stops the job at its next step
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
@@ -71,7 +76,12 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str,
     try:
         kind = get_kind(job.kind)
         params = kind.params.model_validate_json(job.params)
+        ctx.reads = params.reads()
+        if ctx.check_key() is not None:  # claimed for a key that no longer allows it: nothing runs
+            raise Cancelled(ctx.key_stop)
         report = kind.run(ctx, params)
+        if ctx.key_stop is not None:  # stopped in a stretch that does not look at cancel: still not done
+            raise Cancelled(ctx.key_stop)
         ctx.step("writing report", None)
         plot_curves(ctx.curves, ctx.artifacts / "curves.png", title=f"{job.kind} {job.id[:8]}")
         full = {"job": {"id": job.id, "kind": job.kind, "params": json.loads(job.params),
@@ -87,6 +97,10 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str,
         if hb.lost:
             ctx.log(f"stopped: the job was taken from this worker ({e})")
             return "lost"
+        if ctx.key_stop is not None:
+            queue.finish(job.id, worker, "cancelled", message=f"cancelled: {ctx.key_stop}")
+            ctx.log(f"cancelled: {ctx.key_stop}")
+            return "cancelled"
         if ctx.stop.is_set() and not ctx.cancel.is_set():
             queue.release(job.id, worker, f"requeued: worker {worker} shut down")
             ctx.log("released: the worker is shutting down; the job goes back to the queue")

@@ -21,6 +21,7 @@ from ..deps import (
 from ..errors import invalid, not_found
 from ..inference import (
     PREDICT_TASKS,
+    class_predictions,
     keyed_logits,
     multilabel_predictions,
     pose_predictions,
@@ -42,7 +43,7 @@ from ..schemas import (
     json_response,
     options,
 )
-from ..tensors import as_batch, image_to_input, softmax, to_array, top_k
+from ..tensors import as_batch, image_to_input, softmax, to_array
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -71,7 +72,7 @@ async def list_models(host: ModelHostDep, settings: SettingsDep, key: OptionalAp
 async def get_model(name: str, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep,
                     version: str | None = VersionQuery) -> Response:
     require_predict(key, name, settings.public_predict)  # before the lookup: no probing names
-    return json_response(_describe(host, host.get(name, version)))
+    return json_response(_describe(host, await host.aget(name, version)))
 
 
 async def _inputs(model: HostedModel, body: Body, max_samples: int) -> np.ndarray:
@@ -90,16 +91,18 @@ async def _inputs(model: HostedModel, body: Body, max_samples: int) -> np.ndarra
 _VERSION_DOC = {"name": "version", "in": "query", "required": False, "schema": {"type": "string"},
                 "description": "a version of the model; default the highest"}
 _TOP_K_DOC = {"name": "top_k", "in": "query", "required": False,
-              "schema": {"type": "integer", "minimum": 1, "maximum": 1000}, "description": "labels to return"}
+              "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+              "description": "labels to return (at most the output policy's k; one under the label policy)"}
 
 
-@router.post("/{name}/predict", response_model=PredictResponse, summary="Top-k labels (public path)",
+@router.post("/{name}/predict", response_model=PredictResponse,
+             summary="Top-k labels (public path), under the model's output policy",
              openapi_extra={**json_body_doc(PredictRequest, *_UPLOAD_DOC.items()), **SERVING_DOC,
                             "parameters": [_VERSION_DOC, _TOP_K_DOC]})
 async def predict(name: str, request: Request, s: ServingDep) -> Response:
     version, top_k_query = request.query_params.get("version"), request.query_params.get("top_k")
     require_predict(s.key, name, s.settings.public_predict)
-    model = s.host.get(name, version)
+    model = await s.host.aget(name, version)
     task = require_task(model, PREDICT_TASKS)
     body = await read_body(request, _INPUT_TYPES)
     max_samples = s.settings.max_request_samples
@@ -117,16 +120,16 @@ async def predict(name: str, request: Request, s: ServingDep) -> Response:
     k = min(opts.top_k, len(model.labels))
     if task == "multilabel":
         return json_response({"model": model.name, "version": model.version, "task": task,
-                              "predictions": multilabel_predictions(z, k, model.labels)})
+                              "predictions": multilabel_predictions(z, k, model.labels, model.policy)})
     return json_response({"model": model.name, "version": model.version,
-                          "predictions": top_k(softmax(z), k, model.labels)})
+                          "predictions": class_predictions(softmax(z), k, model.labels, model.policy)})
 
 
 @router.post("/{name}/distill", response_model=DistillResponse,
              summary="Augmented logits through the keyed path (distill scope for this model)",
              openapi_extra={**json_body_doc(DistillRequest), **DISTILLING_DOC, "parameters": [_VERSION_DOC]})
 async def distill(name: str, request: Request, s: DistillingDep) -> Response:
-    model = s.host.get(name, request.query_params.get("version"))
+    model = await s.host.aget(name, request.query_params.get("version"))
     require_task(model)
     body = await read_body(request, (JSON,), what="distill")
     opts = options(DistillOptions, body.json)

@@ -1,8 +1,15 @@
 """The Open Inference Protocol (v2, as KServe and Triton speak it), FP32 tensors as JSON.
 
-Outputs: ``probabilities`` (public path, the default) and ``distill_logits`` (keyed path:
-asked for by name, and only with a ``distill`` key for the model). Errors keep this
-service's ``{"error": {"code", "message"}}`` body with the protocol's statuses.
+Public outputs follow the model version's output policy (the metadata lists them):
+
+- ``probs``: ``probabilities`` FP32 [N, C], every class in label order;
+- ``top_k``: ``probabilities`` FP32 [N, k], the k highest renormalised, in decreasing order, and
+  ``classes`` INT64 [N, k], their class indices: the other classes are absent, not zero-filled;
+- ``label``: ``classes`` INT64 [N, 1], the predicted class, and no probability at all.
+
+``distill_logits`` is the keyed path (asked for by name, and only with a ``distill`` key for the
+model), not subject to the policy. Errors keep this service's ``{"error": {"code", "message"}}``
+body with the protocol's statuses.
 """
 from __future__ import annotations
 
@@ -18,14 +25,38 @@ from starlette.responses import Response
 from ..bodies import read_json
 from ..deps import SERVING_DOC, ModelHostDep, OptionalApiKeyDep, Serving, ServingDep, SettingsDep
 from ..errors import ApiError, invalid
-from ..inference import charge_keyed, keyed_logits, public_logits, require_predict, require_task
+from ..inference import (
+    charge_keyed,
+    keyed_logits,
+    policy_outputs,
+    public_logits,
+    require_predict,
+    require_task,
+    rounded,
+)
 from ..registry import HostedModel, ModelHost
-from ..schemas import json_body_doc, json_response
+from ..schemas import OutputPolicy, json_body_doc, json_response
 from ..tensors import as_batch, softmax, to_array
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
-PUBLIC_OUTPUT, KEYED_OUTPUT = "probabilities", "distill_logits"
+PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "distill_logits"
+
+
+def public_outputs(policy: OutputPolicy, classes: int) -> list[dict]:
+    """The public output tensors a model serves under its policy: name, datatype, shape (-1: the batch)."""
+    if policy.policy == "probs":
+        return [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}]
+    k = 1 if policy.policy == "label" else min(policy.top_k, classes)
+    probabilities = [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, k]}] if policy.policy == "top_k" else []
+    return probabilities + [{"name": CLASSES_OUTPUT, "datatype": "INT64", "shape": [-1, k]}]
+
+
+def _public_values(probs, policy: OutputPolicy) -> dict:
+    if policy.policy == "probs":
+        return {PUBLIC_OUTPUT: rounded(probs, policy.decimals)}
+    idx, values = policy_outputs(probs, policy)
+    return {CLASSES_OUTPUT: idx.astype("int64"), **({} if values is None else {PUBLIC_OUTPUT: values})}
 
 
 class InferInput(BaseModel):
@@ -36,7 +67,8 @@ class InferInput(BaseModel):
 
 
 class InferOutputRequest(BaseModel):
-    name: str = Field(description=f"{PUBLIC_OUTPUT} or {KEYED_OUTPUT} (needs a distill key)")
+    name: str = Field(description=f"{PUBLIC_OUTPUT} or {CLASSES_OUTPUT} (as the model's output policy serves "
+                      f"them: see its metadata), or {KEYED_OUTPUT} (needs a distill key)")
 
 
 class InferRequest(BaseModel):
@@ -73,7 +105,7 @@ def _metadata(host: ModelHost, m: HostedModel) -> dict:
     classes = len(m.labels)
     return {"name": m.name, "versions": host.versions(m.name), "platform": "onnxruntime_onnx",
             "inputs": [{"name": m.meta["input"]["name"], "datatype": "FP32", "shape": [-1, *m.in_shape]}],
-            "outputs": [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}]
+            "outputs": public_outputs(m.policy, classes)
             + ([{"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}] if m.distillable else [])}
 
 
@@ -81,27 +113,27 @@ def _metadata(host: ModelHost, m: HostedModel) -> dict:
 @router.get("/models/{name}", summary="Model metadata")
 async def model_metadata(name: str, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
     require_predict(key, name, settings.public_predict)
-    return json_response(_metadata(host, host.get(name)))
+    return json_response(_metadata(host, await host.aget(name)))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata")
 async def model_version_metadata(name: str, version: str, host: ModelHostDep, settings: SettingsDep,
                                  key: OptionalApiKeyDep) -> Response:
     require_predict(key, name, settings.public_predict)
-    return json_response(_metadata(host, host.get(name, version)))
+    return json_response(_metadata(host, await host.aget(name, version)))
 
 
 @router.get("/models/{name}/ready", summary="Model ready")
 async def model_ready(name: str, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
     require_predict(key, name, settings.public_predict)
-    return json_response({"name": host.get(name).name, "ready": True})
+    return json_response({"name": (await host.aget(name)).name, "ready": True})
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version ready")
 async def model_version_ready(name: str, version: str, host: ModelHostDep, settings: SettingsDep,
                               key: OptionalApiKeyDep) -> Response:
     require_predict(key, name, settings.public_predict)
-    m = host.get(name, version)
+    m = await host.aget(name, version)
     return json_response({"name": m.name, "version": m.version, "ready": True})
 
 
@@ -125,16 +157,18 @@ def _input_tensor(obj: dict, model: HostedModel, max_samples: int):
     return as_batch(data.reshape(shape), model.in_shape, max_samples)
 
 
-def _wanted(obj: dict) -> list[str]:
+def _wanted(obj: dict, model: HostedModel) -> list[str]:
+    public = [o["name"] for o in public_outputs(model.policy, len(model.labels))]
     outputs = obj.get("outputs")
     if outputs is None:
-        return [PUBLIC_OUTPUT]
+        return public
     if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
         raise invalid("outputs must be a non-empty list of {\"name\": ...}", "invalid_request")
     names = [o.get("name") for o in outputs]
-    unknown = [n for n in names if n not in (PUBLIC_OUTPUT, KEYED_OUTPUT)]
+    unknown = [n for n in names if n not in (*public, KEYED_OUTPUT)]
     if unknown:
-        raise invalid(f"unknown output(s) {unknown}; available: {PUBLIC_OUTPUT}, {KEYED_OUTPUT}", "invalid_request")
+        raise invalid(f"unknown output(s) {unknown}; this model serves {', '.join([*public, KEYED_OUTPUT])} "
+                      f"(output policy {model.policy.policy})", "invalid_request")
     return list(dict.fromkeys(names))
 
 
@@ -142,25 +176,30 @@ async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     key, keyring, metrics, settings = s.key, s.keyring, s.metrics, s.settings
     require_task(model)
     obj = await read_json(request)
-    wanted = _wanted(obj)
+    wanted = _wanted(obj, model)
+    served_public = [n for n in wanted if n != KEYED_OUTPUT]
     if KEYED_OUTPUT in wanted and key is None:
         raise ApiError(401, "missing_key", f"output {KEYED_OUTPUT!r} needs an API key with the distill scope",
                        {"WWW-Authenticate": "Bearer"})
-    if PUBLIC_OUTPUT in wanted:
+    if served_public:
         require_predict(key, model.name, settings.public_predict)
     x = _input_tensor(obj, model, settings.max_request_samples)
     jobs = {}
     if KEYED_OUTPUT in wanted:  # checks scope and charges quota before anything runs
         await charge_keyed(model, len(x), key, keyring)
         jobs[KEYED_OUTPUT] = keyed_logits(model, x, key, keyring, metrics, charged=True)
-    if PUBLIC_OUTPUT in wanted:
-        jobs[PUBLIC_OUTPUT] = public_logits(model, x, key, keyring, metrics)
+    if served_public:
+        jobs["public"] = public_logits(model, x, key, keyring, metrics)
     # Awaited together, both paths ride in the same ONNX Runtime call.
     results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+    values = _public_values(softmax(results["public"]), model.policy) if served_public else {}
+    if KEYED_OUTPUT in wanted:
+        values[KEYED_OUTPUT] = results[KEYED_OUTPUT]
     outputs = []
     for name in wanted:
-        value = softmax(results[name]) if name == PUBLIC_OUTPUT else results[name]
-        outputs.append({"name": name, "datatype": "FP32", "shape": list(value.shape), "data": value.ravel()})
+        value = values[name]
+        outputs.append({"name": name, "datatype": "INT64" if name == CLASSES_OUTPUT else "FP32",
+                        "shape": list(value.shape), "data": value.ravel()})
     body = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
     if isinstance(obj.get("id"), str):
         body["id"] = obj["id"]
@@ -172,9 +211,9 @@ _INFER_DOC = {**json_body_doc(InferRequest), **SERVING_DOC}
 
 @router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC)
 async def infer(name: str, request: Request, s: ServingDep) -> Response:
-    return await _infer(s.host.get(name), request, s)
+    return await _infer(await s.host.aget(name), request, s)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_INFER_DOC)
 async def infer_version(name: str, version: str, request: Request, s: ServingDep) -> Response:
-    return await _infer(s.host.get(name, version), request, s)
+    return await _infer(await s.host.aget(name, version), request, s)

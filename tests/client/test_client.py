@@ -116,7 +116,7 @@ def test_jobs_methods_map_unknown_jobs_and_bad_params_to_typed_errors(admin, tmp
     # (the happy paths run real workers in test_jobs_service).
     with pytest.raises(BadRequest) as info:
         admin.jobs.submit("wrap", {"data": "digits"})
-    assert info.value.status == 422 and "arch" in str(info.value)
+    assert info.value.status == 422 and "params.teacher" in str(info.value)
     calls = [lambda: admin.jobs.get("j1"), lambda: admin.jobs.cancel("j1"), lambda: admin.jobs.logs("j1"),
              lambda: admin.jobs.artifacts("j1"), lambda: admin.jobs.download("j1", "student.safetensors", tmp_path),
              lambda: admin.jobs.wait("j1", timeout=1)]

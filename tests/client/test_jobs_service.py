@@ -10,7 +10,7 @@ from tests.service.jobs_helpers import start_worker, stop_worker
 
 from .conftest import MODEL
 
-PARAMS = {"teacher": MODEL, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
+PARAMS = {"teacher": {"model": MODEL}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
 
 
 @pytest.fixture(scope="module")

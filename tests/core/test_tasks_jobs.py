@@ -19,8 +19,21 @@ from service.jobs.kinds.amalgamate import AmalgamateParams, _task
 from service.jobs.kinds.okdhp import OKDHPParams
 from service.jobs.kinds.style import StyleParams
 
-TEACHERS = [{"name": "low", "weights": "low.safetensors", "labels": [0, 1, 2]},
-            {"name": "high", "weights": "high.safetensors", "labels": [3, 4]}]
+TEACHERS = [{"name": "low", "file": "low.safetensors", "arch": "multilabel", "labels": [0, 1, 2]},
+            {"name": "high", "file": "high.safetensors", "arch": "multilabel", "labels": [3, 4]}]
+
+
+@pytest.fixture
+def admin(tmp_path):
+    """An admin key's submission on a data dir holding the teachers' files (an admin may name paths)."""
+    from service.auth import ApiKey
+    from service.jobs.kinds.base import Submission
+    from service.settings import Settings
+
+    for t in TEACHERS:
+        (tmp_path / t["file"]).write_bytes(b"")
+    key = ApiKey("admin0", "", frozenset({"admin"}), None, None, None, None, None, 0.0)
+    return Submission(key, None, Settings(data_dir=tmp_path, secrets_dir=tmp_path.parent / "s"), None)
 
 
 def test_task_configs_and_job_kinds_import_no_torch():
@@ -45,9 +58,9 @@ def test_task_configs_and_job_kinds_import_no_torch():
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def test_amalgamate_params_default_to_the_task_and_the_recipes():
+def test_amalgamate_params_default_to_the_task_and_the_recipes(admin):
     p = AmalgamateParams(method="afk", teachers=TEACHERS)
-    task = _task(p)
+    task = _task(p, admin)
     defaults = AmalgamateTask("afk", task.teachers)
     assert replace(task, seed=0) == defaults  # every shared option: the same default
     assert (defaults.grid, defaults.transfer, defaults.width_scale, defaults.eval_n) == \
@@ -103,8 +116,8 @@ def test_amalgamation_methods_are_registered_by_name():
         Teacher("a", ModelRef(arch="cnn", weights="w"))
 
 
-def test_multilabel_problems_are_found_without_torch():
-    task = _task(AmalgamateParams(method="afk", teachers=TEACHERS, tasks=[2, 7], student_widths=[8, 8]))
+def test_multilabel_problems_are_found_without_torch(admin):
+    task = _task(AmalgamateParams(method="afk", teachers=TEACHERS, tasks=[2, 7], student_widths=[8, 8]), admin)
     problems = amalgamate.problems(task)
     assert any("[7] are not taught" in p for p in problems)
     assert any("student_widths needs 3 entries" in p for p in problems)

@@ -31,9 +31,9 @@ async def test_no_secret_in_logs_job_records_artifacts_or_reprs(tmp_path, bundle
                                   headers=svc.auth(user))).text)
         seen.append((await c.get("/v1/keys", headers=svc.auth(f"sdb_{'1' * 12}_{'a' * 64}"))).text)
         jobs = []
-        for kind, params in (("distill", {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1,
+        for kind, params in (("distill", {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1,
                                           "transfer": 100}),
-                             ("wrap", {"data": "digits", "arch": "cnn", "teacher_epochs": 1, "epochs": 1,
+                             ("wrap", {"data": "digits", "teacher": {"arch": "cnn"}, "teacher_epochs": 1, "epochs": 1,
                                        **LOOSE, "min_leak_margin": 100})):  # the wrap is refused: a failed job
             r = await c.post("/v1/jobs", json={"kind": kind, "params": params}, headers=svc.auth(user))
             assert r.status_code == 202, r.text

@@ -82,7 +82,7 @@ async def test_job_records_show_no_server_path(service, tmp_path_factory):
     root = tmp_path_factory.getbasetemp()
     user = service.key(("jobs", "distill"))
     r = await c.post("/v1/jobs", headers=service.auth(user), json={"kind": "wrap", "params": {
-        "data": "digits", "arch": "cnn", "teacher_epochs": 1, "epochs": 1, "name": "digits-w", "deploy": True,
+        "data": "digits", "teacher": {"arch": "cnn"}, "teacher_epochs": 1, "epochs": 1, "name": "digits-w", "deploy": True,
         **LOOSE}})
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
@@ -103,7 +103,7 @@ async def test_a_failed_job_tells_its_owner_the_cause_in_words_not_a_traceback(s
     c, settings = service.client, service.settings
     root = tmp_path_factory.getbasetemp()
     user = service.key(("jobs", "distill"))
-    params = {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1, "transfer": 100}
+    params = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 100}
 
     async def fail_one(setup) -> dict:
         r = await c.post("/v1/jobs", json={"kind": "distill", "params": params}, headers=service.auth(user))

@@ -82,7 +82,7 @@ async def test_guessing_key_secrets_is_rate_limited_per_address(limited):
 async def test_a_key_may_have_only_so_many_jobs_at_once(capped):
     h = capped.auth(capped.key(("jobs",)))
     c = capped.client
-    params = {"kind": "wrap", "params": {"data": "digits", "arch": "cnn", "epochs": 1}}
+    params = {"kind": "wrap", "params": {"data": "digits", "teacher": {"arch": "cnn"}, "epochs": 1}}
     first = await c.post("/v1/jobs", json=params, headers={**h, "Idempotency-Key": "one"})
     assert first.status_code == 202
     assert (await c.post("/v1/jobs", json=params, headers=h)).status_code == 202

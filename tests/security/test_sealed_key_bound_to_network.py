@@ -143,7 +143,9 @@ async def test_a_bundle_whose_output_disagrees_with_its_meta_is_refused_and_the_
         assert "declares [batch, 10]" in host.failed.get(("plain", "1"), ""), host.failed
         assert (await c.get("/readyz")).json()["models"] == 1
         assert (await c.post("/v1/models/digits-a/predict", json=x)).status_code == 200
-        assert (await c.post("/v1/models/plain/predict", json=x)).status_code == 404
+        r = await c.post("/v1/models/plain/predict", json=x)  # registered, refused: a 503 that says why
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+        assert "declares [batch, 10]" in r.text
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)

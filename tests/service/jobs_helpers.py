@@ -1,5 +1,6 @@
 """Helpers for the jobs tests that run real processes: ``sdb serve`` with its workers, ``sdb worker``,
-keys and models written to the data dir's store before the server starts."""
+keys and models written to the data dir's store before the server starts, and files uploaded through
+the API (a job names a file by its id, never by a path on the server)."""
 from __future__ import annotations
 
 import os
@@ -98,3 +99,19 @@ def run_jobs(server: Server, token: str, kind: str, params: list[dict], timeout:
     for job in jobs:
         assert job["status"] == "succeeded", job
     return jobs
+
+
+def upload(url: str, token: str, path: Path, purpose: str = "weights") -> str:
+    """Upload ``path`` through ``POST /v1/files`` as ``token``'s file; its ``file-…`` id."""
+    from sdb_client import Client
+
+    with Client(url, token) as c:
+        return c.files.upload(path, purpose)["id"]
+
+
+async def upload_asgi(svc, token: str, path: Path, purpose: str = "weights") -> str:
+    """The same through an in-process app (``tests.service.conftest.Service``)."""
+    r = await svc.client.post("/v1/files", files={"file": (path.name, path.read_bytes())}, data={"purpose": purpose},
+                              headers=svc.auth(token))
+    assert r.status_code == 201, r.text
+    return r.json()["id"]

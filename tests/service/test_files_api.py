@@ -363,7 +363,8 @@ async def test_size_limit_413_leaves_nothing(tmp_path, bundles):
 async def test_deploy_an_uploaded_bundle(svc, bundles):
     c = svc.client
     deployer = svc.auth(svc.key(("deploy",)))
-    r = await deploy(c, bundles.b, deployer)  # multipart: the next version of the bundle's name
+    first = sorted((svc.settings.bundles_dir / "digits-b").iterdir())
+    r = await deploy(c, bundles.b, svc.admin)  # multipart: the next version of the bundle's name
     assert r.status_code == 201 and (r.json()["name"], r.json()["version"]) == ("digits-b", "2"), r.text
     f = (await upload(svc, deployer, sdb_bytes(bundles.b), "bundle", "b.sdb")).json()
     r = await c.post("/v1/models", json={"file": f["id"], "name": "digits-c"}, headers=deployer)
@@ -372,16 +373,17 @@ async def test_deploy_an_uploaded_bundle(svc, bundles):
     assert (await c.post("/v1/models/digits-c/predict", json=x)).status_code == 200
     assert (await c.get("/v1/files/" + f["id"], headers=deployer)).status_code == 200  # the file stays
     adds = [a for a in svc.app.state.store.audit_log() if a.action == "model.add"]
-    assert {a.target for a in adds[:2]} == {"digits-b@2", "digits-c@1"}
-    assert {a.actor for a in adds[:2]} == {api_key(svc, deployer["Authorization"][7:]).id}
-    served = sorted(p.name for p in (svc.settings.bundles_dir / "digits-b").iterdir())
-    assert len(served) == 2 and "2.sdb" in served  # a new file: never over a served bundle
+    assert [(a.target, a.actor) for a in adds[:2]] == [("digits-c@1", api_key(svc, deployer["Authorization"][7:]).id),
+                                                       ("digits-b@2", api_key(svc, svc.admin["Authorization"][7:]).id)]
+    served = sorted((svc.settings.bundles_dir / "digits-b").iterdir())
+    assert len(served) == 2 and set(first) < set(served)  # a new file: never over a served bundle
 
 
 async def test_deploy_refusals(svc, bundles, tmp_path):
     c = svc.client
     deployer = svc.auth(svc.key(("deploy",)))
     before = (await c.get("/v1/models")).json()
+    files_before = sorted((svc.settings.bundles_dir / "digits-b").iterdir())
     r = await c.post("/v1/models", json={"path": str(bundles.b)}, headers=deployer)
     assert r.status_code == 422 and r.json()["error"]["code"] == "server_path_refused"
     r = await c.post("/v1/models", json={"file": "file-" + "0" * 24}, headers=deployer)
@@ -398,15 +400,16 @@ async def test_deploy_refusals(svc, bundles, tmp_path):
     meta = json.loads(members["meta.json"])
     meta["lam"] = 0.9  # the file hashes still verify; the sealed key refuses to open
     r = await c.post("/v1/models", files={"file": ("t.sdb", zip_of({**members, "meta.json": json.dumps(meta).encode()}))},
-                     headers=deployer)
+                     data={"name": "digits-t"}, headers=deployer)  # a name of its own: refused for the bundle alone
     assert r.status_code == 400 and r.json()["error"]["code"] == "bundle_refused"
+    assert list((svc.settings.bundles_dir / "digits-t").glob("*")) == []  # the copy that failed is gone
     assert str(svc.settings.data_dir) not in r.text
     r = await c.post("/v1/models", files={"file": ("b.sdb", sdb_bytes(bundles.b))}, headers=svc.auth(svc.key(("jobs",))))
     assert r.status_code == 403
     r = await c.post("/v1/models", content=b"x", headers={**deployer, "content-type": "text/plain"})
     assert r.status_code == 415
     assert (await c.get("/v1/models")).json() == before
-    assert sorted(p.name for p in (svc.settings.bundles_dir / "digits-b").iterdir()) == ["1.sdb"]
+    assert sorted((svc.settings.bundles_dir / "digits-b").iterdir()) == files_before
 
 
 # ----------------------------------------------------------------------------- the SDK, over real HTTP

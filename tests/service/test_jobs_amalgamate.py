@@ -1,6 +1,6 @@
 """The ``amalgamate`` job kind, method ``afk``, end to end: a real server and worker amalgamate two
-teachers (weights files, or the same networks as hosted models) into a student bundle that answers
-exactly the requested tasks."""
+teachers (uploaded weights files, or the same networks as hosted models) into a student bundle that
+answers exactly the requested tasks."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from sdb_client import BadRequest, Client, NotFound
+from sdb_client import BadRequest, Client, NotFound, PermissionDenied
 
 from sdb_core.amalgamate.afk import FilteredStudent
 from sdb_core.amalgamate.multilabel import MultiLabelNet
@@ -17,13 +17,15 @@ from sdb_core.data.composites import make_composites
 from sdb_core.models import create_model
 from sdb_core.weights import load_weights, save_weights
 
-from .jobs_helpers import JobServer, key, prepare, run_jobs
+from .jobs_helpers import JobServer, key, prepare, run_jobs, upload
 
 WIDTHS = [8, 8, 8]
-TEACHERS = [{"name": "low", "weights": "teachers/low.safetensors", "labels": [0, 1, 2, 3, 4], "widths": WIDTHS},
-            {"name": "high", "weights": "teachers/high.safetensors", "labels": [5, 6, 7, 8, 9], "widths": WIDTHS}]
+# The teachers' weights, uploaded by the fixture: "file" is their id then.
+TEACHERS = [{"name": "low", "file": "low.safetensors", "labels": [0, 1, 2, 3, 4], "widths": WIDTHS},
+            {"name": "high", "file": "high.safetensors", "labels": [5, 6, 7, 8, 9], "widths": WIDTHS}]
 TINY = {"method": "afk", "teachers": TEACHERS, "tasks": [2, 7, 9], "transfer": 64, "layer_epochs": 1,
         "finetune_epochs": 1, "batch_size": 32, "eval_n": 64}
+NO_FILE = "file-" + "0" * 24
 # The same two teachers, hosted: exported as plain multilabel bundles whose labels are the label ids.
 HOSTED = [{"name": "low", "model": "ml-low"}, {"name": "high", "model": "ml-high"}]
 
@@ -32,6 +34,7 @@ HOSTED = [{"name": "low", "model": "ml-low"}, {"name": "high", "model": "ml-high
 def server(tmp_path_factory, bundles):
     # One server for the module: starting one with its workers is most of these tests' time.
     data = tmp_path_factory.mktemp("amalgamate") / "data"
+    files = data.parent / "uploads"  # the user's disk, not the server's
     models = {"digits-a": bundles.a}
     for i, (t, h) in enumerate(zip(TEACHERS, HOSTED)):
         # The plumbing is under test here, not the teachers' quality (tests/core/test_afk.py).
@@ -39,7 +42,7 @@ def server(tmp_path_factory, bundles):
         net = MultiLabelNet(1, len(t["labels"]), WIDTHS)
         for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.running_var.uniform_(0.5, 2.0)  # statistics the export must fold, not the identity
-        save_weights(net, data / t["weights"])
+        save_weights(net, files / t["file"])
         models[h["model"]] = export_bundle(net.eval(), data / "bundles" / h["model"], name=h["model"],
                                            in_shape=(1, 56, 56), mean=(0.0,), std=(1.0,),
                                            labels=[str(k) for k in t["labels"]], task="multilabel")
@@ -48,7 +51,10 @@ def server(tmp_path_factory, bundles):
                                         mean=(0.0,), std=(1.0,), labels=[str(k) for k in range(10)])
     settings = prepare(data, bundles, models)
     s = JobServer(data, bundles, SDB_WORKERS="1")
-    yield s, key(settings, ["jobs"])
+    token = key(settings, ["jobs"])
+    for t in TEACHERS:
+        t["file"] = upload(s.url, token, files / t["file"])
+    yield s, token
     s.stop()
 
 
@@ -87,12 +93,11 @@ def test_amalgamate_params_are_checked_before_queueing(server):
         before = len(c.jobs.list())
         with pytest.raises(BadRequest, match="not taught"):
             c.jobs.submit("amalgamate", {**TINY, "tasks": [2, 11]})
-        with pytest.raises(BadRequest):  # weights outside the data directory
-            c.jobs.submit("amalgamate", {**TINY, "teachers": [{**TEACHERS[0], "weights": "../x.safetensors"},
+        with pytest.raises(BadRequest, match="server paths are for admin keys"):  # a path, not a file id
+            c.jobs.submit("amalgamate", {**TINY, "teachers": [{**TEACHERS[0], "file": "../x.safetensors"},
                                                                TEACHERS[1]]})
-        with pytest.raises(BadRequest, match="no teacher weights"):
-            c.jobs.submit("amalgamate", {**TINY, "teachers": [{**TEACHERS[0], "weights": "teachers/none.safetensors"},
-                                                               TEACHERS[1]]})
+        with pytest.raises(NotFound, match="no file"):
+            c.jobs.submit("amalgamate", {**TINY, "teachers": [{**TEACHERS[0], "file": NO_FILE}, TEACHERS[1]]})
         with pytest.raises(BadRequest, match="labels"):  # AFK needs each output's label id
             c.jobs.submit("amalgamate", {**TINY, "teachers": [{k: v for k, v in TEACHERS[0].items() if k != "labels"},
                                                                TEACHERS[1]]})
@@ -106,7 +111,7 @@ def test_hosted_models_teach_like_their_weights(server):
     # Labels, widths and channels came from the hosted bundles; the rebuilt teachers are the same
     # networks, so they score the same on the same test composites.
     assert hosted["params"]["teachers"][0]["labels"] == [0, 1, 2, 3, 4]
-    assert hosted["params"]["teachers"][1]["model_version"] == "1"
+    assert hosted["params"]["teachers"][1]["version"] == "1"
     assert hosted["result"]["tasks"] == [2, 7, 9]
     assert hosted["result"]["teacher_params"] == pytest.approx(by_weights["result"]["teacher_params"], rel=0.05)
     assert hosted["metrics"]["teacher_map"] == pytest.approx(by_weights["metrics"]["teacher_map"], abs=0.5)
@@ -116,12 +121,12 @@ def test_hosted_teachers_of_the_wrong_kind_are_refused_before_queueing(server):
     s, token = server
     with Client(s.url, token) as c:
         before = len(c.jobs.list())
-        with pytest.raises(BadRequest, match="protected"):  # a box's public outputs teach nothing
+        with pytest.raises(PermissionDenied, match="protected"):  # a box's network is not given to a job
             c.jobs.submit("amalgamate", {**TINY, "teachers": [{"name": "box", "model": "digits-a"}, HOSTED[1]]})
         with pytest.raises(BadRequest, match="not a multilabel network"):
             c.jobs.submit("amalgamate", {**TINY, "teachers": [{"name": "cnn", "model": "plain-cnn",
                                                                "labels": list(range(10))}, HOSTED[1]]})
-        with pytest.raises(BadRequest, match="exactly one of model"):
+        with pytest.raises(BadRequest, match="names one source"):
             c.jobs.submit("amalgamate", {**TINY, "teachers": [{**HOSTED[0], **TEACHERS[0]}, HOSTED[1]]})
         with pytest.raises(BadRequest, match="3 labels given"):
             c.jobs.submit("amalgamate", {**TINY, "teachers": [{**HOSTED[0], "labels": [0, 1, 2]}, HOSTED[1]]})

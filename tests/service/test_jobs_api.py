@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
@@ -19,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("db_url")  # every test on SQLite and on Po
 # One wrap epoch cannot meet the default self-check; these tests are about the job, so the owner's
 # thresholds are loosened.
 LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "check_attempts": 1}
-WRAP = {"data": "digits", "arch": "cnn", "epochs": 1, "name": "digits-demo", "deploy": True, **LOOSE}
-DISTILL = {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1}
+WRAP = {"data": "digits", "teacher": {"arch": "cnn"}, "epochs": 1, "name": "digits-demo", "deploy": True, **LOOSE}
+DISTILL = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1}
+NO_FILE = "file-" + "0" * 24  # a well-formed id no one uploaded
 
 
 @pytest.fixture
@@ -46,7 +48,8 @@ async def test_submit_accepts_the_issue_examples_and_lists_them(jsvc):
     assert job["params"]["deploy"] is True and job["progress"] == 0.0
     r = await submit(jsvc, tok, "distill", DISTILL)
     assert r.status_code == 202, r.text
-    assert r.json()["params"]["teacher_version"] == "1"  # pinned at submission
+    assert r.json()["params"]["teacher"] == {"model": "digits-a", "version": "1", "file": None, "arch": None,
+                                             "num_classes": None}  # the version pinned at submission
     got = (await jsvc.client.get(f"/v1/jobs/{job['id']}", headers=jsvc.auth(tok))).json()
     assert got["id"] == job["id"] and got["created_at"] > 0
     listed = (await jsvc.client.get("/v1/jobs", headers=jsvc.auth(tok))).json()["jobs"]
@@ -58,18 +61,22 @@ async def test_submit_accepts_the_issue_examples_and_lists_them(jsvc):
 
 @pytest.mark.anyio
 @pytest.mark.parametrize(("kind", "params", "needle"), [
-    ("wrap", {"arch": "cnn"}, "params.data"),
-    ("wrap", {**WRAP, "arch": "transformer9000"}, "unknown architecture"),
+    ("wrap", {"teacher": {"arch": "cnn"}}, "params.data"),
+    ("wrap", {"data": "digits"}, "params.teacher"),
+    ("wrap", {**WRAP, "teacher": {"arch": "transformer9000"}}, "unknown architecture"),
+    ("wrap", {**WRAP, "teacher": {"model": "digits-a"}}, "give file"),
     ("wrap", {**WRAP, "epochs": 0}, "params.epochs"),
     ("wrap", {**WRAP, "epochs": "many"}, "params.epochs"),
     ("wrap", {**WRAP, "unknown": 1}, "params.unknown"),
     ("wrap", {**WRAP, "name": "../evil"}, "params.name"),
     ("wrap", {**WRAP, "data": "nosuchset"}, "unknown data set"),
-    ("wrap", {**WRAP, "data": "imagefolder:/etc"}, "relative to the data directory"),
-    ("wrap", {**WRAP, "teacher": "../../master.key"}, "relative to the data directory"),
-    ("wrap", {**WRAP, "teacher": "missing.safetensors"}, "no teacher weights"),
-    ("distill", {"student": "mlp", "data": "digits"}, "exactly one of teacher"),
-    ("distill", {**DISTILL, "teacher_weights": "t.safetensors"}, "exactly one of teacher"),
+    ("wrap", {**WRAP, "data": "imagefolder:/etc"}, "server paths are for admin keys"),
+    ("wrap", {**WRAP, "data": "imagefolder"}, "upload the set"),
+    ("wrap", {**WRAP, "teacher": {"file": "../../master.key", "arch": "cnn"}}, "server paths are for admin keys"),
+    ("wrap", {**WRAP, "teacher": {"file": NO_FILE}}, "needs the architecture"),
+    ("distill", {"student": "mlp", "data": "digits"}, "params.teacher"),
+    ("distill", {**DISTILL, "teacher": {"model": "digits-a", "file": NO_FILE}}, "names one source"),
+    ("distill", {**DISTILL, "teacher": {"arch": "cnn"}}, "give model"),
     ("distill", {**DISTILL, "student": "nope"}, "unknown architecture"),
     ("distill", {**DISTILL, "temperature": 0}, "params.temperature"),
     ("distill", {**DISTILL, "cpus": -1}, "params.cpus"),
@@ -95,8 +102,10 @@ async def test_scope_and_ownership(jsvc):
     assert r.status_code == 403 and "distill" in r.json()["error"]["message"]
     r = await submit(jsvc, jsvc.key(("jobs", "distill"), models=["digits-b"]), "distill", DISTILL)
     assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
-    r = await submit(jsvc, other, "distill", {**DISTILL, "teacher": "nosuchmodel"})
+    r = await submit(jsvc, other, "distill", {**DISTILL, "teacher": {"model": "nosuchmodel"}})
     assert r.status_code == 404
+    r = await submit(jsvc, other, "distill", {**DISTILL, "teacher": {"file": NO_FILE, "arch": "cnn"}})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "file_not_found"
     # deploying over a served model someone else owns needs admin
     r = await submit(jsvc, jobs_only, "wrap", {**WRAP, "name": "digits-a"})
     assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned"
@@ -113,6 +122,64 @@ async def test_scope_and_ownership(jsvc):
     everything = (await jsvc.client.get("/v1/jobs", headers=jsvc.admin)).json()["jobs"]
     assert {j["id"] for j in everything} == {mine["id"], theirs["id"]}
     assert (await jsvc.client.get(f"/v1/jobs/{theirs['id']}", headers=jsvc.admin)).status_code == 200
+
+
+@pytest.mark.anyio
+async def test_files_are_named_by_id_and_the_record_keeps_the_id(jsvc, tmp_path):
+    from sdb_core.models import create_model
+    from sdb_core.weights import save_weights
+
+    from .jobs_helpers import upload_asgi
+
+    tok, other = jsvc.key(("jobs", "distill")), jsvc.key(("jobs",))
+    save_weights(create_model("cnn", num_classes=10, in_shape=(1, 8, 8)), tmp_path / "t.safetensors")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "set.npz", x=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y=np.arange(40) % 4)
+    weights = await upload_asgi(jsvc, tok, tmp_path / "t.safetensors")
+    dataset = await upload_asgi(jsvc, tok, tmp_path / "set.npz", "dataset")
+    teacher = {"file": weights, "arch": "cnn"}
+    r = await submit(jsvc, tok, "wrap", {**WRAP, "data": dataset, "teacher": teacher})
+    assert r.status_code == 202, r.text
+    assert r.json()["params"]["data"] == dataset and r.json()["params"]["teacher"]["file"] == weights
+    assert str(jsvc.settings.data_dir) not in json.dumps(jsvc.app.state.jobs.get(r.json()["id"]).params)
+    r = await submit(jsvc, tok, "distill", {**DISTILL, "teacher": teacher, "data": dataset})
+    assert r.status_code == 202, r.text
+    # another key's file is no file; a file of another purpose is not weights
+    r = await submit(jsvc, other, "wrap", {**WRAP, "teacher": teacher})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "file_not_found"
+    r = await submit(jsvc, tok, "wrap", {**WRAP, "teacher": {"file": dataset, "arch": "cnn"}})
+    assert r.status_code == 422 and "uploaded as dataset" in r.json()["error"]["message"]
+    # the operator's escape hatch: an admin key may name a path under the data dir
+    (jsvc.settings.data_dir / "teachers").mkdir()
+    save_weights(create_model("cnn", num_classes=10, in_shape=(1, 8, 8)), jsvc.settings.data_dir / "teachers/t.pt")
+    admin_teacher = {"file": "teachers/t.pt", "arch": "cnn"}
+    r = await jsvc.client.post("/v1/jobs", json={"kind": "wrap", "params": {**WRAP, "teacher": admin_teacher}},
+                               headers=jsvc.admin)
+    assert r.status_code == 202, r.text
+    assert r.json()["params"]["teacher"]["file"] == "teachers/t.pt"  # as given, resolved again when it runs
+    r = await submit(jsvc, tok, "wrap", {**WRAP, "teacher": admin_teacher})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "server_path_refused"
+
+
+@pytest.mark.anyio
+async def test_a_file_deleted_after_submission_fails_the_job_saying_so(jsvc, tmp_path):
+    import anyio
+
+    from sdb_core.models import create_model
+    from sdb_core.weights import save_weights
+    from service.jobs.worker import run_worker
+
+    from .jobs_helpers import upload_asgi
+
+    tok = jsvc.key(("jobs",))
+    save_weights(create_model("cnn", num_classes=10, in_shape=(1, 8, 8)), tmp_path / "t.safetensors")
+    weights = await upload_asgi(jsvc, tok, tmp_path / "t.safetensors")
+    job = (await submit(jsvc, tok, "wrap", {**WRAP, "deploy": False, "teacher": {"file": weights, "arch": "cnn"}})).json()
+    assert (await jsvc.client.delete(f"/v1/files/{weights}", headers=jsvc.auth(tok))).status_code == 200
+    await anyio.to_thread.run_sync(lambda: run_worker(jsvc.settings, once=True))
+    job = (await jsvc.client.get(f"/v1/jobs/{job['id']}", headers=jsvc.auth(tok))).json()
+    assert job["status"] == "failed", job
+    assert job["error"] == f"teacher.file: file {weights} was deleted after the job was submitted"
 
 
 @pytest.mark.anyio

@@ -8,7 +8,7 @@ from sdb_client import BadRequest, Client, NotFound
 
 from .jobs_helpers import JobServer, key, prepare
 
-TINY = {"model": "digits-a", "data": "digits", "transfer": 60, "steps": 30, "keys": 1,
+TINY = {"target": {"model": "digits-a"}, "data": "digits", "transfer": 60, "steps": 30, "keys": 1,
         "families": ["labels", "kd"], "seeds": [0]}
 
 
@@ -45,11 +45,11 @@ def test_audit_job_reports_a_verdict_with_its_artifacts(server, tmp_path):
 def test_audit_params_are_checked_before_queueing(server):
     s, token = server
     with Client(s.url, token) as c:
-        with pytest.raises(BadRequest):  # 422: both a hosted model and weights
-            c.jobs.submit("audit", {**TINY, "teacher_weights": "t.safetensors"})
+        with pytest.raises(BadRequest, match="one source"):  # 422: both a hosted model and weights
+            c.jobs.submit("audit", {**TINY, "target": {"model": "digits-a", "file": "file-" + "0" * 24}})
         with pytest.raises(BadRequest):  # 422: no labels-only reference to measure against
             c.jobs.submit("audit", {**TINY, "families": ["kd"]})
         with pytest.raises(NotFound):
-            c.jobs.submit("audit", {**TINY, "model": "no-such-model"})
+            c.jobs.submit("audit", {**TINY, "target": {"model": "no-such-model"}})
         assert c.jobs.list() == [] or all(j["kind"] != "audit" for j in c.jobs.list())
 

@@ -1,5 +1,5 @@
 """The ``amalgamate`` job kind, method ``branching``, end to end: a real server and worker turn a
-segmentation and a depth teacher (weights files, or hosted models) into one branched student bundle
+segmentation and a depth teacher (uploaded weights files, or hosted models) into one branched student bundle
 and a predictions figure."""
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from sdb_core.data.scenes import make_scenes
 from sdb_core.models.encdec import EncDec
 from sdb_core.weights import save_weights
 
-from .jobs_helpers import JobServer, key, prepare, run_jobs
+from .jobs_helpers import JobServer, key, prepare, run_jobs, upload
 
 WIDTHS = [4, 8, 8]
-TEACHERS = [{"name": "parser", "weights": "teachers/seg.safetensors", "arch": "encdec", "task": "seg"},
-            {"name": "ranger", "weights": "teachers/depth.safetensors", "arch": "encdec", "task": "depth"}]
+# The teachers' weights, uploaded by the fixture: "file" is their id then.
+TEACHERS = [{"name": "parser", "file": "seg.safetensors", "arch": "encdec", "task": "seg"},
+            {"name": "ranger", "file": "depth.safetensors", "arch": "encdec", "task": "depth"}]
+SHALLOW = {"file": "shallow.safetensors"}
 # The same teachers hosted as plain bundles; each one's task comes from its bundle's.
 HOSTED = [{"name": "parser", "model": "seg-teacher", "arch": "encdec"},
           {"name": "ranger", "model": "depth-teacher", "arch": "encdec"}]
@@ -30,17 +32,21 @@ TINY = {"method": "branching", "teachers": TEACHERS, "scene_size": 32, "scene_cl
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, bundles):
     data = tmp_path_factory.mktemp("branching") / "data"
+    files = data.parent / "uploads"  # the user's disk, not the server's
     # The plumbing is under test here, not the teachers (tests/core/test_branching.py trains them).
     torch.manual_seed(0)
     models = {}
     for t, h, net, task in zip(TEACHERS, HOSTED, (EncDec(3, 3, WIDTHS), EncDec(3, 1, WIDTHS)), ("segmentation", "depth")):
-        save_weights(net, data / t["weights"])
+        save_weights(net, files / t["file"])
         models[h["model"]] = export_bundle(net.eval(), data / "bundles" / h["model"], name=h["model"],
                                            in_shape=(3, 32, 32), mean=(0.0,) * 3, std=(1.0,) * 3, task=task)
-    save_weights(EncDec(3, 1, [4, 8]), data / "teachers/shallow.safetensors")
+    save_weights(EncDec(3, 1, [4, 8]), files / SHALLOW["file"])
     settings = prepare(data, bundles, models)
     s = JobServer(data, bundles, SDB_WORKERS="1")
-    yield s, key(settings, ["jobs"])
+    token = key(settings, ["jobs"])
+    for t in (*TEACHERS, SHALLOW):
+        t["file"] = upload(s.url, token, files / t["file"])
+    yield s, token
     s.stop()
 
 
@@ -93,8 +99,7 @@ def test_branching_params_are_checked_before_queueing(server):
         with pytest.raises(BadRequest, match="this one 3 to 3"):  # 3 seg channels means 2 classes
             c.jobs.submit("amalgamate", {**TINY, "scene_classes": 4})
         with pytest.raises(BadRequest, match="same number of encoder stages"):
-            c.jobs.submit("amalgamate", {**TINY, "teachers": [TEACHERS[0], {**TEACHERS[1],
-                                                               "weights": "teachers/shallow.safetensors"}]})
+            c.jobs.submit("amalgamate", {**TINY, "teachers": [TEACHERS[0], {**TEACHERS[1], **SHALLOW}]})
         with pytest.raises(BadRequest, match="not stages to branch after"):
             c.jobs.submit("amalgamate", {**TINY, "candidates": ["head"]})
         with pytest.raises(BadRequest, match="encdec"):

@@ -1,5 +1,5 @@
 """The ``amalgamate`` job kind, method ``datafree``, end to end: a real server and worker amalgamate two
-teachers' weights files, with no data set, into a student bundle for the requested labels."""
+teachers' uploaded weights files, with no data set, into a student bundle for the requested labels."""
 from __future__ import annotations
 
 import json
@@ -14,11 +14,12 @@ from sdb_core.bundle import load_bundle
 from sdb_core.data.composites import make_composites
 from sdb_core.weights import save_weights
 
-from .jobs_helpers import JobServer, key, prepare
+from .jobs_helpers import JobServer, key, prepare, upload
 
 WIDTHS = [8, 8]
-TEACHERS = [{"name": "low", "weights": "teachers/low.safetensors", "labels": [0, 1, 2, 3, 4], "widths": WIDTHS},
-            {"name": "high", "weights": "teachers/high.safetensors", "labels": [5, 6, 7, 8, 9], "widths": WIDTHS}]
+# The teachers' weights, uploaded by the fixture: "file" is their id then.
+TEACHERS = [{"name": "low", "file": "low.safetensors", "labels": [0, 1, 2, 3, 4], "widths": WIDTHS},
+            {"name": "high", "file": "high.safetensors", "labels": [5, 6, 7, 8, 9], "widths": WIDTHS}]
 TINY = {"method": "datafree", "teachers": TEACHERS, "tasks": [7, 2], "samples": 32, "gen_epochs": 1,
         "layer_epochs": 1, "finetune_epochs": 1, "batch_size": 16, "eval_n": 64}
 
@@ -26,13 +27,17 @@ TINY = {"method": "datafree", "teachers": TEACHERS, "tasks": [7, 2], "samples": 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, bundles):
     data = tmp_path_factory.mktemp("datafree") / "data"
+    files = data.parent / "uploads"  # the user's disk, not the server's
     settings = prepare(data, bundles)
     for i, t in enumerate(TEACHERS):
         # The plumbing is under test here, not the student's quality (tests/core/test_datafree.py).
         torch.manual_seed(i)
-        save_weights(MultiLabelNet(1, len(t["labels"]), WIDTHS), data / t["weights"])
+        save_weights(MultiLabelNet(1, len(t["labels"]), WIDTHS), files / t["file"])
     s = JobServer(data, bundles, SDB_WORKERS="1")
-    yield s, key(settings, ["jobs"])
+    token = key(settings, ["jobs"])
+    for t in TEACHERS:
+        t["file"] = upload(s.url, token, files / t["file"])
+    yield s, token
     s.stop()
 
 

@@ -10,7 +10,7 @@ from sdb_client import Client
 
 from .jobs_helpers import JobServer, key, prepare, wait_for
 
-QUICK = {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
+QUICK = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
 
 
 def test_distill_on_ray_reaches_the_same_state_and_artifacts(tmp_path, bundles):

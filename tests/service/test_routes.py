@@ -157,9 +157,10 @@ async def test_admin_add_and_remove_model(svc, bundles):
     assert (await c.get("/v1/models/digits-a")).json()["version"] == "1"
     assert (await c.delete("/v1/models/digits-b", headers=svc.admin)).status_code == 200
     assert (await c.get("/v1/models/digits-b")).status_code == 404
+    # a version number is never given twice: version 1 of digits-b was another deploy
     r = await deploy(c, bundles.b, svc.admin)
-    assert r.status_code == 201 and (r.json()["name"], r.json()["version"]) == ("digits-b", "1")
+    assert r.status_code == 201 and (r.json()["name"], r.json()["version"]) == ("digits-b", "2")
     r = await deploy(c, bundles.b, svc.admin)  # the same bundle again is the next version, never a clash
-    assert r.status_code == 201 and r.json()["version"] == "2" and r.json()["versions"] == ["1", "2"]
+    assert r.status_code == 201 and r.json()["version"] == "3" and r.json()["versions"] == ["2", "3"]
     x = {"inputs": np.zeros((1, 1, 8, 8)).tolist()}
     assert (await c.post("/v1/models/digits-b/predict", json=x)).status_code == 200

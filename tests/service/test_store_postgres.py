@@ -25,7 +25,7 @@ from service.store import MIGRATIONS, JobRow, SchemaVersion, Store
 from .conftest import SDB, sdb_env
 from .jobs_helpers import FAST, JobServer, key, prepare, stop_worker, wait_for
 
-QUICK = {"teacher": "digits-a", "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
+QUICK = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
 
 
 def _together(n: int, fn) -> list:

@@ -21,7 +21,7 @@ from sdb_core.style.export import export_style_bundle
 from sdb_core.style.loss_net import LossNetConfig
 
 from .conftest import make_settings, start_service
-from .jobs_helpers import JobServer, key, prepare, wait_for
+from .jobs_helpers import JobServer, key, prepare, upload, wait_for
 
 TINY_NET = LossNetConfig(width=0.125)
 
@@ -161,12 +161,16 @@ def test_style_jobs_write_their_artifacts_and_a_deployed_bundle_is_served(tmp_pa
     s = JobServer(data, style_bundles, SDB_WORKERS="1")
     try:
         token = key(settings, ["jobs"])
+        (tmp_path / "style.png").write_bytes(_png(40, 40, 7)[0])
+        style = upload(s.url, token, tmp_path / "style.png", "image")  # an uploaded style image, by its id
         with Client(s.url, token) as c:
-            g = c.jobs.submit("style", {"method": "gatys", "size": 32, "steps": 3})
+            g = c.jobs.submit("style", {"method": "gatys", "size": 32, "steps": 3, "style": style})
             f = c.jobs.submit("style", {"method": "fast", "size": 32, "crop": 32, "epochs": 1, "samples": 4,
                                         "name": "job-mosaic", "deploy": True})
-            with pytest.raises(BadRequest):  # 422 before queueing: a file outside the data dir
+            with pytest.raises(BadRequest, match="server paths are for admin keys"):  # 422 before queueing
                 c.jobs.submit("style", {"method": "gatys", "style": "../secret.png"})
+            with pytest.raises(BadRequest, match="uploaded as image"):  # an image is not the loss net's weights
+                c.jobs.submit("style", {"method": "gatys", "weights": style})
             with pytest.raises(BadRequest):
                 c.jobs.submit("style", {"method": "gatys", "deploy": True})
             job = c.jobs.wait(g["id"], timeout=120, poll_s=0.2)

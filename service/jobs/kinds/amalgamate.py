@@ -1,26 +1,38 @@
 """``amalgamate``: one student from several teachers, no labels (``method: afk | branching | datafree``).
 
-A teacher is a hosted model (``model``; its ONNX graph is read back into the network it was
-exported from, :mod:`sdb_core.onnx_torch`) or a weights file under the data dir
-(``weights``: safetensors, or a tensors-only torch file), with its architecture family and, for
-the multi-label methods, the label id of each output (a hosted model's own labels when they are
-label ids). This module checks access and files, pins hosted versions, and hands the task to
-:mod:`sdb_core.tasks.amalgamate`, where every method is registered by name. Artifacts of every
-method: ``report.json`` and ``curves.png`` (written by the runner), plus the method's own (AFK:
-``student.sdb``, an ONNX bundle of task ``multilabel``, and ``student.safetensors``).
+A teacher is the jobs' one model reference (:class:`~.base.ModelParam`) with the family's fields: a
+hosted model (``model``, ``version``; a plain one, whose ONNX graph is read back into the network it
+was exported from, :mod:`sdb_core.onnx_torch`, so it must be on the key's allowlist, and a protected
+one is refused) or uploaded weights (``file``: safetensors, or a tensors-only torch file), with its
+architecture family (``arch``) and, for the multi-label methods, the label id of each output (a
+hosted model's own labels when they are label ids). This module checks access and files, pins hosted
+versions, and hands the task to :mod:`sdb_core.tasks.amalgamate`, where every method is registered
+by name. Artifacts of every method: ``report.json`` and ``curves.png`` (written by the runner), plus
+the method's own (AFK: ``student.sdb``, an ONNX bundle of task ``multilabel``, and
+``student.safetensors``).
 """
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from sdb_core.amalgamate.config import FAMILIES, TASKS
-from sdb_core.tasks import ModelRef, amalgamate
+from sdb_core.tasks import amalgamate
 from sdb_core.tasks.amalgamate import METHODS, AmalgamateTask, Teacher
 
 from ...errors import invalid
-from .base import NAME_PATTERN, JobParams, Submission, job_kind, served_model_path, weights_file
+from .base import (
+    NAME_PATTERN,
+    Access,
+    JobParams,
+    ModelParam,
+    Submission,
+    check_model,
+    job_kind,
+    model_ref,
+    served_model_path,
+)
 
 MAX_LABEL = 1000
 DENSE_TASKS = {"segmentation": "seg", "depth": "depth", "edges": "edges"}  # bundle task -> branching task
@@ -28,12 +40,12 @@ _T = AmalgamateTask  # its defaults (read from the recipes' configs)
 _AFK, _DATAFREE = amalgamate.schedule("afk"), amalgamate.schedule("datafree")
 
 
-class TeacherRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TeacherParam(ModelParam):
+    """A teacher: a hosted model or uploaded weights, of an architecture family, and what the family needs."""
+
+    HOSTED_ARCH = True  # a hosted graph is read back into a network of this family
+
     name: str = Field(pattern=NAME_PATTERN)
-    model: str | None = Field(None, pattern=NAME_PATTERN, description="a hosted model (plain, of the arch family)")
-    model_version: str | None = Field(None, description="its version (default: the latest, pinned at submission)")
-    weights: str | None = Field(None, description="or the teacher's weights file, relative to the data dir")
     arch: Literal[FAMILIES] = Field(FAMILIES[0], description="the teacher's architecture family")
     widths: list[int] | None = Field(None, min_length=1, max_length=8, description="channels per block")
     labels: list[int] | None = Field(None, min_length=1, max_length=MAX_LABEL,
@@ -43,8 +55,9 @@ class TeacherRef(BaseModel):
 
     @model_validator(mode="after")
     def _sane(self):
-        if (self.model is None) == (self.weights is None):
-            raise ValueError(f"teacher {self.name}: give exactly one of model (a hosted model) or weights (a file)")
+        if self.num_classes is not None:
+            raise ValueError(f"teacher {self.name}: labels (one id per output) say what a teacher outputs, "
+                             "not num_classes")
         if self.labels is not None and (len(set(self.labels)) != len(self.labels)
                                         or not all(0 <= k < MAX_LABEL for k in self.labels)):
             raise ValueError(f"teacher {self.name}: labels must be distinct ids in [0, {MAX_LABEL}), got {self.labels}")
@@ -52,10 +65,13 @@ class TeacherRef(BaseModel):
             raise ValueError(f"teacher {self.name}: widths must be in [1, 4096], got {self.widths}")
         return self
 
+    def _check_arch(self, arch: str) -> None:
+        pass  # a family, not a zoo architecture: its Literal type checks it
+
 
 class AmalgamateParams(JobParams):
     method: Literal[METHODS]
-    teachers: list[TeacherRef] = Field(min_length=1, max_length=8)
+    teachers: list[TeacherParam] = Field(min_length=1, max_length=8)
     # ---- multi-label methods (afk, datafree) ----
     tasks: list[int] | None = Field(None, min_length=1, max_length=MAX_LABEL,
                                     description="the label ids the student learns; default all the teachers know")
@@ -92,15 +108,17 @@ class AmalgamateParams(JobParams):
         return self
 
 
-def _hosted(t: TeacherRef, sub: Submission) -> tuple[TeacherRef, Any]:
-    """Pin a hosted teacher's version and read its graph now, so a model of the wrong family is a 400
+    def reads(self) -> list[Access]:
+        return [a for t in self.teachers for a in t.reads("graph")]
+
+
+def _hosted(t: TeacherParam, sub: Submission) -> tuple[TeacherParam, Any]:
+    """Read a hosted teacher's graph now (its version pinned), so a model of the wrong family is a 400
     before anything is queued; what the graph says (widths, channels, labels, task) fills the gaps.
     Returns the completed reference and the rebuilt network."""
     from sdb_core.onnx_torch import teacher_from_bundle
 
-    version = sub.models.get(t.model, t.model_version).version  # 404 when it is not hosted
-    t = t.model_copy(update={"model_version": version})
-    net, meta = teacher_from_bundle(served_model_path(sub.queue, t.model, version), t.arch)
+    net, meta = teacher_from_bundle(served_model_path(sub.queue, t.model, t.version), t.arch)
     update: dict[str, Any] = {"widths": list(net.widths), "in_channels": net.in_channels}
     if t.arch == "multilabel" and t.labels is None:
         names = meta.get("labels") or []
@@ -115,36 +133,28 @@ def _hosted(t: TeacherRef, sub: Submission) -> tuple[TeacherRef, Any]:
 
 def check(p: AmalgamateParams, sub: Submission) -> AmalgamateParams:
     teachers, hosted = [], {}
-    try:
-        for t in p.teachers:
-            if t.model is not None:
+    for t in p.teachers:
+        t = check_model(t, sub, "graph", f"teacher {t.name}")  # 403 and 404 here; the version pinned
+        if t.model is not None:
+            try:
                 t, hosted[t.name] = _hosted(t, sub)
-            else:
-                t = t.model_copy(update={"weights": weights_file(t.weights, sub.settings)})
-            teachers.append(t)
-    except ValueError as e:
-        raise invalid(str(e), "invalid_params") from None
+            except ValueError as e:
+                raise invalid(str(e), "invalid_params") from None
+        teachers.append(t)
     defaults = {f: v for f, v in amalgamate.schedule(p.method).items() if getattr(p, f) is None}
     p = p.model_copy(update={"teachers": teachers, **defaults})
-    problems = amalgamate.problems(_task(p), hosted)  # branching loads the weights files' teachers to check them
+    problems = amalgamate.problems(_task(p, sub), hosted)  # branching loads the weights files' teachers to check them
     if problems:
         raise invalid("; ".join(problems), "invalid_params")
     return p
 
 
-def _task(p: AmalgamateParams, queue=None, name: str | None = None) -> AmalgamateTask:
-    """The task of these params; with ``queue``, hosted teachers resolved to their served bundles."""
-    teachers = []
-    for t in p.teachers:
-        if t.model is None:
-            ref = ModelRef(arch=t.arch, weights=t.weights)
-        else:
-            ref = ModelRef(arch=t.arch, model=t.model, version=t.model_version)
-            if queue is not None:
-                ref = ref.hosted_at(served_model_path(queue, t.model, t.model_version), t.model_version)
-        teachers.append(Teacher(t.name, ref, labels=None if t.labels is None else tuple(t.labels),
-                                widths=None if t.widths is None else tuple(t.widths), in_channels=t.in_channels,
-                                task=t.task))
+def _task(p: AmalgamateParams, who, name: str | None = None) -> AmalgamateTask:
+    """The task of these params, every teacher resolved for the job's key (hosted: its pinned bundle)."""
+    teachers = [Teacher(t.name, model_ref(t, who, f"teacher {t.name}"),
+                        labels=None if t.labels is None else tuple(t.labels),
+                        widths=None if t.widths is None else tuple(t.widths), in_channels=t.in_channels, task=t.task)
+                for t in p.teachers]
     options = p.model_dump(exclude={"method", "teachers", "cpus", "gpus"})
     for k in ("tasks", "student_widths", "candidates"):
         options[k] = None if options[k] is None else tuple(options[k])
@@ -153,5 +163,5 @@ def _task(p: AmalgamateParams, queue=None, name: str | None = None) -> Amalgamat
 
 @job_kind("amalgamate", AmalgamateParams, check)
 def run(ctx, p: AmalgamateParams) -> dict:
-    task = _task(p, ctx.queue, name=f"{p.method}-{ctx.job.id[:8]}")
+    task = _task(p, ctx, name=f"{p.method}-{ctx.job.id[:8]}")
     return amalgamate.run(task, ctx.artifacts, ctx.hooks, work=ctx.workdir)

@@ -1,17 +1,40 @@
-"""What a job kind is: a name, a pydantic params model, a run function and an optional
-submission check. ``@job_kind("name", Params)`` registers a run function; adding a kind
-is one module in this package that does that (and one import line in ``__init__``).
+"""What a job kind is, and what every kind's params share.
+
+A kind is a name, a pydantic params model, a run function and an optional submission check;
+``@job_kind("name", Params)`` registers a run function, so adding a kind is one module in this
+package that does that (and one import line in ``__init__``).
+
+What the params of every kind name the same way:
+
+- a model, by one :class:`ModelParam` (the job API's form of :class:`~sdb_core.tasks.ModelRef`):
+  ``{"model": NAME, "version": V?}`` for a hosted model, ``{"file": "file-…", "arch": ARCH,
+  "num_classes": N?}`` for uploaded weights of a zoo architecture, ``{"arch": ARCH}`` alone where a
+  kind trains the network itself;
+- a data set (:func:`data_set`): an embedded name (``digits``, ``mnist-5k``, ...) or an uploaded
+  dataset's ``file-…`` id;
+- any other file (:func:`input_file`): a ``file-…`` id of the right purpose.
+
+A ``file-…`` id is resolved for the submitting key (its own file, a shared one, or any with an
+admin key) both when the job is submitted and again when it runs; the job record keeps the id,
+never a path. Only an admin key may name a path instead, relative to the data dir (the
+operator's escape hatch). A hosted model is checked against the key's allowlist and scopes for
+what the job reads of it (:class:`Access`), at submission, when a worker claims the job and on
+every heartbeat (:func:`key_problem`).
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdb_core.registry import Registry
+from sdb_core.tasks.refs import ModelRef
+
+from ...errors import ApiError, invalid
 
 if TYPE_CHECKING:
     from ...auth import ApiKey
@@ -21,6 +44,20 @@ if TYPE_CHECKING:
     from ..queue import JobQueue
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# Loaders that read files: a job names an uploaded dataset's id instead (or, with an admin key, KIND:PATH).
+PATH_SETS = ("imagefolder", "npz", "cifar10", "cifar100")
+
+Use = Literal["keyed", "public", "graph"]
+
+
+@dataclass(frozen=True)
+class Access:
+    """A hosted model a job reads, and how: its keyed path (``keyed``: the ``distill`` scope for it), its
+    public outputs (``public``: as ``/predict`` gives them) or its network (``graph``: white-box, which a
+    non-admin key gets of plain models only). The model must be on the key's allowlist in every case."""
+
+    model: str
+    use: Use
 
 
 class JobParams(BaseModel):
@@ -30,6 +67,10 @@ class JobParams(BaseModel):
     cpus: float = Field(1.0, gt=0, le=256, description="CPUs for a Ray task")
     gpus: float = Field(0.0, ge=0, le=16, description="GPUs for a Ray task")
     seed: int = Field(0, ge=0)
+
+    def reads(self) -> list[Access]:
+        """The hosted models this job reads; its key is checked for each at submission, claim and heartbeat."""
+        return []
 
 
 @dataclass
@@ -67,10 +108,56 @@ def get_kind(name: str) -> Kind:
     return KINDS.get(name)
 
 
+def check_arch(value: str) -> str:
+    from sdb_core.models import list_models
+
+    if value not in list_models():
+        raise ValueError(f"unknown architecture {value!r}; known: {', '.join(list_models())}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- access
+def access_error(key: ApiKey, a: Access, settings: Settings) -> ApiError | None:
+    """Why ``key`` may not read model ``a.model`` the way ``a.use`` says (a 403), or None."""
+    if not key.allows_model(a.model):
+        return ApiError(403, "model_not_allowed", f"this API key is not allowed to use model {a.model!r}")
+    scope = {"keyed": "distill", "public": None if settings.public_predict else "predict"}.get(a.use)
+    if scope is not None and not key.grants(scope):
+        return ApiError(403, "forbidden_scope", f"this API key lacks the {scope!r} scope for model {a.model!r}")
+    return None
+
+
+def key_problem(key: ApiKey | None, reads: list[Access], settings: Settings) -> str | None:
+    """Why a job may no longer run on its key's authority (revoked, expired, a scope or model it lost),
+    in words; None while the key still allows what the job reads."""
+    if key is None:
+        return "its API key no longer exists"
+    if key.revoked_at is not None:
+        return "its API key was revoked"
+    if key.expires_at is not None and key.expires_at <= time.time():
+        return "its API key expired"
+    if not key.grants("jobs"):
+        return "its API key lacks the 'jobs' scope"
+    for a in reads:
+        denied = access_error(key, a, settings)
+        if denied is not None:
+            return denied.message.replace("this API key", "its API key")
+    return None
+
+
+# ---------------------------------------------------------------------------------------- files
+class InputGone(ValueError):
+    """A file a job named at submission is gone when it runs: the job fails with this sentence."""
+
+
+def _submitting(who: Submission | JobContext) -> bool:
+    return isinstance(who, Submission)
+
+
 def under(root: Path, relative: str, what: str) -> Path:
     """``root/relative`` if it stays inside ``root``; ValueError otherwise (no absolute paths, no ..)."""
     p = Path(relative)
-    if p.is_absolute() or ".." in p.parts:
+    if not relative or p.is_absolute() or ".." in p.parts:
         raise ValueError(f"{what} must be a path relative to the data directory, got {relative!r}")
     full = (root / p).resolve()
     if not full.is_relative_to(root.resolve()):
@@ -78,26 +165,151 @@ def under(root: Path, relative: str, what: str) -> Path:
     return full
 
 
-def weights_file(relative: str, settings: Settings) -> str:
-    """A weights file named relative to the data dir; it must exist there (ValueError otherwise)."""
-    path = under(settings.data_dir, relative, "teacher_weights")
-    if not path.is_file():
-        raise ValueError(f"no teacher weights at {relative!r} under the data directory")
-    return str(path)
-
-
-def local_inputs(settings: Settings, *, data: str | None = None, teacher_weights: str | None = None) -> dict:
-    """A check's update for the data set and the weights file a job names, resolved under the data dir;
-    a 422 naming the problem otherwise."""
-    from ...errors import invalid
-
+def server_path(value: str, who: Submission | JobContext, what: str) -> Path:
+    """An admin key's path under the data dir (the operator's escape hatch); for any other key a 422."""
+    if not who.key.grants("admin"):
+        raise invalid(f"{what} must name an uploaded file by its id (file-…, from POST /v1/files): "
+                      "server paths are for admin keys", "server_path_refused")
     try:
-        update = {} if data is None else {"data": data_name(data, settings)}
-        if teacher_weights is not None:
-            update["teacher_weights"] = weights_file(teacher_weights, settings)
+        return under(who.settings.data_dir, value, what)
     except ValueError as e:
         raise invalid(str(e), "invalid_params") from None
-    return update
+
+
+def _uploaded(who: Submission | JobContext, value: str, what: str, resolve: Callable[[], Any]) -> Any:
+    """``resolve()`` of an uploaded file; a file deleted since submission fails the job saying so."""
+    try:
+        return resolve()
+    except ApiError as e:
+        if _submitting(who):
+            raise
+        if e.status == 404:
+            raise InputGone(f"{what}: file {value} was deleted after the job was submitted") from None
+        raise ValueError(f"{what}: {e.message}") from None
+
+
+def input_file(value: str, purpose: str, who: Submission | JobContext, what: str) -> Path:
+    """The file (or unpacked dataset folder) a job names: a ``file-…`` id of ``purpose`` the key may use,
+    or an admin key's path under the data dir. 404/422 at submission; :class:`InputGone` at run time."""
+    from ...files import FILE_ID_RE, resolve_file
+
+    if FILE_ID_RE.fullmatch(value):
+        return _uploaded(who, value, what, lambda: resolve_file(who.queue.store, who.settings, who.key, value,
+                                                                 purpose))
+    path = server_path(value, who, what)
+    if not (path.exists() if purpose == "dataset" else path.is_file()):
+        message = f"{what}: nothing at {value!r} under the data directory"
+        raise invalid(message, "invalid_params") if _submitting(who) else InputGone(message)
+    return path
+
+
+def data_set(value: str, who: Submission | JobContext, what: str = "data") -> str:
+    """What ``sdb_core.data.load_dataset`` takes for a job's data set: an embedded name as given, an uploaded
+    dataset's ``file-…`` id as ``imagefolder:PATH`` or ``npz:PATH``, or an admin key's ``KIND:PATH`` with
+    PATH under the data dir. A 422 naming the problem otherwise."""
+    from sdb_core.data import list_datasets
+
+    from ...files import FILE_ID_RE, dataset_name
+
+    if FILE_ID_RE.fullmatch(value):
+        return _uploaded(who, value, what, lambda: dataset_name(who.queue.store, who.settings, who.key, value))
+    kind, sep, path = value.partition(":")
+    name = kind.strip().lower()
+    if name not in list_datasets():
+        raise invalid(f"unknown data set {kind[:100]!r} for {what}; known: {', '.join(list_datasets())}, or an "
+                      "uploaded dataset's file id", "invalid_params")
+    if sep:
+        return f"{name}:{server_path(path, who, what)}"
+    if name in PATH_SETS:
+        raise invalid(f"{what}: {kind} reads files: upload the set (POST /v1/files, purpose dataset) and give its "
+                      "file id", "invalid_params")
+    return value
+
+
+# ---------------------------------------------------------------------------------------- models
+class ModelParam(BaseModel):
+    """One model a job reads, the job API's :class:`~sdb_core.tasks.ModelRef`: a hosted model
+    (``model``, ``version``), uploaded weights of a zoo architecture (``file``, ``arch``, ``num_classes``),
+    or, where a kind trains the network itself, an architecture alone (``arch``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    SOURCES: ClassVar[tuple[str, ...]] = ("hosted", "file")  # what this kind's field accepts
+    HOSTED_ARCH: ClassVar[bool] = False  # arch means something for a hosted model (a family to rebuild into)
+
+    model: str | None = Field(None, pattern=NAME_PATTERN, description="a hosted model, by name")
+    version: str | None = Field(None, max_length=100,
+                                description="the hosted model's version; default the latest, pinned at submission")
+    file: str | None = Field(None, max_length=500, description="uploaded weights: the id (file-…) of a weights "
+                             "file this key may use (admin keys: or a path under the data dir)")
+    arch: str | None = Field(None, description="the architecture of the weights, or of the network the job trains")
+    num_classes: int | None = Field(None, ge=1, le=100_000,
+                                    description="the weights' outputs (default: the data set's classes)")
+
+    @property
+    def source(self) -> str:
+        return "hosted" if self.model is not None else "file" if self.file is not None else "arch"
+
+    def _check_arch(self, arch: str) -> None:
+        check_arch(arch)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        wanted = {"hosted": "model (a hosted model)", "file": "file (uploaded weights, with their arch)",
+                  "arch": "arch alone (a network the job trains)"}
+        if self.model is not None and self.file is not None:
+            raise ValueError("a model reference names one source: model (hosted) or file (uploaded weights)")
+        if self.source not in self.SOURCES or (self.source == "arch" and self.arch is None):
+            raise ValueError(f"give {' or '.join(wanted[s] for s in self.SOURCES)}")
+        if self.version is not None and self.model is None:
+            raise ValueError("version is a hosted model's: give it with model")
+        if self.source == "hosted" and not self.HOSTED_ARCH and (self.arch, self.num_classes) != (None, None):
+            raise ValueError("a hosted model brings its own network: give no arch or num_classes with model")
+        if self.source == "file" and self.arch is None:
+            raise ValueError("file needs the architecture of the weights (arch)")
+        if self.arch is not None:
+            self._check_arch(self.arch)
+        return self
+
+    def reads(self, use: Use) -> list[Access]:
+        return [] if self.model is None else [Access(self.model, use)]
+
+    def describe(self) -> str:
+        """For logs and reports: no server path (an admin's path shows as given, relative to the data dir)."""
+        if self.model is not None:
+            return f"model {self.model}" + (f" version {self.version}" if self.version else "")
+        if self.file is not None:
+            return f"{self.arch} weights {self.file}"
+        return f"untrained {self.arch}"
+
+
+def check_model(p: ModelParam, sub: Submission, use: Use, what: str) -> ModelParam:
+    """Check a model reference at submission: a hosted model against the key (403) and the host (404), its
+    version pinned (a later deploy does not change the job); a file resolved for the key (404, 422)."""
+    if p.model is not None:
+        denied = access_error(sub.key, Access(p.model, use), sub.settings)
+        if denied is not None:
+            raise denied
+        model = sub.models.get(p.model, p.version)  # 404 for an unknown model or version
+        if use == "keyed" and not model.distillable:
+            raise invalid(f"model {p.model!r} has no keyed path ({model.meta['mode']} mode): it cannot be distilled",
+                          "not_distillable")
+        if use == "graph" and model.meta["mode"] != "plain" and not sub.key.grants("admin"):
+            raise ApiError(403, "model_protected", f"model {p.model!r} is protected ({model.meta['mode']} mode): "
+                           "a job is not given its network; use the owner's weights")
+        return p.model_copy(update={"version": model.version})
+    if p.file is not None:
+        input_file(p.file, "weights", sub, f"{what}.file")
+    return p
+
+
+def model_ref(p: ModelParam, ctx: JobContext, what: str) -> ModelRef:
+    """The task's :class:`ModelRef` when the job runs: a hosted model at its pinned version's bundle, or the
+    weights file resolved again for the job's key (a file deleted meanwhile fails the job, saying so)."""
+    if p.model is not None:
+        path = served_model_path(ctx.queue, p.model, p.version)
+        return ModelRef(model=p.model, arch=p.arch).hosted_at(path, p.version)
+    weights = None if p.file is None else str(input_file(p.file, "weights", ctx, f"{what}.file"))
+    return ModelRef(arch=p.arch, weights=weights, num_classes=p.num_classes)
 
 
 def served_model_path(queue: JobQueue, name: str, version: str) -> str:
@@ -106,23 +318,3 @@ def served_model_path(queue: JobQueue, name: str, version: str) -> str:
     if row is None:
         raise ValueError(f"model {name!r} version {version!r} is no longer served")
     return row.path
-
-
-def data_name(value: str, settings: Settings) -> str:
-    """A data set name; one with a path (``imagefolder:PATH``) must point inside the data dir."""
-    from sdb_core.data import list_datasets
-
-    kind, sep, path = value.partition(":")
-    if kind.strip().lower() not in list_datasets():
-        raise ValueError(f"unknown data set {kind!r}; known: {', '.join(list_datasets())}")
-    if sep and path:
-        return f"{kind}:{under(settings.data_dir, path, 'data')}"
-    return value
-
-
-def check_arch(value: str) -> str:
-    from sdb_core.models import list_models
-
-    if value not in list_models():
-        raise ValueError(f"unknown architecture {value!r}; known: {', '.join(list_models())}")
-    return value

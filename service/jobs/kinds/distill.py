@@ -1,35 +1,40 @@
-"""``distill``: a student from a hosted model's keyed path (the submitting key needs ``distill``
-for that model, checked at submission) or from local teacher weights under the data dir.
-Artifacts: ``student.safetensors``, ``report.json``, ``curves.png``.
+"""``distill``: a student from a hosted model's keyed path or from uploaded teacher weights.
+
+The keyed path is the product a ``distill`` key pays for, so a job reads it on the same terms as
+``POST /v1/models/{name}/distill``: the key needs ``distill`` for that model (checked at submission,
+when a worker claims the job and on every heartbeat; a revoked key stops the job), and the keyed
+samples the job draws are charged to the key's quota with the store's exact charge, all at once
+before the teacher is asked anything (the distiller asks it once per transfer sample). A transfer
+set larger than the quota is refused at submission. Artifacts: ``student.safetensors``,
+``report.json``, ``curves.png``.
 """
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from sdb_core.distill.config import DistillConfig
-from sdb_core.tasks import ModelRef, distill
+from sdb_core.tasks import distill
 from sdb_core.tasks.distill import DistillTask
 
-from ...auth import check_scope
-from ...errors import invalid
+from ...errors import ApiError
 from .base import (
-    NAME_PATTERN,
+    Access,
     JobParams,
+    ModelParam,
     Submission,
     check_arch,
+    check_model,
+    data_set,
     job_kind,
-    local_inputs,
-    served_model_path,
+    model_ref,
 )
 
 
 class DistillParams(JobParams):
-    teacher: str | None = Field(None, pattern=NAME_PATTERN, description="a hosted model (its keyed path)")
-    teacher_version: str | None = Field(None, description="a version of it; default the highest at submission")
-    teacher_weights: str | None = Field(None, description="or local teacher weights under the data dir")
-    teacher_arch: str = "cnn"
+    teacher: ModelParam = Field(description="a hosted model (its keyed path: needs the distill scope for it, and "
+                                "is charged to the key's quota) or uploaded weights ({file, arch})")
     student: str
-    data: str
+    data: str = Field(description="an embedded data set (digits, mnist-5k, ...) or an uploaded dataset's file id")
     epochs: int = Field(DistillConfig().train.epochs, ge=1, le=1000)
     transfer: int = Field(0, ge=0, description="transfer-set size from the train split; 0: all")
     temperature: float = Field(DistillConfig().temperature, gt=0, le=100)
@@ -37,45 +42,48 @@ class DistillParams(JobParams):
     lr: float = Field(DistillConfig().train.lr, gt=0, le=10)
     batch_size: int = Field(DistillConfig().train.batch_size, ge=1, le=4096)
 
-    @field_validator("student", "teacher_arch")
+    @field_validator("student")
     @classmethod
     def _known_arch(cls, v: str) -> str:
         return check_arch(v)
 
-    @model_validator(mode="after")
-    def _one_teacher(self):
-        if (self.teacher is None) == (self.teacher_weights is None):
-            raise ValueError("give exactly one of teacher (a hosted model) or teacher_weights (a local file)")
-        return self
+    def reads(self) -> list[Access]:
+        return self.teacher.reads("keyed")
+
+
+def _fits_quota(sub: Submission, samples: int) -> None:
+    """A transfer set that can never fit the key's quota is a 429 now, not a failed job later. (With a quota
+    window the window may roll over before the job runs: only the quota itself bounds it then.)"""
+    quota = sub.key.quota
+    if not samples or quota is None:
+        return
+    row = sub.queue.store.get_key(sub.key.id)
+    used = row.used if row is not None and not row.quota_window_s else 0
+    if used + samples > quota:
+        raise ApiError(429, "quota_exceeded", f"the job draws {samples} keyed samples; this key's quota has "
+                       f"{max(0, quota - used)} of {quota} left")
 
 
 def check(p: DistillParams, sub: Submission) -> DistillParams:
-    update = local_inputs(sub.settings, data=p.data, teacher_weights=p.teacher_weights)
-    if p.teacher is not None:
-        check_scope(sub.key, "distill", p.teacher)  # 403 before anything is queued
-        model = sub.models.get(p.teacher, p.teacher_version)  # 404 for an unknown model or version
-        if not model.distillable:
-            raise invalid(f"model {p.teacher!r} has no keyed path (Nasty mode): it cannot be distilled",
-                          "not_distillable")
-        update["teacher_version"] = model.version  # pinned: a later deploy does not change this job
-    return p.model_copy(update=update)
+    data_set(p.data, sub)
+    teacher = check_model(p.teacher, sub, "keyed", "teacher")
+    if teacher.model is not None:
+        _fits_quota(sub, p.transfer)
+    return p.model_copy(update={"teacher": teacher})
 
 
 @job_kind("distill", DistillParams, check)
 def run(ctx, p: DistillParams) -> dict:
-    if p.teacher is not None:
-        bundle_path = served_model_path(ctx.queue, p.teacher, p.teacher_version)
-        teacher = ModelRef(model=p.teacher).hosted_at(bundle_path, p.teacher_version)
-        source = f"model {p.teacher} version {p.teacher_version} (keyed path)"
-    else:
-        teacher = ModelRef(arch=p.teacher_arch, weights=p.teacher_weights)
-        source = f"teacher weights {p.teacher_weights}"
+    keyed = p.teacher.model is not None
+    teacher = model_ref(p.teacher, ctx, "teacher")
+    source = p.teacher.describe() + (" (keyed path)" if keyed else "")
     ctx.log(f"distilling a {p.student} from {source} on {p.data}")
-    task = DistillTask.from_options(p.student, p.data, teacher=teacher, keyed=p.teacher is not None,
+    task = DistillTask.from_options(p.student, data_set(p.data, ctx), teacher=teacher, keyed=keyed,
                                     transfer=p.transfer, temperature=p.temperature, alpha=p.alpha, epochs=p.epochs,
                                     lr=p.lr, batch_size=p.batch_size, seed=p.seed)
+    charge = (lambda n: ctx.charge(p.teacher.model, n)) if keyed else None
     outcome = distill.run(task, ctx.artifacts / "student.safetensors", ctx.hooks,
-                          master_key=ctx.settings.master_key)
+                          master_key=ctx.settings.master_key, charge=charge)
     ctx.log(f"student test accuracy {outcome.accuracy:.2f}% on {outcome.transfer_size} transfer images")
     return {"summary": f"student {p.student}: test accuracy {outcome.accuracy:.2f}%",
             "metrics": {"student_acc": outcome.accuracy},

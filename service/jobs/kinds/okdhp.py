@@ -1,5 +1,6 @@
-"""``okdhp``: online pose distillation (OKDHP) on the synthetic pose set or a COCO-keypoints set under
-the data dir; the target branch is exported alone as a plain bundle of task ``pose``.
+"""``okdhp``: online pose distillation (OKDHP) on the synthetic pose set or, for an admin key, a
+COCO-keypoints set under the data dir (no upload purpose holds one); the target branch is exported
+alone as a plain bundle of task ``pose``.
 
 Artifacts: ``bundle.sdb`` (serve it with ``sdb models add``: ``predict`` then returns keypoints),
 ``predictions.png`` (test crops with the target's keypoints, left joints orange, right blue, the
@@ -15,13 +16,14 @@ from sdb_core.tasks import pose
 from sdb_core.tasks.pose import PoseTask
 
 from ...errors import invalid
-from .base import NAME_PATTERN, JobParams, Submission, job_kind, under
+from .base import NAME_PATTERN, JobParams, Submission, job_kind, server_path
 
 _D = PoseTask()  # the defaults: benchmarks/okdhp.py's setting (sdb_core.tasks.pose.measured)
 
 
 class OKDHPParams(JobParams):
-    data: str = Field(_D.okdhp.data.data, description="synthetic-pose, or coco-keypoints:PATH (under the data dir)")
+    data: str = Field(_D.okdhp.data.data,
+                      description="synthetic-pose, or (admin keys) coco-keypoints:PATH under the data dir")
     n_train: int = Field(_D.okdhp.data.n_train, ge=1, le=100_000, description="synthetic set: training people")
     n_test: int = Field(_D.okdhp.data.n_test, ge=1, le=100_000, description="synthetic set: test people")
     input_size: int = Field(_D.okdhp.data.input_size, ge=16, le=512, multiple_of=16)
@@ -47,22 +49,26 @@ class OKDHPParams(JobParams):
         return self
 
 
+def pose_data(value: str, who) -> str:
+    """The pose set: the synthetic one by name, or an admin key's COCO-keypoints folder under the data dir."""
+    kind, sep, path = value.partition(":")
+    if kind == "coco-keypoints" and sep and path:
+        return f"coco-keypoints:{server_path(path, who, 'data')}"
+    if value != "synthetic-pose":
+        raise invalid(f"unknown pose data {value[:100]!r}; known: synthetic-pose, coco-keypoints:PATH (admin keys)",
+                      "invalid_params")
+    return value
+
+
 def check(p: OKDHPParams, sub: Submission) -> OKDHPParams:
-    kind, sep, path = p.data.partition(":")
-    try:
-        if kind == "coco-keypoints" and sep and path:
-            return p.model_copy(update={"data": f"coco-keypoints:{under(sub.settings.data_dir, path, 'data')}"})
-        if p.data != "synthetic-pose":
-            raise ValueError(f"unknown pose data {p.data!r}; known: synthetic-pose, coco-keypoints:PATH")
-    except ValueError as e:
-        raise invalid(str(e), "invalid_params") from None
+    pose_data(p.data, sub)
     return p
 
 
 @job_kind("okdhp", OKDHPParams, check)
 def run(ctx, p: OKDHPParams) -> dict:
     task = PoseTask.from_options(
-        data=p.data, root=str(ctx.settings.data_dir / "pose-data"), n_train=p.n_train, n_test=p.n_test,
+        data=pose_data(p.data, ctx), root=str(ctx.settings.data_dir / "pose-data"), n_train=p.n_train, n_test=p.n_test,
         input_size=p.input_size, width=p.width, shared_stacks=p.shared_stacks, branch_stacks=p.branch_stacks,
         target_branch=p.target_branch, ensemble=p.ensemble, w_kd=p.w_kd, w_ens=p.w_ens, epochs=p.epochs, lr=p.lr,
         batch_size=p.batch_size, name=p.name, seed=p.seed)

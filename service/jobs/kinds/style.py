@@ -1,11 +1,14 @@
 """``style``: neural style transfer as a job, by one of three methods (``gatys``, ``fast``, ``adain``;
 :mod:`sdb_core.tasks.style` does the work).
 
-Images are embedded names (``chelsea``, ``flower``, ...; see ``sdb_core.style.config``) or
-PNG/JPEG files under the data directory. Artifacts: ``stylized.png``, ``sheet.png`` (content,
-style, result side by side), ``bundle.sdb`` (task ``style``, for ``fast`` and ``adain``), and
-the job's ``report.json`` with the losses, timings and the loss network. ``deploy: true``
-serves the bundle, the way the ``wrap`` kind does, for ``POST /v1/style/{name}``.
+Images are embedded names (``chelsea``, ``flower``, ...; see ``sdb_core.style.config``) or uploaded
+PNG/JPEG files (``file-…`` ids of purpose ``image``); fast and AdaIN crops come from the embedded
+photographs or an uploaded ImageFolder dataset's id; the loss network's VGG-19 weights, when given,
+are a ``weights`` file id. An admin key may name paths under the data dir instead. Artifacts:
+``stylized.png``, ``sheet.png`` (content, style, result side by side), ``bundle.sdb`` (task
+``style``, for ``fast`` and ``adain``), and the job's ``report.json`` with the losses, timings and
+the loss network. ``deploy: true`` serves the bundle, the way the ``wrap`` kind does, for ``POST
+/v1/style/{name}``.
 """
 from __future__ import annotations
 
@@ -19,20 +22,21 @@ from sdb_core.tasks import style
 from sdb_core.tasks.style import METHODS, StyleTask
 
 from ...errors import invalid
-from .base import NAME_PATTERN, JobParams, Submission, job_kind, under
+from .base import NAME_PATTERN, JobParams, Submission, data_set, input_file, job_kind
 
 _G, _F, _A = GatysConfig(), FastConfig(), AdaINConfig()  # the recipes' defaults; shared options agree on them
 
 
 class StyleParams(JobParams):
     method: Literal[METHODS]
-    content: str = Field(_G.content, description="content image: an embedded name or a file under the data dir")
-    style: str = Field(_G.style, description="style image: an embedded name or a file under the data dir")
+    content: str = Field(_G.content, description="content image: an embedded name or an image file id")
+    style: str = Field(_G.style, description="style image: an embedded name or an image file id")
     styles: list[str] | None = Field(None, min_length=1, max_length=64,
                                      description="adain: the training styles (default: the embedded set plus style)")
-    train_content: str = Field(_F.content, description="fast/adain crops: embedded | imagefolder:PATH (data dir)")
-    weights: str | None = Field(None, description="VGG-19 state dict (torchvision layout) under the data dir; "
-                                "absent: the seeded random VGG-19")
+    train_content: str = Field(_F.content, description="fast/adain crops: embedded, or an uploaded ImageFolder "
+                               "dataset's file id")
+    weights: str | None = Field(None, description="the loss network: a weights file id of a VGG-19 state dict "
+                                "(torchvision layout); absent: the seeded random VGG-19")
     size: int = Field(_G.size, ge=32, le=1024, description="result size (shorter side, centre square)")
     steps: int = Field(_G.steps, ge=1, le=5000, description="gatys: optimisation steps")
     optimizer: Literal["lbfgs", "adam"] = _G.optimizer
@@ -62,46 +66,49 @@ class StyleParams(JobParams):
         return self
 
 
-def _image(value: str, settings, what: str) -> str:
-    if value in EMBEDDED:
-        return value
-    path = under(settings.data_dir, value, what)
-    if not path.is_file():
-        raise ValueError(f"{what} {value!r} is neither an embedded image ({', '.join(EMBEDDED)}) "
-                         "nor a file under the data directory")
-    return str(path)
+def _image(value: str, who, what: str) -> str:
+    """An embedded image's name, or an uploaded image (its id) as its file for the recipe."""
+    return value if value in EMBEDDED else str(input_file(value, "image", who, what))
+
+
+def _inputs(p: StyleParams, who) -> dict:
+    """The recipe's images, crops and loss-network weights, each file resolved for the job's key."""
+    out = {"content": _image(p.content, who, "content"), "style": _image(p.style, who, "style"),
+           "styles": None if p.styles is None else [_image(v, who, f"styles[{i}]") for i, v in enumerate(p.styles)],
+           "weights": None if p.weights is None else str(input_file(p.weights, "weights", who, "weights")),
+           "train_content": p.train_content}
+    if p.train_content != "embedded":
+        crops = data_set(p.train_content, who, "train_content")
+        if not crops.startswith("imagefolder:"):
+            raise invalid(f"train_content must be 'embedded' or an ImageFolder dataset, got {p.train_content!r}",
+                          "invalid_params")
+        out["train_content"] = crops
+    return out
 
 
 def check(p: StyleParams, sub: Submission) -> StyleParams:
-    s = sub.settings
-    try:
-        update = {"content": _image(p.content, s, "content"), "style": _image(p.style, s, "style")}
-        if p.styles is not None:
-            update["styles"] = [_image(v, s, "styles") for v in p.styles]
-        if p.weights is not None:
-            path = under(s.data_dir, p.weights, "weights")
-            if not path.is_file():
-                raise ValueError(f"no weights file at {p.weights!r} under the data directory")
-            update["weights"] = str(path)
-        kind, sep, folder = p.train_content.partition(":")
-        if p.train_content != "embedded":
-            if kind != "imagefolder" or not sep or not folder:
-                raise ValueError(f"train_content must be 'embedded' or 'imagefolder:PATH', got {p.train_content!r}")
-            root = under(s.data_dir, folder, "train_content")
-            if not root.is_dir():
-                raise ValueError(f"no folder {folder!r} under the data directory")
-            update["train_content"] = f"imagefolder:{root}"
-    except ValueError as e:
-        raise invalid(str(e), "invalid_params") from None
-    return p.model_copy(update=update)
+    _inputs(p, sub)  # every file resolved for this key now: a 404 or 422 before anything is queued
+    if p.deploy:  # early; the deploy checks again, in the transaction that adds the version
+        from ...deploy import check_deploy_rights
+
+        check_deploy_rights(sub.queue.store, _model_name(p), sub.key)
+    return p
+
+
+def _model_name(p: StyleParams) -> str:
+    """The bundle's model name: ``name``, or style-METHOD-STYLE (an uploaded style by its id: its stored
+    file is always "image.png")."""
+    return StyleTask.from_options(p.method, style=p.style, name=p.name or (
+        None if p.style in EMBEDDED else f"style-{p.method}-{p.style}")).model_name
 
 
 @job_kind("style", StyleParams, check)
 def run(ctx, p: StyleParams) -> dict:
+    name = _model_name(p)
     task = StyleTask.from_options(
-        p.method, content=p.content, style=p.style, styles=p.styles, train_content=p.train_content, weights=p.weights,
-        size=p.size, steps=p.steps, optimizer=p.optimizer, epochs=p.epochs, samples=p.samples, crop=p.crop,
-        batch_size=p.batch_size, style_weight=p.style_weight, alpha=p.alpha, name=p.name, seed=p.seed)
+        p.method, **_inputs(p, ctx), size=p.size, steps=p.steps, optimizer=p.optimizer, epochs=p.epochs,
+        samples=p.samples, crop=p.crop, batch_size=p.batch_size, style_weight=p.style_weight, alpha=p.alpha,
+        name=name, seed=p.seed)
     if p.deploy:  # the version this bundle will be served as
         from .wrap import _next_version
 
@@ -111,5 +118,5 @@ def run(ctx, p: StyleParams) -> dict:
         from .wrap import deploy
 
         ctx.step("deploying")
-        report["result"].update(deploy(ctx, ctx.artifacts / "bundle.sdb", task.model_name, task.version))
+        report["result"].update(deploy(ctx, ctx.artifacts / "bundle.sdb", task.model_name))
     return report

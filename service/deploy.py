@@ -1,0 +1,130 @@
+"""Deploying a bundle: the one way a key makes a model servable (``POST /v1/models``, and the ``wrap``
+and ``style`` jobs with ``deploy: true``).
+
+:func:`deploy_bundle` copies the bundle into a new file beside the served ones (never over one),
+verifies that copy the way every server process will load it, and registers it in one store
+transaction that checks the name's owner and assigns the next version
+(:meth:`service.store.Store.add_version`). The job kinds' submission checks ask the same rule
+(:func:`check_deploy_rights`) for an early answer; the deploy asks again, so a name taken between
+submission and deploy fails the job. See docs/security.md, "Model ownership".
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from . import files
+from .errors import ApiError, invalid
+from .filechecks import read_bundle
+from .jobs.kinds.base import NAME_PATTERN
+from .registry import verify_bundle
+from .schemas import OutputPolicy
+from .settings import Settings
+from .store import DeployRefused, ModelRow, Store
+
+if TYPE_CHECKING:
+    from .auth import ApiKey
+    from .registry import ModelHost
+
+POLICY_TASKS = ("classification", "multilabel")  # tasks whose outputs are class scores: the policies apply
+_STATUS = {"model_not_owned": 403, "key_invalid": 403, "model_exists": 409}
+
+
+def refused(e: DeployRefused) -> ApiError:
+    return ApiError(_STATUS.get(e.code, 403), e.code, e.message)
+
+
+def check_deploy_rights(store: Store, name: str, key: ApiKey) -> None:
+    """403 ``model_not_owned`` unless ``key`` may deploy a version of ``name``: the rule the deploy
+    transaction applies (the key owns the name, nobody does yet, or the key is an admin)."""
+    refusal = store.deploy_refusal(name, key.id)
+    if refusal is not None:
+        raise refused(refusal)
+
+
+def check_policy(policy: OutputPolicy | dict | None, meta: dict) -> OutputPolicy:
+    """The output policy a bundle is deployed with (None: ``probs``); 422 when it does not fit its task."""
+    try:
+        policy = OutputPolicy.model_validate(policy or {})
+    except ValidationError as e:
+        msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'output_policy'}: {err['msg']}" for err in e.errors()[:5])
+        raise invalid(msg, "invalid_request") from None
+    task = meta.get("task", "classification")
+    if task not in POLICY_TASKS and policy != OutputPolicy():
+        raise invalid(f"a {task} model serves no class scores: an output policy is for "
+                      f"{' and '.join(POLICY_TASKS)} models", "invalid_request")
+    return policy
+
+
+def _copy_new(src: Path, folder: Path) -> Path:
+    """``src`` copied to a new file in ``folder``: created exclusively, so no file is ever overwritten."""
+    folder.mkdir(parents=True, exist_ok=True)
+    while True:
+        target = folder / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(6)}.sdb"
+        try:
+            with open(src, "rb") as fin, open(target, "xb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            return target
+        except FileExistsError:
+            continue
+
+
+def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer: str, actor: str,
+                  name: str | None = None, policy: OutputPolicy | dict | None = None, shown: str = "bundle",
+                  host: ModelHost | None = None) -> ModelRow:
+    """Blocking: serve the ``.sdb`` at ``src`` as the next version of ``name`` (default the bundle's own),
+    for the key ``deployer`` (its id; ``actor`` goes to the audit log). With ``host`` this process serves it
+    at once; every other process loads it on its first request for it.
+
+    ApiError when refused, and then nothing stays: 400 ``bundle_refused`` (verification), 422 (the name or
+    the policy), 403 ``model_not_owned`` (checked in the transaction that adds the version). ``shown``
+    stands for the bundle in messages: a server path is never in one.
+    """
+    limits = files.limits(settings)
+    try:
+        try:
+            meta = read_bundle(Path(src), limits, shown)  # archive limits and file hashes, before any copy
+        except ApiError as e:
+            raise ApiError(400, "bundle_refused", f"bundle refused: {e.message}") from None
+        name = name or str(meta["name"])
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise invalid(f"the bundle's name {name[:100]!r} cannot be served: give a name", "invalid_request")
+        policy = check_policy(policy, meta)
+        refusal = store.deploy_refusal(name, deployer)  # early: no copy and no model time for a refused deploy
+        if refusal is not None:
+            raise refused(refusal)
+    except ApiError as e:
+        store.audit(actor, "model.refused", name or shown, e.message)
+        raise
+    target = _copy_new(Path(src), settings.bundles_dir / name)
+    try:
+        try:  # what is served is the copy: verified again, whole
+            copied = read_bundle(target, limits, shown)
+            bundle = host.load(target) if host is not None else verify_bundle(target, settings.master_key)
+        except ApiError as e:
+            raise ApiError(400, "bundle_refused", f"bundle refused: {e.message}") from None
+        except (ValueError, OSError) as e:
+            raise ApiError(400, "bundle_refused", f"bundle refused: {str(e).replace(str(target), shown)}") from None
+        if copied["files"] != meta["files"]:
+            raise ApiError(400, "bundle_refused", "bundle refused: it changed while it was being deployed")
+        try:
+            row = store.add_version(name, str(target.resolve()), deployer=deployer, **policy.model_dump())
+        except DeployRefused as e:
+            raise refused(e) from None
+    except ApiError as e:
+        target.unlink(missing_ok=True)
+        store.audit(actor, "model.refused", name, e.message)
+        raise
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    store.audit(actor, "model.add", f"{row.name}@{row.version}", str(target))
+    if host is not None:
+        host.serve(row, bundle)
+    return row

@@ -1,0 +1,250 @@
+"""Hole 2: a model name belongs to the key that first deployed it (or an admin); no other key adds a
+version to it, by ``POST /v1/models``, a ``wrap`` job or a ``style`` job, and a deployed model answers
+at once from every API process.
+
+Before the fix ``POST /v1/models`` let any deploy key serve the next version of any name, the ``style``
+kind checked nothing, the ``wrap`` kind's check (at submission only) passed for a key that had once run
+a non-deploying job of that name, and a job submitted before the owner took the name deployed anyway;
+a second API process answered 404 for a just-deployed model until its next model sync. Now the deploy
+checks the owner in the transaction that adds the version, never writes over a bundle file, and every
+process loads a version the store has on its first request for it. Against the real server: two
+``sdb serve`` processes on one SQLite store (model sync set to an hour, so only the on-demand load can
+serve), ``sdb worker`` for the jobs.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.store import Store
+from tests.service.conftest import Server, sdb_bytes
+from tests.service.jobs_helpers import FAST, key, prepare, start_worker, stop_worker, wait_for
+
+LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "check_attempts": 1}
+WRAP = {"data": "digits", "teacher": {"arch": "cnn"}, "teacher_epochs": 1, "epochs": 1, "deploy": True, **LOOSE}
+STYLE = {"method": "fast", "size": 32, "crop": 32, "epochs": 1, "samples": 4, "deploy": True}
+ENV = {**FAST, "SDB_WORKERS": "0", "SDB_MODELS_SYNC_S": "3600"}  # no sync within a test: loads are on demand
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, bundles):
+    """Two API processes on one data dir and store; ``legacy`` is a name registered by an admin."""
+    data_dir = tmp_path_factory.mktemp("ownership-data")
+    settings = prepare(data_dir, bundles, {"legacy": bundles.a})
+    first = Server(data_dir, bundles, ENV)
+    try:
+        second = Server(data_dir, bundles, ENV)
+    except BaseException:
+        first.stop()
+        raise
+    first.settings = second.settings = settings
+    yield first, second
+    first.stop()
+    second.stop()
+
+
+def auth(settings, *scopes: str) -> dict:
+    return {"Authorization": f"Bearer {key(settings, list(scopes))}"}
+
+
+def post_bundle(srv, bundle: Path, headers: dict, **fields: str) -> httpx.Response:
+    return httpx.post(srv.url + "/v1/models", files={"file": ("m.sdb", sdb_bytes(bundle))}, data=fields,
+                      headers=headers, timeout=60)
+
+
+def bundle_files(data_dir: Path) -> dict[str, tuple[str, int, int]]:
+    """Every file under the served bundles' folder: sha256, inode and modification time."""
+    root = data_dir / "bundles"
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_ino,
+                                       p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def versions(settings, name: str) -> list[str]:
+    store = Store(settings.db_url)
+    try:
+        return sorted(r.version for r in store.list_models() if r.name == name)
+    finally:
+        store.close()
+
+
+def test_only_the_owner_or_an_admin_deploys_a_version_and_no_file_is_overwritten(servers, bundles):
+    p1, _ = servers
+    s = p1.settings
+    owner, other, admin = auth(s, "deploy"), auth(s, "deploy"), auth(s, "admin")
+    r = post_bundle(p1, bundles.b, owner, name="owned")
+    assert r.status_code == 201 and r.json()["version"] == "1", r.text
+    before = bundle_files(s.data_dir)
+    # another deploy key: refused, uploaded in the request or named by a file id of its own
+    r = post_bundle(p1, bundles.b, other, name="owned")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned", r.text
+    f = httpx.post(p1.url + "/v1/files", files={"file": ("b.sdb", sdb_bytes(bundles.b))}, data={"purpose": "bundle"},
+                   headers=other, timeout=60).json()["id"]
+    r = httpx.post(p1.url + "/v1/models", json={"file": f, "name": "owned"}, headers=other, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned", r.text
+    r = post_bundle(p1, bundles.a, other)  # a bundle's own name is a name too: digits-a is unclaimed, so its
+    assert r.status_code == 201, r.text  # first deployer owns it...
+    r = post_bundle(p1, bundles.a, owner)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned", r.text  # ...and no one else
+    # a name an admin registered (`sdb models add`, or any name older than ownership) is an admin's
+    r = post_bundle(p1, bundles.b, owner, name="legacy")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned", r.text
+    assert versions(s, "owned") == ["1"] and versions(s, "legacy") == ["1"]
+    after = bundle_files(s.data_dir)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing written over
+    assert [k.split("/")[0] for k in after if k not in before] == ["digits-a"]
+    # the owner and an admin add versions; every version is a new file, the old ones untouched
+    assert post_bundle(p1, bundles.b, owner, name="owned").json()["version"] == "2"
+    assert post_bundle(p1, bundles.b, admin, name="owned").json()["version"] == "3"
+    assert post_bundle(p1, bundles.b, admin, name="legacy").json()["version"] == "2"
+    final = bundle_files(s.data_dir)
+    assert {k: v for k, v in final.items() if k in after} == after
+    assert len([k for k in final if k.startswith("owned/")]) == 3
+
+
+def test_a_deployed_model_answers_at_once_from_another_api_process(servers, bundles):
+    p1, p2 = servers
+    owner = auth(p1.settings, "deploy")
+    x = {"inputs": bundles.x[:2].tolist()}
+    r = post_bundle(p1, bundles.b, owner, name="fresh")
+    assert r.status_code == 201, r.text
+    # p2 never synced (its sync is an hour away): the store has the model, so p2 loads it on this request
+    r = httpx.post(p2.url + "/v1/models/fresh/predict", json=x)
+    assert r.status_code == 200 and r.json()["version"] == "1", r.text
+    assert post_bundle(p1, bundles.b, owner, name="fresh").json()["version"] == "2"
+    r = httpx.post(p2.url + "/v1/models/fresh/predict?version=2", json=x)
+    assert r.status_code == 200 and r.json()["version"] == "2", r.text
+    assert post_bundle(p1, bundles.a, owner, name="fresh-v2").status_code == 201
+    body = {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32",
+                        "data": bundles.x[:2].ravel().tolist()}]}
+    assert httpx.post(p2.url + "/v2/models/fresh-v2/infer", json=body).status_code == 200
+    assert httpx.get(p2.url + "/v1/models/nothing-here").status_code == 404  # and an unknown name stays a 404
+
+
+def test_concurrent_deploys_on_two_processes_get_distinct_versions(servers, bundles):
+    p1, p2 = servers
+    owner = auth(p1.settings, "deploy")
+    results: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda srv=srv: results.append(post_bundle(srv, bundles.b, owner, name="conc")))
+               for srv in (p1, p2) * 3]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 201 for r in results), [r.text for r in results]
+    assert sorted(int(r.json()["version"]) for r in results) == [1, 2, 3, 4, 5, 6]
+    assert len([k for k in bundle_files(p1.settings.data_dir) if k.startswith("conc/")]) == 6
+
+
+def submit(srv, headers: dict, kind: str, params: dict) -> httpx.Response:
+    return httpx.post(srv.url + "/v1/jobs", json={"kind": kind, "params": params}, headers=headers, timeout=60)
+
+
+def test_jobs_check_the_owner_at_submission_and_again_at_deploy(servers, bundles):
+    p1, p2 = servers
+    s = p1.settings
+    owner, other = auth(s, "jobs", "deploy"), auth(s, "jobs")
+    assert post_bundle(p1, bundles.b, owner, name="job-owned").status_code == 201
+    # at submission: a wrap or a style job deploying under another key's name is refused, never queued
+    for kind, params in (("style", {**STYLE, "name": "job-owned"}), ("wrap", {**WRAP, "name": "job-owned"})):
+        r = submit(p1, other, kind, params)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned", (kind, r.text)
+    # at deploy: jobs submitted while their names were free, then the names taken by the owner
+    early = {kind: submit(p1, other, kind, {**params, "name": f"race-{kind}"}).json()["id"]
+             for kind, params in (("wrap", WRAP), ("style", STYLE))}
+    for kind in early:
+        assert post_bundle(p1, bundles.b, owner, name=f"race-{kind}").status_code == 201
+    taken = bundle_files(s.data_dir)
+    # and one the owner submits, with an output policy: it deploys, and the other process serves the
+    # version at once, under that policy
+    bad = submit(p1, owner, "wrap", {**WRAP, "name": "race-wrap", "output_policy": {"policy": "label", "top_k": 2}})
+    assert bad.status_code == 422 and "top_k" in bad.text, bad.text
+    mine = submit(p1, owner, "wrap", {**WRAP, "name": "race-wrap",
+                                      "output_policy": {"policy": "top_k", "top_k": 2}}).json()["id"]
+    worker = start_worker(s.data_dir, bundles)
+    try:
+        def finished(job_id: str, headers: dict):
+            j = httpx.get(f"{p1.url}/v1/jobs/{job_id}", headers=headers).json()
+            return j if j["status"] in ("succeeded", "failed", "cancelled") else None
+
+        jobs = {kind: wait_for(lambda i=i: finished(i, other), 300, f"the {kind} job", every=0.2)
+                for kind, i in early.items()}
+        job = wait_for(lambda: finished(mine, owner), 300, "the owner's wrap job", every=0.1)
+    finally:
+        stop_worker(worker)
+    for j in jobs.values():
+        assert j["status"] == "failed" and "belongs to another key" in j["error"], j
+    assert job["status"] == "succeeded" and job["result"]["deployed"] and job["result"]["version"] == "2", job
+    assert versions(s, "race-style") == ["1"] and versions(s, "race-wrap") == ["1", "2"]  # the owner's two
+    r = httpx.post(p2.url + "/v1/models/race-wrap/predict", json={"inputs": bundles.x[:2].tolist(), "top_k": 5})
+    assert r.status_code == 200 and r.json()["version"] == "2", r.text
+    assert [len(p["scores"]) for p in r.json()["predictions"]] == [2, 2]
+    now = bundle_files(s.data_dir)
+    assert {k: v for k, v in now.items() if k in taken} == taken  # the refused jobs left no file, overwrote none
+    assert [k.split("/")[0] for k in now if k not in taken] == ["race-wrap"]
+
+
+@pytest.mark.usefixtures("db_url")
+def test_racing_first_deploys_of_a_name_have_one_owner(db_url, tmp_path):
+    """The store's transaction alone, SQLite and PostgreSQL: keys racing to claim a fresh name."""
+    from service.auth import create_key
+    from service.store import DeployRefused
+
+    store = Store(db_url)
+    try:
+        pepper = b"p" * 32
+        ids = [create_key(store, pepper, scopes=["deploy"])[1].id for _ in range(4)]
+        outcomes: list[tuple[str, str]] = []
+
+        def deploy(key_id: str, n: int) -> None:
+            for i in range(n):
+                try:
+                    row = store.add_version("contested", f"/bundles/{key_id}-{i}", deployer=key_id)
+                    outcomes.append((key_id, row.version))
+                except DeployRefused as e:
+                    outcomes.append((key_id, e.code))
+
+        threads = [threading.Thread(target=deploy, args=(k, 3)) for k in ids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = {k for k, v in outcomes if v != "model_not_owned"}
+        assert len(won) == 1, outcomes  # one owner; everyone else refused
+        assert sorted(v for k, v in outcomes if k in won) == ["1", "2", "3"]
+        assert store.deploy_refusal("contested", ids[0] if ids[0] not in won else ids[1]).code == "model_not_owned"
+        assert store.deploy_refusal("contested", None) is None  # the admin CLI
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("db_url")
+def test_names_served_before_ownership_become_an_admins(db_url):
+    """A store at schema 3 (before owners and policies), SQLite and PostgreSQL: its names become an
+    admin's, its versions are counted, its versions serve ``probs``."""
+    from sqlalchemy import create_engine
+
+    from service import store as schema
+    from service.auth import create_key
+
+    engine = create_engine(schema.normalise_url(db_url))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE models (name VARCHAR(200) NOT NULL, version VARCHAR(100) NOT NULL, "
+                             "path TEXT NOT NULL, added_at FLOAT NOT NULL, PRIMARY KEY (name, version))")
+        conn.exec_driver_sql("INSERT INTO models VALUES ('old', '1', '/a', 0), ('old', '7', '/b', 0)")
+        for step in schema.MIGRATIONS[:3]:
+            step(conn)
+        schema.SchemaVersion.__table__.create(conn)
+        conn.execute(schema.SchemaVersion.__table__.insert().values(id=1, version=3))
+    engine.dispose()
+    store = Store(db_url)
+    try:
+        key_id = create_key(store, b"p" * 32, scopes=["deploy"])[1].id
+        assert store.deploy_refusal("old", key_id).code == "model_not_owned"
+        assert {(r.policy, r.top_k, r.decimals) for r in store.list_models()} == {("probs", None, None)}
+        assert store.add_version("old", "/c", deployer=None).version == "8"
+    finally:
+        store.close()
