@@ -194,3 +194,22 @@ def test_the_server_and_the_audit_mean_the_same_policy(fields):
     probs = rng.dirichlet(np.full(10, 0.3), size=64).astype(np.float32)
     audit = apply_policy(torch.from_numpy(probs), policy.policy, policy.top_k or 3).numpy()
     np.testing.assert_allclose(public_view(probs, policy), audit, rtol=1e-5, atol=1e-6)
+
+
+def test_an_audit_job_runs_under_the_policy_the_model_is_served_with(server):
+    """What callers of a `label` model get is all an attacker gets: a jobs key cannot audit (train
+    students on) its full probabilities; an admin may, to see what a policy change would leak."""
+    user = {"Authorization": f"Bearer {key(server.settings, ['jobs'])}"}
+    audit = {"target": {"model": "pol-label"}, "data": "digits", "transfer": 60, "steps": 30, "keys": 0}
+
+    def submit(params, headers):
+        return httpx.post(f"{server.url}/v1/jobs", json={"kind": "audit", "params": params}, headers=headers)
+
+    r = submit(audit, user)
+    assert r.status_code == 202 and r.json()["params"]["policy"] == "label", r.text
+    r = submit({**audit, "target": {"model": "pol-topk"}}, user)
+    assert r.status_code == 202 and (r.json()["params"]["policy"], r.json()["params"]["top_k"]) == ("top_k", 3)
+    r = submit({**audit, "policy": "probs"}, user)
+    assert r.status_code == 422 and "served under the 'label' policy" in r.text, r.text
+    r = submit({**audit, "policy": "probs"}, server.admin)
+    assert r.status_code == 202 and r.json()["params"]["policy"] == "probs", r.text

@@ -18,6 +18,7 @@ from sdb_core.tasks import audit
 from sdb_core.tasks.audit import AuditTask
 
 from ...disclosure import hide_paths, hide_paths_in
+from ...errors import invalid
 from .base import (
     Access,
     JobParams,
@@ -61,7 +62,25 @@ class AuditParams(JobParams):
 
 def check(p: AuditParams, sub: Submission) -> AuditParams:
     data_set(p.data, sub)
-    return p.model_copy(update={"target": check_model(p.target, sub, "public", "target")})
+    p = p.model_copy(update={"target": check_model(p.target, sub, "public", "target")})
+    return _under_the_served_policy(p, sub)
+
+
+def _under_the_served_policy(p: AuditParams, sub: Submission) -> AuditParams:
+    """A hosted model is audited under the output policy it is served with: what its callers get is all
+    an attacker gets. Only an admin key may audit it under another policy (what would a change leak?)."""
+    if p.target.model is None or sub.key.grants("admin"):
+        return p
+    served = sub.models.get(p.target.model, p.target.version).policy
+    asked = p.model_fields_set & {"policy", "top_k"}
+    if asked and (p.policy != served.policy or (served.policy == "top_k" and p.top_k != served.top_k)):
+        raise invalid(f"model {p.target.model!r} is served under the {served.policy!r} policy"
+                      + (f" (top {served.top_k})" if served.policy == "top_k" else "")
+                      + "; its audit runs under that policy (another one needs an admin key)", "invalid_params")
+    update = {"policy": served.policy}
+    if served.policy == "top_k" and served.top_k is not None:
+        update["top_k"] = served.top_k
+    return p.model_copy(update=update)
 
 
 @job_kind("audit", AuditParams, check)
