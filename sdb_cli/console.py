@@ -45,3 +45,20 @@ def add_training_flags(sp, epochs: int, lr: float = 0.01, batch: int = 64) -> No
     sp.add_argument("--batch-size", type=int, default=batch)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--data-dir", help="data directory (master key, bundles); env SDB_DATA_DIR")
+
+
+def over_http(args, run) -> int:
+    """``run(client, args)`` with an SDK client on ``--url``/``--api-key`` (or their env); an SDK error
+    (unreachable, 4xx) is a message and exit 2."""
+    from sdb_client import Client, SDBError
+
+    try:
+        client = Client(args.url, args.api_key)
+    except SDBError as e:
+        raise ValueError(str(e)) from None
+    try:
+        with client:
+            return run(client, args)
+    except SDBError as e:
+        err(str(e))
+        return 2

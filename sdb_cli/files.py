@@ -5,20 +5,11 @@ import json
 import sys
 from datetime import UTC, datetime
 
+from .console import over_http
+
 
 def cmd_files(args) -> int:
-    from sdb_client import Client, SDBError
-
-    try:
-        client = Client(args.url, args.api_key)
-    except SDBError as e:
-        raise ValueError(str(e)) from None
-    try:
-        with client:
-            return _run(client, args)
-    except SDBError as e:
-        print(f"sdb: error: {e}", file=sys.stderr)
-        return 2
+    return over_http(args, _run)
 
 
 def _run(client, args) -> int:

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from .console import over_http
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -42,18 +44,7 @@ def follow(client, job_id: str, poll_s: float = 1.0, out=sys.stdout) -> dict:
 
 
 def cmd_jobs(args) -> int:
-    from sdb_client import Client, SDBError
-
-    try:
-        client = Client(args.url, args.api_key)
-    except SDBError as e:
-        raise ValueError(str(e)) from None
-    try:
-        with client:
-            return _run(client, args)
-    except SDBError as e:
-        print(f"sdb: error: {e}", file=sys.stderr)
-        return 2
+    return over_http(args, _run)
 
 
 def _run(client, args) -> int:
