@@ -70,8 +70,8 @@ def db_url(request, tmp_path, monkeypatch) -> str:
 class Bundles:
     master_key_file: Path
     a: Path  # digits-a version 1
-    a2: Path  # digits-a version 2 (same network)
-    b: Path  # digits-b
+    a2: Path  # digits-a version 2 (another wrap: another network and key)
+    b: Path  # digits-b (another teacher, another key)
     x: np.ndarray  # a few normalised test inputs, (N, 1, 8, 8)
 
 
@@ -94,12 +94,19 @@ def bundles(tmp_path_factory) -> Bundles:
     seed_everything(0)
     teacher = create_model("cnn", num_classes=data.num_classes, in_shape=data.in_shape)
     train_classifier(teacher, data.train, TrainConfig(epochs=2))
+    # Three different networks with three different keys: a route that served the wrong model or
+    # version, or blended another model's key, would answer differently and fail its test.
     box = train_box(teacher, data, SDBConfig(train=TrainConfig(epochs=1))).box
+    box2 = train_box(teacher, data, SDBConfig(train=TrainConfig(epochs=1, seed=1))).box
+    seed_everything(1)
+    other = create_model("cnn", num_classes=data.num_classes, in_shape=data.in_shape)
+    train_classifier(other, data.train, TrainConfig(epochs=2, seed=1))
+    box_b = train_box(other, data, SDBConfig(train=TrainConfig(epochs=1, seed=2))).box
     common = {"in_shape": data.in_shape, "mean": data.mean, "std": data.std, "labels": data.labels,
               "master_key": master}
     a = export_bundle(box, root / "digits-a", name="digits-a", **common)
-    a2 = export_bundle(box, root / "digits-a-v2", name="digits-a", version="2", **common)
-    b = export_bundle(box, root / "digits-b", name="digits-b", **common)
+    a2 = export_bundle(box2, root / "digits-a-v2", name="digits-a", version="2", **common)
+    b = export_bundle(box_b, root / "digits-b", name="digits-b", **common)
     x = data.test.tensors[0][:8].numpy().astype(np.float32)
     return Bundles(master_file, a, a2, b, x)
 

@@ -49,7 +49,11 @@ async def test_models_list_and_get(svc):
 
 
 async def test_predict_matches_bundle_public_path(svc, bundles):
-    ref = load_bundle(bundles.a).predict(bundles.x)
+    # digits-a is served in two versions (two networks): no version is the highest, version=1 the first
+    ref = load_bundle(bundles.a2).predict(bundles.x)
+    v1 = await svc.client.post("/v1/models/digits-a/predict?version=1", json={"inputs": bundles.x.tolist(), "top_k": 10})
+    np.testing.assert_allclose([p["scores"] for p in v1.json()["predictions"]],
+                               np.sort(load_bundle(bundles.a).predict(bundles.x), 1)[:, ::-1], rtol=1e-5, atol=1e-6)
     r = await svc.client.post("/v1/models/digits-a/predict", json={"inputs": bundles.x.tolist(), "top_k": 3})
     assert r.status_code == 200
     preds = r.json()["predictions"]
@@ -72,8 +76,10 @@ async def test_distill_keyed_logits_differ_and_match_bundle(svc, bundles):
     assert r.status_code == 200, r.text
     body = r.json()
     keyed = np.array(body["logits"], dtype=np.float32)
-    ref = load_bundle(bundles.a, svc.settings.master_key)
+    ref = load_bundle(bundles.a2, svc.settings.master_key)  # the highest version, with its own key
     np.testing.assert_allclose(keyed, ref.distill_logits(bundles.x), rtol=1e-4, atol=1e-4)
+    other = load_bundle(bundles.a, svc.settings.master_key)  # version 1: another network, another key
+    assert np.abs(keyed - other.distill_logits(bundles.x)).max() > 0.1
     public = ref.public_logits(bundles.x)
     assert np.abs(keyed - public).max() > 0.1
     soft = np.array(body["soft_targets"])
