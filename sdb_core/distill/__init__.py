@@ -3,7 +3,7 @@
 Names resolve lazily (PEP 562), as in ``sdb_core.protect``: ``sdb_core.distill.config`` is
 torch-free and a job kind or the CLI reads its defaults without importing torch.
 """
-from importlib import import_module
+from ..lazy import lazy_getattr
 
 _EXPORTS = {
     "DistillConfig": "config", "DistillResult": "distiller", "as_teacher": "distiller", "distill": "distiller",
@@ -14,7 +14,4 @@ __all__ = ["DistillConfig", "DistillResult", "as_teacher", "distill", "kd_loss",
 assert set(__all__) == set(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -3,7 +3,7 @@
 Names resolve lazily (PEP 562): ``sdb_core.protect.seal`` and the bundle loader must not
 pull in torch through this package, or the service's cold start pays seconds for it.
 """
-from importlib import import_module
+from ..lazy import lazy_getattr
 
 _EXPORTS = {
     "NoKeyError": "box", "SafeDistillationBox": "box",
@@ -21,7 +21,4 @@ __all__ = [  # noqa: RUF022 - grouped by module, as _EXPORTS
 assert set(__all__) == set(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

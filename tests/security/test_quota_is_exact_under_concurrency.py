@@ -22,7 +22,7 @@ from service.auth import Keyring, create_key
 from service.errors import ApiError
 from service.store import Store
 from tests.service.conftest import Server
-from tests.service.jobs_helpers import key, prepare
+from tests.service.jobs_helpers import key, prepare, together
 
 MODEL = "digits-a"
 CLIENTS = 12
@@ -33,26 +33,6 @@ SERVER_ENV = {"SDB_USAGE_FLUSH_S": "0.01", "SDB_REGISTER_DEMO": "false", "SDB_MO
               "SDB_RATE_LIMIT_KEY_PER_S": "0"}
 
 
-def _together(n: int, fn: Callable[[int], int]) -> list[int]:
-    """``fn(i)`` in ``n`` threads released at the same instant; their results, or the first error."""
-    barrier = threading.Barrier(n)
-    out, errors = [0] * n, []
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = fn(i)
-        except BaseException as e:  # noqa: BLE001  (re-raised in the test's thread)
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    if errors:
-        raise errors[0]
-    return out
 
 
 def _drain(charge: Callable[[int], bool], ceiling: int, until: float = 0.0) -> int:
@@ -100,7 +80,7 @@ def test_keyrings_sharing_a_store_charge_exactly_the_quota(db_url):
         background = threading.Thread(target=flusher)
         background.start()
         try:
-            served = sum(_together(16, client))
+            served = sum(together(16, client))
         finally:
             done.set()
             background.join()
@@ -138,7 +118,7 @@ def test_window_rollover_is_atomic_and_never_restarts_a_window(db_url, monkeypat
                     keyrings[i % 2].flush()  # the write-behind, between every two charges
                     return True
                 return _drain(charge, quota)
-            return sum(_together(8, client))
+            return sum(together(8, client))
 
         assert draw() == quota
         clock["now"] += window  # the next window: the quota again, and no more
@@ -175,7 +155,7 @@ def _draw_over_http(urls: list[str], token: str, x: np.ndarray, quota: int,
                 return True
             return _drain(charge, quota, until)
 
-    return sum(_together(CLIENTS, client))
+    return sum(together(CLIENTS, client))
 
 
 def _servers(tmp_path, bundles, n: int, **kw) -> tuple[list[Server], str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -115,3 +116,26 @@ async def upload_asgi(svc, token: str, path: Path, purpose: str = "weights") -> 
                               headers=svc.auth(token))
     assert r.status_code == 201, r.text
     return r.json()["id"]
+
+
+def together(n: int, fn) -> list:
+    """Run ``fn(i)`` in ``n`` threads released at the same instant; their results, or raise the first error."""
+    barrier = threading.Barrier(n)
+    out: list = [None] * n
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = fn(i)
+        except BaseException as e:  # noqa: BLE001  (re-raised below in the test's thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    if errors:
+        raise errors[0]
+    return out

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,36 +22,15 @@ from service.settings import Settings
 from service.store import MIGRATIONS, JobRow, SchemaVersion, Store
 
 from .conftest import SDB, sdb_env
-from .jobs_helpers import FAST, JobServer, key, prepare, stop_worker, wait_for
+from .jobs_helpers import FAST, JobServer, key, prepare, stop_worker, together, wait_for
 
 QUICK = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
 
 
-def _together(n: int, fn) -> list:
-    """Run ``fn(i)`` in ``n`` threads released at the same instant; their results, or raise the first error."""
-    barrier = threading.Barrier(n)
-    out: list = [None] * n
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            out[i] = fn(i)
-        except BaseException as e:  # noqa: BLE001  (re-raised below in the test's thread)
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    if errors:
-        raise errors[0]
-    return out
 
 
 def test_processes_starting_at_once_migrate_a_fresh_store_once(db_url):
-    stores = _together(6, lambda _: Store(db_url))
+    stores = together(6, lambda _: Store(db_url))
     try:
         with stores[0].session() as s:
             assert s.scalars(select(SchemaVersion.version)).all() == [len(MIGRATIONS)]
@@ -75,7 +53,7 @@ def test_racing_claims_take_every_job_exactly_once(db_url):
         return mine
 
     try:
-        claimed = _together(6, drain)
+        claimed = together(6, drain)
         flat = [j for c in claimed for j in c]
         assert len(flat) == len(set(flat)) == 40 and set(flat) == ids
         with setup.session() as s:

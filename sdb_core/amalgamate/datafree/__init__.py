@@ -39,7 +39,7 @@ shifts and warps, the PNG grid), ``stages`` (the generator, student and fine-tun
 importable from this package, lazily (PEP 562, as in ``sdb_core.protect``): ``config`` is torch-free,
 so a job kind or a task reads the defaults without importing torch.
 """
-from importlib import import_module
+from ...lazy import lazy_getattr
 
 _MODULES = {
     "config": ("PAPER_RECIPE", "VARIANTS", "DataFreeConfig", "PhaseFn", "TeacherSpec", "label_plan", "label_union"),
@@ -63,7 +63,4 @@ __all__ = [
 assert set(__all__) == set(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
