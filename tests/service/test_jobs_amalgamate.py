@@ -11,7 +11,7 @@ import torch
 from sdb_client import BadRequest, Client, NotFound, PermissionDenied
 
 from sdb_core.amalgamate.afk import FilteredStudent
-from sdb_core.amalgamate.multilabel import MultiLabelNet
+from sdb_core.amalgamate.multilabel import MultiLabelNet, mean_average_precision, predict_probs
 from sdb_core.bundle import export_bundle, load_bundle
 from sdb_core.data.composites import make_composites
 from sdb_core.models import create_model
@@ -70,7 +70,6 @@ def test_afk_job_ships_a_student_bundle_for_exactly_the_requested_tasks(server, 
         assert {"student.sdb", "student.safetensors", "report.json", "curves.png"} <= names
         report = json.loads(c.jobs.download(sub["id"], "report.json", tmp_path).read_text())
         assert set(report["curves"]) == {"block0", "block1", "block2", "finetune"}
-        assert 0.0 <= report["afk"]["map"] <= 100.0
         assert c.jobs.download(sub["id"], "curves.png", tmp_path).read_bytes()[:4] == b"\x89PNG"
         bundle_path = c.jobs.download(sub["id"], "student.sdb", tmp_path)
         weights = c.jobs.download(sub["id"], "student.safetensors", tmp_path)
@@ -85,6 +84,11 @@ def test_afk_job_ships_a_student_bundle_for_exactly_the_requested_tasks(server, 
     student = load_weights(FilteredStudent(1, [2, 7, 9], job["result"]["widths"]), weights).eval()
     with torch.no_grad():
         np.testing.assert_allclose(logits, student(torch.from_numpy(x)).numpy(), atol=1e-4)
+    # The mAP the job reports is this student's on the test composites it names (eval_n, seed 0).
+    xt, yt = make_composites(TINY["eval_n"], split="test", grid=2, seed=0)
+    scores = predict_probs(student, torch.from_numpy(xt)).numpy()
+    assert report["afk"]["map"] == pytest.approx(mean_average_precision(scores, yt[:, TINY["tasks"]]), abs=1e-6)
+    assert job["metrics"]["student_map"] == report["afk"]["map"]
 
 
 def test_amalgamate_params_are_checked_before_queueing(server):

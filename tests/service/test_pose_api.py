@@ -11,7 +11,8 @@ import torch
 
 from sdb_core.data.pose import KEYPOINTS
 from sdb_core.distill.okdhp import OKDHPConfig, PoseDataConfig, export_pose_bundle, okdhp, pose_train_config
-from sdb_core.distill.pose_metrics import decode_heatmaps
+from sdb_core.distill.pose_metrics import decode_heatmaps, evaluate_heatmaps
+from sdb_core.tasks.pose import PoseTask
 
 from .jobs_helpers import key, prepare
 
@@ -89,11 +90,11 @@ def test_okdhp_job_writes_bundle_predictions_and_report(tmp_path, bundles):
                 c.jobs.submit("okdhp", {"branch_stacks": [1, 1], "target_branch": 2})
             with pytest.raises(BadRequest, match="server paths are for admin keys"):  # a path on the server
                 c.jobs.submit("okdhp", {"data": "coco-keypoints:annotations"})
-            sub = c.jobs.submit("okdhp", {"n_train": 32, "n_test": 8, "input_size": 32, "width": 8,
-                                          "branch_stacks": [1, 1], "epochs": 1, "name": "pose-job"})
+            params = {"n_train": 32, "n_test": 8, "input_size": 32, "width": 8, "branch_stacks": [1, 1], "epochs": 1}
+            sub = c.jobs.submit("okdhp", {**params, "name": "pose-job"})
             job = c.jobs.wait(sub["id"], timeout=240, poll_s=0.3)
             assert job["status"] == "succeeded", job
-            assert 0 <= job["metrics"]["pck"] <= 100 and "ensemble_pck" in job["metrics"]
+            assert "ensemble_pck" in job["metrics"]
             names = {a["name"] for a in c.jobs.artifacts(sub["id"])}
             assert {"bundle.sdb", "predictions.png", "report.json", "curves.png"} <= names
             assert c.jobs.download(sub["id"], "predictions.png", tmp_path).read_bytes()[:4] == b"\x89PNG"
@@ -102,5 +103,11 @@ def test_okdhp_job_writes_bundle_predictions_and_report(tmp_path, bundles):
             bundle = load_bundle(c.jobs.download(sub["id"], "bundle.sdb", tmp_path))
             assert bundle.meta["task"] == "pose" and bundle.meta["mode"] == "plain" and not bundle.has_key
             assert bundle.meta["output"]["shape"] == [17, 8, 8] and bundle.meta["pose"]["stride"] == 4
+            # The PCK the job reports is the shipped bundle's on the job's test people. ONNX and torch
+            # differ by float rounding, which can move the peak of a nearly flat heatmap: one joint in
+            # each of the 8 people is ~0.7 points of PCK each.
+            test = PoseTask.from_options(**params).okdhp.data.load().test
+            heatmaps = torch.from_numpy(bundle.public_logits(test.images.numpy()))
+            assert job["metrics"]["pck"] == pytest.approx(evaluate_heatmaps(heatmaps, test)["pck"], abs=1.5)
     finally:
         s.stop()
