@@ -108,8 +108,8 @@ def style_feeds(meta: dict, content: np.ndarray, style: np.ndarray | None, alpha
     return feeds
 
 
-def _style_model(host: ModelHost, name: str, version: str | None) -> HostedModel:
-    model = host.get(name, version)
+async def _style_model(host: ModelHost, name: str, version: str | None) -> HostedModel:
+    model = await host.aget(name, version)  # may load it from disk: off the event loop
     if model.task != "style":
         raise bad_request(f"model {name!r} is a {model.task} model, not a style "
                           f"model: use POST /v1/models/{name}/predict", "wrong_task")
@@ -146,7 +146,7 @@ async def style(name: str, request: Request, s: ServingDep,
                 version: str | None = Query(None, description="a version of the model; default the highest"),
                 alpha: float | None = Query(None, ge=0.0, le=1.0, description="AdaIN only: 1 all style")) -> Response:
     require_predict(s.key, name, s.settings.public_predict)
-    model = _style_model(s.host, name, version)
+    model = await _style_model(s.host, name, version)
     method = model.meta.get("style", {}).get("method")
     body = await read_body(request, _BODY_TYPES, max_files=2, max_fields=4)
     content_bytes, style_bytes, alpha_value = _images(body, alpha)

@@ -440,7 +440,8 @@ def test_sdk_and_cli_end_to_end(tmp_path, bundles):
             served = client.deploy_model(bundles.a)  # a bundle folder, zipped as a .sdb
             assert (served["name"], served["version"]) == ("digits-a", "1")
             b = client.files.upload(sdb_bytes_file(tmp_path, bundles.b), "bundle")
-            assert client.deploy_model(b["id"], name="digits-z")["name"] == "digits-z"
+            z = client.deploy_model(b["id"], name="digits-z", policy="top_k", top_k=3, decimals=2)
+            assert z["name"] == "digits-z" and z["output_policy"] == {"policy": "top_k", "top_k": 3, "decimals": 2}
             client.files.delete(w["id"])
             with pytest.raises(NotFound):
                 client.files.get(w["id"])
@@ -449,7 +450,8 @@ def test_sdk_and_cli_end_to_end(tmp_path, bundles):
             async with AsyncClient(srv.url, token) as ac:
                 f = await ac.files.upload(weights, "weights")
                 assert [x["id"] for x in await ac.files.list() if x["purpose"] == "weights"] == [f["id"]]
-                assert (await ac.deploy_model(bundles.a))["version"] == "2"
+                served = await ac.deploy_model(bundles.a, policy="label")
+                assert served["version"] == "2" and served["output_policy"]["policy"] == "label"
                 assert (await ac.files.delete(f["id"]))["deleted"]
 
         anyio.run(async_side)

@@ -363,6 +363,12 @@ FILE_PURPOSES = ("weights", "dataset", "image", "bundle")
 FILE_ID_RE = re.compile(r"file-[0-9a-f]{24}")
 
 
+def deploy_fields(name: str | None, policy: str | None, top_k: int | None, decimals: int | None) -> dict:
+    """The ``POST /v1/models`` fields given (the server's defaults stand for the others)."""
+    given = {"name": name, "policy": policy, "top_k": top_k, "decimals": decimals}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 @contextlib.contextmanager
 def upload_part(path: str | os.PathLike, purpose: str) -> Iterator[tuple[str, Any, str]]:
     """The multipart ``file`` part for ``path``, streamed from disk: a file as it is; a folder zipped

@@ -140,13 +140,15 @@ class AsyncClient(b.BaseClient):
                              batch_size: int | None = None) -> np.ndarray:
         return b.temper((await self.distill(name, inputs, batch_size=batch_size)).logits, temperature)
 
-    async def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None) -> dict:
+    async def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,
+                           top_k: int | None = None, decimals: int | None = None) -> dict:
+        fields = b.deploy_fields(name, policy, top_k, decimals)
         if isinstance(bundle, str) and b.FILE_ID_RE.fullmatch(bundle):
-            body = {"file": bundle, **({"name": name} if name else {})}
+            body = {"file": bundle, **fields}
             return await self._json("POST", "/v1/models", content=b.encode_json(body), idempotent=False)
         with b.upload_part(bundle, "bundle") as part:
             return await self._json("POST", "/v1/models", files={"file": part},
-                                    data={"name": name} if name else None, idempotent=False)
+                                    data={k: str(v) for k, v in fields.items()} or None, idempotent=False)
 
 
 class AsyncKeys:

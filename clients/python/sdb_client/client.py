@@ -132,15 +132,18 @@ class Client(b.BaseClient):
         their softmax is the soft target at that temperature (1.0: the raw logits)."""
         return b.temper(self.distill(name, inputs, batch_size=batch_size).logits, temperature)
 
-    def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None) -> dict:
+    def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,
+                     top_k: int | None = None, decimals: int | None = None) -> dict:
         """Serve a bundle (a key with the ``deploy`` scope, or admin) as the next version of its name
-        (or ``name``): a ``.sdb`` file or bundle folder, uploaded; or a ``file-…`` id of purpose bundle."""
+        (or ``name``): a ``.sdb`` file or bundle folder, uploaded; or a ``file-…`` id of purpose bundle.
+        ``policy`` (``probs``, ``top_k`` or ``label``), ``top_k`` and ``decimals`` set what its public
+        routes return; the server's defaults stand for those not given."""
+        fields = b.deploy_fields(name, policy, top_k, decimals)
         if isinstance(bundle, str) and b.FILE_ID_RE.fullmatch(bundle):
-            body = {"file": bundle, **({"name": name} if name else {})}
-            return self._json("POST", "/v1/models", content=b.encode_json(body), idempotent=False)
+            return self._json("POST", "/v1/models", content=b.encode_json({"file": bundle, **fields}), idempotent=False)
         with b.upload_part(bundle, "bundle") as part:
-            return self._json("POST", "/v1/models", files={"file": part}, data={"name": name} if name else None,
-                              idempotent=False)
+            return self._json("POST", "/v1/models", files={"file": part},
+                              data={k: str(v) for k, v in fields.items()} or None, idempotent=False)
 
 
 class Keys:
