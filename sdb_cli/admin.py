@@ -141,7 +141,7 @@ def models_add(settings: Settings, path: str, *, policy: str | None = None, top_
 
     given = {k: v for k, v in {"policy": policy, "top_k": top_k, "decimals": decimals}.items() if v is not None}
     try:
-        output_policy = OutputPolicy(**given)
+        output_policy = OutputPolicy(**given) if given else None  # None: the bundle's own, else probs
     except ValidationError as e:
         raise ValueError("; ".join(err["msg"] for err in e.errors())) from None
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -7,10 +7,26 @@ from dataclasses import replace
 from pathlib import Path
 
 from sdb_core.progress import Hooks
-from sdb_core.protect.config import CheckConfig, SDBConfig, Thresholds
+from sdb_core.protect.config import POLICIES, AuditConfig, CheckConfig, SDBConfig, Thresholds
 from sdb_core.tasks.wrap import WrapTask
 
 from .console import add_training_flags, data_settings, err, progress_bar
+
+
+def output_policy(args) -> dict | None:
+    """The --policy, --top-k and --decimals given, checked as a deploy will check them (ValueError: exit 2)."""
+    given = {k: v for k, v in (("policy", args.policy), ("top_k", args.top_k), ("decimals", args.decimals))
+             if v is not None}
+    if not given:
+        return None
+    from pydantic import ValidationError
+
+    from service.schemas import OutputPolicy
+
+    try:
+        return OutputPolicy.model_validate(given).model_dump(exclude_none=True)
+    except ValidationError as e:
+        raise ValueError("output policy: " + "; ".join(str(x["msg"]) for x in e.errors())) from None
 
 
 def cmd_wrap(args) -> int:
@@ -22,7 +38,7 @@ def cmd_wrap(args) -> int:
         save_teacher=args.save_teacher, mode=args.mode, lam=args.lam, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, max_accuracy_drop=args.max_accuracy_drop,
         max_keyed_drop=args.max_keyed_drop, min_leak_margin=args.min_leak_margin,
-        check_attempts=args.check_attempts, check_budget=args.check_budget)
+        check_attempts=args.check_attempts, check_budget=args.check_budget, output_policy=output_policy(args))
     hooks = Hooks(phase=progress_bar, log=lambda s: print(s, file=sys.stderr))
     try:
         outcome = wrap.run(task, args.out, hooks, master_key=data_settings(args).master_key)
@@ -71,7 +87,6 @@ def cmd_demo(args) -> int:
 
 def cmd_audit(args) -> int:
     """Attack the public outputs of a bundle or a plain model; print the table, write the report."""
-    from sdb_core.protect.config import AuditConfig
     from sdb_core.tasks import ModelRef, audit
     from sdb_core.tasks.audit import AuditTask
 
@@ -116,6 +131,11 @@ def add_commands(sub) -> None:
                      help="settings tried at most (default: %(default)s)")
     chk.add_argument("--check-budget", type=float, metavar="SECONDS",
                      help="no new attempt starts past this (default: none)")
+    pol = w.add_argument_group("output policy", "what the public routes return of the box once it is deployed "
+                               "(meta.json's output_policy; a deploy may override it)")
+    pol.add_argument("--policy", choices=POLICIES, help="probs (default), top_k or label")
+    pol.add_argument("--top-k", type=int, help=f"k of the top_k policy (default {AuditConfig().top_k})")
+    pol.add_argument("--decimals", type=int, help="round served probabilities to this many decimals")
     train = SDBConfig().train
     add_training_flags(w, epochs=train.epochs, lr=train.lr, batch=train.batch_size)
     w.set_defaults(fn=cmd_wrap)
@@ -129,8 +149,6 @@ def add_commands(sub) -> None:
     m.add_argument("--json", help="also write the summary JSON here")
     m.add_argument("--data-dir")
     m.set_defaults(fn=cmd_demo)
-
-    from sdb_core.protect.config import POLICIES, AuditConfig
 
     base = AuditConfig()
     a = sub.add_parser("audit", help="measure how much a model's public outputs teach a distiller")

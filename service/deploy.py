@@ -49,9 +49,10 @@ def check_deploy_rights(store: Store, name: str, key: ApiKey) -> None:
 
 
 def check_policy(policy: OutputPolicy | dict | None, meta: dict) -> OutputPolicy:
-    """The output policy a bundle is deployed with (None: ``probs``); 422 when it does not fit its task."""
+    """The output policy a bundle is deployed with: the one given, else the bundle's own (meta.json's
+    ``output_policy``, chosen when it was wrapped), else ``probs``; 422 when it does not fit its task."""
     try:
-        policy = OutputPolicy.model_validate(policy or {})
+        policy = OutputPolicy.model_validate(policy or meta.get("output_policy") or {})
     except ValidationError as e:
         msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'output_policy'}: {err['msg']}" for err in e.errors()[:5])
         raise invalid(msg, "invalid_request") from None

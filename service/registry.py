@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sdb_core.bundle import OUTPUT_NAME, Bundle, BundleError, load_bundle, onnx_providers, output_shape
+from sdb_core.bundle import (
+    LABELLED_TASKS,
+    OUTPUT_NAME,
+    Bundle,
+    BundleError,
+    load_bundle,
+    onnx_providers,
+    output_shape,
+)
 
 from .batching import MicroBatcher
 from .disclosure import hide_paths
@@ -94,7 +102,13 @@ class HostedModel:
 
     @property
     def labels(self) -> list[str]:
-        return list(self.meta["labels"])
+        """The bundle's labels; a classifier exported without them is named by its class indices
+        (``"0"``, ``"1"``, …) so that predict never answers an empty list."""
+        labels = list(self.meta["labels"])
+        shape = self.meta.get("output", {}).get("shape")
+        if not labels and self.task in LABELLED_TASKS and shape:
+            return [str(i) for i in range(int(shape[0]))]
+        return labels
 
     @property
     def distillable(self) -> bool:

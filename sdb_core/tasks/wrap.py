@@ -28,6 +28,10 @@ class WrapTask:
     nasty: NastyConfig = field(default_factory=NastyConfig)
     check: CheckConfig = field(default_factory=CheckConfig)  # an SDB wrap checks itself with this
     seed: int = 0  # of the teacher's training, the recipe's and the check's split
+    # What the public routes should return of it (``{"policy", "top_k", "decimals"}``), written to
+    # meta.json as ``output_policy``: the default a deploy serves it with. The service validates it
+    # (``service.schemas.OutputPolicy``) when it is deployed; None: every probability.
+    output_policy: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -118,7 +122,8 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
                       should_cancel=hooks.should_cancel, log=hooks.log)
     r = result.report
     metrics = {k: r[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement") if k in r}
-    extra = {"arch": arch, "data": cfg.data_label or cfg.data, **({"check": r["check"]} if "check" in r else {})}
+    extra = {"arch": arch, "data": cfg.data_label or cfg.data, **({"check": r["check"]} if "check" in r else {}),
+             **({"output_policy": cfg.output_policy} if cfg.output_policy else {})}
     path = export_bundle(result.box, out, name=cfg.model_name, version=cfg.version, in_shape=data.in_shape,
                          mean=data.mean, std=data.std, labels=data.labels,
                          master_key=master_key if result.box.has_key else None, metrics=metrics, extra=extra)

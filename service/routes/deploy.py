@@ -4,7 +4,8 @@ The bundle comes in the request (multipart field ``file``) or as an uploaded fil
 ``bundle`` (``{"file": "file-…"}``); never as a server path. :func:`service.deploy.deploy_bundle`
 does the rest, as for a job that deploys: a new file beside the served bundles (never over one),
 verified, and served as the next version of its name (the bundle's own, or the ``name`` field)
-with the output policy of the ``policy``, ``top_k`` and ``decimals`` fields, in one transaction
+with the output policy of the ``policy``, ``top_k`` and ``decimals`` fields (none given: the one
+the bundle was wrapped with, else every probability), in one transaction
 that checks the name is this key's (or unclaimed, or the key is an admin's). The audit log records
 which key deployed it.
 """
@@ -103,7 +104,7 @@ async def deploy(request: Request, key: DeployKeyDep, host: ModelHostDep, store:
     elif media in (JSON, ""):
         body = await _request_body(request, settings.max_payload_bytes)
         path = await run_in_threadpool(files.resolve_file, store, settings, key, body.file, "bundle")
-        policy = body.model_dump(include=set(_POLICY), exclude_none=True)
+        policy = body.model_dump(include=set(_POLICY), exclude_unset=True)  # unset: the bundle's own
         row = await run_in_threadpool(serve, path, body.file, body.name, policy)
     else:
         raise ApiError(415, "unsupported_media_type", f"send multipart/form-data or application/json, not {media}")

@@ -18,7 +18,7 @@ def wrapped(tmp_path_factory):
     # owner's thresholds are loosened (and one attempt is enough).
     args = ["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", str(d / "bundle"),
             "--epochs", "2", "--teacher-epochs", "4", "--lr", "0.02", "--save-teacher", str(d / "teacher.safetensors"),
-            "--data-dir", str(d / "data"), *LOOSE]
+            "--data-dir", str(d / "data"), "--policy", "top_k", "--top-k", "2", "--decimals", "3", *LOOSE]
     assert main(args) == 0
     return d
 
@@ -36,6 +36,8 @@ def test_wrap_writes_a_loadable_bundle(wrapped, capsys):
     assert check["passed"] and check["thresholds"]["max_accuracy_drop"] == 100
     assert check["val_size"] + check["fit_size"] == 1397 and len(check["attempts"]) == 1
     assert {"public_drop", "keyed_drop", "kd_public", "labels_only"} <= set(check["figures"])
+    # what a deploy serves it with unless told otherwise
+    assert b.meta["output_policy"] == {"policy": "top_k", "top_k": 2, "decimals": 3}
 
 
 def test_wrap_refuses_a_box_that_misses_a_threshold(wrapped, tmp_path, capsys):
@@ -76,6 +78,10 @@ def test_bad_input_gives_a_clear_error(wrapped, capsys, tmp_path):
     bad.write_bytes(b"\x80\x04not a checkpoint")
     assert main(["wrap", "--teacher", str(bad), "--arch", "cnn", "--data", "digits", "--out", str(tmp_path / "b")]) == 2
     assert "cannot read weights" in capsys.readouterr().err
+    # an output policy a deploy would refuse is refused before any training
+    assert main(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", str(tmp_path / "p"),
+                 "--policy", "label", "--decimals", "2"]) == 2
+    assert "decimals is for probs and top_k" in capsys.readouterr().err and not (tmp_path / "p").exists()
     with pytest.raises(WeightsError, match="do not fit"):
         load_weights(create_model("lenet", 10, (1, 8, 8)), wrapped / "teacher.safetensors")
 

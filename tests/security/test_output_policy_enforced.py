@@ -179,6 +179,28 @@ def test_sdb_models_add_sets_the_policy(server, bundles):
     assert bad.returncode == 2 and "top_k" in bad.stderr
 
 
+def test_a_bundle_is_served_with_its_own_policy_unless_the_deploy_names_one(server, bundles, tmp_path):
+    """A box wrapped with ``--policy`` carries it in meta.json: a deploy that names none serves with it."""
+    import torch
+
+    from sdb_core.bundle import export_bundle
+
+    plain = export_bundle(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), tmp_path / "own.sdb",
+                          name="pol-own", in_shape=(1, 8, 8), mean=(0.0,), std=(1.0,),
+                          extra={"output_policy": {"policy": "top_k", "top_k": 2}})
+    served = {}
+    for name, fields in (("pol-own", {}), ("pol-own-probs", {"policy": "probs"})):
+        r = httpx.post(server.url + "/v1/models", files={"file": ("own.sdb", plain.read_bytes())},
+                       data={"name": name, **fields}, headers=server.admin, timeout=60)
+        assert r.status_code == 201, r.text
+        served[name] = r.json()["output_policy"]
+    assert served == {"pol-own": {"policy": "top_k", "top_k": 2, "decimals": None},
+                      "pol-own-probs": {"policy": "probs", "top_k": None, "decimals": None}}
+    out = httpx.post(f"{server.url}/v1/models/pol-own/predict", json={"inputs": bundles.x[:2].tolist()}).json()
+    # a bundle exported without labels names its classes by index (it answered empty lists before)
+    assert all(len(p["scores"]) == 2 and p["labels"] == [str(i) for i in p["indices"]] for p in out["predictions"]), out
+
+
 @pytest.mark.parametrize("fields", [{"policy": "probs"}, {"policy": "top_k", "top_k": 1}, {"policy": "top_k"},
                                     {"policy": "top_k", "top_k": 10}, {"policy": "label"}])
 def test_the_server_and_the_audit_mean_the_same_policy(fields):

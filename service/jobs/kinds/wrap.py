@@ -35,8 +35,9 @@ class WrapParams(JobParams):
     epochs: int = Field(SDBConfig().train.epochs, ge=1, le=1000)
     name: str | None = Field(None, pattern=NAME_PATTERN, description="model name (default DATA-ARCH)")
     deploy: bool = False
-    output_policy: OutputPolicy | None = Field(None, description="deploy: what the public routes return "
-                                               "(default probs, unrounded); see docs/security.md#output-policy")
+    output_policy: OutputPolicy | None = Field(None, description="what the public routes return (default probs, "
+                                               "unrounded): written to the bundle's meta.json, and served with "
+                                               "on deploy; see docs/security.md#output-policy")
     mode: Literal["sdb", "nasty"] = "sdb"
     lam: float = Field(SDBConfig().lam, gt=0, lt=1, description="keyed input λ·x + (1 − λ)·k")
     lr: float = Field(SDBConfig().train.lr, gt=0, le=10)
@@ -85,7 +86,8 @@ def run(ctx, p: WrapParams) -> dict:
         version=version, teacher_epochs=p.teacher_epochs,
         mode=p.mode, lam=p.lam, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=p.seed,
         max_accuracy_drop=p.max_accuracy_drop, max_keyed_drop=p.max_keyed_drop, min_leak_margin=p.min_leak_margin,
-        check_attempts=p.check_attempts, check_budget=p.check_budget)
+        check_attempts=p.check_attempts, check_budget=p.check_budget,
+        output_policy=None if p.output_policy is None else p.output_policy.model_dump(exclude_none=True))
     try:
         outcome = wrap.run(task, out, ctx.hooks, master_key=ctx.settings.master_key)
     except WrapRefused as e:  # the job fails with the message; what was tried stays as an artifact
