@@ -112,18 +112,20 @@ def add_commands(sub) -> None:
     w.add_argument("--arch", required=True, help="architecture of the teacher (see the model zoo)")
     w.add_argument("--data", required=True, help="dataset name: mnist-5k, digits, imagefolder:PATH, cifar10:PATH")
     w.add_argument("--out", required=True, help="bundle directory (or FILE.sdb for a zip)")
-    w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb")
+    w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb",
+                   help="sdb (keyed) or nasty (Nasty Teacher: no key); both check themselves (default: %(default)s)")
     w.add_argument("--lam", type=float, default=SDBConfig().lam, help="keyed input λ·x + (1−λ)·k (default: %(default)s)")
     w.add_argument("--teacher-epochs", type=int,
                    help="with --train-teacher (default: the architecture's teacher schedule)")
     w.add_argument("--save-teacher", metavar="FILE", help="with --train-teacher: keep the plain teacher's weights")
     w.add_argument("--name", help="model name in the bundle (default DATA-ARCH)")
-    chk = w.add_argument_group("self-check", "measured on a held-out part of the training split; a box that "
-                               "misses a threshold is not written (exit 3)")
+    chk = w.add_argument_group("self-check", "every wrap, SDB or Nasty, is measured on a held-out part of the "
+                               "training split; a box that misses a threshold is not written (exit 3)")
     chk.add_argument("--max-accuracy-drop", type=float, default=Thresholds().max_accuracy_drop,
                      help="points of top-1 the public path may lose against the teacher (default: %(default)s)")
     chk.add_argument("--max-keyed-drop", type=float, default=Thresholds().max_keyed_drop,
-                     help="points of top-1 the keyed path may lose (default: %(default)s)")
+                     help="points of top-1 the keyed path may lose; SDB only, a Nasty box has none "
+                          "(default: %(default)s)")
     chk.add_argument("--min-leak-margin", type=float, default=Thresholds().min_leak_margin,
                      help="points a student distilled from the public outputs must stay below one trained "
                           "on labels alone (default: %(default)s)")

@@ -4,11 +4,12 @@ An owner's training split is divided once (stratified, fixed seed) into the data
 fits and a validation split it never sees; the test split is never read. Each attempt wraps
 the teacher with one setting and measures on the validation split what the protection
 benchmark measures: the public path's accuracy drop against the teacher, the keyed path's
-drop, and a short leak check (a student distilled from the public outputs against one
-trained on labels alone). A miss moves the next attempt's setting in the direction that
-fixes it; the first setting that meets every threshold is exported with its measured
-report, and when the attempts or the time budget run out, :class:`WrapRefused` carries
-what was tried and the best figures. No silent bad box.
+drop (SDB; a Nasty box has no keyed path), and a short leak check (a student distilled from
+the public outputs against one trained on labels alone). A miss moves the next attempt's
+setting in the direction that fixes it (each recipe's :class:`Recipe` says how); the first
+setting that meets every threshold is exported with its measured report, and when the
+attempts or the time budget run out, :class:`WrapRefused` carries what was tried and the
+best figures. No silent bad box, in either mode.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import TensorDataset
@@ -26,12 +27,11 @@ from ..data import stratified_split
 from ..data.base import transfer_indices
 from ..distill import DistillConfig
 from ..progress import Progress
-from .config import CheckConfig
+from .config import CheckConfig, NastyConfig, SDBConfig
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .config import SDBConfig
     from .sdb import WrapResult
 
 
@@ -147,6 +147,71 @@ def settings_of(sdb: SDBConfig) -> dict:
             "batch_size": sdb.train.batch_size}
 
 
+# ω's range, from the paper's released settings (VITA-Group/Nasty-Teacher, experiments/*/kd_nasty_*/params.json;
+# arXiv 2105.07381 §4): ω 0.04 at τ 4 (CIFAR-10), 0.005 at τ 20 (CIFAR-100), 0.01 at τ 20 (Tiny-ImageNet), τ
+# after Yuan et al. 2020 (4 for 10 classes, 20 for 100 and 200). The weight on the plain KL is ω·τ², 0.64 to 4
+# there; the check stays inside what the paper trained with: ω·τ² <= 4 (ω <= 0.25 at τ 4) and ω >= 0.005.
+NASTY_OMEGA_T2_MAX = 4.0
+NASTY_OMEGA_MIN = 0.005
+
+
+def adapt_nasty(nasty: NastyConfig, misses: dict[str, float], step: float,
+                underfit: bool = False) -> tuple[NastyConfig, int]:
+    """Nasty's next setting and the move's direction: a leak raises the disturbance weight ω, a public miss lowers it.
+
+    ω trades the public top-1 (the CE term) against how far the tempered outputs are pushed from the teacher's
+    (the disturbance). ``step`` is the move in doublings: 1 multiplies ω by 2 (up to ``NASTY_OMEGA_T2_MAX / τ²``)
+    or divides it by 2 (down to ``NASTY_OMEGA_MIN``); the check halves it when the direction reverses. A public
+    miss on the images the box was fitted on (``underfit``) also trains 1.5× longer; both misses at once, or ω
+    at its bound, train 1.5× longer instead. τ stays the owner's. Direction: -1 (ω down), +1 (ω up), 0.
+    """
+    omega, epochs, direction = nasty.omega, nasty.train.epochs, 0
+    public, leak = "public" in misses, "leak" in misses
+    hi, factor = NASTY_OMEGA_T2_MAX / nasty.temperature ** 2, 2.0 ** step
+    if public and not leak and omega > NASTY_OMEGA_MIN + 1e-9:
+        omega, direction = max(NASTY_OMEGA_MIN, omega / factor), -1
+        epochs = math.ceil(epochs * 1.5) if underfit else epochs
+    elif leak and not public and omega < hi - 1e-9:
+        omega, direction = min(hi, omega * factor), +1
+    else:
+        epochs = math.ceil(epochs * 1.5)
+    return replace(nasty, omega=round(omega, 5), train=replace(nasty.train, epochs=epochs)), direction
+
+
+def nasty_settings_of(nasty: NastyConfig) -> dict:
+    return {"omega": nasty.omega, "temperature": nasty.temperature, "max_kl": nasty.max_kl,
+            "epochs": nasty.train.epochs, "lr": nasty.train.lr, "batch_size": nasty.train.batch_size}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What the check needs of a recipe: fit it once, name its setting, move the setting after a miss."""
+
+    mode: str  # the box's mode: "sdb" | "nasty"
+    fit: Callable[..., WrapResult]  # (teacher, data, cfg, key, progress=, should_cancel=): fit on data.train
+    settings: Callable[[Any], dict]  # the setting an attempt reports; has "epochs"
+    adapt: Callable[[Any, dict[str, float], float, bool], tuple[Any, int]]  # (cfg, misses, step, underfit)
+    first_step: float  # the first move's size; halved whenever the direction reverses
+
+
+def recipe_for(cfg: SDBConfig | NastyConfig) -> Recipe:
+    """The check's view of the recipe ``cfg`` configures."""
+    if isinstance(cfg, SDBConfig):
+        from .sdb import train_box
+
+        return Recipe("sdb", lambda t, d, c, key, **kw: train_box(t, d, c, key=key, **kw), settings_of, adapt, 0.05)
+    if isinstance(cfg, NastyConfig):
+        from .nasty import wrap_nasty
+
+        def fit(t, d, c, key, **kw):
+            if key is not None:
+                raise ValueError("a Nasty box has no key: pass key=None")
+            return wrap_nasty(t, d, c, **kw)
+
+        return Recipe("nasty", fit, nasty_settings_of, adapt_nasty, 1.0)
+    raise TypeError(f"no self-check for a {type(cfg).__name__}: expected SDBConfig or NastyConfig")
+
+
 def _attempt_progress(progress, attempt: int, attempts: int):
     """Attempt ``attempt``'s progress as a share of all attempts, so a watcher's fraction never goes back."""
     if progress is None:
@@ -158,7 +223,7 @@ def _attempt_progress(progress, attempt: int, attempts: int):
 def checked_wrap(
     teacher: nn.Module,
     data,
-    sdb: SDBConfig,
+    cfg: SDBConfig | NastyConfig,
     check: CheckConfig,
     *,
     key=None,
@@ -166,10 +231,13 @@ def checked_wrap(
     should_cancel: Callable[[], bool] | None = None,
     log: Callable[[str], None] = lambda s: None,
 ) -> WrapResult:
-    """Wrap with held-out validation, adapting the setting; raise :class:`WrapRefused` on a miss."""
-    from ..train import accuracy
-    from .sdb import train_box
+    """Wrap with held-out validation, adapting the setting; raise :class:`WrapRefused` on a miss.
 
+    ``cfg`` picks the recipe (:func:`recipe_for`): SDB (``key``: its key, None draws one) or Nasty (no key).
+    """
+    from ..train import accuracy
+
+    recipe = recipe_for(cfg)
     t0 = time.perf_counter()
     fit_data, _ = holdout(data, check.val_fraction, check.seed)
     fit_part = _fit_part(fit_data.train)
@@ -177,7 +245,7 @@ def checked_wrap(
     th = check.thresholds
     attempts: list[dict] = []
     best: tuple[float, WrapResult, dict] | None = None
-    cfg, step, last_direction = sdb, 0.05, 0
+    step, last_direction = recipe.first_step, 0
     for i in range(check.max_attempts):
         elapsed = time.perf_counter() - t0
         if attempts and check.budget_seconds is not None:
@@ -186,19 +254,21 @@ def checked_wrap(
                 log(f"self-check: budget of {check.budget_seconds:.0f}s reached after {i} attempt(s)")
                 break
         ta = time.perf_counter()
-        result = train_box(teacher, fit_data, cfg, key=key, progress=_attempt_progress(progress, i, check.max_attempts),
-                           should_cancel=should_cancel)
+        result = recipe.fit(teacher, fit_data, cfg, key, progress=_attempt_progress(progress, i, check.max_attempts),
+                            should_cancel=should_cancel)
         r = result.report
-        figures = {"teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"], "keyed_acc": r["keyed_acc"],
+        keyed = "keyed_acc" in r  # a Nasty box has no keyed path: no keyed figures, no keyed threshold
+        figures = {"teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"],
+                   **({"keyed_acc": r["keyed_acc"]} if keyed else {}),
                    "public_drop": r["teacher_acc"] - r["public_acc"],
-                   "keyed_drop": r["teacher_acc"] - r["keyed_acc"],
+                   **({"keyed_drop": r["teacher_acc"] - r["keyed_acc"]} if keyed else {}),
                    "fit_public_drop": teacher_fit_acc - accuracy(result.box.public_logits, fit_part)}
         if check.leak_check:
             figures.update(leak_check(result.box, fit_data, check, should_cancel,
                                       labels_only=attempts[0]["figures"]["labels_only"] if attempts else None))
         figures = {k: round(v, 3) for k, v in figures.items()}
         misses = th.misses(figures)
-        attempt = {"attempt": i + 1, "settings": settings_of(cfg), "figures": figures, "misses": misses,
+        attempt = {"attempt": i + 1, "settings": recipe.settings(cfg), "figures": figures, "misses": misses,
                    "passed": not misses, "seconds": round(time.perf_counter() - ta, 2)}
         attempts.append(attempt)
         log(f"self-check attempt {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
@@ -209,25 +279,28 @@ def checked_wrap(
         if not misses:
             break
         underfit = figures["fit_public_drop"] > th.max_accuracy_drop
-        nxt, direction = adapt(cfg, misses, step, underfit)
-        if direction and direction == -last_direction:  # overshot: bracket the partner share more finely
+        nxt, direction = recipe.adapt(cfg, misses, step, underfit)
+        if direction and direction == -last_direction:  # overshot: bracket the setting more finely
             step /= 2
-            nxt, direction = adapt(cfg, misses, step, underfit)
+            nxt, direction = recipe.adapt(cfg, misses, step, underfit)
         cfg, last_direction = nxt, direction or last_direction
 
     assert best is not None
     _, result, chosen = best
-    report = {"passed": chosen["passed"], "thresholds": asdict(th), "val_size": len(fit_data.test.tensors[1]),
-              "fit_size": len(fit_data.train.tensors[1]), "chosen": chosen["settings"],
+    report = {"passed": chosen["passed"], "mode": recipe.mode, "thresholds": asdict(th),
+              "val_size": len(fit_data.test.tensors[1]), "fit_size": len(fit_data.train.tensors[1]),
+              "chosen": chosen["settings"],
               "figures": chosen["figures"], "attempts": attempts,
               "seconds": round(time.perf_counter() - t0, 2)}
     result.report["check"] = report
     if not chosen["passed"]:
         best_fig = chosen["figures"]
         raise WrapRefused(
-            f"the box missed the owner's thresholds after {len(attempts)} attempt(s); best (attempt "
-            f"{chosen['attempt']}): public {best_fig['public_acc']:.2f}% vs teacher {best_fig['teacher_acc']:.2f}% "
-            f"(max drop {th.max_accuracy_drop}), keyed {best_fig['keyed_acc']:.2f}% (max drop {th.max_keyed_drop})"
+            f"the {'Nasty ' if recipe.mode == 'nasty' else ''}box missed the owner's thresholds after "
+            f"{len(attempts)} attempt(s); best (attempt {chosen['attempt']}): public {best_fig['public_acc']:.2f}% "
+            f"vs teacher {best_fig['teacher_acc']:.2f}% (max drop {th.max_accuracy_drop})"
+            + (f", keyed {best_fig['keyed_acc']:.2f}% (max drop {th.max_keyed_drop})" if "keyed_acc" in best_fig
+               else "")
             + (f", KD from public {best_fig['kd_public']:.2f}% vs labels only {best_fig['labels_only']:.2f}% "
                f"(min margin {th.min_leak_margin})" if "kd_public" in best_fig else "")
             + "; missed " + ", ".join(f"{k} by {v:.2f} points" for k, v in chosen["misses"].items()),

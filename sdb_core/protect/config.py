@@ -62,13 +62,15 @@ class Thresholds:
     """What the owner accepts, in accuracy points on the validation split (SDB core targets)."""
 
     max_accuracy_drop: float = 1.0  # public top-1 >= teacher - this
-    max_keyed_drop: float = 1.5  # keyed-path top-1 >= teacher - this
+    max_keyed_drop: float = 1.5  # keyed-path top-1 >= teacher - this (SDB; a Nasty box has no keyed path)
     min_leak_margin: float = 2.0  # KD from the public outputs <= labels only - this
 
     def misses(self, f: dict[str, float]) -> dict[str, float]:
-        """Each missed threshold and by how many points."""
-        out = {"public": f["public_drop"] - self.max_accuracy_drop,
-               "keyed": f["keyed_drop"] - self.max_keyed_drop}
+        """Each missed threshold and by how many points; a figure not measured (a Nasty box has no keyed
+        path; the leak check may be off) misses nothing."""
+        out = {"public": f["public_drop"] - self.max_accuracy_drop}
+        if "keyed_drop" in f:
+            out["keyed"] = f["keyed_drop"] - self.max_keyed_drop
         if "leak_margin" in f:
             out["leak"] = self.min_leak_margin - f["leak_margin"]
         return {k: round(v, 3) for k, v in out.items() if v > 0}

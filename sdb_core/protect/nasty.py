@@ -3,7 +3,9 @@
     L = CE(z, y) − ω·T²·KL(p_a^T ‖ p_z^T)
 
 The disturbance is unbounded, so it is capped (``max_kl``): past the cap the term stops
-pushing, which keeps the run finite without changing the method where it matters.
+pushing, which keeps the run finite without changing the method where it matters. A wrap
+given a :class:`CheckConfig` checks itself as an SDB wrap does (:mod:`.check`); the
+``wrap`` task (``sdb wrap --mode nasty``, the ``wrap`` job) always gives one.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from torch import nn
 from ..distill.losses import soft_kl
 from ..train import Progress, fit, pick_device
 from .box import SafeDistillationBox
-from .config import NastyConfig
+from .check import checked_wrap
+from .config import CheckConfig, NastyConfig
 from .sdb import WrapResult, frozen_and_trainable, public_report
 
 
@@ -26,10 +29,21 @@ def wrap_nasty(
     data,
     cfg: NastyConfig | None = None,
     *,
+    check: CheckConfig | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    log: Callable[[str], None] = lambda s: None,
 ) -> WrapResult:
+    """Fine-tune ``teacher`` into a keyless Nasty Teacher box.
+
+    ``check=None`` runs the recipe once on all of ``data.train`` and reports on ``data.test``. With a
+    :class:`CheckConfig` the wrap holds out part of ``data.train``, adapts ω until the box meets
+    ``check.thresholds`` there (no keyed threshold: there is no keyed path) and raises
+    :class:`~.check.WrapRefused` when no setting does; the report's ``check`` holds the figures.
+    """
     cfg = cfg or NastyConfig()
+    if check is not None:
+        return checked_wrap(teacher, data, cfg, check, progress=progress, should_cancel=should_cancel, log=log)
     device = pick_device(cfg.train.device)
     frozen, model = frozen_and_trainable(teacher, device)
     T = cfg.temperature

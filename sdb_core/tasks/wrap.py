@@ -26,7 +26,7 @@ class WrapTask:
     save_teacher: str | os.PathLike | None = None  # a trained teacher: keep its plain weights here
     sdb: SDBConfig = field(default_factory=SDBConfig)
     nasty: NastyConfig = field(default_factory=NastyConfig)
-    check: CheckConfig = field(default_factory=CheckConfig)  # an SDB wrap checks itself with this
+    check: CheckConfig = field(default_factory=CheckConfig)  # the wrap checks itself with this (either mode)
     seed: int = 0  # of the teacher's training, the recipe's and the check's split
     # What the public routes should return of it (``{"policy", "top_k", "decimals"}``), written to
     # meta.json as ``output_policy``: the default a deploy serves it with. The service validates it
@@ -82,7 +82,8 @@ class WrapOutcome:
 
 def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, master_key: bytes) -> WrapOutcome:
     """Load the data, get the teacher (given or trained), wrap it, export the bundle to ``out`` (a directory or
-    ``FILE.sdb``). An SDB wrap checks itself: :class:`~sdb_core.protect.WrapRefused` means nothing was written."""
+    ``FILE.sdb``). The wrap checks itself (SDB and Nasty alike): :class:`~sdb_core.protect.WrapRefused` means
+    nothing was written."""
     from ..bundle import export_bundle
     from ..data import load_dataset
     from ..models import create_model
@@ -105,8 +106,8 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     teacher_history: list[dict] = []
     if cfg.teacher.weights is not None:
         load_weights(teacher, cfg.teacher.weights)
-    else:  # not on the part an SDB wrap's check holds out: there it must be unseen
-        train = (teacher_data(data, check) if cfg.mode == "sdb" else data).train
+    else:  # not on the part the wrap's check holds out: there it must be unseen
+        train = teacher_data(data, check).train
         h = train_classifier(teacher, train, tcfg, shift=teacher_shift(data.in_shape), progress=hooks.phase("teacher"),
                              should_cancel=hooks.should_cancel)
         teacher_history = h.epochs
@@ -115,11 +116,11 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     hooks.log(f"teacher {arch} on {cfg.data}: test accuracy {accuracy(teacher, data.test):.2f}%")
 
     seeded = cfg.with_training(seed=cfg.seed)
-    if cfg.mode == "nasty":
-        result = wrap_nasty(teacher, data, seeded.nasty, progress=hooks.phase("wrap"), should_cancel=hooks.should_cancel)
-    else:  # WrapRefused propagates: the caller exits non-zero (CLI) or fails the job, with its message
-        result = wrap(teacher, data, seeded.sdb, check=check, progress=hooks.phase("wrap"),
-                      should_cancel=hooks.should_cancel, log=hooks.log)
+    # Both modes check themselves; WrapRefused propagates: the caller exits non-zero (CLI) or fails the job,
+    # with its message and report.
+    recipe = wrap_nasty if cfg.mode == "nasty" else wrap
+    result = recipe(teacher, data, seeded.nasty if cfg.mode == "nasty" else seeded.sdb, check=check,
+                    progress=hooks.phase("wrap"), should_cancel=hooks.should_cancel, log=hooks.log)
     r = result.report
     metrics = {k: r[k] for k in ("teacher_acc", "public_acc", "keyed_acc", "agreement") if k in r}
     extra = {"arch": arch, "data": cfg.data_label or cfg.data, **({"check": r["check"]} if "check" in r else {}),

@@ -1,4 +1,5 @@
-"""The wrap on normalisation and dropout layers, and the self-check: held-out data, refusal, no test split."""
+"""The wrap on normalisation and dropout layers, and the self-check (SDB and Nasty): held-out data, refusal,
+no test split."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,8 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from sdb_core.protect import CheckConfig, SDBConfig, Thresholds, WrapRefused, random_keys, train_box, wrap
-from sdb_core.protect.check import adapt, holdout
+from sdb_core.protect import (
+    CheckConfig,
+    NastyConfig,
+    SDBConfig,
+    Thresholds,
+    WrapRefused,
+    random_keys,
+    train_box,
+    wrap,
+    wrap_nasty,
+)
+from sdb_core.protect.check import NASTY_OMEGA_MIN, adapt, adapt_nasty, holdout
 from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everything, train_classifier
 
 
@@ -164,3 +175,64 @@ def test_progress_over_attempts_never_goes_back():
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert [p.metrics["attempt"] for p in seen] == [1, 1, 2, 2, 3, 3] and seen[0].metrics["loss"] == 1.0
     assert _attempt_progress(None, 0, 3) is None
+
+
+def test_thresholds_judge_only_the_figures_measured():
+    th = Thresholds()
+    assert th.misses({"public_drop": 2.0}) == {"public": 1.0}  # a Nasty box: no keyed path, no leak check
+    assert th.misses({"public_drop": 0.0, "leak_margin": 0.5}) == {"leak": 1.5}
+    assert th.misses({"public_drop": 0.0, "keyed_drop": 2.0, "leak_margin": 3.0}) == {"keyed": 0.5}
+
+
+def test_adapt_nasty_moves_the_disturbance_weight_away_from_each_miss():
+    base = NastyConfig()
+    w, epochs = base.omega, base.train.epochs
+    leak, d = adapt_nasty(base, {"leak": 1.0}, 1.0)  # more disturbance
+    assert leak.omega == pytest.approx(2 * w) and d == 1 and leak.train.epochs == epochs
+    public, d = adapt_nasty(base, {"public": 1.0}, 1.0)  # less disturbance, more room for the label
+    assert public.omega == pytest.approx(w / 2) and d == -1 and public.train.epochs == epochs
+    finer, _ = adapt_nasty(base, {"leak": 1.0}, 0.5)  # the step halved after a reversal: ×√2
+    assert finer.omega == pytest.approx(w * 2 ** 0.5, abs=1e-4)
+    both, d = adapt_nasty(base, {"public": 1.0, "leak": 1.0}, 1.0)
+    assert both.omega == w and both.train.epochs > epochs and d == 0
+    underfit, d = adapt_nasty(base, {"public": 1.0}, 1.0, underfit=True)
+    assert underfit.omega < w and underfit.train.epochs > epochs and d == -1
+    cap = 4.0 / base.temperature ** 2  # ω·τ² <= 4, the paper's largest
+    capped, d = adapt_nasty(replace(base, omega=0.2), {"leak": 1.0}, 1.0)
+    assert capped.omega == pytest.approx(cap) and d == 1
+    at_cap, d = adapt_nasty(capped, {"leak": 1.0}, 1.0)  # nothing left to raise: train longer
+    assert at_cap.omega == capped.omega and at_cap.train.epochs > epochs and d == 0
+    floor, _ = adapt_nasty(replace(base, omega=0.006), {"public": 1.0}, 1.0)
+    assert floor.omega == pytest.approx(NASTY_OMEGA_MIN)
+
+
+def test_a_nasty_wrap_that_leaks_is_refused_with_omega_raised_each_attempt(digits, digits_teacher):
+    cfg = NastyConfig(train=replace(NastyConfig().train, epochs=2))
+    check = replace(_small_check(max_accuracy_drop=100.0, min_leak_margin=100.0), max_attempts=3)
+    with pytest.raises(WrapRefused, match=r"Nasty box .*after 3 attempt\(s\).*leak by") as err:
+        wrap_nasty(digits_teacher, digits, cfg, check=check)
+    assert "keyed" not in str(err.value)
+    report = err.value.report
+    assert not report["passed"] and report["mode"] == "nasty" and len(report["attempts"]) == 3
+    assert all(list(a["misses"]) == ["leak"] for a in report["attempts"])
+    omegas = [a["settings"]["omega"] for a in report["attempts"]]
+    assert omegas == sorted(omegas) and len(set(omegas)) == 3, omegas
+    assert not any(k.startswith("keyed") for a in report["attempts"] for k in a["figures"])
+
+
+def test_a_nasty_wrap_that_meets_the_thresholds_ships_with_its_check(tmp_path, digits):
+    from sdb_core.bundle import load_bundle
+    from sdb_core.protect.key import new_master_key
+    from sdb_core.tasks import ModelRef, wrap
+    from sdb_core.tasks.wrap import WrapTask
+
+    task = WrapTask("digits", ModelRef(arch="cnn"), mode="nasty", teacher_epochs=2,
+                    check=_small_check(max_accuracy_drop=100.0, min_leak_margin=-100.0)).with_training(epochs=1)
+    out = wrap.run(task, tmp_path / "n.sdb", master_key=new_master_key())
+    b = load_bundle(out.bundle)
+    check = b.meta["check"]
+    assert not b.has_key and check["passed"] and check["mode"] == "nasty" and len(check["attempts"]) == 1
+    assert check["chosen"]["omega"] == NastyConfig().omega
+    assert {"public_drop", "fit_public_drop", "kd_public", "labels_only", "leak_margin"} <= set(check["figures"])
+    assert not {"keyed_acc", "keyed_drop"} & set(check["figures"])
+    assert check["val_size"] + check["fit_size"] == len(digits.train)
