@@ -2,7 +2,7 @@
 # The SDB service image: `sdb serve` by default; `sdb worker` and `ray start` (compose) use it too.
 #
 #   docker build -t sdb .                      CPU (the last stage, the default target)
-#   docker build --target gpu -t sdb:gpu .     CUDA: torch's CUDA wheel and onnxruntime-gpu
+#   docker build --target gpu -t sdb:gpu .     CUDA: torch's CUDA wheel and onnxruntime-gpu (host driver >= 580)
 #
 # Nothing secret is in the image: the master key, the pepper and the database password come
 # from files mounted at run time (compose secrets; see docker-compose.yml and docs/deploy.md).
@@ -11,8 +11,9 @@
 # read files.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-# onnxruntime-gpu 1.x wheels on PyPI are built for CUDA 12 with cuDNN 9.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
+# onnxruntime-gpu 1.31.1's PyPI wheel is built for CUDA 13.0 with cuDNN 9 (libcudart.so.13, libcublas.so.13,
+# libcudnn.so.9): the CUDA 13 runtime image with cuDNN, Ubuntu 22.04 for its Python 3.11.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu22.04
 
 # --------------------------------------------------------------------------- GPU
 FROM ${CUDA_IMAGE} AS gpu-base
@@ -23,14 +24,18 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 
 FROM gpu-base AS gpu-build
+# pyproject.toml's `gpu` extra (tests/test_packaging.py holds them equal): onnxruntime-gpu has no
+# release of the lock's onnxruntime version, so the version is its own.
+ARG ORT_GPU_VERSION=1.31.1
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3.11 -m venv /opt/sdb
 WORKDIR /src
 COPY requirements.lock ./
-# The lock, with onnxruntime swapped for onnxruntime-gpu (one `onnxruntime` module, two wheels);
-# torch from PyPI, whose Linux wheel is the CUDA build.
+# The lock, with onnxruntime swapped for onnxruntime-gpu (one `onnxruntime` module, two wheels, never
+# both); torch from PyPI, whose Linux wheel is the CUDA build. ONNX Runtime then offers its CUDA
+# provider and the server takes it first, the CPU provider after it (SDB_ORT_PROVIDERS).
 RUN grep -v '^onnxruntime==' requirements.lock > requirements-gpu.lock \
- && /opt/sdb/bin/pip install -r requirements-gpu.lock "onnxruntime-gpu==$(sed -n 's/^onnxruntime==//p' requirements.lock)"
+ && /opt/sdb/bin/pip install -r requirements-gpu.lock "onnxruntime-gpu==${ORT_GPU_VERSION}"
 COPY pyproject.toml README.md ./
 COPY sdb_core sdb_core
 COPY service service

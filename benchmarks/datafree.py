@@ -70,7 +70,7 @@ def run_seed(seed: int, args) -> dict:
         t.eval()
         out["teachers"][name] = mean_average_precision(predict_probs(t, xt), yt[:, labels])
         specs.append(TeacherSpec(name, t, labels))
-    cfg = DataFreeConfig(target=TARGET, in_shape=tuple(x.shape[1:]), seed=seed, device="cpu",
+    cfg = DataFreeConfig(target=TARGET, in_shape=tuple(x.shape[1:]), seed=seed, device=args.device,
                          gen_epochs=args.gen_epochs, image_epochs=args.image_epochs, block_epochs=args.block_epochs,
                          finetune_epochs=args.finetune_epochs, student_lr=args.student_lr, gen_samples=args.samples,
                          student_samples=args.samples)
@@ -123,6 +123,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--student-lr", type=float, default=1e-2, help="Adam lr of every student (all four ways)")
     ap.add_argument("--finetune-epochs", type=int, default=60)
     ap.add_argument("--grids", type=Path, default=None, help="write the generators' image grids here")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda (the teachers train on auto)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from sdb_core.progress import Progress
-from sdb_core.train import TrainConfig, fit, seed_everything
+from sdb_core.train import TrainConfig, device_of, fit, predict_logits, seed_everything
 from sdb_core.transfer.task_models import FEATURE_LAYER, ZooNet, train_task_model
 
 ZOO_SHAPE = (3, 32, 32)
@@ -220,12 +220,10 @@ def task_score(kind: str, out: Tensor, y: Tensor) -> float:
     return 100.0 * ((out > 0).float() == y).float().mean().item()
 
 
-@torch.no_grad()
 def evaluate(model: ZooNet, data: TensorDataset, batch_size: int = 250) -> float:
-    model.eval()
+    """The model's score on ``data`` (it runs where it lives; the outputs come back to the data's device)."""
     x, y = data.tensors
-    out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-    return task_score(model.kind, out, y)
+    return task_score(model.kind, predict_logits(model, x, batch_size), y)
 
 
 # --------------------------------------------------------------------------- the zoo
@@ -293,6 +291,7 @@ def pooled_features_at(model: nn.Module, layers: Sequence[str | None], x: Tensor
     from sdb_core.transfer.depara import _module
 
     model.eval()
+    device = device_of(model)
     seen: dict[str | None, Tensor] = {}
     hooks = []
     for layer in layers:
@@ -301,7 +300,7 @@ def pooled_features_at(model: nn.Module, layers: Sequence[str | None], x: Tensor
 
         def hook(_m, _inp, out, layer=layer):
             # pooled at once: a copy, so a later in-place op of the forward pass cannot change it
-            seen[layer] = _pool(out[0] if isinstance(out, (tuple, list)) else out, grid, flatten)
+            seen[layer] = _pool(out[0] if isinstance(out, (tuple, list)) else out, grid, flatten).to(x.device)
 
         hooks.append(_module(model, layer).register_forward_hook(hook))
     outs: dict[str | None, list[Tensor]] = {layer: [] for layer in layers}
@@ -309,9 +308,10 @@ def pooled_features_at(model: nn.Module, layers: Sequence[str | None], x: Tensor
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 seen.clear()
-                y = model(x[i:i + batch_size])
+                y = model(x[i:i + batch_size].to(device))
                 for layer in layers:
-                    outs[layer].append(_pool(y, grid, flatten) if layer is None or layer == "" else seen[layer])
+                    outs[layer].append(_pool(y, grid, flatten).to(x.device) if layer is None or layer == ""
+                                       else seen[layer])
     finally:
         for h in hooks:
             h.remove()
@@ -400,9 +400,7 @@ def _fit_and_score(head: nn.Module, train_x: Tensor, train_y: Tensor, test_x: Te
         return F.cross_entropy(head(x), y)
 
     fit(head, TensorDataset(train_x, train_y), step, cfg)
-    head.eval()
-    with torch.no_grad():
-        return 100.0 * (head(test_x).argmax(1) == test_y).float().mean().item()
+    return 100.0 * (predict_logits(head, test_x).argmax(1) == test_y).float().mean().item()
 
 
 def _transfer_head(cfg: ProbeConfig, train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,

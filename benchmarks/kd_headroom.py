@@ -41,21 +41,27 @@ from sdb_core.distill import DistillConfig
 from sdb_core.models import create_model
 from sdb_core.protect.audit import AuditConfig
 from sdb_core.protect.measure import student_accuracy, train_teacher
-from sdb_core.train import TrainConfig, predict_logits, seed_everything, train_classifier
+from sdb_core.train import TrainConfig, device_of, predict_logits, seed_everything, train_classifier
 
 T = 4.0
 
 
+def anywhere(model: nn.Module):
+    """The model as a function of inputs on any device: it runs where it lives, answers on the input's."""
+    return lambda x: model(x.to(device_of(model))).to(x.device)
+
+
 def shift_ensemble(teacher: nn.Module):
     shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    return lambda x: torch.stack([teacher(torch.roll(x, s, dims=(2, 3))) for s in shifts]).mean(0)
+    run = anywhere(teacher)
+    return lambda x: torch.stack([run(torch.roll(x, s, dims=(2, 3))) for s in shifts]).mean(0)
 
 
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The input of the model's last linear layer (its feature space), for every row of ``x``."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
     out: list[torch.Tensor] = []
-    handle = last.register_forward_hook(lambda _m, inp, _o: out.append(inp[0].detach()))
+    handle = last.register_forward_hook(lambda _m, inp, _o: out.append(inp[0].detach().to(x.device)))
     try:
         predict_logits(model, x)
     finally:
@@ -80,12 +86,13 @@ def teachers_of(data, seed: int, log) -> dict:
     reference = create_model("mlp", num_classes=data.num_classes, in_shape=data.in_shape)
     train_classifier(reference, data.train, TrainConfig(epochs=10, seed=seed + 2000))
     reference.eval()
+    t, p, r = anywhere(teacher), anywhere(peer), anywhere(reference)
     return {
         "teacher": teacher,
         "shift_ensemble": shift_ensemble(teacher),
-        "peer_ensemble": lambda x: (teacher(x) + peer(x)) / 2,
+        "peer_ensemble": lambda x: (t(x) + p(x)) / 2,
         "neighbour_smoothed": neighbour_smoothed(teacher, data.train.tensors[0]),
-        "mlp_reference": lambda x: 0.7 * teacher(x) + 0.3 * reference(x),
+        "mlp_reference": lambda x: 0.7 * t(x) + 0.3 * r(x),
     }
 
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sdb_core.data import load_dataset
 from sdb_core.protect.audit import AuditConfig, audit
 from sdb_core.protect.measure import MeasureConfig, measure_students, summarize, targets, train_and_wrap
+from sdb_core.train import pick_device
 
 TEACHERS = ("cnn", "lenet", "mlp", "resnet8", "resnet20", "wrn16_2", "vit_tiny", "resnet8_gn")
 DATASETS = ("mnist-5k", "digits", "mnist-textures")
@@ -151,7 +152,7 @@ def main() -> int:
     print()
     print(format_matrix(cells))
     print(f"{seconds:.0f} s, {args.workers} worker(s) x {args.threads} thread(s), "
-          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}")
+          f"device {pick_device('auto')}")
     if args.json:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
         out = {"cells": cells, "seeds": args.seeds, "students": args.students, "seconds": seconds,

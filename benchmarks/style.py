@@ -59,7 +59,7 @@ def time_network(result, method: str, threads: int, repeats: int, workdir: Path)
     from sdb_core.bundle import load_bundle
     from sdb_core.style.export import export_style_bundle
 
-    net = result.net.eval()
+    net = result.net.eval().cpu()  # a CPU comparison (torch and ORT on `threads` threads), wherever it trained
     c = result.content[None]
     feeds = {"input": c.numpy()}
     if method == "adain":

@@ -4,6 +4,15 @@ A recipe builds its networks, writes a *step function* that turns a batch into a
 (and optional metrics), and hands both to :func:`fit`. The loop owns everything that is
 not the method: device, seeding, optimizer and schedule, progress, cooperative cancel,
 checkpoints and step timing.
+
+Devices, everywhere in ``sdb_core``: :func:`pick_device` is the one way a device is chosen (a
+config's ``device``: ``auto`` is CUDA when there is one, else the CPU) and :func:`device_of` says
+where a network lives. A recipe trains on its config's device and hands back the networks it
+trained there, as ``fit`` leaves its model (``.cpu()`` or :func:`device_of` when that matters); a
+teacher it is given runs where it lives, or moves there (the amalgamation recipes move theirs; a wrap
+copies the owner's model and leaves it alone). What maps tensors to tensors (a box's paths,
+:func:`predict_logits` and the evaluation helpers, a style recipe's images) runs where its network
+lives and returns on its *input's* device, the torch convention: CPU in, CPU out, on any machine.
 """
 from __future__ import annotations
 
@@ -162,13 +171,18 @@ def fit(
 
 @torch.no_grad()
 def predict_logits(fn: Callable[[Tensor], Tensor] | nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
-    """Run ``fn`` over ``x`` in batches on ``fn``'s device, in eval mode; logits on CPU."""
+    """Run ``fn`` over ``x`` in batches, in eval mode; float32 outputs on ``x``'s device.
+
+    A module runs on its own device (the batches are moved there); any other callable (a box's
+    path, an API) gets the batches where ``x`` is and places its work itself.
+    """
     if isinstance(fn, nn.Module):
         fn.eval()
         device = device_of(fn)
     else:
-        device = torch.device("cpu")
-    return torch.cat([fn(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+        device = x.device
+    return torch.cat([torch.as_tensor(fn(x[i:i + batch_size].to(device))).float().to(x.device)
+                      for i in range(0, len(x), batch_size)])
 
 
 def accuracy(fn: Callable[[Tensor], Tensor] | nn.Module, data: Dataset, batch_size: int = 500) -> float:

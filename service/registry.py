@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sdb_core.bundle import (
+    INPUT_NAME,
     LABELLED_TASKS,
     OUTPUT_NAME,
     Bundle,
@@ -60,17 +61,77 @@ def check_served_output(meta: dict, where: str) -> None:
         raise BundleError(f"{where}: a {task} model is served with {means} per input; this one outputs {shape}")
 
 
-def verify_bundle(path: str | Path, master_key: bytes, session_options=None) -> Bundle:
+def verify_bundle(path: str | Path, master_key: bytes, session_options=None,
+                  providers: list | None = None) -> Bundle:
     """Verify and load; raises ValueError (BundleError, SealError) or OSError when refused.
 
     ``load_bundle`` checks the hashes, opens the key only beside the network it was sealed with,
     and runs the graph once against ``meta.json``'s output shape; then the output must be what
     the model's task's routes read. What a deploy checks before it registers a bundle, and what
-    every server process checks before it serves one.
+    every server process checks before it serves one. ``providers``: :func:`ort_providers`'s list
+    (default: CUDA when there is one, then the CPU).
     """
-    bundle = load_bundle(path, master_key, session_options=session_options, providers=onnx_providers())
+    bundle = load_bundle(path, master_key, session_options=session_options,
+                         providers=providers or onnx_providers())
     check_served_output(bundle.meta, str(path))
     return bundle
+
+
+# ------------------------------------------------------------ providers, batch sizes, I/O binding
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+# The largest micro-batch by a session's first provider (SDB_BATCH_MAX_SAMPLES overrides): on the CPU a
+# batch costs in proportion to its size and 64 keeps the tail short; a GPU call costs about the same for
+# 1 or 256 small inputs, so it takes more of the queue at once.
+BATCH_DEFAULTS = {CUDA: 256, CPU: 64}
+
+
+def ort_providers(settings: Settings, available: Sequence[str] | None = None) -> list[str | tuple[str, dict]]:
+    """The execution providers a model's session asks for, most preferred first, from ``SDB_ORT_PROVIDERS``
+    (empty: CUDA when ``available`` has it, then the CPU), in the order asked. A provider ``available`` lacks
+    (this onnxruntime's ``get_available_providers()``) is skipped with one warning, not an error; the CPU
+    provider ends the list when it was not asked for. The CUDA provider carries ``SDB_GPU_MEM_LIMIT_MB`` as
+    its ``gpu_mem_limit``."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    asked = [p.strip() for p in settings.ort_providers.split(",") if p.strip()]
+    absent = [p for p in asked if p not in available]
+    if absent:
+        log.warning("ONNX Runtime providers %s (SDB_ORT_PROVIDERS) are not in this onnxruntime, which has "
+                    "%s: falling back to %s", ", ".join(absent), ", ".join(available), CPU)
+    chosen = [p for p in dict.fromkeys(asked or [CUDA, CPU]) if p in available]
+    chosen += [] if CPU in chosen else [CPU]
+    return [(p, cuda_options(settings)) if p == CUDA else p for p in chosen]
+
+
+def cuda_options(settings: Settings) -> dict[str, str]:
+    """The CUDA provider's options: a bound on the GPU memory of each session's arena (one per model)."""
+    if not settings.gpu_mem_limit_mb:
+        return {}
+    # Grow by what is asked, not by powers of two, so that the arena stops at the bound, not near it.
+    return {"gpu_mem_limit": str(settings.gpu_mem_limit_mb << 20),
+            "arena_extend_strategy": "kSameAsRequested"}
+
+
+def session_provider(bundle: Bundle) -> str:
+    """The provider a loaded model runs on: its session's first (ORT drops one that fails to start)."""
+    return bundle.session.get_providers()[0]
+
+
+def batch_samples(settings: Settings, provider: str) -> int:
+    """The largest micro-batch for a model on ``provider``: the setting, else the provider's default."""
+    return settings.batch_max_samples or BATCH_DEFAULTS.get(provider, BATCH_DEFAULTS[CPU])
+
+
+def run_bound(session, x: np.ndarray) -> np.ndarray:
+    """One ORT call with its input and output bound to host memory (I/O binding): the batch goes to the
+    device in one copy and the output comes back into one host array. What a CUDA session runs."""
+    binding = session.io_binding()
+    binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(x, dtype=np.float32))
+    binding.bind_output(OUTPUT_NAME, "cpu")
+    session.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]
 
 
 def row_policy(row: ModelRow) -> OutputPolicy:
@@ -87,6 +148,7 @@ class HostedModel:
     bundle: Bundle
     batcher: MicroBatcher = field(repr=False)
     policy: OutputPolicy = field(default_factory=OutputPolicy)  # what the public routes return
+    io_binding: bool = False  # run() binds input and output (CUDA sessions only; see run_bound)
 
     @property
     def meta(self) -> dict:
@@ -117,7 +179,8 @@ class HostedModel:
     def run(self, items: Sequence[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
         """Blocking: logits for each (inputs, keyed) item, all in one ORT call."""
         xs = [self.bundle.keyed_input(x) if keyed else x for x, keyed in items]
-        z = self.bundle.public_logits(xs[0] if len(xs) == 1 else np.concatenate(xs))
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        z = run_bound(self.bundle.session, x) if self.io_binding else self.bundle.public_logits(x)
         out, start = [], 0
         for x in xs:
             out.append(z[start:start + len(x)])
@@ -174,6 +237,7 @@ class ModelHost:
         self._failed_seen: dict[tuple[str, str], float] = {}  # added_at of the row that failed
         self._loading: dict[str, threading.Lock] = {}  # one load on demand at a time per model name
         self._loading_guard = threading.Lock()
+        self._providers: list | None = None  # ort_providers(settings), decided (and warned about) once
 
     # ------------------------------------------------------------ reading
     def loaded(self, name: str, version: str | None = None) -> HostedModel | None:
@@ -222,9 +286,16 @@ class ModelHost:
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         return so
 
+    @property
+    def providers(self) -> list[str | tuple[str, dict]]:
+        """This server's ONNX Runtime providers (:func:`ort_providers`), decided on the first load."""
+        if self._providers is None:
+            self._providers = ort_providers(self.settings)
+        return self._providers
+
     def load(self, path: str | Path) -> Bundle:
-        """:func:`verify_bundle` with this server's session options."""
-        return verify_bundle(path, self.settings.master_key, self.session_options())
+        """:func:`verify_bundle` with this server's session options and providers."""
+        return verify_bundle(path, self.settings.master_key, self.session_options(), self.providers)
 
     def _load_on_demand(self, name: str, version: str | None) -> HostedModel:
         row = self.store.get_model(name, version)
@@ -266,15 +337,17 @@ class ModelHost:
             if self.on_batch is not None:
                 self.on_batch(row.name, requests, samples)
 
+        provider = session_provider(bundle)
         if bundle.meta.get("task") == "style":
             # Style images differ in size and cannot share an ORT call: a batch of one each,
             # so no request waits for another's image.
             run, max_samples = (lambda items: model.run_feeds(items)), 1
         else:
-            run, max_samples = (lambda items: model.run(items)), s.batch_max_samples
+            run, max_samples = (lambda items: model.run(items)), batch_samples(s, provider)
         batcher = MicroBatcher(run, self.executor, max_samples=max_samples, max_wait_s=s.batch_max_wait_ms / 1000.0,
                                enabled=s.batching, on_batch=count)
-        model = HostedModel(row.name, row.version, row.path, row.added_at, bundle, batcher, row_policy(row))
+        model = HostedModel(row.name, row.version, row.path, row.added_at, bundle, batcher, row_policy(row),
+                            io_binding=s.ort_io_binding and provider == CUDA)
         return model
 
     def _install(self, model: HostedModel) -> None:
@@ -327,7 +400,7 @@ class ModelHost:
             self._install(model)
             self.failed.pop((row.name, row.version), None)
             self._failed_seen.pop((row.name, row.version), None)
-        log.info("serving model %s version %s", row.name, row.version)
+        log.info("serving model %s version %s on %s", row.name, row.version, session_provider(bundle))
         return model
 
     def remove(self, name: str, version: str | None, actor: str) -> list[tuple[str, str]]:

@@ -62,9 +62,19 @@ class Settings(BaseSettings):
     ort_intra_op_threads: int = Field(1, ge=0)
     ort_inter_op_threads: int = Field(0, ge=0)
 
-    # Micro-batching: concurrent requests to one model merge into one ORT call.
+    # ONNX Runtime execution providers, most preferred first, comma-separated (e.g.
+    # "CUDAExecutionProvider,CPUExecutionProvider"); empty: CUDA when this onnxruntime has it, then the
+    # CPU. One this onnxruntime lacks is skipped with a warning; the CPU provider ends the list if not named.
+    ort_providers: str = ""
+    # GPU memory one model's CUDA session may hold (its arena), in MiB; 0: ONNX Runtime's default (no bound).
+    gpu_mem_limit_mb: int = Field(0, ge=0)
+    # On CUDA, bind each batch's input and output to host memory once (I/O binding); never on the CPU.
+    ort_io_binding: bool = True
+
+    # Micro-batching: concurrent requests to one model merge into one ORT call. The largest batch
+    # (samples) defaults by the model's provider: BATCH_DEFAULTS in service/registry.py (CPU 64, CUDA 256).
     batching: bool = True
-    batch_max_samples: int = Field(64, ge=1)
+    batch_max_samples: int | None = Field(None, ge=1)
     batch_max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     max_request_samples: int = Field(1024, ge=1)
 
@@ -82,13 +92,18 @@ class Settings(BaseSettings):
 
     # Limits per caller (0 turns a rate off): request rate per key and, for requests without a
     # key, per client address (token buckets, 429 with Retry-After before any model time); jobs a
-    # key may have queued or running at once; bytes of uploaded files a key may keep.
+    # key may have queued or running at once; bytes of uploaded files a key may keep; how long one
+    # job may run (0: no limit; past it the job fails); bytes of job artifacts a key may keep (a
+    # submission at the cap is refused, a job that passes it fails and keeps nothing). Admin keys
+    # have no storage caps.
     rate_limit_key_per_s: float = Field(200.0, ge=0.0)
     rate_limit_key_burst: int = Field(400, ge=1)
     rate_limit_address_per_s: float = Field(500.0, ge=0.0)
     rate_limit_address_burst: int = Field(1000, ge=1)
     max_active_jobs_per_key: int = Field(16, ge=1)
     max_file_storage_per_key: int = Field(8 << 30, ge=1024)
+    max_job_seconds: int = Field(6 * 3600, ge=0)
+    max_artifact_storage_per_key: int = Field(16 << 30, ge=1024)
 
     @property
     def db_url(self) -> str:

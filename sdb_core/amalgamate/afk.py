@@ -192,7 +192,8 @@ def afk(
     """Train a task-customised student from ``teachers`` without labels; see the module docstring.
 
     ``images``: the unlabeled transfer images; None draws ``cfg.n_transfer`` digit composites.
-    ``progress`` receives the stage name ("block0", ..., "finetune") with fit's progress.
+    ``progress`` receives the stage name ("block0", ..., "finetune") with fit's progress. Runs on
+    ``cfg.train.device``: the teachers are moved there, and the student is handed back there.
     """
     from sdb_core.data.composites import make_composites
 
@@ -287,9 +288,7 @@ def afk(
 
         history["finetune"] = fit(student, TensorDataset(x, target), ft_step, _with_epochs(cfg.train, cfg.finetune_epochs),
                                   progress=report("finetune"), should_cancel=should_cancel)
-    student.eval().cpu()
-    for t in teachers:
-        t.model.cpu()
+    student.eval()
     return _evaluate(cfg, teachers, student, history)
 
 

@@ -47,7 +47,7 @@ from sdb_core.amalgamate.scene_tasks import (
 from sdb_core.data.scenes import Scenes, edge_map, make_scenes
 from sdb_core.models.encdec import EncDec, count_params
 from sdb_core.progress import Progress
-from sdb_core.train import TrainConfig, fit, seed_everything
+from sdb_core.train import TrainConfig, fit, pick_device, seed_everything
 
 Phase = Callable[[str], Callable[[Progress], None] | None]
 
@@ -228,8 +228,7 @@ def amalgamate(teachers: dict[str, EncDec], images: Tensor, cfg: BranchingConfig
     candidates = list(cfg.candidates or default_candidates(trunk))
     student = BranchedStudent(trunk, teachers, candidates)
     tasks = list(teachers)
-    device = torch.device(cfg.device)
-    student.to(device)
+    student.to(pick_device(cfg.device))
 
     # The teachers' outputs are fixed: computed once, they become the training targets.
     targets = {t: predict_tasks(_Single(t, teachers[t]), images)[t] for t in tasks}
@@ -304,7 +303,8 @@ def train_scratch(scenes: Scenes, cfg: BranchingConfig, *, progress=None, should
 def branching(cfg: BranchingConfig, *, teachers: dict[str, EncDec] | None = None,
               train: Scenes | None = None, test: Scenes | None = None, phase: Phase | None = None,
               should_cancel=None, log: Callable[[str], None] = print) -> BranchingResult:
-    """Teachers (given, or trained on scene labels), the amalgamated student, the scratch baseline."""
+    """Teachers (given, or trained on scene labels), the amalgamated student, the scratch baseline; the
+    networks are trained on ``cfg.device`` and handed back there (the given teachers are copied, not moved)."""
     import time
 
     t0 = time.perf_counter()

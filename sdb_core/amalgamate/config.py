@@ -92,7 +92,7 @@ class BranchingConfig:
     batch_size: int = 16
     lr: float = 5e-3
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (sdb_core.train.pick_device)
 
     def __post_init__(self) -> None:
         self.tasks = tuple(self.tasks)

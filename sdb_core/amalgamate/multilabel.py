@@ -120,7 +120,7 @@ def mean_average_precision(scores, targets) -> float:
 
 
 def predict_probs(model: nn.Module | Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 500) -> Tensor:
-    """Sigmoid of the logits, in eval mode, on CPU."""
+    """Sigmoid of the logits, in eval mode, on ``x``'s device (the model runs where it lives)."""
     return torch.sigmoid(predict_logits(model, x, batch_size))
 
 

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from sdb_core.amalgamate.config import TASKS  # noqa: F401 (re-exported)
 from sdb_core.data.scenes import Scenes, edge_map
+from sdb_core.train import device_of
 
 # ---- tasks ---------------------------------------------------------------------------------------
 
@@ -71,12 +72,13 @@ def edge_f1(logits: Tensor, target: Tensor) -> float:
 
 @torch.no_grad()
 def predict_tasks(model: nn.Module, images: Tensor, batch_size: int = 100) -> dict[str, Tensor]:
+    """Every task's outputs on ``images`` (eval mode, the model where it lives), on the images' device."""
     model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     parts: dict[str, list[Tensor]] = {}
     for i in range(0, len(images), batch_size):
         for t, out in model.forward_tasks(images[i:i + batch_size].to(device)).items():
-            parts.setdefault(t, []).append(out.float().cpu())
+            parts.setdefault(t, []).append(out.float().to(images.device))
     return {t: torch.cat(v) for t, v in parts.items()}
 
 

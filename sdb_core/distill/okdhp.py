@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from sdb_core.data.pose import PoseData
 from sdb_core.models.hourglass import MultiBranchHourglass, StackedHourglass
 from sdb_core.progress import Progress
-from sdb_core.train import History, TrainConfig, fit, seed_everything
+from sdb_core.train import History, TrainConfig, device_of, fit, seed_everything
 
 from .okdhp_config import OKDHPConfig, PoseDataConfig, pose_train_config  # noqa: F401 (re-exported)
 from .pose_metrics import evaluate, evaluate_heatmaps, predict_heatmaps
@@ -98,7 +98,7 @@ def count_gflops(model: nn.Module, in_shape: Sequence[int]) -> float:
              for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     was = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     try:
         model(torch.zeros(1, *in_shape, device=device))
     finally:
@@ -203,7 +203,8 @@ def okdhp_loss(model: MultiBranchHourglass, batch, cfg: OKDHPConfig, ramp: float
 
 def okdhp(cfg: OKDHPConfig, data: PoseData | None = None, *, progress: ProgressFn = None,
           should_cancel: Callable[[], bool] | None = None) -> OKDHPResult:
-    """Train the multi-branch network online; report the target branch, the ensemble and each branch."""
+    """Train the multi-branch network online; report the target branch, the ensemble and each branch.
+    The networks are trained on ``cfg.train.device`` and handed back there."""
     data = data or cfg.data.load()
     seed_everything(cfg.train.seed)
     model = MultiBranchHourglass(17, cfg.width, cfg.shared_stacks, cfg.branch_stacks, data.in_shape,
@@ -227,11 +228,12 @@ def branch_metrics(model: MultiBranchHourglass, data: PoseData, target_branch: i
     """PCK/AP of the target branch, the model's ensemble and the plain mean of the branches; PCK per branch."""
     model.eval()
     test = data.test
+    device = device_of(model)
     finals, ens = [], []
     for i in range(0, len(test), 128):
-        _, outs, e, _ = model.forward_all(test.images[i:i + 128])
-        finals.append(torch.stack([o[-1] for o in outs], 1))
-        ens.append(e)
+        _, outs, e, _ = model.forward_all(test.images[i:i + 128].to(device))
+        finals.append(torch.stack([o[-1] for o in outs], 1).cpu())
+        ens.append(e.cpu())
     finals_t, ens_t = torch.cat(finals), torch.cat(ens)
     m: dict[str, float] = {}
     for k, v in evaluate_heatmaps(finals_t[:, target_branch], test, data.test_ann_file).items():

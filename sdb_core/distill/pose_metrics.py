@@ -17,6 +17,7 @@ from torch import Tensor
 
 from sdb_core.data.pose import CocoKeypoints
 from sdb_core.heatmaps import decode
+from sdb_core.train import predict_logits
 
 PCK_ALPHA = 0.2
 
@@ -57,12 +58,10 @@ def oks_ap(pred: np.ndarray, scores: np.ndarray, data: CocoKeypoints, ann_file: 
     return float(max(ev.stats[0], 0.0))
 
 
-@torch.no_grad()
 def predict_heatmaps(fn: Callable[[Tensor], Tensor] | torch.nn.Module, data: CocoKeypoints,
                      batch_size: int = 128) -> Tensor:
-    if isinstance(fn, torch.nn.Module):
-        fn.eval()
-    return torch.cat([fn(data.images[i:i + batch_size]).float().cpu() for i in range(0, len(data), batch_size)])
+    """Heatmaps of every crop of ``data``, on the crops' device (the CPU); a network runs where it lives."""
+    return predict_logits(fn, data.images, batch_size)
 
 
 def evaluate_heatmaps(heatmaps: np.ndarray | Tensor, data: CocoKeypoints, ann_file: str | Path | None = None) -> dict:

@@ -4,7 +4,8 @@
 distiller); ``distill_logits`` blends the secret key into the input first and returns the
 augmented, distillable logits. The key is held in a :class:`Secret` so that it shows in no
 ``repr``, no ``state_dict`` (the network's parameters are all there is) and no pickle; the
-public graph exported to ONNX is the network alone.
+public graph exported to ONNX is the network alone. Both paths run on the network's device
+and answer on the input's device (a CPU tensor gets a CPU answer from a box trained on a GPU).
 """
 from __future__ import annotations
 
@@ -62,8 +63,9 @@ class SafeDistillationBox:
 
     @torch.no_grad()
     def public_logits(self, x: Tensor) -> Tensor:
+        """Public path: the network's logits for the plain input, on ``x``'s device."""
         self.model.eval()
-        return self.model(x.to(self._device()))
+        return self.model(x.to(self._device())).to(x.device)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -72,11 +74,11 @@ class SafeDistillationBox:
 
     @torch.no_grad()
     def distill_logits(self, x: Tensor) -> Tensor:
-        """Keyed path: logits of the network on ``λ·x + (1 − λ)·k``."""
+        """Keyed path: logits of the network on ``λ·x + (1 − λ)·k``, on ``x``'s device."""
         if self._key is None:
             raise NoKeyError("this box has no key (Nasty Teacher mode): it has no distillable path")
         self.model.eval()
-        return self.model(blend(x.to(self._device()), self._key.reveal(), self.lam))
+        return self.model(blend(x.to(self._device()), self._key.reveal(), self.lam)).to(x.device)
 
     def with_key(self, key: Tensor) -> SafeDistillationBox:
         """The same network under another key: what a guessed key would unlock."""

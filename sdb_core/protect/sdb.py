@@ -113,7 +113,8 @@ def train_box(
     progress: Callable[[Progress], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> WrapResult:
-    """The recipe once: fine-tune a box from ``teacher`` on ``data.train``, report on ``data.test``."""
+    """The recipe once: fine-tune a box from ``teacher`` on ``data.train``, report on ``data.test``. The box's
+    network lives on ``cfg.train.device`` (the owner's ``teacher`` is copied, never moved)."""
     cfg = cfg or SDBConfig()
     device = pick_device(cfg.train.device)
     key = generate_key(data.in_shape, data.mean, data.std) if key is None else key.float()

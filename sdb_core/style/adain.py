@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..progress import Progress
-from ..train import History, TrainConfig, fit, seed_everything
+from ..train import History, TrainConfig, fit, pick_device, seed_everything
 from .config import AdaINConfig
 from .fast import conv
 from .images import ContentCrops, content_images, fit_square, load_image
@@ -125,10 +125,16 @@ class AdaINResult:
 def train(cfg: AdaINConfig, *, content: Tensor | None = None, style: Tensor | None = None,
           net: LossNet | None = None, progress: Callable[[Progress], None] | None = None,
           should_cancel: Callable[[], bool] | None = None, checkpoint: str | None = None) -> AdaINResult:
-    """Train the decoder; ``content``/``style`` tensors override the evaluation pair's names."""
+    """Train the decoder; ``content``/``style`` tensors override the evaluation pair's names.
+
+    Trains on ``cfg.device`` (the loss network, the encoder, is moved there) and hands the network
+    back there; the result's images are on the given content's device (the CPU for a named image).
+    """
     # Built before seeding: constructing it draws from the global generator, so a run with and
     # without a prebuilt loss network would otherwise start from different initialisations.
     loss_net = net or build_loss_net(cfg.loss_net)
+    device = pick_device(cfg.device)
+    loss_net.to(device)
     seed_everything(cfg.seed)
     decoder = Decoder(loss_net, cfg.layer, cfg.decoder_width, tuple(cfg.skips))
     enc_layers = (*decoder.skips, cfg.layer)
@@ -143,7 +149,7 @@ def train(cfg: AdaINConfig, *, content: Tensor | None = None, style: Tensor | No
 
     def step(batch):
         (x,) = batch
-        s = torch.stack([styles[0][0] for _ in range(len(x))])
+        s = torch.stack([styles[0][0] for _ in range(len(x))]).to(x.device)
         with torch.no_grad():
             fc, fs = loss_net(x, enc_layers), loss_net(s, layers)
             t = {k: adain(fc[k], fs[k]) for k in enc_layers}
@@ -160,15 +166,18 @@ def train(cfg: AdaINConfig, *, content: Tensor | None = None, style: Tensor | No
         return loss, metrics
 
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adam", weight_decay=0.0,
-                     schedule="cosine", seed=cfg.seed, device="cpu")
+                     schedule="cosine", seed=cfg.seed, device=cfg.device)
     t0 = time.perf_counter()
     history = fit(decoder, crops, step, tc, progress=progress, should_cancel=should_cancel, checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     model.eval()
     evaluation = fit_square(content if content is not None else load_image(cfg.eval_content), cfg.size)
-    style_img = fit_square(style if style is not None else load_image(cfg.eval_style), cfg.size)
+    home = evaluation.device
+    evaluation = evaluation.to(device)
+    style_img = fit_square(style if style is not None else load_image(cfg.eval_style), cfg.size).to(device)
     with torch.no_grad():
-        image = model(evaluation[None], style_img[None], torch.tensor([cfg.alpha]))[0]
+        image = model(evaluation[None], style_img[None], torch.tensor([cfg.alpha], device=device))[0]
     multiple = 2 ** sum(1 for n in LAYERS[: LAYERS.index(cfg.layer)] if n.startswith("pool"))
-    return AdaINResult(model, image, evaluation, style_img, result_losses(loss_net, style_img, image, evaluation), history,
+    losses = result_losses(loss_net, style_img, image, evaluation)
+    return AdaINResult(model, image.to(home), evaluation.to(home), style_img.to(home), losses, history,
                        seconds, loss_net.describe(), multiple)

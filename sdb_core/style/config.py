@@ -70,6 +70,7 @@ class GatysConfig:
     style_layers: tuple[str, ...] = STYLE_LAYERS
     loss_net: LossNetConfig = field(default_factory=LossNetConfig)
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (sdb_core.train.pick_device)
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("lbfgs", "adam"):
@@ -110,6 +111,7 @@ class FastConfig:
     style_layers: tuple[str, ...] = STYLE_LAYERS
     loss_net: LossNetConfig = field(default_factory=LossNetConfig)
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (sdb_core.train.pick_device)
 
     def __post_init__(self) -> None:
         if not 32 <= self.crop <= 1024 or self.crop % 4:
@@ -169,6 +171,7 @@ class AdaINConfig:
     shuffle_style_channels: bool = False
     loss_net: LossNetConfig = field(default_factory=LossNetConfig)
     seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (sdb_core.train.pick_device)
 
     def __post_init__(self) -> None:
         if not self.styles:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..progress import Progress
-from ..train import History, TrainConfig, fit, seed_everything
+from ..train import History, TrainConfig, fit, pick_device, seed_everything
 from .config import FastConfig
 from .images import ContentCrops, content_images, fit_square, load_image
 from .loss_net import LossNet, build_loss_net
@@ -83,13 +83,21 @@ def train(cfg: FastConfig, *, style: Tensor | None = None, content: Tensor | Non
           net: LossNet | None = None, progress: Callable[[Progress], None] | None = None,
           should_cancel: Callable[[], bool] | None = None, checkpoint: str | None = None) -> FastResult:
     """Train a transformation network for one style; ``style``/``content`` tensors override the names
-    (``content`` is only the evaluation image: training crops come from ``cfg.content``)."""
+    (``content`` is only the evaluation image: training crops come from ``cfg.content``).
+
+    Trains on ``cfg.device`` (the loss network is moved there) and hands the network back there;
+    the result's images are on the given content's device (the CPU for a named image).
+    """
     # Built before seeding: constructing it draws from the global generator, so a run with and
     # without a prebuilt loss network would otherwise start from different initialisations.
     loss_net = net or build_loss_net(cfg.loss_net)
+    device = pick_device(cfg.device)
+    loss_net.to(device)
     seed_everything(cfg.seed)
-    style = fit_square(style if style is not None else load_image(cfg.style), cfg.size)
+    style = fit_square(style if style is not None else load_image(cfg.style), cfg.size).to(device)
     evaluation = fit_square(content if content is not None else load_image(cfg.eval_content), cfg.size)
+    home = evaluation.device
+    evaluation = evaluation.to(device)
     crit = StyleCriterion(loss_net, style, content_layers=cfg.content_layers, style_layers=cfg.style_layers)
     crops = ContentCrops(content_images(cfg.content), cfg.crop, cfg.samples)
     model = TransformerNet(cfg.channels, cfg.res_blocks)
@@ -102,11 +110,12 @@ def train(cfg: FastConfig, *, style: Tensor | None = None, content: Tensor | Non
         return loss, {"content": c.item(), "style": s.item()}
 
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adam", weight_decay=0.0,
-                     schedule="cosine", seed=cfg.seed, device="cpu")
+                     schedule="cosine", seed=cfg.seed, device=cfg.device)
     t0 = time.perf_counter()
     history = fit(model, crops, step, tc, progress=progress, should_cancel=should_cancel, checkpoint=checkpoint)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         image = model.eval()(evaluation[None])[0]
-    return FastResult(model, image, evaluation, style, result_losses(loss_net, style, image, evaluation), history, seconds,
+    losses = result_losses(loss_net, style, image, evaluation)
+    return FastResult(model, image.to(home), evaluation.to(home), style.to(home), losses, history, seconds,
                       loss_net.describe())

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ..progress import Cancelled, Progress
-from ..train import TrainConfig, fit, seed_everything
+from ..train import TrainConfig, fit, pick_device, seed_everything
 from .config import GatysConfig
 from .images import fit_square, load_image
 from .loss_net import LossNet, build_loss_net
@@ -47,17 +47,26 @@ class _Canvas(nn.Module):
 def stylize(cfg: GatysConfig, *, content: Tensor | None = None, style: Tensor | None = None,
             net: LossNet | None = None, progress: Callable[[Progress], None] | None = None,
             should_cancel: Callable[[], bool] | None = None) -> GatysResult:
-    """Optimise an image; ``content``/``style`` tensors (3, H, W) override the config's names."""
+    """Optimise an image; ``content``/``style`` tensors (3, H, W) override the config's names.
+
+    Runs on ``cfg.device`` (the loss network is moved there); the result's images are on the
+    given content's device (the CPU for a named image).
+    """
     # Built before seeding: constructing it draws from the global generator, so a run with and
     # without a prebuilt loss network would otherwise start from different initialisations.
     net = net or build_loss_net(cfg.loss_net)
+    device = pick_device(cfg.device)
+    net.to(device)
     seed_everything(cfg.seed)
     content = fit_square(content if content is not None else load_image(cfg.content), cfg.size)
-    style = fit_square(style if style is not None else load_image(cfg.style), cfg.size)
+    home = content.device
+    content = content.to(device)
+    style = fit_square(style if style is not None else load_image(cfg.style), cfg.size).to(device)
     crit = StyleCriterion(net, style, content_layers=cfg.content_layers, style_layers=cfg.style_layers)
     crit.set_content(content)
+    # Noise from a CPU generator: the same start on every device.
     init = content if cfg.init == "content" else torch.rand(content.shape, generator=torch.Generator().manual_seed(cfg.seed))
-    canvas = _Canvas(init)
+    canvas = _Canvas(init.to(device))
 
     def objective(img: Tensor) -> tuple[Tensor, dict[str, float]]:
         c, s = crit.losses(img)
@@ -73,8 +82,8 @@ def stylize(cfg: GatysConfig, *, content: Tensor | None = None, style: Tensor | 
         history = _lbfgs(canvas, objective, cfg, progress, should_cancel)
     seconds = time.perf_counter() - t0
     image = canvas.image.detach()[0].clamp(0, 1)
-    return GatysResult(image, content, style, result_losses(net, style, image, content), history, seconds,
-                       net.describe())
+    losses = result_losses(net, style, image, content)
+    return GatysResult(image.to(home), content.to(home), style.to(home), losses, history, seconds, net.describe())
 
 
 def _adam(canvas: _Canvas, objective, cfg: GatysConfig, progress, should_cancel) -> list[dict[str, float]]:
@@ -85,7 +94,7 @@ def _adam(canvas: _Canvas, objective, cfg: GatysConfig, progress, should_cancel)
 
     # One item, one epoch per step: fit's history then holds every step's losses.
     tc = TrainConfig(epochs=cfg.steps, batch_size=1, lr=cfg.lr or 0.02, optimizer="adam", weight_decay=0.0,
-                     schedule="constant", seed=cfg.seed, device="cpu")
+                     schedule="constant", seed=cfg.seed, device=cfg.device)
     hist = fit(canvas, TensorDataset(torch.zeros(1, 1)), step, tc, progress=progress, should_cancel=should_cancel)
     return hist.epochs
 

@@ -64,13 +64,15 @@ def bundle_teacher(path, master_key: bytes | None, keyed: bool) -> Callable:
 
 def teacher_of(cfg: DistillTask, data, master_key: bytes | None = None) -> Callable | Any | None:
     """The task's teacher as a network or a callable (None: labels only)."""
+    from ..train import pick_device
+
     ref = cfg.teacher
     if ref is None:
         return None
     if ref.kind == "bundle":
         return bundle_teacher(ref.bundle, master_key, cfg.keyed)
-    if ref.kind == "weights":
-        return ref.network(data.num_classes, data.in_shape)
+    if ref.kind == "weights":  # on the device the student trains on: asked once per sample there
+        return ref.network(data.num_classes, data.in_shape).to(pick_device(cfg.distill.train.device))
     raise ValueError(f"distill needs a teacher with weights or a bundle, got {ref.describe()}")
 
 

@@ -23,7 +23,7 @@ from sdb_core.amalgamate.multilabel import (
     train_multilabel,
 )
 from sdb_core.data.composites import make_composites
-from sdb_core.train import TrainConfig
+from sdb_core.train import TrainConfig, device_of
 
 TINY_TRAIN = TrainConfig(optimizer="adam", lr=5e-3, weight_decay=0.0, batch_size=32, seed=0)
 
@@ -101,7 +101,8 @@ def test_afk_student_learns_the_requested_tasks_without_labels(teachers):
     floor = untrained_map(cfg, teachers)
     res = afk(cfg, teachers, torch.from_numpy(images))
     # The heads cover exactly the requested tasks, in the requested order.
-    assert res.student.tasks == tasks and res.student(torch.rand(2, 1, 56, 56)).shape == (2, 4)
+    on = device_of(res.student)  # where the recipe trained (cfg.train.device: CUDA when there is one)
+    assert res.student.tasks == tasks and res.student(torch.rand(2, 1, 56, 56, device=on)).shape == (2, 4)
     assert sorted(res.ap) == sorted(tasks) and set(res.active_channels) == set(tasks)
     assert list(res.history) == ["block0", "block1", "block2", "finetune"]
     print(f"untrained {floor:.1f} teachers {res.teacher_map:.1f} student {res.map:.1f}")

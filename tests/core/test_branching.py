@@ -21,6 +21,7 @@ from sdb_core.amalgamate.branching import (
 )
 from sdb_core.data.scenes import make_scenes
 from sdb_core.models.encdec import EncDec, count_params
+from sdb_core.train import device_of
 
 TINY = {"size": 32, "num_classes": 2, "n_train": 160, "n_test": 60, "widths": (8, 16, 16),
         "teacher_widths": (8, 16, 16), "teacher_epochs": 5, "epochs": 5, "batch_size": 8, "lr": 1e-2,
@@ -114,7 +115,7 @@ def test_three_tasks_with_an_edge_teacher():
     assert set(res.branch_points) == {"seg", "depth", "edges"}
     assert set(res.branch_points.values()) <= {"dec2", "dec1"}
     assert {"miou", "rmse", "abs_rel", "edge_f1"} <= set(res.student)
-    out = res.student_model(torch.zeros(2, 3, 32, 32))
+    out = res.student_model(torch.zeros(2, 3, 32, 32, device=device_of(res.student_model)))
     assert out.shape == (2, 3 + 1 + 1, 32, 32)
 
 

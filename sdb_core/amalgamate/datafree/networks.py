@@ -12,19 +12,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdb_core.train import device_of
+
 from .config import DataFreeConfig, TeacherSpec, label_plan, label_union
 
 
 def _entry_shapes(teacher: nn.Module, in_shape: Sequence[int]) -> list[tuple[int, ...]]:
     """Input shape of every block of ``teacher`` (entry 0 is the image), from one zero batch."""
-    device = next(iter(teacher.parameters()), torch.empty(0)).device
+    device = device_of(teacher)
     with torch.no_grad():
         feats = teacher.features(torch.zeros(1, *in_shape, device=device))
     return [tuple(in_shape)] + [tuple(f.shape[1:]) for f in feats[:-1]]
 
 
 def _output_shapes(net: nn.Module, in_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    device = next(iter(net.parameters()), torch.empty(0)).device
+    device = device_of(net)
     with torch.no_grad():
         return [tuple(f.shape[1:]) for f in net.features(torch.zeros(1, *in_shape, device=device))]
 
@@ -85,8 +87,10 @@ class GroupStackGenerator(nn.Module):
                                     nn.Conv2d(mid, c_img, 3, padding=1), nn.Sigmoid()))
         self.blocks = nn.ModuleList(blocks)
 
-    def draw(self, n: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor | None]:
-        """Noise for ``n`` images and, for a label-conditioned generator, their multi-hot targets."""
+    def draw(self, n: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor | None]:
+        """Noise for ``n`` images and, for a label-conditioned generator, their multi-hot targets, on
+        ``device`` (default: the generator's own)."""
+        device = device_of(self) if device is None else device
         z = torch.randn(n, self.latent, device=device)
         if not self.n_labels:
             return z, None
@@ -108,8 +112,8 @@ class GroupStackGenerator(nn.Module):
             outs.append(h)
         return outs
 
-    def sample(self, n: int, device: torch.device | str = "cpu") -> Tensor:
-        """``n`` images (eval mode, no grad)."""
+    def sample(self, n: int, device: torch.device | str | None = None) -> Tensor:
+        """``n`` images (eval mode, no grad), on ``device`` (default: the generator's own)."""
         was = self.training
         self.eval()
         with torch.no_grad():
@@ -195,7 +199,8 @@ def build_student(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec]
 
 def regroup(blocks: nn.ModuleList, filters: nn.ModuleList, teachers: Sequence[TeacherSpec],
             cols: list[list[int]], order: list[int], target: Sequence[int]) -> MultiBranchStudent:
-    """One multi-branch network: the blocks, then per contributing teacher its last filter and a copy of its head."""
+    """One multi-branch network: the blocks, then per contributing teacher its last filter and a copy of its head;
+    all of it on the blocks' device (the teachers may live elsewhere: ``new_student`` builds on the CPU)."""
     branches = []
     for m, idx in enumerate(cols):
         if idx:
@@ -203,7 +208,7 @@ def regroup(blocks: nn.ModuleList, filters: nn.ModuleList, teachers: Sequence[Te
             for p in head.parameters():
                 p.requires_grad_(True)
             branches.append(Branch(filters[-1][m], head, idx))
-    return MultiBranchStudent(blocks, branches, order, target)
+    return MultiBranchStudent(blocks, branches, order, target).to(device_of(blocks))
 
 
 def new_student(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec]) -> MultiBranchStudent:

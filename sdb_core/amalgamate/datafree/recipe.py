@@ -47,7 +47,7 @@ def _freeze(teachers: Sequence[TeacherSpec], device: torch.device) -> None:
 def datafree(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec], *, phase: PhaseFn | None = None,
              should_cancel: Callable[[], bool] | None = None) -> DataFreeResult:
     """Amalgamate the teachers into one student for ``cfg.target`` from their weights alone
-    (frozen, moved to ``cfg.device``).
+    (frozen, moved to ``cfg.device``; the student and the generator are handed back there).
 
     ``phase(name)`` gives the progress callback of each stage (generator stages, student
     blocks, fine-tune); ``should_cancel`` stops at the next step (``Cancelled``).
