@@ -36,12 +36,16 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
     pool = None
     if settings.jobs_backend == "embedded" and settings.workers > 0:
         from service.jobs.ray_backend import portable_settings
-        from service.jobs.worker import WorkerPool
+        from service.jobs.worker import WorkerPool, gpu_slots, visible_gpus
 
         env = {**os.environ, **{f"SDB_{k.upper()}": str(v) for k, v in portable_settings(settings).items()
                                 if v is not None and k in _WORKER_ENV}}
-        pool = WorkerPool(settings.workers, env).start()
-        print(f"sdb: {settings.workers} job worker(s): pids {pool.pids}", file=sys.stderr, flush=True)
+        slots = gpu_slots(settings.workers, settings.worker_gpus, visible_gpus(env))
+        pool = WorkerPool(settings.workers, env, devices=slots).start()
+        on_gpu = [s for s in slots if s]
+        print(f"sdb: {settings.workers} job worker(s): pids {pool.pids}"
+              + (f"; GPU jobs at most {len(on_gpu)} at once (devices {','.join(on_gpu)})" if on_gpu else ""),
+              file=sys.stderr, flush=True)
     try:
         uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
                     access_log=access_log, server_header=False)

@@ -1,4 +1,4 @@
-"""``sdb jobs submit|status|logs|cancel|list``: a running server's jobs over HTTP, through the SDK."""
+"""``sdb jobs submit|status|logs|cancel|delete|list``: a running server's jobs over HTTP, through the SDK."""
 from __future__ import annotations
 
 import json
@@ -70,6 +70,10 @@ def _run(client, args) -> int:
         job = client.jobs.cancel(args.job_id)
         print(f"{job['id']}: {job['status']}" + (" (cancel requested)" if job["status"] == "running" else ""))
         return 0
+    if cmd == "delete":
+        client.jobs.delete(args.job_id)
+        print(f"deleted {args.job_id}")
+        return 0
     for j in client.jobs.list(status=args.status, kind=args.kind):
         print(f"{j['id']}  {j['kind']:10}  {j['status']:10}  {100 * j['progress']:5.1f}%  {j['step']}")
     return 0
@@ -90,6 +94,8 @@ def add_commands(sub) -> None:
     jl.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     jc = js.add_parser("cancel", help="cancel a queued or running job")
     jc.add_argument("job_id")
+    jd = js.add_parser("delete", help="delete a finished job: its record, log and artifacts")
+    jd.add_argument("job_id")
     jls = js.add_parser("list", help="your jobs (all jobs with an admin key)")
     jls.add_argument("--status")
     jls.add_argument("--kind")

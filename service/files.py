@@ -206,25 +206,38 @@ def ingest(store: Store, settings: Settings, key: ApiKey, stage: Staging, got: R
     """Blocking: check the received file, move it into place and record it; on any failure nothing stays."""
     if got.size == 0:
         raise invalid("the file is empty", "empty_file")
-    cap = settings.max_file_storage_per_key
-    if not key.grants("admin") and store.file_bytes(key.id) + got.size > cap:
-        raise ApiError(413, "storage_exceeded", f"this key's files would take more than {cap} bytes: delete some "
-                       "(DELETE /v1/files/{id}) first")
-    checked: Checked = check_upload(purpose, got.path, stage.dir / "out", limits(settings), got.filename)
-    file_id = new_file_id()
-    final = settings.files_dir / file_id
-    os.replace(stage.dir / "out", final)
-    row = FileRow(id=file_id, owner=key.id, purpose=purpose, filename=got.filename, size=got.size,
-                  sha256=got.sha256, format=checked.format, stored=checked.stored, info=info_json(checked.info),
-                  shared=shared, created_at=time.time())
+    reservation = None if key.grants("admin") else _reserve(store, settings, key, got.size)
     try:
-        store.add_file(row)
+        checked: Checked = check_upload(purpose, got.path, stage.dir / "out", limits(settings), got.filename)
+        file_id = new_file_id()
+        final = settings.files_dir / file_id
+        os.replace(stage.dir / "out", final)
+        row = FileRow(id=file_id, owner=key.id, purpose=purpose, filename=got.filename, size=got.size,
+                      sha256=got.sha256, format=checked.format, stored=checked.stored, info=info_json(checked.info),
+                      shared=shared, created_at=time.time())
+        try:
+            store.add_file(row, reservation)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
     except BaseException:
-        shutil.rmtree(final, ignore_errors=True)
+        if reservation is not None:
+            store.release_file_bytes(reservation)
         raise
     store.audit(key.id, "file.upload", file_id, f"{purpose} {checked.format} {got.size} bytes"
                 + (" shared" if shared else ""))
     return row
+
+
+def _reserve(store: Store, settings: Settings, key: ApiKey, size: int) -> str:
+    """Hold ``size`` bytes of the key's file storage cap while the upload is checked (exact under concurrency:
+    :meth:`Store.reserve_file_bytes`); 413 when they do not fit."""
+    cap = settings.max_file_storage_per_key
+    reservation, used = store.reserve_file_bytes(key.id, size, cap)
+    if reservation is None:
+        raise ApiError(413, "storage_exceeded", f"this key keeps {used} bytes of files and may keep {cap}: this "
+                       f"{size}-byte file does not fit; delete some (DELETE /v1/files/{{id}}) first")
+    return reservation
 
 
 def parse_purpose(value: str | None) -> str:

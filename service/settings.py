@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(8 << 20, ge=1024)
     jobs_backend: str = Field("embedded", pattern="^(embedded|ray)$")
     workers: int = Field(1, ge=0)  # job worker processes `sdb serve` starts (embedded backend)
+    # GPU jobs the embedded pool runs at once: its first N workers get one CUDA device each
+    # (CUDA_VISIBLE_DEVICES), the others none and run their jobs on the CPU. None: one per visible device.
+    worker_gpus: int | None = Field(None, ge=0)
     ray_address: str | None = None  # jobs_backend=ray: a cluster address; unset starts a local Ray
 
     # Jobs: how often a worker polls the queue and heartbeats, and when a silent one counts as dead.

@@ -1,91 +1,56 @@
 """The SQL store: API keys, hosted models, usage, the audit log, jobs and uploaded files.
 
 SQLAlchemy 2 with portable SQL only, so the same code runs on SQLite (the default, a file
-in the data dir) and on PostgreSQL (``SDB_DATABASE_URL``). The schema is created and
-migrated at start by :func:`migrate`: an ordered list of steps and a version row.
+in the data dir) and on PostgreSQL (``SDB_DATABASE_URL``). The tables and the migrations that
+create them at start are in :mod:`service.store_schema`; this module is what reads and writes them.
 """
 from __future__ import annotations
 
 import re
+import secrets
 import sqlite3
 import time
-from collections.abc import Callable
 
 from sqlalchemy import (
     BigInteger,
-    Boolean,
-    Connection,
     Float,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
     and_,
     bindparam,
     case,
     create_engine,
+    delete,
     event,
     func,
-    inspect,
     or_,
     select,
-    text,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
+from .store_schema import (
+    JOB_DONE,
+    MIGRATIONS,
+    ApiKeyRow,
+    AuditRow,
+    Base,
+    FileReservationRow,
+    FileRow,
+    JobRow,
+    ModelNameRow,
+    ModelRow,
+    SchemaVersion,
+    UsageRow,
+    migrate,
+)
 
-class Base(DeclarativeBase):
-    pass
+__all__ = ["JOB_DONE", "MIGRATIONS", "ApiKeyRow", "AuditRow", "Base", "DeployRefused", "FileReservationRow",
+           "FileRow", "JobRow", "ModelNameRow", "ModelRow", "SchemaVersion", "Store", "UsageRow", "may_deploy",
+           "migrate", "normalise_url", "version_key"]
 
-
-class SchemaVersion(Base):
-    __tablename__ = "schema_version"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[int] = mapped_column(Integer)
-
-
-class ApiKeyRow(Base):
-    __tablename__ = "api_keys"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    secret_hash: Mapped[str] = mapped_column(String(64))  # HMAC-SHA256(pepper, id:secret), hex
-    name: Mapped[str] = mapped_column(String(200), default="")
-    scopes: Mapped[str] = mapped_column(String(200))  # comma-separated
-    models: Mapped[str | None] = mapped_column(Text, nullable=True)  # comma-separated; NULL: every model
-    quota: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # samples; NULL: unlimited
-    quota_window_s: Mapped[int | None] = mapped_column(Integer, nullable=True)  # NULL: lifetime quota
-    window_start: Mapped[int] = mapped_column(BigInteger, default=0)
-    used: Mapped[int] = mapped_column(BigInteger, default=0)  # samples in the current window
-    created_at: Mapped[float] = mapped_column(Float)
-    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-class ModelRow(Base):
-    """One served version of a model, with the output policy its public routes apply."""
-
-    __tablename__ = "models"
-    name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    version: Mapped[str] = mapped_column(String(100), primary_key=True)
-    path: Mapped[str] = mapped_column(Text)
-    added_at: Mapped[float] = mapped_column(Float)
-    policy: Mapped[str] = mapped_column(String(16), default="probs", server_default="probs")  # probs|top_k|label
-    top_k: Mapped[int | None] = mapped_column(Integer, nullable=True)  # k of the top_k policy
-    decimals: Mapped[int | None] = mapped_column(Integer, nullable=True)  # rounding of served probabilities
-
-
-class ModelNameRow(Base):
-    """A model name and its owner: the key that first deployed it; NULL, an admin (``sdb models add``,
-    and every name older than this table). The row outlives the name's versions, so a removed
-    model's name stays its owner's and a version number is never given twice."""
-
-    __tablename__ = "model_names"
-    name: Mapped[str] = mapped_column(String(200), primary_key=True)
-    owner: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    last_version: Mapped[int] = mapped_column(Integer, default=0)  # the highest numeric version ever added
-    created_at: Mapped[float] = mapped_column(Float)
+# An upload's reservation older than this belongs to a process that died mid-check (as its staging folder).
+RESERVATION_TTL_S = 6 * 3600
 
 
 class DeployRefused(Exception):
@@ -105,147 +70,6 @@ def may_deploy(claimed: bool, owner: str | None, deployer: str | None, admin: bo
 def version_key(v: str) -> tuple:
     """Natural order: "10" after "9", "1.10" after "1.9"."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_]", v))
-
-
-class UsageRow(Base):
-    """Samples served, summed per key, model, path and UTC day."""
-
-    __tablename__ = "usage"
-    key_id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    model: Mapped[str] = mapped_column(String(200), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20), primary_key=True)  # predict | distill
-    day: Mapped[str] = mapped_column(String(10), primary_key=True)
-    requests: Mapped[int] = mapped_column(BigInteger, default=0)
-    samples: Mapped[int] = mapped_column(BigInteger, default=0)
-
-
-class AuditRow(Base):
-    __tablename__ = "audit_log"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    at: Mapped[float] = mapped_column(Float)
-    actor: Mapped[str] = mapped_column(String(64))  # a key id, or "cli" / "server"
-    action: Mapped[str] = mapped_column(String(64))
-    target: Mapped[str] = mapped_column(String(300), default="")
-    detail: Mapped[str] = mapped_column(Text, default="")
-
-
-class JobRow(Base):
-    """One offline job: the table is the truth for every backend (embedded workers, Ray)."""
-
-    __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency"),)
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(64), index=True)
-    params: Mapped[str] = mapped_column(Text)  # JSON, as validated at submission
-    owner: Mapped[str] = mapped_column(String(32), index=True)  # the submitting key's id
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    backend: Mapped[str] = mapped_column(String(16), default="embedded")
-    status: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed|cancelled
-    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    progress: Mapped[float] = mapped_column(Float, default=0.0)
-    step: Mapped[str] = mapped_column(String(200), default="")
-    message: Mapped[str] = mapped_column(Text, default="")
-    metrics: Mapped[str] = mapped_column(Text, default="{}")  # JSON: the latest metrics
-    result: Mapped[str] = mapped_column(Text, default="{}")  # JSON: what the kind returned
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    created_at: Mapped[float] = mapped_column(Float, index=True)
-    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    training_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # first progress of training
-    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-
-
-JOB_DONE = ("succeeded", "failed", "cancelled")
-
-
-class FileRow(Base):
-    """An uploaded file (``service/files.py``): checked on upload, stored under ``<data_dir>/files/<id>/``."""
-
-    __tablename__ = "files"
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # file- + 24 hex
-    owner: Mapped[str] = mapped_column(String(32), index=True)  # the uploading key's id
-    purpose: Mapped[str] = mapped_column(String(16))  # weights | dataset | image | bundle
-    filename: Mapped[str] = mapped_column(String(255))  # the client's name, cleaned: no path
-    size: Mapped[int] = mapped_column(BigInteger)  # bytes, as uploaded
-    sha256: Mapped[str] = mapped_column(String(64))  # of the upload
-    format: Mapped[str] = mapped_column(String(32))  # what the check found: safetensors, pt, imagefolder, npz, ...
-    stored: Mapped[str] = mapped_column(String(300))  # the checked file or folder, relative to the file's folder
-    info: Mapped[str] = mapped_column(Text, default="{}")  # JSON: what the check measured (tensors, classes, ...)
-    shared: Mapped[bool] = mapped_column(Boolean, default=False)  # an admin's file every key may use
-    created_at: Mapped[float] = mapped_column(Float, index=True)
-
-
-def _v1(conn: Connection) -> None:
-    # The tables of the first release, named: later tables come from their own steps (and later
-    # columns of these from theirs, which add only what is missing).
-    v1 = ("api_keys", "models", "usage", "audit_log")
-    Base.metadata.create_all(conn, tables=[Base.metadata.tables[n] for n in v1])
-
-
-def _v2(conn: Connection) -> None:
-    JobRow.__table__.create(conn, checkfirst=True)
-
-
-def _v3(conn: Connection) -> None:
-    FileRow.__table__.create(conn, checkfirst=True)
-
-
-def _v4(conn: Connection) -> None:
-    """Model names with an owner, and each version's output policy. A database that ran ``_v1``
-    before the policy columns existed gets them here (``_v1`` builds ``models`` from the class);
-    every name already served becomes an admin's, its numeric versions counted."""
-    have = {c["name"] for c in inspect(conn).get_columns("models")}
-    for col in ("policy", "top_k", "decimals"):
-        if col not in have:
-            column = ModelRow.__table__.c[col]
-            kind = column.type.compile(dialect=conn.dialect)
-            default = " NOT NULL DEFAULT 'probs'" if col == "policy" else ""
-            conn.exec_driver_sql(f"ALTER TABLE models ADD COLUMN {col} {kind}{default}")
-    ModelNameRow.__table__.create(conn, checkfirst=True)
-    last: dict[str, int] = {}
-    for name, version in conn.execute(select(ModelRow.name, ModelRow.version)):
-        last[name] = max(last.get(name, 0), int(version) if version.isdigit() else 0)
-    known = set(conn.execute(select(ModelNameRow.name)).scalars())
-    now = time.time()
-    rows = [{"name": n, "owner": None, "last_version": v, "created_at": now} for n, v in last.items() if n not in known]
-    if rows:
-        conn.execute(ModelNameRow.__table__.insert(), rows)
-
-
-# Append a step to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4]
-
-
-# Any constant: the PostgreSQL advisory lock that serialises migrations across processes and hosts.
-_MIGRATE_LOCK = 0x5DB0_0001
-
-
-def migrate(engine: Engine) -> int:
-    """Bring the schema to the latest version; returns it.
-
-    One transaction, serialised across processes: the API and every worker start at once on
-    a fresh database, and without a lock two of them both found no table and raced to create
-    it. PostgreSQL (DDL is transactional) takes an advisory lock, SQLite its write lock.
-    """
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATE_LOCK})
-        elif conn.dialect.name == "sqlite":
-            # The write lock now: the sqlite3 driver opens no transaction for DDL, so two
-            # processes on a fresh data dir (server and workers) both created the tables.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        SchemaVersion.__table__.create(conn, checkfirst=True)
-        row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).scalar()
-        current = row or 0
-        for step in MIGRATIONS[current:]:
-            step(conn)
-        if row is None:
-            conn.execute(SchemaVersion.__table__.insert().values(id=1, version=len(MIGRATIONS)))
-        elif current != len(MIGRATIONS):
-            conn.execute(update(SchemaVersion).where(SchemaVersion.id == 1).values(version=len(MIGRATIONS)))
-    return len(MIGRATIONS)
 
 
 class Store:
@@ -428,14 +252,47 @@ class Store:
             return list(s.scalars(q))
 
     # ---------------------------------------------------------------- files
-    def add_file(self, row: FileRow) -> None:
+    def add_file(self, row: FileRow, reservation: str | None = None) -> None:
+        """Record an uploaded file; the bytes it had reserved (:meth:`reserve_file_bytes`) become the file's."""
         with self.session.begin() as s:
             s.add(row)
+            if reservation is not None:
+                s.execute(delete(FileReservationRow).where(FileReservationRow.id == reservation))
 
     def file_bytes(self, owner: str) -> int:
         """The bytes of every file ``owner`` keeps (its storage cap counts them)."""
         with self.session() as s:
             return int(s.scalar(select(func.coalesce(func.sum(FileRow.size), 0)).where(FileRow.owner == owner)))
+
+    def reserve_file_bytes(self, owner: str, size: int, cap: int) -> tuple[str | None, int]:
+        """Hold ``size`` bytes of ``owner``'s file storage for an upload being checked: (reservation id, bytes
+        held before it), or (None, bytes held) when they would take ``owner`` past ``cap``.
+
+        One transaction holding the owner's write lock (PostgreSQL: its key row ``FOR UPDATE``; SQLite: the
+        database's write lock) reads what the owner keeps and holds, and adds the reservation: concurrent
+        uploads of one key, in any process, are counted one after another and never pass the cap together.
+        """
+        now = time.time()
+        with self.session.begin() as s:
+            if s.get_bind().dialect.name == "sqlite":
+                s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            else:
+                s.execute(select(ApiKeyRow.id).where(ApiKeyRow.id == owner).with_for_update())
+            r = FileReservationRow
+            s.execute(delete(r).where(r.owner == owner, r.created_at < now - RESERVATION_TTL_S))
+            kept = select(func.coalesce(func.sum(FileRow.size), 0)).where(FileRow.owner == owner).scalar_subquery()
+            held = select(func.coalesce(func.sum(r.bytes), 0)).where(r.owner == owner).scalar_subquery()
+            used = int(s.scalar(select(kept + held)))  # one statement: a file and the reservation it was, never both
+            if used + size > cap:
+                return None, used
+            row = r(id=secrets.token_hex(12), owner=owner, bytes=size, created_at=now)
+            s.add(row)
+            return row.id, used
+
+    def release_file_bytes(self, reservation: str) -> None:
+        """Give back the bytes of an upload that failed."""
+        with self.session.begin() as s:
+            s.execute(delete(FileReservationRow).where(FileReservationRow.id == reservation))
 
     def get_file(self, file_id: str) -> FileRow | None:
         with self.session() as s:

@@ -10,6 +10,7 @@ keyed samples it draws are charged to that key's quota (:meth:`JobContext.charge
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -41,6 +42,34 @@ class JobContext:
         self.key: ApiKey | None = None  # the submitting key, as the store has it now (check_key)
         self.reads: list[Access] = []  # the hosted models the job reads, and how (its params')
         self.key_stop: str | None = None  # why the job may no longer run on its key's authority
+        self.failure: str | None = None  # why the worker stops the job as failed: a cap it passed (halt)
+        self.drop_artifacts = False  # with failure: the job keeps no artifact
+        self.halted_at: float | None = None  # when it was asked to stop for failure (monotonic clock)
+
+    # ------------------------------------------------------------ the caps it runs under
+    def halt(self, reason: str, *, drop_artifacts: bool = False) -> None:
+        """Stop the job at its next step, to end ``failed`` with ``reason`` (the first reason given wins)."""
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure, self.drop_artifacts, self.halted_at = reason, drop_artifacts, time.monotonic()
+        self.log(f"stopping: {reason}")
+        self.cancel.set()
+
+    def stuck(self, grace_s: float) -> bool:
+        """Asked to stop for a failure more than ``grace_s`` ago, and still running."""
+        return self.halted_at is not None and time.monotonic() - self.halted_at > grace_s
+
+    def artifact_bytes(self) -> int:
+        """The bytes under ``artifacts/`` now (what the key's artifact storage cap counts)."""
+        total = 0
+        for root, _, names in os.walk(self.artifacts):
+            for n in names:
+                try:
+                    total += os.lstat(os.path.join(root, n)).st_size
+                except FileNotFoundError:  # removed while we counted
+                    continue
+        return total
 
     # ------------------------------------------------------------ the key it runs for
     def check_key(self) -> str | None:

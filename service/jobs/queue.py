@@ -18,7 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..store import JOB_DONE, JobRow, Store
@@ -69,7 +69,8 @@ class JobQueue:
             return s.get(JobRow, job_id)
 
     def list(self, *, owner: str | None = None, status: str | None = None, kind: str | None = None,
-             limit: int = 100) -> list[JobRow]:
+             limit: int = 100, oldest_first: bool = False) -> list[JobRow]:
+        """Newest first (``oldest_first``: in the order they were queued)."""
         q = select(JobRow)
         if owner is not None:
             q = q.where(JobRow.owner == owner)
@@ -78,7 +79,8 @@ class JobQueue:
         if kind is not None:
             q = q.where(JobRow.kind == kind)
         with self.store.session() as s:
-            return list(s.scalars(q.order_by(JobRow.created_at.desc(), JobRow.id).limit(limit)))
+            order = (JobRow.created_at, JobRow.id) if oldest_first else (JobRow.created_at.desc(), JobRow.id)
+            return list(s.scalars(q.order_by(*order).limit(limit)))
 
     def cancel(self, job_id: str) -> JobRow | None:
         """A queued job is cancelled at once; a running one is asked to stop (its worker ends it)."""
@@ -90,6 +92,30 @@ class JobQueue:
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
                       .values(cancel_requested=True, message="cancel requested"))
         return self.get(job_id)
+
+    def delete(self, job_id: str) -> JobRow | None:
+        """Remove a finished job's row (its folder is the caller's to remove); None if it is not finished."""
+        with self.store.session.begin() as s:
+            row = s.get(JobRow, job_id)
+            if row is None or row.status not in JOB_DONE:
+                return None
+            gone = s.execute(delete(JobRow).where(JobRow.id == job_id, JobRow.status.in_(JOB_DONE))).rowcount
+            return row if gone == 1 else None
+
+    def artifact_bytes(self, owner: str, *, except_job: str | None = None) -> int:
+        """The bytes of artifacts ``owner``'s jobs keep, as their runners last measured them (the key's cap)."""
+        q = select(func.coalesce(func.sum(JobRow.artifact_bytes), 0)).where(JobRow.owner == owner)
+        if except_job is not None:
+            q = q.where(JobRow.id != except_job)
+        with self.store.session() as s:
+            return int(s.scalar(q))
+
+    def fail_queued(self, job_id: str, error: str) -> bool:
+        """End a queued job as failed without running it (it can no longer run: :class:`~.kinds.StaleJob`)."""
+        with self.store.session.begin() as s:
+            return s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
+                             .values(status="failed", finished_at=time.time(), step="failed", error=error,
+                                     message="failed")).rowcount == 1
 
     # ------------------------------------------------------------ worker side
     def claim(self, worker: str, *, backend: str = "embedded", job_id: str | None = None) -> JobRow | None:
@@ -106,7 +132,7 @@ class JobQueue:
                 won = s.execute(update(JobRow).where(JobRow.id == candidate, JobRow.status == "queued")
                                 .values(status="running", worker=worker, heartbeat_at=now, started_at=now,
                                         training_at=None, attempts=JobRow.attempts + 1, step="starting",
-                                        message=f"claimed by {worker}")).rowcount
+                                        message=f"claimed by {worker}", artifact_bytes=0)).rowcount
             if won == 1:
                 return self.get(candidate)
             if job_id is not None:
@@ -114,8 +140,11 @@ class JobQueue:
         return None
 
     def heartbeat(self, job_id: str, worker: str, *, progress: float | None = None, step: str | None = None,
-                  message: str | None = None, metrics: dict | None = None, training: bool = False) -> Beat:
+                  message: str | None = None, metrics: dict | None = None, training: bool = False,
+                  artifact_bytes: int | None = None) -> Beat:
         values: dict = {"heartbeat_at": time.time()}
+        if artifact_bytes is not None:
+            values["artifact_bytes"] = artifact_bytes
         if progress is not None:
             values["progress"] = max(0.0, min(1.0, float(progress)))
         if step is not None:
@@ -133,10 +162,12 @@ class JobQueue:
         return Beat(owned, cancel)
 
     def finish(self, job_id: str, worker: str, status: str, *, error: str | None = None, message: str = "",
-               result: dict | None = None, metrics: dict | None = None) -> bool:
+               result: dict | None = None, metrics: dict | None = None, artifact_bytes: int | None = None) -> bool:
         assert status in JOB_DONE, status
         values: dict = {"status": status, "finished_at": time.time(), "error": error, "message": message,
                         "step": status}
+        if artifact_bytes is not None:
+            values["artifact_bytes"] = artifact_bytes
         if status == "succeeded":
             values["progress"] = 1.0
         if result is not None:

@@ -6,7 +6,9 @@ to the cluster as a task asking for the job's ``cpus``/``gpus``; the task claims
 with the same runner as an embedded worker: heartbeat, progress, cancel, log and artifacts
 through the same store and data dir. The cluster's workers therefore need the data dir on a
 shared filesystem and the store reachable (PostgreSQL, or SQLite for a one-machine cluster).
-A task whose process dies stops heartbeating, and the reaper ends its job like any other.
+A task whose process dies stops heartbeating, and the reaper ends its job like any other. Jobs are sent
+oldest first; one whose params no longer validate (queued before the server changed) fails there, saying
+so, and the jobs after it are sent as usual.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import threading
 import time
 
 from ..settings import Settings
-from ..store import Store
+from ..store import JobRow, Store
+from .kinds import StaleJob, stored_params
 from .queue import JobQueue
 
 log = logging.getLogger("sdb.jobs")
@@ -33,7 +36,7 @@ def portable_settings(settings: Settings) -> dict:
 def run_task(settings_dict: dict, job_id: str) -> str:
     """The Ray task: claim ``job_id`` and run it; ``skipped`` when it is no longer queued."""
     from .runner import execute
-    from .worker import worker_id
+    from .worker import end_process, worker_id
 
     settings = Settings(**settings_dict)
     if settings.job_torch_threads:
@@ -47,7 +50,7 @@ def run_task(settings_dict: dict, job_id: str) -> str:
         job = queue.claim(me, job_id=job_id)
         if job is None:
             return "skipped"
-        return execute(settings, queue, job, me)
+        return execute(settings, queue, job, me, hard_stop=end_process)  # Ray starts another process
     finally:
         store.close()
 
@@ -98,15 +101,9 @@ class RayDispatcher(threading.Thread):
         portable = portable_settings(self.settings)
         while not self.stopped.wait(self.settings.job_poll_s):
             try:
-                for job in self.queue.list(status="queued", limit=1000):
-                    if job.backend != "ray" or job.id in self.inflight:
-                        continue
-                    from .kinds import get_kind
-
-                    p = get_kind(job.kind).params.model_validate_json(job.params)
-                    self.inflight[job.id] = task.options(num_cpus=p.cpus, num_gpus=p.gpus,
-                                                         max_retries=0).remote(portable, job.id)
-                    log.info("job %s sent to Ray (cpus %s, gpus %s)", job.id, p.cpus, p.gpus)
+                for job in self.queue.list(status="queued", limit=1000, oldest_first=True):
+                    if job.backend == "ray" and job.id not in self.inflight:
+                        self._send(task, portable, job)
                 if self.inflight:
                     ready, _ = ray.wait(list(self.inflight.values()), num_returns=len(self.inflight), timeout=0)
                     for job_id, ref in list(self.inflight.items()):
@@ -118,6 +115,23 @@ class RayDispatcher(threading.Thread):
                                 log.warning("job %s: Ray task failed: %s", job_id, e)
             except Exception:
                 log.exception("Ray dispatcher; will retry")
+
+    def _send(self, task, portable: dict, job: JobRow) -> None:
+        """Send one queued job to Ray; one that can no longer run fails here, and one that cannot be sent
+        now is logged: neither stops the jobs after it."""
+        try:
+            _, p = stored_params(job.kind, job.params)
+        except StaleJob as e:
+            if self.queue.fail_queued(job.id, str(e)):
+                log.warning("job %s failed before it was sent to Ray: %s", job.id, e)
+            return
+        try:
+            self.inflight[job.id] = task.options(num_cpus=p.cpus, num_gpus=p.gpus,
+                                                 max_retries=0).remote(portable, job.id)
+        except Exception:
+            log.exception("job %s: could not be sent to Ray; will retry", job.id)
+            return
+        log.info("job %s sent to Ray (cpus %s, gpus %s)", job.id, p.cpus, p.gpus)
 
     def stop(self) -> None:
         self.stopped.set()

@@ -6,6 +6,12 @@ is recorded in words (:func:`service.disclosure.failure_reason`); its traceback 
 A job runs on its key's authority: the key is read again when the job is claimed and on every
 heartbeat, and a job whose key was revoked, expired or lost what the job reads (a scope, a model
 on its allowlist) is cancelled, saying why.
+
+A job runs under two caps, checked on every heartbeat: its run time (``max_job_seconds``: past it the
+job ends ``failed``, its partial artifacts kept as a cancel keeps them) and its key's artifact storage
+(``max_artifact_storage_per_key``: the job ends ``failed`` and keeps no artifact). A job asked to stop for
+a cap that is still running ``job_stale_s`` later is failed by the heartbeat, which then ends the job's
+process (``hard_stop``: the embedded pool and Ray start another one).
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import shutil
 import threading
 import time
 import traceback
+from collections.abc import Callable
 
 from sdb_core.progress import Cancelled
 
@@ -22,7 +29,7 @@ from ..disclosure import failure_reason, hide_paths_in
 from ..settings import Settings
 from ..store import JobRow
 from .context import JobContext
-from .kinds import get_kind
+from .kinds import stored_params
 from .plots import plot_curves
 from .queue import JobQueue
 
@@ -32,21 +39,29 @@ log = logging.getLogger("sdb.jobs")
 class Heartbeat(threading.Thread):
     """Writes the job's progress every ``interval`` seconds; sets ``ctx.cancel`` when asked to stop."""
 
-    def __init__(self, ctx: JobContext, interval: float):
+    def __init__(self, ctx: JobContext, interval: float, hard_stop: Callable[[], None] | None = None):
         super().__init__(name=f"heartbeat-{ctx.job.id[:8]}", daemon=True)
-        self.ctx, self.interval = ctx, interval
+        self.ctx, self.interval, self.hard_stop = ctx, interval, hard_stop
+        limit = ctx.settings.max_job_seconds
+        self.deadline = time.monotonic() + limit if limit > 0 else None
         self.done = threading.Event()
         self.lost = False
 
     def beat(self) -> None:
         s = self.ctx.snapshot()
+        used = self.ctx.artifact_bytes()
         b = self.ctx.queue.heartbeat(self.ctx.job.id, self.ctx.worker, progress=s["progress"], step=s["step"],
-                                     metrics=s["metrics"], training=s["training"])
+                                     metrics=s["metrics"], training=s["training"], artifact_bytes=used)
         if not b.owned:
             self.lost = True
         if b.cancel or not b.owned:
             self.ctx.cancel.set()
         self.ctx.check_key()  # a key revoked meanwhile stops the job at its next step
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.ctx.halt(overtime(self.ctx.settings))
+        over = artifacts_over_cap(self.ctx, used)
+        if over is not None:
+            self.ctx.halt(over, drop_artifacts=True)
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
@@ -55,33 +70,70 @@ class Heartbeat(threading.Thread):
             except Exception:  # the store briefly unreachable must not kill the job
                 log.warning("job %s: heartbeat failed", self.ctx.job.id, exc_info=True)
                 self.ctx.log("heartbeat failed: the store did not answer; trying again")
+            if self.hard_stop is not None and self.ctx.stuck(self.ctx.settings.job_stale_s) and not self.done.is_set():
+                grace = self.ctx.settings.job_stale_s
+                log.error("job %s did not stop within %.0f s of being asked (%s); ending its process",
+                          self.ctx.job.id, grace, self.ctx.failure)
+                self.ctx.log(f"the job did not stop within {grace:.0f} s of being asked: its process is ended")
+                end_halted(self.ctx)
+                self.hard_stop()
+                return
+
+
+def overtime(settings: Settings) -> str:
+    return f"ran past the {settings.max_job_seconds} s limit on job run time"
+
+
+def artifacts_over_cap(ctx: JobContext, used: int) -> str | None:
+    """Why the job's ``used`` bytes of artifacts take its key past its artifact storage cap, or None (admin
+    keys have no cap)."""
+    if ctx.key is None or ctx.key.grants("admin"):
+        return None
+    cap = ctx.settings.max_artifact_storage_per_key
+    others = ctx.queue.artifact_bytes(ctx.job.owner, except_job=ctx.job.id)
+    if others + used <= cap:
+        return None
+    return (f"its artifacts ({used} bytes) took its key past its {cap}-byte cap on artifact storage (its other "
+            f"jobs keep {others} bytes), so they were removed: delete jobs' artifacts (DELETE /v1/jobs/{{id}}) "
+            "to make room")
+
+
+def end_halted(ctx: JobContext) -> bool:
+    """End a job the worker stopped for a cap (:meth:`JobContext.halt`): ``failed``, with the reason, and no
+    artifact when the cap was its key's storage."""
+    if ctx.drop_artifacts:
+        shutil.rmtree(ctx.artifacts, ignore_errors=True)
+    ended = ctx.queue.finish(ctx.job.id, ctx.worker, "failed", error=ctx.failure, message="failed",
+                             artifact_bytes=ctx.artifact_bytes())
+    ctx.log(f"failed: {ctx.failure}")
+    return ended
 
 
 def job_dir(settings: Settings, job_id: str):
     return settings.jobs_dir / job_id
 
 
-def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str,
-            stop: threading.Event | None = None) -> str:
-    """Run a job this worker has claimed; returns the status it ended in (or ``queued`` if released)."""
+def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop: threading.Event | None = None,
+            hard_stop: Callable[[], None] | None = None) -> str:
+    """Run a job this worker has claimed; returns the status it ended in (or ``queued`` if released).
+    ``hard_stop`` ends the process, for a job that does not stop when a cap is passed (a worker process's own)."""
     workdir = job_dir(settings, job.id)
     if (workdir / "artifacts").exists():  # a requeued job starts clean
         shutil.rmtree(workdir / "artifacts")
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = JobContext(settings, queue, job, worker, workdir, stop)
     ctx.log(f"job {job.id} ({job.kind}) attempt {job.attempts} on worker {worker}")
-    hb = Heartbeat(ctx, settings.job_heartbeat_s)
+    hb = Heartbeat(ctx, settings.job_heartbeat_s, hard_stop)
     hb.start()
     t0 = time.time()
     try:
-        kind = get_kind(job.kind)
-        params = kind.params.model_validate_json(job.params)
+        kind, params = stored_params(job.kind, job.params)  # StaleJob: queued before the server changed
         ctx.reads = params.reads()
         if ctx.check_key() is not None:  # claimed for a key that no longer allows it: nothing runs
             raise Cancelled(ctx.key_stop)
         report = kind.run(ctx, params)
-        if ctx.key_stop is not None:  # stopped in a stretch that does not look at cancel: still not done
-            raise Cancelled(ctx.key_stop)
+        if ctx.key_stop is not None or ctx.failure is not None:  # stopped in a stretch blind to cancel: not done
+            raise Cancelled(ctx.key_stop or ctx.failure)
         ctx.step("writing report", None)
         plot_curves(ctx.curves, ctx.artifacts / "curves.png", title=f"{job.kind} {job.id[:8]}")
         full = {"job": {"id": job.id, "kind": job.kind, "params": json.loads(job.params),
@@ -89,8 +141,13 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str,
                 **report, "curves": ctx.curves}
         full = hide_paths_in(json.loads(json.dumps(full, default=str)), settings.data_dir)  # the owner downloads it
         (ctx.artifacts / "report.json").write_text(json.dumps(full, indent=2))
+        used = ctx.artifact_bytes()
+        over = artifacts_over_cap(ctx, used)
+        if over is not None:
+            ctx.halt(over, drop_artifacts=True)
+            raise Cancelled(over)
         ok = queue.finish(job.id, worker, "succeeded", message=report.get("summary", "done"),
-                          result=report.get("result", {}), metrics=report.get("metrics", {}))
+                          result=report.get("result", {}), metrics=report.get("metrics", {}), artifact_bytes=used)
         ctx.log("succeeded" if ok else "finished, but the job was no longer ours (reaped?)")
         return "succeeded"
     except Cancelled as e:
@@ -98,24 +155,31 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str,
             ctx.log(f"stopped: the job was taken from this worker ({e})")
             return "lost"
         if ctx.key_stop is not None:
-            queue.finish(job.id, worker, "cancelled", message=f"cancelled: {ctx.key_stop}")
+            queue.finish(job.id, worker, "cancelled", message=f"cancelled: {ctx.key_stop}",
+                         artifact_bytes=ctx.artifact_bytes())
             ctx.log(f"cancelled: {ctx.key_stop}")
             return "cancelled"
+        if ctx.failure is not None:
+            end_halted(ctx)
+            return "failed"
         if ctx.stop.is_set() and not ctx.cancel.is_set():
             queue.release(job.id, worker, f"requeued: worker {worker} shut down")
             ctx.log("released: the worker is shutting down; the job goes back to the queue")
             return "queued"
-        queue.finish(job.id, worker, "cancelled", message=str(e))
+        queue.finish(job.id, worker, "cancelled", message=str(e), artifact_bytes=ctx.artifact_bytes())
         ctx.log(f"cancelled: {e}")
         return "cancelled"
     except Exception as e:  # any error of a recipe fails the job
+        if ctx.failure is not None:  # a cap stopped it, and the recipe turned the stop into another error
+            end_halted(ctx)
+            return "failed"
         # The owner reads the cause in words (error, log.txt); the traceback, which quotes paths
         # and file contents, goes to the worker's log and traceback.txt beside log.txt, never served.
         reason = failure_reason(e, ctx.snapshot()["step"], settings.data_dir)
         (workdir / "traceback.txt").write_text(traceback.format_exc())
         log.exception("job %s (%s) failed", job.id, job.kind)
         ctx.log(f"failed: {reason}")
-        queue.finish(job.id, worker, "failed", error=reason, message="failed")
+        queue.finish(job.id, worker, "failed", error=reason, message="failed", artifact_bytes=ctx.artifact_bytes())
         return "failed"
     finally:
         hb.done.set()

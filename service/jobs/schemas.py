@@ -43,6 +43,7 @@ class JobPublic(BaseModel):
     started_at: float | None
     finished_at: float | None
     heartbeat_at: float | None
+    artifact_bytes: int = Field(0, description="bytes of its artifacts (its key's artifact storage cap counts them)")
 
 
 class JobList(BaseModel):
@@ -55,6 +56,11 @@ class JobLogChunk(BaseModel):
     next_offset: int = Field(description="ask for this offset next")
     status: JobStatus
     done: bool = Field(description="the job has ended and the whole log was sent")
+
+
+class JobDeleted(BaseModel):
+    id: str
+    deleted: bool
 
 
 class Artifact(BaseModel):
@@ -72,4 +78,5 @@ def job_public(row: JobRow) -> dict:
             "message": row.message, "metrics": json.loads(row.metrics or "{}"),
             "result": json.loads(row.result or "{}"), "error": row.error, "attempts": row.attempts,
             "worker": row.worker, "cancel_requested": bool(row.cancel_requested), "created_at": row.created_at,
-            "started_at": row.started_at, "finished_at": row.finished_at, "heartbeat_at": row.heartbeat_at}
+            "started_at": row.started_at, "finished_at": row.finished_at, "heartbeat_at": row.heartbeat_at,
+            "artifact_bytes": row.artifact_bytes or 0}

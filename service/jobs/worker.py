@@ -3,7 +3,9 @@
 
 A worker also reaps: any running job whose worker stopped heartbeating is failed or requeued
 (:meth:`JobQueue.reap`), so a killed worker's job is cleaned up by its peers or the server.
-SIGTERM/SIGINT stop the worker; a job it was running goes back to the queue.
+SIGTERM/SIGINT stop the worker; a job it was running goes back to the queue. A job that does not stop
+when it passes a cap (:mod:`.runner`) is failed and the process ends itself (:func:`end_process`); the pool
+starts another, as a compose worker's restart policy does.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from ..settings import Settings
 from ..store import Store
@@ -28,8 +31,19 @@ def worker_id(prefix: str = "worker") -> str:
     return f"{prefix}:{socket.gethostname()}:{os.getpid()}"
 
 
-def run_worker(settings: Settings, *, stop: threading.Event | None = None, once: bool = False) -> int:
-    """Claim and run embedded jobs until ``stop`` is set (or, with ``once``, until the queue is empty)."""
+EXIT_STUCK_JOB = 75  # the exit status of a worker that ended itself: its job did not stop at a cap
+
+
+def end_process() -> None:
+    """A worker process's hard stop, for a job that did not stop when asked (its job is already failed)."""
+    logging.shutdown()
+    os._exit(EXIT_STUCK_JOB)
+
+
+def run_worker(settings: Settings, *, stop: threading.Event | None = None, once: bool = False,
+               hard_stop: Callable[[], None] | None = None) -> int:
+    """Claim and run embedded jobs until ``stop`` is set (or, with ``once``, until the queue is empty);
+    ``hard_stop`` (a dedicated process's :func:`end_process`) for a job that does not stop at a cap."""
     if settings.job_torch_threads:
         import torch
 
@@ -55,7 +69,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
                 stop.wait(settings.job_poll_s)
                 continue
             log.info("job %s (%s): started", job.id, job.kind)
-            status = execute(settings, queue, job, me, stop)
+            status = execute(settings, queue, job, me, stop, hard_stop)
             log.info("job %s: %s", job.id, status)
     finally:
         store.close()
@@ -81,24 +95,54 @@ def main_worker(settings: Settings) -> int:
     parent = os.environ.get(PARENT_ENV)
     if parent:
         threading.Thread(target=_watch_parent, args=(int(parent), stop), daemon=True).start()
-    return run_worker(settings, stop=stop)
+    return run_worker(settings, stop=stop, hard_stop=end_process)
+
+
+def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
+    """The CUDA devices this machine lets a process use, as CUDA_VISIBLE_DEVICES names them: that
+    variable when it is set, else what ``nvidia-smi -L`` lists, else none. (No torch import here: the
+    API process that starts the pool need not load it.)"""
+    env = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], check=True, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(ln for ln in out.splitlines() if ln.startswith("GPU "))]
+
+
+def gpu_slots(workers: int, gpus: int | None, devices: list[str]) -> list[str]:
+    """CUDA_VISIBLE_DEVICES for each of ``workers`` workers: one device each for the first ``gpus``
+    (None: one per device; never more than there are devices), "" (no CUDA: the CPU) for the rest.
+    So at most that many GPU jobs run at once, each alone on its device."""
+    n = min(len(devices) if gpus is None else gpus, len(devices), workers)
+    return [devices[i] for i in range(n)] + [""] * (workers - n)
 
 
 class WorkerPool:
-    """``n`` ``sdb worker`` processes on the server's settings; one that exits is started again."""
+    """``n`` ``sdb worker`` processes on the server's settings; one that exits is started again, on the
+    same device. ``devices`` (one CUDA_VISIBLE_DEVICES value per worker, :func:`gpu_slots`) pins each
+    worker to its GPU or to none; None leaves the environment's."""
 
-    def __init__(self, n: int, env: dict[str, str] | None = None, restart_delay_s: float = 1.0):
+    def __init__(self, n: int, env: dict[str, str] | None = None, restart_delay_s: float = 1.0,
+                 devices: list[str] | None = None):
         self.n, self.env, self.restart_delay_s = n, env, restart_delay_s
+        if devices is not None and len(devices) != n:
+            raise ValueError(f"one device slot per worker: {n} workers, {len(devices)} slots")
+        self.devices = devices
         self.procs: list[subprocess.Popen] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="sdb-worker-pool", daemon=True)
 
-    def _spawn(self) -> subprocess.Popen:
+    def _spawn(self, i: int) -> subprocess.Popen:
         env = {**(self.env if self.env is not None else os.environ), PARENT_ENV: str(os.getpid())}
+        if self.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.devices[i]
         return subprocess.Popen([sys.executable, "-m", "service.jobs"], env=env)
 
     def start(self) -> WorkerPool:
-        self.procs = [self._spawn() for _ in range(self.n)]
+        self.procs = [self._spawn(i) for i in range(self.n)]
         self._thread.start()
         return self
 
@@ -107,7 +151,7 @@ class WorkerPool:
             for i, p in enumerate(self.procs):
                 if p.poll() is not None and not self._stop.is_set():
                     log.warning("job worker pid %d exited with %s; starting another", p.pid, p.returncode)
-                    self.procs[i] = self._spawn()
+                    self.procs[i] = self._spawn(i)
 
     @property
     def pids(self) -> list[int]:

@@ -21,6 +21,7 @@ def script(stub) -> None:
             Reply(200, {"id": "j1", "status": "running", "progress": 0.5}),
             Reply(200, {"id": "j1", "status": "succeeded", "metrics": {"acc": 90.0}}))
     stub.on("POST", "/v1/jobs/j1/cancel", Reply(200, {"id": "j1", "status": "cancelled"}))
+    stub.on("DELETE", "/v1/jobs/j1", Reply(200, {"id": "j1", "deleted": True}))
     stub.on("GET", "/v1/jobs/j1/logs", Reply(200, {"text": "epoch 1\nepoch 2\n", "next_offset": 16}))
     stub.on("GET", "/v1/jobs/j1/artifacts", Reply(200, {"artifacts": [{"name": "student.safetensors", "size": 4}]}))
     stub.on("GET", "/v1/jobs/j1/artifacts/student.safetensors", Reply(200, b"\x00\x01\x02\x03"))
@@ -38,6 +39,7 @@ def test_jobs_contract_sync(stub, tmp_path):
         assert done["status"] == "succeeded" and stub.hits[("GET", "/v1/jobs/j1")] == 3
         assert c.jobs.get("j1")["status"] == "succeeded"
         assert c.jobs.cancel("j1")["status"] == "cancelled"
+        assert c.jobs.delete("j1") == {"id": "j1", "deleted": True}
         assert c.jobs.logs("j1", offset=3) == JobLogs("epoch 1\nepoch 2\n", 16)
         headers, _ = stub.seen[("GET", "/v1/jobs/j1/logs")][0]
         assert headers[":query"] == "offset=3"
@@ -63,6 +65,7 @@ async def test_jobs_contract_async(stub, tmp_path):
         assert (await c.jobs.wait("j1", poll_s=0.01))["status"] == "succeeded"
         assert (await c.jobs.get("j1"))["status"] == "succeeded"
         assert (await c.jobs.cancel("j1"))["status"] == "cancelled"
+        assert (await c.jobs.delete("j1"))["deleted"] is True
         assert await c.jobs.logs("j1", offset=0) == JobLogs("plain line\n", 11)
         assert len(await c.jobs.artifacts("j1")) == 1
         out = await c.jobs.download("j1", "student.safetensors", tmp_path / "s.bin")

@@ -1,5 +1,8 @@
 """Limits per caller: request rate per key and per address (429 with Retry-After, before any work),
-jobs a key may have at once, bytes of files a key may keep. The real app in process, SQLite store."""
+jobs a key may have at once, bytes of files and of job artifacts a key may keep. The real app in
+process, SQLite store. (What the workers enforce while a job runs, its run time and its artifacts, is in
+test_job_caps_are_enforced_by_the_workers.py; uploads racing the file cap in
+test_file_storage_cap_is_exact_under_concurrency.py.)"""
 from __future__ import annotations
 
 import io
@@ -25,7 +28,10 @@ def png(seed: int) -> bytes:
 
 RATES = {"rate_limit_key_per_s": 0.2, "rate_limit_key_burst": 3, "rate_limit_address_per_s": 0.2,
          "rate_limit_address_burst": 3}
-CAPS = {"max_active_jobs_per_key": 2, "max_file_storage_per_key": 2 * len(png(0)) + 200}
+ARTIFACT_CAP = 4096
+CAPS = {"max_active_jobs_per_key": 2, "max_file_storage_per_key": 2 * len(png(0)) + 200,
+        "max_artifact_storage_per_key": ARTIFACT_CAP}
+WRAP = {"kind": "wrap", "params": {"data": "digits", "teacher": {"arch": "cnn"}, "epochs": 1}}
 
 
 async def _service(tmp_path, bundles, **limits):
@@ -113,3 +119,48 @@ async def test_a_key_may_keep_only_so_many_bytes_of_files(capped):
     assert len((await c.get("/v1/files", headers=h)).json()["files"]) == 2  # the refused one left nothing
     assert (await c.delete(f"/v1/files/{ids[0]}", headers=h)).status_code in (200, 204)
     assert (await upload(3)).status_code == 201
+
+
+def _ran(svc, job_id: str, artifact_bytes: int) -> None:
+    """What a worker leaves of a job that succeeded under a larger cap (the operator lowered it since)."""
+    from service.jobs.runner import job_dir
+
+    queue = svc.app.state.jobs
+    assert queue.claim("test-worker", job_id=job_id) is not None
+    artifacts = job_dir(svc.settings, job_id) / "artifacts"
+    artifacts.mkdir(parents=True)
+    (artifacts / "student.safetensors").write_bytes(b"\0" * artifact_bytes)
+    assert queue.finish(job_id, "test-worker", "succeeded", artifact_bytes=artifact_bytes)
+
+
+async def test_a_key_at_its_artifact_cap_queues_nothing_until_it_deletes_finished_jobs(capped):
+    c = capped.client
+    h, other = capped.auth(capped.key(("jobs",))), capped.auth(capped.key(("jobs",)))
+    # A job is deleted once it has ended, by its own key only.
+    queued = (await c.post("/v1/jobs", json=WRAP, headers=h)).json()["id"]
+    r = await c.delete(f"/v1/jobs/{queued}", headers=h)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_finished", r.text
+    assert (await c.post(f"/v1/jobs/{queued}/cancel", headers=h)).status_code == 200
+    assert (await c.delete(f"/v1/jobs/{queued}", headers=other)).status_code == 404
+    assert (await c.delete(f"/v1/jobs/{queued}", headers=h)).json() == {"id": queued, "deleted": True}
+    assert (await c.get(f"/v1/jobs/{queued}", headers=h)).status_code == 404
+
+    done = (await c.post("/v1/jobs", json=WRAP, headers=h)).json()["id"]
+    _ran(capped, done, ARTIFACT_CAP)
+    assert (await c.get(f"/v1/jobs/{done}", headers=h)).json()["artifact_bytes"] == ARTIFACT_CAP
+    r = await c.post("/v1/jobs", json=WRAP, headers=h)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "artifact_storage_exceeded", r.text
+    message = r.json()["error"]["message"]
+    assert f"keep {ARTIFACT_CAP} bytes of artifacts and it may keep {ARTIFACT_CAP}" in message, message
+    assert "delete jobs' artifacts" in message and "DELETE /v1/jobs/" in message
+    assert str(capped.settings.data_dir) not in message
+    assert [j["id"] for j in (await c.get("/v1/jobs", headers=h)).json()["jobs"]] == [done]  # nothing queued
+    assert (await c.post("/v1/jobs", json=WRAP, headers=other)).status_code == 202  # another key has its own cap
+    admin = capped.admin  # no storage caps for an admin key
+    assert (await c.post("/v1/jobs", json=WRAP, headers=admin)).status_code == 202
+
+    # Deleting the finished job frees its artifacts, on disk and against the cap.
+    assert (await c.delete(f"/v1/jobs/{done}", headers=h)).status_code == 200
+    assert not (capped.settings.jobs_dir / done).exists()
+    assert (await c.get(f"/v1/jobs/{done}/artifacts", headers=h)).status_code == 404
+    assert (await c.post("/v1/jobs", json=WRAP, headers=h)).status_code == 202

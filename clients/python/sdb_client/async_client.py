@@ -206,6 +206,11 @@ class AsyncJobs:
     async def cancel(self, job_id: str) -> dict:
         return await self._c._json("POST", b.job_path(job_id, "cancel"))
 
+    async def delete(self, job_id: str) -> dict:
+        """Delete a finished job: its record, log and artifacts, which no longer count against the key's
+        artifact storage cap. A queued or running job is refused (409): cancel it first."""
+        return await self._c._json("DELETE", b.job_path(job_id))
+
     async def logs(self, job_id: str, offset: int = 0) -> JobLogs:
         resp = await self._c._request("GET", b.job_path(job_id, "logs"), params={"offset": offset})
         return b.parse_logs(resp, offset)

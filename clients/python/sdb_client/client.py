@@ -216,6 +216,11 @@ class Jobs:
     def cancel(self, job_id: str) -> dict:
         return self._c._json("POST", b.job_path(job_id, "cancel"))
 
+    def delete(self, job_id: str) -> dict:
+        """Delete a finished job: its record, log and artifacts, which no longer count against the key's
+        artifact storage cap. A queued or running job is refused (409): cancel it first."""
+        return self._c._json("DELETE", b.job_path(job_id))
+
     def logs(self, job_id: str, offset: int = 0) -> JobLogs:
         """The log from byte ``offset``; pass the answer's ``offset`` to get only what is new."""
         return b.parse_logs(self._c._request("GET", b.job_path(job_id, "logs"), params={"offset": offset}), offset)

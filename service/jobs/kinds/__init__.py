@@ -2,6 +2,18 @@
 # Imported for their registrations: protection, distillation, the leak audit, pose (OKDHP),
 # amalgamation (afk, branching, datafree), transferability (DEPARA) and style transfer.
 from . import amalgamate, audit, distill, okdhp, style, transferability, wrap  # noqa: F401
-from .base import KINDS, JobParams, Kind, ModelParam, Submission, get_kind, job_kind
+from .base import (
+    KINDS,
+    JobParams,
+    Kind,
+    ModelParam,
+    StaleJob,
+    Submission,
+    get_kind,
+    job_kind,
+    params_errors,
+    stored_params,
+)
 
-__all__ = ["KINDS", "JobParams", "Kind", "ModelParam", "Submission", "get_kind", "job_kind"]
+__all__ = ["KINDS", "JobParams", "Kind", "ModelParam", "StaleJob", "Submission", "get_kind", "job_kind",
+           "params_errors", "stored_params"]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sdb_core.registry import Registry
 from sdb_core.tasks.refs import ModelRef
@@ -106,6 +106,33 @@ def job_kind(name: str, params: type[JobParams], check: Callable[[Any, Submissio
 
 def get_kind(name: str) -> Kind:
     return KINDS.get(name)
+
+
+def params_errors(e: ValidationError) -> str:
+    """A params ValidationError in a line: where (``params.field``) and what, for the first five."""
+    parts = []
+    for err in e.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"params.{where}: {err['msg']}" if where else f"params: {err['msg']}")
+    return "; ".join(parts)
+
+
+class StaleJob(ValueError):
+    """A queued job this server cannot run as it was stored: its kind is gone, or its params no longer
+    validate (the server changed since the job was queued). The job fails with this sentence."""
+
+
+def stored_params(kind: str, params_json: str) -> tuple[Kind, JobParams]:
+    """A stored job's kind and its params, validated again as this server defines them; :class:`StaleJob`
+    when they no longer are a job this server runs."""
+    if kind not in KINDS:
+        raise StaleJob(f"this server has no job kind {kind!r} any more (it changed since the job was queued)")
+    k = get_kind(kind)
+    try:
+        return k, k.params.model_validate_json(params_json)
+    except ValidationError as e:
+        raise StaleJob(f"its params no longer fit the {kind} job on this server (it changed since the job was "
+                       f"queued): {params_errors(e)}; submit it again") from None
 
 
 def check_arch(value: str) -> str:
