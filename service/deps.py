@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -16,6 +16,7 @@ from .errors import ApiError
 from .jobs.queue import JobQueue
 from .metrics import Metrics
 from .registry import ModelHost
+from .schemas import NO_NUL
 from .settings import Settings
 from .store import Store
 
@@ -50,6 +51,10 @@ ModelHostDep = Annotated[ModelHost, Depends(_host)]
 KeyringDep = Annotated[Keyring, Depends(_keyring)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 JobQueueDep = Annotated[JobQueue, Depends(_jobs_queue)]
+
+# Path parameters as the schema documents them; their examples are the demo model's (`sdb demo`).
+ModelName = Annotated[str, Path(description="a served model's name", examples=["mnist-demo"], pattern=NO_NUL)]
+ModelVersion = Annotated[str, Path(description="one of the model's versions", examples=["1"], pattern=NO_NUL)]
 
 # Declared for the OpenAPI "Authorize" button; the header itself is checked below, so a
 # wrong scheme and a malformed key get the same precise 401 as a missing one.
@@ -136,7 +141,8 @@ async def _distilling(request: Request) -> Serving:
 
 
 # The routes that use these declare the bearer scheme in their OpenAPI (SERVING_DOC): as a
-# sub-dependency it would be one more solve on every request.
+# sub-dependency it would be one more solve on every request. The routes that take an
+# OptionalApiKeyDep declare it too: the dependency alone documents the key as required.
 SERVING_DOC = {"security": [{"HTTPBearer": []}, {}]}  # a key is optional; when sent it must be valid
 DISTILLING_DOC = {"security": [{"HTTPBearer": []}]}
 ServingDep = Annotated[Serving, Depends(_serving)]

@@ -1,7 +1,11 @@
-"""One exception type, mapped once to ``{"error": {"code", "message"}}``.
+"""One exception type, mapped once to the error body of the route's protocol.
 
-Validation errors, unknown routes and methods, and any unexpected exception get the
-same body; an unexpected one is logged here and answers a 500 that says nothing internal.
+``/v1`` (and every route outside ``/v2``) answers ``{"error": {"code", "message"}}``; ``/v2`` answers
+the Open Inference Protocol's ``{"error": "message"}`` (tritonclient shows ``body["error"]`` as a
+string), with the same status. :class:`ErrorResponse` picks the form when it is sent, from the
+request's path, so the exception handlers here and the middleware's own answers (413, 429, 500)
+agree. Validation errors, unknown routes and methods, and any unexpected exception get the same
+body; an unexpected one is logged by the middleware and answers a 500 that says nothing internal.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("sdb.service")
 
@@ -34,9 +39,33 @@ def not_found(message: str, code: str = "not_found") -> ApiError:
     return ApiError(404, code, message)
 
 
+def is_v2(scope: Scope) -> bool:
+    """Whether a request is on the Open Inference Protocol's routes (``/v2``, under any root path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path == "/v2" or path.startswith("/v2/")
+
+
+class ErrorResponse(Response):
+    """An error in the form of the route it answers: rich for ``/v1``, a string message for ``/v2``."""
+
+    media_type = "application/json"
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        self.code, self.message, self._extra_headers = code, message, headers
+        super().__init__(orjson.dumps({"error": {"code": code, "message": message}}), status_code=status,
+                         headers=headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if is_v2(scope):  # the code has no place in the protocol's body; the message says it
+            self.body = orjson.dumps({"error": self.message})
+            self.init_headers(self._extra_headers)
+        await super().__call__(scope, receive, send)
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps({"error": {"code": code, "message": message}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+    return ErrorResponse(status, code, message, headers)
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
@@ -47,7 +76,10 @@ def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for e in exc.errors()[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "string_pattern_mismatch" and "\x00" in str(e.get("input", "")):
+            msg = "a NUL character is not allowed"  # the pattern itself (schemas.NO_NUL) says little
+        parts.append(f"{where}: {msg}" if where else str(msg))
     return "; ".join(parts) or "invalid request"
 
 

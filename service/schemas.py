@@ -3,7 +3,7 @@ pydantic (a per-element validator would cost more than the model); these classes
 the small fields and document every body in the OpenAPI schema."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,6 +29,11 @@ def options(cls: type[BaseModel], obj: dict) -> Any:
 
 
 Tensor = list[Any]
+
+# PostgreSQL text holds no NUL byte: a name, id or filter with one is a 422 at the boundary, never a
+# store lookup (on PostgreSQL that lookup was a 500).
+NO_NUL = r"^[^\x00]*$"
+Text = Annotated[str, Field(pattern=NO_NUL)]
 
 
 class PredictRequest(BaseModel):
@@ -111,13 +116,32 @@ class ModelList(BaseModel):
     models: list[ModelInfo]
 
 
+class ModelVersionRef(BaseModel):
+    name: str
+    version: str
+
+
+class ModelRemoved(BaseModel):
+    removed: list[ModelVersionRef]
+
+
+MODEL_EXAMPLE = {"name": "mnist-demo", "version": "1", "versions": ["1"], "task": "classification", "mode": "sdb",
+                 "distillable": True, "input": {"name": "input", "shape": [1, 28, 28], "dtype": "float32"},
+                 "normalize": {"mean": [0.1307], "std": [0.3081], "scale": 255.0},
+                 "labels": [str(i) for i in range(10)], "temperature": 4.0, "metrics": {}, "protection": None,
+                 "output_policy": {"policy": "probs", "top_k": None, "decimals": None}, "added_at": 1767225600.0}
+
+
 class CreateKeyRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"scopes": ["distill"], "models": ["mnist-demo"], "quota": 100000, "quota_window_s": 86400,
+         "expires_days": 90, "name": "teacher-of-lab-7"}]})
     scopes: list[str] = Field(min_length=1, description="predict | distill | jobs | deploy | admin")
-    models: list[str] | None = Field(None, description="allowlist; omitted: every model")
+    models: list[Text] | None = Field(None, description="allowlist; omitted: every model")
     quota: int | None = Field(None, ge=0, description="samples the key may be served (distill)")
     quota_window_s: int | None = Field(None, ge=1, description="the quota restarts every window; omitted: lifetime")
     expires_days: float | None = Field(None, gt=0)
-    name: str = Field("", max_length=200)
+    name: str = Field("", max_length=200, pattern=NO_NUL)
 
 
 class KeyPublic(BaseModel):
@@ -140,8 +164,85 @@ class KeyList(BaseModel):
     keys: list[KeyPublic]
 
 
-def json_body_doc(model: type[BaseModel], *extra_types: tuple[str, dict]) -> dict:
-    """``openapi_extra`` for routes that read their body themselves."""
-    content = {"application/json": {"schema": model.model_json_schema()}}
+def _inline_defs(schema: dict) -> dict:
+    """A model's JSON schema with its ``$defs`` written in place: a ``#/$defs/…`` reference means
+    nothing inside an OpenAPI document, so the body must stand alone (the models are not recursive)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk({**defs[ref.removeprefix("#/$defs/")], **{k: v for k, v in node.items() if k != "$ref"}})
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return walk(schema)
+
+
+def json_body_doc(model: type[BaseModel], *extra_types: tuple[str, dict], example: Any = None) -> dict:
+    """``openapi_extra`` for routes that read their body themselves: ``model`` as the JSON body."""
+    json_doc = {"schema": _inline_defs(model.model_json_schema())}
+    if example is not None:
+        json_doc["example"] = example
+    content = {"application/json": json_doc}
     content.update(dict(extra_types))
     return {"requestBody": {"required": True, "content": content}}
+
+
+# ---------------------------------------------------------------- errors, as the schema documents them
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable and machine-readable: model_not_found, missing_key, quota_exceeded, ...")
+    message: str = Field(description="what went wrong, for people")
+
+
+class ErrorBody(BaseModel):
+    """Every error outside ``/v2``."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"error": {"code": "model_not_found", "message": "no model named 'nope'"}}]})
+    error: ErrorDetail
+
+
+class V2Error(BaseModel):
+    """Every error on ``/v2``: the Open Inference Protocol's body, a message alone."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"error": "no model named 'nope'"}]})
+    error: str
+
+
+_WHY = {
+    400: "a body that cannot be parsed (not JSON, not a JSON object, not UTF-8), or a model of another task",
+    401: "no API key, or a malformed, unknown, revoked or expired one",
+    403: "the key lacks the scope, or the model is not on its allowlist",
+    404: "no such model or version",
+    409: "a conflicting state",
+    413: "the body is over the payload limit (SDB_MAX_PAYLOAD_BYTES)",
+    415: "a media type the route does not take, or an unreadable image",
+    422: "a parameter, field or tensor that fails validation",
+    429: "over the request rate (per key, or per address without one), or the key's sample quota",
+    503: "the server is starting, or the model version cannot be served",
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait (when known)", "schema": {"type": "integer"}}},
+}
+
+
+def responses(*statuses: int, v2: bool = False, why: dict[int, str] | None = None) -> dict[int, dict]:
+    """The documented error answers of a route: each status with its body model and why it happens.
+
+    ``v2`` routes answer the protocol's :class:`V2Error`, every other route :class:`ErrorBody`;
+    ``why`` says it better for this route than the generic sentence."""
+    why = why or {}
+    return {s: {"model": V2Error if v2 else ErrorBody, "description": why.get(s, _WHY[s]),
+                **({"headers": _HEADERS[s]} if s in _HEADERS else {})} for s in sorted(set(statuses))}
+
+
+def ok(example: Any, status: int = 200, media: str = "application/json",
+       schema: dict | None = None) -> dict[int, dict]:
+    """The example of a route's success body, beside the schema its ``response_model`` gives (or ``schema``)."""
+    return {status: {"content": {media: {"example": example, **({"schema": schema} if schema else {})}}}}
+
+
+AUTH = (401, 403, 422, 429)  # what any route that checks a key can answer

@@ -26,7 +26,7 @@ from ..deploy import deploy_bundle
 from ..deps import ApiKeyDep, ModelHostDep, SettingsDep, StoreDep
 from ..errors import ApiError, invalid
 from ..jobs.kinds.base import NAME_PATTERN
-from ..schemas import ModelInfo, OutputPolicy, json_response
+from ..schemas import AUTH, MODEL_EXAMPLE, ModelInfo, OutputPolicy, json_response, ok, responses
 from ..tensors import parse_json
 from .models import _describe
 
@@ -57,12 +57,14 @@ _DOC = {"requestBody": {"required": True, "content": {
         "policy": {"type": "string", "enum": ["probs", "top_k", "label"], "description": "output policy"},
         "top_k": {"type": "integer", "description": _POLICY["top_k"].description},
         "decimals": {"type": "integer", "description": _POLICY["decimals"].description}}}},
-    "application/json": {"schema": DeployRequest.model_json_schema()}}}}
-_ERRORS = {400: {"description": "the bundle failed verification"}, 404: {"description": "no such file"},
-           403: {"description": "the name is another key's (model_not_owned)"},
-           409: {"description": "that version was registered meanwhile"},
-           413: {"description": "over the size limit"}, 415: {"description": "neither multipart nor JSON"},
-           422: {"description": "a bad field, a server path, or a file of another purpose"}}
+    "application/json": {"schema": DeployRequest.model_json_schema(),
+                         "example": {"file": "file-0123456789abcdef01234567", "name": "mnist-demo",
+                                     "policy": "top_k", "top_k": 3}}}}}
+_ERRORS = {**ok(MODEL_EXAMPLE, 201), **responses(400, *AUTH, 404, 409, 413, 415, why={
+    400: "the bundle failed verification, or a malformed body", 404: "no such file for this key",
+    403: "the key lacks the deploy scope, or the name is another key's (model_not_owned)",
+    409: "that version was registered meanwhile", 413: "over the upload limit (SDB_MAX_FILE_BYTES)",
+    415: "neither multipart nor JSON", 422: "a bad field, a server path, or a file of another purpose"})}
 
 
 async def _request_body(request: Request, limit: int) -> DeployRequest:

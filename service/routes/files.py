@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -18,7 +18,7 @@ from ..bodies import MULTIPART, media_type
 from ..deps import ApiKeyDep, SettingsDep, StoreDep
 from ..errors import ApiError
 from ..filechecks import PURPOSES
-from ..schemas import json_response
+from ..schemas import AUTH, NO_NUL, json_response, ok, responses
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 FILE_SCOPES = ("jobs", "deploy")  # admin grants both
@@ -62,8 +62,16 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-dat
         "file": {"type": "string", "format": "binary"},
         "purpose": {"type": "string", "enum": list(PURPOSES)},
         "shared": {"type": "boolean", "description": "every key may use it (admin keys only)"}}}}}}}
-_ERRORS = {400: {"description": "malformed multipart body"}, 413: {"description": "over the size limit"},
-           415: {"description": "not multipart/form-data"}, 422: {"description": "the file failed its check"}}
+_FILE = {"id": "file-0123456789abcdef01234567", "object": "file", "purpose": "dataset", "filename": "digits.npz",
+         "bytes": 183412, "sha256": "9f2c" + "0" * 60, "format": "npz", "info": {"images": 1797, "classes": 10},
+         "shared": False, "created_at": 1767225600.0}
+_SCOPE = {403: "the key has neither the jobs nor the deploy scope"}
+_ERRORS = {**ok(_FILE, 201), **responses(400, *AUTH, 413, 415, why={
+    400: "a malformed multipart body", 403: "the key has neither the jobs nor the deploy scope, or shares "
+    "a file without being an admin", 413: "over the upload limit (SDB_MAX_FILE_BYTES), or the key's storage cap",
+    415: "not multipart/form-data", 422: "no file, an unknown purpose, or a file that failed its check"})}
+_FILE_ID = Annotated[str, Path(description="file- and 24 hex digits", examples=["file-0123456789abcdef01234567"],
+                               pattern=NO_NUL)]
 
 
 @router.post("", status_code=201, response_model=FilePublic, openapi_extra=_UPLOAD_DOC, responses=_ERRORS,
@@ -82,21 +90,22 @@ async def upload(request: Request, key: FilesKeyDep, store: StoreDep, settings: 
     return json_response(files.public(row, key, settings), status=201)
 
 
-@router.get("", response_model=FileList, summary="This key's files and the shared ones (admin: every file)")
+@router.get("", response_model=FileList, summary="This key's files and the shared ones (admin: every file)",
+            responses={**ok({"files": [_FILE]}), **responses(*AUTH, why=_SCOPE)})
 def list_files(key: FilesKeyDep, store: StoreDep, settings: SettingsDep) -> Response:
     rows = store.list_files(None if key.grants("admin") else key.id, shared=True)
     return json_response({"files": [files.public(r, key, settings) for r in rows]})
 
 
-@router.get("/{file_id}", response_model=FilePublic, responses={404: {"description": "no such file for this key"}},
-            summary="One file")
-def get_file(file_id: str, key: FilesKeyDep, store: StoreDep, settings: SettingsDep) -> Response:
+@router.get("/{file_id}", response_model=FilePublic, summary="One file",
+            responses={**ok(_FILE), **responses(*AUTH, 404, why={**_SCOPE, 404: "no such file for this key"})})
+def get_file(file_id: _FILE_ID, key: FilesKeyDep, store: StoreDep, settings: SettingsDep) -> Response:
     return json_response(files.public(files.get_visible(store, key, file_id), key, settings))
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, summary="Delete a file (its owner, or admin)",
-               responses={403: {"description": "a shared file this key does not own"},
-                          404: {"description": "no such file for this key"}})
-def delete_file(file_id: str, key: FilesKeyDep, store: StoreDep, settings: SettingsDep) -> Response:
+               responses={**ok({"id": _FILE["id"], "deleted": True}), **responses(*AUTH, 404, why={
+                   403: "a scope missing, or a shared file this key does not own", 404: "no such file for this key"})})
+def delete_file(file_id: _FILE_ID, key: FilesKeyDep, store: StoreDep, settings: SettingsDep) -> Response:
     row = files.delete(store, settings, key, file_id)
     return json_response({"id": row.id, "deleted": True})

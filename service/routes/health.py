@@ -6,24 +6,38 @@ None of them shows a server path or a key id to a caller without an admin key; w
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from ..auth import check_scope
-from ..deps import MetricsDep, ModelHostDep, OptionalApiKeyDep, SettingsDep, StoreDep
+from ..deps import SERVING_DOC, MetricsDep, ModelHostDep, OptionalApiKeyDep, SettingsDep, StoreDep
 from ..disclosure import hide_paths
 from ..errors import ApiError
-from ..schemas import json_response
+from ..schemas import AUTH, json_response, ok, responses
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is up")
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    models: int = Field(description="model versions being served")
+    failed_models: int = Field(description="registered versions that do not load")
+    failed: dict[str, str] | None = Field(None, description="name@version: why (when model names are public)")
+
+
+@router.get("/healthz", summary="The process is up", response_model=Health, responses=ok({"status": "ok"}))
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 
 
-@router.get("/readyz", summary="Models loaded and the store reachable")
+@router.get("/readyz", summary="Models loaded and the store reachable", response_model=Readiness,
+            responses={**ok({"status": "ready", "models": 1, "failed_models": 0, "failed": {}}),
+                       **responses(503, why={503: "still starting (not_ready), or the store does not answer"})})
 async def readyz(request: Request, store: StoreDep, host: ModelHostDep, settings: SettingsDep) -> Response:
     if not getattr(request.app.state, "ready", False):
         raise ApiError(503, "not_ready", "the server is still starting")
@@ -37,7 +51,15 @@ async def readyz(request: Request, store: StoreDep, host: ModelHostDep, settings
     return json_response(body)
 
 
-@router.get("/metrics", summary="Prometheus metrics (series by key id with an admin key)")
+_METRICS_EXAMPLE = ('# TYPE sdb_requests_total counter\nsdb_requests_total{method="POST",model="mnist-demo",'
+                    'route="/v1/models/{name}/predict",status="200"} 1.0\n')
+
+
+@router.get("/metrics", summary="Prometheus metrics (series by key id with an admin key)",
+            response_class=Response, openapi_extra=SERVING_DOC,  # a media type here would be the errors' too
+            responses={**ok(_METRICS_EXAMPLE, media="text/plain", schema={"type": "string"}),
+                       **responses(*AUTH, why={401: "public_predict is off and no admin key was sent",
+                                               403: "public_predict is off and the key is not an admin's"})})
 async def metrics(m: MetricsDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
     admin = key is not None and key.grants("admin")
     if not settings.public_predict and not admin:  # the series are labelled with model names

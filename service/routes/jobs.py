@@ -1,16 +1,20 @@
-"""``/v1/jobs``: submit, list, get, cancel, logs and artifacts (scope ``jobs``).
+"""``/v1/jobs``: submit, list, get, cancel, delete, logs and artifacts (scope ``jobs``).
 
 A key sees its own jobs only (another key's job is a 404, so ids are not probed); an admin
 key sees every job, as stored; what any other key reads of a job (record, log) names no server
 path. Params are validated by the kind's pydantic model and its submission check before
-anything is queued: a bad job is a 422 (or 403/404) and leaves no row.
+anything is queued: a bad job is a 422 (or 403/404) and leaves no row. A key whose jobs keep their
+cap of artifact bytes queues nothing more until it deletes finished jobs.
 """
 from __future__ import annotations
 
 import json
+import mimetypes
 import re
+import shutil
+from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Body, Header, Path, Query
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
@@ -19,10 +23,11 @@ from ..auth import ApiKey
 from ..deps import JobQueueDep, JobsKeyDep, ModelHostDep, SettingsDep
 from ..disclosure import hide_paths, hide_paths_in
 from ..errors import ApiError, invalid, not_found
-from ..jobs.kinds import KINDS, Submission, get_kind
+from ..jobs.kinds import KINDS, Submission, get_kind, params_errors
 from ..jobs.runner import job_dir
 from ..jobs.schemas import (
     ArtifactList,
+    JobDeleted,
     JobList,
     JobLogChunk,
     JobPublic,
@@ -30,7 +35,7 @@ from ..jobs.schemas import (
     JobSubmit,
     job_public,
 )
-from ..schemas import json_response
+from ..schemas import AUTH, NO_NUL, json_response, ok, responses
 from ..settings import Settings
 from ..store import JOB_DONE, JobRow
 
@@ -39,13 +44,17 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ARTIFACT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 LOG_CHUNK_MAX = 1 << 20
 
-
-def _validation_message(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"params.{where}: {err['msg']}" if where else f"params: {err['msg']}")
-    return "; ".join(parts)
+_JOB = {"id": "job-0123456789abcdef01234567", "kind": "audit", "status": "queued",
+        "params": {"target": {"model": "mnist-demo", "version": "1"}, "data": "mnist-5k"}, "owner": "0a1b2c3d4e5f",
+        "backend": "embedded", "progress": 0.0, "step": "", "message": "", "metrics": {}, "result": {},
+        "error": None, "attempts": 0, "worker": None, "cancel_requested": False, "created_at": 1767225600.0,
+        "started_at": None, "finished_at": None, "heartbeat_at": None}
+_SCOPE = {403: "the key lacks the jobs scope"}
+_OWN = responses(*AUTH, 404, why={**_SCOPE, 404: "no such job for this key"})
+JobId = Annotated[str, Path(description="the job's id", examples=["job-0123456789abcdef01234567"], pattern=NO_NUL)]
+_SUBMIT_EXAMPLES = {"audit": {"summary": "a leak audit of a served model",
+                              "value": {"kind": "audit", "params": {"target": {"model": "mnist-demo"},
+                                                                    "data": "mnist-5k"}}}}
 
 
 def _own(queue, job_id: str, key: ApiKey) -> JobRow:
@@ -64,8 +73,16 @@ def _shown(row: JobRow, key: ApiKey, settings: Settings) -> dict:
 
 
 @router.post("", status_code=202, response_model=JobPublic,
-             summary="Queue a job; the same Idempotency-Key returns the same job")
-def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, host: ModelHostDep, settings: SettingsDep,
+             summary="Queue a job; the same Idempotency-Key returns the same job",
+             responses={**ok(_JOB, 202), **responses(400, *AUTH, 404, 409, 413, why={
+                 403: "the key lacks the jobs scope, or a model or file the params name is not this key's to use",
+                 404: "a model or file the params name does not exist for this key",
+                 409: "this Idempotency-Key was used for a different job",
+                 413: "the body is over the payload limit, or the key's jobs keep their cap of artifact bytes",
+                 422: "an unknown kind, or params that fail the kind's checks (server paths from a non-admin key)",
+                 429: "over the request rate, or the key has its most jobs queued or running"})})
+def submit(body: Annotated[JobSubmit, Body(openapi_examples=_SUBMIT_EXAMPLES)], key: JobsKeyDep, queue: JobQueueDep,
+           host: ModelHostDep, settings: SettingsDep,
            idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200)) -> Response:
     if body.kind not in KINDS:
         raise invalid(f"unknown job kind {body.kind!r}; known: {', '.join(KINDS.names())}", "unknown_kind")
@@ -73,10 +90,11 @@ def submit(body: JobSubmit, key: JobsKeyDep, queue: JobQueueDep, host: ModelHost
     try:
         params = kind.params.model_validate(body.params)
     except ValidationError as e:
-        raise invalid(_validation_message(e), "invalid_params") from None
+        raise invalid(params_errors(e), "invalid_params") from None
     if kind.check is not None:
         params = kind.check(params, Submission(key, host, settings, queue))
     _under_job_cap(queue, key, settings, idempotency_key)
+    _under_artifact_cap(queue, key, settings, idempotency_key)
     stored = params.model_dump(mode="json")
     row, created = queue.submit(body.kind, stored, key.id, backend=settings.jobs_backend,
                                 idempotency_key=idempotency_key)
@@ -99,22 +117,38 @@ def _under_job_cap(queue, key, settings, idempotency_key: str | None) -> None:
                        "wait for one to end or cancel one", headers={"Retry-After": "10"})
 
 
-@router.get("", response_model=JobList, summary="Jobs, newest first: your own, or all with admin")
+def _under_artifact_cap(queue, key, settings, idempotency_key: str | None) -> None:
+    """A key at its ``max_artifact_storage_per_key`` bytes of job artifacts queues nothing more (admin: no cap)."""
+    if key.grants("admin") or (idempotency_key is not None and queue.by_idempotency_key(key.id, idempotency_key)):
+        return
+    cap, used = settings.max_artifact_storage_per_key, queue.artifact_bytes(key.id)
+    if used >= cap:
+        raise ApiError(413, "artifact_storage_exceeded", f"this key's jobs keep {used} bytes of artifacts and it may "
+                       f"keep {cap}: delete jobs' artifacts (DELETE /v1/jobs/{{id}} of finished jobs) to make room")
+
+
+@router.get("", response_model=JobList, summary="Jobs, newest first: your own, or all with admin",
+            responses={**ok({"jobs": [_JOB]}), **responses(*AUTH, why=_SCOPE)})
 def list_jobs(key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep, status: JobStatus | None = None,
-              kind: str | None = Query(None, max_length=64), limit: int = Query(100, ge=1, le=1000)) -> Response:
+              kind: str | None = Query(None, max_length=64, pattern=NO_NUL),
+              limit: int = Query(100, ge=1, le=1000)) -> Response:
     owner = None if key.grants("admin") else key.id
     rows = queue.list(owner=owner, status=status.value if status else None, kind=kind, limit=limit)
     return json_response({"jobs": [_shown(r, key, settings) for r in rows]})
 
 
-@router.get("/{job_id}", response_model=JobPublic, summary="Status, progress, metrics, error")
-def get_job(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
+@router.get("/{job_id}", response_model=JobPublic, summary="Status, progress, metrics, error",
+            responses={**ok(_JOB), **_OWN})
+def get_job(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
     return json_response(_shown(_own(queue, job_id, key), key, settings))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic,
-             summary="Cancel: a queued job at once, a running one within seconds")
-def cancel(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
+             summary="Cancel: a queued job at once, a running one within seconds",
+             responses={**ok({**_JOB, "status": "cancelled", "cancel_requested": True}),
+                        **responses(*AUTH, 404, 409, why={**_SCOPE, 404: "no such job for this key",
+                                                          409: "the job already succeeded or failed"})})
+def cancel(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
     row = _own(queue, job_id, key)
     if row.status in ("succeeded", "failed"):
         raise ApiError(409, "job_finished", f"job {job_id} already {row.status}")
@@ -123,8 +157,27 @@ def cancel(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsD
     return json_response(_shown(row, key, settings))
 
 
-@router.get("/{job_id}/logs", response_model=JobLogChunk, summary="The log from a byte offset")
-async def logs(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep,
+@router.delete("/{job_id}", response_model=JobDeleted,
+               summary="Delete a finished job: its record, log and artifacts (frees its artifact storage)",
+               responses={**ok({"id": _JOB["id"], "deleted": True}),
+                          **responses(*AUTH, 404, 409, why={**_SCOPE, 404: "no such job for this key",
+                                                            409: "the job is queued or running: cancel it first"})})
+def delete_job(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
+    row = _own(queue, job_id, key)
+    if row.status not in JOB_DONE:
+        raise ApiError(409, "job_not_finished", f"job {job_id} is {row.status}: cancel it "
+                       f"(POST /v1/jobs/{job_id}/cancel) and delete it once it has ended")
+    if queue.delete(job_id) is None:
+        raise not_found(f"no job with id {job_id!r}", "job_not_found")
+    shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)  # the row first: no reader finds half a job
+    queue.store.audit(key.id, "job.delete", job_id, f"{row.kind} {row.artifact_bytes or 0} artifact bytes")
+    return json_response({"id": job_id, "deleted": True})
+
+
+@router.get("/{job_id}/logs", response_model=JobLogChunk, summary="The log from a byte offset",
+            responses={**ok({"text": "epoch 1/3 loss 0.412\n", "offset": 0, "next_offset": 21, "status": "running",
+                             "done": False}), **_OWN})
+async def logs(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep,
                offset: int = Query(0, ge=0), limit: int = Query(LOG_CHUNK_MAX, ge=1, le=LOG_CHUNK_MAX)) -> Response:
     row = await run_in_threadpool(_own, queue, job_id, key)
     path = job_dir(settings, job_id) / "log.txt"
@@ -159,17 +212,31 @@ def _decode_whole(chunk: bytes) -> tuple[str, int]:
     return chunk.decode("utf-8", "replace"), len(chunk)
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="The files a job produced")
-def artifacts(job_id: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, summary="The files a job produced",
+            responses={**ok({"artifacts": [{"name": "report.json", "size": 2048},
+                                           {"name": "leak.png", "size": 30512}]}),
+                       **_OWN})
+def artifacts(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
     _own(queue, job_id, key)
     d = job_dir(settings, job_id) / "artifacts"
     files = sorted(p for p in d.iterdir() if p.is_file() and ARTIFACT_RE.fullmatch(p.name)) if d.is_dir() else []
     return json_response({"artifacts": [{"name": p.name, "size": p.stat().st_size} for p in files]})
 
 
+# FileResponse names the type by the file's suffix: JSON reports, PNG plots, text, else octet-stream (bundles,
+# weights).
+_ARTIFACT_TYPES = {"application/json": {"schema": {"type": "object"}, "example": {"kind": "audit", "leak": 0.03}},
+                   **{t: {"schema": {"type": "string", "format": "binary"}}
+                      for t in ("application/octet-stream", "image/png", "text/plain")}}
+
+
 @router.get("/{job_id}/artifacts/{name}", summary="Download one artifact",
-            responses={200: {"content": {"application/octet-stream": {}}}})
-def artifact(job_id: str, name: str, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
+            responses={200: {"description": "the file", "content": _ARTIFACT_TYPES},
+                       **responses(*AUTH, 404, why={**_SCOPE, 404: "no such job for this key, or no such artifact",
+                                                    422: "not an artifact name"})})
+def artifact(job_id: JobId, name: Annotated[str, Path(description="an artifact's file name", examples=["report.json"],
+                                                      pattern=NO_NUL)],
+             key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
     _own(queue, job_id, key)
     if not ARTIFACT_RE.fullmatch(name) or ".." in name:
         raise invalid(f"not an artifact name: {name!r}", "invalid_artifact_name")
@@ -177,4 +244,4 @@ def artifact(job_id: str, name: str, key: JobsKeyDep, queue: JobQueueDep, settin
     p = (d / name).resolve()
     if p.parent != d or not p.is_file():
         raise not_found(f"job {job_id} has no artifact {name!r}", "artifact_not_found")
-    return FileResponse(p, filename=name)
+    return FileResponse(p, filename=name, media_type=mimetypes.guess_type(name)[0] or "application/octet-stream")

@@ -2,18 +2,36 @@
 create response only."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path
 from starlette.responses import Response
 
 from ..auth import ApiKey, create_key
 from ..deps import AdminKeyDep, KeyringDep, SettingsDep, StoreDep
 from ..errors import invalid, not_found
-from ..schemas import CreateKeyRequest, KeyCreated, KeyList, KeyPublic, json_response
+from ..schemas import (
+    AUTH,
+    NO_NUL,
+    CreateKeyRequest,
+    KeyCreated,
+    KeyList,
+    KeyPublic,
+    json_response,
+    ok,
+    responses,
+)
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
+_KEY = {"id": "0a1b2c3d4e5f", "name": "teacher-of-lab-7", "scopes": ["distill"], "models": ["mnist-demo"],
+        "quota": 100000, "quota_window_s": 86400, "created_at": 1767225600.0, "expires_at": None, "revoked_at": None}
+_ADMIN = {403: "not an admin key"}
 
-@router.post("", status_code=201, response_model=KeyCreated, summary="Create a key; its secret is shown once")
+
+@router.post("", status_code=201, response_model=KeyCreated, summary="Create a key; its secret is shown once",
+             responses={**ok({**_KEY, "key": "sdb_0a1b2c3d4e5f_" + "0" * 64}, 201),
+                        **responses(400, *AUTH, 413, why={**_ADMIN, 422: "unknown scopes, a negative quota, ..."})})
 def create(body: CreateKeyRequest, admin: AdminKeyDep, store: StoreDep, settings: SettingsDep) -> Response:
     try:
         token, key = create_key(store, settings.pepper, scopes=body.scopes, models=body.models, quota=body.quota,
@@ -24,13 +42,18 @@ def create(body: CreateKeyRequest, admin: AdminKeyDep, store: StoreDep, settings
     return json_response({**key.public(), "key": token}, status=201)
 
 
-@router.get("", response_model=KeyList, summary="Every key, without secrets")
+@router.get("", response_model=KeyList, summary="Every key, without secrets",
+            responses={**ok({"keys": [_KEY]}), **responses(*AUTH, why=_ADMIN)})
 def list_keys(_: AdminKeyDep, store: StoreDep) -> Response:
     return json_response({"keys": [ApiKey.from_row(r).public() for r in store.list_keys()]})
 
 
-@router.delete("/{key_id}", response_model=KeyPublic, summary="Revoke a key (at once on this server)")
-def revoke(key_id: str, admin: AdminKeyDep, store: StoreDep, keyring: KeyringDep) -> Response:
+@router.delete("/{key_id}", response_model=KeyPublic, summary="Revoke a key (at once on this server)",
+               responses={**ok({**_KEY, "revoked_at": 1767312000.0}),
+                          **responses(*AUTH, 404, why={**_ADMIN, 404: "no such key"})})
+def revoke(key_id: Annotated[str, Path(description="the key's id: sdb_<id>_…", examples=["0a1b2c3d4e5f"],
+                                       pattern=NO_NUL)],
+           admin: AdminKeyDep, store: StoreDep, keyring: KeyringDep) -> Response:
     row = store.revoke_key(key_id)
     if row is None:
         raise not_found(f"no API key with id {key_id!r}", "key_not_found")

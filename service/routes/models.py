@@ -14,6 +14,7 @@ from ..deps import (
     AdminKeyDep,
     DistillingDep,
     ModelHostDep,
+    ModelName,
     OptionalApiKeyDep,
     ServingDep,
     SettingsDep,
@@ -31,23 +32,29 @@ from ..inference import (
 )
 from ..registry import HostedModel, ModelHost
 from ..schemas import (
+    AUTH,
+    MODEL_EXAMPLE,
+    NO_NUL,
     DistillOptions,
     DistillRequest,
     DistillResponse,
     ModelInfo,
     ModelList,
+    ModelRemoved,
     PredictOptions,
     PredictRequest,
     PredictResponse,
     json_body_doc,
     json_response,
+    ok,
     options,
+    responses,
 )
 from ..tensors import as_batch, image_to_input, softmax, to_array
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-VersionQuery = Query(None, description="a version of the model; default the highest")
+VersionQuery = Query(None, description="a version of the model; default the highest", pattern=NO_NUL)
 _INPUT_TYPES = (JSON, MULTIPART, *IMAGE_TYPES)  # what predict takes: tensors as JSON, or images
 _UPLOAD_DOC = {"multipart/form-data": {"schema": {
     "type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer"}},
@@ -59,8 +66,20 @@ def _describe(host: ModelHost, model: HostedModel) -> dict:
     return {**model.describe(), "versions": host.versions(model.name)}
 
 
-@router.get("", response_model=ModelList,
-            summary="Models being served (with public_predict off: those this key may predict with)")
+_NO_KEY = "a key that is not valid; or none, when predict needs one (public_predict off)"
+_SERVING_ERRORS = {
+    400: "a body that is not a JSON object, or a model of another task (the message names its route)",
+    401: _NO_KEY, 413: "over the payload limit (SDB_MAX_PAYLOAD_BYTES)",
+    415: "a media type the route does not take, or an image that is not a readable PNG or JPEG",
+    422: "inputs of the wrong shape or type, NaN or Inf, too many samples, or a bad option",
+    503: "this model version cannot be served (the message says why)"}
+_SAMPLE = [[[0.0, 0.5], [1.0, 0.25]]]  # one [C, H, W] sample, for the examples: the demo model's is [1, 28, 28]
+
+
+@router.get("", response_model=ModelList, responses={**ok({"models": [MODEL_EXAMPLE]}), **responses(*AUTH, why={
+    401: _NO_KEY, 403: "public_predict is off and the key lacks the predict scope"})},
+            summary="Models being served (with public_predict off: those this key may predict with)",
+            openapi_extra=SERVING_DOC)
 async def list_models(host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
     public = settings.public_predict
     if not public:  # metadata follows predict: a key with the predict scope, and its allowlist
@@ -68,8 +87,10 @@ async def list_models(host: ModelHostDep, settings: SettingsDep, key: OptionalAp
     return json_response({"models": [_describe(host, m) for m in host.all() if public or key.allows_model(m.name)]})
 
 
-@router.get("/{name}", response_model=ModelInfo, summary="One model: input shape, labels, versions")
-async def get_model(name: str, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep,
+@router.get("/{name}", response_model=ModelInfo, summary="One model: input shape, labels, versions",
+            openapi_extra=SERVING_DOC,
+            responses={**ok(MODEL_EXAMPLE), **responses(*AUTH, 404, 503, why=_SERVING_ERRORS)})
+async def get_model(name: ModelName, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep,
                     version: str | None = VersionQuery) -> Response:
     require_predict(key, name, settings.public_predict)  # before the lookup: no probing names
     return json_response(_describe(host, await host.aget(name, version)))
@@ -88,8 +109,16 @@ async def _inputs(model: HostedModel, body: Body, max_samples: int) -> np.ndarra
 
 # Query parameters of the inference routes, read from the request: declared as FastAPI
 # parameters they cost a validation pass each on every request (documented here instead).
-_VERSION_DOC = {"name": "version", "in": "query", "required": False, "schema": {"type": "string"},
+_VERSION_DOC = {"name": "version", "in": "query", "required": False, "schema": {"type": "string", "pattern": NO_NUL},
                 "description": "a version of the model; default the highest"}
+
+
+def _version(request: Request) -> str | None:
+    """The ``version`` query parameter, checked as FastAPI would check the documented one."""
+    version = request.query_params.get("version")
+    if version is not None and "\x00" in version:
+        raise invalid("version: a version holds no NUL character", "invalid_request")
+    return version
 _TOP_K_DOC = {"name": "top_k", "in": "query", "required": False,
               "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
               "description": "labels to return (at most the output policy's k; one under the label policy)"}
@@ -97,10 +126,14 @@ _TOP_K_DOC = {"name": "top_k", "in": "query", "required": False,
 
 @router.post("/{name}/predict", response_model=PredictResponse,
              summary="Top-k labels (public path), under the model's output policy",
-             openapi_extra={**json_body_doc(PredictRequest, *_UPLOAD_DOC.items()), **SERVING_DOC,
+             responses={**ok({"model": "mnist-demo", "version": "1", "predictions": [
+                 {"labels": ["2", "7"], "indices": [2, 7], "scores": [0.91, 0.04]}]}),
+                 **responses(400, *AUTH, 404, 413, 415, 503, why=_SERVING_ERRORS)},
+             openapi_extra={**json_body_doc(PredictRequest, *_UPLOAD_DOC.items(),
+                                            example={"inputs": _SAMPLE, "top_k": 2}), **SERVING_DOC,
                             "parameters": [_VERSION_DOC, _TOP_K_DOC]})
-async def predict(name: str, request: Request, s: ServingDep) -> Response:
-    version, top_k_query = request.query_params.get("version"), request.query_params.get("top_k")
+async def predict(name: ModelName, request: Request, s: ServingDep) -> Response:
+    version, top_k_query = _version(request), request.query_params.get("top_k")
     require_predict(s.key, name, s.settings.public_predict)
     model = await s.host.aget(name, version)
     task = require_task(model, PREDICT_TASKS)
@@ -127,9 +160,16 @@ async def predict(name: str, request: Request, s: ServingDep) -> Response:
 
 @router.post("/{name}/distill", response_model=DistillResponse,
              summary="Augmented logits through the keyed path (distill scope for this model)",
-             openapi_extra={**json_body_doc(DistillRequest), **DISTILLING_DOC, "parameters": [_VERSION_DOC]})
-async def distill(name: str, request: Request, s: DistillingDep) -> Response:
-    model = await s.host.aget(name, request.query_params.get("version"))
+             responses={**ok({"model": "mnist-demo", "version": "1", "logits": [[1.5, -0.2, 7.9, 0.3, -1.1, 0.0, -0.4,
+                                                                                 2.2, 0.8, -0.6]]}),
+                        **responses(400, *AUTH, 404, 413, 415, 503, why={
+                            **_SERVING_ERRORS, 401: "no key, or one that is not valid",
+                            403: "the key lacks the distill scope for this model",
+                            429: "over the request rate or the key's sample quota"})},
+             openapi_extra={**json_body_doc(DistillRequest, example={"inputs": _SAMPLE}), **DISTILLING_DOC,
+                            "parameters": [_VERSION_DOC]})
+async def distill(name: ModelName, request: Request, s: DistillingDep) -> Response:
+    model = await s.host.aget(name, _version(request))
     require_task(model)
     body = await read_body(request, (JSON,), what="distill")
     opts = options(DistillOptions, body.json)
@@ -142,9 +182,11 @@ async def distill(name: str, request: Request, s: DistillingDep) -> Response:
     return json_response(body)
 
 
-@router.delete("/{name}", summary="Stop serving a model, or one version of it (admin)")
-def remove_model(name: str, key: AdminKeyDep, host: ModelHostDep,
-                 version: str | None = Query(None, description="only this version")) -> Response:
+@router.delete("/{name}", summary="Stop serving a model, or one version of it (admin)", response_model=ModelRemoved,
+               responses={**ok({"removed": [{"name": "mnist-demo", "version": "1"}]}),
+                          **responses(*AUTH, 404, why={403: "not an admin key", 404: "no such model or version"})})
+def remove_model(name: ModelName, key: AdminKeyDep, host: ModelHostDep,
+                 version: str | None = Query(None, description="only this version", pattern=NO_NUL)) -> Response:
     removed = host.remove(name, version, actor=key.id)
     if not removed:
         raise not_found(f"no model named {name!r}" + (f" with version {version!r}" if version else ""),

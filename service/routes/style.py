@@ -27,11 +27,11 @@ from starlette.responses import Response
 from sdb_core.bundle import INPUT_NAME
 
 from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body
-from ..deps import SERVING_DOC, ServingDep
+from ..deps import SERVING_DOC, ModelName, ServingDep
 from ..errors import ApiError, bad_request, invalid
 from ..inference import require_predict, stylized
 from ..registry import HostedModel, ModelHost
-from ..schemas import json_body_doc, options
+from ..schemas import AUTH, NO_NUL, json_body_doc, options, responses
 from ..tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS
 
 router = APIRouter(prefix="/v1/style", tags=["style"])
@@ -139,11 +139,25 @@ def _b64(s: str, what: str) -> bytes:
         raise invalid(f"{what} is not valid base64", "invalid_request") from None
 
 
+# A 16x16 grey PNG: the smallest image the route takes, for the example.
+_PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAAAAAA6mKC9AAAAEUlEQVR4nGNsYEAFTAwjWgAAmZAAoC0n3a4AAAAASUVORK5CYII="
+
+
 @router.post("/{name}", summary="Stylize an image (PNG out)", response_class=Response,
-             responses={200: {"content": {"image/png": {}}, "description": "the stylized image, PNG"}},
-             openapi_extra={**json_body_doc(StyleRequest, *_UPLOAD_DOC.items()), **SERVING_DOC})
-async def style(name: str, request: Request, s: ServingDep,
-                version: str | None = Query(None, description="a version of the model; default the highest"),
+             responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                              "description": "the stylized image, PNG"},
+                        **responses(400, *AUTH, 404, 413, 415, 503, why={
+                            400: "a body that is not a JSON object, or a model that is not a style model",
+                            401: "a key that is not valid; or none, when predict needs one (public_predict off)",
+                            413: "over the payload limit, or an image over 1024 pixels a side",
+                            415: "a media type the route does not take, or an image that is not a readable PNG or JPEG",
+                            422: "an image under 16 pixels a side, bad base64, a style image where none is "
+                                 "taken (or none where one is needed), alpha out of [0, 1]"})},
+             openapi_extra={**json_body_doc(StyleRequest, *_UPLOAD_DOC.items(),
+                                            example={"image": _PNG_B64, "alpha": 0.8}), **SERVING_DOC})
+async def style(name: ModelName, request: Request, s: ServingDep,
+                version: str | None = Query(None, description="a version of the model; default the highest",
+                                            pattern=NO_NUL),
                 alpha: float | None = Query(None, ge=0.0, le=1.0, description="AdaIN only: 1 all style")) -> Response:
     require_predict(s.key, name, s.settings.public_predict)
     model = await _style_model(s.host, name, version)

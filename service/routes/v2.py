@@ -8,8 +8,12 @@ Public outputs follow the model version's output policy (the metadata lists them
 - ``label``: ``classes`` INT64 [N, 1], the predicted class, and no probability at all.
 
 ``distill_logits`` is the keyed path (asked for by name, and only with a ``distill`` key for the
-model), not subject to the policy. Errors keep this service's ``{"error": {"code", "message"}}``
-body with the protocol's statuses.
+model), not subject to the policy. Errors are the protocol's ``{"error": "message"}`` with its HTTP
+status (:mod:`service.errors` picks that form for every ``/v2`` path).
+
+The request and response models below document the bodies; the routes read and write them raw
+(:func:`service.bodies.read_json`, :func:`service.schemas.json_response`): a pydantic pass over a
+tensor would cost more than the model.
 """
 from __future__ import annotations
 
@@ -23,7 +27,16 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from ..bodies import read_json
-from ..deps import SERVING_DOC, ModelHostDep, OptionalApiKeyDep, Serving, ServingDep, SettingsDep
+from ..deps import (
+    SERVING_DOC,
+    ModelHostDep,
+    ModelName,
+    ModelVersion,
+    OptionalApiKeyDep,
+    Serving,
+    ServingDep,
+    SettingsDep,
+)
 from ..errors import ApiError, invalid
 from ..inference import (
     charge_keyed,
@@ -35,7 +48,7 @@ from ..inference import (
     rounded,
 )
 from ..registry import HostedModel, ModelHost
-from ..schemas import OutputPolicy, json_body_doc, json_response
+from ..schemas import AUTH, OutputPolicy, json_body_doc, json_response, ok, responses
 from ..tensors import as_batch, softmax, to_array
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -60,8 +73,8 @@ def _public_values(probs, policy: OutputPolicy) -> dict:
 
 
 class InferInput(BaseModel):
-    name: str
-    shape: list[int]
+    name: str = Field(description="the model's input name (its metadata says it)")
+    shape: list[int] = Field(description="the tensor's shape: [N, C, H, W], one sample [C, H, W], or [N, C·H·W]")
     datatype: str = Field(description="FP32 only")
     data: list = Field(description="row-major values, flat or nested")
 
@@ -72,9 +85,70 @@ class InferOutputRequest(BaseModel):
 
 
 class InferRequest(BaseModel):
-    id: str | None = None
-    inputs: list[InferInput]
-    outputs: list[InferOutputRequest] | None = None
+    id: str | None = Field(None, description="echoed in the response")
+    inputs: list[InferInput] = Field(description="exactly one tensor")
+    outputs: list[InferOutputRequest] | None = Field(None, description="default: the public outputs")
+
+
+class InferOutput(BaseModel):
+    name: str
+    datatype: str = Field(description=f"FP32, or INT64 for {CLASSES_OUTPUT}")
+    shape: list[int]
+    data: list[float] = Field(description="row-major, flat")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = Field(None, description="the request's id, when it sent one")
+    outputs: list[InferOutput]
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1: any size (the batch)")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor] = Field(description=f"the public outputs under the output policy, and "
+                                          f"{KEYED_OUTPUT} when the model is distillable")
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str | None = Field(None, description="on the version route")
+    ready: bool
+
+
+_MODEL_ERRORS = responses(*AUTH, 404, 503, v2=True, why={
+    401: "a key that is malformed, unknown, revoked or expired; or none, when predict needs one (public_predict off)",
+    404: "no such model or version"})
+_METADATA_EXAMPLE = {"name": "mnist-demo", "versions": ["1"], "platform": "onnxruntime_onnx",
+                     "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+                     "outputs": [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, 10]},
+                                 {"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, 10]}]}
+_INFER_EXAMPLE = {"id": "r1", "inputs": [{"name": "input", "shape": [1, 1, 2, 2], "datatype": "FP32",
+                                          "data": [0.0, 0.5, 1.0, 0.25]}],
+                  "outputs": [{"name": PUBLIC_OUTPUT}]}
 
 
 def _server_version() -> str:
@@ -84,17 +158,20 @@ def _server_version() -> str:
         return "0"
 
 
-@router.get("", summary="Server metadata")
+@router.get("", summary="Server metadata", response_model=ServerMetadata,
+            responses={**ok({"name": "sdb", "version": "0.1.0", "extensions": []}), **responses(429, v2=True)})
 async def server_metadata() -> Response:
     return json_response({"name": "sdb", "version": _server_version(), "extensions": []})
 
 
-@router.get("/health/live", summary="Server live")
+@router.get("/health/live", summary="Server live", response_model=ServerLive,
+            responses={**ok({"live": True}), **responses(429, v2=True)})
 async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/health/ready", summary="Server ready")
+@router.get("/health/ready", summary="Server ready (503 while starting)", response_model=ServerReady,
+            responses={**ok({"ready": True}), **responses(429, 503, v2=True)})
 async def ready(request: Request) -> Response:
     if not getattr(request.app.state, "ready", False):
         raise ApiError(503, "not_ready", "the server is still starting")
@@ -110,27 +187,32 @@ def _metadata(host: ModelHost, m: HostedModel) -> dict:
 
 
 # Model metadata follows predict (``public_predict``): checked before the lookup, so no name is probed.
-@router.get("/models/{name}", summary="Model metadata")
-async def model_metadata(name: str, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
+@router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata,
+            responses={**ok(_METADATA_EXAMPLE), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
+async def model_metadata(name: ModelName, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
     require_predict(key, name, settings.public_predict)
     return json_response(_metadata(host, await host.aget(name)))
 
 
-@router.get("/models/{name}/versions/{version}", summary="Model version metadata")
-async def model_version_metadata(name: str, version: str, host: ModelHostDep, settings: SettingsDep,
+@router.get("/models/{name}/versions/{version}", summary="Model version metadata", response_model=ModelMetadata,
+            responses={**ok(_METADATA_EXAMPLE), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
+async def model_version_metadata(name: ModelName, version: ModelVersion, host: ModelHostDep, settings: SettingsDep,
                                  key: OptionalApiKeyDep) -> Response:
     require_predict(key, name, settings.public_predict)
     return json_response(_metadata(host, await host.aget(name, version)))
 
 
-@router.get("/models/{name}/ready", summary="Model ready")
-async def model_ready(name: str, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
+@router.get("/models/{name}/ready", summary="Model ready", response_model=ModelReady,
+            responses={**ok({"name": "mnist-demo", "ready": True}), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
+async def model_ready(name: ModelName, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
     require_predict(key, name, settings.public_predict)
     return json_response({"name": (await host.aget(name)).name, "ready": True})
 
 
-@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready")
-async def model_version_ready(name: str, version: str, host: ModelHostDep, settings: SettingsDep,
+@router.get("/models/{name}/versions/{version}/ready", summary="Model version ready", response_model=ModelReady,
+            responses={**ok({"name": "mnist-demo", "version": "1", "ready": True}), **_MODEL_ERRORS},
+            openapi_extra=SERVING_DOC)
+async def model_version_ready(name: ModelName, version: ModelVersion, host: ModelHostDep, settings: SettingsDep,
                               key: OptionalApiKeyDep) -> Response:
     require_predict(key, name, settings.public_predict)
     m = await host.aget(name, version)
@@ -206,14 +288,26 @@ async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     return json_response(body)
 
 
-_INFER_DOC = {**json_body_doc(InferRequest), **SERVING_DOC}
+_INFER_DOC = {**json_body_doc(InferRequest, example=_INFER_EXAMPLE), **SERVING_DOC}
+_INFER_RESPONSES = {**ok({"model_name": "mnist-demo", "model_version": "1", "id": "r1", "outputs": [
+    {"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [1, 10], "data": [0.02, 0.01, 0.9, 0.01, 0.01, 0.01, 0.01,
+                                                                         0.01, 0.01, 0.01]}]}),
+    **responses(400, *AUTH, 404, 413, 503, v2=True, why={
+        400: "a body that is not a JSON object, or a model that is not a classifier",
+        401: f"{KEYED_OUTPUT} asked without a key; a key that is not valid; or none, when predict needs one",
+        403: f"{KEYED_OUTPUT} asked by a key without the distill scope for this model",
+        422: "not exactly one FP32 input named as the model's, a shape that does not match the data, "
+             "or an output this model does not serve",
+        429: f"over the request rate, or the key's sample quota ({KEYED_OUTPUT})"})}
 
 
-@router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC)
-async def infer(name: str, request: Request, s: ServingDep) -> Response:
+@router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC, response_model=InferResponse,
+             responses=_INFER_RESPONSES)
+async def infer(name: ModelName, request: Request, s: ServingDep) -> Response:
     return await _infer(await s.host.aget(name), request, s)
 
 
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_INFER_DOC)
-async def infer_version(name: str, version: str, request: Request, s: ServingDep) -> Response:
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_INFER_DOC,
+             response_model=InferResponse, responses=_INFER_RESPONSES)
+async def infer_version(name: ModelName, version: ModelVersion, request: Request, s: ServingDep) -> Response:
     return await _infer(await s.host.aget(name, version), request, s)
