@@ -16,7 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import INTERNAL, error_response
 
 log = logging.getLogger("sdb.service")
-_PROBES = ("/healthz", "/readyz")  # an orchestrator's liveness and readiness checks are never limited
+# An orchestrator's liveness and readiness checks are never limited: ours, and the Open Inference
+# Protocol's (KServe probes /v2/health/*).
+_PROBES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 
 
 class ServiceMiddleware:

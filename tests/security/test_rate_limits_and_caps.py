@@ -75,8 +75,9 @@ async def test_callers_without_a_key_are_limited_per_address_and_probes_never(li
     r = await c.post(PREDICT, json=ONE)
     assert r.status_code == 429 and "retry-after" in r.headers, r.text
     assert (await c.get("/v1/models")).status_code == 429
-    for _ in range(5):
-        assert (await c.get("/healthz")).status_code == 200
+    for probe in ("/healthz", "/v2/health/live", "/v2/health/ready"):  # ours and the protocol's (KServe's)
+        for _ in range(5):
+            assert (await c.get(probe)).status_code == 200, probe
 
 
 async def test_guessing_key_secrets_is_rate_limited_per_address(limited):
