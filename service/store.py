@@ -154,6 +154,13 @@ class Store:
         with self.session() as s:
             return _refusal(s, name, deployer, time.time())[1]
 
+    def model_owner(self, name: str) -> str | None:
+        """The id of the key that owns the model name ``name`` (first deployed it), or None: unclaimed,
+        or an admin's."""
+        with self.session() as s:
+            claim = s.get(ModelNameRow, name)
+            return None if claim is None else claim.owner
+
     def next_version(self, name: str) -> str:
         """The version a deploy of ``name`` would be given now (another deploy may take it first)."""
         with self.session() as s:

@@ -23,6 +23,7 @@ from sdb_core.bundle import export_bundle
 from sdb_core.models import create_model
 from service.auth import parse_token
 from service.store import ApiKeyRow, Store
+from tests.service.conftest import sdb_bytes
 from tests.service.jobs_helpers import JobServer, key, prepare, wait_for
 
 DISTILL = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1}
@@ -157,3 +158,18 @@ def test_a_jobs_key_cannot_rank_a_protected_models_graph(server):
         r = submit(server, token, "transferability", {**rank, "sources": [{"model": model}]})
         assert r.status_code == 202, r.text
         httpx.post(f"{server.url}/v1/jobs/{r.json()['id']}/cancel", headers=auth(server.admin), timeout=30)
+
+
+def test_the_owner_of_a_protected_model_may_rank_its_graph_and_no_other_key(server, bundles):
+    """The key that deployed a box owns its name: its network is its own to rank; another jobs key's is not."""
+    owner = key(server.settings, ["jobs", "deploy"])
+    r = httpx.post(server.url + "/v1/models", files={"file": ("b.sdb", sdb_bytes(bundles.b))},
+                   data={"name": "owned-box"}, headers=auth(owner), timeout=60)
+    assert r.status_code == 201 and r.json()["mode"] == "sdb", r.text
+    rank = {"target_data": "digits", "probe": 10, "target_train": 50, "target_epochs": 1,
+            "sources": [{"model": "owned-box"}]}
+    other = submit(server, key(server.settings, ["jobs", "deploy"]), "transferability", rank)
+    assert other.status_code == 403 and other.json()["error"]["code"] == "model_protected", other.text
+    mine = submit(server, owner, "transferability", rank)
+    assert mine.status_code == 202, mine.text
+    httpx.post(f"{server.url}/v1/jobs/{mine.json()['id']}/cancel", headers=auth(server.admin), timeout=30)

@@ -309,6 +309,12 @@ class ModelParam(BaseModel):
         return f"untrained {self.arch}"
 
 
+def owns_network(sub: Submission, model: str) -> bool:
+    """Whether the submitting key may be given a protected model's network: an admin's, or the key
+    that owns the model's name (it deployed the box; the network is its own)."""
+    return sub.key.grants("admin") or sub.queue.store.model_owner(model) == sub.key.id
+
+
 def check_model(p: ModelParam, sub: Submission, use: Use, what: str) -> ModelParam:
     """Check a model reference at submission: a hosted model against the key (403) and the host (404), its
     version pinned (a later deploy does not change the job); a file resolved for the key (404, 422)."""
@@ -320,9 +326,9 @@ def check_model(p: ModelParam, sub: Submission, use: Use, what: str) -> ModelPar
         if use == "keyed" and not model.distillable:
             raise invalid(f"model {p.model!r} has no keyed path ({model.meta['mode']} mode): it cannot be distilled",
                           "not_distillable")
-        if use == "graph" and model.meta["mode"] != "plain" and not sub.key.grants("admin"):
+        if use == "graph" and model.meta["mode"] != "plain" and not owns_network(sub, p.model):
             raise ApiError(403, "model_protected", f"model {p.model!r} is protected ({model.meta['mode']} mode): "
-                           "a job is not given its network; use the owner's weights")
+                           "a job is given its network only for its owner's key or an admin's")
         return p.model_copy(update={"version": model.version})
     if p.file is not None:
         input_file(p.file, "weights", sub, f"{what}.file")
