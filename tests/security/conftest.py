@@ -6,5 +6,6 @@ from tests.service.conftest import (  # noqa: F401  (fixtures, found by name)
     db_url,
     pg_databases,
     server_factory,
+    servers,
     svc,
 )

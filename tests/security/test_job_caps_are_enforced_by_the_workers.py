@@ -11,19 +11,9 @@ import pytest
 from sdb_client import Client, NotFound
 
 from tests.service.conftest import run_sdb
-from tests.service.jobs_helpers import JobServer, key, prepare, wait_for
+from tests.service.jobs_helpers import LONG, QUICK, JobServer, key, prepare, wait_for
 
-LONG = {"data": "digits", "teacher": {"arch": "mlp"}, "teacher_epochs": 1, "epochs": 1000, "name": "long"}
-QUICK = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
 LIMIT_S = 6
-
-
-@pytest.fixture
-def servers():
-    started: list[JobServer] = []
-    yield started
-    for s in started:
-        s.stop()
 
 
 @pytest.mark.parametrize("backend", ["embedded", "ray"])

@@ -238,6 +238,15 @@ class Server:
 
 
 @pytest.fixture
+def servers():
+    """The servers a test starts (``Server``, ``JobServer``): each stopped at its end, failed or not."""
+    started: list = []
+    yield started
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
 def server_factory(bundles):
     started: list[Server] = []
 

@@ -17,6 +17,9 @@ from service.store import Store
 from .conftest import SDB, Bundles, Server, sdb_env
 
 # Short intervals so that the tests see cancel, death and reaping in seconds.
+# The two jobs most tests need: a quick distill from the hosted digits-a, and a wrap that runs until stopped.
+QUICK = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
+LONG = {"data": "digits", "teacher": {"arch": "mlp"}, "teacher_epochs": 1, "epochs": 1000, "name": "long"}
 FAST = {"SDB_JOB_POLL_S": "0.2", "SDB_JOB_HEARTBEAT_S": "0.4", "SDB_JOB_STALE_S": "3", "SDB_JOB_REAP_S": "0.5",
         "SDB_JOB_TORCH_THREADS": "1", "SDB_MODELS_SYNC_S": "0.2", "SDB_REGISTER_DEMO": "false"}
 

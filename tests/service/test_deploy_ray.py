@@ -20,7 +20,7 @@ import yaml
 from sdb_client import Client
 
 from .conftest import ROOT, free_port
-from .jobs_helpers import JobServer, key, prepare
+from .jobs_helpers import QUICK, JobServer, key, prepare
 
 
 def student_accuracy(weights: Path) -> float:
@@ -37,7 +37,6 @@ def student_accuracy(weights: Path) -> float:
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SCALE_ENV = dict(line.split("=", 1) for line in (ROOT / "deploy/scale.env").read_text().splitlines()
                  if line and not line.startswith("#"))
-QUICK = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
 # Ray binds to the machine's outward address unless it believes it is on a laptop; this keeps
 # every Ray socket of the test on the loopback interface.
 LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}

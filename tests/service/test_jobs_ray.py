@@ -8,9 +8,7 @@ import sys
 
 from sdb_client import Client
 
-from .jobs_helpers import JobServer, key, prepare, wait_for
-
-QUICK = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
+from .jobs_helpers import QUICK, JobServer, key, prepare, wait_for
 
 
 def test_distill_on_ray_reaches_the_same_state_and_artifacts(tmp_path, bundles):

@@ -12,29 +12,29 @@ import signal
 import time
 
 import httpx
-import pytest
 from sdb_client import Client
 
 from sdb_core.models.schedules import teacher_schedule
 
 from .conftest import run_sdb
-from .jobs_helpers import JobServer, alive, key, prepare, start_worker, stop_worker, wait_for, worker_pid
+from .jobs_helpers import (
+    LONG,
+    QUICK,
+    JobServer,
+    alive,
+    key,
+    prepare,
+    start_worker,
+    stop_worker,
+    wait_for,
+    worker_pid,
+)
 
 # One wrap epoch cannot meet the default self-check; these tests are about the job, so the owner's
 # thresholds are loosened.
 LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "check_attempts": 1}
 WRAP = {"data": "digits", "teacher": {"arch": "cnn"}, "epochs": 1, "name": "digits-demo", "deploy": True, **LOOSE}
 DISTILL = {"teacher": {"model": "digits-demo"}, "student": "mlp", "data": "digits", "epochs": 1}
-QUICK = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
-LONG = {"data": "digits", "teacher": {"arch": "mlp"}, "teacher_epochs": 1, "epochs": 1000, "name": "long"}
-
-
-@pytest.fixture
-def servers():
-    started: list[JobServer] = []
-    yield started
-    for s in started:
-        s.stop()
 
 
 def done(c: Client, job_id: str, timeout: float) -> dict:

@@ -22,11 +22,7 @@ from service.settings import Settings
 from service.store import MIGRATIONS, JobRow, SchemaVersion, Store
 
 from .conftest import SDB, sdb_env
-from .jobs_helpers import FAST, JobServer, key, prepare, stop_worker, together, wait_for
-
-QUICK = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1, "transfer": 200}
-
-
+from .jobs_helpers import FAST, QUICK, JobServer, key, prepare, stop_worker, together, wait_for
 
 
 def test_processes_starting_at_once_migrate_a_fresh_store_once(db_url):
