@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install postgres secrets lock lint bench docs clean
+.PHONY: run test install postgres browser secrets lock lint bench docs clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -40,7 +40,15 @@ postgres:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	else echo "the tests need the PostgreSQL server: sudo apt-get install -y postgresql"; exit 1; fi
 
-test: $(STAMP) postgres
+# The console's tests (tests/browser/) drive a real headless Chromium through its driver. As root on
+# Debian/Ubuntu this installs Debian's chromium and chromium-driver; anyone else is told the command.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "the console's browser tests need Chromium: sudo apt-get install -y chromium chromium-driver"; exit 1; fi
+
+test: $(STAMP) postgres browser
 	$(BIN)/python -m pytest -q
 
 # docker-compose.yml's secrets: 32 random bytes each, hex, made once and kept, in a directory
@@ -63,6 +71,12 @@ $(SECRETS):
 # requirements.lock (what the Docker image installs) from the versions tested in this venv.
 lock: $(STAMP)
 	$(BIN)/python deploy/lock.py
+
+# The gRPC stubs in service/grpc/ (committed) from its grpc_predict_v2.proto, with a pinned grpcio-tools
+# in a venv of its own (build/grpc-tools): run after editing the .proto.
+.PHONY: grpc
+grpc:
+	$(PYTHON) service/grpc/generate.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check sdb_core service sdb_cli tests benchmarks

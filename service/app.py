@@ -24,7 +24,7 @@ from .metrics import Metrics
 from .middleware import ServiceMiddleware
 from .ratelimit import RateLimiter
 from .registry import ModelHost
-from .routes import deploy, files, health, jobs, keys, models, v2
+from .routes import account, console, deploy, files, health, jobs, keys, models, v2
 from .routes import style as style_routes
 from .settings import Settings
 from .store import Store
@@ -118,7 +118,9 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.address_limiter = address_limiter = RateLimiter(settings.rate_limit_address_per_s,
                                                                settings.rate_limit_address_burst)
     errors.install(app)
-    for r in (health.router, models.router, deploy.router, keys.router, v2.router, jobs.router, files.router):
+    # account before keys and jobs: its /v1/keys/me is not a key id
+    for r in (health.router, account.router, models.router, deploy.router, keys.router, v2.router, jobs.router,
+              files.router, console.router):
         app.include_router(r)
     app.include_router(style_routes.router)
     upload = settings.max_file_bytes + UPLOAD_OVERHEAD  # the file part is counted on its own, to the byte

@@ -280,8 +280,8 @@ def test_the_middlewares_429_takes_the_routes_form(tmp_path, bundles):
     app = build_app(make_settings(tmp_path / "data", bundles, rate_limit_address_burst=1,
                                   rate_limit_address_per_s=0.01))
     c = asgi.get_client(app)  # not entered: no lifespan, none needed (the middleware answers before any route)
-    assert c.get("/v2/health/live").status_code == 200  # the one token of the burst
-    v2, v1 = c.get("/v2/health/live"), c.get("/v1/models")
+    assert c.get("/v2").status_code == 200  # the one token of the burst (the health probes are never limited)
+    v2, v1 = c.get("/v2"), c.get("/v1/models")
     assert v2.status_code == v1.status_code == 429 and "Retry-After" in v2.headers
     assert isinstance(v2.json()["error"], str) and v1.json()["error"]["code"] == "rate_limited"
 
@@ -298,7 +298,8 @@ NUL_REQUESTS = [("get", "/v1/models/a%00b"), ("get", "/v2/models/a%00b/ready"),
                 ("post", "/v1/models/digits-a/distill?version=%00"),
                 ("delete", "/v1/models/a%00b"), ("delete", "/v1/keys/%00"), ("get", "/v1/files/file-%00"),
                 ("get", "/v1/jobs/%00"), ("get", "/v1/jobs?kind=%00"), ("get", "/v1/jobs/x/artifacts/a%00b"),
-                ("post", "/v1/style/a%00b")]
+                ("post", "/v1/style/a%00b"), ("get", "/v1/usage?key_id=%00"), ("get", "/v1/usage?model=%00"),
+                ("post", "/v1/models/digits-a/inputs?version=%00")]
 
 
 @pytest.mark.anyio

@@ -1,0 +1,182 @@
+// The console's plumbing: the API client (the key from sessionStorage, sent only as a Bearer header),
+// DOM building that only ever inserts text (never HTML), and formatting.
+
+const KEY = "sdb.console.key";
+
+export const session = {
+  me: null, // GET /v1/keys/me of the signed-in key
+  get key() { return sessionStorage.getItem(KEY); },
+  set(token) { sessionStorage.setItem(KEY, token); },
+  clear() { sessionStorage.removeItem(KEY); this.me = null; },
+  onUnauthorized: null,
+};
+
+export class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+// One request to the REST API. `json` sends a JSON body, `body` anything fetch takes (FormData, Blob);
+// `token` overrides the stored key (signing in); `raw` returns the Response. Errors are ApiError with the
+// API's own code and message.
+export async function api(path, { method = "GET", json, body, token, raw = false } = {}) {
+  const headers = {};
+  const key = token ?? session.key;
+  if (key) headers.Authorization = "Bearer " + key;
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(json);
+  }
+  let r;
+  try {
+    r = await fetch(path, { method, headers, body, cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer" });
+  } catch (e) {
+    throw new ApiError(0, "network_error", "the server did not answer (" + e.message + ")");
+  }
+  if (!r.ok) {
+    let code = "error", message = r.statusText || "request failed";
+    try {
+      const d = await r.json();
+      if (d && typeof d.error === "object") ({ code = code, message = message } = d.error);
+      else if (d && typeof d.error === "string") message = d.error;
+    } catch { /* not JSON: keep the status text */ }
+    const err = new ApiError(r.status, code, message);
+    if (r.status === 401 && token === undefined && session.onUnauthorized) session.onUnauthorized(err);
+    throw err;
+  }
+  if (raw) return r;
+  return r.json();
+}
+
+export const enc = encodeURIComponent;
+
+// What the signed-in key may do, as service/auth.py decides it: admin implies everything, distill implies predict.
+export function grants(scope) {
+  const s = session.me ? session.me.scopes : [];
+  return s.includes(scope) || s.includes("admin") || (scope === "predict" && s.includes("distill"));
+}
+
+export function allowsModel(name) {
+  const m = session.me && session.me.models;
+  return !m || m.includes(name);
+}
+
+// ------------------------------------------------------------------------------------------- DOM
+const PROPS = new Set(["value", "checked", "disabled", "hidden", "selected", "htmlFor", "multiple", "open"]);
+
+// h("p", {class: "x", onclick: fn}, "text", child, [more]) — strings become text nodes, never markup.
+export function h(tag, attrs, ...kids) {
+  return build(document.createElement(tag), attrs, kids);
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+export function s(tag, attrs, ...kids) {
+  return build(document.createElementNS(SVG, tag), attrs, kids);
+}
+
+function build(el, attrs, kids) {
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on") && typeof v === "function") el.addEventListener(k.slice(2), v);
+    else if (k === "class") el.setAttribute("class", v);
+    else if (PROPS.has(k)) el[k] = v;
+    else el.setAttribute(k, v === true ? "" : String(v));
+  }
+  add(el, kids);
+  return el;
+}
+
+// Replace an element's children (null and false are nothing, as in h()).
+export function put(el, ...kids) {
+  el.replaceChildren();
+  return add(el, kids);
+}
+
+export function add(el, kids) {
+  for (const c of [kids].flat(Infinity)) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(c instanceof Node ? c : String(c));
+  }
+  return el;
+}
+
+// The API's refusal, as it said it: message, status and code.
+export function errorBox(err, prefix = "The server refused") {
+  return h("div", { class: "error", role: "alert" }, `${prefix}: `, err.message,
+    err.status ? h("span", { class: "muted" }, ` (${err.status} ${err.code})`) : null);
+}
+
+export function announce(text) {
+  const el = document.getElementById("status");
+  el.textContent = "";
+  setTimeout(() => { el.textContent = text; }, 30);
+}
+
+export function table(headers, rows, { caption, numeric = [] } = {}) {
+  const num = (i) => (numeric.includes(i) ? "num" : undefined);
+  return h("div", { class: "table-wrap" }, h("table", {},
+    caption ? h("caption", { class: "visually-hidden" }, caption) : null,
+    h("thead", {}, h("tr", {}, headers.map((t, i) => h("th", { scope: "col", class: num(i) }, t)))),
+    h("tbody", {}, rows.map((r) => h("tr", {}, r.map((c, i) => h("td", { class: num(i) }, c)))))));
+}
+
+export function facts(pairs) {
+  return h("dl", { class: "facts" }, pairs.filter((p) => p && p[1] !== undefined && p[1] !== null && p[1] !== "")
+    .map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+}
+
+let ids = 0;
+export const uid = (p = "id") => `${p}-${++ids}`;
+
+// ------------------------------------------------------------------------------------------- formatting
+export function num(x, digits = 2) {
+  if (x === null || x === undefined || Number.isNaN(x)) return "–";
+  if (typeof x !== "number") return String(x);
+  return Number.isInteger(x) ? x.toLocaleString("en") : x.toFixed(digits);
+}
+
+export const pct = (x) => (typeof x === "number" ? `${x.toFixed(1)} %` : "–");
+
+export function when(t) {
+  if (!t) return "–";
+  const d = new Date(t * 1000);
+  const p = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}
+
+export function bytes(n) {
+  if (typeof n !== "number") return "–";
+  const u = ["B", "kB", "MB", "GB"];
+  let i = 0;
+  while (n >= 1000 && i < u.length - 1) { n /= 1000; i++; }
+  return `${i ? n.toFixed(1) : n} ${u[i]}`;
+}
+
+export const human = (name) => name.replace(/_/g, " ").replace(/^./, (c) => c.toUpperCase());
+
+export const MODES = { sdb: "SDB", nasty: "Nasty", plain: "plain" };
+
+export function policyText(p) {
+  if (!p) return "–";
+  const base = p.policy === "top_k" ? `top ${p.top_k}` : p.policy;
+  return p.decimals ? `${base}, ${p.decimals} decimals` : base;
+}
+
+export function statusBadge(status) {
+  const cls = { succeeded: "good", failed: "bad", cancelled: "warn" }[status] || "";
+  return h("span", { class: `badge ${cls}`, "data-status": status }, status);
+}
+
+// Download through fetch (the key goes in the header, never in a URL), then save the blob.
+export async function download(path, filename) {
+  const r = await api(path, { raw: true });
+  const url = URL.createObjectURL(await r.blob());
+  const a = h("a", { href: url, download: filename, hidden: true });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
