@@ -1,10 +1,12 @@
 """Serving benchmark: ``sdb serve`` on loopback, driven by concurrent keep-alive clients.
 
 Measures in-process ONNX Runtime throughput, HTTP ``predict`` and ``distill`` at several
-concurrencies against a naive FastAPI endpoint running the same ONNX session, a soak
-(errors and resident memory growth), and the cold start of ``sdb serve`` to ``/readyz``.
+concurrencies against a naive FastAPI endpoint running the same ONNX session, the Open Inference
+Protocol's ``infer`` as JSON and with the binary tensor extension (tritonclient's default) on the
+same one-sample input (784 floats for the mnist bundle), a soak (errors and resident memory growth),
+and the cold start of ``sdb serve`` to ``/readyz``.
 
-    python benchmarks/serve.py --json OUT.json [--seconds 15] [--quick] [--bundle PATH]
+    python benchmarks/serve.py --json OUT.json [--seconds 15] [--quick] [--bundle PATH] [--rows ...]
 
 Without ``--bundle`` it uses ``.sdb/bundles/mnist-demo`` (``sdb demo``) when its master
 key is at hand, else builds a small CNN bundle on mnist-5k in a few seconds.
@@ -40,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 TARGETS = """targets: predict@8 >= 1.25x naive@8; predict@32 >= 0.95x predict@8 and p99 < 5x p50;
 soak 0 errors, RSS growth < 10%; distill p50 within 10% of predict p50 @1;
-HTTP p50 - in-process batch-1 < 2 ms @1; cold start < 5 s"""
+HTTP p50 - in-process batch-1 < 2 ms @1; cold start < 5 s; v2 binary@8 >= 1.3x v2 JSON@8"""
+ROWS = ("predict", "naive", "distill", "v2_json", "v2_binary", "grpc")  # what --rows picks from; gRPC: see grpc_rows
 
 
 # --------------------------------------------------------------------------- the naive baseline
@@ -95,10 +98,83 @@ class Conn:
             self.writer.close()
 
 
-def raw_post(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+def raw_post(path: str, body: bytes, headers: dict[str, str] | None = None,
+             content_type: str = "application/json") -> bytes:
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    return (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+
+
+def v2_requests(x: np.ndarray) -> dict[str, bytes]:
+    """One sample to ``/v2/.../infer``: as JSON, and as tritonclient sends it by default (binary both ways)."""
+    sample = np.ascontiguousarray(x[:1], dtype=np.float32)
+    tensor = {"name": "input", "shape": list(sample.shape), "datatype": "FP32"}
+    # The same values both ways, as tritonclient sends them: JSON needs every digit of each float32.
+    as_json = json.dumps({"inputs": [{**tensor, "data": sample.ravel().tolist()}]}).encode()
+    header = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": sample.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    path = "/v2/models/mnist-demo/infer"
+    return {"v2_json": raw_post(path, as_json),
+            "v2_binary": raw_post(path, header + sample.tobytes(), {"Inference-Header-Content-Length": str(len(header))},
+                                  "application/octet-stream")}
+
+
+def grpc_rows(args, port: int, x: np.ndarray, pid: int) -> dict | None:
+    """The gRPC server's row (service/grpc/, ``SDB_GRPC_PORT``): ModelInfer on the same sample, raw as
+    tritonclient sends it, at each of ``args.concurrency``, as ``{str(c): point}`` with the keys :func:`point`
+    gives (rps, p50_ms, p99_ms, errors, server_cpu_ms); main() records it as ``results["grpc"]``.
+
+    The load generator is grpc.aio (gRPC's C core) on one channel, the request serialized once and the
+    answer left as bytes: no wrk for HTTP/2 here, so rps and latency include a Python client's cost on
+    the shared cores; server CPU per request does not."""
+    if "grpc" not in args.rows:
+        return None
+    from tritonclient.grpc import service_pb2
+
+    sample = np.ascontiguousarray(x[:1], dtype=np.float32)
+    request = service_pb2.ModelInferRequest(model_name="mnist-demo")
+    request.inputs.add(name="input", datatype="FP32", shape=list(sample.shape))
+    request.raw_input_contents.append(sample.tobytes())
+    raw = request.SerializeToString()
+    out = {}
+    for c in args.concurrency:
+        asyncio.run(grpc_drive(port, raw, c, min(1.0, args.seconds / 3)))  # warm-up
+        c0 = cpu_seconds(pid)
+        r = asyncio.run(grpc_drive(port, raw, c, args.seconds))
+        r["server_cpu_ms"] = round((cpu_seconds(pid) - c0) * 1000 / max(r.pop("requests"), 1), 4)
+        out[str(c)] = r
+        print(f"{'grpc':9s} c={c:<3d}", r, file=sys.stderr)
+    return out
+
+
+async def grpc_drive(port: int, raw: bytes, concurrency: int, seconds: float) -> dict:
+    """``concurrency`` calls in flight on one channel (HTTP/2 streams, as a tritonclient) for ``seconds``."""
+    import grpc
+
+    latencies: list[float] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+        await infer(raw)
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                try:
+                    await infer(raw)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - t0)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {"rps": round(len(latencies) / elapsed, 1), "p50_ms": round(float(np.percentile(lat, 50)), 3),
+            "p99_ms": round(float(np.percentile(lat, 99)), 3), "errors": errors, "requests": len(latencies) + errors}
 
 
 async def drive(port: int, raw: bytes, concurrency: int, seconds: float) -> dict:
@@ -148,8 +224,7 @@ def wrk(port: int, raw: bytes, concurrency: int, seconds: float) -> dict:
     request_line, *header_lines = head.decode().split("\r\n")
     method, path, _ = request_line.split(" ")
     headers = [h.split(": ", 1) for h in header_lines if not h.lower().startswith(("host:", "content-length:"))]
-    # A Lua long string whose level no JSON body contains: nested arrays end in "]]".
-    lua = [f'wrk.method = "{method}"', f"wrk.body = [==[{body.decode()}]==]"]
+    lua = [f'wrk.method = "{method}"', f"wrk.body = {lua_string(body)}"]
     lua += [f'wrk.headers["{k}"] = "{v}"' for k, v in headers]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write("\n".join(lua) + "\n")
@@ -166,6 +241,12 @@ def wrk(port: int, raw: bytes, concurrency: int, seconds: float) -> dict:
     errors = (int(bad.group(1)) if bad else 0) + (sum(map(int, sock.groups())) if sock else 0)
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": round(_ms(pct["50"]), 3),
             "p99_ms": round(_ms(pct["99"]), 3), "errors": errors, "requests": done}
+
+
+def lua_string(data: bytes) -> str:
+    """``data`` as a Lua string literal: printable ASCII as is, every other byte as a decimal escape
+    (a long string would turn the CRs of a binary body into LFs)."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03d}" for b in data) + '"'
 
 
 def cpu_seconds(pid: int) -> float:
@@ -290,6 +371,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="3 s points, 10 s soak")
     p.add_argument("--bundle", help="a bundle dir whose parent's parent holds its master.key")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which servers and routes to measure")
     p.add_argument("--loadgen", choices=["wrk", "python"], default="wrk" if shutil.which("wrk") else "python",
                    help="load generator (default wrk when installed)")
     p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
@@ -325,10 +407,10 @@ def main() -> int:
         token, _ = create_key(store, settings.pepper, scopes=["distill"], name="bench")
         store.close()
 
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         # Throughput is what is measured: the per-caller rate limits (429s) are off for this server.
         env = {**os.environ, "SDB_DATA_DIR": str(data_dir), "SDB_PORT": str(port), "SDB_RATE_LIMIT_KEY_PER_S": "0",
-               "SDB_RATE_LIMIT_ADDRESS_PER_S": "0"}
+               "SDB_RATE_LIMIT_ADDRESS_PER_S": "0", "SDB_GRPC_PORT": str(grpc_port if "grpc" in args.rows else 0)}
         sdb = str(Path(sys.executable).parent / "sdb")
         t0 = time.perf_counter()
         server = subprocess.Popen([sdb, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -338,25 +420,34 @@ def main() -> int:
         print("cold start:", results["cold_start_s"], "s", file=sys.stderr)
 
         naive_port = free_port()
-        naive = subprocess.Popen([sys.executable, __file__, "--naive-server", "--port", str(naive_port),
+        naive = None if "naive" not in args.rows else subprocess.Popen([sys.executable, __file__, "--naive-server", "--port", str(naive_port),
                                   "--bundle", str(bundle)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(naive)
-        wait_ready(f"http://127.0.0.1:{naive_port}", naive)
+        if naive is not None:
+            procs.append(naive)
+            wait_ready(f"http://127.0.0.1:{naive_port}", naive)
 
         predict = raw_post("/v1/models/mnist-demo/predict", body)
         distill = raw_post("/v1/models/mnist-demo/distill", body, {"Authorization": f"Bearer {token}"})
         naive_req = raw_post("/predict", body)
-        results["http"] = {"predict": {}, "distill": {}}
+        v2 = v2_requests(x)
+        results["http"] = {"predict": {}, "distill": {}, "v2_json": {}, "v2_binary": {}}
         results["naive"] = {}
-        # Interleaved per concurrency, so both servers see the same machine state.
+        rows = [("predict", server, port, predict, results["http"]["predict"]),
+                ("naive", naive, naive_port, naive_req, results["naive"]),
+                ("distill", server, port, distill, results["http"]["distill"]),
+                ("v2_json", server, port, v2["v2_json"], results["http"]["v2_json"]),
+                ("v2_binary", server, port, v2["v2_binary"], results["http"]["v2_binary"])]
+        # Interleaved per concurrency, so every server and route sees the same machine state.
         for c in args.concurrency:
-            for name, proc, port_, raw, slot in (
-                    ("predict", server, port, predict, results["http"]["predict"]),
-                    ("naive", naive, naive_port, naive_req, results["naive"]),
-                    ("distill", server, port, distill, results["http"]["distill"])):
-                slot[str(c)] = point(port_, raw, c, args.seconds, pid=proc.pid, loadgen=args.loadgen)
-                print(f"{name:8s} c={c:<3d}", slot[str(c)], file=sys.stderr)
-        stop(naive)
+            for name, proc, port_, raw, slot in rows:
+                if name in args.rows:
+                    slot[str(c)] = point(port_, raw, c, args.seconds, pid=proc.pid, loadgen=args.loadgen)
+                    print(f"{name:9s} c={c:<3d}", slot[str(c)], file=sys.stderr)
+        grpc = grpc_rows(args, grpc_port, x, server.pid)
+        if grpc is not None:
+            results["grpc"] = grpc
+        if naive is not None:
+            stop(naive)
 
         before = rss_kb(server.pid)
         soak = (wrk(port, predict, 32, args.soak) if args.loadgen == "wrk"
@@ -382,14 +473,20 @@ def main() -> int:
 
 def check(r: dict) -> dict:
     pr, nv, ds = r["http"]["predict"], r["naive"], r["http"]["distill"]
+    vj, vb = r["http"]["v2_json"], r["http"]["v2_binary"]
     out = {}
+    if "8" in vj and "8" in vb:
+        out["v2_binary8_vs_json8"] = round(vb["8"]["rps"] / vj["8"]["rps"], 3)
+        out["v2_json8_cpu_over_binary8_cpu"] = round(vj["8"]["server_cpu_ms"] / vb["8"]["server_cpu_ms"], 3)
+    if "grpc" in r and "8" in r["grpc"] and "8" in vb:
+        out["grpc8_vs_v2_binary8"] = round(r["grpc"]["8"]["rps"] / vb["8"]["rps"], 3)
     if "8" in pr and "8" in nv:
         out["predict8_vs_naive8"] = round(pr["8"]["rps"] / nv["8"]["rps"], 3)
         out["naive8_cpu_over_predict8_cpu"] = round(nv["8"]["server_cpu_ms"] / pr["8"]["server_cpu_ms"], 3)
     if "8" in pr and "32" in pr:
         out["predict32_vs_predict8"] = round(pr["32"]["rps"] / pr["8"]["rps"], 3)
         out["predict32_p99_over_p50"] = round(pr["32"]["p99_ms"] / pr["32"]["p50_ms"], 2)
-    if "1" in pr:
+    if "1" in pr and "1" in ds:
         out["distill1_p50_over_predict1_p50"] = round(ds["1"]["p50_ms"] / pr["1"]["p50_ms"], 3)
         out["http1_p50_minus_inprocess_ms"] = round(pr["1"]["p50_ms"] - r["inprocess"]["batch1_ms"], 3)
     out["soak_ok"] = r["soak"]["errors"] == 0 and r["soak"]["rss_growth"] < 0.10

@@ -31,8 +31,17 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.check_secrets()  # SecretsError (exit 2, its message) before anything listens
+    if settings.grpc_port:
+        try:  # the grpc extra and the port, before anything listens
+            from service.grpc import server as grpc_service
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        grpc_service.check_address(settings.grpc_host or settings.host, settings.grpc_port)
     print(f"sdb: serving on http://{settings.host}:{settings.port} (data {settings.data_dir.resolve()}, "
           f"docs at /docs)", file=sys.stderr, flush=True)
+    if settings.grpc_port:
+        address = grpc_service.listen_address(settings.grpc_host or settings.host, settings.grpc_port)
+        print(f"sdb: gRPC (Open Inference Protocol) on {address}", file=sys.stderr, flush=True)
     pool = None
     if settings.jobs_backend == "embedded" and settings.workers > 0:
         from service.jobs.ray_backend import portable_settings
@@ -180,7 +189,8 @@ def models_remove(settings: Settings, name: str, version: str | None) -> int:
 def _service_settings(args) -> Settings:
     """Settings from SDB_* env, with the options given on the command line on top."""
     over = {k: v for k, v in (("data_dir", getattr(args, "data_dir", None)), ("host", getattr(args, "host", None)),
-                              ("port", getattr(args, "port", None)), ("workers", getattr(args, "workers", None)))
+                              ("port", getattr(args, "port", None)), ("workers", getattr(args, "workers", None)),
+                              ("grpc_port", getattr(args, "grpc_port", None)))
             if v is not None}
     return Settings(**over)
 
@@ -216,6 +226,8 @@ def add_commands(sub) -> None:
     sv = sub.add_parser("serve", help="serve the registered models over HTTP (uvicorn)")
     sv.add_argument("--host", help="env SDB_HOST (default 127.0.0.1)")
     sv.add_argument("--port", type=int, help="env SDB_PORT (default 8000)")
+    sv.add_argument("--grpc-port", type=int, help="also serve the Open Inference Protocol over gRPC on this port "
+                    "(env SDB_GRPC_PORT; default off; needs the grpc extra)")
     sv.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
     sv.add_argument("--workers", type=int, help="job workers for the jobs queue (env SDB_WORKERS, default 1)")
     sv.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")

@@ -3,7 +3,8 @@
 The lifespan opens the store (creating or migrating the schema), creates the master key
 and pepper on first start, loads every registered model, registers the demo bundle on
 a fresh data dir, and runs two background loops: the write-behind of quota and usage,
-and the model sync that picks up ``sdb models add|remove``.
+and the model sync that picks up ``sdb models add|remove``. With ``SDB_GRPC_PORT`` it serves the
+Open Inference Protocol over gRPC too, on the same loop and state (:mod:`service.grpc.server`).
 """
 from __future__ import annotations
 
@@ -75,6 +76,16 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         store, keyring, host = await run_in_threadpool(start)
         app.state.store, app.state.keyring, app.state.host = store, keyring, host
         app.state.jobs = queue = JobQueue(store)
+        grpc_server = None
+        if settings.grpc_port:  # the protocol over gRPC, on this loop and this state (service/grpc/server.py)
+            from .grpc import server as grpc_service
+
+            try:
+                grpc_server = await grpc_service.start(app.state)
+            except BaseException:
+                host.close()
+                store.close()
+                raise
         metrics.models.set_function(lambda: len(host.all()))
         loops = [asyncio.create_task(_every(settings.usage_flush_s, keyring.flush, "usage flush")),
                  asyncio.create_task(_every(settings.models_sync_s, host.sync, "model sync")),
@@ -97,6 +108,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             app.state.ready = False
+            if grpc_server is not None:
+                await grpc_server.stop(grpc_service.STOP_GRACE_S)
             if dispatcher is not None:
                 await run_in_threadpool(dispatcher.stop)
             for t in loops:

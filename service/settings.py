@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     pepper_file: Path | None = None  # default: <secrets_dir>/pepper.key
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # The Open Inference Protocol over gRPC (docs/api.md), beside HTTP in the same process: off when
+    # unset or 0. Needs the `grpc` extra. Its host defaults to `host`.
+    grpc_port: int | None = Field(None, ge=0, le=65535)
+    grpc_host: str | None = None
     max_payload_bytes: int = Field(8 << 20, ge=1024)
     jobs_backend: str = Field("embedded", pattern="^(embedded|ray)$")
     workers: int = Field(1, ge=0)  # job worker processes `sdb serve` starts (embedded backend)

@@ -1,100 +1,93 @@
-"""The Open Inference Protocol (v2, as KServe and Triton speak it), FP32 tensors as JSON.
+"""The Open Inference Protocol (v2) over HTTP: JSON, and the binary tensor data extension.
 
-Public outputs follow the model version's output policy (the metadata lists them):
+This module decodes requests and encodes answers; what the protocol means (metadata, outputs under the
+model's output policy, the keyed ``distill_logits``, input datatypes) is :mod:`service.oip`'s, which
+the gRPC server shares. An infer body is JSON, or with ``Inference-Header-Content-Length`` a JSON
+header followed by raw tensors (:mod:`service.oip_binary`); outputs asked with
+``parameters.binary_data`` (or all of them with the request's ``binary_data_output``) come back the
+same way, as ``application/octet-stream``. Errors are the protocol's ``{"error": "message"}`` with
+its HTTP status (:mod:`service.errors` picks that form for every ``/v2`` path).
 
-- ``probs``: ``probabilities`` FP32 [N, C], every class in label order;
-- ``top_k``: ``probabilities`` FP32 [N, k], the k highest renormalised, in decreasing order, and
-  ``classes`` INT64 [N, k], their class indices: the other classes are absent, not zero-filled;
-- ``label``: ``classes`` INT64 [N, 1], the predicted class, and no probability at all.
-
-``distill_logits`` is the keyed path (asked for by name, and only with a ``distill`` key for the
-model), not subject to the policy. Errors are the protocol's ``{"error": "message"}`` with its HTTP
-status (:mod:`service.errors` picks that form for every ``/v2`` path).
-
-The request and response models below document the bodies; the routes read and write them raw
-(:func:`service.bodies.read_json`, :func:`service.schemas.json_response`): a pydantic pass over a
-tensor would cost more than the model.
+The request and response models below document the JSON bodies; the routes read and write them raw
+(:func:`service.schemas.json_response`): a pydantic pass over a tensor would cost more than the model.
 """
 from __future__ import annotations
 
-import asyncio
 import math
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as package_version
 
+import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from ..bodies import read_json
-from ..deps import (
-    SERVING_DOC,
-    ModelHostDep,
-    ModelName,
-    ModelVersion,
-    OptionalApiKeyDep,
-    Serving,
-    ServingDep,
-    SettingsDep,
-)
+from .. import oip, oip_binary
+from ..deps import SERVING_DOC, ModelName, ModelVersion, Serving, ServingDep
 from ..errors import ApiError, invalid
-from ..inference import (
-    charge_keyed,
-    keyed_logits,
-    policy_outputs,
-    public_logits,
-    require_predict,
-    require_task,
-    rounded,
+from ..inference import require_task
+from ..oip import (
+    CLASSES_OUTPUT,
+    INPUT_DATATYPES,
+    KEYED_OUTPUT,
+    PUBLIC_OUTPUT,
+    Tensor,
+    public_outputs,  # noqa: F401 (re-exported: its home was here)
+    tensor_shape,
+    unsupported_datatype,
 )
-from ..registry import HostedModel, ModelHost
-from ..schemas import AUTH, OutputPolicy, json_body_doc, json_response, ok, responses
-from ..tensors import as_batch, softmax, to_array
+from ..oip_binary import HEADER_LENGTH, OCTET_STREAM
+from ..registry import HostedModel
+from ..schemas import AUTH, json_body_doc, json_response, ok, responses
+from ..tensors import to_array
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
-PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "distill_logits"
 
-
-def public_outputs(policy: OutputPolicy, classes: int) -> list[dict]:
-    """The public output tensors a model serves under its policy: name, datatype, shape (-1: the batch)."""
-    if policy.policy == "probs":
-        return [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}]
-    k = 1 if policy.policy == "label" else min(policy.top_k, classes)
-    probabilities = [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, k]}] if policy.policy == "top_k" else []
-    return probabilities + [{"name": CLASSES_OUTPUT, "datatype": "INT64", "shape": [-1, k]}]
-
-
-def _public_values(probs, policy: OutputPolicy) -> dict:
-    if policy.policy == "probs":
-        return {PUBLIC_OUTPUT: rounded(probs, policy.decimals)}
-    idx, values = policy_outputs(probs, policy)
-    return {CLASSES_OUTPUT: idx.astype("int64"), **({} if values is None else {PUBLIC_OUTPUT: values})}
+class InferInputParameters(BaseModel):
+    binary_data_size: int | None = Field(None, ge=0, description="binary tensor extension: the tensor's bytes "
+                                         f"follow the JSON header ({oip_binary.HEADER_LENGTH}), in input order")
 
 
 class InferInput(BaseModel):
     name: str = Field(description="the model's input name (its metadata says it)")
-    shape: list[int] = Field(description="the tensor's shape: [N, C, H, W], one sample [C, H, W], or [N, C·H·W]")
-    datatype: str = Field(description="FP32 only")
-    data: list = Field(description="row-major values, flat or nested")
+    shape: list[int] = Field(description="the tensor's shape: [N, C, H, W], one sample [C, H, W], or [N, C·H·W]; "
+                             "BYTES: one image per element, [N] or [N, 1]")
+    datatype: str = Field(description="FP32; FP16, INT64 (within ±2^24) or BOOL, converted exactly to the model's "
+                          "FP32; BYTES: PNG or JPEG images (binary only)")
+    data: list | None = Field(None, description="row-major values, flat or nested (absent with binary_data_size)")
+    parameters: InferInputParameters | None = None
+
+
+class InferOutputParameters(BaseModel):
+    binary_data: bool | None = Field(None, description="answer this output as raw bytes after the JSON header")
 
 
 class InferOutputRequest(BaseModel):
     name: str = Field(description=f"{PUBLIC_OUTPUT} or {CLASSES_OUTPUT} (as the model's output policy serves "
                       f"them: see its metadata), or {KEYED_OUTPUT} (needs a distill key)")
+    parameters: InferOutputParameters | None = None
+
+
+class InferRequestParameters(BaseModel):
+    binary_data_output: bool | None = Field(None, description="every output in binary unless it says otherwise")
 
 
 class InferRequest(BaseModel):
     id: str | None = Field(None, description="echoed in the response")
     inputs: list[InferInput] = Field(description="exactly one tensor")
     outputs: list[InferOutputRequest] | None = Field(None, description="default: the public outputs")
+    parameters: InferRequestParameters | None = None
+
+
+class InferOutputBinary(BaseModel):
+    binary_data_size: int = Field(description="this output's bytes after the JSON header, in output order")
 
 
 class InferOutput(BaseModel):
     name: str
     datatype: str = Field(description=f"FP32, or INT64 for {CLASSES_OUTPUT}")
     shape: list[int]
-    data: list[float] = Field(description="row-major, flat")
+    data: list[float] | None = Field(None, description="row-major, flat (absent for an output sent in binary)")
+    parameters: InferOutputBinary | None = None
 
 
 class InferResponse(BaseModel):
@@ -151,17 +144,13 @@ _INFER_EXAMPLE = {"id": "r1", "inputs": [{"name": "input", "shape": [1, 1, 2, 2]
                   "outputs": [{"name": PUBLIC_OUTPUT}]}
 
 
-def _server_version() -> str:
-    try:
-        return package_version("sdb")
-    except PackageNotFoundError:
-        return "0"
+_EXTENSIONS_EXAMPLE = {"name": "sdb", "version": "0.1.0", "extensions": list(oip.EXTENSIONS)}
 
 
 @router.get("", summary="Server metadata", response_model=ServerMetadata,
-            responses={**ok({"name": "sdb", "version": "0.1.0", "extensions": []}), **responses(429, v2=True)})
+            responses={**ok(_EXTENSIONS_EXAMPLE), **responses(429, v2=True)})
 async def server_metadata() -> Response:
-    return json_response({"name": "sdb", "version": _server_version(), "extensions": []})
+    return json_response(oip.server_metadata())
 
 
 @router.get("/health/live", summary="Server live", response_model=ServerLive,
@@ -178,127 +167,160 @@ async def ready(request: Request) -> Response:
     return json_response({"ready": True})
 
 
-def _metadata(host: ModelHost, m: HostedModel) -> dict:
-    classes = len(m.labels)
-    return {"name": m.name, "versions": host.versions(m.name), "platform": "onnxruntime_onnx",
-            "inputs": [{"name": m.meta["input"]["name"], "datatype": "FP32", "shape": [-1, *m.in_shape]}],
-            "outputs": public_outputs(m.policy, classes)
-            + ([{"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}] if m.distillable else [])}
-
-
 # Model metadata follows predict (``public_predict``): checked before the lookup, so no name is probed.
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata,
             responses={**ok(_METADATA_EXAMPLE), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
-async def model_metadata(name: ModelName, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
-    require_predict(key, name, settings.public_predict)
-    return json_response(_metadata(host, await host.aget(name)))
+async def model_metadata(name: ModelName, s: ServingDep) -> Response:
+    return json_response(oip.model_metadata(s.host, await oip.served_model(s, name)))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata", response_model=ModelMetadata,
             responses={**ok(_METADATA_EXAMPLE), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
-async def model_version_metadata(name: ModelName, version: ModelVersion, host: ModelHostDep, settings: SettingsDep,
-                                 key: OptionalApiKeyDep) -> Response:
-    require_predict(key, name, settings.public_predict)
-    return json_response(_metadata(host, await host.aget(name, version)))
+async def model_version_metadata(name: ModelName, version: ModelVersion, s: ServingDep) -> Response:
+    return json_response(oip.model_metadata(s.host, await oip.served_model(s, name, version)))
 
 
 @router.get("/models/{name}/ready", summary="Model ready", response_model=ModelReady,
             responses={**ok({"name": "mnist-demo", "ready": True}), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
-async def model_ready(name: ModelName, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
-    require_predict(key, name, settings.public_predict)
-    return json_response({"name": (await host.aget(name)).name, "ready": True})
+async def model_ready(name: ModelName, s: ServingDep) -> Response:
+    return json_response({"name": (await oip.served_model(s, name)).name, "ready": True})
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version ready", response_model=ModelReady,
             responses={**ok({"name": "mnist-demo", "version": "1", "ready": True}), **_MODEL_ERRORS},
             openapi_extra=SERVING_DOC)
-async def model_version_ready(name: ModelName, version: ModelVersion, host: ModelHostDep, settings: SettingsDep,
-                              key: OptionalApiKeyDep) -> Response:
-    require_predict(key, name, settings.public_predict)
-    m = await host.aget(name, version)
+async def model_version_ready(name: ModelName, version: ModelVersion, s: ServingDep) -> Response:
+    m = await oip.served_model(s, name, version)
     return json_response({"name": m.name, "version": m.version, "ready": True})
 
 
-def _input_tensor(obj: dict, model: HostedModel, max_samples: int):
-    inputs = obj.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+def _json_data(datatype: str, shape: list[int], data, what: str) -> np.ndarray:
+    """A tensor's JSON ``data`` (flat or nested, row-major) as an array of ``datatype``; 422 if it is not one."""
+    if datatype not in INPUT_DATATYPES:
+        raise unsupported_datatype(datatype)
+    if datatype in ("FP32", "FP16"):
+        arr = to_array(data, "data")
+    else:
+        if not isinstance(data, list):
+            raise invalid(f"{what} data must be an array", "invalid_input")
+        kind = {"INT64": "iu", "BOOL": "b", "BYTES": "U"}[datatype]
+        try:
+            arr = np.array(data)
+        except (ValueError, TypeError, OverflowError):
+            arr = None
+        if arr is None or arr.dtype.kind not in kind or (datatype == "INT64" and arr.dtype == np.uint64):
+            words = {"INT64": "integers within int64", "BOOL": "true or false", "BYTES": "strings"}[datatype]
+            raise invalid(f"{what} data must be a rectangular array of {words} for datatype {datatype}",
+                          "invalid_dtype")
+        if datatype == "BYTES":  # JSON carries text: its UTF-8 bytes (images go in binary)
+            flat = arr.ravel()
+            arr = np.empty(flat.size, dtype=object)
+            arr[:] = [str(v).encode() for v in flat]
+    if arr.size != math.prod(shape):
+        raise invalid(f"data has {arr.size} values; shape {shape} needs {math.prod(shape)}", "invalid_shape")
+    return arr.reshape(shape)
+
+
+def _inputs(header: dict, chunks: list) -> list[Tensor]:
+    """The request's input tensors: every size is checked (400) before any binary data is read."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
         raise invalid("inputs must be a list of exactly one tensor object", "invalid_request")
-    t = inputs[0]
-    if t.get("name") != model.meta["input"]["name"]:
-        raise invalid(f"unknown input {t.get('name')!r}; this model's input is "
-                      f"{model.meta['input']['name']!r}", "invalid_request")
-    if t.get("datatype") != "FP32":
-        raise invalid(f"datatype {t.get('datatype')!r} is not supported; send FP32", "invalid_dtype")
-    shape = t.get("shape")
-    if (not isinstance(shape, list) or not shape or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise invalid("shape must be a list of non-negative integers", "invalid_shape")
-    data = to_array(t.get("data"), "data")
-    if data.size != math.prod(shape):
-        raise invalid(f"data has {data.size} values; shape {shape} needs {math.prod(shape)}", "invalid_shape")
-    return as_batch(data.reshape(shape), model.in_shape, max_samples)
+    shapes = [tensor_shape(t.get("shape")) for t in inputs]
+    for i, (t, shape, raw) in enumerate(zip(inputs, shapes, chunks)):
+        if raw is not None:
+            oip_binary.check(t.get("datatype"), shape, raw, f"inputs[{i}]")
+    return [Tensor(t.get("name"), t.get("datatype"), shape,
+                   _json_data(t.get("datatype"), shape, t.get("data"), f"inputs[{i}]") if raw is None
+                   else oip_binary.from_raw(t["datatype"], shape, raw, f"inputs[{i}]"))
+            for i, (t, shape, raw) in enumerate(zip(inputs, shapes, chunks))]
 
 
-def _wanted(obj: dict, model: HostedModel) -> list[str]:
-    public = [o["name"] for o in public_outputs(model.policy, len(model.labels))]
-    outputs = obj.get("outputs")
+def _flag(params: dict | None, name: str, where: str) -> bool | None:
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise invalid(f"{where}parameters must be an object", "invalid_request")
+    value = params.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise invalid(f"{where}parameters.{name} must be true or false", "invalid_request")
+    return value
+
+
+def _outputs(header: dict) -> tuple[list[str] | None, dict[str, bool], bool]:
+    """The outputs asked for (None: the model's public ones), which of them in binary, and the default."""
+    default = bool(_flag(header.get("parameters"), "binary_data_output", ""))
+    outputs = header.get("outputs")
     if outputs is None:
-        return public
+        return None, {}, default
     if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
         raise invalid("outputs must be a non-empty list of {\"name\": ...}", "invalid_request")
-    names = [o.get("name") for o in outputs]
-    unknown = [n for n in names if n not in (*public, KEYED_OUTPUT)]
-    if unknown:
-        raise invalid(f"unknown output(s) {unknown}; this model serves {', '.join([*public, KEYED_OUTPUT])} "
-                      f"(output policy {model.policy.policy})", "invalid_request")
-    return list(dict.fromkeys(names))
+    binary = {}
+    for i, o in enumerate(outputs):
+        if isinstance(o.get("parameters"), dict) and o["parameters"].get("classification"):
+            raise invalid(f"outputs[{i}]: the classification extension is not served; the outputs already follow "
+                          "the model's output policy", "invalid_request")
+        flag = _flag(o.get("parameters"), "binary_data", f"outputs[{i}].")
+        if flag is not None and isinstance(o.get("name"), str):
+            binary[o["name"]] = flag
+    return [o.get("name") for o in outputs], binary, default
 
 
 async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
-    key, keyring, metrics, settings = s.key, s.keyring, s.metrics, s.settings
-    require_task(model)
-    obj = await read_json(request)
-    wanted = _wanted(obj, model)
-    served_public = [n for n in wanted if n != KEYED_OUTPUT]
-    if KEYED_OUTPUT in wanted and key is None:
-        raise ApiError(401, "missing_key", f"output {KEYED_OUTPUT!r} needs an API key with the distill scope",
-                       {"WWW-Authenticate": "Bearer"})
-    if served_public:
-        require_predict(key, model.name, settings.public_predict)
-    x = _input_tensor(obj, model, settings.max_request_samples)
-    jobs = {}
-    if KEYED_OUTPUT in wanted:  # checks scope and charges quota before anything runs
-        await charge_keyed(model, len(x), key, keyring)
-        jobs[KEYED_OUTPUT] = keyed_logits(model, x, key, keyring, metrics, charged=True)
-    if served_public:
-        jobs["public"] = public_logits(model, x, key, keyring, metrics)
-    # Awaited together, both paths ride in the same ONNX Runtime call.
-    results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
-    values = _public_values(softmax(results["public"]), model.policy) if served_public else {}
-    if KEYED_OUTPUT in wanted:
-        values[KEYED_OUTPUT] = results[KEYED_OUTPUT]
-    outputs = []
-    for name in wanted:
-        value = values[name]
-        outputs.append({"name": name, "datatype": "INT64" if name == CLASSES_OUTPUT else "FP32",
-                        "shape": list(value.shape), "data": value.ravel()})
-    body = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
-    if isinstance(obj.get("id"), str):
-        body["id"] = obj["id"]
-    return json_response(body)
+    require_task(model)  # before the body: a model of another task is told so whatever was sent
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise ApiError(415, "unsupported_media_type", "compressed request bodies are not served: send identity")
+    header_length = request.headers.get(HEADER_LENGTH)
+    header, binary = oip_binary.split(await request.body(), header_length)
+    inputs = header.get("inputs")
+    chunks = oip_binary.input_chunks(inputs if isinstance(inputs, list) else [], binary, header_length is not None)
+    tensors = _inputs(header, chunks)
+    names, binary_outputs, binary_default = _outputs(header)
+    outputs = await oip.infer(s, model, tensors, names)
+    body: dict = {"model_name": model.name, "model_version": model.version}
+    if isinstance(header.get("id"), str):
+        body["id"] = header["id"]
+    described, raws = [], []
+    for t in outputs:
+        if binary_outputs.get(t.name, binary_default):
+            raws.append(oip_binary.to_raw(t.datatype, t.data))
+            described.append({"name": t.name, "datatype": t.datatype, "shape": t.shape,
+                              "parameters": {"binary_data_size": len(raws[-1])}})
+        else:
+            described.append({"name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.data.ravel()})
+    body["outputs"] = described
+    if not raws:
+        return json_response(body)
+    content, length = oip_binary.encode(body, raws)
+    return Response(content, media_type=OCTET_STREAM, headers={HEADER_LENGTH: str(length)})
 
 
-_INFER_DOC = {**json_body_doc(InferRequest, example=_INFER_EXAMPLE), **SERVING_DOC}
-_INFER_RESPONSES = {**ok({"model_name": "mnist-demo", "model_version": "1", "id": "r1", "outputs": [
+_BINARY = {"schema": {"type": "string", "format": "binary", "description": (
+    f"binary tensor extension: the JSON header (its length in {HEADER_LENGTH}), then the tensors sent in binary, "
+    "concatenated in order: row-major, little-endian; BOOL one byte; BYTES elements each a 4-byte little-endian "
+    "length and the bytes")}}
+_HEADER_DOC = {"name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer", "minimum": 1},
+               "description": "binary tensor extension: the JSON header's length in bytes; the raw tensors follow it "
+                              "(absent: the body is JSON alone)"}
+_INFER_DOC = {**json_body_doc(InferRequest, (OCTET_STREAM, _BINARY), example=_INFER_EXAMPLE), **SERVING_DOC,
+              "parameters": [_HEADER_DOC]}
+_INFER_OK = ok({"model_name": "mnist-demo", "model_version": "1", "id": "r1", "outputs": [
     {"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [1, 10], "data": [0.02, 0.01, 0.9, 0.01, 0.01, 0.01, 0.01,
-                                                                         0.01, 0.01, 0.01]}]}),
-    **responses(400, *AUTH, 404, 413, 503, v2=True, why={
-        400: "a body that is not a JSON object, or a model that is not a classifier",
-        401: f"{KEYED_OUTPUT} asked without a key; a key that is not valid; or none, when predict needs one",
-        403: f"{KEYED_OUTPUT} asked by a key without the distill scope for this model",
-        422: "not exactly one FP32 input named as the model's, a shape that does not match the data, "
-             "or an output this model does not serve",
-        429: f"over the request rate, or the key's sample quota ({KEYED_OUTPUT})"})}
+                                                                         0.01, 0.01, 0.01]}]})
+_INFER_OK[200]["content"][OCTET_STREAM] = _BINARY  # when an output is asked in binary
+_INFER_OK[200]["headers"] = {HEADER_LENGTH: {"schema": {"type": "integer"}, "description":
+                                             "with an octet-stream answer: the JSON header's length"}}
+_INFER_RESPONSES = {**_INFER_OK, **responses(400, *AUTH, 404, 413, 415, 503, v2=True, why={
+    400: "a body that is not a JSON object; a binary body whose sizes do not add up, whose header length is past "
+         "it, whose tensor bytes do not match their datatype and shape, or that is truncated; or a model that is "
+         "not a classifier",
+    401: f"{KEYED_OUTPUT} asked without a key; a key that is not valid; or none, when predict needs one",
+    403: f"{KEYED_OUTPUT} asked by a key without the distill scope for this model",
+    413: "a body (JSON header and tensors together) over the payload limit (SDB_MAX_PAYLOAD_BYTES)",
+    415: "a compressed body (Content-Encoding), or BYTES that are not a readable PNG or JPEG image",
+    422: "not exactly one input named as the model's, a datatype it does not take or that does not convert "
+         "exactly, a shape that does not match the data, or an output this model does not serve",
+    429: f"over the request rate, or the key's sample quota ({KEYED_OUTPUT})"})}
 
 
 @router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC, response_model=InferResponse,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import orjson
 import pytest
 from PIL import Image
 
@@ -170,3 +171,51 @@ async def test_admin_add_and_remove_model(svc, bundles):
     assert r.status_code == 201 and r.json()["version"] == "3" and r.json()["versions"] == ["2", "3"]
     x = {"inputs": np.zeros((1, 1, 8, 8)).tolist()}
     assert (await c.post("/v1/models/digits-b/predict", json=x)).status_code == 200
+
+
+def binary_body(header: dict, *tensors: np.ndarray) -> tuple[bytes, dict]:
+    head = orjson.dumps(header)
+    return head + b"".join(t.tobytes() for t in tensors), {"Inference-Header-Content-Length": str(len(head)),
+                                                          "Content-Type": "application/octet-stream"}
+
+
+def binary_outputs(r) -> dict[str, np.ndarray]:
+    """A response's outputs by name, whether each came as JSON data or as bytes after the header."""
+    n = int(r.headers.get("Inference-Header-Content-Length", len(r.content)))
+    header, offset, out = orjson.loads(r.content[:n]), n, {}
+    for o in header["outputs"]:
+        dtype = {"FP32": "<f4", "INT64": "<i8"}[o["datatype"]]
+        if "data" in o:
+            out[o["name"]] = np.array(o["data"], dtype).reshape(o["shape"])
+            continue
+        size = o["parameters"]["binary_data_size"]
+        out[o["name"]] = np.frombuffer(r.content[offset:offset + size], dtype).reshape(o["shape"])
+        offset += size
+    assert offset == len(r.content)
+    return out
+
+
+async def test_v2_binary_tensor_extension(svc, bundles):
+    c, x = svc.client, bundles.x
+    assert "binary_tensor_data" in (await c.get("/v2")).json()["extensions"]
+    token = svc.key(("distill",))
+    header = {"id": "b1", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                      "parameters": {"binary_data_size": x.nbytes}}],
+              "outputs": [{"name": "distill_logits", "parameters": {"binary_data": True}},
+                          {"name": "probabilities", "parameters": {"binary_data": False}}]}
+    content, headers = binary_body(header, x)
+    r = await c.post("/v2/models/digits-a/versions/1/infer", content=content, headers={**headers, **svc.auth(token)})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    outs = binary_outputs(r)
+    ref = load_bundle(bundles.a, svc.settings.master_key)
+    np.testing.assert_allclose(outs["distill_logits"], ref.distill_logits(x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outs["probabilities"], ref.predict(x), rtol=1e-5, atol=1e-6)
+    # JSON inputs may ask for binary outputs (binary_data_output: every output unless it says otherwise)
+    body = {**v2_body(x), "parameters": {"binary_data_output": True}}
+    r = await c.post("/v2/models/digits-a/versions/1/infer", json=body)
+    assert r.status_code == 200 and "Inference-Header-Content-Length" in r.headers
+    np.testing.assert_array_equal(binary_outputs(r)["probabilities"], outs["probabilities"])
+    # a keyed output asked in binary without a key: refused like JSON, nothing in the body
+    r = await c.post("/v2/models/digits-a/infer", content=content, headers=headers)
+    assert r.status_code == 401 and set(r.json()) == {"error"}

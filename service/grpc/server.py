@@ -1,0 +1,221 @@
+"""The Open Inference Protocol's gRPC service, on ``SDB_GRPC_PORT``, in the HTTP server's process and loop.
+
+:func:`start` runs from the app's lifespan (``service/app.py``) on uvicorn's event loop, so every RPC
+uses what the HTTP routes use: the app state's model host (one registry, one micro-batcher per
+model: a gRPC and an HTTP request can ride in one ONNX Runtime call), keyring, quotas, rate limiters
+and metrics. Each RPC calls the functions its HTTP route calls (:mod:`service.oip`); only the
+encoding differs (:mod:`service.grpc.codec`).
+
+Authentication is the HTTP routes': the ``authorization`` metadata (``Bearer sdb_…``), the same key
+checks, scopes and per-key rate; a call without a key spends its address's rate, as an HTTP request
+does (health is never limited). An error is the call's status: the HTTP status's gRPC code
+(:data:`CODES`) with the same message; ``retry-after`` goes back as trailing metadata. Anything else
+is logged and answered INTERNAL without a word of it. Messages over ``SDB_MAX_PAYLOAD_BYTES`` are
+refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+from starlette.concurrency import run_in_threadpool
+
+from .. import oip
+from ..auth import ApiKey
+from ..deps import Serving
+from ..errors import INTERNAL, ApiError
+
+_MISSING = "SDB_GRPC_PORT needs the grpc extra (grpcio>=1.81.1, protobuf>=6.33.5): pip install 'sdb[grpc]' ({})"
+try:  # the `grpc` extra: grpcio, and a protobuf runtime the committed stubs load on
+    import grpc
+    from google.protobuf.runtime_version import VersionError
+    from grpc import aio
+except ImportError as e:
+    raise ImportError(_MISSING.format(e)) from e
+try:
+    from . import codec
+    from . import grpc_predict_v2_pb2 as pb
+    from . import grpc_predict_v2_pb2_grpc as pb_grpc
+except (VersionError, RuntimeError) as e:  # protobuf, or grpcio, older than the stubs
+    raise ImportError(_MISSING.format(e)) from e
+
+log = logging.getLogger("sdb.service")
+
+# HTTP status → gRPC status code, as the protocol's servers map them.
+CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+         403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+         409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+         415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
+         429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
+SERVICE = "inference.GRPCInferenceService"
+STOP_GRACE_S = 5.0  # on shutdown, calls in flight get this long to finish
+
+
+def code_of(status: int) -> grpc.StatusCode:
+    return CODES.get(status, grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def peer_address(peer: str) -> str:
+    """The client's address from gRPC's peer string (``ipv4:10.0.0.1:5000``, ``ipv6:%5B::1%5D:5000``)."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return rest
+
+
+def _authorization(context: aio.ServicerContext) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == "authorization":
+            return v if isinstance(v, str) else None
+    return None
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The six RPCs over the app's state (``app.state``: settings, host, keyring, metrics, limiters)."""
+
+    def __init__(self, state: Any):
+        self.state = state
+
+    # ------------------------------------------------------------------ callers
+    def _limit_address(self, context: aio.ServicerContext) -> None:
+        """A call without a key spends its address's rate (the HTTP middleware's, with its message)."""
+        limiter = self.state.address_limiter
+        wait = limiter.take(peer_address(context.peer()))
+        if wait:
+            raise ApiError(429, "rate_limited", f"this address is over {limiter.rate:g} requests/s without a key; "
+                           f"retry in {wait:.1f} s", {"Retry-After": str(max(1, math.ceil(wait)))})
+
+    async def _key(self, context: aio.ServicerContext) -> ApiKey | None:
+        """:func:`service.deps._authenticate` over metadata: None without a key; a key sent must be valid."""
+        authorization = _authorization(context)
+        if authorization is None:
+            self._limit_address(context)
+            return None
+        keyring = self.state.keyring
+        try:
+            token, key_id = keyring.token_from_header(authorization)
+            row = keyring.cached_row(key_id)
+            if row is None:
+                row = await run_in_threadpool(keyring.fetch_row, key_id)
+            key = keyring.verify(token, row)
+        except ApiError:  # a wrong key counts against its address: guessing is rate-limited too
+            self.state.address_limiter.check(peer_address(context.peer()), "this address")
+            raise
+        self.state.key_limiter.check(key.id, "this key")
+        return key
+
+    async def _caller(self, context: aio.ServicerContext) -> Serving:
+        s = self.state
+        return Serving(s.settings, s.host, s.keyring, s.metrics, await self._key(context))
+
+    # ------------------------------------------------------------------ one call
+    async def _run(self, method: str, context: aio.ServicerContext, model: str,
+                   answer: Callable[[], Awaitable[Any]]) -> Any:
+        """``answer()``, its errors as the call's status, and the request in the metrics as HTTP's are."""
+        start, status, error = time.perf_counter(), 200, None
+        try:
+            return await answer()
+        except ApiError as e:
+            status, error = e.status, e
+        except Exception:
+            log.exception("unhandled error on gRPC %s", method)
+            status, error = 500, ApiError(*INTERNAL)
+        finally:
+            host = self.state.host
+            self.state.metrics.observe_request(f"/{SERVICE}/{method}", "GRPC",
+                                               model if model and host is not None and model in host else "",
+                                               status, time.perf_counter() - start)
+        retry = (error.headers or {}).get("Retry-After")
+        await context.abort(code_of(status), error.message, (("retry-after", retry),) if retry else ())
+
+    # ------------------------------------------------------------------ the RPCs
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext):
+        async def answer():
+            return pb.ServerLiveResponse(live=True)
+        return await self._run("ServerLive", context, "", answer)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext):
+        async def answer():
+            return pb.ServerReadyResponse(ready=bool(getattr(self.state, "ready", False)))
+        return await self._run("ServerReady", context, "", answer)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext):
+        async def answer():
+            if _authorization(context) is None:  # as GET /v2: no key needed, none checked
+                self._limit_address(context)
+            return codec.server_metadata_response(oip.server_metadata())
+        return await self._run("ServerMetadata", context, "", answer)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext):
+        async def answer():
+            caller = await self._caller(context)
+            try:
+                await oip.served_model(caller, request.name, request.version or None)
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+                return pb.ModelReadyResponse(ready=False)  # as tritonclient reads HTTP's 404: not ready
+            return pb.ModelReadyResponse(ready=True)
+        return await self._run("ModelReady", context, request.name, answer)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext):
+        async def answer():
+            caller = await self._caller(context)
+            model = await oip.served_model(caller, request.name, request.version or None)
+            return codec.metadata_response(oip.model_metadata(caller.host, model))
+        return await self._run("ModelMetadata", context, request.name, answer)
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext):
+        async def answer():
+            caller = await self._caller(context)
+            model = await caller.host.aget(request.model_name, request.model_version or None)
+            outputs = await oip.infer(caller, model, codec.request_inputs(request), codec.requested_outputs(request))
+            return codec.infer_response(model.name, model.version, request.id, outputs)
+        return await self._run("ModelInfer", context, request.model_name, answer)
+
+
+def listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _cannot_listen(address: str) -> str:
+    return (f"gRPC cannot listen on {address} (SDB_GRPC_HOST / SDB_GRPC_PORT): in use or not an address of this "
+            "machine")
+
+
+def check_address(host: str, port: int) -> None:
+    """ValueError when ``host:port`` cannot be listened on now: ``sdb serve`` says so before it starts,
+    rather than as the lifespan's failure (:func:`start` checks again when it binds)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ValueError(f"{_cannot_listen(listen_address(host, port))} ({e.strerror or e})") from None
+
+
+async def start(state: Any) -> aio.Server:
+    """The gRPC server on ``settings.grpc_host`` (default ``host``) and ``grpc_port``, started on the
+    running loop; RuntimeError with the address when it cannot listen there."""
+    settings = state.settings
+    address = listen_address(settings.grpc_host or settings.host, settings.grpc_port)
+    server = aio.server(options=[
+        ("grpc.max_receive_message_length", settings.max_payload_bytes),
+        ("grpc.so_reuseport", 0),  # a port already taken is an error, not a second listener on it
+    ])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise RuntimeError(_cannot_listen(address))
+    await server.start()
+    log.info("gRPC (Open Inference Protocol) on %s", address)
+    return server

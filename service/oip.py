@@ -1,0 +1,250 @@
+"""The Open Inference Protocol's core (v2, as KServe and Triton speak it), whatever carries it.
+
+The HTTP routes (:mod:`service.routes.v2`: JSON and the binary tensor extension) and the gRPC
+server decode their requests into :class:`Tensor` objects and call the functions here; they encode
+what comes back. Everything the protocol decides lives here once: the metadata, which outputs a
+model serves, which input datatypes it takes and how they become the model's FP32 input, the output
+policy, the keyed path's key check and quota charge (through :mod:`service.inference`, as every
+route), and the protocol's errors (an :class:`~service.errors.ApiError`: its ``status`` and
+``message`` are what a transport answers; gRPC maps the status to its code).
+
+Public outputs follow the model version's output policy (the metadata lists them):
+
+- ``probs``: ``probabilities`` FP32 [N, C], every class in label order;
+- ``top_k``: ``probabilities`` FP32 [N, k], the k highest renormalised, in decreasing order, and
+  ``classes`` INT64 [N, k], their class indices: the other classes are absent, not zero-filled;
+- ``label``: ``classes`` INT64 [N, 1], the predicted class, and no probability at all.
+
+``distill_logits`` is the keyed path (asked for by name, and only with a ``distill`` key for the
+model), not subject to the policy.
+
+The API (a transport imports these; names are added, never renamed): :class:`Tensor`,
+:class:`Caller`, :data:`INPUT_DATATYPES`, :data:`EXTENSIONS`, :func:`server_metadata`,
+:func:`served_model`, :func:`model_metadata`, :func:`output_names`, :func:`requested_outputs`,
+:func:`tensor_shape`, :func:`unsupported_datatype`, :func:`model_input`, :func:`infer`; raw tensor bytes
+(gRPC's ``raw_input_contents``) decode with :func:`service.oip_binary.from_raw`.
+# oip core: stable API
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
+from typing import Any, Protocol
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from .auth import ApiKey, Keyring
+from .errors import ApiError, invalid
+from .inference import (
+    charge_keyed,
+    keyed_logits,
+    policy_outputs,
+    public_logits,
+    require_predict,
+    require_task,
+    rounded,
+)
+from .metrics import Metrics
+from .registry import HostedModel, ModelHost
+from .schemas import OutputPolicy
+from .settings import Settings
+from .tensors import as_batch, image_to_input, softmax
+
+PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "distill_logits"
+SERVER_NAME = "sdb"
+EXTENSIONS = ("binary_tensor_data",)  # what GET /v2 advertises
+# What an infer input may be sent as; the model takes FP32 (see model_input for the conversions).
+INPUT_DATATYPES = ("FP32", "FP16", "INT64", "BOOL", "BYTES")
+_EXACT_INT = 1 << 24  # every integer up to 2**24 in magnitude is exact in float32
+
+
+@dataclass(frozen=True, slots=True)
+class Tensor:
+    """One named tensor of a request or a response.
+
+    ``data`` holds ``prod(shape)`` values, row-major: for BYTES an object array of ``bytes``, else a
+    numeric array. Output tensors' arrays may be wider than their datatype (an FP32 output rounded
+    to the policy's decimals comes as float64, so that JSON prints 0.123): an encoder casts to it.
+    """
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+
+
+class Caller(Protocol):
+    """Who calls and with what: :class:`service.deps.Serving` is one (the gRPC server builds its own)."""
+
+    settings: Settings
+    host: ModelHost
+    keyring: Keyring
+    metrics: Metrics
+    key: ApiKey | None  # None: no key was sent (one that was sent has been authenticated)
+
+
+# --------------------------------------------------------------------------- metadata
+def _server_version() -> str:
+    try:
+        return package_version("sdb")
+    except PackageNotFoundError:
+        return "0"
+
+
+def server_metadata() -> dict:
+    return {"name": SERVER_NAME, "version": _server_version(), "extensions": list(EXTENSIONS)}
+
+
+async def served_model(ctx: Caller, name: str, version: str | None = None) -> HostedModel:
+    """The model a metadata or readiness request names, after the caller's predict access was checked
+    (before the lookup, so that a caller who may not predict cannot probe names)."""
+    require_predict(ctx.key, name, ctx.settings.public_predict)
+    return await ctx.host.aget(name, version)
+
+
+def public_outputs(policy: OutputPolicy, classes: int) -> list[dict]:
+    """The public output tensors a model serves under its policy: name, datatype, shape (-1: the batch)."""
+    if policy.policy == "probs":
+        return [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}]
+    k = 1 if policy.policy == "label" else min(policy.top_k, classes)
+    probabilities = [{"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [-1, k]}] if policy.policy == "top_k" else []
+    return probabilities + [{"name": CLASSES_OUTPUT, "datatype": "INT64", "shape": [-1, k]}]
+
+
+def model_metadata(host: ModelHost, model: HostedModel) -> dict:
+    classes = len(model.labels)
+    return {"name": model.name, "versions": host.versions(model.name), "platform": "onnxruntime_onnx",
+            "inputs": [{"name": model.meta["input"]["name"], "datatype": "FP32", "shape": [-1, *model.in_shape]}],
+            "outputs": public_outputs(model.policy, classes)
+            + ([{"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}] if model.distillable else [])}
+
+
+def output_names(model: HostedModel) -> list[str]:
+    """The public outputs a model serves, in order: what an infer request that names none gets."""
+    return [o["name"] for o in public_outputs(model.policy, len(model.labels))]
+
+
+def requested_outputs(model: HostedModel, names: Sequence[str] | None) -> list[str]:
+    """The outputs to answer, deduplicated in the order asked; None: the public ones. 422 for any other name."""
+    public = output_names(model)
+    if names is None:
+        return public
+    unknown = [n for n in names if n not in (*public, KEYED_OUTPUT)]
+    if unknown:
+        raise invalid(f"unknown output(s) {unknown}; this model serves {', '.join([*public, KEYED_OUTPUT])} "
+                      f"(output policy {model.policy.policy})", "invalid_request")
+    return list(dict.fromkeys(names))
+
+
+# --------------------------------------------------------------------------- inputs
+def tensor_shape(value: Any) -> list[int]:
+    """A tensor's shape as the protocol writes it: a list of at most 8 non-negative integers; 422 otherwise."""
+    if (not isinstance(value, list) or not value or len(value) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)):
+        raise invalid("shape must be a list of non-negative integers", "invalid_shape")
+    return value
+
+
+def unsupported_datatype(datatype: Any) -> ApiError:
+    return invalid(f"datatype {datatype!r} is not supported; send FP32 (or FP16, INT64 or BOOL values that "
+                   f"convert exactly, or BYTES of PNG/JPEG images)", "invalid_dtype")
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    if not np.isfinite(x).all():
+        raise invalid("data has NaN, Inf or values beyond float32 range", "non_finite")
+    return x
+
+
+def _as_float32(t: Tensor) -> np.ndarray:
+    data = t.data
+    if t.datatype in ("FP32", "FP16"):
+        with np.errstate(over="ignore"):
+            return _finite(data.astype(np.float32, copy=False))
+    if t.datatype == "INT64":
+        if data.size and (int(data.min()) < -_EXACT_INT or int(data.max()) > _EXACT_INT):
+            raise invalid(f"INT64 values beyond ±{_EXACT_INT} do not convert exactly to the model's FP32 input; "
+                          "send FP32", "invalid_dtype")
+        return data.astype(np.float32)
+    return data.astype(np.float32)  # BOOL: 0 and 1
+
+
+def _images(t: Tensor, model: HostedModel, max_samples: int) -> np.ndarray:
+    """BYTES: one PNG/JPEG per element, decoded and normalised as the model's training data."""
+    images = t.data.ravel()
+    if not images.size:
+        raise invalid("BYTES input has no element: send one PNG or JPEG image per sample", "invalid_shape")
+    if images.size > max_samples:
+        raise invalid(f"{images.size} samples in one request; at most {max_samples}", "too_many_samples")
+    if len(model.in_shape) != 3:
+        raise invalid(f"this model takes inputs of shape {model.in_shape}, not images: send FP32", "invalid_dtype")
+    shape, norm = model.in_shape, model.meta["normalize"]
+    return np.stack([image_to_input(bytes(b), shape, norm) for b in images])
+
+
+async def model_input(model: HostedModel, inputs: Sequence[Tensor], max_samples: int) -> np.ndarray:
+    """The model's FP32 input batch (N, *in_shape) from the request's one input tensor.
+
+    FP32 as sent; FP16 widened; INT64 within ±2**24 and BOOL (0, 1) converted exactly; BYTES: one
+    PNG/JPEG image per element, decoded like the v1 image upload. Any other datatype, a lossy INT64,
+    NaN or Inf: 422.
+    """
+    expected = model.meta["input"]["name"]
+    if len(inputs) != 1:
+        raise invalid("inputs must be a list of exactly one tensor object", "invalid_request")
+    t = inputs[0]
+    if t.name != expected:
+        raise invalid(f"unknown input {t.name!r}; this model's input is {expected!r}", "invalid_request")
+    if t.datatype not in INPUT_DATATYPES:
+        raise unsupported_datatype(t.datatype)
+    if t.datatype == "BYTES":  # decoding is CPU work that grows with the image: off the event loop
+        return await run_in_threadpool(_images, t, model, max_samples)
+    x = _as_float32(t)
+    if x.size == 0:
+        raise invalid("data is empty", "invalid_shape")
+    return as_batch(x.reshape(t.shape), model.in_shape, max_samples)
+
+
+# --------------------------------------------------------------------------- infer
+def _public_values(probs: np.ndarray, policy: OutputPolicy) -> dict[str, np.ndarray]:
+    if policy.policy == "probs":
+        return {PUBLIC_OUTPUT: rounded(probs, policy.decimals)}
+    idx, values = policy_outputs(probs, policy)
+    return {CLASSES_OUTPUT: idx.astype("int64"), **({} if values is None else {PUBLIC_OUTPUT: values})}
+
+
+async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor],
+                outputs: Sequence[str] | None = None) -> list[Tensor]:
+    """The output tensors, in the order asked (``outputs`` None: the public ones), for decoded ``inputs``.
+
+    In order: the model's task (a classifier), the outputs' names, a key for ``distill_logits`` (401)
+    and predict access for the public ones, the input, then the keyed path's scope and quota charge
+    (before any model time is spent). Both paths, asked together, ride in the same ONNX Runtime call.
+    """
+    require_task(model)
+    wanted = requested_outputs(model, outputs)
+    served_public = [n for n in wanted if n != KEYED_OUTPUT]
+    keyed = KEYED_OUTPUT in wanted
+    if keyed and ctx.key is None:
+        raise ApiError(401, "missing_key", f"output {KEYED_OUTPUT!r} needs an API key with the distill scope",
+                       {"WWW-Authenticate": "Bearer"})
+    if served_public:
+        require_predict(ctx.key, model.name, ctx.settings.public_predict)
+    x = await model_input(model, inputs, ctx.settings.max_request_samples)
+    jobs = {}
+    if keyed:  # checks scope and charges quota before anything runs
+        await charge_keyed(model, len(x), ctx.key, ctx.keyring)
+        jobs[KEYED_OUTPUT] = keyed_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, charged=True)
+    if served_public:
+        jobs["public"] = public_logits(model, x, ctx.key, ctx.keyring, ctx.metrics)
+    results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+    values = _public_values(softmax(results["public"]), model.policy) if served_public else {}
+    if keyed:
+        values[KEYED_OUTPUT] = results[KEYED_OUTPUT]
+    return [Tensor(name, "INT64" if name == CLASSES_OUTPUT else "FP32", list(values[name].shape), values[name])
+            for name in wanted]
+

@@ -1,0 +1,316 @@
+"""The unmodified ``tritonclient.grpc`` against ``sdb serve`` with ``SDB_GRPC_PORT``: the protocol's gRPC
+service beside HTTP in one process, on one registry, keyring, quota and rate limit.
+
+One server for the module (its start is most of the time): every test makes its own keys, so one
+test's rate and quota never reach another's.
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from PIL import Image
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from service.auth import create_key
+from service.settings import Settings
+from service.store import Store
+
+from .conftest import ROOT, Server, free_port, sdb_bytes
+
+KEY_BURST = 25  # the server's per-key burst; a test's key makes fewer calls than this, but the rate test
+N = 3
+
+
+@pytest.fixture(scope="module")
+def grpc_server(tmp_path_factory, bundles):
+    data = tmp_path_factory.mktemp("grpc") / "data"
+    port = free_port()
+    server = Server(data, bundles, env={"SDB_GRPC_PORT": str(port), "SDB_RATE_LIMIT_KEY_PER_S": "1",
+                                        "SDB_RATE_LIMIT_KEY_BURST": str(KEY_BURST)})
+    settings = Settings(data_dir=data, master_key_file=bundles.master_key_file)
+    store = Store(settings.db_url)
+
+    def key(*scopes: str, **kw) -> str:
+        return create_key(store, settings.pepper, scopes=scopes, **kw)[0]
+
+    admin = {"Authorization": f"Bearer {key('admin')}"}
+    try:
+        for bundle in (bundles.a, bundles.a2, bundles.b):
+            r = httpx.post(server.url + "/v1/models", files={"file": (f"{bundle.name}.sdb", sdb_bytes(bundle))},
+                           headers=admin, timeout=60)
+            assert r.status_code == 201, r.text
+        client = triton.InferenceServerClient(url=f"127.0.0.1:{port}")
+        yield server, client, key, store
+        client.close()
+    finally:
+        err = server.stop()
+        store.close()
+    assert "Traceback" not in err, err[-3000:]
+
+
+def fp32_input(x: np.ndarray, datatype: str = "FP32") -> triton.InferInput:
+    t = triton.InferInput("input", list(x.shape), datatype)
+    t.set_data_from_numpy(x)
+    return t
+
+
+def bearer(token: str) -> dict:
+    return {"authorization": f"Bearer {token}"}  # gRPC metadata keys are lower case
+
+
+def refused(call, code: str) -> str:
+    """The message of the error ``call()`` raises, after checking its gRPC status code."""
+    with pytest.raises(InferenceServerException) as e:
+        call()
+    assert e.value.status() == f"StatusCode.{code}", (e.value.status(), e.value.message())
+    assert "Traceback" not in e.value.message()
+    return e.value.message()
+
+
+def v2_json(server, x: np.ndarray, outputs: list[str], headers: dict | None = None, model: str = "digits-a") -> dict:
+    r = httpx.post(f"{server.url}/v2/models/{model}/infer", headers=headers, timeout=30, json={
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+        "outputs": [{"name": n} for n in outputs]})
+    assert r.status_code == 200, r.text
+    return {o["name"]: np.array(o["data"], np.float32).reshape(o["shape"]) for o in r.json()["outputs"]}
+
+
+def test_health_and_metadata(grpc_server):
+    _, client, _, _ = grpc_server
+    assert client.is_server_live() and client.is_server_ready()
+    meta = client.get_server_metadata(as_json=True)
+    assert meta["name"] == "sdb" and "version" in meta
+    assert client.is_model_ready("digits-a") and client.is_model_ready("digits-a", "2")
+    assert not client.is_model_ready("no-such-model")
+    m = client.get_model_metadata("digits-a", as_json=True)
+    assert m["name"] == "digits-a" and m["versions"] == ["1", "2"] and m["platform"] == "onnxruntime_onnx"
+    assert m["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "1", "8", "8"]}]  # int64 in JSON
+    assert [o["name"] for o in m["outputs"]] == ["probabilities", "distill_logits"]
+    assert client.get_model_metadata("digits-a", "1").versions == ["1", "2"]
+
+
+def test_infer_fp32_defaults_equal_http_v2(grpc_server, bundles):
+    server, client, _, _ = grpc_server
+    x = bundles.x[:N]
+    result = client.infer("digits-a", [fp32_input(x)], request_id="r1")
+    probs = result.as_numpy("probabilities")
+    assert probs.dtype == np.float32 and probs.shape == (N, 10)
+    np.testing.assert_allclose(probs, v2_json(server, x, ["probabilities"])["probabilities"], rtol=1e-5, atol=1e-6)
+    response = result.get_response()
+    assert response.model_name == "digits-a" and response.model_version == "2" and response.id == "r1"
+    assert result.as_numpy("distill_logits") is None  # the keyed output only when asked, with a key
+    # Each version is its own network: the version asked is the version served.
+    v1 = client.infer("digits-a", [fp32_input(x)], model_version="1")
+    assert v1.get_response().model_version == "1"
+    assert np.abs(v1.as_numpy("probabilities") - probs).max() > 1e-4
+    one = client.infer("digits-a", [fp32_input(x[0])])  # one sample, [C, H, W]
+    np.testing.assert_allclose(one.as_numpy("probabilities")[0], probs[0], rtol=1e-5, atol=1e-6)
+
+
+def _png(sample: np.ndarray) -> bytes:
+    img = Image.fromarray((np.clip(sample[0], 0, 1) * 255).astype(np.uint8), mode="L")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_every_input_datatype_the_server_takes(grpc_server, bundles):
+    """FP32 and each other datatype oip takes, as tritonclient sends them (raw), answer what the same
+    values sent as FP32 answer."""
+    from service.tensors import image_to_input
+
+    _, client, _, _ = grpc_server
+    x = bundles.x[:N]
+
+    def probs(t: triton.InferInput) -> np.ndarray:
+        return client.infer("digits-b", [t]).as_numpy("probabilities")
+
+    def same(got: np.ndarray, values: np.ndarray) -> None:
+        np.testing.assert_allclose(got, probs(fp32_input(values.astype(np.float32))), rtol=1e-5, atol=1e-6)
+
+    same(probs(fp32_input(x.astype(np.float16), "FP16")), x.astype(np.float16))
+    ints = np.round(x * 3).astype(np.int64)
+    same(probs(fp32_input(ints, "INT64")), ints)
+    flags = x > 0.5
+    same(probs(fp32_input(flags, "BOOL")), flags)
+    images = np.array([_png(s) for s in x], dtype=np.object_)
+    meta = json.loads((bundles.b / "meta.json").read_text())
+    decoded = np.stack([image_to_input(png, (1, 8, 8), meta["normalize"]) for png in images])
+    same(probs(fp32_input(images, "BYTES")), decoded)
+    # A datatype it does not take is refused with the HTTP route's words.
+    message = refused(lambda: probs(fp32_input(ints.astype(np.int32), "INT32")), "INVALID_ARGUMENT")
+    assert "datatype 'INT32' is not supported" in message
+
+
+def test_typed_contents_equal_raw(grpc_server, bundles):
+    """The protocol's typed ``contents`` (no client of ours sends them; tritonclient's own stub does)."""
+    server, client, _, _ = grpc_server
+    x = bundles.x[:N]
+    raw = client.infer("digits-a", [fp32_input(x)]).as_numpy("probabilities")
+    with grpc.insecure_channel(f"127.0.0.1:{server.env['SDB_GRPC_PORT']}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = service_pb2.ModelInferRequest(model_name="digits-a")
+        t = request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+        t.contents.fp32_contents.extend(x.ravel().tolist())
+        response = stub.ModelInfer(request)
+        got = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(N, 10)
+        np.testing.assert_allclose(got, raw, rtol=1e-5, atol=1e-6)
+        ints = service_pb2.ModelInferRequest(model_name="digits-a")
+        t = ints.inputs.add(name="input", datatype="INT64", shape=list(x.shape))
+        t.contents.int64_contents.extend(np.round(x * 3).astype(np.int64).ravel().tolist())
+        assert stub.ModelInfer(ints).outputs[0].name == "probabilities"
+        short = service_pb2.ModelInferRequest(model_name="digits-a")
+        short.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8]).contents.fp32_contents.extend([0.5])
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(short)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == "inputs[0].contents has 1 FP32 values; shape [1, 1, 8, 8] needs 64"
+
+
+def test_keyed_output_needs_a_distill_key_equals_http_and_charges_the_same_quota(grpc_server, bundles):
+    server, client, key, store = grpc_server
+    x = bundles.x[:N]
+    keyed = [triton.InferRequestedOutput("distill_logits")]
+    message = refused(lambda: client.infer("digits-a", [fp32_input(x)], outputs=keyed), "UNAUTHENTICATED")
+    assert message == "output 'distill_logits' needs an API key with the distill scope"
+    predict_only = key("predict")
+    message = refused(lambda: client.infer("digits-a", [fp32_input(x)], outputs=keyed, headers=bearer(predict_only)),
+                      "PERMISSION_DENIED")
+    assert message == "this API key lacks the 'distill' scope"
+    refused(lambda: client.infer("digits-a", [fp32_input(x)], headers=bearer("sdb_0_0")), "UNAUTHENTICATED")
+
+    token = key("distill", models=["digits-a"], quota=3 * N + 1)
+    key_id = token.split("_")[1]
+    both = [triton.InferRequestedOutput("probabilities"), triton.InferRequestedOutput("distill_logits")]
+    result = client.infer("digits-a", [fp32_input(x)], outputs=both, headers=bearer(token))
+    assert store.get_key(key_id).used == N  # charged when served, no write-behind
+    http = v2_json(server, x, ["probabilities", "distill_logits"], {"Authorization": f"Bearer {token}"})
+    assert store.get_key(key_id).used == 2 * N  # the same charge for the same samples on either transport
+    for name in ("probabilities", "distill_logits"):
+        np.testing.assert_allclose(result.as_numpy(name), http[name], rtol=1e-5, atol=1e-5)
+    # The keyed path is another function of the input than the public one.
+    assert np.abs(result.as_numpy("distill_logits") - np.log(result.as_numpy("probabilities"))).max() > 0.1
+
+    client.infer("digits-a", [fp32_input(x)], outputs=keyed, headers=bearer(token))
+    message = refused(lambda: client.infer("digits-a", [fp32_input(x)], outputs=keyed, headers=bearer(token)),
+                      "RESOURCE_EXHAUSTED")
+    assert message == f"sample quota spent: {3 * N} of {3 * N + 1} used, {N} asked"
+    assert store.get_key(key_id).used == 3 * N
+    # Its allowlist holds on gRPC too.
+    message = refused(lambda: client.infer("digits-b", [fp32_input(x)], outputs=keyed, headers=bearer(token)),
+                      "PERMISSION_DENIED")
+    assert message == "this API key is not allowed to use model 'digits-b'"
+
+
+def test_rate_limit_is_the_keys_across_transports(grpc_server, bundles):
+    server, client, key, _ = grpc_server
+    token = key("predict")
+    headers = bearer(token)
+    for _ in range(KEY_BURST // 2):  # half the burst over HTTP, the rest over gRPC: one bucket
+        r = httpx.get(f"{server.url}/v2/models/digits-a", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+    start = time.monotonic()
+    with pytest.raises(InferenceServerException) as e:
+        for _ in range(2 * KEY_BURST):
+            client.get_model_metadata("digits-a", headers=headers)
+    assert time.monotonic() - start < KEY_BURST / 2  # refused in the burst, not after the rate refilled it
+    assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert e.value.message().startswith("this key is over 1 requests/s; retry in")
+    with grpc.insecure_channel(f"127.0.0.1:{server.env['SDB_GRPC_PORT']}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as raw:
+            stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="digits-a"), metadata=tuple(headers.items()))
+    assert raw.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(raw.value.trailing_metadata())["retry-after"] == "1"  # HTTP's Retry-After
+    assert client.is_server_live(headers=headers)  # health is never limited
+
+
+def test_errors_are_status_codes_with_the_http_messages(grpc_server, bundles):
+    server, client, _, _ = grpc_server
+    x = bundles.x[:N]
+    message = refused(lambda: client.infer("no-such-model", [fp32_input(x)]), "NOT_FOUND")
+    assert message == "no model named 'no-such-model'"
+    refused(lambda: client.get_model_metadata("no-such-model"), "NOT_FOUND")
+    message = refused(lambda: client.get_model_metadata("digits-a", "9"), "NOT_FOUND")
+    assert message == "model 'digits-a' has no version '9'"
+    wrong = triton.InferInput("pixels", list(x.shape), "FP32")
+    wrong.set_data_from_numpy(x)
+    message = refused(lambda: client.infer("digits-a", [wrong]), "INVALID_ARGUMENT")
+    assert message == "unknown input 'pixels'; this model's input is 'input'"
+    message = refused(lambda: client.infer("digits-a", [fp32_input(x[:, :, :4])]), "INVALID_ARGUMENT")
+    assert "this model takes [N, 1, 8, 8]" in message
+    message = refused(lambda: client.infer("digits-a", [fp32_input(x)],
+                                           outputs=[triton.InferRequestedOutput("logits")]), "INVALID_ARGUMENT")
+    assert message.startswith("unknown output(s) ['logits']")
+    refused(lambda: client.infer("digits-a", [fp32_input(x)],
+                                 outputs=[triton.InferRequestedOutput("probabilities", class_count=3)]),
+            "INVALID_ARGUMENT")
+    # SDB_MAX_PAYLOAD_BYTES (8 MiB) is the largest message the server reads.
+    big = np.zeros((9 << 20) // 4, np.float32)
+    refused(lambda: client.infer("digits-a", [fp32_input(big)]), "RESOURCE_EXHAUSTED")
+    assert client.is_server_ready()
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'route="/inference.GRPCInferenceService/ModelInfer"' in metrics and 'method="GRPC"' in metrics
+
+
+def test_the_grpc_extra_is_imported_only_when_the_port_is_on(tmp_path):
+    code = (
+        "import sys\n"
+        "from service.app import build_app\n"
+        "from service.settings import Settings\n"
+        f"build_app(Settings(data_dir={str(tmp_path)!r}))\n"
+        "assert 'grpc' not in sys.modules, 'grpc was imported'\n"
+        "sys.modules['grpc'] = None\n"  # as if the extra were not installed
+        "try:\n"
+        "    import service.grpc.server\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SDB_GRPC_PORT needs the grpc extra" in out.stdout and "pip install 'sdb[grpc]'" in out.stdout
+
+
+@pytest.mark.anyio
+async def test_an_unexpected_error_is_internal_and_says_nothing_of_it(caplog):
+    """What the server did not expect is logged there and answered INTERNAL with the generic message."""
+    from service.grpc import grpc_predict_v2_pb2 as pb
+    from service.grpc.server import InferenceServicer
+    from service.metrics import Metrics
+
+    class Host:
+        def __contains__(self, name):
+            return False
+
+        async def aget(self, name, version=None):
+            raise RuntimeError("secret internals")
+
+    class Context:
+        def peer(self):
+            return "ipv4:127.0.0.1:5000"
+
+        def invocation_metadata(self):
+            return ()
+
+        async def abort(self, code, details, trailing_metadata=()):
+            self.aborted = (code, details)
+            raise grpc.aio.AbortError()
+
+    state = type("State", (), {"settings": Settings(), "host": Host(), "keyring": None, "metrics": Metrics(),
+                               "address_limiter": type("L", (), {"take": lambda self, a: 0.0})()})()
+    context = Context()
+    with pytest.raises(grpc.aio.AbortError):
+        await InferenceServicer(state).ModelInfer(pb.ModelInferRequest(model_name="m"), context)
+    assert context.aborted == (grpc.StatusCode.INTERNAL, "internal server error")
+    assert "secret internals" in caplog.text  # in the server's log, not in the answer
