@@ -62,29 +62,38 @@ _bearer = HTTPBearer(auto_error=False, description="an API key: sdb_<id>_<secret
 _BearerDoc = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-async def _authenticate(request: Request, keyring: Keyring) -> ApiKey:
+async def authenticate(state, authorization: str | None, address: str) -> ApiKey:
+    """The key an ``Authorization`` value names, verified, for any transport (HTTP here, gRPC's metadata):
+    ``state`` is the app's (keyring, limiters), ``address`` the caller's. A malformed, wrong or dead key
+    counts against its address (guessing is rate-limited too); a valid one spends its own rate only."""
+    keyring: Keyring = state.keyring
     try:
-        token, key_id = keyring.token_from_header(request.headers.get("authorization"))
+        token, key_id = keyring.token_from_header(authorization)
         row = keyring.cached_row(key_id)
         if row is None:
             row = await run_in_threadpool(keyring.fetch_row, key_id)
         key = keyring.verify(token, row)
-    except ApiError:  # a malformed, wrong or dead key counts against its address: guessing is rate-limited too
-        request.app.state.address_limiter.check(request.client.host if request.client else "", "this address")
+    except ApiError:
+        state.address_limiter.check(address, "this address")
         raise
-    request.app.state.key_limiter.check(key.id, "this key")  # a valid key spends its own rate only
+    state.key_limiter.check(key.id, "this key")
     return key
 
 
-async def api_key(request: Request, keyring: KeyringDep, _: _BearerDoc) -> ApiKey:
-    return await _authenticate(request, keyring)
+async def _authenticate(request: Request) -> ApiKey:
+    return await authenticate(request.app.state, request.headers.get("authorization"),
+                              request.client.host if request.client else "")
 
 
-async def optional_api_key(request: Request, keyring: KeyringDep, _: _BearerDoc) -> ApiKey | None:
+async def api_key(request: Request, _: _BearerDoc) -> ApiKey:
+    return await _authenticate(request)
+
+
+async def optional_api_key(request: Request, _: _BearerDoc) -> ApiKey | None:
     """None without a header; a header that is present must be a valid key."""
     if "authorization" not in request.headers:
         return None
-    return await _authenticate(request, keyring)
+    return await _authenticate(request)
 
 
 ApiKeyDep = Annotated[ApiKey, Depends(api_key)]
@@ -129,13 +138,13 @@ class Serving:
 
 async def _serving(request: Request) -> Serving:
     state = request.app.state
-    key = None if "authorization" not in request.headers else await _authenticate(request, state.keyring)
+    key = None if "authorization" not in request.headers else await _authenticate(request)
     return Serving(state.settings, state.host, state.keyring, state.metrics, key)
 
 
 async def _distilling(request: Request) -> Serving:
     state = request.app.state
-    key = await _authenticate(request, state.keyring)
+    key = await _authenticate(request)
     check_scope(key, "distill", request.path_params["name"])  # the route's {name}
     return Serving(state.settings, state.host, state.keyring, state.metrics, key)
 

@@ -7,13 +7,13 @@ answered with the generic error body, so the server keeps serving.
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import INTERNAL, error_response
+from .ratelimit import ANONYMOUS_CALLER
 
 log = logging.getLogger("sdb.service")
 # An orchestrator's liveness and readiness checks are never limited: ours, and the Open Inference
@@ -46,9 +46,8 @@ class ServiceMiddleware:
             limit = self.upload_routes.get((scope.get("method", ""), scope.get("path", "")), self.limit)
             wait = self._address_wait(scope)
             if wait:
-                await error_response(429, "rate_limited", f"this address is over {self.address_limiter.rate:g} "
-                                     f"requests/s without a key; retry in {wait:.1f} s",
-                                     {"Retry-After": str(max(1, math.ceil(wait)))})(scope, receive, send_tracked)
+                e = self.address_limiter.refusal(wait, ANONYMOUS_CALLER)
+                await error_response(e.status, e.code, e.message, e.headers)(scope, receive, send_tracked)
             elif declared is not None and declared > limit:
                 await error_response(413, "payload_too_large",
                                      f"body of {declared} bytes is over the {limit}-byte limit")(

@@ -7,6 +7,8 @@ import time
 
 from .errors import ApiError
 
+ANONYMOUS_CALLER = "this address, without a key,"  # how a 429 names a caller that sent no key
+
 
 class RateLimiter:
     """``rate`` requests per second per caller, in bursts of up to ``burst``; a rate of 0 turns it off.
@@ -45,5 +47,9 @@ class RateLimiter:
         """Raise the 429 (with ``Retry-After``) for a caller over its rate."""
         wait = self.take(caller)
         if wait > 0:
-            raise ApiError(429, "rate_limited", f"{what} is over {self.rate:g} requests/s; retry in {wait:.1f} s",
-                           headers={"Retry-After": str(max(1, math.ceil(wait)))})
+            raise self.refusal(wait, what)
+
+    def refusal(self, wait: float, what: str) -> ApiError:
+        """The 429 for ``what`` (the caller, in words), which may go on in ``wait`` seconds."""
+        return ApiError(429, "rate_limited", f"{what} is over {self.rate:g} requests/s; retry in {wait:.1f} s",
+                        headers={"Retry-After": str(max(1, math.ceil(wait)))})

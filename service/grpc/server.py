@@ -16,19 +16,17 @@ refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
-from starlette.concurrency import run_in_threadpool
-
 from .. import oip
 from ..auth import ApiKey
-from ..deps import Serving
+from ..deps import Serving, authenticate
 from ..errors import INTERNAL, ApiError
+from ..ratelimit import ANONYMOUS_CALLER
 
 _MISSING = "SDB_GRPC_PORT needs the grpc extra (grpcio>=1.81.1, protobuf>=6.33.5): pip install 'sdb[grpc]' ({})"
 try:  # the `grpc` extra: grpcio, and a protobuf runtime the committed stubs load on
@@ -82,32 +80,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.state = state
 
     # ------------------------------------------------------------------ callers
-    def _limit_address(self, context: aio.ServicerContext) -> None:
-        """A call without a key spends its address's rate (the HTTP middleware's, with its message)."""
-        limiter = self.state.address_limiter
-        wait = limiter.take(peer_address(context.peer()))
-        if wait:
-            raise ApiError(429, "rate_limited", f"this address is over {limiter.rate:g} requests/s without a key; "
-                           f"retry in {wait:.1f} s", {"Retry-After": str(max(1, math.ceil(wait)))})
-
     async def _key(self, context: aio.ServicerContext) -> ApiKey | None:
-        """:func:`service.deps._authenticate` over metadata: None without a key; a key sent must be valid."""
+        """The caller's key from the ``authorization`` metadata, as HTTP's header (:func:`service.deps.authenticate`):
+        None without one, after spending the address's rate as HTTP's middleware does; one sent must be valid."""
         authorization = _authorization(context)
         if authorization is None:
             self._limit_address(context)
             return None
-        keyring = self.state.keyring
-        try:
-            token, key_id = keyring.token_from_header(authorization)
-            row = keyring.cached_row(key_id)
-            if row is None:
-                row = await run_in_threadpool(keyring.fetch_row, key_id)
-            key = keyring.verify(token, row)
-        except ApiError:  # a wrong key counts against its address: guessing is rate-limited too
-            self.state.address_limiter.check(peer_address(context.peer()), "this address")
-            raise
-        self.state.key_limiter.check(key.id, "this key")
-        return key
+        return await authenticate(self.state, authorization, peer_address(context.peer()))
+
+    def _limit_address(self, context: aio.ServicerContext) -> None:
+        """A call without a key spends its address's rate, as the HTTP middleware charges it."""
+        limiter = self.state.address_limiter
+        wait = limiter.take(peer_address(context.peer()))
+        if wait:
+            raise limiter.refusal(wait, ANONYMOUS_CALLER)
 
     async def _caller(self, context: aio.ServicerContext) -> Serving:
         s = self.state
