@@ -95,8 +95,10 @@ def _server_version() -> str:
         return "0"
 
 
-def server_metadata() -> dict:
-    return {"name": SERVER_NAME, "version": _server_version(), "extensions": list(EXTENSIONS)}
+def server_metadata(extensions: tuple[str, ...] = EXTENSIONS) -> dict:
+    """The server's name, version and protocol extensions (those of the transport asking: the binary
+    tensor extension is HTTP's; gRPC carries raw tensors natively and passes none)."""
+    return {"name": SERVER_NAME, "version": _server_version(), "extensions": list(extensions)}
 
 
 async def served_model(ctx: Caller, name: str, version: str | None = None) -> HostedModel:

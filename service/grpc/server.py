@@ -135,7 +135,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def answer():
             if _authorization(context) is None:  # as GET /v2: no key needed, none checked
                 self._limit_address(context)
-            return codec.server_metadata_response(oip.server_metadata())
+            return codec.server_metadata_response(oip.server_metadata(extensions=()))
         return await self._run("ServerMetadata", context, "", answer)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext):
