@@ -51,8 +51,7 @@ ENV PATH=/opt/sdb/bin:$PATH PYTHONUNBUFFERED=1 MPLCONFIGDIR=/tmp/matplotlib \
 USER 10001:10001
 WORKDIR /home/sdb
 VOLUME ["/data", "/data-secrets"]
-# 8000: HTTP; 8001: the Open Inference Protocol over gRPC when SDB_GRPC_PORT=8001 (off by default)
-EXPOSE 8000 8001
+EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:' + os.environ.get('SDB_PORT', '8000') + '/healthz', timeout=4)"]
 ENTRYPOINT ["sdb"]
@@ -82,8 +81,7 @@ ENV PATH=/opt/sdb/bin:$PATH PYTHONUNBUFFERED=1 MPLCONFIGDIR=/tmp/matplotlib \
 USER 10001:10001
 WORKDIR /home/sdb
 VOLUME ["/data", "/data-secrets"]
-# 8000: HTTP; 8001: the Open Inference Protocol over gRPC when SDB_GRPC_PORT=8001 (off by default)
-EXPOSE 8000 8001
+EXPOSE 8000
 # /healthz answers while the process lives; the port follows SDB_PORT like `sdb serve` does.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:' + os.environ.get('SDB_PORT', '8000') + '/healthz', timeout=4)"]
