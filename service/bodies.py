@@ -1,18 +1,24 @@
-"""Reading a request body once, for every route that takes one: JSON, image files or a raw image.
+"""Reading a request body once, for every route that takes one: JSON, a ``.npy`` tensor, image files
+or a raw image.
 
 A route names the media types it accepts; :func:`read_body` answers 415 for any other and
-hands back what was sent: the parsed JSON object, or the uploaded files and form fields
-(a raw ``image/png|jpeg`` body is the file ``file``). What the contents mean (tensors,
-images, options) is the route's to check, with :mod:`service.tensors`.
+hands back what was sent: the parsed JSON object, the ``.npy`` array (read by :mod:`service.npy`,
+its header checked before its data, so the route passes how to check the shape), or the uploaded
+files and form fields (a raw ``image/png|jpeg`` body is the file ``file``). What the contents mean
+(tensors, images, options) is the route's to check, with :mod:`service.tensors`.
+:func:`wants_npy` reads the ``Accept`` header for the routes that can answer ``.npy``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
 from .errors import ApiError
+from .npy import NPY, read_npy
 from .tensors import parse_json
 
 JSON, MULTIPART, PNG, JPEG = "application/json", "multipart/form-data", "image/png", "image/jpeg"
@@ -21,11 +27,14 @@ IMAGE_TYPES = (PNG, JPEG)
 
 @dataclass(frozen=True, slots=True)
 class Body:
-    """What a request sent: ``json`` for a JSON body, else ``files`` and ``fields``."""
+    """What a request sent: ``json`` for a JSON body, ``tensor`` for a ``.npy`` one, else ``files``
+    and ``fields``."""
 
     json: dict | None = None
     files: dict[str, bytes] = field(default_factory=dict)  # field name → upload; a raw image is "file"
     fields: dict[str, str] = field(default_factory=dict)  # multipart text fields
+    tensor: np.ndarray | None = None  # a .npy body: float32, of the shape the route's check gave
+    uploads: tuple[bytes, ...] = ()  # every uploaded file in the order sent, several under one name too
 
 
 def media_type(request: Request) -> str:
@@ -39,22 +48,58 @@ async def read_json(request: Request) -> dict:
 
 
 async def read_body(request: Request, accept: tuple[str, ...], *, what: str | None = None,
-                    max_files: int = 64, max_fields: int = 16) -> Body:
+                    max_files: int = 64, max_fields: int = 16,
+                    batch: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None,
+                    max_bytes: int | None = None) -> Body:
     """The body, if its media type is one of ``accept``; 415 naming them otherwise.
 
     ``what`` names the route in the 415 message ("distill takes …"); without it, "send …".
-    ``max_files`` and ``max_fields`` bound a multipart form before it is parsed.
+    ``max_files`` and ``max_fields`` bound a multipart form before it is parsed. A route that takes
+    ``.npy`` gives ``batch``, the input shape for an array's shape (422 for one it refuses), and
+    ``max_bytes``, the largest array it reads: both are checked from the header, before the data.
     """
     media = media_type(request)
+    if media == NPY and NPY in accept:
+        if batch is None or max_bytes is None:
+            raise TypeError("read_body: a route that takes .npy gives batch and max_bytes")
+        return Body(tensor=await read_npy(request.stream(), batch, max_bytes))
     if media == MULTIPART and MULTIPART in accept:
         form = await request.form(max_files=max_files, max_fields=max_fields)
-        # One value per name, the last sent, as the form's mapping view gives them.
+        # One value per name, the last sent, as the form's mapping view gives them; every upload in `uploads`.
         items = list(form.items())
-        return Body(files={k: await v.read() for k, v in items if isinstance(v, UploadFile)},
-                    fields={k: v for k, v in items if isinstance(v, str)})
+        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        data = {id(v): await v.read() for v in uploads}
+        return Body(files={k: data[id(v)] for k, v in items if isinstance(v, UploadFile)},
+                    fields={k: v for k, v in items if isinstance(v, str)},
+                    uploads=tuple(data[id(v)] for v in uploads))
     if media in IMAGE_TYPES and media in accept:
-        return Body(files={"file": await request.body()})
+        raw = await request.body()
+        return Body(files={"file": raw}, uploads=(raw,))
     if media in (JSON, "") and JSON in accept:
         return Body(json=await read_json(request))
     choices = ", ".join(accept[:-1]) + " or " + accept[-1] if len(accept) > 1 else accept[0]
     raise ApiError(415, "unsupported_media_type", f"{what + ' takes' if what else 'send'} {choices}, not {media}")
+
+
+def wants_npy(request: Request) -> bool:
+    """Whether the ``Accept`` header asks for a ``.npy`` answer: ``application/x-npy`` named with a
+    weight (q) above zero and at least JSON's. No header, ``*/*`` and anything else keep JSON."""
+    accept = request.headers.get("accept", "").lower()
+    if NPY not in accept:  # the common case, JSON, in one test
+        return False
+    npy_q, json_q = 0.0, 0.0
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media == NPY:
+            npy_q = max(npy_q, q)
+        elif media in (JSON, "application/*", "*/*"):
+            json_q = max(json_q, q)
+    return npy_q > 0 and npy_q >= json_q

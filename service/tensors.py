@@ -1,7 +1,8 @@
-"""Request bodies to model inputs: JSON arrays and images, checked before any model runs.
+"""Request bodies to model inputs: JSON arrays, ``.npy`` arrays and images, checked before any model runs.
 
 JSON is parsed by orjson (C) and turned into one numpy array in one call: no Python
-loop over elements. Every way an input can be wrong ends in an :class:`ApiError`
+loop over elements; a ``.npy`` body (:mod:`service.npy`) is read into one array with no parsing
+at all, its shape checked (:func:`batch_shape`) from its header before its data is read. Every way an input can be wrong ends in an :class:`ApiError`
 (400 unparseable, 422 wrong shape/type/values, 415 unreadable image).
 """
 from __future__ import annotations
@@ -45,6 +46,11 @@ def to_array(value: Any, what: str = "inputs") -> np.ndarray:
         raise invalid(f"{what} must contain numbers only, not {_kind_name(arr.dtype)}", "invalid_dtype")
     if arr.size == 0:
         raise invalid(f"{what} is empty", "invalid_shape")
+    return finite_float32(arr, what)
+
+
+def finite_float32(arr: np.ndarray, what: str = "inputs") -> np.ndarray:
+    """``arr`` as float32 (no copy when it is one); 422 for NaN, Inf or values beyond float32's range."""
     with np.errstate(over="ignore"):
         out = arr.astype(np.float32, copy=False)
     if not np.isfinite(out).all():
@@ -58,17 +64,27 @@ def _kind_name(dtype: np.dtype) -> str:
 
 def as_batch(arr: np.ndarray, in_shape: Sequence[int], max_samples: int) -> np.ndarray:
     """(N, *in_shape) from a batch, one sample, or flat rows of prod(in_shape) values."""
-    shape = tuple(in_shape)
-    if arr.shape == shape:
-        arr = arr[None]
-    elif arr.ndim == 2 and arr.shape[1] == math.prod(shape):
-        arr = arr.reshape((arr.shape[0], *shape))
-    elif arr.shape[1:] != shape:
-        raise invalid(f"inputs have shape {list(arr.shape)}; this model takes [N, {', '.join(map(str, shape))}] "
-                      f"(or one sample, or rows of {math.prod(shape)} values)", "invalid_shape")
-    if arr.shape[0] > max_samples:
-        raise invalid(f"{arr.shape[0]} samples in one request; at most {max_samples}", "too_many_samples")
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr.reshape(batch_shape(arr.shape, in_shape, max_samples)))
+
+
+def batch_shape(shape: Sequence[int], in_shape: Sequence[int], max_samples: int) -> tuple[int, ...]:
+    """The (N, *in_shape) that inputs of ``shape`` are (a batch, one sample, or flat rows of prod(in_shape)
+    values), checked before any value is read: 422 for another shape, no sample, or over ``max_samples``."""
+    shape, sample = tuple(shape), tuple(in_shape)
+    if shape == sample:
+        out = (1, *sample)
+    elif len(shape) == 2 and shape[1] == math.prod(sample):
+        out = (shape[0], *sample)
+    elif shape[1:] == sample:
+        out = shape
+    else:
+        raise invalid(f"inputs have shape {list(shape)}; this model takes [N, {', '.join(map(str, sample))}] "
+                      f"(or one sample, or rows of {math.prod(sample)} values)", "invalid_shape")
+    if out[0] == 0:
+        raise invalid("inputs is empty", "invalid_shape")
+    if out[0] > max_samples:
+        raise invalid(f"{out[0]} samples in one request; at most {max_samples}", "too_many_samples")
+    return out
 
 
 def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.ndarray:

@@ -2,12 +2,15 @@
 (deploying an uploaded bundle, ``POST /v1/models``, is :mod:`service.routes.deploy`)."""
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body
+from .. import npy
+from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body, wants_npy
 from ..deps import (
     DISTILLING_DOC,
     SERVING_DOC,
@@ -16,6 +19,7 @@ from ..deps import (
     ModelHostDep,
     ModelName,
     OptionalApiKeyDep,
+    Serving,
     ServingDep,
     SettingsDep,
 )
@@ -50,13 +54,16 @@ from ..schemas import (
     options,
     responses,
 )
-from ..tensors import as_batch, image_to_input, softmax, to_array
+from ..tensors import as_batch, batch_shape, image_to_input, softmax, to_array
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 VersionQuery = Query(None, description="a version of the model; default the highest", pattern=NO_NUL)
-_INPUT_TYPES = (JSON, MULTIPART, *IMAGE_TYPES)  # what predict takes: tensors as JSON, or images
-_UPLOAD_DOC = {"multipart/form-data": {"schema": {
+_INPUT_TYPES = (JSON, npy.NPY, MULTIPART, *IMAGE_TYPES)  # what predict takes: tensors as JSON or .npy, or images
+_NPY_BODY_DOC = {"schema": {"type": "string", "format": "binary"},
+                 "description": "one .npy array (np.save) of the inputs: float32 (or float16, float64), little-endian, "
+                                "C order, [N, C, H, W], one [C, H, W] sample, or [N, C·H·W] rows; options in the query"}
+_UPLOAD_DOC = {npy.NPY: _NPY_BODY_DOC, "multipart/form-data": {"schema": {
     "type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer"}},
     "required": ["file"]}}, "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
@@ -68,7 +75,8 @@ def _describe(host: ModelHost, model: HostedModel) -> dict:
 
 _NO_KEY = "a key that is not valid; or none, when predict needs one (public_predict off)"
 _SERVING_ERRORS = {
-    400: "a body that is not a JSON object, or a model of another task (the message names its route)",
+    400: "a body that is not a JSON object or not a valid .npy array (a malformed header, truncated, or longer "
+         "than its header says), or a model of another task (the message names its route)",
     401: _NO_KEY, 413: "over the payload limit (SDB_MAX_PAYLOAD_BYTES)",
     415: "a media type the route does not take, or an image that is not a readable PNG or JPEG",
     422: "inputs of the wrong shape or type, NaN or Inf, too many samples, or a bad option",
@@ -96,15 +104,30 @@ async def get_model(name: ModelName, host: ModelHostDep, settings: SettingsDep, 
     return json_response(_describe(host, await host.aget(name, version)))
 
 
+async def _body(request: Request, model: HostedModel, s: Serving, accept: tuple[str, ...],
+                what: str | None = None) -> Body:
+    """The request's body; a ``.npy`` one read as the model's input batch, its shape and size checked from its
+    header (``max_request_samples``, ``max_payload_bytes``) before its data; a form of at most one file more
+    than ``max_request_samples`` (one more: so that the count is refused by :func:`_inputs`, as for tensors)."""
+    max_samples = s.settings.max_request_samples
+    return await read_body(request, accept, what=what, max_files=max_samples + 1,
+                           batch=lambda shape: batch_shape(shape, model.in_shape, max_samples),
+                           max_bytes=s.settings.max_payload_bytes)
+
+
 async def _inputs(model: HostedModel, body: Body, max_samples: int) -> np.ndarray:
-    """The model's input batch: the JSON body's ``inputs``, or the uploaded images decoded."""
+    """The model's input batch: the JSON body's ``inputs``, the ``.npy`` array, or the uploaded images decoded."""
+    if body.tensor is not None:
+        return body.tensor
     if body.json is not None:
         return as_batch(to_array(body.json.get("inputs")), model.in_shape, max_samples)
-    if not body.files:
+    if not body.uploads:
         raise invalid("multipart body has no file: send the image as field 'file'", "invalid_request")
+    if len(body.uploads) > max_samples:  # counted as samples before any image is decoded
+        raise invalid(f"{len(body.uploads)} images in one request; at most {max_samples}", "too_many_samples")
     shape, norm = model.in_shape, model.meta["normalize"]
     # Decoding is CPU work that grows with the image: keep it off the event loop.
-    return await run_in_threadpool(lambda: np.stack([image_to_input(b, shape, norm) for b in body.files.values()]))
+    return await run_in_threadpool(lambda: np.stack([image_to_input(b, shape, norm) for b in body.uploads]))
 
 
 # Query parameters of the inference routes, read from the request: declared as FastAPI
@@ -122,6 +145,14 @@ def _version(request: Request) -> str | None:
 _TOP_K_DOC = {"name": "top_k", "in": "query", "required": False,
               "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
               "description": "labels to return (at most the output policy's k; one under the label policy)"}
+_TEMPERATURE_DOC = {"name": "temperature", "in": "query", "required": False,
+                    "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
+                    "description": "also return softmax(logits / T) as soft_targets (JSON answers; a .npy answer "
+                                   "holds the logits alone and says T in SDB-Temperature)"}
+_NPY_ANSWER_HEADERS = {
+    "SDB-Model": {"description": "the model's name (URL-quoted)", "schema": {"type": "string"}},
+    "SDB-Model-Version": {"description": "the version that answered (URL-quoted)", "schema": {"type": "string"}},
+    "SDB-Temperature": {"description": "the temperature asked for, if one was", "schema": {"type": "number"}}}
 
 
 @router.post("/{name}/predict", response_model=PredictResponse,
@@ -137,7 +168,7 @@ async def predict(name: ModelName, request: Request, s: ServingDep) -> Response:
     require_predict(s.key, name, s.settings.public_predict)
     model = await s.host.aget(name, version)
     task = require_task(model, PREDICT_TASKS)
-    body = await read_body(request, _INPUT_TYPES)
+    body = await _body(request, model, s, _INPUT_TYPES)
     max_samples = s.settings.max_request_samples
     if task == "pose":  # keypoints instead of labels, same inputs
         heatmaps = await public_logits(model, await _inputs(model, body, max_samples), s.key, s.keyring, s.metrics)
@@ -146,7 +177,7 @@ async def predict(name: ModelName, request: Request, s: ServingDep) -> Response:
     if body.json is not None:  # the options are checked before the tensor, the images after decoding
         opts = options(PredictOptions, {**body.json, **({"top_k": top_k_query} if top_k_query else {})})
         x = await _inputs(model, body, max_samples)
-    else:
+    else:  # a .npy body (top_k in the query) or images (top_k a form field or in the query)
         x = await _inputs(model, body, max_samples)
         opts = options(PredictOptions, {"top_k": body.fields.get("top_k", top_k_query or 5)})
     z = await public_logits(model, x, s.key, s.keyring, s.metrics)
@@ -160,26 +191,37 @@ async def predict(name: ModelName, request: Request, s: ServingDep) -> Response:
 
 @router.post("/{name}/distill", response_model=DistillResponse,
              summary="Augmented logits through the keyed path (distill scope for this model)",
-             responses={**ok({"model": "mnist-demo", "version": "1", "logits": [[1.5, -0.2, 7.9, 0.3, -1.1, 0.0, -0.4,
-                                                                                 2.2, 0.8, -0.6]]}),
+             responses={200: {"description": "the keyed logits: JSON, or with Accept: application/x-npy one .npy "
+                              "float32 [N, C] array (the model and version in headers)",
+                              "headers": _NPY_ANSWER_HEADERS,
+                              "content": {"application/json": {"example": {
+                                  "model": "mnist-demo", "version": "1",
+                                  "logits": [[1.5, -0.2, 7.9, 0.3, -1.1, 0.0, -0.4, 2.2, 0.8, -0.6]]}},
+                                  npy.NPY: {"schema": {"type": "string", "format": "binary"}}}},
                         **responses(400, *AUTH, 404, 413, 415, 503, why={
                             **_SERVING_ERRORS, 401: "no key, or one that is not valid",
                             403: "the key lacks the distill scope for this model",
                             429: "over the request rate or the key's sample quota"})},
-             openapi_extra={**json_body_doc(DistillRequest, example={"inputs": _SAMPLE}), **DISTILLING_DOC,
-                            "parameters": [_VERSION_DOC]})
+             openapi_extra={**json_body_doc(DistillRequest, (npy.NPY, _NPY_BODY_DOC), example={"inputs": _SAMPLE}),
+                            **DISTILLING_DOC, "parameters": [_VERSION_DOC, _TEMPERATURE_DOC]})
 async def distill(name: ModelName, request: Request, s: DistillingDep) -> Response:
+    temperature = request.query_params.get("temperature")
     model = await s.host.aget(name, _version(request))
     require_task(model)
-    body = await read_body(request, (JSON,), what="distill")
-    opts = options(DistillOptions, body.json)
-    x = await _inputs(model, body, s.settings.max_request_samples)
+    body = await _body(request, model, s, (JSON, npy.NPY), what="distill")
+    opts = options(DistillOptions, {**(body.json or {}), **({"temperature": temperature} if temperature else {})})
+    x = await _inputs(model, body, s.settings.max_request_samples)  # every check passed: only now the quota
     z = await keyed_logits(model, x, s.key, s.keyring, s.metrics)
-    body = {"model": model.name, "version": model.version, "logits": z}
+    if wants_npy(request):  # the logits alone; soft targets are softmax(logits / T), for the caller to take
+        headers = {"SDB-Model": quote(model.name, safe=""), "SDB-Model-Version": quote(model.version, safe="")}
+        if opts.temperature is not None:
+            headers["SDB-Temperature"] = repr(opts.temperature)
+        return Response(npy.encode(np.asarray(z, np.float32)), media_type=npy.NPY, headers=headers)
+    answer = {"model": model.name, "version": model.version, "logits": z}
     if opts.temperature is not None:
-        body["temperature"] = opts.temperature
-        body["soft_targets"] = softmax(z, opts.temperature)
-    return json_response(body)
+        answer["temperature"] = opts.temperature
+        answer["soft_targets"] = softmax(z, opts.temperature)
+    return json_response(answer)
 
 
 @router.delete("/{name}", summary="Stop serving a model, or one version of it (admin)", response_model=ModelRemoved,

@@ -2,6 +2,7 @@
 and the error each status of the real service maps to."""
 from __future__ import annotations
 
+import io
 import time
 
 import numpy as np
@@ -11,15 +12,20 @@ from sdb_client import (
     AuthError,
     BadRequest,
     Client,
+    ConfigurationError,
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
     QuotaError,
+    RemoteTeacher,
+    SDBError,
 )
 
 from sdb_core.bundle import load_bundle
 
-from .conftest import MODEL, write_png
+from .conftest import MODEL, Reply, write_png
+
+NPY = "application/x-npy"
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +96,13 @@ def test_batching_1000_inputs_complete_and_in_order(client, sdb_server, keyed, b
     np.testing.assert_allclose(z, keyed(x), atol=1e-4)
     preds = client.with_options(batch_size=64).predict(MODEL, x, top_k=1)
     assert [p["indices"][0] for p in preds] == bundle.predict(x).argmax(1).tolist()
-    with pytest.raises(PayloadTooLarge) as info:  # the same 1,000 in one request are over the 256 KiB limit
-        client.distill_logits(MODEL, x, batch_size=1000)
+    with pytest.raises(PayloadTooLarge) as info:  # the same 1,000 in one JSON request are over the 256 KiB limit
+        client.distill_logits(MODEL, x, batch_size=1000, encoding="json")
     assert info.value.status == 413
+    # as .npy (256,128 bytes, a fifth of JSON's) they fit; 1,100 do not
+    np.testing.assert_allclose(client.distill_logits(MODEL, x, batch_size=1000), keyed(x), atol=1e-4)
+    with pytest.raises(PayloadTooLarge):
+        client.distill_logits(MODEL, np.zeros((1100, 1, 8, 8), np.float32), batch_size=1100)
 
 
 def test_keys_create_list_revoke(admin, sdb_server):
@@ -221,4 +231,110 @@ async def test_async_client_errors(sdb_server):
         with pytest.raises(AuthError):
             await c.keys.list()
         with pytest.raises(PayloadTooLarge):
-            await c.predict(MODEL, np.zeros((1000, 1, 8, 8), np.float32) + 0.123456789, batch_size=1000)
+            await c.predict(MODEL, np.zeros((1000, 1, 8, 8), np.float32) + 0.123456789, batch_size=1000,
+                            encoding="json")
+        with pytest.raises(PayloadTooLarge):
+            await c.predict(MODEL, np.zeros((1100, 1, 8, 8), np.float32), batch_size=1100)
+
+
+# --------------------------------------------------------------------------- encodings: .npy by default, JSON on request
+def test_npy_by_default_and_json_on_request_give_the_local_keyed_logits(client, sdb_server, keyed):
+    x = np.random.default_rng(2).normal(size=(300, 1, 8, 8)).astype(np.float32)
+    assert client.options.encoding == "npy"
+    binary = client.distill(MODEL, x, temperature=4.0, batch_size=128)
+    as_json = client.distill(MODEL, x, temperature=4.0, batch_size=128, encoding="json")
+    for d in (binary, as_json):
+        assert d.logits.dtype == d.soft_targets.dtype == np.float32 and d.logits.shape == (300, 10)
+        assert (d.model, d.version, d.temperature) == (MODEL, "1", 4.0)
+        np.testing.assert_allclose(d.logits, keyed(x), rtol=1e-5, atol=1e-5)  # float32 rounding
+    np.testing.assert_allclose(binary.logits, as_json.logits, rtol=0, atol=1e-6)  # one network, one answer
+    np.testing.assert_allclose(binary.soft_targets, as_json.soft_targets, atol=1e-6)  # here vs the server's
+    assert binary.soft_targets.sum(1) == pytest.approx(np.ones(300), abs=1e-5)
+    assert client.distill(MODEL, x[:2]).soft_targets is None
+    with Client(sdb_server.url, sdb_server.distill_key, encoding="json") as j:
+        np.testing.assert_allclose(j.distill_logits(MODEL, x, batch_size=128), binary.logits, atol=1e-6)
+        np.testing.assert_allclose(j.with_options(encoding="npy").distill_logits(MODEL, x, 2.0), binary.logits / 2,
+                                   atol=1e-6)
+    preds = client.predict(MODEL, x, top_k=3, batch_size=128)
+    assert preds == client.predict(MODEL, x, top_k=3, batch_size=128, encoding="json")
+    with pytest.raises(ConfigurationError):
+        Client(sdb_server.url, encoding="msgpack")
+    with pytest.raises(ConfigurationError):
+        client.distill_logits(MODEL, x, encoding="npz")
+    with pytest.raises(ConfigurationError):
+        RemoteTeacher(client, MODEL, encoding="xml")
+
+
+def test_remote_teacher_json_on_request(sdb_server, keyed):
+    x = np.random.default_rng(3).normal(size=(70, 1, 8, 8)).astype(np.float32)
+    with Client(sdb_server.url, sdb_server.distill_key) as c, RemoteTeacher(c, MODEL, batch_size=32) as binary, \
+            RemoteTeacher(c, MODEL, batch_size=32, encoding="json") as j:
+        assert (binary.encoding, j.encoding) == ("npy", "json")
+        np.testing.assert_allclose(binary(x), j(x), atol=1e-6)
+        np.testing.assert_allclose(binary(x), keyed(x), atol=1e-4)
+
+
+def test_binary_errors_map_like_json(sdb_server):
+    x = sdb_server.bundles.x[:2]
+    for encoding in ("npy", "json"):
+        with Client(sdb_server.url, sdb_server.distill_key, encoding=encoding) as c:
+            with pytest.raises(BadRequest) as bad:
+                c.distill_logits(MODEL, np.zeros((2, 3, 5, 5), np.float32))
+            assert (bad.value.status, bad.value.code) == (422, "invalid_shape")
+            with pytest.raises(BadRequest) as bad:
+                c.distill_logits(MODEL, np.full((1, 1, 8, 8), 1e39, np.float64))  # Inf as float32
+            assert bad.value.code == "non_finite"
+            with pytest.raises(BadRequest) as bad:
+                c.distill(MODEL, x, temperature=-1.0)
+            assert bad.value.status == 422
+        with Client(sdb_server.url, sdb_server.predict_key, encoding=encoding) as c, \
+                pytest.raises(PermissionDenied):
+            c.distill_logits(MODEL, x)
+
+
+def test_the_wire_format(stub):
+    """What the SDK sends and reads, checked on the wire: .npy out with Accept naming it, and a .npy or a JSON
+    answer read alike (an older server answers JSON); a malformed .npy answer is an error, never unpickled."""
+    z = np.arange(6, dtype=np.float32).reshape(2, 3)
+    buf = io.BytesIO()
+    np.save(buf, z)
+    route = ("POST", "/v1/models/m/distill")
+    stub.on(*route, Reply(200, buf.getvalue(), {"content-type": NPY, "sdb-model": "m%20x", "sdb-model-version": "7",
+                                                "sdb-temperature": "2.0"}))
+    key = "sdb_0123456789ab_" + "e" * 64
+    x = np.ones((2, 4), np.float64)
+    with Client(stub.url, key) as c:
+        d = c.distill("m", x, temperature=2.0)
+        headers, body = stub.seen[route][-1]
+        assert headers["content-type"] == NPY and headers["accept"].startswith(NPY)
+        assert headers[":query"] == "temperature=2.0"
+        sent = np.load(io.BytesIO(body), allow_pickle=False)
+        assert sent.dtype == np.dtype("<f4") and np.array_equal(sent, x)
+        assert (d.model, d.version, d.temperature) == ("m x", "7", 2.0) and np.array_equal(d.logits, z)
+        e = np.exp(z / 2 - (z / 2).max(1, keepdims=True))
+        np.testing.assert_allclose(d.soft_targets, e / e.sum(1, keepdims=True), atol=1e-6)
+        stub.on(*route, Reply(200, {"model": "m", "version": "7", "logits": z.tolist()}))
+        assert np.array_equal(c.distill_logits("m", x), z)  # a JSON answer to a .npy request
+        c.distill_logits("m", x, encoding="json")
+        headers, body = stub.seen[route][-1]
+        assert headers["content-type"] == "application/json" and body.startswith(b'{"inputs"')
+        pickled = io.BytesIO()
+        np.save(pickled, np.array([object()], dtype=object), allow_pickle=True)
+        for bad in (b"\x93NUMPY garbage", pickled.getvalue(), buf.getvalue()[:-3]):
+            stub.on(*route, Reply(200, bad, {"content-type": NPY}))
+            with pytest.raises(SDBError) as info:
+                c.distill_logits("m", x)
+            assert info.value.code == "malformed_answer"
+
+
+@pytest.mark.anyio
+async def test_async_client_encodings(sdb_server, keyed):
+    x = np.random.default_rng(4).normal(size=(100, 1, 8, 8)).astype(np.float32)
+    async with AsyncClient(sdb_server.url, sdb_server.distill_key, max_concurrency=2) as c:
+        assert c.options.encoding == "npy"
+        binary = await c.distill(MODEL, x, temperature=3.0, batch_size=32)
+        as_json = await c.with_options(encoding="json").distill(MODEL, x, temperature=3.0, batch_size=32)
+        np.testing.assert_allclose(binary.logits, keyed(x), atol=1e-4)
+        np.testing.assert_allclose(binary.logits, as_json.logits, atol=1e-6)
+        np.testing.assert_allclose(binary.soft_targets, as_json.soft_targets, atol=1e-6)
+        assert await c.predict(MODEL, x[:5], top_k=2) == await c.predict(MODEL, x[:5], top_k=2, encoding="json")

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
@@ -35,6 +36,8 @@ from service.settings import Settings
 from .conftest import make_settings, sdb_bytes
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+# The v1 inference routes take .npy bodies (service/npy.py): fuzzed as the raw bytes they are.
+schemathesis.serializer.alias("application/x-npy", "application/octet-stream")
 EXAMPLES = int(os.environ.get("SDB_CONTRACT_EXAMPLES", "20"))
 MODEL = "mnist-demo"  # the name the schema's examples use: the fuzzer's examples reach a served model
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
@@ -187,6 +190,14 @@ def test_success_answers_conform(live, bundles):
           media_type="multipart/form-data")
     check(live, "/v1/models/{name}/distill", "POST", 200, admin, path_parameters=name,
           body={"inputs": x.tolist(), "temperature": 2.0}, **json_body)
+    npy_x = io.BytesIO()
+    np.save(npy_x, x)
+    for accept in ("application/x-npy", "application/json"):  # .npy in; .npy or JSON out
+        r = check(live, "/v1/models/{name}/distill", "POST", 200, {**admin, "Accept": accept}, path_parameters=name,
+                  query={"temperature": 2.0}, body=npy_x.getvalue(), media_type="application/x-npy")
+        assert r.headers["content-type"] == [accept]  # schemathesis keeps every value of a header
+    check(live, "/v1/models/{name}/predict", "POST", 200, path_parameters=name, query={"top_k": 2},
+          body=npy_x.getvalue(), media_type="application/x-npy")
     v2 = {"id": "r1", "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
                                   "data": x.ravel().tolist()}]}
     check(live, "/v2/models/{name}/infer", "POST", 200, admin, path_parameters=name, **json_body,

@@ -9,7 +9,8 @@
         c.deploy_model("box.sdb")               # deploy scope: serve a bundle as its next version
 
 ``AsyncClient`` has the same methods as coroutines; ``RemoteTeacher`` makes the keyed path
-a teacher for knowledge distillation. Dependencies: httpx and numpy (torch optional).
+a teacher for knowledge distillation. Tensors travel as ``.npy`` (``application/x-npy``) by default,
+as JSON with ``encoding="json"``. Dependencies: httpx and numpy (torch optional).
 """
 from ._base import (
                     DEFAULT_BATCH_SIZE,

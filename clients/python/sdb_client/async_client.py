@@ -29,9 +29,10 @@ class AsyncClient(b.BaseClient):
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
-                 batch_size: int | None = None, max_concurrency: int = b.DEFAULT_MAX_CONCURRENCY,
-                 http_client: httpx.AsyncClient | None = None):
-        super().__init__(url, api_key, timeout=timeout, max_retries=max_retries, batch_size=batch_size)
+                 batch_size: int | None = None, encoding: str | None = None,
+                 max_concurrency: int = b.DEFAULT_MAX_CONCURRENCY, http_client: httpx.AsyncClient | None = None):
+        super().__init__(url, api_key, timeout=timeout, max_retries=max_retries, batch_size=batch_size,
+                         encoding=encoding)
         if max_concurrency < 1:
             raise b.exc.ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}",
                                            code="invalid_option")
@@ -43,11 +44,11 @@ class AsyncClient(b.BaseClient):
         self.files = AsyncFiles(self)
 
     def with_options(self, *, timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
-                     batch_size: int | None = None) -> AsyncClient:
+                     batch_size: int | None = None, encoding: str | None = None) -> AsyncClient:
         """A client sharing this one's connections, with some options replaced."""
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other.options = b.Options.make(timeout, max_retries, batch_size, base=self.options)
+        other.options = b.Options.make(timeout, max_retries, batch_size, base=self.options, encoding=encoding)
         other._owns_http = False
         other.keys, other.jobs, other.files = AsyncKeys(other), AsyncJobs(other), AsyncFiles(other)
         return other
@@ -69,7 +70,7 @@ class AsyncClient(b.BaseClient):
                  extra_headers: Mapping[str, str] | None = None) -> httpx.Response:
         headers = {**self._headers(), **(extra_headers or {})}
         if content is not None:
-            headers["Content-Type"] = "application/json"
+            headers.setdefault("Content-Type", b.JSON_TYPE)
         for attempt in count():
             b.rewind(files)
             try:
@@ -116,29 +117,33 @@ class AsyncClient(b.BaseClient):
 
     async def predict(self, name: str, inputs: Inputs | None = None, *,
                       image_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                      top_k: int = 1, batch_size: int | None = None) -> list[dict]:
+                      top_k: int = 1, batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
         path = b.model_path(name, "predict")
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
             obj = await self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)})
             return obj["predictions"]
-        x = b.as_array(inputs)
-        parts = await self._in_order([self._json("POST", path, content=b.predict_body(xb, top_k))
+        x, enc = b.as_array(inputs), self._encoding(encoding)
+        parts = await self._in_order([self._json("POST", path, **b.predict_request(xb, top_k, enc))
                                       for xb in b.split_batches(x, batch_size or self.batch_size)])
         return b.merge_predictions(parts)
 
+    async def _distill_part(self, path: str, xb: np.ndarray, temperature: float | None, enc: str) -> dict:
+        return b.parse_distilled(await self._request("POST", path, **b.distill_request(xb, temperature, enc)))
+
     async def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
-                      batch_size: int | None = None) -> Distilled:
-        x = b.as_array(inputs)
+                      batch_size: int | None = None, encoding: str | None = None) -> Distilled:
+        x, enc = b.as_array(inputs), self._encoding(encoding)
         path = b.model_path(name, "distill")
-        parts = await self._in_order([self._json("POST", path, content=b.distill_body(xb, temperature))
+        parts = await self._in_order([self._distill_part(path, xb, temperature, enc)
                                       for xb in b.split_batches(x, batch_size or self.batch_size)])
-        return b.merge_distilled(parts)
+        return b.merge_distilled(parts, temperature)
 
     async def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
-                             batch_size: int | None = None) -> np.ndarray:
-        return b.temper((await self.distill(name, inputs, batch_size=batch_size)).logits, temperature)
+                             batch_size: int | None = None, encoding: str | None = None) -> np.ndarray:
+        distilled = await self.distill(name, inputs, batch_size=batch_size, encoding=encoding)
+        return b.temper(distilled.logits, temperature)
 
     async def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,
                            top_k: int | None = None, decimals: int | None = None) -> dict:

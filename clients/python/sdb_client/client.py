@@ -21,14 +21,17 @@ class Client(b.BaseClient):
 
     ``url`` defaults to ``SDB_URL`` (else http://127.0.0.1:8000), ``api_key`` to
     ``SDB_API_KEY`` (none: public predict only). ``timeout`` (seconds or an
-    ``httpx.Timeout``), ``max_retries`` and ``batch_size`` (samples per request) override
-    the defaults in ``_base``; ``with_options`` overrides them for some calls only.
+    ``httpx.Timeout``), ``max_retries``, ``batch_size`` (samples per request) and ``encoding``
+    (how tensors travel: ``"npy"``, the default, or ``"json"``) override the defaults in ``_base``;
+    ``with_options`` overrides them for some calls only.
     """
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
                  timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
-                 batch_size: int | None = None, http_client: httpx.Client | None = None):
-        super().__init__(url, api_key, timeout=timeout, max_retries=max_retries, batch_size=batch_size)
+                 batch_size: int | None = None, encoding: str | None = None,
+                 http_client: httpx.Client | None = None):
+        super().__init__(url, api_key, timeout=timeout, max_retries=max_retries, batch_size=batch_size,
+                         encoding=encoding)
         self._http = http_client or httpx.Client(timeout=self.options.timeout)
         self._owns_http = http_client is None
         self.keys = Keys(self)
@@ -36,12 +39,12 @@ class Client(b.BaseClient):
         self.files = Files(self)
 
     def with_options(self, *, timeout: float | httpx.Timeout | None = None, max_retries: int | None = None,
-                     batch_size: int | None = None) -> Client:
+                     batch_size: int | None = None, encoding: str | None = None) -> Client:
         """A client sharing this one's connections, with some options replaced:
         ``client.with_options(max_retries=0).models()``."""
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
-        other.options = b.Options.make(timeout, max_retries, batch_size, base=self.options)
+        other.options = b.Options.make(timeout, max_retries, batch_size, base=self.options, encoding=encoding)
         other._owns_http = False
         other.keys, other.jobs, other.files = Keys(other), Jobs(other), Files(other)
         return other
@@ -65,7 +68,7 @@ class Client(b.BaseClient):
         With ``stream`` the caller reads and closes the response."""
         headers = {**self._headers(), **(extra_headers or {})}
         if content is not None:
-            headers["Content-Type"] = "application/json"
+            headers.setdefault("Content-Type", b.JSON_TYPE)
         for attempt in count():
             b.rewind(files)
             try:
@@ -103,34 +106,36 @@ class Client(b.BaseClient):
 
     def predict(self, name: str, inputs: Inputs | None = None, *,
                 image_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-                top_k: int = 1, batch_size: int | None = None) -> list[dict]:
+                top_k: int = 1, batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
         """Top-k labels through the public path, one ``{"labels", "indices", "scores"}`` per sample,
-        in input order. Give normalised ``inputs`` (any batch size: sent in batches) or image files."""
+        in input order. Give normalised ``inputs`` (any batch size: sent in batches, as ``.npy`` or
+        with ``encoding="json"`` as JSON) or image files."""
         path = b.model_path(name, "predict")
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
             return self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)})["predictions"]
-        x = b.as_array(inputs)
-        parts = [self._json("POST", path, content=b.predict_body(xb, top_k))
+        x, enc = b.as_array(inputs), self._encoding(encoding)
+        parts = [self._json("POST", path, **b.predict_request(xb, top_k, enc))
                  for xb in b.split_batches(x, batch_size or self.batch_size)]
         return b.merge_predictions(parts)
 
     def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
-                batch_size: int | None = None) -> Distilled:
+                batch_size: int | None = None, encoding: str | None = None) -> Distilled:
         """The keyed path (a key with the ``distill`` scope for ``name``): logits, and with
-        ``temperature`` also the server's ``softmax(logits / T)``. Batched, in input order."""
-        x = b.as_array(inputs)
+        ``temperature`` also ``softmax(logits / T)``. Batched, in input order; the tensors travel
+        as ``.npy`` (the default) or with ``encoding="json"`` as JSON, with the same answer."""
+        x, enc = b.as_array(inputs), self._encoding(encoding)
         path = b.model_path(name, "distill")
-        parts = [self._json("POST", path, content=b.distill_body(xb, temperature))
+        parts = [b.parse_distilled(self._request("POST", path, **b.distill_request(xb, temperature, enc)))
                  for xb in b.split_batches(x, batch_size or self.batch_size)]
-        return b.merge_distilled(parts)
+        return b.merge_distilled(parts, temperature)
 
     def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
-                       batch_size: int | None = None) -> np.ndarray:
+                       batch_size: int | None = None, encoding: str | None = None) -> np.ndarray:
         """The keyed path's logits divided by ``temperature``, (N, C) float32, in input order:
         their softmax is the soft target at that temperature (1.0: the raw logits)."""
-        return b.temper(self.distill(name, inputs, batch_size=batch_size).logits, temperature)
+        return b.temper(self.distill(name, inputs, batch_size=batch_size, encoding=encoding).logits, temperature)
 
     def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,
                      top_k: int | None = None, decimals: int | None = None) -> dict:
