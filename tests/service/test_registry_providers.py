@@ -93,11 +93,17 @@ def test_a_cpu_model_is_batched_for_the_cpu_and_never_binds(tmp_path, plain_bund
     host = ModelHost(settings(tmp_path, ort_providers="CUDAExecutionProvider,NoSuchExecutionProvider"), None)
     try:
         with caplog.at_level(logging.WARNING, logger="sdb.service"):
-            a, b = host.load(plain_bundle), host.load(plain_bundle)
+            a, _ = host.load(plain_bundle), host.load(plain_bundle)
         assert len(warnings_of(caplog)) == 1  # decided once per server, not per model
-        if CUDA in ort.get_available_providers():
-            pytest.skip("this onnxruntime has the CUDA provider: the model runs there")
-        assert a.session.get_providers() == [CPU]
+        has_cuda = CUDA in ort.get_available_providers()
+        assert a.session.get_providers() == ([CUDA, CPU] if has_cuda else [CPU])
+    finally:
+        host.close()
+    # Only a provider no onnxruntime has: the CPU on every machine, batched for it and never bound.
+    host = ModelHost(settings(tmp_path, ort_providers="NoSuchExecutionProvider"), None)
+    try:
+        b = host.load(plain_bundle)
+        assert b.session.get_providers() == [CPU]
         model = host._host(ModelRow(name="tiny", version="1", path=str(plain_bundle), added_at=0.0), b)
         assert model.batcher.max_samples == 64 and not model.io_binding
         monkeypatch.setattr(type(model.bundle.session), "io_binding",
