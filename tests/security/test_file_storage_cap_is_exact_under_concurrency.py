@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from tests.security.test_rate_limits_and_caps import png
+from tests.security.test_rate_limits_and_caps import png, upload_image
 from tests.service.conftest import make_settings, start_service
 
 pytestmark = pytest.mark.anyio
@@ -38,11 +38,7 @@ async def test_uploads_sent_together_keep_at_most_the_cap(capped):
     h = capped.auth(capped.key(("jobs",)))
     c = capped.client
 
-    async def upload(seed: int):
-        return await c.post("/v1/files", headers=h, data={"purpose": "image"},
-                            files={"file": (f"{seed}.png", png(seed), "image/png")})
-
-    answers = await asyncio.gather(*(upload(seed) for seed in range(UPLOADS)))
+    answers = await asyncio.gather(*(upload_image(c, h, seed) for seed in range(UPLOADS)))
     codes = sorted(r.status_code for r in answers)
     assert codes == [201] * 2 + [413] * (UPLOADS - 2), [r.text for r in answers]
     for r in answers:
@@ -61,5 +57,5 @@ async def test_uploads_sent_together_keep_at_most_the_cap(capped):
     broken = await c.post("/v1/files", headers=h, data={"purpose": "image"},
                           files={"file": ("x.png", b"not a png" * 100, "image/png")})
     assert broken.status_code == 422, broken.text  # checked, refused, and its bytes given back
-    again = await asyncio.gather(*(upload(seed) for seed in range(10, 10 + UPLOADS)))
+    again = await asyncio.gather(*(upload_image(c, h, seed) for seed in range(10, 10 + UPLOADS)))
     assert sorted(r.status_code for r in again) == [201] + [413] * (UPLOADS - 1), [r.text for r in again]

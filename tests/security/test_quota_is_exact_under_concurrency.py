@@ -184,16 +184,20 @@ def _used(tmp_path, token: str) -> int:
         store.close()
 
 
-def test_concurrent_clients_on_one_server_draw_exactly_the_quota(tmp_path, bundles):
-    quota = 150
-    servers, token = _servers(tmp_path, bundles, 1, quota=quota)
+def _draw_exactly_the_quota(tmp_path, bundles, n_servers: int, quota: int = 150) -> None:
+    """Concurrent clients spread over ``n_servers`` processes on one store draw the quota, no more, no less."""
+    servers, token = _servers(tmp_path, bundles, n_servers, quota=quota)
     try:
         served = _draw_over_http([s.url for s in servers], token, bundles.x, quota)
     finally:
         for s in servers:
             s.stop()
-    assert served == quota, f"served {served} keyed samples on a quota of {quota}"
+    assert served == quota, f"{n_servers} server(s) served {served} keyed samples on a quota of {quota}"
     assert _used(tmp_path, token) == quota
+
+
+def test_concurrent_clients_on_one_server_draw_exactly_the_quota(tmp_path, bundles):
+    _draw_exactly_the_quota(tmp_path, bundles, 1)
 
 
 def test_requests_checked_before_a_flush_cannot_spend_the_quota_again(tmp_path, bundles):
@@ -234,15 +238,7 @@ def test_requests_checked_before_a_flush_cannot_spend_the_quota_again(tmp_path, 
 
 
 def test_two_server_processes_on_one_store_draw_exactly_the_quota(tmp_path, bundles, db_url):
-    quota = 150
-    servers, token = _servers(tmp_path, bundles, 2, quota=quota)
-    try:
-        served = _draw_over_http([s.url for s in servers], token, bundles.x, quota)
-    finally:
-        for s in servers:
-            s.stop()
-    assert served == quota, f"two servers served {served} keyed samples on a quota of {quota}"
-    assert _used(tmp_path, token) == quota
+    _draw_exactly_the_quota(tmp_path, bundles, 2)
 
 
 def _next_window(window: int) -> float:

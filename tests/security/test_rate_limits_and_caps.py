@@ -26,6 +26,12 @@ def png(seed: int) -> bytes:
     return buf.getvalue()
 
 
+async def upload_image(client, headers: dict, seed: int):
+    """POST one ``png(seed)`` to /v1/files as an image."""
+    return await client.post("/v1/files", headers=headers, data={"purpose": "image"},
+                             files={"file": (f"{seed}.png", png(seed), "image/png")})
+
+
 RATES = {"rate_limit_key_per_s": 0.2, "rate_limit_key_burst": 3, "rate_limit_address_per_s": 0.2,
          "rate_limit_address_burst": 3}
 ARTIFACT_CAP = 4096
@@ -106,20 +112,16 @@ async def test_a_key_may_keep_only_so_many_bytes_of_files(capped):
     h = capped.auth(capped.key(("jobs",)))
     c = capped.client
 
-    async def upload(seed: int):
-        return await c.post("/v1/files", headers=h, data={"purpose": "image"},
-                            files={"file": (f"{seed}.png", png(seed), "image/png")})
-
     ids = []
     for seed in (1, 2):
-        r = await upload(seed)
+        r = await upload_image(c, h, seed)
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
-    r = await upload(3)
+    r = await upload_image(c, h, 3)
     assert r.status_code == 413 and r.json()["error"]["code"] == "storage_exceeded", r.text
     assert len((await c.get("/v1/files", headers=h)).json()["files"]) == 2  # the refused one left nothing
     assert (await c.delete(f"/v1/files/{ids[0]}", headers=h)).status_code == 200
-    assert (await upload(3)).status_code == 201
+    assert (await upload_image(c, h, 3)).status_code == 201
 
 
 def _ran(svc, job_id: str, artifact_bytes: int) -> None:
