@@ -52,7 +52,7 @@ from .metrics import Metrics
 from .registry import HostedModel, ModelHost
 from .schemas import OutputPolicy
 from .settings import Settings
-from .tensors import as_batch, image_to_input, softmax
+from .tensors import as_batch, finite_float32, image_to_input, softmax
 
 PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "distill_logits"
 SERVER_NAME = "sdb"
@@ -156,17 +156,10 @@ def unsupported_datatype(datatype: Any) -> ApiError:
                    f"convert exactly, or BYTES of PNG/JPEG images)", "invalid_dtype")
 
 
-def _finite(x: np.ndarray) -> np.ndarray:
-    if not np.isfinite(x).all():
-        raise invalid("data has NaN, Inf or values beyond float32 range", "non_finite")
-    return x
-
-
 def _as_float32(t: Tensor) -> np.ndarray:
     data = t.data
     if t.datatype in ("FP32", "FP16"):
-        with np.errstate(over="ignore"):
-            return _finite(data.astype(np.float32, copy=False))
+        return finite_float32(data, "data")
     if t.datatype == "INT64":
         if data.size and (int(data.min()) < -_EXACT_INT or int(data.max()) > _EXACT_INT):
             raise invalid(f"INT64 values beyond ±{_EXACT_INT} do not convert exactly to the model's FP32 input; "
