@@ -5,7 +5,9 @@ A directory (or a ``.sdb`` zip of it) with
 - ``model.onnx``: the protected network alone (dynamic batch axis): the public graph;
 - ``key.sealed``: the key, AES-GCM sealed under the server's master key (absent in Nasty mode);
 - ``meta.json``: name, version, task, input shape/dtype, normalisation, labels, λ,
-  temperature, metrics, and the sha256 of every other file.
+  temperature, metrics, the public form of an SDB classifier (``public_form``: the public path's
+  answer for each top-1 of the network, ``sdb_core.protect.sdb.public_table``), and the sha256 of
+  every other file.
 
 Loading verifies every hash, runs the graph once to check its output shape against
 ``meta.json``, and refuses an altered bundle. The sealed key's associated data (key binding 2,
@@ -171,11 +173,12 @@ def export_bundle(
     if isinstance(box, SafeDistillationBox):
         model, mode, has_key = box.model, box.mode, box.has_key
         lam, temperature = (box.lam if box.has_key else None), box.temperature
+        form = None if box.public_form is None else public_form_rows(box.public_form)
         out_shape = _output_shape(model, in_shape)
         if extra_inputs:
             raise BundleError("a protection box has one input; extra_inputs are for plain modules")
     else:
-        model, mode, has_key, lam, temperature = box, "plain", False, None, None
+        model, mode, has_key, lam, temperature, form = box, "plain", False, None, None, None
         out_shape = _output_shape(model, in_shape, extra_inputs)
     if has_key and master_key is None:
         raise BundleError("a keyed box needs the master key to seal its key")
@@ -189,6 +192,8 @@ def export_bundle(
         "metrics": metrics or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
+    if form is not None:  # only then: bundles without one keep their meta.json exactly as before
+        meta["public_form"] = form
     if dynamic_spatial:
         meta["input"]["dynamic_spatial"] = True
     if extra_inputs:  # only then: single-input bundles keep their meta.json exactly as before
@@ -276,6 +281,13 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
         raise BundleError(f"{where}: unknown mode {meta['mode']!r}")
     if meta["mode"] == "sdb" and KEY_FILE not in listed:
         raise BundleError(f"{where}: an sdb-mode bundle must carry {KEY_FILE}")
+    if meta.get("public_form") is not None:
+        if meta["mode"] != "sdb" or meta.get("task", "classification") != "classification":
+            raise BundleError(f"{where}: only an sdb-mode classifier has a public form")
+        try:
+            public_form_rows(meta["public_form"], output_shape(meta, where)[0])
+        except ValueError as e:
+            raise BundleError(f"{where}: {META_FILE}'s public_form: {e}") from None
     return meta
 
 
@@ -329,6 +341,25 @@ def output_shape(meta: dict, where: str = "bundle") -> list[int]:
     return shape
 
 
+def public_form_rows(table: Any, classes: int | None = None) -> list[list[float]]:
+    """A public form (nested lists, a numpy array or a torch tensor) as rows of floats, checked: square (``classes``
+    rows when given), finite, and each row's own class strictly on top, so that the public top-1 is the
+    network's. ValueError otherwise."""
+    rows = table.tolist() if hasattr(table, "tolist") else table
+    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
+        raise ValueError("a public form is a list of rows of logits")
+    n = len(rows)
+    if n < 2 or any(len(r) != n for r in rows) or (classes is not None and n != classes):
+        raise ValueError(f"a public form is a square table with one row per class ({classes or 'at least 2'}), "
+                         f"got {n} rows")
+    if not all(type(v) in (int, float) and np.isfinite(v) for r in rows for v in r):
+        raise ValueError("a public form holds finite numbers only")
+    for y, r in enumerate(rows):
+        if any(v >= r[y] for c, v in enumerate(r) if c != y):
+            raise ValueError(f"public form row {y} must put class {y} strictly on top")
+    return [[float(v) for v in r] for r in rows]
+
+
 def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
     """Refuse a graph whose ``logits`` output disagrees with ``meta.json``: by the graph's declared
     dims, then by running it once on zeros of the input shape (a graph may declare one shape and
@@ -376,16 +407,29 @@ class Bundle:
     session: Any
     _key: np.ndarray | None
 
+    def __post_init__(self) -> None:
+        form = self.meta.get("public_form")
+        self._form = None if form is None else np.asarray(form, dtype=np.float32)
+
     @property
     def has_key(self) -> bool:
         return self._key is not None
+
+    def network_logits(self, x: np.ndarray) -> np.ndarray:
+        """The network's own logits for ``x``: what the keyed path answers on a keyed input."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def public_answer(self, z: np.ndarray) -> np.ndarray:
+        """The public path's answer for the network's logits ``z`` of plain inputs: ``z`` itself, or with a
+        public form (``meta["public_form"]``, an SDB wrap's) the form's row of each top-1."""
+        return z if self._form is None else self._form[z.argmax(axis=1)]
 
     @property
     def name(self) -> str:
         return self.meta["name"]
 
     def public_logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self.public_answer(self.network_logits(x))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         z = self.public_logits(x)
@@ -399,7 +443,7 @@ class Bundle:
         return (lam * np.asarray(x, dtype=np.float32) + (1.0 - lam) * self._key).astype(np.float32)
 
     def distill_logits(self, x: np.ndarray) -> np.ndarray:
-        return self.public_logits(self.keyed_input(x))
+        return self.network_logits(self.keyed_input(x))
 
     def __repr__(self) -> str:
         return f"Bundle(name={self.name!r}, version={self.meta['version']!r}, key={'<hidden>' if self._key is not None else None})"

@@ -180,10 +180,11 @@ class HostedModel:
         """Blocking: logits for each (inputs, keyed) item, all in one ORT call."""
         xs = [self.bundle.keyed_input(x) if keyed else x for x, keyed in items]
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        z = run_bound(self.bundle.session, x) if self.io_binding else self.bundle.public_logits(x)
+        z = run_bound(self.bundle.session, x) if self.io_binding else self.bundle.network_logits(x)
         out, start = [], 0
-        for x in xs:
-            out.append(z[start:start + len(x)])
+        for x, (_, keyed) in zip(xs, items, strict=True):
+            part = z[start:start + len(x)]
+            out.append(part if keyed else self.bundle.public_answer(part))  # an SDB box's public form
             start += len(x)
         return out
 

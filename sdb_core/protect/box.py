@@ -1,8 +1,9 @@
 """SafeDistillationBox: one network, a public path for everyone and a keyed path.
 
-``predict`` runs the protected network on the plain input (soft labels useless to a
+``predict`` runs the protected network on the plain input and answers, for an SDB box, the
+public form's row of its top-1 (``sdb.public_table``: the label and fixed near-ties, useless to a
 distiller); ``distill_logits`` blends the secret key into the input first and returns the
-augmented, distillable logits. The key is held in a :class:`Secret` so that it shows in no
+augmented, distillable logits of the network itself. The key is held in a :class:`Secret` so that it shows in no
 ``repr``, no ``state_dict`` (the network's parameters are all there is) and no pickle; the
 public graph exported to ONNX is the network alone. Both paths run on the network's device
 and answer on the input's device (a CPU tensor gets a CPU answer from a box trained on a GPU).
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..bundle import public_form_rows
 from ..train import device_of
 from .key import blend
 
@@ -41,7 +43,7 @@ class NoKeyError(PermissionError):
 
 class SafeDistillationBox:
     def __init__(self, model: nn.Module, key: Tensor | None, lam: float = 0.5,
-                 temperature: float = 4.0, mode: str = "sdb") -> None:
+                 temperature: float = 4.0, mode: str = "sdb", public_form: Tensor | None = None) -> None:
         if mode not in ("sdb", "nasty"):
             raise ValueError(f"mode must be 'sdb' or 'nasty', got {mode!r}")
         if mode == "sdb" and key is None:
@@ -53,6 +55,8 @@ class SafeDistillationBox:
         self.temperature = temperature
         self.mode = mode
         self._key = Secret(key) if key is not None else None
+        # (classes, classes): row y is the public answer when the network's top-1 is y (sdb.public_table)
+        self.public_form = None if public_form is None else torch.tensor(public_form_rows(public_form))
 
     @property
     def has_key(self) -> bool:
@@ -63,9 +67,11 @@ class SafeDistillationBox:
 
     @torch.no_grad()
     def public_logits(self, x: Tensor) -> Tensor:
-        """Public path: the network's logits for the plain input, on ``x``'s device."""
+        """Public path: the network's logits for the plain input, on ``x``'s device; with a public form,
+        the form's row of the network's top-1 instead."""
         self.model.eval()
-        return self.model(x.to(self._device())).to(x.device)
+        z = self.model(x.to(self._device())).to(x.device)
+        return z if self.public_form is None else self.public_form.to(z.device)[z.argmax(1)]
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -82,7 +88,7 @@ class SafeDistillationBox:
 
     def with_key(self, key: Tensor) -> SafeDistillationBox:
         """The same network under another key: what a guessed key would unlock."""
-        return SafeDistillationBox(self.model, key, self.lam, self.temperature, "sdb")
+        return SafeDistillationBox(self.model, key, self.lam, self.temperature, "sdb", self.public_form)
 
     def reveal_key(self) -> Tensor:
         """For sealing into a bundle; the one deliberate way to read the key."""

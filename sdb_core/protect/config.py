@@ -20,6 +20,11 @@ class SDBConfig:
     target_prob: float = 0.40  # q_y on the true class
     partner_prob: float = 0.25  # q_y on each confusion partner
     partners: int = 2
+    # The public form (sdb.public_table): what the public path answers, in logits from the network's top-1: the
+    # label 0, its partners -public_gap, the rest -public_floor. A smaller gap teaches a distilling student a
+    # closer tie between each class and its partners; the top-1 is the network's whatever the gap.
+    public_gap: float = 1.0
+    public_floor: float = 8.0
     # Clipping matters: the first epoch's gradients are ~10x a teacher's (the keyed path starts
     # out wrong) and without a clip one run in three collapsed to a constant output here.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01, batch_size=64,
@@ -32,6 +37,9 @@ class SDBConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.weight < 0:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if not 0.0 < self.public_gap < self.public_floor:
+            raise ValueError("need 0 < public_gap < public_floor so the public top-1 stays the label, got "
+                             f"public_gap={self.public_gap}, public_floor={self.public_floor}")
         if self.partners < 1:
             raise ValueError(f"partners must be >= 1, got {self.partners}")
         if not 0 < self.partner_prob < self.target_prob < 1:

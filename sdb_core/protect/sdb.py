@@ -13,7 +13,8 @@ tempered public output toward a class-level confusion target ``q_y`` (true class
 two fixed confusion partners 0.25 each): the argmax stays the label, while a student
 distilled from it learns near-ties between each class and its partners. The paper's f_R
 feature terms (η = 0.001) are left out: a forward pass each, nothing measurable at that
-weight. Why these values, and what was measured: docs/protection.md.
+weight. The public path answers the box's public form (:func:`public_table`) of the network's
+top-1, not the network's logits. Why these values, and what was measured: docs/protection.md.
 """
 from __future__ import annotations
 
@@ -41,22 +42,45 @@ class WrapResult:
     report: dict
 
 
-def confusion_targets(num_classes: int, cfg: SDBConfig, seed: int) -> Tensor:
-    """Row y is q_y: the label ``target_prob``, its fixed random partners ``partner_prob`` each."""
+def confusion_partners(num_classes: int, cfg: SDBConfig, seed: int) -> list[list[int]]:
+    """Each class's fixed confusion partners: ``cfg.partners`` other classes drawn at ``seed``."""
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
     g = torch.Generator().manual_seed(seed)
     k = min(cfg.partners, num_classes - 1)
-    q = torch.zeros(num_classes, num_classes)
+    out = []
     for y in range(num_classes):
         others = torch.tensor([c for c in range(num_classes) if c != y])
-        partners = others[torch.randperm(len(others), generator=g)[:k]]
-        rest = [c for c in others.tolist() if c not in set(partners.tolist())]
+        out.append(others[torch.randperm(len(others), generator=g)[:k]].tolist())
+    return out
+
+
+def confusion_targets(num_classes: int, cfg: SDBConfig, seed: int) -> Tensor:
+    """Row y is q_y: the label ``target_prob``, its fixed random partners ``partner_prob`` each."""
+    partners = confusion_partners(num_classes, cfg, seed)
+    q = torch.zeros(num_classes, num_classes)
+    for y, ps in enumerate(partners):
+        rest = [c for c in range(num_classes) if c != y and c not in ps]
         q[y, y] = cfg.target_prob
-        q[y, partners] = cfg.partner_prob
+        q[y, ps] = cfg.partner_prob
         if rest:
-            q[y, rest] = (1.0 - cfg.target_prob - k * cfg.partner_prob) / len(rest)
+            q[y, rest] = (1.0 - cfg.target_prob - len(ps) * cfg.partner_prob) / len(rest)
     return q / q.sum(1, keepdim=True)  # few classes: renormalise, the order is kept
+
+
+def public_table(num_classes: int, cfg: SDBConfig, seed: int) -> Tensor:
+    """The public form: row y is what the public path answers when the network's top-1 is y.
+
+    The label 0, its confusion partners ``-cfg.public_gap``, every other class ``-cfg.public_floor``
+    (logits). The answer keeps the network's top-1 exactly and carries nothing else about the
+    input, so a student distilled from it learns the label with near-ties to fixed partners
+    (docs/protection.md, "The public form").
+    """
+    table = torch.full((num_classes, num_classes), -cfg.public_floor)
+    for y, ps in enumerate(confusion_partners(num_classes, cfg, seed)):
+        table[y, ps] = -cfg.public_gap
+        table[y, y] = 0.0
+    return table
 
 
 def frozen_and_trainable(teacher: nn.Module, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -149,7 +173,8 @@ def train_box(
     # batches would otherwise rewrite the ones the clean path serves with) and dropout stays off.
     history = fit(model, TensorDataset(x_train, y_train, teacher_logits), step, cfg.train, progress=progress,
                   should_cancel=should_cancel, train_mode=False)
-    box = SafeDistillationBox(model.eval(), key.cpu(), cfg.lam, cfg.temperature, mode="sdb")
+    box = SafeDistillationBox(model.eval(), key.cpu(), cfg.lam, cfg.temperature, mode="sdb",
+                              public_form=public_table(data.num_classes, cfg, cfg.train.seed))
     report = public_report(frozen, box, data.test)
     report.update(mode="sdb", lam=cfg.lam, temperature=T, seconds=time.perf_counter() - t0,
                   step_seconds=history.step_seconds, history=history.epochs)

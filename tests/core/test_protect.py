@@ -4,8 +4,10 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from sdb_core.distill import DistillConfig, distill
+from sdb_core.models import create_model
 from sdb_core.protect import (
     NastyConfig,
     NoKeyError,
@@ -16,6 +18,7 @@ from sdb_core.protect import (
     train_box,
     wrap_nasty,
 )
+from sdb_core.protect.measure import public_teacher
 from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everything
 
 from .conftest import OutsideNet
@@ -48,6 +51,39 @@ def test_sdb_keeps_accuracy_and_disturbs_only_the_public_path(digits, digits_tea
     keyed_kl = _soft_kl_to(digits_teacher, box.distill_logits, x)
     assert public_kl > 0.2, public_kl
     assert keyed_kl < public_kl / 3, (keyed_kl, public_kl)
+    # The network itself, on plain inputs, is disturbed too (what the public form is made from).
+    network_kl = _soft_kl_to(digits_teacher, box.model, x)
+    assert network_kl > 0.2 and keyed_kl < network_kl / 3, (keyed_kl, network_kl)
+
+
+def test_the_public_answer_is_the_form_row_of_the_networks_top1(digits, sdb_result):
+    box, x = sdb_result.box, digits.test.tensors[0]
+    top1 = predict_logits(box.model, x).argmax(1)
+    public = box.public_logits(x)
+    assert torch.equal(public.argmax(1), top1)
+    assert torch.equal(public, box.public_form[top1])  # nothing of the input but its top-1
+    cfg = SDBConfig()
+    partners = (confusion_targets(digits.num_classes, cfg, seed=0) - cfg.partner_prob).abs() < 1e-6
+    assert torch.equal(box.public_form == -cfg.public_gap, partners)
+    assert not torch.equal(box.distill_logits(x), box.public_form[box.distill_logits(x).argmax(1)])
+    assert torch.equal(box.with_key(_seeded_key(digits)).public_form, box.public_form)
+
+
+def test_a_student_learns_less_from_the_public_answer_than_from_labels(digits, sdb_result):
+    """On a 600-image transfer set, LeNet students (convolutional: the ones a class-level confusion target alone
+    did not fool, 1-2 points), two seeds: labels alone against KD (T = 4, α = 0.9) from the public probabilities."""
+    transfer = TensorDataset(*(t[:600] for t in digits.train.tensors))
+    public = public_teacher(sdb_result.box.predict)  # KD from the probabilities, as anyone can
+    gaps = []
+    for seed in (0, 1):
+        accs = []
+        for teacher in (None, public):
+            seed_everything(seed)
+            student = create_model("lenet", num_classes=digits.num_classes, in_shape=digits.in_shape)
+            distill(student, transfer, teacher, DistillConfig(train=TrainConfig(epochs=20, lr=0.01, seed=seed)))
+            accs.append(accuracy(student, digits.test))
+        gaps.append(accs[0] - accs[1])
+    assert min(gaps) > 6.0, gaps
 
 
 def test_sdb_public_soft_labels_follow_the_confusion_target(digits, sdb_result):
@@ -124,6 +160,11 @@ def test_box_validation():
         SDBConfig(lam=1.5)
     with pytest.raises(ValueError, match="argmax"):
         SDBConfig(target_prob=0.2, partner_prob=0.3)
+    with pytest.raises(ValueError, match="public_gap"):
+        SDBConfig(public_gap=9.0)
+    for bad in ([[0.0, 0.0], [-1.0, 0.0]], [[0.0, -1.0]], [[0.0, float("nan")], [-1.0, 0.0]]):
+        with pytest.raises(ValueError, match="public form"):
+            SafeDistillationBox(torch.nn.Linear(2, 2), torch.zeros(2), public_form=torch.tensor(bad))
 
 
 def test_confusion_targets_rows():
