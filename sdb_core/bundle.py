@@ -5,9 +5,9 @@ A directory (or a ``.sdb`` zip of it) with
 - ``model.onnx``: the protected network alone (dynamic batch axis): the public graph;
 - ``key.sealed``: the key, AES-GCM sealed under the server's master key (absent in Nasty mode);
 - ``meta.json``: name, version, task, input shape/dtype, normalisation, labels, λ,
-  temperature, metrics, the public form of an SDB classifier (``public_form``: the public path's
-  answer for each top-1 of the network, ``sdb_core.protect.sdb.public_table``), and the sha256 of
-  every other file.
+  temperature, metrics, the public form of an SDB classifier (``public_form``: each class's confusion
+  partners and the gaps that make the public path's answer for each top-1 of the network,
+  ``sdb_core.protect.sdb.public_form``), and the sha256 of every other file.
 
 Loading verifies every hash, runs the graph once to check its output shape against
 ``meta.json``, and refuses an altered bundle. The sealed key's associated data (key binding 2,
@@ -173,7 +173,7 @@ def export_bundle(
     if isinstance(box, SafeDistillationBox):
         model, mode, has_key = box.model, box.mode, box.has_key
         lam, temperature = (box.lam if box.has_key else None), box.temperature
-        form = None if box.public_form is None else public_form_rows(box.public_form)
+        form = box.public_form
         out_shape = _output_shape(model, in_shape)
         if extra_inputs:
             raise BundleError("a protection box has one input; extra_inputs are for plain modules")
@@ -285,7 +285,7 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
         if meta["mode"] != "sdb" or meta.get("task", "classification") != "classification":
             raise BundleError(f"{where}: only an sdb-mode classifier has a public form")
         try:
-            public_form_rows(meta["public_form"], output_shape(meta, where)[0])
+            public_form_table(meta["public_form"], output_shape(meta, where)[0])
         except ValueError as e:
             raise BundleError(f"{where}: {META_FILE}'s public_form: {e}") from None
     return meta
@@ -341,23 +341,27 @@ def output_shape(meta: dict, where: str = "bundle") -> list[int]:
     return shape
 
 
-def public_form_rows(table: Any, classes: int | None = None) -> list[list[float]]:
-    """A public form (nested lists, a numpy array or a torch tensor) as rows of floats, checked: square (``classes``
-    rows when given), finite, and each row's own class strictly on top, so that the public top-1 is the
-    network's. ValueError otherwise."""
-    rows = table.tolist() if hasattr(table, "tolist") else table
-    if not isinstance(rows, list) or not all(isinstance(r, list) for r in rows):
-        raise ValueError("a public form is a list of rows of logits")
-    n = len(rows)
-    if n < 2 or any(len(r) != n for r in rows) or (classes is not None and n != classes):
-        raise ValueError(f"a public form is a square table with one row per class ({classes or 'at least 2'}), "
-                         f"got {n} rows")
-    if not all(type(v) in (int, float) and np.isfinite(v) for r in rows for v in r):
-        raise ValueError("a public form holds finite numbers only")
-    for y, r in enumerate(rows):
-        if any(v >= r[y] for c, v in enumerate(r) if c != y):
-            raise ValueError(f"public form row {y} must put class {y} strictly on top")
-    return [[float(v) for v in r] for r in rows]
+def public_form_table(form: Any, classes: int | None = None) -> np.ndarray:
+    """A public form's table of logits, (classes, classes): row y is the public answer when the network's top-1
+    is y: 0 at y, ``-gap`` at y's partners, ``-floor`` elsewhere. ``form`` is ``{"partners": [[...] per class],
+    "gap", "floor"}`` (``sdb_core.protect.sdb.public_form``); ValueError, saying what is wrong, for anything
+    else: so the public top-1 is the network's, each row's class is strictly on top."""
+    if not isinstance(form, dict) or set(form) != {"partners", "gap", "floor"}:
+        raise ValueError('a public form is {"partners", "gap", "floor"}')
+    partners, gap, floor = form["partners"], form["gap"], form["floor"]
+    if not all(type(v) in (int, float) and np.isfinite(v) for v in (gap, floor)) or not 0 < gap < floor:
+        raise ValueError(f"a public form needs finite 0 < gap < floor, got gap={gap!r}, floor={floor!r}")
+    n = len(partners) if isinstance(partners, list) else 0
+    if n < 2 or (classes is not None and n != classes):
+        raise ValueError(f"a public form lists partners for each class ({classes or 'at least 2'}), got {n}")
+    table = np.full((n, n), -float(floor), dtype=np.float32)
+    for y, ps in enumerate(partners):
+        if not isinstance(ps, list) or not all(type(c) is int and 0 <= c < n and c != y for c in ps) \
+                or len(set(ps)) != len(ps):
+            raise ValueError(f"public form partners of class {y} must be distinct other classes, got {ps!r}")
+        table[y, ps] = -float(gap)
+        table[y, y] = 0.0
+    return table
 
 
 def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
@@ -409,7 +413,7 @@ class Bundle:
 
     def __post_init__(self) -> None:
         form = self.meta.get("public_form")
-        self._form = None if form is None else np.asarray(form, dtype=np.float32)
+        self._form = None if form is None else public_form_table(form)
 
     @property
     def has_key(self) -> bool:

@@ -1,7 +1,7 @@
 """SafeDistillationBox: one network, a public path for everyone and a keyed path.
 
 ``predict`` runs the protected network on the plain input and answers, for an SDB box, the
-public form's row of its top-1 (``sdb.public_table``: the label and fixed near-ties, useless to a
+public form's row of its top-1 (``sdb.public_form``: the label and fixed near-ties, useless to a
 distiller); ``distill_logits`` blends the secret key into the input first and returns the
 augmented, distillable logits of the network itself. The key is held in a :class:`Secret` so that it shows in no
 ``repr``, no ``state_dict`` (the network's parameters are all there is) and no pickle; the
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bundle import public_form_rows
+from ..bundle import public_form_table
 from ..train import device_of
 from .key import blend
 
@@ -43,7 +43,7 @@ class NoKeyError(PermissionError):
 
 class SafeDistillationBox:
     def __init__(self, model: nn.Module, key: Tensor | None, lam: float = 0.5,
-                 temperature: float = 4.0, mode: str = "sdb", public_form: Tensor | None = None) -> None:
+                 temperature: float = 4.0, mode: str = "sdb", public_form: dict | None = None) -> None:
         if mode not in ("sdb", "nasty"):
             raise ValueError(f"mode must be 'sdb' or 'nasty', got {mode!r}")
         if mode == "sdb" and key is None:
@@ -55,8 +55,9 @@ class SafeDistillationBox:
         self.temperature = temperature
         self.mode = mode
         self._key = Secret(key) if key is not None else None
-        # (classes, classes): row y is the public answer when the network's top-1 is y (sdb.public_table)
-        self.public_form = None if public_form is None else torch.tensor(public_form_rows(public_form))
+        # sdb.public_form; its table's row y is the public answer when the network's top-1 is y
+        self.public_form = public_form
+        self._table = None if public_form is None else torch.from_numpy(public_form_table(public_form))
 
     @property
     def has_key(self) -> bool:
@@ -71,7 +72,7 @@ class SafeDistillationBox:
         the form's row of the network's top-1 instead."""
         self.model.eval()
         z = self.model(x.to(self._device())).to(x.device)
-        return z if self.public_form is None else self.public_form.to(z.device)[z.argmax(1)]
+        return z if self._table is None else self._table.to(z.device)[z.argmax(1)]
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ class SDBConfig:
     target_prob: float = 0.40  # q_y on the true class
     partner_prob: float = 0.25  # q_y on each confusion partner
     partners: int = 2
-    # The public form (sdb.public_table): what the public path answers, in logits from the network's top-1: the
+    # The public form (sdb.public_form): what the public path answers, in logits from the network's top-1: the
     # label 0, its partners -public_gap, the rest -public_floor. A smaller gap teaches a distilling student a
     # closer tie between each class and its partners; the top-1 is the network's whatever the gap.
     public_gap: float = 1.0

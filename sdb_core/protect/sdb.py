@@ -13,7 +13,7 @@ tempered public output toward a class-level confusion target ``q_y`` (true class
 two fixed confusion partners 0.25 each): the argmax stays the label, while a student
 distilled from it learns near-ties between each class and its partners. The paper's f_R
 feature terms (η = 0.001) are left out: a forward pass each, nothing measurable at that
-weight. The public path answers the box's public form (:func:`public_table`) of the network's
+weight. The public path answers the box's public form (:func:`public_form`) of the network's
 top-1, not the network's logits. Why these values, and what was measured: docs/protection.md.
 """
 from __future__ import annotations
@@ -68,19 +68,16 @@ def confusion_targets(num_classes: int, cfg: SDBConfig, seed: int) -> Tensor:
     return q / q.sum(1, keepdim=True)  # few classes: renormalise, the order is kept
 
 
-def public_table(num_classes: int, cfg: SDBConfig, seed: int) -> Tensor:
-    """The public form: row y is what the public path answers when the network's top-1 is y.
+def public_form(num_classes: int, cfg: SDBConfig, seed: int) -> dict:
+    """The public form: what the public path answers, in logits, when the network's top-1 is y.
 
-    The label 0, its confusion partners ``-cfg.public_gap``, every other class ``-cfg.public_floor``
-    (logits). The answer keeps the network's top-1 exactly and carries nothing else about the
-    input, so a student distilled from it learns the label with near-ties to fixed partners
-    (docs/protection.md, "The public form").
+    The label 0, its confusion partners (those of ``q_y``) ``-cfg.public_gap``, every other class
+    ``-cfg.public_floor`` (``sdb_core.bundle.public_form_table`` builds the table). The answer keeps the
+    network's top-1 exactly and carries nothing else about the input, so a student distilled from it learns
+    the label with near-ties to fixed partners (docs/protection.md, "The public form").
     """
-    table = torch.full((num_classes, num_classes), -cfg.public_floor)
-    for y, ps in enumerate(confusion_partners(num_classes, cfg, seed)):
-        table[y, ps] = -cfg.public_gap
-        table[y, y] = 0.0
-    return table
+    return {"partners": confusion_partners(num_classes, cfg, seed), "gap": cfg.public_gap,
+            "floor": cfg.public_floor}
 
 
 def frozen_and_trainable(teacher: nn.Module, device: torch.device) -> tuple[nn.Module, nn.Module]:
@@ -174,7 +171,7 @@ def train_box(
     history = fit(model, TensorDataset(x_train, y_train, teacher_logits), step, cfg.train, progress=progress,
                   should_cancel=should_cancel, train_mode=False)
     box = SafeDistillationBox(model.eval(), key.cpu(), cfg.lam, cfg.temperature, mode="sdb",
-                              public_form=public_table(data.num_classes, cfg, cfg.train.seed))
+                              public_form=public_form(data.num_classes, cfg, cfg.train.seed))
     report = public_report(frozen, box, data.test)
     report.update(mode="sdb", lam=cfg.lam, temperature=T, seconds=time.perf_counter() - t0,
                   step_seconds=history.step_seconds, history=history.epochs)

@@ -53,15 +53,15 @@ def test_round_trip_and_onnx_parity(tmp_path, digits, box, master, suffix):
     assert np.abs(keyed - box.distill_logits(x).numpy()).max() <= 1e-4
     assert np.abs(public - keyed).max() > 1e-2
     assert np.allclose(b.predict(x.numpy()).sum(1), 1.0, atol=1e-5)
-    assert b.meta["public_form"] == box.public_form.tolist()  # the public answer travels with the network
+    assert b.meta["public_form"] == box.public_form  # the public answer travels with the network
 
 
 def test_a_public_form_that_is_not_one_is_refused(tmp_path, digits, box, master):
-    good = box.public_form.tolist()
-    not_on_top = [r[:] for r in good]
-    not_on_top[3][3] = -20.0
-    for i, (form, why) in enumerate([(good[:9], "one row per class"), (not_on_top, "row 3 must put class 3"),
-                                     ([[*r[:-1], "x"] for r in good], "finite numbers"), ({"rows": 1}, "rows")]):
+    good = box.public_form
+    for i, (form, why) in enumerate([({**good, "partners": good["partners"][:9]}, "partners for each class"),
+                                     ({**good, "partners": [[0], *good["partners"][1:]]}, "partners of class 0"),
+                                     ({**good, "floor": 0.5}, "gap < floor"), ({**good, "gap": "1"}, "gap < floor"),
+                                     ([[0.0] * 10] * 10, "partners")]):
         path = _export(box, digits, tmp_path / f"b{i}", master)
         meta = json.loads((path / "meta.json").read_text())
         meta["public_form"] = form
@@ -128,7 +128,7 @@ def test_nasty_and_outside_models_export(tmp_path, digits):
     assert np.abs(b.public_logits(x.numpy()) - nasty.public_logits(x).numpy()).max() <= 1e-4
     meta = json.loads((path / "meta.json").read_text())
     assert "public_form" not in meta  # a Nasty box answers its network's own outputs
-    meta["public_form"] = (-np.ones((10, 10)) + np.eye(10)).tolist()
+    meta["public_form"] = {"partners": [[(y + 1) % 10] for y in range(10)], "gap": 1.0, "floor": 8.0}
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(BundleError, match="only an sdb-mode classifier has a public form"):
         load_bundle(path)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from sdb_core.bundle import public_form_table
 from sdb_core.distill import DistillConfig, distill
 from sdb_core.models import create_model
 from sdb_core.protect import (
@@ -61,12 +62,15 @@ def test_the_public_answer_is_the_form_row_of_the_networks_top1(digits, sdb_resu
     top1 = predict_logits(box.model, x).argmax(1)
     public = box.public_logits(x)
     assert torch.equal(public.argmax(1), top1)
-    assert torch.equal(public, box.public_form[top1])  # nothing of the input but its top-1
+    table = torch.from_numpy(public_form_table(box.public_form))
+    assert torch.equal(public, table[top1])  # nothing of the input but its top-1
     cfg = SDBConfig()
     partners = (confusion_targets(digits.num_classes, cfg, seed=0) - cfg.partner_prob).abs() < 1e-6
-    assert torch.equal(box.public_form == -cfg.public_gap, partners)
-    assert not torch.equal(box.distill_logits(x), box.public_form[box.distill_logits(x).argmax(1)])
-    assert torch.equal(box.with_key(_seeded_key(digits)).public_form, box.public_form)
+    assert torch.equal(table == -cfg.public_gap, partners) and (table.diag() == 0).all()
+    assert set(table.unique().tolist()) == {0.0, -cfg.public_gap, -cfg.public_floor}
+    keyed = box.distill_logits(x)
+    assert not torch.equal(keyed, table[keyed.argmax(1)])
+    assert box.with_key(_seeded_key(digits)).public_form == box.public_form
 
 
 def test_a_student_learns_less_from_the_public_answer_than_from_labels(digits, sdb_result):
@@ -162,9 +166,11 @@ def test_box_validation():
         SDBConfig(target_prob=0.2, partner_prob=0.3)
     with pytest.raises(ValueError, match="public_gap"):
         SDBConfig(public_gap=9.0)
-    for bad in ([[0.0, 0.0], [-1.0, 0.0]], [[0.0, -1.0]], [[0.0, float("nan")], [-1.0, 0.0]]):
+    good = {"partners": [[1], [0]], "gap": 1.0, "floor": 8.0}
+    for bad in ({**good, "partners": [[0], [0]]}, {**good, "partners": [[1]]}, {**good, "partners": [[1, 1], [0]]},
+                {**good, "gap": 9.0}, {**good, "gap": float("nan")}, {**good, "extra": 1}, [[0.0, -1.0], [-1.0, 0.0]]):
         with pytest.raises(ValueError, match="public form"):
-            SafeDistillationBox(torch.nn.Linear(2, 2), torch.zeros(2), public_form=torch.tensor(bad))
+            SafeDistillationBox(torch.nn.Linear(2, 2), torch.zeros(2), public_form=bad)
 
 
 def test_confusion_targets_rows():
