@@ -140,9 +140,12 @@ function tryIt(m) {
     return sec;
   }
   const keyed = m.distillable && grants("distill") && allowsModel(m.name);
-  sec.append(h("p", { class: "hint" }, keyed
+  const sdb = m.mode === "sdb" ? " An SDB box's public scores are its public form: only the top-1 depends on the "
+    + "image; the near-ties to two fixed classes are the same for every image of a class." : "";
+  sec.append(h("p", { class: "hint" }, (keyed
     ? "The public top-k (what anyone gets) beside the keyed logits (what this distill key gets)."
-    : "The public top-k, what anyone gets. A key with the distill scope for this model also sees the keyed logits."));
+    : "The public top-k, what anyone gets. A key with the distill scope for this model also sees the keyed logits.")
+    + sdb));
   const file = h("input", { type: "file", accept: "image/png,image/jpeg" });
   const topk = h("input", { type: "text", inputmode: "numeric", value: String(Math.min(5, m.labels.length || 5)) });
   const fileF = labelled("file", "Image (PNG or JPEG)", file, { hint: "choose a file, or drop one on this box" });
