@@ -88,7 +88,10 @@ def batch_shape(shape: Sequence[int], in_shape: Sequence[int], max_samples: int)
 
 
 def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.ndarray:
-    """One PNG/JPEG → (C, H, W) normalised like the bundle's training data."""
+    """One PNG/JPEG → (C, H, W) normalised like the bundle's training data; 422 for a model that takes no images."""
+    if len(in_shape) != 3:
+        raise invalid(f"this model takes inputs of shape {list(in_shape)}, not images: send them as arrays",
+                      "invalid_shape")
     c, h, w = in_shape
     try:
         img = Image.open(io.BytesIO(data))

@@ -34,17 +34,20 @@ class DataSplits:
     train: TensorDataset
     test: TensorDataset
     num_classes: int
-    in_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
+    in_shape: tuple[int, ...]  # (C, H, W) for images; any (C, ...) for sets built by hand (signals, features)
+    mean: tuple[float, ...]  # per channel (the first dimension of in_shape), or one value
     std: tuple[float, ...]
     labels: list[str]
 
     def normalize(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Normalise pixels in [0, 1], shaped (C, H, W) or (N, C, H, W), like this set's inputs."""
+        """Normalise raw values in [0, 1] like this set's inputs: one input (C, ...) of the inputs' rank, or a
+        batch (N, C, ...); an image may have another size than the set's."""
         x = raw.float() if isinstance(raw, torch.Tensor) else torch.from_numpy(np.asarray(raw, dtype=np.float32))
-        if x.dim() not in (3, 4) or x.shape[-3] != len(self.mean):
-            raise ValueError(f"expected (C, H, W) or (N, C, H, W) with C={len(self.mean)}, got {tuple(x.shape)}")
-        shape = (-1, 1, 1)
+        rank, c = len(self.in_shape), self.in_shape[0]
+        if x.dim() not in (rank, rank + 1) or x.shape[-rank] != c:
+            raise ValueError(f"expected one input {tuple(self.in_shape)} or a batch of them, with C={c} "
+                             f"channels first, got {tuple(x.shape)}")
+        shape = (-1, *([1] * (rank - 1)))
         return (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
 
 

@@ -1,4 +1,5 @@
-"""Multi-layer perceptron: the weakest student, used as the distillation baseline."""
+"""Multi-layer perceptron: the weakest student, used as the distillation baseline; it takes inputs of any
+shape (images, signals, feature vectors), flattened."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ from sdb_core.models._factory import register_model
 
 
 class MLP(nn.Module):
-    def __init__(self, num_classes: int, in_shape: tuple[int, int, int], hidden: Sequence[int] = (256, 128)):
+    def __init__(self, num_classes: int, in_shape: tuple[int, ...], hidden: Sequence[int] = (256, 128)):
         super().__init__()
         if not hidden or any(not isinstance(h, int) or h < 1 for h in hidden):
             raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
@@ -28,6 +29,6 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-@register_model
+@register_model(any_shape=True)
 def mlp(num_classes: int = 10, in_shape=(1, 28, 28), hidden: Sequence[int] = (256, 128)) -> MLP:
     return MLP(num_classes, in_shape, tuple(hidden))

@@ -31,8 +31,8 @@ def teacher_schedule(arch: str) -> dict[str, Any]:
 
 
 def teacher_shift(in_shape) -> int:
-    """Pixels of random shift for a teacher on ``in_shape`` inputs (``train_classifier(shift=...)``)."""
-    return min(in_shape[-2:]) // 14
+    """Pixels of random shift for a teacher on ``in_shape`` inputs (``train_classifier(shift=...)``); images only."""
+    return min(in_shape[-2:]) // 14 if len(in_shape) == 3 else 0
 
 
 def teacher_config(arch: str, **overrides):

@@ -1,8 +1,13 @@
 """The secret key of a box: generation, blending, sealing at rest.
 
-The key is one noise image ``k`` with pixel values uniform in [0, 255], normalised like
-the inputs. A keyed input is ``b_k(x) = λ·x + (1 − λ)·k``. At rest the key is sealed
-(``seal.py``) under the server's master key, so a bundle on disk is useless without it.
+The key is one noise input ``k`` of the input's shape. For an image (C, H, W) it is the paper's noise
+image: pixel values uniform in [0, 255], normalised like the inputs (per channel). For any other input
+(a signal (C, L), a feature vector (D,)), whose raw scale nothing here knows, it is noise at the
+normalised inputs' own scale: uniform, mean 0, variance 1 per value (a pixel-style key measured against
+signals normalised from a narrow raw band was 2.6x their spread, and the keyed path of a 1-D CNN then
+kept 52% of its teacher's 80%: tests/core/test_non_image_inputs.py). A keyed input is
+``b_k(x) = λ·x + (1 − λ)·k``. At rest the key is sealed (``seal.py``) under the server's master key, so a
+bundle on disk is useless without it.
 """
 from __future__ import annotations
 
@@ -17,17 +22,24 @@ from torch import Tensor
 from .seal import MASTER_KEY_BYTES, SealError, load_or_create_master_key, new_master_key, seal, unseal
 
 
-def _normalise(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
-    return (pixels / 255.0 - m) / s
+def _from_levels(levels: Tensor, in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Uniform levels 0..255, shaped (..., *in_shape), as keys on the inputs' normalised scale (see above)."""
+    if len(in_shape) != 3:
+        return (levels / 255.0 - 0.5) * 12 ** 0.5  # uniform on [-√3, √3]: mean 0, variance 1
+    per_channel = (-1, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32).view(per_channel)
+    s = torch.tensor(std, dtype=torch.float32).view(per_channel)
+    if m.shape[0] not in (1, in_shape[0]) or s.shape[0] != m.shape[0]:
+        raise ValueError(f"mean/std need one value per channel ({in_shape[0]}) or one, "
+                         f"got {len(mean)} and {len(std)}")
+    return (levels / 255.0 - m) / s
 
 
 def generate_key(in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """A fresh secret key from the OS's cryptographic RNG, shape ``in_shape``, normalised."""
     n = int(np.prod(in_shape))
-    pixels = np.frombuffer(secrets.token_bytes(n), dtype=np.uint8).astype(np.float32)
-    return _normalise(torch.from_numpy(pixels.reshape(tuple(in_shape))), mean, std)
+    levels = np.frombuffer(secrets.token_bytes(n), dtype=np.uint8).astype(np.float32)
+    return _from_levels(torch.from_numpy(levels.reshape(tuple(in_shape))), in_shape, mean, std)
 
 
 def random_keys(
@@ -35,12 +47,12 @@ def random_keys(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """``n`` non-secret keys from the same distribution (for key specificity and audits)."""
-    pixels = torch.randint(0, 256, (n, *in_shape), generator=generator).float()
-    return _normalise(pixels, mean, std)
+    levels = torch.randint(0, 256, (n, *in_shape), generator=generator).float()
+    return _from_levels(levels, in_shape, mean, std)
 
 
 def blend(x: Tensor, key: Tensor, lam: float) -> Tensor:
-    """``λ·x + (1 − λ)·k``; ``key`` is one key (C,H,W) or one per sample (B,C,H,W)."""
+    """``λ·x + (1 − λ)·k``; ``key`` is one key (of the input's shape) or one per sample (B, ...)."""
     return lam * x + (1.0 - lam) * key.to(device=x.device, dtype=x.dtype)
 
 
