@@ -141,10 +141,20 @@ def adapt(sdb: SDBConfig, misses: dict[str, float], step: float,
                    train=replace(sdb.train, epochs=epochs, lr=lr)), direction
 
 
+DIVERGED_CLIP = 5.0
+
+
+def gentler(cfg):
+    """The setting after a diverged attempt: half the learning rate, and gradients clipped (at 5, the recipes'
+    default, unless the owner's clip is tighter)."""
+    clip = min(cfg.train.grad_clip or DIVERGED_CLIP, DIVERGED_CLIP)
+    return replace(cfg, train=replace(cfg.train, lr=cfg.train.lr / 2, grad_clip=clip))
+
+
 def settings_of(sdb: SDBConfig) -> dict:
     return {"lam": sdb.lam, "partner_prob": sdb.partner_prob, "target_prob": sdb.target_prob, "weight": sdb.weight,
             "temperature": sdb.temperature, "epochs": sdb.train.epochs, "lr": sdb.train.lr,
-            "batch_size": sdb.train.batch_size}
+            "batch_size": sdb.train.batch_size, "grad_clip": sdb.train.grad_clip}
 
 
 # ω's range, from the paper's released settings (VITA-Group/Nasty-Teacher, experiments/*/kd_nasty_*/params.json;
@@ -180,7 +190,8 @@ def adapt_nasty(nasty: NastyConfig, misses: dict[str, float], step: float,
 
 def nasty_settings_of(nasty: NastyConfig) -> dict:
     return {"omega": nasty.omega, "temperature": nasty.temperature, "max_kl": nasty.max_kl,
-            "epochs": nasty.train.epochs, "lr": nasty.train.lr, "batch_size": nasty.train.batch_size}
+            "epochs": nasty.train.epochs, "lr": nasty.train.lr, "batch_size": nasty.train.batch_size,
+            "grad_clip": nasty.train.grad_clip}
 
 
 @dataclass(frozen=True)
@@ -236,7 +247,9 @@ def checked_wrap(
     ``cfg`` picks the recipe (:func:`recipe_for`): SDB (``key``: its key, None draws one) or Nasty (no key).
     """
     from ..train import accuracy
+    from .teacher import check_teacher
 
+    check_teacher(teacher, data)
     recipe = recipe_for(cfg)
     t0 = time.perf_counter()
     fit_data, _ = holdout(data, check.val_fraction, check.seed)
@@ -254,8 +267,15 @@ def checked_wrap(
                 log(f"self-check: budget of {check.budget_seconds:.0f}s reached after {i} attempt(s)")
                 break
         ta = time.perf_counter()
-        result = recipe.fit(teacher, fit_data, cfg, key, progress=_attempt_progress(progress, i, check.max_attempts),
-                            should_cancel=should_cancel)
+        try:
+            result = recipe.fit(teacher, fit_data, cfg, key,
+                                progress=_attempt_progress(progress, i, check.max_attempts), should_cancel=should_cancel)
+        except FloatingPointError as e:  # the loss diverged: a miss like any other, retried gentler
+            attempts.append({"attempt": i + 1, "settings": recipe.settings(cfg), "diverged": str(e), "passed": False,
+                             "seconds": round(time.perf_counter() - ta, 2)})
+            log(f"self-check attempt {i + 1}: diverged ({e}) -> half the learning rate, gradients clipped")
+            cfg = gentler(cfg)
+            continue
         r = result.report
         keyed = "keyed_acc" in r  # a Nasty box has no keyed path: no keyed figures, no keyed threshold
         figures = {"teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"],
@@ -285,7 +305,12 @@ def checked_wrap(
             nxt, direction = recipe.adapt(cfg, misses, step, underfit)
         cfg, last_direction = nxt, direction or last_direction
 
-    assert best is not None
+    if best is None:
+        raise WrapRefused(f"every attempt of the {recipe.mode} recipe diverged (the loss became NaN or Inf), down to "
+                          f"lr {cfg.train.lr:g} with gradients clipped at {cfg.train.grad_clip:g}: the teacher's "
+                          "logits or inputs may be far out of scale (normalised inputs, logits of a few units)",
+                          {"passed": False, "mode": recipe.mode, "attempts": attempts,
+                           "seconds": round(time.perf_counter() - t0, 2)})
     _, result, chosen = best
     report = {"passed": chosen["passed"], "mode": recipe.mode, "thresholds": asdict(th),
               "val_size": len(fit_data.test.tensors[1]), "fit_size": len(fit_data.train.tensors[1]),
@@ -303,6 +328,10 @@ def checked_wrap(
                else "")
             + (f", KD from public {best_fig['kd_public']:.2f}% vs labels only {best_fig['labels_only']:.2f}% "
                f"(min margin {th.min_leak_margin})" if "kd_public" in best_fig else "")
-            + "; missed " + ", ".join(f"{k} by {v:.2f} points" for k, v in chosen["misses"].items()),
+            + "; missed " + ", ".join(f"{k} by {v:.2f} points" for k, v in chosen["misses"].items())
+            + (f" (measured on {report['val_size']} held-out training inputs: a teacher trained on them scores its "
+               "training accuracy there, which overstates every drop; train it without them, "
+               "sdb_core.protect.check.teacher_data(data, check))"
+               if {"public", "keyed"} & set(chosen["misses"]) else ""),
             report, result)
     return result

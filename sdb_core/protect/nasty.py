@@ -45,7 +45,7 @@ def wrap_nasty(
     if check is not None:
         return checked_wrap(teacher, data, cfg, check, progress=progress, should_cancel=should_cancel, log=log)
     device = pick_device(cfg.train.device)
-    frozen, model = frozen_and_trainable(teacher, device)
+    frozen, model = frozen_and_trainable(teacher, device, data)
     T = cfg.temperature
 
     def step(batch):

@@ -34,6 +34,7 @@ from .box import SafeDistillationBox
 from .check import checked_wrap
 from .config import CheckConfig, SDBConfig
 from .key import blend, generate_key, random_keys
+from .teacher import check_teacher
 
 
 @dataclass
@@ -80,8 +81,10 @@ def public_form(num_classes: int, cfg: SDBConfig, seed: int) -> dict:
             "floor": cfg.public_floor}
 
 
-def frozen_and_trainable(teacher: nn.Module, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """f_A (a frozen eval-mode copy) and f (a trainable copy): the owner's model stays untouched."""
+def frozen_and_trainable(teacher: nn.Module, device: torch.device, data) -> tuple[nn.Module, nn.Module]:
+    """f_A (a frozen eval-mode copy) and f (a trainable copy) of a teacher checked against ``data``
+    (:func:`~.teacher.check_teacher`): the owner's model stays untouched."""
+    check_teacher(teacher, data)
     frozen = copy.deepcopy(teacher).to(device).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
@@ -141,7 +144,7 @@ def train_box(
     key = generate_key(data.in_shape, data.mean, data.std) if key is None else key.float()
     if tuple(key.shape) != tuple(data.in_shape):
         raise ValueError(f"key shape {tuple(key.shape)} does not match the input shape {tuple(data.in_shape)}")
-    frozen, model = frozen_and_trainable(teacher, device)
+    frozen, model = frozen_and_trainable(teacher, device, data)
     q = confusion_targets(data.num_classes, cfg, cfg.train.seed).to(device)
     k = key.to(device)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
@@ -168,8 +171,13 @@ def train_box(
     t0 = time.perf_counter()
     # Eval mode throughout: BatchNorm keeps the teacher's running statistics (keyed and random-key
     # batches would otherwise rewrite the ones the clean path serves with) and dropout stays off.
-    history = fit(model, TensorDataset(x_train, y_train, teacher_logits), step, cfg.train, progress=progress,
-                  should_cancel=should_cancel, train_mode=False)
+    try:
+        history = fit(model, TensorDataset(x_train, y_train, teacher_logits), step, cfg.train, progress=progress,
+                      should_cancel=should_cancel, train_mode=False)
+    except FloatingPointError as e:
+        raise FloatingPointError(f"the wrap diverged ({e}) at lr {cfg.train.lr:g}, grad_clip {cfg.train.grad_clip}: "
+                                 "lower the learning rate or clip gradients (SDBConfig's default training clips "
+                                 "at 5; the self-checking wrap retries gentler by itself)") from None
     box = SafeDistillationBox(model.eval(), key.cpu(), cfg.lam, cfg.temperature, mode="sdb",
                               public_form=public_form(data.num_classes, cfg, cfg.train.seed))
     report = public_report(frozen, box, data.test)

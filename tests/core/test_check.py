@@ -2,6 +2,7 @@
 no test split."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -236,3 +237,47 @@ def test_a_nasty_wrap_that_meets_the_thresholds_ships_with_its_check(tmp_path, d
     assert {"public_drop", "fit_public_drop", "kd_public", "labels_only", "leak_margin"} <= set(check["figures"])
     assert not {"keyed_acc", "keyed_drop"} & set(check["figures"])
     assert check["val_size"] + check["fit_size"] == len(digits.train)
+
+
+def test_a_diverging_setting_is_retried_gentler_and_the_report_says_so():
+    from ..signals import trained
+
+    data, teacher = trained("signals")
+    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0)
+    # lr 1 without a clip: the loss is NaN within the first epoch (it crashed the wrap before).
+    result = wrap(teacher, data, SDBConfig(train=TrainConfig(epochs=2, lr=1.0)),
+                  check=CheckConfig(thresholds=lax, leak_check=False))
+    attempts = result.report["check"]["attempts"]
+    assert "diverged" in attempts[0] and "nan" in attempts[0]["diverged"].lower(), attempts[0]
+    assert "diverged" not in attempts[-1] and attempts[-1]["passed"]
+    for before, after in itertools.pairwise(attempts):
+        assert after["settings"]["lr"] == before["settings"]["lr"] / 2 and after["settings"]["grad_clip"] == 5.0
+    with pytest.raises(FloatingPointError, match="lower the learning rate"):
+        train_box(teacher, data, SDBConfig(train=TrainConfig(epochs=1, lr=1.0)))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda: nn.Linear(32, 1), "one logit per input"),
+    (lambda: _Returns(lambda z, x: (z, x)), "returns a tuple"),
+    (lambda: _Returns(lambda z, x: {"logits": z}), "returns a dict"),
+    (lambda: nn.Linear(16, 2), "cannot run on this data's inputs"),
+    (lambda: nn.Linear(32, 3), r"answers shape \(2, 3\)"),
+])
+def test_a_teacher_that_is_not_a_classifier_of_the_data_is_refused_before_any_training(bad, message):
+    from ..signals import feature_splits
+
+    data = feature_splits(classes=2)
+    for run in (lambda t: wrap(t, data), lambda t: train_box(t, data), lambda t: wrap_nasty(t, data, check=None)):
+        with pytest.raises(ValueError, match=message):
+            run(bad())
+
+
+class _Returns(nn.Module):
+    """A linear classifier of 32 features whose forward returns ``shape(logits, x)``."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.linear, self.shape = nn.Linear(32, 2), shape
+
+    def forward(self, x):
+        return self.shape(self.linear(x), x)
