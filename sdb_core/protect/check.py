@@ -330,8 +330,8 @@ def checked_wrap(
                f"(min margin {th.min_leak_margin})" if "kd_public" in best_fig else "")
             + "; missed " + ", ".join(f"{k} by {v:.2f} points" for k, v in chosen["misses"].items())
             + (f" (measured on {report['val_size']} held-out training inputs: a teacher trained on them scores its "
-               "training accuracy there, which overstates every drop; train it without them, "
-               "sdb_core.protect.check.teacher_data(data, check))"
+               "training accuracy there, which overstates every drop; train it without them: --train-teacher does, "
+               "and in Python sdb_core.protect.check.teacher_data(data, check) is the rest)"
                if {"public", "keyed"} & set(chosen["misses"]) else ""),
             report, result)
     return result

@@ -117,6 +117,10 @@ def test_an_impossible_threshold_is_refused_with_what_was_tried(digits, digits_t
     assert all("leak" in a["misses"] for a in report["attempts"])
     first, second = (a["settings"] for a in report["attempts"])
     assert second != first  # the second attempt tried something else (adapt's rules: the next test)
+    # An accuracy miss says on how many inputs it was measured, and how a teacher should be trained for it.
+    with pytest.raises(WrapRefused, match=r"missed public by .*measured on \d+ held-out training inputs.*teacher_data"):
+        wrap(digits_teacher, digits, cfg, check=replace(_small_check(max_accuracy_drop=-50.0), max_attempts=1,
+                                                         leak_check=False), key=key)
 
 
 def test_adapt_moves_away_from_each_miss():
