@@ -128,8 +128,11 @@ def test_adapt_moves_away_from_each_miss():
     p, epochs = base.partner_prob, base.train.epochs
     public, d = adapt(base, {"public": 2.0}, 0.05)  # wider margin for the label
     assert public.partner_prob == pytest.approx(p - 0.05) and d == -1 and public.train.epochs == epochs
+    # and less of the clean-path term, which costs top-1 and guards only the network itself
+    assert public.clean_weight == 0.5 and adapt(public, {"public": 1.0}, 0.05)[0].clean_weight == 0.25
+    assert adapt(replace(base, clean_weight=0.25), {"public": 1.0}, 0.05)[0].clean_weight == 0.0
     leak, d = adapt(base, {"leak": 1.0}, 0.05)  # more false near-ties, up to what the target allows
-    assert p < leak.partner_prob < base.target_prob and d == 1
+    assert p < leak.partner_prob < base.target_prob and d == 1 and leak.clean_weight == base.clean_weight
     both, d = adapt(base, {"public": 1.0, "leak": 1.0}, 0.05)  # opposite pulls: train longer instead
     assert both.partner_prob == p and both.train.epochs > epochs and d == 0
     keyed, _ = adapt(base, {"keyed": 1.0}, 0.05)  # more of the image through the key
@@ -285,3 +288,37 @@ class _Returns(nn.Module):
 
     def forward(self, x):
         return self.shape(self.linear(x), x)
+
+
+def test_a_binary_box_reports_its_leak_figures_without_a_leak_threshold():
+    """Two classes: the public form is the label, softened; no answer carrying the top-1 teaches less than labels."""
+    from ..signals import FeatureNet, feature_splits
+
+    data = feature_splits(classes=2)
+    seed_everything(0)
+    teacher = FeatureNet(classes=2)
+    train_classifier(teacher, data.train, TrainConfig(epochs=5, lr=0.05))
+    check = replace(_small_check(max_accuracy_drop=100.0, max_keyed_drop=100.0), max_attempts=1)
+    result = wrap(teacher.eval(), data, SDBConfig(train=replace(SDBConfig().train, epochs=2)), check=check)
+    figures = result.report["check"]["figures"]
+    assert {"labels_only", "kd_public"} <= set(figures) and "leak_margin" not in figures
+    assert result.report["check"]["passed"] and result.box.public_form["partners"] == [[1], [0]]
+
+
+def test_the_clean_path_term_is_what_teaches_the_network_its_confusion_partners_on_plain_inputs(digits,
+                                                                                                 digits_teacher):
+    """With it the network's tempered plain-input outputs put the target's share on each class's partners;
+    without it they do not. The public answer is the form either way."""
+    key = random_keys(1, digits.in_shape, digits.mean, digits.std, generator=torch.Generator().manual_seed(KEY))[0]
+    x, y = digits.test.tensors
+    share = {}
+    for c in (1.0, 0.0):
+        cfg = SDBConfig(clean_weight=c, train=replace(SDBConfig().train, epochs=4))
+        box = train_box(digits_teacher, digits, cfg, key=key).box
+        partners = torch.tensor(box.public_form["partners"])[y]  # (N, 2): each input's label's partners
+        p = F.softmax(predict_logits(box.model, x) / cfg.temperature, 1)
+        share[c] = p.gather(1, partners).mean().item()
+        assert set(torch.unique(box.public_logits(x[:50])).tolist()) <= {0.0, -1.0, -8.0}
+    assert share[1.0] > share[0.0] + 0.05, share
+    with pytest.raises(ValueError, match="clean_weight"):
+        SDBConfig(clean_weight=1.5)

@@ -20,6 +20,7 @@ from sdb_core.protect import (
     wrap_nasty,
 )
 from sdb_core.protect.measure import public_teacher
+from sdb_core.protect.sdb import confusion_partners, public_form
 from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everything
 
 from .conftest import OutsideNet
@@ -181,3 +182,7 @@ def test_confusion_targets_rows():
     assert torch.equal(q, confusion_targets(10, SDBConfig(), seed=1))
     two = confusion_targets(2, SDBConfig(), seed=0)  # fewer classes than partners: still a distribution
     assert torch.equal(two.argmax(1), torch.arange(2)) and torch.allclose(two.sum(1), torch.ones(2))
+    # At most K - 2 partners: one class at least stays at the form's floor (three classes: one partner each).
+    three = public_form_table(public_form(3, SDBConfig(), seed=0), 3)
+    assert all(sorted(row.tolist()) == [-8.0, -1.0, 0.0] for row in three)
+    assert [len(p) for p in confusion_partners(4, SDBConfig(), 0)] == [2] * 4
