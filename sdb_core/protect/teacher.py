@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from ..train import device_of
+
 
 def check_teacher(teacher: nn.Module, data) -> None:
     """Raise ``ValueError`` unless ``teacher`` maps a batch of ``data``'s inputs (N, *in_shape) to finite
@@ -14,10 +16,9 @@ def check_teacher(teacher: nn.Module, data) -> None:
     x = data.train.tensors[0][:2]
     k = data.num_classes
     probe = copy.deepcopy(teacher).eval()
-    device = next((p.device for p in probe.parameters()), torch.device("cpu"))
     try:
         with torch.no_grad():
-            out = probe(x.to(device))
+            out = probe(x.to(device_of(probe)))
     except Exception as e:
         raise ValueError(f"the teacher cannot run on this data's inputs (a batch of shape {tuple(x.shape)}): "
                          f"{type(e).__name__}: {e}") from e
