@@ -2,8 +2,6 @@
 wrong with their model in their own terms, not from an index error deep in a loss."""
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
@@ -12,16 +10,19 @@ from ..train import device_of
 
 def check_teacher(teacher: nn.Module, data) -> None:
     """Raise ``ValueError`` unless ``teacher`` maps a batch of ``data``'s inputs (N, *in_shape) to finite
-    float logits (N, num_classes). It runs on two training inputs, in eval mode, on a copy."""
+    float logits (N, num_classes). It runs on two training inputs in eval mode without gradients (nothing in
+    the model moves), and leaves the model in the mode it found it in."""
     x = data.train.tensors[0][:2]
     k = data.num_classes
-    probe = copy.deepcopy(teacher).eval()
+    training = teacher.training
     try:
         with torch.no_grad():
-            out = probe(x.to(device_of(probe)))
+            out = teacher.eval()(x.to(device_of(teacher)))
     except Exception as e:
         raise ValueError(f"the teacher cannot run on this data's inputs (a batch of shape {tuple(x.shape)}): "
                          f"{type(e).__name__}: {e}") from e
+    finally:
+        teacher.train(training)
     if not isinstance(out, torch.Tensor):  # a ValueError like the rest: one exception for "not a classifier of data"
         raise ValueError(f"the teacher returns a {type(out).__name__}, not a tensor of logits: wrap a module "  # noqa: TRY004
                          f"whose forward returns (N, {k}) logits (e.g. the 'logits' entry, or the first element)")
