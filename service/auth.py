@@ -125,6 +125,9 @@ class Keyring:
     def __init__(self, store: Store, pepper: bytes, cache_s: float = 1.0):
         self.store, self._pepper, self.cache_s = store, pepper, cache_s
         self._lock = threading.Lock()
+        # One flush at a time: a flush that returns has stored everything recorded before it, even
+        # what a flush already under way had taken (the write-behind loop and a caller's flush).
+        self._flushing = threading.Lock()
         self._rows: dict[str, tuple[float, ApiKeyRow]] = {}
         self._generation: dict[str, int] = {}  # bumped on invalidation: a slow fetch then is not cached
         self._usage: dict[tuple[str, str, str, str], list[int]] = {}  # (key, model, kind, day) → [req, samples]
@@ -208,19 +211,21 @@ class Keyring:
     def flush(self) -> None:
         """Blocking: write the usage gathered since the last flush to the store (the write-behind).
 
-        Each flush takes what was gathered under the lock, so two at once (the loop and a shutdown
-        flush) never write the same usage twice; what a failed write left is kept for the next one.
+        Flushes run one at a time, so when one returns, every usage recorded before the call is
+        stored (a second caller waits for the write under way instead of finding nothing left to
+        write and returning early); what a failed write left is kept for the next one.
         """
-        with self._lock:
-            usage, self._usage = self._usage, {}
-        items = list(usage.items())
-        for i, ((key_id, model, kind, day), (req, n)) in enumerate(items):
-            try:
-                self.store.record_usage(key_id, model, kind, day, req, n)
-            except Exception:
-                with self._lock:
-                    for k, (req_left, n_left) in items[i:]:
-                        acc = self._usage.setdefault(k, [0, 0])
-                        acc[0] += req_left
-                        acc[1] += n_left
-                raise
+        with self._flushing:
+            with self._lock:
+                usage, self._usage = self._usage, {}
+            items = list(usage.items())
+            for i, ((key_id, model, kind, day), (req, n)) in enumerate(items):
+                try:
+                    self.store.record_usage(key_id, model, kind, day, req, n)
+                except Exception:
+                    with self._lock:
+                        for k, (req_left, n_left) in items[i:]:
+                            acc = self._usage.setdefault(k, [0, 0])
+                            acc[0] += req_left
+                            acc[1] += n_left
+                    raise

@@ -147,8 +147,10 @@ async def test_keyed_path_refuses_a_key_revoked_by_another_process_at_once(svc):
     assert svc.app.state.store.get_key(parse_token(token)[0]).used == 1
 
 
-def test_concurrent_flushes_record_usage_once(db_url):
-    # The write-behind loop and a shutdown flush may run at once; each must not write what the other took.
+def test_concurrent_flushes_record_usage_once_and_a_flush_returns_only_once_it_is_stored(db_url):
+    # The write-behind loop and a caller's flush (shutdown, a test) may run at once: neither may write
+    # what the other took, and the caller's flush must not return while the loop is still writing
+    # what was recorded before the call (CI once read the usage between the two and found a row missing).
     import threading
 
     from service.auth import Keyring, create_key
@@ -158,19 +160,24 @@ def test_concurrent_flushes_record_usage_once(db_url):
     try:
         _, key = create_key(store, b"p" * 32, scopes=["distill"], quota=100)
         keyring = Keyring(store, b"p" * 32)
-        keyring.record(key.id, "digits-a", "distill", 3)
-        record_usage = store.record_usage
+        for model, n in (("digits-a", 3), ("digits-b", 2)):
+            keyring.record(key.id, model, "distill", n)
+        record_usage, writing = store.record_usage, threading.Event()
 
         def slow_record(*args):  # the real write, made slow enough for two flushes to overlap
-            record_usage(*args)
+            writing.set()
             threading.Event().wait(0.2)
+            record_usage(*args)
 
         store.record_usage = slow_record
-        flushes = [threading.Thread(target=keyring.flush) for _ in range(2)]
-        for t in flushes:
-            t.start()
-        for t in flushes:
-            t.join()
-        assert [(u.requests, u.samples) for u in store.usage(key.id)] == [(1, 3)]
+        loop = threading.Thread(target=keyring.flush)  # the write-behind takes both rows
+        loop.start()
+        assert writing.wait(5)
+        keyring.flush()  # what was recorded before this call is stored when it returns
+        assert sorted((u.model, u.requests, u.samples) for u in store.usage(key.id)) == [
+            ("digits-a", 1, 3), ("digits-b", 1, 2)]
+        loop.join()
+        assert sorted((u.model, u.requests, u.samples) for u in store.usage(key.id)) == [
+            ("digits-a", 1, 3), ("digits-b", 1, 2)]
     finally:
         store.close()
