@@ -6,7 +6,7 @@ every set is normalised the same way: ``x = (pixel / 255 - mean) / std``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,61 @@ class DataSplits:
                              f"channels first, got {tuple(x.shape)}")
         shape = (-1, *([1] * (rank - 1)))
         return (x - torch.tensor(self.mean).view(shape)) / torch.tensor(self.std).view(shape)
+
+    def checked(self) -> DataSplits:
+        """These splits as the recipes take them, or a :class:`DatasetError` that says what is wrong.
+
+        Splits built by hand (``DataSplits(...)`` from a user's own tensors) come with numpy's habits:
+        float64 inputs and int32 labels are converted (to float32 and int64; the recipes train and
+        export in float32). What cannot be converted is refused in the owner's terms, not as an index
+        or dtype error deep in a loss: integer inputs (token ids: a key cannot be blended into them,
+        nor a student trained on them), NaN or Inf inputs, labels that are not class indices in
+        ``[0, num_classes)``, inputs whose shape is not ``in_shape``, an empty train split.
+        """
+        if self.num_classes < 2:
+            raise DatasetError(f"a classifier needs at least 2 classes, num_classes is {self.num_classes}")
+        splits = {}
+        for split in ("train", "test"):
+            tensors = getattr(self, split).tensors
+            if len(tensors) != 2:
+                raise DatasetError(f"data.{split} must hold (inputs, labels), got {len(tensors)} tensors")
+            splits[split] = TensorDataset(self._checked_inputs(split, tensors[0]),
+                                          self._checked_labels(split, tensors[1], len(tensors[0])))
+        if len(splits["train"]) == 0:
+            raise DatasetError("data.train is empty")
+        return replace(self, **splits)
+
+    def _checked_inputs(self, split: str, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != tuple(self.in_shape):
+            raise DatasetError(f"data.{split}'s inputs have shape {tuple(x.shape)}; in_shape is {tuple(self.in_shape)}, "
+                               f"so they must be (N, {', '.join(map(str, self.in_shape))})")
+        if not x.is_floating_point():
+            raise DatasetError(f"data.{split}'s inputs are {x.dtype}: the recipes take real-valued inputs (a key is "
+                               "blended into them, students are trained on them); for a model of token ids, wrap "
+                               "the part that runs on their embeddings")
+        x = x.float()
+        bad = ~torch.isfinite(x.flatten(1)).all(1) if len(x) else torch.zeros(0, dtype=torch.bool)
+        if bad.any():
+            raise DatasetError(f"data.{split} has {int(bad.sum())} input(s) with NaN or Inf values (the first at "
+                               f"index {int(bad.nonzero()[0])})")
+        return x
+
+    def _checked_labels(self, split: str, y: torch.Tensor, n: int) -> torch.Tensor:
+        if tuple(y.shape) != (n,):
+            raise DatasetError(f"data.{split}'s labels have shape {tuple(y.shape)}: one class index per input, ({n},)")
+        if y.is_floating_point():
+            if not torch.equal(y, y.round()):
+                raise DatasetError(f"data.{split}'s labels are fractional {y.dtype}: give class indices, not "
+                                   "probabilities")
+        elif y.is_complex():
+            raise DatasetError(f"data.{split}'s labels are {y.dtype}: give class indices")
+        y = y.long()
+        out = (y < 0) | (y >= self.num_classes)
+        if out.any():
+            raise DatasetError(f"data.{split} has {int(out.sum())} label(s) outside [0, {self.num_classes}) (e.g. "
+                               f"{int(y[out][0])} at index {int(out.nonzero()[0])}): labels are class indices "
+                               f"below num_classes")
+        return y
 
 
 def load_dataset(name: str, *, root: str | None = None, image_size: int | None = None, seed: int = 0) -> DataSplits:

@@ -258,6 +258,7 @@ def checked_wrap(
     from ..train import accuracy
     from .teacher import check_teacher
 
+    data = data.checked()
     check_teacher(teacher, data)
     recipe = recipe_for(cfg)
     t0 = time.perf_counter()

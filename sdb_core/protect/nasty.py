@@ -44,6 +44,7 @@ def wrap_nasty(
     cfg = cfg or NastyConfig()
     if check is not None:
         return checked_wrap(teacher, data, cfg, check, progress=progress, should_cancel=should_cancel, log=log)
+    data = data.checked()
     device = pick_device(cfg.train.device)
     frozen, model = frozen_and_trainable(teacher, device, data)
     T = cfg.temperature

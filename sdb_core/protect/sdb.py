@@ -145,6 +145,7 @@ def train_box(
     """The recipe once: fine-tune a box from ``teacher`` on ``data.train``, report on ``data.test``. The box's
     network lives on ``cfg.train.device`` (the owner's ``teacher`` is copied, never moved)."""
     cfg = cfg or SDBConfig()
+    data = data.checked()
     device = pick_device(cfg.train.device)
     key = generate_key(data.in_shape, data.mean, data.std) if key is None else key.float()
     if tuple(key.shape) != tuple(data.in_shape):

@@ -9,11 +9,14 @@ from ..train import device_of
 
 
 def check_teacher(teacher: nn.Module, data) -> None:
-    """Raise ``ValueError`` unless ``teacher`` maps a batch of ``data``'s inputs (N, *in_shape) to finite
-    float logits (N, num_classes). It runs on two training inputs in eval mode without gradients (nothing in
+    """Raise ``ValueError`` unless ``teacher`` is a float32 network that maps a batch of ``data``'s inputs
+    (N, *in_shape) to finite float logits (N, num_classes) (``data``: checked by ``DataSplits.checked``). It runs on two training inputs in eval mode without gradients (nothing in
     the model moves), and leaves the model in the mode it found it in."""
     x = data.train.tensors[0][:2]
     k = data.num_classes
+    other = sorted({str(p.dtype) for p in teacher.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if other:  # the box trains, exports (ONNX) and serves in float32, on float32 inputs
+        raise ValueError(f"the teacher's parameters are {', '.join(other)}: the box is float32; pass teacher.float()")
     training = teacher.training
     try:
         with torch.no_grad():

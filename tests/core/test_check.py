@@ -269,6 +269,8 @@ def test_a_diverging_setting_is_retried_gentler_and_the_report_says_so():
     (lambda: _Returns(lambda z, x: {"logits": z}), "returns a dict"),
     (lambda: nn.Linear(16, 2), "cannot run on this data's inputs"),
     (lambda: nn.Linear(32, 3), r"answers shape \(2, 3\)"),
+    (lambda: nn.Linear(32, 2).double(), r"parameters are torch.float64.*teacher.float\(\)"),
+    (lambda: nn.Linear(32, 2).half(), r"parameters are torch.float16"),
 ])
 def test_a_teacher_that_is_not_a_classifier_of_the_data_is_refused_before_any_training(bad, message):
     from ..signals import feature_splits

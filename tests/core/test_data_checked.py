@@ -1,0 +1,68 @@
+"""Splits a user builds by hand from their own tensors (``DataSplits(...)``): numpy's habits are taken
+(float64 inputs, int32 labels); what no recipe can use is refused before any training, in the owner's
+terms, by every wrap entry point."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from sdb_core.data import DatasetError
+from sdb_core.protect import SDBConfig, train_box, wrap, wrap_nasty
+from sdb_core.train import TrainConfig
+
+from ..signals import FeatureNet, feature_splits
+
+
+def _with(data, split: str = "train", *, x=None, y=None):
+    xs, ys = getattr(data, split).tensors
+    return replace(data, **{split: TensorDataset(xs if x is None else x(xs), ys if y is None else y(ys))})
+
+
+def test_numpy_habits_are_converted_and_nothing_else_is_copied():
+    data = feature_splits(n=200, n_test=50)
+    same = data.checked()
+    assert same.train.tensors[0] is data.train.tensors[0] and same.test.tensors[1] is data.test.tensors[1]
+    loose = _with(_with(data, x=lambda x: x.double(), y=lambda y: y.int()), "test", y=lambda y: y.float())
+    fixed = loose.checked()
+    for split in ("train", "test"):
+        x, y = getattr(fixed, split).tensors
+        assert x.dtype == torch.float32 and y.dtype == torch.int64
+        assert torch.equal(x, getattr(data, split).tensors[0]) and torch.equal(y, getattr(data, split).tensors[1])
+    assert loose.train.tensors[0].dtype == torch.float64  # the user's splits are left as they were
+
+
+@pytest.mark.parametrize("broken, message", [
+    (lambda d: _with(d, x=lambda x: (x * 10).long()), r"inputs are torch.int64: .*real-valued"),
+    (lambda d: _with(d, x=lambda x: x.index_fill(0, torch.tensor([7]), float("nan"))),
+     r"1 input\(s\) with NaN or Inf values \(the first at index 7\)"),
+    (lambda d: _with(d, "test", x=lambda x: x.index_fill(0, torch.tensor([2]), float("inf"))), r"data.test has 1 input"),
+    (lambda d: _with(d, y=lambda y: y + 1), r"label\(s\) outside \[0, 4\)"),
+    (lambda d: _with(d, y=lambda y: y - 1), r"label\(s\) outside \[0, 4\) \(e.g. -1"),
+    (lambda d: _with(d, y=lambda y: y.float() + 0.5), "fractional"),
+    (lambda d: _with(d, y=lambda y: torch.nn.functional.one_hot(y, 4)), r"labels have shape \(150, 4\)"),
+    (lambda d: _with(d, x=lambda x: x[:, :16]), r"inputs have shape \(150, 16\); in_shape is \(32,\)"),
+    (lambda d: _with(d, x=lambda x: x[:0], y=lambda y: y[:0]), "data.train is empty"),
+    (lambda d: replace(d, num_classes=1), "at least 2 classes"),
+])
+def test_splits_no_recipe_can_use_are_refused_by_every_wrap_before_any_training(broken, message):
+    data = broken(feature_splits(n=200, n_test=50))
+    teacher = FeatureNet()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    fast = SDBConfig(train=TrainConfig(epochs=1))
+    for run in (lambda: data.checked(), lambda: wrap(teacher, data, fast), lambda: train_box(teacher, data, fast),
+                lambda: wrap_nasty(teacher, data, check=None)):
+        with pytest.raises(DatasetError, match=message):
+            run()
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+
+def test_a_user_s_float64_splits_wrap_like_float32_ones():
+    data = feature_splits(n=400, n_test=100)
+    teacher = nn.Sequential(nn.Linear(32, 4))
+    loose = _with(_with(data, x=lambda x: x.double(), y=lambda y: y.int()), "test", x=lambda x: x.double())
+    r = train_box(teacher, loose, SDBConfig(train=TrainConfig(epochs=1, seed=0)))
+    assert r.box.model(torch.zeros(1, 32)).dtype == torch.float32 and 0 <= r.report["public_acc"] <= 100
