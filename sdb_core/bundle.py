@@ -93,7 +93,7 @@ def _opening_aad(meta: dict, files: dict[str, bytes], where: str) -> bytes:
 
 
 def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: bool = False,
-                extra_inputs: Sequence[tuple[str, Sequence[int]]] = ()) -> bytes:
+                extra_inputs: Sequence[tuple[str, Sequence[int]]] = (), samples=None) -> bytes:
     """The network as ONNX bytes, batch axis dynamic, input ``input``, output ``logits``.
 
     ``dynamic_spatial`` also frees the trailing H, W axes of input and output (fully
@@ -101,6 +101,8 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
     ``extra_inputs`` are further ``(name, per-sample shape)`` inputs after ``input``, batched
     like it (a second image, a per-sample scalar with shape ``[]``); with ``dynamic_spatial``
     an image-shaped one (C, H, W) gets its own free H, W axes.
+    The export is checked against the network (:func:`_check_export`), on ``samples`` (real
+    inputs, a tensor (N, *in_shape)) when given, and on random ones at batch sizes 1 and 3.
     """
     import torch
 
@@ -128,7 +130,48 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
                           input_names=names, output_names=[OUTPUT_NAME],
                           dynamic_axes={**axes, OUTPUT_NAME: out_axes},
                           opset_version=17, dynamo=False)
+    _check_export(model, buf.getvalue(), [(n, s) for n, s in [(INPUT_NAME, in_shape), *extra_inputs]], samples)
     return buf.getvalue()
+
+
+def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[str, Sequence[int]]],
+                  samples=None) -> None:
+    """Raise :class:`BundleError` unless ONNX Runtime computes what ``model`` does.
+
+    Tracing records one run of the forward on a batch of two zeros: a forward that branches on input
+    values, or bakes in a batch size or a value (``len(x)``, ``.item()``, ``float(tensor)``, numpy),
+    exports a graph that answers something else, and the served box would be silently wrong (or fail
+    on another batch size). Compared on the CPU, so the tolerance is ONNX Runtime's, not a GPU's TF32.
+    """
+    import copy
+
+    import onnxruntime as ort
+    import torch
+
+    from .train import device_of
+
+    cpu = model if device_of(model).type == "cpu" else copy.deepcopy(model).cpu()
+    g = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(n, *shape, generator=g) for _, shape in inputs] for n in (1, 3)]
+    if samples is not None and len(samples):
+        samples = torch.as_tensor(samples)[:8].detach().float().cpu()
+        batches.append([samples, *(torch.randn(len(samples), *shape, generator=g) for _, shape in inputs[1:])])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    for batch in batches:
+        with torch.no_grad():
+            want = cpu(*batch).float().numpy()
+        got = session.run(None, {name: b.numpy() for (name, _), b in zip(inputs, batch, strict=True)})[0]
+        scale = float(np.abs(want).max()) if want.size else 0.0
+        if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-4 * (1.0 + scale)):
+            gap = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
+            raise BundleError(
+                f"the ONNX export does not compute what the network does (a batch of {len(batch[0])}: ONNX "
+                f"{list(got.shape)} vs PyTorch {list(want.shape)}, largest difference {gap:.3g} at output scale "
+                f"{scale:.3g}). Tracing records one run, so a forward that branches on input values or bakes in "
+                "a batch size or a value (len(x), .item(), float(tensor), numpy) exports something else: write "
+                "those with tensor ops (torch.where, x.shape[0], x.flatten(1))")
 
 
 def _output_shape(model: nn.Module, in_shape: Sequence[int],
@@ -160,6 +203,7 @@ def export_bundle(
     extra: dict[str, Any] | None = None,
     dynamic_spatial: bool = False,
     extra_inputs: Sequence[tuple[str, Sequence[int]]] = (),
+    samples=None,
 ) -> Path:
     """Write ``box`` as a bundle directory, or a zip when ``out`` ends in ``.sdb``.
 
@@ -167,6 +211,8 @@ def export_bundle(
     ``nn.Module``: mode ``plain``, no key, any output shape (pose heatmaps, images, ...)
     and any ``task``; what a plain model's outputs mean is the task's business.
     ``extra_inputs`` (plain modules only) are further named inputs, listed in ``meta["inputs"]``.
+    ``samples`` (a few real inputs, (N, *in_shape)) check the export where the network is used
+    (:func:`export_onnx`); a keyed box is also checked on them blended with its key.
     """
     from .protect.box import SafeDistillationBox
 
@@ -182,7 +228,15 @@ def export_bundle(
         out_shape = _output_shape(model, in_shape, extra_inputs)
     if has_key and master_key is None:
         raise BundleError("a keyed box needs the master key to seal its key")
-    files = {MODEL_FILE: export_onnx(model, in_shape, dynamic_spatial=dynamic_spatial, extra_inputs=extra_inputs)}
+    if samples is not None and has_key:  # the keyed path's inputs: the same network, another region
+        import torch
+
+        from .protect.key import blend
+
+        x = torch.as_tensor(samples)[:4].detach().float().cpu()
+        samples = torch.cat([x, blend(x, box.reveal_key().cpu(), box.lam)])
+    files = {MODEL_FILE: export_onnx(model, in_shape, dynamic_spatial=dynamic_spatial, extra_inputs=extra_inputs,
+                                     samples=samples)}
     meta: dict[str, Any] = {
         "format": FORMAT, "name": name, "version": str(version), "task": task, "mode": mode,
         "input": {"name": INPUT_NAME, "shape": list(in_shape), "dtype": "float32"},

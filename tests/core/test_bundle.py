@@ -296,3 +296,35 @@ def test_load_refuses_a_graph_whose_output_disagrees_with_meta(tmp_path):
     del meta["output"]  # a classifier's output defaults to its labels
     _rewrite(path, meta, model_onnx=good)
     assert load_bundle(path).meta["labels"] == [str(i) for i in range(10)]
+
+
+class _Traced(torch.nn.Module):
+    """A classifier of 8 features whose forward does something tracing cannot record (``how``)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.a, self.b, self.how = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3), how
+
+    def forward(self, x):
+        return self.how(self, x)
+
+
+@pytest.mark.parametrize("how", [
+    lambda m, x: m.a(x) + torch.zeros(len(x), 3),  # the batch size of the trace (2), baked in
+    lambda m, x: m.a(x) * float(x.abs().max()),  # a value of the trace's zeros, baked in
+])
+def test_an_export_that_does_not_compute_what_the_network_does_is_refused(tmp_path, how):
+    with pytest.raises(BundleError, match=r"does not compute what the network does .*Tracing records one run"):
+        export_bundle(_Traced(how), tmp_path / "m", name="m", in_shape=(8,), mean=(0.0,), std=(1.0,),
+                      labels=["a", "b", "c"])
+    assert not (tmp_path / "m").exists()
+
+
+def test_real_samples_catch_a_branch_on_input_values(tmp_path):
+    net = _Traced(lambda m, x: m.a(x) if x.mean() > 0.5 else m.b(x))  # zeros, in the trace, take b
+    common = {"name": "m", "in_shape": (8,), "mean": (0.0,), "std": (1.0,), "labels": ["a", "b", "c"]}
+    assert export_bundle(net, tmp_path / "random", **common).exists()  # random N(0, 1) inputs stay below 0.5
+    with pytest.raises(BundleError, match="a batch of 8"):
+        export_bundle(net, tmp_path / "real", samples=torch.rand(8, 8) + 0.5, **common)
+    plain = _Traced(lambda m, x: m.a(x))
+    assert export_bundle(plain, tmp_path / "fine", samples=torch.rand(8, 8) + 0.5, **common).exists()
