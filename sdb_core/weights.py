@@ -37,12 +37,27 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    state = read_state_dict(path)
+    state = _unwrapped(read_state_dict(path), set(model.state_dict()))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         raise WeightsError(f"weights in {path} do not fit {type(model).__name__}: {str(e)[:500]}") from None
     return model
+
+
+def _unwrapped(state: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+    """``state`` without the prefix a training wrapper put on every name, when that is what keeps it from
+    fitting: DataParallel and DDP save ``module.``, ``torch.compile`` ``_orig_mod.``, Lightning ``model.``
+    (or the attribute the network lived in). Only a prefix shared by every name is taken off."""
+    for _ in range(3):  # nested wrappers: module._orig_mod.
+        if set(state) == names or not state:
+            return state
+        heads = {k.split(".", 1)[0] for k in state}
+        if len(heads) != 1 or not all("." in k for k in state):
+            return state
+        cut = len(heads.pop()) + 1
+        state = {k[cut:]: v for k, v in state.items()}
+    return state
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:

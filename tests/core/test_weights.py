@@ -1,0 +1,35 @@
+"""Weights files as training scripts save them: wrapped in a checkpoint dict, with a wrapper's prefix on
+every name (DataParallel/DDP ``module.``, ``torch.compile`` ``_orig_mod.``, Lightning ``model.``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdb_core.models import create_model
+from sdb_core.weights import WeightsError, load_weights
+
+
+@pytest.mark.parametrize("saved", [
+    lambda sd: sd,
+    lambda sd: {"module." + k: v for k, v in sd.items()},
+    lambda sd: {"module._orig_mod." + k: v for k, v in sd.items()},
+    lambda sd: {"state_dict": {"model." + k: v for k, v in sd.items()}, "epoch": 3, "global_step": 120},
+    lambda sd: {"model": {k: v.half() for k, v in sd.items()}},
+])
+def test_a_checkpoint_as_training_scripts_save_it_loads(tmp_path, saved):
+    torch.manual_seed(0)
+    trained = create_model("resnet8", num_classes=10, in_shape=(1, 28, 28))
+    torch.save(saved(trained.state_dict()), tmp_path / "w.pt")
+    fresh = load_weights(create_model("resnet8", num_classes=10, in_shape=(1, 28, 28)), tmp_path / "w.pt")
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(fresh.eval()(x), trained.eval()(x), atol=0.05)  # half-precision copies round
+
+
+def test_a_prefix_is_not_cut_when_the_names_still_do_not_fit(tmp_path):
+    sd = create_model("resnet8", num_classes=10, in_shape=(1, 28, 28)).state_dict()
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "w.pt")
+    with pytest.raises(WeightsError, match="size mismatch for fc.weight"):
+        load_weights(create_model("resnet8", num_classes=3, in_shape=(1, 28, 28)), tmp_path / "w.pt")
+    torch.save({"encoder." + k: v for k, v in sd.items() if not k.startswith("fc.")}, tmp_path / "part.pt")
+    with pytest.raises(WeightsError, match="Missing key"):
+        load_weights(create_model("resnet8", num_classes=10, in_shape=(1, 28, 28)), tmp_path / "part.pt")
