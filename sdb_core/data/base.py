@@ -54,11 +54,11 @@ class DataSplits:
         """These splits as the recipes take them, or a :class:`DatasetError` that says what is wrong.
 
         Splits built by hand (``DataSplits(...)`` from a user's own tensors) come with numpy's habits:
-        float64 inputs and int32 labels are converted (to float32 and int64; the recipes train and
-        export in float32). What cannot be converted is refused in the owner's terms, not as an index
-        or dtype error deep in a loss: integer inputs (token ids: a key cannot be blended into them,
-        nor a student trained on them), NaN or Inf inputs, labels that are not class indices in
-        ``[0, num_classes)``, inputs whose shape is not ``in_shape``, an empty train split.
+        float64 inputs and int32 labels (or a column of them) are converted to float32 and int64 (the
+        recipes train and export in float32). What cannot be converted is refused in the owner's terms,
+        not as an index or dtype error deep in a loss: integer inputs (token ids: a key cannot be blended
+        into them, nor a student trained on them), NaN or Inf inputs, labels that are not class indices
+        in ``[0, num_classes)``, inputs whose shape is not ``in_shape``, an empty split.
         """
         if self.num_classes < 2:
             raise DatasetError(f"a classifier needs at least 2 classes, num_classes is {self.num_classes}")
@@ -69,8 +69,9 @@ class DataSplits:
                 raise DatasetError(f"data.{split} must hold (inputs, labels), got {len(tensors)} tensors")
             splits[split] = TensorDataset(self._checked_inputs(split, tensors[0]),
                                           self._checked_labels(split, tensors[1], len(tensors[0])))
-        if len(splits["train"]) == 0:
-            raise DatasetError("data.train is empty")
+        for split, what in (("train", "the box is trained on it"), ("test", "the box is measured on it")):
+            if len(splits[split]) == 0:
+                raise DatasetError(f"data.{split} is empty: {what}")
         return replace(self, **splits)
 
     def _checked_inputs(self, split: str, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +90,8 @@ class DataSplits:
         return x
 
     def _checked_labels(self, split: str, y: torch.Tensor, n: int) -> torch.Tensor:
+        if tuple(y.shape) == (n, 1):  # a column of labels, as scikit-learn and Keras keep them
+            y = y.reshape(n)
         if tuple(y.shape) != (n,):
             raise DatasetError(f"data.{split}'s labels have shape {tuple(y.shape)}: one class index per input, ({n},)")
         if y.is_floating_point():

@@ -26,7 +26,7 @@ def test_numpy_habits_are_converted_and_nothing_else_is_copied():
     data = feature_splits(n=200, n_test=50)
     same = data.checked()
     assert same.train.tensors[0] is data.train.tensors[0] and same.test.tensors[1] is data.test.tensors[1]
-    loose = _with(_with(data, x=lambda x: x.double(), y=lambda y: y.int()), "test", y=lambda y: y.float())
+    loose = _with(_with(data, x=lambda x: x.double(), y=lambda y: y.int()[:, None]), "test", y=lambda y: y.float())
     fixed = loose.checked()
     for split in ("train", "test"):
         x, y = getattr(fixed, split).tensors
@@ -46,6 +46,7 @@ def test_numpy_habits_are_converted_and_nothing_else_is_copied():
     (lambda d: _with(d, y=lambda y: torch.nn.functional.one_hot(y, 4)), r"labels have shape \(150, 4\)"),
     (lambda d: _with(d, x=lambda x: x[:, :16]), r"inputs have shape \(150, 16\); in_shape is \(32,\)"),
     (lambda d: _with(d, x=lambda x: x[:0], y=lambda y: y[:0]), "data.train is empty"),
+    (lambda d: _with(d, "test", x=lambda x: x[:0], y=lambda y: y[:0]), "data.test is empty: the box is measured on it"),
     (lambda d: replace(d, num_classes=1), "at least 2 classes"),
 ])
 def test_splits_no_recipe_can_use_are_refused_by_every_wrap_before_any_training(broken, message):
