@@ -85,3 +85,35 @@ async def test_a_non_image_model_is_served_on_v1_and_v2(svc, non_image_bundles, 
     assert 400 <= r.status_code < 500 and "error" in r.json(), r.text
     # The model still serves afterwards.
     assert (await c.post(f"/v1/models/{kind}/predict", json={"inputs": x[:1].tolist()})).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["signals", "features"])
+async def test_without_the_distill_key_only_the_top1_of_a_non_image_model_leaves(svc, non_image_bundles, kind):
+    """tests/security's top-1 rule, on inputs that are not images: the public answer is one fixed
+    distribution per top-1, for plain inputs and inputs an attacker blended with keys of their own."""
+    from sdb_core.protect.key import blend, random_keys
+
+    from ..security.test_public_path_reveals_only_the_top1 import same_top1_same_answer
+    from ..signals import KINDS
+
+    path, _ = non_image_bundles[kind]
+    ref = load_bundle(path, svc.settings.master_key)
+    data = KINDS[kind][0]()
+    x = data.test.tensors[0][:60]
+    keys = random_keys(2, data.in_shape, data.mean, data.std, generator=torch.Generator().manual_seed(5))
+    x = torch.cat([x, *(blend(x, k, 0.3) for k in keys)]).numpy().astype(np.float32)
+    classes = len(ref.meta["labels"])
+    for headers in ({}, svc.auth(svc.key(("predict",)))):
+        r = await svc.client.post(f"/v1/models/{kind}/predict", json={"inputs": x.tolist(), "top_k": classes},
+                                  headers=headers)
+        assert r.status_code == 200, r.text
+        scores = np.zeros((len(x), classes))
+        for i, p in enumerate(r.json()["predictions"]):
+            scores[i, p["indices"]] = p["scores"]
+        same_top1_same_answer(scores)
+        body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+                "outputs": [{"name": "distill_logits"}]}
+        refused = await svc.client.post(f"/v2/models/{kind}/infer", json=body, headers=headers)
+        assert refused.status_code in (401, 403), refused.text
+    logits = ref.distill_logits(x)  # what the distill key gets: it varies within a class
+    assert any(len(np.unique(logits[logits.argmax(1) == c], axis=0)) > 1 for c in set(logits.argmax(1).tolist()))
