@@ -55,7 +55,10 @@ def _unwrapped(state: dict[str, torch.Tensor], names: set[str]) -> dict[str, tor
         heads = {k.split(".", 1)[0] for k in state}
         if len(heads) != 1 or not all("." in k for k in state):
             return state
-        cut = len(heads.pop()) + 1
+        head = heads.pop()
+        if all(n.startswith(head + ".") for n in names):  # the network's own names have it: not a wrapper's
+            return state
+        cut = len(head) + 1
         state = {k[cut:]: v for k, v in state.items()}
     return state
 

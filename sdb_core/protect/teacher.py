@@ -10,8 +10,9 @@ from ..train import device_of
 
 def check_teacher(teacher: nn.Module, data) -> None:
     """Raise ``ValueError`` unless ``teacher`` is a float32 network that maps a batch of ``data``'s inputs
-    (N, *in_shape) to finite float logits (N, num_classes) (``data``: checked by ``DataSplits.checked``). It runs on two training inputs in eval mode without gradients (nothing in
-    the model moves), and leaves the model in the mode it found it in."""
+    (N, *in_shape) to finite float logits (N, num_classes) (``data``: checked by ``DataSplits.checked``).
+    It runs on two training inputs in eval mode without gradients (nothing in the model moves), and
+    leaves the model in the mode it found it in."""
     x = data.train.tensors[0][:2]
     k = data.num_classes
     other = sorted({str(p.dtype) for p in teacher.parameters() if p.is_floating_point() and p.dtype != torch.float32})

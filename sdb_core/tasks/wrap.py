@@ -128,5 +128,5 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     path = export_bundle(result.box, out, name=cfg.model_name, version=cfg.version, in_shape=data.in_shape,
                          mean=data.mean, std=data.std, labels=data.labels,
                          master_key=master_key if result.box.has_key else None, metrics=metrics, extra=extra,
-                         samples=data.test.tensors[0][:8])
+                         samples=data.train.tensors[0][:8])  # the export checked on real inputs
     return WrapOutcome(Path(path), cfg.model_name, metrics, r, teacher_history)

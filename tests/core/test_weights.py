@@ -33,3 +33,14 @@ def test_a_prefix_is_not_cut_when_the_names_still_do_not_fit(tmp_path):
     torch.save({"encoder." + k: v for k, v in sd.items() if not k.startswith("fc.")}, tmp_path / "part.pt")
     with pytest.raises(WeightsError, match="Missing key"):
         load_weights(create_model("resnet8", num_classes=10, in_shape=(1, 28, 28)), tmp_path / "part.pt")
+
+
+def test_a_prefix_the_network_itself_has_is_kept(tmp_path):
+    """A network whose own names all start with ``net.``: a state dict that misses one of them is refused
+    with the names as saved, not cut to names that fit nothing."""
+    wrapper = torch.nn.Sequential()
+    wrapper.add_module("net", torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))
+    state = {k: v for k, v in wrapper.state_dict().items() if k != "net.1.bias"}
+    torch.save(state, tmp_path / "w.pt")
+    with pytest.raises(WeightsError, match=r'Missing key\(s\) in state_dict: "net.1.bias"'):
+        load_weights(wrapper, tmp_path / "w.pt")
