@@ -61,3 +61,24 @@ def test_a_job_whose_artifacts_pass_its_keys_cap_fails_and_keeps_nothing(tmp_pat
         with pytest.raises(NotFound):
             c.jobs.get(job["id"])
         assert not (data / "jobs" / job["id"]).exists()
+
+
+def test_a_wrap_whose_bundle_passes_its_keys_cap_fails_and_serves_nothing(tmp_path, bundles, servers):
+    # deploy: true is the job's last step and cannot be taken back: a bundle that already takes the key
+    # past its artifact cap fails the job before it is served (it was served, then the job failed).
+    data = tmp_path / "data"
+    settings = prepare(data, bundles, {"digits-a": bundles.a})
+    token = key(settings, ["jobs", "deploy"])
+    servers.append(JobServer(data, bundles, SDB_WORKERS="1", SDB_MAX_ARTIFACT_STORAGE_PER_KEY="4096",
+                             # no heartbeat in the wrap's seconds (and none missed): the deploy step decides
+                             SDB_JOB_HEARTBEAT_S="30", SDB_JOB_STALE_S="120"))
+    loose = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "check_attempts": 1}
+    with Client(servers[0].url, token) as c:
+        job = c.jobs.submit("wrap", {"data": "digits", "teacher": {"arch": "mlp"}, "teacher_epochs": 1, "epochs": 1,
+                                     "name": "capped", "deploy": True, **loose})
+        job = c.jobs.wait(job["id"], timeout=120, poll_s=0.2)
+        assert job["status"] == "failed" and "past its 4096-byte cap on artifact storage" in job["error"], job
+        assert "deployed" not in c.jobs.logs(job["id"]).text
+        with pytest.raises(NotFound):
+            c.model("capped")
+        assert c.jobs.artifacts(job["id"]) == [] and job["artifact_bytes"] == 0

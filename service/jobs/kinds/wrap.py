@@ -106,8 +106,20 @@ def run(ctx, p: WrapParams) -> dict:
 def deploy(ctx, bundle, name: str, output_policy=None) -> dict:
     """Serve the bundle as the next version of ``name`` for the job's key: :func:`service.deploy.deploy_bundle`
     (a new file, verified, the owner checked in the transaction that adds the version)."""
-    from ...deploy import deploy_bundle
+    from sdb_core.progress import Cancelled
 
+    from ...deploy import deploy_bundle
+    from ..runner import artifacts_over_cap
+
+    # The last step that cannot be taken back, so it is taken only for a job that ends "succeeded": not
+    # for one a cap or its key stopped while the recipe ran, nor for one whose artifacts already take its
+    # key past its storage cap (the runner would fail it and drop the bundle, leaving a version served).
+    ctx.check_key()
+    over = artifacts_over_cap(ctx, ctx.artifact_bytes())
+    if over is not None:
+        ctx.halt(over, drop_artifacts=True)
+    if ctx.key_stop is not None or ctx.failure is not None or ctx.cancel.is_set():
+        raise Cancelled(ctx.key_stop or ctx.failure or "cancelled before deploying")
     row = deploy_bundle(ctx.settings, ctx.queue.store, bundle, deployer=ctx.job.owner, actor=f"job:{ctx.job.id}",
                         name=name, policy=output_policy, shown="bundle.sdb")
     ctx.log(f"deployed {row.name} version {row.version}")
