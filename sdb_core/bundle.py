@@ -130,8 +130,9 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
                           input_names=names, output_names=[OUTPUT_NAME],
                           dynamic_axes={**axes, OUTPUT_NAME: out_axes},
                           opset_version=17, dynamo=False)
-    _check_export(model, buf.getvalue(), [(n, s) for n, s in [(INPUT_NAME, in_shape), *extra_inputs]], samples)
-    return buf.getvalue()
+    onnx_bytes = buf.getvalue()
+    _check_export(model, onnx_bytes, [(INPUT_NAME, in_shape), *extra_inputs], samples)
+    return onnx_bytes
 
 
 def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[str, Sequence[int]]],
