@@ -340,7 +340,7 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
         if meta["mode"] != "sdb" or meta.get("task", "classification") != "classification":
             raise BundleError(f"{where}: only an sdb-mode classifier has a public form")
         try:
-            public_form_table(meta["public_form"], output_shape(meta, where)[0])
+            PublicForm(meta["public_form"], output_shape(meta, where)[0])
         except ValueError as e:
             raise BundleError(f"{where}: {META_FILE}'s public_form: {e}") from None
     return meta
@@ -396,27 +396,45 @@ def output_shape(meta: dict, where: str = "bundle") -> list[int]:
     return shape
 
 
+class PublicForm:
+    """A public form, checked: row y of its table is the public answer when the network's top-1 is y: 0 at y,
+    ``-gap`` at y's partners, ``-floor`` elsewhere. ``form`` is ``{"partners": [[...] per class], "gap",
+    "floor"}`` (``sdb_core.protect.sdb.public_form``); ValueError, saying what is wrong, for anything else: so
+    the public top-1 is the network's, each row's class is strictly on top. Rows are built per answer from the
+    partners, so a head of 21k classes holds no K × K table."""
+
+    def __init__(self, form: Any, classes: int | None = None) -> None:
+        if not isinstance(form, dict) or set(form) != {"partners", "gap", "floor"}:
+            raise ValueError('a public form is {"partners", "gap", "floor"}')
+        partners, gap, floor = form["partners"], form["gap"], form["floor"]
+        if not all(type(v) in (int, float) and np.isfinite(v) for v in (gap, floor)) or not 0 < gap < floor:
+            raise ValueError(f"a public form needs finite 0 < gap < floor, got gap={gap!r}, floor={floor!r}")
+        n = len(partners) if isinstance(partners, list) else 0
+        if n < 2 or (classes is not None and n != classes):
+            raise ValueError(f"a public form lists partners for each class ({classes or 'at least 2'}), got {n}")
+        for y, ps in enumerate(partners):
+            if not isinstance(ps, list) or not all(type(c) is int and 0 <= c < n and c != y for c in ps) \
+                    or len(set(ps)) != len(ps):
+                raise ValueError(f"public form partners of class {y} must be distinct other classes, got {ps!r}")
+        # (K, widest) partner indices; a class with fewer partners pads with itself, which its 0 then overwrites
+        width = max(len(ps) for ps in partners)
+        self._partners = np.array([ps + [y] * (width - len(ps)) for y, ps in enumerate(partners)], dtype=np.int64)
+        self.classes, self.gap, self.floor = n, float(gap), float(floor)
+
+    def rows(self, top1: np.ndarray) -> np.ndarray:
+        """The public answers, (len(top1), K) float32, for the network's top-1 classes ``top1``."""
+        top1 = np.asarray(top1, dtype=np.int64)
+        out = np.full((len(top1), self.classes), -self.floor, dtype=np.float32)
+        at = np.arange(len(top1))
+        out[at[:, None], self._partners[top1]] = -self.gap
+        out[at, top1] = 0.0
+        return out
+
+
 def public_form_table(form: Any, classes: int | None = None) -> np.ndarray:
-    """A public form's table of logits, (classes, classes): row y is the public answer when the network's top-1
-    is y: 0 at y, ``-gap`` at y's partners, ``-floor`` elsewhere. ``form`` is ``{"partners": [[...] per class],
-    "gap", "floor"}`` (``sdb_core.protect.sdb.public_form``); ValueError, saying what is wrong, for anything
-    else: so the public top-1 is the network's, each row's class is strictly on top."""
-    if not isinstance(form, dict) or set(form) != {"partners", "gap", "floor"}:
-        raise ValueError('a public form is {"partners", "gap", "floor"}')
-    partners, gap, floor = form["partners"], form["gap"], form["floor"]
-    if not all(type(v) in (int, float) and np.isfinite(v) for v in (gap, floor)) or not 0 < gap < floor:
-        raise ValueError(f"a public form needs finite 0 < gap < floor, got gap={gap!r}, floor={floor!r}")
-    n = len(partners) if isinstance(partners, list) else 0
-    if n < 2 or (classes is not None and n != classes):
-        raise ValueError(f"a public form lists partners for each class ({classes or 'at least 2'}), got {n}")
-    table = np.full((n, n), -float(floor), dtype=np.float32)
-    for y, ps in enumerate(partners):
-        if not isinstance(ps, list) or not all(type(c) is int and 0 <= c < n and c != y for c in ps) \
-                or len(set(ps)) != len(ps):
-            raise ValueError(f"public form partners of class {y} must be distinct other classes, got {ps!r}")
-        table[y, ps] = -float(gap)
-        table[y, y] = 0.0
-    return table
+    """A public form's whole table, (K, K): row y answers top-1 y (:class:`PublicForm`; for small K)."""
+    checked = PublicForm(form, classes)
+    return checked.rows(np.arange(checked.classes))
 
 
 def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
@@ -468,7 +486,7 @@ class Bundle:
 
     def __post_init__(self) -> None:
         form = self.meta.get("public_form")
-        self._form = None if form is None else public_form_table(form)
+        self._form = None if form is None else PublicForm(form)
 
     @property
     def has_key(self) -> bool:
@@ -481,7 +499,7 @@ class Bundle:
     def public_answer(self, z: np.ndarray) -> np.ndarray:
         """The public path's answer for the network's logits ``z`` of plain inputs: ``z`` itself, or with a
         public form (``meta["public_form"]``, an SDB wrap's) the form's row of each top-1."""
-        return z if self._form is None else self._form[z.argmax(axis=1)]
+        return z if self._form is None else self._form.rows(z.argmax(axis=1))
 
     @property
     def name(self) -> str:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bundle import public_form_table
+from ..bundle import PublicForm
 from ..train import device_of
 from .key import blend
 
@@ -57,7 +57,7 @@ class SafeDistillationBox:
         self._key = Secret(key) if key is not None else None
         # sdb.public_form; its table's row y is the public answer when the network's top-1 is y
         self.public_form = public_form
-        self._table = None if public_form is None else torch.from_numpy(public_form_table(public_form))
+        self._form = None if public_form is None else PublicForm(public_form)
 
     @property
     def has_key(self) -> bool:
@@ -72,7 +72,7 @@ class SafeDistillationBox:
         the form's row of the network's top-1 instead."""
         self.model.eval()
         z = self.model(x.to(self._device())).to(x.device)
-        return z if self._table is None else self._table.to(z.device)[z.argmax(1)]
+        return z if self._form is None else torch.from_numpy(self._form.rows(z.argmax(1).cpu().numpy())).to(z.device)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:

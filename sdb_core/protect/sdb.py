@@ -49,29 +49,35 @@ def confusion_partners(num_classes: int, cfg: SDBConfig, seed: int) -> list[list
     """Each class's fixed confusion partners: ``cfg.partners`` other classes drawn at ``seed``, at most K − 2 of
     them so that one class at least stays at the public form's floor (with every other class a partner the form
     is a softened label, and a student learned more from it than from labels: 3 classes, 91.0 vs 89.3); one for
-    a binary classifier."""
+    a binary classifier. O(K) memory: a head of 21k classes costs no K × K table."""
     if num_classes < 2:
         raise ValueError(f"need at least 2 classes, got {num_classes}")
     g = torch.Generator().manual_seed(seed)
     k = min(cfg.partners, max(1, num_classes - 2))
     out = []
     for y in range(num_classes):
-        others = torch.tensor([c for c in range(num_classes) if c != y])
-        out.append(others[torch.randperm(len(others), generator=g)[:k]].tolist())
+        # A draw among the K − 1 other classes: index i stands for class i below y, i + 1 from y on.
+        drawn = torch.randperm(num_classes - 1, generator=g)[:k]
+        out.append((drawn + (drawn >= y).long()).tolist())
     return out
 
 
-def confusion_targets(num_classes: int, cfg: SDBConfig, seed: int) -> Tensor:
-    """Row y is q_y: the label ``target_prob``, its fixed random partners ``partner_prob`` each."""
-    partners = confusion_partners(num_classes, cfg, seed)
-    q = torch.zeros(num_classes, num_classes)
-    for y, ps in enumerate(partners):
-        rest = [c for c in range(num_classes) if c != y and c not in ps]
-        q[y, y] = cfg.target_prob
-        q[y, ps] = cfg.partner_prob
-        if rest:
-            q[y, rest] = (1.0 - cfg.target_prob - len(ps) * cfg.partner_prob) / len(rest)
+def confusion_rows(partners: Tensor, y: Tensor, num_classes: int, cfg: SDBConfig) -> Tensor:
+    """q_y for each label of ``y``, (len(y), K): the label ``target_prob``, its partners (``partners[y]``, a
+    (K, k) long tensor of :func:`confusion_partners`) ``partner_prob`` each, the rest spread evenly; built per
+    batch, so no K × K table is ever held."""
+    ps = partners[y]
+    rest = num_classes - 1 - ps.shape[1]
+    fill = (1.0 - cfg.target_prob - ps.shape[1] * cfg.partner_prob) / rest if rest > 0 else 0.0
+    q = torch.full((len(y), num_classes), fill, device=y.device)
+    q.scatter_(1, ps, cfg.partner_prob).scatter_(1, y[:, None], cfg.target_prob)
     return q / q.sum(1, keepdim=True)  # few classes: renormalise, the order is kept
+
+
+def confusion_targets(num_classes: int, cfg: SDBConfig, seed: int) -> Tensor:
+    """The whole table of q_y, (K, K), row y for label y (:func:`confusion_rows` of every class)."""
+    partners = torch.tensor(confusion_partners(num_classes, cfg, seed))
+    return confusion_rows(partners, torch.arange(num_classes), num_classes, cfg)
 
 
 def public_form(num_classes: int, cfg: SDBConfig, seed: int) -> dict:
@@ -151,7 +157,8 @@ def train_box(
     if tuple(key.shape) != tuple(data.in_shape):
         raise ValueError(f"key shape {tuple(key.shape)} does not match the input shape {tuple(data.in_shape)}")
     frozen, model = frozen_and_trainable(teacher, device, data)
-    q = confusion_targets(data.num_classes, cfg, cfg.train.seed).to(device)
+    form = public_form(data.num_classes, cfg, cfg.train.seed)
+    partners = torch.tensor(form["partners"], device=device)
     k = key.to(device)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     T, w = cfg.temperature, cfg.weight
@@ -167,7 +174,7 @@ def train_box(
         # Three calls rather than one over the concatenation: as fast with two threads and
         # ~20% faster with one (smaller working set).
         z, zk, zw = model(x), model(blend(x, k, cfg.lam)), model(blend(x, wrong, cfg.lam))
-        qy = q[y]
+        qy = confusion_rows(partners, y, data.num_classes, cfg)
         ce = 2.0 * F.cross_entropy(z, y) + F.cross_entropy(zk, y)
         disturb = cfg.clean_weight * kl_to_target(qy, z, T) + kl_to_target(qy, zw, T)
         preserve = soft_kl(zk, a, T)
@@ -185,7 +192,7 @@ def train_box(
                                  "lower the learning rate or clip gradients (SDBConfig's default training clips "
                                  "at 5; the self-checking wrap retries gentler by itself)") from None
     box = SafeDistillationBox(model.eval(), key.cpu(), cfg.lam, cfg.temperature, mode="sdb",
-                              public_form=public_form(data.num_classes, cfg, cfg.train.seed))
+                              public_form=form)
     report = public_report(frozen, box, data.test)
     report.update(mode="sdb", lam=cfg.lam, temperature=T, seconds=time.perf_counter() - t0,
                   step_seconds=history.step_seconds, history=history.epochs)

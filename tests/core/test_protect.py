@@ -1,12 +1,13 @@
 """The recipes on digits with tiny settings: the direction of each effect, with margins."""
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from sdb_core.bundle import public_form_table
+from sdb_core.bundle import PublicForm, public_form_table
 from sdb_core.distill import DistillConfig, distill
 from sdb_core.models import create_model
 from sdb_core.protect import (
@@ -20,7 +21,7 @@ from sdb_core.protect import (
     wrap_nasty,
 )
 from sdb_core.protect.measure import public_teacher
-from sdb_core.protect.sdb import confusion_partners, public_form
+from sdb_core.protect.sdb import confusion_partners, confusion_rows, public_form
 from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everything
 
 from .conftest import OutsideNet
@@ -186,3 +187,36 @@ def test_confusion_targets_rows():
     three = public_form_table(public_form(3, SDBConfig(), seed=0), 3)
     assert all(sorted(row.tolist()) == [-8.0, -1.0, 0.0] for row in three)
     assert [len(p) for p in confusion_partners(4, SDBConfig(), 0)] == [2] * 4
+
+
+def test_many_classes_hold_no_class_by_class_table():
+    """A head of 12,000 classes: its confusion rows and public answers are built per batch from the partners;
+    the K × K tables they replace were 576 MB each (a 21k-class head: 1.9 GB, three times over)."""
+    import tracemalloc
+
+    k, cfg = 12_000, SDBConfig()
+    form = public_form(k, cfg, seed=0)
+    y = torch.tensor([0, 7, k - 1, 7])
+    tracemalloc.start()
+    answers = PublicForm(form, k).rows(y.numpy())
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20e6, f"{peak / 1e6:.0f} MB to check a public form and answer 4 inputs"
+    assert answers.shape == (4, k) and answers.argmax(1).tolist() == y.tolist()
+    for row, c in zip(answers, y.tolist()):  # 0 at the top-1, -gap at its two partners, -floor elsewhere
+        assert sorted(np.flatnonzero(row == -cfg.public_gap).tolist()) == sorted(form["partners"][c])
+        assert (row == -cfg.public_floor).sum() == k - 3
+    q = confusion_rows(torch.tensor(form["partners"]), y, k, cfg)
+    assert q.shape == (4, k) and torch.allclose(q.sum(1), torch.ones(4)) and q.argmax(1).tolist() == y.tolist()
+    assert torch.equal(q[1], q[3]) and torch.allclose(q[1, form["partners"][7]], torch.tensor(cfg.partner_prob))
+
+
+def test_confusion_rows_and_public_rows_match_the_whole_tables():
+    cfg = SDBConfig()
+    for k in (2, 3, 10):
+        form, y = public_form(k, cfg, seed=3), torch.randint(0, k, (16,), generator=torch.Generator().manual_seed(k))
+        assert torch.equal(confusion_rows(torch.tensor(form["partners"]), y, k, cfg),
+                           confusion_targets(k, cfg, seed=3)[y])
+        assert np.array_equal(PublicForm(form, k).rows(y.numpy()), public_form_table(form, k)[y.numpy()])
+    ragged = {"partners": [[1, 2], [0], [1]], "gap": 1.0, "floor": 8.0}  # a form written by hand: fewer partners
+    assert PublicForm(ragged).rows(np.array([1])).tolist() == [[-1.0, 0.0, -8.0]]
