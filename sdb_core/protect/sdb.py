@@ -38,6 +38,8 @@ from .config import CheckConfig, SDBConfig
 from .key import blend, generate_key, random_keys
 from .teacher import check_teacher
 
+CACHED_LOGITS_MAX = 2**26  # teacher logits train_box keeps for the whole training split (256 MB of float32)
+
 
 @dataclass
 class WrapResult:
@@ -164,12 +166,17 @@ def train_box(
     T, w = cfg.temperature, cfg.weight
 
     # The frozen teacher sees each clean image the same way every epoch (no augmentation),
-    # so its logits are computed once: a step then costs the three passes the loss needs.
+    # so its logits are computed once: a step then costs the three passes the loss needs. Unless
+    # they would not fit in memory (ImageNet's 1.28M images x 1,000 classes: 5 GB): then per step.
     x_train, y_train = data.train.tensors[0], data.train.tensors[1]
-    teacher_logits = predict_logits(frozen, x_train)
+    cached = len(x_train) * data.num_classes <= CACHED_LOGITS_MAX
+    teacher_logits = predict_logits(frozen, x_train) if cached else torch.empty(len(x_train), 0)
 
     def step(batch):
         x, y, a = batch
+        if not cached:
+            with torch.no_grad():
+                a = frozen(x)
         wrong = random_keys(len(x), data.in_shape, data.mean, data.std, generator=gen).to(device)
         # Three calls rather than one over the concatenation: as fast with two threads and
         # ~20% faster with one (smaller working set).

@@ -220,3 +220,21 @@ def test_confusion_rows_and_public_rows_match_the_whole_tables():
         assert np.array_equal(PublicForm(form, k).rows(y.numpy()), public_form_table(form, k)[y.numpy()])
     ragged = {"partners": [[1, 2], [0], [1]], "gap": 1.0, "floor": 8.0}  # a form written by hand: fewer partners
     assert PublicForm(ragged).rows(np.array([1])).tolist() == [[-1.0, 0.0, -8.0]]
+
+
+def test_teacher_logits_too_big_to_keep_are_computed_per_step(digits, digits_teacher, monkeypatch):
+    """Past CACHED_LOGITS_MAX (N × K floats) train_box asks the frozen teacher each step instead of keeping
+    its logits for the whole split: the same box either way."""
+    from sdb_core.protect import sdb
+
+    small = type(digits)(digits.name, TensorDataset(*(t[:300] for t in digits.train.tensors)), digits.test,
+                         digits.num_classes, digits.in_shape, digits.mean, digits.std, digits.labels)
+    cfg, key = SDBConfig(train=TrainConfig(epochs=1, lr=0.01)), _seeded_key(digits)
+    kept = train_box(digits_teacher, small, cfg, key=key).box
+    asked = []
+    monkeypatch.setattr(sdb, "CACHED_LOGITS_MAX", 300 * digits.num_classes - 1)
+    monkeypatch.setattr(sdb, "predict_logits", lambda fn, x, *a: asked.append(len(x)) or predict_logits(fn, x, *a))
+    per_step = train_box(digits_teacher, small, cfg, key=key).box
+    assert asked and 300 not in asked  # the training split's logits were never computed in one go
+    x = digits.test.tensors[0]
+    assert torch.allclose(predict_logits(kept.model, x), predict_logits(per_step.model, x), atol=1e-4)
