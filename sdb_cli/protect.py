@@ -47,6 +47,12 @@ def cmd_wrap(args) -> int:
         return 3
     for k, v in outcome.metrics.items():
         print(f"{k:12s} {v:6.2f}%")
+    check = outcome.report.get("check")
+    if check:  # the drops the check passed on, with their standard errors: how near the line they are
+        f = check["figures"]
+        print(f"self-check on {check['val_size']} held-out inputs: " + ", ".join(
+            f"{path} drop {f[path + '_drop']:.2f} ± {f[path + '_drop_se']:.2f}" for path in ("public", "keyed")
+            if path + "_drop_se" in f) + " points (± one standard error)")
     print(f"wrapped in {outcome.report['seconds']:.1f}s; bundle written to {outcome.bundle}")
     return 0
 

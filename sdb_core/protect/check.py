@@ -290,8 +290,9 @@ def checked_wrap(
         keyed = "keyed_acc" in r  # a Nasty box has no keyed path: no keyed figures, no keyed threshold
         figures = {"teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"],
                    **({"keyed_acc": r["keyed_acc"]} if keyed else {}),
-                   "public_drop": r["teacher_acc"] - r["public_acc"],
-                   **({"keyed_drop": r["teacher_acc"] - r["keyed_acc"]} if keyed else {}),
+                   "public_drop": r["teacher_acc"] - r["public_acc"], "public_drop_se": r["public_drop_se"],
+                   **({"keyed_drop": r["teacher_acc"] - r["keyed_acc"], "keyed_drop_se": r["keyed_drop_se"]}
+                      if keyed else {}),
                    "fit_public_drop": teacher_fit_acc - accuracy(result.box.public_logits, fit_part)}
         if check.leak_check:
             earlier = next((a["figures"]["labels_only"] for a in attempts if "labels_only" in a.get("figures", {})), None)

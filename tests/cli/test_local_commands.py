@@ -1,4 +1,6 @@
 """`sdb wrap`, `sdb distill` and `sdb transfer rank` end to end on digits, through the real entry point."""
+import contextlib
+import io
 import json
 import re
 
@@ -19,7 +21,9 @@ def wrapped(tmp_path_factory):
     args = ["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", str(d / "bundle"),
             "--epochs", "2", "--teacher-epochs", "4", "--lr", "0.02", "--save-teacher", str(d / "teacher.safetensors"),
             "--data-dir", str(d / "data"), "--policy", "top_k", "--top-k", "2", "--decimals", "3", *LOOSE]
-    assert main(args) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(args) == 0
+    (d / "stdout.txt").write_text(out.getvalue())
     return d
 
 
@@ -36,6 +40,10 @@ def test_wrap_writes_a_loadable_bundle(wrapped, capsys):
     assert check["passed"] and check["thresholds"]["max_accuracy_drop"] == 100
     assert check["val_size"] + check["fit_size"] == 1397 and len(check["attempts"]) == 1
     assert {"public_drop", "keyed_drop", "kd_public", "labels_only"} <= set(check["figures"])
+    f = check["figures"]  # the drops it passed on, with their standard errors, printed for the owner
+    assert (f"self-check on {check['val_size']} held-out inputs: public drop {f['public_drop']:.2f} ± "
+            f"{f['public_drop_se']:.2f}, keyed drop {f['keyed_drop']:.2f} ± {f['keyed_drop_se']:.2f} points"
+            in (wrapped / "stdout.txt").read_text())
     # what a deploy serves it with unless told otherwise
     assert b.meta["output_policy"] == {"policy": "top_k", "top_k": 2, "decimals": 3}
 

@@ -168,6 +168,15 @@ def test_a_good_box_passes_the_default_check(digits, digits_teacher):
     assert check["passed"] and check["attempts"][-1]["passed"] and check["chosen"] == check["attempts"][-1]["settings"]
     f = check["figures"]
     assert f["public_drop"] <= 1.0 and f["keyed_drop"] <= 1.5 and f["leak_margin"] >= 2.0, f
+    # Each drop's standard error on the held-out inputs (paired): what an owner needs to read a drop near the line.
+    held_out = holdout(digits, CheckConfig().val_fraction, CheckConfig().seed)[0].test
+    x, y = held_out.tensors
+    t_hit = predict_logits(digits_teacher, x).argmax(1) == y
+    for path, fn in (("public", result.box.public_logits), ("keyed", result.box.distill_logits)):
+        d = t_hit.float() - (predict_logits(fn, x).argmax(1) == y).float()
+        assert f[f"{path}_drop"] == pytest.approx(100 * d.mean().item(), abs=1e-3)
+        assert f[f"{path}_drop_se"] == pytest.approx(100 * d.std().item() / len(d) ** 0.5, abs=1e-3)
+    assert 0 <= f["public_drop_se"] < 2.0, f
 
 
 def test_progress_over_attempts_never_goes_back():
