@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import ApiError
-from .tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS
+from .tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS, image_format
 
 PURPOSES = ("weights", "dataset", "image", "bundle")
 _CHUNK = 1 << 20
@@ -265,12 +265,12 @@ def check_image(src: Path, out: Path, limits: Limits, filename: str) -> Checked:
 
     try:
         with Image.open(src) as im:
-            if im.format not in IMAGE_FORMATS:
+            if image_format(im) is None:
                 raise rejected("image", f"{filename}: a {im.format} image; send {' or '.join(IMAGE_FORMATS)}")
             w, h = im.size
             if w * h > limits.image_pixels:
                 raise rejected("image", f"{filename}: {w}×{h} pixels, over the limit of {limits.image_pixels}")
-            fmt, mode = im.format.lower(), im.mode
+            fmt, mode = image_format(im).lower(), im.mode
             im.load()  # a truncated or corrupt file fails here, not in a job
     except ApiError:
         raise

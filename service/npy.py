@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import tokenize
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -60,8 +62,12 @@ def parse_header(buf: bytes | bytearray) -> tuple[np.dtype, bool, Shape, int] | 
     fp = io.BytesIO(bytes(buf[8:start + header_len]))
     try:
         shape, fortran_order, dtype = reader(fp, max_header_size=MAX_HEADER_BYTES)
+    except tokenize.TokenError:  # numpy re-tokenizes a 1.0/2.0 header its literal reader refused: an unclosed bracket
+        raise _malformed("the header is not a dict literal (it ends inside a bracket)") from None
     except (ValueError, TypeError, SyntaxError, UnicodeDecodeError) as e:
-        raise _malformed(str(e).splitlines()[0][:200] if str(e) else "unreadable header") from None
+        # numpy's text may show a parsed node's repr ("<ast.Call object at 0x7f...>"): no server address in it
+        said = re.sub(r" object at 0x[0-9a-fA-F]+", " object", str(e).splitlines()[0][:200]) if str(e) else ""
+        raise _malformed(said or "unreadable header") from None
     if any(n < 0 for n in shape):
         raise _malformed(f"a negative dimension in shape {list(shape)}")
     return dtype, bool(fortran_order), tuple(int(n) for n in shape), start + header_len

@@ -21,13 +21,14 @@ model), not subject to the policy.
 The API (a transport imports these; names are added, never renamed): :class:`Tensor`,
 :class:`Caller`, :data:`INPUT_DATATYPES`, :data:`EXTENSIONS`, :func:`server_metadata`,
 :func:`served_model`, :func:`model_metadata`, :func:`output_names`, :func:`requested_outputs`,
-:func:`tensor_shape`, :func:`unsupported_datatype`, :func:`model_input`, :func:`infer`; raw tensor bytes
-(gRPC's ``raw_input_contents``) decode with :func:`service.oip_binary.from_raw`.
+:func:`tensor_shape`, :func:`check_samples`, :func:`unsupported_datatype`, :func:`model_input`, :func:`infer`;
+raw tensor bytes (gRPC's ``raw_input_contents``) decode with :func:`service.oip_binary.from_raw`.
 # oip core: stable API
 """
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
@@ -52,7 +53,7 @@ from .metrics import Metrics
 from .registry import HostedModel, ModelHost
 from .schemas import OutputPolicy
 from .settings import Settings
-from .tensors import as_batch, finite_float32, image_to_input, softmax
+from .tensors import as_batch, finite_float32, images_to_inputs, softmax
 
 PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "distill_logits"
 SERVER_NAME = "sdb"
@@ -151,6 +152,14 @@ def tensor_shape(value: Any) -> list[int]:
     return value
 
 
+def check_samples(datatype: Any, shape: Sequence[int], max_samples: int) -> None:
+    """BYTES holds one image per sample: 422 for more elements than ``max_samples``, from the shape alone, before
+    a transport reads any element (millions of empty ones fit in a body). Numbers need no such check: they are
+    read without a copy, and :func:`model_input` counts their samples before any model time is spent."""
+    if datatype == "BYTES" and math.prod(shape) > max_samples:
+        raise invalid(f"{math.prod(shape)} samples in one request; at most {max_samples}", "too_many_samples")
+
+
 def unsupported_datatype(datatype: Any) -> ApiError:
     return invalid(f"datatype {datatype!r} is not supported; send FP32 (or FP16, INT64 or BOOL values that "
                    f"convert exactly, or BYTES of PNG/JPEG images)", "invalid_dtype")
@@ -178,7 +187,7 @@ def _images(t: Tensor, model: HostedModel, max_samples: int) -> np.ndarray:
     if len(model.in_shape) != 3:
         raise invalid(f"this model takes inputs of shape {model.in_shape}, not images: send FP32", "invalid_dtype")
     shape, norm = model.in_shape, model.meta["normalize"]
-    return np.stack([image_to_input(bytes(b), shape, norm) for b in images])
+    return images_to_inputs([bytes(b) for b in images], shape, norm)
 
 
 async def model_input(model: HostedModel, inputs: Sequence[Tensor], max_samples: int) -> np.ndarray:

@@ -42,9 +42,11 @@ def split(body: bytes, header_length: str | None) -> tuple[dict, memoryview]:
     text = header_length.strip()
     if not text.isascii() or not text.isdigit():
         raise bad_request(f"{HEADER_LENGTH} must be a byte count, not {header_length[:40]!r}", "malformed_body")
-    n = int(text)
+    # More digits than the body's length has is past it: no int() of an unbounded string (Python refuses
+    # one of over 4300 digits with a ValueError, and the digits may be thousands).
+    n = int(text) if len(text.lstrip("0")) <= len(str(len(body))) else len(body) + 1
     if n == 0 or n > len(body):
-        raise bad_request(f"{HEADER_LENGTH} {n} is past the body of {len(body)} bytes" if n else
+        raise bad_request(f"{HEADER_LENGTH} {text[:40]} is past the body of {len(body)} bytes" if n else
                           f"{HEADER_LENGTH} is 0: the JSON header cannot be empty", "malformed_body")
     view = memoryview(body)
     return parse_json(view[:n]), view[n:]
@@ -93,10 +95,14 @@ def input_chunks(inputs: Sequence, binary: memoryview, has_header: bool) -> list
     return chunks
 
 
-def _bytes_elements(raw: memoryview, what: str) -> list[tuple[int, int]]:
-    """Where each length-prefixed element of a BYTES tensor starts and ends."""
+def _bytes_elements(raw: memoryview, what: str, count: int) -> list[tuple[int, int]]:
+    """Where each length-prefixed element of a BYTES tensor starts and ends; 400 as soon as there are more
+    than ``count`` (a body of millions of empty elements is refused at ``count`` + 1, not read to its end)."""
     out, offset = [], 0
     while offset < len(raw):
+        if len(out) == count:
+            raise bad_request(f"{what}: more BYTES elements than the {count} its shape needs (bytes go on past "
+                              f"byte {offset})", "malformed_body")
         if offset + 4 > len(raw):
             raise bad_request(f"{what}: a BYTES element's 4-byte length is cut off at byte {offset}", "malformed_body")
         (n,) = _LENGTH.unpack_from(raw, offset)
@@ -114,7 +120,7 @@ def check(datatype: str, shape: Sequence[int], raw: memoryview, what: str) -> li
     if not isinstance(datatype, str):
         raise bad_request(f"{what}: datatype must be a string", "malformed_body")
     if datatype == "BYTES":
-        spans = _bytes_elements(raw, what)
+        spans = _bytes_elements(raw, what, count)
         if len(spans) != count:
             raise bad_request(f"{what}: {len(spans)} BYTES elements; shape {list(shape)} needs {count}",
                               "malformed_body")

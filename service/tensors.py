@@ -19,7 +19,16 @@ from PIL import Image, UnidentifiedImageError
 from .errors import ApiError, bad_request, invalid
 
 IMAGE_FORMATS = ("PNG", "JPEG")
+# Pillow names a JPEG that carries a second picture (a phone camera's depth map or preview, the CIPA
+# multi-picture format) MPO; its first frame is the photo, read as any JPEG.
+_JPEG_ALIASES = {"MPO": "JPEG"}
 MAX_IMAGE_PIXELS = 16_000_000  # decoded size bound: a small upload may not unpack into gigabytes
+# All the images of one request together: 530 blank 4000x4000 PNGs fit in an 8 MB body and took 55 s of CPU
+# to decode; this bound is ~1 s (photos of 12 MP: 8 a request; resize them before sending for more).
+MAX_REQUEST_PIXELS = 100_000_000
+# Resizing costs memory in proportion to the longest side too (Pillow's filter weights): a 16,000,000x1 image,
+# 16 KB as a PNG, within the pixel bound, took 260 MB to resize (1x16,000,000: 520 MB); one 65,536 a side ~30 MB.
+MAX_IMAGE_SIDE = 65_536
 
 
 def parse_json(body: bytes) -> dict:
@@ -87,6 +96,32 @@ def batch_shape(shape: Sequence[int], in_shape: Sequence[int], max_samples: int)
     return out
 
 
+def image_format(img: Image.Image) -> str | None:
+    """The accepted format (one of IMAGE_FORMATS) an opened image is in, or None."""
+    fmt = _JPEG_ALIASES.get(img.format, img.format)
+    return fmt if fmt in IMAGE_FORMATS else None
+
+
+def images_to_inputs(blobs: Sequence[bytes], in_shape: Sequence[int], normalize: dict) -> np.ndarray:
+    """The images of one request → (N, C, H, W) (:func:`image_to_input` each); 413 before any is decoded when
+    together they declare more than MAX_REQUEST_PIXELS."""
+    total = sum(_declared_pixels(b) for b in blobs)
+    if total > MAX_REQUEST_PIXELS:
+        raise ApiError(413, "images_too_large", f"the {len(blobs)} images of this request hold {total} pixels; at "
+                       f"most {MAX_REQUEST_PIXELS} in one request: send fewer, or smaller (the model takes "
+                       f"{'x'.join(map(str, in_shape[1:]))})")
+    return np.stack([image_to_input(b, in_shape, normalize) for b in blobs])
+
+
+def _declared_pixels(data: bytes) -> int:
+    """Width x height from the image's header (nothing decoded); 0 for what is no image (its decode refuses it)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height
+    except Exception:  # noqa: BLE001 - any unreadable upload is refused, with its reason, by image_to_input
+        return 0
+
+
 def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.ndarray:
     """One PNG/JPEG → (C, H, W) normalised like the bundle's training data; 422 for a model that takes no images."""
     if len(in_shape) != 3:
@@ -95,10 +130,11 @@ def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.
     c, h, w = in_shape
     try:
         img = Image.open(io.BytesIO(data))
-        if img.format not in IMAGE_FORMATS:
+        if image_format(img) is None:
             raise ApiError(415, "unsupported_image", f"image format {img.format} is not PNG or JPEG")
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise ApiError(415, "unsupported_image", f"image of {img.width}×{img.height} pixels is too large")
+        if img.width * img.height > MAX_IMAGE_PIXELS or max(img.width, img.height) > MAX_IMAGE_SIDE:
+            raise ApiError(415, "unsupported_image", f"image of {img.width}×{img.height} pixels is too large "
+                           f"(at most {MAX_IMAGE_PIXELS} pixels, {MAX_IMAGE_SIDE} a side)")
         img.load()
         if c not in (1, 3):
             raise invalid(f"this model takes {c}-channel inputs; images must be sent as arrays", "invalid_shape")

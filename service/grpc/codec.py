@@ -41,8 +41,9 @@ def _typed(t: pb.ModelInferRequest.InferInputTensor, shape: list[int], what: str
     return np.array(values, dtype=field[1]).reshape(shape)
 
 
-def request_inputs(request: pb.ModelInferRequest) -> list[oip.Tensor]:
-    """The request's input tensors, decoded; a datatype the server does not take is refused unread (422)."""
+def request_inputs(request: pb.ModelInferRequest, max_samples: int | None = None) -> list[oip.Tensor]:
+    """The request's input tensors, decoded; a datatype the server does not take, or a BYTES tensor of more than
+    ``max_samples`` elements, is refused unread (422)."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise bad_request(f"raw_input_contents has {len(raw)} entries; it needs one per input "
@@ -56,6 +57,8 @@ def request_inputs(request: pb.ModelInferRequest) -> list[oip.Tensor]:
         if t.datatype not in oip.INPUT_DATATYPES:
             raise oip.unsupported_datatype(t.datatype)
         shape = oip.tensor_shape(list(t.shape))
+        if max_samples is not None:
+            oip.check_samples(t.datatype, shape, max_samples)
         if raw:
             if t.HasField("contents"):
                 raise bad_request(f"{what} has contents, and the request raw_input_contents: send one or the "

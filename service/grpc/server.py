@@ -161,7 +161,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def answer():
             caller = await self._caller(context)
             model = await caller.host.aget(request.model_name, request.model_version or None)
-            outputs = await oip.infer(caller, model, codec.request_inputs(request), codec.requested_outputs(request))
+            inputs = codec.request_inputs(request, caller.settings.max_request_samples)
+            outputs = await oip.infer(caller, model, inputs, codec.requested_outputs(request))
             return codec.infer_response(model.name, model.version, request.id, outputs)
         return await self._run("ModelInfer", context, request.model_name, answer)
 

@@ -36,7 +36,7 @@ from ..inference import require_predict
 from ..jobs.kinds import KINDS, get_kind
 from ..schemas import AUTH, NO_NUL, KeyPublic, json_response, ok, responses
 from ..store import ApiKeyRow
-from ..tensors import image_to_input
+from ..tensors import images_to_inputs
 
 router = APIRouter(tags=["account"])
 
@@ -200,5 +200,5 @@ async def image_inputs(name: ModelName, request: Request, key: OptionalApiKeyDep
     if not body.files:
         raise invalid("no image: send it as the multipart field 'file'", "invalid_request")
     norm = model.meta["normalize"]
-    x = await run_in_threadpool(lambda: [image_to_input(b, shape, norm).tolist() for b in body.files.values()])
+    x = await run_in_threadpool(lambda: images_to_inputs(list(body.files.values()), shape, norm).tolist())
     return json_response({"model": model.name, "version": model.version, "shape": [len(x), *shape], "inputs": x})

@@ -54,7 +54,7 @@ from ..schemas import (
     options,
     responses,
 )
-from ..tensors import as_batch, batch_shape, image_to_input, softmax, to_array
+from ..tensors import as_batch, batch_shape, images_to_inputs, softmax, to_array
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -127,7 +127,7 @@ async def _inputs(model: HostedModel, body: Body, max_samples: int) -> np.ndarra
         raise invalid(f"{len(body.uploads)} images in one request; at most {max_samples}", "too_many_samples")
     shape, norm = model.in_shape, model.meta["normalize"]
     # Decoding is CPU work that grows with the image: keep it off the event loop.
-    return await run_in_threadpool(lambda: np.stack([image_to_input(b, shape, norm) for b in body.uploads]))
+    return await run_in_threadpool(lambda: images_to_inputs(body.uploads, shape, norm))
 
 
 # Query parameters of the inference routes, read from the request: declared as FastAPI

@@ -32,7 +32,7 @@ from ..errors import ApiError, bad_request, invalid
 from ..inference import require_predict, stylized
 from ..registry import HostedModel, ModelHost
 from ..schemas import AUTH, NO_NUL, json_body_doc, options, responses
-from ..tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS
+from ..tensors import MAX_IMAGE_PIXELS, image_format
 
 router = APIRouter(prefix="/v1/style", tags=["style"])
 
@@ -63,7 +63,7 @@ def decode(data: bytes, what: str) -> np.ndarray:
     """PNG/JPEG bytes → (1, 3, H, W) float32 in [0, 1]; 415 unreadable, 413 too large, 422 too small."""
     try:
         img = Image.open(io.BytesIO(data))
-        if img.format not in IMAGE_FORMATS:
+        if image_format(img) is None:
             raise ApiError(415, "unsupported_image", f"{what}: image format {img.format} is not PNG or JPEG")
         if img.width * img.height > MAX_IMAGE_PIXELS or max(img.width, img.height) > MAX_SIDE:
             raise ApiError(413, "image_too_large", f"{what} is {img.width}x{img.height} pixels; this endpoint "

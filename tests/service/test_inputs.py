@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import json
+import struct
 
 import numpy as np
 import pytest
@@ -19,7 +21,37 @@ def gif() -> bytes:
     return b.getvalue()
 
 
+def thin_png() -> bytes:
+    """A PNG within the pixel bound but longer a side than MAX_IMAGE_SIDE: resizing costs memory with the side."""
+    b = io.BytesIO()
+    Image.new("L", (65_537, 1)).save(b, "PNG")
+    return b.getvalue()
+
+
+def blank_png(side: int = 4000) -> bytes:
+    """16 MP of zeros in ~16 KB: within every per-image bound, ~0.1 s of CPU to decode."""
+    b = io.BytesIO()
+    Image.new("L", (side, side)).save(b, "PNG")
+    return b.getvalue()
+
+
+BLANK = blank_png()
+SEVEN = [("file", (f"{i}.png", BLANK, "image/png")) for i in range(7)]  # 112 M pixels: over MAX_REQUEST_PIXELS
+
+
+def v2_binary(datatype: str, shape: list[int], raw: bytes) -> dict:
+    """A v2 infer request of the binary tensor extension: one input of ``raw`` bytes after the JSON header."""
+    head = json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": datatype,
+                                   "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return {"content": head + raw, "headers": {"Inference-Header-Content-Length": str(len(head))}}
+
+
+def bytes_elements(*elements: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(e)) + e for e in elements)
+
+
 JSON = {"content-type": "application/json"}
+V2_INFER = "/v2/models/digits-a/infer"
 # (what, method, path, kwargs, status, error code; on /v2, a part of the message: the protocol's body has no code)
 BAD = [
     ("not json", "post", PREDICT, {"content": b"{nope", "headers": JSON}, 400, "malformed_body"),
@@ -76,6 +108,30 @@ BAD = [
     ("v2 not json", "post", "/v2/models/digits-a/infer", {"content": b"{nope", "headers": JSON}, 400,
      "body is not valid JSON"),
     ("v2 unknown route", "get", "/v2/nothing", {}, 404, ""),
+    # Python's int() refuses a string of over 4300 digits (a ValueError, once a 500): past the body, unconverted
+    ("v2 header length of 5000 digits", "post", V2_INFER,
+     {"content": b'{"inputs": []}', "headers": {"Inference-Header-Content-Length": "9" * 5000}}, 400,
+     "is past the body"),
+    # BYTES elements are counted against the shape as they are read: refused at the first one too many, not
+    # after reading millions of empty ones to the body's end (here: a cut-off length after the second)
+    ("v2 BYTES more elements than the shape", "post", V2_INFER,
+     v2_binary("BYTES", [1], bytes_elements(b"", b"") + b"\x01\x00"), 400,
+     "more BYTES elements than the 1 its shape needs"),
+    # one image per sample: a BYTES shape over max_request_samples is refused before any element is read
+    ("v2 BYTES count over max_request_samples", "post", V2_INFER,
+     v2_binary("BYTES", [2000], bytes_elements(b"")), 422, "2000 samples in one request; at most 1024"),
+    ("v2 JSON BYTES count over max_request_samples", "post", V2_INFER,
+     {"json": {"inputs": [{"name": "input", "shape": [2000], "datatype": "BYTES", "data": ["a"]}]}}, 422,
+     "2000 samples in one request; at most 1024"),
+    ("image longer a side than MAX_IMAGE_SIDE", "post", PREDICT,
+     {"content": thin_png(), "headers": {"content-type": "image/png"}}, 415, "unsupported_image"),
+    ("v2 BYTES image longer a side than MAX_IMAGE_SIDE", "post", V2_INFER,
+     v2_binary("BYTES", [1], bytes_elements(thin_png())), 415, "65537×1 pixels is too large"),
+    # each image within its bounds, together past MAX_REQUEST_PIXELS: refused from their headers, none decoded
+    # (530 such images fit in an 8 MB body: 55 s of CPU)
+    ("images over MAX_REQUEST_PIXELS together", "post", PREDICT, {"files": SEVEN}, 413, "images_too_large"),
+    ("v2 BYTES images over MAX_REQUEST_PIXELS together", "post", V2_INFER,
+     v2_binary("BYTES", [7], bytes_elements(*[BLANK] * 7)), 413, "hold 112000000 pixels; at most 100000000"),
 ]
 
 
@@ -132,3 +188,21 @@ async def test_bad_admin_bodies(svc):
     assert r.status_code == 422 and r.json()["error"]["code"] == "server_path_refused"
     r = await c.post("/v1/models", files={"file": ("x.sdb", b"not a zip")}, headers=svc.admin)
     assert r.status_code == 400 and r.json()["error"]["code"] == "bundle_refused"
+
+
+async def test_a_phone_cameras_jpeg_is_read_as_its_first_picture(svc):
+    """Phone cameras write JPEGs with a second picture inside (depth map, preview), which Pillow names MPO: the
+    photo is the first; it was a 415 "image format MPO is not PNG or JPEG"."""
+    photo, depth = Image.new("L", (32, 32), 40), Image.new("L", (32, 32), 250)
+    for x in range(32):
+        photo.putpixel((x, x), 255)
+    mpo, jpeg = io.BytesIO(), io.BytesIO()
+    photo.save(mpo, "MPO", save_all=True, append_images=[depth])
+    photo.save(jpeg, "JPEG")
+    assert Image.open(io.BytesIO(mpo.getvalue())).format == "MPO"
+    answers = []
+    for body in (mpo.getvalue(), jpeg.getvalue()):
+        r = await svc.client.post(PREDICT, content=body, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    assert answers[0] == answers[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
 import sys
 import time
@@ -315,3 +316,52 @@ async def test_an_unexpected_error_is_internal_and_says_nothing_of_it(caplog):
         await InferenceServicer(state).ModelInfer(pb.ModelInferRequest(model_name="m"), context)
     assert context.aborted == (grpc.StatusCode.INTERNAL, "internal server error")
     assert "secret internals" in caplog.text  # in the server's log, not in the answer
+
+
+@pytest.mark.anyio
+async def test_a_bytes_count_over_max_request_samples_is_refused_from_the_shape():
+    """BYTES holds one image per sample: a shape over ``max_request_samples`` is refused before any element is
+    read (once, millions of empty elements were all decoded first: seconds on the event loop, hundreds of MB),
+    and elements past the shape's count are refused at the first one too many."""
+    from service.grpc import grpc_predict_v2_pb2 as pb
+    from service.grpc.server import InferenceServicer
+    from service.metrics import Metrics
+
+    class Host:
+        def __contains__(self, name):
+            return False
+
+        async def aget(self, name, version=None):
+            return object()  # the inputs are refused before the model is asked anything
+
+    class Context:
+        def peer(self):
+            return "ipv4:127.0.0.1:5000"
+
+        def invocation_metadata(self):
+            return ()
+
+        async def abort(self, code, details, trailing_metadata=()):
+            self.aborted = (code, details)
+            raise grpc.aio.AbortError()
+
+    settings = Settings()
+    state = type("State", (), {"settings": settings, "host": Host(), "keyring": None, "metrics": Metrics(),
+                               "address_limiter": type("L", (), {"take": lambda self, a: 0.0})()})()
+    n = settings.max_request_samples + 1
+    tensor = pb.ModelInferRequest.InferInputTensor
+    empty = struct.pack("<I", 0)
+    for request, message in [
+        (pb.ModelInferRequest(model_name="m", inputs=[tensor(name="input", datatype="BYTES", shape=[n])],
+                              raw_input_contents=[empty]), f"{n} samples in one request"),
+        (pb.ModelInferRequest(model_name="m", inputs=[tensor(name="input", datatype="BYTES", shape=[n], contents=
+                                                             pb.InferTensorContents(bytes_contents=[b""]))]),
+         f"{n} samples in one request"),
+        (pb.ModelInferRequest(model_name="m", inputs=[tensor(name="input", datatype="BYTES", shape=[1])],
+                              raw_input_contents=[empty * 2 + b"\x01\x00"]),
+         "more BYTES elements than the 1 its shape needs"),
+    ]:
+        context = Context()
+        with pytest.raises(grpc.aio.AbortError):
+            await InferenceServicer(state).ModelInfer(request, context)
+        assert context.aborted[0] == grpc.StatusCode.INVALID_ARGUMENT and message in context.aborted[1], context.aborted
