@@ -86,7 +86,7 @@ def public_form(num_classes: int, cfg: SDBConfig, seed: int) -> dict:
     """The public form: what the public path answers, in logits, when the network's top-1 is y.
 
     The label 0, its confusion partners (those of ``q_y``) ``-cfg.public_gap``, every other class
-    ``-cfg.public_floor`` (``sdb_core.bundle.public_form_table`` builds the table). The answer keeps the
+    ``-cfg.public_floor`` (``sdb_core.bundle.PublicForm`` answers its rows). The answer keeps the
     network's top-1 exactly and carries nothing else about the input, so a student distilled from it learns
     the label with near-ties to fixed partners (docs/protection.md, "The public form").
     """

@@ -38,6 +38,7 @@ def grpc_server(tmp_path_factory, bundles):
     port = free_port()
     server = Server(data, bundles, env={"SDB_GRPC_PORT": str(port), "SDB_RATE_LIMIT_KEY_PER_S": "1",
                                         "SDB_RATE_LIMIT_KEY_BURST": str(KEY_BURST)})
+    server.grpc_port = port
     settings = Settings(data_dir=data, master_key_file=bundles.master_key_file)
     store = Store(settings.db_url)
 
@@ -318,50 +319,28 @@ async def test_an_unexpected_error_is_internal_and_says_nothing_of_it(caplog):
     assert "secret internals" in caplog.text  # in the server's log, not in the answer
 
 
-@pytest.mark.anyio
-async def test_a_bytes_count_over_max_request_samples_is_refused_from_the_shape():
+def test_a_bytes_count_over_max_request_samples_is_refused_from_the_shape(grpc_server, bundles):
     """BYTES holds one image per sample: a shape over ``max_request_samples`` is refused before any element is
     read (once, millions of empty elements were all decoded first: seconds on the event loop, hundreds of MB),
-    and elements past the shape's count are refused at the first one too many."""
-    from service.grpc import grpc_predict_v2_pb2 as pb
-    from service.grpc.server import InferenceServicer
-    from service.metrics import Metrics
-
-    class Host:
-        def __contains__(self, name):
-            return False
-
-        async def aget(self, name, version=None):
-            return object()  # the inputs are refused before the model is asked anything
-
-    class Context:
-        def peer(self):
-            return "ipv4:127.0.0.1:5000"
-
-        def invocation_metadata(self):
-            return ()
-
-        async def abort(self, code, details, trailing_metadata=()):
-            self.aborted = (code, details)
-            raise grpc.aio.AbortError()
-
-    settings = Settings()
-    state = type("State", (), {"settings": settings, "host": Host(), "keyring": None, "metrics": Metrics(),
-                               "address_limiter": type("L", (), {"take": lambda self, a: 0.0})()})()
-    n = settings.max_request_samples + 1
-    tensor = pb.ModelInferRequest.InferInputTensor
+    and elements past the shape's count are refused at the first one too many. Raw protobuf requests: the
+    standard client checks sizes before it sends."""
+    server, client, _, _ = grpc_server
+    n = Settings().max_request_samples + 1
+    tensor = service_pb2.ModelInferRequest.InferInputTensor
     empty = struct.pack("<I", 0)
-    for request, message in [
-        (pb.ModelInferRequest(model_name="m", inputs=[tensor(name="input", datatype="BYTES", shape=[n])],
-                              raw_input_contents=[empty]), f"{n} samples in one request"),
-        (pb.ModelInferRequest(model_name="m", inputs=[tensor(name="input", datatype="BYTES", shape=[n], contents=
-                                                             pb.InferTensorContents(bytes_contents=[b""]))]),
-         f"{n} samples in one request"),
-        (pb.ModelInferRequest(model_name="m", inputs=[tensor(name="input", datatype="BYTES", shape=[1])],
-                              raw_input_contents=[empty * 2 + b"\x01\x00"]),
-         "more BYTES elements than the 1 its shape needs"),
-    ]:
-        context = Context()
-        with pytest.raises(grpc.aio.AbortError):
-            await InferenceServicer(state).ModelInfer(request, context)
-        assert context.aborted[0] == grpc.StatusCode.INVALID_ARGUMENT and message in context.aborted[1], context.aborted
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        for request, message in [
+            (service_pb2.ModelInferRequest(model_name="digits-a", inputs=[tensor(name="input", datatype="BYTES",
+                                           shape=[n])], raw_input_contents=[empty]), f"{n} samples in one request"),
+            (service_pb2.ModelInferRequest(model_name="digits-a", inputs=[tensor(
+                name="input", datatype="BYTES", shape=[n], contents=service_pb2.InferTensorContents(
+                    bytes_contents=[b""]))]), f"{n} samples in one request"),
+            (service_pb2.ModelInferRequest(model_name="digits-a", inputs=[tensor(name="input", datatype="BYTES",
+                                           shape=[1])], raw_input_contents=[empty * 2 + b"\x01\x00"]),
+             "more BYTES elements than the 1 its shape needs"),
+        ]:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(request, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details(), e.value
+    assert client.is_server_ready()
