@@ -160,7 +160,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext):
         async def answer():
             caller = await self._caller(context)
-            model = await caller.host.aget(request.model_name, request.model_version or None)
+            # predict access before the lookup (as HTTP's infer): a caller who may not predict probes no name
+            model = await oip.served_model(caller, request.model_name, request.model_version or None)
             inputs = codec.request_inputs(request, caller.settings.max_request_samples)
             outputs = await oip.infer(caller, model, inputs, codec.requested_outputs(request))
             return codec.infer_response(model.name, model.version, request.id, outputs)

@@ -319,7 +319,8 @@ _INFER_RESPONSES = {**_INFER_OK, **responses(400, *AUTH, 404, 413, 415, 503, v2=
          "it, whose tensor bytes do not match their datatype and shape, or that is truncated; or a model that is "
          "not a classifier",
     401: f"{KEYED_OUTPUT} asked without a key; a key that is not valid; or none, when predict needs one",
-    403: f"{KEYED_OUTPUT} asked by a key without the distill scope for this model",
+    403: f"{KEYED_OUTPUT} asked by a key without the distill scope for this model; with public_predict off, a key "
+         "that may not predict with it (checked before the model is looked up)",
     413: "a body (JSON header and tensors together) over the payload limit (SDB_MAX_PAYLOAD_BYTES)",
     415: "a compressed body (Content-Encoding), or BYTES that are not a readable PNG or JPEG image",
     422: "not exactly one input named as the model's, a datatype it does not take or that does not convert "
@@ -330,10 +331,11 @@ _INFER_RESPONSES = {**_INFER_OK, **responses(400, *AUTH, 404, 413, 415, 503, v2=
 @router.post("/models/{name}/infer", summary="Inference", openapi_extra=_INFER_DOC, response_model=InferResponse,
              responses=_INFER_RESPONSES)
 async def infer(name: ModelName, request: Request, s: ServingDep) -> Response:
-    return await _infer(await s.host.aget(name), request, s)
+    # predict access before the lookup, as the metadata routes: no name, input shape or policy is probed
+    return await _infer(await oip.served_model(s, name), request, s)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version", openapi_extra=_INFER_DOC,
              response_model=InferResponse, responses=_INFER_RESPONSES)
 async def infer_version(name: ModelName, version: ModelVersion, request: Request, s: ServingDep) -> Response:
-    return await _infer(await s.host.aget(name, version), request, s)
+    return await _infer(await oip.served_model(s, name, version), request, s)

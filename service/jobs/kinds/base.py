@@ -54,7 +54,8 @@ Use = Literal["keyed", "public", "graph"]
 class Access:
     """A hosted model a job reads, and how: its keyed path (``keyed``: the ``distill`` scope for it), its
     public outputs (``public``: as ``/predict`` gives them) or its network (``graph``: white-box, which a
-    non-admin key gets of plain models only). The model must be on the key's allowlist in every case."""
+    non-admin key gets of plain models only, and, like ``public``, only with the ``predict`` scope where
+    ``public_predict`` is off). The model must be on the key's allowlist in every case."""
 
     model: str
     use: Use
@@ -148,7 +149,9 @@ def access_error(key: ApiKey, a: Access, settings: Settings) -> ApiError | None:
     """Why ``key`` may not read model ``a.model`` the way ``a.use`` says (a 403), or None."""
     if not key.allows_model(a.model):
         return ApiError(403, "model_not_allowed", f"this API key is not allowed to use model {a.model!r}")
-    scope = {"keyed": "distill", "public": None if settings.public_predict else "predict"}.get(a.use)
+    # The network tells all the public outputs do and more: reading it needs what predicting needs.
+    predicting = None if settings.public_predict else "predict"
+    scope = {"keyed": "distill", "public": predicting, "graph": predicting}[a.use]
     if scope is not None and not key.grants(scope):
         return ApiError(403, "forbidden_scope", f"this API key lacks the {scope!r} scope for model {a.model!r}")
     return None
