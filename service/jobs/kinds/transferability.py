@@ -29,6 +29,7 @@ from .base import (
     data_set,
     job_kind,
     model_ref,
+    owns_network,
 )
 
 DEFAULT_CLASSES = 10  # the outputs of uploaded weights that do not say (num_classes)
@@ -91,9 +92,10 @@ def check(p: TransferParams, sub: Submission) -> TransferParams:
 
 def _ranked(spec: RankedParam, ctx, what: str) -> RankedModel:
     """The task's form of a model: a hosted one at its pinned bundle (refused again if protected and the key
-    is not admin), or the uploaded weights resolved again for the job's key."""
+    is neither its owner's nor an admin's, as at submission), or the uploaded weights resolved again for the
+    job's key."""
     ref = model_ref(spec, ctx, what)
-    if spec.model is not None and not ctx.key.grants("admin"):
+    if spec.model is not None and not owns_network(ctx, spec.model):
         from sdb_core.bundle import read_bundle_files, verify
 
         mode = verify(read_bundle_files(ref.bundle), spec.model)["mode"]
