@@ -59,7 +59,7 @@ PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "disti
 SERVER_NAME = "sdb"
 EXTENSIONS = ("binary_tensor_data",)  # what GET /v2 advertises
 # What an infer input may be sent as; the model takes FP32 (see model_input for the conversions).
-INPUT_DATATYPES = ("FP32", "FP16", "INT64", "BOOL", "BYTES")
+INPUT_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "BOOL", "BYTES")
 _EXACT_INT = 1 << 24  # every integer up to 2**24 in magnitude is exact in float32
 
 
@@ -161,13 +161,13 @@ def check_samples(datatype: Any, shape: Sequence[int], max_samples: int) -> None
 
 
 def unsupported_datatype(datatype: Any) -> ApiError:
-    return invalid(f"datatype {datatype!r} is not supported; send FP32 (or FP16, INT64 or BOOL values that "
-                   f"convert exactly, or BYTES of PNG/JPEG images)", "invalid_dtype")
+    return invalid(f"datatype {datatype!r} is not supported; send FP32 (or FP16, FP64, INT64 or BOOL values that "
+                   f"convert to it, or BYTES of PNG/JPEG images)", "invalid_dtype")
 
 
 def _as_float32(t: Tensor) -> np.ndarray:
     data = t.data
-    if t.datatype in ("FP32", "FP16"):
+    if t.datatype in ("FP32", "FP16", "FP64"):  # FP64 (numpy's default) rounded to the model's FP32, as v1's .npy
         return finite_float32(data, "data")
     if t.datatype == "INT64":
         if data.size and (int(data.min()) < -_EXACT_INT or int(data.max()) > _EXACT_INT):
@@ -193,7 +193,8 @@ def _images(t: Tensor, model: HostedModel, max_samples: int) -> np.ndarray:
 async def model_input(model: HostedModel, inputs: Sequence[Tensor], max_samples: int) -> np.ndarray:
     """The model's FP32 input batch (N, *in_shape) from the request's one input tensor.
 
-    FP32 as sent; FP16 widened; INT64 within ±2**24 and BOOL (0, 1) converted exactly; BYTES: one
+    FP32 as sent; FP16 widened; FP64 rounded (beyond FP32's range: 422); INT64 within ±2**24 and BOOL
+    (0, 1) converted exactly; BYTES: one
     PNG/JPEG image per element, decoded like the v1 image upload. Any other datatype, a lossy INT64,
     NaN or Inf: 422.
     """

@@ -52,7 +52,7 @@ class InferInput(BaseModel):
     shape: list[int] = Field(description="the tensor's shape: [N, C, H, W], one sample [C, H, W], or [N, C·H·W]; "
                              "BYTES: one image per element, [N] or [N, 1]")
     datatype: str = Field(description="FP32; FP16, INT64 (within ±2^24) or BOOL, converted exactly to the model's "
-                          "FP32; BYTES: PNG or JPEG images (binary only)")
+                          "FP32; FP64, rounded to it; BYTES: PNG or JPEG images (binary only)")
     data: list | None = Field(None, description="row-major values, flat or nested (absent with binary_data_size)")
     parameters: InferInputParameters | None = None
 
@@ -198,7 +198,7 @@ def _json_data(datatype: str, shape: list[int], data, what: str) -> np.ndarray:
     """A tensor's JSON ``data`` (flat or nested, row-major) as an array of ``datatype``; 422 if it is not one."""
     if datatype not in INPUT_DATATYPES:
         raise unsupported_datatype(datatype)
-    if datatype in ("FP32", "FP16"):
+    if datatype in ("FP32", "FP16", "FP64"):
         arr = to_array(data, "data")
     else:
         if not isinstance(data, list):

@@ -142,6 +142,7 @@ def test_every_input_datatype_the_server_takes(grpc_server, bundles):
         np.testing.assert_allclose(got, probs(fp32_input(values.astype(np.float32))), rtol=1e-5, atol=1e-6)
 
     same(probs(fp32_input(x.astype(np.float16), "FP16")), x.astype(np.float16))
+    same(probs(fp32_input(x.astype(np.float64), "FP64")), x)  # numpy's default dtype: rounded to FP32
     ints = np.round(x * 3).astype(np.int64)
     same(probs(fp32_input(ints, "INT64")), ints)
     flags = x > 0.5

@@ -1,7 +1,7 @@
 """The unmodified ``tritonclient`` (HTTP) against the real server: ``sdb serve`` on a loopback port.
 
 Its defaults (the binary tensor extension both ways) and JSON, every input datatype the server takes
-(FP32; FP16, INT64 and BOOL converted exactly; BYTES of PNG images), the keyed output with and without
+(FP32; FP16, INT64 and BOOL converted exactly; FP64 rounded; BYTES of PNG images), the keyed output with and without
 a key, and errors read back by the client as the server's messages. Bad binary bodies, sent by hand,
 are each a 400 in the protocol's form that charges nothing.
 """
@@ -116,7 +116,9 @@ def test_defaults_are_binary_and_json_answers_the_same(client, server, bundles, 
 
 # What each datatype becomes: the model's FP32 input, converted exactly.
 DATATYPES = {"FP32": lambda x: x, "FP16": lambda x: x.astype(np.float16),
-             "INT64": lambda x: np.round(x * 2).astype(np.int64), "BOOL": lambda x: x > 0}
+             "INT64": lambda x: np.round(x * 2).astype(np.int64), "BOOL": lambda x: x > 0,
+             # numpy's default dtype, as a user's arrays come: rounded to FP32 (the model's precision)
+             "FP64": lambda x: x.astype(np.float64) + 1e-9}
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -178,6 +180,9 @@ def test_errors_are_the_servers_messages(client, bundles):
         with pytest.raises(InferenceServerException, match="do not convert exactly") as e:
             client.infer("digits-a", [infer_input(np.full((1, 1, 8, 8), lossy, np.int64), "INT64")])
         assert e.value.status() == "422"
+    with pytest.raises(InferenceServerException, match="beyond float32 range") as e:  # FP64 that FP32 cannot hold
+        client.infer("digits-a", [infer_input(np.full((1, 1, 8, 8), 1e300), "FP64")])
+    assert e.value.status() == "422"
     with pytest.raises(InferenceServerException, match="datatype 'INT32' is not supported"):
         client.infer("digits-a", [infer_input(np.zeros((1, 1, 8, 8), np.int32), "INT32")])
     big = np.zeros((300, 1, 8, 8), np.float32)  # 76,800 bytes of tensor: the whole body is over the limit
