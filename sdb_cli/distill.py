@@ -27,6 +27,8 @@ def cmd_distill(args) -> int:
     from sdb_core.tasks import ModelRef, distill
 
     teacher, source = None, "labels only"
+    if not args.remote and (args.model or args.api_key):  # else the student would learn from labels alone
+        raise ValueError("--model and --api-key go with --remote URL (the server whose model to distill)")
     if args.bundle:
         ref = ModelRef(bundle=args.bundle)
         source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .console import over_http
+from .console import err, over_http
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -43,6 +43,15 @@ def follow(client, job_id: str, poll_s: float = 1.0, out=sys.stdout) -> dict:
             time.sleep(poll_s)
 
 
+def _ended(job: dict) -> int:
+    """The exit code of a followed job; one that did not succeed says how it ended on stderr."""
+    if job["status"] == "succeeded":
+        return 0
+    why = job.get("error") or job.get("message") or ""
+    err(f"job {job['id']} {job['status']}" + (f": {why}" if why and why != job["status"] else ""))
+    return 1
+
+
 def cmd_jobs(args) -> int:
     return over_http(args, _run)
 
@@ -55,15 +64,14 @@ def _run(client, args) -> int:
         if args.wait:
             job = follow(client, job["id"], out=sys.stderr)
             print(json.dumps(job, indent=2))
-            return 0 if job["status"] == "succeeded" else 1
+            return _ended(job)
         return 0
     if cmd == "status":
         print(json.dumps(client.jobs.get(args.job_id), indent=2))
         return 0
     if cmd == "logs":
         if args.follow:
-            job = follow(client, args.job_id)
-            return 0 if job["status"] == "succeeded" else 1
+            return _ended(follow(client, args.job_id))
         print(client.jobs.logs(args.job_id).text, end="")
         return 0
     if cmd == "cancel":

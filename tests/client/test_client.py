@@ -19,6 +19,7 @@ from sdb_client import (
     QuotaError,
     RemoteTeacher,
     SDBError,
+    ServerError,
 )
 
 from sdb_core.bundle import load_bundle
@@ -338,3 +339,113 @@ async def test_async_client_encodings(sdb_server, keyed):
         np.testing.assert_allclose(binary.logits, as_json.logits, atol=1e-6)
         np.testing.assert_allclose(binary.soft_targets, as_json.soft_targets, atol=1e-6)
         assert await c.predict(MODEL, x[:5], top_k=2) == await c.predict(MODEL, x[:5], top_k=2, encoding="json")
+
+
+# --------------------------------------------------------------------------- inputs as users hold them
+def test_inputs_as_users_hold_them_give_the_same_logits(client, sdb_server, keyed):
+    """numpy's float64 default, float16, big-endian, strided and transposed views, lists, torch tensors (with
+    requires_grad, bfloat16 from mixed precision), one sample without its batch axis, one flat row."""
+    import torch
+
+    x = sdb_server.bundles.x
+    ref = keyed(x)
+    held = {"float64": x.astype(np.float64), "big-endian": x.astype(">f8"), "list": x.tolist(),
+            "strided": np.repeat(x, 2, axis=0)[::2], "transposed": np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2),
+            "torch": torch.from_numpy(x.copy()).requires_grad_(True)}
+    for name, inputs in held.items():
+        for encoding in ("npy", "json"):
+            np.testing.assert_allclose(client.distill_logits(MODEL, inputs, encoding=encoding), ref, atol=1e-5,
+                                       err_msg=f"{name} {encoding}")
+    half = x.astype(np.float16)
+    np.testing.assert_allclose(client.distill_logits(MODEL, half), keyed(half.astype(np.float32)), atol=1e-5)
+    bf16 = torch.from_numpy(x).bfloat16()  # numpy has no bfloat16: .numpy() alone raises TypeError
+    np.testing.assert_allclose(client.distill_logits(MODEL, bf16), keyed(bf16.float().numpy()), atol=1e-5)
+    assert len(client.predict(MODEL, bf16)) == len(x)
+    # one sample without its batch axis is one sample; a 1-D vector (a flat row of the 64 values, as a feature
+    # vector is) too, even when it is longer than batch_size: never split into batches of its values
+    np.testing.assert_allclose(client.distill_logits(MODEL, x[0]), ref[:1], atol=1e-5)
+    flat = x[0].reshape(64)
+    for encoding in ("npy", "json"):
+        np.testing.assert_allclose(client.distill_logits(MODEL, flat, batch_size=16, encoding=encoding), ref[:1],
+                                   atol=1e-5)
+        np.testing.assert_allclose(client.distill_logits(MODEL, flat.tolist(), encoding=encoding), ref[:1], atol=1e-5)
+    assert client.predict(MODEL, flat, batch_size=16) == client.predict(MODEL, x[:1])  # the public path alike
+
+
+def test_integer_pixel_arrays_are_refused_not_answered(stub):
+    """uint8 pixels (an image as numpy holds it) or int tensors are not normalised inputs: the SDK used to convert
+    them to float32 and the server answered them as if they were, wrongly. Refused before any request."""
+    import torch
+    from PIL import Image
+
+    stub.on(*DISTILL_ROUTE, Reply(200, {"model": "m", "version": "1", "logits": [[0.0, 1.0]]}))
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 1, 8, 8)).astype(np.uint8)
+    with Client(stub.url, STUB_KEY) as c:
+        for inputs in (pixels, pixels.astype(np.int64), torch.from_numpy(pixels), pixels > 0,
+                       Image.fromarray(pixels[0, 0])):
+            with pytest.raises(BadRequest) as info:
+                c.distill_logits("m", inputs)
+            assert info.value.code == "invalid_dtype" and "image_path" in info.value.message
+            with pytest.raises(BadRequest):
+                c.predict("m", inputs)
+        with RemoteTeacher(c, "m") as teacher:
+            for inputs in (pixels, torch.from_numpy(pixels)):
+                with pytest.raises(BadRequest):
+                    teacher(inputs)
+        assert stub.hits[DISTILL_ROUTE] == 0
+        c.distill_logits("m", [[0, 1]])  # a list of numbers as JSON would have them is taken as it is
+        assert stub.hits[DISTILL_ROUTE] == 1
+
+
+def test_predict_takes_image_bytes_and_pil_images(client, sdb_server, tmp_path):
+    from PIL import Image
+
+    png = write_png(tmp_path / "digit.png", sdb_server.bundles.x[0])
+    (want,) = client.predict(MODEL, image_path=png, top_k=3)
+    Image.open(png).save(tmp_path / "digit.jpg", quality=100)
+    jpeg = (tmp_path / "digit.jpg").read_bytes()
+    assert client.predict(MODEL, image_path=png.read_bytes(), top_k=3) == [want]
+    assert client.predict(MODEL, image_path=Image.open(png), top_k=3) == [want]
+    assert len(client.predict(MODEL, image_path=[png, png.read_bytes(), Image.open(png), jpeg])) == 4
+    with pytest.raises(BadRequest, match="not int"):
+        client.predict(MODEL, image_path=3)
+
+
+# --------------------------------------------------------------------------- answers that are not the service's
+DISTILL_ROUTE = ("POST", "/v1/models/m/distill")
+STUB_KEY = "sdb_0123456789ab_" + "e" * 64
+PROXY_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1>"
+             b"</center>\r\n<hr><center>nginx/1.25.3</center>\r\n</body>\r\n</html>\r\n")
+
+
+def test_an_answer_that_is_not_json_is_an_sdk_error(stub):
+    """A 200 HTML page (a captive portal, another server on the port) used to raise json.JSONDecodeError; a
+    proxy's HTML error page is an error whose message is the page's title, not its markup."""
+    page = Reply(200, b"<!doctype html><html><body>Welcome</body></html>", {"content-type": "text/html"})
+    stub.on("GET", "/v1/models", page)
+    stub.on(*DISTILL_ROUTE, page)
+    stub.on("GET", "/v1/jobs/j1/logs", Reply(200, b"<html>", {"content-type": "application/json"}))
+    with Client(stub.url, STUB_KEY) as c:
+        for call in (c.models, lambda: c.distill_logits("m", np.zeros((1, 4))),
+                     lambda: c.distill_logits("m", np.zeros((1, 4)), encoding="json"), lambda: c.jobs.logs("j1")):
+            with pytest.raises(SDBError) as info:
+                call()
+            assert info.value.code == "malformed_answer" and "is not JSON" in info.value.message
+            assert stub.url in info.value.message
+        stub.on("GET", "/v1/models", Reply(502, PROXY_502, {"content-type": "text/html"}))
+        with pytest.raises(ServerError) as info:
+            c.with_options(max_retries=0).models()
+        assert (info.value.status, info.value.code, info.value.message) == (502, "bad_gateway", "502 Bad Gateway")
+        stub.on("GET", "/v1/models", Reply(401, {"error": "unknown API key"}))  # the v2 routes' error body
+        with pytest.raises(AuthError) as info:
+            c.models()
+        assert info.value.message == "unknown API key"
+
+
+@pytest.mark.anyio
+async def test_async_an_answer_that_is_not_json_is_an_sdk_error(stub):
+    stub.on("GET", "/v1/models", Reply(200, b"<html>hi</html>", {"content-type": "text/html"}))
+    async with AsyncClient(stub.url, STUB_KEY) as c:
+        with pytest.raises(SDBError) as info:
+            await c.models()
+    assert info.value.code == "malformed_answer"

@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ KEY_RE = re.compile(r"sdb_[0-9a-f]{12}_[0-9a-f]{64}")
 _KEY_LIKE = re.compile(r"(sdb_[0-9a-f]{12}_)[0-9a-f]{4,}")  # for scrubbing any text we show
 
 Inputs = np.ndarray | Sequence[Any]
+Images = Any  # an image file's path, a PNG/JPEG file's bytes or a PIL image, or a list of them
 
 
 def resolve_url(url: str | None) -> str:
@@ -240,6 +241,11 @@ _STATUS_ERRORS: dict[int, type[exc.SDBError]] = {
 }
 
 
+_HTML = re.compile(r"<(?:!doctype|html|head|body|title)\b", re.IGNORECASE)
+_HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+_HTML_TAG = re.compile(r"<[^>]*>")
+
+
 def error_from_response(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> exc.SDBError:
     """The typed error for a non-2xx answer, from the service's ``{"error": {"code", "message"}}``."""
     code, message = None, None
@@ -250,10 +256,16 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str] | N
             code, message = err.get("code"), err.get("message")
         elif isinstance(obj, dict) and isinstance(obj.get("detail"), str):  # a plain FastAPI/Starlette body
             message = obj["detail"]
+        elif isinstance(err, str):  # the v2 routes' {"error": "message"}
+            message = err
     except (ValueError, UnicodeDecodeError):
         pass
     if message is None:
-        text = body[:300].decode("utf-8", "replace").strip()
+        text = body[:2000].decode("utf-8", "replace")
+        if _HTML.search(text):  # a proxy's or load balancer's error page: its title, else its text, not its markup
+            title = _HTML_TITLE.search(text)
+            text = _HTML_TAG.sub(" ", title.group(1) if title else text)
+        text = " ".join(text.split())[:300]
         message = text or httpx.codes.get_reason_phrase(status) or "error"
     code = str(code) if code else (httpx.codes.get_reason_phrase(status) or "error").lower().replace(" ", "_")
     cls = _STATUS_ERRORS.get(status) or (exc.ServerError if status >= 500 else exc.SDBError)
@@ -267,6 +279,18 @@ def connection_error(e: httpx.TransportError) -> exc.APIConnectionError:
     return cls(redact(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__), code=code)
 
 
+def answer_json(resp: httpx.Response) -> Any:
+    """A 2xx answer's JSON; an answer that is not JSON (an HTML page from a proxy, a captive portal or another
+    server on that port) is an ``SDBError`` with code ``malformed_answer``, not a decoding error."""
+    try:
+        return json.loads(resp.content)
+    except (ValueError, UnicodeDecodeError):
+        media = resp.headers.get("content-type", "").split(";")[0].strip() or "no content type"
+        raise exc.SDBError(f"the answer to {resp.request.method} {resp.request.url.path} is not JSON ({media}, "
+                           f"{len(resp.content)} bytes): is {resp.request.url.scheme}://{resp.request.url.netloc.decode()} "
+                           "an SDB server?", status=resp.status_code, code="malformed_answer") from None
+
+
 # --------------------------------------------------------------------------- bodies and batching
 def encode_json(obj: Any) -> bytes:
     """Compact JSON; NaN and Inf are refused here (they are not JSON) as the server would."""
@@ -277,20 +301,37 @@ def encode_json(obj: Any) -> bytes:
 
 
 def as_array(inputs: Inputs) -> np.ndarray:
-    """Inputs (ndarray, nested lists, or anything with ``.numpy()`` such as a torch tensor) as
-    float32 with a leading batch axis."""
+    """Inputs (a float ndarray of any dtype and layout, nested lists, or a torch tensor) as float32 with a
+    leading batch axis (a 1-D vector is one sample); an integer or boolean array is refused (``check_float``)."""
     if inputs is None:
         raise exc.BadRequest("inputs are required", code="invalid_input")
     if hasattr(inputs, "detach") and hasattr(inputs, "cpu"):  # a torch tensor, without importing torch
-        inputs = inputs.detach().cpu().numpy()
+        t = inputs.detach().cpu()
+        try:
+            inputs = t.numpy()
+        except TypeError:  # a dtype numpy lacks (bfloat16)
+            inputs = t.float().numpy()
     try:
+        if not isinstance(inputs, (list, tuple)):
+            check_float(np.asarray(inputs))
         with np.errstate(over="ignore"):  # beyond float32 becomes Inf, which the server refuses (422 non_finite)
             arr = np.asarray(inputs, dtype=np.float32)
     except (TypeError, ValueError):
         raise exc.BadRequest("inputs must be a rectangular array of numbers", code="invalid_input") from None
     if arr.ndim == 0 or arr.size == 0:
         raise exc.BadRequest(f"inputs must be a non-empty batch, got shape {list(arr.shape)}", code="invalid_shape")
-    return arr
+    # One vector is one sample (a model takes no batch of scalars): sent whole, never split into batches of its values.
+    return arr[None] if arr.ndim == 1 else arr
+
+
+def check_float(arr: np.ndarray) -> None:
+    """Refuse an integer or boolean array: the tensor routes take normalised float inputs, so pixel values
+    (uint8 from an image) sent as they are would be answered, wrongly, rather than refused."""
+    if arr.dtype.kind in "biu":
+        raise exc.BadRequest(
+            f"inputs are {arr.dtype} values, not floats: models take normalised float inputs, "
+            "(value / scale - mean) / std with the model's normalize (client.model(name)['normalize']); "
+            "convert them, or send images (pixels) with image_path", code="invalid_dtype")
 
 
 def batch_slices(n: int, batch_size: int) -> list[slice]:
@@ -363,23 +404,41 @@ def parse_distilled(resp: httpx.Response) -> dict[str, Any]:
     """One distill answer as ``{"model", "version", "logits", ...}``, whichever encoding the server answered in."""
     media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != NPY_TYPE:
-        return resp.json()
+        return answer_json(resp)
     t = resp.headers.get("sdb-temperature")
     return {"model": unquote(resp.headers.get("sdb-model", "")),
             "version": unquote(resp.headers.get("sdb-model-version", "")),
             "logits": decode_npy(resp.content), "temperature": float(t) if t else None}
 
 
-def image_upload(image_path: str | os.PathLike | Sequence[str | os.PathLike]) -> list:
-    """multipart ``files`` for one image path or several (read now, so a retry can resend them)."""
-    paths = [image_path] if isinstance(image_path, (str, os.PathLike)) else list(image_path)
-    if not paths:
+def _is_image(obj: Any) -> bool:
+    """One image rather than a list of them: a path, a PNG/JPEG file's bytes, or a PIL image."""
+    return isinstance(obj, (str, os.PathLike, bytes, bytearray, memoryview)) or type(obj).__module__.startswith("PIL.")
+
+
+def _image_part(image: Any, i: int) -> tuple[str, tuple[str, bytes, str]]:
+    if isinstance(image, (str, os.PathLike)):
+        p = Path(image)
+        data, name = p.read_bytes(), p.name
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        data, name = bytes(image), f"image-{i}"
+    elif type(image).__module__.startswith("PIL."):  # without importing PIL: the SDK does not depend on it
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data, name = buf.getvalue(), f"image-{i}.png"
+    else:
+        raise exc.BadRequest(f"image_path takes image file paths, a PNG/JPEG file's bytes or PIL images, "
+                             f"not {type(image).__name__}", code="invalid_input")
+    return ("file", (name, data, "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"))
+
+
+def image_upload(image_path: Any) -> list:
+    """multipart ``files`` for one image or several: paths, PNG/JPEG bytes or PIL images (read now, so a
+    retry can resend them)."""
+    images = [image_path] if _is_image(image_path) or not isinstance(image_path, Iterable) else list(image_path)
+    if not images:
         raise exc.BadRequest("image_path is empty", code="invalid_input")
-    files = []
-    for p in map(Path, paths):
-        ctype = "image/png" if p.suffix.lower() == ".png" else "image/jpeg"
-        files.append(("file", (p.name, p.read_bytes(), ctype)))
-    return files
+    return [_image_part(im, i) for i, im in enumerate(images)]
 
 
 @dataclass(frozen=True)
@@ -509,7 +568,7 @@ class JobLogs:
 def parse_logs(resp: httpx.Response, offset: int) -> JobLogs:
     """The log route may answer JSON (``text`` or ``lines`` with ``next_offset``/``offset``) or plain text."""
     if resp.headers.get("content-type", "").startswith("application/json"):
-        obj = resp.json()
+        obj = answer_json(resp)
         text = obj.get("text")
         if text is None:
             text = "".join(line if line.endswith("\n") else line + "\n" for line in obj.get("lines", []))

@@ -96,7 +96,7 @@ class AsyncClient(b.BaseClient):
         raise AssertionError("unreachable")
 
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
-        return (await self._request(method, path, **kw)).json()
+        return b.answer_json(await self._request(method, path, **kw))
 
     async def _in_order(self, calls: Sequence[Awaitable[T]]) -> list[T]:
         """Await ``calls`` with at most ``max_concurrency`` running; results in the given order."""
@@ -116,7 +116,7 @@ class AsyncClient(b.BaseClient):
         return await self._json("GET", b.model_path(name))
 
     async def predict(self, name: str, inputs: Inputs | None = None, *,
-                      image_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                      image_path: b.Images = None,
                       top_k: int = 1, batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
         path = b.model_path(name, "predict")
         if (inputs is None) == (image_path is None):

@@ -94,7 +94,7 @@ class Client(b.BaseClient):
         raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
-        return self._request(method, path, **kw).json()
+        return b.answer_json(self._request(method, path, **kw))
 
     # ------------------------------------------------------------------ models
     def models(self) -> list[dict]:
@@ -105,11 +105,12 @@ class Client(b.BaseClient):
         return self._json("GET", b.model_path(name))
 
     def predict(self, name: str, inputs: Inputs | None = None, *,
-                image_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                image_path: b.Images = None,
                 top_k: int = 1, batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
         """Top-k labels through the public path, one ``{"labels", "indices", "scores"}`` per sample,
-        in input order. Give normalised ``inputs`` (any batch size: sent in batches, as ``.npy`` or
-        with ``encoding="json"`` as JSON) or image files."""
+        in input order. Give normalised float ``inputs`` (any batch size: sent in batches, as ``.npy`` or
+        with ``encoding="json"`` as JSON; one sample without its batch axis is one sample) or images as
+        ``image_path``: file paths, a PNG/JPEG file's bytes or PIL images, one or a list."""
         path = b.model_path(name, "predict")
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")

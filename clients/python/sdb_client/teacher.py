@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ._base import batch_slices
+from ._base import batch_slices, check_float
 from ._exceptions import ConfigurationError
 from .client import Client
 
@@ -41,9 +41,13 @@ def _to_numpy(x: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
     if _is_torch(x):
         import torch  # only now: the caller has torch
 
+        if not x.is_floating_point():  # an integer or bool tensor: refused like such an array
+            check_float(x.detach().cpu().flatten()[:0].numpy())
         arr = x.detach().to("cpu", torch.float32).numpy()
         device = x.device
         return arr, lambda z: torch.from_numpy(np.ascontiguousarray(z)).to(device)
+    if not isinstance(x, (list, tuple)):
+        check_float(np.asarray(x))
     return np.asarray(x, dtype=np.float32), lambda z: z
 
 
