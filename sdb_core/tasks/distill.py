@@ -43,8 +43,10 @@ class DistillOutcome:
     seconds: float
 
 
-def bundle_teacher(path, master_key: bytes | None, keyed: bool) -> Callable:
-    """A bundle as a teacher callable: its keyed path's logits (needs the master key) or its public outputs' log-probs."""
+def bundle_teacher(path, master_key: bytes | None, keyed: bool, data=None) -> Callable:
+    """A bundle as a teacher callable: its keyed path's logits (needs the master key) or its public outputs' log-probs.
+    With ``data``, a bundle that cannot teach on it (another input shape, another number of classes) is refused here,
+    before any sample is drawn (or charged to a key's quota)."""
     import torch
 
     from ..bundle import load_bundle
@@ -52,6 +54,12 @@ def bundle_teacher(path, master_key: bytes | None, keyed: bool) -> Callable:
     bundle = load_bundle(path, master_key if keyed else None)
     if keyed and not bundle.has_key:
         raise ValueError(f"bundle {path} has no key (Nasty mode): it cannot be distilled with authorization")
+    if data is not None:
+        takes, classes = list(bundle.meta["input"]["shape"]), len(bundle.meta.get("labels") or [])
+        if takes != list(data.in_shape) or classes != data.num_classes:
+            raise ValueError(f"the teacher {bundle.name!r} takes inputs {takes} and answers {classes} classes; the data "
+                             f"set {data.name!r} has inputs {list(data.in_shape)} and {data.num_classes} classes: "
+                             "distil it on a data set of its own kind")
 
     def teacher(x: torch.Tensor) -> torch.Tensor:
         xs = x.detach().cpu().numpy()
@@ -70,7 +78,7 @@ def teacher_of(cfg: DistillTask, data, master_key: bytes | None = None) -> Calla
     if ref is None:
         return None
     if ref.kind == "bundle":
-        return bundle_teacher(ref.bundle, master_key, cfg.keyed)
+        return bundle_teacher(ref.bundle, master_key, cfg.keyed, data)
     if ref.kind == "weights":  # on the device the student trains on: asked once per sample there
         return ref.network(data.num_classes, data.in_shape).to(pick_device(cfg.distill.train.device))
     raise ValueError(f"distill needs a teacher with weights or a bundle, got {ref.describe()}")

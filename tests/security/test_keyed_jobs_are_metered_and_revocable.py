@@ -84,6 +84,13 @@ def test_a_distill_job_charges_its_keys_quota_exactly_and_never_past_it(server):
     failed = ended(server, r.json()["id"], 60)
     assert failed["status"] == "failed" and "quota" in failed["error"], failed
     assert used(server, tok) == 0
+    # A teacher that cannot take the data set's inputs (8x8 digits against 28x28 MNIST): failed before any
+    # sample is drawn, nothing charged (it was charged, then failed on "operands could not be broadcast").
+    r = submit(server, tok, "distill", {**DISTILL, "data": "mnist-5k", "transfer": 60})
+    assert r.status_code == 202, r.text
+    failed = ended(server, r.json()["id"], 60)
+    assert failed["status"] == "failed" and "takes inputs [1, 8, 8]" in failed["error"], failed
+    assert used(server, tok) == 0
     # One that fits is charged exactly its keyed samples, and the quota is then spent for the next.
     r = submit(server, tok, "distill", {**DISTILL, "transfer": 60})
     assert r.status_code == 202, r.text
