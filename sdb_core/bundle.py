@@ -543,6 +543,10 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
         session = ort.InferenceSession(files[MODEL_FILE], sess_options=session_options,
                                        providers=providers or onnx_providers())
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a user sees one clear error
+        if "external data" in str(e).lower():  # ORT refuses to read files beside a graph given as bytes; its
+            # message quotes the path the graph names, resolved on the server: not shown
+            raise BundleError(f"{path}: model.onnx keeps weights in external data files; a bundle's graph holds "
+                              "its weights itself (export or save it without external data)") from None
         raise BundleError(f"{path}: model.onnx does not load in ONNX Runtime ({e})") from None
     check_output_shape(session, meta, str(path))
     return Bundle(meta, session, key)

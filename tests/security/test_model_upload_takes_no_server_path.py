@@ -65,3 +65,47 @@ def test_a_deploy_key_serves_an_uploaded_bundle(server, bundles):
     r = httpx.post(server.url + "/v1/models", files={"file": ("a.sdb", sdb_bytes(bundles.a))}, headers=other,
                    timeout=60)
     assert r.status_code == 403
+
+
+def _external_data_bundle(tmp_path, location: str) -> bytes:
+    """A plain bundle, hashes and all, whose graph keeps its one weight in "external data" at ``location``: a
+    file ONNX Runtime would read from the server's disk into the model (and predictions would carry it out)."""
+    import json
+
+    import numpy as np
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdb_core.bundle import _sha256, export_bundle
+
+    out = export_bundle(torch.nn.Linear(4, 4), tmp_path / location.replace("/", "_"), name="ext", in_shape=(4,),
+                        mean=(0.0,), std=(1.0,), labels=[f"c{i}" for i in range(4)])
+    w = numpy_helper.from_array(np.zeros(4, np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        entry = w.external_data.add()
+        entry.key, entry.value = k, v
+    graph = helper.make_graph([helper.make_node("Add", ["input", "w"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])], [w])
+    onnx_bytes = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    (out / "model.onnx").write_bytes(onnx_bytes)
+    meta = json.loads((out / "meta.json").read_text())
+    meta["files"]["model.onnx"] = _sha256(onnx_bytes)
+    (out / "meta.json").write_text(json.dumps(meta))
+    return sdb_bytes(out)
+
+
+def test_a_graph_that_reads_external_data_is_refused(server, tmp_path):
+    """ONNX keeps big weights in files beside the graph ("external data"); a bundle's graph naming a server file
+    (the master key, by absolute or relative path) is refused at deploy, and nothing of the file is served."""
+    admin = auth(key(server.settings, ["admin"]))
+    secret = server.settings.master_key_file
+    before = served(server)
+    for location in (str(secret), f"../../../../../../../..{secret}", secret.name, "model.onnx"):
+        r = httpx.post(server.url + "/v1/models", files={"file": ("ext.sdb", _external_data_bundle(tmp_path, location))},
+                       headers=admin, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bundle_refused", (location, r.text)
+        assert str(secret) not in r.text and secret.read_bytes().hex()[:16] not in r.text
+    assert served(server) == before
