@@ -77,7 +77,7 @@ _NO_KEY = "a key that is not valid; or none, when predict needs one (public_pred
 _SERVING_ERRORS = {
     400: "a body that is not a JSON object or not a valid .npy array (a malformed header, truncated, or longer "
          "than its header says), or a model of another task (the message names its route)",
-    401: _NO_KEY, 413: "over the payload limit (SDB_MAX_PAYLOAD_BYTES)",
+    401: _NO_KEY, 413: "over the payload limit (SDB_MAX_PAYLOAD_BYTES), or images that together hold over 100 M pixels",
     415: "a media type the route does not take, or an image that is not a readable PNG or JPEG",
     422: "inputs of the wrong shape or type, NaN or Inf, too many samples, or a bad option",
     503: "this model version cannot be served (the message says why)"}

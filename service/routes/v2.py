@@ -321,7 +321,8 @@ _INFER_RESPONSES = {**_INFER_OK, **responses(400, *AUTH, 404, 413, 415, 503, v2=
     401: f"{KEYED_OUTPUT} asked without a key; a key that is not valid; or none, when predict needs one",
     403: f"{KEYED_OUTPUT} asked by a key without the distill scope for this model; with public_predict off, a key "
          "that may not predict with it (checked before the model is looked up)",
-    413: "a body (JSON header and tensors together) over the payload limit (SDB_MAX_PAYLOAD_BYTES)",
+    413: "a body (JSON header and tensors together) over the payload limit (SDB_MAX_PAYLOAD_BYTES), or BYTES images "
+         "that together hold over 100 M pixels",
     415: "a compressed body (Content-Encoding), or BYTES that are not a readable PNG or JPEG image",
     422: "not exactly one input named as the model's, a datatype it does not take or that does not convert "
          "exactly, a shape that does not match the data, or an output this model does not serve",
