@@ -185,7 +185,8 @@ _IMAGE_DOC = {"requestBody": {"required": True, "content": {
                               "inputs": [[[[-0.42, 2.8], [0.1, -0.42]]]]}),
                         **responses(400, *AUTH, 404, 413, 415, 503, why={
                             400: "a malformed multipart body", 401: "a key that is not valid (or none, when "
-                            "predict needs one)", 415: "not an image, or one that is not a readable PNG or JPEG",
+                            "predict needs one)", 413: "over the payload limit, or images that together hold over 100 M pixels",
+                            415: "not an image, or one that is not a readable PNG or JPEG",
                             422: "no file, or a model whose inputs are not images",
                             503: "this model version cannot be served (the message says why)"})})
 async def image_inputs(name: ModelName, request: Request, key: OptionalApiKeyDep, host: ModelHostDep,
