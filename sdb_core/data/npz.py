@@ -1,7 +1,7 @@
 """``npz:PATH``: a NumPy ``.npz`` of images and labels, read with ``allow_pickle=False``.
 
 Arrays: ``x`` images, (N, H, W) or (N, C, H, W) with C = 1 or 3, ``uint8`` (0..255) or floats in
-[0, 1]; ``y`` integer labels in [0, K), shape (N,). Optional: ``x_test`` and ``y_test``, the test
+[0, 1] (finite: no NaN or Inf); ``y`` integer labels in [0, K), shape (N,). Optional: ``x_test`` and ``y_test``, the test
 split (else a fixed stratified 80/20 split, seed 0, whatever the ``seed`` argument, as for
 ``imagefolder``); ``labels``, K class names (a string array; default "0" … "K-1").
 """
@@ -85,6 +85,12 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
     with np.load(path, allow_pickle=False) as data:
         ys = [np.asarray(data[k]) for k in ("y", "y_test") if k in arrays]
         labels = np.asarray(data["labels"]) if "labels" in arrays else None
+        for xs in ("x", "x_test"):  # a NaN or Inf pixel would turn every loss into NaN: refused here, in words
+            if xs in arrays and arrays[xs][1].kind == "f":
+                finite = np.isfinite(data[xs].reshape(arrays[xs][0][0], -1)).all(axis=1)
+                if not finite.all():
+                    raise DatasetError(f"{path}: {xs} has {int((~finite).sum())} image(s) with NaN or Inf pixels "
+                                       f"(the first at index {int(np.flatnonzero(~finite)[0])})")
     lo, hi = min(int(y.min()) for y in ys), max(int(y.max()) for y in ys)
     if lo < 0:
         raise DatasetError(f"{path}: labels must be >= 0, found {lo}")

@@ -114,9 +114,10 @@ class StyleCriterion:
 def result_losses(net: FeatureFn, style: Tensor, image: Tensor, content: Tensor) -> dict[str, float]:
     """The figures every method reports, always at the default layers (content relu4_1, style
     relu1_1..relu5_1) whatever a method trained with: the losses of the result, the style loss
-    of the content image itself, and the cut ``1 − style(result) / style(content)``."""
+    of the content image itself, and the cut ``1 − style(result) / style(content)`` (0 when the content
+    image already has the style exactly, as when the style image is the content image: nothing to cut)."""
     crit = StyleCriterion(net, style)
     out = crit.evaluate(image, content)
     start = crit.evaluate(content, content)["style_loss"]
-    out.update(style_loss_content=start, style_loss_cut=1.0 - out["style_loss"] / start)
+    out.update(style_loss_content=start, style_loss_cut=1.0 - out["style_loss"] / start if start > 0 else 0.0)
     return out

@@ -31,6 +31,7 @@ class AuditOutcome:
 def load_target(ref: ModelRef, data, threads: int = 0):
     """What the attacker queries: a bundle loaded without its key, or a plain network; its input must be the data's."""
     if ref.kind == "weights":
+        ref.check_classes(data, "target")
         return ref.network(data.num_classes, data.in_shape)
     from ..bundle import load_bundle
 
@@ -44,6 +45,10 @@ def load_target(ref: ModelRef, data, threads: int = 0):
     if list(target.meta["input"]["shape"]) != list(data.in_shape):
         raise ValueError(f"{ref.describe()}: input shape {target.meta['input']['shape']} does not match "
                          f"{data.name}'s {list(data.in_shape)}")
+    classes = len(target.meta.get("labels") or [])
+    if classes and classes != data.num_classes:  # its answers cannot be scored against this set's labels
+        raise ValueError(f"{ref.describe()} answers {classes} classes; the data set {data.name!r} has "
+                         f"{data.num_classes}: audit it on a data set of its own classes")
     return target
 
 
@@ -58,8 +63,11 @@ def run(cfg: AuditTask, out: str | os.PathLike, hooks: Hooks | None = None) -> A
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_dataset(cfg.data)
-    target = load_target(cfg.target, data, cfg.threads)
     a = cfg.audit
+    if a.transfer_n > len(data.train):  # the attacker's transfer set is drawn from the train split
+        raise ValueError(f"transfer asks for {a.transfer_n} images; the train split of {data.name} has "
+                         f"{len(data.train)}: ask for at most that many")
+    target = load_target(cfg.target, data, cfg.threads)
     hooks.log(f"auditing {cfg.target.describe()} on {cfg.data} under policy {a.policy}: N={a.transfer_n}, "
               f"{a.student} students")
     report = audit(target, data, a, progress=hooks.phase("audit"), should_cancel=hooks.should_cancel, log=hooks.log)

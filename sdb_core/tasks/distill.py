@@ -80,6 +80,7 @@ def teacher_of(cfg: DistillTask, data, master_key: bytes | None = None) -> Calla
     if ref.kind == "bundle":
         return bundle_teacher(ref.bundle, master_key, cfg.keyed, data)
     if ref.kind == "weights":  # on the device the student trains on: asked once per sample there
+        ref.check_classes(data, "teacher")
         return ref.network(data.num_classes, data.in_shape).to(pick_device(cfg.distill.train.device))
     raise ValueError(f"distill needs a teacher with weights or a bundle, got {ref.describe()}")
 
@@ -98,6 +99,9 @@ def run(cfg: DistillTask, out: str | os.PathLike, hooks: Hooks | None = None, *,
 
     hooks = hooks or Hooks()
     data = data if data is not None else load_dataset(cfg.data)
+    if cfg.transfer > len(data.train):  # before the teacher is built or anything is charged
+        raise ValueError(f"transfer asks for {cfg.transfer} images; the train split of {data.name} has "
+                         f"{len(data.train)}: ask for at most that many (0: all of them)")
     if teacher is None:
         teacher = teacher_of(cfg, data, master_key)
     transfer = transfer_split(data, cfg.transfer, cfg.seed) if cfg.transfer else data.train

@@ -79,3 +79,11 @@ class ModelRef:
             raise ValueError(f"{self.describe()}: the number of classes is not known")
         return load_weights(create_model(self.arch, num_classes=n, in_shape=tuple(in_shape)),
                             self.weights).eval()
+
+    def check_classes(self, data, role: str) -> None:
+        """Refuse, in words, plain weights whose ``num_classes`` is not the data set's: a teacher or target
+        that answers other classes than the set's labels cannot be compared with them (a loss of
+        mismatched shapes, deep in training, otherwise)."""
+        if self.weights is not None and self.num_classes is not None and self.num_classes != data.num_classes:
+            raise ValueError(f"the {role} answers {self.num_classes} classes (its num_classes) but the data set has "
+                             f"{data.num_classes}: give weights trained on this set's classes, or its own data set")

@@ -183,6 +183,44 @@ async def test_a_file_deleted_after_submission_fails_the_job_saying_so(jsvc, tmp
 
 
 @pytest.mark.anyio
+async def test_data_a_job_cannot_use_fails_at_upload_or_at_once_in_words(jsvc, tmp_path):
+    """A dataset with NaN pixels is a 422 at upload (it turned every loss into NaN: an unexpected error
+    once a job ran); a teacher or target that answers other classes than the data set's fails the job at
+    once, saying so (it was a shape error deep in the loss, or in the audit), and the worker runs on."""
+    import anyio
+
+    from sdb_core.models import create_model
+    from sdb_core.weights import save_weights
+    from service.jobs.worker import run_worker
+
+    from .jobs_helpers import upload_asgi
+
+    tok = jsvc.key(("jobs", "distill"))
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 8, 8)).astype(np.float32)
+    x[5, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", x=x, y=np.arange(40) % 4)
+    r = await jsvc.client.post("/v1/files", files={"file": ("nan.npz", (tmp_path / "nan.npz").read_bytes())},
+                               data={"purpose": "dataset"}, headers=jsvc.auth(tok))
+    assert r.status_code == 422 and "1 image(s) with NaN or Inf pixels (the first at index 5)" in r.text, r.text
+    x[5, 2, 2] = 0.5
+    np.savez(tmp_path / "four.npz", x=x, y=np.arange(40) % 4)  # 4 classes; the teacher and digits-a answer 10
+    four = await upload_asgi(jsvc, tok, tmp_path / "four.npz", "dataset")
+    save_weights(create_model("cnn", num_classes=10, in_shape=(1, 8, 8)), tmp_path / "t.safetensors")
+    ten = {"file": await upload_asgi(jsvc, tok, tmp_path / "t.safetensors"), "arch": "cnn", "num_classes": 10}
+    audit = {"data": four, "transfer": 20, "steps": 10, "keys": 0, "families": ["labels", "kd"], "seeds": [0]}
+    cases = [("distill", {**DISTILL, "data": four, "teacher": ten}, "the teacher answers 10 classes"),
+             ("audit", {**audit, "target": ten}, "the target answers 10 classes (its num_classes) but the data set has 4"),
+             ("audit", {**audit, "target": {"model": "digits-a"}}, "model digits-a version 1 answers 10 classes")]
+    ids = [(await submit(jsvc, tok, kind, params)).json()["id"] for kind, params, _ in cases]
+    await anyio.to_thread.run_sync(lambda: run_worker(jsvc.settings, once=True))  # all three, in turn
+    for job_id, (_, _, needle) in zip(ids, cases):
+        job = (await jsvc.client.get(f"/v1/jobs/{job_id}", headers=jsvc.auth(tok))).json()
+        assert job["status"] == "failed" and needle in job["error"], job
+        assert "unexpected error" not in job["error"] and str(jsvc.settings.data_dir) not in job["error"]
+
+
+@pytest.mark.anyio
 async def test_idempotency_key_returns_the_same_job(jsvc):
     tok, other = jsvc.key(("jobs",)), jsvc.key(("jobs",))
     first = await submit(jsvc, tok, "wrap", WRAP, **{"Idempotency-Key": "abc"})
