@@ -21,12 +21,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
 import warnings
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +48,14 @@ MODEL_FILE, META_FILE, KEY_FILE = "model.onnx", "meta.json", "key.sealed"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MODES = ("sdb", "nasty", "plain")  # keyed box, keyless box, any network with no key (pose, style, ...)
 MAX_MEMBER_BYTES = 2 << 30  # a bundle member larger than this is not a bundle we wrote
+# meta.json is read whole into every serving process: 21k labels and their public form fit in a few MiB
+MAX_META_BYTES = 16 << 20
+MAX_META_DEPTH = 32  # nesting of meta.json's values (ours: under 8); what responses carry stays serialisable
+MAX_INPUT_ELEMENTS = 1 << 26  # one sample's input: loading runs the graph on zeros of this size
+# How a network that the service can serve is exported (the names and the batch axis it feeds).
+EXPORT_HINT = (f'export it with torch.onnx.export(model.float().eval(), x, f, input_names=["{INPUT_NAME}"], '
+               f'output_names=["{OUTPUT_NAME}"], dynamic_axes={{"{INPUT_NAME}": {{0: "batch"}}, '
+               f'"{OUTPUT_NAME}": {{0: "batch"}}}}), or write the bundle with sdb_core.bundle.export_bundle')
 KEY_BINDING = 2  # meta["key_binding"]: what key.sealed's associated data covers (docs/security.md#bundles)
 # Tasks whose output is one score per label: the service indexes ``labels`` with the output.
 LABELLED_TASKS = ("classification", "multilabel")
@@ -291,28 +301,54 @@ def read_bundle_files(path: str | os.PathLike) -> dict[str, bytes]:
         raise BundleError(f"no bundle at {p}")
     names = (MODEL_FILE, META_FILE, KEY_FILE)
     if p.is_dir():
+        for n in names:
+            if (p / n).is_file() and (p / n).stat().st_size > _member_limit(n):
+                raise BundleError(f"{p}: {n} is too large to be a bundle member ({_limit_text(n)})")
         return {n: (p / n).read_bytes() for n in names if (p / n).is_file()}
     try:
         with zipfile.ZipFile(p) as z:
             out = {}
             for info in z.infolist():
                 if info.filename in names:
-                    if info.file_size > MAX_MEMBER_BYTES:
-                        raise BundleError(f"{p}: {info.filename} is too large to be a bundle member")
-                    out[info.filename] = z.read(info)
+                    if info.filename in out:  # which copy counts would be up to the reader: none does
+                        raise BundleError(f"{p}: {info.filename} is in the archive twice")
+                    if info.file_size > _member_limit(info.filename):
+                        raise BundleError(f"{p}: {info.filename} is too large to be a bundle member "
+                                          f"({_limit_text(info.filename)})")
+                    try:
+                        out[info.filename] = z.read(info)
+                    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError):
+                        # corrupt data, a size that lies, encryption, an unknown compression method
+                        raise BundleError(f"{p}: {info.filename} cannot be unpacked (corrupt, encrypted or "
+                                          "compressed by an unknown method): zip the bundle again, deflated or "
+                                          "stored, without a password") from None
             return out
     except zipfile.BadZipFile:
         raise BundleError(f"{p} is neither a bundle directory nor a .sdb zip") from None
+
+
+def _member_limit(name: str) -> int:
+    return MAX_META_BYTES if name == META_FILE else MAX_MEMBER_BYTES
+
+
+def _limit_text(name: str) -> str:
+    return f"at most {_member_limit(name) >> 20} MiB"
 
 
 def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
     """Parse ``meta.json`` and check every listed file's sha256; return the meta."""
     if META_FILE not in files:
         raise BundleError(f"{where}: {META_FILE} is missing")
+    if len(files[META_FILE]) > MAX_META_BYTES:
+        raise BundleError(f"{where}: {META_FILE} is too large to be a bundle member ({_limit_text(META_FILE)})")
     try:
         meta = json.loads(files[META_FILE])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{where}: {META_FILE} is not valid JSON ({e})") from None
+    except RecursionError:
+        meta = None
+    if meta is None or _depth(meta) > MAX_META_DEPTH:
+        raise BundleError(f"{where}: {META_FILE} nests its values more than {MAX_META_DEPTH} levels deep")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise BundleError(f"{where}: not an {FORMAT} bundle")
     listed = meta.get("files")
@@ -332,6 +368,7 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
     if not isinstance(meta["input"], dict) or not isinstance(meta["labels"], list):
         raise BundleError(f"{where}: {META_FILE}'s input must be an object and its labels a list")
     _dims(meta["input"].get("shape"), "input", where)
+    _check_fields(meta, where)
     if meta["mode"] not in MODES:
         raise BundleError(f"{where}: unknown mode {meta['mode']!r}")
     if meta["mode"] == "sdb" and KEY_FILE not in listed:
@@ -341,9 +378,77 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
             raise BundleError(f"{where}: only an sdb-mode classifier has a public form")
         try:
             PublicForm(meta["public_form"], output_shape(meta, where)[0])
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:  # OverflowError: an integer no float holds
             raise BundleError(f"{where}: {META_FILE}'s public_form: {e}") from None
     return meta
+
+
+def _depth(obj: Any) -> int:
+    """How deep ``obj`` (parsed JSON) nests lists and objects, without recursing."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, level)
+            if level <= MAX_META_DEPTH:
+                stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _number(v: Any) -> bool:
+    """A JSON number a float32 holds (JSON integers have no bound)."""
+    return (type(v) is int and abs(v) < 1 << 63) or (type(v) is float and math.isfinite(v))
+
+
+def _check_fields(meta: dict, where: str) -> None:
+    """The fields the service reads to serve a bundle, each of the type it reads (a bundle written by hand
+    is refused here, saying what to fix, rather than failing requests once it is served)."""
+    def bad(what: str) -> BundleError:
+        return BundleError(f"{where}: {META_FILE}'s {what}")
+
+    task = meta.get("task", "classification")
+    if not isinstance(task, str):
+        raise bad(f"task must be a string such as \"classification\", got {task!r}")
+    if "output" in meta and not isinstance(meta["output"], dict):
+        raise bad(f'output must be an object ({{"name": "{OUTPUT_NAME}", "shape": [classes]}}), got {meta["output"]!r}')
+    specs = meta.get("inputs") or [meta["input"]]
+    for spec in specs if isinstance(specs, list) else []:
+        if isinstance(spec, dict) and spec.get("dtype", "float32") != "float32":
+            raise bad(f"input {spec.get('name')!r} has dtype {spec.get('dtype')!r}: the service feeds float32 "
+                      "inputs, so the network must take float32 (export it from model.float()) and meta.json say "
+                      '"dtype": "float32"')
+    primary = meta["input"]
+    if primary.get("name") != INPUT_NAME or "dtype" not in primary:
+        raise bad(f'input must be {{"name": "{INPUT_NAME}", "shape": [...], "dtype": "float32"}}, the input the '
+                  f"service feeds (got {primary!r:.200}); {EXPORT_HINT}")
+    size = math.prod(primary["shape"])
+    if size > MAX_INPUT_ELEMENTS:
+        raise bad(f"input shape {primary['shape']} holds {size} values per sample; at most {MAX_INPUT_ELEMENTS}")
+    labels = meta["labels"]
+    if not all(isinstance(v, str) or type(v) is int for v in labels):
+        raise bad('labels must be the class names, strings, in output order (e.g. ["cat", "dog"])')
+    norm, shape = meta["normalize"], primary["shape"]
+    channels = shape[0] if len(shape) == 3 and shape[0] in (1, 3) else None  # what an image upload is made into
+    fix = (f'normalize must be {{"mean": [...], "std": [...], "scale": 255.0}}: numbers, one per input channel '
+           f"({channels or 'or one for all'}), std not 0, which make an image (pixel/scale - mean)/std")
+    if not isinstance(norm, dict) or not all(isinstance(norm.get(k), list) and norm[k] and all(map(_number, norm[k]))
+                                             for k in ("mean", "std")):
+        raise bad(f"{fix}; got {norm!r:.200}")
+    if not all(norm["std"]) or not _number(norm.get("scale", 255.0)) or not norm.get("scale", 255.0) > 0:
+        raise bad(f"{fix}; got {norm!r:.200}")
+    if channels is not None and {len(norm["mean"]), len(norm["std"])} - {1, channels}:
+        raise bad(f"{fix}; got {len(norm['mean'])} means and {len(norm['std'])} stds for {channels} channels")
+    for key in ("lam", "temperature"):
+        if meta.get(key) is not None and not _number(meta[key]):
+            raise bad(f"{key} must be a number or null, got {meta[key]!r:.100}")
+    if not isinstance(meta.get("metrics", {}), dict):
+        raise bad(f"metrics must be an object of figures, got {meta['metrics']!r:.100}")
+    check = meta.get("check")
+    if check is not None and not (isinstance(check, dict) and type(check.get("passed")) is bool
+                                  and isinstance(check.get("thresholds"), dict)
+                                  and isinstance(check.get("figures"), dict) and type(check.get("val_size")) is int):
+        raise bad("check is the self-check report a wrap writes (passed, thresholds, figures, val_size); "
+                  "a bundle made by hand has none: remove it")
 
 
 def reseal_bundle(path: str | os.PathLike, master_key: bytes) -> Path:
@@ -442,9 +547,24 @@ def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
     dims, then by running it once on zeros of the input shape (a graph may declare one shape and
     compute another)."""
     want = output_shape(meta, where)
+    specs = meta.get("inputs") or [meta["input"]]
+    declared = [i.get("name") for i in specs if isinstance(i, dict)]
+    graph_inputs = {i.name: i for i in session.get_inputs()}
+    if sorted(graph_inputs) != sorted(map(str, declared)):
+        raise BundleError(f"{where}: model.onnx's inputs are {sorted(graph_inputs)} but {META_FILE} declares "
+                          f"{declared}: the service feeds {INPUT_NAME!r}; {EXPORT_HINT}")
+    for i in graph_inputs.values():
+        if i.type != "tensor(float)":
+            raise BundleError(f"{where}: model.onnx's input {i.name!r} is a {i.type}, but the service feeds "
+                              f"float32: {EXPORT_HINT}")
+        if i.shape and isinstance(i.shape[0], int):
+            raise BundleError(f"{where}: model.onnx's input {i.name!r} has a fixed batch size of {i.shape[0]}; a "
+                              f"bundle's batch axis is dynamic: {EXPORT_HINT}")
     outputs = {o.name: o.shape for o in session.get_outputs()}
     if OUTPUT_NAME not in outputs:
-        raise BundleError(f"{where}: model.onnx has no output {OUTPUT_NAME!r} (it has {sorted(outputs)})")
+        raise BundleError(f"{where}: model.onnx has no output {OUTPUT_NAME!r} (it has {sorted(outputs)[:10]}): "
+                          f"the service reads the one named {OUTPUT_NAME!r}, the scores before any softmax; "
+                          f"{EXPORT_HINT}")
     graph = list(outputs[OUTPUT_NAME])
     shown = ["batch" if not isinstance(graph[0], int) else graph[0], *graph[1:]] if graph else []
     mismatch = (f"{where}: model.onnx outputs {shown} but {META_FILE} declares [batch, "
@@ -453,8 +573,8 @@ def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
     if len(graph) != 1 + len(want) or any(isinstance(g, int) and g != w for g, w in zip(graph[1:], want)):
         raise BundleError(mismatch)
     if isinstance(graph[0], int):
-        raise BundleError(f"{where}: model.onnx has a fixed batch size of {graph[0]}; a bundle's batch axis is dynamic")
-    specs = meta.get("inputs") or [meta["input"]]
+        raise BundleError(f"{where}: model.onnx has a fixed batch size of {graph[0]}; a bundle's batch axis is "
+                          f"dynamic: {EXPORT_HINT}")
     try:
         feeds = {str(i["name"]): np.zeros((1, *_dims(i["shape"], "input", where)), np.float32) for i in specs}
     except (KeyError, TypeError):

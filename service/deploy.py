@@ -63,17 +63,40 @@ def check_policy(policy: OutputPolicy | dict | None, meta: dict) -> OutputPolicy
     return policy
 
 
+def check_served_name(name: str, version: str | None = None) -> None:
+    """422 unless ``name`` (and ``version``, where the bundle's own is kept: ``sdb models add``) is one the
+    routes can name and the store can keep: letters, digits, ``.``, ``_``, ``-``, at most 100 characters."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise invalid(f"the bundle's name {name[:100]!r} cannot be served: give a name that matches {NAME_PATTERN}",
+                      "invalid_request")
+    # an all-digit version is also a number the store compares (a 64-bit integer)
+    if version is not None and (not re.fullmatch(NAME_PATTERN, version) or (version.isdigit() and len(version) > 18)):
+        raise invalid(f"the bundle's version {version[:100]!r} cannot be served: set meta.json's version to one "
+                      f"that matches {NAME_PATTERN} (a number: at most 18 digits)", "invalid_request")
+
+
 def _copy_new(src: Path, folder: Path) -> Path:
     """``src`` copied to a new file in ``folder``: created exclusively, so no file is ever overwritten."""
-    folder.mkdir(parents=True, exist_ok=True)
     while True:
+        folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(6)}.sdb"
-        try:
-            with open(src, "rb") as fin, open(target, "xb") as fout:
+        with open(src, "rb") as fin:
+            try:
+                fout = open(target, "xb")  # noqa: SIM115 - closed below
+            except (FileExistsError, FileNotFoundError):  # taken, or the folder of a refused deploy just went
+                continue
+            with fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
-            return target
-        except FileExistsError:
-            continue
+        return target
+
+
+def _discard(target: Path) -> None:
+    """Remove a refused copy, and its name's folder when nothing else is in it (a name never served)."""
+    target.unlink(missing_ok=True)
+    try:
+        target.parent.rmdir()
+    except OSError:  # other versions (or another deploy's copy) are in it
+        pass
 
 
 def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer: str, actor: str,
@@ -94,8 +117,7 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
         except ApiError as e:
             raise ApiError(400, "bundle_refused", f"bundle refused: {e.message}") from None
         name = name or str(meta["name"])
-        if not re.fullmatch(NAME_PATTERN, name):
-            raise invalid(f"the bundle's name {name[:100]!r} cannot be served: give a name", "invalid_request")
+        check_served_name(name)
         policy = check_policy(policy, meta)
         refusal = store.deploy_refusal(name, deployer)  # early: no copy and no model time for a refused deploy
         if refusal is not None:
@@ -119,11 +141,11 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
         except DeployRefused as e:
             raise refused(e) from None
     except ApiError as e:
-        target.unlink(missing_ok=True)
+        _discard(target)
         store.audit(actor, "model.refused", name, e.message)
         raise
     except BaseException:
-        target.unlink(missing_ok=True)
+        _discard(target)
         raise
     store.audit(actor, "model.add", f"{row.name}@{row.version}", str(target))
     if host is not None:

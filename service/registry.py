@@ -383,10 +383,15 @@ class ModelHost:
         except (ValueError, OSError) as e:
             self.store.audit(actor, "model.refused", path, str(e))
             raise ApiError(400, "bundle_refused", f"bundle refused: {e}") from None
-        from .deploy import check_policy  # deploy imports this module
+        from .deploy import check_policy, check_served_name  # deploy imports this module
 
         policy = check_policy(policy, bundle.meta)
         name, version = str(bundle.meta["name"]), str(bundle.meta["version"])
+        try:  # what a route can name (the deploy route's rule), before anything is recorded
+            check_served_name(name, version)
+        except ApiError as e:
+            self.store.audit(actor, "model.refused", path, e.message)
+            raise
         with self._lock:  # one writer at a time: a sync must not load the row this add is writing
             row = self.store.add_model(name, version, path, **policy.model_dump())
             if row is None:
