@@ -30,6 +30,10 @@ class SDBConfig:
     # closer tie between each class and its partners; the top-1 is the network's whatever the gap.
     public_gap: float = 1.0
     public_floor: float = 8.0
+    # Fit one factor on the keyed path's logits to the teacher's soft labels after training (sdb.keyed_scale):
+    # where the key hides much of a low-SNR input (1-D tones) the keyed logits come out flatter than the
+    # teacher's (spread 0.5-1.3 vs 2.0) and teach a student at T less; images keep ~1 and are left as trained.
+    calibrate_keyed: bool = True
     # Clipping matters: the first epoch's gradients are ~10x a teacher's (the keyed path starts
     # out wrong) and without a clip one run in three collapsed to a constant output here.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.01, batch_size=64,

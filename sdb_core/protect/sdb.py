@@ -38,6 +38,7 @@ from .config import CheckConfig, SDBConfig
 from .key import blend, generate_key, random_keys
 from .teacher import check_teacher
 
+CALIBRATION_INPUTS = 2000  # training inputs the keyed path's scale is fitted on
 CACHED_LOGITS_MAX = 2**26  # teacher logits train_box keeps for the whole training split (256 MB of float32)
 
 
@@ -92,6 +93,29 @@ def public_form(num_classes: int, cfg: SDBConfig, seed: int) -> dict:
     """
     return {"partners": confusion_partners(num_classes, cfg, seed), "gap": cfg.public_gap,
             "floor": cfg.public_floor}
+
+
+def keyed_scale(keyed: Tensor, teacher: Tensor, temperature: float) -> float:
+    """The factor s on the keyed path's logits that brings its soft labels at ``temperature`` closest to the
+    teacher's (KL, convex in s; a grid over 1/4..4 in log steps, then one finer around the best): temperature
+    scaling (Guo et al. 2017, arXiv 1706.04599) of the keyed path, toward the teacher rather than the labels."""
+    def kl(s: float) -> float:
+        return soft_kl(s * keyed, teacher, temperature).item()
+
+    best = min(torch.logspace(-0.6, 0.6, 49).tolist(), key=kl)
+    return min((best * f for f in torch.logspace(-0.0125, 0.0125, 11).tolist()), key=kl)
+
+
+class ScaledLogits(nn.Module):
+    """A network whose logits are multiplied by a constant (:func:`keyed_scale`'s): the public path answers the
+    public form of the top-1, which a positive factor does not move; the keyed path's soft labels do move."""
+
+    def __init__(self, net: nn.Module, scale: float):
+        super().__init__()
+        self.net, self.scale = net, float(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) * self.scale
 
 
 def frozen_and_trainable(teacher: nn.Module, device: torch.device, data) -> tuple[nn.Module, nn.Module]:
@@ -211,9 +235,16 @@ def train_box(
         raise FloatingPointError(f"the wrap diverged ({e}) at lr {cfg.train.lr:g}, grad_clip {cfg.train.grad_clip}: "
                                  "lower the learning rate or clip gradients (SDBConfig's default training clips "
                                  "at 5; the self-checking wrap retries gentler by itself)") from None
-    box = SafeDistillationBox(model.eval(), key.cpu(), cfg.lam, cfg.temperature, mode="sdb",
+    model, scale = model.eval(), 1.0
+    if cfg.calibrate_keyed:
+        sample = x_train[:CALIBRATION_INPUTS].to(device)
+        teacher_sample = teacher_logits[:CALIBRATION_INPUTS] if cached else predict_logits(frozen, sample)
+        scale = keyed_scale(predict_logits(model, blend(sample, k, cfg.lam)), teacher_sample.to(device), T)
+        if abs(scale - 1.0) > 0.05:  # within 5 % the soft labels hardly move: the network is kept as trained
+            model = ScaledLogits(model, scale)
+    box = SafeDistillationBox(model, key.cpu(), cfg.lam, cfg.temperature, mode="sdb",
                               public_form=form)
     report = public_report(frozen, box, data.test)
-    report.update(mode="sdb", lam=cfg.lam, temperature=T, seconds=time.perf_counter() - t0,
+    report.update(mode="sdb", lam=cfg.lam, temperature=T, keyed_scale=round(scale, 4), seconds=time.perf_counter() - t0,
                   step_seconds=history.step_seconds, history=history.epochs)
     return WrapResult(box, report)

@@ -97,3 +97,36 @@ def test_the_self_check_measures_a_signal_box_and_its_public_answer_teaches_less
     assert result.report["check"]["passed"] and result.report["check"]["val_size"] == 180  # 15% of 1,200
     # The public answer carries the top-1 and nothing else: a student learns less from it than from labels.
     assert f["kd_public"] < f["labels_only"] - 5.0, f
+
+
+def test_the_keyed_scale_is_the_factor_that_brings_soft_labels_to_the_teachers():
+    from sdb_core.protect.sdb import keyed_scale
+
+    teacher = torch.randn(300, 5, generator=torch.Generator().manual_seed(0)) * 2.0
+    for factor in (0.5, 1.0, 2.5):  # keyed logits a factor too flat or too sharp: the scale undoes it
+        assert keyed_scale(teacher / factor, teacher, 4.0) == pytest.approx(factor, rel=0.02)
+
+
+def test_a_calibrated_keyed_path_teaches_soft_labels_closer_to_the_teachers(wrapped):
+    """On the noisy tones the key hides much of the input and the keyed logits come out flatter than the
+    teacher's; one factor on the logits, fitted on training inputs, brings the keyed soft labels at T closer to
+    the teacher's on test inputs, and leaves every top-1 (so the public form) as it was."""
+    from sdb_core.distill.losses import soft_kl
+    from sdb_core.protect.sdb import ScaledLogits
+
+    kind, data, teacher, result = wrapped
+    box, x = result.box, data.test.tensors[0]
+    scale = result.report["keyed_scale"]
+    assert isinstance(box.model, ScaledLogits) == (abs(scale - 1.0) > 0.05), scale
+    if kind == "signals":  # the tones' keyed logits are far flatter than the teacher's (1.36 when written)
+        assert scale > 1.15, scale
+    elif not isinstance(box.model, ScaledLogits):  # the features' keyed path is near the teacher's scale (1.07)
+        return
+    uncalibrated = box.with_key(box._key.reveal())
+    uncalibrated.model = box.model.net
+    with torch.no_grad():
+        a = teacher(x)
+        kl = {name: soft_kl(b.distill_logits(x), a, 4.0).item() for name, b in
+              (("calibrated", box), ("as trained", uncalibrated))}
+        assert torch.equal(box.model(x).argmax(1), box.model.net(x).argmax(1))
+    assert kl["calibrated"] < kl["as trained"] - 0.01, kl

@@ -230,6 +230,7 @@ def test_teacher_logits_too_big_to_keep_are_computed_per_step(digits, digits_tea
     small = type(digits)(digits.name, TensorDataset(*(t[:300] for t in digits.train.tensors)), digits.test,
                          digits.num_classes, digits.in_shape, digits.mean, digits.std, digits.labels)
     cfg, key = SDBConfig(train=TrainConfig(epochs=1, lr=0.01)), _seeded_key(digits)
+    monkeypatch.setattr(sdb, "CALIBRATION_INPUTS", 100)  # the keyed scale's sample: bounded, not the split
     kept = train_box(digits_teacher, small, cfg, key=key).box
     asked = []
     monkeypatch.setattr(sdb, "CACHED_LOGITS_MAX", 300 * digits.num_classes - 1)
