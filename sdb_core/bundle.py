@@ -230,12 +230,12 @@ def export_bundle(
     if isinstance(box, SafeDistillationBox):
         model, mode, has_key = box.model, box.mode, box.has_key
         lam, temperature = (box.lam if box.has_key else None), box.temperature
-        form = box.public_form
+        form, scale = box.public_form, (box.keyed_scale if box.has_key else 1.0)
         out_shape = _output_shape(model, in_shape)
         if extra_inputs:
             raise BundleError("a protection box has one input; extra_inputs are for plain modules")
     else:
-        model, mode, has_key, lam, temperature, form = box, "plain", False, None, None, None
+        model, mode, has_key, lam, temperature, form, scale = box, "plain", False, None, None, None, 1.0
         out_shape = _output_shape(model, in_shape, extra_inputs)
     if has_key and master_key is None:
         raise BundleError("a keyed box needs the master key to seal its key")
@@ -259,6 +259,8 @@ def export_bundle(
     }
     if form is not None:  # only then: bundles without one keep their meta.json exactly as before
         meta["public_form"] = form
+    if scale != 1.0:  # likewise: the keyed path's factor (protect.sdb.keyed_scale), where one was fitted
+        meta["keyed_scale"] = scale
     if dynamic_spatial:
         meta["input"]["dynamic_spatial"] = True
     if extra_inputs:  # only then: single-input bundles keep their meta.json exactly as before
@@ -441,6 +443,8 @@ def _check_fields(meta: dict, where: str) -> None:
     for key in ("lam", "temperature"):
         if meta.get(key) is not None and not _number(meta[key]):
             raise bad(f"{key} must be a number or null, got {meta[key]!r:.100}")
+    if "keyed_scale" in meta and not (_number(meta["keyed_scale"]) and meta["keyed_scale"] > 0):
+        raise bad(f"keyed_scale must be a positive number, got {meta['keyed_scale']!r:.100}")
     if not isinstance(meta.get("metrics", {}), dict):
         raise bad(f"metrics must be an object of figures, got {meta['metrics']!r:.100}")
     check = meta.get("check")
@@ -639,8 +643,14 @@ class Bundle:
         lam = float(self.meta["lam"])
         return (lam * np.asarray(x, dtype=np.float32) + (1.0 - lam) * self._key).astype(np.float32)
 
+    def keyed_answer(self, z: np.ndarray) -> np.ndarray:
+        """The keyed path's answer for the network's logits ``z`` of keyed inputs: ``z`` times the keyed scale
+        (``meta["keyed_scale"]``, fitted to the teacher's soft labels by the wrap; 1 when absent)."""
+        scale = float(self.meta.get("keyed_scale", 1.0))
+        return z if scale == 1.0 else (z * np.float32(scale)).astype(np.float32)
+
     def distill_logits(self, x: np.ndarray) -> np.ndarray:
-        return self.network_logits(self.keyed_input(x))
+        return self.keyed_answer(self.network_logits(self.keyed_input(x)))
 
     def __repr__(self) -> str:
         return f"Bundle(name={self.name!r}, version={self.meta['version']!r}, key={'<hidden>' if self._key is not None else None})"

@@ -184,7 +184,8 @@ class HostedModel:
         out, start = [], 0
         for x, (_, keyed) in zip(xs, items, strict=True):
             part = z[start:start + len(x)]
-            out.append(part if keyed else self.bundle.public_answer(part))  # an SDB box's public form
+            # the keyed path's scale, or an SDB box's public form
+            out.append(self.bundle.keyed_answer(part) if keyed else self.bundle.public_answer(part))
             start += len(x)
         return out
 

@@ -10,6 +10,8 @@ and answer on the input's device (a CPU tensor gets a CPU answer from a box trai
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,13 +45,16 @@ class NoKeyError(PermissionError):
 
 class SafeDistillationBox:
     def __init__(self, model: nn.Module, key: Tensor | None, lam: float = 0.5,
-                 temperature: float = 4.0, mode: str = "sdb", public_form: dict | None = None) -> None:
+                 temperature: float = 4.0, mode: str = "sdb", public_form: dict | None = None,
+                 keyed_scale: float = 1.0) -> None:
         if mode not in ("sdb", "nasty"):
             raise ValueError(f"mode must be 'sdb' or 'nasty', got {mode!r}")
         if mode == "sdb" and key is None:
             raise ValueError("an SDB box needs a key (use mode='nasty' for a keyless box)")
         if not 0.0 < lam <= 1.0:
             raise ValueError(f"lam must be in (0, 1], got {lam}")
+        if not (keyed_scale > 0 and math.isfinite(keyed_scale)):
+            raise ValueError(f"keyed_scale must be a positive number, got {keyed_scale}")
         self.model = model.eval()
         self.lam = lam
         self.temperature = temperature
@@ -58,6 +63,8 @@ class SafeDistillationBox:
         # sdb.public_form; its table's row y is the public answer when the network's top-1 is y
         self.public_form = public_form
         self._form = None if public_form is None else PublicForm(public_form)
+        # sdb.keyed_scale: the keyed path's logits times this (1: as the network answers)
+        self.keyed_scale = float(keyed_scale)
 
     @property
     def has_key(self) -> bool:
@@ -81,15 +88,16 @@ class SafeDistillationBox:
 
     @torch.no_grad()
     def distill_logits(self, x: Tensor) -> Tensor:
-        """Keyed path: logits of the network on ``λ·x + (1 − λ)·k``, on ``x``'s device."""
+        """Keyed path: logits of the network on ``λ·x + (1 − λ)·k`` times ``keyed_scale``, on ``x``'s device."""
         if self._key is None:
             raise NoKeyError("this box has no key (Nasty Teacher mode): it has no distillable path")
         self.model.eval()
-        return self.model(blend(x.to(self._device()), self._key.reveal(), self.lam)).to(x.device)
+        z = self.model(blend(x.to(self._device()), self._key.reveal(), self.lam)).to(x.device)
+        return z if self.keyed_scale == 1.0 else z * self.keyed_scale
 
     def with_key(self, key: Tensor) -> SafeDistillationBox:
         """The same network under another key: what a guessed key would unlock."""
-        return SafeDistillationBox(self.model, key, self.lam, self.temperature, "sdb", self.public_form)
+        return SafeDistillationBox(self.model, key, self.lam, self.temperature, "sdb", self.public_form, self.keyed_scale)
 
     def reveal_key(self) -> Tensor:
         """For sealing into a bundle; the one deliberate way to read the key."""

@@ -106,18 +106,6 @@ def keyed_scale(keyed: Tensor, teacher: Tensor, temperature: float) -> float:
     return min((best * f for f in torch.logspace(-0.0125, 0.0125, 11).tolist()), key=kl)
 
 
-class ScaledLogits(nn.Module):
-    """A network whose logits are multiplied by a constant (:func:`keyed_scale`'s): the public path answers the
-    public form of the top-1, which a positive factor does not move; the keyed path's soft labels do move."""
-
-    def __init__(self, net: nn.Module, scale: float):
-        super().__init__()
-        self.net, self.scale = net, float(scale)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x) * self.scale
-
-
 def frozen_and_trainable(teacher: nn.Module, device: torch.device, data) -> tuple[nn.Module, nn.Module]:
     """f_A (a frozen eval-mode copy) and f (a trainable copy) of a teacher checked against ``data``
     (:func:`~.teacher.check_teacher`): the owner's model stays untouched."""
@@ -239,12 +227,11 @@ def train_box(
     if cfg.calibrate_keyed:
         sample = x_train[:CALIBRATION_INPUTS].to(device)
         teacher_sample = teacher_logits[:CALIBRATION_INPUTS] if cached else predict_logits(frozen, sample)
-        scale = keyed_scale(predict_logits(model, blend(sample, k, cfg.lam)), teacher_sample.to(device), T)
-        if abs(scale - 1.0) > 0.05:  # within 5 % the soft labels hardly move: the network is kept as trained
-            model = ScaledLogits(model, scale)
+        fitted = keyed_scale(predict_logits(model, blend(sample, k, cfg.lam)), teacher_sample.to(device), T)
+        scale = round(fitted, 4) if abs(fitted - 1.0) > 0.05 else 1.0  # within 5 %: soft labels hardly move
     box = SafeDistillationBox(model, key.cpu(), cfg.lam, cfg.temperature, mode="sdb",
-                              public_form=form)
+                              public_form=form, keyed_scale=scale)
     report = public_report(frozen, box, data.test)
-    report.update(mode="sdb", lam=cfg.lam, temperature=T, keyed_scale=round(scale, 4), seconds=time.perf_counter() - t0,
+    report.update(mode="sdb", lam=cfg.lam, temperature=T, keyed_scale=scale, seconds=time.perf_counter() - t0,
                   step_seconds=history.step_seconds, history=history.epochs)
     return WrapResult(box, report)

@@ -107,26 +107,31 @@ def test_the_keyed_scale_is_the_factor_that_brings_soft_labels_to_the_teachers()
         assert keyed_scale(teacher / factor, teacher, 4.0) == pytest.approx(factor, rel=0.02)
 
 
-def test_a_calibrated_keyed_path_teaches_soft_labels_closer_to_the_teachers(wrapped):
+def test_a_calibrated_keyed_path_teaches_soft_labels_closer_to_the_teachers(tmp_path, wrapped):
     """On the noisy tones the key hides much of the input and the keyed logits come out flatter than the
-    teacher's; one factor on the logits, fitted on training inputs, brings the keyed soft labels at T closer to
-    the teacher's on test inputs, and leaves every top-1 (so the public form) as it was."""
+    teacher's; one factor on the keyed path's logits, fitted on training inputs, brings its soft labels at T
+    closer to the teacher's on test inputs. The network is untouched (its ONNX layers keep their names) and so
+    is every top-1; the bundle carries the factor and its keyed path answers with it."""
     from sdb_core.distill.losses import soft_kl
-    from sdb_core.protect.sdb import ScaledLogits
 
     kind, data, teacher, result = wrapped
     box, x = result.box, data.test.tensors[0]
     scale = result.report["keyed_scale"]
-    assert isinstance(box.model, ScaledLogits) == (abs(scale - 1.0) > 0.05), scale
+    assert box.keyed_scale == scale and (scale == 1.0 or abs(scale - 1.0) > 0.05), scale
     if kind == "signals":  # the tones' keyed logits are far flatter than the teacher's (1.36 when written)
         assert scale > 1.15, scale
-    elif not isinstance(box.model, ScaledLogits):  # the features' keyed path is near the teacher's scale (1.07)
+    elif scale == 1.0:  # the features' keyed path is near the teacher's scale (1.07 when written)
         return
-    uncalibrated = box.with_key(box._key.reveal())
-    uncalibrated.model = box.model.net
+    as_trained = box.with_key(box.reveal_key())
+    as_trained.keyed_scale = 1.0
     with torch.no_grad():
         a = teacher(x)
         kl = {name: soft_kl(b.distill_logits(x), a, 4.0).item() for name, b in
-              (("calibrated", box), ("as trained", uncalibrated))}
-        assert torch.equal(box.model(x).argmax(1), box.model.net(x).argmax(1))
+              (("calibrated", box), ("as trained", as_trained))}
+        assert torch.equal(box.distill_logits(x).argmax(1), as_trained.distill_logits(x).argmax(1))
     assert kl["calibrated"] < kl["as trained"] - 0.01, kl
+    master = new_master_key()
+    b = load_bundle(export_bundle(box, tmp_path / kind, name=kind, in_shape=data.in_shape, mean=data.mean,
+                                  std=data.std, labels=data.labels, master_key=master), master)
+    assert b.meta["keyed_scale"] == scale
+    assert np.abs(b.distill_logits(x[:40].numpy()) - box.distill_logits(x[:40]).numpy()).max() <= 1e-4

@@ -48,7 +48,7 @@ def test_ranks_a_hosted_model_trained_on_the_task_above_a_random_upload(server, 
     with Client(s.url, admin) as c:
         sub = c.jobs.submit("transferability", JOB)
         job = c.jobs.wait(sub["id"], timeout=120, poll_s=0.2)
-        assert job["status"] == "succeeded", job
+        assert job["status"] == "succeeded", (job.get("error"), job.get("message"))
         assert job["result"]["ranking"] == ["digits-a", "random"], job["result"]
         names = {a["name"] for a in c.jobs.artifacts(sub["id"])}
         assert {"report.json", "similarity.png", "attribution.png"} <= names

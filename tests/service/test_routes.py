@@ -79,6 +79,9 @@ async def test_distill_keyed_logits_differ_and_match_bundle(svc, bundles):
     keyed = np.array(body["logits"], dtype=np.float32)
     ref = load_bundle(bundles.a2, svc.settings.master_key)  # the highest version, with its own key
     np.testing.assert_allclose(keyed, ref.distill_logits(bundles.x), rtol=1e-4, atol=1e-4)
+    # the keyed path's scale (meta.json's keyed_scale) is the server's to apply
+    assert ref.meta["keyed_scale"] == 1.25
+    np.testing.assert_allclose(keyed, 1.25 * ref.network_logits(ref.keyed_input(bundles.x)), rtol=1e-4, atol=1e-4)
     other = load_bundle(bundles.a, svc.settings.master_key)  # version 1: another network, another key
     assert np.abs(keyed - other.distill_logits(bundles.x)).max() > 0.1
     public = ref.public_logits(bundles.x)
