@@ -40,9 +40,28 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     state = _unwrapped(read_state_dict(path), set(model.state_dict()))
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise WeightsError(f"weights in {path} do not fit {type(model).__name__}: {str(e)[:500]}") from None
+    except RuntimeError:
+        raise WeightsError(f"weights in {path} do not fit {type(model).__name__}: {_misfit(model, state)}; were "
+                           "they saved from this architecture, for this number of classes and input channels?") from None
     return model
+
+
+def _misfit(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """What keeps ``state`` from fitting ``model``, in one line (torch's message lists every tensor)."""
+    own = model.state_dict()
+    shapes = [(k, list(state[k].shape), list(v.shape)) for k, v in own.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    parts = []
+    if shapes:
+        k, saved, wanted = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) of another shape, the first {k}: {saved} in the file, {wanted} in "
+                     "the model")
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) of the model not in the file, the first {missing[0]!r}")
+    if extra:
+        parts.append(f"{len(extra)} tensor(s) in the file the model lacks, the first {extra[0]!r}")
+    return "; ".join(parts) or "the state dict does not load"
 
 
 def _unwrapped(state: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:

@@ -94,21 +94,22 @@ def encdec_from_state(state: dict[str, Tensor]) -> EncDec:
 
     So a weights file alone says what network it is; ValueError when it is not an EncDec's.
     """
+    levels = 0
+    while any(k.startswith(f"stages.enc{levels + 1}.") for k in state):
+        levels += 1
+    convs = [k for k in state if k.startswith("stages.enc1.") and state[k].dim() == 4]
+    if levels < 2 or not convs:  # before reading widths: another network's names have no stages at all
+        raise ValueError(f"not the weights of an encoder-decoder (EncDec): {levels} encoder stages found")
+    stage_convs = [[k for k in state if k.startswith(f"stages.enc{i}.") and state[k].dim() == 4]
+                   for i in range(1, levels + 1)]
+    if not all(stage_convs):
+        raise ValueError("not the weights of an encoder-decoder (EncDec): an encoder stage has no convolution")
     try:
-        levels = 0
-        while any(k.startswith(f"stages.enc{levels + 1}.") for k in state):
-            levels += 1
-        convs = [k for k in state if k.startswith("stages.enc1.") and state[k].dim() == 4]
-        widths = []
-        for i in range(1, levels + 1):
-            ws = [k for k in state if k.startswith(f"stages.enc{i}.") and state[k].dim() == 4]
-            widths.append(int(state[max(ws, key=lambda k: int(k.split(".")[2]))].shape[0]))
+        widths = [int(state[max(ws, key=lambda k: int(k.split(".")[2]))].shape[0]) for ws in stage_convs]
         in_channels = int(state[min(convs, key=lambda k: int(k.split(".")[2]))].shape[1])
         out_channels = int(state["stages.head.weight"].shape[0])
     except (KeyError, ValueError, IndexError) as e:
         raise ValueError(f"not the weights of an encoder-decoder (EncDec): {e}") from None
-    if levels < 2 or not convs:
-        raise ValueError(f"not the weights of an encoder-decoder (EncDec): {levels} encoder stages found")
     return EncDec(in_channels, out_channels, widths, len(convs))
 
 

@@ -160,3 +160,17 @@ def test_cnn_learns_mnist_5k():
     with torch.no_grad():
         acc = (model.eval()(x).argmax(1) == y).float().mean().item()
     assert acc > 0.85, acc
+
+
+def test_an_encdec_is_read_from_its_weights_and_another_networks_are_refused_in_words():
+    from sdb_core.models.encdec import EncDec, encdec_from_state
+
+    net = EncDec(3, 5, [8, 16], 2)
+    rebuilt = encdec_from_state(net.state_dict())
+    rebuilt.load_state_dict(net.state_dict())  # the same shapes, every tensor
+    # A classifier's weights given as a branching teacher: said so, not "min() arg is an empty sequence".
+    for other in (create_model("cnn", num_classes=10, in_shape=(1, 28, 28)).state_dict(),
+                  {k: v for k, v in net.state_dict().items() if not (k.startswith("stages.enc2.") and v.dim() == 4)}):
+        with pytest.raises(ValueError, match=r"^not the weights of an encoder-decoder \(EncDec\): "
+                           r"(0 encoder stages found|an encoder stage has no convolution)$"):
+            encdec_from_state(other)
