@@ -145,10 +145,11 @@ def requested_outputs(model: HostedModel, names: Sequence[str] | None) -> list[s
 
 # --------------------------------------------------------------------------- inputs
 def tensor_shape(value: Any) -> list[int]:
-    """A tensor's shape as the protocol writes it: a list of at most 8 non-negative integers; 422 otherwise."""
+    """A tensor's shape as the protocol writes it: a list of at most 8 non-negative integers, each an int64 as
+    the protocol's gRPC form has them (JSON's parser takes integers up to 2**64 - 1); 422 otherwise."""
     if (not isinstance(value, list) or not value or len(value) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)):
-        raise invalid("shape must be a list of non-negative integers", "invalid_shape")
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 63 for d in value)):
+        raise invalid("shape must be a list of non-negative integers (int64)", "invalid_shape")
     return value
 
 

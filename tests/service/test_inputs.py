@@ -118,6 +118,9 @@ BAD = [
      v2_binary("BYTES", [1], bytes_elements(b"", b"") + b"\x01\x00"), 400,
      "more BYTES elements than the 1 its shape needs"),
     # one image per sample: a BYTES shape over max_request_samples is refused before any element is read
+    # a dimension no int64 holds (JSON takes up to 2**64 - 1 as an integer): refused as a shape, as gRPC's would be
+    ("v2 dimension past int64", "post", V2_INFER, v2_binary("BYTES", [2**63], b""), 422,
+     "shape must be a list of non-negative integers (int64)"),
     ("v2 BYTES count over max_request_samples", "post", V2_INFER,
      v2_binary("BYTES", [2000], bytes_elements(b"")), 422, "2000 samples in one request; at most 1024"),
     ("v2 JSON BYTES count over max_request_samples", "post", V2_INFER,
