@@ -113,13 +113,31 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
     an image-shaped one (C, H, W) gets its own free H, W axes.
     The export is checked against the network (:func:`_check_export`), on ``samples`` (real
     inputs, a tensor (N, *in_shape)) when given, and on random ones at batch sizes 1 and 3.
+    A ``torch.compile``'d module exports its original module; parametrized weights (``weight_norm``,
+    ``spectral_norm``) export as the weights they compute in eval mode. What the exporter cannot
+    express is a :class:`BundleError` that names it.
     """
+    import copy
+
     import torch
+    from torch.nn.utils import parametrize
 
     from .train import device_of
 
-    model = model.eval()
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule: its graph does not trace
+    model = (inner if isinstance(inner, torch.nn.Module) else model).eval()
     device = device_of(model)
+    traced = model
+    if any(parametrize.is_parametrized(m) for m in model.modules()):  # spectral_norm's power step has no ONNX op
+        traced = copy.deepcopy(model).eval()
+        for m in [m for m in traced.modules() if parametrize.is_parametrized(m)]:
+            # A copy shares its Parametrized* class with the original, and removing a parametrization deletes the
+            # class's property: the copy gets a class of its own, or the owner's network would lose its weight.
+            cls = type(m)
+            m.__class__ = type(cls.__name__, cls.__bases__,
+                               {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+            for name in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=True)
     names, args, axes = [], [], {}
     for name, shape in [(INPUT_NAME, in_shape), *extra_inputs]:
         a: dict[int, str] = {0: "batch"}
@@ -136,10 +154,18 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: fast, no onnxscript needed, and exact for these graphs.
-        torch.onnx.export(model, tuple(args), buf,
-                          input_names=names, output_names=[OUTPUT_NAME],
-                          dynamic_axes={**axes, OUTPUT_NAME: out_axes},
-                          opset_version=17, dynamo=False)
+        try:
+            torch.onnx.export(traced, tuple(args), buf,
+                              input_names=names, output_names=[OUTPUT_NAME],
+                              dynamic_axes={**axes, OUTPUT_NAME: out_axes},
+                              opset_version=17, dynamo=False)
+        except Exception as e:  # noqa: BLE001 - the exporter raises its own hierarchy; a user sees one clear error
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise BundleError(
+                f"the network does not export to ONNX (opset 17, TorchScript exporter): {type(e).__name__}: {first}. "
+                "An operation the exporter cannot express (e.g. adaptive pooling of a size computed from the "
+                "input's shape, a torch.compile'd submodule): write it with fixed sizes or plain tensor ops, and "
+                "try torch.onnx.export(model, x, dynamo=False) on the network itself") from None
     onnx_bytes = buf.getvalue()
     _check_export(model, onnx_bytes, [(INPUT_NAME, in_shape), *extra_inputs], samples)
     return onnx_bytes

@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -169,20 +169,35 @@ def fit(
     return history
 
 
+def logits_of(out):
+    """A forward's logits: ``out`` itself, or the ``logits`` tensor of a mapping (``{"logits": z}``) or of an object
+    that has one (a HuggingFace ``ModelOutput``, a dataclass); anything else as it is."""
+    if isinstance(out, Tensor):
+        return out
+    z = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    return z if isinstance(z, Tensor) else out
+
+
 @torch.no_grad()
 def predict_logits(fn: Callable[[Tensor], Tensor] | nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
     """Run ``fn`` over ``x`` in batches, in eval mode; float32 outputs on ``x``'s device.
 
-    A module runs on its own device (the batches are moved there); any other callable (a box's
-    path, an API) gets the batches where ``x`` is and places its work itself.
+    A module runs on its own device (the batches are moved there) and is left in the modes it was found in,
+    module by module; any other callable (a box's path, an API) gets the batches where ``x`` is and places its
+    work itself. An output with a ``logits`` tensor (:func:`logits_of`) answers that tensor.
     """
+    modes = [(m, m.training) for m in fn.modules()] if isinstance(fn, nn.Module) else []
     if isinstance(fn, nn.Module):
         fn.eval()
         device = device_of(fn)
     else:
         device = x.device
-    return torch.cat([torch.as_tensor(fn(x[i:i + batch_size].to(device))).float().to(x.device)
-                      for i in range(0, len(x), batch_size)])
+    try:
+        return torch.cat([torch.as_tensor(logits_of(fn(x[i:i + batch_size].to(device)))).float().to(x.device)
+                          for i in range(0, len(x), batch_size)])
+    finally:
+        for m, training in modes:  # the owner's model as it was: a train-mode teacher stays in train mode
+            m.training = training
 
 
 def accuracy(fn: Callable[[Tensor], Tensor] | nn.Module, data: Dataset, batch_size: int = 500) -> float:

@@ -20,7 +20,6 @@ top-1, not the network's logits. Why these values, and what was measured: docs/p
 """
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from .box import SafeDistillationBox
 from .check import checked_wrap
 from .config import CheckConfig, SDBConfig
 from .key import blend, generate_key, random_keys
-from .teacher import check_teacher
+from .teacher import check_teacher, copy_teacher
 
 CALIBRATION_INPUTS = 2000  # training inputs the keyed path's scale is fitted on
 CACHED_LOGITS_MAX = 2**26  # teacher logits train_box keeps for the whole training split (256 MB of float32)
@@ -108,12 +107,17 @@ def keyed_scale(keyed: Tensor, teacher: Tensor, temperature: float) -> float:
 
 def frozen_and_trainable(teacher: nn.Module, device: torch.device, data) -> tuple[nn.Module, nn.Module]:
     """f_A (a frozen eval-mode copy) and f (a trainable copy) of a teacher checked against ``data``
-    (:func:`~.teacher.check_teacher`): the owner's model stays untouched."""
-    check_teacher(teacher, data)
-    frozen = copy.deepcopy(teacher).to(device).eval()
+    (:func:`~.teacher.check_teacher`; its network: a compiled module's original, the ``logits`` of a dict or
+    ``ModelOutput``): the owner's model stays untouched. Every float parameter of f trains, whatever the owner
+    froze: the keyed path's inputs are blended with the key, so the first layers have to learn too."""
+    net = check_teacher(teacher, data)
+    frozen = copy_teacher(net).to(device).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
-    return frozen, copy.deepcopy(teacher).to(device)
+    model = copy_teacher(net).to(device)
+    for p in model.parameters():
+        p.requires_grad_(p.is_floating_point())
+    return frozen, model
 
 
 def public_report(teacher: nn.Module, box: SafeDistillationBox, test, keyed: bool = True) -> dict:

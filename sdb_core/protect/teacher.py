@@ -2,23 +2,76 @@
 wrong with their model in their own terms, not from an index error deep in a loss."""
 from __future__ import annotations
 
+import copy
+import io
+
 import torch
 from torch import nn
 
-from ..train import device_of
+from ..train import device_of, logits_of
 
 
-def check_teacher(teacher: nn.Module, data) -> None:
+class Logits(nn.Module):
+    """The network of a teacher whose forward answers ``{"logits": z}`` or an object with ``.logits`` (a HuggingFace
+    ``ModelOutput``, a dataclass): it answers ``z`` (:func:`~sdb_core.train.logits_of`), so the box trains, exports
+    and serves the logits alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(x))
+
+
+def _modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in module.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:  # module by module: a train-mode model with frozen (eval) BatchNorm stays so
+        m.training = training
+
+
+def plain_teacher(teacher: nn.Module) -> nn.Module:
+    """The module a box is made of: a ``torch.compile``'d teacher's original module (a compiled graph neither
+    copies into a trainable network nor exports to ONNX; the box is the same function without it)."""
+    inner = getattr(teacher, "_orig_mod", None)  # torch._dynamo's OptimizedModule
+    return inner if isinstance(inner, nn.Module) else teacher
+
+
+def copy_teacher(teacher: nn.Module) -> nn.Module:
+    """An independent copy of ``teacher`` (:func:`plain_teacher`) with leaf parameters: a TorchScript module
+    (``torch.jit.script``/``trace``) is copied through ``torch.jit.save``/``load``, since ``copy.deepcopy`` of one
+    gives parameters that are not leaves (nothing can train or freeze them)."""
+    teacher = plain_teacher(teacher)
+    if isinstance(teacher, Logits):
+        return Logits(copy_teacher(teacher.model))
+    if isinstance(teacher, torch.jit.ScriptModule):
+        buf = io.BytesIO()
+        torch.jit.save(teacher, buf)
+        buf.seek(0)
+        return torch.jit.load(buf, map_location=device_of(teacher))
+    return copy.deepcopy(teacher)
+
+
+def check_teacher(teacher: nn.Module, data) -> nn.Module:
     """Raise ``ValueError`` unless ``teacher`` is a float32 network that maps a batch of ``data``'s inputs
     (N, *in_shape) to finite float logits (N, num_classes) (``data``: checked by ``DataSplits.checked``).
     It runs on two training inputs in eval mode without gradients (nothing in the model moves), and
-    leaves the model in the mode it found it in."""
+    leaves every module of the model in the mode it found it in.
+
+    Returns the network a box copies: ``teacher`` (its compiled module's original, :func:`plain_teacher`), inside
+    :class:`Logits` when its forward answers the logits as ``out["logits"]`` or ``out.logits``. Probabilities (an
+    ``nn.Softmax`` at the end: every row in [0, 1], summing to 1) are refused: the recipe's soft labels at T = 4
+    read logits, and probabilities taken for logits teach nothing."""
+    teacher = plain_teacher(teacher)
     x = data.train.tensors[0][:2]
     k = data.num_classes
     other = sorted({str(p.dtype) for p in teacher.parameters() if p.is_floating_point() and p.dtype != torch.float32})
     if other:  # the box trains, exports (ONNX) and serves in float32, on float32 inputs
         raise ValueError(f"the teacher's parameters are {', '.join(other)}: the box is float32; pass teacher.float()")
-    training = teacher.training
+    modes = _modes(teacher)
     try:
         with torch.no_grad():
             out = teacher.eval()(x.to(device_of(teacher)))
@@ -26,16 +79,29 @@ def check_teacher(teacher: nn.Module, data) -> None:
         raise ValueError(f"the teacher cannot run on this data's inputs (a batch of shape {tuple(x.shape)}): "
                          f"{type(e).__name__}: {e}") from e
     finally:
-        teacher.train(training)
-    if not isinstance(out, torch.Tensor):  # a ValueError like the rest: one exception for "not a classifier of data"
-        raise ValueError(f"the teacher returns a {type(out).__name__}, not a tensor of logits: wrap a module "  # noqa: TRY004
-                         f"whose forward returns (N, {k}) logits (e.g. the 'logits' entry, or the first element)")
-    if out.shape == (len(x), 1) and k == 2:
+        _restore(modes)
+    z = logits_of(out)
+    if not isinstance(z, torch.Tensor):  # a ValueError like the rest: one exception for "not a classifier of data"
+        what = f"a dict with keys {sorted(map(str, out))}" if isinstance(out, dict) else f"a {type(out).__name__}"
+        raise ValueError(f"the teacher returns {what}, not a tensor of logits (nor a 'logits' entry or attribute): "  # noqa: TRY004
+                         f"wrap a module whose forward returns (N, {k}) logits (e.g. the first element)")
+    if z.shape == (len(x), 1) and k == 2:
         raise ValueError("the teacher answers one logit per input, the data has 2 classes: a binary classifier "
                          "must answer two logits, e.g. torch.cat([torch.zeros_like(z), z], 1) for its logit z")
-    if out.shape != (len(x), k):
-        raise ValueError(f"the teacher answers shape {tuple(out.shape)} for {len(x)} inputs; the data has {k} "
-                         f"classes: it must answer (N, {k}) logits")
-    if not out.is_floating_point() or not torch.isfinite(out).all():
+    if z.shape != (len(x), k):
+        flat = z.dim() > 2 and z[0].numel() == k
+        raise ValueError(f"the teacher answers shape {tuple(z.shape)} for {len(x)} inputs; the data has {k} "
+                         f"classes: it must answer (N, {k}) logits"
+                         + (": flatten its output, e.g. nn.Sequential(teacher, nn.Flatten())" if flat else ""))
+    if not z.is_floating_point() or not torch.isfinite(z).all():
         raise ValueError("the teacher's logits must be finite floats (got "
-                         f"{out.dtype}{'' if torch.isfinite(out.float()).all() else ' with NaN or Inf'})")
+                         f"{z.dtype}{'' if torch.isfinite(z.float()).all() else ' with NaN or Inf'})")
+    if k > 1 and bool((z >= 0).all() and (z <= 1).all() and torch.allclose(z.sum(1), torch.ones(len(z)).to(z), atol=1e-4)):
+        raise ValueError("the teacher answers probabilities (each row in [0, 1], summing to 1), not logits: the "
+                         "recipe reads logits (its soft labels are softmax(logits / T)); remove its final softmax "
+                         "(e.g. teacher[:-1] for an nn.Sequential ending in nn.Softmax), or answer log-probabilities "
+                         "(nn.LogSoftmax: logits up to a constant)")
+    if z is not out and isinstance(teacher, torch.jit.ScriptModule):  # ONNX's tracer cannot call it from a wrapper
+        raise ValueError("the TorchScript teacher answers its logits inside a dict or object: script (or trace) a "
+                         "module whose forward returns the logits tensor itself, or pass the nn.Module unscripted")
+    return teacher if z is out else Logits(teacher)

@@ -275,7 +275,7 @@ def test_a_diverging_setting_is_retried_gentler_and_the_report_says_so():
 @pytest.mark.parametrize("bad, message", [
     (lambda: nn.Linear(32, 1), "one logit per input"),
     (lambda: _Returns(lambda z, x: (z, x)), "returns a tuple"),
-    (lambda: _Returns(lambda z, x: {"logits": z}), "returns a dict"),
+    (lambda: _Returns(lambda z, x: {"scores": z}), r"returns a dict with keys \[.scores.\]"),
     (lambda: nn.Linear(16, 2), "cannot run on this data's inputs"),
     (lambda: nn.Linear(32, 3), r"answers shape \(2, 3\)"),
     (lambda: nn.Linear(32, 2).double(), r"parameters are torch.float64.*teacher.float\(\)"),

@@ -1,0 +1,208 @@
+"""Teachers as owners hold them: in train mode, half frozen, scripted, compiled, parametrized, answering a dict or a
+ModelOutput, or probabilities. Each wraps into a box whose bundle answers what the box does, or is refused in words;
+the owner's model comes back exactly as it was handed over."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdb_core.bundle import BundleError, export_bundle, load_bundle
+from sdb_core.protect import CheckConfig, SDBConfig, Thresholds, wrap
+from sdb_core.protect.key import new_master_key
+from sdb_core.protect.teacher import check_teacher
+from sdb_core.train import TrainConfig
+
+ONE_EPOCH = SDBConfig(train=TrainConfig(epochs=1, lr=0.01, seed=0))
+
+
+class Net(nn.Module):
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(4 * 64, 16), nn.ReLU())
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class ModelOutput(OrderedDict):
+    """HuggingFace's ModelOutput in short: a mapping whose entries are attributes too."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Answering(nn.Module):
+    """A classifier whose forward answers ``make(logits, features)``."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.net, self.make = Net(), make
+
+    def forward(self, x):
+        h = self.net.body(x)
+        return self.make(self.net.head(h), h)
+
+
+class DictScripted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+class Interpolating(nn.Module):
+    """Adaptive pooling of a size computed from the input's shape: the TorchScript exporter cannot express it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(2), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(x.shape[-2] * 2, x.shape[-1] * 2), mode="bilinear", align_corners=False)
+        return self.head(self.pool(self.conv(x)).flatten(1))
+
+
+def _net(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    return Net().eval()
+
+
+def _state(m: nn.Module) -> tuple:
+    return ({k: v.detach().clone() for k, v in m.state_dict().items()}, [x.training for x in m.modules()],
+            {n: p.requires_grad for n, p in m.named_parameters()})
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return (a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+            and a[1:] == b[1:])
+
+
+def _bundle_answers_as_the_box(box, data, tmp_path):
+    mk = new_master_key()
+    x = data.test.tensors[0][:40]
+    out = export_bundle(box, tmp_path / "b", name="b", in_shape=data.in_shape, mean=data.mean, std=data.std,
+                        master_key=mk, samples=x[:8])
+    bundle = load_bundle(out, mk)
+    np.testing.assert_array_equal(bundle.public_logits(x.numpy()), box.public_logits(x).numpy())
+    np.testing.assert_allclose(bundle.distill_logits(x.numpy()), box.distill_logits(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_train_mode_teacher_with_frozen_batchnorm_comes_back_in_its_modes_from_a_checked_wrap(digits):
+    teacher = _net().train()
+    teacher.body[1].eval()  # fine-tuning with frozen BatchNorm statistics: a common way to hold a model
+    before = _state(teacher)
+    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0)
+    wrap(teacher, digits, ONE_EPOCH, check=CheckConfig(thresholds=lax, max_attempts=1, leak_check=False))
+    assert _same(before, _state(teacher))
+
+
+def test_a_frozen_backbone_is_fine_tuned_whole_and_the_owners_flags_stay(digits):
+    teacher = _net()
+    for p in teacher.body.parameters():
+        p.requires_grad_(False)
+    before = _state(teacher)
+    box = wrap(teacher, digits, ONE_EPOCH, check=None).box
+    assert _same(before, _state(teacher))
+    # the keyed path's inputs are blended with the key: the first layers must learn too, not the head alone
+    assert not torch.equal(box.model.body[0].weight.cpu(), teacher.body[0].weight)
+
+
+@pytest.mark.parametrize("make", [lambda z, h: {"logits": z, "features": h}, lambda z, h: Output(z, h),
+                                  lambda z, h: ModelOutput(loss=None, logits=z, hidden_states=h)],
+                         ids=["dict", "dataclass", "model_output"])
+def test_logits_in_a_dict_or_a_model_output_are_what_the_box_learns_and_serves(digits, tmp_path, make):
+    torch.manual_seed(0)
+    teacher = Answering(make).eval()
+    before = _state(teacher)
+    box = wrap(teacher, digits, ONE_EPOCH, check=None).box
+    assert _same(before, _state(teacher))
+    _bundle_answers_as_the_box(box, digits, tmp_path)
+
+
+def test_a_teacher_that_answers_probabilities_is_refused_log_probabilities_are_logits(digits):
+    with pytest.raises(ValueError, match=r"probabilities .* remove its final softmax"):
+        wrap(nn.Sequential(_net(), nn.Softmax(dim=1)), digits, ONE_EPOCH, check=None)
+    check_teacher(nn.Sequential(_net(), nn.LogSoftmax(dim=1)), digits.checked())  # softmax(log p / T) = softmax(z / T)
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_torchscript_teacher_wraps_and_exports(digits, tmp_path, how):
+    net = _net()
+    teacher = torch.jit.script(net) if how == "script" else torch.jit.trace(net, digits.train.tensors[0][:2])
+    before = _state(teacher)
+    box = wrap(teacher, digits, ONE_EPOCH, check=None).box
+    assert _same(before, _state(teacher))
+    _bundle_answers_as_the_box(box, digits, tmp_path)
+
+
+def test_a_scripted_teacher_answering_a_dict_is_refused_before_any_training(digits):
+    with pytest.raises(ValueError, match="TorchScript teacher answers its logits inside a dict"):
+        wrap(torch.jit.script(DictScripted().eval()), digits, ONE_EPOCH, check=None)
+
+
+def test_a_compiled_teacher_is_wrapped_as_its_module_and_exports(digits, tmp_path):
+    net = _net()
+    box = wrap(torch.compile(net), digits, ONE_EPOCH, check=None).box
+    assert type(box.model) is Net
+    _bundle_answers_as_the_box(box, digits, tmp_path)
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_parametrized_weights_export_as_what_they_compute_and_the_teacher_keeps_them(digits, tmp_path, norm):
+    teacher = _net()
+    getattr(nn.utils.parametrizations, norm)(teacher.body[4])
+    before = _state(teacher)
+    box = wrap(teacher, digits, ONE_EPOCH, check=None).box
+    _bundle_answers_as_the_box(box, digits, tmp_path)
+    assert _same(before, _state(teacher))
+    teacher(digits.test.tensors[0][:2])  # the owner's network still runs: the export's copy took nothing from it
+    box.public_logits(digits.test.tensors[0][:2])
+
+
+def test_a_network_the_exporter_cannot_express_is_a_bundle_error_that_says_so(tmp_path):
+    with pytest.raises(BundleError, match="does not export to ONNX .*adaptive_avg_pool2d"):
+        export_bundle(Interpolating().eval(), tmp_path / "b", name="b", in_shape=(1, 8, 8), mean=(0.0,), std=(1.0,))
+
+
+@pytest.mark.parametrize("reshape", [lambda z: z[:, :, None, None], lambda z: z[:, None, :]], ids=["NK11", "N1K"])
+def test_logits_of_an_extra_unit_axis_are_refused_with_the_fix(digits, reshape):
+    class Shaped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, x):
+            return reshape(self.net(x))
+
+    with pytest.raises(ValueError, match=r"must answer \(N, 10\) logits: flatten its output"):
+        wrap(Shaped(), digits, ONE_EPOCH, check=None)
+
+
+def test_predict_logits_leaves_a_models_modes_as_it_found_them():
+    from sdb_core.train import predict_logits
+
+    net = _net().train()
+    net.body[1].eval()
+    modes = [m.training for m in net.modules()]
+    predict_logits(net, torch.zeros(3, 1, 8, 8))
+    assert [m.training for m in net.modules()] == modes
+    assert net.training
