@@ -5,6 +5,7 @@ changes within ``models_sync_s`` and key changes within ``auth_cache_s``."""
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from datetime import UTC, datetime
@@ -12,8 +13,8 @@ from datetime import UTC, datetime
 from sdb_core.protect.config import POLICIES, AuditConfig
 from service.auth import ApiKey, create_key
 from service.errors import ApiError
-from service.settings import Settings
-from service.store import Store
+from service.settings import Settings, SettingsError
+from service.store import Store, open_store
 
 
 def _when(t: float | None) -> str:
@@ -24,13 +25,48 @@ def _split(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
 
+def _open_store(settings: Settings) -> Store:
+    """The data dir's store; a data dir or store that cannot be opened is one line (exit 2), not a traceback."""
+    settings.prepare_data_dir()
+    return open_store(settings.db_url)
+
+
+def _preflight(settings: Settings) -> None:
+    """What ``sdb serve`` and ``sdb worker`` check before anything runs, each refusal one line naming the
+    setting: the data dir, both secrets, the store, the ONNX Runtime providers."""
+    settings.prepare_data_dir()
+    settings.check_secrets()  # SecretsError (exit 2, its message)
+    open_store(settings.db_url).close()
+    asked = [p.strip() for p in settings.ort_providers.split(",") if p.strip()]
+    if asked:  # a provider this onnxruntime lacks is skipped with a warning; a name none has is a typo
+        import onnxruntime as ort
+
+        unknown = [p for p in asked if p not in ort.get_all_providers()]
+        if unknown:
+            raise SettingsError(f"SDB_ORT_PROVIDERS names {', '.join(unknown)}, which no ONNX Runtime has: it takes "
+                                "a comma-separated list of provider names, this onnxruntime's being "
+                                + ", ".join(ort.get_available_providers()))
+
+
+def _check_listen(host: str, port: int) -> None:
+    """SettingsError when ``host:port`` cannot be listened on now (in use, not this machine's address)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise SettingsError(f"cannot listen on {host}:{port} (SDB_HOST / SDB_PORT, --host / --port): "
+                            f"{e.strerror or e}; it takes a free port on an address of this machine") from None
+
+
 def serve(settings: Settings, *, access_log: bool = False) -> int:
     import uvicorn
 
     from service.app import build_app
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    settings.check_secrets()  # SecretsError (exit 2, its message) before anything listens
+    _preflight(settings)  # before anything listens
+    _check_listen(settings.host, settings.port)
     if settings.grpc_port:
         try:  # the grpc extra and the port, before anything listens
             from service.grpc import server as grpc_service
@@ -74,14 +110,13 @@ def worker(settings: Settings) -> int:
     if settings.jobs_backend != "embedded":
         raise ValueError(f"sdb worker runs embedded jobs; this data dir's backend is {settings.jobs_backend!r} "
                          "(Ray jobs run on the cluster's workers)")
-    settings.check_secrets()
+    _preflight(settings)
     return main_worker(settings)
 
 
 def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: int | None,
                 quota_window: int | None, expires: float | None, name: str) -> int:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.db_url)
+    store = _open_store(settings)
     try:
         token, key = create_key(store, settings.pepper, scopes=_split(scopes) or [], models=_split(models),
                                 quota=quota, quota_window_s=quota_window, expires_days=expires, name=name)
@@ -96,7 +131,7 @@ def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: i
 
 
 def keys_list(settings: Settings) -> int:
-    store = Store(settings.db_url)
+    store = _open_store(settings)
     try:
         rows = store.list_keys()
     finally:
@@ -114,7 +149,7 @@ def keys_list(settings: Settings) -> int:
 
 
 def keys_revoke(settings: Settings, key_id: str) -> int:
-    store = Store(settings.db_url)
+    store = _open_store(settings)
     try:
         row = store.revoke_key(key_id)
         if row is None:
@@ -127,7 +162,7 @@ def keys_revoke(settings: Settings, key_id: str) -> int:
 
 
 def models_list(settings: Settings) -> int:
-    store = Store(settings.db_url)
+    store = _open_store(settings)
     try:
         rows = store.list_models()
     finally:
@@ -156,9 +191,9 @@ def models_add(settings: Settings, path: str, *, policy: str | None = None, top_
     try:
         output_policy = OutputPolicy(**given) if given else None  # None: the bundle's own, else probs
     except ValidationError as e:
-        raise ValueError("; ".join(err["msg"] for err in e.errors())) from None
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(settings.db_url)
+        raise ValueError("; ".join("".join(f"--{str(loc).replace('_', '-')}: " for loc in err["loc"]) + err["msg"]
+                                   for err in e.errors())) from None
+    store = _open_store(settings)
     host = ModelHost(settings, store)
     try:
         model = host.add(path, actor="cli", policy=output_policy)  # verified first: a refused one changes nothing
@@ -172,7 +207,7 @@ def models_add(settings: Settings, path: str, *, policy: str | None = None, top_
 
 
 def models_remove(settings: Settings, name: str, version: str | None) -> int:
-    store = Store(settings.db_url)
+    store = _open_store(settings)
     try:
         rows = store.remove_model(name, version)
         for r in rows:
@@ -192,7 +227,7 @@ def _service_settings(args) -> Settings:
                               ("port", getattr(args, "port", None)), ("workers", getattr(args, "workers", None)),
                               ("grpc_port", getattr(args, "grpc_port", None)))
             if v is not None}
-    return Settings(**over)
+    return Settings.load({k: k.replace("_", "-") for k in over}, **over)
 
 
 def cmd_serve(args) -> int:

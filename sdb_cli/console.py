@@ -1,14 +1,24 @@
 """What every ``sdb`` command prints with: errors on stderr, a progress bar, the data-dir settings."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 from service.settings import Settings
 
+# An API key (service/auth.py: sdb_<12 hex id>_<64 hex secret>): what no message may echo, e.g. a key
+# given where a URL or an argument goes. Its id stays, to tell which key it was.
+_API_KEY = re.compile(r"(sdb_[0-9a-fA-F]{12}_)[0-9a-fA-F]{64}")
+
+
+def redact(text: str) -> str:
+    """``text`` with every API key's secret replaced by an ellipsis."""
+    return _API_KEY.sub(r"\1…", text)
+
 
 def err(msg: str) -> None:
-    print(f"sdb: error: {msg}", file=sys.stderr)
+    print(f"sdb: error: {redact(msg)}", file=sys.stderr)
 
 
 def progress_bar(desc: str):
@@ -34,7 +44,9 @@ def progress_bar(desc: str):
 
 
 def data_settings(args) -> Settings:
-    return Settings(**({"data_dir": Path(args.data_dir)} if getattr(args, "data_dir", None) else {}))
+    if getattr(args, "data_dir", None):
+        return Settings.load({"data_dir": "data-dir"}, data_dir=Path(args.data_dir))
+    return Settings.load()
 
 
 

@@ -11,11 +11,19 @@ import sys
 from collections.abc import Sequence
 
 from . import admin, distill, files, jobs, protect, transfer
-from .console import err
+from .console import err, redact
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with an API key given in the wrong place (a positional, ``--url KEY``) never echoed in its
+    usage errors; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        super().error(redact(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdb", description="Safe Distillation Box: protect, serve and distill models.")
+    p = Parser(prog="sdb", description="Safe Distillation Box: protect, serve and distill models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (protect, distill, admin, jobs, files, transfer):
         module.add_commands(sub)

@@ -7,19 +7,26 @@ in ``./.sdb-secrets`` beside it (outside what jobs read; refused when others may
 from __future__ import annotations
 
 import logging
+import os
+import re
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sdb_core.protect.seal import load_or_create_master_key
+from sdb_core.protect.seal import MASTER_KEY_BYTES, load_or_create_master_key
 
 log = logging.getLogger("sdb.service")
 
 
 class SecretsError(ValueError):
     """A server secret the server refuses to use: open to other users, or inside the data dir."""
+
+
+class SettingsError(ValueError):
+    """A setting the server cannot start with, in one line that names it and what it takes."""
 
 
 def _private(path: Path, chmod: str) -> None:
@@ -31,7 +38,8 @@ def _private(path: Path, chmod: str) -> None:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SDB_", extra="ignore")
+    # No inf or nan: every number here is a size, a count or a period, and an infinite one never ends.
+    model_config = SettingsConfigDict(env_prefix="SDB_", extra="ignore", allow_inf_nan=False)
 
     data_dir: Path = Path(".sdb")
     database_url: str | None = None  # default: SQLite in the data dir
@@ -72,6 +80,7 @@ class Settings(BaseSettings):
     # ONNX Runtime execution providers, most preferred first, comma-separated (e.g.
     # "CUDAExecutionProvider,CPUExecutionProvider"); empty: CUDA when this onnxruntime has it, then the
     # CPU. One this onnxruntime lacks is skipped with a warning; the CPU provider ends the list if not named.
+    # A name no ONNX Runtime build knows (a typo) stops `sdb serve` and `sdb worker` at start.
     ort_providers: str = ""
     # GPU memory one model's CUDA session may hold (its arena), in MiB; 0: ONNX Runtime's default (no bound).
     gpu_mem_limit_mb: int = Field(0, ge=0)
@@ -112,6 +121,27 @@ class Settings(BaseSettings):
     max_job_seconds: int = Field(6 * 3600, ge=0)
     max_artifact_storage_per_key: int = Field(16 << 30, ge=1024)
 
+    @classmethod
+    def load(cls, flags: dict[str, str] | None = None, **over: Any) -> Settings:
+        """The settings from ``SDB_*`` env with ``over`` on top; a value they refuse is a SettingsError in one
+        line naming the variable (and its flag, from ``flags``: field -> ``--flag``) and what it takes."""
+        try:
+            return cls(**over)
+        except ValidationError as e:
+            raise SettingsError(describe_error(e, flags or {})) from None
+
+    def prepare_data_dir(self) -> None:
+        """Create the data dir; SettingsError naming SDB_DATA_DIR when it cannot be one (a file, no access)."""
+        path = self.data_dir
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise SettingsError(f"SDB_DATA_DIR ({path}) cannot be made a directory: {e.strerror or e}; it takes a "
+                                "directory this user can write") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SettingsError(f"SDB_DATA_DIR ({path}) is not writable by this user; it takes a directory this "
+                                "user can write")
+
     @property
     def db_url(self) -> str:
         if not self.database_url:
@@ -123,7 +153,11 @@ class Settings(BaseSettings):
         url = make_url(self.database_url)
         if url.password:
             return self.database_url
-        password = self.database_password_file.read_text().strip()
+        try:
+            password = self.database_password_file.read_text().strip()
+        except OSError as e:
+            raise SettingsError(f"SDB_DATABASE_PASSWORD_FILE ({self.database_password_file}) cannot be read: "
+                                f"{e.strerror or e}; it takes a file holding the database password") from None
         return url.set(password=password).render_as_string(hide_password=False)
 
     @property
@@ -166,11 +200,21 @@ class Settings(BaseSettings):
             raise SecretsError(f"the secrets dir {secrets} is inside the data dir {data}, where jobs read files: "
                                "set SDB_SECRETS_DIR to a directory outside it")
         if path.absolute().parent.resolve() == secrets:
-            secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as e:
+                raise SecretsError(f"SDB_SECRETS_DIR ({secrets}) cannot be made a directory: {e.strerror or e}; it "
+                                   "takes a directory outside the data dir, mode 0700") from None
             _private(secrets, "700")
+        setting = _secret_setting(self, path)
         if path.exists():
             _private(path, "600")
-        key = load_or_create_master_key(path)  # created 0600
+        elif setting.endswith("_FILE"):  # named, so expected: a new one would orphan every sealed key or API key
+            raise SecretsError(_missing_secret(setting, path))
+        try:
+            key = load_or_create_master_key(path)  # created 0600
+        except (OSError, ValueError) as e:
+            raise SecretsError(_bad_secret(setting, path, e)) from None
         if path.resolve().is_relative_to(data):
             log.warning("%s is inside the data dir %s, where jobs read files: move it to %s (mode 0700) "
                         "or point SDB_MASTER_KEY_FILE / SDB_PEPPER_FILE outside", path, data, secrets)
@@ -187,3 +231,69 @@ class Settings(BaseSettings):
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+
+def _secret_setting(settings: Settings, path: Path) -> str:
+    """The setting that names ``path``: SDB_MASTER_KEY_FILE or SDB_PEPPER_FILE when set, else the secrets dir's."""
+    for field, env in (("master_key_file", "SDB_MASTER_KEY_FILE"), ("pepper_file", "SDB_PEPPER_FILE")):
+        if getattr(settings, field) == path:
+            return env
+    return "SDB_SECRETS_DIR"
+
+
+_KEY_TEXT = re.compile(r"[0-9a-fA-F]{32,}")
+
+
+def _missing_secret(setting: str, path: Path) -> str:
+    if _KEY_TEXT.fullmatch(str(path)):  # the key itself where its file's path goes: never echo it
+        return (f"{setting} holds what looks like a key, not the path of a file holding one: it takes the path "
+                f"of a file with {MASTER_KEY_BYTES} random bytes as {2 * MASTER_KEY_BYTES} hex digits")
+    return (f"{setting} names {path}, which does not exist: it takes an existing file with {MASTER_KEY_BYTES} "
+            f"random bytes as {2 * MASTER_KEY_BYTES} hex digits (`make secrets` writes one), or leave it unset to "
+            "have one created in the secrets dir")
+
+
+def _bad_secret(setting: str, path: Path, e: Exception) -> str:
+    """Why a secret file cannot be used, naming its setting and never its content."""
+    if isinstance(e, OSError):
+        why = f"cannot be read or created ({e.strerror or type(e).__name__})"
+    else:
+        try:
+            size = len(path.read_text().strip())
+        except (OSError, UnicodeDecodeError):
+            size = None
+        why = ("is empty" if size == 0 else "is not what it should hold"
+               + (f" ({size} characters)" if size else ""))
+    return (f"{setting}: {path} {why}; it takes a file with {MASTER_KEY_BYTES} random bytes as "
+            f"{2 * MASTER_KEY_BYTES} hex digits, mode 0600 (`make secrets` writes one)")
+
+
+def _takes(field: str) -> str:
+    """What a setting takes, in words, from its type and bounds."""
+    info = Settings.model_fields[field]
+    ann = info.annotation
+    kinds = {bool: "true or false", int: "an integer", float: "a finite number", Path: "a path", str: "text"}
+    kind = next((k for t, k in kinds.items() if ann is t or t in getattr(ann, "__args__", ())), "a value")
+    bounds = []
+    for m in info.metadata:
+        for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(m, attr, None) is not None:
+                bounds.append(f"{word} {getattr(m, attr)}")
+        pattern = getattr(m, "pattern", None)
+        if pattern and (choices := re.fullmatch(r"\^\(([\w|]+)\)\$", pattern)):
+            return "one of " + ", ".join(choices.group(1).split("|"))
+    return kind + (" " + " and ".join(bounds) if bounds else "")
+
+
+def describe_error(e: ValidationError, flags: dict[str, str]) -> str:
+    """A Settings ValidationError in one line: each refused setting by its variable, its value and what it takes."""
+    parts = []
+    for err in e.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        if field not in Settings.model_fields:
+            parts.append(err["msg"])
+            continue
+        name = f"SDB_{field.upper()}" + (f" (--{flags[field]})" if field in flags else "")
+        shown = "" if field == "database_url" else f" is {err.get('input')!r}:"  # a URL may carry a password
+        parts.append(f"{name}{shown} it takes {_takes(field)}")
+    return "; ".join(parts)

@@ -6,6 +6,7 @@ create them at start are in :mod:`service.store_schema`; this module is what rea
 """
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import sqlite3
@@ -26,7 +27,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .store_schema import (
@@ -46,11 +47,42 @@ from .store_schema import (
 )
 
 __all__ = ["JOB_DONE", "MIGRATIONS", "ApiKeyRow", "AuditRow", "Base", "DeployRefused", "FileReservationRow",
-           "FileRow", "JobRow", "ModelNameRow", "ModelRow", "SchemaVersion", "Store", "UsageRow", "may_deploy",
-           "migrate", "normalise_url", "version_key"]
+           "FileRow", "JobRow", "ModelNameRow", "ModelRow", "SchemaVersion", "Store", "StoreUnavailable", "UsageRow",
+           "may_deploy", "migrate", "normalise_url", "open_store", "version_key"]
 
 # An upload's reservation older than this belongs to a process that died mid-check (as its staging folder).
 RESERVATION_TTL_S = 6 * 3600
+
+
+class StoreUnavailable(ValueError):
+    """The store cannot be opened: a bad URL, a host that does not answer, a file that is not a database."""
+
+
+def open_store(url: str) -> Store:
+    """:class:`Store` for a command or a server about to start: any failure to open it is a
+    :class:`StoreUnavailable` in one line naming the URL (never its password) and the driver's reason."""
+    try:
+        make_url(url)
+    except SQLAlchemyError:
+        raise StoreUnavailable("SDB_DATABASE_URL is not a database URL: it takes sqlite:///PATH or "
+                               "postgresql://USER@HOST:PORT/DB") from None
+    try:
+        return Store(url)
+    except (SQLAlchemyError, ImportError) as e:
+        raise StoreUnavailable(f"cannot open the store {_shown_url(url)} (SDB_DATABASE_URL; unset: SQLite in "
+                               f"SDB_DATA_DIR): {_reason(e)}") from None
+
+
+def _shown_url(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _reason(e: BaseException) -> str:
+    cause = e.orig if isinstance(e, DBAPIError) and e.orig is not None else e
+    if isinstance(cause, ImportError):
+        return f"no driver for it is installed ({cause.name or cause}); SDB supports SQLite and PostgreSQL"
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(cause).__name__
 
 
 class DeployRefused(Exception):
@@ -84,6 +116,10 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.session: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
         migrate(self.engine)
+        # A SQLite file deleted or replaced under a running server: its open connections go on with the
+        # old inode, which no `sdb keys|models` command sees any more. ping() (readiness) says so.
+        database = self.engine.url.database if sqlite else None
+        self._sqlite_file = (database, _file_id(database)) if database and database != ":memory:" else None
 
     def close(self) -> None:
         self.engine.dispose()
@@ -91,6 +127,11 @@ class Store:
     def ping(self) -> None:
         with self.engine.connect() as conn:
             conn.execute(select(1))
+        if self._sqlite_file is not None:
+            path, opened = self._sqlite_file
+            if _file_id(path) != opened:
+                raise StoreUnavailable(f"the SQLite file {path} was deleted or replaced while this process had it "
+                                       "open: restart it")
 
     # ---------------------------------------------------------------- audit
     def audit(self, actor: str, action: str, target: str = "", detail: str = "") -> None:
@@ -375,6 +416,14 @@ def normalise_url(url: str) -> str:
         u = u.set(drivername="postgresql+psycopg")
         return u.render_as_string(hide_password=False)
     return url
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -1,0 +1,179 @@
+"""An operator's mistakes on a fresh machine: each wrong setting, file or argument stops `sdb` at once
+with one line naming the setting (or flag) and what it takes; no traceback, no secret echoed.
+
+Before the fixes: a refused setting was pydantic's four-line report naming the field, not the variable;
+a bad database URL, a data dir that is a file, a corrupt SQLite file or `sdb keys list` on a fresh data dir
+were SQLAlchemy tracebacks; `sdb serve` on a port in use or with a bad store started uvicorn and failed
+in its lifespan (exit 3, a traceback); an SDB_ORT_PROVIDERS typo was served on the CPU without a word at
+start; SDB_*_S=inf was accepted; a master key or pepper file of the wrong length said "the master key must
+be 32 bytes" (the pepper's too) without naming the file; a named secret file that was missing was created
+afresh (orphaning every sealed key or API key); an API key given where a URL or no argument goes was
+echoed; `models add --top-k 0` did not say which flag.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdb_cli.main import main
+from service.settings import SecretsError, Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SDB = [sys.executable, "-m", "sdb_cli"]
+KEY = "sdb_0123456789ab_" + "5e" * 32  # shaped as an API key: its secret must never be printed
+MASTER = "ab" * 32
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch) -> Path:
+    """A fresh data dir in SDB_DATA_DIR, no other SDB_* setting."""
+    for k in list(os.environ):
+        if k.startswith("SDB_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("SDB_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "data"
+
+
+def one_line_error(capsys, code: int, *needles: str) -> str:
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert code == 2, (code, err)
+    assert err.startswith("sdb: error: ") and "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert KEY[17:] not in out.err + out.out and MASTER not in out.err + out.out
+    return err
+
+
+@pytest.mark.parametrize(("env", "value", "needle"), [
+    ("SDB_PORT", "abc", "an integer >= 1 and <= 65535"),
+    ("SDB_PORT", "0", "an integer >= 1 and <= 65535"),
+    ("SDB_MAX_PAYLOAD_BYTES", "-5", "an integer >= 1024"),
+    ("SDB_JOBS_BACKEND", "foo", "one of embedded, ray"),
+    ("SDB_BATCHING", "maybe", "true or false"),
+    ("SDB_JOB_POLL_S", "inf", "a finite number > 0"),
+    ("SDB_JOB_STALE_S", "inf", "a finite number > 0"),
+])
+def test_a_wrong_setting_is_one_line_naming_the_variable(data, monkeypatch, capsys, env, value, needle):
+    monkeypatch.setenv(env, value)
+    one_line_error(capsys, main(["keys", "list"]), env, needle)
+
+
+def test_a_wrong_flag_value_names_the_variable_and_the_flag(data, capsys):
+    one_line_error(capsys, main(["serve", "--port", "0"]), "SDB_PORT (--port)", ">= 1")
+    one_line_error(capsys, main(["models", "add", "x", "--top-k", "0"]), "--top-k:")
+
+
+@pytest.mark.parametrize(("url", "needle"), [
+    ("sqlite:////nonexistent/dir/x.db", "unable to open database file"),
+    ("notaurl", "SDB_DATABASE_URL is not a database URL"),
+    ("postgresql://sdb:hunter2@127.0.0.1:1/db", "Connection refused"),
+    ("mysql://sdb@localhost/db", "no driver"),
+])
+def test_a_bad_database_url_is_one_line(data, monkeypatch, capsys, url, needle):
+    monkeypatch.setenv("SDB_DATABASE_URL", url)
+    for argv in (["keys", "list"], ["models", "remove", "m"], ["keys", "create", "--scopes", "predict"]):
+        err = one_line_error(capsys, main(argv), needle)
+        assert "hunter2" not in err
+
+
+def test_a_fresh_data_dir_lists_no_keys_and_no_models(data, capsys):
+    assert main(["keys", "list"]) == 0 and main(["models", "list"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_data_dir_that_is_a_file_names_sdb_data_dir(data, capsys):
+    data.write_text("not a dir")
+    for argv in (["keys", "list"], ["models", "list"], ["keys", "create", "--scopes", "predict"]):
+        one_line_error(capsys, main(argv), "SDB_DATA_DIR", "a directory this user can write")
+
+
+def test_a_corrupt_store_is_one_line(data, capsys):
+    assert main(["keys", "list"]) == 0
+    capsys.readouterr()
+    (data / "sdb.sqlite3").write_bytes(b"x" * 4096)
+    one_line_error(capsys, main(["keys", "list"]), "file is not a database")
+
+
+def secret(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "secrets" / "f.key"
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o600)
+    return path
+
+
+def secrets_refused(capsys, env: str, *needles: str) -> None:
+    """What `sdb serve` and `sdb worker` check first (Settings.check_secrets), and `keys create` the pepper."""
+    with pytest.raises(SecretsError) as e:
+        Settings.load().check_secrets()
+    assert "\n" not in str(e.value) and env in str(e.value) and MASTER not in str(e.value)
+    assert all(n in str(e.value) for n in needles), str(e.value)
+    if env == "SDB_PEPPER_FILE":
+        one_line_error(capsys, main(["keys", "create", "--scopes", "predict"]), env, *needles)
+
+
+@pytest.mark.parametrize(("text", "needle"), [("", "is empty"), ("abcd\n", "(4 characters)"),
+                                               ("00" * 16, "(32 characters)"), ("zz" * 32, "not what it should hold")])
+@pytest.mark.parametrize("env", ["SDB_MASTER_KEY_FILE", "SDB_PEPPER_FILE"])
+def test_a_bad_secret_file_names_its_setting(data, tmp_path, monkeypatch, capsys, env, text, needle):
+    monkeypatch.setenv(env, str(secret(tmp_path, text)))
+    secrets_refused(capsys, env, needle, "64 hex digits")
+
+
+@pytest.mark.parametrize("env", ["SDB_MASTER_KEY_FILE", "SDB_PEPPER_FILE"])
+def test_a_named_secret_file_that_is_missing_is_not_created(data, tmp_path, monkeypatch, capsys, env):
+    missing = tmp_path / "mounted" / "secret.key"
+    monkeypatch.setenv(env, str(missing))
+    secrets_refused(capsys, env, "does not exist")
+    assert not missing.exists()
+    # the key itself where its file's path goes: refused, never echoed, no file named after it
+    monkeypatch.setenv(env, MASTER)
+    secrets_refused(capsys, env, "looks like a key")
+    assert not (tmp_path / MASTER).exists()
+
+
+def test_an_api_key_in_the_wrong_place_is_never_echoed(data, capsys):
+    with pytest.raises(SystemExit) as e:  # the key as a stray argument: argparse's usage error
+        main(["files", "list", KEY])
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    assert "unrecognized arguments: sdb_0123456789ab_…" in out.err and KEY[17:] not in out.err + out.out
+    one_line_error(capsys, main(["files", "list", "--url", KEY]), "sdb_0123456789ab_…")  # the key as the URL
+
+
+def sdb(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([*SDB, *argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=90,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`sdb {' '.join(argv)}` kept running")
+
+
+def test_serve_stops_before_it_listens(data, tmp_path):
+    """Each as the process it is: exit 2 at once, one line, no uvicorn start."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SDB_")}, "SDB_DATA_DIR": str(data),
+           "SDB_WORKERS": "0", "SDB_REGISTER_DEMO": "false"}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        cases = [({"SDB_PORT": port}, "SDB_PORT", "Address already in use"),
+                 ({"SDB_DATABASE_URL": "sqlite:////nonexistent/dir/x.db"}, "SDB_DATABASE_URL", "unable to open"),
+                 ({"SDB_ORT_PROVIDERS": "CUDAExecutonProvider"}, "SDB_ORT_PROVIDERS", "CPUExecutionProvider"),
+                 ({"SDB_MASTER_KEY_FILE": str(tmp_path / "absent.key")}, "SDB_MASTER_KEY_FILE", "does not exist")]
+        for extra, *needles in cases:
+            for argv in (["serve", "--port", port], ["worker"]):
+                if argv == ["worker"] and "SDB_PORT" in extra:
+                    continue
+                r = sdb(argv, {**env, **extra})
+                assert r.returncode == 2, (argv, extra, r.stderr)
+                lines = r.stderr.strip().splitlines()
+                assert len(lines) == 1 and lines[0].startswith("sdb: error: "), r.stderr
+                assert all(n in lines[0] for n in needles), lines[0]
