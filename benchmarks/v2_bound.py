@@ -88,6 +88,9 @@ def echo_cpu(requests: dict[str, bytes], seconds: float) -> dict[str, float]:
 def decode_cpu(requests: dict[str, bytes], seconds: float) -> dict[str, float]:
     from service import oip_binary
     from service.routes.v2 import _inputs
+    from service.settings import Settings
+
+    max_samples = Settings().max_request_samples  # what the route decodes with
 
     out = {}
     for name, raw in requests.items():
@@ -97,7 +100,7 @@ def decode_cpu(requests: dict[str, bytes], seconds: float) -> dict[str, float]:
 
         def decode(body=body, length=length):
             header, binary = oip_binary.split(body, length)
-            return _inputs(header, oip_binary.input_chunks(header["inputs"], binary, length is not None))
+            return _inputs(header, oip_binary.input_chunks(header["inputs"], binary, length is not None), max_samples)
 
         out[name] = cpu_per_call(decode, seconds)
     return out

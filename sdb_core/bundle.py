@@ -637,6 +637,7 @@ class Bundle:
     def __post_init__(self) -> None:
         form = self.meta.get("public_form")
         self._form = None if form is None else PublicForm(form)
+        self._scale = float(self.meta.get("keyed_scale", 1.0))
 
     @property
     def has_key(self) -> bool:
@@ -672,8 +673,7 @@ class Bundle:
     def keyed_answer(self, z: np.ndarray) -> np.ndarray:
         """The keyed path's answer for the network's logits ``z`` of keyed inputs: ``z`` times the keyed scale
         (``meta["keyed_scale"]``, fitted to the teacher's soft labels by the wrap; 1 when absent)."""
-        scale = float(self.meta.get("keyed_scale", 1.0))
-        return z if scale == 1.0 else (z * np.float32(scale)).astype(np.float32)
+        return z if self._scale == 1.0 else (z * np.float32(self._scale)).astype(np.float32)
 
     def distill_logits(self, x: np.ndarray) -> np.ndarray:
         return self.keyed_answer(self.network_logits(self.keyed_input(x)))

@@ -21,6 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -178,6 +179,19 @@ def logits_of(out):
     return z if isinstance(z, Tensor) else out
 
 
+@contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode for the block, then every module back in the mode it had, module by module (a
+    train-mode model with frozen, eval-mode BatchNorm stays so; an owner's model comes back as handed over)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def predict_logits(fn: Callable[[Tensor], Tensor] | nn.Module, x: Tensor, batch_size: int = 500) -> Tensor:
     """Run ``fn`` over ``x`` in batches, in eval mode; float32 outputs on ``x``'s device.
@@ -186,18 +200,11 @@ def predict_logits(fn: Callable[[Tensor], Tensor] | nn.Module, x: Tensor, batch_
     module by module; any other callable (a box's path, an API) gets the batches where ``x`` is and places its
     work itself. An output with a ``logits`` tensor (:func:`logits_of`) answers that tensor.
     """
-    modes = [(m, m.training) for m in fn.modules()] if isinstance(fn, nn.Module) else []
-    if isinstance(fn, nn.Module):
-        fn.eval()
-        device = device_of(fn)
-    else:
-        device = x.device
-    try:
+    module = isinstance(fn, nn.Module)
+    device = device_of(fn) if module else x.device
+    with evaluating(fn) if module else nullcontext():
         return torch.cat([torch.as_tensor(logits_of(fn(x[i:i + batch_size].to(device)))).float().to(x.device)
                           for i in range(0, len(x), batch_size)])
-    finally:
-        for m, training in modes:  # the owner's model as it was: a train-mode teacher stays in train mode
-            m.training = training
 
 
 def accuracy(fn: Callable[[Tensor], Tensor] | nn.Module, data: Dataset, batch_size: int = 500) -> float:

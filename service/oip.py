@@ -183,8 +183,7 @@ def _images(t: Tensor, model: HostedModel, max_samples: int) -> np.ndarray:
     images = t.data.ravel()
     if not images.size:
         raise invalid("BYTES input has no element: send one PNG or JPEG image per sample", "invalid_shape")
-    if images.size > max_samples:
-        raise invalid(f"{images.size} samples in one request; at most {max_samples}", "too_many_samples")
+    check_samples("BYTES", images.shape, max_samples)  # the transports checked the shape already; here for any
     if len(model.in_shape) != 3:
         raise invalid(f"this model takes inputs of shape {model.in_shape}, not images: send FP32", "invalid_dtype")
     shape, norm = model.in_shape, model.meta["normalize"]

@@ -8,7 +8,7 @@ import io
 import torch
 from torch import nn
 
-from ..train import device_of, logits_of
+from ..train import device_of, evaluating, logits_of
 
 
 class Logits(nn.Module):
@@ -22,15 +22,6 @@ class Logits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return logits_of(self.model(x))
-
-
-def _modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in module.modules()]
-
-
-def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
-    for m, training in modes:  # module by module: a train-mode model with frozen (eval) BatchNorm stays so
-        m.training = training
 
 
 def plain_teacher(teacher: nn.Module) -> nn.Module:
@@ -71,15 +62,12 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     other = sorted({str(p.dtype) for p in teacher.parameters() if p.is_floating_point() and p.dtype != torch.float32})
     if other:  # the box trains, exports (ONNX) and serves in float32, on float32 inputs
         raise ValueError(f"the teacher's parameters are {', '.join(other)}: the box is float32; pass teacher.float()")
-    modes = _modes(teacher)
     try:
-        with torch.no_grad():
-            out = teacher.eval()(x.to(device_of(teacher)))
+        with torch.no_grad(), evaluating(teacher):
+            out = teacher(x.to(device_of(teacher)))
     except Exception as e:
         raise ValueError(f"the teacher cannot run on this data's inputs (a batch of shape {tuple(x.shape)}): "
                          f"{type(e).__name__}: {e}") from e
-    finally:
-        _restore(modes)
     z = logits_of(out)
     if not isinstance(z, torch.Tensor):  # a ValueError like the rest: one exception for "not a classifier of data"
         what = f"a dict with keys {sorted(map(str, out))}" if isinstance(out, dict) else f"a {type(out).__name__}"

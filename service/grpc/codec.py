@@ -41,7 +41,7 @@ def _typed(t: pb.ModelInferRequest.InferInputTensor, shape: list[int], what: str
     return np.array(values, dtype=field[1]).reshape(shape)
 
 
-def request_inputs(request: pb.ModelInferRequest, max_samples: int | None = None) -> list[oip.Tensor]:
+def request_inputs(request: pb.ModelInferRequest, max_samples: int) -> list[oip.Tensor]:
     """The request's input tensors, decoded; a datatype the server does not take, or a BYTES tensor of more than
     ``max_samples`` elements, is refused unread (422)."""
     raw = request.raw_input_contents
@@ -57,8 +57,7 @@ def request_inputs(request: pb.ModelInferRequest, max_samples: int | None = None
         if t.datatype not in oip.INPUT_DATATYPES:
             raise oip.unsupported_datatype(t.datatype)
         shape = oip.tensor_shape(list(t.shape))
-        if max_samples is not None:
-            oip.check_samples(t.datatype, shape, max_samples)
+        oip.check_samples(t.datatype, shape, max_samples)
         if raw:
             if t.HasField("contents"):
                 raise bad_request(f"{what} has contents, and the request raw_input_contents: send one or the "

@@ -221,16 +221,15 @@ def _json_data(datatype: str, shape: list[int], data, what: str) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _inputs(header: dict, chunks: list, max_samples: int | None = None) -> list[Tensor]:
+def _inputs(header: dict, chunks: list, max_samples: int) -> list[Tensor]:
     """The request's input tensors: every size is checked (400), and a BYTES tensor's element count against
     ``max_samples`` (422), before any data is read."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
         raise invalid("inputs must be a list of exactly one tensor object", "invalid_request")
     shapes = [tensor_shape(t.get("shape")) for t in inputs]
-    if max_samples is not None:
-        for t, shape in zip(inputs, shapes):
-            oip.check_samples(t.get("datatype"), shape, max_samples)
+    for t, shape in zip(inputs, shapes):
+        oip.check_samples(t.get("datatype"), shape, max_samples)
     for i, (t, shape, raw) in enumerate(zip(inputs, shapes, chunks)):
         if raw is not None:
             oip_binary.check(t.get("datatype"), shape, raw, f"inputs[{i}]")
