@@ -11,7 +11,8 @@ checks, scopes and per-key rate; a call without a key spends its address's rate,
 does (health is never limited). An error is the call's status: the HTTP status's gRPC code
 (:data:`CODES`) with the same message; ``retry-after`` goes back as trailing metadata. Anything else
 is logged and answered INTERNAL without a word of it. Messages over ``SDB_MAX_PAYLOAD_BYTES`` are
-refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read.
+refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read; bytes that are not the RPC's message
+are INVALID_ARGUMENT (:func:`_handlers` decodes them here, not in grpcio, which answers UNKNOWN).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ..ratelimit import ANONYMOUS_CALLER
 _MISSING = "SDB_GRPC_PORT needs the grpc extra (grpcio>=1.81.1, protobuf>=6.33.5): pip install 'sdb[grpc]' ({})"
 try:  # the `grpc` extra: grpcio, and a protobuf runtime the committed stubs load on
     import grpc
+    from google.protobuf.message import DecodeError
     from google.protobuf.runtime_version import VersionError
     from grpc import aio
 except ImportError as e:
@@ -71,6 +73,49 @@ def _authorization(context: aio.ServicerContext) -> str | None:
         if k == "authorization":
             return v if isinstance(v, str) else None
     return None
+
+
+class Undecodable:
+    """A request whose bytes are not its RPC's message: answered INVALID_ARGUMENT by :meth:`InferenceServicer._run`."""
+
+    def __init__(self, message_type: type):
+        self.message_type = message_type
+
+
+def _decoder(message_type: type) -> Callable[[bytes], Any]:
+    def decode(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return Undecodable(message_type)
+    return decode
+
+
+# The RPCs and their request/response messages: the generated registration's, with our decoder.
+_RPCS = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+         "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+         "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+         "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+         "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+         "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse)}
+
+
+def _handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    return {name: grpc.unary_unary_rpc_method_handler(
+                _checked(getattr(servicer, name), servicer, name),
+                request_deserializer=_decoder(request), response_serializer=response.SerializeToString)
+            for name, (request, response) in _RPCS.items()}
+
+
+def _checked(rpc: Callable, servicer: InferenceServicer, name: str) -> Callable:
+    async def call(request: Any, context: aio.ServicerContext):
+        if isinstance(request, Undecodable):
+            async def refuse():
+                raise ApiError(400, "malformed_body", f"the request is not a {request.message_type.DESCRIPTOR.name} "
+                                                      "protobuf message")
+            return await servicer._run(name, context, "", refuse)
+        return await rpc(request, context)
+    return call
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -198,7 +243,9 @@ async def start(state: Any) -> aio.Server:
         ("grpc.max_receive_message_length", settings.max_payload_bytes),
         ("grpc.so_reuseport", 0),  # a port already taken is an error, not a second listener on it
     ])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(state), server)
+    handlers = _handlers(InferenceServicer(state))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError:

@@ -345,3 +345,20 @@ def test_a_bytes_count_over_max_request_samples_is_refused_from_the_shape(grpc_s
                 stub.ModelInfer(request, timeout=30)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details(), e.value
     assert client.is_server_ready()
+
+
+def test_bytes_that_are_not_the_rpcs_message_are_invalid_argument(grpc_server):
+    """A client with another .proto, or a proxy that mangled the body: the server says the request is not the
+    RPC's message (INVALID_ARGUMENT), as HTTP's 400 malformed_body, not grpcio's UNKNOWN for a failed decode."""
+    server, client, _, _ = grpc_server
+    garbage = b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"  # field 1, a length past the message
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        for rpc, message in (("ModelInfer", "ModelInferRequest"), ("ServerLive", "ServerLiveRequest")):
+            call = ch.unary_unary(f"/inference.GRPCInferenceService/{rpc}")  # bytes in, bytes out
+            with pytest.raises(grpc.RpcError) as e:
+                call(garbage, timeout=30)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+            assert e.value.details() == f"the request is not a {message} protobuf message"
+        assert service_pb2.ServerLiveResponse.FromString(
+            ch.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=30)).live
+    assert client.is_server_ready()
