@@ -442,6 +442,22 @@ def test_an_answer_that_is_not_json_is_an_sdk_error(stub):
         assert info.value.message == "unknown API key"
 
 
+def test_json_of_another_form_is_an_sdk_error(stub):
+    """Another JSON API on that URL (or another version of this one) answers 200 with other fields: each call
+    says the answer lacks what it needs, where it raised KeyError or TypeError from inside the SDK."""
+    stub.on("GET", "/v1/models", Reply(200, {"data": []}))
+    stub.on("POST", "/v1/models/m/predict", Reply(200, {"result": [1]}))
+    stub.on(*DISTILL_ROUTE, Reply(200, [0.1, 0.9]))
+    stub.on("GET", "/v1/keys", Reply(200, "keys"))
+    with Client(stub.url, STUB_KEY) as c:
+        for call, field in ((c.models, "'models'"), (lambda: c.predict("m", np.zeros((1, 4))), "'predictions'"),
+                            (lambda: c.distill("m", np.zeros((1, 4)), encoding="json"), "'logits'"),
+                            (c.keys.list, "list of keys")):
+            with pytest.raises(SDBError) as info:
+                call()
+            assert info.value.code == "malformed_answer" and field in info.value.message, info.value.message
+
+
 @pytest.mark.anyio
 async def test_async_an_answer_that_is_not_json_is_an_sdk_error(stub):
     stub.on("GET", "/v1/models", Reply(200, b"<html>hi</html>", {"content-type": "text/html"}))

@@ -291,6 +291,16 @@ def answer_json(resp: httpx.Response) -> Any:
                            "an SDB server?", status=resp.status_code, code="malformed_answer") from None
 
 
+def field(obj: Any, name: str) -> Any:
+    """``obj[name]`` of a JSON answer; an answer of another form (another server, another API version) is an
+    ``SDBError`` with code ``malformed_answer``, not a KeyError or TypeError from inside the SDK."""
+    if isinstance(obj, dict) and name in obj:
+        return obj[name]
+    form = f"fields {sorted(obj)[:5]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+    raise exc.SDBError(f"the server's answer has no {name!r} field ({form}): is this URL an SDB server?",
+                       code="malformed_answer")
+
+
 # --------------------------------------------------------------------------- bodies and batching
 def encode_json(obj: Any) -> bytes:
     """Compact JSON; NaN and Inf are refused here (they are not JSON) as the server would."""
@@ -464,7 +474,7 @@ def merge_distilled(parts: Sequence[dict], temperature: float | None = None) -> 
     """The batches' answers as one; the soft targets at ``temperature`` computed here when the answers
     (``.npy``: logits alone) do not carry them."""
     first = parts[0]
-    logits = np.concatenate([np.asarray(p["logits"], dtype=np.float32) for p in parts])
+    logits = np.concatenate([np.asarray(field(p, "logits"), dtype=np.float32) for p in parts])
     soft = None
     if all(p.get("soft_targets") is not None for p in parts):
         soft = np.concatenate([np.asarray(p["soft_targets"], dtype=np.float32) for p in parts])
@@ -472,11 +482,11 @@ def merge_distilled(parts: Sequence[dict], temperature: float | None = None) -> 
     t = temperature if t is None else t
     if soft is None and t is not None:
         soft = soft_targets(logits, t)
-    return Distilled(first["model"], first["version"], logits, t, soft)
+    return Distilled(field(first, "model"), field(first, "version"), logits, t, soft)
 
 
 def merge_predictions(parts: Sequence[dict]) -> list[dict]:
-    return [pred for p in parts for pred in p["predictions"]]
+    return [pred for p in parts for pred in field(p, "predictions")]
 
 
 def key_create_body(scopes: str | Sequence[str], models: Sequence[str] | None, quota: int | None,
@@ -550,10 +560,13 @@ def file_fields(purpose: str, shared: bool) -> dict[str, str]:
     return {"purpose": purpose, **({"shared": "true"} if shared else {})}
 
 
-def listed(obj: Any, field: str) -> list:
-    """``[...]`` or ``{"<field>": [...]}``: the list either way."""
+def listed(obj: Any, name: str) -> list:
+    """``[...]`` or ``{"<name>": [...]}``: the list either way."""
     if isinstance(obj, dict):
-        return list(obj.get(field, []))
+        obj = obj.get(name, [])
+    if not isinstance(obj, list):
+        raise exc.SDBError(f"the server's answer is not a list of {name}: is this URL an SDB server?",
+                           code="malformed_answer")
     return list(obj)
 
 

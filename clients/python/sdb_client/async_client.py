@@ -110,7 +110,7 @@ class AsyncClient(b.BaseClient):
 
     # ------------------------------------------------------------------ models
     async def models(self) -> list[dict]:
-        return (await self._json("GET", "/v1/models"))["models"]
+        return b.field(await self._json("GET", "/v1/models"), "models")
 
     async def model(self, name: str) -> dict:
         return await self._json("GET", b.model_path(name))
@@ -123,7 +123,7 @@ class AsyncClient(b.BaseClient):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
             obj = await self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)})
-            return obj["predictions"]
+            return b.field(obj, "predictions")
         x, enc = b.as_array(inputs), self._encoding(encoding)
         parts = await self._in_order([self._json("POST", path, **b.predict_request(xb, top_k, enc))
                                       for xb in b.split_batches(x, batch_size or self.batch_size)])

@@ -99,7 +99,7 @@ class Client(b.BaseClient):
     # ------------------------------------------------------------------ models
     def models(self) -> list[dict]:
         """The models being served (name, version, versions, mode, distillable, labels, input...)."""
-        return self._json("GET", "/v1/models")["models"]
+        return b.field(self._json("GET", "/v1/models"), "models")
 
     def model(self, name: str) -> dict:
         return self._json("GET", b.model_path(name))
@@ -115,7 +115,8 @@ class Client(b.BaseClient):
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
-            return self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)})["predictions"]
+            return b.field(self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)}),
+                           "predictions")
         x, enc = b.as_array(inputs), self._encoding(encoding)
         parts = [self._json("POST", path, **b.predict_request(xb, top_k, enc))
                  for xb in b.split_batches(x, batch_size or self.batch_size)]
