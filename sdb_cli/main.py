@@ -10,19 +10,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import admin, distill, files, jobs, protect, transfer
-from .console import err, redact
-
 
 class Parser(argparse.ArgumentParser):
     """argparse, with an API key given in the wrong place (a positional, ``--url KEY``) never echoed in its
     usage errors; the subcommands' parsers are of this class too."""
 
     def error(self, message: str):
+        from .console import redact
+
         super().error(redact(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import admin, distill, files, jobs, protect, transfer
+
     p = Parser(prog="sdb", description="Safe Distillation Box: protect, serve and distill models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (protect, distill, admin, jobs, files, transfer):
@@ -31,14 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
+    try:  # the command modules import inside too (numpy, torch: a second or more), so a Ctrl-C then is one line
+        args = build_parser().parse_args(argv)
         return args.fn(args)
     except (ValueError, PermissionError, FileNotFoundError) as e:
+        from .console import err
+
         err(str(e))
         return 2
     except KeyboardInterrupt:
-        err("interrupted")
+        print("sdb: interrupted", file=sys.stderr)
         return 130
 
 
