@@ -3,6 +3,7 @@ and the error each status of the real service maps to."""
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import numpy as np
@@ -370,6 +371,40 @@ def test_inputs_as_users_hold_them_give_the_same_logits(client, sdb_server, keye
                                    atol=1e-5)
         np.testing.assert_allclose(client.distill_logits(MODEL, flat.tolist(), encoding=encoding), ref[:1], atol=1e-5)
     assert client.predict(MODEL, flat, batch_size=16) == client.predict(MODEL, x[:1])  # the public path alike
+
+
+def test_one_sample_longer_than_a_batch_is_sent_whole(stub):
+    """One sample without its batch axis whose first axis is longer than batch_size (a (3, 4, 4) image at
+    batch_size 2, a (300, 4) sequence at the default 256) was cut along that axis into "batches" the server
+    refused: the SDK asks the model's input rank then (once a call, only then) and sends it as one sample."""
+    stub.on("GET", "/v1/models/m", Reply(200, {"name": "m", "input": {"name": "input", "shape": [3, 4, 4]}}))
+    stub.on("POST", "/v1/models/m/predict", Reply(200, {"predictions": [{"labels": ["a"]}]}))
+    stub.on("POST", "/v1/models/m/distill", Reply(200, {"model": "m", "version": "1", "logits": [[0.0, 1.0]]}))
+    with Client(stub.url, STUB_KEY) as c:
+        c.predict("m", np.zeros((3, 4, 4)), batch_size=2, encoding="json")
+        c.distill("m", np.zeros((3, 4, 4)), batch_size=2, encoding="json")
+        sent = [json.loads(body)["inputs"] for route in ("predict", "distill")
+                for _, body in stub.seen[("POST", f"/v1/models/m/{route}")]]
+        assert [np.shape(x) for x in sent] == [(1, 3, 4, 4)] * 2
+        assert stub.hits[("GET", "/v1/models/m")] == 2
+        stub.reset()
+        stub.on("GET", "/v1/models/m", Reply(200, {"name": "m", "input": {"name": "input", "shape": [3, 4, 4]}}))
+        stub.on("POST", "/v1/models/m/predict", Reply(200, {"predictions": [{"labels": ["a"]}] * 2}))
+        c.predict("m", np.zeros((5, 3, 4, 4)), batch_size=2, encoding="json")  # a batch: split as before
+        assert [np.shape(json.loads(body)["inputs"]) for _, body in stub.seen[("POST", "/v1/models/m/predict")]] \
+            == [(2, 3, 4, 4), (2, 3, 4, 4), (1, 3, 4, 4)]
+        c.predict("m", np.zeros((2, 3, 4, 4)), batch_size=2, encoding="json")  # fits one batch: no metadata call
+        assert stub.hits[("GET", "/v1/models/m")] == 1
+
+
+@pytest.mark.anyio
+async def test_async_one_sample_longer_than_a_batch_is_sent_whole(stub):
+    stub.on("GET", "/v1/models/m", Reply(200, {"name": "m", "input": {"name": "input", "shape": [3, 4, 4]}}))
+    stub.on("POST", "/v1/models/m/distill", Reply(200, {"model": "m", "version": "1", "logits": [[0.0, 1.0]]}))
+    async with AsyncClient(stub.url, STUB_KEY) as c:
+        await c.distill("m", np.zeros((3, 4, 4)), batch_size=2, encoding="json")
+    assert [np.shape(json.loads(body)["inputs"]) for _, body in stub.seen[("POST", "/v1/models/m/distill")]] \
+        == [(1, 3, 4, 4)]
 
 
 def test_integer_pixel_arrays_are_refused_not_answered(stub):

@@ -353,6 +353,19 @@ def split_batches(arr: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
         yield arr[s]
 
 
+def needs_rank(arr: np.ndarray, batch_size: int) -> bool:
+    """Whether splitting ``arr`` into batches needs the model's input rank first: its first axis would be cut,
+    and it may be one sample without a batch axis (a (300, 4) sequence, a (3, 32, 32) image at batch_size 2)
+    rather than a batch. Smaller arrays travel whole, and the server tells the two apart."""
+    return arr.ndim >= 2 and len(arr) > batch_size
+
+
+def with_batch_axis(arr: np.ndarray, model: dict) -> np.ndarray:
+    """``arr`` with a leading batch axis when it is one sample of ``model`` (``GET /v1/models/{name}``'s answer)."""
+    shape = model.get("input", {}).get("shape") if isinstance(model, dict) else None
+    return arr[None] if isinstance(shape, list) and arr.ndim == len(shape) else arr
+
+
 def encode_npy(x: np.ndarray) -> bytes:
     """``x`` as one ``.npy`` (float32, little-endian, C order): what ``np.save`` writes and the server reads."""
     x = np.ascontiguousarray(x, dtype="<f4")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
 from itertools import count
 from pathlib import Path
 from typing import Any, TypeVar
@@ -115,6 +115,12 @@ class AsyncClient(b.BaseClient):
     async def model(self, name: str) -> dict:
         return await self._json("GET", b.model_path(name))
 
+    async def _batches(self, name: str, x: np.ndarray, batch_size: int | None) -> Iterator[np.ndarray]:
+        size = batch_size or self.batch_size
+        if b.needs_rank(x, size):
+            x = b.with_batch_axis(x, await self.model(name))
+        return b.split_batches(x, size)
+
     async def predict(self, name: str, inputs: Inputs | None = None, *,
                       image_path: b.Images = None,
                       top_k: int = 1, batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
@@ -126,7 +132,7 @@ class AsyncClient(b.BaseClient):
             return b.field(obj, "predictions")
         x, enc = b.as_array(inputs), self._encoding(encoding)
         parts = await self._in_order([self._json("POST", path, **b.predict_request(xb, top_k, enc))
-                                      for xb in b.split_batches(x, batch_size or self.batch_size)])
+                                      for xb in await self._batches(name, x, batch_size)])
         return b.merge_predictions(parts)
 
     async def _distill_part(self, path: str, xb: np.ndarray, temperature: float | None, enc: str) -> dict:
@@ -137,7 +143,7 @@ class AsyncClient(b.BaseClient):
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path = b.model_path(name, "distill")
         parts = await self._in_order([self._distill_part(path, xb, temperature, enc)
-                                      for xb in b.split_batches(x, batch_size or self.batch_size)])
+                                      for xb in await self._batches(name, x, batch_size)])
         return b.merge_distilled(parts, temperature)
 
     async def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,12 @@ class Client(b.BaseClient):
     def model(self, name: str) -> dict:
         return self._json("GET", b.model_path(name))
 
+    def _batches(self, name: str, x: np.ndarray, batch_size: int | None) -> Iterator[np.ndarray]:
+        size = batch_size or self.batch_size
+        if b.needs_rank(x, size):
+            x = b.with_batch_axis(x, self.model(name))
+        return b.split_batches(x, size)
+
     def predict(self, name: str, inputs: Inputs | None = None, *,
                 image_path: b.Images = None,
                 top_k: int = 1, batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
@@ -119,7 +125,7 @@ class Client(b.BaseClient):
                            "predictions")
         x, enc = b.as_array(inputs), self._encoding(encoding)
         parts = [self._json("POST", path, **b.predict_request(xb, top_k, enc))
-                 for xb in b.split_batches(x, batch_size or self.batch_size)]
+                 for xb in self._batches(name, x, batch_size)]
         return b.merge_predictions(parts)
 
     def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
@@ -130,7 +136,7 @@ class Client(b.BaseClient):
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path = b.model_path(name, "distill")
         parts = [b.parse_distilled(self._request("POST", path, **b.distill_request(xb, temperature, enc)))
-                 for xb in b.split_batches(x, batch_size or self.batch_size)]
+                 for xb in self._batches(name, x, batch_size)]
         return b.merge_distilled(parts, temperature)
 
     def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
