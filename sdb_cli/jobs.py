@@ -24,8 +24,9 @@ def _params(text: str) -> dict:
     return obj
 
 
-def follow(client, job_id: str, poll_s: float = 1.0, out=sys.stdout) -> dict:
-    """Print the log as it grows until the job ends; returns the job."""
+def follow(client, job_id: str, poll_s: float = 1.0, out=None) -> dict:
+    """Print the log as it grows until the job ends (to ``out``, default the stdout of the call); returns the job."""
+    out = out or sys.stdout
     offset = 0
     while True:
         chunk = client.jobs.logs(job_id, offset=offset)
