@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from sdb_core.progress import Cancelled
+
 from . import files
 from .errors import ApiError, invalid
 from .filechecks import read_bundle
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 POLICY_TASKS = ("classification", "multilabel")  # tasks whose outputs are class scores: the policies apply
 _STATUS = {"model_not_owned": 403, "key_invalid": 403, "model_exists": 409}
+_JOB_REFUSALS = ("job_lost", "job_cancelled")  # a job's deploy its worker may no longer make: the job stops
 
 
 def refused(e: DeployRefused) -> ApiError:
@@ -76,7 +79,8 @@ def check_served_name(name: str, version: str | None = None) -> None:
 
 
 def _copy_new(src: Path, folder: Path) -> Path:
-    """``src`` copied to a new file in ``folder``: created exclusively, so no file is ever overwritten."""
+    """``src`` copied to a new file in ``folder``: created exclusively, so no file is ever overwritten. A copy
+    that fails half-way (a full disk) is removed: 507 when the disk had no room (:func:`files.no_room`)."""
     while True:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(6)}.sdb"
@@ -85,8 +89,15 @@ def _copy_new(src: Path, folder: Path) -> Path:
                 fout = open(target, "xb")  # noqa: SIM115 - closed below
             except (FileExistsError, FileNotFoundError):  # taken, or the folder of a refused deploy just went
                 continue
-            with fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
+            try:
+                with fout:
+                    shutil.copyfileobj(fin, fout, 1 << 20)
+            except BaseException as e:
+                _discard(target)
+                full = files.no_room(e, "the bundle")
+                if full is not None:
+                    raise full from None
+                raise
         return target
 
 
@@ -101,7 +112,7 @@ def _discard(target: Path) -> None:
 
 def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer: str, actor: str,
                   name: str | None = None, policy: OutputPolicy | dict | None = None, shown: str = "bundle",
-                  host: ModelHost | None = None) -> ModelRow:
+                  host: ModelHost | None = None, job: tuple[str, str] | None = None) -> ModelRow:
     """Blocking: serve the ``.sdb`` at ``src`` as the next version of ``name`` (default the bundle's own),
     for the key ``deployer`` (its id; ``actor`` goes to the audit log). With ``host`` this process serves it
     at once; every other process loads it on its first request for it.
@@ -109,6 +120,10 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
     ApiError when refused, and then nothing stays: 400 ``bundle_refused`` (verification), 422 (the name or
     the policy), 403 ``model_not_owned`` (checked in the transaction that adds the version). ``shown``
     stands for the bundle in messages: a server path is never in one.
+
+    ``job`` (id, worker): a job's deploy (``service.jobs.kinds.wrap.deploy``), made only while that worker
+    still holds the job, checked in the transaction that adds the version; otherwise nothing stays and
+    :class:`Cancelled` stops the job.
     """
     limits = files.limits(settings)
     try:
@@ -137,8 +152,10 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
         if copied["files"] != meta["files"]:
             raise ApiError(400, "bundle_refused", "bundle refused: it changed while it was being deployed")
         try:
-            row = store.add_version(name, str(target.resolve()), deployer=deployer, **policy.model_dump())
+            row = store.add_version(name, str(target.resolve()), deployer=deployer, job=job, **policy.model_dump())
         except DeployRefused as e:
+            if e.code in _JOB_REFUSALS:
+                raise Cancelled(e.message) from None
             raise refused(e) from None
     except ApiError as e:
         _discard(target)

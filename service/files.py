@@ -9,6 +9,7 @@ a ``file-…`` id into a path, checking who asks; no server path is shown to a n
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -38,6 +39,19 @@ STAGING = ".staging"
 STAGING_MAX_AGE_S = 6 * 3600  # a staging folder this old belongs to a process that died mid-upload
 _WRITE_AT = 1 << 20  # buffered bytes handed to a thread for writing
 _MAX_FIELDS, _MAX_FIELD_BYTES = 8, 1024
+
+
+# A write the disk had no room for: full, over a quota, past a file size limit.
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_room(e: BaseException, what: str) -> ApiError | None:
+    """507 ``insufficient_storage`` for an error that says the disk had no room to store ``what``, else None.
+    The message names no server path."""
+    if isinstance(e, OSError) and e.errno in NO_ROOM:
+        return ApiError(507, "insufficient_storage", f"the server has no room to store {what} "
+                        f"({os.strerror(e.errno).lower()}): try again later")
+    return None
 
 
 def new_file_id() -> str:
@@ -184,16 +198,22 @@ async def receive(request: Request, stage: Staging, max_bytes: int, file_field: 
         raise bad_request("multipart body without a boundary", "malformed_body")
     form = _Form(stage.dir / "upload", max_bytes, file_field)
     parser = MultipartParser(boundary, form.callbacks())
-    with open(form.dest, "wb") as out:  # noqa: ASYNC230  (opening is instant; the writes go to a thread)
-        try:
-            async for chunk in request.stream():
-                parser.write(chunk)
-                if form.pending_bytes >= _WRITE_AT:
-                    await run_in_threadpool(out.write, form.take())
-            parser.finalize()
-        except FormParserError:
-            raise bad_request("malformed multipart body", "malformed_body") from None
-        await run_in_threadpool(out.write, form.take())
+    try:
+        with open(form.dest, "wb") as out:  # noqa: ASYNC230  (opening is instant; the writes go to a thread)
+            try:
+                async for chunk in request.stream():
+                    parser.write(chunk)
+                    if form.pending_bytes >= _WRITE_AT:
+                        await run_in_threadpool(out.write, form.take())
+                parser.finalize()
+            except FormParserError:
+                raise bad_request("malformed multipart body", "malformed_body") from None
+            await run_in_threadpool(out.write, form.take())
+    except OSError as e:  # the staging folder goes with ``stage``
+        full = no_room(e, "the upload")
+        if full is not None:
+            raise full from None
+        raise
     got = form.done()
     if got.path is None:
         raise invalid(f"multipart body has no file: send it as field {file_field!r}", "invalid_request")
@@ -220,9 +240,12 @@ def ingest(store: Store, settings: Settings, key: ApiKey, stage: Staging, got: R
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
             raise
-    except BaseException:
+    except BaseException as e:
         if reservation is not None:
             store.release_file_bytes(reservation)
+        full = no_room(e, "the file")
+        if full is not None:
+            raise full from None
         raise
     store.audit(key.id, "file.upload", file_id, f"{purpose} {checked.format} {got.size} bytes"
                 + (" shared" if shared else ""))

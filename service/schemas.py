@@ -222,6 +222,7 @@ _WHY = {
     422: "a parameter, field or tensor that fails validation",
     429: "over the request rate (per key, or per address without one), or the key's sample quota",
     503: "the server is starting, or the model version cannot be served",
+    507: "the server's disk has no room for the file (nothing was kept): retry later",
 }
 _HEADERS = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},

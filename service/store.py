@@ -6,6 +6,7 @@ create them at start are in :mod:`service.store_schema`; this module is what rea
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -170,7 +171,8 @@ class Store:
             return None
 
     def add_version(self, name: str, path: str, *, deployer: str | None, version: str | None = None,
-                    policy: str = "probs", top_k: int | None = None, decimals: int | None = None) -> ModelRow:
+                    policy: str = "probs", top_k: int | None = None, decimals: int | None = None,
+                    job: tuple[str, str] | None = None) -> ModelRow:
         """Register ``path`` as a version of ``name``, in one transaction that also checks the deployer.
 
         ``deployer`` is the deploying key's id, read here with the name: an admin key deploys under any
@@ -178,12 +180,18 @@ class Store:
         admin CLI. ``version`` None assigns the next one (above every version the name ever had), so two
         deploys never get the same one. The name's row is the lock (PostgreSQL: ``FOR UPDATE``; SQLite:
         the write lock); a first deploy racing another one's retries and then meets its owner.
-        Raises :class:`DeployRefused` (``model_not_owned``, ``key_invalid``, ``model_exists``).
+
+        ``job`` (job id, worker): a job's deploy, which counts only while that worker still holds the job
+        (running, not asked to cancel), read and marked in the same transaction: a worker that hung while the
+        reaper requeued or failed its job deploys nothing when it comes back, and a job that deployed is never
+        requeued (its record keeps what it served, whatever the worker does next).
+        Raises :class:`DeployRefused` (``model_not_owned``, ``key_invalid``, ``model_exists``, ``job_lost``,
+        ``job_cancelled``).
         """
         for attempt in range(3):
             try:
                 with self.session.begin() as s:
-                    return self._add_version(s, name, path, deployer, version, policy, top_k, decimals)
+                    return self._add_version(s, name, path, deployer, version, policy, top_k, decimals, job)
             except IntegrityError:
                 if attempt == 2:
                     break
@@ -210,7 +218,8 @@ class Store:
             return _next_version(taken, 0 if claim is None else claim.last_version)
 
     def _add_version(self, s: Session, name: str, path: str, deployer: str | None, version: str | None,
-                     policy: str, top_k: int | None, decimals: int | None) -> ModelRow:
+                     policy: str, top_k: int | None, decimals: int | None,
+                     job: tuple[str, str] | None = None) -> ModelRow:
         now = time.time()
         if s.get_bind().dialect.name == "sqlite":
             s.connection().exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before the first read
@@ -226,6 +235,8 @@ class Store:
             version = _next_version(taken, claim.last_version)
         elif version in taken:
             raise DeployRefused("model_exists", f"model {name!r} version {version!r} is already registered")
+        if job is not None:
+            _hold_job_for_deploy(s, *job, name, version, now)
         if version.isdigit():
             claim.last_version = max(claim.last_version, int(version))
         row = ModelRow(name=name, version=version, path=path, added_at=now, policy=policy, top_k=top_k,
@@ -379,6 +390,25 @@ def _refusal(s: Session, name: str, deployer: str | None, now: float,
         return claim, DeployRefused("model_not_owned", f"model {name!r} belongs to another key: only its owner "
                                     "or an admin deploys versions of it")
     return claim, None
+
+
+def _hold_job_for_deploy(s: Session, job_id: str, worker: str, name: str, version: str, now: float) -> None:
+    """In a deploy's transaction: the job must still be ``worker``'s, running and not asked to cancel
+    (:class:`DeployRefused` ``job_lost`` / ``job_cancelled`` otherwise). Its row is marked as one heartbeat
+    (the reaper, waiting on the row, finds it fresh), as past training (never requeued: a second attempt
+    would deploy again) and with what it served (the record says so if the worker dies before it finishes)."""
+    served = json.dumps({"model": name, "version": version, "deployed": True})
+    held = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == worker, JobRow.status == "running",
+                                          JobRow.cancel_requested.is_(False))
+                     .values(heartbeat_at=now, training_at=func.coalesce(JobRow.training_at, now), result=served,
+                             message=f"deployed {name} version {version}")).rowcount
+    if held == 1:
+        return
+    row = s.get(JobRow, job_id)
+    if row is not None and row.status == "running" and row.worker == worker:
+        raise DeployRefused("job_cancelled", "cancelled before deploying: a cancel was requested")
+    raise DeployRefused("job_lost", f"job {job_id} is no longer this worker's ({worker}): it was reaped, requeued "
+                        "or ended meanwhile, so this attempt deploys nothing")
 
 
 def _next_version(taken: list[str], last: int) -> str:

@@ -110,6 +110,9 @@ class JobRow(Base):
     params: Mapped[str] = mapped_column(Text)  # JSON, as validated at submission
     owner: Mapped[str] = mapped_column(String(32), index=True)  # the submitting key's id
     idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # sha256 of the request as sent (kind and validated params, before the submission check resolved them): a
+    # retry with the idempotency key is the same job when it is the same request. NULL for jobs older than it.
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     backend: Mapped[str] = mapped_column(String(16), default="embedded")
     status: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed|cancelled
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -206,8 +209,14 @@ def _v5(conn: Connection) -> None:
     FileReservationRow.__table__.create(conn, checkfirst=True)
 
 
+def _v6(conn: Connection) -> None:
+    """Each job's request digest (what an idempotent retry is compared with); NULL for older jobs."""
+    if "request_sha256" not in {c["name"] for c in inspect(conn).get_columns("jobs")}:
+        conn.exec_driver_sql("ALTER TABLE jobs ADD COLUMN request_sha256 VARCHAR(64)")
+
+
 # Append a step to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 
 
 # Any constant: the PostgreSQL advisory lock that serialises migrations across processes and hosts.

@@ -27,10 +27,10 @@ from .queue import JobQueue
 
 class JobContext:
     def __init__(self, settings: Settings, queue: JobQueue, job: JobRow, worker: str, workdir: Path,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, artifacts: Path | None = None):
         self.settings, self.queue, self.job, self.worker = settings, queue, job, worker
         self.workdir = workdir
-        self.artifacts = workdir / "artifacts"
+        self.artifacts = artifacts or workdir / "artifacts"  # this attempt's own (the runner's attempt_artifacts)
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self.cancel = threading.Event()  # set by the heartbeat: cancel asked, or the job was taken from us
         self.stop = stop or threading.Event()  # set by the worker: it is shutting down
@@ -86,9 +86,12 @@ class JobContext:
     def charge(self, model: str, samples: int) -> None:
         """Count ``samples`` keyed samples of ``model`` against the job's key quota before they are drawn: the
         store's exact charge (nothing counted and ApiError when they do not fit or the key died), and
-        the key's usage statistics."""
+        the key's usage statistics. A charged job is never requeued (charged once per job)."""
         keyring = Keyring(self.queue.store, b"")  # charging and usage read no secret: no pepper
         keyring.charge(self.key, samples)
+        # Charged: the job is past the point where a lost worker's job is requeued (the reaper fails it instead),
+        # so one job's samples are never charged twice.
+        self.queue.heartbeat(self.job.id, self.worker, training=True)
         keyring.record(self.key.id, model, "distill", samples)
         keyring.flush()
         self.log(f"charged {samples} keyed samples of model {model} to the job's key")

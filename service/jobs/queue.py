@@ -40,16 +40,17 @@ class JobQueue:
 
     # ------------------------------------------------------------ API side
     def submit(self, kind: str, params: dict, owner: str, *, backend: str = "embedded",
-               idempotency_key: str | None = None) -> tuple[JobRow, bool]:
-        """(job, created); with an idempotency key already used by ``owner``, that key's job."""
+               idempotency_key: str | None = None, request_sha256: str | None = None) -> tuple[JobRow, bool]:
+        """(job, created); with an idempotency key already used by ``owner``, that key's job (``request_sha256``,
+        the request's digest, is kept with a new one: what a retry is compared with)."""
         if idempotency_key is not None:
             existing = self.by_idempotency_key(owner, idempotency_key)
             if existing is not None:
                 return existing, False
         row = JobRow(id=uuid.uuid4().hex, kind=kind, params=json.dumps(params, sort_keys=True), owner=owner,
-                     idempotency_key=idempotency_key, backend=backend, status="queued", cancel_requested=False,
-                     progress=0.0, step="queued", message="", metrics="{}", result="{}", attempts=0,
-                     created_at=time.time())
+                     idempotency_key=idempotency_key, request_sha256=request_sha256, backend=backend,
+                     status="queued", cancel_requested=False, progress=0.0, step="queued", message="", metrics="{}",
+                     result="{}", attempts=0, created_at=time.time())
         try:
             with self.store.session.begin() as s:
                 s.add(row)

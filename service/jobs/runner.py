@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import shutil
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from sdb_core.progress import Cancelled
 
@@ -109,6 +112,39 @@ def end_halted(ctx: JobContext) -> bool:
     return ended
 
 
+def still_ours(ctx: JobContext) -> bool:
+    """Whether the store still has the job running on this worker (one heartbeat; a store that does not
+    answer is taken as yes: the job's own finish is conditional anyway)."""
+    try:
+        owned = ctx.queue.heartbeat(ctx.job.id, ctx.worker).owned
+    except Exception:  # the store briefly unreachable: the finish decides
+        log.warning("job %s: the store did not answer whether the job is still ours", ctx.job.id, exc_info=True)
+        return True
+    return owned
+
+
+ATTEMPT_PREFIX = "artifacts."
+
+
+def attempt_artifacts(workdir: Path, attempt: int) -> Path:
+    """A new, empty artifacts folder for this attempt, and ``<workdir>/artifacts`` (what the routes serve)
+    made to point at it in one step (a link replaced atomically); every other attempt's folder is removed.
+    A requeued job starts clean, and a worker that hung and comes back after its job was requeued writes only
+    into its own folder, which is served no more: it never mixes its files into the attempt that took over."""
+    own = workdir / f"{ATTEMPT_PREFIX}{attempt}-{secrets.token_hex(4)}"
+    own.mkdir()
+    served = workdir / "artifacts"
+    if served.is_dir() and not served.is_symlink():  # a folder of a job run before attempts had their own
+        shutil.rmtree(served)
+    link = workdir / f".link-{secrets.token_hex(4)}"
+    os.symlink(own.name, link)
+    os.replace(link, served)
+    for old in workdir.glob(f"{ATTEMPT_PREFIX}*"):
+        if old != own:
+            shutil.rmtree(old, ignore_errors=True)
+    return own
+
+
 def job_dir(settings: Settings, job_id: str):
     return settings.jobs_dir / job_id
 
@@ -118,10 +154,8 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
     """Run a job this worker has claimed; returns the status it ended in (or ``queued`` if released).
     ``hard_stop`` ends the process, for a job that does not stop when a cap is passed (a worker process's own)."""
     workdir = job_dir(settings, job.id)
-    if (workdir / "artifacts").exists():  # a requeued job starts clean
-        shutil.rmtree(workdir / "artifacts")
     workdir.mkdir(parents=True, exist_ok=True)
-    ctx = JobContext(settings, queue, job, worker, workdir, stop)
+    ctx = JobContext(settings, queue, job, worker, workdir, stop, attempt_artifacts(workdir, job.attempts))
     ctx.log(f"job {job.id} ({job.kind}) attempt {job.attempts} on worker {worker}")
     hb = Heartbeat(ctx, settings.job_heartbeat_s, hard_stop)
     hb.start()
@@ -134,6 +168,8 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
         report = kind.run(ctx, params)
         if ctx.key_stop is not None or ctx.failure is not None:  # stopped in a stretch blind to cancel: not done
             raise Cancelled(ctx.key_stop or ctx.failure)
+        if not still_ours(ctx):  # reaped while it ran (a hang): the artifacts are another attempt's now
+            raise Cancelled("the job was reaped while this worker ran it")
         ctx.step("writing report", None)
         plot_curves(ctx.curves, ctx.artifacts / "curves.png", title=f"{job.kind} {job.id[:8]}")
         full = {"job": {"id": job.id, "kind": job.kind, "params": json.loads(job.params),
@@ -149,9 +185,9 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
         ok = queue.finish(job.id, worker, "succeeded", message=report.get("summary", "done"),
                           result=report.get("result", {}), metrics=report.get("metrics", {}), artifact_bytes=used)
         ctx.log("succeeded" if ok else "finished, but the job was no longer ours (reaped?)")
-        return "succeeded"
+        return "succeeded" if ok else "lost"
     except Cancelled as e:
-        if hb.lost:
+        if hb.lost or not still_ours(ctx):
             ctx.log(f"stopped: the job was taken from this worker ({e})")
             return "lost"
         if ctx.key_stop is not None:
@@ -173,6 +209,10 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
         if ctx.failure is not None:  # a cap stopped it, and the recipe turned the stop into another error
             end_halted(ctx)
             return "failed"
+        if hb.lost or not still_ours(ctx):  # reaped while it hung; the record is the reaper's or another attempt's
+            log.warning("job %s: an error after the job was taken from this worker", job.id, exc_info=True)
+            ctx.log("stopped: the job was taken from this worker")
+            return "lost"
         # The owner reads the cause in words (error, log.txt); the traceback, which quotes paths
         # and file contents, goes to the worker's log and traceback.txt beside log.txt, never served.
         reason = failure_reason(e, ctx.snapshot()["step"], settings.data_dir)

@@ -60,7 +60,7 @@ _DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": DeployRequest.model_json_schema(),
                          "example": {"file": "file-0123456789abcdef01234567", "name": "mnist-demo",
                                      "policy": "top_k", "top_k": 3}}}}}
-_ERRORS = {**ok(MODEL_EXAMPLE, 201), **responses(400, *AUTH, 404, 409, 413, 415, why={
+_ERRORS = {**ok(MODEL_EXAMPLE, 201), **responses(400, *AUTH, 404, 409, 413, 415, 507, why={
     400: "the bundle failed verification, or a malformed body", 404: "no such file for this key",
     403: "the key lacks the deploy scope, or the name is another key's (model_not_owned)",
     409: "that version was registered meanwhile", 413: "over the upload limit (SDB_MAX_FILE_BYTES)",

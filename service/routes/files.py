@@ -66,7 +66,7 @@ _FILE = {"id": "file-0123456789abcdef01234567", "object": "file", "purpose": "da
          "bytes": 183412, "sha256": "9f2c" + "0" * 60, "format": "npz", "info": {"images": 1797, "classes": 10},
          "shared": False, "created_at": 1767225600.0}
 _SCOPE = {403: "the key has neither the jobs nor the deploy scope"}
-_ERRORS = {**ok(_FILE, 201), **responses(400, *AUTH, 413, 415, why={
+_ERRORS = {**ok(_FILE, 201), **responses(400, *AUTH, 413, 415, 507, why={
     400: "a malformed multipart body", 403: "the key has neither the jobs nor the deploy scope, or shares "
     "a file without being an admin", 413: "over the upload limit (SDB_MAX_FILE_BYTES), or the key's storage cap",
     415: "not multipart/form-data", 422: "no file, an unknown purpose, or a file that failed its check"})}

@@ -8,6 +8,7 @@ cap of artifact bytes queues nothing more until it deletes finished jobs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import mimetypes
 import re
@@ -91,18 +92,38 @@ def submit(body: Annotated[JobSubmit, Body(openapi_examples=_SUBMIT_EXAMPLES)], 
         params = kind.params.model_validate(body.params)
     except ValidationError as e:
         raise invalid(params_errors(e), "invalid_params") from None
+    digest = request_sha256(body.kind, params.model_dump(mode="json"))
+    if idempotency_key is not None:  # a retry is answered from the job it made, not checked again
+        existing = queue.by_idempotency_key(key.id, idempotency_key)
+        if existing is not None and existing.request_sha256 is not None:
+            return _retried(existing, body.kind, digest, None, key, settings)
     if kind.check is not None:
         params = kind.check(params, Submission(key, host, settings, queue))
     _under_job_cap(queue, key, settings, idempotency_key)
     _under_artifact_cap(queue, key, settings, idempotency_key)
     stored = params.model_dump(mode="json")
     row, created = queue.submit(body.kind, stored, key.id, backend=settings.jobs_backend,
-                                idempotency_key=idempotency_key)
-    if not created and (row.kind != body.kind or json.loads(row.params) != stored):
-        raise ApiError(409, "idempotency_conflict",
-                       "this Idempotency-Key was used for a different job; use a new key")
-    if created:
-        queue.store.audit(key.id, "job.submit", row.id, body.kind)
+                                idempotency_key=idempotency_key, request_sha256=digest)
+    if not created:
+        return _retried(row, body.kind, digest, stored, key, settings)
+    queue.store.audit(key.id, "job.submit", row.id, body.kind)
+    return json_response(_shown(row, key, settings), status=202)
+
+
+def request_sha256(kind: str, params: dict) -> str:
+    """The digest of a submission as sent: its kind and its params as validated, before the kind's check
+    resolved them (pinned a hosted model's version, say), so a retry made after a new version was deployed or
+    a named file deleted is still the same request."""
+    return hashlib.sha256(json.dumps([kind, params], sort_keys=True).encode()).hexdigest()
+
+
+def _retried(row: JobRow, kind: str, digest: str, stored: dict | None, key: ApiKey, settings: Settings) -> Response:
+    """The answer to a submission whose Idempotency-Key ``row`` already has: that job when it is the same request
+    (its digest; a job older than digests: the same kind and checked params ``stored``), else a 409."""
+    same = row.request_sha256 == digest if row.request_sha256 is not None else (
+        row.kind == kind and json.loads(row.params) == stored)
+    if not same:
+        raise ApiError(409, "idempotency_conflict", "this Idempotency-Key was used for a different job; use a new key")
     return json_response(_shown(row, key, settings), status=202)
 
 
