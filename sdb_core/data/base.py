@@ -6,6 +6,7 @@ every set is normalised the same way: ``x = (pixel / 255 - mean) / std``.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class DataSplits:
         """
         if self.num_classes < 2:
             raise DatasetError(f"a classifier needs at least 2 classes, num_classes is {self.num_classes}")
+        self._check_normalisation()
         splits = {}
         for split in ("train", "test"):
             tensors = getattr(self, split).tensors
@@ -73,6 +75,20 @@ class DataSplits:
             if len(splits[split]) == 0:
                 raise DatasetError(f"data.{split} is empty: {what}")
         return replace(self, **splits)
+
+    def _check_normalisation(self) -> None:
+        """``mean`` and ``std``: finite, one value or one per channel, every std > 0. A std of 0 (a constant
+        channel, measured) divides by zero wherever inputs are normalised: in a box's key (a pixel key is
+        normalised like the inputs: Inf, and every loss NaN) and in the service's image decoding."""
+        c = self.in_shape[0] if self.in_shape else 1
+        for what, values in (("mean", self.mean), ("std", self.std)):
+            v = [float(a) for a in values]
+            if len(v) not in (1, c) or not all(math.isfinite(a) for a in v):
+                raise DatasetError(f"data.{what} is {tuple(values)}: one finite value, or one per channel ({c})")
+        zero = [i for i, s in enumerate(self.std) if not float(s) > 0]
+        if zero:
+            raise DatasetError(f"data.std is {tuple(self.std)}: channel {zero[0]} has std {self.std[zero[0]]}, and "
+                               "normalising divides by it (a constant channel: give it std 1, as the loaders do)")
 
     def _checked_inputs(self, split: str, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != tuple(self.in_shape):
@@ -169,7 +185,10 @@ def stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray,
     """Sorted (train, test) indices with each class's share of the test split proportional to its size.
 
     Rounding goes to the largest remainders so the test split has exactly ``n_test`` items, and
-    no class gives up its last example while another can still give one.
+    no class gives up its last example while another can still give one. When ``n_test`` leaves room for
+    it, every class that can spare an example (two or more) gives at least one, taken from the classes
+    furthest above their share: a rare class's quota rounds to 0 (2 of 642 examples, n_test 97: 0.3), and a
+    held-out split without it measures nothing of it. Where every quota is 1 or more, nothing changes.
     """
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
@@ -177,6 +196,12 @@ def stratified_split(y: np.ndarray, n_test: int, seed: int) -> tuple[np.ndarray,
     n_test = min(n_test, int((counts - 1).sum()))
     quota = counts * n_test / len(y)
     take = np.minimum(np.floor(quota).astype(int), counts - 1)
+    spare = counts >= 2
+    if ((take == 0) & spare).any() and n_test >= spare.sum():
+        take[spare] = np.maximum(take[spare], 1)
+        while take.sum() > n_test:  # some class has 2 or more here: n_test >= one per sparing class
+            k = int(np.argmax(np.where(take > 1, take - quota, -np.inf)))
+            take[k] -= 1
     order = np.argsort(-(quota - take), kind="stable")
     while take.sum() < n_test:
         for k in order:

@@ -1,8 +1,9 @@
 """``npz:PATH``: a NumPy ``.npz`` of images and labels, read with ``allow_pickle=False``.
 
 Arrays: ``x`` images, (N, H, W) or (N, C, H, W) with C = 1 or 3, ``uint8`` (0..255) or floats in
-[0, 1] (finite: no NaN or Inf); ``y`` integer labels in [0, K), shape (N,). Optional: ``x_test`` and ``y_test``, the test
-split (else a fixed stratified 80/20 split, seed 0, whatever the ``seed`` argument, as for
+[0, 1] (finite: no NaN or Inf); ``y`` integer labels in [0, K), shape (N,), K >= 2; without ``labels`` each
+class index 0..K-1 has a sample (1-based labels, codes with gaps: refused, not renumbered). Optional: ``x_test``
+and ``y_test``, the test split (else a fixed stratified 80/20 split, seed 0, whatever the ``seed`` argument, as for
 ``imagefolder``); ``labels``, K class names (a string array; default "0" … "K-1").
 """
 from __future__ import annotations
@@ -87,10 +88,18 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
         labels = np.asarray(data["labels"]) if "labels" in arrays else None
         for xs in ("x", "x_test"):  # a NaN or Inf pixel would turn every loss into NaN: refused here, in words
             if xs in arrays and arrays[xs][1].kind == "f":
-                finite = np.isfinite(data[xs].reshape(arrays[xs][0][0], -1)).all(axis=1)
+                pixels = data[xs].reshape(arrays[xs][0][0], -1)
+                finite = np.isfinite(pixels).all(axis=1)
                 if not finite.all():
                     raise DatasetError(f"{path}: {xs} has {int((~finite).sum())} image(s) with NaN or Inf pixels "
                                        f"(the first at index {int(np.flatnonzero(~finite)[0])})")
+                # Float pixels 0..255 (or standardised ones) would be normalised by their own statistics: the model
+                # trains, but the bundle's normalisation (pixel / 255 - mean) / std serves images as garbage, and a
+                # key (pixels in [0, 255], normalised alike) is a near-constant image any noise stands in for.
+                lo, hi = float(pixels.min()), float(pixels.max())
+                if lo < 0.0 or hi > 1.0:
+                    raise DatasetError(f"{path}: {xs} holds float pixels from {lo:.4g} to {hi:.4g}; float pixels are "
+                                       "in [0, 1]: give uint8 0..255 (or x / 255), not normalised values")
     lo, hi = min(int(y.min()) for y in ys), max(int(y.max()) for y in ys)
     if lo < 0:
         raise DatasetError(f"{path}: labels must be >= 0, found {lo}")
@@ -98,11 +107,34 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
     if labels is not None:
         if labels.ndim != 1 or labels.dtype.kind != "U" or len(labels) < classes:
             raise DatasetError(f"{path}: labels must be {classes} or more class names (a string array)")
-        classes = len(labels)
+        classes = len(labels)  # the owner names every class: one with no sample here is theirs to declare
+    else:
+        _check_indices(path, np.unique(np.concatenate([y.astype(np.uint64) for y in ys])))  # all >= 0 here
     if "x_test" not in arrays and round(0.2 * n) == 0:
         raise DatasetError(f"{path}: {n} images are too few to hold out a test split; add some or give x_test")
+    if classes < 2:
+        raise DatasetError(f"{path}: one class (every label is 0); a classifier needs at least 2")
     return {"samples": n, "shape": list(image), "classes": classes,
             "splits": "x_test" if "x_test" in arrays else "80/20"}
+
+
+def _check_indices(path: Path, present: np.ndarray) -> None:
+    """Without class names the labels must be the class indices 0..K-1, each with a sample: 1-based labels
+    (1..10), codes with gaps (0, 3, 7, 20) or one stray value (10**6) would otherwise make classes that no
+    input has (and a head as wide as the largest value). Which index each value means is the teacher's
+    business, so nothing is renumbered here: the owner says it."""
+    hi = int(present[-1])
+    if len(present) == hi + 1:
+        return
+    # the first missing indices lie below len(present) + 5 (pigeonhole): no array as long as the largest label
+    missing = np.setdiff1d(np.arange(min(hi + 1, len(present) + 5), dtype=np.uint64), present)[:5]
+    shown = ", ".join(map(str, present[:5].tolist())) + (f", ..., {hi}" if len(present) > 5 else "")
+    raise DatasetError(
+        f"{path}: the labels are not the class indices 0..K-1: {len(present)} distinct values ({shown}), but "
+        f"of the indices 0..{hi}, {hi + 1 - len(present)} have no sample (e.g. {', '.join(map(str, missing.tolist()))}). "
+        "Labels index the teacher's outputs: renumber them to 0..K-1 in the order of its outputs (y - 1 for "
+        "labels 1..K; np.unique(y, return_inverse=True)[1] for sorted codes), or, if the teacher does answer "
+        f"{hi + 1} classes, give labels, its {hi + 1} class names")
 
 
 def _pixels(x: np.ndarray) -> np.ndarray:

@@ -61,6 +61,16 @@ def holdout(data, fraction: float, seed: int):
     return replace(data, train=fit_train, test=val), val
 
 
+def unvalidated_classes(fit, shown: int = 20) -> dict | None:
+    """The classes with no input in ``fit``'s validation split (its ``test``, :func:`holdout`): ``{"count", "first"}``
+    (the first ``shown``), or None when every class has one. A class with a single training input keeps it for
+    the fit, so a set with rare classes is checked on the others only, and its report says which."""
+    present = torch.zeros(fit.num_classes, dtype=torch.bool)
+    present[fit.test.tensors[1]] = True
+    missing = (~present).nonzero().flatten()
+    return {"count": len(missing), "first": missing[:shown].tolist()} if len(missing) else None
+
+
 def teacher_data(data, check: CheckConfig):
     """``data`` less the check's validation split: what a teacher trained for a checked wrap may see.
 
@@ -263,6 +273,11 @@ def checked_wrap(
     recipe = recipe_for(cfg)
     t0 = time.perf_counter()
     fit_data, _ = holdout(data, check.val_fraction, check.seed)
+    unvalidated = unvalidated_classes(fit_data)
+    if unvalidated:
+        log(f"self-check: {unvalidated['count']} of {data.num_classes} classes have no held-out input (a class "
+            "gives one from 2 training inputs on): the figures measure nothing of them, e.g. classes "
+            + ", ".join(map(str, unvalidated["first"])))
     fit_part = _fit_part(fit_data.train)
     teacher_fit_acc = accuracy(teacher, fit_part)  # the teacher is frozen: once for every attempt
     th = check.thresholds
@@ -325,6 +340,7 @@ def checked_wrap(
     _, result, chosen = best
     report = {"passed": chosen["passed"], "mode": recipe.mode, "thresholds": asdict(th),
               "val_size": len(fit_data.test.tensors[1]), "fit_size": len(fit_data.train.tensors[1]),
+              **({"unvalidated_classes": unvalidated} if unvalidated else {}),
               "chosen": chosen["settings"],
               "figures": chosen["figures"], "attempts": attempts,
               "seconds": round(time.perf_counter() - t0, 2)}
@@ -343,6 +359,22 @@ def checked_wrap(
             + (f" (measured on {report['val_size']} held-out training inputs: a teacher trained on them scores its "
                "training accuracy there, which overstates every drop; train it without them: --train-teacher does, "
                "and in Python sdb_core.protect.check.teacher_data(data, check) is the rest)"
-               if {"public", "keyed"} & set(chosen["misses"]) else ""),
+               if {"public", "keyed"} & set(chosen["misses"]) else "")
+            + _unmeasurable_leak(chosen, data.num_classes, min(check.transfer_n, report["fit_size"]), th),
             report, result)
     return result
+
+
+def _unmeasurable_leak(chosen: dict, classes: int, transfer: int, th) -> str:
+    """What to add to a refusal whose leak miss no box could have avoided: the labels-only student itself is
+    within the margin of chance (many classes, few transfer inputs each: 1,000 classes, 1,000 inputs, 1.7%),
+    so KD from the public outputs cannot come the margin below it whatever they teach."""
+    if "leak" not in chosen["misses"]:
+        return ""
+    labels_only, chance = chosen["figures"]["labels_only"], 100.0 / classes
+    if labels_only - chance >= th.min_leak_margin:
+        return ""
+    return (f". The leak check cannot show that margin here: a student on labels alone reaches {labels_only:.2f}% "
+            f"(chance {chance:.2f}%) from {transfer} transfer inputs, {transfer / classes:.1f} per class, so none can "
+            f"fall {th.min_leak_margin} points below it: give more inputs per class (CheckConfig.transfer_n, the "
+            "training split) or a lower leak margin (--min-leak-margin)")

@@ -21,7 +21,8 @@ from ..train import Progress, fit, pick_device
 from .box import SafeDistillationBox
 from .check import checked_wrap
 from .config import CheckConfig, NastyConfig
-from .sdb import WrapResult, frozen_and_trainable, public_report
+from .sdb import WrapResult, frozen_and_trainable, public_report, require_finite_network
+from .teacher import require_finite_logits
 
 
 def wrap_nasty(
@@ -54,12 +55,14 @@ def wrap_nasty(
         z = model(x)
         with torch.no_grad():
             a = frozen(x)
+        require_finite_logits(a, "inputs of a training batch")
         ce = F.cross_entropy(z, y)
         kl = soft_kl(z, a, T).clamp(max=cfg.max_kl)
         return ce - cfg.omega * kl, {"ce": ce.item(), "kl": kl.item()}
 
     t0 = time.perf_counter()
     history = fit(model, data.train, step, cfg.train, progress=progress, should_cancel=should_cancel)
+    require_finite_network(model.eval(), data.train.tensors[0])
     box = SafeDistillationBox(model.eval(), None, mode="nasty", temperature=T)
     report = public_report(frozen, box, data.test)
     report.update(mode="nasty", temperature=T, seconds=time.perf_counter() - t0,

@@ -34,8 +34,8 @@ from ..train import Progress, fit, pick_device, predict_logits
 from .box import SafeDistillationBox
 from .check import checked_wrap
 from .config import CheckConfig, SDBConfig
-from .key import blend, generate_key, random_keys
-from .teacher import check_teacher, copy_teacher
+from .key import blend, check_key_scale, generate_key, random_keys
+from .teacher import check_teacher, copy_teacher, require_finite_logits
 
 CALIBRATION_INPUTS = 2000  # training inputs the keyed path's scale is fitted on
 CACHED_LOGITS_MAX = 2**26  # teacher logits train_box keeps for the whole training split (256 MB of float32)
@@ -120,6 +120,21 @@ def frozen_and_trainable(teacher: nn.Module, device: torch.device, data) -> tupl
     return frozen, model
 
 
+def require_finite_network(model: nn.Module, x: Tensor, *outputs: Tensor) -> None:
+    """Raise ``FloatingPointError`` unless a trained network's parameters and buffers are finite, and so are its
+    logits on ``x`` (training inputs, the first ``CALIBRATION_INPUTS`` of them) and ``outputs`` (other logits of
+    it). ``fit`` checks each step's loss, before its update: the last update may still leave NaN or Inf weights
+    (or weights that overflow on some inputs), and a box of them would export NaN and answer garbage."""
+    bad = [n for n, t in (*model.named_parameters(), *model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FloatingPointError(f"the network's {bad[0]} became NaN or Inf in training"
+                                 + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
+    for z in (predict_logits(model, x[:CALIBRATION_INPUTS]), *outputs):
+        if not bool(torch.isfinite(z).all()):
+            raise FloatingPointError("the trained network answers NaN or Inf logits on training inputs")
+
+
 def public_report(teacher: nn.Module, box: SafeDistillationBox, test, keyed: bool = True) -> dict:
     """Accuracies of the teacher and both paths of the box, public/teacher top-1 agreement, and the standard
     error of each path's drop against the teacher (points; paired: the same inputs for both)."""
@@ -184,6 +199,7 @@ def train_box(
     cfg = cfg or SDBConfig()
     data = data.checked()
     device = pick_device(cfg.train.device)
+    check_key_scale(data.train.tensors[0], data.in_shape, data.mean, data.std)
     key = generate_key(data.in_shape, data.mean, data.std) if key is None else key.float()
     if tuple(key.shape) != tuple(data.in_shape):
         raise ValueError(f"key shape {tuple(key.shape)} does not match the input shape {tuple(data.in_shape)}")
@@ -200,12 +216,15 @@ def train_box(
     x_train, y_train = data.train.tensors[0], data.train.tensors[1]
     cached = len(x_train) * data.num_classes <= CACHED_LOGITS_MAX
     teacher_logits = predict_logits(frozen, x_train) if cached else torch.empty(len(x_train), 0)
+    if cached:
+        require_finite_logits(teacher_logits)
 
     def step(batch):
         x, y, a = batch
         if not cached:
             with torch.no_grad():
                 a = frozen(x)
+            require_finite_logits(a, "inputs of a training batch")
         wrong = random_keys(len(x), data.in_shape, data.mean, data.std, generator=gen).to(device)
         # Three calls rather than one over the concatenation: as fast with two threads and
         # ~20% faster with one (smaller working set).
@@ -223,15 +242,17 @@ def train_box(
     try:
         history = fit(model, TensorDataset(x_train, y_train, teacher_logits), step, cfg.train, progress=progress,
                       should_cancel=should_cancel, train_mode=False)
+        model, scale = model.eval(), 1.0
+        sample = x_train[:CALIBRATION_INPUTS].to(device)
+        keyed_sample = predict_logits(model, blend(sample, k, cfg.lam))
+        require_finite_network(model, sample, keyed_sample)
     except FloatingPointError as e:
         raise FloatingPointError(f"the wrap diverged ({e}) at lr {cfg.train.lr:g}, grad_clip {cfg.train.grad_clip}: "
                                  "lower the learning rate or clip gradients (SDBConfig's default training clips "
                                  "at 5; the self-checking wrap retries gentler by itself)") from None
-    model, scale = model.eval(), 1.0
     if cfg.calibrate_keyed:
-        sample = x_train[:CALIBRATION_INPUTS].to(device)
         teacher_sample = teacher_logits[:CALIBRATION_INPUTS] if cached else predict_logits(frozen, sample)
-        fitted = keyed_scale(predict_logits(model, blend(sample, k, cfg.lam)), teacher_sample.to(device), T)
+        fitted = keyed_scale(keyed_sample, teacher_sample.to(device), T)
         scale = round(fitted, 4) if abs(fitted - 1.0) > 0.05 else 1.0  # within 5 %: soft labels hardly move
     box = SafeDistillationBox(model, key.cpu(), cfg.lam, cfg.temperature, mode="sdb",
                               public_form=form, keyed_scale=scale)

@@ -93,3 +93,16 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
         raise ValueError("the TorchScript teacher answers its logits inside a dict or object: script (or trace) a "
                          "module whose forward returns the logits tensor itself, or pass the nn.Module unscripted")
     return teacher if z is out else Logits(teacher)
+
+
+def require_finite_logits(z: torch.Tensor, where: str = "training inputs") -> None:
+    """Raise ``ValueError`` unless the frozen teacher's logits ``z`` (N, K) on the recipe's inputs are finite.
+
+    :func:`check_teacher` runs two inputs; a teacher that overflows on others (inputs far from the scale it was
+    trained on: raw 0-255 pixels into a network trained on normalised ones) would turn the first loss NaN,
+    which reads as a divergence and has the self-check halve a learning rate that is not the cause."""
+    bad = ~torch.isfinite(z).all(1)
+    if bool(bad.any()):
+        raise ValueError(f"the teacher's logits are NaN or Inf on {int(bad.sum())} of {len(z)} {where}: "
+                         "the recipe's soft labels need finite logits; are the inputs on the scale the teacher "
+                         "was trained on (normalised like data.mean and data.std)?")
