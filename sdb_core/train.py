@@ -63,8 +63,12 @@ def pick_device(pref: str = "auto") -> torch.device:
 
 
 def device_of(module: nn.Module) -> torch.device:
-    """Where a network lives (its first parameter's device; the CPU for one without parameters)."""
-    return next(iter(module.parameters()), torch.empty(0)).device
+    """Where a network lives: its first parameter's device, else its first buffer's (a network whose weights are
+    all buffers, as :class:`~sdb_core.onnx_torch.OnnxModule`'s), else the CPU (one that holds no tensor)."""
+    first = next(iter(module.parameters()), None)
+    if first is None:
+        first = next(iter(module.buffers()), None)
+    return torch.device("cpu") if first is None else first.device
 
 
 def _optimizer(params: Iterable[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:

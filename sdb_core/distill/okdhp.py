@@ -127,7 +127,8 @@ def train_single(model: StackedHourglass, data: PoseData, cfg: TrainConfig, *,
                  teacher: nn.Module | None = None, alpha: float = 0.5, progress: ProgressFn = None,
                  should_cancel: Callable[[], bool] | None = None) -> History:
     """Every stack's heatmaps to the targets (MSE_w); with ``teacher``: α·MSE to the teacher's final
-    heatmaps + (1 − α)·MSE to the targets (FPD), the teacher frozen in eval mode."""
+    heatmaps + (1 − α)·MSE to the targets (FPD), the teacher frozen in eval mode. The teacher runs where it
+    lives (a pre-trained one on the CPU teaches a student trained on ``cfg.device``), its maps come back."""
     if teacher is not None:
         teacher.eval()
         for p in teacher.parameters():
@@ -140,7 +141,7 @@ def train_single(model: StackedHourglass, data: PoseData, cfg: TrainConfig, *,
         if teacher is None:
             return gt
         with torch.no_grad():
-            t = teacher(x)
+            t = teacher(x.to(device_of(teacher))).to(x.device)
         # The teacher's maps are a target for every joint: an unlabelled joint still has a teacher guess.
         kd = sum(heatmap_mse(h, t, torch.ones_like(w)) for h in heats)
         return alpha * kd + (1 - alpha) * gt, {"gt": gt.item(), "kd": kd.item()}

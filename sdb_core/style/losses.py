@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..train import device_of
 
 EPS = 1e-5
 
@@ -74,7 +76,8 @@ class StyleCriterion:
 
     ``net(x, layers)`` returns feature maps by layer name (a :class:`LossNet`). The style
     targets are computed once; the content target is given per call (a batch of crops) or
-    fixed with :meth:`set_content`.
+    fixed with :meth:`set_content`. Images may be on any device: a network (an ``nn.Module``) sees
+    them on its own, and the losses are there too.
     """
 
     def __init__(self, net: FeatureFn, style: Tensor, *, content_layers: Sequence[str] = ("relu4_1",),
@@ -82,13 +85,19 @@ class StyleCriterion:
         self.net, self.content_layers, self.style_layers = net, tuple(content_layers), tuple(style_layers)
         self.layers = tuple(dict.fromkeys(self.content_layers + self.style_layers))
         with torch.no_grad():
-            feats = net(style.unsqueeze(0) if style.dim() == 3 else style, self.style_layers)
+            feats = self._features(style.unsqueeze(0) if style.dim() == 3 else style, self.style_layers)
             self.style_grams = {k: gram(v)[:1] for k, v in feats.items()}  # (1, C, C): broadcast over a batch
         self.content_feats: dict[str, Tensor] | None = None
 
+    def _features(self, x: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+        """The network's features of ``x``, computed where the network lives (differentiable in ``x``)."""
+        if isinstance(self.net, nn.Module):
+            x = x.to(device_of(self.net))
+        return self.net(x, layers)
+
     def content_targets(self, content: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
-            return self.net(content.unsqueeze(0) if content.dim() == 3 else content, self.content_layers)
+            return self._features(content.unsqueeze(0) if content.dim() == 3 else content, self.content_layers)
 
     def set_content(self, content: Tensor) -> None:
         self.content_feats = self.content_targets(content)
@@ -98,7 +107,7 @@ class StyleCriterion:
         targets = content_feats if content_feats is not None else self.content_feats
         if targets is None:
             raise ValueError("no content target: pass content_feats or call set_content first")
-        feats = self.net(x, self.layers)
+        feats = self._features(x, self.layers)
         content = sum(relative_mse(feats[k], targets[k]) for k in self.content_layers) / len(self.content_layers)
         style = sum(relative_mse(gram(feats[k]), self.style_grams[k]) for k in self.style_layers)
         return content, style / len(self.style_layers)

@@ -140,9 +140,9 @@ def _time_bundle(bundle, result) -> float:
 
     import numpy as np
 
-    feeds = {"input": result.content[None].numpy()}
+    feeds = {"input": result.content[None].detach().cpu().numpy()}
     if bundle.meta["style"]["method"] == "adain":
-        feeds.update(style=result.style[None].numpy(), alpha=np.ones(1, np.float32))
+        feeds.update(style=result.style[None].detach().cpu().numpy(), alpha=np.ones(1, np.float32))
     best = float("inf")
     for _ in range(3):
         t = time.perf_counter()

@@ -182,8 +182,8 @@ def rankdata(v: np.ndarray) -> np.ndarray:
 
 def spearman(a, b) -> float:
     """Spearman's rank correlation; 0 when either side is constant (no ranking to agree with)."""
-    a = np.asarray(a.numpy() if isinstance(a, Tensor) else a, dtype=np.float64)
-    b = np.asarray(b.numpy() if isinstance(b, Tensor) else b, dtype=np.float64)
+    a = np.asarray(a.detach().cpu().numpy() if isinstance(a, Tensor) else a, dtype=np.float64)
+    b = np.asarray(b.detach().cpu().numpy() if isinstance(b, Tensor) else b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
         raise ValueError(f"spearman needs two vectors of one length >= 2, got {a.shape} and {b.shape}")
     ra, rb = rankdata(a), rankdata(b)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from sdb_core.train import TrainConfig, fit, pick_device
+from sdb_core.train import TrainConfig, device_of, fit, pick_device
 
 from .config import DataFreeConfig, PhaseFn, TeacherSpec, label_plan, label_union
 from .images import augment, save_grid
@@ -36,6 +36,13 @@ def _train_cfg(cfg: DataFreeConfig, epochs: int, lr: float) -> TrainConfig:
                        schedule="cosine", seed=cfg.seed, device=cfg.device)
 
 
+def _teachers_to(teachers: Sequence[TeacherSpec], device: torch.device) -> None:
+    """The generator and dual-student stages backpropagate through the teachers' blocks, so the teachers live on
+    the training device (``datafree`` moves them there first; a direct caller's are moved here)."""
+    for t in teachers:
+        t.model.to(device)
+
+
 class _GenStage(nn.Module):
     """What ``fit`` trains and checkpoints in a generator stage: the generator and every filter."""
 
@@ -47,6 +54,7 @@ class _GenStage(nn.Module):
 def train_generator(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec], device: torch.device, *,
                     phase: PhaseFn | None = None, should_cancel: Callable[[], bool] | None = None,
                     grids: list[Path] | None = None, history: dict | None = None) -> GroupStackGenerator:
+    _teachers_to(teachers, device)
     gen, filters = build_generator(cfg, teachers)
     holder = _GenStage(gen, filters)
     n_blocks = len(gen.blocks)
@@ -81,9 +89,11 @@ def train_generator(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec], device
 
 
 def _targets(teachers: Sequence[nn.Module], cols: list[list[int]], order: list[int], x: Tensor) -> Tensor:
-    """The teachers' logits on the target labels, in target order."""
+    """The teachers' logits on the target labels, in target order, on ``x``'s device (each teacher runs where it
+    lives: nothing flows back through them here)."""
     with torch.no_grad():
-        outs = [t(x).index_select(1, torch.as_tensor(c, device=x.device)) for t, c in zip(teachers, cols) if c]
+        outs = [t(x.to(device_of(t))).to(x.device).index_select(1, torch.as_tensor(c, device=x.device))
+                for t, c in zip(teachers, cols) if c]
         return torch.cat(outs, 1).index_select(1, torch.as_tensor(order, device=x.device))
 
 
@@ -93,7 +103,8 @@ def distill_student(student: MultiBranchStudent, teachers: Sequence[TeacherSpec]
     """Train ``student`` end to end to the teachers' target-label probabilities on ``source``.
 
     ``source`` is a tensor of images (real ones, for the data-driven bound) or a function
-    drawing ``n`` fresh images (noise, a generator).
+    drawing ``n`` fresh images (noise, a generator), on any device: the student trains on
+    ``cfg.device`` and the images are moved there; the teachers run where they live.
     """
     cols, order = label_plan(teachers, cfg.target)
     nets = [t.model for t in teachers]
@@ -105,8 +116,8 @@ def distill_student(student: MultiBranchStudent, teachers: Sequence[TeacherSpec]
     else:
         data = _sampler_data(cfg.student_samples)
 
-        def images(batch):
-            return source(len(batch[0]))
+        def images(batch):  # batch[0] is the step counter, already on the training device
+            return source(len(batch[0])).to(batch[0].device)
 
     def step(batch):
         x = images(batch)
@@ -131,7 +142,7 @@ def _dual_step(blocks: nn.ModuleList, filters: nn.ModuleList, teachers: Sequence
     index = [torch.as_tensor(c, dtype=torch.long) for c in cols]
 
     def step(batch):
-        x = sample(len(batch[0]))
+        x = sample(len(batch[0])).to(batch[0].device)  # a sampler's images, on the training device
         with torch.no_grad():
             wanted = [t(x) if c else None for t, c in zip(teachers, cols)]
             h = x
@@ -187,6 +198,7 @@ def adversarial_finetune(student: MultiBranchStudent, gen: GroupStackGenerator,
     """
     cols, order = label_plan(teachers, cfg.target)
     union_cols = label_union(teachers)[1]
+    _teachers_to(teachers, pick_device(cfg.device))
     nets = [t.model for t in teachers]
     for p in gen.parameters():
         p.requires_grad_(True)
@@ -219,6 +231,7 @@ def train_dual(cfg: DataFreeConfig, teachers: Sequence[TeacherSpec], sample: Cal
                history: dict | None = None, generator: GroupStackGenerator | None = None) -> MultiBranchStudent:
     """The dual generator: block by block through the teachers' remaining blocks, then regrouped and fine-tuned."""
     device = pick_device(cfg.device)
+    _teachers_to(teachers, device)
     blocks, filters, cols, order = build_student(cfg, teachers)
     blocks.to(device)
     filters.to(device)
