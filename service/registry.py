@@ -7,11 +7,17 @@ version the store has and this process has not loaded yet loads it then (one loa
 per model), so a model another process just deployed answers at once. A bundle that fails
 verification is refused before anything changes: running models are never touched.
 The key opened with the master key lives only in memory, inside the loaded bundle.
+
+Every version the store has is served, but only ``model_cache_mb`` of them (by bundle size) stay loaded
+in ONNX Runtime at once (:class:`BundleCache`): a version past it is unloaded when others are used
+more recently and loaded again, verified, on its next request. Without the bound every version ever
+deployed stayed in memory: a model re-wrapped nightly grew the server without end.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -139,20 +145,94 @@ def row_policy(row: ModelRow) -> OutputPolicy:
     return OutputPolicy.model_construct(policy=row.policy or "probs", top_k=row.top_k, decimals=row.decimals)
 
 
+class BundleCache:
+    """The loaded bundles (ONNX Runtime sessions, with the opened key), least recently used first, at most
+    ``limit_bytes`` of bundle files (at least one always stays): past it the least recently used is
+    dropped, and loaded again with ``load`` (verified, as at deploy) on its next use. A dropped bundle that a
+    batch is running keeps its session until that batch ends (the batch holds it)."""
+
+    def __init__(self, limit_bytes: int, load: Callable[[str], Bundle], data_dir: Path):
+        self.limit_bytes, self._load, self.data_dir = limit_bytes, load, data_dir  # data_dir: hidden in messages
+        self._lru: OrderedDict[tuple, tuple[Bundle, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._gates: dict[tuple, threading.Lock] = {}  # one load at a time per version
+        self.loads = 0  # loads again after a drop (for tests and metrics)
+
+    @staticmethod
+    def key(model: HostedModel) -> tuple:
+        return model.name, model.version, model.added_at
+
+    def put(self, model: HostedModel, bundle: Bundle) -> None:
+        try:
+            size = Path(model.path).stat().st_size
+        except OSError:
+            size = 0
+        with self._lock:
+            self._lru[self.key(model)] = (bundle, size)
+            self._lru.move_to_end(self.key(model))
+            total = sum(b for _, b in self._lru.values())
+            while total > self.limit_bytes and len(self._lru) > 1:
+                _, (_, dropped) = self._lru.popitem(last=False)
+                total -= dropped
+
+    def get(self, model: HostedModel) -> Bundle:
+        """Blocking (a batch's thread): the model's bundle, loaded again if it was dropped; 503
+        ``model_unavailable`` when that load fails (its file gone or changed: the reason, no path)."""
+        key = self.key(model)
+        with self._lock:
+            hit = self._lru.get(key)
+            if hit is not None:
+                self._lru.move_to_end(key)
+                return hit[0]
+            gate = self._gates.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                hit = self._lru.get(key)
+            if hit is not None:  # another request loaded it meanwhile
+                return hit[0]
+            try:
+                bundle = self._load(model.path)
+            except (ValueError, OSError) as e:
+                log.error("model %s version %s cannot be loaded again: %s", model.name, model.version, e)
+                raise ApiError(503, "model_unavailable", f"model {model.name!r} version {model.version!r} cannot be "
+                               f"served: {hide_paths(str(e), self.data_dir)}") from None
+            if bundle.meta != model.meta:  # the same file, verified: only a changed one could differ
+                raise ApiError(503, "model_unavailable", f"model {model.name!r} version {model.version!r} cannot be "
+                               "served: its bundle changed on disk since it was deployed")
+            self.loads += 1
+            log.info("model %s version %s loaded again", model.name, model.version)
+            self.put(model, bundle)
+            return bundle
+
+    def drop(self, model: HostedModel) -> None:
+        with self._lock:
+            self._lru.pop(self.key(model), None)
+            self._gates.pop(self.key(model), None)
+
+    def __contains__(self, model: HostedModel) -> bool:
+        return self.key(model) in self._lru
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
 @dataclass
 class HostedModel:
     name: str
     version: str
     path: str
     added_at: float
-    bundle: Bundle
+    meta: dict  # the bundle's, kept while its session may be unloaded (BundleCache)
+    has_key: bool
+    bundles: BundleCache = field(repr=False)
     batcher: MicroBatcher = field(repr=False)
     policy: OutputPolicy = field(default_factory=OutputPolicy)  # what the public routes return
     io_binding: bool = False  # run() binds input and output (CUDA sessions only; see run_bound)
 
     @property
-    def meta(self) -> dict:
-        return self.bundle.meta
+    def bundle(self) -> Bundle:
+        """Blocking: the loaded bundle (loaded again from disk when the cache dropped it)."""
+        return self.bundles.get(self)
 
     @property
     def task(self) -> str:
@@ -174,18 +254,19 @@ class HostedModel:
 
     @property
     def distillable(self) -> bool:
-        return self.bundle.has_key
+        return self.has_key
 
     def run(self, items: Sequence[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
         """Blocking: logits for each (inputs, keyed) item, all in one ORT call."""
-        xs = [self.bundle.keyed_input(x) if keyed else x for x, keyed in items]
+        bundle = self.bundle  # held for the whole batch, whatever the cache drops meanwhile
+        xs = [bundle.keyed_input(x) if keyed else x for x, keyed in items]
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        z = run_bound(self.bundle.session, x) if self.io_binding else self.bundle.network_logits(x)
+        z = run_bound(bundle.session, x) if self.io_binding else bundle.network_logits(x)
         out, start = [], 0
         for x, (_, keyed) in zip(xs, items, strict=True):
             part = z[start:start + len(x)]
             # the keyed path's scale, or an SDB box's public form
-            out.append(self.bundle.keyed_answer(part) if keyed else self.bundle.public_answer(part))
+            out.append(bundle.keyed_answer(part) if keyed else bundle.public_answer(part))
             start += len(x)
         return out
 
@@ -194,7 +275,8 @@ class HostedModel:
 
         For bundles whose requests cannot share a call: a style request's image has its own size.
         """
-        return [self.bundle.session.run([OUTPUT_NAME], feeds)[0] for feeds in items]
+        session = self.bundle.session
+        return [session.run([OUTPUT_NAME], feeds)[0] for feeds in items]
 
     async def logits(self, x: np.ndarray, keyed: bool = False) -> np.ndarray:
         if keyed and not self.distillable:
@@ -240,6 +322,7 @@ class ModelHost:
         self._loading: dict[str, threading.Lock] = {}  # one load on demand at a time per model name
         self._loading_guard = threading.Lock()
         self._providers: list | None = None  # ort_providers(settings), decided (and warned about) once
+        self.bundles = BundleCache(int(settings.model_cache_mb * (1 << 20)), self.load, settings.data_dir)
 
     # ------------------------------------------------------------ reading
     def loaded(self, name: str, version: str | None = None) -> HostedModel | None:
@@ -348,8 +431,9 @@ class ModelHost:
             run, max_samples = (lambda items: model.run(items)), batch_samples(s, provider)
         batcher = MicroBatcher(run, self.executor, max_samples=max_samples, max_wait_s=s.batch_max_wait_ms / 1000.0,
                                enabled=s.batching, on_batch=count)
-        model = HostedModel(row.name, row.version, row.path, row.added_at, bundle, batcher, row_policy(row),
-                            io_binding=s.ort_io_binding and provider == CUDA)
+        model = HostedModel(row.name, row.version, row.path, row.added_at, bundle.meta, bundle.has_key,
+                            self.bundles, batcher, row_policy(row), io_binding=s.ort_io_binding and provider == CUDA)
+        self.bundles.put(model, bundle)
         return model
 
     def _install(self, model: HostedModel) -> None:
@@ -360,6 +444,8 @@ class ModelHost:
             self._models = {**self._models, model.name: versions}
         if old is not None:
             old.batcher.close()
+            if old.added_at != model.added_at:
+                self.bundles.drop(old)
 
     def _uninstall(self, name: str, version: str) -> None:
         with self._lock:
@@ -373,6 +459,7 @@ class ModelHost:
             self._models = models
         if old is not None:
             old.batcher.close()
+            self.bundles.drop(old)
 
     def add(self, path: str | Path, actor: str, *, policy: OutputPolicy | None = None) -> HostedModel:
         """An admin's registration in place (``sdb models add``, the demo): verify the bundle, record it

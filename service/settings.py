@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     batch_max_samples: int | None = Field(None, ge=1)
     batch_max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     max_request_samples: int = Field(1024, ge=1)
+    # Model versions kept loaded in ONNX Runtime, in MiB of their bundle files (an ORT session takes ~3x its
+    # bundle's size): past it the least recently used version is unloaded, and loaded again (verified) on its
+    # next request; one always stays. Every version stays servable whatever the bound.
+    model_cache_mb: float = Field(2048.0, gt=0.0)
 
     public_predict: bool = True  # False: predict needs a key with the predict scope
     auth_cache_s: float = Field(1.0, ge=0.0)  # how stale a key row (revocation by another process) may be

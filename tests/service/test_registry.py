@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from pathlib import Path
 
 import anyio
 import httpx
@@ -15,7 +16,7 @@ from service import errors
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
 
-from .conftest import deploy, make_settings, run_sdb, sdb_env, start_service
+from .conftest import deploy, make_settings, run_sdb, sdb_bytes, sdb_env, start_service
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("db_url")]  # SQLite and PostgreSQL
 GOOD = {"inputs": np.zeros((2, 1, 8, 8)).tolist()}
@@ -142,3 +143,43 @@ async def test_unexpected_exception_is_a_bare_500_and_serving_goes_on():
         assert r.status_code == 500 and r.json() == {"error": {"code": "internal_error",
                                                                "message": "internal server error"}}
         assert (await c.get("/fine")).json() == {"ok": True}
+
+
+async def test_versions_past_the_model_cache_are_unloaded_and_served_again(bundles, tmp_path):
+    """Every version deployed used to stay loaded for good (a model re-wrapped nightly grew the server without
+    end). With room for about one bundle, three versions are all served, listed and answered as their own
+    bundle answers, from at most one loaded session; a dropped version whose file is gone is a 503 that names
+    no server path, and the others go on."""
+    from sdb_core.bundle import load_bundle
+
+    one = len(sdb_bytes(bundles.a)) / (1 << 20)
+    settings = make_settings(tmp_path / "data", bundles, model_cache_mb=1.2 * one)
+    svc, manager = await start_service(settings, bundles.a, bundles.a2, bundles.b)
+    try:
+        host, x = svc.app.state.host, np.asarray(GOOD["inputs"], np.float32)
+        want = {(name, v): load_bundle(path, settings.master_key).public_logits(x)
+                for name, v, path in (("digits-a", "1", bundles.a), ("digits-a", "2", bundles.a2),
+                                      ("digits-b", "1", bundles.b))}
+        listed = (await svc.client.get("/v1/models")).json()["models"]
+        assert sorted((m["name"], m["version"]) for m in listed) == sorted(want)
+        for _ in range(2):
+            for name, v in want:
+                r = await svc.client.post(f"/v1/models/{name}/predict?version={v}&top_k=10", json=GOOD)
+                assert r.status_code == 200, r.text
+                got = np.array([[p["scores"][p["indices"].index(k)] for k in range(10)] for p in r.json()["predictions"]])
+                e = np.exp(want[(name, v)] - want[(name, v)].max(1, keepdims=True))
+                np.testing.assert_allclose(got, e / e.sum(1, keepdims=True), atol=1e-4, err_msg=f"{name} v{v}")
+                assert len(host.bundles) == 1
+        assert host.bundles.loads >= 5  # each version loaded again after the others
+
+        gone = host.loaded("digits-a", "1")
+        assert gone not in host.bundles
+        Path(gone.path).unlink()
+        r = await svc.client.post("/v1/models/digits-a/predict?version=1", json=GOOD)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+        assert str(settings.data_dir) not in r.text and "cannot be served" in r.text
+        assert (await svc.client.post("/v1/models/digits-b/predict", json=GOOD)).status_code == 200
+        assert (await svc.client.post("/v1/models/digits-a/predict", json=GOOD)).status_code == 200  # version 2
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
