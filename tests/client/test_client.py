@@ -395,6 +395,10 @@ def test_one_sample_longer_than_a_batch_is_sent_whole(stub):
             == [(2, 3, 4, 4), (2, 3, 4, 4), (1, 3, 4, 4)]
         c.predict("m", np.zeros((2, 3, 4, 4)), batch_size=2, encoding="json")  # fits one batch: no metadata call
         assert stub.hits[("GET", "/v1/models/m")] == 1
+        stub.seen.clear()
+        c.predict("m", np.zeros((5, 48)), batch_size=2, encoding="json")  # rows of flattened samples: a batch
+        assert [np.shape(json.loads(body)["inputs"]) for _, body in stub.seen[("POST", "/v1/models/m/predict")]] \
+            == [(2, 48), (2, 48), (1, 48)]
 
 
 @pytest.mark.anyio
@@ -484,10 +488,11 @@ def test_json_of_another_form_is_an_sdk_error(stub):
     stub.on("POST", "/v1/models/m/predict", Reply(200, {"result": [1]}))
     stub.on(*DISTILL_ROUTE, Reply(200, [0.1, 0.9]))
     stub.on("GET", "/v1/keys", Reply(200, "keys"))
+    stub.on("GET", "/v1/files", Reply(200, {"data": []}))
     with Client(stub.url, STUB_KEY) as c:
         for call, field in ((c.models, "'models'"), (lambda: c.predict("m", np.zeros((1, 4))), "'predictions'"),
                             (lambda: c.distill("m", np.zeros((1, 4)), encoding="json"), "'logits'"),
-                            (c.keys.list, "list of keys")):
+                            (c.keys.list, "list of keys"), (c.files.list, "'files'")):
             with pytest.raises(SDBError) as info:
                 call()
             assert info.value.code == "malformed_answer" and field in info.value.message, info.value.message

@@ -361,9 +361,11 @@ def needs_rank(arr: np.ndarray, batch_size: int) -> bool:
 
 
 def with_batch_axis(arr: np.ndarray, model: dict) -> np.ndarray:
-    """``arr`` with a leading batch axis when it is one sample of ``model`` (``GET /v1/models/{name}``'s answer)."""
+    """``arr`` with a leading batch axis when it is one sample of ``model`` (``GET /v1/models/{name}``'s answer):
+    its shape is the model's input shape, as the server tells one sample from a batch (rows of flattened samples,
+    (N, C·H·W), are a batch)."""
     shape = model.get("input", {}).get("shape") if isinstance(model, dict) else None
-    return arr[None] if isinstance(shape, list) and arr.ndim == len(shape) else arr
+    return arr[None] if isinstance(shape, list) and list(arr.shape) == shape else arr
 
 
 def encode_npy(x: np.ndarray) -> bytes:
@@ -576,7 +578,7 @@ def file_fields(purpose: str, shared: bool) -> dict[str, str]:
 def listed(obj: Any, name: str) -> list:
     """``[...]`` or ``{"<name>": [...]}``: the list either way."""
     if isinstance(obj, dict):
-        obj = obj.get(name, [])
+        obj = field(obj, name)
     if not isinstance(obj, list):
         raise exc.SDBError(f"the server's answer is not a list of {name}: is this URL an SDB server?",
                            code="malformed_answer")
