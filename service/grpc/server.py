@@ -91,13 +91,10 @@ def _decoder(message_type: type) -> Callable[[bytes], Any]:
     return decode
 
 
-# The RPCs and their request/response messages: the generated registration's, with our decoder.
-_RPCS = {"ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
-         "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
-         "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
-         "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
-         "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
-         "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse)}
+# The service's RPCs and their request/response messages, from the proto (what the generated registration
+# lists), registered with our decoder.
+_RPCS = {m.name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
+         for m in pb.DESCRIPTOR.services_by_name[SERVICE.rpartition(".")[2]].methods}
 
 
 def _handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
@@ -111,6 +108,8 @@ def _checked(rpc: Callable, servicer: InferenceServicer, name: str) -> Callable:
     async def call(request: Any, context: aio.ServicerContext):
         if isinstance(request, Undecodable):
             async def refuse():
+                if _authorization(context) is None:  # as any call without a key: its address's rate
+                    servicer._limit_address(context)
                 raise ApiError(400, "malformed_body", f"the request is not a {request.message_type.DESCRIPTOR.name} "
                                                       "protobuf message")
             return await servicer._run(name, context, "", refuse)
