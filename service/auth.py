@@ -185,6 +185,20 @@ class Keyring:
         now = time.time()
         if self.store.charge(key.id, samples, now) is not None:
             return
+        self._refused(key, samples, now)
+
+    def charge_job(self, key: ApiKey, samples: int, job_id: str, worker: str) -> str:
+        """Blocking: a job's charge, once per job (:meth:`Store.charge_job`): ``"charged"``, ``"already"`` (an
+        earlier attempt charged them) or ``"lost"`` (not this worker's job: nothing counted); refused as
+        :meth:`charge`."""
+        now = time.time()
+        outcome = self.store.charge_job(key.id, samples, now, job_id, worker)
+        if outcome is None:
+            self._refused(key, samples, now)
+        return outcome
+
+    def _refused(self, key: ApiKey, samples: int, now: float) -> None:
+        """Raise why the store refused a charge of ``samples``."""
         row = self.store.get_key(key.id)  # refused: say why
         if row is None:
             raise _unauthorized("invalid_key", "unknown API key")

@@ -288,6 +288,29 @@ class Store:
             row = conn.execute(_CHARGE, params).first()
         return None if row is None else (row.used, row.window_start)
 
+    def charge_job(self, key_id: str, samples: int, now: float, job_id: str, worker: str) -> str | None:
+        """A job's charge of ``samples`` keyed samples, once per job, in one transaction with the job's row:
+        ``"charged"``; ``"already"`` when an earlier attempt of the job charged them (a requeue after its worker
+        shut down: nothing counted again); ``"lost"`` when the job is not ``worker``'s running one (nothing
+        counted); None when refused as :meth:`charge` refuses. A charged job is marked as training, so the
+        reaper fails rather than requeues it when its worker is lost."""
+        with self.session.begin() as s:
+            if s.get_bind().dialect.name == "sqlite":
+                s.connection().exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before the first read
+            job = s.execute(select(JobRow.charged_samples).where(
+                JobRow.id == job_id, JobRow.worker == worker, JobRow.status == "running").with_for_update()).first()
+            if job is None:
+                return "lost"
+            if (job.charged_samples or 0) >= samples:
+                return "already"
+            params = {"key_id": key_id, "samples": samples - (job.charged_samples or 0), "now": now,
+                      "now_s": int(now)}
+            if s.execute(_CHARGE, params).first() is None:
+                return None
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(
+                charged_samples=samples, training_at=func.coalesce(JobRow.training_at, now)))
+            return "charged"
+
     def record_usage(self, key_id: str, model: str, kind: str, day: str, requests: int, samples: int) -> None:
         pk = {"key_id": key_id, "model": model, "kind": kind, "day": day}
         for _ in range(2):  # a concurrent first insert by another process: retry as an update

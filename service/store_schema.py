@@ -113,6 +113,9 @@ class JobRow(Base):
     # sha256 of the request as sent (kind and validated params, before the submission check resolved them): a
     # retry with the idempotency key is the same job when it is the same request. NULL for jobs older than it.
     request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Keyed samples this job has charged to its key (any attempt): a later attempt (a requeue after a worker
+    # shut down) charges nothing again. NULL: none.
+    charged_samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
     backend: Mapped[str] = mapped_column(String(16), default="embedded")
     status: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|succeeded|failed|cancelled
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -215,8 +218,14 @@ def _v6(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE jobs ADD COLUMN request_sha256 VARCHAR(64)")
 
 
+def _v7(conn: Connection) -> None:
+    """Keyed samples each job charged (a requeued attempt charges them once); NULL for older jobs."""
+    if "charged_samples" not in {c["name"] for c in inspect(conn).get_columns("jobs")}:
+        conn.exec_driver_sql("ALTER TABLE jobs ADD COLUMN charged_samples INTEGER")
+
+
 # Append a step to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
 
 
 # Any constant: the PostgreSQL advisory lock that serialises migrations across processes and hosts.

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sdb_core.progress import Hooks, Progress
+from sdb_core.progress import Cancelled, Hooks, Progress
 
 from ..auth import ApiKey, Keyring
 from ..settings import Settings
@@ -85,13 +85,18 @@ class JobContext:
 
     def charge(self, model: str, samples: int) -> None:
         """Count ``samples`` keyed samples of ``model`` against the job's key quota before they are drawn: the
-        store's exact charge (nothing counted and ApiError when they do not fit or the key died), and
-        the key's usage statistics. A charged job is never requeued (charged once per job)."""
+        store's exact charge, once per job (an attempt after a requeue charges nothing again), in one transaction
+        with the job's row (nothing counted and ApiError when they do not fit or the key died; Cancelled when the
+        job is no longer this worker's), and the key's usage statistics. A charged job is never requeued by the
+        reaper (it fails it)."""
         keyring = Keyring(self.queue.store, b"")  # charging and usage read no secret: no pepper
-        keyring.charge(self.key, samples)
-        # Charged: the job is past the point where a lost worker's job is requeued (the reaper fails it instead),
-        # so one job's samples are never charged twice.
-        self.queue.heartbeat(self.job.id, self.worker, training=True)
+        outcome = keyring.charge_job(self.key, samples, self.job.id, self.worker)
+        if outcome == "lost":
+            self.cancel.set()
+            raise Cancelled("the job was taken from this worker before it charged its keyed samples")
+        if outcome == "already":
+            self.log(f"{samples} keyed samples of model {model} were charged by an earlier attempt of this job")
+            return
         keyring.record(self.key.id, model, "distill", samples)
         keyring.flush()
         self.log(f"charged {samples} keyed samples of model {model} to the job's key")

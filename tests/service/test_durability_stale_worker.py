@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from sdb_core.progress import Cancelled
 from service.auth import create_key
 from service.jobs.kinds import KINDS, JobParams, Kind
 from service.jobs.queue import JobQueue
@@ -204,5 +205,59 @@ def test_keyed_samples_charged_then_silent_are_charged_once(tmp_path, monkeypatc
             t.join(120)
         assert store.get_key(api_key.id).used == 300
         assert queue.get(job_id).status == "failed"
+    finally:
+        store.close()
+
+
+def test_a_job_released_by_a_shutdown_after_it_charged_is_not_charged_again(tmp_path, monkeypatch):
+    """A rolling restart: the worker shuts down (its job goes back to the queue) after the job charged its keyed
+    samples; the next attempt, on another worker, draws them without charging the key a second time."""
+    settings = Settings(data_dir=tmp_path / "data", job_heartbeat_s=300, job_stale_s=600)
+    settings.data_dir.mkdir()
+    store = Store(settings.db_url)
+    try:
+        _, api_key = create_key(store, settings.pepper, scopes=["jobs", "distill"], quota=1000)
+        stop = threading.Event()
+
+        def drawer(ctx, params) -> dict:
+            ctx.charge("digits-a", 300)
+            if ctx.worker == "w1":
+                stop.set()  # SIGTERM while it trains
+                raise Cancelled("the worker is shutting down")
+            return {"summary": "drew"}
+
+        monkeypatch.setitem(KINDS._items, "drawer", Kind("drawer", JobParams, drawer))
+        queue = JobQueue(store)
+        job_id = queue.submit("drawer", {}, api_key.id)[0].id
+        assert execute(settings, queue, queue.claim("w1", job_id=job_id), "w1", stop) == "queued"
+        assert store.get_key(api_key.id).used == 300
+        assert execute(settings, queue, queue.claim("w2", job_id=job_id), "w2") == "succeeded"
+        assert store.get_key(api_key.id).used == 300, "the second attempt charged the key again"
+        log = (job_dir(settings, job_id) / "log.txt").read_text()
+        assert "were charged by an earlier attempt of this job" in log
+    finally:
+        store.close()
+
+
+def test_a_worker_that_lost_its_job_charges_nothing(tmp_path, monkeypatch):
+    """The charge and the job's row are one transaction: a worker whose job was reaped meanwhile draws nothing
+    and charges nothing."""
+    settings = Settings(data_dir=tmp_path / "data", job_heartbeat_s=300, job_stale_s=600)
+    settings.data_dir.mkdir()
+    store = Store(settings.db_url)
+    try:
+        _, api_key = create_key(store, settings.pepper, scopes=["jobs", "distill"], quota=1000)
+        queue = JobQueue(store)
+
+        def drawer(ctx, params) -> dict:
+            assert queue.reap(0.0) == [(ctx.job.id, "queued")]  # silent before training: requeued
+            ctx.charge("digits-a", 300)
+            return {"summary": "drew"}
+
+        monkeypatch.setitem(KINDS._items, "drawer", Kind("drawer", JobParams, drawer))
+        job_id = queue.submit("drawer", {}, api_key.id)[0].id
+        assert execute(settings, queue, queue.claim("w1", job_id=job_id), "w1") == "lost"
+        assert store.get_key(api_key.id).used == 0
+        assert queue.get(job_id).status == "queued"
     finally:
         store.close()
