@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from sdb_core.progress import Cancelled
 
 from . import files
-from .errors import ApiError, invalid
+from .errors import ApiError, invalid, no_room
 from .filechecks import read_bundle
 from .jobs.kinds.base import NAME_PATTERN
 from .registry import verify_bundle
@@ -80,7 +80,7 @@ def check_served_name(name: str, version: str | None = None) -> None:
 
 def _copy_new(src: Path, folder: Path) -> Path:
     """``src`` copied to a new file in ``folder``: created exclusively, so no file is ever overwritten. A copy
-    that fails half-way (a full disk) is removed: 507 when the disk had no room (:func:`files.no_room`)."""
+    that fails half-way (a full disk) is removed: 507 when the disk had no room (:func:`errors.no_room`)."""
     while True:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(6)}.sdb"
@@ -94,7 +94,7 @@ def _copy_new(src: Path, folder: Path) -> Path:
                     shutil.copyfileobj(fin, fout, 1 << 20)
             except BaseException as e:
                 _discard(target)
-                full = files.no_room(e, "the bundle")
+                full = no_room(e, "the bundle")
                 if full is not None:
                     raise full from None
                 raise
@@ -118,7 +118,8 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
     at once; every other process loads it on its first request for it.
 
     ApiError when refused, and then nothing stays: 400 ``bundle_refused`` (verification), 422 (the name or
-    the policy), 403 ``model_not_owned`` (checked in the transaction that adds the version). ``shown``
+    the policy), 403 ``model_not_owned`` (checked in the transaction that adds the version), 507
+    ``insufficient_storage`` (the copy did not fit on the disk: :func:`_copy_new`). ``shown``
     stands for the bundle in messages: a server path is never in one.
 
     ``job`` (id, worker): a job's deploy (``service.jobs.kinds.wrap.deploy``), made only while that worker
@@ -140,7 +141,11 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
     except ApiError as e:
         store.audit(actor, "model.refused", name or shown, e.message)
         raise
-    target = _copy_new(Path(src), settings.bundles_dir / name)
+    try:
+        target = _copy_new(Path(src), settings.bundles_dir / name)
+    except ApiError as e:  # no room for the copy (507)
+        store.audit(actor, "model.refused", name, e.message)
+        raise
     try:
         try:  # what is served is the copy: verified again, whole
             copied = read_bundle(target, limits, shown)
@@ -148,7 +153,8 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
         except ApiError as e:
             raise ApiError(400, "bundle_refused", f"bundle refused: {e.message}") from None
         except (ValueError, OSError) as e:
-            raise ApiError(400, "bundle_refused", f"bundle refused: {str(e).replace(str(target), shown)}") from None
+            raise no_room(e, "the bundle") or ApiError(
+                400, "bundle_refused", f"bundle refused: {str(e).replace(str(target), shown)}") from None
         if copied["files"] != meta["files"]:
             raise ApiError(400, "bundle_refused", "bundle refused: it changed while it was being deployed")
         try:

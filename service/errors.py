@@ -9,7 +9,9 @@ body; an unexpected one is logged by the middleware and answers a 500 that says 
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 
 import orjson
 from fastapi import FastAPI, Request
@@ -37,6 +39,18 @@ def invalid(message: str, code: str = "invalid_input") -> ApiError:
 
 def not_found(message: str, code: str = "not_found") -> ApiError:
     return ApiError(404, code, message)
+
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
+
+
+def no_room(e: BaseException, what: str) -> ApiError | None:
+    """507 ``insufficient_storage`` for an error that says the disk had no room to store ``what``, else None
+    (the caller's error stands). The message names no server path."""
+    if isinstance(e, OSError) and e.errno in NO_ROOM:
+        return ApiError(507, "insufficient_storage", f"the server has no room to store {what} "
+                        f"({os.strerror(e.errno).lower()}): try again later")
+    return None
 
 
 def is_v2(scope: Scope) -> bool:

@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import ApiError
+from .errors import ApiError, no_room
 from .tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS, image_format
 
 PURPOSES = ("weights", "dataset", "image", "bundle")
@@ -59,7 +59,9 @@ def check_upload(purpose: str, src: Path, out: Path, limits: Limits, filename: s
     except ApiError:
         raise
     except (OSError, ValueError, EOFError, MemoryError) as e:  # anything the readers missed: still a clear 422
-        raise rejected(purpose, f"{filename}: cannot be read as {purpose} ({type(e).__name__})") from None
+        # (a disk with no room to unpack into is the server's trouble, not the file's: 507)
+        raise no_room(e, filename) or rejected(purpose, f"{filename}: cannot be read as {purpose} "
+                                               f"({type(e).__name__})") from None
 
 
 # ----------------------------------------------------------------------------- weights

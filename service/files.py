@@ -9,7 +9,6 @@ a ``file-…`` id into a path, checking who asks; no server path is shown to a n
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from .auth import ApiKey
-from .errors import ApiError, bad_request, invalid, not_found
+from .errors import ApiError, bad_request, invalid, no_room, not_found
 from .filechecks import PURPOSES, Checked, Limits, check_upload, info_json, rejected
 from .settings import Settings
 from .store import FileRow, Store
@@ -42,18 +41,6 @@ _MAX_FIELDS, _MAX_FIELD_BYTES = 8, 1024
 
 
 # A write the disk had no room for: full, over a quota, past a file size limit.
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-def no_room(e: BaseException, what: str) -> ApiError | None:
-    """507 ``insufficient_storage`` for an error that says the disk had no room to store ``what``, else None.
-    The message names no server path."""
-    if isinstance(e, OSError) and e.errno in NO_ROOM:
-        return ApiError(507, "insufficient_storage", f"the server has no room to store {what} "
-                        f"({os.strerror(e.errno).lower()}): try again later")
-    return None
-
-
 def new_file_id() -> str:
     return "file-" + secrets.token_hex(12)
 

@@ -85,3 +85,23 @@ async def test_an_upload_that_cannot_be_written_whole_leaves_nothing(db_url, tmp
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)
+
+
+def test_a_dataset_that_cannot_be_unpacked_for_want_of_room_is_the_servers_trouble(tmp_path):
+    """Unpacking an uploaded dataset zip onto a disk with no room: a 507 that says so, not a 422 that blames the
+    owner's file ("cannot be read as dataset"). Any store: only the unpacking writes."""
+    import io
+    import zipfile
+
+    from service.errors import ApiError
+    from service.filechecks import Limits, check_upload
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("cat/notes.txt", b"\0" * (1 << 20))  # 1 MiB that deflates to ~1 KiB
+    src = tmp_path / "upload.zip"
+    src.write_bytes(buf.getvalue())
+    with files_at_most(1 << 16), pytest.raises(ApiError) as e:
+        check_upload("dataset", src, tmp_path / "out", Limits(unpacked_bytes=1 << 30, members=100), "cats.zip")
+    assert (e.value.status, e.value.code) == (507, "insufficient_storage"), e.value.message
+    assert "cats.zip" in e.value.message and str(tmp_path) not in e.value.message
