@@ -163,11 +163,11 @@ async def test_versions_past_the_model_cache_are_unloaded_and_served_again(bundl
         listed = (await svc.client.get("/v1/models")).json()["models"]
         assert sorted((m["name"], m["version"]) for m in listed) == sorted(want)
         for _ in range(2):
-            for name, v in want:
+            for (name, v), logits in want.items():
                 r = await svc.client.post(f"/v1/models/{name}/predict?version={v}&top_k=10", json=GOOD)
                 assert r.status_code == 200, r.text
                 got = np.array([[p["scores"][p["indices"].index(k)] for k in range(10)] for p in r.json()["predictions"]])
-                e = np.exp(want[(name, v)] - want[(name, v)].max(1, keepdims=True))
+                e = np.exp(logits - logits.max(1, keepdims=True))
                 np.testing.assert_allclose(got, e / e.sum(1, keepdims=True), atol=1e-4, err_msg=f"{name} v{v}")
                 assert len(host.bundles) == 1
         assert host.bundles.loads >= 5  # each version loaded again after the others
