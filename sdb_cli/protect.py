@@ -38,6 +38,7 @@ def cmd_wrap(args) -> int:
         save_teacher=args.save_teacher, mode=args.mode, lam=args.lam, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, max_accuracy_drop=args.max_accuracy_drop,
         max_keyed_drop=args.max_keyed_drop, min_leak_margin=args.min_leak_margin,
+        min_guessed_key_share=args.min_guessed_key_share,
         check_attempts=args.check_attempts, check_budget=args.check_budget, output_policy=output_policy(args))
     hooks = Hooks(phase=progress_bar, log=lambda s: print(s, file=sys.stderr))
     try:
@@ -135,6 +136,9 @@ def add_commands(sub) -> None:
     chk.add_argument("--min-leak-margin", type=float, default=Thresholds().min_leak_margin,
                      help="points a student distilled from the public outputs must stay below one trained "
                           "on labels alone (default: %(default)s)")
+    chk.add_argument("--min-guessed-key-share", type=float, default=Thresholds().min_guessed_key_share,
+                     help="how little a random key may teach: its soft labels this share of the way from the key's to "
+                          "the confusion target's; SDB only (default: %(default)s)")
     chk.add_argument("--check-attempts", type=int, default=CheckConfig().max_attempts,
                      help="settings tried at most (default: %(default)s)")
     chk.add_argument("--check-budget", type=float, metavar="SECONDS",

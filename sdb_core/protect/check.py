@@ -136,13 +136,14 @@ def adapt(sdb: SDBConfig, misses: dict[str, float], step: float,
     the margin between the label and its partners (the public top-1 holds on more inputs), a higher
     one teaches a distilling student more false near-ties. A public miss lowers ``p`` by ``step``, a
     leak raises it; both at once, or a keyed-path miss, train longer, and a keyed miss also lets
-    more of the image through the key (λ up). Direction: -1 (p down), +1 (p up), 0.
+    more of the image through the key (λ up); a guessed key that teaches too much blends less of it (λ down), and
+    with a keyed miss at once trains longer. Direction: -1 (p down), +1 (p up), 0.
     ``underfit`` (the public path missed even on the images the box was fitted on) is not the
     margin's fault: a public miss then trains longer at twice the step size (at most 0.05) instead.
     Every public miss also halves the clean-path term's share ``clean_weight`` (0 after 0.25).
     """
     p, lam, epochs, lr, direction = sdb.partner_prob, sdb.lam, sdb.train.epochs, sdb.train.lr, 0
-    public, leak, keyed = "public" in misses, "leak" in misses, "keyed" in misses
+    public, leak, keyed, guessed = "public" in misses, "leak" in misses, "keyed" in misses, "guessed" in misses
     # The clean-path term costs public top-1 and guards only the network itself (the public path answers the
     # public form): every public miss halves it, to 0 after 0.25.
     clean = (sdb.clean_weight / 2 if sdb.clean_weight > CLEAN_MIN else 0.0) if public else sdb.clean_weight
@@ -155,9 +156,13 @@ def adapt(sdb: SDBConfig, misses: dict[str, float], step: float,
         p, direction = min(p_max, p + step), +1
     else:
         epochs = math.ceil(epochs * 1.5)
-    if keyed:
+    if keyed and not guessed:
         lam = min(0.6, lam + 0.1)
         epochs = math.ceil(epochs * 1.5) if direction else epochs
+    elif guessed and not keyed:
+        lam = max(0.1, lam - 0.1)
+    elif guessed:
+        epochs = math.ceil(epochs * 1.5)
     return replace(sdb, partner_prob=round(p, 4), lam=round(lam, 3), clean_weight=clean,
                    train=replace(sdb.train, epochs=epochs, lr=lr)), direction
 
@@ -309,6 +314,10 @@ def checked_wrap(
                    **({"keyed_drop": r["teacher_acc"] - r["keyed_acc"], "keyed_drop_se": r["keyed_drop_se"]}
                       if keyed else {}),
                    "fit_public_drop": teacher_fit_acc - accuracy(result.box.public_logits, fit_part)}
+        if keyed:
+            from .sdb import guessed_key_share
+
+            figures["guessed_key_share"] = guessed_key_share(result.box, teacher, fit_data, cfg)
         if check.leak_check:
             earlier = next((a["figures"]["labels_only"] for a in attempts if "labels_only" in a.get("figures", {})), None)
             figures.update(leak_check(result.box, fit_data, check, should_cancel, labels_only=earlier))
@@ -355,7 +364,10 @@ def checked_wrap(
                else "")
             + (f", KD from public {best_fig['kd_public']:.2f}% vs labels only {best_fig['labels_only']:.2f}% "
                f"(min margin {th.min_leak_margin})" if "kd_public" in best_fig else "")
-            + "; missed " + ", ".join(f"{k} by {v:.2f} points" for k, v in chosen["misses"].items())
+            + (f", a guessed key's share {best_fig['guessed_key_share']:.2f} (min {th.min_guessed_key_share}: random "
+               "keys open the keyed path)" if "guessed" in chosen["misses"] else "")
+            + "; missed " + ", ".join(f"{k} by {v:.2f}" + ("" if k == "guessed" else " points")
+                                      for k, v in chosen["misses"].items())
             + (f" (measured on {report['val_size']} held-out training inputs: a teacher trained on them scores its "
                "training accuracy there, which overstates every drop; train it without them: --train-teacher does, "
                "and in Python sdb_core.protect.check.teacher_data(data, check) is the rest)"

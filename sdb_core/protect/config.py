@@ -83,6 +83,12 @@ class Thresholds:
     max_accuracy_drop: float = 1.0  # public top-1 >= teacher - this
     max_keyed_drop: float = 1.5  # keyed-path top-1 >= teacher - this (SDB; a Nasty box has no keyed path)
     min_leak_margin: float = 2.0  # KD from the public outputs <= labels only - this
+    # A guessed key must teach little (sdb.guessed_key_share, SDB only): its soft labels at least this share of
+    # the way from the key's to the confusion target's. Measured: the zoo on digits 0.83-1.5 at λ 0.3, 0.55 at
+    # the check's largest λ (0.6), 0.10 at λ 0.9; the 1-D tones 0.31-0.62 at λ 0.5-0.6, the features set
+    # 1.3-1.6 (benchmarks/non_image.py), wrong-key KD below labels alone in every one of those. A guard against
+    # keys that hide (share ~0: any noise opens the keyed path), not a tuning target.
+    min_guessed_key_share: float = 0.1
 
     def misses(self, f: dict[str, float]) -> dict[str, float]:
         """Each missed threshold and by how many points; a figure not measured (a Nasty box has no keyed
@@ -92,6 +98,8 @@ class Thresholds:
             out["keyed"] = f["keyed_drop"] - self.max_keyed_drop
         if "leak_margin" in f:
             out["leak"] = self.min_leak_margin - f["leak_margin"]
+        if "guessed_key_share" in f:
+            out["guessed"] = self.min_guessed_key_share - f["guessed_key_share"]
         return {k: round(v, 3) for k, v in out.items() if v > 0}
 
 

@@ -135,6 +135,33 @@ def require_finite_network(model: nn.Module, x: Tensor, *outputs: Tensor) -> Non
             raise FloatingPointError("the trained network answers NaN or Inf logits on training inputs")
 
 
+GUESSED_KEYS = 3  # random keys the check's guessed-key figure averages over
+
+
+def guessed_key_share(box: SafeDistillationBox, teacher: nn.Module, data, cfg: SDBConfig,
+                      keys: int = GUESSED_KEYS, seed: int = 0) -> float:
+    """How little a guessed key teaches: the soft labels (at T) of the box's network under random keys of the
+    key's own distribution, placed between the key's (0) and the confusion target q_y the recipe trains a wrong
+    key toward (1), by their mean KL from the teacher's on ``data.test`` (held-out inputs). Near 0, any noise opens
+    the keyed path (inputs that hide the key, a key blended too faintly): what a holder of the bundle's network
+    gets without the sealed key. Inference only: no student is trained."""
+    x, y = data.test.tensors
+    t = cfg.temperature
+    teacher_logits = predict_logits(teacher, x)
+
+    def kl(logits: Tensor) -> float:
+        return soft_kl(logits, teacher_logits, t).item()
+
+    guesses = random_keys(keys, data.in_shape, data.mean, data.std, generator=torch.Generator().manual_seed(seed))
+    d_key = kl(predict_logits(box.distill_logits, x))
+    d_wrong = sum(kl(predict_logits(box.with_key(g).distill_logits, x)) for g in guesses) / keys
+    partners = torch.tensor(box.public_form["partners"])
+    q = confusion_rows(partners, y, teacher_logits.shape[1], cfg)
+    log_p = F.log_softmax(teacher_logits / t, dim=1)
+    d_q = (log_p.exp() * (log_p - q.clamp_min(1e-12).log())).sum(1).mean().item() * t * t
+    return (d_wrong - d_key) / max(d_q - d_key, 1e-6)
+
+
 def public_report(teacher: nn.Module, box: SafeDistillationBox, test, keyed: bool = True) -> dict:
     """Accuracies of the teacher and both paths of the box, public/teacher top-1 agreement, and the standard
     error of each path's drop against the teacher (points; paired: the same inputs for both)."""

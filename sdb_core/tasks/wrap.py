@@ -51,14 +51,16 @@ class WrapTask:
     @classmethod
     def from_options(cls, data: str, arch: str, *, teacher: str | None = None, lam: float | None = None,
                      max_accuracy_drop: float | None = None, max_keyed_drop: float | None = None,
-                     min_leak_margin: float | None = None, check_attempts: int | None = None,
+                     min_leak_margin: float | None = None, min_guessed_key_share: float | None = None,
+                     check_attempts: int | None = None,
                      check_budget: float | None = None, epochs: int | None = None, lr: float | None = None,
                      batch_size: int | None = None, **task) -> WrapTask:
         """The task from the flat options the CLI's flags and the job's params share; ``None`` keeps a default."""
         given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
         sdb = SDBConfig(**given(lam=lam))
         thresholds = replace(Thresholds(), **given(max_accuracy_drop=max_accuracy_drop, max_keyed_drop=max_keyed_drop,
-                                                   min_leak_margin=min_leak_margin))
+                                                   min_leak_margin=min_leak_margin,
+                                                   min_guessed_key_share=min_guessed_key_share))
         check = replace(CheckConfig(), thresholds=thresholds, budget_seconds=check_budget,
                         **given(max_attempts=check_attempts))
         out = cls(data=data, teacher=ModelRef(arch=arch, weights=teacher), sdb=sdb, check=check, **task)

@@ -28,7 +28,8 @@ from .conftest import screenshot
 
 PAGE_BYTES, READY_MS = 300_000, 1000
 WRAP_FORM = {"Data": "digits", "Teacher epochs": "1", "Epochs": "1", "Name": "console-wrap",
-             "Max accuracy drop": "100", "Max keyed drop": "100", "Min leak margin": "-100", "Check attempts": "1"}
+             "Max accuracy drop": "100", "Max keyed drop": "100", "Min leak margin": "-100",
+             "Min guessed key share": "-10", "Check attempts": "1"}
 
 
 # ------------------------------------------------------------------------------------------ helpers

@@ -27,7 +27,8 @@ def wrapped(tmp_path_factory):
     return d
 
 
-LOOSE = ["--max-accuracy-drop", "100", "--max-keyed-drop", "100", "--min-leak-margin", "-100", "--check-attempts", "1"]
+LOOSE = ["--max-accuracy-drop", "100", "--max-keyed-drop", "100", "--min-leak-margin", "-100", "--min-guessed-key-share", "-10",
+         "--check-attempts", "1"]
 
 
 def test_wrap_writes_a_loadable_bundle(wrapped, capsys):

@@ -149,7 +149,7 @@ def test_the_check_never_reads_the_test_split(digits, digits_teacher):
     """A test split that would fail everything changes nothing: same attempts, same figures, same box."""
     key = random_keys(1, digits.in_shape, digits.mean, digits.std, generator=torch.Generator().manual_seed(KEY))[0]
     cfg = SDBConfig(train=replace(SDBConfig().train, epochs=2))
-    check = _small_check(max_accuracy_drop=100, max_keyed_drop=100, min_leak_margin=-100)
+    check = _small_check(max_accuracy_drop=100, max_keyed_drop=100, min_leak_margin=-100, min_guessed_key_share=-100)
     x, y = digits.test.tensors
     poisoned = replace(digits, test=TensorDataset(torch.randn_like(x) * 50, (y + 1) % 10))
     a = wrap(digits_teacher, digits, cfg, check=check, key=key)
@@ -259,7 +259,7 @@ def test_a_diverging_setting_is_retried_gentler_and_the_report_says_so():
     from ..signals import trained
 
     data, teacher = trained("signals")
-    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0)
+    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0, min_guessed_key_share=-100.0)
     # lr 1 without a clip: the loss is NaN within the first epoch (it crashed the wrap before).
     result = wrap(teacher, data, SDBConfig(train=TrainConfig(epochs=2, lr=1.0)),
                   check=CheckConfig(thresholds=lax, leak_check=False))
@@ -333,3 +333,25 @@ def test_the_clean_path_term_is_what_teaches_the_network_its_confusion_partners_
     assert share[1.0] > share[0.0] + 0.05, share
     with pytest.raises(ValueError, match="clean_weight"):
         SDBConfig(clean_weight=1.5)
+
+
+def test_the_check_measures_what_a_guessed_key_teaches_and_refuses_a_key_that_hardly_matters(digits, digits_teacher):
+    """A key blended faintly (λ 0.95: 5 % key) is one any noise stands in for: random keys' soft labels sit near
+    the key's (share near 0), where the default λ puts them at the confusion target (share near 1). The check
+    measures it on held-out inputs, and a box under the owner's bound is refused, naming it."""
+    from sdb_core.protect.sdb import guessed_key_share
+
+    fit, _ = holdout(digits, 0.15, 0)
+    shares = {}
+    for lam in (0.3, 0.95):
+        cfg = SDBConfig(lam=lam, train=replace(SDBConfig().train, epochs=6))
+        shares[lam] = guessed_key_share(train_box(digits_teacher, fit, cfg).box, digits_teacher, fit, cfg)
+    assert shares[0.3] > 0.3 and shares[0.95] < 0.1, shares  # 6 epochs: ~0.5 and ~0 (15 epochs: ~1 at λ 0.3)
+
+    faint = SDBConfig(lam=0.95, train=replace(SDBConfig().train, epochs=6))
+    check = replace(_small_check(max_accuracy_drop=100, max_keyed_drop=100, min_leak_margin=-100),
+                    max_attempts=1, leak_check=False)
+    with pytest.raises(WrapRefused, match="missed guessed by") as refused:
+        wrap(digits_teacher, digits, faint, check=check)
+    assert refused.value.report["figures"]["guessed_key_share"] < 0.1
+    assert adapt(faint, {"guessed": 0.2}, 0.05)[0].lam == pytest.approx(0.85)  # the next attempt: more key

@@ -110,7 +110,7 @@ def test_a_train_mode_teacher_with_frozen_batchnorm_comes_back_in_its_modes_from
     teacher = _net().train()
     teacher.body[1].eval()  # fine-tuning with frozen BatchNorm statistics: a common way to hold a model
     before = _state(teacher)
-    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0)
+    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0, min_guessed_key_share=-100.0)
     wrap(teacher, digits, ONE_EPOCH, check=CheckConfig(thresholds=lax, max_attempts=1, leak_check=False))
     assert _same(before, _state(teacher))
 

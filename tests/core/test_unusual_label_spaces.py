@@ -19,7 +19,7 @@ from sdb_core.train import TrainConfig, seed_everything, train_classifier
 from ..signals import FeatureNet, _splits, feature_splits
 
 FAST = SDBConfig(train=TrainConfig(epochs=1, lr=0.01, batch_size=64, grad_clip=5.0))
-TINY_CHECK = CheckConfig(thresholds=Thresholds(100.0, 100.0, -100.0), max_attempts=1, transfer_n=100,
+TINY_CHECK = CheckConfig(thresholds=Thresholds(100.0, 100.0, -100.0, -10.0), max_attempts=1, transfer_n=100,
                          student_train=TrainConfig(epochs=1, lr=0.01, batch_size=64), student_seeds=1)
 
 

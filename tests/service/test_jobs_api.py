@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("db_url")  # every test on SQLite and on Po
 
 # One wrap epoch cannot meet the default self-check; these tests are about the job, so the owner's
 # thresholds are loosened.
-LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "check_attempts": 1}
+LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "min_guessed_key_share": -10, "check_attempts": 1}
 WRAP = {"data": "digits", "teacher": {"arch": "cnn"}, "epochs": 1, "name": "digits-demo", "deploy": True, **LOOSE}
 DISTILL = {"teacher": {"model": "digits-a"}, "student": "mlp", "data": "digits", "epochs": 1}
 NO_FILE = "file-" + "0" * 24  # a well-formed id no one uploaded

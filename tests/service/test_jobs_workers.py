@@ -32,7 +32,7 @@ from .jobs_helpers import (
 
 # One wrap epoch cannot meet the default self-check; these tests are about the job, so the owner's
 # thresholds are loosened.
-LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "check_attempts": 1}
+LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "min_guessed_key_share": -10, "check_attempts": 1}
 WRAP = {"data": "digits", "teacher": {"arch": "cnn"}, "epochs": 1, "name": "digits-demo", "deploy": True, **LOOSE}
 DISTILL = {"teacher": {"model": "digits-demo"}, "student": "mlp", "data": "digits", "epochs": 1}
 

@@ -75,7 +75,7 @@ async def test_a_checked_box_shows_its_measured_protection_report(tmp_path, bund
     digits = load_dataset("digits")
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-    check = CheckConfig(thresholds=Thresholds(100, 100, -100), max_attempts=1, student_seeds=1, transfer_n=200,
+    check = CheckConfig(thresholds=Thresholds(100, 100, -100, -10), max_attempts=1, student_seeds=1, transfer_n=200,
                         student_train=TrainConfig(epochs=1))
     result = wrap(net, digits, SDBConfig(train=TrainConfig(epochs=1)), check=check)
     path = export_bundle(result.box, tmp_path / "checked.sdb", name="checked", in_shape=digits.in_shape,

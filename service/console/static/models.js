@@ -70,7 +70,8 @@ export function accuracyRows(metrics) {
 }
 
 // The self-check's figures beside the threshold each one is held to (sdb_core/protect/check.py's Thresholds).
-const HELD = { public_drop: ["max_accuracy_drop", "≤"], keyed_drop: ["max_keyed_drop", "≤"], leak_margin: ["min_leak_margin", "≥"] };
+const HELD = { public_drop: ["max_accuracy_drop", "≤"], keyed_drop: ["max_keyed_drop", "≤"], leak_margin: ["min_leak_margin", "≥"],
+  guessed_key_share: ["min_guessed_key_share", "≥"] };
 
 export function checkTable(figures, thresholds) {
   const used = new Set();

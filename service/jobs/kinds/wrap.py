@@ -49,6 +49,9 @@ class WrapParams(JobParams):
                                   description="self-check: points of top-1 the keyed path may lose")
     min_leak_margin: float = Field(Thresholds().min_leak_margin, ge=-100, le=100, description=(
         "self-check: points a student distilled from the public outputs must stay below labels alone"))
+    min_guessed_key_share: float = Field(Thresholds().min_guessed_key_share, ge=-10, le=10, description=(
+        "self-check (SDB): how little a random key may teach, as a share of the way from the key's soft labels "
+        "to the confusion target's"))
     check_attempts: int = Field(CheckConfig().max_attempts, ge=1, le=10, description="self-check: settings tried")
     check_budget: float | None = Field(None, gt=0, le=86400,
                                        description="self-check: seconds after which no new attempt starts")
@@ -86,7 +89,7 @@ def run(ctx, p: WrapParams) -> dict:
         version=version, teacher_epochs=p.teacher_epochs,
         mode=p.mode, lam=p.lam, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=p.seed,
         max_accuracy_drop=p.max_accuracy_drop, max_keyed_drop=p.max_keyed_drop, min_leak_margin=p.min_leak_margin,
-        check_attempts=p.check_attempts, check_budget=p.check_budget,
+        min_guessed_key_share=p.min_guessed_key_share, check_attempts=p.check_attempts, check_budget=p.check_budget,
         output_policy=None if p.output_policy is None else p.output_policy.model_dump(exclude_none=True))
     try:
         outcome = wrap.run(task, out, ctx.hooks, master_key=ctx.settings.master_key)
