@@ -19,25 +19,10 @@ from sdb_core.amalgamate.config import TeacherSpec
 from sdb_core.amalgamate.multilabel import MultiLabelNet
 from sdb_core.train import TrainConfig, device_of, predict_logits
 
-META = torch.device("meta")
+from .test_devices import META, Elsewhere
+
 CPU_TRAIN = TrainConfig(epochs=1, batch_size=4, lr=1e-3, optimizer="adam", weight_decay=0.0, device="cpu")
 READ_BACK = r"(Cannot copy out of|cannot be called on) meta tensor"  # an answer computed there, read back
-
-
-class Elsewhere(nn.Module):
-    """Weights on ``meta``; answers zeros of shape (N, *out) on the CPU (``forward_all``: a pose net's stacks)."""
-
-    def __init__(self, in_features: int, out: tuple[int, ...]):
-        super().__init__()
-        self.w = nn.Parameter(torch.empty(in_features, device=META))
-        self.out = out
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = x.flatten(1) * self.w  # raises when x is not on the weights' device
-        return torch.zeros(len(h), *self.out)
-
-    def forward_tasks(self, x: Tensor) -> dict[str, Tensor]:
-        return {"seg": self(x)}
 
 
 class BuffersElsewhere(Elsewhere):

@@ -26,30 +26,13 @@ def files_at_most(limit: int):
         signal.signal(signal.SIGXFSZ, old_handler)
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-async def test_a_deploy_whose_copy_fails_half_way_leaves_nothing(db_url, tmp_path, bundles):
+@pytest.fixture
+async def svc_pg(db_url, tmp_path, bundles):
+    """The app on PostgreSQL (SQLite's own writes would meet the file-size limit too) and a bundle's bytes."""
     settings = make_settings(tmp_path / "data", bundles)
     svc, manager = await start_service(settings)
     try:
-        tok = svc.key(("deploy",))
-        data = sdb_bytes(bundles.a)
-        r = await svc.client.post("/v1/files", files={"file": ("a.sdb", data)}, data={"purpose": "bundle"},
-                                  headers=svc.auth(tok))
-        assert r.status_code == 201, r.text
-        body = {"file": r.json()["id"], "name": "full"}
-        with files_at_most(len(data) // 3):
-            r = await svc.client.post("/v1/models", json=body, headers=svc.auth(tok))
-        assert r.status_code == 507, r.text
-        err = r.json()["error"]
-        assert err["code"] == "insufficient_storage" and str(settings.data_dir) not in err["message"]
-        left = sorted(p.name for p in settings.bundles_dir.rglob("*"))
-        assert left == [], f"a half-written bundle stays: {left}"
-        assert svc.app.state.store.get_model("full") is None
-
-        r = await svc.client.post("/v1/models", json=body, headers=svc.auth(tok))  # room again
-        assert r.status_code == 201, r.text
-        assert r.json()["version"] == "1"
+        yield svc, settings, sdb_bytes(bundles.a)
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)
@@ -57,34 +40,51 @@ async def test_a_deploy_whose_copy_fails_half_way_leaves_nothing(db_url, tmp_pat
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-async def test_an_upload_that_cannot_be_written_whole_leaves_nothing(db_url, tmp_path, bundles):
+async def test_a_deploy_whose_copy_fails_half_way_leaves_nothing(svc_pg):
+    svc, settings, data = svc_pg
+    tok = svc.key(("deploy",))
+    r = await svc.client.post("/v1/files", files={"file": ("a.sdb", data)}, data={"purpose": "bundle"},
+                              headers=svc.auth(tok))
+    assert r.status_code == 201, r.text
+    body = {"file": r.json()["id"], "name": "full"}
+    with files_at_most(len(data) // 3):
+        r = await svc.client.post("/v1/models", json=body, headers=svc.auth(tok))
+    assert r.status_code == 507, r.text
+    err = r.json()["error"]
+    assert err["code"] == "insufficient_storage" and str(settings.data_dir) not in err["message"]
+    left = sorted(p.name for p in settings.bundles_dir.rglob("*"))
+    assert left == [], f"a half-written bundle stays: {left}"
+    assert svc.app.state.store.get_model("full") is None
+
+    r = await svc.client.post("/v1/models", json=body, headers=svc.auth(tok))  # room again
+    assert r.status_code == 201, r.text
+    assert r.json()["version"] == "1"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_an_upload_that_cannot_be_written_whole_leaves_nothing(svc_pg):
     from sqlalchemy import func, select
 
     from service.store import FileReservationRow
 
-    settings = make_settings(tmp_path / "data", bundles)
-    svc, manager = await start_service(settings)
-    try:
-        tok = svc.key(("jobs",))
-        data = sdb_bytes(bundles.a)
-        with files_at_most(len(data) // 3):
-            r = await svc.client.post("/v1/files", files={"file": ("a.sdb", data)}, data={"purpose": "bundle"},
-                                      headers=svc.auth(tok))
-        assert r.status_code == 507, r.text
-        err = r.json()["error"]
-        assert err["code"] == "insufficient_storage" and str(settings.data_dir) not in err["message"]
-        store = svc.app.state.store
-        assert store.list_files() == []
-        with store.session() as s:
-            assert s.scalar(select(func.count()).select_from(FileReservationRow)) == 0
-        left = [p.name for p in settings.files_dir.rglob("*") if p.name != ".staging"]
-        assert left == [], f"a half-written upload stays: {left}"
+    svc, settings, data = svc_pg
+    tok = svc.key(("jobs",))
+    with files_at_most(len(data) // 3):
         r = await svc.client.post("/v1/files", files={"file": ("a.sdb", data)}, data={"purpose": "bundle"},
                                   headers=svc.auth(tok))
-        assert r.status_code == 201, r.text
-    finally:
-        await svc.client.aclose()
-        await manager.__aexit__(None, None, None)
+    assert r.status_code == 507, r.text
+    err = r.json()["error"]
+    assert err["code"] == "insufficient_storage" and str(settings.data_dir) not in err["message"]
+    store = svc.app.state.store
+    assert store.list_files() == []
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(FileReservationRow)) == 0
+    left = [p.name for p in settings.files_dir.rglob("*") if p.name != ".staging"]
+    assert left == [], f"a half-written upload stays: {left}"
+    r = await svc.client.post("/v1/files", files={"file": ("a.sdb", data)}, data={"purpose": "bundle"},
+                              headers=svc.auth(tok))
+    assert r.status_code == 201, r.text
 
 
 def test_a_dataset_that_cannot_be_unpacked_for_want_of_room_is_the_servers_trouble(tmp_path):
