@@ -11,12 +11,15 @@ The key opened with the master key lives only in memory, inside the loaded bundl
 Every version the store has is served, but only ``model_cache_mb`` of them (by bundle size) stay loaded
 in ONNX Runtime at once (:class:`BundleCache`): a version past it is unloaded when others are used
 more recently and loaded again, verified, on its next request. Without the bound every version ever
-deployed stayed in memory: a model re-wrapped nightly grew the server without end.
+deployed stayed in memory: a model re-wrapped nightly grew the server without end. A removed version is
+never loaded again, not even for a request that held it; one whose file no longer loads answers 503, is
+tried again once per ``models_sync_s``, and counts among /readyz's failed versions meanwhile.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +39,7 @@ from sdb_core.bundle import (
     output_shape,
 )
 
-from .batching import MicroBatcher
+from .batching import BatcherClosed, MicroBatcher
 from .disclosure import hide_paths
 from .errors import ApiError, not_found
 from .schemas import OutputPolicy
@@ -145,17 +148,40 @@ def row_policy(row: ModelRow) -> OutputPolicy:
     return OutputPolicy.model_construct(policy=row.policy or "probs", top_k=row.top_k, decimals=row.decimals)
 
 
+def bundle_bytes(path: str | Path) -> int:
+    """What a bundle weighs in :class:`BundleCache`: its ``.sdb`` file, or every file of a bundle directory
+    (``sdb models add`` registers one in place); 0 when it cannot be read."""
+    p = Path(path)
+    try:
+        if not p.is_dir():
+            return p.stat().st_size
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    except OSError:
+        return 0
+
+
 class BundleCache:
     """The loaded bundles (ONNX Runtime sessions, with the opened key), least recently used first, at most
     ``limit_bytes`` of bundle files (at least one always stays): past it the least recently used is
     dropped, and loaded again with ``load`` (verified, as at deploy) on its next use. A dropped bundle that a
-    batch is running keeps its session until that batch ends (the batch holds it)."""
+    batch is running keeps its session until that batch ends (the batch holds it).
 
-    def __init__(self, limit_bytes: int, load: Callable[[str], Bundle], data_dir: Path):
+    Only a served version is loaded again: :meth:`put` marks a version served and :meth:`drop` (its removal
+    or replacement) ends that, so a request still holding a removed version gets :class:`BatcherClosed`
+    (404 ``model_not_found``, "was removed") and its file is never read again; a load under way when it was
+    removed is not kept (it pushed served versions out). A load that fails is not tried again for ``retry_s``:
+    the requests meanwhile get the same 503 at once, not a load each (a batch of them ran one load per
+    request, each a full verification), and ``on_failure`` tells the host (its ``failed``, in /readyz)."""
+
+    def __init__(self, limit_bytes: int, load: Callable[[str], Bundle], data_dir: Path, retry_s: float = 1.0,
+                 on_failure: Callable[[HostedModel, str | None], None] | None = None):
         self.limit_bytes, self._load, self.data_dir = limit_bytes, load, data_dir  # data_dir: hidden in messages
+        self.retry_s, self.on_failure = retry_s, on_failure  # on_failure(model, why | None: it loads again)
         self._lru: OrderedDict[tuple, tuple[Bundle, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._gates: dict[tuple, threading.Lock] = {}  # one load at a time per version
+        self._served: set[tuple] = set()  # the versions that may be loaded again
+        self._failed: dict[tuple, tuple[float, str]] = {}  # a failed load: (when, monotonic; the 503's message)
         self.loads = 0  # loads again after a drop (for tests and metrics)
 
     @staticmethod
@@ -163,51 +189,81 @@ class BundleCache:
         return model.name, model.version, model.added_at
 
     def put(self, model: HostedModel, bundle: Bundle) -> None:
-        try:
-            size = Path(model.path).stat().st_size
-        except OSError:
-            size = 0
+        """Keep ``model``'s bundle loaded (most recently used), and serve the version from now on."""
+        size = bundle_bytes(model.path)
         with self._lock:
-            self._lru[self.key(model)] = (bundle, size)
-            self._lru.move_to_end(self.key(model))
-            total = sum(b for _, b in self._lru.values())
-            while total > self.limit_bytes and len(self._lru) > 1:
-                _, (_, dropped) = self._lru.popitem(last=False)
-                total -= dropped
+            self._served.add(self.key(model))
+            self._keep(self.key(model), bundle, size)
+
+    def _keep(self, key: tuple, bundle: Bundle, size: int) -> None:
+        self._lru[key] = (bundle, size)
+        self._lru.move_to_end(key)
+        total = sum(b for _, b in self._lru.values())
+        while total > self.limit_bytes and len(self._lru) > 1:
+            _, (_, dropped) = self._lru.popitem(last=False)
+            total -= dropped
 
     def get(self, model: HostedModel) -> Bundle:
         """Blocking (a batch's thread): the model's bundle, loaded again if it was dropped; 503
-        ``model_unavailable`` when that load fails (its file gone or changed: the reason, no path)."""
+        ``model_unavailable`` when that load fails (its file gone or changed: the reason, no path);
+        :class:`BatcherClosed` when the version is no longer served (removed meanwhile)."""
         key = self.key(model)
         with self._lock:
             hit = self._lru.get(key)
             if hit is not None:
                 self._lru.move_to_end(key)
                 return hit[0]
+            self._check_served(model, key)
             gate = self._gates.setdefault(key, threading.Lock())
         with gate:
             with self._lock:
                 hit = self._lru.get(key)
-            if hit is not None:  # another request loaded it meanwhile
-                return hit[0]
+                if hit is not None:  # another request loaded it meanwhile
+                    return hit[0]
+                self._check_served(model, key)
             try:
                 bundle = self._load(model.path)
+                if bundle.meta != model.meta:  # the same file, verified: only a changed one could differ
+                    raise ValueError("its bundle changed on disk since it was deployed")
             except (ValueError, OSError) as e:
                 log.error("model %s version %s cannot be loaded again: %s", model.name, model.version, e)
-                raise ApiError(503, "model_unavailable", f"model {model.name!r} version {model.version!r} cannot be "
-                               f"served: {hide_paths(str(e), self.data_dir)}") from None
-            if bundle.meta != model.meta:  # the same file, verified: only a changed one could differ
-                raise ApiError(503, "model_unavailable", f"model {model.name!r} version {model.version!r} cannot be "
-                               "served: its bundle changed on disk since it was deployed")
-            self.loads += 1
+                message = (f"model {model.name!r} version {model.version!r} cannot be served: "
+                           f"{hide_paths(str(e), self.data_dir)}")
+                with self._lock:
+                    served = key in self._served
+                    if served:
+                        self._failed[key] = (time.monotonic(), message)
+                if served and self.on_failure is not None:
+                    self.on_failure(model, str(e))
+                raise ApiError(503, "model_unavailable", message) from None
+            size = bundle_bytes(model.path)
+            with self._lock:
+                self._check_served(model, key, retrying=True)  # removed while it loaded: not kept
+                self.loads += 1
+                failed = self._failed.pop(key, None)
+                self._keep(key, bundle, size)
+            if failed is not None and self.on_failure is not None:
+                self.on_failure(model, None)
             log.info("model %s version %s loaded again", model.name, model.version)
-            self.put(model, bundle)
             return bundle
 
+    def _check_served(self, model: HostedModel, key: tuple, retrying: bool = False) -> None:
+        """Under the lock: BatcherClosed when the version is no longer served; the last failure's 503 when its
+        load failed less than ``retry_s`` ago."""
+        if key not in self._served:
+            raise BatcherClosed(f"model {model.name!r} version {model.version!r} was removed")
+        failed = self._failed.get(key)
+        if not retrying and failed is not None and time.monotonic() - failed[0] < self.retry_s:
+            raise ApiError(503, "model_unavailable", failed[1])
+
     def drop(self, model: HostedModel) -> None:
+        """The version is no longer served (removed, or replaced by a new row): unload it for good."""
+        key = self.key(model)
         with self._lock:
-            self._lru.pop(self.key(model), None)
-            self._gates.pop(self.key(model), None)
+            self._lru.pop(key, None)
+            self._gates.pop(key, None)
+            self._served.discard(key)
+            self._failed.pop(key, None)
 
     def __contains__(self, model: HostedModel) -> bool:
         return self.key(model) in self._lru
@@ -322,7 +378,8 @@ class ModelHost:
         self._loading: dict[str, threading.Lock] = {}  # one load on demand at a time per model name
         self._loading_guard = threading.Lock()
         self._providers: list | None = None  # ort_providers(settings), decided (and warned about) once
-        self.bundles = BundleCache(int(settings.model_cache_mb * (1 << 20)), self.load, settings.data_dir)
+        self.bundles = BundleCache(int(settings.model_cache_mb * (1 << 20)), self.load, settings.data_dir,
+                                   retry_s=settings.models_sync_s, on_failure=self._reload_failed)
 
     # ------------------------------------------------------------ reading
     def loaded(self, name: str, version: str | None = None) -> HostedModel | None:
@@ -352,8 +409,22 @@ class ModelHost:
         return sorted(self._models)
 
     def all(self) -> list[HostedModel]:
-        return [m for n in sorted(self._models) for _, m in sorted(self._models[n].items(),
-                                                                    key=lambda kv: version_key(kv[0]))]
+        models = self._models  # one snapshot: a sync may replace it meanwhile (a name gone: a KeyError, a 500)
+        return [m for n in sorted(models) for _, m in sorted(models[n].items(), key=lambda kv: version_key(kv[0]))]
+
+    def failures(self) -> dict[tuple[str, str], str]:
+        """A copy of :attr:`failed` (a sync or a load may change it while a caller reads it)."""
+        return dict(self.failed)
+
+    def _reload_failed(self, model: HostedModel, why: str | None) -> None:
+        """BundleCache's report: a served version that no longer loads (``why``), or loads again (None)."""
+        current = self.loaded(model.name, model.version)  # no lock: a sync holds it while it loads
+        if current is None or current.added_at != model.added_at:
+            return  # removed or replaced meanwhile (an entry left by a race goes at the sync after its removal)
+        if why is None:
+            self.failed.pop((model.name, model.version), None)
+        else:
+            self.failed[model.name, model.version] = why
 
     def __contains__(self, name: str) -> bool:
         return name in self._models
@@ -488,9 +559,14 @@ class ModelHost:
             return self.serve(row, bundle)
 
     def serve(self, row: ModelRow, bundle: Bundle) -> HostedModel:
-        """Serve a registered row's verified bundle in this process now (a deploy through this server)."""
-        model = self._host(row, bundle)
+        """Serve a registered row's verified bundle in this process now (a deploy through this server). A row
+        already served (a sync got to it first) stays as it is: replacing it closed the batcher that requests
+        were already holding, and they answered 404 "was removed" for a version being served."""
         with self._lock:
+            current = self.loaded(row.name, row.version)
+            if current is not None and current.added_at == row.added_at:
+                return current
+            model = self._host(row, bundle)
             self._install(model)
             self.failed.pop((row.name, row.version), None)
             self._failed_seen.pop((row.name, row.version), None)
@@ -531,6 +607,9 @@ class ModelHost:
                 self.failed[key], self._failed_seen[key] = str(e), row.added_at
                 log.error("model %s version %s not served: %s", row.name, row.version, e)
                 continue
+            again = self.store.get_model(row.name, row.version)
+            if again is None or again.added_at != row.added_at:
+                continue  # removed (or replaced) while it loaded: the next sync sees what is there now
             self.failed.pop(key, None)
             self._failed_seen.pop(key, None)
             self._install(self._host(row, bundle))

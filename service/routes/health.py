@@ -45,9 +45,10 @@ async def readyz(request: Request, store: StoreDep, host: ModelHostDep, settings
         await run_in_threadpool(store.ping)
     except Exception:  # noqa: BLE001 - any driver error means not ready
         raise ApiError(503, "store_unreachable", "the store does not answer") from None
-    body = {"status": "ready", "models": len(host.all()), "failed_models": len(host.failed)}
+    failed = host.failures()  # a copy: a sync changing it while this iterated was a 500
+    body = {"status": "ready", "models": len(host.all()), "failed_models": len(failed)}
     if settings.public_predict:  # model names are public: which versions failed, and why (the log has the paths)
-        body["failed"] = {f"{n}@{v}": hide_paths(why, settings.data_dir) for (n, v), why in host.failed.items()}
+        body["failed"] = {f"{n}@{v}": hide_paths(why, settings.data_dir) for (n, v), why in failed.items()}
     return json_response(body)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import anyio
@@ -180,6 +181,282 @@ async def test_versions_past_the_model_cache_are_unloaded_and_served_again(bundl
         assert str(settings.data_dir) not in r.text and "cannot be served" in r.text
         assert (await svc.client.post("/v1/models/digits-b/predict", json=GOOD)).status_code == 200
         assert (await svc.client.post("/v1/models/digits-a/predict", json=GOOD)).status_code == 200  # version 2
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
+
+
+# ---------------------------------------------------------------- the cache and the host under concurrency
+def _host(tmp_path, bundles, cache_bundles: float | None = None, **over):
+    """A ModelHost on its own store (the test's SDB_DATABASE_URL): one server process, driven directly.
+    ``cache_bundles``: room in its BundleCache for about that many of the test bundles."""
+    from service.registry import ModelHost
+    from service.store import Store
+
+    if cache_bundles is not None:
+        over["model_cache_mb"] = cache_bundles * len(sdb_bytes(bundles.a)) / (1 << 20)
+    settings = make_settings(tmp_path / "data", bundles, **over)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_url)
+    return ModelHost(settings, store), store
+
+
+def _sdb_files(bundles, tmp_path) -> dict[str, Path]:
+    """The test bundles as .sdb files (what deploys serve), registered in place by ``add``."""
+    out = {}
+    for key, path in (("a", bundles.a), ("a2", bundles.a2), ("b", bundles.b)):
+        out[key] = tmp_path / f"{key}.sdb"
+        out[key].write_bytes(sdb_bytes(path))
+    return out
+
+
+def test_a_version_removed_while_the_cache_loads_it_again_is_not_kept(bundles, tmp_path):
+    """A request holding version 1 (unloaded by the cache) loads it again; version 1 is removed meanwhile. The
+    load finished by putting the removed version back in the cache, where it pushed out version 2, which is
+    served; and a request queued on the removed version read its file again and served it after the removal."""
+    from service.batching import BatcherClosed
+
+    host, store = _host(tmp_path, bundles, cache_bundles=1.2)
+    try:
+        files = _sdb_files(bundles, tmp_path)
+        host.add(files["a"], "t")
+        host.add(files["a2"], "t")
+        v1, v2 = host.loaded("digits-a", "1"), host.loaded("digits-a", "2")
+        assert v1 not in host.bundles and v2 in host.bundles
+        load, started, go, got = host.bundles._load, threading.Event(), threading.Event(), {}
+
+        def slow_load(path):
+            started.set()
+            assert go.wait(10)
+            return load(path)
+
+        def request() -> None:
+            try:
+                got["bundle"] = v1.bundle
+            except BatcherClosed as e:
+                got["closed"] = e
+
+        host.bundles._load = slow_load
+        t = threading.Thread(target=request)
+        t.start()
+        assert started.wait(10)
+        assert host.remove("digits-a", "1", "t") == [("digits-a", "1")]
+        go.set()
+        t.join(10)
+        assert "closed" in got  # the batch's callers: 404 "was removed" (inference._served)
+        assert v1 not in host.bundles and v2 in host.bundles and len(host.bundles) == 1
+        loads = host.bundles.loads
+        host.bundles._load = load
+        with pytest.raises(BatcherClosed):  # queued after the removal: its file is not read again
+            _ = v1.bundle
+        assert host.bundles.loads == loads and v1 not in host.bundles
+    finally:
+        host.close()
+        store.close()
+
+
+def test_the_cache_bound_counts_every_file_of_a_bundle_directory(bundles, tmp_path):
+    """``sdb models add`` registers a bundle directory in place: the cache weighed it as the directory entry
+    (4 KiB), so with room for about one bundle every version stayed loaded, without bound."""
+    host, store = _host(tmp_path, bundles, cache_bundles=1.2)
+    try:
+        for path in (bundles.a, bundles.a2, bundles.b):
+            host.add(path, "t")
+        assert len(host.bundles) == 1 and len(host.all()) == 3
+    finally:
+        host.close()
+        store.close()
+
+
+def test_a_version_loaded_on_demand_while_a_sync_serves_it_is_not_closed(bundles, tmp_path):
+    """Another process deploys version 2. A request for it loads it on demand while this process's sync loads
+    and serves it too; requests take the sync's model. The on-demand load then served its own copy in its
+    place and closed the sync's batcher: those requests answered 404 "was removed" for a served version.
+    (A deploy through this process that a sync served first, between the store and ``serve``, did the same.)"""
+    host, store = _host(tmp_path, bundles)
+    try:
+        host.add(bundles.a, "t")
+        store.add_model("digits-a", "2", str(bundles.a2))  # another process's deploy
+        load, started, go, got = host.load, threading.Event(), threading.Event(), {}
+        on_demand = []
+
+        def load_gated(path):
+            if threading.current_thread() in on_demand:
+                started.set()
+                assert go.wait(10)
+            return load(path)
+
+        host.load = load_gated
+        host.bundles._load = load_gated
+        t = threading.Thread(target=lambda: got.setdefault("model", host.get("digits-a", "2")))
+        on_demand.append(t)
+        t.start()
+        assert started.wait(10)
+        host.sync()
+        served = host.loaded("digits-a", "2")
+        assert served is not None
+        go.set()
+        t.join(10)
+        assert got["model"] is served and host.loaded("digits-a", "2") is served
+        x = bundles.x[:2]
+
+        async def predict():
+            return await served.logits(x)
+
+        np.testing.assert_allclose(anyio.run(predict), load(bundles.a2).public_logits(x), atol=1e-5)
+    finally:
+        host.close()
+        store.close()
+
+
+def test_a_version_removed_while_a_sync_loads_it_is_not_served(bundles, tmp_path):
+    """A sync loads every version it has not served yet; one removed (in another process) during that load
+    was served until the next sync, a load and a models_sync_s after its removal."""
+    host, store = _host(tmp_path, bundles)
+    try:
+        host.add(bundles.a, "t")
+        store.add_model("digits-a", "2", str(bundles.a2))
+        load = host.load
+
+        def load_then_removed(path):
+            bundle = load(path)
+            if str(path) == str(bundles.a2):
+                store.remove_model("digits-a", "2")
+            return bundle
+
+        host.load = load_then_removed
+        host.sync()
+        assert host.loaded("digits-a", "2") is None and host.versions("digits-a") == ["1"]
+        host.load = load
+        store.add_model("digits-a", "2", str(bundles.a2))
+        host.sync()
+        assert host.versions("digits-a") == ["1", "2"]
+    finally:
+        host.close()
+        store.close()
+
+
+def test_listing_while_a_sync_removes_a_name_does_not_fail(bundles, tmp_path):
+    """``all()`` (GET /v1/models, /readyz, the sdb_models_loaded gauge of /metrics) read the models twice: a
+    name a sync removed in between was a KeyError, a 500. The swap is made at the exact point it hurt."""
+    host, store = _host(tmp_path, bundles)
+    try:
+        host.add(bundles.a, "t")
+        host.add(bundles.b, "t")
+
+        class RemovedWhileListed(dict):
+            def __iter__(self):
+                names = list(super().__iter__())
+                host._uninstall("digits-b", "1")  # the sync thread, between the two reads
+                return iter(names)
+
+        host._models = RemovedWhileListed(host._models)
+        assert [(m.name, m.version) for m in host.all()] == [("digits-a", "1"), ("digits-b", "1")]
+        assert [(m.name, m.version) for m in host.all()] == [("digits-a", "1")]
+    finally:
+        host.close()
+        store.close()
+
+
+async def test_readyz_while_a_sync_changes_the_failed_versions(bundles, tmp_path):
+    """/readyz iterated ``host.failed`` while a sync (another thread) may add or drop entries: a 500."""
+    svc, manager = await start_service(make_settings(tmp_path / "data", bundles), bundles.a)
+    try:
+        host = svc.app.state.host
+
+        class ChangedWhileRead(dict):
+            def items(self):
+                for item in super().items():  # a dict's own iteration, as the old route's
+                    self[("gone", str(len(self)))] = "its file is gone"  # the sync thread, mid-iteration
+                    yield item
+
+        host.failed = ChangedWhileRead({("digits-b", "1"): "model.onnx was altered"})
+        r = await svc.client.get("/readyz")
+        assert r.status_code == 200 and r.json()["failed_models"] == 1, r.text
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
+
+
+async def test_a_version_that_no_longer_loads_is_tried_once_per_interval_and_shown_in_readyz(bundles, tmp_path):
+    """An unloaded version whose file is gone: every request (each of a batch's, one by one after the batch
+    failed) verified the bundle again, a full load each, on the threads every model's batches share; and
+    /readyz said 0 failed versions while it answered 503. Now one load per models_sync_s, the same 503 between,
+    the version in /readyz's failures (no path), and served again once its file is back."""
+    settings = make_settings(tmp_path / "data", bundles, models_sync_s=1.0,
+                             model_cache_mb=1.2 * len(sdb_bytes(bundles.a)) / (1 << 20))
+    svc, manager = await start_service(settings, bundles.a, bundles.a2)
+    try:
+        host, c = svc.app.state.host, svc.client
+        v1 = host.loaded("digits-a", "1")
+        assert v1 not in host.bundles
+        path, load, calls = Path(v1.path), host.bundles._load, []
+        host.bundles._load = lambda p: calls.append(p) or load(p)
+        saved = path.read_bytes()
+        path.unlink()
+        answers = await asyncio.gather(*(c.post("/v1/models/digits-a/predict?version=1", json=GOOD)
+                                         for _ in range(8)))
+        assert {r.status_code for r in answers} == {503}, [r.text for r in answers]
+        assert all(r.json()["error"]["code"] == "model_unavailable" for r in answers)
+        assert len(calls) == 1
+        ready = (await c.get("/readyz")).json()
+        assert ready["failed_models"] == 1 and "digits-a@1" in ready["failed"], ready
+        assert str(settings.data_dir) not in json.dumps(ready)
+        assert (await c.post("/v1/models/digits-a/predict?version=2", json=GOOD)).status_code == 200
+        path.write_bytes(saved)
+        await _until(lambda: c.post("/v1/models/digits-a/predict?version=1", json=GOOD), 200)
+        assert (await c.get("/readyz")).json()["failed_models"] == 0
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
+
+
+async def test_many_versions_through_a_tiny_cache_while_versions_are_removed(bundles, tmp_path):
+    """Concurrent requests for eight versions, through a cache with room for about one, while versions are
+    removed (and registered again) under them: every answer is the asked version's own, or 404 for one removed,
+    or 503 never; the cache ends within its bound and holds only served versions."""
+    files = _sdb_files(bundles, tmp_path)
+    settings = make_settings(tmp_path / "data", bundles, model_cache_mb=1.2 * len(sdb_bytes(bundles.a)) / (1 << 20))
+    svc, manager = await start_service(settings)
+    try:
+        host, c, store = svc.app.state.host, svc.client, svc.app.state.store
+        source = {str(v): (files["a"] if v % 2 else files["a2"]) for v in range(1, 9)}
+        for v, path in source.items():
+            store.add_model("digits-a", v, str(path))
+        await anyio.to_thread.run_sync(host.sync)
+        x = np.asarray(GOOD["inputs"], np.float32)
+        from sdb_core.bundle import load_bundle
+
+        want = {p: load_bundle(p, settings.master_key).public_logits(x) for p in (files["a"], files["a2"])}
+        seen: dict[int, int] = {}
+        stop = asyncio.Event()
+
+        async def ask(v: str) -> None:
+            while not stop.is_set():
+                r = await c.post(f"/v1/models/digits-a/predict?version={v}&top_k=10", json=GOOD)
+                seen[r.status_code] = seen.get(r.status_code, 0) + 1
+                assert r.status_code in (200, 404), r.text
+                if r.status_code == 200:
+                    assert r.json()["version"] == v
+                    got = np.array([[p["scores"][p["indices"].index(k)] for k in range(10)]
+                                    for p in r.json()["predictions"]])
+                    e = np.exp(want[source[v]] - want[source[v]].max(1, keepdims=True))
+                    np.testing.assert_allclose(got, e / e.sum(1, keepdims=True), atol=1e-4)
+                await asyncio.sleep(0)
+
+        async def churn() -> None:
+            for v in ("2", "5", "8", "2"):
+                await anyio.to_thread.run_sync(lambda v=v: host.remove("digits-a", v, "t"))
+                await anyio.sleep(0.2)
+                store.add_model("digits-a", v, str(source[v]))
+                await anyio.sleep(0.2)  # the sync serves it again
+            stop.set()
+
+        await asyncio.gather(churn(), *(ask(v) for v in source for _ in range(2)))
+        assert seen.get(200, 0) > 50, seen
+        assert len(host.bundles) <= 2
+        served = {host.bundles.key(m) for m in host.all()}
+        assert set(host.bundles._lru) <= served
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)
