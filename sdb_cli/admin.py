@@ -124,9 +124,9 @@ def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: i
         store.close()
     print(f"created key {key.id}: scopes {','.join(sorted(key.scopes))}; "
           f"models {'all' if key.models is None else ','.join(sorted(key.models))}; "
-          f"quota {'unlimited' if key.quota is None else key.quota}; expires {_when(key.expires_at)}")
-    print("the key below is shown this once; store it now:")
-    print(token)
+          f"quota {'unlimited' if key.quota is None else key.quota}; expires {_when(key.expires_at)}", file=sys.stderr)
+    print("the key below is shown this once; store it now:", file=sys.stderr)
+    print(token)  # alone on stdout: KEY=$(sdb keys create ...)
     return 0
 
 

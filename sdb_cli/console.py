@@ -1,6 +1,7 @@
 """What every ``sdb`` command prints with: errors on stderr, a progress bar, the data-dir settings."""
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from pathlib import Path
@@ -59,17 +60,41 @@ def add_training_flags(sp, epochs: int, lr: float = 0.01, batch: int = 64) -> No
     sp.add_argument("--data-dir", help="data directory (master key, bundles); env SDB_DATA_DIR")
 
 
-def over_http(args, run) -> int:
+class SDKWaits:
+    """While open, the SDK's retry waits (a 429's Retry-After, a restarting server) are ``sdb: ...`` lines on
+    stderr, so that a command that waits says why rather than hanging silently."""
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:  # sys.stderr as it is now, not when the handler was made
+            print(f"sdb: {redact(record.getMessage())}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> None:
+        self.log, self.handler = logging.getLogger("sdb_client"), self._Handler(logging.INFO)
+        self.level = self.log.level
+        self.log.addHandler(self.handler)
+        if not self.log.isEnabledFor(logging.INFO):
+            self.log.setLevel(logging.INFO)
+
+    def __exit__(self, *_: object) -> None:
+        self.log.removeHandler(self.handler)
+        self.log.setLevel(self.level)
+
+
+def over_http(args, run, *, needs_key: str | None = None) -> int:
     """``run(client, args)`` with an SDK client on ``--url``/``--api-key`` (or their env); an SDK error
-    (unreachable, 4xx) is a message and exit 2."""
+    (unreachable, 4xx) is a message and exit 2. ``needs_key`` (the scopes, in words) refuses a call without a
+    key before any request, naming where the key goes."""
     from sdb_client import Client, SDBError
 
     try:
         client = Client(args.url, args.api_key)
     except SDBError as e:
         raise ValueError(str(e)) from None
+    if needs_key and not client.has_key:
+        client.close()
+        raise ValueError(f"this needs an API key with the {needs_key} scope: --api-key KEY or env SDB_API_KEY")
     try:
-        with client:
+        with client, SDKWaits():
             return run(client, args)
     except SDBError as e:
         err(str(e))

@@ -5,7 +5,7 @@ from sdb_core.distill.config import DistillConfig
 from sdb_core.progress import Hooks
 from sdb_core.tasks.distill import DistillTask
 
-from .console import add_training_flags, data_settings, err, progress_bar
+from .console import SDKWaits, add_training_flags, data_settings, err, progress_bar
 
 
 def _remote_teacher(args):
@@ -17,18 +17,19 @@ def _remote_teacher(args):
     client = Client(args.remote, args.api_key)  # no --api-key: SDB_API_KEY
     if not client.has_key:
         raise ValueError("--remote needs an API key with the distill scope: --api-key or env SDB_API_KEY")
-    info = client.model(args.model)  # fail before training on a wrong name or a Nasty-mode model
-    if not info.get("distillable", True):
+    info = client.model(args.model, version=args.version)  # fail before training on a wrong name or version,
+    if not info.get("distillable", True):                    # or a Nasty-mode model
         raise ValueError(f"model {args.model!r} on {client.base_url} has no keyed path (Nasty mode)")
-    return RemoteTeacher(client, args.model, temperature=args.temperature)
+    # the version that answered, pinned: a deploy during training does not change the teacher under the student
+    return RemoteTeacher(client, args.model, temperature=args.temperature, version=info.get("version") or args.version)
 
 
 def cmd_distill(args) -> int:
     from sdb_core.tasks import ModelRef, distill
 
     teacher, source = None, "labels only"
-    if not args.remote and (args.model or args.api_key):  # else the student would learn from labels alone
-        raise ValueError("--model and --api-key go with --remote URL (the server whose model to distill)")
+    if not args.remote and (args.model or args.api_key or args.version):  # else the student would learn from labels alone
+        raise ValueError("--model, --version and --api-key go with --remote URL (the server whose model to distill)")
     if args.bundle:
         ref = ModelRef(bundle=args.bundle)
         source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"
@@ -47,10 +48,12 @@ def cmd_distill(args) -> int:
         except SDBError as e:  # malformed key or URL (a ValueError), unreachable, 401/403/404
             err(f"remote teacher: {e}")
             return 2
-        source = f"remote model {args.model} at {teacher.client.base_url} (keyed path)"
+        pinned = f" version {teacher.version}" if teacher.version else ""
+        source = f"remote model {args.model}{pinned} at {teacher.client.base_url} (keyed path)"
     master_key = data_settings(args).master_key if args.bundle and args.authorized else None
     try:
-        outcome = distill.run(task, args.out, Hooks(phase=progress_bar), teacher=teacher, master_key=master_key)
+        with SDKWaits():  # a remote teacher's waits (its quota's Retry-After) said on stderr
+            outcome = distill.run(task, args.out, Hooks(phase=progress_bar), teacher=teacher, master_key=master_key)
     except Exception as e:
         if not args.remote or not type(e).__module__.startswith("sdb_client"):
             raise
@@ -76,6 +79,7 @@ def add_commands(sub) -> None:
     t.add_argument("--bundle", metavar="PATH", help="a protected bundle")
     t.add_argument("--remote", metavar="URL", help="an SDB server: distill from its keyed path over HTTP (with --model)")
     d.add_argument("--model", metavar="NAME", help="with --remote: the served model's name")
+    d.add_argument("--version", help="with --remote: the model's version (default: its highest, pinned at the start)")
     d.add_argument("--api-key", help="with --remote: a key with the distill scope (default: env SDB_API_KEY)")
     d.add_argument("--teacher-arch", default="cnn")
     d.add_argument("--authorized", action="store_true", help="with --bundle: use the keyed path (needs the master key)")

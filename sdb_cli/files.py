@@ -9,7 +9,7 @@ from .console import over_http
 
 
 def cmd_files(args) -> int:
-    return over_http(args, _run)
+    return over_http(args, _run, needs_key="jobs or deploy")
 
 
 def _run(client, args) -> int:
@@ -26,7 +26,11 @@ def _run(client, args) -> int:
         client.files.delete(args.file_id)
         print(f"deleted {args.file_id}")
         return 0
-    for f in client.files.list():
+    files = client.files.list()
+    if args.json:
+        print(json.dumps(files, indent=2))
+        return 0
+    for f in files:
         when = datetime.fromtimestamp(f["created_at"], UTC).strftime("%Y-%m-%d %H:%M")
         shared = "  shared" if f.get("shared") else ""
         print(f"{f['id']}  {f['purpose']:8}  {f['format']:12}  {f['bytes']:>12}  {when}  {f['filename']}{shared}")
@@ -43,7 +47,8 @@ def add_commands(sub) -> None:
     fu.add_argument("--purpose", required=True, choices=FILE_PURPOSES,
                     help="weights (.safetensors or .pt), dataset (ImageFolder zip or .npz), image, bundle (.sdb)")
     fu.add_argument("--shared", action="store_true", help="every key may use it (admin keys only)")
-    fs.add_parser("list", help="your files and the shared ones (every file with an admin key)")
+    fl = fs.add_parser("list", help="your files and the shared ones (every file with an admin key)")
+    fl.add_argument("--json", action="store_true", help="print the files as a JSON list (for scripts)")
     fg = fs.add_parser("get", help="one file's record (JSON)")
     fg.add_argument("file_id")
     fd = fs.add_parser("delete", help="delete a file you uploaded")

@@ -54,7 +54,7 @@ def _ended(job: dict) -> int:
 
 
 def cmd_jobs(args) -> int:
-    return over_http(args, _run)
+    return over_http(args, _run, needs_key="jobs")
 
 
 def _run(client, args) -> int:
@@ -83,7 +83,11 @@ def _run(client, args) -> int:
         client.jobs.delete(args.job_id)
         print(f"deleted {args.job_id}")
         return 0
-    for j in client.jobs.list(status=args.status, kind=args.kind):
+    jobs = client.jobs.list(status=args.status, kind=args.kind)
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    for j in jobs:
         print(f"{j['id']}  {j['kind']:10}  {j['status']:10}  {100 * j['progress']:5.1f}%  {j['step']}")
     return 0
 
@@ -108,6 +112,7 @@ def add_commands(sub) -> None:
     jls = js.add_parser("list", help="your jobs (all jobs with an admin key)")
     jls.add_argument("--status")
     jls.add_argument("--kind")
+    jls.add_argument("--json", action="store_true", help="print the jobs as a JSON list (for scripts)")
     for sp in js.choices.values():
         sp.add_argument("--url", help="the server (env SDB_URL, default http://127.0.0.1:8000)")
         sp.add_argument("--api-key", help="a key with the jobs scope (env SDB_API_KEY)")

@@ -145,7 +145,8 @@ def test_an_api_key_in_the_wrong_place_is_never_echoed(data, capsys):
     assert e.value.code == 2
     out = capsys.readouterr()
     assert "unrecognized arguments: sdb_0123456789ab_…" in out.err and KEY[17:] not in out.err + out.out
-    one_line_error(capsys, main(["files", "list", "--url", KEY]), "sdb_0123456789ab_…")  # the key as the URL
+    # the key as the URL: its id alone (the SDK scrubs it first), and where it goes instead
+    one_line_error(capsys, main(["files", "list", "--url", KEY]), "sdb_0123456789ab_", "give it as api_key")
 
 
 def sdb(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -177,3 +178,13 @@ def test_serve_stops_before_it_listens(data, tmp_path):
                 lines = r.stderr.strip().splitlines()
                 assert len(lines) == 1 and lines[0].startswith("sdb: error: "), r.stderr
                 assert all(n in lines[0] for n in needles), lines[0]
+
+
+def test_keys_create_prints_the_key_alone_on_stdout(data, capsys):
+    """`export SDB_API_KEY=$(sdb keys create ...)` used to take three lines of stdout (the key's summary and a notice
+    before it): the notices are on stderr now, the key alone on stdout."""
+    assert main(["keys", "create", "--scopes", "jobs", "--name", "ci"]) == 0
+    out = capsys.readouterr()
+    lines = out.out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdb_") and len(lines[0]) == 81
+    assert "created key" in out.err and "shown this once" in out.err and lines[0] not in out.err

@@ -109,3 +109,50 @@ def test_batching_helpers():
         b.as_array([])
     with pytest.raises(e.BadRequest, match="NaN"):
         b.distill_body(np.array([[np.nan]], np.float32), None)
+
+
+def test_a_key_given_as_the_url_is_not_echoed():
+    """``Client(key)`` (the key where the URL goes) used to repeat the whole key in the ConfigurationError."""
+    for cls in (sdb_client.Client, sdb_client.AsyncClient):
+        with pytest.raises(e.ConfigurationError) as info:
+            cls(KEY)
+        assert "f" * 16 not in str(info.value) and "f" * 16 not in repr(info.value)
+        assert "give it as api_key" in info.value.message
+    c = sdb_client.Client("http://h:1/?api_key=" + KEY)  # a key in the URL: not in the repr either
+    assert "f" * 16 not in repr(c)
+
+
+def test_no_answer_names_the_server_and_what_to_check():
+    """A connection error used to read `ConnectError: [Errno 111] Connection refused`, naming no server."""
+    req = httpx.Request("GET", "http://h:1/v1/models")
+    err = b.connection_error(httpx.ConnectError("[Errno 111] Connection refused", request=req), "http://h:1", 4)
+    assert type(err) is e.APIConnectionError and err.code == "connection_error"
+    assert "cannot reach http://h:1 after 4 attempts" in err.message and "SDB_URL" in err.message
+    late = b.connection_error(httpx.ReadTimeout("timed out", request=req), "http://h:1")
+    assert type(late) is e.APITimeoutError and "no answer from http://h:1" in late.message and "timeout" in late.message
+
+
+def test_a_path_given_as_inputs_says_what_to_do():
+    """A .npy file's path as ``inputs`` used to be refused as `not a rectangular array of numbers`."""
+    for path in ("x.npy", b"x.npy"):
+        with pytest.raises(e.BadRequest, match=r"numpy.load\(path\).*image_path"):
+            b.as_array(path)
+
+
+def test_download_target_folders(tmp_path, monkeypatch):
+    """`download(..., "out/")` to a folder not made yet used to write a file named `out`; a file in a missing
+    folder failed with a FileNotFoundError naming a `.part` file."""
+    assert b.download_target("report.json", str(tmp_path / "new" / "sub") + "/") == tmp_path / "new/sub/report.json"
+    assert (tmp_path / "new" / "sub").is_dir()
+    assert b.download_target("r.json", tmp_path) == tmp_path / "r.json"
+    assert b.download_target("r.json", tmp_path / "mine.json") == tmp_path / "mine.json"
+    with pytest.raises(e.BadRequest, match="no folder"):
+        b.download_target("r.json", tmp_path / "missing" / "mine.json")
+    monkeypatch.chdir(tmp_path)
+    assert b.download_target("a/../r.json", None) == tmp_path / "r.json"
+
+
+def test_a_missing_image_file_is_a_bad_request(tmp_path):
+    """Used to be a bare FileNotFoundError, where a missing upload is a BadRequest naming the file."""
+    with pytest.raises(e.BadRequest, match="no image file at .*seven.png"):
+        b.image_upload(tmp_path / "seven.png")

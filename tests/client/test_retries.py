@@ -121,3 +121,20 @@ def test_job_submission_is_not_resent_after_an_ambiguous_failure(stub):
     with Client(stub.url, KEY) as c:
         assert c.jobs.submit("wrap")["id"] == "j1"
     assert stub.hits[("POST", "/v1/jobs")] == 2
+
+
+def test_each_retry_wait_is_logged(stub, caplog):
+    """A call waiting out a Retry-After (up to a minute, three times) used to say nothing: now each wait is an INFO
+    line on the ``sdb_client`` logger, with the server's reason and no key."""
+    stub.on("POST", "/v1/jobs", Reply(429, {"error": {"code": "too_many_jobs", "message": "wait for one to end"}},
+                                      {"retry-after": "0"}), Reply(202, {"id": "j1", "status": "queued"}))
+    with caplog.at_level("INFO", logger="sdb_client"), Client(stub.url, KEY) as c:
+        assert c.jobs.submit("wrap")["id"] == "j1"
+    waits = [r.getMessage() for r in caplog.records if r.name == "sdb_client"]
+    assert len(waits) == 1 and "POST /v1/jobs: waiting 0.0 s before retry 1 of 3" in waits[0]
+    assert "429 too_many_jobs: wait for one to end" in waits[0] and KEY not in waits[0]
+    caplog.clear()
+    with (caplog.at_level("INFO", logger="sdb_client"), Client(closed_port_url(), KEY, max_retries=1) as c,
+          pytest.raises(APIConnectionError, match="cannot reach")):
+        c.models()
+    assert ["ConnectError" in r.getMessage() for r in caplog.records if r.name == "sdb_client"] == [True]

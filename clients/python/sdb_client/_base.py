@@ -10,6 +10,7 @@ import contextlib
 import email.utils
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -55,6 +56,10 @@ DEFAULT_MAX_CONCURRENCY = 4  # AsyncClient: batches of one call in flight at onc
 DEFAULT_POLL_S = 1.0  # jobs.wait
 JOB_DONE = frozenset({"succeeded", "failed", "cancelled"})
 
+# Every retry wait is logged here at INFO ("waiting 10.0 s before retry 1 of 3: 429 too_many_jobs ..."), so that a
+# call that waits out a Retry-After is not silent to whoever shows this logger (the `sdb` command does, on stderr).
+logger = logging.getLogger("sdb_client")
+
 KEY_RE = re.compile(r"sdb_[0-9a-f]{12}_[0-9a-f]{64}")
 _KEY_LIKE = re.compile(r"(sdb_[0-9a-f]{12}_)[0-9a-f]{4,}")  # for scrubbing any text we show
 
@@ -68,8 +73,9 @@ def resolve_url(url: str | None) -> str:
     parts = urlsplit(raw.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
         source = "url" if url is not None else ENV_URL
-        raise exc.ConfigurationError(f"{source} must be an http(s) URL like http://127.0.0.1:8000, got {raw!r}",
-                                     code="invalid_url")
+        hint = " (that is an API key: give it as api_key)" if KEY_RE.fullmatch(raw.strip()) else ""
+        raise exc.ConfigurationError(f"{source} must be an http(s) URL like http://127.0.0.1:8000, "
+                                     f"got {redact(repr(raw))}{hint}", code="invalid_url")
     return raw.strip().rstrip("/")
 
 
@@ -94,6 +100,23 @@ def resolve_key(api_key: str | None) -> str | None:
 def redact(text: str) -> str:
     """Replace the secret part of anything that looks like an API key."""
     return _KEY_LIKE.sub(r"\1***", text)
+
+
+def version_params(version: str | int | None) -> dict[str, str] | None:
+    """The ``?version=`` of a model route: that version pinned, or None for the highest (the default)."""
+    if version is None:
+        return None
+    v = str(version).strip()
+    if not v:
+        raise exc.BadRequest("version is empty: give a version (e.g. '2') or None for the highest", code="invalid_request")
+    return {"version": v}
+
+
+def with_params(kw: dict[str, Any], params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``_request`` keywords ``kw`` with ``params`` added to their query parameters."""
+    if not params:
+        return kw
+    return {**kw, "params": {**(kw.get("params") or {}), **params}}
 
 
 def model_path(name: str, *rest: str) -> str:
@@ -178,7 +201,8 @@ class BaseClient:
 
     def __repr__(self) -> str:  # never the key
         key = "set" if self._api_key is not None else None
-        return f"{type(self).__name__}(url={self.base_url!r}, api_key={key!r}, max_retries={self.options.max_retries})"
+        return (f"{type(self).__name__}(url={redact(repr(self.base_url))}, api_key={key!r}, "
+                f"max_retries={self.options.max_retries})")
 
 
 # --------------------------------------------------------------------------- retries
@@ -273,10 +297,34 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str] | N
                retry_after=parse_retry_after((headers or {}).get("retry-after")))
 
 
-def connection_error(e: httpx.TransportError) -> exc.APIConnectionError:
+def connection_error(e: httpx.TransportError, base_url: str | None = None, attempts: int = 1) -> exc.APIConnectionError:
+    """The error for a request that got no answer: which server, what the transport said, and what to check."""
     cls = exc.APITimeoutError if isinstance(e, httpx.TimeoutException) else exc.APIConnectionError
     code = "timeout" if cls is exc.APITimeoutError else "connection_error"
-    return cls(redact(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__), code=code)
+    cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    tries = f" after {attempts} attempts" if attempts > 1 else ""
+    if base_url is None:
+        return cls(redact(cause), code=code)
+    if cls is exc.APITimeoutError:
+        text = (f"no answer from {base_url}{tries} ({cause}): the server is busy or the request is large; "
+                "raise the timeout (timeout=...) or send smaller batches (batch_size=...)")
+    else:
+        text = (f"cannot reach {base_url}{tries} ({cause}): is the SDB server running there? "
+                f"(the URL comes from url or {ENV_URL})")
+    return cls(redact(text), code=code)
+
+
+def log_retry(method: str, path: str, delay: float, attempt: int, max_retries: int, *,
+              status: int | None = None, headers: Mapping[str, str] | None = None, body: bytes = b"",
+              error: BaseException | None = None) -> None:
+    """Say, on the ``sdb_client`` logger, why and how long a call waits before it resends."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if error is not None:
+        why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    else:
+        why = str(error_from_response(status or 0, body, headers))
+    logger.info(redact(f"{method} {path}: waiting {delay:.1f} s before retry {attempt + 1} of {max_retries} ({why})"))
 
 
 def answer_json(resp: httpx.Response) -> Any:
@@ -315,6 +363,9 @@ def as_array(inputs: Inputs) -> np.ndarray:
     leading batch axis (a 1-D vector is one sample); an integer or boolean array is refused (``check_float``)."""
     if inputs is None:
         raise exc.BadRequest("inputs are required", code="invalid_input")
+    if isinstance(inputs, (str, os.PathLike, bytes, bytearray)):
+        raise exc.BadRequest(f"inputs are normalised float arrays, not a {type(inputs).__name__}: load a .npy file "
+                             "first (numpy.load(path)), or send an image file as image_path", code="invalid_input")
     if hasattr(inputs, "detach") and hasattr(inputs, "cpu"):  # a torch tensor, without importing torch
         t = inputs.detach().cpu()
         try:
@@ -444,6 +495,8 @@ def _is_image(obj: Any) -> bool:
 def _image_part(image: Any, i: int) -> tuple[str, tuple[str, bytes, str]]:
     if isinstance(image, (str, os.PathLike)):
         p = Path(image)
+        if not p.is_file():
+            raise exc.BadRequest(f"image_path: no image file at {p}", code="invalid_request")
         data, name = p.read_bytes(), p.name
     elif isinstance(image, (bytes, bytearray, memoryview)):
         data, name = bytes(image), f"image-{i}"
@@ -616,4 +669,14 @@ def download_target(name: str, dest: str | os.PathLike | None) -> Path:
     if dest is None:
         return Path.cwd() / base
     d = Path(dest)
-    return d / base if d.is_dir() else d
+    if str(dest).endswith(("/", os.sep)) and not d.is_dir():  # "out/": a folder, made here, not a file named out
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise exc.BadRequest(f"cannot make the folder {d} for {base}: {e.strerror or e}",
+                                 code="invalid_request") from None
+    if d.is_dir():
+        return d / base
+    if not d.parent.is_dir():
+        raise exc.BadRequest(f"cannot save {base} as {d}: no folder {d.parent}", code="invalid_request")
+    return d

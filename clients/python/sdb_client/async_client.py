@@ -81,7 +81,8 @@ class AsyncClient(b.BaseClient):
             except httpx.TransportError as e:
                 delay = b.retry_delay(attempt, self.options.max_retries, error=e, idempotent=idempotent)
                 if delay is None:
-                    raise b.connection_error(e) from None
+                    raise b.connection_error(e, self.base_url, attempt + 1) from None
+                b.log_retry(method, path, delay, attempt, self.options.max_retries, error=e)
                 await asyncio.sleep(delay)
                 continue
             if resp.is_success:
@@ -92,6 +93,8 @@ class AsyncClient(b.BaseClient):
             delay = b.retry_delay(attempt, self.options.max_retries, status=resp.status_code, headers=resp.headers)
             if delay is None:
                 raise b.error_from_response(resp.status_code, resp.content, resp.headers)
+            b.log_retry(method, path, delay, attempt, self.options.max_retries, status=resp.status_code,
+                        headers=resp.headers, body=resp.content)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -112,44 +115,54 @@ class AsyncClient(b.BaseClient):
     async def models(self) -> list[dict]:
         return b.field(await self._json("GET", "/v1/models"), "models")
 
-    async def model(self, name: str) -> dict:
-        return await self._json("GET", b.model_path(name))
+    async def model(self, name: str, *, version: str | int | None = None) -> dict:
+        return await self._json("GET", b.model_path(name), params=b.version_params(version))
 
-    async def _batches(self, name: str, x: np.ndarray, batch_size: int | None) -> Iterator[np.ndarray]:
+    async def _batches(self, name: str, x: np.ndarray, batch_size: int | None,
+                       version: str | int | None = None) -> Iterator[np.ndarray]:
         size = batch_size or self.batch_size
         if b.needs_rank(x, size):
-            x = b.with_batch_axis(x, await self.model(name))
+            x = b.with_batch_axis(x, await self.model(name, version=version))
         return b.split_batches(x, size)
 
     async def predict(self, name: str, inputs: Inputs | None = None, *,
-                      image_path: b.Images = None,
-                      top_k: int = 1, batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
-        path = b.model_path(name, "predict")
+                      image_path: b.Images = None, top_k: int = 1, version: str | int | None = None,
+                      batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
+        path, pin = b.model_path(name, "predict"), b.version_params(version)
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
-            obj = await self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)})
+            obj = await self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)},
+                                   params=pin)
             return b.field(obj, "predictions")
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        parts = await self._in_order([self._json("POST", path, **b.predict_request(xb, top_k, enc))
-                                      for xb in await self._batches(name, x, batch_size)])
+        parts = await self._in_order([self._json("POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin))
+                                      for xb in await self._batches(name, x, batch_size, version)])
         return b.merge_predictions(parts)
 
-    async def _distill_part(self, path: str, xb: np.ndarray, temperature: float | None, enc: str) -> dict:
-        return b.parse_distilled(await self._request("POST", path, **b.distill_request(xb, temperature, enc)))
+    async def _distill_part(self, path: str, xb: np.ndarray, temperature: float | None, enc: str,
+                            pin: dict | None = None) -> dict:
+        kw = b.with_params(b.distill_request(xb, temperature, enc), pin)
+        return b.parse_distilled(await self._request("POST", path, **kw))
 
     async def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
-                      batch_size: int | None = None, encoding: str | None = None) -> Distilled:
+                      version: str | int | None = None, batch_size: int | None = None,
+                      encoding: str | None = None) -> Distilled:
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        path = b.model_path(name, "distill")
-        parts = await self._in_order([self._distill_part(path, xb, temperature, enc)
-                                      for xb in await self._batches(name, x, batch_size)])
+        path, pin = b.model_path(name, "distill"), b.version_params(version)
+        parts = await self._in_order([self._distill_part(path, xb, temperature, enc, pin)
+                                      for xb in await self._batches(name, x, batch_size, version)])
         return b.merge_distilled(parts, temperature)
 
     async def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
-                             batch_size: int | None = None, encoding: str | None = None) -> np.ndarray:
-        distilled = await self.distill(name, inputs, batch_size=batch_size, encoding=encoding)
+                             version: str | int | None = None, batch_size: int | None = None,
+                             encoding: str | None = None) -> np.ndarray:
+        distilled = await self.distill(name, inputs, version=version, batch_size=batch_size, encoding=encoding)
         return b.temper(distilled.logits, temperature)
+
+    async def remove_model(self, name: str, *, version: str | int | None = None) -> list[dict]:
+        """Stop serving a model (an ``admin`` key): every version, or only ``version``."""
+        return b.listed(await self._json("DELETE", b.model_path(name), params=b.version_params(version)), "removed")
 
     async def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,
                            top_k: int | None = None, decimals: int | None = None) -> dict:
@@ -237,6 +250,9 @@ class AsyncJobs:
             with open(tmp, "wb") as f:  # noqa: ASYNC230  (local writes are short; the network is awaited)
                 async for chunk in resp.aiter_bytes():
                     f.write(chunk)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written .part left behind
+            raise
         finally:
             await resp.aclose()
         os.replace(tmp, target)

@@ -79,7 +79,8 @@ class Client(b.BaseClient):
             except httpx.TransportError as e:
                 delay = b.retry_delay(attempt, self.options.max_retries, error=e, idempotent=idempotent)
                 if delay is None:
-                    raise b.connection_error(e) from None
+                    raise b.connection_error(e, self.base_url, attempt + 1) from None
+                b.log_retry(method, path, delay, attempt, self.options.max_retries, error=e)
                 time.sleep(delay)
                 continue
             if resp.is_success:
@@ -90,6 +91,8 @@ class Client(b.BaseClient):
             delay = b.retry_delay(attempt, self.options.max_retries, status=resp.status_code, headers=resp.headers)
             if delay is None:
                 raise b.error_from_response(resp.status_code, resp.content, resp.headers)
+            b.log_retry(method, path, delay, attempt, self.options.max_retries, status=resp.status_code,
+                        headers=resp.headers, body=resp.content)
             time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -101,49 +104,63 @@ class Client(b.BaseClient):
         """The models being served (name, version, versions, mode, distillable, labels, input...)."""
         return b.field(self._json("GET", "/v1/models"), "models")
 
-    def model(self, name: str) -> dict:
-        return self._json("GET", b.model_path(name))
+    def model(self, name: str, *, version: str | int | None = None) -> dict:
+        """One model's description (input shape, normalisation, labels, versions, output policy); of ``version``
+        when given, else of its highest version."""
+        return self._json("GET", b.model_path(name), params=b.version_params(version))
 
-    def _batches(self, name: str, x: np.ndarray, batch_size: int | None) -> Iterator[np.ndarray]:
+    def _batches(self, name: str, x: np.ndarray, batch_size: int | None,
+                 version: str | int | None = None) -> Iterator[np.ndarray]:
         size = batch_size or self.batch_size
         if b.needs_rank(x, size):
-            x = b.with_batch_axis(x, self.model(name))
+            x = b.with_batch_axis(x, self.model(name, version=version))
         return b.split_batches(x, size)
 
     def predict(self, name: str, inputs: Inputs | None = None, *,
-                image_path: b.Images = None,
-                top_k: int = 1, batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
+                image_path: b.Images = None, top_k: int = 1, version: str | int | None = None,
+                batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
         """Top-k labels through the public path, one ``{"labels", "indices", "scores"}`` per sample,
         in input order. Give normalised float ``inputs`` (any batch size: sent in batches, as ``.npy`` or
         with ``encoding="json"`` as JSON; one sample without its batch axis is one sample) or images as
-        ``image_path``: file paths, a PNG/JPEG file's bytes or PIL images, one or a list."""
-        path = b.model_path(name, "predict")
+        ``image_path``: file paths, a PNG/JPEG file's bytes or PIL images, one or a list. ``version`` pins a
+        version of the model (default: its highest, which a new deploy changes)."""
+        path, pin = b.model_path(name, "predict"), b.version_params(version)
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
-            return b.field(self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)}),
-                           "predictions")
+            return b.field(self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)},
+                                      params=pin), "predictions")
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        parts = [self._json("POST", path, **b.predict_request(xb, top_k, enc))
-                 for xb in self._batches(name, x, batch_size)]
+        parts = [self._json("POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin))
+                 for xb in self._batches(name, x, batch_size, version)]
         return b.merge_predictions(parts)
 
     def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
-                batch_size: int | None = None, encoding: str | None = None) -> Distilled:
+                version: str | int | None = None, batch_size: int | None = None,
+                encoding: str | None = None) -> Distilled:
         """The keyed path (a key with the ``distill`` scope for ``name``): logits, and with
         ``temperature`` also ``softmax(logits / T)``. Batched, in input order; the tensors travel
-        as ``.npy`` (the default) or with ``encoding="json"`` as JSON, with the same answer."""
+        as ``.npy`` (the default) or with ``encoding="json"`` as JSON, with the same answer. ``version``
+        pins a version of the model (default: its highest)."""
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        path = b.model_path(name, "distill")
-        parts = [b.parse_distilled(self._request("POST", path, **b.distill_request(xb, temperature, enc)))
-                 for xb in self._batches(name, x, batch_size)]
+        path, pin = b.model_path(name, "distill"), b.version_params(version)
+        parts = [b.parse_distilled(self._request("POST", path, **b.with_params(b.distill_request(xb, temperature, enc),
+                                                                                pin)))
+                 for xb in self._batches(name, x, batch_size, version)]
         return b.merge_distilled(parts, temperature)
 
     def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
-                       batch_size: int | None = None, encoding: str | None = None) -> np.ndarray:
+                       version: str | int | None = None, batch_size: int | None = None,
+                       encoding: str | None = None) -> np.ndarray:
         """The keyed path's logits divided by ``temperature``, (N, C) float32, in input order:
         their softmax is the soft target at that temperature (1.0: the raw logits)."""
-        return b.temper(self.distill(name, inputs, batch_size=batch_size, encoding=encoding).logits, temperature)
+        d = self.distill(name, inputs, version=version, batch_size=batch_size, encoding=encoding)
+        return b.temper(d.logits, temperature)
+
+    def remove_model(self, name: str, *, version: str | int | None = None) -> list[dict]:
+        """Stop serving a model (an ``admin`` key): every version, or only ``version``. Returns the
+        ``{"name", "version"}`` removed."""
+        return b.listed(self._json("DELETE", b.model_path(name), params=b.version_params(version)), "removed")
 
     def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,
                      top_k: int | None = None, decimals: int | None = None) -> dict:
@@ -249,6 +266,9 @@ class Jobs:
         try:
             with open(tmp, "wb") as f:
                 f.writelines(resp.iter_bytes())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # no half-written .part left behind
+            raise
         finally:
             resp.close()
         os.replace(tmp, target)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ._base import batch_slices, check_float
+from ._base import batch_slices, check_float, redact
 from ._exceptions import ConfigurationError
 from .client import Client
 
@@ -74,11 +74,13 @@ class RemoteTeacher:
     (``__call__`` returns logits: the distiller applies its own temperature). ``batch_size``
     samples go in one request (default: the client's); ``prefetch`` more requests are kept
     in flight in a background thread while the caller works. ``encoding`` is how the tensors
-    travel (default: the client's, ``.npy``; ``"json"`` on request).
+    travel (default: the client's, ``.npy``; ``"json"`` on request). ``version`` pins a version of the
+    model (default: its highest, so a deploy during training would change the teacher under the student).
     """
 
     def __init__(self, client: Client, model: str, temperature: float | None = None,
-                 batch_size: int | None = None, *, prefetch: int = 1, encoding: str | None = None):
+                 batch_size: int | None = None, *, prefetch: int = 1, encoding: str | None = None,
+                 version: str | int | None = None):
         if not isinstance(client, Client):
             raise ConfigurationError("RemoteTeacher needs a (synchronous) sdb_client.Client", code="invalid_option")
         if temperature is not None and not temperature > 0:
@@ -90,22 +92,27 @@ class RemoteTeacher:
         if self.batch_size < 1:
             raise ConfigurationError(f"batch_size must be >= 1, got {self.batch_size}", code="invalid_option")
         self.prefetch = prefetch
+        self.version = None if version is None else str(version)
         self.encoding = client._encoding(encoding)
         self._pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="sdb-teacher")
         self.requests = 0  # requests issued (queued or sent), for the curious and the tests
 
     def __repr__(self) -> str:
-        return (f"RemoteTeacher(model={self.model!r}, url={self.client.base_url!r}, batch_size={self.batch_size}, "
+        pin = "" if self.version is None else f", version={self.version!r}"
+        return (f"RemoteTeacher(model={self.model!r}{pin}, url={redact(repr(self.client.base_url))}, "
+                f"batch_size={self.batch_size}, "
                 f"temperature={self.temperature}, prefetch={self.prefetch}, encoding={self.encoding!r})")
 
     # ------------------------------------------------------------------ fetching
     def _fetch(self, x: np.ndarray) -> np.ndarray:
         self.requests += 1
-        return self.client.distill_logits(self.model, x, batch_size=len(x), encoding=self.encoding)
+        return self.client.distill_logits(self.model, x, batch_size=len(x), encoding=self.encoding,
+                                          version=self.version)
 
     def _submit(self, x: np.ndarray) -> Future:
         self.requests += 1
-        return self._pool.submit(self.client.distill_logits, self.model, x, batch_size=len(x), encoding=self.encoding)
+        return self._pool.submit(self.client.distill_logits, self.model, x, batch_size=len(x), encoding=self.encoding,
+                                 version=self.version)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for a float32 array of any length, requests pipelined, in input order."""
