@@ -5,20 +5,41 @@ to the cluster as a task asking for the job's ``cpus``/``gpus``; the task claims
 (so a job sent twice, or cancelled while waiting for resources, runs at most once) and runs it
 with the same runner as an embedded worker: heartbeat, progress, cancel, log and artifacts
 through the same store and data dir. The cluster's workers therefore need the data dir on a
-shared filesystem and the store reachable (PostgreSQL, or SQLite for a one-machine cluster).
+shared filesystem and the store reachable (PostgreSQL, or SQLite for a one-machine cluster); a task on
+a node whose data dir is another (no mount: a local folder at that path) fails its job saying so
+(:func:`shared_mark`) rather than leave its artifacts, or a deployed bundle, where the server never sees them.
 A task whose process dies stops heartbeating, and the reaper ends its job like any other. Jobs are sent
 oldest first; one whose params no longer validate (queued before the server changed) fails there, saying
 so, and the jobs after it are sent as usual.
+
+A task that outlives its hold on its job (it hung while the reaper requeued or ended the job, or it waits for
+resources for a job cancelled meanwhile) is ended (``ray.cancel(force=True)``): it would otherwise keep its
+CPUs and GPUs from every job after it, and a job it lost is sent again at once. When the server stops, the
+tasks of its local Ray instance (which ends with it) are ended and their jobs go back to the queue, as an
+embedded worker that shuts down releases its job; a cluster's tasks (``ray_address``) run on, and the next
+server finds their jobs running.
+
+No secret travels in a task's arguments (Ray keeps them where its state API and logs may show them): the
+settings sent (:func:`task_settings`) name the master key's and the pepper's files, and the store's URL
+without its password, which the task reads on its node (``SDB_DATABASE_PASSWORD_FILE``, or the node's own
+``SDB_DATABASE_URL``); a job's params and its key stay in the store, the task gets the job's id.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
+import socket
 import threading
 import time
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from ..settings import Settings
-from ..store import JobRow, Store
+from ..store import JOB_DONE, JobRow, Store
 from .kinds import StaleJob, stored_params
 from .queue import JobQueue
 
@@ -33,12 +54,56 @@ def portable_settings(settings: Settings) -> dict:
     return {**settings.model_dump(mode="json"), **over}
 
 
-def run_task(settings_dict: dict, job_id: str) -> str:
-    """The Ray task: claim ``job_id`` and run it; ``skipped`` when it is no longer queued."""
+def _without_password(url: str) -> str:
+    return make_url(url)._replace(password=None).render_as_string(hide_password=False)  # .set(password=None) keeps it
+
+
+def task_settings(settings: Settings) -> dict:
+    """What a Ray task is sent: :func:`portable_settings` with no secret in it. The store's URL goes without its
+    password: the task reads it on its node, from the password file (its path, absolute) or, for a URL that
+    carries its password, from the node's own ``SDB_DATABASE_URL`` (:func:`node_settings`)."""
+    out = portable_settings(settings)
+    inline = bool(settings.database_url) and make_url(settings.database_url).password is not None
+    file = settings.database_password_file
+    out["database_url"] = _without_password(settings.database_url) if settings.database_url else settings.db_url
+    out["database_password_file"] = None if inline or file is None else str(file.resolve())
+    return out
+
+
+def node_settings(sent: dict) -> Settings:
+    """The settings a task runs on: those sent (:func:`task_settings`), the store's password from this node."""
+    url, own = sent.get("database_url"), os.environ.get("SDB_DATABASE_URL")
+    if url and own and not sent.get("database_password_file") and make_url(own).password is not None \
+            and _without_password(own) == url:
+        sent = {**sent, "database_url": own}
+    return Settings(**sent)
+
+
+SHARED_MARK = ".ray-shared-mark"  # in the data dir: a random id, the same wherever that filesystem is mounted
+
+
+def shared_mark(settings: Settings) -> str:
+    """The data dir's mark (made on first use): a task finds the same one where the data dir is shared with it."""
+    path = settings.data_dir / SHARED_MARK
+    try:
+        with open(path, "x") as f:
+            f.write(secrets.token_hex(16))
+    except FileExistsError:
+        pass
+    return path.read_text().strip()
+
+
+NOT_SHARED = ("it ran on a Ray node that does not share the server's data dir (the same filesystem at the same "
+              "path), where its artifacts would be lost: an admin must mount it there on every Ray node")
+
+
+def run_task(settings_dict: dict, job_id: str, mark: str | None = None) -> str:
+    """The Ray task: claim ``job_id`` and run it; ``skipped`` when it is no longer queued. On a node whose data dir
+    is not the server's (``mark``, :func:`shared_mark`) the job fails, saying so, and nothing is written there."""
     from .runner import execute
     from .worker import end_process, worker_id
 
-    settings = Settings(**settings_dict)
+    settings = node_settings(settings_dict)
     if settings.job_torch_threads:
         import torch
 
@@ -50,6 +115,15 @@ def run_task(settings_dict: dict, job_id: str) -> str:
         job = queue.claim(me, job_id=job_id)
         if job is None:
             return "skipped"
+        if mark is not None:
+            try:
+                here = (settings.data_dir / SHARED_MARK).read_text().strip()
+            except OSError:
+                here = None
+            if here != mark:
+                log.error("job %s: the data dir %s on this Ray node is not the server's", job_id, settings.data_dir)
+                queue.finish(job.id, me, "failed", error=NOT_SHARED, message="failed")
+                return "failed"
         return execute(settings, queue, job, me, hard_stop=end_process)  # Ray starts another process
     finally:
         store.close()
@@ -87,36 +161,112 @@ def start_ray(settings: Settings) -> None:
     log.info("jobs run on Ray: %s", ray.get_runtime_context().gcs_address)
 
 
+@dataclass
+class Sent:
+    """A task the dispatcher sent for a job."""
+
+    ref: object  # its ObjectRef
+    started_at: float | None  # the job's started_at when it was sent: a later one means a task claimed the job
+    ended_at: float | None = None  # when the dispatcher first saw the job ended while this task still ran
+
+
+def deployed(job: JobRow) -> bool:
+    """Whether the job served a model version (:func:`service.store._hold_job_for_deploy` records it)."""
+    try:
+        return json.loads(job.result or "{}").get("deployed") is True
+    except (ValueError, AttributeError):
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RayDispatcher(threading.Thread):
     def __init__(self, settings: Settings, queue: JobQueue):
         super().__init__(name="sdb-ray-dispatcher", daemon=True)
         self.settings, self.queue = settings, queue
         self.stopped = threading.Event()
-        self.inflight: dict[str, object] = {}  # job id → ObjectRef
+        self.inflight: dict[str, Sent] = {}  # job id → the task sent for it
+        # A task whose job ended is given this long to return before it is ended.
+        self.grace_s = max(settings.job_stale_s, 2 * settings.job_heartbeat_s)
+        self.mark: str | None = None  # the data dir's (shared_mark), sent with every task
 
     def run(self) -> None:
         import ray
 
         task = ray.remote(run_task)
-        portable = portable_settings(self.settings)
+        sent = task_settings(self.settings)
+        self.mark = shared_mark(self.settings)
         while not self.stopped.wait(self.settings.job_poll_s):
             try:
-                for job in self.queue.list(status="queued", limit=1000, oldest_first=True):
-                    if job.backend == "ray" and job.id not in self.inflight:
-                        self._send(task, portable, job)
-                if self.inflight:
-                    ready, _ = ray.wait(list(self.inflight.values()), num_returns=len(self.inflight), timeout=0)
-                    for job_id, ref in list(self.inflight.items()):
-                        if ref in ready:
-                            del self.inflight[job_id]
-                            try:
-                                log.info("job %s: Ray task ended %s", job_id, ray.get(ref))
-                            except Exception as e:  # noqa: BLE001  (a crashed task: the reaper ends its job)
-                                log.warning("job %s: Ray task failed: %s", job_id, e)
+                self.poll(ray, task, sent)
             except Exception:
                 log.exception("Ray dispatcher; will retry")
 
-    def _send(self, task, portable: dict, job: JobRow) -> None:
+    def poll(self, ray, task, sent: dict) -> None:
+        """One round: collect the tasks that ended, end those that outlived their job, send the queued jobs."""
+        self._collect(ray)
+        self._end_stale(ray)
+        for job in self.queue.list(status="queued", limit=1000, oldest_first=True):
+            if job.backend == "ray" and job.id not in self.inflight:
+                self._send(task, sent, job)
+
+    def _collect(self, ray) -> None:
+        if not self.inflight:
+            return
+        refs = [t.ref for t in self.inflight.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for job_id, t in list(self.inflight.items()):
+            if t.ref in ready:
+                del self.inflight[job_id]
+                try:
+                    log.info("job %s: Ray task ended %s", job_id, ray.get(t.ref))
+                except Exception as e:  # noqa: BLE001  (a crashed task: the reaper ends its job)
+                    log.warning("job %s: Ray task failed: %s", job_id, e)
+
+    def _rows(self, ids: list[str]) -> dict[str, JobRow]:
+        rows: dict[str, JobRow] = {}
+        with self.queue.store.session() as s:
+            for i in range(0, len(ids), 500):
+                rows.update((r.id, r) for r in s.scalars(select(JobRow).where(JobRow.id.in_(ids[i:i + 500]))))
+        return rows
+
+    def _end_stale(self, ray) -> None:
+        """End the tasks that no longer hold their job and never will: its job was claimed and is queued again
+        (the task hung while the reaper requeued it), or ended (reaped, cancelled, failed) ``grace_s`` ago, or
+        deleted. They would keep their resources from the jobs after them, and a requeued job is sent again."""
+        if not self.inflight:
+            return
+        rows = self._rows(list(self.inflight))
+        now = time.monotonic()
+        for job_id, t in list(self.inflight.items()):
+            job = rows.get(job_id)
+            if job is None:
+                why = "the job is gone"
+            elif job.status == "queued" and job.started_at != t.started_at:
+                why = "the job was requeued after this task claimed it"
+            elif job.status in JOB_DONE:
+                t.ended_at = t.ended_at or now
+                if now - t.ended_at <= self.grace_s:
+                    continue
+                why = f"the job ended ({job.status}) {now - t.ended_at:.0f} s ago"
+            else:
+                continue
+            del self.inflight[job_id]
+            try:
+                ray.cancel(t.ref, force=True)
+            except Exception:  # it ended meanwhile
+                log.debug("job %s: cancelling its Ray task", job_id, exc_info=True)
+            log.warning("job %s: its Ray task is ended: %s", job_id, why)
+
+    def _send(self, task, sent: dict, job: JobRow) -> None:
         """Send one queued job to Ray; one that can no longer run fails here, and one that cannot be sent
         now is logged: neither stops the jobs after it."""
         try:
@@ -126,13 +276,44 @@ class RayDispatcher(threading.Thread):
                 log.warning("job %s failed before it was sent to Ray: %s", job.id, e)
             return
         try:
-            self.inflight[job.id] = task.options(num_cpus=p.cpus, num_gpus=p.gpus,
-                                                 max_retries=0).remote(portable, job.id)
+            ref = task.options(num_cpus=p.cpus, num_gpus=p.gpus, max_retries=0).remote(sent, job.id, self.mark)
         except Exception:
             log.exception("job %s: could not be sent to Ray; will retry", job.id)
             return
+        self.inflight[job.id] = Sent(ref, job.started_at)
         log.info("job %s sent to Ray (cpus %s, gpus %s)", job.id, p.cpus, p.gpus)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop sending. A local Ray instance ends with this process: its tasks are ended first and the jobs they
+        ran go back to the queue (as an embedded worker releases its job when it shuts down); a cluster's run on."""
         self.stopped.set()
         self.join(timeout=10)
+        if not self.settings.ray_address and self.inflight:
+            try:
+                self._release_local(timeout)
+            except Exception:
+                log.exception("Ray dispatcher: releasing the jobs of the local Ray instance")
+
+    def _release_local(self, timeout: float) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        sent = dict(self.inflight)
+        for t in sent.values():
+            try:
+                ray.cancel(t.ref, force=True)
+            except Exception:  # it ended meanwhile
+                log.debug("cancelling a Ray task", exc_info=True)
+        ray.wait([t.ref for t in sent.values()], num_returns=len(sent), timeout=timeout)
+        here = f"ray:{socket.gethostname()}:"
+        for job_id, job in self._rows(list(sent)).items():
+            if job.status != "running" or not (job.worker or "").startswith(here):
+                continue
+            if _alive(int(job.worker.rsplit(":", 1)[1])):  # not ended (yet), or another instance's: the reaper
+                continue
+            if deployed(job):  # never requeued: another attempt would deploy again (the reaper ends it)
+                continue
+            if self.queue.release(job_id, job.worker, "requeued: the server stopped, and the Ray task with it"):
+                log.info("job %s: back in the queue (the server stops, and its local Ray instance)", job_id)
+        self.inflight.clear()
