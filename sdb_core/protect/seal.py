@@ -60,17 +60,27 @@ def new_master_key() -> bytes:
 
 
 def load_or_create_master_key(path: str | os.PathLike) -> bytes:
-    """Read the master key file (hex), creating it with mode 0600 on first use."""
+    """Read the master key file (hex), creating it with mode 0600 on first use.
+
+    Created whole or not at all: the key is written to a private temporary file beside it, which is then
+    linked in place (exclusive: a key another process linked first wins, and theirs is read). Created in place,
+    a process starting beside the creator (a server and its worker on a first start) could read it empty."""
     p = Path(path)
     if not p.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it first: read theirs
-            pass
-        else:
             with os.fdopen(fd, "w") as f:
                 f.write(new_master_key().hex() + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, p)
+            except FileExistsError:  # another process created it first: read theirs
+                pass
+        finally:
+            tmp.unlink(missing_ok=True)
     text = p.read_text().strip()
     try:
         key = bytes.fromhex(text)

@@ -60,3 +60,29 @@ def test_master_key_file_created_private_and_stable(tmp_path):
     path.write_text("not hex")
     with pytest.raises(SealError, match="not hex"):
         load_or_create_master_key(path)
+
+
+def test_a_master_key_created_by_many_at_once_is_read_whole_by_all(tmp_path):
+    """A server and its workers starting together on a first start: each one creates the key file or reads the one
+    another created, whole (created in place, a reader could find it empty and stop: 'not hex')."""
+    import threading
+
+    from sdb_core.protect.seal import load_or_create_master_key
+
+    def one(path, start, keys, errors):
+        start.wait()
+        try:
+            keys.append(load_or_create_master_key(path))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    for round_ in range(30):
+        path = tmp_path / f"r{round_}" / "master.key"
+        start, keys, errors = threading.Barrier(8), [], []
+        threads = [threading.Thread(target=one, args=(path, start, keys, errors)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(set(keys)) == 1, (round_, errors)
+        assert oct(path.stat().st_mode & 0o777) == "0o600" and [p.name for p in path.parent.iterdir()] == ["master.key"]
