@@ -34,6 +34,7 @@ log = logging.getLogger("sdb.service")
 
 DEMO_NAME = "mnist-demo"
 UPLOAD_OVERHEAD = 64 << 10  # multipart framing and form fields around an uploaded file
+UPLOAD_ROUTES = (("POST", "/v1/files"), ("POST", "/v1/models"))  # bodies up to SDB_MAX_FILE_BYTES, not the payload limit
 
 
 def register_demo(settings: Settings, store: Store, host: ModelHost) -> None:
@@ -139,8 +140,9 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(r)
     app.include_router(style_routes.router)
     upload = settings.max_file_bytes + UPLOAD_OVERHEAD  # the file part is counted on its own, to the byte
+    allowed = f"a file up to {settings.max_file_bytes} bytes (SDB_MAX_FILE_BYTES) and its form fields"
     app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
                        host_of=lambda: app.state.host,
-                       upload_routes={("POST", "/v1/files"): upload, ("POST", "/v1/models"): upload},
+                       upload_routes=dict.fromkeys(UPLOAD_ROUTES, (upload, allowed)),
                        address_limiter=address_limiter)
     return app

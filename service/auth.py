@@ -207,6 +207,10 @@ class Keyring:
             raise _unauthorized("key_revoked", "this API key was revoked")
         if row.expires_at is not None and row.expires_at <= now:
             raise _unauthorized("key_expired", "this API key has expired")
+        if row.quota is not None and samples > row.quota:  # no wait helps: the request is larger than the quota
+            per = f" per {row.quota_window_s} s" if row.quota_window_s else ""
+            raise ApiError(429, "quota_exceeded", f"{samples} samples asked, more than this key's whole quota of "
+                           f"{row.quota}{per}: send at most {row.quota} at a time (smaller batches)")
         ws = window_start(row.quota_window_s, now)
         used = row.used if row.window_start >= ws else 0
         headers = None

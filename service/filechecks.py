@@ -85,6 +85,12 @@ def check_weights(src: Path, out: Path, limits: Limits, filename: str) -> Checke
         read_state_dict,
     )
 
+    if fmt == "pt":
+        with open(dest, "rb") as f:
+            head = f.read(4)
+        if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip, or a legacy pickle's protocol mark
+            raise rejected("weights", f"{filename}: neither a safetensors file nor a torch checkpoint: give the "
+                           "weights as torch.save(model.state_dict(), path) or safetensors' save_file")
     try:
         state = read_state_dict(dest)
     except WeightsError as e:

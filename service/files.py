@@ -157,7 +157,7 @@ class _Form:
             return
         self.got.size += len(chunk)
         if self.got.size > self.max_bytes:
-            raise ApiError(413, "file_too_large", f"the file is over the {self.max_bytes}-byte limit")
+            raise ApiError(413, "file_too_large", f"the file is over the {self.max_bytes}-byte limit (SDB_MAX_FILE_BYTES)")
         self._hash.update(chunk)
         self.pending.append(chunk)
         self.pending_bytes += len(chunk)

@@ -23,9 +23,11 @@ _PROBES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 
 class ServiceMiddleware:
     def __init__(self, app: ASGIApp, *, max_payload_bytes: int, metrics, host_of,
-                 upload_routes: dict[tuple[str, str], int] | None = None, address_limiter=None):
+                 upload_routes: dict[tuple[str, str], tuple[int, str]] | None = None, address_limiter=None):
         self.app, self.limit, self.metrics, self.host_of = app, max_payload_bytes, metrics, host_of
-        self.upload_routes = upload_routes or {}  # (method, path) → its own body limit: file uploads
+        self.what = f"bodies up to {max_payload_bytes} bytes (SDB_MAX_PAYLOAD_BYTES)"
+        # (method, path) → its own body limit and what it allows, in words: file uploads
+        self.upload_routes = upload_routes or {}
         # Requests without a key, per client address (a keyed request is limited per key, in deps).
         self.address_limiter = address_limiter
 
@@ -43,17 +45,18 @@ class ServiceMiddleware:
 
         try:
             declared = _content_length(scope)
-            limit = self.upload_routes.get((scope.get("method", ""), scope.get("path", "")), self.limit)
+            limit, what = self.upload_routes.get((scope.get("method", ""), scope.get("path", "")),
+                                                 (self.limit, self.what))
             wait = self._address_wait(scope)
             if wait:
                 e = self.address_limiter.refusal(wait, ANONYMOUS_CALLER)
                 await error_response(e.status, e.code, e.message, e.headers)(scope, receive, send_tracked)
             elif declared is not None and declared > limit:
                 await error_response(413, "payload_too_large",
-                                     f"body of {declared} bytes is over the {limit}-byte limit")(
+                                     f"a body of {declared} bytes is over this route's limit: {what}")(
                     scope, receive, send_tracked)
             else:
-                await self.app(scope, self._limited(receive, limit), send_tracked)
+                await self.app(scope, self._limited(receive, limit, what), send_tracked)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
@@ -76,7 +79,7 @@ class ServiceMiddleware:
         client = scope.get("client")
         return self.address_limiter.take(client[0] if client else "")
 
-    def _limited(self, receive: Receive, limit: int) -> Receive:
+    def _limited(self, receive: Receive, limit: int, what: str) -> Receive:
         seen = 0
 
         async def counted() -> Message:
@@ -86,7 +89,7 @@ class ServiceMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     # FastAPI re-raises HTTPException from body reading as is; the handler maps it.
-                    raise HTTPException(413, f"body is over the {limit}-byte limit")
+                    raise HTTPException(413, f"the body is over this route's limit: {what}")
             return message
 
         return counted

@@ -51,5 +51,9 @@ class RateLimiter:
 
     def refusal(self, wait: float, what: str) -> ApiError:
         """The 429 for ``what`` (the caller, in words), which may go on in ``wait`` seconds."""
-        return ApiError(429, "rate_limited", f"{what} is over {self.rate:g} requests/s; retry in {wait:.1f} s",
-                        headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        ms = max(1, math.ceil(wait * 1000))
+        when = f"{ms} ms" if ms < 1000 else f"{wait:.1f} s"
+        # Retry-After takes whole seconds (RFC 9110): a wait of 5 ms read as 1 s stalled a client 200 times too
+        # long, so Retry-After-Ms says it exactly too (as other APIs do; the SDK reads it first).
+        return ApiError(429, "rate_limited", f"{what} is over {self.rate:g} requests/s; retry in {when}",
+                        headers={"Retry-After": str(max(1, math.ceil(wait))), "Retry-After-Ms": str(ms)})

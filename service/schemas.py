@@ -226,7 +226,10 @@ _WHY = {
 }
 _HEADERS = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
-    429: {"Retry-After": {"description": "seconds to wait (when known)", "schema": {"type": "integer"}}},
+    429: {"Retry-After": {"description": "seconds to wait (when known), whole", "schema": {"type": "integer"}},
+          "Retry-After-Ms": {"description": "over the request rate: the same wait in milliseconds (a few ms at the "
+                                            "default rates, which Retry-After rounds up to 1 s)",
+                             "schema": {"type": "integer"}}},
 }
 
 

@@ -115,7 +115,7 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
         teacher_history = h.epochs
         if cfg.save_teacher:
             save_weights(teacher, cfg.save_teacher)
-    hooks.log(f"teacher {arch} on {cfg.data}: test accuracy {accuracy(teacher, data.test):.2f}%")
+    hooks.log(f"teacher {arch} on {cfg.data_label or cfg.data}: test accuracy {accuracy(teacher, data.test):.2f}%")
 
     seeded = cfg.with_training(seed=cfg.seed)
     # Both modes check themselves; WrapRefused propagates: the caller exits non-zero (CLI) or fails the job,

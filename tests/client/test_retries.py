@@ -63,6 +63,16 @@ def test_429_honours_retry_after(stub):
     assert 0.9 <= waited < 5
 
 
+def test_429_reads_retry_after_ms_first(stub):
+    """A rate limit's wait of a few ms: Retry-After says 1 s (whole seconds), Retry-After-Ms says it exactly."""
+    stub.on(*DISTILL, err(429, "rate_limited", retry_after="1", retry_after_ms="5"), OK_LOGITS)
+    with Client(stub.url, KEY) as c:
+        t0 = time.monotonic()
+        c.distill_logits("m", np.zeros((1, 2), np.float32))
+        waited = time.monotonic() - t0
+    assert stub.hits[DISTILL] == 2 and waited < 0.5
+
+
 def test_429_without_retry_after_is_not_retried(stub):
     stub.on(*DISTILL, err(429, "quota_exceeded"), OK_LOGITS)
     with Client(stub.url, KEY) as c, pytest.raises(QuotaError) as info:

@@ -287,7 +287,7 @@ async def test_a_refused_charge_costs_no_model_time(svc, monkeypatch):
     v2 = {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}],
           "outputs": [{"name": "probabilities"}, {"name": "distill_logits"}]}
     r = await svc.client.post(f"/v2/models/{MODEL}/infer", json=v2, headers=h)
-    assert r.status_code == 429 and r.json()["error"].startswith("sample quota spent")  # v2: the message alone
+    assert r.status_code == 429 and r.json()["error"].startswith("2 samples asked, more than this key")  # v2: the message
     assert calls == []
     r = await svc.client.post(f"/v1/models/{MODEL}/distill", json={"inputs": x[:1].tolist()}, headers=h)
     assert r.status_code == 200 and calls == [True]

@@ -69,6 +69,7 @@ async def test_a_key_over_its_rate_gets_429_before_its_request_is_even_read(limi
     r = await limited.client.post(PREDICT, content=b"{not json", headers={**h, "content-type": "application/json"})
     assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited", r.text
     assert int(r.headers["retry-after"]) >= 1
+    assert int(r.headers["retry-after"]) == -(-int(r.headers["retry-after-ms"]) // 1000)  # the same wait, exactly
     # Another key has a bucket of its own.
     other = limited.auth(limited.key(("predict",)))
     assert (await limited.client.post(PREDICT, json=ONE, headers=other)).status_code == 200
@@ -167,3 +168,14 @@ async def test_a_key_at_its_artifact_cap_queues_nothing_until_it_deletes_finishe
     assert not (capped.settings.jobs_dir / done).exists()
     assert (await c.get(f"/v1/jobs/{done}/artifacts", headers=h)).status_code == 404
     assert (await c.post("/v1/jobs", json=WRAP, headers=h)).status_code == 202
+
+
+def test_a_wait_under_a_second_is_said_in_milliseconds():
+    """At 200 requests/s the wait is a few ms: Retry-After's whole seconds say 1 (a client that honours it stalled
+    200 times too long, and the message said "retry in 0.0 s"); Retry-After-Ms and the message say it exactly."""
+    from service.ratelimit import RateLimiter
+
+    e = RateLimiter(200.0, 400).refusal(0.0042, "this key")
+    assert e.message == "this key is over 200 requests/s; retry in 5 ms"
+    assert e.headers == {"Retry-After": "1", "Retry-After-Ms": "5"}
+    assert RateLimiter(0.2, 3).refusal(4.2, "this key").headers == {"Retry-After": "5", "Retry-After-Ms": "4200"}

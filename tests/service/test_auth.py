@@ -120,6 +120,11 @@ async def test_quota_429_and_window_retry_after(svc):
     assert (await c.post("/v1/models/digits-a/predict", json=one, headers=h)).status_code == 200
 
     windowed = svc.auth(svc.key(("distill",), quota=1, quota_window_s=3600))
+    two = {"inputs": X[:2].tolist()}  # more than the whole quota: no wait helps, and the message says so
+    r = await c.post("/v1/models/digits-a/distill", json=two, headers=windowed)
+    assert r.status_code == 429 and "retry-after" not in r.headers, r.text
+    assert r.json()["error"]["message"] == ("2 samples asked, more than this key's whole quota of 1 per 3600 s: "
+                                            "send at most 1 at a time (smaller batches)")
     assert (await c.post("/v1/models/digits-a/distill", json=one, headers=windowed)).status_code == 200
     r = await c.post("/v1/models/digits-a/distill", json=one, headers=windowed)
     assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 3600

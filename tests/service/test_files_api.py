@@ -259,6 +259,10 @@ async def test_bad_weights(svc):
     await assert_refused(svc, h, b"\x00" * 64, "weights", "invalid_weights", ["junk.bin"], "junk.bin")
     await assert_refused(svc, h, safetensors_bytes()[:-5], "weights", "invalid_weights", ["safetensors"])
     await assert_refused(svc, h, pt_bytes({"n": 3}), "weights", "invalid_weights", ["state dict of tensors"])
+    # a script where the weights go: in words, not torch's unpickler ("Unsupported operand 105")
+    err = await assert_refused(svc, h, b"import torch\nmodel = torch.nn.Linear(2, 2)\n", "weights", "invalid_weights",
+                               ["model.py", "neither a safetensors file nor a torch checkpoint"], "model.py")
+    assert "operand" not in err["message"]
 
 
 @pytest.mark.parametrize("members,links,words", [
@@ -350,8 +354,11 @@ async def test_size_limit_413_leaves_nothing(tmp_path, bundles):
         h = svc.auth(svc.key(("jobs",)))
         r = await upload(svc, h, b"\0" * 4097, "weights")
         assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large", r.text
+        assert "4096-byte limit (SDB_MAX_FILE_BYTES)" in r.json()["error"]["message"]
         r = await upload(svc, h, b"\0" * (200 << 10), "weights")  # over the route's body limit too: not even read
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+        # the limit the operator set, by its name (the body limit adds the form's framing to it)
+        assert "a file up to 4096 bytes (SDB_MAX_FILE_BYTES)" in r.json()["error"]["message"]
         assert leftovers(svc) == [] and svc.app.state.store.list_files() == []
         assert (await upload(svc, h, safetensors_bytes(), "weights")).status_code == 201
     finally:

@@ -231,6 +231,21 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, secs) if math.isfinite(secs) else None
 
 
+def retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait from an answer's headers: ``Retry-After-Ms`` when the server gave it (a rate limit's wait is
+    often a few ms, which ``Retry-After``'s whole seconds round up to 1 s), else ``Retry-After``."""
+    headers = headers or {}
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            value = float(ms) / 1000.0
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            return max(0.0, value)
+    return parse_retry_after(headers.get("retry-after"))
+
+
 def retry_delay(attempt: int, max_retries: int, *, status: int | None = None,
                 headers: Mapping[str, str] | None = None, error: BaseException | None = None,
                 idempotent: bool = True) -> float | None:
@@ -252,7 +267,7 @@ def retry_delay(attempt: int, max_retries: int, *, status: int | None = None,
         return None
     if status not in RETRY_STATUSES:
         return None
-    after = parse_retry_after((headers or {}).get("retry-after"))
+    after = retry_after(headers)
     if after is None:
         return None if status == 429 else backoff(attempt)
     return after if after <= RETRY_AFTER_MAX_S else None
@@ -294,7 +309,7 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str] | N
     code = str(code) if code else (httpx.codes.get_reason_phrase(status) or "error").lower().replace(" ", "_")
     cls = _STATUS_ERRORS.get(status) or (exc.ServerError if status >= 500 else exc.SDBError)
     return cls(redact(str(message)), status=status, code=code,
-               retry_after=parse_retry_after((headers or {}).get("retry-after")))
+               retry_after=retry_after(headers))
 
 
 def connection_error(e: httpx.TransportError, base_url: str | None = None, attempts: int = 1) -> exc.APIConnectionError:
