@@ -16,6 +16,8 @@ from typing import Any
 # ("a/b"), then path characters up to a space, a quote or a bracket.
 _ABS_PATH = re.compile(r"(?<![\w.~/\\-])/(?![/\s])[^\s'\"`,;()\[\]{}<>|]+")
 _OURS = ("sdb_core", "service")  # exceptions these packages raise say what went wrong for a user
+# A job worker's id (service.jobs.worker.worker_id): "worker:" or "ray:", the host's name, the process id.
+_WORKER_ID = re.compile(r"\b(worker|ray):[A-Za-z0-9._-]+:\d+\b")
 
 
 def _roots(root: Path | None) -> list[str]:
@@ -37,7 +39,8 @@ def _top_level() -> frozenset[str]:
 def hide_paths(text: str, root: Path | None = None) -> str:
     """``text`` with every absolute server path replaced: relative to ``root`` (the data dir) when
     under it, else by its last component (``…/name``). A path is server-side when its first
-    component exists under this machine's ``/`` (or it is under ``root``)."""
+    component exists under this machine's ``/`` (or it is under ``root``). A job worker's id, which names
+    a server's host and process, becomes its kind alone (``worker:…``, ``ray:…``)."""
     roots = _roots(root)
     top = _top_level()
 
@@ -51,7 +54,7 @@ def hide_paths(text: str, root: Path | None = None) -> str:
         name = path.rstrip("/").rsplit("/", 1)[-1]
         return f"…/{name}" if name else "…"
 
-    return _ABS_PATH.sub(short, text)
+    return _WORKER_ID.sub(r"\1:…", _ABS_PATH.sub(short, text))
 
 
 def hide_paths_in(value: Any, root: Path | None = None) -> Any:

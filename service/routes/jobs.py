@@ -66,11 +66,12 @@ def _own(queue, job_id: str, key: ApiKey) -> JobRow:
 
 
 def _shown(row: JobRow, key: ApiKey, settings: Settings) -> dict:
-    """The job as this key may read it: as stored for an admin, with server paths hidden otherwise."""
+    """The job as this key may read it: as stored for an admin, with server paths and worker hosts hidden otherwise."""
     job = job_public(row)
     if key.grants("admin"):
         return job
-    return {**job, **hide_paths_in({f: job[f] for f in ("params", "result", "message", "error")}, settings.data_dir)}
+    return {**job, **hide_paths_in({f: job[f] for f in ("params", "result", "message", "error", "worker")},
+                                   settings.data_dir)}
 
 
 @router.post("", status_code=202, response_model=JobPublic,

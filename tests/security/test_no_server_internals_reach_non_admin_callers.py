@@ -10,9 +10,11 @@ worker claims the jobs in this process (``run_worker(once=True)``), as ``sdb wor
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
+import socket
 
 import anyio
 import numpy as np
@@ -96,6 +98,11 @@ async def test_job_records_show_no_server_path(service, tmp_path_factory):
             (await c.get(f"/v1/jobs/{job_id}/artifacts/report.json", headers=service.auth(user))).text]
     for text in seen:
         assert not server_paths(text, root), text[:2000]
+        # nor which host or process ran it (the worker's id names both): its kind alone
+        assert f"{socket.gethostname()}:{os.getpid()}" not in text, text[:2000]
+    assert job["worker"] == "worker:…"
+    admin = (await c.get(f"/v1/jobs/{job_id}", headers=service.admin)).json()
+    assert admin["worker"] == f"worker:{socket.gethostname()}:{os.getpid()}"  # an operator sees it whole
 
 
 async def test_a_failed_job_tells_its_owner_the_cause_in_words_not_a_traceback(service, tmp_path_factory,

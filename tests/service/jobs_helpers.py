@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from service.auth import create_key
+from service.jobs.queue import JobQueue
 from service.settings import Settings
 from service.store import Store
 
@@ -81,8 +82,15 @@ def wait_for(fn, timeout: float, what: str, every: float = 0.1):
         time.sleep(every)
 
 
-def worker_pid(job: dict) -> int:
-    return int(job["worker"].rsplit(":", 1)[1])
+def worker_pid(settings: Settings, job: dict) -> int:
+    """The pid of the worker that holds (or held) ``job``, as an operator reads it in the store (a job's owner
+    sees only the worker's kind: its host and pid are the server's)."""
+    store = Store(settings.db_url)
+    try:
+        worker = JobQueue(store).get(job["id"]).worker
+    finally:
+        store.close()
+    return int(worker.rsplit(":", 1)[1])
 
 
 def alive(pid: int) -> bool:

@@ -151,7 +151,7 @@ def test_cancel_a_running_job_then_kill_a_worker(tmp_path, bundles, servers):
     with Client(servers[0].url, token) as c:
         long = c.jobs.submit("wrap", LONG)
         job = wait_for(lambda: (j := c.jobs.get(long["id"]))["step"].startswith("wrap epoch") and j, 60, "training")
-        pid = worker_pid(job)
+        pid = worker_pid(settings, job)
         t0 = time.monotonic()
         assert c.jobs.cancel(long["id"])["cancel_requested"] is True
         job = done(c, long["id"], 10)
@@ -159,20 +159,20 @@ def test_cancel_a_running_job_then_kill_a_worker(tmp_path, bundles, servers):
         assert "cancelled" in c.jobs.logs(long["id"]).text
         quick = c.jobs.submit("distill", QUICK)
         job = done(c, quick["id"], 60)
-        assert job["status"] == "succeeded" and worker_pid(job) == pid  # the same worker took the next job
+        assert job["status"] == "succeeded" and worker_pid(settings, job) == pid  # the same worker took the next job
 
         # kill -9 the worker in the middle of training
         long = c.jobs.submit("wrap", LONG)
         job = wait_for(lambda: (j := c.jobs.get(long["id"]))["step"].startswith("wrap epoch") and j, 60, "training")
         t0 = time.monotonic()
-        os.kill(worker_pid(job), signal.SIGKILL)
+        os.kill(worker_pid(settings, job), signal.SIGKILL)
         job = done(c, long["id"], 30)
         assert job["status"] == "failed" and "worker lost" in job["error"], job
         assert time.monotonic() - t0 < 30
         assert not alive(pid)
         nxt = c.jobs.submit("distill", QUICK)  # the pool started another worker
         job = done(c, nxt["id"], 60)
-        assert job["status"] == "succeeded" and worker_pid(job) != pid
+        assert job["status"] == "succeeded" and worker_pid(settings, job) != pid
         assert c.jobs.list(status="running") == []
 
 
@@ -205,7 +205,7 @@ def test_sigterm_puts_a_running_job_back_in_the_queue(tmp_path, bundles, servers
         with Client(servers[0].url, token) as c:
             long = c.jobs.submit("wrap", LONG)
             job = wait_for(lambda: (j := c.jobs.get(long["id"]))["step"].startswith("wrap epoch") and j, 60, "training")
-            assert worker_pid(job) == first.pid
+            assert worker_pid(settings, job) == first.pid
             first.send_signal(signal.SIGTERM)
             assert first.wait(30) == 0
             job = wait_for(lambda: (j := c.jobs.get(long["id"]))["status"] == "queued" and j, 15, "requeued")
@@ -213,7 +213,7 @@ def test_sigterm_puts_a_running_job_back_in_the_queue(tmp_path, bundles, servers
             second = start_worker(data, bundles)
             try:
                 job = wait_for(lambda: (j := c.jobs.get(long["id"]))["status"] == "running" and j, 60, "claimed again")
-                assert worker_pid(job) == second.pid and job["attempts"] == 1  # a release is not an attempt
+                assert worker_pid(settings, job) == second.pid and job["attempts"] == 1  # a release is not an attempt
                 c.jobs.cancel(long["id"])
                 assert done(c, long["id"], 30)["status"] == "cancelled"
             finally:

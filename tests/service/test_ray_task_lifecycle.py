@@ -49,7 +49,7 @@ def test_a_hung_task_whose_job_was_reaped_gives_its_cpu_back(tmp_path, bundles):
     try:
         with Client(server.url, token) as c:
             hung = c.jobs.submit("distill", TRAINING)
-            pid = worker_pid(_training(c, hung["id"]))
+            pid = worker_pid(settings, _training(c, hung["id"]))
             os.kill(pid, signal.SIGSTOP)
             reaped = c.jobs.wait(hung["id"], timeout=60, poll_s=0.2)
             assert reaped["status"] == "failed" and "worker lost" in reaped["error"], reaped
@@ -70,7 +70,7 @@ def test_a_server_that_stops_puts_its_ray_jobs_back_in_the_queue(tmp_path, bundl
     try:
         with Client(server.url, token) as c:
             job = c.jobs.submit("distill", TRAINING)
-            pid = worker_pid(_training(c, job["id"]))
+            pid = worker_pid(settings, _training(c, job["id"]))
     finally:
         server.stop()
     assert not alive(pid)
