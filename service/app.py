@@ -88,6 +88,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                 store.close()
                 raise
         metrics.models.set_function(lambda: len(host.all()))
+        metrics.bundles.set_function(lambda: len(host.bundles))
+        metrics.reloads.set_function(lambda: host.bundles.loads)
         loops = [asyncio.create_task(_every(settings.usage_flush_s, keyring.flush, "usage flush")),
                  asyncio.create_task(_every(settings.models_sync_s, host.sync, "model sync")),
                  asyncio.create_task(_every(settings.job_reap_s, lambda: queue.reap(settings.job_stale_s),

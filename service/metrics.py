@@ -36,6 +36,10 @@ class Metrics:
         self.batch_samples = Histogram("sdb_batch_samples", "Samples in one ONNX Runtime call", ["model"],
                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
         self.models = Gauge("sdb_models_loaded", "Model versions being served", registry=r)
+        # SDB_MODEL_CACHE_MB at work: the versions held in ONNX Runtime now, and how often one was loaded again
+        self.bundles = Gauge("sdb_model_bundles_in_memory", "Model versions loaded in ONNX Runtime (the cache)",
+                             registry=r)
+        self.reloads = Gauge("sdb_model_reloads", "Versions loaded again after the cache unloaded them", registry=r)
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, model, str(status)).inc()

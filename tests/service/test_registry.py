@@ -172,6 +172,9 @@ async def test_versions_past_the_model_cache_are_unloaded_and_served_again(bundl
                 np.testing.assert_allclose(got, e / e.sum(1, keepdims=True), atol=1e-4, err_msg=f"{name} v{v}")
                 assert len(host.bundles) == 1
         assert host.bundles.loads >= 5  # each version loaded again after the others
+        metrics = (await svc.client.get("/metrics")).text
+        assert "sdb_model_bundles_in_memory 1.0" in metrics and "sdb_models_loaded 3.0" in metrics
+        assert f"sdb_model_reloads {float(host.bundles.loads)}" in metrics
 
         gone = host.loaded("digits-a", "1")
         assert gone not in host.bundles
