@@ -52,6 +52,9 @@ MAX_MEMBER_BYTES = 2 << 30  # a bundle member larger than this is not a bundle w
 MAX_META_BYTES = 16 << 20
 MAX_META_DEPTH = 32  # nesting of meta.json's values (ours: under 8); what responses carry stays serialisable
 MAX_INPUT_ELEMENTS = 1 << 26  # one sample's input: loading runs the graph on zeros of this size
+# Loading's check run on one input is stopped after this many seconds (ONNX Runtime's RunOptions.terminate): a
+# network the service can serve answers one sample in far less, even on one CPU thread of a busy server.
+MAX_CHECK_RUN_S = 60.0
 # How a network that the service can serve is exported (the names and the batch axis it feeds).
 EXPORT_HINT = (f'export it with torch.onnx.export(model.float().eval(), x, f, input_names=["{INPUT_NAME}"], '
                f'output_names=["{OUTPUT_NAME}"], dynamic_axes={{"{INPUT_NAME}": {{0: "batch"}}, '
@@ -609,13 +612,39 @@ def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
         feeds = {str(i["name"]): np.zeros((1, *_dims(i["shape"], "input", where)), np.float32) for i in specs}
     except (KeyError, TypeError):
         raise BundleError(f"{where}: {META_FILE}'s inputs must each have a name and a shape") from None
-    try:
-        got = session.run([OUTPUT_NAME], feeds)[0].shape
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a user sees one clear error
-        raise BundleError(f"{where}: model.onnx does not run on {META_FILE}'s input shape ({e})") from None
+    got = _check_run(session, feeds, where).shape
     if list(got) != [1, *want]:
         raise BundleError(f"{where}: model.onnx computes {list(got)} for one input but {META_FILE} "
                           f"declares [1, {', '.join(map(str, want))}]")
+
+
+def _check_run(session: Any, feeds: dict[str, np.ndarray], where: str) -> np.ndarray:
+    """The check run's ``logits``, stopped after :data:`MAX_CHECK_RUN_S` seconds: a graph that computes for
+    ever on one input (a ``Loop`` of 10^15 trips) would otherwise hold a thread and a core of every process
+    that loads it, for good, and its deploy would never answer."""
+    import threading
+
+    import onnxruntime as ort
+
+    options, stopped = ort.RunOptions(), threading.Event()
+
+    def stop() -> None:
+        stopped.set()
+        options.terminate = True
+
+    timer = threading.Timer(MAX_CHECK_RUN_S, stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        return session.run([OUTPUT_NAME], feeds, options)[0]
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a user sees one clear error
+        if stopped.is_set():
+            raise BundleError(f"{where}: model.onnx ran for more than {MAX_CHECK_RUN_S:g} s on one input of "
+                              f"{META_FILE}'s shape, and was stopped; a served network answers one input in "
+                              "far less (a Loop or Scan with a huge trip count?)") from None
+        raise BundleError(f"{where}: model.onnx does not run on {META_FILE}'s input shape ({e})") from None
+    finally:
+        timer.cancel()
 
 
 def onnx_providers() -> list[str]:

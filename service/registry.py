@@ -318,6 +318,13 @@ class HostedModel:
         xs = [bundle.keyed_input(x) if keyed else x for x, keyed in items]
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         z = run_bound(bundle.session, x) if self.io_binding else bundle.network_logits(x)
+        want = self.meta.get("output", {}).get("shape")
+        if z.shape[0] != len(x) or (want is not None and list(z.shape[1:]) != list(want)):
+            # A graph whose output's shape follows the input's values passed its one check run: its answer here
+            # would be cut or misread (scores of other samples, columns without labels), never served as it is.
+            raise ApiError(503, "model_unavailable", f"model {self.name!r} version {self.version!r} answered shape "
+                           f"{list(z.shape)} for {len(x)} input(s), where its bundle declares "
+                           f"[{len(x)}, {', '.join(map(str, want or []))}]")
         out, start = [], 0
         for x, (_, keyed) in zip(xs, items, strict=True):
             part = z[start:start + len(x)]

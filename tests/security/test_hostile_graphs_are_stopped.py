@@ -1,0 +1,150 @@
+"""Valid but hostile ONNX graphs from a deploy key: verification's check run is bounded in time.
+
+Before the fix a graph with a ``Loop`` of a huge constant trip count passed every static check, and its
+deploy's check run (``check_output_shape``) never ended: the ``POST /v1/models`` never answered, a thread and
+a core of the server were held for good (ONNX Runtime cannot be interrupted from Python but through
+``RunOptions.terminate``), and every server process that loaded the bundle on demand did the same. Now the
+check run is stopped after ``sdb_core.bundle.MAX_CHECK_RUN_S`` and the deploy is a 400 that says why; nothing
+is registered and other tenants' models keep serving. Against the real app in process.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from tests.security.test_hand_made_bundles_are_refused_clearly import _disk, _edit, _sdb, _settings, plain  # noqa: F401
+from tests.service.conftest import start_service
+
+pytestmark = pytest.mark.anyio
+
+# About half a minute of ONNX Runtime time on this repository's CI CPU before the fix (10^15 would be for
+# ever: the old code must fail this test, not hang it).
+TRIPS = 30_000_000
+
+
+def _looping_graph(trips: int) -> bytes:
+    """input [N, 3, 8, 8] -> logits [N, 4] = ReduceSum(input) * 0 + Loop(trips){acc + 1}: right shape, any time."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name, value, dtype):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["acc", "one"], ["acc_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [4])],
+        initializer=[const("one", np.ones(4), np.float32)])
+    nodes = [helper.make_node("Loop", ["trips", "true", "zeros"], ["scores"], body=body),
+             helper.make_node("ReduceSum", ["input", "axes"], ["total"], keepdims=1),
+             helper.make_node("Reshape", ["total", "column"], ["per_sample"]),
+             helper.make_node("Mul", ["per_sample", "zero"], ["nothing"]),
+             helper.make_node("Add", ["nothing", "scores"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "hostile", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[const("trips", trips, np.int64), const("true", True, np.bool_),
+                     const("zeros", np.zeros(4), np.float32), const("axes", [1, 2, 3], np.int64),
+                     const("column", [-1, 1], np.int64), const("zero", 0, np.float32)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+async def test_a_graph_that_computes_for_ever_on_one_input_is_refused_in_bounded_time(tmp_path, plain,  # noqa: F811
+                                                                                      monkeypatch):
+    import sdb_core.bundle
+
+    monkeypatch.setattr(sdb_core.bundle, "MAX_CHECK_RUN_S", 1.0, raising=False)
+    settings = _settings(tmp_path)
+    svc, manager = await start_service(settings)
+    try:
+        owner, mallory = svc.auth(svc.key(("deploy",))), svc.auth(svc.key(("deploy",)))
+        r = await svc.client.post("/v1/models", files={"file": ("mine.sdb", _sdb(plain))}, headers=owner)
+        assert r.status_code == 201, r.text
+        served, disk = (await svc.client.get("/v1/models")).json()["models"], _disk(settings)
+
+        t0 = time.monotonic()
+        r = await svc.client.post("/v1/models", files={"file": ("loop.sdb", _sdb(_edit(plain, onnx=_looping_graph(TRIPS))))},
+                                  data={"name": "hostile"}, headers=mallory)
+        took = time.monotonic() - t0
+        assert r.status_code == 400, (r.status_code, r.text[:500], took)
+        error = r.json()["error"]
+        assert error["code"] == "bundle_refused" and "ran for more than 1 s" in error["message"], error
+        assert str(tmp_path) not in r.text and "Traceback" not in r.text, r.text[:500]
+        assert took < 10, took  # stopped at the bound, not when the loop ends
+        assert (await svc.client.get("/v1/models")).json()["models"] == served
+        assert _disk(settings) == disk
+
+        x = np.zeros((2, 3, 8, 8), np.float32).tolist()
+        assert (await svc.client.post("/v1/models/mine/predict", json={"inputs": x})).status_code == 200
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
+
+
+def test_an_ordinary_graph_is_not_stopped(plain):  # noqa: F811
+    """The bound stops only what runs past it: a network that answers at once verifies, the timer is gone."""
+    import threading
+
+    import onnxruntime as ort
+
+    from sdb_core.bundle import _check_run
+
+    session = ort.InferenceSession(plain["model.onnx"], providers=["CPUExecutionProvider"])
+    before = threading.active_count()
+    out = _check_run(session, {"input": np.zeros((1, 3, 8, 8), np.float32)}, "bundle")
+    assert out.shape == (1, 4)
+    time.sleep(0.1)
+    assert threading.active_count() == before  # the timer was cancelled, not left to fire later
+
+
+def _columns_follow_the_input_graph() -> bytes:
+    """input [N, 3, 8, 8] -> logits [N, 4 + round(max(input))]: 4 columns on the check run's zeros, more on others."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    const = lambda name, value, dtype: numpy_helper.from_array(np.array(value, dtype), name)
+    nodes = [helper.make_node("ReduceMax", ["input"], ["top"], keepdims=0),
+             helper.make_node("Cast", ["top"], ["top_int"], to=TensorProto.INT64),
+             helper.make_node("Add", ["top_int", "four"], ["end"]),
+             helper.make_node("Unsqueeze", ["end", "axis0"], ["ends"]),
+             helper.make_node("Shape", ["input"], ["shape"]),
+             helper.make_node("Slice", ["shape", "axis0", "one"], ["batch"]),
+             helper.make_node("Concat", ["batch", "hundred"], ["wide"], axis=0),
+             helper.make_node("Expand", ["row", "wide"], ["rows"]),
+             helper.make_node("Slice", ["rows", "axis0", "ends", "one"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "shifty", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "columns"])],
+        initializer=[const("four", 4, np.int64), const("axis0", [0], np.int64), const("one", [1], np.int64),
+                     const("hundred", [100], np.int64), const("row", np.arange(100)[None], np.float32)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+async def test_an_answer_of_another_shape_than_the_bundle_declares_is_never_served(tmp_path, plain):  # noqa: F811
+    """A graph whose output's columns follow the input's values passes its one check run (zeros: 4 columns), then
+    answered 7 columns for an input of 3s: softmax over 7 scores, 4 labels shown, silently wrong. A 503 now, and
+    the server goes on."""
+    settings = _settings(tmp_path)
+    svc, manager = await start_service(settings)
+    try:
+        h = svc.auth(svc.key(("deploy",)))
+        r = await svc.client.post("/v1/models", files={"file": ("s.sdb", _sdb(_edit(plain, onnx=_columns_follow_the_input_graph())))},
+                                  data={"name": "shifty"}, headers=h)
+        assert r.status_code == 201, r.text
+        zeros = {"inputs": np.zeros((1, 3, 8, 8)).tolist()}
+        assert (await svc.client.post("/v1/models/shifty/predict", json=zeros)).status_code == 200
+        r = await svc.client.post("/v1/models/shifty/predict", json={"inputs": np.full((1, 3, 8, 8), 3.0).tolist()})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+        assert "answered shape [1, 7] for 1 input(s), where its bundle declares [1, 4]" in r.json()["error"]["message"]
+        assert (await svc.client.post("/v1/models/shifty/predict", json=zeros)).status_code == 200
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
