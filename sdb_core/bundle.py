@@ -672,9 +672,10 @@ class Bundle:
     def has_key(self) -> bool:
         return self._key is not None
 
-    def network_logits(self, x: np.ndarray) -> np.ndarray:
-        """The network's own logits for ``x``: what the keyed path answers on a keyed input."""
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    def network_logits(self, x: np.ndarray, options: Any = None) -> np.ndarray:
+        """The network's own logits for ``x``: what the keyed path answers on a keyed input (``options``: ONNX
+        Runtime's RunOptions, for a run that may be stopped)."""
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}, options)[0]
 
     def public_answer(self, z: np.ndarray) -> np.ndarray:
         """The public path's answer for the network's logits ``z`` of plain inputs: ``z`` itself, or with a

@@ -87,9 +87,13 @@ class MicroBatcher(Generic[P, R]):
             payloads = [b[0] for b in batch]
             try:
                 results = await loop.run_in_executor(self.executor, self.fn, payloads)
-            except Exception:  # noqa: BLE001 - retried one by one, each caller gets its own error
-                # One bad request must not fail its neighbours: run them one by one.
-                results = [await self._alone(loop, p) for p in payloads]
+            except Exception as e:  # noqa: BLE001 - retried one by one, each caller gets its own error
+                # One bad request must not fail its neighbours: run them one by one (unless the error says that
+                # each would fail as long: a call stopped at its deadline).
+                if getattr(e, "retry_alone", True):
+                    results = [await self._alone(loop, p) for p in payloads]
+                else:
+                    results = [_Failed(e) for _ in payloads]
             for (_, _, fut), res in zip(batch, results):
                 if fut.done():
                     continue

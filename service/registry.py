@@ -21,8 +21,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,14 +134,75 @@ def batch_samples(settings: Settings, provider: str) -> int:
     return settings.batch_max_samples or BATCH_DEFAULTS.get(provider, BATCH_DEFAULTS[CPU])
 
 
-def run_bound(session, x: np.ndarray) -> np.ndarray:
+def run_bound(session, x: np.ndarray, options=None) -> np.ndarray:
     """One ORT call with its input and output bound to host memory (I/O binding): the batch goes to the
     device in one copy and the output comes back into one host array. What a CUDA session runs."""
     binding = session.io_binding()
     binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(x, dtype=np.float32))
     binding.bind_output(OUTPUT_NAME, "cpu")
-    session.run_with_iobinding(binding)
+    session.run_with_iobinding(binding, options)
     return binding.copy_outputs_to_cpu()[0]
+
+
+class RunDeadline:
+    """Stops an ONNX Runtime call past ``seconds`` (``RunOptions.terminate``), so that no graph holds a thread of
+    the pool every model shares for good (a deploy key's ``Loop`` whose trip count follows the input: four such
+    requests took the four threads, and every other tenant's requests waited for ever). One watcher thread looks
+    at the calls running (at most one per pool thread) a few times a second; a call costs a RunOptions (~0.3 µs)
+    and two dict operations. ``seconds`` 0: no bound."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._running: dict[int, tuple[float, object]] = {}  # pool thread → (deadline, its RunOptions)
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self) -> Iterator[object | None]:
+        """The RunOptions for one call (None when unbounded); :class:`RunStopped` when it was stopped."""
+        if not self.seconds:
+            yield None
+            return
+        import onnxruntime as ort
+
+        options, me = ort.RunOptions(), threading.get_ident()
+        self._running[me] = (time.monotonic() + self.seconds, options)
+        self._watch()
+        try:
+            yield options
+        except Exception as e:
+            if options.terminate:
+                raise RunStopped(self.seconds) from e
+            raise
+        finally:
+            self._running.pop(me, None)
+
+    def _watch(self) -> None:
+        if self._watcher is None:
+            with self._lock:
+                if self._watcher is None:
+                    self._watcher = threading.Thread(target=self._loop, name="sdb-run-deadline", daemon=True)
+                    self._watcher.start()
+
+    def _loop(self) -> None:
+        every = min(0.5, self.seconds / 4)
+        while True:
+            time.sleep(every)
+            now = time.monotonic()
+            for deadline, options in list(self._running.values()):
+                if now > deadline:
+                    options.terminate = True  # a call already over ignores it
+
+
+class RunStopped(ApiError):
+    """A model's call ran past SDB_RUN_TIMEOUT_S and was stopped: 503, and its batch is not run again piece by
+    piece (each piece would run as long)."""
+
+    retry_alone = False
+
+    def __init__(self, seconds: float):
+        super().__init__(503, "model_timeout", f"the model ran past {seconds:g} s on this request (SDB_RUN_TIMEOUT_S) "
+                         "and was stopped")
 
 
 def row_policy(row: ModelRow) -> OutputPolicy:
@@ -284,6 +346,7 @@ class HostedModel:
     batcher: MicroBatcher = field(repr=False)
     policy: OutputPolicy = field(default_factory=OutputPolicy)  # what the public routes return
     io_binding: bool = False  # run() binds input and output (CUDA sessions only; see run_bound)
+    deadline: RunDeadline = field(default_factory=lambda: RunDeadline(0.0), repr=False)  # the host's
 
     @property
     def bundle(self) -> Bundle:
@@ -317,7 +380,8 @@ class HostedModel:
         bundle = self.bundle  # held for the whole batch, whatever the cache drops meanwhile
         xs = [bundle.keyed_input(x) if keyed else x for x, keyed in items]
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
-        z = run_bound(bundle.session, x) if self.io_binding else bundle.network_logits(x)
+        with self.deadline() as options:
+            z = run_bound(bundle.session, x, options) if self.io_binding else bundle.network_logits(x, options)
         want = self.meta.get("output", {}).get("shape")
         if z.shape[0] != len(x) or (want is not None and list(z.shape[1:]) != list(want)):
             # A graph whose output's shape follows the input's values passed its one check run: its answer here
@@ -339,7 +403,11 @@ class HostedModel:
         For bundles whose requests cannot share a call: a style request's image has its own size.
         """
         session = self.bundle.session
-        return [session.run([OUTPUT_NAME], feeds)[0] for feeds in items]
+        out = []
+        for feeds in items:
+            with self.deadline() as options:
+                out.append(session.run([OUTPUT_NAME], feeds, options)[0])
+        return out
 
     async def logits(self, x: np.ndarray, keyed: bool = False) -> np.ndarray:
         if keyed and not self.distillable:
@@ -385,6 +453,7 @@ class ModelHost:
         self._loading: dict[str, threading.Lock] = {}  # one load on demand at a time per model name
         self._loading_guard = threading.Lock()
         self._providers: list | None = None  # ort_providers(settings), decided (and warned about) once
+        self.deadline = RunDeadline(settings.run_timeout_s)  # every model's calls, one watcher
         self.bundles = BundleCache(int(settings.model_cache_mb * (1 << 20)), self.load, settings.data_dir,
                                    retry_s=settings.models_sync_s, on_failure=self._reload_failed)
 
@@ -510,7 +579,8 @@ class ModelHost:
         batcher = MicroBatcher(run, self.executor, max_samples=max_samples, max_wait_s=s.batch_max_wait_ms / 1000.0,
                                enabled=s.batching, on_batch=count)
         model = HostedModel(row.name, row.version, row.path, row.added_at, bundle.meta, bundle.has_key,
-                            self.bundles, batcher, row_policy(row), io_binding=s.ort_io_binding and provider == CUDA)
+                            self.bundles, batcher, row_policy(row), io_binding=s.ort_io_binding and provider == CUDA,
+                            deadline=self.deadline)
         self.bundles.put(model, bundle)
         return model
 

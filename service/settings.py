@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     # bundle's size): past it the least recently used version is unloaded, and loaded again (verified) on its
     # next request; one always stays. Every version stays servable whatever the bound.
     model_cache_mb: float = Field(2048.0, gt=0.0)
+    # The longest one ONNX Runtime call of a served model may run (a batch; a style image), in seconds; past it the
+    # call is stopped and its requests get 503 model_timeout (0: no bound). A deploy key's graph must not hold a
+    # thread of the pool every model shares for good.
+    run_timeout_s: float = Field(30.0, ge=0.0)
 
     public_predict: bool = True  # False: predict needs a key with the predict scope
     auth_cache_s: float = Field(1.0, ge=0.0)  # how stale a key row (revocation by another process) may be
