@@ -42,6 +42,7 @@ from ..settings import Settings
 from ..store import JOB_DONE, JobRow, Store
 from .kinds import StaleJob, stored_params
 from .queue import JobQueue
+from .worker import pid_alive
 
 log = logging.getLogger("sdb.jobs")
 
@@ -178,16 +179,6 @@ def deployed(job: JobRow) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class RayDispatcher(threading.Thread):
     def __init__(self, settings: Settings, queue: JobQueue):
         super().__init__(name="sdb-ray-dispatcher", daemon=True)
@@ -310,7 +301,7 @@ class RayDispatcher(threading.Thread):
         for job_id, job in self._rows(list(sent)).items():
             if job.status != "running" or not (job.worker or "").startswith(here):
                 continue
-            if _alive(int(job.worker.rsplit(":", 1)[1])):  # not ended (yet), or another instance's: the reaper
+            if pid_alive(int(job.worker.rsplit(":", 1)[1])):  # not ended (yet), or another instance's: the reaper
                 continue
             if deployed(job):  # never requeued: another attempt would deploy again (the reaper ends it)
                 continue

@@ -34,6 +34,17 @@ def worker_id(prefix: str = "worker") -> str:
 EXIT_STUCK_JOB = 75  # the exit status of a worker that ended itself: its job did not stop at a cap
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts: it is there)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def end_process() -> None:
     """A worker process's hard stop, for a job that did not stop when asked (its job is already failed)."""
     logging.shutdown()

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.anyio
 TRIPS = 30_000_000
 
 
-def _looping_graph(trips: int) -> bytes:
-    """input [N, 3, 8, 8] -> logits [N, 4] = ReduceSum(input) * 0 + Loop(trips){acc + 1}: right shape, any time."""
+def _looping_graph(trips: int, per_input: bool = False) -> bytes:
+    """input [N, 3, 8, 8] -> logits [N, 4] = ReduceSum(input) * 0 + Loop(trips){acc + 1}: right shape, any time.
+    ``per_input``: a Loop of max(input) · trips instead: none on the check run's zeros, for ever on an input of 1s."""
     from onnx import TensorProto, helper, numpy_helper
 
     def const(name, value, dtype):
@@ -41,7 +42,10 @@ def _looping_graph(trips: int) -> bytes:
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [4])],
         initializer=[const("one", np.ones(4), np.float32)])
-    nodes = [helper.make_node("Loop", ["trips", "true", "zeros"], ["scores"], body=body),
+    count = [helper.make_node("ReduceMax", ["input"], ["top"], keepdims=0),
+             helper.make_node("Mul", ["top", "per_unit"], ["trips_f"]),
+             helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64)] if per_input else []
+    nodes = [*count, helper.make_node("Loop", ["trips", "true", "zeros"], ["scores"], body=body),
              helper.make_node("ReduceSum", ["input", "axes"], ["total"], keepdims=1),
              helper.make_node("Reshape", ["total", "column"], ["per_sample"]),
              helper.make_node("Mul", ["per_sample", "zero"], ["nothing"]),
@@ -49,7 +53,8 @@ def _looping_graph(trips: int) -> bytes:
     graph = helper.make_graph(
         nodes, "hostile", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[const("trips", trips, np.int64), const("true", True, np.bool_),
+        initializer=[const("per_unit", trips, np.float32) if per_input else const("trips", trips, np.int64),
+                     const("true", True, np.bool_),
                      const("zeros", np.zeros(4), np.float32), const("axes", [1, 2, 3], np.int64),
                      const("column", [-1, 1], np.int64), const("zero", 0, np.float32)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -151,40 +156,6 @@ async def test_an_answer_of_another_shape_than_the_bundle_declares_is_never_serv
         await manager.__aexit__(None, None, None)
 
 
-def _loop_follows_the_input_graph() -> bytes:
-    """input [N, 3, 8, 8] -> logits [N, 4], after a Loop of max(input) * 10^15 trips: none on the check run's
-    zeros, for ever on an input of 1s."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    const = lambda name, value, dtype: numpy_helper.from_array(np.array(value, dtype), name)
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["acc", "one"], ["acc_out"])],
-        "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [4])],
-        initializer=[const("one", np.ones(4), np.float32)])
-    nodes = [helper.make_node("ReduceMax", ["input"], ["top"], keepdims=0),
-             helper.make_node("Mul", ["top", "huge"], ["trips_f"]),
-             helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
-             helper.make_node("Loop", ["trips", "true", "zeros"], ["scores"], body=body),
-             helper.make_node("ReduceSum", ["input", "axes"], ["total"], keepdims=1),
-             helper.make_node("Reshape", ["total", "column"], ["per_sample"]),
-             helper.make_node("Mul", ["per_sample", "zero"], ["nothing"]),
-             helper.make_node("Add", ["nothing", "scores"], ["logits"])]
-    graph = helper.make_graph(
-        nodes, "stalls", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
-        initializer=[const("huge", 1e15, np.float32), const("true", True, np.bool_),
-                     const("zeros", np.zeros(4), np.float32), const("axes", [1, 2, 3], np.int64),
-                     const("column", [-1, 1], np.int64), const("zero", 0, np.float32)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
-
-
 async def test_a_request_that_computes_for_ever_is_stopped_and_frees_its_thread(tmp_path, plain):  # noqa: F811
     """A graph whose Loop's trip count follows the input passes its check run (zeros: no trip), then ran for ever on
     an input of 1s: each such request held one of the four threads every model shares, and four of them left every
@@ -196,7 +167,7 @@ async def test_a_request_that_computes_for_ever_is_stopped_and_frees_its_thread(
         r = await svc.client.post("/v1/models", files={"file": ("mine.sdb", _sdb(plain))}, headers=owner)
         assert r.status_code == 201, r.text
         for i in range(4):  # one model each: requests to one model share a batch, and so one thread
-            r = await svc.client.post("/v1/models", files={"file": ("s.sdb", _sdb(_edit(plain, onnx=_loop_follows_the_input_graph())))},
+            r = await svc.client.post("/v1/models", files={"file": ("s.sdb", _sdb(_edit(plain, onnx=_looping_graph(10**15, per_input=True))))},
                                       data={"name": f"stalls-{i}"}, headers=mallory)
             assert r.status_code == 201, r.text
         ones, zeros = {"inputs": np.ones((1, 3, 8, 8)).tolist()}, {"inputs": np.zeros((1, 3, 8, 8)).tolist()}

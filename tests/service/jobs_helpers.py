@@ -3,7 +3,6 @@ keys and models written to the data dir's store before the server starts, and fi
 the API (a job names a file by its id, never by a path on the server)."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import threading
@@ -12,6 +11,7 @@ from pathlib import Path
 
 from service.auth import create_key
 from service.jobs.queue import JobQueue
+from service.jobs.worker import pid_alive
 from service.settings import Settings
 from service.store import Store
 
@@ -93,12 +93,7 @@ def worker_pid(settings: Settings, job: dict) -> int:
     return int(worker.rsplit(":", 1)[1])
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+alive = pid_alive  # the worker module's (tests import it by this name)
 
 
 def run_jobs(server: Server, token: str, kind: str, params: list[dict], timeout: float = 120.0) -> list[dict]:

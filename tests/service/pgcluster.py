@@ -19,6 +19,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from service.jobs.worker import pid_alive
+
 INSTALL_HINT = ("install the PostgreSQL server (Debian/Ubuntu: `make postgres`, which runs "
                 "`apt-get install -y postgresql`), or point SDB_TEST_DATABASE_URL at a server where "
                 "that user may CREATE DATABASE")
@@ -48,16 +50,6 @@ def _free_port() -> int:
 
 PREFIX = "sdb-pg-"
 OWNER = "owner.pid"  # the pid of the test process that started the cluster
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Cluster:
@@ -119,7 +111,7 @@ class Cluster:
                 pid = int(owner.read_text())
             except (OSError, ValueError):
                 continue  # being set up right now, or not ours
-            if base == self.base or _alive(pid):
+            if base == self.base or pid_alive(pid):
                 continue
             try:
                 Cluster(base).stop()
