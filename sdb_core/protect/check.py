@@ -285,6 +285,7 @@ def checked_wrap(
             + ", ".join(map(str, unvalidated["first"])))
     fit_part = _fit_part(fit_data.train)
     teacher_fit_acc = accuracy(teacher, fit_part)  # the teacher is frozen: once for every attempt
+    teacher_val: torch.Tensor | None = None  # its logits on the held-out inputs, for the guessed-key figure
     th = check.thresholds
     attempts: list[dict] = []
     best: tuple[float, WrapResult, dict] | None = None
@@ -315,9 +316,12 @@ def checked_wrap(
                       if keyed else {}),
                    "fit_public_drop": teacher_fit_acc - accuracy(result.box.public_logits, fit_part)}
         if keyed:
+            from ..train import predict_logits
             from .sdb import guessed_key_share
 
-            figures["guessed_key_share"] = guessed_key_share(result.box, teacher, fit_data, cfg)
+            if teacher_val is None:
+                teacher_val = predict_logits(teacher, fit_data.test.tensors[0])
+            figures["guessed_key_share"] = guessed_key_share(result.box, teacher_val, fit_data, cfg)
         if check.leak_check:
             earlier = next((a["figures"]["labels_only"] for a in attempts if "labels_only" in a.get("figures", {})), None)
             figures.update(leak_check(result.box, fit_data, check, should_cancel, labels_only=earlier))

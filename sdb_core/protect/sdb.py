@@ -138,16 +138,17 @@ def require_finite_network(model: nn.Module, x: Tensor, *outputs: Tensor) -> Non
 GUESSED_KEYS = 3  # random keys the check's guessed-key figure averages over
 
 
-def guessed_key_share(box: SafeDistillationBox, teacher: nn.Module, data, cfg: SDBConfig,
+def guessed_key_share(box: SafeDistillationBox, teacher: nn.Module | Tensor, data, cfg: SDBConfig,
                       keys: int = GUESSED_KEYS, seed: int = 0) -> float:
     """How little a guessed key teaches: the soft labels (at T) of the box's network under random keys of the
     key's own distribution, placed between the key's (0) and the confusion target q_y the recipe trains a wrong
     key toward (1), by their mean KL from the teacher's on ``data.test`` (held-out inputs). Near 0, any noise opens
     the keyed path (inputs that hide the key, a key blended too faintly): what a holder of the bundle's network
-    gets without the sealed key. Inference only: no student is trained."""
+    gets without the sealed key. Inference only: no student is trained. ``teacher``: the frozen teacher, or its
+    logits on ``data.test`` already (the check's attempts share them)."""
     x, y = data.test.tensors
     t = cfg.temperature
-    teacher_logits = predict_logits(teacher, x)
+    teacher_logits = teacher if isinstance(teacher, Tensor) else predict_logits(teacher, x)
 
     def kl(logits: Tensor) -> float:
         return soft_kl(logits, teacher_logits, t).item()
