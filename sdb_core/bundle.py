@@ -642,9 +642,26 @@ def _check_run(session: Any, feeds: dict[str, np.ndarray], where: str) -> np.nda
             raise BundleError(f"{where}: model.onnx ran for more than {MAX_CHECK_RUN_S:g} s on one input of "
                               f"{META_FILE}'s shape, and was stopped; a served network answers one input in "
                               "far less (a Loop or Scan with a huge trip count?)") from None
+        if ort_out_of_memory(e):
+            raise BundleError(f"{where}: model.onnx needs more memory for one input of {META_FILE}'s shape than "
+                              "this process lets a model use (a server's SDB_MODEL_MEMORY_MB)") from None
         raise BundleError(f"{where}: model.onnx does not run on {META_FILE}'s input shape ({e})") from None
     finally:
         timer.cancel()
+
+
+def ort_out_of_memory(e: BaseException) -> bool:
+    """Whether ONNX Runtime failed a call for memory: a bounded arena's refusal, or the process's."""
+    text = str(e)
+    return "Available memory of" in text or "Failed to allocate memory" in text
+
+
+# A hostile graph's constants are built at load by ONNX Runtime's constant folding, outside every arena (it folds
+# each node up to 1 GB and holds them all: four ConstantOfShape nodes of 800 MB took 3.9 GB while the session
+# was made). Not folded, they are built by the
+# check run and each call, from the arena a server bounds; an exported network has nothing left to fold (the
+# exporter folds), and its calls cost the same (measured: cnn, resnet20, vit_tiny at batch 1 and 64).
+UNFOLDED = ["ConstantFolding"]
 
 
 def onnx_providers() -> list[str]:
@@ -727,7 +744,7 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
         key = k.astype(np.float32)
     try:
         session = ort.InferenceSession(files[MODEL_FILE], sess_options=session_options,
-                                       providers=providers or onnx_providers())
+                                       providers=providers or onnx_providers(), disabled_optimizers=UNFOLDED)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a user sees one clear error
         if "external data" in str(e).lower():  # ORT refuses to read files beside a graph given as bytes; its
             # message quotes the path the graph names, resolved on the server: not shown

@@ -37,6 +37,7 @@ from sdb_core.bundle import (
     BundleError,
     load_bundle,
     onnx_providers,
+    ort_out_of_memory,
     output_shape,
 )
 
@@ -149,7 +150,8 @@ class RunDeadline:
     the pool every model shares for good (a deploy key's ``Loop`` whose trip count follows the input: four such
     requests took the four threads, and every other tenant's requests waited for ever). One watcher thread looks
     at the calls running (at most one per pool thread) a few times a second; a call costs a RunOptions (~0.3 µs)
-    and two dict operations. ``seconds`` 0: no bound."""
+    and two dict operations. ``seconds`` 0: no bound. A call the shared CPU arena refused (:func:`shared_cpu_arena`)
+    is a :class:`ModelOutOfMemory`."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -160,22 +162,24 @@ class RunDeadline:
     @contextmanager
     def __call__(self) -> Iterator[object | None]:
         """The RunOptions for one call (None when unbounded); :class:`RunStopped` when it was stopped."""
-        if not self.seconds:
-            yield None
-            return
-        import onnxruntime as ort
+        options, me = None, threading.get_ident()
+        if self.seconds:
+            import onnxruntime as ort
 
-        options, me = ort.RunOptions(), threading.get_ident()
-        self._running[me] = (time.monotonic() + self.seconds, options)
-        self._watch()
+            options = ort.RunOptions()
+            self._running[me] = (time.monotonic() + self.seconds, options)
+            self._watch()
         try:
             yield options
         except Exception as e:
-            if options.terminate:
+            if options is not None and options.terminate:
                 raise RunStopped(self.seconds) from e
+            if ort_out_of_memory(e):
+                raise ModelOutOfMemory() from None  # ORT's message names allocator internals, not the caller's
             raise
         finally:
-            self._running.pop(me, None)
+            if options is not None:
+                self._running.pop(me, None)
 
     def _watch(self) -> None:
         if self._watcher is None:
@@ -203,6 +207,46 @@ class RunStopped(ApiError):
     def __init__(self, seconds: float):
         super().__init__(503, "model_timeout", f"the model ran past {seconds:g} s on this request (SDB_RUN_TIMEOUT_S) "
                          "and was stopped")
+
+
+class ModelOutOfMemory(ApiError):
+    """A model's call asked for more memory than the served models may hold (SDB_MODEL_MEMORY_MB): 503. A batch is
+    run again piece by piece (one sample may fit where the batch did not)."""
+
+    def __init__(self):
+        super().__init__(503, "model_out_of_memory", "the model needed more memory for this request than the "
+                         "server's models may use (SDB_MODEL_MEMORY_MB); it was refused")
+
+
+_arena_lock = threading.Lock()
+_arena_mb: int | None = None  # the bound of this process's shared CPU arena, once registered
+
+
+def shared_cpu_arena(mb: int) -> bool:
+    """Register, once per process, the ONNX Runtime CPU arena that every served session shares, bounded at ``mb``
+    MiB (``SDB_MODEL_MEMORY_MB``); True when sessions should use it (``session.use_env_allocators``).
+
+    What a call allocates (activations, and what the graph builds: a deploy key's ``ConstantOfShape`` of 10^9
+    floats, or one whose size follows the input's values) comes from it: past the bound ONNX Runtime refuses the
+    allocation and the call fails, where it took the machine's memory and the server with it. Weights are
+    apart (the bundle's own size, bounded at upload). The arena keeps what it grew to, up to the bound, for the
+    next calls. ONNX Runtime has one such registry per process: the first bound asked stays."""
+    global _arena_mb
+    if not mb:
+        return False
+    with _arena_lock:
+        if _arena_mb is None:
+            import onnxruntime as ort
+
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            # kSameAsRequested (1): grow by what a call asks, so that the arena stops at the bound, not near it
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"max_mem": mb << 20,
+                                                                      "arena_extend_strategy": 1}))
+            _arena_mb = mb
+        elif _arena_mb != mb:
+            log.warning("SDB_MODEL_MEMORY_MB=%d not applied: this process's models already share an arena of %d MiB",
+                        mb, _arena_mb)
+    return True
 
 
 def row_policy(row: ModelRow) -> OutputPolicy:
@@ -516,6 +560,8 @@ class ModelHost:
         # Spinning worker threads would steal the core the event loop needs between calls.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if shared_cpu_arena(self.settings.model_memory_mb):
+            so.add_session_config_entry("session.use_env_allocators", "1")
         return so
 
     @property

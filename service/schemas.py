@@ -221,7 +221,8 @@ _WHY = {
     415: "a media type the route does not take, or an unreadable image",
     422: "a parameter, field or tensor that fails validation",
     429: "over the request rate (per key, or per address without one), or the key's sample quota",
-    503: "the server is starting, or the model version cannot be served",
+    503: "the server is starting, the model version cannot be served, or its call ran past the server's time or "
+         "memory bound (SDB_RUN_TIMEOUT_S, SDB_MODEL_MEMORY_MB)",
     507: "the server's disk has no room for the file (nothing was kept): retry later",
 }
 _HEADERS = {

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     # call is stopped and its requests get 503 model_timeout (0: no bound). A deploy key's graph must not hold a
     # thread of the pool every model shares for good.
     run_timeout_s: float = Field(30.0, ge=0.0)
+    # The CPU memory the served models' ONNX Runtime calls may hold together, in MiB (one arena every session of
+    # this process shares; weights are apart): a call that needs more is refused (503 model_out_of_memory) and
+    # the server keeps serving. A deploy key's graph must not take the machine's memory (0: no bound).
+    model_memory_mb: int = Field(4096, ge=0)
 
     public_predict: bool = True  # False: predict needs a key with the predict scope
     auth_cache_s: float = Field(1.0, ge=0.0)  # how stale a key row (revocation by another process) may be
