@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
 from .protect.seal import seal, unseal
 
 if TYPE_CHECKING:  # torch only where a bundle is made: loading one must stay light
@@ -393,6 +394,10 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
     unlisted = sorted(files.keys() - listed.keys() - {META_FILE})
     if unlisted:  # a key.sealed nobody hashed is not opened on trust
         raise BundleError(f"{where}: {', '.join(unlisted)} is not listed in {META_FILE}")
+    if graph_entries(files[MODEL_FILE]) > MAX_GRAPH_ENTRIES:
+        raise BundleError(f"{where}: {MODEL_FILE} holds more than {MAX_GRAPH_ENTRIES} nodes, initializers and value "
+                          "infos (subgraphs included); ONNX Runtime would take minutes to load it, and a served "
+                          "network has far fewer (the zoo's hold under 400)")
     for key in ("name", "version", "input", "labels", "normalize", "mode"):
         if key not in meta:
             raise BundleError(f"{where}: {META_FILE} has no {key!r}")

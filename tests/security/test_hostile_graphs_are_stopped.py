@@ -183,3 +183,49 @@ async def test_a_request_that_computes_for_ever_is_stopped_and_frees_its_thread(
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)
+
+
+def _long_chain_graph(links: int) -> bytes:
+    """input [N, 3, 8, 8] -> logits [N, 4] through ``links`` Add nodes of +0: the right answer, from a graph ONNX
+    Runtime takes minutes to load (10^6 nodes: 114 s here; it grows faster than the graph)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceSum", ["input", "axes"], ["t0"], keepdims=1)]
+    nodes += [helper.make_node("Add", [f"t{i}", "zero"], [f"t{i + 1}"]) for i in range(links)]
+    nodes += [helper.make_node("Reshape", [f"t{links}", "column"], ["per_sample"]),
+              helper.make_node("Mul", ["per_sample", "row"], ["logits"])]
+    const = lambda name, value, dtype: numpy_helper.from_array(np.array(value, dtype), name)
+    graph = helper.make_graph(
+        nodes, "long", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[const("axes", [1, 2, 3], np.int64), const("zero", 0, np.float32),
+                     const("column", [-1, 1], np.int64), const("row", [[1, 2, 3, 4]], np.float32)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+async def test_a_graph_too_big_to_load_in_bounded_time_is_refused_before_loading(tmp_path, plain):  # noqa: F811
+    """Counted on the wire before ONNX Runtime sees it: a refusal at once, whatever the graph's size."""
+    from sdb_core.graph_size import MAX_GRAPH_ENTRIES
+
+    settings = _settings(tmp_path)
+    svc, manager = await start_service(settings)
+    try:
+        h = svc.auth(svc.key(("deploy",)))
+        t0 = time.monotonic()
+        r = await svc.client.post("/v1/models", files={"file": ("l.sdb", _sdb(_edit(plain, onnx=_long_chain_graph(
+            MAX_GRAPH_ENTRIES + 1))))}, data={"name": "long"}, headers=h)
+        assert r.status_code == 400, r.text
+        assert f"more than {MAX_GRAPH_ENTRIES} nodes" in r.json()["error"]["message"], r.text
+        assert time.monotonic() - t0 < 10
+        assert (await svc.client.get("/v1/models")).json()["models"] == []
+        assert _disk(settings) == []
+        r = await svc.client.post("/v1/models", files={"file": ("c.sdb", _sdb(_edit(plain, onnx=_long_chain_graph(
+            1000))))}, data={"name": "chain"}, headers=h)
+        assert r.status_code == 201, r.text  # long, but far under the bound: served
+        x = {"inputs": np.ones((1, 3, 8, 8)).tolist()}
+        assert (await svc.client.post("/v1/models/chain/predict", json=x)).status_code == 200
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)

@@ -1,0 +1,91 @@
+"""How many entries an ONNX graph holds, read off its protobuf wire format without parsing it.
+
+ONNX Runtime's load time grows faster than the graph: measured on this 2-core machine, 50,000 nodes load in
+1.4 s, 10^6 in 114 s, and 300,000 unused initializers in 188 s. A graph a deploy key uploads is loaded by
+every server process that serves it, on a thread ONNX Runtime cannot interrupt, so its size is bounded before
+any load. Parsing the model with ``onnx`` would copy every weight (up to the 2 GB a bundle member may hold);
+this walk skips each field by its length and stops as soon as the count passes the bound.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+# The zoo's exports hold 14 (mlp) to 339 (vit_tiny; resnet56 306); this many loads in about 2 s here.
+MAX_GRAPH_ENTRIES = 50_000
+
+# onnx.proto field numbers: ModelProto.graph 7 and .functions 25; GraphProto.node 1, .initializer 5, .input 11,
+# .output 12, .value_info 13, .sparse_initializer 15; FunctionProto.node 7; NodeProto.attribute 5;
+# AttributeProto.g 6 and .graphs 11.
+_GRAPH_ENTRIES = frozenset({1, 5, 11, 12, 13, 15})
+_LENGTH_DELIMITED = 2
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if i >= end or shift > 63:
+            raise _Malformed
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _delimited(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the message in ``buf[start:end]``."""
+    i = start
+    while i < end:
+        key, i = _varint(buf, i, end)
+        wire = key & 7
+        if wire == 0:
+            _, i = _varint(buf, i, end)
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == _LENGTH_DELIMITED:
+            n, i = _varint(buf, i, end)
+            if i + n > end:
+                raise _Malformed
+            yield key >> 3, i, i + n
+            i += n
+        else:
+            raise _Malformed
+    if i != end:
+        raise _Malformed
+
+
+def graph_entries(model: bytes, stop_after: int = MAX_GRAPH_ENTRIES) -> int:
+    """The nodes, initializers, inputs, outputs and value infos of ``model``'s graph, its subgraphs (Loop, If,
+    Scan bodies) and its functions' nodes; counting stops once past ``stop_after``. A model that is not valid
+    protobuf counts what was read before the fault: ONNX Runtime says what is wrong with it."""
+    buf, count = memoryview(model), 0
+    stack = [("model", 0, len(buf))]  # no recursion: a hostile graph may nest subgraphs deeply
+    try:
+        while stack:
+            kind, start, end = stack.pop()
+            for field, s, e in _delimited(buf, start, end):
+                if kind == "model":
+                    if field in (7, 25):
+                        stack.append(("graph" if field == 7 else "function", s, e))
+                elif kind in ("graph", "function"):
+                    if (field in _GRAPH_ENTRIES) if kind == "graph" else field == 7:
+                        count += 1
+                        if count > stop_after:
+                            return count
+                        if field == (1 if kind == "graph" else 7):
+                            stack.append(("node", s, e))
+                elif kind == "node":
+                    if field == 5:
+                        stack.append(("attribute", s, e))
+                elif field in (6, 11):  # an attribute's graph(s)
+                    stack.append(("graph", s, e))
+    except _Malformed:
+        pass
+    return count
