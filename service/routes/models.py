@@ -1,4 +1,4 @@
-"""``/v1/models``: list and describe, predict (anyone), distill (keyed path), admin remove
+"""``/v1/models``: list and describe, predict (anyone), distill (keyed path), remove (its owner or an admin)
 (deploying an uploaded bundle, ``POST /v1/models``, is :mod:`service.routes.deploy`)."""
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from .. import npy
+from ..auth import check_scope
 from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body, wants_npy
 from ..deps import (
     DISTILLING_DOC,
     SERVING_DOC,
-    AdminKeyDep,
+    ApiKeyDep,
     DistillingDep,
     ModelHostDep,
     ModelName,
@@ -22,8 +23,9 @@ from ..deps import (
     Serving,
     ServingDep,
     SettingsDep,
+    StoreDep,
 )
-from ..errors import invalid, not_found
+from ..errors import ApiError, invalid, not_found
 from ..inference import (
     PREDICT_TASKS,
     class_predictions,
@@ -224,11 +226,20 @@ async def distill(name: ModelName, request: Request, s: DistillingDep) -> Respon
     return json_response(answer)
 
 
-@router.delete("/{name}", summary="Stop serving a model, or one version of it (admin)", response_model=ModelRemoved,
-               responses={**ok({"removed": [{"name": "mnist-demo", "version": "1"}]}),
-                          **responses(*AUTH, 404, why={403: "not an admin key", 404: "no such model or version"})})
-def remove_model(name: ModelName, key: AdminKeyDep, host: ModelHostDep,
+@router.delete("/{name}", summary="Stop serving a model, or one version of it (its owner or an admin)",
+               response_model=ModelRemoved, responses={**ok({"removed": [{"name": "mnist-demo", "version": "1"}]}),
+                                                       **responses(*AUTH, 404, why={
+                   403: "a key without the deploy scope, or a deploy key that does not own the model's name",
+                   404: "no such model or version"})})
+def remove_model(name: ModelName, key: ApiKeyDep, host: ModelHostDep, store: StoreDep,
                  version: str | None = Query(None, description="only this version", pattern=NO_NUL)) -> Response:
+    # The name's owner (the deploy key that first deployed it) takes back what it served, as it deploys it; the
+    # name stays its own. Every other name is an admin's to remove.
+    if not key.grants("admin"):
+        check_scope(key, "deploy")
+        if store.model_owner(name) != key.id:
+            raise ApiError(403, "model_not_owned", f"this key owns no model named {name!r}: only the key that "
+                           "first deployed a model, or an admin, removes it")
     removed = host.remove(name, version, actor=key.id)
     if not removed:
         raise not_found(f"no model named {name!r}" + (f" with version {version!r}" if version else ""),

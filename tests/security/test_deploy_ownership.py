@@ -105,6 +105,36 @@ def test_only_the_owner_or_an_admin_deploys_a_version_and_no_file_is_overwritten
     assert len([k for k in final if k.startswith("owned/")]) == 3
 
 
+def test_only_the_owner_or_an_admin_removes_a_version_and_the_name_stays_the_owners(servers, bundles):
+    """Before, removing was an admin's only: an owner could not take back what it served. Now the owner's deploy key
+    removes versions of its names; any other key is refused and nothing changes."""
+    p1, _ = servers
+    s = p1.settings
+    owner, other, distiller, admin = auth(s, "deploy"), auth(s, "deploy"), auth(s, "distill"), auth(s, "admin")
+    for _ in range(3):
+        assert post_bundle(p1, bundles.b, owner, name="taken-back").status_code == 201
+    assert versions(s, "taken-back") == ["1", "2", "3"]
+
+    def remove(headers, name="taken-back", **params):
+        return httpx.delete(f"{p1.url}/v1/models/{name}", params=params, headers=headers, timeout=60)
+
+    for headers, code in ((other, "model_not_owned"), (distiller, "forbidden_scope")):
+        r = remove(headers, version="1")
+        assert r.status_code == 403 and r.json()["error"]["code"] == code, r.text
+    r = remove(owner, name="legacy")  # an admin's name
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned", r.text
+    assert versions(s, "taken-back") == ["1", "2", "3"] and versions(s, "legacy") != []
+
+    r = remove(owner, version="1")
+    assert r.status_code == 200 and r.json()["removed"] == [{"name": "taken-back", "version": "1"}], r.text
+    assert httpx.get(f"{p1.url}/v1/models/taken-back", params={"version": "1"}, timeout=60).status_code == 404
+    assert remove(admin, version="2").status_code == 200
+    assert versions(s, "taken-back") == ["3"]
+    assert post_bundle(p1, bundles.b, other, name="taken-back").status_code == 403  # still the owner's name
+    assert remove(owner).json()["removed"] == [{"name": "taken-back", "version": "3"}]
+    assert post_bundle(p1, bundles.b, owner, name="taken-back").json()["version"] == "4"  # never given again
+
+
 def test_a_deployed_model_answers_at_once_from_another_api_process(servers, bundles):
     p1, p2 = servers
     owner = auth(p1.settings, "deploy")

@@ -161,7 +161,8 @@ class AsyncClient(b.BaseClient):
         return b.temper(distilled.logits, temperature)
 
     async def remove_model(self, name: str, *, version: str | int | None = None) -> list[dict]:
-        """Stop serving a model (an ``admin`` key): every version, or only ``version``."""
+        """Stop serving a model (an ``admin`` key, or the ``deploy`` key that owns its name): every version, or
+        only ``version``."""
         return b.listed(await self._json("DELETE", b.model_path(name), params=b.version_params(version)), "removed")
 
     async def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,

@@ -158,8 +158,8 @@ class Client(b.BaseClient):
         return b.temper(d.logits, temperature)
 
     def remove_model(self, name: str, *, version: str | int | None = None) -> list[dict]:
-        """Stop serving a model (an ``admin`` key): every version, or only ``version``. Returns the
-        ``{"name", "version"}`` removed."""
+        """Stop serving a model (an ``admin`` key, or the ``deploy`` key that owns its name): every version, or
+        only ``version``. Returns the ``{"name", "version"}`` removed."""
         return b.listed(self._json("DELETE", b.model_path(name), params=b.version_params(version)), "removed")
 
     def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,
