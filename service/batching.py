@@ -6,6 +6,10 @@ While one call runs, the next batch fills by itself, so at low load a request wa
 nobody (``max_wait_s = 0`` is the default: the only extra wait is one loop turn), and
 at high load batches grow with the load. A positive ``max_wait_s`` bounds how long the
 first request of a batch may wait for company.
+
+A request may carry a ``group`` (its caller): requests of different groups never share a call.
+The registry gives one to the requests of models whose graph a tenant wrote, which could compute
+one sample's answer from another's input (:attr:`service.registry.HostedModel.isolated`).
 """
 from __future__ import annotations
 
@@ -30,13 +34,14 @@ class MicroBatcher(Generic[P, R]):
         self.fn, self.executor = fn, executor
         self.max_samples, self.max_wait_s, self.enabled = max_samples, max_wait_s, enabled
         self.on_batch = on_batch  # (requests, samples) per ORT call, for metrics
-        self._queue: deque[tuple[P, int, asyncio.Future]] = deque()
+        self._queue: deque[tuple[P, int, asyncio.Future, str | None]] = deque()
         self._queued_samples = 0
         self._drainer: asyncio.Task | None = None
         self._filled: asyncio.Event | None = None
         self._closed = False
 
-    async def submit(self, payload: P, samples: int) -> R:
+    async def submit(self, payload: P, samples: int, group: str | None = None) -> R:
+        """``payload``'s result; it shares its ONNX Runtime call only with requests of the same ``group``."""
         if self._closed:
             raise BatcherClosed("model removed")
         loop = asyncio.get_running_loop()
@@ -44,7 +49,7 @@ class MicroBatcher(Generic[P, R]):
             self._count(1, samples)
             return (await loop.run_in_executor(self.executor, self.fn, [payload]))[0]
         fut: asyncio.Future = loop.create_future()
-        self._queue.append((payload, samples, fut))
+        self._queue.append((payload, samples, fut, group))
         self._queued_samples += samples
         if self._filled is not None and self._queued_samples >= self.max_samples:
             self._filled.set()
@@ -60,12 +65,26 @@ class MicroBatcher(Generic[P, R]):
         if self.on_batch is not None:
             self.on_batch(requests, samples)
 
-    def _take(self) -> list[tuple[P, int, asyncio.Future]]:
-        batch, total = [], 0
-        while self._queue and (not batch or total + self._queue[0][1] <= self.max_samples):
-            item = self._queue.popleft()
-            total += item[1]
-            batch.append(item)
+    def _take(self) -> list[tuple[P, int, asyncio.Future, str | None]]:
+        """The next batch: the oldest request, and after it, in order, the requests of its group that fit."""
+        first = self._queue.popleft()
+        batch, total, group = [first], first[1], first[3]
+        if group is None:
+            while self._queue and self._queue[0][3] is None and total + self._queue[0][1] <= self.max_samples:
+                item = self._queue.popleft()
+                total += item[1]
+                batch.append(item)
+        else:  # other callers' requests stay queued, in their order
+            others: deque = deque()
+            while self._queue and total < self.max_samples:
+                item = self._queue.popleft()
+                if item[3] == group and total + item[1] <= self.max_samples:
+                    total += item[1]
+                    batch.append(item)
+                else:
+                    others.append(item)
+            others.extend(self._queue)
+            self._queue = others
         self._queued_samples -= total
         return batch
 
@@ -94,7 +113,7 @@ class MicroBatcher(Generic[P, R]):
                     results = [await self._alone(loop, p) for p in payloads]
                 else:
                     results = [_Failed(e) for _ in payloads]
-            for (_, _, fut), res in zip(batch, results):
+            for (_, _, fut, _), res in zip(batch, results):
                 if fut.done():
                     continue
                 if isinstance(res, _Failed):

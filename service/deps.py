@@ -80,9 +80,12 @@ async def authenticate(state, authorization: str | None, address: str) -> ApiKey
     return key
 
 
+def _address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
 async def _authenticate(request: Request) -> ApiKey:
-    return await authenticate(request.app.state, request.headers.get("authorization"),
-                              request.client.host if request.client else "")
+    return await authenticate(request.app.state, request.headers.get("authorization"), _address(request))
 
 
 async def api_key(request: Request, _: _BearerDoc) -> ApiKey:
@@ -134,19 +137,25 @@ class Serving:
     keyring: Keyring
     metrics: Metrics
     key: ApiKey | None  # None: no Authorization header (a header that is present was valid)
+    caller: str  # :func:`caller_of`
+
+
+def caller_of(key: ApiKey | None, address: str) -> str:
+    """Whom a request is for, as a model's batches tell callers apart: its key, or its address without one."""
+    return key.id if key is not None else f"address {address}"
 
 
 async def _serving(request: Request) -> Serving:
     state = request.app.state
     key = None if "authorization" not in request.headers else await _authenticate(request)
-    return Serving(state.settings, state.host, state.keyring, state.metrics, key)
+    return Serving(state.settings, state.host, state.keyring, state.metrics, key, caller_of(key, _address(request)))
 
 
 async def _distilling(request: Request) -> Serving:
     state = request.app.state
     key = await _authenticate(request)
     check_scope(key, "distill", request.path_params["name"])  # the route's {name}
-    return Serving(state.settings, state.host, state.keyring, state.metrics, key)
+    return Serving(state.settings, state.host, state.keyring, state.metrics, key, key.id)
 
 
 # The routes that use these declare the bearer scheme in their OpenAPI (SERVING_DOC): as a

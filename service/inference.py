@@ -127,8 +127,9 @@ def require_predict(key: ApiKey | None, model: str, public: bool) -> None:
 
 
 async def public_logits(model: HostedModel, x: np.ndarray, key: ApiKey | None, keyring: Keyring,
-                        metrics: Metrics) -> np.ndarray:
-    z = await _served(model.logits(x, keyed=False), model)
+                        metrics: Metrics, caller: str | None = None) -> np.ndarray:
+    """``caller``: :attr:`service.deps.Serving.caller` (an isolated model batches each caller apart)."""
+    z = await _served(model.logits(x, keyed=False, caller=caller), model)
     _count(model, "predict", len(x), key, keyring, metrics)
     return z
 
@@ -149,7 +150,7 @@ async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: 
     """The keyed logits of ``x``; ``charged``: the caller already passed :func:`charge_keyed` for them."""
     if not charged:
         await charge_keyed(model, len(x), key, keyring)
-    z = await _served(model.logits(x, keyed=True), model)
+    z = await _served(model.logits(x, keyed=True, caller=key.id), model)
     _count(model, "distill", len(x), key, keyring, metrics)
     return z
 

@@ -86,6 +86,7 @@ class Caller(Protocol):
     keyring: Keyring
     metrics: Metrics
     key: ApiKey | None  # None: no key was sent (one that was sent has been authenticated)
+    caller: str  # its key's id, or its address without one: an isolated model batches each caller apart
 
 
 # --------------------------------------------------------------------------- metadata
@@ -245,7 +246,7 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor],
         await charge_keyed(model, len(x), ctx.key, ctx.keyring)
         jobs[KEYED_OUTPUT] = keyed_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, charged=True)
     if served_public:
-        jobs["public"] = public_logits(model, x, ctx.key, ctx.keyring, ctx.metrics)
+        jobs["public"] = public_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, ctx.caller)
     results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
     values = _public_values(softmax(results["public"]), model.policy) if served_public else {}
     if keyed:

@@ -391,6 +391,9 @@ class HostedModel:
     policy: OutputPolicy = field(default_factory=OutputPolicy)  # what the public routes return
     io_binding: bool = False  # run() binds input and output (CUDA sessions only; see run_bound)
     deadline: RunDeadline = field(default_factory=lambda: RunDeadline(0.0), repr=False)  # the host's
+    # A tenant's graph (its name owned by a key that is not an admin's): it could compute one sample's answer
+    # from another's input, so one caller's requests never share a call with another's.
+    isolated: bool = False
 
     @property
     def bundle(self) -> Bundle:
@@ -453,10 +456,12 @@ class HostedModel:
                 out.append(session.run([OUTPUT_NAME], feeds, options)[0])
         return out
 
-    async def logits(self, x: np.ndarray, keyed: bool = False) -> np.ndarray:
+    async def logits(self, x: np.ndarray, keyed: bool = False, caller: str | None = None) -> np.ndarray:
+        """``caller`` (a key id, or an address without a key): whom the request is for, which an isolated model's
+        batches keep apart."""
         if keyed and not self.distillable:
             raise ApiError(400, "not_distillable", f"model {self.name!r} has no keyed path ({self.meta['mode']} mode)")
-        return await self.batcher.submit((x, keyed), len(x))
+        return await self.batcher.submit((x, keyed), len(x), caller if self.isolated else None)
 
     async def outputs(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The output for one request of named inputs (a style bundle's), through the batcher."""
@@ -626,7 +631,7 @@ class ModelHost:
                                enabled=s.batching, on_batch=count)
         model = HostedModel(row.name, row.version, row.path, row.added_at, bundle.meta, bundle.has_key,
                             self.bundles, batcher, row_policy(row), io_binding=s.ort_io_binding and provider == CUDA,
-                            deadline=self.deadline)
+                            deadline=self.deadline, isolated=self.store.tenant_owned(row.name))
         self.bundles.put(model, bundle)
         return model
 

@@ -210,6 +210,15 @@ class Store:
             claim = s.get(ModelNameRow, name)
             return None if claim is None else claim.owner
 
+    def tenant_owned(self, name: str) -> bool:
+        """Whether the model name ``name`` belongs to a key that is not an admin's (a tenant's graph)."""
+        with self.session() as s:
+            claim = s.get(ModelNameRow, name)
+            if claim is None or claim.owner is None:
+                return False
+            key = s.get(ApiKeyRow, claim.owner)
+            return key is None or "admin" not in key.scopes.split(",")
+
     def next_version(self, name: str) -> str:
         """The version a deploy of ``name`` would be given now (another deploy may take it first)."""
         with self.session() as s:

@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 from .. import oip
 from ..auth import ApiKey
-from ..deps import Serving, authenticate
+from ..deps import Serving, authenticate, caller_of
 from ..errors import INTERNAL, ApiError
 from ..ratelimit import ANONYMOUS_CALLER
 
@@ -142,7 +142,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _caller(self, context: aio.ServicerContext) -> Serving:
         s = self.state
-        return Serving(s.settings, s.host, s.keyring, s.metrics, await self._key(context))
+        key = await self._key(context)
+        return Serving(s.settings, s.host, s.keyring, s.metrics, key, caller_of(key, peer_address(context.peer())))
 
     # ------------------------------------------------------------------ one call
     async def _run(self, method: str, context: aio.ServicerContext, model: str,

@@ -173,7 +173,8 @@ async def predict(name: ModelName, request: Request, s: ServingDep) -> Response:
     body = await _body(request, model, s, _INPUT_TYPES)
     max_samples = s.settings.max_request_samples
     if task == "pose":  # keypoints instead of labels, same inputs
-        heatmaps = await public_logits(model, await _inputs(model, body, max_samples), s.key, s.keyring, s.metrics)
+        heatmaps = await public_logits(model, await _inputs(model, body, max_samples), s.key, s.keyring, s.metrics,
+                                       s.caller)
         return json_response({"model": model.name, "version": model.version, "task": "pose",
                               **pose_predictions(model.meta, heatmaps)})
     if body.json is not None:  # the options are checked before the tensor, the images after decoding
@@ -182,7 +183,7 @@ async def predict(name: ModelName, request: Request, s: ServingDep) -> Response:
     else:  # a .npy body (top_k in the query) or images (top_k a form field or in the query)
         x = await _inputs(model, body, max_samples)
         opts = options(PredictOptions, {"top_k": body.fields.get("top_k", top_k_query or 5)})
-    z = await public_logits(model, x, s.key, s.keyring, s.metrics)
+    z = await public_logits(model, x, s.key, s.keyring, s.metrics, s.caller)
     k = min(opts.top_k, len(model.labels))
     if task == "multilabel":
         return json_response({"model": model.name, "version": model.version, "task": task,

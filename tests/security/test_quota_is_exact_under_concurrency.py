@@ -275,9 +275,9 @@ async def test_a_refused_charge_costs_no_model_time(svc, monkeypatch):
     calls: list[bool] = []
     logits = HostedModel.logits
 
-    async def counted(self, x, keyed=False):
+    async def counted(self, x, keyed=False, caller=None):
         calls.append(keyed)
-        return await logits(self, x, keyed)
+        return await logits(self, x, keyed, caller)
 
     monkeypatch.setattr(HostedModel, "logits", counted)
     h = svc.auth(svc.key(("distill",), quota=1))

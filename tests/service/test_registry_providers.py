@@ -26,7 +26,7 @@ from service.registry import (
     run_bound,
 )
 from service.settings import Settings
-from service.store import ModelRow
+from service.store import ModelRow, Store
 
 X = np.random.default_rng(0).standard_normal((5, 1, 2, 2)).astype(np.float32)
 
@@ -41,6 +41,13 @@ def plain_bundle(tmp_path_factory):
 
 def settings(tmp_path, **over) -> Settings:
     return Settings(data_dir=tmp_path / "data", **over)
+
+
+def serving_host(tmp_path, **over) -> ModelHost:
+    """A ModelHost on its own store, as a server's (the store says whose models are whose)."""
+    s = settings(tmp_path, **over)
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    return ModelHost(s, Store(s.db_url))
 
 
 def warnings_of(caplog) -> list[logging.LogRecord]:
@@ -90,7 +97,7 @@ def test_batch_size_defaults_by_provider_and_the_setting_overrides_it(tmp_path):
 
 def test_a_cpu_model_is_batched_for_the_cpu_and_never_binds(tmp_path, plain_bundle, caplog, monkeypatch):
     # Asked for CUDA and a provider no onnxruntime has: served, on CUDA only where this onnxruntime has it.
-    host = ModelHost(settings(tmp_path, ort_providers="CUDAExecutionProvider,NoSuchExecutionProvider"), None)
+    host = serving_host(tmp_path, ort_providers="CUDAExecutionProvider,NoSuchExecutionProvider")
     try:
         with caplog.at_level(logging.WARNING, logger="sdb.service"):
             a, _ = host.load(plain_bundle), host.load(plain_bundle)
@@ -100,7 +107,7 @@ def test_a_cpu_model_is_batched_for_the_cpu_and_never_binds(tmp_path, plain_bund
     finally:
         host.close()
     # Only a provider no onnxruntime has: the CPU on every machine, batched for it and never bound.
-    host = ModelHost(settings(tmp_path, ort_providers="NoSuchExecutionProvider"), None)
+    host = serving_host(tmp_path, ort_providers="NoSuchExecutionProvider")
     try:
         b = host.load(plain_bundle)
         assert b.session.get_providers() == [CPU]
@@ -132,7 +139,7 @@ class CudaLooking:
 
 
 def test_a_cuda_model_gets_large_batches_and_one_bound_call_per_batch(tmp_path, plain_bundle):
-    host = ModelHost(settings(tmp_path, ort_providers=CPU), None)
+    host = serving_host(tmp_path, ort_providers=CPU)
     try:
         bundle = host.load(plain_bundle)
         cpu_logits = bundle.public_logits(np.concatenate([X, X[:2]]))
@@ -142,7 +149,7 @@ def test_a_cuda_model_gets_large_batches_and_one_bound_call_per_batch(tmp_path, 
         z1, z2 = model.run([(X, False), (X[:2], False)])  # two requests, one batch: one bound call
         assert bundle.session.bindings == 1
         np.testing.assert_allclose(np.concatenate([z1, z2]), cpu_logits, rtol=1e-6)
-        off = ModelHost(settings(tmp_path, ort_providers=CPU, ort_io_binding=False), None)
+        off = serving_host(tmp_path, ort_providers=CPU, ort_io_binding=False)
         try:
             assert not off._host(ModelRow(name="tiny", version="1", path="", added_at=0.0), bundle).io_binding
         finally:
@@ -152,7 +159,7 @@ def test_a_cuda_model_gets_large_batches_and_one_bound_call_per_batch(tmp_path, 
 
 
 def test_run_bound_gives_what_run_gives(tmp_path, plain_bundle):
-    host = ModelHost(settings(tmp_path, ort_providers=CPU), None)
+    host = serving_host(tmp_path, ort_providers=CPU)
     try:
         bundle = host.load(plain_bundle)
         np.testing.assert_allclose(run_bound(bundle.session, X.astype(np.float64)), bundle.public_logits(X),

@@ -1,0 +1,56 @@
+"""service.batching.MicroBatcher: what shares a call, and that every caller gets its own answer."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batching import MicroBatcher
+
+pytestmark = pytest.mark.anyio
+
+
+class Recorder:
+    """A model call that records each batch's payloads and answers each payload doubled; the first call waits
+    until ``release`` so that the requests behind it queue up."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[str, int]]] = []
+        self.release = threading.Event()
+
+    def __call__(self, payloads):
+        self.release.wait(5)
+        self.batches.append(list(payloads))
+        return [(who, 2 * v) for who, v in payloads]
+
+
+async def _run(requests: list[tuple[str, int, str | None]], max_samples: int = 64):
+    fn = Recorder()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(fn, pool, max_samples=max_samples)
+        first = asyncio.create_task(batcher.submit(("warm", 0), 1, requests[0][2]))
+        await asyncio.sleep(0.05)  # the first call runs (and waits): everything after it queues
+        rest = [asyncio.create_task(batcher.submit((who, v), 1, group)) for who, v, group in requests]
+        await asyncio.sleep(0.05)
+        fn.release.set()
+        answers = await asyncio.gather(first, *rest)
+    return fn.batches[1:], answers[1:]
+
+
+async def test_requests_without_a_group_share_calls_up_to_the_batch_size():
+    batches, answers = await _run([(f"r{i}", i, None) for i in range(5)], max_samples=3)
+    assert [len(b) for b in batches] == [3, 2]
+    assert answers == [(f"r{i}", 2 * i) for i in range(5)]
+
+
+async def test_each_group_gets_calls_of_its_own_and_the_others_keep_their_order():
+    requests = [("a1", 1, "alice"), ("b1", 2, "bob"), ("a2", 3, "alice"), ("c1", 4, "carol"), ("b2", 5, "bob"),
+                ("a3", 6, "alice")]
+    batches, answers = await _run(requests, max_samples=2)
+    assert answers == [(who, 2 * v) for who, v, _ in requests]  # each its own answer
+    group = {who: g for who, _, g in requests}
+    owners = [{group[who] for who, _ in batch} for batch in batches]
+    assert all(len(o) == 1 for o in owners), batches  # never two callers in one call
+    assert [[who for who, _ in b] for b in batches] == [["a1", "a2"], ["b1", "b2"], ["c1"], ["a3"]]
