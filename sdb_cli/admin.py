@@ -161,12 +161,19 @@ def keys_revoke(settings: Settings, key_id: str) -> int:
     return 0
 
 
-def models_list(settings: Settings) -> int:
+def models_list(settings: Settings, *, as_json: bool = False) -> int:
     store = _open_store(settings)
     try:
         rows = store.list_models()
     finally:
         store.close()
+    if as_json:
+        import json
+
+        print(json.dumps([{"name": r.name, "version": r.version, "added_at": r.added_at, "path": r.path,
+                           "output_policy": {"policy": r.policy, "top_k": r.top_k, "decimals": r.decimals}}
+                          for r in rows], indent=2))
+        return 0
     print(f"{'name':24}  {'version':10}  {'added':16}  {'policy':12}  path")
     for r in rows:
         print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):16}  {_policy(r):12}  {r.path}")
@@ -249,9 +256,13 @@ def cmd_keys(args) -> int:
 
 
 def cmd_models(args) -> int:
+    from .models_remote import cmd_remote_models, remote
+
+    if remote(args):
+        return cmd_remote_models(args)
     s = _service_settings(args)
     if args.models_command == "list":
-        return models_list(s)
+        return models_list(s, as_json=args.json)
     if args.models_command == "add":
         return models_add(s, args.path, policy=args.policy, top_k=args.top_k, decimals=args.decimals)
     return models_remove(s, args.name, args.version)
@@ -288,18 +299,30 @@ def add_commands(sub) -> None:
         sp.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
     k.set_defaults(fn=cmd_keys)
 
-    m = sub.add_parser("models", help="list, add and remove served models (on the data dir)")
+    from .models_remote import add_remote_flags
+
+    m = sub.add_parser("models", help="list, add and remove served models (on the data dir), or deploy and "
+                       "remove them on a server (as a key)")
     ms = m.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    ms.add_parser("list", help="registered models")
+    ml = ms.add_parser("list", help="registered models")
+    ml.add_argument("--json", action="store_true", help="print the models as a JSON list (for scripts)")
     ma = ms.add_parser("add", help="verify a bundle and register it; a running server serves it shortly")
     ma.add_argument("path", help="bundle directory or .sdb file")
-    ma.add_argument("--policy", choices=POLICIES, help="what the public routes return: probs (the default), the "
-                    "top_k classes renormalised, or the label alone")
-    ma.add_argument("--top-k", type=int, help=f"k of the top_k policy (default {AuditConfig().top_k})")
-    ma.add_argument("--decimals", type=int, help="round served probabilities to this many decimals (default: unrounded)")
+    md = ms.add_parser("deploy", help="upload a bundle to a server and serve it as the next version of its name, "
+                       "as the key (deploy scope): the name becomes the key's")
+    md.add_argument("path", help="bundle directory or .sdb file, or a file-… id of an uploaded bundle")
+    md.add_argument("--name", help="serve it under this name (default the bundle's)")
+    for sp in (ma, md):
+        sp.add_argument("--policy", choices=POLICIES, help="what the public routes return: probs (the default), "
+                        "the top_k classes renormalised, or the label alone")
+        sp.add_argument("--top-k", type=int, help=f"k of the top_k policy (default {AuditConfig().top_k})")
+        sp.add_argument("--decimals", type=int, help="round served probabilities to this many decimals "
+                        "(default: unrounded)")
     mr = ms.add_parser("remove", help="stop serving a model (every version, or --version)")
     mr.add_argument("name")
     mr.add_argument("--version")
-    for sp in ms.choices.values():
+    for sp in (ml, ma, mr):
         sp.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    for sp in (ml, md, mr):
+        add_remote_flags(sp)
     m.set_defaults(fn=cmd_models)

@@ -1,0 +1,53 @@
+"""``sdb models deploy``, and ``list`` / ``remove`` with ``--url`` or ``--api-key``: the served models on a running
+server, as an API key (a ``deploy`` key serves its bundles and removes their versions; an admin key any). Without
+either, ``list``, ``add`` and ``remove`` work on the data dir as an admin (:mod:`sdb_cli.admin`)."""
+from __future__ import annotations
+
+import json
+
+from .console import over_http
+
+
+def cmd_remote_models(args) -> int:
+    keyless = args.models_command == "list"  # listing is public unless the server says otherwise
+    return over_http(args, _run, needs_key=None if keyless else "deploy (or admin)")
+
+
+def _policy(p: dict | None) -> str:
+    p = p or {}
+    shown = str(p.get("policy", "probs")) + (f"={p['top_k']}" if p.get("top_k") is not None else "")
+    return shown + (f"/{p['decimals']}dp" if p.get("decimals") is not None else "")
+
+
+def _run(client, args) -> int:
+    cmd = args.models_command
+    if cmd == "deploy":
+        m = client.deploy_model(args.path, name=args.name, policy=args.policy, top_k=args.top_k,
+                                decimals=args.decimals)
+        print(f"deployed {m['name']} version {m['version']} (output policy {_policy(m.get('output_policy'))})")
+        return 0
+    if cmd == "remove":
+        for r in client.remove_model(args.name, version=args.version):
+            print(f"removed {r['name']} version {r['version']}")
+        return 0
+    models = client.models()
+    if args.json:
+        print(json.dumps(models, indent=2))
+        return 0
+    print(f"{'name':24}  {'version':10}  {'mode':6}  {'policy':12}  versions")
+    for m in models:
+        print(f"{m['name']:24}  {m['version']:10}  {m.get('mode', ''):6}  {_policy(m.get('output_policy')):12}  "
+              f"{','.join(m.get('versions', []))}")
+    return 0
+
+
+def remote(args) -> bool:
+    """Whether a ``models`` action runs on a server: ``deploy`` always; ``list`` and ``remove`` given ``--url`` or
+    ``--api-key`` (``add`` never: it registers a bundle in place)."""
+    return args.models_command == "deploy" or bool(getattr(args, "url", None) or getattr(args, "api_key", None))
+
+
+def add_remote_flags(sp) -> None:
+    sp.add_argument("--url", help="the server (env SDB_URL, default http://127.0.0.1:8000); with --url or --api-key "
+                    "the action runs there, as the key")
+    sp.add_argument("--api-key", help="a key with the deploy scope, or admin (env SDB_API_KEY)")
