@@ -274,7 +274,9 @@ def checked_wrap(
     from .teacher import check_teacher
 
     data = data.checked()
-    check_teacher(teacher, data)
+    teacher = check_teacher(teacher, data)  # the network the recipe copies: the figures below are of it
+    if hasattr(teacher, "why"):
+        log(f"teacher: {teacher.why}")
     recipe = recipe_for(cfg)
     t0 = time.perf_counter()
     fit_data, _ = holdout(data, check.val_fraction, check.seed)

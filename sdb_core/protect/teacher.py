@@ -24,6 +24,45 @@ class Logits(nn.Module):
         return logits_of(self.model(x))
 
 
+# Probabilities are clamped here before their logarithm: float32 softmax rows underflow to 0 (log: -inf).
+_TINY = 1e-30
+
+
+class FromProbabilities(nn.Module):
+    """The network of a teacher that answers class probabilities (a softmax at its end, as many exported
+    classifiers do): it answers their logarithms, which are logits up to a per-row constant, so the soft labels
+    softmax(log p / T) and the top-1 are the teacher's own."""
+
+    why = "the teacher answers probabilities: its log-probabilities are the logits the box learns and serves"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(logits_of(self.model(x)).clamp_min(_TINY))
+
+
+class FromOneScore(nn.Module):
+    """The network of a binary classifier that answers one score per input, the second class's: its logit z, or
+    its probability σ(z) (``probability``: a sigmoid at its end). It answers the two logits [0, z], whose softmax
+    is [1 − σ(z), σ(z)]: the teacher's own probabilities."""
+
+    def __init__(self, model: nn.Module, probability: bool) -> None:
+        super().__init__()
+        self.model, self.probability = model, probability
+        self.why = ("the teacher answers one probability per input (a sigmoid): its logit and 0 are the two logits "
+                    "the box learns and serves" if probability else
+                    "the teacher answers one logit z per input: [0, z] are the two logits the box learns and serves")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = logits_of(self.model(x))
+        if self.probability:
+            p = z.clamp(_TINY, 1.0 - 1e-7)  # 1 - 1e-7: the largest float32 below 1 that log1p(-p) keeps finite
+            z = torch.log(p) - torch.log1p(-p)
+        return torch.cat([torch.zeros_like(z), z], 1)
+
+
 def plain_teacher(teacher: nn.Module) -> nn.Module:
     """The module a box is made of: a ``torch.compile``'d teacher's original module (a compiled graph neither
     copies into a trainable network nor exports to ONNX; the box is the same function without it)."""
@@ -36,8 +75,10 @@ def copy_teacher(teacher: nn.Module) -> nn.Module:
     (``torch.jit.script``/``trace``) is copied through ``torch.jit.save``/``load``, since ``copy.deepcopy`` of one
     gives parameters that are not leaves (nothing can train or freeze them)."""
     teacher = plain_teacher(teacher)
-    if isinstance(teacher, Logits):
-        return Logits(copy_teacher(teacher.model))
+    if isinstance(teacher, Logits | FromProbabilities):
+        return type(teacher)(copy_teacher(teacher.model))
+    if isinstance(teacher, FromOneScore):
+        return FromOneScore(copy_teacher(teacher.model), teacher.probability)
     if isinstance(teacher, torch.jit.ScriptModule):
         buf = io.BytesIO()
         torch.jit.save(teacher, buf)
@@ -53,9 +94,12 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     leaves every module of the model in the mode it found it in.
 
     Returns the network a box copies: ``teacher`` (its compiled module's original, :func:`plain_teacher`), inside
-    :class:`Logits` when its forward answers the logits as ``out["logits"]`` or ``out.logits``. Probabilities (an
-    ``nn.Softmax`` at the end: every row in [0, 1], summing to 1) are refused: the recipe's soft labels at T = 4
-    read logits, and probabilities taken for logits teach nothing."""
+    :class:`Logits` when its forward answers the logits as ``out["logits"]`` or ``out.logits``, inside
+    :class:`FromProbabilities` when it answers probabilities (an ``nn.Softmax`` at the end: every row in [0, 1],
+    summing to 1; the recipe's soft labels at T = 4 read logits, and probabilities taken for logits teach
+    nothing), and inside :class:`FromOneScore` when a binary classifier answers one score per input: a
+    probability when every score on up to 256 training inputs is in [0, 1] (a trained logit is negative for the
+    first class), else a logit. The adapters say what they did in ``why``."""
     teacher = plain_teacher(teacher)
     x = data.train.tensors[0][:2]
     k = data.num_classes
@@ -73,10 +117,8 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
         what = f"a dict with keys {sorted(map(str, out))}" if isinstance(out, dict) else f"a {type(out).__name__}"
         raise ValueError(f"the teacher returns {what}, not a tensor of logits (nor a 'logits' entry or attribute): "  # noqa: TRY004
                          f"wrap a module whose forward returns (N, {k}) logits (e.g. the first element)")
-    if z.shape == (len(x), 1) and k == 2:
-        raise ValueError("the teacher answers one logit per input, the data has 2 classes: a binary classifier "
-                         "must answer two logits, e.g. torch.cat([torch.zeros_like(z), z], 1) for its logit z")
-    if z.shape != (len(x), k):
+    one_score = z.shape == (len(x), 1) and k == 2
+    if z.shape != (len(x), k) and not one_score:
         flat = z.dim() > 2 and z[0].numel() == k
         raise ValueError(f"the teacher answers shape {tuple(z.shape)} for {len(x)} inputs; the data has {k} "
                          f"classes: it must answer (N, {k}) logits"
@@ -84,15 +126,33 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     if not z.is_floating_point() or not torch.isfinite(z).all():
         raise ValueError("the teacher's logits must be finite floats (got "
                          f"{z.dtype}{'' if torch.isfinite(z.float()).all() else ' with NaN or Inf'})")
-    if k > 1 and bool((z >= 0).all() and (z <= 1).all() and torch.allclose(z.sum(1), torch.ones(len(z)).to(z), atol=1e-4)):
-        raise ValueError("the teacher answers probabilities (each row in [0, 1], summing to 1), not logits: the "
-                         "recipe reads logits (its soft labels are softmax(logits / T)); remove its final softmax "
-                         "(e.g. teacher[:-1] for an nn.Sequential ending in nn.Softmax), or answer log-probabilities "
-                         "(nn.LogSoftmax: logits up to a constant)")
-    if z is not out and isinstance(teacher, torch.jit.ScriptModule):  # ONNX's tracer cannot call it from a wrapper
+    net = _logits_module(teacher, z is out)
+    probabilities = k > 1 and bool((z >= 0).all() and (z <= 1).all()
+                                   and torch.allclose(z.sum(1), torch.ones(len(z)).to(z), atol=1e-4))
+    if (one_score or probabilities) and isinstance(teacher, torch.jit.ScriptModule):  # ONNX's tracer cannot call
+        # it from an adapter
+        what = f"one score per input for {k} classes" if one_score else "probabilities (each row summing to 1)"
+        raise ValueError(f"the TorchScript teacher answers {what}: script (or trace) a module that answers its "
+                         f"{k} logits (no final softmax or sigmoid), or pass the nn.Module unscripted")
+    if one_score:
+        return FromOneScore(net, _scores_are_probabilities(net, data))
+    return FromProbabilities(net) if probabilities else net
+
+
+def _logits_module(teacher: nn.Module, bare: bool) -> nn.Module:
+    """``teacher``, inside :class:`Logits` unless its forward answers the tensor itself (``bare``)."""
+    if not bare and isinstance(teacher, torch.jit.ScriptModule):  # ONNX's tracer cannot call it from a wrapper
         raise ValueError("the TorchScript teacher answers its logits inside a dict or object: script (or trace) a "
                          "module whose forward returns the logits tensor itself, or pass the nn.Module unscripted")
-    return teacher if z is out else Logits(teacher)
+    return teacher if bare else Logits(teacher)
+
+
+def _scores_are_probabilities(net: nn.Module, data) -> bool:
+    """Whether a one-score binary teacher answers probabilities: every score in [0, 1] on up to 256 training
+    inputs."""
+    with torch.no_grad(), evaluating(net):
+        z = torch.cat([net(x.to(device_of(net))) for x in data.train.tensors[0][:256].split(64)])
+    return bool(torch.isfinite(z).all() and (z >= 0).all() and (z <= 1).all())
 
 
 def require_finite_logits(z: torch.Tensor, where: str = "training inputs") -> None:

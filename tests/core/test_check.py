@@ -273,7 +273,6 @@ def test_a_diverging_setting_is_retried_gentler_and_the_report_says_so():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (lambda: nn.Linear(32, 1), "one logit per input"),
     (lambda: _Returns(lambda z, x: (z, x)), "returns a tuple"),
     (lambda: _Returns(lambda z, x: {"scores": z}), r"returns a dict with keys \[.scores.\]"),
     (lambda: nn.Linear(16, 2), "cannot run on this data's inputs"),
