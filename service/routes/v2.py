@@ -339,3 +339,8 @@ async def infer(name: ModelName, request: Request, s: ServingDep) -> Response:
              response_model=InferResponse, responses=_INFER_RESPONSES)
 async def infer_version(name: ModelName, version: ModelVersion, request: Request, s: ServingDep) -> Response:
     return await _infer(await oip.served_model(s, name, version), request, s)
+
+
+# Inference first: a request is matched against the routes in order (FastAPI tries each in turn), and an infer
+# came after the seven health and metadata routes, a sixth of its CPU in the profile.
+router.routes.sort(key=lambda r: not getattr(r, "path", "").endswith("/infer"))
