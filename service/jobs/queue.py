@@ -70,9 +70,11 @@ class JobQueue:
             return s.get(JobRow, job_id)
 
     def list(self, *, owner: str | None = None, status: str | None = None, kind: str | None = None,
-             limit: int = 100, oldest_first: bool = False) -> list[JobRow]:
+             backend: str | None = None, limit: int = 100, oldest_first: bool = False) -> list[JobRow]:
         """Newest first (``oldest_first``: in the order they were queued)."""
         q = select(JobRow)
+        if backend is not None:
+            q = q.where(JobRow.backend == backend)
         if owner is not None:
             q = q.where(JobRow.owner == owner)
         if status is not None:

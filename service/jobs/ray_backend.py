@@ -205,8 +205,10 @@ class RayDispatcher(threading.Thread):
         """One round: collect the tasks that ended, end those that outlived their job, send the queued jobs."""
         self._collect(ray)
         self._end_stale(ray)
-        for job in self.queue.list(status="queued", limit=1000, oldest_first=True):
-            if job.backend == "ray" and job.id not in self.inflight:
+        # Ray's own jobs only, in the store: a thousand others queued first (an embedded backend's, left from
+        # before a switch to Ray) filled the page and no Ray job was ever sent.
+        for job in self.queue.list(status="queued", backend="ray", limit=1000, oldest_first=True):
+            if job.id not in self.inflight:
                 self._send(task, sent, job)
 
     def _collect(self, ray) -> None:

@@ -147,6 +147,22 @@ def test_a_job_requeued_after_its_task_claimed_it_is_sent_again(tmp_path, bundle
         store.close()
 
 
+def test_a_ray_job_behind_a_thousand_jobs_of_another_backend_is_sent(tmp_path, bundles, fake_ray):
+    # The dispatcher read the oldest 1,000 queued jobs and kept Ray's: 1,000 embedded jobs queued first (left from
+    # before the server was switched to Ray) hid every Ray job behind them.
+    settings, store, queue = _setup(tmp_path, bundles)
+    for _ in range(1000):
+        queue.submit("distill", QUICK, "k1", backend="embedded")
+    job, _ = queue.submit("distill", QUICK, "k1", backend="ray")
+    d = _dispatcher(settings, queue)
+    try:
+        wait_for(lambda: fake_ray.sent_for(job.id), 10, "the Ray job sent")
+        assert len(fake_ray.sent) == 1  # and nothing of the other backend
+    finally:
+        d.stop()
+        store.close()
+
+
 def test_a_task_that_outlives_its_jobs_end_is_ended(tmp_path, bundles, fake_ray):
     # A task still waiting for resources (or hung) for a job that was cancelled or reaped: ended after a grace.
     settings, store, queue = _setup(tmp_path, bundles)
