@@ -145,7 +145,9 @@ def caller_of(key: ApiKey | None, address: str) -> str:
     return key.id if key is not None else f"address {address}"
 
 
-async def _serving(request: Request) -> Serving:
+async def serving(request: Request) -> Serving:
+    """The caller of an inference route (its key checked when it sent one): :data:`ServingDep`, or called by a
+    route that reads its own parameters (service/routes/v2.py's infer)."""
     state = request.app.state
     key = None if "authorization" not in request.headers else await _authenticate(request)
     return Serving(state.settings, state.host, state.keyring, state.metrics, key, caller_of(key, _address(request)))
@@ -163,5 +165,5 @@ async def _distilling(request: Request) -> Serving:
 # OptionalApiKeyDep declare it too: the dependency alone documents the key as required.
 SERVING_DOC = {"security": [{"HTTPBearer": []}, {}]}  # a key is optional; when sent it must be valid
 DISTILLING_DOC = {"security": [{"HTTPBearer": []}]}
-ServingDep = Annotated[Serving, Depends(_serving)]
+ServingDep = Annotated[Serving, Depends(serving)]
 DistillingDep = Annotated[Serving, Depends(_distilling)]  # a key with distill scope for the path's {name}

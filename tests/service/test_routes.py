@@ -140,6 +140,12 @@ async def test_v2_protocol(svc, bundles):
     ref = load_bundle(bundles.a, svc.settings.master_key)
     np.testing.assert_allclose(outs["distill_logits"], ref.distill_logits(bundles.x), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(outs["probabilities"], ref.predict(bundles.x), rtol=1e-5, atol=1e-6)
+    # the infer routes read their path parameters themselves: checked as every route's are, in the v2 form
+    for path in ("/v2/models/digits%00a/infer", "/v2/models/digits-a/versions/1%00/infer"):
+        r = await c.post(path, json=v2_body(bundles.x))
+        assert r.status_code == 422 and "a NUL character is not allowed" in r.json()["error"], r.text
+    r = await c.post("/v2/models/no-such/versions/1/infer", json=v2_body(bundles.x))
+    assert r.status_code == 404 and isinstance(r.json()["error"], str), r.text
 
 
 async def test_keys_create_list_revoke(svc):
