@@ -14,16 +14,18 @@ from ..auth import check_scope
 from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body, wants_npy
 from ..deps import (
     DISTILLING_DOC,
+    NAME_DOC,
     SERVING_DOC,
     ApiKeyDep,
-    DistillingDep,
     ModelHostDep,
     ModelName,
     OptionalApiKeyDep,
     Serving,
-    ServingDep,
     SettingsDep,
     StoreDep,
+    distilling,
+    path_param,
+    serving,
 )
 from ..errors import ApiError, invalid, not_found
 from ..inference import (
@@ -164,8 +166,10 @@ _NPY_ANSWER_HEADERS = {
                  **responses(400, *AUTH, 404, 413, 415, 503, why=_SERVING_ERRORS)},
              openapi_extra={**json_body_doc(PredictRequest, *_UPLOAD_DOC.items(),
                                             example={"inputs": _SAMPLE, "top_k": 2}), **SERVING_DOC,
-                            "parameters": [_VERSION_DOC, _TOP_K_DOC]})
-async def predict(name: ModelName, request: Request, s: ServingDep) -> Response:
+                            "parameters": [NAME_DOC, _VERSION_DOC, _TOP_K_DOC]})
+async def predict(request: Request) -> Response:
+    name = path_param(request, "name")
+    s = await serving(request)
     version, top_k_query = _version(request), request.query_params.get("top_k")
     require_predict(s.key, name, s.settings.public_predict)
     model = await s.host.aget(name, version)
@@ -206,8 +210,10 @@ async def predict(name: ModelName, request: Request, s: ServingDep) -> Response:
                             403: "the key lacks the distill scope for this model",
                             429: "over the request rate or the key's sample quota"})},
              openapi_extra={**json_body_doc(DistillRequest, (npy.NPY, _NPY_BODY_DOC), example={"inputs": _SAMPLE}),
-                            **DISTILLING_DOC, "parameters": [_VERSION_DOC, _TEMPERATURE_DOC]})
-async def distill(name: ModelName, request: Request, s: DistillingDep) -> Response:
+                            **DISTILLING_DOC, "parameters": [NAME_DOC, _VERSION_DOC, _TEMPERATURE_DOC]})
+async def distill(request: Request) -> Response:
+    name = path_param(request, "name")
+    s = await distilling(request)
     temperature = request.query_params.get("temperature")
     model = await s.host.aget(name, _version(request))
     require_task(model)

@@ -21,7 +21,17 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from .. import oip, oip_binary
-from ..deps import SERVING_DOC, ModelName, ModelVersion, Serving, ServingDep, serving
+from ..deps import (
+    NAME_DOC,
+    SERVING_DOC,
+    VERSION_DOC,
+    ModelName,
+    ModelVersion,
+    Serving,
+    ServingDep,
+    path_param,
+    serving,
+)
 from ..errors import ApiError, invalid
 from ..inference import require_task
 from ..oip import (
@@ -36,7 +46,7 @@ from ..oip import (
 )
 from ..oip_binary import HEADER_LENGTH, OCTET_STREAM
 from ..registry import HostedModel
-from ..schemas import AUTH, NO_NUL, json_body_doc, json_response, ok, responses
+from ..schemas import AUTH, json_body_doc, json_response, ok, responses
 from ..tensors import to_array
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
@@ -305,23 +315,9 @@ _BINARY = {"schema": {"type": "string", "format": "binary", "description": (
 _HEADER_DOC = {"name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer", "minimum": 1},
                "description": "binary tensor extension: the JSON header's length in bytes; the raw tensors follow it "
                               "(absent: the body is JSON alone)"}
-# The infer routes read their path parameters and the caller themselves (:func:`_path_param`, ``serving``): FastAPI's
-# dependency solving was ~19 µs of each infer's CPU (195 -> 177 µs in process). Declared here for the contract.
-_NAME_DOC = {"name": "name", "in": "path", "required": True, "description": "a served model's name",
-             "schema": {"type": "string", "pattern": NO_NUL, "examples": ["mnist-demo"]}}
-_VERSION_DOC = {"name": "version", "in": "path", "required": True, "description": "one of the model's versions",
-                "schema": {"type": "string", "pattern": NO_NUL, "examples": ["1"]}}
 _INFER_DOC = {**json_body_doc(InferRequest, (OCTET_STREAM, _BINARY), example=_INFER_EXAMPLE), **SERVING_DOC,
-              "parameters": [_NAME_DOC, _HEADER_DOC]}
-_INFER_VERSION_DOC = {**_INFER_DOC, "parameters": [_NAME_DOC, _VERSION_DOC, _HEADER_DOC]}
-
-
-def _path_param(request: Request, name: str) -> str:
-    """A path parameter of an infer route, checked as :data:`service.deps.ModelName` checks it (422)."""
-    value = request.path_params[name]
-    if "\x00" in value:
-        raise invalid(f"path.{name}: a NUL character is not allowed", "invalid_request")
-    return value
+              "parameters": [NAME_DOC, _HEADER_DOC]}
+_INFER_VERSION_DOC = {**_INFER_DOC, "parameters": [NAME_DOC, VERSION_DOC, _HEADER_DOC]}
 _INFER_OK = ok({"model_name": "mnist-demo", "model_version": "1", "id": "r1", "outputs": [
     {"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [1, 10], "data": [0.02, 0.01, 0.9, 0.01, 0.01, 0.01, 0.01,
                                                                          0.01, 0.01, 0.01]}]})
@@ -347,7 +343,7 @@ _INFER_RESPONSES = {**_INFER_OK, **responses(400, *AUTH, 404, 413, 415, 503, v2=
              responses=_INFER_RESPONSES)
 async def infer(request: Request) -> Response:
     # predict access before the lookup, as the metadata routes: no name, input shape or policy is probed
-    name = _path_param(request, "name")
+    name = path_param(request, "name")
     s = await serving(request)
     return await _infer(await oip.served_model(s, name), request, s)
 
@@ -355,7 +351,7 @@ async def infer(request: Request) -> Response:
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on one version",
              openapi_extra=_INFER_VERSION_DOC, response_model=InferResponse, responses=_INFER_RESPONSES)
 async def infer_version(request: Request) -> Response:
-    name, version = _path_param(request, "name"), _path_param(request, "version")
+    name, version = path_param(request, "name"), path_param(request, "version")
     s = await serving(request)
     return await _infer(await oip.served_model(s, name, version), request, s)
 

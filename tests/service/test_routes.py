@@ -146,6 +146,10 @@ async def test_v2_protocol(svc, bundles):
         assert r.status_code == 422 and "a NUL character is not allowed" in r.json()["error"], r.text
     r = await c.post("/v2/models/no-such/versions/1/infer", json=v2_body(bundles.x))
     assert r.status_code == 404 and isinstance(r.json()["error"], str), r.text
+    for path in ("/v1/models/digits%00a/predict", "/v1/models/digits%00a/distill"):  # v1's read them the same way
+        r = await c.post(path, json={"inputs": bundles.x.tolist()}, headers=svc.auth(token))
+        assert r.status_code == 422 and r.json()["error"] == {
+            "code": "invalid_request", "message": "path.name: a NUL character is not allowed"}, r.text
 
 
 async def test_keys_create_list_revoke(svc):
