@@ -131,6 +131,7 @@ class Keyring:
         self._rows: dict[str, tuple[float, ApiKeyRow]] = {}
         self._generation: dict[str, int] = {}  # bumped on invalidation: a slow fetch then is not cached
         self._usage: dict[tuple[str, str, str, str], list[int]] = {}  # (key, model, kind, day) → [req, samples]
+        self._used: dict[str, int] = {}  # keyed samples of keys without a quota, for their `used` (write-behind)
 
     # ------------------------------------------------------------ authentication
     def cached_row(self, key_id: str) -> ApiKeyRow | None:
@@ -183,7 +184,16 @@ class Keyring:
         store, or count nothing and raise: 429 when they do not fit, 401 when the key was revoked
         or expired since this request authenticated (in another process, say)."""
         now = time.time()
-        if self.store.charge(key.id, samples, now) is not None:
+        if key.quota is None:
+            # Nothing to keep exact: one read says the key still stands (revoked or expired by another process:
+            # refused at once, as the keyed path promises) and the count joins the write-behind. The UPDATE a quota
+            # needs took SQLite's write lock on every request: distill at 8 callers served 1,470 requests/s with a
+            # p99 of 120 ms (WAL checkpoints), against predict's 3,640.
+            if self.store.key_stands(key.id, now):
+                with self._lock:
+                    self._used[key.id] = self._used.get(key.id, 0) + samples
+                return
+        elif self.store.charge(key.id, samples, now) is not None:
             return
         self._refused(key, samples, now)
 
@@ -236,6 +246,14 @@ class Keyring:
         with self._flushing:
             with self._lock:
                 usage, self._usage = self._usage, {}
+                used, self._used = self._used, {}
+            try:
+                self.store.add_used(used)
+            except Exception:
+                with self._lock:
+                    for key_id, n in used.items():
+                        self._used[key_id] = self._used.get(key_id, 0) + n
+                raise
             items = list(usage.items())
             for i, ((key_id, model, kind, day), (req, n)) in enumerate(items):
                 try:

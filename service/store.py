@@ -297,6 +297,20 @@ class Store:
             row = conn.execute(_CHARGE, params).first()
         return None if row is None else (row.used, row.window_start)
 
+    def key_stands(self, key_id: str, now: float) -> bool:
+        """Whether a key is known, not revoked and not expired at ``now``: one read (no write lock)."""
+        with self.engine.connect() as conn:
+            return conn.execute(_STANDS, {"key_id": key_id, "now": now}).first() is not None
+
+    def add_used(self, counts: dict[str, int]) -> None:
+        """Add keyed samples to keys' ``used`` (keys without a quota: :meth:`Keyring.charge` counts them behind)."""
+        if not counts:
+            return
+        k = ApiKeyRow.__table__.c
+        with self.engine.begin() as conn:
+            for key_id, n in counts.items():
+                conn.execute(update(ApiKeyRow.__table__).where(k.id == key_id).values(used=k.used + n))
+
     def charge_job(self, key_id: str, samples: int, now: float, job_id: str, worker: str) -> str | None:
         """A job's charge of ``samples`` keyed samples, once per job, in one transaction with the job's row:
         ``"charged"``; ``"already"`` when an earlier attempt of the job charged them (a requeue after its worker
@@ -468,6 +482,10 @@ def _charge_statement():
 
 
 _CHARGE = _charge_statement()
+_STANDS = (select(ApiKeyRow.__table__.c.id)
+           .where(ApiKeyRow.__table__.c.id == bindparam("key_id"), ApiKeyRow.__table__.c.revoked_at.is_(None),
+                  or_(ApiKeyRow.__table__.c.expires_at.is_(None),
+                      ApiKeyRow.__table__.c.expires_at > bindparam("now", type_=Float))))
 
 
 def normalise_url(url: str) -> str:

@@ -141,15 +141,34 @@ async def test_quota_is_written_to_the_store(svc):
     assert [(u.model, u.kind, u.requests, u.samples) for u in usage] == [("digits-a", "distill", 1, 2)]
 
 
-async def test_keyed_path_refuses_a_key_revoked_by_another_process_at_once(svc):
-    # The cached row still says valid (another process revoked it); the charge reads the store.
-    token = svc.key(("distill",), quota=100)
+@pytest.mark.parametrize("quota", [100, None], ids=["quota", "no quota"])
+async def test_keyed_path_refuses_a_key_revoked_by_another_process_at_once(svc, quota):
+    # The cached row still says valid (another process revoked it); the charge reads the store: its UPDATE for a
+    # key with a quota, a read for one without (no write lock per request), either at once.
+    token = svc.key(("distill",), quota=quota)
     one = {"inputs": X[:1].tolist()}
     assert (await svc.client.post("/v1/models/digits-a/distill", json=one, headers=svc.auth(token))).status_code == 200
     svc.app.state.store.revoke_key(parse_token(token)[0])
     r = await svc.client.post("/v1/models/digits-a/distill", json=one, headers=svc.auth(token))
     assert r.status_code == 401 and r.json()["error"]["code"] == "key_revoked", r.text
+    svc.app.state.keyring.flush()  # a key without a quota counts its samples behind
     assert svc.app.state.store.get_key(parse_token(token)[0]).used == 1
+
+
+async def test_a_key_without_a_quota_counts_its_keyed_samples_behind(svc):
+    token = svc.key(("distill",))
+    h = svc.auth(token)
+    for n in (1, 2):
+        r = await svc.client.post("/v1/models/digits-a/distill", json={"inputs": X[:n].tolist()}, headers=h)
+        assert r.status_code == 200, r.text
+    svc.app.state.keyring.flush()
+    assert (await svc.client.get("/v1/keys/me", headers=h)).json()["quota_used"] == 3
+    expiring = svc.key(("distill",), expires_days=1)
+    one = {"inputs": X[:1].tolist()}
+    assert (await svc.client.post("/v1/models/digits-a/distill", json=one, headers=svc.auth(expiring))).status_code == 200
+    expire(svc, expiring)  # in the store, behind the cached row: the read refuses it at once
+    r = await svc.client.post("/v1/models/digits-a/distill", json=one, headers=svc.auth(expiring))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "key_expired", r.text
 
 
 def test_concurrent_flushes_record_usage_once_and_a_flush_returns_only_once_it_is_stored(db_url):
