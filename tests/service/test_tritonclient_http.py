@@ -144,7 +144,7 @@ def test_bytes_are_images(client, bundles, ref):
 
 
 def test_the_keyed_output_needs_its_key(client, server, bundles, ref):
-    token = key(server.settings, ["distill"], models=["digits-a"])
+    token = key(server.settings, ["distill"], models=["digits-a"], quota=1000)  # charged in the store at once
     asked = [triton.InferRequestedOutput("distill_logits"), triton.InferRequestedOutput("probabilities")]
     out = client.infer("digits-a", [infer_input(bundles.x, "FP32")], outputs=asked,
                        headers={"Authorization": f"Bearer {token}"})
