@@ -176,11 +176,11 @@ def models_list(settings: Settings, *, as_json: bool = False) -> int:
         return 0
     print(f"{'name':24}  {'version':10}  {'added':16}  {'policy':12}  path")
     for r in rows:
-        print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):16}  {_policy(r):12}  {r.path}")
+        print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):16}  {policy_text(r):12}  {r.path}")
     return 0
 
 
-def _policy(row) -> str:
+def policy_text(row) -> str:
     """A row's output policy (or an OutputPolicy: the same fields) in a few characters: top_k=3/4dp."""
     shown = row.policy + (f"={row.top_k}" if row.top_k is not None else "")
     return shown + (f"/{row.decimals}dp" if row.decimals is not None else "")
@@ -209,7 +209,7 @@ def models_add(settings: Settings, path: str, *, policy: str | None = None, top_
     finally:
         host.close()
         store.close()
-    print(f"registered {model.name} version {model.version} from {model.path} (output policy {_policy(model.policy)})")
+    print(f"registered {model.name} version {model.version} from {model.path} (output policy {policy_text(model.policy)})")
     return 0
 
 

@@ -14,9 +14,12 @@ def cmd_remote_models(args) -> int:
 
 
 def _policy(p: dict | None) -> str:
-    p = p or {}
-    shown = str(p.get("policy", "probs")) + (f"={p['top_k']}" if p.get("top_k") is not None else "")
-    return shown + (f"/{p['decimals']}dp" if p.get("decimals") is not None else "")
+    """An answer's ``output_policy`` as ``sdb models list`` shows a row's (:func:`sdb_cli.admin.policy_text`)."""
+    from types import SimpleNamespace
+
+    from .admin import policy_text
+
+    return policy_text(SimpleNamespace(**{"policy": "probs", "top_k": None, "decimals": None, **(p or {})}))
 
 
 def _run(client, args) -> int:

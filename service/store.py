@@ -482,10 +482,9 @@ def _charge_statement():
 
 
 _CHARGE = _charge_statement()
-_STANDS = (select(ApiKeyRow.__table__.c.id)
-           .where(ApiKeyRow.__table__.c.id == bindparam("key_id"), ApiKeyRow.__table__.c.revoked_at.is_(None),
-                  or_(ApiKeyRow.__table__.c.expires_at.is_(None),
-                      ApiKeyRow.__table__.c.expires_at > bindparam("now", type_=Float))))
+_KEYS = ApiKeyRow.__table__.c
+_STANDS = select(_KEYS.id).where(_KEYS.id == bindparam("key_id"), _KEYS.revoked_at.is_(None),  # Store.key_stands
+                                 or_(_KEYS.expires_at.is_(None), _KEYS.expires_at > bindparam("now", type_=Float)))
 
 
 def normalise_url(url: str) -> str:
