@@ -93,6 +93,26 @@ def test_keyrings_sharing_a_store_charge_exactly_the_quota(db_url):
             s.close()
 
 
+def test_a_key_without_a_quota_revoked_by_another_process_is_refused_at_once(db_url):
+    # Its charge reads the store rather than writing it (no write lock per keyed request): the read must still see
+    # a revocation made through another process's store at once, and its samples are counted, once, behind.
+    stores = [Store(db_url), Store(db_url)]
+    try:
+        _, api_key = create_key(stores[0], b"p" * 32, scopes=["distill"])
+        keyring = Keyring(stores[0], b"p" * 32)
+        keyring.charge(api_key, 3)
+        stores[1].revoke_key(api_key.id)
+        with pytest.raises(ApiError) as e:
+            keyring.charge(api_key, 1)
+        assert e.value.status == 401 and e.value.code == "key_revoked"
+        keyring.flush()
+        keyring.flush()
+        assert stores[1].get_key(api_key.id).used == 3
+    finally:
+        for s in stores:
+            s.close()
+
+
 def test_window_rollover_is_atomic_and_never_restarts_a_window(db_url, monkeypatch):
     # A clock the test moves: the window passes without waiting for it, and the second keyring's
     # process lags behind the first (clocks of two hosts differ).
