@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import errors
 from .auth import Keyring
+from .direct import DirectRoutes
 from .jobs.queue import JobQueue
 from .metrics import Metrics
 from .middleware import ServiceMiddleware
@@ -134,17 +135,16 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.address_limiter = address_limiter = RateLimiter(settings.rate_limit_address_per_s,
                                                                settings.rate_limit_address_burst)
     errors.install(app)
-    # The inference routers first: FastAPI tries routers in order, scanning every route of each one before (a
-    # v2 infer went through ~30 routes, a quarter of the request's CPU). Account before keys and jobs: its
-    # /v1/keys/me is not a key id.
-    for r in (v2.router, models.router, account.router, health.router, deploy.router, keys.router, jobs.router,
-              files.router, console.router):
-        app.include_router(r)
-    app.include_router(style_routes.router)
+    # FastAPI tries routers in order, scanning every route of each: the model routes first (the inference routes
+    # themselves are called directly: service.direct). Account before keys and jobs: its /v1/keys/me is not a key id.
+    routers = (v2.router, models.router, account.router, health.router, deploy.router, keys.router, jobs.router,
+               files.router, console.router, style_routes.router)
+    for r in routers:
+        app.include_router(r)  # no prefix: a route's path is its router's (what service.direct matches)
     upload = settings.max_file_bytes + UPLOAD_OVERHEAD  # the file part is counted on its own, to the byte
     allowed = f"a file up to {settings.max_file_bytes} bytes (SDB_MAX_FILE_BYTES) and its form fields"
     app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
                        host_of=lambda: app.state.host,
                        upload_routes=dict.fromkeys(UPLOAD_ROUTES, (upload, allowed)),
-                       address_limiter=address_limiter)
+                       address_limiter=address_limiter, direct=DirectRoutes(route for r in routers for route in r.routes))
     return app

@@ -97,20 +97,26 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def install(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> Response:
+def response_for(exc: Exception) -> Response:
+    """The error answer to one of the :data:`HANDLED` exceptions, in its route's form."""
+    if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+    if isinstance(exc, RequestValidationError):
         return error_response(422, "invalid_request", _validation_message(exc))
+    code = _HTTP_CODES.get(exc.status_code, "error" if exc.status_code < 500 else "internal_error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        code = _HTTP_CODES.get(exc.status_code, "error" if exc.status_code < 500 else "internal_error")
-        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+HANDLED = (ApiError, RequestValidationError, StarletteHTTPException)
+
+
+def install(app: FastAPI) -> None:
+    async def handler(_: Request, exc: Exception) -> Response:
+        return response_for(exc)
+
+    for kind in HANDLED:
+        app.add_exception_handler(kind, handler)
 
 
 INTERNAL = (500, "internal_error", "internal server error")

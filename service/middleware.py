@@ -12,6 +12,7 @@ import time
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .direct import DirectRoutes
 from .errors import INTERNAL, error_response
 from .ratelimit import ANONYMOUS_CALLER
 
@@ -23,13 +24,15 @@ _PROBES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 
 class ServiceMiddleware:
     def __init__(self, app: ASGIApp, *, max_payload_bytes: int, metrics, host_of,
-                 upload_routes: dict[tuple[str, str], tuple[int, str]] | None = None, address_limiter=None):
+                 upload_routes: dict[tuple[str, str], tuple[int, str]] | None = None, address_limiter=None,
+                 direct: DirectRoutes | None = None):
         self.app, self.limit, self.metrics, self.host_of = app, max_payload_bytes, metrics, host_of
         self.what = f"bodies up to {max_payload_bytes} bytes (SDB_MAX_PAYLOAD_BYTES)"
         # (method, path) → its own body limit and what it allows, in words: file uploads
         self.upload_routes = upload_routes or {}
         # Requests without a key, per client address (a keyed request is limited per key, in deps).
         self.address_limiter = address_limiter
+        self.direct = direct  # the inference routes, called from here (service.direct)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,6 +58,8 @@ class ServiceMiddleware:
                 await error_response(413, "payload_too_large",
                                      f"a body of {declared} bytes is over this route's limit: {what}")(
                     scope, receive, send_tracked)
+            elif self.direct is not None and (route := self.direct.match(scope)) is not None:
+                await self.direct.serve(route, scope, self._limited(receive, limit, what), send_tracked)
             else:
                 await self.app(scope, self._limited(receive, limit, what), send_tracked)
         except Exception:

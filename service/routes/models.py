@@ -27,6 +27,7 @@ from ..deps import (
     path_param,
     serving,
 )
+from ..direct import direct
 from ..errors import ApiError, invalid, not_found
 from ..inference import (
     PREDICT_TASKS,
@@ -167,6 +168,7 @@ _NPY_ANSWER_HEADERS = {
              openapi_extra={**json_body_doc(PredictRequest, *_UPLOAD_DOC.items(),
                                             example={"inputs": _SAMPLE, "top_k": 2}), **SERVING_DOC,
                             "parameters": [NAME_DOC, _VERSION_DOC, _TOP_K_DOC]})
+@direct
 async def predict(request: Request) -> Response:
     name = path_param(request, "name")
     s = await serving(request)
@@ -211,6 +213,7 @@ async def predict(request: Request) -> Response:
                             429: "over the request rate or the key's sample quota"})},
              openapi_extra={**json_body_doc(DistillRequest, (npy.NPY, _NPY_BODY_DOC), example={"inputs": _SAMPLE}),
                             **DISTILLING_DOC, "parameters": [NAME_DOC, _VERSION_DOC, _TEMPERATURE_DOC]})
+@direct
 async def distill(request: Request) -> Response:
     name = path_param(request, "name")
     s = await distilling(request)
