@@ -31,7 +31,7 @@ async def _served(call: Awaitable[np.ndarray], model: HostedModel) -> np.ndarray
 def _count(model: HostedModel, route: str, samples: int, key: ApiKey | None, keyring: Keyring,
            metrics: Metrics) -> None:
     """Samples served, for the metrics and for the key's usage (which the write-behind stores)."""
-    metrics.samples.labels(model.name, route, key.id if key is not None else ANONYMOUS).inc(samples)
+    metrics.count_samples(model.name, route, key.id if key is not None else ANONYMOUS, samples)
     if key is not None:
         keyring.record(key.id, model.name, route, samples)
 

@@ -7,6 +7,7 @@ id are shown to admin keys only; anyone else reads ``sdb_samples`` summed over k
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -40,12 +41,26 @@ class Metrics:
         self.bundles = Gauge("sdb_model_bundles_in_memory", "Model versions loaded in ONNX Runtime (the cache)",
                              registry=r)
         self.reloads = Gauge("sdb_model_reloads", "Versions loaded again after the cache unloaded them", registry=r)
+        # Each series once looked up: as bounded as the labels themselves (templates, hosted models, key ids)
+        self._request_series: dict[tuple, tuple] = {}
+        self._sample_series: dict[tuple, Any] = {}
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, model, str(status)).inc()
-        self.latency.labels(route, model).observe(seconds)
-        if status >= 400:
-            self.errors.labels(route, model, str(status)).inc()
+        series = self._request_series.get((route, method, model, status))
+        if series is None:  # prometheus_client's labels() checks and locks: ~1 µs a call, 3 calls a request
+            series = self._request_series[route, method, model, status] = (
+                self.requests.labels(route, method, model, str(status)), self.latency.labels(route, model),
+                self.errors.labels(route, model, str(status)) if status >= 400 else None)
+        series[0].inc()
+        series[1].observe(seconds)
+        if series[2] is not None:
+            series[2].inc()
+
+    def count_samples(self, model: str, kind: str, key_id: str, samples: int) -> None:
+        series = self._sample_series.get((model, kind, key_id))
+        if series is None:
+            series = self._sample_series[model, kind, key_id] = self.samples.labels(model, kind, key_id)
+        series.inc(samples)
 
     def observe_batch(self, model: str, requests: int, samples: int) -> None:
         self.batch_requests.labels(model).observe(requests)

@@ -20,6 +20,8 @@ log = logging.getLogger("sdb.service")
 # An orchestrator's liveness and readiness checks are never limited: ours, and the Open Inference
 # Protocol's (KServe probes /v2/health/*).
 _PROBES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
+# A method label outside these is "OTHER": a client's made-up methods would each be a series kept forever.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class ServiceMiddleware:
@@ -72,7 +74,8 @@ class ServiceMiddleware:
             name = (scope.get("path_params") or {}).get("name")
             host = self.host_of()
             model = name if name and host is not None and name in host else ""
-            self.metrics.observe_request(template, scope.get("method", ""), model, status,
+            method = scope.get("method", "")
+            self.metrics.observe_request(template, method if method in _METHODS else "OTHER", model, status,
                                          time.perf_counter() - start)
 
     def _address_wait(self, scope: Scope) -> float:

@@ -95,3 +95,17 @@ async def test_served_under_a_root_path(svc):
         assert r.status_code == 200, r.text
         r = await client.post("/sdb/v2/models/nope/infer", json=_infer_body(np.zeros((1, 1, 8, 8))))
         assert r.status_code == 404 and isinstance(r.json()["error"], str)
+
+
+async def test_metrics_count_every_request_and_bound_the_method_label(svc):
+    for _ in range(3):  # each series looked up once, then counted from memory: every request still counts
+        await svc.client.post("/v2/models/digits-a/infer", json=_infer_body(np.zeros((2, 1, 8, 8))))
+        await svc.client.post("/v2/models/nope/infer", json=_infer_body(np.zeros((1, 1, 8, 8))))
+    for method in ("FOO", "BAR"):
+        await svc.client.request(method, "/v2/models/digits-a/infer")
+    text = (await svc.client.get("/metrics", headers=svc.admin)).text
+    assert 'sdb_requests_total{method="POST",model="digits-a",route="/v2/models/{name}/infer",status="200"} 3.0' in text
+    assert 'sdb_errors_total{model="",route="/v2/models/{name}/infer",status="404"} 3.0' in text
+    assert 'sdb_samples_total{key_id="anonymous",kind="predict",model="digits-a"} 6.0' in text
+    assert 'method="FOO"' not in text and 'method="BAR"' not in text
+    assert 'sdb_requests_total{method="OTHER",model="digits-a",route="/v2/models/{name}/infer",status="405"} 2.0' in text
