@@ -151,6 +151,14 @@ async def test_keyed_path_refuses_a_key_revoked_by_another_process_at_once(svc, 
     svc.app.state.store.revoke_key(parse_token(token)[0])
     r = await svc.client.post("/v1/models/digits-a/distill", json=one, headers=svc.auth(token))
     assert r.status_code == 401 and r.json()["error"]["code"] == "key_revoked", r.text
+    # the keyed output of v2 infer, asked with the public one (both in one model call), as well
+    other = svc.key(("distill",), quota=quota)
+    infer = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": X[:1].ravel().tolist()}],
+             "outputs": [{"name": "distill_logits"}, {"name": "probabilities"}]}
+    assert (await svc.client.post("/v2/models/digits-a/infer", json=infer, headers=svc.auth(other))).status_code == 200
+    svc.app.state.store.revoke_key(parse_token(other)[0])
+    r = await svc.client.post("/v2/models/digits-a/infer", json=infer, headers=svc.auth(other))
+    assert r.status_code == 401 and r.json() == {"error": "this API key was revoked"}, r.text
     svc.app.state.keyring.flush()  # a key without a quota counts its samples behind
     assert svc.app.state.store.get_key(parse_token(token)[0]).used == 1
 
