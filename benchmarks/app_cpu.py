@@ -5,7 +5,7 @@
 What ``benchmarks/serve.py`` cannot separate from uvicorn and the load generator: the CPU time the app
 (middleware, routing, auth, decoding, batching, the model, the answer) spends on one request. The demo-sized
 bundle of serve.py is served from a fresh data dir; each route gets the request serve.py sends it (one mnist
-sample: v1 predict as JSON, v2 infer as JSON and as tritonclient's binary default), as 8 concurrent callers
+sample: v1 predict and distill as JSON, v2 infer as JSON and as tritonclient's binary default), as 8 concurrent callers
 on one event loop, after a warm-up. ``--rounds`` repeats the routes in turn (the machine drifts: compare
 figures of one round, or paired runs of two trees). Pin ``OMP_NUM_THREADS=1`` and keep the machine quiet.
 """
@@ -30,10 +30,12 @@ from serve import prepare, raw_post, v2_requests  # benchmarks/ is on the path
 CONCURRENCY = 8
 
 
-def requests(x: np.ndarray) -> dict[str, bytes]:
-    """Each route's raw HTTP/1.1 request, as serve.py sends it."""
-    predict = raw_post("/v1/models/mnist-demo/predict", json.dumps({"inputs": np.round(x[:1], 4).tolist()}).encode())
-    return {"v1_predict": predict, **v2_requests(x)}
+def requests(x: np.ndarray, token: str) -> dict[str, bytes]:
+    """Each route's raw HTTP/1.1 request, as serve.py sends it (distill with ``token``, a distill key)."""
+    body = json.dumps({"inputs": np.round(x[:1], 4).tolist()}).encode()
+    return {"v1_predict": raw_post("/v1/models/mnist-demo/predict", body),
+            "v1_distill": raw_post("/v1/models/mnist-demo/distill", body, {"Authorization": f"Bearer {token}"}),
+            **v2_requests(x)}
 
 
 def scope_of(raw: bytes) -> tuple[dict, bytes]:
@@ -84,13 +86,18 @@ async def measure(args) -> dict:
     from asgi_lifespan import LifespanManager
 
     from service.app import build_app
+    from service.auth import create_key
     from service.settings import Settings
+    from service.store import Store
 
     data_dir = Path(tempfile.mkdtemp(prefix="sdb-app-cpu-")) / "data"
     (data_dir / "bundles").mkdir(parents=True)
     _, x = prepare(data_dir, args.bundle)
     settings = Settings(data_dir=data_dir, rate_limit_key_per_s=0, rate_limit_address_per_s=0)
-    routes = requests(x)
+    store = Store(settings.db_url)
+    token, _ = create_key(store, settings.pepper, scopes=["distill"], name="bench")  # no quota, as serve.py's
+    store.close()
+    routes = requests(x, token)
     rounds: list[dict[str, float]] = []
     async with LifespanManager(build_app(settings)) as manager:
         for _ in range(args.rounds):

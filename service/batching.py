@@ -1,4 +1,5 @@
-"""A micro-batcher: concurrent requests to one model become one ONNX Runtime call.
+"""A micro-batcher: concurrent requests to one model become one ONNX Runtime call (and concurrent
+keyed requests one store read: :meth:`service.auth.Keyring.charge_async`).
 
 Requests queue on the event loop; one drain task per model takes everything queued
 (up to ``max_samples``), runs it in a worker thread, and hands each caller its rows.
@@ -28,7 +29,7 @@ class BatcherClosed(RuntimeError):
 
 
 class MicroBatcher(Generic[P, R]):
-    def __init__(self, fn: Callable[[Sequence[P]], list[R]], executor: Executor, *, max_samples: int = 64,
+    def __init__(self, fn: Callable[[Sequence[P]], list[R]], executor: Executor | None, *, max_samples: int = 64,
                  max_wait_s: float = 0.0, enabled: bool = True,
                  on_batch: Callable[[int, int], None] | None = None):
         self.fn, self.executor = fn, executor

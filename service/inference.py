@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import Awaitable
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 from .auth import ANONYMOUS, ApiKey, Keyring, check_scope
 from .batching import BatcherClosed
@@ -147,12 +146,12 @@ async def charge_keyed(model: HostedModel, samples: int, key: ApiKey, keyring: K
         raise ApiError(400, "not_distillable", f"model {model.name!r} has no keyed path "
                        f"({'a ' + task + ' model' if task != 'classification' else 'Nasty mode'})")
     if key.quota is not None:
-        await run_in_threadpool(keyring.charge, key, samples)
+        await keyring.charge_async(key, samples)
         done = asyncio.get_running_loop().create_future()
         done.set_result(None)
         return done
     # Beside the model call: the read and its thread hop were ~0.15 ms of a distill's latency at one caller.
-    return asyncio.ensure_future(run_in_threadpool(keyring.charge, key, samples))
+    return asyncio.ensure_future(keyring.charge_async(key, samples))
 
 
 async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: Keyring,

@@ -8,6 +8,7 @@ charged after a flush (or in another process) got the quota again.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -311,3 +312,38 @@ async def test_a_refused_charge_costs_no_model_time(svc, monkeypatch):
     assert calls == []
     r = await svc.client.post(f"/v1/models/{MODEL}/distill", json={"inputs": x[:1].tolist()}, headers=h)
     assert r.status_code == 200 and calls == [True]
+
+
+def test_concurrent_charges_share_one_store_call_and_each_is_answered_alone(db_url, monkeypatch):
+    # Charges asked in one loop turn go to the store together (one read for a key without a quota, however many
+    # requests): each caller still gets its own answer, a refusal refuses only its own request, nothing counts twice.
+    store = Store(db_url)
+    reads: list[str] = []
+    stands = store.key_stands
+    monkeypatch.setattr(store, "key_stands", lambda key_id, now: reads.append(key_id) or stands(key_id, now))
+    try:
+        keyring = Keyring(store, b"p" * 32)
+        _, free = create_key(store, b"p" * 32, scopes=["distill"])
+        _, gone = create_key(store, b"p" * 32, scopes=["distill"])
+        _, capped = create_key(store, b"p" * 32, scopes=["distill"], quota=5)
+        store.revoke_key(gone.id)
+
+        async def draw() -> list[str]:
+            async def one(k, n: int) -> str:
+                try:
+                    await keyring.charge_async(k, n)
+                    return "ok"
+                except ApiError as e:
+                    return e.code
+
+            return await asyncio.gather(*[one(free, 2) for _ in range(8)], one(gone, 1), *[one(capped, 1) for _ in range(8)])
+
+        answers = asyncio.run(draw())
+        assert answers[:8] == ["ok"] * 8 and answers[8] == "key_revoked"
+        assert sorted(answers[9:]) == ["ok"] * 5 + ["quota_exceeded"] * 3  # exact, batched or not
+        assert reads.count(free.id) == 1  # one read for eight requests
+        keyring.flush()
+        assert store.get_key(free.id).used == 16 and store.get_key(gone.id).used == 0
+        assert store.get_key(capped.id).used == 5
+    finally:
+        store.close()
