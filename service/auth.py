@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .batching import MicroBatcher
 from .errors import ApiError
 from .store import ApiKeyRow, Store
 
@@ -133,9 +132,6 @@ class Keyring:
         self._generation: dict[str, int] = {}  # bumped on invalidation: a slow fetch then is not cached
         self._usage: dict[tuple[str, str, str, str], list[int]] = {}  # (key, model, kind, day) → [req, samples]
         self._used: dict[str, int] = {}  # keyed samples of keys without a quota, for their `used` (write-behind)
-        # None: asyncio's default executor (anyio's thread hop, starlette's run_in_threadpool, cost twice its CPU)
-        self._charges: MicroBatcher[tuple[ApiKey, int], Exception | None] = MicroBatcher(
-            self.charge_each, None, max_samples=256)
 
     # ------------------------------------------------------------ authentication
     def cached_row(self, key_id: str) -> ApiKeyRow | None:
@@ -216,15 +212,6 @@ class Keyring:
             except Exception as e:  # noqa: BLE001 - each caller gets its own refusal; none is charged twice
                 out.append(e)
         return out
-
-    async def charge_async(self, key: ApiKey, samples: int) -> None:
-        """:meth:`charge` off the event loop, the charges asked in one loop turn in one thread call (one store
-        read for a key's concurrent requests). A thread hop per request cost ~60 µs of CPU, and finishing at
-        different turns it split the callers' next requests into two model batches: distill at 8 callers
-        cost 2.3x predict's CPU."""
-        refusal = await self._charges.submit((key, samples), 1)
-        if refusal is not None:
-            raise refusal
 
     def charge_job(self, key: ApiKey, samples: int, job_id: str, worker: str) -> str:
         """Blocking: a job's charge, once per job (:meth:`Store.charge_job`): ``"charged"``, ``"already"`` (an

@@ -242,9 +242,9 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor],
         require_predict(ctx.key, model.name, ctx.settings.public_predict)
     x = await model_input(model, inputs, ctx.settings.max_request_samples)
     jobs = {}
-    if keyed:  # checks the scope (and charges a quota) before anything runs
-        charge = await charge_keyed(model, len(x), ctx.key, ctx.keyring)
-        jobs[KEYED_OUTPUT] = keyed_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, charge=charge)
+    if keyed:  # the scope and a quota before anything runs (a key without one: in the model's call, before it)
+        gate = await charge_keyed(model, len(x), ctx.key, ctx.keyring)
+        jobs[KEYED_OUTPUT] = keyed_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, charged=True, gate=gate)
     if served_public:
         jobs["public"] = public_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, ctx.caller)
     results = dict(zip(jobs, await asyncio.gather(*jobs.values())))

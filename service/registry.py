@@ -41,7 +41,7 @@ from sdb_core.bundle import (
     output_shape,
 )
 
-from .batching import BatcherClosed, MicroBatcher
+from .batching import BatcherClosed, Gate, MicroBatcher
 from .disclosure import hide_paths
 from .errors import ApiError, not_found
 from .schemas import OutputPolicy
@@ -456,12 +456,13 @@ class HostedModel:
                 out.append(session.run([OUTPUT_NAME], feeds, options)[0])
         return out
 
-    async def logits(self, x: np.ndarray, keyed: bool = False, caller: str | None = None) -> np.ndarray:
+    async def logits(self, x: np.ndarray, keyed: bool = False, caller: str | None = None,
+                     gate: Gate | None = None) -> np.ndarray:
         """``caller`` (a key id, or an address without a key): whom the request is for, which an isolated model's
-        batches keep apart."""
+        batches keep apart; ``gate``: checked in the model's thread before it runs (:meth:`MicroBatcher.submit`)."""
         if keyed and not self.distillable:
             raise ApiError(400, "not_distillable", f"model {self.name!r} has no keyed path ({self.meta['mode']} mode)")
-        return await self.batcher.submit((x, keyed), len(x), caller if self.isolated else None)
+        return await self.batcher.submit((x, keyed), len(x), caller if self.isolated else None, gate)
 
     async def outputs(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The output for one request of named inputs (a style bundle's), through the batcher."""

@@ -8,7 +8,6 @@ charged after a flush (or in another process) got the quota again.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -296,9 +295,9 @@ async def test_a_refused_charge_costs_no_model_time(svc, monkeypatch):
     calls: list[bool] = []
     logits = HostedModel.logits
 
-    async def counted(self, x, keyed=False, caller=None):
+    async def counted(self, x, keyed=False, caller=None, gate=None):
         calls.append(keyed)
-        return await logits(self, x, keyed, caller)
+        return await logits(self, x, keyed, caller, gate)
 
     monkeypatch.setattr(HostedModel, "logits", counted)
     h = svc.auth(svc.key(("distill",), quota=1))
@@ -314,9 +313,10 @@ async def test_a_refused_charge_costs_no_model_time(svc, monkeypatch):
     assert r.status_code == 200 and calls == [True]
 
 
-def test_concurrent_charges_share_one_store_call_and_each_is_answered_alone(db_url, monkeypatch):
-    # Charges asked in one loop turn go to the store together (one read for a key without a quota, however many
-    # requests): each caller still gets its own answer, a refusal refuses only its own request, nothing counts twice.
+def test_charges_asked_together_read_a_key_once_and_each_is_answered_alone(db_url, monkeypatch):
+    # The keyed requests of one model call are charged together, in its thread (MicroBatcher's gate): one read
+    # for a key without a quota, however many requests; each still gets its own answer, a refusal refuses only
+    # its own request, nothing counts twice, and a quota stays exact.
     store = Store(db_url)
     reads: list[str] = []
     stands = store.key_stands
@@ -327,20 +327,10 @@ def test_concurrent_charges_share_one_store_call_and_each_is_answered_alone(db_u
         _, gone = create_key(store, b"p" * 32, scopes=["distill"])
         _, capped = create_key(store, b"p" * 32, scopes=["distill"], quota=5)
         store.revoke_key(gone.id)
-
-        async def draw() -> list[str]:
-            async def one(k, n: int) -> str:
-                try:
-                    await keyring.charge_async(k, n)
-                    return "ok"
-                except ApiError as e:
-                    return e.code
-
-            return await asyncio.gather(*[one(free, 2) for _ in range(8)], one(gone, 1), *[one(capped, 1) for _ in range(8)])
-
-        answers = asyncio.run(draw())
-        assert answers[:8] == ["ok"] * 8 and answers[8] == "key_revoked"
-        assert sorted(answers[9:]) == ["ok"] * 5 + ["quota_exceeded"] * 3  # exact, batched or not
+        refusals = keyring.charge_each([(free, 2)] * 4 + [(gone, 1)] + [(capped, 1)] * 8 + [(free, 2)] * 4)
+        codes = [None if r is None else r.code for r in refusals]
+        assert codes[:4] == codes[13:] == [None] * 4 and codes[4] == "key_revoked"
+        assert codes[5:13] == [None] * 5 + ["quota_exceeded"] * 3
         assert reads.count(free.id) == 1  # one read for eight requests
         keyring.flush()
         assert store.get_key(free.id).used == 16 and store.get_key(gone.id).used == 0

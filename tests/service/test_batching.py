@@ -54,3 +54,49 @@ async def test_each_group_gets_calls_of_its_own_and_the_others_keep_their_order(
     owners = [{group[who] for who, _ in batch} for batch in batches]
     assert all(len(o) == 1 for o in owners), batches  # never two callers in one call
     assert [[who for who, _ in b] for b in batches] == [["a1", "a2"], ["b1", "b2"], ["c1"], ["a3"]]
+
+
+class Charges:
+    """A gate's check that refuses the items named "no", and records each call's items."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def __call__(self, items):
+        self.calls.append(list(items))
+        return [ValueError(f"{who} refused") if who.startswith("no") else None for who in items]
+
+
+async def test_a_gate_is_checked_once_per_call_and_a_refusal_fails_only_its_own_request():
+    fn, charges = Recorder(), Charges()
+    fn.release.set()
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(fn, pool, max_samples=64)
+        gated = [("a", 1, "ok-a"), ("b", 2, "no-b"), ("c", 3, None), ("d", 4, "ok-d")]
+        answers = await asyncio.gather(*(batcher.submit((who, v), 1, None, None if g is None else (charges, g))
+                                         for who, v, g in gated), return_exceptions=True)
+    assert charges.calls == [["ok-a", "no-b", "ok-d"]]  # one check for the call's gated requests
+    assert fn.batches == [[("a", 1), ("c", 3), ("d", 4)]]  # the refused one never ran
+    assert answers[0] == ("a", 2) and answers[2] == ("c", 6) and answers[3] == ("d", 8)
+    assert isinstance(answers[1], ValueError) and str(answers[1]) == "no-b refused"
+
+
+async def test_a_failed_call_is_retried_alone_without_checking_its_gates_again():
+    charges, runs = Charges(), []
+
+    def fn(payloads):  # fails whenever "bad" is in the call
+        runs.append([p for p, _ in payloads])
+        if any(p == "bad" for p, _ in payloads):
+            raise RuntimeError("bad input")
+        return [(p, 2 * v) for p, v in payloads]
+
+    with ThreadPoolExecutor(1) as pool:
+        for enabled in (True, False):
+            charges.calls.clear()
+            batcher = MicroBatcher(fn, pool, max_samples=64, enabled=enabled)
+            answers = await asyncio.gather(batcher.submit(("good", 1), 1, None, (charges, "ok-1")),
+                                           batcher.submit(("bad", 2), 1, None, (charges, "ok-2")),
+                                           return_exceptions=True)
+            assert answers[0] == ("good", 2) and isinstance(answers[1], RuntimeError)
+            assert sorted(who for call in charges.calls for who in call) == ["ok-1", "ok-2"]  # each charged once, retries or not
+    assert runs[:3] == [["good", "bad"], ["good"], ["bad"]]
