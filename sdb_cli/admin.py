@@ -214,17 +214,19 @@ def models_add(settings: Settings, path: str, *, policy: str | None = None, top_
 
 
 def models_remove(settings: Settings, name: str, version: str | None) -> int:
+    from service.registry import ModelHost
+
     store = _open_store(settings)
+    host = ModelHost(settings, store)
     try:
-        rows = store.remove_model(name, version)
-        for r in rows:
-            store.audit("cli", "model.remove", f"{r.name}@{r.version}", r.path)
+        removed = host.remove(name, version, actor="cli")  # as the API removes: audited, a deploy's copy deleted
     finally:
+        host.close()
         store.close()
-    if not rows:
+    if not removed:
         raise ValueError(f"no model named {name!r}" + (f" with version {version!r}" if version else ""))
-    for r in rows:
-        print(f"removed {r.name} version {r.version}")
+    for n, v in removed:
+        print(f"removed {n} version {v}")
     return 0
 
 

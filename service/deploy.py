@@ -11,9 +11,6 @@ submission and deploy fails the job. See docs/security.md, "Model ownership".
 from __future__ import annotations
 
 import re
-import secrets
-import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +19,7 @@ from pydantic import ValidationError
 from sdb_core.progress import Cancelled
 
 from . import files
+from .copies import copy_new, discard
 from .errors import ApiError, invalid, no_room
 from .filechecks import read_bundle
 from .jobs.kinds.base import NAME_PATTERN
@@ -78,38 +76,6 @@ def check_served_name(name: str, version: str | None = None) -> None:
                       f"that matches {NAME_PATTERN} (a number: at most 18 digits)", "invalid_request")
 
 
-def _copy_new(src: Path, folder: Path) -> Path:
-    """``src`` copied to a new file in ``folder``: created exclusively, so no file is ever overwritten. A copy
-    that fails half-way (a full disk) is removed: 507 when the disk had no room (:func:`errors.no_room`)."""
-    while True:
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(6)}.sdb"
-        with open(src, "rb") as fin:
-            try:
-                fout = open(target, "xb")  # noqa: SIM115 - closed below
-            except (FileExistsError, FileNotFoundError):  # taken, or the folder of a refused deploy just went
-                continue
-            try:
-                with fout:
-                    shutil.copyfileobj(fin, fout, 1 << 20)
-            except BaseException as e:
-                _discard(target)
-                full = no_room(e, "the bundle")
-                if full is not None:
-                    raise full from None
-                raise
-        return target
-
-
-def _discard(target: Path) -> None:
-    """Remove a refused copy, and its name's folder when nothing else is in it (a name never served)."""
-    target.unlink(missing_ok=True)
-    try:
-        target.parent.rmdir()
-    except OSError:  # other versions (or another deploy's copy) are in it
-        pass
-
-
 def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer: str, actor: str,
                   name: str | None = None, policy: OutputPolicy | dict | None = None, shown: str = "bundle",
                   host: ModelHost | None = None, job: tuple[str, str] | None = None) -> ModelRow:
@@ -142,7 +108,7 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
         store.audit(actor, "model.refused", name or shown, e.message)
         raise
     try:
-        target = _copy_new(Path(src), settings.bundles_dir / name)
+        target = copy_new(Path(src), settings.bundles_dir / name)
     except ApiError as e:  # no room for the copy (507)
         store.audit(actor, "model.refused", name, e.message)
         raise
@@ -164,11 +130,11 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
                 raise Cancelled(e.message) from None
             raise refused(e) from None
     except ApiError as e:
-        _discard(target)
+        discard(target)
         store.audit(actor, "model.refused", name, e.message)
         raise
     except BaseException:
-        _discard(target)
+        discard(target)
         raise
     store.audit(actor, "model.add", f"{row.name}@{row.version}", str(target))
     if host is not None:

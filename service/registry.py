@@ -42,6 +42,7 @@ from sdb_core.bundle import (
 )
 
 from .batching import BatcherClosed, Gate, MicroBatcher
+from .copies import discard_served
 from .disclosure import hide_paths
 from .errors import ApiError, not_found
 from .schemas import OutputPolicy
@@ -607,6 +608,9 @@ class ModelHost:
             try:
                 return self.load(row.path)
             except (ValueError, OSError) as e:
+                again = self.store.get_model(row.name, row.version)
+                if again is None or again.added_at != row.added_at:  # removed meanwhile: its copy went with it
+                    raise not_found(f"model {row.name!r} was removed", "model_not_found") from None
                 with self._lock:
                     self.failed[key], self._failed_seen[key] = str(e), row.added_at
                 log.error("model %s version %s not served: %s", row.name, row.version, e)
@@ -711,6 +715,7 @@ class ModelHost:
         for r in rows:
             self._uninstall(r.name, r.version)
             self.store.audit(actor, "model.remove", f"{r.name}@{r.version}", r.path)
+            discard_served(self.settings, r.path)  # a deploy's copy; what an admin registered in place stays
         return [(r.name, r.version) for r in rows]
 
     def sync(self) -> None:

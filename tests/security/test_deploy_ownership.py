@@ -63,12 +63,16 @@ def bundle_files(data_dir: Path) -> dict[str, tuple[str, int, int]]:
                                        p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
 
 
-def versions(settings, name: str) -> list[str]:
+def rows(settings, name: str) -> list:
     store = Store(settings.db_url)
     try:
-        return sorted(r.version for r in store.list_models() if r.name == name)
+        return [r for r in store.list_models() if r.name == name]
     finally:
         store.close()
+
+
+def versions(settings, name: str) -> list[str]:
+    return sorted(r.version for r in rows(settings, name))
 
 
 def test_only_the_owner_or_an_admin_deploys_a_version_and_no_file_is_overwritten(servers, bundles):
@@ -125,13 +129,17 @@ def test_only_the_owner_or_an_admin_removes_a_version_and_the_name_stays_the_own
     assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned", r.text
     assert versions(s, "taken-back") == ["1", "2", "3"] and versions(s, "legacy") != []
 
+    copies = {v: r.path for v in ("1", "2", "3") for r in rows(s, "taken-back") if r.version == v}
     r = remove(owner, version="1")
     assert r.status_code == 200 and r.json()["removed"] == [{"name": "taken-back", "version": "1"}], r.text
+    # the server's copy of a removed version is deleted (it filled the disk before); the others stay
+    assert not Path(copies["1"]).exists() and Path(copies["2"]).is_file() and Path(copies["3"]).is_file()
     assert httpx.get(f"{p1.url}/v1/models/taken-back", params={"version": "1"}, timeout=60).status_code == 404
     assert remove(admin, version="2").status_code == 200
     assert versions(s, "taken-back") == ["3"]
     assert post_bundle(p1, bundles.b, other, name="taken-back").status_code == 403  # still the owner's name
     assert remove(owner).json()["removed"] == [{"name": "taken-back", "version": "3"}]
+    assert not (s.data_dir / "bundles" / "taken-back").exists()  # the name's folder too, once empty
     assert post_bundle(p1, bundles.b, owner, name="taken-back").json()["version"] == "4"  # never given again
 
 

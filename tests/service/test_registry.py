@@ -105,9 +105,12 @@ async def test_bundle_tampered_on_disk_is_refused_at_start(bundles, tmp_path):
 async def test_cli_models_add_remove_reach_running_server(svc, bundles, tmp_path):
     env = sdb_env(svc.settings.data_dir, bundles)
     c = svc.client
+    (copy,) = [Path(m.path) for m in svc.app.state.store.list_models() if m.name == "digits-b"]  # the deploy's
+    assert copy.is_file() and svc.settings.bundles_dir in copy.parents
     r = await anyio.to_thread.run_sync(lambda: run_sdb("models", "remove", "digits-b", env=env))
     assert r.returncode == 0, r.stderr
     await _until(lambda: c.get("/v1/models/digits-b"), 404)
+    assert not copy.exists()  # a removed version's copy is deleted, as the API's removal deletes it
     r = await anyio.to_thread.run_sync(lambda: run_sdb("models", "add", str(bundles.b), env=env))
     assert r.returncode == 0 and "registered digits-b" in r.stdout, r.stderr
     await _until(lambda: c.get("/v1/models/digits-b"), 200)
@@ -116,6 +119,10 @@ async def test_cli_models_add_remove_reach_running_server(svc, bundles, tmp_path
     assert r.returncode == 2 and "refused" in r.stderr
     assert [(m.name, m.version) for m in svc.app.state.store.list_models()] == [
         ("digits-a", "1"), ("digits-a", "2"), ("digits-b", "1")]
+    # a bundle registered in place is the admin's own: removing its version leaves it where it is
+    r = await anyio.to_thread.run_sync(lambda: run_sdb("models", "remove", "digits-b", env=env))
+    assert r.returncode == 0, r.stderr
+    assert (bundles.b / "model.onnx").is_file() and (bundles.b / "meta.json").is_file()
 
 
 async def _until(call, status: int, seconds: float = 10.0) -> None:
