@@ -93,7 +93,8 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
               file=sys.stderr, flush=True)
     try:
         uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
-                    access_log=access_log, server_header=False)
+                    access_log=access_log, server_header=False, proxy_headers=True,
+                    forwarded_allow_ips=settings.forwarded_allow_ips)
     finally:
         if pool is not None:
             pool.stop()

@@ -6,6 +6,7 @@ in ``./.sdb-secrets`` beside it (outside what jobs read; refused when others may
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -13,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sdb_core.protect.seal import MASTER_KEY_BYTES, load_or_create_master_key
@@ -53,6 +54,10 @@ class Settings(BaseSettings):
     pepper_file: Path | None = None  # default: <secrets_dir>/pepper.key
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # The reverse proxies trusted to name the client (X-Forwarded-For, X-Forwarded-Proto): addresses or networks,
+    # comma-separated; "*" any, "" none. Behind a proxy elsewhere, every caller without a key would otherwise be
+    # the proxy's one address: one per-address rate for all, and one caller for a tenant's model's batches.
+    forwarded_allow_ips: str = "127.0.0.1"
     # The Open Inference Protocol over gRPC (docs/api.md), beside HTTP in the same process: off when
     # unset or 0. Needs the `grpc` extra. Its host defaults to `host`.
     grpc_port: int | None = Field(None, ge=0, le=65535)
@@ -132,6 +137,19 @@ class Settings(BaseSettings):
     max_file_storage_per_key: int = Field(8 << 30, ge=1024)
     max_job_seconds: int = Field(6 * 3600, ge=0)
     max_artifact_storage_per_key: int = Field(16 << 30, ge=1024)
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies(cls, value: str) -> str:
+        # uvicorn reads an entry it cannot parse as a name it never sees: a typo would trust no proxy, silently
+        for entry in (e.strip() for e in value.split(",")):
+            if entry and entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not an IP address or network: it takes addresses or networks "
+                                     "(10.0.0.0/8), comma-separated, \"*\" (any) or \"\" (none)") from None
+        return value
 
     @classmethod
     def load(cls, flags: dict[str, str] | None = None, **over: Any) -> Settings:
@@ -307,5 +325,8 @@ def describe_error(e: ValidationError, flags: dict[str, str]) -> str:
             continue
         name = f"SDB_{field.upper()}" + (f" (--{flags[field]})" if field in flags else "")
         shown = "" if field == "database_url" else f" is {err.get('input')!r}:"  # a URL may carry a password
-        parts.append(f"{name}{shown} it takes {_takes(field)}")
+        if err["type"] == "value_error":  # a validator's own words
+            parts.append(f"{name}{shown} {err['ctx']['error']}")
+        else:
+            parts.append(f"{name}{shown} it takes {_takes(field)}")
     return "; ".join(parts)

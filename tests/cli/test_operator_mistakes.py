@@ -59,6 +59,7 @@ def one_line_error(capsys, code: int, *needles: str) -> str:
     ("SDB_BATCHING", "maybe", "true or false"),
     ("SDB_JOB_POLL_S", "inf", "a finite number > 0"),
     ("SDB_JOB_STALE_S", "inf", "a finite number > 0"),
+    ("SDB_FORWARDED_ALLOW_IPS", "10.0.0.0/8,proxy.local", "'proxy.local' is not an IP address or network"),
 ])
 def test_a_wrong_setting_is_one_line_naming_the_variable(data, monkeypatch, capsys, env, value, needle):
     monkeypatch.setenv(env, value)

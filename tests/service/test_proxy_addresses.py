@@ -1,0 +1,28 @@
+"""Behind a reverse proxy, a caller without a key is the client the proxy names (X-Forwarded-For), when the
+proxy is one SDB_FORWARDED_ALLOW_IPS trusts; from anywhere else the header is ignored (a client could name
+anyone). The per-address rate limit shows whom the server took each request for: a bucket of one request."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from .conftest import Server
+
+ONE_EACH = {"SDB_RATE_LIMIT_ADDRESS_PER_S": "0.001", "SDB_RATE_LIMIT_ADDRESS_BURST": "1"}
+
+
+def _status(srv: Server, client: str) -> int:
+    return httpx.get(srv.url + "/v1/models", headers={"X-Forwarded-For": client}, timeout=30).status_code
+
+
+@pytest.mark.parametrize(("trusted", "second_client"), [("127.0.0.1", 200), ("10.0.0.0/8", 429), ("", 429)],
+                         ids=["proxy trusted", "another proxy trusted", "none trusted"])
+def test_the_forwarded_client_is_the_caller_only_from_a_trusted_proxy(servers, tmp_path, bundles, trusted,
+                                                                      second_client):
+    srv = Server(tmp_path / "data", bundles, {**ONE_EACH, "SDB_FORWARDED_ALLOW_IPS": trusted})
+    servers.append(srv)
+    assert _status(srv, "203.0.113.1") == 200
+    # a second client behind the proxy: its own bucket when the proxy (this test, on 127.0.0.1) is trusted;
+    # otherwise both are the proxy's address, whose one request is spent
+    assert _status(srv, "203.0.113.2") == second_client
+    assert _status(srv, "203.0.113.1") == 429
