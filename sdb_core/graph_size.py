@@ -1,4 +1,5 @@
-"""How many entries an ONNX graph holds, read off its protobuf wire format without parsing it.
+"""How many entries an ONNX graph holds, and which operator sets its nodes use, read off its protobuf wire
+format without parsing it.
 
 ONNX Runtime's load time grows faster than the graph: measured on this 2-core machine, 50,000 nodes load in
 1.4 s, 10^6 in 114 s, and 300,000 unused initializers in 188 s. A graph a deploy key uploads is loaded by
@@ -14,8 +15,8 @@ from collections.abc import Iterator
 MAX_GRAPH_ENTRIES = 50_000
 
 # onnx.proto field numbers: ModelProto.graph 7 and .functions 25; GraphProto.node 1, .initializer 5, .input 11,
-# .output 12, .value_info 13, .sparse_initializer 15; FunctionProto.node 7; NodeProto.attribute 5;
-# AttributeProto.g 6 and .graphs 11.
+# .output 12, .value_info 13, .sparse_initializer 15; FunctionProto.node 7 and .domain 10; NodeProto.attribute 5
+# and .domain 7; AttributeProto.g 6 and .graphs 11.
 _GRAPH_ENTRIES = frozenset({1, 5, 11, 12, 13, 15})
 _LENGTH_DELIMITED = 2
 
@@ -89,3 +90,41 @@ def graph_entries(model: bytes, stop_after: int = MAX_GRAPH_ENTRIES) -> int:
     except _Malformed:
         pass
     return count
+
+
+# The operator sets of the ONNX standard ("" is ai.onnx): the ones every runtime implements from the spec.
+STANDARD_DOMAINS = frozenset({"ai.onnx", "ai.onnx.ml"})
+
+
+def node_domains(model: bytes) -> set[str]:
+    """The operator-set domains ``model``'s nodes name (a node of the default domain, ai.onnx, names none): of
+    its graph, its subgraphs and its functions' bodies; a node that calls one of the model's own functions asks
+    the runtime for nothing (its body's nodes are read). A model that is not valid protobuf answers what was read before the fault.
+    Bounded by :data:`MAX_GRAPH_ENTRIES`: call it on a model :func:`graph_entries` let through."""
+    buf, used, local = memoryview(model), set(), set()
+    stack = [("model", 0, len(buf))]
+    try:
+        while stack:
+            kind, start, end = stack.pop()
+            for field, s, e in _delimited(buf, start, end):
+                if kind == "model":
+                    if field in (7, 25):
+                        stack.append(("graph" if field == 7 else "function", s, e))
+                elif kind == "graph":
+                    if field == 1:
+                        stack.append(("node", s, e))
+                elif kind == "function":
+                    if field == 7:
+                        stack.append(("node", s, e))
+                    elif field == 10:
+                        local.add(bytes(buf[s:e]).decode("utf-8", "replace"))
+                elif kind == "node":
+                    if field == 7:
+                        used.add(bytes(buf[s:e]).decode("utf-8", "replace"))
+                    elif field == 5:
+                        stack.append(("attribute", s, e))
+                elif field in (6, 11):  # an attribute's graph(s)
+                    stack.append(("graph", s, e))
+    except _Malformed:
+        pass
+    return {d or "ai.onnx" for d in used - local}

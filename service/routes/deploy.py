@@ -93,7 +93,7 @@ async def deploy(request: Request, key: DeployKeyDep, host: ModelHostDep, store:
 
     def serve(path, shown: str, name: str | None, policy: dict):
         return deploy_bundle(settings, store, path, deployer=key.id, actor=key.id, name=name, policy=policy,
-                             shown=shown, host=host)
+                             shown=shown, host=host, tenant=not key.grants("admin"))
 
     if media == MULTIPART:
         async with files.Staging(settings.files_dir) as stage:
