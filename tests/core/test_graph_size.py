@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sdb_core.graph_size import graph_entries
+from sdb_core.graph_size import graph_entries, node_domains
 
 
 def _parsed_count(model: onnx.ModelProto) -> int:
@@ -60,3 +60,17 @@ def test_bytes_that_are_not_a_model_count_what_was_read():
     model = _nested(2).SerializeToString()
     for garbage in (b"", b"\xff" * 64, b"not a model", model[: len(model) // 2]):
         assert 0 <= graph_entries(garbage) <= _parsed_count(_nested(2))
+
+
+def test_node_domains_reach_subgraphs_and_function_bodies_and_skip_calls_to_local_functions():
+    branch = helper.make_graph([helper.make_node("Foo", ["x"], ["y"], domain="in.branch")], "b", [],
+                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    nodes = [helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Gelu", ["b"], ["c"], domain="com.microsoft"),
+             helper.make_node("If", ["cond"], ["d"], then_branch=branch, else_branch=branch),
+             helper.make_node("MyFn", ["c"], ["e"], domain="local")]
+    fn = helper.make_function("local", "MyFn", ["x"], ["y"], [helper.make_node("Neg", ["x"], ["y"]),
+                                                              helper.make_node("Bar", ["x"], ["z"], domain="in.fn")],
+                              [helper.make_opsetid("", 17)])
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []), functions=[fn])
+    assert node_domains(model.SerializeToString()) == {"com.microsoft", "in.branch", "in.fn"}
+    assert node_domains(b"\xff\xff not a model") == set()
