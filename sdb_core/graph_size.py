@@ -62,31 +62,35 @@ def _delimited(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int
         raise _Malformed
 
 
+# Which messages hold which: (message, field) -> the message that field holds, for the walk.
+_HOLDS = {("model", 7): "graph", ("model", 25): "function", ("graph", 1): "node", ("function", 7): "node",
+          ("node", 5): "attribute", ("attribute", 6): "graph", ("attribute", 11): "graph"}
+
+
+def _walk(buf: memoryview) -> Iterator[tuple[str, int, int, int]]:
+    """(message, field number, start, end) of every length-delimited field of the model, its graph, subgraphs
+    (Loop, If, Scan bodies), functions, nodes and attributes. No recursion: a hostile graph may nest deeply."""
+    stack = [("model", 0, len(buf))]
+    while stack:
+        kind, start, end = stack.pop()
+        for field, s, e in _delimited(buf, start, end):
+            yield kind, field, s, e
+            held = _HOLDS.get((kind, field))
+            if held is not None:
+                stack.append((held, s, e))
+
+
 def graph_entries(model: bytes, stop_after: int = MAX_GRAPH_ENTRIES) -> int:
     """The nodes, initializers, inputs, outputs and value infos of ``model``'s graph, its subgraphs (Loop, If,
     Scan bodies) and its functions' nodes; counting stops once past ``stop_after``. A model that is not valid
     protobuf counts what was read before the fault: ONNX Runtime says what is wrong with it."""
-    buf, count = memoryview(model), 0
-    stack = [("model", 0, len(buf))]  # no recursion: a hostile graph may nest subgraphs deeply
+    count = 0
     try:
-        while stack:
-            kind, start, end = stack.pop()
-            for field, s, e in _delimited(buf, start, end):
-                if kind == "model":
-                    if field in (7, 25):
-                        stack.append(("graph" if field == 7 else "function", s, e))
-                elif kind in ("graph", "function"):
-                    if (field in _GRAPH_ENTRIES) if kind == "graph" else field == 7:
-                        count += 1
-                        if count > stop_after:
-                            return count
-                        if field == (1 if kind == "graph" else 7):
-                            stack.append(("node", s, e))
-                elif kind == "node":
-                    if field == 5:
-                        stack.append(("attribute", s, e))
-                elif field in (6, 11):  # an attribute's graph(s)
-                    stack.append(("graph", s, e))
+        for kind, field, _, _ in _walk(memoryview(model)):
+            if (kind == "graph" and field in _GRAPH_ENTRIES) or (kind == "function" and field == 7):
+                count += 1
+                if count > stop_after:
+                    return count
     except _Malformed:
         pass
     return count
@@ -99,32 +103,15 @@ STANDARD_DOMAINS = frozenset({"ai.onnx", "ai.onnx.ml"})
 def node_domains(model: bytes) -> set[str]:
     """The operator-set domains ``model``'s nodes name (a node of the default domain, ai.onnx, names none): of
     its graph, its subgraphs and its functions' bodies; a node that calls one of the model's own functions asks
-    the runtime for nothing (its body's nodes are read). A model that is not valid protobuf answers what was read before the fault.
-    Bounded by :data:`MAX_GRAPH_ENTRIES`: call it on a model :func:`graph_entries` let through."""
+    the runtime for nothing (its body's nodes are read). A model that is not valid protobuf answers what was
+    read before the fault. Call it on a model :func:`graph_entries` let through (its walk is as long)."""
     buf, used, local = memoryview(model), set(), set()
-    stack = [("model", 0, len(buf))]
     try:
-        while stack:
-            kind, start, end = stack.pop()
-            for field, s, e in _delimited(buf, start, end):
-                if kind == "model":
-                    if field in (7, 25):
-                        stack.append(("graph" if field == 7 else "function", s, e))
-                elif kind == "graph":
-                    if field == 1:
-                        stack.append(("node", s, e))
-                elif kind == "function":
-                    if field == 7:
-                        stack.append(("node", s, e))
-                    elif field == 10:
-                        local.add(bytes(buf[s:e]).decode("utf-8", "replace"))
-                elif kind == "node":
-                    if field == 7:
-                        used.add(bytes(buf[s:e]).decode("utf-8", "replace"))
-                    elif field == 5:
-                        stack.append(("attribute", s, e))
-                elif field in (6, 11):  # an attribute's graph(s)
-                    stack.append(("graph", s, e))
+        for kind, field, s, e in _walk(buf):
+            if kind == "node" and field == 7:
+                used.add(bytes(buf[s:e]).decode("utf-8", "replace"))
+            elif kind == "function" and field == 10:
+                local.add(bytes(buf[s:e]).decode("utf-8", "replace"))
     except _Malformed:
         pass
     return {d or "ai.onnx" for d in used - local}
