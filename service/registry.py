@@ -278,12 +278,16 @@ class BundleCache:
     (404 ``model_not_found``, "was removed") and its file is never read again; a load under way when it was
     removed is not kept (it pushed served versions out). A load that fails is not tried again for ``retry_s``:
     the requests meanwhile get the same 503 at once, not a load each (a batch of them ran one load per
-    request, each a full verification), and ``on_failure`` tells the host (its ``failed``, in /readyz)."""
+    request, each a full verification), and ``on_failure`` tells the host (its ``failed``, in /readyz). A load
+    that fails because another process removed the version (its copy deleted with it; ``removed`` asks the
+    host, which then stops serving it) is a 404 ``model_not_found``."""
 
     def __init__(self, limit_bytes: int, load: Callable[[str], Bundle], data_dir: Path, retry_s: float = 1.0,
-                 on_failure: Callable[[HostedModel, str | None], None] | None = None):
+                 on_failure: Callable[[HostedModel, str | None], None] | None = None,
+                 removed: Callable[[HostedModel], bool] | None = None):
         self.limit_bytes, self._load, self.data_dir = limit_bytes, load, data_dir  # data_dir: hidden in messages
         self.retry_s, self.on_failure = retry_s, on_failure  # on_failure(model, why | None: it loads again)
+        self.removed = removed
         self._lru: OrderedDict[tuple, tuple[Bundle, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._gates: dict[tuple, threading.Lock] = {}  # one load at a time per version
@@ -333,6 +337,8 @@ class BundleCache:
                 if bundle.meta != model.meta:  # the same file, verified: only a changed one could differ
                     raise ValueError("its bundle changed on disk since it was deployed")
             except (ValueError, OSError) as e:
+                if self.removed is not None and self.removed(model):
+                    raise not_found(f"model {model.name!r} was removed", "model_not_found") from None
                 log.error("model %s version %s cannot be loaded again: %s", model.name, model.version, e)
                 message = (f"model {model.name!r} version {model.version!r} cannot be served: "
                            f"{hide_paths(str(e), self.data_dir)}")
@@ -506,7 +512,8 @@ class ModelHost:
         self._providers: list | None = None  # ort_providers(settings), decided (and warned about) once
         self.deadline = RunDeadline(settings.run_timeout_s)  # every model's calls, one watcher
         self.bundles = BundleCache(int(settings.model_cache_mb * (1 << 20)), self.load, settings.data_dir,
-                                   retry_s=settings.models_sync_s, on_failure=self._reload_failed)
+                                   retry_s=settings.models_sync_s, on_failure=self._reload_failed,
+                                   removed=self._drop_if_removed)
 
     # ------------------------------------------------------------ reading
     def loaded(self, name: str, version: str | None = None) -> HostedModel | None:
@@ -542,6 +549,24 @@ class ModelHost:
     def failures(self) -> dict[tuple[str, str], str]:
         """A copy of :attr:`failed` (a sync or a load may change it while a caller reads it)."""
         return dict(self.failed)
+
+    def _removed(self, name: str, version: str, added_at: float) -> bool:
+        """Blocking: whether the store no longer has this version as added at ``added_at`` (removed, or replaced,
+        by any process)."""
+        row = self.store.get_model(name, version)
+        return row is None or row.added_at != added_at
+
+    def _drop_if_removed(self, model: HostedModel) -> bool:
+        """BundleCache's question when a served version no longer loads: whether another process removed it (its
+        copy deleted with it). Then this process stops serving it at once, as its next sync would: a request
+        without a version goes to the next highest, not to a 404."""
+        if not self._removed(model.name, model.version, model.added_at):
+            return False
+        with self._lock:
+            current = self.loaded(model.name, model.version)
+            if current is not None and current.added_at == model.added_at:
+                self._uninstall(model.name, model.version)
+        return True
 
     def _reload_failed(self, model: HostedModel, why: str | None) -> None:
         """BundleCache's report: a served version that no longer loads (``why``), or loads again (None)."""
@@ -595,8 +620,7 @@ class ModelHost:
                 return current
             bundle = self._load_row(row)
             with self._lock:  # removed meanwhile (by this process or another): not served
-                again = self.store.get_model(row.name, row.version)
-                if again is None or again.added_at != row.added_at:
+                if self._removed(row.name, row.version, row.added_at):
                     raise not_found(f"model {name!r} was removed", "model_not_found")
                 return self.serve(row, bundle)
 
@@ -608,8 +632,7 @@ class ModelHost:
             try:
                 return self.load(row.path)
             except (ValueError, OSError) as e:
-                again = self.store.get_model(row.name, row.version)
-                if again is None or again.added_at != row.added_at:  # removed meanwhile: its copy went with it
+                if self._removed(row.name, row.version, row.added_at):  # removed meanwhile: its copy went with it
                     raise not_found(f"model {row.name!r} was removed", "model_not_found") from None
                 with self._lock:
                     self.failed[key], self._failed_seen[key] = str(e), row.added_at
@@ -741,8 +764,7 @@ class ModelHost:
                 self.failed[key], self._failed_seen[key] = str(e), row.added_at
                 log.error("model %s version %s not served: %s", row.name, row.version, e)
                 continue
-            again = self.store.get_model(row.name, row.version)
-            if again is None or again.added_at != row.added_at:
+            if self._removed(row.name, row.version, row.added_at):
                 continue  # removed (or replaced) while it loaded: the next sync sees what is there now
             self.failed.pop(key, None)
             self._failed_seen.pop(key, None)

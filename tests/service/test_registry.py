@@ -265,6 +265,31 @@ def test_a_version_removed_while_the_cache_loads_it_again_is_not_kept(bundles, t
         store.close()
 
 
+def test_a_version_another_process_removed_is_not_found_when_the_cache_would_load_it_again(bundles, tmp_path):
+    """Another process removes version 1 (and deletes its copy) while this one has it unloaded: a request here
+    before this process's sync is a 404 "was removed", not a 503 for a missing file, and the version is no
+    longer served here; a version whose file is gone while it is still registered stays a 503 (test above)."""
+    from service.errors import ApiError
+
+    host, store = _host(tmp_path, bundles, cache_bundles=1.2)
+    try:
+        files = _sdb_files(bundles, tmp_path)
+        host.add(files["a"], "t")
+        host.add(files["a2"], "t")
+        v1 = host.loaded("digits-a", "1")
+        assert v1 not in host.bundles
+        assert [(r.name, r.version) for r in store.remove_model("digits-a", "1")] == [("digits-a", "1")]
+        Path(v1.path).unlink()  # what the other process's removal does to a deploy's copy
+        with pytest.raises(ApiError) as e:
+            _ = v1.bundle
+        assert (e.value.status, e.value.code) == (404, "model_not_found") and "was removed" in e.value.message
+        assert ("digits-a", "1") not in host.failed  # not a broken version: a removed one, no longer served
+        assert host.loaded("digits-a", "1") is None and host.loaded("digits-a").version == "2"
+    finally:
+        host.close()
+        store.close()
+
+
 def test_the_cache_bound_counts_every_file_of_a_bundle_directory(bundles, tmp_path):
     """``sdb models add`` registers a bundle directory in place: the cache weighed it as the directory entry
     (4 KiB), so with room for about one bundle every version stayed loaded, without bound."""
