@@ -10,15 +10,18 @@ first request of a batch may wait for company.
 A request may carry a ``group`` (its caller): requests of different groups never share a call.
 The registry gives one to the requests of models whose graph a tenant wrote, which could compute
 one sample's answer from another's input (:attr:`service.registry.HostedModel.isolated`). And a
-``gate``, a check run in the call's thread just before the call (the keyed path's charge to the key):
-one check for all the requests of a call, each refused request failing alone, unrun.
+``gate`` (the keyed path's charge to the key): a check the call's thread starts beside the call, one
+for all the requests of a call, whose refusal fails its own request alone; a check that does not
+answer in ``gate_timeout_s`` fails its requests with :class:`GateTimeout`, never the model's calls.
 """
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar
 
 P = TypeVar("P")
@@ -31,11 +34,18 @@ class BatcherClosed(RuntimeError):
     """The model was removed while this request waited."""
 
 
+class GateTimeout(RuntimeError):
+    """A gate's check did not answer in time: its requests fail; the call's others are answered."""
+
+
 class MicroBatcher(Generic[P, R]):
     def __init__(self, fn: Callable[[Sequence[P]], list[R]], executor: Executor | None, *, max_samples: int = 64,
                  max_wait_s: float = 0.0, enabled: bool = True,
-                 on_batch: Callable[[int, int], None] | None = None):
+                 on_batch: Callable[[int, int], None] | None = None, checks: Executor | None = None,
+                 gate_timeout_s: float = 5.0):
         self.fn, self.executor = fn, executor
+        # where gates' checks run, beside the call (a stalled check holds one of these threads, not the model's)
+        self.checks, self.gate_timeout_s = checks, gate_timeout_s
         self.max_samples, self.max_wait_s, self.enabled = max_samples, max_wait_s, enabled
         self.on_batch = on_batch  # (requests, samples) per ORT call, for metrics
         self._queue: deque[tuple[P, int, asyncio.Future, str | None, Gate | None]] = deque()
@@ -47,10 +57,13 @@ class MicroBatcher(Generic[P, R]):
     async def submit(self, payload: P, samples: int, group: str | None = None, gate: Gate | None = None) -> R:
         """``payload``'s result; it shares its ONNX Runtime call only with requests of the same ``group``.
 
-        ``gate`` (check, item): ``check`` runs in the call's thread just before the call, once for the items of
-        all the requests of that call that carry it, and answers each item's refusal (an exception) or None; a
-        refused request fails with its refusal and is not run. (The keyed path's charge: a thread hop of its
-        own per request cost ~60 µs of CPU, ~190 µs of latency at one caller, and split the batches.)"""
+        ``gate`` (check, item): ``check`` runs on ``checks``, started by the call's thread just before the call
+        and awaited by it after, once for the items of all the requests of that call that carry it; it answers
+        each item's refusal (an exception) or None. A refused request fails with its refusal (its rows are
+        dropped); a check that does not answer in ``gate_timeout_s`` fails its requests with GateTimeout. (The
+        keyed path's charge: a thread hop of its own per request, on the loop's side, cost ~60 µs of CPU,
+        ~190 µs of latency at one caller, and split the batches; run before the call in its thread, a stalled
+        store would have held the model's calls.)"""
         if self._closed:
             raise BatcherClosed("model removed")
         loop = asyncio.get_running_loop()
@@ -121,7 +134,8 @@ class MicroBatcher(Generic[P, R]):
             for b, refusal in zip(batch, refusals):
                 if refusal is not None and not b[2].done():
                     b[2].set_exception(refusal)
-            batch = [b for b, refusal in zip(batch, refusals) if refusal is None]
+            admitted = [i for i, refusal in enumerate(refusals) if refusal is None]
+            batch = [batch[i] for i in admitted]
             if isinstance(results, Exception):
                 # One bad request must not fail its neighbours: run them one by one (unless the error says that
                 # each would fail as long: a call stopped at its deadline). Their gates passed: not run again.
@@ -129,6 +143,8 @@ class MicroBatcher(Generic[P, R]):
                     results = [await self._alone(loop, b[0]) for b in batch]
                 else:
                     results = [_Failed(results) for _ in batch]
+            else:
+                results = [results[i] for i in admitted]
             for (_, _, fut, _, _), res in zip(batch, results):
                 if fut.done():
                     continue
@@ -138,25 +154,31 @@ class MicroBatcher(Generic[P, R]):
                     fut.set_result(res)
 
     def _gated(self, items: list[tuple[P, Gate | None]]) -> tuple[list[Exception | None], list[R] | Exception]:
-        """Blocking: the items' gates, then one call for the payloads they let through: (each item's refusal or
-        None, the call's results or the exception it raised)."""
-        refusals: list[Exception | None] = [None] * len(items)
+        """Blocking: one call for every payload, the items' gates checked beside it: (each item's refusal or None,
+        the call's results, one per item, or the exception it raised)."""
         by_check: dict[Callable, list[int]] = {}
         for i, (_, gate) in enumerate(items):
             if gate is not None:
                 by_check.setdefault(gate[0], []).append(i)
-        for check, indices in by_check.items():
+        pool = self.checks or _default_checks()
+        pending = [(indices, pool.submit(check, [items[i][1][1] for i in indices]))
+                   for check, indices in by_check.items()]
+        try:
+            results: list[R] | Exception = self.fn([payload for payload, _ in items])
+        except Exception as e:  # noqa: BLE001 - retried one by one on the loop's side
+            results = e
+        refusals: list[Exception | None] = [None] * len(items)
+        deadline = time.monotonic() + self.gate_timeout_s
+        for indices, checked in pending:
             try:
-                answers = check([items[i][1][1] for i in indices])
+                answers = checked.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                answers = [GateTimeout(f"no answer in {self.gate_timeout_s:g} s")] * len(indices)
             except Exception as e:  # noqa: BLE001 - a check that fails refuses its own requests
                 answers = [e] * len(indices)
             for i, answer in zip(indices, answers, strict=True):
                 refusals[i] = answer
-        admitted = [payload for (payload, _), refusal in zip(items, refusals) if refusal is None]
-        try:
-            return refusals, (self.fn(admitted) if admitted else [])
-        except Exception as e:  # noqa: BLE001 - retried one by one on the loop's side
-            return refusals, e
+        return refusals, results
 
     async def _alone(self, loop: asyncio.AbstractEventLoop, payload: P) -> Any:
         try:
@@ -170,3 +192,14 @@ class _Failed:
 
     def __init__(self, exc: Exception):
         self.exc = exc
+
+
+_CHECKS: ThreadPoolExecutor | None = None
+
+
+def _default_checks() -> ThreadPoolExecutor:
+    """Where gates' checks run for a batcher not given ``checks`` (the registry gives its own)."""
+    global _CHECKS
+    if _CHECKS is None:
+        _CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdb-gate")
+    return _CHECKS

@@ -14,7 +14,7 @@ from collections.abc import Awaitable
 import numpy as np
 
 from .auth import ANONYMOUS, ApiKey, Keyring, check_scope
-from .batching import BatcherClosed, Gate
+from .batching import BatcherClosed, Gate, GateTimeout
 from .errors import ApiError, not_found
 from .metrics import Metrics
 from .registry import HostedModel
@@ -138,9 +138,10 @@ async def charge_keyed(model: HostedModel, samples: int, key: ApiKey, keyring: K
     """The keyed path's gate, passed before any model time is spent: the ``distill`` scope for this model and a
     keyed path to serve. A key with a quota is charged in the store now (exactly: 429 before the model runs, and
     before a v2 request's public half). For a key without one the charge is a store read that says the key still
-    stands (revoked or expired in another process: 401) and a count behind; it is returned, to run in the model's
-    thread just before its call (:meth:`MicroBatcher.submit`'s gate): one read for the keyed requests of a batch
-    and no thread hop of its own, which cost ~60 µs of CPU, ~190 µs of latency at one caller, and split batches."""
+    stands (revoked or expired in another process: 401, and the answer is never given) and a count behind; it is
+    returned, to run beside the model's call (:meth:`MicroBatcher.submit`'s gate): one read for the keyed requests
+    of a batch and no thread hop of the request's own, which cost ~60 µs of CPU, ~190 µs of latency at one caller,
+    and split batches. A store that does not answer in 5 s: 503 ``key_store_unavailable``, the model serves on."""
     check_scope(key, "distill", model.name)
     if not model.distillable:
         task = model.task
@@ -158,7 +159,11 @@ async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: 
     gave ``gate``."""
     if not charged:
         gate = await charge_keyed(model, len(x), key, keyring)
-    z = await _served(model.logits(x, keyed=True, caller=key.id, gate=gate), model)
+    try:
+        z = await _served(model.logits(x, keyed=True, caller=key.id, gate=gate), model)
+    except GateTimeout:
+        raise ApiError(503, "key_store_unavailable", "the key store did not answer in time: try again",
+                       {"Retry-After": "1"}) from None
     _count(model, "distill", len(x), key, keyring, metrics)
     return z
 

@@ -502,6 +502,8 @@ class ModelHost:
         self.settings, self.store, self.on_batch = settings, store, on_batch
         # ORT releases the GIL: a few threads let several models run at once.
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdb-ort")
+        # The keyed requests' charges (a store read), beside their model calls: a stalled store holds these only.
+        self.checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdb-gate")
         self._lock = threading.RLock()
         # name → version → model; replaced whole on change, so readers need no lock.
         self._models: dict[str, dict[str, HostedModel]] = {}
@@ -656,7 +658,7 @@ class ModelHost:
         else:
             run, max_samples = (lambda items: model.run(items)), batch_samples(s, provider)
         batcher = MicroBatcher(run, self.executor, max_samples=max_samples, max_wait_s=s.batch_max_wait_ms / 1000.0,
-                               enabled=s.batching, on_batch=count)
+                               enabled=s.batching, on_batch=count, checks=self.checks)
         model = HostedModel(row.name, row.version, row.path, row.added_at, bundle.meta, bundle.has_key,
                             self.bundles, batcher, row_policy(row), io_binding=s.ort_io_binding and provider == CUDA,
                             deadline=self.deadline, isolated=self.store.tenant_owned(row.name))
@@ -777,3 +779,4 @@ class ModelHost:
         for m in self.all():
             m.batcher.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.checks.shutdown(wait=False, cancel_futures=True)

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.batching import MicroBatcher
+from service.batching import GateTimeout, MicroBatcher
 
 pytestmark = pytest.mark.anyio
 
@@ -76,9 +76,29 @@ async def test_a_gate_is_checked_once_per_call_and_a_refusal_fails_only_its_own_
         answers = await asyncio.gather(*(batcher.submit((who, v), 1, None, None if g is None else (charges, g))
                                          for who, v, g in gated), return_exceptions=True)
     assert charges.calls == [["ok-a", "no-b", "ok-d"]]  # one check for the call's gated requests
-    assert fn.batches == [[("a", 1), ("c", 3), ("d", 4)]]  # the refused one never ran
+    assert fn.batches == [[("a", 1), ("b", 2), ("c", 3), ("d", 4)]]  # checked beside the call: all ran...
     assert answers[0] == ("a", 2) and answers[2] == ("c", 6) and answers[3] == ("d", 8)
-    assert isinstance(answers[1], ValueError) and str(answers[1]) == "no-b refused"
+    assert isinstance(answers[1], ValueError) and str(answers[1]) == "no-b refused"  # ...the refused one unanswered
+
+
+async def test_a_check_that_does_not_answer_fails_its_requests_and_never_holds_the_model():
+    fn, stuck = Recorder(), threading.Event()
+    fn.release.set()
+
+    def stalled(items):  # a store that does not answer
+        stuck.wait(10)
+        return [None] * len(items)
+
+    with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as checks:
+        batcher = MicroBatcher(fn, pool, max_samples=64, checks=checks, gate_timeout_s=0.2)
+        try:
+            answers = await asyncio.gather(batcher.submit(("keyed", 1), 1, None, (stalled, "k")),
+                                           batcher.submit(("public", 2), 1), return_exceptions=True)
+            assert isinstance(answers[0], GateTimeout) and answers[1] == ("public", 4)
+            # the model's next calls are not held by the check still stuck on its thread
+            assert await asyncio.wait_for(batcher.submit(("next", 3), 1), 5) == ("next", 6)
+        finally:
+            stuck.set()
 
 
 async def test_a_failed_call_is_retried_alone_without_checking_its_gates_again():
