@@ -2,8 +2,8 @@
 
 Every model call goes through the model's micro-batcher and is counted here, once: samples
 served (metrics) and usage per key. The keyed path is reached only from here, only after the
-caller's key was checked for ``distill`` on that model, and it runs only once the key was charged
-for the samples (:func:`charge_keyed`). What leaves the public path is decided here too, by the
+caller's key was checked for ``distill`` on that model, and its answer leaves only once the key was
+charged for the samples (:func:`charge_keyed`). What leaves the public path is decided here too, by the
 model version's output policy (:func:`policy_outputs`); the keyed path is not subject to it.
 """
 from __future__ import annotations

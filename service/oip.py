@@ -242,7 +242,7 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor],
         require_predict(ctx.key, model.name, ctx.settings.public_predict)
     x = await model_input(model, inputs, ctx.settings.max_request_samples)
     jobs = {}
-    if keyed:  # the scope and a quota before anything runs (a key without one: in the model's call, before it)
+    if keyed:  # the scope and a quota before anything runs (a key without one: beside the model's call)
         gate = await charge_keyed(model, len(x), ctx.key, ctx.keyring)
         jobs[KEYED_OUTPUT] = keyed_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, charged=True, gate=gate)
     if served_public:

@@ -210,7 +210,9 @@ async def predict(request: Request) -> Response:
                         **responses(400, *AUTH, 404, 413, 415, 503, why={
                             **_SERVING_ERRORS, 401: "no key, or one that is not valid",
                             403: "the key lacks the distill scope for this model",
-                            429: "over the request rate or the key's sample quota"})},
+                            429: "over the request rate or the key's sample quota",
+                            503: "this model version cannot be served (the message says why), or the key store did "
+                                 "not answer in time (key_store_unavailable: try again)"})},
              openapi_extra={**json_body_doc(DistillRequest, (npy.NPY, _NPY_BODY_DOC), example={"inputs": _SAMPLE}),
                             **DISTILLING_DOC, "parameters": [NAME_DOC, _VERSION_DOC, _TEMPERATURE_DOC]})
 @direct
