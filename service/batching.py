@@ -20,7 +20,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Generic, TypeVar
 
@@ -66,6 +66,8 @@ class MicroBatcher(Generic[P, R]):
         store would have held the model's calls.)"""
         if self._closed:
             raise BatcherClosed("model removed")
+        if gate is not None and self.checks is None:
+            raise TypeError("a gate's check runs on the batcher's checks executor: none was given")
         loop = asyncio.get_running_loop()
         if not self.enabled:
             self._count(1, samples)
@@ -160,8 +162,7 @@ class MicroBatcher(Generic[P, R]):
         for i, (_, gate) in enumerate(items):
             if gate is not None:
                 by_check.setdefault(gate[0], []).append(i)
-        pool = self.checks or _default_checks()
-        pending = [(indices, pool.submit(check, [items[i][1][1] for i in indices]))
+        pending = [(indices, self.checks.submit(check, [items[i][1][1] for i in indices]))
                    for check, indices in by_check.items()]
         try:
             results: list[R] | Exception = self.fn([payload for payload, _ in items])
@@ -193,13 +194,3 @@ class _Failed:
     def __init__(self, exc: Exception):
         self.exc = exc
 
-
-_CHECKS: ThreadPoolExecutor | None = None
-
-
-def _default_checks() -> ThreadPoolExecutor:
-    """Where gates' checks run for a batcher not given ``checks`` (the registry gives its own)."""
-    global _CHECKS
-    if _CHECKS is None:
-        _CHECKS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdb-gate")
-    return _CHECKS

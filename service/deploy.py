@@ -76,22 +76,6 @@ def check_served_name(name: str, version: str | None = None) -> None:
                       f"that matches {NAME_PATTERN} (a number: at most 18 digits)", "invalid_request")
 
 
-def check_tenant_graph(src: Path) -> None:
-    """400 unless the bundle's graph uses the standard ONNX operator sets only. ONNX Runtime's own operators
-    (com.microsoft: fused attention, quantized kernels, ...) and any other domain take inputs the ONNX spec
-    never checked; a tenant's graph runs in every server process, so it gets the operators the spec defines.
-    An admin may serve others (``sdb models add``, or an admin key's deploy)."""
-    from sdb_core.bundle import MODEL_FILE, read_bundle_files
-    from sdb_core.graph_size import STANDARD_DOMAINS, node_domains
-
-    foreign = node_domains(read_bundle_files(src)[MODEL_FILE]) - STANDARD_DOMAINS
-    if foreign:
-        raise ApiError(400, "bundle_refused", "bundle refused: its graph uses operators of "
-                       f"{', '.join(sorted(d[:60] for d in foreign)[:5])}; a deploy key's graph may use the standard "
-                       f"ONNX operators only ({', '.join(sorted(STANDARD_DOMAINS))}): export without runtime-specific "
-                       "fusions, or ask an admin to serve it")
-
-
 def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer: str, actor: str,
                   name: str | None = None, policy: OutputPolicy | dict | None = None, shown: str = "bundle",
                   host: ModelHost | None = None, job: tuple[str, str] | None = None, tenant: bool = False) -> ModelRow:
@@ -101,11 +85,11 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
 
     ApiError when refused, and then nothing stays: 400 ``bundle_refused`` (verification), 422 (the name or
     the policy), 403 ``model_not_owned`` (checked in the transaction that adds the version), 507
-    ``insufficient_storage`` (the copy did not fit on the disk: :func:`_copy_new`). ``shown``
+    ``insufficient_storage`` (the copy did not fit on the disk: :func:`service.copies.copy_new`). ``shown``
     stands for the bundle in messages: a server path is never in one.
 
     ``tenant``: a graph a non-admin key wrote, which may use the standard ONNX operators only
-    (:func:`check_tenant_graph`).
+    (:func:`service.filechecks.read_bundle`'s ``standard_ops``).
 
     ``job`` (id, worker): a job's deploy (``service.jobs.kinds.wrap.deploy``), made only while that worker
     still holds the job, checked in the transaction that adds the version; otherwise nothing stays and
@@ -114,11 +98,10 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
     limits = files.limits(settings)
     try:
         try:
-            meta = read_bundle(Path(src), limits, shown)  # archive limits and file hashes, before any copy
+            # archive limits, file hashes and a tenant's operators, before any copy
+            meta = read_bundle(Path(src), limits, shown, standard_ops=tenant)
         except ApiError as e:
             raise ApiError(400, "bundle_refused", f"bundle refused: {e.message}") from None
-        if tenant:
-            check_tenant_graph(Path(src))
         name = name or str(meta["name"])
         check_served_name(name)
         policy = check_policy(policy, meta)

@@ -41,10 +41,10 @@ class DirectRoutes:
 
     def match(self, scope: Scope) -> APIRoute | None:
         """The direct route a request is for (None: FastAPI's router takes it, 405s and 404s included)."""
-        method = scope["method"]
+        method, path = scope["method"], get_route_path(scope)
         for route in self.routes:
             if method in route.methods:
-                m = route.path_regex.match(get_route_path(scope))
+                m = route.path_regex.match(path)
                 if m is not None:
                     scope["path_params"] = {k: route.param_convertors[k].convert(v) for k, v in m.groupdict().items()}
                     scope["route"], scope["endpoint"] = route, route.endpoint

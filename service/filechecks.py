@@ -290,16 +290,29 @@ def check_image(src: Path, out: Path, limits: Limits, filename: str) -> Checked:
 
 
 # ----------------------------------------------------------------------------- bundles
-def read_bundle(src: Path, limits: Limits, filename: str, code: str = "bundle") -> dict:
-    """The verified ``meta.json`` of an ``.sdb`` (hashes checked; the sealed key is not opened here)."""
-    from sdb_core.bundle import BundleError, read_bundle_files, verify
+def read_bundle(src: Path, limits: Limits, filename: str, code: str = "bundle", *, standard_ops: bool = False) -> dict:
+    """The verified ``meta.json`` of an ``.sdb`` (hashes checked; the sealed key is not opened here).
+
+    ``standard_ops``: refuse a graph whose nodes use operators outside the ONNX standard (a deploy key's: ONNX
+    Runtime's own, com.microsoft's fused attention or quantized kernels, and any other domain take inputs the
+    ONNX spec never checked, and a tenant's graph runs in every server process; an admin may serve them)."""
+    from sdb_core.bundle import MODEL_FILE, BundleError, read_bundle_files, verify
+    from sdb_core.graph_size import STANDARD_DOMAINS, node_domains
 
     with _open_zip(src, code, filename, limits):
         pass
     try:
-        return verify(read_bundle_files(src), filename)
+        files = read_bundle_files(src)
+        meta = verify(files, filename)
     except BundleError as e:
         raise rejected(code, _clip(str(e).replace(str(src), filename))) from None
+    foreign = node_domains(files[MODEL_FILE]) - STANDARD_DOMAINS if standard_ops else set()
+    if foreign:
+        raise rejected(code, f"its graph uses operators of {', '.join(sorted(d[:60] for d in foreign)[:5])}; a "
+                       f"deploy key's graph may use the standard ONNX operators only "
+                       f"({', '.join(sorted(STANDARD_DOMAINS))}): export without runtime-specific fusions, or ask an "
+                       "admin to serve it")
+    return meta
 
 
 def check_bundle(src: Path, out: Path, limits: Limits, filename: str) -> Checked:

@@ -466,7 +466,7 @@ class HostedModel:
     async def logits(self, x: np.ndarray, keyed: bool = False, caller: str | None = None,
                      gate: Gate | None = None) -> np.ndarray:
         """``caller`` (a key id, or an address without a key): whom the request is for, which an isolated model's
-        batches keep apart; ``gate``: checked in the model's thread before it runs (:meth:`MicroBatcher.submit`)."""
+        batches keep apart; ``gate``: checked beside the model's call, its refusal this request's (:meth:`MicroBatcher.submit`)."""
         if keyed and not self.distillable:
             raise ApiError(400, "not_distillable", f"model {self.name!r} has no keyed path ({self.meta['mode']} mode)")
         return await self.batcher.submit((x, keyed), len(x), caller if self.isolated else None, gate)

@@ -306,10 +306,9 @@ class Store:
         """Add keyed samples to keys' ``used`` (keys without a quota: :meth:`Keyring.charge` counts them behind)."""
         if not counts:
             return
-        k = ApiKeyRow.__table__.c
         with self.engine.begin() as conn:
             for key_id, n in counts.items():
-                conn.execute(update(ApiKeyRow.__table__).where(k.id == key_id).values(used=k.used + n))
+                conn.execute(update(ApiKeyRow.__table__).where(_KEYS.id == key_id).values(used=_KEYS.used + n))
 
     def charge_job(self, key_id: str, samples: int, now: float, job_id: str, worker: str) -> str | None:
         """A job's charge of ``samples`` keyed samples, once per job, in one transaction with the job's row:

@@ -357,4 +357,3 @@ async def infer_version(request: Request) -> Response:
     name, version = path_param(request, "name"), path_param(request, "version")
     s = await serving(request)
     return await _infer(await oip.served_model(s, name, version), request, s)
-

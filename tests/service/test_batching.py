@@ -70,8 +70,8 @@ class Charges:
 async def test_a_gate_is_checked_once_per_call_and_a_refusal_fails_only_its_own_request():
     fn, charges = Recorder(), Charges()
     fn.release.set()
-    with ThreadPoolExecutor(1) as pool:
-        batcher = MicroBatcher(fn, pool, max_samples=64)
+    with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as checks:
+        batcher = MicroBatcher(fn, pool, max_samples=64, checks=checks)
         gated = [("a", 1, "ok-a"), ("b", 2, "no-b"), ("c", 3, None), ("d", 4, "ok-d")]
         answers = await asyncio.gather(*(batcher.submit((who, v), 1, None, None if g is None else (charges, g))
                                          for who, v, g in gated), return_exceptions=True)
@@ -110,10 +110,10 @@ async def test_a_failed_call_is_retried_alone_without_checking_its_gates_again()
             raise RuntimeError("bad input")
         return [(p, 2 * v) for p, v in payloads]
 
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as checks:
         for enabled in (True, False):
             charges.calls.clear()
-            batcher = MicroBatcher(fn, pool, max_samples=64, enabled=enabled)
+            batcher = MicroBatcher(fn, pool, max_samples=64, enabled=enabled, checks=checks)
             answers = await asyncio.gather(batcher.submit(("good", 1), 1, None, (charges, "ok-1")),
                                            batcher.submit(("bad", 2), 1, None, (charges, "ok-2")),
                                            return_exceptions=True)

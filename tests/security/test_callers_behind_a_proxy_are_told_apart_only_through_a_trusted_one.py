@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from .conftest import Server
+from tests.service.conftest import Server
 
 ONE_EACH = {"SDB_RATE_LIMIT_ADDRESS_PER_S": "0.001", "SDB_RATE_LIMIT_ADDRESS_BURST": "1"}
 
