@@ -40,7 +40,7 @@ from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
 from .protect.seal import seal, unseal
 
 if TYPE_CHECKING:  # torch only where a bundle is made: loading one must stay light
-    from torch import nn
+    from torch import Tensor, nn
 
     from .protect.box import SafeDistillationBox
 
@@ -200,6 +200,12 @@ def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[st
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    unread = [name for name, _ in inputs if name not in {i.name for i in session.get_inputs()}]
+    if unread:  # the trace lost the input: its answer was computed from the trace's own zeros
+        raise BundleError(
+            f"the ONNX export does not read its input {', '.join(map(repr, unread))}: tracing records one run, and a "
+            "forward that takes its input through numpy or Python values (x.numpy(), .tolist(), .item()) exports "
+            "the answer to the trace's zeros: write it with tensor ops")
     for batch in batches:
         with torch.no_grad():
             want = cpu(*batch).float().numpy()
@@ -213,6 +219,76 @@ def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[st
                 f"{scale:.3g}). Tracing records one run, so a forward that branches on input values or bakes in "
                 "a batch size or a value (len(x), .item(), float(tensor), numpy) exports something else: write "
                 "those with tensor ops (torch.where, x.shape[0], x.flatten(1))")
+
+
+def per_sample_fault(model: nn.Module, batch: Sequence[Tensor], what: str = "network") -> str | None:
+    """Why ``model`` in eval mode is not a function of each input alone, or None when it is.
+
+    ``batch``: its inputs, each a batch of at least two. The service answers a request's inputs in one ONNX
+    Runtime call with other callers' (the micro-batcher), a batch of one when it is alone: a forward that draws
+    random numbers (``F.dropout``'s default ``training=True``) or computes a statistic over the batch axis (a
+    BatchNorm with ``track_running_stats=False``, attention over the batch axis) would answer each input by
+    chance or by its neighbours, and tell one caller of another's inputs. ONNX export traces one run and
+    checks it on batches it chose, which such a forward passes. The tolerance is loose (1% of the output's
+    scale): a GPU's TF32 differs between batch sizes by far less, these faults by the output's own size.
+    Runs without gradients; every module is left in the mode it was in.
+    """
+    import torch
+
+    from .train import evaluating, logits_of
+
+    def answer(*args) -> Tensor:
+        return logits_of(model(*args))
+
+    with torch.no_grad(), evaluating(model):
+        together, again = answer(*batch), answer(*batch)
+        if not isinstance(together, torch.Tensor) or not together.is_floating_point():
+            return None  # not a tensor of scores: the caller's own checks say what it is
+        scale = float(together.abs().max()) if together.numel() else 0.0
+
+        def differ(a: Tensor, b: Tensor) -> float | None:
+            if a.shape == b.shape and torch.allclose(a, b, rtol=1e-2, atol=1e-2 * (1.0 + scale)):
+                return None
+            return float((a - b).abs().max()) if a.shape == b.shape else float("nan")
+
+        gap = differ(together, again)
+        if gap is not None:
+            return (f"the {what}'s answer to the same inputs changes from one run to the next in eval mode (largest "
+                    f"difference {gap:.3g} at output scale {scale:.3g}): a dropout called with training=True "
+                    "(F.dropout's default: pass training=self.training) or other randomness in its forward; a "
+                    "served network must answer an input the same way every time")
+        cure = ("give it running statistics (BatchNorm with track_running_stats=True) or a per-sample "
+                "normalisation (LayerNorm, GroupNorm, InstanceNorm), and attention over each sample's own tokens "
+                "(batch_first=True for (N, L, E) inputs)")
+        try:
+            alone = torch.cat([answer(*(t[i:i + 1] for t in batch)) for i in range(len(batch[0]))])
+        except Exception as e:  # noqa: BLE001 - any error here is the same fault, said in the user's terms
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            return (f"the {what} cannot answer one input alone in eval mode ({type(e).__name__}: {first}): it "
+                    "computes a statistic over the batch axis (a BatchNorm with track_running_stats=False?), and a "
+                    f"request of one input is answered alone; {cure}")
+        gap = differ(together, alone)
+        if gap is not None:
+            return (f"the {what}'s answer to an input depends on the other inputs of its batch in eval mode (largest "
+                    f"difference {gap:.3g} at output scale {scale:.3g}, {len(batch[0])} inputs together vs each "
+                    "alone): it computes a statistic over the batch axis (a BatchNorm with track_running_stats=False, "
+                    "attention across the batch); the service answers different callers' inputs in one call, so one "
+                    f"caller's answer would change with, and tell of, another's; {cure}")
+    return None
+
+
+def _require_per_sample(model: nn.Module, in_shape: Sequence[int],
+                        extra_inputs: Sequence[tuple[str, Sequence[int]]] = ()) -> None:
+    """:func:`per_sample_fault` on three random inputs, as a :class:`BundleError`: before the export traces it."""
+    import torch
+
+    from .train import device_of
+
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randn(3, *shape, generator=g).to(device_of(model)) for shape in [in_shape, *(s for _, s in extra_inputs)]]
+    why = per_sample_fault(model, batch)
+    if why is not None:
+        raise BundleError(why)
 
 
 def _output_shape(model: nn.Module, in_shape: Sequence[int],
@@ -257,6 +333,7 @@ def export_bundle(
     """
     from .protect.box import SafeDistillationBox
 
+    _require_per_sample(box.model if isinstance(box, SafeDistillationBox) else box, in_shape, extra_inputs)
     if isinstance(box, SafeDistillationBox):
         model, mode, has_key = box.model, box.mode, box.has_key
         lam, temperature = (box.lam if box.has_key else None), box.temperature

@@ -374,9 +374,13 @@ def checked_wrap(
                "keys open the keyed path)" if "guessed" in chosen["misses"] else "")
             + "; missed " + ", ".join(f"{k} by {v:.2f}" + ("" if k == "guessed" else " points")
                                       for k, v in chosen["misses"].items())
-            + (f" (measured on {report['val_size']} held-out training inputs: a teacher trained on them scores its "
-               "training accuracy there, which overstates every drop; train it without them: --train-teacher does, "
-               "and in Python sdb_core.protect.check.teacher_data(data, check) is the rest)"
+            + (f" (measured on {report['val_size']} held-out training inputs, where the teacher scores as on its "
+               f"fit inputs, {teacher_fit_acc:.2f}%: a teacher trained on them scores its training accuracy there, "
+               "which overstates every drop; train it without them: --train-teacher does, and in Python "
+               "sdb_core.protect.check.teacher_data(data, check) is the rest)"
+               # a teacher that generalises scores less on inputs it never saw: then the hint would mislead
+               if {"public", "keyed"} & set(chosen["misses"]) and best_fig["teacher_acc"] >= teacher_fit_acc - 1.0
+               else f" (measured on {report['val_size']} held-out training inputs)"
                if {"public", "keyed"} & set(chosen["misses"]) else "")
             + _unmeasurable_leak(chosen, data.num_classes, min(check.transfer_n, report["fit_size"]), th),
             report, result)

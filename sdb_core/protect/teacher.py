@@ -8,6 +8,7 @@ import io
 import torch
 from torch import nn
 
+from ..bundle import per_sample_fault
 from ..train import device_of, evaluating, logits_of
 
 
@@ -91,7 +92,8 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     """Raise ``ValueError`` unless ``teacher`` is a float32 network that maps a batch of ``data``'s inputs
     (N, *in_shape) to finite float logits (N, num_classes) (``data``: checked by ``DataSplits.checked``).
     It runs on two training inputs in eval mode without gradients (nothing in the model moves), and
-    leaves every module of the model in the mode it found it in.
+    leaves every module of the model in the mode it found it in; then on three, twice and one by one: a forward
+    that is random or answers an input by its batch is refused (:func:`~sdb_core.bundle.per_sample_fault`).
 
     Returns the network a box copies: ``teacher`` (its compiled module's original, :func:`plain_teacher`), inside
     :class:`Logits` when its forward answers the logits as ``out["logits"]`` or ``out.logits``, inside
@@ -126,6 +128,9 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     if not z.is_floating_point() or not torch.isfinite(z).all():
         raise ValueError("the teacher's logits must be finite floats (got "
                          f"{z.dtype}{'' if torch.isfinite(z.float()).all() else ' with NaN or Inf'})")
+    why = per_sample_fault(teacher, [data.train.tensors[0][:3].to(device_of(teacher))], "teacher")
+    if why is not None:
+        raise ValueError(why)
     net = _logits_module(teacher, z is out)
     probabilities = k > 1 and bool((z >= 0).all() and (z <= 1).all()
                                    and torch.allclose(z.sum(1), torch.ones(len(z)).to(z), atol=1e-4))

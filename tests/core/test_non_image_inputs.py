@@ -89,7 +89,7 @@ def test_data_splits_normalise_raw_signals_like_their_inputs():
 
 def test_the_self_check_measures_a_signal_box_and_its_public_answer_teaches_less_than_labels():
     data, teacher = trained("signals")
-    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0, min_guessed_key_share=-100.0)
+    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0, min_guessed_key_share=-1e12)
     check = CheckConfig(thresholds=lax, max_attempts=1, student_seeds=1,
                         student_train=TrainConfig(epochs=15, lr=0.01, batch_size=64))
     result = wrap(teacher, data, SDBConfig(train=replace(SDBConfig().train, epochs=5)), check=check)

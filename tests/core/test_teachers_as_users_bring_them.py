@@ -111,7 +111,7 @@ def test_a_train_mode_teacher_with_frozen_batchnorm_comes_back_in_its_modes_from
     teacher = _net().train()
     teacher.body[1].eval()  # fine-tuning with frozen BatchNorm statistics: a common way to hold a model
     before = _state(teacher)
-    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0, min_guessed_key_share=-100.0)
+    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0, min_guessed_key_share=-1e12)
     wrap(teacher, digits, ONE_EPOCH, check=CheckConfig(thresholds=lax, max_attempts=1, leak_check=False))
     assert _same(before, _state(teacher))
 
@@ -149,7 +149,7 @@ def test_a_teacher_that_answers_probabilities_is_wrapped_as_its_log_probabilitie
     with torch.no_grad():
         torch.testing.assert_close(F.softmax(net(x) / 4, 1), F.softmax(digits_teacher(x) / 4, 1), rtol=1e-4, atol=1e-5)
     lines: list[str] = []
-    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0, min_guessed_key_share=-100.0)
+    lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0, min_guessed_key_share=-1e12)
     result = wrap(teacher, digits, ONE_EPOCH, check=CheckConfig(thresholds=lax, max_attempts=1, leak_check=False),
                   log=lines.append)
     assert any("log-probabilities" in line for line in lines), lines
