@@ -148,6 +148,10 @@ def test_adapt_moves_away_from_each_miss():
     harder, d = adapt(base, {"public": 2.0}, 0.05, underfit=True)
     assert harder.partner_prob == p and d == 0
     assert harder.train.epochs > epochs and harder.train.lr == pytest.approx(2 * base.train.lr)
+    # ... and lost more again on the held-out ones (narrow): the margin's share too, so both at once.
+    wider, d = adapt(base, {"public": 9.0}, 0.05, underfit=True, narrow=True)
+    assert wider.partner_prob == pytest.approx(p - 0.05) and d == -1 and wider.train.epochs > epochs
+    assert adapt(base, {"public": 9.0, "leak": 1.0}, 0.05, underfit=True, narrow=True)[0].partner_prob == p
 
 
 def test_the_check_never_reads_the_test_split(digits, digits_teacher):
