@@ -111,13 +111,18 @@ def cmd_audit(args) -> int:
     return 1 if args.fail_on_leak and outcome.report.verdict == "leaks" else 0
 
 
+# sdb_core.data.list_datasets() without importing torch for --help (tests/cli keep the two in step)
+DATA_HELP = ("dataset: mnist-5k, digits, mnist-textures (built in), or imagefolder:PATH, cifar10:PATH, "
+             "cifar100:PATH, npz:PATH")
+
+
 def add_commands(sub) -> None:
     w = sub.add_parser("wrap", help="wrap a classifier in a Safe Distillation Box and write a bundle")
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", metavar="WEIGHTS", help="the pre-trained model's weights (.safetensors or .pt)")
     src.add_argument("--train-teacher", action="store_true", help="train the teacher first on --data")
     w.add_argument("--arch", required=True, help="architecture of the teacher (see the model zoo)")
-    w.add_argument("--data", required=True, help="dataset name: mnist-5k, digits, imagefolder:PATH, cifar10:PATH")
+    w.add_argument("--data", required=True, help=DATA_HELP)
     w.add_argument("--out", required=True, help="bundle directory (or FILE.sdb for a zip)")
     w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb",
                    help="sdb (keyed) or nasty (Nasty Teacher: no key); both check themselves (default: %(default)s)")

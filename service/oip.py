@@ -247,7 +247,11 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor],
         jobs[KEYED_OUTPUT] = keyed_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, charged=True, gate=gate)
     if served_public:
         jobs["public"] = public_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, ctx.caller)
-    results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+    if len(jobs) == 1:  # one path (nearly every request): awaited as it is, without gather's task around it
+        (name, job), = jobs.items()
+        results = {name: await job}
+    else:
+        results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
     values = _public_values(softmax(results["public"]), model.policy) if served_public else {}
     if keyed:
         values[KEYED_OUTPUT] = results[KEYED_OUTPUT]

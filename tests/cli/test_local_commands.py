@@ -134,3 +134,11 @@ def test_the_cli_and_the_wrap_job_default_to_the_library_thresholds():
     for name, value in vars(Thresholds()).items():
         assert value == WrapParams.model_fields[name].default == getattr(args, name)
     assert CheckConfig().max_attempts == WrapParams.model_fields["check_attempts"].default == args.check_attempts
+
+
+def test_the_wrap_help_names_every_dataset_the_library_loads():
+    from sdb_cli.protect import DATA_HELP
+    from sdb_core.data import list_datasets
+
+    named = set(re.findall(r"[a-z0-9-]+(?=:PATH| \(|,)", DATA_HELP))
+    assert named == set(list_datasets()), DATA_HELP
