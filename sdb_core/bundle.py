@@ -60,6 +60,10 @@ MAX_CHECK_RUN_S = 60.0
 EXPORT_HINT = (f'export it with torch.onnx.export(model.float().eval(), x, f, input_names=["{INPUT_NAME}"], '
                f'output_names=["{OUTPUT_NAME}"], dynamic_axes={{"{INPUT_NAME}": {{0: "batch"}}, '
                f'"{OUTPUT_NAME}": {{0: "batch"}}}}), or write the bundle with sdb_core.bundle.export_bundle')
+# What a bare ONNX file is told where a bundle was expected (a user's first guess at one).
+BARE_ONNX_HINT = ("a bare ONNX graph is not a bundle: a bundle holds model.onnx with meta.json (input shape, "
+                  "normalisation, labels) and a protected model's sealed key; write one with sdb wrap (a zoo "
+                  "architecture's weights) or sdb_core.bundle.export_bundle (any nn.Module)")
 KEY_BINDING = 2  # meta["key_binding"]: what key.sealed's associated data covers (docs/security.md#bundles)
 # Tasks whose output is one score per label: the service indexes ``labels`` with the output.
 LABELLED_TASKS = ("classification", "multilabel")
@@ -433,7 +437,8 @@ def read_bundle_files(path: str | os.PathLike) -> dict[str, bytes]:
                                           "stored, without a password") from None
             return out
     except zipfile.BadZipFile:
-        raise BundleError(f"{p} is neither a bundle directory nor a .sdb zip") from None
+        raise BundleError(f"{p} is neither a bundle directory nor a .sdb zip"
+                          + (f": {BARE_ONNX_HINT}" if p.suffix.lower() == ".onnx" else "")) from None
 
 
 def _member_limit(name: str) -> int:

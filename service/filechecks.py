@@ -118,7 +118,10 @@ def _open_zip(src: Path, purpose: str, filename: str, limits: Limits) -> zipfile
     try:
         z = zipfile.ZipFile(src)
     except zipfile.BadZipFile:
-        raise rejected(purpose, f"{filename}: not a zip archive") from None
+        from sdb_core.bundle import BARE_ONNX_HINT
+
+        hint = f": {BARE_ONNX_HINT}" if purpose == "bundle" and filename.lower().endswith(".onnx") else ""
+        raise rejected(purpose, f"{filename}: not a zip archive{hint}") from None
     infos = z.infolist()
     if len(infos) > limits.members:
         z.close()

@@ -111,6 +111,9 @@ def test_malformed_bundles(tmp_path):
     (tmp_path / "junk.sdb").write_bytes(b"not a zip")
     with pytest.raises(BundleError, match="neither"):
         load_bundle(tmp_path / "junk.sdb")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x07")
+    with pytest.raises(BundleError, match="neither.*bare ONNX graph is not a bundle.*export_bundle"):
+        load_bundle(tmp_path / "model.onnx")
     with zipfile.ZipFile(tmp_path / "empty.sdb", "w") as z:
         z.writestr("meta.json", "{not json")
     with pytest.raises(BundleError, match="not valid JSON"):

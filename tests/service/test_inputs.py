@@ -191,6 +191,9 @@ async def test_bad_admin_bodies(svc):
     assert r.status_code == 422 and r.json()["error"]["code"] == "server_path_refused"
     r = await c.post("/v1/models", files={"file": ("x.sdb", b"not a zip")}, headers=svc.admin)
     assert r.status_code == 400 and r.json()["error"]["code"] == "bundle_refused"
+    # a bare ONNX file, a user's first guess at a bundle, is told what a bundle is and how to write one
+    r = await c.post("/v1/models", files={"file": ("model.onnx", b"\x08\x07onnx graph")}, headers=svc.admin)
+    assert r.status_code == 400 and "bare ONNX graph is not a bundle" in r.json()["error"]["message"], r.text
 
 
 async def test_a_phone_cameras_jpeg_is_read_as_its_first_picture(svc):
