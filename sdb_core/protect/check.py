@@ -395,12 +395,21 @@ def checked_wrap(
 
 
 def _unmeasurable_leak(chosen: dict, classes: int, transfer: int, th) -> str:
-    """What to add to a refusal whose leak miss no box could have avoided: the labels-only student itself is
-    within the margin of chance (many classes, few transfer inputs each: 1,000 classes, 1,000 inputs, 1.7%),
-    so KD from the public outputs cannot come the margin below it whatever they teach."""
+    """What to add to a refusal whose leak miss no box could be expected to avoid: the labels-only student itself
+    is within the margin of chance (many classes, few transfer inputs each: 1,000 classes, 1,000 inputs, 1.7%),
+    so KD from the public outputs cannot come the margin below it whatever they teach; or within the margin of a
+    perfect score (a task the labels alone solve: 4 classes of 3x12x20 prototypes, 100%), where the public
+    outputs, whose top-1 is the label, teach a student all of it too (KD 100% there at every attempt): nothing
+    is left for them to leak beyond the labels, and no margin below them to show."""
     if "leak" not in chosen["misses"]:
         return ""
     labels_only, chance = chosen["figures"]["labels_only"], 100.0 / classes
+    if labels_only + th.min_leak_margin > 100.0:
+        return (f". A student on labels alone reaches {labels_only:.2f}% from {transfer} transfer inputs, within "
+                f"{th.min_leak_margin} points of every input right: the labels alone teach this task, the public "
+                "outputs (their top-1 is the label) cannot teach a student less than that, and no leak beyond the "
+                "labels is left to refuse. --min-leak-margin 0 (CheckConfig.thresholds) accepts a box whose "
+                "public outputs teach no more than the labels do")
     if labels_only - chance >= th.min_leak_margin:
         return ""
     return (f". The leak check cannot show that margin here: a student on labels alone reaches {labels_only:.2f}% "

@@ -98,6 +98,9 @@ def test_a_leak_miss_no_box_could_avoid_says_so():
     assert "cannot show that margin here" in _unmeasurable_leak(starved, 1000, 1000, th)
     assert "1.0 per class" in _unmeasurable_leak(starved, 1000, 1000, th)
     assert _unmeasurable_leak({"misses": {"leak": 1.0}, "figures": {"labels_only": 90.0}}, 10, 1000, th) == ""
+    # A task the labels alone solve: nothing left to leak beyond them, said so, with the threshold that accepts it.
+    solved = _unmeasurable_leak({"misses": {"leak": 2.0}, "figures": {"labels_only": 100.0}}, 4, 1000, th)
+    assert "labels alone teach this task" in solved and "--min-leak-margin 0" in solved
 
 
 # ----------------------------------------------------------------------------- scale, constants, overflow
