@@ -1,6 +1,7 @@
 """``npz:PATH``: a NumPy ``.npz`` of images and labels, read with ``allow_pickle=False``.
 
-Arrays: ``x`` images, (N, H, W) or (N, C, H, W) with C = 1 or 3, ``uint8`` (0..255) or floats in
+Arrays: ``x`` images, (N, H, W) or (N, C, H, W) with C = 1 or 3 (or channels last, (N, H, W, C), as
+PIL, OpenCV and TensorFlow keep them: read so when C is 1 or 3 and the second axis is not), ``uint8`` (0..255) or floats in
 [0, 1] (finite: no NaN or Inf); ``y`` integer labels in [0, K), shape (N,), K >= 2; without ``labels`` each
 class index 0..K-1 has a sample (1-based labels, codes with gaps: refused, not renumbered). Optional: ``x_test``
 and ``y_test``, the test split (else a fixed stratified 80/20 split, seed 0, whatever the ``seed`` argument, as for
@@ -71,8 +72,11 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
         if xs not in arrays:
             continue
         (shape, dtype), (yshape, ydtype) = arrays[xs], arrays[ys]
-        if len(shape) not in (3, 4) or (len(shape) == 4 and shape[1] not in (1, 3)) or 0 in shape:
-            raise DatasetError(f"{path}: {xs} has shape {list(shape)}; expected (N, H, W) or (N, C, H, W), C 1 or 3")
+        if len(shape) not in (3, 4) or (len(shape) == 4 and _channels(shape) is None) or 0 in shape:
+            raise DatasetError(f"{path}: {xs} has shape {list(shape)}; expected (N, H, W), (N, C, H, W) or "
+                               "(N, H, W, C), C 1 or 3")
+        if len(shape) == 4 and _channels(shape) == 3:  # channels last: the images' shape as they are served
+            shape = (shape[0], shape[3], shape[1], shape[2])
         if dtype.kind not in "uf":
             raise DatasetError(f"{path}: {xs} is {dtype}; expected uint8 pixels or floats in [0, 1]")
         if len(yshape) != 1 or yshape[0] != shape[0]:
@@ -137,8 +141,18 @@ def _check_indices(path: Path, present: np.ndarray) -> None:
         f"{hi + 1} classes, give labels, its {hi + 1} class names")
 
 
+def _channels(shape: tuple[int, ...]) -> int | None:
+    """Where an (N, ·, ·, ·) array keeps its 1 or 3 channels: axis 1 (channels first, this loader's own form, and
+    its reading of the ambiguous (N, 3, H, 3)), axis 3 (channels last), or None."""
+    if shape[1] in (1, 3):
+        return 1
+    return 3 if shape[3] in (1, 3) else None
+
+
 def _pixels(x: np.ndarray) -> np.ndarray:
     x = x[:, None] if x.ndim == 3 else x
+    if _channels(x.shape) == 3:
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     return x.astype(np.float32) / 255.0 if x.dtype.kind == "u" else x.astype(np.float32)
 
 

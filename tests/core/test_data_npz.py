@@ -34,6 +34,21 @@ def test_npz_with_its_own_test_split_labels_and_colour(tmp_path):
     assert describe_npz(path) == {"samples": 8, "shape": [3, 4, 4], "classes": 2, "splits": "x_test"}
 
 
+def test_channels_last_images_are_read_as_pil_and_tensorflow_keep_them(tmp_path):
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 256, (10, 3, 5, 7), dtype=np.uint8)  # channels first, this loader's own form
+    y = np.arange(10) % 2
+    last = np.ascontiguousarray(first.transpose(0, 2, 3, 1))  # the same images, (N, H, W, C)
+    a = load_dataset(f"npz:{write(tmp_path / 'first.npz', x=first, y=y, x_test=first[:4], y_test=y[:4])}")
+    b = load_dataset(f"npz:{write(tmp_path / 'last.npz', x=last, y=y, x_test=last[:4], y_test=y[:4])}")
+    assert b.in_shape == a.in_shape == (3, 5, 7) and describe_npz(tmp_path / "last.npz")["shape"] == [3, 5, 7]
+    assert np.array_equal(a.train.tensors[0].numpy(), b.train.tensors[0].numpy()) and a.mean == b.mean
+    with pytest.raises(DatasetError, match=r"x_test images are \[3, 5, 7\], x's are \[1, 5, 7\]"):
+        load_dataset(f"npz:{write(tmp_path / 'mixed.npz', x=first[:, 0], y=y, x_test=last, y_test=y)}")
+    with pytest.raises(DatasetError, match=r"\(N, H, W, C\), C 1 or 3"):  # four channels either way
+        load_dataset(f"npz:{write(tmp_path / 'rgba.npz', x=np.zeros((10, 5, 7, 4), np.uint8), y=y)}")
+
+
 @pytest.mark.parametrize("arrays,words", [
     ({"x": np.zeros((4, 4, 4))}, "no array 'y'"),
     ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "extra": np.zeros(1)}, "does not read"),
