@@ -1,8 +1,10 @@
-"""``npz:PATH``: a NumPy ``.npz`` of images and labels, read with ``allow_pickle=False``.
+"""``npz:PATH``: a NumPy ``.npz`` of images (or feature vectors) and labels, read with ``allow_pickle=False``.
 
 Arrays: ``x`` images, (N, H, W) or (N, C, H, W) with C = 1 or 3 (or channels last, (N, H, W, C), as
 PIL, OpenCV and TensorFlow keep them: read so when C is 1 or 3 and the second axis is not), ``uint8`` (0..255) or floats in
-[0, 1] (finite: no NaN or Inf); ``y`` integer labels in [0, K), shape (N,), K >= 2; without ``labels`` each
+[0, 1] (finite: no NaN or Inf); or feature vectors (N, D), integers or finite floats of any scale, each feature
+standardised by its mean and standard deviation on the training split (a tabular set's columns: one scale for all
+would let the widest drown the rest and hide the key, which is unit-variance noise for a non-image input); ``y`` integer labels in [0, K), shape (N,), K >= 2; without ``labels`` each
 class index 0..K-1 has a sample (1-based labels, codes with gaps: refused, not renumbered). Optional: ``x_test``
 and ``y_test``, the test split (else a fixed stratified 80/20 split, seed 0, whatever the ``seed`` argument, as for
 ``imagefolder``); ``labels``, K class names (a string array; default "0" … "K-1").
@@ -72,13 +74,14 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
         if xs not in arrays:
             continue
         (shape, dtype), (yshape, ydtype) = arrays[xs], arrays[ys]
-        if len(shape) not in (3, 4) or (len(shape) == 4 and _channels(shape) is None) or 0 in shape:
-            raise DatasetError(f"{path}: {xs} has shape {list(shape)}; expected (N, H, W), (N, C, H, W) or "
-                               "(N, H, W, C), C 1 or 3")
+        if len(shape) not in (2, 3, 4) or (len(shape) == 4 and _channels(shape) is None) or 0 in shape:
+            raise DatasetError(f"{path}: {xs} has shape {list(shape)}; expected feature vectors (N, D) or images "
+                               "(N, H, W), (N, C, H, W) or (N, H, W, C), C 1 or 3")
         if len(shape) == 4 and _channels(shape) == 3:  # channels last: the images' shape as they are served
             shape = (shape[0], shape[3], shape[1], shape[2])
-        if dtype.kind not in "uf":
-            raise DatasetError(f"{path}: {xs} is {dtype}; expected uint8 pixels or floats in [0, 1]")
+        if dtype.kind not in ("uif" if len(shape) == 2 else "uf"):
+            raise DatasetError(f"{path}: {xs} is {dtype}; expected " + (
+                "integer or float features" if len(shape) == 2 else "uint8 pixels or floats in [0, 1]"))
         if len(yshape) != 1 or yshape[0] != shape[0]:
             raise DatasetError(f"{path}: {ys} has shape {list(yshape)}; expected ({shape[0]},), one label per image")
         if ydtype.kind not in "iu":
@@ -86,7 +89,8 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
         if n is None:
             n, image = shape[0], (1, *shape[1:]) if len(shape) == 3 else shape[1:]
         elif ((1, *shape[1:]) if len(shape) == 3 else shape[1:]) != image:
-            raise DatasetError(f"{path}: x_test images are {list(shape[1:])}, x's are {list(image)}")
+            raise DatasetError(f"{path}: x_test {'samples' if len(shape) == 2 else 'images'} are "
+                               f"{list(shape[1:]) if len(shape) != 3 else [1, *shape[1:]]}, x's are {list(image)}")
     with np.load(path, allow_pickle=False) as data:
         ys = [np.asarray(data[k]) for k in ("y", "y_test") if k in arrays]
         labels = np.asarray(data["labels"]) if "labels" in arrays else None
@@ -95,8 +99,10 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
                 pixels = data[xs].reshape(arrays[xs][0][0], -1)
                 finite = np.isfinite(pixels).all(axis=1)
                 if not finite.all():
-                    raise DatasetError(f"{path}: {xs} has {int((~finite).sum())} image(s) with NaN or Inf pixels "
+                    raise DatasetError(f"{path}: {xs} has {int((~finite).sum())} sample(s) with NaN or Inf values "
                                        f"(the first at index {int(np.flatnonzero(~finite)[0])})")
+                if len(arrays[xs][0]) == 2:  # features: any scale (standardised per feature)
+                    continue
                 # Float pixels 0..255 (or standardised ones) would be normalised by their own statistics: the model
                 # trains, but the bundle's normalisation (pixel / 255 - mean) / std serves images as garbage, and a
                 # key (pixels in [0, 255], normalised alike) is a near-constant image any noise stands in for.
@@ -150,6 +156,9 @@ def _channels(shape: tuple[int, ...]) -> int | None:
 
 
 def _pixels(x: np.ndarray) -> np.ndarray:
+    """Images as float32 in [0, 1], (N, C, H, W); feature vectors (N, D) as float64, standardised later."""
+    if x.ndim == 2:
+        return x.astype(np.float64)
     x = x[:, None] if x.ndim == 3 else x
     if _channels(x.shape) == 3:
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -163,6 +172,8 @@ def npz(path: Path | None, *, image_size: int | None = None, seed: int = 0) -> D
     if not path.is_file():
         raise DatasetError(f"no .npz file at {path}")
     info = describe_npz(path)
+    if len(info["shape"]) == 1 and image_size is not None:
+        raise DatasetError(f"{path}: image_size resizes images; x holds feature vectors (N, D)")
     with np.load(path, allow_pickle=False) as data:
         x, y = _pixels(data["x"]), np.asarray(data["y"], dtype=np.int64)
         labels = [str(s) for s in data["labels"]] if "labels" in data.files else \
@@ -172,4 +183,22 @@ def npz(path: Path | None, *, image_size: int | None = None, seed: int = 0) -> D
         else:
             train, test = stratified_split(y, round(0.2 * len(y)), _SPLIT_SEED)
             x, x_test, y, y_test = x[train], x[test], y[train], y[test]
+    if x.ndim == 2:
+        return _feature_splits(f"npz:{path}", x, y, x_test, y_test, labels)
     return make_splits(f"npz:{path}", x, y, x_test, y_test, labels, image_size)
+
+
+def _feature_splits(name: str, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                    labels: list[str]) -> DataSplits:
+    """Feature vectors standardised per feature on the training split (a constant feature: divided by 1); in
+    float64 first, so that a large-valued column (incomes, timestamps) keeps its spread."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    xs = [torch.from_numpy(((v - mean) / std).astype(np.float32)) for v in (x, x_test)]
+    ys = [torch.from_numpy(np.asarray(v, dtype=np.int64)) for v in (y, y_test)]
+    return DataSplits(name, TensorDataset(xs[0], ys[0]), TensorDataset(xs[1], ys[1]), num_classes=len(labels),
+                      in_shape=(x.shape[1],), mean=tuple(map(float, mean)), std=tuple(map(float, std)),
+                      labels=list(labels))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sdb_core.data import DatasetError, list_datasets, load_dataset
 from sdb_core.data.npz import describe_npz
@@ -47,6 +48,44 @@ def test_channels_last_images_are_read_as_pil_and_tensorflow_keep_them(tmp_path)
         load_dataset(f"npz:{write(tmp_path / 'mixed.npz', x=first[:, 0], y=y, x_test=last, y_test=y)}")
     with pytest.raises(DatasetError, match=r"\(N, H, W, C\), C 1 or 3"):  # four channels either way
         load_dataset(f"npz:{write(tmp_path / 'rgba.npz', x=np.zeros((10, 5, 7, 4), np.uint8), y=y)}")
+
+
+def test_feature_vectors_are_standardised_per_feature_and_wrap_serve_and_export(tmp_path):
+    # A tabular set: columns of very different scales (an age, an income, a constant flag, a count).
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 3
+    x = np.stack([rng.normal(40, 12, 200) + 8 * y, rng.normal(5e4, 2e4, 200) * (1 + y), np.ones(200),
+                  rng.poisson(3 + 2 * y)], 1)
+    path = write(tmp_path / "t.npz", x=x, y=y, labels=np.array(["low", "mid", "high"]))
+    data = load_dataset(f"npz:{path}")
+    assert data.in_shape == (4,) and describe_npz(path)["shape"] == [4] and data.labels == ["low", "mid", "high"]
+    train = data.train.tensors[0]
+    assert train.dtype == torch.float32 and len(data.mean) == len(data.std) == 4 and data.std[2] == 1.0
+    assert torch.allclose(train.mean(0), torch.tensor([0.0, 0.0, 0.0, 0.0]), atol=1e-4)
+    assert torch.allclose(train[:, [0, 1, 3]].std(0, correction=0), torch.ones(3), atol=1e-4)
+    assert torch.allclose(data.normalize(torch.from_numpy(x[:5]).float()), torch.from_numpy(
+        (x[:5] - np.array(data.mean)) / np.array(data.std)).float(), atol=1e-3)
+    ints = load_dataset(f"npz:{write(tmp_path / 'i.npz', x=x.round().astype(np.int64), y=y)}")
+    assert ints.in_shape == (4,)
+    with pytest.raises(DatasetError, match="image_size resizes images"):
+        load_dataset(f"npz:{path}", image_size=8)
+    with pytest.raises(DatasetError, match=r"x_test samples are \[5\], x's are \[4\]"):
+        load_dataset(f"npz:{write(tmp_path / 'm.npz', x=x, y=y, x_test=np.zeros((6, 5)), y_test=y[:6])}")
+    # and the zoo's shape-agnostic mlp wraps it into a bundle served like any other
+    from sdb_core.bundle import export_bundle, load_bundle
+    from sdb_core.models import create_model
+    from sdb_core.protect import SDBConfig, wrap
+    from sdb_core.protect.key import new_master_key
+    from sdb_core.train import TrainConfig, train_classifier
+
+    torch.manual_seed(0)
+    teacher = create_model("mlp", num_classes=3, in_shape=data.in_shape)
+    train_classifier(teacher, data.train, TrainConfig(epochs=5, lr=0.05))
+    box = wrap(teacher, data, SDBConfig(train=TrainConfig(epochs=2, grad_clip=5.0)), check=None).box
+    master = new_master_key()
+    bundle = load_bundle(export_bundle(box, tmp_path / "b", name="t", in_shape=data.in_shape, mean=data.mean,
+                                       std=data.std, labels=data.labels, master_key=master), master)
+    assert bundle.meta["input"]["shape"] == [4] and bundle.predict(data.test.tensors[0][:7].numpy()).shape == (7, 3)
 
 
 @pytest.mark.parametrize("arrays,words", [
