@@ -171,6 +171,13 @@ async def test_uploaded_datasets_load_through_the_resolver(svc):
     data = load_dataset(dataset_name(store, svc.settings, key, arrays))
     assert data.labels == ["a", "b", "c", "d"] and (len(data.train), len(data.test)) == (16, 4)
     assert data.in_shape == (1, 8, 8)
+    # a tabular set: feature vectors, any scale
+    rng = np.random.default_rng(0)
+    features = npz_bytes(x=rng.normal(100.0, 30.0, (20, 6)), y=np.arange(20) % 2)
+    r = await upload(svc, h, features, "dataset", "t.npz")
+    assert r.status_code == 201 and r.json()["info"]["shape"] == [6], r.text
+    data = load_dataset(dataset_name(store, svc.settings, key, r.json()["id"]))
+    assert data.in_shape == (6,) and abs(float(data.train.tensors[0].mean())) < 1e-4
 
 
 # ----------------------------------------------------------------------------- ownership
