@@ -386,7 +386,8 @@ def checked_wrap(
                "which overstates every drop; train it without them: --train-teacher does, and in Python "
                "sdb_core.protect.check.teacher_data(data, check) is the rest)"
                # a teacher that generalises scores less on inputs it never saw: then the hint would mislead
-               if {"public", "keyed"} & set(chosen["misses"]) and best_fig["teacher_acc"] >= teacher_fit_acc - 1.0
+               if {"public", "keyed"} & set(chosen["misses"]) and not check.teacher_apart
+               and best_fig["teacher_acc"] >= teacher_fit_acc - 1.0
                else f" (measured on {report['val_size']} held-out training inputs)"
                if {"public", "keyed"} & set(chosen["misses"]) else "")
             + _unmeasurable_leak(chosen, data.num_classes, min(check.transfer_n, report["fit_size"]), th),

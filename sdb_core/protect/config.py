@@ -119,6 +119,9 @@ class CheckConfig:
     temperature: float = 4.0  # the leak check's KD temperature and weight on the soft labels
     alpha: float = 0.9
     seed: int = 0
+    # The teacher was trained without the held-out part (check.teacher_data: --train-teacher, the benchmarks): a
+    # refusal then does not suggest that it saw it.
+    teacher_apart: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 0.5:

@@ -106,7 +106,7 @@ def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: T
     training data; those figures stay under ``report["check"]``), ``seconds`` is the whole wrap.
     ``keep_refused`` (benchmarks): a refused wrap returns its best attempt instead of raising.
     """
-    check = check and replace(check, seed=seed)
+    check = check and replace(check, seed=seed, teacher_apart=True)
     # A checked wrap measures on held-out training data, which its teacher must not have seen.
     teacher_on = teacher_data(data, check) if check else data
     teacher, th = train_teacher(teacher_on, seed, arch=teacher_arch, cfg=teacher_cfg, log=log, progress=progress)

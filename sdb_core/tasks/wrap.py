@@ -101,7 +101,7 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
                           seed=cfg.seed)
     hooks.plan(**({"teacher": tcfg.epochs} if trained else {}), wrap=cfg.recipe_train.epochs)
     data = load_dataset(cfg.data)
-    check = replace(cfg.check, seed=cfg.seed)
+    check = replace(cfg.check, seed=cfg.seed, teacher_apart=cfg.teacher.weights is None)
     seed_everything(cfg.seed)
     arch = cfg.teacher.arch
     teacher = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)

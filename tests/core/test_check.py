@@ -126,6 +126,9 @@ def test_an_impossible_threshold_is_refused_with_what_was_tried(digits, digits_t
     fresh = _teacher(TinyLN(), teacher_data(digits, one))
     with pytest.raises(WrapRefused, match=r"missed public by .*measured on \d+ held-out training inputs\)$"):
         wrap(fresh, digits, cfg, check=one, key=key)
+    # ... nor, whatever it scores there, one the caller says was trained without them (--train-teacher)
+    with pytest.raises(WrapRefused, match=r"missed public by .*measured on \d+ held-out training inputs\)$"):
+        wrap(digits_teacher, digits, cfg, check=replace(one, teacher_apart=True), key=key)
 
 
 def test_adapt_moves_away_from_each_miss():
