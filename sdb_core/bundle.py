@@ -212,7 +212,7 @@ def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[st
             "the answer to the trace's zeros: write it with tensor ops")
     for batch in batches:
         with torch.no_grad():
-            want = cpu(*batch).float().numpy()
+            want = cpu(*(b.clone() for b in batch)).float().numpy()  # copies: a forward may write into them
         got = session.run(None, {name: b.numpy() for (name, _), b in zip(inputs, batch, strict=True)})[0]
         scale = float(np.abs(want).max()) if want.size else 0.0
         if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-4 * (1.0 + scale)):
@@ -241,8 +241,8 @@ def per_sample_fault(model: nn.Module, batch: Sequence[Tensor], what: str = "net
 
     from .train import evaluating, logits_of
 
-    def answer(*args) -> Tensor:
-        return logits_of(model(*args))
+    def answer(*args) -> Tensor:  # on copies: a forward that writes into its input would change the next call's
+        return logits_of(model(*(a.clone() for a in args)))
 
     with torch.no_grad(), evaluating(model):
         together, again = answer(*batch), answer(*batch)

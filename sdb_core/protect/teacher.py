@@ -64,6 +64,22 @@ class FromOneScore(nn.Module):
         return torch.cat([torch.zeros_like(z), z], 1)
 
 
+class CopiesInput(nn.Module):
+    """The network of a teacher whose forward writes into its input (``x.sub_(mean)``, an ``nn.ReLU(inplace=True)``
+    first): it runs on a copy. Else each call would change the owner's data (a batch is often a view of it) and
+    the recipe's keyed input would blend the key into what the network left of x, where the exported graph, which
+    has no in-place ops, blends it into x itself: the served keyed path would not be the trained one."""
+
+    why = "the teacher changes its input in place (an in-place op on it): it runs on a copy"
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.clone())
+
+
 def plain_teacher(teacher: nn.Module) -> nn.Module:
     """The module a box is made of: a ``torch.compile``'d teacher's original module (a compiled graph neither
     copies into a trainable network nor exports to ONNX; the box is the same function without it)."""
@@ -76,7 +92,7 @@ def copy_teacher(teacher: nn.Module) -> nn.Module:
     (``torch.jit.script``/``trace``) is copied through ``torch.jit.save``/``load``, since ``copy.deepcopy`` of one
     gives parameters that are not leaves (nothing can train or freeze them)."""
     teacher = plain_teacher(teacher)
-    if isinstance(teacher, Logits | FromProbabilities):
+    if isinstance(teacher, Logits | FromProbabilities | CopiesInput):
         return type(teacher)(copy_teacher(teacher.model))
     if isinstance(teacher, FromOneScore):
         return FromOneScore(copy_teacher(teacher.model), teacher.probability)
@@ -101,16 +117,19 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     summing to 1; the recipe's soft labels at T = 4 read logits, and probabilities taken for logits teach
     nothing), and inside :class:`FromOneScore` when a binary classifier answers one score per input: a
     probability when every score on up to 256 training inputs is in [0, 1] (a trained logit is negative for the
-    first class), else a logit. The adapters say what they did in ``why``."""
+    first class), else a logit; inside :class:`CopiesInput` when its forward writes into its input. The adapters
+    say what they did in ``why``."""
     teacher = plain_teacher(teacher)
     x = data.train.tensors[0][:2]
     k = data.num_classes
     other = sorted({str(p.dtype) for p in teacher.parameters() if p.is_floating_point() and p.dtype != torch.float32})
     if other:  # the box trains, exports (ONNX) and serves in float32, on float32 inputs
         raise ValueError(f"the teacher's parameters are {', '.join(other)}: the box is float32; pass teacher.float()")
+    given = x.to(device_of(teacher))  # on the CPU, a view of the owner's data
+    seen = given.clone()
     try:
         with torch.no_grad(), evaluating(teacher):
-            out = teacher(x.to(device_of(teacher)))
+            out = teacher(seen)
     except Exception as e:
         raise ValueError(f"the teacher cannot run on this data's inputs (a batch of shape {tuple(x.shape)}): "
                          f"{type(e).__name__}: {e}") from e
@@ -132,6 +151,11 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     if why is not None:
         raise ValueError(why)
     net = _logits_module(teacher, z is out)
+    if not torch.equal(seen, given):  # it wrote into its input: from here on it gets copies
+        if isinstance(teacher, torch.jit.ScriptModule):
+            raise ValueError("the TorchScript teacher changes its input in place (an in-place op on it): script (or "
+                             "trace) a module that does not, or pass the nn.Module unscripted")
+        net = CopiesInput(net)
     probabilities = k > 1 and bool((z >= 0).all() and (z <= 1).all()
                                    and torch.allclose(z.sum(1), torch.ones(len(z)).to(z), atol=1e-4))
     if (one_score or probabilities) and isinstance(teacher, torch.jit.ScriptModule):  # ONNX's tracer cannot call
@@ -139,9 +163,11 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
         what = f"one score per input for {k} classes" if one_score else "probabilities (each row summing to 1)"
         raise ValueError(f"the TorchScript teacher answers {what}: script (or trace) a module that answers its "
                          f"{k} logits (no final softmax or sigmoid), or pass the nn.Module unscripted")
-    if one_score:
-        return FromOneScore(net, _scores_are_probabilities(net, data))
-    return FromProbabilities(net) if probabilities else net
+    adapted = (FromOneScore(net, _scores_are_probabilities(net, data)) if one_score
+               else FromProbabilities(net) if probabilities else net)
+    if adapted is not net and isinstance(net, CopiesInput):
+        adapted.why = f"{adapted.why}; {net.why}"
+    return adapted
 
 
 def _logits_module(teacher: nn.Module, bare: bool) -> nn.Module:

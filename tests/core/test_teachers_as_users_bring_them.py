@@ -1,5 +1,5 @@
 """Teachers as owners hold them: in train mode, half frozen, scripted, compiled, parametrized, answering a dict or a
-ModelOutput, probabilities, or one score for two classes. Each wraps into a box whose bundle answers what the box
+ModelOutput, probabilities, or one score for two classes, writing into their input. Each wraps into a box whose bundle answers what the box
 does, or is refused in words;
 the owner's model comes back exactly as it was handed over."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from sdb_core.bundle import BundleError, export_bundle, load_bundle
 from sdb_core.protect import CheckConfig, SDBConfig, Thresholds, wrap
 from sdb_core.protect.key import new_master_key
-from sdb_core.protect.teacher import FromOneScore, FromProbabilities, check_teacher
+from sdb_core.protect.teacher import CopiesInput, FromOneScore, FromProbabilities, check_teacher
 from sdb_core.train import TrainConfig
 
 ONE_EPOCH = SDBConfig(train=TrainConfig(epochs=1, lr=0.01, seed=0))
@@ -136,6 +136,30 @@ def test_logits_in_a_dict_or_a_model_output_are_what_the_box_learns_and_serves(d
     before = _state(teacher)
     box = wrap(teacher, digits, ONE_EPOCH, check=None).box
     assert _same(before, _state(teacher))
+    _bundle_answers_as_the_box(box, digits, tmp_path)
+
+
+class WritesIntoItsInput(nn.Module):
+    """Standardises its input in place before the network, as preprocessing inside a forward often does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x):
+        return self.net(x.sub_(0.1).mul_(1.5))
+
+
+def test_a_teacher_that_writes_into_its_input_runs_on_copies_and_its_bundle_serves_what_was_trained(digits, tmp_path):
+    # Before: each call changed the owner's data (a batch is often a view of it), the keyed input blended the key
+    # into what the network left of x while the exported graph blends it into x, and the export was refused.
+    given = [t.clone() for t in (*digits.train.tensors, *digits.test.tensors)]
+    net = check_teacher(WritesIntoItsInput(), digits.checked())
+    assert isinstance(net, CopiesInput) and "in place" in net.why
+    both = check_teacher(nn.Sequential(WritesIntoItsInput(), nn.Softmax(dim=1)), digits.checked())
+    assert isinstance(both, FromProbabilities) and "probabilities" in both.why and "in place" in both.why
+    box = wrap(WritesIntoItsInput(), digits, ONE_EPOCH, check=None).box
+    assert all(torch.equal(a, b) for a, b in zip(given, (*digits.train.tensors, *digits.test.tensors), strict=True))
     _bundle_answers_as_the_box(box, digits, tmp_path)
 
 
