@@ -35,7 +35,9 @@ def as_teacher(teacher: nn.Module | Teacher) -> Teacher:
         @torch.no_grad()
         def call(x: Tensor) -> Tensor:
             device = device_of(teacher)
-            return teacher(x.to(device))
+            # a copy: a forward that writes into its input (x.sub_(m)) would change the student's transfer set,
+            # of which x is often a view
+            return teacher(x.to(device, copy=True))
 
         return call
     return teacher

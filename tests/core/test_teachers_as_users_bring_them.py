@@ -163,6 +163,19 @@ def test_a_teacher_that_writes_into_its_input_runs_on_copies_and_its_bundle_serv
     _bundle_answers_as_the_box(box, digits, tmp_path)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_distilling_from_a_teacher_that_writes_into_its_input_leaves_the_transfer_set_as_given(digits, cache):
+    from torch.utils.data import TensorDataset
+
+    from sdb_core.distill import DistillConfig, distill
+
+    transfer = TensorDataset(digits.train.tensors[0][:200].clone(), digits.train.tensors[1][:200])
+    given = transfer.tensors[0].clone()
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    distill(student, transfer, WritesIntoItsInput(), DistillConfig(train=TrainConfig(epochs=1), cache_teacher=cache))
+    assert torch.equal(transfer.tensors[0], given)
+
+
 def test_a_teacher_that_answers_probabilities_is_wrapped_as_its_log_probabilities(digits, digits_teacher, tmp_path):
     """A softmax at the end (as many exported classifiers have) was refused; its log-probabilities are logits up to a
     constant per row: the soft labels and the top-1 the box learns are the teacher's own."""
