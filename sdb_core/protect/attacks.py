@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ..distill import DistillConfig, soft_kl
+from ..distill import DistillConfig, as_teacher, soft_kl
 from ..models import create_model
 from ..registry import Registry
-from ..train import TrainConfig, accuracy, device_of, fit, predict_logits, seed_everything
+from ..train import TrainConfig, accuracy, fit, predict_logits, seed_everything
 from .box import SafeDistillationBox
 from .config import POLICIES
 from .key import blend, random_keys
@@ -73,13 +73,8 @@ def public_api(target: Any, policy: str = "probs", k: int = 3) -> PublicAPI:
         return PublicAPI(target.predict, policy, k, target.lam if target.has_key else None,
                          f"box ({target.mode})")
     if isinstance(target, nn.Module):
-        target.eval()
-
-        def probs(x: Tensor) -> Tensor:
-            device = device_of(target)
-            return F.softmax(target(x.to(device)), dim=1)
-
-        return PublicAPI(probs, policy, k, None, type(target).__name__)
+        logits = as_teacher(target)  # eval mode, no gradients, each batch a copy (a forward may write into it)
+        return PublicAPI(lambda x: F.softmax(logits(x), dim=1), policy, k, None, type(target).__name__)
     if hasattr(target, "meta") and hasattr(target, "predict"):  # sdb_core.bundle.Bundle, no onnxruntime import
         lam = target.meta.get("lam") if target.meta.get("mode") == "sdb" else None
         return PublicAPI(lambda x: torch.from_numpy(target.predict(x.detach().cpu().numpy())), policy, k,
