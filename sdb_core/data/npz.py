@@ -99,7 +99,9 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
                 pixels = data[xs].reshape(arrays[xs][0][0], -1)
                 finite = np.isfinite(pixels).all(axis=1)
                 if not finite.all():
-                    raise DatasetError(f"{path}: {xs} has {int((~finite).sum())} sample(s) with NaN or Inf values "
+                    what = "sample(s) with NaN or Inf values" if len(arrays[xs][0]) == 2 else \
+                        "image(s) with NaN or Inf pixels"
+                    raise DatasetError(f"{path}: {xs} has {int((~finite).sum())} {what} "
                                        f"(the first at index {int(np.flatnonzero(~finite)[0])})")
                 if len(arrays[xs][0]) == 2:  # features: any scale (standardised per feature)
                     continue
