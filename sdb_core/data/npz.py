@@ -86,11 +86,12 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
             raise DatasetError(f"{path}: {ys} has shape {list(yshape)}; expected ({shape[0]},), one label per image")
         if ydtype.kind not in "iu":
             raise DatasetError(f"{path}: {ys} is {ydtype}; expected integer labels")
+        sample = (1, *shape[1:]) if len(shape) == 3 else shape[1:]  # as the model takes one
         if n is None:
-            n, image = shape[0], (1, *shape[1:]) if len(shape) == 3 else shape[1:]
-        elif ((1, *shape[1:]) if len(shape) == 3 else shape[1:]) != image:
-            raise DatasetError(f"{path}: x_test {'samples' if len(shape) == 2 else 'images'} are "
-                               f"{list(shape[1:]) if len(shape) != 3 else [1, *shape[1:]]}, x's are {list(image)}")
+            n, image = shape[0], sample
+        elif sample != image:
+            raise DatasetError(f"{path}: x_test {'samples' if len(shape) == 2 else 'images'} are {list(sample)}, "
+                               f"x's are {list(image)}")
     with np.load(path, allow_pickle=False) as data:
         ys = [np.asarray(data[k]) for k in ("y", "y_test") if k in arrays]
         labels = np.asarray(data["labels"]) if "labels" in arrays else None
@@ -98,12 +99,12 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
             if xs in arrays and arrays[xs][1].kind == "f":
                 pixels = data[xs].reshape(arrays[xs][0][0], -1)
                 finite = np.isfinite(pixels).all(axis=1)
+                features = len(arrays[xs][0]) == 2
                 if not finite.all():
-                    what = "sample(s) with NaN or Inf values" if len(arrays[xs][0]) == 2 else \
-                        "image(s) with NaN or Inf pixels"
+                    what = "sample(s) with NaN or Inf values" if features else "image(s) with NaN or Inf pixels"
                     raise DatasetError(f"{path}: {xs} has {int((~finite).sum())} {what} "
                                        f"(the first at index {int(np.flatnonzero(~finite)[0])})")
-                if len(arrays[xs][0]) == 2:  # features: any scale (standardised per feature)
+                if features:  # any scale: standardised per feature
                     continue
                 # Float pixels 0..255 (or standardised ones) would be normalised by their own statistics: the model
                 # trains, but the bundle's normalisation (pixel / 255 - mean) / std serves images as garbage, and a
@@ -158,7 +159,8 @@ def _channels(shape: tuple[int, ...]) -> int | None:
 
 
 def _pixels(x: np.ndarray) -> np.ndarray:
-    """Images as float32 in [0, 1], (N, C, H, W); feature vectors (N, D) as float64, standardised later."""
+    """Images as float32 in [0, 1], (N, C, H, W); feature vectors (N, D) as float64 (make_splits standardises
+    them in it: a large-valued column, incomes or timestamps, keeps its spread)."""
     if x.ndim == 2:
         return x.astype(np.float64)
     x = x[:, None] if x.ndim == 3 else x
@@ -185,22 +187,4 @@ def npz(path: Path | None, *, image_size: int | None = None, seed: int = 0) -> D
         else:
             train, test = stratified_split(y, round(0.2 * len(y)), _SPLIT_SEED)
             x, x_test, y, y_test = x[train], x[test], y[train], y[test]
-    if x.ndim == 2:
-        return _feature_splits(f"npz:{path}", x, y, x_test, y_test, labels)
     return make_splits(f"npz:{path}", x, y, x_test, y_test, labels, image_size)
-
-
-def _feature_splits(name: str, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                    labels: list[str]) -> DataSplits:
-    """Feature vectors standardised per feature on the training split (a constant feature: divided by 1); in
-    float64 first, so that a large-valued column (incomes, timestamps) keeps its spread."""
-    import torch
-    from torch.utils.data import TensorDataset
-
-    mean, std = x.mean(axis=0), x.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    xs = [torch.from_numpy(((v - mean) / std).astype(np.float32)) for v in (x, x_test)]
-    ys = [torch.from_numpy(np.asarray(v, dtype=np.int64)) for v in (y, y_test)]
-    return DataSplits(name, TensorDataset(xs[0], ys[0]), TensorDataset(xs[1], ys[1]), num_classes=len(labels),
-                      in_shape=(x.shape[1],), mean=tuple(map(float, mean)), std=tuple(map(float, std)),
-                      labels=list(labels))

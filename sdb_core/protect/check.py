@@ -381,18 +381,23 @@ def checked_wrap(
                "keys open the keyed path)" if "guessed" in chosen["misses"] else "")
             + "; missed " + ", ".join(f"{k} by {v:.2f}" + ("" if k == "guessed" else " points")
                                       for k, v in chosen["misses"].items())
-            + (f" (measured on {report['val_size']} held-out training inputs, where the teacher scores as on its "
-               f"fit inputs, {teacher_fit_acc:.2f}%: a teacher trained on them scores its training accuracy there, "
-               "which overstates every drop; train it without them: --train-teacher does, and in Python "
-               "sdb_core.protect.check.teacher_data(data, check) is the rest)"
-               # a teacher that generalises scores less on inputs it never saw: then the hint would mislead
-               if {"public", "keyed"} & set(chosen["misses"]) and not check.teacher_apart
-               and best_fig["teacher_acc"] >= teacher_fit_acc - 1.0
-               else f" (measured on {report['val_size']} held-out training inputs)"
+            + (_measured_on(report["val_size"], best_fig["teacher_acc"], teacher_fit_acc, check.teacher_apart)
                if {"public", "keyed"} & set(chosen["misses"]) else "")
             + _unmeasurable_leak(chosen, data.num_classes, min(check.transfer_n, report["fit_size"]), th),
             report, result)
     return result
+
+
+def _measured_on(val_size: int, teacher_val: float, teacher_fit: float, teacher_apart: bool) -> str:
+    """What to add to a refusal for an accuracy miss: how many inputs measured it, and, where the teacher scores on
+    them as on its fit inputs and the caller has not said it trained the teacher apart, that a teacher trained on
+    them overstates every drop (one that generalises scores less on inputs it never saw: the hint would mislead)."""
+    if teacher_apart or teacher_val < teacher_fit - 1.0:
+        return f" (measured on {val_size} held-out training inputs)"
+    return (f" (measured on {val_size} held-out training inputs, where the teacher scores as on its fit inputs, "
+            f"{teacher_fit:.2f}%: a teacher trained on them scores its training accuracy there, which overstates every "
+            "drop; train it without them: --train-teacher does, and in Python "
+            "sdb_core.protect.check.teacher_data(data, check) is the rest)")
 
 
 def _unmeasurable_leak(chosen: dict, classes: int, transfer: int, th) -> str:

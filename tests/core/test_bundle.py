@@ -327,21 +327,6 @@ def test_an_export_that_does_not_compute_what_the_network_does_is_refused(tmp_pa
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("how, why", [
-    (lambda m, x: torch.nn.functional.dropout(m.a(x), 0.5), "changes from one run to the next .*F.dropout"),
-    (lambda m, x: m.a(x) * float(x.abs().max()), "depends on the other inputs of its batch"),  # its batch's max
-    (lambda m, x: m.a(x - x.mean(0)), "depends on the other inputs of its batch"),
-    (lambda m, x: torch.nn.functional.batch_norm(m.a(x), None, None, training=True),
-     "cannot answer one input alone .*track_running_stats"),
-])
-def test_a_network_that_does_not_answer_each_input_alone_and_the_same_every_time_is_refused(tmp_path, how, why):
-    # The service batches different callers' inputs into one call: such an answer would follow the neighbours'.
-    with pytest.raises(BundleError, match=why):
-        export_bundle(_Traced(how), tmp_path / "m", name="m", in_shape=(8,), mean=(0.0,), std=(1.0,),
-                      labels=["a", "b", "c"])
-    assert not (tmp_path / "m").exists()
-
-
 def test_real_samples_catch_a_branch_on_input_values(tmp_path):
     net = _Traced(lambda m, x: m.a(x) if x.mean() > 0.5 else m.b(x))  # zeros, in the trace, take b
     common = {"name": "m", "in_shape": (8,), "mean": (0.0,), "std": (1.0,), "labels": ["a", "b", "c"]}
