@@ -75,7 +75,8 @@ def add_commands(sub) -> None:
     d.add_argument("--data", required=True)
     d.add_argument("--out", required=True, help="where to save the student (.safetensors)")
     t = d.add_mutually_exclusive_group()
-    t.add_argument("--teacher", metavar="WEIGHTS", help="a local teacher's weights (with --teacher-arch)")
+    t.add_argument("--teacher", metavar="MODEL", help="a local teacher: its weights (with --teacher-arch), or an "
+                   "ONNX model (.onnx)")
     t.add_argument("--bundle", metavar="PATH", help="a protected bundle")
     t.add_argument("--remote", metavar="URL", help="an SDB server: distill from its keyed path over HTTP (with --model)")
     d.add_argument("--model", metavar="NAME", help="with --remote: the served model's name")

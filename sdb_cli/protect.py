@@ -97,8 +97,6 @@ def cmd_audit(args) -> int:
     from sdb_core.tasks import ModelRef, audit
     from sdb_core.tasks.audit import AuditTask
 
-    if args.teacher and not args.arch:
-        raise ValueError("--teacher needs --arch (the architecture of the weights)")
     target = ModelRef(bundle=args.bundle) if args.bundle else ModelRef(arch=args.arch, weights=args.teacher)
     base = AuditConfig()
     cfg = AuditConfig(transfer_n=args.transfer, student=args.student, policy=args.policy, top_k=args.top_k,
@@ -119,9 +117,10 @@ DATA_HELP = ("dataset: mnist-5k, digits, mnist-textures (built in), or imagefold
 def add_commands(sub) -> None:
     w = sub.add_parser("wrap", help="wrap a classifier in a Safe Distillation Box and write a bundle")
     src = w.add_mutually_exclusive_group(required=True)
-    src.add_argument("--teacher", metavar="WEIGHTS", help="the pre-trained model's weights (.safetensors or .pt)")
+    src.add_argument("--teacher", metavar="MODEL", help="the pre-trained model: its weights (.safetensors or .pt, "
+                     "with --arch), or the network itself as ONNX (.onnx, any architecture)")
     src.add_argument("--train-teacher", action="store_true", help="train the teacher first on --data")
-    w.add_argument("--arch", required=True, help="architecture of the teacher (see the model zoo)")
+    w.add_argument("--arch", help="architecture of the teacher (see the model zoo); not with an .onnx teacher")
     w.add_argument("--data", required=True, help=DATA_HELP)
     w.add_argument("--out", required=True, help="bundle directory (or FILE.sdb for a zip)")
     w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb",
@@ -171,7 +170,8 @@ def add_commands(sub) -> None:
     a = sub.add_parser("audit", help="measure how much a model's public outputs teach a distiller")
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundle", metavar="PATH", help="a bundle (its public path only; no master key is used)")
-    src.add_argument("--teacher", metavar="WEIGHTS", help="a plain model's weights (with --arch)")
+    src.add_argument("--teacher", metavar="MODEL", help="a plain model: its weights (with --arch), or an ONNX model "
+                     "(.onnx)")
     a.add_argument("--arch", help="with --teacher: its architecture")
     a.add_argument("--data", required=True, help="dataset: the transfer images and the test split")
     a.add_argument("--policy", choices=POLICIES, default=base.policy, help="what the public API returns")

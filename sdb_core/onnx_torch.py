@@ -28,14 +28,18 @@ from os import PathLike
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
+from .onnx_ops import ON_DIMS, OPS, Dims, tensor
 
 
 def _attrs(node) -> dict:
-    from onnx import helper
+    """A node's attributes as Python values; tensors (``Constant``'s value, ``ConstantOfShape``'s) as arrays."""
+    from onnx import AttributeProto, helper, numpy_helper
 
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return {a.name: numpy_helper.to_array(a.t) if a.type == AttributeProto.TENSOR else helper.get_attribute_value(a)
+            for a in node.attribute}
 
 
 def _initializers(graph) -> dict[str, np.ndarray]:
@@ -53,56 +57,80 @@ def bundle_graph(path) -> tuple[bytes, dict]:
     return files[MODEL_FILE], verify(files, str(path))
 
 
-def _pads(a: dict, nd: int = 2) -> list[int]:
-    p = list(a.get("pads", [0] * (2 * nd)))
-    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET", b"VALID", "VALID"):
-        raise ValueError(f"auto_pad {a['auto_pad']!r} is not supported")
-    return p
+def _constant(a: dict) -> np.ndarray:
+    """A ``Constant`` node's value, whichever attribute holds it."""
+    for name, dtype in (("value", None), ("value_float", np.float32), ("value_floats", np.float32),
+                        ("value_int", np.int64), ("value_ints", np.int64)):
+        if name in a:
+            return np.array(a[name], dtype=dtype)
+    raise ValueError(f"a Constant node with {', '.join(a)} is not supported")
 
 
-def _pad_input(x: Tensor, pads: list[int], value: float = 0.0) -> tuple[Tensor, int | tuple]:
-    """Symmetric pads go to the op; asymmetric ones are applied first (ONNX: begins then ends)."""
-    nd = len(pads) // 2
-    begin, end = pads[:nd], pads[nd:]
-    if begin == end:
-        return x, tuple(begin)
-    spec = []
-    for b, e in zip(reversed(begin), reversed(end)):
-        spec += [b, e]
-    return F.pad(x, spec, value=value), 0
+# Inputs that are statistics or settings, not weights to fine-tune, though stored as float arrays.
+_NOT_WEIGHTS = {"BatchNormalization": (3, 4), "Clip": (1, 2), "Pow": (1,), "Pad": (2,)}
 
 
-SUPPORTED = ("Conv", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "MaxPool", "AveragePool", "GlobalAveragePool",
-             "Flatten", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Identity", "BatchNormalization", "Reshape",
-             "Constant", "Softmax", "Dropout")
+def _weights(g, stored: dict[str, np.ndarray]) -> set[str]:
+    """The stored tensors a trainable module makes parameters: the floating-point ones of more than one
+    value (a scalar divisor or exponent stays what it is), except running statistics and settings."""
+    settings = {n.input[i] for n in g.node for i in _NOT_WEIGHTS.get(n.op_type, ()) if i < len(n.input)}
+    return {name for name, v in stored.items()
+            if np.issubdtype(v.dtype, np.floating) and v.size > 1 and name not in settings}
 
 
 class OnnxModule(nn.Module):
-    def __init__(self, model_bytes: bytes):
+    """An ONNX graph run node by node with torch operators (:mod:`sdb_core.onnx_ops`), autograd through it.
+
+    Its stored tensors are buffers; with ``trainable`` its weights are parameters, so that a recipe can
+    fine-tune it (a classifier an owner brings as ONNX). ``input_shape`` is the graph's own input shape
+    (None for a free axis); ``fixed_batch`` the batch size it was exported at, when that axis is not free.
+    """
+
+    def __init__(self, model_bytes: bytes, trainable: bool = False):
         super().__init__()
         import onnx
-        from onnx import numpy_helper
 
-        g = onnx.load_from_string(model_bytes).graph
-        unsupported = sorted({n.op_type for n in g.node} - set(SUPPORTED))
+        model = onnx.load_from_string(model_bytes)
+        g = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        unsupported = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+                              for n in g.node if n.domain not in ("", "ai.onnx") or
+                              (n.op_type not in OPS and n.op_type != "Constant")})
         if unsupported:
-            raise ValueError(f"cannot run this ONNX graph for attribution: unsupported operators {unsupported}")
-        self._consts: dict[str, str] = {}
-        for i, (name, value) in enumerate(_initializers(g).items()):
-            self.register_buffer(f"w{i}", torch.from_numpy(np.array(value)))
-            self._consts[name] = f"w{i}"
-        init_names = set(self._consts)
-        self.input_name = next(i.name for i in g.input if i.name not in init_names)
+            raise ValueError(f"cannot run this ONNX graph in torch: unsupported operators {unsupported}")
+        stored = _initializers(g)
+        inputs = [i for i in g.input if i.name not in stored]
+        if len(inputs) != 1:
+            raise ValueError(f"the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
+                             "a classifier takes one")
+        self.input_name = inputs[0].name
+        dims = inputs[0].type.tensor_type.shape.dim
+        self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+        self.fixed_batch = self.input_shape[0] if self.input_shape and self.input_shape[0] else None
         self.output_name = g.output[0].name
-        self.nodes = [(n.name or f"{n.op_type}_{k}", n.op_type, list(n.input), list(n.output), _attrs(n))
-                      for k, n in enumerate(g.node)]
-        for name, op, _, outs, a in self.nodes:
-            if op == "Constant":
-                self.register_buffer(f"c{len(self._consts)}", torch.from_numpy(np.array(numpy_helper.to_array(a["value"]))))
-                self._consts[outs[0]] = f"c{len(self._consts)}"
+        weights = _weights(g, stored) if trainable else set()
+        self._consts: dict[str, str] = {}
+        for i, (name, value) in enumerate(stored.items()):
+            t = torch.from_numpy(np.array(value))
+            if name in weights:
+                self.register_parameter(f"w{i}", nn.Parameter(t))
+            else:
+                self.register_buffer(f"w{i}", t)
+            self._consts[name] = f"w{i}"
+        self.nodes = []
+        for k, n in enumerate(g.node):
+            a = _attrs(n)
+            if n.op_type == "Constant":
+                self.register_buffer(f"c{k}", torch.from_numpy(_constant(a)))
+                self._consts[n.output[0]] = f"c{k}"
+                continue
+            a["_outputs"] = len(n.output)  # what Split divides into, when no sizes are given
+            if n.op_type == "Reshape":
+                a["_fixed_batch"] = self.fixed_batch
+            self.nodes.append((n.name or f"{n.op_type}_{k}", n.op_type, list(n.input), list(n.output), a))
 
     def layer_names(self) -> list[str]:
-        return [name for name, op, *_ in self.nodes if op != "Constant"]
+        return [name for name, *_ in self.nodes]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer_output(x, None)
@@ -110,76 +138,94 @@ class OnnxModule(nn.Module):
     def layer_output(self, x: Tensor, layer: str | None) -> Tensor:
         if layer is not None and layer not in {n for n, *_ in self.nodes}:
             raise ValueError(f"model has no layer {layer!r}; layers: {', '.join(self.layer_names()[:40])}")
-        env: dict[str, Tensor] = {self.input_name: x}
+        env: dict[str, Tensor | Dims] = {self.input_name: x}
         for k, b in self._consts.items():
             env[k] = getattr(self, b)
         for name, op, ins, outs, a in self.nodes:
-            if op == "Constant":
-                continue
             args = [env[i] if i else None for i in ins]
-            env[outs[0]] = self._run(op, args, a)
+            if op not in ON_DIMS:
+                args = [tensor(t) if isinstance(t, Dims) else t for t in args]
+            try:
+                got = OPS[op](args, a, self.opset)
+            except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
+                raise ValueError(f"node {name} ({op}): {e}") from None
+            for out, value in zip(outs, got if isinstance(got, (tuple, list)) and not isinstance(got, Dims) else (got,)):
+                if out:
+                    env[out] = value
             if name == layer:
                 return env[outs[0]]
-        return env[self.output_name]
+        return tensor(env[self.output_name])
 
-    @staticmethod
-    def _run(op: str, v: list, a: dict) -> Tensor:
-        x = v[0]
-        if op == "Conv":
-            if len(v[1].shape) != 4:
-                raise ValueError(f"only 2-d convolutions are supported, got a weight of shape {tuple(v[1].shape)}")
-            x, pad = _pad_input(x, _pads(a))
-            return F.conv2d(x, v[1], v[2] if len(v) > 2 else None, stride=tuple(a.get("strides", [1, 1])),
-                            padding=pad, dilation=tuple(a.get("dilations", [1, 1])), groups=a.get("group", 1))
-        if op == "Relu":
-            return F.relu(x)
-        if op == "LeakyRelu":
-            return F.leaky_relu(x, a.get("alpha", 0.01))
-        if op == "Sigmoid":
-            return torch.sigmoid(x)
-        if op == "Tanh":
-            return torch.tanh(x)
-        if op in ("MaxPool", "AveragePool"):
-            k = tuple(a["kernel_shape"])
-            if op == "MaxPool":
-                x, pad = _pad_input(x, _pads(a), value=float("-inf"))
-                return F.max_pool2d(x, k, tuple(a.get("strides", k)), pad, ceil_mode=bool(a.get("ceil_mode", 0)))
-            x, pad = _pad_input(x, _pads(a))
-            return F.avg_pool2d(x, k, tuple(a.get("strides", k)), pad, ceil_mode=bool(a.get("ceil_mode", 0)),
-                                count_include_pad=bool(a.get("count_include_pad", 0)))
-        if op == "GlobalAveragePool":
-            return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
-        if op == "Flatten":
-            axis = a.get("axis", 1)
-            return x.reshape(int(np.prod(x.shape[:axis])), -1)
-        if op == "Gemm":
-            w = v[1].T if a.get("transB", 0) else v[1]
-            x = x.T if a.get("transA", 0) else x
-            y = a.get("alpha", 1.0) * (x @ w)
-            return y + a.get("beta", 1.0) * v[2] if len(v) > 2 and v[2] is not None else y
-        if op == "MatMul":
-            return x @ v[1]
-        if op == "Add":
-            return x + v[1]
-        if op == "Sub":
-            return x - v[1]
-        if op == "Mul":
-            return x * v[1]
-        if op == "Div":
-            return x / v[1]
-        if op in ("Identity", "Dropout"):
-            return x
-        if op == "BatchNormalization":
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            scale, bias, mean, var = (t.view(shape) for t in v[1:5])
-            return (x - mean) / torch.sqrt(var + a.get("epsilon", 1e-5)) * scale + bias
-        if op == "Reshape":
-            shape = [int(s) for s in v[1].tolist()]
-            shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
-            return x.reshape(shape)
-        if op == "Softmax":
-            return torch.softmax(x, dim=a.get("axis", -1))
-        raise ValueError(f"unsupported operator {op}")
+
+class ChannelsLast(nn.Module):
+    """A network that takes images channels last (N, H, W, C), as Keras' and TensorFlow's exports do, given the
+    project's (N, C, H, W)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.permute(0, *range(2, x.dim()), 1))
+
+
+def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
+    """A classifier an owner brings as ONNX, as a torch network whose weights train (eval mode), taking inputs of
+    ``in_shape`` (C, H, W) or (D,) batched; a channels-last graph (N, H, W, C) gets them permuted. It is run
+    beside ONNX Runtime on random inputs and must agree; a graph exported at one batch size must also run at
+    others. ValueError, saying why, otherwise: an unsupported operator, another input shape, a graph too large."""
+    import onnxruntime as ort
+
+    model_bytes = source if isinstance(source, bytes) else open(source, "rb").read()  # noqa: SIM115
+    if graph_entries(model_bytes) > MAX_GRAPH_ENTRIES:
+        raise ValueError(f"the ONNX graph holds more than {MAX_GRAPH_ENTRIES} nodes, initializers and value infos")
+    from google.protobuf.message import DecodeError
+
+    try:
+        net = OnnxModule(model_bytes, trainable=True).eval()
+    except (DecodeError, KeyError, TypeError, RuntimeError) as e:  # not an ONNX model, or not a whole one
+        raise ValueError(f"not a readable ONNX model ({type(e).__name__})") from None
+    want, given = tuple(net.input_shape[1:]), tuple(int(d) for d in in_shape)
+    fits = lambda target: len(want) == len(target) and all(d is None or d == t for d, t in zip(want, target))
+    if len(net.input_shape) != len(given) + 1 or not fits(given):
+        if len(given) == 3 and fits(given[1:] + given[:1]):  # (H, W, C)
+            net = ChannelsLast(net)
+        else:
+            shown = ", ".join("N" if d is None else str(d) for d in net.input_shape)
+            raise ValueError(f"the ONNX model takes inputs of shape ({shown}), the data's are "
+                             f"(N, {', '.join(map(str, given))})")
+    inner = net.net if isinstance(net, ChannelsLast) else net
+    batch = inner.fixed_batch or 3
+    x = torch.randn(batch + 2, *given, generator=torch.Generator().manual_seed(0))
+    feed = x.permute(0, 2, 3, 1) if isinstance(net, ChannelsLast) else x
+    try:
+        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        want_out = session.run(None, {inner.input_name: feed[:batch].numpy()})[0]
+    except Exception as e:  # noqa: BLE001 (onnxruntime's Fail, InvalidGraph, ... derive from Exception alone)
+        raise ValueError(f"ONNX Runtime cannot run the graph: {str(e)[:300]}") from None
+    with torch.no_grad():
+        got = net(x[:batch]).numpy()
+        if got.shape != want_out.shape or not np.allclose(got, want_out, rtol=1e-3, atol=1e-4 * (1 + np.abs(want_out).max())):
+            raise ValueError("run in torch, the ONNX graph does not compute what ONNX Runtime computes "
+                             f"(largest difference {np.abs(got - want_out).max() if got.shape == want_out.shape else 'in shape'})")
+        if inner.fixed_batch:  # served in batches of any size: the graph must run at others too
+            try:
+                other = net(x).numpy()
+            except ValueError as e:
+                raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and does not run "
+                                 f"at others ({e}): export it with a free batch axis, e.g. torch.onnx.export(..., "
+                                 'dynamic_axes={"input": {0: "batch"}})') from None
+            if not np.allclose(other[:batch], got, rtol=1e-3, atol=1e-4 * (1 + np.abs(got).max())):
+                raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and answers "
+                                 "otherwise at others: export it with a free batch axis")
+    last = next((n for n in reversed(inner.nodes) if inner.output_name in n[3]), None)
+    if last is not None and last[1] in ("Softmax", "LogSoftmax") and last[4].get("axis", -1) in (-1, 1) \
+            and got.ndim == 2:
+        # Probabilities teach a student nothing read as logits (distillation tempers logits): the graph's own
+        # logits, the final softmax's input, are what a task gets.
+        inner.output_name = last[2][0]
+        net.why = f"the ONNX model ends in a {last[1]}: its input, the logits, is what the box learns and serves"
+    return net
 
 
 def bundle_module(path) -> tuple[OnnxModule, dict]:

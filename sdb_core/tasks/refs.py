@@ -12,6 +12,8 @@ class ModelRef:
 
     - ``arch`` + ``weights``: a zoo architecture and its weights file (safetensors, or a ``.pt``
       read with ``weights_only``); ``arch`` alone is an untrained network (a wrap trains it first);
+    - ``weights``, an ``.onnx`` file: a network of any architecture, its graph run (and fine-tuned) in torch
+      (:func:`~sdb_core.onnx_torch.onnx_classifier`); it brings its own network, so ``arch`` means nothing;
     - ``bundle``: a bundle directory or ``.sdb`` file;
     - ``model`` (+ ``version``): a hosted model, which the service resolves to its bundle
       (:meth:`hosted_at`) before a task runs; a task never sees an unresolved one.
@@ -28,12 +30,17 @@ class ModelRef:
         sources = [s for s in ("weights", "bundle") if getattr(self, s) is not None]
         if len(sources) > 1:
             raise ValueError(f"a model reference names one source, got {' and '.join(sources)}")
-        if self.weights is not None and self.arch is None:
-            raise ValueError("weights need their architecture (arch)")
+        if self.weights is not None and self.arch is None and not self.is_onnx:
+            raise ValueError("weights need their architecture (arch), unless they are an ONNX model (.onnx)")
         if self.model is None and self.version is not None:
             raise ValueError("version needs a hosted model name (model)")
-        if self.arch is None and self.bundle is None and self.model is None:
-            raise ValueError("a model reference needs arch (+ weights), bundle or model")
+        if self.arch is None and self.bundle is None and self.model is None and not self.is_onnx:
+            raise ValueError("a model reference needs arch (+ weights), an ONNX model, a bundle or a hosted model")
+
+    @property
+    def is_onnx(self) -> bool:
+        """Weights that are an ONNX model, by the file's name (what torch.onnx.export and tf2onnx write)."""
+        return self.weights is not None and str(self.weights).lower().endswith(".onnx")
 
     @property
     def kind(self) -> str:
@@ -49,14 +56,16 @@ class ModelRef:
 
     @classmethod
     def parse(cls, text: str) -> tuple[str | None, ModelRef]:
-        """``[NAME=]ARCH:NUM_CLASSES:WEIGHTS`` or ``[NAME=]PATH`` of a bundle (the CLI's form): ``(name, ref)``."""
+        """``[NAME=]ARCH:NUM_CLASSES:WEIGHTS``, ``[NAME=]MODEL.onnx`` or ``[NAME=]PATH`` of a bundle (the CLI's form):
+        ``(name, ref)``."""
         name, sep, rest = text.partition("=")
         if not sep:
             name, rest = None, text
         parts = rest.split(":", 2)
         if len(parts) == 3 and parts[1].isdigit():
             return name, cls(arch=parts[0], weights=parts[2], num_classes=int(parts[1]))
-        return name, cls(bundle=rest)
+        onnx = cls(weights=rest) if rest.lower().endswith(".onnx") else None
+        return name, onnx or cls(bundle=rest)
 
     def describe(self) -> str:
         """For logs and reports: what this is, without any server path of a hosted model."""
@@ -64,6 +73,8 @@ class ModelRef:
             return f"model {self.model}" + (f" version {self.version}" if self.version else "")
         if self.bundle is not None:
             return f"bundle {self.bundle}"
+        if self.is_onnx:
+            return f"ONNX model {self.weights}"
         return f"{self.arch} weights {self.weights}" if self.weights else f"untrained {self.arch}"
 
     # ------------------------------------------------------------------ loading (torch from here on)
@@ -74,6 +85,13 @@ class ModelRef:
 
         if self.weights is None:
             raise ValueError(f"{self.describe()} is not a plain model with weights")
+        if self.is_onnx:
+            from ..onnx_torch import onnx_classifier
+
+            try:
+                return onnx_classifier(self.weights, in_shape)
+            except ValueError as e:
+                raise ValueError(f"{self.describe()}: {e}") from None
         n = self.num_classes or num_classes
         if n is None:
             raise ValueError(f"{self.describe()}: the number of classes is not known")

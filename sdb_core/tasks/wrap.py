@@ -17,7 +17,7 @@ class WrapTask:
     """What to wrap and how. The recipes' defaults are their configs' (embedded, never copied)."""
 
     data: str
-    teacher: ModelRef  # arch + weights, or arch alone: a teacher is trained first on ``data``
+    teacher: ModelRef  # arch + weights, an ONNX model, or arch alone: a teacher is trained first on ``data``
     data_label: str | None = None  # how the bundle names the data (default ``data``; a service: the id it got)
     name: str | None = None  # default DATA-ARCH
     version: str = "1"
@@ -37,11 +37,17 @@ class WrapTask:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.teacher.kind not in ("weights", "untrained"):
-            raise ValueError(f"wrap takes a zoo architecture (with or without weights), got {self.teacher.describe()}")
+            raise ValueError(f"wrap takes a zoo architecture (with or without weights) or an ONNX model, got "
+                             f"{self.teacher.describe()}")
+
+    @property
+    def teacher_arch(self) -> str:
+        """What the bundle's meta says the network is: its zoo architecture, or ``onnx``."""
+        return "onnx" if self.teacher.is_onnx else self.teacher.arch
 
     @property
     def model_name(self) -> str:
-        return self.name or f"{self.data.split(':')[0]}-{self.teacher.arch}"
+        return self.name or f"{self.data.split(':')[0]}-{self.teacher_arch}"
 
     @property
     def recipe_train(self):
@@ -93,22 +99,23 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     from ..protect import wrap, wrap_nasty
     from ..protect.check import teacher_data
     from ..train import accuracy, seed_everything, train_classifier
-    from ..weights import load_weights, save_weights
+    from ..weights import save_weights
 
     hooks = hooks or Hooks()
     trained = cfg.teacher.weights is None
     tcfg = teacher_config(cfg.teacher.arch, epochs=cfg.teacher_epochs, batch_size=cfg.recipe_train.batch_size,
-                          seed=cfg.seed)
+                          seed=cfg.seed) if trained else None
     hooks.plan(**({"teacher": tcfg.epochs} if trained else {}), wrap=cfg.recipe_train.epochs)
     data = load_dataset(cfg.data)
-    check = replace(cfg.check, seed=cfg.seed, teacher_apart=cfg.teacher.weights is None)
+    check = replace(cfg.check, seed=cfg.seed, teacher_apart=trained)
     seed_everything(cfg.seed)
-    arch = cfg.teacher.arch
-    teacher = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)
+    arch = cfg.teacher_arch
     teacher_history: list[dict] = []
-    if cfg.teacher.weights is not None:
-        load_weights(teacher, cfg.teacher.weights)
+    if not trained:  # a zoo architecture's weights, or an ONNX model
+        teacher = cfg.teacher.network(data.num_classes, data.in_shape)
+        _require_learned(teacher, data)
     else:  # not on the part the wrap's check holds out: there it must be unseen
+        teacher = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)
         train = teacher_data(data, check).train
         h = train_classifier(teacher, train, tcfg, shift=teacher_shift(data.in_shape), progress=hooks.phase("teacher"),
                              should_cancel=hooks.should_cancel)
@@ -132,3 +139,29 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
                          master_key=master_key if result.box.has_key else None, metrics=metrics, extra=extra,
                          samples=data.train.tensors[0][:8])  # the export checked on real inputs
     return WrapOutcome(Path(path), cfg.model_name, metrics, r, teacher_history)
+
+
+LEARNED_MARGIN = 5.0  # points above chance a given teacher must score on the data's own training inputs
+
+
+def _require_learned(teacher, data) -> None:
+    """Refuse, saying why, a given teacher that scores at chance on the data's training inputs (up to 2,000): it
+    was trained on other inputs than these, and a box of it would protect nothing worth having."""
+    from torch.utils.data import TensorDataset
+
+    from ..protect.teacher import check_teacher
+    from ..train import accuracy
+
+    x, y = (t[:2000] for t in data.train.tensors)
+    fit, chance = accuracy(check_teacher(teacher, data), TensorDataset(x, y)), 100.0 / data.num_classes
+    if fit < chance + LEARNED_MARGIN:
+        raise ValueError(
+            f"the teacher scores {fit:.1f}% on the data's training inputs (chance {chance:.1f}%): it was trained on "
+            "other inputs than these. The box gives it each input normalised per channel by the training split's "
+            f"mean and std ({_rounded(data.mean)}, {_rounded(data.std)}), its classes in the data set's order "
+            f"({', '.join(data.labels[:5])}{', ...' if len(data.labels) > 5 else ''}); a network trained on other "
+            "normalisation or label order must take these first")
+
+
+def _rounded(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"

@@ -1,0 +1,484 @@
+"""ONNX operators in torch: what :class:`~sdb_core.onnx_torch.OnnxModule` runs a graph with.
+
+Each operator is a function ``(inputs, attributes, opset) -> output or tuple of outputs`` in ``OPS``; one not
+in it is refused by name before anything runs. The set covers what torch, tf2onnx and Keras exports of
+classifiers hold: convolutional, residual, MLP and attention networks (1-, 2- and 3-d convolutions and pools,
+every normalisation ONNX has, the usual activations, reshaping, slicing and reductions).
+
+Shapes stay free. ``Shape`` yields :class:`Dims`, the tensor's sizes as values (under ``torch.onnx.export``'s
+tracer, traced sizes), and the integer ops a graph computes a shape with (``Gather``, ``Unsqueeze``,
+``Concat``, ``Slice``, arithmetic) work on them as such: ``x.view(x.size(0), -1)``, exported as Shape →
+Gather → Unsqueeze → Concat → Reshape, runs at any batch size here and exports again with a free batch axis.
+A graph exported at one fixed batch size reshapes by a stored constant instead; ``Reshape`` reads a leading
+constant equal to that size as the batch axis where the stored shape does not fit (``OnnxModule.fixed_batch``),
+so it too runs at other batch sizes (one that folds the batch into another axis, as attention does, does not).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from math import ceil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Dims(tuple):
+    """Sizes computed from a tensor's shape (1-d, or 0-d when ``scalar``): Python ints or traced sizes."""
+
+    scalar: bool = False
+
+    @classmethod
+    def of(cls, values, scalar: bool = False) -> Dims:
+        out = cls(values)
+        out.scalar = scalar
+        return out
+
+
+Value = Tensor | Dims | None
+
+# ONNX TensorProto data types a classifier's graph casts to.
+DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+          9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
+
+
+def ints(v: Value) -> list:
+    """A shape-like input as a list: a :class:`Dims` as it is, a (stored) tensor's values."""
+    if isinstance(v, Dims):
+        return list(v)
+    return [int(i) for i in v.reshape(-1).tolist()]
+
+
+def tensor(v: Value) -> Tensor:
+    """A value as a tensor (a :class:`Dims` where a graph does arithmetic on sizes with tensors)."""
+    if isinstance(v, Dims):
+        t = torch.stack([torch.as_tensor(d, dtype=torch.int64) for d in v]) if len(v) else torch.zeros(0, dtype=torch.int64)
+        return t.reshape(()) if v.scalar else t
+    return v
+
+
+def _axes(a: dict, v: list, opset: int, since: int, index: int = 1) -> list[int] | None:
+    """Axes given as an attribute (before opset ``since``) or as input ``index`` (from it)."""
+    if opset < since:
+        return list(a["axes"]) if "axes" in a else None
+    return ints(v[index]) if len(v) > index and v[index] is not None else None
+
+
+# --------------------------------------------------------------------------- convolution and pooling
+def _same_pads(a: dict, x: Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> list:
+    mode = a.get("auto_pad", b"NOTSET")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    nd = len(kernel)
+    if mode in ("NOTSET", "VALID"):
+        return list(a.get("pads", [0] * (2 * nd))) if mode == "NOTSET" else [0] * (2 * nd)
+    begin, end = [], []
+    for size, k, s, d in zip(x.shape[2:], kernel, strides, dilations):
+        total = max((ceil(int(size) / s) - 1) * s + (k - 1) * d + 1 - int(size), 0)
+        small, big = total // 2, total - total // 2
+        begin.append(small if mode == "SAME_UPPER" else big)
+        end.append(big if mode == "SAME_UPPER" else small)
+    return begin + end
+
+
+def _padded(x: Tensor, pads: list, value: float = 0.0) -> tuple[Tensor, tuple | int]:
+    """Symmetric pads go to the op; asymmetric ones are applied first (ONNX lists all begins, then all ends)."""
+    nd = len(pads) // 2
+    begin, end = pads[:nd], pads[nd:]
+    if begin == end:
+        return x, tuple(begin)
+    spec = []
+    for b, e in zip(reversed(begin), reversed(end)):
+        spec += [b, e]
+    return F.pad(x, spec, value=value), 0
+
+
+def _nd(x: Tensor, op: str) -> int:
+    nd = x.dim() - 2
+    if nd not in (1, 2, 3):
+        raise ValueError(f"{op} over {nd} spatial axes is not supported (1, 2 or 3)")
+    return nd
+
+
+def conv(v, a, opset):
+    x, w = v[0], v[1]
+    nd = _nd(x, "Conv")
+    kernel = list(w.shape[2:])
+    strides, dilations = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
+    x, pad = _padded(x, _same_pads(a, x, kernel, strides, dilations))
+    fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    return fn(x, w, v[2] if len(v) > 2 else None, stride=strides, padding=pad, dilation=dilations,
+              groups=a.get("group", 1))
+
+
+def pool(kind: str):
+    def run(v, a, opset):
+        x = v[0]
+        nd = _nd(x, kind)
+        kernel = list(a["kernel_shape"])
+        strides, dilations = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
+        pads = _same_pads(a, x, kernel, strides, dilations)
+        ceil_mode = bool(a.get("ceil_mode", 0))
+        if kind == "MaxPool":
+            x, pad = _padded(x, pads, value=float("-inf"))
+            fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+            return fn(x, kernel, strides, pad, dilation=dilations, ceil_mode=ceil_mode)
+        x, pad = _padded(x, pads)
+        fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[nd - 1]
+        return fn(x, kernel, strides, pad, ceil_mode=ceil_mode, count_include_pad=bool(a.get("count_include_pad", 0)))
+    return run
+
+
+# --------------------------------------------------------------------------- normalisation
+def _channel_view(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def batch_norm(v, a, opset):
+    x = v[0]
+    scale, bias, mean, var = (_channel_view(t, x) for t in v[1:5])
+    return (x - mean) / torch.sqrt(var + a.get("epsilon", 1e-5)) * scale + bias
+
+
+def instance_norm(v, a, opset):
+    x, scale, bias = v
+    dims = tuple(range(2, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, keepdim=True, correction=0)
+    return (x - mean) / torch.sqrt(var + a.get("epsilon", 1e-5)) * _channel_view(scale, x) + _channel_view(bias, x)
+
+
+def layer_norm(v, a, opset):
+    x = v[0]
+    axis = a.get("axis", -1) % x.dim()
+    dims = tuple(range(axis, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    var = x.var(dim=dims, keepdim=True, correction=0)
+    y = (x - mean) / torch.sqrt(var + a.get("epsilon", 1e-5)) * v[1]
+    return y + v[2] if len(v) > 2 and v[2] is not None else y
+
+
+def group_norm(v, a, opset):
+    x, scale, bias = v
+    groups = int(a["num_groups"])
+    if scale.numel() != x.shape[1]:  # opset 18's per-group scale: what opset 21 replaced
+        raise ValueError("GroupNormalization with a scale per group (opset 18) is not supported; export at opset 21 "
+                         "or 17 (torch's default, which writes InstanceNormalization)")
+    return F.group_norm(x, groups, scale, bias, a.get("epsilon", 1e-5))
+
+
+# --------------------------------------------------------------------------- element-wise
+def _binary(fn: Callable):
+    def run(v, a, opset):
+        x, y = v[0], v[1]
+        if isinstance(x, Dims) or isinstance(y, Dims):
+            return _on_dims(fn, x, y)
+        return fn(x, y)
+    return run
+
+
+def _on_dims(fn: Callable, x: Value, y: Value) -> Dims:
+    """Arithmetic on sizes (a graph computing a flattened width, H·W, from a shape), element by element."""
+    xs, ys = ints(x), ints(y)
+    if len(xs) == 1 and len(ys) > 1:
+        xs = xs * len(ys)
+    if len(ys) == 1 and len(xs) > 1:
+        ys = ys * len(xs)
+    scalar = all(getattr(t, "scalar", isinstance(t, Tensor) and t.dim() == 0) for t in (x, y))
+    return Dims.of([fn(p, q) for p, q in zip(xs, ys)], scalar=scalar)
+
+
+def _div(x, y):
+    """ONNX's Div: true division of floats, truncating division of integers (sizes included, which torch's
+    tracer hands over as integer tensors)."""
+    if any(isinstance(t, float) or isinstance(t, Tensor) and t.is_floating_point() for t in (x, y)):
+        return x / y
+    if isinstance(x, Tensor) or isinstance(y, Tensor):
+        return torch.div(torch.as_tensor(x), y, rounding_mode="trunc")
+    return int(x / y)
+
+
+def _variadic(fn: Callable):
+    def run(v, a, opset):
+        out = v[0]
+        for t in v[1:]:
+            out = fn(out, t)
+        return out
+    return run
+
+
+def clip(v, a, opset):
+    lo = a.get("min") if opset < 11 else (v[1] if len(v) > 1 and v[1] is not None else None)
+    hi = a.get("max") if opset < 11 else (v[2] if len(v) > 2 and v[2] is not None else None)
+    return torch.clamp(v[0], min=lo, max=hi)
+
+
+def _softmax(fn: Callable):
+    def run(v, a, opset):
+        x = v[0]
+        if opset >= 13:
+            return fn(x, dim=a.get("axis", -1))
+        # Before opset 13: over the input coerced to 2-d at ``axis`` (default 1).
+        axis = a.get("axis", 1) % x.dim()
+        return fn(x.flatten(axis) if axis else x.reshape(1, -1), dim=-1).reshape(x.shape)
+    return run
+
+
+def gelu(v, a, opset):
+    approximate = a.get("approximate", b"none")
+    return F.gelu(v[0], approximate=approximate.decode() if isinstance(approximate, bytes) else approximate)
+
+
+def gemm(v, a, opset):
+    x = v[0].T if a.get("transA", 0) else v[0]
+    w = v[1].T if a.get("transB", 0) else v[1]
+    y = a.get("alpha", 1.0) * (x @ w)
+    return y + a.get("beta", 1.0) * v[2] if len(v) > 2 and v[2] is not None else y
+
+
+# --------------------------------------------------------------------------- shapes
+def shape(v, a, opset):
+    x = v[0]
+    if isinstance(x, Dims):
+        return Dims.of(((0,) if x.scalar else (len(x),))[a.get("start", 0):a.get("end", None)])
+    return Dims.of(tuple(x.shape)[a.get("start", 0):a.get("end", None)])
+
+
+def reshape(v, a, opset):
+    x, target, fixed_batch = v[0], ints(v[1]), a.get("_fixed_batch")
+    if isinstance(x, Dims):  # sizes stay sizes: 1-d, or a scalar for the shape []
+        return Dims.of(x, scalar=not target)
+    if not a.get("allowzero", 0):
+        target = [x.shape[i] if isinstance(s, int) and s == 0 else s for i, s in enumerate(target)]
+    # A graph exported at one batch size stores it in its reshapes: a leading size equal to it is read as the
+    # batch axis where the tensor's own leading axis differs and the stored shape would not fit it or would
+    # fold it into an inferred (-1) axis; a leading axis is not always the batch (attention's sequence-first).
+    # Whatever this reads wrong, the graph run beside ONNX Runtime and the per-sample check refuse.
+    if fixed_batch is not None and not isinstance(v[1], Dims) and target and target[0] == fixed_batch \
+            and x.dim() > 0 and x.shape[0] != fixed_batch and (-1 in target[1:] or not _fits(x, target)):
+        target = [x.shape[0], *target[1:]]
+    return x.reshape(target)
+
+
+def _fits(x: Tensor, target: list) -> bool:
+    known = int(np.prod([d for d in target if d != -1]))
+    return x.numel() == known if -1 not in target else known > 0 and x.numel() % known == 0
+
+
+def flatten(v, a, opset):
+    x = v[0]
+    axis = a.get("axis", 1) % (x.dim() + 1) if x.dim() else 0
+    if axis == 0:
+        return x.reshape(1, -1)
+    return x.flatten(0, axis - 1).flatten(1) if axis < x.dim() else x.flatten(0, axis - 1).unsqueeze(1)
+
+
+def unsqueeze(v, a, opset):
+    x, axes = v[0], _axes(a, v, opset, 13)
+    if isinstance(x, Dims):
+        if not x.scalar or axes not in ([0], [-1]):
+            raise ValueError("Unsqueeze of a shape along another axis than 0 is not supported")
+        return Dims.of(x)
+    rank = x.dim() + len(axes)
+    for ax in sorted(d % rank for d in axes):
+        x = x.unsqueeze(ax)
+    return x
+
+
+def squeeze(v, a, opset):
+    x, axes = v[0], _axes(a, v, opset, 13)
+    if isinstance(x, Dims):
+        return Dims.of(x, scalar=True) if len(x) == 1 else x
+    if axes is None:
+        return x.squeeze()
+    for ax in sorted((d % x.dim() for d in axes), reverse=True):
+        x = x.squeeze(ax)
+    return x
+
+
+def concat(v, a, opset):
+    if any(isinstance(t, Dims) for t in v):
+        return Dims.of([d for t in v for d in ints(t)])
+    return torch.cat(v, dim=a["axis"])
+
+
+def gather(v, a, opset):
+    x, index = v[0], v[1]
+    axis = a.get("axis", 0)
+    if isinstance(x, Dims):
+        picked = [x[i] for i in ints(index)]
+        return Dims.of(picked, scalar=index.dim() == 0)
+    if isinstance(index, Tensor) and index.dim() == 0:
+        return x.select(axis, int(index))
+    index = tensor(index)
+    index = torch.where(index < 0, index + x.shape[axis], index)
+    out = torch.index_select(x, axis % x.dim(), index.reshape(-1))
+    axis = axis % x.dim()
+    return out.reshape(tuple(x.shape[:axis]) + tuple(index.shape) + tuple(x.shape[axis + 1:]))
+
+
+def slice_(v, a, opset):
+    x = v[0]
+    if opset < 10:
+        starts, ends, axes, steps = a["starts"], a["ends"], a.get("axes"), None
+    else:
+        starts, ends = ints(v[1]), ints(v[2])
+        axes = ints(v[3]) if len(v) > 3 and v[3] is not None else None
+        steps = ints(v[4]) if len(v) > 4 and v[4] is not None else None
+    axes = list(axes) if axes is not None else list(range(len(starts)))
+    steps = list(steps) if steps is not None else [1] * len(starts)
+    # Python's slices read ONNX's bounds as ONNX does: negative from the end, past the end clamped.
+    if isinstance(x, Dims):
+        return Dims.of(list(x)[starts[0]:ends[0]:steps[0]])
+    for s, e, ax, st in zip(starts, ends, axes, steps):
+        if st > 0:
+            x = x[(slice(None),) * (ax % x.dim()) + (slice(s, e, st),)]
+        else:  # torch slices forwards only: the indices Python's slice picks, backwards (torch's F.pad exports one)
+            x = x.index_select(ax, torch.tensor(list(range(int(x.shape[ax])))[s:e:st], dtype=torch.int64,
+                                                device=x.device))
+    return x
+
+
+def split(v, a, opset):
+    x, axis = v[0], a.get("axis", 0)
+    sizes = a.get("split") if opset < 13 else (ints(v[1]) if len(v) > 1 and v[1] is not None else None)
+    if sizes is None:  # equal parts, the last one smaller where the axis does not divide
+        n = a.get("num_outputs", a["_outputs"])
+        return torch.split(x, ceil(x.shape[axis] / n), dim=axis)
+    return torch.split(x, list(sizes), dim=axis)
+
+
+def transpose(v, a, opset):
+    x = v[0]
+    perm = a.get("perm", list(range(x.dim()))[::-1])
+    return x.permute(*perm)
+
+
+def expand(v, a, opset):
+    x, target = v[0], ints(v[1])
+    rank = max(x.dim(), len(target))
+    target = [1] * (rank - len(target)) + target
+    have = [1] * (rank - x.dim()) + list(x.shape)
+    return x.reshape(have).expand([h if isinstance(t, int) and t == 1 else t for h, t in zip(have, target)])
+
+
+def constant_of_shape(v, a, opset):
+    fill = torch.from_numpy(np.array(a["value"])) if "value" in a else torch.zeros(1)
+    return torch.full(ints(v[0]), fill.reshape(-1)[0].item(), dtype=fill.dtype)
+
+
+def cast(v, a, opset):
+    x, to = v[0], a["to"]
+    if to not in DTYPES:
+        raise ValueError(f"Cast to ONNX data type {to} is not supported")
+    if isinstance(x, Dims) and not DTYPES[to].is_floating_point:
+        return x  # sizes stay sizes; as floats (an attention scale, 1/sqrt(head width)) they are a tensor
+    return tensor(x).to(DTYPES[to])
+
+
+def pad(v, a, opset):
+    x = v[0]
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if opset < 11:
+        pads, value = list(a["pads"]), a.get("value", 0.0)
+    else:
+        pads = ints(v[1])
+        value = float(v[2].reshape(-1)[0]) if len(v) > 2 and v[2] is not None and v[2].numel() else 0.0
+    if len(v) > 3 and v[3] is not None:
+        raise ValueError("Pad with axes is not supported")
+    nd = len(pads) // 2
+    spec = []
+    for b, e in zip(reversed(pads[:nd]), reversed(pads[nd:])):
+        spec += [b, e]
+    while len(spec) >= 2 and spec[-2:] == [0, 0]:  # torch's reflect/replicate pad only the last axes
+        spec = spec[:-2]
+    return F.pad(x, spec, mode={"edge": "replicate"}.get(mode, mode), value=value if mode == "constant" else None)
+
+
+def reduce(fn: Callable, axes_input_since: int):
+    def run(v, a, opset):
+        x = v[0]
+        axes = _axes(a, v, opset, axes_input_since)
+        keep = bool(a.get("keepdims", 1))
+        if axes is None or not axes:
+            if axes is not None and a.get("noop_with_empty_axes", 0):
+                return x
+            axes = list(range(x.dim()))
+        return fn(x, [d % x.dim() for d in axes], keep)
+    return run
+
+
+def _amax(x, dims, keep):
+    return x.amax(dim=dims, keepdim=keep)
+
+
+def _amin(x, dims, keep):
+    return x.amin(dim=dims, keepdim=keep)
+
+
+def where(v, a, opset):
+    if any(isinstance(t, Dims) for t in v):  # a shape chosen size by size (exports of expand(-1, ...))
+        n = max(len(ints(t)) for t in v)
+        cond, x, y = ([*ints(t)] * (n if len(ints(t)) == 1 else 1) for t in v)
+        return Dims.of([p if c else q for c, p, q in zip(cond, x, y)])
+    return torch.where(v[0], v[1], v[2])
+
+
+def dropout(v, a, opset):
+    return v[0]
+
+
+def identity(v, a, opset):
+    return v[0]
+
+
+def einsum(v, a, opset):
+    equation = a["equation"]
+    return torch.einsum(equation.decode() if isinstance(equation, bytes) else equation, *v)
+
+
+def _unary(fn: Callable):
+    return lambda v, a, opset: fn(v[0])
+
+
+# The operators that take sizes (:class:`Dims`) as they are; any other is given them as a tensor.
+ON_DIMS = frozenset({"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Reshape", "Expand",
+                     "ConstantOfShape", "Add", "Sub", "Mul", "Div", "Mod", "Equal", "Greater", "Less", "Where",
+                     "Identity"})
+
+OPS: dict[str, Callable] = {
+    "Conv": conv, "MaxPool": pool("MaxPool"), "AveragePool": pool("AveragePool"),
+    "GlobalAveragePool": _unary(lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)),
+    "GlobalMaxPool": _unary(lambda x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True)),
+    "BatchNormalization": batch_norm, "InstanceNormalization": instance_norm, "LayerNormalization": layer_norm,
+    "GroupNormalization": group_norm,
+    "Relu": _unary(F.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
+    "LeakyRelu": lambda v, a, o: F.leaky_relu(v[0], a.get("alpha", 0.01)),
+    "Elu": lambda v, a, o: F.elu(v[0], a.get("alpha", 1.0)),
+    "Selu": lambda v, a, o: a.get("gamma", 1.0507009873554805) * torch.where(
+        v[0] > 0, v[0], a.get("alpha", 1.6732632423543772) * torch.expm1(v[0])),
+    "PRelu": lambda v, a, o: torch.where(v[0] >= 0, v[0], v[0] * v[1]),
+    "Softplus": _unary(F.softplus), "Softsign": _unary(F.softsign),
+    "HardSigmoid": lambda v, a, o: torch.clamp(a.get("alpha", 0.2) * v[0] + a.get("beta", 0.5), 0, 1),
+    "HardSwish": _unary(F.hardswish), "Mish": _unary(F.mish), "Gelu": gelu, "Erf": _unary(torch.erf),
+    "Exp": _unary(torch.exp), "Log": _unary(torch.log), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg),
+    "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal), "Floor": _unary(torch.floor),
+    "Ceil": _unary(torch.ceil), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos), "Clip": clip,
+    "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),
+    "Add": _binary(lambda x, y: x + y), "Sub": _binary(lambda x, y: x - y), "Mul": _binary(lambda x, y: x * y),
+    "Div": _binary(_div), "Mod": _binary(lambda x, y: x % y), "Pow": _binary(lambda x, y: x ** y),
+    "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum), "Sum": _variadic(torch.add),
+    "Mean": lambda v, a, o: _variadic(torch.add)(v, a, o) / len(v),
+    "Greater": _binary(lambda x, y: x > y), "Less": _binary(lambda x, y: x < y),
+    "Equal": _binary(lambda x, y: x == y), "Where": where,
+    "Not": _unary(torch.logical_not),
+    "Gemm": gemm, "MatMul": _binary(torch.matmul), "Einsum": einsum,
+    "ReduceMean": reduce(lambda x, d, k: x.mean(dim=d, keepdim=k), 18),
+    "ReduceSum": reduce(lambda x, d, k: x.sum(dim=d, keepdim=k), 13),
+    "ReduceMax": reduce(_amax, 18), "ReduceMin": reduce(_amin, 18),
+    "ReduceL2": reduce(lambda x, d, k: x.square().sum(dim=d, keepdim=k).sqrt(), 18),
+    "Shape": shape, "Reshape": reshape, "Flatten": flatten, "Unsqueeze": unsqueeze, "Squeeze": squeeze,
+    "Concat": concat, "Gather": gather, "Slice": slice_, "Split": split, "Transpose": transpose, "Expand": expand,
+    "ConstantOfShape": constant_of_shape, "Cast": cast, "Pad": pad, "Identity": identity, "Dropout": dropout,
+}

@@ -1,0 +1,223 @@
+"""A classifier an owner brings as ONNX: run, fine-tuned and exported again in torch, wrapped like any other.
+
+The graphs are what ``torch.onnx.export`` writes for networks in and outside the zoo (BatchNorm, LayerNorm,
+GroupNorm, InstanceNorm, attention with a class token, 1-d convolutions, a final softmax, a reshape by the
+batch size), with a free batch axis and at one fixed batch size, channels first and last."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdb_core.bundle import export_onnx, load_bundle
+from sdb_core.models import create_model
+from sdb_core.onnx_torch import ChannelsLast, onnx_classifier
+from sdb_core.protect.key import new_master_key
+from sdb_core.tasks import ModelRef, wrap
+from sdb_core.tasks.wrap import WrapTask
+from sdb_core.train import TrainConfig, accuracy, seed_everything, train_classifier
+
+
+def onnx_bytes(net: nn.Module, shape, free_batch: bool = True, batch: int = 2) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (torch.randn(batch, *shape),), buf, input_names=["image"],
+                          dynamic_axes={"image": {0: "n"}} if free_batch else None, opset_version=17, dynamo=False)
+    return buf.getvalue()
+
+
+class ViewNet(nn.Module):  # x.view(x.size(0), -1): Shape -> Gather -> Unsqueeze -> Concat -> Reshape
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+class NormMLP(nn.Module):  # LayerNorm, GELU (Erf), BatchNorm1d
+    def __init__(self):
+        super().__init__()
+        self.a, self.ln, self.bn, self.b = nn.Linear(64, 32), nn.LayerNorm(32), nn.BatchNorm1d(32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.b(self.bn(F.gelu(self.ln(self.a(x.flatten(1))))))
+
+
+class GroupSoftmax(nn.Module):  # GroupNorm, InstanceNorm, SiLU, a final softmax
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gn = nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.inorm, self.fc = nn.InstanceNorm2d(8, affine=True), nn.Linear(8, 10)
+
+    def forward(self, x):
+        return torch.softmax(self.fc(self.inorm(F.silu(self.gn(self.conv(x)))).mean((2, 3))), -1)
+
+
+class Signals(nn.Module):  # 1-d convolutions, ReLU6, Hardswish, adaptive pooling
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv1d(1, 8, 5, padding=2), nn.Conv1d(8, 8, 3, stride=2), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool1d(F.relu6(self.b(F.hardswish(self.a(x)))), 1).squeeze(-1))
+
+
+class Attention(nn.Module):  # a class token expanded to the batch, a transformer layer, patches by reshapes
+    def __init__(self):
+        super().__init__()
+        self.patch, self.cls = nn.Linear(16, 32), nn.Parameter(torch.randn(1, 1, 32))
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        b = x.shape[0]
+        t = self.patch(x.reshape(b, 1, 2, 4, 2, 4).permute(0, 2, 4, 1, 3, 5).reshape(b, 4, 16))
+        return self.fc(self.layer(torch.cat([self.cls.expand(b, -1, -1), t], 1))[:, 0])
+
+
+NETWORKS = {
+    "view": (ViewNet, (1, 8, 8)), "norm_mlp": (NormMLP, (1, 8, 8)), "group_softmax": (GroupSoftmax, (1, 8, 8)),
+    "signals": (Signals, (1, 32)), "attention": (Attention, (1, 8, 8)),
+    "resnet8": (lambda: create_model("resnet8", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
+    "vit_tiny": (lambda: create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_a_graph_runs_trains_and_exports_again_as_the_network_it_was(name):
+    torch.manual_seed(0)
+    make, shape = NETWORKS[name]
+    net = make().eval()
+    with torch.no_grad():  # BatchNorm's statistics away from 0 and 1: folded or not, they must be read
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    graph = onnx_classifier(onnx_bytes(net, shape), shape)
+    x = torch.randn(5, *shape)
+    with torch.no_grad():
+        want = net(x)
+        if name == "group_softmax":  # the graph's own logits: its final softmax is left out
+            want = torch.log(want)
+            assert "Softmax" in graph.why
+        got = graph(x)
+    if name == "group_softmax":
+        got = torch.log_softmax(got, 1)
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+
+    weights = list(graph.parameters())
+    assert weights and all(p.requires_grad for p in weights)
+    graph(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in weights)
+
+    again = ort.InferenceSession(export_onnx(graph, shape), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for n in (1, 3):
+            out = again.run(None, {"input": x[:n].numpy()})[0]
+            assert np.allclose(out, graph(x[:n]).numpy(), atol=1e-4)
+
+
+def test_a_graph_exported_at_one_batch_size_runs_at_any_or_is_refused_in_words():
+    torch.manual_seed(0)
+    net = ViewNet().eval()
+    graph = onnx_classifier(onnx_bytes(net, (1, 8, 8), free_batch=False, batch=1), (1, 8, 8))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(graph(x), net(x), atol=1e-4)
+    # attention folds the batch into the heads' axis by a stored size: no reading of it runs at other batches
+    with pytest.raises(ValueError, match="exported for batches of 1 only.*free batch axis"):
+        onnx_classifier(onnx_bytes(Attention(), (1, 8, 8), free_batch=False, batch=1), (1, 8, 8))
+
+
+def test_a_channels_last_graph_gets_its_images_channels_last():
+    class Keras(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+
+        def forward(self, x):  # (N, H, W, C), as Keras takes images
+            return self.fc(self.conv(x.permute(0, 3, 1, 2)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Keras().eval()
+    graph = onnx_classifier(onnx_bytes(net, (8, 8, 3)), (3, 8, 8))
+    assert isinstance(graph, ChannelsLast)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(graph(x), net(x.permute(0, 2, 3, 1)), atol=1e-5)
+
+
+def test_what_cannot_be_run_is_refused_by_name():
+    with pytest.raises(ValueError, match="not a readable ONNX model"):
+        onnx_classifier(b"not a graph", (1, 8, 8))
+    with pytest.raises(ValueError, match=r"takes inputs of shape \(N, 1, 8, 8\), the data's are \(N, 3, 8, 8\)"):
+        onnx_classifier(onnx_bytes(ViewNet(), (1, 8, 8)), (3, 8, 8))
+
+    class TopK(nn.Module):
+        def forward(self, x):
+            return x.flatten(1).topk(3).values
+
+    with pytest.raises(ValueError, match=r"unsupported operators \['TopK'\]"):
+        onnx_classifier(onnx_bytes(TopK(), (1, 8, 8)), (1, 8, 8))
+
+
+def test_a_model_reference_to_an_onnx_file_needs_no_architecture():
+    assert ModelRef.parse("t=model.ONNX") == ("t", ModelRef(weights="model.ONNX"))
+    ref = ModelRef(weights="teacher.onnx")
+    assert ref.kind == "weights" and ref.is_onnx and "ONNX model" in ref.describe()
+    with pytest.raises(ValueError, match="need their architecture"):
+        ModelRef(weights="teacher.safetensors")
+
+
+@pytest.fixture(scope="module")
+def onnx_teacher(tmp_path_factory, digits):
+    """A network from outside the zoo trained on digits and exported with a final softmax, as owners ship them."""
+    seed_everything(0)
+    net = ViewNet()
+    net.fc = nn.Linear(4 * 4 * 4, digits.num_classes)
+    train_classifier(net, digits.train, TrainConfig(epochs=6, lr=0.02, seed=0))
+    path = tmp_path_factory.mktemp("onnx") / "teacher.onnx"
+    path.write_bytes(onnx_bytes(nn.Sequential(net, nn.Softmax(dim=1)), digits.in_shape))
+    return net.eval(), path
+
+
+def test_an_onnx_teacher_wraps_into_a_box_that_keeps_its_answers(tmp_path, digits, onnx_teacher):
+    net, path = onnx_teacher
+    before = digits.train.tensors[0].clone()
+    logs: list[str] = []
+    from sdb_core.progress import Hooks
+
+    out = wrap.run(WrapTask(data="digits", teacher=ModelRef(weights=str(path))), tmp_path / "box", Hooks(log=logs.append),
+                   master_key=new_master_key())
+    assert out.name == "digits-onnx"
+    assert any("ends in a Softmax" in line for line in logs)
+    bundle = load_bundle(out.bundle)
+    assert bundle.meta["arch"] == "onnx" and bundle.meta["mode"] == "sdb"
+    x, y = digits.test.tensors
+    with torch.no_grad():
+        teacher_top1 = net(x).argmax(1).numpy()
+    served = bundle.public_logits(x.numpy()).argmax(1)
+    assert (served == teacher_top1).mean() > 0.9
+    assert accuracy(net, digits.test) - 100 * (served == y.numpy()).mean() < 3.0
+    assert torch.equal(digits.train.tensors[0], before)
+
+
+def test_a_teacher_at_chance_on_the_data_is_refused_with_its_inputs_convention(tmp_path, digits):
+    torch.manual_seed(0)
+    untrained = ViewNet()
+    untrained.fc = nn.Linear(4 * 4 * 4, digits.num_classes)
+    path = tmp_path / "untrained.onnx"
+    path.write_bytes(onnx_bytes(untrained, digits.in_shape))
+    with pytest.raises(ValueError, match=r"scores .*% on the data's training inputs \(chance 10.0%\).*normalised per "
+                                         r"channel"):
+        wrap.run(WrapTask(data="digits", teacher=ModelRef(weights=str(path))), tmp_path / "box",
+                 master_key=new_master_key())
+    assert not (tmp_path / "box").exists()
