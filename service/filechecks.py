@@ -1,7 +1,9 @@
 """What an uploaded file must be before it is kept: one check per purpose, each a 422 naming the problem.
 
 - ``weights``: a state dict of tensors that loads the safe way (``sdb_core.weights``: safetensors, or
-  ``torch.load(weights_only=True)``; nothing is ever unpickled), told apart by content, not by name;
+  ``torch.load(weights_only=True)``; nothing is ever unpickled), or a network as ONNX that the jobs can run
+  (standard operators the torch bridge has, one input, within the graph-size bound); told apart by content,
+  not by name;
 - ``dataset``: a zip of an ImageFolder tree (extracted here, member by member: no absolute paths, no
   ``..``, no links, under the member and size limits; every image's header read within the pixel
   limit) or an ``.npz`` of ``x`` and ``y`` (array headers only: no pickled objects);
@@ -40,7 +42,7 @@ class Limits:
 
 @dataclass
 class Checked:
-    format: str  # safetensors | pt | imagefolder | npz | png | jpeg | sdb
+    format: str  # safetensors | pt | onnx | imagefolder | npz | png | jpeg | sdb
     stored: str  # the checked file or folder, relative to ``out``
     info: dict = field(default_factory=dict)  # what GET /v1/files shows of the content
 
@@ -76,7 +78,45 @@ def _is_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" and 2 <= n <= size - 8
 
 
+def _is_onnx(path: Path) -> bool:
+    """An ONNX ModelProto opens with its ir_version (field 1, a varint: tag byte 0x08); torch.save's zip opens with
+    PK, a pickle with 0x80 (a safetensors header, whose first byte is its length's, is told apart first)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x08"
+
+
+def _check_onnx(src: Path, out: Path, filename: str) -> Checked:
+    from sdb_core.graph_size import MAX_GRAPH_ENTRIES, STANDARD_DOMAINS, graph_entries, node_domains
+
+    dest = out / "weights.onnx"  # the name is how a job's model reference knows the file is a network
+    shutil.move(src, dest)
+    model = dest.read_bytes()
+    if graph_entries(model) > MAX_GRAPH_ENTRIES:
+        raise rejected("weights", f"{filename}: the ONNX graph holds more than {MAX_GRAPH_ENTRIES} nodes, "
+                       "initializers and value infos")
+    foreign = node_domains(model) - STANDARD_DOMAINS
+    if foreign:
+        raise rejected("weights", f"{filename}: its graph uses operators of {', '.join(sorted(d[:60] for d in foreign)[:5])}; "
+                       "an ONNX model a job runs may use the standard ONNX operators only")
+    from google.protobuf.message import DecodeError
+
+    from sdb_core.onnx_torch import OnnxModule  # torch: here only, in the caller's worker thread
+
+    try:
+        net = OnnxModule(model)
+    except ValueError as e:
+        raise rejected("weights", f"{filename}: {_clip(str(e))}") from None
+    except (DecodeError, KeyError, TypeError, RuntimeError):
+        raise rejected("weights", f"{filename}: neither weights (safetensors, a torch checkpoint) nor a readable "
+                       "ONNX model") from None
+    shape = ["N" if d is None else d for d in net.input_shape]
+    return Checked("onnx", dest.name, {"input_shape": shape, "nodes": len(net.nodes),
+                                       "parameters": int(sum(b.numel() for b in net.buffers()))})
+
+
 def check_weights(src: Path, out: Path, limits: Limits, filename: str) -> Checked:
+    if not _is_safetensors(src) and _is_onnx(src):
+        return _check_onnx(src, out, filename)
     fmt = "safetensors" if _is_safetensors(src) else "pt"
     dest = out / f"weights.{fmt}"
     shutil.move(src, dest)

@@ -6,6 +6,12 @@ from pathlib import Path
 from typing import Any
 
 
+def is_onnx_file(path: str | Path) -> bool:
+    """Whether a model file is an ONNX network, by its name (what torch.onnx.export and tf2onnx write, and what the
+    service stores an uploaded one as)."""
+    return str(path).lower().endswith(".onnx")
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model a task reads. Exactly one source:
@@ -39,8 +45,7 @@ class ModelRef:
 
     @property
     def is_onnx(self) -> bool:
-        """Weights that are an ONNX model, by the file's name (what torch.onnx.export and tf2onnx write)."""
-        return self.weights is not None and str(self.weights).lower().endswith(".onnx")
+        return self.weights is not None and is_onnx_file(self.weights)
 
     @property
     def kind(self) -> str:

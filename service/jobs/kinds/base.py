@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sdb_core.registry import Registry
-from sdb_core.tasks.refs import ModelRef
+from sdb_core.tasks.refs import ModelRef, is_onnx_file
 
 from ...errors import ApiError, invalid
 
@@ -259,18 +259,21 @@ def data_set(value: str, who: Submission | JobContext, what: str = "data") -> st
 # ---------------------------------------------------------------------------------------- models
 class ModelParam(BaseModel):
     """One model a job reads, the job API's :class:`~sdb_core.tasks.ModelRef`: a hosted model
-    (``model``, ``version``), uploaded weights of a zoo architecture (``file``, ``arch``, ``num_classes``),
-    or, where a kind trains the network itself, an architecture alone (``arch``)."""
+    (``model``, ``version``), uploaded weights of a zoo architecture (``file``, ``arch``, ``num_classes``) or an
+    uploaded ONNX model (``file`` alone), or, where a kind trains the network itself, an architecture alone
+    (``arch``)."""
 
     model_config = ConfigDict(extra="forbid")
     SOURCES: ClassVar[tuple[str, ...]] = ("hosted", "file")  # what this kind's field accepts
     HOSTED_ARCH: ClassVar[bool] = False  # arch means something for a hosted model (a family to rebuild into)
+    ONNX: ClassVar[bool] = True  # an uploaded ONNX model may be the file (its own network: no arch)
 
     model: str | None = Field(None, pattern=NAME_PATTERN, description="a hosted model, by name")
     version: str | None = Field(None, max_length=100,
                                 description="the hosted model's version; default the latest, pinned at submission")
     file: str | None = Field(None, max_length=500, description="uploaded weights: the id (file-…) of a weights "
-                             "file this key may use (admin keys: or a path under the data dir)")
+                             "file this key may use (admin keys: or a path under the data dir); weights of a zoo "
+                             "architecture (with arch), or an ONNX model (alone)")
     arch: str | None = Field(None, description="the architecture of the weights, or of the network the job trains")
     num_classes: int | None = Field(None, ge=1, le=100_000,
                                     description="the weights' outputs (default: the data set's classes)")
@@ -284,7 +287,7 @@ class ModelParam(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self):
-        wanted = {"hosted": "model (a hosted model)", "file": "file (uploaded weights, with their arch)",
+        wanted = {"hosted": "model (a hosted model)", "file": "file (uploaded weights with their arch, or an ONNX model)",
                   "arch": "arch alone (a network the job trains)"}
         if self.model is not None and self.file is not None:
             raise ValueError("a model reference names one source: model (hosted) or file (uploaded weights)")
@@ -294,8 +297,6 @@ class ModelParam(BaseModel):
             raise ValueError("version is a hosted model's: give it with model")
         if self.source == "hosted" and not self.HOSTED_ARCH and (self.arch, self.num_classes) != (None, None):
             raise ValueError("a hosted model brings its own network: give no arch or num_classes with model")
-        if self.source == "file" and self.arch is None:
-            raise ValueError("file needs the architecture of the weights (arch)")
         if self.arch is not None:
             self._check_arch(self.arch)
         return self
@@ -308,7 +309,7 @@ class ModelParam(BaseModel):
         if self.model is not None:
             return f"model {self.model}" + (f" version {self.version}" if self.version else "")
         if self.file is not None:
-            return f"{self.arch} weights {self.file}"
+            return f"{self.arch} weights {self.file}" if self.arch else f"model {self.file}"
         return f"untrained {self.arch}"
 
 
@@ -334,7 +335,13 @@ def check_model(p: ModelParam, sub: Submission, use: Use, what: str) -> ModelPar
                            "a job is given its network only for its owner's key or an admin's")
         return p.model_copy(update={"version": model.version})
     if p.file is not None:
-        input_file(p.file, "weights", sub, f"{what}.file")
+        onnx = is_onnx_file(input_file(p.file, "weights", sub, f"{what}.file"))
+        if onnx and not p.ONNX:
+            raise invalid(f"{what}.file is an ONNX model; {what} must be weights of its architecture family",
+                          "invalid_params")
+        if not onnx and p.arch is None:
+            raise invalid(f"{what}.file holds weights: give their architecture ({what}.arch); only an ONNX model "
+                          "brings its own network", "invalid_params")
     return p
 
 

@@ -58,7 +58,7 @@ class WrapParams(JobParams):
 
     @property
     def model_name(self) -> str:
-        return self.name or f"{self.data.split(':')[0]}-{self.teacher.arch}"
+        return self.name or f"{self.data.split(':')[0]}-{self.teacher.arch or 'onnx'}"  # no arch: an ONNX file
 
 
 def check(p: WrapParams, sub: Submission) -> WrapParams:

@@ -1,0 +1,123 @@
+"""An owner wraps a classifier it uploaded as ONNX: the upload is checked as a network the jobs can run, a wrap
+job names it by file id alone (no architecture), and the deployed box answers as the teacher did."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import anyio
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conftest import make_settings, start_service
+from .jobs_helpers import upload_asgi
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("db_url")]
+
+LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "min_guessed_key_share": -10,
+         "check_attempts": 1}  # the job is under test here; the recipe's figures are tests/core's
+
+
+class Outside(nn.Module):
+    """Not a zoo network: BatchNorm, a reshape by the batch size, GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.gelu(self.bn(self.conv(x))), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def export(net: nn.Module, path, shape=(1, 8, 8)) -> None:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (torch.zeros(2, *shape),), buf, input_names=["x"], dynamic_axes={"x": {0: "n"}},
+                          opset_version=17, dynamo=False)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.fixture
+async def svc(tmp_path, bundles):
+    service, manager = await start_service(make_settings(tmp_path / "data", bundles), bundles.a, bundles.b)
+    yield service
+    await service.client.aclose()
+    await manager.__aexit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from sdb_core.data import load_dataset
+    from sdb_core.train import TrainConfig, seed_everything, train_classifier
+
+    data = load_dataset("digits")
+    seed_everything(0)
+    net = Outside()
+    train_classifier(net, data.train, TrainConfig(epochs=4, lr=0.02, seed=0))
+    return net.eval(), data
+
+
+async def test_an_uploaded_onnx_teacher_is_wrapped_by_file_id_and_served(svc, tmp_path, teacher):
+    from service.jobs.worker import run_worker
+
+    net, data = teacher
+    export(net, tmp_path / "teacher.onnx")
+    tok = svc.key(("jobs", "deploy"))
+    r = await svc.client.post("/v1/files", files={"file": ("teacher.onnx", (tmp_path / "teacher.onnx").read_bytes())},
+                              data={"purpose": "weights"}, headers=svc.auth(tok))
+    assert r.status_code == 201, r.text
+    assert r.json()["format"] == "onnx" and r.json()["info"]["input_shape"] == ["N", 1, 8, 8]
+    job = await svc.client.post("/v1/jobs", headers=svc.auth(tok), json={"kind": "wrap", "params": {
+        "data": "digits", "teacher": {"file": r.json()["id"]}, "deploy": True, "epochs": 2, **LOOSE}})
+    assert job.status_code == 202, job.text
+    await anyio.to_thread.run_sync(lambda: run_worker(svc.settings, once=True))
+    done = (await svc.client.get(f"/v1/jobs/{job.json()['id']}", headers=svc.auth(tok))).json()
+    assert done["status"] == "succeeded", done
+    assert done["result"]["model"] == "digits-onnx" and done["result"]["deployed"]
+
+    x, _ = data.test.tensors
+    pixels = (x[:40] * torch.tensor(data.std).view(1, -1, 1, 1) + torch.tensor(data.mean).view(1, -1, 1, 1)) * 255
+    async def served():
+        r = await svc.client.post("/v1/models/digits-onnx/predict", json={"inputs": pixels.tolist()})
+        return r
+    r = None
+    for _ in range(50):  # the API process picks the new version up within its sync interval
+        r = await served()
+        if r.status_code == 200:
+            break
+        await anyio.sleep(0.1)
+    assert r.status_code == 200, r.text
+    labels = [p["labels"][0] for p in r.json()["predictions"]]
+    with torch.no_grad():
+        want = [data.labels[i] for i in net(x[:40]).argmax(1).tolist()]
+    assert np.mean([a == b for a, b in zip(labels, want)]) > 0.8
+
+
+async def test_what_a_job_cannot_run_is_refused_at_upload_or_submission(svc, tmp_path):
+    from sdb_core.models import create_model
+    from sdb_core.weights import save_weights
+
+    tok = svc.key(("jobs",))
+
+    class TopK(nn.Module):
+        def forward(self, x):
+            return x.flatten(1).topk(10).values
+
+    export(TopK(), tmp_path / "topk.onnx")
+    r = await svc.client.post("/v1/files", files={"file": ("topk.onnx", (tmp_path / "topk.onnx").read_bytes())},
+                              data={"purpose": "weights"}, headers=svc.auth(tok))
+    assert r.status_code == 422 and "topk.onnx: cannot run this ONNX graph in torch: unsupported operators ['TopK']" \
+        in r.json()["error"]["message"], r.text
+    assert (await svc.client.get("/v1/files", headers=svc.auth(tok))).json()["files"] == []
+
+    save_weights(create_model("cnn", num_classes=10, in_shape=(1, 8, 8)), tmp_path / "t.safetensors")
+    weights = await upload_asgi(svc, tok, tmp_path / "t.safetensors")
+    r = await svc.client.post("/v1/jobs", headers=svc.auth(tok), json={"kind": "wrap", "params": {
+        "data": "digits", "teacher": {"file": weights}}})
+    assert r.status_code == 422 and "give their architecture (teacher.arch)" in r.text, r.text
+    assert (await svc.client.get("/v1/jobs", headers=svc.auth(tok))).json()["jobs"] == []
