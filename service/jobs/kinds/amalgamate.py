@@ -44,6 +44,7 @@ class TeacherParam(ModelParam):
     """A teacher: a hosted model or uploaded weights, of an architecture family, and what the family needs."""
 
     HOSTED_ARCH = True  # a hosted graph is read back into a network of this family
+    ONNX = False  # the recipes work stage by stage through the family's network: weights of it, not any graph
 
     name: str = Field(pattern=NAME_PATTERN)
     arch: Literal[FAMILIES] = Field(FAMILIES[0], description="the teacher's architecture family")
