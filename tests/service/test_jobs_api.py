@@ -73,7 +73,7 @@ async def test_submit_accepts_the_issue_examples_and_lists_them(jsvc):
     ("wrap", {**WRAP, "data": "imagefolder:/etc"}, "server paths are for admin keys"),
     ("wrap", {**WRAP, "data": "imagefolder"}, "upload the set"),
     ("wrap", {**WRAP, "teacher": {"file": "../../master.key", "arch": "cnn"}}, "server paths are for admin keys"),
-    ("wrap", {**WRAP, "teacher": {"file": NO_FILE}}, "needs the architecture"),
+    ("wrap", {**WRAP, "teacher": {"file": NO_FILE, "arch": "cnn", "version": "1"}}, "version is a hosted model's"),
     ("distill", {"student": "mlp", "data": "digits"}, "params.teacher"),
     ("distill", {**DISTILL, "teacher": {"model": "digits-a", "file": NO_FILE}}, "names one source"),
     ("distill", {**DISTILL, "teacher": {"arch": "cnn"}}, "give model"),
