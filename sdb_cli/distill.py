@@ -5,7 +5,15 @@ from sdb_core.distill.config import DistillConfig
 from sdb_core.progress import Hooks
 from sdb_core.tasks.distill import DistillTask
 
-from .console import SDKWaits, add_training_flags, data_settings, err, progress_bar
+from .console import (
+    SDKWaits,
+    add_teacher_norm_flags,
+    add_training_flags,
+    data_settings,
+    err,
+    progress_bar,
+    teacher_norm,
+)
 
 
 def _remote_teacher(args):
@@ -34,7 +42,8 @@ def cmd_distill(args) -> int:
         ref = ModelRef(bundle=args.bundle)
         source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"
     elif args.teacher:
-        ref, source = ModelRef(arch=args.teacher_arch, weights=args.teacher), f"teacher {args.teacher}"
+        ref = ModelRef(arch=args.teacher_arch, weights=args.teacher, **teacher_norm(args))
+        source = f"teacher {args.teacher}"
     else:
         ref = None
     task = DistillTask.from_options(args.student, args.data, teacher=ref, keyed=args.authorized,
@@ -83,6 +92,7 @@ def add_commands(sub) -> None:
     d.add_argument("--version", help="with --remote: the model's version (default: its highest, pinned at the start)")
     d.add_argument("--api-key", help="with --remote: a key with the distill scope (default: env SDB_API_KEY)")
     d.add_argument("--teacher-arch", default="cnn")
+    add_teacher_norm_flags(d)
     d.add_argument("--authorized", action="store_true", help="with --bundle: use the keyed path (needs the master key)")
     d.add_argument("--transfer", type=int, default=0, help="transfer-set size drawn from the train split (0: all)")
     base = DistillConfig()

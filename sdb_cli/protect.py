@@ -10,7 +10,14 @@ from sdb_core.progress import Hooks
 from sdb_core.protect.config import POLICIES, AuditConfig, CheckConfig, SDBConfig, Thresholds
 from sdb_core.tasks.wrap import WrapTask
 
-from .console import add_training_flags, data_settings, err, progress_bar
+from .console import (
+    add_teacher_norm_flags,
+    add_training_flags,
+    data_settings,
+    err,
+    progress_bar,
+    teacher_norm,
+)
 
 
 def output_policy(args) -> dict | None:
@@ -34,7 +41,8 @@ def cmd_wrap(args) -> int:
     from sdb_core.tasks import wrap
 
     task = WrapTask.from_options(
-        args.data, args.arch, teacher=args.teacher, name=args.name, teacher_epochs=args.teacher_epochs,
+        args.data, args.arch, teacher=args.teacher, teacher_mean=args.teacher_mean, teacher_std=args.teacher_std,
+        name=args.name, teacher_epochs=args.teacher_epochs,
         save_teacher=args.save_teacher, mode=args.mode, lam=args.lam, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, max_accuracy_drop=args.max_accuracy_drop,
         max_keyed_drop=args.max_keyed_drop, min_leak_margin=args.min_leak_margin,
@@ -97,7 +105,8 @@ def cmd_audit(args) -> int:
     from sdb_core.tasks import ModelRef, audit
     from sdb_core.tasks.audit import AuditTask
 
-    target = ModelRef(bundle=args.bundle) if args.bundle else ModelRef(arch=args.arch, weights=args.teacher)
+    target = (ModelRef(bundle=args.bundle) if args.bundle
+              else ModelRef(arch=args.arch, weights=args.teacher, **teacher_norm(args)))
     base = AuditConfig()
     cfg = AuditConfig(transfer_n=args.transfer, student=args.student, policy=args.policy, top_k=args.top_k,
                       keys=args.keys, threshold=args.threshold, seeds=tuple(args.seeds), steps=args.steps,
@@ -121,6 +130,7 @@ def add_commands(sub) -> None:
                      "with --arch), or the network itself as ONNX (.onnx, any architecture)")
     src.add_argument("--train-teacher", action="store_true", help="train the teacher first on --data")
     w.add_argument("--arch", help="architecture of the teacher (see the model zoo); not with an .onnx teacher")
+    add_teacher_norm_flags(w)
     w.add_argument("--data", required=True, help=DATA_HELP)
     w.add_argument("--out", required=True, help="bundle directory (or FILE.sdb for a zip)")
     w.add_argument("--mode", choices=["sdb", "nasty"], default="sdb",
@@ -173,6 +183,7 @@ def add_commands(sub) -> None:
     src.add_argument("--teacher", metavar="MODEL", help="a plain model: its weights (with --arch), or an ONNX model "
                      "(.onnx)")
     a.add_argument("--arch", help="with --teacher: its architecture")
+    add_teacher_norm_flags(a)
     a.add_argument("--data", required=True, help="dataset: the transfer images and the test split")
     a.add_argument("--policy", choices=POLICIES, default=base.policy, help="what the public API returns")
     a.add_argument("--top-k", type=int, default=base.top_k, help="k of the top_k policy")

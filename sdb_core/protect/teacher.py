@@ -25,6 +25,40 @@ class Logits(nn.Module):
         return logits_of(self.model(x))
 
 
+class Renormalized(nn.Module):
+    """A network trained on inputs normalised otherwise than the data's: it gets ``(raw - mean) / std`` of its own
+    from the data's ``(raw - data_mean) / data_std``, per channel (one value: every channel), an affine map the
+    box trains through and exports with the network."""
+
+    def __init__(self, net: nn.Module, data_norm, own_norm, in_shape) -> None:
+        super().__init__()
+        channels, view = int(in_shape[0]), (1, -1) + (1,) * (len(in_shape) - 1)
+        (dm, ds), (m, s) = ([_per_channel(v, channels, what) for v in pair]
+                            for pair, what in ((data_norm, "the data's"), (own_norm, "the network's")))
+        self.net = net
+        self.register_buffer("scale", (ds / s).view(view))
+        self.register_buffer("shift", ((dm - m) / s).view(view))
+        mine = f"the network takes inputs normalised by mean {_short(m)}, std {_short(s)}: the data's are mapped to them"
+        self.why = f"{net.why}; {mine}" if hasattr(net, "why") else mine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x * self.scale + self.shift)
+
+
+def _per_channel(values, channels: int, what: str) -> torch.Tensor:
+    t = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
+    if len(t) == 1:
+        return t.expand(channels).clone()
+    if len(t) != channels:
+        raise ValueError(f"{what} normalisation has {len(t)} values; the inputs have {channels} channels (give one "
+                         "value, or one per channel)")
+    return t
+
+
+def _short(t: torch.Tensor) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in t[:8].tolist()) + (", ...)" if len(t) > 8 else ")")
+
+
 # Probabilities are clamped here before their logarithm: float32 softmax rows underflow to 0 (log: -inf).
 _TINY = 1e-30
 

@@ -81,7 +81,7 @@ def teacher_of(cfg: DistillTask, data, master_key: bytes | None = None) -> Calla
         return bundle_teacher(ref.bundle, master_key, cfg.keyed, data)
     if ref.kind == "weights":  # on the device the student trains on: asked once per sample there
         ref.check_classes(data, "teacher")
-        return ref.network(data.num_classes, data.in_shape).to(pick_device(cfg.distill.train.device))
+        return ref.network(data.num_classes, data.in_shape, (data.mean, data.std)).to(pick_device(cfg.distill.train.device))
     raise ValueError(f"distill needs a teacher with weights or a bundle, got {ref.describe()}")
 
 

@@ -31,6 +31,11 @@ class ModelRef:
     model: str | None = None
     version: str | None = None
     num_classes: int | None = None  # a plain model's outputs, where no data set says it
+    # The normalisation a plain model was trained with, (x - mean) / std of the data's raw values (images: pixels in
+    # [0, 1]; one value for every channel, or one per channel); None: the data set's own, which the box gives
+    # every network (as every network this project trains takes). Its inputs are mapped from the one to the other.
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         sources = [s for s in ("weights", "bundle") if getattr(self, s) is not None]
@@ -40,6 +45,12 @@ class ModelRef:
             raise ValueError("weights need their architecture (arch), unless they are an ONNX model (.onnx)")
         if self.model is None and self.version is not None:
             raise ValueError("version needs a hosted model name (model)")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("a model's input normalisation needs both mean and std")
+        if self.mean is not None and self.weights is None:
+            raise ValueError("mean and std are a plain model's (weights or ONNX): a bundle says its own")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {list(self.std)}")
         if self.arch is None and self.bundle is None and self.model is None and not self.is_onnx:
             raise ValueError("a model reference needs arch (+ weights), an ONNX model, a bundle or a hosted model")
 
@@ -78,13 +89,15 @@ class ModelRef:
             return f"model {self.model}" + (f" version {self.version}" if self.version else "")
         if self.bundle is not None:
             return f"bundle {self.bundle}"
-        if self.is_onnx:
-            return f"ONNX model {self.weights}"
-        return f"{self.arch} weights {self.weights}" if self.weights else f"untrained {self.arch}"
+        what = (f"ONNX model {self.weights}" if self.is_onnx else f"{self.arch} weights {self.weights}" if self.weights
+                else f"untrained {self.arch}")
+        return what + ("" if self.mean is None else f" (inputs normalised by mean {list(self.mean)}, std {list(self.std)})")
 
     # ------------------------------------------------------------------ loading (torch from here on)
-    def network(self, num_classes: int | None, in_shape) -> Any:
-        """A plain model's torch network with its weights, in eval mode (``num_classes``: the reference's own first)."""
+    def network(self, num_classes: int | None, in_shape, data_norm=None) -> Any:
+        """A plain model's torch network with its weights, in eval mode (``num_classes``: the reference's own first),
+        taking inputs normalised as ``data_norm`` = ``(mean, std)`` says (the data's), when it was trained on
+        others (:attr:`mean`, :attr:`std`)."""
         from ..models import create_model
         from ..weights import load_weights
 
@@ -94,14 +107,21 @@ class ModelRef:
             from ..onnx_torch import onnx_classifier
 
             try:
-                return onnx_classifier(self.weights, in_shape)
+                net = onnx_classifier(self.weights, in_shape)
             except ValueError as e:
                 raise ValueError(f"{self.describe()}: {e}") from None
-        n = self.num_classes or num_classes
-        if n is None:
-            raise ValueError(f"{self.describe()}: the number of classes is not known")
-        return load_weights(create_model(self.arch, num_classes=n, in_shape=tuple(in_shape)),
-                            self.weights).eval()
+        else:
+            n = self.num_classes or num_classes
+            if n is None:
+                raise ValueError(f"{self.describe()}: the number of classes is not known")
+            net = load_weights(create_model(self.arch, num_classes=n, in_shape=tuple(in_shape)), self.weights).eval()
+        if self.mean is None:
+            return net
+        from ..protect.teacher import Renormalized
+
+        if data_norm is None:
+            raise ValueError(f"{self.describe()}: its inputs' mean and std are given, the data's are not known")
+        return Renormalized(net, data_norm, (self.mean, self.std), in_shape)
 
     def check_classes(self, data, role: str) -> None:
         """Refuse, in words, plain weights whose ``num_classes`` is not the data set's: a teacher or target

@@ -63,10 +63,11 @@ class TransferOutcome:
     figures: dict[str, Path]
 
 
-def load_ranked(m: RankedModel, in_shape):
-    """The model as a torch module DEPARA can differentiate through; its input must be the probe images'."""
+def load_ranked(m: RankedModel, in_shape, data_norm=None):
+    """The model as a torch module DEPARA can differentiate through; its input must be the probe images' (normalised
+    as ``data_norm`` says)."""
     if m.model.kind == "weights":
-        return m.model.network(None, in_shape)
+        return m.model.network(None, in_shape, data_norm)
     from ..bundle import read_bundle_files
     from ..onnx_torch import bundle_module
 
@@ -109,9 +110,9 @@ def run(cfg: TransferTask, out: str | os.PathLike, hooks: Hooks | None = None) -
                                   should_cancel=hooks.should_cancel)
         target_layer, what = FEATURE_LAYER, f"a weak model trained on {cfg.target_data}"
     else:
-        target = load_ranked(cfg.target, probe_set.in_shape)
+        target = load_ranked(cfg.target, probe_set.in_shape, (probe_set.mean, probe_set.std))
         target_layer, what = cfg.target.layer, cfg.target.name
-    sources = {s.name: load_ranked(s, probe_set.in_shape) for s in cfg.sources}
+    sources = {s.name: load_ranked(s, probe_set.in_shape, (probe_set.mean, probe_set.std)) for s in cfg.sources}
     hooks.phase("graphs")  # a watcher sees the phase start; the graphs report no steps of their own
     depara = replace(cfg.depara, seed=cfg.seed)
     result = rank_transferability(depara, target, sources, probe, target_layer=target_layer,

@@ -55,7 +55,9 @@ class WrapTask:
         return (self.sdb if self.mode == "sdb" else self.nasty).train
 
     @classmethod
-    def from_options(cls, data: str, arch: str, *, teacher: str | None = None, lam: float | None = None,
+    def from_options(cls, data: str, arch: str | None, *, teacher: str | None = None,
+                     teacher_mean: tuple[float, ...] | None = None, teacher_std: tuple[float, ...] | None = None,
+                     lam: float | None = None,
                      max_accuracy_drop: float | None = None, max_keyed_drop: float | None = None,
                      min_leak_margin: float | None = None, min_guessed_key_share: float | None = None,
                      check_attempts: int | None = None,
@@ -69,7 +71,8 @@ class WrapTask:
                                                    min_guessed_key_share=min_guessed_key_share))
         check = replace(CheckConfig(), thresholds=thresholds, budget_seconds=check_budget,
                         **given(max_attempts=check_attempts))
-        out = cls(data=data, teacher=ModelRef(arch=arch, weights=teacher), sdb=sdb, check=check, **task)
+        ref = ModelRef(arch=arch, weights=teacher, mean=teacher_mean, std=teacher_std)
+        out = cls(data=data, teacher=ref, sdb=sdb, check=check, **task)
         return out.with_training(**given(epochs=epochs, lr=lr, batch_size=batch_size))
 
     def with_training(self, **train) -> WrapTask:
@@ -112,7 +115,7 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     arch = cfg.teacher_arch
     teacher_history: list[dict] = []
     if not trained:  # a zoo architecture's weights, or an ONNX model
-        teacher = cfg.teacher.network(data.num_classes, data.in_shape)
+        teacher = cfg.teacher.network(data.num_classes, data.in_shape, (data.mean, data.std))
         _require_learned(teacher, data)
     else:  # not on the part the wrap's check holds out: there it must be unseen
         teacher = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)
@@ -159,8 +162,9 @@ def _require_learned(teacher, data) -> None:
             f"the teacher scores {fit:.1f}% on the data's training inputs (chance {chance:.1f}%): it was trained on "
             "other inputs than these. The box gives it each input normalised per channel by the training split's "
             f"mean and std ({_rounded(data.mean)}, {_rounded(data.std)}), its classes in the data set's order "
-            f"({', '.join(data.labels[:5])}{', ...' if len(data.labels) > 5 else ''}); a network trained on other "
-            "normalisation or label order must take these first")
+            f"({', '.join(data.labels[:5])}{', ...' if len(data.labels) > 5 else ''}). A network trained on inputs "
+            "normalised otherwise: give that normalisation (sdb wrap --teacher-mean/--teacher-std, a job's "
+            "teacher.mean/std); trained on another class order: give the data in its order")
 
 
 def _rounded(values) -> str:

@@ -221,3 +221,39 @@ def test_a_teacher_at_chance_on_the_data_is_refused_with_its_inputs_convention(t
         wrap.run(WrapTask(data="digits", teacher=ModelRef(weights=str(path))), tmp_path / "box",
                  master_key=new_master_key())
     assert not (tmp_path / "box").exists()
+
+
+def test_a_teacher_trained_on_its_own_normalisation_is_given_its_inputs_that_way(tmp_path, digits):
+    """A network trained on pixels in [0, 1] (no normalisation: mean 0, std 1), as many are outside this project:
+    told so, it gets the data's inputs mapped to those, answers as it did on them, and its box keeps its answers."""
+    from sdb_core.progress import Hooks
+
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (digits.mean, digits.std))
+    x, y = digits.train.tensors
+    seed_everything(0)
+    net = ViewNet()
+    net.fc = nn.Linear(4 * 4 * 4, digits.num_classes)
+    train_classifier(net, torch.utils.data.TensorDataset(x * std + mean, y), TrainConfig(epochs=6, lr=0.02, seed=0))
+    net.eval()
+    path = tmp_path / "pixels.onnx"
+    path.write_bytes(onnx_bytes(net, digits.in_shape))
+
+    ref = ModelRef(weights=str(path), mean=(0.0,), std=(1.0,))
+    xt = digits.test.tensors[0]
+    with torch.no_grad():
+        own = net(xt * std + mean)
+        assert torch.allclose(ref.network(None, digits.in_shape, (digits.mean, digits.std))(xt), own, atol=1e-4)
+    with pytest.raises(ValueError, match="the data's are not known"):
+        ref.network(None, digits.in_shape)
+    with pytest.raises(ValueError, match="normalisation has 2 values; the inputs have 1 channels"):
+        ModelRef(weights=str(path), mean=(0.0, 0.0), std=(1.0, 1.0)).network(None, digits.in_shape,
+                                                                             (digits.mean, digits.std))
+    with pytest.raises(ValueError, match="needs both mean and std"):
+        ModelRef(weights=str(path), mean=(0.0,))
+
+    logs: list[str] = []
+    out = wrap.run(WrapTask(data="digits", teacher=ref), tmp_path / "box", Hooks(log=logs.append),
+                   master_key=new_master_key())
+    assert any("normalised by mean (0), std (1)" in line for line in logs), logs
+    served = load_bundle(out.bundle).public_logits(xt.numpy()).argmax(1)
+    assert (served == own.argmax(1).numpy()).mean() > 0.9

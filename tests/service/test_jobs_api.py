@@ -49,7 +49,7 @@ async def test_submit_accepts_the_issue_examples_and_lists_them(jsvc):
     r = await submit(jsvc, tok, "distill", DISTILL)
     assert r.status_code == 202, r.text
     assert r.json()["params"]["teacher"] == {"model": "digits-a", "version": "1", "file": None, "arch": None,
-                                             "num_classes": None}  # the version pinned at submission
+                                             "num_classes": None, "mean": None, "std": None}  # the version pinned
     got = (await jsvc.client.get(f"/v1/jobs/{job['id']}", headers=jsvc.auth(tok))).json()
     assert got["id"] == job["id"] and got["created_at"] > 0
     listed = (await jsvc.client.get("/v1/jobs", headers=jsvc.auth(tok))).json()["jobs"]

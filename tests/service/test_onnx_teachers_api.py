@@ -73,12 +73,15 @@ async def test_an_uploaded_onnx_teacher_is_wrapped_by_file_id_and_served(svc, tm
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "onnx" and r.json()["info"]["input_shape"] == ["N", 1, 8, 8]
     job = await svc.client.post("/v1/jobs", headers=svc.auth(tok), json={"kind": "wrap", "params": {
-        "data": "digits", "teacher": {"file": r.json()["id"]}, "deploy": True, "epochs": 2, **LOOSE}})
+        "data": "digits", "teacher": {"file": r.json()["id"], "mean": list(data.mean), "std": list(data.std)},
+        "deploy": True, "epochs": 2, **LOOSE}})
     assert job.status_code == 202, job.text
     await anyio.to_thread.run_sync(lambda: run_worker(svc.settings, once=True))
     done = (await svc.client.get(f"/v1/jobs/{job.json()['id']}", headers=svc.auth(tok))).json()
     assert done["status"] == "succeeded", done
     assert done["result"]["model"] == "digits-onnx" and done["result"]["deployed"]
+    log = await svc.client.get(f"/v1/jobs/{done['id']}/logs", headers=svc.auth(tok))
+    assert "the network takes inputs normalised by mean" in log.text  # the teacher's normalisation reached it
 
     x, _ = data.test.tensors
     pixels = (x[:40] * torch.tensor(data.std).view(1, -1, 1, 1) + torch.tensor(data.mean).view(1, -1, 1, 1)) * 255
@@ -120,4 +123,7 @@ async def test_what_a_job_cannot_run_is_refused_at_upload_or_submission(svc, tmp
     r = await svc.client.post("/v1/jobs", headers=svc.auth(tok), json={"kind": "wrap", "params": {
         "data": "digits", "teacher": {"file": weights}}})
     assert r.status_code == 422 and "give their architecture (teacher.arch)" in r.text, r.text
+    r = await svc.client.post("/v1/jobs", headers=svc.auth(tok), json={"kind": "wrap", "params": {
+        "data": "digits", "teacher": {"arch": "cnn", "mean": [0.5], "std": [0.25]}}})
+    assert r.status_code == 422 and "mean and std go together, with file" in r.text, r.text
     assert (await svc.client.get("/v1/jobs", headers=svc.auth(tok))).json()["jobs"] == []

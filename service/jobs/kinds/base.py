@@ -277,6 +277,11 @@ class ModelParam(BaseModel):
     arch: str | None = Field(None, description="the architecture of the weights, or of the network the job trains")
     num_classes: int | None = Field(None, ge=1, le=100_000,
                                     description="the weights' outputs (default: the data set's classes)")
+    mean: list[float] | None = Field(None, min_length=1, max_length=4096, description=(
+        "with file: the mean the model's inputs were normalised with when it was trained (on pixels in [0, 1]; one "
+        "value, or one per channel); default: the data set's own, which every network the service trains takes"))
+    std: list[float] | None = Field(None, min_length=1, max_length=4096,
+                                    description="with file: the std its inputs were divided by (with mean)")
 
     @property
     def source(self) -> str:
@@ -297,6 +302,10 @@ class ModelParam(BaseModel):
             raise ValueError("version is a hosted model's: give it with model")
         if self.source == "hosted" and not self.HOSTED_ARCH and (self.arch, self.num_classes) != (None, None):
             raise ValueError("a hosted model brings its own network: give no arch or num_classes with model")
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and self.source != "file"):
+            raise ValueError("mean and std go together, with file (the normalisation an uploaded model was trained with)")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            raise ValueError("std must be positive")
         if self.arch is not None:
             self._check_arch(self.arch)
         return self
@@ -352,7 +361,8 @@ def model_ref(p: ModelParam, ctx: JobContext, what: str) -> ModelRef:
         path = served_model_path(ctx.queue, p.model, p.version)
         return ModelRef(model=p.model, arch=p.arch).hosted_at(path, p.version)
     weights = None if p.file is None else str(input_file(p.file, "weights", ctx, f"{what}.file"))
-    return ModelRef(arch=p.arch, weights=weights, num_classes=p.num_classes)
+    return ModelRef(arch=p.arch, weights=weights, num_classes=p.num_classes,
+                    mean=None if p.mean is None else tuple(p.mean), std=None if p.std is None else tuple(p.std))
 
 
 def served_model_path(queue: JobQueue, name: str, version: str) -> str:

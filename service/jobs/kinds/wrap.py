@@ -85,7 +85,8 @@ def run(ctx, p: WrapParams) -> dict:
 
     teacher = model_ref(p.teacher, ctx, "teacher")
     task = WrapTask.from_options(
-        data_set(p.data, ctx), teacher.arch, teacher=teacher.weights, data_label=p.data, name=p.model_name,
+        data_set(p.data, ctx), teacher.arch, teacher=teacher.weights, teacher_mean=teacher.mean,
+        teacher_std=teacher.std, data_label=p.data, name=p.model_name,
         version=version, teacher_epochs=p.teacher_epochs,
         mode=p.mode, lam=p.lam, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size, seed=p.seed,
         max_accuracy_drop=p.max_accuracy_drop, max_keyed_drop=p.max_keyed_drop, min_leak_margin=p.min_leak_margin,
