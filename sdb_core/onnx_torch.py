@@ -150,6 +150,8 @@ class OnnxModule(nn.Module):
             except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
                 raise ValueError(f"node {name} ({op}): {e}") from None
             for out, value in zip(outs, got if isinstance(got, (tuple, list)) and not isinstance(got, Dims) else (got,)):
+                if isinstance(value, Tensor) and value.device != x.device:  # made from sizes (ConstantOfShape, a
+                    value = value.to(x.device)  # Cast of a shape): where the graph's data is, on a GPU too
                 if out:
                     env[out] = value
             if name == layer:
