@@ -1,7 +1,6 @@
 """What every ``sdb`` command prints with: errors on stderr, a progress bar, the data-dir settings."""
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
@@ -59,27 +58,6 @@ def add_training_flags(sp, epochs: int, lr: float = 0.01, batch: int = 64) -> No
     sp.add_argument("--batch-size", type=int, default=batch)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--data-dir", help="data directory (master key, bundles); env SDB_DATA_DIR")
-
-
-def add_teacher_norm_flags(sp, flag: str = "--teacher") -> None:
-    """The normalisation a plain model (weights or ONNX) was trained with, where it is not the data's own."""
-    for name, what in (("mean", "subtracted"), ("std", "divided by")):
-        sp.add_argument(f"{flag}-{name}", type=_floats, metavar="V[,V...]",
-                        help=f"with {flag}: the {name} its inputs were normalised with ({what}; on pixels in [0, 1], one "
-                             "value or one per channel); default: the data's own, the box's")
-
-
-def teacher_norm(args, flag: str = "teacher") -> dict:
-    """``mean``/``std`` of a ModelRef from :func:`add_teacher_norm_flags`' flags (none when not given)."""
-    mean, std = getattr(args, f"{flag}_mean"), getattr(args, f"{flag}_std")
-    return {} if mean is None and std is None else {"mean": mean, "std": std}
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
 
 
 class SDKWaits:

@@ -5,15 +5,8 @@ from sdb_core.distill.config import DistillConfig
 from sdb_core.progress import Hooks
 from sdb_core.tasks.distill import DistillTask
 
-from .console import (
-    SDKWaits,
-    add_teacher_norm_flags,
-    add_training_flags,
-    data_settings,
-    err,
-    progress_bar,
-    teacher_norm,
-)
+from .console import SDKWaits, add_training_flags, data_settings, err, progress_bar
+from .teacher_norm import add_teacher_norm_flags, teacher_norm
 
 
 def _remote_teacher(args):

@@ -10,14 +10,8 @@ from sdb_core.progress import Hooks
 from sdb_core.protect.config import POLICIES, AuditConfig, CheckConfig, SDBConfig, Thresholds
 from sdb_core.tasks.wrap import WrapTask
 
-from .console import (
-    add_teacher_norm_flags,
-    add_training_flags,
-    data_settings,
-    err,
-    progress_bar,
-    teacher_norm,
-)
+from .console import add_training_flags, data_settings, err, progress_bar
+from .teacher_norm import add_teacher_norm_flags, teacher_norm
 
 
 def output_policy(args) -> dict | None:

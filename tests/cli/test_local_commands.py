@@ -91,6 +91,15 @@ def test_bad_input_gives_a_clear_error(wrapped, capsys, tmp_path):
     assert main(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out", str(tmp_path / "p"),
                  "--policy", "label", "--decimals", "2"]) == 2
     assert "decimals is for probs and top_k" in capsys.readouterr().err and not (tmp_path / "p").exists()
+    # an .onnx teacher needs no --arch; one that is not a graph, or a normalisation given by halves, is refused
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07not a graph")
+    assert main(["wrap", "--teacher", str(tmp_path / "bad.onnx"), "--data", "digits", "--out", str(tmp_path / "o")]) == 2
+    assert "not a readable ONNX model" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main(["audit", "--teacher", str(tmp_path / "bad.onnx"), "--teacher-mean", "0.5", "--data", "digits",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "needs both mean and std" in capsys.readouterr().err
+    assert main(["wrap", "--teacher", str(bad), "--data", "digits", "--out", str(tmp_path / "b")]) == 2
+    assert "weights need their architecture (arch), unless they are an ONNX model" in capsys.readouterr().err
     with pytest.raises(WeightsError, match="do not fit"):
         load_weights(create_model("lenet", 10, (1, 8, 8)), wrapped / "teacher.safetensors")
 

@@ -2,9 +2,6 @@
 job names it by file id alone (no architecture), and the deployed box answers as the teacher did."""
 from __future__ import annotations
 
-import io
-import warnings
-
 import anyio
 import numpy as np
 import pytest
@@ -12,13 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conftest import make_settings, start_service
+from tests.onnx_graphs import onnx_bytes
+
 from .jobs_helpers import upload_asgi
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("db_url")]
-
-LOOSE = {"max_accuracy_drop": 100, "max_keyed_drop": 100, "min_leak_margin": -100, "min_guessed_key_share": -10,
-         "check_attempts": 1}  # the job is under test here; the recipe's figures are tests/core's
 
 
 class Outside(nn.Module):
@@ -34,20 +29,7 @@ class Outside(nn.Module):
 
 
 def export(net: nn.Module, path, shape=(1, 8, 8)) -> None:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net.eval(), (torch.zeros(2, *shape),), buf, input_names=["x"], dynamic_axes={"x": {0: "n"}},
-                          opset_version=17, dynamo=False)
-    path.write_bytes(buf.getvalue())
-
-
-@pytest.fixture
-async def svc(tmp_path, bundles):
-    service, manager = await start_service(make_settings(tmp_path / "data", bundles), bundles.a, bundles.b)
-    yield service
-    await service.client.aclose()
-    await manager.__aexit__(None, None, None)
+    path.write_bytes(onnx_bytes(net, shape))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +56,7 @@ async def test_an_uploaded_onnx_teacher_is_wrapped_by_file_id_and_served(svc, tm
     assert r.json()["format"] == "onnx" and r.json()["info"]["input_shape"] == ["N", 1, 8, 8]
     job = await svc.client.post("/v1/jobs", headers=svc.auth(tok), json={"kind": "wrap", "params": {
         "data": "digits", "teacher": {"file": r.json()["id"], "mean": list(data.mean), "std": list(data.std)},
-        "deploy": True, "epochs": 2, **LOOSE}})
+        "deploy": True}})  # the default self-check: the box it ships keeps the teacher's answers
     assert job.status_code == 202, job.text
     await anyio.to_thread.run_sync(lambda: run_worker(svc.settings, once=True))
     done = (await svc.client.get(f"/v1/jobs/{job.json()['id']}", headers=svc.auth(tok))).json()
@@ -84,7 +66,7 @@ async def test_an_uploaded_onnx_teacher_is_wrapped_by_file_id_and_served(svc, tm
     assert "the network takes inputs normalised by mean" in log.text  # the teacher's normalisation reached it
 
     x, _ = data.test.tensors
-    pixels = (x[:40] * torch.tensor(data.std).view(1, -1, 1, 1) + torch.tensor(data.mean).view(1, -1, 1, 1)) * 255
+    pixels = (x[:200] * torch.tensor(data.std).view(1, -1, 1, 1) + torch.tensor(data.mean).view(1, -1, 1, 1)) * 255
     async def served():
         r = await svc.client.post("/v1/models/digits-onnx/predict", json={"inputs": pixels.tolist()})
         return r
@@ -97,8 +79,8 @@ async def test_an_uploaded_onnx_teacher_is_wrapped_by_file_id_and_served(svc, tm
     assert r.status_code == 200, r.text
     labels = [p["labels"][0] for p in r.json()["predictions"]]
     with torch.no_grad():
-        want = [data.labels[i] for i in net(x[:40]).argmax(1).tolist()]
-    assert np.mean([a == b for a, b in zip(labels, want)]) > 0.8
+        want = [data.labels[i] for i in net(x[:200]).argmax(1).tolist()]
+    assert np.mean([a == b for a, b in zip(labels, want)]) > 0.85  # tests/core: 0.92-0.96 on the test split
 
 
 async def test_what_a_job_cannot_run_is_refused_at_upload_or_submission(svc, tmp_path):
