@@ -6,7 +6,21 @@ import io
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+class ViewNet(nn.Module):
+    """A classifier of 8x8 images outside the zoo: BatchNorm, and ``x.view(x.size(0), -1)``, which exports as
+    Shape -> Gather -> Unsqueeze -> Concat -> Reshape."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4 * 4 * 4, classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.view(x.size(0), -1))
 
 
 def onnx_bytes(net: nn.Module, shape, free_batch: bool = True, batch: int = 2) -> bytes:

@@ -19,17 +19,7 @@ from sdb_core.protect.key import new_master_key
 from sdb_core.tasks import ModelRef, wrap
 from sdb_core.tasks.wrap import WrapTask
 from sdb_core.train import TrainConfig, accuracy, seed_everything, train_classifier
-from tests.onnx_graphs import onnx_bytes
-
-
-class ViewNet(nn.Module):  # x.view(x.size(0), -1): Shape -> Gather -> Unsqueeze -> Concat -> Reshape
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
-        return self.fc(x.view(x.size(0), -1))
+from tests.onnx_graphs import ViewNet, onnx_bytes
 
 
 class NormMLP(nn.Module):  # LayerNorm, GELU (Erf), BatchNorm1d
@@ -171,7 +161,6 @@ def onnx_teacher(tmp_path_factory, digits):
     """A network from outside the zoo trained on digits and exported with a final softmax, as owners ship them."""
     seed_everything(0)
     net = ViewNet()
-    net.fc = nn.Linear(4 * 4 * 4, digits.num_classes)
     train_classifier(net, digits.train, TrainConfig(epochs=6, lr=0.02, seed=0))
     path = tmp_path_factory.mktemp("onnx") / "teacher.onnx"
     path.write_bytes(onnx_bytes(nn.Sequential(net, nn.Softmax(dim=1)), digits.in_shape))
@@ -203,7 +192,6 @@ def test_an_onnx_teacher_wraps_into_a_box_that_keeps_its_answers(tmp_path, digit
 def test_a_teacher_at_chance_on_the_data_is_refused_with_its_inputs_convention(tmp_path, digits):
     torch.manual_seed(0)
     untrained = ViewNet()
-    untrained.fc = nn.Linear(4 * 4 * 4, digits.num_classes)
     path = tmp_path / "untrained.onnx"
     path.write_bytes(onnx_bytes(untrained, digits.in_shape))
     with pytest.raises(ValueError, match=r"scores .*% on the data's training inputs \(chance 10.0%\).*normalised per "
@@ -222,7 +210,6 @@ def test_a_teacher_trained_on_its_own_normalisation_is_given_its_inputs_that_way
     x, y = digits.train.tensors
     seed_everything(0)
     net = ViewNet()
-    net.fc = nn.Linear(4 * 4 * 4, digits.num_classes)
     train_classifier(net, torch.utils.data.TensorDataset(x * std + mean, y), TrainConfig(epochs=6, lr=0.02, seed=0))
     net.eval()
     path = tmp_path / "pixels.onnx"
