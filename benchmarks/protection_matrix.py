@@ -2,6 +2,7 @@
 
     python benchmarks/protection_matrix.py --workers 8 --json benchmarks/results/protection_matrix.json
     python benchmarks/protection_matrix.py --quick      # cnn and resnet8 on digits, seed 0: the CPU subset
+    python benchmarks/protection_matrix.py --via-onnx ...  # each teacher given as the .onnx an owner would bring
 
 Per (teacher, data set, seed): train the teacher on its own schedule (``sdb_core.models.schedules``),
 wrap it with the library's default, self-checking ``wrap`` (a refused wrap is measured all the same,
@@ -43,13 +44,15 @@ QUICK = {"teachers": ["cnn", "resnet8"], "data": ["digits"], "seeds": [0]}
 MATRIX_TARGETS = 6
 
 
-def run_unit(arch: str, dataset: str, seed: int, students: list[str], threads: int, do_audit: bool) -> dict:
-    """One (teacher, data set, seed): teacher, checked wrap, students of every architecture, audit."""
+def run_unit(arch: str, dataset: str, seed: int, students: list[str], threads: int, do_audit: bool,
+             via_onnx: bool = False) -> dict:
+    """One (teacher, data set, seed): teacher, checked wrap (of its ONNX export, ``via_onnx``), students of every
+    architecture, audit."""
     torch.set_num_threads(threads)
     log = lambda s: print(f"[{arch} {dataset} {seed}] {s}", flush=True)
     data = load_dataset(dataset)
     t0 = time.perf_counter()
-    teacher, th, result = train_and_wrap(data, seed, teacher_arch=arch, keep_refused=True, log=log)
+    teacher, th, result = train_and_wrap(data, seed, teacher_arch=arch, keep_refused=True, log=log, via_onnx=via_onnx)
     r = result.report
     out = {"seed": seed, "teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"], "keyed_acc": r["keyed_acc"],
            "agreement": r["agreement"], "teacher_step": th.step_seconds, "wrap_step": r["step_seconds"],
@@ -129,11 +132,13 @@ def main() -> int:
                    f"of {COLOUR}")
     p.add_argument("--workers", type=int, default=1, help="(cell, seed) units run in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--via-onnx", action="store_true", help="wrap each teacher as an owner with an .onnx of it would: "
+                   "its graph run and fine-tuned in torch (sdb_core.onnx_torch)")
     p.add_argument("--json", help="write the matrix here")
     args = p.parse_args()
     if args.quick:
         args.teachers, args.data, args.seeds = QUICK["teachers"], QUICK["data"], QUICK["seeds"]
-    units = [(a, d, s, args.students, args.threads, args.audit and d == COLOUR and a in AUDITED)
+    units = [(a, d, s, args.students, args.threads, args.audit and d == COLOUR and a in AUDITED, args.via_onnx)
              for a in args.teachers for d in args.data for s in args.seeds]
     t0 = time.perf_counter()
     if args.workers > 1:
@@ -157,6 +162,7 @@ def main() -> int:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
         out = {"cells": cells, "seeds": args.seeds, "students": args.students, "seconds": seconds,
                "device": device, "workers": args.workers, "threads": args.threads, "quick": args.quick,
+               "via_onnx": args.via_onnx,
                "runs": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

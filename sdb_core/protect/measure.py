@@ -99,8 +99,12 @@ def train_teacher(data, seed: int, *, arch: str = "cnn", cfg: TrainConfig | None
 
 def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
                    sdb_cfg: SDBConfig | None = None, check: CheckConfig | None = CheckConfig(),  # noqa: B008
-                   keep_refused: bool = False, log: Callable[[str], None] = lambda s: None, progress=None):
+                   keep_refused: bool = False, log: Callable[[str], None] = lambda s: None, progress=None,
+                   via_onnx: bool = False):
     """Train the owner's teacher at ``seed`` and wrap it: ``(teacher, teacher history, WrapResult)``.
+    ``via_onnx``: the wrap is given the teacher as an owner with an ``.onnx`` of it would
+    (:func:`~sdb_core.onnx_torch.onnx_classifier` of its export); the returned teacher, which the students
+    are measured against, is the torch network either way.
 
     The report's accuracies are on ``data.test`` (a checked wrap measured itself on held-out
     training data; those figures stay under ``report["check"]``), ``seconds`` is the whole wrap.
@@ -114,7 +118,13 @@ def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: T
     sdb_cfg = replace(sdb_cfg, train=replace(sdb_cfg.train, seed=seed))
     t0 = time.perf_counter()
     try:
-        result = wrap(teacher, data, sdb_cfg, check=check, progress=progress, log=log)
+        given = teacher
+        if via_onnx:
+            from ..bundle import export_onnx
+            from ..onnx_torch import onnx_classifier
+
+            given = onnx_classifier(export_onnx(teacher, data.in_shape), data.in_shape)
+        result = wrap(given, data, sdb_cfg, check=check, progress=progress, log=log)
     except WrapRefused as e:
         if not keep_refused or e.best is None:
             raise
