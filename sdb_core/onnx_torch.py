@@ -34,19 +34,34 @@ from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
 from .onnx_ops import ON_DIMS, OPS, Dims, tensor
 
 
+def _array(t) -> np.ndarray:
+    """A stored tensor's values. Never from a file: onnx reads a tensor kept as external data from the path the
+    graph names, relative to the working directory, so an uploaded graph could name a server file (the master
+    key) and have it read in as weights."""
+    from onnx import TensorProto, numpy_helper
+
+    if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+        raise ValueError(f"tensor {t.name[:100]!r} keeps its values in an external data file; give the graph with its "
+                         "weights inside (onnx.save(model, path, save_as_external_data=False))")
+    return numpy_helper.to_array(t)
+
+
 def _attrs(node) -> dict:
     """A node's attributes as Python values; tensors (``Constant``'s value, ``ConstantOfShape``'s) as arrays."""
-    from onnx import AttributeProto, helper, numpy_helper
+    from onnx import AttributeProto, helper
 
-    return {a.name: numpy_helper.to_array(a.t) if a.type == AttributeProto.TENSOR else helper.get_attribute_value(a)
-            for a in node.attribute}
+    out = {}
+    for a in node.attribute:
+        if a.type == AttributeProto.TENSORS or a.type == AttributeProto.SPARSE_TENSOR:
+            raise ValueError(f"node {node.name[:100]!r}: an attribute of type {AttributeProto.AttributeType.Name(a.type)} "
+                             "is not supported")
+        out[a.name] = _array(a.t) if a.type == AttributeProto.TENSOR else helper.get_attribute_value(a)
+    return out
 
 
 def _initializers(graph) -> dict[str, np.ndarray]:
     """The graph's stored tensors by name."""
-    from onnx import numpy_helper
-
-    return {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    return {i.name: _array(i) for i in graph.initializer}
 
 
 def bundle_graph(path) -> tuple[bytes, dict]:
