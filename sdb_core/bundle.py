@@ -62,8 +62,9 @@ EXPORT_HINT = (f'export it with torch.onnx.export(model.float().eval(), x, f, in
                f'"{OUTPUT_NAME}": {{0: "batch"}}}}), or write the bundle with sdb_core.bundle.export_bundle')
 # What a bare ONNX file is told where a bundle was expected (a user's first guess at one).
 BARE_ONNX_HINT = ("a bare ONNX graph is not a bundle: a bundle holds model.onnx with meta.json (input shape, "
-                  "normalisation, labels) and a protected model's sealed key; write one with sdb wrap (a zoo "
-                  "architecture's weights) or sdb_core.bundle.export_bundle (any nn.Module)")
+                  "normalisation, labels) and a protected model's sealed key; to protect an ONNX classifier, wrap "
+                  "it: sdb wrap --teacher model.onnx, or upload it as weights and submit a wrap job naming its file; "
+                  "sdb_core.bundle.export_bundle writes one of any nn.Module")
 KEY_BINDING = 2  # meta["key_binding"]: what key.sealed's associated data covers (docs/security.md#bundles)
 # Tasks whose output is one score per label: the service indexes ``labels`` with the output.
 LABELLED_TASKS = ("classification", "multilabel")
