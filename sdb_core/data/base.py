@@ -154,16 +154,16 @@ def list_datasets() -> list[str]:
 
 def make_splits(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                 labels: list[str], image_size: int | None = None) -> DataSplits:
-    """Build normalised splits, per channel, from float32 pixels in [0, 1], (N, C, H, W), or from feature vectors
-    (N, D), float64 or float32 of any scale (each feature a channel; normalised in their own precision, then
-    float32); may work in place."""
-    features = np.ndim(x_train) == 2
-    xs = [torch.from_numpy(np.ascontiguousarray(x, dtype=None if features else np.float32))
-          for x in (x_train, x_test)]
-    if image_size is not None and not features and xs[0].shape[-2:] != (image_size, image_size):
+    """Build normalised splits, per channel, from float32 pixels in [0, 1], (N, C, H, W), or from values of any
+    scale, float64 or float32: feature vectors (N, D) (each feature a channel) or signals (N, C, L) (each channel
+    over its length), normalised in their own precision, then float32; may work in place."""
+    images = np.ndim(x_train) == 4
+    xs = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32 if images else None)) for x in (x_train, x_test)]
+    if image_size is not None and images and xs[0].shape[-2:] != (image_size, image_size):
         xs = [_resize(x, image_size) for x in xs]
     xtr, xte = xs
-    dims, per_channel = ((0,), (-1,)) if features else ((0, 2, 3), (-1, 1, 1))
+    dims = (0, *range(2, xtr.dim()))  # all but the channel axis
+    per_channel = (-1,) + (1,) * (xtr.dim() - 2)
     mean = xtr.mean(dim=dims)
     # A constant channel has std 0; dividing by 1 keeps it finite instead of inventing a scale.
     std = xtr.std(dim=dims, correction=0)

@@ -7,7 +7,10 @@ standardised by its mean and standard deviation on the training split (a tabular
 would let the widest drown the rest and hide the key, which is unit-variance noise for a non-image input); ``y`` integer labels in [0, K), shape (N,), K >= 2; without ``labels`` each
 class index 0..K-1 has a sample (1-based labels, codes with gaps: refused, not renumbered). Optional: ``x_test``
 and ``y_test``, the test split (else a fixed stratified 80/20 split, seed 0, whatever the ``seed`` argument, as for
-``imagefolder``); ``labels``, K class names (a string array; default "0" … "K-1").
+``imagefolder``); ``labels``, K class names (a string array; default "0" … "K-1"); ``layout``, the string
+``"signals"``: then ``x`` holds 1-D signals, (N, C, L) (or (N, L), one channel), integers or finite floats of any
+scale, each channel standardised over its length on the training split (an (N, C, L) array is otherwise read as
+(N, H, W) grayscale images, as it always was).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_dataset, stratified_split
 
 _SPLIT_SEED = 0
-REQUIRED, OPTIONAL = ("x", "y"), ("x_test", "y_test", "labels")
+REQUIRED, OPTIONAL = ("x", "y"), ("x_test", "y_test", "labels", "layout")
 
 
 def _headers(path: Path, max_bytes: int | None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -69,24 +72,31 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
         raise DatasetError(f"{path} has arrays this loader does not read: {extra[:10]}")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise DatasetError(f"{path}: x_test and y_test come together")
+    signals = _signals(path, arrays)
     n = None
     for xs, ys in (("x", "y"), ("x_test", "y_test")):
         if xs not in arrays:
             continue
         (shape, dtype), (yshape, ydtype) = arrays[xs], arrays[ys]
-        if len(shape) not in (2, 3, 4) or (len(shape) == 4 and _channels(shape) is None) or 0 in shape:
+        if signals:
+            if len(shape) not in (2, 3) or 0 in shape:
+                raise DatasetError(f"{path}: {xs} has shape {list(shape)}; signals are (N, C, L) or (N, L)")
+            if dtype.kind not in "uif":
+                raise DatasetError(f"{path}: {xs} is {dtype}; expected integer or float signals")
+            shape = (shape[0], 1, shape[1]) if len(shape) == 2 else shape
+        elif len(shape) not in (2, 3, 4) or (len(shape) == 4 and _channels(shape) is None) or 0 in shape:
             raise DatasetError(f"{path}: {xs} has shape {list(shape)}; expected feature vectors (N, D) or images "
                                "(N, H, W), (N, C, H, W) or (N, H, W, C), C 1 or 3")
         if len(shape) == 4 and _channels(shape) == 3:  # channels last: the images' shape as they are served
             shape = (shape[0], shape[3], shape[1], shape[2])
-        if dtype.kind not in ("uif" if len(shape) == 2 else "uf"):
+        if not signals and dtype.kind not in ("uif" if len(shape) == 2 else "uf"):
             raise DatasetError(f"{path}: {xs} is {dtype}; expected " + (
                 "integer or float features" if len(shape) == 2 else "uint8 pixels or floats in [0, 1]"))
         if len(yshape) != 1 or yshape[0] != shape[0]:
             raise DatasetError(f"{path}: {ys} has shape {list(yshape)}; expected ({shape[0]},), one label per image")
         if ydtype.kind not in "iu":
             raise DatasetError(f"{path}: {ys} is {ydtype}; expected integer labels")
-        sample = (1, *shape[1:]) if len(shape) == 3 else shape[1:]  # as the model takes one
+        sample = (1, *shape[1:]) if len(shape) == 3 and not signals else shape[1:]  # as the model takes one
         if n is None:
             n, image = shape[0], sample
         elif sample != image:
@@ -99,12 +109,12 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
             if xs in arrays and arrays[xs][1].kind == "f":
                 pixels = data[xs].reshape(arrays[xs][0][0], -1)
                 finite = np.isfinite(pixels).all(axis=1)
-                features = len(arrays[xs][0]) == 2
+                features = len(arrays[xs][0]) == 2 or signals
                 if not finite.all():
                     what = "sample(s) with NaN or Inf values" if features else "image(s) with NaN or Inf pixels"
                     raise DatasetError(f"{path}: {xs} has {int((~finite).sum())} {what} "
                                        f"(the first at index {int(np.flatnonzero(~finite)[0])})")
-                if features:  # any scale: standardised per feature
+                if features:  # any scale: standardised per feature (per channel of a signal)
                     continue
                 # Float pixels 0..255 (or standardised ones) would be normalised by their own statistics: the model
                 # trains, but the bundle's normalisation (pixel / 255 - mean) / std serves images as garbage, and a
@@ -128,7 +138,22 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
     if classes < 2:
         raise DatasetError(f"{path}: one class (every label is 0); a classifier needs at least 2")
     return {"samples": n, "shape": list(image), "classes": classes,
-            "splits": "x_test" if "x_test" in arrays else "80/20"}
+            "splits": "x_test" if "x_test" in arrays else "80/20", **({"layout": "signals"} if signals else {})}
+
+
+def _signals(path: Path, arrays: dict) -> bool:
+    """Whether ``layout`` says the archive holds 1-D signals (the one layout x's rank does not tell)."""
+    if "layout" not in arrays:
+        return False
+    shape, dtype = arrays["layout"]
+    if dtype.kind != "U" or int(np.prod(shape)) != 1:
+        raise DatasetError(f"{path}: layout is one string, \"signals\", got a {dtype} array of shape {list(shape)}")
+    with np.load(path, allow_pickle=False) as data:
+        value = str(np.asarray(data["layout"]).reshape(-1)[0])
+    if value != "signals":
+        raise DatasetError(f"{path}: layout {value[:40]!r} is not one this loader knows: \"signals\" (x holds (N, C, L) "
+                           "signals); images and feature vectors need no layout")
+    return True
 
 
 def _check_indices(path: Path, present: np.ndarray) -> None:
@@ -158,9 +183,11 @@ def _channels(shape: tuple[int, ...]) -> int | None:
     return 3 if shape[3] in (1, 3) else None
 
 
-def _pixels(x: np.ndarray) -> np.ndarray:
-    """Images as float32 in [0, 1], (N, C, H, W); feature vectors (N, D) as float64 (make_splits standardises
-    them in it: a large-valued column, incomes or timestamps, keeps its spread)."""
+def _pixels(x: np.ndarray, signals: bool = False) -> np.ndarray:
+    """Images as float32 in [0, 1], (N, C, H, W); feature vectors (N, D) and signals (N, C, L) as float64
+    (make_splits standardises them in it: a large-valued column, incomes or timestamps, keeps its spread)."""
+    if signals:
+        return (x[:, None] if x.ndim == 2 else x).astype(np.float64)
     if x.ndim == 2:
         return x.astype(np.float64)
     x = x[:, None] if x.ndim == 3 else x
@@ -176,14 +203,15 @@ def npz(path: Path | None, *, image_size: int | None = None, seed: int = 0) -> D
     if not path.is_file():
         raise DatasetError(f"no .npz file at {path}")
     info = describe_npz(path)
-    if len(info["shape"]) == 1 and image_size is not None:
-        raise DatasetError(f"{path}: image_size resizes images; x holds feature vectors (N, D)")
+    signals = info.get("layout") == "signals"
+    if (len(info["shape"]) == 1 or signals) and image_size is not None:
+        raise DatasetError(f"{path}: image_size resizes images; x holds {'signals' if signals else 'feature vectors'}")
     with np.load(path, allow_pickle=False) as data:
-        x, y = _pixels(data["x"]), np.asarray(data["y"], dtype=np.int64)
+        x, y = _pixels(data["x"], signals), np.asarray(data["y"], dtype=np.int64)
         labels = [str(s) for s in data["labels"]] if "labels" in data.files else \
             [str(i) for i in range(info["classes"])]
         if "x_test" in data.files:
-            x_test, y_test = _pixels(data["x_test"]), np.asarray(data["y_test"], dtype=np.int64)
+            x_test, y_test = _pixels(data["x_test"], signals), np.asarray(data["y_test"], dtype=np.int64)
         else:
             train, test = stratified_split(y, round(0.2 * len(y)), _SPLIT_SEED)
             x, x_test, y, y_test = x[train], x[test], y[train], y[test]

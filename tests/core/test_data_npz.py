@@ -99,7 +99,11 @@ def test_feature_vectors_are_standardised_per_feature_and_wrap_serve_and_export(
     ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "labels": np.array([1, 2])}, "class names"),
     ({"x": np.zeros((2, 4, 4)), "y": np.zeros(2, int)}, "too few"),
     ({"x": np.array([None] * 4, dtype=object), "y": np.zeros(4, int)}, "pickle"),
-], ids=["no-y", "extra", "complex", "float-labels", "half-test", "test-shape", "labels", "too-few", "objects"])
+    ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "layout": np.array("series")}, "layout 'series' is not one"),
+    ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "layout": np.array([1])}, "layout is one string"),
+    ({"x": np.zeros((4, 2, 4, 4)), "y": np.zeros(4, int), "layout": np.array("signals")}, "signals are"),
+], ids=["no-y", "extra", "complex", "float-labels", "half-test", "test-shape", "labels", "too-few", "objects",
+        "layout-unknown", "layout-not-a-string", "layout-signals-4d"])
 def test_bad_npz_is_refused_with_the_reason(tmp_path, arrays, words):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
@@ -120,3 +124,31 @@ def test_an_archive_that_lies_about_its_array_size_is_refused(tmp_path):
             z.writestr(n, b)
     with pytest.raises(DatasetError, match="not the size its header says"):
         describe_npz(path)
+
+
+def test_signals_are_read_channel_by_channel_when_the_archive_says_so(tmp_path):
+    """(N, C, L) is grayscale images unless ``layout`` says signals: then each channel is standardised over its
+    length, whatever its scale, and a 1-d network (here as ONNX) takes the samples as they are."""
+    from sdb_core.onnx_torch import onnx_classifier
+    from tests.onnx_graphs import onnx_bytes
+
+    rng = np.random.default_rng(0)
+    x = np.stack([rng.normal(0, 1, (60, 32)), rng.normal(1e4, 50, (60, 32)), rng.integers(0, 5, (60, 32))], 1)
+    y = np.arange(60) % 3
+    as_images = load_dataset(f"npz:{write(tmp_path / 'i.npz', x=(x - x.min()) / (x.max() - x.min()), y=y)}")
+    assert as_images.in_shape == (1, 3, 32)
+    data = load_dataset(f"npz:{write(tmp_path / 's.npz', x=x, y=y, layout=np.array('signals'))}")
+    assert data.in_shape == (3, 32) and len(data.mean) == 3 and data.mean[1] == pytest.approx(1e4, rel=1e-2)
+    xt = data.train.tensors[0]
+    assert torch.allclose(xt.mean((0, 2)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(xt.std((0, 2), correction=0), torch.ones(3), atol=1e-3)
+    assert describe_npz(tmp_path / "s.npz")["layout"] == "signals"
+    one = load_dataset(f"npz:{write(tmp_path / 'one.npz', x=x[:, 1], y=y, layout=np.array('signals'))}")
+    assert one.in_shape == (1, 32)
+
+    conv = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 5), torch.nn.AdaptiveAvgPool1d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(4, 3))
+    net = onnx_classifier(onnx_bytes(conv, data.in_shape), data.in_shape)
+    assert net(xt[:5]).shape == (5, 3)
+    with pytest.raises(DatasetError, match="image_size resizes images; x holds signals"):
+        load_dataset(f"npz:{tmp_path / 's.npz'}", image_size=32)

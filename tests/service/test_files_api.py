@@ -178,6 +178,11 @@ async def test_uploaded_datasets_load_through_the_resolver(svc):
     assert r.status_code == 201 and r.json()["info"]["shape"] == [6], r.text
     data = load_dataset(dataset_name(store, svc.settings, key, r.json()["id"]))
     assert data.in_shape == (6,) and abs(float(data.train.tensors[0].mean())) < 1e-4
+    # multichannel signals, said so by the archive's layout
+    signals = npz_bytes(x=rng.normal(0.0, 500.0, (20, 3, 16)), y=np.arange(20) % 2, layout=np.array("signals"))
+    r = await upload(svc, h, signals, "dataset", "s.npz")
+    assert r.status_code == 201 and r.json()["info"]["shape"] == [3, 16] and r.json()["info"]["layout"] == "signals"
+    assert load_dataset(dataset_name(store, svc.settings, key, r.json()["id"])).in_shape == (3, 16)
 
 
 # ----------------------------------------------------------------------------- ownership
