@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from ..train import History, Progress, device_of, fit, predict_logits
+from ..train import History, Progress, device_of, evaluating, fit, predict_logits
 from .config import DistillConfig
 from .losses import kd_loss
 
@@ -28,16 +28,16 @@ class DistillResult:
 
 
 def as_teacher(teacher: nn.Module | Teacher) -> Teacher:
-    """A module becomes a frozen eval-mode callable; any other callable is used as given."""
+    """A module becomes a frozen callable that runs it in eval mode, each module left in the mode the owner gave it
+    in between (as :func:`~sdb_core.train.predict_logits` leaves it); any other callable is used as given."""
     if isinstance(teacher, nn.Module):
-        teacher.eval()
-
         @torch.no_grad()
         def call(x: Tensor) -> Tensor:
             device = device_of(teacher)
             # a copy: a forward that writes into its input (x.sub_(m)) would change the student's transfer set,
             # of which x is often a view
-            return teacher(x.to(device, copy=True))
+            with evaluating(teacher):
+                return teacher(x.to(device, copy=True))
 
         return call
     return teacher

@@ -176,6 +176,26 @@ def test_distilling_from_a_teacher_that_writes_into_its_input_leaves_the_transfe
     assert torch.equal(transfer.tensors[0], given)
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_distilling_from_a_teacher_in_train_mode_asks_it_in_eval_mode_and_leaves_it_so(digits, cache):
+    """A teacher handed over in train mode (one the owner was fine-tuning, its BatchNorm frozen) is asked in eval
+    mode, and given back in the modes it came in, module by module (it was left in eval mode for good)."""
+    from torch.utils.data import TensorDataset
+
+    from sdb_core.distill import DistillConfig, distill
+
+    teacher = _net().train()
+    teacher.body[1].eval()
+    modes = [m.training for m in teacher.modules()]
+    seen: list[bool] = []
+    teacher.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    transfer = TensorDataset(digits.train.tensors[0][:64], digits.train.tensors[1][:64])
+    distill(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), transfer, teacher,
+            DistillConfig(train=TrainConfig(epochs=1), cache_teacher=cache))
+    assert seen and not any(seen)
+    assert [m.training for m in teacher.modules()] == modes
+
+
 def test_a_teacher_that_answers_probabilities_is_wrapped_as_its_log_probabilities(digits, digits_teacher, tmp_path):
     """A softmax at the end (as many exported classifiers have) was refused; its log-probabilities are logits up to a
     constant per row: the soft labels and the top-1 the box learns are the teacher's own."""
