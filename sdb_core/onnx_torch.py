@@ -1,12 +1,16 @@
-"""Bundles' ONNX graphs back in torch: run differentiably (any graph of the supported operators) or rebuilt.
+"""ONNX graphs back in torch: run differentiably (any graph of the supported operators) or rebuilt.
 
-Hosted bundles carry ONNX only. Two callers need torch of them:
+Hosted bundles carry ONNX only, and owners often have their classifier as ONNX. Three callers need torch of them:
 
-**Attribution (DEPARA).** ``OnnxModule`` evaluates the graph node by node with torch operators,
-the weights as buffers, so autograd flows through it. It covers the operators this project's
-classifiers export to (conv nets, MLPs, residual nets): anything else is refused with the
-operator's name. A "layer" is the name of an ONNX node (e.g. ``/features/features.4/Relu``); its
-first output is the layer's output.
+**Attribution (DEPARA).** ``OnnxModule`` evaluates the graph node by node with torch operators
+(:mod:`sdb_core.onnx_ops`), the weights as buffers, so autograd flows through it. Anything outside its
+operators is refused with the operator's name. A "layer" is the name of an ONNX node (e.g.
+``/features/features.4/Relu``); its first output is the layer's output.
+
+**Classifiers brought as ONNX.** ``onnx_classifier`` makes an owner's ``.onnx`` a network the recipes train
+(``OnnxModule(trainable=True)``: its float weights parameters), checked against ONNX Runtime first; wrap,
+distill, audit and transferability take it wherever they take a zoo architecture's weights
+(``ModelRef(weights="model.onnx")``). No tensor is read from an external data file (:func:`_array`).
 
 **Amalgamation teachers.** The recipes work stage by stage through a teacher (AFK imitates block
 ``l`` and projects through the rest; the group stack judges with the last ``j`` blocks; task
