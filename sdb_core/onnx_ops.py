@@ -3,7 +3,8 @@
 Each operator is a function ``(inputs, attributes, opset) -> output or tuple of outputs`` in ``OPS``; one not
 in it is refused by name before anything runs. The set covers what torch, tf2onnx and Keras exports of
 classifiers hold: convolutional, residual, MLP and attention networks (1-, 2- and 3-d convolutions and pools,
-every normalisation ONNX has, the usual activations, reshaping, slicing and reductions).
+every normalisation ONNX has, the usual activations, reshaping, slicing, reductions, and the resizes torch's
+``F.interpolate`` writes).
 
 Shapes stay free. ``Shape`` yields :class:`Dims`, the tensor's sizes as values (under ``torch.onnx.export``'s
 tracer, traced sizes), and the integer ops a graph computes a shape with (``Gather``, ``Unsqueeze``,
@@ -417,6 +418,34 @@ def _amin(x, dims, keep):
     return x.amin(dim=dims, keepdim=keep)
 
 
+def resize(v, a, opset):
+    """What torch's ``F.interpolate`` exports: nearest (asymmetric, floor) and (bi/tri)linear (half-pixel, or align
+    corners), by output sizes or scales; other sampling rules are refused by name."""
+    x = v[0]
+    mode, where_, nearest = (_text(a.get(k, d)) for k, d in (("mode", "nearest"), (
+        "coordinate_transformation_mode", "half_pixel"), ("nearest_mode", "round_prefer_floor")))
+    sizes = ints(v[3]) if len(v) > 3 and v[3] is not None and tensor(v[3]).numel() else None
+    scales = tensor(v[2]).reshape(-1).tolist() if len(v) > 2 and v[2] is not None and tensor(v[2]).numel() else None
+    if opset < 11 or (sizes is None and scales is None) or a.get("antialias", 0):
+        raise ValueError("Resize before opset 11, without sizes or scales, or with antialias is not supported")
+    # sizes name the batch too: stored as the batch size a fixed-batch graph was exported at, it means "the batch"
+    batch_ok = sizes is not None and sizes[0] in (x.shape[0], a.get("_fixed_batch"))
+    if sizes is not None and (not batch_ok or sizes[1] != x.shape[1]) or scales is not None and scales[:2] != [1.0, 1.0]:
+        raise ValueError("Resize of the batch or channel axis is not supported")
+    spatial = {"size": [int(s) for s in sizes[2:]]} if sizes is not None else {"scale_factor": scales[2:]}
+    if mode == "nearest" and where_ == "asymmetric" and nearest == "floor":
+        return F.interpolate(x, mode="nearest", **spatial)
+    if mode == "linear" and where_ in ("half_pixel", "pytorch_half_pixel", "align_corners") and 3 <= x.dim() <= 5:
+        kind = ("linear", "bilinear", "trilinear")[x.dim() - 3]
+        return F.interpolate(x, mode=kind, align_corners=where_ == "align_corners", **spatial)
+    raise ValueError(f"Resize with mode {mode}, coordinate_transformation_mode {where_}, nearest_mode {nearest} is "
+                     "not supported (torch's nearest and linear ones are)")
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def where(v, a, opset):
     if any(isinstance(t, Dims) for t in v):  # a shape chosen size by size (exports of expand(-1, ...))
         n = max(len(ints(t)) for t in v)
@@ -445,7 +474,7 @@ def _unary(fn: Callable):
 # The operators that take sizes (:class:`Dims`) as they are; any other is given them as a tensor.
 ON_DIMS = frozenset({"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Reshape", "Expand",
                      "ConstantOfShape", "Add", "Sub", "Mul", "Div", "Mod", "Equal", "Greater", "Less", "Where",
-                     "Identity"})
+                     "Identity", "Resize", "Tile"})
 
 OPS: dict[str, Callable] = {
     "Conv": conv, "MaxPool": pool("MaxPool"), "AveragePool": pool("AveragePool"),
@@ -481,4 +510,5 @@ OPS: dict[str, Callable] = {
     "Shape": shape, "Reshape": reshape, "Flatten": flatten, "Unsqueeze": unsqueeze, "Squeeze": squeeze,
     "Concat": concat, "Gather": gather, "Slice": slice_, "Split": split, "Transpose": transpose, "Expand": expand,
     "ConstantOfShape": constant_of_shape, "Cast": cast, "Pad": pad, "Identity": identity, "Dropout": dropout,
+    "Resize": resize, "Tile": lambda v, a, o: v[0].repeat(*ints(v[1])),
 }

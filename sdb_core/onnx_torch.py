@@ -144,7 +144,7 @@ class OnnxModule(nn.Module):
                 self._consts[n.output[0]] = f"c{k}"
                 continue
             a["_outputs"] = len(n.output)  # what Split divides into, when no sizes are given
-            if n.op_type == "Reshape":
+            if n.op_type in ("Reshape", "Resize"):  # a size equal to it may mean "the batch"
                 a["_fixed_batch"] = self.fixed_batch
             self.nodes.append((n.name or f"{n.op_type}_{k}", n.op_type, list(n.input), list(n.output), a))
 

@@ -63,9 +63,21 @@ class Attention(nn.Module):  # a class token expanded to the batch, a transforme
         return self.fc(self.layer(torch.cat([self.cls.expand(b, -1, -1), t], 1))[:, 0])
 
 
+class Resizes(nn.Module):  # F.interpolate's exports (Resize): nearest by scale, bilinear by size; repeat (Tile)
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 4, 3), nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = F.interpolate(x, size=(12, 12), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(10, 10), mode="bilinear", align_corners=True)
+        return self.fc(self.conv(x.repeat(1, 2, 1, 1)).mean((2, 3)))
+
+
 NETWORKS = {
     "view": (ViewNet, (1, 8, 8)), "norm_mlp": (NormMLP, (1, 8, 8)), "group_softmax": (GroupSoftmax, (1, 8, 8)),
-    "signals": (Signals, (1, 32)), "attention": (Attention, (1, 8, 8)),
+    "signals": (Signals, (1, 32)), "attention": (Attention, (1, 8, 8)), "resizes": (Resizes, (1, 8, 8)),
     "resnet8": (lambda: create_model("resnet8", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
     "vit_tiny": (lambda: create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
 }
