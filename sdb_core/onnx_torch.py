@@ -187,7 +187,17 @@ class ChannelsLast(nn.Module):
         self.net = net
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.permute(0, *range(2, x.dim()), 1))
+        return self.net(self._last(x))
+
+    def layer_names(self) -> list[str]:  # the graph's own (DEPARA ranks by them)
+        return self.net.layer_names()
+
+    def layer_output(self, x: Tensor, layer: str | None) -> Tensor:
+        return self.net.layer_output(self._last(x), layer)
+
+    @staticmethod
+    def _last(x: Tensor) -> Tensor:
+        return x.permute(0, *range(2, x.dim()), 1)
 
 
 def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
