@@ -123,6 +123,10 @@ class OnnxModule(nn.Module):
             raise ValueError(f"the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
                              "a classifier takes one")
         self.input_name = inputs[0].name
+        elem = inputs[0].type.tensor_type.elem_type
+        if elem != onnx.TensorProto.FLOAT:  # what the recipes train on, bundles take and the service sends
+            raise ValueError(f"the graph takes {onnx.TensorProto.DataType.Name(elem).lower()} inputs; a box takes, "
+                             "trains and serves float32: export the network in float32 (model.float())")
         dims = inputs[0].type.tensor_type.shape.dim
         self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
         self.fixed_batch = self.input_shape[0] if self.input_shape and self.input_shape[0] else None

@@ -23,10 +23,10 @@ class ViewNet(nn.Module):
         return self.fc(x.view(x.size(0), -1))
 
 
-def onnx_bytes(net: nn.Module, shape, free_batch: bool = True, batch: int = 2) -> bytes:
+def onnx_bytes(net: nn.Module, shape, free_batch: bool = True, batch: int = 2, dtype=torch.float32) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net.eval(), (torch.randn(batch, *shape),), buf, input_names=["image"],
+        torch.onnx.export(net.eval(), (torch.randn(batch, *shape, dtype=dtype),), buf, input_names=["image"],
                           dynamic_axes={"image": {0: "n"}} if free_batch else None, opset_version=17, dynamo=False)
     return buf.getvalue()

@@ -153,6 +153,8 @@ def test_what_cannot_be_run_is_refused_by_name():
         onnx_classifier(b"not a graph", (1, 8, 8))
     with pytest.raises(ValueError, match=r"takes inputs of shape \(N, 1, 8, 8\), the data's are \(N, 3, 8, 8\)"):
         onnx_classifier(onnx_bytes(ViewNet(), (1, 8, 8)), (3, 8, 8))
+    with pytest.raises(ValueError, match="the graph takes double inputs; a box takes, trains and serves float32"):
+        onnx_classifier(onnx_bytes(ViewNet().double(), (1, 8, 8), dtype=torch.float64), (1, 8, 8))
 
     class TopK(nn.Module):
         def forward(self, x):
