@@ -33,12 +33,12 @@ class Renormalized(nn.Module):
     def __init__(self, net: nn.Module, data_norm, own_norm, in_shape) -> None:
         super().__init__()
         channels, view = int(in_shape[0]), (1, -1) + (1,) * (len(in_shape) - 1)
-        (dm, ds), (m, s) = ([_per_channel(v, channels, what) for v in pair]
-                            for pair, what in ((data_norm, "the data's"), (own_norm, "the network's")))
+        dm, ds = (_per_channel(v, channels, "the data's") for v in data_norm)
+        m, s = (_per_channel(v, channels, "the network's") for v in own_norm)
         self.net = net
         self.register_buffer("scale", (ds / s).view(view))
         self.register_buffer("shift", ((dm - m) / s).view(view))
-        mine = f"the network takes inputs normalised by mean {_short(m)}, std {_short(s)}: the data's are mapped to them"
+        mine = f"the network takes inputs normalised by mean {shown(m)}, std {shown(s)}: the data's are mapped to them"
         self.why = f"{net.why}; {mine}" if hasattr(net, "why") else mine
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,10 @@ def _per_channel(values, channels: int, what: str) -> torch.Tensor:
     return t
 
 
-def _short(t: torch.Tensor) -> str:
-    return "(" + ", ".join(f"{v:.4g}" for v in t[:8].tolist()) + (", ...)" if len(t) > 8 else ")")
+def shown(values) -> str:
+    """Per-channel values (a normalisation's mean or std) as a message shows them: the first eight, 4 digits each."""
+    values = [float(v) for v in values]
+    return "(" + ", ".join(f"{v:.4g}" for v in values[:8]) + (", ...)" if len(values) > 8 else ")")
 
 
 # Probabilities are clamped here before their logarithm: float32 softmax rows underflow to 0 (log: -inf).

@@ -5,6 +5,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+ONNX_ARCH = "onnx"  # what a bundle's meta and a default model name call a network brought as ONNX
+
 
 def is_onnx_file(path: str | Path) -> bool:
     """Whether a model file is an ONNX network, by its name (what torch.onnx.export and tf2onnx write, and what the
@@ -80,8 +82,7 @@ class ModelRef:
         parts = rest.split(":", 2)
         if len(parts) == 3 and parts[1].isdigit():
             return name, cls(arch=parts[0], weights=parts[2], num_classes=int(parts[1]))
-        onnx = cls(weights=rest) if rest.lower().endswith(".onnx") else None
-        return name, onnx or cls(bundle=rest)
+        return name, cls(weights=rest) if is_onnx_file(rest) else cls(bundle=rest)
 
     def describe(self) -> str:
         """For logs and reports: what this is, without any server path of a hosted model."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..progress import Hooks
 from ..protect.config import CheckConfig, NastyConfig, SDBConfig, Thresholds
-from .refs import ModelRef
+from .refs import ONNX_ARCH, ModelRef
 
 MODES = ("sdb", "nasty")
 
@@ -43,7 +43,7 @@ class WrapTask:
     @property
     def teacher_arch(self) -> str:
         """What the bundle's meta says the network is: its zoo architecture, or ``onnx``."""
-        return "onnx" if self.teacher.is_onnx else self.teacher.arch
+        return ONNX_ARCH if self.teacher.is_onnx else self.teacher.arch
 
     @property
     def model_name(self) -> str:
@@ -152,7 +152,7 @@ def _require_learned(teacher, data) -> None:
     was trained on other inputs than these, and a box of it would protect nothing worth having."""
     from torch.utils.data import TensorDataset
 
-    from ..protect.teacher import check_teacher
+    from ..protect.teacher import check_teacher, shown
     from ..train import accuracy
 
     x, y = (t[:2000] for t in data.train.tensors)
@@ -161,11 +161,7 @@ def _require_learned(teacher, data) -> None:
         raise ValueError(
             f"the teacher scores {fit:.1f}% on the data's training inputs (chance {chance:.1f}%): it was trained on "
             "other inputs than these. The box gives it each input normalised per channel by the training split's "
-            f"mean and std ({_rounded(data.mean)}, {_rounded(data.std)}), its classes in the data set's order "
+            f"mean and std {shown(data.mean)}, {shown(data.std)}, its classes in the data set's order "
             f"({', '.join(data.labels[:5])}{', ...' if len(data.labels) > 5 else ''}). A network trained on inputs "
             "normalised otherwise: give that normalisation (sdb wrap --teacher-mean/--teacher-std, a job's "
             "teacher.mean/std); trained on another class order: give the data in its order")
-
-
-def _rounded(values) -> str:
-    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"

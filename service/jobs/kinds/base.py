@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, model_validator
 
 from sdb_core.registry import Registry
 from sdb_core.tasks.refs import ModelRef, is_onnx_file
@@ -280,7 +280,7 @@ class ModelParam(BaseModel):
     mean: list[float] | None = Field(None, min_length=1, max_length=4096, description=(
         "with file: the mean the model's inputs were normalised with when it was trained (on pixels in [0, 1]; one "
         "value, or one per channel); default: the data set's own, which every network the service trains takes"))
-    std: list[float] | None = Field(None, min_length=1, max_length=4096,
+    std: list[PositiveFloat] | None = Field(None, min_length=1, max_length=4096,
                                     description="with file: the std its inputs were divided by (with mean)")
 
     @property
@@ -304,8 +304,6 @@ class ModelParam(BaseModel):
             raise ValueError("a hosted model brings its own network: give no arch or num_classes with model")
         if (self.mean is None) != (self.std is None) or (self.mean is not None and self.source != "file"):
             raise ValueError("mean and std go together, with file (the normalisation an uploaded model was trained with)")
-        if self.std is not None and not all(s > 0 for s in self.std):
-            raise ValueError("std must be positive")
         if self.arch is not None:
             self._check_arch(self.arch)
         return self

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from sdb_core.protect.config import CheckConfig, SDBConfig, Thresholds
 from sdb_core.tasks import wrap
+from sdb_core.tasks.refs import ONNX_ARCH
 from sdb_core.tasks.wrap import WrapTask
 
 from ...schemas import OutputPolicy
@@ -58,7 +59,7 @@ class WrapParams(JobParams):
 
     @property
     def model_name(self) -> str:
-        return self.name or f"{self.data.split(':')[0]}-{self.teacher.arch or 'onnx'}"  # no arch: an ONNX file
+        return self.name or f"{self.data.split(':')[0]}-{self.teacher.arch or ONNX_ARCH}"  # no arch: an ONNX file
 
 
 def check(p: WrapParams, sub: Submission) -> WrapParams:
