@@ -311,7 +311,7 @@ def gather(v, a, opset):
         return Dims.of(picked, scalar=index.dim() == 0)
     if isinstance(index, Tensor) and index.dim() == 0:
         return x.select(axis, int(index))
-    index = tensor(index)
+    index = tensor(index).to(x.device)  # sizes picked from a shape are made on the CPU
     index = torch.where(index < 0, index + x.shape[axis], index)
     out = torch.index_select(x, axis % x.dim(), index.reshape(-1))
     axis = axis % x.dim()

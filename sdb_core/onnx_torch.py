@@ -167,7 +167,8 @@ class OnnxModule(nn.Module):
         for name, op, ins, outs, a in self.nodes:
             args = [env[i] if i else None for i in ins]
             if op not in ON_DIMS:
-                args = [tensor(t) if isinstance(t, Dims) else t for t in args]
+                # sizes made a tensor where the data is: an operator mixing them with it would fail on a GPU
+                args = [tensor(t).to(x.device) if isinstance(t, Dims) else t for t in args]
             try:
                 got = OPS[op](args, a, self.opset)
             except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
