@@ -23,7 +23,7 @@ from .auth import Keyring
 from .direct import DirectRoutes
 from .jobs.queue import JobQueue
 from .metrics import Metrics
-from .middleware import ServiceMiddleware
+from .middleware import ServiceApp
 from .ratelimit import RateLimiter
 from .registry import ModelHost
 from .routes import account, console, deploy, files, health, jobs, keys, models, v2
@@ -127,7 +127,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                 host.close()
                 store.close()
 
-    app = FastAPI(title="SDB", summary="Safe Distillation Box: predictions for everyone, "
+    app = ServiceApp(title="SDB", summary="Safe Distillation Box: predictions for everyone, "
                   "distillable logits only for authorized keys", version="1", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.state.host = None
@@ -143,8 +143,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(r)  # no prefix: a route's path is its router's (what service.direct matches)
     upload = settings.max_file_bytes + UPLOAD_OVERHEAD  # the file part is counted on its own, to the byte
     allowed = f"a file up to {settings.max_file_bytes} bytes (SDB_MAX_FILE_BYTES) and its form fields"
-    app.add_middleware(ServiceMiddleware, max_payload_bytes=settings.max_payload_bytes, metrics=metrics,
-                       host_of=lambda: app.state.host,
-                       upload_routes=dict.fromkeys(UPLOAD_ROUTES, (upload, allowed)),
-                       address_limiter=address_limiter, direct=DirectRoutes(route for r in routers for route in r.routes))
+    app.put_in_front(max_payload_bytes=settings.max_payload_bytes, metrics=metrics, host_of=lambda: app.state.host,
+                     upload_routes=dict.fromkeys(UPLOAD_ROUTES, (upload, allowed)), address_limiter=address_limiter,
+                     direct=DirectRoutes(route for r in routers for route in r.routes))
     return app

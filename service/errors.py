@@ -109,14 +109,19 @@ def response_for(exc: Exception) -> Response:
 
 
 HANDLED = (ApiError, RequestValidationError, StarletteHTTPException)
+INTERNAL = (500, "internal_error", "internal server error")
 
 
 def install(app: FastAPI) -> None:
     async def handler(_: Request, exc: Exception) -> Response:
         return response_for(exc)
 
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        # Starlette's outermost layer answers with this, then re-raises to the service middleware, which logs
+        # it (service.middleware.ServiceApp puts that middleware in front of Starlette's own)
+        return error_response(*INTERNAL)
+
     for kind in HANDLED:
         app.add_exception_handler(kind, handler)
+    app.add_exception_handler(Exception, unexpected)
 
-
-INTERNAL = (500, "internal_error", "internal server error")

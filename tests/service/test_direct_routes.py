@@ -21,8 +21,7 @@ def _infer_body(x: np.ndarray) -> dict:
 
 
 def _direct_paths(app) -> set[str]:
-    (middleware,) = [m for m in app.user_middleware if "direct" in m.kwargs]
-    return {r.path for r in middleware.kwargs["direct"].routes}
+    return {r.path for r in app.front.direct.routes}
 
 
 async def test_the_inference_routes_and_only_they_are_called_directly(svc):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -11,11 +12,10 @@ import anyio
 import httpx
 import numpy as np
 import pytest
-from fastapi import FastAPI
 
 from service import errors
 from service.metrics import Metrics
-from service.middleware import ServiceMiddleware
+from service.middleware import ServiceApp
 
 from .conftest import deploy, make_settings, run_sdb, sdb_bytes, sdb_env, start_service
 
@@ -132,11 +132,11 @@ async def _until(call, status: int, seconds: float = 10.0) -> None:
             await anyio.sleep(0.05)
 
 
-async def test_unexpected_exception_is_a_bare_500_and_serving_goes_on():
-    # The same stack as build_app: error handlers, then the service middleware, then routes.
-    app = FastAPI()
+async def test_unexpected_exception_is_a_bare_500_and_serving_goes_on(caplog):
+    # The same stack as build_app: the service middleware in front, then FastAPI's with the error handlers, routes.
+    app = ServiceApp()
     errors.install(app)
-    app.add_middleware(ServiceMiddleware, max_payload_bytes=1024, metrics=Metrics(), host_of=lambda: None)
+    app.put_in_front(max_payload_bytes=1024, metrics=Metrics(), host_of=lambda: None)
 
     @app.get("/boom")
     async def boom():
@@ -147,9 +147,13 @@ async def test_unexpected_exception_is_a_bare_500_and_serving_goes_on():
         return {"ok": True}
 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
-        r = await c.get("/boom")
+        with caplog.at_level(logging.ERROR, logger="sdb.service"):
+            r = await c.get("/boom")
         assert r.status_code == 500 and r.json() == {"error": {"code": "internal_error",
                                                                "message": "internal server error"}}
+        logged = [rec for rec in caplog.records if rec.name == "sdb.service"]
+        assert len(logged) == 1 and "unhandled error on GET /boom" in logged[0].getMessage()  # once, with its trace
+        assert logged[0].exc_info is not None
         assert (await c.get("/fine")).json() == {"ok": True}
 
 
