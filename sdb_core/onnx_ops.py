@@ -442,6 +442,39 @@ def resize(v, a, opset):
                      "not supported (torch's nearest and linear ones are)")
 
 
+def lrn(v, a, opset):
+    """Local response normalisation across channels (AlexNet's, GoogLeNet's): each value over the sum of squares
+    of the ``size`` channels around it, ONNX's window (floor((size-1)/2) before, the rest after)."""
+    x, size = v[0], a["size"]
+    alpha, beta, bias = a.get("alpha", 1e-4), a.get("beta", 0.75), a.get("bias", 1.0)
+    before = (size - 1) // 2
+    squares = F.pad((x * x).reshape(x.shape[0], 1, x.shape[1], -1), (0, 0, before, size - 1 - before))
+    window_sums = F.avg_pool2d(squares, (size, 1), stride=1) * size
+    return x / (bias + alpha / size * window_sums.reshape(x.shape)) ** beta
+
+
+def range_(v, a, opset):
+    """``Range``: a graph's positions counted from a size (a sequence's length)."""
+    start, limit, delta = (tensor(t).reshape(()) for t in v[:3])
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
+
+
+def arg(fn: Callable):
+    def run(v, a, opset):
+        x, axis, keep = v[0], a.get("axis", 0), bool(a.get("keepdims", 1))
+        if a.get("select_last_index", 0):  # the last of equal values: the first of the reversed axis
+            n = x.shape[axis]
+            return n - 1 - fn(x.flip(axis), dim=axis, keepdim=keep)
+        return fn(x, dim=axis, keepdim=keep)
+    return run
+
+
+def _reduce_prod(x, dims, keep):
+    for d in sorted(dims, reverse=True):
+        x = x.prod(dim=d, keepdim=keep)
+    return x
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -473,8 +506,8 @@ def _unary(fn: Callable):
 
 # The operators that take sizes (:class:`Dims`) as they are; any other is given them as a tensor.
 ON_DIMS = frozenset({"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Reshape", "Expand",
-                     "ConstantOfShape", "Add", "Sub", "Mul", "Div", "Mod", "Equal", "Greater", "Less", "Where",
-                     "Identity", "Resize", "Tile"})
+                     "ConstantOfShape", "Add", "Sub", "Mul", "Div", "Mod", "Equal", "Greater", "Less", "GreaterOrEqual",
+                     "LessOrEqual", "And", "Or", "Where", "Identity", "Resize", "Tile"})
 
 OPS: dict[str, Callable] = {
     "Conv": conv, "MaxPool": pool("MaxPool"), "AveragePool": pool("AveragePool"),
@@ -501,12 +534,19 @@ OPS: dict[str, Callable] = {
     "Mean": lambda v, a, o: _variadic(torch.add)(v, a, o) / len(v),
     "Greater": _binary(lambda x, y: x > y), "Less": _binary(lambda x, y: x < y),
     "Equal": _binary(lambda x, y: x == y), "Where": where,
-    "Not": _unary(torch.logical_not),
+    "GreaterOrEqual": _binary(lambda x, y: x >= y), "LessOrEqual": _binary(lambda x, y: x <= y),
+    "Not": _unary(torch.logical_not), "And": _binary(lambda x, y: x & y), "Or": _binary(lambda x, y: x | y),
+    "Xor": _binary(lambda x, y: x ^ y), "Sign": _unary(torch.sign), "Round": _unary(torch.round),
+    "LRN": lrn, "Range": range_, "ArgMax": arg(torch.argmax), "ArgMin": arg(torch.argmin),
     "Gemm": gemm, "MatMul": _binary(torch.matmul), "Einsum": einsum,
     "ReduceMean": reduce(lambda x, d, k: x.mean(dim=d, keepdim=k), 18),
     "ReduceSum": reduce(lambda x, d, k: x.sum(dim=d, keepdim=k), 13),
     "ReduceMax": reduce(_amax, 18), "ReduceMin": reduce(_amin, 18),
     "ReduceL2": reduce(lambda x, d, k: x.square().sum(dim=d, keepdim=k).sqrt(), 18),
+    "ReduceL1": reduce(lambda x, d, k: x.abs().sum(dim=d, keepdim=k), 18),
+    "ReduceSumSquare": reduce(lambda x, d, k: x.square().sum(dim=d, keepdim=k), 18),
+    "ReduceLogSumExp": reduce(lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k), 18),
+    "ReduceProd": reduce(_reduce_prod, 18),
     "Shape": shape, "Reshape": reshape, "Flatten": flatten, "Unsqueeze": unsqueeze, "Squeeze": squeeze,
     "Concat": concat, "Gather": gather, "Slice": slice_, "Split": split, "Transpose": transpose, "Expand": expand,
     "ConstantOfShape": constant_of_shape, "Cast": cast, "Pad": pad, "Identity": identity, "Dropout": dropout,

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
-from .onnx_ops import ON_DIMS, OPS, Dims, tensor
+from .onnx_ops import ON_DIMS, OPS, Dims, ints, tensor
 
 
 def _array(t) -> np.ndarray:
@@ -97,6 +97,43 @@ def _weights(g, stored: dict[str, np.ndarray]) -> set[str]:
             if np.issubdtype(v.dtype, np.floating) and v.size > 1 and name not in settings}
 
 
+def _branches(n) -> list:
+    """The subgraphs a node holds (``If``'s two branches)."""
+    from onnx import AttributeProto
+
+    return [a.g for a in n.attribute if a.type == AttributeProto.GRAPH]
+
+
+def _reads(n) -> set[str]:
+    """The names a node reads, its branches' reads from the graph around them included."""
+    names = {i for i in n.input if i}
+    for branch in _branches(n):
+        for inner in branch.node:
+            names |= _reads(inner)
+    return names
+
+
+def _ops(nodes) -> set[str]:
+    """The operators of ``nodes`` and of their branches, by name (a domain's other than ONNX's prefixed)."""
+    out = set()
+    for n in nodes:
+        out.add(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}")
+        for branch in _branches(n):
+            out |= _ops(branch.node)
+    return out
+
+
+def _needed(g) -> list:
+    """The nodes the graph's first output (the logits) depends on, in the graph's order: a branch that computes
+    something else (another output, an auxiliary head, the argmax beside the logits) is neither run nor refused."""
+    wanted, kept = {g.output[0].name}, []
+    for n in reversed(g.node):  # nodes are stored in topological order
+        if any(o in wanted for o in n.output):
+            kept.append(n)
+            wanted |= _reads(n)
+    return kept[::-1]
+
+
 class OnnxModule(nn.Module):
     """An ONNX graph run node by node with torch operators (:mod:`sdb_core.onnx_ops`), autograd through it.
 
@@ -112,13 +149,14 @@ class OnnxModule(nn.Module):
         model = onnx.load_from_string(model_bytes)
         g = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        unsupported = sorted({n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
-                              for n in g.node if n.domain not in ("", "ai.onnx") or
-                              (n.op_type not in OPS and n.op_type != "Constant")})
+        needed = _needed(g)
+        unsupported = sorted(_ops(needed) - set(OPS) - {"Constant", "If"})
         if unsupported:
             raise ValueError(f"cannot run this ONNX graph in torch: unsupported operators {unsupported}")
         stored = _initializers(g)
-        inputs = [i for i in g.input if i.name not in stored]
+        inputs = [i for i in g.input if i.name not in stored]  # before old exports' initializer inputs are dropped
+        read = set().union(*map(_reads, needed))
+        stored = {name: value for name, value in stored.items() if name in read}
         if len(inputs) != 1:
             raise ValueError(f"the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
                              "a classifier takes one")
@@ -140,17 +178,26 @@ class OnnxModule(nn.Module):
             else:
                 self.register_buffer(f"w{i}", t)
             self._consts[name] = f"w{i}"
-        self.nodes = []
-        for k, n in enumerate(g.node):
+        self.nodes = self._compile(needed, "")
+
+    def _compile(self, nodes, tag: str) -> list[tuple]:
+        """(name, operator, inputs, outputs, attributes) per node; constants made buffers; an ``If``'s branches
+        compiled in its attributes (``_branches``: the branch's nodes and outputs, by the condition)."""
+        out = []
+        for k, n in enumerate(nodes):
             a = _attrs(n)
             if n.op_type == "Constant":
-                self.register_buffer(f"c{k}", torch.from_numpy(_constant(a)))
-                self._consts[n.output[0]] = f"c{k}"
+                self.register_buffer(f"c{tag}{k}", torch.from_numpy(_constant(a)))
+                self._consts[n.output[0]] = f"c{tag}{k}"
                 continue
+            if n.op_type == "If":
+                a = {"_branches": {cond: (self._compile(a[key].node, f"{tag}{k}{key[0]}"), [o.name for o in a[key].output])
+                                   for cond, key in ((True, "then_branch"), (False, "else_branch"))}}
             a["_outputs"] = len(n.output)  # what Split divides into, when no sizes are given
             if n.op_type in ("Reshape", "Resize"):  # a size equal to it may mean "the batch"
                 a["_fixed_batch"] = self.fixed_batch
-            self.nodes.append((n.name or f"{n.op_type}_{k}", n.op_type, list(n.input), list(n.output), a))
+            out.append((n.name or f"{n.op_type}_{tag}{k}", n.op_type, list(n.input), list(n.output), a))
+        return out
 
     def layer_names(self) -> list[str]:
         return [name for name, *_ in self.nodes]
@@ -164,8 +211,19 @@ class OnnxModule(nn.Module):
         env: dict[str, Tensor | Dims] = {self.input_name: x}
         for k, b in self._consts.items():
             env[k] = getattr(self, b)
-        for name, op, ins, outs, a in self.nodes:
+        found = self._run(self.nodes, env, x, layer)
+        return found if found is not None else tensor(env[self.output_name])
+
+    def _run(self, nodes: list[tuple], env: dict, x: Tensor, layer: str | None) -> Tensor | None:
+        """Evaluate ``nodes`` into ``env``; the output of node ``layer`` when it is one of them."""
+        for name, op, ins, outs, a in nodes:
             args = [env[i] if i else None for i in ins]
+            if op == "If":  # a condition on sizes, as the TorchScript exporter writes squeeze(dim) of a free size
+                branch, results = a["_branches"][bool(ints(args[0])[0])]
+                self._run(branch, env, x, None)
+                for out, result in zip(outs, results):
+                    env[out] = env[result]
+                continue
             if op not in ON_DIMS:
                 # sizes made a tensor where the data is: an operator mixing them with it would fail on a GPU
                 args = [tensor(t).to(x.device) if isinstance(t, Dims) else t for t in args]
@@ -180,7 +238,7 @@ class OnnxModule(nn.Module):
                     env[out] = value
             if name == layer:
                 return env[outs[0]]
-        return tensor(env[self.output_name])
+        return None
 
 
 class ChannelsLast(nn.Module):

@@ -75,9 +75,26 @@ class Resizes(nn.Module):  # F.interpolate's exports (Resize): nearest by scale,
         return self.fc(self.conv(x.repeat(1, 2, 1, 1)).mean((2, 3)))
 
 
+class Gadgets(nn.Module):
+    """LocalResponseNorm (the exporter writes an ``If`` on a free size in it), positions from ``arange`` (Range),
+    comparisons and logic (>=, <=, &), sign and round, reductions torch exports as ReduceLogSumExp and ReduceL1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lrn = nn.Conv2d(1, 6, 3, padding=1), nn.LocalResponseNorm(4)
+        self.pos, self.fc = nn.Embedding(64, 6), nn.Linear(6 * 3, 10)
+
+    def forward(self, x):
+        x = torch.where((x >= -0.5) & (x <= 0.5), x.round() + x.sign(), x)
+        h = self.lrn(F.relu(self.conv(x))).flatten(2).transpose(1, 2)  # (N, 64, 6)
+        h = h + self.pos(torch.arange(h.shape[1], device=x.device))
+        return self.fc(torch.cat([torch.logsumexp(h, 1), h.abs().sum(1) / 64, torch.norm(h, p=1, dim=1) / 64], 1))
+
+
 NETWORKS = {
     "view": (ViewNet, (1, 8, 8)), "norm_mlp": (NormMLP, (1, 8, 8)), "group_softmax": (GroupSoftmax, (1, 8, 8)),
     "signals": (Signals, (1, 32)), "attention": (Attention, (1, 8, 8)), "resizes": (Resizes, (1, 8, 8)),
+    "gadgets": (Gadgets, (1, 8, 8)),
     "resnet8": (lambda: create_model("resnet8", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
     "vit_tiny": (lambda: create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
 }
@@ -114,6 +131,63 @@ def test_a_graph_runs_trains_and_exports_again_as_the_network_it_was(name):
         for n in (1, 3):
             out = again.run(None, {"input": x[:n].numpy()})[0]
             assert np.allclose(out, graph(x[:n]).numpy(), atol=1e-4)
+
+
+def _one_node(op: str, inputs: dict[str, np.ndarray], out_type: int = 1, **attrs) -> bytes:
+    """A graph of one ``op`` node on a float input x (N, C, H, W), its other inputs stored, at opset 18."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node(op, ["x", *inputs], ["y"], **attrs)
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6, 3, 3])],
+                              [helper.make_tensor_value_info("y", out_type, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inputs.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
+
+
+AXES = {"axes": np.array([1, 3], np.int64)}
+SINGLE_NODES = {  # (ONNX Runtime refuses an even LRN size)
+    "lrn3": ("LRN", {}, 1, {"size": 3, "alpha": 0.01, "beta": 0.6, "bias": 2.0}),
+    "lrn5": ("LRN", {}, 1, {"size": 5}),
+    "reduce_prod": ("ReduceProd", AXES, 1, {}), "reduce_sum_square": ("ReduceSumSquare", AXES, 1, {"keepdims": 0}),
+    "reduce_l1": ("ReduceL1", AXES, 1, {}), "reduce_log_sum_exp": ("ReduceLogSumExp", AXES, 1, {"keepdims": 0}),
+    "argmax_last": ("ArgMax", {}, 7, {"axis": 1, "keepdims": 0, "select_last_index": 1}),
+    "argmin": ("ArgMin", {}, 7, {"axis": 2}), "sign": ("Sign", {}, 1, {}), "round": ("Round", {}, 1, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SINGLE_NODES))
+def test_each_operator_answers_as_onnx_runtime(name):
+    from sdb_core.onnx_torch import OnnxModule
+
+    op, inputs, out_type, attrs = SINGLE_NODES[name]
+    graph = _one_node(op, inputs, out_type, **attrs)
+    x = (np.random.default_rng(0).normal(size=(4, 6, 3, 3)) * 2).astype(np.float32)
+    x[0, :, 0, 0] = 1.0  # ties: which index ArgMax and ArgMin pick among equal values
+    want = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        got = OnnxModule(graph)(torch.from_numpy(x)).numpy()
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-5, atol=1e-5), np.abs(got - want).max()
+
+
+def test_only_what_the_logits_need_is_run():
+    """Outputs beside the logits (an argmax, the top 3) are neither run nor refused, whatever their operators."""
+
+    class WithExtras(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            z = self.fc(x.flatten(1))
+            return z, z.topk(3).values, z.argmax(1)
+
+    torch.manual_seed(0)
+    net = WithExtras().eval()
+    graph = onnx_classifier(onnx_bytes(net, (1, 8, 8)), (1, 8, 8))
+    assert not any(op in ("TopK", "ArgMax") for _, op, *_ in graph.nodes)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(graph(x), net(x)[0], atol=1e-5)
 
 
 def test_a_graph_exported_at_one_batch_size_runs_at_any_or_is_refused_in_words():
