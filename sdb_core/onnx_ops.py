@@ -251,13 +251,15 @@ def reshape(v, a, opset):
         return Dims.of(x, scalar=not target)
     if not a.get("allowzero", 0):
         target = [x.shape[i] if isinstance(s, int) and s == 0 else s for i, s in enumerate(target)]
-    # A graph exported at one batch size stores it in its reshapes: a leading size equal to it is read as the
-    # batch axis where the tensor's own leading axis differs and the stored shape would not fit it or would
-    # fold it into an inferred (-1) axis; a leading axis is not always the batch (attention's sequence-first).
-    # Whatever this reads wrong, the graph run beside ONNX Runtime and the per-sample check refuse.
-    if fixed_batch is not None and not isinstance(v[1], Dims) and target and target[0] == fixed_batch \
-            and x.dim() > 0 and x.shape[0] != fixed_batch and (-1 in target[1:] or not _fits(x, target)):
-        target = [x.shape[0], *target[1:]]
+    # A graph exported at one batch size stores it in its reshapes: run at another batch (``_batch``, the graph
+    # input's), a leading size equal to it is read as the batch where the stored shape would not fit the tensor
+    # or would fold the batch into an inferred (-1) axis (windows of an image: (N·W, ...) back to (N, -1, C)); a
+    # leading axis is not always the batch (attention's sequence-first). At its own batch the graph runs as
+    # stored. Whatever this reads wrong, the graph run beside ONNX Runtime and the per-sample check refuse.
+    batch = a.get("_batch")
+    if fixed_batch is not None and batch is not None and batch != fixed_batch and not isinstance(v[1], Dims) \
+            and target and target[0] == fixed_batch and x.dim() > 0 and (-1 in target[1:] or not _fits(x, target)):
+        target = [batch, *target[1:]]
     return x.reshape(target)
 
 

@@ -227,6 +227,8 @@ class OnnxModule(nn.Module):
             if op not in ON_DIMS:
                 # sizes made a tensor where the data is: an operator mixing them with it would fail on a GPU
                 args = [tensor(t).to(x.device) if isinstance(t, Dims) else t for t in args]
+            if op == "Reshape" and self.fixed_batch is not None:  # the batch it runs at (onnx_ops.reshape)
+                a = {**a, "_batch": x.shape[0]}
             try:
                 got = OPS[op](args, a, self.opset)
             except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:

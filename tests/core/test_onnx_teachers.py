@@ -190,13 +190,29 @@ def test_only_what_the_logits_need_is_run():
         assert torch.allclose(graph(x), net(x)[0], atol=1e-5)
 
 
+class Windows(nn.Module):
+    """Windows of an image as a batch of their own ((N·4, 16, C), as Swin partitions one), and back to (N, -1, C):
+    exported at one batch size, the way back stores that size where the tensor's leading axis is N·4."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.fc = nn.Conv2d(1, 6, 1), nn.Linear(6, 6), nn.Linear(6, 10)
+
+    def forward(self, x):
+        h = self.embed(x)
+        n, c = h.shape[:2]
+        w = h.view(n, c, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(-1, 16, c)
+        return self.fc(F.relu(self.mix(w)).reshape(n, -1, c).mean(1))
+
+
 def test_a_graph_exported_at_one_batch_size_runs_at_any_or_is_refused_in_words():
     torch.manual_seed(0)
-    net = ViewNet().eval()
-    graph = onnx_classifier(onnx_bytes(net, (1, 8, 8), free_batch=False, batch=1), (1, 8, 8))
-    x = torch.randn(4, 1, 8, 8)
-    with torch.no_grad():
-        assert torch.allclose(graph(x), net(x), atol=1e-4)
+    for net in (ViewNet().eval(), Windows().eval()):
+        graph = onnx_classifier(onnx_bytes(net, (1, 8, 8), free_batch=False, batch=1), (1, 8, 8))
+        for n in (1, 4):  # its own batch size and another
+            x = torch.randn(n, 1, 8, 8)
+            with torch.no_grad():
+                assert torch.allclose(graph(x), net(x), atol=1e-4)
     # attention folds the batch into the heads' axis by a stored size: no reading of it runs at other batches
     with pytest.raises(ValueError, match="exported for batches of 1 only.*free batch axis"):
         onnx_classifier(onnx_bytes(Attention(), (1, 8, 8), free_batch=False, batch=1), (1, 8, 8))
