@@ -16,6 +16,8 @@ import numpy as np
 import orjson
 from PIL import Image, UnidentifiedImageError
 
+from sdb_core.pixels import unit_pixels
+
 from .errors import ApiError, bad_request, invalid
 
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -138,13 +140,12 @@ def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.
         img.load()
         if c not in (1, 3):
             raise invalid(f"this model takes {c}-channel inputs; images must be sent as arrays", "invalid_shape")
-        img = img.convert("L" if c == 1 else "RGB").resize((w, h), Image.BILINEAR)
+        pixels = unit_pixels(img, "L" if c == 1 else "RGB", (w, h)) * 255.0  # on the 0-255 scale ``normalize`` has
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             EOFError, MemoryError):
         raise ApiError(415, "unsupported_image", "the upload is not a readable PNG or JPEG image") from None
-    pixels = np.asarray(img, dtype=np.float32)
     pixels = pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
     mean = np.asarray(normalize["mean"], np.float32).reshape(-1, 1, 1)
     std = np.asarray(normalize["std"], np.float32).reshape(-1, 1, 1)

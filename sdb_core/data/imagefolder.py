@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_dataset, stratified_split
+from sdb_core.pixels import unit_pixels
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 _GRAY_BANDS = {("L",), ("L", "A"), ("1",), ("I",), ("F",)}
@@ -62,10 +63,10 @@ def _read(files: list[Path], size: int) -> tuple[np.ndarray, bool]:
         try:
             with Image.open(f) as im:
                 all_gray &= im.getbands() in _GRAY_BANDS
-                rgb = im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+                rgb = unit_pixels(im, "RGB", (size, size))  # a 16-bit image over its depth, not clipped
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DatasetError(f"cannot read image {f}: {e}") from e
-        out[i] = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        out[i] = rgb.transpose(2, 0, 1)
     return out, all_gray
 
 

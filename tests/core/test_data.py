@@ -253,6 +253,26 @@ def test_imagefolder_train_test_grayscale_and_size(tmp_path):
     assert data.test.tensors[1].tolist() == [0, 0, 2, 2]  # labels index the train classes
 
 
+def test_imagefolder_reads_sixteen_bit_images_over_their_depth(tmp_path):
+    """A 16-bit PNG (microscopy, X-ray, depth) was clipped at 255 by Pillow's convert: every class white."""
+    levels = {"dim": 3_000, "mid": 20_000, "bright": 60_000}
+    for name, level in levels.items():
+        (tmp_path / name).mkdir()
+        for i in range(5):
+            ramp = np.linspace(0, level, 12 * 10).reshape(10, 12) + i
+            Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / name / f"{i}.png")
+    assert Image.open(tmp_path / "dim" / "0.png").mode.startswith("I")  # Pillow reads it as 16 bits
+    data = load_dataset(f"imagefolder:{tmp_path}", image_size=12)
+    assert data.in_shape == (1, 12, 12)
+    tops = {}
+    for x, y in zip(*data.train.tensors):
+        pixels = raw_pixels(data, x)
+        assert pixels.std() > 0.01  # a ramp, not a flat white image
+        tops.setdefault(data.labels[y], []).append(float(pixels.max()))
+    for name, level in levels.items():  # each class's brightest pixel where its level puts it, not at 1
+        assert np.mean(tops[name]) == pytest.approx(level / 65535, abs=0.03), name
+
+
 def test_imagefolder_mixed_modes_become_rgb(tmp_path):
     write_folder(tmp_path / "train", per_class=2, mode="L")
     write_folder(tmp_path / "test", per_class=1, mode="RGB")

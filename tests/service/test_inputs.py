@@ -212,3 +212,23 @@ async def test_a_phone_cameras_jpeg_is_read_as_its_first_picture(svc):
         assert r.status_code == 200, r.text
         answers.append(r.json())
     assert answers[0] == answers[1]
+
+
+async def test_a_sixteen_bit_image_is_read_over_its_depth(svc):
+    """A 16-bit PNG was clipped at 255 by Pillow's convert (every pixel above 255 white); it is read over its depth,
+    as a data set's images are (sdb_core.pixels), so its model input is the 8-bit image's up to rounding."""
+    from service.tensors import image_to_input
+
+    ramp = np.linspace(0, 65535, 64).reshape(8, 8)
+    sixteen, eight = io.BytesIO(), io.BytesIO()
+    Image.fromarray(ramp.astype(np.uint16)).save(sixteen, "PNG")
+    Image.fromarray(np.round(ramp / 257).astype(np.uint8)).save(eight, "PNG")
+    norm = {"mean": [0.5], "std": [0.25]}
+    got, want = (image_to_input(b.getvalue(), [1, 8, 8], norm) for b in (sixteen, eight))
+    assert np.abs(got - want).max() < 1 / 255 / 0.25
+    answers = []
+    for body in (sixteen.getvalue(), eight.getvalue()):
+        r = await svc.client.post(PREDICT, content=body, headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+    assert answers[0] == answers[1]

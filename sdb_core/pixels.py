@@ -1,0 +1,32 @@
+"""An image's pixels as floats in [0, 1], whatever its bit depth: one reading for training data and served images.
+
+Pillow's ``convert("L"/"RGB")`` clips a 16-bit or 32-bit image's values at 255, so a 16-bit PNG or TIFF
+(microscopy, X-ray, depth) came out black and white. Such an image is read as floats over its depth instead,
+never through 8 bits. Torch-free: the service decodes requests' images with it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+HIGH_DEPTH = _SIXTEEN_BIT | {"I", "F"}  # one band each (Pillow has no high-depth colour mode)
+
+
+def _depth(im: Image.Image) -> float:
+    """The value white has in ``im``: 65535 for 16 bits; for 32-bit integers and floats, the smallest of 1, 255
+    and 65535 that holds the image's largest value (their files do not say which range they use)."""
+    if im.mode in _SIXTEEN_BIT:
+        return 65535.0
+    top = im.getextrema()[1]
+    return next((d for d in (1.0, 255.0) if top <= d and (d > 1.0 or im.mode == "F")), 65535.0)
+
+
+def unit_pixels(im: Image.Image, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """``im`` in ``mode`` ("L": (H, W), "RGB": (H, W, 3)) resized (bilinear) to ``size`` (W, H), in [0, 1]."""
+    if im.mode in HIGH_DEPTH:
+        depth = _depth(im)
+        values = np.asarray(im.convert("F").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+        values = np.clip(values / depth, 0.0, 1.0)
+        return np.repeat(values[..., None], 3, axis=2) if mode == "RGB" else values
+    return np.asarray(im.convert(mode).resize(size, Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
