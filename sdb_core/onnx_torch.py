@@ -219,6 +219,9 @@ class OnnxModule(nn.Module):
         for name, op, ins, outs, a in nodes:
             args = [env[i] if i else None for i in ins]
             if op == "If":  # a condition on sizes, as the TorchScript exporter writes squeeze(dim) of a free size
+                if not isinstance(args[0], Dims):  # the box's export would keep the branch one input took
+                    raise ValueError(f"node {name} (If): a condition on the input's values is not supported, "
+                                     "only one on its sizes")
                 branch, results = a["_branches"][bool(ints(args[0])[0])]
                 self._run(branch, env, x, None)
                 for out, result in zip(outs, results):

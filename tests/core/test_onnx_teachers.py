@@ -253,6 +253,20 @@ def test_what_cannot_be_run_is_refused_by_name():
     with pytest.raises(ValueError, match=r"unsupported operators \['TopK'\]"):
         onnx_classifier(onnx_bytes(TopK(), (1, 8, 8)), (1, 8, 8))
 
+    class OnItsValues(nn.Module):  # scripted: an If on the input's values, which the box's export could not keep
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            z = self.fc(x.flatten(1))
+            if bool(x.mean() > 0):
+                z = z * 2
+            return z
+
+    with pytest.raises(ValueError, match=r"\(If\): a condition on the input's values is not supported"):
+        onnx_classifier(onnx_bytes(torch.jit.script(OnItsValues()), (1, 8, 8)), (1, 8, 8))
+
 
 def test_a_model_reference_to_an_onnx_file_needs_no_architecture():
     assert ModelRef.parse("t=model.ONNX") == ("t", ModelRef(weights="model.ONNX"))
