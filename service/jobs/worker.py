@@ -97,8 +97,22 @@ def _watch_parent(pid: int, stop: threading.Event) -> None:
             stop.set()
 
 
+def first_to_go() -> None:
+    """Make this process the one the kernel kills first when the machine runs out of memory (Linux; elsewhere a
+    no-op). A job's memory has no bound but the machine's (a large network, an uploaded ONNX teacher that builds
+    huge tensors): out of memory, the kernel's choice, by size, could fall on the API server or the store beside
+    it. This way it falls on the job's worker: the reaper ends the job (``worker lost``) and the pool starts
+    another worker. Raising one's own score needs no privilege."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+
+
 def main_worker(settings: Settings) -> int:
     """The ``sdb worker`` process: SIGTERM or Ctrl-C stop it after releasing its job."""
+    first_to_go()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

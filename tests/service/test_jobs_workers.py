@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import httpx
 from sdb_client import Client
@@ -152,6 +153,9 @@ def test_cancel_a_running_job_then_kill_a_worker(tmp_path, bundles, servers):
         long = c.jobs.submit("wrap", LONG)
         job = wait_for(lambda: (j := c.jobs.get(long["id"]))["step"].startswith("wrap epoch") and j, 60, "training")
         pid = worker_pid(settings, job)
+        # out of memory, the kernel kills the worker first, never the server (service.jobs.worker.first_to_go)
+        assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "1000"
+        assert Path(f"/proc/{servers[0].proc.pid}/oom_score_adj").read_text().strip() != "1000"
         t0 = time.monotonic()
         assert c.jobs.cancel(long["id"])["cancel_requested"] is True
         job = done(c, long["id"], 10)
