@@ -458,7 +458,8 @@ def lrn(v, a, opset):
 def range_(v, a, opset):
     """``Range``: a graph's positions counted from a size (a sequence's length)."""
     start, limit, delta = (tensor(t).reshape(()) for t in v[:3])
-    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)
+    # the bounds as tensors, not numbers: traced (the box's export), a count from the batch size stays free
+    return torch.arange(start, limit, delta, dtype=start.dtype, device=start.device)
 
 
 def arg(fn: Callable):
@@ -469,6 +470,29 @@ def arg(fn: Callable):
             return n - 1 - fn(x.flip(axis), dim=axis, keepdim=keep)
         return fn(x, dim=axis, keepdim=keep)
     return run
+
+
+def scatter_nd(v, a, opset):
+    """``ScatterND``: ``updates`` written into a copy of the data at ``indices`` (in-place slice assignment,
+    ``x[:, 0] = y``, as the TorchScript exporter writes it); accumulating reductions are refused."""
+    if _text(a.get("reduction", "none")) != "none":
+        raise ValueError(f"ScatterND with reduction {_text(a['reduction'])} is not supported")
+    x, indices, updates = v
+    out = x.clone()
+    out[tuple(indices.to(x.device).long().unbind(-1))] = updates
+    return out
+
+
+def scatter_elements(v, a, opset):
+    if _text(a.get("reduction", "none")) != "none":
+        raise ValueError(f"ScatterElements with reduction {_text(a['reduction'])} is not supported")
+    x, index, updates, axis = v[0], tensor(v[1]).to(v[0].device).long(), v[2], a.get("axis", 0)
+    return torch.scatter(x, axis, torch.where(index < 0, index + x.shape[axis], index), updates)
+
+
+def gather_elements(v, a, opset):
+    x, index, axis = v[0], tensor(v[1]).to(v[0].device).long(), a.get("axis", 0)
+    return torch.gather(x, axis, torch.where(index < 0, index + x.shape[axis], index))
 
 
 def _reduce_prod(x, dims, keep):
@@ -540,6 +564,11 @@ OPS: dict[str, Callable] = {
     "Not": _unary(torch.logical_not), "And": _binary(lambda x, y: x & y), "Or": _binary(lambda x, y: x | y),
     "Xor": _binary(lambda x, y: x ^ y), "Sign": _unary(torch.sign), "Round": _unary(torch.round),
     "LRN": lrn, "Range": range_, "ArgMax": arg(torch.argmax), "ArgMin": arg(torch.argmin),
+    "Celu": lambda v, a, o: F.celu(v[0], a.get("alpha", 1.0)),
+    "ThresholdedRelu": lambda v, a, o: torch.where(v[0] > a.get("alpha", 1.0), v[0], torch.zeros_like(v[0])),
+    "CastLike": lambda v, a, o: v[0].to(v[1].dtype), "ScatterND": scatter_nd, "ScatterElements": scatter_elements,
+    "GatherElements": gather_elements,
+    "Size": lambda v, a, o: torch.tensor(v[0].numel(), dtype=torch.int64),
     "Gemm": gemm, "MatMul": _binary(torch.matmul), "Einsum": einsum,
     "ReduceMean": reduce(lambda x, d, k: x.mean(dim=d, keepdim=k), 18),
     "ReduceSum": reduce(lambda x, d, k: x.sum(dim=d, keepdim=k), 13),

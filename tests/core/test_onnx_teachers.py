@@ -91,10 +91,23 @@ class Gadgets(nn.Module):
         return self.fc(torch.cat([torch.logsumexp(h, 1), h.abs().sum(1) / 64, torch.norm(h, p=1, dim=1) / 64], 1))
 
 
+class InPlace(nn.Module):  # slices assigned in place: ScatterND, as the TorchScript exporter writes them
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        mark = torch.zeros_like(h)
+        mark[:, 0::2] = torch.sin(h[:, 0::2])
+        mark[:, 1] = 1.0
+        return self.b(h + mark)
+
+
 NETWORKS = {
     "view": (ViewNet, (1, 8, 8)), "norm_mlp": (NormMLP, (1, 8, 8)), "group_softmax": (GroupSoftmax, (1, 8, 8)),
     "signals": (Signals, (1, 32)), "attention": (Attention, (1, 8, 8)), "resizes": (Resizes, (1, 8, 8)),
-    "gadgets": (Gadgets, (1, 8, 8)),
+    "gadgets": (Gadgets, (1, 8, 8)), "in_place": (InPlace, (1, 8, 8)),
     "resnet8": (lambda: create_model("resnet8", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
     "vit_tiny": (lambda: create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
 }
@@ -152,6 +165,14 @@ SINGLE_NODES = {  # (ONNX Runtime refuses an even LRN size)
     "reduce_l1": ("ReduceL1", AXES, 1, {}), "reduce_log_sum_exp": ("ReduceLogSumExp", AXES, 1, {"keepdims": 0}),
     "argmax_last": ("ArgMax", {}, 7, {"axis": 1, "keepdims": 0, "select_last_index": 1}),
     "argmin": ("ArgMin", {}, 7, {"axis": 2}), "sign": ("Sign", {}, 1, {}), "round": ("Round", {}, 1, {}),
+    "celu": ("Celu", {}, 1, {"alpha": 0.7}), "thresholded_relu": ("ThresholdedRelu", {}, 1, {"alpha": 0.5}),
+    "cast_like": ("CastLike", {"like": np.zeros(1, np.float64)}, 11, {}), "size": ("Size", {}, 7, {}),
+    "scatter_nd": ("ScatterND", {"indices": np.array([[0, 1], [3, 5]], np.int64),
+                                 "updates": np.arange(18, dtype=np.float32).reshape(2, 3, 3)}, 1, {}),
+    "scatter_elements": ("ScatterElements", {"indices": np.array([[[[2]]], [[[-1]]]], np.int64),
+                                             "updates": np.array([[[[7.0]]], [[[9.0]]]], np.float32)}, 1, {"axis": 1}),
+    "gather_elements": ("GatherElements", {"indices": np.random.default_rng(1).integers(-6, 6, (4, 2, 3, 3))},
+                        1, {"axis": 1}),
 }
 
 
