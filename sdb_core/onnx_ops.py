@@ -258,8 +258,13 @@ def reshape(v, a, opset):
     # stored. Whatever this reads wrong, the graph run beside ONNX Runtime and the per-sample check refuse.
     batch = a.get("_batch")
     if fixed_batch is not None and batch is not None and batch != fixed_batch and not isinstance(v[1], Dims) \
-            and target and target[0] == fixed_batch and x.dim() > 0 and (-1 in target[1:] or not _fits(x, target)):
-        target = [batch, *target[1:]]
+            and target and x.dim() > 0 and isinstance(target[0], int) and target[0] > 0:
+        if target[0] == fixed_batch and (-1 in target[1:] or not _fits(x, target)):
+            target = [batch, *target[1:]]
+        elif target[0] % fixed_batch == 0 and not _fits(x, target):
+            # the batch folded into the leading axis with another (attention's heads: (N·heads, T, d))
+            folded = [batch * (target[0] // fixed_batch), *target[1:]]
+            target = folded if _fits(x, folded) else target
     return x.reshape(target)
 
 
@@ -359,6 +364,10 @@ def transpose(v, a, opset):
 
 def expand(v, a, opset):
     x, target = v[0], ints(v[1])
+    fixed_batch, batch = a.get("_fixed_batch"), a.get("_batch")
+    if fixed_batch is not None and batch is not None and batch != fixed_batch and not isinstance(v[1], Dims) \
+            and len(target) == x.dim() and target and target[0] == fixed_batch and x.shape[0] == 1:
+        target = [batch, *target[1:]]  # a stored batch size: one row made the batch's (a class token)
     rank = max(x.dim(), len(target))
     target = [1] * (rank - len(target)) + target
     have = [1] * (rank - x.dim()) + list(x.shape)

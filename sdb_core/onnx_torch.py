@@ -194,7 +194,7 @@ class OnnxModule(nn.Module):
                 a = {"_branches": {cond: (self._compile(a[key].node, f"{tag}{k}{key[0]}"), [o.name for o in a[key].output])
                                    for cond, key in ((True, "then_branch"), (False, "else_branch"))}}
             a["_outputs"] = len(n.output)  # what Split divides into, when no sizes are given
-            if n.op_type in ("Reshape", "Resize"):  # a size equal to it may mean "the batch"
+            if n.op_type in ("Reshape", "Resize", "Expand"):  # a size equal to it may mean "the batch"
                 a["_fixed_batch"] = self.fixed_batch
             out.append((n.name or f"{n.op_type}_{tag}{k}", n.op_type, list(n.input), list(n.output), a))
         return out
@@ -230,7 +230,7 @@ class OnnxModule(nn.Module):
             if op not in ON_DIMS:
                 # sizes made a tensor where the data is: an operator mixing them with it would fail on a GPU
                 args = [tensor(t).to(x.device) if isinstance(t, Dims) else t for t in args]
-            if op == "Reshape" and self.fixed_batch is not None:  # the batch it runs at (onnx_ops.reshape)
+            if op in ("Reshape", "Expand") and self.fixed_batch is not None:  # the batch it runs at (onnx_ops)
                 a = {**a, "_batch": x.shape[0]}
             try:
                 got = OPS[op](args, a, self.opset)

@@ -228,13 +228,15 @@ class Windows(nn.Module):
 
 def test_a_graph_exported_at_one_batch_size_runs_at_any_or_is_refused_in_words():
     torch.manual_seed(0)
-    for net in (ViewNet().eval(), Windows().eval()):
-        graph = onnx_classifier(onnx_bytes(net, (1, 8, 8), free_batch=False, batch=1), (1, 8, 8))
-        for n in (1, 4):  # its own batch size and another
+    vit = create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8))  # heads fold the batch: (N·heads, T, d)
+    for net, batch in ((ViewNet().eval(), 1), (Windows().eval(), 1), (vit.eval(), 2)):
+        graph = onnx_classifier(onnx_bytes(net, (1, 8, 8), free_batch=False, batch=batch), (1, 8, 8))
+        for n in (batch, 1, 4):  # its own batch size and others
             x = torch.randn(n, 1, 8, 8)
             with torch.no_grad():
                 assert torch.allclose(graph(x), net(x), atol=1e-4)
-    # attention folds the batch into the heads' axis by a stored size: no reading of it runs at other batches
+    # torch's MultiheadAttention folds the batch into the heads' axis after the sequence's (T, N·heads, d): which
+    # stored size holds the batch is ambiguous, and no reading of it runs at other batches
     with pytest.raises(ValueError, match="exported for batches of 1 only.*free batch axis"):
         onnx_classifier(onnx_bytes(Attention(), (1, 8, 8), free_batch=False, batch=1), (1, 8, 8))
 
