@@ -152,7 +152,10 @@ class OnnxModule(nn.Module):
         needed = _needed(g)
         unsupported = sorted(_ops(needed) - set(OPS) - {"Constant", "If"})
         if unsupported:
-            raise ValueError(f"cannot run this ONNX graph in torch: unsupported operators {unsupported}")
+            ml = any(op.startswith("ai.onnx.ml.") for op in unsupported)
+            raise ValueError(f"cannot run this ONNX graph in torch: unsupported operators {unsupported}" + (
+                " (the ai.onnx.ml operators of a scikit-learn or other classical model: the box fine-tunes a "
+                "neural network through its gradients, which such a model has not)" if ml else ""))
         stored = _initializers(g)
         inputs = [i for i in g.input if i.name not in stored]  # before old exports' initializer inputs are dropped
         read = set().union(*map(_reads, needed))

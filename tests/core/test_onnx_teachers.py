@@ -276,6 +276,19 @@ def test_what_cannot_be_run_is_refused_by_name():
     with pytest.raises(ValueError, match=r"unsupported operators \['TopK'\]"):
         onnx_classifier(onnx_bytes(TopK(), (1, 8, 8)), (1, 8, 8))
 
+    # a scikit-learn classifier's graph (skl2onnx writes ai.onnx.ml operators)
+    from onnx import TensorProto, helper
+
+    linear = helper.make_node("LinearClassifier", ["x"], ["label", "probs"], domain="ai.onnx.ml",
+                              coefficients=[1.0] * 8, intercepts=[0.0, 0.0], classlabels_ints=[0, 1])
+    sklearn = helper.make_model(helper.make_graph(
+        [linear], "sklearn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, ["n"]),
+         helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 2])]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    with pytest.raises(ValueError, match=r"ai\.onnx\.ml\.LinearClassifier.*a scikit-learn or other classical model"):
+        onnx_classifier(sklearn.SerializeToString(), (4,))
+
     class OnItsValues(nn.Module):  # scripted: an If on the input's values, which the box's export could not keep
         def __init__(self):
             super().__init__()
