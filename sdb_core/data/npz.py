@@ -1,8 +1,8 @@
 """``npz:PATH``: a NumPy ``.npz`` of images (or feature vectors) and labels, read with ``allow_pickle=False``.
 
 Arrays: ``x`` images, (N, H, W) or (N, C, H, W) with C = 1 or 3 (or channels last, (N, H, W, C), as
-PIL, OpenCV and TensorFlow keep them: read so when C is 1 or 3 and the second axis is not), ``uint8`` (0..255) or floats in
-[0, 1] (finite: no NaN or Inf); or feature vectors (N, D), integers or finite floats of any scale, each feature
+PIL, OpenCV and TensorFlow keep them: read so when C is 1 or 3 and the second axis is not), ``uint8`` (0..255),
+``uint16`` (0..65535) or floats in [0, 1] (finite: no NaN or Inf); or feature vectors (N, D), integers or finite floats of any scale, each feature
 standardised by its mean and standard deviation on the training split (a tabular set's columns: one scale for all
 would let the widest drown the rest and hide the key, which is unit-variance noise for a non-image input); ``y`` integer labels in [0, K), shape (N,), K >= 2; without ``labels`` each
 class index 0..K-1 has a sample (1-based labels, codes with gaps: refused, not renumbered). Optional: ``x_test``
@@ -91,7 +91,7 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
             shape = (shape[0], shape[3], shape[1], shape[2])
         if not signals and dtype.kind not in ("uif" if len(shape) == 2 else "uf"):
             raise DatasetError(f"{path}: {xs} is {dtype}; expected " + (
-                "integer or float features" if len(shape) == 2 else "uint8 pixels or floats in [0, 1]"))
+                "integer or float features" if len(shape) == 2 else "uint8 or uint16 pixels or floats in [0, 1]"))
         if len(yshape) != 1 or yshape[0] != shape[0]:
             raise DatasetError(f"{path}: {ys} has shape {list(yshape)}; expected ({shape[0]},), one label per image")
         if ydtype.kind not in "iu":
@@ -193,7 +193,10 @@ def _pixels(x: np.ndarray, signals: bool = False) -> np.ndarray:
     x = x[:, None] if x.ndim == 3 else x
     if _channels(x.shape) == 3:
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    return x.astype(np.float32) / 255.0 if x.dtype.kind == "u" else x.astype(np.float32)
+    if x.dtype.kind != "u":
+        return x.astype(np.float32)
+    # over the pixels' depth, as a served 16-bit PNG is read (sdb_core.pixels): 0..65535 for uint16, else 0..255
+    return x.astype(np.float32) / (65535.0 if x.dtype == np.uint16 else 255.0)
 
 
 @register_dataset

@@ -35,6 +35,17 @@ def test_npz_with_its_own_test_split_labels_and_colour(tmp_path):
     assert describe_npz(path) == {"samples": 8, "shape": [3, 4, 4], "classes": 2, "splits": "x_test"}
 
 
+def test_sixteen_bit_images_are_read_over_their_depth(tmp_path):
+    """uint16 pixels are 0..65535, as a served 16-bit PNG is read: they were divided by 255, 257 times the scale
+    of the same images served, which the bundle's normalisation (pixel / 255 - mean) / std then served wrong."""
+    eight = np.random.default_rng(0).integers(0, 256, (20, 1, 5, 5), dtype=np.uint8)
+    y = np.arange(20) % 2
+    a = load_dataset(f"npz:{write(tmp_path / 'a.npz', x=eight, y=y)}")
+    b = load_dataset(f"npz:{write(tmp_path / 'b.npz', x=eight.astype(np.uint16) * 257, y=y)}")
+    assert np.allclose(a.mean, b.mean) and np.allclose(a.std, b.std)
+    assert torch.allclose(a.train.tensors[0], b.train.tensors[0], atol=1e-5)
+
+
 def test_channels_last_images_are_read_as_pil_and_tensorflow_keep_them(tmp_path):
     rng = np.random.default_rng(0)
     first = rng.integers(0, 256, (10, 3, 5, 7), dtype=np.uint8)  # channels first, this loader's own form
@@ -91,7 +102,7 @@ def test_feature_vectors_are_standardised_per_feature_and_wrap_serve_and_export(
 @pytest.mark.parametrize("arrays,words", [
     ({"x": np.zeros((4, 4, 4))}, "no array 'y'"),
     ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "extra": np.zeros(1)}, "does not read"),
-    ({"x": np.zeros((4, 4, 4), complex), "y": np.zeros(4, int)}, "uint8 pixels or floats"),
+    ({"x": np.zeros((4, 4, 4), complex), "y": np.zeros(4, int)}, "uint8 or uint16 pixels or floats"),
     ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4)}, "integer labels"),
     ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "x_test": np.zeros((2, 4, 4))}, "come together"),
     ({"x": np.zeros((4, 4, 4)), "y": np.zeros(4, int), "x_test": np.zeros((2, 5, 5)), "y_test": np.zeros(2, int)},
