@@ -23,10 +23,14 @@ class ViewNet(nn.Module):
         return self.fc(x.view(x.size(0), -1))
 
 
-def onnx_bytes(net: nn.Module, shape, free_batch: bool = True, batch: int = 2, dtype=torch.float32) -> bytes:
+def onnx_bytes(net: nn.Module, shape, free_batch: bool = True, batch: int = 2, dtype=torch.float32,
+               free_spatial: bool = False) -> bytes:
+    """``free_spatial``: the last two axes free too (a fully convolutional export)."""
     buf = io.BytesIO()
+    free = {0: "n"} if free_batch else {}
+    free |= {len(shape) - 1: "h", len(shape): "w"} if free_spatial else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net.eval(), (torch.randn(batch, *shape, dtype=dtype),), buf, input_names=["image"],
-                          dynamic_axes={"image": {0: "n"}} if free_batch else None, opset_version=17, dynamo=False)
+                          dynamic_axes={"image": free} if free else None, opset_version=17, dynamo=False)
     return buf.getvalue()

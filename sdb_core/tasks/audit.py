@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..progress import Hooks
 from ..protect.config import AuditConfig
-from .refs import ModelRef
+from .refs import ModelRef, image_size_for
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def run(cfg: AuditTask, out: str | os.PathLike, hooks: Hooks | None = None) -> A
     hooks = hooks or Hooks()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data, image_size=image_size_for(cfg.data, cfg.target))
     a = cfg.audit
     if a.transfer_n > len(data.train):  # the attacker's transfer set is drawn from the train split
         raise ValueError(f"transfer asks for {a.transfer_n} images; the train split of {data.name} has "

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..distill.config import DistillConfig
 from ..progress import Hooks
-from .refs import ModelRef
+from .refs import ModelRef, image_size_for
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def run(cfg: DistillTask, out: str | os.PathLike, hooks: Hooks | None = None, *,
     from ..weights import save_weights
 
     hooks = hooks or Hooks()
-    data = data if data is not None else load_dataset(cfg.data)
+    data = data if data is not None else load_dataset(cfg.data, image_size=image_size_for(cfg.data, cfg.teacher))
     if cfg.transfer > len(data.train):  # before the teacher is built or anything is charged
         raise ValueError(f"transfer asks for {cfg.transfer} images; the train split of {data.name} has "
                          f"{len(data.train)}: ask for at most that many (0: all of them)")

@@ -14,6 +14,33 @@ def is_onnx_file(path: str | Path) -> bool:
     return str(path).lower().endswith(".onnx")
 
 
+def onnx_input_shape(path: str | Path) -> list[int | None]:
+    """An ONNX model's input shape (None for a free axis), its first input that is not a stored tensor."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    stored = {i.name for i in g.initializer}
+    first = next(i for i in g.input if i.name not in stored)
+    return [d.dim_value if d.HasField("dim_value") else None for d in first.type.tensor_type.shape.dim]
+
+
+def image_size_for(data: str, *models: ModelRef | None) -> int | None:
+    """The size an ``imagefolder:`` data set is read at for a task: the side of the images its model takes, where
+    that model fixes one (the folder's images are the owner's, of any size; its default, 32, would not fit a
+    network made for 64 or 224); None (the set's own) otherwise, and for every other data set."""
+    if not data.strip().lower().startswith("imagefolder:"):
+        return None
+    sides = set()
+    for m in models:
+        try:
+            side = m.image_side() if m is not None else None
+        except Exception:  # noqa: BLE001 - a model that cannot be read: its loading says why, later
+            side = None
+        if side is not None:
+            sides.add(side)
+    return sides.pop() if len(sides) == 1 else None
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model a task reads. Exactly one source:
@@ -93,6 +120,24 @@ class ModelRef:
         what = (f"ONNX model {self.weights}" if self.is_onnx else f"{self.arch} weights {self.weights}" if self.weights
                 else f"untrained {self.arch}")
         return what + ("" if self.mean is None else f" (inputs normalised by mean {list(self.mean)}, std {list(self.std)})")
+
+    def image_side(self) -> int | None:
+        """The side of the square images this model takes where it fixes one (an ONNX graph's input (N, C, S, S) or
+        channels last (N, S, S, C), a bundle's input shape), else None (a zoo network takes any size)."""
+        if self.is_onnx:
+            shape = onnx_input_shape(self.weights)
+        elif self.bundle is not None:
+            from ..bundle import read_bundle_files, verify
+
+            shape = [None, *verify(read_bundle_files(self.bundle), str(self.bundle))["input"]["shape"]]
+        else:
+            return None
+        if len(shape) != 4:
+            return None
+        for h, w in ((shape[2], shape[3]), (shape[1], shape[2])):  # channels first, then last
+            if isinstance(h, int) and h > 3 and h == w:
+                return h
+        return None
 
     # ------------------------------------------------------------------ loading (torch from here on)
     def network(self, num_classes: int | None, in_shape, data_norm=None) -> Any:

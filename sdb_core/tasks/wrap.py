@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..progress import Hooks
 from ..protect.config import CheckConfig, NastyConfig, SDBConfig, Thresholds
-from .refs import ONNX_ARCH, ModelRef
+from .refs import ONNX_ARCH, ModelRef, image_size_for
 
 MODES = ("sdb", "nasty")
 
@@ -109,7 +109,7 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     tcfg = teacher_config(cfg.teacher.arch, epochs=cfg.teacher_epochs, batch_size=cfg.recipe_train.batch_size,
                           seed=cfg.seed) if trained else None
     hooks.plan(**({"teacher": tcfg.epochs} if trained else {}), wrap=cfg.recipe_train.epochs)
-    data = load_dataset(cfg.data)
+    data = load_dataset(cfg.data, image_size=image_size_for(cfg.data, cfg.teacher))
     check = replace(cfg.check, seed=cfg.seed, teacher_apart=trained)
     seed_everything(cfg.seed)
     arch = cfg.teacher_arch

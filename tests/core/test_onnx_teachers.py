@@ -390,3 +390,51 @@ def test_a_teacher_trained_on_its_own_normalisation_is_given_its_inputs_that_way
     assert any("normalised by mean (0), std (1)" in line for line in logs), logs
     served = load_bundle(out.bundle).public_logits(xt.numpy()).argmax(1)
     assert (served == own.argmax(1).numpy()).mean() > 0.85  # as the test above
+
+
+def test_an_image_folder_is_read_at_the_size_the_model_takes(tmp_path):
+    """An owner's folder of photos (any size) was read at 32x32 whatever the network takes: an ONNX classifier made
+    for 12x12 (or a box wrapped at it) was refused, and the CLI and jobs have no image size to give."""
+    from PIL import Image
+
+    from sdb_core.tasks import distill
+    from sdb_core.tasks.distill import DistillTask
+    from sdb_core.tasks.refs import image_size_for
+
+    for c, name in enumerate(("apples", "pears")):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (40, 30), (200 * c, 60, 30 * i)).save(tmp_path / "photos" / name / f"{i}.png")
+    photos = f"imagefolder:{tmp_path / 'photos'}"
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    first, last, free = (tmp_path / f"{n}.onnx" for n in ("first", "last", "free"))
+    first.write_bytes(onnx_bytes(Net().eval(), (3, 12, 12)))
+    last.write_bytes(onnx_bytes(TakesChannelsLast(Net().eval()), (12, 12, 3)))
+    free.write_bytes(onnx_bytes(Net().eval(), (3, 12, 12), free_spatial=True))
+    assert [image_size_for(photos, ModelRef(weights=str(p))) for p in (first, last, free)] == [12, 12, None]
+    assert image_size_for("digits", ModelRef(weights=str(first))) is None  # other sets keep their own size
+    assert image_size_for(photos, ModelRef(weights=str(tmp_path / "missing.onnx"))) is None  # its loading says why
+
+    outcome = distill.run(DistillTask.from_options("cnn", photos, teacher=ModelRef(weights=str(first)), epochs=1),
+                          tmp_path / "student.safetensors")
+    assert outcome.student(torch.zeros(1, 3, 12, 12)).shape == (1, 2)
+
+
+class TakesChannelsLast(nn.Module):
+    """A network taking (N, H, W, C), as Keras' exports do."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2))
