@@ -409,11 +409,11 @@ def _write(files: dict[str, bytes], out: Path) -> Path:
     return out
 
 
-def read_bundle_files(path: str | os.PathLike) -> dict[str, bytes]:
+def read_bundle_files(path: str | os.PathLike, names: Sequence[str] = (MODEL_FILE, META_FILE, KEY_FILE)) -> dict[str, bytes]:
+    """A bundle's files (``names`` of them: all by default), from its directory or ``.sdb`` zip; not verified."""
     p = Path(path)
     if not p.exists():
         raise BundleError(f"no bundle at {p}")
-    names = (MODEL_FILE, META_FILE, KEY_FILE)
     if p.is_dir():
         for n in names:
             if (p / n).is_file() and (p / n).stat().st_size > _member_limit(n):

@@ -68,8 +68,7 @@ def _axes(a: dict, v: list, opset: int, since: int, index: int = 1) -> list[int]
 
 # --------------------------------------------------------------------------- convolution and pooling
 def _same_pads(a: dict, x: Tensor, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]) -> list:
-    mode = a.get("auto_pad", b"NOTSET")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = a.get("auto_pad", "NOTSET")
     nd = len(kernel)
     if mode in ("NOTSET", "VALID"):
         return list(a.get("pads", [0] * (2 * nd))) if mode == "NOTSET" else [0] * (2 * nd)
@@ -226,8 +225,7 @@ def _softmax(fn: Callable):
 
 
 def gelu(v, a, opset):
-    approximate = a.get("approximate", b"none")
-    return F.gelu(v[0], approximate=approximate.decode() if isinstance(approximate, bytes) else approximate)
+    return F.gelu(v[0], approximate=a.get("approximate", "none"))
 
 
 def gemm(v, a, opset):
@@ -256,9 +254,8 @@ def reshape(v, a, opset):
     # or would fold the batch into an inferred (-1) axis (windows of an image: (N·W, ...) back to (N, -1, C)); a
     # leading axis is not always the batch (attention's sequence-first). At its own batch the graph runs as
     # stored. Whatever this reads wrong, the graph run beside ONNX Runtime and the per-sample check refuse.
-    batch = a.get("_batch")
-    if fixed_batch is not None and batch is not None and batch != fixed_batch and not isinstance(v[1], Dims) \
-            and target and x.dim() > 0 and isinstance(target[0], int) and target[0] > 0:
+    batch = _other_batch(v, a)
+    if batch is not None and target and x.dim() > 0 and isinstance(target[0], int) and target[0] > 0:
         if target[0] == fixed_batch and (-1 in target[1:] or not _fits(x, target)):
             target = [batch, *target[1:]]
         elif target[0] % fixed_batch == 0 and not _fits(x, target):
@@ -266,6 +263,15 @@ def reshape(v, a, opset):
             folded = [batch * (target[0] // fixed_batch), *target[1:]]
             target = folded if _fits(x, folded) else target
     return x.reshape(target)
+
+
+def _other_batch(v: list, a: dict) -> int | None:
+    """The batch a fixed-batch graph runs at (``_batch``) when it is not the one it was exported at
+    (``_fixed_batch``) and the node's sizes (``v[1]``) are stored ones, which may hold the export's; else None."""
+    fixed_batch, batch = a.get("_fixed_batch"), a.get("_batch")
+    if fixed_batch is None or batch is None or batch == fixed_batch or isinstance(v[1], Dims):
+        return None
+    return batch
 
 
 def _fits(x: Tensor, target: list) -> bool:
@@ -310,6 +316,11 @@ def concat(v, a, opset):
     return torch.cat(v, dim=a["axis"])
 
 
+def _from_start(index: Tensor, size: int) -> Tensor:
+    """Indices as counted from the start of an axis of ``size`` (ONNX's negative ones count from its end)."""
+    return torch.where(index < 0, index + size, index)
+
+
 def gather(v, a, opset):
     x, index = v[0], v[1]
     axis = a.get("axis", 0)
@@ -318,8 +329,7 @@ def gather(v, a, opset):
         return Dims.of(picked, scalar=index.dim() == 0)
     if isinstance(index, Tensor) and index.dim() == 0:
         return x.select(axis, int(index))
-    index = tensor(index).to(x.device)  # sizes picked from a shape are made on the CPU
-    index = torch.where(index < 0, index + x.shape[axis], index)
+    index = _from_start(tensor(index).to(x.device), x.shape[axis])  # sizes picked from a shape: made on the CPU
     out = torch.index_select(x, axis % x.dim(), index.reshape(-1))
     axis = axis % x.dim()
     return out.reshape(tuple(x.shape[:axis]) + tuple(index.shape) + tuple(x.shape[axis + 1:]))
@@ -364,9 +374,8 @@ def transpose(v, a, opset):
 
 def expand(v, a, opset):
     x, target = v[0], ints(v[1])
-    fixed_batch, batch = a.get("_fixed_batch"), a.get("_batch")
-    if fixed_batch is not None and batch is not None and batch != fixed_batch and not isinstance(v[1], Dims) \
-            and len(target) == x.dim() and target and target[0] == fixed_batch and x.shape[0] == 1:
+    batch = _other_batch(v, a)
+    if batch is not None and len(target) == x.dim() and target and target[0] == a["_fixed_batch"] and x.shape[0] == 1:
         target = [batch, *target[1:]]  # a stored batch size: one row made the batch's (a class token)
     rank = max(x.dim(), len(target))
     target = [1] * (rank - len(target)) + target
@@ -390,8 +399,7 @@ def cast(v, a, opset):
 
 def pad(v, a, opset):
     x = v[0]
-    mode = a.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
+    mode = a.get("mode", "constant")
     if opset < 11:
         pads, value = list(a["pads"]), a.get("value", 0.0)
     else:
@@ -433,7 +441,7 @@ def resize(v, a, opset):
     """What torch's ``F.interpolate`` exports: nearest (asymmetric, floor) and (bi/tri)linear (half-pixel, or align
     corners), by output sizes or scales; other sampling rules are refused by name."""
     x = v[0]
-    mode, where_, nearest = (_text(a.get(k, d)) for k, d in (("mode", "nearest"), (
+    mode, where_, nearest = (a.get(k, d) for k, d in (("mode", "nearest"), (
         "coordinate_transformation_mode", "half_pixel"), ("nearest_mode", "round_prefer_floor")))
     sizes = ints(v[3]) if len(v) > 3 and v[3] is not None and tensor(v[3]).numel() else None
     scales = tensor(v[2]).reshape(-1).tolist() if len(v) > 2 and v[2] is not None and tensor(v[2]).numel() else None
@@ -484,8 +492,8 @@ def arg(fn: Callable):
 def scatter_nd(v, a, opset):
     """``ScatterND``: ``updates`` written into a copy of the data at ``indices`` (in-place slice assignment,
     ``x[:, 0] = y``, as the TorchScript exporter writes it); accumulating reductions are refused."""
-    if _text(a.get("reduction", "none")) != "none":
-        raise ValueError(f"ScatterND with reduction {_text(a['reduction'])} is not supported")
+    if a.get("reduction", "none") != "none":
+        raise ValueError(f"ScatterND with reduction {a['reduction']} is not supported")
     x, indices, updates = v
     out = x.clone()
     out[tuple(indices.to(x.device).long().unbind(-1))] = updates
@@ -493,25 +501,21 @@ def scatter_nd(v, a, opset):
 
 
 def scatter_elements(v, a, opset):
-    if _text(a.get("reduction", "none")) != "none":
-        raise ValueError(f"ScatterElements with reduction {_text(a['reduction'])} is not supported")
-    x, index, updates, axis = v[0], tensor(v[1]).to(v[0].device).long(), v[2], a.get("axis", 0)
-    return torch.scatter(x, axis, torch.where(index < 0, index + x.shape[axis], index), updates)
+    if a.get("reduction", "none") != "none":
+        raise ValueError(f"ScatterElements with reduction {a['reduction']} is not supported")
+    x, updates, axis = v[0], v[2], a.get("axis", 0)
+    return torch.scatter(x, axis, _from_start(tensor(v[1]).to(x.device).long(), x.shape[axis]), updates)
 
 
 def gather_elements(v, a, opset):
-    x, index, axis = v[0], tensor(v[1]).to(v[0].device).long(), a.get("axis", 0)
-    return torch.gather(x, axis, torch.where(index < 0, index + x.shape[axis], index))
+    x, axis = v[0], a.get("axis", 0)
+    return torch.gather(x, axis, _from_start(tensor(v[1]).to(x.device).long(), x.shape[axis]))
 
 
 def _reduce_prod(x, dims, keep):
     for d in sorted(dims, reverse=True):
         x = x.prod(dim=d, keepdim=keep)
     return x
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def where(v, a, opset):
@@ -531,8 +535,7 @@ def identity(v, a, opset):
 
 
 def einsum(v, a, opset):
-    equation = a["equation"]
-    return torch.einsum(equation.decode() if isinstance(equation, bytes) else equation, *v)
+    return torch.einsum(a["equation"], *v)
 
 
 def _unary(fn: Callable):

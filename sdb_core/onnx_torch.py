@@ -51,7 +51,8 @@ def _array(t) -> np.ndarray:
 
 
 def _attrs(node) -> dict:
-    """A node's attributes as Python values; tensors (``Constant``'s value, ``ConstantOfShape``'s) as arrays."""
+    """A node's attributes as Python values; tensors (``Constant``'s value, ``ConstantOfShape``'s) as arrays, strings
+    as text."""
     from onnx import AttributeProto, helper
 
     out = {}
@@ -59,7 +60,10 @@ def _attrs(node) -> dict:
         if a.type == AttributeProto.TENSORS or a.type == AttributeProto.SPARSE_TENSOR:
             raise ValueError(f"node {node.name[:100]!r}: an attribute of type {AttributeProto.AttributeType.Name(a.type)} "
                              "is not supported")
-        out[a.name] = _array(a.t) if a.type == AttributeProto.TENSOR else helper.get_attribute_value(a)
+        value = _array(a.t) if a.type == AttributeProto.TENSOR else helper.get_attribute_value(a)
+        if a.type == AttributeProto.STRING:  # read as bytes; the operators compare text (a mode, an equation)
+            value = value.decode()
+        out[a.name] = value
     return out
 
 
@@ -123,15 +127,16 @@ def _ops(nodes) -> set[str]:
     return out
 
 
-def _needed(g) -> list:
-    """The nodes the graph's first output (the logits) depends on, in the graph's order: a branch that computes
-    something else (another output, an auxiliary head, the argmax beside the logits) is neither run nor refused."""
+def _needed(g) -> tuple[list, set[str]]:
+    """The nodes the graph's first output (the logits) depends on, in the graph's order, and the names they read: a
+    branch that computes something else (another output, an auxiliary head, the argmax beside the logits) is
+    neither run nor refused."""
     wanted, kept = {g.output[0].name}, []
     for n in reversed(g.node):  # nodes are stored in topological order
         if any(o in wanted for o in n.output):
             kept.append(n)
             wanted |= _reads(n)
-    return kept[::-1]
+    return kept[::-1], wanted
 
 
 class OnnxModule(nn.Module):
@@ -149,7 +154,7 @@ class OnnxModule(nn.Module):
         model = onnx.load_from_string(model_bytes)
         g = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        needed = _needed(g)
+        needed, read = _needed(g)
         unsupported = sorted(_ops(needed) - set(OPS) - {"Constant", "If"})
         if unsupported:
             ml = any(op.startswith("ai.onnx.ml.") for op in unsupported)
@@ -158,7 +163,6 @@ class OnnxModule(nn.Module):
                 "neural network through its gradients, which such a model has not)" if ml else ""))
         stored = _initializers(g)
         inputs = [i for i in g.input if i.name not in stored]  # before old exports' initializer inputs are dropped
-        read = set().union(*map(_reads, needed))
         stored = {name: value for name, value in stored.items() if name in read}
         if len(inputs) != 1:
             raise ValueError(f"the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "

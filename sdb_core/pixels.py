@@ -19,7 +19,9 @@ def _depth(im: Image.Image) -> float:
     if im.mode in _SIXTEEN_BIT:
         return 65535.0
     top = im.getextrema()[1]
-    return next((d for d in (1.0, 255.0) if top <= d and (d > 1.0 or im.mode == "F")), 65535.0)
+    if im.mode == "F" and top <= 1.0:
+        return 1.0
+    return 255.0 if top <= 255 else 65535.0
 
 
 def unit_pixels(im: Image.Image, mode: str, size: tuple[int, int]) -> np.ndarray:

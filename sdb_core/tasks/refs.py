@@ -126,10 +126,12 @@ class ModelRef:
         channels last (N, S, S, C), a bundle's input shape), else None (a zoo network takes any size)."""
         if self.is_onnx:
             shape = onnx_input_shape(self.weights)
-        elif self.bundle is not None:
-            from ..bundle import read_bundle_files, verify
+        elif self.bundle is not None:  # its meta alone (the task's loading verifies the whole bundle)
+            import json
 
-            shape = [None, *verify(read_bundle_files(self.bundle), str(self.bundle))["input"]["shape"]]
+            from ..bundle import META_FILE, read_bundle_files
+
+            shape = [None, *json.loads(read_bundle_files(self.bundle, (META_FILE,))[META_FILE])["input"]["shape"]]
         else:
             return None
         if len(shape) != 4:
