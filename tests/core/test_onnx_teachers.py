@@ -421,6 +421,10 @@ def test_an_image_folder_is_read_at_the_size_the_model_takes(tmp_path):
     last.write_bytes(onnx_bytes(TakesChannelsLast(Net().eval()), (12, 12, 3)))
     free.write_bytes(onnx_bytes(Net().eval(), (3, 12, 12), free_spatial=True))
     assert [image_size_for(photos, ModelRef(weights=str(p))) for p in (first, last, free)] == [12, 12, None]
+    box = tmp_path / "box"  # a bundle wrapped at 12x12: its meta says so
+    box.mkdir()
+    (box / "meta.json").write_text('{"input": {"name": "input", "shape": [3, 12, 12]}}')
+    assert image_size_for(photos, ModelRef(bundle=str(box))) == 12
     assert image_size_for("digits", ModelRef(weights=str(first))) is None  # other sets keep their own size
     assert image_size_for(photos, ModelRef(weights=str(tmp_path / "missing.onnx"))) is None  # its loading says why
 
