@@ -10,9 +10,9 @@ Shapes stay free. ``Shape`` yields :class:`Dims`, the tensor's sizes as values (
 tracer, traced sizes), and the integer ops a graph computes a shape with (``Gather``, ``Unsqueeze``,
 ``Concat``, ``Slice``, arithmetic) work on them as such: ``x.view(x.size(0), -1)``, exported as Shape →
 Gather → Unsqueeze → Concat → Reshape, runs at any batch size here and exports again with a free batch axis.
-A graph exported at one fixed batch size reshapes by a stored constant instead; ``Reshape`` reads a leading
-constant equal to that size as the batch axis where the stored shape does not fit (``OnnxModule.fixed_batch``),
-so it too runs at other batch sizes (one that folds the batch into another axis, as attention does, does not).
+A graph exported at one fixed batch size reshapes by a stored constant instead; ``Reshape`` reads which stored
+size held the export's batch (``batch_readings``; :meth:`OnnxModule.calibrate` settles it where the likeliest
+reading is wrong: attention folds the batch with the heads or the sequence), so it too runs at other batch sizes.
 """
 from __future__ import annotations
 
@@ -244,32 +244,47 @@ def shape(v, a, opset):
 
 
 def reshape(v, a, opset):
-    x, target, fixed_batch = v[0], ints(v[1]), a.get("_fixed_batch")
+    x, target = v[0], ints(v[1])
     if isinstance(x, Dims):  # sizes stay sizes: 1-d, or a scalar for the shape []
         return Dims.of(x, scalar=not target)
     if not a.get("allowzero", 0):
         target = [x.shape[i] if isinstance(s, int) and s == 0 else s for i, s in enumerate(target)]
     # A graph exported at one batch size stores it in its reshapes: run at another batch (``_batch``, the graph
-    # input's), a leading size equal to it is read as the batch where the stored shape would not fit the tensor
-    # or would fold the batch into an inferred (-1) axis (windows of an image: (N·W, ...) back to (N, -1, C)); a
-    # leading axis is not always the batch (attention's sequence-first). At its own batch the graph runs as
-    # stored. Whatever this reads wrong, the graph run beside ONNX Runtime and the per-sample check refuse.
-    batch = _other_batch(v, a)
-    if batch is not None and target and x.dim() > 0 and isinstance(target[0], int) and target[0] > 0:
-        if target[0] == fixed_batch and (-1 in target[1:] or not _fits(x, target)):
-            target = [batch, *target[1:]]
-        elif target[0] % fixed_batch == 0 and not _fits(x, target):
-            # the batch folded into the leading axis with another (attention's heads: (N·heads, T, d))
-            folded = [batch * (target[0] // fixed_batch), *target[1:]]
-            target = folded if _fits(x, folded) else target
+    # input's), which stored size held the export's batch is a reading (``batch_readings``), picked by ``_choose``:
+    # the one :meth:`OnnxModule.calibrate` found, else the likeliest.
+    batch = _run_batch(v, a)
+    if batch is not None and target and x.dim() > 0 and isinstance(target[0], int):
+        options = batch_readings(x, target, a["_fixed_batch"], batch)
+        reading = a["_choose"](options, (tuple(target), tuple(x.shape))) if "_choose" in a else options[0]
+        target = _read(target, reading, a["_fixed_batch"], batch)
     return x.reshape(target)
 
 
-def _other_batch(v: list, a: dict) -> int | None:
-    """The batch a fixed-batch graph runs at (``_batch``) when it is not the one it was exported at
-    (``_fixed_batch``) and the node's sizes (``v[1]``) are stored ones, which may hold the export's; else None."""
+def batch_readings(x: Tensor, target: list[int], fixed_batch: int, batch) -> list[int | None]:
+    """Where a stored reshape target of a graph exported at ``fixed_batch`` may hold that batch, run at ``batch``:
+    None (nowhere: as stored, an inferred -1 axis taking the batch) or the axis whose stored size is a multiple of
+    it (the batch alone, or folded with another axis: attention's (N·heads, T, d), sequence-first (T·N, E)). Only
+    those that fit the tensor, likeliest first: the leading axis where it is the export's batch and an inferred
+    axis follows (windows of an image back to (N, -1, C)) or the stored shape does not fit, else as stored."""
+    axes = [j for j, s in enumerate(target) if isinstance(s, int) and s > 0 and s % fixed_batch == 0]
+    lead = bool(axes) and axes[0] == 0 and (target[0] == fixed_batch and -1 in target[1:] or not _fits(x, target))
+    order = [0, None, *axes[1:]] if lead else [None, *axes]
+    return [r for r in order if _fits(x, _read(target, r, fixed_batch, batch))] or [None]
+
+
+def _read(target: list[int], axis: int | None, fixed_batch: int, batch) -> list:
+    """``target`` with the export's batch in ``axis`` made ``batch`` (None: as stored)."""
+    if axis is None:
+        return target
+    return [s // fixed_batch * batch if j == axis else s for j, s in enumerate(target)]
+
+
+def _run_batch(v: list, a: dict) -> int | None:
+    """The batch a graph exported at one batch size (``_fixed_batch``) runs at (``_batch``) where the node's sizes
+    (``v[1]``) are stored ones, which may hold the export's; else None. Also at the export's own batch, where each
+    reading gives the stored sizes: traced there (a box's export), they become sizes computed from the batch."""
     fixed_batch, batch = a.get("_fixed_batch"), a.get("_batch")
-    if fixed_batch is None or batch is None or batch == fixed_batch or isinstance(v[1], Dims):
+    if fixed_batch is None or batch is None or isinstance(v[1], Dims):
         return None
     return batch
 
@@ -374,7 +389,7 @@ def transpose(v, a, opset):
 
 def expand(v, a, opset):
     x, target = v[0], ints(v[1])
-    batch = _other_batch(v, a)
+    batch = _run_batch(v, a)
     if batch is not None and len(target) == x.dim() and target and target[0] == a["_fixed_batch"] and x.shape[0] == 1:
         target = [batch, *target[1:]]  # a stored batch size: one row made the batch's (a class token)
     rank = max(x.dim(), len(target))

@@ -28,12 +28,14 @@ nothing to match on a hosted teacher.
 from __future__ import annotations
 
 import re
+from functools import partial
 from os import PathLike
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import onnx_batch
 from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
 from .onnx_ops import ON_DIMS, OPS, Dims, ints, tensor
 
@@ -186,6 +188,34 @@ class OnnxModule(nn.Module):
                 self.register_buffer(f"w{i}", t)
             self._consts[name] = f"w{i}"
         self.nodes = self._compile(needed, "")
+        # which stored size of each reshape held the export's batch, where the likeliest reading is not it
+        self._readings: dict[str, int | None] = {}
+        self._chooser = self._watch = None  # while calibrating: how reshapes read, what sees each node's outputs
+
+    def _choose(self, node: str, options: list[int | None], like: tuple) -> int | None:
+        if self._chooser is not None:
+            return self._chooser(node, options, like)
+        reading = self._readings.get(node, options[0])
+        return reading if reading in options else options[0]
+
+    def calibrate(self, x: Tensor) -> bool:
+        """For a graph exported at one batch size: settle which stored size of each reshape held that batch, on a
+        few rows of ``x`` (:func:`sdb_core.onnx_batch.calibrate`). False where no reading answers each sample as
+        alone (the likeliest readings stay, and :func:`onnx_classifier` refuses the graph at other batch sizes)."""
+        if self.fixed_batch is None:
+            return True
+
+        def run(rows: Tensor, chooser, watch) -> Tensor:
+            self._chooser, self._watch = chooser, watch
+            try:
+                return self(rows)
+            finally:
+                self._chooser, self._watch = None, None
+
+        self._readings = {}
+        found = onnx_batch.calibrate(self, x, self.fixed_batch, run, self.nodes, self.output_name)
+        self._readings = found or {}
+        return found is not None
 
     def _compile(self, nodes, tag: str) -> list[tuple]:
         """(name, operator, inputs, outputs, attributes) per node; constants made buffers; an ``If``'s branches
@@ -238,16 +268,20 @@ class OnnxModule(nn.Module):
                 # sizes made a tensor where the data is: an operator mixing them with it would fail on a GPU
                 args = [tensor(t).to(x.device) if isinstance(t, Dims) else t for t in args]
             if op in ("Reshape", "Expand") and self.fixed_batch is not None:  # the batch it runs at (onnx_ops)
-                a = {**a, "_batch": x.shape[0]}
+                a = {**a, "_batch": x.shape[0], "_choose": partial(self._choose, name)}
             try:
                 got = OPS[op](args, a, self.opset)
             except (RuntimeError, ValueError, IndexError, TypeError, AttributeError) as e:
-                raise ValueError(f"node {name} ({op}): {e}") from None
+                refused = ValueError(f"node {name} ({op}): {e}")
+                refused.node = name  # type: ignore[attr-defined]  # what a calibration blames
+                raise refused from None
             for out, value in zip(outs, got if isinstance(got, (tuple, list)) and not isinstance(got, Dims) else (got,)):
                 if isinstance(value, Tensor) and value.device != x.device:  # made from sizes (ConstantOfShape, a
                     value = value.to(x.device)  # Cast of a shape): where the graph's data is, on a GPU too
                 if out:
                     env[out] = value
+            if self._watch is not None:
+                self._watch(outs, env)
             if name == layer:
                 return env[outs[0]]
         return None
@@ -314,16 +348,20 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
         if got.shape != want_out.shape or not np.allclose(got, want_out, rtol=1e-3, atol=1e-4 * (1 + np.abs(want_out).max())):
             raise ValueError("run in torch, the ONNX graph does not compute what ONNX Runtime computes "
                              f"(largest difference {np.abs(got - want_out).max() if got.shape == want_out.shape else 'in shape'})")
-        if inner.fixed_batch:  # served in batches of any size: the graph must run at others too
-            try:
-                other = net(x).numpy()
-            except ValueError as e:
-                raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and does not run "
-                                 f"at others ({e}): export it with a free batch axis, e.g. torch.onnx.export(..., "
-                                 'dynamic_axes={"input": {0: "batch"}})') from None
-            if not np.allclose(other[:batch], got, rtol=1e-3, atol=1e-4 * (1 + np.abs(got).max())):
-                raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and answers "
-                                 "otherwise at others: export it with a free batch axis")
+        if inner.fixed_batch:  # served in batches of any size: the graph must run at others too, sample by sample
+            inner.calibrate(feed)
+            more = torch.randn(2 * batch + 3, *given, generator=torch.Generator().manual_seed(1))
+            for rows in (x, more):
+                try:
+                    other = net(rows).numpy()
+                except ValueError as e:
+                    raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and does not "
+                                     f"run at others ({e}): export it with a free batch axis, e.g. torch.onnx.export(..., "
+                                     'dynamic_axes={"input": {0: "batch"}})') from None
+                alone = onnx_batch.at_batch(net, rows, batch).numpy()
+                if not np.allclose(other, alone, rtol=1e-3, atol=1e-4 * (1 + np.abs(alone).max())):
+                    raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and answers "
+                                     "otherwise at others: export it with a free batch axis")
     last = next((n for n in reversed(inner.nodes) if inner.output_name in n[3]), None)
     if last is not None and last[1] in ("Softmax", "LogSoftmax") and last[4].get("axis", -1) in (-1, 1) \
             and got.ndim == 2:

@@ -229,19 +229,47 @@ class Windows(nn.Module):
         return self.fc(F.relu(self.mix(w)).reshape(n, -1, c).mean(1))
 
 
-def test_a_graph_exported_at_one_batch_size_runs_at_any_or_is_refused_in_words():
+class SequenceFirst(nn.Module):
+    """torch's attention as most transformer classifiers hold it (nn.TransformerEncoder, sequence first): exported at
+    one batch size, its reshapes store (T, N·heads, d) and (T·N, E), which at N = 1 read as well the other way."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc = nn.Linear(8, 16), nn.Linear(16, 10)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2,
+                                             enable_nested_tensor=False)
+
+    def forward(self, x):
+        return self.fc(self.encoder(self.embed(x.flatten(1, 2)).transpose(0, 1)).mean(0))
+
+
+FIXED_BATCH = {"view": ViewNet, "windows": Windows, "attention": Attention, "sequence_first": SequenceFirst,
+               "vit_tiny": lambda: create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8))}
+
+
+@pytest.mark.parametrize("export_batch", [1, 2])
+@pytest.mark.parametrize("name", sorted(FIXED_BATCH))
+def test_a_graph_exported_at_one_batch_size_runs_and_exports_again_at_any(name, export_batch):
+    """Reshapes that store the export's batch (windows of an image, heads folded with the batch, sequence-first
+    attention) read at every batch size, sample by sample; the box's export of it has a free batch axis (a graph
+    exported at batch 2 was traced at 2, and its bundle ran at 2 only)."""
     torch.manual_seed(0)
-    vit = create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8))  # heads fold the batch: (N·heads, T, d)
-    for net, batch in ((ViewNet().eval(), 1), (Windows().eval(), 1), (vit.eval(), 2)):
-        graph = onnx_classifier(onnx_bytes(net, (1, 8, 8), free_batch=False, batch=batch), (1, 8, 8))
-        for n in (batch, 1, 4):  # its own batch size and others
-            x = torch.randn(n, 1, 8, 8)
-            with torch.no_grad():
-                assert torch.allclose(graph(x), net(x), atol=1e-4)
-    # torch's MultiheadAttention folds the batch into the heads' axis after the sequence's (T, N·heads, d): which
-    # stored size holds the batch is ambiguous, and no reading of it runs at other batches
-    with pytest.raises(ValueError, match="exported for batches of 1 only.*free batch axis"):
-        onnx_classifier(onnx_bytes(Attention(), (1, 8, 8), free_batch=False, batch=1), (1, 8, 8))
+    net = FIXED_BATCH[name]().eval()
+    graph = onnx_classifier(onnx_bytes(net, (1, 8, 8), free_batch=False, batch=export_batch), (1, 8, 8))
+    x = torch.randn(5, 1, 8, 8)
+    again = ort.InferenceSession(export_onnx(graph, (1, 8, 8)), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for n in (export_batch, 1, 4):
+            assert torch.allclose(graph(x[:n]), net(x[:n]), atol=1e-4)
+            assert np.allclose(again.run(None, {"input": x[:n].numpy()})[0], net(x[:n]).numpy(), atol=1e-4)
+
+
+def test_a_graph_whose_stored_sizes_hold_the_export_batch_otherwise_is_refused_in_words():
+    # slices assigned in place store their indices for the export's batch (ScatterND): no reading of the
+    # reshapes makes it answer other batch sizes sample by sample
+    for batch in (1, 2):
+        with pytest.raises(ValueError, match=f"exported for batches of {batch} only.*free batch axis"):
+            onnx_classifier(onnx_bytes(InPlace(), (1, 8, 8), free_batch=False, batch=batch), (1, 8, 8))
 
 
 def test_a_channels_last_graph_gets_its_images_channels_last():
