@@ -1,15 +1,19 @@
-"""A graph exported at one batch size, read at any: which stored size of each reshape held the export's batch.
+"""A graph exported at one batch size, read at any: where the export stored its batch.
 
 ``torch.onnx.export`` without ``dynamic_axes`` (its default) stores the batch it traced at in every reshape's
-target. Run at another batch, the graph needs to know where that batch went, and the stored sizes alone do not
-say: sequence-first attention reshapes (T, N, E) into (T, N·heads, d) and back into (T·N, E), and at N = 1 the
-views (T·N, heads, d) and (T, N·heads, d) hold the same numbers in the same order. Only what the graph does
-next tells them apart (a product across the wrong axis lets samples meet).
+target, and the dynamo exporter (torch's default) also folds weights expanded to the batch into stored tensors
+(a ViT's ``cls.expand(N, -1, -1)`` becomes a (N, 1, E) tensor of repeated rows). Run at another batch, the graph
+needs to know where that batch went, and the stored sizes alone do not say: sequence-first attention reshapes
+(T, N, E) into (T, N·heads, d) and back into (T·N, E), and at N = 1 the views (T·N, heads, d) and
+(T, N·heads, d) hold the same numbers in the same order; a stored (1, 1, E) may be a token for the batch or
+one that broadcasts. Only what the graph does next tells them apart (a product across the wrong axis lets
+samples meet; a concatenation fails).
 
 :func:`calibrate` settles it by experiment: each sample run alone at the export's batch (as copies of itself)
 gives every tensor of the graph its answer; then the graph runs a few samples at once, each reshape reading its
-stored sizes one way (``onnx_ops.batch_readings``, the likeliest first), and a reading is kept only where every
-tensor holds each sample's answer along one axis grown with the batch. A tensor that does not is blamed on the
+stored sizes one way (``onnx_ops.batch_readings``, the likeliest first) and each stored tensor of repeated slices
+as stored or as its first slice for the batch, and a reading is kept only where every tensor holds each
+sample's answer along one axis grown with the batch. A tensor that does not is blamed on the
 readings upstream of it, and the search backs off to the latest of those (conflict-directed backjumping), so a
 wrong reading in a model's first layer is not retried against every reading after it; readings found for one
 reshape are tried first for the next one alike (layers repeat).
@@ -69,9 +73,9 @@ def holds(got: Tensor, alone: list[Tensor], b0: int) -> bool:
     return False
 
 
-def upstream(nodes: list[tuple]) -> tuple[dict[str, frozenset], dict[str, frozenset]]:
-    """The reshapes each tensor and each node depends on: (by tensor, by node)."""
-    by_tensor: dict[str, frozenset] = {}
+def upstream(nodes: list[tuple], stored: list[str]) -> tuple[dict[str, frozenset], dict[str, frozenset]]:
+    """The readings (reshapes, ``stored`` tensors) each tensor and each node depends on: (by tensor, by node)."""
+    by_tensor: dict[str, frozenset] = {name: frozenset({name}) for name in stored}
     by_node: dict[str, frozenset] = {}
     for name, op, ins, outs, _ in nodes:
         deps = frozenset().union(*(by_tensor.get(i, frozenset()) for i in ins if i))
@@ -130,11 +134,12 @@ class Search:
         del self.picked[node], self.conflicts[node]
 
 
-def calibrate(net: nn.Module, x: Tensor, b0: int, run: Callable[[Tensor, Callable | None, Callable | None], Tensor],
-              nodes: list[tuple], output: str) -> dict[str, int | None] | None:
-    """The readings under which ``net`` (exported at batch ``b0``) answers a few rows of ``x`` at once as each alone,
-    or None. ``run(x, choose, watch)`` runs the graph with reshapes' readings from ``choose(node, options, like)``
-    and ``watch(outs, env)`` called after each node."""
+def calibrate(x: Tensor, b0: int, run: Callable[[Tensor, Callable | None, Callable | None], Tensor],
+              nodes: list[tuple], output: str, stored: list[str]) -> dict[str, int | None] | None:
+    """The readings under which a graph exported at batch ``b0`` answers a few rows of ``x`` at once as each alone,
+    or None. ``run(x, choose, watch)`` runs the graph with readings from ``choose(name, options, like)`` (of its
+    reshapes, and of the ``stored`` tensors that may repeat along the batch) and ``watch(outs, env)`` called after
+    each node."""
     n = 3 if b0 != 3 else 2  # another batch size than the export's, with samples to meet
     x = x[:n]
     alone: dict[str, list[Tensor]] = {}  # each node's outputs for each sample alone, at the export's batch
@@ -158,7 +163,7 @@ def calibrate(net: nn.Module, x: Tensor, b0: int, run: Callable[[Tensor, Callabl
             if o in alone and isinstance(env.get(o), Tensor) and not holds(env[o], alone[o], b0):
                 raise Misread(o)
 
-    by_tensor, by_node = upstream(nodes)
+    by_tensor, by_node = upstream(nodes, stored)
     search = Search(by_node)
     with torch.no_grad():
         for i in range(n):

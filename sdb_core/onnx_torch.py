@@ -188,7 +188,12 @@ class OnnxModule(nn.Module):
                 self.register_buffer(f"w{i}", t)
             self._consts[name] = f"w{i}"
         self.nodes = self._compile(needed, "")
-        # which stored size of each reshape held the export's batch, where the likeliest reading is not it
+        # Where the export's batch is stored (a fixed-batch graph): a reshape's sizes, or a stored tensor the
+        # exporter made by expanding a weight to the batch (the dynamo exporter folds a ViT's class token so):
+        # those with an axis of the export's batch size along which they repeat, which a run may broadcast.
+        self._repeated = {} if self.fixed_batch is None else {
+            name: axes for name, b in self._consts.items() if (axes := _repeats(getattr(self, b), self.fixed_batch))}
+        # which reading of each (``onnx_batch``), where the likeliest is not it
         self._readings: dict[str, int | None] = {}
         self._chooser = self._watch = None  # while calibrating: how reshapes read, what sees each node's outputs
 
@@ -213,7 +218,7 @@ class OnnxModule(nn.Module):
                 self._chooser, self._watch = None, None
 
         self._readings = {}
-        found = onnx_batch.calibrate(self, x, self.fixed_batch, run, self.nodes, self.output_name)
+        found = onnx_batch.calibrate(x, self.fixed_batch, run, self.nodes, self.output_name, list(self._repeated))
         self._readings = found or {}
         return found is not None
 
@@ -248,6 +253,11 @@ class OnnxModule(nn.Module):
         env: dict[str, Tensor | Dims] = {self.input_name: x}
         for k, b in self._consts.items():
             env[k] = getattr(self, b)
+        for k, axes in self._repeated.items():  # each as stored, or its first slice along an axis, for the batch
+            t = env[k]
+            axis = self._choose(k, [None, *axes], ("stored", tuple(t.shape)))
+            if axis is not None:
+                env[k] = t.narrow(axis, 0, 1).expand(*[x.shape[0] if j == axis else -1 for j in range(t.dim())])
         found = self._run(self.nodes, env, x, layer)
         return found if found is not None else tensor(env[self.output_name])
 
@@ -285,6 +295,14 @@ class OnnxModule(nn.Module):
             if name == layer:
                 return env[outs[0]]
         return None
+
+
+def _repeats(t: Tensor, batch: int) -> list[int]:
+    """The axes of size ``batch`` along which float tensor ``t`` holds the same slice (any of size 1)."""
+    if not t.is_floating_point():
+        return []
+    return [k for k, size in enumerate(t.shape)
+            if size == batch and torch.equal(t, t.narrow(k, 0, 1).expand_as(t))]
 
 
 class ChannelsLast(nn.Module):

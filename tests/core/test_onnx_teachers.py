@@ -264,6 +264,39 @@ def test_a_graph_exported_at_one_batch_size_runs_and_exports_again_at_any(name, 
             assert np.allclose(again.run(None, {"input": x[:n].numpy()})[0], net(x[:n]).numpy(), atol=1e-4)
 
 
+def _folded_token(batch: int) -> bytes:
+    """Tokens (N, 8, 16) after a class token stored expanded to the export's batch, as the dynamo exporter (torch's
+    default) folds ``cls.expand(N, -1, -1)``: a stored (batch, 1, 16) tensor of repeated rows, concatenated."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    stored = {"shape": np.array([batch, 8, 8], np.int64), "w": rng.normal(size=(8, 16)).astype(np.float32),
+              "token": np.repeat(rng.normal(size=(1, 1, 16)).astype(np.float32), batch, 0),
+              "head": rng.normal(size=(16, 10)).astype(np.float32)}
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["rows"]), helper.make_node("MatMul", ["rows", "w"], ["t"]),
+             helper.make_node("Concat", ["token", "t"], ["all"], axis=1),
+             helper.make_node("ReduceMean", ["all"], ["pooled"], axes=[1], keepdims=0),
+             helper.make_node("MatMul", ["pooled", "head"], ["y"])]
+    graph = helper.make_graph(nodes, "folded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])],
+                              [numpy_helper.from_array(v, k) for k, v in stored.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+@pytest.mark.parametrize("export_batch", [1, 2])
+def test_a_stored_tensor_expanded_to_the_export_batch_is_read_as_the_batch(export_batch):
+    model = _folded_token(export_batch)
+    graph = onnx_classifier(model, (1, 8, 8))
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).normal(size=(5, 1, 8, 8)).astype(np.float32)
+    alone = np.concatenate([session.run(None, {"x": np.repeat(x[i:i + 1], export_batch, 0)})[0][:1] for i in range(5)])
+    again = ort.InferenceSession(export_onnx(graph, (1, 8, 8)), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for n in (export_batch, 1, 4):
+            assert np.allclose(graph(torch.from_numpy(x[:n])).numpy(), alone[:n], atol=1e-4)
+            assert np.allclose(again.run(None, {"input": x[:n]})[0], alone[:n], atol=1e-4)
+
+
 def test_a_graph_whose_stored_sizes_hold_the_export_batch_otherwise_is_refused_in_words():
     # slices assigned in place store their indices for the export's batch (ScatterND): no reading of the
     # reshapes makes it answer other batch sizes sample by sample
