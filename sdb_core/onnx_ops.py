@@ -48,7 +48,13 @@ def ints(v: Value) -> list:
     """A shape-like input as a list: a :class:`Dims` as it is, a (stored) tensor's values."""
     if isinstance(v, Dims):
         return list(v)
-    return [int(i) for i in v.reshape(-1).tolist()]
+    return [int(i) for i in numbers(v)]
+
+
+def numbers(v: Tensor) -> list:
+    """A tensor's values: a stored one's as kept on the host (``host_values``, OnnxModule), not read back from a GPU."""
+    host = getattr(v, "host_values", None)
+    return list(host) if host is not None else v.reshape(-1).tolist()
 
 
 def tensor(v: Value) -> Tensor:
@@ -343,7 +349,7 @@ def gather(v, a, opset):
         picked = [x[i] for i in ints(index)]
         return Dims.of(picked, scalar=index.dim() == 0)
     if isinstance(index, Tensor) and index.dim() == 0:
-        return x.select(axis, int(index))
+        return x.select(axis, ints(index)[0])
     index = _from_start(tensor(index).to(x.device), x.shape[axis])  # sizes picked from a shape: made on the CPU
     out = torch.index_select(x, axis % x.dim(), index.reshape(-1))
     axis = axis % x.dim()
@@ -400,7 +406,10 @@ def expand(v, a, opset):
 
 def constant_of_shape(v, a, opset):
     fill = torch.from_numpy(np.array(a["value"])) if "value" in a else torch.zeros(1)
-    return torch.full(ints(v[0]), fill.reshape(-1)[0].item(), dtype=fill.dtype)
+    shape = ints(v[0])
+    if isinstance(v[0], Dims) and len(shape) == 1 and not fill.is_floating_point():  # integers made to be sizes
+        return Dims.of([int(fill.reshape(-1)[0])] * shape[0])  # (as ``expand(n, -1, -1)``'s export computes them)
+    return torch.full(shape, fill.reshape(-1)[0].item(), dtype=fill.dtype)
 
 
 def cast(v, a, opset):
@@ -459,7 +468,7 @@ def resize(v, a, opset):
     mode, where_, nearest = (a.get(k, d) for k, d in (("mode", "nearest"), (
         "coordinate_transformation_mode", "half_pixel"), ("nearest_mode", "round_prefer_floor")))
     sizes = ints(v[3]) if len(v) > 3 and v[3] is not None and tensor(v[3]).numel() else None
-    scales = tensor(v[2]).reshape(-1).tolist() if len(v) > 2 and v[2] is not None and tensor(v[2]).numel() else None
+    scales = [float(f) for f in numbers(tensor(v[2]))] if len(v) > 2 and v[2] is not None and tensor(v[2]).numel() else None
     if opset < 11 or (sizes is None and scales is None) or a.get("antialias", 0):
         raise ValueError("Resize before opset 11, without sizes or scales, or with antialias is not supported")
     # sizes name the batch too: stored as the batch size a fixed-batch graph was exported at, it means "the batch"
@@ -490,8 +499,10 @@ def lrn(v, a, opset):
 def range_(v, a, opset):
     """``Range``: a graph's positions counted from a size (a sequence's length)."""
     start, limit, delta = (tensor(t).reshape(()) for t in v[:3])
-    # the bounds as tensors, not numbers: traced (the box's export), a count from the batch size stays free
-    return torch.arange(start, limit, delta, dtype=start.dtype, device=start.device)
+    if torch.jit.is_tracing():  # the bounds as tensors: traced (the box's export), a count from the batch stays free
+        return torch.arange(start, limit, delta, dtype=start.dtype, device=start.device)
+    # else as numbers (sizes and stored bounds are on the host): a GPU's would be read back (OnnxModule moves it)
+    return torch.arange(*(numbers(tensor(t))[0] for t in v[:3]), dtype=start.dtype)
 
 
 def arg(fn: Callable):
@@ -560,7 +571,7 @@ def _unary(fn: Callable):
 # The operators that take sizes (:class:`Dims`) as they are; any other is given them as a tensor.
 ON_DIMS = frozenset({"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice", "Cast", "Reshape", "Expand",
                      "ConstantOfShape", "Add", "Sub", "Mul", "Div", "Mod", "Equal", "Greater", "Less", "GreaterOrEqual",
-                     "LessOrEqual", "And", "Or", "Where", "Identity", "Resize", "Tile"})
+                     "LessOrEqual", "And", "Or", "Where", "Identity", "Resize", "Tile", "Range"})
 
 OPS: dict[str, Callable] = {
     "Conv": conv, "MaxPool": pool("MaxPool"), "AveragePool": pool("AveragePool"),

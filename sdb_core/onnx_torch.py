@@ -141,6 +141,8 @@ def _needed(g) -> tuple[list, set[str]]:
     return kept[::-1], wanted
 
 
+MAX_HOST_VALUES = 64  # a stored tensor up to this size is kept on the host too (sizes, not weights)
+
 class OnnxModule(nn.Module):
     """An ONNX graph run node by node with torch operators (:mod:`sdb_core.onnx_ops`), autograd through it.
 
@@ -180,7 +182,11 @@ class OnnxModule(nn.Module):
         self.output_name = g.output[0].name
         weights = _weights(g, stored) if trainable else set()
         self._consts: dict[str, str] = {}
+        # Small stored tensors (shapes, axes, slice bounds, scales) as Python values too: read from a GPU, each
+        # would wait for the device at every forward (onnx_ops.numbers reads them here).
+        self._host: dict[str, list] = {}
         for i, (name, value) in enumerate(stored.items()):
+            self._keep_host(name, value)
             t = torch.from_numpy(np.array(value))
             if name in weights:
                 self.register_parameter(f"w{i}", nn.Parameter(t))
@@ -196,6 +202,42 @@ class OnnxModule(nn.Module):
         # which reading of each (``onnx_batch``), where the likeliest is not it
         self._readings: dict[str, int | None] = {}
         self._chooser = self._watch = None  # while calibrating: how reshapes read, what sees each node's outputs
+        self._fold()
+
+    def _fold(self) -> None:
+        """Run once the nodes that read stored values alone and keep their outputs as stored ones: the shape
+        arithmetic the TorchScript exporter writes for ``F.pad``'s pads or ``expand``'s sizes then neither runs
+        at each forward nor, on a GPU, reads sizes back from the device. Weights (they train) and tensors that
+        repeat along the export's batch (a reading, ``_repeated``) are not folded."""
+        fixed = {k for k, b in self._consts.items()
+                 if not isinstance(getattr(self, b), nn.Parameter) and k not in self._repeated}
+        values: dict[str, Tensor | Dims] = {k: getattr(self, self._consts[k]) for k in fixed}
+        kept = []
+        for node in self.nodes:
+            _, op, ins, outs, a = node
+            if op == "If" or not any(ins) or not all(i in fixed for i in ins if i):
+                kept.append(node)
+                continue
+            try:
+                got = OPS[op]([values[i] if i else None for i in ins], a, self.opset)
+            except Exception:  # noqa: BLE001 - left to run (and to say why) at a forward
+                kept.append(node)
+                continue
+            for out, value in zip(outs, got if isinstance(got, (tuple, list)) and not isinstance(got, Dims) else (got,)):
+                if out:
+                    values[out] = value
+                    t = tensor(value).detach().clone() if isinstance(value, Dims) else value.detach().clone()
+                    self._keep_host(out, t.numpy())
+                    buffer = f"f{len(self._consts)}"
+                    self.register_buffer(buffer, t)
+                    self._consts[out] = buffer
+                    fixed.add(out)
+        self.nodes = kept
+
+    def _keep_host(self, name: str, value) -> None:
+        value = np.asarray(value)
+        if value.dtype.kind in "iubf" and value.size <= MAX_HOST_VALUES:
+            self._host[name] = value.reshape(-1).tolist()
 
     def _choose(self, node: str, options: list[int | None], like: tuple) -> int | None:
         if self._chooser is not None:
@@ -229,6 +271,7 @@ class OnnxModule(nn.Module):
         for k, n in enumerate(nodes):
             a = _attrs(n)
             if n.op_type == "Constant":
+                self._keep_host(n.output[0], _constant(a))
                 self.register_buffer(f"c{tag}{k}", torch.from_numpy(_constant(a)))
                 self._consts[n.output[0]] = f"c{tag}{k}"
                 continue
@@ -253,6 +296,8 @@ class OnnxModule(nn.Module):
         env: dict[str, Tensor | Dims] = {self.input_name: x}
         for k, b in self._consts.items():
             env[k] = getattr(self, b)
+            if k in self._host:
+                env[k].host_values = self._host[k]  # (the buffer object: a move makes another, tagged here again)
         for k, axes in self._repeated.items():  # each as stored, or its first slice along an axis, for the batch
             t = env[k]
             axis = self._choose(k, [None, *axes], ("stored", tuple(t.shape)))

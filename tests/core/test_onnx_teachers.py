@@ -149,6 +149,25 @@ def test_a_graph_runs_trains_and_exports_again_as_the_network_it_was(name):
             assert np.allclose(out, graph(x[:n]).numpy(), atol=1e-4)
 
 
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+def test_a_graph_runs_where_its_weights_are_and_reads_no_size_back_from_there(name):
+    """On a GPU, a tensor the graph makes on the CPU and mixes with its weights raises, and each value read back from
+    the device (a reshape's stored sizes, a slice's bounds, F.pad's pads, a resize's scales) makes the host wait
+    for it at every forward. The meta device stands in (its values cannot be read: "Cannot copy out of meta"):
+    stored sizes are kept on the host and what stored values alone compute is computed once."""
+    from .test_devices import META
+
+    torch.manual_seed(0)
+    make, shape = NETWORKS[name]
+    net = make().eval()
+    want = net(torch.randn(3, *shape)).shape
+    for free in (True, False) if name != "in_place" else (True,):  # (at a fixed batch it is refused, below)
+        graph = onnx_classifier(onnx_bytes(net, shape, free_batch=free, batch=1), shape).to(META)
+        with torch.no_grad():
+            got = graph(torch.randn(3, *shape, device=META))
+        assert got.device == META and got.shape == want
+
+
 def _one_node(op: str, inputs: dict[str, np.ndarray], out_type: int = 1, **attrs) -> bytes:
     """A graph of one ``op`` node on a float input x (N, C, H, W), its other inputs stored, at opset 18."""
     from onnx import TensorProto, helper, numpy_helper
