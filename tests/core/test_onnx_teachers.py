@@ -212,6 +212,18 @@ def test_each_operator_answers_as_onnx_runtime(name):
     assert got.shape == want.shape and np.allclose(got, want, rtol=1e-5, atol=1e-5), np.abs(got - want).max()
 
 
+@pytest.mark.parametrize("name", sorted(SINGLE_NODES))
+def test_each_operator_runs_where_its_input_is_and_reads_no_stored_value_back(name):
+    from sdb_core.onnx_torch import OnnxModule
+
+    from .test_devices import META
+
+    op, inputs, out_type, attrs = SINGLE_NODES[name]
+    graph = OnnxModule(_one_node(op, inputs, out_type, **attrs)).to(META)
+    with torch.no_grad():
+        assert graph(torch.randn(4, 6, 3, 3, device=META)).device == META
+
+
 def test_only_what_the_logits_need_is_run():
     """Outputs beside the logits (an argmax, the top 3) are neither run nor refused, whatever their operators."""
 
