@@ -143,6 +143,7 @@ def _needed(g) -> tuple[list, set[str]]:
 
 MAX_HOST_VALUES = 64  # a stored tensor up to this size is kept on the host too (sizes, not weights)
 
+
 class OnnxModule(nn.Module):
     """An ONNX graph run node by node with torch operators (:mod:`sdb_core.onnx_ops`), autograd through it.
 
@@ -186,11 +187,11 @@ class OnnxModule(nn.Module):
         # would wait for the device at every forward (onnx_ops.numbers reads them here).
         self._host: dict[str, list] = {}
         for i, (name, value) in enumerate(stored.items()):
-            self._keep_host(name, value)
             t = torch.from_numpy(np.array(value))
-            if name in weights:
+            if name in weights:  # (its values change as it trains: none kept)
                 self.register_parameter(f"w{i}", nn.Parameter(t))
             else:
+                self._keep_host(name, t)
                 self.register_buffer(f"w{i}", t)
             self._consts[name] = f"w{i}"
         self.nodes = self._compile(needed, "")
@@ -227,17 +228,16 @@ class OnnxModule(nn.Module):
                 if out:
                     values[out] = value
                     t = tensor(value).detach().clone() if isinstance(value, Dims) else value.detach().clone()
-                    self._keep_host(out, t.numpy())
+                    self._keep_host(out, t)
                     buffer = f"f{len(self._consts)}"
-                    self.register_buffer(buffer, t)
+                    self.register_buffer(buffer, t, persistent=False)  # the graph's, not a state to save
                     self._consts[out] = buffer
                     fixed.add(out)
         self.nodes = kept
 
-    def _keep_host(self, name: str, value) -> None:
-        value = np.asarray(value)
-        if value.dtype.kind in "iubf" and value.size <= MAX_HOST_VALUES:
-            self._host[name] = value.reshape(-1).tolist()
+    def _keep_host(self, name: str, t: Tensor) -> None:
+        if t.numel() <= MAX_HOST_VALUES and not t.is_complex():
+            self._host[name] = t.reshape(-1).tolist()
 
     def _choose(self, node: str, options: list[int | None], like: tuple) -> int | None:
         if self._chooser is not None:
@@ -271,8 +271,8 @@ class OnnxModule(nn.Module):
         for k, n in enumerate(nodes):
             a = _attrs(n)
             if n.op_type == "Constant":
-                self._keep_host(n.output[0], _constant(a))
                 self.register_buffer(f"c{tag}{k}", torch.from_numpy(_constant(a)))
+                self._keep_host(n.output[0], getattr(self, f"c{tag}{k}"))
                 self._consts[n.output[0]] = f"c{tag}{k}"
                 continue
             if n.op_type == "If":
