@@ -2,7 +2,8 @@
 
 Each operator is a function ``(inputs, attributes, opset) -> output or tuple of outputs`` in ``OPS``; one not
 in it is refused by name before anything runs. The set covers what torch, tf2onnx and Keras exports of
-classifiers hold: convolutional, residual, MLP and attention networks (1-, 2- and 3-d convolutions and pools,
+classifiers hold: convolutional, residual, MLP and attention networks (1-, 2- and 3-d convolutions, transposed
+ones and pools, depth to space and back,
 every normalisation ONNX has, the usual activations, reshaping, slicing, reductions, and the resizes torch's
 ``F.interpolate`` writes).
 
@@ -115,6 +116,40 @@ def conv(v, a, opset):
     fn = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
     return fn(x, w, v[2] if len(v) > 2 else None, stride=strides, padding=pad, dilation=dilations,
               groups=a.get("group", 1))
+
+
+def conv_transpose(v, a, opset):
+    """A transposed convolution (an upsampling stage) with explicit pads; ``output_shape`` or an ``auto_pad`` is
+    refused by name (what they leave to the runtime, torch's op does not take)."""
+    x, w = v[0], v[1]
+    nd = _nd(x, "ConvTranspose")
+    if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise ValueError("ConvTranspose with output_shape or a SAME auto_pad is not supported (explicit pads are)")
+    strides, dilations = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
+    pads = list(a.get("pads", [0] * (2 * nd))) if a.get("auto_pad", "NOTSET") == "NOTSET" else [0] * (2 * nd)
+    begin, end = pads[:nd], pads[nd:]
+    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
+    y = fn(x, w, v[2] if len(v) > 2 else None, stride=strides, padding=0, dilation=dilations,
+           groups=a.get("group", 1), output_padding=list(a.get("output_padding", [0] * nd)))
+    # the pads crop the full output, each side its own
+    return y[(slice(None), slice(None), *(slice(b, y.shape[2 + i] - e) for i, (b, e) in enumerate(zip(begin, end))))]
+
+
+def depth_to_space(v, a, opset):
+    x, bs = v[0], a["blocksize"]
+    n, c, h, w = x.shape
+    if a.get("mode", "DCR") == "DCR":  # channels read block row, block column, then depth
+        y = x.reshape(n, bs, bs, c // bs**2, h, w).permute(0, 3, 4, 1, 5, 2)
+    else:  # CRD: depth first (torch's pixel_shuffle)
+        y = x.reshape(n, c // bs**2, bs, bs, h, w).permute(0, 1, 4, 2, 5, 3)
+    return y.reshape(n, c // bs**2, h * bs, w * bs)
+
+
+def space_to_depth(v, a, opset):
+    x, bs = v[0], a["blocksize"]
+    n, c, h, w = x.shape
+    y = x.reshape(n, c, h // bs, bs, w // bs, bs).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(n, c * bs**2, h // bs, w // bs)
 
 
 def pool(kind: str):
@@ -574,7 +609,8 @@ ON_DIMS = frozenset({"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice
                      "LessOrEqual", "And", "Or", "Where", "Identity", "Resize", "Tile", "Range"})
 
 OPS: dict[str, Callable] = {
-    "Conv": conv, "MaxPool": pool("MaxPool"), "AveragePool": pool("AveragePool"),
+    "Conv": conv, "ConvTranspose": conv_transpose, "DepthToSpace": depth_to_space, "SpaceToDepth": space_to_depth,
+    "MaxPool": pool("MaxPool"), "AveragePool": pool("AveragePool"),
     "GlobalAveragePool": _unary(lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)),
     "GlobalMaxPool": _unary(lambda x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True)),
     "BatchNormalization": batch_norm, "InstanceNormalization": instance_norm, "LayerNormalization": layer_norm,

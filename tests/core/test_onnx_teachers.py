@@ -107,10 +107,21 @@ class InPlace(nn.Module):  # slices assigned in place: ScatterND, as the TorchSc
         return self.b(h + mark)
 
 
+class Upsamples(nn.Module):  # depth to space (PixelShuffle), a transposed convolution, space to depth
+    def __init__(self):
+        super().__init__()
+        self.a, self.up = nn.Conv2d(1, 8, 3, padding=1), nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.up(F.pixel_shuffle(self.a(x), 2))  # (N, 2, 16, 16) -> (N, 4, 32, 32)
+        return self.fc(F.adaptive_avg_pool2d(F.pixel_unshuffle(h, 4), 1).flatten(1))
+
+
 NETWORKS = {
     "view": (ViewNet, (1, 8, 8)), "norm_mlp": (NormMLP, (1, 8, 8)), "group_softmax": (GroupSoftmax, (1, 8, 8)),
     "signals": (Signals, (1, 32)), "attention": (Attention, (1, 8, 8)), "resizes": (Resizes, (1, 8, 8)),
-    "gadgets": (Gadgets, (1, 8, 8)), "in_place": (InPlace, (1, 8, 8)),
+    "gadgets": (Gadgets, (1, 8, 8)), "in_place": (InPlace, (1, 8, 8)), "upsamples": (Upsamples, (1, 8, 8)),
     "resnet8": (lambda: create_model("resnet8", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
     "vit_tiny": (lambda: create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
 }
@@ -169,11 +180,11 @@ def test_a_graph_runs_where_its_weights_are_and_reads_no_size_back_from_there(na
 
 
 def _one_node(op: str, inputs: dict[str, np.ndarray], out_type: int = 1, **attrs) -> bytes:
-    """A graph of one ``op`` node on a float input x (N, C, H, W), its other inputs stored, at opset 18."""
+    """A graph of one ``op`` node on a float input x (N, 8, 3, 3), its other inputs stored, at opset 18."""
     from onnx import TensorProto, helper, numpy_helper
 
     node = helper.make_node(op, ["x", *inputs], ["y"], **attrs)
-    graph = helper.make_graph([node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 6, 3, 3])],
+    graph = helper.make_graph([node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8, 3, 3])],
                               [helper.make_tensor_value_info("y", out_type, None)],
                               [numpy_helper.from_array(v, k) for k, v in inputs.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8).SerializeToString()
@@ -195,6 +206,13 @@ SINGLE_NODES = {  # (ONNX Runtime refuses an even LRN size)
                                              "updates": np.array([[[[7.0]]], [[[9.0]]]], np.float32)}, 1, {"axis": 1}),
     "gather_elements": ("GatherElements", {"indices": np.random.default_rng(1).integers(-6, 6, (4, 2, 3, 3))},
                         1, {"axis": 1}),
+    "conv_transpose": ("ConvTranspose", {"w": np.random.default_rng(2).normal(size=(8, 2, 3, 3)).astype(np.float32),
+                                         "b": np.arange(4, dtype=np.float32)}, 1,
+                       {"strides": [2, 2], "pads": [1, 0, 0, 1], "output_padding": [1, 0], "group": 2}),
+    "conv_transpose_dilated": ("ConvTranspose", {"w": np.ones((8, 3, 2, 2), np.float32)}, 1, {"dilations": [2, 1]}),
+    "depth_to_space_dcr": ("DepthToSpace", {}, 1, {"blocksize": 2, "mode": "DCR"}),
+    "depth_to_space_crd": ("DepthToSpace", {}, 1, {"blocksize": 2, "mode": "CRD"}),
+    "space_to_depth": ("SpaceToDepth", {}, 1, {"blocksize": 3}),
 }
 
 
@@ -204,7 +222,7 @@ def test_each_operator_answers_as_onnx_runtime(name):
 
     op, inputs, out_type, attrs = SINGLE_NODES[name]
     graph = _one_node(op, inputs, out_type, **attrs)
-    x = (np.random.default_rng(0).normal(size=(4, 6, 3, 3)) * 2).astype(np.float32)
+    x = (np.random.default_rng(0).normal(size=(4, 8, 3, 3)) * 2).astype(np.float32)
     x[0, :, 0, 0] = 1.0  # ties: which index ArgMax and ArgMin pick among equal values
     want = ort.InferenceSession(graph, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     with torch.no_grad():
@@ -221,7 +239,7 @@ def test_each_operator_runs_where_its_input_is_and_reads_no_stored_value_back(na
     op, inputs, out_type, attrs = SINGLE_NODES[name]
     graph = OnnxModule(_one_node(op, inputs, out_type, **attrs)).to(META)
     with torch.no_grad():
-        assert graph(torch.randn(4, 6, 3, 3, device=META)).device == META
+        assert graph(torch.randn(4, 8, 3, 3, device=META)).device == META
 
 
 def test_only_what_the_logits_need_is_run():
