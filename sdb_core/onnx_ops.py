@@ -3,9 +3,8 @@
 Each operator is a function ``(inputs, attributes, opset) -> output or tuple of outputs`` in ``OPS``; one not
 in it is refused by name before anything runs. The set covers what torch, tf2onnx and Keras exports of
 classifiers hold: convolutional, residual, MLP and attention networks (1-, 2- and 3-d convolutions, transposed
-ones and pools, depth to space and back,
-every normalisation ONNX has, the usual activations, reshaping, slicing, reductions, and the resizes torch's
-``F.interpolate`` writes).
+ones and pools, depth to space and back, every normalisation ONNX has, the usual activations, reshaping,
+slicing, reductions, and the resizes torch's ``F.interpolate`` writes).
 
 Shapes stay free. ``Shape`` yields :class:`Dims`, the tensor's sizes as values (under ``torch.onnx.export``'s
 tracer, traced sizes), and the integer ops a graph computes a shape with (``Gather``, ``Unsqueeze``,
