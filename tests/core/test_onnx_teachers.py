@@ -365,13 +365,14 @@ def test_a_channels_last_graph_gets_its_images_channels_last():
 
     torch.manual_seed(0)
     net = Keras().eval()
-    graph = onnx_classifier(onnx_bytes(net, (8, 8, 3)), (3, 8, 8))
-    assert isinstance(graph, ChannelsLast)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        assert torch.allclose(graph(x), net(x.permute(0, 2, 3, 1)), atol=1e-5)
-        conv = next(n for n in graph.layer_names() if "Conv" in n)  # its layers, by the graph's names (DEPARA)
-        assert torch.allclose(graph.layer_output(x, conv), net.conv(x), atol=1e-5)
+    for free in (True, False):  # (Keras models are often exported at batch 1)
+        graph = onnx_classifier(onnx_bytes(net, (8, 8, 3), free_batch=free, batch=1), (3, 8, 8))
+        assert isinstance(graph, ChannelsLast)
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(graph(x), net(x.permute(0, 2, 3, 1)), atol=1e-5)
+            conv = next(n for n in graph.layer_names() if "Conv" in n)  # its layers, by the graph's names (DEPARA)
+            assert torch.allclose(graph.layer_output(x, conv), net.conv(x), atol=1e-5)
 
 
 def test_what_cannot_be_run_is_refused_by_name():
