@@ -148,11 +148,12 @@ class OnnxModule(nn.Module):
     """An ONNX graph run node by node with torch operators (:mod:`sdb_core.onnx_ops`), autograd through it.
 
     Its stored tensors are buffers; with ``trainable`` its weights are parameters, so that a recipe can
-    fine-tune it (a classifier an owner brings as ONNX). ``input_shape`` is the graph's own input shape
+    fine-tune it (a classifier an owner brings as ONNX). With ``fold`` (to run it) what stored values alone
+    compute is computed once, here; without, the graph is only read. ``input_shape`` is the graph's own input shape
     (None for a free axis); ``fixed_batch`` the batch size it was exported at, when that axis is not free.
     """
 
-    def __init__(self, model_bytes: bytes, trainable: bool = False):
+    def __init__(self, model_bytes: bytes, trainable: bool = False, fold: bool = True):
         super().__init__()
         import onnx
 
@@ -203,7 +204,8 @@ class OnnxModule(nn.Module):
         # which reading of each (``onnx_batch``), where the likeliest is not it
         self._readings: dict[str, int | None] = {}
         self._chooser = self._watch = None  # while calibrating: how reshapes read, what sees each node's outputs
-        self._fold()
+        if fold:  # it runs operators: not where a graph is only read (an upload's check, in the API server)
+            self._fold()
 
     def _fold(self) -> None:
         """Run once the nodes that read stored values alone and keep their outputs as stored ones: the shape
