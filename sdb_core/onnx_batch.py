@@ -11,12 +11,13 @@ samples meet; a concatenation fails).
 
 :func:`calibrate` settles it by experiment: each sample run alone at the export's batch (as copies of itself)
 gives every tensor of the graph its answer; then the graph runs a few samples at once, each reshape reading its
-stored sizes one way (``onnx_ops.batch_readings``, the likeliest first) and each stored tensor of repeated slices
-as stored or as its first slice for the batch, and a reading is kept only where every tensor holds each
-sample's answer along one axis grown with the batch. A tensor that does not is blamed on the
-readings upstream of it, and the search backs off to the latest of those (conflict-directed backjumping), so a
-wrong reading in a model's first layer is not retried against every reading after it; readings found for one
-reshape are tried first for the next one alike (layers repeat).
+stored sizes one way (``onnx_ops.batch_readings``, the likeliest first), each expand of one row to a stored size
+of the export's batch as the batch or as that size, and each stored tensor of repeated slices as stored or as
+its first slice for the batch, and a reading is kept only where every tensor holds each sample's answer along
+one axis grown with the batch. A tensor that does not is blamed on the readings upstream of it, and the search
+backs off to the latest of those (conflict-directed backjumping), so a wrong reading in a model's first layer
+is not retried against every reading after it; readings found for one reshape are tried first for the next
+one alike (layers repeat).
 """
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def upstream(nodes: list[tuple], stored: list[str]) -> tuple[dict[str, frozenset
     by_node: dict[str, frozenset] = {}
     for name, op, ins, outs, _ in nodes:
         deps = frozenset().union(*(by_tensor.get(i, frozenset()) for i in ins if i))
-        if op == "Reshape":
+        if op in ("Reshape", "Expand"):
             deps |= {name}
         by_node[name] = deps
         by_tensor.update((o, deps) for o in outs)

@@ -431,7 +431,10 @@ def expand(v, a, opset):
     x, target = v[0], ints(v[1])
     batch = _run_batch(v, a)
     if batch is not None and len(target) == x.dim() and target and target[0] == a["_fixed_batch"] and x.shape[0] == 1:
-        target = [batch, *target[1:]]  # a stored batch size: one row made the batch's (a class token)
+        # a stored batch size, one row made the batch's (a class token), likelier than a size that equals it
+        like = ("expand", tuple(target), tuple(x.shape))
+        if (a["_choose"]([0, None], like) if "_choose" in a else 0) == 0:
+            target = [batch, *target[1:]]
     rank = max(x.dim(), len(target))
     target = [1] * (rank - len(target)) + target
     have = [1] * (rank - x.dim()) + list(x.shape)

@@ -346,6 +346,33 @@ def test_a_stored_tensor_expanded_to_the_export_batch_is_read_as_the_batch(expor
             assert np.allclose(again.run(None, {"input": x[:n]})[0], alone[:n], atol=1e-4)
 
 
+def _expanded_row() -> bytes:
+    """At batch 1: features h (1, 6), plus h projected on a stored row expanded to the stored size (1, 6), which
+    equals the export's batch without being it: y = h + h @ expand(r, [1, 6])^T."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    stored = {"w": rng.normal(size=(4, 6)).astype(np.float32), "r": rng.normal(size=(1, 6)).astype(np.float32),
+              "size": np.array([1, 6], np.int64)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Expand", ["r", "size"], ["row"]),
+             helper.make_node("Transpose", ["row"], ["column"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "column"], ["along"]), helper.make_node("Add", ["h", "along"], ["y"])]
+    graph = helper.make_graph(nodes, "row", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+                              [numpy_helper.from_array(v, k) for k, v in stored.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+def test_an_expand_to_a_size_equal_to_the_export_batch_is_read_as_that_size_where_the_batch_is_wrong():
+    model = _expanded_row()
+    graph = onnx_classifier(model, (4,))
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    alone = np.concatenate([session.run(None, {"x": x[i:i + 1]})[0] for i in range(5)])
+    with torch.no_grad():
+        assert np.allclose(graph(torch.from_numpy(x)).numpy(), alone, atol=1e-4)
+
+
 def test_a_graph_whose_stored_sizes_hold_the_export_batch_otherwise_is_refused_in_words():
     # slices assigned in place store their indices for the export's batch (ScatterND): no reading of the
     # reshapes makes it answer other batch sizes sample by sample
