@@ -61,9 +61,9 @@ def holds(got: Tensor, alone: list[Tensor], b0: int) -> bool:
     a = axes[0]
     if len(axes) > 1 or ref.shape[a] % b0 or got.shape[a] != ref.shape[a] // b0 * n:
         return False
-    close = (lambda p, q: torch.allclose(p, q, rtol=1e-3, atol=1e-4 * (1 + q.abs().max().item()))) \
-        if ref.is_floating_point() else torch.equal
+    close = _close if ref.is_floating_point() else torch.equal
     per = ref.shape[a] // b0
+
     def split(t: Tensor, outer: int, size: int) -> Tensor:  # the grown axis as (outer, batch, inner)
         return t.reshape(*t.shape[:a], outer, size, per // outer, *t.shape[a + 1:])
 
@@ -74,8 +74,13 @@ def holds(got: Tensor, alone: list[Tensor], b0: int) -> bool:
     return False
 
 
+def _close(p: Tensor, q: Tensor) -> bool:
+    return torch.allclose(p, q, rtol=1e-3, atol=1e-4 * (1 + (q.abs().max().item() if q.numel() else 0.0)))
+
+
 def upstream(nodes: list[tuple], stored: list[str]) -> tuple[dict[str, frozenset], dict[str, frozenset]]:
-    """The readings (reshapes, ``stored`` tensors) each tensor and each node depends on: (by tensor, by node)."""
+    """The readings (reshapes, expands, ``stored`` tensors) each tensor and each node depends on: (by tensor, by
+    node)."""
     by_tensor: dict[str, frozenset] = {name: frozenset({name}) for name in stored}
     by_node: dict[str, frozenset] = {}
     for name, op, ins, outs, _ in nodes:
