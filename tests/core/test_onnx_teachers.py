@@ -292,7 +292,25 @@ class SequenceFirst(nn.Module):
         return self.fc(self.encoder(self.embed(x.flatten(1, 2)).transpose(0, 1)).mean(0))
 
 
+class ShiftedWindows(nn.Module):
+    """Swin's block in small: tokens rolled, partitioned into windows that attend within themselves (the batch
+    folded with the windows, (N·4, 4, C)), and put back."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.norm, self.fc = nn.Conv2d(1, 16, 2, stride=2), nn.LayerNorm(16), nn.Linear(16, 10)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        h = torch.roll(self.embed(x), shifts=(1, 1), dims=(2, 3))  # (N, C, 4, 4)
+        n, c = h.shape[:2]
+        w = self.norm(h.view(n, c, 2, 2, 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(-1, 4, c))
+        w = w + self.attn(w, w, w)[0]
+        return self.fc(w.reshape(n, 2, 2, 2, 2, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, 4, 4).mean((2, 3)))
+
+
 FIXED_BATCH = {"view": ViewNet, "windows": Windows, "attention": Attention, "sequence_first": SequenceFirst,
+               "shifted_windows": ShiftedWindows,
                "vit_tiny": lambda: create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8))}
 
 
