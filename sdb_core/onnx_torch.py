@@ -148,12 +148,13 @@ class OnnxModule(nn.Module):
     """An ONNX graph run node by node with torch operators (:mod:`sdb_core.onnx_ops`), autograd through it.
 
     Its stored tensors are buffers; with ``trainable`` its weights are parameters, so that a recipe can
-    fine-tune it (a classifier an owner brings as ONNX). With ``fold`` (to run it) what stored values alone
-    compute is computed once, here; without, the graph is only read. ``input_shape`` is the graph's own input shape
+    fine-tune it (a classifier an owner brings as ONNX). With ``fold`` (where it is to run: a job's worker) what
+    stored values alone compute is computed once, here; without, building it runs nothing (an upload's check,
+    in the API server, reads a graph its uploader wrote). ``input_shape`` is the graph's own input shape
     (None for a free axis); ``fixed_batch`` the batch size it was exported at, when that axis is not free.
     """
 
-    def __init__(self, model_bytes: bytes, trainable: bool = False, fold: bool = True):
+    def __init__(self, model_bytes: bytes, trainable: bool = False, fold: bool = False):
         super().__init__()
         import onnx
 
@@ -204,7 +205,7 @@ class OnnxModule(nn.Module):
         # which reading of each (``onnx_batch``), where the likeliest is not it
         self._readings: dict[str, int | None] = {}
         self._chooser = self._watch = None  # while calibrating: how reshapes read, what sees each node's outputs
-        if fold:  # it runs operators: not where a graph is only read (an upload's check, in the API server)
+        if fold:
             self._fold()
 
     def _fold(self) -> None:
@@ -387,7 +388,7 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
     from google.protobuf.message import DecodeError
 
     try:
-        net = OnnxModule(model_bytes, trainable=True).eval()
+        net = OnnxModule(model_bytes, trainable=True, fold=True).eval()
     except (DecodeError, KeyError, TypeError, RuntimeError) as e:  # not an ONNX model, or not a whole one
         raise ValueError(f"not a readable ONNX model ({type(e).__name__})") from None
     want, given = tuple(net.input_shape[1:]), tuple(int(d) for d in in_shape)
@@ -440,7 +441,7 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
 def bundle_module(path) -> tuple[OnnxModule, dict]:
     """A bundle's public network as a differentiable module, and its meta (hashes verified)."""
     model_bytes, meta = bundle_graph(path)
-    return OnnxModule(model_bytes).eval(), meta
+    return OnnxModule(model_bytes, fold=True).eval(), meta
 
 
 # --------------------------------------------------------------------------- amalgamation teachers

@@ -103,7 +103,7 @@ def _check_onnx(src: Path, out: Path, filename: str) -> Checked:
     from sdb_core.onnx_torch import OnnxModule  # torch: here only, in the caller's worker thread
 
     try:
-        net = OnnxModule(model, fold=False)  # read, not run: an upload's graph runs in a job's worker only
+        net = OnnxModule(model)  # read, not run (no fold): an upload's graph runs in a job's worker only
     except ValueError as e:
         raise rejected("weights", f"{filename}: {_clip(str(e))}") from None
     except (DecodeError, KeyError, TypeError, RuntimeError):
