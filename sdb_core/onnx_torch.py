@@ -182,6 +182,7 @@ class OnnxModule(nn.Module):
         dims = inputs[0].type.tensor_type.shape.dim
         self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
         self.fixed_batch = self.input_shape[0] if self.input_shape and self.input_shape[0] else None
+        self.flat_output = False  # a classifier's scores with singleton axes around them, as (N, K) (onnx_classifier)
         self.output_name = g.output[0].name
         weights = _weights(g, stored) if trainable else set()
         self._consts: dict[str, str] = {}
@@ -307,7 +308,10 @@ class OnnxModule(nn.Module):
             if axis is not None:
                 env[k] = t.narrow(axis, 0, 1).expand(*[x.shape[0] if j == axis else -1 for j in range(t.dim())])
         found = self._run(self.nodes, env, x, layer)
-        return found if found is not None else tensor(env[self.output_name])
+        if found is not None:
+            return found
+        out = tensor(env[self.output_name])
+        return out.flatten(1) if self.flat_output else out
 
     def _run(self, nodes: list[tuple], env: dict, x: Tensor, layer: str | None) -> Tensor | None:
         """Evaluate ``nodes`` into ``env``; the output of node ``layer`` when it is one of them."""
@@ -401,6 +405,7 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
             raise ValueError(f"the ONNX model takes inputs of shape ({shown}), the data's are "
                              f"(N, {', '.join(map(str, given))})")
     inner = net.net if isinstance(net, ChannelsLast) else net
+    why: list[str] = []  # how the graph is read, for the task's log
     batch = inner.fixed_batch or 3
     x = torch.randn(batch + 2, *given, generator=torch.Generator().manual_seed(0))
     feed = x.permute(0, 2, 3, 1) if isinstance(net, ChannelsLast) else x
@@ -428,13 +433,32 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
                 if not np.allclose(other, alone, rtol=1e-3, atol=1e-4 * (1 + np.abs(alone).max())):
                     raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and answers "
                                      "otherwise at others: export it with a free batch axis")
-    last = next((n for n in reversed(inner.nodes) if inner.output_name in n[3]), None)
-    if last is not None and last[1] in ("Softmax", "LogSoftmax") and last[4].get("axis", -1) in (-1, 1) \
-            and got.ndim == 2:
-        # Probabilities teach a student nothing read as logits (distillation tempers logits): the graph's own
-        # logits, the final softmax's input, are what a task gets.
-        inner.output_name = last[2][0]
-        net.why = f"the ONNX model ends in a {last[1]}: its input, the logits, is what the box learns and serves"
+    # A fully convolutional head answers (N, K, 1, 1) (the ONNX model zoo's SqueezeNet), a channels-last one
+    # (N, 1, 1, K): the scores, with singleton axes around them, read as (N, K).
+    scores = next((k for k in range(1, got.ndim) if got.shape[k] > 1), 1)
+    if got.ndim > 2 and all(d == 1 for k, d in enumerate(got.shape) if k not in (0, scores)):
+        inner.flat_output = True
+        why.append(f"the ONNX model answers {got.shape[1:]} per input: its scores, read as ({got.shape[scores]},)")
+    # Probabilities teach a student nothing read as logits (distillation tempers logits): where the output is a
+    # softmax's (through layout alone: a squeeze, a transpose), its input, the graph's own logits, is what a task
+    # gets, once checked to be what that softmax turned into the output.
+    producer = {out: node for node in inner.nodes for out in node[3]}
+    last = producer.get(inner.output_name)
+    while last is not None and last[1] in ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
+        last = producer.get(last[2][0])
+    if last is not None and last[1] in ("Softmax", "LogSoftmax"):
+        kept = inner.output_name, inner.flat_output
+        inner.output_name, inner.flat_output = last[2][0], True
+        with torch.no_grad():
+            logits = net(x[:batch])
+            probs = (torch.softmax if last[1] == "Softmax" else torch.log_softmax)(logits, 1).numpy()
+        answered = got.reshape(len(got), -1)
+        if logits.dim() == 2 and probs.shape == answered.shape and np.allclose(probs, answered, rtol=1e-3, atol=1e-5):
+            why.append(f"the ONNX model ends in a {last[1]}: its input, the logits, is what the box learns and serves")
+        else:
+            inner.output_name, inner.flat_output = kept
+    if why:
+        net.why = "; ".join(why)
     return net
 
 

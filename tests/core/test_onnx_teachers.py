@@ -420,6 +420,35 @@ def test_a_channels_last_graph_gets_its_images_channels_last():
             assert torch.allclose(graph.layer_output(x, conv), net.conv(x), atol=1e-5)
 
 
+class ConvHead(nn.Module):
+    """Scores from a 1x1 convolution, never flattened: (N, 10, 1, 1), as the ONNX model zoo's SqueezeNet answers
+    (``last``: channels last, (N, 1, 1, 10)), a softmax after it or not."""
+
+    def __init__(self, last: bool, softmax: bool):
+        super().__init__()
+        self.body, self.head, self.last, self.softmax = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 10, 1), last, softmax
+
+    def forward(self, x):
+        z = self.head(F.adaptive_avg_pool2d(F.relu(self.body(x)), 1))
+        z = F.softmax(z, 1) if self.softmax else z
+        return z.permute(0, 2, 3, 1) if self.last else z
+
+
+@pytest.mark.parametrize("softmax", [False, True], ids=["logits", "softmax"])
+@pytest.mark.parametrize("last", [False, True], ids=["channels_first", "channels_last"])
+def test_scores_with_singleton_axes_around_them_are_read_as_the_logits(last, softmax):
+    torch.manual_seed(0)
+    net = ConvHead(last, softmax).eval()
+    graph = onnx_classifier(onnx_bytes(net, (1, 8, 8)), (1, 8, 8))
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        want = net.head(F.adaptive_avg_pool2d(F.relu(net.body(x)), 1)).flatten(1)  # the logits, before any softmax
+        assert torch.allclose(graph(x), want, atol=1e-5)
+    assert "read as (10,)" in graph.why and ("Softmax" in graph.why) is softmax
+    again = ort.InferenceSession(export_onnx(graph, (1, 8, 8)), providers=["CPUExecutionProvider"])
+    assert again.run(None, {"input": x.numpy()})[0].shape == (5, 10)
+
+
 def test_what_cannot_be_run_is_refused_by_name():
     with pytest.raises(ValueError, match="not a readable ONNX model"):
         onnx_classifier(b"not a graph", (1, 8, 8))
