@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("wrap_cnn", "wrap_resnet20", "distill", "okdhp", "afk", "datafree", "branching",
-           "style_gatys", "style_fast", "style_adain")
+           "style_gatys", "style_fast", "style_adain", "onnx_teacher")
 SUITES = {"core": ["tests/core"], "service": ["tests/service", "tests/client"]}
 COUNTS = ("passed", "failed", "errors", "skipped", "deselected")
 
@@ -64,13 +64,15 @@ class Sizes:
     style_size: int = 128
     style_steps: int = 20
     style_samples: int = 64
+    onnx_steps: int = 50             # training steps through an owner's ONNX teacher
+    onnx_batch: int = 64
 
 
 FULL = Sizes()
 TINY = Sizes(mnist="digits", textures="digits", teacher_epochs=1, wrap_epochs=1, check_epochs=1,
              check_transfer=100, distill_epochs=1, distill_transfer=200, pose_train=16, pose_test=8,
              pose_size=32, composites=64, multilabel_widths=(4, 8, 8), datafree_samples=16, scenes=16,
-             style_size=32, style_steps=2, style_samples=4)
+             style_size=32, style_steps=2, style_samples=4, onnx_steps=2, onnx_batch=4)
 
 
 # --------------------------------------------------------------------------- the recipes
@@ -205,6 +207,42 @@ def _style(method: str, s: Sizes, device: str, work: Path) -> Callable[[], str]:
     return lambda: ok(adain.train(cfg, net=net))
 
 
+def _onnx_teacher(s: Sizes, device: str, work: Path) -> Callable[[], str]:
+    """Training steps through an owner's ONNX classifier as a wrap takes one (``onnx_classifier``: a ViT exported at
+    batch 1, ``torch.onnx.export``'s default, read at any). On CUDA no forward or backward may wait for the device
+    (``torch.cuda.set_sync_debug_mode("error")``): the graph's stored sizes are numbers on the host."""
+    import io
+
+    import torch
+
+    from sdb_core.models import create_model
+    from sdb_core.onnx_torch import onnx_classifier
+
+    shape = (3, 32, 32)
+    buf = io.BytesIO()
+    torch.onnx.export(create_model("vit_tiny", num_classes=10, in_shape=shape).eval(), (torch.randn(1, *shape),), buf,
+                      input_names=["input"], output_names=["logits"], opset_version=17, dynamo=False)
+    net = onnx_classifier(buf.getvalue(), shape).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    x = torch.randn(s.onnx_batch, *shape, device=device)
+    cuda = device.startswith("cuda")
+
+    def go() -> str:
+        for _ in range(s.onnx_steps):
+            opt.zero_grad()
+            if cuda:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                net(x).logsumexp(1).mean().backward()
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+            opt.step()
+        return "ok"
+
+    return go
+
+
 def prepare(recipe: str, s: Sizes, device: str, work: Path) -> Callable[[], str]:
     """Everything the recipe needs, made now (untimed); returns the call to time."""
     if recipe == "wrap_cnn":
@@ -214,7 +252,7 @@ def prepare(recipe: str, s: Sizes, device: str, work: Path) -> Callable[[], str]
     if recipe.startswith("style_"):
         return _style(recipe.removeprefix("style_"), s, device, work)
     return {"distill": _distill, "okdhp": _okdhp, "afk": _afk, "datafree": _datafree,
-            "branching": _branching}[recipe](s, device, work)
+            "branching": _branching, "onnx_teacher": _onnx_teacher}[recipe](s, device, work)
 
 
 def warm_up(device: str) -> None:
