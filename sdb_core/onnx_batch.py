@@ -61,7 +61,7 @@ def holds(got: Tensor, alone: list[Tensor], b0: int) -> bool:
     a = axes[0]
     if len(axes) > 1 or ref.shape[a] % b0 or got.shape[a] != ref.shape[a] // b0 * n:
         return False
-    close = _close if ref.is_floating_point() else torch.equal
+    same = close if ref.is_floating_point() else torch.equal
     per = ref.shape[a] // b0
 
     def split(t: Tensor, outer: int, size: int) -> Tensor:  # the grown axis as (outer, batch, inner)
@@ -69,12 +69,13 @@ def holds(got: Tensor, alone: list[Tensor], b0: int) -> bool:
 
     for outer in (d for d in range(1, per + 1) if per % d == 0):
         samples = split(got, outer, n)
-        if all(close(samples.select(a + 1, i), split(alone[i], outer, b0).select(a + 1, 0)) for i in range(n)):
+        if all(same(samples.select(a + 1, i), split(alone[i], outer, b0).select(a + 1, 0)) for i in range(n)):
             return True
     return False
 
 
-def _close(p: Tensor, q: Tensor) -> bool:
+def close(p: Tensor, q: Tensor) -> bool:
+    """Whether ``p`` answers as ``q`` does, to a graph run's precision (relative to ``q``'s largest value)."""
     return torch.allclose(p, q, rtol=1e-3, atol=1e-4 * (1 + (q.abs().max().item() if q.numel() else 0.0)))
 
 

@@ -125,7 +125,7 @@ def conv_transpose(v, a, opset):
     if "output_shape" in a or a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise ValueError("ConvTranspose with output_shape or a SAME auto_pad is not supported (explicit pads are)")
     strides, dilations = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
-    pads = list(a.get("pads", [0] * (2 * nd))) if a.get("auto_pad", "NOTSET") == "NOTSET" else [0] * (2 * nd)
+    pads = _same_pads(a, x, list(w.shape[2:]), strides, dilations)  # (NOTSET or VALID: as given, or none)
     begin, end = pads[:nd], pads[nd:]
     fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
     y = fn(x, w, v[2] if len(v) > 2 else None, stride=strides, padding=0, dilation=dilations,
@@ -535,11 +535,12 @@ def lrn(v, a, opset):
 
 def range_(v, a, opset):
     """``Range``: a graph's positions counted from a size (a sequence's length)."""
-    start, limit, delta = (tensor(t).reshape(()) for t in v[:3])
+    bounds = [tensor(t) for t in v[:3]]
     if torch.jit.is_tracing():  # the bounds as tensors: traced (the box's export), a count from the batch stays free
+        start, limit, delta = (t.reshape(()) for t in bounds)
         return torch.arange(start, limit, delta, dtype=start.dtype, device=start.device)
     # else as numbers (sizes and stored bounds are on the host): a GPU's would be read back (OnnxModule moves it)
-    return torch.arange(*(numbers(tensor(t))[0] for t in v[:3]), dtype=start.dtype)
+    return torch.arange(*(numbers(t)[0] for t in bounds), dtype=bounds[0].dtype)
 
 
 def arg(fn: Callable):

@@ -416,7 +416,7 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
         raise ValueError(f"ONNX Runtime cannot run the graph: {str(e)[:300]}") from None
     with torch.no_grad():
         got = net(x[:batch]).numpy()
-        if got.shape != want_out.shape or not np.allclose(got, want_out, rtol=1e-3, atol=1e-4 * (1 + np.abs(want_out).max())):
+        if got.shape != want_out.shape or not onnx_batch.close(torch.from_numpy(got), torch.from_numpy(want_out)):
             raise ValueError("run in torch, the ONNX graph does not compute what ONNX Runtime computes "
                              f"(largest difference {np.abs(got - want_out).max() if got.shape == want_out.shape else 'in shape'})")
         if inner.fixed_batch:  # served in batches of any size: the graph must run at others too, sample by sample
@@ -424,13 +424,12 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
             more = torch.randn(2 * batch + 3, *given, generator=torch.Generator().manual_seed(1))
             for rows in (x, more):
                 try:
-                    other = net(rows).numpy()
+                    other = net(rows)
                 except ValueError as e:
                     raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and does not "
                                      f"run at others ({e}): export it with a free batch axis, e.g. torch.onnx.export(..., "
                                      'dynamic_axes={"input": {0: "batch"}})') from None
-                alone = onnx_batch.at_batch(net, rows, batch).numpy()
-                if not np.allclose(other, alone, rtol=1e-3, atol=1e-4 * (1 + np.abs(alone).max())):
+                if not onnx_batch.close(other, onnx_batch.at_batch(net, rows, batch)):
                     raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and answers "
                                      "otherwise at others: export it with a free batch axis")
     # A fully convolutional head answers (N, K, 1, 1) (the ONNX model zoo's SqueezeNet), a channels-last one
