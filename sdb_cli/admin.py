@@ -64,6 +64,7 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
     import uvicorn
 
     from service.app import build_app
+    from service.http_protocol import HttpProtocol
 
     _preflight(settings)  # before anything listens
     _check_listen(settings.host, settings.port)
@@ -93,7 +94,7 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
               file=sys.stderr, flush=True)
     try:
         uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
-                    access_log=access_log, server_header=False, proxy_headers=True,
+                    http=HttpProtocol, access_log=access_log, server_header=False, proxy_headers=True,
                     forwarded_allow_ips=settings.forwarded_allow_ips)
     finally:
         if pool is not None:

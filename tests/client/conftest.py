@@ -29,15 +29,17 @@ PAYLOAD_LIMIT = 256 << 10  # small, so a 413 is cheap to provoke; 64 digits samp
 
 
 class ThreadServer:
-    """uvicorn serving ``app`` in a daemon thread on a socket bound to a free loopback port."""
+    """uvicorn serving ``app`` in a daemon thread on a socket bound to a free loopback port (``config``: more of
+    uvicorn.Config's options)."""
 
-    def __init__(self, app, timeout: float = 60.0):
+    def __init__(self, app, timeout: float = 60.0, **config):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,
+                                                    **config))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + timeout

@@ -1,0 +1,98 @@
+"""``sdb serve``'s HTTP protocol (service.http_protocol): each response leaves the server in one send, and what
+HTTP/1.1 asks of a connection still holds (pipelined requests answered in order, ``Connection: close``, an
+answer larger than the socket's buffers, a client that goes away mid-answer).
+
+The real app on a real store under uvicorn in a thread, on asyncio's own loop so that the socket transport's
+writes can be counted (uvloop's are C); ``sdb serve`` itself (uvloop) is driven by the end-to-end tests."""
+from __future__ import annotations
+
+import asyncio.selector_events
+import socket
+from collections import Counter
+
+import httpx
+import pytest
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.app import build_app
+from service.http_protocol import HttpProtocol
+from tests.client.conftest import ThreadServer
+
+from .conftest import make_settings
+
+
+@pytest.fixture
+def sends(monkeypatch) -> Counter:
+    """How many times each socket transport of this process wrote to its socket."""
+    counted: Counter = Counter()
+    write = asyncio.selector_events._SelectorSocketTransport.write
+
+    def counting(self, data):
+        counted[id(self)] += 1
+        return write(self, data)
+
+    monkeypatch.setattr(asyncio.selector_events._SelectorSocketTransport, "write", counting)
+    return counted
+
+
+def serve(tmp_path, bundles, protocol) -> ThreadServer:
+    return ThreadServer(build_app(make_settings(tmp_path / "data", bundles, register_demo=False)), http=protocol,
+                        loop="asyncio")
+
+
+def exchange(port: int, raw: bytes) -> bytes:
+    """Send ``raw`` on a new connection and read until the server closes it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(raw)
+        chunks = []
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("protocol, per_response", [(HttpProtocol, 1), (HttpToolsProtocol, 2)],
+                         ids=["sdb", "uvicorn"])
+def test_a_response_leaves_in_one_send(tmp_path, bundles, sends, protocol, per_response):
+    # uvicorn's own protocol writes the head and the body apart: the reason for sdb's
+    srv = serve(tmp_path, bundles, protocol)
+    try:
+        sends.clear()
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            for _ in range(5):
+                assert c.get("/healthz").status_code == 200
+            r = c.post("/v2/models/nope/infer", content=b"{}")
+            assert r.status_code == 404 and "error" in r.json()
+        assert sorted(sends.values()) == [6 * per_response]  # one connection, six answers
+    finally:
+        srv.stop()
+
+
+def test_http_1_1_holds_on_one_send_per_turn(tmp_path, bundles):
+    srv = serve(tmp_path, bundles, HttpProtocol)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            spec = c.get("/openapi.json")
+        assert spec.status_code == 200 and len(spec.content) > 1 << 16  # many TCP segments
+        assert spec.json()["paths"]
+
+        # two requests in one segment, the second asking to close: both answered, in order, then EOF
+        raw = exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+                                 b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        first, second = raw.split(b"HTTP/1.1 ", 2)[1:]
+        assert first.startswith(b"200 ") and second.startswith(b"200 ")
+        assert second.endswith(b'{"live":true}')
+
+        # a large answer read in full over a closing connection
+        raw = exchange(srv.port, b"GET /openapi.json HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert raw.split(b"\r\n\r\n", 1)[1] == spec.content
+
+        # a client that leaves before reading its answer costs the server nothing it needs
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+                s.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: t\r\n\r\n")
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/openapi.json").content == spec.content
+    finally:
+        srv.stop()
