@@ -11,7 +11,7 @@ decoding differs between the two encodings, so binary/JSON throughput is at most
 
 and largest at app = 0. Measured here, each with the real code on serve.py's one-sample mnist
 request (784 floats):
-- echo: a bare ASGI app under uvicorn that reads the body and answers 40 bytes, driven by wrk at
+- echo: a bare ASGI app under uvicorn (sdb serve's HTTP protocol) that reads the body and answers 40 bytes, driven by wrk at
   c=8: the server's CPU per request (from /proc, every thread);
 - decode: ``service.routes.v2``'s own body reader (header split, size checks, tensor from JSON or
   raw bytes), CPU per call;
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -67,8 +68,11 @@ def cpu_per_call(fn, seconds: float) -> float:
 
 def echo_cpu(requests: dict[str, bytes], seconds: float) -> dict[str, float]:
     port = free_port()
+    # under sdb serve's HTTP protocol (service.http_protocol: one send per answer)
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "v2_bound:echo_app", "--port", str(port),
-                             "--log-level", "warning", "--no-access-log"], cwd=Path(__file__).parent)
+                             "--http", "service.http_protocol:HttpProtocol", "--log-level", "warning",
+                             "--no-access-log"], cwd=Path(__file__).parent,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
         import httpx
 
