@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from .. import oip, oip_binary
+from ..bodies import read_bytes
 from ..deps import (
     NAME_DOC,
     SERVING_DOC,
@@ -282,10 +283,8 @@ def _outputs(header: dict) -> tuple[list[str] | None, dict[str, bool], bool]:
 
 async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     require_task(model)  # before the body: a model of another task is told so whatever was sent
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
-        raise ApiError(415, "unsupported_media_type", "compressed request bodies are not served: send identity")
-    header_length = request.headers.get(HEADER_LENGTH)
-    header, binary = oip_binary.split(await request.body(), header_length)
+    header_length = request.headers.get(HEADER_LENGTH)  # of the JSON header once the body is inflated
+    header, binary = oip_binary.split(await read_bytes(request, s.settings.max_payload_bytes), header_length)
     inputs = header.get("inputs")
     chunks = oip_binary.input_chunks(inputs if isinstance(inputs, list) else [], binary, header_length is not None)
     tensors = _inputs(header, chunks, s.settings.max_request_samples)
@@ -315,10 +314,14 @@ _BINARY = {"schema": {"type": "string", "format": "binary", "description": (
     "length and the bytes")}}
 _HEADER_DOC = {"name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer", "minimum": 1},
                "description": "binary tensor extension: the JSON header's length in bytes; the raw tensors follow it "
-                              "(absent: the body is JSON alone)"}
+                              "(absent: the body is JSON alone). With Content-Encoding, the length once inflated"}
+_ENCODING_DOC = {"name": "Content-Encoding", "in": "header", "required": False,
+                 "schema": {"type": "string", "enum": ["gzip", "deflate", "identity"]},
+                 "description": "the body compressed whole (tritonclient's request_compression_algorithm); answers are "
+                                "not compressed"}
 _INFER_DOC = {**json_body_doc(InferRequest, (OCTET_STREAM, _BINARY), example=_INFER_EXAMPLE), **SERVING_DOC,
-              "parameters": [NAME_DOC, _HEADER_DOC]}
-_INFER_VERSION_DOC = {**_INFER_DOC, "parameters": [NAME_DOC, VERSION_DOC, _HEADER_DOC]}
+              "parameters": [NAME_DOC, _HEADER_DOC, _ENCODING_DOC]}
+_INFER_VERSION_DOC = {**_INFER_DOC, "parameters": [NAME_DOC, VERSION_DOC, _HEADER_DOC, _ENCODING_DOC]}
 _INFER_OK = ok({"model_name": "mnist-demo", "model_version": "1", "id": "r1", "outputs": [
     {"name": PUBLIC_OUTPUT, "datatype": "FP32", "shape": [1, 10], "data": [0.02, 0.01, 0.9, 0.01, 0.01, 0.01, 0.01,
                                                                          0.01, 0.01, 0.01]}]})
@@ -327,14 +330,15 @@ _INFER_OK[200]["headers"] = {HEADER_LENGTH: {"schema": {"type": "integer"}, "des
                                              "with an octet-stream answer: the JSON header's length"}}
 _INFER_RESPONSES = {**_INFER_OK, **responses(400, *AUTH, 404, 413, 415, 503, v2=True, why={
     400: "a body that is not a JSON object; a binary body whose sizes do not add up, whose header length is past "
-         "it, whose tensor bytes do not match their datatype and shape, or that is truncated; or a model that is "
-         "not a classifier",
+         "it, whose tensor bytes do not match their datatype and shape, or that is truncated; a compressed body "
+         "that does not inflate whole; or a model that is not a classifier",
     401: f"{KEYED_OUTPUT} asked without a key; a key that is not valid; or none, when predict needs one",
     403: f"{KEYED_OUTPUT} asked by a key without the distill scope for this model; with public_predict off, a key "
          "that may not predict with it (checked before the model is looked up)",
-    413: "a body (JSON header and tensors together) over the payload limit (SDB_MAX_PAYLOAD_BYTES), or BYTES images "
-         "that together hold over 100 M pixels",
-    415: "a compressed body (Content-Encoding), or BYTES that are not a readable PNG or JPEG image",
+    413: "a body (JSON header and tensors together) over the payload limit (SDB_MAX_PAYLOAD_BYTES), as sent or once "
+         "inflated (Content-Encoding gzip or deflate), or BYTES images that together hold over 100 M pixels",
+    415: "a Content-Encoding other than gzip, deflate or identity, or BYTES that are not a readable PNG or JPEG "
+         "image",
     422: "not exactly one input named as the model's, a datatype it does not take or that does not convert "
          "exactly, a shape that does not match the data, or an output this model does not serve",
     429: f"over the request rate, or the key's sample quota ({KEYED_OUTPUT})"})}

@@ -362,3 +362,24 @@ def test_bytes_that_are_not_the_rpcs_message_are_invalid_argument(grpc_server):
         assert service_pb2.ServerLiveResponse.FromString(
             ch.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=30)).live
     assert client.is_server_ready()
+
+
+def test_compressed_messages_are_inflated_within_the_payload_limit(grpc_server, bundles):
+    """tritonclient's ``compression_algorithm``: gRPC's own message compression, which grpcio inflates; a message
+    over SDB_MAX_PAYLOAD_BYTES once inflated (8 MiB here) is refused as one sent plain would be."""
+    server, client, _, _ = grpc_server
+    x = bundles.x[:N]
+    plain = client.infer("digits-a", [fp32_input(x)]).as_numpy("probabilities")
+    for algorithm in ("gzip", "deflate"):
+        got = client.infer("digits-a", [fp32_input(x)], compression_algorithm=algorithm).as_numpy("probabilities")
+        np.testing.assert_array_equal(got, plain)
+    request = service_pb2.ModelInferRequest(model_name="digits-a")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+    request.raw_input_contents.append(bytes(9 << 20))  # ~9 KB gzipped
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=30, compression=grpc.Compression.Gzip)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+    assert client.is_server_ready()
+    np.testing.assert_array_equal(client.infer("digits-a", [fp32_input(x)]).as_numpy("probabilities"), plain)

@@ -7,8 +7,10 @@ are each a 400 in the protocol's form that charges nothing.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import struct
+import zlib
 
 import httpx
 import numpy as np
@@ -251,3 +253,57 @@ def test_bad_binary_bodies_are_400s_that_charge_nothing(server):
         assert r.headers["content-type"] == "application/json"  # no output asked in binary
         assert [o["shape"] for o in r.json()["outputs"]] == [[2, 10], [2, 10]]
     assert used(server, token) == 2
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_answer_as_plain_ones(client, bundles, ref, algorithm, binary):
+    # tritonclient compresses the whole body; its header length is the inflated header's
+    x = bundles.x
+    out = client.infer("digits-a", [infer_input(x, "FP32", binary)],
+                       outputs=[triton.InferRequestedOutput("probabilities", binary_data=binary)],
+                       request_compression_algorithm=algorithm, response_compression_algorithm=algorithm)
+    np.testing.assert_allclose(out.as_numpy("probabilities"), ref.predict(x), rtol=1e-5, atol=1e-6)
+
+
+def _gzip_members(*parts: bytes) -> bytes:
+    return b"".join(gzip.compress(p) for p in parts)
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-15)
+    return c.compress(data) + c.flush()
+
+
+def test_compressed_bodies_are_inflated_whole_and_within_the_limit(server):
+    token = key(server.settings, ["distill"], quota=100)
+    auth = {"Authorization": f"Bearer {token}"}
+    url = server.url + "/v2/models/digits-a/infer"
+    body, binary = _body(_header(512), X)
+    # larger than the payload limit once inflated (64 KiB here), a few hundred bytes as sent
+    bomb = orjson.dumps({"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32",
+                                     "data": [0.0] * 128}], "id": "x" * (2 * LIMIT)})
+    refused = {
+        "inflates past the limit": (gzip.compress(bomb), "gzip", 413),
+        "truncated": (gzip.compress(body)[:-12], "gzip", 400),
+        "not gzip": (body, "gzip", 400),
+        "bytes after the zlib stream": (zlib.compress(body) + b"tail", "deflate", 400),
+        "seventeen gzip members": (_gzip_members(*[body[i * 8:(i + 1) * 8] for i in range(16)], body[128:]),
+                                   "gzip", 400),
+        "another coding": (body, "br", 415),
+        "two codings": (gzip.compress(gzip.compress(body)), "gzip, gzip", 415),
+    }
+    with httpx.Client(timeout=30) as http:
+        for what, (content, coding, status) in refused.items():
+            r = http.post(url, content=content, headers={**binary, **auth, "Content-Encoding": coding})
+            assert r.status_code == status, (what, r.status_code, r.text)
+            assert set(r.json()) == {"error"} and r.json()["error"], (what, r.text)
+        assert used(server, token) == 0
+        # what clients send: gzip (in two members too), deflate as zlib or raw, x-gzip; each charged its 2 samples
+        for coding, content in (("gzip", gzip.compress(body)), ("gzip", _gzip_members(body[:100], body[100:])),
+                                ("deflate", zlib.compress(body)), ("deflate", _raw_deflate(body)),
+                                ("x-gzip", gzip.compress(body)), ("identity", body)):
+            r = http.post(url, content=content, headers={**binary, **auth, "Content-Encoding": coding})
+            assert r.status_code == 200, (coding, r.text)
+            assert [o["shape"] for o in r.json()["outputs"]] == [[2, 10], [2, 10]]
+    assert used(server, token) == 12
