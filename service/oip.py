@@ -20,7 +20,7 @@ model), not subject to the policy.
 
 The API (a transport imports these; names are added, never renamed): :class:`Tensor`,
 :class:`Caller`, :data:`INPUT_DATATYPES`, :data:`EXTENSIONS`, :func:`server_metadata`,
-:func:`served_model`, :func:`model_metadata`, :func:`output_names`, :func:`requested_outputs`,
+:func:`served_model`, :func:`model_metadata`, :func:`model_config`, :func:`output_names`, :func:`requested_outputs`,
 :func:`tensor_shape`, :func:`check_samples`, :func:`unsupported_datatype`, :func:`model_input`, :func:`infer`;
 raw tensor bytes (gRPC's ``raw_input_contents``) decode with :func:`service.oip_binary.from_raw`.
 # oip core: stable API
@@ -57,7 +57,7 @@ from .tensors import as_batch, finite_float32, images_to_inputs, softmax
 
 PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "distill_logits"
 SERVER_NAME = "sdb"
-EXTENSIONS = ("binary_tensor_data",)  # what GET /v2 advertises
+EXTENSIONS = ("binary_tensor_data", "model_configuration")  # what GET /v2 advertises (HTTP's)
 # What an infer input may be sent as; the model takes FP32 (see model_input for the conversions).
 INPUT_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "BOOL", "BYTES")
 _EXACT_INT = 1 << 24  # every integer up to 2**24 in magnitude is exact in float32
@@ -125,6 +125,19 @@ def model_metadata(host: ModelHost, model: HostedModel) -> dict:
             "inputs": [{"name": model.meta["input"]["name"], "datatype": "FP32", "shape": [-1, *model.in_shape]}],
             "outputs": public_outputs(model.policy, classes)
             + ([{"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}] if model.distillable else [])}
+
+
+def model_config(host: ModelHost, model: HostedModel, max_batch_size: int) -> dict:
+    """Triton's model configuration extension, read only: the metadata's tensors as a ``config.pbtxt`` in JSON
+    (``TYPE_`` datatypes, dims without the batch, which ``max_batch_size`` bounds). Triton's own tools ask for it
+    (perf_analyzer, tritonclient's ``get_model_config``); it says nothing the metadata does not."""
+    meta = model_metadata(host, model)
+
+    def tensors(specs: list[dict]) -> list[dict]:
+        return [{"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"][1:]} for t in specs]
+
+    return {"name": model.name, "platform": meta["platform"], "backend": "onnxruntime",
+            "max_batch_size": max_batch_size, "input": tensors(meta["inputs"]), "output": tensors(meta["outputs"])}
 
 
 def output_names(model: HostedModel) -> list[str]:

@@ -124,6 +124,21 @@ class ModelMetadata(BaseModel):
                                           f"{KEYED_OUTPUT} when the model is distillable")
 
 
+class ConfigTensor(BaseModel):
+    name: str
+    data_type: str = Field(description="TYPE_FP32, or TYPE_INT64 for classes")
+    dims: list[int] = Field(description="without the batch")
+
+
+class ModelConfig(BaseModel):
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int = Field(description="the most samples one request may hold (SDB_MAX_REQUEST_SAMPLES)")
+    input: list[ConfigTensor]
+    output: list[ConfigTensor] = Field(description="as the metadata's outputs")
+
+
 class ServerMetadata(BaseModel):
     name: str
     version: str
@@ -204,6 +219,26 @@ async def model_ready(name: ModelName, s: ServingDep) -> Response:
 async def model_version_ready(name: ModelName, version: ModelVersion, s: ServingDep) -> Response:
     m = await oip.served_model(s, name, version)
     return json_response({"name": m.name, "version": m.version, "ready": True})
+
+
+_CONFIG_EXAMPLE = {"name": "mnist-demo", "platform": "onnxruntime_onnx", "backend": "onnxruntime", "max_batch_size": 1024,
+                   "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 28, 28]}],
+                   "output": [{"name": PUBLIC_OUTPUT, "data_type": "TYPE_FP32", "dims": [10]},
+                              {"name": KEYED_OUTPUT, "data_type": "TYPE_FP32", "dims": [10]}]}
+
+
+# Triton's model configuration extension (read only), which its tools ask for: what the metadata says, in its form.
+@router.get("/models/{name}/config", summary="Model configuration", response_model=ModelConfig,
+            responses={**ok(_CONFIG_EXAMPLE), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
+async def model_config(name: ModelName, s: ServingDep) -> Response:
+    return json_response(oip.model_config(s.host, await oip.served_model(s, name), s.settings.max_request_samples))
+
+
+@router.get("/models/{name}/versions/{version}/config", summary="Model version configuration",
+            response_model=ModelConfig, responses={**ok(_CONFIG_EXAMPLE), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
+async def model_version_config(name: ModelName, version: ModelVersion, s: ServingDep) -> Response:
+    model = await oip.served_model(s, name, version)
+    return json_response(oip.model_config(s.host, model, s.settings.max_request_samples))
 
 
 def _json_data(datatype: str, shape: list[int], data, what: str) -> np.ndarray:

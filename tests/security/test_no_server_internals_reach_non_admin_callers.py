@@ -152,7 +152,9 @@ async def test_a_private_model_is_not_described_to_an_anonymous_caller(tmp_path,
     try:
         anonymous = [await c.get(p) for p in ("/v1/models", "/v1/models/digits-a", "/v2/models/digits-a",
                                               "/v2/models/digits-a/versions/1", "/v2/models/digits-a/ready",
-                                              "/v1/models/no-such-model", "/metrics")]
+                                              "/v2/models/digits-a/config", "/v2/models/digits-a/versions/1/config",
+                                              "/v2/models/no-such-model/config", "/v1/models/no-such-model",
+                                              "/metrics")]
         for r in anonymous:
             assert r.status_code == 401, (r.request.url, r.status_code, r.text)
             assert "digits" not in r.text
@@ -161,7 +163,7 @@ async def test_a_private_model_is_not_described_to_an_anonymous_caller(tmp_path,
 
         only_b = svc.auth(svc.key(("predict",), models=["digits-b"]))
         assert [m["name"] for m in (await c.get("/v1/models", headers=only_b)).json()["models"]] == ["digits-b"]
-        for path in ("/v1/models/digits-a", "/v2/models/digits-a"):
+        for path in ("/v1/models/digits-a", "/v2/models/digits-a", "/v2/models/digits-a/config"):
             assert (await c.get(path, headers=only_b)).status_code == 403
         assert (await c.get("/v1/models/digits-b", headers=only_b)).json()["name"] == "digits-b"
         jobs_only = svc.auth(svc.key(("jobs",)))

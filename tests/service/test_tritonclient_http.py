@@ -92,6 +92,24 @@ def test_server_and_model_metadata(client):
     assert [o["name"] for o in meta["outputs"]] == ["probabilities", "distill_logits"]
 
 
+def test_model_configuration_is_the_metadata_in_tritons_form(client, server):
+    # Triton's tools (perf_analyzer among them) read the model's configuration, as the extension advertises
+    assert "model_configuration" in client.get_server_metadata()["extensions"]
+    config = client.get_model_config("digits-a")
+    assert config == {"name": "digits-a", "platform": "onnxruntime_onnx", "backend": "onnxruntime",
+                      "max_batch_size": server.settings.max_request_samples,
+                      "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}],
+                      "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]},
+                                 {"name": "distill_logits", "data_type": "TYPE_FP32", "dims": [10]}]}
+    assert client.get_model_config("digits-a", "1") == config
+    assert client.get_model_config("digits-label")["output"] == [
+        {"name": "classes", "data_type": "TYPE_INT64", "dims": [1]},
+        {"name": "distill_logits", "data_type": "TYPE_FP32", "dims": [10]}]
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_config("digits-a", "9")
+    assert e.value.status() == "404" and "9" in e.value.message()
+
+
 def test_defaults_are_binary_and_json_answers_the_same(client, server, bundles, ref):
     x = bundles.x
     default = client.infer("digits-a", [infer_input(x, "FP32")])  # binary both ways, every public output
