@@ -6,7 +6,8 @@ hands back what was sent: the parsed JSON object, the ``.npy`` array (read by :m
 its header checked before its data, so the route passes how to check the shape), or the uploaded
 files and form fields (a raw ``image/png|jpeg`` body is the file ``file``). What the contents mean
 (tensors, images, options) is the route's to check, with :mod:`service.tensors`. :func:`read_bytes`
-decodes a body sent gzip- or deflate-compressed (the v2 routes: the protocol's clients compress on request).
+decodes a body sent gzip- or deflate-compressed (the protocol's clients compress on request): JSON and raw
+image bodies may come so; a ``.npy`` or multipart body, read as it streams in, is taken as sent only.
 :func:`wants_npy` reads the ``Accept`` header for the routes that can answer ``.npy``.
 """
 from __future__ import annotations
@@ -100,9 +101,13 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", JSON).split(";")[0].strip().lower()
 
 
+def _payload_limit(request: Request) -> int:
+    return request.app.state.settings.max_payload_bytes
+
+
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object, whatever its content type (the v2 protocol names none)."""
-    return parse_json(await request.body())
+    """The body as a JSON object, whatever its content type, inflated from its ``Content-Encoding``."""
+    return parse_json(await read_bytes(request, _payload_limit(request)))
 
 
 async def read_body(request: Request, accept: tuple[str, ...], *, what: str | None = None,
@@ -117,6 +122,10 @@ async def read_body(request: Request, accept: tuple[str, ...], *, what: str | No
     ``max_bytes``, the largest array it reads: both are checked from the header, before the data.
     """
     media = media_type(request)
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding != "identity" and media not in (JSON, "", *IMAGE_TYPES):  # read as they stream in: as sent
+        raise ApiError(415, "unsupported_media_type", f"a {media} body is read as sent: send it without "
+                       "Content-Encoding (JSON and image bodies may come gzip or deflate)")
     if media == NPY and NPY in accept:
         if batch is None or max_bytes is None:
             raise TypeError("read_body: a route that takes .npy gives batch and max_bytes")
@@ -131,7 +140,7 @@ async def read_body(request: Request, accept: tuple[str, ...], *, what: str | No
                     fields={k: v for k, v in items if isinstance(v, str)},
                     uploads=tuple(data[id(v)] for v in uploads))
     if media in IMAGE_TYPES and media in accept:
-        raw = await request.body()
+        raw = await read_bytes(request, _payload_limit(request))
         return Body(files={"file": raw}, uploads=(raw,))
     if media in (JSON, "") and JSON in accept:
         return Body(json=await read_json(request))

@@ -2,12 +2,16 @@
 body changes nothing (no quota charged, no model time, never unpickled)."""
 from __future__ import annotations
 
+import gzip
 import io
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
+from PIL import Image
 
 from service.auth import parse_token
 from service.npy import NPY, encode
@@ -182,6 +186,37 @@ async def test_other_media_types_are_415(svc, bundles):
         for url in (DISTILL, PREDICT):
             r = await svc.client.post(url, content=npy(bundles.x[:1]), headers={**h, "content-type": ctype})
             assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (url, ctype)
+
+
+async def test_json_and_image_bodies_may_come_compressed(svc, bundles):
+    # as the v2 routes take them (service.bodies.read_bytes): the payload limit holds once inflated
+    token = svc.key(("distill",), quota=1000)  # a quota is charged in the store at once
+    h = svc.auth(token)
+    body = orjson.dumps({"inputs": bundles.x[:2].tolist()})
+    plain = await svc.client.post(DISTILL, content=body, headers={**h, "content-type": "application/json"})
+    assert plain.status_code == 200
+    for coding, content in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        r = await svc.client.post(DISTILL, content=content, headers={**h, "content-type": "application/json",
+                                                                      "content-encoding": coding})
+        assert r.status_code == 200 and r.json() == plain.json(), (coding, r.text)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(png, "PNG")
+    image = {"content-type": "image/png"}
+    direct = await svc.client.post(PREDICT, content=png.getvalue(), headers=image)
+    inflated = await svc.client.post(PREDICT, content=gzip.compress(png.getvalue()),
+                                     headers={**image, "content-encoding": "gzip"})
+    assert direct.status_code == inflated.status_code == 200 and direct.json() == inflated.json()
+    assert await used(svc, token) == 6
+    bomb = gzip.compress(b'{"inputs": [' + b" " * svc.settings.max_payload_bytes + b"[0]]}")
+    refused = {"inflates past the limit": (bomb, "application/json", "gzip", 413, "payload_too_large"),
+               "truncated": (gzip.compress(body)[:-9], "application/json", "gzip", 400, "malformed_body"),
+               "another coding": (body, "application/json", "br", 415, "unsupported_media_type"),
+               "a .npy body": (gzip.compress(npy(bundles.x[:1])), NPY, "gzip", 415, "unsupported_media_type")}
+    for what, (content, ctype, coding, status, code) in refused.items():
+        r = await svc.client.post(DISTILL, content=content, headers={**h, "content-type": ctype,
+                                                                      "content-encoding": coding})
+        assert r.status_code == status and r.json()["error"]["code"] == code, (what, r.status_code, r.text)
+    assert await used(svc, token) == 6
 
 
 async def test_keys_are_checked_before_the_body(svc, bundles):
