@@ -1,6 +1,7 @@
 """``sdb serve``'s HTTP protocol (service.http_protocol): each response leaves the server in one send, and what
-HTTP/1.1 asks of a connection still holds (pipelined requests answered in order, ``Connection: close``, an
-answer larger than the socket's buffers, a client that goes away mid-answer).
+HTTP/1.1 asks of a connection still holds (pipelined requests answered in order, ``Connection: close``, a
+100 Continue sent while the server waits for the body, an answer of many segments, a client that goes away
+mid-answer).
 
 The real app on a real store under uvicorn in a thread, on asyncio's own loop so that the socket transport's
 writes can be counted (uvloop's are C); ``sdb serve`` itself (uvloop) is driven by the end-to-end tests."""
@@ -11,14 +12,16 @@ import socket
 from collections import Counter
 
 import httpx
+import orjson
 import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.app import build_app
+from service.auth import create_key
 from service.http_protocol import HttpProtocol
 from tests.client.conftest import ThreadServer
 
-from .conftest import make_settings
+from .conftest import make_settings, sdb_bytes
 
 
 @pytest.fixture
@@ -36,8 +39,10 @@ def sends(monkeypatch) -> Counter:
 
 
 def serve(tmp_path, bundles, protocol) -> ThreadServer:
-    return ThreadServer(build_app(make_settings(tmp_path / "data", bundles, register_demo=False)), http=protocol,
-                        loop="asyncio")
+    app = build_app(make_settings(tmp_path / "data", bundles, register_demo=False))
+    srv = ThreadServer(app, http=protocol, loop="asyncio")
+    srv.app = app
+    return srv
 
 
 def exchange(port: int, raw: bytes) -> bytes:
@@ -85,6 +90,22 @@ def test_http_1_1_holds_on_one_send_per_turn(tmp_path, bundles):
         # a large answer read in full over a closing connection
         raw = exchange(srv.port, b"GET /openapi.json HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert raw.split(b"\r\n\r\n", 1)[1] == spec.content
+
+        # a client that waits for "100 Continue" before its body gets it while the server waits for the body
+        admin, _ = create_key(srv.app.state.store, srv.app.state.settings.pepper, scopes=["admin"])
+        r = httpx.post(srv.url + "/v1/models", files={"file": ("digits-a.sdb", sdb_bytes(bundles.a))},
+                       headers={"Authorization": f"Bearer {admin}"}, timeout=60)
+        assert r.status_code == 201, r.text
+        body = orjson.dumps({"inputs": bundles.x[:1].tolist()})
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(b"POST /v1/models/digits-a/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                      b"Expect: 100-continue\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+            assert s.recv(1 << 10).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+            s.sendall(body)
+            answer = b""
+            while chunk := s.recv(1 << 16):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 ") and b'"predictions"' in answer, answer
 
         # a client that leaves before reading its answer costs the server nothing it needs
         for _ in range(3):
