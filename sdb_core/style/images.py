@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..data.imagefolder import _images_in
+from ..pixels import upright
 from .config import _SKLEARN, CONTENT_IMAGES, EMBEDDED, STYLE_IMAGES  # noqa: F401 (re-exported)
 
 MAX_PIXELS = 40_000_000  # a decoded image larger than this is refused (decompression bombs)
@@ -58,7 +59,7 @@ def decode_image(data: bytes) -> Tensor:
                 raise ValueError(f"image format {im.format} is not PNG or JPEG")
             if im.width * im.height > MAX_PIXELS:
                 raise ValueError(f"image of {im.width}x{im.height} pixels is too large")
-            rgb = im.convert("RGB")
+            rgb = upright(im).convert("RGB")
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable PNG or JPEG image ({e})") from None
     return _to_tensor(np.asarray(rgb))

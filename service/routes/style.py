@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from sdb_core.bundle import INPUT_NAME
+from sdb_core.pixels import upright
 
 from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body
 from ..deps import SERVING_DOC, ModelName, ServingDep
@@ -70,7 +71,7 @@ def decode(data: bytes, what: str) -> np.ndarray:
                            f"takes at most {MAX_SIDE} pixels a side")
         if min(img.width, img.height) < MIN_SIDE:
             raise invalid(f"{what} is {img.width}x{img.height} pixels; at least {MIN_SIDE} a side", "image_too_small")
-        rgb = img.convert("RGB")
+        rgb = upright(img).convert("RGB")
     except ApiError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError,

@@ -224,6 +224,26 @@ async def test_a_sixteen_bit_image_is_read_over_its_depth(svc):
     assert await _same_answers(svc, [sixteen.getvalue(), eight.getvalue()], "image/png")
 
 
+async def test_a_photo_is_read_as_shown_not_as_stored(svc):
+    """A phone stores a portrait photo sideways with an EXIF orientation that browsers honour; predict and style
+    transfer read it turned as shown (sdb_core.pixels.upright), as training data is."""
+    from service.routes.style import decode
+
+    shown = np.zeros((8, 8), np.uint8)
+    shown[:3] = 255  # a bar across the top: on its side, it would be a bar down one side
+    exif = Image.Exif()
+    exif[0x0112] = 6  # to be shown turned a quarter clockwise
+    turned, plain = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(shown, 1))).save(turned, "PNG", exif=exif.tobytes())
+    Image.fromarray(shown).save(plain, "PNG")
+    assert await _same_answers(svc, [turned.getvalue(), plain.getvalue()], "image/png")
+    big = np.kron(shown, np.ones((8, 8), np.uint8))  # style transfer takes at least 16 pixels a side
+    turned, plain = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(big, 1))).save(turned, "PNG", exif=exif.tobytes())
+    Image.fromarray(big).save(plain, "PNG")
+    np.testing.assert_array_equal(decode(turned.getvalue(), "content"), decode(plain.getvalue(), "content"))
+
+
 async def _same_answers(svc, images: list[bytes], content_type: str) -> bool:
     """Whether predict answers each image as the first (every answer a 200)."""
     answers = []
