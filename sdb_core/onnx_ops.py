@@ -4,7 +4,8 @@ Each operator is a function ``(inputs, attributes, opset) -> output or tuple of 
 in it is refused by name before anything runs. The set covers what torch, tf2onnx and Keras exports of
 classifiers hold: convolutional, residual, MLP and attention networks (1-, 2- and 3-d convolutions, transposed
 ones and pools, depth to space and back, every normalisation ONNX has, the usual activations, reshaping,
-slicing, reductions, and the resizes torch's ``F.interpolate`` writes).
+slicing, reductions, the resizes torch's ``F.interpolate`` writes, and the quantize/dequantize pairs of a QDQ
+quantized graph).
 
 Shapes stay free. ``Shape`` yields :class:`Dims`, the tensor's sizes as values (under ``torch.onnx.export``'s
 tracer, traced sizes), and the integer ops a graph computes a shape with (``Gather``, ``Unsqueeze``,
@@ -458,6 +459,56 @@ def cast(v, a, opset):
     return tensor(x).to(DTYPES[to])
 
 
+# A QDQ graph's quantized types (what its zero points are stored as; ONNX's default, without one, is uint8): range.
+_QUANTIZED = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767),
+              torch.uint16: (0, 65535), torch.int32: (-(1 << 31), (1 << 31) - 1)}
+_QUANTIZED_IDS = {2: torch.uint8, 3: torch.int8, 4: torch.uint16, 5: torch.int16}  # QuantizeLinear's output_dtype
+
+
+def _per_axis(v: Tensor, x: Tensor, axis: int) -> Tensor:
+    """A scale or zero point as ``x`` broadcasts it: one value per tensor, or one per slice along ``axis``."""
+    if v.numel() == 1:
+        return v.reshape(())
+    axis %= x.dim()
+    return v.reshape([-1 if i == axis else 1 for i in range(x.dim())])
+
+
+def _quantization(v, a, name: str) -> tuple[Tensor, Tensor | None]:
+    if a.get("block_size", 0):
+        raise ValueError(f"{name} with block_size (blocked quantization) is not supported")
+    zero = v[2] if len(v) > 2 and v[2] is not None else None
+    if zero is not None and zero.dtype not in _QUANTIZED:
+        raise ValueError(f"{name} to {str(zero.dtype).removeprefix('torch.')} is not supported (integer "
+                         "quantization only)")
+    return v[1], zero
+
+
+def quantize_linear(v, a, opset):
+    """Fake quantization: ``round(x / scale) + zero point`` saturated to the quantized type, carried as float (a QDQ
+    graph's DequantizeLinear reads it back). The gradient passes straight through inside the range, so a quantized
+    classifier fine-tunes as its float network does, aware of the rounding."""
+    scale, zero = _quantization(v, a, "QuantizeLinear")
+    x, axis = tensor(v[0]), a.get("axis", 1)
+    kind = zero.dtype if zero is not None else _QUANTIZED_IDS.get(a.get("output_dtype", 2))
+    if kind is None:
+        raise ValueError(f"QuantizeLinear to ONNX data type {a['output_dtype']} is not supported")
+    lo, hi = _QUANTIZED[kind]
+    level = x / _per_axis(scale, x, axis) + (0 if zero is None else _per_axis(zero.to(x.dtype), x, axis))
+    inside = (level >= lo) & (level <= hi)
+    levels = torch.round(level) if a.get("_round", True) else level  # (OnnxModule: released, a float network)
+    return torch.clamp(levels, lo, hi).detach() + (level - level.detach()) * inside
+
+
+def dequantize_linear(v, a, opset):
+    """``(x - zero point) * scale``, per tensor or per axis; ``x`` stored integers or QuantizeLinear's levels."""
+    scale, zero = _quantization(v, a, "DequantizeLinear")
+    x, axis = tensor(v[0]), a.get("axis", 1)
+    if zero is not None:  # integers subtract exactly, before the float (an int32 bias is past float32's exact range)
+        z = _per_axis(zero, x, axis)
+        x = x - z.to(x.dtype) if x.is_floating_point() else x.to(torch.int64) - z.to(torch.int64)
+    return x.to(scale.dtype) * _per_axis(scale, x, axis)
+
+
 def pad(v, a, opset):
     x = v[0]
     mode = a.get("mode", "constant")
@@ -657,6 +708,7 @@ OPS: dict[str, Callable] = {
     "ReduceProd": reduce(_reduce_prod, 18),
     "Shape": shape, "Reshape": reshape, "Flatten": flatten, "Unsqueeze": unsqueeze, "Squeeze": squeeze,
     "Concat": concat, "Gather": gather, "Slice": slice_, "Split": split, "Transpose": transpose, "Expand": expand,
-    "ConstantOfShape": constant_of_shape, "Cast": cast, "Pad": pad, "Identity": identity, "Dropout": dropout,
+    "ConstantOfShape": constant_of_shape, "QuantizeLinear": quantize_linear, "DequantizeLinear": dequantize_linear,
+    "Cast": cast, "Pad": pad, "Identity": identity, "Dropout": dropout,
     "Resize": resize, "Tile": lambda v, a, o: v[0].repeat(*ints(v[1])),
 }

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ..distill.losses import kl_to_target, soft_kl
+from ..onnx_torch import float_activations
 from ..train import Progress, fit, pick_device, predict_logits
 from .box import SafeDistillationBox
 from .check import checked_wrap
@@ -109,12 +110,14 @@ def frozen_and_trainable(teacher: nn.Module, device: torch.device, data) -> tupl
     """f_A (a frozen eval-mode copy) and f (a trainable copy) of a teacher checked against ``data``
     (:func:`~.teacher.check_teacher`; its network: a compiled module's original, the ``logits`` of a dict or
     ``ModelOutput``): the owner's model stays untouched. Every float parameter of f trains, whatever the owner
-    froze: the keyed path's inputs are blended with the key, so the first layers have to learn too."""
+    froze: the keyed path's inputs are blended with the key, so the first layers have to learn too. A quantized ONNX
+    teacher's f computes in float (:func:`~sdb_core.onnx_torch.float_activations`); f_A answers as it does."""
     net = check_teacher(teacher, data)
     frozen = copy_teacher(net).to(device).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
     model = copy_teacher(net).to(device)
+    float_activations(model)  # a quantized ONNX teacher's box trains and serves in float (onnx_torch)
     for p in model.parameters():
         p.requires_grad_(p.is_floating_point())
     return frozen, model

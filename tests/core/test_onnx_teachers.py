@@ -213,6 +213,10 @@ SINGLE_NODES = {  # (ONNX Runtime refuses an even LRN size)
     "depth_to_space_dcr": ("DepthToSpace", {}, 1, {"blocksize": 2, "mode": "DCR"}),
     "depth_to_space_crd": ("DepthToSpace", {}, 1, {"blocksize": 2, "mode": "CRD"}),
     "space_to_depth": ("SpaceToDepth", {}, 1, {"blocksize": 3}),
+    # a QDQ graph's quantization (its levels carried as floats: compared by value), saturating past the range
+    "quantize_per_tensor": ("QuantizeLinear", {"s": np.array(0.05, np.float32), "z": np.array(128, np.uint8)}, 2, {}),
+    "quantize_per_axis": ("QuantizeLinear", {"s": np.linspace(0.01, 0.1, 8).astype(np.float32),
+                                             "z": np.arange(-4, 4).astype(np.int8)}, 3, {"axis": 1}),
 }
 
 
