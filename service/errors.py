@@ -112,8 +112,17 @@ HANDLED = (ApiError, RequestValidationError, StarletteHTTPException)
 INTERNAL = (500, "internal_error", "internal server error")
 
 
+# What a path no route matches is told (the router's own 404 says "Not Found" alone): where the routes are listed.
+NO_ROUTE = "no such route: GET /docs lists this server's routes"
+NO_V2_ROUTE = ("no such route: this server serves the Open Inference Protocol's health, metadata, readiness, model "
+               "configuration and infer routes (GET /v2 lists its extensions); the statistics, repository, "
+               "shared-memory, trace and logging extensions are not served")
+
+
 def install(app: FastAPI) -> None:
-    async def handler(_: Request, exc: Exception) -> Response:
+    async def handler(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, StarletteHTTPException) and exc.status_code == 404 and request.scope.get("route") is None:
+            return error_response(404, "not_found", NO_V2_ROUTE if is_v2(request.scope) else NO_ROUTE)
         return response_for(exc)
 
     async def unexpected(_: Request, exc: Exception) -> Response:

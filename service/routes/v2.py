@@ -198,7 +198,13 @@ async def ready(request: Request) -> Response:
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata,
             responses={**ok(_METADATA_EXAMPLE), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
 async def model_metadata(name: ModelName, s: ServingDep) -> Response:
-    return json_response(oip.model_metadata(s.host, await oip.served_model(s, name)))
+    try:
+        model = await oip.served_model(s, name)
+    except ApiError as e:  # tritonclient's get_inference_statistics() asks for this path
+        if e.status == 404 and name == "stats":
+            raise ApiError(404, e.code, f"{e.message}; the statistics extension is not served") from None
+        raise
+    return json_response(oip.model_metadata(s.host, model))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata", response_model=ModelMetadata,

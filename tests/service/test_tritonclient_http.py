@@ -110,6 +110,21 @@ def test_model_configuration_is_the_metadata_in_tritons_form(client, server):
     assert e.value.status() == "404" and "9" in e.value.message()
 
 
+def test_extensions_not_served_are_said_to_be(client, server):
+    # what tritonclient's other calls get: a 404 that says which extensions this server has not
+    for call, said in ((client.get_inference_statistics, "statistics extension is not served"),
+                       (lambda: client.get_inference_statistics("digits-a"), "statistics, repository"),
+                       (client.get_model_repository_index, "GET /v2 lists its extensions"),
+                       (lambda: client.load_model("digits-a"), "repository"),
+                       (client.get_system_shared_memory_status, "shared-memory")):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert e.value.status() == "404" and said in e.value.message(), e.value.message()
+    r = httpx.get(server.url + "/v1/nope")
+    assert r.status_code == 404 and r.json()["error"] == {"code": "not_found",
+                                                          "message": "no such route: GET /docs lists this server's routes"}
+
+
 def test_defaults_are_binary_and_json_answers_the_same(client, server, bundles, ref):
     x = bundles.x
     default = client.infer("digits-a", [infer_input(x, "FP32")])  # binary both ways, every public output
