@@ -509,6 +509,49 @@ def dequantize_linear(v, a, opset):
     return x.to(scale.dtype) * _per_axis(scale, x, axis)
 
 
+def dynamic_quantize_linear(v, a, opset):
+    """uint8 levels of ``x`` over its own range (the whole tensor's, batch included, as ONNX Runtime computes it),
+    with that scale and zero point: quantize_dynamic's activations, as floats with a straight-through gradient.
+    Released (OnnxModule.quantized off): ``x`` itself, scale 1, zero point 0, so that what follows computes in
+    float and no sample's answer depends on the others of its batch."""
+    x = tensor(v[0])
+    if not a.get("_round", True):
+        return x, x.new_ones(()), x.new_zeros(())
+    with torch.no_grad():  # the range is data, not a weight: no gradient through it
+        lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+        scale = (hi - lo) / 255.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.clamp(torch.round(-lo / scale), 0, 255)
+    level = x / scale + zero
+    return torch.clamp(torch.round(level), 0, 255).detach() + (level - level.detach()), scale, zero
+
+
+def _less_zero(x: Tensor, zero, per: Callable[[Tensor], Tensor] = lambda z: z) -> Tensor:
+    x = x if x.is_floating_point() else x.to(torch.float32)
+    return x if zero is None else x - per(zero.to(x.dtype))
+
+
+def _integer_weights(v, a, per: Callable[[Tensor], Tensor]) -> Tensor:
+    """An integer matmul's or convolution's weights less their zero point; stored as float weights in units of
+    ``_unit`` (OnnxModule, so that they train), multiplied back."""
+    if "_unit" in a:
+        return tensor(v[1]) * a["_unit"]
+    return _less_zero(tensor(v[1]), v[3] if len(v) > 3 else None, per)
+
+
+def matmul_integer(v, a, opset):
+    """``(A - a's zero point) @ (B - b's)``, in float (ONNX's int32: exact while the sums stay under 2^24)."""
+    return _less_zero(tensor(v[0]), v[2] if len(v) > 2 else None) @ _integer_weights(v, a, lambda z: z)
+
+
+def conv_integer(v, a, opset):
+    """A convolution of ``x - x's zero point`` by ``w - w's`` (one per output channel, or one), in float."""
+    dims = tensor(v[1]).dim()
+    per_channel = lambda z: z.reshape(-1, *[1] * (dims - 1)) if z.numel() > 1 else z.reshape(())
+    return conv([_less_zero(tensor(v[0]), v[2] if len(v) > 2 else None), _integer_weights(v, a, per_channel)],
+                a, opset)
+
+
 def pad(v, a, opset):
     x = v[0]
     mode = a.get("mode", "constant")
@@ -709,6 +752,7 @@ OPS: dict[str, Callable] = {
     "Shape": shape, "Reshape": reshape, "Flatten": flatten, "Unsqueeze": unsqueeze, "Squeeze": squeeze,
     "Concat": concat, "Gather": gather, "Slice": slice_, "Split": split, "Transpose": transpose, "Expand": expand,
     "ConstantOfShape": constant_of_shape, "QuantizeLinear": quantize_linear, "DequantizeLinear": dequantize_linear,
+    "DynamicQuantizeLinear": dynamic_quantize_linear, "MatMulInteger": matmul_integer, "ConvInteger": conv_integer,
     "Cast": cast, "Pad": pad, "Identity": identity, "Dropout": dropout,
     "Resize": resize, "Tile": lambda v, a, o: v[0].repeat(*ints(v[1])),
 }
