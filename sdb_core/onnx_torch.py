@@ -106,10 +106,10 @@ def _weights(g, stored: dict[str, np.ndarray]) -> set[str]:
 _INTEGERS = (2, 3, 4, 5, 6)  # ONNX's uint8, int8, uint16, int16, int32: the stored quantized types read here
 
 
-def _dequantize_stored(g) -> None:
-    """A QDQ graph's weights and biases, stored as integers each behind a ``DequantizeLinear``, stored dequantized
-    instead (the graph is changed in place): as floats they are weights a recipe fine-tunes, where the integers
-    would be constants. Computed as ONNX Runtime's kernel does: the integers less the zero point, then times the
+def _stored_quantized_as_floats(g) -> None:
+    """A quantized graph's stored integers, as floats a recipe fine-tunes (the integers would be constants); the
+    graph is changed in place. A QDQ graph's weights and biases, each behind a ``DequantizeLinear``, stored
+    dequantized; a dynamic one's, read by integer matmuls and convolutions, scaled (below). Computed as ONNX Runtime's kernel does: the integers less the zero point, then times the
     scale in the scale's type."""
     from onnx import numpy_helper
 
@@ -218,7 +218,7 @@ class OnnxModule(nn.Module):
         model = onnx.load_from_string(model_bytes)
         g = model.graph
         if fold:  # computed here, where folding may compute (a job's worker), never in an upload's check
-            _dequantize_stored(g)
+            _stored_quantized_as_floats(g)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
         needed, read = _needed(g)
         unsupported = sorted(_ops(needed) - set(OPS) - {"Constant", "If"})
