@@ -109,8 +109,8 @@ _INTEGERS = (2, 3, 4, 5, 6)  # ONNX's uint8, int8, uint16, int16, int32: the sto
 def _stored_quantized_as_floats(g) -> None:
     """A quantized graph's stored integers, as floats a recipe fine-tunes (the integers would be constants); the
     graph is changed in place. A QDQ graph's weights and biases, each behind a ``DequantizeLinear``, stored
-    dequantized; a dynamic one's, read by integer matmuls and convolutions, scaled (below). Computed as ONNX Runtime's kernel does: the integers less the zero point, then times the
-    scale in the scale's type."""
+    dequantized as ONNX Runtime's kernel computes it (the integers less the zero point, then times the scale in
+    the scale's type); a dynamic one's, read by integer matmuls and convolutions, scaled (below)."""
     from onnx import numpy_helper
 
     stored = {t.name: t for t in g.initializer}
