@@ -462,7 +462,8 @@ def cast(v, a, opset):
 # A QDQ graph's quantized types (what its zero points are stored as; ONNX's default, without one, is uint8): range.
 _QUANTIZED = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767),
               torch.uint16: (0, 65535), torch.int32: (-(1 << 31), (1 << 31) - 1)}
-_QUANTIZED_IDS = {2: torch.uint8, 3: torch.int8, 4: torch.uint16, 5: torch.int16}  # QuantizeLinear's output_dtype
+# QuantizeLinear's output_dtype: ONNX's uint8, int8, int16 as a cast reads them, and uint16 (no cast's)
+_QUANTIZED_IDS = {**{i: DTYPES[i] for i in (2, 3, 5)}, 4: torch.uint16}
 
 
 def _per_axis(v: Tensor, x: Tensor, axis: int) -> Tensor:

@@ -404,7 +404,7 @@ class OnnxModule(nn.Module):
                 args = [tensor(t).to(x.device) if isinstance(t, Dims) else t for t in args]
             if op in ("Reshape", "Expand") and self.fixed_batch is not None:  # the batch it runs at (onnx_ops)
                 a = {**a, "_batch": x.shape[0], "_choose": partial(self._choose, name)}
-            if op in ("QuantizeLinear", "DynamicQuantizeLinear") and not self.quantized and outs[0] in self._quantizations:
+            if not self.quantized and outs and outs[0] in self._quantizations:  # (quantizations' outputs alone)
                 a = {**a, "_round": False}  # released: the range kept (a ReLU folded into it), the rounding not
             try:
                 got = OPS[op](args, a, self.opset)

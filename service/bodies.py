@@ -69,11 +69,16 @@ def inflate(data: bytes, coding: str, max_bytes: int) -> bytes:
                               "malformed_body")
 
 
+def content_coding(request: Request) -> str:
+    """The body's ``Content-Encoding``, lower case; ``identity`` when none is named."""
+    return request.headers.get("content-encoding", "identity").strip().lower()
+
+
 async def read_bytes(request: Request, max_bytes: int) -> bytes:
     """The body's bytes, decoded from its ``Content-Encoding`` (gzip or deflate: :func:`inflate`, at most
     ``max_bytes``); 415 for another coding or several."""
     raw = await request.body()
-    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    coding = content_coding(request)
     if coding == "identity":
         return raw
     if coding not in _CODINGS:
@@ -122,8 +127,7 @@ async def read_body(request: Request, accept: tuple[str, ...], *, what: str | No
     ``max_bytes``, the largest array it reads: both are checked from the header, before the data.
     """
     media = media_type(request)
-    coding = request.headers.get("content-encoding", "identity").strip().lower()
-    if coding != "identity" and media not in (JSON, "", *IMAGE_TYPES):  # read as they stream in: as sent
+    if content_coding(request) != "identity" and media not in (JSON, "", *IMAGE_TYPES):  # read as they stream in: as sent
         raise ApiError(415, "unsupported_media_type", f"a {media} body is read as sent: send it without "
                        "Content-Encoding (JSON and image bodies may come gzip or deflate)")
     if media == NPY and NPY in accept:
