@@ -162,3 +162,17 @@ def test_quantization_that_is_not_read_is_refused_in_words():
                         numpy_helper.from_array(np.ones((4, 4), np.uint8), "w")])
     with pytest.raises(ValueError, match=r"unsupported operators \['QLinearMatMul'\]"):
         onnx_classifier(qoperator, (4,))
+
+
+@pytest.mark.parametrize("kind", [False, True, "dynamic"], ids=["per_tensor", "per_channel", "dynamic"])
+def test_a_quantized_graph_runs_where_its_weights_are_and_reads_nothing_back(quantized, kind):
+    """On a GPU a forward must not wait for the device: torch's meta device stands in (a CPU tensor mixed with the
+    weights raises, and so does a value read back), quantizing and released alike."""
+    from .test_devices import META
+
+    module = OnnxModule(quantized[1][kind].read_bytes(), trainable=True, fold=True).eval().to(META)
+    for release in (False, True):
+        if release:
+            assert float_activations(module)
+        with torch.no_grad():
+            assert module(torch.randn(4, 1, 8, 8, device=META)).device == META
