@@ -96,6 +96,17 @@ def metadata_response(metadata: dict) -> pb.ModelMetadataResponse:
         inputs=[tensor(**t) for t in metadata["inputs"]], outputs=[tensor(**t) for t in metadata["outputs"]])
 
 
+def config_response(config: dict) -> pb.ModelConfigResponse:
+    """:func:`service.oip.model_config`'s dict (``config.pbtxt`` as JSON) as Triton's message."""
+    def tensors(kind: type, specs: list[dict]) -> list:
+        return [kind(name=t["name"], data_type=pb.DataType.Value(t["data_type"]), dims=t["dims"]) for t in specs]
+
+    return pb.ModelConfigResponse(config=pb.ModelConfig(
+        name=config["name"], platform=config["platform"], backend=config["backend"],
+        max_batch_size=config["max_batch_size"], input=tensors(pb.ModelInput, config["input"]),
+        output=tensors(pb.ModelOutput, config["output"])))
+
+
 def server_metadata_response(metadata: dict) -> pb.ServerMetadataResponse:
     return pb.ServerMetadataResponse(name=metadata["name"], version=metadata["version"],
                                      extensions=metadata["extensions"])

@@ -16,10 +16,11 @@ are INVALID_ARGUMENT (:func:`_handlers` decodes them here, not in grpcio, which 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -53,6 +54,9 @@ CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTIC
          415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
          429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
 SERVICE = "inference.GRPCInferenceService"
+STREAM_WINDOW = 16  # requests of one ModelStreamInfer call answered at once; the next wait to be read
+# What ServerMetadata advertises: HTTP's less binary_tensor_data (gRPC carries tensors raw by itself).
+EXTENSIONS = ("model_configuration",)
 STOP_GRACE_S = 5.0  # on shutdown, calls in flight get this long to finish
 
 
@@ -93,32 +97,33 @@ def _decoder(message_type: type) -> Callable[[bytes], Any]:
 
 # The service's RPCs and their request/response messages, from the proto (what the generated registration
 # lists), registered with our decoder.
-_RPCS = {m.name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name))
-         for m in pb.DESCRIPTOR.services_by_name[SERVICE.rpartition(".")[2]].methods}
+_METHODS = pb.DESCRIPTOR.services_by_name[SERVICE.rpartition(".")[2]].methods
+_RPCS = {m.name: (getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)) for m in _METHODS}
+_STREAMS = {m.name for m in _METHODS if m.client_streaming or m.server_streaming}
 
 
 def _handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
-    return {name: grpc.unary_unary_rpc_method_handler(
-                _checked(getattr(servicer, name), servicer, name),
-                request_deserializer=_decoder(request), response_serializer=response.SerializeToString)
-            for name, (request, response) in _RPCS.items()}
+    handlers = {}
+    for name, (request, response) in _RPCS.items():
+        options = {"request_deserializer": _decoder(request), "response_serializer": response.SerializeToString}
+        if name in _STREAMS:  # its messages are checked one by one (InferenceServicer.ModelStreamInfer)
+            handlers[name] = grpc.stream_stream_rpc_method_handler(getattr(servicer, name), **options)
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(_checked(getattr(servicer, name), servicer, name),
+                                                                 **options)
+    return handlers
 
 
 def _checked(rpc: Callable, servicer: InferenceServicer, name: str) -> Callable:
     async def call(request: Any, context: aio.ServicerContext):
         if isinstance(request, Undecodable):
-            async def refuse():
-                if _authorization(context) is None:  # as any call without a key: its address's rate
-                    servicer._limit_address(context)
-                raise ApiError(400, "malformed_body", f"the request is not a {request.message_type.DESCRIPTOR.name} "
-                                                      "protobuf message")
-            return await servicer._run(name, context, "", refuse)
+            return await servicer._run(name, context, "", servicer._refusal(request, context))
         return await rpc(request, context)
     return call
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """The six RPCs over the app's state (``app.state``: settings, host, keyring, metrics, limiters)."""
+    """The RPCs over the app's state (``app.state``: settings, host, keyring, metrics, limiters)."""
 
     def __init__(self, state: Any):
         self.state = state
@@ -146,12 +151,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return Serving(s.settings, s.host, s.keyring, s.metrics, key, caller_of(key, peer_address(context.peer())))
 
     # ------------------------------------------------------------------ one call
-    async def _run(self, method: str, context: aio.ServicerContext, model: str,
-                   answer: Callable[[], Awaitable[Any]]) -> Any:
-        """``answer()``, its errors as the call's status, and the request in the metrics as HTTP's are."""
-        start, status, error = time.perf_counter(), 200, None
+    async def _answer(self, method: str, context: aio.ServicerContext, model: str,
+                      answer: Callable[[], Awaitable[Any]]) -> tuple[Any, ApiError | None]:
+        """``answer()`` or the error it is refused with, and the request in the metrics as HTTP's are."""
+        start, status = time.perf_counter(), 200
         try:
-            return await answer()
+            return await answer(), None
         except ApiError as e:
             status, error = e.status, e
         except Exception:
@@ -162,8 +167,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.state.metrics.observe_request(f"/{SERVICE}/{method}", "GRPC",
                                                model if model and host is not None and model in host else "",
                                                status, time.perf_counter() - start)
+        return None, error
+
+    async def _run(self, method: str, context: aio.ServicerContext, model: str,
+                   answer: Callable[[], Awaitable[Any]]) -> Any:
+        """``answer()``, its error as the call's status (with ``retry-after`` as trailing metadata)."""
+        response, error = await self._answer(method, context, model, answer)
+        if error is None:
+            return response
         retry = (error.headers or {}).get("Retry-After")
-        await context.abort(code_of(status), error.message, (("retry-after", retry),) if retry else ())
+        await context.abort(code_of(error.status), error.message, (("retry-after", retry),) if retry else ())
+
+    def _refusal(self, request: Undecodable, context: aio.ServicerContext) -> Callable[[], Awaitable[Any]]:
+        async def refuse():
+            if _authorization(context) is None:  # as any call without a key: its address's rate
+                self._limit_address(context)
+            raise ApiError(400, "malformed_body", f"the request is not a {request.message_type.DESCRIPTOR.name} "
+                                                  "protobuf message")
+        return refuse
 
     # ------------------------------------------------------------------ the RPCs
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext):
@@ -180,7 +201,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def answer():
             if _authorization(context) is None:  # as GET /v2: no key needed, none checked
                 self._limit_address(context)
-            return codec.server_metadata_response(oip.server_metadata(extensions=()))
+            return codec.server_metadata_response(oip.server_metadata(extensions=EXTENSIONS))
         return await self._run("ServerMetadata", context, "", answer)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext):
@@ -202,7 +223,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return codec.metadata_response(oip.model_metadata(caller.host, model))
         return await self._run("ModelMetadata", context, request.name, answer)
 
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: aio.ServicerContext):
+        async def answer():  # behind the metadata's access check, as GET /v2/models/{name}/config
+            caller = await self._caller(context)
+            model = await oip.served_model(caller, request.name, request.version or None)
+            return codec.config_response(oip.model_config(caller.host, model, caller.settings.max_request_samples))
+        return await self._run("ModelConfig", context, request.name, answer)
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext):
+        return await self._run("ModelInfer", context, request.model_name, self._inferring(request, context))
+
+    def _inferring(self, request: pb.ModelInferRequest,
+                   context: aio.ServicerContext) -> Callable[[], Awaitable[pb.ModelInferResponse]]:
         async def answer():
             caller = await self._caller(context)
             # predict access before the lookup (as HTTP's infer): a caller who may not predict probes no name
@@ -210,7 +242,46 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs = codec.request_inputs(request, caller.settings.max_request_samples)
             outputs = await oip.infer(caller, model, inputs, codec.requested_outputs(request))
             return codec.infer_response(model.name, model.version, request.id, outputs)
-        return await self._run("ModelInfer", context, request.model_name, answer)
+        return answer
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable],
+                               context: aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request as ModelInfer would answer it, up to :data:`STREAM_WINDOW` of them at once (so that they
+        ride in the model's batches), answered in the order sent. A refusal is that answer's ``error_message``
+        and the stream goes on; the key is the stream's metadata, checked, rated and charged per request."""
+        slots, answers = asyncio.Semaphore(STREAM_WINDOW), asyncio.Queue()
+
+        async def one(request: pb.ModelInferRequest | Undecodable) -> pb.ModelStreamInferResponse:
+            if isinstance(request, Undecodable):
+                _, error = await self._answer("ModelStreamInfer", context, "", self._refusal(request, context))
+                return pb.ModelStreamInferResponse(error_message=error.message)
+            response, error = await self._answer("ModelStreamInfer", context, request.model_name,
+                                                 self._inferring(request, context))
+            if error is None:
+                return pb.ModelStreamInferResponse(infer_response=response)
+            return pb.ModelStreamInferResponse(error_message=error.message, infer_response=pb.ModelInferResponse(
+                model_name=request.model_name, id=request.id))
+
+        async def read() -> None:  # waits for a slot: a client that sends faster waits for its answers
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    answers.put_nowait(asyncio.ensure_future(one(request)))
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                response = await answer
+                slots.release()
+                yield response
+            reader.result()  # the requests' end, or why they stopped coming
+        finally:
+            reader.cancel()
+            while not answers.empty():
+                if (pending := answers.get_nowait()) is not None:
+                    pending.cancel()
 
 
 def listen_address(host: str, port: int) -> str:

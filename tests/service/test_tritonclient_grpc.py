@@ -11,6 +11,7 @@ import json
 import struct
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from PIL import Image
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from service.auth import create_key
@@ -91,8 +92,8 @@ def test_health_and_metadata(grpc_server):
     _, client, _, _ = grpc_server
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata(as_json=True)
-    # the binary tensor extension is HTTP's: gRPC carries raw tensors natively and advertises none
-    assert meta["name"] == "sdb" and "version" in meta and not meta.get("extensions")
+    # the binary tensor extension is HTTP's: gRPC carries raw tensors natively
+    assert meta["name"] == "sdb" and "version" in meta and meta["extensions"] == ["model_configuration"]
     assert client.is_model_ready("digits-a") and client.is_model_ready("digits-a", "2")
     assert not client.is_model_ready("no-such-model")
     m = client.get_model_metadata("digits-a", as_json=True)
@@ -100,6 +101,26 @@ def test_health_and_metadata(grpc_server):
     assert m["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "1", "8", "8"]}]  # int64 in JSON
     assert [o["name"] for o in m["outputs"]] == ["probabilities", "distill_logits"]
     assert client.get_model_metadata("digits-a", "1").versions == ["1", "2"]
+
+
+def test_model_configuration_is_https_in_tritons_messages(grpc_server):
+    # perf_analyzer -i grpc and tritonclient's get_model_config call the ModelConfig RPC before anything else
+    server, client, _, _ = grpc_server
+    for version in ("", "1"):
+        config = client.get_model_config("digits-a", version).config
+        http = httpx.get(f"{server.url}/v2/models/digits-a/config").json()
+        assert (config.name, config.platform, config.backend, config.max_batch_size) == (
+            http["name"], http["platform"], http["backend"], http["max_batch_size"]) == (
+            "digits-a", "onnxruntime_onnx", "onnxruntime", Settings.model_fields["max_request_samples"].default)
+        got = [[(t.name, model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in ts]
+               for ts in (config.input, config.output)]
+        assert got == [[(t["name"], t["data_type"], t["dims"]) for t in http[k]] for k in ("input", "output")]
+        assert got == [[("input", "TYPE_FP32", [1, 8, 8])],
+                       [("probabilities", "TYPE_FP32", [10]), ("distill_logits", "TYPE_FP32", [10])]]
+    assert client.get_model_config("digits-a", as_json=True)["config"]["input"][0]["data_type"] == "TYPE_FP32"
+    assert refused(lambda: client.get_model_config("digits-a", "9"), "NOT_FOUND") == "model 'digits-a' has no version '9'"
+    refused(lambda: client.get_model_config("no-such-model"), "NOT_FOUND")
+    refused(lambda: client.get_model_config("digits-a", headers=bearer("sdb_nope_nope")), "UNAUTHENTICATED")
 
 
 def test_infer_fp32_defaults_equal_http_v2(grpc_server, bundles):
@@ -383,3 +404,89 @@ def test_compressed_messages_are_inflated_within_the_payload_limit(grpc_server, 
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
     assert client.is_server_ready()
     np.testing.assert_array_equal(client.infer("digits-a", [fp32_input(x)]).as_numpy("probabilities"), plain)
+
+
+def _stream(client, requests: list[dict], headers: dict | None = None) -> list[tuple]:
+    """Each request sent on one stream (tritonclient's start_stream / async_stream_infer): (result, error) each."""
+    answers, done = [], threading.Event()
+
+    def callback(result, error):
+        answers.append((result, error))
+        if len(answers) == len(requests):
+            done.set()
+
+    client.start_stream(callback, headers=headers)
+    try:
+        for r in requests:
+            client.async_stream_infer(**r)
+        assert done.wait(60), f"{len(answers)} of {len(requests)} answers"
+    finally:
+        client.stop_stream()
+    return answers
+
+
+def test_a_stream_answers_each_request_as_infer_does_in_order_and_goes_on_past_a_refusal(grpc_server, bundles):
+    server, client, _, _ = grpc_server
+    x = bundles.x[:8]
+    assert len(x) == 8
+    unary = client.infer("digits-a", [fp32_input(x)]).as_numpy("probabilities")
+    requests = [{"model_name": "digits-a", "inputs": [fp32_input(x[i % 8:i % 8 + 1])], "request_id": f"r{i}"}
+                for i in range(12)]
+    requests[4] = {"model_name": "no-such-model", "inputs": [fp32_input(x[4:5])], "request_id": "r4"}
+    requests[7] = {**requests[7], "outputs": [triton.InferRequestedOutput(name="distill_logits")]}  # no key
+    answers = _stream(client, requests)
+    assert [r.get_response().id if r else None for r, _ in answers] == [
+        f"r{i}" if i not in (4, 7) else None for i in range(12)]
+    assert str(answers[4][1]) == "no model named 'no-such-model'"
+    assert "distill" in str(answers[7][1]) and answers[7][0] is None
+    for i, (result, error) in enumerate(answers):
+        if i not in (4, 7):
+            assert error is None
+            np.testing.assert_allclose(result.as_numpy("probabilities")[0], unary[i % 8], rtol=1e-5, atol=1e-6)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'route="/inference.GRPCInferenceService/ModelStreamInfer"' in metrics
+
+
+def test_a_streams_key_is_checked_and_charged_per_request(grpc_server, bundles):
+    _, client, key, store = grpc_server
+    x = bundles.x[:N]
+    token = key("distill", models=["digits-a"], quota=100)
+    want = client.infer("digits-a", [fp32_input(x)], outputs=[triton.InferRequestedOutput("distill_logits")],
+                        headers=bearer(token)).as_numpy("distill_logits")
+    keyed = [{"model_name": "digits-a", "inputs": [fp32_input(x)],
+              "outputs": [triton.InferRequestedOutput("distill_logits")]}] * 3
+    answers = _stream(client, keyed, headers=bearer(token))
+    for result, error in answers:
+        assert error is None
+        np.testing.assert_allclose(result.as_numpy("distill_logits"), want, rtol=1e-5, atol=1e-6)
+    key_id = token.split("_")[1]
+    assert store.get_key(key_id).used == 4 * N  # the unary call and three streamed ones, N samples each
+    answers = _stream(client, keyed[:2], headers=bearer("sdb_nope_nope"))
+    assert all(r is None and "key" in str(e).lower() for r, e in answers), answers
+
+
+def test_a_stream_past_its_window_stays_in_order_and_a_message_that_is_not_one_is_refused_alone(grpc_server, bundles):
+    from service.grpc.server import STREAM_WINDOW
+
+    server, client, _, _ = grpc_server
+    x = np.ascontiguousarray(bundles.x[:1], np.float32)
+    request = service_pb2.ModelInferRequest(model_name="digits-a")
+    request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    request.raw_input_contents.append(x.tobytes())
+    sent = []
+    for i in range(3 * STREAM_WINDOW):
+        request.id = f"r{i}"
+        sent.append(b"\xff\xff not a message" if i == 5 else request.SerializeToString())
+    with grpc.insecure_channel(f"127.0.0.1:{server.env['SDB_GRPC_PORT']}") as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                       request_serializer=lambda b: b,
+                                       response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        answers = list(stream(iter(sent), timeout=60))
+        assert [a.infer_response.id for a in answers] == [f"r{i}" if i != 5 else "" for i in range(len(sent))]
+        assert answers[5].error_message == "the request is not a ModelInferRequest protobuf message"
+        assert not any(a.error_message for i, a in enumerate(answers) if i != 5)
+        # A client that goes away mid-stream takes nothing with it.
+        call = stream(iter(sent * 4), timeout=60)
+        next(call)
+        call.cancel()
+    assert client.is_server_ready() and client.infer("digits-a", [fp32_input(x)]).as_numpy("probabilities") is not None
