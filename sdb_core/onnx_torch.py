@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from . import onnx_batch
 from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
 from .onnx_ops import ON_DIMS, OPS, Dims, ints, tensor
+from .onnx_qoperator import as_qdq, is_qoperator
 
 
 def _array(t) -> np.ndarray:
@@ -198,6 +199,23 @@ def _needed(g) -> tuple[list, set[str]]:
     return kept[::-1], wanted
 
 
+# Operators that move or pick a quantized tensor's levels without computing anything of them (ONNX Runtime runs
+# them on the integers between two QOperator nodes): a quantization read through them is still a pair.
+_LEVELS_MOVED = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice",
+                           "Split", "Gather", "Pad", "Resize", "DepthToSpace", "SpaceToDepth", "Expand", "Tile"})
+
+
+def _read_as_levels(name: str, readers: dict[str, list]) -> bool:
+    """Whether every reader of tensor ``name`` (``readers``: each name's reading nodes) is a DequantizeLinear,
+    directly or through :data:`_LEVELS_MOVED` operators that take it as their data alone (a quantization whose
+    output rounds for its dequantization alone)."""
+    return bool(readers.get(name)) and all(
+        n.op_type == "DequantizeLinear" or (n.op_type in _LEVELS_MOVED and list(n.input).count(name) == 1
+                                            and n.input[0] == name
+                                            and all(_read_as_levels(o, readers) for o in n.output if o))
+        for n in readers[name])
+
+
 MAX_HOST_VALUES = 64  # a stored tensor up to this size is kept on the host too (sizes, not weights)
 
 
@@ -217,6 +235,8 @@ class OnnxModule(nn.Module):
 
         model = onnx.load_from_string(model_bytes)
         g = model.graph
+        if is_qoperator(g):  # ONNX Runtime's integer operators, as the QDQ graph of their float ones
+            as_qdq(g)
         if fold:  # computed here, where folding may compute (a job's worker), never in an upload's check
             _stored_quantized_as_floats(g)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
@@ -260,15 +280,15 @@ class OnnxModule(nn.Module):
                 self.register_buffer(f"w{i}", t)
             self._consts[name] = f"w{i}"
         self.nodes = self._compile(needed, "")
-        # A QDQ graph's activation quantizations: each QuantizeLinear read by DequantizeLinears alone (a pair that
-        # rounds and saturates). Run while ``quantized``; once a recipe releases them (float_activations), the pair
+        # A QDQ graph's activation quantizations: each QuantizeLinear read by DequantizeLinears alone, directly or
+        # through operators that move its levels (a pair that rounds and saturates). Run while ``quantized``; once a recipe releases them (float_activations), the pair
         # saturates alone: the quantizer folds a ReLU or a clip into its range, so the range is the network's.
-        readers: dict[str, set[str]] = {}
+        readers: dict[str, list] = {}
         for n in needed:
             for i in _reads(n):
-                readers.setdefault(i, set()).add(n.op_type)
+                readers.setdefault(i, []).append(n)
         self._quantizations = {n.output[0] for n in needed if n.op_type == "QuantizeLinear"
-                               and readers.get(n.output[0]) == {"DequantizeLinear"} and n.output[0] != self.output_name}
+                               and n.output[0] != self.output_name and _read_as_levels(n.output[0], readers)}
         self._quantizations |= {n.output[0] for n in needed if n.op_type == "DynamicQuantizeLinear"}
         self.quantized = True
         # Where the export's batch is stored (a fixed-batch graph): a reshape's sizes, or a stored tensor the

@@ -87,6 +87,7 @@ def _is_onnx(path: Path) -> bool:
 
 def _check_onnx(src: Path, out: Path, filename: str) -> Checked:
     from sdb_core.graph_size import MAX_GRAPH_ENTRIES, STANDARD_DOMAINS, graph_entries, node_domains
+    from sdb_core.onnx_qoperator import MS, standard_form
 
     dest = out / "weights.onnx"  # the name is how a job's model reference knows the file is a network
     shutil.move(src, dest)
@@ -94,24 +95,36 @@ def _check_onnx(src: Path, out: Path, filename: str) -> Checked:
     if graph_entries(model) > MAX_GRAPH_ENTRIES:
         raise rejected("weights", f"{filename}: the ONNX graph holds more than {MAX_GRAPH_ENTRIES} nodes, "
                        "initializers and value infos")
-    foreign = node_domains(model) - STANDARD_DOMAINS
-    if foreign:
-        raise rejected("weights", f"{filename}: its graph uses operators of {', '.join(sorted(d[:60] for d in foreign)[:5])}; "
-                       "an ONNX model a job runs may use the standard ONNX operators only")
     from google.protobuf.message import DecodeError
 
     from sdb_core.onnx_torch import OnnxModule  # torch: here only, in the caller's worker thread
 
+    unreadable = rejected("weights", f"{filename}: neither weights (safetensors, a torch checkpoint) nor a readable "
+                                     "ONNX model")
+    info = {}
+    foreign = node_domains(model) - STANDARD_DOMAINS
+    if foreign == {MS}:  # ONNX Runtime's quantized operators (QOperator): kept as the standard graph they compute
+        try:
+            standard = standard_form(model)
+        except ValueError as e:
+            raise rejected("weights", f"{filename}: {_clip(str(e))}") from None
+        except (DecodeError, KeyError, TypeError, RuntimeError):
+            raise unreadable from None
+        if standard is not None and graph_entries(standard) <= MAX_GRAPH_ENTRIES:  # (recorded: the upload's size, hash)
+            model, foreign, info = standard, set(), {"quantized": "QOperator, stored as its QDQ form"}
+            dest.write_bytes(model)
+    if foreign:
+        raise rejected("weights", f"{filename}: its graph uses operators of {', '.join(sorted(d[:60] for d in foreign)[:5])}; "
+                       "an ONNX model a job runs may use the standard ONNX operators only")
     try:
         net = OnnxModule(model)  # read, not run (no fold): an upload's graph runs in a job's worker only
     except ValueError as e:
         raise rejected("weights", f"{filename}: {_clip(str(e))}") from None
     except (DecodeError, KeyError, TypeError, RuntimeError):
-        raise rejected("weights", f"{filename}: neither weights (safetensors, a torch checkpoint) nor a readable "
-                       "ONNX model") from None
+        raise unreadable from None
     shape = ["N" if d is None else d for d in net.input_shape]
     return Checked("onnx", dest.name, {"input_shape": shape, "nodes": len(net.nodes),
-                                       "parameters": int(sum(b.numel() for b in net.buffers()))})
+                                       "parameters": int(sum(b.numel() for b in net.buffers())), **info})
 
 
 def check_weights(src: Path, out: Path, limits: Limits, filename: str) -> Checked:

@@ -1,5 +1,6 @@
 """A classifier an owner brings quantized: the QDQ graph ONNX Runtime's ``quantize_static`` writes (integer weights
-each behind a DequantizeLinear, every activation through a QuantizeLinear/DequantizeLinear pair), and the one
+each behind a DequantizeLinear, every activation through a QuantizeLinear/DequantizeLinear pair), its QOperator
+form (integer operators, QLinearConv, QGemm, ...: read as the QDQ graph of their float operators), and the one
 ``quantize_dynamic`` writes (integer convolutions and matmuls on activations quantized over each batch's range),
 read, fine-tuned and wrapped like a float one.
 
@@ -25,6 +26,7 @@ from onnxruntime.quantization import (
 )
 
 from sdb_core.bundle import load_bundle
+from sdb_core.onnx_qoperator import MS
 from sdb_core.onnx_torch import OnnxModule, float_activations, onnx_classifier
 from sdb_core.protect.config import CheckConfig, Thresholds
 from sdb_core.protect.key import new_master_key
@@ -56,17 +58,24 @@ def quantized(tmp_path_factory, digits):
         quantize_static(str(root / "float.onnx"), str(paths[per_channel]), _Batches(digits.train.tensors[0][:256]),
                         quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
+    paths["qoperator"] = root / "qoperator.onnx"  # the integer operators' form, per channel
+    quantize_static(str(root / "float.onnx"), str(paths["qoperator"]), _Batches(digits.train.tensors[0][:256]),
+                    quant_format=QuantFormat.QOperator, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
     paths["dynamic"] = root / "dynamic.onnx"  # quantize_dynamic: integer convolutions and matmuls, ranges per batch
     quantize_dynamic(str(root / "float.onnx"), str(paths["dynamic"]), weight_type=QuantType.QInt8)
     return net, paths
 
 
-# what each quantization's graph holds
+# what each quantization's graph is read as (QOperator's integer operators, as their QDQ form)
 OPS = {False: {"QuantizeLinear", "DequantizeLinear"}, True: {"QuantizeLinear", "DequantizeLinear"},
+       "qoperator": {"QuantizeLinear", "DequantizeLinear"},
        "dynamic": {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger"}}
+KINDS = pytest.mark.parametrize("kind", [False, True, "qoperator", "dynamic"],
+                                ids=["per_tensor", "per_channel", "qoperator", "dynamic"])
 
 
-@pytest.mark.parametrize("kind", [False, True, "dynamic"], ids=["per_tensor", "per_channel", "dynamic"])
+@KINDS
 def test_a_quantized_graph_answers_as_onnx_runtime_and_learns(quantized, digits, kind):
     _, paths = quantized
     data = paths[kind].read_bytes()
@@ -110,7 +119,7 @@ def test_a_quantized_graph_answers_as_onnx_runtime_and_learns(quantized, digits,
 PLUMBING = replace(CheckConfig(), thresholds=replace(Thresholds(), max_accuracy_drop=5.0, max_keyed_drop=100.0))
 
 
-@pytest.mark.parametrize("kind", [True, "dynamic"], ids=["qdq", "dynamic"])
+@pytest.mark.parametrize("kind", [True, "qoperator", "dynamic"], ids=["qdq", "qoperator", "dynamic"])
 def test_a_quantized_teacher_wraps_into_a_box_that_keeps_its_answers(tmp_path, digits, quantized, kind):
     net, paths = quantized
     from sdb_core.progress import Hooks
@@ -121,15 +130,17 @@ def test_a_quantized_teacher_wraps_into_a_box_that_keeps_its_answers(tmp_path, d
     assert bundle.meta["arch"] == "onnx" and bundle.meta["mode"] == "sdb"
     # the box serves in float: its activations were released from the teacher's rounding (float_activations)
     graph = onnx.load(out.bundle / "model.onnx")
-    assert not (OPS[kind] | {"Round"}) & {n.op_type for n in graph.graph.node}
+    assert not (OPS[kind] | {"Round", "QLinearConv", "QGemm"}) & {n.op_type for n in graph.graph.node}
     x, y = digits.test.tensors
     teacher = ort.InferenceSession(paths[kind].read_bytes(), providers=["CPUExecutionProvider"])
     teacher_top1 = teacher.run(None, {"image": x.numpy()})[0].argmax(1)
     served = bundle.public_logits(x.numpy()).argmax(1)
-    assert (served == teacher_top1).mean() > 0.85
-    # measured: QDQ, eight wraps, 0.75-4.75 points under the teacher (2.0-6.75 with the rounding kept), agreement
-    # 0.92-0.95; dynamic, six wraps, 0.25-3.5 (3.75-7.25 with its weights in quantized units), agreement 0.92-0.96
-    assert 100 * (teacher_top1 == y.numpy()).mean() - 100 * (served == y.numpy()).mean() < 7.0
+    assert (served == teacher_top1).mean() > 0.83
+    # measured (each wrap's key is its own, and the check passes a box 5 points under on 210 held-out digits):
+    # QDQ and QOperator (one module: their forms answer alike, quantized and released), twenty wraps, 0.25-7.0
+    # points under the teacher (QDQ 2.0-6.75 with the rounding kept), agreement 0.88-0.96; dynamic, six wraps,
+    # 0.25-3.5 (3.75-7.25 with its weights in quantized units), agreement 0.92-0.96
+    assert 100 * (teacher_top1 == y.numpy()).mean() - 100 * (served == y.numpy()).mean() < 9.0
     assert accuracy(net, digits.test) - 100 * (teacher_top1 == y.numpy()).mean() < 3.0  # a good quantization
 
 
@@ -157,14 +168,70 @@ def test_quantization_that_is_not_read_is_refused_in_words():
                       numpy_helper.from_array(np.ones((2, 4), np.float32), "ws")])
     with pytest.raises(ValueError, match="blocked quantization"):
         onnx_classifier(blocked, (4,))
-    qoperator = _graph([helper.make_node("QLinearMatMul", ["x", "s", "z8", "w", "s", "z8", "s", "z8"], ["y"])],
-                       [scale, numpy_helper.from_array(np.array(0, np.uint8), "z8"),
-                        numpy_helper.from_array(np.ones((4, 4), np.uint8), "w")])
-    with pytest.raises(ValueError, match=r"unsupported operators \['QLinearMatMul'\]"):
-        onnx_classifier(qoperator, (4,))
+    # QOperator's forms that are not read: channels last, and a bias whose scale the graph computes
+    z8 = numpy_helper.from_array(np.array(0, np.uint8), "z8")
+    last = _graph([helper.make_node("QuantizeLinear", ["x", "s", "z8"], ["q"]),
+                   helper.make_node("QLinearGlobalAveragePool", ["q", "s", "z8", "s", "z8"], ["p"], domain=MS,
+                                    channels_last=1),
+                   helper.make_node("DequantizeLinear", ["p", "s", "z8"], ["y"])], [scale, z8])
+    with pytest.raises(ValueError, match="channels-last QLinearGlobalAveragePool is not supported"):
+        onnx_classifier(last, (4,))
+    computed = _graph([helper.make_node("QuantizeLinear", ["x", "s", "z8"], ["q"]),
+                       helper.make_node("Mul", ["s", "s"], ["s2"]),
+                       helper.make_node("QLinearConv", ["q", "s2", "z8", "w", "s", "z8", "s", "z8", "b"], ["c"]),
+                       helper.make_node("DequantizeLinear", ["c", "s", "z8"], ["y"])],
+                      [scale, z8, numpy_helper.from_array(np.ones((4, 4, 1), np.uint8), "w"),
+                       numpy_helper.from_array(np.zeros(4, np.int32), "b")])
+    with pytest.raises(ValueError, match="scale 's2' is computed in the graph; a quantized bias needs it stored"):
+        onnx_classifier(computed, (4,))
 
 
-@pytest.mark.parametrize("kind", [False, True, "dynamic"], ids=["per_tensor", "per_channel", "dynamic"])
+class EveryQOperator(torch.nn.Module):
+    """A network whose QOperator quantization holds each integer operator ONNX Runtime writes for a CNN or an MLP:
+    QLinearConv, QLinearMatMul and QGemm; QLinearAdd, QLinearMul, QLinearConcat; QLinearAveragePool,
+    QLinearGlobalAveragePool; QLinearSigmoid, QLinearSoftmax, QLinearLeakyRelu; MaxPool and Flatten between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), \
+            torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.gate, self.fc = torch.nn.Linear(16, 16), torch.nn.Linear(16, 10)
+        self.w = torch.nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c1(x)))
+        x = torch.cat([x, x], 1) + F.relu(self.c2(x))
+        x = F.adaptive_avg_pool2d(F.avg_pool2d(F.max_pool2d(x, 2), 2), 1).flatten(1)
+        x = (x * torch.sigmoid(self.gate(x))) @ self.w
+        return self.fc(F.leaky_relu(x * torch.softmax(x, 1)))
+
+
+@pytest.mark.parametrize("weights", [QuantType.QInt8, QuantType.QUInt8], ids=["int8", "uint8"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_each_qoperator_answers_as_onnx_runtime(tmp_path, per_channel, weights):
+    seed_everything(0)
+    (tmp_path / "float.onnx").write_bytes(onnx_bytes(EveryQOperator().eval(), (1, 8, 8)))
+    x = torch.rand(64, 1, 8, 8)
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), _Batches(x), per_channel=per_channel,
+                    quant_format=QuantFormat.QOperator, activation_type=QuantType.QUInt8, weight_type=weights)
+    data = (tmp_path / "q.onnx").read_bytes()
+    written = {n.op_type for n in onnx.load_from_string(data).graph.node}
+    assert set(QOPERATORS) <= written, set(QOPERATORS) - written
+    want = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"image": x.numpy()})[0]
+    module = OnnxModule(data, trainable=True, fold=True).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(module(x).numpy(), want, rtol=1e-4, atol=1e-5)
+        assert float_activations(module)  # every pair released, those read through MaxPool and Flatten included
+        released = module(x).numpy()
+    assert module._quantizations == {n[3][0] for n in module.nodes if n[1] == "QuantizeLinear"}
+    assert 0 < np.abs(released - want).max() < 0.05
+
+
+QOPERATORS = ("QLinearConv", "QLinearMatMul", "QGemm", "QLinearAdd", "QLinearMul", "QLinearConcat",
+              "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearSoftmax", "QLinearLeakyRelu")
+
+
+@KINDS
 def test_a_quantized_graph_runs_where_its_weights_are_and_reads_nothing_back(quantized, kind):
     """On a GPU a forward must not wait for the device: torch's meta device stands in (a CPU tensor mixed with the
     weights raises, and so does a value read back), quantizing and released alike."""

@@ -95,3 +95,52 @@ async def test_what_a_job_cannot_run_is_refused_at_upload_or_submission(svc, tmp
         "data": "digits", "teacher": {"arch": "cnn", "mean": [0.5], "std": [0.25]}}})
     assert r.status_code == 422 and "mean and std go together, with file" in r.text, r.text
     assert (await svc.client.get("/v1/jobs", headers=svc.auth(tok))).json()["jobs"] == []
+
+
+async def test_a_teacher_quantized_with_onnx_runtimes_own_operators_is_kept_as_the_standard_graph_it_computes(
+        svc, tmp_path, teacher):
+    """quantize_static's QOperator form names com.microsoft operators (QGemm), which no job may run: the upload is
+    stored as the QDQ graph of standard operators it computes, which answers as the upload did."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from sdb_core.graph_size import STANDARD_DOMAINS, node_domains
+    from sdb_core.onnx_torch import OnnxModule
+
+    net, data = teacher
+    export(net, tmp_path / "teacher.onnx")
+    x = data.train.tensors[0][:256].numpy()
+
+    class Calibration(CalibrationDataReader):
+        batches = iter([{"image": x}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(tmp_path / "teacher.onnx"), str(tmp_path / "q.onnx"), Calibration(),
+                    quant_format=QuantFormat.QOperator, per_channel=True)
+    uploaded = (tmp_path / "q.onnx").read_bytes()
+    assert "com.microsoft" in node_domains(uploaded)
+    tok = svc.key(("jobs",))
+    r = await svc.client.post("/v1/files", files={"file": ("q.onnx", uploaded)}, data={"purpose": "weights"},
+                              headers=svc.auth(tok))
+    assert r.status_code == 201, r.text
+    assert r.json()["info"]["quantized"] == "QOperator, stored as its QDQ form"
+    assert r.json()["bytes"] == len(uploaded)  # what was sent, as its hash
+    stored = (svc.settings.files_dir / r.json()["id"] / "weights.onnx").read_bytes()
+    assert node_domains(stored) <= STANDARD_DOMAINS and "com.microsoft" not in {
+        o.domain for o in onnx.load_from_string(stored).opset_import}
+    xt = data.test.tensors[0].numpy()
+    want = ort.InferenceSession(uploaded, providers=["CPUExecutionProvider"]).run(None, {"image": xt})[0]
+    got = ort.InferenceSession(stored, providers=["CPUExecutionProvider"]).run(None, {"image": xt})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        np.testing.assert_allclose(OnnxModule(stored, fold=True)(torch.from_numpy(xt)).numpy(), want, rtol=1e-4,
+                                   atol=1e-4)
+    # another of ONNX Runtime's operators is still refused by its domain
+    graph = onnx.load_from_string(uploaded)
+    next(n for n in graph.graph.node if n.domain == "com.microsoft").op_type = "QAttention"
+    r = await svc.client.post("/v1/files", files={"file": ("a.onnx", graph.SerializeToString())},
+                              data={"purpose": "weights"}, headers=svc.auth(tok))
+    assert r.status_code == 422 and "standard ONNX operators only" in r.text, r.text
