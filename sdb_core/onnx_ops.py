@@ -569,7 +569,8 @@ def pad(v, a, opset):
         spec += [b, e]
     while len(spec) >= 2 and spec[-2:] == [0, 0]:  # torch's reflect/replicate pad only the last axes
         spec = spec[:-2]
-    return F.pad(x, spec, mode={"edge": "replicate"}.get(mode, mode), value=value if mode == "constant" else None)
+    return F.pad(x, spec, mode={"edge": "replicate", "wrap": "circular"}.get(mode, mode),
+                 value=value if mode == "constant" else None)
 
 
 def reduce(fn: Callable, axes_input_since: int):
@@ -594,8 +595,8 @@ def _amin(x, dims, keep):
 
 
 def resize(v, a, opset):
-    """What torch's ``F.interpolate`` exports: nearest (asymmetric, floor) and (bi/tri)linear (half-pixel, or align
-    corners), by output sizes or scales; other sampling rules are refused by name."""
+    """What torch's ``F.interpolate`` exports: nearest (asymmetric, floor), (bi/tri)linear and bicubic (half-pixel,
+    or align corners), by output sizes or scales; other sampling rules are refused by name."""
     x = v[0]
     mode, where_, nearest = (a.get(k, d) for k, d in (("mode", "nearest"), (
         "coordinate_transformation_mode", "half_pixel"), ("nearest_mode", "round_prefer_floor")))
@@ -613,6 +614,9 @@ def resize(v, a, opset):
     if mode == "linear" and where_ in ("half_pixel", "pytorch_half_pixel", "align_corners") and 3 <= x.dim() <= 5:
         kind = ("linear", "bilinear", "trilinear")[x.dim() - 3]
         return F.interpolate(x, mode=kind, align_corners=where_ == "align_corners", **spatial)
+    if (mode == "cubic" and where_ in ("half_pixel", "pytorch_half_pixel", "align_corners") and x.dim() == 4
+            and a.get("cubic_coeff_a", -0.75) == -0.75 and not a.get("exclude_outside", 0)):  # torch's bicubic
+        return F.interpolate(x, mode="bicubic", align_corners=where_ == "align_corners", **spatial)
     raise ValueError(f"Resize with mode {mode}, coordinate_transformation_mode {where_}, nearest_mode {nearest} is "
                      "not supported (torch's nearest and linear ones are)")
 
@@ -677,6 +681,62 @@ def _reduce_prod(x, dims, keep):
     return x
 
 
+def cumsum(v, a, opset):
+    """Running sums along an axis; ``exclusive`` starts each from 0, ``reverse`` runs from the axis's end."""
+    x, axis = v[0], ints(v[1])[0] % v[0].dim()
+    reverse = a.get("reverse", 0)
+    if reverse:
+        x = x.flip(axis)
+    out = torch.cumsum(x, axis)
+    if a.get("exclusive", 0):  # shifted by one, as ONNX Runtime sums (a subtraction would round otherwise)
+        out = torch.cat([torch.zeros_like(out.narrow(axis, 0, 1)), out.narrow(axis, 0, out.shape[axis] - 1)], axis)
+    return out.flip(axis) if reverse else out
+
+
+def trilu(v, a, opset):
+    """The upper (or lower) triangle of the last two axes from diagonal ``k``: a causal attention mask."""
+    k = ints(v[1])[0] if len(v) > 1 and v[1] is not None else 0
+    return torch.triu(v[0], k) if a.get("upper", 1) else torch.tril(v[0], k)
+
+
+def grid_sample(v, a, opset):
+    """Sampling at a grid of points (a spatial transformer): bilinear, nearest or bicubic, as ``F.grid_sample``."""
+    mode = a.get("mode", "bilinear" if opset < 20 else "linear")
+    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(mode, mode)
+    return F.grid_sample(v[0], v[1].to(v[0].dtype), mode=mode, padding_mode=a.get("padding_mode", "zeros"),
+                         align_corners=bool(a.get("align_corners", 0)))
+
+
+def gather_nd(v, a, opset):
+    """``x`` at the index tuples of the last axis of ``indices``, after ``batch_dims`` leading axes both share
+    (what the dynamo exporter writes for ``x[:, :, [0, 2, 1]]``)."""
+    x, index, b = v[0], tensor(v[1]).to(v[0].device).long(), a.get("batch_dims", 0)
+    parts = [torch.where(i < 0, i + n, i) for i, n in zip(index.unbind(-1), x.shape[b:])]
+    if b == 0:
+        return x[tuple(parts)]
+    lead = x.shape[:b]
+    flat, parts = x.reshape(-1, *x.shape[b:]), [p.reshape(-1, *p.shape[b:]) for p in parts]
+    rows = torch.arange(flat.shape[0], device=x.device).reshape(-1, *[1] * (parts[0].dim() - 1))
+    out = flat[(rows.expand(parts[0].shape), *parts)]
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def is_inf(v, a, opset):
+    x = v[0]  # (isinf and a sign: torch.isposinf has no ONNX export, and a box exports the graph again)
+    inf = torch.isinf(x)
+    if not a.get("detect_positive", 1):
+        inf = inf & (x < 0)
+    if not a.get("detect_negative", 1):
+        inf = inf & (x > 0)
+    return inf
+
+
+def _hyperbolic(fn: Callable, exported: Callable):
+    """``fn``, or where a box's export traces it (torch has no ONNX export of the hyperbolic functions) the same
+    function in exponentials and logarithms."""
+    return lambda v, a, o: exported(v[0]) if torch.jit.is_tracing() else fn(v[0])
+
+
 def where(v, a, opset):
     if any(isinstance(t, Dims) for t in v):  # a shape chosen size by size (exports of expand(-1, ...))
         n = max(len(ints(t)) for t in v)
@@ -724,7 +784,13 @@ OPS: dict[str, Callable] = {
     "HardSwish": _unary(F.hardswish), "Mish": _unary(F.mish), "Gelu": gelu, "Erf": _unary(torch.erf),
     "Exp": _unary(torch.exp), "Log": _unary(torch.log), "Sqrt": _unary(torch.sqrt), "Neg": _unary(torch.neg),
     "Abs": _unary(torch.abs), "Reciprocal": _unary(torch.reciprocal), "Floor": _unary(torch.floor),
-    "Ceil": _unary(torch.ceil), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos), "Clip": clip,
+    "Ceil": _unary(torch.ceil), "Sin": _unary(torch.sin), "Cos": _unary(torch.cos), "Tan": _unary(torch.tan),
+    "Asin": _unary(torch.asin), "Acos": _unary(torch.acos), "Atan": _unary(torch.atan), "Sinh": _hyperbolic(torch.sinh, lambda x: (x.exp() - (-x).exp()) / 2),
+    "Cosh": _hyperbolic(torch.cosh, lambda x: (x.exp() + (-x).exp()) / 2),
+    "Asinh": _hyperbolic(torch.asinh, lambda x: x.sign() * (x.abs() + (x * x + 1).sqrt()).log()),
+    "Acosh": _hyperbolic(torch.acosh, lambda x: (x + (x * x - 1).sqrt()).log()),
+    "Atanh": _hyperbolic(torch.atanh, lambda x: ((1 + x) / (1 - x)).log() / 2), "IsNaN": _unary(torch.isnan), "IsInf": is_inf, "Clip": clip,
+    "CumSum": cumsum, "Trilu": trilu, "GridSample": grid_sample, "GatherND": gather_nd,
     "Softmax": _softmax(torch.softmax), "LogSoftmax": _softmax(torch.log_softmax),
     "Add": _binary(lambda x, y: x + y), "Sub": _binary(lambda x, y: x - y), "Mul": _binary(lambda x, y: x * y),
     "Div": _binary(_div), "Mod": _binary(lambda x, y: x % y), "Pow": _binary(lambda x, y: x ** y),
