@@ -118,10 +118,27 @@ class Upsamples(nn.Module):  # depth to space (PixelShuffle), a transposed convo
         return self.fc(F.adaptive_avg_pool2d(F.pixel_unshuffle(h, 4), 1).flatten(1))
 
 
+class Transformed(nn.Module):  # a spatial transformer (GridSample), causal attention over rows (Trilu), a cumsum
+    def __init__(self):
+        super().__init__()
+        self.loc, self.qkv, self.fc = nn.Linear(64, 6), nn.Linear(8, 24), nn.Linear(64, 10)
+        nn.init.normal_(self.loc.weight, std=0.05)
+        self.loc.bias.data = torch.tensor([1.0, 0.1, 0.0, -0.1, 1.0, 0.0])
+
+    def forward(self, x):
+        theta = self.loc(x.flatten(1)).view(-1, 2, 3)  # affine_grid by hand (it has no TorchScript export)
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, 8), torch.linspace(-1, 1, 8), indexing="ij")
+        grid = (torch.stack([xs, ys, torch.ones_like(xs)], -1).reshape(1, 64, 3) @ theta.transpose(1, 2))
+        rows = F.grid_sample(x, grid.reshape(-1, 8, 8, 2), align_corners=True).reshape(-1, 8, 8)
+        q, k, v = self.qkv(rows).chunk(3, -1)
+        return self.fc(torch.cumsum(F.scaled_dot_product_attention(q, k, v, is_causal=True), 1).flatten(1))
+
+
 NETWORKS = {
     "view": (ViewNet, (1, 8, 8)), "norm_mlp": (NormMLP, (1, 8, 8)), "group_softmax": (GroupSoftmax, (1, 8, 8)),
     "signals": (Signals, (1, 32)), "attention": (Attention, (1, 8, 8)), "resizes": (Resizes, (1, 8, 8)),
     "gadgets": (Gadgets, (1, 8, 8)), "in_place": (InPlace, (1, 8, 8)), "upsamples": (Upsamples, (1, 8, 8)),
+    "transformed": (Transformed, (1, 8, 8)),
     "resnet8": (lambda: create_model("resnet8", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
     "vit_tiny": (lambda: create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
 }
