@@ -66,11 +66,14 @@ def as_qdq(g) -> None:
         name = new(f"{b}_scale")
         g.initializer.append(numpy_helper.from_array(np.asarray(product, np.float32), name))
         stored[name] = g.initializer[-1]
-        return dq(b, name, axis=0 if product.ndim else None)
+        return dq(b, name, axis=0 if product.size > 1 else None)
 
-    def weight_axis(w: str, axis: int) -> int | None:
-        """The axis a per-channel weight's scales run along (None: one scale, or a weight not stored)."""
-        return axis % len(stored[w].dims) if w in stored and len(stored[w].dims) > 1 else None
+    def weight_axis(w: str, scale: str, axis: int) -> int | None:
+        """The axis a per-channel weight's scales run along (None: one scale; a DequantizeLinear before opset 13
+        has no axis)."""
+        if scale in stored and int(np.prod(stored[scale].dims)) <= 1:
+            return None
+        return axis % len(stored[w].dims) if w in stored and stored[w].dims else axis
 
     def rewrite(n, attrs: dict, add: Callable[..., str]) -> None:
         ins = list(n.input) + [""] * 9
@@ -80,15 +83,15 @@ def as_qdq(g) -> None:
                              "channels-first graph")
         if op == "QLinearConv":
             x, xs, xz, w, ws, wz, ys, yz, b = ins[:9]
-            operands = [dq(x, xs, xz), dq(w, ws, wz, 0)] + ([bias(b, [xs, ws], n.name or op)] if b else [])
+            operands = [dq(x, xs, xz), dq(w, ws, wz, weight_axis(w, ws, 0))] + ([bias(b, [xs, ws], n.name or op)] if b else [])
             out = add("Conv", operands, attrs)
         elif op == "QLinearMatMul":
             a, a_s, az, w, ws, wz, ys, yz = ins[:8]
-            out = add("MatMul", [dq(a, a_s, az), dq(w, ws, wz, weight_axis(w, -1))], {})
+            out = add("MatMul", [dq(a, a_s, az), dq(w, ws, wz, weight_axis(w, ws, -1))], {})
         elif op == "QGemm":  # Y = alpha·A'B' + C, C stored at alpha·a_scale·b_scale; without y_scale, float out
             a, a_s, az, w, ws, wz, c, ys, yz = ins[:9]
             alpha = float(attrs.get("alpha", 1.0))
-            operands = [dq(a, a_s, az), dq(w, ws, wz, weight_axis(w, 0 if attrs.get("transB", 0) else 1))]
+            operands = [dq(a, a_s, az), dq(w, ws, wz, weight_axis(w, ws, 0 if attrs.get("transB", 0) else 1))]
             if c:
                 operands.append(bias(c, [a_s, ws], n.name or op, alpha))
             out = add("Gemm", operands, {**attrs, "beta": 1.0})
