@@ -216,6 +216,8 @@ def _read_as_levels(name: str, readers: dict[str, list]) -> bool:
         for n in readers[name])
 
 
+_INPUT_LEVELS = {2: (0, 255), 3: (-128, 127)}  # ONNX's uint8 and int8 graph inputs: the values they hold
+
 MAX_HOST_VALUES = 64  # a stored tensor up to this size is kept on the host too (sizes, not weights)
 
 
@@ -255,9 +257,14 @@ class OnnxModule(nn.Module):
                              "a classifier takes one")
         self.input_name = inputs[0].name
         elem = inputs[0].type.tensor_type.elem_type
-        if elem != onnx.TensorProto.FLOAT:  # what the recipes train on, bundles take and the service sends
+        # Pixels as bytes (a graph with its preprocessing inside, a converted TFLite model): given float32 as every
+        # network here is, rounded and clipped to the type's levels as the bytes would be.
+        self.input_levels = _INPUT_LEVELS.get(elem)
+        if elem != onnx.TensorProto.FLOAT and self.input_levels is None:  # what the recipes train on, bundles
+            # take and the service sends
             raise ValueError(f"the graph takes {onnx.TensorProto.DataType.Name(elem).lower()} inputs; a box takes, "
-                             "trains and serves float32: export the network in float32 (model.float())")
+                             "trains and serves float32 (or reads uint8 and int8 pixels): export the network in "
+                             "float32 (model.float(), a float32 example input)")
         dims = inputs[0].type.tensor_type.shape.dim
         self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
         self.fixed_batch = self.input_shape[0] if self.input_shape and self.input_shape[0] else None
@@ -390,6 +397,8 @@ class OnnxModule(nn.Module):
     def layer_output(self, x: Tensor, layer: str | None) -> Tensor:
         if layer is not None and layer not in {n for n, *_ in self.nodes}:
             raise ValueError(f"model has no layer {layer!r}; layers: {', '.join(self.layer_names()[:40])}")
+        if self.input_levels is not None:  # (a float tensor of whole values: the graph's Cast reads it as its type)
+            x = torch.clamp(torch.round(x), *self.input_levels)
         env: dict[str, Tensor | Dims] = {self.input_name: x}
         for k, b in self._consts.items():
             env[k] = getattr(self, b)
@@ -516,11 +525,13 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
     inner = net.net if isinstance(net, ChannelsLast) else net
     why: list[str] = []  # how the graph is read, for the task's log
     batch = inner.fixed_batch or 3
-    x = torch.randn(batch + 2, *given, generator=torch.Generator().manual_seed(0))
+    x = _check_inputs(inner, (batch + 2, *given), 0)
     feed = x.permute(0, 2, 3, 1) if isinstance(net, ChannelsLast) else x
     try:
         session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-        want_out = session.run(None, {inner.input_name: feed[:batch].numpy()})[0]
+        typed = feed[:batch].numpy().astype({None: np.float32, (0, 255): np.uint8, (-128, 127): np.int8}[
+            inner.input_levels])
+        want_out = session.run(None, {inner.input_name: typed})[0]
     except Exception as e:  # noqa: BLE001 (onnxruntime's Fail, InvalidGraph, ... derive from Exception alone)
         raise ValueError(f"ONNX Runtime cannot run the graph: {str(e)[:300]}") from None
     with torch.no_grad():
@@ -530,7 +541,7 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
                              f"(largest difference {np.abs(got - want_out).max() if got.shape == want_out.shape else 'in shape'})")
         if inner.fixed_batch:  # served in batches of any size: the graph must run at others too, sample by sample
             inner.calibrate(feed)
-            more = torch.randn(2 * batch + 3, *given, generator=torch.Generator().manual_seed(1))
+            more = _check_inputs(inner, (2 * batch + 3, *given), 1)
             for rows in (x, more):
                 try:
                     other = net(rows)
@@ -565,9 +576,26 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
             why.append(f"the ONNX model ends in a {last[1]}: its input, the logits, is what the box learns and serves")
         else:
             inner.output_name, inner.flat_output = kept
+    if inner.input_levels is not None:
+        why.append(f"the ONNX model takes {'uint8' if inner.input_levels[0] == 0 else 'int8'} inputs: its values are "
+                   f"rounded to {inner.input_levels[0]}..{inner.input_levels[1]}")
     if why:
         net.why = "; ".join(why)
     return net
+
+
+def _check_inputs(net: OnnxModule, shape: tuple, seed: int) -> Tensor:
+    """Random inputs the graph is checked on beside ONNX Runtime: normal floats, or whole values of its levels."""
+    gen = torch.Generator().manual_seed(seed)
+    if net.input_levels is None:
+        return torch.randn(*shape, generator=gen)
+    return torch.randint(net.input_levels[0], net.input_levels[1] + 1, shape, generator=gen).float()
+
+
+def pixel_levels(net: nn.Module) -> tuple[int, int] | None:
+    """The levels of an ONNX network's integer input ((0, 255): uint8 pixels), None for a float one."""
+    inner = getattr(net, "net", net)
+    return getattr(inner, "input_levels", None)
 
 
 def bundle_module(path) -> tuple[OnnxModule, dict]:

@@ -31,6 +31,8 @@ def onnx_bytes(net: nn.Module, shape, free_batch: bool = True, batch: int = 2, d
     free |= {len(shape) - 1: "h", len(shape): "w"} if free_spatial else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net.eval(), (torch.randn(batch, *shape, dtype=dtype),), buf, input_names=["image"],
+        example = torch.randn(batch, *shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(
+            batch, *shape, dtype=dtype)
+        torch.onnx.export(net.eval(), (example,), buf, input_names=["image"],
                           dynamic_axes={"image": free} if free else None, opset_version=17, dynamo=False)
     return buf.getvalue()

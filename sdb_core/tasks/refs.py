@@ -163,13 +163,19 @@ class ModelRef:
             if n is None:
                 raise ValueError(f"{self.describe()}: the number of classes is not known")
             net = load_weights(create_model(self.arch, num_classes=n, in_shape=tuple(in_shape)), self.weights).eval()
-        if self.mean is None:
+        own = None if self.mean is None else (self.mean, self.std)
+        if own is None and self.is_onnx and data_norm is not None:
+            from ..onnx_torch import pixel_levels
+
+            if pixel_levels(net) == (0, 255):  # uint8 pixels: 0 black, 255 white (mean 0, std 1/255)
+                own = ([0.0], [1.0 / 255.0])
+        if own is None:
             return net
         from ..protect.teacher import Renormalized
 
         if data_norm is None:
             raise ValueError(f"{self.describe()}: its inputs' mean and std are given, the data's are not known")
-        return Renormalized(net, data_norm, (self.mean, self.std), in_shape)
+        return Renormalized(net, data_norm, own, in_shape)
 
     def check_classes(self, data, role: str) -> None:
         """Refuse, in words, plain weights whose ``num_classes`` is not the data set's: a teacher or target
