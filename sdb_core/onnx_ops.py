@@ -459,8 +459,9 @@ def cast(v, a, opset):
     return tensor(x).to(DTYPES[to])
 
 
-# A QDQ graph's quantized types (what its zero points are stored as; ONNX's default, without one, is uint8): range.
-_QUANTIZED = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767),
+# The integer types a QDQ graph quantizes to (what its zero points are stored as; ONNX's default, without one, is
+# uint8), and a graph's byte inputs (OnnxModule): the values each holds.
+LEVELS = {torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767),
               torch.uint16: (0, 65535), torch.int32: (-(1 << 31), (1 << 31) - 1)}
 # QuantizeLinear's output_dtype: ONNX's uint8, int8, int16 as a cast reads them, and uint16 (no cast's)
 _QUANTIZED_IDS = {**{i: DTYPES[i] for i in (2, 3, 5)}, 4: torch.uint16}
@@ -478,7 +479,7 @@ def _quantization(v, a, name: str) -> tuple[Tensor, Tensor | None]:
     if a.get("block_size", 0):
         raise ValueError(f"{name} with block_size (blocked quantization) is not supported")
     zero = v[2] if len(v) > 2 and v[2] is not None else None
-    if zero is not None and zero.dtype not in _QUANTIZED:
+    if zero is not None and zero.dtype not in LEVELS:
         raise ValueError(f"{name} to {str(zero.dtype).removeprefix('torch.')} is not supported (integer "
                          "quantization only)")
     return v[1], zero
@@ -493,7 +494,7 @@ def quantize_linear(v, a, opset):
     kind = zero.dtype if zero is not None else _QUANTIZED_IDS.get(a.get("output_dtype", 2))
     if kind is None:
         raise ValueError(f"QuantizeLinear to ONNX data type {a['output_dtype']} is not supported")
-    lo, hi = _QUANTIZED[kind]
+    lo, hi = LEVELS[kind]
     level = x / _per_axis(scale, x, axis) + (0 if zero is None else _per_axis(zero.to(x.dtype), x, axis))
     inside = (level >= lo) & (level <= hi)
     levels = torch.round(level) if a.get("_round", True) else level  # (OnnxModule: released, a float network)
@@ -618,7 +619,7 @@ def resize(v, a, opset):
             and a.get("cubic_coeff_a", -0.75) == -0.75 and not a.get("exclude_outside", 0)):  # torch's bicubic
         return F.interpolate(x, mode="bicubic", align_corners=where_ == "align_corners", **spatial)
     raise ValueError(f"Resize with mode {mode}, coordinate_transformation_mode {where_}, nearest_mode {nearest} is "
-                     "not supported (torch's nearest and linear ones are)")
+                     "not supported (torch's nearest, linear and bicubic ones are)")
 
 
 def lrn(v, a, opset):

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from . import onnx_batch
 from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
-from .onnx_ops import ON_DIMS, OPS, Dims, ints, tensor
+from .onnx_ops import DTYPES, LEVELS, ON_DIMS, OPS, Dims, ints, tensor
 from .onnx_qoperator import as_qdq, is_qoperator
 
 
@@ -216,8 +216,6 @@ def _read_as_levels(name: str, readers: dict[str, list]) -> bool:
         for n in readers[name])
 
 
-_INPUT_LEVELS = {2: (0, 255), 3: (-128, 127)}  # ONNX's uint8 and int8 graph inputs: the values they hold
-
 MAX_HOST_VALUES = 64  # a stored tensor up to this size is kept on the host too (sizes, not weights)
 
 
@@ -259,9 +257,10 @@ class OnnxModule(nn.Module):
         elem = inputs[0].type.tensor_type.elem_type
         # Pixels as bytes (a graph with its preprocessing inside, a converted TFLite model): given float32 as every
         # network here is, rounded and clipped to the type's levels as the bytes would be.
-        self.input_levels = _INPUT_LEVELS.get(elem)
-        if elem != onnx.TensorProto.FLOAT and self.input_levels is None:  # what the recipes train on, bundles
-            # take and the service sends
+        self.input_dtype = DTYPES[elem] if elem in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8) else None
+        self.input_levels = LEVELS.get(self.input_dtype)
+        if elem != onnx.TensorProto.FLOAT and self.input_dtype is None:  # what the recipes train on, bundles take
+            # and the service sends
             raise ValueError(f"the graph takes {onnx.TensorProto.DataType.Name(elem).lower()} inputs; a box takes, "
                              "trains and serves float32 (or reads uint8 and int8 pixels): export the network in "
                              "float32 (model.float(), a float32 example input)")
@@ -288,8 +287,9 @@ class OnnxModule(nn.Module):
             self._consts[name] = f"w{i}"
         self.nodes = self._compile(needed, "")
         # A QDQ graph's activation quantizations: each QuantizeLinear read by DequantizeLinears alone, directly or
-        # through operators that move its levels (a pair that rounds and saturates). Run while ``quantized``; once a recipe releases them (float_activations), the pair
-        # saturates alone: the quantizer folds a ReLU or a clip into its range, so the range is the network's.
+        # through operators that move its levels (a pair that rounds and saturates). Run while ``quantized``; once
+        # a recipe releases them (float_activations), the pair saturates alone: the quantizer folds a ReLU or a clip
+        # into its range, so the range is the network's.
         readers: dict[str, list] = {}
         for n in needed:
             for i in _reads(n):
@@ -529,9 +529,8 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
     feed = x.permute(0, 2, 3, 1) if isinstance(net, ChannelsLast) else x
     try:
         session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-        typed = feed[:batch].numpy().astype({None: np.float32, (0, 255): np.uint8, (-128, 127): np.int8}[
-            inner.input_levels])
-        want_out = session.run(None, {inner.input_name: typed})[0]
+        typed = feed[:batch] if inner.input_dtype is None else feed[:batch].to(inner.input_dtype)
+        want_out = session.run(None, {inner.input_name: typed.numpy()})[0]
     except Exception as e:  # noqa: BLE001 (onnxruntime's Fail, InvalidGraph, ... derive from Exception alone)
         raise ValueError(f"ONNX Runtime cannot run the graph: {str(e)[:300]}") from None
     with torch.no_grad():
@@ -577,7 +576,7 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
         else:
             inner.output_name, inner.flat_output = kept
     if inner.input_levels is not None:
-        why.append(f"the ONNX model takes {'uint8' if inner.input_levels[0] == 0 else 'int8'} inputs: its values are "
+        why.append(f"the ONNX model takes {str(inner.input_dtype).removeprefix('torch.')} inputs: its values are "
                    f"rounded to {inner.input_levels[0]}..{inner.input_levels[1]}")
     if why:
         net.why = "; ".join(why)
