@@ -1,4 +1,6 @@
-"""A deploy key's graph may use the standard ONNX operator sets only (ai.onnx, ai.onnx.ml).
+"""A deploy key's graph may use the standard ONNX operator sets only (ai.onnx, ai.onnx.ml), and so may every graph a
+job runs: uploaded teacher weights too, where a graph in ONNX Runtime's quantized QOperator form is stored as the
+standard graph it computes.
 
 Before the fix a tenant could serve a graph of ONNX Runtime's own operators (com.microsoft: fused attention,
 quantized kernels, ...) or of any domain a runtime registers, whose inputs the ONNX spec never checked, in
@@ -69,3 +71,53 @@ async def test_a_deploy_keys_graph_of_runtime_operators_is_refused_and_an_admin_
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)
+
+
+async def test_uploaded_weights_of_runtime_operators_are_stored_as_standard_ones_or_refused(svc, tmp_path):
+    """quantize_static's QOperator form names com.microsoft operators (QGemm): a jobs key's upload of it is stored as
+    the QDQ graph of standard operators it computes, which answers as the upload did; any other operator of that
+    domain is refused, and nothing of it is kept."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    from sdb_core.onnx_torch import OnnxModule
+    from tests.onnx_graphs import ViewNet, onnx_bytes
+
+    torch.manual_seed(0)
+    (tmp_path / "float.onnx").write_bytes(onnx_bytes(ViewNet(), (1, 8, 8)))
+    x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+
+    class Calibration(CalibrationDataReader):
+        batches = iter([{"image": x}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "q.onnx"), Calibration(),
+                    quant_format=QuantFormat.QOperator, per_channel=True)
+    uploaded = (tmp_path / "q.onnx").read_bytes()
+    assert "com.microsoft" in node_domains(uploaded)
+    tok = svc.key(("jobs",))
+    r = await svc.client.post("/v1/files", files={"file": ("q.onnx", uploaded)}, data={"purpose": "weights"},
+                              headers=svc.auth(tok))
+    assert r.status_code == 201, r.text
+    assert r.json()["info"]["quantized"] == "QOperator, stored as its QDQ form"
+    assert r.json()["bytes"] == len(uploaded)  # what was sent, as its hash
+    stored = (svc.settings.files_dir / r.json()["id"] / "weights.onnx").read_bytes()
+    assert node_domains(stored) <= STANDARD_DOMAINS and "com.microsoft" not in {
+        o.domain for o in onnx.load_from_string(stored).opset_import}
+    want = ort.InferenceSession(uploaded, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    got = ort.InferenceSession(stored, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        np.testing.assert_allclose(OnnxModule(stored, fold=True)(torch.from_numpy(x)).numpy(), want, rtol=1e-4,
+                                   atol=1e-4)
+    files = (await svc.client.get("/v1/files", headers=svc.auth(tok))).json()["files"]
+    graph = onnx.load_from_string(uploaded)
+    next(n for n in graph.graph.node if n.domain == "com.microsoft").op_type = "QAttention"
+    r = await svc.client.post("/v1/files", files={"file": ("a.onnx", graph.SerializeToString())},
+                              data={"purpose": "weights"}, headers=svc.auth(tok))
+    assert r.status_code == 422 and "standard ONNX operators only" in r.text, r.text
+    assert (await svc.client.get("/v1/files", headers=svc.auth(tok))).json()["files"] == files
