@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .progress import Cancelled, Progress
 from .train_config import TrainConfig
@@ -41,7 +41,7 @@ StepFn = Callable[[Sequence[Tensor]], StepOutput]
 class History:
     epochs: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
-    step_seconds: float = 0.0  # mean wall time of one optimisation step (forward+backward+update)
+    step_seconds: float = 0.0  # mean wall time of one step: batch, forward, backward, update, the device's work
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,6 +86,72 @@ def _lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
     return 1.0
 
 
+# A TensorDataset's batches are cut from its tensors where the model trains: on a GPU the set moves there once, when
+# it is at most this many bytes, so that no step copies from the host (a copy from pageable memory waits for the
+# device, and the device then idles while the next step is prepared). A larger set is cut on the host.
+DEVICE_DATA_MAX = 2**32
+REPORT_SECONDS = 1.0  # how often fit reads its losses back (progress, the finiteness check): not every step
+
+
+class TensorBatches:
+    """Shuffled batches of a ``TensorDataset``, in exactly the order ``DataLoader(data, batch_size, shuffle=True,
+    generator=generator)`` gives them (the same draws from ``generator``), as tensors cut by index on ``device``
+    rather than stacked sample by sample on the host."""
+
+    def __init__(self, data: TensorDataset, batch_size: int, generator: torch.Generator, device: torch.device):
+        size = sum(t.numel() * t.element_size() for t in data.tensors)
+        self.device = device if device.type == "cpu" or size <= DEVICE_DATA_MAX else torch.device("cpu")
+        self.tensors = [t.to(self.device) for t in data.tensors]
+        self.batch_size, self.generator, self.target = batch_size, generator, device
+        self.n = len(self.tensors[0]) if self.tensors else 0
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self):
+        # DataLoader's draws, in its order: a base seed for workers, the permutation, and a second one that its
+        # sampler draws (and drops) as it runs out
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        order = torch.randperm(self.n, generator=self.generator)
+        torch.randperm(self.n, generator=self.generator)
+        order = order.to(self.device)
+        for i in range(0, self.n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield [t[idx].to(self.target, non_blocking=True) for t in self.tensors]
+
+
+class _Losses:
+    """A run's per-step losses and metrics, kept on the device and read back together (progress, the end of an
+    epoch), so that a step never waits for the device: each read of a GPU value would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.unread, self.first_unread = epoch, [], 0
+        self.sums: dict[str, Tensor | float] = {}
+        self.n = 0
+
+    def add(self, loss: Tensor, metrics: Mapping[str, Tensor | float], size: int) -> None:
+        loss = loss.detach().float().reshape(())
+        self.unread.append(loss)
+        self.n += size
+        for k, v in (("loss", loss), *metrics.items()):
+            v = v.detach().float() if isinstance(v, Tensor) else float(v)
+            self.sums[k] = self.sums.get(k, 0.0) + v * size
+
+    def means(self) -> dict[str, float]:
+        """Every loss so far checked finite (``FloatingPointError`` names the first step that was not), and the
+        epoch's means so far."""
+        if self.unread:
+            values = torch.stack(self.unread).float().cpu()
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise FloatingPointError(f"loss became {values[i].item()} at epoch {self.epoch + 1}, "
+                                         f"step {self.first_unread + i + 1}")
+            self.first_unread += len(self.unread)
+            self.unread = []
+        return {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
+
+
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -106,13 +172,18 @@ def fit(
     it will serve (fine-tuning a trained network). ``params`` defaults to the model's
     parameters. With ``checkpoint`` the model and optimizer state are saved after every
     epoch and a run resumes from the file.
+
+    A step's metrics may be tensors (``loss.detach()``) or numbers: tensors stay on the device, and the loop reads
+    the losses back about once a second and at the end of each epoch, never once a step; a loss that is NaN or
+    Inf there is a ``FloatingPointError`` naming its step.
     """
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
     opt = _optimizer(params if params is not None else model.parameters(), cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False)
+    loader = (TensorBatches(data, cfg.batch_size, gen, device) if isinstance(data, TensorDataset)
+              else DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False))
     steps_per_epoch = len(loader)
     total = steps_per_epoch * cfg.epochs
     history = History()
@@ -127,12 +198,12 @@ def fit(
         gen.manual_seed(cfg.seed + start_epoch)
 
     t0 = time.perf_counter()
-    step_time, step_count = 0.0, 0
-    last_report = 0.0
+    loop_time, step_count = 0.0, 0
+    last_report = 0.0  # the first step reports at once
     for epoch in range(start_epoch, cfg.epochs):
         model.train(train_mode)
-        sums: dict[str, float] = {}
-        n = 0
+        losses = _Losses(epoch)
+        te = time.perf_counter()
         for i, batch in enumerate(loader):
             if should_cancel is not None and should_cancel():
                 raise Cancelled(f"cancelled at epoch {epoch + 1}, step {i + 1}")
@@ -140,36 +211,35 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * _lr_factor(cfg, global_step, total)
             batch = [b.to(device, non_blocking=True) for b in batch]
-            ts = time.perf_counter()
             out = step(batch)
             loss, metrics = out if isinstance(out, tuple) else (out, {})
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
                 nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
             opt.step()
-            step_time += time.perf_counter() - ts
             step_count += 1
-            bs = len(batch[0])
-            n += bs
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() * bs
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * bs
+            losses.add(loss, metrics, len(batch[0]))
             now = time.perf_counter()
-            if progress is not None and (now - last_report > 1.0 or i + 1 == steps_per_epoch):
+            if now - last_report > REPORT_SECONDS:
                 last_report = now
-                progress(Progress(epoch + 1, cfg.epochs, i + 1, steps_per_epoch,
-                                  (global_step + 1) / max(total, 1), {k: v / n for k, v in sums.items()}))
-        history.epochs.append({k: v / max(n, 1) for k, v in sums.items()})
+                means = losses.means()
+                if progress is not None and i + 1 < steps_per_epoch:
+                    progress(Progress(epoch + 1, cfg.epochs, i + 1, steps_per_epoch,
+                                      (global_step + 1) / max(total, 1), means))
+        means = losses.means()
+        loop_time += time.perf_counter() - te
+        history.epochs.append(means)
+        if progress is not None:
+            progress(Progress(epoch + 1, cfg.epochs, steps_per_epoch, steps_per_epoch,
+                              (epoch + 1) * steps_per_epoch / max(total, 1), means))
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             tmp = ckpt.with_suffix(ckpt.suffix + ".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}, tmp)
             os.replace(tmp, ckpt)
     history.seconds = time.perf_counter() - t0
-    history.step_seconds = step_time / max(step_count, 1)
+    history.step_seconds = loop_time / max(step_count, 1)
     model.eval()
     return history
 

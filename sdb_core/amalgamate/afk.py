@@ -264,12 +264,12 @@ def afk(
                 kd = F.binary_cross_entropy_with_logits(pred, t_outs_flat[:, col:col + n])
                 col += n
                 loss = loss + cfg.feature_weight * feat + kd
-                metrics[f"feat_{t.name}"] = feat.item()
-                metrics[f"kd_{t.name}"] = kd.item()
+                metrics[f"feat_{t.name}"] = feat.detach()
+                metrics[f"kd_{t.name}"] = kd.detach()
             if last:
                 head = F.binary_cross_entropy_with_logits(student.head_logits(h), soft)
                 loss = loss + head
-                metrics["head"] = head.item()
+                metrics["head"] = head.detach()
             return loss, metrics
 
         data = TensorDataset(s_in, *feats, torch.cat([teacher_out[t.name] for t in active], 1), target)
@@ -284,7 +284,7 @@ def afk(
             xb, soft = batch
             kd = F.binary_cross_entropy_with_logits(student(xb), soft)
             gates = sum(student.gates(lv).sum(1).mean() for lv in range(depth))
-            return kd + cfg.gate_l1 * gates, {"kd": kd.item()}
+            return kd + cfg.gate_l1 * gates, {"kd": kd.detach()}
 
         history["finetune"] = fit(student, TensorDataset(x, target), ft_step, _with_epochs(cfg.train, cfg.finetune_epochs),
                                   progress=report("finetune"), should_cancel=should_cancel)

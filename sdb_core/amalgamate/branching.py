@@ -247,7 +247,7 @@ def amalgamate(teachers: dict[str, EncDec], images: Tensor, cfg: BranchingConfig
         for t, loss in losses.items():
             record[t][points[t]].append((counter[0], loss.item()))
         counter[0] += 1
-        return sum(losses.values()), {f"loss_{t}": v.item() for t, v in losses.items()}
+        return sum(losses.values()), {f"loss_{t}": v.detach() for t, v in losses.items()}
 
     log(f"branch-point search over {candidates} for {search_epochs} of {cfg.epochs} epochs")
     h_search = fit(student, data, search_step, _train_cfg(cfg, search_epochs, "constant"),
@@ -273,7 +273,7 @@ def amalgamate(teachers: dict[str, EncDec], images: Tensor, cfg: BranchingConfig
         x, *ys = batch
         outs = student.forward_tasks(x)
         losses = {t: teacher_loss(t, outs[t], y) for t, y in zip(tasks, ys, strict=True)}
-        return sum(losses.values()), {f"loss_{t}": v.item() for t, v in losses.items()}
+        return sum(losses.values()), {f"loss_{t}": v.detach() for t, v in losses.items()}
 
     h_tune = fit(student, data, tune_step, _train_cfg(cfg, cfg.epochs - search_epochs, seed_offset=100),
                  params=[p for p in student.parameters() if p.requires_grad],

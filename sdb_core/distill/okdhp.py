@@ -144,7 +144,7 @@ def train_single(model: StackedHourglass, data: PoseData, cfg: TrainConfig, *,
             t = teacher(x.to(device_of(teacher))).to(x.device)
         # The teacher's maps are a target for every joint: an unlabelled joint still has a teacher guess.
         kd = sum(heatmap_mse(h, t, torch.ones_like(w)) for h in heats)
-        return alpha * kd + (1 - alpha) * gt, {"gt": gt.item(), "kd": kd.item()}
+        return alpha * kd + (1 - alpha) * gt, {"gt": gt.detach(), "kd": kd.detach()}
 
     return fit(model, data.train, step, cfg, progress=progress, should_cancel=should_cancel)
 
@@ -199,7 +199,7 @@ def okdhp_loss(model: MultiBranchHourglass, batch, cfg: OKDHPConfig, ramp: float
     soft = sum(pixel_kl(h, teacher, w) for o in outs for h in o)
     ens_loss = heatmap_mse(ens, y, w)
     loss = hard + cfg.w_ens * ens_loss + cfg.w_kd * ramp * soft
-    return loss, {"hard": hard.item(), "ens": ens_loss.item(), "kd": soft.item(), "ramp": ramp}
+    return loss, {"hard": hard.detach(), "ens": ens_loss.detach(), "kd": soft.detach(), "ramp": ramp}
 
 
 def okdhp(cfg: OKDHPConfig, data: PoseData | None = None, *, progress: ProgressFn = None,

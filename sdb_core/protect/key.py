@@ -23,16 +23,21 @@ from .seal import MASTER_KEY_BYTES, SealError, load_or_create_master_key, new_ma
 
 
 def _from_levels(levels: Tensor, in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Uniform levels 0..255, shaped (..., *in_shape), as keys on the inputs' normalised scale (see above)."""
+    """Uniform levels 0..255, shaped (..., *in_shape), as keys on the inputs' normalised scale (see above), on the
+    levels' device."""
     if len(in_shape) != 3:
         return (levels / 255.0 - 0.5) * 12 ** 0.5  # uniform on [-√3, √3]: mean 0, variance 1
-    per_channel = (-1, 1, 1)
-    m = torch.tensor(mean, dtype=torch.float32).view(per_channel)
-    s = torch.tensor(std, dtype=torch.float32).view(per_channel)
-    if m.shape[0] not in (1, in_shape[0]) or s.shape[0] != m.shape[0]:
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    if len(mean) not in (1, in_shape[0]) or len(std) != len(mean):
         raise ValueError(f"mean/std need one value per channel ({in_shape[0]}) or one, "
                          f"got {len(mean)} and {len(std)}")
-    return (levels / 255.0 - m) / s
+    # Channel by channel with numbers: a per-channel tensor made here would be a copy from the host each batch
+    # (on a GPU, one that waits for the device)
+    x = levels / 255.0
+    for c, (m, s) in enumerate(zip(mean, std)):
+        channel = x if len(mean) == 1 else x[..., c, :, :]
+        channel.sub_(m).div_(s)
+    return x
 
 
 def generate_key(in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -46,8 +51,10 @@ def random_keys(
     n: int, in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float],
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """``n`` non-secret keys from the same distribution (for key specificity and audits)."""
-    levels = torch.randint(0, 256, (n, *in_shape), generator=generator).float()
+    """``n`` non-secret keys from the same distribution (for key specificity and audits), on ``generator``'s
+    device (the CPU without one)."""
+    device = None if generator is None else generator.device
+    levels = torch.randint(0, 256, (n, *in_shape), generator=generator, device=device).float()
     return _from_levels(levels, in_shape, mean, std)
 
 

@@ -58,7 +58,7 @@ def wrap_nasty(
         require_finite_logits(a, "inputs of a training batch")
         ce = F.cross_entropy(z, y)
         kl = soft_kl(z, a, T).clamp(max=cfg.max_kl)
-        return ce - cfg.omega * kl, {"ce": ce.item(), "kl": kl.item()}
+        return ce - cfg.omega * kl, {"ce": ce.detach(), "kl": kl.detach()}
 
     t0 = time.perf_counter()
     history = fit(model, data.train, step, cfg.train, progress=progress, should_cancel=should_cancel)

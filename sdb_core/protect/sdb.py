@@ -238,7 +238,7 @@ def train_box(
     form = public_form(data.num_classes, cfg, cfg.train.seed)
     partners = torch.tensor(form["partners"], device=device)
     k = key.to(device)
-    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)  # random keys drawn where they are used
     T, w = cfg.temperature, cfg.weight
 
     # The frozen teacher sees each clean image the same way every epoch (no augmentation),
@@ -256,7 +256,7 @@ def train_box(
             with torch.no_grad():
                 a = frozen(x)
             require_finite_logits(a, "inputs of a training batch")
-        wrong = random_keys(len(x), data.in_shape, data.mean, data.std, generator=gen).to(device)
+        wrong = random_keys(len(x), data.in_shape, data.mean, data.std, generator=gen)
         # Three calls rather than one over the concatenation: as fast with two threads and
         # ~20% faster with one (smaller working set).
         z, zk, zw = model(x), model(blend(x, k, cfg.lam)), model(blend(x, wrong, cfg.lam))
@@ -264,8 +264,8 @@ def train_box(
         ce = 2.0 * F.cross_entropy(z, y) + F.cross_entropy(zk, y)
         disturb = cfg.clean_weight * kl_to_target(qy, z, T) + kl_to_target(qy, zw, T)
         preserve = soft_kl(zk, a, T)
-        return ce + w * disturb + preserve, {"ce": ce.item(), "disturb": disturb.item(),
-                                             "preserve": preserve.item()}
+        return ce + w * disturb + preserve, {"ce": ce.detach(), "disturb": disturb.detach(),
+                                             "preserve": preserve.detach()}
 
     t0 = time.perf_counter()
     # Eval mode throughout: BatchNorm keeps the teacher's running statistics (keyed and random-key

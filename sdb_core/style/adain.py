@@ -158,11 +158,11 @@ def train(cfg: AdaINConfig, *, content: Tensor | None = None, style: Tensor | No
         lc = relative_mse(fg[cfg.layer], t[cfg.layer])
         ls = mean_std_loss([fg[k] for k in styled], [fs[k] for k in styled])
         loss = lc + cfg.style_weight * ls
-        metrics = {"content": lc.item(), "style": ls.item()}
+        metrics = {"content": lc.detach(), "style": ls.detach()}
         if cfg.identity_weight:
             li = (decoder(fc) - x).pow(2).mean()
             loss = loss + cfg.identity_weight * li
-            metrics["identity"] = li.item()
+            metrics["identity"] = li.detach()
         return loss, metrics
 
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adam", weight_decay=0.0,

@@ -107,7 +107,7 @@ def train(cfg: FastConfig, *, style: Tensor | None = None, content: Tensor | Non
         y = model(x)
         c, s = crit.losses(y, crit.content_targets(x))
         loss = cfg.content_weight * c + cfg.style_weight * s + cfg.tv_weight * tv_loss(y)
-        return loss, {"content": c.item(), "style": s.item()}
+        return loss, {"content": c.detach(), "style": s.detach()}
 
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer="adam", weight_decay=0.0,
                      schedule="cosine", seed=cfg.seed, device=cfg.device)

@@ -110,7 +110,7 @@ def generator_loss(gen: GroupStackGenerator, filters: nn.ModuleList, teachers: S
         x = outs[-1]
         ms = (x[:half] - x[half:2 * half]).abs().mean() / (z[:half] - z[half:2 * half]).abs().mean().clamp_min(1e-8)
         total = total - cfg.w_modeseek * ms
-        parts["modeseek"] = ms.item()
+        parts["modeseek"] = ms.detach()
     judged = range(1, stages + 1) if intermediate else [stages]
     for m, teacher in enumerate([t.model for t in teachers]):
         logits_by_stage = {}
@@ -120,25 +120,25 @@ def generator_loss(gen: GroupStackGenerator, filters: nn.ModuleList, teachers: S
                 h = filters[j - 1][m](h)
             if intermediate and cfg.w_bn > 0:
                 feats, logits, bn = bn_statistics_loss(teacher, h, n_blocks - j)
-                parts["bn"] = parts.get("bn", 0.0) + bn.item()
+                parts["bn"] = parts.get("bn", 0.0) + bn.detach()
             else:
                 (feats, logits), bn = run_teacher(teacher, h, n_blocks - j), 0.0
             logits_by_stage[j] = logits
             oh = one_hot_loss(logits, cfg.threshold, None if y is None else y[:, cols[m]])
             act, ent = activation_loss(feats), entropy_loss(logits)
             loss = cfg.w_onehot * oh + cfg.w_activation * act + cfg.w_entropy * ent + cfg.w_bn * bn
-            parts["onehot"] += oh.item()
-            parts["act"] += act.item()
-            parts["ent"] += ent.item()
+            parts["onehot"] += oh.detach()
+            parts["act"] += act.detach()
+            parts["ent"] += ent.detach()
             if intermediate:
                 sp = sparsity_loss(logits)
                 loss = loss + cfg.w_sparsity * sp
-                parts["sparse"] += sp.item()
+                parts["sparse"] += sp.detach()
             total = total + loss
         if intermediate:
             for j in judged:
                 if j < stages:
                     c = consistency_loss(logits_by_stage[j], logits_by_stage[stages])
                     total = total + cfg.w_consistency * c
-                    parts["cons"] += c.item()
+                    parts["cons"] += c.detach()
     return total, parts

@@ -157,7 +157,7 @@ def _dual_step(blocks: nn.ModuleList, filters: nn.ModuleList, teachers: Sequence
             ix = index[m].to(h.device)
             _, out = run_teacher(teachers[m], filters[b][m](h), b + 1)
             part = soft_bce(out.index_select(1, ix), wanted[m].index_select(1, ix))
-            metrics[f"bce_t{m}"] = part.item()
+            metrics[f"bce_t{m}"] = part.detach()
             loss = loss + part
         return loss, metrics
 
@@ -215,7 +215,7 @@ def adversarial_finetune(student: MultiBranchStudent, gen: GroupStackGenerator,
                 picked.append(logits.detach().index_select(1, torch.as_tensor(cols[m], device=x.device)))
         wanted = torch.cat(picked, 1).index_select(1, torch.as_tensor(order, device=x.device))
         kd = soft_bce(student(_ReverseGrad.apply(x, cfg.w_adv)), wanted)
-        return kd + gen_loss, {"kd": kd.item(), "gen": gen_loss.item()}
+        return kd + gen_loss, {"kd": kd.detach(), "gen": gen_loss.detach()}
 
     hist = fit(_AdvStage(student, gen), _sampler_data(cfg.student_samples), step,
                _train_cfg(cfg, epochs, cfg.student_lr), progress=phase(name) if phase else None,
