@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from service.jobs import ray_backend
+from service.jobs import ray_backend, worker
 from service.jobs.queue import JobQueue
 from service.jobs.ray_backend import RayDispatcher, node_settings, task_settings
 from service.settings import Settings
@@ -204,7 +204,8 @@ def test_a_running_task_is_left_alone(tmp_path, bundles, fake_ray):
         store.close()
 
 
-def test_a_task_on_a_node_without_the_shared_data_dir_fails_its_job_and_writes_nothing(tmp_path, bundles, fake_ray):
+def test_a_task_on_a_node_without_the_shared_data_dir_fails_its_job_and_writes_nothing(tmp_path, bundles, fake_ray,
+                                                                                      monkeypatch):
     # A Ray node where the data dir is not mounted (an empty folder at that path, say) would run the job and keep
     # its artifacts, or a deployed bundle, where the server never sees them: the job fails there, saying why.
     settings = Settings(data_dir=tmp_path / "data", master_key_file=bundles.master_key_file, job_poll_s=0.05)
@@ -219,7 +220,10 @@ def test_a_task_on_a_node_without_the_shared_data_dir_fails_its_job_and_writes_n
         d.stop()
     mark = (settings.data_dir / ray_backend.SHARED_MARK).read_text().strip()
     assert args[2] == mark and len(mark) == 32
-    # the same task on a node whose folder at that path is another one
+    # the same task on a node whose folder at that path is another one; run here, in the tests' process, which
+    # must not become the first the kernel kills (servers started after it would inherit that, and the tests
+    # that check a server is not the first would fail)
+    monkeypatch.setattr(worker, "first_to_go", lambda: None)
     assert ray_backend.run_task(args[0], job.id, "f" * 32) == "failed"
     row = queue.get(job.id)
     assert row.status == "failed" and "does not share the server's data dir" in row.error
