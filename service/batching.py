@@ -42,13 +42,15 @@ class MicroBatcher(Generic[P, R]):
     def __init__(self, fn: Callable[[Sequence[P]], list[R]], executor: Executor | None, *, max_samples: int = 64,
                  max_wait_s: float = 0.0, enabled: bool = True,
                  on_batch: Callable[[int, int], None] | None = None, checks: Executor | None = None,
-                 gate_timeout_s: float = 5.0):
+                 gate_timeout_s: float = 5.0, on_wait: Callable[[list[int]], None] | None = None):
         self.fn, self.executor = fn, executor
         # where gates' checks run, beside the call (a stalled check holds one of these threads, not the model's)
         self.checks, self.gate_timeout_s = checks, gate_timeout_s
         self.max_samples, self.max_wait_s, self.enabled = max_samples, max_wait_s, enabled
         self.on_batch = on_batch  # (requests, samples) per ORT call, for metrics
-        self._queue: deque[tuple[P, int, asyncio.Future, str | None, Gate | None]] = deque()
+        self.on_wait = on_wait  # each request's wait (ns), from submit to its call's start, for statistics
+        # (payload, samples, future, group, gate, submitted at: perf_counter_ns)
+        self._queue: deque[tuple[P, int, asyncio.Future, str | None, Gate | None, int]] = deque()
         self._queued_samples = 0
         self._drainer: asyncio.Task | None = None
         self._filled: asyncio.Event | None = None
@@ -69,16 +71,18 @@ class MicroBatcher(Generic[P, R]):
         if gate is not None and self.checks is None:
             raise TypeError("a gate's check runs on the batcher's checks executor: none was given")
         loop = asyncio.get_running_loop()
+        submitted = time.perf_counter_ns()
         if not self.enabled:
             self._count(1, samples)
-            (refusal,), results = await loop.run_in_executor(self.executor, self._gated, [(payload, gate)])
+            (refusal,), results = await loop.run_in_executor(self.executor, self._gated, [(payload, gate)],
+                                                             [submitted])
             if refusal is not None:
                 raise refusal
             if isinstance(results, Exception):
                 raise results
             return results[0]
         fut: asyncio.Future = loop.create_future()
-        self._queue.append((payload, samples, fut, group, gate))
+        self._queue.append((payload, samples, fut, group, gate, submitted))
         self._queued_samples += samples
         if self._filled is not None and self._queued_samples >= self.max_samples:
             self._filled.set()
@@ -94,7 +98,7 @@ class MicroBatcher(Generic[P, R]):
         if self.on_batch is not None:
             self.on_batch(requests, samples)
 
-    def _take(self) -> list[tuple[P, int, asyncio.Future, str | None, Gate | None]]:
+    def _take(self) -> list[tuple[P, int, asyncio.Future, str | None, Gate | None, int]]:
         """The next batch: the oldest request, and after it, in order, the requests of its group that fit."""
         first = self._queue.popleft()
         batch, total, group = [first], first[1], first[3]
@@ -132,7 +136,8 @@ class MicroBatcher(Generic[P, R]):
             if not batch:
                 continue
             self._count(len(batch), sum(b[1] for b in batch))
-            refusals, results = await loop.run_in_executor(self.executor, self._gated, [(b[0], b[4]) for b in batch])
+            refusals, results = await loop.run_in_executor(self.executor, self._gated, [(b[0], b[4]) for b in batch],
+                                                           [b[5] for b in batch])
             for b, refusal in zip(batch, refusals):
                 if refusal is not None and not b[2].done():
                     b[2].set_exception(refusal)
@@ -147,7 +152,8 @@ class MicroBatcher(Generic[P, R]):
                     results = [_Failed(results) for _ in batch]
             else:
                 results = [results[i] for i in admitted]
-            for (_, _, fut, _, _), res in zip(batch, results):
+            for b, res in zip(batch, results):
+                fut = b[2]
                 if fut.done():
                     continue
                 if isinstance(res, _Failed):
@@ -155,9 +161,13 @@ class MicroBatcher(Generic[P, R]):
                 else:
                     fut.set_result(res)
 
-    def _gated(self, items: list[tuple[P, Gate | None]]) -> tuple[list[Exception | None], list[R] | Exception]:
+    def _gated(self, items: list[tuple[P, Gate | None]],
+               submitted: Sequence[int]) -> tuple[list[Exception | None], list[R] | Exception]:
         """Blocking: one call for every payload, the items' gates checked beside it: (each item's refusal or None,
-        the call's results, one per item, or the exception it raised)."""
+        the call's results, one per item, or the exception it raised). ``submitted``: when each item was."""
+        if self.on_wait is not None:
+            now = time.perf_counter_ns()
+            self.on_wait([now - t for t in submitted])
         by_check: dict[Callable, list[int]] = {}
         for i, (_, gate) in enumerate(items):
             if gate is not None:

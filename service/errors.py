@@ -115,7 +115,7 @@ INTERNAL = (500, "internal_error", "internal server error")
 # What a path no route matches is told (the router's own 404 says "Not Found" alone): where the routes are listed.
 NO_ROUTE = "no such route: GET /docs lists this server's routes"
 NO_V2_ROUTE = ("no such route: this server serves the Open Inference Protocol's health, metadata, readiness, model "
-               "configuration and infer routes (GET /v2 lists its extensions); the statistics, repository, "
+               "configuration, statistics and infer routes (GET /v2 lists its extensions); the repository, "
                "shared-memory, trace and logging extensions are not served")
 
 

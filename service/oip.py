@@ -20,7 +20,8 @@ model), not subject to the policy.
 
 The API (a transport imports these; names are added, never renamed): :class:`Tensor`,
 :class:`Caller`, :data:`INPUT_DATATYPES`, :data:`EXTENSIONS`, :func:`server_metadata`,
-:func:`served_model`, :func:`model_metadata`, :func:`model_config`, :func:`output_names`, :func:`requested_outputs`,
+:func:`served_model`, :func:`model_metadata`, :func:`model_config`, :func:`model_statistics`, :func:`output_names`,
+:func:`requested_outputs`,
 :func:`tensor_shape`, :func:`check_samples`, :func:`unsupported_datatype`, :func:`model_input`, :func:`infer`;
 raw tensor bytes (gRPC's ``raw_input_contents``) decode with :func:`service.oip_binary.from_raw`.
 # oip core: stable API
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from .auth import ApiKey, Keyring
+from .auth import ApiKey, Keyring, check_scope
 from .errors import ApiError, invalid
 from .inference import (
     charge_keyed,
@@ -57,7 +58,7 @@ from .tensors import as_batch, finite_float32, images_to_inputs, softmax
 
 PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "distill_logits"
 SERVER_NAME = "sdb"
-EXTENSIONS = ("binary_tensor_data", "model_configuration")  # what GET /v2 advertises (HTTP's)
+EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")  # what GET /v2 advertises (HTTP's)
 # What an infer input may be sent as; the model takes FP32 (see model_input for the conversions).
 INPUT_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "BOOL", "BYTES")
 _EXACT_INT = 1 << 24  # every integer up to 2**24 in magnitude is exact in float32
@@ -138,6 +139,28 @@ def model_config(host: ModelHost, model: HostedModel, max_batch_size: int) -> di
 
     return {"name": model.name, "platform": meta["platform"], "backend": "onnxruntime",
             "max_batch_size": max_batch_size, "input": tensors(meta["inputs"]), "output": tensors(meta["outputs"])}
+
+
+async def model_statistics(ctx: Caller, name: str = "", version: str = "") -> dict:
+    """The statistics extension's answer, ``{"model_stats": [...]}`` (:mod:`service.statistics`): one version's
+    (``version``), every loaded version of one model (``name``), or with neither every loaded version of every
+    model the caller may predict with. A named model is behind the metadata's access check; the whole list needs
+    what predict needs (a key with the predict scope when ``public_predict`` is off) and leaves out the models
+    the caller's key is not allowed."""
+    if name:
+        model = await served_model(ctx, name, version or None)
+        models = [model] if version else [m for m in ctx.host.all() if m.name == model.name]
+    else:
+        if version:
+            raise invalid("a version needs a model name", "invalid_request")
+        public, key = ctx.settings.public_predict, ctx.key
+        if not public:
+            if key is None:
+                raise ApiError(401, "missing_key", "this server requires an API key for predictions",
+                               {"WWW-Authenticate": "Bearer"})
+            check_scope(key, "predict")
+        models = [m for m in ctx.host.all() if public or key.allows_model(m.name)]
+    return {"model_stats": [m.stats.to_dict(m.name, m.version) for m in models]}
 
 
 def output_names(model: HostedModel) -> list[str]:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ from .disclosure import hide_paths
 from .errors import ApiError, not_found
 from .schemas import OutputPolicy
 from .settings import Settings
+from .statistics import ModelStatistics
 from .store import ModelRow, Store, version_key
 
 log = logging.getLogger("sdb.service")
@@ -401,6 +402,7 @@ class HostedModel:
     # A tenant's graph (its name owned by a key that is not an admin's): it could compute one sample's answer
     # from another's input, so one caller's requests never share a call with another's.
     isolated: bool = False
+    stats: ModelStatistics = field(default_factory=ModelStatistics, repr=False)  # the statistics extension's
 
     @property
     def bundle(self) -> Bundle:
@@ -431,11 +433,14 @@ class HostedModel:
 
     def run(self, items: Sequence[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
         """Blocking: logits for each (inputs, keyed) item, all in one ORT call."""
+        t0 = time.perf_counter_ns()
         bundle = self.bundle  # held for the whole batch, whatever the cache drops meanwhile
         xs = [bundle.keyed_input(x) if keyed else x for x, keyed in items]
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        t1 = time.perf_counter_ns()
         with self.deadline() as options:
             z = run_bound(bundle.session, x, options) if self.io_binding else bundle.network_logits(x, options)
+        t2 = time.perf_counter_ns()
         want = self.meta.get("output", {}).get("shape")
         if z.shape[0] != len(x) or (want is not None and list(z.shape[1:]) != list(want)):
             # A graph whose output's shape follows the input's values passed its one check run: its answer here
@@ -449,6 +454,7 @@ class HostedModel:
             # the keyed path's scale, or an SDB box's public form
             out.append(bundle.keyed_answer(part) if keyed else bundle.public_answer(part))
             start += len(x)
+        self.stats.executed(len(items), len(x), t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
         return out
 
     def run_feeds(self, items: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -459,8 +465,10 @@ class HostedModel:
         session = self.bundle.session
         out = []
         for feeds in items:
+            t0 = time.perf_counter_ns()
             with self.deadline() as options:
                 out.append(session.run([OUTPUT_NAME], feeds, options)[0])
+            self.stats.executed(1, 1, 0, time.perf_counter_ns() - t0, 0)
         return out
 
     async def logits(self, x: np.ndarray, keyed: bool = False, caller: str | None = None,
@@ -469,11 +477,21 @@ class HostedModel:
         batches keep apart; ``gate``: checked beside the model's call, its refusal this request's (:meth:`MicroBatcher.submit`)."""
         if keyed and not self.distillable:
             raise ApiError(400, "not_distillable", f"model {self.name!r} has no keyed path ({self.meta['mode']} mode)")
-        return await self.batcher.submit((x, keyed), len(x), caller if self.isolated else None, gate)
+        return await self._answered(self.batcher.submit((x, keyed), len(x), caller if self.isolated else None, gate))
 
     async def outputs(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The output for one request of named inputs (a style bundle's), through the batcher."""
-        return await self.batcher.submit(feeds, 1)
+        return await self._answered(self.batcher.submit(feeds, 1))
+
+    async def _answered(self, call: Awaitable[np.ndarray]) -> np.ndarray:
+        t0 = time.perf_counter_ns()
+        try:
+            out = await call
+        except Exception:
+            self.stats.answered(time.perf_counter_ns() - t0, ok=False)
+            raise
+        self.stats.answered(time.perf_counter_ns() - t0, ok=True)
+        return out
 
     def describe(self) -> dict:
         m = self.meta
@@ -657,11 +675,12 @@ class ModelHost:
             run, max_samples = (lambda items: model.run_feeds(items)), 1
         else:
             run, max_samples = (lambda items: model.run(items)), batch_samples(s, provider)
+        stats = ModelStatistics()
         batcher = MicroBatcher(run, self.executor, max_samples=max_samples, max_wait_s=s.batch_max_wait_ms / 1000.0,
-                               enabled=s.batching, on_batch=count, checks=self.checks)
+                               enabled=s.batching, on_batch=count, checks=self.checks, on_wait=stats.queued)
         model = HostedModel(row.name, row.version, row.path, row.added_at, bundle.meta, bundle.has_key,
                             self.bundles, batcher, row_policy(row), io_binding=s.ort_io_binding and provider == CUDA,
-                            deadline=self.deadline, isolated=self.store.tenant_owned(row.name))
+                            deadline=self.deadline, isolated=self.store.tenant_owned(row.name), stats=stats)
         self.bundles.put(model, bundle)
         return model
 

@@ -9,6 +9,7 @@ the model cannot take), raised before any model time is spent.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -105,6 +106,18 @@ def config_response(config: dict) -> pb.ModelConfigResponse:
         name=config["name"], platform=config["platform"], backend=config["backend"],
         max_batch_size=config["max_batch_size"], input=tensors(pb.ModelInput, config["input"]),
         output=tensors(pb.ModelOutput, config["output"])))
+
+
+def statistics_response(stats: dict) -> pb.ModelStatisticsResponse:
+    """:func:`service.oip.model_statistics`'s dict (Triton's HTTP JSON) as Triton's message: the same fields."""
+    def durations(kind: type, figures: dict) -> Any:
+        return kind(**{k: pb.StatisticDuration(**v) if isinstance(v, dict) else v for k, v in figures.items()})
+
+    return pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(
+        name=m["name"], version=m["version"], last_inference=m["last_inference"],
+        inference_count=m["inference_count"], execution_count=m["execution_count"],
+        inference_stats=durations(pb.InferStatistics, m["inference_stats"]),
+        batch_stats=[durations(pb.InferBatchStatistics, b) for b in m["batch_stats"]]) for m in stats["model_stats"]])
 
 
 def server_metadata_response(metadata: dict) -> pb.ServerMetadataResponse:

@@ -56,7 +56,7 @@ CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTIC
 SERVICE = "inference.GRPCInferenceService"
 STREAM_WINDOW = 16  # requests of one ModelStreamInfer call answered at once; the next wait to be read
 # What ServerMetadata advertises: HTTP's less binary_tensor_data (gRPC carries tensors raw by itself).
-EXTENSIONS = ("model_configuration",)
+EXTENSIONS = ("model_configuration", "statistics")
 STOP_GRACE_S = 5.0  # on shutdown, calls in flight get this long to finish
 
 
@@ -229,6 +229,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = await oip.served_model(caller, request.name, request.version or None)
             return codec.config_response(oip.model_config(caller.host, model, caller.settings.max_request_samples))
         return await self._run("ModelConfig", context, request.name, answer)
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext):
+        async def answer():  # the access checks of GET /v2/models[/{name}[/versions/{v}]]/stats
+            caller = await self._caller(context)
+            return codec.statistics_response(await oip.model_statistics(caller, request.name, request.version))
+        return await self._run("ModelStatistics", context, request.name, answer)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext):
         return await self._run("ModelInfer", context, request.model_name, self._inferring(request, context))

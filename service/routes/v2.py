@@ -194,17 +194,85 @@ async def ready(request: Request) -> Response:
     return json_response({"ready": True})
 
 
+class StatisticDuration(BaseModel):
+    count: int
+    ns: int = Field(description="cumulative nanoseconds")
+
+
+class InferStatistics(BaseModel):
+    success: StatisticDuration = Field(description="requests answered, from their entry into the model's queue")
+    fail: StatisticDuration = Field(description="requests that failed at the model (its call, a key's quota)")
+    queue: StatisticDuration = Field(description="waits in the model's queue until the call started")
+    compute_input: StatisticDuration = Field(description="preparing a call's input, once per request it served")
+    compute_infer: StatisticDuration = Field(description="ONNX Runtime's run, once per request it served")
+    compute_output: StatisticDuration = Field(description="cutting a call's answers, once per request it served")
+    cache_hit: StatisticDuration = Field(description="always zero: no response cache")
+    cache_miss: StatisticDuration = Field(description="always zero: no response cache")
+
+
+class BatchStatistics(BaseModel):
+    batch_size: int = Field(description="samples in one ONNX Runtime call")
+    compute_input: StatisticDuration
+    compute_infer: StatisticDuration
+    compute_output: StatisticDuration
+
+
+class ModelVersionStatistics(BaseModel):
+    name: str
+    version: str
+    last_inference: int = Field(description="ms since the epoch of the last answer; 0: none yet")
+    inference_count: int = Field(description="samples answered")
+    execution_count: int = Field(description="ONNX Runtime calls")
+    inference_stats: InferStatistics
+    batch_stats: list[BatchStatistics]
+    memory_usage: list[dict] = Field(description="not reported: empty")
+
+
+class ModelStatisticsList(BaseModel):
+    model_stats: list[ModelVersionStatistics]
+
+
+_ZERO = {"count": 0, "ns": 0}
+_STATS_EXAMPLE = {"model_stats": [{
+    "name": "mnist-demo", "version": "1", "last_inference": 1764000000000, "inference_count": 96, "execution_count": 3,
+    "inference_stats": {"success": {"count": 4, "ns": 2_400_000}, "fail": _ZERO, "queue": {"count": 4, "ns": 80_000},
+                        "compute_input": {"count": 4, "ns": 40_000}, "compute_infer": {"count": 4, "ns": 1_800_000},
+                        "compute_output": {"count": 4, "ns": 60_000}, "cache_hit": _ZERO, "cache_miss": _ZERO},
+    "batch_stats": [{"batch_size": 32, "compute_input": {"count": 3, "ns": 30_000},
+                     "compute_infer": {"count": 3, "ns": 1_350_000}, "compute_output": {"count": 3, "ns": 45_000}}],
+    "memory_usage": []}]}
+
+
+# The statistics extension (tritonclient's get_inference_statistics, perf_analyzer's server-side figures), before
+# GET /models/{name}: /models/stats is every model's (a model named "stats" has its metadata on its version route).
+@router.get("/models/stats", summary="Inference statistics of every model", response_model=ModelStatisticsList,
+            responses={**ok(_STATS_EXAMPLE), **responses(*AUTH, v2=True, why={
+                401: "a key that is malformed, unknown, revoked or expired; or none, when predict needs one",
+                403: "public_predict is off and the key lacks the predict scope"})},
+            openapi_extra=SERVING_DOC)
+async def all_statistics(s: ServingDep) -> Response:
+    return json_response(await oip.model_statistics(s))
+
+
+@router.get("/models/{name}/stats", summary="Inference statistics of a model's loaded versions",
+            response_model=ModelStatisticsList, responses={**ok(_STATS_EXAMPLE), **_MODEL_ERRORS},
+            openapi_extra=SERVING_DOC)
+async def model_statistics(name: ModelName, s: ServingDep) -> Response:
+    return json_response(await oip.model_statistics(s, name))
+
+
+@router.get("/models/{name}/versions/{version}/stats", summary="Inference statistics of a model version",
+            response_model=ModelStatisticsList, responses={**ok(_STATS_EXAMPLE), **_MODEL_ERRORS},
+            openapi_extra=SERVING_DOC)
+async def model_version_statistics(name: ModelName, version: ModelVersion, s: ServingDep) -> Response:
+    return json_response(await oip.model_statistics(s, name, version))
+
+
 # Model metadata follows predict (``public_predict``): checked before the lookup, so no name is probed.
 @router.get("/models/{name}", summary="Model metadata", response_model=ModelMetadata,
             responses={**ok(_METADATA_EXAMPLE), **_MODEL_ERRORS}, openapi_extra=SERVING_DOC)
 async def model_metadata(name: ModelName, s: ServingDep) -> Response:
-    try:
-        model = await oip.served_model(s, name)
-    except ApiError as e:  # tritonclient's get_inference_statistics() asks for this path
-        if e.status == 404 and name == "stats":
-            raise ApiError(404, e.code, f"{e.message}; the statistics extension is not served") from None
-        raise
-    return json_response(oip.model_metadata(s.host, model))
+    return json_response(oip.model_metadata(s.host, await oip.served_model(s, name)))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata", response_model=ModelMetadata,

@@ -1,4 +1,5 @@
-"""gRPC's model configuration and streams let a caller reach what the HTTP routes let it reach, and nothing more.
+"""gRPC's model configuration, statistics and streams let a caller reach what the HTTP routes let it reach, and
+nothing more.
 
 ``ModelConfig`` describes a model as ``GET /v2/models/{name}/config`` does, so with ``SDB_PUBLIC_PREDICT`` off an
 anonymous caller learns nothing of any name (UNAUTHENTICATED, as HTTP's 401) and a key limited to other models
@@ -40,7 +41,7 @@ def private(tmp_path_factory, bundles):
                            headers=admin, timeout=60)
             assert r.status_code == 201, r.text
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield service_pb2_grpc.GRPCInferenceServiceStub(channel), key
+            yield service_pb2_grpc.GRPCInferenceServiceStub(channel), key, server.url
     finally:
         err = server.stop()
         store.close()
@@ -58,7 +59,7 @@ def _refused(call) -> grpc.RpcError:
 
 
 def test_a_models_configuration_is_described_to_whom_its_metadata_is(private):
-    stub, key = private
+    stub, key, _ = private
     for name in ("digits-a", "no-such-model"):
         e = _refused(lambda name=name: stub.ModelConfig(service_pb2.ModelConfigRequest(name=name)))
         assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "digits" not in e.details(), (name, e.details())
@@ -79,7 +80,7 @@ def _request(model: str, x: np.ndarray, request_id: str, keyed: bool = False) ->
 
 
 def test_each_request_of_a_stream_is_checked_on_its_own(private, bundles):
-    stub, key = private
+    stub, key, _ = private
     x = bundles.x[:2]
     only_b = key("predict", models=["digits-b"])
     cases = [  # (the stream's key, its requests, which of them are answered)
@@ -103,3 +104,26 @@ def test_each_request_of_a_stream_is_checked_on_its_own(private, bundles):
                                              _request("digits-a", x, "other", keyed=True)]),
                                        metadata=_metadata(distill), timeout=60))
     assert keyed[0].infer_response.outputs[0].name == "distill_logits" and keyed[1].error_message
+
+
+def test_statistics_are_shown_to_whom_predict_is(private, bundles):
+    # with predict for keys only: no figure of any model without a key, and a key limited to some models sees theirs
+    stub, key, url = private
+    only_b, jobs = key("predict", models=["digits-b"]), key("jobs")
+    stats = lambda name="", token=None, version="": stub.ModelStatistics(
+        service_pb2.ModelStatisticsRequest(name=name, version=version), metadata=_metadata(token))
+    for name in ("", "digits-a", "no-such-model"):
+        e = _refused(lambda name=name: stats(name))
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "digits" not in e.details(), (name, e.details())
+        r = httpx.get(f"{url}/v2/models/{name + '/' if name else ''}stats")
+        assert r.status_code == 401 and "digits" not in r.text, r.text
+    assert _refused(lambda: stats("digits-a", only_b)).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _refused(lambda: stats("digits-a", only_b, "1")).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _refused(lambda: stats("", jobs)).code() == grpc.StatusCode.PERMISSION_DENIED  # no predict scope
+    headers = {"Authorization": f"Bearer {only_b}"}
+    assert httpx.get(f"{url}/v2/models/digits-a/stats", headers=headers).status_code == 403
+    assert httpx.get(f"{url}/v2/models/stats", headers={"Authorization": f"Bearer {jobs}"}).status_code == 403
+    assert [m.name for m in stats("", only_b).model_stats] == ["digits-b"]
+    assert [m["name"] for m in httpx.get(f"{url}/v2/models/stats", headers=headers).json()["model_stats"]] == [
+        "digits-b"]
+    assert [m.name for m in stats("digits-b", only_b).model_stats] == ["digits-b"]

@@ -6,6 +6,7 @@ test's rate and quota never reach another's.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import struct
@@ -93,7 +94,7 @@ def test_health_and_metadata(grpc_server):
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata(as_json=True)
     # the binary tensor extension is HTTP's: gRPC carries raw tensors natively
-    assert meta["name"] == "sdb" and "version" in meta and meta["extensions"] == ["model_configuration"]
+    assert meta["name"] == "sdb" and "version" in meta and meta["extensions"] == ["model_configuration", "statistics"]
     assert client.is_model_ready("digits-a") and client.is_model_ready("digits-a", "2")
     assert not client.is_model_ready("no-such-model")
     m = client.get_model_metadata("digits-a", as_json=True)
@@ -121,6 +122,31 @@ def test_model_configuration_is_https_in_tritons_messages(grpc_server):
     assert refused(lambda: client.get_model_config("digits-a", "9"), "NOT_FOUND") == "model 'digits-a' has no version '9'"
     refused(lambda: client.get_model_config("no-such-model"), "NOT_FOUND")
     refused(lambda: client.get_model_config("digits-a", headers=bearer("sdb_nope_nope")), "UNAUTHENTICATED")
+
+
+def test_statistics_are_https_in_tritons_messages_and_count_both_transports(grpc_server, bundles):
+    server, client, _, _ = grpc_server
+    before = client.get_inference_statistics("digits-a", "2", as_json=True)["model_stats"][0]
+    x = bundles.x[:3]
+    client.infer("digits-a", [fp32_input(x)])  # the newest version, over gRPC
+    v2_json(server, x, ["probabilities"])  # and over HTTP: one model, one count
+    after = client.get_inference_statistics("digits-a", "2", as_json=True)["model_stats"][0]
+    # protobuf's JSON writes uint64 as strings, and leaves zeros out
+    count = lambda m, *path: int(functools.reduce(lambda d, k: d.get(k, {}), path, m) or 0)
+    assert count(after, "inference_count") - count(before, "inference_count") == 6
+    assert count(after, "execution_count") - count(before, "execution_count") == 2
+    assert count(after, "inference_stats", "success", "count") - count(before, "inference_stats", "success", "count") == 2
+    assert (after["name"], after["version"]) == ("digits-a", "2")
+    http = httpx.get(f"{server.url}/v2/models/digits-a/versions/2/stats").json()["model_stats"][0]
+    message = client.get_inference_statistics("digits-a", "2").model_stats[0]
+    assert message.inference_count == http["inference_count"] and message.execution_count == http["execution_count"]
+    assert message.inference_stats.compute_infer.ns == http["inference_stats"]["compute_infer"]["ns"]
+    assert [b.batch_size for b in message.batch_stats] == [b["batch_size"] for b in http["batch_stats"]]
+    every = client.get_inference_statistics(as_json=True)["model_stats"]
+    assert {(m["name"], m["version"]) for m in every} >= {("digits-a", "1"), ("digits-a", "2"), ("digits-b", "1")}
+    assert len(client.get_inference_statistics("digits-a").model_stats) == 2  # every loaded version
+    refused(lambda: client.get_inference_statistics("no-such-model"), "NOT_FOUND")
+    refused(lambda: client.get_inference_statistics("digits-a", headers=bearer("sdb_nope_nope")), "UNAUTHENTICATED")
 
 
 def test_infer_fp32_defaults_equal_http_v2(grpc_server, bundles):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import time
 import zlib
 
 import httpx
@@ -110,11 +111,51 @@ def test_model_configuration_is_the_metadata_in_tritons_form(client, server):
     assert e.value.status() == "404" and "9" in e.value.message()
 
 
+def _by_version(stats: dict) -> dict:
+    return {(m["name"], m["version"]): m for m in stats["model_stats"]}
+
+
+def test_statistics_count_what_each_model_version_served(client, server, bundles):
+    # tritonclient's get_inference_statistics, and perf_analyzer's server-side figures, read the extension
+    assert "statistics" in client.get_server_metadata()["extensions"]
+    before = _by_version(client.get_inference_statistics())
+    assert {("digits-a", "1"), ("digits-label", "1")} <= set(before)
+    t0 = time.time() * 1000
+    x = bundles.x[:5]
+    for _ in range(3):
+        client.infer("digits-a", [infer_input(x, "FP32")])
+    with pytest.raises(InferenceServerException):  # refused before the model: not a request it served
+        client.infer("digits-a", [infer_input(x[:, :, :4], "FP32")])
+    after = client.get_inference_statistics("digits-a")
+    assert after == client.get_inference_statistics("digits-a", "1")  # one version: the model's are its
+    [a], b = after["model_stats"], before["digits-a", "1"]
+    assert (a["name"], a["version"]) == ("digits-a", "1")
+    assert a["inference_count"] - b["inference_count"] == 15  # samples
+    assert a["execution_count"] - b["execution_count"] == 3  # one request at a time: one call each
+    grew = {k: (a["inference_stats"][k]["count"] - b["inference_stats"][k]["count"],
+                a["inference_stats"][k]["ns"] - b["inference_stats"][k]["ns"]) for k in a["inference_stats"]}
+    for k in ("success", "queue", "compute_input", "compute_infer", "compute_output"):
+        assert grew[k][0] == 3 and grew[k][1] > 0, (k, grew[k])
+    assert grew["fail"] == grew["cache_hit"] == grew["cache_miss"] == (0, 0)
+    # a request's time at the model holds its wait and its call
+    assert grew["success"][1] >= grew["queue"][1] + grew["compute_infer"][1]
+    assert t0 - 1 <= a["last_inference"] <= time.time() * 1000 + 1
+    fives = [s for s in a["batch_stats"] if s["batch_size"] == 5]
+    assert fives and fives[0]["compute_infer"]["count"] >= 3
+    assert sum(s["compute_infer"]["count"] for s in a["batch_stats"]) == a["execution_count"]
+    # the other model served nothing meanwhile, and no figure names a caller
+    assert _by_version(client.get_inference_statistics())["digits-label", "1"] == before["digits-label", "1"]
+    assert "key" not in orjson.dumps(after).decode()
+    for call, said in ((lambda: client.get_inference_statistics("no-such-model"), "no model named 'no-such-model'"),
+                       (lambda: client.get_inference_statistics("digits-a", "9"), "model 'digits-a' has no version '9'")):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert e.value.status() == "404" and e.value.message() == said
+
+
 def test_extensions_not_served_are_said_to_be(client, server):
     # what tritonclient's other calls get: a 404 that says which extensions this server has not
-    for call, said in ((client.get_inference_statistics, "statistics extension is not served"),
-                       (lambda: client.get_inference_statistics("digits-a"), "statistics, repository"),
-                       (client.get_model_repository_index, "GET /v2 lists its extensions"),
+    for call, said in ((client.get_model_repository_index, "GET /v2 lists its extensions"),
                        (lambda: client.load_model("digits-a"), "repository"),
                        (client.get_system_shared_memory_status, "shared-memory")):
         with pytest.raises(InferenceServerException) as e:
