@@ -18,11 +18,16 @@ Public outputs follow the model version's output policy (the metadata lists them
 ``distill_logits`` is the keyed path (asked for by name, and only with a ``distill`` key for the
 model), not subject to the policy.
 
+The classification extension (an output's ``classification``, tritonclient's ``class_count``) ranks what an
+output already lets out: ``probabilities`` (under ``top_k``, its k) or ``distill_logits``, each sample's k highest
+as BYTES ``"value:index:label"``; ``classes`` holds no score to rank.
+
 The API (a transport imports these; names are added, never renamed): :class:`Tensor`,
 :class:`Caller`, :data:`INPUT_DATATYPES`, :data:`EXTENSIONS`, :func:`server_metadata`,
 :func:`served_model`, :func:`model_metadata`, :func:`model_config`, :func:`model_statistics`, :func:`output_names`,
 :func:`requested_outputs`,
-:func:`tensor_shape`, :func:`check_samples`, :func:`unsupported_datatype`, :func:`model_input`, :func:`infer`;
+:func:`tensor_shape`, :func:`check_samples`, :func:`classification_counts`, :func:`unsupported_datatype`,
+:func:`model_input`, :func:`infer`;
 raw tensor bytes (gRPC's ``raw_input_contents``) decode with :func:`service.oip_binary.from_raw`.
 # oip core: stable API
 """
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -58,7 +63,7 @@ from .tensors import as_batch, finite_float32, images_to_inputs, softmax
 
 PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "distill_logits"
 SERVER_NAME = "sdb"
-EXTENSIONS = ("binary_tensor_data", "model_configuration", "statistics")  # what GET /v2 advertises (HTTP's)
+EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")  # GET /v2's (HTTP's)
 # What an infer input may be sent as; the model takes FP32 (see model_input for the conversions).
 INPUT_DATATYPES = ("FP32", "FP16", "FP64", "INT64", "BOOL", "BYTES")
 _EXACT_INT = 1 << 24  # every integer up to 2**24 in magnitude is exact in float32
@@ -259,16 +264,52 @@ def _public_values(probs: np.ndarray, policy: OutputPolicy) -> dict[str, np.ndar
     return {CLASSES_OUTPUT: idx.astype("int64"), **({} if values is None else {PUBLIC_OUTPUT: values})}
 
 
-async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor],
-                outputs: Sequence[str] | None = None) -> list[Tensor]:
+def classification_counts(model: HostedModel, wanted: Sequence[str], asked: Mapping[str, Any]) -> dict[str, int]:
+    """The classification extension's ``class_count`` of each output that asks one (0: none, as Triton reads it),
+    checked before any model time is spent: a positive integer, on an output that holds scores (``probabilities``,
+    ``distill_logits``); 422 otherwise."""
+    counts = {}
+    for name, k in asked.items():
+        if name not in wanted or k is None:
+            continue
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise invalid(f"output {name!r}: classification (class_count) must be a non-negative integer, got {k!r}",
+                          "invalid_request")
+        if k and name == CLASSES_OUTPUT:
+            scored = [n for n in (PUBLIC_OUTPUT, KEYED_OUTPUT) if n in (*output_names(model), KEYED_OUTPUT)]
+            raise invalid(f"output {CLASSES_OUTPUT!r} holds class indices, not scores; classification ranks "
+                          f"{' or '.join(map(repr, scored))} (output policy {model.policy.policy})", "invalid_request")
+        if k:
+            counts[name] = k
+    return counts
+
+
+def _classified(scores: np.ndarray, classes: np.ndarray | None, k: int, labels: Sequence[str]) -> np.ndarray:
+    """Triton's classification of (N, C) ``scores``: each row's ``k`` highest (or all, when fewer), decreasing, as
+    ``b"value:index:label"`` ((N, k) BYTES; ``value`` as C's ``%f``, no label when the bundle has none).
+    ``classes``: the class index of each score when ``scores`` are a policy's top k already in order."""
+    if classes is None:
+        classes = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        scores = np.take_along_axis(scores, classes, axis=1)
+    scores, classes = scores[:, :k], classes[:, :k]
+    named = (lambda c: f":{labels[c]}") if labels else (lambda c: "")
+    rows = [[f"{v:f}:{c}{named(c)}".encode() for v, c in zip(row, cls, strict=True)]
+            for row, cls in zip(scores.tolist(), classes.tolist(), strict=True)]
+    return np.array(rows, dtype=object).reshape(scores.shape)
+
+
+async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outputs: Sequence[str] | None = None,
+                classification: Mapping[str, Any] | None = None) -> list[Tensor]:
     """The output tensors, in the order asked (``outputs`` None: the public ones), for decoded ``inputs``.
 
-    In order: the model's task (a classifier), the outputs' names, a key for ``distill_logits`` (401)
-    and predict access for the public ones, the input, then the keyed path's scope and quota charge
-    (before any model time is spent). Both paths, asked together, ride in the same ONNX Runtime call.
+    In order: the model's task (a classifier), the outputs' names and their ``classification`` (the extension's
+    class_count, by output name), a key for ``distill_logits`` (401) and predict access for the public ones, the
+    input, then the keyed path's scope and quota charge (before any model time is spent). Both paths, asked
+    together, ride in the same ONNX Runtime call. An output with a class_count answers BYTES (N, k) instead.
     """
     require_task(model)
     wanted = requested_outputs(model, outputs)
+    counts = classification_counts(model, wanted, classification or {})
     served_public = [n for n in wanted if n != KEYED_OUTPUT]
     keyed = KEYED_OUTPUT in wanted
     if keyed and ctx.key is None:
@@ -291,6 +332,13 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor],
     values = _public_values(softmax(results["public"]), model.policy) if served_public else {}
     if keyed:
         values[KEYED_OUTPUT] = results[KEYED_OUTPUT]
-    return [Tensor(name, "INT64" if name == CLASSES_OUTPUT else "FP32", list(values[name].shape), values[name])
-            for name in wanted]
-
+    answer = []
+    for name in wanted:
+        if name in counts:  # the top_k policy's scores come ranked already, with their classes beside them
+            ranked = values.get(CLASSES_OUTPUT) if name == PUBLIC_OUTPUT else None
+            data = _classified(values[name], ranked, counts[name], model.meta["labels"])
+            answer.append(Tensor(name, "BYTES", list(data.shape), data))
+        else:
+            answer.append(Tensor(name, "INT64" if name == CLASSES_OUTPUT else "FP32", list(values[name].shape),
+                                 values[name]))
+    return answer

@@ -70,15 +70,20 @@ def request_inputs(request: pb.ModelInferRequest, max_samples: int) -> list[oip.
     return tensors
 
 
-def requested_outputs(request: pb.ModelInferRequest) -> list[str] | None:
-    """The output names asked for (None: the server's default), refusing the classification extension
-    rather than answering something else than it asks."""
+def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str] | None, dict[str, Any]]:
+    """The output names asked for (None: the server's default), and the classification extension's class_count
+    of those that ask one (an ``int64_param``, as tritonclient sends it; checked by
+    :func:`service.oip.classification_counts`)."""
+    classification: dict[str, Any] = {}
     for i, o in enumerate(request.outputs):
         if "classification" in o.parameters:
-            raise bad_request(f"outputs[{i}]: the classification extension (class_count) is not served; ask for "
-                              f"{oip.CLASSES_OUTPUT!r} or {oip.PUBLIC_OUTPUT!r} as the model's metadata lists "
-                              "them", "invalid_request")
-    return [o.name for o in request.outputs] or None
+            p = o.parameters["classification"]
+            kind = p.WhichOneof("parameter_choice")
+            if kind not in ("int64_param", "uint64_param"):
+                raise invalid(f"outputs[{i}].parameters.classification must be an int64_param, got {kind}",
+                              "invalid_request")
+            classification[o.name] = getattr(p, kind)
+    return [o.name for o in request.outputs] or None, classification
 
 
 def infer_response(model_name: str, model_version: str, request_id: str,

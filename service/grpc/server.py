@@ -56,7 +56,7 @@ CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTIC
 SERVICE = "inference.GRPCInferenceService"
 STREAM_WINDOW = 16  # requests of one ModelStreamInfer call answered at once; the next wait to be read
 # What ServerMetadata advertises: HTTP's less binary_tensor_data (gRPC carries tensors raw by itself).
-EXTENSIONS = ("model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "statistics")
 STOP_GRACE_S = 5.0  # on shutdown, calls in flight get this long to finish
 
 
@@ -246,7 +246,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             # predict access before the lookup (as HTTP's infer): a caller who may not predict probes no name
             model = await oip.served_model(caller, request.model_name, request.model_version or None)
             inputs = codec.request_inputs(request, caller.settings.max_request_samples)
-            outputs = await oip.infer(caller, model, inputs, codec.requested_outputs(request))
+            outputs = await oip.infer(caller, model, inputs, *codec.requested_outputs(request))
             return codec.infer_response(model.name, model.version, request.id, outputs)
         return answer
 

@@ -71,6 +71,9 @@ class InferInput(BaseModel):
 
 class InferOutputParameters(BaseModel):
     binary_data: bool | None = Field(None, description="answer this output as raw bytes after the JSON header")
+    classification: int | None = Field(None, ge=0, description="the classification extension: answer the k highest "
+                                       "scores of each sample instead, as BYTES \"value:index:label\", decreasing "
+                                       f"({PUBLIC_OUTPUT} or {KEYED_OUTPUT}; 0: none)")
 
 
 class InferOutputRequest(BaseModel):
@@ -371,23 +374,24 @@ def _flag(params: dict | None, name: str, where: str) -> bool | None:
     return value
 
 
-def _outputs(header: dict) -> tuple[list[str] | None, dict[str, bool], bool]:
-    """The outputs asked for (None: the model's public ones), which of them in binary, and the default."""
+def _outputs(header: dict) -> tuple[list[str] | None, dict[str, bool], bool, dict[str, object]]:
+    """The outputs asked for (None: the model's public ones), which of them in binary, the default, and the
+    classification extension's class_count of those that ask one (checked by :func:`oip.classification_counts`)."""
     default = bool(_flag(header.get("parameters"), "binary_data_output", ""))
     outputs = header.get("outputs")
     if outputs is None:
-        return None, {}, default
+        return None, {}, default, {}
     if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
         raise invalid("outputs must be a non-empty list of {\"name\": ...}", "invalid_request")
-    binary = {}
+    binary, classification = {}, {}
     for i, o in enumerate(outputs):
-        if isinstance(o.get("parameters"), dict) and o["parameters"].get("classification"):
-            raise invalid(f"outputs[{i}]: the classification extension is not served; the outputs already follow "
-                          "the model's output policy", "invalid_request")
         flag = _flag(o.get("parameters"), "binary_data", f"outputs[{i}].")
-        if flag is not None and isinstance(o.get("name"), str):
-            binary[o["name"]] = flag
-    return [o.get("name") for o in outputs], binary, default
+        if isinstance(o.get("name"), str):
+            if flag is not None:
+                binary[o["name"]] = flag
+            if isinstance(o.get("parameters"), dict) and "classification" in o["parameters"]:
+                classification[o["name"]] = o["parameters"]["classification"]
+    return [o.get("name") for o in outputs], binary, default, classification
 
 
 async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
@@ -397,8 +401,8 @@ async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     inputs = header.get("inputs")
     chunks = oip_binary.input_chunks(inputs if isinstance(inputs, list) else [], binary, header_length is not None)
     tensors = _inputs(header, chunks, s.settings.max_request_samples)
-    names, binary_outputs, binary_default = _outputs(header)
-    outputs = await oip.infer(s, model, tensors, names)
+    names, binary_outputs, binary_default, classification = _outputs(header)
+    outputs = await oip.infer(s, model, tensors, names, classification)
     body: dict = {"model_name": model.name, "model_version": model.version}
     if isinstance(header.get("id"), str):
         body["id"] = header["id"]
@@ -409,7 +413,8 @@ async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
             described.append({"name": t.name, "datatype": t.datatype, "shape": t.shape,
                               "parameters": {"binary_data_size": len(raws[-1])}})
         else:
-            described.append({"name": t.name, "datatype": t.datatype, "shape": t.shape, "data": t.data.ravel()})
+            data = [b.decode() for b in t.data.ravel()] if t.datatype == "BYTES" else t.data.ravel()
+            described.append({"name": t.name, "datatype": t.datatype, "shape": t.shape, "data": data})
     body["outputs"] = described
     if not raws:
         return json_response(body)

@@ -141,6 +141,36 @@ def test_v2_infer_serves_only_what_the_policy_allows(server, bundles):
         "pol-label": [("classes", [-1, 1]), ("distill_logits", [-1, 10])]}
 
 
+def test_classification_ranks_no_more_than_the_policy_lets_out(server, bundles):
+    # the classification extension (tritonclient's class_count) reads what the policy serves, never the rest
+    ref, n = reference(bundles), len(bundles.x)
+    order = np.argsort(-ref, axis=1, kind="stable")
+
+    def ranked(name: str, output: str, k: int) -> httpx.Response:
+        return httpx.post(f"{server.url}/v2/models/{name}/infer", json={
+            "inputs": [{"name": "input", "shape": list(bundles.x.shape), "datatype": "FP32",
+                        "data": bundles.x.ravel().tolist()}],
+            "outputs": [{"name": output, "parameters": {"classification": k}}]})
+
+    def parts(r: httpx.Response) -> tuple[list, np.ndarray, np.ndarray]:
+        o = r.json()["outputs"][0]
+        cells = [e.split(":") for e in o["data"]]
+        return o["shape"], np.array([float(c[0]) for c in cells]), np.array([int(c[1]) for c in cells])
+
+    # top_k (3): asking for all ten ranks the three it serves, renormalised and rounded as they are served
+    shape, values, classes = parts(ranked("pol-topk", "probabilities", 10))
+    top = np.take_along_axis(ref, order[:, :3], 1)
+    assert shape == [n, 3] and classes.reshape(n, 3).tolist() == order[:, :3].tolist()
+    np.testing.assert_allclose(values.reshape(n, 3), np.round(top / top.sum(1, keepdims=True), 4), atol=2e-4)
+    assert decimals_of(values.tolist()) <= 4
+    shape, values, _ = parts(ranked("pol-probs", "probabilities", 2))
+    assert shape == [n, 2] and decimals_of(values.tolist()) <= 3
+    # label: nothing to rank
+    for output in ("classes", "probabilities"):
+        r = ranked("pol-label", output, 1)
+        assert r.status_code == 422 and "output" in r.json()["error"], r.text
+
+
 def test_the_keyed_path_and_the_model_description(server, bundles):
     distiller = {"Authorization": f"Bearer {key(server.settings, ['distill'])}"}
     ref = load_bundle(bundles.a, server.settings.master_key).distill_logits(bundles.x)

@@ -94,7 +94,8 @@ def test_health_and_metadata(grpc_server):
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata(as_json=True)
     # the binary tensor extension is HTTP's: gRPC carries raw tensors natively
-    assert meta["name"] == "sdb" and "version" in meta and meta["extensions"] == ["model_configuration", "statistics"]
+    assert meta["name"] == "sdb" and "version" in meta and meta["extensions"] == ["classification", "model_configuration",
+                                                                                "statistics"]
     assert client.is_model_ready("digits-a") and client.is_model_ready("digits-a", "2")
     assert not client.is_model_ready("no-such-model")
     m = client.get_model_metadata("digits-a", as_json=True)
@@ -147,6 +148,22 @@ def test_statistics_are_https_in_tritons_messages_and_count_both_transports(grpc
     assert len(client.get_inference_statistics("digits-a").model_stats) == 2  # every loaded version
     refused(lambda: client.get_inference_statistics("no-such-model"), "NOT_FOUND")
     refused(lambda: client.get_inference_statistics("digits-a", headers=bearer("sdb_nope_nope")), "UNAUTHENTICATED")
+
+
+def test_classification_is_https_over_grpc(grpc_server, bundles):
+    # class_count travels as an int64 parameter; the answer, BYTES "value:index:label", is HTTP's to the byte
+    server, client, _, _ = grpc_server
+    x = bundles.x[:N]
+    out = client.infer("digits-a", [fp32_input(x)], outputs=[triton.InferRequestedOutput("probabilities", class_count=4)])
+    got = out.as_numpy("probabilities")
+    r = httpx.post(f"{server.url}/v2/models/digits-a/infer", timeout=30, json={
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": 4}}]})
+    http = r.json()["outputs"][0]
+    assert http["datatype"] == "BYTES" and http["shape"] == [N, 4] == list(got.shape)
+    assert [e.decode() for e in got.ravel()] == http["data"]
+    probs = v2_json(server, x, ["probabilities"])["probabilities"]
+    assert [int(e.split(":")[1]) for e in http["data"][::4]] == probs.argmax(1).tolist()
 
 
 def test_infer_fp32_defaults_equal_http_v2(grpc_server, bundles):
@@ -303,9 +320,10 @@ def test_errors_are_status_codes_with_the_http_messages(grpc_server, bundles):
     message = refused(lambda: client.infer("digits-a", [fp32_input(x)],
                                            outputs=[triton.InferRequestedOutput("logits")]), "INVALID_ARGUMENT")
     assert message.startswith("unknown output(s) ['logits']")
-    refused(lambda: client.infer("digits-a", [fp32_input(x)],
-                                 outputs=[triton.InferRequestedOutput("probabilities", class_count=3)]),
-            "INVALID_ARGUMENT")
+    message = refused(lambda: client.infer("digits-a", [fp32_input(x)],
+                                           outputs=[triton.InferRequestedOutput("classes", class_count=3)]),
+                      "INVALID_ARGUMENT")
+    assert message.startswith("unknown output(s) ['classes']")  # this model's policy serves probabilities
     # SDB_MAX_PAYLOAD_BYTES (8 MiB) is the largest message the server reads.
     big = np.zeros((9 << 20) // 4, np.float32)
     refused(lambda: client.infer("digits-a", [fp32_input(big)]), "RESOURCE_EXHAUSTED")

@@ -219,6 +219,54 @@ def test_bytes_are_images(client, bundles, ref):
     assert e.value.status() == "415"
 
 
+def _ranked(rows: np.ndarray) -> list[list[tuple[float, int, str]]]:
+    """A classification output's "value:index:label" rows, read back (bytes from binary, str from JSON)."""
+    text = (e.decode() if isinstance(e, bytes) else e for row in rows for e in row)
+    flat = [(float(v), int(i), label) for v, i, label in (t.split(":") for t in text)]
+    return [flat[r * rows.shape[1]:(r + 1) * rows.shape[1]] for r in range(rows.shape[0])]
+
+
+def test_classification_ranks_the_scores_the_caller_may_see(client, server, bundles, ref):
+    # tritonclient's class_count (the classification extension), as image clients use it: binary and JSON alike
+    x = bundles.x[:6]
+    probs, labels = ref.predict(x), ref.meta["labels"]
+    for binary in (True, False):
+        out = client.infer("digits-a", [infer_input(x, "FP32")], outputs=[
+            triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)])
+        got = out.as_numpy("probabilities")
+        assert got.shape == (6, 3) and out.get_output("probabilities")["datatype"] == "BYTES"
+        for row, p in zip(_ranked(got), probs, strict=True):
+            order = np.argsort(-p, kind="stable")[:3].tolist()
+            assert [i for _, i, _ in row] == order and [lab for _, _, lab in row] == [labels[i] for i in order]
+            np.testing.assert_allclose([v for v, _, _ in row], p[order], atol=1e-6)
+    # more than the classes: all of them; 0: no classification, as Triton reads it
+    every = client.infer("digits-a", [infer_input(x, "FP32")],
+                         outputs=[triton.InferRequestedOutput("probabilities", class_count=50)])
+    assert every.as_numpy("probabilities").shape == (6, 10)
+    # the keyed output ranks the keyed logits, for its key alone
+    token = key(server.settings, ["distill"], models=["digits-a"], quota=1000)
+    keyed = client.infer("digits-a", [infer_input(x, "FP32")], headers={"Authorization": f"Bearer {token}"},
+                         outputs=[triton.InferRequestedOutput("distill_logits", class_count=2)])
+    logits = ref.distill_logits(x)
+    for row, z in zip(_ranked(keyed.as_numpy("distill_logits")), logits, strict=True):
+        assert [i for _, i, _ in row] == np.argsort(-z, kind="stable")[:2].tolist()
+        np.testing.assert_allclose([v for v, _, _ in row], np.sort(z)[::-1][:2], atol=1e-4)
+    assert used(server, token) == len(x)
+    with pytest.raises(InferenceServerException, match="needs an API key") as e:
+        client.infer("digits-a", [infer_input(x, "FP32")],
+                     outputs=[triton.InferRequestedOutput("distill_logits", class_count=2)])
+    assert e.value.status() == "401"
+    # a label-policy model serves no score to rank: class indices are not scores
+    with pytest.raises(InferenceServerException, match="holds class indices, not scores") as e:
+        client.infer("digits-label", [infer_input(x, "FP32")],
+                     outputs=[triton.InferRequestedOutput("classes", class_count=1)])
+    assert e.value.status() == "422"
+    r = httpx.post(server.url + "/v2/models/digits-a/infer", json={
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": -1}}]})
+    assert r.status_code == 422 and "non-negative integer" in r.json()["error"]
+
+
 def test_the_keyed_output_needs_its_key(client, server, bundles, ref):
     token = key(server.settings, ["distill"], models=["digits-a"], quota=1000)  # charged in the store at once
     asked = [triton.InferRequestedOutput("distill_logits"), triton.InferRequestedOutput("probabilities")]
