@@ -182,7 +182,10 @@ def fit(
     model.to(device)
     opt = _optimizer(params if params is not None else model.parameters(), cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    loader = (TensorBatches(data, cfg.batch_size, gen, device) if isinstance(data, TensorDataset)
+    # a TensorDataset's samples are its tensors' rows, unless a subclass says otherwise (one that augments in
+    # __getitem__ keeps the DataLoader, which calls it)
+    rows = isinstance(data, TensorDataset) and type(data).__getitem__ is TensorDataset.__getitem__
+    loader = (TensorBatches(data, cfg.batch_size, gen, device) if rows
               else DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False))
     steps_per_epoch = len(loader)
     total = steps_per_epoch * cfg.epochs

@@ -102,3 +102,22 @@ def test_a_loss_that_turns_nan_stops_training_and_names_its_step(no_timed_report
     with pytest.raises(FloatingPointError, match="loss became nan at epoch 2, step 3"):
         fit(net, TensorDataset(x, y), step, TrainConfig(epochs=3, batch_size=16))
     assert len(calls) == 8  # found at the end of the epoch it happened in: training stops there
+
+
+def test_a_tensor_set_that_makes_its_own_samples_is_read_through_them():
+    # a subclass that augments in __getitem__ is read sample by sample, as DataLoader reads it
+    class Flipped(TensorDataset):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return -x, y
+
+    x, y = torch.ones(40, 3), torch.zeros(40, dtype=torch.long)
+    seen = []
+    net = torch.nn.Linear(3, 2)
+
+    def step(batch):
+        seen.append(batch[0])
+        return F.cross_entropy(net(batch[0]), batch[1])
+
+    fit(net, Flipped(x, y), step, TrainConfig(epochs=1, batch_size=16))
+    assert len(seen) == 3 and all(bool((b == -1).all()) for b in seen)
