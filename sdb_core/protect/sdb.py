@@ -123,6 +123,21 @@ def frozen_and_trainable(teacher: nn.Module, device: torch.device, data) -> tupl
     return frozen, model
 
 
+# Devices where the recipe's three batches (plain, keyed, random keys) go through the network as one. On the CPU,
+# three calls: as fast with two threads and ~20% faster with one (smaller working set). On a GPU a small network's
+# step is bound by kernel launches, and one call launches a third of them. The network trains in eval mode, where
+# each sample's answer is its own (no batch statistics, no dropout): the same logits either way.
+ONE_CALL_DEVICES = ("cuda",)
+
+
+def three_paths(model: nn.Module, *batches: Tensor) -> tuple[Tensor, ...]:
+    """``model``'s logits for each of ``batches`` (equal sizes), in one call where the device is in
+    :data:`ONE_CALL_DEVICES`, else one call each."""
+    if batches[0].device.type in ONE_CALL_DEVICES:
+        return model(torch.cat(batches)).split(len(batches[0]))
+    return tuple(model(b) for b in batches)
+
+
 def require_finite_network(model: nn.Module, x: Tensor, *outputs: Tensor) -> None:
     """Raise ``FloatingPointError`` unless a trained network's parameters and buffers are finite, and so are its
     logits on ``x`` (training inputs, the first ``CALIBRATION_INPUTS`` of them) and ``outputs`` (other logits of
@@ -257,9 +272,7 @@ def train_box(
                 a = frozen(x)
             require_finite_logits(a, "inputs of a training batch")
         wrong = random_keys(len(x), data.in_shape, data.mean, data.std, generator=gen)
-        # Three calls rather than one over the concatenation: as fast with two threads and
-        # ~20% faster with one (smaller working set).
-        z, zk, zw = model(x), model(blend(x, k, cfg.lam)), model(blend(x, wrong, cfg.lam))
+        z, zk, zw = three_paths(model, x, blend(x, k, cfg.lam), blend(x, wrong, cfg.lam))
         qy = confusion_rows(partners, y, data.num_classes, cfg)
         ce = 2.0 * F.cross_entropy(z, y) + F.cross_entropy(zk, y)
         disturb = cfg.clean_weight * kl_to_target(qy, z, T) + kl_to_target(qy, zw, T)

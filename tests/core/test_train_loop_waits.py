@@ -121,3 +121,36 @@ def test_a_tensor_set_that_makes_its_own_samples_is_read_through_them():
 
     fit(net, Flipped(x, y), step, TrainConfig(epochs=1, batch_size=16))
     assert len(seen) == 3 and all(bool((b == -1).all()) for b in seen)
+
+
+@pytest.mark.parametrize("arch", ["cnn", "lenet", "mlp", "resnet8", "resnet8_gn", "vit_tiny", "wrn16_1"])
+def test_the_recipes_three_batches_in_one_call_are_each_batchs_own_logits(arch, monkeypatch):
+    # on a GPU the SDB step sends its plain, keyed and random-key batches through the network as one call; in eval
+    # mode (how the box trains) each sample's logits are its own, so that is the three calls' answer
+    from sdb_core.protect import sdb
+
+    torch.manual_seed(0)
+    net = create_model(arch, num_classes=10, in_shape=(3, 32, 32)).eval()
+    for m in net.modules():  # running statistics a trained network would have
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    batches = [torch.randn(5, 3, 32, 32) for _ in range(3)]
+    apart = sdb.three_paths(net, *batches)
+    monkeypatch.setattr(sdb, "ONE_CALL_DEVICES", ("cpu",))
+    together = sdb.three_paths(net, *batches)
+    assert len(together) == 3
+    for a, b in zip(apart, together, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_a_box_trained_with_one_call_per_step_is_the_box_of_three(digits, digits_teacher, monkeypatch):
+    from sdb_core.protect import sdb
+
+    key = random_keys(1, digits.in_shape, digits.mean, digits.std, generator=torch.Generator().manual_seed(7))[0]
+    cfg = SDBConfig(train=TrainConfig(epochs=1, lr=0.01))
+    apart = train_box(digits_teacher, digits, cfg, key=key).box.model
+    monkeypatch.setattr(sdb, "ONE_CALL_DEVICES", ("cpu",))
+    together = train_box(digits_teacher, digits, cfg, key=key).box.model
+    for (name, a), (_, b) in zip(apart.state_dict().items(), together.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
