@@ -188,6 +188,8 @@ def fit(
     loader = (TensorBatches(data, cfg.batch_size, gen, device) if rows
               else DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen, drop_last=False))
     steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError("nothing to train on: the training set is empty")
     total = steps_per_epoch * cfg.epochs
     history = History()
     start_epoch = 0

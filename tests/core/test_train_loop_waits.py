@@ -154,3 +154,10 @@ def test_a_box_trained_with_one_call_per_step_is_the_box_of_three(digits, digits
     together = train_box(digits_teacher, digits, cfg, key=key).box.model
     for (name, a), (_, b) in zip(apart.state_dict().items(), together.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_an_empty_training_set_is_an_error_not_a_run_that_learns_nothing():
+    net = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="training set is empty"):
+        fit(net, TensorDataset(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)), lambda b: net(b[0]).sum(),
+            TrainConfig(epochs=2))
