@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -292,6 +293,40 @@ def time_recipes(recipes: list[str], s: Sizes, device: str, log=print) -> tuple[
     return seconds, status, mem
 
 
+def host_waits(device: str) -> dict:
+    """On CUDA: how often a wrap's training waits for the device (CUDA's sync debug mode, counting its warnings)
+    in a box of one epoch and of two on digits; the second epoch's extra waits over its steps are the loop's per
+    step (sdb_core.train.fit reads back about once a second and at each epoch's end: ~0). Elsewhere: {}."""
+    if not device.startswith("cuda"):
+        return {}
+    import warnings
+
+    import torch
+
+    from sdb_core.data import load_dataset
+    from sdb_core.models import create_model
+    from sdb_core.protect import SDBConfig, train_box
+    from sdb_core.train import TrainConfig, train_classifier
+
+    data = load_dataset("digits")
+    teacher = create_model("cnn", num_classes=data.num_classes, in_shape=data.in_shape)
+    train_classifier(teacher, data.train, TrainConfig(epochs=1, device=device))
+    counts = {}
+    for epochs in (1, 2):
+        cfg = SDBConfig(train=TrainConfig(epochs=epochs, lr=0.01, batch_size=64, grad_clip=5.0, device=device))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_box(teacher, data, cfg)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts[epochs] = sum("synchroniz" in str(w.message) for w in caught)
+    steps = math.ceil(len(data.train) / 64)
+    return {"steps_per_epoch": steps, "one_epoch": counts[1], "two_epochs": counts[2],
+            "per_step": round((counts[2] - counts[1]) / steps, 3)}
+
+
 # --------------------------------------------------------------------------- the test suites
 SUMMARY = re.compile(r"(\d+) (passed|failed|errors?|skipped|deselected)")
 PROGRESS = re.compile(r"^([.FEsxX]+)(?:\s*\[\s*\d+%\])?\s*$", re.MULTILINE)  # the last line may be cut
@@ -412,6 +447,12 @@ def main(argv=None) -> dict:
             print(f"  {result['tests'][suite]}", flush=True)
         seconds, status, mem = time_recipes(list(args.recipes), TINY if args.tiny else FULL, str(device))
         result.update(seconds=seconds, status=status, gpu_mem_mb=mem)
+        try:
+            result["host_waits"] = host_waits(str(device))
+        except Exception as e:  # noqa: BLE001 - a figure of its own: the timings above stand without it
+            result["host_waits"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if result["host_waits"]:
+            print(f"host waits for the device in a wrap's training: {result['host_waits']}", flush=True)
     print()
     print(table(result))
     if args.json:
