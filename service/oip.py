@@ -44,7 +44,7 @@ from typing import Any, Protocol
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from .auth import ApiKey, Keyring, check_scope
+from .auth import ApiKey, Keyring
 from .errors import ApiError, invalid
 from .inference import (
     charge_keyed,
@@ -159,11 +159,7 @@ async def model_statistics(ctx: Caller, name: str = "", version: str = "") -> di
         if version:
             raise invalid("a version needs a model name", "invalid_request")
         public, key = ctx.settings.public_predict, ctx.key
-        if not public:
-            if key is None:
-                raise ApiError(401, "missing_key", "this server requires an API key for predictions",
-                               {"WWW-Authenticate": "Bearer"})
-            check_scope(key, "predict")
+        require_predict(key, None, public)  # as GET /v1/models: the predict scope, then the key's allowlist
         models = [m for m in ctx.host.all() if public or key.allows_model(m.name)]
     return {"model_stats": [m.stats.to_dict(m.name, m.version) for m in models]}
 
