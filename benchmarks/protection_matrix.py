@@ -12,6 +12,10 @@ its best attempt, and the cell says so), then train each student architecture fi
 ``wrap_seconds``, what the self-check chose per seed and each target per student. ``--audit`` also
 runs the leak audit at N = 300 (``benchmarks/audit.py``'s protocol) on the BatchNorm, LayerNorm and
 GroupNorm cells of the colour set. ``--workers`` runs (cell, seed) units in parallel processes.
+
+With ``--json OUT`` each unit's result is also appended to ``OUT.units.jsonl`` as it finishes, so that a run
+stopped early (a time limit on a lent GPU) keeps what it measured; ``--from-units OUT.units.jsonl --json OUT``
+builds the matrix from those (a cell from the seeds it has; the JSON says which units ran).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import json
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -121,6 +125,31 @@ def format_matrix(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_units(units: list[tuple], workers: int, log_to: Path | None) -> list[dict]:
+    """Each unit's result, in the units' order; each also appended to ``log_to`` (JSON lines) as it finishes."""
+    if log_to is not None:
+        log_to.parent.mkdir(parents=True, exist_ok=True)
+        log_to.write_text("")
+
+    def keep(unit: tuple, result: dict) -> dict:
+        if log_to is not None:
+            with log_to.open("a") as f:
+                f.write(json.dumps({"unit": list(unit[:3]), "result": result}) + "\n")
+        return result
+
+    if workers <= 1:
+        return [keep(u, run_unit(*u)) for u in units]
+    import multiprocessing as mp
+
+    results: dict[int, dict] = {}
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(run_unit, *u): i for i, u in enumerate(units)}
+        for f in as_completed(futures):
+            i = futures[f]
+            results[i] = keep(units[i], f.result())
+    return [results[i] for i in range(len(units))]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teachers", nargs="+", default=list(TEACHERS))
@@ -134,25 +163,30 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--via-onnx", action="store_true", help="wrap each teacher as an owner with an .onnx of it would: "
                    "its graph run and fine-tuned in torch (sdb_core.onnx_torch)")
-    p.add_argument("--json", help="write the matrix here")
+    p.add_argument("--json", help="write the matrix here (and each unit, as it finishes, to JSON.units.jsonl)")
+    p.add_argument("--from-units", help="build the matrix from a run's units file instead of running")
     args = p.parse_args()
     if args.quick:
         args.teachers, args.data, args.seeds = QUICK["teachers"], QUICK["data"], QUICK["seeds"]
-    units = [(a, d, s, args.students, args.threads, args.audit and d == COLOUR and a in AUDITED, args.via_onnx)
-             for a in args.teachers for d in args.data for s in args.seeds]
     t0 = time.perf_counter()
-    if args.workers > 1:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-            results = list(pool.map(run_unit, *zip(*units, strict=True)))
+    if args.from_units:
+        done = [json.loads(line) for line in Path(args.from_units).read_text().splitlines() if line.strip()]
+        units = [tuple(d["unit"]) for d in done]
+        results = [d["result"] for d in done]
+        args.teachers = list(dict.fromkeys(u[0] for u in units))
+        args.data = list(dict.fromkeys(u[1] for u in units))
+        args.seeds = sorted({u[2] for u in units})
+        args.students = list(done[0]["result"]["students_by_arch"]) if done else args.students
     else:
-        results = [run_unit(*u) for u in units]
+        units = [(a, d, s, args.students, args.threads, args.audit and d == COLOUR and a in AUDITED, args.via_onnx)
+                 for a in args.teachers for d in args.data for s in args.seeds]
+        results = run_units(units, args.workers, Path(f"{args.json}.units.jsonl") if args.json else None)
     cells = []
     for a in args.teachers:
         for d in args.data:
             runs = [r for u, r in zip(units, results, strict=True) if u[0] == a and u[1] == d]
-            cells.append(cell_summary(a, d, runs, args.students))
+            if runs:
+                cells.append(cell_summary(a, d, runs, args.students))
     seconds = time.perf_counter() - t0
     print()
     print(format_matrix(cells))
@@ -162,7 +196,7 @@ def main() -> int:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
         out = {"cells": cells, "seeds": args.seeds, "students": args.students, "seconds": seconds,
                "device": device, "workers": args.workers, "threads": args.threads, "quick": args.quick,
-               "via_onnx": args.via_onnx,
+               "via_onnx": args.via_onnx, "units": [list(u[:3]) for u in units],
                "runs": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))
