@@ -437,6 +437,7 @@ class HostedModel:
         bundle = self.bundle  # held for the whole batch, whatever the cache drops meanwhile
         xs = [bundle.keyed_input(x) if keyed else x for x, keyed in items]
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+        samples = len(x)
         t1 = time.perf_counter_ns()
         with self.deadline() as options:
             z = run_bound(bundle.session, x, options) if self.io_binding else bundle.network_logits(x, options)
@@ -454,7 +455,7 @@ class HostedModel:
             # the keyed path's scale, or an SDB box's public form
             out.append(bundle.keyed_answer(part) if keyed else bundle.public_answer(part))
             start += len(x)
-        self.stats.executed(len(items), len(x), t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+        self.stats.executed(len(items), samples, t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
         return out
 
     def run_feeds(self, items: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:

@@ -499,3 +499,23 @@ async def test_many_versions_through_a_tiny_cache_while_versions_are_removed(bun
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)
+
+
+async def test_statistics_count_every_sample_of_a_call_that_merged_requests(bundles, tmp_path):
+    # requests queued in one loop turn ride in one ONNX Runtime call: its samples are all of theirs
+    host, store = _host(tmp_path, bundles)
+    try:
+        files = _sdb_files(bundles, tmp_path)
+        model = await anyio.to_thread.run_sync(lambda: host.add(files["a"], "test"))
+        sizes = [1, 2, 3, 4]
+        await asyncio.gather(*(model.logits(bundles.x[:n]) for n in sizes))
+        stats = model.stats.to_dict(model.name, model.version)
+        assert stats["inference_count"] == sum(sizes)
+        assert stats["execution_count"] < len(sizes)  # they merged
+        assert sum(b["batch_size"] * b["compute_infer"]["count"] for b in stats["batch_stats"]) == sum(sizes)
+        per_request = stats["inference_stats"]
+        assert per_request["success"]["count"] == per_request["queue"]["count"] == len(sizes)
+        assert per_request["compute_infer"]["count"] == len(sizes)  # each request counts its call, as Triton does
+    finally:
+        host.close()
+        store.close()
