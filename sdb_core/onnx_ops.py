@@ -2,10 +2,10 @@
 
 Each operator is a function ``(inputs, attributes, opset) -> output or tuple of outputs`` in ``OPS``; one not
 in it is refused by name before anything runs. The set covers what torch, tf2onnx and Keras exports of
-classifiers hold: convolutional, residual, MLP and attention networks (1-, 2- and 3-d convolutions, transposed
-ones and pools, depth to space and back, every normalisation ONNX has, the usual activations, reshaping,
-slicing, reductions, the resizes torch's ``F.interpolate`` writes, and the quantize/dequantize pairs of a QDQ
-quantized graph).
+classifiers hold: convolutional, residual, MLP, attention and recurrent networks (1-, 2- and 3-d convolutions,
+transposed ones and pools, depth to space and back, every normalisation ONNX has, the usual activations,
+reshaping, slicing, reductions, the resizes torch's ``F.interpolate`` writes, the quantize/dequantize pairs of a
+QDQ quantized graph, ONNX's LSTM, GRU and RNN).
 
 Shapes stay free. ``Shape`` yields :class:`Dims`, the tensor's sizes as values (under ``torch.onnx.export``'s
 tracer, traced sizes), and the integer ops a graph computes a shape with (``Gather``, ``Unsqueeze``,
@@ -767,6 +767,151 @@ ON_DIMS = frozenset({"Shape", "Gather", "Unsqueeze", "Squeeze", "Concat", "Slice
                      "ConstantOfShape", "Add", "Sub", "Mul", "Div", "Mod", "Equal", "Greater", "Less", "GreaterOrEqual",
                      "LessOrEqual", "And", "Or", "Where", "Identity", "Resize", "Tile", "Range"})
 
+# --------------------------------------------------------------------------- recurrent layers
+def _rnn_activation(name: str, alphas: list, betas: list) -> Callable[[Tensor], Tensor]:
+    """One of ONNX's recurrent activations by name; one with parameters takes the next of ``activation_alpha`` /
+    ``activation_beta`` (or ONNX's default), as ONNX Runtime reads them."""
+    def take(values: list, default: float | None) -> float:
+        if values:
+            return values.pop(0)
+        if default is None:
+            raise ValueError(f"recurrent activation {name} needs activation_alpha and activation_beta")
+        return default
+
+    n = name.lower()
+    simple = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": F.relu, "softsign": F.softsign,
+              "softplus": F.softplus}
+    if n in simple:
+        return simple[n]
+    if n == "leakyrelu":
+        alpha = take(alphas, 0.01)
+        return lambda x: F.leaky_relu(x, alpha)
+    if n == "thresholdedrelu":
+        alpha = take(alphas, 1.0)
+        return lambda x: torch.where(x > alpha, x, torch.zeros_like(x))
+    if n == "elu":
+        alpha = take(alphas, 1.0)
+        return lambda x: F.elu(x, alpha)
+    if n == "hardsigmoid":
+        alpha, beta = take(alphas, 0.2), take(betas, 0.5)
+        return lambda x: torch.clamp(alpha * x + beta, 0, 1)
+    if n == "affine":
+        alpha, beta = take(alphas, None), take(betas, None)
+        return lambda x: alpha * x + beta
+    if n == "scaledtanh":
+        alpha, beta = take(alphas, None), take(betas, None)
+        return lambda x: alpha * torch.tanh(beta * x)
+    raise ValueError(f"recurrent activation {name!r} is not supported")
+
+
+def recurrent(kind: str) -> Callable:
+    """ONNX's ``RNN``, ``GRU`` and ``LSTM`` (what torch's and tf2onnx's exporters write for ``nn.RNN``, ``nn.GRU``,
+    ``nn.LSTM`` and Keras' layers), unrolled over the sequence with torch operators: gates in ONNX's order (GRU
+    z r h, LSTM i o f c), one or both directions, ``layout`` 0 (sequence first) or 1 (batch first), initial
+    states, ``clip``, LSTM peepholes and ``input_forget``, GRU's ``linear_before_reset``, and ``sequence_lens``:
+    a shorter sequence's state stops at its last step, its outputs past it are zero, and the reverse direction
+    starts at its last step. Outputs Y, Y_h (and LSTM's Y_c)."""
+    gates = {"RNN": 1, "GRU": 3, "LSTM": 4}[kind]
+    defaults = {"RNN": ["Tanh"], "GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}[kind]
+
+    def run(v, a, opset):
+        x, w, r = v[0], v[1], v[2]
+        b, lens = (v[3] if len(v) > 3 else None), (v[4] if len(v) > 4 else None)
+        h0, c0 = (v[5] if len(v) > 5 else None), (v[6] if len(v) > 6 else None)
+        peep = v[7] if len(v) > 7 else None
+        batch_first = a.get("layout", 0) == 1
+        if batch_first:
+            x = x.transpose(0, 1)
+            h0 = None if h0 is None else h0.transpose(0, 1)
+            c0 = None if c0 is None else c0.transpose(0, 1)
+        steps, n = x.shape[0], x.shape[1]
+        hidden = a.get("hidden_size", r.shape[-1])
+        direction = a.get("direction", b"forward")
+        direction = direction.decode() if isinstance(direction, bytes) else direction
+        if direction not in ("forward", "reverse", "bidirectional"):
+            raise ValueError(f"{kind} direction {direction!r} is not one ONNX defines")
+        dirs = 2 if direction == "bidirectional" else 1
+        names = [s.decode() if isinstance(s, bytes) else s for s in a.get("activations", defaults * dirs)]
+        alphas, betas = list(a.get("activation_alpha", [])), list(a.get("activation_beta", []))
+        per_dir = len(defaults)
+        acts = [[_rnn_activation(names[d * per_dir + i], alphas, betas) for i in range(per_dir)] for d in range(dirs)]
+        clip = a.get("clip")
+        clipped = (lambda t: t.clamp(-clip, clip)) if clip is not None else (lambda t: t)
+        if lens is not None:  # (N,) steps per sequence: a mask per step, never read back
+            lens = lens.to(x.device, torch.int64)
+            t_index = torch.arange(steps, device=x.device)[:, None]
+            live = (t_index < lens[None, :]).to(x.dtype)[..., None]  # (T, N, 1)
+        ys, last_h, last_c = [], [], []
+        for d in range(dirs):
+            reverse = direction == "reverse" or d == 1
+            f, g, h_act = (acts[d] + [None, None])[:3]
+            wd, rd = w[d], r[d]
+            wb = b[d, :gates * hidden] if b is not None else None
+            rb = b[d, gates * hidden:] if b is not None else None
+            h = h0[d] if h0 is not None else x.new_zeros(n, hidden)
+            c = (c0[d] if c0 is not None else x.new_zeros(n, hidden)) if kind == "LSTM" else None
+            seq = x
+            if reverse:  # each sequence backwards from its own last step (the rest, past it, stays masked)
+                if lens is None:
+                    seq = x.flip(0)
+                else:
+                    order = torch.where(t_index < lens[None, :], lens[None, :] - 1 - t_index, t_index)  # (T, N)
+                    seq = x.gather(0, order[..., None].expand(-1, -1, x.shape[2]))
+            projected = seq @ wd.T + (wb if wb is not None else 0)  # every step's input term at once
+            outs = []
+            for t in range(steps):
+                xt = projected[t]
+                hr = h @ rd.T
+                if kind == "RNN":
+                    new_h = f(clipped(xt + hr + (rb if rb is not None else 0)))
+                    new_c = None
+                elif kind == "GRU":
+                    xz, xr, xh = xt.split(hidden, dim=1)
+                    rbz, rbr, rbh = rb.split(hidden) if rb is not None else (0, 0, 0)
+                    rz, rr, rh = rd.split(hidden, dim=0)
+                    z = f(clipped(xz + h @ rz.T + rbz))
+                    rt = f(clipped(xr + h @ rr.T + rbr))
+                    if a.get("linear_before_reset", 0):
+                        candidate = g(clipped(xh + rt * (h @ rh.T + rbh)))
+                    else:
+                        candidate = g(clipped(xh + (rt * h) @ rh.T + rbh))
+                    new_h, new_c = (1 - z) * candidate + z * h, None
+                else:
+                    pre = xt + hr + (rb if rb is not None else 0)
+                    pi, po, pf, pc = pre.split(hidden, dim=1)
+                    if peep is not None:
+                        p_i, p_o, p_f = peep[d].split(hidden)
+                        pi, pf = pi + p_i * c, pf + p_f * c
+                    i_gate = f(clipped(pi))
+                    f_gate = 1 - i_gate if a.get("input_forget", 0) else f(clipped(pf))
+                    new_c = f_gate * c + i_gate * g(clipped(pc))
+                    if peep is not None:
+                        po = po + p_o * new_c
+                    new_h = f(clipped(po)) * h_act(new_c)
+                if lens is not None:  # past a sequence's end its state stays, its output is zero
+                    m = live[t]
+                    new_h = m * new_h + (1 - m) * h
+                    new_c = None if new_c is None else m * new_c + (1 - m) * c
+                    outs.append(m * new_h)
+                else:
+                    outs.append(new_h)
+                h, c = new_h, new_c
+            y = torch.stack(outs)  # (T, N, H), in the order processed
+            if reverse:
+                y = y.flip(0) if lens is None else y.gather(0, order[..., None].expand(-1, -1, hidden))
+            ys.append(y)
+            last_h.append(h)
+            last_c.append(c)
+        y, y_h = torch.stack(ys, dim=1), torch.stack(last_h)  # (T, D, N, H), (D, N, H)
+        y_c = torch.stack(last_c) if kind == "LSTM" else None
+        if batch_first:
+            y, y_h = y.permute(2, 0, 1, 3), y_h.transpose(0, 1)
+            y_c = None if y_c is None else y_c.transpose(0, 1)
+        return (y, y_h, y_c) if kind == "LSTM" else (y, y_h)
+
+    return run
+
+
 OPS: dict[str, Callable] = {
     "Conv": conv, "ConvTranspose": conv_transpose, "DepthToSpace": depth_to_space, "SpaceToDepth": space_to_depth,
     "MaxPool": pool("MaxPool"), "AveragePool": pool("AveragePool"),
@@ -823,4 +968,5 @@ OPS: dict[str, Callable] = {
     "DynamicQuantizeLinear": dynamic_quantize_linear, "MatMulInteger": matmul_integer, "ConvInteger": conv_integer,
     "Cast": cast, "Pad": pad, "Identity": identity, "Dropout": dropout,
     "Resize": resize, "Tile": lambda v, a, o: v[0].repeat(*ints(v[1])),
+    "RNN": recurrent("RNN"), "GRU": recurrent("GRU"), "LSTM": recurrent("LSTM"),
 }

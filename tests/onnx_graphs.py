@@ -36,3 +36,22 @@ def onnx_bytes(net: nn.Module, shape, free_batch: bool = True, batch: int = 2, d
         torch.onnx.export(net.eval(), (example,), buf, input_names=["image"],
                           dynamic_axes={"image": free} if free else None, opset_version=17, dynamo=False)
     return buf.getvalue()
+
+
+class Recurrent(nn.Module):
+    """A sequence classifier over (N, 4, 12) signals, channels first: a bidirectional two-layer LSTM (batch
+    first), a GRU (sequence first) and a ReLU RNN, the last step's state classified; torch exports each as ONNX's
+    LSTM, GRU and RNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(12, 5)
+        self.rnn = nn.RNN(5, 7, nonlinearity="relu", bidirectional=True)
+        self.fc = nn.Linear(14, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(x.transpose(1, 2))  # (N, T, 12)
+        y, _ = self.gru(y.transpose(0, 1))  # (T, N, 5)
+        y, h = self.rnn(y)  # h (2, N, 7)
+        return self.fc(torch.cat([h[0], h[1]], dim=1))

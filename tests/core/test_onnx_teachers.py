@@ -22,7 +22,7 @@ from sdb_core.protect.key import new_master_key
 from sdb_core.tasks import ModelRef, wrap
 from sdb_core.tasks.wrap import WrapTask
 from sdb_core.train import TrainConfig, accuracy, seed_everything, train_classifier
-from tests.onnx_graphs import ViewNet, onnx_bytes
+from tests.onnx_graphs import Recurrent, ViewNet, onnx_bytes
 
 
 class NormMLP(nn.Module):  # LayerNorm, GELU (Erf), BatchNorm1d
@@ -138,7 +138,7 @@ NETWORKS = {
     "view": (ViewNet, (1, 8, 8)), "norm_mlp": (NormMLP, (1, 8, 8)), "group_softmax": (GroupSoftmax, (1, 8, 8)),
     "signals": (Signals, (1, 32)), "attention": (Attention, (1, 8, 8)), "resizes": (Resizes, (1, 8, 8)),
     "gadgets": (Gadgets, (1, 8, 8)), "in_place": (InPlace, (1, 8, 8)), "upsamples": (Upsamples, (1, 8, 8)),
-    "transformed": (Transformed, (1, 8, 8)),
+    "transformed": (Transformed, (1, 8, 8)), "recurrent": (Recurrent, (4, 12)),
     "resnet8": (lambda: create_model("resnet8", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
     "vit_tiny": (lambda: create_model("vit_tiny", num_classes=10, in_shape=(1, 8, 8)), (1, 8, 8)),
 }
