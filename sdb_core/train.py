@@ -96,13 +96,14 @@ REPORT_SECONDS = 1.0  # how often fit reads its losses back (progress, the finit
 class TensorBatches:
     """Shuffled batches of a ``TensorDataset``, in exactly the order ``DataLoader(data, batch_size, shuffle=True,
     generator=generator)`` gives them (the same draws from ``generator``), as tensors cut by index on ``device``
-    rather than stacked sample by sample on the host."""
+    (the host for a set past ``DEVICE_DATA_MAX``: :func:`fit` moves its batches) rather than stacked sample by
+    sample on the host."""
 
     def __init__(self, data: TensorDataset, batch_size: int, generator: torch.Generator, device: torch.device):
         size = sum(t.numel() * t.element_size() for t in data.tensors)
         self.device = device if device.type == "cpu" or size <= DEVICE_DATA_MAX else torch.device("cpu")
         self.tensors = [t.to(self.device) for t in data.tensors]
-        self.batch_size, self.generator, self.target = batch_size, generator, device
+        self.batch_size, self.generator = batch_size, generator
         self.n = len(self.tensors[0]) if self.tensors else 0
 
     def __len__(self) -> int:
@@ -117,7 +118,7 @@ class TensorBatches:
         order = order.to(self.device)
         for i in range(0, self.n, self.batch_size):
             idx = order[i:i + self.batch_size]
-            yield [t[idx].to(self.target, non_blocking=True) for t in self.tensors]
+            yield [t[idx] for t in self.tensors]
 
 
 class _Losses:

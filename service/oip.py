@@ -272,7 +272,7 @@ def classification_counts(model: HostedModel, wanted: Sequence[str], asked: Mapp
             raise invalid(f"output {name!r}: classification (class_count) must be a non-negative integer, got {k!r}",
                           "invalid_request")
         if k and name == CLASSES_OUTPUT:
-            scored = [n for n in (PUBLIC_OUTPUT, KEYED_OUTPUT) if n in (*output_names(model), KEYED_OUTPUT)]
+            scored = [n for n in output_names(model) if n == PUBLIC_OUTPUT] + [KEYED_OUTPUT]
             raise invalid(f"output {CLASSES_OUTPUT!r} holds class indices, not scores; classification ranks "
                           f"{' or '.join(map(repr, scored))} (output policy {model.policy.policy})", "invalid_request")
         if k:

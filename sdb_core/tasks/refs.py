@@ -165,9 +165,12 @@ class ModelRef:
             net = load_weights(create_model(self.arch, num_classes=n, in_shape=tuple(in_shape)), self.weights).eval()
         own = None if self.mean is None else (self.mean, self.std)
         if own is None and self.is_onnx and data_norm is not None:
+            import torch
+
+            from ..onnx_ops import LEVELS
             from ..onnx_torch import pixel_levels
 
-            if pixel_levels(net) == (0, 255):  # uint8 pixels: 0 black, 255 white (mean 0, std 1/255)
+            if pixel_levels(net) == LEVELS[torch.uint8]:  # uint8 pixels: 0 black, 255 white (mean 0, std 1/255)
                 own = ([0.0], [1.0 / 255.0])
         if own is None:
             return net
