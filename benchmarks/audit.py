@@ -61,7 +61,7 @@ def combine(reports: list[dict], threshold: float) -> dict:
     attacks = score(accs, families, reports[0].get("policy", "probs"))
     reference, worst, max_adv = verdict_of(attacks)
     return {"verdict": "protected" if max_adv <= threshold else "leaks", "worst_attack": worst,
-            "max_advantage": max_adv, "reference": reference,
+            "max_advantage": max_adv, "worst_per_seed": attacks[worst]["advantages"], "reference": reference,
             "advantages": {n: a["advantage"] for n, a in attacks.items() if not a["label_only"]},
             "accuracies": {n: a["acc"] for n, a in attacks.items()},
             "public_acc": statistics.fmean(r["public_acc"] for r in reports)}

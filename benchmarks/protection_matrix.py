@@ -13,6 +13,10 @@ its best attempt, and the cell says so), then train each student architecture fi
 runs the leak audit at N = 300 (``benchmarks/audit.py``'s protocol) on the BatchNorm, LayerNorm and
 GroupNorm cells of the colour set. ``--workers`` runs (cell, seed) units in parallel processes.
 
+``--audit-only teacher`` runs the audit's other half alone, on those cells: each seed's teacher, trained as above,
+audited (no wrap, no students; minutes a seed on the CPU, where a wrap of these takes a quarter of an hour);
+``--audit-only both`` wraps too and audits the box, still without the students.
+
 With ``--json OUT`` each unit's result is also appended to ``OUT.units.jsonl`` as it finishes, so that a run
 stopped early (a time limit on a lent GPU) keeps what it measured; ``--from-units OUT.units.jsonl --json OUT``
 builds the matrix from those (a cell from the seeds it has; the JSON says which units ran).
@@ -35,8 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sdb_core.data import load_dataset
 from sdb_core.protect.audit import AuditConfig, audit
-from sdb_core.protect.measure import MeasureConfig, measure_students, summarize, targets, train_and_wrap
-from sdb_core.train import pick_device
+from sdb_core.protect.check import CheckConfig, teacher_data
+from sdb_core.protect.measure import (
+    MeasureConfig,
+    measure_students,
+    summarize,
+    targets,
+    train_and_wrap,
+    train_teacher,
+)
+from sdb_core.train import accuracy, pick_device
 
 TEACHERS = ("cnn", "lenet", "mlp", "resnet8", "resnet20", "wrn16_2", "vit_tiny", "resnet8_gn")
 DATASETS = ("mnist-5k", "digits", "mnist-textures")
@@ -49,22 +61,29 @@ MATRIX_TARGETS = 6
 
 
 def run_unit(arch: str, dataset: str, seed: int, students: list[str], threads: int, do_audit: bool,
-             via_onnx: bool = False) -> dict:
+             via_onnx: bool = False, audit_only: str | None = None) -> dict:
     """One (teacher, data set, seed): teacher, checked wrap (of its ONNX export, ``via_onnx``), students of every
-    architecture, audit."""
+    architecture, audit. ``audit_only``: the audit alone, of the teacher (``"teacher"``) or of both."""
     torch.set_num_threads(threads)
     log = lambda s: print(f"[{arch} {dataset} {seed}] {s}", flush=True)
     data = load_dataset(dataset)
     t0 = time.perf_counter()
+    cfg = replace(AuditConfig(), seeds=(seed,))
+    if audit_only == "teacher":
+        # Trained as train_and_wrap trains it: apart from the check's held-out part.
+        teacher, th = train_teacher(teacher_data(data, replace(CheckConfig(), seed=seed, teacher_apart=True)), seed,
+                                    arch=arch, log=log)
+        return {"seed": seed, "teacher_acc": accuracy(teacher, data.test), "teacher_step": th.step_seconds,
+                "audit": {"teacher": audit(teacher, data, cfg, log=log).to_dict()},
+                "seconds": time.perf_counter() - t0}
     teacher, th, result = train_and_wrap(data, seed, teacher_arch=arch, keep_refused=True, log=log, via_onnx=via_onnx)
     r = result.report
     out = {"seed": seed, "teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"], "keyed_acc": r["keyed_acc"],
            "agreement": r["agreement"], "teacher_step": th.step_seconds, "wrap_step": r["step_seconds"],
            "wrap_total": r["seconds"], "check": _check_summary(r.get("check")), "students_by_arch": {}}
-    for s in students:
+    for s in [] if audit_only else students:
         out["students_by_arch"][s] = measure_students(teacher, result.box, data, MeasureConfig(student=s), seed, log)
     if do_audit:
-        cfg = replace(AuditConfig(), seeds=(seed,))
         out["audit"] = {"teacher": audit(teacher, data, cfg, log=log).to_dict(),
                         "protected": audit(result.box, data, cfg, log=log).to_dict()}
     out["seconds"] = time.perf_counter() - t0
@@ -79,6 +98,8 @@ def _check_summary(check: dict | None) -> dict | None:
 
 
 def cell_summary(arch: str, dataset: str, runs: list[dict], students: list[str]) -> dict:
+    if not runs[0].get("students_by_arch"):  # --audit-only
+        return audit_cell(arch, dataset, runs)
     by_arch, met = {}, {}
     for s in students:
         summary = summarize(dataset, [{**r, "students": r["students_by_arch"][s]} for r in runs])
@@ -89,16 +110,59 @@ def cell_summary(arch: str, dataset: str, runs: list[dict], students: list[str])
             "check": [{"seed": r["seed"], **(r["check"] or {})} for r in runs],
             "targets": met, "met": all(t["met"] for m in met.values() for t in m.values())}
     if all("audit" in r for r in runs):
-        from audit import combine  # benchmarks/audit.py: one verdict over the seeds' means
-
-        threshold = AuditConfig().threshold
-        cell["audit"] = {who: combine([r["audit"][who] for r in runs], threshold) for who in ("teacher", "protected")}
-        cell["audit"]["met"] = (cell["audit"]["protected"]["verdict"] == "protected"
-                                and cell["audit"]["teacher"]["verdict"] == "leaks")
+        cell["audit"] = audit_summary(runs)
     return cell
 
 
+def audit_summary(runs: list[dict]) -> dict:
+    """The audits of a cell's seeds: one verdict per audited model over the seeds' means (``benchmarks/audit.py``),
+    and whether the targets hold (the box ``protected``, the plain teacher ``leaks``) for those audited."""
+    from audit import combine  # benchmarks/audit.py
+
+    threshold = AuditConfig().threshold
+    out = {who: combine([r["audit"][who] for r in runs], threshold) for who in ("teacher", "protected")
+           if who in runs[0]["audit"]}
+    wanted = {"teacher": "leaks", "protected": "protected"}
+    out["met"] = all(out[who]["verdict"] == wanted[who] for who in wanted if who in out)
+    return out
+
+
+def audit_cell(arch: str, dataset: str, runs: list[dict]) -> dict:
+    """A cell of ``--audit-only``: the teacher's accuracy, the box's when wrapped, the audits."""
+    cell = {"teacher_arch": arch, "dataset": dataset, "seeds": [r["seed"] for r in runs],
+            "teacher_acc": statistics.fmean(r["teacher_acc"] for r in runs), "audit": audit_summary(runs),
+            "seconds": statistics.fmean(r["seconds"] for r in runs)}
+    if "public_acc" in runs[0]:
+        cell.update(public_acc=statistics.fmean(r["public_acc"] for r in runs),
+                    keyed_acc=statistics.fmean(r["keyed_acc"] for r in runs),
+                    wrap_seconds=statistics.fmean(r["wrap_total"] for r in runs))
+    cell["met"] = cell["audit"]["met"]
+    return cell
+
+
+def format_audits(cells: list[dict]) -> str:
+    """The table of an ``--audit-only`` run: per cell, each audited model's verdict and largest mean advantage."""
+    head = (f"{'teacher':10} {'data':15} {'teach':>6} {'seeds':7} {'audited':9} {'verdict':9} {'max adv':>7}  "
+            f"{'worst attack':14} {'per seed':24}  target")
+    lines = [head, "-" * len(head)]
+    wanted = {"teacher": "leaks", "protected": "protected"}
+    for c in cells:
+        for who, a in c["audit"].items():
+            if who == "met":
+                continue
+            seeds = ",".join(map(str, c["seeds"]))
+            per_seed = " ".join(f"{v:+.1f}" for v in a["worst_per_seed"])
+            lines.append(f"{c['teacher_arch']:10} {c['dataset']:15} {c['teacher_acc']:6.1f} {seeds:7} {who:9} "
+                         f"{a['verdict']:9} {a['max_advantage']:+7.2f}  {a['worst_attack']:14} {per_seed:24}  "
+                         + ("ok" if a["verdict"] == wanted[who] else f"MISS (wanted {wanted[who]})"))
+    lines.append(f"\n{sum(c['met'] for c in cells)} of {len(cells)} cells meet the audit's targets "
+                 f"(threshold {AuditConfig().threshold} points of advantage over the best labels-only student)")
+    return "\n".join(lines)
+
+
 def format_matrix(cells: list[dict]) -> str:
+    if cells and "students_by_arch" not in cells[0]:
+        return format_audits(cells)
     head = (f"{'teacher':10} {'data':15} {'teach':>6} {'public':>6} {'keyed':>6} {'student':7} {'labels':>6} "
             f"{'kd_pub':>6} {'kd_wk':>6} {'kd_tea':>6} {'kd_key':>6} {'check':>9} {'wrap s':>7}  targets")
     lines = [head, "-" * len(head)]
@@ -159,6 +223,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="cnn and resnet8 on digits, seed 0 (< 10 min on 2 CPU cores)")
     p.add_argument("--audit", action="store_true", help=f"leak audit on the {'/'.join(AUDITED.values())} cells "
                    f"of {COLOUR}")
+    p.add_argument("--audit-only", choices=("teacher", "both"), help="the audit alone, on the cells --audit audits: "
+                   "of each seed's plain teacher (no wrap), or of it and its box (no students)")
     p.add_argument("--workers", type=int, default=1, help="(cell, seed) units run in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--via-onnx", action="store_true", help="wrap each teacher as an owner with an .onnx of it would: "
@@ -176,10 +242,12 @@ def main() -> int:
         args.teachers = list(dict.fromkeys(u[0] for u in units))
         args.data = list(dict.fromkeys(u[1] for u in units))
         args.seeds = sorted({u[2] for u in units})
-        args.students = list(done[0]["result"]["students_by_arch"]) if done else args.students
+        args.students = list(done[0]["result"].get("students_by_arch") or args.students) if done else args.students
     else:
-        units = [(a, d, s, args.students, args.threads, args.audit and d == COLOUR and a in AUDITED, args.via_onnx)
-                 for a in args.teachers for d in args.data for s in args.seeds]
+        if args.audit_only:  # only the audited cells
+            args.audit, args.teachers, args.data = True, [a for a in args.teachers if a in AUDITED], [COLOUR]
+        units = [(a, d, s, args.students, args.threads, args.audit and d == COLOUR and a in AUDITED, args.via_onnx,
+                  args.audit_only) for a in args.teachers for d in args.data for s in args.seeds]
         results = run_units(units, args.workers, Path(f"{args.json}.units.jsonl") if args.json else None)
     cells = []
     for a in args.teachers:
