@@ -39,14 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sdb_core.data import load_dataset
 from sdb_core.protect.audit import AuditConfig, audit
-from sdb_core.protect.check import CheckConfig, teacher_data
+from sdb_core.protect.config import CheckConfig
 from sdb_core.protect.measure import (
     MeasureConfig,
     measure_students,
+    owner_teacher,
     summarize,
     targets,
     train_and_wrap,
-    train_teacher,
 )
 from sdb_core.train import accuracy, pick_device
 
@@ -58,6 +58,7 @@ AUDITED = {"resnet8": "BatchNorm", "vit_tiny": "LayerNorm", "resnet8_gn": "Group
 QUICK = {"teachers": ["cnn", "resnet8"], "data": ["digits"], "seeds": [0]}
 # The matrix's targets are protection.py's, less the step-time ratio (a property of one machine).
 MATRIX_TARGETS = 6
+AUDIT_WANTED = {"teacher": "leaks", "protected": "protected"}  # the audit's target verdicts (plain teacher, box)
 
 
 def run_unit(arch: str, dataset: str, seed: int, students: list[str], threads: int, do_audit: bool,
@@ -69,10 +70,9 @@ def run_unit(arch: str, dataset: str, seed: int, students: list[str], threads: i
     data = load_dataset(dataset)
     t0 = time.perf_counter()
     cfg = replace(AuditConfig(), seeds=(seed,))
-    if audit_only == "teacher":
-        # Trained as train_and_wrap trains it: apart from the check's held-out part.
-        teacher, th = train_teacher(teacher_data(data, replace(CheckConfig(), seed=seed, teacher_apart=True)), seed,
-                                    arch=arch, log=log)
+    if audit_only == "teacher":  # the teacher train_and_wrap would wrap
+        teacher, th = owner_teacher(data, seed, replace(CheckConfig(), seed=seed, teacher_apart=True), arch=arch,
+                                    log=log)
         return {"seed": seed, "teacher_acc": accuracy(teacher, data.test), "teacher_step": th.step_seconds,
                 "audit": {"teacher": audit(teacher, data, cfg, log=log).to_dict()},
                 "seconds": time.perf_counter() - t0}
@@ -122,8 +122,7 @@ def audit_summary(runs: list[dict]) -> dict:
     threshold = AuditConfig().threshold
     out = {who: combine([r["audit"][who] for r in runs], threshold) for who in ("teacher", "protected")
            if who in runs[0]["audit"]}
-    wanted = {"teacher": "leaks", "protected": "protected"}
-    out["met"] = all(out[who]["verdict"] == wanted[who] for who in wanted if who in out)
+    out["met"] = all(out[who]["verdict"] == want for who, want in AUDIT_WANTED.items() if who in out)
     return out
 
 
@@ -145,7 +144,6 @@ def format_audits(cells: list[dict]) -> str:
     head = (f"{'teacher':10} {'data':15} {'teach':>6} {'seeds':7} {'audited':9} {'verdict':9} {'max adv':>7}  "
             f"{'worst attack':14} {'per seed':24}  target")
     lines = [head, "-" * len(head)]
-    wanted = {"teacher": "leaks", "protected": "protected"}
     for c in cells:
         for who, a in c["audit"].items():
             if who == "met":
@@ -154,7 +152,7 @@ def format_audits(cells: list[dict]) -> str:
             per_seed = " ".join(f"{v:+.1f}" for v in a["worst_per_seed"])
             lines.append(f"{c['teacher_arch']:10} {c['dataset']:15} {c['teacher_acc']:6.1f} {seeds:7} {who:9} "
                          f"{a['verdict']:9} {a['max_advantage']:+7.2f}  {a['worst_attack']:14} {per_seed:24}  "
-                         + ("ok" if a["verdict"] == wanted[who] else f"MISS (wanted {wanted[who]})"))
+                         + ("ok" if a["verdict"] == AUDIT_WANTED[who] else f"MISS (wanted {AUDIT_WANTED[who]})"))
     lines.append(f"\n{sum(c['met'] for c in cells)} of {len(cells)} cells meet the audit's targets "
                  f"(threshold {AuditConfig().threshold} points of advantage over the best labels-only student)")
     return "\n".join(lines)

@@ -117,7 +117,8 @@ def multilabel_predictions(z: np.ndarray, k: int, labels: list[str], policy: Out
     return out
 
 
-def require_predict(key: ApiKey | None, model: str, public: bool) -> None:
+def require_predict(key: ApiKey | None, model: str | None, public: bool) -> None:
+    """``model`` None: the predict scope alone (a listing filters by the key's allowlist itself)."""
     if public:
         return
     if key is None:

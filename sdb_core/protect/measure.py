@@ -97,6 +97,12 @@ def train_teacher(data, seed: int, *, arch: str = "cnn", cfg: TrainConfig | None
     return teacher.eval(), history
 
 
+def owner_teacher(data, seed: int, check: CheckConfig | None, **kwargs):
+    """:func:`train_teacher` as a checked wrap's owner trains it: without the held-out part the ``check`` measures
+    on (a checked wrap measures on held-out training data, which its teacher must not have seen)."""
+    return train_teacher(teacher_data(data, check) if check else data, seed, **kwargs)
+
+
 def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: TrainConfig | None = None,
                    sdb_cfg: SDBConfig | None = None, check: CheckConfig | None = CheckConfig(),  # noqa: B008
                    keep_refused: bool = False, log: Callable[[str], None] = lambda s: None, progress=None,
@@ -111,9 +117,7 @@ def train_and_wrap(data, seed: int, *, teacher_arch: str = "cnn", teacher_cfg: T
     ``keep_refused`` (benchmarks): a refused wrap returns its best attempt instead of raising.
     """
     check = check and replace(check, seed=seed, teacher_apart=True)
-    # A checked wrap measures on held-out training data, which its teacher must not have seen.
-    teacher_on = teacher_data(data, check) if check else data
-    teacher, th = train_teacher(teacher_on, seed, arch=teacher_arch, cfg=teacher_cfg, log=log, progress=progress)
+    teacher, th = owner_teacher(data, seed, check, arch=teacher_arch, cfg=teacher_cfg, log=log, progress=progress)
     sdb_cfg = sdb_cfg or SDBConfig()
     sdb_cfg = replace(sdb_cfg, train=replace(sdb_cfg.train, seed=seed))
     t0 = time.perf_counter()
