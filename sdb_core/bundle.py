@@ -752,8 +752,24 @@ def ort_out_of_memory(e: BaseException) -> bool:
 UNFOLDED = ["ConstantFolding"]
 
 
-def onnx_providers() -> list[str]:
-    """CUDA when onnxruntime-gpu sees a device, else CPU."""
+# The providers this process chose for every session opened without explicit ones (use_providers): a job worker's,
+# from its settings (SDB_ORT_PROVIDERS, SDB_GPU_MEM_LIMIT_MB), so that a job's teacher or audited bundle runs
+# where the operator said, within the GPU memory the operator allowed. None: onnx_providers()'s own choice.
+_process_providers: list | None = None
+
+
+def use_providers(providers: list | None) -> None:
+    """Make ``providers`` (names, or (name, options) pairs) this process's default for :func:`load_bundle`; None
+    goes back to :func:`onnx_providers`'s own choice."""
+    global _process_providers
+    _process_providers = None if providers is None else list(providers)
+
+
+def onnx_providers() -> list:
+    """The providers this process chose (:func:`use_providers`), else CUDA when onnxruntime-gpu sees a device,
+    then CPU."""
+    if _process_providers is not None:
+        return list(_process_providers)
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -818,7 +834,7 @@ class Bundle:
 
 
 def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
-                session_options: Any = None, providers: list[str] | None = None) -> Bundle:
+                session_options: Any = None, providers: list | None = None) -> Bundle:
     """Verify and load a bundle; the key is opened only when ``master_key`` is given."""
     import onnxruntime as ort
 

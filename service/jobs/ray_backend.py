@@ -101,15 +101,12 @@ NOT_SHARED = ("it ran on a Ray node that does not share the server's data dir (t
 def run_task(settings_dict: dict, job_id: str, mark: str | None = None) -> str:
     """The Ray task: claim ``job_id`` and run it; ``skipped`` when it is no longer queued. On a node whose data dir
     is not the server's (``mark``, :func:`shared_mark`) the job fails, saying so, and nothing is written there."""
-    from .runner import execute
+    from .runner import execute, prepare_process
     from .worker import end_process, first_to_go, worker_id
 
     first_to_go()  # a Ray worker process runs jobs as ours do: out of memory, it goes first
     settings = node_settings(settings_dict)
-    if settings.job_torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.job_torch_threads)
+    prepare_process(settings)
     store = Store(settings.db_url)
     try:
         queue = JobQueue(store)

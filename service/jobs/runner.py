@@ -145,6 +145,22 @@ def attempt_artifacts(workdir: Path, attempt: int) -> Path:
     return own
 
 
+def prepare_process(settings: Settings) -> None:
+    """What a process that runs jobs takes from its settings once, before its first job: torch's threads
+    (``SDB_JOB_TORCH_THREADS``) and the ONNX Runtime providers of every session a job opens (a distillation's
+    teacher bundle, an audited one), as the server's own sessions take them (``SDB_ORT_PROVIDERS``,
+    ``SDB_GPU_MEM_LIMIT_MB``: :func:`service.registry.ort_providers`)."""
+    from sdb_core.bundle import use_providers
+
+    from ..registry import ort_providers
+
+    if settings.job_torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.job_torch_threads)
+    use_providers(ort_providers(settings))
+
+
 def job_dir(settings: Settings, job_id: str):
     return settings.jobs_dir / job_id
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from ..settings import Settings
 from ..store import Store
 from .queue import JobQueue
-from .runner import execute
+from .runner import execute, prepare_process
 
 log = logging.getLogger("sdb.jobs")
 
@@ -55,10 +55,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
                hard_stop: Callable[[], None] | None = None) -> int:
     """Claim and run embedded jobs until ``stop`` is set (or, with ``once``, until the queue is empty);
     ``hard_stop`` (a dedicated process's :func:`end_process`) for a job that does not stop at a cap."""
-    if settings.job_torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.job_torch_threads)
+    prepare_process(settings)
     stop = stop or threading.Event()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _ = settings.master_key  # created on first use, as the server does

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from sdb_core.bundle import export_bundle
+from sdb_core.bundle import export_bundle, load_bundle, onnx_providers, use_providers
+from service.jobs.worker import run_worker
 from service.registry import (
     BATCH_DEFAULTS,
     CPU,
@@ -166,3 +167,22 @@ def test_run_bound_gives_what_run_gives(tmp_path, plain_bundle):
                                    rtol=1e-6)
     finally:
         host.close()
+
+
+@pytest.fixture
+def process_providers():
+    yield
+    use_providers(None)  # this process's own choice again, for the tests after
+
+
+def test_a_job_worker_opens_bundles_on_the_providers_its_settings_name(tmp_path, plain_bundle, process_providers):
+    # A job's sessions (a distillation's teacher bundle, an audited one) take SDB_ORT_PROVIDERS as the server's
+    # do. CUDA cannot run here; the CPU wheel's other provider (Azure) shows the setting reaching the session.
+    other = "AzureExecutionProvider"
+    assert other in ort.get_available_providers(), "this onnxruntime wheel lacks the provider the test names"
+    assert load_bundle(plain_bundle).session.get_providers() == [CPU]  # the default: no CUDA here, the CPU
+    s = settings(tmp_path, ort_providers=other)
+    run_worker(s, once=True)  # an empty queue: it prepares its process and stops
+    assert onnx_providers() == ort_providers(s) == [other, CPU]
+    assert load_bundle(plain_bundle).session.get_providers() == [other, CPU]
+    assert load_bundle(plain_bundle, providers=[CPU]).session.get_providers() == [CPU]  # asked for: as asked
