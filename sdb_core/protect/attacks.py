@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -94,6 +94,7 @@ class Round:
     transfer: TensorDataset
     count: Callable[[float], float]  # the audit's tally of trained students (progress, finite check)
     should_cancel: Callable[[], bool] | None = None
+    retries: list[dict] = field(default_factory=list)  # students that diverged and were trained again (trained)
 
     def kd(self, temperature: float, alpha: float) -> DistillConfig:
         return DistillConfig(temperature=temperature, alpha=alpha, train=self.cfg.train)
@@ -106,9 +107,32 @@ class Round:
                 evaluate_on=None) -> float:
         """Test accuracy (%) of a ``cfg.student`` distilled from ``teacher`` (``None``: labels only)."""
         transfer = self.transfer if transfer is None else transfer
-        dcfg = replace(dcfg, train=self.train_config(dcfg.train, len(transfer)))
-        return self.count(student_accuracy(self.cfg.student, self.data, transfer, teacher, dcfg, self.seed,
-                                           evaluate_on=evaluate_on, should_cancel=self.should_cancel))
+        return self.trained(self.train_config(dcfg.train, len(transfer)), lambda train: student_accuracy(
+            self.cfg.student, self.data, transfer, teacher, replace(dcfg, train=train), self.seed,
+            evaluate_on=evaluate_on, should_cancel=self.should_cancel))
+
+    def trained(self, train: TrainConfig, run: Callable[[TrainConfig], float]) -> float:
+        """``run(train)``'s test accuracy, counted. A student that diverges (its loss or accuracy not finite) is
+        trained once more as an attacker would, at a quarter of the step with its gradient clipped, and the retry
+        is noted in :attr:`retries`; a second divergence ends the audit, saying both."""
+        try:
+            return self.count(run(train))
+        except FloatingPointError as e:
+            gentler = replace(train, lr=train.lr * RETRY_LR_FACTOR,
+                              grad_clip=min(train.grad_clip or RETRY_GRAD_CLIP, RETRY_GRAD_CLIP))
+            self.retries.append({"seed": self.seed, "diverged": str(e), "retried_lr": gentler.lr,
+                                 "retried_grad_clip": gentler.grad_clip})
+            try:
+                return self.count(run(gentler))
+            except FloatingPointError as again:
+                raise FloatingPointError(f"a student diverged ({e}) and again at lr {gentler.lr:g} with its gradient "
+                                         f"clipped at {gentler.grad_clip:g} ({again})") from None
+
+
+# A diverged student's second run (Round.trained): an attacker whose run blew up lowers the step and clips, as the
+# wrap's check does; a quarter of the step, so that one retry is enough where half was not always.
+RETRY_LR_FACTOR = 0.25
+RETRY_GRAD_CLIP = 5.0
 
 
 @dataclass(frozen=True)
@@ -258,9 +282,9 @@ def skeptical(cfg: AuditConfig, api: PublicAPI) -> Iterator[Attack]:
     delay; the final head learns from the labels and by self-distillation from that auxiliary head.
     """
     def run(r: Round) -> tuple[float, None]:
-        train = r.train_config(cfg.train, len(r.transfer))
-        acc = _skeptical_accuracy(cfg, r.data, r.transfer, public_teacher(api), train, r.seed, r.should_cancel)
-        return r.count(acc), None
+        teacher = public_teacher(api)
+        return r.trained(r.train_config(cfg.train, len(r.transfer)), lambda train: _skeptical_accuracy(
+            cfg, r.data, r.transfer, teacher, train, r.seed, r.should_cancel)), None
 
     yield Attack("skeptical", "skeptical", 1, run)
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import TensorDataset
 
 from ..data import transfer_split
@@ -189,13 +190,22 @@ def audit(
 
     for seed in cfg.seeds:
         x = transfer_split(data, cfg.transfer_n, seed).tensors[0]
-        y_pub = api(x).argmax(1)  # the attacker's only labels: the public top-1
+        shown = api(x)
+        if not torch.isfinite(shown).all():  # no student could learn from it: the target's fault, not a divergence
+            raise ValueError(f"{api.name} answers NaN or Inf on the attacker's inputs ({data.name}): its outputs "
+                             "cannot be audited")
+        y_pub = shown.argmax(1)  # the attacker's only labels: the public top-1
         r = Round(cfg, data, seed, TensorDataset(x, y_pub), count, should_cancel)
         for attack in plan:
+            before = len(r.retries)
             acc, note = attack.run(r)
             accs[attack.name].append(acc)
             if note is not None:
                 detail[attack.name].append(note)
+            for retry in r.retries[before:]:  # a student of this attack diverged and was trained again
+                detail[attack.name].append(retry)
+                log(f"seed {seed}: a {attack.name} student diverged ({retry['diverged']}); trained again at lr "
+                    f"{retry['retried_lr']:g}, gradient clipped at {retry['retried_grad_clip']:g}")
         log(f"seed {seed}: " + "  ".join(f"{n} {v[-1]:.1f}" for n, v in accs.items()))
 
     attacks = score(accs, {a.name: a.family for a in plan}, cfg.policy)

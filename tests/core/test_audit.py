@@ -8,7 +8,7 @@ import torch
 from sdb_cli.main import main
 from sdb_core.bundle import export_bundle
 from sdb_core.protect import SafeDistillationBox, generate_key
-from sdb_core.protect.attacks import PublicAPI, apply_policy, public_api
+from sdb_core.protect.attacks import RETRY_GRAD_CLIP, PublicAPI, apply_policy, public_api
 from sdb_core.protect.audit import AuditConfig, audit, score, verdict_of
 from sdb_core.protect.key import new_master_key
 from sdb_core.train import TrainConfig
@@ -138,3 +138,31 @@ def test_under_the_label_policy_every_student_on_the_transfer_images_is_label_on
     attacks = score(accs, families, "label")
     assert attacks["kd_T10_a0.9"]["label_only"] and not attacks["key_mean"]["label_only"]
     assert verdict_of(attacks) == ("kd_T10_a0.9", "key_mean", pytest.approx(-5.25))
+
+
+def test_a_diverged_student_is_trained_again_gentler_and_noted(digits, digits_teacher):
+    # An attacker whose student blows up lowers the step and clips: the audit does the same once, instead of
+    # failing the whole audit (a job's hours), and says so in the report. At lr 1000 every student's loss is NaN.
+    lines = []
+    cfg = AuditConfig(**{**TINY, "train": TrainConfig(lr=1000.0, batch_size=32)}, families=("kd",),
+                      temperatures=(4.0,), alphas=(0.9,), seeds=(0,))
+    report = audit(digits_teacher, digits, cfg, log=lines.append)
+    assert report.verdict in ("protected", "leaks")
+    for name in ("labels_ls0", "kd_T4_a0.9"):
+        (retry,) = report.attacks[name]["detail"]
+        assert retry["seed"] == 0 and "nan" in retry["diverged"].lower()
+        assert retry["retried_lr"] == 250.0 and retry["retried_grad_clip"] == RETRY_GRAD_CLIP
+        assert math.isfinite(report.attacks[name]["acc"])
+    assert any("kd_T4_a0.9 student diverged" in line for line in lines)
+
+
+def test_a_student_that_diverges_twice_ends_the_audit_saying_both(digits, digits_teacher):
+    cfg = AuditConfig(**{**TINY, "train": TrainConfig(lr=1e6, batch_size=32)}, families=("kd",), seeds=(0,))
+    with pytest.raises(FloatingPointError, match=r"diverged \(loss became .*\) and again at lr 250000 "):
+        audit(digits_teacher, digits, cfg)
+
+
+def test_a_target_answering_nan_is_refused_as_such(digits):
+    api = PublicAPI(lambda x: torch.full((len(x), 10), float("nan")), name="broken")
+    with pytest.raises(ValueError, match="broken answers NaN or Inf"):
+        audit(api, digits, AuditConfig(**TINY, families=("kd",), seeds=(0,)))
