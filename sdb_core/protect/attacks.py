@@ -130,7 +130,7 @@ class Round:
 
 
 # A diverged student's second run (Round.trained): an attacker whose run blew up lowers the step and clips, as the
-# wrap's check does; a quarter of the step, so that one retry is enough where half was not always.
+# wrap's check does; a quarter of the step rather than the check's half, as the audit retries once only.
 RETRY_LR_FACTOR = 0.25
 RETRY_GRAD_CLIP = 5.0
 
