@@ -62,15 +62,15 @@ AUDIT_WANTED = {"teacher": "leaks", "protected": "protected"}  # the audit's tar
 
 
 def run_unit(arch: str, dataset: str, seed: int, students: list[str], threads: int, do_audit: bool,
-             via_onnx: bool = False, audit_only: str | None = None, audit_student: str | None = None) -> dict:
+             via_onnx: bool = False, audit_only: str | None = None, audit_student: str = AuditConfig().student) -> dict:
     """One (teacher, data set, seed): teacher, checked wrap (of its ONNX export, ``via_onnx``), students of every
     architecture, audit. ``audit_only``: the audit alone, of the teacher (``"teacher"``) or of both.
-    ``audit_student``: the audit's attacker (None: the protocol's, AuditConfig's default)."""
+    ``audit_student``: the audit's attacker (default: the protocol's)."""
     torch.set_num_threads(threads)
     log = lambda s: print(f"[{arch} {dataset} {seed}] {s}", flush=True)
     data = load_dataset(dataset)
     t0 = time.perf_counter()
-    cfg = replace(AuditConfig(), seeds=(seed,), **({"student": audit_student} if audit_student else {}))
+    cfg = replace(AuditConfig(), seeds=(seed,), student=audit_student)
     if audit_only == "teacher":  # the teacher train_and_wrap would wrap
         teacher, th = owner_teacher(data, seed, replace(CheckConfig(), seed=seed, teacher_apart=True), arch=arch,
                                     log=log)
@@ -224,8 +224,8 @@ def main() -> int:
                    f"of {COLOUR}")
     p.add_argument("--audit-only", choices=("teacher", "both"), help="the audit alone, on the cells --audit audits: "
                    "of each seed's plain teacher (no wrap), or of it and its box (no students)")
-    p.add_argument("--audit-student", help="the audit's attacker architecture (default: the protocol's, "
-                   f"{AuditConfig().student})")
+    p.add_argument("--audit-student", default=AuditConfig().student,
+                   help="the audit's attacker architecture (default: the protocol's, %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="(cell, seed) units run in parallel processes")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--via-onnx", action="store_true", help="wrap each teacher as an owner with an .onnx of it would: "
@@ -265,7 +265,7 @@ def main() -> int:
         device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
         out = {"cells": cells, "seeds": args.seeds, "students": args.students, "seconds": seconds,
                "device": device, "workers": args.workers, "threads": args.threads, "quick": args.quick,
-               "via_onnx": args.via_onnx, "audit_student": args.audit_student or AuditConfig().student, "units": [list(u[:3]) for u in units],
+               "via_onnx": args.via_onnx, "audit_student": args.audit_student, "units": [list(u[:3]) for u in units],
                "runs": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -1,7 +1,7 @@
 """How a recipe trains (epochs, optimizer, schedule, device): torch-free, so every config can embed it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -28,3 +28,9 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be cosine|step|constant, got {self.schedule!r}")
+
+
+def gentler(train: TrainConfig, clip: float, lr_factor: float = 0.5) -> TrainConfig:
+    """The training to retry a run that diverged with: the step times ``lr_factor`` and gradients clipped at
+    ``clip``, unless ``train`` clips tighter already."""
+    return replace(train, lr=train.lr * lr_factor, grad_clip=min(train.grad_clip or clip, clip))

@@ -23,6 +23,7 @@ from ..distill import DistillConfig, as_teacher, soft_kl
 from ..models import create_model
 from ..registry import Registry
 from ..train import TrainConfig, accuracy, fit, predict_logits, seed_everything
+from ..train_config import gentler as gentler_training
 from .box import SafeDistillationBox
 from .config import POLICIES
 from .key import blend, random_keys
@@ -118,8 +119,7 @@ class Round:
         try:
             return self.count(run(train))
         except FloatingPointError as e:
-            gentler = replace(train, lr=train.lr * RETRY_LR_FACTOR,
-                              grad_clip=min(train.grad_clip or RETRY_GRAD_CLIP, RETRY_GRAD_CLIP))
+            gentler = gentler_training(train, RETRY_GRAD_CLIP, RETRY_LR_FACTOR)
             self.retries.append({"seed": self.seed, "diverged": str(e), "retried_lr": gentler.lr,
                                  "retried_grad_clip": gentler.grad_clip})
             try:

@@ -27,6 +27,7 @@ from ..data import stratified_split
 from ..data.base import transfer_indices
 from ..distill import DistillConfig
 from ..progress import Progress
+from ..train_config import gentler as gentler_training
 from .config import CheckConfig, NastyConfig, SDBConfig
 
 if TYPE_CHECKING:
@@ -175,9 +176,7 @@ def adapt(sdb: SDBConfig, misses: dict[str, float], step: float,
 def gentler(cfg):
     """The setting after a diverged attempt: half the learning rate, and gradients clipped at the recipe's
     default clip (its config's default training), unless the owner's clip is tighter."""
-    default = type(cfg)().train.grad_clip
-    clip = min(cfg.train.grad_clip or default, default)
-    return replace(cfg, train=replace(cfg.train, lr=cfg.train.lr / 2, grad_clip=clip))
+    return replace(cfg, train=gentler_training(cfg.train, type(cfg)().train.grad_clip))
 
 
 def settings_of(sdb: SDBConfig) -> dict:
