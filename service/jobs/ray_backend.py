@@ -156,7 +156,9 @@ def start_ray(settings: Settings) -> None:
                 ray.shutdown()
                 time.sleep(2.0)
     else:  # a local instance with one CPU per configured worker, on loopback: it serves this host only
-        ray.init(num_cpus=max(settings.workers, 1), include_dashboard=False, log_to_driver=False)
+        # "local": a new instance of its own. With no address Ray joins what it finds by itself (RAY_ADDRESS, the
+        # last `ray start` head on this host), which is not this server's, and fails there on num_cpus.
+        ray.init(address="local", num_cpus=max(settings.workers, 1), include_dashboard=False, log_to_driver=False)
     log.info("jobs run on Ray: %s", ray.get_runtime_context().gcs_address)
 
 

@@ -39,11 +39,12 @@ def test_distill_on_ray_reaches_the_same_state_and_artifacts(tmp_path, bundles):
 
 def test_the_local_ray_instance_listens_on_loopback_only(tmp_path):
     # The embedded Ray instance serves this host: its addresses must not be the machine's interface.
-    # As in sdb serve: ray is first imported by start_ray.
+    # As in sdb serve: ray is first imported by start_ray. With no SDB_RAY_ADDRESS it is a new instance of
+    # its own, whatever cluster Ray would find by itself (RAY_ADDRESS here; a `ray start` head on the host).
     code = ("from service.jobs.ray_backend import start_ray\nfrom service.settings import Settings\n"
             f"start_ray(Settings(data_dir={str(tmp_path)!r}, workers=1))\nimport ray\n"
             "print(ray.get_runtime_context().gcs_address, ray.nodes()[0]['NodeManagerAddress'])\nray.shutdown()\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_ADDRESS": "127.0.0.1:9"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
                          check=False)
     assert out.returncode == 0, out.stderr[-2000:]
