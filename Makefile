@@ -48,8 +48,12 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	else echo "the console's browser tests need Chromium: sudo apt-get install -y chromium chromium-driver"; exit 1; fi
 
+# Two processes (pytest-xdist), a test file each at a time: most of the suite waits on servers, workers
+# and Ray it starts, and its torch runs one thread (tests/conftest.py), so one process leaves a core idle.
+# A file stays in one process because its module fixtures (trained models, a served app) are built once.
+TEST_WORKERS ?= 2
 test: $(STAMP) postgres browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # docker-compose.yml's secrets: 32 random bytes each, hex, made once and kept, in a directory
 # private to you. Each file is mode 0600 and owned by the image's user (uid 10001), who reads it
