@@ -115,8 +115,9 @@ INTERNAL = (500, "internal_error", "internal server error")
 # What a path no route matches is told (the router's own 404 says "Not Found" alone): where the routes are listed.
 NO_ROUTE = "no such route: GET /docs lists this server's routes"
 NO_V2_ROUTE = ("no such route: this server serves the Open Inference Protocol's health, metadata, readiness, model "
-               "configuration, statistics and infer routes (GET /v2 lists its extensions); the repository, "
-               "shared-memory, trace and logging extensions are not served")
+               "configuration, statistics and infer routes (GET /v2 lists its extensions) and the repository index; "
+               "the repository's load and unload (deploy through /v1/models), shared-memory, trace and logging "
+               "extensions are not served")
 
 
 def install(app: FastAPI) -> None:

@@ -9,7 +9,7 @@ model version's output policy (:func:`policy_outputs`); the keyed path is not su
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -125,6 +125,14 @@ def require_predict(key: ApiKey | None, model: str | None, public: bool) -> None
         raise ApiError(401, "missing_key", "this server requires an API key for predictions",
                        {"WWW-Authenticate": "Bearer"})
     check_scope(key, "predict", model)
+
+
+def listable(key: ApiKey | None, public: bool) -> Callable[[str], bool]:
+    """Which model names a listing shows this caller (GET /v1/models, the v2 statistics and repository index):
+    with ``public_predict`` every one; otherwise the predict scope is needed (401/403 as
+    :func:`require_predict`) and the key's allowlist filters."""
+    require_predict(key, None, public)
+    return (lambda name: True) if public else key.allows_model
 
 
 async def public_logits(model: HostedModel, x: np.ndarray, key: ApiKey | None, keyring: Keyring,

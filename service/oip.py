@@ -24,7 +24,8 @@ as BYTES ``"value:index:label"``; ``classes`` holds no score to rank.
 
 The API (a transport imports these; names are added, never renamed): :class:`Tensor`,
 :class:`Caller`, :data:`INPUT_DATATYPES`, :data:`EXTENSIONS`, :func:`server_metadata`,
-:func:`served_model`, :func:`model_metadata`, :func:`model_config`, :func:`model_statistics`, :func:`output_names`,
+:func:`served_model`, :func:`model_metadata`, :func:`model_config`, :func:`model_statistics`,
+:func:`repository_index`, :func:`output_names`,
 :func:`requested_outputs`,
 :func:`tensor_shape`, :func:`check_samples`, :func:`classification_counts`, :func:`unsupported_datatype`,
 :func:`model_input`, :func:`infer`;
@@ -45,10 +46,12 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from .auth import ApiKey, Keyring
+from .disclosure import hide_paths
 from .errors import ApiError, invalid
 from .inference import (
     charge_keyed,
     keyed_logits,
+    listable,
     policy_outputs,
     public_logits,
     require_predict,
@@ -158,10 +161,23 @@ async def model_statistics(ctx: Caller, name: str = "", version: str = "") -> di
     else:
         if version:
             raise invalid("a version needs a model name", "invalid_request")
-        public, key = ctx.settings.public_predict, ctx.key
-        require_predict(key, None, public)  # as GET /v1/models: the predict scope, then the key's allowlist
-        models = [m for m in ctx.host.all() if public or key.allows_model(m.name)]
+        shown = listable(ctx.key, ctx.settings.public_predict)  # as GET /v1/models
+        models = [m for m in ctx.host.all() if shown(m.name)]
     return {"model_stats": [m.stats.to_dict(m.name, m.version) for m in models]}
+
+
+def repository_index(ctx: Caller, ready: bool = False) -> list[dict]:
+    """Triton's model repository extension, its index alone (read only: models are deployed through /v1): every
+    version served that the caller may predict with, ``READY``; unless ``ready``, also those that could not be
+    loaded, ``UNAVAILABLE`` with why (server paths hidden, as /readyz says it). Standard clients list models
+    this way (tritonclient's ``get_model_repository_index``): the protocol's core has no listing."""
+    shown = listable(ctx.key, ctx.settings.public_predict)
+    index = [{"name": m.name, "version": m.version, "state": "READY", "reason": ""}
+             for m in ctx.host.all() if shown(m.name)]
+    if not ready:
+        index += [{"name": n, "version": v, "state": "UNAVAILABLE", "reason": hide_paths(why, ctx.settings.data_dir)}
+                  for (n, v), why in sorted(ctx.host.failures().items()) if shown(n)]
+    return index
 
 
 def output_names(model: HostedModel) -> list[str]:

@@ -33,6 +33,7 @@ from ..inference import (
     PREDICT_TASKS,
     class_predictions,
     keyed_logits,
+    listable,
     multilabel_predictions,
     pose_predictions,
     public_logits,
@@ -94,10 +95,8 @@ _SAMPLE = [[[0.0, 0.5], [1.0, 0.25]]]  # one [C, H, W] sample, for the examples:
             summary="Models being served (with public_predict off: those this key may predict with)",
             openapi_extra=SERVING_DOC)
 async def list_models(host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
-    public = settings.public_predict
-    if not public:  # metadata follows predict: a key with the predict scope, and its allowlist
-        require_predict(key, None, public)
-    return json_response({"models": [_describe(host, m) for m in host.all() if public or key.allows_model(m.name)]})
+    shown = listable(key, settings.public_predict)  # metadata follows predict: the scope, then the key's allowlist
+    return json_response({"models": [_describe(host, m) for m in host.all() if shown(m.name)]})
 
 
 @router.get("/{name}", response_model=ModelInfo, summary="One model: input shape, labels, versions",

@@ -49,7 +49,7 @@ from ..oip import (
 from ..oip_binary import HEADER_LENGTH, OCTET_STREAM
 from ..registry import HostedModel
 from ..schemas import AUTH, json_body_doc, json_response, ok, responses
-from ..tensors import to_array
+from ..tensors import parse_json, to_array
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -269,6 +269,40 @@ async def model_statistics(name: ModelName, s: ServingDep) -> Response:
             openapi_extra=SERVING_DOC)
 async def model_version_statistics(name: ModelName, version: ModelVersion, s: ServingDep) -> Response:
     return json_response(await oip.model_statistics(s, name, version))
+
+
+class RepositoryIndexRequest(BaseModel):
+    ready: bool | None = Field(None, description="true: only the versions ready to serve")
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY, or UNAVAILABLE: a version whose bundle could not be loaded")
+    reason: str = Field(description="why it is UNAVAILABLE (empty when READY)")
+
+
+_INDEX_EXAMPLE = [{"name": "mnist-demo", "version": "1", "state": "READY", "reason": ""},
+                  {"name": "mnist-demo", "version": "2", "state": "READY", "reason": ""}]
+_INDEX_DOC = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": RepositoryIndexRequest.model_json_schema(), "example": {"ready": True}}}}, **SERVING_DOC}
+
+
+# Triton's model repository extension, the index alone: models are deployed through /v1 (not advertised in
+# GET /v2's extensions, which would promise load and unload).
+@router.post("/repository/index", summary="Models served (the repository extension's index)",
+             response_model=list[RepositoryModel], openapi_extra=_INDEX_DOC,
+             responses={**ok(_INDEX_EXAMPLE), **responses(400, *AUTH, 413, 415, v2=True, why={
+                 400: "a body that is not a JSON object",
+                 401: "a key that is malformed, unknown, revoked or expired; or none, when predict needs one",
+                 403: "public_predict is off and the key lacks the predict scope",
+                 422: "ready that is not true or false"})})
+async def repository_index(request: Request, s: ServingDep) -> Response:
+    raw = await read_bytes(request, s.settings.max_payload_bytes)
+    ready = parse_json(raw).get("ready", False) if raw.strip() else False  # tritonclient sends no body
+    if not isinstance(ready, bool):
+        raise invalid("ready must be true or false", "invalid_request")
+    return json_response(oip.repository_index(s, ready))
 
 
 # Model metadata follows predict (``public_predict``): checked before the lookup, so no name is probed.

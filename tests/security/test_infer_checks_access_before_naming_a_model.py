@@ -60,6 +60,17 @@ async def test_http_infer_names_no_model_to_a_caller_who_may_not_predict_with_it
     assert (await c.post("/v2/models/no-such-model/infer", json=BODIES["valid"], headers=every)).status_code == 404
 
 
+async def test_the_repository_index_lists_only_what_the_caller_may_predict_with(private):
+    c = private.client
+    only_b = private.auth(private.key(("predict",), models=["digits-b"]))
+    assert (await c.post("/v2/repository/index")).status_code == 401
+    assert (await c.post("/v2/repository/index", headers=private.auth(private.key(("jobs",))))).status_code == 403
+    r = await c.post("/v2/repository/index", headers=only_b)
+    assert r.status_code == 200 and [m["name"] for m in r.json()] == ["digits-b"], r.text
+    r = await c.post("/v2/repository/index", headers=private.auth(private.key(("predict",))))
+    assert sorted(m["name"] for m in r.json()) == ["digits-a", "digits-b"]
+
+
 class Aborted(Exception):
     def __init__(self, code, message):
         super().__init__(message)

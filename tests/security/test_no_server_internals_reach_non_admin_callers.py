@@ -64,7 +64,7 @@ async def test_metrics_show_no_key_id_without_an_admin_key(service):
     assert f'sdb_samples_total{{key_id="{user_id}",kind="distill",model="digits-a"}} 2.0' in by_key
 
 
-async def test_readyz_shows_no_server_path(service, bundles, tmp_path_factory):
+async def test_readyz_and_the_repository_index_show_no_server_path(service, bundles, tmp_path_factory):
     c, root = service.client, tmp_path_factory.getbasetemp()
     # A bundle the server refuses to load: its reason names the bundle's path on the server.
     broken = tmp_path_factory.mktemp("broken") / "digits-z"
@@ -76,6 +76,13 @@ async def test_readyz_shows_no_server_path(service, bundles, tmp_path_factory):
     assert "model.onnx" in ready["failed"]["digits-z@1"]  # the reason, in words
     assert not server_paths(json.dumps(ready), root), ready
     assert ready["failed_models"] == 1
+    # the v2 repository index says the same of it, and leaves it out of what is ready
+    index = (await c.post("/v2/repository/index")).json()
+    assert [m for m in index if m["name"] == "digits-z"] == [
+        {"name": "digits-z", "version": "1", "state": "UNAVAILABLE", "reason": ready["failed"]["digits-z@1"]}]
+    assert not server_paths(json.dumps(index), root), index
+    ready_only = (await c.post("/v2/repository/index", json={"ready": True})).json()
+    assert ready_only and all(m["state"] == "READY" for m in ready_only), ready_only
 
 
 async def test_job_records_show_no_server_path(service, tmp_path_factory):

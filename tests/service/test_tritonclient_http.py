@@ -153,10 +153,27 @@ def test_statistics_count_what_each_model_version_served(client, server, bundles
         assert e.value.status() == "404" and e.value.message() == said
 
 
+def test_the_repository_index_lists_what_the_caller_may_use(client, server, bundles):
+    # the protocol's core lists no models: standard clients ask the repository extension's index
+    index = client.get_model_repository_index()
+    assert sorted((m["name"], m["version"], m["state"]) for m in index) == [
+        ("digits-a", "1", "READY"), ("digits-label", "1", "READY")]
+    assert client.get_model_repository_index() == index  # the same twice: nothing is loaded or changed by asking
+    r = httpx.post(server.url + "/v2/repository/index", json={"ready": True})
+    assert r.status_code == 200 and r.json() == index
+    for body, status in ((b"[1]", 400), (b"{", 400), (b'{"ready": "yes"}', 422)):
+        r = httpx.post(server.url + "/v2/repository/index", content=body)
+        assert r.status_code == status and isinstance(r.json()["error"], str), (body, r.text)
+    # a wrong key is refused, as on every route (who sees what with public_predict off: tests/security)
+    with pytest.raises(InferenceServerException) as e:
+        client.get_model_repository_index(headers={"Authorization": "Bearer sdb_nope"})
+    assert e.value.status() == "401"
+
+
 def test_extensions_not_served_are_said_to_be(client, server):
     # what tritonclient's other calls get: a 404 that says which extensions this server has not
-    for call, said in ((client.get_model_repository_index, "GET /v2 lists its extensions"),
-                       (lambda: client.load_model("digits-a"), "repository"),
+    for call, said in ((lambda: client.load_model("digits-a"), "load and unload"),
+                       (lambda: client.unload_model("digits-a"), "deploy through /v1/models"),
                        (client.get_system_shared_memory_status, "shared-memory")):
         with pytest.raises(InferenceServerException) as e:
             call()
