@@ -236,6 +236,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return codec.statistics_response(await oip.model_statistics(caller, request.name, request.version))
         return await self._run("ModelStatistics", context, request.name, answer)
 
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: aio.ServicerContext):
+        async def answer():  # as POST /v2/repository/index (one repository: its name is not read)
+            index = oip.repository_index(await self._caller(context), request.ready)
+            return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in index])
+        return await self._run("RepositoryIndex", context, "", answer)
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext):
         return await self._run("ModelInfer", context, request.model_name, self._inferring(request, context))
 

@@ -127,3 +127,12 @@ def test_statistics_are_shown_to_whom_predict_is(private, bundles):
     assert [m["name"] for m in httpx.get(f"{url}/v2/models/stats", headers=headers).json()["model_stats"]] == [
         "digits-b"]
     assert [m.name for m in stats("digits-b", only_b).model_stats] == ["digits-b"]
+
+
+def test_the_repository_index_lists_to_whom_predict_is(private):
+    stub, key, _ = private
+    index = lambda token=None: stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(), metadata=_metadata(token))
+    assert _refused(index).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _refused(lambda: index(key("jobs"))).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert [m.name for m in index(key("predict", models=["digits-b"])).models] == ["digits-b"]
+    assert sorted(m.name for m in index(key("predict")).models) == ["digits-a", "digits-b"]

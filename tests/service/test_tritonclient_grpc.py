@@ -105,6 +105,13 @@ def test_health_and_metadata(grpc_server):
     assert client.get_model_metadata("digits-a", "1").versions == ["1", "2"]
 
 
+def test_the_repository_index_is_https_in_tritons_messages(grpc_server):
+    server, client, _, _ = grpc_server
+    index = [(m.name, m.version, m.state, m.reason) for m in client.get_model_repository_index().models]
+    assert index == [tuple(m.values()) for m in httpx.post(server.url + "/v2/repository/index").json()]
+    assert {("digits-a", "1", "READY", ""), ("digits-a", "2", "READY", "")} <= set(index)
+
+
 def test_model_configuration_is_https_in_tritons_messages(grpc_server):
     # perf_analyzer -i grpc and tritonclient's get_model_config call the ModelConfig RPC before anything else
     server, client, _, _ = grpc_server
