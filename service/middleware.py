@@ -15,6 +15,7 @@ import time
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .direct import DirectRoutes
@@ -118,16 +119,29 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+# What a page of an allowed origin may send and read (CORS): the API's methods; the key, the body's type and coding,
+# the binary tensor extension's header length; and back, the limits' waits and that length.
+CORS_METHODS = ["GET", "POST", "DELETE"]
+CORS_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Inference-Header-Content-Length"]
+CORS_EXPOSED = ["Retry-After", "Retry-After-Ms", "Inference-Header-Content-Length"]
+
+
 class ServiceApp(FastAPI):
     """FastAPI with :class:`ServiceMiddleware` in front of it (:meth:`put_in_front`): HTTP requests meet it first,
     the direct routes are answered from it, and every other request goes on through FastAPI's whole stack. An
     OpenTelemetry tracer configured for FastAPI sees those other routes only."""
 
     front: ServiceMiddleware | None = None
+    _entry: ASGIApp | None = None  # the front, behind CORS when origins are allowed
 
-    def put_in_front(self, **options) -> None:
-        """``options``: :class:`ServiceMiddleware`'s."""
-        self.front = ServiceMiddleware(self._behind, **options)
+    def put_in_front(self, *, cors_origins: list[str] | None = None, **options) -> None:
+        """``options``: :class:`ServiceMiddleware`'s. ``cors_origins``: the web origins that may call from a browser
+        (``SDB_CORS_ORIGINS``); CORS then answers preflights and marks every answer, the direct routes' and errors
+        included, so it goes in front of the front."""
+        self.front = self._entry = ServiceMiddleware(self._behind, **options)
+        if cors_origins:
+            self._entry = CORSMiddleware(self.front, allow_origins=cors_origins, allow_methods=CORS_METHODS,
+                                         allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600)
 
     async def _behind(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)
@@ -138,4 +152,4 @@ class ServiceApp(FastAPI):
         scope["app"] = self  # what Starlette sets for Request.app (a direct route reads its state)
         if self.root_path:
             scope["root_path"] = self.root_path
-        await self.front(scope, receive, send)
+        await self._entry(scope, receive, send)

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     # comma-separated; "*" any, "" none. Behind a proxy elsewhere, every caller without a key would otherwise be
     # the proxy's one address: one per-address rate for all, and one caller for a tenant's model's batches.
     forwarded_allow_ips: str = "127.0.0.1"
+    # Web pages of other origins that may call the API from a browser (CORS): origins such as https://app.example,
+    # comma-separated; "*" any; "" (the default) none. Keys travel in the Authorization header, never in cookies,
+    # so no credentials are allowed; a page sends the key its user gives it.
+    cors_origins: str = ""
     # The Open Inference Protocol over gRPC (docs/api.md), beside HTTP in the same process: off when
     # unset or 0. Needs the `grpc` extra. Its host defaults to `host`.
     grpc_port: int | None = Field(None, ge=0, le=65535)
@@ -150,6 +154,20 @@ class Settings(BaseSettings):
                     raise ValueError(f"{entry!r} is not an IP address or network: it takes addresses or networks "
                                      "(10.0.0.0/8), comma-separated, \"*\" (any) or \"\" (none)") from None
         return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        # an origin is scheme://host[:port], nothing after it: a browser's Origin header never matches a path
+        for entry in (e.strip() for e in value.split(",")):
+            if entry and entry != "*" and not re.fullmatch(r"https?://[^/\s]+", entry):
+                raise ValueError(f"{entry!r} is not an origin: it takes origins such as https://app.example or "
+                                 "http://localhost:3000 (scheme and host, no path), comma-separated, \"*\" (any) or "
+                                 "\"\" (none)")
+        return value
+
+    def cors_origin_list(self) -> list[str]:
+        return [e.strip() for e in self.cors_origins.split(",") if e.strip()]
 
     @classmethod
     def load(cls, flags: dict[str, str] | None = None, **over: Any) -> Settings:

@@ -1,0 +1,79 @@
+"""Browser pages of other origins (CORS, ``SDB_CORS_ORIGINS``): none by default; an allowed origin's preflight is
+answered and every answer it gets carries the headers, the inference routes called directly and their errors
+included; another origin gets none, and no answer allows credentials. In process, the real app and store."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.settings import Settings, SettingsError
+
+from .conftest import make_settings, start_service
+
+pytestmark = pytest.mark.anyio
+
+PAGE, OTHER = "https://app.example", "https://evil.example"
+X = np.zeros((1, 1, 8, 8), np.float32).tolist()
+INFER = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": np.zeros(64).tolist()}]}
+
+
+def preflight(origin: str, method: str = "POST", headers: str = "authorization, content-type") -> dict:
+    return {"Origin": origin, "Access-Control-Request-Method": method, "Access-Control-Request-Headers": headers}
+
+
+@pytest.fixture
+async def served(tmp_path, bundles, request):
+    settings = make_settings(tmp_path / "data", bundles, cors_origins=request.param)
+    svc, manager = await start_service(settings, bundles.a)
+    yield svc
+    await svc.client.aclose()
+    await manager.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("served", [""], indirect=True)
+async def test_no_origin_is_allowed_by_default(served):
+    c = served.client
+    r = await c.options("/v2/models/digits-a/infer", headers=preflight(PAGE))
+    assert "access-control-allow-origin" not in r.headers
+    r = await c.post("/v1/models/digits-a/predict", json={"inputs": X}, headers={"Origin": PAGE})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+@pytest.mark.parametrize("served", [f"{PAGE}, http://localhost:3000"], indirect=True)
+async def test_an_allowed_origin_may_call_and_read_every_answer(served):
+    c = served.client
+    for path in ("/v2/models/digits-a/infer", "/v1/models/digits-a/distill", "/v1/models"):
+        r = await c.options(path, headers=preflight(PAGE))
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == PAGE, (path, r.headers)
+        assert {"authorization", "content-type"} <= {h.strip().lower() for h in
+                                                      r.headers["access-control-allow-headers"].split(",")}
+        assert "access-control-allow-credentials" not in r.headers
+    page = {"Origin": PAGE}
+    answers = [await c.post("/v2/models/digits-a/infer", json=INFER, headers=page),  # called directly
+               await c.post("/v1/models/digits-a/predict", json={"inputs": X}, headers=page),
+               await c.get("/v1/models", headers=page),
+               await c.post("/v1/models/digits-a/distill", json={"inputs": X}, headers=page),  # 401: no key
+               await c.post("/v2/models/digits-a/infer", content=b"{", headers=page)]  # 400
+    assert [r.status_code for r in answers] == [200, 200, 200, 401, 400]
+    for r in answers:
+        assert r.headers["access-control-allow-origin"] == PAGE, (r.status_code, r.headers)
+        assert "retry-after" in r.headers["access-control-expose-headers"].lower()
+        assert "access-control-allow-credentials" not in r.headers
+    # another origin: its preflight is refused and its answers carry nothing a browser would let it read
+    r = await c.options("/v2/models/digits-a/infer", headers=preflight(OTHER))
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    r = await c.post("/v1/models/digits-a/predict", json={"inputs": X}, headers={"Origin": OTHER})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    # a method the API has no route for is not offered
+    r = await c.options("/v1/models", headers=preflight(PAGE, method="PUT"))
+    assert r.status_code == 400
+
+
+@pytest.mark.parametrize("origins", ["app.example", "https://app.example/", "https://app.example/page", "ftp://x"])
+def test_an_origin_that_is_not_one_is_refused_naming_the_setting(origins, tmp_path, monkeypatch):
+    monkeypatch.setenv("SDB_CORS_ORIGINS", origins)
+    with pytest.raises(SettingsError) as e:
+        Settings.load(data_dir=tmp_path)
+    assert "SDB_CORS_ORIGINS" in str(e.value) and "not an origin" in str(e.value), str(e.value)
+    monkeypatch.setenv("SDB_CORS_ORIGINS", "*")
+    assert Settings.load(data_dir=tmp_path).cors_origin_list() == ["*"]
