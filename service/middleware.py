@@ -45,6 +45,11 @@ class ServiceMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        method = scope.get("method", "")
+        if method == "HEAD":
+            # HEAD is GET's answer without its body (RFC 9110; uptime monitors send it): the routes see a GET, and the
+            # server, whose own scope still says HEAD, writes the status and headers alone.
+            scope = {**scope, "method": "GET"}
         start = time.perf_counter()
         status, started = 500, False
 
@@ -80,7 +85,6 @@ class ServiceMiddleware:
             name = (scope.get("path_params") or {}).get("name")
             host = self.host_of()
             model = name if name and host is not None and name in host else ""
-            method = scope.get("method", "")
             self.metrics.observe_request(template, method if method in _METHODS else "OTHER", model, status,
                                          time.perf_counter() - start)
 

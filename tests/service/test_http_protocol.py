@@ -87,6 +87,17 @@ def test_http_1_1_holds_on_one_send_per_turn(tmp_path, bundles):
         assert first.startswith(b"200 ") and second.startswith(b"200 ")
         assert second.endswith(b'{"live":true}')
 
+        # HEAD (uptime monitors send it) is GET's status and headers alone, on the same connection as a GET after it
+        raw = exchange(srv.port, b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+                                 b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        head, get = raw.split(b"HTTP/1.1 ", 2)[1:]
+        assert head.startswith(b"200 ") and head.endswith(b"\r\n\r\n"), head  # no body
+        assert get.startswith(b"200 ") and get.endswith(b'{"status":"ok"}'), get
+        length = [line for line in get.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+        assert length and length[0].lower() in head.lower(), (head, get)  # the GET's length, announced
+        raw = exchange(srv.port, b"HEAD /v1/models/x/predict HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 405 ") and b"\r\nallow: post\r\n" in raw.lower(), raw  # a POST route
+
         # a large answer read in full over a closing connection
         raw = exchange(srv.port, b"GET /openapi.json HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         assert raw.split(b"\r\n\r\n", 1)[1] == spec.content
