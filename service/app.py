@@ -143,7 +143,8 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(r)  # no prefix: a route's path is its router's (what service.direct matches)
     upload = settings.max_file_bytes + UPLOAD_OVERHEAD  # the file part is counted on its own, to the byte
     allowed = f"a file up to {settings.max_file_bytes} bytes (SDB_MAX_FILE_BYTES) and its form fields"
-    app.put_in_front(cors_origins=settings.cors_origin_list(), max_payload_bytes=settings.max_payload_bytes, metrics=metrics, host_of=lambda: app.state.host,
+    app.put_in_front(cors_origins=settings.cors_origin_list(), max_payload_bytes=settings.max_payload_bytes,
+                     metrics=metrics, host_of=lambda: app.state.host,
                      upload_routes=dict.fromkeys(UPLOAD_ROUTES, (upload, allowed)), address_limiter=address_limiter,
                      direct=DirectRoutes(route for r in routers for route in r.routes))
     return app

@@ -76,7 +76,7 @@ class ServiceMiddleware:
             else:
                 await self.app(scope, self._limited(receive, limit, what), send_tracked)
         except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            log.exception("unhandled error on %s %s", method, scope.get("path"))
             if not started:
                 await error_response(*INTERNAL)(scope, receive, send_tracked)
         finally:

@@ -180,14 +180,15 @@ def _inline_defs(schema: dict) -> dict:
     return walk(schema)
 
 
-def json_body_doc(model: type[BaseModel], *extra_types: tuple[str, dict], example: Any = None) -> dict:
+def json_body_doc(model: type[BaseModel], *extra_types: tuple[str, dict], example: Any = None,
+                  required: bool = True) -> dict:
     """``openapi_extra`` for routes that read their body themselves: ``model`` as the JSON body."""
     json_doc = {"schema": _inline_defs(model.model_json_schema())}
     if example is not None:
         json_doc["example"] = example
     content = {"application/json": json_doc}
     content.update(dict(extra_types))
-    return {"requestBody": {"required": True, "content": content}}
+    return {"requestBody": {"required": required, "content": content}}
 
 
 # ---------------------------------------------------------------- errors, as the schema documents them

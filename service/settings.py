@@ -38,6 +38,11 @@ def _private(path: Path, chmod: str) -> None:
                            "(owned by the user the server runs as)")
 
 
+
+def _entries(value: str) -> list[str]:
+    """A comma-separated setting's entries, trimmed, empty ones left out."""
+    return [e for e in (e.strip() for e in value.split(",")) if e]
+
 class Settings(BaseSettings):
     # No inf or nan: every number here is a size, a count or a period, and an infinite one never ends.
     model_config = SettingsConfigDict(env_prefix="SDB_", extra="ignore", allow_inf_nan=False)
@@ -146,8 +151,8 @@ class Settings(BaseSettings):
     @classmethod
     def _proxies(cls, value: str) -> str:
         # uvicorn reads an entry it cannot parse as a name it never sees: a typo would trust no proxy, silently
-        for entry in (e.strip() for e in value.split(",")):
-            if entry and entry != "*":
+        for entry in _entries(value):
+            if entry != "*":
                 try:
                     ipaddress.ip_network(entry, strict=False)
                 except ValueError:
@@ -159,15 +164,15 @@ class Settings(BaseSettings):
     @classmethod
     def _origins(cls, value: str) -> str:
         # an origin is scheme://host[:port], nothing after it: a browser's Origin header never matches a path
-        for entry in (e.strip() for e in value.split(",")):
-            if entry and entry != "*" and not re.fullmatch(r"https?://[^/\s]+", entry):
+        for entry in _entries(value):
+            if entry != "*" and not re.fullmatch(r"https?://[^/\s]+", entry):
                 raise ValueError(f"{entry!r} is not an origin: it takes origins such as https://app.example or "
                                  "http://localhost:3000 (scheme and host, no path), comma-separated, \"*\" (any) or "
                                  "\"\" (none)")
         return value
 
     def cors_origin_list(self) -> list[str]:
-        return [e.strip() for e in self.cors_origins.split(",") if e.strip()]
+        return _entries(self.cors_origins)
 
     @classmethod
     def load(cls, flags: dict[str, str] | None = None, **over: Any) -> Settings:

@@ -284,8 +284,7 @@ class RepositoryModel(BaseModel):
 
 _INDEX_EXAMPLE = [{"name": "mnist-demo", "version": "1", "state": "READY", "reason": ""},
                   {"name": "mnist-demo", "version": "2", "state": "READY", "reason": ""}]
-_INDEX_DOC = {"requestBody": {"required": False, "content": {"application/json": {
-    "schema": RepositoryIndexRequest.model_json_schema(), "example": {"ready": True}}}}, **SERVING_DOC}
+_INDEX_DOC = {**json_body_doc(RepositoryIndexRequest, example={"ready": True}, required=False), **SERVING_DOC}
 
 
 # Triton's model repository extension, the index alone: models are deployed through /v1 (not advertised in

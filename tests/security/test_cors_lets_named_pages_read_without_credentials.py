@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from service.settings import Settings, SettingsError
-
-from .conftest import make_settings, start_service
+from tests.service.conftest import make_settings, start_service
 
 pytestmark = pytest.mark.anyio
 
