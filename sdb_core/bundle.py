@@ -770,10 +770,29 @@ def onnx_providers() -> list:
     then CPU."""
     if _process_providers is not None:
         return list(_process_providers)
+    available = available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def cuda_visible(env=None) -> list[str] | None:
+    """The devices ``CUDA_VISIBLE_DEVICES`` lets this process use (an empty list: none, as the service gives the job
+    workers beyond its GPUs), or None when it is not set."""
+    value = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [d.strip() for d in value.split(",") if d.strip() and d.strip() != "-1"]
+
+
+def available_providers() -> list[str]:
+    """This onnxruntime's execution providers, less the GPU ones where ``CUDA_VISIBLE_DEVICES`` hides every device:
+    onnxruntime-gpu lists them whatever the environment, and a session asking for one would log an error and fall
+    back to the CPU."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    if cuda_visible() == []:
+        return [p for p in available if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+    return available
 
 
 @dataclass

@@ -196,8 +196,10 @@ def fit(
     start_epoch = 0
     ckpt = Path(checkpoint) if checkpoint else None
     if ckpt is not None and ckpt.exists():
-        # Our own file, but still loaded the safe way: tensors and plain containers only.
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+        # Our own file, but still loaded the safe way: tensors and plain containers only. Onto the CPU: the load_state_dicts
+        # move weights and moments to the parameters' device, but keep Adam's step counters where they were loaded,
+        # and on a GPU a counter there is read back (.item()) for each parameter at every step.
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"])

@@ -35,6 +35,7 @@ from sdb_core.bundle import (
     OUTPUT_NAME,
     Bundle,
     BundleError,
+    available_providers,
     load_bundle,
     onnx_providers,
     ort_out_of_memory,
@@ -101,13 +102,11 @@ BATCH_DEFAULTS = {CUDA: 256, CPU: 64}
 def ort_providers(settings: Settings, available: Sequence[str] | None = None) -> list[str | tuple[str, dict]]:
     """The execution providers a model's session asks for, most preferred first, from ``SDB_ORT_PROVIDERS``
     (empty: CUDA when ``available`` has it, then the CPU), in the order asked. A provider ``available`` lacks
-    (this onnxruntime's ``get_available_providers()``) is skipped with one warning, not an error; the CPU
+    (:func:`sdb_core.bundle.available_providers`) is skipped with one warning, not an error; the CPU
     provider ends the list when it was not asked for. The CUDA provider carries ``SDB_GPU_MEM_LIMIT_MB`` as
     its ``gpu_mem_limit``."""
     if available is None:
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
+        available = available_providers()
     asked = [p.strip() for p in settings.ort_providers.split(",") if p.strip()]
     absent = [p for p in asked if p not in available]
     if absent:

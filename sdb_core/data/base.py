@@ -98,7 +98,9 @@ class DataSplits:
             raise DatasetError(f"data.{split}'s inputs are {x.dtype}: the recipes take real-valued inputs (a key is "
                                "blended into them, students are trained on them); for a model of token ids, wrap "
                                "the part that runs on their embeddings")
-        x = x.float()
+        # On the CPU, as the built-in sets are: the recipes move each batch to their device, and index, split and
+        # stratify the labels with numpy (a set the caller built on a GPU failed there, in .numpy()).
+        x = x.float().cpu()
         bad = ~torch.isfinite(x.flatten(1)).all(1) if len(x) else torch.zeros(0, dtype=torch.bool)
         if bad.any():
             raise DatasetError(f"data.{split} has {int(bad.sum())} input(s) with NaN or Inf values (the first at "
@@ -116,7 +118,7 @@ class DataSplits:
                                    "probabilities")
         elif y.is_complex():
             raise DatasetError(f"data.{split}'s labels are {y.dtype}: give class indices")
-        y = y.long()
+        y = y.long().cpu()
         out = (y < 0) | (y >= self.num_classes)
         if out.any():
             raise DatasetError(f"data.{split} has {int(out.sum())} label(s) outside [0, {self.num_classes}) (e.g. "

@@ -86,6 +86,7 @@ def run(cfg: TransferTask, out: str | os.PathLike, hooks: Hooks | None = None) -
     import torch
 
     from ..data import load_dataset, transfer_split
+    from ..train import pick_device
     from ..transfer.depara import attribution_maps, rank_transferability
     from ..transfer.plots import plot_attributions, plot_similarity
     from ..transfer.task_models import FEATURE_LAYER, train_task_model
@@ -98,6 +99,7 @@ def run(cfg: TransferTask, out: str | os.PathLike, hooks: Hooks | None = None) -
     x = probe_set.test.tensors[0]
     if len(x) < cfg.probe:
         raise ValueError(f"{probe_set.name} has {len(x)} test images, fewer than probe={cfg.probe}")
+    device = pick_device(cfg.target_training.device)
     probe = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.probe]]
     if cfg.target is None:
         data = load_dataset(cfg.target_data)
@@ -110,9 +112,11 @@ def run(cfg: TransferTask, out: str | os.PathLike, hooks: Hooks | None = None) -
                                   should_cancel=hooks.should_cancel)
         target_layer, what = FEATURE_LAYER, f"a weak model trained on {cfg.target_data}"
     else:
-        target = load_ranked(cfg.target, probe_set.in_shape, (probe_set.mean, probe_set.std))
+        target = load_ranked(cfg.target, probe_set.in_shape, (probe_set.mean, probe_set.std)).to(device)
         target_layer, what = cfg.target.layer, cfg.target.name
-    sources = {s.name: load_ranked(s, probe_set.in_shape, (probe_set.mean, probe_set.std)) for s in cfg.sources}
+    # Every network on the run's device: DEPARA differentiates each where it lives (a trained target is there already).
+    sources = {s.name: load_ranked(s, probe_set.in_shape, (probe_set.mean, probe_set.std)).to(device)
+               for s in cfg.sources}
     hooks.phase("graphs")  # a watcher sees the phase start; the graphs report no steps of their own
     depara = replace(cfg.depara, seed=cfg.seed)
     result = rank_transferability(depara, target, sources, probe, target_layer=target_layer,

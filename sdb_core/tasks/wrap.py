@@ -106,11 +106,16 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
 
     hooks = hooks or Hooks()
     trained = cfg.teacher.weights is None
+    # The teacher and the check's students train where the recipe does (``with_training(device=...)``), unless the
+    # check names a device of its own.
+    device = cfg.recipe_train.device
     tcfg = teacher_config(cfg.teacher.arch, epochs=cfg.teacher_epochs, batch_size=cfg.recipe_train.batch_size,
-                          seed=cfg.seed) if trained else None
+                          seed=cfg.seed, device=device) if trained else None
     hooks.plan(**({"teacher": tcfg.epochs} if trained else {}), wrap=cfg.recipe_train.epochs)
     data = load_dataset(cfg.data, image_size=image_size_for(cfg.data, cfg.teacher))
-    check = replace(cfg.check, seed=cfg.seed, teacher_apart=trained)
+    students = cfg.check.student_train
+    check = replace(cfg.check, seed=cfg.seed, teacher_apart=trained,
+                    student_train=students if students.device != "auto" else replace(students, device=device))
     seed_everything(cfg.seed)
     arch = cfg.teacher_arch
     teacher_history: list[dict] = []

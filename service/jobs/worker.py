@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from sdb_core.bundle import cuda_visible
+
 from ..settings import Settings
 from ..store import Store
 from .queue import JobQueue
@@ -124,9 +126,9 @@ def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
     """The CUDA devices this machine lets a process use, as CUDA_VISIBLE_DEVICES names them: that
     variable when it is set, else what ``nvidia-smi -L`` lists, else none. (No torch import here: the
     API process that starts the pool need not load it.)"""
-    env = os.environ if env is None else env
-    if "CUDA_VISIBLE_DEVICES" in env:
-        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() and d.strip() != "-1"]
+    named = cuda_visible(env)
+    if named is not None:
+        return named
     try:
         out = subprocess.run(["nvidia-smi", "-L"], check=True, capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):

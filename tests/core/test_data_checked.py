@@ -35,6 +35,24 @@ def test_numpy_habits_are_converted_and_nothing_else_is_copied():
     assert loose.train.tensors[0].dtype == torch.float64  # the user's splits are left as they were
 
 
+def test_splits_built_on_the_runs_device_come_back_on_the_cpu():
+    """On a GPU (benchmarks/gpu.py runs this suite there), splits a user built with .cuda() failed in the check's
+    numpy stratification (``y.numpy()`` of a CUDA tensor); the recipes move each batch themselves."""
+    from sdb_core.data import transfer_split
+    from sdb_core.protect.check import holdout
+    from sdb_core.train import pick_device
+
+    data = feature_splits(n=200, n_test=50)
+    device = pick_device("auto")
+    on = replace(data, train=TensorDataset(*(t.to(device) for t in data.train.tensors)),
+                 test=TensorDataset(*(t.to(device) for t in data.test.tensors)))
+    checked = on.checked()
+    assert {t.device.type for split in (checked.train, checked.test) for t in split.tensors} == {"cpu"}
+    fit, val = holdout(checked, 0.15, 0)
+    assert len(val) >= data.num_classes and len(fit.train) + len(val) == len(data.train)
+    assert len(transfer_split(checked, 40, 0)) == 40
+
+
 @pytest.mark.parametrize("broken, message", [
     (lambda d: _with(d, x=lambda x: (x * 10).long()), r"inputs are torch.int64: .*real-valued"),
     (lambda d: _with(d, x=lambda x: x.index_fill(0, torch.tensor([7]), float("nan"))),

@@ -14,7 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from sdb_core.bundle import export_bundle, load_bundle, onnx_providers, use_providers
+from sdb_core.bundle import (
+    available_providers,
+    cuda_visible,
+    export_bundle,
+    load_bundle,
+    onnx_providers,
+    use_providers,
+)
 from service.jobs.worker import run_worker
 from service.registry import (
     BATCH_DEFAULTS,
@@ -75,6 +82,26 @@ def test_providers_default_to_cuda_then_cpu_and_keep_the_order_asked(tmp_path, c
         assert ort_providers(cpu_first, available=both) == [CPU, (CUDA, {})]
         assert ort_providers(settings(tmp_path, ort_providers=CUDA), available=both) == [(CUDA, {}), CPU]
     assert warnings_of(caplog) == []
+
+
+@pytest.mark.parametrize(("visible", "cuda"), [(None, True), ("0", True), ("1,0", True), ("", False), ("-1", False),
+                                              (" , ", False)])
+def test_a_process_whose_devices_are_hidden_asks_for_no_gpu_provider(tmp_path, monkeypatch, caplog, visible, cuda):
+    """onnxruntime-gpu lists CUDA whatever CUDA_VISIBLE_DEVICES says; the job workers past the GPUs (which the
+    service gives "") asked for it, and each session logged an error before it fell back to the CPU."""
+    gpu_wheel = ["TensorrtExecutionProvider", CUDA, CPU]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: list(gpu_wheel))
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert (cuda_visible() is None) == (visible is None)
+    assert available_providers() == (gpu_wheel if cuda else [CPU])
+    use_providers(None)
+    assert onnx_providers() == ([CUDA, CPU] if cuda else [CPU])
+    with caplog.at_level(logging.WARNING, logger="sdb.service"):
+        assert ort_providers(settings(tmp_path)) == ([(CUDA, {}), CPU] if cuda else [CPU])
+    assert warnings_of(caplog) == []  # the default asks for none of them: nothing to warn of
 
 
 def test_the_cuda_provider_carries_the_gpu_memory_limit(tmp_path):
