@@ -423,6 +423,12 @@ def read_bundle_files(path: str | os.PathLike, names: Sequence[str] = (MODEL_FIL
         with zipfile.ZipFile(p) as z:
             out = {}
             for info in z.infolist():
+                if info.filename not in (MODEL_FILE, META_FILE, KEY_FILE):
+                    # nothing in a bundle that its meta.json cannot list (a name like ../x is never unpacked, but
+                    # a stored copy would keep it)
+                    raise BundleError(f"{p}: the archive holds {info.filename[:200]!r}, which is not a bundle file; "
+                                      f"a .sdb holds {MODEL_FILE}, {META_FILE} and {KEY_FILE} at its top level, "
+                                      "nothing else")
                 if info.filename in names:
                     if info.filename in out:  # which copy counts would be up to the reader: none does
                         raise BundleError(f"{p}: {info.filename} is in the archive twice")

@@ -141,6 +141,9 @@ def _cases(plain: dict[str, bytes]) -> dict[str, tuple[bytes, str]]:
         "meta.json nested 100000 deep": (_sdb(_edit(plain, raw_meta=b"[" * 100000 + b"]" * 100000)), "levels deep"),
         "meta.json of 17 MB": (_sdb(_edit(plain, _set("pad", "x" * (17 << 20)))), "at most 16 MiB"),
         "model.onnx twice": (_zip([("model.onnx", _onnx(batch_axis=False)), *sorted(plain.items())]), "twice"),
+        # never unpacked, but a stored copy kept it: a bundle holds what its meta.json can list, nothing else
+        "a member named ../../x": (_zip([*sorted(plain.items()), ("../../x", b"x")]), "'../../x', which is not"),
+        "a folder of the bundle": (_zip([(f"mine/{n}", b) for n, b in sorted(plain.items())]), "at its top level"),
         "corrupt deflate": (corrupt, "zip the bundle again"),
         "encrypted": (_patched(_patched(deflated, b"PK\x03\x04", 6, 1), b"PK\x01\x02", 8, 1), "without a password"),
         "unknown compression": (_patched(_patched(deflated, b"PK\x03\x04", 8, 99), b"PK\x01\x02", 10, 99),
