@@ -11,14 +11,19 @@ import time
 from datetime import UTC, datetime
 
 from sdb_core.protect.config import POLICIES, AuditConfig
-from service.auth import ApiKey, create_key
+from service.auth import ApiKey, create_key, validate_policy
 from service.errors import ApiError
 from service.settings import Settings, SettingsError
 from service.store import Store, open_store
 
 
 def _when(t: float | None) -> str:
-    return "-" if t is None else datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M")
+    if t is None:
+        return "-"
+    try:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, ValueError, OSError):  # a time no calendar date holds (a key stored before expiries were bounded)
+        return "never" if t > 0 else "-"
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -118,13 +123,16 @@ def worker(settings: Settings) -> int:
 
 def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: int | None,
                 quota_window: int | None, expires: float | None, name: str) -> int:
+    validate_policy(_split(scopes) or [], quota, quota_window, expires)  # refused before a data dir is made for it
+    # A typo in --data-dir or SDB_DATA_DIR makes a new data dir, whose keys no server of the real one knows: said.
+    where = "" if settings.data_dir.exists() else f" in a new data dir, {settings.data_dir}"
     store = _open_store(settings)
     try:
         token, key = create_key(store, settings.pepper, scopes=_split(scopes) or [], models=_split(models),
                                 quota=quota, quota_window_s=quota_window, expires_days=expires, name=name)
     finally:
         store.close()
-    print(f"created key {key.id}: scopes {','.join(sorted(key.scopes))}; "
+    print(f"created key {key.id}{where}: scopes {','.join(sorted(key.scopes))}; "
           f"models {'all' if key.models is None else ','.join(sorted(key.models))}; "
           f"quota {'unlimited' if key.quota is None else key.quota}; expires {_when(key.expires_at)}", file=sys.stderr)
     print("the key below is shown this once; store it now:", file=sys.stderr)

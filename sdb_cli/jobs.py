@@ -18,6 +18,8 @@ def _params(text: str) -> dict:
     try:
         obj = json.loads(src)
     except json.JSONDecodeError as e:
+        if src is text and not text.lstrip().startswith(("{", "[")):  # meant as a file's name, most likely
+            raise ValueError(f"--params {text[:200]!r}: no such file, and not a JSON object either") from None
         raise ValueError(f"--params is neither a JSON object nor a JSON file: {e}") from None
     if not isinstance(obj, dict):
         raise ValueError("--params must be a JSON object")  # noqa: TRY004  (the CLI reports ValueErrors)

@@ -85,18 +85,24 @@ def check_scope(key: ApiKey, scope: str, model: str | None = None) -> None:
         raise ApiError(403, "model_not_allowed", f"this API key is not allowed to use model {model!r}")
 
 
+# The store keeps counts in signed 64-bit integers (SQLite's and PostgreSQL's BIGINT); an expiry past a century is a
+# key that never expires (omit it), and past year 9999 no date can show it.
+MAX_COUNT = 2**63 - 1
+MAX_EXPIRY_DAYS = 36525
+
+
 def validate_policy(scopes: Iterable[str], quota: int | None, quota_window_s: int | None,
                     expires_days: float | None) -> list[str]:
     scopes = sorted({s.strip() for s in scopes if s.strip()})
     unknown = [s for s in scopes if s not in SCOPES]
     if not scopes or unknown:
         raise ValueError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}; got {unknown or 'none'}")
-    if quota is not None and quota < 0:
-        raise ValueError(f"quota must be >= 0, got {quota}")
-    if quota_window_s is not None and quota_window_s < 1:
-        raise ValueError(f"quota window must be >= 1 second, got {quota_window_s}")
-    if expires_days is not None and not expires_days > 0:
-        raise ValueError(f"expiry must be > 0 days, got {expires_days}")
+    if quota is not None and not 0 <= quota <= MAX_COUNT:
+        raise ValueError(f"quota must be in [0, {MAX_COUNT}] samples, got {quota}")
+    if quota_window_s is not None and not 1 <= quota_window_s <= MAX_COUNT:
+        raise ValueError(f"quota window must be in [1, {MAX_COUNT}] seconds, got {quota_window_s}")
+    if expires_days is not None and not 0 < expires_days <= MAX_EXPIRY_DAYS:  # NaN fails too
+        raise ValueError(f"expiry must be in (0, {MAX_EXPIRY_DAYS}] days, got {expires_days} (omit it: never)")
     return scopes
 
 
@@ -220,11 +226,13 @@ class Keyring:
         now = time.time()
         outcome = self.store.charge_job(key.id, samples, now, job_id, worker)
         if outcome is None:
-            self._refused(key, samples, now)
+            self._refused(key, samples, now, fewer="give the job at most {quota} transfer samples (params.transfer)")
         return outcome
 
-    def _refused(self, key: ApiKey, samples: int, now: float) -> None:
-        """Raise why the store refused a charge of ``samples``."""
+    def _refused(self, key: ApiKey, samples: int, now: float,
+                 fewer: str = "send at most {quota} at a time (smaller batches)") -> None:
+        """Raise why the store refused a charge of ``samples`` (``fewer``: how to ask less, for a request larger
+        than the whole quota)."""
         row = self.store.get_key(key.id)  # refused: say why
         if row is None:
             raise _unauthorized("invalid_key", "unknown API key")
@@ -236,7 +244,7 @@ class Keyring:
         if row.quota is not None and samples > row.quota:  # no wait helps: the request is larger than the quota
             per = f" per {row.quota_window_s} s" if row.quota_window_s else ""
             raise ApiError(429, "quota_exceeded", f"{samples} samples asked, more than this key's whole quota of "
-                           f"{row.quota}{per}: send at most {row.quota} at a time (smaller batches)")
+                           f"{row.quota}{per}: " + fewer.format(quota=row.quota))
         ws = window_start(row.quota_window_s, now)
         used = row.used if row.window_start >= ws else 0
         headers = None

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from sdb_core.protect.config import POLICIES, AuditConfig
 
+from .auth import MAX_COUNT, MAX_EXPIRY_DAYS
 from .errors import invalid
 
 
@@ -85,12 +86,12 @@ class PredictResponse(BaseModel):
 
 class DistillRequest(BaseModel):
     inputs: Tensor = Field(description="normalised model inputs, as for predict; the server blends the key in")
-    temperature: float | None = Field(None, gt=0, le=1000,
+    temperature: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False,
                                       description="also return softmax(logits / T) as soft_targets")
 
 
 class DistillOptions(BaseModel):
-    temperature: float | None = Field(None, gt=0, le=1000)
+    temperature: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False)
 
 
 class DistillResponse(BaseModel):
@@ -138,9 +139,10 @@ class CreateKeyRequest(BaseModel):
          "expires_days": 90, "name": "teacher-of-lab-7"}]})
     scopes: list[str] = Field(min_length=1, description="predict | distill | jobs | deploy | admin")
     models: list[Text] | None = Field(None, description="allowlist; omitted: every model")
-    quota: int | None = Field(None, ge=0, description="samples the key may be served (distill)")
-    quota_window_s: int | None = Field(None, ge=1, description="the quota restarts every window; omitted: lifetime")
-    expires_days: float | None = Field(None, gt=0)
+    quota: int | None = Field(None, ge=0, le=MAX_COUNT, description="samples the key may be served (distill)")
+    quota_window_s: int | None = Field(None, ge=1, le=MAX_COUNT,
+                                       description="the quota restarts every window; omitted: lifetime")
+    expires_days: float | None = Field(None, gt=0, le=MAX_EXPIRY_DAYS, description="omitted: never")
     name: str = Field("", max_length=200, pattern=NO_NUL)
 
 

@@ -143,8 +143,10 @@ def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.
         pixels = unit_pixels(img, "L" if c == 1 else "RGB", (w, h)) * 255.0  # on the 0-255 scale ``normalize`` has
     except ApiError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            EOFError, MemoryError):
+    except Image.DecompressionBombError:  # Pillow's own bound, met on opening an image of some 180 M pixels or more
+        raise ApiError(415, "unsupported_image", f"the image is too large (at most {MAX_IMAGE_PIXELS} pixels, "
+                       f"{MAX_IMAGE_SIDE} a side)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError):
         raise ApiError(415, "unsupported_image", "the upload is not a readable PNG or JPEG image") from None
     pixels = pixels[None] if c == 1 else pixels.transpose(2, 0, 1)
     mean = np.asarray(normalize["mean"], np.float32).reshape(-1, 1, 1)
@@ -153,7 +155,12 @@ def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.
 
 
 def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = z / temperature if temperature != 1.0 else z
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    # The largest logit taken off before dividing: at a tiny temperature z / T overflows to Inf, and Inf - Inf is NaN;
+    # (z - max) / T is at most 0 (the top logit exactly 0), so the answer tends to the one-hot it should.
+    # T divides in float64: in float32 a T below ~1e-45 is 0, and the top logit's 0 / 0 NaN.
+    dtype = z.dtype
+    z = z - z.max(axis=1, keepdims=True)
+    with np.errstate(over="ignore"):  # to -Inf, whose exp is the 0 it should be
+        e = np.exp(z / np.float64(temperature) if temperature != 1.0 else z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(dtype, copy=False)
 

@@ -351,12 +351,21 @@ async def model_version_config(name: ModelName, version: ModelVersion, s: Servin
     return json_response(oip.model_config(s.host, model, s.settings.max_request_samples))
 
 
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
 def _json_data(datatype: str, shape: list[int], data, what: str) -> np.ndarray:
     """A tensor's JSON ``data`` (flat or nested, row-major) as an array of ``datatype``; 422 if it is not one."""
     if datatype not in INPUT_DATATYPES:
         raise unsupported_datatype(datatype)
     if datatype in ("FP32", "FP16", "FP64"):
         arr = to_array(data, "data")
+        if datatype == "FP16":  # the values the datatype holds, as the same tensor in binary would carry them
+            big = np.abs(arr) > FP16_MAX
+            if big.any():
+                raise invalid(f"{what} data has values beyond FP16's range (±{FP16_MAX:g}, e.g. "
+                              f"{float(arr[big].flat[0]):g}): send them as FP32", "invalid_dtype")
+            arr = arr.astype(np.float16)
     else:
         if not isinstance(data, list):
             raise invalid(f"{what} data must be an array", "invalid_input")

@@ -189,3 +189,28 @@ def test_keys_create_prints_the_key_alone_on_stdout(data, capsys):
     lines = out.out.splitlines()
     assert len(lines) == 1 and lines[0].startswith("sdb_") and len(lines[0]) == 81
     assert "created key" in out.err and "shown this once" in out.err and lines[0] not in out.err
+    # the first key of a data dir says it made one (a typo in --data-dir would give keys no server knows)
+    assert f"in a new data dir, {data}" in out.err
+    assert main(["keys", "create", "--scopes", "jobs"]) == 0
+    assert "new data dir" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--expires", "inf"], ["--expires", "1e300"], ["--expires", "nan"],
+                                   ["--quota", str(10**30)], ["--quota-window", str(2**63)]])
+def test_keys_create_refuses_a_policy_no_store_or_date_holds_in_one_line(data, capsys, flags):
+    """An expiry of inf was stored, then the CLI crashed before showing the key (and `keys list` after it, for
+    everyone); a quota past 64 bits was a traceback from the store."""
+    assert main(["keys", "create", "--scopes", "distill", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdb: error: ") and "must be in" in err[0], err
+    assert main(["keys", "list"]) == 0
+    assert "distill" not in capsys.readouterr().out  # nothing was stored
+
+
+def test_jobs_submit_names_a_params_file_that_is_not_there(data, capsys, monkeypatch):
+    """`--params job.json` with a typo in the name used to say "Expecting value: line 1 column 1"."""
+    monkeypatch.setenv("SDB_API_KEY", KEY)
+    code = main(["jobs", "submit", "distill", "--params", "no-such-job.json", "--url", "http://127.0.0.1:9"])
+    one_line_error(capsys, code, "'no-such-job.json': no such file")
+    code = main(["jobs", "submit", "distill", "--params", '{"epochs": ', "--url", "http://127.0.0.1:9"])
+    one_line_error(capsys, code, "neither a JSON object nor a JSON file")

@@ -56,6 +56,13 @@ def test_with_options_overrides_per_call_and_keeps_the_rest():
     assert c.options.max_retries == 5 and d._http is c._http and d.has_key
     with pytest.raises(e.ConfigurationError):
         c.with_options(batch_size=0)
+    # no request finishes in 0 s or less: said at once (-1 was the socket's ValueError; 0 four retries, then
+    # "cannot reach the server")
+    for bad in (0, -1, "soon", float("nan")):
+        with pytest.raises(e.ConfigurationError, match="timeout must be a number of seconds > 0"):
+            sdb_client.Client("http://h:1", api_key=KEY, timeout=bad)
+        with pytest.raises(e.ConfigurationError):
+            c.with_options(timeout=bad)
 
 
 def test_retry_decision():

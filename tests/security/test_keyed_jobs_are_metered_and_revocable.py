@@ -83,6 +83,7 @@ def test_a_distill_job_charges_its_keys_quota_exactly_and_never_past_it(server):
     assert r.status_code == 202, r.text
     failed = ended(server, r.json()["id"], 60)
     assert failed["status"] == "failed" and "quota" in failed["error"], failed
+    assert "params.transfer" in failed["error"] and "smaller batches" not in failed["error"], failed  # a job's advice
     assert used(server, tok) == 0
     # A teacher that cannot take the data set's inputs (8x8 digits against 28x28 MNIST): failed before any
     # sample is drawn, nothing charged (it was charged, then failed on "operands could not be broadcast").

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -26,6 +27,15 @@ def thin_png() -> bytes:
     b = io.BytesIO()
     Image.new("L", (65_537, 1)).save(b, "PNG")
     return b.getvalue()
+
+
+def declared_png(width: int, height: int) -> bytes:
+    """A PNG declaring ``width`` x ``height`` pixels, and holding none."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
 def blank_png(side: int = 4000) -> bytes:
@@ -130,6 +140,15 @@ BAD = [
      {"content": thin_png(), "headers": {"content-type": "image/png"}}, 415, "unsupported_image"),
     ("v2 BYTES image longer a side than MAX_IMAGE_SIDE", "post", V2_INFER,
      v2_binary("BYTES", [1], bytes_elements(thin_png())), 415, "65537×1 pixels is too large"),
+    # 10^10 pixels declared: Pillow refuses to open it at all (a decompression bomb), which read as "not an image"
+    ("image declaring 10^10 pixels", "post", PREDICT,
+     {"content": declared_png(100_000, 100_000), "headers": {"content-type": "image/png"}}, 415, "unsupported_image"),
+    ("v2 BYTES image declaring 10^10 pixels", "post", V2_INFER,
+     v2_binary("BYTES", [1], bytes_elements(declared_png(100_000, 100_000))), 415, "the image is too large"),
+    # FP16 holds ±65504: a larger value in JSON was taken as FP32
+    ("v2 JSON FP16 beyond its range", "post", V2_INFER,
+     {"json": {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP16", "data": [1e10] + [0.0] * 63}]}},
+     422, "beyond FP16's range"),
     # each image within its bounds, together past MAX_REQUEST_PIXELS: refused from their headers, none decoded
     # (530 such images fit in an 8 MB body: 55 s of CPU)
     ("images over MAX_REQUEST_PIXELS together", "post", PREDICT, {"files": SEVEN}, 413, "images_too_large"),
@@ -151,6 +170,19 @@ async def test_bad_input_then_good_request(svc, what, method, path, kwargs, stat
         if code:
             assert body["error"]["code"] == code
     assert (await svc.client.post(PREDICT, json=GOOD)).status_code == 200
+
+
+async def test_a_tiny_temperature_sharpens_to_the_top_label_not_to_nan(svc):
+    """softmax(logits / T) at T = 1e-40 overflowed to Inf - Inf: NaN soft targets, answered with a 200 and charged."""
+    h = svc.auth(svc.key(("distill",)))
+    for ask in ({"json": {**GOOD, "temperature": 1e-40}}, {"json": GOOD, "params": {"temperature": "1e-300"}}):
+        r = await svc.client.post("/v1/models/digits-a/distill", headers=h, **ask)
+        assert r.status_code == 200, r.text
+        soft, logits = np.array(r.json()["soft_targets"]), np.array(r.json()["logits"])
+        assert np.isfinite(soft).all() and soft.sum() == pytest.approx(1.0)
+        assert soft[0, logits[0].argmax()] >= 0.5 and set(np.unique(soft)) <= {0.0, 0.5, 1.0}
+    r = await svc.client.post("/v1/models/digits-a/distill", json=GOOD, params={"temperature": "nan"}, headers=h)
+    assert r.status_code == 422 and "finite" in r.json()["error"]["message"], r.text
 
 
 async def test_bad_distill_input_costs_no_quota(svc):
@@ -185,6 +217,11 @@ async def test_bad_admin_bodies(svc):
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
     r = await c.post("/v1/keys", json={"scopes": []}, headers=svc.admin)
     assert r.status_code == 422
+    # counts past the store's 64-bit integers, and an expiry past any date (were a 500, and a key no listing shows)
+    for bad in ({"quota": 2**63}, {"quota_window_s": 2**63}, {"expires_days": 1e300}):
+        r = await c.post("/v1/keys", json={"scopes": ["distill"], **bad}, headers=svc.admin)
+        assert r.status_code == 422 and next(iter(bad)) in r.json()["error"]["message"], r.text
+    assert len((await c.get("/v1/keys", headers=svc.admin)).json()["keys"]) == 1  # the admin's own alone
     r = await c.post("/v1/keys", content=b"{", headers={**svc.admin, **JSON})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", r.text  # malformed JSON
     r = await c.post("/v1/models", json={"path": "/does/not/exist"}, headers=svc.admin)

@@ -80,6 +80,9 @@ async def test_submit_accepts_the_issue_examples_and_lists_them(jsvc):
     ("distill", {**DISTILL, "student": "nope"}, "unknown architecture"),
     ("distill", {**DISTILL, "temperature": 0}, "params.temperature"),
     ("distill", {**DISTILL, "cpus": -1}, "params.cpus"),
+    # past 64 bits: stored, it was a 500 that then failed every listing of the jobs
+    ("distill", {**DISTILL, "seed": 2**70}, "params.seed is a whole number past 64 bits"),
+    ("distill", {**DISTILL, "transfer": 2**64}, "params.transfer is a whole number past 64 bits"),
     ("nosuchkind", {}, "unknown job kind"),
 ])
 async def test_bad_params_are_refused_and_never_queued(jsvc, kind, params, needle):
@@ -88,6 +91,19 @@ async def test_bad_params_are_refused_and_never_queued(jsvc, kind, params, needl
     assert r.status_code == 422, r.text
     assert needle in r.json()["error"]["message"]
     assert (await jsvc.client.get("/v1/jobs", headers=jsvc.auth(tok))).json()["jobs"] == []
+
+
+@pytest.mark.anyio
+async def test_a_keyed_distillation_the_quota_left_cannot_start_is_refused_at_submission(jsvc):
+    # transfer 0 (the whole train split) has a size the API process does not know, but it draws one sample at least
+    spent = jsvc.key(("jobs", "distill"), quota=0)
+    for params in (DISTILL, {**DISTILL, "transfer": 1}):
+        r = await submit(jsvc, spent, "distill", params)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded", r.text
+        assert "0 of 0 left" in r.json()["error"]["message"]
+    assert (await jsvc.client.get("/v1/jobs", headers=jsvc.auth(spent))).json()["jobs"] == []
+    r = await submit(jsvc, jsvc.key(("jobs", "distill"), quota=1), "distill", DISTILL)
+    assert r.status_code == 202, r.text  # one sample left: the job learns whether its split fits
 
 
 @pytest.mark.anyio

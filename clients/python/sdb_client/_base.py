@@ -149,8 +149,17 @@ class Options:
              batch_size: int | None, base: Options | None = None, encoding: str | None = None) -> Options:
         if timeout is None:
             t = base.timeout if base else DEFAULT_TIMEOUT
+        elif isinstance(timeout, httpx.Timeout):
+            t = timeout
         else:
-            t = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(float(timeout))
+            try:
+                seconds = float(timeout)
+            except (TypeError, ValueError):
+                seconds = math.nan
+            if not 0 < seconds < math.inf:  # 0 or less: no request could finish (the socket refuses a negative one)
+                raise exc.ConfigurationError(f"timeout must be a number of seconds > 0, got {timeout!r}",
+                                             code="invalid_option")
+            t = httpx.Timeout(seconds)
         r = max_retries if max_retries is not None else (base.max_retries if base else DEFAULT_MAX_RETRIES)
         b = batch_size if batch_size is not None else (base.batch_size if base else DEFAULT_BATCH_SIZE)
         e = check_encoding(encoding) if encoding is not None else (base.encoding if base else DEFAULT_ENCODING)
@@ -548,8 +557,9 @@ class Distilled:
 
 def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(logits / T)`` in float32, as the server computes it for a JSON answer."""
-    z = logits / np.float32(temperature)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
+    # the top logit off first, as the server does: at a tiny T, logits / T would overflow (Inf - Inf: NaN)
+    with np.errstate(over="ignore"):  # to -Inf, whose exp is the 0 it should be; T in float64, where it is not 0
+        e = np.exp((logits - logits.max(axis=1, keepdims=True)) / np.float64(temperature))
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
 
 

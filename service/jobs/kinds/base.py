@@ -69,6 +69,15 @@ class JobParams(BaseModel):
     gpus: float = Field(0.0, ge=0, le=16, description="GPUs for a Ray task")
     seed: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _within_64_bits(self) -> JobParams:
+        # A whole number past 64 bits validates as a Python int, but the job record could not be answered (JSON
+        # encoders stop at 64 bits: the submission was stored, then every listing of the jobs failed) nor run.
+        where = _wide_int(self.model_dump(mode="json"), "params")
+        if where is not None:
+            raise ValueError(f"{where} is a whole number past 64 bits; no setting of a job is that large")
+        return self
+
     def reads(self) -> list[Access]:
         """The hosted models this job reads; its key is checked for each at submission, claim and heartbeat."""
         return []
@@ -109,12 +118,21 @@ def get_kind(name: str) -> Kind:
     return KINDS.get(name)
 
 
+def _wide_int(value: Any, where: str) -> str | None:
+    """Where in ``value`` (JSON-like) an integer needs more than a signed 64 bits, or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return where if not -2**63 <= value < 2**63 else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((w for k, v in items if (w := _wide_int(v, f"{where}.{k}")) is not None), None)
+
+
 def params_errors(e: ValidationError) -> str:
     """A params ValidationError in a line: where (``params.field``) and what, for the first five."""
     parts = []
     for err in e.errors()[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"params.{where}: {err['msg']}" if where else f"params: {err['msg']}")
+        msg = err["msg"].removeprefix("Value error, ")  # a validator's own sentence, as it wrote it
+        parts.append(f"params.{where}: {msg}" if where else msg if msg.startswith("params") else f"params: {msg}")
     return "; ".join(parts)
 
 

@@ -53,14 +53,17 @@ class DistillParams(JobParams):
 
 def _fits_quota(sub: Submission, samples: int) -> None:
     """A transfer set that can never fit the key's quota is a 429 now, not a failed job later. (With a quota
-    window the window may roll over before the job runs: only the quota itself bounds it then.)"""
+    window the window may roll over before the job runs: only the quota itself bounds it then.) ``samples`` 0 is the
+    whole train split, whose size only the job learns (the API process does not load data sets): it draws one
+    sample at least, and a larger set than the quota fails the job before it draws any."""
     quota = sub.key.quota
-    if not samples or quota is None:
+    if quota is None:
         return
     row = sub.queue.store.get_key(sub.key.id)
     used = row.used if row is not None and not row.quota_window_s else 0
-    if used + samples > quota:
-        raise ApiError(429, "quota_exceeded", f"the job draws {samples} keyed samples; this key's quota has "
+    if used + max(samples, 1) > quota:
+        drawn = f"{samples} keyed samples" if samples else "its whole train split (transfer 0)"
+        raise ApiError(429, "quota_exceeded", f"the job draws {drawn}; this key's quota has "
                        f"{max(0, quota - used)} of {quota} left")
 
 
