@@ -5,6 +5,8 @@ Nothing here unpickles arbitrary objects: a user's file can hold tensors, not co
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -26,9 +28,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - both readers raise many types for a corrupt or unsafe file
-        raise WeightsError(f"cannot read weights from {p}: {e}") from None
-    # Training scripts often save {"state_dict": ...} or {"model": ...}.
-    for wrapper in ("state_dict", "model"):
+        raise _unreadable(p, e) from None
+    # Training scripts often save {"state_dict": ...}, {"model_state_dict": ...} (PyTorch's tutorials) or {"model": ...}.
+    for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -36,18 +38,49 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
+def _unreadable(p: Path, e: Exception) -> WeightsError:
+    """Why a weights file could not be read, in the owner's terms (not torch's advice to unpickle it)."""
+    if _looks_like_onnx(p):
+        return WeightsError(f"{p} is an ONNX model, not weights: name it *.onnx (an ONNX model brings its own "
+                            "network, so give no architecture with it)")
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met a class: not tensors in plain containers
+        return WeightsError(f"{p} holds pickled Python objects ({found.group(1)[:100]}), not tensors alone (a whole "
+                            "network saved with torch.save(model)?), and nothing is unpickled here: save its "
+                            "model.state_dict() (torch.save or safetensors), or export the network to ONNX (a .onnx "
+                            "file)")
+    return WeightsError(f"cannot read weights from {p}: it is neither a safetensors file nor a state dict saved by "
+                        f"torch.save ({_reason(e)})")
+
+
+def _reason(e: Exception) -> str:
+    """A reader's exception in a few words: its first line, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _looks_like_onnx(p: Path) -> bool:
+    """Whether a file starts as an ONNX model's protobuf does: its ir_version (field 1, a small varint), then a
+    length-delimited field (the producer's name, domain, doc string, graph or opsets: fields 2-5, 7, 8)."""
+    with p.open("rb") as f:
+        head = f.read(3)
+    return len(head) == 3 and head[0] == 0x08 and head[1] < 0x80 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x3A, 0x42)
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    state = _unwrapped(read_state_dict(path), set(model.state_dict()))
+    state, prefix = _unwrapped(read_state_dict(path), set(model.state_dict()))
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        raise WeightsError(f"weights in {path} do not fit {type(model).__name__}: {_misfit(model, state)}; were "
-                           "they saved from this architecture, for this number of classes and input channels?") from None
+        raise WeightsError(f"weights in {path} do not fit {type(model).__name__}: {_misfit(model, state, prefix)}; "
+                           "were they saved from this architecture, for this number of classes and input "
+                           "channels?") from None
     return model
 
 
-def _misfit(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
-    """What keeps ``state`` from fitting ``model``, in one line (torch's message lists every tensor)."""
+def _misfit(model: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> str:
+    """What keeps ``state`` from fitting ``model``, in one line (torch's message lists every tensor); the file's
+    names as the file has them (``prefix``: what :func:`_unwrapped` took off)."""
     own = model.state_dict()
     shapes = [(k, list(state[k].shape), list(v.shape)) for k, v in own.items() if k in state and state[k].shape != v.shape]
     missing = [k for k in own if k not in state]
@@ -55,31 +88,35 @@ def _misfit(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
     parts = []
     if shapes:
         k, saved, wanted = shapes[0]
-        parts.append(f"{len(shapes)} tensor(s) of another shape, the first {k}: {saved} in the file, {wanted} in "
+        parts.append(f"{len(shapes)} tensor(s) of another shape, the first {prefix + k!r} ({k!r} in the model): "
+                     f"{saved} in the file, {wanted} in the model" if prefix else
+                     f"{len(shapes)} tensor(s) of another shape, the first {k}: {saved} in the file, {wanted} in "
                      "the model")
     if missing:
         parts.append(f"{len(missing)} tensor(s) of the model not in the file, the first {missing[0]!r}")
     if extra:
-        parts.append(f"{len(extra)} tensor(s) in the file the model lacks, the first {extra[0]!r}")
+        parts.append(f"{len(extra)} tensor(s) in the file the model lacks, the first {prefix + extra[0]!r}")
     return "; ".join(parts) or "the state dict does not load"
 
 
-def _unwrapped(state: dict[str, torch.Tensor], names: set[str]) -> dict[str, torch.Tensor]:
+def _unwrapped(state: dict[str, torch.Tensor], names: set[str]) -> tuple[dict[str, torch.Tensor], str]:
     """``state`` without the prefix a training wrapper put on every name, when that is what keeps it from
     fitting: DataParallel and DDP save ``module.``, ``torch.compile`` ``_orig_mod.``, Lightning ``model.``
-    (or the attribute the network lived in). Only a prefix shared by every name is taken off."""
+    (or the attribute the network lived in). Only a prefix shared by every name is taken off; it is returned too
+    (``""``: none), so that a message can name the file's tensors as the file does."""
+    prefix = ""
     for _ in range(3):  # nested wrappers: module._orig_mod.
         if set(state) == names or not state:
-            return state
+            break
         heads = {k.split(".", 1)[0] for k in state}
         if len(heads) != 1 or not all("." in k for k in state):
-            return state
+            break
         head = heads.pop()
         if all(n.startswith(head + ".") for n in names):  # the network's own names have it: not a wrapper's
-            return state
+            break
         cut = len(head) + 1
-        state = {k[cut:]: v for k, v in state.items()}
-    return state
+        state, prefix = {k[cut:]: v for k, v in state.items()}, prefix + head + "."
+    return state, prefix
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:

@@ -94,10 +94,34 @@ class FromOneScore(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = logits_of(self.model(x))
+        if z.dim() == 1:  # (N,): the score squeezed out of its column
+            z = z.unsqueeze(1)
         if self.probability:
-            p = z.clamp(_TINY, 1.0 - 1e-7)  # 1 - 1e-7: the largest float32 below 1 that log1p(-p) keeps finite
-            z = torch.log(p) - torch.log1p(-p)
+            z = _logit(z)
         return torch.cat([torch.zeros_like(z), z], 1)
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of the sigmoid, finite on [0, 1]."""
+    p = p.clamp(_TINY, 1.0 - 1e-7)  # 1 - 1e-7: the largest float32 below 1 that log1p(-p) keeps finite
+    return torch.log(p) - torch.log1p(-p)
+
+
+class FromClassSigmoids(nn.Module):
+    """The network of a classifier that answers one sigmoid per class (one-vs-rest heads: every score in [0, 1],
+    rows not summing to 1): it answers their logits, logit(p) = log(p / (1 − p)), the scores the sigmoids were
+    given, so the top-1 is the teacher's own and the soft labels are those of its logits. (Probabilities taken for
+    logits span at most 1 a row: their soft labels at T = 4 are near uniform, and teach nothing.)"""
+
+    why = ("the teacher answers one probability per class (a sigmoid on each): their logits are what the box "
+           "learns and serves")
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _logit(logits_of(self.model(x)))
 
 
 class CopiesInput(nn.Module):
@@ -128,7 +152,7 @@ def copy_teacher(teacher: nn.Module) -> nn.Module:
     (``torch.jit.script``/``trace``) is copied through ``torch.jit.save``/``load``, since ``copy.deepcopy`` of one
     gives parameters that are not leaves (nothing can train or freeze them)."""
     teacher = plain_teacher(teacher)
-    if isinstance(teacher, Logits | FromProbabilities | CopiesInput):
+    if isinstance(teacher, Logits | FromProbabilities | FromClassSigmoids | CopiesInput):
         return type(teacher)(copy_teacher(teacher.model))
     if isinstance(teacher, FromOneScore):
         return FromOneScore(copy_teacher(teacher.model), teacher.probability)
@@ -151,10 +175,11 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     :class:`Logits` when its forward answers the logits as ``out["logits"]`` or ``out.logits``, inside
     :class:`FromProbabilities` when it answers probabilities (an ``nn.Softmax`` at the end: every row in [0, 1],
     summing to 1; the recipe's soft labels at T = 4 read logits, and probabilities taken for logits teach
-    nothing), and inside :class:`FromOneScore` when a binary classifier answers one score per input: a
-    probability when every score on up to 256 training inputs is in [0, 1] (a trained logit is negative for the
-    first class), else a logit; inside :class:`CopiesInput` when its forward writes into its input. The adapters
-    say what they did in ``why``."""
+    nothing), inside :class:`FromClassSigmoids` when it answers one probability per class (every score on up to
+    256 training inputs in [0, 1], rows not summing to 1: a sigmoid on each), and inside :class:`FromOneScore`
+    when a binary classifier answers one score per input ((N, 1) or (N,)): a probability when every score on up
+    to 256 training inputs is in [0, 1] (a trained logit is negative for the first class), else a logit; inside
+    :class:`CopiesInput` when its forward writes into its input. The adapters say what they did in ``why``."""
     teacher = plain_teacher(teacher)
     x = data.train.tensors[0][:2]
     k = data.num_classes
@@ -174,11 +199,12 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
         what = f"a dict with keys {sorted(map(str, out))}" if isinstance(out, dict) else f"a {type(out).__name__}"
         raise ValueError(f"the teacher returns {what}, not a tensor of logits (nor a 'logits' entry or attribute): "  # noqa: TRY004
                          f"wrap a module whose forward returns (N, {k}) logits (e.g. the first element)")
-    one_score = z.shape == (len(x), 1) and k == 2
+    one_score = z.shape in ((len(x), 1), (len(x),)) and k == 2
     if z.shape != (len(x), k) and not one_score:
         flat = z.dim() > 2 and z[0].numel() == k
         raise ValueError(f"the teacher answers shape {tuple(z.shape)} for {len(x)} inputs; the data has {k} "
                          f"classes: it must answer (N, {k}) logits"
+                         + (" (or, for 2 classes, one score per input: (N, 1) or (N,))" if k == 2 else "")
                          + (": flatten its output, e.g. nn.Sequential(teacher, nn.Flatten())" if flat else ""))
     if not z.is_floating_point() or not torch.isfinite(z).all():
         raise ValueError("the teacher's logits must be finite floats (got "
@@ -192,15 +218,20 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
             raise ValueError("the TorchScript teacher changes its input in place (an in-place op on it): script (or "
                              "trace) a module that does not, or pass the nn.Module unscripted")
         net = CopiesInput(net)
-    probabilities = k > 1 and bool((z >= 0).all() and (z <= 1).all()
-                                   and torch.allclose(z.sum(1), torch.ones(len(z)).to(z), atol=1e-4))
+    probabilities = not one_score and bool((z >= 0).all() and (z <= 1).all()
+                                           and torch.allclose(z.sum(1), torch.ones(len(z)).to(z), atol=1e-4))
     if (one_score or probabilities) and isinstance(teacher, torch.jit.ScriptModule):  # ONNX's tracer cannot call
         # it from an adapter
         what = f"one score per input for {k} classes" if one_score else "probabilities (each row summing to 1)"
         raise ValueError(f"the TorchScript teacher answers {what}: script (or trace) a module that answers its "
                          f"{k} logits (no final softmax or sigmoid), or pass the nn.Module unscripted")
+    sigmoids = not (one_score or probabilities) and bool(((z >= 0) & (z <= 1)).all()) and _scores_are_probabilities(
+        net, data)
+    if sigmoids and isinstance(teacher, torch.jit.ScriptModule):
+        raise ValueError(f"the TorchScript teacher answers one probability per class (a sigmoid on each): script "
+                         f"(or trace) a module that answers its {k} logits, or pass the nn.Module unscripted")
     adapted = (FromOneScore(net, _scores_are_probabilities(net, data)) if one_score
-               else FromProbabilities(net) if probabilities else net)
+               else FromProbabilities(net) if probabilities else FromClassSigmoids(net) if sigmoids else net)
     if adapted is not net and isinstance(net, CopiesInput):
         adapted.why = f"{adapted.why}; {net.why}"
     return adapted
@@ -215,8 +246,8 @@ def _logits_module(teacher: nn.Module, bare: bool) -> nn.Module:
 
 
 def _scores_are_probabilities(net: nn.Module, data) -> bool:
-    """Whether a one-score binary teacher answers probabilities: every score in [0, 1] on up to 256 training
-    inputs."""
+    """Whether a teacher's scores are probabilities (a one-score binary teacher's, or one sigmoid per class): every
+    score in [0, 1] on up to 256 training inputs (trained logits are negative for the classes an input is not)."""
     with torch.no_grad(), evaluating(net):
         z = torch.cat([net(x.to(device_of(net))) for x in data.train.tensors[0][:256].split(64)])
     return bool(torch.isfinite(z).all() and (z >= 0).all() and (z <= 1).all())

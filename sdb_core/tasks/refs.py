@@ -72,6 +72,8 @@ class ModelRef:
             raise ValueError(f"a model reference names one source, got {' and '.join(sources)}")
         if self.weights is not None and self.arch is None and not self.is_onnx:
             raise ValueError("weights need their architecture (arch), unless they are an ONNX model (.onnx)")
+        if self.is_onnx and self.arch is not None:  # it would be ignored: the graph is the network
+            raise ValueError(f"an ONNX model brings its own network: give no architecture with it (got {self.arch!r})")
         if self.model is None and self.version is not None:
             raise ValueError("version needs a hosted model name (model)")
         if (self.mean is None) != (self.std is None):

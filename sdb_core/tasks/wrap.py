@@ -121,7 +121,7 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     teacher_history: list[dict] = []
     if not trained:  # a zoo architecture's weights, or an ONNX model
         teacher = cfg.teacher.network(data.num_classes, data.in_shape, (data.mean, data.std))
-        _require_learned(teacher, data)
+        scored = _require_learned(teacher, data)
     else:  # not on the part the wrap's check holds out: there it must be unseen
         teacher = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)
         train = teacher_data(data, check).train
@@ -130,7 +130,10 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
         teacher_history = h.epochs
         if cfg.save_teacher:
             save_weights(teacher, cfg.save_teacher)
-    hooks.log(f"teacher {arch} on {cfg.data_label or cfg.data}: test accuracy {accuracy(teacher, data.test):.2f}%")
+        scored = teacher
+    # scored through its adapter (check_teacher): a binary teacher's one score per input read as logits had every
+    # input in class 0
+    hooks.log(f"teacher {arch} on {cfg.data_label or cfg.data}: test accuracy {accuracy(scored, data.test):.2f}%")
 
     seeded = cfg.with_training(seed=cfg.seed)
     # Both modes check themselves; WrapRefused propagates: the caller exits non-zero (CLI) or fails the job,
@@ -152,16 +155,18 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
 LEARNED_MARGIN = 5.0  # points above chance a given teacher must score on the data's own training inputs
 
 
-def _require_learned(teacher, data) -> None:
+def _require_learned(teacher, data):
     """Refuse, saying why, a given teacher that scores at chance on the data's training inputs (up to 2,000): it
-    was trained on other inputs than these, and a box of it would protect nothing worth having."""
+    was trained on other inputs than these, and a box of it would protect nothing worth having. Returns the
+    teacher as scored (inside :func:`~sdb_core.protect.teacher.check_teacher`'s adapter, if it needs one)."""
     from torch.utils.data import TensorDataset
 
     from ..protect.teacher import check_teacher, shown
     from ..train import accuracy
 
     x, y = (t[:2000] for t in data.train.tensors)
-    fit, chance = accuracy(check_teacher(teacher, data), TensorDataset(x, y)), 100.0 / data.num_classes
+    checked = check_teacher(teacher, data)
+    fit, chance = accuracy(checked, TensorDataset(x, y)), 100.0 / data.num_classes
     if fit < chance + LEARNED_MARGIN:
         raise ValueError(
             f"the teacher scores {fit:.1f}% on the data's training inputs (chance {chance:.1f}%): it was trained on "
@@ -170,3 +175,4 @@ def _require_learned(teacher, data) -> None:
             f"({', '.join(data.labels[:5])}{', ...' if len(data.labels) > 5 else ''}). A network trained on inputs "
             "normalised otherwise: give that normalisation (sdb wrap --teacher-mean/--teacher-std, a job's "
             "teacher.mean/std); trained on another class order: give the data in its order")
+    return checked

@@ -97,6 +97,10 @@ def test_bad_input_gives_a_clear_error(wrapped, capsys, tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x08\x07not a graph")
     assert main(["wrap", "--teacher", str(tmp_path / "bad.onnx"), "--data", "digits", "--out", str(tmp_path / "o")]) == 2
     assert "not a readable ONNX model" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    # --arch with an .onnx teacher was ignored in silence: the graph is the network
+    assert main(["wrap", "--teacher", str(tmp_path / "bad.onnx"), "--arch", "cnn", "--data", "digits", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "an ONNX model brings its own network: give no architecture" in capsys.readouterr().err
     assert main(["audit", "--teacher", str(tmp_path / "bad.onnx"), "--teacher-mean", "0.5", "--data", "digits",
                  "--out", str(tmp_path / "a")]) == 2
     assert "needs both mean and std" in capsys.readouterr().err

@@ -16,7 +16,13 @@ from torch import nn
 from sdb_core.bundle import BundleError, export_bundle, load_bundle
 from sdb_core.protect import CheckConfig, SDBConfig, Thresholds, wrap
 from sdb_core.protect.key import new_master_key
-from sdb_core.protect.teacher import CopiesInput, FromOneScore, FromProbabilities, check_teacher
+from sdb_core.protect.teacher import (
+    CopiesInput,
+    FromClassSigmoids,
+    FromOneScore,
+    FromProbabilities,
+    check_teacher,
+)
 from sdb_core.train import TrainConfig
 
 ONE_EPOCH = SDBConfig(train=TrainConfig(epochs=1, lr=0.01, seed=0))
@@ -223,19 +229,22 @@ def test_a_teacher_that_answers_probabilities_is_wrapped_as_its_log_probabilitie
 class OneScore(nn.Module):
     """A binary classifier answering one score per input: its second class's logit z1 − z0, or σ of it."""
 
-    def __init__(self, net: nn.Module, sigmoid: bool):
+    def __init__(self, net: nn.Module, sigmoid: bool, squeezed: bool = False):
         super().__init__()
-        self.net, self.sigmoid = net, sigmoid
+        self.net, self.sigmoid, self.squeezed = net, sigmoid, squeezed
 
     def forward(self, x):
         z = self.net(x)
         score = z[:, 1:] - z[:, :1]
+        score = score.squeeze(1) if self.squeezed else score
         return torch.sigmoid(score) if self.sigmoid else score
 
 
-@pytest.mark.parametrize("sigmoid", [False, True], ids=["logit", "probability"])
-def test_a_binary_classifier_answering_one_score_is_wrapped_as_two_logits(tmp_path, sigmoid):
-    """One logit (or one probability) per input for two classes was refused; [0, z] has the teacher's probabilities."""
+@pytest.mark.parametrize(("sigmoid", "squeezed"), [(False, False), (True, False), (True, True)],
+                         ids=["logit", "probability", "probability (N,)"])
+def test_a_binary_classifier_answering_one_score_is_wrapped_as_two_logits(tmp_path, sigmoid, squeezed):
+    """One logit (or one probability) per input for two classes was refused; [0, z] has the teacher's probabilities.
+    So was the score squeezed out of its column, (N,), the commonest binary export."""
     from sdb_core.train import train_classifier
 
     from ..signals import feature_splits
@@ -244,9 +253,15 @@ def test_a_binary_classifier_answering_one_score_is_wrapped_as_two_logits(tmp_pa
     torch.manual_seed(0)
     two = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 2))
     train_classifier(two, data.train, TrainConfig(epochs=3, lr=0.05, seed=0))
-    teacher = OneScore(two.eval(), sigmoid)
+    teacher = OneScore(two.eval(), sigmoid, squeezed)
     net = check_teacher(teacher, data.checked())
     assert isinstance(net, FromOneScore) and net.probability is sigmoid
+    # the wrap task scores a given teacher through the same adapter (its log read the one score as logits: every
+    # input in class 0, 50 % on balanced data)
+    from sdb_core.tasks.wrap import _require_learned
+    from sdb_core.train import accuracy
+
+    assert accuracy(_require_learned(teacher, data.checked()), data.test) == accuracy(two, data.test) > 75
     x = data.test.tensors[0]
     with torch.no_grad():
         torch.testing.assert_close(F.softmax(net(x), 1), F.softmax(two(x), 1), rtol=1e-4, atol=1e-5)
@@ -256,6 +271,25 @@ def test_a_binary_classifier_answering_one_score_is_wrapped_as_two_logits(tmp_pa
         agree = (box.public_logits(x).argmax(1) == two(x).argmax(1)).float().mean().item()
     assert agree > 0.75, agree
     _bundle_answers_as_the_box(box, data, tmp_path)
+
+
+def test_a_classifier_with_a_sigmoid_on_each_class_is_wrapped_as_their_logits(digits, digits_teacher, tmp_path):
+    """One-vs-rest heads (a sigmoid per class, rows not summing to 1) were taken for logits: scores within one unit
+    of each other, whose soft labels at T = 4 are near uniform and teach nothing. Their logits are the teacher's."""
+    teacher = nn.Sequential(digits_teacher, nn.Sigmoid()).eval()
+    net = check_teacher(teacher, digits.checked())
+    assert isinstance(net, FromClassSigmoids) and "sigmoid" in net.why
+    x = digits.test.tensors[0]
+    with torch.no_grad():
+        z, got = digits_teacher(x), net(x)
+    sure = (z.abs() < 15).all(1)  # where float32's sigmoid still tells a logit from its neighbours
+    torch.testing.assert_close(got[sure], z[sure], rtol=1e-3, atol=1e-3)
+    assert torch.equal(got.argmax(1), z.argmax(1))
+    box = wrap(teacher, digits, ONE_EPOCH, check=None).box
+    with torch.no_grad():
+        agree = (box.public_logits(x).argmax(1) == z.argmax(1)).float().mean().item()
+    assert agree > 0.7, agree
+    _bundle_answers_as_the_box(box, digits, tmp_path)
 
 
 @pytest.mark.parametrize("how", ["script", "trace"])

@@ -41,6 +41,9 @@ async def test_an_uploaded_onnx_teacher_is_wrapped_by_file_id_and_served(svc, tm
                               data={"purpose": "weights"}, headers=svc.auth(tok))
     assert r.status_code == 201, r.text
     assert r.json()["format"] == "onnx" and r.json()["info"]["input_shape"] == ["N", 1, 8, 8]
+    mislabelled = await svc.client.post("/v1/jobs", headers=svc.auth(tok), json={"kind": "wrap", "params": {
+        "data": "digits", "teacher": {"file": r.json()["id"], "arch": "cnn"}}})  # was ignored in silence
+    assert mislabelled.status_code == 422 and "brings its own network" in mislabelled.text, mislabelled.text
     job = await svc.client.post("/v1/jobs", headers=svc.auth(tok), json={"kind": "wrap", "params": {
         "data": "digits", "teacher": {"file": r.json()["id"], "mean": list(data.mean), "std": list(data.std)},
         "deploy": True}})  # the default self-check: the box it ships keeps the teacher's answers

@@ -364,6 +364,9 @@ def check_model(p: ModelParam, sub: Submission, use: Use, what: str) -> ModelPar
         if onnx and not p.ONNX:
             raise invalid(f"{what}.file is an ONNX model; {what} must be weights of its architecture family",
                           "invalid_params")
+        if onnx and p.arch is not None:
+            raise invalid(f"{what}.file is an ONNX model, which brings its own network: give no {what}.arch",
+                          "invalid_params")
         if not onnx and p.arch is None:
             raise invalid(f"{what}.file holds weights: give their architecture ({what}.arch); only an ONNX model "
                           "brings its own network", "invalid_params")
