@@ -236,7 +236,9 @@ def amalgamate(teachers: dict[str, EncDec], images: Tensor, cfg: BranchingConfig
 
     search_epochs = cfg.search_epochs
     rng = random.Random(cfg.seed)
-    record: dict[str, dict[str, list[tuple[int, float]]]] = {t: {c: [] for c in candidates} for t in tasks}
+    # (step, loss) of each sampled candidate; the losses stay on the device until the search ends (a read-back a step
+    # would wait for the GPU every step)
+    record: dict[str, dict[str, list]] = {t: {c: [] for c in candidates} for t in tasks}
     counter = [0]
 
     def search_step(batch):
@@ -245,7 +247,7 @@ def amalgamate(teachers: dict[str, EncDec], images: Tensor, cfg: BranchingConfig
         outs = student.forward_tasks(x, points)
         losses = {t: teacher_loss(t, outs[t], y) for t, y in zip(tasks, ys, strict=True)}
         for t, loss in losses.items():
-            record[t][points[t]].append((counter[0], loss.item()))
+            record[t][points[t]].append((counter[0], loss.detach()))
         counter[0] += 1
         return sum(losses.values()), {f"loss_{t}": v.detach() for t, v in losses.items()}
 
@@ -257,6 +259,9 @@ def amalgamate(teachers: dict[str, EncDec], images: Tensor, cfg: BranchingConfig
     # Compare candidates on the second half of the search, when the shared stages are no
     # longer random; a candidate never sampled there falls back to its whole record.
     half = counter[0] // 2
+    taken = [v for t in tasks for rows in record[t].values() for _, v in rows]
+    values = iter(torch.stack(taken).tolist() if taken else [])  # one read-back, in the order taken
+    record = {t: {c: [(step, next(values)) for step, _ in rows] for c, rows in record[t].items()} for t in tasks}
     search_losses: dict[str, dict[str, float]] = {}
     branch: dict[str, str] = {}
     for t in tasks:

@@ -22,7 +22,7 @@ from .box import SafeDistillationBox
 from .check import checked_wrap
 from .config import CheckConfig, NastyConfig
 from .sdb import WrapResult, frozen_and_trainable, public_report, require_finite_network
-from .teacher import require_finite_logits
+from .teacher import FiniteWatch
 
 
 def wrap_nasty(
@@ -50,18 +50,25 @@ def wrap_nasty(
     frozen, model = frozen_and_trainable(teacher, device, data)
     T = cfg.temperature
 
+    watch = FiniteWatch()
+
     def step(batch):
         x, y = batch
         z = model(x)
         with torch.no_grad():
             a = frozen(x)
-        require_finite_logits(a, "inputs of a training batch")
+        watch.add(a)
         ce = F.cross_entropy(z, y)
         kl = soft_kl(z, a, T).clamp(max=cfg.max_kl)
         return ce - cfg.omega * kl, {"ce": ce.detach(), "kl": kl.detach()}
 
     t0 = time.perf_counter()
-    history = fit(model, data.train, step, cfg.train, progress=progress, should_cancel=should_cancel)
+    try:
+        history = fit(model, data.train, step, cfg.train, progress=progress, should_cancel=should_cancel)
+    except FloatingPointError:
+        watch.check()  # a NaN the teacher's logits made is not a divergence
+        raise
+    watch.check()
     require_finite_network(model.eval(), data.train.tensors[0])
     box = SafeDistillationBox(model.eval(), None, mode="nasty", temperature=T)
     report = public_report(frozen, box, data.test)

@@ -36,7 +36,7 @@ from .box import SafeDistillationBox
 from .check import checked_wrap
 from .config import CheckConfig, SDBConfig
 from .key import blend, check_key_scale, generate_key, random_keys
-from .teacher import check_teacher, copy_teacher, require_finite_logits
+from .teacher import FiniteWatch, check_teacher, copy_teacher, require_finite_logits
 
 CALIBRATION_INPUTS = 2000  # training inputs the keyed path's scale is fitted on
 CACHED_LOGITS_MAX = 2**26  # teacher logits train_box keeps for the whole training split (256 MB of float32)
@@ -265,12 +265,14 @@ def train_box(
     if cached:
         require_finite_logits(teacher_logits)
 
+    watch = FiniteWatch()
+
     def step(batch):
         x, y, a = batch
         if not cached:
             with torch.no_grad():
                 a = frozen(x)
-            require_finite_logits(a, "inputs of a training batch")
+            watch.add(a)
         wrong = random_keys(len(x), data.in_shape, data.mean, data.std, generator=gen)
         z, zk, zw = three_paths(model, x, blend(x, k, cfg.lam), blend(x, wrong, cfg.lam))
         qy = confusion_rows(partners, y, data.num_classes, cfg)
@@ -286,11 +288,13 @@ def train_box(
     try:
         history = fit(model, TensorDataset(x_train, y_train, teacher_logits), step, cfg.train, progress=progress,
                       should_cancel=should_cancel, train_mode=False)
+        watch.check()
         model, scale = model.eval(), 1.0
         sample = x_train[:CALIBRATION_INPUTS].to(device)
         keyed_sample = predict_logits(model, blend(sample, k, cfg.lam))
         require_finite_network(model, sample, keyed_sample)
     except FloatingPointError as e:
+        watch.check()  # a NaN the teacher's logits made is not a divergence: no gentler step would help
         raise FloatingPointError(f"the wrap diverged ({e}) at lr {cfg.train.lr:g}, grad_clip {cfg.train.grad_clip}: "
                                  "lower the learning rate or clip gradients (SDBConfig's default training clips "
                                  "at 5; the self-checking wrap retries gentler by itself)") from None

@@ -259,8 +259,32 @@ def require_finite_logits(z: torch.Tensor, where: str = "training inputs") -> No
     :func:`check_teacher` runs two inputs; a teacher that overflows on others (inputs far from the scale it was
     trained on: raw 0-255 pixels into a network trained on normalised ones) would turn the first loss NaN,
     which reads as a divergence and has the self-check halve a learning rate that is not the cause."""
-    bad = ~torch.isfinite(z).all(1)
-    if bool(bad.any()):
-        raise ValueError(f"the teacher's logits are NaN or Inf on {int(bad.sum())} of {len(z)} {where}: "
-                         "the recipe's soft labels need finite logits; are the inputs on the scale the teacher "
-                         "was trained on (normalised like data.mean and data.std)?")
+    bad = int((~torch.isfinite(z).all(1)).sum())
+    if bad:
+        raise _nonfinite(bad, len(z), where)
+
+
+def _nonfinite(bad: int, total: int, where: str) -> ValueError:
+    return ValueError(f"the teacher's logits are NaN or Inf on {bad} of {total} {where}: the recipe's soft labels "
+                      "need finite logits; are the inputs on the scale the teacher was trained on (normalised like "
+                      "data.mean and data.std)?")
+
+
+class FiniteWatch:
+    """:func:`require_finite_logits` for teacher logits computed batch by batch inside a training step, without a
+    read-back per step (on a GPU each one waits for the device): the count of inputs whose logits are NaN or Inf
+    stays on the device until :meth:`check`, which a recipe calls when its loss went NaN (that loss is the
+    teacher's fault, said as such, not a divergence) and once at the end."""
+
+    def __init__(self) -> None:
+        self.bad: torch.Tensor | None = None
+        self.seen = 0
+
+    def add(self, z: torch.Tensor) -> None:
+        found = (~torch.isfinite(z).all(1)).sum()
+        self.bad = found if self.bad is None else self.bad + found
+        self.seen += len(z)
+
+    def check(self) -> None:
+        if self.bad is not None and (bad := int(self.bad)):
+            raise _nonfinite(bad, self.seen, "inputs of training batches")

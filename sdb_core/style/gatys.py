@@ -73,7 +73,7 @@ def stylize(cfg: GatysConfig, *, content: Tensor | None = None, style: Tensor | 
         loss = cfg.content_weight * c + cfg.style_weight * s
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight * tv_loss(img)
-        return loss, {"content": c.item(), "style": s.item()}
+        return loss, {"content": c.detach(), "style": s.detach()}  # read back by fit about once a second
 
     t0 = time.perf_counter()
     if cfg.optimizer == "adam":
@@ -112,7 +112,7 @@ def _lbfgs(canvas: _Canvas, objective, cfg: GatysConfig, progress, should_cancel
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} after {len(history)} evaluations")
         loss.backward()
-        history.append({"loss": loss.item(), **metrics})
+        history.append({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}})  # L-BFGS reads it anyway
         if progress is not None:
             n = len(history)
             progress(Progress(1, 1, min(n, cfg.steps), cfg.steps, min(n / cfg.steps, 1.0), history[-1]))

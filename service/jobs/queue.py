@@ -121,12 +121,16 @@ class JobQueue:
                                      message="failed")).rowcount == 1
 
     # ------------------------------------------------------------ worker side
-    def claim(self, worker: str, *, backend: str = "embedded", job_id: str | None = None) -> JobRow | None:
-        """Take the oldest queued job of ``backend`` (or exactly ``job_id``) for ``worker``; None if none."""
+    def claim(self, worker: str, *, backend: str = "embedded", job_id: str | None = None,
+              queued_before: float | None = None) -> JobRow | None:
+        """Take the oldest queued job of ``backend`` (or exactly ``job_id``) for ``worker``, one submitted before
+        ``queued_before`` (a time) if given; None if none."""
         for _ in range(5):
             with self.store.session.begin() as s:
                 q = select(JobRow.id).where(JobRow.status == "queued")
                 q = q.where(JobRow.id == job_id) if job_id is not None else q.where(JobRow.backend == backend)
+                if queued_before is not None:
+                    q = q.where(JobRow.created_at < queued_before)
                 candidate = s.scalar(q.order_by(JobRow.created_at, JobRow.id).limit(1)
                                      .with_for_update(skip_locked=True))
                 if candidate is None:

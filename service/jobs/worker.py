@@ -64,7 +64,11 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
     store = Store(settings.db_url)
     queue = JobQueue(store)
     me = worker_id()
-    log.info("worker %s on %s", me, settings.data_dir.resolve())
+    # A worker without a GPU in a pool with some leaves a new job to them for a few polls: an idle GPU worker
+    # takes it first, and this one only what they leave (else either took it, as often as not on the CPU).
+    defer = GPU_FIRST_POLLS * settings.job_poll_s if os.environ.get(DEFER_ENV) == "1" else 0.0
+    log.info("worker %s on %s%s", me, settings.data_dir.resolve(),
+             f" (no GPU: jobs queued {defer:g} s before, GPU workers first)" if defer else "")
     last_reap = 0.0
     try:
         while not stop.is_set():
@@ -72,7 +76,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
                 last_reap = time.monotonic()
                 for job_id, status in queue.reap(settings.job_stale_s):
                     log.warning("job %s: its worker stopped heartbeating; now %s", job_id, status)
-            job = queue.claim(me)
+            job = queue.claim(me, queued_before=time.time() - defer if defer else None)
             if job is None:
                 if once:
                     break
@@ -87,6 +91,8 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
 
 
 PARENT_ENV = "SDB_WORKER_PARENT_PID"  # set by WorkerPool: the worker stops when that server is gone
+DEFER_ENV = "SDB_WORKER_DEFERS_TO_GPU"  # set by WorkerPool on its workers without a GPU when others have one
+GPU_FIRST_POLLS = 3
 
 
 def _watch_parent(pid: int, stop: threading.Event) -> None:
@@ -163,6 +169,8 @@ class WorkerPool:
         env = {**(self.env if self.env is not None else os.environ), PARENT_ENV: str(os.getpid())}
         if self.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.devices[i]
+            if not self.devices[i] and any(self.devices):
+                env[DEFER_ENV] = "1"
         return subprocess.Popen([sys.executable, "-m", "service.jobs"], env=env)
 
     def start(self) -> WorkerPool:

@@ -150,8 +150,14 @@ class _Overflows(nn.Module):
         return torch.where(x[:, 5:6] > 4.0, torch.full_like(z, float("inf")), z)
 
 
-def test_a_teacher_whose_logits_overflow_on_training_inputs_is_refused_not_retried_as_a_divergence():
-    """Its first loss was NaN: the check took it for a divergence, halved the learning rate and refused, blaming it."""
+@pytest.mark.parametrize("cached", [True, False], ids=["logits cached", "logits per batch"])
+def test_a_teacher_whose_logits_overflow_on_training_inputs_is_refused_not_retried_as_a_divergence(monkeypatch, cached):
+    """Its first loss was NaN: the check took it for a divergence, halved the learning rate and refused, blaming it.
+    (Per batch, the count stays on the device until the loss goes NaN or the run ends: no read-back a step.)"""
+    import sdb_core.protect.sdb as sdb
+
+    if not cached:  # a training split too large to hold its teacher logits
+        monkeypatch.setattr(sdb, "CACHED_LOGITS_MAX", 0)
     data = feature_splits(n=400, n_test=100)
     x = data.train.tensors[0].clone()
     x[7::10, 5] = 5.0

@@ -289,6 +289,18 @@ async def test_cancel_queued_logs_and_artifacts(jsvc):
     assert r.status_code == 200  # cancelling a cancelled job is harmless
 
 
+def test_a_claim_can_leave_the_jobs_queued_since_a_time_to_others(db_url):
+    """What a worker without a GPU claims in a pool with GPU workers: only jobs they left queued a while."""
+    q = JobQueue(Store(db_url))
+    old = q.submit("wrap", {"i": 0}, "owner")[0]
+    cut = time.time()
+    time.sleep(0.01)
+    new = q.submit("wrap", {"i": 1}, "owner")[0]
+    assert q.claim("cpu", queued_before=cut).id == old.id
+    assert q.claim("cpu", queued_before=cut) is None  # the new one waits for a GPU worker
+    assert q.claim("gpu").id == new.id
+
+
 def test_claim_is_exclusive_and_the_reaper_ends_silent_jobs(db_url):
     store = Store(db_url)
     q = JobQueue(store)

@@ -95,9 +95,11 @@ class GroupStackGenerator(nn.Module):
         if not self.n_labels:
             return z, None
         y = (torch.rand(n, self.n_labels, device=device) < self.label_rate).float()
-        empty = y.sum(1) == 0  # at least one label per image, as in a composite that is never blank
-        y[empty, torch.randint(0, self.n_labels, (int(empty.sum()),), device=device)] = 1.0
-        return z, y
+        # at least one label per image, as in a composite that is never blank (a label drawn for every image and
+        # kept where it has none: counting those first would read a number back from the device at every draw)
+        empty = y.sum(1, keepdim=True) == 0
+        one = F.one_hot(torch.randint(0, self.n_labels, (n,), device=device), self.n_labels).to(y.dtype)
+        return z, torch.where(empty, one, y)
 
     def forward(self, z: Tensor, stages: int | None = None, y: Tensor | None = None) -> list[Tensor]:
         c0, h0, w0 = self.shapes[0]
