@@ -230,8 +230,9 @@ def amalgamate(teachers: dict[str, EncDec], images: Tensor, cfg: BranchingConfig
     tasks = list(teachers)
     student.to(pick_device(cfg.device))
 
-    # The teachers' outputs are fixed: computed once, they become the training targets.
-    targets = {t: predict_tasks(_Single(t, teachers[t]), images)[t] for t in tasks}
+    # The teachers' outputs are fixed: computed once, they become the training targets (by the student's copies of
+    # the teachers, whole until settle() prunes them, and on its device: the caller's may be on the CPU).
+    targets = {t: predict_tasks(_Single(t, student.teachers[t].net), images)[t] for t in tasks}
     data = TensorDataset(images, *[targets[t] for t in tasks])
 
     search_epochs = cfg.search_epochs
