@@ -66,8 +66,14 @@ def unvalidated_classes(fit, shown: int = 20) -> dict | None:
     """The classes with no input in ``fit``'s validation split (its ``test``, :func:`holdout`): ``{"count", "first"}``
     (the first ``shown``), or None when every class has one. A class with a single training input keeps it for
     the fit, so a set with rare classes is checked on the others only, and its report says which."""
-    present = torch.zeros(fit.num_classes, dtype=torch.bool)
-    present[fit.test.tensors[1]] = True
+    return absent_classes(fit.test.tensors[1], fit.num_classes, shown)
+
+
+def absent_classes(labels: torch.Tensor, num_classes: int, shown: int = 20) -> dict | None:
+    """The classes of ``num_classes`` with no input in ``labels``: ``{"count", "first"}`` (the first ``shown``), or
+    None when every class has one."""
+    present = torch.zeros(num_classes, dtype=torch.bool)
+    present[labels] = True
     missing = (~present).nonzero().flatten()
     return {"count": len(missing), "first": missing[:shown].tolist()} if len(missing) else None
 
@@ -284,6 +290,10 @@ def checked_wrap(
         log(f"teacher: {teacher.why}")
     recipe = recipe_for(cfg)
     t0 = time.perf_counter()
+    untrained = absent_classes(data.train.tensors[1], data.num_classes)
+    if untrained:  # a data set whose test split has classes its train split lacks, say: said, not refused
+        log(f"{untrained['count']} of {data.num_classes} classes have no training input: neither the box nor any "
+            "student learns them, e.g. classes " + ", ".join(map(str, untrained["first"])))
     fit_data, _ = holdout(data, check.val_fraction, check.seed)
     unvalidated = unvalidated_classes(fit_data)
     if unvalidated:
@@ -362,6 +372,7 @@ def checked_wrap(
     report = {"passed": chosen["passed"], "mode": recipe.mode, "thresholds": asdict(th),
               "val_size": len(fit_data.test.tensors[1]), "fit_size": len(fit_data.train.tensors[1]),
               **({"unvalidated_classes": unvalidated} if unvalidated else {}),
+              **({"untrained_classes": untrained} if untrained else {}),
               "chosen": chosen["settings"],
               "figures": chosen["figures"], "attempts": attempts,
               "seconds": round(time.perf_counter() - t0, 2)}

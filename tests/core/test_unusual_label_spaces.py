@@ -88,6 +88,26 @@ def test_the_check_reports_the_classes_its_held_out_split_cannot_measure():
         report = e.report
     assert report["unvalidated_classes"] == {"count": 1, "first": [3]}
     assert any("1 of 4 classes have no held-out input" in line for line in logged)
+    assert "untrained_classes" not in report
+
+
+def test_a_class_the_train_split_lacks_is_said_not_silently_wrapped():
+    """A class only the test split has (an export that dropped it from training): the wrap went ahead saying only
+    that it had no held-out input."""
+    rng = np.random.default_rng(0)
+    y = np.concatenate([np.arange(40) % 5, np.repeat(np.arange(4), 90)])  # class 4 in the test split alone
+    x = rng.normal(0, 1, (len(y), 16)) + rng.normal(0, 1.5, (5, 16))[y]
+    data = _splits("untrained", x, y, 40, 5)
+    seed_everything(0)
+    teacher = FeatureNet(features=16, classes=5)
+    train_classifier(teacher, data.train, TrainConfig(epochs=3, lr=0.05))
+    logged = []
+    try:
+        report = wrap(teacher.eval(), data, FAST, check=TINY_CHECK, log=logged.append).report["check"]
+    except WrapRefused as e:
+        report = e.report
+    assert report["untrained_classes"] == {"count": 1, "first": [4]}
+    assert any("1 of 5 classes have no training input" in line for line in logged), logged
 
 
 def test_a_leak_miss_no_box_could_avoid_says_so():
@@ -154,7 +174,7 @@ class _Overflows(nn.Module):
 def test_a_teacher_whose_logits_overflow_on_training_inputs_is_refused_not_retried_as_a_divergence(monkeypatch, cached):
     """Its first loss was NaN: the check took it for a divergence, halved the learning rate and refused, blaming it.
     (Per batch, the count stays on the device until the loss goes NaN or the run ends: no read-back a step.)"""
-    import sdb_core.protect.sdb as sdb
+    from sdb_core.protect import sdb
 
     if not cached:  # a training split too large to hold its teacher logits
         monkeypatch.setattr(sdb, "CACHED_LOGITS_MAX", 0)
