@@ -39,7 +39,11 @@ class GateTimeout(RuntimeError):
 
 
 class MicroBatcher(Generic[P, R]):
-    def __init__(self, fn: Callable[[Sequence[P]], list[R]], executor: Executor | None, *, max_samples: int = 64,
+    """``fn`` answers a batch of payloads with one result each, in order; an Exception in its place is that
+    payload's own failure (its request fails with it, the others are answered)."""
+
+    def __init__(self, fn: Callable[[Sequence[P]], list[R | Exception]], executor: Executor | None, *,
+                 max_samples: int = 64,
                  max_wait_s: float = 0.0, enabled: bool = True,
                  on_batch: Callable[[int, int], None] | None = None, checks: Executor | None = None,
                  gate_timeout_s: float = 5.0, on_wait: Callable[[list[int]], None] | None = None):
@@ -80,6 +84,8 @@ class MicroBatcher(Generic[P, R]):
                 raise refusal
             if isinstance(results, Exception):
                 raise results
+            if isinstance(results[0], Exception):  # that item's own failure (the call served the others)
+                raise results[0]
             return results[0]
         fut: asyncio.Future = loop.create_future()
         self._queue.append((payload, samples, fut, group, gate, submitted))
@@ -158,6 +164,8 @@ class MicroBatcher(Generic[P, R]):
                     continue
                 if isinstance(res, _Failed):
                     fut.set_exception(res.exc)
+                elif isinstance(res, Exception):  # one item's own failure, answered by the call beside the others'
+                    fut.set_exception(res)
                 else:
                     fut.set_result(res)
 

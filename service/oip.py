@@ -198,12 +198,20 @@ def requested_outputs(model: HostedModel, names: Sequence[str] | None) -> list[s
 
 
 # --------------------------------------------------------------------------- inputs
+MAX_TENSOR_ELEMENTS = 1 << 40
+
+
 def tensor_shape(value: Any) -> list[int]:
     """A tensor's shape as the protocol writes it: a list of at most 8 non-negative integers, each an int64 as
     the protocol's gRPC form has them (JSON's parser takes integers up to 2**64 - 1); 422 otherwise."""
     if (not isinstance(value, list) or not value or len(value) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 63 for d in value)):
         raise invalid("shape must be a list of non-negative integers (int64)", "invalid_shape")
+    # An empty tensor's other dimensions are bounded too: numpy refuses to shape even zero elements as [0, 2**62]
+    # (its byte count, zeros aside, must fit an address), and that was a 500.
+    if math.prod(d for d in value if d) > MAX_TENSOR_ELEMENTS:
+        raise invalid(f"shape {value} spans more than {MAX_TENSOR_ELEMENTS} elements (its dimensions other than 0, "
+                      "multiplied): no request carries such a tensor", "invalid_shape")
     return value
 
 

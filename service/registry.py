@@ -430,7 +430,7 @@ class HostedModel:
     def distillable(self) -> bool:
         return self.has_key
 
-    def run(self, items: Sequence[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
+    def run(self, items: Sequence[tuple[np.ndarray, bool]]) -> list[np.ndarray | ApiError]:
         """Blocking: logits for each (inputs, keyed) item, all in one ORT call."""
         bundle = self.bundle  # held for the whole batch, whatever the cache drops meanwhile
         t0 = time.perf_counter_ns()  # (after a load the cache may have had to make: not the input's time)
@@ -450,8 +450,14 @@ class HostedModel:
         out, start = [], 0
         for one, (_, keyed) in zip(xs, items, strict=True):
             part = z[start:start + len(one)]
-            # the keyed path's scale, or an SDB box's public form
-            out.append(bundle.keyed_answer(part) if keyed else bundle.public_answer(part))
+            # the keyed path's scale, or an SDB box's public form; a request whose inputs, finite but far out of
+            # the network's scale (3e38 everywhere), overflowed it fails alone (its NaN, through the public form,
+            # read as a valid answer: class 0)
+            bad = int((~np.isfinite(part.reshape(len(part), -1)).all(1)).sum())
+            out.append(ApiError(422, "non_finite_output", f"model {self.name!r} answers NaN or Inf on {bad} of "
+                                f"{len(part)} input(s): are they on the scale it takes (normalised as its "
+                                "normalize says)?") if bad
+                       else bundle.keyed_answer(part) if keyed else bundle.public_answer(part))
             start += len(one)
         self.stats.executed(len(items), len(x), t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
         return out

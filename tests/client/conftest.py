@@ -97,6 +97,7 @@ class Reply:
     status: int = 200
     body: object = field(default_factory=dict)
     headers: dict = field(default_factory=dict)
+    delay_s: float = 0.0  # before answering (a client's read timeout)
 
 
 class StubApp:
@@ -141,7 +142,7 @@ class StubApp:
             payload, ctype = orjson.dumps(reply.body), "application/json"
         headers = [(b"content-type", ctype.encode())] + [(k.encode(), str(v).encode()) for k, v in
                                                          reply.headers.items() if k != "content-type"]
-        await asyncio.sleep(0)
+        await asyncio.sleep(reply.delay_s)
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import numpy as np
 import pytest
 from sdb_client import (
     APIConnectionError,
+    APITimeoutError,
     AsyncClient,
     AuthError,
     BadRequest,
@@ -122,6 +124,26 @@ async def test_async_retries_the_same_way(stub):
     async with AsyncClient(stub.url, KEY) as c:
         assert (await c.distill_logits("m", [[0.0, 0.0]])).shape == (1, 2)
     assert stub.hits[DISTILL] == 2
+
+
+@pytest.mark.anyio
+async def test_a_distill_batch_that_may_have_been_served_is_not_resent(stub):
+    """After a read timeout the request had reached the server, which charges the key's quota before the model
+    runs: three sends (max_retries=2) charged 768 samples for 256 and delivered none. A read is resent."""
+    slow = Reply(200, {"model": "m", "version": "1", "logits": [[1.0, 2.0]]}, delay_s=0.5)
+    tight = httpx.Timeout(5.0, read=0.1)
+    for encoding in ("npy", "json"):
+        stub.reset()
+        stub.on(*DISTILL, slow)
+        stub.on(*MODELS, Reply(200, {"models": []}, delay_s=0.5), OK_MODELS)
+        with Client(stub.url, KEY, timeout=tight, max_retries=2) as c:
+            with pytest.raises(APITimeoutError):
+                c.distill("m", np.zeros((1, 2), np.float32), encoding=encoding)
+            assert c.models() == [{"name": "m"}]  # a read: resent after its timeout
+        async with AsyncClient(stub.url, KEY, timeout=tight, max_retries=2) as ac:
+            with pytest.raises(APITimeoutError):
+                await ac.distill("m", np.zeros((1, 2), np.float32), encoding=encoding)
+        assert stub.hits[DISTILL] == 2 and stub.hits[MODELS] == 2  # one send each
 
 
 def test_job_submission_is_not_resent_after_an_ambiguous_failure(stub):

@@ -120,3 +120,22 @@ async def test_a_failed_call_is_retried_alone_without_checking_its_gates_again()
             assert answers[0] == ("good", 2) and isinstance(answers[1], RuntimeError)
             assert sorted(who for call in charges.calls for who in call) == ["ok-1", "ok-2"]  # each charged once, retries or not
     assert runs[:3] == [["good", "bad"], ["good"], ["bad"]]
+
+
+async def test_an_item_the_call_answers_with_an_exception_fails_alone_in_one_call():
+    """A request whose rows the model answered NaN (registry.HostedModel.run) fails with its own error; the call's
+    other requests are answered from the same call, not run again."""
+    runs = []
+
+    def fn(payloads):
+        runs.append(list(payloads))
+        return [ValueError(f"{p} overflowed") if p == "huge" else (p, 2 * v) for p, v in payloads]
+
+    with ThreadPoolExecutor(1) as pool:
+        for enabled in (True, False):
+            runs.clear()
+            batcher = MicroBatcher(fn, pool, max_samples=64, enabled=enabled)
+            answers = await asyncio.gather(batcher.submit(("good", 1), 1), batcher.submit(("huge", 2), 1),
+                                           return_exceptions=True)
+            assert answers[0] == ("good", 2) and str(answers[1]) == "huge overflowed"
+            assert len(runs) == (1 if enabled else 2)  # batched: one call for both, and no retry

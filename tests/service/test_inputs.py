@@ -131,6 +131,9 @@ BAD = [
     # a dimension no int64 holds (JSON takes up to 2**64 - 1 as an integer): refused as a shape, as gRPC's would be
     ("v2 dimension past int64", "post", V2_INFER, v2_binary("BYTES", [2**63], b""), 422,
      "shape must be a list of non-negative integers (int64)"),
+    # zero elements, but dimensions numpy cannot shape (a 500: "array is too big")
+    *[(f"v2 {dt} of shape [0, 2**62]", "post", V2_INFER, v2_binary(dt, [0, 2**62], b""), 422, "spans more than")
+      for dt in ("FP32", "BOOL", "BYTES")],
     ("v2 BYTES count over max_request_samples", "post", V2_INFER,
      v2_binary("BYTES", [2000], bytes_elements(b"")), 422, "2000 samples in one request; at most 1024"),
     ("v2 JSON BYTES count over max_request_samples", "post", V2_INFER,
@@ -145,6 +148,12 @@ BAD = [
      {"content": declared_png(100_000, 100_000), "headers": {"content-type": "image/png"}}, 415, "unsupported_image"),
     ("v2 BYTES image declaring 10^10 pixels", "post", V2_INFER,
      v2_binary("BYTES", [1], bytes_elements(declared_png(100_000, 100_000))), 415, "the image is too large"),
+    # finite inputs far out of the network's scale: its NaN was served (JSON nulls, a NaN class 0 as the top-1)
+    ("inputs that overflow the network", "post", PREDICT, {"json": {"inputs": [[[[3e38] * 8] * 8]]}}, 422,
+     "non_finite_output"),
+    ("v2 inputs that overflow the network", "post", V2_INFER,
+     {"json": {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [3e38] * 64}]}},
+     422, "answers NaN or Inf on 1 of 1 input(s)"),
     # FP16 holds ±65504: a larger value in JSON was taken as FP32
     ("v2 JSON FP16 beyond its range", "post", V2_INFER,
      {"json": {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP16", "data": [1e10] + [0.0] * 63}]}},

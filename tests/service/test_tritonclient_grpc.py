@@ -412,6 +412,13 @@ def test_a_bytes_count_over_max_request_samples_is_refused_from_the_shape(grpc_s
             (service_pb2.ModelInferRequest(model_name="digits-a", inputs=[tensor(name="input", datatype="BYTES",
                                            shape=[1])], raw_input_contents=[empty * 2 + b"\x01\x00"]),
              "more BYTES elements than the 1 its shape needs"),
+            # no element, but dimensions numpy cannot shape even zero elements as (was INTERNAL, a traceback)
+            *[(service_pb2.ModelInferRequest(model_name="digits-a", inputs=[tensor(name="input", datatype=dt,
+                                             shape=[0, 2**62])], raw_input_contents=[b""]), "spans more than")
+              for dt in ("FP32", "BOOL", "BYTES")],
+            (service_pb2.ModelInferRequest(model_name="digits-a", inputs=[tensor(
+                name="input", datatype="FP32", shape=[0, 2**62], contents=service_pb2.InferTensorContents())]),
+             "spans more than"),
         ]:
             with pytest.raises(grpc.RpcError) as e:
                 stub.ModelInfer(request, timeout=30)

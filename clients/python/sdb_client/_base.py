@@ -493,11 +493,13 @@ def distill_body(x: np.ndarray, temperature: float | None) -> bytes:
 def distill_request(x: np.ndarray, temperature: float | None, encoding: str) -> dict[str, Any]:
     """``_request`` keywords for one distill batch: ``.npy`` in and out (the temperature in the query, for the
     server to check; the soft targets are computed here), or JSON in and out."""
+    # Not resent after it may have reached the server (a read timeout, a dropped connection): the keyed path charges
+    # the key's quota before the model runs, and a resend would charge it again for one answer.
     if encoding == "npy":
         params = None if temperature is None else {"temperature": float(temperature)}
-        return {"content": encode_npy(x), "params": params,
+        return {"content": encode_npy(x), "params": params, "idempotent": False,
                 "extra_headers": {"Content-Type": NPY_TYPE, "Accept": f"{NPY_TYPE}, {JSON_TYPE};q=0.5"}}
-    return {"content": distill_body(x, temperature)}
+    return {"content": distill_body(x, temperature), "idempotent": False}
 
 
 def parse_distilled(resp: httpx.Response) -> dict[str, Any]:
