@@ -197,9 +197,13 @@ async def image_inputs(name: ModelName, request: Request, key: OptionalApiKeyDep
     shape = model.in_shape
     if len(shape) != 3:
         raise invalid(f"model {name!r} takes inputs of shape {shape}, not images", "invalid_shape")
-    body = await read_body(request, (MULTIPART, *IMAGE_TYPES), max_files=settings.max_request_samples)
-    if not body.files:
+    max_samples = settings.max_request_samples
+    body = await read_body(request, (MULTIPART, *IMAGE_TYPES), max_files=max_samples + 1)
+    if not body.uploads:
         raise invalid("no image: send it as the multipart field 'file'", "invalid_request")
+    if len(body.uploads) > max_samples:  # as predict counts them: before any image is decoded
+        raise invalid(f"{len(body.uploads)} images in one request; at most {max_samples}", "too_many_samples")
     norm = model.meta["normalize"]
-    x = await run_in_threadpool(lambda: images_to_inputs(list(body.files.values()), shape, norm).tolist())
+    # every image sent, as predict takes them (one per field name kept only the last of several 'file' fields)
+    x = await run_in_threadpool(lambda: images_to_inputs(body.uploads, shape, norm).tolist())
     return json_response({"model": model.name, "version": model.version, "shape": [len(x), *shape], "inputs": x})

@@ -133,6 +133,15 @@ async def test_image_inputs_are_what_predict_makes_of_the_image(svc, bundles):
     assert by_json.json() == by_image.json()
     raw = await svc.client.post("/v1/models/digits-a/inputs", content=image, headers={"content-type": "image/png"})
     assert raw.status_code == 200 and raw.json()["version"] == "2"
+    # several images, as predict takes them (the last alone came back)
+    other = png(np.clip(bundles.x[1, 0] * 0.3081 + 0.1307, 0, 1))
+    two = await svc.client.post("/v1/models/digits-a/inputs", files=[("file", ("a.png", image, "image/png")),
+                                                                      ("file", ("b.png", other, "image/png"))])
+    assert two.status_code == 200 and two.json()["shape"] == [2, 1, 8, 8], two.text
+    assert two.json()["inputs"][0] == raw.json()["inputs"][0] and two.json()["inputs"][1] != raw.json()["inputs"][0]
+    many = [("file", (f"{i}.png", image, "image/png")) for i in range(svc.settings.max_request_samples + 1)]
+    r = await svc.client.post("/v1/models/digits-a/inputs", files=many)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "too_many_samples", r.text
 
     bad = await svc.client.post("/v1/models/digits-a/inputs", files={"file": ("x.png", b"not an image", "image/png")})
     assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_image"
