@@ -125,8 +125,22 @@ def test_a_key_given_as_the_url_is_not_echoed():
             cls(KEY)
         assert "f" * 16 not in str(info.value) and "f" * 16 not in repr(info.value)
         assert "give it as api_key" in info.value.message
-    c = sdb_client.Client("http://h:1/?api_key=" + KEY)  # a key in the URL: not in the repr either
-    assert "f" * 16 not in repr(c)
+    with pytest.raises(e.ConfigurationError) as info:  # a key in the URL's query: refused (no query), not echoed
+        sdb_client.Client("http://h:1/?api_key=" + KEY)
+    assert "f" * 16 not in str(info.value) and "no query or fragment" in info.value.message
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://[::1", ""), ("http://127.0.0.1:abc", ""), ("http://127.0.0.1:99999", ""), ("http://h:0", "a port"),
+    ("http://h:8000/?q=1", "no query"), ("http://h:8000#top", "fragment"), ("http://:80", "")])
+def test_a_url_no_request_could_use_is_a_configuration_error(url, why):
+    """A malformed IPv6 host was urlsplit's ValueError, a port past 65535 an OverflowError inside an
+    ExceptionGroup (async), a query or fragment had every route's path glued after it."""
+    for cls in (sdb_client.Client, sdb_client.AsyncClient):
+        with pytest.raises(e.ConfigurationError, match="must be an http\\(s\\) URL") as info:
+            cls(url)
+        assert info.value.code == "invalid_url" and why in info.value.message
+    assert sdb_client.Client("http://[::1]:8000/").base_url == "http://[::1]:8000"
 
 
 def test_no_answer_names_the_server_and_what_to_check():

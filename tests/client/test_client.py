@@ -505,3 +505,36 @@ async def test_async_an_answer_that_is_not_json_is_an_sdk_error(stub):
         with pytest.raises(SDBError) as info:
             await c.models()
     assert info.value.code == "malformed_answer"
+
+
+@pytest.mark.parametrize(("route", "reply", "call"), [
+    (DISTILL_ROUTE, Reply(200, {"model": "m", "version": "1", "logits": [[1.0, 2.0], [3.0]]}), "distill"),
+    (DISTILL_ROUTE, Reply(200, {"model": "m", "version": "1", "logits": [["a", "b"]]}), "distill"),
+    (DISTILL_ROUTE, Reply(200, {"model": "m", "version": "1", "logits": None}), "distill"),
+    (DISTILL_ROUTE, Reply(200, {"model": "m", "version": "1", "logits": [1.0, 2.0]}), "distill"),  # 1-D
+    (DISTILL_ROUTE, Reply(200, {"model": "m", "version": "1", "logits": [[1.0, 2.0], [3.0, 4.0]]}), "distill"),
+    (("POST", "/v1/models/m/predict"), Reply(200, {"predictions": None}), "predict"),
+    (("GET", "/v1/jobs/j1"), Reply(200, ["not", "a", "job"]), "wait"),
+    (("GET", "/v1/jobs/j1/logs"), Reply(200, {"text": 5}), "logs"),
+    (("GET", "/v1/jobs/j1/logs"), Reply(200, {"text": "x", "next_offset": "later"}), "logs"),
+    (("GET", "/v1/jobs/j1/logs"), Reply(200, {"lines": [1, 2]}), "logs"),
+    (("GET", "/v1/jobs/j1/logs"), Reply(200, b"x", {"content-type": "text/plain", "x-next-offset": "soon"}), "logs"),
+], ids=["ragged logits", "logits of strings", "logits null", "logits 1-D", "two rows for one sample",
+        "predictions null", "a job that is a list", "log text a number", "log offset not a number", "log lines not text",
+        "log header offset not a number"])
+@pytest.mark.anyio
+async def test_answers_the_sdk_cannot_read_are_sdk_errors_not_python_ones(stub, route, reply, call):
+    """A proxy's, another server's or a broken answer raised ValueError, TypeError or AttributeError from inside
+    the SDK, or (two rows for one sample) was returned as it was."""
+    stub.on(*route, reply)
+    calls = {"distill": lambda c: c.distill("m", np.zeros((1, 2), np.float32), encoding="json"),
+             "predict": lambda c: c.predict("m", np.zeros((1, 2), np.float32), encoding="json"),
+             "wait": lambda c: c.jobs.wait("j1", timeout=5), "logs": lambda c: c.jobs.logs("j1")}
+    with Client(stub.url, STUB_KEY) as c, pytest.raises(SDBError) as info:
+        calls[call](c)
+    assert info.value.code == "malformed_answer", info.value
+    async with AsyncClient(stub.url, STUB_KEY) as ac:
+        with pytest.raises(SDBError) as info:
+            out = calls[call](ac)
+            await out
+        assert info.value.code == "malformed_answer", info.value

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import functools
 import io
 import json
 import logging
@@ -70,12 +71,24 @@ Images = Any  # an image file's path, a PNG/JPEG file's bytes or a PIL image, or
 def resolve_url(url: str | None) -> str:
     """The base URL from the argument, else ``SDB_URL``, else the local default; no trailing slash."""
     raw = url if url is not None else os.environ.get(ENV_URL) or DEFAULT_URL
-    parts = urlsplit(raw.strip())
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        source = "url" if url is not None else ENV_URL
+    source = "url" if url is not None else ENV_URL
+
+    def refused(why: str = "") -> exc.ConfigurationError:
         hint = " (that is an API key: give it as api_key)" if KEY_RE.fullmatch(raw.strip()) else ""
-        raise exc.ConfigurationError(f"{source} must be an http(s) URL like http://127.0.0.1:8000, "
-                                     f"got {redact(repr(raw))}{hint}", code="invalid_url")
+        return exc.ConfigurationError(f"{source} must be an http(s) URL like http://127.0.0.1:8000{why}, "
+                                      f"got {redact(repr(raw))}{hint}", code="invalid_url")
+
+    try:
+        parts = urlsplit(raw.strip())
+        port = parts.port  # a port that is not a number, or past 65535: ValueError
+    except ValueError:
+        raise refused() from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise refused()
+    if port == 0:
+        raise refused(" (a port from 1 to 65535)")
+    if parts.query or parts.fragment or "?" in raw or "#" in raw:  # the routes' paths would follow them
+        raise refused(" (no query or fragment: the client adds each route's path)")
     return raw.strip().rstrip("/")
 
 
@@ -363,6 +376,32 @@ def answer_json(resp: httpx.Response) -> Any:
                            "an SDB server?", status=resp.status_code, code="malformed_answer") from None
 
 
+def parses_answer(what: str):
+    """Decorate a parser of the server's answers: an answer of another form (another server, a proxy's, a newer
+    API's) is an ``SDBError`` with code ``malformed_answer`` saying ``what`` it was, never a ValueError, TypeError
+    or AttributeError from inside the SDK."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def parse(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except exc.SDBError:
+                raise
+            except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError) as e:
+                raise exc.SDBError(f"the server's {what} is not what an SDB server answers ({type(e).__name__}: "
+                                   f"{str(e)[:200]}): is this URL an SDB server?", code="malformed_answer") from None
+        return parse
+    return wrap
+
+
+def record(obj: Any, what: str) -> dict:
+    """A JSON answer that must be one object (a job, a file): that object, else ``malformed_answer``."""
+    if not isinstance(obj, dict):
+        raise exc.SDBError(f"the server's answer is not a {what} record: is this URL an SDB server?",
+                           code="malformed_answer")
+    return obj
+
+
 def field(obj: Any, name: str) -> Any:
     """``obj[name]`` of a JSON answer; an answer of another form (another server, another API version) is an
     ``SDBError`` with code ``malformed_answer``, not a KeyError or TypeError from inside the SDK."""
@@ -502,6 +541,7 @@ def distill_request(x: np.ndarray, temperature: float | None, encoding: str) -> 
     return {"content": distill_body(x, temperature), "idempotent": False}
 
 
+@parses_answer("distill answer")
 def parse_distilled(resp: httpx.Response) -> dict[str, Any]:
     """One distill answer as ``{"model", "version", "logits", ...}``, whichever encoding the server answered in."""
     media = resp.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -565,11 +605,18 @@ def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32, copy=False)
 
 
-def merge_distilled(parts: Sequence[dict], temperature: float | None = None) -> Distilled:
+@parses_answer("distill answer")
+def merge_distilled(parts: Sequence[dict], temperature: float | None = None,
+                    samples: int | None = None) -> Distilled:
     """The batches' answers as one; the soft targets at ``temperature`` computed here when the answers
-    (``.npy``: logits alone) do not carry them."""
+    (``.npy``: logits alone) do not carry them. ``samples``: how many were sent (one row of logits each)."""
     first = parts[0]
-    logits = np.concatenate([np.asarray(field(p, "logits"), dtype=np.float32) for p in parts])
+    each = [np.asarray(field(p, "logits"), dtype=np.float32) for p in parts]
+    if any(z.ndim != 2 or z.shape[1] != each[0].shape[1] for z in each):
+        raise ValueError(f"logits of shapes {[list(z.shape) for z in each][:4]}, not (N, C) rows of one width")
+    logits = np.concatenate(each)
+    if samples is not None and len(logits) != samples:
+        raise ValueError(f"{len(logits)} rows of logits for {samples} samples")
     soft = None
     if all(p.get("soft_targets") is not None for p in parts):
         soft = np.concatenate([np.asarray(p["soft_targets"], dtype=np.float32) for p in parts])
@@ -580,8 +627,9 @@ def merge_distilled(parts: Sequence[dict], temperature: float | None = None) -> 
     return Distilled(field(first, "model"), field(first, "version"), logits, t, soft)
 
 
+@parses_answer("predict answer")
 def merge_predictions(parts: Sequence[dict]) -> list[dict]:
-    return [pred for p in parts for pred in field(p, "predictions")]
+    return [pred for p in parts for pred in listed(field(p, "predictions"), "predictions")]
 
 
 def key_create_body(scopes: str | Sequence[str], models: Sequence[str] | None, quota: int | None,
@@ -673,13 +721,16 @@ class JobLogs:
     offset: int
 
 
+@parses_answer("job log")
 def parse_logs(resp: httpx.Response, offset: int) -> JobLogs:
     """The log route may answer JSON (``text`` or ``lines`` with ``next_offset``/``offset``) or plain text."""
     if resp.headers.get("content-type", "").startswith("application/json"):
-        obj = answer_json(resp)
+        obj = record(answer_json(resp), "job log")
         text = obj.get("text")
         if text is None:
-            text = "".join(line if line.endswith("\n") else line + "\n" for line in obj.get("lines", []))
+            text = "".join(line if line.endswith("\n") else line + "\n" for line in obj.get("lines") or [])
+        if not isinstance(text, str):
+            raise TypeError(f"text is a {type(text).__name__}")
         nxt = obj.get("next_offset", obj.get("offset_next", None))
         if nxt is None:
             nxt = offset + len(text.encode())

@@ -150,9 +150,9 @@ class AsyncClient(b.BaseClient):
                       encoding: str | None = None) -> Distilled:
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path, pin = b.model_path(name, "distill"), b.version_params(version)
-        parts = await self._in_order([self._distill_part(path, xb, temperature, enc, pin)
-                                      for xb in await self._batches(name, x, batch_size, version)])
-        return b.merge_distilled(parts, temperature)
+        batches = list(await self._batches(name, x, batch_size, version))
+        parts = await self._in_order([self._distill_part(path, xb, temperature, enc, pin) for xb in batches])
+        return b.merge_distilled(parts, temperature, samples=sum(len(xb) for xb in batches))
 
     async def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
                              version: str | int | None = None, batch_size: int | None = None,
@@ -222,7 +222,7 @@ class AsyncJobs:
                                    **b.idempotency(idempotency_key))
 
     async def get(self, job_id: str) -> dict:
-        return await self._c._json("GET", b.job_path(job_id))
+        return b.record(await self._c._json("GET", b.job_path(job_id)), "job")
 
     async def list(self, **filters: Any) -> list[dict]:
         params = {k: v for k, v in filters.items() if v is not None}

@@ -144,10 +144,11 @@ class Client(b.BaseClient):
         pins a version of the model (default: its highest)."""
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path, pin = b.model_path(name, "distill"), b.version_params(version)
+        batches = list(self._batches(name, x, batch_size, version))
         parts = [b.parse_distilled(self._request("POST", path, **b.with_params(b.distill_request(xb, temperature, enc),
                                                                                 pin)))
-                 for xb in self._batches(name, x, batch_size, version)]
-        return b.merge_distilled(parts, temperature)
+                 for xb in batches]
+        return b.merge_distilled(parts, temperature, samples=sum(len(xb) for xb in batches))
 
     def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
                        version: str | int | None = None, batch_size: int | None = None,
@@ -236,7 +237,7 @@ class Jobs:
                              **b.idempotency(idempotency_key))
 
     def get(self, job_id: str) -> dict:
-        return self._c._json("GET", b.job_path(job_id))
+        return b.record(self._c._json("GET", b.job_path(job_id)), "job")
 
     def list(self, **filters: Any) -> list[dict]:
         """Jobs, newest first; ``filters`` become query parameters (e.g. ``status="running"``)."""
