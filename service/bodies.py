@@ -71,7 +71,7 @@ def inflate(data: bytes, coding: str, max_bytes: int) -> bytes:
 
 def content_coding(request: Request) -> str:
     """The body's ``Content-Encoding``, lower case; ``identity`` when none is named."""
-    return request.headers.get("content-encoding", "identity").strip().lower()
+    return request.headers.get("content-encoding", "").strip().lower() or "identity"  # an empty header names none
 
 
 async def read_bytes(request: Request, max_bytes: int) -> bytes:

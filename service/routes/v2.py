@@ -89,7 +89,7 @@ class InferRequestParameters(BaseModel):
 class InferRequest(BaseModel):
     id: str | None = Field(None, description="echoed in the response")
     inputs: list[InferInput] = Field(description="exactly one tensor")
-    outputs: list[InferOutputRequest] | None = Field(None, description="default: the public outputs")
+    outputs: list[InferOutputRequest] | None = Field(None, description="default (absent or []): the public outputs")
     parameters: InferRequestParameters | None = None
 
 
@@ -421,10 +421,10 @@ def _outputs(header: dict) -> tuple[list[str] | None, dict[str, bool], bool, dic
     classification extension's class_count of those that ask one (checked by :func:`oip.classification_counts`)."""
     default = bool(_flag(header.get("parameters"), "binary_data_output", ""))
     outputs = header.get("outputs")
-    if outputs is None:
+    if outputs is None or outputs == []:  # [] as gRPC's empty list reads (protobuf cannot tell it from none)
         return None, {}, default, {}
-    if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
-        raise invalid("outputs must be a non-empty list of {\"name\": ...}", "invalid_request")
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise invalid("outputs must be a list of {\"name\": ...}", "invalid_request")
     binary, classification = {}, {}
     for i, o in enumerate(outputs):
         flag = _flag(o.get("parameters"), "binary_data", f"outputs[{i}].")

@@ -298,3 +298,16 @@ async def _same_answers(svc, images: list[bytes], content_type: str) -> bool:
         assert r.status_code == 200, r.text
         answers.append(r.json())
     return all(a == answers[0] for a in answers)
+
+
+async def test_an_empty_outputs_list_and_an_empty_content_encoding_name_nothing(svc):
+    """"outputs": [] was a 422 over HTTP but the default outputs over gRPC (whose protobuf cannot tell [] from
+    none); "Content-Encoding: " (empty) was a 415 where it names no coding."""
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}]}
+    default = await svc.client.post(V2_INFER, json=body)
+    empty = await svc.client.post(V2_INFER, json={**body, "outputs": []})
+    assert default.status_code == empty.status_code == 200, empty.text
+    assert empty.json()["outputs"] == default.json()["outputs"]
+    r = await svc.client.post(V2_INFER, content=json.dumps(body).encode(),
+                              headers={"Content-Type": "application/json", "Content-Encoding": ""})
+    assert r.status_code == 200 and r.json()["outputs"] == default.json()["outputs"], r.text
