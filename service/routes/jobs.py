@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import mimetypes
+import os
+import pathlib
 import re
 import shutil
 from typing import Annotated
@@ -203,25 +205,42 @@ async def logs(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: Set
                offset: int = Query(0, ge=0), limit: int = Query(LOG_CHUNK_MAX, ge=1, le=LOG_CHUNK_MAX)) -> Response:
     row = await run_in_threadpool(_own, queue, job_id, key)
     path = job_dir(settings, job_id) / "log.txt"
-
-    def read() -> bytes:
-        if not path.is_file():
-            return b""
-        with open(path, "rb") as f:
-            f.seek(offset)
-            return f.read(limit)
-
-    chunk = await run_in_threadpool(read)
     admin = key.grants("admin")
-    if not admin and len(chunk) == limit and b"\n" in chunk:  # whole lines, so no path is cut in two
-        chunk = chunk[:chunk.rindex(b"\n") + 1]
+    # A non-admin reads whole lines only, from a line's start to a line's end: server paths and the worker's id are
+    # hidden line by line, and a chunk that began inside one (offset = where a path starts, + 4) showed its rest.
+    start, chunk, size = await run_in_threadpool(_read_log, path, offset, limit, not admin)
+    finished = row.status in JOB_DONE
+    if not admin and b"\n" in chunk and not (finished and start + len(chunk) >= size):
+        chunk = chunk[:chunk.rindex(b"\n") + 1]  # a line still being written (or past the limit) comes next time
     text, used = _decode_whole(chunk)
     if not admin:
         text = hide_paths(text, settings.data_dir)
-    end = offset + used
-    size = path.stat().st_size if path.is_file() else 0
-    return json_response({"text": text, "offset": offset, "next_offset": end, "status": row.status,
-                          "done": row.status in JOB_DONE and end >= size})
+    end = start + used
+    return json_response({"text": text, "offset": start, "next_offset": end, "status": row.status,
+                          "done": finished and end >= size})
+
+
+def _read_log(path: pathlib.Path, offset: int, limit: int, by_line: bool) -> tuple[int, bytes, int]:
+    """Blocking: (where the chunk starts, up to ``limit`` bytes from there, the log's size). ``offset`` past the end
+    reads nothing from the end; ``by_line``: the start is moved back to its line's (forward to the next line's when
+    the line is longer than a chunk)."""
+    if not path.is_file():
+        return 0, b"", 0
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        start = min(offset, size)  # seek takes no offset past 2**63, and past the end there is nothing to read
+        if by_line and start > 0:
+            back = max(0, start - LOG_CHUNK_MAX)
+            f.seek(back)
+            line = f.read(start - back).rfind(b"\n")
+            if line >= 0 or back == 0:
+                start = back + line + 1
+            else:
+                f.seek(start)
+                rest = f.read(LOG_CHUNK_MAX)
+                start = start + rest.index(b"\n") + 1 if b"\n" in rest else size
+        f.seek(start)
+        return start, f.read(limit), size
 
 
 def _decode_whole(chunk: bytes) -> tuple[str, int]:

@@ -273,8 +273,23 @@ async def test_cancel_queued_logs_and_artifacts(jsvc):
     assert log["done"] is True and log["status"] == "cancelled"
     cut = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=11&limit=9", headers=h)).json()
     assert cut["text"] == "second: " and cut["next_offset"] == 19  # é is not split in two
-    rest = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=19", headers=h)).json()
+    rest = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=19", headers=jsvc.admin)).json()
     assert rest["text"] == "é\n"
+    # a caller without admin reads from a line's start: the line again, not its middle
+    again = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=19", headers=h)).json()
+    assert again["text"] == "second: é\n" and again["offset"] == 11 and again["next_offset"] == 22
+    for past in (22, 10**6, 2**63 - 1, 2**70):  # past the end: nothing (2**63 - 1 was a 500 from seek)
+        r = await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset={past}", headers=h)
+        assert r.status_code == 200 and r.json()["text"] == "" and r.json()["done"] is True, r.text
+
+    # server paths and the worker's id are hidden line by line, whatever offset a caller starts from (a chunk that
+    # began inside a path showed its rest: offset = where "/" is, + 4)
+    where = str(jsvc.settings.data_dir.resolve() / "files" / "file-x" / "weights.safetensors")
+    (d / "log.txt").write_text(f"auditing cnn weights {where}\nclaimed by worker:vm:5869\n", encoding="utf-8")
+    raw = (d / "log.txt").read_bytes()
+    for i in range(len(raw)):
+        got = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset={i}&limit=40", headers=h)).json()["text"]
+        assert not any(part in got for part in (where[4:], where[1:], "vm:5869", "orker:vm")), (i, got)
     arts = (await jsvc.client.get(f"/v1/jobs/{job['id']}/artifacts", headers=h)).json()["artifacts"]
     assert arts == [{"name": "report.json", "size": 12}]
     r = await jsvc.client.get(f"/v1/jobs/{job['id']}/artifacts/report.json", headers=h)
