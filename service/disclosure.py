@@ -72,7 +72,9 @@ def failure_reason(e: BaseException, step: str, root: Path | None = None) -> str
     """A failed job's error as its owner reads it: the message of an error the project raised on
     purpose (a bad parameter, a refused box, a removed model), without paths; for anything else
     (a parser, a driver, a bug) only the step it happened in, since such messages quote files."""
-    if type(e) is ValueError or type(e).__module__.split(".")[0] in _OURS:
+    # FloatingPointError: the recipes' own word for a divergence (fit's "loss became nan at step ...", a wrap's
+    # "lower the learning rate"), which has no module of ours to tell it by
+    if type(e) in (ValueError, FloatingPointError) or type(e).__module__.split(".")[0] in _OURS:
         text = hide_paths(str(e), root).strip()
         if text:
             return text[:2000]

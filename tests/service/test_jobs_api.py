@@ -83,11 +83,20 @@ async def test_submit_accepts_the_issue_examples_and_lists_them(jsvc):
     # past 64 bits: stored, it was a 500 that then failed every listing of the jobs
     ("distill", {**DISTILL, "seed": 2**70}, "params.seed is a whole number past 64 bits"),
     ("distill", {**DISTILL, "transfer": 2**64}, "params.transfer is a whole number past 64 bits"),
+    # accepted, then failed at run time (numpy's "expected non-negative integer", a NaN loss, a network of -1 channels)
+    ("distill", {**DISTILL, "teacher": {"file": NO_FILE, "arch": "cnn", "mean": [float("nan")], "std": [1.0]}},
+     "params.teacher.mean.0 is nan"),
+    ("distill", {**DISTILL, "teacher": {"file": NO_FILE, "arch": "cnn", "mean": [0.5], "std": [float("inf")]}},
+     "params.teacher.std.0 is inf"),
+    ("audit", {"target": {"model": "digits-a"}, "data": "digits", "seeds": [-1]}, "params.seeds.0"),
+    ("amalgamate", {"method": "afk", "student_widths": [-1, 8]}, "params.student_widths.0"),
     ("nosuchkind", {}, "unknown job kind"),
 ])
 async def test_bad_params_are_refused_and_never_queued(jsvc, kind, params, needle):
     tok = jsvc.key(("jobs", "distill"))
-    r = await submit(jsvc, tok, kind, params)
+    # as Python's json writes it: NaN and Infinity as the bare words its parser (and the server's) reads back
+    r = await jsvc.client.post("/v1/jobs", content=json.dumps({"kind": kind, "params": params}),
+                               headers={**jsvc.auth(tok), "Content-Type": "application/json"})
     assert r.status_code == 422, r.text
     assert needle in r.json()["error"]["message"]
     assert (await jsvc.client.get("/v1/jobs", headers=jsvc.auth(tok))).json()["jobs"] == []
@@ -359,3 +368,14 @@ def test_an_existing_data_dir_gets_the_jobs_table(db_url):
     job, _ = JobQueue(store).submit("wrap", {}, "k")
     assert json.loads(JobQueue(store).get(job.id).params) == {}
     store.close()
+
+
+def test_a_divergence_is_told_in_the_recipes_words_and_other_errors_by_their_step(tmp_path):
+    """fit's and the wraps' FloatingPointError ("loss became nan ...: lower the learning rate") read as "an
+    unexpected error": its class is a builtin, not one of ours. Paths stay hidden; a driver's error stays unsaid."""
+    from service.disclosure import failure_reason
+
+    e = FloatingPointError(f"the wrap diverged (loss became nan at step 3 of {tmp_path}/x) at lr 0.1: lower it")
+    said = failure_reason(e, "wrap", tmp_path)
+    assert said.startswith("the wrap diverged (loss became nan at step 3") and str(tmp_path) not in said
+    assert "unexpected error" in failure_reason(OSError(f"{tmp_path}/x: denied"), "wrap", tmp_path)

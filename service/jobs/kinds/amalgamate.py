@@ -13,7 +13,7 @@ the method's own (AFK: ``student.sdb``, an ONNX bundle of task ``multilabel``, a
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -78,7 +78,8 @@ class AmalgamateParams(JobParams):
                                     description="the label ids the student learns; default all the teachers know")
     grid: int = Field(_T.grid, ge=1, le=4, description="digit composites: grid x grid cells of 28 px")
     transfer: int = Field(_T.transfer, ge=16, le=100_000, description="unlabeled transfer images generated")
-    student_widths: list[int] | None = Field(None, min_length=1, max_length=8)
+    student_widths: list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
+        None, min_length=1, max_length=8, description="the student's channels per block, each in [1, 4096] as a teacher's")
     width_scale: float = Field(_T.width_scale, gt=0, le=4)
     layer_epochs: int | None = Field(None, ge=0, le=100, description="epochs per block, layer-wise (default: afk "
                                      f"{_AFK['layer_epochs']}, datafree {_DATAFREE['layer_epochs']})")

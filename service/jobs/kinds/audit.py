@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -42,7 +42,8 @@ class AuditParams(JobParams):
     student: str = AuditConfig().student
     steps: int = Field(AuditConfig().steps, ge=10, le=100_000, description="optimisation steps per student")
     keys: int = Field(AuditConfig().keys, ge=0, le=100, description="random keys the attacker blends in")
-    seeds: list[int] = Field(default_factory=lambda: list(AuditConfig().seeds), min_length=1, max_length=5)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: list(AuditConfig().seeds), min_length=1,
+                                                      max_length=5)
     families: list[Literal[FAMILIES]] | None = Field(None, description="attack families; default all")  # type: ignore[valid-type]
 
     @field_validator("student")

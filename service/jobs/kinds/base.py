@@ -23,6 +23,7 @@ every heartbeat (:func:`key_problem`).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,12 +71,13 @@ class JobParams(BaseModel):
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _within_64_bits(self) -> JobParams:
+    def _numbers_a_job_can_hold(self) -> JobParams:
         # A whole number past 64 bits validates as a Python int, but the job record could not be answered (JSON
-        # encoders stop at 64 bits: the submission was stored, then every listing of the jobs failed) nor run.
-        where = _wide_int(self.model_dump(mode="json"), "params")
-        if where is not None:
-            raise ValueError(f"{where} is a whole number past 64 bits; no setting of a job is that large")
+        # encoders stop at 64 bits: the submission was stored, then every listing of the jobs failed) nor run; a
+        # NaN or Inf validates as a float (a normalisation's mean), is stored as null, and fails the job later.
+        why = _unfit_number(self.model_dump(), "params")
+        if why is not None:
+            raise ValueError(why)
         return self
 
     def reads(self) -> list[Access]:
@@ -118,12 +120,15 @@ def get_kind(name: str) -> Kind:
     return KINDS.get(name)
 
 
-def _wide_int(value: Any, where: str) -> str | None:
-    """Where in ``value`` (JSON-like) an integer needs more than a signed 64 bits, or None."""
+def _unfit_number(value: Any, where: str) -> str | None:
+    """What is wrong with the first number in ``value`` (dumped params) that no job can hold: an integer past a
+    signed 64 bits, a float that is NaN or infinite; None if every one fits."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return where if not -2**63 <= value < 2**63 else None
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    return next((w for k, v in items if (w := _wide_int(v, f"{where}.{k}")) is not None), None)
+        return None if -2**63 <= value < 2**63 else f"{where} is a whole number past 64 bits; no setting of a job is that large"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} is {value}: a setting of a job is a finite number"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    return next((w for k, v in items if (w := _unfit_number(v, f"{where}.{k}")) is not None), None)
 
 
 def params_errors(e: ValidationError) -> str:
