@@ -43,7 +43,7 @@ def _unreadable(p: Path, e: Exception) -> WeightsError:
     if _looks_like_onnx(p):
         return WeightsError(f"{p} is an ONNX model, not weights: name it *.onnx (an ONNX model brings its own "
                             "network, so give no architecture with it)")
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    found = re.search(r"GLOBAL ([\w.]+)", str(e))
     if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met a class: not tensors in plain containers
         return WeightsError(f"{p} holds pickled Python objects ({found.group(1)[:100]}), not tensors alone (a whole "
                             "network saved with torch.save(model)?), and nothing is unpickled here: save its "
@@ -54,9 +54,16 @@ def _unreadable(p: Path, e: Exception) -> WeightsError:
 
 
 def _reason(e: Exception) -> str:
-    """A reader's exception in a few words: its first line, without terminal colour codes."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+    """A reader's exception in a few words, without terminal colour codes and without torch's advice to load the
+    file unrestricted: what its restricted unpickler refused, else the error's first line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if isinstance(e, pickle.UnpicklingError):
+        advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+        kept = [p.replace("WeightsUnpickler error:", "").strip() for p in re.split(r"\n\s*\n", text)
+                if p.strip() and not p.strip().startswith(advice)]
+        return " ".join(kept)[:300] or "refused by torch's restricted unpickler"
+    lines = text.strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def _looks_like_onnx(p: Path) -> bool:

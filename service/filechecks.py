@@ -17,11 +17,11 @@ only inside the checks that need it, so importing the app stays torch-free.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import stat
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -151,18 +151,10 @@ def check_weights(src: Path, out: Path, limits: Limits, filename: str) -> Checke
         if fmt == "safetensors":
             raise rejected("weights", f"{filename}: not a valid safetensors file: {_clip(reason)}") from None
         raise rejected("weights", f"{filename}: not a safetensors file, and torch.load(weights_only=True) refused "
-                       f"it: {_clip(_unpickler_reason(reason))}") from None
+                       f"it: {_clip(reason)}") from None
     if not state:
         raise rejected("weights", f"{filename}: holds no tensors")
     return Checked(fmt, dest.name, {"tensors": len(state), "parameters": int(sum(t.numel() for t in state.values()))})
-
-
-def _unpickler_reason(text: str) -> str:
-    """What torch's restricted unpickler refused, without its advice to load the file unrestricted."""
-    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
-    kept = [p.replace("WeightsUnpickler error:", "").strip() for p in re.split(r"\n\s*\n", text)
-            if p.strip() and not p.strip().startswith(advice)]
-    return " ".join(kept) or "refused"
 
 
 # ----------------------------------------------------------------------------- archives
@@ -237,8 +229,12 @@ def extract(z: zipfile.ZipFile, dest: Path, limits: Limits, purpose: str, filena
             raise rejected(purpose, f"{filename}: member {info.filename[:200]!r} is in the archive twice") from None
         except (NotADirectoryError, IsADirectoryError):
             raise rejected(purpose, f"{filename}: member {info.filename[:200]!r} is both a file and a folder") from None
-        except (zipfile.BadZipFile, EOFError) as e:
+        except (zipfile.BadZipFile, EOFError, zlib.error) as e:
             raise rejected(purpose, f"{filename}: member {info.filename[:200]!r} is corrupt ({e})") from None
+        except (RuntimeError, NotImplementedError):  # an encrypted member; a compression method zipfile lacks
+            raise rejected(purpose, f"{filename}: member {info.filename[:200]!r} cannot be unpacked (encrypted, or "
+                           "compressed by an unknown method): zip it again, deflated or stored, without a password") \
+                from None
         count += 1
     return count
 
@@ -258,7 +254,7 @@ def _check_npz(src: Path, out: Path, filename: str, limits: Limits) -> Checked:
     from sdb_core.data.npz import describe_npz  # the loader's own rules (imports torch: here only)
 
     try:
-        info = describe_npz(src, max_bytes=limits.unpacked_bytes)
+        info = describe_npz(src, max_bytes=limits.unpacked_bytes, whole=True)
     except ValueError as e:
         raise rejected("dataset", f"{filename}: {_clip(str(e).replace(str(src), 'the archive'))}") from None
     dest = out / "data.npz"
@@ -268,21 +264,30 @@ def _check_npz(src: Path, out: Path, filename: str, limits: Limits) -> Checked:
 
 def _data_root(folder: Path) -> Path:
     """The tree's root: a zip of a folder wraps the class folders in one more folder."""
+    from sdb_core.data.imagefolder import TEST_NAMES, TRAIN_NAMES
+
     while True:
         entries = [p for p in folder.iterdir() if not _skipped(p.name)]
         if len(entries) == 1 and entries[0].is_dir() and any(c.is_dir() for c in entries[0].iterdir()) \
-                and entries[0].name not in ("train", "test", "val"):
+                and entries[0].name.lower() not in TRAIN_NAMES + TEST_NAMES:
             folder = entries[0]
         else:
             return folder
 
 
 def _check_imagefolder(out: Path, filename: str, limits: Limits) -> Checked:
-    from sdb_core.data.imagefolder import IMAGE_EXTENSIONS  # the loader's own list (imports torch: here only)
+    # the loader's own rules (imports torch: here only)
+    from sdb_core.data.imagefolder import IMAGE_EXTENSIONS, split_dirs
 
     root = _data_root(out / "data")
-    test = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
-    splits = {"train": root / "train", test.name: test} if (root / "train").is_dir() and test else {"": root}
+    found_splits = split_dirs(root)
+    if found_splits is None:
+        splits = {"": root}
+    elif found_splits[1] is None:
+        splits = {"": found_splits[0]}
+    else:
+        splits = {found_splits[0].name: found_splits[0], found_splits[1].name: found_splits[1]}
+    test = found_splits[1] if found_splits is not None else None
     classes: list[str] | None = None
     images = 0
     for split, folder in splits.items():
@@ -295,7 +300,8 @@ def _check_imagefolder(out: Path, filename: str, limits: Limits) -> Checked:
             if len(classes) < 2:
                 raise rejected("dataset", f"{filename}: one class folder ({classes[0]!r}); a classifier needs two")
         elif unknown := sorted({d.name for d in dirs} - set(classes)):
-            raise rejected("dataset", f"{filename}: {where} has classes that are not in train/: {unknown[:10]}")
+            raise rejected("dataset", f"{filename}: {where} has classes that are not in "
+                           f"{found_splits[0].name}/: {unknown[:10]}")
         for d in dirs:
             found = [p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                      and not _skipped(p.name)]
@@ -308,19 +314,29 @@ def _check_imagefolder(out: Path, filename: str, limits: Limits) -> Checked:
     if "" in splits and round(0.2 * images) == 0:
         raise rejected("dataset", f"{filename}: {images} images are too few to hold out a test split")
     return Checked("imagefolder", str(root.relative_to(out)), {
-        "classes": classes, "images": images, "splits": "train/" + test.name if "" not in splits else "80/20"})
+        "classes": classes, "images": images,
+        "splits": f"{found_splits[0].name}/{test.name}" if test is not None else "80/20"})
 
 
 def _image_header(path: Path, limits: Limits, what: str) -> None:
+    """Refuse an image the loader could not read: one of another format than its extensions', one past the pixel
+    bound (from its header, before decoding), one whose data is cut short or corrupt (decoded whole: the header
+    alone passed a truncated PNG, and every job on the set failed)."""
     from PIL import Image, UnidentifiedImageError
 
+    from sdb_core.data.imagefolder import open_image
+
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             w, h = im.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
-        raise rejected("dataset", f"{what} is not a readable image") from None
-    if w * h > limits.image_pixels:
-        raise rejected("dataset", f"{what}: {w}×{h} pixels, over the limit of {limits.image_pixels}")
+            if w * h > limits.image_pixels:
+                raise rejected("dataset", f"{what}: {w}×{h} pixels, over the limit of {limits.image_pixels}")
+            im.load()
+    except ApiError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError, EOFError):
+        raise rejected("dataset", f"{what} is not a readable image (PNG, JPEG, BMP, GIF, TIFF, WebP or PPM, whole)") \
+            from None
 
 
 # ----------------------------------------------------------------------------- images

@@ -166,9 +166,14 @@ def make_splits(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
     xtr, xte = xs
     dims = (0, *range(2, xtr.dim()))  # all but the channel axis
     per_channel = (-1,) + (1,) * (xtr.dim() - 2)
-    mean = xtr.mean(dim=dims)
+    if images:
+        mean, std = xtr.mean(dim=dims), xtr.std(dim=dims, correction=0)
+    else:  # any scale: the statistics of x / max |x|, scaled back (a column of 1e200s has a variance no float holds)
+        scale = xtr.abs().amax(dim=dims) if len(xtr) else torch.ones(xtr.shape[1], dtype=xtr.dtype)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        unit = xtr / scale.view(per_channel)
+        mean, std = unit.mean(dim=dims) * scale, unit.std(dim=dims, correction=0) * scale
     # A constant channel has std 0; dividing by 1 keeps it finite instead of inventing a scale.
-    std = xtr.std(dim=dims, correction=0)
     std = torch.where(std > 0, std, torch.ones_like(std))
     for x in (xtr, xte):
         x.sub_(mean.view(per_channel)).div_(std.view(per_channel))

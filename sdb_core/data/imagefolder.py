@@ -1,9 +1,11 @@
 """``imagefolder:PATH``: one sub-folder per class, images inside (searched recursively).
 
-If PATH holds ``train/`` and ``test/`` (or ``val/``) those are the splits, and the classes are
-the train folder's; otherwise a fixed stratified 80/20 split (seed 0) is drawn. Images are
-read with Pillow, resized to a square of ``image_size`` (default 32) and kept grayscale only
-if every image is grayscale, else converted to RGB.
+If PATH holds ``train/`` and ``test/`` (or ``val/``, ``valid/``, ``validation/``; ``training/``, ``testing/``; in
+any case: ``Train/``) those are the splits, and the classes are the train folder's; a ``train/`` alone holds the
+classes; otherwise the class folders are PATH's own. Without a test folder a fixed stratified 80/20 split (seed 0) is
+drawn. Images are read with Pillow, in the formats their extensions name only (an EPS named ``x.png`` is not run
+through Ghostscript), resized to a square of ``image_size`` (default 32) and kept grayscale only if every image is
+grayscale, else converted to RGB.
 """
 from __future__ import annotations
 
@@ -16,9 +18,30 @@ from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_d
 from sdb_core.pixels import unit_pixels
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+# What Pillow may read them as: the formats of those extensions (it picks a file's format by its content, and some it
+# knows, EPS, hand the file to an outside program)
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # JPEG opens MPO (a phone camera's JPEG) too
+TRAIN_NAMES = ("train", "training")
+TEST_NAMES = ("test", "val", "valid", "validation", "testing")
 _GRAY_BANDS = {("L",), ("L", "A"), ("1",), ("I",), ("F",)}
 _SPLIT_SEED = 0
 DEFAULT_SIZE = 32
+
+
+def split_dirs(path: Path) -> tuple[Path, Path | None] | None:
+    """The train split's folder and the test split's (None: none, an 80/20 split is drawn from train) when ``path``
+    holds them, named in any case; None when its class folders are its own."""
+    dirs = {p.name.lower(): p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))}
+    train = next((dirs[n] for n in TRAIN_NAMES if n in dirs), None)
+    test = next((dirs[n] for n in TEST_NAMES if n in dirs), None)
+    if train is None or (test is None and len(dirs) > 1):  # "train" beside other folders: a class of that name
+        return None
+    return train, test
+
+
+def open_image(path: Path) -> Image.Image:
+    """``path`` opened in one of :data:`IMAGE_FORMATS`."""
+    return Image.open(path, formats=IMAGE_FORMATS)
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -61,7 +84,7 @@ def _read(files: list[Path], size: int) -> tuple[np.ndarray, bool]:
     all_gray = True
     for i, f in enumerate(files):
         try:
-            with Image.open(f) as im:
+            with open_image(f) as im:
                 all_gray &= im.getbands() in _GRAY_BANDS
                 rgb = unit_pixels(im, "RGB", (size, size))  # a 16-bit image over its depth, not clipped
         except (UnidentifiedImageError, OSError, ValueError) as e:
@@ -77,12 +100,12 @@ def imagefolder(path: Path | None, *, image_size: int | None = None, seed: int =
     if not path.is_dir():
         raise DatasetError(f"image folder {path} does not exist or is not a directory")
     size = image_size or DEFAULT_SIZE
-    test_dir = next((path / s for s in ("test", "val") if (path / s).is_dir()), None)
-    if (path / "train").is_dir() and test_dir is not None:
-        train_files, y_train, classes = _scan(path / "train", None)
-        test_files, y_test, _ = _scan(test_dir, classes)
+    splits = split_dirs(path)
+    if splits is not None and splits[1] is not None:
+        train_files, y_train, classes = _scan(splits[0], None)
+        test_files, y_test, _ = _scan(splits[1], classes)
     else:
-        files, y, classes = _scan(path, None)
+        files, y, classes = _scan(path if splits is None else splits[0], None)
         tr, te = stratified_split(np.asarray(y), round(0.2 * len(files)), _SPLIT_SEED)
         if len(te) == 0:
             raise DatasetError(

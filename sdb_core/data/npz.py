@@ -14,7 +14,9 @@ scale, each channel standardised over its length on the training split (an (N, C
 """
 from __future__ import annotations
 
+import math
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +27,15 @@ _SPLIT_SEED = 0
 REQUIRED, OPTIONAL = ("x", "y"), ("x_test", "y_test", "labels", "layout")
 
 
-def _headers(path: Path, max_bytes: int | None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every array, from the ``.npy`` headers alone (no data read, nothing unpickled)."""
+# What reading a damaged member raises: a bad CRC or local header, a broken deflate stream, an encrypted member
+# (RuntimeError), a compression method zipfile lacks
+_UNREADABLE = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
+
+
+def _headers(path: Path, max_bytes: int | None, whole: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array, from the ``.npy`` headers alone (nothing unpickled); with ``whole`` each
+    member is also read to its end (its CRC checked, nothing kept): the upload check, so that a set whose integer
+    pixels are corrupt past the header is refused there, not in every job."""
     try:
         z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
@@ -41,29 +50,37 @@ def _headers(path: Path, max_bytes: int | None) -> dict[str, tuple[tuple[int, ..
             name = info.filename.removesuffix(".npy")
             if not info.filename.endswith(".npy") or name in out:
                 raise DatasetError(f"{path}: member {info.filename!r} is not one .npy array")
-            with z.open(info) as f:
-                try:
-                    version = np.lib.format.read_magic(f)
-                    read = {(1, 0): np.lib.format.read_array_header_1_0,
-                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-                    if read is None:
-                        raise ValueError(f"unsupported .npy version {version}")
-                    shape, _, dtype = read(f)
-                    header = f.tell()
-                except ValueError as e:
-                    raise DatasetError(f"{path}: array {name!r} has no valid .npy header ({e})") from None
+            try:
+                with z.open(info) as f:
+                    try:
+                        version = np.lib.format.read_magic(f)
+                        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                                (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                        if read is None:
+                            raise ValueError(f"unsupported .npy version {version}")
+                        shape, _, dtype = read(f)
+                        header = f.tell()
+                    except ValueError as e:
+                        raise DatasetError(f"{path}: array {name!r} has no valid .npy header ({e})") from None
+                    while whole and f.read(1 << 20):
+                        pass
+            except _UNREADABLE:
+                raise DatasetError(f"{path}: array {name!r} cannot be unpacked (corrupt, encrypted or compressed by an "
+                                   "unknown method): write it again with np.savez or np.savez_compressed") from None
             if dtype.hasobject:
                 raise DatasetError(f"{path}: array {name!r} holds Python objects (they need pickle: refused)")
-            if info.file_size != header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            # in Python integers: numpy's int64 product of (5, 2**32, 2**32) wraps to 0, and an empty member passed
+            if info.file_size != header + math.prod(int(d) for d in shape) * dtype.itemsize:
                 raise DatasetError(f"{path}: array {name!r} is not the size its header says")
             out[name] = (tuple(int(d) for d in shape), dtype)
     return out
 
 
-def describe_npz(path: str | Path, *, max_bytes: int | None = None) -> dict:
-    """Check an ``.npz`` against the rules above without loading the images; what it holds, or DatasetError."""
+def describe_npz(path: str | Path, *, max_bytes: int | None = None, whole: bool = False) -> dict:
+    """Check an ``.npz`` against the rules above without loading the images; what it holds, or DatasetError.
+    ``whole``: read every member to its end (an upload's check: :func:`_headers`)."""
     path = Path(path)
-    arrays = _headers(path, max_bytes)
+    arrays = _headers(path, max_bytes, whole)
     missing = [n for n in REQUIRED if n not in arrays]
     if missing:
         raise DatasetError(f"{path} has no array {' or '.join(map(repr, missing))}: expected x (images) and y (labels)")

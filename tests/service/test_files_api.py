@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import stat
+import struct
 import zipfile
 from pathlib import Path
 
@@ -178,6 +179,19 @@ async def test_uploaded_datasets_load_through_the_resolver(svc):
     assert r.status_code == 201 and r.json()["info"]["shape"] == [6], r.text
     data = load_dataset(dataset_name(store, svc.settings, key, r.json()["id"]))
     assert data.in_shape == (6,) and abs(float(data.train.tensors[0].mean())) < 1e-4
+    # split folders named in another case (Train/, Test/), or validation/: splits, not two classes named after them
+    for splits in (("Train", "Test"), ("train", "validation")):
+        r = await upload(svc, h, zip_of({f"{s}/{c}/{i}.png": png() for s in splits for c in ("cat", "dog")
+                                         for i in range(3)}), "dataset", "s.zip")
+        assert r.status_code == 201 and r.json()["info"]["classes"] == ["cat", "dog"], r.text
+        assert r.json()["info"]["splits"] == "/".join(splits)
+        data = load_dataset(dataset_name(store, svc.settings, key, r.json()["id"]), image_size=8)
+        assert data.labels == ["cat", "dog"] and (len(data.train), len(data.test)) == (6, 6)
+    # features of any scale, 1e200 too (their variance overflowed: "data.std is (inf, ...)" in every job)
+    r = await upload(svc, h, npz_bytes(x=rng.normal(0.0, 1.0, (20, 3)) * 1e200, y=np.arange(20) % 2), "dataset")
+    assert r.status_code == 201, r.text
+    data = load_dataset(dataset_name(store, svc.settings, key, r.json()["id"]))
+    assert np.isfinite(data.std).all() and abs(float(data.train.tensors[0].std()) - 1.0) < 0.1
     # multichannel signals, said so by the archive's layout
     signals = npz_bytes(x=rng.normal(0.0, 500.0, (20, 3, 16)), y=np.arange(20) % 2, layout=np.array("signals"))
     r = await upload(svc, h, signals, "dataset", "s.npz")
@@ -286,17 +300,65 @@ async def test_bad_weights(svc):
     ({"cat/0.png": png(), "cat/1.png": png()}, None, ["one class folder"]),
     ({"cat/0.png": png(), "dog/readme.txt": b"hi"}, None, ["dog holds no images"]),
     ({"cat/0.png": png((4100, 4100), "1"), "dog/0.png": png()}, None, ["4100×4100", "over the limit"]),
-], ids=["slip", "slip-nested", "absolute", "symlink", "bad-image", "one-class", "no-images", "pixel-bomb"])
+    # passed as a header alone, then failed every job: cut short ("image file is truncated"), or of a format its
+    # extension does not name (an EPS as x.png: Pillow handed it to Ghostscript)
+    ({"cat/0.png": png(), "dog/0.png": png((64, 64))[:-40]}, None, ["dog/0.png", "not a readable image"]),
+    ({"cat/0.png": png(), "dog/0.png": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"}, None,
+     ["dog/0.png", "not a readable image"]),
+], ids=["slip", "slip-nested", "absolute", "symlink", "bad-image", "one-class", "no-images", "pixel-bomb",
+        "truncated-png", "eps-named-png"])
 async def test_dataset_zip_refused(svc, members, links, words):
     h = svc.auth(svc.key(("jobs",)))
     await assert_refused(svc, h, zip_of(members, links=links), "dataset", "invalid_dataset", words, "d.zip")
     assert not (svc.settings.files_dir.parent / "x.png").exists() and not Path("/tmp/abs.png").exists()
 
 
+def _damaged(data: bytes, how: str) -> bytes:
+    """A zip as a corrupt, encrypted or exotic archive has it: its first member's compressed bytes flipped (a bad
+    CRC or deflate stream), or its headers' flags (encrypted) or method (9, deflate64) patched."""
+    out = bytearray(data)
+    if how == "corrupt":
+        name_len, extra_len = struct.unpack_from("<HH", out, 26)
+        at = 30 + name_len + extra_len + 60  # inside the first member's data, past the .npy header
+        out[at:at + 16] = bytes(b ^ 0x5A for b in out[at:at + 16])
+        return bytes(out)
+    field, value = {"encrypted": ((6, 8), 1), "method 9": ((8, 10), 9)}[how]
+    for header, offset in ((b"PK\x03\x04", field[0]), (b"PK\x01\x02", field[1])):
+        i = 0
+        while (i := out.find(header, i)) >= 0:
+            struct.pack_into("<H", out, i + offset, value)
+            i += 4
+    return bytes(out)
+
+
+@pytest.mark.parametrize("how", ["corrupt", "encrypted", "method 9"])
+async def test_a_damaged_archive_is_a_422_not_a_500(svc, how):
+    """zipfile's BadZipFile (a bad CRC), zlib.error, RuntimeError (encrypted) and NotImplementedError (an unknown
+    method) escaped the upload check: 500s, for an .npz and an image folder alike."""
+    h = svc.auth(svc.key(("jobs",)))
+    rng = np.random.default_rng(0)
+    arrays = io.BytesIO()
+    np.savez_compressed(arrays, x=rng.integers(0, 256, (40, 8, 8), dtype=np.uint8), y=np.arange(40) % 4)
+    folder = zip_of({f"{c}/{i}.png": png((16, 16)) for c in ("cat", "dog") for i in range(3)})
+    for data, name in ((arrays.getvalue(), "d.npz"), (folder, "d.zip")):
+        await assert_refused(svc, h, _damaged(data, how), "dataset", "invalid_dataset", [name], name)
+
+
 async def test_bad_npz(svc):
     h = svc.auth(svc.key(("jobs",)))
     x, y = np.zeros((10, 8, 8), np.uint8), np.arange(10) % 2
-    cases = [(npz_bytes(x=x), ["no array 'y'"]),
+    # a header declaring (5, 2**32, 2**32) over no data: numpy's int64 product of its shape wraps to 0, and it passed
+    huge = io.BytesIO()
+    with zipfile.ZipFile(huge, "w") as z:
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False,
+                                                    "shape": (5, 2**32, 2**32)})
+        z.writestr("x.npy", head.getvalue())  # the magic and the header, then none of its 8e19 bytes
+        y_buf = io.BytesIO()
+        np.save(y_buf, np.arange(5) % 2)
+        z.writestr("y.npy", y_buf.getvalue())
+    cases = [(huge.getvalue(), ["'x'", "not the size its header says"]),
+             (npz_bytes(x=x), ["no array 'y'"]),
              (npz_bytes(x=x, y=y[:5]), ["one label per image"]),
              (npz_bytes(x=np.zeros((10, 5, 8, 8)), y=y), ["C 1 or 3"]),
              (npz_bytes(x=x, y=np.array([object()] * 10)), ["Python objects", "pickle"]),
