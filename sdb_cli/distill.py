@@ -31,6 +31,10 @@ def cmd_distill(args) -> int:
     teacher, source = None, "labels only"
     if not args.remote and (args.model or args.api_key or args.version):  # else the student would learn from labels alone
         raise ValueError("--model, --version and --api-key go with --remote URL (the server whose model to distill)")
+    if args.authorized and not args.bundle:  # else, as above: labels alone, while the owner asked for the keyed path
+        raise ValueError("--authorized goes with --bundle PATH (whose keyed path to distill)")
+    if args.bundle and (args.teacher_mean is not None or args.teacher_std is not None):
+        raise ValueError("--teacher-mean and --teacher-std go with --teacher (a bundle says its own normalisation)")
     if args.bundle:
         ref = ModelRef(bundle=args.bundle)
         source = f"bundle {args.bundle} ({'keyed path' if args.authorized else 'public outputs'})"

@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # torch only where a bundle is made: loading one must stay li
 
 FORMAT = "sdb-bundle/1"
 MODEL_FILE, META_FILE, KEY_FILE = "model.onnx", "meta.json", "key.sealed"
+BUNDLE_FILES = (MODEL_FILE, META_FILE, KEY_FILE)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MODES = ("sdb", "nasty", "plain")  # keyed box, keyless box, any network with no key (pose, style, ...)
 MAX_MEMBER_BYTES = 2 << 30  # a bundle member larger than this is not a bundle we wrote
@@ -389,27 +390,60 @@ def export_bundle(
     return _write(files, Path(out))
 
 
+def bundle_target(out: str | os.PathLike) -> Path:
+    """Where a bundle may go: ``FILE.sdb`` (replaced if it exists), or a folder that is new, empty or a bundle's
+    (which the new bundle replaces); BundleError otherwise. Checked before any work (``sdb wrap``), and again when
+    the bundle is written: a folder holding anything else was removed whole, and an empty path meant the working
+    directory."""
+    if not str(out).strip():
+        raise BundleError("the bundle's path is empty: name a new folder (or FILE.sdb)")
+    p = Path(out)
+    if p.suffix == ".sdb":
+        if p.is_dir():
+            raise BundleError(f"{p} is a folder: a .sdb bundle is a file")
+        return p
+    if p.exists() and not p.is_dir():
+        raise BundleError(f"{p} is a file: a bundle is a folder (or FILE.sdb)")
+    here = Path.cwd().resolve()
+    if p.resolve() == here or p.resolve() in here.parents:  # replaced, it would take the working directory with it
+        raise BundleError(f"{str(p)!r} is the working directory or holds it: name a new folder for the bundle")
+    if p.is_dir():
+        others = sorted(e.name for e in p.iterdir() if e.name not in BUNDLE_FILES)
+        if others:
+            raise BundleError(f"{p} holds other files than a bundle's ({', '.join(others[:5])}"
+                              f"{', ...' if len(others) > 5 else ''}): name a new folder, or an existing bundle's to "
+                              "replace it")
+    return p
+
+
 def _write(files: dict[str, bytes], out: Path) -> Path:
-    if out.suffix == ".sdb":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-            for n, b in files.items():
-                z.writestr(n, b)
-        os.replace(tmp, out)
+    target = bundle_target(out).absolute()  # its real parent ("x/.." is not "."), for the copy written beside it
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside, then swapped in, so a reader never sees half a bundle; a copy that fails to be written or
+    # swapped in is removed (it holds the sealed key).
+    if target.suffix == ".sdb":
+        tmp = target.with_name(target.name + ".tmp")
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+                for n, b in files.items():
+                    z.writestr(n, b)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         return out
-    # Write beside, then swap in, so a reader never sees half a bundle.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    for n, b in files.items():
-        (tmp / n).write_bytes(b)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        for n, b in files.items():
+            (tmp / n).write_bytes(b)
+        if target.exists():  # a bundle's folder (bundle_target): its files alone
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def read_bundle_files(path: str | os.PathLike, names: Sequence[str] = (MODEL_FILE, META_FILE, KEY_FILE)) -> dict[str, bytes]:
+def read_bundle_files(path: str | os.PathLike, names: Sequence[str] = BUNDLE_FILES) -> dict[str, bytes]:
     """A bundle's files (``names`` of them: all by default), from its directory or ``.sdb`` zip; not verified."""
     p = Path(path)
     if not p.exists():
@@ -423,7 +457,7 @@ def read_bundle_files(path: str | os.PathLike, names: Sequence[str] = (MODEL_FIL
         with zipfile.ZipFile(p) as z:
             out = {}
             for info in z.infolist():
-                if info.filename not in (MODEL_FILE, META_FILE, KEY_FILE):
+                if info.filename not in BUNDLE_FILES:
                     # nothing in a bundle that its meta.json cannot list (a name like ../x is never unpacked, but
                     # a stored copy would keep it)
                     raise BundleError(f"{p}: the archive holds {info.filename[:200]!r}, which is not a bundle file; "

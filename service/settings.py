@@ -147,6 +147,14 @@ class Settings(BaseSettings):
     max_job_seconds: int = Field(6 * 3600, ge=0)
     max_artifact_storage_per_key: int = Field(16 << 30, ge=1024)
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _named_data_dir(cls, value):
+        # "" reads as Path("."): the working directory, its secrets in a folder beside it, not the default .sdb
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("is empty: name the data dir (unset, it is .sdb)")
+        return value
+
     @field_validator("forwarded_allow_ips")
     @classmethod
     def _proxies(cls, value: str) -> str:

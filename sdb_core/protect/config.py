@@ -5,7 +5,7 @@ The CLI, the job kinds and the task modules read every default from here without
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ..train_config import TrainConfig
 
@@ -89,6 +89,12 @@ class Thresholds:
     # 1.3-1.6 (benchmarks/non_image.py), wrong-key KD below labels alone in every one of those. A guard against
     # keys that hide (share ~0: any noise opens the keyed path), not a tuning target.
     min_guessed_key_share: float = 0.1
+
+    def __post_init__(self) -> None:
+        # NaN compares false: a NaN threshold was never missed, and the check passed any box
+        bad = {k: v for k, v in asdict(self).items() if not math.isfinite(v)}
+        if bad:
+            raise ValueError(f"thresholds must be finite numbers of points, got {bad}")
 
     def misses(self, f: dict[str, float]) -> dict[str, float]:
         """Each missed threshold and by how many points; a figure not measured (a Nasty box has no keyed
@@ -198,6 +204,10 @@ class AuditConfig:
             raise ValueError("seeds must not be empty")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1 or None, got {self.steps}")
+        if not math.isfinite(self.threshold):  # NaN: every comparison false, a verdict of nothing
+            raise ValueError(f"threshold must be a finite number of points, got {self.threshold}")
+        if any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be >= 0, got {self.seeds}")
         unknown = set(self.families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown attack families {sorted(unknown)}; known: {', '.join(FAMILIES)}")

@@ -177,6 +177,9 @@ def run(cfg: AmalgamateTask, out: str | os.PathLike, hooks: Hooks | None = None,
     checkpoints. Returns the report (summary, metrics, result and the method's own record)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from ..outputs import out_dir
+
+    out_dir(out)  # before any work: a path it cannot write is refused now
     hooks = hooks or Hooks()
     hooks.plan(**plan(cfg))
     return RECIPES.get(cfg.method).run(cfg.with_schedule(), out, hooks, None if work is None else Path(work))

@@ -20,6 +20,8 @@ class AuditTask:
     def __post_init__(self) -> None:
         if self.target.kind not in ("bundle", "weights"):
             raise ValueError(f"audit needs a bundle or a plain model's weights, got {self.target.describe()}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: the defaults), got {self.threads}")
 
 
 @dataclass
@@ -57,8 +59,10 @@ def run(cfg: AuditTask, out: str | os.PathLike, hooks: Hooks | None = None) -> A
     import torch
 
     from ..data import load_dataset
+    from ..outputs import out_dir
     from ..protect.audit import audit
 
+    out_dir(out)  # before any work: a path it cannot write is refused now
     hooks = hooks or Hooks()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -94,9 +94,11 @@ def run(cfg: DistillTask, out: str | os.PathLike, hooks: Hooks | None = None, *,
     from ..data import load_dataset, transfer_split
     from ..distill import distill
     from ..models import create_model
+    from ..outputs import out_file
     from ..train import accuracy, seed_everything
     from ..weights import save_weights
 
+    out_file(out, "the student's weights file")  # before any work: a path it cannot write is refused now
     hooks = hooks or Hooks()
     data = data if data is not None else load_dataset(cfg.data, image_size=image_size_for(cfg.data, cfg.teacher))
     if cfg.transfer > len(data.train):  # before the teacher is built or anything is charged

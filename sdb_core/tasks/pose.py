@@ -48,7 +48,9 @@ def run(cfg: PoseTask, out: str | os.PathLike, hooks: Hooks | None = None) -> di
     ``predictions.png`` (test crops with its keypoints) to the directory ``out``. Returns the report."""
     from ..distill.okdhp import export_pose_bundle, okdhp, predict_keypoints
     from ..distill.pose_metrics import draw_pose_grid
+    from ..outputs import out_dir
 
+    out_dir(out)  # before any work: a path it cannot write is refused now
     hooks = hooks or Hooks()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

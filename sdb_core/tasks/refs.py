@@ -108,6 +108,8 @@ class ModelRef:
         name, sep, rest = text.partition("=")
         if not sep:
             name, rest = None, text
+        if not rest.strip():
+            raise ValueError(f"{text!r} names no model: give PATH of a bundle, MODEL.onnx or ARCH:NUM_CLASSES:WEIGHTS")
         parts = rest.split(":", 2)
         if len(parts) == 3 and parts[1].isdigit():
             return name, cls(arch=parts[0], weights=parts[2], num_classes=int(parts[1]))

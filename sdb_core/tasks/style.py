@@ -96,6 +96,9 @@ def run(cfg: StyleTask, out: str | os.PathLike, hooks: Hooks | None = None, *,
     from ..style.loss_net import build_loss_net
 
     t0 = time.perf_counter()
+    from ..outputs import out_dir
+
+    out_dir(out)  # before any work: a path it cannot write is refused now
     hooks = hooks or Hooks()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,10 @@ class TransferTask:
             raise ValueError("with a target model, the probe images' data set must be named")
         if not self.sources:
             raise ValueError("no source models to rank")
+        if self.probe < 1:  # a negative one drew all but that many (x[:-5])
+            raise ValueError(f"probe must be >= 1 image, got {self.probe}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         names = [s.name for s in self.sources] + ["target"]
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be distinct (and not 'target'): {names}")
@@ -86,11 +90,13 @@ def run(cfg: TransferTask, out: str | os.PathLike, hooks: Hooks | None = None) -
     import torch
 
     from ..data import load_dataset, transfer_split
+    from ..outputs import out_dir
     from ..train import pick_device
     from ..transfer.depara import attribution_maps, rank_transferability
     from ..transfer.plots import plot_attributions, plot_similarity
     from ..transfer.task_models import FEATURE_LAYER, train_task_model
 
+    out_dir(out)  # before any work: a path it cannot write is refused now
     hooks = hooks or Hooks()
     hooks.plan(target=cfg.target_training.epochs if cfg.target is None else 0.1, graphs=1 + len(cfg.sources))
     if cfg.threads:

@@ -39,6 +39,12 @@ class WrapTask:
         if self.teacher.kind not in ("weights", "untrained"):
             raise ValueError(f"wrap takes a zoo architecture (with or without weights) or an ONNX model, got "
                              f"{self.teacher.describe()}")
+        if self.teacher.kind == "weights" and (self.teacher_epochs is not None or self.save_teacher is not None):
+            # both were ignored in silence: the given teacher is not trained, so there are no new weights to keep
+            raise ValueError("teacher epochs and saving the teacher are for a teacher the wrap trains "
+                             "(--train-teacher), not a given one")
+        if self.teacher_epochs is not None and self.teacher_epochs < 1:
+            raise ValueError(f"teacher epochs must be >= 1, got {self.teacher_epochs}")
 
     @property
     def teacher_arch(self) -> str:
@@ -95,16 +101,20 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     """Load the data, get the teacher (given or trained), wrap it, export the bundle to ``out`` (a directory or
     ``FILE.sdb``). The wrap checks itself (SDB and Nasty alike): :class:`~sdb_core.protect.WrapRefused` means
     nothing was written."""
-    from ..bundle import export_bundle
+    from ..bundle import bundle_target, export_bundle
     from ..data import load_dataset
     from ..models import create_model
     from ..models.schedules import teacher_config, teacher_shift
+    from ..outputs import out_file
     from ..protect import wrap, wrap_nasty
     from ..protect.check import teacher_data
     from ..train import accuracy, seed_everything, train_classifier
     from ..weights import save_weights
 
     hooks = hooks or Hooks()
+    bundle_target(out)  # before any work: a path no bundle can take is refused now, not after the training
+    if cfg.save_teacher:
+        out_file(cfg.save_teacher, "the teacher's weights file")
     trained = cfg.teacher.weights is None
     # The teacher and the check's students train where the recipe does (``with_training(device=...)``), unless the
     # check names a device of its own.

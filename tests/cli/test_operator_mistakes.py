@@ -214,3 +214,68 @@ def test_jobs_submit_names_a_params_file_that_is_not_there(data, capsys, monkeyp
     one_line_error(capsys, code, "'no-such-job.json': no such file")
     code = main(["jobs", "submit", "distill", "--params", '{"epochs": ', "--url", "http://127.0.0.1:9"])
     one_line_error(capsys, code, "neither a JSON object nor a JSON file")
+
+
+@pytest.fixture
+def teacher_file(tmp_path) -> Path:
+    from sdb_core.models import create_model
+    from sdb_core.weights import save_weights
+
+    return save_weights(create_model("mlp", num_classes=10, in_shape=(1, 8, 8)), tmp_path / "t.safetensors")
+
+
+def test_wrap_never_removes_what_its_out_names(data, capsys, tmp_path, teacher_file):
+    """--out of an existing folder removed it whole (the owner's files with it), before writing the bundle there;
+    --out "" was the working directory; a file, a NotADirectoryError after the training. Refused first now."""
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "important.txt").write_text("keep me")
+    (tmp_path / "afile").write_text("keep me too")
+    wrap = ["wrap", "--teacher", str(teacher_file), "--arch", "mlp", "--data", "digits", "--epochs", "1"]
+    for out, needle in ((str(mine), "holds other files than a bundle's"), ("", "path is empty"),
+                        (str(tmp_path / "afile"), "is a file"), (".", "working directory")):
+        one_line_error(capsys, main([*wrap, "--out", out]), needle)
+    assert (mine / "important.txt").read_text() == "keep me" and (mine / "sub").is_dir()
+    assert (tmp_path / "afile").read_text() == "keep me too" and (tmp_path / "t.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no copy left beside them
+
+
+@pytest.mark.parametrize(("flags", "needle"), [
+    (["--max-accuracy-drop", "nan"], "thresholds must be finite"),  # NaN was never missed: any box passed
+    (["--min-guessed-key-share", "nan"], "thresholds must be finite"),
+    (["--lr", "inf"], "lr must be a finite number > 0"),
+    (["--save-teacher", "t2.safetensors"], "for a teacher the wrap trains"),  # ignored in silence
+    (["--teacher-epochs", "3"], "for a teacher the wrap trains"),
+])
+def test_wrap_refuses_settings_that_would_mean_nothing(data, capsys, tmp_path, teacher_file, flags, needle):
+    code = main(["wrap", "--teacher", str(teacher_file), "--arch", "mlp", "--data", "digits", "--out",
+                 str(tmp_path / "b"), *flags])
+    one_line_error(capsys, code, needle)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "t2.safetensors").exists()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["audit", "--teacher", "{t}", "--arch", "mlp", "--data", "digits", "--out", "{tmp}/a", "--threshold", "nan"],
+     "threshold must be a finite number"),
+    (["audit", "--teacher", "{t}", "--arch", "mlp", "--data", "digits", "--out", "{tmp}/a", "--threads", "-4"],
+     "threads must be >= 0"),
+    (["audit", "--teacher", "{t}", "--arch", "mlp", "--data", "digits", "--out", "{t}"], "is a file: name a folder"),
+    (["distill", "--student", "mlp", "--data", "digits", "--out", "{tmp}"], "is a folder: name a file"),
+    (["distill", "--student", "mlp", "--data", "digits", "--out", "{tmp}/s.safetensors", "--lr", "inf"],
+     "lr must be a finite number"),
+    (["distill", "--student", "mlp", "--data", "digits", "--out", "{tmp}/s.safetensors", "--authorized"],
+     "--authorized goes with --bundle"),  # it trained from labels alone
+    (["transfer", "rank", "--source", "mlp:10:{t}", "--target-data", "digits", "--out", "{tmp}/r", "--probe", "-5"],
+     "probe must be >= 1"),  # it drew all but five images
+    (["transfer", "rank", "--source", "", "--target-data", "digits", "--out", "{tmp}/r"], "names no model"),
+])
+def test_local_commands_refuse_what_they_cannot_do_before_any_work(data, capsys, tmp_path, teacher_file, argv,
+                                                                   needle):
+    argv = [a.format(t=teacher_file, tmp=tmp_path) for a in argv]
+    one_line_error(capsys, main(argv), needle)
+
+
+def test_an_empty_data_dir_is_refused_not_read_as_the_working_directory(data, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("SDB_DATA_DIR", "")
+    one_line_error(capsys, main(["keys", "list"]), "SDB_DATA_DIR", "is empty")
+    assert not (tmp_path / "sdb.sqlite3").exists()
