@@ -213,22 +213,28 @@ def ingest(store: Store, settings: Settings, key: ApiKey, stage: Staging, got: R
     """Blocking: check the received file, move it into place and record it; on any failure nothing stays."""
     if got.size == 0:
         raise invalid("the file is empty", "empty_file")
-    reservation = None if key.grants("admin") else _reserve(store, settings, key, got.size)
+    reservations = [] if key.grants("admin") else [_reserve(store, settings, key, got.size)]
     try:
         checked: Checked = check_upload(purpose, got.path, stage.dir / "out", limits(settings), got.filename)
+        # What the cap counts is what the file keeps on the server: an image folder's zip is kept unpacked (a 300 KB
+        # zip of zeros held 300 MB), so the bytes past the upload's are held too, or 413.
+        kept = max(got.size, _bytes_under(stage.dir / "out"))
+        if reservations and kept > got.size:
+            reservations.append(_reserve(store, settings, key, kept - got.size,
+                                         f"this file, unpacked to {kept} bytes ({kept - got.size} more than sent),"))
         file_id = new_file_id()
         final = settings.files_dir / file_id
         os.replace(stage.dir / "out", final)
-        row = FileRow(id=file_id, owner=key.id, purpose=purpose, filename=got.filename, size=got.size,
+        row = FileRow(id=file_id, owner=key.id, purpose=purpose, filename=got.filename, size=kept,
                       sha256=got.sha256, format=checked.format, stored=checked.stored, info=info_json(checked.info),
                       shared=shared, created_at=time.time())
         try:
-            store.add_file(row, reservation)
+            store.add_file(row, *reservations)
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
             raise
     except BaseException as e:
-        if reservation is not None:
+        for reservation in reservations:
             store.release_file_bytes(reservation)
         full = no_room(e, "the file")
         if full is not None:
@@ -239,15 +245,22 @@ def ingest(store: Store, settings: Settings, key: ApiKey, stage: Staging, got: R
     return row
 
 
-def _reserve(store: Store, settings: Settings, key: ApiKey, size: int) -> str:
+def _reserve(store: Store, settings: Settings, key: ApiKey, size: int, what: str | None = None) -> str:
     """Hold ``size`` bytes of the key's file storage cap while the upload is checked (exact under concurrency:
-    :meth:`Store.reserve_file_bytes`); 413 when they do not fit."""
+    :meth:`Store.reserve_file_bytes`); 413 when they do not fit (``what``: the bytes, as the message names them)."""
     cap = settings.max_file_storage_per_key
     reservation, used = store.reserve_file_bytes(key.id, size, cap)
     if reservation is None:
-        raise ApiError(413, "storage_exceeded", f"this key keeps {used} bytes of files and may keep {cap}: this "
-                       f"{size}-byte file does not fit; delete some (DELETE /v1/files/{{id}}) first")
+        raise ApiError(413, "storage_exceeded", f"this key keeps {used} bytes of files and may keep {cap}: "
+                       f"{what or f'this {size}-byte file'} does not fit; delete some (DELETE /v1/files/{{id}}) first")
     return reservation
+
+
+def _bytes_under(path: Path) -> int:
+    """The bytes of the files under ``path`` (a file: its own)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def parse_purpose(value: str | None) -> str:

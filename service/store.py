@@ -356,12 +356,12 @@ class Store:
             return list(s.scalars(q))
 
     # ---------------------------------------------------------------- files
-    def add_file(self, row: FileRow, reservation: str | None = None) -> None:
+    def add_file(self, row: FileRow, *reservations: str) -> None:
         """Record an uploaded file; the bytes it had reserved (:meth:`reserve_file_bytes`) become the file's."""
         with self.session.begin() as s:
             s.add(row)
-            if reservation is not None:
-                s.execute(delete(FileReservationRow).where(FileReservationRow.id == reservation))
+            if reservations:
+                s.execute(delete(FileReservationRow).where(FileReservationRow.id.in_(reservations)))
 
     def file_bytes(self, owner: str) -> int:
         """The bytes of every file ``owner`` keeps (its storage cap counts them)."""

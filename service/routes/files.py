@@ -38,7 +38,8 @@ class FilePublic(BaseModel):
     object: str = "file"
     purpose: str = Field(description=" | ".join(PURPOSES))
     filename: str = Field(description="the uploaded name, without any path")
-    bytes: int
+    bytes: int = Field(description="what it keeps on the server, which the storage cap counts: the upload's size, or an "
+                       "image folder's unpacked")
     sha256: str
     format: str = Field(description="what the check found: safetensors, pt, imagefolder, npz, png, jpeg, sdb")
     info: dict = Field(description="what the check measured: tensors, classes and images, width and height, ...")

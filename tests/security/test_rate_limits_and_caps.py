@@ -125,6 +125,41 @@ async def test_a_key_may_keep_only_so_many_bytes_of_files(capped):
     assert (await upload_image(c, h, 3)).status_code == 201
 
 
+async def test_a_file_kept_unpacked_counts_what_it_keeps(capped):
+    """An image folder's zip is kept unpacked: a 300 KB zip of zeros held 300 MB against 300 KB of the cap."""
+    import zipfile
+
+    h = capped.auth(capped.key(("jobs",)))
+    cap = CAPS["max_file_storage_per_key"]
+
+    def tiny(shade: int) -> bytes:
+        b = io.BytesIO()
+        Image.new("L", (8, 8), shade).save(b, "PNG")
+        return b.getvalue()
+
+    images = {f"{c}/{i}.png": tiny(40 * i + k) for k, c in enumerate(("cat", "dog")) for i in range(3)}
+
+    def folder(extra: int) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for name, data in images.items():
+                z.writestr(name, data)
+            if extra:
+                z.writestr("cat/notes.bin", b"\0" * extra)  # not an image, kept all the same
+        return buf.getvalue()
+
+    big = folder(4 * cap)
+    assert len(big) < cap  # sent, it fits
+    r = await capped.client.post("/v1/files", headers=h, data={"purpose": "dataset"}, files={"file": ("d.zip", big)})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "storage_exceeded", r.text
+    assert "unpacked to" in r.json()["error"]["message"]
+    assert (await capped.client.get("/v1/files", headers=h)).json()["files"] == []  # nothing kept, nothing held
+    small = folder(0)
+    r = await capped.client.post("/v1/files", headers=h, data={"purpose": "dataset"}, files={"file": ("d.zip", small)})
+    assert r.status_code == 201, r.text
+    assert r.json()["bytes"] == max(len(small), sum(map(len, images.values())))  # the larger of sent and kept
+
+
 def _ran(svc, job_id: str, artifact_bytes: int) -> None:
     """What a worker leaves of a job that succeeded under a larger cap (the operator lowered it since)."""
     from service.jobs.runner import job_dir
