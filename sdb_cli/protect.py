@@ -36,7 +36,7 @@ def cmd_wrap(args) -> int:
 
     task = WrapTask.from_options(
         args.data, args.arch, teacher=args.teacher, teacher_mean=args.teacher_mean, teacher_std=args.teacher_std,
-        name=args.name, teacher_epochs=args.teacher_epochs,
+        name=args.name, version=args.version, teacher_epochs=args.teacher_epochs,
         save_teacher=args.save_teacher, mode=args.mode, lam=args.lam, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, seed=args.seed, max_accuracy_drop=args.max_accuracy_drop,
         max_keyed_drop=args.max_keyed_drop, min_leak_margin=args.min_leak_margin,
@@ -134,6 +134,8 @@ def add_commands(sub) -> None:
                    help="with --train-teacher (default: the architecture's teacher schedule)")
     w.add_argument("--save-teacher", metavar="FILE", help="with --train-teacher: keep the plain teacher's weights")
     w.add_argument("--name", help="model name in the bundle (default DATA-ARCH)")
+    w.add_argument("--version", default="1", help="the bundle's version (default 1): a new one of a model already "
+                   "served is added beside its others by `sdb models add`")
     chk = w.add_argument_group("self-check", "every wrap, SDB or Nasty, is measured on a held-out part of the "
                                "training split; a box that misses a threshold is not written (exit 3)")
     chk.add_argument("--max-accuracy-drop", type=float, default=Thresholds().max_accuracy_drop,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,6 +44,11 @@ class WrapTask:
             # both were ignored in silence: the given teacher is not trained, so there are no new weights to keep
             raise ValueError("teacher epochs and saving the teacher are for a teacher the wrap trains "
                              "(--train-teacher), not a given one")
+        # what a deploy can serve (service.deploy.check_served_name), said before any work
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.version) or (
+                self.version.isdigit() and len(self.version) > 18):
+            raise ValueError(f"version {self.version[:100]!r}: letters, digits, '.', '_' and '-', at most 100 "
+                             "characters, starting with a letter or digit (a number: at most 18 digits)")
         if self.teacher_epochs is not None and self.teacher_epochs < 1:
             raise ValueError(f"teacher epochs must be >= 1, got {self.teacher_epochs}")
 

@@ -279,3 +279,9 @@ def test_an_empty_data_dir_is_refused_not_read_as_the_working_directory(data, ca
     monkeypatch.setenv("SDB_DATA_DIR", "")
     one_line_error(capsys, main(["keys", "list"]), "SDB_DATA_DIR", "is empty")
     assert not (tmp_path / "sdb.sqlite3").exists()
+
+
+def test_wrap_takes_a_version_a_deploy_can_serve(data, capsys, tmp_path):
+    one_line_error(capsys, main(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out",
+                                 str(tmp_path / "b"), "--version", "2/../x"]), "version '2/../x'")
+    assert not (tmp_path / "b").exists()
