@@ -61,6 +61,11 @@ def check_policy(policy: OutputPolicy | dict | None, meta: dict) -> OutputPolicy
     if task not in POLICY_TASKS and policy != OutputPolicy():
         raise invalid(f"a {task} model serves no class scores: an output policy is for "
                       f"{' and '.join(POLICY_TASKS)} models", "invalid_request")
+    classes = len(meta.get("labels") or [])
+    if policy.policy == "top_k" and classes and (policy.top_k or 0) >= classes:
+        # every class "renormalised" is probs under another name: the owner meant fewer
+        raise invalid(f"top_k {policy.top_k} is not fewer than the model's {classes} classes: give a k below "
+                      f"{classes}, or the probs policy for every class", "invalid_request")
     return policy
 
 

@@ -191,6 +191,7 @@ def test_the_keyed_path_and_the_model_description(server, bundles):
     ({"policy": "label", "decimals": "3"}, "decimals"),
     ({"policy": "top_k", "top_k": "0"}, "top_k"),
     ({"decimals": "20"}, "decimals"),
+    ({"policy": "top_k", "top_k": "10"}, "not fewer than the model's 10 classes"),  # every class: probs renamed
 ])
 def test_a_bad_policy_is_refused_at_registration(server, bundles, fields, needle):
     r = httpx.post(server.url + "/v1/models", files={"file": ("a.sdb", sdb_bytes(bundles.a))},
