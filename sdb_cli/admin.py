@@ -124,6 +124,8 @@ def worker(settings: Settings) -> int:
 def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: int | None,
                 quota_window: int | None, expires: float | None, name: str) -> int:
     validate_policy(_split(scopes) or [], quota, quota_window, expires)  # refused before a data dir is made for it
+    if models is not None and not _split(models):  # an allowlist of nothing: a key no model answers
+        raise ValueError("--models names no model: give a comma-separated list, or leave it out for every model")
     # A typo in --data-dir or SDB_DATA_DIR makes a new data dir, whose keys no server of the real one knows: said.
     where = "" if settings.data_dir.exists() else f" in a new data dir, {settings.data_dir}"
     store = _open_store(settings)

@@ -101,6 +101,8 @@ def validate_policy(scopes: Iterable[str], quota: int | None, quota_window_s: in
         raise ValueError(f"quota must be in [0, {MAX_COUNT}] samples, got {quota}")
     if quota_window_s is not None and not 1 <= quota_window_s <= MAX_COUNT:
         raise ValueError(f"quota window must be in [1, {MAX_COUNT}] seconds, got {quota_window_s}")
+    if quota_window_s is not None and quota is None:  # it would restart a quota there is not
+        raise ValueError("a quota window needs a quota (the samples it restarts)")
     if expires_days is not None and not 0 < expires_days <= MAX_EXPIRY_DAYS:  # NaN fails too
         raise ValueError(f"expiry must be in (0, {MAX_EXPIRY_DAYS}] days, got {expires_days} (omit it: never)")
     return scopes
