@@ -73,19 +73,25 @@ def test_a_rare_class_gets_a_held_out_input_and_the_split_is_unchanged_where_eve
     assert np.bincount(y[stratified_split(y, 60, seed=0)[1]]).tolist() == [6] * 10
 
 
-def test_the_check_reports_the_classes_its_held_out_split_cannot_measure():
+def _checked_wrap_report(name: str, y: np.ndarray, classes: int) -> tuple[dict, list[str]]:
+    """The check's report and log of a wrap of a feature teacher on ``y`` (its first 40 the test split)."""
     rng = np.random.default_rng(0)
-    y = np.concatenate([np.arange(40) % 3, np.repeat(np.arange(4), [120, 120, 120, 1])])  # the test split first
-    x = rng.normal(0, 1, (len(y), 16)) + rng.normal(0, 1.5, (4, 16))[y]
-    data = _splits("rare", x, y, 40, 4)  # class 3's one training input stays in the fit split
+    x = rng.normal(0, 1, (len(y), 16)) + rng.normal(0, 1.5, (classes, 16))[y]
+    data = _splits(name, x, y, 40, classes)
     seed_everything(0)
-    teacher = FeatureNet(features=16, classes=4)
+    teacher = FeatureNet(features=16, classes=classes)
     train_classifier(teacher, data.train, TrainConfig(epochs=3, lr=0.05))
-    logged = []
+    logged: list[str] = []
     try:
-        report = wrap(teacher.eval(), data, FAST, check=TINY_CHECK, log=logged.append).report["check"]
+        return wrap(teacher.eval(), data, FAST, check=TINY_CHECK, log=logged.append).report["check"], logged
     except WrapRefused as e:
-        report = e.report
+        return e.report, logged
+
+
+def test_the_check_reports_the_classes_its_held_out_split_cannot_measure():
+    # class 3's one training input stays in the fit split
+    report, logged = _checked_wrap_report(
+        "rare", np.concatenate([np.arange(40) % 3, np.repeat(np.arange(4), [120, 120, 120, 1])]), 4)
     assert report["unvalidated_classes"] == {"count": 1, "first": [3]}
     assert any("1 of 4 classes have no held-out input" in line for line in logged)
     assert "untrained_classes" not in report
@@ -94,18 +100,8 @@ def test_the_check_reports_the_classes_its_held_out_split_cannot_measure():
 def test_a_class_the_train_split_lacks_is_said_not_silently_wrapped():
     """A class only the test split has (an export that dropped it from training): the wrap went ahead saying only
     that it had no held-out input."""
-    rng = np.random.default_rng(0)
-    y = np.concatenate([np.arange(40) % 5, np.repeat(np.arange(4), 90)])  # class 4 in the test split alone
-    x = rng.normal(0, 1, (len(y), 16)) + rng.normal(0, 1.5, (5, 16))[y]
-    data = _splits("untrained", x, y, 40, 5)
-    seed_everything(0)
-    teacher = FeatureNet(features=16, classes=5)
-    train_classifier(teacher, data.train, TrainConfig(epochs=3, lr=0.05))
-    logged = []
-    try:
-        report = wrap(teacher.eval(), data, FAST, check=TINY_CHECK, log=logged.append).report["check"]
-    except WrapRefused as e:
-        report = e.report
+    report, logged = _checked_wrap_report(  # class 4 in the test split alone
+        "untrained", np.concatenate([np.arange(40) % 5, np.repeat(np.arange(4), 90)]), 5)
     assert report["untrained_classes"] == {"count": 1, "first": [4]}
     assert any("1 of 5 classes have no training input" in line for line in logged), logged
 
