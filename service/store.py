@@ -7,6 +7,7 @@ create them at start are in :mod:`service.store_schema`; this module is what rea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -46,6 +47,8 @@ from .store_schema import (
     UsageRow,
     migrate,
 )
+
+log = logging.getLogger("sdb.service")
 
 __all__ = ["JOB_DONE", "MIGRATIONS", "ApiKeyRow", "AuditRow", "Base", "DeployRefused", "FileReservationRow",
            "FileRow", "JobRow", "ModelNameRow", "ModelRow", "SchemaVersion", "Store", "StoreUnavailable", "UsageRow",
@@ -136,11 +139,18 @@ class Store:
 
     # ---------------------------------------------------------------- audit
     def audit(self, actor: str, action: str, target: str = "", detail: str = "") -> None:
+        """Record an action already done. Never raises: the action is committed before it (a job queued, a key
+        made), and a 500 for the audit row (a full disk, a store gone for a moment) told the caller it had failed:
+        a retry made a second job, a created key's secret was never shown. A row not written is logged instead."""
         # Clipped to the columns: PostgreSQL refuses an over-long value (SQLite kept it), and a
         # long bundle path must not turn an audit line into a failed request.
-        with self.session.begin() as s:
-            s.add(AuditRow(at=time.time(), actor=actor[:64], action=action[:64], target=target[:300],
-                           detail=detail))
+        try:
+            with self.session.begin() as s:
+                s.add(AuditRow(at=time.time(), actor=actor[:64], action=action[:64], target=target[:300],
+                               detail=detail))
+        except (SQLAlchemyError, OSError) as e:
+            log.error("audit row not written (%s): %s %s %s %s", type(e).__name__, actor[:64], action[:64],
+                      target[:300], detail[:300])
 
     def audit_log(self, limit: int = 100) -> list[AuditRow]:
         with self.session() as s:

@@ -379,3 +379,27 @@ def test_a_divergence_is_told_in_the_recipes_words_and_other_errors_by_their_ste
     said = failure_reason(e, "wrap", tmp_path)
     assert said.startswith("the wrap diverged (loss became nan at step 3") and str(tmp_path) not in said
     assert "unexpected error" in failure_reason(OSError(f"{tmp_path}/x: denied"), "wrap", tmp_path)
+
+
+@pytest.mark.anyio
+async def test_an_action_done_is_answered_as_done_when_its_audit_row_cannot_be_written(jsvc, caplog):
+    """The audit row is written after the action commits: when it failed (a full disk between the two), the route
+    answered 500 for a job queued, a key made, a file kept: a retry made a second job, a key's secret was lost."""
+    with jsvc.app.state.store.session.begin() as s:  # an audit log that refuses every row, as a full disk would
+        s.connection().exec_driver_sql(
+            "CREATE TRIGGER no_room BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            if jsvc.app.state.store.session.kw["bind"].dialect.name == "sqlite" else
+            "CREATE FUNCTION no_room() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$ "
+            "LANGUAGE plpgsql; CREATE TRIGGER no_room BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION "
+            "no_room()")
+    tok = jsvc.key(("jobs", "distill"))
+    with caplog.at_level("ERROR", logger="sdb.service"):
+        r = await submit(jsvc, tok, "distill", DISTILL)
+        assert r.status_code == 202, r.text
+        made = await jsvc.client.post("/v1/keys", json={"scopes": ["predict"]}, headers=jsvc.admin)
+        assert made.status_code == 201 and made.json()["key"].startswith("sdb_"), made.text
+    assert [j["id"] for j in (await jsvc.client.get("/v1/jobs", headers=jsvc.auth(tok))).json()["jobs"]] == \
+        [r.json()["id"]]
+    logged = [rec.getMessage() for rec in caplog.records if "audit row not written" in rec.getMessage()]
+    assert any("job.submit" in m for m in logged) and any("key.create" in m for m in logged), logged
+    assert made.json()["key"][17:] not in caplog.text  # the secret never in a log
