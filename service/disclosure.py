@@ -7,6 +7,7 @@ worker's log and the job's ``traceback.txt``. See docs/security.md, "What caller
 """
 from __future__ import annotations
 
+import errno
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -72,6 +73,9 @@ def failure_reason(e: BaseException, step: str, root: Path | None = None) -> str
     """A failed job's error as its owner reads it: the message of an error the project raised on
     purpose (a bad parameter, a refused box, a removed model), without paths; for anything else
     (a parser, a driver, a bug) only the step it happened in, since such messages quote files."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"the server's disk is full (at step {step!r}): nothing of the job is lost but its run; submit it "
+                "again once an administrator has made room")
     # FloatingPointError: the recipes' own word for a divergence (fit's "loss became nan at step ...", a wrap's
     # "lower the learning rate"), which has no module of ours to tell it by
     if type(e) in (ValueError, FloatingPointError) or type(e).__module__.split(".")[0] in _OURS:

@@ -10,6 +10,7 @@ keyed samples it draws are charged to that key's quota (:meth:`JobContext.charge
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,8 @@ from ..settings import Settings
 from ..store import JobRow
 from .kinds.base import Access, key_problem
 from .queue import JobQueue
+
+log = logging.getLogger("sdb.jobs")
 
 
 class JobContext:
@@ -105,12 +108,19 @@ class JobContext:
     def log(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
         with self._lock:
-            for line in str(message).splitlines() or [""]:
-                self._log.write(f"{stamp} {line}\n")
-            self._log.flush()
+            try:
+                for line in str(message).splitlines() or [""]:
+                    self._log.write(f"{stamp} {line}\n")
+                self._log.flush()
+            except OSError as e:  # a full disk: the job goes on (or fails for it, saying so), and so does the worker
+                log.warning("job %s: its log could not be written (%s): %s", self.job.id, e.strerror or e,
+                            str(message)[:200])
 
     def close(self) -> None:
-        self._log.close()
+        try:
+            self._log.close()
+        except OSError:  # its last lines could not be flushed (a full disk): said in log() already
+            pass
 
     # ------------------------------------------------------------ progress
     def plan(self, **weights: float) -> None:

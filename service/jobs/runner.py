@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from sdb_core.progress import Cancelled
 
 from ..disclosure import failure_reason, hide_paths_in
@@ -165,6 +167,25 @@ def job_dir(settings: Settings, job_id: str):
     return settings.jobs_dir / job_id
 
 
+# How long a job's end waits for the store to answer (an outage, a full disk): then the reaper settles it.
+SETTLE_S = 60.0
+
+
+def _settled(call, *args, **kwargs):
+    """``call`` (a queue write that ends a job) once the store takes it: retried through a store outage or a full
+    disk for up to :data:`SETTLE_S` (it raised out of the worker, which exited, and the job ended "worker lost")."""
+    wait, deadline = 0.5, time.monotonic() + SETTLE_S
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except (SQLAlchemyError, OSError) as e:
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("the store did not take the job's end (%s): again in %.1f s", type(e).__name__, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 8.0)
+
+
 def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop: threading.Event | None = None,
             hard_stop: Callable[[], None] | None = None) -> str:
     """Run a job this worker has claimed; returns the status it ended in (or ``queued`` if released).
@@ -198,7 +219,7 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
         if over is not None:
             ctx.halt(over, drop_artifacts=True)
             raise Cancelled(over)
-        ok = queue.finish(job.id, worker, "succeeded", message=report.get("summary", "done"),
+        ok = _settled(queue.finish, job.id, worker, "succeeded", message=report.get("summary", "done"),
                           result=report.get("result", {}), metrics=report.get("metrics", {}), artifact_bytes=used)
         ctx.log("succeeded" if ok else "finished, but the job was no longer ours (reaped?)")
         return "succeeded" if ok else "lost"
@@ -207,7 +228,7 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             ctx.log(f"stopped: the job was taken from this worker ({e})")
             return "lost"
         if ctx.key_stop is not None:
-            queue.finish(job.id, worker, "cancelled", message=f"cancelled: {ctx.key_stop}",
+            _settled(queue.finish, job.id, worker, "cancelled", message=f"cancelled: {ctx.key_stop}",
                          artifact_bytes=ctx.artifact_bytes())
             ctx.log(f"cancelled: {ctx.key_stop}")
             return "cancelled"
@@ -215,10 +236,10 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             end_halted(ctx)
             return "failed"
         if ctx.stop.is_set() and not ctx.cancel.is_set():
-            queue.release(job.id, worker, f"requeued: worker {worker} shut down")
+            _settled(queue.release, job.id, worker, f"requeued: worker {worker} shut down")
             ctx.log("released: the worker is shutting down; the job goes back to the queue")
             return "queued"
-        queue.finish(job.id, worker, "cancelled", message=str(e), artifact_bytes=ctx.artifact_bytes())
+        _settled(queue.finish, job.id, worker, "cancelled", message=str(e), artifact_bytes=ctx.artifact_bytes())
         ctx.log(f"cancelled: {e}")
         return "cancelled"
     except Exception as e:  # any error of a recipe fails the job
@@ -235,7 +256,8 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
         (workdir / "traceback.txt").write_text(traceback.format_exc())
         log.exception("job %s (%s) failed", job.id, job.kind)
         ctx.log(f"failed: {reason}")
-        queue.finish(job.id, worker, "failed", error=reason, message="failed", artifact_bytes=ctx.artifact_bytes())
+        _settled(queue.finish, job.id, worker, "failed", error=reason, message="failed",
+                 artifact_bytes=ctx.artifact_bytes())
         return "failed"
     finally:
         hb.done.set()

@@ -19,6 +19,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from sdb_core.bundle import cuda_visible
 
 from ..settings import Settings
@@ -70,21 +72,33 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
     log.info("worker %s on %s%s", me, settings.data_dir.resolve(),
              f" (no GPU: jobs queued {defer:g} s before, GPU workers first)" if defer else "")
     last_reap = 0.0
+    outage = 0.0  # seconds waited since the store (or the disk) last answered
     try:
         while not stop.is_set():
-            if time.monotonic() - last_reap >= settings.job_reap_s:
-                last_reap = time.monotonic()
-                for job_id, status in queue.reap(settings.job_stale_s):
-                    log.warning("job %s: its worker stopped heartbeating; now %s", job_id, status)
-            job = queue.claim(me, queued_before=time.time() - defer if defer else None)
-            if job is None:
+            try:
+                if time.monotonic() - last_reap >= settings.job_reap_s:
+                    last_reap = time.monotonic()
+                    for job_id, status in queue.reap(settings.job_stale_s):
+                        log.warning("job %s: its worker stopped heartbeating; now %s", job_id, status)
+                job = queue.claim(me, queued_before=time.time() - defer if defer else None)
+                outage = 0.0
+                if job is None:
+                    if once:
+                        break
+                    stop.wait(settings.job_poll_s)
+                    continue
+                log.info("job %s (%s): started", job.id, job.kind)
+                status = execute(settings, queue, job, me, stop, hard_stop)
+                log.info("job %s: %s", job.id, status)
+            except (SQLAlchemyError, OSError) as e:
+                # The store gone a moment, or a full disk: this worker waits it out (it exited, and a standalone
+                # `sdb worker` stayed dead); a job it held is settled by the reaper if its end could not be stored.
+                outage = min(max(outage * 2, settings.job_poll_s), 30.0)
+                log.warning("the job store or disk failed (%s: %s); trying again in %.0f s", type(e).__name__,
+                            str(e).splitlines()[0][:200] if str(e) else "", outage)
                 if once:
-                    break
-                stop.wait(settings.job_poll_s)
-                continue
-            log.info("job %s (%s): started", job.id, job.kind)
-            status = execute(settings, queue, job, me, stop, hard_stop)
-            log.info("job %s: %s", job.id, status)
+                    raise
+                stop.wait(outage)
     finally:
         store.close()
     return 0

@@ -403,3 +403,52 @@ async def test_an_action_done_is_answered_as_done_when_its_audit_row_cannot_be_w
     logged = [rec.getMessage() for rec in caplog.records if "audit row not written" in rec.getMessage()]
     assert any("job.submit" in m for m in logged) and any("key.create" in m for m in logged), logged
     assert made.json()["key"][17:] not in caplog.text  # the secret never in a log
+
+
+def test_a_worker_waits_out_a_store_that_fails_and_then_runs_the_queue(tmp_path, bundles, caplog):
+    """A store outage (or a full disk) raised out of the worker's loop: the worker exited, a standalone `sdb worker`
+    stayed dead, and a job it held ended "worker lost". It now waits the outage out."""
+    import threading
+
+    from service.jobs.worker import run_worker
+
+    from .conftest import make_settings
+
+    settings = make_settings(tmp_path / "data", bundles, job_poll_s=0.1)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.db_url)
+    queue = JobQueue(store)
+    job = queue.submit("no-such-kind", {}, "owner")[0]  # fails at once when run: any claim shows
+    sqlite = store.session.kw["bind"].dialect.name == "sqlite"
+    with store.session.begin() as s:  # every update of a job refused, as a store gone away would
+        s.connection().exec_driver_sql(
+            "CREATE TRIGGER down BEFORE UPDATE ON jobs BEGIN SELECT RAISE(ABORT, 'the store is down'); END" if sqlite
+            else "CREATE FUNCTION down() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'the store is down'; END $$ "
+                 "LANGUAGE plpgsql; CREATE TRIGGER down BEFORE UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION down()")
+    stop = threading.Event()
+    worker = threading.Thread(target=run_worker, args=(settings,), kwargs={"stop": stop}, daemon=True)
+    with caplog.at_level("WARNING", logger="sdb.jobs"):
+        worker.start()
+        try:
+            time.sleep(1.0)
+            assert worker.is_alive() and queue.get(job.id).status == "queued"
+            with store.session.begin() as s:
+                s.connection().exec_driver_sql("DROP TRIGGER down" if sqlite else "DROP TRIGGER down ON jobs")
+            deadline = time.monotonic() + 30
+            while queue.get(job.id).status not in ("failed", "succeeded") and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert queue.get(job.id).status == "failed" and "no job kind" in queue.get(job.id).error
+        finally:
+            stop.set()
+            worker.join(30)
+            store.close()
+    assert "the job store or disk failed" in caplog.text
+
+
+def test_a_full_disk_is_told_as_such():
+    import errno
+
+    from service.disclosure import failure_reason
+
+    said = failure_reason(OSError(errno.ENOSPC, "No space left on device"), "distill epoch 1")
+    assert "disk is full" in said and "distill epoch 1" in said
