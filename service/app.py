@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .middleware import ServiceApp
 from .ratelimit import RateLimiter
 from .registry import ModelHost
-from .routes import account, console, deploy, files, health, jobs, keys, models, v2
+from .routes import account, api_docs, console, deploy, files, health, jobs, keys, models, v2
 from .routes import style as style_routes
 from .settings import Settings
 from .store import Store
@@ -127,8 +127,10 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                 host.close()
                 store.close()
 
+    # The documentation pages are service.routes.api_docs': FastAPI's own fetch their scripts from a CDN.
     app = ServiceApp(title="SDB", summary="Safe Distillation Box: predictions for everyone, "
-                  "distillable logits only for authorized keys", version="1", lifespan=lifespan)
+                     "distillable logits only for authorized keys", version="1", lifespan=lifespan,
+                     docs_url=None, redoc_url=None)
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.state.host = None
     app.state.key_limiter = RateLimiter(settings.rate_limit_key_per_s, settings.rate_limit_key_burst)
@@ -138,7 +140,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     # FastAPI tries routers in order, scanning every route of each: the model routes first (the inference routes
     # themselves are called directly: service.direct). Account before keys and jobs: its /v1/keys/me is not a key id.
     routers = (v2.router, models.router, account.router, health.router, deploy.router, keys.router, jobs.router,
-               files.router, console.router, style_routes.router)
+               files.router, console.router, style_routes.router, api_docs.router)
     for r in routers:
         app.include_router(r)  # no prefix: a route's path is its router's (what service.direct matches)
     upload = settings.max_file_bytes + UPLOAD_OVERHEAD  # the file part is counted on its own, to the byte

@@ -478,3 +478,23 @@ def _parses(path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def test_the_api_docs_render_from_this_server_alone(console, driver):
+    """/docs and /redoc loaded Swagger UI and ReDoc from a CDN, beside an inline script and with no CSP: another
+    site's code on the console's origin, where it could read the signed-in key. Now every byte of /docs is this
+    server's, and /redoc (whose logo comes from its maker's site) is not served."""
+    from .conftest import drain
+
+    drain(driver, console)
+    seen = len(console.urls)
+    driver.get(console.url + "/docs")
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock"), 30, what="/docs rendered")
+    shot(driver, console, "api-docs")
+    assert "Inference" in driver.find_element(By.TAG_NAME, "body").text
+    drain(driver, console)  # a CSP violation or a script error fails here
+    asked = [u for u in console.urls[seen:] if u and not u.startswith(("data:", "blob:", "about:"))]
+    assert asked and all(u.startswith(console.url + "/") for u in asked), asked
+    r = httpx.get(console.url + "/docs", timeout=30)
+    assert "frame-ancestors 'none'" in r.headers["content-security-policy"] and "cdn" not in r.text
+    assert httpx.get(console.url + "/redoc", timeout=30).status_code == 404
