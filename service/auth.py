@@ -112,8 +112,14 @@ def create_key(store: Store, pepper: bytes, *, scopes: Iterable[str], models: It
                quota: int | None = None, quota_window_s: int | None = None, expires_days: float | None = None,
                name: str = "", actor: str = "cli") -> tuple[str, ApiKey]:
     """A new key: returns the token (shown once) and its public record."""
+    from .jobs.kinds.base import NAME_PATTERN  # here: the jobs package imports this module
+
     scope_list = validate_policy(scopes, quota, quota_window_s, expires_days)
     model_list = None if models is None else sorted({m.strip() for m in models if m.strip()})
+    unnamable = [m for m in model_list or [] if not re.fullmatch(NAME_PATTERN, m)]
+    if unnamable:  # no model can ever have it: a key made for it would answer for none
+        raise ValueError(f"models: {unnamable[0][:100]!r} is not a model name (letters, digits, '.', '_' and '-', "
+                         "at most 100 characters)")
     key_id, secret = secrets.token_hex(6), secrets.token_hex(32)
     now = time.time()
     row = ApiKeyRow(id=key_id, secret_hash=hash_secret(pepper, key_id, secret), name=name,

@@ -498,3 +498,25 @@ def test_the_api_docs_render_from_this_server_alone(console, driver):
     r = httpx.get(console.url + "/docs", timeout=30)
     assert "frame-ancestors 'none'" in r.headers["content-security-policy"] and "cdn" not in r.text
     assert httpx.get(console.url + "/redoc", timeout=30).status_code == 404
+
+
+def test_a_key_revoked_mid_session_signs_out_cleanly_and_odd_input_is_said(console, driver):
+    """Revoked while signed in: the page signed out, but the refused view's error box (or a late section) was drawn
+    under the sign-in form. A hash with a stray % was an uncaught URIError on a blank page; a key pasted with an
+    invisible character read as "the server did not answer"."""
+    made = api(console, "admin", "POST", "/v1/keys", json={"scopes": ["jobs"], "name": "short-lived"}).json()
+    console.keys["short-lived"] = made["key"]
+    console.secrets.add(made["key"])
+    sign_in(driver, console, "short-lived", "#/files")
+    driver.get(f"{console.url}/#/jobs/%E0%A4%A")
+    wait(driver, lambda d: "Not found" in css(d, "#view h1").text, what="Not found for a malformed hash")
+    assert api(console, "admin", "DELETE", f"/v1/keys/{made['id']}").status_code == 200
+    driver.get(f"{console.url}/#/files")
+    visible(driver, "#signin-key")
+    wait(driver, lambda d: "revoked" in css(d, "#signin-error").text, what="why it signed out")
+    time.sleep(0.5)  # what the refused view would have added late
+    assert css(driver, "#view").text == "" and not driver.find_elements(By.CSS_SELECTOR, "#view .error")
+    box = css(driver, "#signin-key")
+    box.send_keys("\u200b" + console.keys["admin"], Keys.ENTER)
+    wait(driver, lambda d: "not an API key" in field_error(box), what="the pasted key's stray character said")
+    shot(driver, console, "revoked-and-odd-input")

@@ -311,3 +311,10 @@ async def test_an_empty_outputs_list_and_an_empty_content_encoding_name_nothing(
     r = await svc.client.post(V2_INFER, content=json.dumps(body).encode(),
                               headers={"Content-Type": "application/json", "Content-Encoding": ""})
     assert r.status_code == 200 and r.json()["outputs"] == default.json()["outputs"], r.text
+
+
+async def test_a_key_for_a_model_no_name_can_be_is_refused(svc):
+    """An allowlist entry no model can ever be named ("<b>x</b>") made a key that answers for no model."""
+    r = await svc.client.post("/v1/keys", json={"scopes": ["predict"], "models": ["digits-a", "<b>x</b>"]},
+                              headers=svc.admin)
+    assert r.status_code == 422 and "'<b>x</b>' is not a model name" in r.json()["error"]["message"], r.text

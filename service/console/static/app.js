@@ -50,21 +50,27 @@ async function route() {
   const [path, qs] = raw.split("?");
   if (current) current.stop();
   current = context();
-  put(view);
+  // Each view draws into a page of its own: what it adds after an await (an error, a late section) lands in a
+  // detached page once another view or the sign-in form has replaced it, never under them.
+  const page = h("div", { class: "page" });
+  put(view, page);
   const hit = ROUTES.map(([re, fn, section]) => [path.match(re), fn, section]).find(([m]) => m);
+  let params = null;
+  try {
+    params = hit ? hit[0].slice(1).map(decodeURIComponent) : null;
+  } catch { /* a % that starts no escape (#/models/%): no such page, not an uncaught URIError on a blank one */ }
   for (const a of document.querySelectorAll("#nav a")) {
     if (hit && a.dataset.section === hit[2]) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
-  if (!hit) {
-    view.append(h("h1", { tabindex: -1 }, "Not found"), h("p", {}, "No such page. ", h("a", { href: "#/models" }, "Models")));
+  if (!hit || !params) {
+    page.append(h("h1", { tabindex: -1 }, "Not found"), h("p", {}, "No such page. ", h("a", { href: "#/models" }, "Models")));
     return;
   }
-  const [m, fn] = hit;
-  const params = m.slice(1).map(decodeURIComponent);
+  const fn = hit[1];
   const ctx = current;
-  const done = fn(view, { params, query: new URLSearchParams(qs || "") }, ctx);
-  const heading = view.querySelector("h1");
+  const done = fn(page, { params, query: new URLSearchParams(qs || "") }, ctx);
+  const heading = page.querySelector("h1");
   if (heading && document.activeElement !== $("signin-key")) heading.focus({ preventScroll: true });
   await done;
 }
@@ -127,7 +133,10 @@ async function start() {
     try {
       session.me = await api("/v1/keys/me");
     } catch (err) {
-      signOut(`${err.message} (${err.status} ${err.code})`);
+      // Only the key's own refusal (401: unknown, revoked, expired) signs out; a 429 or a server that does not
+      // answer for now keeps it in the tab, to try again on reload
+      if (err.status === 401) signOut(`${err.message} (${err.status} ${err.code})`);
+      else $("signin-error").textContent = `${err.message} (${err.status} ${err.code}); your key is kept: reload to try again`;
     }
   }
   if (session.me) {

@@ -26,12 +26,15 @@ export async function list(el, { query }, ctx) {
     h("thead", {}, h("tr", {}, ["Job", "Kind", "Status", "Progress", "Step or result", "Created", ""].map((t) => h("th", { scope: "col" }, t)))),
     tbody)));
   const rows = new Map();
+  const notice = h("div"); // a failed refresh's error, one at a time, gone once a refresh is answered
+  jobsSec.append(notice);
   const refresh = async () => {
     let jobs;
     try {
       ({ jobs } = await api("/v1/jobs?limit=50"));
-    } catch (e) { jobsSec.append(errorBox(e)); return false; }
+    } catch (e) { put(notice, errorBox(e)); return false; }
     if (!ctx.alive()) return false;
+    put(notice);
     empty.hidden = jobs.length > 0;
     wrap.hidden = jobs.length === 0;
     jobs.forEach((j, i) => {
@@ -123,15 +126,22 @@ export async function detail(el, { params: [id] }, ctx) {
   const arts = h("section", { class: "panel", "aria-labelledby": "art-h" }, h("h2", { id: "art-h" }, "Artifacts"));
   const logPre = h("pre", { class: "log", tabindex: 0, "aria-label": "log tail" });
   const logSec = h("section", { class: "panel", "aria-labelledby": "log-h" }, h("h2", { id: "log-h" }, "Log"), logPre);
-  el.append(title, head, info, metrics, curves, report, arts, logSec);
+  const notice = h("div"); // a failed poll's error, shown until the next answer
+  el.append(title, head, notice, info, metrics, curves, report, arts, logSec);
   const live = {}; // metric → [[x, value]] seen while polling (report.json has the full curves at the end)
   let offset = 0, lines = [], finished = false, lastKey = "";
   const tick = async () => {
     let j;
     try {
       j = await api(`/v1/jobs/${enc(id)}`);
-    } catch (e) { put(head, errorBox(e)); return false; }
+    } catch (e) {
+      // One refused poll (a 429, a server restarting) stopped the page for good, its status and Cancel gone:
+      // it says so and polls on, unless the job is gone or not this key's
+      put(notice, errorBox(e, "Could not refresh"));
+      return ctx.alive() && e.status !== 404 && e.status !== 403;
+    }
     if (!ctx.alive()) return false;
+    put(notice);
     title.textContent = `Job ${j.id.slice(0, 8)}: ${j.kind}`;
     const key = `${j.status}|${j.progress}|${j.step}|${j.cancel_requested}`;
     if (key !== lastKey) {

@@ -25,6 +25,10 @@ export class ApiError extends Error {
 export async function api(path, { method = "GET", json, body, token, raw = false } = {}) {
   const headers = {};
   const key = token ?? session.key;
+  // fetch refuses a header of other than Latin-1 before sending anything, which read as "the server did not answer"
+  if (key && /[^\x21-\x7e]/.test(key)) {
+    throw new ApiError(0, "invalid_key", "this is not an API key: it holds a space, a quote or an invisible character (copy it again)");
+  }
   if (key) headers.Authorization = "Bearer " + key;
   if (json !== undefined) {
     headers["Content-Type"] = "application/json";
