@@ -31,8 +31,10 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def _open_store(settings: Settings) -> Store:
-    """The data dir's store; a data dir or store that cannot be opened is one line (exit 2), not a traceback."""
+    """The data dir's store; a data dir or store that cannot be opened, or a secret lost from a store in use, is one
+    line (exit 2), not a traceback."""
     settings.prepare_data_dir()
+    settings.check_secrets()
     return open_store(settings.db_url)
 
 

@@ -287,3 +287,18 @@ def test_wrap_takes_a_version_a_deploy_can_serve(data, capsys, tmp_path):
     one_line_error(capsys, main(["wrap", "--train-teacher", "--arch", "cnn", "--data", "digits", "--out",
                                  str(tmp_path / "b"), "--version", "2/../x"]), "version '2/../x'")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("lost", ["pepper.key", "master.key"])
+def test_a_secret_lost_from_a_store_in_use_is_refused_not_made_anew(data, capsys, lost):
+    """A deleted pepper (or master key) beside a store with keys was made anew without a word: every API key was
+    then 401 unknown, every sealed model 503, while `keys list` showed them active."""
+    assert main(["keys", "create", "--scopes", "predict"]) == 0
+    secrets = data.parent / f"{data.name}-secrets"
+    (secrets / lost).unlink()
+    capsys.readouterr()
+    one_line_error(capsys, main(["keys", "list"]), f"{lost} is missing, but the store already holds", "backup")
+    assert not (secrets / lost).exists()  # nothing made in its place
+    settings = Settings(data_dir=data)
+    with pytest.raises(SecretsError, match="would lock out"):
+        settings.check_secrets()  # what sdb serve and sdb worker run first
