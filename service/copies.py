@@ -60,3 +60,28 @@ def discard_served(settings: Settings, path: str) -> None:
         return
     if inside and _COPY.fullmatch(target.name) and target.is_file() and not target.is_symlink():
         discard(target)
+
+
+# A copy older than this that no version names was left by a deploy that died between copying and registering it
+# (a server killed mid-deploy): deploys take seconds, so one this old is no other process's deploy in flight.
+ORPHAN_AGE_S = 3600.0
+
+
+def sweep_orphans(settings: Settings, registered: set[str], now: float | None = None) -> list[Path]:
+    """Blocking: delete the server's copies (:func:`copy_new`'s files) that no registered version's path names and
+    that are older than :data:`ORPHAN_AGE_S`; the ones deleted. A server calls it when it starts."""
+    root = settings.bundles_dir
+    if not root.is_dir():
+        return []
+    now = time.time() if now is None else now
+    named = {str(Path(p).resolve()) for p in registered}
+    gone = []
+    for target in root.glob("*/*.sdb"):
+        try:
+            if (_COPY.fullmatch(target.name) and target.is_file() and not target.is_symlink()
+                    and str(target.resolve()) not in named and now - target.stat().st_mtime > ORPHAN_AGE_S):
+                discard(target)
+                gone.append(target)
+        except OSError:  # gone meanwhile, or unreadable: another sweep's, or not ours to judge
+            continue
+    return gone

@@ -321,3 +321,27 @@ def test_readme_deploy_commands_name_what_exists():
                     assert program[0] == SERVICES[service]["entrypoint"][0]
         else:
             assert cmd[0] == "curl" and cmd[-1].startswith("localhost:8000/"), cmd
+
+
+def test_a_bundle_copy_a_dead_deploy_left_is_swept_at_start(tmp_path):
+    """A server killed between copying a deployed bundle and registering it left the copy for good (after restarts
+    and later deploys of the name). A start removes such copies once they are an hour old; a registered version's
+    copy, a fresh one (another process's deploy in flight) and files that are not copies stay."""
+    import os
+    import time
+
+    from service.copies import ORPHAN_AGE_S, copy_new, sweep_orphans
+    from service.settings import Settings
+
+    settings = Settings(data_dir=tmp_path / "data")
+    folder = settings.bundles_dir / "k"
+    src = tmp_path / "a.sdb"
+    src.write_bytes(b"a bundle's bytes")  # what it holds is not the sweep's business
+    served, orphan, fresh = (copy_new(src, folder) for _ in range(3))
+    mine = folder / "notes.sdb"
+    mine.write_bytes(b"an admin's")
+    old = time.time() - ORPHAN_AGE_S - 60
+    for p in (served, orphan, mine):
+        os.utime(p, (old, old))
+    assert sweep_orphans(settings, {str(served)}) == [orphan]
+    assert served.is_file() and fresh.is_file() and mine.is_file() and not orphan.exists()
