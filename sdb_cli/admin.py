@@ -38,11 +38,11 @@ def _open_store(settings: Settings) -> Store:
     return open_store(settings.db_url)
 
 
-def _preflight(settings: Settings) -> None:
+def _preflight(settings: Settings, pepper: bool = True) -> None:
     """What ``sdb serve`` and ``sdb worker`` check before anything runs, each refusal one line naming the
-    setting: the data dir, both secrets, the store, the ONNX Runtime providers."""
+    setting: the data dir, the secrets (a worker reads no pepper), the store, the ONNX Runtime providers."""
     settings.prepare_data_dir()
-    settings.check_secrets()  # SecretsError (exit 2, its message)
+    settings.check_secrets(pepper)  # SecretsError (exit 2, its message)
     open_store(settings.db_url).close()
     asked = [p.strip() for p in settings.ort_providers.split(",") if p.strip()]
     if asked:  # a provider this onnxruntime lacks is skipped with a warning; a name none has is a typo
@@ -119,7 +119,7 @@ def worker(settings: Settings) -> int:
     if settings.jobs_backend != "embedded":
         raise ValueError(f"sdb worker runs embedded jobs; this data dir's backend is {settings.jobs_backend!r} "
                          "(Ray jobs run on the cluster's workers)")
-    _preflight(settings)
+    _preflight(settings, pepper=False)
     return main_worker(settings)
 
 

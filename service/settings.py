@@ -244,24 +244,31 @@ class Settings(BaseSettings):
     def pepper(self) -> bytes:
         return self._load_secret(self.pepper_path)
 
-    def check_secrets(self) -> None:
-        """Load (or create) both secrets: SecretsError when others may read them, or when one is missing from a
-        store already in use. ``sdb serve`` and ``sdb worker`` call it before anything else."""
-        for path, what, locks in ((self.pepper_path, "pepper", "every API key (401 unknown API key)"),
-                                  (self.master_key_path, "master key", "every sealed model (503)")):
-            if not path.exists() and self._store_in_use():
-                # A new one was made without a word, and the store's keys and models were all locked out
-                raise SecretsError(f"the {what} {path} is missing, but the store already holds the keys and models "
-                                   f"made under it: a new one would lock out {locks}. Restore the file from its "
-                                   "backup (or point SDB_SECRETS_DIR, SDB_MASTER_KEY_FILE or SDB_PEPPER_FILE at it)")
-        _ = self.master_key, self.pepper
+    def check_secrets(self, pepper: bool = True) -> None:
+        """Load (or create) the secrets: SecretsError when others may read them, or when one is missing beside a
+        store that holds what it locks (a new one was made without a word: every API key 401, every sealed model
+        503). ``sdb serve`` and the admin commands call it before anything else; ``sdb worker`` with ``pepper``
+        False (it never reads one: a job's key is checked by its row)."""
+        from .store import ApiKeyRow, ModelRow
 
-    def _store_in_use(self) -> bool:
-        """Whether the store holds an API key or a model version (a store that cannot be opened: no)."""
+        wanted = [(self.master_key_path, "master key", ModelRow, "every sealed model (503)")]
+        if pepper:
+            wanted.append((self.pepper_path, "pepper", ApiKeyRow, "every API key (401 unknown API key)"))
+        for path, what, table, locks in wanted:
+            if not path.exists() and self._store_holds(table):
+                raise SecretsError(f"the {what} {path} is missing, but the store already holds what was made under "
+                                   f"it: a new one would lock out {locks}. Restore the file from its backup (or "
+                                   "point SDB_SECRETS_DIR, SDB_MASTER_KEY_FILE or SDB_PEPPER_FILE at it)")
+        _ = self.master_key
+        if pepper:
+            _ = self.pepper
+
+    def _store_holds(self, table) -> bool:
+        """Whether the store has a row of ``table`` (a store that cannot be opened: no)."""
         from sqlalchemy import func, select
         from sqlalchemy.exc import SQLAlchemyError
 
-        from .store import ApiKeyRow, ModelRow, Store
+        from .store import Store
 
         if self.database_url is None and not (self.data_dir / "sdb.sqlite3").is_file():
             return False  # a new data dir: nothing to lock out (and no store made here just to look)
@@ -271,7 +278,7 @@ class Settings(BaseSettings):
             return False  # the start-up check says why it cannot be opened (a driver missing, a bad URL)
         try:
             with store.session() as s:
-                return any(s.scalar(select(func.count()).select_from(t)) for t in (ApiKeyRow, ModelRow))
+                return bool(s.scalar(select(func.count()).select_from(table)))
         finally:
             store.close()
 

@@ -219,8 +219,13 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
         if over is not None:
             ctx.halt(over, drop_artifacts=True)
             raise Cancelled(over)
-        ok = _settled(queue.finish, job.id, worker, "succeeded", message=report.get("summary", "done"),
+        try:
+            ok = _settled(queue.finish, job.id, worker, "succeeded", message=report.get("summary", "done"),
                           result=report.get("result", {}), metrics=report.get("metrics", {}), artifact_bytes=used)
+        except (SQLAlchemyError, OSError):  # not the recipe's failure: the reaper settles the job, its artifacts kept
+            log.exception("job %s succeeded, but the store did not take its end", job.id)
+            ctx.log("succeeded, but the store did not take it: the reaper will settle the job")
+            return "lost"
         ctx.log("succeeded" if ok else "finished, but the job was no longer ours (reaped?)")
         return "succeeded" if ok else "lost"
     except Cancelled as e:
@@ -253,7 +258,10 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
         # The owner reads the cause in words (error, log.txt); the traceback, which quotes paths
         # and file contents, goes to the worker's log and traceback.txt beside log.txt, never served.
         reason = failure_reason(e, ctx.snapshot()["step"], settings.data_dir)
-        (workdir / "traceback.txt").write_text(traceback.format_exc())
+        try:
+            (workdir / "traceback.txt").write_text(traceback.format_exc())
+        except OSError:  # a full disk (maybe the failure itself): the worker's log below has it all the same
+            pass
         log.exception("job %s (%s) failed", job.id, job.kind)
         ctx.log(f"failed: {reason}")
         _settled(queue.finish, job.id, worker, "failed", error=reason, message="failed",

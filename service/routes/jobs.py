@@ -208,24 +208,29 @@ async def logs(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: Set
     admin = key.grants("admin")
     # A non-admin reads whole lines only, from a line's start to a line's end: server paths and the worker's id are
     # hidden line by line, and a chunk that began inside one (offset = where a path starts, + 4) showed its rest.
-    start, chunk, size = await run_in_threadpool(_read_log, path, offset, limit, not admin)
+    start, chunk, size, end = await run_in_threadpool(_read_log, path, offset, limit, not admin)
     finished = row.status in JOB_DONE
-    if not admin and b"\n" in chunk and not (finished and start + len(chunk) >= size):
-        chunk = chunk[:chunk.rindex(b"\n") + 1]  # a line still being written (or past the limit) comes next time
+    if not admin and not (finished and end >= size) and end == start + len(chunk):
+        # a line still being written (or past the limit) comes next time, whole
+        chunk = chunk[:chunk.rindex(b"\n") + 1] if b"\n" in chunk else b""
+        end = start + len(chunk)
     text, used = _decode_whole(chunk)
     if not admin:
         text = hide_paths(text, settings.data_dir)
-    end = start + used
+    if end == start + len(chunk):
+        end = start + used  # a character cut at the chunk's end is read whole next time
     return json_response({"text": text, "offset": start, "next_offset": end, "status": row.status,
                           "done": finished and end >= size})
 
 
-def _read_log(path: pathlib.Path, offset: int, limit: int, by_line: bool) -> tuple[int, bytes, int]:
-    """Blocking: (where the chunk starts, up to ``limit`` bytes from there, the log's size). ``offset`` past the end
-    reads nothing from the end; ``by_line``: the start is moved back to its line's (forward to the next line's when
-    the line is longer than a chunk)."""
+def _read_log(path: pathlib.Path, offset: int, limit: int, by_line: bool) -> tuple[int, bytes, int, int]:
+    """Blocking: (where the chunk starts, up to ``limit`` bytes from there, the log's size, where the next chunk
+    starts). ``offset`` past the end reads nothing from the end; ``by_line``: the start is moved back to its line's
+    (forward to the next line's when the line is longer than a chunk), and a line longer than ``limit`` is read
+    whole (up to a chunk's most; past it, cut, the next chunk at the next line): moved back to its start each time,
+    a long line was read again and again and the log never went past it."""
     if not path.is_file():
-        return 0, b"", 0
+        return 0, b"", 0, 0
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         start = min(offset, size)  # seek takes no offset past 2**63, and past the end there is nothing to read
@@ -240,7 +245,21 @@ def _read_log(path: pathlib.Path, offset: int, limit: int, by_line: bool) -> tup
                 rest = f.read(LOG_CHUNK_MAX)
                 start = start + rest.index(b"\n") + 1 if b"\n" in rest else size
         f.seek(start)
-        return start, f.read(limit), size
+        chunk = f.read(limit)
+        end = start + len(chunk)
+        if by_line and chunk and b"\n" not in chunk and end < size:
+            rest = f.read(max(0, LOG_CHUNK_MAX - len(chunk)))
+            if b"\n" in rest:
+                chunk += rest[:rest.index(b"\n") + 1]
+                end = start + len(chunk)
+            else:  # a line of over a chunk: this much of it; the next chunk starts at the next line
+                end += len(rest)
+                while block := f.read(1 << 20):
+                    if b"\n" in block:
+                        end += block.index(b"\n") + 1
+                        break
+                    end += len(block)
+        return start, chunk, size, end
 
 
 def _decode_whole(chunk: bytes) -> tuple[str, int]:

@@ -293,12 +293,33 @@ def test_wrap_takes_a_version_a_deploy_can_serve(data, capsys, tmp_path):
 def test_a_secret_lost_from_a_store_in_use_is_refused_not_made_anew(data, capsys, lost):
     """A deleted pepper (or master key) beside a store with keys was made anew without a word: every API key was
     then 401 unknown, every sealed model 503, while `keys list` showed them active."""
-    assert main(["keys", "create", "--scopes", "predict"]) == 0
+    import time
+
+    from service.store import ModelRow, Store
+
+    assert main(["keys", "create", "--scopes", "predict"]) == 0  # the pepper's: a key
     secrets = data.parent / f"{data.name}-secrets"
+    settings = Settings(data_dir=data)
+    if lost == "master.key":  # the master key's: a served version (sealed under it)
+        store = Store(settings.db_url)
+        with store.session.begin() as s:
+            s.add(ModelRow(name="m", version="1", path=str(data / "bundles" / "m.sdb"), added_at=time.time()))
+        store.close()
     (secrets / lost).unlink()
     capsys.readouterr()
     one_line_error(capsys, main(["keys", "list"]), f"{lost} is missing, but the store already holds", "backup")
     assert not (secrets / lost).exists()  # nothing made in its place
-    settings = Settings(data_dir=data)
     with pytest.raises(SecretsError, match="would lock out"):
-        settings.check_secrets()  # what sdb serve and sdb worker run first
+        settings.check_secrets()  # what sdb serve runs first
+
+
+def test_a_store_of_keys_alone_needs_no_master_key_and_a_worker_no_pepper(data, capsys):
+    """What each secret locks decides: keys alone lock out nothing a new master key would, and a worker reads
+    no pepper (a job's key is checked by its row), so a worker host given the master key alone starts."""
+    assert main(["keys", "create", "--scopes", "predict"]) == 0
+    secrets = data.parent / f"{data.name}-secrets"
+    (secrets / "master.key").unlink()
+    assert main(["keys", "list"]) == 0 and (secrets / "master.key").exists()
+    (secrets / "pepper.key").unlink()
+    Settings(data_dir=data).check_secrets(pepper=False)
+    assert not (secrets / "pepper.key").exists()

@@ -280,8 +280,10 @@ async def test_cancel_queued_logs_and_artifacts(jsvc):
     log = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs", headers=h)).json()
     assert log["text"] == "first line\nsecond: é\n" and log["next_offset"] == len(log["text"].encode())
     assert log["done"] is True and log["status"] == "cancelled"
-    cut = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=11&limit=9", headers=h)).json()
-    assert cut["text"] == "second: " and cut["next_offset"] == 19  # é is not split in two
+    cut = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=11&limit=9", headers=jsvc.admin)).json()
+    assert cut["text"] == "second: " and cut["next_offset"] == 19  # é is not split in two (an admin reads bytes)
+    whole = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=11&limit=9", headers=h)).json()
+    assert whole["text"] == "second: é\n" and whole["next_offset"] == 22  # others, whole lines
     rest = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset=19", headers=jsvc.admin)).json()
     assert rest["text"] == "é\n"
     # a caller without admin reads from a line's start: the line again, not its middle
@@ -296,9 +298,19 @@ async def test_cancel_queued_logs_and_artifacts(jsvc):
     where = str(jsvc.settings.data_dir.resolve() / "files" / "file-x" / "weights.safetensors")
     (d / "log.txt").write_text(f"auditing cnn weights {where}\nclaimed by worker:vm:5869\n", encoding="utf-8")
     raw = (d / "log.txt").read_bytes()
-    for i in range(len(raw)):
-        got = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset={i}&limit=40", headers=h)).json()["text"]
+    for i in range(len(raw)):  # a limit past the line's length: the old reader showed the path from offset i on
+        got = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset={i}&limit=400", headers=h)).json()["text"]
         assert not any(part in got for part in (where[4:], where[1:], "vm:5869", "orker:vm")), (i, got)
+    # a line longer than the limit is read whole, and the next chunk goes on past it (it was read again and again)
+    (d / "log.txt").write_text("short\n" + "x" * 100 + "\nend\n", encoding="utf-8")
+    offset, texts = 0, []
+    for _ in range(5):
+        c = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs?offset={offset}&limit=40", headers=h)).json()
+        texts.append(c["text"])
+        offset = c["next_offset"]
+        if c["done"]:
+            break
+    assert "".join(texts) == "short\n" + "x" * 100 + "\nend\n", texts
     arts = (await jsvc.client.get(f"/v1/jobs/{job['id']}/artifacts", headers=h)).json()["artifacts"]
     assert arts == [{"name": "report.json", "size": 12}]
     r = await jsvc.client.get(f"/v1/jobs/{job['id']}/artifacts/report.json", headers=h)
