@@ -260,7 +260,7 @@ class Settings(BaseSettings):
                                    f"it: a new one would lock out {locks}. Restore the file from its backup (or "
                                    "point SDB_SECRETS_DIR, SDB_MASTER_KEY_FILE or SDB_PEPPER_FILE at it)")
         _ = self.master_key
-        if pepper:
+        if pepper or self.pepper_path.exists():  # a worker's host made none, but one there is checked all the same
             _ = self.pepper
 
     def _store_holds(self, table) -> bool:
