@@ -71,10 +71,25 @@ def open_store(url: str) -> Store:
         raise StoreUnavailable("SDB_DATABASE_URL is not a database URL: it takes sqlite:///PATH or "
                                "postgresql://USER@HOST:PORT/DB") from None
     try:
-        return Store(url)
+        store = Store(url)
     except (SQLAlchemyError, ImportError) as e:
         raise StoreUnavailable(f"cannot open the store {_shown_url(url)} (SDB_DATABASE_URL; unset: SQLite in "
                                f"SDB_DATA_DIR): {_reason(e)}") from None
+    # A SQLite file corrupt past its header opened, then failed the server's start with a traceback: its pages are
+    # checked first (quick_check reads each once: milliseconds for a store of keys, models and jobs)
+    problem = None
+    try:
+        if store.session.kw["bind"].dialect.name == "sqlite":
+            with store.session() as s:
+                problem = s.connection().exec_driver_sql("PRAGMA quick_check(1)").scalar()
+    except SQLAlchemyError as e:
+        problem = _reason(e)
+    if problem not in (None, "ok"):
+        store.close()
+        raise StoreUnavailable(f"the store {_shown_url(url)} is corrupt ({' '.join(str(problem).split())[:200]}): "
+                               "restore it from a "
+                               "backup, or recover what it holds with sqlite3 FILE '.recover'")
+    return store
 
 
 def _shown_url(url: str) -> str:

@@ -102,6 +102,23 @@ def test_a_corrupt_store_is_one_line(data, capsys):
     one_line_error(capsys, main(["keys", "list"]), "file is not a database")
 
 
+def test_a_store_corrupt_past_its_header_is_one_line_before_anything_runs(data, capsys):
+    """A SQLite file whose models table's page is damaged opened fine, then `sdb serve` failed at start with a
+    traceback (exit 3): the check reads every page first."""
+    import sqlite3
+
+    assert main(["keys", "create", "--scopes", "predict"]) == 0
+    path = data / "sdb.sqlite3"
+    with sqlite3.connect(path) as c:
+        root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'models'").fetchone()[0]
+        size = c.execute("PRAGMA page_size").fetchone()[0]
+    damaged = bytearray(path.read_bytes())
+    damaged[(root - 1) * size:(root - 1) * size + 8] = b"\xff" * 8  # its page header
+    path.write_bytes(bytes(damaged))
+    capsys.readouterr()
+    one_line_error(capsys, main(["keys", "list"]), "is corrupt", "'.recover'")
+
+
 def secret(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "secrets" / "f.key"
     path.parent.mkdir(mode=0o700, exist_ok=True)
