@@ -183,3 +183,40 @@ async def test_a_private_model_is_not_described_to_an_anonymous_caller(tmp_path,
     finally:
         await c.aclose()
         await manager.__aexit__(None, None, None)
+
+
+async def test_a_job_log_read_from_any_offset_shows_no_server_path_or_worker_id(service):
+    """The log route hid paths line by line, but a chunk could start anywhere: from the offset of a path's own
+    characters (+4), the rest of the path came back whole, and a worker's host:pid likewise. A caller without
+    admin now reads from the start of the line its offset falls in; an admin reads the bytes as they are."""
+    tok = service.key(("jobs",))
+    job = (await service.client.post("/v1/jobs", json={"kind": "wrap", "params": {"data": "digits",
+                                                                                  "teacher": {"arch": "cnn"}}},
+                                      headers=service.auth(tok))).json()
+    where = str(service.settings.data_dir.resolve() / "files" / "file-x" / "weights.safetensors")
+    log = service.settings.jobs_dir / job["id"] / "log.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(f"12:00:00 auditing cnn weights {where}\n12:00:01 claimed by worker:vm:5869\n", encoding="utf-8")
+    starts = [m.start() for m in re.finditer(r"/|worker:", log.read_text())]
+    for offset in sorted({s + k for s in starts for k in (0, 1, 4)}):
+        text = (await service.client.get(f"/v1/jobs/{job['id']}/logs?offset={offset}&limit=400",
+                                         headers=service.auth(tok))).json()["text"]
+        # relative to the data dir is what the docs allow (files/<id>/...); nothing of where the data dir is
+        assert not server_paths(text, service.settings.data_dir.resolve()), text
+        assert service.settings.data_dir.resolve().parent.name not in text and "/tmp" not in text, (offset, text)
+        assert "5869" not in text and "vm:" not in text, (offset, text)
+    admin = (await service.client.get(f"/v1/jobs/{job['id']}/logs", headers=service.admin)).json()["text"]
+    assert where in admin and "worker:vm:5869" in admin  # the operator's own view is whole
+
+
+async def test_the_api_docs_page_runs_only_this_servers_scripts(service):
+    """/docs loaded Swagger UI from a CDN with an inline script and no CSP, on the origin where the console keeps
+    its key: another site's code could read it."""
+    r = await service.client.get("/docs")
+    csp = r.headers["content-security-policy"]
+    assert r.status_code == 200 and "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
+    assert "<script>" not in r.text and "http" not in r.text  # no inline script, nothing named elsewhere
+    for src in re.findall(r'(?:src|href)="([^"]+)"', r.text):
+        asset = await service.client.get("/" + src)
+        assert asset.status_code == 200 and asset.headers["content-security-policy"] == csp, src
+    assert (await service.client.get("/redoc")).status_code == 404
