@@ -447,13 +447,14 @@ class HostedModel:
             raise ApiError(503, "model_unavailable", f"model {self.name!r} version {self.version!r} answered shape "
                            f"{list(z.shape)} for {len(x)} input(s), where its bundle declares "
                            f"[{len(x)}, {', '.join(map(str, want or []))}]")
+        # A request whose inputs, finite but far out of the network's scale (3e38 everywhere), overflowed it fails
+        # alone: its NaN, through the public form, read as a valid answer (class 0). One pass over the whole batch.
+        finite = np.isfinite(z.reshape(len(z), -1)).all(1)
         out, start = [], 0
         for one, (_, keyed) in zip(xs, items, strict=True):
             part = z[start:start + len(one)]
-            # the keyed path's scale, or an SDB box's public form; a request whose inputs, finite but far out of
-            # the network's scale (3e38 everywhere), overflowed it fails alone (its NaN, through the public form,
-            # read as a valid answer: class 0)
-            bad = int((~np.isfinite(part.reshape(len(part), -1)).all(1)).sum())
+            bad = len(one) - int(finite[start:start + len(one)].sum())
+            # the keyed path's scale, or an SDB box's public form
             out.append(ApiError(422, "non_finite_output", f"model {self.name!r} answers NaN or Inf on {bad} of "
                                 f"{len(part)} input(s): are they on the scale it takes (normalised as its "
                                 "normalize says)?") if bad

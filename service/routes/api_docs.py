@@ -50,12 +50,16 @@ def _bundled() -> dict[str, Path]:
     return {name: static / name for name in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")}
 
 
-@cache
 def _asset(name: str) -> bytes | None:
     if name == "swagger-start.js":
         return SWAGGER_START.encode()
-    path = _bundled().get(name)  # a name from the fixed set: no path from the request reaches the disk
-    return path.read_bytes() if path is not None and path.is_file() else None
+    path = _bundled().get(name)  # a name from the fixed set: no path from the request reaches the disk or a cache
+    return _read(path) if path is not None and path.is_file() else None
+
+
+@cache
+def _read(path: Path) -> bytes:
+    return path.read_bytes()
 
 
 @router.get("/docs")

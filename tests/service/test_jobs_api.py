@@ -393,17 +393,27 @@ def test_a_divergence_is_told_in_the_recipes_words_and_other_errors_by_their_ste
     assert "unexpected error" in failure_reason(OSError(f"{tmp_path}/x: denied"), "wrap", tmp_path)
 
 
+def refuse(store: Store, statement: str, table: str):
+    """Make the store refuse every ``statement`` (INSERT, UPDATE) on ``table``, as a full disk or a store gone away
+    would (a trigger, on SQLite or PostgreSQL); returns what takes the refusal away."""
+    sqlite = store.session.kw["bind"].dialect.name == "sqlite"
+    with store.session.begin() as s:
+        s.connection().exec_driver_sql(
+            f"CREATE TRIGGER refused BEFORE {statement} ON {table} BEGIN SELECT RAISE(ABORT, 'refused'); END" if sqlite
+            else "CREATE FUNCTION refused() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ LANGUAGE "
+                 f"plpgsql; CREATE TRIGGER refused BEFORE {statement} ON {table} FOR EACH ROW EXECUTE FUNCTION refused()")
+
+    def undo() -> None:
+        with store.session.begin() as s:
+            s.connection().exec_driver_sql("DROP TRIGGER refused" if sqlite else f"DROP TRIGGER refused ON {table}")
+    return undo
+
+
 @pytest.mark.anyio
 async def test_an_action_done_is_answered_as_done_when_its_audit_row_cannot_be_written(jsvc, caplog):
     """The audit row is written after the action commits: when it failed (a full disk between the two), the route
     answered 500 for a job queued, a key made, a file kept: a retry made a second job, a key's secret was lost."""
-    with jsvc.app.state.store.session.begin() as s:  # an audit log that refuses every row, as a full disk would
-        s.connection().exec_driver_sql(
-            "CREATE TRIGGER no_room BEFORE INSERT ON audit_log BEGIN SELECT RAISE(ABORT, 'disk full'); END"
-            if jsvc.app.state.store.session.kw["bind"].dialect.name == "sqlite" else
-            "CREATE FUNCTION no_room() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'disk full'; END $$ "
-            "LANGUAGE plpgsql; CREATE TRIGGER no_room BEFORE INSERT ON audit_log FOR EACH ROW EXECUTE FUNCTION "
-            "no_room()")
+    refuse(jsvc.app.state.store, "INSERT", "audit_log")  # an audit log that takes no row, as a full disk would
     tok = jsvc.key(("jobs", "distill"))
     with caplog.at_level("ERROR", logger="sdb.service"):
         r = await submit(jsvc, tok, "distill", DISTILL)
@@ -431,12 +441,7 @@ def test_a_worker_waits_out_a_store_that_fails_and_then_runs_the_queue(tmp_path,
     store = Store(settings.db_url)
     queue = JobQueue(store)
     job = queue.submit("no-such-kind", {}, "owner")[0]  # fails at once when run: any claim shows
-    sqlite = store.session.kw["bind"].dialect.name == "sqlite"
-    with store.session.begin() as s:  # every update of a job refused, as a store gone away would
-        s.connection().exec_driver_sql(
-            "CREATE TRIGGER down BEFORE UPDATE ON jobs BEGIN SELECT RAISE(ABORT, 'the store is down'); END" if sqlite
-            else "CREATE FUNCTION down() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'the store is down'; END $$ "
-                 "LANGUAGE plpgsql; CREATE TRIGGER down BEFORE UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION down()")
+    undo = refuse(store, "UPDATE", "jobs")  # every update of a job refused, as a store gone away would
     stop = threading.Event()
     worker = threading.Thread(target=run_worker, args=(settings,), kwargs={"stop": stop}, daemon=True)
     with caplog.at_level("WARNING", logger="sdb.jobs"):
@@ -444,8 +449,7 @@ def test_a_worker_waits_out_a_store_that_fails_and_then_runs_the_queue(tmp_path,
         try:
             time.sleep(1.0)
             assert worker.is_alive() and queue.get(job.id).status == "queued"
-            with store.session.begin() as s:
-                s.connection().exec_driver_sql("DROP TRIGGER down" if sqlite else "DROP TRIGGER down ON jobs")
+            undo()
             deadline = time.monotonic() + 30
             while queue.get(job.id).status not in ("failed", "succeeded") and time.monotonic() < deadline:
                 time.sleep(0.1)
