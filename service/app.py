@@ -141,13 +141,13 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_limiter = RateLimiter(settings.rate_limit_key_per_s, settings.rate_limit_key_burst)
     app.state.address_limiter = address_limiter = RateLimiter(settings.rate_limit_address_per_s,
                                                                settings.rate_limit_address_burst)
-    errors.install(app)
     # FastAPI tries routers in order, scanning every route of each: the model routes first (the inference routes
     # themselves are called directly: service.direct). Account before keys and jobs: its /v1/keys/me is not a key id.
     routers = (v2.router, models.router, account.router, health.router, deploy.router, keys.router, jobs.router,
                files.router, console.router, style_routes.router, api_docs.router)
     for r in routers:
         app.include_router(r)  # no prefix: a route's path is its router's (what service.direct matches)
+    errors.install(app, (route for r in routers for route in r.routes))
     upload = settings.max_file_bytes + UPLOAD_OVERHEAD  # the file part is counted on its own, to the byte
     allowed = f"a file up to {settings.max_file_bytes} bytes (SDB_MAX_FILE_BYTES) and its form fields"
     app.put_in_front(cors_origins=settings.cors_origin_list(), max_payload_bytes=settings.max_payload_bytes,

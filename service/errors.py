@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Iterable
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import get_route_path
 from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("sdb.service")
@@ -61,6 +63,11 @@ def is_v2(scope: Scope) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
+def error_body(code: str, message: str, v2: bool = False) -> bytes:
+    """The JSON error body: ``/v2``'s the protocol's (the code has no place in it; the message says it)."""
+    return orjson.dumps({"error": message} if v2 else {"error": {"code": code, "message": message}})
+
+
 class ErrorResponse(Response):
     """An error in the form of the route it answers: rich for ``/v1``, a string message for ``/v2``."""
 
@@ -68,12 +75,11 @@ class ErrorResponse(Response):
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         self.code, self.message, self._extra_headers = code, message, headers
-        super().__init__(orjson.dumps({"error": {"code": code, "message": message}}), status_code=status,
-                         headers=headers)
+        super().__init__(error_body(code, message), status_code=status, headers=headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if is_v2(scope):  # the code has no place in the protocol's body; the message says it
-            self.body = orjson.dumps({"error": self.message})
+        if is_v2(scope):
+            self.body = error_body(self.code, self.message, v2=True)
             self.init_headers(self._extra_headers)
         await super().__call__(scope, receive, send)
 
@@ -120,10 +126,29 @@ NO_V2_ROUTE = ("no such route: this server serves the Open Inference Protocol's 
                "extensions are not served")
 
 
-def install(app: FastAPI) -> None:
+def allowed_methods(routes: Iterable, scope: Scope) -> str:
+    """The methods the path of a request is served with, as a 405's ``Allow`` lists them (RFC 9110 §15.5.6): every
+    route's of that path (Starlette names the first one's alone), and HEAD beside GET (the middleware answers it)."""
+    methods: set[str] = set()
+    for route in routes:
+        if getattr(route, "methods", None) and route.path_regex.match(get_route_path(scope)):
+            methods |= route.methods
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+def install(app: FastAPI, routes: Iterable = ()) -> None:
+    """The exception handlers of ``app``; ``routes``: those a 405's ``Allow`` is read from."""
+    routes = list(routes)
+
     async def handler(request: Request, exc: Exception) -> Response:
         if isinstance(exc, StarletteHTTPException) and exc.status_code == 404 and request.scope.get("route") is None:
             return error_response(404, "not_found", NO_V2_ROUTE if is_v2(request.scope) else NO_ROUTE)
+        if isinstance(exc, StarletteHTTPException) and exc.status_code == 405:
+            allow = allowed_methods(routes, request.scope)
+            return error_response(405, "method_not_allowed", f"this path serves {allow}, not {request.method}",
+                                  {"Allow": allow})
         return response_for(exc)
 
     async def unexpected(_: Request, exc: Exception) -> Response:

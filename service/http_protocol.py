@@ -8,15 +8,29 @@ v2 binary infer at 8 callers that was ~10 µs of the server's ~175 µs of CPU pe
 (``benchmarks/serve.py``); every route gains alike. A streamed body still leaves chunk by chunk: each turn's
 writes go out at that turn's end, in order, before anything a later turn writes.
 
+It also holds what HTTP/1.1 asks of a server and httptools leaves to it. A request line and headers over
+:data:`MAX_HEAD_BYTES` are a 431 (httptools keeps no limit, and joins a header value across reads at a cost
+that grows with its square: one caller's 100 MiB header held the event loop, HTTP and gRPC alike, for 10 s);
+a transfer coding other than chunked is a 501 (httptools read ``gzip, chunked`` as chunked, the gzip bytes as
+the body); an HTTP/1.1 request without ``Host`` a 400; and every request httptools refuses gets the JSON error
+body of its route's protocol (:func:`service.errors.error_body`) instead of plain text.
+
 ``sdb serve`` runs uvicorn with :class:`HttpProtocol` (``http=``); a server that runs the app another way serves
-it the same, with one more segment per response.
+it the same, with one more segment per response and without these checks.
 """
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .errors import error_body
+
+# The request line and headers together (nginx's large_client_header_buffers allow 4 × 8 KiB; Node's 16 KiB):
+# an API key, a proxy's forwarding headers and tracing headers fit many times over.
+MAX_HEAD_BYTES = 64 * 1024
+LINGER_S = 2.0  # how long a refused request's connection reads on (and drops) what its client still sends
 
 
 class TurnWrites(asyncio.Transport):
@@ -93,8 +107,84 @@ class TurnWrites(asyncio.Transport):
         return self._transport.get_extra_info(name, default)
 
 
+class _Refused(Exception):
+    """Raised from a parser callback: httptools stops parsing, and uvicorn answers through send_400_response."""
+
+
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol on a :class:`TurnWrites` transport."""
+    """uvicorn's httptools protocol on a :class:`TurnWrites` transport, with HTTP's limits on a request's head."""
+
+    _head_bytes = 0  # bytes received since the current request began, while its head is not complete
+    _in_head = True
+    _refusal: tuple[int, str, str] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(TurnWrites(transport, self.loop))
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return  # answered; the connection is closing
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Counted by the read, checked once the parser had it: a read that ends the head (and brings a body)
+        # is not a head over the limit. At most one read past the limit is parsed.
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES and self._refusal is None:
+            self._refuse(431, "headers_too_large", _TOO_LARGE)
+
+    def on_headers_complete(self) -> None:
+        if len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES:
+            self._stop(431, "headers_too_large", _TOO_LARGE)
+        codings = [c.strip().lower() for k, v in self.headers if k == b"transfer-encoding" for c in v.split(b",")]
+        if any(c not in (b"chunked", b"") for c in codings):
+            self._stop(501, "not_implemented", "a Transfer-Encoding other than chunked is not implemented: send the "
+                       "body chunked or with Content-Length (compress it with Content-Encoding: gzip or deflate)")
+        if self.parser.get_http_version() == "1.1" and not any(k == b"host" for k, _ in self.headers):
+            self._stop(400, "bad_request", "an HTTP/1.1 request needs a Host header")
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes = True, 0
+
+    def send_400_response(self, msg: str) -> None:
+        """What uvicorn answers a request httptools cannot parse (and the refusals above), as JSON."""
+        status, code, message = self._refusal or (400, "bad_request", "the request is not valid HTTP/1.1")
+        self._refuse(status, code, message)
+
+    def _stop(self, status: int, code: str, message: str) -> None:
+        self._refusal = (status, code, message)
+        raise _Refused(message)
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` with the JSON error body and close; close alone when an earlier request's answer is
+        still due on this connection (pipelined), or this request's has begun."""
+        self._refusal = (status, code, message)
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if self._in_head or cycle.response_started:
+                self.transport.close()
+                return
+            cycle.disconnected = True  # its body was refused: answered here; what its app reads or sends is dropped
+            cycle.message_event.set()
+        path = self.url.split(b"?", 1)[0]
+        body = error_body(code, message, v2=path == b"/v2" or path.startswith(b"/v2/"))
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+                    % len(body))
+        self.transport.write(b"".join(head) + body)
+        if self.transport.can_write_eof():
+            # A lingering close: the client may still be sending what was refused; closing with its bytes
+            # unread would reset the connection, and the answer with it. What comes meanwhile is dropped.
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+            return
+        self.transport.close()
+
+
+_TOO_LARGE = f"the request line and headers are over {MAX_HEAD_BYTES} bytes"

@@ -204,6 +204,9 @@ MAX_TENSOR_ELEMENTS = 1 << 40
 def tensor_shape(value: Any) -> list[int]:
     """A tensor's shape as the protocol writes it: a list of at most 8 non-negative integers, each an int64 as
     the protocol's gRPC form has them (JSON's parser takes integers up to 2**64 - 1); 422 otherwise."""
+    if value == []:
+        raise invalid("shape [] is a scalar, which no model here takes: send [N, ...] (its metadata gives the rest)",
+                      "invalid_shape")
     if (not isinstance(value, list) or not value or len(value) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 63 for d in value)):
         raise invalid("shape must be a list of non-negative integers (int64)", "invalid_shape")
@@ -224,6 +227,8 @@ def check_samples(datatype: Any, shape: Sequence[int], max_samples: int) -> None
 
 
 def unsupported_datatype(datatype: Any) -> ApiError:
+    if datatype is None:
+        return invalid("an input needs a datatype, e.g. \"datatype\": \"FP32\"", "invalid_dtype")
     return invalid(f"datatype {datatype!r} is not supported; send FP32 (or FP16, FP64, INT64 or BOOL values that "
                    f"convert to it, or BYTES of PNG/JPEG images)", "invalid_dtype")
 
@@ -264,6 +269,8 @@ async def model_input(model: HostedModel, inputs: Sequence[Tensor], max_samples:
     if len(inputs) != 1:
         raise invalid("inputs must be a list of exactly one tensor object", "invalid_request")
     t = inputs[0]
+    if t.name is None:
+        raise invalid(f"an input needs a name: this model's is {expected!r}", "invalid_request")
     if t.name != expected:
         raise invalid(f"unknown input {t.name!r}; this model's input is {expected!r}", "invalid_request")
     if t.datatype not in INPUT_DATATYPES:

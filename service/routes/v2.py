@@ -440,13 +440,15 @@ async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     require_task(model)  # before the body: a model of another task is told so whatever was sent
     header_length = request.headers.get(HEADER_LENGTH)  # of the JSON header once the body is inflated
     header, binary = oip_binary.split(await read_bytes(request, s.settings.max_payload_bytes), header_length)
+    if not isinstance(header.get("id", ""), str | None):
+        raise invalid("id must be a string (it is echoed in the answer)", "invalid_request")
     inputs = header.get("inputs")
     chunks = oip_binary.input_chunks(inputs if isinstance(inputs, list) else [], binary, header_length is not None)
     tensors = _inputs(header, chunks, s.settings.max_request_samples)
     names, binary_outputs, binary_default, classification = _outputs(header)
     outputs = await oip.infer(s, model, tensors, names, classification)
     body: dict = {"model_name": model.name, "model_version": model.version}
-    if isinstance(header.get("id"), str):
+    if header.get("id") is not None:
         body["id"] = header["id"]
     described, raws = [], []
     for t in outputs:

@@ -47,14 +47,20 @@ def test_a_direct_endpoint_takes_the_request_alone():
 
 
 async def test_other_methods_fall_through_to_fastapi(svc):
-    for path, body in (("/v2/models/digits-a/infer", {"error": "Method Not Allowed"}),
+    for path, body in (("/v2/models/digits-a/infer", {"error": "this path serves POST, not GET"}),
                        ("/v1/models/digits-a/predict", None)):
         r = await svc.client.get(path)
         assert r.status_code == 405, r.text
+        assert r.headers["allow"] == "POST"
         if body is not None:  # the protocol's form on /v2
             assert r.json() == body
         else:
             assert r.json()["error"]["code"] == "method_not_allowed"
+    # Allow names every method of the path (RFC 9110), not the first route's alone; HEAD beside GET
+    for path, allow in (("/v1/models", "GET, HEAD, POST"), ("/v1/models/digits-a", "DELETE, GET, HEAD"),
+                        ("/v1/keys", "GET, HEAD, POST")):
+        r = await svc.client.put(path)
+        assert (r.status_code, r.headers["allow"]) == (405, allow), (path, r.headers, r.text)
 
 
 async def test_errors_keep_each_protocols_form(svc):

@@ -128,3 +128,45 @@ def test_http_1_1_holds_on_one_send_per_turn(tmp_path, bundles):
             assert c.get("/openapi.json").content == spec.content
     finally:
         srv.stop()
+
+
+def test_a_head_past_the_limit_or_not_http_is_a_json_error_and_a_body_is_not_a_head(tmp_path, bundles):
+    # httptools keeps no limit on a head, and joins a header across reads at a cost that grows with its square:
+    # one caller's 100 MiB header held the loop 10 s. Each refusal is the route's JSON error, then the close.
+    from service.http_protocol import MAX_HEAD_BYTES
+
+    srv = serve(tmp_path, bundles, HttpProtocol)
+    try:
+        def answer(raw: bytes) -> tuple[int, bytes]:
+            out = exchange(srv.port, raw)
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert head, raw[:200]
+            assert b"connection: close" in head.lower() or not head.startswith(b"HTTP/1.1 4"), head
+            return int(head.split(b" ", 2)[1]), body
+
+        long = b"x" * (4 << 20)  # sent in many reads: refused after the first past the limit, never parsed whole
+        status, body = answer(b"GET /v2 HTTP/1.1\r\nHost: t\r\nX-Long: " + long + b"\r\n\r\n")
+        assert status == 431 and orjson.loads(body) == {
+            "error": f"the request line and headers are over {MAX_HEAD_BYTES} bytes"}
+        status, body = answer(b"GET /healthz?" + long + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert status == 431 and orjson.loads(body)["error"]["code"] == "headers_too_large"
+        # a head just under the limit, and the body after it, whatever the reads
+        ok = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Pad: " + b"p" * (MAX_HEAD_BYTES - 200)
+        assert answer(ok + b"\r\n\r\n")[0] == 200
+        with httpx.Client(base_url=srv.url, timeout=30) as c:  # 4 MiB of body: not a head
+            r = c.post("/v2/models/nope/infer", content=b"{" + b" " * (4 << 20) + b"}",
+                       headers={"Content-Type": "application/json"})
+            assert r.status_code == 404 and r.json() == {"error": r.json()["error"]}
+
+        status, body = answer(b"POST /v2/models/x/infer HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n"
+                              b"\r\n0\r\n\r\n")
+        assert status == 501 and "Transfer-Encoding" in orjson.loads(body)["error"]
+        status, body = answer(b"GET /v1/models HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert status == 400 and "Host" in orjson.loads(body)["error"]["message"]
+        status, body = answer(b"POST /v1/models/x/predict HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"zz\r\n")  # not a chunk size
+        assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_request"
+        # HTTP/1.0 needs no Host; the server still serves after every refusal
+        assert exchange(srv.port, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    finally:
+        srv.stop()
