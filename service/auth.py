@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from starlette.concurrency import run_in_threadpool
+
 from .errors import ApiError
 from .store import ApiKeyRow, Store
 
@@ -167,6 +169,14 @@ class Keyring:
         with self._lock:
             self._rows.pop(key_id, None)
             self._generation[key_id] = self._generation.get(key_id, 0) + 1
+
+    async def key_of(self, authorization: str | None) -> ApiKey:
+        """The key an ``Authorization`` value names, verified (401 otherwise); no rate is spent here."""
+        token, key_id = self.token_from_header(authorization)
+        row = self.cached_row(key_id)
+        if row is None:
+            row = await run_in_threadpool(self.fetch_row, key_id)
+        return self.verify(token, row)
 
     def verify(self, token: str, row: ApiKeyRow | None) -> ApiKey:
         parsed = parse_token(token)

@@ -9,12 +9,12 @@ from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
 from .auth import ApiKey, Keyring, check_scope
 from .errors import ApiError
 from .jobs.queue import JobQueue
 from .metrics import Metrics
+from .ratelimit import AUTHENTICATED
 from .registry import ModelHost
 from .schemas import NO_NUL
 from .settings import Settings
@@ -84,11 +84,7 @@ async def authenticate(state, authorization: str | None, address: str) -> ApiKey
     counts against its address (guessing is rate-limited too); a valid one spends its own rate only."""
     keyring: Keyring = state.keyring
     try:
-        token, key_id = keyring.token_from_header(authorization)
-        row = keyring.cached_row(key_id)
-        if row is None:
-            row = await run_in_threadpool(keyring.fetch_row, key_id)
-        key = keyring.verify(token, row)
+        key = await keyring.key_of(authorization)
     except ApiError:
         state.address_limiter.check(address, "this address")
         raise
@@ -101,7 +97,9 @@ def _address(request: Request) -> str:
 
 
 async def _authenticate(request: Request) -> ApiKey:
-    return await authenticate(request.app.state, request.headers.get("authorization"), _address(request))
+    key = await authenticate(request.app.state, request.headers.get("authorization"), _address(request))
+    request.scope[AUTHENTICATED] = True  # the middleware charges a header that authenticated nothing to its address
+    return key
 
 
 async def api_key(request: Request, _: _BearerDoc) -> ApiKey:

@@ -19,8 +19,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .direct import DirectRoutes
-from .errors import INTERNAL, error_response
-from .ratelimit import ANONYMOUS_CALLER
+from .errors import INTERNAL, ApiError, error_response
+from .ratelimit import ANONYMOUS_CALLER, AUTHENTICATED, UNPROVEN, UNPROVEN_CALLER, RateLimiter
 
 log = logging.getLogger("sdb.service")
 # An orchestrator's liveness and readiness checks are never limited: ours, and the Open Inference
@@ -40,6 +40,11 @@ class ServiceMiddleware:
         self.upload_routes = upload_routes or {}
         # Requests without a key, per client address (a keyed request is limited per key, in deps).
         self.address_limiter = address_limiter
+        # Requests whose Authorization header authenticated nothing (a route that checks no key, and a bad key on one
+        # that does), per address, at the same rate: charged once answered, since only then is it known (a junk
+        # header passed every route that checks none unlimited).
+        self.unproven = (RateLimiter(address_limiter.rate, address_limiter.burst) if address_limiter is not None
+                         else None)
         self.direct = direct  # the inference routes, called from here (service.direct)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -63,9 +68,11 @@ class ServiceMiddleware:
             declared = _content_length(scope)
             limit, what = self.upload_routes.get((scope.get("method", ""), scope.get("path", "")),
                                                  (self.limit, self.what))
-            wait = self._address_wait(scope)
+            wait, who = self._address_wait(scope)
+            if wait and who == UNPROVEN_CALLER and await self._a_valid_key(scope):
+                wait = 0.0  # a valid key from an address whose other headers proved nothing: its own rate alone
             if wait:
-                e = self.address_limiter.refusal(wait, ANONYMOUS_CALLER)
+                e = self.address_limiter.refusal(wait, who)
                 await error_response(e.status, e.code, e.message, e.headers)(scope, receive, send_tracked)
             elif declared is not None and declared > limit:
                 await error_response(413, "payload_too_large",
@@ -80,6 +87,9 @@ class ServiceMiddleware:
             if not started:
                 await error_response(*INTERNAL)(scope, receive, send_tracked)
         finally:
+            unproven = scope.get(UNPROVEN)
+            if unproven is not None and not scope.get(AUTHENTICATED):
+                self.unproven.take(unproven)
             route = scope.get("route")
             template = getattr(route, "path", None) or "<unmatched>"
             name = (scope.get("path_params") or {}).get("name")
@@ -88,14 +98,26 @@ class ServiceMiddleware:
             self.metrics.observe_request(template, method if method in _METHODS else "OTHER", model, status,
                                          time.perf_counter() - start)
 
-    def _address_wait(self, scope: Scope) -> float:
-        """Seconds until a request without a key from this address may go on (0: now); probes are free."""
+    def _address_wait(self, scope: Scope) -> tuple[float, str]:
+        """Seconds until a request from this address may go on (0: now), and the caller in words; probes are free.
+        One with a key is limited per key once authenticated (deps), and by its address's unproven headers."""
         if self.address_limiter is None or scope.get("path") in _PROBES:
-            return 0.0
-        if any(k == b"authorization" for k, _ in scope.get("headers", ())):
-            return 0.0
+            return 0.0, ""
         client = scope.get("client")
-        return self.address_limiter.take(client[0] if client else "")
+        address = client[0] if client else ""
+        if any(k == b"authorization" for k, _ in scope.get("headers", ())):
+            scope[UNPROVEN] = address
+            return self.unproven.wait(address), UNPROVEN_CALLER
+        return self.address_limiter.take(address), ANONYMOUS_CALLER
+
+    @staticmethod
+    async def _a_valid_key(scope: Scope) -> bool:
+        header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+        try:
+            await scope["app"].state.keyring.key_of(header.decode("latin-1"))
+        except (ApiError, KeyError, AttributeError):
+            return False
+        return True
 
     def _limited(self, receive: Receive, limit: int, what: str) -> Receive:
         seen = 0

@@ -8,6 +8,9 @@ import time
 from .errors import ApiError
 
 ANONYMOUS_CALLER = "this address, without a key,"  # how a 429 names a caller that sent no key
+UNPROVEN_CALLER = "this address, with Authorization headers that authenticated nothing,"
+UNPROVEN = "sdb.unproven_address"  # set in a scope whose request sent a key: its address (service.middleware)
+AUTHENTICATED = "sdb.authenticated"  # set by service.deps once a request's key is verified
 
 
 class RateLimiter:
@@ -37,6 +40,16 @@ class RateLimiter:
             if len(self._buckets) > self.max_callers:
                 self._prune(now)
             return 0.0
+
+    def wait(self, caller: str, now: float | None = None) -> float:
+        """What :meth:`take` would answer, without taking: 0.0 while the caller has a request left."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, at = self._buckets.get(caller, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def _prune(self, now: float) -> None:
         full = [c for c, (t, at) in self._buckets.items() if t + (now - at) * self.rate >= self.burst]

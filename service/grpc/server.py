@@ -138,6 +138,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return None
         return await authenticate(self.state, authorization, peer_address(context.peer()))
 
+    async def _limit_unkeyed(self, context: aio.ServicerContext) -> None:
+        """On an RPC that needs no key: a call without a valid one spends its address's rate (one with junk metadata
+        went unlimited)."""
+        authorization = _authorization(context)
+        if authorization is not None:
+            try:
+                await self.state.keyring.key_of(authorization)
+                return
+            except ApiError:
+                pass
+        self._limit_address(context)
+
     def _limit_address(self, context: aio.ServicerContext) -> None:
         """A call without a key spends its address's rate, as the HTTP middleware charges it."""
         limiter = self.state.address_limiter
@@ -180,8 +192,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _refusal(self, request: Undecodable, context: aio.ServicerContext) -> Callable[[], Awaitable[Any]]:
         async def refuse():
-            if _authorization(context) is None:  # as any call without a key: its address's rate
-                self._limit_address(context)
+            await self._limit_unkeyed(context)  # as any call without a key: its address's rate
             raise ApiError(400, "malformed_body", f"the request is not a {request.message_type.DESCRIPTOR.name} "
                                                   "protobuf message")
         return refuse
@@ -199,8 +210,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext):
         async def answer():
-            if _authorization(context) is None:  # as GET /v2: no key needed, none checked
-                self._limit_address(context)
+            await self._limit_unkeyed(context)  # as GET /v2: no key needed
             return codec.server_metadata_response(oip.server_metadata(extensions=EXTENSIONS))
         return await self._run("ServerMetadata", context, "", answer)
 

@@ -93,6 +93,20 @@ async def test_guessing_key_secrets_is_rate_limited_per_address(limited):
     assert codes[:3] == [401] * 3 and codes[3:] == [429, 429]
 
 
+async def test_a_header_that_authenticates_nothing_is_limited_per_address_and_a_key_is_not(limited):
+    # A junk Authorization passed every route that checks no key unlimited (the address's bucket was skipped for
+    # any header): such requests are charged to their address once answered, and refused past its rate.
+    c, junk = limited.client, {"Authorization": "x"}
+    codes = [(await c.get(path, headers=junk)).status_code for path in ("/v2", "/openapi.json", "/no/such/route")]
+    assert codes == [200, 200, 404]  # the address's burst: 3
+    r = await c.get("/v2", headers=junk)
+    assert r.status_code == 429 and "authenticated nothing" in r.json()["error"], r.text
+    assert (await c.get("/v1/models", headers=junk)).status_code == 429  # bad keys on checked routes count too
+    # a valid key from the same address spends its own rate alone, however many it sends (its bucket: 3)
+    h = limited.auth(limited.key(("predict",)))
+    assert [(await c.post(PREDICT, json=ONE, headers=h)).status_code for _ in range(3)] == [200] * 3
+
+
 async def test_a_key_may_have_only_so_many_jobs_at_once(capped):
     h = capped.auth(capped.key(("jobs",)))
     c = capped.client

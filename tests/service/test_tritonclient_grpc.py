@@ -548,3 +548,46 @@ def test_a_stream_past_its_window_stays_in_order_and_a_message_that_is_not_one_i
         next(call)
         call.cancel()
     assert client.is_server_ready() and client.infer("digits-a", [fp32_input(x)]).as_numpy("probabilities") is not None
+
+
+@pytest.mark.anyio
+async def test_metadata_that_authenticates_nothing_spends_the_address_rate():
+    """ServerMetadata needs no key: a call with junk ``authorization`` metadata skipped the address's rate (one
+    without any spent it), so a junk header made it unlimited. A valid key spends its own rate alone."""
+    from service.errors import ApiError
+    from service.grpc import grpc_predict_v2_pb2 as pb
+    from service.grpc.server import InferenceServicer
+    from service.metrics import Metrics
+    from service.ratelimit import RateLimiter
+
+    class Keyring:
+        async def key_of(self, authorization):
+            if authorization != "Bearer good":
+                raise ApiError(401, "invalid_key", "invalid API key")
+            return object()
+
+    class Context:
+        def __init__(self, authorization):
+            self.authorization = authorization
+
+        def peer(self):
+            return "ipv4:127.0.0.1:5000"
+
+        def invocation_metadata(self):
+            return (("authorization", self.authorization),)
+
+        async def abort(self, code, details, trailing_metadata=()):
+            self.aborted = (code, details)
+            raise grpc.aio.AbortError()
+
+    state = type("State", (), {"settings": Settings(), "host": None, "keyring": Keyring(), "metrics": Metrics(),
+                               "address_limiter": RateLimiter(0.01, 2)})()
+    servicer = InferenceServicer(state)
+    for _ in range(3):  # a valid key: not the address's
+        await servicer.ServerMetadata(pb.ServerMetadataRequest(), Context("Bearer good"))
+    for _ in range(2):
+        await servicer.ServerMetadata(pb.ServerMetadataRequest(), Context("x"))
+    context = Context("x")
+    with pytest.raises(grpc.aio.AbortError):
+        await servicer.ServerMetadata(pb.ServerMetadataRequest(), context)
+    assert context.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED, context.aborted
