@@ -19,8 +19,8 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..data.imagefolder import _images_in
-from ..pixels import upright
+from ..data.imagefolder import _images_in, open_image
+from ..pixels import unit_pixels, upright
 from .config import _SKLEARN, CONTENT_IMAGES, EMBEDDED, STYLE_IMAGES  # noqa: F401 (re-exported)
 
 MAX_PIXELS = 40_000_000  # a decoded image larger than this is refused (decompression bombs)
@@ -57,12 +57,32 @@ def decode_image(data: bytes) -> Tensor:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ("PNG", "JPEG"):
                 raise ValueError(f"image format {im.format} is not PNG or JPEG")
-            if im.width * im.height > MAX_PIXELS:
-                raise ValueError(f"image of {im.width}x{im.height} pixels is too large")
-            rgb = upright(im).convert("RGB")
+            return _read_pixels(im)
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"not a readable PNG or JPEG image ({e})") from None
-    return _to_tensor(np.asarray(rgb))
+
+
+def _read_pixels(im: Image.Image, max_side: int | None = None) -> Tensor:
+    """``im`` upright as (3, H, W) in [0, 1], shrunk so its longer side is at most ``max_side``: read by
+    :func:`~sdb_core.pixels.unit_pixels`, so a 16-bit image spans its depth (``convert("RGB")`` clips it at 255)."""
+    if im.width * im.height > MAX_PIXELS:
+        raise ValueError(f"image of {im.width}x{im.height} pixels is too large")
+    im = upright(im)
+    w, h = im.size
+    if max_side is not None and max(w, h) > max_side:
+        scale = max_side / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    return _to_tensor(unit_pixels(im, "RGB", (w, h)))
+
+
+def _load_folder_image(path: Path, max_side: int) -> Tensor:
+    """An ImageFolder image, in any format the ImageFolder reader takes (:data:`IMAGE_FORMATS`, not only the
+    PNG/JPEG of an uploaded ``image``), shrunk to ``max_side``; ValueError when it cannot be read."""
+    try:
+        with open_image(path) as im:
+            return _read_pixels(im, max_side)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path} ({e})") from None
 
 
 def load_image(source: str | os.PathLike) -> Tensor:
@@ -191,5 +211,5 @@ def content_images(source: str = "embedded", max_images: int = 200) -> list[Tens
         if not files:
             raise ValueError(f"no images under {root}")
         # Shrunk on load: crops are small, and a folder of photographs would not fit in memory.
-        return [resize_max(load_image(f), 512) for f in files]
+        return [_load_folder_image(f, 512) for f in files]
     return [load_image(s.strip()) for s in source.split(",") if s.strip()]

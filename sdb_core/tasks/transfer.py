@@ -8,7 +8,7 @@ from pathlib import Path
 from ..progress import Hooks
 from ..train_config import TrainConfig
 from ..transfer.config import DEFAULT_PROBE, DeparaConfig
-from .refs import ModelRef
+from .refs import ModelRef, image_size_for
 
 # The weak target's training: a few Adam epochs are enough to give it the task's features.
 WEAK_TARGET = TrainConfig(epochs=3, lr=2e-3, optimizer="adam", weight_decay=0.0)
@@ -101,14 +101,18 @@ def run(cfg: TransferTask, out: str | os.PathLike, hooks: Hooks | None = None) -
     hooks.plan(target=cfg.target_training.epochs if cfg.target is None else 0.1, graphs=1 + len(cfg.sources))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    probe_set = load_dataset(cfg.probe_data or cfg.target_data)
+    # An ImageFolder set is read at the side its models take where they fix one (a bundle's, an ONNX graph's), as
+    # wrap, distill and audit read theirs: at its default, 32, a model made for 16 or 64 could not take the probe.
+    models = [s.model for s in cfg.sources] + [cfg.target.model if cfg.target is not None else None]
+    probe_data = cfg.probe_data or cfg.target_data
+    probe_set = load_dataset(probe_data, image_size=image_size_for(probe_data, *models))
     x = probe_set.test.tensors[0]
     if len(x) < cfg.probe:
         raise ValueError(f"{probe_set.name} has {len(x)} test images, fewer than probe={cfg.probe}")
     device = pick_device(cfg.target_training.device)
     probe = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.probe]]
     if cfg.target is None:
-        data = load_dataset(cfg.target_data)
+        data = load_dataset(cfg.target_data, image_size=image_size_for(cfg.target_data, *models))
         if list(data.in_shape) != list(probe_set.in_shape):
             raise ValueError(f"target data {list(data.in_shape)} and probe images {list(probe_set.in_shape)} differ")
         train = transfer_split(data, min(cfg.target_train, len(data.train)), cfg.seed)

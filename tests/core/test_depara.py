@@ -143,3 +143,44 @@ def test_a_hosted_models_onnx_graph_gives_the_torch_models_graph():
     assert torch.allclose(a.nodes, b.nodes, atol=1e-5) and torch.allclose(a.edges, b.edges, atol=1e-6)
     with pytest.raises(ValueError, match="no layer"):
         attribution_graph(graph, x, "nope")
+
+
+def _digit_folder(root, side: int, per_class: int = 8):
+    """An ImageFolder of ``side``×``side`` grayscale PNGs, three classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (side, side), dtype=np.uint8)
+            img[:, c * side // 3:(c + 1) * side // 3] += 180  # a class's bright band
+            Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
+    return f"imagefolder:{root}"
+
+
+def test_transferability_reads_an_image_folder_at_the_size_its_models_take(tmp_path):
+    """A bundle made for 16x16 images ranks on an ImageFolder read at 16x16 (as wrap, distill and audit read
+    theirs), not at the folder's default 32, whether it is a source or the target."""
+    from dataclasses import replace
+
+    from sdb_core.bundle import export_bundle
+    from sdb_core.models import create_model
+    from sdb_core.tasks.refs import ModelRef
+    from sdb_core.tasks.transfer import WEAK_TARGET, RankedModel, TransferTask, run
+    from sdb_core.weights import save_weights
+
+    torch.manual_seed(0)
+    bundle = export_bundle(create_model("cnn", num_classes=3, in_shape=(1, 16, 16)).eval(), tmp_path / "b16",
+                           name="b16", in_shape=(1, 16, 16), mean=(0.0,), std=(1.0,), labels=["0", "1", "2"])
+    data = _digit_folder(tmp_path / "digits16", 16)
+    source = RankedModel("b16", ModelRef(bundle=str(bundle)))
+    outcome = run(TransferTask(sources=(source,), target_data=data, probe=4, target_train=12,
+                               target_training=replace(WEAK_TARGET, epochs=1)), tmp_path / "out")
+    assert outcome.result.names == ["target", "b16"]
+    weights = save_weights(create_model("cnn", num_classes=3, in_shape=(1, 16, 16)), tmp_path / "w.safetensors")
+    other = RankedModel("other", ModelRef(arch="cnn", weights=str(weights), num_classes=3))  # fixes no size
+    outcome = run(TransferTask(sources=(other,),
+                               target=replace(source, name="t"), probe_data=data, probe=4), tmp_path / "out2")
+    assert outcome.result.names == ["target", "other"]

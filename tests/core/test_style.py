@@ -2,8 +2,12 @@
 method on a 64x64 pair with tiny settings."""
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from sdb_core.style import adain as adain_method
@@ -152,6 +156,51 @@ def test_training_crops_from_a_users_image_folder(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         content_images(f"imagefolder:{tmp_path / 'absent'}")
     assert len(content_images("astronaut, coffee")) == 2
+
+
+def _sixteen_bit_gradient(width: int = 64) -> Image.Image:
+    """A left-to-right gradient over 16 bits: Pillow's convert("RGB") clips it to white past 255 of 65535."""
+    return Image.fromarray(np.tile(np.linspace(0, 65535, width), (width // 2, 1)).astype(np.uint16))
+
+
+def test_a_sixteen_bit_png_is_read_over_its_depth_not_clipped_white():
+    buf = io.BytesIO()
+    _sixteen_bit_gradient().save(buf, "PNG")
+    img = decode_image(buf.getvalue())
+    assert img.shape == (3, 32, 64)
+    assert abs(img.mean().item() - 0.5) < 0.01 and (img > 0.999).float().mean() < 0.05
+    assert img[:, :, 0].max() < 0.01 and img[:, :, -1].min() > 0.99  # black on the left, white on the right
+    tiff = io.BytesIO()
+    _sixteen_bit_gradient().save(tiff, "TIFF")
+    with pytest.raises(ValueError, match="TIFF is not PNG or JPEG"):  # an uploaded image is a PNG or a JPEG
+        decode_image(tiff.getvalue())
+
+
+def test_training_crops_from_a_folder_in_every_imagefolder_format(tmp_path):
+    """The ImageFolder upload takes BMP, TIFF, WebP, GIF, PPM besides PNG/JPEG: crops are read from each, and a
+    16-bit image over its depth."""
+    yy, xx = np.mgrid[0:24, 0:40]
+    pixels = np.stack([xx * 6, yy * 10, 255 - xx * 6], axis=-1).astype(np.uint8)  # smooth: JPEG and GIF keep it
+    folder = tmp_path / "crops"
+    for fmt, ext in (("BMP", "bmp"), ("TIFF", "tiff"), ("WEBP", "webp"), ("GIF", "gif"), ("PPM", "ppm"),
+                     ("JPEG", "jpg")):
+        (folder / fmt.lower()).mkdir(parents=True)
+        Image.fromarray(pixels).save(folder / fmt.lower() / f"a.{ext}", fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    _sixteen_bit_gradient().save(folder / "deep.png")
+    _sixteen_bit_gradient().save(folder / "deep.tif")
+    names = ["bmp", "deep.png", "deep.tif", "gif", "jpeg", "ppm", "tiff", "webp"]  # the sorted file order
+    images = dict(zip(names, content_images(f"imagefolder:{folder}")))
+    assert len(images) == len(names) and all(tuple(i.shape[1:]) == (24, 40) for n, i in images.items()
+                                               if not n.startswith("deep"))
+    exact = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+    for lossless in ("bmp", "ppm", "tiff", "webp"):
+        assert torch.allclose(images[lossless], exact, atol=1e-6), lossless
+    assert (images["jpeg"] - exact).abs().mean() < 0.03 and (images["gif"] - exact).abs().mean() < 0.03
+    for deep in ("deep.png", "deep.tif"):
+        assert abs(images[deep].mean().item() - 0.5) < 0.01, deep  # not (almost) white
+    (folder / "bmp" / "broken.bmp").write_bytes(b"BM not really")
+    with pytest.raises(ValueError, match="broken.bmp"):
+        content_images(f"imagefolder:{folder}")
 
 
 def test_networks_keep_the_image_size_and_range():
