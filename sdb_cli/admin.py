@@ -4,6 +4,7 @@
 changes within ``models_sync_s`` and key changes within ``auth_cache_s``."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -15,6 +16,8 @@ from service.auth import ApiKey, create_key, validate_policy
 from service.errors import ApiError
 from service.settings import Settings, SettingsError
 from service.store import Store, open_store
+
+from .console import redact
 
 
 def _when(t: float | None) -> str:
@@ -67,6 +70,18 @@ def _check_listen(host: str, port: int) -> None:
                             f"{e.strerror or e}; it takes a free port on an address of this machine") from None
 
 
+class AccessLogPaths(logging.Filter):
+    """uvicorn's access log lines with the path alone: a query string holds nothing an operator needs, and a client
+    that put its key there (``?api_key=...``, refused: keys go in the header) would have it logged in the clear.
+    What remains is redacted as every message of ``sdb`` is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):  # (client, method, path, ...)
+            record.args = (*args[:2], redact(args[2].split("?", 1)[0]), *args[3:])
+        return True
+
+
 def serve(settings: Settings, *, access_log: bool = False) -> int:
     import uvicorn
 
@@ -99,6 +114,7 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
         print(f"sdb: {settings.workers} job worker(s): pids {pool.pids}"
               + (f"; GPU jobs at most {len(on_gpu)} at once (devices {','.join(on_gpu)})" if on_gpu else ""),
               file=sys.stderr, flush=True)
+    logging.getLogger("uvicorn.access").addFilter(AccessLogPaths())  # kept by uvicorn's logging configuration
     try:
         uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
                     http=HttpProtocol, access_log=access_log, server_header=False, proxy_headers=True,

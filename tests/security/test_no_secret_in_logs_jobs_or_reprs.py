@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 import anyio
+import httpx
 import numpy as np
 import pytest
 
 from service.auth import parse_token
 from service.jobs.worker import run_worker
-from tests.service.conftest import make_settings, start_service
+from tests.service.conftest import Server, make_settings, run_sdb, start_service
 
 pytestmark = pytest.mark.anyio
 
@@ -67,3 +68,22 @@ async def test_no_secret_in_logs_job_records_artifacts_or_reprs(tmp_path, bundle
         if isinstance(blob, bytes):
             for what, b in raw.items():
                 assert b not in blob, f"the {what} leaked"
+
+
+def test_the_access_log_holds_no_query_string_and_no_key(tmp_path, bundles):
+    # Keys go in the header alone; a client that put one in the URL is refused, but uvicorn's access log wrote the
+    # whole URL, key and all. It now logs the path alone, redacted.
+    out = tmp_path / "access.log"
+    with out.open("w") as stdout:  # where uvicorn writes its access log
+        server = Server(tmp_path / "data", bundles, args=("--access-log",), stdout=stdout.fileno())
+    try:
+        created = run_sdb("keys", "create", "--scopes", "predict", env=server.env)
+        token = created.stdout.split()[-1] if created.returncode == 0 else ""
+        assert parse_token(token), created.stdout + created.stderr
+        assert httpx.get(f"{server.url}/v1/keys/me?api_key={token}&note=QUERYMARK").status_code == 401
+        assert httpx.get(f"{server.url}/v1/models/{token}").status_code == 404  # in the path itself
+    finally:
+        log = server.stop() + out.read_text()
+    assert '"GET /v1/keys/me HTTP/1.1" 401' in log, log[-2000:]
+    secret = token.split("_")[-1]
+    assert secret not in log and "QUERYMARK" not in log, log[-2000:]

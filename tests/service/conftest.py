@@ -204,12 +204,12 @@ class Server:
     """``sdb serve`` as a subprocess on a free loopback port."""
 
     def __init__(self, data_dir: Path, bundles: Bundles, env: dict[str, str] | None = None,
-                 ready_timeout: float = 60.0):
+                 ready_timeout: float = 60.0, args: tuple[str, ...] = (), stdout: int = subprocess.DEVNULL):
         self.port = free_port()
         self.env = {**sdb_env(data_dir, bundles, self.port), **(env or {})}
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([SDB, "serve", "--host", "127.0.0.1"], env=self.env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([SDB, "serve", "--host", "127.0.0.1", *args], env=self.env,
+                                     stdout=stdout, stderr=subprocess.PIPE, text=True)
         self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
