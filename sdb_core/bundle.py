@@ -218,13 +218,19 @@ def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[st
         got = session.run(None, {name: b.numpy() for (name, _), b in zip(inputs, batch, strict=True)})[0]
         scale = float(np.abs(want).max()) if want.size else 0.0
         if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-4 * (1.0 + scale)):
-            gap = float(np.abs(got - want).max()) if got.shape == want.shape else float("nan")
+            if got.shape != want.shape:
+                what = f"ONNX answers shape {list(got.shape)}, PyTorch {list(want.shape)}"
+            else:
+                at = np.unravel_index(int(np.argmax(np.abs(got - want))), got.shape)
+                what = (f"largest difference {float(abs(got[at] - want[at])):.3g} at output scale {scale:.3g}: ONNX "
+                        f"{float(got[at]):.4g}, PyTorch {float(want[at]):.4g} at {list(map(int, at))}")
             raise BundleError(
-                f"the ONNX export does not compute what the network does (a batch of {len(batch[0])}: ONNX "
-                f"{list(got.shape)} vs PyTorch {list(want.shape)}, largest difference {gap:.3g} at output scale "
-                f"{scale:.3g}). Tracing records one run, so a forward that branches on input values or bakes in "
-                "a batch size or a value (len(x), .item(), float(tensor), numpy) exports something else: write "
-                "those with tensor ops (torch.where, x.shape[0], x.flatten(1))")
+                f"the ONNX export does not compute what the network does (a batch of {len(batch[0])}: {what}). "
+                "Tracing records one run, so a forward that branches on input values or bakes in a batch size or a "
+                "value (len(x), .item(), float(tensor), numpy) exports that run: write those with tensor ops "
+                "(torch.where, x.shape[0], x.flatten(1)). Or an operator computes otherwise in ONNX Runtime than "
+                "in torch where float32 runs out of precision (a saturated sigmoid or exp read back through a log, "
+                "as log(p / (1 - p)) of p near 0 or 1): clamp its input, or answer the logits themselves")
 
 
 def per_sample_fault(model: nn.Module, batch: Sequence[Tensor], what: str = "network") -> str | None:

@@ -75,6 +75,18 @@ def _initializers(graph) -> dict[str, np.ndarray]:
     return {i.name: _array(i) for i in graph.initializer}
 
 
+# ONNX's float16, float64 and bfloat16: what a graph with float32 inputs and outputs may compute in inside
+# (onnxconverter_common's convert_float_to_float16(keep_io_types=True), a network run in double between two Casts).
+_OTHER_FLOATS = {10: "float16", 11: "float64", 16: "bfloat16"}
+
+
+def _in_float32(value: np.ndarray) -> np.ndarray:
+    """A stored float16, float64 or bfloat16 array as float32 (what a box trains, exports and serves in); others
+    as they are."""
+    kind = str(value.dtype)
+    return value.astype(np.float32) if kind in _OTHER_FLOATS.values() else value
+
+
 def bundle_graph(path) -> tuple[bytes, dict]:
     """A bundle's ONNX bytes and its meta, the files' hashes verified (a clear error for a missing or altered one)."""
     from .bundle import MODEL_FILE, read_bundle_files, verify
@@ -187,11 +199,29 @@ def _ops(nodes) -> set[str]:
     return out
 
 
+def _scores_output(g) -> str:
+    """The name of the graph's output that holds a classifier's scores: its first, unless that is not a float tensor
+    or has one axis (the label a converter answers first: skl2onnx's int64 ArgMax) and a later one is a float
+    tensor of two or more axes (the scores or probabilities that label was taken from)."""
+    floats = (1, *_OTHER_FLOATS)
+
+    def rank(o) -> int | None:  # of a float tensor; None for anything else (an integer tensor, a ZipMap's maps)
+        t = o.type.tensor_type
+        if not o.type.HasField("tensor_type") or t.elem_type not in floats:
+            return None
+        return len(t.shape.dim) if t.HasField("shape") else -1  # (-1: an unknown rank)
+
+    first = g.output[0]
+    if rank(first) not in (None, 1):
+        return first.name
+    return next((o.name for o in g.output[1:] if (rank(o) or 0) >= 2), first.name)
+
+
 def _needed(g) -> tuple[list, set[str]]:
-    """The nodes the graph's first output (the logits) depends on, in the graph's order, and the names they read: a
-    branch that computes something else (another output, an auxiliary head, the argmax beside the logits) is
-    neither run nor refused."""
-    wanted, kept = {g.output[0].name}, []
+    """The nodes the graph's scores (:func:`_scores_output`, the logits) depend on, in the graph's order, and the
+    names they read: a branch that computes something else (another output, an auxiliary head, the argmax beside
+    the logits) is neither run nor refused."""
+    wanted, kept = {_scores_output(g)}, []
     for n in reversed(g.node):  # nodes are stored in topological order
         if any(o in wanted for o in n.output):
             kept.append(n)
@@ -250,6 +280,13 @@ class OnnxModule(nn.Module):
         stored = _initializers(g)
         inputs = [i for i in g.input if i.name not in stored]  # before old exports' initializer inputs are dropped
         stored = {name: value for name, value in stored.items() if name in read}
+        # Computed in float32: stored tensors and constants of another float type are read as float32 and Casts to
+        # one cast to float32 (``_compile``), so the weights are a float32 network's (its answers within float16's
+        # precision of ONNX Runtime's). ``other_floats``: the types the graph computed in, for the log.
+        self.other_floats = sorted({str(v.dtype) for v in stored.values() if str(v.dtype) in _OTHER_FLOATS.values()}
+                                   | {_OTHER_FLOATS[a.i] for n in needed for a in n.attribute
+                                      if a.name in ("to", "dtype") and a.i in _OTHER_FLOATS})
+        stored = {name: _in_float32(value) for name, value in stored.items()}
         if len(inputs) != 1:
             raise ValueError(f"the graph takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
                              "a classifier takes one")
@@ -266,9 +303,11 @@ class OnnxModule(nn.Module):
                              "float32 (model.float(), a float32 example input)")
         dims = inputs[0].type.tensor_type.shape.dim
         self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+        self.input_axes = tuple(d.dim_param or None for d in dims)  # a free axis's name in the graph, if it has one
         self.fixed_batch = self.input_shape[0] if self.input_shape and self.input_shape[0] else None
         self.flat_output = False  # a classifier's scores with singleton axes around them, as (N, K) (onnx_classifier)
-        self.output_name = g.output[0].name
+        self.output_name = _scores_output(g)
+        self.first_output = g.output[0].name  # (where it is not the scores, onnx_classifier's log says so)
         weights = _weights(g, stored) if trainable else set()
         self._consts: dict[str, str] = {}
         # Small stored tensors (shapes, axes, slice bounds, scales) as Python values too: read from a GPU, each
@@ -374,8 +413,13 @@ class OnnxModule(nn.Module):
         out = []
         for k, n in enumerate(nodes):
             a = _attrs(n)
+            for key in ("to", "dtype"):  # computed in float32 (__init__): a Cast to float16 or float64 casts to it
+                if a.get(key) in _OTHER_FLOATS:
+                    a[key] = 1
+            if isinstance(a.get("value"), np.ndarray):  # a Constant's, a ConstantOfShape's fill
+                a["value"] = _in_float32(a["value"])
             if n.op_type == "Constant":
-                self.register_buffer(f"c{tag}{k}", torch.from_numpy(_constant(a)))
+                self.register_buffer(f"c{tag}{k}", torch.from_numpy(np.array(_in_float32(_constant(a)))))
                 self._keep_host(n.output[0], getattr(self, f"c{tag}{k}"))
                 self._consts[n.output[0]] = f"c{tag}{k}"
                 continue
@@ -530,14 +574,21 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
     try:
         session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
         typed = feed[:batch] if inner.input_dtype is None else feed[:batch].to(inner.input_dtype)
-        want_out = session.run(None, {inner.input_name: typed.numpy()})[0]
+        want_out = session.run([inner.output_name], {inner.input_name: typed.numpy()})[0]
     except Exception as e:  # noqa: BLE001 (onnxruntime's Fail, InvalidGraph, ... derive from Exception alone)
         raise ValueError(f"ONNX Runtime cannot run the graph: {str(e)[:300]}") from None
+    # A graph that computes in float16 or bfloat16 inside is run in float32 (OnnxModule): its answers are ONNX
+    # Runtime's to that type's precision (a ViT in float16: 1e-3 of the output's scale), not float32's.
+    low = 1e-1 if "bfloat16" in inner.other_floats else 2e-2 if "float16" in inner.other_floats else 0.0
     with torch.no_grad():
         got = net(x[:batch]).numpy()
-        if got.shape != want_out.shape or not onnx_batch.close(torch.from_numpy(got), torch.from_numpy(want_out)):
+        if got.shape != want_out.shape or not (onnx_batch.close(torch.from_numpy(got), torch.from_numpy(want_out))
+                                               or low and np.allclose(got, want_out, rtol=low,
+                                                                      atol=low * (1 + np.abs(want_out).max()))):
             raise ValueError("run in torch, the ONNX graph does not compute what ONNX Runtime computes "
-                             f"(largest difference {np.abs(got - want_out).max() if got.shape == want_out.shape else 'in shape'})")
+                             f"(largest difference {np.abs(got - want_out).max() if got.shape == want_out.shape else 'in shape'}"
+                             + (f"; the graph computes in {' and '.join(inner.other_floats)} inside, run here in float32"
+                                if inner.other_floats else "") + ")")
         if inner.fixed_batch:  # served in batches of any size: the graph must run at others too, sample by sample
             inner.calibrate(feed)
             more = _check_inputs(inner, (2 * batch + 3, *given), 1)
@@ -551,6 +602,12 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
                 if not onnx_batch.close(other, onnx_batch.at_batch(net, rows, batch)):
                     raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and answers "
                                      "otherwise at others: export it with a free batch axis")
+    if inner.output_name != inner.first_output:
+        why.append(f"the ONNX model's first output, {inner.first_output[:60]!r}, is not a float tensor of scores: its "
+                   f"output {inner.output_name[:60]!r} is read")
+    if inner.other_floats:
+        why.append(f"the ONNX model computes in {' and '.join(inner.other_floats)} inside: it is run, trained and "
+                   "served in float32")
     # A fully convolutional head answers (N, K, 1, 1) (the ONNX model zoo's SqueezeNet), a channels-last one
     # (N, 1, 1, K): the scores, with singleton axes around them, read as (N, K).
     scores = next((k for k in range(1, got.ndim) if got.shape[k] > 1), 1)
@@ -558,20 +615,28 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
         inner.flat_output = True
         why.append(f"the ONNX model answers {got.shape[1:]} per input: its scores, read as ({got.shape[scores]},)")
     # Probabilities teach a student nothing read as logits (distillation tempers logits): where the output is a
-    # softmax's (through layout alone: a squeeze, a transpose), its input, the graph's own logits, is what a task
-    # gets, once checked to be what that softmax turned into the output.
+    # softmax's or a sigmoid's (one per class, or a binary classifier's one score; through layout alone: a squeeze,
+    # a transpose), its input, the graph's own logits, is what a task gets, once checked to be what that softmax or
+    # sigmoid turned into the output. (A sigmoid's probabilities inverted again, log(p / (1 - p)), would not do:
+    # ONNX Runtime's Sigmoid answers 0 below about -20 and loses a logit's digits from about ±9, where torch's does
+    # not, so the box's export would not compute what it trained.)
     producer = {out: node for node in inner.nodes for out in node[3]}
     last = producer.get(inner.output_name)
     while last is not None and last[1] in ("Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"):
         last = producer.get(last[2][0])
-    if last is not None and last[1] in ("Softmax", "LogSoftmax"):
+    if last is not None and last[1] in ("Softmax", "LogSoftmax", "Sigmoid"):
         kept = inner.output_name, inner.flat_output
-        inner.output_name, inner.flat_output = last[2][0], True
+        inner.output_name, inner.flat_output = last[2][0], False
         with torch.no_grad():
             logits = net(x[:batch])
-            probs = (torch.softmax if last[1] == "Softmax" else torch.log_softmax)(logits, 1).numpy()
-        answered = got.reshape(len(got), -1)
-        if logits.dim() == 2 and probs.shape == answered.shape and np.allclose(probs, answered, rtol=1e-3, atol=1e-5):
+            if logits.dim() > 1:  # (a binary classifier's scores, (N,), stay as they are)
+                inner.flat_output = True
+                logits = logits.flatten(1)
+            probs = (torch.sigmoid(logits) if last[1] == "Sigmoid" else torch.softmax(logits, 1)
+                     if last[1] == "Softmax" else torch.log_softmax(logits, 1)).numpy()
+        answered = got.reshape(len(got), -1) if logits.dim() == 2 else got
+        if (logits.dim() == 2 or last[1] == "Sigmoid" and logits.shape == got.shape) \
+                and probs.shape == answered.shape and np.allclose(probs, answered, rtol=1e-3, atol=1e-5):
             why.append(f"the ONNX model ends in a {last[1]}: its input, the logits, is what the box learns and serves")
         else:
             inner.output_name, inner.flat_output = kept

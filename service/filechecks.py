@@ -122,7 +122,9 @@ def _check_onnx(src: Path, out: Path, filename: str) -> Checked:
         raise rejected("weights", f"{filename}: {_clip(str(e))}") from None
     except (DecodeError, KeyError, TypeError, RuntimeError):
         raise unreadable from None
-    shape = ["N" if d is None else d for d in net.input_shape]
+    # the batch axis N, another free axis by its name in the graph ('height'), or '?' where it has none
+    shape = [d if d is not None else "N" if k == 0 else (net.input_axes[k] or "?")[:40]
+             for k, d in enumerate(net.input_shape)]
     return Checked("onnx", dest.name, {"input_shape": shape, "nodes": len(net.nodes),
                                        "parameters": int(sum(b.numel() for b in net.buffers())), **info})
 

@@ -327,6 +327,15 @@ def test_an_export_that_does_not_compute_what_the_network_does_is_refused(tmp_pa
     assert not (tmp_path / "m").exists()
 
 
+def test_an_export_that_differs_by_precision_is_not_blamed_on_the_forward_alone(tmp_path):
+    """A network that inverts a saturated sigmoid computes otherwise in ONNX Runtime (its Sigmoid answers 0 below
+    about -20): the message said the forward branched. It says what differs, and both causes."""
+    net = _Traced(lambda m, x: torch.log(torch.sigmoid(40 * m.a(x)) + 1e-30))
+    with pytest.raises(BundleError, match=r"ONNX -?[\d.e+]+, PyTorch -?[\d.e+]+ at \[\d+, \d+\]\)\. Tracing records "
+                                          r"one run.* Or an operator computes otherwise in ONNX Runtime .*sigmoid"):
+        export_bundle(net, tmp_path / "m", name="m", in_shape=(8,), mean=(0.0,), std=(1.0,), labels=["a", "b", "c"])
+
+
 def test_real_samples_catch_a_branch_on_input_values(tmp_path):
     net = _Traced(lambda m, x: m.a(x) if x.mean() > 0.5 else m.b(x))  # zeros, in the trace, take b
     common = {"name": "m", "in_shape": (8,), "mean": (0.0,), "std": (1.0,), "labels": ["a", "b", "c"]}

@@ -514,6 +514,103 @@ def test_scores_with_singleton_axes_around_them_are_read_as_the_logits(last, sof
     assert again.run(None, {"input": x.numpy()})[0].shape == (5, 10)
 
 
+class Scores(nn.Module):
+    """ViewNet's logits, times ``scale`` (saturating sigmoids: past -20, where ONNX Runtime's Sigmoid answers 0),
+    through ``head``: a sigmoid per class, a binary classifier's one squeezed score, or (label, probabilities) as
+    a converter writes its outputs."""
+
+    def __init__(self, head: str):
+        super().__init__()
+        self.net, self.head = ViewNet(1 if head == "binary" else 10), head
+
+    def logits(self, x):
+        return 30 * self.net(x).squeeze(1) if self.head == "binary" else 30 * self.net(x)
+
+    def forward(self, x):
+        z = self.logits(x)
+        return (z.argmax(1), torch.softmax(z, 1)) if self.head == "label_first" else torch.sigmoid(z)
+
+
+@pytest.mark.parametrize("head", ["per_class", "binary"])
+def test_a_final_sigmoid_is_left_out_and_its_input_read_as_the_logits(head):
+    """Its probabilities inverted, log(p / (1 - p)), were what the box learned, and ONNX Runtime's Sigmoid answers 0
+    below about -20 where torch's does not: the box's export check refused every such wrap, at its end."""
+    torch.manual_seed(0)
+    net = Scores(head).eval()
+    graph = onnx_classifier(onnx_bytes(net, (1, 8, 8)), (1, 8, 8))
+    assert "ends in a Sigmoid" in graph.why
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        z = net.logits(x)
+        assert z.min() < -20  # where ONNX Runtime's sigmoid is 0
+        assert torch.allclose(graph(x), z, rtol=1e-4, atol=1e-4)
+    again = ort.InferenceSession(export_onnx(graph, (1, 8, 8), samples=x), providers=["CPUExecutionProvider"])
+    assert np.allclose(again.run(None, {"input": x.numpy()})[0], z.numpy(), rtol=1e-4, atol=1e-3)
+
+
+def test_the_probabilities_after_a_label_output_are_read_for_the_logits():
+    """skl2onnx's order: output 0 the int64 label (ArgMax), output 1 the probabilities. The label was read as the
+    scores: every wrap failed on 'the teacher answers shape (2,) for 2 inputs'."""
+    torch.manual_seed(0)
+    net = Scores("label_first").eval()
+    graph = onnx_classifier(onnx_bytes(net, (1, 8, 8)), (1, 8, 8))
+    assert "first output" in graph.why and "is read" in graph.why and "ends in a Softmax" in graph.why
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(graph(x), net.logits(x), rtol=1e-4, atol=1e-4)
+
+
+class Inside(nn.Module):
+    """A float32 network computing in ``dtype`` between a Cast in and a Cast out, as onnxconverter_common's
+    ``convert_float_to_float16(keep_io_types=True)`` writes one."""
+
+    def __init__(self, net: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.net, self.dtype = net.to(dtype), dtype
+
+    def forward(self, x):
+        return self.net(x.to(self.dtype)).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["float16", "float64"])
+def test_a_graph_computing_in_another_float_type_inside_is_run_in_float32(digits, dtype):
+    """Its weights were float16 (float64) parameters, and every wrap failed: 'pass teacher.float()'."""
+    import copy
+
+    from sdb_core.protect.teacher import check_teacher
+
+    torch.manual_seed(0)  # (ONNX Runtime has no float64 Conv on the CPU)
+    net = (ViewNet() if dtype == torch.float16 else nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(),
+                                                                  nn.Linear(32, 10))).eval()
+    graph = onnx_classifier(onnx_bytes(Inside(copy.deepcopy(net), dtype).eval(), (1, 8, 8)), (1, 8, 8))
+    assert {p.dtype for p in graph.parameters()} == {torch.float32}
+    assert f"computes in {str(dtype).removeprefix('torch.')} inside" in graph.why
+    assert check_teacher(graph, digits.checked()) is graph
+    x = digits.test.tensors[0][:16]
+    with torch.no_grad():
+        assert torch.allclose(graph(x), net(x), rtol=1e-2, atol=1e-2)
+    export_onnx(graph, (1, 8, 8), samples=x)
+
+
+def test_an_uploads_free_axes_are_shown_by_their_names():
+    """Every free axis was shown as N: ['N', 1, 'N', 'N'] for a graph of free height and width."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from service.filechecks import Limits, check_weights
+
+    model = onnx.load_from_string(onnx_bytes(ViewNet(), (1, 8, 8), free_spatial=True))
+    model.graph.input[0].type.tensor_type.shape.dim[3].ClearField("dim_param")  # a free axis with no name
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "upload", Path(tmp) / "out"
+        src.write_bytes(model.SerializeToString())
+        out.mkdir()
+        checked = check_weights(src, out, Limits(unpacked_bytes=1 << 20, members=10), "g.onnx")
+    assert checked.format == "onnx" and checked.info["input_shape"] == ["N", 1, "h", "?"]
+
+
 def test_what_cannot_be_run_is_refused_by_name():
     with pytest.raises(ValueError, match="not a readable ONNX model"):
         onnx_classifier(b"not a graph", (1, 8, 8))

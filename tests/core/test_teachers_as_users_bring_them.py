@@ -264,7 +264,8 @@ def test_a_binary_classifier_answering_one_score_is_wrapped_as_two_logits(tmp_pa
     assert accuracy(_require_learned(teacher, data.checked()), data.test) == accuracy(two, data.test) > 75
     x = data.test.tensors[0]
     with torch.no_grad():
-        torch.testing.assert_close(F.softmax(net(x), 1), F.softmax(two(x), 1), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(F.softmax(net(x), 1), F.softmax(two(x), 1), rtol=1e-4,
+                                   atol=1.3e-4 if sigmoid else 1e-5)  # a probability's logit within ±9 (_logit)
     box = wrap(teacher, data, ONE_EPOCH, check=None).box
     with torch.no_grad():
         assert box.public_logits(x).shape == (len(x), 2)
@@ -282,7 +283,7 @@ def test_a_classifier_with_a_sigmoid_on_each_class_is_wrapped_as_their_logits(di
     x = digits.test.tensors[0]
     with torch.no_grad():
         z, got = digits_teacher(x), net(x)
-    sure = (z.abs() < 15).all(1)  # where float32's sigmoid still tells a logit from its neighbours
+    sure = (z.abs() < 9).all(1)  # within ±9: _logit clamps there, where torch and ONNX Runtime invert alike
     torch.testing.assert_close(got[sure], z[sure], rtol=1e-3, atol=1e-3)
     assert torch.equal(got.argmax(1), z.argmax(1))
     box = wrap(teacher, digits, ONE_EPOCH, check=None).box
