@@ -20,6 +20,7 @@ import json
 import shutil
 import stat
 import struct
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from .tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS, image_format
 
 PURPOSES = ("weights", "dataset", "image", "bundle")
 _CHUNK = 1 << 20
-_JUNK = ("__MACOSX",)  # what an archiver adds beside the tree (macOS resource forks); skipped like dot-files
+_UTF8_NAMES = 0x800  # a zip member's flag bit 11: its name is UTF-8 (else cp437, by the format)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,24 @@ def _open_zip(src: Path, purpose: str, filename: str, limits: Limits) -> zipfile
     if total > limits.unpacked_bytes:
         z.close()
         raise rejected(purpose, f"{filename}: unpacks to {total} bytes, over the limit of {limits.unpacked_bytes}")
+    for info in infos:
+        info.filename = _member_name(info)
     return z
+
+
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """A member's name as its archiver meant it, in Unicode NFC: macOS's Archive Utility and ``ditto`` (and Windows
+    tools in a UTF-8 code page) write UTF-8 names without the UTF-8 flag, which zipfile reads as cp437 (``café``
+    became ``cafe╠ü``); such a name is read as UTF-8 when its bytes are valid UTF-8 (cp437 text seldom is), and
+    macOS's decomposed form (NFD) is composed, so that a class folder has one name whichever tool zipped it. Only
+    the name is changed: ``orig_filename``, which ``ZipFile.open`` checks against the local header, is kept."""
+    name = info.filename
+    if not info.flag_bits & _UTF8_NAMES:
+        try:
+            name = info.orig_filename.encode("cp437").decode("utf-8")
+        except UnicodeError:
+            pass
+    return unicodedata.normalize("NFC", name)
 
 
 def member_problem(info: zipfile.ZipInfo) -> str | None:
@@ -197,9 +215,12 @@ def member_problem(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _skipped(name: str) -> bool:
-    parts = PurePosixPath(name).parts
-    return any(p.startswith(".") or p in _JUNK for p in parts)
+def _skipped(name: str | PurePosixPath) -> bool:
+    """Hidden files and folders, an archiver's leftovers: the loader's own rule (``sdb_core.data.imagefolder``;
+    imported here, in the check's worker thread, so that importing the app stays torch-free)."""
+    from sdb_core.data.imagefolder import skipped
+
+    return skipped(name)
 
 
 def extract(z: zipfile.ZipFile, dest: Path, limits: Limits, purpose: str, filename: str) -> int:
@@ -265,14 +286,15 @@ def _check_npz(src: Path, out: Path, filename: str, limits: Limits) -> Checked:
 
 
 def _data_root(folder: Path) -> Path:
-    """The tree's root: a zip of a folder wraps the class folders in one more folder."""
+    """The tree's root: a zip of a folder wraps the class folders in one more folder. Loose files beside that one
+    folder (a README, a LICENSE, a labels.csv) are no class and are left out of it, as the loader leaves them."""
     from sdb_core.data.imagefolder import TEST_NAMES, TRAIN_NAMES
 
     while True:
-        entries = [p for p in folder.iterdir() if not _skipped(p.name)]
-        if len(entries) == 1 and entries[0].is_dir() and any(c.is_dir() for c in entries[0].iterdir()) \
-                and entries[0].name.lower() not in TRAIN_NAMES + TEST_NAMES:
-            folder = entries[0]
+        dirs = [p for p in folder.iterdir() if p.is_dir() and not _skipped(p.name)]
+        if len(dirs) == 1 and any(c.is_dir() for c in dirs[0].iterdir()) \
+                and dirs[0].name.lower() not in TRAIN_NAMES + TEST_NAMES:
+            folder = dirs[0]
         else:
             return folder
 
@@ -306,7 +328,7 @@ def _check_imagefolder(out: Path, filename: str, limits: Limits) -> Checked:
                            f"{found_splits[0].name}/: {unknown[:10]}")
         for d in dirs:
             found = [p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                     and not _skipped(p.name)]
+                     and not _skipped(p.relative_to(d))]
             if not found:
                 raise rejected("dataset", f"{filename}: class folder {d.relative_to(root)} holds no images "
                                f"({', '.join(sorted(IMAGE_EXTENSIONS))})")

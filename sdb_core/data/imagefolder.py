@@ -5,11 +5,15 @@ any case: ``Train/``) those are the splits, and the classes are the train folder
 classes; otherwise the class folders are PATH's own. Without a test folder a fixed stratified 80/20 split (seed 0) is
 drawn. Images are read with Pillow, in the formats their extensions name only (an EPS named ``x.png`` is not run
 through Ghostscript), resized to a square of ``image_size`` (default 32) and kept grayscale only if every image is
-grayscale, else converted to RGB.
+grayscale, else converted to RGB. Hidden files and folders (a name starting with ``.``) and archivers' and file
+servers' leftovers (``__MACOSX/``, ``@eaDir/``) are skipped at any depth (:func:`skipped`: the upload check's rule
+too). Class names are the folders' names in Unicode NFC (macOS writes them decomposed, NFD): ``train/café`` and
+``test/café`` are one class whichever form each was written in.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import unicodedata
+from pathlib import Path, PurePath, PurePosixPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -26,12 +30,26 @@ TEST_NAMES = ("test", "val", "valid", "validation", "testing")
 _GRAY_BANDS = {("L",), ("L", "A"), ("1",), ("I",), ("F",)}
 _SPLIT_SEED = 0
 DEFAULT_SIZE = 32
+# What archivers and file servers add beside a tree (macOS resource forks, Synology's thumbnails): skipped like dot-files
+JUNK_NAMES = frozenset({"__MACOSX", "@eaDir"})
+
+
+def skipped(path: str | PurePath) -> bool:
+    """Whether a path (relative to the tree: a zip member's name, a file under a class folder) is a hidden file, lies
+    under a hidden folder or is an archiver's leftover: neither a class nor an image. The one rule the loader and the
+    upload check (``service.filechecks``) share."""
+    return any(p.startswith(".") or p in JUNK_NAMES for p in PurePosixPath(path).parts)
+
+
+def class_name(folder: Path) -> str:
+    """A class folder's class name: its name in Unicode NFC."""
+    return unicodedata.normalize("NFC", folder.name)
 
 
 def split_dirs(path: Path) -> tuple[Path, Path | None] | None:
     """The train split's folder and the test split's (None: none, an 80/20 split is drawn from train) when ``path``
     holds them, named in any case; None when its class folders are its own."""
-    dirs = {p.name.lower(): p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__MACOSX"))}
+    dirs = {p.name.lower(): p for p in path.iterdir() if p.is_dir() and not skipped(p.name)}
     train = next((dirs[n] for n in TRAIN_NAMES if n in dirs), None)
     test = next((dirs[n] for n in TEST_NAMES if n in dirs), None)
     if train is None or (test is None and len(dirs) > 1):  # "train" beside other folders: a class of that name
@@ -45,13 +63,15 @@ def open_image(path: Path) -> Image.Image:
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    """The class folders, in the order of their class names (NFC: the order an upload, unpacked in NFC, has too)."""
+    dirs = (p for p in folder.iterdir() if p.is_dir() and not skipped(p.name))
+    return sorted(dirs, key=lambda p: (class_name(p), p.name))
 
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not skipped(p.relative_to(folder))
     )
 
 
@@ -60,10 +80,10 @@ def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int
     dirs = _class_dirs(folder)
     if not dirs:
         raise DatasetError(f"no class folders in {folder}: expected {folder}/<class_name>/<image files>")
-    names = [d.name for d in dirs]
+    names = list(dict.fromkeys(class_name(d) for d in dirs))  # two folders of one name in NFC: one class, as unpacked
     if classes is None:
-        if len(dirs) < 2:
-            raise DatasetError(f"{folder} has {len(dirs)} class folder ({names[0]!r}); a classifier needs at least 2")
+        if len(names) < 2:
+            raise DatasetError(f"{folder} has {len(names)} class folder ({names[0]!r}); a classifier needs at least 2")
         classes = names
     unknown = sorted(set(names) - set(classes))
     if unknown:
@@ -74,7 +94,7 @@ def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int
         if not found:
             raise DatasetError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         files += found
-        targets += [classes.index(d.name)] * len(found)
+        targets += [classes.index(class_name(d))] * len(found)
     return files, targets, classes
 
 

@@ -2,12 +2,13 @@
 
 Arrays: ``x`` images, (N, H, W) or (N, C, H, W) with C = 1 or 3 (or channels last, (N, H, W, C), as
 PIL, OpenCV and TensorFlow keep them: read so when C is 1 or 3 and the second axis is not), ``uint8`` (0..255),
-``uint16`` (0..65535) or floats in [0, 1] (finite: no NaN or Inf); or feature vectors (N, D), integers or finite floats of any scale, each feature
+``uint16`` (0..65535, in either byte order: FITS and MATLAB write big-endian ``>u2``) or floats in [0, 1] (finite: no
+NaN or Inf; wider unsigned pixels, ``uint32`` or ``uint64``, are refused: their depth is not what they hold); or feature vectors (N, D), integers or finite floats of any scale, each feature
 standardised by its mean and standard deviation on the training split (a tabular set's columns: one scale for all
 would let the widest drown the rest and hide the key, which is unit-variance noise for a non-image input); ``y`` integer labels in [0, K), shape (N,), K >= 2; without ``labels`` each
 class index 0..K-1 has a sample (1-based labels, codes with gaps: refused, not renumbered). Optional: ``x_test``
 and ``y_test``, the test split (else a fixed stratified 80/20 split, seed 0, whatever the ``seed`` argument, as for
-``imagefolder``); ``labels``, K class names (a string array; default "0" … "K-1"); ``layout``, the string
+``imagefolder``); ``labels``, K class names (a string array of distinct, non-blank names; default "0" … "K-1"); ``layout``, the string
 ``"signals"``: then ``x`` holds 1-D signals, (N, C, L) (or (N, L), one channel), integers or finite floats of any
 scale, each channel standardised over its length on the training split (an (N, C, L) array is otherwise read as
 (N, H, W) grayscale images, as it always was).
@@ -15,6 +16,7 @@ scale, each channel standardised over its length on the training split (an (N, C
 from __future__ import annotations
 
 import math
+import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
@@ -109,6 +111,12 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None, whole: bool 
         if not signals and dtype.kind not in ("uif" if len(shape) == 2 else "uf"):
             raise DatasetError(f"{path}: {xs} is {dtype}; expected " + (
                 "integer or float features" if len(shape) == 2 else "uint8 or uint16 pixels or floats in [0, 1]"))
+        if not signals and len(shape) > 2 and dtype.kind == "u" and dtype.itemsize > 2:
+            # a uint32 image's depth is not its values' (16-bit camera data kept in 32 bits): over 2**32 - 1, the
+            # pixels would be black; over 255, any scale is a guess. The owner knows it
+            raise DatasetError(f"{path}: {xs} holds {dtype.name} pixels; image pixels are uint8 (0..255), uint16 "
+                               "(0..65535) or floats in [0, 1]: send x.astype(np.uint16) if the values are 16-bit, "
+                               "else x / DEPTH as float32 (DEPTH: the largest value the sensor or format gives)")
         if len(yshape) != 1 or yshape[0] != shape[0]:
             raise DatasetError(f"{path}: {ys} has shape {list(yshape)}; expected ({shape[0]},), one label per image")
         if ydtype.kind not in "iu":
@@ -147,6 +155,7 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None, whole: bool 
     if labels is not None:
         if labels.ndim != 1 or labels.dtype.kind != "U" or len(labels) < classes:
             raise DatasetError(f"{path}: labels must be {classes} or more class names (a string array)")
+        _check_names(path, [str(s) for s in labels])
         classes = len(labels)  # the owner names every class: one with no sample here is theirs to declare
     else:
         _check_indices(path, np.unique(np.concatenate([y.astype(np.uint64) for y in ys])))  # all >= 0 here
@@ -171,6 +180,21 @@ def _signals(path: Path, arrays: dict) -> bool:
         raise DatasetError(f"{path}: layout {value[:40]!r} is not one this loader knows: \"signals\" (x holds (N, C, L) "
                            "signals); images and feature vectors need no layout")
     return True
+
+
+def _check_names(path: Path, names: list[str]) -> None:
+    """Class names are what a served model answers and what a prediction is read back by: none blank, no two alike
+    (in Unicode NFC: a composed and a decomposed "café" print the same)."""
+    blank = [i for i, s in enumerate(names) if not s.strip()]
+    if blank:
+        raise DatasetError(f"{path}: labels has {len(blank)} blank class name(s) (the first at index {blank[0]}): "
+                           "name every class")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(names):
+        j = seen.setdefault(unicodedata.normalize("NFC", s), i)
+        if j != i:
+            raise DatasetError(f"{path}: labels names two classes {s[:60]!r} (indices {j} and {i}): each class needs "
+                               "its own name, or a prediction cannot tell them apart")
 
 
 def _check_indices(path: Path, present: np.ndarray) -> None:
@@ -212,8 +236,11 @@ def _pixels(x: np.ndarray, signals: bool = False) -> np.ndarray:
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     if x.dtype.kind != "u":
         return x.astype(np.float32)
-    # over the pixels' depth, as a served 16-bit PNG is read (sdb_core.pixels): 0..65535 for uint16, else 0..255
-    return x.astype(np.float32) / (65535.0 if x.dtype == np.uint16 else 255.0)
+    # over the pixels' depth, as a served 16-bit PNG is read (sdb_core.pixels): 0..65535 for 2-byte pixels of either
+    # byte order ('>u2' is not np.uint16), 0..255 for bytes; wider ones describe_npz refused
+    if x.dtype.itemsize > 2:
+        raise DatasetError(f"{x.dtype.name} pixels: expected uint8, uint16 or floats in [0, 1]")
+    return x.astype(np.float32) / (65535.0 if x.dtype.itemsize == 2 else 255.0)
 
 
 @register_dataset

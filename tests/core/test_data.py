@@ -279,6 +279,38 @@ def test_imagefolder_mixed_modes_become_rgb(tmp_path):
     assert load_dataset(f"imagefolder:{tmp_path}").in_shape == (3, 32, 32)
 
 
+def test_imagefolder_skips_hidden_folders_and_archiver_junk_as_the_upload_check_does(tmp_path):
+    """Images under a hidden sub-folder (.thumbnails/) were counted as the class's, and a __MACOSX/ folder beside the
+    classes was taken for a class (refused as empty): the upload check skipped both."""
+    write_folder(tmp_path, per_class=5, classes={"cat": COLORS["cat"], "dog": COLORS["dog"]})
+    write_folder(tmp_path / "cat" / ".thumbnails", per_class=3, classes={"x": COLORS["dog"]})
+    write_folder(tmp_path / "dog" / "@eaDir", per_class=3, classes={"x": COLORS["cat"]})
+    (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "cat" / "._000.png").write_bytes(b"\0\5\26\7")
+    data = load_dataset(f"imagefolder:{tmp_path}")
+    assert data.labels == ["cat", "dog"] and len(data.train) + len(data.test) == 10
+    for x, y in zip(*data.train.tensors):  # no dog-coloured thumbnail labelled cat
+        color = torch.tensor(COLORS[data.labels[y]], dtype=torch.float32) / 255
+        assert torch.allclose(raw_pixels(data, x)[:, 5, 7], color, atol=1e-5)
+    from sdb_core.data.imagefolder import skipped  # the one rule, service.filechecks' too
+
+    assert [skipped(p) for p in ("__MACOSX/a/b.png", "a/.x/b.png", ".DS_Store", "a/b.png", "a.b/c.png")] == \
+        [True, True, True, False, False]
+
+
+def test_imagefolder_class_names_are_nfc_so_decomposed_and_composed_folders_match(tmp_path):
+    """macOS writes names decomposed (NFD): train/cafe\u0301 and test/caf\u00e9 were two classes, the test one refused."""
+    nfd, nfc = "cafe\u0301", "caf\u00e9"
+    write_folder(tmp_path / "train", per_class=3, classes={nfd: (10, 10, 10), "zebra": (200, 200, 200)})
+    write_folder(tmp_path / "test", per_class=1, classes={nfc: (10, 10, 10), "zebra": (200, 200, 200)})
+    data = load_dataset(f"imagefolder:{tmp_path}")
+    assert data.labels == [nfc, "zebra"] and data.test.tensors[1].tolist() == [0, 1]
+    (tmp_path / "train" / nfc).mkdir()  # both forms in one split: one class, as an upload unpacks them
+    Image.new("RGB", (12, 10), (10, 10, 10)).save(tmp_path / "train" / nfc / "x.png")
+    data = load_dataset(f"imagefolder:{tmp_path}")
+    assert data.labels == [nfc, "zebra"] and data.train.tensors[1].tolist() == [0, 0, 0, 0, 1, 1, 1]
+
+
 def test_imagefolder_errors(tmp_path):
     with pytest.raises(DatasetError, match="does not exist") as err:
         load_dataset(f"imagefolder:{tmp_path / 'missing'}")

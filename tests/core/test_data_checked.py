@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from sdb_core.data import DatasetError
-from sdb_core.protect import SDBConfig, train_box, wrap, wrap_nasty
+from sdb_core.protect import CheckConfig, SDBConfig, train_box, wrap, wrap_nasty
 from sdb_core.train import TrainConfig
 
 from ..signals import FeatureNet, feature_splits
@@ -85,3 +85,33 @@ def test_a_user_s_float64_splits_wrap_like_float32_ones():
     loose = _with(_with(data, x=lambda x: x.double(), y=lambda y: y.int()), "test", x=lambda x: x.double())
     r = train_box(teacher, loose, SDBConfig(train=TrainConfig(epochs=1, seed=0)))
     assert r.box.model(torch.zeros(1, 32)).dtype == torch.float32 and 0 <= r.report["public_acc"] <= 100
+
+
+def test_the_self_check_s_held_out_part_counts_the_classes_that_have_inputs():
+    """A 1000-output teacher wrapped on data of 4 of its classes held out max(1000, 15%) of the training inputs:
+    all but one per class, so the box was fitted on a handful."""
+    from sdb_core.protect.check import holdout
+
+    data = feature_splits(n=200, n_test=50)
+    wide = replace(data, num_classes=1000, labels=[f"c{i}" for i in range(1000)])
+    fit, val = holdout(wide, 0.15, 0)
+    assert (len(val), len(fit.train)) == (round(0.15 * 150), 150 - round(0.15 * 150))
+    assert sorted(set(val.tensors[1].tolist())) == [0, 1, 2, 3]  # still one or more of each class present
+
+
+def test_a_set_with_one_training_input_per_class_is_refused_in_words():
+    """It passed the upload, then failed every wrap, after training its teacher, as "data.test is empty: the box is
+    measured on it" (the held-out part was empty, not the test split)."""
+    from sdb_core.protect.check import holdout
+
+    data = feature_splits(n=200, n_test=50)
+    first = [int((data.train.tensors[1] == c).nonzero()[0]) for c in range(4)]
+    tiny = _with(data, x=lambda x: x[first], y=lambda y: y[first])
+    message = r"too few training inputs per class for the self-check's held-out part: 4 training input\(s\) in 4"
+    check = CheckConfig()
+    for run in (lambda: holdout(tiny, 0.15, 0), lambda: wrap_nasty(FeatureNet(), tiny, check=check),
+                lambda: wrap(FeatureNet(), tiny, SDBConfig(train=TrainConfig(epochs=1)), check=check)):
+        with pytest.raises(DatasetError, match=message):
+            run()
+    fit, val = holdout(_with(data, x=lambda x: x[first + first[:1]], y=lambda y: y[first + first[:1]]), 0.15, 0)
+    assert len(val) == 1 and len(fit.train) == 4  # one class with two: it gives one

@@ -46,6 +46,41 @@ def test_sixteen_bit_images_are_read_over_their_depth(tmp_path):
     assert torch.allclose(a.train.tensors[0], b.train.tensors[0], atol=1e-5)
 
 
+def test_big_endian_sixteen_bit_pixels_are_read_over_their_depth_and_wider_ones_refused(tmp_path):
+    """'>u2' pixels (FITS, MATLAB, network order) are not np.uint16: they were divided by 255, 257 times too bright;
+    uint32 and uint64 pixels passed the check and were divided by 255 too."""
+    eight = np.random.default_rng(0).integers(0, 256, (20, 1, 5, 5), dtype=np.uint8)
+    y = np.arange(20) % 2
+    a = load_dataset(f"npz:{write(tmp_path / 'a.npz', x=eight, y=y)}")
+    big = (eight.astype(np.uint16) * 257).astype(">u2")
+    b = load_dataset(f"npz:{write(tmp_path / 'b.npz', x=big, y=y)}")
+    assert np.allclose(a.mean, b.mean) and np.allclose(a.std, b.std)
+    assert torch.allclose(a.train.tensors[0], b.train.tensors[0], atol=1e-5)
+    for wide in (np.uint32, np.uint64, ">u4"):
+        path = write(tmp_path / "w.npz", x=eight.astype(wide), y=y)
+        words = r"uint(32|64) pixels; image pixels are uint8 .* x.astype\(np.uint16\)"
+        with pytest.raises(DatasetError, match=words):
+            describe_npz(path, whole=True)  # the upload's check
+        with pytest.raises(DatasetError, match=words):
+            load_dataset(f"npz:{path}")
+    # as features (N, D), any integer is a value of its own scale (standardised): still read
+    assert load_dataset(f"npz:{write(tmp_path / 'f.npz', x=eight.reshape(20, -1).astype(np.uint32), y=y)}").in_shape == (25,)
+
+
+@pytest.mark.parametrize("labels,words", [
+    (["cat", "dog", "cat"], r"names two classes 'cat' \(indices 0 and 2\)"),
+    (["caf\u00e9", "cafe\u0301"], r"names two classes .* \(indices 0 and 1\)"),  # one name, composed and decomposed
+    (["cat", "", "dog"], r"1 blank class name\(s\) \(the first at index 1\)"),
+    (["cat", "  "], r"blank class name"),
+], ids=["duplicate", "duplicate-nfd", "empty", "blank"])
+def test_class_names_must_be_distinct_and_not_blank(tmp_path, labels, words):
+    """Two classes of one name (or none) passed: a served prediction could not be told apart."""
+    path = write(tmp_path / "n.npz", x=np.zeros((10, 4, 4), np.uint8), y=np.arange(10) % 2, labels=np.array(labels))
+    for read in (lambda: describe_npz(path), lambda: load_dataset(f"npz:{path}")):
+        with pytest.raises(DatasetError, match=words):
+            read()
+
+
 def test_channels_last_images_are_read_as_pil_and_tensorflow_keep_them(tmp_path):
     rng = np.random.default_rng(0)
     first = rng.integers(0, 256, (10, 3, 5, 7), dtype=np.uint8)  # channels first, this loader's own form

@@ -199,6 +199,49 @@ async def test_uploaded_datasets_load_through_the_resolver(svc):
     assert load_dataset(dataset_name(store, svc.settings, key, r.json()["id"])).in_shape == (3, 16)
 
 
+def utf8_names_without_the_flag(members: dict[str, bytes]) -> bytes:
+    """A zip as macOS's Archive Utility and ditto write it: UTF-8 member names, the UTF-8 flag (bit 11) unset.
+    Written under ASCII stand-ins of the names' byte lengths, then the raw UTF-8 bytes patched in."""
+    stand_ins = {}
+    for name in members:
+        for part in name.split("/"):
+            if not part.isascii():
+                stand_ins.setdefault(part, f"{len(stand_ins):0{len(part.encode())}d}")
+    data = zip_of({"/".join(stand_ins.get(p, p) for p in n.split("/")): v for n, v in members.items()})
+    for real, stand_in in stand_ins.items():
+        data = data.replace(stand_in.encode(), real.encode())
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert not any(i.flag_bits & 0x800 for i in z.infolist()) and z.testzip() is None
+    return data
+
+
+async def test_dataset_zip_names_as_archivers_write_them(svc):
+    """UTF-8 names without the zip's UTF-8 flag (macOS) were read as cp437: the classes, and so a served model's
+    labels, became mojibake ('cafe╠ü'); macOS's decomposed names (NFD) did not match composed ones (NFC) of
+    another split. A README beside the one folder that wraps the classes made that folder the one class."""
+    token = svc.key(("jobs",))
+    h, key = svc.auth(token), api_key(svc, token)
+    from sdb_core.data import load_dataset
+
+    nfd, nfc = "cafe\u0301", "caf\u00e9"
+    mac = utf8_names_without_the_flag({f"pets/{s}/{c}/{i}.png": png() for s, form in (("train", nfd), ("test", nfc))
+                                       for c in (form, "\u65e5\u672c") for i in range(3)})
+    r = await upload(svc, h, mac, "dataset", "pets.zip")
+    assert r.status_code == 201 and r.json()["info"]["classes"] == [nfc, "\u65e5\u672c"], r.text
+    data = load_dataset(dataset_name(svc.app.state.store, svc.settings, key, r.json()["id"]), image_size=8)
+    assert data.labels == [nfc, "\u65e5\u672c"] and (len(data.train), len(data.test)) == (6, 6)
+    # cp437 names (an old Windows zip: 'é' is byte 0x82, not valid UTF-8) stay cp437
+    old = zip_of({f"{c}/{i}.png": png() for c in ("caf_", "dog") for i in range(3)}).replace(b"caf_", b"caf\x82")
+    r = await upload(svc, h, old, "dataset", "old.zip")
+    assert r.status_code == 201 and r.json()["info"]["classes"] == [nfc, "dog"], r.text
+    for loose in ({"README.md": b"pets"}, {"README.md": b"pets", ".DS_Store": b"", "labels.csv": b"cat\ndog"}):
+        r = await upload(svc, h, zip_of({**loose, **{f"pets/{c}/{i}.png": png() for c in ("cat", "dog")
+                                                     for i in range(3)}}), "dataset", "r.zip")
+        assert r.status_code == 201 and r.json()["info"]["classes"] == ["cat", "dog"], r.text
+        data = load_dataset(dataset_name(svc.app.state.store, svc.settings, key, r.json()["id"]), image_size=8)
+        assert data.labels == ["cat", "dog"]
+
+
 # ----------------------------------------------------------------------------- ownership
 @pytest.mark.usefixtures("db_url")  # SQLite and PostgreSQL
 async def test_files_belong_to_their_key(svc):
@@ -362,7 +405,11 @@ async def test_bad_npz(svc):
              (npz_bytes(x=x, y=y[:5]), ["one label per image"]),
              (npz_bytes(x=np.zeros((10, 5, 8, 8)), y=y), ["C 1 or 3"]),
              (npz_bytes(x=x, y=np.array([object()] * 10)), ["Python objects", "pickle"]),
-             (npz_bytes(x=x, y=-y), ["labels must be >= 0"])]
+             (npz_bytes(x=x, y=-y), ["labels must be >= 0"]),
+             # wider than 16 bits: divided by 255, not refused
+             (npz_bytes(x=x.astype(np.uint32), y=y), ["uint32 pixels", "uint16", "x.astype(np.uint16)"]),
+             (npz_bytes(x=x, y=y, labels=np.array(["cat", "cat"])), ["names two classes 'cat'"]),
+             (npz_bytes(x=x, y=y, labels=np.array(["cat", ""])), ["blank class name"])]
     for data, words in cases:
         await assert_refused(svc, h, data, "dataset", "invalid_dataset", words, "d.npz")
 
