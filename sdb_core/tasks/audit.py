@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..progress import Hooks
 from ..protect.config import AuditConfig
-from .refs import ModelRef, image_size_for
+from .refs import ModelRef, class_order, image_size_for
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ def load_target(ref: ModelRef, data, threads: int = 0):
     if classes and classes != data.num_classes:  # its answers cannot be scored against this set's labels
         raise ValueError(f"{ref.describe()} answers {classes} classes; the data set {data.name!r} has "
                          f"{data.num_classes}: audit it on a data set of its own classes")
+    order = class_order(target.meta.get("labels"), data, ref.describe())
+    if order is not None:  # its public outputs over the set's classes, in the set's order (as an attacker reads them)
+        from ..protect.attacks import PublicAPI, public_api
+
+        api = public_api(target)
+        return PublicAPI(lambda x: api._probs(x)[:, order], "probs", 3, api.lam, api.name)
     return target
 
 

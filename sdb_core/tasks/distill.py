@@ -9,7 +9,7 @@ from typing import Any
 
 from ..distill.config import DistillConfig
 from ..progress import Hooks
-from .refs import ModelRef, image_size_for
+from .refs import ModelRef, class_order, image_size_for
 
 
 @dataclass(frozen=True)
@@ -60,11 +60,14 @@ def bundle_teacher(path, master_key: bytes | None, keyed: bool, data=None) -> Ca
             raise ValueError(f"the teacher {bundle.name!r} takes inputs {takes} and answers {classes} classes; the data "
                              f"set {data.name!r} has inputs {list(data.in_shape)} and {data.num_classes} classes: "
                              "distil it on a data set of its own kind")
+    order = None if data is None else class_order(bundle.meta.get("labels"), data, f"the teacher {bundle.name!r}")
 
     def teacher(x: torch.Tensor) -> torch.Tensor:
         xs = x.detach().cpu().numpy()
         out = bundle.distill_logits(xs) if keyed else bundle.predict(xs)
         z = torch.from_numpy(out) if keyed else torch.log(torch.from_numpy(out).clamp_min(1e-8))
+        if order is not None:  # the set's classes, in its order
+            z = z[:, order]
         return z.to(x.device)
 
     return teacher

@@ -1,6 +1,7 @@
 """``ModelRef``: one way to name a model everywhere (a zoo architecture with weights, a bundle, a hosted model)."""
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -191,3 +192,25 @@ class ModelRef:
         if self.weights is not None and self.num_classes is not None and self.num_classes != data.num_classes:
             raise ValueError(f"the {role} answers {self.num_classes} classes (its num_classes) but the data set has "
                              f"{data.num_classes}: give weights trained on this set's classes, or its own data set")
+
+
+def _numbered(names: list[str]) -> bool:
+    return names == [str(i) for i in range(len(names))]
+
+
+def class_order(model_labels: list[str] | None, data, who: str) -> list[int] | None:
+    """Where each of the data set's classes is among the outputs of a model that names its classes (a bundle's
+    ``labels``): None when they are in the same order, or when either side only numbers them (nothing to tell).
+    The same names in another order give the reordering; other names are a ValueError, in words: a teacher or
+    target scored against a set whose classes are not its own taught its students nothing (0 % here, and an audit
+    verdict against scrambled labels), without an error."""
+    names = [unicodedata.normalize("NFC", str(n)) for n in model_labels or []]
+    ours = [unicodedata.normalize("NFC", str(n)) for n in data.labels]
+    if not names or names == ours or _numbered(names) or _numbered(ours):
+        return None
+    if sorted(names) == sorted(ours) and len(set(names)) == len(names):
+        return [names.index(c) for c in ours]
+    differ = sorted(set(ours) - set(names))[:5]
+    raise ValueError(f"{who} answers the classes {names[:10]}{' ...' if len(names) > 10 else ''}; the data set "
+                     f"{data.name!r} has {ours[:10]}{' ...' if len(ours) > 10 else ''} ({differ} not among its): use a "
+                     "data set of its own classes, named as its labels")

@@ -166,3 +166,44 @@ def test_a_target_answering_nan_is_refused_as_such(digits):
     api = PublicAPI(lambda x: torch.full((len(x), 10), float("nan")), name="broken")
     with pytest.raises(ValueError, match="broken answers NaN or Inf"):
         audit(api, digits, AuditConfig(**TINY, families=("kd",), seeds=(0,)))
+
+
+def test_a_bundle_meets_a_data_set_by_its_class_names_not_their_order(digits, box, tmp_path):
+    # A set with the bundle's class names in another order was taught and audited as if the orders agreed: a
+    # student at 0 %, a verdict against scrambled labels, and no error. It is read in the set's order now, and
+    # a set of other names is refused in words.
+    from dataclasses import replace
+
+    from torch.utils.data import TensorDataset
+
+    from sdb_core.tasks import ModelRef
+    from sdb_core.tasks.audit import load_target
+    from sdb_core.tasks.distill import bundle_teacher
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    master_key = new_master_key()
+    bundle = export_bundle(box, tmp_path / "b", name="named", in_shape=digits.in_shape, mean=digits.mean,
+                           std=digits.std, labels=words, master_key=master_key)
+    order = torch.tensor([9, 0, 8, 1, 7, 2, 6, 3, 5, 4])  # the set's class i is the bundle's order[i]
+    where = torch.argsort(order)  # the bundle's class c is the set's where[c]
+
+    def renamed(names, perm):
+        split = lambda t: TensorDataset(t.tensors[0], perm[t.tensors[1]])
+        return replace(digits, labels=names, train=split(digits.train), test=split(digits.test))
+
+    shuffled = renamed([words[i] for i in order], where)
+    x, y = shuffled.test.tensors
+    for keyed in (False, True):
+        as_is = bundle_teacher(bundle, master_key, keyed)(x)  # the bundle's order
+        assert torch.allclose(bundle_teacher(bundle, master_key, keyed, shuffled)(x), as_is[:, order])
+    target = load_target(ModelRef(bundle=str(bundle)), shuffled)
+    top = public_api(target)(x).argmax(1)
+    assert (top == y).float().mean() > 0.8  # scored against the set's own labels
+
+    other = renamed([f"class {i}" for i in range(10)], torch.arange(10))
+    for refuse in (lambda: bundle_teacher(bundle, None, False, other),
+                   lambda: load_target(ModelRef(bundle=str(bundle)), other)):
+        with pytest.raises(ValueError, match=r"answers the classes \['zero', 'one'.*use a data set of its own classes"):
+            refuse()
+    # a set that only numbers its classes tells nothing: taken as it is
+    assert bundle_teacher(bundle, None, False, digits) is not None
