@@ -69,6 +69,12 @@ def check_policy(policy: OutputPolicy | dict | None, meta: dict) -> OutputPolicy
     return policy
 
 
+def _release(store: Store, reservation: str | None) -> None:
+    """Give back the bytes a deploy that did not happen held (a version added took them over)."""
+    if reservation is not None:
+        store.release_file_bytes(reservation)
+
+
 def check_served_name(name: str, version: str | None = None) -> None:
     """422 unless ``name`` (and ``version``, where the bundle's own is kept: ``sdb models add``) is one the
     routes can name and the store can keep: letters, digits, ``.``, ``_``, ``-``, at most 100 characters."""
@@ -83,7 +89,8 @@ def check_served_name(name: str, version: str | None = None) -> None:
 
 def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer: str, actor: str,
                   name: str | None = None, policy: OutputPolicy | dict | None = None, shown: str = "bundle",
-                  host: ModelHost | None = None, job: tuple[str, str] | None = None, tenant: bool = False) -> ModelRow:
+                  host: ModelHost | None = None, job: tuple[str, str] | None = None, tenant: bool = False,
+                  capped: bool = False) -> ModelRow:
     """Blocking: serve the ``.sdb`` at ``src`` as the next version of ``name`` (default the bundle's own),
     for the key ``deployer`` (its id; ``actor`` goes to the audit log). With ``host`` this process serves it
     at once; every other process loads it on its first request for it.
@@ -94,7 +101,8 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
     stands for the bundle in messages: a server path is never in one.
 
     ``tenant``: a graph a non-admin key wrote, which may use the standard ONNX operators only
-    (:func:`service.filechecks.read_bundle`'s ``standard_ops``).
+    (:func:`service.filechecks.read_bundle`'s ``standard_ops``). ``capped``: the copy counts against the
+    deployer's storage cap (a non-admin key's), with its files: 413 ``storage_exceeded`` when it does not fit.
 
     ``job`` (id, worker): a job's deploy (``service.jobs.kinds.wrap.deploy``), made only while that worker
     still holds the job, checked in the transaction that adds the version; otherwise nothing stays and
@@ -113,13 +121,20 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
         refusal = store.deploy_refusal(name, deployer)  # early: no copy and no model time for a refused deploy
         if refusal is not None:
             raise refused(refusal)
+        size = Path(src).stat().st_size
+        # the copy counts against the deploying key's storage cap, held before it is made
+        reservation = files.reserve(store, settings, deployer, size, f"this {size}-byte bundle") if capped else None
     except ApiError as e:
         store.audit(actor, "model.refused", name or shown, e.message)
         raise
     try:
         target = copy_new(Path(src), settings.bundles_dir / name)
     except ApiError as e:  # no room for the copy (507)
+        _release(store, reservation)
         store.audit(actor, "model.refused", name, e.message)
+        raise
+    except BaseException:
+        _release(store, reservation)
         raise
     try:
         try:  # what is served is the copy: verified again, whole
@@ -133,17 +148,20 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
         if copied["files"] != meta["files"]:
             raise ApiError(400, "bundle_refused", "bundle refused: it changed while it was being deployed")
         try:
-            row = store.add_version(name, str(target.resolve()), deployer=deployer, job=job, **policy.model_dump())
+            row = store.add_version(name, str(target.resolve()), deployer=deployer, job=job, size=size,
+                                    reservation=reservation, **policy.model_dump())
         except DeployRefused as e:
             if e.code in _JOB_REFUSALS:
                 raise Cancelled(e.message) from None
             raise refused(e) from None
     except ApiError as e:
         discard(target)
+        _release(store, reservation)
         store.audit(actor, "model.refused", name, e.message)
         raise
     except BaseException:
         discard(target)
+        _release(store, reservation)
         raise
     store.audit(actor, "model.add", f"{row.name}@{row.version}", str(target))
     if host is not None:

@@ -248,11 +248,18 @@ def ingest(store: Store, settings: Settings, key: ApiKey, stage: Staging, got: R
 def _reserve(store: Store, settings: Settings, key: ApiKey, size: int, what: str | None = None) -> str:
     """Hold ``size`` bytes of the key's file storage cap while the upload is checked (exact under concurrency:
     :meth:`Store.reserve_file_bytes`); 413 when they do not fit (``what``: the bytes, as the message names them)."""
+    return reserve(store, settings, key.id, size, what or f"this {size}-byte file")
+
+
+def reserve(store: Store, settings: Settings, owner: str, size: int, what: str) -> str:
+    """Hold ``size`` bytes of key ``owner``'s storage cap (its files and the model versions it deployed, together);
+    413 ``storage_exceeded`` when they do not fit, naming ``what``."""
     cap = settings.max_file_storage_per_key
-    reservation, used = store.reserve_file_bytes(key.id, size, cap)
+    reservation, used = store.reserve_file_bytes(owner, size, cap)
     if reservation is None:
-        raise ApiError(413, "storage_exceeded", f"this key keeps {used} bytes of files and may keep {cap}: "
-                       f"{what or f'this {size}-byte file'} does not fit; delete some (DELETE /v1/files/{{id}}) first")
+        raise ApiError(413, "storage_exceeded", f"this key keeps {used} bytes of files and deployed models and may "
+                       f"keep {cap} (SDB_MAX_FILE_STORAGE_PER_KEY): {what} does not fit; delete some files "
+                       "(DELETE /v1/files/{id}) or model versions (DELETE /v1/models/{name}) first")
     return reservation
 
 

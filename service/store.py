@@ -58,6 +58,14 @@ __all__ = ["JOB_DONE", "MIGRATIONS", "ApiKeyRow", "AuditRow", "Base", "DeployRef
 RESERVATION_TTL_S = 6 * 3600
 
 
+
+def _kept_by(owner: str):
+    """The bytes ``owner`` keeps, as one SQL expression: its files' and the copies of the model versions it
+    deployed (a deploy key filled the disk with versions while its files were capped)."""
+    files = select(func.coalesce(func.sum(FileRow.size), 0)).where(FileRow.owner == owner).scalar_subquery()
+    models = select(func.coalesce(func.sum(ModelRow.bytes), 0)).where(ModelRow.deployer == owner).scalar_subquery()
+    return files + models
+
 class StoreUnavailable(ValueError):
     """The store cannot be opened: a bad URL, a host that does not answer, a file that is not a database."""
 
@@ -197,7 +205,7 @@ class Store:
 
     def add_version(self, name: str, path: str, *, deployer: str | None, version: str | None = None,
                     policy: str = "probs", top_k: int | None = None, decimals: int | None = None,
-                    job: tuple[str, str] | None = None) -> ModelRow:
+                    job: tuple[str, str] | None = None, size: int = 0, reservation: str | None = None) -> ModelRow:
         """Register ``path`` as a version of ``name``, in one transaction that also checks the deployer.
 
         ``deployer`` is the deploying key's id, read here with the name: an admin key deploys under any
@@ -212,11 +220,17 @@ class Store:
         requeued (its record keeps what it served, whatever the worker does next).
         Raises :class:`DeployRefused` (``model_not_owned``, ``key_invalid``, ``model_exists``, ``job_lost``,
         ``job_cancelled``).
+
+        ``size``: the copy's bytes, counted against ``deployer``'s storage cap from now on; ``reservation``: the
+        bytes it held while the copy was made and checked (:meth:`reserve_file_bytes`), which become the version's.
         """
         for attempt in range(3):
             try:
                 with self.session.begin() as s:
-                    return self._add_version(s, name, path, deployer, version, policy, top_k, decimals, job)
+                    row = self._add_version(s, name, path, deployer, version, policy, top_k, decimals, job, size)
+                    if reservation is not None:
+                        s.execute(delete(FileReservationRow).where(FileReservationRow.id == reservation))
+                    return row
             except IntegrityError:
                 if attempt == 2:
                     break
@@ -253,7 +267,7 @@ class Store:
 
     def _add_version(self, s: Session, name: str, path: str, deployer: str | None, version: str | None,
                      policy: str, top_k: int | None, decimals: int | None,
-                     job: tuple[str, str] | None = None) -> ModelRow:
+                     job: tuple[str, str] | None = None, size: int = 0) -> ModelRow:
         now = time.time()
         if s.get_bind().dialect.name == "sqlite":
             s.connection().exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before the first read
@@ -274,7 +288,7 @@ class Store:
         if version.isdigit():
             claim.last_version = max(claim.last_version, int(version))
         row = ModelRow(name=name, version=version, path=path, added_at=now, policy=policy, top_k=top_k,
-                       decimals=decimals)
+                       decimals=decimals, deployer=deployer, bytes=size)
         s.add(row)
         return row
 
@@ -389,9 +403,10 @@ class Store:
                 s.execute(delete(FileReservationRow).where(FileReservationRow.id.in_(reservations)))
 
     def file_bytes(self, owner: str) -> int:
-        """The bytes of every file ``owner`` keeps (its storage cap counts them)."""
+        """The bytes of every file ``owner`` keeps and of every model version it deployed (its storage cap counts
+        them)."""
         with self.session() as s:
-            return int(s.scalar(select(func.coalesce(func.sum(FileRow.size), 0)).where(FileRow.owner == owner)))
+            return int(s.scalar(select(_kept_by(owner))))
 
     def reserve_file_bytes(self, owner: str, size: int, cap: int) -> tuple[str | None, int]:
         """Hold ``size`` bytes of ``owner``'s file storage for an upload being checked: (reservation id, bytes
@@ -409,9 +424,9 @@ class Store:
                 s.execute(select(ApiKeyRow.id).where(ApiKeyRow.id == owner).with_for_update())
             r = FileReservationRow
             s.execute(delete(r).where(r.owner == owner, r.created_at < now - RESERVATION_TTL_S))
-            kept = select(func.coalesce(func.sum(FileRow.size), 0)).where(FileRow.owner == owner).scalar_subquery()
             held = select(func.coalesce(func.sum(r.bytes), 0)).where(r.owner == owner).scalar_subquery()
-            used = int(s.scalar(select(kept + held)))  # one statement: a file and the reservation it was, never both
+            used = int(s.scalar(select(_kept_by(owner) + held)))  # one statement: a file (or version) and the
+            # reservation it was, never both
             if used + size > cap:
                 return None, used
             row = r(id=secrets.token_hex(12), owner=owner, bytes=size, created_at=now)

@@ -63,6 +63,10 @@ class ModelRow(Base):
     policy: Mapped[str] = mapped_column(String(16), default="probs", server_default="probs")  # probs|top_k|label
     top_k: Mapped[int | None] = mapped_column(Integer, nullable=True)  # k of the top_k policy
     decimals: Mapped[int | None] = mapped_column(Integer, nullable=True)  # rounding of served probabilities
+    # the key that deployed this version (NULL: the admin CLI, or a version older than this column) and the bytes
+    # of its copy: a key's storage cap counts them with its files
+    deployer: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class ModelNameRow(Base):
@@ -224,8 +228,17 @@ def _v7(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE jobs ADD COLUMN charged_samples INTEGER")
 
 
+def _v8(conn: Connection) -> None:
+    """Each version's deployer and bytes (NULL and 0 for versions older than this step: counted against no key)."""
+    have = {c["name"] for c in inspect(conn).get_columns("models")}
+    if "deployer" not in have:
+        conn.exec_driver_sql("ALTER TABLE models ADD COLUMN deployer VARCHAR(32)")
+    if "bytes" not in have:
+        conn.exec_driver_sql("ALTER TABLE models ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0")
+
+
 # Append a step to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
 
 
 # Any constant: the PostgreSQL advisory lock that serialises migrations across processes and hosts.

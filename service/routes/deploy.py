@@ -63,7 +63,8 @@ _DOC = {"requestBody": {"required": True, "content": {
 _ERRORS = {**ok(MODEL_EXAMPLE, 201), **responses(400, *AUTH, 404, 409, 413, 415, 507, why={
     400: "the bundle failed verification, or a malformed body", 404: "no such file for this key",
     403: "the key lacks the deploy scope, or the name is another key's (model_not_owned)",
-    409: "that version was registered meanwhile", 413: "over the upload limit (SDB_MAX_FILE_BYTES)",
+    409: "that version was registered meanwhile", 413: "over the upload limit (SDB_MAX_FILE_BYTES), or past the key's storage cap "
+         "(storage_exceeded: its files and deployed versions, SDB_MAX_FILE_STORAGE_PER_KEY)",
     415: "neither multipart nor JSON", 422: "a bad field, a server path, or a file of another purpose"})}
 
 
@@ -93,7 +94,7 @@ async def deploy(request: Request, key: DeployKeyDep, host: ModelHostDep, store:
 
     def serve(path, shown: str, name: str | None, policy: dict):
         return deploy_bundle(settings, store, path, deployer=key.id, actor=key.id, name=name, policy=policy,
-                             shown=shown, host=host, tenant=not key.grants("admin"))
+                             shown=shown, host=host, tenant=not key.grants("admin"), capped=not key.grants("admin"))
 
     if media == MULTIPART:
         async with files.Staging(settings.files_dir) as stage:

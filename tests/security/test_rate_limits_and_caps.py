@@ -228,3 +228,30 @@ def test_a_wait_under_a_second_is_said_in_milliseconds():
     assert e.message == "this key is over 200 requests/s; retry in 5 ms"
     assert e.headers == {"Retry-After": "1", "Retry-After-Ms": "5"}
     assert RateLimiter(0.2, 3).refusal(4.2, "this key").headers == {"Retry-After": "5", "Retry-After-Ms": "4200"}
+
+
+async def test_the_versions_a_key_deploys_count_with_its_files(tmp_path, bundles):
+    """Every deploy is a copy in the data dir: a deploy key under a file cap of 4 KB filled the disk with versions
+    (20 of them, and upload → deploy → delete the upload, with no end). They count with its files now."""
+    from tests.service.conftest import sdb_bytes
+
+    body = sdb_bytes(bundles.a)
+    async for svc in _service(tmp_path, bundles, max_file_storage_per_key=len(body) + len(png(0)) + 100):
+        c, h = svc.client, svc.auth(svc.key(("deploy", "jobs")))
+
+        def deploy(name: str, headers: dict):
+            return c.post("/v1/models", headers=headers, files={"file": ("b.sdb", body)}, data={"name": name})
+
+        assert (await deploy("mine-1", h)).status_code == 201
+        r = await deploy("mine-2", h)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "storage_exceeded", r.text
+        assert "deployed models" in r.json()["error"]["message"]
+        assert (await c.get("/v1/models/mine-2", headers=h)).status_code == 404  # nothing served, nothing kept
+        assert not (tmp_path / "data" / "bundles" / "mine-2").exists()
+        assert (await upload_image(c, h, 1)).status_code == 201  # the files' share still fits beside the version
+        assert (await upload_image(c, h, 2)).status_code == 413
+        assert (await c.delete("/v1/models/mine-1", headers=h)).status_code == 200  # removing it frees its bytes
+        assert (await deploy("mine-2", h)).status_code == 201
+        # an admin key has no cap, as for files
+        admin = svc.auth(svc.key(("admin",)))
+        assert [(await deploy(f"admins-{i}", admin)).status_code for i in range(3)] == [201] * 3

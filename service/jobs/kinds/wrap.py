@@ -126,7 +126,8 @@ def deploy(ctx, bundle, name: str, output_policy=None) -> dict:
     if ctx.key_stop is not None or ctx.failure is not None or ctx.cancel.is_set():
         raise Cancelled(ctx.key_stop or ctx.failure or "cancelled before deploying")
     row = deploy_bundle(ctx.settings, ctx.queue.store, bundle, deployer=ctx.job.owner, actor=f"job:{ctx.job.id}",
-                        name=name, policy=output_policy, shown="bundle.sdb", job=(ctx.job.id, ctx.worker))
+                        name=name, policy=output_policy, shown="bundle.sdb", job=(ctx.job.id, ctx.worker),
+                        capped=ctx.key is not None and not ctx.key.grants("admin"))
     ctx.log(f"deployed {row.name} version {row.version}")
     # every API process serves it from now on (loaded on its first request); where the bundle lies is the
     # server's business (the store and audit log have it)
