@@ -103,7 +103,7 @@ class Reply:
 class StubApp:
     """A real ASGI app: ``on(method, path, *replies)`` scripts the answers (the last one
     repeats); ``hits[(method, path)]`` counts requests; ``seen`` keeps their headers (and
-    the query string as ``":query"``) and bodies."""
+    the query string as ``":query"``, the client's port as ``":client"``) and bodies."""
 
     def __init__(self):
         self.reset()
@@ -133,6 +133,7 @@ class StubApp:
         self.hits[key] += 1
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         headers[":query"] = scope.get("query_string", b"").decode()
+        headers[":client"] = str((scope.get("client") or ("", 0))[1])  # the connection's port: which socket sent it
         self.seen[key].append((headers, body))
         replies = self.routes.get(key) or [Reply(404, {"error": {"code": "not_found", "message": "no route"}})]
         reply = replies[min(self.hits[key], len(replies)) - 1]

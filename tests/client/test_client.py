@@ -158,9 +158,9 @@ def test_errors_from_the_real_service(sdb_server):
         with pytest.raises(BadRequest) as bad:
             c.distill_logits(MODEL, np.zeros((2, 3, 5, 5), np.float32))
         assert (bad.value.status, bad.value.code) == (422, "invalid_shape")
-        with pytest.raises(BadRequest) as bad:
+        with pytest.raises(ConfigurationError) as bad:  # refused before the request (and its quota)
             c.distill(MODEL, x, temperature=-1.0)
-        assert bad.value.status == 422
+        assert bad.value.status is None and bad.value.code == "invalid_option"
         with pytest.raises(PermissionDenied):
             c.keys.list()  # admin scope
 
@@ -189,6 +189,31 @@ def test_quota_error_is_raised_without_waiting_an_hour(sdb_server):
         with pytest.raises(QuotaError) as info:
             c.distill_logits(MODEL, sdb_server.bundles.x[:1])
     assert info.value.status == 429 and info.value.code == "quota_exceeded" and info.value.retry_after > 60
+
+
+@pytest.mark.anyio
+async def test_a_quota_spent_part_way_gives_back_the_rows_answered(sdb_server, keyed, stub):
+    """The batches answered before the quota ran out were charged, then thrown away with the error: they now go
+    with it, as ``partial`` (the first ``partial_rows`` inputs' logits), and no batch is sent after the error."""
+    x = np.random.default_rng(5).normal(size=(200, 1, 8, 8)).astype(np.float32)
+    with Client(sdb_server.url, sdb_server.key(("distill",), quota=100), batch_size=32) as c, \
+            pytest.raises(QuotaError) as info:
+        c.distill_logits(MODEL, x, 2.0)
+    assert info.value.partial_rows == 96
+    np.testing.assert_allclose(info.value.partial, keyed(x[:96]) / 2.0, atol=1e-4)
+    token = sdb_server.key(("distill",), quota=100)
+    async with AsyncClient(sdb_server.url, token, batch_size=32, max_concurrency=1) as ac:
+        with pytest.raises(QuotaError) as info:
+            await ac.distill(MODEL, x)
+    assert info.value.partial_rows == 96
+    np.testing.assert_allclose(info.value.partial, keyed(x[:96]), atol=1e-4)
+    refused = Reply(429, {"error": {"code": "quota_exceeded", "message": "spent"}})
+    stub.on(*DISTILL_ROUTE, *[Reply(200, {"model": "m", "version": "1", "logits": [[0.0, 1.0]]})] * 2, refused)
+    stub.on("GET", "/v1/models/m", Reply(200, {"name": "m", "input": {"shape": [2]}}))
+    async with AsyncClient(stub.url, STUB_KEY, batch_size=1, max_concurrency=1) as ac:
+        with pytest.raises(QuotaError) as info:
+            await ac.distill_logits("m", np.zeros((8, 2), np.float32))
+    assert info.value.partial_rows == 2 and stub.hits[DISTILL_ROUTE] == 3  # not the 8 batches
 
 
 # --------------------------------------------------------------------------- AsyncClient
@@ -286,9 +311,8 @@ def test_binary_errors_map_like_json(sdb_server):
             with pytest.raises(BadRequest) as bad:
                 c.distill_logits(MODEL, np.full((1, 1, 8, 8), 1e39, np.float64))  # Inf as float32
             assert bad.value.code == "non_finite"
-            with pytest.raises(BadRequest) as bad:
+            with pytest.raises(ConfigurationError):  # the SDK's check, in either encoding, before any request
                 c.distill(MODEL, x, temperature=-1.0)
-            assert bad.value.status == 422
         with Client(sdb_server.url, sdb_server.predict_key, encoding=encoding) as c, \
                 pytest.raises(PermissionDenied):
             c.distill_logits(MODEL, x)
@@ -436,6 +460,57 @@ def test_integer_pixel_arrays_are_refused_not_answered(stub):
         assert stub.hits[DISTILL_ROUTE] == 1
 
 
+def test_integer_arrays_inside_lists_are_refused_too(stub):
+    """Only a bare array or tensor was checked: a list of uint8 frames, of uint8 tensors, of PIL images or of bool
+    masks went out as 0-255 floats and was answered. Plain Python numbers in nested lists are taken as they are."""
+    import torch
+    from PIL import Image
+
+    stub.on(*DISTILL_ROUTE, Reply(200, {"model": "m", "version": "1", "logits": [[0.0, 1.0]]}))
+    pixels = np.random.default_rng(0).integers(0, 256, size=(2, 1, 8, 8)).astype(np.uint8)
+    lists = (list(pixels), [torch.from_numpy(p) for p in pixels], [Image.fromarray(pixels[0, 0])],
+             list(pixels > 0), [[pixels[0]]], (pixels[0], pixels[1]))
+    with Client(stub.url, STUB_KEY) as c, RemoteTeacher(c, "m") as teacher:
+        for inputs in lists:
+            with pytest.raises(BadRequest) as info:
+                c.distill_logits("m", inputs)
+            assert info.value.code == "invalid_dtype"
+            with pytest.raises(BadRequest):
+                c.predict("m", inputs)
+            with pytest.raises(BadRequest) as info:
+                teacher(inputs)
+            assert info.value.code == "invalid_dtype"
+        assert stub.hits[DISTILL_ROUTE] == 0
+        c.distill_logits("m", [pixels[0].astype(np.float32)])  # float arrays in a list are fine
+        c.distill_logits("m", [[[0, 1]]])
+        assert stub.hits[DISTILL_ROUTE] == 2
+
+
+@pytest.mark.anyio
+async def test_unusable_temperatures_and_batch_sizes_are_refused_before_any_request(stub):
+    """temperature 0/-1/NaN/Inf raised a plain ValueError after the request (its quota spent) or gave zeros;
+    batch_size -1 dropped every sample from predict, blamed the server in distill, gave nothing from iter_batches."""
+    stub.on(*DISTILL_ROUTE, Reply(200, {"model": "m", "version": "1", "logits": [[0.0, 1.0]]}))
+    x = np.zeros((3, 2), np.float32)
+    with Client(stub.url, STUB_KEY) as c, RemoteTeacher(c, "m") as teacher:
+        for t in (0, -1.0, float("nan"), float("inf"), "4"):
+            for call in (lambda t=t: c.distill_logits("m", x, t), lambda t=t: c.distill("m", x, temperature=t),
+                         lambda t=t: teacher.soft_targets(x, temperature=t), lambda t=t: RemoteTeacher(c, "m", t)):
+                with pytest.raises(ConfigurationError, match="temperature"):
+                    call()
+        for n in (0, -1, 2.5):
+            for call in (lambda n=n: c.predict("m", x, batch_size=n), lambda n=n: c.distill("m", x, batch_size=n),
+                         lambda n=n: list(teacher.iter_batches(x, batch_size=n)),
+                         lambda n=n: RemoteTeacher(c, "m", None, n)):
+                with pytest.raises(ConfigurationError, match="batch_size"):
+                    call()
+    async with AsyncClient(stub.url, STUB_KEY) as ac:
+        for call in (ac.distill_logits("m", x, 0.0), ac.distill("m", x, float("nan")), ac.predict("m", x, batch_size=-1)):
+            with pytest.raises(ConfigurationError):
+                await call
+    assert stub.hits[DISTILL_ROUTE] == 0 and stub.hits[("POST", "/v1/models/m/predict")] == 0
+
+
 def test_predict_takes_image_bytes_and_pil_images(client, sdb_server, tmp_path):
     from PIL import Image
 
@@ -538,3 +613,65 @@ async def test_answers_the_sdk_cannot_read_are_sdk_errors_not_python_ones(stub, 
             out = calls[call](ac)
             await out
         assert info.value.code == "malformed_answer", info.value
+
+
+def test_a_forked_child_makes_its_own_connections(stub):
+    """A Client used before a fork (a multiprocessing Pool, DataLoader workers) left its keep-alive socket to the
+    children: processes on one socket read each other's answers (23 of 512 requests got another worker's logits).
+    A child now connects anew, and leaves the parent's connection open for the parent."""
+    import multiprocessing
+
+    stub.on("GET", "/v1/models", Reply(200, {"models": []}))
+    with Client(stub.url, STUB_KEY) as c:
+        c.models()
+        child = multiprocessing.get_context("fork").Process(target=c.models)
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        c.models()
+    parent, forked, again = (h[":client"] for h, _ in stub.seen[("GET", "/v1/models")])
+    assert forked != parent and again == parent
+
+
+def test_an_async_client_outlives_its_event_loop(sdb_server):
+    """A second asyncio.run() with the same AsyncClient raised RuntimeError 'Event loop is closed': the connections of
+    the first loop are left, and the second opens its own."""
+    import asyncio
+
+    c = AsyncClient(sdb_server.url, sdb_server.distill_key)
+    for _ in range(2):
+        assert asyncio.run(c.distill_logits(MODEL, sdb_server.bundles.x[:2])).shape == (2, 10)
+    asyncio.run(c.aclose())
+
+
+def test_a_client_pickles_for_spawned_workers(sdb_server):
+    """A spawn DataLoader pickles its dataset, teacher and client: that raised TypeError (a lock, a socket)."""
+    import pickle
+
+    with Client(sdb_server.url, sdb_server.distill_key, batch_size=7, max_retries=1) as c:
+        copy = pickle.loads(pickle.dumps(c.with_options(encoding="json")))
+        assert (copy.base_url, copy.options) == (c.base_url, c.options.__class__.make(None, 1, 7, encoding="json"))
+        assert copy.has_key and sdb_server.distill_key not in repr(copy)
+        np.testing.assert_array_equal(copy.distill_logits(MODEL, sdb_server.bundles.x[:3]),
+                                      c.distill_logits(MODEL, sdb_server.bundles.x[:3]))
+        copy.close()
+
+
+def test_a_folder_upload_follows_linked_class_folders(admin, sdb_server, tmp_path):
+    """A class folder that is a symbolic link was left out of a folder upload, silently (rglob does not descend into
+    one), where the local ImageFolder loader reads it; a link back to a folder above is refused, not followed."""
+    x = sdb_server.bundles.x
+    for i, cls in enumerate(("zero", "one", "elsewhere/two")):
+        (tmp_path / cls).mkdir(parents=True)
+        for j in range(3):
+            write_png(tmp_path / cls / f"{j}.png", x[(3 * i + j) % len(x)])
+    folder = tmp_path / "set"
+    folder.mkdir()
+    for cls in ("zero", "one"):
+        (tmp_path / cls).rename(folder / cls)
+    (folder / "two").symlink_to(tmp_path / "elsewhere" / "two", target_is_directory=True)
+    info = admin.files.upload(folder, "dataset")["info"]
+    assert info["classes"] == ["one", "two", "zero"] and info["images"] == 9
+    (folder / "one" / "up").symlink_to(folder, target_is_directory=True)
+    with pytest.raises(BadRequest, match="links back"):
+        admin.files.upload(folder, "dataset")

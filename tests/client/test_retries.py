@@ -170,3 +170,55 @@ def test_each_retry_wait_is_logged(stub, caplog):
           pytest.raises(APIConnectionError, match="cannot reach")):
         c.models()
     assert ["ConnectError" in r.getMessage() for r in caplog.records if r.name == "sdb_client"] == [True]
+
+
+@pytest.mark.anyio
+async def test_a_distill_batch_is_not_resent_after_a_503_given_once_charged(stub):
+    """model_out_of_memory / model_timeout / model_unavailable come after the keyed path charged the quota: a resend
+    charged one 1,024-sample call 4,096 samples and answered none. A 503 given before any charge is resent."""
+    for code in ("model_out_of_memory", "model_timeout", "model_unavailable"):
+        stub.reset()
+        stub.on(*DISTILL, err(503, code, retry_after="0"), OK_LOGITS)
+        with Client(stub.url, KEY) as c, pytest.raises(ServerError) as info:
+            c.distill_logits("m", [[0.0, 0.0]])
+        assert info.value.code == code and stub.hits[DISTILL] == 1  # sent once
+        stub.reset()
+        stub.on(*DISTILL, err(503, code, retry_after="0"), OK_LOGITS)
+        async with AsyncClient(stub.url, KEY) as ac:
+            with pytest.raises(ServerError):
+                await ac.distill_logits("m", [[0.0, 0.0]], encoding="json")
+        assert stub.hits[DISTILL] == 1
+    for code in ("key_store_unavailable", "not_ready"):
+        stub.reset()
+        stub.on(*DISTILL, err(503, code, retry_after="0"), OK_LOGITS)
+        with Client(stub.url, KEY) as c:
+            assert c.distill_logits("m", [[0.0, 0.0]]).shape == (1, 2)
+        assert stub.hits[DISTILL] == 2
+    stub.on(*MODELS, err(503, "model_timeout", retry_after="0"), OK_MODELS)  # a read is resent whatever the code
+    with Client(stub.url, KEY) as c:
+        assert c.models() == [{"name": "m"}]
+
+
+@pytest.mark.anyio
+async def test_rate_limited_is_waited_out_within_a_time_budget(stub, monkeypatch):
+    """Threads sharing a key each got the same few-ms Retry-After-Ms and gave up after 3 retries (48 of 90 calls
+    raised): a rate limit is now waited out, with jitter, within RATE_LIMIT_WAIT_MAX_S, past max_retries."""
+    limited = err(429, "rate_limited", retry_after="1", retry_after_ms="2")
+    stub.on(*DISTILL, *[limited] * 6, OK_LOGITS)
+    with Client(stub.url, KEY) as c:
+        assert c.distill_logits("m", [[0.0, 0.0]]).shape == (1, 2)
+    assert stub.hits[DISTILL] == 7
+    stub.reset()
+    stub.on(*DISTILL, *[limited] * 6, OK_LOGITS)
+    async with AsyncClient(stub.url, KEY) as ac:
+        assert (await ac.distill_logits("m", [[0.0, 0.0]])).shape == (1, 2)
+    stub.reset()
+    stub.on(*DISTILL, limited)
+    with Client(stub.url, KEY, max_retries=0) as c, pytest.raises(QuotaError):  # no retries asked for: none
+        c.distill_logits("m", [[0.0, 0.0]])
+    assert stub.hits[DISTILL] == 1
+    monkeypatch.setattr("sdb_client._base.RATE_LIMIT_WAIT_MAX_S", 0.2)
+    t0 = time.monotonic()
+    with Client(stub.url, KEY) as c, pytest.raises(QuotaError) as info:  # bounded in time, not for ever
+        c.distill_logits("m", [[0.0, 0.0]])
+    assert info.value.code == "rate_limited" and time.monotonic() - t0 < 2 and stub.hits[DISTILL] > 4

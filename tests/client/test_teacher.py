@@ -103,3 +103,52 @@ def test_iter_batches_without_prefetch(sdb_server, keyed):
         assert t.requests == 1
         rest = list(it)
     assert len(rest) == 2 and t.requests == 3
+
+
+def test_a_teacher_used_before_a_fork_answers_in_the_child(sdb_server, keyed):
+    """A DataLoader worker (fork) of a teacher that had prefetched hung for ever: its thread pool came without its
+    threads. The child now makes its own pool and connections, and gets the same logits."""
+    import multiprocessing
+
+    x = inputs(64, seed=3)
+    with Client(sdb_server.url, sdb_server.distill_key) as c, RemoteTeacher(c, MODEL, batch_size=16) as t:
+        np.testing.assert_allclose(t(x[:40]), keyed(x[:40]), atol=1e-4)  # 3 requests through the prefetch pool
+
+        def child() -> None:
+            raise SystemExit(0 if np.allclose(t(torch.from_numpy(x)).numpy(), keyed(x), atol=1e-4) else 3)
+
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(30)
+        if proc.exitcode is None:
+            proc.kill()
+        assert proc.exitcode == 0
+        np.testing.assert_allclose(t(x), keyed(x), atol=1e-4)  # the parent's pool and connection still work
+
+
+def test_a_teacher_pickles_for_spawned_workers(sdb_server, keyed):
+    import pickle
+
+    x = inputs(40, seed=4)
+    with Client(sdb_server.url, sdb_server.distill_key) as c, RemoteTeacher(c, MODEL, 2.0, batch_size=16) as t:
+        copy = pickle.loads(pickle.dumps(t))
+        assert repr(copy) == repr(t) and sdb_server.distill_key not in repr(copy)
+        np.testing.assert_allclose(copy(x), keyed(x), atol=1e-4)
+        copy.close()
+        copy.client.close()
+
+
+def test_a_quota_spent_part_way_gives_back_the_rows_answered(sdb_server, keyed):
+    """The teacher's batches answered before the quota ran out go with the error (``partial``), not away."""
+    from sdb_client import BadRequest, QuotaError
+
+    x = inputs(200, seed=5)
+    with Client(sdb_server.url, sdb_server.key(("distill",), quota=100)) as c, \
+            RemoteTeacher(c, MODEL, batch_size=32) as t:
+        with pytest.raises(QuotaError) as info:
+            t(x)
+        assert info.value.partial_rows == 96
+        np.testing.assert_allclose(info.value.partial, keyed(x[:96]), atol=1e-4)
+        with pytest.raises(BadRequest) as bad:  # as the Client says it, not numpy's ValueError
+            t(np.zeros((0, 1, 8, 8), np.float32))
+        assert bad.value.code == "invalid_shape"

@@ -46,6 +46,12 @@ BACKOFF_INITIAL_S = 0.25  # first wait; doubles per attempt, with jitter
 BACKOFF_MAX_S = 8.0
 RETRY_AFTER_MAX_S = 60.0  # a Retry-After longer than this is not waited for: the error is raised
 RETRY_STATUSES = frozenset({429, 503})
+# A 429 rate_limited (requests/s, not the quota) is waited out within this many seconds in all, whatever
+# max_retries says: clients sharing a key contend, and each wait is a few ms (docs/sdk.md#batches-timeouts-retries).
+RATE_LIMIT_WAIT_MAX_S = RETRY_AFTER_MAX_S
+# 503 codes the server gives before it charges a key or runs the model: a distill batch (not idempotent) is resent
+# only after these; model_timeout, model_out_of_memory and model_unavailable come after the quota's charge.
+NOTHING_CHARGED_503 = frozenset({"not_ready", "key_store_unavailable"})
 
 DEFAULT_BATCH_SIZE = 256  # samples per request: below the server's default 1,024 and 8 MB limits
 # Tensors travel as .npy (application/x-npy) by default: about a fifth of JSON's bytes, and no float
@@ -65,6 +71,8 @@ KEY_RE = re.compile(r"sdb_[0-9a-f]{12}_[0-9a-f]{64}")
 _KEY_LIKE = re.compile(r"(sdb_[0-9a-f]{12}_)[0-9a-f]{4,}")  # for scrubbing any text we show
 
 Inputs = np.ndarray | Sequence[Any]
+# http clients a forked child inherited from its parent: kept, never closed (closing could end the parent's connections)
+FORKED: list[Any] = []
 Images = Any  # an image file's path, a PNG/JPEG file's bytes or a PIL image, or a list of them
 
 
@@ -270,17 +278,29 @@ def retry_after(headers: Mapping[str, str] | None) -> float | None:
 
 def retry_delay(attempt: int, max_retries: int, *, status: int | None = None,
                 headers: Mapping[str, str] | None = None, error: BaseException | None = None,
-                idempotent: bool = True) -> float | None:
+                idempotent: bool = True, code: str | None = None, waited: float = 0.0,
+                charged: bool = False) -> float | None:
     """The one place that decides: seconds to wait before resending, or None to give up.
 
     - transport errors: retried if the request never left (connect), or if resending it is
       harmless (``idempotent``; not for key creation or job submission);
-    - 503: retried, after Retry-After if the server gave one, else with backoff;
+    - 503: retried, after Retry-After if the server gave one, else with backoff; a request the server
+      ``charged`` a quota for before it ran the model (a distill batch) only when its ``code`` says nothing was
+      charged (``NOTHING_CHARGED_503``);
     - 429: retried only after the Retry-After the server gave (a quota window refills);
-      without one the quota is a lifetime quota and waiting will not help;
+      without one the quota is a lifetime quota and waiting will not help; a ``rate_limited`` one, while
+      ``waited`` (seconds already waited by this request) stays within ``RATE_LIMIT_WAIT_MAX_S``, with jitter,
+      past ``max_retries`` (unless it is 0);
     - a Retry-After over ``RETRY_AFTER_MAX_S`` is not waited for;
     - anything else (every other 4xx, 500, 502, 504) is not retried.
     """
+    if status == 429 and code == "rate_limited" and max_retries > 0:
+        after = retry_after(headers)
+        if after is None or after > RETRY_AFTER_MAX_S:
+            return None
+        # callers sharing the key got the same wait: jitter spreads them, and the wait grows with each try
+        delay = after + random.random() * min(BACKOFF_MAX_S, max(after, 0.01) * 2 ** min(attempt, 10))
+        return delay if waited + delay <= RATE_LIMIT_WAIT_MAX_S else None
     if attempt >= max_retries:
         return None
     if error is not None:
@@ -288,6 +308,8 @@ def retry_delay(attempt: int, max_retries: int, *, status: int | None = None,
             return backoff(attempt)
         return None
     if status not in RETRY_STATUSES:
+        return None
+    if status == 503 and charged and code not in NOTHING_CHARGED_503:
         return None
     after = retry_after(headers)
     if after is None:
@@ -361,7 +383,8 @@ def log_retry(method: str, path: str, delay: float, attempt: int, max_retries: i
         why = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
     else:
         why = str(error_from_response(status or 0, body, headers))
-    logger.info(redact(f"{method} {path}: waiting {delay:.1f} s before retry {attempt + 1} of {max_retries} ({why})"))
+    of = f" of {max_retries}" if attempt < max_retries else f" (rate limited: up to {RATE_LIMIT_WAIT_MAX_S:g} s)"
+    logger.info(redact(f"{method} {path}: waiting {delay:.1f} s before retry {attempt + 1}{of} ({why})"))
 
 
 def answer_json(resp: httpx.Response) -> Any:
@@ -436,7 +459,9 @@ def as_array(inputs: Inputs) -> np.ndarray:
         except TypeError:  # a dtype numpy lacks (bfloat16)
             inputs = t.float().numpy()
     try:
-        if not isinstance(inputs, (list, tuple)):
+        if isinstance(inputs, (list, tuple)):
+            check_leaves(inputs)
+        else:
             check_float(np.asarray(inputs))
         with np.errstate(over="ignore"):  # beyond float32 becomes Inf, which the server refuses (422 non_finite)
             arr = np.asarray(inputs, dtype=np.float32)
@@ -452,10 +477,57 @@ def check_float(arr: np.ndarray) -> None:
     """Refuse an integer or boolean array: the tensor routes take normalised float inputs, so pixel values
     (uint8 from an image) sent as they are would be answered, wrongly, rather than refused."""
     if arr.dtype.kind in "biu":
-        raise exc.BadRequest(
-            f"inputs are {arr.dtype} values, not floats: models take normalised float inputs, "
-            "(value / scale - mean) / std with the model's normalize (client.model(name)['normalize']); "
-            "convert them, or send images (pixels) with image_path", code="invalid_dtype")
+        raise_dtype(str(arr.dtype))
+
+
+def raise_dtype(dtype: str) -> None:
+    raise exc.BadRequest(
+        f"inputs are {dtype} values, not floats: models take normalised float inputs, "
+        "(value / scale - mean) / std with the model's normalize (client.model(name)['normalize']); "
+        "convert them, or send images (pixels) with image_path", code="invalid_dtype")
+
+
+def check_leaves(items: Sequence[Any]) -> None:
+    """``check_float`` for each array, tensor or image inside nested lists (a list of uint8 frames, of PIL images):
+    numpy would turn them into floats of their 0-255 values. Plain Python numbers are taken as they are."""
+    for item in items:
+        if isinstance(item, (list, tuple)):
+            check_leaves(item)
+        elif isinstance(item, (float, int)):
+            continue
+        elif hasattr(item, "is_floating_point"):  # a torch tensor, without importing torch
+            if not item.is_floating_point():
+                raise_dtype(str(item.dtype).removeprefix("torch."))
+        elif isinstance(item, (np.ndarray, np.generic)) or type(item).__module__.startswith("PIL."):
+            check_float(np.asarray(item))
+
+
+def check_temperature(temperature: Any, *, optional: bool = False) -> None:
+    """A temperature is a finite number > 0 (None where ``optional``): refused before any request."""
+    if temperature is None and optional:
+        return
+    numeric = isinstance(temperature, (int, float, np.number)) and not isinstance(temperature, bool)
+    t = float(temperature) if numeric else math.nan
+    if not 0 < t < math.inf:
+        raise exc.ConfigurationError(f"temperature must be a finite number > 0, got {temperature!r}",
+                                     code="invalid_option")
+
+
+def check_batch_size(batch_size: Any) -> None:
+    """A call's ``batch_size`` is None (the client's) or an integer >= 1: refused before any request."""
+    if batch_size is None:
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise exc.ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}", code="invalid_option")
+
+
+def with_partial(e: exc.SDBError, logits: Sequence[np.ndarray], temperature: float = 1.0) -> exc.SDBError:
+    """``e`` carrying the rows answered (and charged) before it: ``e.partial``, the logits of the first
+    ``e.partial_rows`` inputs (divided by ``temperature``), None when no batch was answered."""
+    rows = [np.asarray(z, dtype=np.float32) for z in logits]
+    e.partial = temper(np.concatenate(rows), temperature) if rows else None
+    e.partial_rows = 0 if e.partial is None else len(e.partial)
+    return e
 
 
 def batch_slices(n: int, batch_size: int) -> list[slice]:
@@ -533,12 +605,13 @@ def distill_request(x: np.ndarray, temperature: float | None, encoding: str) -> 
     """``_request`` keywords for one distill batch: ``.npy`` in and out (the temperature in the query, for the
     server to check; the soft targets are computed here), or JSON in and out."""
     # Not resent after it may have reached the server (a read timeout, a dropped connection): the keyed path charges
-    # the key's quota before the model runs, and a resend would charge it again for one answer.
+    # the key's quota before the model runs, and a resend would charge it again for one answer. Nor after a 503 the
+    # model gave once charged (``charged``: model_timeout, model_out_of_memory; retry_delay).
     if encoding == "npy":
         params = None if temperature is None else {"temperature": float(temperature)}
-        return {"content": encode_npy(x), "params": params, "idempotent": False,
+        return {"content": encode_npy(x), "params": params, "idempotent": False, "charged": True,
                 "extra_headers": {"Content-Type": NPY_TYPE, "Accept": f"{NPY_TYPE}, {JSON_TYPE};q=0.5"}}
-    return {"content": distill_body(x, temperature), "idempotent": False}
+    return {"content": distill_body(x, temperature), "idempotent": False, "charged": True}
 
 
 @parses_answer("distill answer")
@@ -665,6 +738,24 @@ def deploy_fields(name: str | None, policy: str | None, top_k: int | None, decim
     return {k: v for k, v in given.items() if v is not None}
 
 
+def folder_files(root: Path) -> list[Path]:
+    """The files under ``root``, sorted, through symbolic links to folders too (a class folder linked in, as the local
+    ImageFolder loader reads it); a link back to a folder it is in is refused, not followed for ever."""
+    found: list[Path] = []
+    for d, dirs, files in os.walk(root, followlinks=True):
+        here = Path(d)
+        real = os.path.realpath(here)
+        for parent in (here, *here.parents):
+            if parent != here and os.path.realpath(parent) == real:
+                raise exc.BadRequest(f"{here} links back to the folder {parent} it is in: cannot upload a loop",
+                                     code="invalid_request")
+            if parent == root:
+                break
+        dirs.sort()
+        found.extend(here / f for f in files if (here / f).is_file())
+    return sorted(found)
+
+
 @contextlib.contextmanager
 def upload_part(path: str | os.PathLike, purpose: str) -> Iterator[tuple[str, Any, str]]:
     """The multipart ``file`` part for ``path``, streamed from disk: a file as it is; a folder zipped
@@ -678,7 +769,7 @@ def upload_part(path: str | os.PathLike, purpose: str) -> Iterator[tuple[str, An
             raise exc.BadRequest(f"{p} is a folder; a {purpose} is one file", code="invalid_request")
         with tempfile.TemporaryFile() as tmp:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-                for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                for f in folder_files(p):
                     z.write(f, f.relative_to(p).as_posix())
             tmp.seek(0)
             yield (p.name + (".sdb" if purpose == "bundle" else ".zip"), tmp, "application/zip")

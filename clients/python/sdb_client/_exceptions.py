@@ -20,7 +20,12 @@ from __future__ import annotations
 
 class SDBError(Exception):
     """Base class. ``status`` is the HTTP status (None when no answer came), ``code`` the
-    service's machine-readable error code, ``message`` its human-readable text."""
+    service's machine-readable error code, ``message`` its human-readable text. An error that stops a distill
+    call part-way carries what was answered (and charged) before it: ``partial``, the logits of the first
+    ``partial_rows`` inputs (None and 0 when none were)."""
+
+    partial = None
+    partial_rows = 0
 
     def __init__(self, message: str, *, status: int | None = None, code: str = "error",
                  retry_after: float | None = None):

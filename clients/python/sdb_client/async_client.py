@@ -23,6 +23,10 @@ from ._exceptions import BadRequest
 T = TypeVar("T")
 
 
+class _NotSent(Exception):
+    """A batch not sent because another of its call had failed."""
+
+
 class AsyncClient(b.BaseClient):
     """SDB over HTTP from asyncio; see ``Client`` for the arguments. Use ``async with`` or
     ``await client.aclose()``."""
@@ -38,7 +42,8 @@ class AsyncClient(b.BaseClient):
                                            code="invalid_option")
         self.max_concurrency = max_concurrency
         self._http = http_client or httpx.AsyncClient(timeout=self.options.timeout)
-        self._owns_http = http_client is None
+        self._owns_http = self._made_http = http_client is None
+        self._pid, self._loop = os.getpid(), None  # the process and event loop self._http's connections belong to
         self.keys = AsyncKeys(self)
         self.jobs = AsyncJobs(self)
         self.files = AsyncFiles(self)
@@ -54,8 +59,20 @@ class AsyncClient(b.BaseClient):
         return other
 
     async def aclose(self) -> None:
-        if self._owns_http:
+        if self._owns_http and self._pid == os.getpid() and self._loop in (None, asyncio.get_running_loop()):
             await self._http.aclose()
+
+    def _client(self) -> httpx.AsyncClient:
+        """This process's and event loop's ``httpx.AsyncClient``: its connections belong to the loop that opened them,
+        so a second ``asyncio.run()`` (or a forked child, as ``Client._client``) gets a new one; the old one is left
+        unclosed (its loop is gone, or its sockets are the parent's). A given ``http_client`` is kept as it is."""
+        loop = asyncio.get_running_loop()
+        if self._made_http and (self._pid != os.getpid() or self._loop not in (None, loop)):
+            if self._pid != os.getpid():
+                b.FORKED.append(self._http)
+            self._http, self._owns_http, self._pid = httpx.AsyncClient(timeout=self.options.timeout), True, os.getpid()
+        self._loop = loop
+        return self._http
 
     async def __aenter__(self) -> AsyncClient:  # noqa: PYI034
         return self
@@ -66,50 +83,72 @@ class AsyncClient(b.BaseClient):
     # ------------------------------------------------------------------ transport
     async def _request(self, method: str, path: str, *, content: bytes | None = None,
                        params: Mapping[str, Any] | None = None, files: Any = None, data: Any = None,
-                       idempotent: bool = True, stream: bool = False,
+                       idempotent: bool = True, charged: bool = False, stream: bool = False,
                  extra_headers: Mapping[str, str] | None = None) -> httpx.Response:
         headers = {**self._headers(), **(extra_headers or {})}
         if content is not None:
             headers.setdefault("Content-Type", b.JSON_TYPE)
+        http, waited = self._client(), 0.0
         for attempt in count():
             b.rewind(files)
             try:
-                req = self._http.build_request(method, self._url(path), content=content, params=params,
-                                               files=files, data=data, headers=headers,
-                                               timeout=self.options.timeout)
-                resp = await self._http.send(req, stream=stream)
+                req = http.build_request(method, self._url(path), content=content, params=params,
+                                         files=files, data=data, headers=headers,
+                                         timeout=self.options.timeout)
+                resp = await http.send(req, stream=stream)
             except httpx.TransportError as e:
                 delay = b.retry_delay(attempt, self.options.max_retries, error=e, idempotent=idempotent)
                 if delay is None:
                     raise b.connection_error(e, self.base_url, attempt + 1) from None
                 b.log_retry(method, path, delay, attempt, self.options.max_retries, error=e)
                 await asyncio.sleep(delay)
+                waited += delay
                 continue
             if resp.is_success:
                 return resp
             if stream:
                 await resp.aread()
                 await resp.aclose()
-            delay = b.retry_delay(attempt, self.options.max_retries, status=resp.status_code, headers=resp.headers)
+            error = b.error_from_response(resp.status_code, resp.content, resp.headers)
+            delay = b.retry_delay(attempt, self.options.max_retries, status=resp.status_code, headers=resp.headers,
+                                  charged=charged, code=error.code, waited=waited)
             if delay is None:
-                raise b.error_from_response(resp.status_code, resp.content, resp.headers)
+                raise error
             b.log_retry(method, path, delay, attempt, self.options.max_retries, status=resp.status_code,
                         headers=resp.headers, body=resp.content)
             await asyncio.sleep(delay)
+            waited += delay
         raise AssertionError("unreachable")
 
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
         return b.answer_json(await self._request(method, path, **kw))
 
-    async def _in_order(self, calls: Sequence[Awaitable[T]]) -> list[T]:
-        """Await ``calls`` with at most ``max_concurrency`` running; results in the given order."""
-        sem = asyncio.Semaphore(self.max_concurrency)
+    async def _in_order(self, calls: Sequence[Awaitable[T]], partial: Any = None) -> list[T]:
+        """Await ``calls`` with at most ``max_concurrency`` running; results in the given order. After an error no
+        call that has not started starts; the first error is raised when those running have finished, with
+        ``partial(results before it)`` attached (``_base.with_partial``) when given."""
+        sem, failed = asyncio.Semaphore(self.max_concurrency), False
 
         async def one(c: Awaitable[T]) -> T:
+            nonlocal failed
             async with sem:
-                return await c
+                if failed:
+                    c.close()  # never awaited: not sent
+                    raise _NotSent
+                try:
+                    return await c
+                except BaseException:
+                    failed = True
+                    raise
 
-        return list(await asyncio.gather(*(one(c) for c in calls)))
+        done = await asyncio.gather(*(one(c) for c in calls), return_exceptions=True)
+        errors = [i for i, r in enumerate(done) if isinstance(r, BaseException)]
+        if not errors:
+            return list(done)
+        error = next((done[i] for i in errors if not isinstance(done[i], _NotSent)), done[errors[0]])
+        if partial is not None and isinstance(error, b.exc.SDBError):
+            b.with_partial(error, partial(done[:errors[0]]))
+        raise error
 
     # ------------------------------------------------------------------ models
     async def models(self) -> list[dict]:
@@ -128,6 +167,7 @@ class AsyncClient(b.BaseClient):
     async def predict(self, name: str, inputs: Inputs | None = None, *,
                       image_path: b.Images = None, top_k: int = 1, version: str | int | None = None,
                       batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
+        b.check_batch_size(batch_size)
         path, pin = b.model_path(name, "predict"), b.version_params(version)
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
@@ -148,16 +188,25 @@ class AsyncClient(b.BaseClient):
     async def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
                       version: str | int | None = None, batch_size: int | None = None,
                       encoding: str | None = None) -> Distilled:
+        b.check_temperature(temperature, optional=True)
+        b.check_batch_size(batch_size)
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path, pin = b.model_path(name, "distill"), b.version_params(version)
         batches = list(await self._batches(name, x, batch_size, version))
-        parts = await self._in_order([self._distill_part(path, xb, temperature, enc, pin) for xb in batches])
+        parts = await self._in_order([self._distill_part(path, xb, temperature, enc, pin) for xb in batches],
+                                     partial=lambda done: [p["logits"] for p in done])
         return b.merge_distilled(parts, temperature, samples=sum(len(xb) for xb in batches))
 
     async def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
                              version: str | int | None = None, batch_size: int | None = None,
                              encoding: str | None = None) -> np.ndarray:
-        distilled = await self.distill(name, inputs, version=version, batch_size=batch_size, encoding=encoding)
+        b.check_temperature(temperature)
+        try:
+            distilled = await self.distill(name, inputs, version=version, batch_size=batch_size, encoding=encoding)
+        except b.exc.SDBError as e:
+            if e.partial is not None:
+                e.partial = b.temper(e.partial, temperature)
+            raise
         return b.temper(distilled.logits, temperature)
 
     async def remove_model(self, name: str, *, version: str | int | None = None) -> list[dict]:

@@ -33,7 +33,8 @@ class Client(b.BaseClient):
         super().__init__(url, api_key, timeout=timeout, max_retries=max_retries, batch_size=batch_size,
                          encoding=encoding)
         self._http = http_client or httpx.Client(timeout=self.options.timeout)
-        self._owns_http = http_client is None
+        self._owns_http = self._made_http = http_client is None
+        self._pid = os.getpid()
         self.keys = Keys(self)
         self.jobs = Jobs(self)
         self.files = Files(self)
@@ -50,8 +51,27 @@ class Client(b.BaseClient):
         return other
 
     def close(self) -> None:
-        if self._owns_http:
+        if self._owns_http and self._pid == os.getpid():
             self._http.close()
+
+    def _client(self) -> httpx.Client:
+        """This process's ``httpx.Client``. In a child forked after a request (a multiprocessing or DataLoader worker),
+        the pool's keep-alive sockets are the parent's: two processes on one socket read each other's answers. The child
+        leaves them to the parent, unclosed (b.FORKED keeps them), and makes its own (a given ``http_client``: kept)."""
+        if self._pid != os.getpid() and self._made_http:
+            b.FORKED.append(self._http)
+            self._http, self._owns_http, self._pid = httpx.Client(timeout=self.options.timeout), True, os.getpid()
+        return self._http
+
+    def __getstate__(self) -> dict:
+        """URL, key and options (a spawned worker's copy); the connections are not pickled, the copy makes its own."""
+        return {"url": self.base_url, "api_key": self._api_key, "options": self.options}
+
+    def __setstate__(self, state: dict) -> None:
+        o = state["options"]
+        self.__init__(state["url"], state["api_key"], timeout=o.timeout, max_retries=o.max_retries,
+                      batch_size=o.batch_size, encoding=o.encoding)
+        self._api_key = state["api_key"]  # None stays None, not SDB_API_KEY of the process that unpickles
 
     def __enter__(self) -> Client:  # noqa: PYI034  (typing.Self needs 3.11)
         return self
@@ -62,38 +82,44 @@ class Client(b.BaseClient):
     # ------------------------------------------------------------------ transport
     def _request(self, method: str, path: str, *, content: bytes | None = None,
                  params: Mapping[str, Any] | None = None, files: Any = None, data: Any = None,
-                 idempotent: bool = True, stream: bool = False,
+                 idempotent: bool = True, charged: bool = False, stream: bool = False,
                  extra_headers: Mapping[str, str] | None = None) -> httpx.Response:
         """Send with the retry policy of ``_base.retry_delay``; a non-2xx answer raises its typed error.
-        With ``stream`` the caller reads and closes the response."""
+        With ``stream`` the caller reads and closes the response; ``charged``: the server charges a quota for it
+        before the model runs (a 503 is then resent only when nothing was charged)."""
         headers = {**self._headers(), **(extra_headers or {})}
         if content is not None:
             headers.setdefault("Content-Type", b.JSON_TYPE)
+        http, waited = self._client(), 0.0
         for attempt in count():
             b.rewind(files)
             try:
-                req = self._http.build_request(method, self._url(path), content=content, params=params,
-                                               files=files, data=data, headers=headers,
-                                               timeout=self.options.timeout)
-                resp = self._http.send(req, stream=stream)
+                req = http.build_request(method, self._url(path), content=content, params=params,
+                                         files=files, data=data, headers=headers,
+                                         timeout=self.options.timeout)
+                resp = http.send(req, stream=stream)
             except httpx.TransportError as e:
                 delay = b.retry_delay(attempt, self.options.max_retries, error=e, idempotent=idempotent)
                 if delay is None:
                     raise b.connection_error(e, self.base_url, attempt + 1) from None
                 b.log_retry(method, path, delay, attempt, self.options.max_retries, error=e)
                 time.sleep(delay)
+                waited += delay
                 continue
             if resp.is_success:
                 return resp
             if stream:
                 resp.read()
                 resp.close()
-            delay = b.retry_delay(attempt, self.options.max_retries, status=resp.status_code, headers=resp.headers)
+            error = b.error_from_response(resp.status_code, resp.content, resp.headers)
+            delay = b.retry_delay(attempt, self.options.max_retries, status=resp.status_code, headers=resp.headers,
+                                  charged=charged, code=error.code, waited=waited)
             if delay is None:
-                raise b.error_from_response(resp.status_code, resp.content, resp.headers)
+                raise error
             b.log_retry(method, path, delay, attempt, self.options.max_retries, status=resp.status_code,
                         headers=resp.headers, body=resp.content)
             time.sleep(delay)
+            waited += delay
         raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:
@@ -124,6 +150,7 @@ class Client(b.BaseClient):
         with ``encoding="json"`` as JSON; one sample without its batch axis is one sample) or images as
         ``image_path``: file paths, a PNG/JPEG file's bytes or PIL images, one or a list. ``version`` pins a
         version of the model (default: its highest, which a new deploy changes)."""
+        b.check_batch_size(batch_size)
         path, pin = b.model_path(name, "predict"), b.version_params(version)
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
@@ -141,13 +168,20 @@ class Client(b.BaseClient):
         """The keyed path (a key with the ``distill`` scope for ``name``): logits, and with
         ``temperature`` also ``softmax(logits / T)``. Batched, in input order; the tensors travel
         as ``.npy`` (the default) or with ``encoding="json"`` as JSON, with the same answer. ``version``
-        pins a version of the model (default: its highest)."""
+        pins a version of the model (default: its highest). An error part-way carries the logits answered before
+        it as ``partial`` (``partial_rows``)."""
+        b.check_temperature(temperature, optional=True)
+        b.check_batch_size(batch_size)
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path, pin = b.model_path(name, "distill"), b.version_params(version)
         batches = list(self._batches(name, x, batch_size, version))
-        parts = [b.parse_distilled(self._request("POST", path, **b.with_params(b.distill_request(xb, temperature, enc),
-                                                                                pin)))
-                 for xb in batches]
+        parts: list[dict] = []
+        for xb in batches:
+            try:
+                kw = b.with_params(b.distill_request(xb, temperature, enc), pin)
+                parts.append(b.parse_distilled(self._request("POST", path, **kw)))
+            except b.exc.SDBError as e:
+                raise b.with_partial(e, [p["logits"] for p in parts]) from None
         return b.merge_distilled(parts, temperature, samples=sum(len(xb) for xb in batches))
 
     def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
@@ -155,7 +189,13 @@ class Client(b.BaseClient):
                        encoding: str | None = None) -> np.ndarray:
         """The keyed path's logits divided by ``temperature``, (N, C) float32, in input order:
         their softmax is the soft target at that temperature (1.0: the raw logits)."""
-        d = self.distill(name, inputs, version=version, batch_size=batch_size, encoding=encoding)
+        b.check_temperature(temperature)
+        try:
+            d = self.distill(name, inputs, version=version, batch_size=batch_size, encoding=encoding)
+        except b.exc.SDBError as e:
+            if e.partial is not None:
+                e.partial = b.temper(e.partial, temperature)
+            raise
         return b.temper(d.logits, temperature)
 
     def remove_model(self, name: str, *, version: str | int | None = None) -> list[dict]:

@@ -20,6 +20,7 @@ torch is imported only when a torch tensor is given (the SDK itself depends on n
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,8 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from ._base import batch_slices, check_float, redact
-from ._exceptions import ConfigurationError
+from ._base import (
+    batch_slices,
+    check_batch_size,
+    check_float,
+    check_leaves,
+    check_temperature,
+    redact,
+    with_partial,
+)
+from ._exceptions import BadRequest, ConfigurationError, SDBError
 from .client import Client
 
 
@@ -45,10 +54,19 @@ def _to_numpy(x: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
             check_float(x.detach().cpu().flatten()[:0].numpy())
         arr = x.detach().to("cpu", torch.float32).numpy()
         device = x.device
-        return arr, lambda z: torch.from_numpy(np.ascontiguousarray(z)).to(device)
-    if not isinstance(x, (list, tuple)):
+        return _batch(arr), lambda z: torch.from_numpy(np.ascontiguousarray(z)).to(device)
+    if isinstance(x, (list, tuple)):
+        check_leaves(x)
+    else:
         check_float(np.asarray(x))
-    return np.asarray(x, dtype=np.float32), lambda z: z
+    return _batch(np.asarray(x, dtype=np.float32)), lambda z: z
+
+
+def _batch(arr: np.ndarray) -> np.ndarray:
+    """A non-empty batch, refused as the Client refuses one (``_base.as_array``)."""
+    if arr.ndim == 0 or arr.size == 0:
+        raise BadRequest(f"inputs must be a non-empty batch, got shape {list(arr.shape)}", code="invalid_shape")
+    return arr
 
 
 def _take(x: Any, idx: np.ndarray) -> Any:
@@ -83,8 +101,8 @@ class RemoteTeacher:
                  version: str | int | None = None):
         if not isinstance(client, Client):
             raise ConfigurationError("RemoteTeacher needs a (synchronous) sdb_client.Client", code="invalid_option")
-        if temperature is not None and not temperature > 0:
-            raise ConfigurationError(f"temperature must be > 0, got {temperature}", code="invalid_option")
+        check_temperature(temperature, optional=True)
+        check_batch_size(batch_size)
         if prefetch < 0:
             raise ConfigurationError(f"prefetch must be >= 0, got {prefetch}", code="invalid_option")
         self.client, self.model, self.temperature = client, model, temperature
@@ -94,7 +112,7 @@ class RemoteTeacher:
         self.prefetch = prefetch
         self.version = None if version is None else str(version)
         self.encoding = client._encoding(encoding)
-        self._pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="sdb-teacher")
+        self._new_pool()
         self.requests = 0  # requests issued (queued or sent), for the curious and the tests
 
     def __repr__(self) -> str:
@@ -102,6 +120,18 @@ class RemoteTeacher:
         return (f"RemoteTeacher(model={self.model!r}{pin}, url={redact(repr(self.client.base_url))}, "
                 f"batch_size={self.batch_size}, "
                 f"temperature={self.temperature}, prefetch={self.prefetch}, encoding={self.encoding!r})")
+
+    def _new_pool(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self.prefetch), thread_name_prefix="sdb-teacher")
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:
+        """Everything but the thread pool (a spawned worker's copy makes its own; the client pickles itself)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_pool"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._new_pool()
 
     # ------------------------------------------------------------------ fetching
     def _fetch(self, x: np.ndarray) -> np.ndarray:
@@ -111,21 +141,31 @@ class RemoteTeacher:
 
     def _submit(self, x: np.ndarray) -> Future:
         self.requests += 1
+        if self._pid != os.getpid():  # a forked child (a DataLoader worker): the parent's pool came without its threads
+            self._new_pool()
         return self._pool.submit(self.client.distill_logits, self.model, x, batch_size=len(x), encoding=self.encoding,
                                  version=self.version)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for a float32 array of any length, requests pipelined, in input order."""
         parts = batch_slices(len(x), self.batch_size)
-        if len(parts) == 1 or self.prefetch == 0:
-            return np.concatenate([self._fetch(x[s]) for s in parts])
         out: list[np.ndarray] = []
         pending: deque[Future] = deque()
-        for s in parts:
-            pending.append(self._submit(x[s]))
-            if len(pending) > self.prefetch:
+        try:
+            if len(parts) == 1 or self.prefetch == 0:
+                for s in parts:
+                    out.append(self._fetch(x[s]))
+                return np.concatenate(out)
+            for s in parts:
+                pending.append(self._submit(x[s]))
+                if len(pending) > self.prefetch:
+                    out.append(pending.popleft().result())
+            while pending:
                 out.append(pending.popleft().result())
-        out.extend(f.result() for f in pending)
+        except SDBError as e:  # the batches answered (and charged) go with the error; those not yet sent are not sent
+            for f in pending:
+                f.cancel()
+            raise with_partial(e, out) from None
         return np.concatenate(out)
 
     def __call__(self, x: Any) -> Any:
@@ -135,6 +175,7 @@ class RemoteTeacher:
 
     def soft_targets(self, x: Any, temperature: float | None = None) -> Any:
         """``softmax(logits / T)`` with ``T`` = ``temperature`` or the teacher's."""
+        check_temperature(temperature, optional=True)
         t = temperature if temperature is not None else self.temperature
         if t is None:
             raise ConfigurationError("soft_targets needs a temperature (give one here or to RemoteTeacher)",
@@ -148,6 +189,7 @@ class RemoteTeacher:
         with the next ``prefetch`` batches' requests already in flight while the caller trains
         on this one (``prefetch=0``: none). Batches are numpy or torch like ``x``; ``shuffle``
         uses ``seed``."""
+        check_batch_size(batch_size)
         bs = batch_size or self.batch_size
         arr, back = _to_numpy(x)
         n = len(arr)
@@ -160,7 +202,12 @@ class RemoteTeacher:
         for idx in parts[:ahead]:
             pending.append(self._submit(arr[idx]))
         for i, idx in enumerate(parts):
-            logits = pending.popleft().result() if ahead else self._fetch(arr[idx])
+            try:
+                logits = pending.popleft().result() if ahead else self._fetch(arr[idx])
+            except BaseException:  # the requests prefetched after a failed one are not sent
+                for f in pending:
+                    f.cancel()
+                raise
             if ahead and i + ahead < len(parts):  # the next request leaves before the caller gets this batch
                 pending.append(self._submit(arr[parts[i + ahead]]))
             xb = _take(x, idx)
