@@ -38,7 +38,13 @@ def _open_store(settings: Settings) -> Store:
     line (exit 2), not a traceback."""
     settings.prepare_data_dir()
     settings.check_secrets()
-    return open_store(settings.db_url)
+    store = open_store(settings.db_url)
+    try:
+        settings.check_fingerprints(store)  # a store made just now records them
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def _preflight(settings: Settings, pepper: bool = True) -> None:
@@ -46,7 +52,11 @@ def _preflight(settings: Settings, pepper: bool = True) -> None:
     setting: the data dir, the secrets (a worker reads no pepper), the store, the ONNX Runtime providers."""
     settings.prepare_data_dir()
     settings.check_secrets(pepper)  # SecretsError (exit 2, its message)
-    open_store(settings.db_url).close()
+    store = open_store(settings.db_url)
+    try:
+        settings.check_fingerprints(store)  # a store made just now records them
+    finally:
+        store.close()
     asked = [p.strip() for p in settings.ort_providers.split(",") if p.strip()]
     if asked:  # a provider this onnxruntime lacks is skipped with a warning; a name none has is a typo
         import onnxruntime as ort

@@ -71,6 +71,11 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             _ = settings.master_key, settings.pepper  # created 0600 on first start
             store = Store(settings.db_url)
+            try:  # a new store records them; another process's secrets are refused (settings.check_secrets)
+                settings.check_fingerprints(store)
+            except BaseException:
+                store.close()
+                raise
             host = ModelHost(settings, store, on_batch=metrics.observe_batch)
             host.sync()
             register_demo(settings, store, host)

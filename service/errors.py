@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import get_route_path
@@ -107,6 +108,12 @@ def response_for(exc: Exception) -> Response:
     """The error answer to one of the :data:`HANDLED` exceptions, in its route's form."""
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
+    if isinstance(exc, STORE_DOWN):
+        # the database went away or stopped answering (a restart, a failover): an outage to wait out, not a bug
+        # (each was a 500 and a traceback); its reason is the driver's, which may name hosts: logged, not answered
+        log.warning("the store is unavailable: %s", " ".join(str(getattr(exc, "orig", exc)).split())[:300])
+        return error_response(503, "store_unavailable", "the server's store is unavailable for a moment: retry",
+                              {"Retry-After": "1"})
     if isinstance(exc, RequestValidationError):
         return error_response(422, "invalid_request", _validation_message(exc))
     code = _HTTP_CODES.get(exc.status_code, "error" if exc.status_code < 500 else "internal_error")
@@ -114,7 +121,10 @@ def response_for(exc: Exception) -> Response:
     return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
 
 
-HANDLED = (ApiError, RequestValidationError, StarletteHTTPException)
+# The store's connection failing (its server down or unreachable): OperationalError and InterfaceError are the
+# DB-API's errors of the connection, not of the statement (an IntegrityError stays a bug, or is the caller's).
+STORE_DOWN = (OperationalError, InterfaceError)
+HANDLED = (ApiError, RequestValidationError, StarletteHTTPException, *STORE_DOWN)
 INTERNAL = (500, "internal_error", "internal server error")
 
 

@@ -22,6 +22,14 @@ from sdb_core.protect.seal import MASTER_KEY_BYTES, load_or_create_master_key
 log = logging.getLogger("sdb.service")
 
 
+def _holds(store, table) -> bool:
+    """Whether ``store`` has a row of ``table``."""
+    from sqlalchemy import func, select
+
+    with store.session() as s:
+        return bool(s.scalar(select(func.count()).select_from(table)))
+
+
 class SecretsError(ValueError):
     """A server secret the server refuses to use: open to other users, or inside the data dir."""
 
@@ -254,33 +262,53 @@ class Settings(BaseSettings):
         wanted = [(self.master_key_path, "master key", ModelRow, "every sealed model (503)")]
         if pepper:
             wanted.append((self.pepper_path, "pepper", ApiKeyRow, "every API key (401 unknown API key)"))
-        for path, what, table, locks in wanted:
-            if not path.exists() and self._store_holds(table):
-                raise SecretsError(f"the {what} {path} is missing, but the store already holds what was made under "
-                                   f"it: a new one would lock out {locks}. Restore the file from its backup (or "
-                                   "point SDB_SECRETS_DIR, SDB_MASTER_KEY_FILE or SDB_PEPPER_FILE at it)")
-        _ = self.master_key
-        if pepper or self.pepper_path.exists():  # a worker's host made none, but one there is checked all the same
-            _ = self.pepper
+        store = self._existing_store()
+        try:
+            for path, what, table, locks in wanted:
+                if not path.exists() and store is not None and _holds(store, table):
+                    raise SecretsError(f"the {what} {path} is missing, but the store already holds what was made "
+                                       f"under it: a new one would lock out {locks}. Restore the file from its backup "
+                                       "(or point SDB_SECRETS_DIR, SDB_MASTER_KEY_FILE or SDB_PEPPER_FILE at it)")
+            _ = self.master_key
+            if pepper or self.pepper_path.exists():  # a worker's host made none, but one there is checked all the same
+                _ = self.pepper
+            if store is not None:
+                self.check_fingerprints(store)
+        finally:
+            if store is not None:
+                store.close()
 
-    def _store_holds(self, table) -> bool:
-        """Whether the store has a row of ``table`` (a store that cannot be opened: no)."""
-        from sqlalchemy import func, select
+    def check_fingerprints(self, store) -> None:
+        """SecretsError when the master key or the pepper here is not the one the store records (its first process
+        recorded them): a replica or worker with a secrets dir of its own made its own, and every key it saw was
+        unknown, every model sealed under the other one unservable, while it said it was ready."""
+        import hashlib
+        import hmac
+
+        for name, path, what in (("master_key", self.master_key_path, "master key"),
+                                 ("pepper", self.pepper_path, "pepper")):
+            if name == "pepper" and not path.exists():
+                continue  # a worker's host, which needs none
+            secret = self.master_key if name == "master_key" else self.pepper
+            fingerprint = hmac.new(secret, b"sdb secret fingerprint: " + name.encode(), hashlib.sha256).hexdigest()
+            if not store.secret_matches(name, fingerprint):
+                raise SecretsError(f"the {what} {path} is not the one this store's other processes use (its "
+                                   "fingerprint differs): every server and worker on one store needs the same master "
+                                   "key and pepper; copy the files from the first one's SDB_SECRETS_DIR")
+
+    def _existing_store(self):
+        """The store, when there is one to look into (a new data dir: None, and no store made here just to look;
+        one that cannot be opened: None, as the start-up check says why)."""
         from sqlalchemy.exc import SQLAlchemyError
 
         from .store import Store
 
         if self.database_url is None and not (self.data_dir / "sdb.sqlite3").is_file():
-            return False  # a new data dir: nothing to lock out (and no store made here just to look)
+            return None
         try:
-            store = Store(self.db_url)
+            return Store(self.db_url)
         except (SQLAlchemyError, ImportError, ValueError, OSError):
-            return False  # the start-up check says why it cannot be opened (a driver missing, a bad URL)
-        try:
-            with store.session() as s:
-                return bool(s.scalar(select(func.count()).select_from(table)))
-        finally:
-            store.close()
+            return None
 
     def _default_secret(self, name: str) -> Path:
         path, legacy = self.secrets_path / name, self.data_dir / name

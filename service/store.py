@@ -6,6 +6,7 @@ create them at start are in :mod:`service.store_schema`; this module is what rea
 """
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from .store_schema import (
     ModelNameRow,
     ModelRow,
     SchemaVersion,
+    SecretCheckRow,
     UsageRow,
     migrate,
 )
@@ -393,6 +395,23 @@ class Store:
             if key_id is not None:
                 q = q.where(UsageRow.key_id == key_id)
             return list(s.scalars(q))
+
+    # ---------------------------------------------------------------- secrets
+    def secret_matches(self, name: str, fingerprint: str) -> bool:
+        """Whether ``fingerprint`` is the one the store recorded for the secret ``name``; the first one given is
+        recorded (two processes starting at once: one records, the other compares with it)."""
+        for _ in range(2):
+            with self.session() as s:
+                row = s.get(SecretCheckRow, name)
+                if row is not None:
+                    return hmac.compare_digest(row.fingerprint, fingerprint)
+            try:
+                with self.session.begin() as s:
+                    s.add(SecretCheckRow(name=name, fingerprint=fingerprint))
+                return True
+            except IntegrityError:
+                continue
+        return False
 
     # ---------------------------------------------------------------- files
     def add_file(self, row: FileRow, *reservations: str) -> None:

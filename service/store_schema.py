@@ -228,6 +228,21 @@ def _v7(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE jobs ADD COLUMN charged_samples INTEGER")
 
 
+class SecretCheckRow(Base):
+    """A fingerprint of each secret the store's rows are made under (an HMAC of a fixed label under the secret: it
+    tells nothing of the secret): a process whose master key or pepper is another's refuses to start (two replicas
+    on one store, each with its own secrets dir, each made its own)."""
+
+    __tablename__ = "secret_checks"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)  # "master_key", "pepper"
+    fingerprint: Mapped[str] = mapped_column(String(64))
+
+
+def _v9(conn: Connection) -> None:
+    """The secrets' fingerprints: recorded by the first process that starts on the store after this step."""
+    SecretCheckRow.__table__.create(conn, checkfirst=True)
+
+
 def _v8(conn: Connection) -> None:
     """Each version's deployer and bytes (NULL and 0 for versions older than this step: counted against no key)."""
     have = {c["name"] for c in inspect(conn).get_columns("models")}
@@ -238,7 +253,7 @@ def _v8(conn: Connection) -> None:
 
 
 # Append a step to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 
 
 # Any constant: the PostgreSQL advisory lock that serialises migrations across processes and hosts.

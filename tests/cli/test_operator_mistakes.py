@@ -330,13 +330,42 @@ def test_a_secret_lost_from_a_store_in_use_is_refused_not_made_anew(data, capsys
         settings.check_secrets()  # what sdb serve runs first
 
 
-def test_a_store_of_keys_alone_needs_no_master_key_and_a_worker_no_pepper(data, capsys):
-    """What each secret locks decides: keys alone lock out nothing a new master key would, and a worker reads
-    no pepper (a job's key is checked by its row), so a worker host given the master key alone starts."""
+def test_a_worker_needs_no_pepper_but_the_stores_own_master_key(data, capsys):
+    """A worker reads no pepper (a job's key is checked by its row): a worker host given the master key alone
+    starts. A master key made anew is another one than the store recorded, though it locks nothing yet: refused,
+    since another process may be using the first one (two replicas, each with a secrets dir of its own)."""
     assert main(["keys", "create", "--scopes", "predict"]) == 0
     secrets = data.parent / f"{data.name}-secrets"
+    master = (secrets / "master.key").read_bytes()
     (secrets / "master.key").unlink()
-    assert main(["keys", "list"]) == 0 and (secrets / "master.key").exists()
+    capsys.readouterr()
+    one_line_error(capsys, main(["keys", "list"]), "master key", "is not the one this store's other processes use")
+    (secrets / "master.key").write_bytes(master)
+    (secrets / "master.key").chmod(0o600)
     (secrets / "pepper.key").unlink()
     Settings(data_dir=data).check_secrets(pepper=False)
     assert not (secrets / "pepper.key").exists()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["same secrets", "a secrets dir of its own"])
+def test_processes_on_one_store_must_share_its_secrets(data, tmp_path, shared):
+    """Replicas on one store, each with a secrets dir of its own (a volume per host), each made their own pepper and
+    master key, and started healthy: a key made on one was unknown on the other, a model sealed on one unservable
+    there. The store records the secrets' fingerprints; a process with others refuses to start."""
+    import shutil
+
+    first = Settings(data_dir=data)
+    first.check_secrets()
+    assert main(["keys", "list"]) == 0  # the store exists, the fingerprints recorded
+    other_dir = tmp_path / "host-b-secrets"
+    if shared:
+        shutil.copytree(first.secrets_path, other_dir)
+    other = Settings(data_dir=data, secrets_dir=other_dir)
+    if shared:
+        other.check_secrets()
+        other.check_secrets(pepper=False)  # a worker
+    else:
+        with pytest.raises(SecretsError, match="master key .* is not the one this store's other processes use"):
+            other.check_secrets()
+        with pytest.raises(SecretsError, match="master key"):
+            Settings(data_dir=data, secrets_dir=tmp_path / "host-c-secrets").check_secrets(pepper=False)

@@ -96,11 +96,20 @@ class Cluster:
         self.sock.mkdir()
         if self.as_user:
             shutil.chown(self.sock, "postgres")
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server (again, after :meth:`pause`: its data as it was)."""
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.sock} "
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", opts,
                   "-w", "-t", "60", "start")
-        return self
+
+    def pause(self) -> None:
+        """Stop the server as a restart or a failover does (its clients' connections cut), keeping its data (a fast
+        shutdown: with synchronous_commit off, an immediate one would lose the last commits)."""
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def reap_orphans(self) -> None:
         """Stop and delete the clusters of test sessions that were killed before their teardown

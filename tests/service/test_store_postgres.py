@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 from sdb_client import Client
 from sqlalchemy import inspect, select
@@ -155,3 +156,40 @@ def test_a_killed_sessions_cluster_is_reaped_by_the_next():
         assert fresh.base.exists()
     finally:
         fresh.stop()
+
+
+@pytest.mark.anyio
+async def test_a_store_that_goes_away_is_a_503_to_retry_and_serving_resumes_by_itself(tmp_path, bundles, caplog):
+    """A PostgreSQL restart (a crash, a failover) made every request that reads the store a 500 with a traceback in
+    the log (keyed predict, distill, the job routes): an outage to wait out, as the key store's own 503 says."""
+    from .conftest import make_settings, start_service
+    from .pgcluster import Cluster, Databases
+
+    cluster = Cluster().start()
+    try:
+        url = Databases(cluster.admin_url).create()
+        settings = make_settings(tmp_path / "data", bundles, database_url=url, auth_cache_s=0.0)
+        svc, manager = await start_service(settings, bundles.a)
+        try:
+            h = svc.auth(svc.key(("predict", "jobs")))
+            one = {"inputs": bundles.x[:1].tolist()}
+            assert (await svc.client.post("/v1/models/digits-a/predict", json=one, headers=h)).status_code == 200
+            cluster.pause()
+            for r in (await svc.client.post("/v1/models/digits-a/predict", json=one, headers=h),
+                      await svc.client.get("/v1/jobs", headers=h)):
+                assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+                assert r.json()["error"]["code"] == "store_unavailable"
+            answered = [r for r in caplog.records if r.name == "sdb.service" and "unhandled" in r.getMessage()]
+            assert not answered and "the store is unavailable" in caplog.text, caplog.text[-3000:]
+            cluster.resume()
+            deadline = time.monotonic() + 30
+            while (r := await svc.client.post("/v1/models/digits-a/predict", json=one, headers=h)).status_code != 200:
+                assert time.monotonic() < deadline, r.text  # the pool reconnects: no restart
+                await anyio.sleep(0.2)
+        finally:
+            if not (cluster.data / "postmaster.pid").exists():
+                cluster.resume()  # the app's shutdown writes its last usage there
+            await svc.client.aclose()
+            await manager.__aexit__(None, None, None)
+    finally:
+        cluster.stop()
