@@ -285,6 +285,13 @@ class Store:
             version = _next_version(taken, claim.last_version)
         elif version in taken:
             raise DeployRefused("model_exists", f"model {name!r} version {version!r} is already registered")
+        elif version.isdigit() and int(version) <= claim.last_version:
+            # a removed version's number is never given again: a client or a job pinned to it would read another
+            # network under the same number
+            raise DeployRefused("model_exists", f"model {name!r} has had versions up to {claim.last_version} (removed "
+                                f"since, or skipped): a version number is never given again, nor one below; set the "
+                                f"bundle's version above {claim.last_version}, or deploy it without one (the next is "
+                                "given)")
         if job is not None:
             _hold_job_for_deploy(s, *job, name, version, now)
         if version.isdigit():
