@@ -129,11 +129,14 @@ def public_outputs(policy: OutputPolicy, classes: int) -> list[dict]:
 
 
 def model_metadata(host: ModelHost, model: HostedModel) -> dict:
+    """The model's input and the outputs ``infer`` serves: none for a model of a task it does not serve (multilabel,
+    pose, style: /v1's), which standard clients read as servable and then every infer failed."""
     classes = len(model.labels)
+    outputs = [] if model.task != "classification" else public_outputs(model.policy, classes) + (
+        [{"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}] if model.distillable else [])
     return {"name": model.name, "versions": host.versions(model.name), "platform": "onnxruntime_onnx",
             "inputs": [{"name": model.meta["input"]["name"], "datatype": "FP32", "shape": [-1, *model.in_shape]}],
-            "outputs": public_outputs(model.policy, classes)
-            + ([{"name": KEYED_OUTPUT, "datatype": "FP32", "shape": [-1, classes]}] if model.distillable else [])}
+            "outputs": outputs}
 
 
 def model_config(host: ModelHost, model: HostedModel, max_batch_size: int) -> dict:

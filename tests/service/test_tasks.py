@@ -61,6 +61,10 @@ async def test_routes_refuse_a_task_they_cannot_serve(svc):
             assert r.status_code == 400 and error["code"] == "wrong_task", (path, r.text)
     r = await svc.client.post("/v1/models/seg/predict", json=one)
     assert "segmentation-depth model" in r.json()["error"]["message"]
+    # nor does v2's metadata advertise outputs its infer refuses (standard clients read them as servable)
+    for name in ("seg", "tags"):
+        meta, config = [(await svc.client.get(f"/v2/models/{name}{tail}")).json() for tail in ("", "/config")]
+        assert meta["outputs"] == [] and config["output"] == [] and meta["inputs"], (meta, config)
     # and the server still serves the next good request
     assert (await svc.client.post("/v1/models/tags/predict", json=one)).status_code == 200
 
