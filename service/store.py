@@ -61,6 +61,16 @@ RESERVATION_TTL_S = 6 * 3600
 
 
 
+def lock_owner(s: Session, owner: str) -> None:
+    """Hold ``owner``'s write lock for the rest of the transaction ``s`` (PostgreSQL: its key row ``FOR UPDATE``;
+    SQLite: the database's write lock), so that what the owner has is read and added to by one process at a time:
+    a cap checked this way is exact under concurrent requests, in any process."""
+    if s.get_bind().dialect.name == "sqlite":
+        s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        s.execute(select(ApiKeyRow.id).where(ApiKeyRow.id == owner).with_for_update())
+
+
 def _kept_by(owner: str):
     """The bytes ``owner`` keeps, as one SQL expression: its files' and the copies of the model versions it
     deployed (a deploy key filled the disk with versions while its files were capped)."""
@@ -444,10 +454,7 @@ class Store:
         """
         now = time.time()
         with self.session.begin() as s:
-            if s.get_bind().dialect.name == "sqlite":
-                s.connection().exec_driver_sql("BEGIN IMMEDIATE")
-            else:
-                s.execute(select(ApiKeyRow.id).where(ApiKeyRow.id == owner).with_for_update())
+            lock_owner(s, owner)
             r = FileReservationRow
             s.execute(delete(r).where(r.owner == owner, r.created_at < now - RESERVATION_TTL_S))
             held = select(func.coalesce(func.sum(r.bytes), 0)).where(r.owner == owner).scalar_subquery()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..store import JOB_DONE, JobRow, Store
+from ..store import JOB_DONE, JobRow, Store, lock_owner
 
 MAX_ATTEMPTS = 2  # a job that died before training started is requeued once
 
@@ -34,15 +34,26 @@ class Beat:
     cancel: bool
 
 
+class TooManyJobs(Exception):
+    """A submission past its owner's cap of active jobs (``active``: those it has)."""
+
+    def __init__(self, active: int):
+        super().__init__(f"{active} jobs queued or running")
+        self.active = active
+
+
 class JobQueue:
     def __init__(self, store: Store):
         self.store = store
 
     # ------------------------------------------------------------ API side
     def submit(self, kind: str, params: dict, owner: str, *, backend: str = "embedded",
-               idempotency_key: str | None = None, request_sha256: str | None = None) -> tuple[JobRow, bool]:
+               idempotency_key: str | None = None, request_sha256: str | None = None,
+               max_active: int | None = None) -> tuple[JobRow, bool]:
         """(job, created); with an idempotency key already used by ``owner``, that key's job (``request_sha256``,
-        the request's digest, is kept with a new one: what a retry is compared with)."""
+        the request's digest, is kept with a new one: what a retry is compared with). ``max_active``: the jobs
+        ``owner`` may have queued or running, counted in the transaction that adds this one under the owner's lock
+        (:class:`TooManyJobs`), so that concurrent submissions, in any process, never pass it together."""
         if idempotency_key is not None:
             existing = self.by_idempotency_key(owner, idempotency_key)
             if existing is not None:
@@ -53,6 +64,12 @@ class JobQueue:
                      result="{}", attempts=0, created_at=time.time())
         try:
             with self.store.session.begin() as s:
+                if max_active is not None:
+                    lock_owner(s, owner)
+                    active = s.scalar(select(func.count()).select_from(JobRow).where(
+                        JobRow.owner == owner, JobRow.status.in_(("queued", "running"))))
+                    if active >= max_active:
+                        raise TooManyJobs(active)
                 s.add(row)
         except IntegrityError:  # the same key raced us: theirs wins
             existing = self.by_idempotency_key(owner, idempotency_key or "")

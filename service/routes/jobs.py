@@ -27,6 +27,7 @@ from ..deps import JobQueueDep, JobsKeyDep, ModelHostDep, SettingsDep
 from ..disclosure import hide_paths, hide_paths_in
 from ..errors import ApiError, invalid, not_found
 from ..jobs.kinds import KINDS, Submission, get_kind, params_errors
+from ..jobs.queue import TooManyJobs
 from ..jobs.runner import job_dir
 from ..jobs.schemas import (
     ArtifactList,
@@ -105,8 +106,12 @@ def submit(body: Annotated[JobSubmit, Body(openapi_examples=_SUBMIT_EXAMPLES)], 
     _under_job_cap(queue, key, settings, idempotency_key)
     _under_artifact_cap(queue, key, settings, idempotency_key)
     stored = params.model_dump(mode="json")
-    row, created = queue.submit(body.kind, stored, key.id, backend=settings.jobs_backend,
-                                idempotency_key=idempotency_key, request_sha256=digest)
+    try:
+        row, created = queue.submit(body.kind, stored, key.id, backend=settings.jobs_backend,
+                                    idempotency_key=idempotency_key, request_sha256=digest,
+                                    max_active=settings.max_active_jobs_per_key)
+    except TooManyJobs as e:  # submissions racing past the check above: counted again, exactly, as the job is added
+        raise too_many_jobs(e.active) from None
     if not created:
         return _retried(row, body.kind, digest, stored, key, settings)
     queue.store.audit(key.id, "job.submit", row.id, body.kind)
@@ -137,8 +142,12 @@ def _under_job_cap(queue, key, settings, idempotency_key: str | None) -> None:
     cap = settings.max_active_jobs_per_key
     active = sum(len(queue.list(owner=key.id, status=s, limit=cap)) for s in ("queued", "running"))
     if active >= cap:
-        raise ApiError(429, "too_many_jobs", f"this key has {active} jobs queued or running, the most it may have; "
-                       "wait for one to end or cancel one", headers={"Retry-After": "10"})
+        raise too_many_jobs(active)
+
+
+def too_many_jobs(active: int) -> ApiError:
+    return ApiError(429, "too_many_jobs", f"this key has {active} jobs queued or running, the most it may have; "
+                    "wait for one to end or cancel one", headers={"Retry-After": "10"})
 
 
 def _under_artifact_cap(queue, key, settings, idempotency_key: str | None) -> None:

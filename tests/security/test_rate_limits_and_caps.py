@@ -255,3 +255,35 @@ async def test_the_versions_a_key_deploys_count_with_its_files(tmp_path, bundles
         # an admin key has no cap, as for files
         admin = svc.auth(svc.key(("admin",)))
         assert [(await deploy(f"admins-{i}", admin)).status_code for i in range(3)] == [201] * 3
+
+
+def test_jobs_submitted_together_pass_the_cap_of_active_jobs_in_no_process(db_url):
+    """The cap was read, then the job added in another transaction: 40 submissions at once queued 20 against a cap of
+    16 (more over two API processes). The count and the insert are one transaction under the key's lock now, on
+    SQLite and PostgreSQL, and in any process (each thread here has its own connection)."""
+    import threading
+
+    from service.auth import create_key
+    from service.jobs.queue import JobQueue, TooManyJobs
+    from service.store import Store
+
+    store = Store(db_url)
+    try:
+        owner = create_key(store, b"p" * 32, scopes=["jobs"])[1].id
+        queue, outcomes = JobQueue(store), []
+
+        def submit(i: int) -> None:
+            try:
+                outcomes.append(queue.submit("wrap", {"i": i}, owner, max_active=3)[1])
+            except TooManyJobs as e:
+                outcomes.append(e.active)
+
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes, key=str) == [3] * 9 + [True] * 3, outcomes
+        assert len(queue.list(owner=owner, status="queued")) == 3
+    finally:
+        store.close()
