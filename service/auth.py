@@ -12,6 +12,7 @@ the per-model usage statistics are kept in memory and written behind every ``usa
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -137,6 +138,14 @@ def window_start(window_s: int | None, now: float) -> int:
     return 0 if not window_s else int(now - now % window_s)
 
 
+STORE_WAIT_S = 5.0  # how long a request waits for the key store before it is told to retry
+
+
+def key_store_unavailable() -> ApiError:
+    return ApiError(503, "key_store_unavailable", "the key store did not answer in time: try again",
+                    {"Retry-After": "1"})
+
+
 class Keyring:
     def __init__(self, store: Store, pepper: bytes, cache_s: float = 1.0):
         self.store, self._pepper, self.cache_s = store, pepper, cache_s
@@ -171,11 +180,16 @@ class Keyring:
             self._generation[key_id] = self._generation.get(key_id, 0) + 1
 
     async def key_of(self, authorization: str | None) -> ApiKey:
-        """The key an ``Authorization`` value names, verified (401 otherwise); no rate is spent here."""
+        """The key an ``Authorization`` value names, verified (401 otherwise); no rate is spent here. A store that
+        does not answer in :data:`STORE_WAIT_S` is a 503 ``key_store_unavailable`` (a stalled database held every
+        keyed request as long as it stalled)."""
         token, key_id = self.token_from_header(authorization)
         row = self.cached_row(key_id)
         if row is None:
-            row = await run_in_threadpool(self.fetch_row, key_id)
+            try:
+                row = await asyncio.wait_for(run_in_threadpool(self.fetch_row, key_id), STORE_WAIT_S)
+            except TimeoutError:
+                raise key_store_unavailable() from None
         return self.verify(token, row)
 
     def verify(self, token: str, row: ApiKeyRow | None) -> ApiKey:

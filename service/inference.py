@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from .auth import ANONYMOUS, ApiKey, Keyring, check_scope
+from .auth import ANONYMOUS, ApiKey, Keyring, check_scope, key_store_unavailable
 from .batching import BatcherClosed, Gate, GateTimeout
 from .errors import ApiError, not_found
 from .metrics import Metrics
@@ -171,8 +171,7 @@ async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: 
     try:
         z = await _served(model.logits(x, keyed=True, caller=key.id, gate=gate), model)
     except GateTimeout:
-        raise ApiError(503, "key_store_unavailable", "the key store did not answer in time: try again",
-                       {"Retry-After": "1"}) from None
+        raise key_store_unavailable() from None
     _count(model, "distill", len(x), key, keyring, metrics)
     return z
 

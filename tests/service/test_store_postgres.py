@@ -193,3 +193,37 @@ async def test_a_store_that_goes_away_is_a_503_to_retry_and_serving_resumes_by_i
             await manager.__aexit__(None, None, None)
     finally:
         cluster.stop()
+
+
+@pytest.mark.anyio
+async def test_a_key_store_that_stalls_is_a_503_in_seconds_not_a_wait_as_long_as_it(tmp_path, bundles, pg_databases):
+    """A stalled database (a lock held, a partition) held every keyed request for as long as it stalled: reading a
+    key that is not cached now waits STORE_WAIT_S, then answers 503 key_store_unavailable."""
+    import psycopg
+
+    from service.auth import STORE_WAIT_S
+
+    from .conftest import make_settings, start_service
+
+    url = pg_databases.create()
+    try:
+        settings = make_settings(tmp_path / "data", bundles, database_url=url, auth_cache_s=0.0)
+        svc, manager = await start_service(settings, bundles.a)
+        try:
+            h = svc.auth(svc.key(("predict",)))
+            one = {"inputs": bundles.x[:1].tolist()}
+            raw = make_url(url).set(drivername="postgresql")
+            with psycopg.connect(raw.render_as_string(hide_password=False)) as locker:
+                locker.execute("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")  # held until the block ends
+                start = time.monotonic()
+                r = await svc.client.post("/v1/models/digits-a/predict", json=one, headers=h)
+                waited = time.monotonic() - start
+                assert r.status_code == 503 and r.json()["error"]["code"] == "key_store_unavailable", r.text
+                assert STORE_WAIT_S <= waited < STORE_WAIT_S + 5, waited
+                locker.rollback()
+            assert (await svc.client.post("/v1/models/digits-a/predict", json=one, headers=h)).status_code == 200
+        finally:
+            await svc.client.aclose()
+            await manager.__aexit__(None, None, None)
+    finally:
+        pg_databases.drop(url)
