@@ -26,7 +26,14 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def take(self, caller: str, now: float | None = None) -> float:
-        """0.0 when the request may go on; otherwise the seconds until it may."""
+        """0.0 when the request may go on (it takes a token); otherwise the seconds until it may."""
+        return self._bucket(caller, now, take=True)
+
+    def wait(self, caller: str, now: float | None = None) -> float:
+        """What :meth:`take` would answer, without taking: 0.0 while the caller has a request left."""
+        return self._bucket(caller, now, take=False)
+
+    def _bucket(self, caller: str, now: float | None, take: bool) -> float:
         if self.rate <= 0:
             return 0.0
         now = time.monotonic() if now is None else now
@@ -34,22 +41,14 @@ class RateLimiter:
             tokens, at = self._buckets.get(caller, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - at) * self.rate)
             if tokens < 1.0:
-                self._buckets[caller] = (tokens, now)
+                if take:
+                    self._buckets[caller] = (tokens, now)
                 return (1.0 - tokens) / self.rate
-            self._buckets[caller] = (tokens - 1.0, now)
-            if len(self._buckets) > self.max_callers:
-                self._prune(now)
+            if take:
+                self._buckets[caller] = (tokens - 1.0, now)
+                if len(self._buckets) > self.max_callers:
+                    self._prune(now)
             return 0.0
-
-    def wait(self, caller: str, now: float | None = None) -> float:
-        """What :meth:`take` would answer, without taking: 0.0 while the caller has a request left."""
-        if self.rate <= 0:
-            return 0.0
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            tokens, at = self._buckets.get(caller, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def _prune(self, now: float) -> None:
         full = [c for c, (t, at) in self._buckets.items() if t + (now - at) * self.rate >= self.burst]
