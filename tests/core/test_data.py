@@ -383,3 +383,12 @@ def test_transfer_split_fills_in_for_small_classes():
         torch.zeros(0, 1, 1, 1), torch.zeros(0, dtype=torch.int64)), 3, (1, 1, 1), (0.0,), (1.0,), ["a", "b", "c"])
     counts = torch.bincount(transfer_split(data, 15, seed=0).tensors[1]).tolist()
     assert counts[0] == 2 and sorted(counts[1:]) == [6, 7]
+
+
+def test_each_embedded_sets_test_split_is_the_size_submissions_check_against():
+    from sdb_core.data import load_dataset
+    from sdb_core.data.embedded import TEST_IMAGES
+
+    assert sorted(TEST_IMAGES) == ["digits", "mnist-5k", "mnist-textures"]
+    for name, n in TEST_IMAGES.items():
+        assert len(load_dataset(name).test) == n, name

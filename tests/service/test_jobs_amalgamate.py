@@ -107,6 +107,9 @@ def test_amalgamate_params_are_checked_before_queueing(server):
                                                                TEACHERS[1]]})
         with pytest.raises(BadRequest):
             c.jobs.submit("amalgamate", {**TINY, "method": "no-such-method"})
+        # every student stage at 0 epochs: it was queued and "succeeded" with an untrained student, no curves.png
+        with pytest.raises(BadRequest, match="layer_epochs 0, finetune_epochs 0"):
+            c.jobs.submit("amalgamate", {**TINY, "layer_epochs": 0, "finetune_epochs": 0})
         assert len(c.jobs.list()) == before  # nothing was queued
 
 

@@ -90,6 +90,13 @@ async def test_submit_accepts_the_issue_examples_and_lists_them(jsvc):
      "params.teacher.std.0 is inf"),
     ("audit", {"target": {"model": "digits-a"}, "data": "digits", "seeds": [-1]}, "params.seeds.0"),
     ("amalgamate", {"method": "afk", "student_widths": [-1, 8]}, "params.student_widths.0"),
+    # accepted, then "succeeded" with an untrained student; accepted and ignored; scored on one scene anyway
+    ("amalgamate", {"method": "afk", "teachers": [{"name": "t", "file": NO_FILE, "labels": [0]}], "layer_epochs": 0,
+                    "finetune_epochs": 0}, "afk would train no student: layer_epochs + finetune_epochs is 0"),
+    ("amalgamate", {"method": "branching", "teachers": [{"name": "t", "file": NO_FILE, "arch": "encdec"}],
+                    "tasks": [1]}, "branching does not read tasks"),
+    ("amalgamate", {"method": "branching", "teachers": [{"name": "t", "file": NO_FILE, "arch": "encdec"}],
+                    "eval_n": 0}, "eval_n must be at least 1"),
     ("nosuchkind", {}, "unknown job kind"),
 ])
 async def test_bad_params_are_refused_and_never_queued(jsvc, kind, params, needle):

@@ -104,4 +104,8 @@ def test_branching_params_are_checked_before_queueing(server):
             c.jobs.submit("amalgamate", {**TINY, "candidates": ["head"]})
         with pytest.raises(BadRequest, match="encdec"):
             c.jobs.submit("amalgamate", {**TINY, "teachers": [{**TEACHERS[0], "arch": "multilabel"}, TEACHERS[1]]})
+        with pytest.raises(BadRequest, match="branching does not read tasks"):  # was accepted and ignored
+            c.jobs.submit("amalgamate", {**TINY, "tasks": [0, 1]})
+        with pytest.raises(BadRequest, match="eval_n must be at least 1"):  # was scored on one scene anyway
+            c.jobs.submit("amalgamate", {**TINY, "eval_n": 0})
         assert len(c.jobs.list()) == before

@@ -82,4 +82,12 @@ def test_datafree_params_are_checked_before_queueing(server):
             c.jobs.submit("amalgamate", {**TINY, "teachers": [TEACHERS[0], {**TEACHERS[1], "widths": [8, 8, 8]}]})
         with pytest.raises(BadRequest, match="student_widths"):
             c.jobs.submit("amalgamate", {**TINY, "student_widths": [4, 4, 4]})
+        # no student stage: it was queued and "succeeded" with an untrained student, no curves.png; the generator's
+        # epochs train no student
+        with pytest.raises(BadRequest, match="layer_epochs 0, finetune_epochs 0"):
+            c.jobs.submit("amalgamate", {**TINY, "gen_epochs": 0, "image_epochs": 0, "layer_epochs": 0,
+                                         "finetune_epochs": 0})
+        with pytest.raises(BadRequest, match="datafree would train no student"):
+            c.jobs.submit("amalgamate", {**TINY, "gen_epochs": 3, "image_epochs": 3, "layer_epochs": 0,
+                                         "finetune_epochs": 0})
         assert len(c.jobs.list()) == before

@@ -78,6 +78,11 @@ def test_transfer_params_are_checked_before_queueing(server):
             c.jobs.submit("transferability", {**plain, "sources": [{"model": "no-such-model"}]})
         with pytest.raises(PermissionDenied, match="protected"):  # a box's network is not given to a jobs key
             c.jobs.submit("transferability", {**plain, "sources": [{"model": "digits-a"}]})
+        # more probe images than the embedded set's test split (digits: 400): was queued, then failed at run time
+        with pytest.raises(BadRequest, match="probe 401 is more than the 400 test images of target_data 'digits'"):
+            c.jobs.submit("transferability", {**plain, "probe": 401})
+        with pytest.raises(BadRequest, match="probe 1001 is more than the 1000 test images of probe_data 'mnist-5k'"):
+            c.jobs.submit("transferability", {**plain, "probe_data": "mnist-5k", "probe": 1001})
         assert len(c.jobs.list()) == before  # nothing was queued
         job = c.jobs.submit("transferability", plain)  # a plain hosted model's network: a jobs key may read it
         assert job["params"]["sources"][0]["version"] == "1"

@@ -88,7 +88,8 @@ class AmalgamateParams(JobParams):
     lr: float | None = Field(None, gt=0, le=10, description=f"student Adam lr (default: afk {_AFK['lr']:g}, datafree "
                              f"{_DATAFREE['lr']:g}, branching {amalgamate.schedule('branching')['lr']:g})")
     batch_size: int = Field(_T.batch_size, ge=1, le=4096)
-    eval_n: int = Field(_T.eval_n, ge=0, le=100_000, description="test composites for the report's mAP")
+    eval_n: int = Field(_T.eval_n, ge=0, le=100_000, description="test composites for the report's mAP (0: none, "
+                        "mAP n/a); branching: test scenes, at least 1")
     # ---- branching (synthetic scenes; transfer = unlabeled scenes, eval_n = test scenes) ----
     scene_size: int = Field(_T.scene_size, ge=16, le=512, description="branching: scene side in pixels")
     scene_classes: int = Field(_T.scene_classes, ge=1, le=6, description="branching: shape classes of the scenes")
@@ -107,6 +108,26 @@ class AmalgamateParams(JobParams):
             raise ValueError(f"teacher names must be distinct, got {names}")
         if self.tasks is not None and len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct, got {self.tasks}")
+        return self
+
+    @model_validator(mode="after")
+    def _student_trains(self):
+        """Refuse what would ship an untrained student or ignore a field: afk and datafree train theirs only in
+        layer_epochs and finetune_epochs (datafree's generator epochs train no student); branching's tasks are its
+        teachers' ``task`` and it scores its student (and draws predictions.png) on eval_n test scenes."""
+        if self.method in ("afk", "datafree"):
+            run = {f: v if v is not None else amalgamate.schedule(self.method)[f]
+                   for f, v in (("layer_epochs", self.layer_epochs), ("finetune_epochs", self.finetune_epochs))}
+            if not sum(run.values()):
+                raise ValueError(f"{self.method} would train no student: layer_epochs + finetune_epochs is 0 "
+                                 f"({', '.join(f'{f} {v}' for f, v in run.items())}); give either more than 0")
+        elif self.method == "branching":
+            if self.tasks is not None:
+                raise ValueError("branching does not read tasks: its student learns its teachers' tasks "
+                                 "(each teacher's task field)")
+            if self.eval_n < 1:
+                raise ValueError("branching scores its student on eval_n test scenes: eval_n must be at least 1, "
+                                 f"got {self.eval_n}")
         return self
 
 

@@ -19,6 +19,7 @@ from sdb_core.tasks import transfer
 from sdb_core.tasks.transfer import TARGET_TRAIN, WEAK_TARGET, RankedModel, TransferTask
 from sdb_core.transfer.config import DEFAULT_PROBE, METHODS, DeparaConfig
 
+from ...errors import invalid
 from .base import (
     NAME_PATTERN,
     Access,
@@ -86,6 +87,14 @@ def check(p: TransferParams, sub: Submission) -> TransferParams:
     for f in ("target_data", "probe_data"):
         if getattr(p, f) is not None:
             data_set(getattr(p, f), sub, f)
+    from sdb_core.data.embedded import TEST_IMAGES
+
+    f = "probe_data" if p.probe_data is not None else "target_data"  # the probe images' set
+    name = getattr(p, f).strip().lower()
+    have = TEST_IMAGES.get(name)  # an embedded set (an uploaded one is counted when the job loads it)
+    if have is not None and p.probe > have:
+        raise invalid(f"probe {p.probe} is more than the {have} test images of {f} {name!r}, where the probe is "
+                      f"drawn: give probe <= {have}", "invalid_params")
     return p.model_copy(update={"sources": [checked[f"sources[{i}]"] for i in range(len(p.sources))],
                                 "target": checked.get("target")})
 
