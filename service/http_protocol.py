@@ -133,13 +133,18 @@ class HttpProtocol(HttpToolsProtocol):
             self._refuse(431, "headers_too_large", _TOO_LARGE)
 
     def on_headers_complete(self) -> None:
-        if len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers) > MAX_HEAD_BYTES:
+        size, host = len(self.url), False  # one pass over the headers: this runs on every request
+        for k, v in self.headers:
+            size += len(k) + len(v) + 4
+            if k == b"host":
+                host = True
+            elif k == b"transfer-encoding" and any(c.strip().lower() not in (b"chunked", b"") for c in v.split(b",")):
+                self._stop(501, "not_implemented", "a Transfer-Encoding other than chunked is not implemented: send "
+                           "the body chunked or with Content-Length (compress it with Content-Encoding: gzip or "
+                           "deflate)")
+        if size > MAX_HEAD_BYTES:
             self._stop(431, "headers_too_large", _TOO_LARGE)
-        codings = [c.strip().lower() for k, v in self.headers if k == b"transfer-encoding" for c in v.split(b",")]
-        if any(c not in (b"chunked", b"") for c in codings):
-            self._stop(501, "not_implemented", "a Transfer-Encoding other than chunked is not implemented: send the "
-                       "body chunked or with Content-Length (compress it with Content-Encoding: gzip or deflate)")
-        if self.parser.get_http_version() == "1.1" and not any(k == b"host" for k, _ in self.headers):
+        if not host and self.parser.get_http_version() == "1.1":
             self._stop(400, "bad_request", "an HTTP/1.1 request needs a Host header")
         self._in_head = False
         super().on_headers_complete()
