@@ -250,6 +250,10 @@ def models_add(settings: Settings, path: str, *, policy: str | None = None, top_
         host.close()
         store.close()
     print(f"registered {model.name} version {model.version} from {model.path} (output policy {policy_text(model.policy)})")
+    own = str(model.meta.get("version"))
+    if own != model.version:
+        print(f"sdb: its bundle says version {own}, a number {model.name} had before: a version number is never given "
+              "again, so it has the next one", file=sys.stderr)
     return 0
 
 

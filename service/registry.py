@@ -738,7 +738,7 @@ class ModelHost:
             row = self.store.add_model(name, version, path, **policy.model_dump())
             if row is None:
                 raise ApiError(409, "model_exists", f"model {name!r} version {version!r} is already registered")
-            self.store.audit(actor, "model.add", f"{name}@{version}", path)
+            self.store.audit(actor, "model.add", f"{name}@{row.version}", path)
             return self.serve(row, bundle)
 
     def serve(self, row: ModelRow, bundle: Bundle) -> HostedModel:

@@ -223,7 +223,8 @@ class Store:
         ``deployer`` is the deploying key's id, read here with the name: an admin key deploys under any
         name, another key under a name it owns or no one has claimed (it becomes the owner); None is the
         admin CLI. ``version`` None assigns the next one (above every version the name ever had), so two
-        deploys never get the same one. The name's row is the lock (PostgreSQL: ``FOR UPDATE``; SQLite:
+        deploys never get the same one; so does a number at or below the highest the name had (one given before,
+        then removed, is never given again). The name's row is the lock (PostgreSQL: ``FOR UPDATE``; SQLite:
         the write lock); a first deploy racing another one's retries and then meets its owner.
 
         ``job`` (job id, worker): a job's deploy, which counts only while that worker still holds the job
@@ -296,12 +297,9 @@ class Store:
         elif version in taken:
             raise DeployRefused("model_exists", f"model {name!r} version {version!r} is already registered")
         elif version.isdigit() and int(version) <= claim.last_version:
-            # a removed version's number is never given again: a client or a job pinned to it would read another
-            # network under the same number
-            raise DeployRefused("model_exists", f"model {name!r} has had versions up to {claim.last_version} (removed "
-                                f"since, or skipped): a version number is never given again, nor one below; set the "
-                                f"bundle's version above {claim.last_version}, or deploy it without one (the next is "
-                                "given)")
+            # a removed version's number is never given again (a client or a job pinned to it would read another
+            # network under it): the bundle is registered under the next one, as a deploy is
+            version = _next_version(taken, claim.last_version)
         if job is not None:
             _hold_job_for_deploy(s, *job, name, version, now)
         if version.isdigit():

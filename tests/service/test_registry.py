@@ -112,13 +112,15 @@ async def test_cli_models_add_remove_reach_running_server(svc, bundles, tmp_path
     await _until(lambda: c.get("/v1/models/digits-b"), 404)
     assert not copy.exists()  # a removed version's copy is deleted, as the API's removal deletes it
     r = await anyio.to_thread.run_sync(lambda: run_sdb("models", "add", str(bundles.b), env=env))
-    assert r.returncode == 0 and "registered digits-b" in r.stdout, r.stderr
+    # its own version 1 was given once already (and removed): never again, the next one instead
+    assert r.returncode == 0 and "registered digits-b version 2" in r.stdout, r.stderr
+    assert "its bundle says version 1" in r.stderr
     await _until(lambda: c.get("/v1/models/digits-b"), 200)
     bad = tampered_copies(bundles, tmp_path)[0]
     r = await anyio.to_thread.run_sync(lambda: run_sdb("models", "add", str(bad), env=env))
     assert r.returncode == 2 and "refused" in r.stderr
     assert [(m.name, m.version) for m in svc.app.state.store.list_models()] == [
-        ("digits-a", "1"), ("digits-a", "2"), ("digits-b", "1")]
+        ("digits-a", "1"), ("digits-a", "2"), ("digits-b", "2")]
     # a bundle registered in place is the admin's own: removing its version leaves it where it is
     r = await anyio.to_thread.run_sync(lambda: run_sdb("models", "remove", "digits-b", env=env))
     assert r.returncode == 0, r.stderr
@@ -367,9 +369,9 @@ def test_a_version_removed_while_a_sync_loads_it_is_not_served(bundles, tmp_path
         host.sync()
         assert host.loaded("digits-a", "2") is None and host.versions("digits-a") == ["1"]
         host.load = load
-        store.add_model("digits-a", "2", str(bundles.a2))
+        assert store.add_model("digits-a", "2", str(bundles.a2)).version == "3"  # a removed number is not given again
         host.sync()
-        assert host.versions("digits-a") == ["1", "2"]
+        assert host.versions("digits-a") == ["1", "3"]
     finally:
         host.close()
         store.close()
