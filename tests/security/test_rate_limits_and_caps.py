@@ -239,7 +239,7 @@ async def test_the_versions_a_key_deploys_count_with_its_files(tmp_path, bundles
     async for svc in _service(tmp_path, bundles, max_file_storage_per_key=len(body) + len(png(0)) + 100):
         c, h = svc.client, svc.auth(svc.key(("deploy", "jobs")))
 
-        def deploy(name: str, headers: dict):
+        def deploy(name: str, headers: dict, c=c):
             return c.post("/v1/models", headers=headers, files={"file": ("b.sdb", body)}, data={"name": name})
 
         assert (await deploy("mine-1", h)).status_code == 201
