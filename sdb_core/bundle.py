@@ -30,6 +30,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,6 +128,19 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
     ``spectral_norm``) export as the weights they compute in eval mode. What the exporter cannot
     express is a :class:`BundleError` that names it.
     """
+    import torch
+
+    from .train import evaluating
+
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule: its graph does not trace
+    model = inner if isinstance(inner, torch.nn.Module) else model
+    with evaluating(model):  # the caller's module comes back in the modes it had, module by module
+        return _export_eval(model, in_shape, dynamic_spatial, extra_inputs, samples)
+
+
+def _export_eval(model: nn.Module, in_shape: Sequence[int], dynamic_spatial: bool,
+                 extra_inputs: Sequence[tuple[str, Sequence[int]]], samples) -> bytes:
+    """:func:`export_onnx` of ``model``, in eval mode."""
     import copy
 
     import torch
@@ -134,8 +148,6 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
 
     from .train import device_of
 
-    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule: its graph does not trace
-    model = (inner if isinstance(inner, torch.nn.Module) else model).eval()
     device = device_of(model)
     traced = model
     if any(parametrize.is_parametrized(m) for m in model.modules()):  # spectral_norm's power step has no ONNX op
@@ -160,8 +172,24 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
     out_axes: dict[int, str] = {0: "batch"}
     if dynamic_spatial:
         out_axes.update({2: "out_height", 3: "out_width"})
+
+    class Positional(torch.nn.Module):
+        """The network called with its inputs alone: the exporter makes every argument of the forward it traces a
+        graph input, keyword defaults too (``temperature=1.0``: an input ``onnx::Cast_1`` that no caller feeds)."""
+
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, *inputs):
+            return self.net(*inputs)
+
+    # Only a forward that takes more than its inputs is wrapped: the wrapper's attribute would prefix every node's
+    # name ("/net/..."), and node names are what a transferability job names a hosted model's layers by.
+    if not isinstance(traced, torch.jit.ScriptModule) and _takes_more_than(traced, len(args)):
+        traced = Positional(traced).eval()  # the exporter sets it back to its mode, and with it the network
     buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_stdout():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: fast, no onnxscript needed, and exact for these graphs.
         try:
@@ -179,6 +207,40 @@ def export_onnx(model: nn.Module, in_shape: Sequence[int], *, dynamic_spatial: b
     onnx_bytes = buf.getvalue()
     _check_export(model, onnx_bytes, [(INPUT_NAME, in_shape), *extra_inputs], samples)
     return onnx_bytes
+
+
+def _takes_more_than(model: nn.Module, n: int) -> bool:
+    """Whether ``model``'s forward has parameters beyond its first ``n`` (keyword defaults, ``*args``, ``**kwargs``),
+    which the exporter would make graph inputs; a signature it cannot read is taken to."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    return len(params) != n or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+@contextmanager
+def _quiet_stdout():
+    """File descriptor 1 on /dev/null for the block: the TorchScript exporter prints its whole IR graph there (from
+    C++) before some refusals (``instance_norm training for unknown batch size``); the refusal says what matters."""
+    import sys
+
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no fd 1 (a daemon), or a stdout without one: left as is
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[str, Sequence[int]]],
@@ -206,6 +268,12 @@ def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[st
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    extra = [i.name for i in session.get_inputs() if i.name not in {name for name, _ in inputs}]
+    if extra:  # a caller feeds the inputs a bundle declares, and ONNX Runtime refuses a call without the others
+        raise BundleError(
+            f"the ONNX export takes inputs beyond {[name for name, _ in inputs]}: {extra}; the exporter makes every "
+            "argument of the forward an input (a keyword default such as temperature=1.0 among them): export a "
+            "module whose forward takes the input alone")
     unread = [name for name, _ in inputs if name not in {i.name for i in session.get_inputs()}]
     if unread:  # the trace lost the input: its answer was computed from the trace's own zeros
         raise BundleError(
@@ -272,20 +340,23 @@ def per_sample_fault(model: nn.Module, batch: Sequence[Tensor], what: str = "net
         cure = ("give it running statistics (BatchNorm with track_running_stats=True) or a per-sample "
                 "normalisation (LayerNorm, GroupNorm, InstanceNorm), and attention over each sample's own tokens "
                 "(batch_first=True for (N, L, E) inputs)")
+        squeezed = ("or it drops the batch axis for a single input (x.squeeze() without a dim, view(-1)): use "
+                    "squeeze(1) or flatten(1)")
         try:
             alone = torch.cat([answer(*(t[i:i + 1] for t in batch)) for i in range(len(batch[0]))])
         except Exception as e:  # noqa: BLE001 - any error here is the same fault, said in the user's terms
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             return (f"the {what} cannot answer one input alone in eval mode ({type(e).__name__}: {first}): it "
                     "computes a statistic over the batch axis (a BatchNorm with track_running_stats=False?), and a "
-                    f"request of one input is answered alone; {cure}")
+                    f"request of one input is answered alone; {cure}; {squeezed}")
         gap = differ(together, alone)
         if gap is not None:
             return (f"the {what}'s answer to an input depends on the other inputs of its batch in eval mode (largest "
                     f"difference {gap:.3g} at output scale {scale:.3g}, {len(batch[0])} inputs together vs each "
                     "alone): it computes a statistic over the batch axis (a BatchNorm with track_running_stats=False, "
                     "attention across the batch); the service answers different callers' inputs in one call, so one "
-                    f"caller's answer would change with, and tell of, another's; {cure}")
+                    f"caller's answer would change with, and tell of, another's; {cure}"
+                    + (f"; {squeezed}" if together.shape != alone.shape else ""))
     return None
 
 
@@ -308,12 +379,12 @@ def _output_shape(model: nn.Module, in_shape: Sequence[int],
     """The per-sample output shape of ``model`` on a zero input (a plain module's ``output.shape``)."""
     import torch
 
-    from .train import device_of
+    from .train import device_of, evaluating
 
     device = device_of(model)
     args = [torch.zeros(1, *shape, device=device) for shape in [in_shape, *(s for _, s in extra_inputs)]]
-    with torch.no_grad():
-        return list(model.eval()(*args).shape[1:])
+    with torch.no_grad(), evaluating(model):
+        return list(model(*args).shape[1:])
 
 
 def export_bundle(

@@ -293,13 +293,18 @@ def checked_wrap(
 
     ``cfg`` picks the recipe (:func:`recipe_for`): SDB (``key``: its key, None draws one) or Nasty (no key).
     """
-    from ..train import accuracy
-    from .teacher import check_teacher
+    from ..train import accuracy, predict_logits
+    from .teacher import check_teacher, copy_teacher, dropped_hooks
 
     data = data.checked()
+    owner = teacher
     teacher = check_teacher(teacher, data)  # the network the recipe copies: the figures below are of it
     if hasattr(teacher, "why"):
         log(f"teacher: {teacher.why}")
+    dropped = dropped_hooks(owner)
+    if dropped:
+        log(f"teacher: the box runs without {len(dropped)} forward hook(s) of yours that answer None (they observe "
+            f"into your objects): {', '.join(dropped[:5])}{', ...' if len(dropped) > 5 else ''}")
     recipe = recipe_for(cfg)
     t0 = time.perf_counter()
     untrained = absent_classes(data.train.tensors[1], data.num_classes)
@@ -313,8 +318,11 @@ def checked_wrap(
             "gives one from 2 training inputs on): the figures measure nothing of them, e.g. classes "
             + ", ".join(map(str, unvalidated["first"])))
     fit_part = _fit_part(fit_data.train)
-    teacher_fit_acc = accuracy(teacher, fit_part)  # the teacher is frozen: once for every attempt
-    teacher_val: torch.Tensor | None = None  # its logits on the held-out inputs, for the guessed-key figure
+    measured = copy_teacher(teacher)  # a forward with state (a counter buffer) leaves the owner's model as it was
+    teacher_fit_acc = accuracy(measured, fit_part)  # the teacher is frozen: once for every attempt
+    # its logits on the held-out inputs, for the guessed-key figure
+    teacher_val = predict_logits(measured, fit_data.test.tensors[0])
+    del measured
     th = check.thresholds
     attempts: list[dict] = []
     best: tuple[float, WrapResult, dict] | None = None
@@ -345,11 +353,8 @@ def checked_wrap(
                       if keyed else {}),
                    "fit_public_drop": teacher_fit_acc - accuracy(result.box.public_logits, fit_part)}
         if keyed:
-            from ..train import predict_logits
             from .sdb import guessed_key_share
 
-            if teacher_val is None:
-                teacher_val = predict_logits(teacher, fit_data.test.tensors[0])
             figures["guessed_key_share"] = guessed_key_share(result.box, teacher_val, fit_data, cfg)
         if check.leak_check:
             earlier = next((a["figures"]["labels_only"] for a in attempts if "labels_only" in a.get("figures", {})), None)

@@ -21,6 +21,7 @@ top-1, not the network's logits. Why these values, and what was measured: docs/p
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -111,7 +112,8 @@ def frozen_and_trainable(teacher: nn.Module, device: torch.device, data) -> tupl
     (:func:`~.teacher.check_teacher`; its network: a compiled module's original, the ``logits`` of a dict or
     ``ModelOutput``): the owner's model stays untouched. Every float parameter of f trains, whatever the owner
     froze: the keyed path's inputs are blended with the key, so the first layers have to learn too. A quantized ONNX
-    teacher's f computes in float (:func:`~sdb_core.onnx_torch.float_activations`); f_A answers as it does."""
+    teacher's f computes in float (:func:`~sdb_core.onnx_torch.float_activations`); f_A answers as it does. A
+    network whose box would not export to a bundle is refused here, before any training (:func:`require_export`)."""
     net = check_teacher(teacher, data)
     frozen = copy_teacher(net).to(device).eval()
     for p in frozen.parameters():
@@ -120,7 +122,29 @@ def frozen_and_trainable(teacher: nn.Module, device: torch.device, data) -> tupl
     float_activations(model)  # a quantized ONNX teacher's box trains and serves in float (onnx_torch)
     for p in model.parameters():
         p.requires_grad_(p.is_floating_point())
+    if net not in _EXPORTED:  # once per checked network: a checked wrap's attempts share it
+        require_export(model, data)
+        _EXPORTED.add(net)
     return frozen, model
+
+
+# The checked networks whose box was exported once already (:func:`require_export`), weakly: an owner's teacher
+# is never kept alive by it.
+_EXPORTED: weakref.WeakSet = weakref.WeakSet()
+
+
+def require_export(model: nn.Module, data) -> None:
+    """Export the untrained box network ``model`` to ONNX once, as its bundle will be (``export_onnx``, checked on
+    a few training inputs): raise :class:`~sdb_core.bundle.BundleError` naming the exporter's refusal before any
+    training, not after it (an InstanceNorm with running statistics, a ``torch.compile``'d submodule, a forward
+    through numpy). Training moves weights, not what the exporter can express."""
+    from ..bundle import BundleError, export_onnx
+
+    try:
+        export_onnx(model, data.in_shape, samples=data.train.tensors[0][:8])
+    except BundleError as e:
+        raise BundleError(f"the teacher's box could not be exported to a bundle, so it is not trained (checked "
+                          f"before any training): {e}") from None
 
 
 # Devices where the recipe's three batches (plain, keyed, random keys) go through the network as one. On the CPU,

@@ -2,9 +2,11 @@
 wrong with their model in their own terms, not from an index error deep in a loss."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -153,15 +155,83 @@ class CopiesInput(nn.Module):
 
 def plain_teacher(teacher: nn.Module) -> nn.Module:
     """The module a box is made of: a ``torch.compile``'d teacher's original module (a compiled graph neither
-    copies into a trainable network nor exports to ONNX; the box is the same function without it)."""
-    inner = getattr(teacher, "_orig_mod", None)  # torch._dynamo's OptimizedModule
-    return inner if isinstance(inner, nn.Module) else teacher
+    copies into a trainable network nor exports to ONNX; the box is the same function without it), an
+    ``nn.DataParallel`` or ``DistributedDataParallel`` one's ``.module`` (the exporter refuses them; a served box
+    answers on one device)."""
+    while True:
+        inner = getattr(teacher, "_orig_mod", None)  # torch._dynamo's OptimizedModule
+        if isinstance(teacher, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            inner = teacher.module
+        if not isinstance(inner, nn.Module):
+            return teacher
+        teacher = inner
+
+
+# The hooks a module runs in its forward, by the attribute that holds them (each a dict: id -> hook).
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks")
+_KEYED = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+# The owner's hook functions that answered None: they observe (capture features, count calls) into the owner's
+# objects, and the box's copies run without them (docs/protection.md, the teacher check).
+_OBSERVERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _observer(hook) -> bool:
+    try:
+        return hook in _OBSERVERS
+    except TypeError:  # not weakly referenceable: never recorded
+        return False
+
+
+class _OwnersHook:
+    """A hook of the owner's in a copy: the function itself, closure and all (``copy.deepcopy`` keeps functions by
+    reference), so each of its calls is made on the owner's objects. Called once: answering None it only
+    observes, and leaves the copy (and is left out of later copies); answering a value it changes the forward
+    (clamps its input, say), and the copy keeps it."""
+
+    def __init__(self, hook, hooks: dict, key: int) -> None:
+        self.hook, self.hooks, self.key = hook, hooks, key
+
+    def __call__(self, *args, **kwargs):
+        answer = self.hook(*args, **kwargs)
+        if answer is None:
+            with contextlib.suppress(TypeError):
+                _OBSERVERS.add(self.hook)
+            self.hooks.pop(self.key, None)
+        else:
+            self.hooks[self.key] = self.hook
+        return answer
+
+
+def _own_hooks(owner: nn.Module, clone: nn.Module) -> None:
+    """The copy ``clone`` of ``owner`` without the owner's observing hooks (:class:`_OwnersHook`); its hook objects
+    and methods, which ``copy.deepcopy`` copied with it (an old-style ``weight_norm``'s), are its own."""
+    for mine, theirs in zip(clone.modules(), owner.modules(), strict=True):
+        for kind in _HOOKS:
+            hooks, given = getattr(mine, kind, {}), getattr(theirs, kind, {})
+            for key, hook in list(hooks.items()):
+                if hook is not given.get(key):  # copied with the module: the copy's own
+                    continue
+                if _observer(hook):
+                    del hooks[key]
+                    for keyed in _KEYED:
+                        getattr(mine, keyed, {}).pop(key, None)
+                else:
+                    hooks[key] = _OwnersHook(hook, hooks, key)
+
+
+def dropped_hooks(teacher: nn.Module) -> list[str]:
+    """The owner's forward hooks and pre-hooks that the box's copies run without (:class:`_OwnersHook`), named by
+    module and function: what a checked wrap logs."""
+    return [f"{name or 'the model'}: {getattr(hook, '__qualname__', type(hook).__name__)}"
+            for name, m in plain_teacher(teacher).named_modules() for kind in _HOOKS
+            for hook in getattr(m, kind, {}).values() if _observer(hook)]
 
 
 def copy_teacher(teacher: nn.Module) -> nn.Module:
     """An independent copy of ``teacher`` (:func:`plain_teacher`) with leaf parameters: a TorchScript module
     (``torch.jit.script``/``trace``) is copied through ``torch.jit.save``/``load``, since ``copy.deepcopy`` of one
-    gives parameters that are not leaves (nothing can train or freeze them)."""
+    gives parameters that are not leaves (nothing can train or freeze them). The owner's forward hooks that only
+    observe (answer None) are left out of the copy (:class:`_OwnersHook`)."""
     teacher = plain_teacher(teacher)
     if isinstance(teacher, Logits | FromProbabilities | FromClassSigmoids | CopiesInput):
         return type(teacher)(copy_teacher(teacher.model))
@@ -172,14 +242,16 @@ def copy_teacher(teacher: nn.Module) -> nn.Module:
         torch.jit.save(teacher, buf)
         buf.seek(0)
         return torch.jit.load(buf, map_location=device_of(teacher))
-    return copy.deepcopy(teacher)
+    clone = copy.deepcopy(teacher)
+    _own_hooks(teacher, clone)
+    return clone
 
 
 def check_teacher(teacher: nn.Module, data) -> nn.Module:
     """Raise ``ValueError`` unless ``teacher`` is a float32 network that maps a batch of ``data``'s inputs
     (N, *in_shape) to finite float logits (N, num_classes) (``data``: checked by ``DataSplits.checked``).
-    It runs on two training inputs in eval mode without gradients (nothing in the model moves), and
-    leaves every module of the model in the mode it found it in; then on three, twice and one by one: a forward
+    It runs a copy (:func:`copy_teacher`: the owner's model, its buffers and its hooks' objects see none of it) on two
+    training inputs in eval mode without gradients; then on three, twice and one by one: a forward
     that is random or answers an input by its batch is refused (:func:`~sdb_core.bundle.per_sample_fault`).
 
     Returns the network a box copies: ``teacher`` (its compiled module's original, :func:`plain_teacher`), inside
@@ -197,11 +269,13 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     other = sorted({str(p.dtype) for p in teacher.parameters() if p.is_floating_point() and p.dtype != torch.float32})
     if other:  # the box trains, exports (ONNX) and serves in float32, on float32 inputs
         raise ValueError(f"the teacher's parameters are {', '.join(other)}: the box is float32; pass teacher.float()")
+    # Probed on a copy: a forward with state (a counter buffer) or the owner's hooks leave the owner's model as it was
+    probe = copy_teacher(teacher)
     given = x.to(device_of(teacher))  # on the CPU, a view of the owner's data
     seen = given.clone()
     try:
-        with torch.no_grad(), evaluating(teacher):
-            out = teacher(seen)
+        with torch.no_grad(), evaluating(probe):
+            out = probe(seen)
     except Exception as e:
         raise ValueError(f"the teacher cannot run on this data's inputs (a batch of shape {tuple(x.shape)}): "
                          f"{type(e).__name__}: {e}") from e
@@ -220,15 +294,15 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     if not z.is_floating_point() or not torch.isfinite(z).all():
         raise ValueError("the teacher's logits must be finite floats (got "
                          f"{z.dtype}{'' if torch.isfinite(z.float()).all() else ' with NaN or Inf'})")
-    why = per_sample_fault(teacher, [data.train.tensors[0][:3].to(device_of(teacher))], "teacher")
+    why = per_sample_fault(probe, [data.train.tensors[0][:3].to(device_of(teacher))], "teacher")
     if why is not None:
         raise ValueError(why)
-    net = _logits_module(teacher, z is out)
+    net, probed = _logits_module(teacher, z is out), _logits_module(probe, z is out)
     if not torch.equal(seen, given):  # it wrote into its input: from here on it gets copies
         if isinstance(teacher, torch.jit.ScriptModule):
             raise ValueError("the TorchScript teacher changes its input in place (an in-place op on it): script (or "
                              "trace) a module that does not, or pass the nn.Module unscripted")
-        net = CopiesInput(net)
+        net, probed = CopiesInput(net), CopiesInput(probed)
     probabilities = not one_score and bool((z >= 0).all() and (z <= 1).all()
                                            and torch.allclose(z.sum(1), torch.ones(len(z)).to(z), atol=1e-4))
     if (one_score or probabilities) and isinstance(teacher, torch.jit.ScriptModule):  # ONNX's tracer cannot call
@@ -237,11 +311,11 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
         raise ValueError(f"the TorchScript teacher answers {what}: script (or trace) a module that answers its "
                          f"{k} logits (no final softmax or sigmoid), or pass the nn.Module unscripted")
     sigmoids = not (one_score or probabilities) and bool(((z >= 0) & (z <= 1)).all()) and _scores_are_probabilities(
-        net, data)
+        probed, data)
     if sigmoids and isinstance(teacher, torch.jit.ScriptModule):
         raise ValueError(f"the TorchScript teacher answers one probability per class (a sigmoid on each): script "
                          f"(or trace) a module that answers its {k} logits, or pass the nn.Module unscripted")
-    adapted = (FromOneScore(net, _scores_are_probabilities(net, data)) if one_score
+    adapted = (FromOneScore(net, _scores_are_probabilities(probed, data)) if one_score
                else FromProbabilities(net) if probabilities else FromClassSigmoids(net) if sigmoids else net)
     if adapted is not net and isinstance(net, CopiesInput):
         adapted.why = f"{adapted.why}; {net.why}"

@@ -344,3 +344,53 @@ def test_real_samples_catch_a_branch_on_input_values(tmp_path):
         export_bundle(net, tmp_path / "real", samples=torch.rand(8, 8) + 0.5, **common)
     plain = _Traced(lambda m, x: m.a(x))
     assert export_bundle(plain, tmp_path / "fine", samples=torch.rand(8, 8) + 0.5, **common).exists()
+
+
+class _Tempered(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 3)
+
+    def forward(self, x, temperature=1.0):  # as real code has it
+        return self.a(x) / temperature
+
+
+def test_a_forward_with_a_keyword_default_exports_its_input_alone(tmp_path):
+    """The exporter made temperature=1.0 a graph input: the export check failed in ONNX Runtime ("Required inputs
+    (['onnx::Cast_1']) are missing"), a plain ValueError; the network is now traced with its input alone."""
+    net = _Tempered().eval()
+    out = export_bundle(net, tmp_path / "m", name="m", in_shape=(8,), mean=(0.0,), std=(1.0,), labels=["a", "b", "c"])
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        np.testing.assert_allclose(load_bundle(out).network_logits(x.numpy()), net(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_export_with_inputs_beyond_the_declared_ones_is_a_bundle_error():
+    from sdb_core.bundle import _check_export
+
+    net, buf = _Tempered().eval(), io.BytesIO()
+    torch.onnx.export(net, (torch.zeros(2, 8),), buf, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    with pytest.raises(BundleError, match=r"takes inputs beyond \['input'\]: \['onnx::.*keyword default"):
+        _check_export(net, buf.getvalue(), [("input", (8,))])
+
+
+def test_exporting_a_module_leaves_it_in_the_modes_it_was_in(tmp_path):
+    """An epoch-end export of a network mid-training left it in eval mode for good (its dropout off)."""
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5),
+                              torch.nn.Linear(4, 3)).train()
+    net[1].eval()  # a frozen BatchNorm: the modes come back module by module
+    modes = [m.training for m in net.modules()]
+    export_bundle(net, tmp_path / "m", name="m", in_shape=(8,), mean=(0.0,), std=(1.0,), labels=["a", "b", "c"])
+    assert [m.training for m in net.modules()] == modes
+    export_onnx(net, (8,))
+    assert [m.training for m in net.modules()] == modes
+
+
+def test_an_exporter_refusal_keeps_its_graph_dump_off_stdout(capfd):
+    """Before some refusals the exporter prints its whole IR graph to file descriptor 1 (from C++)."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1),
+                              torch.nn.InstanceNorm2d(2, track_running_stats=True), torch.nn.Flatten()).eval()
+    with pytest.raises(BundleError, match="does not export to ONNX .*instance_norm"):
+        export_onnx(net, (1, 4, 4))
+    assert "aten::" not in capfd.readouterr().out

@@ -358,3 +358,106 @@ def test_predict_logits_leaves_a_models_modes_as_it_found_them():
     predict_logits(net, torch.zeros(3, 1, 8, 8))
     assert [m.training for m in net.modules()] == modes
     assert net.training
+
+
+LAX = CheckConfig(thresholds=Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0,
+                                        min_guessed_key_share=-1e12), max_attempts=1, leak_check=False)
+
+
+def test_a_data_parallel_teacher_is_wrapped_as_its_module_and_exports(digits, tmp_path):
+    """As multi-GPU training scripts leave it: the box was a DataParallel, trained in full, and the exporter refused it."""
+    box = wrap(nn.DataParallel(_net()), digits, ONE_EPOCH, check=None).box
+    assert type(box.model) is Net
+    _bundle_answers_as_the_box(box, digits, tmp_path)
+
+
+class _Numpy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+
+    def forward(self, x):
+        return self.net(torch.from_numpy(np.clip(x.detach().cpu().numpy(), -3, 3)))
+
+
+def _compiled_inside():
+    net = _net()
+    net.body = torch.compile(net.body)
+    return net
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4, track_running_stats=True),
+                           nn.Flatten(), nn.Linear(256, 10)).eval(), "instance_norm training for unknown batch size"),
+    (_Numpy, "does not read its input 'input'"),
+    (_compiled_inside, "dynamo-optimized"),
+], ids=["instance_norm_running_stats", "numpy", "compiled_submodule"])
+def test_a_teacher_whose_box_cannot_export_is_refused_before_any_training(digits, capfd, make, why):
+    """Each was trained (and in a checked wrap, checked) in full, then refused at export."""
+    steps: list = []
+    with pytest.raises(BundleError, match=rf"could not be exported .*before any training.*{why}"):
+        wrap(make(), digits, ONE_EPOCH, check=None, progress=steps.append)
+    assert not steps
+    assert "aten::" not in capfd.readouterr().out  # the exporter's IR dump stays off stdout
+
+
+def test_the_owners_observing_hooks_are_left_out_of_the_box_and_a_changing_one_is_trained_through(digits, tmp_path):
+    """A feature-capture hook of the owner's was shared by the box's copies (copy.deepcopy keeps functions): the
+    owner's list grew by 84 tensors in a one-epoch wrap, and by one on every later call of the box. A pre-hook that
+    answers a value (clamps the input) is part of the function: the box keeps it, and so does its bundle."""
+    teacher, captured = _net(), []
+    teacher.body[2].register_forward_hook(lambda m, i, o: captured.append(o.detach()))
+    teacher.register_forward_pre_hook(lambda m, args: (args[0].clamp(-3, 3),))
+    lines: list[str] = []
+    box = wrap(teacher, digits, ONE_EPOCH, check=LAX, log=lines.append).box
+    assert len(captured) <= 1  # the check's first probe, which tells an observer from a hook that changes the forward
+    assert any("forward hook" in line and "body.2" in line for line in lines), lines
+    x = digits.test.tensors[0][:40] * 10
+    box.distill_logits(x)
+    box.public_logits(x)
+    assert len(captured) <= 1
+    with torch.no_grad():
+        torch.testing.assert_close(box.model(x), box.model(x.clamp(-3, 3)))
+    _bundle_answers_as_the_box(box, digits, tmp_path)
+    mk = new_master_key()
+    bundle = load_bundle(export_bundle(box, tmp_path / "c", name="c", in_shape=digits.in_shape, mean=digits.mean,
+                                       std=digits.std, master_key=mk), mk)
+    np.testing.assert_array_equal(bundle.public_logits(x.numpy()), box.public_logits(x).numpy())
+    wrap(teacher, digits, ONE_EPOCH, check=None)  # a later wrap knows the observer: not one more call
+    assert len(captured) <= 1
+
+
+class _Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))  # inputs served: in the state_dict
+
+    def forward(self, x):
+        if not torch.jit.is_tracing():
+            self.seen += x.shape[0]
+        return self.net(x)
+
+
+@pytest.mark.parametrize("check", [None, LAX], ids=["unchecked", "checked"])
+def test_a_forward_with_state_is_probed_and_measured_on_copies(digits, check):
+    """The check's probes and the checked wrap's teacher accuracies ran the owner's own module: its counter moved."""
+    teacher = _Counting()
+    before = _state(teacher)
+    wrap(teacher, digits, ONE_EPOCH, check=check)
+    assert _same(before, _state(teacher)) and int(teacher.seen) == 0
+
+
+def test_a_forward_that_drops_the_batch_axis_of_one_input_is_told_so(digits):
+    class Squeezing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            x = x.squeeze()  # (N, 1, 8, 8) -> (N, 8, 8); for one input (8, 8)
+            return self.head(F.relu(self.fc(x.reshape(x.shape[0], -1))))
+
+    with pytest.raises(ValueError, match=r"drops the batch axis for a single input \(x\.squeeze\(\) without a dim.*"
+                                         r"squeeze\(1\) or flatten\(1\)"):
+        wrap(Squeezing().eval(), digits, ONE_EPOCH, check=None)
