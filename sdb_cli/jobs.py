@@ -89,8 +89,9 @@ def _run(client, args) -> int:
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
+    kind = max([len(j["kind"]) for j in jobs] + [10])  # transferability is 15 characters: the columns stay aligned
     for j in jobs:
-        print(f"{j['id']}  {j['kind']:10}  {j['status']:10}  {100 * j['progress']:5.1f}%  {j['step']}")
+        print(f"{j['id']}  {j['kind']:{kind}}  {j['status']:10}  {100 * j['progress']:5.1f}%  {j['step']}")
     return 0
 
 

@@ -7,13 +7,30 @@ commands over HTTP through ``sdb_client``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """``--help`` gives each flag's default after its help, unless the help says it already (or there is none to
+    give: no value, an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, "")
+                or action.default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with an API key given in the wrong place (a positional, ``--url KEY``) never echoed in its
-    usage errors; the subcommands' parsers are of this class too."""
+    usage errors, and every flag's default in its help; the subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         from .console import redact
@@ -43,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdb: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # its reader stopped (`sdb files list --json | head`): nothing more to say, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would raise again
+        return 141  # as a shell reports a process killed by SIGPIPE
 
 
 if __name__ == "__main__":

@@ -205,11 +205,11 @@ class Settings(BaseSettings):
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise SettingsError(f"SDB_DATA_DIR ({path}) cannot be made a directory: {e.strerror or e}; it takes a "
-                                "directory this user can write") from None
+            raise SettingsError(f"SDB_DATA_DIR (--data-dir: {path}) cannot be made a directory: {e.strerror or e}; it "
+                                "takes a directory this user can write") from None
         if not os.access(path, os.W_OK | os.X_OK):
-            raise SettingsError(f"SDB_DATA_DIR ({path}) is not writable by this user; it takes a directory this "
-                                "user can write")
+            raise SettingsError(f"SDB_DATA_DIR (--data-dir: {path}) is not writable by this user; it takes a directory "
+                                "this user can write")
 
     @property
     def db_url(self) -> str:

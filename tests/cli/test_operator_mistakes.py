@@ -369,3 +369,28 @@ def test_processes_on_one_store_must_share_its_secrets(data, tmp_path, shared):
             other.check_secrets()
         with pytest.raises(SecretsError, match="master key"):
             Settings(data_dir=data, secrets_dir=tmp_path / "host-c-secrets").check_secrets(pepper=False)
+
+
+def test_output_cut_short_by_its_reader_is_no_traceback(data, tmp_path):
+    """`sdb keys list | head -1` (any listing into a reader that stops): a BrokenPipeError traceback, exit 1."""
+    import subprocess
+    import sys
+
+    from service.auth import create_key
+    from service.store import Store
+
+    settings = Settings(data_dir=data)
+    settings.prepare_data_dir()
+    settings.check_secrets()
+    store = Store(settings.db_url)
+    try:
+        for i in range(1500):  # more than a pipe holds
+            create_key(store, settings.pepper, scopes=["predict"], name=f"key {i}")
+    finally:
+        store.close()
+    code = "import sys; from sdb_cli.main import main; sys.exit(main(['keys', 'list']))"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(100)
+    proc.stdout.close()  # the reader stops, as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err
