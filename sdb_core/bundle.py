@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
-from .protect.seal import seal, unseal
+from .protect.seal import SealError, seal, unseal
 
 if TYPE_CHECKING:  # torch only where a bundle is made: loading one must stay light
     from torch import Tensor, nn
@@ -967,6 +967,25 @@ class Bundle:
 
     def __repr__(self) -> str:
         return f"Bundle(name={self.name!r}, version={self.meta['version']!r}, key={'<hidden>' if self._key is not None else None})"
+
+
+def opens_key(path: str | os.PathLike, master_key: bytes) -> bool | None:
+    """Whether ``master_key`` opens the bundle's sealed key (None: it has none, or the bundle cannot be read):
+    what tells a master key from another without loading the network."""
+    try:
+        files = read_bundle_files(path)
+        meta = verify(files, str(path))
+    except (BundleError, OSError, ValueError):
+        return None
+    if KEY_FILE not in files:
+        return None
+    try:
+        unseal(files[KEY_FILE], master_key, aad=_opening_aad(meta, files, str(path)))
+    except SealError:
+        return False
+    except (BundleError, ValueError):
+        return None
+    return True
 
 
 def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,

@@ -22,6 +22,12 @@ from sdb_core.protect.seal import MASTER_KEY_BYTES, load_or_create_master_key
 log = logging.getLogger("sdb.service")
 
 
+def _api_keys():
+    from .store import ApiKeyRow
+
+    return ApiKeyRow
+
+
 def _holds(store, table) -> bool:
     """Whether ``store`` has a row of ``table``."""
     from sqlalchemy import func, select
@@ -291,10 +297,31 @@ class Settings(BaseSettings):
                 continue  # a worker's host, which needs none
             secret = self.master_key if name == "master_key" else self.pepper
             fingerprint = hmac.new(secret, b"sdb secret fingerprint: " + name.encode(), hashlib.sha256).hexdigest()
+            if store.recorded_secret(name) is None:  # the first process on the store (or on one made before these)
+                self._check_unrecorded(store, name, path, what)
             if not store.secret_matches(name, fingerprint):
                 raise SecretsError(f"the {what} {path} is not the one this store's other processes use (its "
                                    "fingerprint differs): every server and worker on one store needs the same master "
                                    "key and pepper; copy the files from the first one's SDB_SECRETS_DIR")
+
+    def _check_unrecorded(self, store, name: str, path: Path, what: str) -> None:
+        """Before a secret's fingerprint is first recorded on a store that holds what was made under one (a store from
+        before fingerprints): the master key must open the sealed keys of the models it holds, or it would be recorded
+        as the right one and the right one refused after. A pepper has nothing to be checked by: said in the log."""
+        if name == "master_key":
+            from sdb_core.bundle import opens_key
+
+            for row in store.list_models()[:20]:  # the first that has a sealed key tells
+                opened = opens_key(row.path, self.master_key)
+                if opened is False:
+                    raise SecretsError(f"the {what} {path} does not open the sealed key of model {row.name!r} version "
+                                       f"{row.version!r}, which this store serves: it is not the one its models were "
+                                       "sealed under; point SDB_SECRETS_DIR or SDB_MASTER_KEY_FILE at that one")
+                if opened:
+                    return
+        elif _holds(store, _api_keys()):
+            log.warning("recording the fingerprint of the pepper %s on a store that holds API keys made before "
+                        "fingerprints: if they answer 401 unknown API key, it is not theirs", path)
 
     def _existing_store(self):
         """The store, when there is one to look into (a new data dir: None, and no store made here just to look;

@@ -44,6 +44,7 @@ from .store_schema import (
     JobRow,
     ModelNameRow,
     ModelRow,
+    SchemaTooNew,
     SchemaVersion,
     SecretCheckRow,
     UsageRow,
@@ -92,6 +93,8 @@ def open_store(url: str) -> Store:
                                "postgresql://USER@HOST:PORT/DB") from None
     try:
         store = Store(url)
+    except SchemaTooNew as e:
+        raise StoreUnavailable(f"the store {_shown_url(url)}: {e}") from None
     except (SQLAlchemyError, ImportError) as e:
         raise StoreUnavailable(f"cannot open the store {_shown_url(url)} (SDB_DATABASE_URL; unset: SQLite in "
                                f"SDB_DATA_DIR): {_reason(e)}") from None
@@ -412,6 +415,12 @@ class Store:
             return list(s.scalars(q))
 
     # ---------------------------------------------------------------- secrets
+    def recorded_secret(self, name: str) -> str | None:
+        """The fingerprint recorded for the secret ``name`` (None: none yet)."""
+        with self.session() as s:
+            row = s.get(SecretCheckRow, name)
+            return None if row is None else row.fingerprint
+
     def secret_matches(self, name: str, fingerprint: str) -> bool:
         """Whether ``fingerprint`` is the one the store recorded for the secret ``name``; the first one given is
         recorded (two processes starting at once: one records, the other compares with it)."""

@@ -5,6 +5,7 @@ Portable SQL only (SQLite and PostgreSQL). The schema is created and migrated at
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -244,16 +245,31 @@ def _v9(conn: Connection) -> None:
 
 
 def _v8(conn: Connection) -> None:
-    """Each version's deployer and bytes (NULL and 0 for versions older than this step: counted against no key)."""
+    """Each version's deployer and bytes. A version older than this step is its name's owner's (a key's name: its
+    deploys; an admin's: NULL, counted against no key), its bytes those of its copy on disk (0 when it is gone)."""
     have = {c["name"] for c in inspect(conn).get_columns("models")}
     if "deployer" not in have:
         conn.exec_driver_sql("ALTER TABLE models ADD COLUMN deployer VARCHAR(32)")
     if "bytes" not in have:
         conn.exec_driver_sql("ALTER TABLE models ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0")
+    owners = dict(conn.execute(select(ModelNameRow.name, ModelNameRow.owner)).all())
+    for name, version, path in conn.execute(select(ModelRow.name, ModelRow.version, ModelRow.path)).all():
+        if owners.get(name) is None:
+            continue
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            size = 0
+        conn.execute(update(ModelRow).where(ModelRow.name == name, ModelRow.version == version)
+                     .values(deployer=owners[name], bytes=size))
 
 
 # Append a step to change the schema; never edit a released one.
 MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+
+
+class SchemaTooNew(ValueError):
+    """The store was migrated by a newer release than this one."""
 
 
 # Any constant: the PostgreSQL advisory lock that serialises migrations across processes and hosts.
@@ -277,6 +293,11 @@ def migrate(engine: Engine) -> int:
         SchemaVersion.__table__.create(conn, checkfirst=True)
         row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.id == 1)).scalar()
         current = row or 0
+        if current > len(MIGRATIONS):
+            # a newer release migrated it: this one would write its older version over the newer one's and run
+            # without the newer one's checks (a rollback took the store's secrets fingerprints and caps with it)
+            raise SchemaTooNew(f"the store is at schema {current}, from a newer release of SDB; this one knows "
+                               f"{len(MIGRATIONS)}: run that release (or a newer one) on it")
         for step in MIGRATIONS[current:]:
             step(conn)
         if row is None:

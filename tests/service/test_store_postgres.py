@@ -38,6 +38,57 @@ def test_processes_starting_at_once_migrate_a_fresh_store_once(db_url):
             s.close()
 
 
+def test_a_store_a_newer_release_migrated_is_refused_not_written_back(db_url):
+    """The older release wrote its schema version over the newer one's and ran without the newer one's checks (the
+    secrets' fingerprints, the deploy cap): a rollback is refused in one line."""
+    from sqlalchemy import create_engine, update
+
+    from service.store import StoreUnavailable, normalise_url, open_store
+
+    Store(db_url).close()
+    store = Store(db_url)
+    with store.session.begin() as s:
+        s.execute(update(SchemaVersion).values(version=len(MIGRATIONS) + 1))
+    store.close()
+    with pytest.raises(StoreUnavailable, match=rf"schema {len(MIGRATIONS) + 1}, from a newer release"):
+        open_store(db_url)
+    engine = create_engine(normalise_url(db_url))  # nothing was written back
+    with engine.connect() as conn:
+        assert conn.execute(select(SchemaVersion.version)).scalar() == len(MIGRATIONS) + 1
+    engine.dispose()
+
+
+def test_versions_older_than_their_deployer_column_count_against_their_names_owner(db_url, tmp_path):
+    """Versions deployed before a key's deploys counted against its storage cap: their name's owner's, at the size
+    of their copy (an admin's name: no key's)."""
+    from sqlalchemy import update
+
+    from service.auth import create_key
+    from service.store_schema import ModelRow
+
+    store = Store(db_url)
+    try:
+        owner = create_key(store, b"p" * 32, scopes=["deploy"])[1].id
+        copy = tmp_path / "v1.sdb"
+        copy.write_bytes(b"x" * 1234)
+        store.add_version("tenants", str(copy), deployer=owner)
+        store.add_version("admins", str(copy), deployer=None)
+        store.add_version("tenants", str(tmp_path / "gone.sdb"), deployer=owner)
+        with store.session.begin() as s:  # as a store from before step 8 holds them
+            s.execute(update(ModelRow).values(deployer=None, bytes=0))
+            s.execute(update(SchemaVersion).values(version=7))
+    finally:
+        store.close()
+    store = Store(db_url)
+    try:
+        with store.session() as s:
+            got = {(r.name, r.version): (r.deployer, r.bytes) for r in s.scalars(select(ModelRow))}
+        assert got == {("tenants", "1"): (owner, 1234), ("tenants", "2"): (owner, 0), ("admins", "1"): (None, 0)}
+        assert store.file_bytes(owner) == 1234
+    finally:
+        store.close()
+
+
 def test_racing_claims_take_every_job_exactly_once(db_url):
     setup = Store(db_url)
     ids = {JobQueue(setup).submit("wrap", {"i": i}, "owner")[0].id for i in range(40)}
@@ -227,3 +278,29 @@ async def test_a_key_store_that_stalls_is_a_503_in_seconds_not_a_wait_as_long_as
             await manager.__aexit__(None, None, None)
     finally:
         pg_databases.drop(url)
+
+
+def test_a_store_from_before_fingerprints_records_a_master_key_only_if_it_opens_its_models(db_url, tmp_path, bundles):
+    """The first start after the upgrade recorded whatever secrets it had: with another secrets dir by mistake, its
+    master key became the store's, every sealed model unservable, and the right one refused from then on. One that
+    does not open a served model's sealed key is refused before anything is recorded."""
+    from sdb_core.protect.seal import load_or_create_master_key
+    from service.settings import SecretsError
+
+    from .conftest import make_settings
+
+    data = tmp_path / "data"
+    store = Store(db_url)
+    store.add_model("digits-a", "1", str(bundles.a))  # sealed under bundles.master_key_file
+    store.close()
+    wrong = tmp_path / "elsewhere" / "master.key"
+    load_or_create_master_key(wrong)
+    with pytest.raises(SecretsError, match="does not open the sealed key of model 'digits-a' version '1'"):
+        make_settings(data, bundles, database_url=db_url, master_key_file=wrong).check_secrets()
+    store = Store(db_url)
+    try:
+        assert store.recorded_secret("master_key") is None  # nothing recorded for the wrong one
+        make_settings(data, bundles, database_url=db_url).check_secrets()  # the right one: recorded
+        assert store.recorded_secret("master_key") is not None
+    finally:
+        store.close()
