@@ -103,6 +103,14 @@ def artifacts_over_cap(ctx: JobContext, used: int) -> str | None:
             "to make room")
 
 
+def _verdict(e: BaseException) -> bool:
+    """Whether a job's error is its recipe's verdict on the owner's inputs, which the worker's log says in one line (a
+    traceback each time a box missed its thresholds read as a fault)."""
+    from sdb_core.protect.check import WrapRefused
+
+    return isinstance(e, WrapRefused)
+
+
 def end_halted(ctx: JobContext) -> bool:
     """End a job the worker stopped for a cap (:meth:`JobContext.halt`): ``failed``, with the reason, and no
     artifact when the cap was its key's storage."""
@@ -262,7 +270,10 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             (workdir / "traceback.txt").write_text(traceback.format_exc())
         except OSError:  # a full disk (maybe the failure itself): the worker's log below has it all the same
             pass
-        log.exception("job %s (%s) failed", job.id, job.kind)
+        if _verdict(e):  # the recipe's answer (a box that missed the owner's thresholds), not a fault of the worker
+            log.warning("job %s (%s) failed: %s", job.id, job.kind, reason)
+        else:
+            log.exception("job %s (%s) failed", job.id, job.kind)
         ctx.log(f"failed: {reason}")
         _settled(queue.finish, job.id, worker, "failed", error=reason, message="failed",
                  artifact_bytes=ctx.artifact_bytes())

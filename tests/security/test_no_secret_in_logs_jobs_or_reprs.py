@@ -50,6 +50,9 @@ async def test_no_secret_in_logs_job_records_artifacts_or_reprs(tmp_path, bundle
             for a in listing:
                 seen.append((await c.get(f"/v1/jobs/{job_id}/artifacts/{a['name']}", headers=svc.auth(user))).content)
         assert statuses == ["succeeded"] * 2 + ["failed"] * 2  # both kinds ran: a success and a failure
+        # a box that missed its thresholds is the recipe's verdict: one line in the worker's log, no traceback
+        refused = [r for r in caplog.records if "(wrap) failed" in r.getMessage()]
+        assert refused and all(r.levelno == logging.WARNING and r.exc_info is None for r in refused), refused
         seen += [(await c.get("/metrics")).text, (await c.get("/readyz")).text, repr(settings), str(settings)]
         seen.append(caplog.text)
         # Files a job writes beside its artifacts (the log file, checkpoints) count as well.
