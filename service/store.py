@@ -142,8 +142,14 @@ def may_deploy(claimed: bool, owner: str | None, deployer: str | None, admin: bo
 
 
 def version_key(v: str) -> tuple:
-    """Natural order: "10" after "9", "1.10" after "1.9"."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_]", v))
+    """Natural order: "10" after "9", "1.10" after "1.9", "v10" after "v2" (runs of digits are numbers wherever they
+    are), and a release after its pre-releases ("1.0.0" after "1.0.0-rc1": a version's end ranks above more letters
+    and below more numbers)."""
+    runs = [r for part in re.split(r"[.\-_]", v) for r in re.split(r"(\d+)", part) if r]
+    return (*((2, int(r), "") if r.isdigit() else (0, 0, r) for r in runs), _END)
+
+
+_END = (1, 0, "")  # between a letter run (0) and a number (2)
 
 
 class Store:

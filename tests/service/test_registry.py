@@ -521,3 +521,14 @@ async def test_statistics_count_every_sample_of_a_call_that_merged_requests(bund
     finally:
         host.close()
         store.close()
+
+
+def test_the_highest_version_is_read_as_people_number_them():
+    """The default version is the highest: "v10" lost to "v2" (compared as strings), a pre-release ranked above its
+    release, and so a request without a version was served by an older network."""
+    from service.store import version_key
+
+    ordered = ["v2", "v9", "v10", "1", "1.0.0-rc1", "1.0.0-rc2", "1.0.0", "1.0.0.1", "1.9", "1.10", "2", "10",
+               "2024-01-01", "2024-02-01"]
+    shuffled = ordered[::-1][1::2] + ordered[::-1][::2]
+    assert sorted(shuffled, key=version_key) == ordered
