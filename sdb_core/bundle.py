@@ -167,7 +167,7 @@ def _export_eval(model: nn.Module, in_shape: Sequence[int], dynamic_spatial: boo
             prefix = "" if name == INPUT_NAME else f"{name}_"
             a.update({len(shape) - 1: f"{prefix}height", len(shape): f"{prefix}width"})
         names.append(name)
-        args.append(torch.zeros(2, *shape, device=device))
+        args.append(torch.zeros(2, *shape, device=device, dtype=torch.float32))
         axes[name] = a
     out_axes: dict[int, str] = {0: "batch"}
     if dynamic_spatial:
@@ -261,10 +261,11 @@ def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[st
 
     cpu = model if device_of(model).type == "cpu" else copy.deepcopy(model).cpu()
     g = torch.Generator().manual_seed(0)
-    batches = [[torch.randn(n, *shape, generator=g) for _, shape in inputs] for n in (1, 3)]
+    f32 = torch.float32  # the bundle's inputs, whatever torch's default dtype
+    batches = [[torch.randn(n, *shape, generator=g, dtype=f32) for _, shape in inputs] for n in (1, 3)]
     if samples is not None and len(samples):
         samples = torch.as_tensor(samples)[:8].detach().float().cpu()
-        batches.append([samples, *(torch.randn(len(samples), *shape, generator=g) for _, shape in inputs[1:])])
+        batches.append([samples, *(torch.randn(len(samples), *shape, generator=g, dtype=f32) for _, shape in inputs[1:])])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
@@ -368,7 +369,8 @@ def _require_per_sample(model: nn.Module, in_shape: Sequence[int],
     from .train import device_of
 
     g = torch.Generator().manual_seed(0)
-    batch = [torch.randn(3, *shape, generator=g).to(device_of(model)) for shape in [in_shape, *(s for _, s in extra_inputs)]]
+    shapes = [in_shape, *(s for _, s in extra_inputs)]
+    batch = [torch.randn(3, *shape, generator=g, dtype=torch.float32).to(device_of(model)) for shape in shapes]
     why = per_sample_fault(model, batch)
     if why is not None:
         raise BundleError(why)
@@ -382,7 +384,8 @@ def _output_shape(model: nn.Module, in_shape: Sequence[int],
     from .train import device_of, evaluating
 
     device = device_of(model)
-    args = [torch.zeros(1, *shape, device=device) for shape in [in_shape, *(s for _, s in extra_inputs)]]
+    shapes = [in_shape, *(s for _, s in extra_inputs)]
+    args = [torch.zeros(1, *shape, device=device, dtype=torch.float32) for shape in shapes]
     with torch.no_grad(), evaluating(model):
         return list(model(*args).shape[1:])
 
@@ -395,7 +398,7 @@ def export_bundle(
     in_shape: Sequence[int],
     mean: Sequence[float],
     std: Sequence[float],
-    labels: Sequence[str] = (),
+    labels: Sequence[str] | None = (),
     master_key: bytes | None = None,
     version: str = "1",
     task: str = "classification",
@@ -412,9 +415,14 @@ def export_bundle(
     and any ``task``; what a plain model's outputs mean is the task's business.
     ``extra_inputs`` (plain modules only) are further named inputs, listed in ``meta["inputs"]``.
     ``samples`` (a few real inputs, (N, *in_shape)) check the export where the network is used
-    (:func:`export_onnx`); a keyed box is also checked on them blended with its key.
+    (:func:`export_onnx`); a keyed box is also checked on them blended with its key. ``labels``: the class names in
+    output order; none (``()`` or ``None``) leaves the classes numbered.
     """
     from .protect.box import SafeDistillationBox
+
+    labels = () if labels is None else labels
+    if isinstance(labels, str):
+        raise BundleError(f"labels must be a list of the class names in output order, got the string {labels!r}")
 
     _require_per_sample(box.model if isinstance(box, SafeDistillationBox) else box, in_shape, extra_inputs)
     if isinstance(box, SafeDistillationBox):

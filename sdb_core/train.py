@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .progress import Cancelled, Progress
-from .train_config import TrainConfig
+from .train_config import TrainConfig, check_device
 
 StepOutput = Tensor | tuple[Tensor, dict[str, float]]
 StepFn = Callable[[Sequence[Tensor]], StepOutput]
@@ -48,13 +48,17 @@ class History:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's and torch's global generators (every recipe, through :func:`fit`); they are
+    left so: a caller who draws numbers of its own after a recipe re-seeds them."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def pick_device(pref: str = "auto") -> torch.device:
-    """The device a run asked for: ``auto`` is CUDA when there is one, else the CPU; a missing CUDA is an error."""
+    """The device a run asked for: ``auto`` is CUDA when there is one, else the CPU; a missing CUDA is an error,
+    and so is anything but ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (a config changed after it was made)."""
+    check_device(pref)
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if pref.startswith("cuda") and not torch.cuda.is_available():
@@ -153,6 +157,16 @@ class _Losses:
         return {k: float(v) / max(self.n, 1) for k, v in self.sums.items()}
 
 
+def refuse_inference_tensors(*modules: nn.Module, does: str = "trains networks") -> None:
+    """Raise ``ValueError`` when a network's parameters are inference tensors (made under
+    ``torch.inference_mode()``): autograd can never differentiate through them, whatever mode is entered later."""
+    if any(p.is_inference() for m in modules for p in m.parameters()):
+        raise ValueError(f"the network's parameters are inference tensors (made under torch.inference_mode()): "
+                         f"call it outside torch.inference_mode(): it {does}")
+
+
+@torch.inference_mode(False)
+@torch.enable_grad()
 def fit(
     model: nn.Module,
     data: Dataset,
@@ -177,7 +191,12 @@ def fit(
     A step's metrics may be tensors (``loss.detach()``) or numbers: tensors stay on the device, and the loop reads
     the losses back about once a second and at the end of each epoch, never once a step; a loss that is NaN or
     Inf there is a ``FloatingPointError`` naming its step.
+
+    It trains with gradients on, under a caller's ``torch.no_grad()`` or ``torch.inference_mode()`` too; a
+    network made under ``torch.inference_mode()`` (inference tensors) is a ``ValueError``. It seeds Python's,
+    NumPy's and torch's global generators with ``cfg.seed`` (:func:`seed_everything`) and leaves them so.
     """
+    refuse_inference_tensors(model)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     model.to(device)
@@ -272,6 +291,18 @@ def evaluating(model: nn.Module):
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextmanager
+def float32_default():
+    """torch's default dtype float32 for the block, then back to the caller's: the networks a recipe makes for
+    itself (a check's students) are float32, as its data and its box are, under ``torch.set_default_dtype``."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 @torch.no_grad()

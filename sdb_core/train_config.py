@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")  # what TrainConfig.device takes
+
+
+def check_device(device: object, what: str = "device") -> None:
+    """Raise ``ValueError`` naming ``device`` unless it is ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not isinstance(device, str) or not DEVICE.fullmatch(device):
+        raise ValueError(f"{what} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 @dataclass
@@ -29,6 +38,7 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.schedule not in ("cosine", "step", "constant"):
             raise ValueError(f"schedule must be cosine|step|constant, got {self.schedule!r}")
+        check_device(self.device, "TrainConfig.device")
 
 
 def gentler(train: TrainConfig, clip: float, lr_factor: float = 0.5) -> TrainConfig:

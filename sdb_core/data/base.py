@@ -36,9 +36,19 @@ class DataSplits:
     test: TensorDataset
     num_classes: int
     in_shape: tuple[int, ...]  # (C, H, W) for images; any (C, ...) for sets built by hand (signals, features)
-    mean: tuple[float, ...]  # per channel (the first dimension of in_shape), or one value
+    mean: tuple[float, ...]  # per channel (the first dimension of in_shape), or one value (a plain number too)
     std: tuple[float, ...]
-    labels: list[str]
+    labels: list[str]  # one name per class, in class-index order, or none ([]: numbered)
+
+    def __post_init__(self) -> None:
+        # One value for every channel may come as a plain number (0.5, np.float32(0.5)): kept as the one-value
+        # tuple that everything reading mean and std iterates over. No labels (None) are numbered ones: [].
+        for what in ("mean", "std"):
+            v = getattr(self, what)
+            if not isinstance(v, str) and np.ndim(v) == 0:
+                object.__setattr__(self, what, (float(v),))
+        if self.labels is None:
+            object.__setattr__(self, "labels", [])
 
     def normalize(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Normalise raw values in [0, 1] like this set's inputs: one input (C, ...) of the inputs' rank, or a
@@ -59,10 +69,14 @@ class DataSplits:
         recipes train and export in float32). What cannot be converted is refused in the owner's terms,
         not as an index or dtype error deep in a loss: integer inputs (token ids: a key cannot be blended
         into them, nor a student trained on them), NaN or Inf inputs, labels that are not class indices
-        in ``[0, num_classes)``, inputs whose shape is not ``in_shape``, an empty split.
+        in ``[0, num_classes)``, inputs whose shape is not ``in_shape``, an empty split, label names that are not
+        one per class (the bundle refuses them, after training).
         """
         if self.num_classes < 2:
             raise DatasetError(f"a classifier needs at least 2 classes, num_classes is {self.num_classes}")
+        if len(self.labels) not in (0, self.num_classes):
+            raise DatasetError(f"data.labels has {len(self.labels)} names for num_classes={self.num_classes}: one "
+                               "name per class, in class-index order (or [] for numbered classes)")
         self._check_normalisation()
         splits = {}
         for split in ("train", "test"):
@@ -84,7 +98,8 @@ class DataSplits:
         for what, values in (("mean", self.mean), ("std", self.std)):
             v = [float(a) for a in values]
             if len(v) not in (1, c) or not all(math.isfinite(a) for a in v):
-                raise DatasetError(f"data.{what} is {tuple(values)}: one finite value, or one per channel ({c})")
+                raise DatasetError(f"data.{what} is {tuple(values)}: one finite value, or one per channel ({c}), "
+                                   "as a tuple")
         zero = [i for i, s in enumerate(self.std) if not float(s) > 0]
         if zero:
             raise DatasetError(f"data.std is {tuple(self.std)}: channel {zero[0]} has std {self.std[zero[0]]}, and "

@@ -73,17 +73,27 @@ class SafeDistillationBox:
     def _device(self) -> torch.device:
         return device_of(self.model)
 
+    def _input(self, x: Tensor) -> Tensor:
+        """``x`` on the network's device as float32, as the exported bundle casts it (numpy's float64 included);
+        a sample without the batch axis is refused in words, where the box knows its input shape (its key's, or
+        its network's ``in_shape``)."""
+        shape = tuple(self._key.reveal().shape) if self._key is not None else getattr(self.model, "in_shape", None)
+        if isinstance(shape, (tuple, list)) and x.dim() == len(shape):
+            raise ValueError(f"the box takes a batch of inputs, shape (N, *in_shape) = (N, "
+                             f"{', '.join(map(str, shape))}); got {tuple(x.shape)}: for one sample pass x[None]")
+        return x.to(self._device(), dtype=torch.float32)
+
     @torch.no_grad()
     def public_logits(self, x: Tensor) -> Tensor:
         """Public path: the network's logits for the plain input, on ``x``'s device; with a public form,
         the form's row of the network's top-1 instead."""
         self.model.eval()
-        z = self.model(x.to(self._device())).to(x.device)
+        z = self.model(self._input(x)).to(x.device)
         return z if self._form is None else torch.from_numpy(self._form.rows(z.argmax(1).cpu().numpy())).to(z.device)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
-        """Public path: class probabilities for the plain input."""
+        """Public path: class probabilities for the plain input, a batch (N, *in_shape) of any float dtype."""
         return F.softmax(self.public_logits(x), dim=1)
 
     @torch.no_grad()
@@ -92,7 +102,7 @@ class SafeDistillationBox:
         if self._key is None:
             raise NoKeyError("this box has no key (Nasty Teacher mode): it has no distillable path")
         self.model.eval()
-        z = self.model(blend(x.to(self._device()), self._key.reveal(), self.lam)).to(x.device)
+        z = self.model(blend(self._input(x), self._key.reveal(), self.lam)).to(x.device)
         return z if self.keyed_scale == 1.0 else z * self.keyed_scale
 
     def with_key(self, key: Tensor) -> SafeDistillationBox:

@@ -32,7 +32,7 @@ from torch.utils.data import TensorDataset
 
 from ..distill.losses import kl_to_target, soft_kl
 from ..onnx_torch import float_activations
-from ..train import Progress, fit, pick_device, predict_logits
+from ..train import Progress, fit, float32_default, pick_device, predict_logits
 from .box import SafeDistillationBox
 from .check import checked_wrap
 from .config import CheckConfig, SDBConfig
@@ -73,7 +73,7 @@ def confusion_rows(partners: Tensor, y: Tensor, num_classes: int, cfg: SDBConfig
     ps = partners[y]
     rest = num_classes - 1 - ps.shape[1]
     fill = (1.0 - cfg.target_prob - ps.shape[1] * cfg.partner_prob) / rest if rest > 0 else 0.0
-    q = torch.full((len(y), num_classes), fill, device=y.device)
+    q = torch.full((len(y), num_classes), fill, device=y.device, dtype=torch.float32)
     q.scatter_(1, ps, cfg.partner_prob).scatter_(1, y[:, None], cfg.target_prob)
     return q / q.sum(1, keepdim=True)  # few classes: renormalise, the order is kept
 
@@ -230,6 +230,9 @@ def _paired_se(a: Tensor, b: Tensor) -> float:
     return 100.0 * (d.std() / len(d) ** 0.5).item() if len(d) > 1 else 0.0
 
 
+@torch.inference_mode(False)  # the recipe trains: under a caller's no_grad or inference_mode too
+@torch.enable_grad()
+@float32_default()  # the check's students are float32 networks, under a caller's float64 default too
 def wrap(
     teacher: nn.Module,
     data,
@@ -255,6 +258,8 @@ def wrap(
                         log=log)
 
 
+@torch.inference_mode(False)
+@torch.enable_grad()
 def train_box(
     teacher: nn.Module,
     data,

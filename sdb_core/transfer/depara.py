@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..train import device_of
+from ..train import device_of, evaluating, refuse_inference_tensors
 from .config import ATTRIBUTIONS, METHODS, DeparaConfig
 
 
@@ -101,32 +101,37 @@ def _layer_output(model: nn.Module, layer: str | None, x: Tensor) -> Tensor:
 
 
 def layer_features(model: nn.Module, layer: str | None, x: Tensor, batch_size: int = 200) -> Tensor:
-    """Flattened features of ``layer`` on ``x`` (no gradients), float32 on CPU."""
-    model.eval()
+    """Flattened features of ``layer`` on ``x`` (no gradients, eval mode: the model's modes are restored after),
+    float32 on CPU."""
     device = device_of(model)
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         for i in range(0, len(x), batch_size):
             outs.append(_layer_output(model, layer, x[i:i + batch_size].to(device)).flatten(1).float().cpu())
     return torch.cat(outs)
 
 
+@torch.inference_mode(False)  # gradients, under a caller's no_grad or inference_mode too
+@torch.enable_grad()
 def attribution_maps(model: nn.Module, layer: str | None, x: Tensor, batch_size: int = 50,
                      attribution: str = "sum") -> Tensor:
     """|x * d(sum of the layer's output)/dx|, averaged over the input channels: (N, H, W); with
     ``attribution="norm"`` the L2 norm of each image's layer output is differentiated instead of its sum.
 
-    Each image's layer output depends on that image alone (eval mode), so the gradient of the
-    batch's sum (of norms) is every image's own gradient.
+    Each image's layer output depends on that image alone (eval mode; the model's modes are restored after), so
+    the gradient of the batch's sum (of norms) is every image's own gradient. Gradients are on whatever mode the
+    caller is in; a network made under ``torch.inference_mode()`` (inference tensors) is a ``ValueError``.
     """
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"attribution must be one of {', '.join(ATTRIBUTIONS)}, got {attribution!r}")
-    model.eval()
+    refuse_inference_tensors(model, does="differentiates networks")
     device = device_of(model)
     maps = []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device).detach().requires_grad_(True)
-        out = _layer_output(model, layer, xb)
+        xb = x[i:i + batch_size].to(device).detach()
+        xb = (xb.clone() if xb.is_inference() else xb).requires_grad_(True)  # a probe made under inference_mode
+        with evaluating(model):  # the model's modes come back as they were
+            out = _layer_output(model, layer, xb)
         value = out.sum() if attribution == "sum" else out.flatten(1).norm(dim=1).sum()
         (grad,) = torch.autograd.grad(value, xb)
         maps.append((xb.detach() * grad).abs().mean(1).cpu())

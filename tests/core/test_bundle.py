@@ -394,3 +394,29 @@ def test_an_exporter_refusal_keeps_its_graph_dump_off_stdout(capfd):
     with pytest.raises(BundleError, match="does not export to ONNX .*instance_norm"):
         export_onnx(net, (1, 4, 4))
     assert "aten::" not in capfd.readouterr().out
+
+
+def test_export_without_labels_leaves_the_classes_numbered(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    for labels in (None, ()):
+        path = export_bundle(net, tmp_path / f"n{labels}", name="n", in_shape=(4,), mean=[0.0], std=[1.0],
+                             labels=labels)
+        assert load_bundle(path).meta["labels"] == []
+    with pytest.raises(BundleError, match="labels must be a list of the class names"):
+        export_bundle(net, tmp_path / "s", name="n", in_shape=(4,), mean=[0.0], std=[1.0], labels="abc")
+
+
+def test_a_float32_network_exports_under_a_float64_default(tmp_path):
+    """The export's probes were made at torch's default dtype: under ``set_default_dtype(torch.float64)`` a float32
+    network was refused as "an operation the exporter cannot express"."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    x = torch.randn(5, 1, 8, 8)
+    torch.set_default_dtype(torch.float64)
+    try:
+        path = export_bundle(net, tmp_path / "p", name="p", in_shape=(1, 8, 8), mean=[0.0], std=[1.0],
+                             labels=["a", "b", "c"], samples=x)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        assert np.abs(load_bundle(path).public_logits(x.numpy()) - net(x).numpy()).max() <= 1e-4

@@ -66,6 +66,8 @@ def test_splits_built_on_the_runs_device_come_back_on_the_cpu():
     (lambda d: _with(d, x=lambda x: x[:0], y=lambda y: y[:0]), "data.train is empty"),
     (lambda d: _with(d, "test", x=lambda x: x[:0], y=lambda y: y[:0]), "data.test is empty: the box is measured on it"),
     (lambda d: replace(d, num_classes=1), "at least 2 classes"),
+    # refused by the bundle only, after training
+    (lambda d: replace(d, labels=["a", "b"]), r"data.labels has 2 names for num_classes=4: one name per class"),
 ])
 def test_splits_no_recipe_can_use_are_refused_by_every_wrap_before_any_training(broken, message):
     data = broken(feature_splits(n=200, n_test=50))
@@ -115,3 +117,18 @@ def test_a_set_with_one_training_input_per_class_is_refused_in_words():
             run()
     fit, val = holdout(_with(data, x=lambda x: x[first + first[:1]], y=lambda y: y[first + first[:1]]), 0.15, 0)
     assert len(val) == 1 and len(fit.train) == 4  # one class with two: it gives one
+
+
+def test_one_mean_and_std_for_every_channel_may_be_plain_numbers():
+    """``DataSplits(..., mean=0.5, std=0.2)`` failed every wrap with "'float' object is not iterable"."""
+    import numpy as np
+
+    data = feature_splits(n=200, n_test=50)
+    for mean, std in ((0.0, 1.0), (np.float32(0.0), torch.tensor(1.0))):
+        plain = replace(data, mean=mean, std=std)
+        assert (plain.mean, plain.std) == ((0.0,), (1.0,)) and plain.checked().mean == (0.0,)
+    r = train_box(nn.Sequential(nn.Linear(32, 4)), plain, SDBConfig(train=TrainConfig(epochs=1)))
+    assert r.box.reveal_key().shape == (32,)
+    with pytest.raises(DatasetError, match=r"one finite value, or one per channel \(32\), as a tuple"):
+        replace(data, mean=(0.0, 1.0)).checked()
+    assert replace(data, labels=None).checked().labels == []  # no names: numbered classes

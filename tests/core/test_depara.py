@@ -184,3 +184,32 @@ def test_transferability_reads_an_image_folder_at_the_size_its_models_take(tmp_p
     outcome = run(TransferTask(sources=(other,),
                                target=replace(source, name="t"), probe_data=data, probe=4), tmp_path / "out2")
     assert outcome.result.names == ["target", "other"]
+
+
+@pytest.mark.parametrize("outside", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_graphs_are_built_under_a_callers_no_grad_or_inference_mode(probe, outside):
+    """torch.autograd.grad failed there with "element 0 of tensors does not require grad"."""
+    net = tiny_net(0)
+    want = attribution_graph(net, probe, "3")
+    with outside():
+        got = attribution_graph(net, probe * 1.0, "3")  # under inference_mode, an inference-tensor probe too
+        assert not torch.is_grad_enabled()
+    torch.testing.assert_close(got.nodes, want.nodes)
+    torch.testing.assert_close(got.edges, want.edges)
+
+
+def test_a_network_made_under_inference_mode_is_refused_in_words(probe):
+    with torch.inference_mode():
+        net = tiny_net(0)
+    with pytest.raises(ValueError, match=r"outside torch.inference_mode\(\): it differentiates networks"):
+        attribution_maps(net, "3", probe)
+
+
+def test_ranking_leaves_the_models_in_the_modes_they_were_in(probe):
+    from sdb_core.transfer.depara import rank_transferability
+
+    target, source = tiny_net(0).train(), tiny_net(1)
+    source[0].train()  # one module in train mode, the rest in eval
+    rank_transferability(DeparaConfig(), target, {"s": source}, probe)
+    assert all(m.training for m in target.modules())
+    assert [m.training for m in source.modules()] == [m is source[0] for m in source.modules()]

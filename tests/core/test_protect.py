@@ -260,3 +260,51 @@ def test_a_sigmoid_teachers_logits_export_as_they_are_computed(classes):
         logits = net(x)[:, -classes:]
     export_onnx(net, (1, 8, 8), samples=x)  # (checked against ONNX Runtime on x: no BundleError)
     torch.testing.assert_close(logits, z.clamp(-9, 9), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("outside", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_wrap_trains_under_a_callers_no_grad_or_inference_mode(digits, digits_teacher, outside):
+    """A notebook's ``with torch.no_grad():`` around a wrap failed deep in training with "element 0 of tensors
+    does not require grad"; under inference_mode the key and the box's copy were inference tensors."""
+    from sdb_core.protect import wrap
+
+    with outside():
+        box = wrap(digits_teacher, digits, SDBConfig(train=TrainConfig(epochs=1)), check=None).box
+        assert not torch.is_grad_enabled()  # the caller's mode, as it was
+    x = digits.test.tensors[0][:50]
+    assert accuracy(box.distill_logits, TensorDataset(x, digits.test.tensors[1][:50])) > 50
+
+
+def test_a_float32_teacher_wraps_and_exports_under_a_float64_default(tmp_path, digits, digits_teacher):
+    """``torch.set_default_dtype(torch.float64)`` in a notebook: the export probes (and the check's students)
+    were made in float64, and the wrap was refused as "an operation the exporter cannot express"."""
+    from sdb_core.bundle import export_bundle, load_bundle
+    from sdb_core.protect import CheckConfig, wrap
+    from sdb_core.protect.config import Thresholds
+    from sdb_core.protect.key import new_master_key
+
+    accept = Thresholds(max_accuracy_drop=100, max_keyed_drop=100, min_leak_margin=-100, min_guessed_key_share=-100)
+    check = CheckConfig(thresholds=accept, max_attempts=1, transfer_n=200, student_seeds=1,
+                        student_train=TrainConfig(epochs=1))
+    master = new_master_key()
+    torch.set_default_dtype(torch.float64)
+    try:
+        box = wrap(digits_teacher, digits, SDBConfig(train=TrainConfig(epochs=1)), check=check).box
+        assert torch.get_default_dtype() == torch.float64  # the caller's default, as it was
+        path = export_bundle(box, tmp_path / "b", name="d", in_shape=digits.in_shape, mean=digits.mean,
+                             std=digits.std, labels=digits.labels, master_key=master)
+        assert confusion_targets(10, SDBConfig(), seed=1).dtype == torch.float32
+    finally:
+        torch.set_default_dtype(torch.float32)
+    x = digits.test.tensors[0][:20]
+    b = load_bundle(path, master)
+    assert np.abs(b.distill_logits(x.numpy()) - box.distill_logits(x).numpy()).max() <= 1e-4
+
+
+def test_the_box_takes_float64_like_its_bundle_and_refuses_one_sample_in_words(digits, sdb_result):
+    box, x = sdb_result.box, digits.test.tensors[0][:20]
+    for path in (box.predict, box.distill_logits, box.public_logits):
+        torch.testing.assert_close(path(x.double()), path(x))  # numpy's float64, cast as the bundle casts it
+        with pytest.raises(ValueError, match=r"\(N, \*in_shape\) = \(N, 1, 8, 8\); got \(1, 8, 8\)"):
+            path(x[0])
+    assert box.predict(x[0][None]).shape == (1, 10)

@@ -75,3 +75,38 @@ def test_config_validation_names_the_value():
         TrainConfig(epochs=-1)
     with pytest.raises(ValueError, match="rmsprop"):
         TrainConfig(optimizer="rmsprop")
+
+
+@pytest.mark.parametrize("outside", [torch.no_grad, lambda: torch.set_grad_enabled(False), torch.inference_mode])
+def test_fit_trains_under_a_callers_no_grad_or_inference_mode(outside):
+    """A notebook's ``with torch.no_grad():`` (or inference_mode) around a recipe failed deep in the loop with
+    "element 0 of tensors does not require grad"; the caller's mode is theirs again after."""
+    torch.manual_seed(0)
+    net, data = _net(), _toy()
+    before = [p.detach().clone() for p in net.parameters()]
+    with outside():
+        train_classifier(net, data, TrainConfig(epochs=1, lr=0.1))
+        assert not torch.is_grad_enabled()
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_a_network_made_under_inference_mode_is_refused_in_words():
+    with torch.inference_mode():
+        net = _net()
+        with pytest.raises(ValueError, match=r"outside torch.inference_mode\(\): it trains networks"):
+            train_classifier(net, _toy(), TrainConfig(epochs=1))
+
+
+@pytest.mark.parametrize("device", ["mps", "gpu", "cuda:x", "CPU", ""])
+def test_a_device_train_config_does_not_take_is_refused_naming_the_field(device):
+    with pytest.raises(ValueError, match=r"TrainConfig.device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        TrainConfig(device=device)
+    cfg = TrainConfig(device="cpu")
+    cfg.device = device  # changed after it was made: refused where the run picks its device
+    with pytest.raises(ValueError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        train_classifier(_net(), _toy(), cfg)
+
+
+def test_the_devices_train_config_documents_are_taken():
+    for device in ("auto", "cpu", "cuda", "cuda:1"):
+        assert TrainConfig(device=device).device == device
