@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -70,6 +71,11 @@ BARE_ONNX_HINT = ("a bare ONNX graph is not a bundle: a bundle holds model.onnx 
 KEY_BINDING = 2  # meta["key_binding"]: what key.sealed's associated data covers (docs/security.md#bundles)
 # Tasks whose output is one score per label: the service indexes ``labels`` with the output.
 LABELLED_TASKS = ("classification", "multilabel")
+# What a bundle's task may be: the tasks some route or job serves (predict: classification, multilabel, pose; style's
+# route; segmentation-depth, a branching student's artifact). Another name was deployed, then every call refused.
+TASKS = (*LABELLED_TASKS, "pose", "style", "segmentation-depth")
+# The logits' ONNX types the service reads (as float32: float16 and float64 scores are cast)
+SCORE_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
 
 class BundleError(ValueError):
@@ -597,7 +603,9 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
     for n, digest in listed.items():
         if n not in files:
             raise BundleError(f"{where}: {n} is missing")
-        if _sha256(files[n]) != digest:
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise BundleError(f"{where}: {META_FILE}'s files[{n!r}] must be its sha256 as 64 hex characters")
+        if _sha256(files[n]) != digest.lower():  # as sha256sum prints it, or in capitals as certutil does
             raise BundleError(f"{where}: {n} was altered (sha256 mismatch)")
     unlisted = sorted(files.keys() - listed.keys() - {META_FILE})
     if unlisted:  # a key.sealed nobody hashed is not opened on trust
@@ -653,6 +661,9 @@ def _check_fields(meta: dict, where: str) -> None:
     task = meta.get("task", "classification")
     if not isinstance(task, str):
         raise bad(f"task must be a string such as \"classification\", got {task!r}")
+    if task not in TASKS:
+        raise bad(f"task {task[:60]!r} is not one this service serves ({', '.join(TASKS)}): a classifier's is "
+                  '"classification"')
     if "output" in meta and not isinstance(meta["output"], dict):
         raise bad(f'output must be an object ({{"name": "{OUTPUT_NAME}", "shape": [classes]}}), got {meta["output"]!r}')
     specs = meta.get("inputs") or [meta["input"]]
@@ -807,6 +818,11 @@ def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
             raise BundleError(f"{where}: model.onnx's input {i.name!r} has a fixed batch size of {i.shape[0]}; a "
                               f"bundle's batch axis is dynamic: {EXPORT_HINT}")
     outputs = {o.name: o.shape for o in session.get_outputs()}
+    kind = next((o.type for o in session.get_outputs() if o.name == OUTPUT_NAME), None)
+    if kind is not None and kind not in SCORE_TYPES:
+        raise BundleError(f"{where}: model.onnx's output {OUTPUT_NAME!r} is a {kind}: the service reads float scores "
+                          "(an integer output, as a fully quantized graph ends, was served as all-zero probabilities); "
+                          f"dequantize it, or export float logits: {EXPORT_HINT}")
     if OUTPUT_NAME not in outputs:
         raise BundleError(f"{where}: model.onnx has no output {OUTPUT_NAME!r} (it has {sorted(outputs)[:10]}): "
                           f"the service reads the one named {OUTPUT_NAME!r}, the scores before any softmax; "
@@ -940,7 +956,8 @@ class Bundle:
     def network_logits(self, x: np.ndarray, options: Any = None) -> np.ndarray:
         """The network's own logits for ``x``: what the keyed path answers on a keyed input (``options``: ONNX
         Runtime's RunOptions, for a run that may be stopped)."""
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}, options)[0]
+        z = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}, options)[0]
+        return z if z.dtype == np.float32 else z.astype(np.float32)  # a float16 or float64 graph's scores
 
     def public_answer(self, z: np.ndarray) -> np.ndarray:
         """The public path's answer for the network's logits ``z`` of plain inputs: ``z`` itself, or with a

@@ -143,7 +143,8 @@ def run_bound(session, x: np.ndarray, options=None) -> np.ndarray:
     binding.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(x, dtype=np.float32))
     binding.bind_output(OUTPUT_NAME, "cpu")
     session.run_with_iobinding(binding, options)
-    return binding.copy_outputs_to_cpu()[0]
+    z = binding.copy_outputs_to_cpu()[0]
+    return z if z.dtype == np.float32 else z.astype(np.float32)  # a float16 or float64 graph's scores
 
 
 class RunDeadline:

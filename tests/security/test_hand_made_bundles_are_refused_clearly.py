@@ -62,6 +62,20 @@ def plain(tmp_path_factory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in out.iterdir()}
 
 
+def _integer_logits() -> bytes:
+    """A graph whose ``logits`` are uint8, as a fully quantized export ends (they were served as all-zero scores)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.load_from_string(_onnx())
+    out = m.graph.output[0]
+    for node in m.graph.node:
+        node.output[:] = ["scores" if o == out.name else o for o in node.output]
+    m.graph.node.append(helper.make_node("Cast", ["scores"], [out.name], to=TensorProto.UINT8))
+    out.type.tensor_type.elem_type = TensorProto.UINT8
+    return m.SerializeToString()
+
+
 def _edit(files: dict[str, bytes], edit=None, *, onnx: bytes | None = None, raw_meta: bytes | None = None) -> dict:
     """``files`` with ``meta.json`` edited (or replaced) and every hash made right again, as a user would."""
     files = {**files, **({"model.onnx": onnx} if onnx is not None else {})}
@@ -133,6 +147,10 @@ def _cases(plain: dict[str, bytes]) -> dict[str, tuple[bytes, str]]:
         "normalize std 0": (_sdb(_edit(plain, _set("normalize.std", [0, 0, 0]))), "std not 0"),
         "normalize scale of 400 digits": (_sdb(_edit(plain, _set("normalize.scale", 10 ** 400))), "std not 0"),
         "task a list": (_sdb(_edit(plain, _set("task", ["classification"]))), "task must be a string"),
+        # deployed, then every call refused as another task's: Hugging Face's name for a classifier
+        "task image-classification": (_sdb(_edit(plain, _set("task", "image-classification"))),
+                                      "is not one this service serves"),
+        "uint8 logits": (_sdb(_edit(plain, onnx=_integer_logits())), "is a tensor(uint8)"),
         "output a string": (_sdb(_edit(plain, _set("output", "logits"))), "output must be an object"),
         "check by hand": (_sdb(_edit(plain, _set("check", {"passed": True}))), "remove it"),
         "labels of objects": (_sdb(_edit(plain, _set("labels", [{"n": i} for i in range(4)]))), "class names"),
@@ -187,6 +205,25 @@ async def test_hand_made_bundles_the_routes_cannot_serve_are_refused_saying_what
     svc, manager = await start_service(settings)  # a restart serves what was served
     try:
         assert [m["name"] for m in (await svc.client.get("/v1/models")).json()["models"]] == ["mine"]
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
+
+
+async def test_a_file_hash_in_capitals_is_the_same_sha256(tmp_path, plain):
+    """Written as certutil and Get-FileHash print it, the hash was reported as the file being altered."""
+    def upper(meta: dict) -> None:
+        meta["files"] = {n: h.upper() for n, h in meta["files"].items()}
+
+    files = _edit(plain)
+    meta = json.loads(files["meta.json"])
+    upper(meta)
+    settings = _settings(tmp_path)
+    svc, manager = await start_service(settings)
+    try:
+        r = await svc.client.post("/v1/models", files={"file": ("m.sdb", _sdb({**files, "meta.json": json.dumps(
+            meta).encode()}))}, headers=svc.admin)
+        assert r.status_code == 201, r.text
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)
