@@ -72,8 +72,15 @@ KEY_BINDING = 2  # meta["key_binding"]: what key.sealed's associated data covers
 # Tasks whose output is one score per label: the service indexes ``labels`` with the output.
 LABELLED_TASKS = ("classification", "multilabel")
 # What a bundle's task may be: the tasks some route or job serves (predict: classification, multilabel, pose; style's
-# route; segmentation-depth, a branching student's artifact). Another name was deployed, then every call refused.
-TASKS = (*LABELLED_TASKS, "pose", "style", "segmentation-depth")
+# route), or a task-branching student's dense tasks joined by "-" (segmentation-depth: an artifact its teachers' jobs
+# read). Another name was deployed, then every call refused.
+TASKS = (*LABELLED_TASKS, "pose", "style")
+DENSE_TASKS = ("segmentation", "depth", "edges")
+
+
+def known_task(task: str) -> bool:
+    parts = task.split("-")
+    return task in TASKS or (len(set(parts)) == len(parts) and all(t in DENSE_TASKS for t in parts))
 # The logits' ONNX types the service reads (as float32: float16 and float64 scores are cast)
 SCORE_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
@@ -661,9 +668,9 @@ def _check_fields(meta: dict, where: str) -> None:
     task = meta.get("task", "classification")
     if not isinstance(task, str):
         raise bad(f"task must be a string such as \"classification\", got {task!r}")
-    if task not in TASKS:
-        raise bad(f"task {task[:60]!r} is not one this service serves ({', '.join(TASKS)}): a classifier's is "
-                  '"classification"')
+    if not known_task(task):
+        raise bad(f"task {task[:60]!r} is not one this service serves ({', '.join(TASKS)}, or dense tasks "
+                  f"{'-'.join(DENSE_TASKS)} joined by '-'): a classifier's is \"classification\"")
     if "output" in meta and not isinstance(meta["output"], dict):
         raise bad(f'output must be an object ({{"name": "{OUTPUT_NAME}", "shape": [classes]}}), got {meta["output"]!r}')
     specs = meta.get("inputs") or [meta["input"]]
