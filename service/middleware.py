@@ -69,10 +69,15 @@ class ServiceMiddleware:
             limit, what = self.upload_routes.get((scope.get("method", ""), scope.get("path", "")),
                                                  (self.limit, self.what))
             wait, who = self._address_wait(scope)
-            if wait and who == UNPROVEN_CALLER and await self._a_valid_key(scope):
-                wait = 0.0  # a valid key from an address whose other headers proved nothing: its own rate alone
+            limiter = self.address_limiter
+            if wait and who == UNPROVEN_CALLER:
+                key = await self._valid_key(scope)
+                if key is not None:  # a valid key from an address whose other headers proved nothing: its own rate
+                    scope[_VALID_KEY] = key.id  # spent once answered, where a route that checks no key spends none
+                    limiter = scope["app"].state.key_limiter
+                    wait, who = limiter.wait(key.id), "this key"
             if wait:
-                e = self.address_limiter.refusal(wait, who)
+                e = limiter.refusal(wait, who)
                 await error_response(e.status, e.code, e.message, e.headers)(scope, receive, send_tracked)
             elif declared is not None and declared > limit:
                 await error_response(413, "payload_too_large",
@@ -88,8 +93,11 @@ class ServiceMiddleware:
                 await error_response(*INTERNAL)(scope, receive, send_tracked)
         finally:
             unproven = scope.get(UNPROVEN)
-            if unproven is not None and not scope.get(AUTHENTICATED):
-                self.unproven.take(unproven)
+            if unproven is not None and not scope.get(AUTHENTICATED):  # no route checked the key it sent
+                if scope.get(_VALID_KEY) is not None:
+                    scope["app"].state.key_limiter.take(scope[_VALID_KEY])
+                else:
+                    self.unproven.take(unproven)
             route = scope.get("route")
             template = getattr(route, "path", None) or "<unmatched>"
             name = (scope.get("path_params") or {}).get("name")
@@ -111,13 +119,13 @@ class ServiceMiddleware:
         return self.address_limiter.take(address), ANONYMOUS_CALLER
 
     @staticmethod
-    async def _a_valid_key(scope: Scope) -> bool:
+    async def _valid_key(scope: Scope):
+        """The key the request's ``Authorization`` names, when it is a valid one (else None)."""
         header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
         try:
-            await scope["app"].state.keyring.key_of(header.decode("latin-1"))
+            return await scope["app"].state.keyring.key_of(header.decode("latin-1"))
         except (ApiError, KeyError, AttributeError):
-            return False
-        return True
+            return None
 
     def _limited(self, receive: Receive, limit: int, what: str) -> Receive:
         seen = 0
@@ -133,6 +141,9 @@ class ServiceMiddleware:
             return message
 
         return counted
+
+
+_VALID_KEY = "sdb.valid_key"  # the id of a key the middleware verified itself (its address's unproven bucket empty)
 
 
 def _content_length(scope: Scope) -> int | None:

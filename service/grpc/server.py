@@ -139,15 +139,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await authenticate(self.state, authorization, peer_address(context.peer()))
 
     async def _limit_unkeyed(self, context: aio.ServicerContext) -> None:
-        """On an RPC that needs no key: a call without a valid one spends its address's rate (one with junk metadata
-        went unlimited)."""
+        """On an RPC that needs no key: a call with a valid one spends that key's rate, one without its address's
+        (one with junk metadata, or a valid key, went unlimited)."""
         authorization = _authorization(context)
         if authorization is not None:
             try:
-                await self.state.keyring.key_of(authorization)
-                return
+                key = await self.state.keyring.key_of(authorization)
             except ApiError:
-                pass
+                key = None
+            if key is not None:  # a valid key spends its own rate, as on the RPCs that check it
+                self.state.key_limiter.check(key.id, "this key")
+                return
         self._limit_address(context)
 
     def _limit_address(self, context: aio.ServicerContext) -> None:

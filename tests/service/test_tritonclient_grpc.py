@@ -564,7 +564,7 @@ async def test_metadata_that_authenticates_nothing_spends_the_address_rate():
         async def key_of(self, authorization):
             if authorization != "Bearer good":
                 raise ApiError(401, "invalid_key", "invalid API key")
-            return object()
+            return type("Key", (), {"id": "k1"})()
 
     class Context:
         def __init__(self, authorization):
@@ -581,10 +581,14 @@ async def test_metadata_that_authenticates_nothing_spends_the_address_rate():
             raise grpc.aio.AbortError()
 
     state = type("State", (), {"settings": Settings(), "host": None, "keyring": Keyring(), "metrics": Metrics(),
-                               "address_limiter": RateLimiter(0.01, 2)})()
+                               "address_limiter": RateLimiter(0.01, 2), "key_limiter": RateLimiter(0.01, 3)})()
     servicer = InferenceServicer(state)
-    for _ in range(3):  # a valid key: not the address's
+    for _ in range(3):  # a valid key: its own rate, not the address's
         await servicer.ServerMetadata(pb.ServerMetadataRequest(), Context("Bearer good"))
+    good = Context("Bearer good")
+    with pytest.raises(grpc.aio.AbortError):  # past its burst (it went unlimited)
+        await servicer.ServerMetadata(pb.ServerMetadataRequest(), good)
+    assert good.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     for _ in range(2):
         await servicer.ServerMetadata(pb.ServerMetadataRequest(), Context("x"))
     context = Context("x")
