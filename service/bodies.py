@@ -98,7 +98,8 @@ class Body:
     files: dict[str, bytes] = field(default_factory=dict)  # field name → upload; a raw image is "file"
     fields: dict[str, str] = field(default_factory=dict)  # multipart text fields
     tensor: np.ndarray | None = None  # a .npy body: float32, of the shape the route's check gave
-    uploads: tuple[bytes, ...] = ()  # every uploaded file in the order sent, several under one name too
+    uploads: tuple[bytes, ...] = ()  # the files uploaded as "file" in the order sent (several: several samples)
+    names: tuple[str, ...] = ()  # the field name of every uploaded file, in the order sent (each name as often)
 
 
 def media_type(request: Request) -> str:
@@ -138,14 +139,15 @@ async def read_body(request: Request, accept: tuple[str, ...], *, what: str | No
         form = await request.form(max_files=max_files, max_fields=max_fields)
         # One value per name, the last sent, as the form's mapping view gives them; every upload in `uploads`.
         items = list(form.items())
-        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        data = {id(v): await v.read() for v in uploads}
+        uploads = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]
+        data = {id(v): await v.read() for _, v in uploads}
         return Body(files={k: data[id(v)] for k, v in items if isinstance(v, UploadFile)},
                     fields={k: v for k, v in items if isinstance(v, str)},
-                    uploads=tuple(data[id(v)] for v in uploads))
+                    uploads=tuple(data[id(v)] for k, v in uploads if k == "file"),  # another part is no sample
+                    names=tuple(k for k, _ in uploads))
     if media in IMAGE_TYPES and media in accept:
         raw = await read_bytes(request, _payload_limit(request))
-        return Body(files={"file": raw}, uploads=(raw,))
+        return Body(files={"file": raw}, uploads=(raw,), names=("file",))
     if media in (JSON, "") and JSON in accept:
         return Body(json=await read_json(request))
     choices = ", ".join(accept[:-1]) + " or " + accept[-1] if len(accept) > 1 else accept[0]

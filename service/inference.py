@@ -36,9 +36,10 @@ def _count(model: HostedModel, route: str, samples: int, key: ApiKey | None, key
         keyring.record(key.id, model.name, route, samples)
 
 
-# Tasks served by a route of their own, never by predict/distill/infer: their outputs are not
-# class scores (a style bundle's is an image).
-TASK_ROUTES = {"style": "POST /v1/style/{name}"}
+# Where the tasks that some routes refuse are served: style by a route of its own (its output is an image, not class
+# scores), pose and multilabel by predict alone (not distill or v2 infer, which serve classifiers).
+TASK_ROUTES = {"style": "POST /v1/style/{name}", "pose": "POST /v1/models/{name}/predict",
+               "multilabel": "POST /v1/models/{name}/predict"}
 
 
 # What predict answers, by task: class scores (softmax), independent labels (a sigmoid each),

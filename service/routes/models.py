@@ -126,7 +126,9 @@ async def _inputs(model: HostedModel, body: Body, max_samples: int) -> np.ndarra
     if body.json is not None:
         return as_batch(to_array(body.json.get("inputs")), model.in_shape, max_samples)
     if not body.uploads:
-        raise invalid("multipart body has no file: send the image as field 'file'", "invalid_request")
+        others = sorted(set(body.names))
+        raise invalid("multipart body has no file: send the image as field 'file'"
+                      + (f" (it has {', '.join(map(repr, others[:5]))})" if others else ""), "invalid_request")
     if len(body.uploads) > max_samples:  # counted as samples before any image is decoded
         raise invalid(f"{len(body.uploads)} images in one request; at most {max_samples}", "too_many_samples")
     shape, norm = model.in_shape, model.meta["normalize"]

@@ -122,6 +122,10 @@ def _images(body: Body, alpha_query: float | None) -> tuple[bytes, bytes | None,
     if body.json is not None:
         req = options(StyleRequest, {"alpha": alpha_query, **body.json})
         return _b64(req.image, "image"), (_b64(req.style, "style") if req.style else None), req.alpha
+    repeated = sorted({n for n in body.names if n in ("file", "style") and body.names.count(n) > 1})
+    if repeated:  # one content image (and one style): the last of several was styled without a word
+        raise invalid(f"field {repeated[0]!r} is sent {body.names.count(repeated[0])} times: this route styles one "
+                      "content image (with at most one style image) per request", "invalid_request")
     content = body.files.get("file")
     if content is None:
         raise invalid("multipart body has no file: send the content image as field 'file'", "invalid_request")

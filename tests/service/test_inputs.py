@@ -95,6 +95,10 @@ BAD = [
     ("gif image", "post", PREDICT, {"files": {"file": ("x.gif", gif(), "image/gif")}}, 415, "unsupported_image"),
     ("raw garbage jpeg", "post", PREDICT, {"content": b"\xff\xd8\xff junk", "headers": {"content-type": "image/jpeg"}},
      415, "unsupported_image"),
+    # a part under another name is no sample: an image named "image" was taken for one, a text part beside the file
+    # was decoded as an image (415, naming no part)
+    ("an image under another field", "post", PREDICT, {"files": {"image": ("x.png", BLANK, "image/png")}}, 422,
+     "invalid_request"),
     ("multipart without file", "post", PREDICT,
      {"content": b'--b\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n1\r\n--b--\r\n',
       "headers": {"content-type": "multipart/form-data; boundary=b"}}, 422, "invalid_request"),

@@ -145,6 +145,10 @@ async def test_bad_requests_get_clear_errors(svc):
     assert (await err("/v1/style/anystyle", json={"image": base64.b64encode(content).decode(),
                                                   "style": base64.b64encode(style).decode(), "alpha": 2}))[0] == 422
     assert (await err("/v1/style/no-such", files={"file": ("c.png", content, "image/png")}))[0] == 404
+    # one content image a request: the last of two was styled without a word
+    status, code, msg = await err("/v1/style/mosaic", files=[("file", ("a.png", content, "image/png")),
+                                                             ("file", ("b.png", content, "image/png"))])
+    assert (status, code) == (422, "invalid_request") and "'file' is sent 2 times" in msg
     status, code, msg = await err("/v1/style/tiny-cls", files={"file": ("c.png", content, "image/png")})
     assert (status, code) == (400, "wrong_task") and "not a style model" in msg
     # and the classification paths refuse a style bundle, naming the route that serves it

@@ -55,7 +55,9 @@ async def test_routes_refuse_a_task_they_cannot_serve(svc):
                                                               "datatype": "FP32", "data": [0.0] * 16}]})):
         r = await svc.client.post(path, json=body)
         error = r.json()["error"]
-        if path.startswith("/v2"):  # the protocol's body: the message alone
+        if path == "/v2/models/tags/infer":  # the route that serves it is named
+            assert r.status_code == 400 and "is a multilabel model: POST /v1/models/tags/predict" in error, r.text
+        elif path.startswith("/v2"):  # the protocol's body: the message alone
             assert r.status_code == 400 and "model; this route serves classification models" in error, r.text
         else:
             assert r.status_code == 400 and error["code"] == "wrong_task", (path, r.text)
