@@ -54,7 +54,7 @@ def _preflight(settings: Settings, pepper: bool = True) -> None:
     settings.check_secrets(pepper)  # SecretsError (exit 2, its message)
     store = open_store(settings.db_url)
     try:
-        settings.check_fingerprints(store)  # a store made just now records them
+        settings.check_fingerprints(store, pepper)  # a store made just now records them
     finally:
         store.close()
     asked = [p.strip() for p in settings.ort_providers.split(",") if p.strip()]

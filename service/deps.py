@@ -78,7 +78,7 @@ _bearer = HTTPBearer(auto_error=False, description="an API key: sdb_<id>_<secret
 _BearerDoc = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-async def authenticate(state, authorization: str | None, address: str) -> ApiKey:
+async def authenticate(state, authorization: str | None, address: str, scope: dict | None = None) -> ApiKey:
     """The key an ``Authorization`` value names, verified, for any transport (HTTP here, gRPC's metadata):
     ``state`` is the app's (keyring, limiters), ``address`` the caller's. A malformed, wrong or dead key
     counts against its address (guessing is rate-limited too); a valid one spends its own rate only."""
@@ -88,6 +88,8 @@ async def authenticate(state, authorization: str | None, address: str) -> ApiKey
     except ApiError:
         state.address_limiter.check(address, "this address")
         raise
+    if scope is not None:  # a valid key, even one over its own rate: not charged to its address's unproven bucket
+        scope[AUTHENTICATED] = True
     state.key_limiter.check(key.id, "this key")
     return key
 
@@ -97,9 +99,10 @@ def _address(request: Request) -> str:
 
 
 async def _authenticate(request: Request) -> ApiKey:
-    key = await authenticate(request.app.state, request.headers.get("authorization"), _address(request))
-    request.scope[AUTHENTICATED] = True  # the middleware charges a header that authenticated nothing to its address
-    return key
+    # the scope is marked once the key is valid: the middleware charges a header that authenticated nothing to its
+    # address
+    return await authenticate(request.app.state, request.headers.get("authorization"), _address(request),
+                              request.scope)
 
 
 async def api_key(request: Request, _: _BearerDoc) -> ApiKey:

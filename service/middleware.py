@@ -71,7 +71,11 @@ class ServiceMiddleware:
             wait, who = self._address_wait(scope)
             limiter = self.address_limiter
             if wait and who == UNPROVEN_CALLER:
-                key = await self._valid_key(scope)
+                try:
+                    key = await self._valid_key(scope)
+                except ApiError as e:  # the key store's 503
+                    await error_response(e.status, e.code, e.message, e.headers)(scope, receive, send_tracked)
+                    return
                 if key is not None:  # a valid key from an address whose other headers proved nothing: its own rate
                     scope[_VALID_KEY] = key.id  # spent once answered, where a route that checks no key spends none
                     limiter = scope["app"].state.key_limiter
@@ -120,11 +124,16 @@ class ServiceMiddleware:
 
     @staticmethod
     async def _valid_key(scope: Scope):
-        """The key the request's ``Authorization`` names, when it is a valid one (else None)."""
+        """The key the request's ``Authorization`` names, when it is a valid one (else None); a key store that does
+        not answer is its 503, not a refusal of the key."""
         header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
         try:
             return await scope["app"].state.keyring.key_of(header.decode("latin-1"))
-        except (ApiError, KeyError, AttributeError):
+        except ApiError as e:
+            if e.status != 401:
+                raise
+            return None
+        except (KeyError, AttributeError):
             return None
 
     def _limited(self, receive: Receive, limit: int, what: str) -> Receive:

@@ -279,12 +279,12 @@ class Settings(BaseSettings):
             if pepper or self.pepper_path.exists():  # a worker's host made none, but one there is checked all the same
                 _ = self.pepper
             if store is not None:
-                self.check_fingerprints(store)
+                self.check_fingerprints(store, pepper)
         finally:
             if store is not None:
                 store.close()
 
-    def check_fingerprints(self, store) -> None:
+    def check_fingerprints(self, store, pepper: bool = True) -> None:
         """SecretsError when the master key or the pepper here is not the one the store records (its first process
         recorded them): a replica or worker with a secrets dir of its own made its own, and every key it saw was
         unknown, every model sealed under the other one unservable, while it said it was ready."""
@@ -293,8 +293,8 @@ class Settings(BaseSettings):
 
         for name, path, what in (("master_key", self.master_key_path, "master key"),
                                  ("pepper", self.pepper_path, "pepper")):
-            if name == "pepper" and not path.exists():
-                continue  # a worker's host, which needs none
+            if name == "pepper" and (not pepper or not path.exists()):
+                continue  # a worker, which never reads one
             secret = self.master_key if name == "master_key" else self.pepper
             fingerprint = hmac.new(secret, b"sdb secret fingerprint: " + name.encode(), hashlib.sha256).hexdigest()
             if store.recorded_secret(name) is None:  # the first process on the store (or on one made before these)

@@ -364,6 +364,11 @@ def test_processes_on_one_store_must_share_its_secrets(data, tmp_path, shared):
     if shared:
         other.check_secrets()
         other.check_secrets(pepper=False)  # a worker
+        (other_dir / "pepper.key").write_bytes(b"0" * 64)  # another pepper, left on a worker's host
+        (other_dir / "pepper.key").chmod(0o600)
+        Settings(data_dir=data, secrets_dir=other_dir).check_secrets(pepper=False)  # a worker never reads it
+        with pytest.raises(SecretsError, match="pepper .* is not the one"):
+            Settings(data_dir=data, secrets_dir=other_dir).check_secrets()
     else:
         with pytest.raises(SecretsError, match="master key .* is not the one this store's other processes use"):
             other.check_secrets()

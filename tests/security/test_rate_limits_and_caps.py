@@ -93,6 +93,16 @@ async def test_guessing_key_secrets_is_rate_limited_per_address(limited):
     assert codes[:3] == [401] * 3 and codes[3:] == [429, 429]
 
 
+async def test_a_key_over_its_own_rate_spends_nothing_of_its_address(limited):
+    # a valid key's 429s were charged to its address's bucket for headers that authenticate nothing: once it ran dry,
+    # every keyed request from that address (a NAT's) paid a second key lookup, and a junk header was refused early
+    c, h = limited.client, limited.auth(limited.key(("predict",)))
+    codes = [(await c.post(PREDICT, json=ONE, headers=h)).status_code for _ in range(6)]
+    assert codes == [200] * 3 + [429] * 3, codes
+    junk = {"Authorization": "x"}
+    assert [(await c.get("/v2", headers=junk)).status_code for _ in range(3)] == [200] * 3  # its bucket is whole
+
+
 async def test_a_header_that_authenticates_nothing_is_limited_per_address_and_a_key_is_not(limited):
     # A junk Authorization passed every route that checks no key unlimited (the address's bucket was skipped for
     # any header): such requests are charged to their address once answered, and refused past its rate.
