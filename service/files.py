@@ -213,15 +213,16 @@ def ingest(store: Store, settings: Settings, key: ApiKey, stage: Staging, got: R
     """Blocking: check the received file, move it into place and record it; on any failure nothing stays."""
     if got.size == 0:
         raise invalid("the file is empty", "empty_file")
-    reservations = [] if key.grants("admin") else [_reserve(store, settings, key, got.size)]
+    reservations = [] if key.grants("admin") else [reserve(store, settings, key.id, got.size,
+                                                                   f"this {got.size}-byte file")]
     try:
         checked: Checked = check_upload(purpose, got.path, stage.dir / "out", limits(settings), got.filename)
         # What the cap counts is what the file keeps on the server: an image folder's zip is kept unpacked (a 300 KB
         # zip of zeros held 300 MB), so the bytes past the upload's are held too, or 413.
         kept = max(got.size, _bytes_under(stage.dir / "out"))
         if reservations and kept > got.size:
-            reservations.append(_reserve(store, settings, key, kept - got.size,
-                                         f"this file, unpacked to {kept} bytes ({kept - got.size} more than sent),"))
+            reservations.append(reserve(store, settings, key.id, kept - got.size,
+                                        f"this file, unpacked to {kept} bytes ({kept - got.size} more than sent),"))
         file_id = new_file_id()
         final = settings.files_dir / file_id
         os.replace(stage.dir / "out", final)
@@ -243,12 +244,6 @@ def ingest(store: Store, settings: Settings, key: ApiKey, stage: Staging, got: R
     store.audit(key.id, "file.upload", file_id, f"{purpose} {checked.format} {got.size} bytes"
                 + (" shared" if shared else ""))
     return row
-
-
-def _reserve(store: Store, settings: Settings, key: ApiKey, size: int, what: str | None = None) -> str:
-    """Hold ``size`` bytes of the key's file storage cap while the upload is checked (exact under concurrency:
-    :meth:`Store.reserve_file_bytes`); 413 when they do not fit (``what``: the bytes, as the message names them)."""
-    return reserve(store, settings, key.id, size, what or f"this {size}-byte file")
 
 
 def reserve(store: Store, settings: Settings, owner: str, size: int, what: str) -> str:

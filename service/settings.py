@@ -22,12 +22,6 @@ from sdb_core.protect.seal import MASTER_KEY_BYTES, load_or_create_master_key
 log = logging.getLogger("sdb.service")
 
 
-def _api_keys():
-    from .store import ApiKeyRow
-
-    return ApiKeyRow
-
-
 def _holds(store, table) -> bool:
     """Whether ``store`` has a row of ``table``."""
     from sqlalchemy import func, select
@@ -308,6 +302,8 @@ class Settings(BaseSettings):
         """Before a secret's fingerprint is first recorded on a store that holds what was made under one (a store from
         before fingerprints): the master key must open the sealed keys of the models it holds, or it would be recorded
         as the right one and the right one refused after. A pepper has nothing to be checked by: said in the log."""
+        from .store import ApiKeyRow
+
         if name == "master_key":
             from sdb_core.bundle import opens_key
 
@@ -319,7 +315,7 @@ class Settings(BaseSettings):
                                        "sealed under; point SDB_SECRETS_DIR or SDB_MASTER_KEY_FILE at that one")
                 if opened:
                     return
-        elif _holds(store, _api_keys()):
+        elif _holds(store, ApiKeyRow):
             log.warning("recording the fingerprint of the pepper %s on a store that holds API keys made before "
                         "fingerprints: if they answer 401 unknown API key, it is not theirs", path)
 
