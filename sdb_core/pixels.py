@@ -39,6 +39,15 @@ def upright(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im) if turned else im
 
 
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of ``im`` as :func:`upright` turns it, from its header alone (nothing decoded)."""
+    try:
+        sideways = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn: width and height swap
+    except (OSError, ValueError, SyntaxError):
+        sideways = False
+    return (im.height, im.width) if sideways else (im.width, im.height)
+
+
 def unit_pixels(im: Image.Image, mode: str, size: tuple[int, int]) -> np.ndarray:
     """``im``, :func:`upright`, in ``mode`` ("L": (H, W), "RGB": (H, W, 3)) resized (bilinear) to ``size`` (W, H),
     in [0, 1]."""

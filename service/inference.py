@@ -9,7 +9,7 @@ model version's output policy (:func:`policy_outputs`); the keyed path is not su
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -185,11 +185,19 @@ async def stylized(model: HostedModel, feeds: dict[str, np.ndarray], key: ApiKey
     return out
 
 
-def pose_predictions(meta: dict, heatmaps: np.ndarray) -> dict:
-    """A pose model's heatmaps as keypoints: (x, y) in input pixels and the peak value per joint."""
+def pose_predictions(meta: dict, heatmaps: np.ndarray, in_shape: Sequence[int],
+                     image_sizes: Sequence[tuple[int, int]] | None = None) -> dict:
+    """A pose model's heatmaps as keypoints: (x, y) in input pixels and the peak value per joint; for images sent
+    as files (``image_sizes``: each one's width and height), the same points in that image's own pixels too
+    (``image_keypoints``), since the image was stretched to the input (pixel centres map onto pixel centres)."""
     from sdb_core.heatmaps import decode
 
     points, scores = decode(heatmaps, int(meta.get("pose", {}).get("stride", 4)))
-    return {"joints": list(meta.get("labels", [])),
-            "predictions": [{"keypoints": np.round(p, 3).tolist(), "scores": np.round(s, 5).tolist()}
-                            for p, s in zip(points, scores)]}
+    predictions = [{"keypoints": np.round(p, 3).tolist(), "scores": np.round(s, 5).tolist()}
+                   for p, s in zip(points, scores)]
+    if image_sizes is not None:
+        h, w = in_shape[-2:]
+        for prediction, p, size in zip(predictions, points, image_sizes, strict=True):
+            scale = np.asarray(size, dtype=np.float64) / (w, h)
+            prediction["image_keypoints"] = np.round((p + 0.5) * scale - 0.5, 3).tolist()
+    return {"joints": list(meta.get("labels", [])), "predictions": predictions}

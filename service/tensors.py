@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 from PIL import Image, UnidentifiedImageError
 
-from sdb_core.pixels import unit_pixels
+from sdb_core.pixels import unit_pixels, upright_size
 
 from .errors import ApiError, bad_request, invalid
 
@@ -113,6 +113,16 @@ def images_to_inputs(blobs: Sequence[bytes], in_shape: Sequence[int], normalize:
                        f"most {MAX_REQUEST_PIXELS} in one request: send fewer, or smaller (the model takes "
                        f"{'x'.join(map(str, in_shape[1:]))})")
     return np.stack([image_to_input(b, in_shape, normalize) for b in blobs])
+
+
+def image_sizes(blobs: Sequence[bytes]) -> list[tuple[int, int]]:
+    """(width, height) of each image as it is shown (its EXIF orientation applied), from its header: images that
+    :func:`images_to_inputs` read already."""
+    sizes = []
+    for data in blobs:
+        with Image.open(io.BytesIO(data)) as img:
+            sizes.append(upright_size(img))
+    return sizes
 
 
 def _declared_pixels(data: bytes) -> int:

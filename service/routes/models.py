@@ -60,7 +60,7 @@ from ..schemas import (
     options,
     responses,
 )
-from ..tensors import as_batch, batch_shape, images_to_inputs, softmax, to_array
+from ..tensors import as_batch, batch_shape, image_sizes, images_to_inputs, softmax, to_array
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -182,8 +182,10 @@ async def predict(request: Request) -> Response:
     if task == "pose":  # keypoints instead of labels, same inputs
         heatmaps = await public_logits(model, await _inputs(model, body, max_samples), s.key, s.keyring, s.metrics,
                                        s.caller)
+        sent_images = body.json is None and body.tensor is None  # their own pixels too: a user draws on them
         return json_response({"model": model.name, "version": model.version, "task": "pose",
-                              **pose_predictions(model.meta, heatmaps)})
+                              **pose_predictions(model.meta, heatmaps, model.in_shape,
+                                                 image_sizes(body.uploads) if sent_images else None)})
     if body.json is not None:  # the options are checked before the tensor, the images after decoding
         opts = options(PredictOptions, {**body.json, **({"top_k": top_k_query} if top_k_query else {})})
         x = await _inputs(model, body, max_samples)

@@ -61,6 +61,27 @@ def test_pose_bundle_served_over_http_returns_keypoints_matching_pytorch(tmp_pat
                    headers={"Content-Type": "image/png"}, timeout=60)
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == 1 and len(r.json()["predictions"][0]["keypoints"]) == 17
+    assert "image_keypoints" not in body["predictions"][0]  # tensors sent: input pixels are theirs
+
+    # An image's keypoints come in its own pixels too: it was stretched to the 32x32 input, pixel centre on centre.
+    # A photo stored sideways with an EXIF turn is read as shown: the same answer as the upright pixels.
+    upright = (np.random.default_rng(1).random((48, 40, 3)) * 255).astype(np.uint8)  # H 48, W 40
+    stored = Image.fromarray(np.rot90(upright, k=1).copy())  # what a phone writes; EXIF 6 turns it back
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    answers = []
+    for image, extra in ((Image.fromarray(upright), {}), (stored, {"exif": exif.tobytes()})):
+        buf = io.BytesIO()
+        image.save(buf, "PNG", **extra)
+        files = [("file", ("a.png", buf.getvalue(), "image/png"))] * 2  # a form of two images: one answer each
+        r = httpx.post(f"{srv.url}/v1/models/pose-tiny/predict", files=files, timeout=60)
+        assert r.status_code == 200, r.text
+        answers.append(r.json()["predictions"])
+    for p in answers[0] + answers[1]:
+        kp, at = np.array(p["keypoints"]), np.array(p["image_keypoints"])
+        np.testing.assert_allclose(at, (kp + 0.5) * [40 / 32, 48 / 32] - 0.5, atol=2e-3)
+        assert (at >= -0.5).all() and (at[:, 0] <= 39.5).all() and (at[:, 1] <= 47.5).all()
+    assert answers[0] == answers[1]
 
     # No keyed path: /distill on a pose model is a clear 400, even for a key allowed to distill.
     r = httpx.post(f"{srv.url}/v1/models/pose-tiny/distill", json={"inputs": x.tolist()},
