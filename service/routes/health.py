@@ -5,12 +5,14 @@ None of them shows a server path or a key id to a caller without an admin key; w
 """
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from ..auth import check_scope
+from ..auth import STORE_WAIT_S, check_scope
 from ..deps import SERVING_DOC, MetricsDep, ModelHostDep, OptionalApiKeyDep, SettingsDep, StoreDep
 from ..disclosure import hide_paths
 from ..errors import ApiError
@@ -41,15 +43,27 @@ async def healthz() -> Response:
 async def readyz(request: Request, store: StoreDep, host: ModelHostDep, settings: SettingsDep) -> Response:
     if not getattr(request.app.state, "ready", False):
         raise ApiError(503, "not_ready", "the server is still starting")
-    try:
-        await run_in_threadpool(store.ping)
-    except Exception:  # noqa: BLE001 - any driver error means not ready
-        raise ApiError(503, "store_unreachable", "the store does not answer") from None
+    if not await _store_answers(request.app.state, store):
+        raise ApiError(503, "store_unreachable", "the store does not answer")
     failed = host.failures()  # a copy: a sync changing it while this iterated was a 500
     body = {"status": "ready", "models": len(host.all()), "failed_models": len(failed)}
     if settings.public_predict:  # model names are public: which versions failed, and why (the log has the paths)
         body["failed"] = {f"{n}@{v}": hide_paths(why, settings.data_dir) for (n, v), why in failed.items()}
     return json_response(body)
+
+
+async def _store_answers(state, store) -> bool:
+    """Whether the store answers a ping within STORE_WAIT_S. A stalled database (frozen, partitioned) held the probe
+    as long as it stalled, and each probe a worker thread: the probes share one ping until it returns."""
+    ping = getattr(state, "store_ping", None)
+    if ping is None or ping.done():
+        ping = state.store_ping = asyncio.ensure_future(run_in_threadpool(store.ping))
+        ping.add_done_callback(lambda t: t.cancelled() or t.exception())  # read: a failure no probe awaited
+    try:
+        await asyncio.wait_for(asyncio.shield(ping), STORE_WAIT_S)
+    except Exception:  # noqa: BLE001 - a timeout or any driver error means not ready
+        return False
+    return True
 
 
 _METRICS_EXAMPLE = ('# TYPE sdb_requests_total counter\nsdb_requests_total{method="POST",model="mnist-demo",'

@@ -13,6 +13,7 @@ import pwd
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -110,6 +111,21 @@ class Cluster:
         """Stop the server as a restart or a failover does (its clients' connections cut), keeping its data (a fast
         shutdown: with synchronous_commit off, an immediate one would lose the last commits)."""
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def freeze(self, thaw: bool = False) -> None:
+        """Stop (SIGSTOP) the server and its backends as a frozen host or a partition does: connections stay open
+        and nothing answers; ``thaw`` continues them."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        pids = [postmaster]
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == postmaster:  # its parent
+                pids.append(int(stat.split("/")[2]))
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT if thaw else signal.SIGSTOP)
 
     def reap_orphans(self) -> None:
         """Stop and delete the clusters of test sessions that were killed before their teardown

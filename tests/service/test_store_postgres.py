@@ -4,6 +4,7 @@ database, claims racing over many connections, and two ``sdb worker`` processes 
 only PostgreSQL has: ``postgresql://`` URLs and the password from a file."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -278,6 +279,56 @@ async def test_a_key_store_that_stalls_is_a_503_in_seconds_not_a_wait_as_long_as
             await manager.__aexit__(None, None, None)
     finally:
         pg_databases.drop(url)
+
+
+def _threads_in(function) -> int:
+    """How many threads are running ``function`` now."""
+    def running(frame) -> bool:
+        while frame is not None:
+            if frame.f_code is function.__code__:
+                return True
+            frame = frame.f_back
+        return False
+
+    return sum(running(f) for f in sys._current_frames().values())
+
+
+@pytest.mark.anyio
+async def test_readiness_on_a_frozen_store_is_a_503_in_seconds_and_its_probes_share_one_ping(tmp_path, bundles):
+    """/readyz waited on a frozen database (a host stopped, a partition) as long as it stayed frozen, and every probe
+    held a worker thread meanwhile: an orchestrator's probes timed out with no answer, and piled up."""
+    from service.auth import STORE_WAIT_S
+
+    from .conftest import make_settings, start_service
+    from .pgcluster import Cluster, Databases
+
+    cluster = Cluster().start()
+    try:
+        url = Databases(cluster.admin_url).create()
+        svc, manager = await start_service(make_settings(tmp_path / "data", bundles, database_url=url), bundles.a)
+        try:
+            assert (await svc.client.get("/readyz")).status_code == 200
+            cluster.freeze()
+            try:
+                start = time.monotonic()
+                answers = await asyncio.wait_for(asyncio.gather(*(svc.client.get("/readyz") for _ in range(5))),
+                                                 STORE_WAIT_S + 10)  # without a bound: as long as it stays frozen
+                waited = time.monotonic() - start
+                for r in answers:
+                    assert r.status_code == 503 and r.json()["error"]["code"] == "store_unreachable", r.text
+                assert STORE_WAIT_S <= waited < STORE_WAIT_S + 5, waited
+                assert _threads_in(Store.ping) == 1  # the probes' one ping, still waiting
+            finally:
+                cluster.freeze(thaw=True)
+            deadline = time.monotonic() + 30
+            while (r := await svc.client.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, r.text
+                await anyio.sleep(0.2)
+        finally:
+            await svc.client.aclose()
+            await manager.__aexit__(None, None, None)
+    finally:
+        cluster.stop()
 
 
 def test_a_store_from_before_fingerprints_records_a_master_key_only_if_it_opens_its_models(db_url, tmp_path, bundles):
