@@ -463,7 +463,10 @@ def export_bundle(
         "format": FORMAT, "name": name, "version": str(version), "task": task, "mode": mode,
         "input": {"name": INPUT_NAME, "shape": list(in_shape), "dtype": "float32"},
         "output": {"name": OUTPUT_NAME, "shape": out_shape},
-        "normalize": {"mean": list(map(float, mean)), "std": list(map(float, std)), "scale": 255.0},
+        # (value / scale - mean) / std is the network's input: an image's pixels over 0..255, other inputs (feature
+        # vectors, signals) standardised as they come, in their own units (255 made a tabular user's inputs garbage)
+        "normalize": {"mean": list(map(float, mean)), "std": list(map(float, std)),
+                      "scale": 255.0 if len(in_shape) == 3 else 1.0},
         "labels": list(labels), "lam": lam, "temperature": temperature,
         "metrics": metrics or {}, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),

@@ -71,6 +71,12 @@ def test_the_bundle_answers_what_the_box_answers(tmp_path, wrapped):
                          std=data.std, labels=data.labels, master_key=master)
     b = load_bundle(path, master)
     assert b.meta["input"]["shape"] == list(data.in_shape)
+    # What the bundle says its inputs are, (value / scale - mean) / std, is what the box was trained on: raw values
+    # standardised in their own units (scale 255 turned a tabular user's inputs into garbage).
+    norm, raw = b.meta["normalize"], torch.rand(3, *data.in_shape) * 7
+    mean, std = (np.array(norm[k]).reshape(-1, *[1] * (len(data.in_shape) - 1)) for k in ("mean", "std"))
+    np.testing.assert_allclose((raw.numpy() / norm["scale"] - mean) / std, data.normalize(raw).numpy(), rtol=1e-5,
+                               atol=1e-5)
     x = data.test.tensors[0][:40]
     assert np.array_equal(b.public_logits(x.numpy()), result.box.public_logits(x).numpy())
     assert np.abs(b.distill_logits(x.numpy()) - result.box.distill_logits(x).numpy()).max() <= 1e-4
