@@ -37,7 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 
+from .class_names import name_problem
 from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
 from .protect.seal import SealError, seal, unseal
 
@@ -692,6 +694,8 @@ def _check_fields(meta: dict, where: str) -> None:
     labels = meta["labels"]
     if not all(isinstance(v, str) or type(v) is int for v in labels):
         raise bad('labels must be the class names, strings, in output order (e.g. ["cat", "dog"])')
+    if (problem := name_problem(labels)) is not None:
+        raise bad(f"labels: {problem}")
     norm, shape = meta["normalize"], primary["shape"]
     channels = shape[0] if len(shape) == 3 and shape[0] in (1, 3) else None  # what an image upload is made into
     fix = (f'normalize must be {{"mean": [...], "std": [...], "scale": 255.0}}: numbers, one per input channel '
@@ -716,6 +720,11 @@ def _check_fields(meta: dict, where: str) -> None:
                                   and isinstance(check.get("figures"), dict) and type(check.get("val_size")) is int):
         raise bad("check is the self-check report a wrap writes (passed, thresholds, figures, val_size); "
                   "a bundle made by hand has none: remove it")
+    try:  # what the service answers about a model is read from here: a value JSON cannot write was a 500 to every list
+        orjson.dumps(meta)
+    except TypeError as e:  # orjson: text UTF-8 cannot write (a lone surrogate), an integer past 64 bits, deep nesting
+        raise BundleError(f"{where}: {META_FILE} holds a value JSON cannot write back ({e}): plain text, numbers within "
+                          "64 bits") from None
 
 
 def reseal_bundle(path: str | os.PathLike, master_key: bytes) -> Path:

@@ -26,6 +26,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from sdb_core.class_names import name_problem
+
 from .errors import ApiError, no_room
 from .tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS, image_format
 
@@ -323,6 +325,8 @@ def _check_imagefolder(out: Path, filename: str, limits: Limits) -> Checked:
             classes = [d.name for d in dirs]
             if len(classes) < 2:
                 raise rejected("dataset", f"{filename}: one class folder ({classes[0]!r}); a classifier needs two")
+            if (problem := name_problem(classes)) is not None:
+                raise rejected("dataset", f"{filename}: its class folders name the classes, and {problem}")
         elif unknown := sorted({d.name for d in dirs} - set(classes)):
             raise rejected("dataset", f"{filename}: {where} has classes that are not in "
                            f"{found_splits[0].name}/: {unknown[:10]}")

@@ -18,6 +18,7 @@ from pathlib import Path, PurePath, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sdb_core.class_names import name_problem
 from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_dataset, stratified_split
 from sdb_core.pixels import unit_pixels
 
@@ -84,6 +85,8 @@ def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int
     if classes is None:
         if len(names) < 2:
             raise DatasetError(f"{folder} has {len(names)} class folder ({names[0]!r}); a classifier needs at least 2")
+        if (problem := name_problem(names)) is not None:
+            raise DatasetError(f"{folder}: its class folders name the classes, and {problem}")
         classes = names
     unknown = sorted(set(names) - set(classes))
     if unknown:

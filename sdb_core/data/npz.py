@@ -16,13 +16,13 @@ scale, each channel standardised over its length on the training split (an (N, C
 from __future__ import annotations
 
 import math
-import unicodedata
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from sdb_core.class_names import name_problem
 from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_dataset, stratified_split
 
 _SPLIT_SEED = 0
@@ -183,18 +183,9 @@ def _signals(path: Path, arrays: dict) -> bool:
 
 
 def _check_names(path: Path, names: list[str]) -> None:
-    """Class names are what a served model answers and what a prediction is read back by: none blank, no two alike
-    (in Unicode NFC: a composed and a decomposed "café" print the same)."""
-    blank = [i for i, s in enumerate(names) if not s.strip()]
-    if blank:
-        raise DatasetError(f"{path}: labels has {len(blank)} blank class name(s) (the first at index {blank[0]}): "
-                           "name every class")
-    seen: dict[str, int] = {}
-    for i, s in enumerate(names):
-        j = seen.setdefault(unicodedata.normalize("NFC", s), i)
-        if j != i:
-            raise DatasetError(f"{path}: labels names two classes {s[:60]!r} (indices {j} and {i}): each class needs "
-                               "its own name, or a prediction cannot tell them apart")
+    problem = name_problem(names)
+    if problem is not None:
+        raise DatasetError(f"{path}: labels: {problem}")
 
 
 def _check_indices(path: Path, present: np.ndarray) -> None:

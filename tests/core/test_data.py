@@ -326,6 +326,11 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(DatasetError, match="at least 2"):
         load_dataset(f"imagefolder:{one}")
 
+    escaped = tmp_path / "escaped"  # a class folder's name is printed to people: no terminal escape in it
+    write_folder(escaped, per_class=3, classes={"cat": (1, 2, 3), "\x1b[2Jdog": (4, 5, 6)})
+    with pytest.raises(DatasetError, match="control character U\\+001B"):
+        load_dataset(f"imagefolder:{escaped}")
+
     hollow = tmp_path / "hollow"
     write_folder(hollow, per_class=3)
     (hollow / "yak").mkdir()

@@ -68,17 +68,29 @@ def test_big_endian_sixteen_bit_pixels_are_read_over_their_depth_and_wider_ones_
 
 
 @pytest.mark.parametrize("labels,words", [
-    (["cat", "dog", "cat"], r"names two classes 'cat' \(indices 0 and 2\)"),
-    (["caf\u00e9", "cafe\u0301"], r"names two classes .* \(indices 0 and 1\)"),  # one name, composed and decomposed
-    (["cat", "", "dog"], r"1 blank class name\(s\) \(the first at index 1\)"),
-    (["cat", "  "], r"blank class name"),
-], ids=["duplicate", "duplicate-nfd", "empty", "blank"])
-def test_class_names_must_be_distinct_and_not_blank(tmp_path, labels, words):
-    """Two classes of one name (or none) passed: a served prediction could not be told apart."""
+    (["cat", "dog", "cat"], r"two classes are named 'cat' \(classes 0 and 2\)"),
+    (["caf\u00e9", "cafe\u0301"], r"two classes are named .* \(classes 0 and 1\)"),  # composed and decomposed
+    (["cat", "", "dog"], r"class 1 has a blank name"),
+    (["cat", "  "], r"class 1 has a blank name"),
+    (["cat", "\x1b[31mdog"], r"class 1's name .* control character U\+001B"),  # a terminal's escape
+    (["cat", "god\u202e"], r"class 1's name .* control character U\+202E"),  # the rest read backwards
+    (["cat", "lone\ud800"], r"class 1's name .* lone surrogate"),  # no UTF-8 for it: every listing failed
+], ids=["duplicate", "duplicate-nfd", "empty", "blank", "escape", "bidi", "surrogate"])
+def test_class_names_must_be_distinct_named_text(tmp_path, labels, words):
+    """Two classes of one name (or none) passed: a served prediction could not be told apart. Names are shown to
+    other people (the console, the CLI, v2's classification strings): control characters and text UTF-8 cannot
+    write are refused too; the zero-width joiners of emoji and Persian are text."""
     path = write(tmp_path / "n.npz", x=np.zeros((10, 4, 4), np.uint8), y=np.arange(10) % 2, labels=np.array(labels))
     for read in (lambda: describe_npz(path), lambda: load_dataset(f"npz:{path}")):
         with pytest.raises(DatasetError, match=words):
             read()
+
+
+def test_class_names_in_any_script_are_read():
+    from sdb_core.class_names import name_problem
+
+    assert name_problem(["\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\U0001f468\u200d\U0001f469",
+                         "caf\u00e9", 7]) is None
 
 
 def test_channels_last_images_are_read_as_pil_and_tensorflow_keep_them(tmp_path):

@@ -154,6 +154,16 @@ def _cases(plain: dict[str, bytes]) -> dict[str, tuple[bytes, str]]:
         "output a string": (_sdb(_edit(plain, _set("output", "logits"))), "output must be an object"),
         "check by hand": (_sdb(_edit(plain, _set("check", {"passed": True}))), "remove it"),
         "labels of objects": (_sdb(_edit(plain, _set("labels", [{"n": i} for i in range(4)]))), "class names"),
+        # JSON reads them, orjson cannot write them: GET /v1/models was a 500 for everyone once one was deployed
+        "a label of no UTF-8": (_sdb(_edit(plain, _set("labels", ["a", "b", "c", "lone\ud800"]))), "lone surrogate"),
+        "a label past 64 bits": (_sdb(_edit(plain, _set("labels", [0, 1, 2, 2 ** 70]))), "cannot write"),
+        "a metric past 64 bits": (_sdb(_edit(plain, _set("metrics", {"acc": 2 ** 70}))), "cannot write"),
+        "a version past 64 bits": (_sdb(_edit(plain, _set("version", 2 ** 70))), "cannot write"),
+        # the rule a data set's class names follow: shown to other people, and read back by predictions
+        "a label with a terminal escape": (_sdb(_edit(plain, _set("labels", ["a", "b", "c", "\x1b[31md"]))),
+                                           "control character U+001B"),
+        "two labels alike": (_sdb(_edit(plain, _set("labels", ["a", "b", "c", "a"]))), "two classes are named 'a'"),
+        "a blank label": (_sdb(_edit(plain, _set("labels", ["a", "b", " ", "d"]))), "class 2 has a blank name"),
         "input of 30 G values": (_sdb(_edit(plain, _set("input.shape", [3, 100000, 100000]))), "values per sample"),
         "metrics nested 300 deep": (_sdb(_edit(plain, raw_meta=deep[:-1] + b', "files": FILES}')), "levels deep"),
         "meta.json nested 100000 deep": (_sdb(_edit(plain, raw_meta=b"[" * 100000 + b"]" * 100000)), "levels deep"),

@@ -408,8 +408,12 @@ async def test_bad_npz(svc):
              (npz_bytes(x=x, y=-y), ["labels must be >= 0"]),
              # wider than 16 bits: divided by 255, not refused
              (npz_bytes(x=x.astype(np.uint32), y=y), ["uint32 pixels", "uint16", "x.astype(np.uint16)"]),
-             (npz_bytes(x=x, y=y, labels=np.array(["cat", "cat"])), ["names two classes 'cat'"]),
-             (npz_bytes(x=x, y=y, labels=np.array(["cat", ""])), ["blank class name"])]
+             (npz_bytes(x=x, y=y, labels=np.array(["cat", "cat"])), ["two classes are named 'cat'"]),
+             (npz_bytes(x=x, y=y, labels=np.array(["cat", ""])), ["class 1 has a blank name"]),
+             (npz_bytes(x=x, y=y, labels=np.array(["cat", "lone\ud800"])), ["lone surrogate"]),
+             # class folders name the classes too: an escape in one was printed by every terminal listing them
+             (zip_of({f"{c}/{i}.png": png() for c in ("cat", "\x1b[2Jdog") for i in range(3)}),
+              ["class folders name the classes", "U+001B"])]
     for data, words in cases:
         await assert_refused(svc, h, data, "dataset", "invalid_dataset", words, "d.npz")
 
@@ -446,6 +450,15 @@ async def test_bad_images_and_bundles(svc, bundles, tmp_path):
     members = {p.name: p.read_bytes() for p in bundles.b.iterdir()}
     members["model.onnx"] = members["model.onnx"][:-1] + b"!"
     await assert_refused(svc, h, zip_of(members), "bundle", "invalid_bundle", ["model.onnx was altered"], "b.sdb")
+    # A name or version JSON cannot write (a lone surrogate, an integer past 64 bits) was stored, and every listing
+    # of the uploader's files, and of every admin's, was a 500 that never showed the id to delete it by.
+    for field, value in (("name", "x\ud800"), ("version", 2 ** 70)):
+        members = {p.name: p.read_bytes() for p in bundles.b.iterdir()}
+        meta = json.loads(members["meta.json"])
+        meta[field] = value
+        members["meta.json"] = json.dumps(meta).encode()
+        await assert_refused(svc, h, zip_of(members), "bundle", "invalid_bundle", ["JSON cannot write"], "b.sdb")
+    assert (await svc.client.get("/v1/files", headers=h)).status_code == 200
 
 
 async def test_request_errors(svc):
