@@ -210,6 +210,29 @@ def test_models_page_and_try_it_public_top_k_beside_keyed_logits(console, driver
     shot(driver, console, "05-model-usage")
 
 
+def test_a_bundles_own_figure_names_never_stop_its_page(console, driver, tmp_path):
+    """A self-check figure a bundle names "constructor" read Object's own property in the console's script, which
+    threw: the page stopped after its summary (no report, audit, usage or Try it) for everyone who opened it."""
+    import torch
+
+    from sdb_core.bundle import export_bundle
+
+    check = {"passed": True, "val_size": 40, "thresholds": {"max_accuracy_drop": 1.0, "toString": 2},
+             "figures": {"constructor": 0.25, "public_drop": 0.5, "__proto__": 3}}
+    path = export_bundle(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), tmp_path / "odd.sdb",
+                         name="odd-figures", in_shape=(1, 8, 8), mean=(0.3,), std=(0.4,),
+                         labels=[str(i) for i in range(10)], extra={"check": check})
+    r = api(console, "admin", "POST", "/v1/models", files={"file": ("odd.sdb", path.read_bytes())})
+    assert r.status_code == 201, r.text
+    try:
+        sign_in(driver, console, "predict", "#/models/odd-figures")
+        visible(driver, "#try-h")
+        report = css(driver, "[aria-labelledby=prot-h]").text
+        assert "held-out samples: passed" in report and "Constructor" in report and "0.25" in report, report
+    finally:
+        assert api(console, "admin", "DELETE", "/v1/models/odd-figures").status_code == 200
+
+
 # ------------------------------------------------------------------------------------------ keys
 def test_keys_create_show_the_secret_once_and_revoke(console, driver):
     sign_in(driver, console, "admin", "#/keys")

@@ -70,15 +70,17 @@ export function accuracyRows(metrics) {
 }
 
 // The self-check's figures beside the threshold each one is held to (sdb_core/protect/check.py's Thresholds).
-const HELD = { public_drop: ["max_accuracy_drop", "≤"], keyed_drop: ["max_keyed_drop", "≤"], leak_margin: ["min_leak_margin", "≥"],
-  guessed_key_share: ["min_guessed_key_share", "≥"] };
+// A Map, not an object: a figure a bundle names "constructor" read Object's own property, and the page stopped there.
+const HELD = new Map([["public_drop", ["max_accuracy_drop", "≤"]], ["keyed_drop", ["max_keyed_drop", "≤"]],
+  ["leak_margin", ["min_leak_margin", "≥"]], ["guessed_key_share", ["min_guessed_key_share", "≥"]]]);
 
 export function checkTable(figures, thresholds) {
   const used = new Set();
   const rows = Object.entries(figures || {}).map(([k, v]) => {
-    const [t, op] = HELD[k] || [];
-    if (t && thresholds && t in thresholds) used.add(t);
-    return [human(k), num(v), t && thresholds && t in thresholds ? `${op} ${num(thresholds[t])} (${human(t).toLowerCase()})` : ""];
+    const [t, op] = HELD.get(k) || [];
+    const held = t && thresholds && Object.hasOwn(thresholds, t);
+    if (held) used.add(t);
+    return [human(k), num(v), held ? `${op} ${num(thresholds[t])} (${human(t).toLowerCase()})` : ""];
   });
   for (const [t, v] of Object.entries(thresholds || {})) if (!used.has(t)) rows.push([human(t), "", num(v)]);
   return table(["Figure", "Measured", "Threshold"], rows, { numeric: [1], caption: "Self-check figures and thresholds" });
