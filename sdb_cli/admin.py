@@ -4,12 +4,14 @@
 changes within ``models_sync_s`` and key changes within ``auth_cache_s``."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sdb_core.protect.config import POLICIES, AuditConfig
 from service.auth import ApiKey, create_key, validate_policy
@@ -21,10 +23,11 @@ from .console import redact
 
 
 def _when(t: float | None) -> str:
+    """A stored time as its UTC date, said to be UTC (a reader's own zone is another)."""
     if t is None:
         return "-"
     try:
-        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M")
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
     except (OverflowError, ValueError, OSError):  # a time no calendar date holds (a key stored before expiries were bounded)
         return "never" if t > 0 else "-"
 
@@ -33,9 +36,13 @@ def _split(text: str | None) -> list[str] | None:
     return None if text is None else [p.strip() for p in text.split(",") if p.strip()]
 
 
-def _open_store(settings: Settings) -> Store:
+def _open_store(settings: Settings, *, make: bool = False) -> Store:
     """The data dir's store; a data dir or store that cannot be opened, or a secret lost from a store in use, is one
-    line (exit 2), not a traceback."""
+    line (exit 2), not a traceback. A data dir that does not exist is made only when ``make`` (``keys create``,
+    ``models add``, which say so): a command that reads or changes what one holds, given a typo for it, made a new
+    data dir with a fresh store and secrets, and listed nothing with exit 0."""
+    if not make and not settings.data_dir.exists():
+        raise _no_data_dir(settings.data_dir)
     settings.prepare_data_dir()
     settings.check_secrets()
     store = open_store(settings.db_url)
@@ -45,6 +52,19 @@ def _open_store(settings: Settings) -> Store:
         store.close()
         raise
     return store
+
+
+def _no_data_dir(path: Path) -> SettingsError:
+    shown = str(path) if path.is_absolute() else f"{path}, that is {path.resolve()}"
+    return SettingsError(f"SDB_DATA_DIR (--data-dir: {shown}) does not exist, so it holds no keys or models: point "
+                         "--data-dir or SDB_DATA_DIR at the server's data dir (`sdb serve` prints it when it starts), "
+                         "or make one with `sdb keys create` or `sdb models add`")
+
+
+def _new_data_dir_note(settings: Settings) -> str:
+    """What a command that makes a data dir says when it does: a typo in --data-dir or SDB_DATA_DIR makes a new one,
+    whose keys and models no server of the real one knows."""
+    return "" if settings.data_dir.exists() else f" in a new data dir, {settings.data_dir}"
 
 
 def _preflight(settings: Settings, pepper: bool = True) -> None:
@@ -82,8 +102,9 @@ def _check_listen(host: str, port: int) -> None:
 
 class AccessLogPaths(logging.Filter):
     """uvicorn's access log lines with the path alone: a query string holds nothing an operator needs, and a client
-    that put its key there (``?api_key=...``, refused: keys go in the header) would have it logged in the clear.
-    What remains is redacted as every message of ``sdb`` is."""
+    that put its key there (``?api_key=...``) would have it logged in the clear: the service refuses such a request
+    (401 ``key_in_url``, :mod:`service.middleware`), but its line is logged all the same. What remains is redacted as
+    every message of ``sdb`` is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
@@ -151,12 +172,10 @@ def worker(settings: Settings) -> int:
 
 def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: int | None,
                 quota_window: int | None, expires: float | None, name: str) -> int:
-    validate_policy(_split(scopes) or [], quota, quota_window, expires)  # refused before a data dir is made for it
-    if models is not None and not _split(models):  # an allowlist of nothing: a key no model answers
-        raise ValueError("--models names no model: give a comma-separated list, or leave it out for every model")
-    # A typo in --data-dir or SDB_DATA_DIR makes a new data dir, whose keys no server of the real one knows: said.
-    where = "" if settings.data_dir.exists() else f" in a new data dir, {settings.data_dir}"
-    store = _open_store(settings)
+    # refused before a data dir is made for it
+    validate_policy(_split(scopes) or [], quota, quota_window, expires, _split(models))
+    where = _new_data_dir_note(settings)
+    store = _open_store(settings, make=True)
     try:
         token, key = create_key(store, settings.pepper, scopes=_split(scopes) or [], models=_split(models),
                                 quota=quota, quota_window_s=quota_window, expires_days=expires, name=name)
@@ -170,21 +189,31 @@ def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: i
     return 0
 
 
-def keys_list(settings: Settings) -> int:
+def keys_list(settings: Settings, *, as_json: bool = False) -> int:
+    """Every key as ``GET /v1/keys`` gives it, with the quota it has used as ``/v1/keys/me`` and the console count it
+    (a window that has rolled over counts none); never a secret."""
+    from service.routes.account import quota_used
+
     store = _open_store(settings)
     try:
         rows = store.list_keys()
     finally:
         store.close()
-    print(f"{'id':12}  {'scopes':24}  {'models':20}  {'used/quota':>14}  {'expires':16}  status")
     now = time.time()
-    for r in rows:
-        k = ApiKey.from_row(r)
+    keys = [(ApiKey.from_row(r), quota_used(r, now)) for r in rows]
+    if as_json:
+        print(json.dumps([{**k.public(), "quota_used": used} for k, used in keys], indent=2))
+        return 0
+    quotas = [f"{used}/{'-' if k.quota is None else k.quota}" + (f" per {k.quota_window_s} s" if k.quota_window_s
+                                                                 else "") for k, used in keys]
+    width = max([len(q) for q in quotas] + [10])
+    print(f"{'id':12}  {'scopes':24}  {'models':20}  {'used/quota':>{width}}  {'expires':20}  {'status':7}  name")
+    for (k, _), quota in zip(keys, quotas, strict=True):
         status = ("revoked" if k.revoked_at else "expired" if k.expires_at and k.expires_at <= now else "active")
-        quota = f"{r.used}/{'-' if k.quota is None else k.quota}"
         models = "all" if k.models is None else ",".join(sorted(k.models))
-        print(f"{k.id:12}  {','.join(sorted(k.scopes)):24}  {models:20}  {quota:>14}  "
-              f"{_when(k.expires_at):16}  {status}")
+        name = k.name if k.name.isprintable() else ascii(k.name)  # a name sent over the API may hold a newline
+        print(f"{k.id:12}  {','.join(sorted(k.scopes)):24}  {models:20}  {quota:>{width}}  "
+              f"{_when(k.expires_at):20}  {status:7}  {name}")
     return 0
 
 
@@ -208,15 +237,13 @@ def models_list(settings: Settings, *, as_json: bool = False) -> int:
     finally:
         store.close()
     if as_json:
-        import json
-
         print(json.dumps([{"name": r.name, "version": r.version, "added_at": r.added_at, "path": r.path,
                            "output_policy": {"policy": r.policy, "top_k": r.top_k, "decimals": r.decimals}}
                           for r in rows], indent=2))
         return 0
-    print(f"{'name':24}  {'version':10}  {'added':16}  {'policy':12}  path")
+    print(f"{'name':24}  {'version':10}  {'added':20}  {'policy':12}  path")
     for r in rows:
-        print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):16}  {policy_text(r):12}  {r.path}")
+        print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):20}  {policy_text(r):12}  {r.path}")
     return 0
 
 
@@ -240,7 +267,8 @@ def models_add(settings: Settings, path: str, *, policy: str | None = None, top_
     except ValidationError as e:
         raise ValueError("; ".join("".join(f"--{str(loc).replace('_', '-')}: " for loc in err["loc"]) + err["msg"]
                                    for err in e.errors())) from None
-    store = _open_store(settings)
+    where = _new_data_dir_note(settings)
+    store = _open_store(settings, make=True)
     host = ModelHost(settings, store)
     try:
         model = host.add(path, actor="cli", policy=output_policy)  # verified first: a refused one changes nothing
@@ -250,6 +278,8 @@ def models_add(settings: Settings, path: str, *, policy: str | None = None, top_
         host.close()
         store.close()
     print(f"registered {model.name} version {model.version} from {model.path} (output policy {policy_text(model.policy)})")
+    if where:
+        print(f"sdb: registered{where}: a server of another data dir does not serve it", file=sys.stderr)
     own = str(model.meta.get("version"))
     if own != model.version:
         print(f"sdb: its bundle says version {own}, a number {model.name} had before: a version number is never given "
@@ -297,7 +327,7 @@ def cmd_keys(args) -> int:
         return keys_create(s, scopes=args.scopes, models=args.models, quota=args.quota,
                                     quota_window=args.quota_window, expires=args.expires, name=args.name)
     if args.keys_command == "list":
-        return keys_list(s)
+        return keys_list(s, as_json=args.json)
     return keys_revoke(s, args.key_id)
 
 
@@ -334,11 +364,15 @@ def add_commands(sub) -> None:
     kc = ks.add_parser("create", help="create a key; prints it alone on the last line")
     kc.add_argument("--scopes", required=True, help="comma-separated: predict,distill,jobs,deploy,admin")
     kc.add_argument("--models", help="comma-separated model allowlist (default: every model)")
-    kc.add_argument("--quota", type=int, help="samples the key may be served on the keyed path")
-    kc.add_argument("--quota-window", type=int, metavar="SECONDS", help="restart the quota every SECONDS")
+    kc.add_argument("--quota", type=int, help="samples the key may be served on the keyed path (a key with the "
+                    "distill or admin scope)")
+    kc.add_argument("--quota-window", type=int, metavar="SECONDS", help="restart the quota in fixed windows of "
+                    "SECONDS aligned to the Unix epoch, not to the key's creation (86400: at 00:00 UTC); across a "
+                    "window's end the key may be served twice the quota within seconds")
     kc.add_argument("--expires", type=float, metavar="DAYS", help="expire after DAYS days")
     kc.add_argument("--name", default="", help="a note to tell keys apart")
-    ks.add_parser("list", help="list keys (never their secrets)")
+    kl = ks.add_parser("list", help="list keys (never their secrets), with the quota used in the current window")
+    kl.add_argument("--json", action="store_true", help="print the keys as a JSON list (for scripts)")
     kr = ks.add_parser("revoke", help="revoke a key by id")
     kr.add_argument("key_id")
     for sp in (kc, *[ks.choices[n] for n in ("list", "revoke")]):

@@ -19,7 +19,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
@@ -94,8 +94,30 @@ MAX_COUNT = 2**63 - 1
 MAX_EXPIRY_DAYS = 36525
 
 
+# JSON's true and false are numbers to pydantic's lax mode and to Python (True == 1): `"expires_days": true` made a
+# key that expired in a day. The API checks its body as sent with this (routes/keys.py), a Python caller here.
+POLICY_NUMBERS = ("quota", "quota_window_s", "expires_days")
+
+
+def refuse_booleans(policy: Mapping[str, object]) -> None:
+    """ValueError (as every refusal of a policy) when one of its numbers (:data:`POLICY_NUMBERS`) is true or false."""
+    for field in POLICY_NUMBERS:
+        if isinstance(policy.get(field), bool):
+            raise ValueError(f"{field} takes a number, not {str(policy[field]).lower()}")  # noqa: TRY004
+
+
+def _model_list(models: Iterable[str]) -> list[str]:
+    return sorted({m.strip() for m in models if m.strip()})
+
+
 def validate_policy(scopes: Iterable[str], quota: int | None, quota_window_s: int | None,
-                    expires_days: float | None) -> list[str]:
+                    expires_days: float | None, models: Iterable[str] | None = None) -> list[str]:
+    """The key policy's scopes, sorted; ValueError for a policy no store or date holds, or one that would do nothing
+    (an allowlist of no model, a quota on a key that is served nothing it meters). The CLI and the API both ask here,
+    the CLI before it makes a data dir for the key."""
+    from .jobs.kinds.base import NAME_PATTERN  # here: the jobs package imports this module
+
+    refuse_booleans({"quota": quota, "quota_window_s": quota_window_s, "expires_days": expires_days})
     scopes = sorted({s.strip() for s in scopes if s.strip()})
     unknown = [s for s in scopes if s not in SCOPES]
     if not scopes or unknown:
@@ -106,8 +128,20 @@ def validate_policy(scopes: Iterable[str], quota: int | None, quota_window_s: in
         raise ValueError(f"quota window must be in [1, {MAX_COUNT}] seconds, got {quota_window_s}")
     if quota_window_s is not None and quota is None:  # it would restart a quota there is not
         raise ValueError("a quota window needs a quota (the samples it restarts)")
+    if quota is not None and not any(s == "distill" or "distill" in IMPLIED.get(s, ()) for s in scopes):
+        raise ValueError(f"a quota meters the samples served on the keyed path (distill), which a key with the "
+                         f"scopes {','.join(scopes)} is never served: add the distill scope, or leave the quota (and "
+                         "its window) out")
     if expires_days is not None and not 0 < expires_days <= MAX_EXPIRY_DAYS:  # NaN fails too
         raise ValueError(f"expiry must be in (0, {MAX_EXPIRY_DAYS}] days, got {expires_days} (omit it: never)")
+    if models is not None:
+        model_list = _model_list(models)
+        if not model_list:  # a key no model answers
+            raise ValueError("models names no model: give one model name at least, or leave it out for every model")
+        unnamable = [m for m in model_list if not re.fullmatch(NAME_PATTERN, m)]
+        if unnamable:  # no model can ever have it: a key made for it would answer for none
+            raise ValueError(f"models: {unnamable[0][:100]!r} is not a model name (letters, digits, '.', '_' and '-', "
+                             "at most 100 characters)")
     return scopes
 
 
@@ -115,14 +149,9 @@ def create_key(store: Store, pepper: bytes, *, scopes: Iterable[str], models: It
                quota: int | None = None, quota_window_s: int | None = None, expires_days: float | None = None,
                name: str = "", actor: str = "cli") -> tuple[str, ApiKey]:
     """A new key: returns the token (shown once) and its public record."""
-    from .jobs.kinds.base import NAME_PATTERN  # here: the jobs package imports this module
-
-    scope_list = validate_policy(scopes, quota, quota_window_s, expires_days)
-    model_list = None if models is None else sorted({m.strip() for m in models if m.strip()})
-    unnamable = [m for m in model_list or [] if not re.fullmatch(NAME_PATTERN, m)]
-    if unnamable:  # no model can ever have it: a key made for it would answer for none
-        raise ValueError(f"models: {unnamable[0][:100]!r} is not a model name (letters, digits, '.', '_' and '-', "
-                         "at most 100 characters)")
+    models = None if models is None else list(models)  # read twice: checked, then stored
+    scope_list = validate_policy(scopes, quota, quota_window_s, expires_days, models)
+    model_list = None if models is None else _model_list(models)
     key_id, secret = secrets.token_hex(6), secrets.token_hex(32)
     now = time.time()
     row = ApiKeyRow(id=key_id, secret_hash=hash_secret(pepper, key_id, secret), name=name,
@@ -273,6 +302,9 @@ class Keyring:
             raise _unauthorized("key_revoked", "this API key was revoked")
         if row.expires_at is not None and row.expires_at <= now:
             raise _unauthorized("key_expired", "this API key has expired")
+        if row.quota == 0:  # "send at most 0 at a time" said nothing: nothing is served to it, at any size
+            raise ApiError(429, "quota_exceeded", "this key's quota is 0 samples: it is served nothing on the keyed "
+                           "path (an admin sets another quota on a new key)")
         if row.quota is not None and samples > row.quota:  # no wait helps: the request is larger than the quota
             per = f" per {row.quota_window_s} s" if row.quota_window_s else ""
             raise ApiError(429, "quota_exceeded", f"{samples} samples asked, more than this key's whole quota of "

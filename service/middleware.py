@@ -11,7 +11,9 @@ telemetry and body-limit middlewares), which it runs only for the routes that ar
 from __future__ import annotations
 
 import logging
+import re
 import time
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
@@ -83,6 +85,9 @@ class ServiceMiddleware:
             if wait:
                 e = limiter.refusal(wait, who)
                 await error_response(e.status, e.code, e.message, e.headers)(scope, receive, send_tracked)
+            elif _key_in_url(scope):
+                await error_response(401, "key_in_url", KEY_IN_URL, {"WWW-Authenticate": "Bearer"})(
+                    scope, receive, send_tracked)
             elif declared is not None and declared > limit:
                 await error_response(413, "payload_too_large",
                                      f"a body of {declared} bytes is over this route's limit: {what}")(
@@ -153,6 +158,23 @@ class ServiceMiddleware:
 
 
 _VALID_KEY = "sdb.valid_key"  # the id of a key the middleware verified itself (its address's unproven bucket empty)
+
+# A key sent in the URL (`?api_key=sdb_...`) was ignored: predict answered as anonymous (the key not counted), distill
+# said no key was sent, and the URL, key and all, stays in every proxy's log and browser's history it passed. Refused,
+# on every route: under the names clients send one by, and a key's own shape under any name. The value is never echoed.
+_KEY_PARAMS = frozenset({"api_key", "apikey", "api-key", "key", "token", "access_token", "authorization"})
+_KEY_SHAPE = re.compile(r"sdb_[0-9a-f]{12}_", re.IGNORECASE)
+KEY_IN_URL = ("an API key goes in the Authorization header (Authorization: Bearer sdb_…), never in the URL, which "
+              "proxies and servers log: send the request again without it in the query string (and have a key that "
+              "was sent in a URL revoked)")
+
+
+def _key_in_url(scope: Scope) -> bool:
+    query = scope.get("query_string")
+    if not query:  # nearly every request: nothing parsed
+        return False
+    return any(name.strip().lower() in _KEY_PARAMS or _KEY_SHAPE.search(value)
+               for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True))
 
 
 def _content_length(scope: Scope) -> int | None:

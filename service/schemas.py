@@ -141,7 +141,9 @@ class CreateKeyRequest(BaseModel):
     models: list[Text] | None = Field(None, description="allowlist; omitted: every model")
     quota: int | None = Field(None, ge=0, le=MAX_COUNT, description="samples the key may be served (distill)")
     quota_window_s: int | None = Field(None, ge=1, le=MAX_COUNT,
-                                       description="the quota restarts every window; omitted: lifetime")
+                                       description="the quota restarts in fixed windows of this many seconds "
+                                                   "aligned to the Unix epoch (86400: at 00:00 UTC); omitted: "
+                                                   "lifetime")
     expires_days: float | None = Field(None, gt=0, le=MAX_EXPIRY_DAYS, description="omitted: never")
     name: str = Field("", max_length=200, pattern=NO_NUL)
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
-from ..auth import ApiKey, create_key
+from ..auth import ApiKey, create_key, refuse_booleans
 from ..deps import AdminKeyDep, KeyringDep, SettingsDep, StoreDep
 from ..errors import invalid, not_found
 from ..schemas import (
@@ -29,10 +31,31 @@ _KEY = {"id": "0a1b2c3d4e5f", "name": "teacher-of-lab-7", "scopes": ["distill"],
 _ADMIN = {403: "not an admin key"}
 
 
+def _numbers_as_sent(body: object) -> object:
+    """The body's policy numbers, before pydantic reads a JSON true as 1 (a key that expired in a day)."""
+    if isinstance(body, dict):
+        try:
+            refuse_booleans(body)
+        except ValueError as e:
+            raise PydanticCustomError("not_a_number", "{why}", {"why": str(e)}) from None
+    return body
+
+
+_CREATE_DOC = """A quota (`quota`, samples) meters what the key is served on the keyed path (`/distill`, v2
+`distill_logits`, `distill` jobs), so it needs a key that may distill (`distill` or `admin`). With `quota_window_s`
+it restarts in fixed windows aligned to the Unix epoch, not to the key's creation: a window starts at every multiple
+of `quota_window_s` seconds since 1970-01-01 00:00 UTC (86400: at each 00:00 UTC; 3600: on the hour). So a key may
+be served its whole quota just before a window ends and again just after, twice the quota within a second or two
+(in any N × `quota_window_s` seconds, at most N + 1 quotas)."""
+
+
 @router.post("", status_code=201, response_model=KeyCreated, summary="Create a key; its secret is shown once",
+             description=_CREATE_DOC,
              responses={**ok({**_KEY, "key": "sdb_0a1b2c3d4e5f_" + "0" * 64}, 201),
-                        **responses(400, *AUTH, 413, why={**_ADMIN, 422: "unknown scopes, a negative quota, ..."})})
-def create(body: CreateKeyRequest, admin: AdminKeyDep, store: StoreDep, settings: SettingsDep) -> Response:
+                        **responses(400, *AUTH, 413, why={**_ADMIN, 422: "unknown scopes, a negative quota, a quota on "
+                                                          "a key without distill, an allowlist of no model, ..."})})
+def create(body: Annotated[CreateKeyRequest, BeforeValidator(_numbers_as_sent)], admin: AdminKeyDep, store: StoreDep,
+           settings: SettingsDep) -> Response:
     try:
         token, key = create_key(store, settings.pepper, scopes=body.scopes, models=body.models, quota=body.quota,
                                 quota_window_s=body.quota_window_s, expires_days=body.expires_days,

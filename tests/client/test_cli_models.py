@@ -40,6 +40,7 @@ def test_a_deploy_key_deploys_lists_and_removes_its_model(sdb_server, tmp_path, 
 
     # without --url or --api-key the action is the data dir's (an empty one here): the server is untouched
     monkeypatch.setenv("SDB_URL", sdb_server.url)
+    (tmp_path / "empty").mkdir()  # a data dir that is not there is refused (a typo listed nothing, exit 0)
     assert main(["models", "list", "--json", "--data-dir", str(tmp_path / "empty")]) == 0
     assert json.loads(capsys.readouterr().out) == []
     assert main(["models", "remove", "cli-owned", "--data-dir", str(tmp_path / "empty")]) == 2

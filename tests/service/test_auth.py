@@ -129,6 +129,62 @@ async def test_quota_429_and_window_retry_after(svc):
     r = await c.post("/v1/models/digits-a/distill", json=one, headers=windowed)
     assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 3600
 
+    # a quota of 0 ("send at most 0 at a time (smaller batches)" said nothing): served nothing, at any size
+    r = await c.post("/v1/models/digits-a/distill", json=one, headers=svc.auth(svc.key(("distill",), quota=0)))
+    assert r.status_code == 429 and "quota is 0 samples: it is served nothing" in r.json()["error"]["message"], r.text
+
+
+async def test_quota_windows_are_aligned_to_the_epoch_not_to_the_key(svc):
+    """Fixed windows (docs/api.md): each starts at a multiple of quota_window_s since 1970, whenever the key was made,
+    so a key may be served twice its quota across a window's end, within a second."""
+    from service.auth import window_start
+    from service.routes.account import quota_used
+
+    store = svc.app.state.store
+    key_id = parse_token(svc.key(("distill",), quota=2, quota_window_s=60))[0]
+    created = store.get_key(key_id).created_at
+    end = (int(created) // 60 + 2) * 60  # a window's end 60 to 120 s after the key was made: not a multiple of it
+    assert store.charge(key_id, 2, end - 0.5) == (2, end - 60)
+    assert store.charge(key_id, 1, end - 0.4) is None  # the quota is spent in this window
+    assert store.charge(key_id, 2, end + 0.5) == (2, end)  # and whole again a second later
+    assert store.charge(key_id, 1, end + 0.6) is None
+    assert window_start(60, end + 59.9) == end and window_start(86400, end) % 86400 == 0  # UTC midnights
+    assert quota_used(store.get_key(key_id), end + 59.9) == 2 and quota_used(store.get_key(key_id), end + 60) == 0
+
+    # over HTTP: a day's quota, spent, is whole again at the next 00:00 UTC (Retry-After says when)
+    daily = svc.auth(svc.key(("distill",), quota=1, quota_window_s=86400))
+    one = {"inputs": X[:1].tolist()}
+    assert (await svc.client.post("/v1/models/digits-a/distill", json=one, headers=daily)).status_code == 200
+    r = await svc.client.post("/v1/models/digits-a/distill", json=one, headers=daily)
+    midnight = (time.time() // 86400 + 1) * 86400
+    assert r.status_code == 429 and abs(int(r.headers["retry-after"]) - (midnight - time.time())) <= 3, r.headers
+
+
+async def test_a_key_in_the_url_is_refused_never_served_nor_echoed(svc):
+    """`?api_key=sdb_...` was ignored: predict answered as anonymous (200, not counted against the key) and distill
+    401 missing_key, while the URL carried the key into every log it passed."""
+    token = svc.key(("distill",), quota=100)
+    key_id, secret = parse_token(token)
+    one = {"inputs": X[:1].tolist()}
+    for route in ("predict", "distill"):
+        for query in (f"api_key={token}", f"key={token}", f"token={token}", f"access_token={token}",
+                      f"API_KEY={token}", f"top_k=1&auth={token}", "api_key="):
+            r = await svc.client.post(f"/v1/models/digits-a/{route}?{query}", json=one)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "key_in_url", (route, query, r.text)
+            assert "Authorization header" in r.json()["error"]["message"] and secret not in r.text
+            assert r.headers["www-authenticate"] == "Bearer"
+    # the same with the key in its header too, on v2 (the protocol's error form) and on a GET
+    r = await svc.client.post(f"/v2/models/digits-a/infer?api_key={token}", json=V2, headers=svc.auth(token))
+    assert r.status_code == 401 and "Authorization header" in r.json()["error"] and secret not in r.text
+    r = await svc.client.get(f"/v1/keys/me?access_token={token}")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "key_in_url"
+    svc.app.state.keyring.flush()
+    assert svc.app.state.store.get_key(key_id).used == 0 and svc.app.state.store.usage(key_id) == []
+    # other query strings are served as before
+    r = await svc.client.post("/v1/models/digits-a/predict?top_k=2", json=one)
+    assert r.status_code == 200, r.text
+    assert (await svc.client.get("/v1/usage?days=2", headers=svc.auth(token))).status_code == 200
+
 
 async def test_quota_is_written_to_the_store(svc):
     token = svc.key(("distill",), quota=100)

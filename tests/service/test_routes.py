@@ -173,6 +173,28 @@ async def test_keys_create_list_revoke(svc):
     assert (await c.delete("/v1/keys/nope", headers=svc.admin)).status_code == 404
 
 
+async def test_keys_create_refuses_a_policy_that_would_do_nothing(svc):
+    """Accepted before: an allowlist of no model (a key no model answers), a quota on a key that is never served what
+    it meters (it may not distill), and JSON's true read as the number 1 (a key expiring in a day)."""
+    c = svc.client
+    for body, needle in [
+        ({"scopes": ["predict"], "models": []}, "models names no model"),
+        ({"scopes": ["distill"], "models": [" "]}, "models names no model"),
+        ({"scopes": ["predict"], "quota": 5}, "a quota meters the samples served on the keyed path (distill)"),
+        ({"scopes": ["jobs", "deploy"], "quota": 5, "quota_window_s": 60}, "add the distill scope"),
+        ({"scopes": ["distill"], "expires_days": True}, "expires_days takes a number, not true"),
+        ({"scopes": ["distill"], "quota": True}, "quota takes a number, not true"),
+        ({"scopes": ["distill"], "quota": 5, "quota_window_s": False}, "quota_window_s takes a number, not false"),
+    ]:
+        r = await c.post("/v1/keys", json=body, headers=svc.admin)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (body, r.text)
+        assert needle in r.json()["error"]["message"], (body, r.text)
+    assert len((await c.get("/v1/keys", headers=svc.admin)).json()["keys"]) == 1  # the admin's own alone
+    for body in ({"scopes": ["admin"], "quota": 5}, {"scopes": ["distill"], "quota": 5, "expires_days": 1}):
+        r = await c.post("/v1/keys", json=body, headers=svc.admin)  # admin may distill: its quota meters that
+        assert r.status_code == 201 and r.json()["quota"] == 5, r.text
+
+
 async def test_admin_add_and_remove_model(svc, bundles):
     c = svc.client
     r = await c.delete("/v1/models/digits-a", params={"version": "2"}, headers=svc.admin)

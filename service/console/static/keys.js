@@ -45,7 +45,7 @@ function createForm(created, refresh) {
       clear() { scopeErr.textContent = ""; scopeGroup.removeAttribute("aria-invalid"); }, focus() { boxes[0].focus(); } },
     labelled("models", "Model allowlist", models, { hint: "comma-separated model names; empty: every model" }),
     labelled("quota", "Sample quota", quota, { hint: "keyed samples the key may be served; empty: no quota" }),
-    labelled("quota_window_s", "Quota window (seconds)", win, { aliases: ["quota window"], hint: "the quota restarts every window; empty: lifetime" }),
+    labelled("quota_window_s", "Quota window (seconds)", win, { aliases: ["quota window"], hint: "the quota restarts in fixed windows counted from 1970 (86400: at 00:00 UTC); empty: lifetime" }),
     labelled("expires_days", "Expires in (days)", exp, { aliases: ["expiry", "expires"], hint: "empty: never" }),
   ];
   const submit = h("button", { type: "submit" }, "Create key");

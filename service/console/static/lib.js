@@ -144,11 +144,15 @@ export function num(x, digits = 2) {
 
 export const pct = (x) => (typeof x === "number" ? `${x.toFixed(1)} %` : "–");
 
+// The browser's local time with its offset from UTC (ISO 8601): the CLI and the API's days are UTC, and a time
+// without its zone read as either.
 export function when(t) {
   if (!t) return "–";
   const d = new Date(t * 1000);
   const p = (n) => String(n).padStart(2, "0");
-  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+  const east = -d.getTimezoneOffset(); // minutes ahead of UTC, at that date (summer time included)
+  const zone = `${east < 0 ? "-" : "+"}${p(Math.floor(Math.abs(east) / 60))}:${p(Math.abs(east) % 60)}`;
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())} ${zone}`;
 }
 
 export function bytes(n) {
