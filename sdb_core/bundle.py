@@ -48,7 +48,14 @@ if TYPE_CHECKING:  # torch only where a bundle is made: loading one must stay li
 
     from .protect.box import SafeDistillationBox
 
-FORMAT = "sdb-bundle/1"
+FORMAT = "sdb-bundle/1"  # what every release reads alike: hand-made plain bundles say it
+# A bundle whose meta.json holds a field that changes what it answers says format 2: a release from before the field
+# ignored it and served another answer under the same self-check report (the network's own probabilities instead of
+# the public form; keyed logits 1/keyed_scale times too large). Those releases refuse a format they do not know. A
+# field added later that changes answers takes the next number, here and in FORMATS.
+FORMAT_2 = "sdb-bundle/2"
+ANSWER_FIELDS = ("public_form", "keyed_scale")
+FORMATS = (FORMAT, FORMAT_2)
 MODEL_FILE, META_FILE, KEY_FILE = "model.onnx", "meta.json", "key.sealed"
 BUNDLE_FILES = (MODEL_FILE, META_FILE, KEY_FILE)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -438,6 +445,7 @@ def export_bundle(
     labels = () if labels is None else labels
     if isinstance(labels, str):
         raise BundleError(f"labels must be a list of the class names in output order, got the string {labels!r}")
+    check_class_names({"labels": list(labels)}, name)  # before any export: the deploy would refuse the bundle
 
     _require_per_sample(box.model if isinstance(box, SafeDistillationBox) else box, in_shape, extra_inputs)
     if isinstance(box, SafeDistillationBox):
@@ -477,6 +485,8 @@ def export_bundle(
         meta["public_form"] = form
     if scale != 1.0:  # likewise: the keyed path's factor (protect.sdb.keyed_scale), where one was fitted
         meta["keyed_scale"] = scale
+    if any(field in meta for field in ANSWER_FIELDS):
+        meta["format"] = FORMAT_2
     if dynamic_spatial:
         meta["input"]["dynamic_spatial"] = True
     if extra_inputs:  # only then: single-input bundles keep their meta.json exactly as before
@@ -607,8 +617,11 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
         meta = None
     if meta is None or _depth(meta) > MAX_META_DEPTH:
         raise BundleError(f"{where}: {META_FILE} nests its values more than {MAX_META_DEPTH} levels deep")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("sdb-bundle/"):
         raise BundleError(f"{where}: not an {FORMAT} bundle")
+    if meta["format"] not in FORMATS:  # a later release's: its fields would be served as if they were not there
+        raise BundleError(f"{where}: its format {meta['format'][:40]!r} is newer than this release reads "
+                          f"({', '.join(FORMATS)}): serve it with the release that wrote it, or a later one")
     listed = meta.get("files")
     if not isinstance(listed, dict) or MODEL_FILE not in listed:
         raise BundleError(f"{where}: {META_FILE} lists no file hashes")
@@ -694,8 +707,6 @@ def _check_fields(meta: dict, where: str) -> None:
     labels = meta["labels"]
     if not all(isinstance(v, str) or type(v) is int for v in labels):
         raise bad('labels must be the class names, strings, in output order (e.g. ["cat", "dog"])')
-    if (problem := name_problem(labels)) is not None:
-        raise bad(f"labels: {problem}")
     norm, shape = meta["normalize"], primary["shape"]
     channels = shape[0] if len(shape) == 3 and shape[0] in (1, 3) else None  # what an image upload is made into
     fix = (f'normalize must be {{"mean": [...], "std": [...], "scale": 255.0}}: numbers, one per input channel '
@@ -725,6 +736,14 @@ def _check_fields(meta: dict, where: str) -> None:
     except TypeError as e:  # orjson: text UTF-8 cannot write (a lone surrogate), an integer past 64 bits, deep nesting
         raise BundleError(f"{where}: {META_FILE} holds a value JSON cannot write back ({e}): plain text, numbers within "
                           "64 bits") from None
+
+
+def check_class_names(meta: dict, where: str) -> None:
+    """A new bundle's labels follow the rule data sets' class names do (:mod:`sdb_core.class_names`): checked where
+    one is exported, deployed or registered, not where a registered one is loaded, so that a version served before
+    the rule keeps serving after an upgrade (its labels are bound to its sealed key: no edit could mend them)."""
+    if (problem := name_problem(meta["labels"])) is not None:
+        raise BundleError(f"{where}: {META_FILE}'s labels: {problem}")
 
 
 def reseal_bundle(path: str | os.PathLike, master_key: bytes) -> Path:

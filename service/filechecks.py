@@ -396,7 +396,7 @@ def read_bundle(src: Path, limits: Limits, filename: str, code: str = "bundle", 
     ``standard_ops``: refuse a graph whose nodes use operators outside the ONNX standard (a deploy key's: ONNX
     Runtime's own, com.microsoft's fused attention or quantized kernels, and any other domain take inputs the
     ONNX spec never checked, and a tenant's graph runs in every server process; an admin may serve them)."""
-    from sdb_core.bundle import MODEL_FILE, BundleError, read_bundle_files, verify
+    from sdb_core.bundle import MODEL_FILE, BundleError, check_class_names, read_bundle_files, verify
     from sdb_core.graph_size import STANDARD_DOMAINS, node_domains
 
     with _open_zip(src, code, filename, limits):
@@ -404,6 +404,7 @@ def read_bundle(src: Path, limits: Limits, filename: str, code: str = "bundle", 
     try:
         files = read_bundle_files(src)
         meta = verify(files, filename)
+        check_class_names(meta, filename)  # a new bundle: registered ones load without it (bundle.check_class_names)
     except BundleError as e:
         raise rejected(code, _clip(str(e).replace(str(src), filename))) from None
     foreign = node_domains(files[MODEL_FILE]) - STANDARD_DOMAINS if standard_ops else set()

@@ -36,6 +36,7 @@ from sdb_core.bundle import (
     Bundle,
     BundleError,
     available_providers,
+    check_class_names,
     load_bundle,
     onnx_providers,
     ort_out_of_memory,
@@ -723,6 +724,7 @@ class ModelHost:
         path = str(Path(path).expanduser().resolve())
         try:
             bundle = self.load(path)
+            check_class_names(bundle.meta, path)  # a new registration: a registered version loads without it
         except (ValueError, OSError) as e:
             self.store.audit(actor, "model.refused", path, str(e))
             raise ApiError(400, "bundle_refused", f"bundle refused: {e}") from None

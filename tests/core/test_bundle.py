@@ -56,6 +56,25 @@ def test_round_trip_and_onnx_parity(tmp_path, digits, box, master, suffix):
     assert b.meta["public_form"] == box.public_form  # the public answer travels with the network
 
 
+def test_a_bundle_whose_fields_change_its_answers_says_format_2_and_a_later_format_is_refused(tmp_path, digits, box,
+                                                                                               master):
+    """Releases before the public form and the keyed scale read an sdb-bundle/1 bundle with them and served other
+    answers (the network's probabilities; keyed logits 1/keyed_scale too large) under the same self-check report: a
+    bundle that holds such a field says sdb-bundle/2, which they refuse. This release refuses a later format alike."""
+    from sdb_core.bundle import ANSWER_FIELDS, FORMAT, FORMAT_2
+
+    path = _export(box, digits, tmp_path / "box", master)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["format"] == FORMAT_2 and set(ANSWER_FIELDS) & set(meta)
+    plain = export_bundle(OutsideNet(64, digits.num_classes), tmp_path / "plain", name="plain",
+                          in_shape=digits.in_shape, mean=digits.mean, std=digits.std, labels=digits.labels)
+    assert json.loads((plain / "meta.json").read_text())["format"] == FORMAT  # what every release reads alike
+    meta["format"] = "sdb-bundle/3"
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="format 'sdb-bundle/3' is newer than this release reads"):
+        load_bundle(path, master)
+
+
 def test_a_public_form_that_is_not_one_is_refused(tmp_path, digits, box, master):
     good = box.public_form
     for i, (form, why) in enumerate([({**good, "partners": good["partners"][:9]}, "partners for each class"),

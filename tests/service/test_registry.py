@@ -102,6 +102,34 @@ async def test_bundle_tampered_on_disk_is_refused_at_start(bundles, tmp_path):
         await manager.__aexit__(None, None, None)
 
 
+async def test_a_version_registered_before_the_class_name_rule_keeps_serving(bundles, tmp_path):
+    """An upgrade to the release that checks class names (sdb_core/class_names.py) made every version whose labels
+    break it a 503 model_unavailable, with nothing its owner could edit (the labels are bound to the sealed key). A
+    new registration is refused; one recorded by an older release loads and serves."""
+    from sdb_core.bundle import _sha256
+
+    odd = tmp_path / "odd"  # a plain bundle, labels alike in NFC, as an older release let register
+    shutil.copytree(bundles.b, odd)
+    (odd / "key.sealed").unlink()
+    meta = json.loads((odd / "meta.json").read_text())
+    meta.update(name="odd", mode="plain", labels=["caf\u00e9", "cafe\u0301", *meta["labels"][2:]],
+                files={"model.onnx": _sha256((odd / "model.onnx").read_bytes())})
+    meta.pop("public_form", None)
+    meta.pop("keyed_scale", None)
+    (odd / "meta.json").write_text(json.dumps(meta))
+    settings = make_settings(tmp_path / "data", bundles)
+    svc, manager = await start_service(settings, bundles.a)
+    try:
+        with pytest.raises(errors.ApiError, match="two classes are named"):
+            svc.app.state.host.add(odd, actor="cli")
+        svc.app.state.store.add_model("odd", "1", str(odd))  # what the older release recorded
+        r = await svc.client.post("/v1/models/odd/predict", json=GOOD)
+        assert r.status_code == 200 and r.json()["predictions"][0]["labels"], r.text
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
+
+
 async def test_cli_models_add_remove_reach_running_server(svc, bundles, tmp_path):
     env = sdb_env(svc.settings.data_dir, bundles)
     c = svc.client
