@@ -1,7 +1,8 @@
 """ONNX operators in torch: what :class:`~sdb_core.onnx_torch.OnnxModule` runs a graph with.
 
-Each operator is a function ``(inputs, attributes, opset) -> output or tuple of outputs`` in ``OPS``; one not
-in it is refused by name before anything runs. The set covers what torch, tf2onnx and Keras exports of
+Each operator is a function ``(inputs, attributes, opset) -> output or tuple of outputs`` in ``OPS`` (by its
+name; one of a domain other than ONNX's by the domain and name, ``ai.onnx.ml.Scaler``); one not in it is refused
+by name before anything runs. The set covers what torch, tf2onnx and Keras exports of
 classifiers hold: convolutional, residual, MLP, attention and recurrent networks (1-, 2- and 3-d convolutions,
 transposed ones and pools, depth to space and back, every normalisation ONNX has, the usual activations,
 reshaping, slicing, reductions, the resizes torch's ``F.interpolate`` writes, the quantize/dequantize pairs of a
@@ -750,6 +751,25 @@ def dropout(v, a, opset):
     return v[0]
 
 
+def scaler(v, a, opset):
+    """ai.onnx.ml's Scaler, (x - offset) * scale in float (skl2onnx's StandardScaler in a pipeline before a network),
+    its attributes given as stored inputs (``OnnxModule``): one offset and scale for every value, or one per
+    feature, the i-th value by the (i mod features)-th as ONNX Runtime reads them (features: axis 1, or axis 0 of a
+    vector)."""
+    x, offset, scale = v[0].float(), v[1], v[2]
+    features = x.shape[0] if x.dim() == 1 else x.shape[1] if x.dim() else 0
+    if len(offset) != len(scale) or len(scale) not in (1, features):
+        raise ValueError(f"a Scaler of {len(offset)} offsets and {len(scale)} scales for {features} features")
+    if len(scale) > 1 and x.dim() > 2:  # (the (i mod features)-th: rows of that many)
+        return ((x.reshape(-1, features) - offset) * scale).reshape(x.shape)
+    return (x - offset) * scale
+
+
+# Float lists an operator computes with, kept in its attributes: given to it as stored inputs (OnnxModule), moved
+# with the module as its weights are (one made at each forward would be copied to a GPU, waiting for it, each time).
+STORED_ATTRIBUTES = {"ai.onnx.ml.Scaler": ("offset", "scale")}
+
+
 def identity(v, a, opset):
     return v[0]
 
@@ -966,7 +986,7 @@ OPS: dict[str, Callable] = {
     "Concat": concat, "Gather": gather, "Slice": slice_, "Split": split, "Transpose": transpose, "Expand": expand,
     "ConstantOfShape": constant_of_shape, "QuantizeLinear": quantize_linear, "DequantizeLinear": dequantize_linear,
     "DynamicQuantizeLinear": dynamic_quantize_linear, "MatMulInteger": matmul_integer, "ConvInteger": conv_integer,
-    "Cast": cast, "Pad": pad, "Identity": identity, "Dropout": dropout,
+    "Cast": cast, "Pad": pad, "Identity": identity, "Dropout": dropout, "ai.onnx.ml.Scaler": scaler,
     "Resize": resize, "Tile": lambda v, a, o: v[0].repeat(*ints(v[1])),
     "RNN": recurrent("RNN"), "GRU": recurrent("GRU"), "LSTM": recurrent("LSTM"),
 }

@@ -28,6 +28,7 @@ nothing to match on a hosted teacher.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import partial
 from os import PathLike
 
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 from . import onnx_batch
 from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
-from .onnx_ops import DTYPES, LEVELS, ON_DIMS, OPS, Dims, ints, tensor
+from .onnx_ops import DTYPES, LEVELS, ON_DIMS, OPS, STORED_ATTRIBUTES, Dims, ints, tensor
 from .onnx_qoperator import as_qdq, is_qoperator
 
 
@@ -189,21 +190,98 @@ def _reads(n) -> set[str]:
     return names
 
 
+def _op(n) -> str:
+    """A node's operator as ``OPS`` names it: by its name, one of a domain other than ONNX's prefixed with it."""
+    return n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}"
+
+
 def _ops(nodes) -> set[str]:
-    """The operators of ``nodes`` and of their branches, by name (a domain's other than ONNX's prefixed)."""
+    """The operators of ``nodes`` and of their branches (:func:`_op`)."""
     out = set()
     for n in nodes:
-        out.add(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}")
+        out.add(_op(n))
         for branch in _branches(n):
             out |= _ops(branch.node)
     return out
 
 
+# ai.onnx.ml's models (a linear one, a support vector machine, trees): no network's gradients to fine-tune. Its
+# other operators (ZipMap, ArrayFeatureExtractor, Normalizer, ...) map labels or preprocess features.
+_CLASSICAL_MODELS = frozenset(f"ai.onnx.ml.{op}" for op in (
+    "LinearClassifier", "LinearRegressor", "SVMClassifier", "SVMRegressor", "TreeEnsembleClassifier",
+    "TreeEnsembleRegressor", "TreeEnsemble"))
+
+
+def _unsupported(ops: list[str]) -> str:
+    """Why a graph of these operators (``OPS`` has none of them) cannot be run here, in words."""
+    message = f"cannot run this ONNX graph in torch: unsupported operators {ops}"
+    if any(op in _CLASSICAL_MODELS for op in ops):
+        return message + (" (the ai.onnx.ml operators of a scikit-learn or other classical model: the box fine-tunes "
+                          "a neural network through its gradients, which such a model has not)")
+    if any(op.startswith("ai.onnx.ml.") for op in ops):
+        return message + (" (ai.onnx.ml operators that preprocess features or map labels, as a scikit-learn "
+                          "pipeline's converter writes them: convert the network alone, e.g. skl2onnx's "
+                          "options={'zipmap': False}, and give it the data as the pipeline's steps before it made it)")
+    return message
+
+
+def _axis_size(d) -> int | None:
+    """A declared axis's size; None for a free one: a name, nothing, or a negative size (``dim_value: -1``, which
+    onnx's checker passes and ONNX Runtime reads as free, as tf2onnx's and hand-edited graphs write a batch axis)."""
+    return d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+
+
+MAX_FUNCTION_DEPTH = 32  # functions calling functions: torch's export of modules as functions nests a few
+
+
+def _inline_functions(model):
+    """``model`` with each call of one of its own functions (``torch.onnx.export(...,
+    export_modules_as_functions=...)``'s ``Linear`` of domain ``torch.nn.modules.linear``) replaced by the
+    function's body, as ONNX Runtime runs it. Bounded first: functions calling one another twice over may stand
+    for more nodes than the graph could hold, a loop of calls for endless ones."""
+    if not model.functions:
+        return model
+    import onnx.inliner
+
+    bodies = {(f.domain, f.name, f.overload): f.node for f in model.functions}
+    sizes: dict[tuple, int] = {}  # each function's nodes once inlined; -1 while being counted
+
+    def size(nodes, depth: int) -> int:
+        total = 0
+        for n in nodes:
+            key = (n.domain, n.op_type, n.overload)
+            if key not in bodies:
+                total += 1 + sum(size(branch.node, depth) for branch in _branches(n))
+            elif sizes.get(key, 0) < 0:
+                raise ValueError(f"the ONNX graph's function {n.op_type[:100]!r} calls itself")
+            elif key in sizes:
+                total += sizes[key]
+            elif depth >= MAX_FUNCTION_DEPTH:
+                raise ValueError(f"the ONNX graph's functions call one another more than {MAX_FUNCTION_DEPTH} deep")
+            else:
+                sizes[key] = -1
+                sizes[key] = size(bodies[key], depth + 1)
+                total += sizes[key]
+            if total > MAX_GRAPH_ENTRIES:
+                raise ValueError(f"the ONNX graph holds more than {MAX_GRAPH_ENTRIES} nodes once its functions are "
+                                 "inlined")
+        return total
+
+    size(model.graph.node, 0)
+    try:
+        return onnx.inliner.inline_local_functions(model)
+    except Exception as e:  # noqa: BLE001 (onnx's ValidationError and others derive from Exception alone)
+        raise ValueError(f"the ONNX graph's functions cannot be inlined: {str(e)[:300]}") from None
+
+
 def _scores_output(g) -> str:
-    """The name of the graph's output that holds a classifier's scores: its first, unless that is not a float tensor
-    or has one axis (the label a converter answers first: skl2onnx's int64 ArgMax) and a later one is a float
-    tensor of two or more axes (the scores or probabilities that label was taken from)."""
+    """The name of the tensor that holds a classifier's scores: the graph's first output, unless that is not a float
+    tensor or has one axis (the label a converter answers first: skl2onnx's int64 ArgMax) and a later one is a
+    float tensor of two or more axes (the scores or probabilities that label was taken from). An output an
+    ai.onnx.ml ZipMap makes (skl2onnx's default probabilities: a sequence of maps, label to probability) stands
+    for the float tensor it maps, which is not an output of the graph then."""
     floats = (1, *_OTHER_FLOATS)
+    zipped = {n.output[0]: n.input[0] for n in g.node if n.op_type == "ZipMap" and n.domain == "ai.onnx.ml"}
 
     def rank(o) -> int | None:  # of a float tensor; None for anything else (an integer tensor, a ZipMap's maps)
         t = o.type.tensor_type
@@ -214,7 +292,21 @@ def _scores_output(g) -> str:
     first = g.output[0]
     if rank(first) not in (None, 1):
         return first.name
-    return next((o.name for o in g.output[1:] if (rank(o) or 0) >= 2), first.name)
+    for k, o in enumerate(g.output):
+        if o.name in zipped:
+            return zipped[o.name]
+        if k and (rank(o) or 0) >= 2:
+            return o.name
+    return first.name
+
+
+def _in_training_mode(n, opset: int) -> bool:
+    """Whether node ``n`` is a BatchNormalization that normalises by the statistics of the batch it is given, as
+    ONNX Runtime runs one exported in training mode: ``training_mode=1`` (opset 14 on), or, before, its running
+    statistics among its outputs."""
+    if n.op_type != "BatchNormalization" or n.domain not in ("", "ai.onnx"):
+        return False
+    return bool(_attrs(n).get("training_mode", 0)) if opset >= 14 else sum(1 for o in n.output if o) > 1
 
 
 def _needed(g) -> tuple[list, set[str]]:
@@ -256,14 +348,15 @@ class OnnxModule(nn.Module):
     fine-tune it (a classifier an owner brings as ONNX). With ``fold`` (where it is to run: a job's worker) what
     stored values alone compute is computed once, here; without, building it runs nothing (an upload's check,
     in the API server, reads a graph its uploader wrote). ``input_shape`` is the graph's own input shape
-    (None for a free axis); ``fixed_batch`` the batch size it was exported at, when that axis is not free.
+    (None for a free axis); ``fixed_batch`` the batch size it was exported at, when that axis is not free, or
+    ``batch``, where the graph declares it free but runs at that batch only (:func:`onnx_classifier` finds it).
     """
 
-    def __init__(self, model_bytes: bytes, trainable: bool = False, fold: bool = False):
+    def __init__(self, model_bytes: bytes, trainable: bool = False, fold: bool = False, batch: int | None = None):
         super().__init__()
         import onnx
 
-        model = onnx.load_from_string(model_bytes)
+        model = _inline_functions(onnx.load_from_string(model_bytes))
         g = model.graph
         if is_qoperator(g):  # ONNX Runtime's integer operators, as the QDQ graph of their float ones
             as_qdq(g)
@@ -273,10 +366,14 @@ class OnnxModule(nn.Module):
         needed, read = _needed(g)
         unsupported = sorted(_ops(needed) - set(OPS) - {"Constant", "If"})
         if unsupported:
-            ml = any(op.startswith("ai.onnx.ml.") for op in unsupported)
-            raise ValueError(f"cannot run this ONNX graph in torch: unsupported operators {unsupported}" + (
-                " (the ai.onnx.ml operators of a scikit-learn or other classical model: the box fine-tunes a "
-                "neural network through its gradients, which such a model has not)" if ml else ""))
+            raise ValueError(_unsupported(unsupported))
+        training = next((n for n in needed if _in_training_mode(n, self.opset)), None)
+        if training is not None:  # its answers depend on the batch: no classifier's
+            named = f"node {training.name[:100]!r} (BatchNormalization)" if training.name else "a BatchNormalization"
+            raise ValueError(f"{named} normalises by the statistics of each "
+                             "batch it is given, not by its running ones: the network was exported in training mode; "
+                             "export it after model.eval() (torch.onnx.export(..., training=TrainingMode.EVAL), "
+                             "the default)")
         stored = _initializers(g)
         inputs = [i for i in g.input if i.name not in stored]  # before old exports' initializer inputs are dropped
         stored = {name: value for name, value in stored.items() if name in read}
@@ -302,9 +399,10 @@ class OnnxModule(nn.Module):
                              "trains and serves float32 (or reads uint8 and int8 pixels): export the network in "
                              "float32 (model.float(), a float32 example input)")
         dims = inputs[0].type.tensor_type.shape.dim
-        self.input_shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+        self.input_shape = tuple(_axis_size(d) for d in dims)
         self.input_axes = tuple(d.dim_param or None for d in dims)  # a free axis's name in the graph, if it has one
-        self.fixed_batch = self.input_shape[0] if self.input_shape and self.input_shape[0] else None
+        self.fixed_batch = self.input_shape[0] if self.input_shape and self.input_shape[0] else batch
+        self.graph_outputs = [o.name for o in g.output]
         self.flat_output = False  # a classifier's scores with singleton axes around them, as (N, K) (onnx_classifier)
         self.output_name = _scores_output(g)
         self.first_output = g.output[0].name  # (where it is not the scores, onnx_classifier's log says so)
@@ -429,7 +527,12 @@ class OnnxModule(nn.Module):
             a["_outputs"] = len(n.output)  # what Split divides into, when no sizes are given
             if n.op_type in ("Reshape", "Resize", "Expand"):  # a size equal to it may mean "the batch"
                 a["_fixed_batch"] = self.fixed_batch
-            out.append((n.name or f"{n.op_type}_{tag}{k}", n.op_type, list(n.input), list(n.output), a))
+            ins = list(n.input)
+            for key in STORED_ATTRIBUTES.get(_op(n), ()):  # (onnx_ops: float lists as stored inputs)
+                self.register_buffer(f"a{tag}{k}{key}", torch.tensor(a.pop(key, []), dtype=torch.float32))
+                self._consts[f"{n.output[0]}/{key}"] = f"a{tag}{k}{key}"
+                ins.append(f"{n.output[0]}/{key}")
+            out.append((n.name or f"{n.op_type}_{tag}{k}", _op(n), ins, list(n.output), a))
         return out
 
     def layer_names(self) -> list[str]:
@@ -520,8 +623,9 @@ def _repeats(t: Tensor, batch: int) -> list[int]:
 
 
 class ChannelsLast(nn.Module):
-    """A network that takes images channels last (N, H, W, C), as Keras' and TensorFlow's exports do, given the
-    project's (N, C, H, W)."""
+    """A network that takes its inputs channels last, given the project's channels first: images (N, H, W, C), as
+    Keras' and TensorFlow's exports take them, for (N, C, H, W); sequences (N, L, C), as Keras' 1-d convolutions
+    and recurrent layers take them, for signals (N, C, L)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -541,42 +645,131 @@ class ChannelsLast(nn.Module):
         return x.permute(0, *range(2, x.dim()), 1)
 
 
+def _taking(model_bytes: bytes, given: tuple[int, ...], batch: int | None = None) -> OnnxModule | ChannelsLast:
+    """The graph as a trainable module (eval mode) taking inputs of shape ``given`` batched: channels last where its
+    input takes them so and not as they are (the one reading of its shape). ``batch``: :class:`OnnxModule`'s."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        net = OnnxModule(model_bytes, trainable=True, fold=True, batch=batch).eval()
+    except (DecodeError, KeyError, TypeError, RuntimeError) as e:  # not an ONNX model, or not a whole one
+        raise ValueError(f"not a readable ONNX model ({type(e).__name__})") from None
+    want = tuple(net.input_shape[1:])
+    fits = lambda target: len(want) == len(target) and all(d is None or d == t for d, t in zip(want, target))
+    if fits(given):
+        return net
+    if len(given) in (2, 3) and fits(given[1:] + given[:1]):  # images (H, W, C), a sequence (L, C)
+        return ChannelsLast(net)
+    raise ValueError(f"the ONNX model takes inputs of shape {_shown(net.input_shape)}, the data's are "
+                     f"(N, {', '.join(map(str, given))})")
+
+
+def _shown(shape: tuple) -> str:
+    """A graph's input shape in words, its free axes N."""
+    return f"({', '.join('N' if d is None else str(d) for d in shape)})"
+
+
+MAX_STORED_BATCH = 64  # the largest batch a graph declaring a free one is tried at (the usual export batches)
+
+
+def _stored_batches(net: OnnxModule) -> list[int]:
+    """The batch sizes a graph that declares a free batch axis may run at alone: 1, and the leading sizes its
+    reshapes store (the TorchScript exporter given ``dynamic_axes`` for an input it was not told the name of
+    stores the traced batch in ``x.view(x.size(0), -1)``; tf2onnx writes a Keras model's Flatten as a reshape to
+    (1, 64) where the model was built for one input)."""
+    leads = [net._host[ins[1]][0] for _, op, ins, *_ in net.nodes
+             if op == "Reshape" and len(ins) > 1 and net._host.get(ins[1])]
+    return [b for b in dict.fromkeys([1, *leads]) if isinstance(b, int) and 0 < b <= MAX_STORED_BATCH][:4]
+
+
+def _batch_it_runs_at(net: OnnxModule, given: tuple[int, ...], answers: Callable[[Tensor], np.ndarray],
+                      failed_at: int, failed: str) -> int:
+    """The batch size a graph ONNX Runtime cannot run at batch ``failed_at`` (``failed``: its error) runs at, where
+    its input declares a free batch axis and a reshape stores a batch all the same (:func:`_stored_batches`): a
+    graph exported at that batch, in effect. ``answers``: ONNX Runtime's to inputs of shape ``given``. ValueError
+    with ONNX Runtime's error where it runs at none."""
+    tried = [] if net.fixed_batch else [b for b in _stored_batches(net) if b != failed_at]
+    for b in tried:
+        if _one_answer_each(answers, _check_inputs(net, (b, *given), 0)):
+            return b
+    at = f"at batch {failed_at}" + (f", nor at {' or '.join(map(str, tried))}" if tried else "")
+    raise ValueError(f"ONNX Runtime cannot run the graph ({at}): {failed}")
+
+
+def _one_answer_each(answers: Callable[[Tensor], np.ndarray], rows: Tensor) -> bool:
+    """Whether ONNX Runtime runs the graph on ``rows`` and answers each (a stored batch may broadcast over the
+    input's: two answers to one input)."""
+    try:
+        out = answers(rows)
+    except Exception:  # noqa: BLE001 (onnxruntime's errors derive from Exception alone)
+        return False
+    return out.ndim > 0 and len(out) == len(rows)
+
+
+def _with_output(model_bytes: bytes, name: str, outputs: list[str]) -> bytes:
+    """The graph with float tensor ``name`` among its ``outputs``, for ONNX Runtime to answer it (the tensor a
+    ZipMap maps: :func:`_scores_output`)."""
+    if name in outputs:
+        return model_bytes
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def _clipped(text: str, size: int = 300) -> str:
+    """``text`` in at most about ``size`` characters: its start and its end (ONNX Runtime says what failed last, after
+    the source file and function it failed in)."""
+    return text if len(text) <= size else f"{text[:size // 2]} ... {text[-size // 2:]}"
+
+
 def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
     """A classifier an owner brings as ONNX, as a torch network whose weights train (eval mode), taking inputs of
-    ``in_shape`` (C, H, W) or (D,) batched; a channels-last graph (N, H, W, C) gets them permuted. It is run
-    beside ONNX Runtime on random inputs and must agree; a graph exported at one batch size must also run at
-    others. ValueError, saying why, otherwise: an unsupported operator, another input shape, a graph too large."""
+    ``in_shape`` (C, H, W), (C, L) or (D,) batched; a channels-last graph ((N, H, W, C), (N, L, C)) gets them
+    permuted. It is run beside ONNX Runtime on random inputs and must agree; a graph exported at one batch size
+    (or that declares a free batch axis but runs at one alone) must also run at others. ValueError, saying why,
+    otherwise: an unsupported operator, another input shape, a graph too large."""
     import onnxruntime as ort
 
     model_bytes = source if isinstance(source, bytes) else open(source, "rb").read()  # noqa: SIM115
     if graph_entries(model_bytes) > MAX_GRAPH_ENTRIES:
         raise ValueError(f"the ONNX graph holds more than {MAX_GRAPH_ENTRIES} nodes, initializers and value infos")
-    from google.protobuf.message import DecodeError
-
-    try:
-        net = OnnxModule(model_bytes, trainable=True, fold=True).eval()
-    except (DecodeError, KeyError, TypeError, RuntimeError) as e:  # not an ONNX model, or not a whole one
-        raise ValueError(f"not a readable ONNX model ({type(e).__name__})") from None
-    want, given = tuple(net.input_shape[1:]), tuple(int(d) for d in in_shape)
-    fits = lambda target: len(want) == len(target) and all(d is None or d == t for d, t in zip(want, target))
-    if len(net.input_shape) != len(given) + 1 or not fits(given):
-        if len(given) == 3 and fits(given[1:] + given[:1]):  # (H, W, C)
-            net = ChannelsLast(net)
-        else:
-            shown = ", ".join("N" if d is None else str(d) for d in net.input_shape)
-            raise ValueError(f"the ONNX model takes inputs of shape ({shown}), the data's are "
-                             f"(N, {', '.join(map(str, given))})")
+    given = tuple(int(d) for d in in_shape)
+    net = _taking(model_bytes, given)
     inner = net.net if isinstance(net, ChannelsLast) else net
     why: list[str] = []  # how the graph is read, for the task's log
+    if isinstance(net, ChannelsLast):
+        why.append(f"the ONNX model takes its inputs channels last, {_shown(inner.input_shape)}: given them so")
+    try:
+        session = ort.InferenceSession(_with_output(model_bytes, inner.output_name, inner.graph_outputs),
+                                       providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 (onnxruntime's Fail, InvalidGraph, ... derive from Exception alone)
+        raise ValueError(f"ONNX Runtime cannot run the graph: {_clipped(str(e))}") from None
+
+    def answers(rows: Tensor) -> np.ndarray:  # ONNX Runtime's, to inputs of the data's shape
+        feed = ChannelsLast._last(rows) if isinstance(net, ChannelsLast) else rows
+        typed = feed if inner.input_dtype is None else feed.to(inner.input_dtype)
+        return session.run([inner.output_name], {inner.input_name: typed.numpy()})[0]
+
     batch = inner.fixed_batch or 3
     x = _check_inputs(inner, (batch + 2, *given), 0)
-    feed = x.permute(0, 2, 3, 1) if isinstance(net, ChannelsLast) else x
     try:
-        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-        typed = feed[:batch] if inner.input_dtype is None else feed[:batch].to(inner.input_dtype)
-        want_out = session.run([inner.output_name], {inner.input_name: typed.numpy()})[0]
-    except Exception as e:  # noqa: BLE001 (onnxruntime's Fail, InvalidGraph, ... derive from Exception alone)
-        raise ValueError(f"ONNX Runtime cannot run the graph: {str(e)[:300]}") from None
+        want_out, failed = answers(x[:batch]), None
+    except Exception as e:  # noqa: BLE001 (as above)
+        failed = _clipped(str(e))
+    if failed is not None:
+        stored = _batch_it_runs_at(inner, given, answers, batch, failed)
+        net = _taking(model_bytes, given, batch=stored)
+        inner = net.net if isinstance(net, ChannelsLast) else net
+        why.append(f"the ONNX model declares a free batch axis but ONNX Runtime runs it at batch {stored} only (a "
+                   f"batch its reshapes store): read as exported at batch {stored}")
+        batch = stored
+        x = _check_inputs(inner, (batch + 2, *given), 0)
+        want_out = answers(x[:batch])
+    feed = ChannelsLast._last(x) if isinstance(net, ChannelsLast) else x
+    exported = (f"declares a free batch axis but runs at batch {batch} only, and" if inner.input_shape[0] is None
+                else f"was exported for batches of {batch} only and")
     # A graph that computes in float16 or bfloat16 inside is run in float32 (OnnxModule): its answers are ONNX
     # Runtime's to that type's precision (a ViT in float16: 1e-3 of the output's scale), not float32's.
     low = 1e-1 if "bfloat16" in inner.other_floats else 2e-2 if "float16" in inner.other_floats else 0.0
@@ -596,13 +789,16 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
                 try:
                     other = net(rows)
                 except ValueError as e:
-                    raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and does not "
-                                     f"run at others ({e}): export it with a free batch axis, e.g. torch.onnx.export(..., "
+                    raise ValueError(f"the ONNX graph {exported} does not run at others ({e}): export it with a free "
+                                     'batch axis, e.g. torch.onnx.export(..., input_names=["input"], '
                                      'dynamic_axes={"input": {0: "batch"}})') from None
                 if not onnx_batch.close(other, onnx_batch.at_batch(net, rows, batch)):
-                    raise ValueError(f"the ONNX graph was exported for batches of {inner.fixed_batch} only and answers "
-                                     "otherwise at others: export it with a free batch axis")
-    if inner.output_name != inner.first_output:
+                    raise ValueError(f"the ONNX graph {exported} answers otherwise at others: export it with a free "
+                                     "batch axis")
+    if inner.output_name not in inner.graph_outputs:
+        why.append(f"the ONNX model's probabilities are a ZipMap's maps of labels to them: the tensor it maps, "
+                   f"{inner.output_name[:60]!r}, is read")
+    elif inner.output_name != inner.first_output:
         why.append(f"the ONNX model's first output, {inner.first_output[:60]!r}, is not a float tensor of scores: its "
                    f"output {inner.output_name[:60]!r} is read")
     if inner.other_floats:
