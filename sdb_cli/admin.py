@@ -379,7 +379,7 @@ def add_commands(sub) -> None:
         sp.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
     k.set_defaults(fn=cmd_keys)
 
-    from .models_remote import add_remote_flags
+    from .models_remote import add_release_command, add_remote_flags
 
     m = sub.add_parser("models", help="list, add and remove served models (on the data dir), or deploy and "
                        "remove them on a server (as a key)")
@@ -405,4 +405,5 @@ def add_commands(sub) -> None:
         sp.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
     for sp in (ml, md, mr):
         add_remote_flags(sp)
+    add_release_command(ms)
     m.set_defaults(fn=cmd_models)

@@ -4,9 +4,10 @@ and ``style`` jobs with ``deploy: true``).
 :func:`deploy_bundle` copies the bundle into a new file beside the served ones (never over one),
 verifies that copy the way every server process will load it, and registers it in one store
 transaction that checks the name's owner and assigns the next version
-(:meth:`service.store.Store.add_version`). The job kinds' submission checks ask the same rule
-(:func:`check_deploy_rights`) for an early answer; the deploy asks again, so a name taken between
-submission and deploy fails the job. See docs/security.md, "Model ownership".
+(:meth:`service.store.Store.add_version`). The job kinds' submission checks ask the same rules
+(:func:`check_deploy_rights`: a name that can be served, on the key's allowlist, not another key's) for an
+early answer; the deploy asks again, so a name taken between submission and deploy fails the job. See
+docs/security.md, "Model ownership".
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from .registry import ModelHost
 
 POLICY_TASKS = ("classification", "multilabel")  # tasks whose outputs are class scores: the policies apply
-_STATUS = {"model_not_owned": 403, "key_invalid": 403, "model_exists": 409}
+_STATUS = {"model_not_owned": 403, "key_invalid": 403, "model_exists": 409, "model_in_use": 409}
 _JOB_REFUSALS = ("job_lost", "job_cancelled")  # a job's deploy its worker may no longer make: the job stops
 
 
@@ -42,11 +43,25 @@ def refused(e: DeployRefused) -> ApiError:
 
 
 def check_deploy_rights(store: Store, name: str, key: ApiKey) -> None:
-    """403 ``model_not_owned`` unless ``key`` may deploy a version of ``name``: the rule the deploy
-    transaction applies (the key owns the name, nobody does yet, or the key is an admin)."""
+    """Refused unless ``key`` may deploy a version of ``name``: 422 for a name that cannot be served
+    (:func:`check_served_name`), 403 ``model_not_allowed`` for one outside the key's model allowlist (which
+    bounds what a key deploys as it bounds what it predicts with: else a key made for one model claimed any
+    name), 403 ``model_not_owned`` unless the key owns the name, nobody does yet, or the key is an admin (the
+    rule the deploy transaction applies again)."""
+    check_served_name(name)
+    check_allowed(key, name)
     refusal = store.deploy_refusal(name, key.id)
     if refusal is not None:
         raise refused(refusal)
+
+
+def check_allowed(key: ApiKey, name: str) -> None:
+    """403 ``model_not_allowed`` (the code predict answers) unless ``name`` is on ``key``'s model allowlist: a
+    key made for some models deploys (``deploy`` scope, or ``jobs`` with ``deploy: true``) under no other name."""
+    if not key.allows_model(name):
+        raise ApiError(403, "model_not_allowed", f"this API key is not allowed to use model {name!r}: it deploys "
+                       f"only under the names on its allowlist ({', '.join(sorted(key.models or ()))}); give one "
+                       "of those, or use a key that allows this one")
 
 
 def check_policy(policy: OutputPolicy | dict | None, meta: dict) -> OutputPolicy:
@@ -75,11 +90,21 @@ def _release(store: Store, reservation: str | None) -> None:
         store.release_file_bytes(reservation)
 
 
+# Names a route takes for itself: GET /v2/models/stats is the statistics of every model (the Open Inference
+# Protocol's statistics extension, which Triton's clients call), so a model of that name had no v2 metadata.
+RESERVED_NAMES = {"stats": "GET /v2/models/stats is the statistics of every model (the Open Inference Protocol's "
+                           "statistics extension), not a model's metadata"}
+
+
 def check_served_name(name: str, version: str | None = None) -> None:
     """422 unless ``name`` (and ``version``, where the bundle's own is kept: ``sdb models add``) is one the
-    routes can name and the store can keep: letters, digits, ``.``, ``_``, ``-``, at most 100 characters."""
+    routes can name and the store can keep: letters, digits, ``.``, ``_``, ``-``, at most 100 characters,
+    and none of :data:`RESERVED_NAMES`."""
     if not re.fullmatch(NAME_PATTERN, name):
         raise invalid(f"the bundle's name {name[:100]!r} cannot be served: give a name that matches {NAME_PATTERN}",
+                      "invalid_request")
+    if name in RESERVED_NAMES:
+        raise invalid(f"a model cannot be served as {name!r}: {RESERVED_NAMES[name]}; give another name",
                       "invalid_request")
     # an all-digit version is also a number the store compares (a 64-bit integer)
     if version is not None and (not re.fullmatch(NAME_PATTERN, version) or (version.isdigit() and len(version) > 18)):
@@ -87,16 +112,17 @@ def check_served_name(name: str, version: str | None = None) -> None:
                       f"that matches {NAME_PATTERN} (a number: at most 18 digits)", "invalid_request")
 
 
-def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer: str, actor: str,
+def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, key: ApiKey, actor: str,
                   name: str | None = None, policy: OutputPolicy | dict | None = None, shown: str = "bundle",
                   host: ModelHost | None = None, job: tuple[str, str] | None = None, tenant: bool = False,
                   capped: bool = False) -> ModelRow:
     """Blocking: serve the ``.sdb`` at ``src`` as the next version of ``name`` (default the bundle's own),
-    for the key ``deployer`` (its id; ``actor`` goes to the audit log). With ``host`` this process serves it
+    for ``key`` (the deployer; ``actor`` goes to the audit log). With ``host`` this process serves it
     at once; every other process loads it on its first request for it.
 
     ApiError when refused, and then nothing stays: 400 ``bundle_refused`` (verification), 422 (the name or
-    the policy), 403 ``model_not_owned`` (checked in the transaction that adds the version), 507
+    the policy), 403 ``model_not_allowed`` (a name outside the key's allowlist) or ``model_not_owned`` (checked
+    again in the transaction that adds the version), 507
     ``insufficient_storage`` (the copy did not fit on the disk: :func:`service.copies.copy_new`). ``shown``
     stands for the bundle in messages: a server path is never in one.
 
@@ -116,14 +142,11 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
         except ApiError as e:
             raise ApiError(400, "bundle_refused", f"bundle refused: {e.message}") from None
         name = name or str(meta["name"])
-        check_served_name(name)
+        check_deploy_rights(store, name, key)  # early: no copy and no model time for a refused deploy
         policy = check_policy(policy, meta)
-        refusal = store.deploy_refusal(name, deployer)  # early: no copy and no model time for a refused deploy
-        if refusal is not None:
-            raise refused(refusal)
         size = Path(src).stat().st_size
         # the copy counts against the deploying key's storage cap, held before it is made
-        reservation = files.reserve(store, settings, deployer, size, f"this {size}-byte bundle") if capped else None
+        reservation = files.reserve(store, settings, key.id, size, f"this {size}-byte bundle") if capped else None
     except ApiError as e:
         store.audit(actor, "model.refused", name or shown, e.message)
         raise
@@ -148,7 +171,7 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, deployer
         if copied["files"] != meta["files"]:
             raise ApiError(400, "bundle_refused", "bundle refused: it changed while it was being deployed")
         try:
-            row = store.add_version(name, str(target.resolve()), deployer=deployer, job=job, size=size,
+            row = store.add_version(name, str(target.resolve()), deployer=key.id, job=job, size=size,
                                     reservation=reservation, **policy.model_dump())
         except DeployRefused as e:
             if e.code in _JOB_REFUSALS:

@@ -128,11 +128,17 @@ def _reason(e: BaseException) -> str:
 
 
 class DeployRefused(Exception):
-    """A version the store will not add: ``code`` model_not_owned, key_invalid or model_exists."""
+    """A version the store will not add (``code`` model_not_owned, key_invalid or model_exists), or a name whose
+    claim it will not release (model_in_use)."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+# The owner of a name an admin released (Store.release_name): nobody, and the next key to deploy it claims it. Its
+# row stays, so that a version number is never given twice under the name. No key id is empty.
+RELEASED = ""
 
 
 def may_deploy(claimed: bool, owner: str | None, deployer: str | None, admin: bool) -> bool:
@@ -269,7 +275,27 @@ class Store:
         or an admin's."""
         with self.session() as s:
             claim = s.get(ModelNameRow, name)
-            return None if claim is None else claim.owner
+            return None if claim is None or claim.owner == RELEASED else claim.owner
+
+    def release_name(self, name: str, to: str | None = None) -> str | None:
+        """An admin's release of the claim on ``name``: with ``to`` (a key id) the name becomes that key's;
+        without, the next key to deploy it claims it. Returns the owner it had (None: an admin's or released);
+        KeyError when no one ever deployed ``name``; :class:`DeployRefused` ``model_in_use`` while a version of it
+        is registered (a key's versions served under another key's name, or an admin's, would change hands with it:
+        they are removed first). One transaction with the name's row locked, as a deploy holds it."""
+        with self.session.begin() as s:
+            if s.get_bind().dialect.name == "sqlite":
+                s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            claim = s.scalars(select(ModelNameRow).where(ModelNameRow.name == name).with_for_update()).first()
+            if claim is None:
+                raise KeyError(name)
+            served = sorted(s.scalars(select(ModelRow.version).where(ModelRow.name == name)), key=version_key)
+            if served:
+                raise DeployRefused("model_in_use", f"model {name!r} still serves version(s) {', '.join(served[:10])}: "
+                                    f"remove them first (DELETE /v1/models/{name}, or sdb models remove {name})")
+            previous = None if claim.owner == RELEASED else claim.owner
+            claim.owner = RELEASED if to is None else to
+            return previous
 
     def tenant_owned(self, name: str) -> bool:
         """Whether the model name ``name`` belongs to a key that is not an admin's (a tenant's graph)."""
@@ -300,6 +326,8 @@ class Store:
             claim = ModelNameRow(name=name, owner=deployer, last_version=0, created_at=now)
             s.add(claim)
             s.flush()  # a concurrent first deploy of the name fails here, and the caller retries
+        elif claim.owner == RELEASED:  # an admin released it: this deploy claims it, its version numbers going on
+            claim.owner = deployer
         taken = list(s.scalars(select(ModelRow.version).where(ModelRow.name == name)))
         if version is None:
             version = _next_version(taken, claim.last_version)
@@ -517,7 +545,8 @@ def _refusal(s: Session, name: str, deployer: str | None, now: float,
         admin = "admin" in key.scopes.split(",")
     q = select(ModelNameRow).where(ModelNameRow.name == name)
     claim = s.scalars(q.with_for_update() if lock else q).first()
-    if not may_deploy(claim is not None, None if claim is None else claim.owner, deployer, admin):
+    claimed = claim is not None and claim.owner != RELEASED
+    if not may_deploy(claimed, None if claim is None else claim.owner, deployer, admin):
         return claim, DeployRefused("model_not_owned", f"model {name!r} belongs to another key: only its owner "
                                     "or an admin deploys versions of it")
     return claim, None

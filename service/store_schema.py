@@ -248,10 +248,11 @@ def _v8(conn: Connection) -> None:
     """Each version's deployer and bytes. A version older than this step is its name's owner's (a key's name: its
     deploys; an admin's: NULL, counted against no key), its bytes those of its copy on disk (0 when it is gone)."""
     have = {c["name"] for c in inspect(conn).get_columns("models")}
-    if "deployer" not in have:
-        conn.exec_driver_sql("ALTER TABLE models ADD COLUMN deployer VARCHAR(32)")
     if "bytes" not in have:
         conn.exec_driver_sql("ALTER TABLE models ADD COLUMN bytes BIGINT NOT NULL DEFAULT 0")
+    if "deployer" in have:  # run again (a release from before SchemaTooNew wrote its older schema version over ours):
+        return  # the versions an admin deployed since under a key's name (deployer NULL) would become that key's
+    conn.exec_driver_sql("ALTER TABLE models ADD COLUMN deployer VARCHAR(32)")
     owners = dict(conn.execute(select(ModelNameRow.name, ModelNameRow.owner)).all())
     for name, version, path in conn.execute(select(ModelRow.name, ModelRow.version, ModelRow.path)).all():
         if owners.get(name) is None:
@@ -264,8 +265,14 @@ def _v8(conn: Connection) -> None:
                      .values(deployer=owners[name], bytes=size))
 
 
-# Append a step to change the schema; never edit a released one.
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
+def _v10(conn: Connection) -> None:
+    """Nothing to change: a name's owner may now be "" (an admin released it: Store.release_name). A release before
+    this step read "" as a key's id (every tenant's deploy under the name refused, its graph a tenant's): from the
+    releases that refuse a newer schema on, they refuse this store instead."""
+
+
+# Append a step to change the schema; never edit a released one (_v8's rerun guard excepted: the same first run).
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
 
 
 class SchemaTooNew(ValueError):

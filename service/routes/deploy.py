@@ -6,8 +6,9 @@ does the rest, as for a job that deploys: a new file beside the served bundles (
 verified, and served as the next version of its name (the bundle's own, or the ``name`` field)
 with the output policy of the ``policy``, ``top_k`` and ``decimals`` fields (none given: the one
 the bundle was wrapped with, else every probability), in one transaction
-that checks the name is this key's (or unclaimed, or the key is an admin's). The audit log records
-which key deployed it.
+that checks the name is this key's (or unclaimed, or the key is an admin's). A key with a model
+allowlist deploys only under a name on it, checked once the name is known (the bundle's own when the
+request gives none). The audit log records which key deployed it.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class DeployRequest(OutputPolicy):
 
 
 async def _deployer(key: ApiKeyDep) -> ApiKey:
-    check_scope(key, "deploy")  # admin grants it
+    check_scope(key, "deploy")  # admin grants it; the allowlist is checked once the name is known (deploy_bundle)
     return key
 
 
@@ -62,10 +63,12 @@ _DOC = {"requestBody": {"required": True, "content": {
                                      "policy": "top_k", "top_k": 3}}}}}
 _ERRORS = {**ok(MODEL_EXAMPLE, 201), **responses(400, *AUTH, 404, 409, 413, 415, 507, why={
     400: "the bundle failed verification, or a malformed body", 404: "no such file for this key",
-    403: "the key lacks the deploy scope, or the name is another key's (model_not_owned)",
+    403: "the key lacks the deploy scope, the name is not on its model allowlist (model_not_allowed), or the name "
+         "is another key's (model_not_owned)",
     409: "that version was registered meanwhile", 413: "over the upload limit (SDB_MAX_FILE_BYTES), or past the key's storage cap "
          "(storage_exceeded: its files and deployed versions, SDB_MAX_FILE_STORAGE_PER_KEY)",
-    415: "neither multipart nor JSON", 422: "a bad field, a server path, or a file of another purpose"})}
+    415: "neither multipart nor JSON", 422: "a bad field, a server path, a file of another purpose, or a name no "
+                                             "model can be served under (stats: the v2 statistics route's)"})}
 
 
 async def _request_body(request: Request, limit: int) -> DeployRequest:
@@ -93,7 +96,7 @@ async def deploy(request: Request, key: DeployKeyDep, host: ModelHostDep, store:
     media = media_type(request)
 
     def serve(path, shown: str, name: str | None, policy: dict):
-        return deploy_bundle(settings, store, path, deployer=key.id, actor=key.id, name=name, policy=policy,
+        return deploy_bundle(settings, store, path, key=key, actor=key.id, name=name, policy=policy,
                              shown=shown, host=host, tenant=not key.grants("admin"), capped=not key.grants("admin"))
 
     if media == MULTIPART:

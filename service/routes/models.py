@@ -1,21 +1,26 @@
-"""``/v1/models``: list and describe, predict (anyone), distill (keyed path), remove (its owner or an admin)
-(deploying an uploaded bundle, ``POST /v1/models``, is :mod:`service.routes.deploy`)."""
+"""``/v1/models``: list and describe, predict (anyone), distill (keyed path), remove (its owner or an admin),
+release a name's claim (an admin) (deploying an uploaded bundle, ``POST /v1/models``, is
+:mod:`service.routes.deploy`)."""
 from __future__ import annotations
 
+import time
 from urllib.parse import quote
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from .. import npy
 from ..auth import check_scope
 from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body, wants_npy
+from ..deploy import refused
 from ..deps import (
     DISTILLING_DOC,
     NAME_DOC,
     SERVING_DOC,
+    AdminKeyDep,
     ApiKeyDep,
     ModelHostDep,
     ModelName,
@@ -60,6 +65,7 @@ from ..schemas import (
     options,
     responses,
 )
+from ..store import DeployRefused
 from ..tensors import as_batch, batch_shape, image_sizes, images_to_inputs, softmax, to_array
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -244,19 +250,58 @@ async def distill(request: Request) -> Response:
 @router.delete("/{name}", summary="Stop serving a model, or one version of it (its owner or an admin)",
                response_model=ModelRemoved, responses={**ok({"removed": [{"name": "mnist-demo", "version": "1"}]}),
                                                        **responses(*AUTH, 404, why={
-                   403: "a key without the deploy scope, or a deploy key that does not own the model's name",
+                   403: "a key without the deploy scope, one whose model allowlist lacks the name (model_not_allowed), "
+                        "or a deploy key that does not own the model's name",
                    404: "no such model or version"})})
 def remove_model(name: ModelName, key: ApiKeyDep, host: ModelHostDep, store: StoreDep,
                  version: str | None = Query(None, description="only this version", pattern=NO_NUL)) -> Response:
-    # The name's owner (the deploy key that first deployed it) takes back what it served, as it deploys it; the
-    # name stays its own. Every other name is an admin's to remove.
-    if not key.grants("admin"):
-        check_scope(key, "deploy")
-        if store.model_owner(name) != key.id:
-            raise ApiError(403, "model_not_owned", f"this key owns no model named {name!r}: only the key that "
-                           "first deployed a model, or an admin, removes it")
+    # The name's owner (the deploy key that first deployed it) takes back what it served, as it deploys it: within
+    # its allowlist (a key made for some models removes no other); the name stays its own. Every other name is an
+    # admin's to remove.
+    check_scope(key, "deploy", name)  # admin grants the scope
+    if not key.grants("admin") and store.model_owner(name) != key.id:
+        raise ApiError(403, "model_not_owned", f"this key owns no model named {name!r}: only the key that "
+                       "first deployed a model, or an admin, removes it")
     removed = host.remove(name, version, actor=key.id)
     if not removed:
         raise not_found(f"no model named {name!r}" + (f" with version {version!r}" if version else ""),
                         "model_not_found")
     return json_response({"removed": [{"name": n, "version": v} for n, v in removed]})
+
+
+class ReleaseRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{}, {"to": "0a1b2c3d4e5f"}]})
+    to: str | None = Field(None, pattern=r"^[0-9a-f]{12}$", description="give the name to this key (its id); "
+                           "omitted: the next key to deploy under the name claims it")
+
+
+class NameReleased(BaseModel):
+    name: str
+    owner: str | None = Field(description="the key the name now belongs to; null: nobody (the next deploy claims it)")
+    previous_owner: str | None = Field(description="the key it belonged to; null: an admin's, or nobody's")
+
+
+@router.post("/{name}/release", response_model=NameReleased,
+             summary="Release a model name's claim, or give it to another key (admin)",
+             responses={**ok({"name": "mnist-demo", "owner": None, "previous_owner": "0a1b2c3d4e5f"}),
+                        **responses(400, *AUTH, 404, 409, 413, why={
+                            403: "not an admin key", 404: "no model was ever deployed under the name, or no such key",
+                            409: "the name still serves versions (model_in_use): remove them first",
+                            422: "a bad field, or a key that is revoked or expired"})})
+def release_name(name: ModelName, body: ReleaseRequest, admin: AdminKeyDep, store: StoreDep) -> Response:
+    # A name stays the key's that first deployed it, even once that key is revoked (a new tenant must not step into
+    # a name clients still trust): the operator decides, for names that serve nothing any more.
+    if body.to is not None:
+        if store.get_key(body.to) is None:
+            raise not_found(f"no API key with id {body.to!r}", "key_not_found")
+        if not store.key_stands(body.to, time.time()):
+            raise invalid(f"API key {body.to!r} is revoked or expired: give the name to a key in use, or omit "
+                          "'to' to let the next deploy claim it", "key_invalid")
+    try:
+        previous = store.release_name(name, body.to)
+    except KeyError:
+        raise not_found(f"no model was ever deployed under the name {name!r}", "model_not_found") from None
+    except DeployRefused as e:
+        raise refused(e) from None
+    store.audit(admin.id, "model.release", name, f"from={previous or 'no key'} to={body.to or 'the next deployer'}")
+    return json_response({"name": name, "owner": body.to, "previous_owner": previous})

@@ -247,7 +247,7 @@ _STATS_EXAMPLE = {"model_stats": [{
 
 
 # The statistics extension (tritonclient's get_inference_statistics, perf_analyzer's server-side figures), before
-# GET /models/{name}: /models/stats is every model's (a model named "stats" has its metadata on its version route).
+# GET /models/{name}: /models/stats is every model's (so no model is served as "stats": service.deploy.RESERVED_NAMES).
 @router.get("/models/stats", summary="Inference statistics of every model", response_model=ModelStatisticsList,
             responses={**ok(_STATS_EXAMPLE), **responses(*AUTH, v2=True, why={
                 401: "a key that is malformed, unknown, revoked or expired; or none, when predict needs one",

@@ -47,8 +47,16 @@ def servers(tmp_path_factory, bundles):
     second.stop()
 
 
-def auth(settings, *scopes: str) -> dict:
-    return {"Authorization": f"Bearer {key(settings, list(scopes))}"}
+def auth(settings, *scopes: str, **kw) -> dict:
+    return bearer(key(settings, list(scopes), **kw))
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def key_id(headers: dict) -> str:
+    return headers["Authorization"].split("_")[1]
 
 
 def post_bundle(srv, bundle: Path, headers: dict, **fields: str) -> httpx.Response:
@@ -223,6 +231,164 @@ def test_jobs_check_the_owner_at_submission_and_again_at_deploy(servers, bundles
     now = bundle_files(s.data_dir)
     assert {k: v for k, v in now.items() if k in taken} == taken  # the refused jobs left no file, overwrote none
     assert [k.split("/")[0] for k in now if k not in taken] == ["race-wrap"]
+
+
+def test_a_key_deploys_and_removes_only_under_the_names_on_its_allowlist(servers, bundles):
+    """A key's model allowlist bounds what it deploys and removes, as it bounds what it predicts with. Before, a
+    deploy key made for one model served any name (a given one, or its bundle's own), which then was its for good,
+    and removed what it served there."""
+    p1, _ = servers
+    s = p1.settings
+    limited, free = auth(s, "deploy", models=["only-this"]), auth(s, "deploy")
+    before = bundle_files(s.data_dir)
+    for fields in ({"name": "not-on-allowlist"}, {}):  # a name given, and the bundle's own (digits-b)
+        r = post_bundle(p1, bundles.b, limited, **fields)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed", r.text
+        assert "only-this" in r.json()["error"]["message"], r.text  # it says which names it may use
+    assert bundle_files(s.data_dir) == before  # nothing copied...
+    assert rows(s, "not-on-allowlist") == [] and rows(s, "digits-b") == []
+    assert post_bundle(p1, bundles.b, free, name="not-on-allowlist").status_code == 201  # ...and nothing claimed
+    assert post_bundle(p1, bundles.b, limited, name="only-this").status_code == 201
+
+    def remove(headers, name: str) -> httpx.Response:
+        return httpx.delete(f"{p1.url}/v1/models/{name}", headers=headers, timeout=60)
+
+    r = remove(limited, "not-on-allowlist")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed", r.text
+    assert versions(s, "not-on-allowlist") == ["1"]
+    assert remove(limited, "only-this").status_code == 200
+    # a key without an allowlist, as before: any free name, and back
+    assert remove(free, "not-on-allowlist").status_code == 200 and versions(s, "not-on-allowlist") == []
+
+
+def test_a_job_deploys_only_under_a_name_on_its_keys_allowlist(servers):
+    """Before, a ``jobs`` key limited to one model ran a wrap job with ``deploy: true`` under any name and claimed
+    it; now the submission is refused, for a name given and for the kind's default one (wrap: DATA-ARCH)."""
+    p1, _ = servers
+    limited = auth(p1.settings, "jobs", models=["only-this"])
+    for kind, params in (("wrap", {**WRAP, "name": "squatted-name"}), ("style", {**STYLE, "name": "squatted-name"}),
+                         ("wrap", WRAP)):
+        r = submit(p1, limited, kind, params)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed", (kind, r.text)
+    assert httpx.get(p1.url + "/v1/jobs", headers=limited).json()["jobs"] == []  # none queued
+
+
+def test_a_queued_job_is_checked_against_its_keys_allowlist_again_when_it_deploys(servers, bundles):
+    """A job queued while its key's allowlist was not checked (a server before this check) deploys nothing: the
+    worker asks the key as it stands when it deploys. The store's row is edited to stand for that job."""
+    from service.store import ApiKeyRow
+
+    p1, _ = servers
+    s = p1.settings
+    headers = auth(s, "jobs", models=["late-check"])
+    r = submit(p1, headers, "wrap", {**WRAP, "name": "late-check"})
+    assert r.status_code == 202, r.text
+    store = Store(s.db_url)
+    try:
+        with store.session.begin() as session:
+            session.get(ApiKeyRow, key_id(headers)).models = "another-model"
+    finally:
+        store.close()
+    worker = start_worker(s.data_dir, bundles)
+    try:
+        job = wait_for(lambda: (j := httpx.get(f"{p1.url}/v1/jobs/{r.json()['id']}", headers=headers).json())["status"]
+                       in ("succeeded", "failed", "cancelled") and j, 300, "the wrap job", every=0.2)
+    finally:
+        stop_worker(worker)
+    assert job["status"] == "failed" and "not allowed to use model 'late-check'" in job["error"], job
+    assert rows(s, "late-check") == [] and not (s.data_dir / "bundles" / "late-check").exists()
+    assert post_bundle(p1, bundles.b, auth(s, "deploy"), name="late-check").status_code == 201  # never claimed
+
+
+def test_an_admin_releases_or_gives_away_the_name_of_a_key_that_left(servers, bundles):
+    """A name stays the key's that first deployed it, revoked or not (a newcomer must not step into a name
+    clients trust). Before, nothing let it go: a revoked tenant's names were refused to every other tenant for
+    ever. Now an admin releases it (the next deploy claims it) or gives it to a key, once it serves nothing."""
+    p1, _ = servers
+    s = p1.settings
+    departed, newcomer, other = (auth(s, "deploy") for _ in range(3))
+    admin = auth(s, "admin")
+    assert post_bundle(p1, bundles.b, departed, name="left-behind").status_code == 201
+    assert httpx.delete(f"{p1.url}/v1/keys/{key_id(departed)}", headers=admin).status_code == 200
+    r = post_bundle(p1, bundles.b, newcomer, name="left-behind")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_owned", r.text
+
+    def release(headers: dict, name: str = "left-behind", **body) -> httpx.Response:
+        return httpx.post(f"{p1.url}/v1/models/{name}/release", json=body, headers=headers, timeout=60)
+
+    def refused(r: httpx.Response, status: int, code: str) -> bool:
+        return r.status_code == status and r.json()["error"]["code"] == code
+
+    assert refused(release(newcomer), 403, "forbidden_scope")
+    assert refused(release(admin), 409, "model_in_use") and versions(s, "left-behind") == ["1"]  # it serves
+    assert httpx.delete(f"{p1.url}/v1/models/left-behind", headers=admin).status_code == 200
+    assert refused(release(admin, "never-deployed"), 404, "model_not_found")
+    assert refused(release(admin, to="0" * 12), 404, "key_not_found")
+    assert refused(release(admin, to=key_id(departed)), 422, "key_invalid")  # a revoked key takes nothing
+    r = release(admin)
+    assert r.status_code == 200 and r.json() == {"name": "left-behind", "owner": None,
+                                                 "previous_owner": key_id(departed)}, r.text
+    # the next deploy claims it, its version numbers going on; then it is that key's as any name is
+    assert post_bundle(p1, bundles.b, newcomer, name="left-behind").json()["version"] == "2"
+    assert refused(post_bundle(p1, bundles.b, other, name="left-behind"), 403, "model_not_owned")
+    # given to a key: that key's from then on, no one else's
+    assert httpx.delete(f"{p1.url}/v1/models/left-behind", headers=newcomer).status_code == 200
+    r = release(admin, to=key_id(other))
+    assert r.status_code == 200 and r.json()["owner"] == key_id(other), r.text
+    assert r.json()["previous_owner"] == key_id(newcomer)
+    assert refused(post_bundle(p1, bundles.b, newcomer, name="left-behind"), 403, "model_not_owned")
+    assert post_bundle(p1, bundles.b, other, name="left-behind").json()["version"] == "3"
+
+
+def test_sdb_models_release_asks_the_server_as_an_admin(servers, capsys):
+    """``sdb models release NAME [--to KEY_ID]``, against the server."""
+    from sdb_cli.main import main
+
+    p1, _ = servers
+    s = p1.settings
+    owner, admin_token = auth(s, "deploy"), key(s, ["admin"])
+    store = Store(s.db_url)
+    try:
+        store.add_version("cli-released", "/nowhere", deployer=key_id(owner))  # claimed, then removed
+        store.remove_model("cli-released")
+    finally:
+        store.close()
+    assert main(["models", "release", "cli-released", "--url", p1.url, "--api-key", admin_token]) == 0
+    assert capsys.readouterr().out.strip() == (f"released cli-released (it was key {key_id(owner)}'s): the next key "
+                                               "to deploy under it claims it")
+    deployer = key(s, ["deploy"])
+    assert main(["models", "release", "cli-released", "--url", p1.url, "--api-key", deployer]) == 2
+    assert "admin" in capsys.readouterr().err  # not an admin: the server's 403, said
+
+
+@pytest.mark.usefixtures("db_url")
+def test_a_released_name_goes_to_its_next_deployer_and_keeps_its_numbers(db_url):
+    """The store alone, SQLite and PostgreSQL: a release needs a name that serves nothing, and a name released or
+    given away goes on with its version numbers (a pinned ``?version=`` never names two bundles)."""
+    from service.auth import create_key
+    from service.store import DeployRefused
+
+    store = Store(db_url)
+    try:
+        first, second, third = (create_key(store, b"p" * 32, scopes=["deploy"])[1].id for _ in range(3))
+        store.add_version("handed-on", "/bundles/1", deployer=first)
+        with pytest.raises(DeployRefused) as refused:
+            store.release_name("handed-on")
+        assert refused.value.code == "model_in_use"
+        with pytest.raises(KeyError):
+            store.release_name("never-deployed")
+        store.remove_model("handed-on")
+        assert store.release_name("handed-on") == first
+        assert store.model_owner("handed-on") is None and store.deploy_refusal("handed-on", second) is None
+        assert store.add_version("handed-on", "/bundles/2", deployer=second).version == "2"
+        assert store.model_owner("handed-on") == second
+        assert store.deploy_refusal("handed-on", first).code == "model_not_owned"
+        store.remove_model("handed-on")
+        assert store.release_name("handed-on", to=third) == second
+        assert store.deploy_refusal("handed-on", second).code == "model_not_owned"
+        assert store.add_version("handed-on", "/bundles/3", deployer=third).version == "3"
+    finally:
+        store.close()
 
 
 @pytest.mark.usefixtures("db_url")

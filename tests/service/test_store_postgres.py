@@ -76,7 +76,8 @@ def test_versions_older_than_their_deployer_column_count_against_their_names_own
         store.add_version("admins", str(copy), deployer=None)
         store.add_version("tenants", str(tmp_path / "gone.sdb"), deployer=owner)
         with store.session.begin() as s:  # as a store from before step 8 holds them
-            s.execute(update(ModelRow).values(deployer=None, bytes=0))
+            s.execute(update(ModelRow).values(bytes=0))
+            s.connection().exec_driver_sql("ALTER TABLE models DROP COLUMN deployer")
             s.execute(update(SchemaVersion).values(version=7))
     finally:
         store.close()
@@ -85,6 +86,19 @@ def test_versions_older_than_their_deployer_column_count_against_their_names_own
         with store.session() as s:
             got = {(r.name, r.version): (r.deployer, r.bytes) for r in s.scalars(select(ModelRow))}
         assert got == {("tenants", "1"): (owner, 1234), ("tenants", "2"): (owner, 0), ("admins", "1"): (None, 0)}
+        assert store.file_bytes(owner) == 1234
+        # An admin's version under the tenant's name, then a release from before SchemaTooNew writes its older
+        # schema version (any command of it, `sdb models list` too): the steps run again, and the admin's version
+        # became the tenant's, counted against its storage cap.
+        store.add_version("tenants", str(copy), deployer=None)
+        with store.session.begin() as s:
+            s.execute(update(SchemaVersion).values(version=5))
+    finally:
+        store.close()
+    store = Store(db_url)
+    try:
+        with store.session() as s:
+            assert s.get(ModelRow, ("tenants", "3")).deployer is None
         assert store.file_bytes(owner) == 1234
     finally:
         store.close()

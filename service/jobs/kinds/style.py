@@ -88,7 +88,7 @@ def _inputs(p: StyleParams, who) -> dict:
 
 def check(p: StyleParams, sub: Submission) -> StyleParams:
     _inputs(p, sub)  # every file resolved for this key now: a 404 or 422 before anything is queued
-    if p.deploy:  # early; the deploy checks again, in the transaction that adds the version
+    if p.deploy:  # early (name, allowlist, owner); the deploy checks again, the owner in its transaction
         from ...deploy import check_deploy_rights
 
         check_deploy_rights(sub.queue.store, _model_name(p), sub.key)

@@ -2,9 +2,10 @@
 (``teacher: {file, arch}``) or from an architecture trained first (``teacher: {arch}``);
 ``deploy: true`` serves the bundle as a new version.
 
-Deploying is :func:`service.deploy.deploy_bundle`, as for ``POST /v1/models``: only the name's owner
-(or an admin) adds a version, checked when the job is submitted and again in the deploy's
-transaction; every API process serves the version as soon as the job reports it.
+Deploying is :func:`service.deploy.deploy_bundle`, as for ``POST /v1/models``: only under a name on the
+key's model allowlist, and only the name's owner (or an admin) adds a version, checked when the job is
+submitted and again when it deploys (the owner in the deploy's transaction); every API process serves the
+version as soon as the job reports it.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class WrapParams(JobParams):
 def check(p: WrapParams, sub: Submission) -> WrapParams:
     data_set(p.data, sub)
     check_model(p.teacher, sub, "public", "teacher")  # a file: resolved for this key; no hosted model here
-    if p.deploy:  # early; the deploy checks again, in the transaction that adds the version
+    if p.deploy:  # early (name, allowlist, owner); the deploy checks again, the owner in its transaction
         from ...deploy import check_deploy_rights
 
         check_deploy_rights(sub.queue.store, p.model_name, sub.key)
@@ -110,7 +111,8 @@ def run(ctx, p: WrapParams) -> dict:
 
 def deploy(ctx, bundle, name: str, output_policy=None) -> dict:
     """Serve the bundle as the next version of ``name`` for the job's key: :func:`service.deploy.deploy_bundle`
-    (a new file, verified, the owner checked in the transaction that adds the version)."""
+    (a new file, verified, the name checked against the key's allowlist as the key stands now, and the owner in
+    the transaction that adds the version: a job queued before either allowed it deploys nothing)."""
     from sdb_core.progress import Cancelled
 
     from ...deploy import deploy_bundle
@@ -125,9 +127,9 @@ def deploy(ctx, bundle, name: str, output_policy=None) -> dict:
         ctx.halt(over, drop_artifacts=True)
     if ctx.key_stop is not None or ctx.failure is not None or ctx.cancel.is_set():
         raise Cancelled(ctx.key_stop or ctx.failure or "cancelled before deploying")
-    row = deploy_bundle(ctx.settings, ctx.queue.store, bundle, deployer=ctx.job.owner, actor=f"job:{ctx.job.id}",
+    row = deploy_bundle(ctx.settings, ctx.queue.store, bundle, key=ctx.key, actor=f"job:{ctx.job.id}",
                         name=name, policy=output_policy, shown="bundle.sdb", job=(ctx.job.id, ctx.worker),
-                        capped=ctx.key is not None and not ctx.key.grants("admin"))
+                        capped=not ctx.key.grants("admin"))  # check_key read it: the job stops without one
     ctx.log(f"deployed {row.name} version {row.version}")
     # every API process serves it from now on (loaded on its first request); where the bundle lies is the
     # server's business (the store and audit log have it)
