@@ -60,18 +60,31 @@ def test_wrap_refuses_a_box_that_misses_a_threshold(wrapped, tmp_path, capsys):
     assert "self-check attempt 2" in err and not out.exists()
 
 
-@pytest.mark.parametrize("how", ["teacher", "public", "authorized", "labels"])
+def _onnx_teacher(wrapped):
+    """The teacher as its owner exports it: an .onnx file, which brings its own network (no --teacher-arch)."""
+    path = wrapped / "teacher.onnx"
+    if not path.exists():
+        net = load_weights(create_model("cnn", 10, (1, 8, 8)), wrapped / "teacher.safetensors").eval()
+        torch.onnx.export(net, (torch.zeros(1, 1, 8, 8),), str(path), input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("how", ["teacher", "onnx", "public", "authorized", "labels"])
 def test_distill_every_source(wrapped, capsys, how):
+    """``onnx``: ``--teacher model.onnx`` could never run (--teacher-arch defaulted to cnn, which an ONNX teacher
+    refuses, and no value of the flag stood for none)."""
     out = wrapped / f"student-{how}.safetensors"
     args = ["distill", "--student", "mlp", "--data", "digits", "--out", str(out), "--epochs", "20", "--lr", "0.05",
             "--transfer", "300", "--data-dir", str(wrapped / "data")]
     args += {"teacher": ["--teacher", str(wrapped / "teacher.safetensors")],
+             "onnx": ["--teacher", str(_onnx_teacher(wrapped))] if how == "onnx" else [],
              "public": ["--bundle", str(wrapped / "bundle")],
              "authorized": ["--bundle", str(wrapped / "bundle"), "--authorized"], "labels": []}[how]
     assert main(args) == 0
     text = capsys.readouterr().out
     acc = float(re.search(r"test accuracy ([\d.]+)%", text).group(1))
-    source = {"teacher": "from teacher ", "public": "(public outputs)", "authorized": "(keyed path)",
+    source = {"teacher": "from teacher ", "onnx": "from teacher ", "public": "(public outputs)", "authorized": "(keyed path)",
               "labels": "from labels only"}[how]
     assert source in text
     # 20 epochs on 300 digits: far above chance (10 %) from every source that teaches the task. The public path

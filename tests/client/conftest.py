@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 import uvicorn
 
 from service.app import build_app
-from service.auth import create_key
+from service.auth import create_key, parse_token
 from tests.service.conftest import Bundles, bundles, make_settings, sdb_bytes  # noqa: F401  (bundles: the session fixture)
 
 MODEL = "digits-a"
 PAYLOAD_LIMIT = 256 << 10  # small, so a 413 is cheap to provoke; 64 digits samples fit easily
+SMALL_REQUEST = 100  # small_server's samples per request at most (below the SDK's default batch of 256)
 
 
 class ThreadServer:
@@ -66,21 +68,91 @@ class SDBServer:
         token, _ = create_key(self.app.state.store, self.app.state.settings.pepper, scopes=scopes, **kw)
         return token
 
+    def used(self, token: str) -> int:
+        """The samples charged to a key so far, from the store."""
+        return self.app.state.store.get_key(parse_token(token)[0]).used
 
-@pytest.fixture(scope="session")
-def sdb_server(tmp_path_factory, bundles) -> SDBServer:  # noqa: F811
-    settings = make_settings(tmp_path_factory.mktemp("client-data"), bundles, max_payload_bytes=PAYLOAD_LIMIT,
-                             register_demo=False)
+
+def serve(tmp_path_factory, made: Bundles, hosted: dict[str, Path], **settings) -> tuple[ThreadServer, SDBServer]:
+    """A real server on a free port with ``settings``, serving ``hosted`` (name: bundle), with an admin key, a distill
+    key for every hosted model and a predict key."""
+    settings = make_settings(tmp_path_factory.mktemp("client-data"), made, register_demo=False, **settings)
     app = build_app(settings)
     srv = ThreadServer(app)
     store, pepper = app.state.store, settings.pepper
     admin, _ = create_key(store, pepper, scopes=["admin"])
-    r = httpx.post(srv.url + "/v1/models", files={"file": ("digits-a.sdb", sdb_bytes(bundles.a))},
-                   headers={"Authorization": f"Bearer {admin}"}, timeout=60)
-    assert r.status_code == 201, r.text
-    distill, _ = create_key(store, pepper, scopes=["distill"], models=[MODEL])
+    for name, bundle in hosted.items():
+        r = httpx.post(srv.url + "/v1/models", files={"file": (f"{name}.sdb", sdb_bytes(bundle))},
+                       headers={"Authorization": f"Bearer {admin}"}, timeout=60)
+        assert r.status_code == 201, r.text
+    distill, _ = create_key(store, pepper, scopes=["distill"], models=list(hosted))
     predict, _ = create_key(store, pepper, scopes=["predict"])
-    yield SDBServer(srv.url, app, bundles, admin, distill, predict)
+    return srv, SDBServer(srv.url, app, made, admin, distill, predict)
+
+
+@pytest.fixture(scope="session")
+def sdb_server(tmp_path_factory, bundles) -> SDBServer:  # noqa: F811
+    srv, server = serve(tmp_path_factory, bundles, {MODEL: bundles.a}, max_payload_bytes=PAYLOAD_LIMIT)
+    yield server
+    srv.stop()
+
+
+@dataclass
+class Colours:
+    """A 3-class model of 3x8x8 inputs whose classes have names (its dominant channel: red, green, blue), and data
+    sets for it as ``.npz`` files: its own, the same with its classes listed in another order, and others."""
+
+    bundle: Path
+    data: Path  # its classes: red, green, blue
+    reordered: Path  # the same images and classes, listed blue, green, red
+    other_names: Path  # the same images, the classes called cyan, magenta, yellow
+    digits_shaped: Path  # 3 classes of 1x8x8 inputs (the shape of digits-a, which answers 10)
+
+
+def _colour_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.random((n, 3, 8, 8)).astype(np.float32) * 0.5
+    x[np.arange(n), y] += 0.4  # the dominant channel is the class
+    return (np.clip(x, 0, 1) * 255).astype(np.uint8), y
+
+
+@pytest.fixture(scope="session")
+def colours(tmp_path_factory, bundles) -> Colours:  # noqa: F811
+    import torch
+
+    from sdb_core.bundle import export_bundle
+    from sdb_core.data import load_dataset
+    from sdb_core.models import create_model
+    from sdb_core.protect import SDBConfig, train_box
+    from sdb_core.protect.key import load_or_create_master_key
+    from sdb_core.train import TrainConfig, seed_everything, train_classifier
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("colours")
+    x, y = _colour_set(600, seed=0)
+    sets = Colours(root / "colour", root / "colour.npz", root / "reordered.npz", root / "other.npz", root / "d3.npz")
+    np.savez(sets.data, x=x, y=y, labels=np.array(["red", "green", "blue"]))
+    np.savez(sets.reordered, x=x, y=2 - y, labels=np.array(["blue", "green", "red"]))
+    np.savez(sets.other_names, x=x, y=y, labels=np.array(["cyan", "magenta", "yellow"]))
+    np.savez(sets.digits_shaped, x=x[:, :1], y=y, labels=np.array(["red", "green", "blue"]))
+    data = load_dataset(f"npz:{sets.data}")
+    seed_everything(0)
+    teacher = create_model("mlp", num_classes=3, in_shape=data.in_shape)
+    train_classifier(teacher, data.train, TrainConfig(epochs=3))
+    box = train_box(teacher, data, SDBConfig(train=TrainConfig(epochs=1))).box
+    export_bundle(box, sets.bundle, name="colour", in_shape=data.in_shape, mean=data.mean, std=data.std,
+                  labels=data.labels, master_key=load_or_create_master_key(bundles.master_key_file))
+    return sets
+
+
+@pytest.fixture(scope="session")
+def small_server(tmp_path_factory, bundles, colours) -> SDBServer:  # noqa: F811
+    """A server that takes at most 100 samples a request (SDB_MAX_REQUEST_SAMPLES), serving digits-a and the
+    colour model."""
+    srv, server = serve(tmp_path_factory, bundles, {MODEL: bundles.a, "colour": colours.bundle},
+                        max_request_samples=SMALL_REQUEST)
+    yield server
     srv.stop()
 
 

@@ -110,12 +110,28 @@ def test_error_messages_are_scrubbed_of_keys():
 
 def test_batching_helpers():
     assert b.batch_slices(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    x = np.arange(10, dtype=np.float32).reshape(5, 2)
-    assert [len(p) for p in b.split_batches(x, 2)] == [2, 2, 1]
     with pytest.raises(e.BadRequest, match="non-empty"):
         b.as_array([])
     with pytest.raises(e.BadRequest, match="NaN"):
         b.distill_body(np.array([[np.nan]], np.float32), None)
+
+
+def test_masked_and_complex_inputs_are_refused_not_sent_wrongly():
+    """A masked array went out with the values under its mask (np.asarray drops the mask), a complex one with its
+    imaginary part dropped; both answered as if they were the inputs. Refused, saying what to do."""
+    x = np.random.default_rng(0).normal(size=(2, 4)).astype(np.float32)
+    masked = np.ma.masked_array(x, mask=np.zeros_like(x, bool))
+    np.testing.assert_array_equal(b.as_array(masked), x)  # nothing masked: its values
+    masked[0, 1] = np.ma.masked
+    with pytest.raises(e.BadRequest, match=r"filled") as info:
+        b.as_array(masked)
+    assert info.value.code == "invalid_input"
+    for complex_inputs in (x + 1j, [x[0].astype(np.complex64)], [np.complex128(1.0)]):
+        with pytest.raises(e.BadRequest, match=r"x\.real") as info:
+            b.as_array(complex_inputs)
+        assert info.value.code == "invalid_dtype"
+    with pytest.raises(e.BadRequest, match=r"predict\(name, image_path=") as info:  # distill has no image_path
+        b.as_array(x.astype(np.uint8))
 
 
 def test_a_key_given_as_the_url_is_not_echoed():

@@ -74,3 +74,39 @@ def test_remote_commands_report_a_page_that_is_not_the_service(stub, capsys):
     assert main(["jobs", "status", "j1", "--url", stub.url, "--api-key", KEY]) == 2
     err = capsys.readouterr().err
     assert "is not JSON (text/html" in err and "SDB server" in err and "Traceback" not in err
+
+
+def test_distill_remote_answers_in_the_data_sets_class_order(small_server, colours, tmp_path, monkeypatch, capsys):
+    """A data set listing the model's classes in another order (blue, green, red for red, green, blue) trained a
+    student at chance through --remote, where --bundle reorders the teacher's classes: --remote now does too. The
+    teacher's batches follow --teacher-batch-size (and the server's 100 samples a request)."""
+    monkeypatch.setenv("SDB_API_KEY", small_server.distill_key)
+    for data in (colours.data, colours.reordered):
+        out = tmp_path / f"{data.stem}.safetensors"
+        assert main(["distill", "--remote", small_server.url, "--model", "colour", "--student", "mlp", "--data",
+                     f"npz:{data}", "--transfer", "300", "--epochs", "5", "--teacher-batch-size", "64",
+                     "--out", str(out)]) == 0
+        accuracy = float(capsys.readouterr().out.split("test accuracy ")[1].split("%")[0])
+        assert accuracy > 90, (data.name, accuracy)
+
+
+def test_distill_remote_refuses_a_model_of_other_classes_before_any_charge(small_server, colours, tmp_path,
+                                                                            monkeypatch, capsys):
+    """A 10-class model on a 3-class set charged the key for the whole transfer set, then died with torch's
+    `size of tensor a (10) must match ... (3)`; other class names or another input shape went as far. Each is now
+    refused, exit 2, before any sample is asked for."""
+    token = small_server.key(("distill",))
+    monkeypatch.setenv("SDB_API_KEY", token)
+    out = tmp_path / "s.safetensors"
+    cases = ((MODEL, colours.digits_shaped, "answers 10 classes"), ("colour", colours.other_names, "'cyan'"),
+             ("colour", "digits", "takes inputs [3, 8, 8]"))
+    for model, data, says in cases:
+        data = data if data == "digits" else f"npz:{data}"
+        assert main(["distill", "--remote", small_server.url, "--model", model, "--student", "mlp", "--data", data,
+                     "--transfer", "200", "--epochs", "1", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert small_server.used(token) == 0 and not out.exists()
+    assert main(["distill", "--teacher-batch-size", "8", "--student", "mlp", "--data", "digits", "--out",
+                 str(out)]) == 2  # without --remote it would be ignored
+    assert "--remote" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from sdb_client import (
 
 from sdb_core.bundle import load_bundle
 
-from .conftest import MODEL, Reply, write_png
+from .conftest import MODEL, PAYLOAD_LIMIT, SMALL_REQUEST, Reply, write_png
 
 NPY = "application/x-npy"
 
@@ -98,13 +98,86 @@ def test_batching_1000_inputs_complete_and_in_order(client, sdb_server, keyed, b
     np.testing.assert_allclose(z, keyed(x), atol=1e-4)
     preds = client.with_options(batch_size=64).predict(MODEL, x, top_k=1)
     assert [p["indices"][0] for p in preds] == bundle.predict(x).argmax(1).tolist()
-    with pytest.raises(PayloadTooLarge) as info:  # the same 1,000 in one JSON request are over the 256 KiB limit
-        client.distill_logits(MODEL, x, batch_size=1000, encoding="json")
-    assert info.value.status == 413
-    # as .npy (256,128 bytes, a fifth of JSON's) they fit; 1,100 do not
+    # as .npy (256,128 bytes, a fifth of JSON's) the 1,000 fit this server's 256 KiB in one request
     np.testing.assert_allclose(client.distill_logits(MODEL, x, batch_size=1000), keyed(x), atol=1e-4)
-    with pytest.raises(PayloadTooLarge):
-        client.distill_logits(MODEL, np.zeros((1100, 1, 8, 8), np.float32), batch_size=1100)
+
+
+def test_a_batch_over_the_servers_limits_is_sent_again_in_halves(sdb_server, keyed):
+    """A batch over the server's body limit was a PayloadTooLarge (and the default batch of 256 failed every call for
+    3x64x64 inputs); with SDB_MAX_REQUEST_SAMPLES under 256, every default call was a 422 too_many_samples. Both are
+    refused before the body is read, so before any charge: the SDK now sends such a batch again in halves, each
+    sample charged once. A single sample over the limit is still the server's 413."""
+    x = np.random.default_rng(0).normal(size=(1100, 1, 8, 8)).astype(np.float32)
+    token = sdb_server.key(("distill",), quota=3 * 1100)  # exactly the samples sent once each
+    with Client(sdb_server.url, token) as c:
+        # 1,100 as JSON (about 1.5 MB) and as .npy (281 KB) are over this server's 256 KiB
+        np.testing.assert_allclose(c.distill_logits(MODEL, x, batch_size=1100, encoding="json"), keyed(x), atol=1e-4)
+        np.testing.assert_allclose(c.distill_logits(MODEL, x, batch_size=1100), keyed(x), atol=1e-4)
+        assert c._limits.body_bytes < PAYLOAD_LIMIT  # learnt: the next call's batches fit at once
+        np.testing.assert_allclose(c.distill_logits(MODEL, x, batch_size=1100), keyed(x), atol=1e-4)
+        assert len(c.predict(MODEL, x, batch_size=1100, encoding="json")) == 1100
+    assert sdb_server.used(token) == 3 * 1100
+    with Client(sdb_server.url, sdb_server.distill_key) as c, pytest.raises(PayloadTooLarge):
+        c.distill_logits(MODEL, np.zeros((1, PAYLOAD_LIMIT // 4), np.float32))  # one sample: nothing to halve
+
+
+@pytest.mark.anyio
+async def test_the_default_batch_fits_a_server_that_takes_fewer_samples(small_server, keyed, bundle):
+    """small_server takes 100 samples a request: the SDK's default 256 was a 422 too_many_samples on every call (and
+    sdb distill --remote had no flag to change it)."""
+    x = np.random.default_rng(1).normal(size=(300, 1, 8, 8)).astype(np.float32)
+    token = small_server.key(("distill",), quota=4 * 300)
+    with Client(small_server.url, token) as c:
+        assert c.batch_size == 256 > SMALL_REQUEST
+        np.testing.assert_allclose(c.distill_logits(MODEL, x), keyed(x), atol=1e-4)
+        assert [p["indices"][0] for p in c.predict(MODEL, x)] == bundle.predict(x).argmax(1).tolist()
+        with RemoteTeacher(c, MODEL) as teacher:
+            np.testing.assert_allclose(teacher(x), keyed(x), atol=1e-4)
+    async with AsyncClient(small_server.url, token) as ac:
+        np.testing.assert_allclose(await ac.distill_logits(MODEL, x), keyed(x), atol=1e-4)
+        assert len(await ac.predict(MODEL, x, encoding="json")) == 300
+    assert small_server.used(token) == 3 * 300  # predict is not charged; no refused batch was
+
+
+def test_batches_are_cut_to_the_servers_default_body_size_before_sending():
+    """A 3x64x64 model's default batch of 256 was 12.5 MB of .npy, over the server's default 8 MiB: every call a 413.
+    Batches are now cut by the bytes their samples take, and by half a refused one after a refusal."""
+    from sdb_client import _base as b
+
+    x = np.zeros((300, 3, 64, 64), np.float32)
+    limits = b.RequestLimits()
+    npy = b.Batches(np.full(len(x), b.sample_bytes(x, "npy")), 256, limits)
+    assert npy.end(0) * 3 * 64 * 64 * 4 <= 8 << 20 < 256 * 3 * 64 * 64 * 4
+    assert [s.stop - s.start for s in npy.slices()] == [169, 131]
+    as_json = b.Batches(np.full(len(x), b.sample_bytes(x, "json")), 256, limits)
+    assert as_json.end(0) * 3 * 64 * 64 * 24 <= 8 << 20 and as_json.end(0) == 28
+    refused = PayloadTooLarge("too big", status=413, code="payload_too_large")
+    assert npy.smaller(refused, 0, 169) and npy.end(0) == 84 and as_json.end(0) == 14  # one server: both learn
+    few = BadRequest("too many", status=422, code="too_many_samples")
+    assert npy.smaller(few, 0, 84) and limits.samples == 42 and npy.end(0) == 42 and npy.end(10, 20) == 20
+    assert not npy.smaller(few, 0, 1)  # one sample: the error stands
+    assert not npy.smaller(BadRequest("bad shape", status=422, code="invalid_shape"), 0, 42)
+    images = b.Batches([3 << 20] * 5, 256, b.RequestLimits())  # 3 MiB image files: two a request
+    assert [s.stop - s.start for s in images.slices()] == [2, 2, 1]
+
+
+def test_many_images_are_sent_in_batches(client, sdb_server, tmp_path):
+    """predict(image_path=[...]) sent every image in one request, batch_size ignored: 1,100 small PNGs were a 400
+    (more files than the server reads in one form)."""
+    pngs = [write_png(tmp_path / f"{i}.png", x) for i, x in enumerate(sdb_server.bundles.x)]
+    each = [client.predict(MODEL, image_path=p)[0] for p in pngs]
+    order = np.random.default_rng(0).integers(0, len(pngs), 1100)
+    assert client.predict(MODEL, image_path=[pngs[i] for i in order]) == [each[i] for i in order]
+    assert client.predict(MODEL, image_path=[pngs[i] for i in order[:50]], batch_size=8) == [each[i] for i in order[:50]]
+
+
+@pytest.mark.anyio
+async def test_async_many_images_are_sent_in_batches(client, sdb_server, tmp_path):
+    pngs = [write_png(tmp_path / f"{i}.png", x) for i, x in enumerate(sdb_server.bundles.x)]
+    each = [client.predict(MODEL, image_path=p)[0] for p in pngs]
+    order = np.random.default_rng(1).integers(0, len(pngs), 1100)
+    async with AsyncClient(sdb_server.url, sdb_server.distill_key) as ac:
+        assert await ac.predict(MODEL, image_path=[pngs[i] for i in order]) == [each[i] for i in order]
 
 
 def test_keys_create_list_revoke(admin, sdb_server):
@@ -216,6 +289,28 @@ async def test_a_quota_spent_part_way_gives_back_the_rows_answered(sdb_server, k
     assert info.value.partial_rows == 2 and stub.hits[DISTILL_ROUTE] == 3  # not the 8 batches
 
 
+@pytest.mark.anyio
+async def test_async_batches_answered_past_a_failed_one_go_with_the_error(sdb_server, keyed):
+    """Batches of 100, 100 and 50 at once against a quota of 150: two were answered and charged (150 samples), and
+    the error kept only those before the failed one (``_in_order`` dropped the rest): rows paid for, then lost. Every
+    answered batch now goes with the error: the first rows as ``partial``, the others as ``answered_after``."""
+    x = np.random.default_rng(6).normal(size=(250, 1, 8, 8)).astype(np.float32)
+    token = sdb_server.key(("distill",), quota=150)
+    async with AsyncClient(sdb_server.url, token, batch_size=100) as ac:
+        with pytest.raises(QuotaError) as info:
+            await ac.distill_logits(MODEL, x, 2.0)
+    e = info.value
+    answered = np.zeros(len(x), bool)
+    answered[:e.partial_rows] = True
+    if e.partial_rows:
+        np.testing.assert_allclose(e.partial, keyed(x[:e.partial_rows]) / 2.0, atol=1e-4)
+    for row, z in e.answered_after:
+        assert row >= e.partial_rows and not answered[row:row + len(z)].any()
+        np.testing.assert_allclose(z, keyed(x[row:row + len(z)]) / 2.0, atol=1e-4)  # tempered like the rest
+        answered[row:row + len(z)] = True
+    assert answered.sum() == sdb_server.used(token) == 150
+
+
 # --------------------------------------------------------------------------- AsyncClient
 @pytest.mark.anyio
 async def test_async_client_every_method(sdb_server, keyed, tmp_path):
@@ -257,11 +352,12 @@ async def test_async_client_errors(sdb_server):
     async with AsyncClient(sdb_server.url) as c:
         with pytest.raises(AuthError):
             await c.keys.list()
+        # over the server's 256 KiB: sent again in halves (test_a_batch_over_the_servers_limits_is_sent_again_in_halves)
+        assert len(await c.predict(MODEL, np.zeros((1000, 1, 8, 8), np.float32) + 0.123456789, batch_size=1000,
+                                   encoding="json")) == 1000
+        assert len(await c.predict(MODEL, np.zeros((1100, 1, 8, 8), np.float32), batch_size=1100)) == 1100
         with pytest.raises(PayloadTooLarge):
-            await c.predict(MODEL, np.zeros((1000, 1, 8, 8), np.float32) + 0.123456789, batch_size=1000,
-                            encoding="json")
-        with pytest.raises(PayloadTooLarge):
-            await c.predict(MODEL, np.zeros((1100, 1, 8, 8), np.float32), batch_size=1100)
+            await c.predict(MODEL, np.zeros((1, PAYLOAD_LIMIT // 4), np.float32))  # one sample: nothing to halve
 
 
 # --------------------------------------------------------------------------- encodings: .npy by default, JSON on request

@@ -152,3 +152,65 @@ def test_a_quota_spent_part_way_gives_back_the_rows_answered(sdb_server, keyed):
         with pytest.raises(BadRequest) as bad:  # as the Client says it, not numpy's ValueError
             t(np.zeros((0, 1, 8, 8), np.float32))
         assert bad.value.code == "invalid_shape"
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_no_batch_is_sent_after_a_failed_one_and_those_answered_go_with_the_error(sdb_server, keyed, prefetch):
+    """Batches of 100, 100 and 50 against a quota of 150: the third, queued behind the failed second, still went out
+    (the pool's thread took it before the caller cancelled it): 50 more samples charged, and not returned. A queued
+    batch now finds the call stopped and is not sent; one already in flight beside it (prefetch 2) goes with the
+    error as ``answered_after``: every row charged is the caller's."""
+    from sdb_client import QuotaError
+
+    x = inputs(250, seed=6)
+    token = sdb_server.key(("distill",), quota=150)
+    with Client(sdb_server.url, token) as c, RemoteTeacher(c, MODEL, batch_size=100, prefetch=prefetch) as t, \
+            pytest.raises(QuotaError) as info:
+        t(x)
+    e = info.value
+    answered = e.partial_rows + sum(len(z) for _, z in e.answered_after)
+    assert answered == sdb_server.used(token)
+    if prefetch == 1:  # one request at a time: the second fails, the third is never sent
+        assert e.partial_rows == 100 and sdb_server.used(token) == 100
+    if e.partial_rows:  # prefetch 2: the second batch may be charged before the first, which is then refused
+        np.testing.assert_allclose(e.partial, keyed(x[:e.partial_rows]), atol=1e-4)
+    for row, z in e.answered_after:
+        np.testing.assert_allclose(z, keyed(x[row:row + len(z)]), atol=1e-4)
+
+
+def test_one_sample_without_its_batch_axis_is_one_sample(small_server, colours, master_key):
+    """A (3, 8, 8) sample at batch_size 2 was cut along its channels into "batches" the server refused (422), where
+    the Client answers it as one sample; a flat (64,) digits sample was cut into its values."""
+    colour = load_bundle(colours.bundle, master_key).distill_logits
+    s = np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.float32)
+    with Client(small_server.url, small_server.distill_key) as c, RemoteTeacher(c, "colour", batch_size=2) as t:
+        np.testing.assert_allclose(t(s), colour(s[None]), atol=1e-4)
+        np.testing.assert_allclose(t(torch.from_numpy(s)).numpy(), colour(s[None]), atol=1e-4)
+        batch = inputs(5).repeat(3, axis=1)  # (5, 3, 8, 8): a batch, cut as before
+        np.testing.assert_allclose(t(batch), colour(batch), atol=1e-4)
+    flat = inputs(1, seed=2).reshape(64)
+    with Client(small_server.url, small_server.distill_key) as c, RemoteTeacher(c, MODEL, batch_size=16) as t:
+        np.testing.assert_allclose(t(flat), load_bundle(small_server.bundles.a, master_key).distill_logits(
+            flat.reshape(1, 1, 8, 8)), atol=1e-4)
+
+
+def test_a_compiled_training_step_may_ask_the_teacher(teacher, keyed):
+    """torch.compile of a step that calls the teacher failed: Dynamo traced into the HTTP request and its numpy. The
+    teacher now runs outside the graph (a graph break), and the compiled step gives the eager one's loss."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def step(xb, yb):
+        tb = teacher(xb)
+        soft = teacher.soft_targets(xb)
+        s = student(xb)
+        return F.kl_div(F.log_softmax(s / 4, 1), soft, reduction="batchmean") + F.cross_entropy(s, yb) + 0 * tb.sum()
+
+    x, y = torch.from_numpy(inputs(32, seed=7)), torch.randint(0, 10, (32,))
+    eager = step(x, y)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="eager")(x, y)
+    assert torch.allclose(compiled, eager, atol=1e-5)

@@ -53,7 +53,13 @@ RATE_LIMIT_WAIT_MAX_S = RETRY_AFTER_MAX_S
 # only after these; model_timeout, model_out_of_memory and model_unavailable come after the quota's charge.
 NOTHING_CHARGED_503 = frozenset({"not_ready", "key_store_unavailable"})
 
-DEFAULT_BATCH_SIZE = 256  # samples per request: below the server's default 1,024 and 8 MB limits
+DEFAULT_BATCH_SIZE = 256  # samples per request at most: below the server's default 1,024 (SDB_MAX_REQUEST_SAMPLES)
+# Bytes a request body may carry: the server's default SDB_MAX_PAYLOAD_BYTES (8 MiB), less room for the .npy header,
+# JSON's brackets and a form's part headers. A batch is cut to fit by the bytes its samples take (VALUE_BYTES a value,
+# an image file its own size and FORM_PART_BYTES); a server set lower says so with a 413, and later batches are smaller.
+MAX_BODY_BYTES = (8 << 20) - (64 << 10)
+VALUE_BYTES = {"npy": 4, "json": 24}  # a float32 in a body: .npy's 4 bytes; JSON's text, at most ~24 characters
+FORM_PART_BYTES = 512  # a multipart part's boundary and headers, besides the image file itself
 # Tensors travel as .npy (application/x-npy) by default: about a fifth of JSON's bytes, and no float
 # formatting or parsing on either side; "json" for servers before binary bodies (docs/sdk.md).
 ENCODINGS = ("npy", "json")
@@ -207,6 +213,7 @@ class BaseClient:
         self.base_url = resolve_url(url)
         self._api_key = resolve_key(api_key)
         self.options = Options.make(timeout, max_retries, batch_size, encoding=encoding)
+        self._limits = RequestLimits()  # the server's, as learnt: shared with with_options copies (one server)
 
     @property
     def has_key(self) -> bool:
@@ -219,6 +226,16 @@ class BaseClient:
     def _encoding(self, encoding: str | None) -> str:
         """A call's tensor encoding: its own, else the client's."""
         return self.options.encoding if encoding is None else check_encoding(encoding)
+
+    def _tensor_batches(self, x: np.ndarray, batch_size: int | None, encoding: str) -> Batches:
+        """How ``x`` (a batch) is cut into requests: ``batch_size`` (else the client's) samples at most, within the
+        body the server takes."""
+        return Batches(np.full(len(x), sample_bytes(x, encoding)), batch_size or self.batch_size, self._limits)
+
+    def _image_batches(self, parts: Sequence[tuple[str, tuple[str, bytes, str]]], batch_size: int | None) -> Batches:
+        """How image uploads (``image_upload``'s parts) are cut into requests, as ``_tensor_batches`` cuts tensors."""
+        sizes = [len(data) + FORM_PART_BYTES for _, (_, data, _) in parts]
+        return Batches(sizes, batch_size or self.batch_size, self._limits)
 
     def _headers(self) -> dict[str, str]:
         h = {"Accept": JSON_TYPE, "User-Agent": f"sdb-client/{__version__}"}
@@ -452,6 +469,11 @@ def as_array(inputs: Inputs) -> np.ndarray:
     if isinstance(inputs, (str, os.PathLike, bytes, bytearray)):
         raise exc.BadRequest(f"inputs are normalised float arrays, not a {type(inputs).__name__}: load a .npy file "
                              "first (numpy.load(path)), or send an image file as image_path", code="invalid_input")
+    if isinstance(inputs, np.ma.MaskedArray):  # np.asarray would send the values under the mask as they are
+        if np.ma.is_masked(inputs):
+            raise exc.BadRequest("inputs are a masked array with masked entries: the values under the mask would be "
+                                 "sent as they are; fill them first (inputs.filled(value))", code="invalid_input")
+        inputs = inputs.data
     if hasattr(inputs, "detach") and hasattr(inputs, "cpu"):  # a torch tensor, without importing torch
         t = inputs.detach().cpu()
         try:
@@ -474,17 +496,22 @@ def as_array(inputs: Inputs) -> np.ndarray:
 
 
 def check_float(arr: np.ndarray) -> None:
-    """Refuse an integer or boolean array: the tensor routes take normalised float inputs, so pixel values
-    (uint8 from an image) sent as they are would be answered, wrongly, rather than refused."""
+    """Refuse an integer, boolean or complex array: the tensor routes take normalised float inputs, so pixel values
+    (uint8 from an image) sent as they are would be answered, wrongly, rather than refused, and a complex one would
+    lose its imaginary part in float32."""
     if arr.dtype.kind in "biu":
         raise_dtype(str(arr.dtype))
+    if arr.dtype.kind == "c":
+        raise exc.BadRequest(f"inputs are {arr.dtype} values: models take real float inputs; send the part the "
+                             "model was trained on (x.real, or abs(x))", code="invalid_dtype")
 
 
 def raise_dtype(dtype: str) -> None:
     raise exc.BadRequest(
         f"inputs are {dtype} values, not floats: models take normalised float inputs, "
         "(value / scale - mean) / std with the model's normalize (client.model(name)['normalize']); "
-        "convert them, or send images (pixels) with image_path", code="invalid_dtype")
+        "convert them (predict also takes image files as they are: predict(name, image_path=...))",
+        code="invalid_dtype")
 
 
 def check_leaves(items: Sequence[Any]) -> None:
@@ -521,12 +548,29 @@ def check_batch_size(batch_size: Any) -> None:
         raise exc.ConfigurationError(f"batch_size must be an integer >= 1, got {batch_size!r}", code="invalid_option")
 
 
-def with_partial(e: exc.SDBError, logits: Sequence[np.ndarray], temperature: float = 1.0) -> exc.SDBError:
+def with_partial(e: exc.SDBError, logits: Sequence[np.ndarray],
+                 after: Sequence[tuple[int, np.ndarray]] = ()) -> exc.SDBError:
     """``e`` carrying the rows answered (and charged) before it: ``e.partial``, the logits of the first
-    ``e.partial_rows`` inputs (divided by ``temperature``), None when no batch was answered."""
+    ``e.partial_rows`` inputs, None when no batch was answered; and ``e.answered_after``, the batches answered past
+    those (concurrent ones, in flight when one failed) as (first row, logits), in input order."""
     rows = [np.asarray(z, dtype=np.float32) for z in logits]
-    e.partial = temper(np.concatenate(rows), temperature) if rows else None
+    e.partial = np.concatenate(rows) if rows else None
     e.partial_rows = 0 if e.partial is None else len(e.partial)
+    e.answered_after = sorted(((int(i), np.asarray(z, dtype=np.float32)) for i, z in after), key=lambda p: p[0])
+    return e
+
+
+def answered_in(e: BaseException) -> list[np.ndarray]:
+    """The logits a failed distill call answered before its error (``e.partial``), as a list of none or one."""
+    partial = getattr(e, "partial", None)
+    return [] if partial is None else [partial]
+
+
+def tempered(e: exc.SDBError, temperature: float) -> exc.SDBError:
+    """``e`` with the logits it carries divided by ``temperature``, as ``distill_logits`` returns them."""
+    if e.partial is not None:
+        e.partial = temper(e.partial, temperature)
+    e.answered_after = [(i, temper(z, temperature)) for i, z in e.answered_after]
     return e
 
 
@@ -534,9 +578,74 @@ def batch_slices(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
-def split_batches(arr: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    for s in batch_slices(len(arr), batch_size):
-        yield arr[s]
+def sample_bytes(x: np.ndarray, encoding: str) -> int:
+    """The bytes one sample of the batch ``x`` adds to a request body in ``encoding``."""
+    return max(1, math.prod(x.shape[1:])) * VALUE_BYTES[encoding]
+
+
+@dataclass
+class RequestLimits:
+    """The most one request may carry, as far as a client knows its server: the server's default body size, until
+    a batch refused for its size says less. Such a refusal (413 payload_too_large; 422 too_many_samples) comes before
+    the body is read, so before any quota is charged, and the batch is sent again in halves."""
+
+    body_bytes: int = MAX_BODY_BYTES
+    samples: int | None = None  # unknown until a 422 too_many_samples
+
+    def lower(self, e: BaseException, samples: int, body_bytes: int) -> bool:
+        """After ``e`` answered a batch of ``samples`` (``body_bytes``): whether to send it again smaller, the limits
+        now half of what was refused."""
+        if samples < 2 or not refused_for_size(e):
+            return False
+        if e.status == 413:
+            self.body_bytes = min(self.body_bytes, body_bytes // 2)
+        else:
+            self.samples = min(self.samples or samples, samples // 2)
+        return True
+
+
+def refused_for_size(e: BaseException) -> bool:
+    """A request the server refused for its size, before reading its body (so before any charge): 413
+    payload_too_large, 422 too_many_samples."""
+    return isinstance(e, exc.SDBError) and (e.status == 413 or (e.status == 422 and e.code == "too_many_samples"))
+
+
+class Batches:
+    """How one call's samples are cut into requests: at most ``batch_size`` a request, and, by ``sizes`` (the bytes
+    each sample adds to a body), no more than ``limits`` allow (one sample at least). Cut as they are sent, so that a
+    refusal for size (``smaller``) makes the rest of the call's batches smaller too."""
+
+    def __init__(self, sizes: Sequence[int], batch_size: int, limits: RequestLimits):
+        self._ends = np.cumsum(np.asarray(sizes, dtype=np.int64))
+        self.batch_size, self.limits = batch_size, limits
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def _bytes(self, start: int, end: int) -> int:
+        return int(self._ends[end - 1] - (self._ends[start - 1] if start else 0))
+
+    def end(self, start: int, stop: int | None = None) -> int:
+        """Where the request that begins at sample ``start`` ends (exclusive; ``stop`` at most, default the last)."""
+        stop = len(self) if stop is None else stop
+        n = min(stop - start, self.batch_size, self.limits.samples or self.batch_size)
+        before = self._ends[start - 1] if start else 0
+        fit = int(np.searchsorted(self._ends[start:start + n] - before, self.limits.body_bytes, side="right"))
+        return start + max(1, fit)
+
+    def slices(self) -> list[slice]:
+        """Every request's samples, cut now."""
+        cuts, start = [], 0
+        while start < len(self):
+            end = self.end(start)
+            cuts.append(slice(start, end))
+            start = end
+        return cuts
+
+    def smaller(self, e: BaseException, start: int, end: int) -> bool:
+        """Whether samples ``start:end``, refused as ``e``, are to be sent again in smaller requests (the limits
+        lowered: ``RequestLimits.lower``)."""
+        return self.limits.lower(e, end - start, self._bytes(start, end))
 
 
 def needs_rank(arr: np.ndarray, batch_size: int) -> bool:

@@ -8,7 +8,7 @@
     ├── AuthError                401: no key, a malformed, unknown, revoked or expired key
     ├── PermissionDenied         403: the key lacks the scope, or the model is not on its allowlist
     ├── NotFound                 404: no such model, key, job or artifact (or route)
-    ├── PayloadTooLarge          413: the body is over the server's limit; use a smaller batch_size
+    ├── PayloadTooLarge          413: one sample is over the server's body limit (a batch is resent in halves)
     ├── QuotaError               429: the key's sample quota is spent; .retry_after when it refills
     └── ServerError              5xx: the server failed or is not ready
 
@@ -17,15 +17,21 @@ from the server's ``{"error": {"code", "message"}}`` body; an API key is never p
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class SDBError(Exception):
     """Base class. ``status`` is the HTTP status (None when no answer came), ``code`` the
     service's machine-readable error code, ``message`` its human-readable text. An error that stops a distill
-    call part-way carries what was answered (and charged) before it: ``partial``, the logits of the first
-    ``partial_rows`` inputs (None and 0 when none were)."""
+    call part-way carries what was answered (and charged): ``partial``, the logits of the first ``partial_rows``
+    inputs (None and 0 when none were), and ``answered_after``, batches past those that were answered too (an
+    ``AsyncClient``'s, or a ``RemoteTeacher``'s with ``prefetch`` > 1, in flight when one failed) as
+    ``(first row, logits)`` pairs: resume with the rows in neither."""
 
     partial = None
     partial_rows = 0
+    answered_after: Sequence[tuple[int, Any]] = ()
 
     def __init__(self, message: str, *, status: int | None = None, code: str = "error",
                  retry_after: float | None = None):
@@ -69,7 +75,8 @@ class NotFound(SDBError):
 
 
 class PayloadTooLarge(SDBError):
-    """413: the request body is over the server's payload limit."""
+    """413: the request body is over the server's payload limit. The SDK sends a batch refused so again in halves:
+    raised for a request of one sample (or image) only."""
 
 
 class QuotaError(SDBError):

@@ -6,9 +6,10 @@ The batches of one ``predict``/``distill`` call go out concurrently (at most
 from __future__ import annotations
 
 import asyncio
+import heapq
 import os
 import time
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from itertools import count
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,8 +24,8 @@ from ._exceptions import BadRequest
 T = TypeVar("T")
 
 
-class _NotSent(Exception):
-    """A batch not sent because another of its call had failed."""
+# What an error that stops a call part-way carries: partial(error, answers before it, (start, answer) past it)
+Partial = Callable[[b.exc.SDBError, list[Any], list[tuple[int, Any]]], Any]
 
 
 class AsyncClient(b.BaseClient):
@@ -123,31 +124,46 @@ class AsyncClient(b.BaseClient):
     async def _json(self, method: str, path: str, **kw: Any) -> Any:
         return b.answer_json(await self._request(method, path, **kw))
 
-    async def _in_order(self, calls: Sequence[Awaitable[T]], partial: Any = None) -> list[T]:
-        """Await ``calls`` with at most ``max_concurrency`` running; results in the given order. After an error no
-        call that has not started starts; the first error is raised when those running have finished, with
-        ``partial(results before it)`` attached (``_base.with_partial``) when given."""
-        sem, failed = asyncio.Semaphore(self.max_concurrency), False
+    async def _in_order(self, items: Sequence[Any], plan: b.Batches, send: Callable[[Any], Awaitable[T]],
+                        partial: Partial | None = None) -> list[T]:
+        """``send(items[start:end])`` for the requests ``plan`` cuts, at most ``max_concurrency`` at once; the answers
+        in order. A request refused for its size (nothing charged) is sent again in halves, and the later ones are no
+        larger. After any other error no request starts; the first error (in input order) is raised once those
+        running have finished, carrying ``partial(error, answers of the requests before it, (start, answer) of those
+        answered past it)`` when given: the ones in flight were answered, and charged, too."""
+        todo: list[tuple[int, int]] = [(0, len(items))]  # samples not yet sent, as (start, stop), by start
+        answers: dict[int, tuple[int, T]] = {}  # start: (end, answer)
+        errors: dict[int, BaseException] = {}  # start: error
 
-        async def one(c: Awaitable[T]) -> T:
-            nonlocal failed
-            async with sem:
-                if failed:
-                    c.close()  # never awaited: not sent
-                    raise _NotSent
+        async def worker() -> None:
+            while todo and not errors:
+                start, stop = heapq.heappop(todo)
+                end = plan.end(start, stop)
+                if end < stop:
+                    heapq.heappush(todo, (end, stop))
                 try:
-                    return await c
-                except BaseException:
-                    failed = True
-                    raise
+                    answers[start] = (end, await send(items[start:end]))
+                except BaseException as e:  # noqa: BLE001 - raised below, once the others have finished
+                    if plan.smaller(e, start, end):
+                        heapq.heappush(todo, (start, end))
+                    else:
+                        errors[start] = e
 
-        done = await asyncio.gather(*(one(c) for c in calls), return_exceptions=True)
-        errors = [i for i, r in enumerate(done) if isinstance(r, BaseException)]
+        await asyncio.gather(*(worker() for _ in range(self.max_concurrency)))
+        done = sorted(answers.items())
         if not errors:
-            return list(done)
-        error = next((done[i] for i in errors if not isinstance(done[i], _NotSent)), done[errors[0]])
+            return [answer for _, (_, answer) in done]
+        first = min(errors)
+        error = errors[first]
         if partial is not None and isinstance(error, b.exc.SDBError):
-            b.with_partial(error, partial(done[:errors[0]]))
+            before, after, row = [], [], 0
+            for start, (end, answer) in done:
+                if start == row and start < first:  # the requests from the first sample on, with no gap
+                    before.append(answer)
+                    row = end
+                else:
+                    after.append((start, answer))
+            partial(error, before, after)
         raise error
 
     # ------------------------------------------------------------------ models
@@ -157,12 +173,29 @@ class AsyncClient(b.BaseClient):
     async def model(self, name: str, *, version: str | int | None = None) -> dict:
         return await self._json("GET", b.model_path(name), params=b.version_params(version))
 
-    async def _batches(self, name: str, x: np.ndarray, batch_size: int | None,
-                       version: str | int | None = None) -> Iterator[np.ndarray]:
-        size = batch_size or self.batch_size
-        if b.needs_rank(x, size):
+    async def _batches(self, name: str, x: np.ndarray, batch_size: int | None, version: str | int | None,
+                       encoding: str, *, cut: bool = False) -> tuple[np.ndarray, b.Batches]:
+        plan = self._tensor_batches(x, batch_size, encoding)
+        if cut or b.needs_rank(x, plan.end(0)):
             x = b.with_batch_axis(x, await self.model(name, version=version))
-        return b.split_batches(x, size)
+            plan = self._tensor_batches(x, batch_size, encoding)
+        return x, plan
+
+    async def _send_tensors(self, name: str, x: np.ndarray, batch_size: int | None, version: str | int | None,
+                            encoding: str, send: Callable[[np.ndarray], Awaitable[T]],
+                            partial: Partial | None = None) -> tuple[np.ndarray, list[T]]:
+        """``Client._send_tensors``, its requests sent concurrently (``_in_order``)."""
+        x, plan = await self._batches(name, x, batch_size, version, encoding)
+        if plan.end(0) == len(x):  # one request: x may be one sample without its batch axis (the server tells)
+            try:
+                return x, [await send(x)]
+            except b.exc.SDBError as e:
+                if not b.refused_for_size(e):
+                    raise
+                x, plan = await self._batches(name, x, batch_size, version, encoding, cut=True)
+                if not plan.smaller(e, 0, len(x)):  # one sample: nothing to halve
+                    raise
+        return x, await self._in_order(x, plan, send, partial)
 
     async def predict(self, name: str, inputs: Inputs | None = None, *,
                       image_path: b.Images = None, top_k: int = 1, version: str | int | None = None,
@@ -172,12 +205,13 @@ class AsyncClient(b.BaseClient):
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
-            obj = await self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)},
-                                   params=pin)
-            return b.field(obj, "predictions")
+            images = b.image_upload(image_path)
+            parts = await self._in_order(images, self._image_batches(images, batch_size), lambda files: self._json(
+                "POST", path, files=files, data={"top_k": str(top_k)}, params=pin))
+            return b.merge_predictions(parts)
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        parts = await self._in_order([self._json("POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin))
-                                      for xb in await self._batches(name, x, batch_size, version)])
+        _, parts = await self._send_tensors(name, x, batch_size, version, enc, lambda xb: self._json(
+            "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin)))
         return b.merge_predictions(parts)
 
     async def _distill_part(self, path: str, xb: np.ndarray, temperature: float | None, enc: str,
@@ -192,10 +226,11 @@ class AsyncClient(b.BaseClient):
         b.check_batch_size(batch_size)
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path, pin = b.model_path(name, "distill"), b.version_params(version)
-        batches = list(await self._batches(name, x, batch_size, version))
-        parts = await self._in_order([self._distill_part(path, xb, temperature, enc, pin) for xb in batches],
-                                     partial=lambda done: [p["logits"] for p in done])
-        return b.merge_distilled(parts, temperature, samples=sum(len(xb) for xb in batches))
+        x, parts = await self._send_tensors(
+            name, x, batch_size, version, enc, lambda xb: self._distill_part(path, xb, temperature, enc, pin),
+            partial=lambda e, before, after: b.with_partial(e, [p["logits"] for p in before],
+                                                            [(i, p["logits"]) for i, p in after]))
+        return b.merge_distilled(parts, temperature, samples=len(x))
 
     async def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
                              version: str | int | None = None, batch_size: int | None = None,
@@ -204,8 +239,7 @@ class AsyncClient(b.BaseClient):
         try:
             distilled = await self.distill(name, inputs, version=version, batch_size=batch_size, encoding=encoding)
         except b.exc.SDBError as e:
-            if e.partial is not None:
-                e.partial = b.temper(e.partial, temperature)
+            b.tempered(e, temperature)
             raise
         return b.temper(distilled.logits, temperature)
 
@@ -213,6 +247,11 @@ class AsyncClient(b.BaseClient):
         """Stop serving a model (an ``admin`` key, or the ``deploy`` key that owns its name): every version, or
         only ``version``."""
         return b.listed(await self._json("DELETE", b.model_path(name), params=b.version_params(version)), "removed")
+
+    async def release_model_name(self, name: str, *, to: str | None = None) -> dict:
+        """Release the claim on a model name that serves no version (an ``admin`` key): the next key to deploy
+        under it claims it, or with ``to`` (a key id) it becomes that key's."""
+        return await self._json("POST", b.model_path(name, "release"), content=b.encode_json({"to": to} if to else {}))
 
     async def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,
                            top_k: int | None = None, decimals: int | None = None) -> dict:

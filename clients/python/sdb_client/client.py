@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -14,6 +14,8 @@ import numpy as np
 from . import _base as b
 from ._base import Distilled, Inputs, JobLogs
 from ._exceptions import BadRequest
+
+T = TypeVar("T")
 
 
 class Client(b.BaseClient):
@@ -135,12 +137,52 @@ class Client(b.BaseClient):
         when given, else of its highest version."""
         return self._json("GET", b.model_path(name), params=b.version_params(version))
 
-    def _batches(self, name: str, x: np.ndarray, batch_size: int | None,
-                 version: str | int | None = None) -> Iterator[np.ndarray]:
-        size = batch_size or self.batch_size
-        if b.needs_rank(x, size):
+    def _batches(self, name: str, x: np.ndarray, batch_size: int | None, version: str | int | None, encoding: str,
+                 *, cut: bool = False) -> tuple[np.ndarray, b.Batches]:
+        """``x`` with its batch axis, asked of the model where it is cut into requests (or about to be: ``cut``),
+        and how it is cut."""
+        plan = self._tensor_batches(x, batch_size, encoding)
+        if cut or b.needs_rank(x, plan.end(0)):
             x = b.with_batch_axis(x, self.model(name, version=version))
-        return b.split_batches(x, size)
+            plan = self._tensor_batches(x, batch_size, encoding)
+        return x, plan
+
+    def _send_tensors(self, name: str, x: np.ndarray, batch_size: int | None, version: str | int | None,
+                      encoding: str, send: Callable[[np.ndarray], T],
+                      answered: Callable[[b.exc.SDBError, list[T]], b.exc.SDBError] | None = None,
+                      ) -> tuple[np.ndarray, list[T]]:
+        """``send(batch)`` for each request of ``x``, in order (``_one_by_one``); ``x`` with its batch axis, and the
+        answers."""
+        x, plan = self._batches(name, x, batch_size, version, encoding)
+        if plan.end(0) == len(x):  # one request: x may be one sample without its batch axis (the server tells)
+            try:
+                return x, [send(x)]
+            except b.exc.SDBError as e:
+                if not b.refused_for_size(e):
+                    raise
+                x, plan = self._batches(name, x, batch_size, version, encoding, cut=True)  # a batch, to halve?
+                if not plan.smaller(e, 0, len(x)):  # one sample: nothing to halve
+                    raise
+        return x, self._one_by_one(x, plan, send, answered)
+
+    @staticmethod
+    def _one_by_one(items: Sequence[Any], plan: b.Batches, send: Callable[[Any], T],
+                    answered: Callable[[b.exc.SDBError, list[T]], b.exc.SDBError] | None = None) -> list[T]:
+        """``send(items[start:end])`` for the requests ``plan`` cuts, one after the other; the answers in order. A
+        request refused for its size (nothing charged) is sent again in halves, and the later ones are no larger;
+        any other error stops the call, carrying ``answered(error, answers before it)`` when given."""
+        parts: list[T] = []
+        start = 0
+        while start < len(items):
+            end = plan.end(start)
+            try:
+                parts.append(send(items[start:end]))
+            except b.exc.SDBError as e:
+                if plan.smaller(e, start, end):
+                    continue
+                raise (e if answered is None else answered(e, parts)) from None
+            start = end
+        return parts
 
     def predict(self, name: str, inputs: Inputs | None = None, *,
                 image_path: b.Images = None, top_k: int = 1, version: str | int | None = None,
@@ -148,18 +190,20 @@ class Client(b.BaseClient):
         """Top-k labels through the public path, one ``{"labels", "indices", "scores"}`` per sample,
         in input order. Give normalised float ``inputs`` (any batch size: sent in batches, as ``.npy`` or
         with ``encoding="json"`` as JSON; one sample without its batch axis is one sample) or images as
-        ``image_path``: file paths, a PNG/JPEG file's bytes or PIL images, one or a list. ``version`` pins a
-        version of the model (default: its highest, which a new deploy changes)."""
+        ``image_path``: file paths, a PNG/JPEG file's bytes or PIL images, one or a list (sent in batches too).
+        ``version`` pins a version of the model (default: its highest, which a new deploy changes)."""
         b.check_batch_size(batch_size)
         path, pin = b.model_path(name, "predict"), b.version_params(version)
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
-            return b.field(self._json("POST", path, files=b.image_upload(image_path), data={"top_k": str(top_k)},
-                                      params=pin), "predictions")
+            images = b.image_upload(image_path)
+            parts = self._one_by_one(images, self._image_batches(images, batch_size), lambda files: self._json(
+                "POST", path, files=files, data={"top_k": str(top_k)}, params=pin))
+            return b.merge_predictions(parts)
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        parts = [self._json("POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin))
-                 for xb in self._batches(name, x, batch_size, version)]
+        _, parts = self._send_tensors(name, x, batch_size, version, enc, lambda xb: self._json(
+            "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin)))
         return b.merge_predictions(parts)
 
     def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
@@ -174,15 +218,12 @@ class Client(b.BaseClient):
         b.check_batch_size(batch_size)
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path, pin = b.model_path(name, "distill"), b.version_params(version)
-        batches = list(self._batches(name, x, batch_size, version))
-        parts: list[dict] = []
-        for xb in batches:
-            try:
-                kw = b.with_params(b.distill_request(xb, temperature, enc), pin)
-                parts.append(b.parse_distilled(self._request("POST", path, **kw)))
-            except b.exc.SDBError as e:
-                raise b.with_partial(e, [p["logits"] for p in parts]) from None
-        return b.merge_distilled(parts, temperature, samples=sum(len(xb) for xb in batches))
+        x, parts = self._send_tensors(
+            name, x, batch_size, version, enc,
+            lambda xb: b.parse_distilled(self._request("POST", path, **b.with_params(
+                b.distill_request(xb, temperature, enc), pin))),
+            answered=lambda e, done: b.with_partial(e, [p["logits"] for p in done]))
+        return b.merge_distilled(parts, temperature, samples=len(x))
 
     def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
                        version: str | int | None = None, batch_size: int | None = None,
@@ -193,8 +234,7 @@ class Client(b.BaseClient):
         try:
             d = self.distill(name, inputs, version=version, batch_size=batch_size, encoding=encoding)
         except b.exc.SDBError as e:
-            if e.partial is not None:
-                e.partial = b.temper(e.partial, temperature)
+            b.tempered(e, temperature)
             raise
         return b.temper(d.logits, temperature)
 
@@ -202,6 +242,12 @@ class Client(b.BaseClient):
         """Stop serving a model (an ``admin`` key, or the ``deploy`` key that owns its name): every version, or
         only ``version``. Returns the ``{"name", "version"}`` removed."""
         return b.listed(self._json("DELETE", b.model_path(name), params=b.version_params(version)), "removed")
+
+    def release_model_name(self, name: str, *, to: str | None = None) -> dict:
+        """Release the claim on a model name that serves no version (an ``admin`` key): the next key to deploy
+        under it claims it, or with ``to`` (a key id) it becomes that key's. Returns ``{"name", "owner",
+        "previous_owner"}``."""
+        return self._json("POST", b.model_path(name, "release"), content=b.encode_json({"to": to} if to else {}))
 
     def deploy_model(self, bundle: str | os.PathLike, *, name: str | None = None, policy: str | None = None,
                      top_k: int | None = None, decimals: int | None = None) -> dict:

@@ -21,6 +21,7 @@ torch is imported only when a torch tensor is given (the SDK itself depends on n
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,15 +30,15 @@ from typing import Any
 import numpy as np
 
 from ._base import (
+    answered_in,
+    as_array,
     batch_slices,
     check_batch_size,
-    check_float,
-    check_leaves,
     check_temperature,
     redact,
     with_partial,
 )
-from ._exceptions import BadRequest, ConfigurationError, SDBError
+from ._exceptions import ConfigurationError, SDBError
 from .client import Client
 
 
@@ -46,27 +47,36 @@ def _is_torch(x: Any) -> bool:
 
 
 def _to_numpy(x: Any) -> tuple[np.ndarray, Callable[[np.ndarray], Any]]:
-    """x as a float32 array, and the function that turns an answer back into x's kind."""
+    """x as the Client takes inputs (``_base.as_array``), and the function that turns an answer back into x's kind."""
+    arr = as_array(x)
     if _is_torch(x):
         import torch  # only now: the caller has torch
 
-        if not x.is_floating_point():  # an integer or bool tensor: refused like such an array
-            check_float(x.detach().cpu().flatten()[:0].numpy())
-        arr = x.detach().to("cpu", torch.float32).numpy()
         device = x.device
-        return _batch(arr), lambda z: torch.from_numpy(np.ascontiguousarray(z)).to(device)
-    if isinstance(x, (list, tuple)):
-        check_leaves(x)
-    else:
-        check_float(np.asarray(x))
-    return _batch(np.asarray(x, dtype=np.float32)), lambda z: z
+        return arr, lambda z: torch.from_numpy(np.ascontiguousarray(z)).to(device)
+    return arr, lambda z: z
 
 
-def _batch(arr: np.ndarray) -> np.ndarray:
-    """A non-empty batch, refused as the Client refuses one (``_base.as_array``)."""
-    if arr.ndim == 0 or arr.size == 0:
-        raise BadRequest(f"inputs must be a non-empty batch, got shape {list(arr.shape)}", code="invalid_shape")
-    return arr
+def _eager(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` outside any ``torch.compile`` graph: the answer comes over HTTP, through numpy, which Dynamo
+    cannot trace (a compiled training step that asks the teacher breaks its graph there instead)."""
+    global _run_eagerly
+    if _run_eagerly is None:  # made once: torch.compiler.disable costs ~0.3 ms a call, its wrapper ~1 µs
+        import torch  # only for torch inputs: the caller has torch
+
+        _run_eagerly = torch.compiler.disable(_run)
+    return _run_eagerly(fn, *args)
+
+
+def _run(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+_run_eagerly: Callable[..., Any] | None = None
+
+
+class _NotSent(Exception):
+    """A batch queued behind one that failed: never sent."""
 
 
 def _take(x: Any, idx: np.ndarray) -> Any:
@@ -89,9 +99,9 @@ class RemoteTeacher:
 
     ``client`` must carry a key with the ``distill`` scope for ``model`` (else the first call
     raises ``PermissionDenied`` or ``AuthError``). ``temperature`` is used by ``soft_targets``
-    (``__call__`` returns logits: the distiller applies its own temperature). ``batch_size``
-    samples go in one request (default: the client's); ``prefetch`` more requests are kept
-    in flight in a background thread while the caller works. ``encoding`` is how the tensors
+    (``__call__`` returns logits: the distiller applies its own temperature). At most ``batch_size``
+    samples go in one request (default: the client's; fewer where they would be over the server's body
+    limit); ``prefetch`` more requests are kept in flight in background threads while the caller works. ``encoding`` is how the tensors
     travel (default: the client's, ``.npy``; ``"json"`` on request). ``version`` pins a version of the
     model (default: its highest, so a deploy during training would change the teacher under the student).
     """
@@ -136,45 +146,69 @@ class RemoteTeacher:
     # ------------------------------------------------------------------ fetching
     def _fetch(self, x: np.ndarray) -> np.ndarray:
         self.requests += 1
+        return self._ask(x)
+
+    def _ask(self, x: np.ndarray) -> np.ndarray:
         return self.client.distill_logits(self.model, x, batch_size=len(x), encoding=self.encoding,
                                           version=self.version)
 
-    def _submit(self, x: np.ndarray) -> Future:
+    def _submit(self, x: np.ndarray, stop: threading.Event) -> Future:
+        """Ask for ``x``'s logits in the pool, unless ``stop`` is set by the time a thread takes it: set when one of
+        the call's batches fails, so that none queued behind it is sent (and charged)."""
         self.requests += 1
         if self._pid != os.getpid():  # a forked child (a DataLoader worker): the parent's pool came without its threads
             self._new_pool()
-        return self._pool.submit(self.client.distill_logits, self.model, x, batch_size=len(x), encoding=self.encoding,
-                                 version=self.version)
+
+        def ask() -> np.ndarray:
+            if stop.is_set():
+                raise _NotSent
+            try:
+                return self._ask(x)
+            except BaseException:
+                stop.set()
+                raise
+
+        return self._pool.submit(ask)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for a float32 array of any length, requests pipelined, in input order."""
-        parts = batch_slices(len(x), self.batch_size)
+        x, plan = self.client._batches(self.model, x, self.batch_size, self.version, self.encoding)
+        parts = plan.slices()
         out: list[np.ndarray] = []
-        pending: deque[Future] = deque()
-        try:
-            if len(parts) == 1 or self.prefetch == 0:
-                for s in parts:
-                    out.append(self._fetch(x[s]))
-                return np.concatenate(out)
+        if len(parts) == 1 or self.prefetch == 0:
             for s in parts:
-                pending.append(self._submit(x[s]))
+                try:
+                    out.append(self._fetch(x[s]))
+                except SDBError as e:  # the batches answered (and charged) go with the error; no later one is sent
+                    raise with_partial(e, [*out, *answered_in(e)]) from None
+            return np.concatenate(out)
+        stop = threading.Event()
+        pending: deque[tuple[int, Future]] = deque()  # (first row, its request)
+        try:
+            for s in parts:
+                pending.append((s.start, self._submit(x[s], stop)))
                 if len(pending) > self.prefetch:
-                    out.append(pending.popleft().result())
+                    out.append(pending.popleft()[1].result())
             while pending:
-                out.append(pending.popleft().result())
-        except SDBError as e:  # the batches answered (and charged) go with the error; those not yet sent are not sent
-            for f in pending:
-                f.cancel()
-            raise with_partial(e, out) from None
+                out.append(pending.popleft()[1].result())
+        except SDBError as e:  # as above; the batches in flight beside it were answered (and charged) too
+            stop.set()
+            raise with_partial(e, [*out, *answered_in(e)], _answered(pending)) from None
         return np.concatenate(out)
 
     def __call__(self, x: Any) -> Any:
         """Logits (N, C) for inputs (N, ...), as numpy or torch like ``x``."""
+        return _eager(self._call, x) if _is_torch(x) else self._call(x)
+
+    def _call(self, x: Any) -> Any:
         arr, back = _to_numpy(x)
         return back(self.logits(arr))
 
     def soft_targets(self, x: Any, temperature: float | None = None) -> Any:
         """``softmax(logits / T)`` with ``T`` = ``temperature`` or the teacher's."""
+        return _eager(self._soft_targets, x, temperature) if _is_torch(x) else self._soft_targets(x, temperature)
+
+    def _soft_targets(self, x: Any, temperature: float | None) -> Any:
         check_temperature(temperature, optional=True)
         t = temperature if temperature is not None else self.temperature
         if t is None:
@@ -199,17 +233,19 @@ class RemoteTeacher:
             parts.pop()
         pending: deque[Future] = deque()
         ahead = self.prefetch  # 0: each batch is fetched when the caller asks for it
+        stop = threading.Event()
         for idx in parts[:ahead]:
-            pending.append(self._submit(arr[idx]))
+            pending.append(self._submit(arr[idx], stop))
         for i, idx in enumerate(parts):
             try:
                 logits = pending.popleft().result() if ahead else self._fetch(arr[idx])
             except BaseException:  # the requests prefetched after a failed one are not sent
+                stop.set()
                 for f in pending:
                     f.cancel()
                 raise
             if ahead and i + ahead < len(parts):  # the next request leaves before the caller gets this batch
-                pending.append(self._submit(arr[parts[i + ahead]]))
+                pending.append(self._submit(arr[parts[i + ahead]], stop))
             xb = _take(x, idx)
             yield (xb, logits_like(back, logits)) if y is None else (xb, _take(y, idx), logits_like(back, logits))
 
@@ -225,6 +261,22 @@ class RemoteTeacher:
 
 def logits_like(back: Callable[[np.ndarray], Any], z: np.ndarray) -> Any:
     return back(z)
+
+
+def _answered(pending: deque[tuple[int, Future]]) -> list[tuple[int, np.ndarray]]:
+    """(first row, logits) of the requests in ``pending`` that were answered: those queued are cancelled (or find
+    the call stopped), those already sent are waited for."""
+    out = []
+    for start, f in pending:
+        if f.cancel():
+            continue
+        try:
+            out.append((start, f.result()))
+        except _NotSent:
+            pass
+        except SDBError as e:  # failed too, part-way: what it had answered before
+            out.extend((start, z) for z in answered_in(e))
+    return out
 
 
 __all__ = ["RemoteTeacher", "softmax"]
