@@ -60,6 +60,15 @@ def test_models_and_model(client):
     assert m["name"] == MODEL and m["distillable"] and len(m["labels"]) == 10
 
 
+def test_ids_that_are_path_steps_are_refused_not_resolved(admin):
+    """``sdb jobs status .`` printed the job list and ``sdb files get .`` the file list: HTTP clients resolve "." and
+    ".." away, so /v1/jobs/. was /v1/jobs/."""
+    for call, what in ((lambda: admin.jobs.get("."), "job id"), (lambda: admin.files.get(".."), "file id"),
+                       (lambda: admin.model("."), "model name"), (lambda: admin.jobs.get(""), "job id")):
+        with pytest.raises(BadRequest, match=f"is not a {what}"):
+            call()
+
+
 def test_predict_inputs_and_image(client, sdb_server, tmp_path):
     x = sdb_server.bundles.x
     preds = client.predict(MODEL, x, top_k=3)

@@ -146,20 +146,29 @@ def with_params(kw: dict[str, Any], params: Mapping[str, Any] | None) -> dict[st
     return {**kw, "params": {**(kw.get("params") or {}), **params}}
 
 
+def segment(value: object, what: str) -> str:
+    """``value`` as one segment of a URL's path. "", "." and ".." are refused: HTTP clients resolve the last two
+    away (``jobs status .`` listed every job, ``files get ..`` reached another route), and "" names the listing."""
+    text = str(value)
+    if text in ("", ".", ".."):
+        raise exc.BadRequest(f"{text!r} is not a {what}", code="invalid_request")
+    return quote(text, safe="")
+
+
 def model_path(name: str, *rest: str) -> str:
-    return "/".join(["/v1/models", quote(name, safe=""), *rest])
+    return "/".join(["/v1/models", segment(name, "model name"), *rest])
 
 
 def key_path(key_id: str) -> str:
-    return "/v1/keys/" + quote(str(key_id), safe="")
+    return "/v1/keys/" + segment(key_id, "key id")
 
 
 def job_path(job_id: str, *rest: str) -> str:
-    return "/".join(["/v1/jobs", quote(str(job_id), safe=""), *(quote(r, safe="") for r in rest)])
+    return "/".join(["/v1/jobs", segment(job_id, "job id"), *(segment(r, "job artifact name") for r in rest)])
 
 
 def file_path(file_id: str) -> str:
-    return "/v1/files/" + quote(str(file_id), safe="")
+    return "/v1/files/" + segment(file_id, "file id")
 
 
 @dataclass(frozen=True)
