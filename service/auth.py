@@ -246,13 +246,27 @@ class Keyring:
         return token.strip(), parsed[0]
 
     # ------------------------------------------------------------ quota and usage
-    def charge(self, key: ApiKey, samples: int) -> None:
+    def charge(self, key: ApiKey, samples: int) -> int | None:
         """Blocking (call off the event loop): count ``samples`` against the key's quota in the
         store, or count nothing and raise: 429 when they do not fit, 401 when the key was revoked
-        or expired since this request authenticated (in another process, say)."""
-        refusal = self.charge_each([(key, samples)])[0]
-        if refusal is not None:
-            raise refusal
+        or expired since this request authenticated (in another process, say). Returns the window they were
+        counted in, for :meth:`refund` (None: a key without a quota, whose count joins the write-behind)."""
+        if key.quota is None:
+            refusal = self.charge_each([(key, samples)])[0]
+            if refusal is not None:
+                raise refusal
+            return None
+        now = time.time()
+        charged = self.store.charge(key.id, samples, now)
+        if charged is None:
+            self._refused(key, samples, now)
+        return charged[1]
+
+    def refund(self, key: ApiKey, samples: int, window_start: int) -> None:
+        """Blocking: give back what :meth:`charge` counted (its window) for a call that failed after the charge (the
+        model timed out, ran out of memory, answered NaN): the samples were never served, and a client that sent the
+        call again, as every SDK before 2026-12-06 did after a 503, paid for them twice or more."""
+        self.store.refund(key.id, samples, window_start)
 
     def charge_each(self, items: Sequence[tuple[ApiKey, int]]) -> list[Exception | None]:
         """Blocking: :meth:`charge` for each (key, samples), in order; each item's refusal, or None. A key

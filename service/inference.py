@@ -9,7 +9,9 @@ model version's output policy (:func:`policy_outputs`); the keyed path is not su
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -19,6 +21,8 @@ from .errors import ApiError, not_found
 from .metrics import Metrics
 from .registry import HostedModel
 from .schemas import OutputPolicy
+
+log = logging.getLogger("sdb.service")
 
 
 async def _served(call: Awaitable[np.ndarray], model: HostedModel) -> np.ndarray:
@@ -144,7 +148,16 @@ async def public_logits(model: HostedModel, x: np.ndarray, key: ApiKey | None, k
     return z
 
 
-async def charge_keyed(model: HostedModel, samples: int, key: ApiKey, keyring: Keyring) -> Gate | None:
+@dataclass(frozen=True, slots=True)
+class KeyedCharge:
+    """What :func:`charge_keyed` took: the gate a key without a quota passes beside the model's call, or the window
+    the key's quota was charged in (given back if the call then fails: :func:`keyed_logits`)."""
+
+    gate: Gate | None = None
+    window: int | None = None
+
+
+async def charge_keyed(model: HostedModel, samples: int, key: ApiKey, keyring: Keyring) -> KeyedCharge:
     """The keyed path's gate, passed before any model time is spent: the ``distill`` scope for this model and a
     keyed path to serve. A key with a quota is charged in the store now (exactly: 429 before the model runs, and
     before a v2 request's public half). For a key without one the charge is a store read that says the key still
@@ -158,23 +171,34 @@ async def charge_keyed(model: HostedModel, samples: int, key: ApiKey, keyring: K
         raise ApiError(400, "not_distillable", f"model {model.name!r} has no keyed path "
                        f"({'a ' + task + ' model' if task != 'classification' else 'Nasty mode'})")
     if key.quota is not None:
-        await asyncio.get_running_loop().run_in_executor(None, keyring.charge, key, samples)
-        return None
-    return keyring.charge_each, (key, samples)
+        return KeyedCharge(window=await asyncio.get_running_loop().run_in_executor(None, keyring.charge, key, samples))
+    return KeyedCharge(gate=(keyring.charge_each, (key, samples)))
 
 
 async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: Keyring, metrics: Metrics, *,
-                       charged: bool = False, gate: Gate | None = None) -> np.ndarray:
-    """The keyed logits of ``x``; ``charged``: the caller already passed :func:`charge_keyed` for them, which
-    gave ``gate``."""
-    if not charged:
-        gate = await charge_keyed(model, len(x), key, keyring)
+                       charge: KeyedCharge | None = None) -> np.ndarray:
+    """The keyed logits of ``x``; ``charge``: what :func:`charge_keyed` took for them, when the caller passed it
+    already. A call that fails after a quota's charge (the model timed out, ran out of memory, was removed, answered
+    NaN) gives the samples back before its error leaves: they were never served."""
+    if charge is None:
+        charge = await charge_keyed(model, len(x), key, keyring)
     try:
-        z = await _served(model.logits(x, keyed=True, caller=key.id, gate=gate), model)
+        z = await _served(model.logits(x, keyed=True, caller=key.id, gate=charge.gate), model)
     except GateTimeout:
         raise key_store_unavailable() from None
+    except Exception:
+        if charge.window is not None:
+            await _refund(keyring, key, len(x), charge.window)
+        raise
     _count(model, "distill", len(x), key, keyring, metrics)
     return z
+
+
+async def _refund(keyring: Keyring, key: ApiKey, samples: int, window: int) -> None:
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, keyring.refund, key, samples, window)
+    except Exception:  # the call's own error is the answer; the samples stay charged
+        log.warning("could not give back %d samples to key %s after a failed call", samples, key.id, exc_info=True)
 
 
 async def stylized(model: HostedModel, feeds: dict[str, np.ndarray], key: ApiKey | None, keyring: Keyring,

@@ -350,8 +350,8 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outpu
     x = await model_input(model, inputs, ctx.settings.max_request_samples)
     jobs = {}
     if keyed:  # the scope and a quota before anything runs (a key without one: beside the model's call)
-        gate = await charge_keyed(model, len(x), ctx.key, ctx.keyring)
-        jobs[KEYED_OUTPUT] = keyed_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, charged=True, gate=gate)
+        charge = await charge_keyed(model, len(x), ctx.key, ctx.keyring)
+        jobs[KEYED_OUTPUT] = keyed_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, charge=charge)
     if served_public:
         jobs["public"] = public_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, ctx.caller)
     if len(jobs) == 1:  # one path (nearly every request): awaited as it is, without gather's task around it

@@ -390,6 +390,15 @@ class Store:
             row = conn.execute(_CHARGE, params).first()
         return None if row is None else (row.used, row.window_start)
 
+    def refund(self, key_id: str, samples: int, window_start: int) -> bool:
+        """Give back ``samples`` a :meth:`charge` counted in the window starting ``window_start`` (its answer), for a
+        call that failed after it; nothing once that window has rolled over (its count is gone). One statement."""
+        with self.engine.begin() as conn:
+            done = conn.execute(update(ApiKeyRow.__table__).where(
+                _KEYS.id == key_id, _KEYS.window_start == window_start, _KEYS.used >= samples)
+                .values(used=_KEYS.used - samples))
+        return done.rowcount == 1
+
     def key_stands(self, key_id: str, now: float) -> bool:
         """Whether a key is known, not revoked and not expired at ``now``: one read (no write lock)."""
         with self.engine.connect() as conn:

@@ -134,6 +134,32 @@ async def test_quota_429_and_window_retry_after(svc):
     assert r.status_code == 429 and "quota is 0 samples: it is served nothing" in r.json()["error"]["message"], r.text
 
 
+async def test_a_keyed_call_that_fails_after_its_charge_gives_the_samples_back(svc, monkeypatch):
+    """A quota was charged before the model ran and stayed charged when it then failed (a timeout, out of memory,
+    a NaN answer): every SDK before 2026-12-06 sent such a call again after its 503, and paid twice or more."""
+    from sdb_core.bundle import Bundle
+
+    def out_of_memory(self, x, options=None):  # ONNX Runtime's own failure, as a bounded arena gives it
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
+
+    c = svc.client
+    two = X[:2].tolist()
+    v2 = {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": X[:2].ravel().tolist()}],
+          "outputs": [{"name": "distill_logits"}]}
+    for window in (None, 3600):
+        h = svc.auth(svc.key(("distill",), quota=2, quota_window_s=window))
+        with monkeypatch.context() as m:
+            m.setattr(Bundle, "network_logits", out_of_memory)
+            r = await c.post("/v1/models/digits-a/distill", json={"inputs": two}, headers=h)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_out_of_memory", r.text
+            r = await c.post("/v2/models/digits-a/infer", json=v2, headers=h)
+            assert r.status_code == 503, r.text
+        assert (await c.get("/v1/keys/me", headers=h)).json()["quota_used"] == 0
+        ok = await c.post("/v1/models/digits-a/distill", json={"inputs": two}, headers=h)
+        assert ok.status_code == 200, ok.text  # the whole quota is there still
+        assert (await c.get("/v1/keys/me", headers=h)).json()["quota_used"] == 2
+
+
 async def test_quota_windows_are_aligned_to_the_epoch_not_to_the_key(svc):
     """Fixed windows (docs/api.md): each starts at a multiple of quota_window_s since 1970, whenever the key was made,
     so a key may be served twice its quota across a window's end, within a second."""

@@ -50,7 +50,8 @@ RETRY_STATUSES = frozenset({429, 503})
 # max_retries says: clients sharing a key contend, and each wait is a few ms (docs/sdk.md#batches-timeouts-retries).
 RATE_LIMIT_WAIT_MAX_S = RETRY_AFTER_MAX_S
 # 503 codes the server gives before it charges a key or runs the model: a distill batch (not idempotent) is resent
-# only after these; model_timeout, model_out_of_memory and model_unavailable come after the quota's charge.
+# only after these; model_timeout, model_out_of_memory and model_unavailable come after the quota's charge (a server
+# from 2026-12-07 gives it back, but one whose store could not, or an older one, keeps it: not resent).
 NOTHING_CHARGED_503 = frozenset({"not_ready", "key_store_unavailable"})
 
 DEFAULT_BATCH_SIZE = 256  # samples per request at most: below the server's default 1,024 (SDB_MAX_REQUEST_SAMPLES)
