@@ -20,8 +20,9 @@ import numpy as np
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
-from .errors import ApiError, bad_request
+from .errors import ApiError, bad_request, invalid
 from .npy import NPY, read_npy
 from .tensors import parse_json
 
@@ -119,11 +120,13 @@ async def read_json(request: Request) -> dict:
 async def read_body(request: Request, accept: tuple[str, ...], *, what: str | None = None,
                     max_files: int = 64, max_fields: int = 16,
                     batch: Callable[[tuple[int, ...]], tuple[int, ...]] | None = None,
-                    max_bytes: int | None = None) -> Body:
+                    max_bytes: int | None = None, samples: int | None = None) -> Body:
     """The body, if its media type is one of ``accept``; 415 naming them otherwise.
 
     ``what`` names the route in the 415 message ("distill takes …"); without it, "send …".
-    ``max_files`` and ``max_fields`` bound a multipart form before it is parsed. A route that takes
+    ``max_files`` and ``max_fields`` bound a multipart form before it is parsed; ``samples``: the most images a route
+    that reads each file as a sample takes, whose form past ``max_files`` is a 422 ``too_many_samples`` (Starlette's
+    400 "Too many files" said nothing a client could act on: the SDK halves a batch on the 422). A route that takes
     ``.npy`` gives ``batch``, the input shape for an array's shape (422 for one it refuses), and
     ``max_bytes``, the largest array it reads: both are checked from the header, before the data.
     """
@@ -136,7 +139,12 @@ async def read_body(request: Request, accept: tuple[str, ...], *, what: str | No
             raise TypeError("read_body: a route that takes .npy gives batch and max_bytes")
         return Body(tensor=await read_npy(request.stream(), batch, max_bytes))
     if media == MULTIPART and MULTIPART in accept:
-        form = await request.form(max_files=max_files, max_fields=max_fields)
+        try:
+            form = await request.form(max_files=max_files, max_fields=max_fields)
+        except HTTPException as e:
+            if samples is not None and str(e.detail).startswith("Too many files"):
+                raise invalid(f"over {samples} images in one request; at most {samples}", "too_many_samples") from None
+            raise
         # One value per name, the last sent, as the form's mapping view gives them; every upload in `uploads`.
         items = list(form.items())
         uploads = [(k, v) for k, v in form.multi_items() if isinstance(v, UploadFile)]

@@ -198,7 +198,7 @@ async def image_inputs(name: ModelName, request: Request, key: OptionalApiKeyDep
     if len(shape) != 3:
         raise invalid(f"model {name!r} takes inputs of shape {shape}, not images", "invalid_shape")
     max_samples = settings.max_request_samples
-    body = await read_body(request, (MULTIPART, *IMAGE_TYPES), max_files=max_samples + 1)
+    body = await read_body(request, (MULTIPART, *IMAGE_TYPES), max_files=max_samples + 1, samples=max_samples)
     if not body.uploads:
         raise invalid("no image: send it as the multipart field 'file'", "invalid_request")
     if len(body.uploads) > max_samples:  # as predict counts them: before any image is decoded

@@ -120,7 +120,7 @@ async def _body(request: Request, model: HostedModel, s: Serving, accept: tuple[
     header (``max_request_samples``, ``max_payload_bytes``) before its data; a form of at most one file more
     than ``max_request_samples`` (one more: so that the count is refused by :func:`_inputs`, as for tensors)."""
     max_samples = s.settings.max_request_samples
-    return await read_body(request, accept, what=what, max_files=max_samples + 1,
+    return await read_body(request, accept, what=what, max_files=max_samples + 1, samples=max_samples,
                            batch=lambda shape: batch_shape(shape, model.in_shape, max_samples),
                            max_bytes=s.settings.max_payload_bytes)
 

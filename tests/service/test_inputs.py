@@ -46,6 +46,7 @@ def blank_png(side: int = 4000) -> bytes:
 
 
 BLANK = blank_png()
+TINY = blank_png(2)
 SEVEN = [("file", (f"{i}.png", BLANK, "image/png")) for i in range(7)]  # 112 M pixels: over MAX_REQUEST_PIXELS
 
 
@@ -80,6 +81,10 @@ BAD = [
     ("beyond float32", "post", PREDICT, {"json": {"inputs": [[1e39] * 64]}}, 422, "non_finite"),
     ("too many samples", "post", PREDICT, {"json": {"inputs": np.zeros((1025, 64)).tolist()}}, 422,
      "too_many_samples"),
+    # more files than the form parser takes (max_request_samples + 1): Starlette's 400 "Too many files", which no
+    # client could act on (the SDK halves a batch on too_many_samples)
+    *[(f"{n} images", "post", path, {"files": [("file", (f"{i}.png", TINY, "image/png")) for i in range(n)]}, 422,
+       "too_many_samples") for n in (1025, 1100) for path in (PREDICT, "/v1/models/digits-a/inputs")],
     ("top_k zero", "post", PREDICT, {"json": {**GOOD, "top_k": 0}}, 422, "invalid_request"),
     ("top_k text", "post", PREDICT, {"json": {**GOOD, "top_k": "x"}}, 422, "invalid_request"),
     ("deep nesting", "post", PREDICT, {"content": b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
