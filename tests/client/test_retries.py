@@ -222,3 +222,30 @@ async def test_rate_limited_is_waited_out_within_a_time_budget(stub, monkeypatch
     with Client(stub.url, KEY) as c, pytest.raises(QuotaError) as info:  # bounded in time, not for ever
         c.distill_logits("m", [[0.0, 0.0]])
     assert info.value.code == "rate_limited" and time.monotonic() - t0 < 2 and stub.hits[DISTILL] > 4
+
+
+def test_a_server_from_before_npy_bodies_is_sent_json_after_its_415(stub):
+    """`sdb distill --remote` against a server from before .npy bodies failed: 415 unsupported_media_type (given
+    before any charge), no flag to ask for JSON. The client's default encoding turns JSON then, for good; an
+    encoding the caller chose is theirs."""
+    from sdb_client import RemoteTeacher
+
+    stub.on(*DISTILL, err(415, "unsupported_media_type"), OK_LOGITS, OK_LOGITS, OK_LOGITS, err(415, "unsupported_media_type"))
+    x = np.zeros((1, 2), np.float32)
+    with Client(stub.url, KEY) as c:
+        assert c.distill_logits("m", x).tolist() == [[1.0, 2.0]]
+        assert RemoteTeacher(c, "m", temperature=1.0)(x).tolist() == [[1.0, 2.0]]  # JSON at once now
+        assert c.options.encoding == "npy" and c.distill_logits("m", x, encoding="json").tolist() == [[1.0, 2.0]]
+        with pytest.raises(BadRequest, match="status 415"):
+            c.distill_logits("m", x, encoding="npy")  # asked for: not changed behind the caller's back
+    kinds = [headers["content-type"].split(";")[0] for headers, _ in stub.seen[DISTILL]]
+    assert kinds == ["application/x-npy", "application/json", "application/json", "application/json",
+                     "application/x-npy"]
+
+
+@pytest.mark.anyio
+async def test_an_async_client_turns_json_after_a_415_to_npy(stub):
+    stub.on(*DISTILL, err(415, "unsupported_media_type"), OK_LOGITS)
+    async with AsyncClient(stub.url, KEY) as c:
+        assert (await c.distill_logits("m", np.zeros((1, 2), np.float32))).tolist() == [[1.0, 2.0]]
+    assert [h["content-type"].split(";")[0] for h, _ in stub.seen[DISTILL]] == ["application/x-npy", "application/json"]

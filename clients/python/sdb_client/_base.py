@@ -234,8 +234,21 @@ class BaseClient:
         return self.options.batch_size
 
     def _encoding(self, encoding: str | None) -> str:
-        """A call's tensor encoding: its own, else the client's."""
-        return self.options.encoding if encoding is None else check_encoding(encoding)
+        """A call's tensor encoding: its own, else the client's (JSON once the server refused .npy bodies)."""
+        if encoding is None:
+            return "json" if self._limits.json_only else self.options.encoding
+        return check_encoding(encoding)
+
+    def _npy_refused(self, e: BaseException, encoding: str | None, enc: str) -> bool:
+        """Whether a call sent as .npy because that is the client's default (``encoding`` None; ``enc`` what was
+        sent) met a server from before .npy bodies (a 415, before any charge): it is then sent again as JSON, as is
+        every later one of this client."""
+        if encoding is not None or enc != "npy" or not isinstance(e, exc.SDBError):
+            return False
+        if e.status != 415 or e.code != "unsupported_media_type":
+            return False
+        self._limits.json_only = True
+        return True
 
     def _tensor_batches(self, x: np.ndarray, batch_size: int | None, encoding: str) -> Batches:
         """How ``x`` (a batch) is cut into requests: ``batch_size`` (else the client's) samples at most, within the
@@ -601,6 +614,7 @@ class RequestLimits:
 
     body_bytes: int = MAX_BODY_BYTES
     samples: int | None = None  # unknown until a 422 too_many_samples
+    json_only: bool = False  # a server from before .npy bodies (a 415 to one): tensors go as JSON
 
     def lower(self, e: BaseException, samples: int, body_bytes: int) -> bool:
         """After ``e`` answered a batch of ``samples`` (``body_bytes``): whether to send it again smaller, the limits

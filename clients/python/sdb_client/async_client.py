@@ -210,8 +210,13 @@ class AsyncClient(b.BaseClient):
                 "POST", path, files=files, data={"top_k": str(top_k)}, params=pin))
             return b.merge_predictions(parts)
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        _, parts = await self._send_tensors(name, x, batch_size, version, enc, lambda xb: self._json(
-            "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin)))
+        try:
+            _, parts = await self._send_tensors(name, x, batch_size, version, enc, lambda xb: self._json(
+                "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin)))
+        except b.exc.SDBError as e:
+            if not self._npy_refused(e, encoding, enc):
+                raise
+            return await self.predict(name, inputs, top_k=top_k, version=version, batch_size=batch_size)
         return b.merge_predictions(parts)
 
     async def _distill_part(self, path: str, xb: np.ndarray, temperature: float | None, enc: str,
@@ -226,10 +231,15 @@ class AsyncClient(b.BaseClient):
         b.check_batch_size(batch_size)
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path, pin = b.model_path(name, "distill"), b.version_params(version)
-        x, parts = await self._send_tensors(
-            name, x, batch_size, version, enc, lambda xb: self._distill_part(path, xb, temperature, enc, pin),
-            partial=lambda e, before, after: b.with_partial(e, [p["logits"] for p in before],
-                                                            [(i, p["logits"]) for i, p in after]))
+        try:
+            x, parts = await self._send_tensors(
+                name, x, batch_size, version, enc, lambda xb: self._distill_part(path, xb, temperature, enc, pin),
+                partial=lambda e, before, after: b.with_partial(e, [p["logits"] for p in before],
+                                                                [(i, p["logits"]) for i, p in after]))
+        except b.exc.SDBError as e:
+            if not self._npy_refused(e, encoding, enc):
+                raise
+            return await self.distill(name, inputs, temperature, version=version, batch_size=batch_size)
         return b.merge_distilled(parts, temperature, samples=len(x))
 
     async def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,

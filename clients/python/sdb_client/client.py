@@ -202,8 +202,13 @@ class Client(b.BaseClient):
                 "POST", path, files=files, data={"top_k": str(top_k)}, params=pin))
             return b.merge_predictions(parts)
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        _, parts = self._send_tensors(name, x, batch_size, version, enc, lambda xb: self._json(
-            "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin)))
+        try:
+            _, parts = self._send_tensors(name, x, batch_size, version, enc, lambda xb: self._json(
+                "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin)))
+        except b.exc.SDBError as e:
+            if not self._npy_refused(e, encoding, enc):
+                raise
+            return self.predict(name, inputs, top_k=top_k, version=version, batch_size=batch_size)
         return b.merge_predictions(parts)
 
     def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
@@ -218,11 +223,16 @@ class Client(b.BaseClient):
         b.check_batch_size(batch_size)
         x, enc = b.as_array(inputs), self._encoding(encoding)
         path, pin = b.model_path(name, "distill"), b.version_params(version)
-        x, parts = self._send_tensors(
-            name, x, batch_size, version, enc,
-            lambda xb: b.parse_distilled(self._request("POST", path, **b.with_params(
-                b.distill_request(xb, temperature, enc), pin))),
-            answered=lambda e, done: b.with_partial(e, [p["logits"] for p in done]))
+        try:
+            x, parts = self._send_tensors(
+                name, x, batch_size, version, enc,
+                lambda xb: b.parse_distilled(self._request("POST", path, **b.with_params(
+                    b.distill_request(xb, temperature, enc), pin))),
+                answered=lambda e, done: b.with_partial(e, [p["logits"] for p in done]))
+        except b.exc.SDBError as e:
+            if not self._npy_refused(e, encoding, enc):
+                raise
+            return self.distill(name, inputs, temperature, version=version, batch_size=batch_size)
         return b.merge_distilled(parts, temperature, samples=len(x))
 
     def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,

@@ -121,7 +121,8 @@ class RemoteTeacher:
             raise ConfigurationError(f"batch_size must be >= 1, got {self.batch_size}", code="invalid_option")
         self.prefetch = prefetch
         self.version = None if version is None else str(version)
-        self.encoding = client._encoding(encoding)
+        client._encoding(encoding)  # checked now; None stays the client's, which turns JSON for an older server
+        self.encoding = encoding
         self._new_pool()
         self.requests = 0  # requests issued (queued or sent), for the curious and the tests
 
@@ -172,7 +173,8 @@ class RemoteTeacher:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for a float32 array of any length, requests pipelined, in input order."""
-        x, plan = self.client._batches(self.model, x, self.batch_size, self.version, self.encoding)
+        x, plan = self.client._batches(self.model, x, self.batch_size, self.version,
+                                       self.client._encoding(self.encoding))
         parts = plan.slices()
         out: list[np.ndarray] = []
         if len(parts) == 1 or self.prefetch == 0:
