@@ -12,7 +12,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import reprlib
 from collections.abc import Iterable
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
@@ -30,6 +32,21 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+QUOTED_CHARS = 100  # of a caller's string that a message quotes: enough to tell which, never the whole of a huge one
+_QUOTE = reprlib.Repr()  # bounded in depth and length, whatever the value
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxdict = 2, 3, 3
+_QUOTE.maxstring = _QUOTE.maxother = QUOTED_CHARS
+
+
+def quoted(value: Any) -> str:
+    """A value the caller sent, as a message quotes it: its repr, a string cut at :data:`QUOTED_CHARS` characters
+    (then "…"), anything else bounded in depth and length. A 20,000-character name was echoed whole: a gRPC status
+    past the metadata limit (RESOURCE_EXHAUSTED instead of the error), an error body as large as the request."""
+    if isinstance(value, str):
+        return repr(value[:QUOTED_CHARS]) + ("…" if len(value) > QUOTED_CHARS else "")
+    return _QUOTE.repr(value)
 
 
 def bad_request(message: str, code: str = "bad_request") -> ApiError:

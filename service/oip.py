@@ -26,7 +26,7 @@ The API (a transport imports these; names are added, never renamed): :class:`Ten
 :class:`Caller`, :data:`INPUT_DATATYPES`, :data:`EXTENSIONS`, :func:`server_metadata`,
 :func:`served_model`, :func:`model_metadata`, :func:`model_config`, :func:`model_statistics`,
 :func:`repository_index`, :func:`output_names`,
-:func:`requested_outputs`,
+:func:`requested_outputs`, :func:`check_output_count`, :func:`not_one_input`,
 :func:`tensor_shape`, :func:`check_samples`, :func:`classification_counts`, :func:`unsupported_datatype`,
 :func:`model_input`, :func:`infer`;
 raw tensor bytes (gRPC's ``raw_input_contents``) decode with :func:`service.oip_binary.from_raw`.
@@ -47,7 +47,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .auth import ApiKey, Keyring
 from .disclosure import hide_paths
-from .errors import ApiError, invalid
+from .errors import ApiError, invalid, quoted
 from .inference import (
     charge_keyed,
     keyed_logits,
@@ -65,6 +65,7 @@ from .settings import Settings
 from .tensors import as_batch, finite_float32, images_to_inputs, softmax
 
 PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT = "probabilities", "classes", "distill_logits"
+OUTPUT_NAMES = (PUBLIC_OUTPUT, CLASSES_OUTPUT, KEYED_OUTPUT)  # every output any model here serves
 SERVER_NAME = "sdb"
 EXTENSIONS = ("binary_tensor_data", "classification", "model_configuration", "statistics")  # GET /v2's (HTTP's)
 # What an infer input may be sent as; the model takes FP32 (see model_input for the conversions).
@@ -195,9 +196,17 @@ def requested_outputs(model: HostedModel, names: Sequence[str] | None) -> list[s
         return public
     unknown = [n for n in names if n not in (*public, KEYED_OUTPUT)]
     if unknown:
-        raise invalid(f"unknown output(s) {unknown}; this model serves {', '.join([*public, KEYED_OUTPUT])} "
-                      f"(output policy {model.policy.policy})", "invalid_request")
+        raise invalid(f"unknown output(s) [{', '.join(map(quoted, unknown))}]; this model serves "
+                      f"{', '.join([*public, KEYED_OUTPUT])} (output policy {model.policy.policy})", "invalid_request")
     return list(dict.fromkeys(names))
+
+
+def check_output_count(count: int) -> None:
+    """422 for a request that asks more outputs than any model serves, from their count: a transport checks it
+    before it reads any of them (100,000 names were each read, then all quoted in the error)."""
+    if count > len(OUTPUT_NAMES):
+        raise invalid(f"{count} outputs asked for; a model serves at most {len(OUTPUT_NAMES)} "
+                      f"({', '.join(OUTPUT_NAMES)}): name each once", "invalid_request")
 
 
 # --------------------------------------------------------------------------- inputs
@@ -229,11 +238,17 @@ def check_samples(datatype: Any, shape: Sequence[int], max_samples: int) -> None
         raise invalid(f"{math.prod(shape)} samples in one request; at most {max_samples}", "too_many_samples")
 
 
+def not_one_input() -> ApiError:
+    """Every model here takes one input tensor: a transport refuses any other count from the request's length,
+    before it decodes a tensor (380,000 tiny ones were each decoded first: seconds of the event loop)."""
+    return invalid("inputs must be a list of exactly one tensor object", "invalid_request")
+
+
 def unsupported_datatype(datatype: Any) -> ApiError:
     if datatype is None:
         return invalid("an input needs a datatype, e.g. \"datatype\": \"FP32\"", "invalid_dtype")
-    return invalid(f"datatype {datatype!r} is not supported; send FP32 (or FP16, FP64, INT64 or BOOL values that "
-                   f"convert to it, or BYTES of PNG/JPEG images)", "invalid_dtype")
+    return invalid(f"datatype {quoted(datatype)} is not supported; send FP32 (or FP16, FP64, INT64 or BOOL values "
+                   f"that convert to it, or BYTES of PNG/JPEG images)", "invalid_dtype")
 
 
 def _as_float32(t: Tensor) -> np.ndarray:
@@ -270,12 +285,12 @@ async def model_input(model: HostedModel, inputs: Sequence[Tensor], max_samples:
     """
     expected = model.meta["input"]["name"]
     if len(inputs) != 1:
-        raise invalid("inputs must be a list of exactly one tensor object", "invalid_request")
+        raise not_one_input()
     t = inputs[0]
     if t.name is None:
         raise invalid(f"an input needs a name: this model's is {expected!r}", "invalid_request")
     if t.name != expected:
-        raise invalid(f"unknown input {t.name!r}; this model's input is {expected!r}", "invalid_request")
+        raise invalid(f"unknown input {quoted(t.name)}; this model's input is {expected!r}", "invalid_request")
     if t.datatype not in INPUT_DATATYPES:
         raise unsupported_datatype(t.datatype)
     if t.datatype == "BYTES":  # decoding is CPU work that grows with the image: off the event loop
@@ -303,8 +318,8 @@ def classification_counts(model: HostedModel, wanted: Sequence[str], asked: Mapp
         if name not in wanted or k is None:
             continue
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise invalid(f"output {name!r}: classification (class_count) must be a non-negative integer, got {k!r}",
-                          "invalid_request")
+            raise invalid(f"output {name!r}: classification (class_count) must be a non-negative integer, "
+                          f"got {quoted(k)}", "invalid_request")
         if k and name == CLASSES_OUTPUT:
             scored = [n for n in output_names(model) if n == PUBLIC_OUTPUT] + [KEYED_OUTPUT]
             raise invalid(f"output {CLASSES_OUTPUT!r} holds class indices, not scores; classification ranks "

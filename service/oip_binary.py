@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import orjson
 
-from .errors import ApiError, bad_request
+from .errors import ApiError, bad_request, quoted
 from .tensors import parse_json
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -127,7 +127,7 @@ def check(datatype: str, shape: Sequence[int], raw: memoryview, what: str) -> li
         return spans
     dtype = DTYPES.get(datatype)
     if dtype is None:
-        raise bad_request(f"{what}: datatype {datatype!r} is not one of the protocol's", "malformed_body")
+        raise bad_request(f"{what}: datatype {quoted(datatype)} is not one of the protocol's", "malformed_body")
     if len(raw) != count * dtype.itemsize:
         raise bad_request(f"{what}: {len(raw)} bytes of {datatype} data; shape {list(shape)} needs "
                           f"{count * dtype.itemsize}", "malformed_body")

@@ -43,8 +43,10 @@ def _typed(t: pb.ModelInferRequest.InferInputTensor, shape: list[int], what: str
 
 
 def request_inputs(request: pb.ModelInferRequest, max_samples: int) -> list[oip.Tensor]:
-    """The request's input tensors, decoded; a datatype the server does not take, or a BYTES tensor of more than
-    ``max_samples`` elements, is refused unread (422)."""
+    """The request's input tensors, decoded; a count other than one, a datatype the server does not take, or a
+    BYTES tensor of more than ``max_samples`` elements, is refused unread (422)."""
+    if len(request.inputs) != 1:
+        raise oip.not_one_input()
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise bad_request(f"raw_input_contents has {len(raw)} entries; it needs one per input "
@@ -74,6 +76,7 @@ def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str] | None, 
     """The output names asked for (None: the server's default), and the classification extension's class_count
     of those that ask one (an ``int64_param``, as tritonclient sends it; checked by
     :func:`service.oip.classification_counts`)."""
+    oip.check_output_count(len(request.outputs))
     classification: dict[str, Any] = {}
     for i, o in enumerate(request.outputs):
         if "classification" in o.parameters:

@@ -58,10 +58,22 @@ STREAM_WINDOW = 16  # requests of one ModelStreamInfer call answered at once; th
 # What ServerMetadata advertises: HTTP's less binary_tensor_data (gRPC carries tensors raw by itself).
 EXTENSIONS = ("classification", "model_configuration", "statistics")
 STOP_GRACE_S = 5.0  # on shutdown, calls in flight get this long to finish
+# A status's message travels in the trailers (percent-encoded: up to 3 bytes a byte), which clients refuse past
+# 8-16 KiB (RESOURCE_EXHAUSTED, the error lost): messages quote callers' values cut short (service.errors.quoted);
+# this bounds whatever else does.
+MAX_STATUS_DETAILS = 2048  # bytes of UTF-8
 
 
 def code_of(status: int) -> grpc.StatusCode:
     return CODES.get(status, grpc.StatusCode.INTERNAL if status >= 500 else grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def status_details(message: str) -> str:
+    """``message`` as a status's details: cut at :data:`MAX_STATUS_DETAILS` bytes (then "…"), on a character."""
+    data = message.encode(errors="replace")
+    if len(data) <= MAX_STATUS_DETAILS:
+        return message
+    return data[:MAX_STATUS_DETAILS].decode(errors="ignore") + "…"
 
 
 def peer_address(peer: str) -> str:
@@ -190,7 +202,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if error is None:
             return response
         retry = (error.headers or {}).get("Retry-After")
-        await context.abort(code_of(error.status), error.message, (("retry-after", retry),) if retry else ())
+        await context.abort(code_of(error.status), status_details(error.message),
+                            (("retry-after", retry),) if retry else ())
 
     def _refusal(self, request: Undecodable, context: aio.ServicerContext) -> Callable[[], Awaitable[Any]]:
         async def refuse():

@@ -387,12 +387,13 @@ def _json_data(datatype: str, shape: list[int], data, what: str) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _inputs(header: dict, chunks: list, max_samples: int) -> list[Tensor]:
-    """The request's input tensors: every size is checked (400), and a BYTES tensor's element count against
-    ``max_samples`` (422), before any data is read."""
+def _inputs(header: dict, binary: memoryview, has_header: bool, max_samples: int) -> list[Tensor]:
+    """The request's input tensors: their count first (one), then every size (400), and a BYTES tensor's element
+    count against ``max_samples`` (422), before any data is read."""
     inputs = header.get("inputs")
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(t, dict) for t in inputs):
-        raise invalid("inputs must be a list of exactly one tensor object", "invalid_request")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise oip.not_one_input()
+    chunks = oip_binary.input_chunks(inputs, binary, has_header)
     shapes = [tensor_shape(t.get("shape")) for t in inputs]
     for t, shape in zip(inputs, shapes):
         oip.check_samples(t.get("datatype"), shape, max_samples)
@@ -423,6 +424,8 @@ def _outputs(header: dict) -> tuple[list[str] | None, dict[str, bool], bool, dic
     outputs = header.get("outputs")
     if outputs is None or outputs == []:  # [] as gRPC's empty list reads (protobuf cannot tell it from none)
         return None, {}, default, {}
+    if isinstance(outputs, list):  # counted before any is read
+        oip.check_output_count(len(outputs))
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise invalid("outputs must be a list of {\"name\": ...}", "invalid_request")
     binary, classification = {}, {}
@@ -442,9 +445,7 @@ async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     header, binary = oip_binary.split(await read_bytes(request, s.settings.max_payload_bytes), header_length)
     if not isinstance(header.get("id", ""), str | None):
         raise invalid("id must be a string (it is echoed in the answer)", "invalid_request")
-    inputs = header.get("inputs")
-    chunks = oip_binary.input_chunks(inputs if isinstance(inputs, list) else [], binary, header_length is not None)
-    tensors = _inputs(header, chunks, s.settings.max_request_samples)
+    tensors = _inputs(header, binary, header_length is not None, s.settings.max_request_samples)
     names, binary_outputs, binary_default, classification = _outputs(header)
     outputs = await oip.infer(s, model, tensors, names, classification)
     body: dict = {"model_name": model.name, "model_version": model.version}
@@ -498,7 +499,8 @@ _INFER_RESPONSES = {**_INFER_OK, **responses(400, *AUTH, 404, 413, 415, 503, v2=
     415: "a Content-Encoding other than gzip, deflate or identity, or BYTES that are not a readable PNG or JPEG "
          "image",
     422: "not exactly one input named as the model's, a datatype it does not take or that does not convert "
-         "exactly, a shape that does not match the data, or an output this model does not serve",
+         "exactly, a shape that does not match the data, an output this model does not serve, or more outputs than "
+         f"any model serves ({len(oip.OUTPUT_NAMES)})",
     429: f"over the request rate, or the key's sample quota ({KEYED_OUTPUT})"})}
 
 

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.routes import v2
+
 pytestmark = pytest.mark.anyio
 
 GOOD = {"inputs": np.zeros((1, 1, 8, 8)).tolist()}
@@ -339,3 +341,50 @@ async def test_a_key_for_a_model_no_name_can_be_is_refused(svc):
     r = await svc.client.post("/v1/keys", json={"scopes": ["predict"], "models": ["digits-a", "<b>x</b>"]},
                               headers=svc.admin)
     assert r.status_code == 422 and "'<b>x</b>' is not a model name" in r.json()["error"]["message"], r.text
+
+
+def _v2_many_inputs(n: int, binary: bool) -> dict:
+    """A v2 infer request of ``n`` one-value input tensors, in JSON or in the binary extension."""
+    tensor = {"name": "i", "shape": [1], "datatype": "FP32"}
+    if not binary:
+        return {"json": {"inputs": [{**tensor, "data": [0.0]}] * n}}
+    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": 4}}] * n}, separators=(",", ":"))
+    return {"content": head.encode() + b"\0" * 4 * n, "headers": {"Inference-Header-Content-Length": str(len(head))}}
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+async def test_a_request_of_many_tensors_is_refused_from_their_count(svc, monkeypatch, binary):
+    """Every model takes one input, and serves at most three outputs: a request of 100,000 tiny tensors was decoded
+    entry by entry (seconds of the event loop under load, every client frozen) before the count refused it, and
+    100,000 unknown output names were all quoted back (a 2 MB error body). Now the count refuses them unread."""
+    shapes_read = []
+    read_shape = v2.tensor_shape  # what reads each entry first: counted, still the server's own
+    monkeypatch.setattr(v2, "tensor_shape", lambda shape: shapes_read.append(shape) or read_shape(shape))
+    r = await svc.client.post(V2_INFER, **_v2_many_inputs(100_000, binary))
+    assert (r.status_code, r.json()) == (422, {"error": "inputs must be a list of exactly one tensor object"})
+    assert shapes_read == []
+    one = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
+    r = await svc.client.post(V2_INFER, json={"inputs": [one], "outputs": [{"name": "nope" * 5}] * 100_000})
+    assert r.status_code == 422 and len(r.content) < 300, r.content[:300]
+    assert r.json()["error"].startswith("100000 outputs asked for; a model serves at most 3")
+    assert (await svc.client.post(V2_INFER, json={"inputs": [one], "outputs": [{"name": "probabilities"}] * 2})
+            ).status_code == 200  # a name asked twice is still answered once
+    assert (await svc.client.post(PREDICT, json=GOOD)).status_code == 200
+
+
+async def test_errors_quote_a_callers_long_values_cut_short(svc):
+    """A message names what the caller sent, its first 100 characters: a name of 1 MB was echoed whole."""
+    long = "x" * 1_000_000
+    one = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
+    for body, message in [
+        ({"inputs": [{**one, "name": long}]}, f"unknown input {'x' * 100!r}…; this model's input is 'input'"),
+        ({"inputs": [{**one, "datatype": long}]}, f"datatype {'x' * 100!r}… is not supported"),
+        ({"inputs": [one], "outputs": [{"name": long}]}, f"unknown output(s) [{'x' * 100!r}…]; this model serves"),
+        ({"inputs": [one], "outputs": [{"name": "probabilities", "parameters": {"classification": long}}]},
+         "must be a non-negative integer, got"),
+    ]:
+        r = await svc.client.post(V2_INFER, json=body)
+        assert r.status_code == 422 and len(r.content) < 500, r.content[:500]
+        assert message in r.json()["error"], r.json()
+    r = await svc.client.post(V2_INFER, **v2_binary(long, [1], b"\0"))
+    assert r.status_code == 400 and len(r.content) < 500 and f"datatype {'x' * 100!r}… is not one" in r.text

@@ -595,3 +595,57 @@ async def test_metadata_that_authenticates_nothing_spends_the_address_rate():
     with pytest.raises(grpc.aio.AbortError):
         await servicer.ServerMetadata(pb.ServerMetadataRequest(), context)
     assert context.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED, context.aborted
+
+
+def test_a_request_of_many_tensors_is_refused_from_their_count(grpc_server, bundles):
+    """Every model takes one input, and serves at most three outputs: 300,000 tiny input tensors (6 MB) were each
+    decoded (~20 µs: 6 s of the event loop, every HTTP and gRPC client frozen) before their count was refused.
+    Raw protobuf requests: the standard client sends what it is given."""
+    server, client, _, _ = grpc_server
+    x = np.ascontiguousarray(bundles.x[:1], np.float32)
+    many = service_pb2.ModelInferRequest(model_name="digits-a", raw_input_contents=[b"\0" * 4] * 300_000)
+    many.inputs.extend([service_pb2.ModelInferRequest.InferInputTensor(name="i", datatype="FP32", shape=[1])]
+                       * 300_000)
+    one = service_pb2.ModelInferRequest(model_name="digits-a", raw_input_contents=[x.tobytes()])
+    one.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    asking = service_pb2.ModelInferRequest()
+    asking.CopyFrom(one)
+    asking.outputs.extend([service_pb2.ModelInferRequest.InferRequestedOutputTensor(name="nope")] * 300_000)
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(ch)
+        for request, message in ((many, "inputs must be a list of exactly one tensor object"),
+                                 (asking, "300000 outputs asked for; a model serves at most 3")):
+            data = request.SerializeToString()
+            infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in: the encoding untimed
+            start = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as e:
+                infer(data, timeout=60)
+            assert time.perf_counter() - start < 1.0  # the message's parse alone; the entries took 6 s and more
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(message)
+        assert [o.name for o in stub.ModelInfer(one, timeout=30).outputs] == ["probabilities"]
+    assert client.is_server_ready()
+
+
+def test_errors_quote_a_callers_long_values_cut_short(grpc_server, bundles):
+    """A status's message travels in the trailers, which a client refuses past 8-16 KB: a 20,000-character model
+    name (or input, output or datatype) echoed whole was RESOURCE_EXHAUSTED ("received metadata size exceeds hard
+    limit") instead of the error. Messages quote 100 characters of a caller's value; any status is cut at 2 KB."""
+    server, client, _, _ = grpc_server
+    x = bundles.x[:1]
+    long = "x" * 20_000
+    message = refused(lambda: client.infer(long, [fp32_input(x)]), "NOT_FOUND")
+    assert message.startswith("no model named 'xxx") and len(message) < 2100
+    refused(lambda: client.get_model_metadata(long), "NOT_FOUND")
+    wrong = triton.InferInput(long, list(x.shape), "FP32")
+    wrong.set_data_from_numpy(x)
+    message = refused(lambda: client.infer("digits-a", [wrong]), "INVALID_ARGUMENT")
+    assert message == f"unknown input {'x' * 100!r}…; this model's input is 'input'"
+    message = refused(lambda: client.infer("digits-a", [fp32_input(x)], outputs=[triton.InferRequestedOutput(long)]),
+                      "INVALID_ARGUMENT")
+    assert message.startswith(f"unknown output(s) [{'x' * 100!r}…]; this model serves")
+    typed = service_pb2.ModelInferRequest(model_name="digits-a", raw_input_contents=[b"\0" * 4])
+    typed.inputs.add(name="input", datatype=long, shape=[1])
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch, pytest.raises(grpc.RpcError) as e:
+        service_pb2_grpc.GRPCInferenceServiceStub(ch).ModelInfer(typed, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(f"datatype {'x' * 100!r}… is not supported")
