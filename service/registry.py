@@ -46,7 +46,7 @@ from sdb_core.bundle import (
 from .batching import BatcherClosed, Gate, MicroBatcher
 from .copies import discard_served
 from .disclosure import hide_paths
-from .errors import ApiError, not_found
+from .errors import ApiError, not_found, quoted
 from .schemas import OutputPolicy
 from .settings import Settings
 from .statistics import ModelStatistics
@@ -638,8 +638,8 @@ class ModelHost:
     def _load_on_demand(self, name: str, version: str | None) -> HostedModel:
         row = self.store.get_model(name, version)
         if row is None:
-            raise not_found(f"no model named {name!r}" if version is None
-                            else f"model {name!r} has no version {version!r}", "model_not_found")
+            raise not_found(f"no model named {quoted(name)}" if version is None
+                            else f"model {quoted(name)} has no version {quoted(version)}", "model_not_found")
         with self._loading_guard:
             gate = self._loading.setdefault(row.name, threading.Lock())
         with gate:  # one load per model at a time: a second request waits for the first one's

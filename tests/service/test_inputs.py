@@ -374,6 +374,9 @@ async def test_a_request_of_many_tensors_is_refused_from_their_count(svc, monkey
 
 async def test_errors_quote_a_callers_long_values_cut_short(svc):
     """A message names what the caller sent, its first 100 characters: a name of 1 MB was echoed whole."""
+    for path in (f"/v2/models/{'y' * 20_000}", f"/v2/models/digits-a/versions/{'9' * 20_000}"):
+        r = await svc.client.get(path)
+        assert r.status_code == 404 and len(r.content) < 500, r.content[:500]
     long = "x" * 1_000_000
     one = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
     for body, message in [
