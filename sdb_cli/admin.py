@@ -132,6 +132,14 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
     if settings.grpc_port:
         address = grpc_service.listen_address(settings.grpc_host or settings.host, settings.grpc_port)
         print(f"sdb: gRPC (Open Inference Protocol) on {address}", file=sys.stderr, flush=True)
+    try:  # each connection is an open file: the soft limit (often 1024) up to the hard one, which needs no privilege
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass  # not on this platform, or a hard limit past what the kernel allows: the soft one stands
     pool = None
     if settings.jobs_backend == "embedded" and settings.workers > 0:
         from service.jobs.ray_backend import portable_settings
@@ -148,8 +156,8 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
     logging.getLogger("uvicorn.access").addFilter(AccessLogPaths())  # kept by uvicorn's logging configuration
     try:
         uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
-                    http=HttpProtocol, access_log=access_log, server_header=False, proxy_headers=True,
-                    forwarded_allow_ips=settings.forwarded_allow_ips)
+                    http=HttpProtocol.configured(settings), access_log=access_log, server_header=False,
+                    proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
     finally:
         if pool is not None:
             pool.stop()

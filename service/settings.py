@@ -75,6 +75,14 @@ class Settings(BaseSettings):
     # comma-separated; "*" any; "" (the default) none. Keys travel in the Authorization header, never in cookies,
     # so no credentials are allowed; a page sends the key its user gives it.
     cors_origins: str = ""
+    # HTTP connections under `sdb serve`, so that no client holds the server's connections (files) for nothing: a
+    # request's line and headers arrive within http_head_timeout_s of their first byte and its body never pauses
+    # longer than http_body_timeout_s, or it is answered 408 and closed; a connection that sends nothing is closed
+    # like an idle keep-alive one (5 s). One client address holds at most http_max_connections_per_address at once
+    # (0: no cap); the proxies forwarded_allow_ips trusts are not capped: each carries many clients.
+    http_head_timeout_s: float = Field(20.0, gt=0.0)
+    http_body_timeout_s: float = Field(30.0, gt=0.0)
+    http_max_connections_per_address: int = Field(256, ge=0)
     # The Open Inference Protocol over gRPC (docs/api.md), beside HTTP in the same process: off when
     # unset or 0. Needs the `grpc` extra. Its host defaults to `host`.
     grpc_port: int | None = Field(None, ge=0, le=65535)

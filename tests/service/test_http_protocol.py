@@ -1,7 +1,7 @@
 """``sdb serve``'s HTTP protocol (service.http_protocol): each response leaves the server in one send, and what
 HTTP/1.1 asks of a connection still holds (pipelined requests answered in order, ``Connection: close``, a
 100 Continue sent while the server waits for the body, an answer of many segments, a client that goes away
-mid-answer).
+mid-answer), and what one client may hold of it is bounded (requests pipelined, time to send one, connections).
 
 The real app on a real store under uvicorn in a thread, on asyncio's own loop so that the socket transport's
 writes can be counted (uvloop's are C); ``sdb serve`` itself (uvloop) is driven by the end-to-end tests."""
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio.selector_events
 import socket
+import threading
+import time
 from collections import Counter
 
 import httpx
@@ -38,9 +40,13 @@ def sends(monkeypatch) -> Counter:
     return counted
 
 
-def serve(tmp_path, bundles, protocol) -> ThreadServer:
-    app = build_app(make_settings(tmp_path / "data", bundles, register_demo=False))
-    srv = ThreadServer(app, http=protocol, loop="asyncio")
+def serve(tmp_path, bundles, protocol, uvicorn_config: dict | None = None, **settings) -> ThreadServer:
+    """The app on ``protocol`` (sdb's with ``settings``' limits, as ``sdb serve`` runs it)."""
+    settings = make_settings(tmp_path / "data", bundles, register_demo=False, **settings)
+    app = build_app(settings)
+    if protocol is HttpProtocol:
+        protocol = HttpProtocol.configured(settings)
+    srv = ThreadServer(app, http=protocol, loop="asyncio", **(uvicorn_config or {}))
     srv.app = app
     return srv
 
@@ -168,5 +174,184 @@ def test_a_head_past_the_limit_or_not_http_is_a_json_error_and_a_body_is_not_a_h
         assert status == 400 and orjson.loads(body)["error"]["code"] == "bad_request"
         # HTTP/1.0 needs no Host; the server still serves after every refusal
         assert exchange(srv.port, b"GET /healthz HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    finally:
+        srv.stop()
+
+
+def read_until_closed(s: socket.socket, within: float) -> tuple[bytes, float]:
+    """What the server sends on ``s`` until it closes it (a reset after its answer counts), and how long that took;
+    fails when it is still open ``within`` seconds on."""
+    start, chunks = time.monotonic(), []
+    s.settimeout(within)
+    try:
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    except TimeoutError:
+        pytest.fail(f"the server kept the connection open over {within} s; it sent {b''.join(chunks)[:200]!r}")
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks), time.monotonic() - start
+
+
+def test_pipelined_requests_wait_within_a_bound_and_are_answered_in_order(tmp_path, bundles):
+    # httptools parses every request of a read (up to 256 KiB) at once, and uvicorn queued each (~2 KiB): one
+    # connection writing 20 MB of pipelined requests and reading no answer took 1.3 GB. Past MAX_PIPELINED
+    # waiting, the connection takes no more: those are answered in order, the last with Connection: close.
+    from service.http_protocol import MAX_PIPELINED
+
+    srv = serve(tmp_path, bundles, HttpProtocol)
+    deepest, sending = [0], threading.Event()
+
+    def watch_queues():
+        while sending.is_set():
+            try:
+                deepest[0] = max([deepest[0]] + [len(p.pipeline) for p in list(srv.server.server_state.connections)])
+            except RuntimeError:  # the set changed size: look again
+                pass
+            time.sleep(0.001)
+
+    try:
+        # the order, on a few: each answer is its own request's
+        raw = exchange(srv.port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\nGET /v2/health/ready HTTP/1.1\r\nHost: t\r\n\r\n"
+                                 b"GET /v2/health/live HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert [a.split(b"\r\n\r\n", 1)[1] for a in raw.split(b"HTTP/1.1 ")[1:]] == [
+            b'{"status":"ok"}', b'{"ready":true}', b'{"live":true}'], raw
+
+        one = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        blob = memoryview(one * (2_000_000 // len(one)))  # 54,054 requests
+        sending.set()
+        threading.Thread(target=watch_queues, daemon=True).start()
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it reads no answer while it writes
+            s.connect(("127.0.0.1", srv.port))
+            s.settimeout(0.5)
+            sent, start = 0, time.monotonic()
+            while sent < len(blob) and time.monotonic() - start < 10:
+                try:
+                    sent += s.send(blob[sent:sent + (1 << 16)])
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):  # closed by the server
+                    break
+            time.sleep(0.2)
+            sending.clear()
+            assert deepest[0] <= MAX_PIPELINED, f"{deepest[0]} requests waited on one connection"
+            raw, _ = read_until_closed(s, within=10)
+        answers = raw.split(b"HTTP/1.1 ")[1:]
+        assert answers and all(a.startswith(b"200 ") and a.endswith(b'{"status":"ok"}') for a in answers), raw[:500]
+        assert len(answers) < len(blob) // len(one) and b"connection: close" in answers[-1].lower(), answers[-1]
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            assert c.get("/healthz").status_code == 200
+    finally:
+        sending.clear()
+        srv.stop()
+
+
+def test_a_client_that_stalls_a_request_or_sends_none_is_answered_408_and_closed(tmp_path, bundles):
+    # A connection was closed only by the keep-alive timer, which starts after a response: one that sent nothing,
+    # a head a byte at a time or a body that stopped was held for good (one client took every open file).
+    srv = serve(tmp_path, bundles, HttpProtocol, {"timeout_keep_alive": 1},
+                http_head_timeout_s=0.5, http_body_timeout_s=1.0)
+
+    def connect() -> socket.socket:
+        return socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+
+    def timed_out(raw: bytes) -> str:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), raw[:300]
+        return orjson.loads(body)["error"]["message"]
+
+    try:
+        with connect() as s:  # nothing sent: closed as an idle keep-alive connection, with no answer
+            assert read_until_closed(s, within=5)[0] == b""
+        with connect() as s:  # blank lines begin no request, and stop the keep-alive timer
+            s.sendall(b"\r\n")
+            assert read_until_closed(s, within=5)[0] == b""
+
+        with connect() as s:  # half a head
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+            raw, took = read_until_closed(s, within=5)
+            assert "headers did not arrive within 0.5 s" in timed_out(raw) and took < 3
+        with connect() as s:  # a head a byte at a time: the deadline counts from its first byte, not the last
+            head, answer, start = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: " + b"s" * 200, b"", time.monotonic()
+            s.settimeout(0.05)
+            for byte in head:
+                try:
+                    s.sendall(bytes([byte]))
+                    answer = s.recv(1 << 16)
+                    break
+                except TimeoutError:
+                    continue
+            assert answer.startswith(b"HTTP/1.1 408 ") and time.monotonic() - start < 3, answer
+
+        # a body that stops: the route is reading it
+        admin, _ = create_key(srv.app.state.store, srv.app.state.settings.pepper, scopes=["admin"])
+        r = httpx.post(srv.url + "/v1/models", files={"file": ("digits-a.sdb", sdb_bytes(bundles.a))},
+                       headers={"Authorization": f"Bearer {admin}"}, timeout=60)
+        assert r.status_code == 201, r.text
+        predict = b"POST /v1/models/digits-a/predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        with connect() as s:
+            s.sendall(predict + b"Content-Length: 100000\r\n\r\n" + b'{"inputs": [' + b" " * 50_000)
+            raw, took = read_until_closed(s, within=5)
+            assert "body paused for over 1 s" in timed_out(raw) and took < 4
+        with connect() as s:  # a 100 Continue answered, and no body: the same
+            s.sendall(predict + b"Expect: 100-continue\r\nContent-Length: 8000000\r\n\r\n")
+            raw, took = read_until_closed(s, within=5)
+            assert raw.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), raw[:300]
+            assert "body paused" in timed_out(raw.removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n")) and took < 4
+
+        # a client that keeps pace is served, whatever the timeouts: each part of the body within them
+        body = orjson.dumps({"inputs": bundles.x[:1].tolist()})
+        with connect() as s:
+            s.sendall(predict + b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+            for part in range(0, len(body), len(body) // 4 + 1):
+                time.sleep(0.3)
+                s.sendall(body[part:part + len(body) // 4 + 1])
+            raw, _ = read_until_closed(s, within=10)
+            assert raw.startswith(b"HTTP/1.1 200 ") and b'"predictions"' in raw, raw[:300]
+        with httpx.Client(base_url=srv.url, timeout=30) as c:  # and on a keep-alive connection, at leisure
+            assert c.get("/healthz").status_code == 200
+            time.sleep(0.7)
+            assert c.get("/healthz").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_one_address_holds_at_most_its_cap_of_connections(tmp_path, bundles):
+    # One client opening ~4,070 connections that sent nothing took every open file: every other client was
+    # reset. Past the cap a connection is answered 503 and closed; other addresses are served, and a proxy the
+    # server trusts (forwarded_allow_ips, 127.0.0.1 here) is not capped: it carries many clients.
+    srv = serve(tmp_path, bundles, HttpProtocol, http_max_connections_per_address=3)
+
+    def connect(source: str) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", srv.port), timeout=10, source_address=(source, 0))
+
+    def healthz(s: socket.socket) -> bytes:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        return s.recv(1 << 16)
+
+    try:
+        held = [connect("127.0.0.2") for _ in range(3)]
+        try:
+            assert healthz(held[0]).startswith(b"HTTP/1.1 200 ")  # counted, and served
+            with connect("127.0.0.2") as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                raw, _ = read_until_closed(s, within=5)
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ") and b"connection: close" in head.lower(), raw
+            assert orjson.loads(body)["error"]["code"] == "too_many_connections"
+            with connect("127.0.0.3") as s:  # another address
+                assert healthz(s).startswith(b"HTTP/1.1 200 ")
+            proxied = [connect("127.0.0.1") for _ in range(5)]  # a trusted proxy's
+            assert all(healthz(s).startswith(b"HTTP/1.1 200 ") for s in proxied)
+            for s in proxied:
+                s.close()
+            held.pop().close()  # one closed: room for one more
+            time.sleep(0.2)
+            with connect("127.0.0.2") as s:
+                assert healthz(s).startswith(b"HTTP/1.1 200 ")
+        finally:
+            for s in held:
+                s.close()
     finally:
         srv.stop()
