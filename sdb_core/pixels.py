@@ -40,7 +40,8 @@ def upright(im: Image.Image) -> Image.Image:
 
 
 def upright_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) of ``im`` as :func:`upright` turns it, from its header alone (nothing decoded)."""
+    """(width, height) of ``im`` as :func:`upright` turns it. Its EXIF is read as :func:`upright` reads it: for a PNG
+    whose EXIF follows its pixels, that decodes them (call it on a loaded image)."""
     try:
         sideways = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn: width and height swap
     except (OSError, ValueError, SyntaxError):

@@ -104,25 +104,17 @@ def image_format(img: Image.Image) -> str | None:
     return fmt if fmt in IMAGE_FORMATS else None
 
 
-def images_to_inputs(blobs: Sequence[bytes], in_shape: Sequence[int], normalize: dict) -> np.ndarray:
+def images_to_inputs(blobs: Sequence[bytes], in_shape: Sequence[int], normalize: dict,
+                     sizes: list[tuple[int, int]] | None = None) -> np.ndarray:
     """The images of one request → (N, C, H, W) (:func:`image_to_input` each); 413 before any is decoded when
-    together they declare more than MAX_REQUEST_PIXELS."""
+    together they declare more than MAX_REQUEST_PIXELS. ``sizes``: each image's (width, height) as shown (its
+    EXIF turn applied) is appended to it."""
     total = sum(_declared_pixels(b) for b in blobs)
     if total > MAX_REQUEST_PIXELS:
         raise ApiError(413, "images_too_large", f"the {len(blobs)} images of this request hold {total} pixels; at "
                        f"most {MAX_REQUEST_PIXELS} in one request: send fewer, or smaller (the model takes "
                        f"{'x'.join(map(str, in_shape[1:]))})")
-    return np.stack([image_to_input(b, in_shape, normalize) for b in blobs])
-
-
-def image_sizes(blobs: Sequence[bytes]) -> list[tuple[int, int]]:
-    """(width, height) of each image as it is shown (its EXIF orientation applied), from its header: images that
-    :func:`images_to_inputs` read already."""
-    sizes = []
-    for data in blobs:
-        with Image.open(io.BytesIO(data)) as img:
-            sizes.append(upright_size(img))
-    return sizes
+    return np.stack([image_to_input(b, in_shape, normalize, sizes) for b in blobs])
 
 
 def _declared_pixels(data: bytes) -> int:
@@ -134,8 +126,11 @@ def _declared_pixels(data: bytes) -> int:
         return 0
 
 
-def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.ndarray:
-    """One PNG/JPEG → (C, H, W) normalised like the bundle's training data; 422 for a model that takes no images."""
+def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict,
+                   sizes: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """One PNG/JPEG → (C, H, W) normalised like the bundle's training data; 422 for a model that takes no images.
+    ``sizes``: the image's (width, height) as shown is appended to it (read once it is decoded: a PNG's EXIF may
+    follow its pixels, and reading it decodes them)."""
     if len(in_shape) != 3:
         raise invalid(f"this model takes inputs of shape {list(in_shape)}, not images: send them as arrays",
                       "invalid_shape")
@@ -148,6 +143,8 @@ def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict) -> np.
             raise ApiError(415, "unsupported_image", f"image of {img.width}×{img.height} pixels is too large "
                            f"(at most {MAX_IMAGE_PIXELS} pixels, {MAX_IMAGE_SIDE} a side)")
         img.load()
+        if sizes is not None:
+            sizes.append(upright_size(img))
         if c not in (1, 3):
             raise invalid(f"this model takes {c}-channel inputs; images must be sent as arrays", "invalid_shape")
         pixels = unit_pixels(img, "L" if c == 1 else "RGB", (w, h)) * 255.0  # on the 0-255 scale ``normalize`` has

@@ -66,7 +66,7 @@ from ..schemas import (
     responses,
 )
 from ..store import DeployRefused
-from ..tensors import as_batch, batch_shape, image_sizes, images_to_inputs, softmax, to_array
+from ..tensors import as_batch, batch_shape, images_to_inputs, softmax, to_array
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -125,8 +125,10 @@ async def _body(request: Request, model: HostedModel, s: Serving, accept: tuple[
                            max_bytes=s.settings.max_payload_bytes)
 
 
-async def _inputs(model: HostedModel, body: Body, max_samples: int) -> np.ndarray:
-    """The model's input batch: the JSON body's ``inputs``, the ``.npy`` array, or the uploaded images decoded."""
+async def _inputs(model: HostedModel, body: Body, max_samples: int,
+                  sizes: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """The model's input batch: the JSON body's ``inputs``, the ``.npy`` array, or the uploaded images decoded
+    (each one's size as shown appended to ``sizes``)."""
     if body.tensor is not None:
         return body.tensor
     if body.json is not None:
@@ -139,7 +141,7 @@ async def _inputs(model: HostedModel, body: Body, max_samples: int) -> np.ndarra
         raise invalid(f"{len(body.uploads)} images in one request; at most {max_samples}", "too_many_samples")
     shape, norm = model.in_shape, model.meta["normalize"]
     # Decoding is CPU work that grows with the image: keep it off the event loop.
-    return await run_in_threadpool(lambda: images_to_inputs(body.uploads, shape, norm))
+    return await run_in_threadpool(lambda: images_to_inputs(body.uploads, shape, norm, sizes))
 
 
 # Query parameters of the inference routes, read from the request: declared as FastAPI
@@ -186,12 +188,11 @@ async def predict(request: Request) -> Response:
     body = await _body(request, model, s, _INPUT_TYPES)
     max_samples = s.settings.max_request_samples
     if task == "pose":  # keypoints instead of labels, same inputs
-        heatmaps = await public_logits(model, await _inputs(model, body, max_samples), s.key, s.keyring, s.metrics,
-                                       s.caller)
-        sent_images = body.json is None and body.tensor is None  # their own pixels too: a user draws on them
+        sizes: list[tuple[int, int]] = []  # of images sent as files: their own pixels too, a user draws on them
+        heatmaps = await public_logits(model, await _inputs(model, body, max_samples, sizes), s.key, s.keyring,
+                                       s.metrics, s.caller)
         return json_response({"model": model.name, "version": model.version, "task": "pose",
-                              **pose_predictions(model.meta, heatmaps, model.in_shape,
-                                                 image_sizes(body.uploads) if sent_images else None)})
+                              **pose_predictions(model.meta, heatmaps, model.in_shape, sizes or None)})
     if body.json is not None:  # the options are checked before the tensor, the images after decoding
         opts = options(PredictOptions, {**body.json, **({"top_k": top_k_query} if top_k_query else {})})
         x = await _inputs(model, body, max_samples)
