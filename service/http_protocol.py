@@ -188,6 +188,15 @@ class HttpProtocol(HttpToolsProtocol):
                 del opened[self._address]
             self._address = None
 
+    # No route of the service is a WebSocket: an upgrade request is answered as the plain request it also is. Handed
+    # to uvicorn's WebSocket protocol, the connection left this one without its connection_lost, and its address's
+    # count of open connections never came down (256 such requests, and the address was refused for good).
+    def _should_upgrade_to_ws(self) -> bool:
+        return False
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # uvicorn's says to install a WebSocket library, per request: none is wanted
+
     def data_received(self, data: bytes) -> None:
         if not self._taking_requests:
             return  # answered, or no more requests are taken; the connection is closing

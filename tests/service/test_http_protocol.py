@@ -353,5 +353,16 @@ def test_one_address_holds_at_most_its_cap_of_connections(tmp_path, bundles):
         finally:
             for s in held:
                 s.close()
+        # WebSocket upgrades, answered as the plain requests they are: handed to uvicorn's WebSocket protocol, each
+        # connection left its slot taken for good, and the address was refused once the cap was reached
+        upgrade = (b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                   b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        for _ in range(6):
+            with connect("127.0.0.4") as s:
+                s.sendall(upgrade)
+                assert s.recv(1 << 16).startswith(b"HTTP/1.1 200 ")
+        time.sleep(0.2)
+        with connect("127.0.0.4") as s:
+            assert healthz(s).startswith(b"HTTP/1.1 200 ")
     finally:
         srv.stop()
