@@ -372,8 +372,12 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outpu
     if len(jobs) == 1:  # one path (nearly every request): awaited as it is, without gather's task around it
         (name, job), = jobs.items()
         results = {name: await job}
-    else:
-        results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
+    else:  # both finish before an error leaves: the keyed one gives its charge back first (inference.keyed_logits)
+        done = await asyncio.gather(*jobs.values(), return_exceptions=True)
+        failed = next((r for r in done if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        results = dict(zip(jobs, done))
     values = _public_values(softmax(results["public"]), model.policy) if served_public else {}
     if keyed:
         values[KEYED_OUTPUT] = results[KEYED_OUTPUT]

@@ -138,9 +138,16 @@ async def test_a_keyed_call_that_fails_after_its_charge_gives_the_samples_back(s
     """A quota was charged before the model ran and stayed charged when it then failed (a timeout, out of memory,
     a NaN answer): every SDK before 2026-12-06 sent such a call again after its 503, and paid twice or more."""
     from sdb_core.bundle import Bundle
+    from service.store import Store
 
     def out_of_memory(self, x, options=None):  # ONNX Runtime's own failure, as a bounded arena gives it
         raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer")
+
+    refund = Store.refund
+
+    def slow_refund(self, *args):  # a store a little slow to answer: the refund is still made before the answer
+        time.sleep(0.3)
+        return refund(self, *args)
 
     c = svc.client
     two = X[:2].tolist()
@@ -150,10 +157,16 @@ async def test_a_keyed_call_that_fails_after_its_charge_gives_the_samples_back(s
         h = svc.auth(svc.key(("distill",), quota=2, quota_window_s=window))
         with monkeypatch.context() as m:
             m.setattr(Bundle, "network_logits", out_of_memory)
+            m.setattr(Store, "refund", slow_refund)
             r = await c.post("/v1/models/digits-a/distill", json={"inputs": two}, headers=h)
             assert r.status_code == 503 and r.json()["error"]["code"] == "model_out_of_memory", r.text
             r = await c.post("/v2/models/digits-a/infer", json=v2, headers=h)
             assert r.status_code == 503, r.text
+            both = {**v2, "outputs": [{"name": "probabilities"}, {"name": "distill_logits"}]}  # one call, two paths
+            r = await c.post("/v2/models/digits-a/infer", json=both, headers=h)
+            assert r.status_code == 503, r.text
+            # given back before the answer left: the public half's error no longer leaves while the refund is pending
+            assert (await c.get("/v1/keys/me", headers=h)).json()["quota_used"] == 0
         assert (await c.get("/v1/keys/me", headers=h)).json()["quota_used"] == 0
         ok = await c.post("/v1/models/digits-a/distill", json={"inputs": two}, headers=h)
         assert ok.status_code == 200, ok.text  # the whole quota is there still
