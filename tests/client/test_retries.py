@@ -230,7 +230,8 @@ def test_a_server_from_before_npy_bodies_is_sent_json_after_its_415(stub):
     encoding the caller chose is theirs."""
     from sdb_client import RemoteTeacher
 
-    stub.on(*DISTILL, err(415, "unsupported_media_type"), OK_LOGITS, OK_LOGITS, OK_LOGITS, err(415, "unsupported_media_type"))
+    stub.on(*DISTILL, err(415, "unsupported_media_type"), OK_LOGITS, OK_LOGITS, OK_LOGITS, err(415, "unsupported_media_type"),
+            err(415, "unsupported_media_type"))
     x = np.zeros((1, 2), np.float32)
     with Client(stub.url, KEY) as c:
         assert c.distill_logits("m", x).tolist() == [[1.0, 2.0]]
@@ -238,9 +239,11 @@ def test_a_server_from_before_npy_bodies_is_sent_json_after_its_415(stub):
         assert c.options.encoding == "npy" and c.distill_logits("m", x, encoding="json").tolist() == [[1.0, 2.0]]
         with pytest.raises(BadRequest, match="status 415"):
             c.distill_logits("m", x, encoding="npy")  # asked for: not changed behind the caller's back
+    with Client(stub.url, KEY, encoding="npy") as c, pytest.raises(BadRequest, match="status 415"):
+        c.distill_logits("m", x)  # a client that names it keeps it too
     kinds = [headers["content-type"].split(";")[0] for headers, _ in stub.seen[DISTILL]]
     assert kinds == ["application/x-npy", "application/json", "application/json", "application/json",
-                     "application/x-npy"]
+                     "application/x-npy", "application/x-npy"]
 
 
 @pytest.mark.anyio

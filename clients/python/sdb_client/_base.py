@@ -180,6 +180,7 @@ class Options:
     max_retries: int
     batch_size: int
     encoding: str = DEFAULT_ENCODING  # how tensors travel: "npy" or "json"
+    encoding_chosen: bool = False  # the client's caller named it (kept), or it is the default (JSON after a 415)
 
     @staticmethod
     def make(timeout: float | httpx.Timeout | None, max_retries: int | None,
@@ -200,11 +201,12 @@ class Options:
         r = max_retries if max_retries is not None else (base.max_retries if base else DEFAULT_MAX_RETRIES)
         b = batch_size if batch_size is not None else (base.batch_size if base else DEFAULT_BATCH_SIZE)
         e = check_encoding(encoding) if encoding is not None else (base.encoding if base else DEFAULT_ENCODING)
+        chosen = encoding is not None or (base is not None and base.encoding_chosen)
         if r < 0:
             raise exc.ConfigurationError(f"max_retries must be >= 0, got {r}", code="invalid_option")
         if b < 1:
             raise exc.ConfigurationError(f"batch_size must be >= 1, got {b}", code="invalid_option")
-        return Options(t, int(r), int(b), e)
+        return Options(t, int(r), int(b), e, chosen)
 
 
 def check_encoding(encoding: str) -> str:
@@ -236,14 +238,14 @@ class BaseClient:
     def _encoding(self, encoding: str | None) -> str:
         """A call's tensor encoding: its own, else the client's (JSON once the server refused .npy bodies)."""
         if encoding is None:
-            return "json" if self._limits.json_only else self.options.encoding
+            return "json" if self._limits.json_only and not self.options.encoding_chosen else self.options.encoding
         return check_encoding(encoding)
 
     def _npy_refused(self, e: BaseException, encoding: str | None, enc: str) -> bool:
-        """Whether a call sent as .npy because that is the client's default (``encoding`` None; ``enc`` what was
-        sent) met a server from before .npy bodies (a 415, before any charge): it is then sent again as JSON, as is
+        """Whether a call sent as .npy because that is the default (neither the call, ``encoding``, nor the client
+        named it; ``enc``: what was sent) met a server from before .npy bodies (a 415, before any charge): it is then sent again as JSON, as is
         every later one of this client."""
-        if encoding is not None or enc != "npy" or not isinstance(e, exc.SDBError):
+        if encoding is not None or self.options.encoding_chosen or enc != "npy" or not isinstance(e, exc.SDBError):
             return False
         if e.status != 415 or e.code != "unsupported_media_type":
             return False
