@@ -244,28 +244,38 @@ def _inline_functions(model):
     import onnx.inliner
 
     bodies = {(f.domain, f.name, f.overload): f.node for f in model.functions}
-    sizes: dict[tuple, int] = {}  # each function's nodes once inlined; -1 while being counted
+    measured: dict[tuple, tuple[int, int]] = {}  # each function's nodes once inlined, and calls deep (1: none)
+    counting: set[tuple] = set()
+    deep = ValueError(f"the ONNX graph's functions call one another more than {MAX_FUNCTION_DEPTH} deep")
 
-    def size(nodes, depth: int) -> int:
-        total = 0
+    def size(nodes, depth: int) -> tuple[int, int]:
+        """The nodes ``nodes`` stand for once inlined, and how deep their calls go; ``depth``: calls around them."""
+        total, height = 0, 0
         for n in nodes:
             key = (n.domain, n.op_type, n.overload)
             if key not in bodies:
-                total += 1 + sum(size(branch.node, depth) for branch in _branches(n))
-            elif sizes.get(key, 0) < 0:
+                total += 1
+                for branch in _branches(n):
+                    inner, up = size(branch.node, depth)
+                    total, height = total + inner, max(height, up)
+            elif key in counting:
                 raise ValueError(f"the ONNX graph's function {n.op_type[:100]!r} calls itself")
-            elif key in sizes:
-                total += sizes[key]
-            elif depth >= MAX_FUNCTION_DEPTH:
-                raise ValueError(f"the ONNX graph's functions call one another more than {MAX_FUNCTION_DEPTH} deep")
             else:
-                sizes[key] = -1
-                sizes[key] = size(bodies[key], depth + 1)
-                total += sizes[key]
+                if key not in measured:
+                    if depth >= MAX_FUNCTION_DEPTH:
+                        raise deep
+                    counting.add(key)
+                    inner, up = size(bodies[key], depth + 1)
+                    counting.discard(key)
+                    measured[key] = (inner, up + 1)
+                inner, up = measured[key]
+                if depth + up > MAX_FUNCTION_DEPTH:  # counted once, where it was called less deep
+                    raise deep
+                total, height = total + inner, max(height, up)
             if total > MAX_GRAPH_ENTRIES:
                 raise ValueError(f"the ONNX graph holds more than {MAX_GRAPH_ENTRIES} nodes once its functions are "
                                  "inlined")
-        return total
+        return total, height
 
     size(model.graph.node, 0)
     try:

@@ -99,6 +99,27 @@ def test_functions_are_inlined_only_where_their_bodies_are_bounded():
         OnnxModule(_calling(40))
     with pytest.raises(ValueError, match="calls itself"):
         OnnxModule(_calling(2, loop=True))
+    # the bound holds whatever order the graph calls them in: a function counted once, less deep, was taken as is
+    with pytest.raises(ValueError, match="functions call one another more than 32 deep"):
+        OnnxModule(_chain(40))
+    assert len(OnnxModule(_chain(31)).nodes) == 32  # 32 deep at most: one Relu a call, once inlined
+
+
+def _chain(levels: int) -> bytes:
+    """A graph calling F0, F1, ..., F``levels`` in turn, each function calling the one below once (F0: a Relu): the
+    last is ``levels`` + 1 calls deep, each function first met where it is called alone."""
+    from onnx import TensorProto, helper
+
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)]
+    functions = [helper.make_function("local", "F0", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])], opsets)]
+    functions += [helper.make_function("local", f"F{k}", ["a"], ["b"],
+                                       [helper.make_node(f"F{k - 1}", ["a"], ["b"], domain="local")], opsets)
+                  for k in range(1, levels + 1)]
+    names = ["x", *(f"t{k}" for k in range(levels)), "y"]
+    nodes = [helper.make_node(f"F{k}", [names[k]], [names[k + 1]], domain="local") for k in range(levels + 1)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])
+    return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=9).SerializeToString()
 
 
 def _logits_too(model: bytes) -> ort.InferenceSession:
