@@ -169,9 +169,15 @@ KEY_IN_URL = ("an API key goes in the Authorization header (Authorization: Beare
               "was sent in a URL revoked)")
 
 
+_KEY_HINTS = (b"key", b"token", b"auth", b"sdb_", b"%")  # a query string naming or holding a key (or encoded)
+
+
 def _key_in_url(scope: Scope) -> bool:
     query = scope.get("query_string")
     if not query:  # nearly every request: nothing parsed
+        return False
+    lowered = query.lower()
+    if not any(hint in lowered for hint in _KEY_HINTS):  # ?version=3 on every remote teacher's call: 1.3 us a parse
         return False
     return any(name.strip().lower() in _KEY_PARAMS or _KEY_SHAPE.search(value)
                for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True))

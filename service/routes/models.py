@@ -33,7 +33,7 @@ from ..deps import (
     serving,
 )
 from ..direct import direct
-from ..errors import ApiError, invalid, not_found
+from ..errors import ApiError, invalid, not_found, quoted
 from ..inference import (
     PREDICT_TASKS,
     class_predictions,
@@ -257,15 +257,15 @@ async def distill(request: Request) -> Response:
 def remove_model(name: ModelName, key: ApiKeyDep, host: ModelHostDep, store: StoreDep,
                  version: str | None = Query(None, description="only this version", pattern=NO_NUL)) -> Response:
     # The name's owner (the deploy key that first deployed it) takes back what it served, as it deploys it: within
-    # its allowlist (a key made for some models removes no other); the name stays its own. Every other name is an
-    # admin's to remove.
+    # its allowlist (a key made for some models removes no other, an admin key given one included); the name stays
+    # its own. Every other name is an admin's to remove.
     check_scope(key, "deploy", name)  # admin grants the scope
     if not key.grants("admin") and store.model_owner(name) != key.id:
         raise ApiError(403, "model_not_owned", f"this key owns no model named {name!r}: only the key that "
                        "first deployed a model, or an admin, removes it")
     removed = host.remove(name, version, actor=key.id)
     if not removed:
-        raise not_found(f"no model named {name!r}" + (f" with version {version!r}" if version else ""),
+        raise not_found(f"no model named {name!r}" + (f" with version {quoted(version)}" if version else ""),
                         "model_not_found")
     return json_response({"removed": [{"name": n, "version": v} for n, v in removed]})
 
