@@ -239,19 +239,22 @@ def keys_revoke(settings: Settings, key_id: str) -> int:
 
 
 def models_list(settings: Settings, *, as_json: bool = False) -> int:
+    from service.copies import bundle_path
+
     store = _open_store(settings)
     try:
         rows = store.list_models()
     finally:
         store.close()
+    paths = [bundle_path(settings, r.path) for r in rows]  # where this data dir has each (a moved one: its own)
     if as_json:
-        print(json.dumps([{"name": r.name, "version": r.version, "added_at": r.added_at, "path": r.path,
+        print(json.dumps([{"name": r.name, "version": r.version, "added_at": r.added_at, "path": str(p),
                            "output_policy": {"policy": r.policy, "top_k": r.top_k, "decimals": r.decimals}}
-                          for r in rows], indent=2))
+                          for r, p in zip(rows, paths)], indent=2))
         return 0
     print(f"{'name':24}  {'version':10}  {'added':20}  {'policy':12}  path")
-    for r in rows:
-        print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):20}  {policy_text(r):12}  {r.path}")
+    for r, p in zip(rows, paths):
+        print(f"{r.name:24}  {r.version:10}  {_when(r.added_at):20}  {policy_text(r):12}  {p}")
     return 0
 
 

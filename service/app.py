@@ -79,10 +79,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             host = ModelHost(settings, store, on_batch=metrics.observe_batch)
             host.sync()
             register_demo(settings, store, host)
-            swept = sweep_orphans(settings, {m.path for m in store.list_models()})
-            if swept:
-                log.warning("removed %d bundle copies no model version names (left by a deploy that died "
-                            "midway): %s", len(swept), ", ".join(p.name for p in swept[:5]))
+            sweep_orphans(settings, [m.path for m in store.list_models()])  # set aside, logged, never deleted
             return store, Keyring(store, settings.pepper, settings.auth_cache_s), host
 
         store, keyring, host = await run_in_threadpool(start)

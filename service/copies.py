@@ -3,9 +3,16 @@
 A deploy copies the bundle it was given into a new file there (never over one) and serves the copy; removing
 a version deletes its copy (and its name's folder once empty). A bundle an admin registered in place
 (``sdb models add PATH``) is the admin's file: it is never deleted.
+
+A copy is known by its name under ``bundles/`` (``<name>/<file>``: the file's name is unique), not by the absolute
+path the store recorded: a data dir moved or restored elsewhere, or mounted at another path on another host of the
+same store, serves its own copies (:func:`bundle_path`), and the start-up sweep (:func:`sweep_orphans`) never takes
+a copy such a path change explains for a dead deploy's.
 """
 from __future__ import annotations
 
+import logging
+import os
 import re
 import secrets
 import shutil
@@ -15,7 +22,10 @@ from pathlib import Path
 from .errors import no_room
 from .settings import Settings
 
+log = logging.getLogger("sdb.service")
+
 _COPY = re.compile(r"\d{8}T\d{6}-[0-9a-f]{12}\.sdb")
+ORPHANED = ".orphaned"  # bundles/.orphaned/<name>/<file>: the copies a sweep set aside (no model name starts with ".")
 
 
 def copy_new(src: Path, folder: Path) -> Path:
@@ -50,15 +60,55 @@ def discard(target: Path) -> None:
         pass
 
 
-def discard_served(settings: Settings, path: str) -> None:
-    """Delete a removed version's bundle when it is the server's copy (a file of :func:`copy_new`'s in
-    ``bundles/<name>/``); anything else (a bundle registered in place) stays."""
-    target = Path(path)
+def _tail(stored: Path) -> tuple[str, ...]:
+    """A stored path's place under a ``bundles/`` folder: ``(name, file)`` for ``…/bundles/<name>/<file>``, ``(name,)``
+    for ``…/bundles/<name>``, else ()."""
+    parts = stored.parts
+    if len(parts) >= 3 and parts[-3] == "bundles":
+        return parts[-2:]
+    if len(parts) >= 2 and parts[-2] == "bundles":
+        return parts[-1:]
+    return ()
+
+
+def bundle_path(settings: Settings, stored: str) -> Path:
+    """Where this process finds the bundle of a version the store records at ``stored`` (a ``ModelRow.path``,
+    absolute): the one place a row's path is read through.
+
+    A server copy (``…/bundles/<name>/<file>`` with :func:`copy_new`'s file name, which no other copy has) is this
+    data dir's own when it has it, wherever the store recorded it: a data dir moved, restored or mounted elsewhere
+    serves its own copies, not the old place's while that lasts, and goes on once it is gone. Another path of that
+    shape, or ``…/bundles/<name>`` (the demo's folder), that no longer exists is looked for in this data dir's
+    ``bundles/``. Anything else (a bundle an admin registered in place outside the data dir) is the path as
+    recorded. Whatever is found is checked against the bundle registered (its meta.json's digest:
+    :meth:`service.registry.ModelHost.load_registered`)."""
+    path = Path(stored)
+    tail = _tail(path)
+    if not tail:
+        return path
+    ours = settings.bundles_dir.resolve().joinpath(*tail)
+    if len(tail) == 2 and _COPY.fullmatch(tail[1]):
+        return ours if ours.is_file() else path
+    return ours if not path.exists() and ours.exists() else path
+
+
+def copy_name(settings: Settings, path: Path) -> str | None:
+    """``<name>/<file>`` when ``path`` is one of the server's copies (a :func:`copy_new` file in a model's folder of
+    this data dir's ``bundles/``), else None."""
     try:
-        inside = target.parent.parent.resolve() == settings.bundles_dir.resolve()
+        inside = path.parent.parent.resolve() == settings.bundles_dir.resolve()
     except OSError:
-        return
-    if inside and _COPY.fullmatch(target.name) and target.is_file() and not target.is_symlink():
+        return None
+    if not (inside and _COPY.fullmatch(path.name) and path.parent.name != ORPHANED):
+        return None
+    return f"{path.parent.name}/{path.name}"
+
+
+def discard_served(settings: Settings, path: str) -> None:
+    """Delete a removed version's bundle (``path`` as the store records it) when it is the server's copy (a file of
+    :func:`copy_new`'s in ``bundles/<name>/``); anything else (a bundle registered in place) stays."""
+    target = bundle_path(settings, path)
+    if copy_name(settings, target) is not None and target.is_file() and not target.is_symlink():
         discard(target)
 
 
@@ -67,21 +117,64 @@ def discard_served(settings: Settings, path: str) -> None:
 ORPHAN_AGE_S = 3600.0
 
 
-def sweep_orphans(settings: Settings, registered: set[str], now: float | None = None) -> list[Path]:
-    """Blocking: delete the server's copies (:func:`copy_new`'s files) that no registered version's path names and
-    that are older than :data:`ORPHAN_AGE_S`; the ones deleted. A server calls it when it starts."""
+def sweep_orphans(settings: Settings, registered: list[str], now: float | None = None) -> list[Path]:
+    """Blocking: set aside the server's copies (:func:`copy_new`'s files) that no registered version (``registered``:
+    every ``ModelRow.path``) names and that are older than :data:`ORPHAN_AGE_S`, into ``bundles/.orphaned/<name>/``
+    (served by nothing, listed nowhere; an operator deletes them, or registers one again with ``sdb models add``);
+    the paths they have now. A server calls it when it starts, so that the copies of deploys that died midway do
+    not pile up unseen; the log says what went where.
+
+    A copy is named by its ``<name>/<file>`` under ``bundles/``, whatever folder the store recorded it in. Nothing
+    is set aside when the store may not be this data dir's: it holds no version (a new store over existing
+    bundles), or a version's bundle is missing here (yesterday's store, another host's data dir)."""
     root = settings.bundles_dir
     if not root.is_dir():
         return []
     now = time.time() if now is None else now
-    named = {str(Path(p).resolve()) for p in registered}
-    gone = []
-    for target in root.glob("*/*.sdb"):
+    named = {"/".join(_tail(Path(p))) for p in registered}
+    unnamed = [p for p in _old_copies(settings, now) if copy_name(settings, p) not in named]
+    if not unnamed:
+        return []
+    missing = [p for p in registered if not bundle_path(settings, p).exists()]
+    if not registered or missing:
+        why = (f"the store's version bundle {missing[0]} is missing here ({len(missing)} missing)" if missing
+               else "the store holds no model version")
+        log.warning("%d bundle copies in %s are named by no model version, and were left where they are: %s, so the "
+                    "store may not be this data dir's; register the ones to serve with sdb models add PATH",
+                    len(unnamed), root, why)
+        return []
+    moved = [m for m in (_set_aside(root, p) for p in unnamed) if m is not None]
+    if moved:
+        log.warning("moved %d bundle copies that no model version names (left by a deploy that died midway) to %s: "
+                    "%s; delete them, or register one again with sdb models add PATH", len(moved), root / ORPHANED,
+                    ", ".join(f"{p.parent.name}/{p.name}" for p in moved[:5]))
+    return moved
+
+
+def _old_copies(settings: Settings, now: float) -> list[Path]:
+    """The server's copies (not symlinks, not the set-aside ones) last written over :data:`ORPHAN_AGE_S` ago."""
+    old = []
+    for target in settings.bundles_dir.glob("*/*.sdb"):
         try:
-            if (_COPY.fullmatch(target.name) and target.is_file() and not target.is_symlink()
-                    and str(target.resolve()) not in named and now - target.stat().st_mtime > ORPHAN_AGE_S):
-                discard(target)
-                gone.append(target)
+            if (copy_name(settings, target) is not None and target.is_file() and not target.is_symlink()
+                    and now - target.stat().st_mtime > ORPHAN_AGE_S):
+                old.append(target)
         except OSError:  # gone meanwhile, or unreadable: another sweep's, or not ours to judge
             continue
-    return gone
+    return old
+
+
+def _set_aside(root: Path, copy: Path) -> Path | None:
+    """Move ``copy`` to ``bundles/.orphaned/<name>/`` (its name's folder goes once empty); None when another
+    process's sweep took it first."""
+    target = root / ORPHANED / copy.parent.name / copy.name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(copy, target)
+    except FileNotFoundError:
+        return None
+    try:
+        copy.parent.rmdir()
+    except OSError:  # other versions are in it
+        pass
+    return target

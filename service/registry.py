@@ -5,7 +5,9 @@ so ``sdb models add|remove`` (which writes the store directly) reaches a running
 within ``models_sync_s``, and a restart reloads the same set. A request for a name or a
 version the store has and this process has not loaded yet loads it then (one load at a time
 per model), so a model another process just deployed answers at once. A bundle that fails
-verification is refused before anything changes: running models are never touched.
+verification is refused before anything changes: running models are never touched. So is one that is not
+the bundle registered (its meta.json's digest, recorded by the store: :meth:`ModelHost.load_registered`), and a
+version's bundle is looked for where this data dir has it (:func:`service.copies.bundle_path`).
 The key opened with the master key lives only in memory, inside the loaded bundle.
 
 Every version the store has is served, but only ``model_cache_mb`` of them (by bundle size) stay loaded
@@ -17,6 +19,8 @@ tried again once per ``models_sync_s``, and counts among /readyz's failed versio
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -32,6 +36,7 @@ import numpy as np
 from sdb_core.bundle import (
     INPUT_NAME,
     LABELLED_TASKS,
+    META_FILE,
     OUTPUT_NAME,
     Bundle,
     BundleError,
@@ -41,10 +46,11 @@ from sdb_core.bundle import (
     onnx_providers,
     ort_out_of_memory,
     output_shape,
+    read_bundle_files,
 )
 
 from .batching import BatcherClosed, Gate, MicroBatcher
-from .copies import discard_served
+from .copies import bundle_path, discard_served
 from .disclosure import hide_paths
 from .errors import ApiError, not_found, quoted
 from .schemas import OutputPolicy
@@ -90,6 +96,20 @@ def verify_bundle(path: str | Path, master_key: bytes, session_options=None,
                          providers=providers or onnx_providers())
     check_served_output(bundle.meta, str(path))
     return bundle
+
+
+def meta_sha256(path: str | Path, bundle: Bundle) -> str:
+    """The sha256 of the meta.json of the bundle at ``path``, loaded as ``bundle``: what the store records of a
+    version (meta.json lists every other file's sha256, so the digest names the bundle whole). BundleError when the
+    meta.json there now is not the one ``bundle`` was loaded from (the bundle changed while it was being loaded)."""
+    raw = read_bundle_files(path, (META_FILE,)).get(META_FILE, b"")
+    try:
+        same = json.dumps(json.loads(raw), sort_keys=True) == json.dumps(bundle.meta, sort_keys=True)
+    except ValueError:
+        same = False
+    if not same:
+        raise BundleError(f"{path}: its {META_FILE} changed while it was being loaded")
+    return hashlib.sha256(raw).hexdigest()
 
 
 # ------------------------------------------------------------ providers, batch sizes, I/O binding
@@ -635,6 +655,25 @@ class ModelHost:
         """:func:`verify_bundle` with this server's session options and providers."""
         return verify_bundle(path, self.settings.master_key, self.session_options(), self.providers)
 
+    def path_of(self, row: ModelRow) -> Path:
+        """Where this process finds a registered version's bundle (:func:`service.copies.bundle_path`)."""
+        return bundle_path(self.settings, row.path)
+
+    def load_registered(self, row: ModelRow) -> Bundle:
+        """:meth:`load` of a registered version's bundle, which must be the one registered: BundleError when its
+        meta.json's digest is not the one the store recorded (another wrap put in place of an in-place bundle, a
+        restore of other files), so that a pinned version never names two networks. A version registered before
+        digests has its first load's recorded."""
+        path = self.path_of(row)
+        bundle = self.load(path)
+        digest = meta_sha256(path, bundle)
+        recorded = row.meta_sha256 or self.store.record_meta_sha256(row.name, row.version, row.added_at, digest)
+        if recorded is not None and recorded != digest:
+            raise BundleError(f"the bundle at {path} changed since it was registered: its {META_FILE} is not the one "
+                              f"recorded for this version, which would serve another network under it; put the "
+                              f"registered bundle back, or remove the version and register this bundle as a new one")
+        return bundle
+
     def _load_on_demand(self, name: str, version: str | None) -> HostedModel:
         row = self.store.get_model(name, version)
         if row is None:
@@ -658,7 +697,7 @@ class ModelHost:
         key = (row.name, row.version)
         if self._failed_seen.get(key) != row.added_at:
             try:
-                return self.load(row.path)
+                return self.load_registered(row)
             except (ValueError, OSError) as e:
                 if self._removed(row.name, row.version, row.added_at):  # removed meanwhile: its copy went with it
                     raise not_found(f"model {row.name!r} was removed", "model_not_found") from None
@@ -686,7 +725,7 @@ class ModelHost:
         stats = ModelStatistics()
         batcher = MicroBatcher(run, self.executor, max_samples=max_samples, max_wait_s=s.batch_max_wait_ms / 1000.0,
                                enabled=s.batching, on_batch=count, checks=self.checks, on_wait=stats.queued)
-        model = HostedModel(row.name, row.version, row.path, row.added_at, bundle.meta, bundle.has_key,
+        model = HostedModel(row.name, row.version, str(self.path_of(row)), row.added_at, bundle.meta, bundle.has_key,
                             self.bundles, batcher, row_policy(row), io_binding=s.ort_io_binding and provider == CUDA,
                             deadline=self.deadline, isolated=self.store.tenant_owned(row.name), stats=stats)
         self.bundles.put(model, bundle)
@@ -725,6 +764,7 @@ class ModelHost:
         try:
             bundle = self.load(path)
             check_class_names(bundle.meta, path)  # a new registration: a registered version loads without it
+            digest = meta_sha256(path, bundle)
         except (ValueError, OSError) as e:
             self.store.audit(actor, "model.refused", path, str(e))
             raise ApiError(400, "bundle_refused", f"bundle refused: {e}") from None
@@ -738,7 +778,7 @@ class ModelHost:
             self.store.audit(actor, "model.refused", path, e.message)
             raise
         with self._lock:  # one writer at a time: a sync must not load the row this add is writing
-            row = self.store.add_model(name, version, path, **policy.model_dump())
+            row = self.store.add_model(name, version, path, meta_sha256=digest, **policy.model_dump())
             if row is None:
                 raise ApiError(409, "model_exists", f"model {name!r} version {version!r} is already registered")
             self.store.audit(actor, "model.add", f"{name}@{row.version}", path)
@@ -767,7 +807,7 @@ class ModelHost:
         rows = self.store.remove_model(name, version)
         for r in rows:
             self._uninstall(r.name, r.version)
-            self.store.audit(actor, "model.remove", f"{r.name}@{r.version}", r.path)
+            self.store.audit(actor, "model.remove", f"{r.name}@{r.version}", str(self.path_of(r)))
             discard_served(self.settings, r.path)  # a deploy's copy; what an admin registered in place stays
         return [(r.name, r.version) for r in rows]
 
@@ -789,7 +829,7 @@ class ModelHost:
             if self._failed_seen.get(key) == row.added_at:
                 continue  # refused before: a new add (new added_at) tries again
             try:
-                bundle = self.load(row.path)
+                bundle = self.load_registered(row)
             except (ValueError, OSError) as e:
                 self.failed[key], self._failed_seen[key] = str(e), row.added_at
                 log.error("model %s version %s not served: %s", row.name, row.version, e)

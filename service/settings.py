@@ -315,8 +315,10 @@ class Settings(BaseSettings):
         if name == "master_key":
             from sdb_core.bundle import opens_key
 
+            from .copies import bundle_path
+
             for row in store.list_models()[:20]:  # the first that has a sealed key tells
-                opened = opens_key(row.path, self.master_key)
+                opened = opens_key(bundle_path(self, row.path), self.master_key)
                 if opened is False:
                     raise SecretsError(f"the {what} {path} does not open the sealed key of model {row.name!r} version "
                                        f"{row.version!r}, which this store serves: it is not the one its models were "

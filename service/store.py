@@ -223,17 +223,19 @@ class Store:
             rows = list(s.scalars(select(ModelRow).where(ModelRow.name == name)))
             return max(rows, key=lambda r: version_key(r.version), default=None)
 
-    def add_model(self, name: str, version: str, path: str, **policy) -> ModelRow | None:
+    def add_model(self, name: str, version: str, path: str, meta_sha256: str | None = None,
+                  **policy) -> ModelRow | None:
         """An admin's registration of ``name`` at ``version``; None when that version is registered."""
         try:
-            return self.add_version(name, path, deployer=None, version=version, **policy)
+            return self.add_version(name, path, deployer=None, version=version, meta_sha256=meta_sha256, **policy)
         except DeployRefused:
             return None
 
     def add_version(self, name: str, path: str, *, deployer: str | None, version: str | None = None,
                     policy: str = "probs", top_k: int | None = None, decimals: int | None = None,
-                    job: tuple[str, str] | None = None, size: int = 0, reservation: str | None = None) -> ModelRow:
-        """Register ``path`` as a version of ``name``, in one transaction that also checks the deployer.
+                    job: tuple[str, str] | None = None, size: int = 0, reservation: str | None = None,
+                    meta_sha256: str | None = None) -> ModelRow:
+        """Register ``path`` (absolute) as a version of ``name``, in one transaction that also checks the deployer.
 
         ``deployer`` is the deploying key's id, read here with the name: an admin key deploys under any
         name, another key under a name it owns or no one has claimed (it becomes the owner); None is the
@@ -251,11 +253,13 @@ class Store:
 
         ``size``: the copy's bytes, counted against ``deployer``'s storage cap from now on; ``reservation``: the
         bytes it held while the copy was made and checked (:meth:`reserve_file_bytes`), which become the version's.
+        ``meta_sha256``: the digest of the bundle's meta.json, which every later load of the version must match.
         """
         for attempt in range(3):
             try:
                 with self.session.begin() as s:
-                    row = self._add_version(s, name, path, deployer, version, policy, top_k, decimals, job, size)
+                    row = self._add_version(s, name, path, deployer, version, policy, top_k, decimals, job, size,
+                                            meta_sha256)
                     if reservation is not None:
                         s.execute(delete(FileReservationRow).where(FileReservationRow.id == reservation))
                     return row
@@ -315,7 +319,8 @@ class Store:
 
     def _add_version(self, s: Session, name: str, path: str, deployer: str | None, version: str | None,
                      policy: str, top_k: int | None, decimals: int | None,
-                     job: tuple[str, str] | None = None, size: int = 0) -> ModelRow:
+                     job: tuple[str, str] | None = None, size: int = 0,
+                     meta_sha256: str | None = None) -> ModelRow:
         now = time.time()
         if s.get_bind().dialect.name == "sqlite":
             s.connection().exec_driver_sql("BEGIN IMMEDIATE")  # the write lock before the first read
@@ -342,9 +347,20 @@ class Store:
         if version.isdigit():
             claim.last_version = max(claim.last_version, int(version))
         row = ModelRow(name=name, version=version, path=path, added_at=now, policy=policy, top_k=top_k,
-                       decimals=decimals, deployer=deployer, bytes=size)
+                       decimals=decimals, deployer=deployer, bytes=size, meta_sha256=meta_sha256)
         s.add(row)
         return row
+
+    def record_meta_sha256(self, name: str, version: str, added_at: float, digest: str) -> str | None:
+        """The meta.json digest of a version registered before digests were (NULL): ``digest`` recorded, the first
+        load's; returns the one the version has now (another process's, when it recorded one first), or None when
+        the version as added at ``added_at`` is gone."""
+        with self.session.begin() as s:
+            s.execute(update(ModelRow).where(ModelRow.name == name, ModelRow.version == version,
+                                             ModelRow.added_at == added_at, ModelRow.meta_sha256.is_(None))
+                      .values(meta_sha256=digest))
+            return s.scalar(select(ModelRow.meta_sha256).where(ModelRow.name == name, ModelRow.version == version,
+                                                               ModelRow.added_at == added_at))
 
     def remove_model(self, name: str, version: str | None = None) -> list[ModelRow]:
         with self.session.begin() as s:

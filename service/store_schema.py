@@ -68,6 +68,10 @@ class ModelRow(Base):
     # of its copy: a key's storage cap counts them with its files
     deployer: Mapped[str | None] = mapped_column(String(32), nullable=True)
     bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # sha256 of the bundle's meta.json when it was registered (it lists every file's sha256, so it names the bundle
+    # whole): a load of another bundle at the path is refused. NULL for versions older than the column: recorded at
+    # their first load, then checked.
+    meta_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ModelNameRow(Base):
@@ -271,8 +275,15 @@ def _v10(conn: Connection) -> None:
     releases that refuse a newer schema on, they refuse this store instead."""
 
 
+def _v11(conn: Connection) -> None:
+    """Each version's meta.json digest (a bundle changed under a registered version is refused); NULL for older
+    versions, recorded at their first load."""
+    if "meta_sha256" not in {c["name"] for c in inspect(conn).get_columns("models")}:
+        conn.exec_driver_sql("ALTER TABLE models ADD COLUMN meta_sha256 VARCHAR(64)")
+
+
 # Append a step to change the schema; never edit a released one (_v8's rerun guard excepted: the same first run).
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9, _v10, _v11]
 
 
 class SchemaTooNew(ValueError):

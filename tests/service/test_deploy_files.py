@@ -323,25 +323,68 @@ def test_readme_deploy_commands_name_what_exists():
             assert cmd[0] == "curl" and cmd[-1].startswith("localhost:8000/"), cmd
 
 
-def test_a_bundle_copy_a_dead_deploy_left_is_swept_at_start(tmp_path):
-    """A server killed between copying a deployed bundle and registering it left the copy for good (after restarts
-    and later deploys of the name). A start removes such copies once they are an hour old; a registered version's
-    copy, a fresh one (another process's deploy in flight) and files that are not copies stay."""
+def _copies(tmp_path, n: int, aged: int | None = None):
+    """Settings on ``tmp_path/data`` and ``n`` server copies of one model's bundle, the first ``aged`` of them (all
+    by default) last written before the sweep's age."""
     import os
     import time
 
-    from service.copies import ORPHAN_AGE_S, copy_new, sweep_orphans
-    from service.settings import Settings
+    from service.copies import ORPHAN_AGE_S, copy_new
 
     settings = Settings(data_dir=tmp_path / "data")
-    folder = settings.bundles_dir / "k"
     src = tmp_path / "a.sdb"
     src.write_bytes(b"a bundle's bytes")  # what it holds is not the sweep's business
-    served, orphan, fresh = (copy_new(src, folder) for _ in range(3))
-    mine = folder / "notes.sdb"
+    made = [copy_new(src, settings.bundles_dir / "k") for _ in range(n)]
+    old = time.time() - ORPHAN_AGE_S - 60
+    for p in made[:aged]:
+        os.utime(p, (old, old))
+    return settings, made
+
+
+def test_a_bundle_copy_a_dead_deploy_left_is_set_aside_at_start(tmp_path, caplog):
+    """A server killed between copying a deployed bundle and registering it left the copy for good (after restarts
+    and later deploys of the name). A start moves such copies, once an hour old, to bundles/.orphaned/ (never
+    deleted: an operator decides) and says so; a registered version's copy, a fresh one (another process's deploy in
+    flight) and files that are not copies stay."""
+    import logging
+    import os
+    import time
+
+    from service.copies import ORPHAN_AGE_S, sweep_orphans
+
+    settings, (served, orphan, fresh) = _copies(tmp_path, 3, aged=2)
+    mine = served.parent / "notes.sdb"
     mine.write_bytes(b"an admin's")
     old = time.time() - ORPHAN_AGE_S - 60
-    for p in (served, orphan, mine):
-        os.utime(p, (old, old))
-    assert sweep_orphans(settings, {str(served)}) == [orphan]
-    assert served.is_file() and fresh.is_file() and mine.is_file() and not orphan.exists()
+    os.utime(mine, (old, old))
+    with caplog.at_level(logging.WARNING, logger="sdb.service"):
+        moved = sweep_orphans(settings, [str(served)])
+    assert moved == [settings.bundles_dir / ".orphaned" / "k" / orphan.name]
+    assert moved[0].read_bytes() == b"a bundle's bytes" and not orphan.exists()
+    assert served.is_file() and fresh.is_file() and mine.is_file()
+    assert f"to {settings.bundles_dir / '.orphaned'}" in caplog.text and f"k/{orphan.name}" in caplog.text
+    assert sweep_orphans(settings, [str(served)]) == []  # what was set aside is no copy to sweep again
+
+
+def test_a_copy_the_store_names_at_another_path_is_not_swept(tmp_path):
+    """The sweep compared absolute paths: a data dir moved or restored elsewhere (cp -a keeps the mtimes), or
+    mounted at another path on another host of the same store, had every served copy deleted at start. A copy is
+    named by its place under bundles/."""
+    from service.copies import sweep_orphans
+
+    settings, copies = _copies(tmp_path, 2)
+    recorded = [f"/elsewhere/data/bundles/k/{p.name}" for p in copies]
+    assert sweep_orphans(settings, recorded) == []
+    assert all(p.is_file() for p in copies)
+
+
+def test_a_store_that_may_not_be_this_data_dirs_sweeps_nothing(tmp_path):
+    """A new store over an existing data dir (the switch to PostgreSQL), or yesterday's store over today's data dir,
+    named none (or not all) of its copies, and the start deleted them for good. A store with no version, or with a
+    version whose bundle is missing here, leaves every copy where it is."""
+    from service.copies import sweep_orphans
+
+    settings, (served, unnamed) = _copies(tmp_path, 2)
+    assert sweep_orphans(settings, []) == []
+    assert sweep_orphans(settings, [str(served), str(tmp_path / "gone.sdb")]) == []
+    assert served.is_file() and unnamed.is_file()

@@ -104,6 +104,35 @@ def test_versions_older_than_their_deployer_column_count_against_their_names_own
         store.close()
 
 
+def test_versions_older_than_the_meta_digest_column_have_none_until_their_first_load(db_url, tmp_path):
+    """Step 11 adds each version's meta.json digest: NULL for the versions already there (their first load records
+    it, tests/service/test_bundle_paths.py), and a rerun of the steps (an older release wrote its schema version)
+    changes nothing."""
+    from sqlalchemy import update
+
+    store = Store(db_url)
+    try:
+        store.add_version("m", str(tmp_path / "v1.sdb"), deployer=None, meta_sha256="ab" * 32)
+        with store.session.begin() as s:  # as a store from before step 11 holds it
+            s.connection().exec_driver_sql("ALTER TABLE models DROP COLUMN meta_sha256")
+            s.execute(update(SchemaVersion).values(version=10))
+    finally:
+        store.close()
+    store = Store(db_url)  # step 11 runs
+    try:
+        assert store.get_model("m").meta_sha256 is None
+        with store.session.begin() as s:  # an older release's schema version: every step runs again
+            s.execute(update(SchemaVersion).values(version=5))
+    finally:
+        store.close()
+    store = Store(db_url)
+    try:
+        row = store.get_model("m")
+        assert row.meta_sha256 is None and row.path == str(tmp_path / "v1.sdb")
+    finally:
+        store.close()
+
+
 def test_racing_claims_take_every_job_exactly_once(db_url):
     setup = Store(db_url)
     ids = {JobQueue(setup).submit("wrap", {"i": i}, "owner")[0].id for i in range(40)}

@@ -141,7 +141,7 @@ def _hosted(t: TeacherParam, sub: Submission) -> tuple[TeacherParam, Any]:
     Returns the completed reference and the rebuilt network."""
     from sdb_core.onnx_torch import teacher_from_bundle
 
-    net, meta = teacher_from_bundle(served_model_path(sub.queue, t.model, t.version), t.arch)
+    net, meta = teacher_from_bundle(served_model_path(sub.settings, sub.queue, t.model, t.version), t.arch)
     update: dict[str, Any] = {"widths": list(net.widths), "in_channels": net.in_channels}
     if t.arch == "multilabel" and t.labels is None:
         names = meta.get("labels") or []

@@ -382,16 +382,20 @@ def model_ref(p: ModelParam, ctx: JobContext, what: str) -> ModelRef:
     """The task's :class:`ModelRef` when the job runs: a hosted model at its pinned version's bundle, or the
     weights file resolved again for the job's key (a file deleted meanwhile fails the job, saying so)."""
     if p.model is not None:
-        path = served_model_path(ctx.queue, p.model, p.version)
+        path = served_model_path(ctx.settings, ctx.queue, p.model, p.version)
         return ModelRef(model=p.model, arch=p.arch).hosted_at(path, p.version)
     weights = None if p.file is None else str(input_file(p.file, "weights", ctx, f"{what}.file"))
     return ModelRef(arch=p.arch, weights=weights, num_classes=p.num_classes,
                     mean=None if p.mean is None else tuple(p.mean), std=None if p.std is None else tuple(p.std))
 
 
-def served_model_path(queue: JobQueue, name: str, version: str) -> str:
-    """The bundle path of a model version pinned at submission; ValueError if it was removed since."""
+def served_model_path(settings: Settings, queue: JobQueue, name: str, version: str) -> str:
+    """The bundle path of a model version pinned at submission, as this process finds it
+    (:func:`service.copies.bundle_path`: a data dir moved or mounted elsewhere is its own); ValueError if it was
+    removed since."""
+    from ...copies import bundle_path
+
     row = next((r for r in queue.store.list_models() if r.name == name and r.version == version), None)
     if row is None:
         raise ValueError(f"model {name!r} version {version!r} is no longer served")
-    return row.path
+    return str(bundle_path(settings, row.path))
