@@ -40,8 +40,9 @@ def _open_store(settings: Settings, *, make: bool = False) -> Store:
     """The data dir's store; a data dir or store that cannot be opened, or a secret lost from a store in use, is one
     line (exit 2), not a traceback. A data dir that does not exist is made only when ``make`` (``keys create``,
     ``models add``, which say so): a command that reads or changes what one holds, given a typo for it, made a new
-    data dir with a fresh store and secrets, and listed nothing with exit 0."""
-    if not make and not settings.data_dir.exists():
+    data dir with a fresh store and secrets, and listed nothing with exit 0. A store elsewhere
+    (``SDB_DATABASE_URL``) is what it holds, data dir or none."""
+    if not make and not settings.database_url and not settings.data_dir.exists():  # the store would be a new file
         raise _no_data_dir(settings.data_dir)
     settings.prepare_data_dir()
     settings.check_secrets()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -98,6 +99,18 @@ def test_a_command_on_what_a_data_dir_holds_refuses_one_that_is_not_there(data, 
     assert main(argv) == 2
     assert f"--data-dir: dta, that is {typo}) does not exist" in capsys.readouterr().err
     assert not typo.exists() and not (tmp_path / "dta-secrets").exists()
+
+
+def test_a_store_elsewhere_is_read_whatever_the_data_dir(data, tmp_path, monkeypatch, capsys):
+    """With SDB_DATABASE_URL (a PostgreSQL store, an admin box without the shared volume) the store holds the keys
+    whether or not the data dir is there: a missing one was refused as holding none."""
+    monkeypatch.setenv("SDB_DATABASE_URL", f"sqlite:///{tmp_path / 'shared.sqlite3'}")
+    monkeypatch.setenv("SDB_SECRETS_DIR", str(tmp_path / "secrets"))
+    assert main(["keys", "create", "--scopes", "predict", "--name", "kept"]) == 0
+    capsys.readouterr()
+    shutil.rmtree(data)
+    assert main(["keys", "list"]) == 0
+    assert "kept" in capsys.readouterr().out
 
 
 def test_keys_create_still_makes_a_data_dir_and_says_so(data, capsys):
