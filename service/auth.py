@@ -84,8 +84,14 @@ def _unauthorized(code: str, message: str) -> ApiError:
 def check_scope(key: ApiKey, scope: str, model: str | None = None) -> None:
     if not key.grants(scope):
         raise ApiError(403, "forbidden_scope", f"this API key lacks the {scope!r} scope")
-    if model is not None and not key.allows_model(model):
-        raise ApiError(403, "model_not_allowed", f"this API key is not allowed to use model {model!r}")
+    if model is not None:
+        check_allowed(key, model)
+
+
+def check_allowed(key: ApiKey, model: str, why: str = "") -> None:
+    """403 ``model_not_allowed`` unless ``model`` is on ``key``'s model allowlist (``why``: said after it)."""
+    if not key.allows_model(model):
+        raise ApiError(403, "model_not_allowed", f"this API key is not allowed to use model {model!r}{why}")
 
 
 # The store keeps counts in signed 64-bit integers (SQLite's and PostgreSQL's BIGINT); an expiry past a century is a

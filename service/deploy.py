@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from sdb_core.progress import Cancelled
 
 from . import files
+from .auth import check_allowed
 from .copies import copy_new, discard
 from .errors import ApiError, invalid, no_room
 from .filechecks import read_bundle
@@ -49,19 +50,11 @@ def check_deploy_rights(store: Store, name: str, key: ApiKey) -> None:
     name), 403 ``model_not_owned`` unless the key owns the name, nobody does yet, or the key is an admin (the
     rule the deploy transaction applies again)."""
     check_served_name(name)
-    check_allowed(key, name)
+    check_allowed(key, name, f": it deploys only under the names on its allowlist ({', '.join(sorted(key.models or ()))});"
+                  " give one of those, or use a key that allows this one")
     refusal = store.deploy_refusal(name, key.id)
     if refusal is not None:
         raise refused(refusal)
-
-
-def check_allowed(key: ApiKey, name: str) -> None:
-    """403 ``model_not_allowed`` (the code predict answers) unless ``name`` is on ``key``'s model allowlist: a
-    key made for some models deploys (``deploy`` scope, or ``jobs`` with ``deploy: true``) under no other name."""
-    if not key.allows_model(name):
-        raise ApiError(403, "model_not_allowed", f"this API key is not allowed to use model {name!r}: it deploys "
-                       f"only under the names on its allowlist ({', '.join(sorted(key.models or ()))}); give one "
-                       "of those, or use a key that allows this one")
 
 
 def check_policy(policy: OutputPolicy | dict | None, meta: dict) -> OutputPolicy:
