@@ -122,7 +122,7 @@ class RemoteTeacher:
         self.prefetch = prefetch
         self.version = None if version is None else str(version)
         client._encoding(encoding)  # checked now; None stays the client's, which turns JSON for an older server
-        self.encoding = encoding
+        self._asked = encoding
         self._new_pool()
         self.requests = 0  # requests issued (queued or sent), for the curious and the tests
 
@@ -144,13 +144,18 @@ class RemoteTeacher:
         self.__dict__.update(state)
         self._new_pool()
 
+    @property
+    def encoding(self) -> str:
+        """How the tensors travel now: the one asked for, else the client's (JSON once its server refused .npy)."""
+        return self.client._encoding(self._asked)
+
     # ------------------------------------------------------------------ fetching
     def _fetch(self, x: np.ndarray) -> np.ndarray:
         self.requests += 1
         return self._ask(x)
 
     def _ask(self, x: np.ndarray) -> np.ndarray:
-        return self.client.distill_logits(self.model, x, batch_size=len(x), encoding=self.encoding,
+        return self.client.distill_logits(self.model, x, batch_size=len(x), encoding=self._asked,
                                           version=self.version)
 
     def _submit(self, x: np.ndarray, stop: threading.Event) -> Future:
@@ -173,8 +178,7 @@ class RemoteTeacher:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for a float32 array of any length, requests pipelined, in input order."""
-        x, plan = self.client._batches(self.model, x, self.batch_size, self.version,
-                                       self.client._encoding(self.encoding))
+        x, plan = self.client._batches(self.model, x, self.batch_size, self.version, self.encoding)
         parts = plan.slices()
         out: list[np.ndarray] = []
         if len(parts) == 1 or self.prefetch == 0:
