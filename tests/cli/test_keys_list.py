@@ -6,7 +6,6 @@ over, while `/v1/keys/me` and the console said 0), without its window; no name (
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,16 +18,6 @@ from service.settings import Settings
 from service.store import Store
 
 WINDOW = 10**9  # about 31.7 years: the test never runs across one of its ends
-
-
-@pytest.fixture
-def data(tmp_path, monkeypatch) -> Path:
-    for k in list(os.environ):
-        if k.startswith("SDB_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("SDB_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "data"
 
 
 def create(capsys, *flags: str) -> str:

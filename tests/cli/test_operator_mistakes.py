@@ -29,17 +29,6 @@ KEY = "sdb_0123456789ab_" + "5e" * 32  # shaped as an API key: its secret must n
 MASTER = "ab" * 32
 
 
-@pytest.fixture
-def data(tmp_path, monkeypatch) -> Path:
-    """A fresh data dir in SDB_DATA_DIR, no other SDB_* setting."""
-    for k in list(os.environ):
-        if k.startswith("SDB_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("SDB_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path / "data"
-
-
 def one_line_error(capsys, code: int, *needles: str) -> str:
     out = capsys.readouterr()
     err = out.err.strip()
