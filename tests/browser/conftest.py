@@ -109,7 +109,8 @@ def console(tmp_path_factory, bundles):  # noqa: F811
     keys = {"admin": key(settings, ["admin"], name="owner"),
             "predict": key(settings, ["predict"], name="viewer"),
             "distill": key(settings, ["distill"], models=["digits-a"], quota=10_000, name="lab-7"),
-            "jobs": key(settings, ["jobs", "distill"], name="trainer")}
+            "jobs": key(settings, ["jobs", "distill"], name="trainer"),
+            "deploy": key(settings, ["deploy"], name="deployer")}
     server = ConsoleServer(data, bundles, root / "server.log")
     downloads = root / "downloads"
     downloads.mkdir()

@@ -201,6 +201,11 @@ def test_models_page_and_try_it_public_top_k_beside_keyed_logits(console, driver
     sample_png = (STATIC / "samples" / "digits-3.png").read_bytes()
     expect = api(console, "distill", "POST", "/v1/models/digits-a/predict", files={"file": ("s.png", sample_png)}).json()
     assert css(driver, "[data-top]").get_attribute("data-top") == expect["predictions"][0]["labels"][0]
+    top_k = field(driver, "Top k")  # cleared, it sent top_k="" (a 422): now the API's default
+    top_k.send_keys(Keys.CONTROL, "a")
+    top_k.send_keys(Keys.BACKSPACE, Keys.TAB)  # Tab: the change that asks again
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-top]") or field_error(top_k), what="the answer")
+    assert field_error(top_k) == "" and css(driver, "[data-top]").get_attribute("data-top") == expect["predictions"][0]["labels"][0]
 
     driver.refresh()  # the usage written behind shows on the model's page
     usage = wait(driver, lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, "[aria-labelledby=use-h] figure svg")], 20,
@@ -218,19 +223,68 @@ def test_a_bundles_own_figure_names_never_stop_its_page(console, driver, tmp_pat
     from sdb_core.bundle import export_bundle
 
     check = {"passed": True, "val_size": 40, "thresholds": {"max_accuracy_drop": 1.0, "toString": 2},
-             "figures": {"constructor": 0.25, "public_drop": 0.5, "__proto__": 3}}
+             "figures": {"constructor": 0.25, "public_drop": 0.5, "public_acc": 88.5, "__proto__": 3}}
     path = export_bundle(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), tmp_path / "odd.sdb",
                          name="odd-figures", in_shape=(1, 8, 8), mean=(0.3,), std=(0.4,),
-                         labels=[str(i) for i in range(10)], extra={"check": check})
+                         labels=[str(i) for i in range(10)], metrics={"public_acc": 88.5}, extra={"check": check})
     r = api(console, "admin", "POST", "/v1/models", files={"file": ("odd.sdb", path.read_bytes())})
     assert r.status_code == 201, r.text
     try:
         sign_in(driver, console, "predict", "#/models/odd-figures")
         visible(driver, "#try-h")
         report = css(driver, "[aria-labelledby=prot-h]").text
-        assert "held-out samples: passed" in report and "Constructor" in report and "0.25" in report, report
+        assert "On 40 held-out training inputs: passed" in report and "Constructor" in report and "0.25" in report, report
+        # The accuracies are the self-check's, on the inputs it held out (not "the data set's test split"), with units
+        assert "Accuracy on 40 held-out training inputs (the self-check's)" in report and "test split" not in report
+        assert "88.50 %" in report and "0.50 points" in report and "≤ 1 point (max accuracy drop)" in report, report
     finally:
         assert api(console, "admin", "DELETE", "/v1/models/odd-figures").status_code == 200
+
+
+def test_two_versions_of_a_model_are_two_rows_each_opening_its_own_version(console, driver, bundles):
+    """GET /v1/models lists each version: a model serving two showed two identical rows, both opening the latest."""
+    from tests.service.conftest import sdb_bytes
+
+    for path in (bundles.a, bundles.a2):
+        r = api(console, "admin", "POST", "/v1/models", files={"file": ("b.sdb", sdb_bytes(path))}, data={"name": "twins"})
+        assert r.status_code == 201, r.text
+    try:
+        sign_in(driver, console, "predict")
+        rows = wait(driver, lambda d: d.find_elements(By.XPATH, "//table//tr[td/a[text()='twins']]"), what="the rows")
+        cells = sorted([c.text for c in r.find_elements(By.TAG_NAME, "td")][:2] for r in rows)
+        assert cells == [["twins", "1"], ["twins", "2"]]
+        links = {r.find_elements(By.TAG_NAME, "td")[1].text: r.find_element(By.TAG_NAME, "a") for r in rows}
+        assert links["1"].get_attribute("href").endswith("#/models/twins?version=1")
+        assert links["2"].get_attribute("href").endswith("#/models/twins?version=2")
+        links["1"].click()
+        visible(driver, "#try-h")
+        assert field(driver, "Version").get_attribute("value") == "1"
+        shot(driver, console, "05b-two-versions")
+    finally:
+        for version in ("2", "1"):
+            api(console, "admin", "DELETE", f"/v1/models/twins?version={version}")
+
+
+def test_the_skip_link_and_an_empty_route_keep_the_page(console, driver):
+    """The skip link's #main replaced the route in the address (a reload showed Models); #/ was "Not found"."""
+    sign_in(driver, console, "jobs", "#/jobs")
+    driver.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+    ActionChains(driver).send_keys(Keys.TAB).perform()
+    assert driver.switch_to.active_element.text == "Skip to content"
+    ActionChains(driver).send_keys(Keys.ENTER).perform()
+    assert driver.switch_to.active_element == css(driver, "main") and driver.current_url.endswith("#/jobs")
+    driver.refresh()
+    wait(driver, lambda d: css(d, "#view h1").text == "Jobs", what="the same page after a reload")
+    driver.get(console.url + "/#/")
+    wait(driver, lambda d: css(d, "#view h1").text == "Models", what="#/ is Models")
+
+
+def test_a_deploy_key_is_told_how_to_deploy(console, driver):
+    """A deploy key had no way to deploy from the console and nothing said how."""
+    sign_in(driver, console, "deploy", "#/files")
+    how = visible(driver, "#deploy-how").text
+    assert "sdb models deploy PATH" in how and 'POST /v1/models {"file": "file-…"}' in how, how
+    assert css(driver, "#deploy-how a").get_attribute("href").endswith("/docs#/models/deploy_v1_models_post")
 
 
 # ------------------------------------------------------------------------------------------ keys
@@ -361,6 +415,8 @@ def test_wrap_job_from_the_form_succeeds_with_curves_report_and_artifact(console
     assert all(c.find_elements(By.CSS_SELECTOR, "polyline, circle") for c in charts)
     report = css(driver, "#report").text
     assert "Self-check: passed" in report and "wrapped console-wrap version 1 (deployed)" in report
+    held_out = api(console, "jobs", "GET", f"/v1/jobs/{job_id}/artifacts/report.json").json()["report"]["check"]["val_size"]
+    assert f"Accuracy on {held_out} held-out training inputs (the self-check's)" in report
     for name in ("teacher_acc", "public_acc", "keyed_acc"):
         assert f"{job['metrics'][name]:.1f} %" in report
     assert "succeeded" in css(driver, "pre.log").text
@@ -378,8 +434,9 @@ def test_wrap_job_from_the_form_succeeds_with_curves_report_and_artifact(console
 
     driver.get(console.url + "/#/models/console-wrap")
     prot = visible(driver, "[aria-labelledby=prot-h]")
-    wait(driver, lambda d: "held-out samples: passed" in prot.text, what="the self-check")
-    assert f"{job['metrics']['public_acc']:.1f} %" in prot.text and "≥ -100 (min leak margin)" in prot.text
+    wait(driver, lambda d: f"On {held_out} held-out training inputs: passed" in prot.text, what="the self-check")
+    assert f"{job['metrics']['public_acc']:.1f} %" in prot.text and "≥ -100 points (min leak margin)" in prot.text
+    assert f"Accuracy on {held_out} held-out training inputs" in prot.text
     shot(driver, console, "16-wrapped-model")
 
 
@@ -408,17 +465,65 @@ def test_audit_job_shows_its_verdict_and_chart_on_the_job_and_the_model(console,
     shot(driver, console, "18-model-audit")
 
 
-def test_cancel_a_running_job_from_its_page(console, driver):
-    long = {"data": "digits", "teacher": {"arch": "mlp"}, "teacher_epochs": 1, "epochs": 1000, "name": "long"}
-    job = api(console, "jobs", "POST", "/v1/jobs", json={"kind": "wrap", "params": long}).json()
-    sign_in(driver, console, "jobs", f"#/jobs/{job['id']}")
-    wait(driver, lambda d: css(d, ".bigprogress [data-status]").get_attribute("data-status") == "running", 60,
-         what="the job running")
-    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#curves figure polyline"), 30, what="live curves")
-    driver.find_element(By.XPATH, "//button[text()='Cancel job']").click()
-    wait_for_status(driver, "cancelled", 30)
+LONG_WRAP = {"data": "digits", "teacher": {"arch": "mlp"}, "teacher_epochs": 1, "epochs": 1000, "name": "long"}
+
+
+def test_cancel_a_running_job_from_its_page_by_keyboard(console, driver):
+    """The page rebuilt its Cancel button on every poll while the job ran: a keyboard user's focus fell to the
+    page's body within a second, and Enter cancelled nothing."""
+    job = api(console, "jobs", "POST", "/v1/jobs", json={"kind": "wrap", "params": LONG_WRAP}).json()
+    try:
+        sign_in(driver, console, "jobs", f"#/jobs/{job['id']}")
+        wait(driver, lambda d: css(d, ".bigprogress [data-status]").get_attribute("data-status") == "running", 60,
+             what="the job running")
+        wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#curves figure polyline"), 30, what="live curves")
+        cancel = driver.find_element(By.XPATH, "//button[text()='Cancel job']")
+        driver.execute_script("arguments[0].focus()", cancel)
+        time.sleep(2)  # two polls of a running job, its progress moving
+        assert driver.switch_to.active_element == cancel
+        ActionChains(driver).send_keys(Keys.ENTER).perform()
+        wait_for_status(driver, "cancelled", 30)
+        assert not cancel.is_displayed() and driver.switch_to.active_element == css(driver, "#view h1")  # focus kept
+        shot(driver, console, "18b-cancelled-job")
+    finally:  # the one worker free for the next test, whatever happened here
+        api(console, "jobs", "POST", f"/v1/jobs/{job['id']}/cancel")
     assert api(console, "jobs", "GET", f"/v1/jobs/{job['id']}").json()["status"] == "cancelled"
-    shot(driver, console, "18b-cancelled-job")
+
+
+def test_cancel_from_the_jobs_list_by_a_click_on_the_focused_button(console, driver):
+    """A click on a running job's Cancel in the list threw (its row's update focused an empty text node), the row
+    stayed "running" and the list never refreshed again; a press and release that straddled a poll was lost."""
+    job = api(console, "jobs", "POST", "/v1/jobs", json={"kind": "wrap", "params": LONG_WRAP}).json()
+    later = None
+    try:
+        sign_in(driver, console, "jobs", "#/jobs")
+        row = f"tr[data-job='{job['id']}']"
+        wait(driver, lambda d: css(d, f"{row} [data-status]").get_attribute("data-status") == "running", 60,
+             what="the job running")
+        button = css(driver, f"{row} button")
+        ActionChains(driver).move_to_element(button).click_and_hold().pause(1.2).release().perform()  # across a poll
+        wait(driver, lambda d: css(d, f"{row} [data-status]").get_attribute("data-status") == "cancelled", 30,
+             what="the row cancelled")
+        assert not button.is_displayed() and driver.switch_to.active_element == css(driver, f"{row} a")  # its link
+        # One answer the page cannot use threw out of the poll, which stopped for good: now it is said, and polls on
+        driver.execute_script("""const real = window.fetch;
+            window.fetch = async (url, opts) => {
+              if (!String(url).startsWith('/v1/jobs?')) return real(url, opts);
+              window.fetch = real;
+              return new Response('{"jobs": null}', {status: 200, headers: {'Content-Type': 'application/json'}});
+            };""")
+        listed = css(driver, "section[aria-labelledby=list-h]")
+        wait(driver, lambda d: "Could not refresh" in listed.text, 10, what="the failed refresh said")
+        assert any("TypeError" in e["message"] for e in driver.get_log("browser"))  # read here: the page's own bug
+        later = api(console, "jobs", "POST", "/v1/jobs", json={"kind": "wrap", "params": LONG_WRAP}).json()
+        wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"tr[data-job='{later['id']}']"), 15,
+             what="a later job listed: the list still refreshes")
+        assert "Could not refresh" not in listed.text
+        shot(driver, console, "18c-cancelled-from-the-list")
+    finally:
+        for j in (job, later):
+            if j:
+                api(console, "jobs", "POST", f"/v1/jobs/{j['id']}/cancel")
 
 
 # ------------------------------------------------------------------------------------------ scopes

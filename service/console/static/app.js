@@ -3,14 +3,14 @@
 import * as files from "./files.js";
 import * as jobs from "./jobs.js";
 import * as keys from "./keys.js";
-import { api, grants, h, put, session } from "./lib.js";
+import { ApiError, api, errorBox, grants, h, put, session } from "./lib.js";
 import * as models from "./models.js";
 
 const $ = (id) => document.getElementById(id);
 const view = $("view");
 
 const ROUTES = [
-  [/^\/models$/, models.list, "models"],
+  [/^\/(models)?$/, models.list, "models"],
   [/^\/models\/([^/]+)$/, models.detail, "models"],
   [/^\/jobs$/, jobs.list, "jobs"],
   [/^\/jobs\/([^/]+)$/, jobs.detail, "jobs"],
@@ -25,11 +25,23 @@ function context() {
   let alive = true;
   return {
     alive: () => alive,
-    // Call fn again in `fast` ms while it returns true, else in `slow` ms (null: stop).
-    poll(fn, active, fast = 1000, slow = null) {
+    // Call fn again in `fast` ms while it returns true, else in `slow` ms (null: stop). One call that throws
+    // stopped every later refresh of the page for good: its error goes in `notice` (as a refused refresh's does,
+    // gone with the next answer) and the polling goes on at the pace it had.
+    poll(fn, active, { fast = 1000, slow = null, notice } = {}) {
       const next = (on) => {
         if (!alive || (!on && slow === null)) return;
-        const t = setTimeout(async () => { timers.delete(t); next(await fn()); }, on ? fast : slow);
+        const t = setTimeout(async () => {
+          timers.delete(t);
+          let again = on;
+          try {
+            again = await fn();
+          } catch (e) {
+            if (alive && notice) put(notice, errorBox(e, "Could not refresh"));
+            if (!(e instanceof ApiError)) console.error(e); // a bug in the page: said in the browser's console too
+          }
+          next(again);
+        }, on ? fast : slow);
         timers.add(t);
       };
       next(active);
@@ -127,6 +139,8 @@ async function signIn(e) {
 async function start() {
   $("signin-form").addEventListener("submit", signIn);
   $("signout").addEventListener("click", () => signOut());
+  // The skip link's own #main replaced the route in the address: a reload then showed Models
+  document.querySelector("a.skip").addEventListener("click", (e) => { e.preventDefault(); $("main").focus(); });
   window.addEventListener("hashchange", () => { if (location.hash.startsWith("#/")) route(); });
   session.onUnauthorized = (err) => signOut(`Signed out: ${err.message} (${err.status} ${err.code})`);
   if (session.key) {

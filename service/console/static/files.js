@@ -15,7 +15,16 @@ export async function view(el) {
     } catch (e) { put(listSec, listSec.firstChild, errorBox(e)); return false; }
   };
   if (!(await refresh())) { el.append(listSec); return; }
-  el.append(h("section", { class: "panel", "aria-labelledby": "up-h" }, h("h2", { id: "up-h" }, "Upload"), uploadForm(refresh)), listSec);
+  el.append(h("section", { class: "panel", "aria-labelledby": "up-h" }, h("h2", { id: "up-h" }, "Upload"), uploadForm(refresh),
+    grants("deploy") ? h("p", { class: "hint", id: "deploy-how" }, deployHowTo(true)) : null), listSec);
+}
+
+// How a deploy key serves a bundle: the console has no deploy form, the CLI and the API do (POST /v1/models).
+export function deployHowTo(onFilesPage = false) {
+  return h("span", {}, "To serve a bundle (.sdb): ", h("code", {}, "sdb models deploy PATH"), " from your machine, or upload it ",
+    onFilesPage ? "here" : ["on the ", h("a", { href: "#/files" }, "Files"), " page"], " with the purpose bundle and deploy its id: ",
+    h("code", {}, "sdb models deploy file-…"), " or ", h("code", {}, 'POST /v1/models {"file": "file-…"}'), " (",
+    h("a", { href: "/docs#/models/deploy_v1_models_post" }, "API docs"), ").");
 }
 
 function uploadForm(refresh) {

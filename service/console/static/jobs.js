@@ -2,7 +2,7 @@
 // and one job's progress, log tail, metrics, curves, artifacts, report and cancel.
 import { curveCharts, lineChart } from "./charts.js";
 import { formErrors, labelled, schemaForm } from "./forms.js";
-import { accuracyRows, auditChart, checkTable } from "./models.js";
+import { accuracyHeading, accuracyRows, auditChart, checkTable, heldOut } from "./models.js";
 import {
   add, announce, api, bytes, download, enc, errorBox, facts, grants, h, human, num, pct, put, statusBadge, table, when,
 } from "./lib.js";
@@ -45,13 +45,17 @@ export async function list(el, { query }, ctx) {
     });
     return jobs.some((j) => ACTIVE.includes(j.status));
   };
-  ctx.poll(refresh, await refresh(), 1000, 5000);
+  ctx.poll(refresh, await refresh(), { fast: 1000, slow: 5000, notice });
 }
 
+// A row made once and updated in place: its Cancel button was rebuilt on every poll while the job ran, so a click
+// whose press and release straddled a poll was lost, and focus fell off the page.
 function jobRow(j, refresh) {
-  const status = h("td"), prog = h("td"), step = h("td"), act = h("td");
-  const tr = h("tr", { "data-job": j.id }, h("td", {}, h("a", { href: `#/jobs/${enc(j.id)}`, class: "mono" }, j.id.slice(0, 8))),
-    h("td", {}, j.kind), status, prog, step, h("td", {}, when(j.created_at)), act);
+  const status = h("td"), step = h("td"), bar = progressBar(j), percent = h("span");
+  const link = h("a", { href: `#/jobs/${enc(j.id)}`, class: "mono" }, j.id.slice(0, 8));
+  const cancel = cancelButton(j.id, `Cancel job ${j.id.slice(0, 8)}`, "Cancel", link, refresh);
+  const tr = h("tr", { "data-job": j.id }, h("td", {}, link), h("td", {}, j.kind), status, h("td", {}, bar, " ", percent),
+    step, h("td", {}, when(j.created_at)), h("td", {}, cancel.el));
   let shown = null;
   return {
     tr,
@@ -60,14 +64,40 @@ function jobRow(j, refresh) {
       if (key === shown) return;
       shown = key;
       put(status, statusBadge(j.status));
-      put(prog, progressBar(j), ` ${Math.round(j.progress * 100)} %`);
+      showProgress(bar, percent, j);
       step.textContent = j.error || (ACTIVE.includes(j.status) ? j.step : j.message || j.step);
-      const focused = act.contains(document.activeElement);
-      put(act, ACTIVE.includes(j.status) && !j.cancel_requested
-        ? h("button", { type: "button", class: "secondary", "aria-label": `Cancel job ${j.id.slice(0, 8)}`,
-          onclick: async () => { try { await api(`/v1/jobs/${enc(j.id)}/cancel`, { method: "POST" }); announce("cancel asked"); refresh(); } catch (e) { act.append(errorBox(e)); } } }, "Cancel")
-        : "");
-      if (focused && act.firstChild) act.firstChild.focus();
+      cancel.show(ACTIVE.includes(j.status) && !j.cancel_requested);
+    },
+  };
+}
+
+function showProgress(bar, percent, j) {
+  bar.value = j.progress;
+  percent.textContent = `${Math.round(j.progress * 100)} %`;
+}
+
+// A job's Cancel button, made once: show(false) hides it, and moves the focus it had to `after` (a keyboard user
+// keeps their place); a refusal is said beside it until the next click.
+function cancelButton(id, label, text, after, asked = () => {}) {
+  const error = h("span");
+  let asking = false;
+  const button = h("button", { type: "button", class: "secondary", "aria-label": label, onclick: async () => {
+    if (asking) return; // one request per click, however often it is pressed while the first is out
+    asking = true;
+    put(error);
+    try {
+      await api(`/v1/jobs/${enc(id)}/cancel`, { method: "POST" });
+      announce("cancel asked");
+      asked();
+    } catch (e) { put(error, errorBox(e)); } finally { asking = false; }
+  } }, text);
+  return {
+    el: h("span", {}, button, error),
+    show(on) {
+      if (button.hidden === !on) return;
+      const focused = document.activeElement === button;
+      button.hidden = !on;
+      if (focused && !on) after.focus();
     },
   };
 }
@@ -118,8 +148,14 @@ async function newJobForm(sec, query) {
 export async function detail(el, { params: [id] }, ctx) {
   el.append(h("p", {}, h("a", { href: "#/jobs" }, "← All jobs")));
   const title = h("h1", { tabindex: -1 }, `Job ${id.slice(0, 8)}`);
-  const head = h("div", { class: "bigprogress" });
-  const info = h("section", { class: "panel", "aria-labelledby": "info-h" }, h("h2", { id: "info-h" }, "Details"));
+  // Made once and updated in place as the job moves: the Cancel button and the open Parameters stay put
+  const state = h("p"), bar = progressBar({ id, progress: 0 }, "progress"), percent = h("span"), outcome = h("div");
+  const cancel = cancelButton(id, null, "Cancel job", title);
+  cancel.show(false);
+  const head = h("div", { class: "bigprogress", hidden: true }, state, h("p", {}, bar, " ", percent), outcome, cancel.el);
+  const infoFacts = h("div");
+  let paramsBox = null; // the job's parameters, which do not change: made once, so that it stays open once opened
+  const info = h("section", { class: "panel", "aria-labelledby": "info-h" }, h("h2", { id: "info-h" }, "Details"), infoFacts);
   const metrics = h("section", { class: "panel", "aria-labelledby": "met-h" }, h("h2", { id: "met-h" }, "Metrics"));
   const curves = h("section", { class: "panel", id: "curves", "aria-labelledby": "cur-h" }, h("h2", { id: "cur-h" }, "Training curves"));
   const report = h("section", { class: "panel", id: "report", hidden: true, "aria-labelledby": "rep-h" }, h("h2", { id: "rep-h" }, "Report"));
@@ -146,17 +182,15 @@ export async function detail(el, { params: [id] }, ctx) {
     const key = `${j.status}|${j.progress}|${j.step}|${j.cancel_requested}`;
     if (key !== lastKey) {
       lastKey = key;
-      put(head, h("p", {}, statusBadge(j.status), " ", j.step === j.status ? "" : j.step, j.cancel_requested && ACTIVE.includes(j.status) ? " (cancel asked)" : ""),
-        h("p", {}, progressBar(j, "progress"), ` ${Math.round(j.progress * 100)} %`),
-        j.error ? h("p", { class: "error", role: "alert" }, j.error) : j.message ? h("p", {}, j.message) : null,
-        ACTIVE.includes(j.status) && !j.cancel_requested ? h("button", { type: "button", class: "secondary", onclick: async (e) => {
-          e.target.disabled = true;
-          try { await api(`/v1/jobs/${enc(id)}/cancel`, { method: "POST" }); announce("cancel asked"); } catch (err) { head.append(errorBox(err)); }
-        } }, "Cancel job") : null);
-      put(info, info.firstChild, facts([["Kind", j.kind], ["Status", j.status], ["Created", when(j.created_at)],
+      head.hidden = false;
+      put(state, statusBadge(j.status), " ", j.step === j.status ? "" : j.step, j.cancel_requested && ACTIVE.includes(j.status) ? " (cancel asked)" : "");
+      showProgress(bar, percent, j);
+      put(outcome, j.error ? h("p", { class: "error", role: "alert" }, j.error) : j.message ? h("p", {}, j.message) : null);
+      cancel.show(ACTIVE.includes(j.status) && !j.cancel_requested);
+      put(infoFacts, facts([["Kind", j.kind], ["Status", j.status], ["Created", when(j.created_at)],
         ["Started", when(j.started_at)], ["Finished", when(j.finished_at)], ["Worker", j.worker], ["Attempts", j.attempts],
-        ["Backend", j.backend], ["Owner", j.owner]]),
-      h("details", {}, h("summary", {}, "Parameters"), h("pre", {}, JSON.stringify(j.params, null, 2))));
+        ["Backend", j.backend], ["Owner", j.owner]]));
+      if (!paramsBox) info.append(paramsBox = h("details", {}, h("summary", {}, "Parameters"), h("pre", {}, JSON.stringify(j.params, null, 2))));
     }
     const mrows = Object.entries(j.metrics || {}).filter(([, v]) => typeof v === "number");
     const plotted = mrows.filter(([k]) => k !== "attempt");
@@ -190,7 +224,7 @@ export async function detail(el, { params: [id] }, ctx) {
     }
     return ACTIVE.includes(j.status);
   };
-  ctx.poll(tick, await tick(), 1000);
+  ctx.poll(tick, await tick(), { fast: 1000, notice });
 }
 
 async function ended(j, curves, report, arts, ctx) {
@@ -224,10 +258,10 @@ async function ended(j, curves, report, arts, ctx) {
 function wrapReport(j, r) {
   const res = j.result || {}, check = (r.report || {}).check, m = r.metrics || {};
   const out = [h("p", {}, r.summary || "", res.deployed ? [" ", h("a", { href: `#/models/${enc(res.model)}?version=${enc(res.version)}` }, `Open ${res.model} version ${res.version}`)] : "")];
-  out.push(h("h3", {}, "On the data set's test split"), table(["Figure", "Value"], accuracyRows(m), { numeric: [1], caption: "Accuracy of the box" }));
+  out.push(accuracyHeading(check && check.val_size), table(["Figure", "Value"], accuracyRows(m), { numeric: [1], caption: "Accuracy of the box" }));
   if (check) {
     out.push(h("h3", {}, "The wrap's self-check"), h("p", {}, "Self-check: ", h("span", { class: `badge ${check.passed ? "good" : "bad"}` }, check.passed ? "passed" : "refused"),
-      ` after ${(check.attempts || []).length} attempt(s) on ${num(check.val_size)} held-out samples.`));
+      ` after ${(check.attempts || []).length} attempt(s) on ${heldOut(check.val_size)}.`));
     out.push(checkTable(check.figures, check.thresholds));
   }
   return out;

@@ -1,5 +1,6 @@
 // Models: every hosted model and version; one model's protection report, leak audit, usage, and "try it".
 import { barChart, columnChart } from "./charts.js";
+import { deployHowTo } from "./files.js";
 import { labelled } from "./forms.js";
 import {
   MODES, allowsModel, api, announce, enc, errorBox, facts, grants, h, human, num, pct, policyText, put, table, when,
@@ -12,14 +13,21 @@ export async function list(el) {
     ({ models } = await api("/v1/models"));
   } catch (e) { el.append(errorBox(e)); return; }
   if (!models.length) {
-    el.append(h("p", { class: "notice" }, "No model is served yet. ",
-      grants("jobs") ? h("a", { href: "#/jobs?kind=wrap" }, "Wrap one with a job") : "A key with the jobs scope can wrap one", "."));
+    el.append(h("p", { class: "notice" }, "No model is served yet. ", howToServe()));
     return;
   }
-  el.append(table(["Model", "Versions", "Task", "Mode", "Output policy", "Keyed path", "Public accuracy"],
-    models.map((m) => [h("a", { href: `#/models/${enc(m.name)}` }, m.name), m.versions.join(", "), m.task,
-      MODES[m.mode] || m.mode, policyText(m.output_policy), m.distillable ? "yes" : "no",
+  // One row per served version (GET /v1/models lists each), linked to that version's page
+  el.append(table(["Model", "Version", "Task", "Mode", "Output policy", "Keyed path", "Public accuracy"],
+    models.map((m) => [h("a", { href: `#/models/${enc(m.name)}?version=${enc(m.version)}`, "aria-label": `${m.name} version ${m.version}` }, m.name),
+      m.version, m.task, MODES[m.mode] || m.mode, policyText(m.output_policy), m.distillable ? "yes" : "no",
       pct((m.metrics || {}).public_acc)]), { caption: "Hosted models" }));
+}
+
+function howToServe() {
+  const ways = [];
+  if (grants("jobs")) ways.push(h("a", { href: "#/jobs?kind=wrap" }, "Wrap one with a job"), ". ");
+  if (grants("deploy")) ways.push(deployHowTo());
+  return ways.length ? ways : "A key with the jobs scope can wrap one, and one with the deploy scope deploy a bundle.";
 }
 
 export async function detail(el, { params: [name], query }, ctx) {
@@ -56,12 +64,21 @@ function protection(m) {
     sec.append(h("p", {}, "This bundle carries no protection report (a plain model, or one wrapped before the self-check)."));
     return sec;
   }
-  if (rows.length) sec.append(h("h3", {}, "On the data set's test split"), table(["Figure", "Value"], rows, { numeric: [1], caption: "Accuracy of the box" }));
+  if (rows.length) sec.append(accuracyHeading(p && p.held_out), table(["Figure", "Value"], rows, { numeric: [1], caption: "Accuracy of the box" }));
   if (p) {
-    sec.append(h("h3", {}, "The wrap's self-check"), h("p", {}, `On ${num(p.held_out)} held-out samples: `,
+    sec.append(h("h3", {}, "The wrap's self-check"), h("p", {}, `On ${heldOut(p.held_out)}: `,
       h("span", { class: `badge ${p.passed ? "good" : "bad"}` }, p.passed ? "passed" : "refused")), checkTable(p.figures, p.thresholds));
   }
   return sec;
+}
+
+// A wrapped bundle's accuracies are its self-check's, measured on training inputs the wrap held out from fitting
+// the box (sdb_core/protect/check.py: val_size of them), not on the data set's test split; a bundle without a
+// self-check says nothing of where its figures come from.
+export const heldOut = (n) => `${num(n)} held-out training inputs`;
+
+export function accuracyHeading(n) {
+  return typeof n === "number" ? h("h3", {}, `Accuracy on ${heldOut(n)} (the self-check's)`) : h("h3", {}, "Accuracy, as the bundle records it");
 }
 
 export function accuracyRows(metrics) {
@@ -74,15 +91,24 @@ export function accuracyRows(metrics) {
 const HELD = new Map([["public_drop", ["max_accuracy_drop", "≤"]], ["keyed_drop", ["max_keyed_drop", "≤"]],
   ["leak_margin", ["min_leak_margin", "≥"]], ["guessed_key_share", ["min_guessed_key_share", "≥"]]]);
 
+// A figure's unit by its name, as the rest of the page writes them: accuracies in %, their drops and margins (and
+// those of their thresholds) in points; a guessed key's share, or a name the console does not know, bare.
+function withUnit(name, v) {
+  if (typeof v !== "number") return num(v);
+  if (/(_acc|^labels_only|^kd_public)$/.test(name)) return `${num(v)} %`;
+  if (/(_drop|_drop_se|_margin)$/.test(name)) return `${num(v)} ${Math.abs(v) === 1 ? "point" : "points"}`;
+  return num(v);
+}
+
 export function checkTable(figures, thresholds) {
   const used = new Set();
   const rows = Object.entries(figures || {}).map(([k, v]) => {
     const [t, op] = HELD.get(k) || [];
     const held = t && thresholds && Object.hasOwn(thresholds, t);
     if (held) used.add(t);
-    return [human(k), num(v), held ? `${op} ${num(thresholds[t])} (${human(t).toLowerCase()})` : ""];
+    return [human(k), withUnit(k, v), held ? `${op} ${withUnit(t, thresholds[t])} (${human(t).toLowerCase()})` : ""];
   });
-  for (const [t, v] of Object.entries(thresholds || {})) if (!used.has(t)) rows.push([human(t), "", num(v)]);
+  for (const [t, v] of Object.entries(thresholds || {})) if (!used.has(t)) rows.push([human(t), "", withUnit(t, v)]);
   return table(["Figure", "Measured", "Threshold"], rows, { numeric: [1], caption: "Self-check figures and thresholds" });
 }
 
@@ -164,7 +190,7 @@ function tryIt(m) {
     put(out, h("p", {}, "Asking the model…"));
     const form = new FormData();
     form.append("file", blob, filename);
-    form.append("top_k", topk.value.trim());
+    if (topk.value.trim()) form.append("top_k", topk.value.trim()); // left empty: the API's default, not a 422
     const q = `?version=${enc(m.version)}`;
     const preview = h("img", { class: "preview", src: URL.createObjectURL(blob), alt: `the image sent: ${filename}` });
     let pub;
