@@ -154,5 +154,11 @@ async def test_a_bundle_changed_on_disk_under_its_registered_version_is_refused(
             r = await svc.client.post(f"/v1/models/{name}/predict?version=1", json=GOOD)
             assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
             assert "changed since it was registered" in r.text and str(tmp_path) not in r.text
+        # nor does a job take it for its teacher or target: the version it names is the one the server serves
+        from service.jobs.kinds.base import served_model_path
+        from service.jobs.queue import JobQueue
+
+        with pytest.raises(ValueError, match="its bundle changed since it was registered"):
+            served_model_path(settings, JobQueue(svc.app.state.store), "digits-a", "1")
     finally:
         await _stop(svc, manager)
