@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import anyio
@@ -67,8 +68,7 @@ def test_versions_older_than_their_deployer_column_count_against_their_names_own
     from service.auth import create_key
     from service.store_schema import ModelRow
 
-    store = Store(db_url)
-    try:
+    with closing(Store(db_url)) as store:
         owner = create_key(store, b"p" * 32, scopes=["deploy"])[1].id
         copy = tmp_path / "v1.sdb"
         copy.write_bytes(b"x" * 1234)
@@ -79,10 +79,7 @@ def test_versions_older_than_their_deployer_column_count_against_their_names_own
             s.execute(update(ModelRow).values(bytes=0))
             s.connection().exec_driver_sql("ALTER TABLE models DROP COLUMN deployer")
             s.execute(update(SchemaVersion).values(version=7))
-    finally:
-        store.close()
-    store = Store(db_url)
-    try:
+    with closing(Store(db_url)) as store:
         with store.session() as s:
             got = {(r.name, r.version): (r.deployer, r.bytes) for r in s.scalars(select(ModelRow))}
         assert got == {("tenants", "1"): (owner, 1234), ("tenants", "2"): (owner, 0), ("admins", "1"): (None, 0)}
@@ -93,15 +90,10 @@ def test_versions_older_than_their_deployer_column_count_against_their_names_own
         store.add_version("tenants", str(copy), deployer=None)
         with store.session.begin() as s:
             s.execute(update(SchemaVersion).values(version=5))
-    finally:
-        store.close()
-    store = Store(db_url)
-    try:
+    with closing(Store(db_url)) as store:
         with store.session() as s:
             assert s.get(ModelRow, ("tenants", "3")).deployer is None
         assert store.file_bytes(owner) == 1234
-    finally:
-        store.close()
 
 
 def test_versions_older_than_the_meta_digest_column_have_none_until_their_first_load(db_url, tmp_path):
