@@ -981,6 +981,7 @@ class Bundle:
     meta: dict
     session: Any
     _key: np.ndarray | None
+    meta_sha256: str | None = None  # of the meta.json bytes verified: names the bundle whole (it hashes every file)
 
     def __post_init__(self) -> None:
         form = self.meta.get("public_form")
@@ -1051,6 +1052,11 @@ def opens_key(path: str | os.PathLike, master_key: bytes) -> bool | None:
     return True
 
 
+def meta_digest(path: str | os.PathLike) -> str:
+    """The sha256 of the bundle's meta.json, as :class:`Bundle`'s ``meta_sha256`` is, without loading it."""
+    return _sha256(read_bundle_files(path, (META_FILE,)).get(META_FILE, b""))
+
+
 def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
                 session_options: Any = None, providers: list | None = None) -> Bundle:
     """Verify and load a bundle; the key is opened only when ``master_key`` is given."""
@@ -1074,4 +1080,4 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
                               "its weights itself (export or save it without external data)") from None
         raise BundleError(f"{path}: model.onnx does not load in ONNX Runtime ({e})") from None
     check_output_shape(session, meta, str(path))
-    return Bundle(meta, session, key)
+    return Bundle(meta, session, key, _sha256(files[META_FILE]))

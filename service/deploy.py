@@ -25,7 +25,7 @@ from .copies import copy_new, discard
 from .errors import ApiError, invalid, no_room
 from .filechecks import read_bundle
 from .jobs.kinds.base import NAME_PATTERN
-from .registry import meta_sha256, verify_bundle
+from .registry import verify_bundle
 from .schemas import OutputPolicy
 from .settings import Settings
 from .store import DeployRefused, ModelRow, Store
@@ -156,7 +156,7 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, key: Api
         try:  # what is served is the copy: verified again, whole
             copied = read_bundle(target, limits, shown)
             bundle = host.load(target) if host is not None else verify_bundle(target, settings.master_key)
-            digest = meta_sha256(target, bundle)  # every later load of the version must find this meta.json
+            digest = bundle.meta_sha256  # every later load of the version must find this meta.json
         except ApiError as e:
             raise ApiError(400, "bundle_refused", f"bundle refused: {e.message}") from None
         except (ValueError, OSError) as e:

@@ -19,8 +19,6 @@ tried again once per ``models_sync_s``, and counts among /readyz's failed versio
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -46,7 +44,6 @@ from sdb_core.bundle import (
     onnx_providers,
     ort_out_of_memory,
     output_shape,
-    read_bundle_files,
 )
 
 from .batching import BatcherClosed, Gate, MicroBatcher
@@ -96,20 +93,6 @@ def verify_bundle(path: str | Path, master_key: bytes, session_options=None,
                          providers=providers or onnx_providers())
     check_served_output(bundle.meta, str(path))
     return bundle
-
-
-def meta_sha256(path: str | Path, bundle: Bundle) -> str:
-    """The sha256 of the meta.json of the bundle at ``path``, loaded as ``bundle``: what the store records of a
-    version (meta.json lists every other file's sha256, so the digest names the bundle whole). BundleError when the
-    meta.json there now is not the one ``bundle`` was loaded from (the bundle changed while it was being loaded)."""
-    raw = read_bundle_files(path, (META_FILE,)).get(META_FILE, b"")
-    try:
-        same = json.dumps(json.loads(raw), sort_keys=True) == json.dumps(bundle.meta, sort_keys=True)
-    except ValueError:
-        same = False
-    if not same:
-        raise BundleError(f"{path}: its {META_FILE} changed while it was being loaded")
-    return hashlib.sha256(raw).hexdigest()
 
 
 # ------------------------------------------------------------ providers, batch sizes, I/O binding
@@ -666,7 +649,7 @@ class ModelHost:
         digests has its first load's recorded."""
         path = self.path_of(row)
         bundle = self.load(path)
-        digest = meta_sha256(path, bundle)
+        digest = bundle.meta_sha256
         recorded = row.meta_sha256 or self.store.record_meta_sha256(row.name, row.version, row.added_at, digest)
         if recorded is not None and recorded != digest:
             raise BundleError(f"the bundle at {path} changed since it was registered: its {META_FILE} is not the one "
@@ -764,7 +747,7 @@ class ModelHost:
         try:
             bundle = self.load(path)
             check_class_names(bundle.meta, path)  # a new registration: a registered version loads without it
-            digest = meta_sha256(path, bundle)
+            digest = bundle.meta_sha256
         except (ValueError, OSError) as e:
             self.store.audit(actor, "model.refused", path, str(e))
             raise ApiError(400, "bundle_refused", f"bundle refused: {e}") from None

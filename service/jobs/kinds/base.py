@@ -394,9 +394,7 @@ def served_model_path(settings: Settings, queue: JobQueue, name: str, version: s
     (:func:`service.copies.bundle_path`: a data dir moved or mounted elsewhere is its own); ValueError if it was
     removed since, or if the bundle there is not the one registered (its meta.json's digest: a job's teacher or
     target is the version the server serves, as :meth:`service.registry.ModelHost.load_registered` checks it)."""
-    import hashlib
-
-    from sdb_core.bundle import META_FILE, read_bundle_files
+    from sdb_core.bundle import meta_digest
 
     from ...copies import bundle_path
 
@@ -404,9 +402,7 @@ def served_model_path(settings: Settings, queue: JobQueue, name: str, version: s
     if row is None:
         raise ValueError(f"model {name!r} version {version!r} is no longer served")
     path = bundle_path(settings, row.path)
-    if row.meta_sha256 is not None:
-        raw = read_bundle_files(path, (META_FILE,)).get(META_FILE, b"")
-        if hashlib.sha256(raw).hexdigest() != row.meta_sha256:
-            raise ValueError(f"model {name!r} version {version!r}: its bundle changed since it was registered (the "
-                             "server refuses to serve it too): an admin puts the registered bundle back")
+    if row.meta_sha256 is not None and meta_digest(path) != row.meta_sha256:
+        raise ValueError(f"model {name!r} version {version!r}: its bundle changed since it was registered (the "
+                         "server refuses to serve it too): an admin puts the registered bundle back")
     return str(path)
