@@ -114,6 +114,37 @@ class AccessLogPaths(logging.Filter):
         return True
 
 
+class ClientErrorWarnings(logging.Filter):
+    """uvicorn's warnings about what a client sent (a request it cannot parse, or that ``sdb serve``'s protocol
+    refuses: a head over its limit, a transfer coding it does not take, a pipeline past its cap; an upgrade), at
+    most one a kind per ``interval_s``: each is one line a client can make the server write again and again (a loop
+    of bad requests wrote a line per request, to a log an operator pays to keep). The line that follows a quiet
+    spell says how many were left out; the client's own answer (a 4xx) is unchanged."""
+
+    def __init__(self, interval_s: float = 60.0, clock=time.monotonic):
+        super().__init__()
+        self.interval_s, self.clock = interval_s, clock
+        self.last: dict[str, float] = {}  # message → when it was last let through
+        self.left_out: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING or record.msg not in _CLIENT_WARNINGS:
+            return True
+        now, msg = self.clock(), record.msg
+        last = self.last.get(msg)
+        if last is not None and now - last < self.interval_s:
+            self.left_out[msg] = self.left_out.get(msg, 0) + 1
+            return False
+        self.last[msg] = now
+        if left_out := self.left_out.pop(msg, 0):
+            record.msg = f"{msg} ({left_out} more in the {now - last:.0f} s before this not logged)"
+        return True
+
+
+# uvicorn's (httptools_impl) warnings about what a client sent, word for word.
+_CLIENT_WARNINGS = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
+
+
 def serve(settings: Settings, *, access_log: bool = False) -> int:
     import uvicorn
 
@@ -155,6 +186,7 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
               + (f"; GPU jobs at most {len(on_gpu)} at once (devices {','.join(on_gpu)})" if on_gpu else ""),
               file=sys.stderr, flush=True)
     logging.getLogger("uvicorn.access").addFilter(AccessLogPaths())  # kept by uvicorn's logging configuration
+    logging.getLogger("uvicorn.error").addFilter(ClientErrorWarnings())
     try:
         uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
                     http=HttpProtocol.configured(settings), access_log=access_log, server_header=False,
