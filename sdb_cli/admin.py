@@ -149,6 +149,7 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
     import uvicorn
 
     from service.app import build_app
+    from service.forwarded import ForwardedClient
     from service.http_protocol import HttpProtocol
 
     _preflight(settings)  # before anything listens
@@ -160,7 +161,7 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
             raise ValueError(str(e)) from None
         grpc_service.check_address(settings.grpc_host or settings.host, settings.grpc_port)
     print(f"sdb: serving on http://{settings.host}:{settings.port} (data {settings.data_dir.resolve()}, "
-          f"docs at /docs)", file=sys.stderr, flush=True)
+          f"docs at {settings.root_path}/docs)", file=sys.stderr, flush=True)
     if settings.grpc_port:
         address = grpc_service.listen_address(settings.grpc_host or settings.host, settings.grpc_port)
         print(f"sdb: gRPC (Open Inference Protocol) on {address}", file=sys.stderr, flush=True)
@@ -188,9 +189,10 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
     logging.getLogger("uvicorn.access").addFilter(AccessLogPaths())  # kept by uvicorn's logging configuration
     logging.getLogger("uvicorn.error").addFilter(ClientErrorWarnings())
     try:
-        uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
-                    http=HttpProtocol.configured(settings), access_log=access_log, server_header=False,
-                    proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
+        uvicorn.run(ForwardedClient(build_app(settings), settings.forwarded_allow_ips), host=settings.host,
+                    port=settings.port, log_level="info", http=HttpProtocol.configured(settings),
+                    access_log=access_log, server_header=False, proxy_headers=False,  # ForwardedClient reads them
+                    forwarded_allow_ips=settings.forwarded_allow_ips)
     finally:
         if pool is not None:
             pool.stop()
@@ -352,7 +354,8 @@ def _service_settings(args) -> Settings:
     """Settings from SDB_* env, with the options given on the command line on top."""
     over = {k: v for k, v in (("data_dir", getattr(args, "data_dir", None)), ("host", getattr(args, "host", None)),
                               ("port", getattr(args, "port", None)), ("workers", getattr(args, "workers", None)),
-                              ("grpc_port", getattr(args, "grpc_port", None)))
+                              ("grpc_port", getattr(args, "grpc_port", None)),
+                              ("root_path", getattr(args, "root_path", None)))
             if v is not None}
     return Settings.load({k: k.replace("_", "-") for k in over}, **over)
 
@@ -395,6 +398,8 @@ def add_commands(sub) -> None:
     sv.add_argument("--grpc-port", type=int, help="also serve the Open Inference Protocol over gRPC on this port "
                     "(env SDB_GRPC_PORT; default off; needs the grpc extra)")
     sv.add_argument("--data-dir", help="env SDB_DATA_DIR (default ./.sdb)")
+    sv.add_argument("--root-path", help="the path prefix a reverse proxy serves it under, such as /sdb "
+                    "(env SDB_ROOT_PATH; default none: the host's root)")
     sv.add_argument("--workers", type=int, help="job workers for the jobs queue (env SDB_WORKERS, default 1)")
     sv.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
     sv.set_defaults(fn=cmd_serve)

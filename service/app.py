@@ -137,7 +137,11 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     # The documentation pages are service.routes.api_docs': FastAPI's own fetch their scripts from a CDN.
     app = ServiceApp(title="SDB", summary="Safe Distillation Box: predictions for everyone, "
                      "distillable logits only for authorized keys", version="1", lifespan=lifespan,
-                     docs_url=None, redoc_url=None)
+                     docs_url=None, redoc_url=None,
+                     # a path with a slash too many is a 404 like any unknown one: Starlette's redirect built its
+                     # Location from Host, without a proxy's prefix, and clients that follow a 307 send the key along
+                     redirect_slashes=False)
+    app.root_path = settings.root_path  # SDB_ROOT_PATH: a proxy's prefix (ServiceApp puts it in every scope)
     app.state.settings, app.state.metrics, app.state.ready = settings, metrics, False
     app.state.host = None
     app.state.key_limiter = RateLimiter(settings.rate_limit_key_per_s, settings.rate_limit_key_burst)

@@ -14,7 +14,7 @@ from .auth import ApiKey, Keyring, check_scope
 from .errors import ApiError
 from .jobs.queue import JobQueue
 from .metrics import Metrics
-from .ratelimit import AUTHENTICATED
+from .ratelimit import AUTHENTICATED, client_network
 from .registry import ModelHost
 from .schemas import NO_NUL
 from .settings import Settings
@@ -95,7 +95,7 @@ async def authenticate(state, authorization: str | None, address: str, scope: di
 
 
 def _address(request: Request) -> str:
-    return request.client.host if request.client else ""
+    return client_network(request.client.host) if request.client else ""
 
 
 async def _authenticate(request: Request) -> ApiKey:

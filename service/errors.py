@@ -75,9 +75,7 @@ def no_room(e: BaseException, what: str) -> ApiError | None:
 
 def is_v2(scope: Scope) -> bool:
     """Whether a request is on the Open Inference Protocol's routes (``/v2``, under any root path)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):]
+    path = get_route_path(scope) if "path" in scope else ""
     return path == "/v2" or path.startswith("/v2/")
 
 

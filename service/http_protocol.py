@@ -38,6 +38,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .errors import error_body
+from .ratelimit import client_network
 from .settings import Settings
 
 # The request line and headers together (nginx's large_client_header_buffers allow 4 × 8 KiB; Node's 16 KiB):
@@ -269,10 +270,10 @@ class HttpProtocol(HttpToolsProtocol):
         server = _SERVERS.get(self.server_state)
         if server is None:
             server = _SERVERS[self.server_state] = _Server(_TrustedHosts(self.config.forwarded_allow_ips))
-        address = self.client[0]
+        address = client_network(self.client[0])  # an IPv6 client's /64: it may connect from any address in it
         opened = server.open[address] + 1
         server.open[address], self._address = opened, address
-        if opened <= cap or address in server.trusted:
+        if opened <= cap or self.client[0] in server.trusted:
             return True
         self._taking_requests = False
         if opened > 2 * cap:

@@ -18,11 +18,12 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .direct import DirectRoutes
 from .errors import INTERNAL, ApiError, error_response
-from .ratelimit import ANONYMOUS_CALLER, AUTHENTICATED, UNPROVEN, UNPROVEN_CALLER, RateLimiter
+from .ratelimit import ANONYMOUS_CALLER, AUTHENTICATED, UNPROVEN, UNPROVEN_CALLER, RateLimiter, client_network
 
 log = logging.getLogger("sdb.service")
 # An orchestrator's liveness and readiness checks are never limited: ours, and the Open Inference
@@ -68,7 +69,7 @@ class ServiceMiddleware:
 
         try:
             declared = _content_length(scope)
-            limit, what = self.upload_routes.get((scope.get("method", ""), scope.get("path", "")),
+            limit, what = self.upload_routes.get((scope.get("method", ""), get_route_path(scope)),
                                                  (self.limit, self.what))
             wait, who = self._address_wait(scope)
             limiter = self.address_limiter
@@ -118,10 +119,10 @@ class ServiceMiddleware:
     def _address_wait(self, scope: Scope) -> tuple[float, str]:
         """Seconds until a request from this address may go on (0: now), and the caller in words; probes are free.
         One with a key is limited per key once authenticated (deps), and by its address's unproven headers."""
-        if self.address_limiter is None or scope.get("path") in _PROBES:
+        if self.address_limiter is None or get_route_path(scope) in _PROBES:
             return 0.0, ""
         client = scope.get("client")
-        address = client[0] if client else ""
+        address = client_network(client[0]) if client else ""
         if any(k == b"authorization" for k, _ in scope.get("headers", ())):
             scope[UNPROVEN] = address
             return self.unproven.wait(address), UNPROVEN_CALLER
@@ -225,5 +226,9 @@ class ServiceApp(FastAPI):
             return await super().__call__(scope, receive, send)
         scope["app"] = self  # what Starlette sets for Request.app (a direct route reads its state)
         if self.root_path:
+            # SDB_ROOT_PATH: routed alike whether the proxy strips the prefix or keeps it (get_route_path), and the
+            # prefix alone (https://host/sdb) is its console, as https://host/sdb/ is
             scope["root_path"] = self.root_path
+            if scope["path"] == self.root_path:
+                scope["path"] = self.root_path + "/"
         await self._entry(scope, receive, send)

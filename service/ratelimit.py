@@ -1,6 +1,8 @@
 """Token buckets per caller (a key, or a client address without one): over the rate is a 429 before any model time."""
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import threading
 import time
@@ -11,6 +13,26 @@ ANONYMOUS_CALLER = "this address, without a key,"  # how a 429 names a caller th
 UNPROVEN_CALLER = "this address, with Authorization headers that authenticated nothing,"
 UNPROVEN = "sdb.unproven_address"  # set in a scope whose request sent a key: its address (service.middleware)
 AUTHENTICATED = "sdb.authenticated"  # set by service.deps once a request's key is verified
+
+
+def client_network(address: str) -> str:
+    """The caller a client address stands for in per-address limits (rates, connections, batches): an IPv6
+    address's /64, since one host is given a whole /64 and may send from any address in it (six addresses of one
+    /64 each had the rate of a client); an IPv4-mapped IPv6 address its IPv4. Anything else as it is."""
+    return address if ":" not in address else _ipv6_network(address)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _ipv6_network(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # not an address (a name a proxy wrote): as it is
+        return address
+    if ip.version == 4:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
 class RateLimiter:

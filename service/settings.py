@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     # comma-separated; "*" any, "" none. Behind a proxy elsewhere, every caller without a key would otherwise be
     # the proxy's one address: one per-address rate for all, and one caller for a tenant's model's batches.
     forwarded_allow_ips: str = "127.0.0.1"
+    # The path prefix a reverse proxy serves the service under, the proxy stripping it before it forwards
+    # (https://host/sdb/v1/models reaches the server as /v1/models: root_path "/sdb"): the console's pages, the
+    # OpenAPI document's server and every redirect keep it. "" (the default): served at the host's root.
+    root_path: str = ""
     # Web pages of other origins that may call the API from a browser (CORS): origins such as https://app.example,
     # comma-separated; "*" any; "" (the default) none. Keys travel in the Authorization header, never in cookies,
     # so no credentials are allowed; a page sends the key its user gives it.
@@ -182,6 +186,14 @@ class Settings(BaseSettings):
                 except ValueError:
                     raise ValueError(f"{entry!r} is not an IP address or network: it takes addresses or networks "
                                      "(10.0.0.0/8), comma-separated, \"*\" (any) or \"\" (none)") from None
+        return value
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)*", value):
+            raise ValueError(f"{value!r} is not a path prefix: it takes one such as /sdb or /ml/sdb (a leading slash, "
+                             "none at the end, letters, digits and . _ ~ -), or \"\" (served at the root)")
         return value
 
     @field_validator("cors_origins")

@@ -5,10 +5,15 @@ step, nothing fetched from elsewhere). It holds no data and no secret: it calls 
 key the owner signs in with, kept in the tab's ``sessionStorage`` and sent only as
 ``Authorization: Bearer``. Every answer carries a strict Content-Security-Policy: scripts from this
 origin only (no inline script), no framing.
+
+Behind a proxy that serves it under a path prefix (``SDB_ROOT_PATH``, the request's root path), the page is
+served with that prefix put in: before its asset URLs, and in its ``sdb-root`` meta tag, which the modules put
+before every URL of this server they ask for or link to (``url()`` in ``static/lib.js``).
 """
 from __future__ import annotations
 
 import hashlib
+import html
 from functools import cache
 from pathlib import Path
 
@@ -36,16 +41,33 @@ def _assets() -> dict[str, Path]:
             if p.is_file() and p.suffix in TYPES}
 
 
+PAGE = CONSOLE_DIR / "index.html"
+# What the page holds at the host's root, and where the root path goes in it (nothing else in it starts so).
+ASSET_REFS, ROOT_META = '="/console/static/', '<meta name="sdb-root" content="">'
+
+
+def _with_root(page: str, root: str) -> str:
+    """The page for a service under the path prefix ``root`` ("" at the host's root, else like "/sdb")."""
+    if not root:
+        return page
+    quoted = html.escape(root, quote=True)  # a validated prefix needs none; an ASGI server's own must not break out
+    return (page.replace(ASSET_REFS, f'="{quoted}/console/static/')
+                .replace(ROOT_META, f'<meta name="sdb-root" content="{quoted}">'))
+
+
 @cache
-def _read(p: Path, mtime_ns: int) -> tuple[bytes, str]:
+def _read(p: Path, mtime_ns: int, root: str) -> tuple[bytes, str]:
+    """The file's body (the page with ``root`` put in) and its ETag: one per root path, as the bodies differ."""
     body = p.read_bytes()
+    if p == PAGE:
+        body = _with_root(body.decode(), root).encode()
     return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 def _file(request: Request, p: Path, media_type: str) -> Response:
     """The file, or 304 when the browser holds this version: revalidated on every load (no-cache), so a
     new release is seen at once and an unchanged one costs no body."""
-    body, etag = _read(p, p.stat().st_mtime_ns)
+    body, etag = _read(p, p.stat().st_mtime_ns, request.scope.get("root_path", "").rstrip("/"))
     headers = {**HEADERS, "Cache-Control": "no-cache", "ETag": etag}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
@@ -53,13 +75,10 @@ def _file(request: Request, p: Path, media_type: str) -> Response:
 
 
 @router.get("/")
-def root(request: Request) -> Response:
-    return _file(request, CONSOLE_DIR / "index.html", "text/html; charset=utf-8")
-
-
 @router.get("/console")
-def console(request: Request) -> Response:
-    return _file(request, CONSOLE_DIR / "index.html", "text/html; charset=utf-8")
+@router.get("/console/")  # typed with a slash too: slashes are not redirected (service/app.py), so it was a 404
+def page(request: Request) -> Response:
+    return _file(request, PAGE, "text/html; charset=utf-8")
 
 
 @router.get("/console/static/{path:path}")

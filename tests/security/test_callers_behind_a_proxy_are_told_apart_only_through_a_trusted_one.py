@@ -26,3 +26,24 @@ def test_the_forwarded_client_is_the_caller_only_from_a_trusted_proxy(servers, t
     # otherwise both are the proxy's address, whose one request is spent
     assert _status(srv, "203.0.113.2") == second_client
     assert _status(srv, "203.0.113.1") == 429
+
+
+def test_trusting_every_peer_takes_the_address_the_nearest_proxy_appended(servers, tmp_path, bundles):
+    # "*" took X-Forwarded-For's first entry, the one a client writes itself behind a proxy that appends: each
+    # request naming a new address had a bucket of its own. The last entry, the nearest proxy's, is the client.
+    srv = Server(tmp_path / "data", bundles, {**ONE_EACH, "SDB_FORWARDED_ALLOW_IPS": "*"})
+    servers.append(srv)
+    assert _status(srv, "198.51.100.6, 203.0.113.1") == 200
+    assert _status(srv, "198.51.100.7, 203.0.113.1") == 429  # the same client, naming another address
+    assert _status(srv, "203.0.113.2") == 200  # another client
+
+
+def test_the_addresses_of_one_ipv6_64_are_one_client(servers, tmp_path, bundles):
+    # a host is given a whole /64 and may send from any address in it: each was a client with its own bucket
+    srv = Server(tmp_path / "data", bundles, ONE_EACH)
+    servers.append(srv)
+    assert _status(srv, "2001:db8:1:2::1") == 200
+    assert _status(srv, "2001:db8:1:2:ffff::9") == 429
+    assert _status(srv, "2001:db8:1:3::1") == 200  # another /64
+    assert _status(srv, "::ffff:203.0.113.9") == 200
+    assert _status(srv, "203.0.113.9") == 429  # the same IPv4 client, written as IPv6

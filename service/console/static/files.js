@@ -1,6 +1,6 @@
 // Files: upload (checked by the server before it is kept), list, delete.
 import { formErrors, labelled } from "./forms.js";
-import { announce, api, bytes, enc, errorBox, grants, h, put, table, when } from "./lib.js";
+import { announce, api, bytes, enc, errorBox, grants, h, put, table, url, when } from "./lib.js";
 
 const PURPOSES = ["weights", "dataset", "image", "bundle"];
 
@@ -24,7 +24,7 @@ export function deployHowTo(onFilesPage = false) {
   return h("span", {}, "To serve a bundle (.sdb): ", h("code", {}, "sdb models deploy PATH"), " from your machine, or upload it ",
     onFilesPage ? "here" : ["on the ", h("a", { href: "#/files" }, "Files"), " page"], " with the purpose bundle and deploy its id: ",
     h("code", {}, "sdb models deploy file-…"), " or ", h("code", {}, 'POST /v1/models {"file": "file-…"}'), " (",
-    h("a", { href: "/docs#/models/deploy_v1_models_post" }, "API docs"), ").");
+    h("a", { href: url("/docs#/models/deploy_v1_models_post") }, "API docs"), ").");
 }
 
 function uploadForm(refresh) {

@@ -3,6 +3,13 @@
 
 const KEY = "sdb.console.key";
 
+// The path prefix the service is served under behind a proxy ("" at the host's root, else like "/sdb"), which
+// the server writes in the page (service/routes/console.py): every URL of this server the console asks for or
+// links to is url(path), path from the host's root ("/v1/models", "/docs#/…"): a relative one breaks where the
+// page's address is the prefix without a trailing slash ("/sdb").
+const ROOT = document.querySelector('meta[name="sdb-root"]')?.getAttribute("content") ?? "";
+export const url = (path) => ROOT + path;
+
 export const session = {
   me: null, // GET /v1/keys/me of the signed-in key
   get key() { return sessionStorage.getItem(KEY); },
@@ -19,9 +26,9 @@ export class ApiError extends Error {
   }
 }
 
-// One request to the REST API. `json` sends a JSON body, `body` anything fetch takes (FormData, Blob);
-// `token` overrides the stored key (signing in); `raw` returns the Response. Errors are ApiError with the
-// API's own code and message.
+// One request to the REST API (`path` as url() takes it). `json` sends a JSON body, `body` anything fetch
+// takes (FormData, Blob); `token` overrides the stored key (signing in); `raw` returns the Response. Errors are
+// ApiError with the API's own code and message.
 export async function api(path, { method = "GET", json, body, token, raw = false } = {}) {
   const headers = {};
   const key = token ?? session.key;
@@ -36,7 +43,7 @@ export async function api(path, { method = "GET", json, body, token, raw = false
   }
   let r;
   try {
-    r = await fetch(path, { method, headers, body, cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer" });
+    r = await fetch(url(path), { method, headers, body, cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer" });
   } catch (e) {
     throw new ApiError(0, "network_error", "the server did not answer (" + e.message + ")");
   }
@@ -181,10 +188,10 @@ export function statusBadge(status) {
 // Download through fetch (the key goes in the header, never in a URL), then save the blob.
 export async function download(path, filename) {
   const r = await api(path, { raw: true });
-  const url = URL.createObjectURL(await r.blob());
-  const a = h("a", { href: url, download: filename, hidden: true });
+  const blobUrl = URL.createObjectURL(await r.blob());
+  const a = h("a", { href: blobUrl, download: filename, hidden: true });
   document.body.append(a);
   a.click();
   a.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 10000);
+  setTimeout(() => URL.revokeObjectURL(blobUrl), 10000);
 }

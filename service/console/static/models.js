@@ -3,7 +3,8 @@ import { barChart, columnChart } from "./charts.js";
 import { deployHowTo } from "./files.js";
 import { labelled } from "./forms.js";
 import {
-  MODES, allowsModel, api, announce, enc, errorBox, facts, grants, h, human, num, pct, policyText, put, table, when,
+  MODES, allowsModel, api, announce, enc, errorBox, facts, grants, h, human, num, pct, policyText, put, table, url,
+  when,
 } from "./lib.js";
 
 export async function list(el) {
@@ -233,13 +234,13 @@ function tryIt(m) {
 async function loadSamples(box, m, run) {
   let index;
   try {
-    index = await (await fetch("/console/static/samples/index.json", { credentials: "omit" })).json();
+    index = await (await fetch(url("/console/static/samples/index.json"), { credentials: "omit" })).json();
   } catch { return; }
   const set = index.sets.find((st) => JSON.stringify(st.shape) === JSON.stringify(m.input.shape));
   if (!set) return;
   box.append(h("p", { class: "hint" }, `Or pick a test image of the embedded ${set.name} set:`));
   for (const smp of set.samples) {
-    const src = `/console/static/samples/${smp.file}`;
+    const src = url(`/console/static/samples/${smp.file}`);
     box.append(h("button", { type: "button", "aria-label": `test image of a ${smp.label} from ${set.name}`, "data-sample": smp.file,
       onclick: async () => run(await (await fetch(src)).blob(), smp.file) },
     h("img", { src, alt: "" }), h("span", { "aria-hidden": "true" }, smp.label)));
