@@ -122,12 +122,13 @@ def ort_providers(settings: Settings, available: Sequence[str] | None = None) ->
 
 
 def cuda_options(settings: Settings) -> dict[str, str]:
-    """The CUDA provider's options: a bound on the GPU memory of each session's arena (one per model)."""
-    if not settings.gpu_mem_limit_mb:
-        return {}
-    # Grow by what is asked, not by powers of two, so that the arena stops at the bound, not near it.
-    return {"gpu_mem_limit": str(settings.gpu_mem_limit_mb << 20),
-            "arena_extend_strategy": "kSameAsRequested"}
+    """The CUDA provider's options: how it picks convolution algorithms (``ort_cudnn_conv_algo_search``), and a
+    bound on the GPU memory of each session's arena (one per model)."""
+    options = {"cudnn_conv_algo_search": settings.ort_cudnn_conv_algo_search}
+    if settings.gpu_mem_limit_mb:
+        # Grow by what is asked, not by powers of two, so that the arena stops at the bound, not near it.
+        options.update(gpu_mem_limit=str(settings.gpu_mem_limit_mb << 20), arena_extend_strategy="kSameAsRequested")
+    return options
 
 
 def session_provider(bundle: Bundle) -> str:

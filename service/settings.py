@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     ort_providers: str = ""
     # GPU memory one model's CUDA session may hold (its arena), in MiB; 0: ONNX Runtime's default (no bound).
     gpu_mem_limit_mb: int = Field(0, ge=0)
+    # How ONNX Runtime's CUDA provider picks a convolution algorithm for each new input shape (cudnn_conv_algo_search):
+    # its own default, EXHAUSTIVE, times every cuDNN algorithm on the first run of each shape. A server meets a new
+    # shape with each batch size (1 to 256) and each image size a style model is sent, on a live request each time
+    # (a style model's under its run timeout); HEURISTIC asks cuDNN's heuristics instead, at no such cost.
+    ort_cudnn_conv_algo_search: str = Field("HEURISTIC", pattern="^(EXHAUSTIVE|HEURISTIC|DEFAULT)$")
     # On CUDA, bind each batch's input and output to host memory once (I/O binding); never on the CPU.
     ort_io_binding: bool = True
 

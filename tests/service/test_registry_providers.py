@@ -37,6 +37,7 @@ from service.settings import Settings
 from service.store import ModelRow, Store
 
 X = np.random.default_rng(0).standard_normal((5, 1, 2, 2)).astype(np.float32)
+SEARCH = {"cudnn_conv_algo_search": "HEURISTIC"}  # not ORT's EXHAUSTIVE: a timing of every algorithm a new shape
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +75,13 @@ def test_an_absent_provider_falls_back_to_the_cpu_with_one_warning(tmp_path, cap
 def test_providers_default_to_cuda_then_cpu_and_keep_the_order_asked(tmp_path, caplog):
     both = [CUDA, CPU]
     with caplog.at_level(logging.WARNING, logger="sdb.service"):
-        assert ort_providers(settings(tmp_path), available=both) == [(CUDA, {}), CPU]
+        assert ort_providers(settings(tmp_path), available=both) == [(CUDA, SEARCH), CPU]
         assert ort_providers(settings(tmp_path), available=[CPU]) == [CPU]  # the CPU wheel: no warning
         assert ort_providers(settings(tmp_path, ort_providers=CPU), available=both) == [CPU]  # CPU forced
         # As asked (ORT gives each node to the first provider that takes it); the CPU always ends the list.
         cpu_first = settings(tmp_path, ort_providers=f"{CPU},{CUDA}")
-        assert ort_providers(cpu_first, available=both) == [CPU, (CUDA, {})]
-        assert ort_providers(settings(tmp_path, ort_providers=CUDA), available=both) == [(CUDA, {}), CPU]
+        assert ort_providers(cpu_first, available=both) == [CPU, (CUDA, SEARCH)]
+        assert ort_providers(settings(tmp_path, ort_providers=CUDA), available=both) == [(CUDA, SEARCH), CPU]
     assert warnings_of(caplog) == []
 
 
@@ -100,18 +101,21 @@ def test_a_process_whose_devices_are_hidden_asks_for_no_gpu_provider(tmp_path, m
     use_providers(None)
     assert onnx_providers() == ([CUDA, CPU] if cuda else [CPU])
     with caplog.at_level(logging.WARNING, logger="sdb.service"):
-        assert ort_providers(settings(tmp_path)) == ([(CUDA, {}), CPU] if cuda else [CPU])
+        assert ort_providers(settings(tmp_path)) == ([(CUDA, SEARCH), CPU] if cuda else [CPU])
     assert warnings_of(caplog) == []  # the default asks for none of them: nothing to warn of
 
 
-def test_the_cuda_provider_carries_the_gpu_memory_limit(tmp_path):
+def test_the_cuda_provider_carries_the_gpu_memory_limit_and_the_algorithm_search(tmp_path):
     s = settings(tmp_path, gpu_mem_limit_mb=512)
-    want = {"gpu_mem_limit": str(512 * 1024 * 1024), "arena_extend_strategy": "kSameAsRequested"}
+    want = {**SEARCH, "gpu_mem_limit": str(512 * 1024 * 1024), "arena_extend_strategy": "kSameAsRequested"}
     assert cuda_options(s) == want
     assert ort_providers(s, available=[CUDA, CPU]) == [(CUDA, want), CPU]
-    assert cuda_options(settings(tmp_path)) == {}  # 0: ONNX Runtime's own default, no bound
-    with pytest.raises(ValueError):
-        settings(tmp_path, gpu_mem_limit_mb=-1)
+    assert cuda_options(settings(tmp_path)) == SEARCH  # 0: ONNX Runtime's own default, no bound
+    assert cuda_options(settings(tmp_path, ort_cudnn_conv_algo_search="EXHAUSTIVE")) == {
+        "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    for bad in ({"gpu_mem_limit_mb": -1}, {"ort_cudnn_conv_algo_search": "fastest"}):
+        with pytest.raises(ValueError):
+            settings(tmp_path, **bad)
 
 
 def test_batch_size_defaults_by_provider_and_the_setting_overrides_it(tmp_path):
