@@ -47,6 +47,9 @@ def test_wrap_writes_a_loadable_bundle(wrapped, capsys):
             in (wrapped / "stdout.txt").read_text())
     # what a deploy serves it with unless told otherwise
     assert b.meta["output_policy"] == {"policy": "top_k", "top_k": 2, "decimals": 3}
+    # the time the whole wrap took, its check included (it said the chosen attempt's training alone: 2-4x less)
+    said = float(re.search(r"wrapped in ([0-9.]+)s", (wrapped / "stdout.txt").read_text()).group(1))
+    assert said >= check["seconds"]
 
 
 def test_wrap_refuses_a_box_that_misses_a_threshold(wrapped, tmp_path, capsys):
