@@ -20,6 +20,7 @@ top-1, not the network's logits. Why these values, and what was measured: docs/p
 """
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -180,17 +181,46 @@ def require_finite_network(model: nn.Module, x: Tensor, *outputs: Tensor) -> Non
 GUESSED_KEYS = 3  # random keys the check's guessed-key figure averages over
 
 
+# Soft labels whose mean entropy is over this share of the most there can be (log C) are near uniform.
+FLAT_SOFT_LABELS = 0.9
+
+
+def reading_temperature(logits: Tensor, temperature: float) -> float:
+    """``temperature``, or for a teacher whose soft labels at it are near uniform (:data:`FLAT_SOFT_LABELS`: its
+    logits a few units apart, as a calibration head that divides them or an InstanceNorm network leaves them), the
+    lower temperature at which they are not. Every answer is near uniform at T for such a teacher: the box's keyed
+    path is scaled to its softness, and a guessed key answering at chance was as close to the teacher as the key,
+    while the confusion target (zero on most classes) was far: shares of 0.01-0.06 read as "any noise opens the
+    keyed path" where guessed keys answered at chance and taught a third of what labels do. A trained network's
+    soft labels at T = 4 (top logit ~2 above the rest, or more) are not flat: its figure is read at T itself."""
+    c = logits.shape[1]
+
+    def flatness(t: float) -> float:
+        log_p = F.log_softmax(logits / t, dim=1)
+        return -(log_p.exp() * log_p).sum(1).mean().item() / math.log(c)
+
+    if c < 2 or flatness(temperature) <= FLAT_SOFT_LABELS:
+        return temperature
+    lo, hi = math.log(temperature) - math.log(1000.0), math.log(temperature)  # in log T: flatness rises with T
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if flatness(math.exp(mid)) <= FLAT_SOFT_LABELS else (lo, mid)
+    return math.exp(lo)
+
+
 def guessed_key_share(box: SafeDistillationBox, teacher: nn.Module | Tensor, data, cfg: SDBConfig,
                       keys: int = GUESSED_KEYS, seed: int = 0) -> float:
     """How little a guessed key teaches: the soft labels (at T) of the box's network under random keys of the
     key's own distribution, placed between the key's (0) and the confusion target q_y the recipe trains a wrong
-    key toward (1), by their mean KL from the teacher's on ``data.test`` (held-out inputs). Near 0, any noise opens
+    key toward (1), by their mean KL from the teacher's on ``data.test`` (held-out inputs); at T, or at the lower
+    temperature where a teacher with small logits has soft labels that are not near uniform
+    (:func:`reading_temperature`). Near 0, any noise opens
     the keyed path (inputs that hide the key, a key blended too faintly): what a holder of the bundle's network
     gets without the sealed key. Inference only: no student is trained. ``teacher``: the frozen teacher, or its
     logits on ``data.test`` already (the check's attempts share them)."""
     x, y = data.test.tensors
-    t = cfg.temperature
     teacher_logits = teacher if isinstance(teacher, Tensor) else predict_logits(teacher, x)
+    t = reading_temperature(teacher_logits, cfg.temperature)
 
     def kl(logits: Tensor) -> float:
         return soft_kl(logits, teacher_logits, t).item()

@@ -88,7 +88,7 @@ def test_normalised_networks_keep_the_public_top1_and_the_keyed_soft_labels(digi
     assert keyed_kl < public_kl / 3, (keyed_kl, public_kl)
     # The clean path serves with the teacher's statistics: no noise-blended batch rewrote them.
     for k, v in stats.items():
-        assert torch.equal(box.model.state_dict()[k].cpu(), v), k
+        assert torch.equal(box.model.state_dict()[k].cpu(), v.cpu()), k
 
 
 def test_holdout_takes_a_stratified_part_of_train_and_never_the_test_split(digits):
@@ -129,6 +129,34 @@ def test_an_impossible_threshold_is_refused_with_what_was_tried(digits, digits_t
     # ... nor, whatever it scores there, one the caller says was trained without them (--train-teacher)
     with pytest.raises(WrapRefused, match=r"missed public by .*measured on \d+ held-out training inputs\)$"):
         wrap(digits_teacher, digits, cfg, check=replace(one, teacher_apart=True), key=key)
+
+
+class Softened(nn.Module):
+    """A teacher behind temperature scaling (its logits / 20, as a calibration head divides them): the same top-1,
+    near-uniform soft labels at T."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) / 20
+
+
+def test_a_teacher_with_small_logits_is_not_read_as_one_any_key_opens(digits, digits_teacher):
+    """At T a guessed key answering at chance matched a flat teacher's soft labels as closely as the key did: every
+    box of a teacher with small logits read as one any noise opens (share ~0.02), and the check refused each, all
+    its attempts spent lowering λ. The share is read at a temperature where the teacher's soft labels are not flat."""
+    from sdb_core.protect.sdb import guessed_key_share, reading_temperature
+
+    fit, _ = holdout(digits, 0.15, 0)
+    logits = predict_logits(digits_teacher, fit.test.tensors[0])
+    assert reading_temperature(logits, 4.0) == 4.0  # a trained network's soft labels are not flat at T: read there
+    assert reading_temperature(logits / 20, 4.0) < 1.0  # at T = 4 they are: read where they are not
+    cfg = SDBConfig(lam=0.3, train=replace(SDBConfig().train, epochs=6))
+    shares = {name: guessed_key_share(train_box(t, fit, cfg).box, t, fit, cfg)
+              for name, t in (("plain", digits_teacher), ("softened", Softened(digits_teacher).eval()))}
+    assert shares["softened"] > 0.3 and shares["softened"] > shares["plain"] / 3, shares
 
 
 def test_adapt_moves_away_from_each_miss():
