@@ -63,6 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # its reader stopped (`sdb files list --json | head`): nothing more to say, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would raise again
         return 141  # as a shell reports a process killed by SIGPIPE
+    except Exception as e:
+        # the CLI's own imports stay light: SQLAlchemy's only once something is raised
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(e, SQLAlchemyError):
+            raise
+        from .console import err
+
+        # The driver's reason, first line: SQLAlchemy's own text holds the statement and its parameters (a new key's
+        # secret hash, for one), and a PostgreSQL DETAIL line the values of a row.
+        reason = str(getattr(e, "orig", None) or type(e).__name__).strip().splitlines()
+        err(f"the data dir's store refused this ({reason[0] if reason else type(e).__name__}): check that it is "
+            "writable and has room, or that its database is up (SDB_DATABASE_URL), then run it again")
+        return 2
 
 
 if __name__ == "__main__":

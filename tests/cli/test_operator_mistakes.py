@@ -94,6 +94,18 @@ def test_a_corrupt_store_is_one_line(data, capsys):
     one_line_error(capsys, main(["keys", "list"]), "file is not a database")
 
 
+def test_a_store_that_refuses_a_write_is_one_line_without_the_statement(data, monkeypatch, capsys):
+    """A store that takes no writes (read-only, a full disk) answered `sdb keys create` with SQLAlchemy's 93-line
+    traceback, the INSERT's parameters in it: the new key's secret hash among them."""
+    data.mkdir()
+    assert main(["keys", "list"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("SDB_DATABASE_URL", f"sqlite:///file:{data / 'sdb.sqlite3'}?mode=ro&uri=true")
+    err = one_line_error(capsys, main(["keys", "create", "--scopes", "predict"]), "readonly database",
+                         "writable and has room")
+    assert "INSERT" not in err and "parameters" not in err
+
+
 def test_a_store_corrupt_past_its_header_is_one_line_before_anything_runs(data, capsys):
     """A SQLite file whose models table's page is damaged opened fine, then `sdb serve` failed at start with a
     traceback (exit 3): the check reads every page first."""
