@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 import zipfile
@@ -68,6 +69,7 @@ MAX_INPUT_ELEMENTS = 1 << 26  # one sample's input: loading runs the graph on ze
 # Loading's check run on one input is stopped after this many seconds (ONNX Runtime's RunOptions.terminate): a
 # network the service can serve answers one sample in far less, even on one CPU thread of a busy server.
 MAX_CHECK_RUN_S = 60.0
+EXPORT_OPSET = 17  # what a box's network is exported at (the TorchScript exporter; ONNX Runtime runs it everywhere)
 # How a network that the service can serve is exported (the names and the batch axis it feeds).
 EXPORT_HINT = (f'export it with torch.onnx.export(model.float().eval(), x, f, input_names=["{INPUT_NAME}"], '
                f'output_names=["{OUTPUT_NAME}"], dynamic_axes={{"{INPUT_NAME}": {{0: "batch"}}, '
@@ -211,24 +213,90 @@ def _export_eval(model: nn.Module, in_shape: Sequence[int], dynamic_spatial: boo
     if not isinstance(traced, torch.jit.ScriptModule) and _takes_more_than(traced, len(args)):
         traced = Positional(traced).eval()  # the exporter sets it back to its mode, and with it the network
     buf = io.BytesIO()
-    with warnings.catch_warnings(), _quiet_stdout():
+    with warnings.catch_warnings(), _quiet_stdout(), _rms_norm_exported():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: fast, no onnxscript needed, and exact for these graphs.
         try:
             torch.onnx.export(traced, tuple(args), buf,
                               input_names=names, output_names=[OUTPUT_NAME],
                               dynamic_axes={**axes, OUTPUT_NAME: out_axes},
-                              opset_version=17, dynamo=False)
+                              opset_version=EXPORT_OPSET, dynamo=False)
         except Exception as e:  # noqa: BLE001 - the exporter raises its own hierarchy; a user sees one clear error
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise BundleError(
-                f"the network does not export to ONNX (opset 17, TorchScript exporter): {type(e).__name__}: {first}. "
+                f"the network does not export to ONNX (opset {EXPORT_OPSET}, TorchScript exporter): "
+                f"{type(e).__name__}: {first}. "
                 "An operation the exporter cannot express (e.g. adaptive pooling of a size computed from the "
                 "input's shape, a torch.compile'd submodule): write it with fixed sizes or plain tensor ops, and "
                 "try torch.onnx.export(model, x, dynamo=False) on the network itself") from None
     onnx_bytes = buf.getvalue()
     _check_export(model, onnx_bytes, [(INPUT_NAME, in_shape), *extra_inputs], samples)
     return onnx_bytes
+
+
+# The TorchScript exporter has no aten::rms_norm (nn.RMSNorm, F.rms_norm) at EXPORT_OPSET; ONNX's RMSNormalization
+# is opset 23. Ours (_rms_norm_symbolic) is registered while a box exports and taken away after, so an owner's own
+# torch.onnx.export in the same process still meets torch's own table. Counted: exports on several threads share it.
+RMS_NORM_OP = "aten::rms_norm"
+_rms_norm_lock = threading.Lock()
+_rms_norm_exports = 0
+_rms_norm_ours = False
+
+
+@contextmanager
+def _rms_norm_exported():
+    """aten::rms_norm exportable for the block, as :func:`_rms_norm_symbolic`, unless torch or the owner already
+    registered a symbolic for it (theirs is used, and left in place)."""
+    import torch
+
+    global _rms_norm_exports, _rms_norm_ours
+    with _rms_norm_lock:
+        if _rms_norm_exports == 0:
+            _rms_norm_ours = not _rms_norm_registered()
+            if _rms_norm_ours:
+                torch.onnx.register_custom_op_symbolic(RMS_NORM_OP, _rms_norm_symbolic, EXPORT_OPSET)
+        _rms_norm_exports += 1
+    try:
+        yield
+    finally:
+        with _rms_norm_lock:
+            _rms_norm_exports -= 1
+            if _rms_norm_exports == 0 and _rms_norm_ours:
+                torch.onnx.unregister_custom_op_symbolic(RMS_NORM_OP, EXPORT_OPSET)
+                _rms_norm_ours = False
+
+
+def _rms_norm_registered() -> bool:
+    """Whether the TorchScript exporter already has a symbolic for aten::rms_norm at EXPORT_OPSET."""
+    try:  # torch keeps no public query of its table
+        from torch.onnx._internal.torchscript_exporter.registration import registry
+    except ImportError:  # a torch that moved it: ours is registered (and _check_export tells if it answers otherwise)
+        return False
+    return registry.is_registered_op(RMS_NORM_OP, EXPORT_OPSET)
+
+
+def _rms_norm_symbolic(g, x, normalized_shape, weight, eps):
+    """aten::rms_norm(input, normalized_shape, weight?, eps?) in ONNX ops, as torch computes it: over the last
+    len(normalized_shape) axes, x / sqrt(mean(x^2) + eps) * weight, in float32 for a float16/bfloat16 input (or
+    float64), cast back to the input's type; eps None is the machine epsilon of that computation type."""
+    import torch
+    from torch.onnx import symbolic_helper
+
+    axes = list(range(-len(symbolic_helper._get_const(normalized_shape, "is", "normalized_shape")), 0))
+    eps = None if symbolic_helper._is_none(eps) else symbolic_helper._get_const(eps, "f", "eps")
+    kind = getattr(x.type(), "scalarType", lambda: None)()  # "Float", "Half", ...; None where the trace lost it
+    compute = torch.float64 if kind == "Double" else torch.float32
+    onnx_type = {torch.float32: 1, torch.float64: 11}[compute]  # TensorProto's FLOAT, DOUBLE
+    if eps is None:
+        eps = torch.finfo(compute).eps
+    upcast = kind not in ("Float", "Double")
+    h = g.op("Cast", x, to_i=onnx_type) if upcast else x
+    mean_square = g.op("ReduceMean", g.op("Mul", h, h), axes_i=axes, keepdims_i=1)
+    rms = g.op("Sqrt", g.op("Add", mean_square, g.op("Constant", value_t=torch.tensor(eps, dtype=compute))))
+    y = g.op("Div", h, rms)
+    if not symbolic_helper._is_none(weight):
+        y = g.op("Mul", y, g.op("Cast", weight, to_i=onnx_type) if upcast else weight)
+    return g.op("CastLike", y, x) if upcast else y
 
 
 def _takes_more_than(model: nn.Module, n: int) -> bool:

@@ -200,6 +200,28 @@ def layer_norm(v, a, opset):
     return y + v[2] if len(v) > 2 and v[2] is not None else y
 
 
+def _root_mean_square(x: Tensor, a: dict) -> tuple[Tensor, Tensor]:
+    """x in ``stash_type`` (float32 unless the node names another float), and its root mean square plus epsilon,
+    sqrt(mean(x²) + epsilon), over the axes from ``axis`` on: the first stage of ONNX's RMSNormalization."""
+    h = x.to(DTYPES.get(int(a.get("stash_type", 1)), torch.float32))
+    dims = tuple(range(a.get("axis", -1) % x.dim(), x.dim()))
+    return h, torch.sqrt((h * h).mean(dim=dims, keepdim=True) + a.get("epsilon", 1e-5))
+
+
+def rms_norm(v, a, opset):
+    """ONNX's RMSNormalization (opset 23): x divided by its root mean square, cast back to x's type, times the scale.
+    Plain ops, not torch's rms_norm: a box exports the graph again at opset 17, which has none."""
+    h, rms = _root_mean_square(v[0], a)
+    return (h / rms).to(v[0].dtype) * v[1]
+
+
+def simplified_layer_norm(v, a, opset):
+    """ONNX Runtime's SimplifiedLayerNormalization (an ONNX-domain operator of its own, what its transformer optimizer
+    fuses an RMSNorm into): :func:`rms_norm`'s Y, and its optional second output inv_std_var, 1 / rms."""
+    h, rms = _root_mean_square(v[0], a)
+    return (h / rms).to(v[0].dtype) * v[1], 1 / rms
+
+
 def group_norm(v, a, opset):
     x, scale, bias = v
     groups = int(a["num_groups"])
@@ -938,7 +960,7 @@ OPS: dict[str, Callable] = {
     "GlobalAveragePool": _unary(lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)),
     "GlobalMaxPool": _unary(lambda x: x.amax(dim=tuple(range(2, x.dim())), keepdim=True)),
     "BatchNormalization": batch_norm, "InstanceNormalization": instance_norm, "LayerNormalization": layer_norm,
-    "GroupNormalization": group_norm,
+    "GroupNormalization": group_norm, "RMSNormalization": rms_norm, "SimplifiedLayerNormalization": simplified_layer_norm,
     "Relu": _unary(F.relu), "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh),
     "LeakyRelu": lambda v, a, o: F.leaky_relu(v[0], a.get("alpha", 0.01)),
     "Elu": lambda v, a, o: F.elu(v[0], a.get("alpha", 1.0)),
