@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .errors import no_room
+from .errors import no_room, room_for
 from .settings import Settings
 
 log = logging.getLogger("sdb.service")
@@ -32,11 +32,13 @@ def copy_new(src: Path, folder: Path) -> Path:
     """``src`` copied to a new file in ``folder``: created exclusively, so no file is ever overwritten. A copy
     that fails half-way (a full disk) is removed: 507 when the disk had no room (:func:`errors.no_room`)."""
     while True:
-        folder.mkdir(parents=True, exist_ok=True)
+        with room_for("the bundle"):
+            folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(6)}.sdb"
         with open(src, "rb") as fin:
             try:
-                fout = open(target, "xb")  # noqa: SIM115 - closed below
+                with room_for("the bundle"):
+                    fout = open(target, "xb")  # noqa: SIM115 - closed below
             except (FileExistsError, FileNotFoundError):  # taken, or the folder of a refused deploy just went
                 continue
             try:

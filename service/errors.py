@@ -9,11 +9,12 @@ body; an unexpected one is logged by the middleware and answers a 500 that says 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import reprlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -24,6 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.routing import get_route_path
 from starlette.types import Receive, Scope, Send
+
+from .store import READ_ONLY, is_read_only
 
 log = logging.getLogger("sdb.service")
 
@@ -71,6 +74,19 @@ def no_room(e: BaseException, what: str) -> ApiError | None:
         return ApiError(507, "insufficient_storage", f"the server has no room to store {what} "
                         f"({os.strerror(e.errno).lower()}): try again later")
     return None
+
+
+@contextlib.contextmanager
+def room_for(what: str) -> Iterator[None]:
+    """Around writes to the server's disk (a new folder or file takes a block on ext4, none on tmpfs): an error that
+    says the disk had no room becomes :func:`no_room`'s 507; any other stands."""
+    try:
+        yield
+    except OSError as e:
+        full = no_room(e, what)
+        if full is not None:
+            raise full from None
+        raise
 
 
 def is_v2(scope: Scope) -> bool:
@@ -127,8 +143,9 @@ def response_for(exc: Exception) -> Response:
         # the database went away or stopped answering (a restart, a failover): an outage to wait out, not a bug
         # (each was a 500 and a traceback); its reason is the driver's, which may name hosts: logged, not answered
         log.warning("the store is unavailable: %s", " ".join(str(getattr(exc, "orig", exc)).split())[:300])
-        return error_response(503, "store_unavailable", "the server's store is unavailable for a moment: retry",
-                              {"Retry-After": "1"})
+        # a read-only SQLite file waits for an operator, not a moment: the message says what to fix
+        message = READ_ONLY if is_read_only(exc) else "the server's store is unavailable for a moment: retry"
+        return error_response(503, "store_unavailable", message, {"Retry-After": "1"})
     if isinstance(exc, RequestValidationError):
         return error_response(422, "invalid_request", _validation_message(exc))
     code = _HTTP_CODES.get(exc.status_code, "error" if exc.status_code < 500 else "internal_error")

@@ -28,10 +28,10 @@ from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 
 from .auth import ApiKey
-from .errors import ApiError, bad_request, invalid, no_room, not_found
+from .errors import ApiError, bad_request, invalid, no_room, not_found, room_for
 from .filechecks import PURPOSES, Checked, Limits, check_upload, info_json, rejected
 from .settings import Settings
-from .store import FileRow, Store
+from .store import RESERVATION_TTL_S, FileRow, Store
 
 FILE_ID_RE = re.compile(r"file-[0-9a-f]{24}")
 STAGING = ".staging"
@@ -68,10 +68,11 @@ class Staging:
         return self
 
     def _make(self) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        sweep(self.root)
-        d = self.root / secrets.token_hex(8)
-        d.mkdir(mode=0o700)
+        with room_for("the upload"):
+            self.root.mkdir(parents=True, exist_ok=True)
+            sweep(self.root)
+            d = self.root / secrets.token_hex(8)
+            d.mkdir(mode=0o700)
         return d
 
     async def __aexit__(self, *_: object) -> None:
@@ -250,12 +251,22 @@ def reserve(store: Store, settings: Settings, owner: str, size: int, what: str) 
     """Hold ``size`` bytes of key ``owner``'s storage cap (its files and the model versions it deployed, together);
     413 ``storage_exceeded`` when they do not fit, naming ``what``."""
     cap = settings.max_file_storage_per_key
-    reservation, used = store.reserve_file_bytes(owner, size, cap)
+    reservation, kept, held = store.reserve_file_bytes(owner, size, cap)
     if reservation is None:
-        raise ApiError(413, "storage_exceeded", f"this key keeps {used} bytes of files and deployed models and may "
-                       f"keep {cap} (SDB_MAX_FILE_STORAGE_PER_KEY): {what} does not fit; delete some files "
-                       "(DELETE /v1/files/{id}) or model versions (DELETE /v1/models/{name}) first")
+        raise ApiError(413, "storage_exceeded", _over_cap(kept, held, cap, what))
     return reservation
+
+
+def _over_cap(kept: int, held: int, cap: int, what: str) -> str:
+    """Why ``what`` does not fit the cap, and what to do: the bytes that uploads and deploys still being checked
+    hold are told apart from those kept (a crashed server's were counted as kept: "delete some", with nothing to
+    delete)."""
+    checked = (f", and its uploads and deploys being checked hold {held} more (those of a server that stopped "
+               f"mid-check are let go within {RESERVATION_TTL_S:.0f} s)") if held else ""
+    todo = "delete some files (DELETE /v1/files/{id}) or model versions (DELETE /v1/models/{name})"
+    todo = f"retry once those being checked are done, or {todo}" if held else f"{todo} first"
+    return (f"this key keeps {kept} bytes of files and deployed models{checked}, and may keep {cap} "
+            f"(SDB_MAX_FILE_STORAGE_PER_KEY): {what} does not fit; {todo}")
 
 
 def _bytes_under(path: Path) -> int:

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 import time
 
 from sqlalchemy import (
@@ -31,7 +32,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.functions import FunctionElement
 
 from .store_schema import (
     JOB_DONE,
@@ -53,12 +56,18 @@ from .store_schema import (
 
 log = logging.getLogger("sdb.service")
 
-__all__ = ["JOB_DONE", "MIGRATIONS", "ApiKeyRow", "AuditRow", "Base", "DeployRefused", "FileReservationRow",
-           "FileRow", "JobRow", "ModelNameRow", "ModelRow", "SchemaVersion", "Store", "StoreUnavailable", "UsageRow",
-           "may_deploy", "migrate", "normalise_url", "open_store", "version_key"]
+__all__ = ["JOB_DONE", "MIGRATIONS", "READ_ONLY", "ApiKeyRow", "AuditRow", "Base", "DeployRefused",
+           "FileReservationRow", "FileRow", "JobRow", "ModelNameRow", "ModelRow", "SchemaVersion", "Store",
+           "StoreUnavailable", "UsageRow", "db_now", "is_read_only", "may_deploy", "migrate", "normalise_url",
+           "open_store", "version_key"]
 
-# An upload's reservation older than this belongs to a process that died mid-check (as its staging folder).
-RESERVATION_TTL_S = 6 * 3600
+# An upload's or a deploy's reservation is renewed every RESERVATION_RENEW_S while its process holds it
+# (Store._renew_reservations): one not renewed for RESERVATION_TTL_S was left by a process that died mid-check. A
+# fixed 6 h left a server killed mid-upload holding its key's bytes that long after a restart (413, with no file to
+# delete). A check that never ends holds its bytes RESERVATION_MAX_S at most.
+RESERVATION_TTL_S = 120.0
+RESERVATION_RENEW_S = 20.0
+RESERVATION_MAX_S = 6 * 3600.0
 
 
 
@@ -79,8 +88,46 @@ def _kept_by(owner: str):
     models = select(func.coalesce(func.sum(ModelRow.bytes), 0)).where(ModelRow.deployer == owner).scalar_subquery()
     return files + models
 
+
+class _DbNow(FunctionElement):
+    type = Float()
+    inherit_cache = True
+
+
+def db_now() -> _DbNow:
+    """The database's clock, in seconds since the epoch, as a SQL expression: one clock for every host on the store
+    (on SQLite, the one host's own). Times that other hosts judge (a job's heartbeat, an upload's
+    reservation) are stamped and compared with it: hosts whose clocks differed took each other's live ones for
+    dead ones'."""
+    return _DbNow()
+
+
+@compiles(_DbNow, "postgresql")
+def _postgresql_now(element, compiler, **kw) -> str:
+    return "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"  # not now(): the transaction's start
+
+
+@compiles(_DbNow, "sqlite")
+def _sqlite_now(element, compiler, **kw) -> str:
+    return "((julianday('now') - 2440587.5) * 86400.0)"  # the Julian day of 1970-01-01, in seconds (ms precision)
+
+
 class StoreUnavailable(ValueError):
     """The store cannot be opened: a bad URL, a host that does not answer, a file that is not a database."""
+
+
+READ_ONLY = ("the server's store is read-only: this process cannot write its SQLite file (or the -wal and -shm files "
+             "beside it); fix their owner and mode (or the mount), and writes resume without a restart")
+
+
+def is_read_only(e: BaseException) -> bool:
+    """Whether a store error (SQLAlchemy's or the driver's) is SQLite's SQLITE_READONLY: a file this process cannot
+    write. Not its DBMOVED variant, a file deleted or replaced under the process (:meth:`Store.ping` says so)."""
+    cause = getattr(e, "orig", None) or e
+    if not isinstance(cause, sqlite3.OperationalError):
+        return False
+    code = cause.sqlite_errorcode
+    return code & 0xFF == sqlite3.SQLITE_READONLY and code != sqlite3.SQLITE_READONLY_DBMOVED
 
 
 def open_store(url: str) -> Store:
@@ -166,21 +213,55 @@ class Store:
         sqlite = url.startswith("sqlite")
         self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
                                     pool_pre_ping=not sqlite)
+        self._generation = 0  # of the connections: one more each time they are all reopened (_reopen_when_read_only)
+        self._writes_unproven = sqlite  # ping() tries a write until one passes, and again after a read-only error
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", self._stamp_generation)
+            event.listen(self.engine, "checkin", self._close_if_older)
+            event.listen(self.engine, "handle_error", self._reopen_when_read_only)
         self.session: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
         migrate(self.engine)
         # A SQLite file deleted or replaced under a running server: its open connections go on with the
         # old inode, which no `sdb keys|models` command sees any more. ping() (readiness) says so.
         database = self.engine.url.database if sqlite else None
         self._sqlite_file = (database, _file_id(database)) if database and database != ":memory:" else None
+        self._held: dict[str, float] = {}  # this process's reservations: id -> when made (monotonic)
+        self._held_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    def _reopen_when_read_only(self, context) -> None:
+        """A SQLite file this process could not write when it opened it (a restore with the wrong owner or mode, a
+        read-only mount): each connection opened then stays read-only, and shares with every other one of the
+        process a read-only map of the -shm file, until the last of them closes; fixing the file changed nothing
+        until a restart (every write a 503). On the first read-only error every connection is closed, the idle
+        ones now and those in use when given back, so that the next write opens the file afresh."""
+        if is_read_only(context.original_exception):
+            self._generation += 1
+            self._writes_unproven = True
+            self.engine.dispose()
+
+    def _stamp_generation(self, _dbapi_conn, record) -> None:
+        record.info["generation"] = self._generation
+
+    def _close_if_older(self, _dbapi_conn, record) -> None:
+        if record.info.get("generation") != self._generation:
+            record.invalidate()  # closed; reopened if its pool lends it again
 
     def close(self) -> None:
+        self._closed.set()
         self.engine.dispose()
 
     def ping(self) -> None:
+        """Raises when the store does not answer, or (SQLite) cannot be written (:func:`is_read_only`) or is no
+        longer the file this process opened."""
         with self.engine.connect() as conn:
             conn.execute(select(1))
+            if self._writes_unproven:  # a write rolled back: a read-only file reads well, and failed every write
+                conn.execute(update(SchemaVersion.__table__).values(version=SchemaVersion.version))
+                conn.rollback()
+                self._writes_unproven = False
         if self._sqlite_file is not None:
             path, opened = self._sqlite_file
             if _file_id(path) != opened:
@@ -343,7 +424,7 @@ class Store:
             # network under it): the bundle is registered under the next one, as a deploy is
             version = _next_version(taken, claim.last_version)
         if job is not None:
-            _hold_job_for_deploy(s, *job, name, version, now)
+            _hold_job_for_deploy(s, *job, name, version)
         if version.isdigit():
             claim.last_version = max(claim.last_version, int(version))
         row = ModelRow(name=name, version=version, path=path, added_at=now, policy=policy, top_k=top_k,
@@ -510,27 +591,64 @@ class Store:
         with self.session() as s:
             return int(s.scalar(select(_kept_by(owner))))
 
-    def reserve_file_bytes(self, owner: str, size: int, cap: int) -> tuple[str | None, int]:
-        """Hold ``size`` bytes of ``owner``'s file storage for an upload being checked: (reservation id, bytes
-        held before it), or (None, bytes held) when they would take ``owner`` past ``cap``.
+    def reserve_file_bytes(self, owner: str, size: int, cap: int) -> tuple[str | None, int, int]:
+        """Hold ``size`` bytes of ``owner``'s file storage for an upload being checked: (reservation id, bytes the
+        owner keeps, bytes its other reservations hold), the id None when they would take ``owner`` past ``cap``.
+        The reservation is renewed while this process lives (:meth:`_renew_reservations`), on the database's clock
+        (:func:`db_now`): a host whose clock ran ahead took another's live one for a dead one's.
 
         One transaction holding the owner's write lock (PostgreSQL: its key row ``FOR UPDATE``; SQLite: the
         database's write lock) reads what the owner keeps and holds, and adds the reservation: concurrent
         uploads of one key, in any process, are counted one after another and never pass the cap together.
         """
-        now = time.time()
         with self.session.begin() as s:
             lock_owner(s, owner)
             r = FileReservationRow
-            s.execute(delete(r).where(r.owner == owner, r.created_at < now - RESERVATION_TTL_S))
+            s.execute(delete(r).where(r.owner == owner, r.created_at < db_now() - RESERVATION_TTL_S))
             held = select(func.coalesce(func.sum(r.bytes), 0)).where(r.owner == owner).scalar_subquery()
-            used = int(s.scalar(select(_kept_by(owner) + held)))  # one statement: a file (or version) and the
-            # reservation it was, never both
-            if used + size > cap:
-                return None, used
-            row = r(id=secrets.token_hex(12), owner=owner, bytes=size, created_at=now)
+            kept, held = s.execute(select(_kept_by(owner), held)).one()  # one statement: a file (or version) and
+            # the reservation it was, never both
+            kept, held = int(kept), int(held)
+            if kept + held + size > cap:
+                return None, kept, held
+            row = r(id=secrets.token_hex(12), owner=owner, bytes=size, created_at=db_now())
             s.add(row)
-            return row.id, used
+        self._keep_renewed(row.id)
+        return row.id, kept, held
+
+    def _keep_renewed(self, reservation: str) -> None:
+        with self._held_lock:
+            self._held[reservation] = time.monotonic()
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_reservations, name="sdb-reservations",
+                                                 daemon=True)
+                self._renewer.start()
+
+    def _renew_reservations(self) -> None:
+        """A thread while this process holds reservations: every RESERVATION_RENEW_S they are stamped anew, so that
+        no process takes them for a dead one's; those no longer in the store (a file or a version now, or given
+        back) are forgotten, and the thread ends with the last."""
+        while not self._closed.wait(RESERVATION_RENEW_S):
+            with self._held_lock:
+                too_old = time.monotonic() - RESERVATION_MAX_S
+                for rid in [rid for rid, made in self._held.items() if made < too_old]:
+                    del self._held[rid]  # a check that never ends: its bytes go as a dead process's
+                ids = list(self._held)
+                if not ids:
+                    self._renewer = None
+                    return
+            r = FileReservationRow
+            try:
+                with self.session.begin() as s:
+                    s.execute(update(r).where(r.id.in_(ids)).values(created_at=db_now()))
+                    kept = set(s.scalars(select(r.id).where(r.id.in_(ids))))
+            except SQLAlchemyError as e:  # the store away a moment: the next round renews them
+                log.warning("upload reservations not renewed (%s): %s", type(e).__name__, _reason(e))
+                continue
+            with self._held_lock:
+                for rid in ids:
+                    if rid not in kept:
+                        self._held.pop(rid, None)
 
     def release_file_bytes(self, reservation: str) -> None:
         """Give back the bytes of an upload that failed."""
@@ -577,16 +695,17 @@ def _refusal(s: Session, name: str, deployer: str | None, now: float,
     return claim, None
 
 
-def _hold_job_for_deploy(s: Session, job_id: str, worker: str, name: str, version: str, now: float) -> None:
+def _hold_job_for_deploy(s: Session, job_id: str, worker: str, name: str, version: str) -> None:
     """In a deploy's transaction: the job must still be ``worker``'s, running and not asked to cancel
     (:class:`DeployRefused` ``job_lost`` / ``job_cancelled`` otherwise). Its row is marked as one heartbeat
     (the reaper, waiting on the row, finds it fresh), as past training (never requeued: a second attempt
-    would deploy again) and with what it served (the record says so if the worker dies before it finishes)."""
+    would deploy again) and with what it served (the record says so if the worker dies before it finishes).
+    The heartbeat is the database's clock, as every heartbeat (:func:`db_now`)."""
     served = json.dumps({"model": name, "version": version, "deployed": True})
     held = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.worker == worker, JobRow.status == "running",
                                           JobRow.cancel_requested.is_(False))
-                     .values(heartbeat_at=now, training_at=func.coalesce(JobRow.training_at, now), result=served,
-                             message=f"deployed {name} version {version}")).rowcount
+                     .values(heartbeat_at=db_now(), training_at=func.coalesce(JobRow.training_at, db_now()),
+                             result=served, message=f"deployed {name} version {version}")).rowcount
     if held == 1:
         return
     row = s.get(JobRow, job_id)

@@ -17,6 +17,7 @@ from ..deps import SERVING_DOC, MetricsDep, ModelHostDep, OptionalApiKeyDep, Set
 from ..disclosure import hide_paths
 from ..errors import ApiError
 from ..schemas import AUTH, json_response, ok, responses
+from ..store import READ_ONLY, is_read_only
 
 router = APIRouter(tags=["health"])
 
@@ -39,11 +40,15 @@ async def healthz() -> Response:
 
 @router.get("/readyz", summary="Models loaded and the store reachable", response_model=Readiness,
             responses={**ok({"status": "ready", "models": 1, "failed_models": 0, "failed": {}}),
-                       **responses(503, why={503: "still starting (not_ready), or the store does not answer"})})
+                       **responses(503, why={503: "still starting (not_ready), or the store does not answer "
+                                                   "(store_unreachable) or cannot be written (store_read_only)"})})
 async def readyz(request: Request, store: StoreDep, host: ModelHostDep, settings: SettingsDep) -> Response:
     if not getattr(request.app.state, "ready", False):
         raise ApiError(503, "not_ready", "the server is still starting")
-    if not await _store_answers(request.app.state, store):
+    failure = await _store_failure(request.app.state, store)
+    if failure is not None and is_read_only(failure):
+        raise ApiError(503, "store_read_only", READ_ONLY)
+    if failure is not None:
         raise ApiError(503, "store_unreachable", "the store does not answer")
     failed = host.failures()  # a copy: a sync changing it while this iterated was a 500
     body = {"status": "ready", "models": len(host.all()), "failed_models": len(failed)}
@@ -52,18 +57,19 @@ async def readyz(request: Request, store: StoreDep, host: ModelHostDep, settings
     return json_response(body)
 
 
-async def _store_answers(state, store) -> bool:
-    """Whether the store answers a ping within STORE_WAIT_S. A stalled database (frozen, partitioned) held the probe
-    as long as it stalled, and each probe a worker thread: the probes share one ping until it returns."""
+async def _store_failure(state, store) -> BaseException | None:
+    """Why the store does not answer a ping within STORE_WAIT_S (:meth:`Store.ping`), or None. A stalled database
+    (frozen, partitioned) held the probe as long as it stalled, and each probe a worker thread: the probes share one
+    ping until it returns."""
     ping = getattr(state, "store_ping", None)
     if ping is None or ping.done():
         ping = state.store_ping = asyncio.ensure_future(run_in_threadpool(store.ping))
         ping.add_done_callback(lambda t: t.cancelled() or t.exception())  # read: a failure no probe awaited
     try:
         await asyncio.wait_for(asyncio.shield(ping), STORE_WAIT_S)
-    except Exception:  # noqa: BLE001 - a timeout or any driver error means not ready
-        return False
-    return True
+    except Exception as e:  # noqa: BLE001 - a timeout or any driver error means not ready
+        return e
+    return None
 
 
 _METRICS_EXAMPLE = ('# TYPE sdb_requests_total counter\nsdb_requests_total{method="POST",model="mnist-demo",'
