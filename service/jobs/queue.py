@@ -10,6 +10,10 @@ row count tells whether it won, so concurrent workers, the API and the reaper ca
   ``running``: a job the reaper has failed or requeued cannot be overwritten by a late worker.
 - the reaper fails (or requeues once, if training had not started) a running job whose
   heartbeat is older than ``stale_s``.
+
+The times of a job's run (claimed, heartbeat, training, finished) are the database's clock (:func:`db_now`), never
+the writing host's: a reaper compared another host's heartbeat with its own clock, and hosts whose clocks differed
+by more than ``stale_s`` reaped each other's healthy jobs ("worker lost").
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..store import JOB_DONE, JobRow, Store, lock_owner
+from ..store import JOB_DONE, JobRow, Store, db_now, lock_owner
 
 MAX_ATTEMPTS = 2  # a job that died before training started is requeued once
 
@@ -104,10 +108,9 @@ class JobQueue:
 
     def cancel(self, job_id: str) -> JobRow | None:
         """A queued job is cancelled at once; a running one is asked to stop (its worker ends it)."""
-        now = time.time()
         with self.store.session.begin() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
-                      .values(status="cancelled", cancel_requested=True, finished_at=now, step="cancelled",
+                      .values(status="cancelled", cancel_requested=True, finished_at=db_now(), step="cancelled",
                               message="cancelled before it started"))
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
                       .values(cancel_requested=True, message="cancel requested"))
@@ -134,7 +137,7 @@ class JobQueue:
         """End a queued job as failed without running it (it can no longer run: :class:`~.kinds.StaleJob`)."""
         with self.store.session.begin() as s:
             return s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
-                             .values(status="failed", finished_at=time.time(), step="failed", error=error,
+                             .values(status="failed", finished_at=db_now(), step="failed", error=error,
                                      message="failed")).rowcount == 1
 
     # ------------------------------------------------------------ worker side
@@ -152,9 +155,8 @@ class JobQueue:
                                      .with_for_update(skip_locked=True))
                 if candidate is None:
                     return None
-                now = time.time()
                 won = s.execute(update(JobRow).where(JobRow.id == candidate, JobRow.status == "queued")
-                                .values(status="running", worker=worker, heartbeat_at=now, started_at=now,
+                                .values(status="running", worker=worker, heartbeat_at=db_now(), started_at=db_now(),
                                         training_at=None, attempts=JobRow.attempts + 1, step="starting",
                                         message=f"claimed by {worker}", artifact_bytes=0)).rowcount
             if won == 1:
@@ -166,7 +168,7 @@ class JobQueue:
     def heartbeat(self, job_id: str, worker: str, *, progress: float | None = None, step: str | None = None,
                   message: str | None = None, metrics: dict | None = None, training: bool = False,
                   artifact_bytes: int | None = None) -> Beat:
-        values: dict = {"heartbeat_at": time.time()}
+        values: dict = {"heartbeat_at": db_now()}
         if artifact_bytes is not None:
             values["artifact_bytes"] = artifact_bytes
         if progress is not None:
@@ -188,7 +190,7 @@ class JobQueue:
     def finish(self, job_id: str, worker: str, status: str, *, error: str | None = None, message: str = "",
                result: dict | None = None, metrics: dict | None = None, artifact_bytes: int | None = None) -> bool:
         assert status in JOB_DONE, status
-        values: dict = {"status": status, "finished_at": time.time(), "error": error, "message": message,
+        values: dict = {"status": status, "finished_at": db_now(), "error": error, "message": message,
                         "step": status}
         if artifact_bytes is not None:
             values["artifact_bytes"] = artifact_bytes
@@ -215,10 +217,11 @@ class JobQueue:
 
     # ------------------------------------------------------------ reaper
     def reap(self, stale_s: float) -> list[tuple[str, str]]:
-        """End or requeue running jobs whose worker stopped heartbeating; returns (id, new status)."""
-        now = time.time()
-        cutoff = now - stale_s
+        """End or requeue running jobs whose worker stopped heartbeating; returns (id, new status). Heartbeats are
+        judged by the database's clock, which stamped them (:func:`db_now`), whatever this host's says."""
         with self.store.session() as s:
+            now = s.scalar(select(db_now()))
+            cutoff = now - stale_s
             stale = list(s.scalars(select(JobRow).where(
                 JobRow.status == "running", or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff))))
         done = []

@@ -15,6 +15,7 @@ process (``hard_stop``: the embedded pool and Ray start another one).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -194,13 +195,42 @@ def _settled(call, *args, **kwargs):
             wait = min(wait * 2, 8.0)
 
 
+def open_job(settings: Settings, queue: JobQueue, job: JobRow, worker: str, workdir: Path,
+             stop: threading.Event | None) -> JobContext:
+    """The job's folder, this attempt's artifacts folder and its open log: what a job needs before it runs."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return JobContext(settings, queue, job, worker, workdir, stop, attempt_artifacts(workdir, job.attempts))
+
+
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def setup_failure(e: OSError, settings: Settings) -> str:
+    """Why a job whose folder could not be made (:func:`open_job`) failed, as its owner reads it."""
+    if e.errno in NOT_WRITABLE:
+        return (f"the server could not create the job's folder ({os.strerror(e.errno).lower()}): nothing of the job "
+                "ran; submit it again once an administrator has let the job workers write the server's data dir")
+    return failure_reason(e, "starting", settings.data_dir)  # a full disk (inodes too) says so
+
+
+def fail_setup(settings: Settings, queue: JobQueue, job: JobRow, worker: str, e: OSError) -> str:
+    """End a job that could not start (:func:`open_job` raised): failed, saying why, this attempt its only one.
+    Left running it had no heartbeat, and the reaper requeued it, then failed it as "worker lost"."""
+    reason = setup_failure(e, settings)
+    log.error("job %s (%s): its folder could not be made: %s", job.id, job.kind, e)
+    ended = _settled(queue.finish, job.id, worker, "failed", error=reason, message="failed")
+    return "failed" if ended else "lost"
+
+
 def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop: threading.Event | None = None,
             hard_stop: Callable[[], None] | None = None) -> str:
     """Run a job this worker has claimed; returns the status it ended in (or ``queued`` if released).
     ``hard_stop`` ends the process, for a job that does not stop when a cap is passed (a worker process's own)."""
     workdir = job_dir(settings, job.id)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ctx = JobContext(settings, queue, job, worker, workdir, stop, attempt_artifacts(workdir, job.attempts))
+    try:
+        ctx = open_job(settings, queue, job, worker, workdir, stop)
+    except OSError as e:  # a full disk, a jobs folder another user made: the worker goes on with the next job
+        return fail_setup(settings, queue, job, worker, e)
     ctx.log(f"job {job.id} ({job.kind}) attempt {job.attempts} on worker {worker}")
     hb = Heartbeat(ctx, settings.job_heartbeat_s, hard_stop)
     hb.start()
