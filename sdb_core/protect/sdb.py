@@ -232,7 +232,10 @@ def guessed_key_share(box: SafeDistillationBox, teacher: nn.Module | Tensor, dat
     q = confusion_rows(partners, y, teacher_logits.shape[1], cfg)
     log_p = F.log_softmax(teacher_logits / t, dim=1)
     d_q = (log_p.exp() * (log_p - q.clamp_min(1e-12).log())).sum(1).mean().item() * t * t
-    return (d_wrong - d_key) / max(d_q - d_key, 1e-6)
+    # A keyed path no nearer the teacher than the confusion target (a box of an epoch or two) leaves the scale
+    # without length: the share was then -1e6 or less, which no owner's bound means. Below -1 (guessed keys nearer
+    # the teacher than the key, by more than the key is from q) it reads -1.
+    return max(-1.0, (d_wrong - d_key) / max(d_q - d_key, 1e-6))
 
 
 def public_report(teacher: nn.Module, box: SafeDistillationBox, test, keyed: bool = True) -> dict:
