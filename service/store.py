@@ -547,12 +547,29 @@ class Store:
             except IntegrityError:
                 continue
 
-    def usage(self, key_id: str | None = None) -> list[UsageRow]:
+    def usage(self, key_id: str | None = None, *, model: str | None = None, since: str | None = None) -> list:
+        """Usage rows (day, model, kind, key_id, requests, samples), in that order: of one key, one model, and from
+        the UTC day ``since`` on, where given. Filtered and ordered by the database, and read as plain rows: the
+        whole table read as objects and filtered here took seconds at 360,000 rows, and held the event loop's GIL."""
+        u = UsageRow
+        q = select(u.day, u.model, u.kind, u.key_id, u.requests, u.samples)
+        if key_id is not None:
+            q = q.where(u.key_id == key_id)
+        if model is not None:
+            q = q.where(u.model == model)
+        if since is not None:
+            q = q.where(u.day >= since)
         with self.session() as s:
-            q = select(UsageRow)
-            if key_id is not None:
-                q = q.where(UsageRow.key_id == key_id)
-            return list(s.scalars(q))
+            return list(s.execute(q.order_by(u.day, u.model, u.kind, u.key_id)))
+
+    def get_keys(self, key_ids) -> list[ApiKeyRow]:
+        """The keys of ``key_ids`` that exist, oldest first."""
+        ids = sorted(set(key_ids))
+        found: list[ApiKeyRow] = []
+        with self.session() as s:
+            for i in range(0, len(ids), 500):  # a bound on a statement's parameters
+                found += s.scalars(select(ApiKeyRow).where(ApiKeyRow.id.in_(ids[i:i + 500])))
+        return sorted(found, key=lambda k: k.created_at)
 
     # ---------------------------------------------------------------- secrets
     def recorded_secret(self, name: str) -> str | None:

@@ -108,10 +108,9 @@ def usage(key: ApiKeyDep, store: StoreDep,
     who = key_id if admin else key.id
     now = time.time()
     since = time.strftime("%Y-%m-%d", time.gmtime(now - (days - 1) * 86400))
-    rows = [r for r in store.usage(who) if r.day >= since and (model is None or r.model == model)]
-    rows.sort(key=lambda r: (r.day, r.model, r.kind, r.key_id))
-    if admin and who is None:
-        keys = store.list_keys()
+    rows = store.usage(who, model=model, since=since)
+    if admin and who is None:  # every key's quota (the keys page), or of those a model's answer names (its page)
+        keys = store.list_keys() if model is None else store.get_keys(r.key_id for r in rows)
     else:
         row = store.get_key(who)
         keys = [] if row is None else [row]

@@ -88,7 +88,11 @@ async def test_usage_per_day_admin_sees_every_key_others_their_own(svc, bundles)
     every = (await svc.client.get("/v1/usage", params={"model": "digits-a"}, headers=svc.admin)).json()
     assert sorted((u["key_id"], u["kind"], u["samples"]) for u in every["usage"]) == sorted(
         [(id_one, "distill", 3), (id_one, "predict", 5), (id_two, "distill", 4)])
-    assert {k["key_id"] for k in every["keys"]} >= {id_one, id_two}
+    assert {k["key_id"] for k in every["keys"]} == {id_one, id_two}  # the keys it names: not every key's quota
+    assert {k["key_id"] for k in (await svc.client.get("/v1/usage", headers=svc.admin)).json()["keys"]} > {
+        id_one, id_two}  # every key's, the admin's own among them (the keys page reads their quotas)
+    old_day = (await svc.client.get("/v1/usage", params={"days": 1}, headers=svc.auth(one))).json()
+    assert len(old_day["usage"]) == 3  # today's: the day filter is the database's now
     theirs = (await svc.client.get("/v1/usage", params={"key_id": id_two}, headers=svc.admin)).json()
     assert [u["samples"] for u in theirs["usage"]] == [4] and [k["key_id"] for k in theirs["keys"]] == [id_two]
     assert (await svc.client.get("/v1/usage", params={"days": 0}, headers=svc.admin)).status_code == 422
