@@ -2,6 +2,9 @@
 as FastAPI's routing did, under a root path, with the limits, errors and metrics of every other route."""
 from __future__ import annotations
 
+import asyncio
+import time
+
 import httpx
 import numpy as np
 import pytest
@@ -114,3 +117,17 @@ async def test_metrics_count_every_request_and_bound_the_method_label(svc):
     assert 'sdb_samples_total{key_id="anonymous",kind="predict",model="digits-a"} 6.0' in text
     assert 'method="FOO"' not in text and 'method="BAR"' not in text
     assert 'sdb_requests_total{method="OTHER",model="digits-a",route="/v2/models/{name}/infer",status="405"} 2.0' in text
+
+
+async def test_a_metrics_scrape_does_not_hold_other_requests(svc, monkeypatch):
+    """The exposition was rendered on the event loop: with 500 models' series each scrape held every request for
+    0.15-0.5 s. A rendering that takes a second (time.sleep: the loop's own thread would be held) holds no one."""
+    render = svc.app.state.metrics.render
+    monkeypatch.setattr(svc.app.state.metrics, "render", lambda per_key=False: time.sleep(1.0) or render(per_key))
+    t0 = time.perf_counter()
+    scrape = asyncio.ensure_future(svc.client.get("/metrics"))  # first: it reaches its rendering in a few awaits
+    infer = asyncio.ensure_future(svc.client.post("/v2/models/digits-a/infer",
+                                                  json=_infer_body(np.zeros((1, 1, 8, 8)))))
+    assert (await infer).status_code == 200
+    assert time.perf_counter() - t0 < 0.5
+    assert (await scrape).status_code == 200 and time.perf_counter() - t0 >= 1.0
