@@ -17,7 +17,7 @@ from sdb_core.protect.config import POLICIES, AuditConfig
 from service.auth import ApiKey, create_key, validate_policy
 from service.errors import ApiError
 from service.settings import Settings, SettingsError
-from service.store import Store, open_store
+from service.store import Store, open_store, version_key
 
 from .console import redact
 
@@ -278,7 +278,7 @@ def models_list(settings: Settings, *, as_json: bool = False) -> int:
 
     store = _open_store(settings)
     try:
-        rows = store.list_models()
+        rows = sorted(store.list_models(), key=lambda r: (r.name, version_key(r.version)))  # 2 before 10, as the API
     finally:
         store.close()
     paths = [bundle_path(settings, r.path) for r in rows]  # where this data dir has each (a moved one: its own)

@@ -123,3 +123,18 @@ def test_keys_create_refuses_a_policy_that_would_do_nothing(data, capsys, flags,
 
 def test_a_quota_on_an_admin_key_meters_its_distill_samples(data, capsys):
     assert main(["keys", "create", "--scopes", "admin", "--quota", "5"]) == 0  # admin may distill
+
+
+def test_models_list_orders_versions_as_numbers(data, capsys):
+    """A model wrapped nightly listed 1 10 11 2 3 ... 9: the store's text order. The API lists 1 ... 11."""
+    create(capsys, "--scopes", "predict")  # the data dir, its secrets and store, as an operator's first command
+    store = Store(Settings(data_dir=data).db_url)
+    try:
+        for v in range(1, 12):
+            store.add_version("nightly", str(data / f"v{v}.sdb"), deployer=None, version=str(v))
+    finally:
+        store.close()
+    assert main(["models", "list", "--json"]) == 0
+    assert [m["version"] for m in json.loads(capsys.readouterr().out)] == [str(v) for v in range(1, 12)]
+    assert main(["models", "list"]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == [str(v) for v in range(1, 12)]
