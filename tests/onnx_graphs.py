@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdb_core.train import device_of
+
 
 class ViewNet(nn.Module):
     """A classifier of 8x8 images outside the zoo: BatchNorm, and ``x.view(x.size(0), -1)``, which exports as
@@ -36,6 +38,7 @@ def onnx_bytes(net: nn.Module, shape, free_batch: bool = True, batch: int = 2, d
         warnings.simplefilter("ignore")
         example = torch.randn(batch, *shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(
             batch, *shape, dtype=dtype)
+        example = example.to(device_of(net))  # a net trained on a GPU exports there (the graph is the same)
         torch.onnx.export(net.eval(), (example,), buf, input_names=["image"],
                           dynamic_axes={"image": free} if free else None, opset_version=17, dynamo=False, **export)
     return buf.getvalue()

@@ -49,6 +49,7 @@ def test_student_beats_an_untrained_one_by_a_margin(run):
     torch.manual_seed(123)
     untrained = BranchedStudent(EncDec(3, 1, cfg.widths, cfg.convs), teachers, list(res.branch_points.values()))
     untrained.settle(res.branch_points)
+    untrained.to(device_of(res.student_model))  # its trunk is new (on the CPU), its frozen stages the teachers'
     base = evaluate(untrained, test, cfg.num_classes)
     teacher_rmse = res.teachers["depth"]["rmse"]
     # Margins checked on seeds 0-2 of these settings; the tiny teachers themselves vary most.

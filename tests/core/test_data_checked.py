@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from sdb_core.data import DatasetError
 from sdb_core.protect import CheckConfig, SDBConfig, train_box, wrap, wrap_nasty
-from sdb_core.train import TrainConfig
+from sdb_core.train import TrainConfig, device_of
 
 from ..signals import FeatureNet, feature_splits
 
@@ -86,7 +86,8 @@ def test_a_user_s_float64_splits_wrap_like_float32_ones():
     teacher = nn.Sequential(nn.Linear(32, 4))
     loose = _with(_with(data, x=lambda x: x.double(), y=lambda y: y.int()), "test", x=lambda x: x.double())
     r = train_box(teacher, loose, SDBConfig(train=TrainConfig(epochs=1, seed=0)))
-    assert r.box.model(torch.zeros(1, 32)).dtype == torch.float32 and 0 <= r.report["public_acc"] <= 100
+    net = r.box.model
+    assert net(torch.zeros(1, 32, device=device_of(net))).dtype == torch.float32 and 0 <= r.report["public_acc"] <= 100
 
 
 def test_the_self_check_s_held_out_part_counts_the_classes_that_have_inputs():

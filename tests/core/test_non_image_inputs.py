@@ -12,7 +12,7 @@ from sdb_core.bundle import export_bundle, load_bundle
 from sdb_core.models import create_model
 from sdb_core.protect import CheckConfig, SDBConfig, Thresholds, random_keys, train_box, wrap
 from sdb_core.protect.key import generate_key, new_master_key
-from sdb_core.train import TrainConfig
+from sdb_core.train import TrainConfig, predict_logits
 
 from ..signals import signal_splits, trained
 
@@ -132,7 +132,7 @@ def test_a_calibrated_keyed_path_teaches_soft_labels_closer_to_the_teachers(tmp_
     as_trained = box.with_key(box.reveal_key())
     as_trained.keyed_scale = 1.0
     with torch.no_grad():
-        a = teacher(x)
+        a = predict_logits(teacher, x)
         kl = {name: soft_kl(b.distill_logits(x), a, 4.0).item() for name, b in
               (("calibrated", box), ("as trained", as_trained))}
         assert torch.equal(box.distill_logits(x).argmax(1), as_trained.distill_logits(x).argmax(1))
