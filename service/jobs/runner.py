@@ -202,6 +202,18 @@ def open_job(settings: Settings, queue: JobQueue, job: JobRow, worker: str, work
     return JobContext(settings, queue, job, worker, workdir, stop, attempt_artifacts(workdir, job.attempts))
 
 
+def device_words() -> str:
+    """Where this process trains, in words for a job's log: the GPU a job's device "auto" picks, or the CPU. A job
+    on a GPU server that trained on the CPU (a worker without a device: CUDA_VISIBLE_DEVICES, SDB_WORKER_GPUS) said
+    nothing of it but its time."""
+    import torch
+
+    if torch.cuda.is_available():
+        i = torch.cuda.current_device()
+        return f"training on cuda:{i} ({torch.cuda.get_device_name(i)})"
+    return f"training on the CPU ({torch.get_num_threads()} threads)"
+
+
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -231,7 +243,7 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
         ctx = open_job(settings, queue, job, worker, workdir, stop)
     except OSError as e:  # a full disk, a jobs folder another user made: the worker goes on with the next job
         return fail_setup(settings, queue, job, worker, e)
-    ctx.log(f"job {job.id} ({job.kind}) attempt {job.attempts} on worker {worker}")
+    ctx.log(f"job {job.id} ({job.kind}) attempt {job.attempts} on worker {worker}, {device_words()}")
     hb = Heartbeat(ctx, settings.job_heartbeat_s, hard_stop)
     hb.start()
     t0 = time.time()

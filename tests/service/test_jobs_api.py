@@ -4,6 +4,7 @@ reaper, and the schema migration of a store made before jobs existed."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -475,3 +476,18 @@ def test_a_full_disk_is_told_as_such():
 
     said = failure_reason(OSError(errno.ENOSPC, "No space left on device"), "distill epoch 1")
     assert "disk is full" in said and "distill epoch 1" in said
+
+
+@pytest.mark.anyio
+async def test_a_jobs_log_says_where_it_trains(jsvc):
+    """A job on a GPU server that trained on the CPU (its worker given no device) said nothing of it but its time."""
+    import anyio
+
+    from service.jobs.worker import run_worker
+
+    tok = jsvc.key(("jobs",))
+    job = (await submit(jsvc, tok, "wrap", {**WRAP, "deploy": False})).json()
+    await anyio.to_thread.run_sync(lambda: run_worker(jsvc.settings, once=True))
+    log = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs", headers=jsvc.auth(tok))).json()["text"]
+    first = log.splitlines()[0]
+    assert re.search(r"attempt 1 on worker worker:…, training on (cuda:\d+ \(.+\)|the CPU \(\d+ threads\))$", first), log
