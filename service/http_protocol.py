@@ -270,10 +270,12 @@ class HttpProtocol(HttpToolsProtocol):
         server = _SERVERS.get(self.server_state)
         if server is None:
             server = _SERVERS[self.server_state] = _Server(_TrustedHosts(self.config.forwarded_allow_ips))
+        if self.client[0] in server.trusted:  # a proxy: uncounted (every host of its /64 shared its count)
+            return True
         address = client_network(self.client[0])  # an IPv6 client's /64: it may connect from any address in it
         opened = server.open[address] + 1
         server.open[address], self._address = opened, address
-        if opened <= cap or self.client[0] in server.trusted:
+        if opened <= cap:
             return True
         self._taking_requests = False
         if opened > 2 * cap:

@@ -28,7 +28,7 @@ from .. import oip
 from ..auth import ApiKey
 from ..deps import Serving, authenticate, caller_of
 from ..errors import INTERNAL, ApiError
-from ..ratelimit import ANONYMOUS_CALLER
+from ..ratelimit import ANONYMOUS_CALLER, client_network
 
 _MISSING = "SDB_GRPC_PORT needs the grpc extra (grpcio>=1.81.1, protobuf>=6.33.5): pip install 'sdb[grpc]' ({})"
 try:  # the `grpc` extra: grpcio, and a protobuf runtime the committed stubs load on
@@ -77,10 +77,11 @@ def status_details(message: str) -> str:
 
 
 def peer_address(peer: str) -> str:
-    """The client's address from gRPC's peer string (``ipv4:10.0.0.1:5000``, ``ipv6:%5B::1%5D:5000``)."""
+    """The client from gRPC's peer string (``ipv4:10.0.0.1:5000``, ``ipv6:%5B::1%5D:5000``), as the HTTP routes
+    know it in their per-address limits (an IPv6 client's /64: :func:`~service.ratelimit.client_network`)."""
     kind, _, rest = unquote(peer).partition(":")
     if kind in ("ipv4", "ipv6"):
-        return rest.rsplit(":", 1)[0].strip("[]")
+        return client_network(rest.rsplit(":", 1)[0].strip("[]"))
     return rest
 
 

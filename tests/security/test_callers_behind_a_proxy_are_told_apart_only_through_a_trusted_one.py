@@ -47,3 +47,11 @@ def test_the_addresses_of_one_ipv6_64_are_one_client(servers, tmp_path, bundles)
     assert _status(srv, "2001:db8:1:3::1") == 200  # another /64
     assert _status(srv, "::ffff:203.0.113.9") == 200
     assert _status(srv, "203.0.113.9") == 429  # the same IPv4 client, written as IPv6
+
+
+def test_a_grpc_caller_is_known_as_an_http_caller_is():
+    from service.grpc.server import peer_address
+
+    assert peer_address("ipv6:%5B2001:db8:1:2::1%5D:5000") == peer_address("ipv6:%5B2001:db8:1:2:ff::9%5D:6000")
+    assert peer_address("ipv6:%5B2001:db8:1:2::1%5D:5000") == "2001:db8:1:2::/64"
+    assert peer_address("ipv4:10.0.0.1:5000") == "10.0.0.1" == peer_address("ipv6:%5B::ffff:10.0.0.1%5D:1")

@@ -366,3 +366,25 @@ def test_one_address_holds_at_most_its_cap_of_connections(tmp_path, bundles):
             assert healthz(s).startswith(b"HTTP/1.1 200 ")
     finally:
         srv.stop()
+
+
+def test_a_trusted_proxy_is_not_counted_against_its_neighbours_in_its_ipv6_64():
+    """An IPv6 client is its /64 in the connection cap; a trusted proxy is never capped, and was still counted in
+    its /64, so a neighbour of the proxy (a pod on its node, a host on its LAN) was refused from its first
+    connection once the proxy held the cap."""
+    import types
+
+    state = type("ServerState", (), {})()  # the server the connections share (weakly referenced)
+    refused = []
+
+    def connect(ip: str) -> bool:
+        p = HttpProtocol.__new__(HttpProtocol)
+        p.max_connections_per_address, p.server_state, p.client = 3, state, (ip, 5000)
+        p.config = types.SimpleNamespace(forwarded_allow_ips="fd00::10")
+        p.transport = types.SimpleNamespace(close=lambda: None)
+        p._answer_and_close, p._error_answer = (lambda body: refused.append(ip)), (lambda *a, **k: b"")
+        return p._count_connection()
+
+    assert all(connect("fd00::10") for _ in range(5))  # the proxy: uncapped
+    assert [connect("fd00::20") for _ in range(4)] == [True, True, True, False]  # its neighbour: its own cap
+    assert not connect("fd00::21") and refused == ["fd00::20", "fd00::21"]  # one /64: one client
