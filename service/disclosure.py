@@ -7,11 +7,12 @@ worker's log and the job's ``traceback.txt``. See docs/security.md, "What caller
 """
 from __future__ import annotations
 
-import errno
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from .errors import NO_ROOM
 
 # An absolute POSIX path: a "/" that starts no URL ("://"), ratio ("3/10") or relative path
 # ("a/b"), then path characters up to a space, a quote or a bracket.
@@ -86,7 +87,7 @@ def failure_reason(e: BaseException, step: str, root: Path | None = None) -> str
     """A failed job's error as its owner reads it: the message of an error the project raised on
     purpose (a bad parameter, a refused box, a removed model), without paths; for anything else
     (a parser, a driver, a bug) only the step it happened in, since such messages quote files."""
-    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+    if isinstance(e, OSError) and e.errno in NO_ROOM:  # a full disk, a quota, a file-size limit
         return (f"the server's disk is full (at step {step!r}): nothing of the job is lost but its run; submit it "
                 "again once an administrator has made room")
     # FloatingPointError: the recipes' own word for a divergence (fit's "loss became nan at step ...", a wrap's

@@ -47,6 +47,10 @@ def _private(path: Path, chmod: str) -> None:
 
 
 
+# The first segments of the service's own routes, which a root path may not begin with.
+_ROUTE_ROOTS = frozenset({"v1", "v2", "docs", "console", "healthz", "readyz", "metrics", "openapi.json"})
+
+
 def _entries(value: str) -> list[str]:
     """A comma-separated setting's entries, trimmed, empty ones left out."""
     return [e for e in (e.strip() for e in value.split(",")) if e]
@@ -199,6 +203,10 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)*", value):
             raise ValueError(f"{value!r} is not a path prefix: it takes one such as /sdb or /ml/sdb (a leading slash, "
                              "none at the end, letters, digits and . _ ~ -), or \"\" (served at the root)")
+        first = value.split("/")[1] if value else ""
+        if first in _ROUTE_ROOTS:  # /v1 as the prefix: a stripped /v1/models would be routed as /models
+            raise ValueError(f"{value!r} begins as the service's own {first} routes do: name the prefix otherwise "
+                             "(such as /sdb)")
         return value
 
     @field_validator("cors_origins")

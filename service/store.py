@@ -529,7 +529,7 @@ class Store:
             if s.execute(_CHARGE, params).first() is None:
                 return None
             s.execute(update(JobRow).where(JobRow.id == job_id).values(
-                charged_samples=samples, training_at=func.coalesce(JobRow.training_at, now)))
+                charged_samples=samples, training_at=func.coalesce(JobRow.training_at, db_now())))
             return "charged"
 
     def record_usage(self, key_id: str, model: str, kind: str, day: str, requests: int, samples: int) -> None:
@@ -659,7 +659,8 @@ class Store:
                 with self.session.begin() as s:
                     s.execute(update(r).where(r.id.in_(ids)).values(created_at=db_now()))
                     kept = set(s.scalars(select(r.id).where(r.id.in_(ids))))
-            except SQLAlchemyError as e:  # the store away a moment: the next round renews them
+            except Exception as e:  # noqa: BLE001 - the store away a moment: the next round renews them (a thread
+                # that ended here left the reservations of every later check to lapse)
                 log.warning("upload reservations not renewed (%s): %s", type(e).__name__, _reason(e))
                 continue
             with self._held_lock:

@@ -36,8 +36,8 @@ MAX_IMAGE_SIDE = 65_536
 # Arrays and objects cost a JSON parser and numpy ~15x what numbers do, a byte: 8 MB of one-value rows
 # (``[0],[0],...``) or empty lists held the event loop (every caller, HTTP and gRPC alike) 0.7-0.8 s, where 8 MB of
 # floats takes 0.05 s. A tensor's nesting needs one list a row; this bound is past what any body within the payload
-# limit needs but rows of one or two values (for those, flat rows of the input's values, or .npy / binary tensors),
-# and parses in ~50 ms. Bodies up to _COUNTED_ABOVE bytes are not counted (they cannot cost more than ~5 ms).
+# limit needs but rows of a few values (a channels-last image nested pixel by pixel: one 512x512 RGB is over; for
+# those, flat rows of the input's values, or .npy / binary tensors), and parses in ~50 ms. Bodies up to _COUNTED_ABOVE bytes are not counted (they cannot cost more than ~5 ms).
 MAX_JSON_CONTAINERS = 1 << 18
 _COUNTED_ABOVE = 1 << 16
 

@@ -208,9 +208,12 @@ def device_words() -> str:
     nothing of it but its time."""
     import torch
 
-    if torch.cuda.is_available():
-        i = torch.cuda.current_device()
-        return f"training on cuda:{i} ({torch.cuda.get_device_name(i)})"
+    try:
+        if torch.cuda.is_available():
+            i = torch.cuda.current_device()
+            return f"training on cuda:{i} ({torch.cuda.get_device_name(i)})"
+    except RuntimeError as e:  # a busy or exclusive GPU, a driver mismatch: the job's own run meets it and says so
+        return f"its GPU did not answer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
     return f"training on the CPU ({torch.get_num_threads()} threads)"
 
 

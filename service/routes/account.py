@@ -86,7 +86,8 @@ class KeyQuota(BaseModel):
 
 class UsageReport(BaseModel):
     usage: list[UsageDay] = Field(description="oldest day first; requests made without a key are not counted")
-    keys: list[KeyQuota] = Field(description="the quota each key covered has used (admin: every key)")
+    keys: list[KeyQuota] = Field(description="the quota each key covered has used (admin: every key, or with model= "
+                                 "the keys its rows name)")
 
 
 _USAGE = {"usage": [{"day": "2026-01-01", "model": "mnist-demo", "kind": "distill", "key_id": "0a1b2c3d4e5f",

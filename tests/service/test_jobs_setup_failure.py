@@ -85,3 +85,23 @@ def test_every_job_fails_at_once_while_the_jobs_folder_cannot_hold_folders(rig):
     for job in map(queue.get, ids):
         assert (job.status, job.attempts) == ("failed", 1), job.error
         assert job.error.startswith("the job failed at step 'starting' with an unexpected error"), job.error
+
+
+def test_a_quota_or_file_size_limit_reads_as_a_full_disk_and_a_gpu_that_fails_to_answer_is_said_in_the_log(
+        monkeypatch):
+    import errno
+
+    import torch
+
+    from service.disclosure import failure_reason
+    from service.jobs.runner import device_words
+
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # what the API answers 507 for, a job says in words
+        assert failure_reason(OSError(code, os.strerror(code)), "starting").startswith("the server's disk is full")
+
+    def busy() -> int:
+        raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable\nmore")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", busy)  # its first line went up through the worker, ending it
+    assert device_words() == "its GPU did not answer (CUDA error: all CUDA-capable devices are busy or unavailable)"

@@ -55,3 +55,13 @@ async def test_a_trailing_slash_is_a_404_not_a_redirect_out_of_the_prefix(tmp_pa
     finally:
         await service.client.aclose()
         await manager.__aexit__(None, None, None)
+
+
+def test_a_prefix_that_begins_as_a_route_does_is_refused():
+    """SDB_ROOT_PATH=/v1 behind a stripping proxy routed /v1/models as /models: every route a 404."""
+    from service.settings import Settings
+
+    for prefix in ("/v1", "/v2/x", "/docs", "/console", "/metrics"):
+        with pytest.raises(ValueError, match="begins as the service's own"):
+            Settings(root_path=prefix)
+    assert Settings(root_path="/sdb/v1").root_path == "/sdb/v1"
