@@ -37,18 +37,19 @@ MAX_IMAGE_SIDE = 65_536
 # (``[0],[0],...``) or empty lists held the event loop (every caller, HTTP and gRPC alike) 0.7-0.8 s, where 8 MB of
 # floats takes 0.05 s. A tensor's nesting needs one list a row; this bound is past what any body within the payload
 # limit needs but rows of a few values (a channels-last image nested pixel by pixel: one 512x512 RGB is over; for
-# those, flat rows of the input's values, or .npy / binary tensors), and parses in ~50 ms. Bodies up to _COUNTED_ABOVE bytes are not counted (they cannot cost more than ~5 ms).
+# those, flat rows of the input's values, or .npy / binary tensors), and parses in ~50 ms. Bodies up to
+# JSON_COUNTED_ABOVE bytes are not counted (they cannot cost more than ~5 ms). Counted as a JSON body streams in
+# (service.middleware: every route's, FastAPI's body models parse before a key is checked) and once inflated here.
 MAX_JSON_CONTAINERS = 1 << 18
-_COUNTED_ABOVE = 1 << 16
+JSON_COUNTED_ABOVE = 1 << 16
 
 
 def parse_json(body: bytes | memoryview) -> dict:
     if not body:
         raise bad_request("empty body: expected a JSON object", "malformed_body")
-    if len(body) > _COUNTED_ABOVE and (containers := _containers(body)) > MAX_JSON_CONTAINERS:
-        raise ApiError(413, "payload_too_large", f"a JSON body holds at most {MAX_JSON_CONTAINERS} arrays and "
-                       f"objects; this one ~{containers}: send fewer samples a request, each sample as one flat row "
-                       "of its values, or the tensor as .npy (Content-Type: application/x-npy) or v2 binary")
+    if len(body) > JSON_COUNTED_ABOVE and (containers := json_containers(body)) > MAX_JSON_CONTAINERS:
+        # an inflated body (Content-Encoding), or one that reached the app another way than the middleware
+        raise ApiError(413, "payload_too_large", too_many_containers(containers))
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -58,10 +59,17 @@ def parse_json(body: bytes | memoryview) -> dict:
     return obj
 
 
-def _containers(body: bytes | memoryview) -> int:
+def json_containers(body: bytes | memoryview) -> int:
     """How many ``[`` and ``{`` ``body`` holds (strings' own included: an over-count, never an under-count)."""
     data = body if isinstance(body, bytes) else bytes(body)  # a binary request's JSON header: a view
     return data.count(b"[") + data.count(b"{")
+
+
+def too_many_containers(containers: int) -> str:
+    """What a 413 for a JSON body of ``containers`` arrays and objects says."""
+    return (f"a JSON body holds at most {MAX_JSON_CONTAINERS} arrays and objects; this one ~{containers}: send fewer "
+            "samples a request, each sample as one flat row of its values, or the tensor as .npy (Content-Type: "
+            "application/x-npy) or v2 binary")
 
 
 def to_array(value: Any, what: str = "inputs") -> np.ndarray:
