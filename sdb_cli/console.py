@@ -1,6 +1,7 @@
 """What every ``sdb`` command prints with: errors on stderr, a progress bar, the data-dir settings."""
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import sys
@@ -78,6 +79,40 @@ class SDKWaits:
     def __exit__(self, *_: object) -> None:
         self.log.removeHandler(self.handler)
         self.log.setLevel(self.level)
+
+
+def _page_size(text: str) -> int:
+    from sdb_client._base import PAGE_MOST
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= PAGE_MOST:
+        raise argparse.ArgumentTypeError(f"takes 1 to {PAGE_MOST} (--all lists every one), not {text!r}")
+    return n
+
+
+def add_list_flags(sp, what: str, default: int) -> None:
+    """``--limit`` and ``--all`` of a command that lists ``what`` from a server (newest first, a page at a time)."""
+    from sdb_client._base import PAGE_MOST
+
+    one = sp.add_mutually_exclusive_group()
+    one.add_argument("--limit", type=_page_size, metavar="N",
+                     help=f"the newest N {what}, 1 to {PAGE_MOST} (default: the server's, {default})")
+    one.add_argument("--all", action="store_true", help=f"all the {what}, however many (read a page at a time)")
+
+
+def listed(api, args, what: str, **filters) -> list[dict]:
+    """The rows a ``list`` command prints, from ``api`` (the SDK's ``client.jobs``, ``client.files``): every one with
+    ``--all``, else one page; a page with more after it says so on stderr (stdout stays the rows alone)."""
+    if args.all:
+        return api.list(all=True, **filters)
+    page = api.list(limit=args.limit, **filters)
+    if page.next is not None:
+        print(f"sdb: more {what} than these {len(page)}: --all lists every one (--limit N: the newest N)",
+              file=sys.stderr)
+    return page
 
 
 def over_http(args, run, *, needs_key: str | None = None) -> int:

@@ -5,7 +5,7 @@ import json
 import sys
 from datetime import UTC, datetime
 
-from .console import over_http
+from .console import add_list_flags, listed, over_http
 
 
 def cmd_files(args) -> int:
@@ -26,7 +26,7 @@ def _run(client, args) -> int:
         client.files.delete(args.file_id)
         print(f"deleted {args.file_id}")
         return 0
-    files = client.files.list()
+    files = listed(client.files, args, "files")
     if args.json:
         print(json.dumps(files, indent=2))
         return 0
@@ -48,6 +48,7 @@ def add_commands(sub) -> None:
                     help="weights (.safetensors or .pt), dataset (ImageFolder zip or .npz), image, bundle (.sdb)")
     fu.add_argument("--shared", action="store_true", help="every key may use it (admin keys only)")
     fl = fs.add_parser("list", help="your files and the shared ones (every file with an admin key)")
+    add_list_flags(fl, "files", 1000)
     fl.add_argument("--json", action="store_true", help="print the files as a JSON list (for scripts)")
     fg = fs.add_parser("get", help="one file's record (JSON)")
     fg.add_argument("file_id")

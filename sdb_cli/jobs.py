@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from .console import err, over_http
+from .console import add_list_flags, err, listed, over_http
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -85,7 +85,7 @@ def _run(client, args) -> int:
         client.jobs.delete(args.job_id)
         print(f"deleted {args.job_id}")
         return 0
-    jobs = client.jobs.list(status=args.status, kind=args.kind)
+    jobs = listed(client.jobs, args, "jobs", status=args.status, kind=args.kind)
     if args.json:
         print(json.dumps(jobs, indent=2))
         return 0
@@ -115,6 +115,7 @@ def add_commands(sub) -> None:
     jls = js.add_parser("list", help="your jobs (all jobs with an admin key)")
     jls.add_argument("--status")
     jls.add_argument("--kind")
+    add_list_flags(jls, "jobs", 100)
     jls.add_argument("--json", action="store_true", help="print the jobs as a JSON list (for scripts)")
     for sp in js.choices.values():
         sp.add_argument("--url", help="the server (env SDB_URL, default http://127.0.0.1:8000)")

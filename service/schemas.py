@@ -3,9 +3,14 @@ pydantic (a per-element validator would cost more than the model); these classes
 the small fields and document every body in the OpenAPI schema."""
 from __future__ import annotations
 
+import base64
+import binascii
+import math
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import orjson
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.responses import Response
 
@@ -164,7 +169,52 @@ class KeyCreated(KeyPublic):
     key: str = Field(description="the API key; shown this once, never stored or shown again")
 
 
-class KeyList(BaseModel):
+# ------------------------------------------------------------------ lists, a page at a time
+# GET /v1/files, /v1/jobs and /v1/keys list newest first, `limit` rows at most, and say where the next page starts
+# (`next`, passed back as `before`): a list that stopped at a fixed count hid every older row from everyone.
+LIST_MOST = 1000
+NEXT_DOC = "more rows follow: pass this as `before` for the page after this one (opaque; absent on the last page)"
+Before = Annotated[str | None, Query(max_length=200, pattern=NO_NUL, description="the `next` of the page before: "
+                                     "this page starts after its last row (omitted: from the newest)")]
+
+
+def page_limit(default: int) -> Any:
+    """The ``limit`` query parameter of a list (its default: what the list answered before it had pages)."""
+    return Query(default, ge=1, le=LIST_MOST, description=f"rows in this page, 1 to {LIST_MOST}; `next` says when "
+                 "more follow")
+
+
+class Page(BaseModel):
+    next: str | None = Field(None, description=NEXT_DOC)
+
+
+def page_start(before: str | None) -> tuple[float, str] | None:
+    """The (created_at, id) a page starts after, from the ``before`` a client sent: a ``next`` this server gave."""
+    if before is None:
+        return None
+    try:
+        at, row_id = orjson.loads(base64.urlsafe_b64decode(before + "=" * (-len(before) % 4)))
+        if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at) or not (
+                isinstance(row_id, str) and 0 < len(row_id) <= 64 and "\x00" not in row_id):
+            raise ValueError(before)
+    except (binascii.Error, orjson.JSONDecodeError, ValueError, TypeError):
+        raise invalid("before is not a page's start: pass the `next` of the page before as it came",
+                      "invalid_cursor") from None
+    return float(at), row_id
+
+
+def page(name: str, rows: list, limit: int, show: Callable[[Any], dict]) -> dict:
+    """A list's answer: under ``name``, the first ``limit`` of ``rows`` as ``show`` shows them (``rows`` were read
+    ``limit + 1``: an extra one says more follow), and then only ``next``, the ``before`` of the page after (an answer
+    without it is the last page, as every answer was before lists had pages)."""
+    body = {name: [show(r) for r in rows[:limit]]}
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        body["next"] = base64.urlsafe_b64encode(orjson.dumps([last.created_at, last.id])).rstrip(b"=").decode()
+    return body
+
+
+class KeyList(Page):
     keys: list[KeyPublic]
 
 

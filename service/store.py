@@ -17,6 +17,7 @@ import threading
 import time
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Float,
     and_,
@@ -56,10 +57,10 @@ from .store_schema import (
 
 log = logging.getLogger("sdb.service")
 
-__all__ = ["JOB_DONE", "MIGRATIONS", "READ_ONLY", "ApiKeyRow", "AuditRow", "Base", "DeployRefused",
+__all__ = ["JOB_DONE", "MIGRATIONS", "READ_ONLY", "ApiKeyRow", "AsJson", "AuditRow", "Base", "DeployRefused",
            "FileReservationRow", "FileRow", "JobRow", "ModelNameRow", "ModelRow", "SchemaVersion", "Store",
-           "StoreUnavailable", "UsageRow", "db_now", "is_read_only", "may_deploy", "migrate", "normalise_url",
-           "open_store", "version_key"]
+           "StoreUnavailable", "UsageRow", "db_now", "is_read_only", "may_deploy", "migrate", "newest_first",
+           "normalise_url", "open_store", "version_key"]
 
 # An upload's or a deploy's reservation is renewed every RESERVATION_RENEW_S while its process holds it
 # (Store._renew_reservations): one not renewed for RESERVATION_TTL_S was left by a process that died mid-check. A
@@ -110,6 +111,36 @@ def _postgresql_now(element, compiler, **kw) -> str:
 @compiles(_DbNow, "sqlite")
 def _sqlite_now(element, compiler, **kw) -> str:
     return "((julianday('now') - 2440587.5) * 86400.0)"  # the Julian day of 1970-01-01, in seconds (ms precision)
+
+
+class AsJson(FunctionElement):
+    """A text column of JSON read as JSON, so that ``AsJson(col)[("a", "b")].as_string()`` is its ``a.b`` in SQL
+    on either store: PostgreSQL casts the text (to ``json``, not ``jsonb``: jsonb refuses a ``\\u0000`` a string
+    may hold), SQLite's JSON functions read it as it is (a CAST to JSON there made a number of it)."""
+
+    type = JSON()
+    inherit_cache = True
+
+
+@compiles(AsJson, "postgresql")
+def _postgresql_json(element, compiler, **kw) -> str:
+    return f"CAST({compiler.process(element.clauses, **kw)} AS JSON)"
+
+
+@compiles(AsJson, "sqlite")
+def _sqlite_json(element, compiler, **kw) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+def newest_first(q, row, before: tuple[float, str] | None, limit: int):
+    """``q`` as one page of a list, newest first (``row``'s ``created_at``, ties by ``id``): its first ``limit``
+    rows after ``before``, the (created_at, id) of the last row of the page before (None: from the newest). A page
+    goes on from a row's place, not from a count: rows added or deleted meanwhile move no row into the next page
+    twice, nor past it."""
+    if before is not None:
+        at, last = before
+        q = q.where(or_(row.created_at < at, and_(row.created_at == at, row.id > last)))
+    return q.order_by(row.created_at.desc(), row.id).limit(limit)
 
 
 class StoreUnavailable(ValueError):
@@ -463,8 +494,15 @@ class Store:
             return s.get(ApiKeyRow, key_id)
 
     def list_keys(self) -> list[ApiKeyRow]:
+        """Every key, oldest first (the admin CLI, every key's quota); ``GET /v1/keys`` pages them
+        (:meth:`page_of_keys`)."""
         with self.session() as s:
             return list(s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at)))
+
+    def page_of_keys(self, *, before: tuple[float, str] | None = None, limit: int = 1000) -> list[ApiKeyRow]:
+        """Keys newest first, a page at a time (:func:`newest_first`)."""
+        with self.session() as s:
+            return list(s.scalars(newest_first(select(ApiKeyRow), ApiKeyRow, before, limit)))
 
     def revoke_key(self, key_id: str) -> ApiKeyRow | None:
         with self.session.begin() as s:
@@ -677,13 +715,15 @@ class Store:
         with self.session() as s:
             return s.get(FileRow, file_id)
 
-    def list_files(self, owner: str | None = None, *, shared: bool = False, limit: int = 1000) -> list[FileRow]:
-        """Newest first: ``owner``'s files (with ``shared``, and every shared file), or all when owner is None."""
+    def list_files(self, owner: str | None = None, *, shared: bool = False, before: tuple[float, str] | None = None,
+                   limit: int = 1000) -> list[FileRow]:
+        """Newest first: ``owner``'s files (with ``shared``, and every shared file), or all when owner is None; a
+        page at a time (:func:`newest_first`)."""
         with self.session() as s:
             q = select(FileRow)
             if owner is not None:
                 q = q.where((FileRow.owner == owner) | FileRow.shared) if shared else q.where(FileRow.owner == owner)
-            return list(s.scalars(q.order_by(FileRow.created_at.desc(), FileRow.id).limit(limit)))
+            return list(s.scalars(newest_first(q, FileRow, before, limit)))
 
     def delete_file(self, file_id: str) -> FileRow | None:
         """The row removed, or None when there was none."""
@@ -692,6 +732,8 @@ class Store:
             if row is not None:
                 s.delete(row)
             return row
+
+    # ---------------------------------------------------------------- jobs
 
 
 def _refusal(s: Session, name: str, deployer: str | None, now: float,

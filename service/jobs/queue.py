@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..store import JOB_DONE, JobRow, Store, db_now, lock_owner
+from ..store import JOB_DONE, AsJson, JobRow, Store, db_now, lock_owner, newest_first
 
 MAX_ATTEMPTS = 2  # a job that died before training started is requeued once
 
@@ -91,20 +91,28 @@ class JobQueue:
             return s.get(JobRow, job_id)
 
     def list(self, *, owner: str | None = None, status: str | None = None, kind: str | None = None,
-             backend: str | None = None, limit: int = 100, oldest_first: bool = False) -> list[JobRow]:
-        """Newest first (``oldest_first``: in the order they were queued)."""
+             backend: str | None = None, model: str | None = None, version: str | None = None,
+             before: tuple[float, str] | None = None, limit: int = 100, oldest_first: bool = False) -> list[JobRow]:
+        """Jobs newest first, a page at a time after ``before`` (:func:`~service.store.newest_first`), as
+        ``GET /v1/jobs`` lists them; ``oldest_first``: the first ``limit`` in the order they were queued. ``owner``'s
+        (None: every key's), of a ``status``, ``kind`` and ``backend``; ``model`` (and ``version``): those whose
+        params' ``target`` names that hosted model (an audit's; a hosted target's version is pinned at submission)."""
         q = select(JobRow)
-        if backend is not None:
-            q = q.where(JobRow.backend == backend)
-        if owner is not None:
-            q = q.where(JobRow.owner == owner)
-        if status is not None:
-            q = q.where(JobRow.status == status)
-        if kind is not None:
-            q = q.where(JobRow.kind == kind)
+        for column, value in ((JobRow.backend, backend), (JobRow.owner, owner), (JobRow.status, status),
+                              (JobRow.kind, kind)):
+            if value is not None:
+                q = q.where(column == value)
+        target = AsJson(JobRow.params)
+        if model is not None:
+            q = q.where(target[("target", "model")].as_string() == model)
+        if version is not None:
+            q = q.where(target[("target", "version")].as_string() == version)
+        if oldest_first:
+            q = q.order_by(JobRow.created_at, JobRow.id).limit(limit)
+        else:
+            q = newest_first(q, JobRow, before, limit)
         with self.store.session() as s:
-            order = (JobRow.created_at, JobRow.id) if oldest_first else (JobRow.created_at.desc(), JobRow.id)
-            return list(s.scalars(q.order_by(*order).limit(limit)))
+            return list(s.scalars(q))
 
     def cancel(self, job_id: str) -> JobRow | None:
         """A queued job is cancelled at once; a running one is asked to stop (its worker ends it)."""

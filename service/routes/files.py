@@ -18,7 +18,7 @@ from ..bodies import MULTIPART, media_type
 from ..deps import ApiKeyDep, SettingsDep, StoreDep
 from ..errors import ApiError
 from ..filechecks import PURPOSES
-from ..schemas import AUTH, NO_NUL, json_response, ok, responses
+from ..schemas import AUTH, NO_NUL, Before, Page, json_response, ok, page, page_limit, page_start, responses
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 FILE_SCOPES = ("jobs", "deploy")  # admin grants both
@@ -49,7 +49,7 @@ class FilePublic(BaseModel):
     path: str | None = Field(None, description="where the server keeps it (admin keys only)")
 
 
-class FileList(BaseModel):
+class FileList(Page):
     files: list[FilePublic]
 
 
@@ -91,11 +91,15 @@ async def upload(request: Request, key: FilesKeyDep, store: StoreDep, settings: 
     return json_response(files.public(row, key, settings), status=201)
 
 
-@router.get("", response_model=FileList, summary="This key's files and the shared ones (admin: every file)",
-            responses={**ok({"files": [_FILE]}), **responses(*AUTH, why=_SCOPE)})
-def list_files(key: FilesKeyDep, store: StoreDep, settings: SettingsDep) -> Response:
-    rows = store.list_files(None if key.grants("admin") else key.id, shared=True)
-    return json_response({"files": [files.public(r, key, settings) for r in rows]})
+@router.get("", response_model=FileList,
+            summary="This key's files and the shared ones (admin: every file), newest first, a page at a time",
+            responses={**ok({"files": [_FILE]}),
+                       **responses(*AUTH, why={**_SCOPE, 422: "a limit out of range, or a before that is no next"})})
+def list_files(key: FilesKeyDep, store: StoreDep, settings: SettingsDep, before: Before = None,
+               limit: int = page_limit(1000)) -> Response:
+    rows = store.list_files(None if key.grants("admin") else key.id, shared=True, before=page_start(before),
+                            limit=limit + 1)
+    return json_response(page("files", rows, limit, lambda r: files.public(r, key, settings)))
 
 
 @router.get("/{file_id}", response_model=FilePublic, summary="One file",

@@ -39,7 +39,7 @@ from ..jobs.schemas import (
     JobSubmit,
     job_public,
 )
-from ..schemas import AUTH, NO_NUL, json_response, ok, responses
+from ..schemas import AUTH, NO_NUL, Before, Page, json_response, ok, page, page_limit, page_start, responses
 from ..settings import Settings
 from ..store import JOB_DONE, JobRow
 
@@ -160,14 +160,25 @@ def _under_artifact_cap(queue, key, settings, idempotency_key: str | None) -> No
                        f"keep {cap}: delete jobs' artifacts (DELETE /v1/jobs/{{id}} of finished jobs) to make room")
 
 
-@router.get("", response_model=JobList, summary="Jobs, newest first: your own, or all with admin",
-            responses={**ok({"jobs": [_JOB]}), **responses(*AUTH, why=_SCOPE)})
+class JobPage(JobList, Page):
+    """A page of jobs, and where the next one starts."""
+
+
+@router.get("", response_model=JobPage, summary="Jobs, newest first, a page at a time: your own, or all with admin",
+            responses={**ok({"jobs": [_JOB]}), **responses(*AUTH, why={
+                **_SCOPE, 422: "a limit out of range, a before that is no next, or a version without its model"})})
 def list_jobs(key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep, status: JobStatus | None = None,
               kind: str | None = Query(None, max_length=64, pattern=NO_NUL),
-              limit: int = Query(100, ge=1, le=1000)) -> Response:
-    owner = None if key.grants("admin") else key.id
-    rows = queue.list(owner=owner, status=status.value if status else None, kind=kind, limit=limit)
-    return json_response({"jobs": [_shown(r, key, settings) for r in rows]})
+              model: str | None = Query(None, max_length=200, pattern=NO_NUL, description=(
+                  "jobs whose params' target is this hosted model (leak audits)")),
+              version: str | None = Query(None, max_length=100, pattern=NO_NUL, description=(
+                  "with model: of this version of it (a target's version is pinned at submission)")),
+              before: Before = None, limit: int = page_limit(100)) -> Response:
+    if version is not None and model is None:
+        raise invalid("version filters by a version of a model: give model too", "invalid_request")
+    rows = queue.list(owner=None if key.grants("admin") else key.id, status=status.value if status else None,
+                      kind=kind, model=model, version=version, before=page_start(before), limit=limit + 1)
+    return json_response(page("jobs", rows, limit, lambda r: _shown(r, key, settings)))
 
 
 @router.get("/{job_id}", response_model=JobPublic, summary="Status, progress, metrics, error",

@@ -15,12 +15,16 @@ from ..errors import invalid, not_found
 from ..schemas import (
     AUTH,
     NO_NUL,
+    Before,
     CreateKeyRequest,
     KeyCreated,
     KeyList,
     KeyPublic,
     json_response,
     ok,
+    page,
+    page_limit,
+    page_start,
     responses,
 )
 
@@ -65,10 +69,12 @@ def create(body: Annotated[CreateKeyRequest, BeforeValidator(_numbers_as_sent)],
     return json_response({**key.public(), "key": token}, status=201)
 
 
-@router.get("", response_model=KeyList, summary="Every key, without secrets",
-            responses={**ok({"keys": [_KEY]}), **responses(*AUTH, why=_ADMIN)})
-def list_keys(_: AdminKeyDep, store: StoreDep) -> Response:
-    return json_response({"keys": [ApiKey.from_row(r).public() for r in store.list_keys()]})
+@router.get("", response_model=KeyList, summary="Every key, without secrets, newest first, a page at a time",
+            responses={**ok({"keys": [_KEY]}),
+                       **responses(*AUTH, why={**_ADMIN, 422: "a limit out of range, or a before that is no next"})})
+def list_keys(_: AdminKeyDep, store: StoreDep, before: Before = None, limit: int = page_limit(1000)) -> Response:
+    rows = store.page_of_keys(before=page_start(before), limit=limit + 1)
+    return json_response(page("keys", rows, limit, lambda r: ApiKey.from_row(r).public()))
 
 
 @router.delete("/{key_id}", response_model=KeyPublic, summary="Revoke a key (at once on this server)",

@@ -18,6 +18,7 @@ from ._base import (
                     DEFAULT_TIMEOUT,
                     Distilled,
                     JobLogs,
+                    Page,
                     __version__,
                     retry_delay,
 )
@@ -52,6 +53,7 @@ __all__ = [
                     "Distilled",
                     "JobLogs",
                     "NotFound",
+                    "Page",
                     "PayloadTooLarge",
                     "PermissionDenied",
                     "QuotaError",

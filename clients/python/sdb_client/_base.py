@@ -19,7 +19,7 @@ import re
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -937,6 +937,52 @@ def listed(obj: Any, name: str) -> list:
         raise exc.SDBError(f"the server's answer is not a list of {name}: is this URL an SDB server?",
                            code="malformed_answer")
     return list(obj)
+
+
+# --------------------------------------------------------------------------- lists, a page at a time
+class Page(list):
+    """One page of a list (files, jobs, keys), newest first: a list of its rows, and ``next``, the ``before`` of the
+    page after it (None: this page is the last)."""
+
+    def __init__(self, rows: Iterable[dict] = (), next: str | None = None):
+        super().__init__(rows)
+        self.next = next
+
+
+PAGE_MOST = 1000  # the rows a page holds at most (the server's cap)
+
+
+def paged(obj: Any, name: str) -> Page:
+    after = obj.get("next") if isinstance(obj, dict) else None
+    return Page(listed(obj, name), after if isinstance(after, str) else None)
+
+
+def page_params(filters: Mapping[str, Any], limit: int | None, before: str | None) -> dict[str, Any] | None:
+    """The query of a list's page: its filters, ``limit`` and ``before``, those given."""
+    params = {k: v for k, v in {**filters, "limit": limit, "before": before}.items() if v is not None}
+    return params or None
+
+
+def every(page: Callable[[str | None], Page]) -> Page:
+    """Every row of a list, page after page: ``page(before)`` reads the page after ``before`` (None: the first)."""
+    rows, before = Page(), None
+    while True:
+        got = page(before)
+        rows.extend(got)
+        if got.next is None:
+            return rows
+        before = got.next
+
+
+async def every_async(page: Callable[[str | None], Awaitable[Page]]) -> Page:
+    """:func:`every` with ``page`` a coroutine function."""
+    rows, before = Page(), None
+    while True:
+        got = await page(before)
+        rows.extend(got)
+        if got.next is None:
+            return rows
+        before = got.next
 
 
 @dataclass(frozen=True)

@@ -284,8 +284,10 @@ class AsyncKeys:
         body = b.key_create_body(scopes, models, quota, quota_window_s, expires_days, name)
         return await self._c._json("POST", "/v1/keys", content=body, idempotent=False)
 
-    async def list(self) -> list[dict]:
-        return b.listed(await self._c._json("GET", "/v1/keys"), "keys")
+    async def list(self, *, limit: int | None = None, before: str | None = None, all: bool = False) -> b.Page:
+        if all:
+            return await b.every_async(lambda after: self.list(limit=limit or b.PAGE_MOST, before=after))
+        return b.paged(await self._c._json("GET", "/v1/keys", params=b.page_params({}, limit, before)), "keys")
 
     async def revoke(self, key_id: str) -> dict:
         return await self._c._json("DELETE", b.key_path(key_id))
@@ -300,8 +302,10 @@ class AsyncFiles:
             return await self._c._json("POST", "/v1/files", files={"file": part},
                                        data=b.file_fields(purpose, shared), idempotent=False)
 
-    async def list(self) -> list[dict]:
-        return b.listed(await self._c._json("GET", "/v1/files"), "files")
+    async def list(self, *, limit: int | None = None, before: str | None = None, all: bool = False) -> b.Page:
+        if all:
+            return await b.every_async(lambda after: self.list(limit=limit or b.PAGE_MOST, before=after))
+        return b.paged(await self._c._json("GET", "/v1/files", params=b.page_params({}, limit, before)), "files")
 
     async def get(self, file_id: str) -> dict:
         return await self._c._json("GET", b.file_path(file_id))
@@ -322,9 +326,11 @@ class AsyncJobs:
     async def get(self, job_id: str) -> dict:
         return b.record(await self._c._json("GET", b.job_path(job_id)), "job")
 
-    async def list(self, **filters: Any) -> list[dict]:
-        params = {k: v for k, v in filters.items() if v is not None}
-        return b.listed(await self._c._json("GET", "/v1/jobs", params=params or None), "jobs")
+    async def list(self, *, limit: int | None = None, before: str | None = None, all: bool = False,
+                   **filters: Any) -> b.Page:
+        if all:
+            return await b.every_async(lambda after: self.list(limit=limit or b.PAGE_MOST, before=after, **filters))
+        return b.paged(await self._c._json("GET", "/v1/jobs", params=b.page_params(filters, limit, before)), "jobs")
 
     async def cancel(self, job_id: str) -> dict:
         return await self._c._json("POST", b.job_path(job_id, "cancel"))

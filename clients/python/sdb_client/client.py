@@ -286,8 +286,12 @@ class Keys:
         body = b.key_create_body(scopes, models, quota, quota_window_s, expires_days, name)
         return self._c._json("POST", "/v1/keys", content=body, idempotent=False)
 
-    def list(self) -> list[dict]:
-        return b.listed(self._c._json("GET", "/v1/keys"), "keys")
+    def list(self, *, limit: int | None = None, before: str | None = None, all: bool = False) -> b.Page:
+        """Keys newest first: one page (the server's 1000; ``limit`` 1 to 1000), whose ``next`` is the ``before`` of
+        the page after it (None: the last); ``all``: every key, read ``limit`` (default 1000) at a time."""
+        if all:
+            return b.every(lambda after: self.list(limit=limit or b.PAGE_MOST, before=after))
+        return b.paged(self._c._json("GET", "/v1/keys", params=b.page_params({}, limit, before)), "keys")
 
     def revoke(self, key_id: str) -> dict:
         return self._c._json("DELETE", b.key_path(key_id))
@@ -308,9 +312,13 @@ class Files:
             return self._c._json("POST", "/v1/files", files={"file": part}, data=b.file_fields(purpose, shared),
                                  idempotent=False)
 
-    def list(self) -> list[dict]:
-        """This key's files and the shared ones (every file with an admin key), newest first."""
-        return b.listed(self._c._json("GET", "/v1/files"), "files")
+    def list(self, *, limit: int | None = None, before: str | None = None, all: bool = False) -> b.Page:
+        """This key's files and the shared ones (every file with an admin key), newest first: one page (the server's
+        1000; ``limit`` 1 to 1000), whose ``next`` is the ``before`` of the page after it (None: the last);
+        ``all``: every file, read ``limit`` (default 1000) at a time."""
+        if all:
+            return b.every(lambda after: self.list(limit=limit or b.PAGE_MOST, before=after))
+        return b.paged(self._c._json("GET", "/v1/files", params=b.page_params({}, limit, before)), "files")
 
     def get(self, file_id: str) -> dict:
         return self._c._json("GET", b.file_path(file_id))
@@ -335,10 +343,15 @@ class Jobs:
     def get(self, job_id: str) -> dict:
         return b.record(self._c._json("GET", b.job_path(job_id)), "job")
 
-    def list(self, **filters: Any) -> list[dict]:
-        """Jobs, newest first; ``filters`` become query parameters (e.g. ``status="running"``)."""
-        params = {k: v for k, v in filters.items() if v is not None}
-        return b.listed(self._c._json("GET", "/v1/jobs", params=params or None), "jobs")
+    def list(self, *, limit: int | None = None, before: str | None = None, all: bool = False,
+             **filters: Any) -> b.Page:
+        """Jobs newest first: one page (the server's 100; ``limit`` 1 to 1000), whose ``next`` is the ``before`` of
+        the page after it (None: the last); ``all``: every job, read ``limit`` (default 1000) at a time. ``filters``
+        become query parameters (``status="running"``, ``kind="audit"``; ``model="mnist"``, with ``version="2"``:
+        the jobs whose target is that model)."""
+        if all:
+            return b.every(lambda after: self.list(limit=limit or b.PAGE_MOST, before=after, **filters))
+        return b.paged(self._c._json("GET", "/v1/jobs", params=b.page_params(filters, limit, before)), "jobs")
 
     def cancel(self, job_id: str) -> dict:
         return self._c._json("POST", b.job_path(job_id, "cancel"))

@@ -1,16 +1,20 @@
 // Files: upload (checked by the server before it is kept), list, delete.
 import { formErrors, labelled } from "./forms.js";
-import { announce, api, bytes, enc, errorBox, grants, h, put, table, url, when } from "./lib.js";
+import { PAGE, announce, api, bytes, enc, errorBox, grants, h, olderButton, put, table, url, when } from "./lib.js";
 
 const PURPOSES = ["weights", "dataset", "image", "bundle"];
-
 export async function view(el) {
   el.append(h("h1", { tabindex: -1 }, "Files"));
   const listSec = h("section", { class: "panel", "aria-labelledby": "files-h" }, h("h2", { id: "files-h" }, "Your files"));
+  let files = [];
+  const show = () => put(listSec, listSec.firstChild, files.length ? fileTable(files, refresh) : h("p", { id: "no-files" }, "No files yet."), older.el);
+  const older = olderButton("/v1/files", "files", (more) => { files = files.concat(more); show(); });
   const refresh = async () => {
     try {
-      const { files } = await api("/v1/files");
-      put(listSec, listSec.firstChild, files.length ? fileTable(files, refresh) : h("p", { id: "no-files" }, "No files yet."));
+      const r = await api(`/v1/files?limit=${PAGE}`);
+      files = r.files;
+      older.set(r.next);
+      show();
       return true;
     } catch (e) { put(listSec, listSec.firstChild, errorBox(e)); return false; }
   };

@@ -4,7 +4,8 @@ import { curveCharts, lineChart } from "./charts.js";
 import { formErrors, labelled, schemaForm } from "./forms.js";
 import { accuracyHeading, accuracyRows, auditChart, checkTable, heldOut } from "./models.js";
 import {
-  add, announce, api, bytes, download, enc, errorBox, facts, grants, h, human, num, pct, put, statusBadge, table, when,
+  add, announce, api, bytes, download, enc, errorBox, facts, grants, h, human, num, olderButton, pct, put, statusBadge,
+  table, when,
 } from "./lib.js";
 
 const ACTIVE = ["queued", "running"];
@@ -27,11 +28,21 @@ export async function list(el, { query }, ctx) {
     tbody)));
   const rows = new Map();
   const notice = h("div"); // a failed refresh's error, one at a time, gone once a refresh is answered
-  jobsSec.append(notice);
+  // The poll reads the newest page; older pages are read on asking, appended, and then left as they were read.
+  let olderShown = false;
+  const older = olderButton("/v1/jobs", "jobs", (more) => {
+    olderShown = true;
+    for (const j of more) {
+      let r = rows.get(j.id);
+      if (!r) { r = jobRow(j, refresh); rows.set(j.id, r); tbody.append(r.tr); }
+      r.update(j);
+    }
+  });
+  jobsSec.append(older.el, notice);
   const refresh = async () => {
-    let jobs;
+    let jobs, next;
     try {
-      ({ jobs } = await api("/v1/jobs?limit=50"));
+      ({ jobs, next } = await api("/v1/jobs?limit=50"));
     } catch (e) { put(notice, errorBox(e)); return false; }
     if (!ctx.alive()) return false;
     put(notice);
@@ -43,6 +54,7 @@ export async function list(el, { query }, ctx) {
       r.update(j);
       if (tbody.children[i] !== r.tr) tbody.insertBefore(r.tr, tbody.children[i] || null);
     });
+    if (!olderShown) older.set(next); // once older pages are shown, the button goes on from the oldest of them
     return jobs.some((j) => ACTIVE.includes(j.status));
   };
   ctx.poll(refresh, await refresh(), { fast: 1000, slow: 5000, notice });

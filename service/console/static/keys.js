@@ -1,28 +1,33 @@
 // Keys (admin): create with scopes, allowlist, quota and expiry (the secret shown once, with a copy
 // button), list with usage, revoke. A key without admin gets the API's refusal, as the API words it.
 import { formErrors, labelled } from "./forms.js";
-import { announce, api, enc, errorBox, h, num, put, table, when } from "./lib.js";
+import { PAGE, announce, api, enc, errorBox, h, num, olderButton, put, table, when } from "./lib.js";
 
 const SCOPES = ["predict", "distill", "jobs", "deploy", "admin"];
 
 export async function view(el) {
   el.append(h("h1", { tabindex: -1 }, "API keys"));
   const listSec = h("section", { class: "panel", "aria-labelledby": "keys-h" }, h("h2", { id: "keys-h" }, "Keys"));
-  let keys;
+  let keys, next, usage;
   try {
-    ({ keys } = await api("/v1/keys")); // first: a key that may not list keys sees the API's answer, nothing else
+    ({ keys, next } = await api(`/v1/keys?limit=${PAGE}`)); // first: a key that may not list keys sees the API's answer, nothing else
   } catch (e) { el.append(errorBox(e)); return; }
   const created = h("div", { "aria-live": "polite" });
   const createSec = h("section", { class: "panel", "aria-labelledby": "newkey-h" }, h("h2", { id: "newkey-h" }, "Create a key"));
   el.append(createSec, created, listSec);
+  const show = () => put(listSec, listSec.firstChild, keyTable(keys, usage, refresh), older.el);
+  const older = olderButton("/v1/keys", "keys", (more) => { keys = keys.concat(more); show(); });
   const refresh = async () => {
     try {
-      const [{ keys: ks }, usage] = await Promise.all([api("/v1/keys"), api("/v1/usage?days=30")]);
-      put(listSec, listSec.firstChild, keyTable(ks, usage, refresh));
+      let page;
+      [page, usage] = await Promise.all([api(`/v1/keys?limit=${PAGE}`), api("/v1/usage?days=30")]);
+      keys = page.keys;
+      older.set(page.next);
+      show();
     } catch (e) { listSec.append(errorBox(e)); }
   };
   createSec.append(createForm(created, refresh));
-  listSec.append(h("p", {}, `${keys.length} key(s); loading usage…`));
+  listSec.append(h("p", {}, `${keys.length}${next ? " or more" : ""} key(s); loading usage…`));
   refresh();
 }
 
@@ -99,7 +104,7 @@ function keyTable(keys, usage, refresh) {
   }
   const now = Date.now() / 1000;
   const state = (k) => (k.revoked_at ? "revoked" : k.expires_at && k.expires_at <= now ? "expired" : "active");
-  const rows = [...keys].reverse().map((k) => {
+  const rows = keys.map((k) => { // newest first, as the API lists them
     const act = h("td");
     const revokeBtn = () => h("button", { type: "button", class: "secondary", "aria-label": `Revoke key ${k.name || k.id}`, onclick: () => {
       put(act, h("span", {}, `Revoke ${k.name || k.id}? `),

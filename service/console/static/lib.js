@@ -195,3 +195,25 @@ export async function download(path, filename) {
   a.remove();
   setTimeout(() => URL.revokeObjectURL(blobUrl), 10000);
 }
+
+export const PAGE = 100; // rows the console's lists ask for at a time
+
+// A list's "Show older" button, under a list the API answers a page at a time (newest first): it asks `path` for the
+// page after `next` (its answer's), hands its rows (`answer[what]`) to `add`, and hides once no page follows.
+// set(next) starts it again from a first page read anew.
+export function olderButton(path, what, add) {
+  let after = null;
+  const error = h("span");
+  const button = h("button", { type: "button", class: "secondary", hidden: true, onclick: async () => {
+    button.disabled = true;
+    put(error);
+    try {
+      const r = await api(`${path}${path.includes("?") ? "&" : "?"}limit=${PAGE}&before=${enc(after)}`);
+      add(r[what]);
+      announce(`${r[what].length} older ${what} shown`);
+      set(r.next);
+    } catch (e) { put(error, errorBox(e)); } finally { button.disabled = false; }
+  } }, `Show older ${what}`);
+  const set = (next) => { after = next || null; button.hidden = !after; };
+  return { el: h("p", { class: "more" }, button, error), set };
+}

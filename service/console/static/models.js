@@ -113,15 +113,15 @@ export function checkTable(figures, thresholds) {
   return table(["Figure", "Measured", "Threshold"], rows, { numeric: [1], caption: "Self-check figures and thresholds" });
 }
 
-// The newest leak audit of this version among the key's jobs, with its chart drawn from report.json.
+// The newest leak audit of this version among the key's jobs (the server finds it by its target, however many audits
+// are newer), with its chart drawn from report.json.
 async function leakAudit(sec, m, ctx) {
   if (!grants("jobs")) {
     sec.append(h("p", {}, "Leak audits are jobs: a key with the jobs scope runs them and reads their verdicts."));
     return;
   }
   try {
-    const { jobs } = await api("/v1/jobs?kind=audit&status=succeeded&limit=200");
-    const job = jobs.find((j) => j.params.target && j.params.target.model === m.name && j.params.target.version === m.version);
+    const { jobs: [job] } = await api(`/v1/jobs?kind=audit&status=succeeded&model=${enc(m.name)}&version=${enc(m.version)}&limit=1`);
     if (!ctx.alive()) return;
     if (!job) {
       sec.append(h("p", {}, "No leak audit of this version yet. ",
