@@ -49,7 +49,7 @@ def test_wrap_writes_a_loadable_bundle(wrapped, capsys):
     assert b.meta["output_policy"] == {"policy": "top_k", "top_k": 2, "decimals": 3}
     # the time the whole wrap took, its check included (it said the chosen attempt's training alone: 2-4x less)
     said = float(re.search(r"wrapped in ([0-9.]+)s", (wrapped / "stdout.txt").read_text()).group(1))
-    assert said >= check["seconds"]
+    assert said + 0.05 >= check["seconds"]  # printed to a tenth
 
 
 def test_wrap_refuses_a_box_that_misses_a_threshold(wrapped, tmp_path, capsys):
