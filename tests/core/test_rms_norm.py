@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from sdb_core.bundle import export_bundle, export_onnx, load_bundle
+from sdb_core.bundle import export_onnx, load_bundle
 from sdb_core.onnx_torch import OnnxModule, onnx_classifier
 from sdb_core.protect import CheckConfig, SDBConfig, Thresholds, wrap
 from sdb_core.protect.key import new_master_key
@@ -23,6 +23,8 @@ from sdb_core.tasks import ModelRef
 from sdb_core.tasks import wrap as wrap_task
 from sdb_core.tasks.wrap import WrapTask
 from sdb_core.train import TrainConfig, seed_everything, train_classifier
+
+from .test_teachers_as_users_bring_them import _bundle_answers_as_the_box
 
 ONE_EPOCH = SDBConfig(train=TrainConfig(epochs=1, lr=0.01, seed=0))
 # These wraps test that the network is read and exported, not the recipe's self-check (the benchmarks measure it)
@@ -48,16 +50,6 @@ class RMSCNN(nn.Module):  # over (C, H, W) with no weight and its own eps; F.rms
     def forward(self, x):
         h = F.max_pool2d(F.relu(self.norm(self.conv(x))), 2)
         return F.rms_norm(self.fc(h.flatten(1)), [10], self.scale, 1e-5)
-
-
-def _bundle_answers_as_the_box(box, data, tmp_path):
-    mk = new_master_key()
-    x = data.test.tensors[0][:40]
-    out = export_bundle(box, tmp_path / "b", name="b", in_shape=data.in_shape, mean=data.mean, std=data.std,
-                        master_key=mk, samples=x[:8])
-    bundle = load_bundle(out, mk)
-    np.testing.assert_array_equal(bundle.public_logits(x.numpy()), box.public_logits(x).numpy())
-    np.testing.assert_allclose(bundle.distill_logits(x.numpy()), box.distill_logits(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("make", [RMSMLP, RMSCNN])
