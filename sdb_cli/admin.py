@@ -233,8 +233,8 @@ def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: i
 
 
 def keys_list(settings: Settings, *, as_json: bool = False) -> int:
-    """Every key as ``GET /v1/keys`` gives it, with the quota it has used as ``/v1/keys/me`` and the console count it
-    (a window that has rolled over counts none); never a secret."""
+    """Every key, oldest first, with the fields ``GET /v1/keys`` gives it (which pages newest first), and the quota it
+    has used as ``/v1/keys/me`` and the console count it (a window that has rolled over counts none); never a secret."""
     from service.routes.account import quota_used
 
     store = _open_store(settings)

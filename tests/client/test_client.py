@@ -780,3 +780,17 @@ def test_a_folder_upload_follows_linked_class_folders(admin, sdb_server, tmp_pat
     (folder / "one" / "up").symlink_to(folder, target_is_directory=True)
     with pytest.raises(BadRequest, match="links back"):
         admin.files.upload(folder, "dataset")
+
+
+def test_listing_every_page_stops_when_a_list_does_not_move_on():
+    """A proxy or cache that answers every page alike (the same rows, the same next) kept all=True reading for ever."""
+    from sdb_client import SDBError
+    from sdb_client._base import Page, every
+
+    pages = iter([Page([1, 2], "a"), Page([3], "b"), Page([4], "a")])
+    with pytest.raises(SDBError, match="does not move on"):
+        every(lambda before: next(pages))
+    with pytest.raises(SDBError, match="with no rows"):
+        every(lambda before: Page([], "z"))
+    pages = iter([Page([1], "a"), Page([2], None)])
+    assert list(every(lambda before: next(pages))) == [1, 2]

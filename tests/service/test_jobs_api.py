@@ -84,6 +84,9 @@ async def test_submit_accepts_the_issue_examples_and_lists_them(jsvc):
     # past 64 bits: stored, it was a 500 that then failed every listing of the jobs
     ("distill", {**DISTILL, "seed": 2**70}, "params.seed is a whole number past 64 bits"),
     ("distill", {**DISTILL, "transfer": 2**64}, "params.transfer is a whole number past 64 bits"),
+    # a NUL, stored as \u0000: PostgreSQL refused the record to the jobs list's model filter (a 500 for every caller)
+    ("transferability", {"target": {"model": "digits-a", "layer": "fc\x00"}, "sources": [{"model": "digits-b"}],
+                         "probe_data": "digits"}, "params.target.layer holds a NUL character"),
     # accepted, then failed at run time (numpy's "expected non-negative integer", a NaN loss, a network of -1 channels)
     ("distill", {**DISTILL, "teacher": {"file": NO_FILE, "arch": "cnn", "mean": [float("nan")], "std": [1.0]}},
      "params.teacher.mean.0 is nan"),

@@ -965,24 +965,35 @@ def page_params(filters: Mapping[str, Any], limit: int | None, before: str | Non
 
 def every(page: Callable[[str | None], Page]) -> Page:
     """Every row of a list, page after page: ``page(before)`` reads the page after ``before`` (None: the first)."""
-    rows, before = Page(), None
+    rows, before, seen = Page(), None, set()
     while True:
         got = page(before)
         rows.extend(got)
         if got.next is None:
             return rows
-        before = got.next
+        before = _onward(got, seen)
 
 
 async def every_async(page: Callable[[str | None], Awaitable[Page]]) -> Page:
     """:func:`every` with ``page`` a coroutine function."""
-    rows, before = Page(), None
+    rows, before, seen = Page(), None, set()
     while True:
         got = await page(before)
         rows.extend(got)
         if got.next is None:
             return rows
-        before = got.next
+        before = _onward(got, seen)
+
+
+def _onward(got: Page, seen: set[str]) -> str:
+    """The page after ``got``: its ``next``, unless a list would go round for ever (a ``next`` given before, or a
+    page of no rows that says more follow: a proxy or cache that answers every page alike)."""
+    if got.next in seen or not got:
+        why = "again" if got else "with no rows"
+        raise exc.SDBError(f"the server's list does not move on (page start {got.next!r} {why}): a proxy or cache "
+                           "in between may answer every page alike", code="malformed_answer")
+    seen.add(got.next)
+    return got.next
 
 
 @dataclass(frozen=True)

@@ -203,17 +203,25 @@ export const PAGE = 100; // rows the console's lists ask for at a time
 // set(next) starts it again from a first page read anew.
 export function olderButton(path, what, add) {
   let after = null;
+  let generation = 0; // one more each time set() moves the start: a page asked for from the old one is dropped
   const error = h("span");
   const button = h("button", { type: "button", class: "secondary", hidden: true, onclick: async () => {
+    const asked = generation;
     button.disabled = true;
     put(error);
     try {
       const r = await api(`${path}${path.includes("?") ? "&" : "?"}limit=${PAGE}&before=${enc(after)}`);
+      if (asked !== generation) return; // a create, upload or delete moved the first page meanwhile: ask again
       add(r[what]);
       announce(`${r[what].length} older ${what} shown`);
       set(r.next);
+      if (!button.hidden) button.focus(); // the list was drawn again under it: the keyboard stays where it was
     } catch (e) { put(error, errorBox(e)); } finally { button.disabled = false; }
   } }, `Show older ${what}`);
-  const set = (next) => { after = next || null; button.hidden = !after; };
+  const set = (next) => {
+    if ((next || null) !== after) generation += 1;
+    after = next || null;
+    button.hidden = !after;
+  };
   return { el: h("p", { class: "more" }, button, error), set };
 }
