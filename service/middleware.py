@@ -195,8 +195,9 @@ def _key_in_url(scope: Scope) -> bool:
 
 
 def _counted_json(scope: Scope, declared: int | None) -> bool:
-    """Whether a request's body is JSON as sent (no Content-Encoding), and may be large enough that its arrays and
-    objects are counted (its length unknown or over JSON_COUNTED_ABOVE): a v2 JSON infer's few kilobytes are not."""
+    """Whether a request's body is JSON as sent (no Content-Encoding; a JSON type, or none, which FastAPI and the
+    inference routes read as JSON), and may be large enough that its arrays and objects are counted (its length
+    unknown or over JSON_COUNTED_ABOVE): a v2 JSON infer's few kilobytes are not."""
     if declared is not None and declared <= JSON_COUNTED_ABOVE:
         return False
     kind = encoding = b""
@@ -205,7 +206,7 @@ def _counted_json(scope: Scope, declared: int | None) -> bool:
             kind = v.split(b";", 1)[0].strip().lower()
         elif k == b"content-encoding":
             encoding = v.strip().lower()
-    return (kind == b"application/json" or kind.endswith(b"+json")) and encoding in (b"", b"identity")
+    return (kind in (b"", b"application/json") or kind.endswith(b"+json")) and encoding in (b"", b"identity")
 
 
 def _content_length(scope: Scope) -> int | None:
