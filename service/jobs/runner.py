@@ -214,7 +214,8 @@ def device_words() -> str:
             return f"training on cuda:{i} ({torch.cuda.get_device_name(i)})"
     except RuntimeError as e:  # a busy or exclusive GPU, a driver mismatch: the job's own run meets it and says so
         return f"its GPU did not answer ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
-    return f"training on the CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"training on the CPU ({threads} thread{'' if threads == 1 else 's'})"
 
 
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
