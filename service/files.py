@@ -186,22 +186,17 @@ async def receive(request: Request, stage: Staging, max_bytes: int, file_field: 
         raise bad_request("multipart body without a boundary", "malformed_body")
     form = _Form(stage.dir / "upload", max_bytes, file_field)
     parser = MultipartParser(boundary, form.callbacks())
-    try:
-        with open(form.dest, "wb") as out:  # noqa: ASYNC230  (opening is instant; the writes go to a thread)
-            try:
-                async for chunk in request.stream():
-                    parser.write(chunk)
-                    if form.pending_bytes >= _WRITE_AT:
-                        await run_in_threadpool(out.write, form.take())
-                parser.finalize()
-            except FormParserError:
-                raise bad_request("malformed multipart body", "malformed_body") from None
-            await run_in_threadpool(out.write, form.take())
-    except OSError as e:  # the staging folder goes with ``stage``
-        full = no_room(e, "the upload")
-        if full is not None:
-            raise full from None
-        raise
+    with room_for("the upload"), open(form.dest, "wb") as out:  # noqa: ASYNC230  (opening is instant; the writes
+        # go to a thread; the staging folder goes with ``stage``)
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                if form.pending_bytes >= _WRITE_AT:
+                    await run_in_threadpool(out.write, form.take())
+            parser.finalize()
+        except FormParserError:
+            raise bad_request("malformed multipart body", "malformed_body") from None
+        await run_in_threadpool(out.write, form.take())
     got = form.done()
     if got.path is None:
         raise invalid(f"multipart body has no file: send it as field {file_field!r}", "invalid_request")

@@ -30,9 +30,9 @@ def files_at_most(limit: int):
         signal.signal(signal.SIGXFSZ, old_handler)
 
 
-@pytest.fixture
-async def svc_pg(db_url, tmp_path, bundles):
-    """The app on PostgreSQL (SQLite's own writes would meet the file-size limit too) and a bundle's bytes."""
+@contextlib.asynccontextmanager
+async def service_and_bundle(tmp_path, bundles):
+    """The app on the test's store (SDB_DATABASE_URL when ``db_url`` set it, else SQLite) and a bundle's bytes."""
     settings = make_settings(tmp_path / "data", bundles)
     svc, manager = await start_service(settings)
     try:
@@ -40,6 +40,13 @@ async def svc_pg(db_url, tmp_path, bundles):
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def svc_pg(db_url, tmp_path, bundles):
+    """On PostgreSQL: SQLite's own writes would meet the file-size limit too."""
+    async with service_and_bundle(tmp_path, bundles) as service:
+        yield service
 
 
 @pytest.mark.anyio
@@ -129,13 +136,8 @@ def no_new_folder_under(root: Path):
 
 @pytest.fixture
 async def svc_sqlite(tmp_path, bundles):
-    settings = make_settings(tmp_path / "data", bundles)
-    svc, manager = await start_service(settings)
-    try:
-        yield svc, settings, sdb_bytes(bundles.a)
-    finally:
-        await svc.client.aclose()
-        await manager.__aexit__(None, None, None)
+    async with service_and_bundle(tmp_path, bundles) as service:
+        yield service
 
 
 def _says_no_room(r, settings) -> None:
