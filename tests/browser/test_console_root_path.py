@@ -6,6 +6,7 @@ prefix: one at the host's root is another site's behind the proxy (a blank page,
 from __future__ import annotations
 
 import json
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -47,16 +48,32 @@ def sign_in(driver, page: str, token: str) -> None:
     wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#view h1"), what="a page shown")
 
 
-def requests_seen(driver, console) -> dict[str, int | None]:
+CANCELLED = 0  # the status requests_seen gives a load the browser cancelled itself
+
+
+def requests_seen(driver, console, settle_s: float = 5.0) -> dict[str, int | None]:
     """Every http URL the browser asked for since the last look, with the status of its answer (None: none came);
-    kept in the run's URLs for its secrets check."""
+    kept in the run's URLs for its secrets check. The log is read again for up to ``settle_s`` while an answer is
+    still to come (the favicon is asked for last, and its answer could be logged after the first read)."""
     asked: dict[str, int | None] = {}
-    for entry in driver.get_log("performance"):
-        msg = json.loads(entry["message"])["message"]
-        if msg["method"] == "Network.requestWillBeSent":
-            asked.setdefault(msg["params"]["request"]["url"], None)
-        elif msg["method"] == "Network.responseReceived":
-            asked[msg["params"]["response"]["url"]] = msg["params"]["response"]["status"]
+    urls: dict[str, str] = {}  # request id -> its URL (a cancelled load names its request alone)
+    deadline = time.monotonic() + settle_s
+    while True:
+        for entry in driver.get_log("performance"):
+            msg = json.loads(entry["message"])["message"]
+            params = msg.get("params", {})
+            if msg["method"] == "Network.requestWillBeSent":
+                urls[params["requestId"]] = params["request"]["url"]
+                asked.setdefault(params["request"]["url"], None)
+            elif msg["method"] == "Network.responseReceived":
+                asked[params["response"]["url"]] = params["response"]["status"]
+            elif msg["method"] == "Network.loadingFailed" and params.get("canceled") and params["requestId"] in urls:
+                # the browser gave up on it (a favicon when the page moved on): asked, never refused
+                asked[urls[params["requestId"]]] = asked.get(urls[params["requestId"]]) or CANCELLED
+        pending = [u for u, status in asked.items() if status is None and u.startswith("http")]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)  # the browser's log has no event to wait on
     console.urls.extend(asked)
     return {u: s for u, s in asked.items() if u.startswith("http")}
 
