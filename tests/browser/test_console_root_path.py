@@ -17,7 +17,7 @@ from tests.service.conftest import Server
 from tests.service.jobs_helpers import FAST, key, prepare
 
 from .conftest import drain, screenshot
-from .test_console import css, visible, wait
+from .test_console import visible, wait
 
 ROOT = "/sdb"
 
@@ -94,7 +94,8 @@ def test_the_console_asks_for_everything_under_the_prefix(console, driver, prefi
     row = visible(driver, "#view table").find_element(By.XPATH, ".//tr[td/a[text()='digits-a']]")
     row.find_element(By.LINK_TEXT, "digits-a").click()
     visible(driver, "#try-h")
-    css(driver, "button[data-sample='digits-3.png']").click()  # a sample image: fetched from the server, then sent
+    # a sample image: fetched from the server, then sent; the picker fills in once the samples' index has come
+    visible(driver, "button[data-sample='digits-3.png']").click()
     wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "[data-top]"), 20, what="the prediction")
     wait(driver, lambda d: d.find_elements(By.XPATH, "//h3[text()='Keyed logits (distill)']"), 20, what="the logits")
     screenshot(driver, console.shots / "root-path-model.png")
