@@ -219,11 +219,16 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-# What a page of an allowed origin may send and read (CORS): the API's methods; the key, the body's type and coding,
-# the binary tensor extension's header length; and back, the limits' waits and that length.
-CORS_METHODS = ["GET", "POST", "DELETE"]
-CORS_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Inference-Header-Content-Length"]
-CORS_EXPOSED = ["Retry-After", "Retry-After-Ms", "Inference-Header-Content-Length"]
+# What a page of an allowed origin may send and read (CORS): the API's methods (HEAD, which every GET route answers);
+# the key, the body's type and coding, the binary tensor extension's header length, a job's Idempotency-Key; and back,
+# every header an answer documents: the limits' waits, that length, the model that answered a .npy distill or a style
+# (SDB-*, X-Model-Version), a download's file name, a 405's methods and a 401's scheme. A page's fetch reads only what
+# is exposed.
+CORS_METHODS = ["GET", "HEAD", "POST", "DELETE"]
+CORS_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Inference-Header-Content-Length",
+                "Idempotency-Key"]
+CORS_EXPOSED = ["Retry-After", "Retry-After-Ms", "Inference-Header-Content-Length", "SDB-Model", "SDB-Model-Version",
+                "SDB-Temperature", "X-Model-Version", "Content-Disposition", "Allow", "WWW-Authenticate"]
 
 
 class ServiceApp(FastAPI):

@@ -76,3 +76,29 @@ def test_an_origin_that_is_not_one_is_refused_naming_the_setting(origins, tmp_pa
     assert "SDB_CORS_ORIGINS" in str(e.value) and "not an origin" in str(e.value), str(e.value)
     monkeypatch.setenv("SDB_CORS_ORIGINS", "*")
     assert Settings.load(data_dir=tmp_path).cors_origin_list() == ["*"]
+
+
+@pytest.mark.parametrize("served", [PAGE], indirect=True)
+async def test_a_page_may_send_and_read_every_header_the_contract_documents(served):
+    """What a generated client sends and reads is what the OpenAPI document names: a header parameter a preflight
+    refuses is a "Failed to fetch" in the page (a job's Idempotency-Key was), and an answer's header not exposed reads
+    as null (a .npy distill's SDB-Model was). Every GET route answers HEAD, with a key too."""
+    c = served.client
+    doc = (await c.get("/openapi.json")).json()
+    sent, read = set(), set()
+    for path in doc["paths"].values():
+        for op in path.values():
+            sent |= {p["name"].lower() for p in op.get("parameters", []) if p["in"] == "header"}
+            for answer in op.get("responses", {}).values():
+                read |= {h.lower() for h in answer.get("headers", {})}
+    assert {"idempotency-key", "inference-header-content-length"} <= sent
+    assert {"sdb-model", "retry-after"} <= read
+    r = await c.options("/v1/jobs", headers=preflight(PAGE, headers=", ".join(sorted(sent | {"authorization"}))))
+    assert r.status_code == 200, r.text
+    r = await c.options("/v1/models", headers=preflight(PAGE, method="HEAD", headers="authorization"))
+    assert r.status_code == 200, r.text
+    npy = await c.post("/v1/models/digits-a/distill", json={"inputs": X},
+                       headers={"Origin": PAGE, "Accept": "application/x-npy", **served.auth(served.key())})
+    assert npy.status_code == 200 and "sdb-model" in npy.headers
+    exposed = {h.strip().lower() for h in npy.headers["access-control-expose-headers"].split(",")}
+    assert read <= exposed, read - exposed
