@@ -39,6 +39,7 @@ RUN grep -v '^onnxruntime==' requirements.lock > requirements-gpu.lock \
 COPY pyproject.toml README.md ./
 COPY sdb_core sdb_core
 COPY service service
+COPY sdb_cli sdb_cli
 COPY clients/python clients/python
 RUN /opt/sdb/bin/pip install --no-deps . ./clients/python
 
@@ -69,6 +70,7 @@ RUN /opt/sdb/bin/pip install --extra-index-url https://download.pytorch.org/whl/
 COPY pyproject.toml README.md ./
 COPY sdb_core sdb_core
 COPY service service
+COPY sdb_cli sdb_cli
 COPY clients/python clients/python
 RUN /opt/sdb/bin/pip install --no-deps . ./clients/python
 

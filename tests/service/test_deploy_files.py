@@ -180,6 +180,30 @@ def test_nothing_secret_enters_the_image():
     assert not re.search(r"(?i)(ENV|ARG)\s+\S*(PASSWORD|SECRET|TOKEN|PEPPER|MASTER_KEY)\b(?!_FILE)", text)
 
 
+
+def test_every_package_the_wheel_and_its_command_need_is_copied_into_each_build():
+    """The images ran ``sdb`` without ``sdb_cli`` (ModuleNotFoundError at start): the CLI's move to its own package left
+    .dockerignore and the COPY lines behind, and setuptools' include pattern then matched nothing, quietly."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()
+                and any(re.fullmatch(pat.replace("*", ".*"), p.name) for pat in patterns)}
+    assert {"sdb_core", "service", "sdb_cli"} <= packages
+    for pat in patterns:  # each pattern names something that exists
+        assert any(re.fullmatch(pat.replace("*", ".*"), name) for name in packages), pat
+    needed = packages | {script.split(":")[0].split(".")[0] for script in project["project"]["scripts"].values()}
+    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    allowed = {p.lstrip("!").rstrip("/") for p in ignore if p.startswith("!")}
+    assert needed <= allowed, needed - allowed
+    builds = [name for name, steps in STAGES.items() if any(o == "RUN" and "pip install --no-deps ." in a
+                                                            for o, a in steps)]
+    assert sorted(builds) == ["build", "gpu-build"], builds
+    for name in builds:
+        copied = {src.rstrip("/") for o, a in STAGES[name] if o == "COPY" and "--from" not in a
+                  for src in a.split()[:-1]}
+        assert needed <= copied, (name, needed - copied)
+
 # ----------------------------------------------------------------------------- docker-compose.yml
 @pytest.mark.parametrize("mode", ["one-host", "scale"])
 def test_compose_commands_settings_and_ports_exist(mode):
