@@ -20,7 +20,15 @@ from sdb_core.protect import (
     train_box,
     wrap_nasty,
 )
-from sdb_core.protect.measure import public_teacher
+from sdb_core.protect.measure import (
+    STUDENT_WAYS,
+    MeasureConfig,
+    format_table,
+    label_teacher,
+    measure_students,
+    public_teacher,
+    summarize,
+)
 from sdb_core.protect.sdb import confusion_partners, confusion_rows, public_form
 from sdb_core.train import TrainConfig, accuracy, predict_logits, seed_everything
 
@@ -90,6 +98,26 @@ def test_a_student_learns_less_from_the_public_answer_than_from_labels(digits, s
             accs.append(accuracy(student, digits.test))
         gaps.append(accs[0] - accs[1])
     assert min(gaps) > 6.0, gaps
+
+
+def test_the_label_student_is_taught_the_public_top1_and_nothing_else(digits, digits_teacher, sdb_result):
+    """kd_label, the reference a key's gain is read against: the public top-1 through the KD loss. Its targets at T
+    rank no class below the top-1 above another (a one-hot, smoothed evenly), and the benchmarks' table shows it."""
+    x = digits.test.tensors[0][:64]
+    logits = label_teacher(sdb_result.box.predict)(x)
+    top1 = sdb_result.box.predict(x).argmax(1)
+    assert torch.equal(logits.argmax(1), top1)
+    soft = F.softmax(logits / 4.0, 1)
+    rest = soft[F.one_hot(top1, soft.shape[1]) == 0].reshape(len(x), -1)
+    assert torch.allclose(rest, rest[:, :1].expand_as(rest), atol=1e-7)  # every other class alike: no dark knowledge
+    assert (soft.max(1).values > 0.9).all()
+    tiny = MeasureConfig(transfer_n=200, wrong_keys=1, train=TrainConfig(epochs=1, lr=0.01, batch_size=64))
+    students = measure_students(digits_teacher, sdb_result.box, digits, tiny, seed=0)
+    assert set(students) == set(STUDENT_WAYS) and "kd_label" in students
+    assert all(0.0 <= v <= 100.0 for v in students.values())
+    run = {"seed": 0, "teacher_acc": 90.0, "public_acc": 90.0, "keyed_acc": 90.0, "agreement": 100.0,
+           "students": students, "teacher_step": 1.0, "wrap_step": 1.0, "wrap_total": 1.0}
+    assert "student: KD from the public top-1" in format_table(summarize("digits", [run]))
 
 
 def test_sdb_public_soft_labels_follow_the_confusion_target(digits, sdb_result):
