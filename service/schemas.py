@@ -78,15 +78,32 @@ class OutputPolicy(BaseModel):
 
 
 class Prediction(BaseModel):
+    """One sample's answer from a classifier or a multilabel model."""
+
     labels: list[str]
     indices: list[int]
     scores: list[float] | None = Field(None, description="absent under the label output policy")
+    present: list[str] | None = Field(None, description="multilabel: every label at or over 0.5 (absent under "
+                                      "the label policy, where labels are those present)")
+
+
+class PosePrediction(BaseModel):
+    """One sample's answer from a pose model: a point and a peak value per joint, in the order of ``joints``."""
+
+    keypoints: list[list[float]] = Field(description="(x, y) of each joint, in input pixels")
+    scores: list[float] = Field(description="each joint's heatmap peak")
+    image_keypoints: list[list[float]] | None = Field(None, description="for an image sent as a file: the same "
+                                                      "points in that image's own pixels")
 
 
 class PredictResponse(BaseModel):
+    # Every task's items in one list (a pose item is told apart by its keypoints): the classifier's answer is the
+    # one it always was, with no task field to tell them apart by.
     model: str
     version: str
-    predictions: list[Prediction]
+    task: Literal["multilabel", "pose"] | None = Field(None, description="absent for a classifier")
+    joints: list[str] | None = Field(None, description="pose: the joints' names, in the keypoints' order")
+    predictions: list[Prediction | PosePrediction]
 
 
 class DistillRequest(BaseModel):
@@ -107,15 +124,42 @@ class DistillResponse(BaseModel):
     soft_targets: list[list[float]] | None = None
 
 
+class ModelInput(BaseModel):
+    name: str
+    shape: list[int] = Field(description="one sample's shape, without the batch: [C, H, W], or [features]")
+    dtype: str
+
+
+class Normalize(BaseModel):
+    mean: list[float] = Field(description="per input channel (or one for all)")
+    std: list[float]
+    scale: float = Field(255.0, description="the network takes (value / scale - mean) / std; absent: 255")
+
+
+class ProtectionReport(BaseModel):
+    passed: bool
+    thresholds: dict[str, float] = Field(description="the owner's, in accuracy points")
+    figures: dict[str, float] = Field(description="what the wrap's self-check measured")
+    held_out: int = Field(description="the held-out training inputs the figures were measured on")
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     version: str
     versions: list[str] = []
-    mode: str
+    task: str = Field(description="classification, multilabel, pose, style, ... (the routes each serves: "
+                                  "docs/api.md)")
+    mode: str = Field(description="sdb, nasty or plain")
     distillable: bool
+    input: ModelInput
+    normalize: Normalize
     labels: list[str]
+    temperature: float | None
+    metrics: dict[str, Any] = Field(description="what the bundle's training measured")
+    protection: ProtectionReport | None = Field(description="the wrap's self-check; null for an unchecked bundle")
     output_policy: OutputPolicy
+    added_at: float = Field(description="when this version was deployed (Unix seconds)")
 
 
 class ModelList(BaseModel):
@@ -268,7 +312,7 @@ class V2Error(BaseModel):
 
 _WHY = {
     400: "a body that cannot be parsed (not JSON, not a JSON object, not UTF-8), or a model of another task",
-    401: "no API key, or a malformed, unknown, revoked or expired one",
+    401: "no API key, or a malformed, unknown, revoked or expired one, or one sent in the URL (key_in_url)",
     403: "the key lacks the scope, or the model is not on its allowlist",
     404: "no such model or version",
     409: "a conflicting state",
@@ -289,14 +333,18 @@ _HEADERS = {
 }
 
 
+_KEY_IN_URL_WHY = "an API key sent in the URL's query (key_in_url): keys go in the Authorization header"
+
+
 def responses(*statuses: int, v2: bool = False, why: dict[int, str] | None = None) -> dict[int, dict]:
     """The documented error answers of a route: each status with its body model and why it happens.
 
     ``v2`` routes answer the protocol's :class:`V2Error`, every other route :class:`ErrorBody`;
-    ``why`` says it better for this route than the generic sentence."""
-    why = why or {}
+    ``why`` says it better for this route than the generic sentence. Every route answers a 401 (the middleware
+    refuses a key in the URL on any route, health probes included): a route that reads no key has that one."""
+    why = {401: _WHY[401] if 401 in statuses else _KEY_IN_URL_WHY, **(why or {})}
     return {s: {"model": V2Error if v2 else ErrorBody, "description": why.get(s, _WHY[s]),
-                **({"headers": _HEADERS[s]} if s in _HEADERS else {})} for s in sorted(set(statuses))}
+                **({"headers": _HEADERS[s]} if s in _HEADERS else {})} for s in sorted({*statuses, 401})}
 
 
 def ok(example: Any, status: int = 200, media: str = "application/json",

@@ -33,7 +33,8 @@ class Readiness(BaseModel):
     failed: dict[str, str] | None = Field(None, description="name@version: why (when model names are public)")
 
 
-@router.get("/healthz", summary="The process is up", response_model=Health, responses=ok({"status": "ok"}))
+@router.get("/healthz", summary="The process is up", response_model=Health,
+            responses={**ok({"status": "ok"}), **responses()})  # responses(): the 401 of a key in the URL
 async def healthz() -> Response:
     return json_response({"status": "ok"})
 

@@ -304,13 +304,15 @@ def artifacts(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: Sett
 
 
 # FileResponse names the type by the file's suffix: JSON reports, PNG plots, text, else octet-stream (bundles,
-# weights).
-_ARTIFACT_TYPES = {"application/json": {"schema": {"type": "object"}, "example": {"kind": "audit", "leak": 0.03}},
-                   **{t: {"schema": {"type": "string", "format": "binary"}}
-                      for t in ("application/octet-stream", "image/png", "text/plain")}}
+# weights). Octet-stream first: a generated client reads the first type as every answer's (JSON first, it decoded
+# every PNG and safetensors file as JSON, and failed); hence also response_class=Response below, whose lack of a
+# media type keeps FastAPI from putting application/json before them.
+_ARTIFACT_TYPES = {**{t: {"schema": {"type": "string", "format": "binary"}}
+                      for t in ("application/octet-stream", "image/png", "text/plain")},
+                   "application/json": {"schema": {"type": "object"}, "example": {"kind": "audit", "leak": 0.03}}}
 
 
-@router.get("/{job_id}/artifacts/{name}", summary="Download one artifact",
+@router.get("/{job_id}/artifacts/{name}", summary="Download one artifact", response_class=Response,
             responses={200: {"description": "the file", "content": _ARTIFACT_TYPES},
                        **responses(*AUTH, 404, why={**_SCOPE, 404: "no such job for this key, or no such artifact",
                                                     422: "not an artifact name"})})

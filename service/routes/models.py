@@ -4,6 +4,7 @@ release a name's claim (an admin) (deploying an uploaded bundle, ``POST /v1/mode
 from __future__ import annotations
 
 import time
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -72,11 +73,17 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 VersionQuery = Query(None, description="a version of the model; default the highest", pattern=NO_NUL)
 _INPUT_TYPES = (JSON, npy.NPY, MULTIPART, *IMAGE_TYPES)  # what predict takes: tensors as JSON or .npy, or images
-_NPY_BODY_DOC = {"schema": {"type": "string", "format": "binary"},
-                 "description": "one .npy array (np.save) of the inputs: float32 (or float16, float64), little-endian, "
-                                "C order, [N, C, H, W], one [C, H, W] sample, or [N, C·H·W] rows; options in the query"}
+# A media type has no description of its own in OpenAPI 3.1 (a validator refuses one): its schema says it.
+_NPY_BODY_DOC = {"schema": {"type": "string", "format": "binary",
+                            "description": "one .npy array (np.save) of the inputs: float32 (or float16, float64), "
+                                           "little-endian, C order, [N, C, H, W], one [C, H, W] sample, or "
+                                           "[N, C·H·W] rows; options in the query"}}
 _UPLOAD_DOC = {npy.NPY: _NPY_BODY_DOC, "multipart/form-data": {"schema": {
-    "type": "object", "properties": {"file": {"type": "string", "format": "binary"}, "top_k": {"type": "integer"}},
+    "type": "object", "properties": {
+        "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                 "description": "PNG or JPEG images, one part each: several parts are several samples, answered "
+                                "in order"},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": 1000}},
     "required": ["file"]}}, "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
 
@@ -91,7 +98,8 @@ _SERVING_ERRORS = {
          "than its header says), or a model of another task (the message names its route)",
     401: _NO_KEY, 413: "over the payload limit (SDB_MAX_PAYLOAD_BYTES), or images that together hold over 100 M pixels",
     415: "a media type the route does not take, or an image that is not a readable PNG or JPEG",
-    422: "inputs of the wrong shape or type, NaN or Inf, too many samples, or a bad option",
+    422: "inputs of the wrong shape or type, NaN or Inf, too many samples, a bad option, or one given in the query "
+         "and the body with different values (conflicting_options)",
     503: "this model version cannot be served (the message says why)"}
 _SAMPLE = [[[0.0, 0.5], [1.0, 0.25]]]  # one [C, H, W] sample, for the examples: the demo model's is [1, 28, 28]
 
@@ -156,13 +164,34 @@ def _version(request: Request) -> str | None:
     if version is not None and "\x00" in version:
         raise invalid("version: a version holds no NUL character", "invalid_request")
     return version
+
+
+def _query_options(request: Request, *names: str) -> dict[str, str]:
+    """The options among ``names`` that the query gives (an empty one, ``?top_k=``, gives none)."""
+    return {n: v for n in names if (v := request.query_params.get(n))}
+
+
+def _options(cls: type[BaseModel], sent: dict, query: dict[str, str], where: str) -> Any:
+    """A route's options (``cls``) from the body's fields (``sent``, in the ``where``) and the query's. An option
+    given in both with different values is a 422 naming both: one of them silently won before (the query over a
+    JSON body, a form field over the query), and the caller could not tell which was served."""
+    for name in cls.model_fields.keys() & sent.keys() & query.keys():
+        in_body, in_query = (getattr(options(cls, {name: given[name]}), name) for given in (sent, query))
+        if in_body != in_query:
+            raise invalid(f"{name} is {in_body} in the {where} but {in_query} in the query: give it once, or the "
+                          "same in both", "conflicting_options")
+    return options(cls, {**sent, **query})
+
+
 _TOP_K_DOC = {"name": "top_k", "in": "query", "required": False,
               "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
-              "description": "labels to return (at most the output policy's k; one under the label policy)"}
+              "description": "labels to return (at most the output policy's k; one under the label policy); also "
+                             "in the body, it must be the same (another value is a 422 conflicting_options)"}
 _TEMPERATURE_DOC = {"name": "temperature", "in": "query", "required": False,
                     "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000},
                     "description": "also return softmax(logits / T) as soft_targets (JSON answers; a .npy answer "
-                                   "holds the logits alone and says T in SDB-Temperature)"}
+                                   "holds the logits alone and says T in SDB-Temperature); also in the body, it "
+                                   "must be the same (another value is a 422 conflicting_options)"}
 _NPY_ANSWER_HEADERS = {
     "SDB-Model": {"description": "the model's name (URL-quoted)", "schema": {"type": "string"}},
     "SDB-Model-Version": {"description": "the version that answered (URL-quoted)", "schema": {"type": "string"}},
@@ -181,7 +210,7 @@ _NPY_ANSWER_HEADERS = {
 async def predict(request: Request) -> Response:
     name = path_param(request, "name")
     s = await serving(request)
-    version, top_k_query = _version(request), request.query_params.get("top_k")
+    version, query = _version(request), _query_options(request, "top_k")
     require_predict(s.key, name, s.settings.public_predict)
     model = await s.host.aget(name, version)
     task = require_task(model, PREDICT_TASKS)
@@ -194,11 +223,11 @@ async def predict(request: Request) -> Response:
         return json_response({"model": model.name, "version": model.version, "task": "pose",
                               **pose_predictions(model.meta, heatmaps, model.in_shape, sizes or None)})
     if body.json is not None:  # the options are checked before the tensor, the images after decoding
-        opts = options(PredictOptions, {**body.json, **({"top_k": top_k_query} if top_k_query else {})})
+        opts = _options(PredictOptions, body.json, query, "JSON body")
         x = await _inputs(model, body, max_samples)
     else:  # a .npy body (top_k in the query) or images (top_k a form field or in the query)
         x = await _inputs(model, body, max_samples)
-        opts = options(PredictOptions, {"top_k": body.fields.get("top_k", top_k_query or 5)})
+        opts = _options(PredictOptions, body.fields, query, "form")
     z = await public_logits(model, x, s.key, s.keyring, s.metrics, s.caller)
     k = min(opts.top_k, len(model.labels))
     if task == "multilabel":
@@ -229,11 +258,11 @@ async def predict(request: Request) -> Response:
 async def distill(request: Request) -> Response:
     name = path_param(request, "name")
     s = await distilling(request)
-    temperature = request.query_params.get("temperature")
+    query = _query_options(request, "temperature")
     model = await s.host.aget(name, _version(request))
     require_task(model)
     body = await _body(request, model, s, (JSON, npy.NPY), what="distill")
-    opts = options(DistillOptions, {**(body.json or {}), **({"temperature": temperature} if temperature else {})})
+    opts = _options(DistillOptions, body.json or {}, query, "JSON body")
     x = await _inputs(model, body, s.settings.max_request_samples)  # every check passed: only now the quota
     z = await keyed_logits(model, x, s.key, s.keyring, s.metrics)
     if wants_npy(request):  # the logits alone; soft targets are softmax(logits / T), for the caller to take

@@ -99,9 +99,11 @@ class InferOutputBinary(BaseModel):
 
 class InferOutput(BaseModel):
     name: str
-    datatype: str = Field(description=f"FP32, or INT64 for {CLASSES_OUTPUT}")
+    datatype: str = Field(description=f"FP32, INT64 for {CLASSES_OUTPUT}, or BYTES for an output asked with the "
+                          "classification parameter")
     shape: list[int]
-    data: list[float] | None = Field(None, description="row-major, flat (absent for an output sent in binary)")
+    data: list[float] | list[str] | None = Field(None, description="row-major, flat (absent for an output sent in "
+                                                 "binary): numbers, or BYTES' strings \"value:index:label\"")
     parameters: InferOutputBinary | None = None
 
 

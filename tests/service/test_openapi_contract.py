@@ -12,13 +12,16 @@ from __future__ import annotations
 import copy
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import schemathesis
+import torch
 from hypothesis import HealthCheck, settings
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import OpenAPIV31SpecValidator
 from PIL import Image
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
@@ -28,6 +31,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from sdb_core.bundle import export_bundle
+from sdb_core.distill.okdhp import OKDHPConfig, PoseDataConfig, export_pose_bundle, okdhp, pose_train_config
+from sdb_core.protect import Thresholds
 from service.app import build_app
 from service.auth import create_key
 from service.errors import is_v2
@@ -120,6 +126,13 @@ def test_the_schema_is_the_one_served(live):
     assert live.client.get("/openapi.json").json() == OPENAPI
 
 
+def test_the_document_is_valid_openapi_3_1():
+    """What strict validators and client generators read first: a Media Type Object with a description (the
+    .npy bodies' had one) made the whole document invalid."""
+    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in OpenAPIV31SpecValidator(OPENAPI).iter_errors()]
+    assert not errors, errors[:5]
+
+
 def test_every_ref_resolves():
     missing = sorted({r for r in refs(OPENAPI) if not _resolves(r)})
     assert not missing, f"dangling $ref: {missing}"
@@ -145,6 +158,7 @@ def _has_example(media: dict) -> bool:
 def test_every_operation_documents_its_errors_and_an_example(path, method, op):
     responses = op["responses"]
     statuses = {int(s) for s in responses}
+    assert 401 in statuses, (method, path)  # a key in the URL is a 401 on every route (service/middleware.py)
     if "security" in op:  # it reads a key: a bad one, a missing scope, a bad request and the rate all answer
         needed = {401, 422, 429} | (set() if (method, path) in ANY_KEY else {403})
         assert needed <= statuses, (method, path, sorted(statuses))
@@ -186,7 +200,7 @@ def test_success_answers_conform(live, bundles):
     check(live, "/v1/models/{name}", "GET", 200, path_parameters=name, query={"version": "1"})
     check(live, "/v1/models/{name}/predict", "POST", 200, path_parameters=name,
           body={"inputs": x.tolist(), "top_k": 3}, **json_body)
-    check(live, "/v1/models/{name}/predict", "POST", 200, path_parameters=name, body={"file": _png()},
+    check(live, "/v1/models/{name}/predict", "POST", 200, path_parameters=name, body={"file": [_png()]},
           media_type="multipart/form-data")
     check(live, "/v1/models/{name}/distill", "POST", 200, admin, path_parameters=name,
           body={"inputs": x.tolist(), "temperature": 2.0}, **json_body)
@@ -249,6 +263,121 @@ def test_model_deploy_and_removal_conform(live, bundles):
     check(live, "/v1/models/{name}", "DELETE", 404, admin, path_parameters=throwaway)
     check(live, "/v1/models/{name}", "DELETE", 401, path_parameters={"name": MODEL})
     assert check(live, "/v1/models/{name}", "GET", 200, path_parameters={"name": MODEL}).json()["name"] == MODEL
+
+
+# ---------------------------------------------------------------- every task's answer, every field named
+def answer_schema(path: str, method: str, status: int = 200) -> dict:
+    return OPENAPI["paths"][path][method]["responses"][str(status)]["content"]["application/json"]["schema"]
+
+
+def undeclared(body, schema: dict) -> list[str]:
+    """Where ``body`` fails ``schema`` made strict: each object's keys among the properties its schema declares.
+    A key the schema does not name lands untyped in a generated client (in additional_properties, or nowhere)."""
+    validator = Draft202012Validator(_strict(schema))
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in validator.iter_errors(body)]
+
+
+def _strict(node):
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _strict(resolve(node["$ref"]))
+        strict = {k: _strict(v) for k, v in node.items()}
+        return {**strict, "additionalProperties": False} if "properties" in node else strict
+    return [_strict(v) for v in node] if isinstance(node, list) else node
+
+
+TAGS, POSE = "contract-tags", "contract-pose"
+
+
+@pytest.fixture(scope="module")
+def task_models(live, tmp_path_factory):
+    """A multilabel model and a pose model served beside the examples' classifier (built as test_tasks.py and
+    test_pose_api.py build theirs); the multilabel bundle carries a self-check's report, as a wrap's does."""
+    root = tmp_path_factory.mktemp("tasks")
+    torch.manual_seed(0)
+    check_report = {"passed": True, "mode": "sdb", "thresholds": asdict(Thresholds()), "val_size": 40,
+                    "fit_size": 160, "chosen": {"lam": 0.3}, "attempts": [], "seconds": 1.0,
+                    "figures": {"teacher_acc": 95.0, "public_acc": 94.5, "public_drop": 0.5}}
+    tags = export_bundle(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)), root / "tags.sdb",
+                         name=TAGS, in_shape=(1, 4, 4), mean=(0.0,), std=(1.0,), labels=["cat", "dog", "owl"],
+                         task="multilabel", extra={"check": check_report})
+    res = okdhp(OKDHPConfig(data=PoseDataConfig(root=str(root / "pose"), n_train=32, n_test=8, input_size=32),
+                            width=8, branch_stacks=(1, 1), train=pose_train_config(epochs=1, batch_size=16, lr=2e-3)))
+    pose = export_pose_bundle(res.target, res.data, root / "pose.sdb", name=POSE, metrics=res.metrics)
+    for bundle in (tags, pose):
+        r = live.client.post("/v1/models", files={"file": ("m.sdb", sdb_bytes(bundle))}, headers=live.admin)
+        assert r.status_code == 201, r.text
+    return {TAGS: (1, 4, 4), POSE: tuple(res.data.test.images.shape[1:])}
+
+
+def test_every_tasks_predict_answer_is_the_schemas(live, task_models):
+    """A pose answer (keypoints, no labels) failed the schema's Prediction: a generated client raised KeyError
+    'labels' on a 200; a multilabel answer's task and present were named nowhere."""
+    schema = answer_schema("/v1/models/{name}/predict", "post")
+    rng = np.random.default_rng(0)
+    answers = {}
+    for name, shape in task_models.items():
+        x = (rng.normal(size=(2, *shape)) * 3).tolist()
+        answers[name] = check(live, "/v1/models/{name}/predict", "POST", 200, path_parameters={"name": name},
+                              body={"inputs": x, "top_k": 2}, media_type="application/json").json()
+    answers["pose image"] = check(live, "/v1/models/{name}/predict", "POST", 200, path_parameters={"name": POSE},
+                                  body={"file": [_png(20)]}, media_type="multipart/form-data").json()
+    assert answers[TAGS]["task"] == "multilabel" and "present" in answers[TAGS]["predictions"][0]
+    assert answers[POSE]["task"] == "pose" and answers[POSE]["joints"]
+    assert "image_keypoints" in answers["pose image"]["predictions"][0]
+    for what, body in answers.items():
+        assert not undeclared(body, schema), (what, undeclared(body, schema))
+
+
+def test_a_models_description_names_every_field(live, task_models):
+    """GET /v1/models/{name} answered input, normalize, task, protection, temperature, metrics and added_at, which
+    ModelInfo did not declare: a generated client left them untyped."""
+    schema = answer_schema("/v1/models/{name}", "get")
+    for name in (MODEL, TAGS, POSE):
+        body = check(live, "/v1/models/{name}", "GET", 200, path_parameters={"name": name}).json()
+        assert not undeclared(body, schema), (name, undeclared(body, schema))
+    tags = live.client.get(f"/v1/models/{TAGS}").json()
+    assert tags["protection"]["passed"] and tags["protection"]["figures"]["public_drop"] == 0.5
+    listing = check(live, "/v1/models", "GET", 200).json()
+    assert {MODEL, TAGS, POSE} <= {m["name"] for m in listing["models"]}
+    assert not undeclared(listing, answer_schema("/v1/models", "get"))
+
+
+def test_a_v2_classification_answer_is_the_schemas(live):
+    """The classification extension answers BYTES, strings, in a field the schema typed as numbers."""
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    body = {"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}
+    r = check(live, "/v2/models/{name}/infer", "POST", 200, path_parameters={"name": MODEL}, body=body,
+              media_type="application/json")
+    out = r.json()["outputs"][0]
+    assert out["datatype"] == "BYTES" and all(isinstance(v, str) for v in out["data"]), out
+    assert "BYTES" in resolve("#/components/schemas/InferOutput")["properties"]["datatype"]["description"]
+
+
+def test_several_files_are_one_request_as_the_schema_says(live):
+    """Several `file` parts are several samples: the multipart body declares an array of files."""
+    media = OPENAPI["paths"]["/v1/models/{name}/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert media["schema"]["properties"]["file"]["type"] == "array"
+    r = check(live, "/v1/models/{name}/predict", "POST", 200, path_parameters={"name": MODEL},
+              body={"file": [_png(), _png(12)]}, media_type="multipart/form-data")
+    assert len(r.json()["predictions"]) == 2
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready",
+                                  "/v1/models"])
+def test_a_key_in_the_url_is_the_declared_401(live, path):
+    """The middleware refuses a key in the URL on every route, the health probes too: each route declares it."""
+    r = check(live, path, "GET", 401, query={"api_key": "sdb_0a1b2c3d4e5f_" + "0" * 64})
+    error = r.json()["error"]
+    assert "never in the URL" in (error if path.startswith("/v2") else error["message"]), r.text
+
+
+def test_an_artifact_is_offered_as_bytes_first():
+    """A generated client reads an answer as the first media type its 200 lists: JSON first, it decoded every PNG
+    plot and weights file as JSON."""
+    content = OPENAPI["paths"]["/v1/jobs/{job_id}/artifacts/{name}"]["get"]["responses"]["200"]["content"]
+    assert next(iter(content)) == "application/octet-stream", list(content)
 
 
 # ---------------------------------------------------------------- the two error forms
