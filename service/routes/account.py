@@ -173,8 +173,10 @@ class ModelInputs(BaseModel):
 
 
 _IMAGE_DOC = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
-                                       "required": ["file"]}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {
+        "type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+        "description": "PNG or JPEG images, one part each: several parts are several samples, answered in order"}},
+        "required": ["file"]}},
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}}
 

@@ -357,8 +357,9 @@ def test_a_v2_classification_answer_is_the_schemas(live):
 
 def test_several_files_are_one_request_as_the_schema_says(live):
     """Several `file` parts are several samples: the multipart body declares an array of files."""
-    media = OPENAPI["paths"]["/v1/models/{name}/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]
-    assert media["schema"]["properties"]["file"]["type"] == "array"
+    for path in ("/v1/models/{name}/predict", "/v1/models/{name}/inputs"):  # the routes that take images as samples
+        media = OPENAPI["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
+        assert media["schema"]["properties"]["file"]["type"] == "array", path
     r = check(live, "/v1/models/{name}/predict", "POST", 200, path_parameters={"name": MODEL},
               body={"file": [_png(), _png(12)]}, media_type="multipart/form-data")
     assert len(r.json()["predictions"]) == 2
