@@ -102,7 +102,7 @@ class Caller(Protocol):
 # --------------------------------------------------------------------------- metadata
 def _server_version() -> str:
     try:
-        return package_version("sdb")
+        return package_version("safe-distillation-box")  # pyproject.toml's name
     except PackageNotFoundError:
         return "0"
 

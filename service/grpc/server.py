@@ -30,7 +30,8 @@ from ..deps import Serving, authenticate, caller_of
 from ..errors import INTERNAL, ApiError
 from ..ratelimit import ANONYMOUS_CALLER, client_network
 
-_MISSING = "SDB_GRPC_PORT needs the grpc extra (grpcio>=1.81.1, protobuf>=6.33.5): pip install 'sdb[grpc]' ({})"
+_MISSING = ("SDB_GRPC_PORT needs the grpc extra (grpcio>=1.81.1, protobuf>=6.33.5): pip install -e '.[grpc]' in the "
+            "source tree ({})")
 try:  # the `grpc` extra: grpcio, and a protobuf runtime the committed stubs load on
     import grpc
     from google.protobuf.message import DecodeError

@@ -57,7 +57,7 @@ def _link_distribution(name: str, target: Path) -> None:
 
 
 def test_sdk_installs_and_imports_without_torch(tmp_path, sdb_server):
-    sdk_requires = _requirements("sdb-client")
+    sdk_requires = _requirements("safe-distillation-box-client")
     assert sorted(sdk_requires) == ["httpx", "numpy"]
 
     venv = tmp_path / "venv"
@@ -70,7 +70,7 @@ def test_sdk_installs_and_imports_without_torch(tmp_path, sdb_server):
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(wheels), str(src)],
                    check=True, timeout=120)
-    (wheel,) = wheels.glob("sdb_client-*.whl")
+    (wheel,) = wheels.glob("safe_distillation_box_client-*.whl")
     subprocess.run([*pip, "--python", str(py), "install", "--no-deps", "--no-index", str(wheel)],
                    check=True, timeout=120)
 
@@ -88,7 +88,7 @@ import sdb_client
 from sdb_client import Client, RemoteTeacher
 assert importlib.util.find_spec("torch") is None, "torch is importable"
 assert "torch" not in sys.modules
-assert sorted(r.split(">")[0].split("<")[0] for r in importlib.metadata.requires("sdb-client")) == ["httpx", "numpy"]
+assert sorted(r.split(">")[0].split("<")[0] for r in importlib.metadata.requires("safe-distillation-box-client")) == ["httpx", "numpy"]
 with Client() as c, RemoteTeacher(c, {MODEL!r}, batch_size=4) as t:
     z = t(np.zeros((6, 1, 8, 8), np.float32))
     assert isinstance(z, np.ndarray) and z.shape == (6, 10)

@@ -158,11 +158,11 @@ def test_the_lock_pins_every_requirement_within_pyproject():
     for line in wanted:
         req = Requirement(line)
         name = canonicalize_name(req.name)
-        if name == "sdb-client":  # the CLI's SDK, from clients/python in the same tree
+        if name == "safe-distillation-box-client":  # the CLI's SDK, from clients/python in the same tree
             continue
         assert name in pins, f"{req.name} is not in requirements.lock: make lock"
         assert req.specifier.contains(pins[name], prereleases=True), (line, pins[name])
-    assert "sdb" not in pins and "sdb-client" not in pins  # the project comes from the source tree
+    assert "safe-distillation-box" not in pins and "safe-distillation-box-client" not in pins  # the project comes from the source tree
     assert project["optional-dependencies"]["postgres"] == ["psycopg[binary]==3.3.9"]
 
 

@@ -355,7 +355,7 @@ def test_the_grpc_extra_is_imported_only_when_the_port_is_on(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "SDB_GRPC_PORT needs the grpc extra" in out.stdout and "pip install 'sdb[grpc]'" in out.stdout
+    assert "SDB_GRPC_PORT needs the grpc extra" in out.stdout and "pip install -e '.[grpc]'" in out.stdout
 
 
 @pytest.mark.anyio

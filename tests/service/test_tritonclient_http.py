@@ -26,6 +26,7 @@ from tritonclient.utils import (
     triton_to_np_dtype,
 )
 
+import sdb_core
 from sdb_core.bundle import load_bundle
 from service import oip_binary
 from service.store import Store
@@ -87,7 +88,9 @@ def used(server, token: str) -> int:
 
 def test_server_and_model_metadata(client):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits-a")
-    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    server = client.get_server_metadata()
+    assert "binary_tensor_data" in server["extensions"]
+    assert server["version"] == sdb_core.__version__  # read from the installed distribution's metadata, by its name
     meta = client.get_model_metadata("digits-a")
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert [o["name"] for o in meta["outputs"]] == ["probabilities", "distill_logits"]
