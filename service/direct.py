@@ -20,6 +20,7 @@ from starlette.routing import get_route_path
 from starlette.types import Receive, Scope, Send
 
 from .errors import HANDLED, response_for
+from .metrics import ERROR_CODE
 
 _MARK = "_sdb_direct"
 
@@ -57,6 +58,7 @@ class DirectRoutes:
             response = await route.endpoint(Request(scope, receive))
         except HANDLED as e:
             response = response_for(e)
+            scope[ERROR_CODE] = response.code
         except ClientDisconnect:
-            return  # nobody to answer
+            return  # nobody to answer (the middleware counts the request as the client's: 499)
         await response(scope, receive, send)

@@ -24,6 +24,9 @@ still what an internet-facing server wants (docs/deploy.md).
 
 ``sdb serve`` runs uvicorn with :meth:`HttpProtocol.configured` (``http=``); a server that runs the app another way
 serves it the same, with one more segment per response and without these checks.
+
+A request refused here is in the app's metrics all the same: one whose head was refused (or its connection) under
+the route ``<below_app>``, one whose body was under its own route (:data:`~service.metrics.REFUSED_BODY`).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .errors import error_body
+from .metrics import COUNT_REFUSAL, REFUSED_BODY
 from .ratelimit import client_network
 from .settings import Settings
 
@@ -281,6 +285,7 @@ class HttpProtocol(HttpToolsProtocol):
         if opened > 2 * cap:
             self.transport.close()
         else:
+            self._count_refusal(503, "too_many_connections")
             self._answer_and_close(self._error_answer(
                 503, "too_many_connections", f"this client address has {cap} connections open to the server, its "
                 "limit: send more requests on each (keep-alive), or close some", v2=False))
@@ -327,11 +332,21 @@ class HttpProtocol(HttpToolsProtocol):
         if not answerable:
             self.transport.close()
             return
-        if not self._in_head:
+        if self._in_head:
+            self._count_refusal(status, code)
+        else:
+            cycle.scope[REFUSED_BODY] = status, code  # counted by the app's metrics, on its route
             cycle.disconnected = True  # its body was refused: answered here; what its app reads or sends is dropped
             cycle.message_event.set()
         path = self.url.split(b"?", 1)[0]
         self._answer_and_close(self._error_answer(status, code, message, v2=path == b"/v2" or path.startswith(b"/v2/")))
+
+    def _count_refusal(self, status: int, code: str) -> None:
+        """A request answered here, before the app saw it, in the app's metrics (``route="<below_app>"``)."""
+        # the app's, left in the server's lifespan state (uvicorn's app_state): none without a lifespan
+        count = getattr(self, "app_state", {}).get(COUNT_REFUSAL)
+        if count is not None:
+            count(status, code)
 
     def _answer_and_close(self, answer: bytes) -> None:
         self.transport.write(answer)

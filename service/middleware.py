@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from urllib.parse import parse_qsl
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import get_route_path
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .direct import DirectRoutes
 from .errors import INTERNAL, ApiError, error_response
+from .metrics import CLIENT_CLOSED_REQUEST, COUNT_REFUSAL, ERROR_CODE, REFUSED_BODY
 from .ratelimit import ANONYMOUS_CALLER, AUTHENTICATED, UNPROVEN, UNPROVEN_CALLER, RateLimiter, client_network
 from .tensors import JSON_COUNTED_ABOVE, MAX_JSON_CONTAINERS, json_containers, too_many_containers
 
@@ -54,19 +56,27 @@ class ServiceMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        method = scope.get("method", "")
+        method, received = scope.get("method", ""), scope  # received: the server's own, which it may mark (HEAD)
         if method == "HEAD":
             # HEAD is GET's answer without its body (RFC 9110; uptime monitors send it): the routes see a GET, and the
             # server, whose own scope still says HEAD, writes the status and headers alone.
             scope = {**scope, "method": "GET"}
         start = time.perf_counter()
-        status, started = 500, False
+        status, started, left = 500, False, False
 
         async def send_tracked(message: Message) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
             await send(message)
+
+        def client_left() -> None:  # the request's body will not come: whatever is answered now reaches no one
+            nonlocal left
+            left = left or not started
+
+        async def answer_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+            scope[ERROR_CODE] = code
+            await error_response(status, code, message, headers)(scope, receive, send_tracked)
 
         try:
             declared = _content_length(scope)
@@ -78,7 +88,7 @@ class ServiceMiddleware:
                 try:
                     key = await self._valid_key(scope)
                 except ApiError as e:  # the key store's 503
-                    await error_response(e.status, e.code, e.message, e.headers)(scope, receive, send_tracked)
+                    await answer_error(e.status, e.code, e.message, e.headers)
                     return
                 if key is not None:  # a valid key from an address whose other headers proved nothing: its own rate
                     scope[_VALID_KEY] = key.id  # spent once answered, where a route that checks no key spends none
@@ -86,23 +96,22 @@ class ServiceMiddleware:
                     wait, who = limiter.wait(key.id), "this key"
             if wait:
                 e = limiter.refusal(wait, who)
-                await error_response(e.status, e.code, e.message, e.headers)(scope, receive, send_tracked)
+                await answer_error(e.status, e.code, e.message, e.headers)
             elif _key_in_url(scope):
-                await error_response(401, "key_in_url", KEY_IN_URL, {"WWW-Authenticate": "Bearer"})(
-                    scope, receive, send_tracked)
+                await answer_error(401, "key_in_url", KEY_IN_URL, {"WWW-Authenticate": "Bearer"})
             elif declared is not None and declared > limit:
-                await error_response(413, "payload_too_large",
-                                     f"a body of {declared} bytes is over this route's limit: {what}")(
-                    scope, receive, send_tracked)
+                await answer_error(413, "payload_too_large", f"a body of {declared} bytes is over this route's limit: "
+                                   f"{what}")
             elif self.direct is not None and (route := self.direct.match(scope)) is not None:
-                limited = self._limited(receive, limit, what, _counted_json(scope, declared))
+                limited = self._limited(receive, limit, what, _counted_json(scope, declared), client_left)
                 await self.direct.serve(route, scope, limited, send_tracked)
             else:
-                await self.app(scope, self._limited(receive, limit, what, _counted_json(scope, declared)), send_tracked)
+                await self.app(scope, self._limited(receive, limit, what, _counted_json(scope, declared), client_left),
+                               send_tracked)
         except Exception:
             log.exception("unhandled error on %s %s", method, scope.get("path"))
             if not started:
-                await error_response(*INTERNAL)(scope, receive, send_tracked)
+                await answer_error(*INTERNAL)
         finally:
             unproven = scope.get(UNPROVEN)
             if unproven is not None and not scope.get(AUTHENTICATED):  # no route checked the key it sent
@@ -115,8 +124,13 @@ class ServiceMiddleware:
             name = (scope.get("path_params") or {}).get("name")
             host = self.host_of()
             model = name if name and host is not None and name in host else ""
+            code, refused = scope.get(ERROR_CODE, ""), received.get(REFUSED_BODY)
+            if refused is not None:  # the server answered the body's refusal itself (408): the app's answer was dropped
+                status, code = refused
+            elif left:  # the client hung up before its answer began: a 499, not the server's error
+                status, code = CLIENT_CLOSED_REQUEST, ""
             self.metrics.observe_request(template, method if method in _METHODS else "OTHER", model, status,
-                                         time.perf_counter() - start)
+                                         time.perf_counter() - start, code)
 
     def _address_wait(self, scope: Scope) -> tuple[float, str]:
         """Seconds until a request from this address may go on (0: now), and the caller in words; probes are free.
@@ -144,16 +158,20 @@ class ServiceMiddleware:
         except (KeyError, AttributeError):
             return None
 
-    def _limited(self, receive: Receive, limit: int, what: str, json: bool = False) -> Receive:
+    def _limited(self, receive: Receive, limit: int, what: str, json: bool,
+                 on_disconnect: Callable[[], None]) -> Receive:
         """``receive`` with the body's bytes counted against ``limit`` and, for a ``json`` body, its arrays and
         objects against :data:`~service.tensors.MAX_JSON_CONTAINERS` (FastAPI parses a route's body model before
-        any key is checked: 8 MB of empty lists held the loop ~0.4 s for an anonymous 401)."""
+        any key is checked: 8 MB of empty lists held the loop ~0.4 s for an anonymous 401); ``on_disconnect`` is
+        called when the server says the client is gone (or its request was refused, :data:`REFUSED_BODY`)."""
         seen = containers = 0
 
         async def counted() -> Message:
             nonlocal seen, containers
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] == "http.disconnect":
+                on_disconnect()
+            elif message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 seen += len(chunk)
                 if seen > limit:
@@ -244,14 +262,29 @@ class ServiceApp(FastAPI):
         (``SDB_CORS_ORIGINS``); CORS then answers preflights and marks every answer, the direct routes' and errors
         included, so it goes in front of the front."""
         self.front = self._entry = ServiceMiddleware(self._behind, **options)
+        self.front.metrics.jobs.read_store(lambda: getattr(self.state, "store", None))  # set once started
         if cors_origins:
             self._entry = CORSMiddleware(self.front, allow_origins=cors_origins, allow_methods=CORS_METHODS,
                                          allow_headers=CORS_HEADERS, expose_headers=CORS_EXPOSED, max_age=600)
+
+    def add_exception_handler(self, exc_class_or_status_code: int | type[Exception], handler) -> None:
+        """Starlette's, the answer's error code also left in the request's scope for the metrics
+        (``sdb_errors_by_code_total``), as the direct routes and the middleware leave theirs. Handlers are async."""
+
+        async def noting_code(request: Request, exc: Exception) -> Response:
+            response = await handler(request, exc)
+            request.scope[ERROR_CODE] = getattr(response, "code", "")
+            return response
+
+        super().add_exception_handler(exc_class_or_status_code, noting_code)
 
     async def _behind(self, scope: Scope, receive: Receive, send: Send) -> None:
         await super().__call__(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self.front is not None and "state" in scope:
+            # shared with the server's connections: what service.http_protocol refuses itself is counted too
+            scope["state"][COUNT_REFUSAL] = self.front.metrics.observe_refusal
         if self.front is None or scope["type"] != "http":
             return await super().__call__(scope, receive, send)
         scope["app"] = self  # what Starlette sets for Request.app (a direct route reads its state)

@@ -106,7 +106,7 @@ class JobContext:
 
     # ------------------------------------------------------------ log
     def log(self, message: str) -> None:
-        stamp = time.strftime("%H:%M:%S")
+        stamp = time.strftime("%H:%M:%SZ", time.gmtime())  # UTC, as every other time SDB gives: never the host's zone
         with self._lock:
             try:
                 for line in str(message).splitlines() or [""]:
