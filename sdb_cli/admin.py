@@ -4,22 +4,30 @@
 changes within ``models_sync_s`` and key changes within ``auth_cache_s``."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
 from sdb_core.protect.config import POLICIES, AuditConfig
 from service.auth import ApiKey, create_key, validate_policy
 from service.errors import ApiError
-from service.settings import Settings, SettingsError
+from service.settings import Settings, SettingsError, log_to_stderr
 from service.store import Store, open_store, version_key
 
 from .console import redact
+
+log = logging.getLogger("sdb.service")
 
 
 def _when(t: float | None) -> str:
@@ -145,13 +153,62 @@ class ClientErrorWarnings(logging.Filter):
 _CLIENT_WARNINGS = frozenset({"Invalid HTTP request received.", "Unsupported upgrade request."})
 
 
-def serve(settings: Settings, *, access_log: bool = False) -> int:
-    import uvicorn
+class StoppingServer(uvicorn.Server):
+    """uvicorn's server, stopped as a supervisor stops a process (docs/deploy.md#stopping-and-restarting). A stop
+    signal (SIGTERM, SIGINT, SIGHUP) turns readiness to 503 at once (``state.ready``: /readyz, /v2/health/ready) and
+    the server answers every other route for ``drain_s`` more, so that a load balancer's probe takes it out first;
+    then uvicorn's shutdown, its wait for requests in flight bounded by its ``timeout_graceful_shutdown``. A second
+    signal ends the drain; a second Ctrl-C, as in uvicorn, the wait.
 
+    Unlike uvicorn's own, it returns once stopped where uvicorn raises the signal again: the process died of its
+    SIGTERM inside ``uvicorn.run`` (exit 143), before ``serve`` stopped its job workers, and a SIGHUP, which uvicorn
+    leaves alone, killed it at once (no lifespan teardown: the usage write-behind lost)."""
+
+    def __init__(self, config: uvicorn.Config, state, drain_s: float):
+        super().__init__(config)
+        self.state, self.drain_s = state, drain_s
+        self.drain_until: float | None = None
+        self.stop_signal: int | None = None  # logged by the loop: a handler that wrote could interrupt a write
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        from service.jobs.worker import STOP_SIGNALS
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread alone
+            yield
+            return
+        before = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self.state.ready = False
+        if self.drain_s > 0 and self.drain_until is None and not self.should_exit:
+            self.stop_signal, self.drain_until = sig, time.monotonic() + self.drain_s  # on_tick ends it
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_until is not None and not self.should_exit:
+            self.state.ready = False  # a signal during the start: the lifespan set it after
+            if self.stop_signal is not None:
+                log.info("%s: /readyz answers 503; stopping in %g s (SDB_SHUTDOWN_DRAIN_S)",
+                         signal.Signals(self.stop_signal).name, self.drain_s)
+                self.stop_signal = None
+            if time.monotonic() >= self.drain_until:
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve(settings: Settings, *, access_log: bool = False) -> int:
     from service.app import build_app
     from service.forwarded import ForwardedClient
     from service.http_protocol import HttpProtocol
 
+    log_to_stderr(settings.log_level)
     _preflight(settings)  # before anything listens
     _check_listen(settings.host, settings.port)
     if settings.grpc_port:
@@ -189,14 +246,18 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
     logging.getLogger("uvicorn.access").addFilter(AccessLogPaths())  # kept by uvicorn's logging configuration
     logging.getLogger("uvicorn.error").addFilter(ClientErrorWarnings())
     try:
-        uvicorn.run(ForwardedClient(build_app(settings), settings.forwarded_allow_ips), host=settings.host,
-                    port=settings.port, log_level="info", http=HttpProtocol.configured(settings),
-                    access_log=access_log, server_header=False, proxy_headers=False,  # ForwardedClient reads them
-                    forwarded_allow_ips=settings.forwarded_allow_ips)
+        app = build_app(settings)
+        config = uvicorn.Config(ForwardedClient(app, settings.forwarded_allow_ips), host=settings.host,
+                                port=settings.port, log_level="info", http=HttpProtocol.configured(settings),
+                                access_log=access_log, server_header=False, proxy_headers=False,  # ForwardedClient
+                                forwarded_allow_ips=settings.forwarded_allow_ips,  # reads them
+                                timeout_graceful_shutdown=settings.shutdown_timeout_s)
+        server = StoppingServer(config, app.state, settings.shutdown_drain_s)
+        server.run()  # returns once stopped, by a signal too
     finally:
         if pool is not None:
-            pool.stop()
-    return 0
+            pool.stop()  # its workers put their jobs back in the queue
+    return 0 if server.started else STARTUP_FAILURE  # as uvicorn.run exits
 
 
 # What a worker process must share with its server (the rest comes from the same environment).
@@ -206,6 +267,7 @@ _WORKER_ENV = ("data_dir", "database_url", "master_key_file", "pepper_file")
 def worker(settings: Settings) -> int:
     from service.jobs.worker import main_worker
 
+    log_to_stderr(settings.log_level)
     if settings.jobs_backend != "embedded":
         raise ValueError(f"sdb worker runs embedded jobs; this data dir's backend is {settings.jobs_backend!r} "
                          "(Ray jobs run on the cluster's workers)")

@@ -155,6 +155,15 @@ class Settings(BaseSettings):
     models_sync_s: float = Field(2.0, gt=0.0)  # picks up `sdb models add|remove` from the store
     register_demo: bool = True  # register <data_dir>/bundles/mnist-demo when no model ever was
 
+    # Stopping `sdb serve` (SIGTERM, SIGINT, SIGHUP): its readiness answers 503 at once while it serves on for
+    # shutdown_drain_s (a load balancer probing /readyz stops sending it requests first; 0: stop listening at once),
+    # then requests in flight get shutdown_timeout_s to finish before they are cancelled (a client trickling a body
+    # held the server up for as long as it trickled). docs/deploy.md#stopping-and-restarting.
+    shutdown_drain_s: float = Field(0.0, ge=0.0)
+    shutdown_timeout_s: float = Field(20.0, ge=0.0)
+    # The lines of sdb's own loggers (sdb.service, sdb.jobs) that `sdb serve` and `sdb worker` write on stderr.
+    log_level: str = Field("info", pattern="^(debug|info|warning|error|critical)$")
+
     # Uploaded files (POST /v1/files, POST /v1/models): the largest upload, and what an archive
     # (a dataset zip, an .npz, a bundle) may unpack to, in bytes and in members.
     max_file_bytes: int = Field(512 << 20, ge=1024)
@@ -183,6 +192,11 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             raise ValueError("is empty: name the data dir (unset, it is .sdb)")
         return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value):
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("forwarded_allow_ips")
     @classmethod
@@ -226,7 +240,9 @@ class Settings(BaseSettings):
     @classmethod
     def load(cls, flags: dict[str, str] | None = None, **over: Any) -> Settings:
         """The settings from ``SDB_*`` env with ``over`` on top; a value they refuse is a SettingsError in one
-        line naming the variable (and its flag, from ``flags``: field -> ``--flag``) and what it takes."""
+        line naming the variable (and its flag, from ``flags``: field -> ``--flag``) and what it takes; so is an
+        ``SDB_*`` variable that nothing reads (:func:`check_env_names`)."""
+        check_env_names(os.environ)
         try:
             return cls(**over)
         except ValidationError as e:
@@ -480,3 +496,43 @@ def describe_error(e: ValidationError, flags: dict[str, str]) -> str:
         else:
             parts.append(f"{name}{shown} it takes {_takes(field)}")
     return "; ".join(parts)
+
+
+# The SDB_* variables this project reads that are not settings. With the settings' own names, every SDB_* name a
+# process of it reads: any other is a typo (check_env_names), so a name read anywhere new is added here.
+OTHER_ENV = frozenset({
+    "SDB_URL", "SDB_API_KEY",  # the SDK's and the client commands': the server and the key (clients/python)
+    "SDB_WORKER_PARENT_PID", "SDB_WORKER_DEFERS_TO_GPU",  # set by `sdb serve` on its job workers (service/jobs)
+    "SDB_TEST_DATABASE_URL", "SDB_TEST_CLOCK_SKEW_S", "SDB_CONTRACT_EXAMPLES",  # the tests' (tests/service)
+    "SDB_CONSOLE_SCREENSHOTS",  # the browser tests' (tests/browser)
+    "SDB_CACHE_DIR",  # the benchmarks' cache (benchmarks/depara_zoo.py)
+})
+
+
+def check_env_names(environ) -> None:
+    """SettingsError naming each ``SDB_*`` variable of ``environ`` that nothing reads, and the name it is nearest:
+    a typo was ignored without a word (``SDB_PUBLIC_PREDCIT=false`` served predictions to anyone)."""
+    import difflib
+
+    known = {f"SDB_{field.upper()}" for field in Settings.model_fields} | OTHER_ENV
+    unknown = sorted(n for n in environ if n.upper().startswith("SDB_") and n.upper() not in known)
+    if not unknown:
+        return
+    named = []
+    for name in unknown:
+        near = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.75)
+        named.append(name + (f" (did you mean {near[0]}?)" if near else ""))
+    one = len(named) == 1
+    raise SettingsError(f"{', '.join(named)} {'is not a setting' if one else 'are not settings'}: rename or unset "
+                        f"{'it' if one else 'them'} (every setting is in docs/api.md#settings)")
+
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+
+
+def log_to_stderr(level: str) -> None:
+    """The log of ``sdb serve`` and ``sdb worker`` on stderr, each line with its time, logger and level: sdb's own
+    loggers at ``level`` (SDB_LOG_LEVEL), other libraries' warnings and errors. Their info and debug lines stay off
+    whatever the level: an HTTP library's debug lines carry request headers, an API key among them."""
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
+    logging.getLogger("sdb").setLevel(level.upper())

@@ -3,7 +3,7 @@
 
 A worker also reaps: any running job whose worker stopped heartbeating is failed or requeued
 (:meth:`JobQueue.reap`), so a killed worker's job is cleaned up by its peers or the server.
-SIGTERM/SIGINT stop the worker; a job it was running goes back to the queue. A job that does not stop
+SIGTERM, SIGINT or SIGHUP stop the worker; a job it was running goes back to the queue. A job that does not stop
 when it passes a cap (:mod:`.runner`) is failed and the process ends itself (:func:`end_process`); the pool
 starts another, as a compose worker's restart policy does.
 """
@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sdb_core.bundle import cuda_visible
 
-from ..settings import Settings
+from ..settings import Settings, log_to_stderr
 from ..store import Store
 from .queue import JobQueue
 from .runner import execute, prepare_process
@@ -36,6 +36,9 @@ def worker_id(prefix: str = "worker") -> str:
 
 
 EXIT_STUCK_JOB = 75  # the exit status of a worker that ended itself: its job did not stop at a cap
+# What stops `sdb serve` and `sdb worker` cleanly: a supervisor's SIGTERM, a Ctrl-C, and a hangup (a closed terminal
+# or SSH session; a supervisor that reloads with it), which by default killed them with no teardown at all.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def pid_alive(pid: int) -> bool:
@@ -130,16 +133,25 @@ def first_to_go() -> None:
 
 
 def main_worker(settings: Settings) -> int:
-    """The ``sdb worker`` process: SIGTERM or Ctrl-C stop it after releasing its job."""
+    """The ``sdb worker`` process: a stop signal (SIGTERM, Ctrl-C, SIGHUP) stops it after releasing its job."""
     first_to_go()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log_to_stderr(settings.log_level)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    received: list[int] = []
+
+    def on_signal(sig: int, _frame) -> None:
+        received.append(sig)  # logged once stopped: a handler that wrote could interrupt a write to stderr
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     parent = os.environ.get(PARENT_ENV)
     if parent:
         threading.Thread(target=_watch_parent, args=(int(parent), stop), daemon=True).start()
-    return run_worker(settings, stop=stop, hard_stop=end_process)
+    status = run_worker(settings, stop=stop, hard_stop=end_process)
+    if received:
+        log.info("worker %s stopped on %s", worker_id(), signal.Signals(received[0]).name)
+    return status
 
 
 def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
@@ -185,7 +197,9 @@ class WorkerPool:
             env["CUDA_VISIBLE_DEVICES"] = self.devices[i]
             if not self.devices[i] and any(self.devices):
                 env[DEFER_ENV] = "1"
-        return subprocess.Popen([sys.executable, "-m", "service.jobs"], env=env)
+        # -P: not the working directory first on sys.path, where a folder of its own named service/ was imported
+        # instead (or none had service.jobs: the worker died at start, again and again, and every job stayed queued)
+        return subprocess.Popen([sys.executable, "-P", "-m", "service.jobs"], env=env)
 
     def start(self) -> WorkerPool:
         self.procs = [self._spawn(i) for i in range(self.n)]
