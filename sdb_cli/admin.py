@@ -185,7 +185,7 @@ class StoppingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame) -> None:
-        self.state.ready = False
+        self.state.ready, self.state.stopping = False, True
         if self.drain_s > 0 and self.drain_until is None and not self.should_exit:
             self.stop_signal, self.drain_until = sig, time.monotonic() + self.drain_s  # on_tick ends it
             return

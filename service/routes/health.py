@@ -33,6 +33,14 @@ class Readiness(BaseModel):
     failed: dict[str, str] | None = Field(None, description="name@version: why (when model names are public)")
 
 
+def not_ready(state) -> ApiError:
+    """The 503 of a server that is not ready: starting, or stopping (``sdb serve`` sets ``state.stopping`` on a stop
+    signal, then answers on for SDB_SHUTDOWN_DRAIN_S while a load balancer takes it out)."""
+    if getattr(state, "stopping", False):
+        return ApiError(503, "not_ready", "the server is stopping: send requests to another")
+    return ApiError(503, "not_ready", "the server is still starting")
+
+
 @router.get("/healthz", summary="The process is up", response_model=Health,
             responses={**ok({"status": "ok"}), **responses()})  # responses(): the 401 of a key in the URL
 async def healthz() -> Response:
@@ -41,11 +49,11 @@ async def healthz() -> Response:
 
 @router.get("/readyz", summary="Models loaded and the store reachable", response_model=Readiness,
             responses={**ok({"status": "ready", "models": 1, "failed_models": 0, "failed": {}}),
-                       **responses(503, why={503: "still starting (not_ready), or the store does not answer "
+                       **responses(503, why={503: "starting or stopping (not_ready), or the store does not answer "
                                                    "(store_unreachable) or cannot be written (store_read_only)"})})
 async def readyz(request: Request, store: StoreDep, host: ModelHostDep, settings: SettingsDep) -> Response:
     if not getattr(request.app.state, "ready", False):
-        raise ApiError(503, "not_ready", "the server is still starting")
+        raise not_ready(request.app.state)
     failure = await _store_failure(request.app.state, store)
     if failure is not None and is_read_only(failure):
         raise ApiError(503, "store_read_only", READ_ONLY)

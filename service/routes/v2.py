@@ -34,7 +34,7 @@ from ..deps import (
     serving,
 )
 from ..direct import direct
-from ..errors import ApiError, invalid
+from ..errors import invalid
 from ..inference import require_task
 from ..oip import (
     CLASSES_OUTPUT,
@@ -50,6 +50,7 @@ from ..oip_binary import HEADER_LENGTH, OCTET_STREAM
 from ..registry import HostedModel
 from ..schemas import AUTH, json_body_doc, json_response, ok, responses
 from ..tensors import parse_json, to_array
+from .health import not_ready
 
 router = APIRouter(prefix="/v2", tags=["v2 (Open Inference Protocol)"])
 
@@ -191,11 +192,11 @@ async def live() -> Response:
     return json_response({"live": True})
 
 
-@router.get("/health/ready", summary="Server ready (503 while starting)", response_model=ServerReady,
+@router.get("/health/ready", summary="Server ready (503 while starting or stopping)", response_model=ServerReady,
             responses={**ok({"ready": True}), **responses(429, 503, v2=True)})
 async def ready(request: Request) -> Response:
     if not getattr(request.app.state, "ready", False):
-        raise ApiError(503, "not_ready", "the server is still starting")
+        raise not_ready(request.app.state)
     return json_response({"ready": True})
 
 

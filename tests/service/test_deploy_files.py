@@ -237,6 +237,16 @@ def test_compose_commands_settings_and_ports_exist(mode):
     assert interpolate(SERVICES["worker"]["deploy"]["replicas"], shell) == ("0" if mode == "scale" else "1")
 
 
+def test_compose_gives_every_sdb_process_time_to_stop_before_it_kills():
+    """Docker kills 10 s after SIGTERM by default: a server still waiting for its requests in flight
+    (SDB_SHUTDOWN_TIMEOUT_S) then died before it stopped its job workers (docs/deploy.md#stopping-and-restarting)."""
+    fields = Settings.model_fields
+    needed = fields["shutdown_drain_s"].default + fields["shutdown_timeout_s"].default + 10
+    for name in SDB_SERVICES:
+        grace = SERVICES[name].get("stop_grace_period", "10s")
+        assert re.fullmatch(r"\d+s", grace) and int(grace[:-1]) >= needed, (name, grace)
+
+
 def _volume(spec: str) -> dict:
     source, target = spec.split(":")[:2]
     return {"source": source, "target": target}

@@ -98,7 +98,9 @@ def test_readiness_is_503_while_serve_drains_and_every_other_route_answers(tmp_p
     server.proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     wait_for(lambda: httpx.get(server.url + "/readyz", timeout=10).status_code == 503, 10, "/readyz 503")
-    assert httpx.get(server.url + "/v2/health/ready", timeout=10).status_code == 503
+    ready = httpx.get(server.url + "/v2/health/ready", timeout=10)
+    assert ready.status_code == 503 and "stopping" in ready.json()["error"], ready.text
+    assert "stopping" in httpx.get(server.url + "/readyz", timeout=10).json()["error"]["message"]
     assert httpx.get(server.url + "/v1/models", timeout=10).status_code == 200  # still serving
     assert time.monotonic() - sent < drain_s, "the checks outlasted the drain: the machine is too slow for this test"
     assert server.proc.wait(60) == 0
