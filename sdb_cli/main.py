@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a name or label the terminal's encoding lacks, escaped, not an exit 2
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:  # the command modules import inside too (numpy, torch: a second or more), so a Ctrl-C then is one line
         args = build_parser().parse_args(argv)
         return args.fn(args)

@@ -138,3 +138,20 @@ def test_models_list_orders_versions_as_numbers(data, capsys):
     assert [m["version"] for m in json.loads(capsys.readouterr().out)] == [str(v) for v in range(1, 12)]
     assert main(["models", "list"]) == 0
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == [str(v) for v in range(1, 12)]
+
+
+def test_a_name_the_terminals_encoding_lacks_is_escaped_not_an_error(data):
+    """Under a legacy locale (tr_TR.ISO-8859-9, a Windows console), printing a tenant's non-Latin name was
+    'charmap codec can't encode' and exit 2: the rest of the list was lost."""
+    import os
+    import subprocess
+
+    from tests.service.conftest import SDB
+
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}  # strict: any name outside it raised
+    made = subprocess.run([SDB, "keys", "create", "--scopes", "predict", "--name", "日本 ışık"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert made.returncode == 0, made.stderr
+    shown = subprocess.run([SDB, "keys", "list"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert "\\u65e5\\u672c \\u0131\\u015f\\u0131k" in shown.stdout, shown.stdout
