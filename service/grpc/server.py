@@ -182,7 +182,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _answer(self, method: str, context: aio.ServicerContext, model: str,
                       answer: Callable[[], Awaitable[Any]]) -> tuple[Any, ApiError | None]:
         """``answer()`` or the error it is refused with, and the request in the metrics as HTTP's are."""
-        start, status = time.perf_counter(), 200
+        start, status, error = time.perf_counter(), 200, None
         try:
             return await answer(), None
         except ApiError as e:
@@ -194,7 +194,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             host = self.state.host
             self.state.metrics.observe_request(f"/{SERVICE}/{method}", "GRPC",
                                                model if model and host is not None and model in host else "",
-                                               status, time.perf_counter() - start)
+                                               status, time.perf_counter() - start, error.code if error else "")
         return None, error
 
     async def _run(self, method: str, context: aio.ServicerContext, model: str,

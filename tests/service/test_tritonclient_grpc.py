@@ -337,6 +337,9 @@ def test_errors_are_status_codes_with_the_http_messages(grpc_server, bundles):
     assert client.is_server_ready()
     metrics = httpx.get(server.url + "/metrics").text
     assert 'route="/inference.GRPCInferenceService/ModelInfer"' in metrics and 'method="GRPC"' in metrics
+    # by code, as HTTP's errors are (a gRPC one was counted under code="")
+    assert 'sdb_errors_by_code_total{code="model_not_found",route="/inference.GRPCInferenceService/ModelInfer"}' \
+        in metrics, [ln for ln in metrics.splitlines() if ln.startswith("sdb_errors_by_code")]
 
 
 def test_the_grpc_extra_is_imported_only_when_the_port_is_on(tmp_path):
