@@ -509,22 +509,35 @@ OTHER_ENV = frozenset({
 })
 
 
+# What Kubernetes adds to every pod for each Service of its namespace (a Service named sdb: SDB_SERVICE_HOST,
+# SDB_PORT_8000_TCP_ADDR, ...), and other tools' SDB_* names: never a setting misspelled, never refused.
+_SERVICE_LINK = re.compile(r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)")
+
+
 def check_env_names(environ) -> None:
-    """SettingsError naming each ``SDB_*`` variable of ``environ`` that nothing reads, and the name it is nearest:
-    a typo was ignored without a word (``SDB_PUBLIC_PREDCIT=false`` served predictions to anyone)."""
+    """SettingsError naming each ``SDB_*`` variable of ``environ`` that nothing reads and that is one letter or two
+    from a setting (``SDB_PUBLIC_PREDCIT=false`` was ignored without a word, and served predictions to anyone); any
+    other unknown ``SDB_*`` name is a warning, since another tool's or Kubernetes' service links may own it."""
     import difflib
 
     known = {f"SDB_{field.upper()}" for field in Settings.model_fields} | OTHER_ENV
-    unknown = sorted(n for n in environ if n.upper().startswith("SDB_") and n.upper() not in known)
-    if not unknown:
-        return
-    named = []
+    unknown = sorted(n for n in environ if n.upper().startswith("SDB_") and n.upper() not in known
+                     and not _SERVICE_LINK.fullmatch(n.upper()))
+    typos, others = [], []
     for name in unknown:
-        near = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.75)
-        named.append(name + (f" (did you mean {near[0]}?)" if near else ""))
-    one = len(named) == 1
-    raise SettingsError(f"{', '.join(named)} {'is not a setting' if one else 'are not settings'}: rename or unset "
-                        f"{'it' if one else 'them'} (every setting is in docs/api.md#settings)")
+        near = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.85) or sorted(
+            k for k in known if k.startswith(name.upper() + "_"))[:1]  # SDB_MASTER_KEY for SDB_MASTER_KEY_FILE
+        if near:
+            typos.append(f"{name} (did you mean {near[0]}?)")
+        else:
+            others.append(name)
+    if others:
+        logging.getLogger("sdb.service").warning("%s: not a setting, ignored (every setting is in "
+                                                 "docs/api.md#settings)", ", ".join(others))
+    if typos:
+        one = len(typos) == 1
+        raise SettingsError(f"{', '.join(typos)} {'is not a setting' if one else 'are not settings'}: rename or "
+                            f"unset {'it' if one else 'them'} (every setting is in docs/api.md#settings)")
 
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"

@@ -17,7 +17,7 @@ import pytest
 from sdb_client import Client
 
 from service.jobs.queue import JobQueue
-from service.settings import OTHER_ENV, Settings
+from service.settings import OTHER_ENV, Settings, SettingsError, check_env_names
 from service.store import Store
 
 from .conftest import Server, run_sdb, sdb_env
@@ -171,6 +171,23 @@ def test_a_misspelled_setting_stops_the_command_naming_the_setting(tmp_path, bun
     p = run_sdb(*command, env={**sdb_env(tmp_path / "data", bundles), "SDB_PUBLIC_PREDCIT": "false"})
     assert p.returncode == 2, p.stderr[-3000:]
     assert p.stderr.count("\n") == 1 and "SDB_PUBLIC_PREDCIT (did you mean SDB_PUBLIC_PREDICT?)" in p.stderr
+
+
+def test_only_a_near_miss_of_a_setting_is_refused(caplog):
+    """Kubernetes adds SDB_SERVICE_HOST, SDB_PORT_8000_TCP_ADDR, ... to every pod of a namespace with a Service named
+    sdb, and other tools have SDB_* names of their own: refusing them crash-looped a deployment."""
+    links = {"SDB_SERVICE_HOST": "10.0.0.1", "SDB_SERVICE_PORT": "8000", "SDB_SERVICE_PORT_HTTP": "8000",
+             "SDB_PORT": "tcp://10.0.0.1:8000", "SDB_PORT_8000_TCP": "tcp://10.0.0.1:8000",
+             "SDB_PORT_8000_TCP_ADDR": "10.0.0.1", "SDB_PORT_8000_TCP_PORT": "8000", "SDB_PORT_8000_TCP_PROTO": "tcp",
+             "SDB_POSTGRES_SERVICE_HOST": "10.0.0.2"}
+    with caplog.at_level("WARNING", logger="sdb.service"):
+        check_env_names({**links, "SDB_COLORIZE": "1", "SDB_NOTIFY_HOST": "x"})  # another tool's: a warning
+    assert "SDB_COLORIZE, SDB_NOTIFY_HOST: not a setting, ignored" in caplog.text
+    assert "SERVICE" not in caplog.text and "TCP" not in caplog.text  # service links: not even a warning
+    for typo, meant in (("SDB_WROKERS", "SDB_WORKERS"), ("SDB_MASTER_KEY", "SDB_MASTER_KEY_FILE"),
+                        ("sdb_log_levle", "SDB_LOG_LEVEL")):
+        with pytest.raises(SettingsError, match=f"did you mean {meant}"):
+            check_env_names({typo: "x"})
 
 
 def test_every_sdb_variable_the_project_reads_is_a_setting_or_a_known_other():
