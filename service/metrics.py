@@ -8,9 +8,12 @@ anyone else reads ``sdb_samples`` summed over keys. Every series is listed in do
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as WaitedTooLong
 from typing import Any
 
 from prometheus_client import (
@@ -44,6 +47,7 @@ REFUSED_BODY = "sdb.refused_body"
 # Metrics.observe_refusal: how the HTTP protocol counts a request it refused before the app saw it.
 COUNT_REFUSAL = "sdb.count_refusal"
 _ACTIVE_JOBS = ("queued", "running")
+JOBS_WAIT_S = 2.0  # how long a scrape waits for the jobs' query: well within Prometheus' 10 s scrape timeout
 
 # Each counter's _created series doubled the exposition and no alert reads it (the process's start time is
 # process_start_time_seconds). prometheus_client's switch is process-wide: the service is its only user.
@@ -77,10 +81,13 @@ class Metrics:
         self.bundles = Gauge("sdb_model_bundles_in_memory", "Model versions loaded in ONNX Runtime (the cache)",
                              registry=r)
         self.reloads = Gauge("sdb_model_reloads", "Versions loaded again after the cache unloaded them", registry=r)
+        # What an operator alerts on and nobody else reads (the interpreter's version, memory, the job queue of
+        # every tenant): rendered for admin keys only, as the series by key id are.
+        self.operator = CollectorRegistry(auto_describe=True)
         self.jobs = _JobsInStore()
-        r.register(self.jobs)
-        ProcessCollector(registry=r)  # memory, CPU, open files against their limit, start time
-        PlatformCollector(registry=r)  # python_info: the interpreter's version
+        self.operator.register(self.jobs)
+        ProcessCollector(registry=self.operator)  # memory, CPU, open files against their limit, start time
+        PlatformCollector(registry=self.operator)  # python_info: the interpreter's version
         # Each series once looked up: as bounded as the labels themselves (templates, hosted models, key ids, codes)
         self._request_series: dict[tuple, tuple] = {}
         self._code_series: dict[tuple, Any] = {}
@@ -130,9 +137,11 @@ class Metrics:
         self.batch_samples.labels(model).observe(samples)
 
     def render(self, per_key: bool = False) -> bytes:
-        """The exposition; ``per_key`` (an admin key) adds the series by key id. Reads the store (the jobs): called
-        off the event loop."""
-        return generate_latest(self.registry) + generate_latest(self.by_key if per_key else self.by_model)
+        """The exposition; ``per_key`` (an admin key) adds the series by key id, the process's and the jobs'. Reads
+        the store (the jobs, waited on for JOBS_WAIT_S at most): called off the event loop."""
+        if per_key:
+            return generate_latest(self.registry) + generate_latest(self.by_key) + generate_latest(self.operator)
+        return generate_latest(self.registry) + generate_latest(self.by_model)
 
 
 class _SummedOverKeys:
@@ -163,6 +172,8 @@ class _JobsInStore:
 
     def __init__(self) -> None:
         self.store_of: Callable[[], Store | None] = lambda: None  # the app's store, once it has one (read_store)
+        self._reading: Future | None = None  # the query in flight: one at a time, however many scrapes wait on it
+        self._lock = threading.Lock()
 
     def read_store(self, store_of: Callable[[], Store | None]) -> None:
         self.store_of = store_of
@@ -175,7 +186,11 @@ class _JobsInStore:
         if store is None:  # not started yet: no series rather than zeros that are not true
             return
         try:
-            groups, running, now = _active_jobs(store)
+            groups, running, now = self._read(store).result(timeout=JOBS_WAIT_S)
+        except WaitedTooLong:  # a stalled store held every scrape past Prometheus' timeout, the whole target down
+            log.warning("metrics: the store did not answer the jobs' query in %g s: their series are left out",
+                        JOBS_WAIT_S)
+            return
         except Exception as e:  # noqa: BLE001 - a store that does not answer must not take the other series with it
             log.warning("metrics: the jobs could not be read from the store: %s", " ".join(str(e).split())[:300])
             return
@@ -191,6 +206,24 @@ class _JobsInStore:
         silent.add_metric([], max(0.0, now - heartbeat) if heartbeat is not None else 0.0)
         busy.add_metric([], workers)
         yield from (count, oldest, silent, busy)
+
+
+    def _read(self, store: Store) -> Future:
+        """The jobs' query, on a daemon thread of its own (a process that exits never waits on a stalled store),
+        started when none is in flight: scrapes that come while one waits share it, one thread at most."""
+        with self._lock:
+            if self._reading is None or self._reading.done():
+                reading: Future = Future()
+
+                def run() -> None:
+                    try:
+                        reading.set_result(_active_jobs(store))
+                    except BaseException as e:  # noqa: BLE001 - handed to whoever waits on it
+                        reading.set_exception(e)
+
+                self._reading = reading
+                threading.Thread(target=run, name="sdb-metrics-jobs", daemon=True).start()
+            return self._reading
 
 
 def _job_families() -> tuple[GaugeMetricFamily, ...]:

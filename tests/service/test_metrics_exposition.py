@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 
 import httpx
@@ -184,10 +185,42 @@ def test_a_store_that_does_not_answer_is_its_own_code_and_the_scrape_goes_on(ser
         assert r.status_code == 503, r.text
         code = r.json()["error"]["code"]
         assert code in {"store_unavailable", "key_store_unavailable"}, r.text
-        m = scrape(server, admin=False)  # the jobs' series are left out; every other one is there
-        assert "sdb_jobs" not in m and "sdb_requests" in m and "process_cpu_seconds" in m
+        m = scrape(server, admin=False)  # the admin key cannot be checked: the operator's series are not shown
+        assert "sdb_jobs" not in m and "sdb_requests" in m and "process_cpu_seconds" not in m
     finally:
         (tmp_path / "away").rename(data)
         store.engine.dispose()
     assert value(m, "sdb_errors_by_code_total", route="/v1/keys", code=code) == 1
     assert value(scrape(server), "sdb_jobs", kind="distill", status="queued") == 0  # back with the store
+
+
+def test_the_operators_series_are_an_admins_alone(server):
+    """The interpreter's version, the process's memory and every tenant's job queue are an operator's: a public
+    /metrics (SDB_PUBLIC_PREDICT on) showed them to anyone."""
+    anyone, admin = scrape(server, admin=False), scrape(server)
+    for name in ("python_info", "process_resident_memory_bytes", "sdb_jobs", "sdb_job_workers_busy"):
+        assert name in admin and name not in anyone, name
+    assert "sdb_requests" in anyone
+
+
+def test_a_stalled_store_holds_no_scrape_past_its_wait_and_one_thread_at_most():
+    """A frozen database held every scrape (past Prometheus' 10 s timeout: the whole target down) and a thread each."""
+    from service.metrics import JOBS_WAIT_S, _JobsInStore
+
+    gate = threading.Event()
+
+    class Frozen:  # a store whose every query waits until the test ends: what a stopped PostgreSQL does
+        def session(self):
+            gate.wait()
+            raise RuntimeError("the store came back too late")
+
+    jobs = _JobsInStore()
+    jobs.read_store(lambda: Frozen())
+    try:
+        for _ in range(3):
+            start = time.monotonic()
+            assert list(jobs.collect()) == []  # left out, the rest of the exposition goes on
+            assert time.monotonic() - start < JOBS_WAIT_S + 2
+        assert sum(t.name == "sdb-metrics-jobs" for t in threading.enumerate()) == 1
+    finally:
+        gate.set()
