@@ -189,6 +189,8 @@ class StoppingServer(uvicorn.Server):
         if self.drain_s > 0 and self.drain_until is None and not self.should_exit:
             self.stop_signal, self.drain_until = sig, time.monotonic() + self.drain_s  # on_tick ends it
             return
+        if sig == signal.SIGINT and self.drain_until is not None and not self.should_exit:
+            self.force_exit = True  # a second Ctrl-C in the drain: past the wait too, as uvicorn's second Ctrl-C
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:

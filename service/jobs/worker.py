@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -109,6 +110,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
 
 PARENT_ENV = "SDB_WORKER_PARENT_PID"  # set by WorkerPool: the worker stops when that server is gone
 DEFER_ENV = "SDB_WORKER_DEFERS_TO_GPU"  # set by WorkerPool on its workers without a GPU when others have one
+_OWN_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this service package: its workers import it
 GPU_FIRST_POLLS = 3
 
 
@@ -198,7 +200,10 @@ class WorkerPool:
             if not self.devices[i] and any(self.devices):
                 env[DEFER_ENV] = "1"
         # -P: not the working directory first on sys.path, where a folder of its own named service/ was imported
-        # instead (or none had service.jobs: the worker died at start, again and again, and every job stayed queued)
+        # instead (or none had service.jobs: the worker died at start, again and again, and every job stayed queued);
+        # and the folder of the server's own service package first, so that a server run from a source tree that
+        # is not installed (python -m sdb_cli) has workers of the same code.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_OWN_ROOT, env.get("PYTHONPATH")) if p)
         return subprocess.Popen([sys.executable, "-P", "-m", "service.jobs"], env=env)
 
     def start(self) -> WorkerPool:

@@ -146,6 +146,26 @@ def test_a_trickling_client_holds_the_shutdown_no_longer_than_its_timeout(tmp_pa
         client.stop.set()
 
 
+def test_a_second_ctrl_c_in_the_drain_stops_at_once(tmp_path, bundles, servers):
+    """The docs' "a second Ctrl-C cuts the wait for requests too": in a drain it only ended the drain, and serve
+    waited out SDB_SHUTDOWN_TIMEOUT_S for a trickling client before exiting."""
+    prepare(tmp_path / "data", bundles, {"digits-a": bundles.a})
+    server = Server(tmp_path / "data", bundles, {"SDB_SHUTDOWN_DRAIN_S": "60", "SDB_SHUTDOWN_TIMEOUT_S": "60"})
+    servers.append(server)
+    client = Trickle(server.url, "/v1/models/digits-a/predict")
+    client.start()
+    try:
+        assert httpx.get(server.url + "/healthz", timeout=30).status_code == 200
+        server.proc.send_signal(signal.SIGINT)
+        wait_for(lambda: httpx.get(server.url + "/readyz", timeout=10).status_code == 503, 10, "/readyz 503")
+        start = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        server.proc.wait(30)  # not the drain's 60 s, nor the wait's 60 s
+        assert time.monotonic() - start < 30
+    finally:
+        client.stop.set()
+
+
 def test_serve_writes_its_log_lines_formatted_with_no_secret(tmp_path, bundles, servers):
     data = tmp_path / "data"
     settings = prepare(data, bundles, {"digits-a": bundles.a})
@@ -221,3 +241,29 @@ def test_job_workers_import_the_installed_service_not_the_working_directorys(tmp
     with Client(servers[0].url, token) as c:
         job = c.jobs.submit("wrap", LONG)
         wait_for(lambda: c.jobs.get(job["id"])["status"] == "running", 90, "claimed by a worker")
+
+
+def test_a_server_run_from_a_source_tree_has_workers_of_the_same_code(tmp_path, bundles):
+    """``python -m sdb_cli serve`` from a source tree that is not the installed one: its workers, started with ``-P``
+    (no working directory on their path), imported the installed service instead, or none at all (every job queued)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from .conftest import free_port
+
+    src = tmp_path / "src"
+    for package in ("service", "sdb_core", "sdb_cli"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    marker = tmp_path / "worker-ran-this-tree"
+    main = src / "service" / "jobs" / "__main__.py"  # this tree's worker says so, then works as ever
+    main.write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n" + main.read_text())
+    env = {**sdb_env(tmp_path / "data", bundles, free_port()), "SDB_WORKERS": "1", "SDB_REGISTER_DEMO": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "sdb_cli", "serve"], cwd=src, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: marker.exists() or proc.poll() is not None, 90, "a worker of this tree")
+        assert marker.exists(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no marker"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
