@@ -175,6 +175,7 @@ def _options(cls: type[BaseModel], sent: dict, query: dict[str, str], where: str
     """A route's options (``cls``) from the body's fields (``sent``, in the ``where``) and the query's. An option
     given in both with different values is a 422 naming both: one of them silently won before (the query over a
     JSON body, a form field over the query), and the caller could not tell which was served."""
+    sent = {k: v for k, v in sent.items() if v is not None and v != ""}  # null or empty: not given (as the query's)
     for name in cls.model_fields.keys() & sent.keys() & query.keys():
         in_body, in_query = (getattr(options(cls, {name: given[name]}), name) for given in (sent, query))
         if in_body != in_query:

@@ -56,3 +56,7 @@ async def test_temperature_in_the_query_and_a_json_body(svc, bundles):
     assert same.status_code == 200 and same.json()["temperature"] == 2.0, same.text
     r = await c.post("/v1/models/digits-a/distill?temperature=4", json={"inputs": x}, headers=distiller)
     assert r.status_code == 200 and r.json()["temperature"] == 4.0, r.text
+    # null is the schema's "not given": the query's value is the one, as it was before the conflict rule
+    r = await c.post("/v1/models/digits-a/distill?temperature=4", json={"inputs": x, "temperature": None},
+                     headers=distiller)
+    assert r.status_code == 200 and r.json()["temperature"] == 4.0, r.text
