@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from sdb_core.class_names import name_problem
+from sdb_core.pixels import CostlyImage, open_checked
 
 from .errors import ApiError, no_room
 from .tensors import IMAGE_FORMATS, MAX_IMAGE_PIXELS, image_format
@@ -347,7 +348,8 @@ def _check_imagefolder(out: Path, filename: str, limits: Limits) -> Checked:
 
 
 def _image_header(path: Path, limits: Limits, what: str) -> None:
-    """Refuse an image the loader could not read: one of another format than its extensions', one past the pixel
+    """Refuse an image the loader could not read: one built to cost far more to decode than its size (the loader's own
+    walk, :func:`~sdb_core.pixels.image_layout`), one of another format than its extensions', one past the pixel
     bound (from its header, before decoding), one whose data is cut short or corrupt (decoded whole: the header
     alone passed a truncated PNG, and every job on the set failed)."""
     from PIL import Image, UnidentifiedImageError
@@ -362,6 +364,8 @@ def _image_header(path: Path, limits: Limits, what: str) -> None:
             im.load()
     except ApiError:
         raise
+    except CostlyImage as e:
+        raise rejected("dataset", f"{what}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError, EOFError):
         raise rejected("dataset", f"{what} is not a readable image (PNG, JPEG, BMP, GIF, TIFF, WebP or PPM, whole)") \
             from None
@@ -372,7 +376,7 @@ def check_image(src: Path, out: Path, limits: Limits, filename: str) -> Checked:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(src) as im:
+        with open_checked(src.read_bytes()) as im:
             if image_format(im) is None:
                 raise rejected("image", f"{filename}: a {im.format} image; send {' or '.join(IMAGE_FORMATS)}")
             w, h = im.size
@@ -382,6 +386,8 @@ def check_image(src: Path, out: Path, limits: Limits, filename: str) -> Checked:
             im.load()  # a truncated or corrupt file fails here, not in a job
     except ApiError:
         raise
+    except CostlyImage as e:
+        raise rejected("image", f"{filename}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError, EOFError):
         raise rejected("image", f"{filename}: not a readable {' or '.join(IMAGE_FORMATS)} image") from None
     dest = out / f"image.{'jpg' if fmt == 'jpeg' else fmt}"

@@ -7,7 +7,6 @@ at all, its shape checked (:func:`batch_shape`) from its header before its data 
 """
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import orjson
 from PIL import Image, UnidentifiedImageError
 
-from sdb_core.pixels import unit_pixels, upright_size
+from sdb_core.pixels import CostlyImage, image_layout, open_checked, unit_pixels, upright_size
 
 from .errors import ApiError, bad_request, invalid
 
@@ -145,12 +144,14 @@ def images_to_inputs(blobs: Sequence[bytes], in_shape: Sequence[int], normalize:
 
 
 def _declared_pixels(data: bytes) -> int:
-    """Width x height from the image's header (nothing decoded); 0 for what is no image (its decode refuses it)."""
+    """Width x height from the image's header (:func:`~sdb_core.pixels.image_layout`: nothing decoded, Pillow not
+    opened), at most MAX_IMAGE_PIXELS; 0 for what is no PNG or JPEG, or a costly one. :func:`image_to_input` refuses
+    those and one over MAX_IMAGE_PIXELS on their own, with their reason."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.width * img.height
-    except Exception:  # noqa: BLE001 - any unreadable upload is refused, with its reason, by image_to_input
+        layout = image_layout(data)
+    except CostlyImage:
         return 0
+    return 0 if layout is None else min(layout.width * layout.height, MAX_IMAGE_PIXELS)
 
 
 def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict,
@@ -163,7 +164,7 @@ def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict,
                       "invalid_shape")
     c, h, w = in_shape
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_checked(data)  # the one Pillow opening of this image, once its walk passed it
         if image_format(img) is None:
             raise ApiError(415, "unsupported_image", f"image format {img.format} is not PNG or JPEG")
         if img.width * img.height > MAX_IMAGE_PIXELS or max(img.width, img.height) > MAX_IMAGE_SIDE:
@@ -177,6 +178,8 @@ def image_to_input(data: bytes, in_shape: Sequence[int], normalize: dict,
         pixels = unit_pixels(img, "L" if c == 1 else "RGB", (w, h)) * 255.0  # on the 0-255 scale ``normalize`` has
     except ApiError:
         raise
+    except CostlyImage as e:
+        raise ApiError(415, "unsupported_image", str(e)) from None
     except Image.DecompressionBombError:  # Pillow's own bound, met on opening an image of some 180 M pixels or more
         raise ApiError(415, "unsupported_image", f"the image is too large (at most {MAX_IMAGE_PIXELS} pixels, "
                        f"{MAX_IMAGE_SIDE} a side)") from None

@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sdb_core.class_names import name_problem
 from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_dataset, stratified_split
-from sdb_core.pixels import unit_pixels
+from sdb_core.pixels import open_checked, unit_pixels
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 # What Pillow may read them as: the formats of those extensions (it picks a file's format by its content, and some it
@@ -59,8 +59,9 @@ def split_dirs(path: Path) -> tuple[Path, Path | None] | None:
 
 
 def open_image(path: Path) -> Image.Image:
-    """``path`` opened in one of :data:`IMAGE_FORMATS`."""
-    return Image.open(path, formats=IMAGE_FORMATS)
+    """``path`` opened in one of :data:`IMAGE_FORMATS`, a PNG or JPEG once its walk passed it
+    (:func:`~sdb_core.pixels.open_checked`: ValueError for one built to cost far more to decode than its size)."""
+    return open_checked(path.read_bytes(), IMAGE_FORMATS)
 
 
 def _class_dirs(folder: Path) -> list[Path]:

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..data.imagefolder import _images_in, open_image
-from ..pixels import unit_pixels, upright
+from ..pixels import open_checked, unit_pixels, upright_size
 from .config import _SKLEARN, CONTENT_IMAGES, EMBEDDED, STYLE_IMAGES  # noqa: F401 (re-exported)
 
 MAX_PIXELS = 40_000_000  # a decoded image larger than this is refused (decompression bombs)
@@ -52,9 +52,10 @@ def _to_tensor(arr: np.ndarray) -> Tensor:
 
 
 def decode_image(data: bytes) -> Tensor:
-    """PNG/JPEG bytes → (3, H, W); ValueError for anything that is not a readable image."""
+    """PNG/JPEG bytes → (3, H, W); ValueError for anything that is not a readable image, or one built to cost far
+    more to decode than its size (:func:`~sdb_core.pixels.open_checked`)."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_checked(data) as im:
             if im.format not in ("PNG", "JPEG"):
                 raise ValueError(f"image format {im.format} is not PNG or JPEG")
             return _read_pixels(im)
@@ -67,8 +68,7 @@ def _read_pixels(im: Image.Image, max_side: int | None = None) -> Tensor:
     :func:`~sdb_core.pixels.unit_pixels`, so a 16-bit image spans its depth (``convert("RGB")`` clips it at 255)."""
     if im.width * im.height > MAX_PIXELS:
         raise ValueError(f"image of {im.width}x{im.height} pixels is too large")
-    im = upright(im)
-    w, h = im.size
+    w, h = upright_size(im)
     if max_side is not None and max(w, h) > max_side:
         scale = max_side / max(w, h)
         w, h = max(1, round(w * scale)), max(1, round(h * scale))

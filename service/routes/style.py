@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from sdb_core.bundle import INPUT_NAME
-from sdb_core.pixels import upright
+from sdb_core.pixels import CostlyImage, open_checked, unit_pixels
 
 from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body
 from ..deps import SERVING_DOC, ModelName, ServingDep
@@ -61,9 +61,11 @@ _UPLOAD_DOC = {"multipart/form-data": {"schema": {
 
 
 def decode(data: bytes, what: str) -> np.ndarray:
-    """PNG/JPEG bytes → (1, 3, H, W) float32 in [0, 1]; 415 unreadable, 413 too large, 422 too small."""
+    """PNG/JPEG bytes → (1, 3, H, W) float32 in [0, 1], read as predict and the style jobs read images
+    (:func:`~sdb_core.pixels.unit_pixels`: over its depth, upright, over white); 415 unreadable, 413 too large,
+    422 too small."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_checked(data)
         if image_format(img) is None:
             raise ApiError(415, "unsupported_image", f"{what}: image format {img.format} is not PNG or JPEG")
         if img.width * img.height > MAX_IMAGE_PIXELS or max(img.width, img.height) > MAX_SIDE:
@@ -71,13 +73,15 @@ def decode(data: bytes, what: str) -> np.ndarray:
                            f"takes at most {MAX_SIDE} pixels a side")
         if min(img.width, img.height) < MIN_SIDE:
             raise invalid(f"{what} is {img.width}x{img.height} pixels; at least {MIN_SIDE} a side", "image_too_small")
-        rgb = upright(img).convert("RGB")
+        rgb = unit_pixels(img, "RGB")
     except ApiError:
         raise
+    except CostlyImage as e:
+        raise ApiError(415, "unsupported_image", f"{what}: {e}") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError,
             MemoryError):
         raise ApiError(415, "unsupported_image", f"{what} is not a readable PNG or JPEG image") from None
-    return (np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1)[None] / 255.0).astype(np.float32)
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], dtype=np.float32)
 
 
 def encode_png(x: np.ndarray) -> bytes:

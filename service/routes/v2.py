@@ -34,7 +34,7 @@ from ..deps import (
     serving,
 )
 from ..direct import direct
-from ..errors import invalid
+from ..errors import ApiError, invalid
 from ..inference import require_task
 from ..oip import (
     CLASSES_OUTPUT,
@@ -358,7 +358,8 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 
 def _json_data(datatype: str, shape: list[int], data, what: str) -> np.ndarray:
-    """A tensor's JSON ``data`` (flat or nested, row-major) as an array of ``datatype``; 422 if it is not one."""
+    """A tensor's JSON ``data`` (flat or nested, row-major) as an array of ``datatype``; 422 if it is not one, 415
+    for BYTES (images, which JSON's text cannot carry)."""
     if datatype not in INPUT_DATATYPES:
         raise unsupported_datatype(datatype)
     if datatype in ("FP32", "FP16", "FP64"):
@@ -381,12 +382,12 @@ def _json_data(datatype: str, shape: list[int], data, what: str) -> np.ndarray:
             words = {"INT64": "integers within int64", "BOOL": "true or false", "BYTES": "strings"}[datatype]
             raise invalid(f"{what} data must be a rectangular array of {words} for datatype {datatype}",
                           "invalid_dtype")
-        if datatype == "BYTES":  # JSON carries text: its UTF-8 bytes (images go in binary)
-            flat = arr.ravel()
-            arr = np.empty(flat.size, dtype=object)
-            arr[:] = [str(v).encode() for v in flat]
     if arr.size != math.prod(shape):
         raise invalid(f"data has {arr.size} values; shape {shape} needs {math.prod(shape)}", "invalid_shape")
+    if datatype == "BYTES":  # an input's BYTES are images, and JSON carries text: never a PNG's or JPEG's bytes
+        raise ApiError(415, "unsupported_image", f"{what}: BYTES in JSON are text, not a readable PNG or JPEG "
+                       "image: send images in the binary tensor extension (the input's parameters.binary_data_size, "
+                       "its bytes after the JSON header; tritonclient: binary_data=True) or over gRPC")
     return arr.reshape(shape)
 
 

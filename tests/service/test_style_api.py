@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -20,6 +21,7 @@ from sdb_core.style import adain, fast
 from sdb_core.style.export import export_style_bundle
 from sdb_core.style.loss_net import LossNetConfig
 
+from ..core.test_image_decoding import FAST_S, scan_bomb
 from .conftest import make_settings, start_service
 from .jobs_helpers import JobServer, key, prepare, upload, wait_for
 
@@ -202,3 +204,37 @@ def test_style_jobs_write_their_artifacts_and_a_deployed_bundle_is_served(tmp_pa
         assert _decode(r.content).shape == (24, 36, 3)
     finally:
         s.stop()
+
+
+@pytest.mark.anyio
+async def test_images_are_read_as_predict_and_the_style_jobs_read_them(svc):
+    """A 16-bit PNG was read through 8 bits (white past 255/65535) where predict and the style jobs read it over its
+    depth; a drawing on a transparent canvas by its colour channels alone (black on black); a progressive JPEG of
+    one tiny scan repeated took seconds of CPU before it was refused or served."""
+    grey = np.tile(np.linspace(0, 255, 48).round().astype(np.uint8), (32, 1))
+    deep, eight = io.BytesIO(), io.BytesIO()
+    Image.fromarray(grey.astype(np.uint16) * 257).save(deep, "PNG")
+    Image.fromarray(grey).save(eight, "PNG")
+    outs = []
+    for data in (deep.getvalue(), eight.getvalue()):
+        r = await svc.client.post("/v1/style/mosaic", files={"file": ("g.png", data, "image/png")})
+        assert r.status_code == 200, r.text
+        outs.append(_decode(r.content).astype(int))
+    assert np.abs(outs[0] - outs[1]).max() <= 1
+
+    ink = np.zeros((32, 32, 4), np.uint8)
+    ink[8:24, 14:18] = (0, 0, 0, 255)
+    canvas, shown = io.BytesIO(), io.BytesIO()
+    Image.fromarray(ink, "RGBA").save(canvas, "PNG")
+    Image.alpha_composite(Image.new("RGBA", (32, 32), "white"), Image.fromarray(ink, "RGBA")).save(shown, "PNG")
+    outs = []
+    for data in (canvas.getvalue(), shown.getvalue()):
+        r = await svc.client.post("/v1/style/mosaic", files={"file": ("c.png", data, "image/png")})
+        assert r.status_code == 200, r.text
+        outs.append(_decode(r.content).astype(int))
+    assert np.abs(outs[0] - outs[1]).max() <= 1
+
+    start = time.perf_counter()
+    r = await svc.client.post("/v1/style/mosaic", files={"file": ("b.jpg", scan_bomb(1024, 1000), "image/jpeg")})
+    assert time.perf_counter() - start < FAST_S
+    assert r.status_code == 415 and "more than 100 scans" in r.json()["error"]["message"], r.text
