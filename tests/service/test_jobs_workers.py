@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from sdb_client import Client
 
 from sdb_core.models.schedules import teacher_schedule
@@ -198,7 +199,8 @@ def test_two_workers_run_ten_jobs_exactly_once(tmp_path, bundles, servers):
         assert len({worker_pid(settings, j) for j in jobs}) <= 2  # the pids, from the store (owners see "worker:…")
 
 
-def test_sigterm_puts_a_running_job_back_in_the_queue(tmp_path, bundles, servers):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP (a closed terminal) killed it, job lost
+def test_a_stop_signal_puts_a_running_job_back_in_the_queue(tmp_path, bundles, servers, sig):
     """What docs/jobs.md promises: stopping a worker puts its job back; another worker then takes it."""
     data = tmp_path / "data"
     settings = prepare(data, bundles)
@@ -210,7 +212,7 @@ def test_sigterm_puts_a_running_job_back_in_the_queue(tmp_path, bundles, servers
             long = c.jobs.submit("wrap", LONG)
             job = wait_for(lambda: (j := c.jobs.get(long["id"]))["step"].startswith("wrap epoch") and j, 60, "training")
             assert worker_pid(settings, job) == first.pid
-            first.send_signal(signal.SIGTERM)
+            first.send_signal(sig)
             assert first.wait(30) == 0
             job = wait_for(lambda: (j := c.jobs.get(long["id"]))["status"] == "queued" and j, 15, "requeued")
             assert job["error"] is None and "attempt 1" in c.jobs.logs(long["id"]).text

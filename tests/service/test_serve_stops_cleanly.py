@@ -27,8 +27,6 @@ from .jobs_helpers import (
     alive,
     key,
     prepare,
-    start_worker,
-    stop_worker,
     wait_for,
     worker_pid,
 )
@@ -74,23 +72,6 @@ def test_a_stop_signal_ends_serve_after_its_workers_put_their_job_back(tmp_path,
     assert status_in_store(settings, job["id"]) == "queued"  # released by its worker, not left to the reaper
 
 
-def test_sighup_ends_a_worker_after_it_puts_its_job_back(tmp_path, bundles, servers):
-    data = tmp_path / "data"
-    settings = prepare(data, bundles)
-    token = key(settings, ["jobs"])
-    servers.append(JobServer(data, bundles, SDB_WORKERS="0"))
-    worker = start_worker(data, bundles)
-    try:
-        with Client(servers[0].url, token) as c:
-            job = c.jobs.submit("wrap", LONG)
-            assert worker_pid(settings, training(c, job["id"])) == worker.pid
-        worker.send_signal(signal.SIGHUP)
-        assert worker.wait(60) == 0
-        assert status_in_store(settings, job["id"]) == "queued"
-    finally:
-        stop_worker(worker)
-
-
 def test_readiness_is_503_while_serve_drains_and_every_other_route_answers(tmp_path, bundles, servers):
     drain_s = 6.0
     server = Server(tmp_path / "data", bundles, {"SDB_SHUTDOWN_DRAIN_S": str(drain_s)})
@@ -116,11 +97,14 @@ class Trickle(threading.Thread):
         self.sock = socket.create_connection((host, int(port)), timeout=10)
         self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: sdb\r\nContent-Type: application/json\r\n"
                           "Content-Length: 100000\r\n\r\n{".encode())
-        self.stop = threading.Event()
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        self.stopping.set()
 
     def run(self) -> None:
         try:
-            while not self.stop.wait(0.5):
+            while not self.stopping.wait(0.5):
                 self.sock.sendall(b" ")
         except OSError:
             pass  # the server closed it
@@ -128,42 +112,39 @@ class Trickle(threading.Thread):
             self.sock.close()
 
 
+def trickled_server(tmp_path, bundles, servers, env: dict) -> Server:
+    """A server of digits-a with ``env``, and a predict in flight from a client trickling its body until the test
+    ends."""
+    prepare(tmp_path / "data", bundles, {"digits-a": bundles.a})
+    server = Server(tmp_path / "data", bundles, env)
+    servers.append(server)
+    client = Trickle(server.url, "/v1/models/digits-a/predict")
+    client.start()
+    servers.append(client)  # stopped at the test's end as the servers are
+    # the server's one loop answers this after it has read the head sent before: the request is in flight
+    assert httpx.get(server.url + "/healthz", timeout=30).status_code == 200
+    return server
+
+
 def test_a_trickling_client_holds_the_shutdown_no_longer_than_its_timeout(tmp_path, bundles, servers):
     """uvicorn waits for every connection to close: a client sending its body a byte at a time kept serve up after
     its SIGTERM for as long as it went on."""
     timeout_s = 2.0
-    prepare(tmp_path / "data", bundles, {"digits-a": bundles.a})
-    server = Server(tmp_path / "data", bundles, {"SDB_SHUTDOWN_TIMEOUT_S": str(timeout_s)})
-    servers.append(server)
-    client = Trickle(server.url, "/v1/models/digits-a/predict")
-    client.start()
-    try:
-        # the server's one loop answers this after it has read the head sent before: the request is in flight
-        assert httpx.get(server.url + "/healthz", timeout=30).status_code == 200
-        server.proc.send_signal(signal.SIGTERM)
-        assert server.proc.wait(timeout_s + 20) == 0
-    finally:
-        client.stop.set()
+    server = trickled_server(tmp_path, bundles, servers, {"SDB_SHUTDOWN_TIMEOUT_S": str(timeout_s)})
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout_s + 20) == 0
 
 
 def test_a_second_ctrl_c_in_the_drain_stops_at_once(tmp_path, bundles, servers):
     """The docs' "a second Ctrl-C cuts the wait for requests too": in a drain it only ended the drain, and serve
     waited out SDB_SHUTDOWN_TIMEOUT_S for a trickling client before exiting."""
-    prepare(tmp_path / "data", bundles, {"digits-a": bundles.a})
-    server = Server(tmp_path / "data", bundles, {"SDB_SHUTDOWN_DRAIN_S": "60", "SDB_SHUTDOWN_TIMEOUT_S": "60"})
-    servers.append(server)
-    client = Trickle(server.url, "/v1/models/digits-a/predict")
-    client.start()
-    try:
-        assert httpx.get(server.url + "/healthz", timeout=30).status_code == 200
-        server.proc.send_signal(signal.SIGINT)
-        wait_for(lambda: httpx.get(server.url + "/readyz", timeout=10).status_code == 503, 10, "/readyz 503")
-        start = time.monotonic()
-        server.proc.send_signal(signal.SIGINT)
-        server.proc.wait(30)  # not the drain's 60 s, nor the wait's 60 s
-        assert time.monotonic() - start < 30
-    finally:
-        client.stop.set()
+    server = trickled_server(tmp_path, bundles, servers, {"SDB_SHUTDOWN_DRAIN_S": "60", "SDB_SHUTDOWN_TIMEOUT_S": "60"})
+    server.proc.send_signal(signal.SIGINT)
+    wait_for(lambda: httpx.get(server.url + "/readyz", timeout=10).status_code == 503, 10, "/readyz 503")
+    start = time.monotonic()
+    server.proc.send_signal(signal.SIGINT)
+    server.proc.wait(30)  # not the drain's 60 s, nor the wait's 60 s
+    assert time.monotonic() - start < 30
 
 
 def test_serve_writes_its_log_lines_formatted_with_no_secret(tmp_path, bundles, servers):
