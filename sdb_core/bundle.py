@@ -905,10 +905,10 @@ def public_form_table(form: Any, classes: int | None = None) -> np.ndarray:
     return checked.rows(np.arange(checked.classes))
 
 
-def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
+def check_output_shape(session: Any, meta: dict, where: str = "bundle", run: bool = True) -> None:
     """Refuse a graph whose ``logits`` output disagrees with ``meta.json``: by the graph's declared
     dims, then by running it once on zeros of the input shape (a graph may declare one shape and
-    compute another)."""
+    compute another). ``run`` False: the declared dims only (a graph that passed its run already)."""
     want = output_shape(meta, where)
     specs = meta.get("inputs") or [meta["input"]]
     declared = [i.get("name") for i in specs if isinstance(i, dict)]
@@ -947,6 +947,8 @@ def check_output_shape(session: Any, meta: dict, where: str = "bundle") -> None:
         feeds = {str(i["name"]): np.zeros((1, *_dims(i["shape"], "input", where)), np.float32) for i in specs}
     except (KeyError, TypeError):
         raise BundleError(f"{where}: {META_FILE}'s inputs must each have a name and a shape") from None
+    if not run:
+        return
     got = _check_run(session, feeds, where).shape
     if list(got) != [1, *want]:
         raise BundleError(f"{where}: model.onnx computes {list(got)} for one input but {META_FILE} "
@@ -1126,8 +1128,13 @@ def meta_digest(path: str | os.PathLike) -> str:
 
 
 def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
-                session_options: Any = None, providers: list | None = None) -> Bundle:
-    """Verify and load a bundle; the key is opened only when ``master_key`` is given."""
+                session_options: Any = None, providers: list | None = None, verified: str | None = None) -> Bundle:
+    """Verify and load a bundle; the key is opened only when ``master_key`` is given.
+
+    ``verified``: the meta.json sha256 of a bundle that passed this whole check before (a served version's, as the
+    store recorded it). A bundle with that meta.json (which hashes every file, checked here as always) holds the
+    graph that ran then: its check run is not repeated, which took up to :data:`MAX_CHECK_RUN_S` of a tenant's
+    graph at every server start and every load again after a cache eviction."""
     import onnxruntime as ort
 
     files = read_bundle_files(path)
@@ -1147,5 +1154,6 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
             raise BundleError(f"{path}: model.onnx keeps weights in external data files; a bundle's graph holds "
                               "its weights itself (export or save it without external data)") from None
         raise BundleError(f"{path}: model.onnx does not load in ONNX Runtime ({e})") from None
-    check_output_shape(session, meta, str(path))
-    return Bundle(meta, session, key, _sha256(files[META_FILE]))
+    digest = _sha256(files[META_FILE])
+    check_output_shape(session, meta, str(path), run=verified is None or digest != verified)
+    return Bundle(meta, session, key, digest)

@@ -46,8 +46,10 @@ class MicroBatcher(Generic[P, R]):
                  max_samples: int = 64,
                  max_wait_s: float = 0.0, enabled: bool = True,
                  on_batch: Callable[[int, int], None] | None = None, checks: Executor | None = None,
-                 gate_timeout_s: float = 5.0, on_wait: Callable[[list[int]], None] | None = None):
+                 gate_timeout_s: float = 5.0, on_wait: Callable[[list[int]], None] | None = None,
+                 slots: asyncio.Semaphore | None = None):
         self.fn, self.executor = fn, executor
+        self.slots = slots  # the owner's share of the executor's threads (None: no bound)
         # where gates' checks run, beside the call (a stalled check holds one of these threads, not the model's)
         self.checks, self.gate_timeout_s = checks, gate_timeout_s
         self.max_samples, self.max_wait_s, self.enabled = max_samples, max_wait_s, enabled
@@ -78,8 +80,13 @@ class MicroBatcher(Generic[P, R]):
         submitted = time.perf_counter_ns()
         if not self.enabled:
             self._count(1, samples)
-            (refusal,), results = await loop.run_in_executor(self.executor, self._gated, [(payload, gate)],
-                                                             [submitted])
+            if self.slots is None:
+                (refusal,), results = await loop.run_in_executor(self.executor, self._gated, [(payload, gate)],
+                                                                 [submitted])
+            else:
+                async with self.slots:
+                    (refusal,), results = await loop.run_in_executor(self.executor, self._gated,
+                                                                     [(payload, gate)], [submitted])
             if refusal is not None:
                 raise refusal
             if isinstance(results, Exception):
@@ -138,36 +145,47 @@ class MicroBatcher(Generic[P, R]):
                 except TimeoutError:
                     pass
                 self._filled = None
-            batch = [b for b in self._take() if not b[2].cancelled()]
-            if not batch:
-                continue
-            self._count(len(batch), sum(b[1] for b in batch))
-            refusals, results = await loop.run_in_executor(self.executor, self._gated, [(b[0], b[4]) for b in batch],
-                                                           [b[5] for b in batch])
-            for b, refusal in zip(batch, refusals):
-                if refusal is not None and not b[2].done():
-                    b[2].set_exception(refusal)
-            admitted = [i for i, refusal in enumerate(refusals) if refusal is None]
-            batch = [batch[i] for i in admitted]
-            if isinstance(results, Exception):
-                # One bad request must not fail its neighbours: run them one by one (unless the error says that
-                # each would fail as long: a call stopped at its deadline). Their gates passed: not run again.
-                if getattr(results, "retry_alone", True):
-                    results = [await self._alone(loop, b[0]) for b in batch]
-                else:
-                    results = [_Failed(results) for _ in batch]
+            slots = self.slots
+            if slots is not None:
+                await slots.acquire()  # before the batch is taken: what arrives meanwhile joins it
+            try:
+                batch = [b for b in self._take() if not b[2].cancelled()]
+                if batch:
+                    await self._serve(loop, batch)
+            finally:
+                if slots is not None:
+                    slots.release()
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop,
+                     batch: list[tuple[P, int, asyncio.Future, str | None, Gate | None, int]]) -> None:
+        """One call for ``batch`` (its pool slot held), and each request's answer."""
+        self._count(len(batch), sum(b[1] for b in batch))
+        refusals, results = await loop.run_in_executor(self.executor, self._gated, [(b[0], b[4]) for b in batch],
+                                                       [b[5] for b in batch])
+        for b, refusal in zip(batch, refusals):
+            if refusal is not None and not b[2].done():
+                b[2].set_exception(refusal)
+        admitted = [i for i, refusal in enumerate(refusals) if refusal is None]
+        batch = [batch[i] for i in admitted]
+        if isinstance(results, Exception):
+            # One bad request must not fail its neighbours: run them one by one (unless the error says that
+            # each would fail as long: a call stopped at its deadline). Their gates passed: not run again.
+            if getattr(results, "retry_alone", True):
+                results = [await self._alone(loop, b[0]) for b in batch]
             else:
-                results = [results[i] for i in admitted]
-            for b, res in zip(batch, results):
-                fut = b[2]
-                if fut.done():
-                    continue
-                if isinstance(res, _Failed):
-                    fut.set_exception(res.exc)
-                elif isinstance(res, Exception):  # one item's own failure, answered by the call beside the others'
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
+                results = [_Failed(results) for _ in batch]
+        else:
+            results = [results[i] for i in admitted]
+        for b, res in zip(batch, results):
+            fut = b[2]
+            if fut.done():
+                continue
+            if isinstance(res, _Failed):
+                fut.set_exception(res.exc)
+            elif isinstance(res, Exception):  # one item's own failure, answered by the call beside the others'
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)
 
     def _gated(self, items: list[tuple[P, Gate | None]],
                submitted: Sequence[int]) -> tuple[list[Exception | None], list[R] | Exception]:

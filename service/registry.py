@@ -19,6 +19,7 @@ tried again once per ``models_sync_s``, and counts among /readyz's failed versio
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -80,17 +81,18 @@ def check_served_output(meta: dict, where: str) -> None:
 
 
 def verify_bundle(path: str | Path, master_key: bytes, session_options=None,
-                  providers: list | None = None) -> Bundle:
+                  providers: list | None = None, verified: str | None = None) -> Bundle:
     """Verify and load; raises ValueError (BundleError, SealError) or OSError when refused.
 
     ``load_bundle`` checks the hashes, opens the key only beside the network it was sealed with,
     and runs the graph once against ``meta.json``'s output shape; then the output must be what
     the model's task's routes read. What a deploy checks before it registers a bundle, and what
     every server process checks before it serves one. ``providers``: :func:`ort_providers`'s list
-    (default: CUDA when there is one, then the CPU).
+    (default: CUDA when there is one, then the CPU). ``verified``: the recorded meta.json digest of a version
+    verified before; the same bundle is not run again (:func:`sdb_core.bundle.load_bundle`).
     """
     bundle = load_bundle(path, master_key, session_options=session_options,
-                         providers=providers or onnx_providers())
+                         providers=providers or onnx_providers(), verified=verified)
     check_served_output(bundle.meta, str(path))
     return bundle
 
@@ -408,6 +410,7 @@ class HostedModel:
     # from another's input, so one caller's requests never share a call with another's.
     isolated: bool = False
     stats: ModelStatistics = field(default_factory=ModelStatistics, repr=False)  # the statistics extension's
+    meta_sha256: str | None = None  # of the meta.json it was verified with: loaded again, not run again (_load_again)
 
     @property
     def bundle(self) -> Bundle:
@@ -524,14 +527,22 @@ def protection_report(check: dict | None) -> dict | None:
             "held_out": check["val_size"]}
 
 
+# The threads every model's ONNX Runtime calls share (ORT releases the GIL: a few let several models run at once).
+POOL_THREADS = 4
+# The most of them one tenant's models hold at once, all its names and versions together: a key kept four busy
+# versions of a slow graph on all four, and every other model's calls waited behind them (seconds). The operator's
+# models (an admin's names) are not bounded: their graphs are the operator's own choice.
+OWNER_POOL_THREADS = POOL_THREADS - 1
+
+
 class ModelHost:
     """The models being served, by name and version, each behind its own micro-batcher."""
 
     def __init__(self, settings: Settings, store: Store,
                  on_batch: Callable[[str, int, int], None] | None = None):
         self.settings, self.store, self.on_batch = settings, store, on_batch
-        # ORT releases the GIL: a few threads let several models run at once.
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdb-ort")
+        self.executor = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="sdb-ort")
+        self._owner_slots: dict[str, asyncio.Semaphore] = {}  # a tenant key's id → its share of the pool
         # The keyed requests' charges (a store read), beside their model calls: a stalled store holds these only.
         self.checks = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdb-gate")
         self._lock = threading.RLock()
@@ -543,7 +554,7 @@ class ModelHost:
         self._loading_guard = threading.Lock()
         self._providers: list | None = None  # ort_providers(settings), decided (and warned about) once
         self.deadline = RunDeadline(settings.run_timeout_s)  # every model's calls, one watcher
-        self.bundles = BundleCache(int(settings.model_cache_mb * (1 << 20)), self.load, settings.data_dir,
+        self.bundles = BundleCache(int(settings.model_cache_mb * (1 << 20)), self._load_again, settings.data_dir,
                                    retry_s=settings.models_sync_s, on_failure=self._reload_failed,
                                    removed=self._drop_if_removed)
 
@@ -613,6 +624,14 @@ class ModelHost:
     def __contains__(self, name: str) -> bool:
         return name in self._models
 
+    def owner_slots(self, owner: str | None) -> asyncio.Semaphore | None:
+        """The pool threads the models of the tenant key ``owner`` may hold at once, shared by all its models
+        (:data:`OWNER_POOL_THREADS`); None (no bound) for None."""
+        if owner is None:
+            return None
+        with self._lock:
+            return self._owner_slots.setdefault(owner, asyncio.Semaphore(OWNER_POOL_THREADS))
+
     # ------------------------------------------------------------ loading (blocking)
     def session_options(self):
         import onnxruntime as ort
@@ -635,9 +654,17 @@ class ModelHost:
             self._providers = ort_providers(self.settings)
         return self._providers
 
-    def load(self, path: str | Path) -> Bundle:
-        """:func:`verify_bundle` with this server's session options and providers."""
-        return verify_bundle(path, self.settings.master_key, self.session_options(), self.providers)
+    def load(self, path: str | Path, verified: str | None = None) -> Bundle:
+        """:func:`verify_bundle` with this server's session options and providers; ``verified``: a served
+        version's recorded meta.json digest (its check run is not repeated)."""
+        return verify_bundle(path, self.settings.master_key, self.session_options(), self.providers, verified)
+
+    def _load_again(self, path: str) -> Bundle:
+        """BundleCache's load of a served version it dropped: verified with the meta.json digest the version is
+        served under, so that the graph, run when it was deployed, is not run again (a tenant's graph ran up to
+        MAX_CHECK_RUN_S inside the pool thread of the request that found it dropped)."""
+        served = next((m.meta_sha256 for m in self.all() if m.path == path), None)
+        return self.load(path, served)
 
     def path_of(self, row: ModelRow) -> Path:
         """Where this process finds a registered version's bundle (:func:`service.copies.bundle_path`)."""
@@ -647,9 +674,13 @@ class ModelHost:
         """:meth:`load` of a registered version's bundle, which must be the one registered: BundleError when its
         meta.json's digest is not the one the store recorded (another wrap put in place of an in-place bundle, a
         restore of other files), so that a pinned version never names two networks. A version registered before
-        digests has its first load's recorded."""
+        digests has its first load's recorded.
+
+        A version with a recorded digest passed its check run when it was deployed: a bundle with that digest is
+        loaded without it (hashes and key checked), so that a server's start and a load on demand take no graph's
+        run time (a tenant's four versions of a 13.5 s check run held a start 54 s)."""
         path = self.path_of(row)
-        bundle = self.load(path)
+        bundle = self.load(path, row.meta_sha256) if row.meta_sha256 else self.load(path)
         digest = bundle.meta_sha256
         recorded = row.meta_sha256 or self.store.record_meta_sha256(row.name, row.version, row.added_at, digest)
         if recorded is not None and recorded != digest:
@@ -707,11 +738,14 @@ class ModelHost:
         else:
             run, max_samples = (lambda items: model.run(items)), batch_samples(s, provider)
         stats = ModelStatistics()
+        isolated = self.store.tenant_owned(row.name)
+        slots = self.owner_slots(self.store.model_owner(row.name) if isolated else None)
         batcher = MicroBatcher(run, self.executor, max_samples=max_samples, max_wait_s=s.batch_max_wait_ms / 1000.0,
-                               enabled=s.batching, on_batch=count, checks=self.checks, on_wait=stats.queued)
+                               enabled=s.batching, on_batch=count, checks=self.checks, on_wait=stats.queued,
+                               slots=slots)
         model = HostedModel(row.name, row.version, str(self.path_of(row)), row.added_at, bundle.meta, bundle.has_key,
                             self.bundles, batcher, row_policy(row), io_binding=s.ort_io_binding and provider == CUDA,
-                            deadline=self.deadline, isolated=self.store.tenant_owned(row.name), stats=stats)
+                            deadline=self.deadline, isolated=isolated, stats=stats, meta_sha256=bundle.meta_sha256)
         self.bundles.put(model, bundle)
         return model
 
