@@ -190,7 +190,9 @@ class StoppingServer(uvicorn.Server):
             self.stop_signal, self.drain_until = sig, time.monotonic() + self.drain_s  # on_tick ends it
             return
         if sig == signal.SIGINT and self.drain_until is not None and not self.should_exit:
-            self.force_exit = True  # a second Ctrl-C in the drain: past the wait too, as uvicorn's second Ctrl-C
+            # a second Ctrl-C in the drain: no wait for requests in flight either (cancelled at once), but the
+            # lifespan's teardown still runs (uvicorn's force_exit skipped it: the usage write-behind was lost)
+            self.config.timeout_graceful_shutdown = 0
         super().handle_exit(sig, frame)
 
     async def on_tick(self, counter: int) -> bool:

@@ -193,6 +193,19 @@ class Settings(BaseSettings):
             raise ValueError("is empty: name the data dir (unset, it is .sdb)")
         return value
 
+    @field_validator("port", "grpc_port", mode="before")
+    @classmethod
+    def _not_a_service_link(cls, value, info):
+        # Kubernetes sets SDB_PORT=tcp://10.0.0.1:8000 in every pod of a namespace with a Service named sdb (and
+        # SDB_GRPC_PORT for one named sdb-grpc): a link, never this setting, which it made unreadable (every
+        # command exited 2, every job worker died at start). Ignored, the setting at its default.
+        if isinstance(value, str) and value.strip().lower().startswith(("tcp://", "udp://", "sctp://")):
+            logging.getLogger("sdb.service").warning(
+                "SDB_%s=%s is a Kubernetes service link, not this setting: ignored (enableServiceLinks: false in "
+                "the pod spec turns them off)", info.field_name.upper(), value.strip()[:100])
+            return cls.model_fields[info.field_name].default
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _level_in_any_case(cls, value):
@@ -509,9 +522,18 @@ OTHER_ENV = frozenset({
 })
 
 
-# What Kubernetes adds to every pod for each Service of its namespace (a Service named sdb: SDB_SERVICE_HOST,
-# SDB_PORT_8000_TCP_ADDR, ...), and other tools' SDB_* names: never a setting misspelled, never refused.
-_SERVICE_LINK = re.compile(r"[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)")
+# What Kubernetes adds to every pod for each Service of its namespace, beside <SERVICE>_SERVICE_HOST (a Service named
+# sdb: SDB_SERVICE_PORT, SDB_PORT=tcp://..., SDB_PORT_8000_TCP_ADDR, ...): never a setting misspelled, never refused.
+_SERVICE_LINK = re.compile(r"(SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_[A-Z]+)?)?)")
+
+
+def _service_link(name: str, environ) -> bool:
+    """Whether ``name`` is one of a Kubernetes Service's links: its own ``<S>_SERVICE_HOST``, or a port link of an
+    ``S`` whose host link is there too (else ``SDB_GRCP_PORT`` would pass as one, a typo of SDB_GRPC_PORT)."""
+    if name.endswith("_SERVICE_HOST"):
+        return True
+    hosts = {n.upper().removesuffix("_SERVICE_HOST") for n in environ if n.upper().endswith("_SERVICE_HOST")}
+    return any(name.startswith(host + "_") and _SERVICE_LINK.fullmatch(name[len(host) + 1:]) for host in hosts)
 
 
 def check_env_names(environ) -> None:
@@ -522,7 +544,7 @@ def check_env_names(environ) -> None:
 
     known = {f"SDB_{field.upper()}" for field in Settings.model_fields} | OTHER_ENV
     unknown = sorted(n for n in environ if n.upper().startswith("SDB_") and n.upper() not in known
-                     and not _SERVICE_LINK.fullmatch(n.upper()))
+                     and not _service_link(n.upper(), environ))
     typos, others = [], []
     for name in unknown:
         near = difflib.get_close_matches(name.upper(), sorted(known), n=1, cutoff=0.85) or sorted(

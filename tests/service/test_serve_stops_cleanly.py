@@ -27,6 +27,8 @@ from .jobs_helpers import (
     alive,
     key,
     prepare,
+    start_worker,
+    stop_worker,
     wait_for,
     worker_pid,
 )
@@ -143,8 +145,10 @@ def test_a_second_ctrl_c_in_the_drain_stops_at_once(tmp_path, bundles, servers):
     wait_for(lambda: httpx.get(server.url + "/readyz", timeout=10).status_code == 503, 10, "/readyz 503")
     start = time.monotonic()
     server.proc.send_signal(signal.SIGINT)
-    server.proc.wait(30)  # not the drain's 60 s, nor the wait's 60 s
+    assert server.proc.wait(30) == 0  # not the drain's 60 s, nor the wait's 60 s
     assert time.monotonic() - start < 30
+    err = server.proc.stderr.read()
+    assert "Application shutdown complete" in err, err[-3000:]  # the teardown ran: the usage write-behind flushed
 
 
 def test_serve_writes_its_log_lines_formatted_with_no_secret(tmp_path, bundles, servers):
@@ -186,9 +190,30 @@ def test_only_a_near_miss_of_a_setting_is_refused(caplog):
     assert "SDB_COLORIZE, SDB_NOTIFY_HOST: not a setting, ignored" in caplog.text
     assert "SERVICE" not in caplog.text and "TCP" not in caplog.text  # service links: not even a warning
     for typo, meant in (("SDB_WROKERS", "SDB_WORKERS"), ("SDB_MASTER_KEY", "SDB_MASTER_KEY_FILE"),
-                        ("sdb_log_levle", "SDB_LOG_LEVEL")):
+                        ("sdb_log_levle", "SDB_LOG_LEVEL"), ("SDB_GRCP_PORT", "SDB_GRPC_PORT")):  # no host link
         with pytest.raises(SettingsError, match=f"did you mean {meant}"):
             check_env_names({typo: "x"})
+
+
+def test_a_pod_with_kubernetes_service_links_starts(tmp_path, bundles, servers):
+    """A Service named sdb sets SDB_PORT=tcp://... in every pod of its namespace: SDB_PORT is a setting, and its value
+    made every command exit 2 and every job worker die at start."""
+    links = {"SDB_SERVICE_HOST": "10.0.0.1", "SDB_SERVICE_PORT": "8000", "SDB_PORT": "tcp://10.0.0.1:8000",
+             "SDB_PORT_8000_TCP": "tcp://10.0.0.1:8000", "SDB_PORT_8000_TCP_ADDR": "10.0.0.1",
+             "SDB_PORT_8000_TCP_PORT": "8000", "SDB_PORT_8000_TCP_PROTO": "tcp"}
+    data = tmp_path / "data"
+    settings = prepare(data, bundles)
+    listed = run_sdb("keys", "list", env={**sdb_env(data, bundles), **links})
+    assert listed.returncode == 0 and "Kubernetes service link" in listed.stderr, listed.stderr
+    token = key(settings, ["jobs"])
+    servers.append(JobServer(data, bundles, SDB_WORKERS="0"))
+    worker = start_worker(data, bundles, **links)  # a job worker reads every setting: it died at start
+    try:
+        with Client(servers[0].url, token) as c:
+            job = c.jobs.submit("wrap", LONG)
+            wait_for(lambda: c.jobs.get(job["id"])["status"] == "running", 90, "claimed by a worker")
+    finally:
+        stop_worker(worker)
 
 
 def test_every_sdb_variable_the_project_reads_is_a_setting_or_a_known_other():
