@@ -37,6 +37,9 @@ MAX_IDAT_CHUNKS = 65_536
 MAX_STRAY_BYTES = 65_536
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# An APNG's frames (fcTL, fdAT) are pixel data as IDAT is, counted with it: Pillow reads the first frame and stops,
+# and a 2,100-frame animation, a real file, was refused as one of "extra metadata".
+_PIXEL_CHUNKS = frozenset({b"IDAT", b"fdAT", b"fcTL"})
 JPEG_SIGNATURE = b"\xff\xd8\xff"  # what Pillow opens as a JPEG
 # A marker: 0xFF and a byte that is none of 0x00 (a 0xFF byte of entropy-coded data), 0xD0-0xD7 (restart markers,
 # inside a scan's data) or 0xFF (fill before a marker). One byte of look-ahead: linear in any run of 0xFF.
@@ -78,11 +81,12 @@ def _png_layout(data: bytes) -> Layout:
         length, kind = struct.unpack_from(">I4s", data, pos)
         if kind == b"IEND":
             break
-        if kind == b"IDAT":
+        if kind in _PIXEL_CHUNKS:
             idats += 1
             if idats > MAX_IDAT_CHUNKS:
-                raise CostlyImage(f"a PNG whose pixel data is split into more than {MAX_IDAT_CHUNKS} chunks (IDAT) "
-                                  "is refused: save it again (any editor writes it in a few)")
+                raise CostlyImage(f"a PNG whose pixel data is split into more than {MAX_IDAT_CHUNKS} chunks (IDAT, an "
+                                  "animation's fdAT and fcTL) is refused: save it again (any editor writes it in a "
+                                  "few)")
         else:
             others += 1
             if others > MAX_SEGMENTS:

@@ -84,9 +84,7 @@ class MicroBatcher(Generic[P, R]):
                 (refusal,), results = await loop.run_in_executor(self.executor, self._gated, [(payload, gate)],
                                                                  [submitted])
             else:
-                async with self.slots:
-                    (refusal,), results = await loop.run_in_executor(self.executor, self._gated,
-                                                                     [(payload, gate)], [submitted])
+                (refusal,), results = await self._in_slot(loop, [(payload, gate)], [submitted])
             if refusal is not None:
                 raise refusal
             if isinstance(results, Exception):
@@ -155,6 +153,27 @@ class MicroBatcher(Generic[P, R]):
             finally:
                 if slots is not None:
                     slots.release()
+
+    async def _in_slot(self, loop: asyncio.AbstractEventLoop, items, submitted):
+        """:meth:`_gated` in the executor once the owner has a free slot, the slot given back when the thread is
+        done, not when its caller stops waiting: a caller cancelled mid-call (a gRPC deadline, a stream that ended)
+        gave it back while its call still held the thread, and one owner held the whole pool."""
+        slots = self.slots
+        await slots.acquire()
+        try:
+            call = self.executor.submit(self._gated, items, submitted)
+        except BaseException:
+            slots.release()
+            raise
+
+        def give_back(_) -> None:
+            try:
+                loop.call_soon_threadsafe(slots.release)
+            except RuntimeError:  # the loop is closed: nobody is left to wait for the slot
+                pass
+
+        call.add_done_callback(give_back)
+        return await asyncio.wrap_future(call, loop=loop)
 
     async def _serve(self, loop: asyncio.AbstractEventLoop,
                      batch: list[tuple[P, int, asyncio.Future, str | None, Gate | None, int]]) -> None:

@@ -111,6 +111,12 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
 PARENT_ENV = "SDB_WORKER_PARENT_PID"  # set by WorkerPool: the worker stops when that server is gone
 DEFER_ENV = "SDB_WORKER_DEFERS_TO_GPU"  # set by WorkerPool on its workers without a GPU when others have one
 _OWN_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding this service package: its workers import it
+
+
+def _site_dirs() -> set[str]:
+    import site
+
+    return {str(Path(p).resolve()) for p in (*site.getsitepackages(), site.getusersitepackages())}
 GPU_FIRST_POLLS = 3
 
 
@@ -203,7 +209,8 @@ class WorkerPool:
         # instead (or none had service.jobs: the worker died at start, again and again, and every job stayed queued);
         # and the folder of the server's own service package first, so that a server run from a source tree that
         # is not installed (python -m sdb_cli) has workers of the same code.
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_OWN_ROOT, env.get("PYTHONPATH")) if p)
+        if _OWN_ROOT not in _site_dirs():  # an installed package is found as ever: no site dir before the stdlib
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (_OWN_ROOT, env.get("PYTHONPATH")) if p)
         return subprocess.Popen([sys.executable, "-P", "-m", "service.jobs"], env=env)
 
     def start(self) -> WorkerPool:

@@ -276,3 +276,14 @@ def test_an_exif_orientation_is_applied_once_whatever_reads_it():
         assert turned.size == upright_size(im) == (32, 48)
         assert upright(turned).size == (32, 48)  # no second turn
         assert unit_pixels(im, "L").shape == (48, 32)
+
+
+def test_a_long_animation_is_a_png_like_any_other():
+    """An APNG's frames (fcTL, fdAT) are pixel data, not metadata: a 2,100-frame animation, a real file, was refused
+    as one of "extra metadata" past 4,096 chunks. Pillow reads its first frame."""
+    frames = [Image.new("L", (8, 8), i % 256) for i in range(2100)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:])
+    assert image_layout(buf.getvalue()).format == "PNG"
+    with open_checked(buf.getvalue()) as im:
+        assert im.size == (8, 8)

@@ -139,3 +139,39 @@ async def test_an_item_the_call_answers_with_an_exception_fails_alone_in_one_cal
                                            return_exceptions=True)
             assert answers[0] == ("good", 2) and str(answers[1]) == "huge overflowed"
             assert len(runs) == (1 if enabled else 2)  # batched: one call for both, and no retry
+
+
+@pytest.mark.parametrize("batching", [True, False])
+async def test_an_owners_slot_is_held_until_its_call_ends_even_when_its_caller_leaves(batching):
+    """A caller cancelled mid-call (a gRPC deadline, a stream that ended) gave its owner's slot back while its call
+    still held a pool thread: with batching off, one owner ran 4 calls at once against a bound of 3."""
+    import time
+
+    running = peak = 0
+    lock = threading.Lock()
+
+    def slow(items):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+        return [0 for _ in items]
+
+    slots = asyncio.Semaphore(2)
+    with ThreadPoolExecutor(4) as pool:
+        b = MicroBatcher(slow, pool, max_samples=1, enabled=batching, slots=slots)
+        tasks = []
+        for _ in range(6):
+            tasks.append(asyncio.ensure_future(b.submit("x", 1)))
+            await asyncio.sleep(0.02)
+            tasks[-1].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(100):  # every call ended, its slot given back
+            if running == 0 and not slots.locked() and slots._value == 2:
+                break
+            await asyncio.sleep(0.05)
+    assert peak <= 2, peak
+    assert slots._value == 2
