@@ -114,7 +114,8 @@ def add_commands(sub) -> None:
     d = sub.add_parser("distill", help="train a student from a teacher, a bundle, or labels alone")
     d.add_argument("--student", required=True, help="student architecture")
     d.add_argument("--data", required=True)
-    d.add_argument("--out", required=True, help="where to save the student (.safetensors)")
+    d.add_argument("--out", required=True, help="where to save the student's weights (written as safetensors whatever the name: "
+                   "SDB reads them back, torch.load does not)")
     t = d.add_mutually_exclusive_group()
     t.add_argument("--teacher", metavar="MODEL", help="a local teacher: its weights (with --teacher-arch), or an "
                    "ONNX model (.onnx)")

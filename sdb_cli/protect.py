@@ -134,7 +134,8 @@ def add_commands(sub) -> None:
     w.add_argument("--lam", type=float, default=SDBConfig().lam, help="keyed input λ·x + (1−λ)·k (default: %(default)s)")
     w.add_argument("--teacher-epochs", type=int,
                    help="with --train-teacher (default: the architecture's teacher schedule)")
-    w.add_argument("--save-teacher", metavar="FILE", help="with --train-teacher: keep the plain teacher's weights")
+    w.add_argument("--save-teacher", metavar="FILE", help="with --train-teacher: keep the plain teacher's weights (written "
+                   "as safetensors whatever the name)")
     w.add_argument("--name", help="model name in the bundle (default DATA-ARCH)")
     w.add_argument("--version", default="1", help="the bundle's version (default 1): a new one of a model already "
                    "served is added beside its others by `sdb models add`")

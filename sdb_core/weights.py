@@ -23,7 +23,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise WeightsError(f"no weights file at {p}")
     try:
-        if p.suffix == ".safetensors":
+        if p.suffix == ".safetensors" or _looks_like_safetensors(p):  # save_weights writes safetensors whatever the name
             state = load_file(str(p))
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
@@ -64,6 +64,17 @@ def _reason(e: Exception) -> str:
         return " ".join(kept)[:300] or "refused by torch's restricted unpickler"
     lines = text.strip().splitlines()
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _looks_like_safetensors(p: Path) -> bool:
+    """Whether a file starts as safetensors does: its header's length (a little-endian u64 that fits in the file),
+    then the header's JSON object. torch.save writes a zip (``PK``) or a pickle (``0x80``), never this."""
+    with p.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < header_length <= p.stat().st_size - 8
 
 
 def _looks_like_onnx(p: Path) -> bool:
@@ -127,6 +138,8 @@ def _unwrapped(state: dict[str, torch.Tensor], names: set[str]) -> tuple[dict[st
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model``'s weights to ``path`` as safetensors, whatever its suffix (:func:`read_state_dict` knows
+    them by their header, and torch.load cannot read them)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

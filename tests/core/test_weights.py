@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdb_core.models import create_model
-from sdb_core.weights import WeightsError, load_weights
+from sdb_core.weights import WeightsError, load_weights, save_weights
 
 
 @pytest.mark.parametrize("saved", [
@@ -72,3 +72,15 @@ def test_files_that_are_not_weights_are_named_for_what_they_are(tmp_path):
     torch.onnx.export(net.eval(), (torch.zeros(1, 1, 8, 8),), str(tmp_path / "model.bin"), dynamo=False)
     with pytest.raises(WeightsError, match=r"is an ONNX model, not weights: name it \*.onnx"):
         load_weights(net, tmp_path / "model.bin")
+
+
+@pytest.mark.parametrize("name", ["teacher.pt", "student.pth", "weights"])
+def test_weights_saved_under_any_name_load_back(tmp_path, name):
+    """save_weights writes safetensors whatever the suffix (``sdb wrap --save-teacher t.pt``, ``sdb distill --out
+    x.pt``); they were then read with torch.load for not being named .safetensors, and refused."""
+    torch.manual_seed(0)
+    trained = create_model("cnn", num_classes=10, in_shape=(1, 8, 8))
+    fresh = load_weights(create_model("cnn", num_classes=10, in_shape=(1, 8, 8)),
+                         save_weights(trained, tmp_path / name))
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(fresh.eval()(x), trained.eval()(x))
