@@ -37,8 +37,9 @@ from sdb_core.amalgamate.multilabel import (
     MultiLabelNet,
     count_params,
     mean_average_precision,
-    per_label_ap,
     predict_probs,
+    reported_aps,
+    reported_map,
 )
 from sdb_core.progress import Progress
 from sdb_core.train import History, TrainConfig, fit, pick_device, seed_everything
@@ -55,9 +56,9 @@ class AFKResult:
     params: int
     teacher_params: dict[str, int]
     map: float | None                      # student mAP (percent) on the requested tasks, test composites
-    ap: dict[int, float]                   # per requested task
+    ap: dict[int, float | None]            # per requested task (None: no positive among the test composites)
     teacher_map: float | None              # the teachers' mAP on the same tasks (each task by its teacher)
-    teacher_ap: dict[int, float]
+    teacher_ap: dict[int, float | None]
     active_channels: dict[int, int]        # per task: last-block channels its gate keeps open (> 0.5)
     history: dict[str, History]            # one per stage: "block0", ..., "finetune"
 
@@ -311,8 +312,8 @@ def teacher_scores(teachers: Sequence[TeacherSpec], x: Tensor, tasks: Sequence[i
 
 def _evaluate(cfg: AFKConfig, teachers: Sequence[TeacherSpec], student: FilteredStudent,
               history: dict[str, History]) -> AFKResult:
-    ap: dict[int, float] = {}
-    teacher_ap: dict[int, float] = {}
+    ap: dict[int, float | None] = {}
+    teacher_ap: dict[int, float | None] = {}
     smap = tmap = None
     if cfg.eval_n:
         from sdb_core.data.composites import make_composites
@@ -321,9 +322,8 @@ def _evaluate(cfg: AFKConfig, teachers: Sequence[TeacherSpec], student: Filtered
         xt, y = torch.from_numpy(xt), yt[:, cfg.tasks]
         s = predict_probs(student, xt).numpy()
         tsc = teacher_scores(teachers, xt, cfg.tasks).numpy()
-        ap = dict(zip(cfg.tasks, per_label_ap(s, y).tolist()))
-        teacher_ap = dict(zip(cfg.tasks, per_label_ap(tsc, y).tolist()))
-        smap, tmap = mean_average_precision(s, y), mean_average_precision(tsc, y)
+        ap, teacher_ap = dict(zip(cfg.tasks, reported_aps(s, y))), dict(zip(cfg.tasks, reported_aps(tsc, y)))
+        smap, tmap = reported_map(s, y), reported_map(tsc, y)  # None: no positive drawn, as with eval_n 0
     gates = student.gates(len(student.blocks) - 1).detach()
     return AFKResult(
         student=student, tasks=list(cfg.tasks), params=count_params(student),

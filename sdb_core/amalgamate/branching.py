@@ -55,7 +55,8 @@ Phase = Callable[[str], Callable[[Progress], None] | None]
 @dataclass
 class BranchingResult:
     branch_points: dict[str, str]             # task -> stage after which it branches out
-    search_losses: dict[str, dict[str, float]]  # task -> candidate -> mean teacher loss in the search
+    search_losses: dict[str, dict[str, float | None]]  # task -> candidate -> mean teacher loss in the search
+    # (None: the candidate was never sampled, so it has no loss; JSON has no Infinity)
     teachers: dict[str, dict[str, float]]      # task -> metrics (and "params")
     student: dict[str, float]                  # metrics of every task, "params"
     scratch: dict[str, float] | None           # the labelled multi-task baseline, same metrics
@@ -263,15 +264,15 @@ def amalgamate(teachers: dict[str, EncDec], images: Tensor, cfg: BranchingConfig
     taken = [v for t in tasks for rows in record[t].values() for _, v in rows]
     values = iter(torch.stack(taken).tolist() if taken else [])  # one read-back, in the order taken
     record = {t: {c: [(step, next(values)) for step, _ in rows] for c, rows in record[t].items()} for t in tasks}
-    search_losses: dict[str, dict[str, float]] = {}
+    search_losses: dict[str, dict[str, float | None]] = {}
     branch: dict[str, str] = {}
     for t in tasks:
-        means = {}
+        means: dict[str, float | None] = {}
         for c, rows in record[t].items():
             late = [v for s, v in rows if s >= half] or [v for _, v in rows]
-            means[c] = float(np.mean(late)) if late else math.inf
+            means[c] = float(np.mean(late)) if late else None
         search_losses[t] = means
-        branch[t] = min(candidates, key=lambda c, m=means: m[c])
+        branch[t] = min(candidates, key=lambda c, m=means: math.inf if m[c] is None else m[c])
     student.settle(branch)
     log("chosen branch points: " + ", ".join(f"{t} after {c}" for t, c in branch.items()))
 

@@ -119,6 +119,18 @@ def mean_average_precision(scores, targets) -> float:
     return float(np.nanmean(ap))
 
 
+def reported_aps(scores, targets) -> list[float | None]:
+    """:func:`per_label_ap` as a report shows it: None (JSON null) for a label with no positive, not NaN."""
+    return [None if np.isnan(a) else float(a) for a in per_label_ap(scores, targets)]
+
+
+def reported_map(scores, targets) -> float | None:
+    """:func:`mean_average_precision` as a report shows it: None when no label has a positive (a small ``eval_n``
+    can draw none), as with no evaluation at all, so that the trained student is kept and the mAP shown as n/a."""
+    aps = [a for a in reported_aps(scores, targets) if a is not None]
+    return float(np.mean(aps)) if aps else None
+
+
 def predict_probs(model: nn.Module | Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 500) -> Tensor:
     """Sigmoid of the logits, in eval mode, on ``x``'s device (the model runs where it lives)."""
     return torch.sigmoid(predict_logits(model, x, batch_size))

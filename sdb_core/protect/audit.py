@@ -19,7 +19,6 @@ N = 1,000 (label smoothing 0.2 catches up); see the README's "Leak audit" sectio
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -32,6 +31,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..data import transfer_split
+from ..reports import report_json
 from ..train import Progress
 from .attacks import ATTACK_FAMILIES, Attack, PublicAPI, Round, public_api
 from .config import FAMILIES, AuditConfig
@@ -104,7 +104,7 @@ class AuditReport:
         """``report.json``, ``table.txt`` and ``advantages.png`` in ``out_dir``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps(self.to_dict(), indent=2))
+        (out / "report.json").write_text(report_json(self.to_dict()))
         (out / "table.txt").write_text(self.format_table() + "\n")
         return {"report": out / "report.json", "table": out / "table.txt",
                 "chart": self.plot(out / "advantages.png")}

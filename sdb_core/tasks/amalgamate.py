@@ -291,7 +291,7 @@ def _datafree(cfg: AmalgamateTask, out: Path, hooks: Hooks, work: Path | None) -
     import torch
 
     from ..amalgamate.datafree import datafree
-    from ..amalgamate.multilabel import count_params, mean_average_precision, predict_probs
+    from ..amalgamate.multilabel import count_params, predict_probs, reported_map
     from ..bundle import export_bundle
     from ..weights import save_weights
 
@@ -319,8 +319,8 @@ def _datafree(cfg: AmalgamateTask, out: Path, hooks: Hooks, work: Path | None) -
 
         x, y = make_composites(cfg.eval_n, split="test", grid=cfg.grid, seed=cfg.seed)
         x = torch.as_tensor(x)
-        student_map = mean_average_precision(predict_probs(res.student, x), y[:, tasks])
-        teacher_map = {s.name: mean_average_precision(predict_probs(s.model, x), y[:, list(s.labels)]) for s in specs}
+        student_map = reported_map(predict_probs(res.student, x), y[:, tasks])  # None: no positive drawn
+        teacher_map = {s.name: reported_map(predict_probs(s.model, x), y[:, list(s.labels)]) for s in specs}
     params = count_params(res.student)
     teacher_params = {s.name: count_params(s.model) for s in specs}
     save_weights(res.student, out / "student.safetensors")

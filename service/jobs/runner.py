@@ -30,6 +30,7 @@ from pathlib import Path
 from sqlalchemy.exc import SQLAlchemyError
 
 from sdb_core.progress import Cancelled
+from sdb_core.reports import finite_json, report_json
 
 from ..disclosure import failure_reason, hide_paths_in
 from ..settings import Settings
@@ -267,7 +268,7 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
                         "attempt": job.attempts, "worker": worker, "seconds": time.time() - t0},
                 **report, "curves": ctx.curves}
         full = hide_paths_in(json.loads(json.dumps(full, default=str)), settings.data_dir)  # the owner downloads it
-        (ctx.artifacts / "report.json").write_text(json.dumps(full, indent=2))
+        (ctx.artifacts / "report.json").write_text(report_json(full))
         used = ctx.artifact_bytes()
         over = artifacts_over_cap(ctx, used)
         if over is not None:
@@ -275,7 +276,8 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             raise Cancelled(over)
         try:
             ok = _settled(queue.finish, job.id, worker, "succeeded", message=report.get("summary", "done"),
-                          result=report.get("result", {}), metrics=report.get("metrics", {}), artifact_bytes=used)
+                          result=finite_json(report.get("result", {})), metrics=finite_json(report.get("metrics", {})),
+                          artifact_bytes=used)
         except (SQLAlchemyError, OSError):  # not the recipe's failure: the reaper settles the job, its artifacts kept
             log.exception("job %s succeeded, but the store did not take its end", job.id)
             ctx.log("succeeded, but the store did not take it: the reaper will settle the job")

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sdb_core.protect.config import FAMILIES, POLICIES, AuditConfig
+from sdb_core.reports import report_json
 from sdb_core.tasks import audit
 from sdb_core.tasks.audit import AuditTask
 
@@ -95,7 +96,7 @@ def run(ctx, p: AuditParams) -> dict:
     # table.txt name an uploaded data set by its place under the data dir, as report.json does.
     root = ctx.settings.data_dir
     audit_json = outcome.paths["report"].rename(ctx.artifacts / "audit.json")
-    audit_json.write_text(json.dumps(hide_paths_in(json.loads(audit_json.read_text()), root), indent=2))
+    audit_json.write_text(report_json(hide_paths_in(json.loads(audit_json.read_text()), root)))
     outcome.paths["table"].write_text(hide_paths(outcome.paths["table"].read_text(), root))
     ctx.log(report.format_table())
     summary = report.to_dict()

@@ -9,12 +9,12 @@ version as soon as the job reports it.
 """
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 from pydantic import Field
 
 from sdb_core.protect.config import CheckConfig, SDBConfig, Thresholds
+from sdb_core.reports import report_json
 from sdb_core.tasks import wrap
 from sdb_core.tasks.refs import ONNX_ARCH
 from sdb_core.tasks.wrap import WrapTask
@@ -97,7 +97,7 @@ def run(ctx, p: WrapParams) -> dict:
     try:
         outcome = wrap.run(task, out, ctx.hooks, master_key=ctx.settings.master_key)
     except WrapRefused as e:  # the job fails with the message; what was tried stays as an artifact
-        (ctx.artifacts / "check.json").write_text(json.dumps(e.report, indent=2))
+        (ctx.artifacts / "check.json").write_text(report_json(e.report))
         raise
     ctx.log("metrics: " + ", ".join(f"{k} {v:.2f}%" for k, v in outcome.metrics.items()))
     result = {"model": outcome.name, "version": version, "bundle": "bundle.sdb", "deployed": False}
