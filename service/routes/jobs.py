@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
 
 from ..auth import ApiKey
+from ..copies import bundle_path
 from ..deps import JobQueueDep, JobsKeyDep, ModelHostDep, SettingsDep
 from ..disclosure import hide_paths, hide_paths_in
 from ..errors import ApiError, invalid, not_found
@@ -41,7 +42,7 @@ from ..jobs.schemas import (
 )
 from ..schemas import AUTH, NO_NUL, Before, Page, json_response, ok, page, page_limit, page_start, responses
 from ..settings import Settings
-from ..store import JOB_DONE, JobRow
+from ..store import JOB_DONE, JobRow, ModelRow, Store
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -205,17 +206,36 @@ def cancel(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: Setting
                summary="Delete a finished job: its record, log and artifacts (frees its artifact storage)",
                responses={**ok({"id": _JOB["id"], "deleted": True}),
                           **responses(*AUTH, 404, 409, why={**_SCOPE, 404: "no such job for this key",
-                                                            409: "the job is queued or running: cancel it first"})})
+                                                            409: "the job is queued or running: cancel it first; or a "
+                                                                 "registered model version is served from its "
+                                                                 "artifacts: remove it first"})})
 def delete_job(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
     row = _own(queue, job_id, key)
     if row.status not in JOB_DONE:
         raise ApiError(409, "job_not_finished", f"job {job_id} is {row.status}: cancel it "
                        f"(POST /v1/jobs/{job_id}/cancel) and delete it once it has ended")
+    served = _served_from(settings, queue.store, job_id)
+    if served:
+        raise ApiError(409, "job_artifacts_served", f"job {job_id}'s artifacts hold the bundle of "
+                       f"{', '.join(f'{m.name} version {m.version}' for m in served)}, registered in place: "
+                       "deleting the job would stop serving it. Remove those versions first (DELETE "
+                       "/v1/models/NAME?version=V, or `sdb models remove NAME --version V`), then delete the job")
     if queue.delete(job_id) is None:
         raise not_found(f"no job with id {job_id!r}", "job_not_found")
     shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)  # the row first: no reader finds half a job
     queue.store.audit(key.id, "job.delete", job_id, f"{row.kind} {row.artifact_bytes or 0} artifact bytes")
     return json_response({"id": job_id, "deleted": True})
+
+
+def _served_from(settings: Settings, store: Store, job_id: str) -> list[ModelRow]:
+    """The registered versions whose bundle lies in the job's folder (``sdb models add`` of a job's artifact
+    registers it in place, as docs/pose.md shows): deleting the job would take their bundle away. A version's path
+    is read as the registry reads it, and also as one naming ``jobs/<job_id>/`` (a data dir moved, or a path stored
+    relative to it)."""
+    folder = job_dir(settings, job_id).resolve()
+    return [m for m in store.list_models()
+            if bundle_path(settings, m.path).resolve().is_relative_to(folder)
+            or ("jobs", job_id) in zip(pathlib.Path(m.path).parts, pathlib.Path(m.path).parts[1:])]
 
 
 @router.get("/{job_id}/logs", response_model=JobLogChunk, summary="The log from a byte offset",
