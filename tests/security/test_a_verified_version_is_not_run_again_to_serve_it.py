@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.security.graphs import const, counting_loop_body
 from tests.security.test_hand_made_bundles_are_refused_clearly import _edit, _sdb, _settings, plain  # noqa: F401
 from tests.service.conftest import start_service
 
@@ -28,18 +29,9 @@ CHECK_RUN_TRIPS = 3_000_000
 def _slow_on_zeros_graph(trips: float) -> bytes:
     """input [N, 3, 8, 8] -> logits [N, 4] = Loop(max(0, trips · (1 - max(input)))){acc + 1}, plus 0 · the input:
     ``trips`` trips on the check run's zeros, none on an input of 1s (a legal graph that answers at once)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    const = lambda name, value, dtype: numpy_helper.from_array(np.array(value, dtype), name)
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["acc", "one"], ["acc_out"])],
-        "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [4])],
-        initializer=[const("one", np.ones(4), np.float32)])
+    body = counting_loop_body()
     nodes = [helper.make_node("ReduceMax", ["input"], ["top"], keepdims=0),
              helper.make_node("Sub", ["onef", "top"], ["left"]),
              helper.make_node("Mul", ["left", "trips_per_unit"], ["trips_f"]),

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.security.graphs import const, counting_loop_body
 from tests.security.test_hand_made_bundles_are_refused_clearly import _disk, _edit, _sdb, _settings, plain  # noqa: F401
 from tests.service.conftest import start_service
 
@@ -28,20 +29,9 @@ TRIPS = 30_000_000
 def _looping_graph(trips: int, per_input: bool = False) -> bytes:
     """input [N, 3, 8, 8] -> logits [N, 4] = ReduceSum(input) * 0 + Loop(trips){acc + 1}: right shape, any time.
     ``per_input``: a Loop of max(input) · trips instead: none on the check run's zeros, for ever on an input of 1s."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    def const(name, value, dtype):
-        return numpy_helper.from_array(np.array(value, dtype), name)
-
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["acc", "one"], ["acc_out"])],
-        "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [4])],
-        initializer=[const("one", np.ones(4), np.float32)])
+    body = counting_loop_body()
     count = [helper.make_node("ReduceMax", ["input"], ["top"], keepdims=0),
              helper.make_node("Mul", ["top", "per_unit"], ["trips_f"]),
              helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64)] if per_input else []
@@ -114,9 +104,8 @@ def test_an_ordinary_graph_is_not_stopped(plain):  # noqa: F811
 
 def _columns_follow_the_input_graph() -> bytes:
     """input [N, 3, 8, 8] -> logits [N, 4 + round(max(input))]: 4 columns on the check run's zeros, more on others."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
-    const = lambda name, value, dtype: numpy_helper.from_array(np.array(value, dtype), name)
     nodes = [helper.make_node("ReduceMax", ["input"], ["top"], keepdims=0),
              helper.make_node("Cast", ["top"], ["top_int"], to=TensorProto.INT64),
              helper.make_node("Add", ["top_int", "four"], ["end"]),
@@ -190,13 +179,12 @@ async def test_a_request_that_computes_for_ever_is_stopped_and_frees_its_thread(
 def _long_chain_graph(links: int) -> bytes:
     """input [N, 3, 8, 8] -> logits [N, 4] through ``links`` Add nodes of +0: the right answer, from a graph ONNX
     Runtime takes minutes to load (10^6 nodes: 114 s here; it grows faster than the graph)."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     nodes = [helper.make_node("ReduceSum", ["input", "axes"], ["t0"], keepdims=1)]
     nodes += [helper.make_node("Add", [f"t{i}", "zero"], [f"t{i + 1}"]) for i in range(links)]
     nodes += [helper.make_node("Reshape", [f"t{links}", "column"], ["per_sample"]),
               helper.make_node("Mul", ["per_sample", "row"], ["logits"])]
-    const = lambda name, value, dtype: numpy_helper.from_array(np.array(value, dtype), name)
     graph = helper.make_graph(
         nodes, "long", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
