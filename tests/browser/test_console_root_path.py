@@ -9,6 +9,7 @@ import json
 import time
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -78,13 +79,20 @@ def requests_seen(driver, console, settle_s: float = 5.0) -> dict[str, int | Non
     return {u: s for u, s in asked.items() if u.startswith("http")}
 
 
+FAVICON = ROOT + "/console/static/icon.svg"  # fetched by the browser itself: its answer is not always in the log
+
+
 def assert_all_under_the_prefix(asked: dict[str, int | None], server) -> None:
     assert asked
     elsewhere = [u for u in asked if not u.startswith(server.url + "/")
                  or not (urlsplit(u).path == ROOT or urlsplit(u).path.startswith(ROOT + "/"))]
     assert not elsewhere, f"asked for outside {ROOT}: {elsewhere}"
-    failed = {u: s for u, s in asked.items() if s is None or s >= 400}
+    # Chrome's favicon loader logs its request but not always its answer (1 CI run in 3): asked under the prefix
+    # is what the page decides; that the server answers it there is asked of the server directly
+    unlogged = {u for u, s in asked.items() if s is None and urlsplit(u).path == FAVICON}
+    failed = {u: s for u, s in asked.items() if (s is None or s >= 400) and u not in unlogged}
     assert not failed, f"not answered, or refused: {failed}"
+    assert httpx.get(server.url + FAVICON, timeout=30).status_code == 200
 
 
 def test_the_console_asks_for_everything_under_the_prefix(console, driver, prefixed):
