@@ -85,6 +85,15 @@ def _run(client, args) -> int:
         client.jobs.delete(args.job_id)
         print(f"deleted {args.job_id}")
         return 0
+    if cmd == "artifacts":
+        for a in client.jobs.artifacts(args.job_id):
+            print(f"{a['name']}  {a['size']}")
+        return 0
+    if cmd == "download":
+        names = args.names or [a["name"] for a in client.jobs.artifacts(args.job_id)]
+        for name in names:
+            print(client.jobs.download(args.job_id, name, args.out))
+        return 0
     jobs = listed(client.jobs, args, "jobs", status=args.status, kind=args.kind)
     if args.json:
         print(json.dumps(jobs, indent=2))
@@ -112,6 +121,12 @@ def add_commands(sub) -> None:
     jc.add_argument("job_id")
     jd = js.add_parser("delete", help="delete a finished job: its record, log and artifacts")
     jd.add_argument("job_id")
+    ja = js.add_parser("artifacts", help="a job's artifacts: name and size in bytes")
+    ja.add_argument("job_id")
+    jdl = js.add_parser("download", help="save a job's artifacts (all, or those named); prints each file's path")
+    jdl.add_argument("job_id")
+    jdl.add_argument("names", nargs="*", help="artifact names (default: every one)")
+    jdl.add_argument("--out", help="a directory (default: the current one), or a file for one artifact")
     jls = js.add_parser("list", help="your jobs (all jobs with an admin key)")
     jls.add_argument("--status")
     jls.add_argument("--kind")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from sdb_client import AsyncClient, Client
 
+from sdb_cli.main import main
 from tests.service.jobs_helpers import start_worker, stop_worker
 
 from .conftest import MODEL
@@ -21,7 +22,7 @@ def worker(sdb_server):
     stop_worker(p)
 
 
-def test_jobs_happy_path_sync(sdb_server, worker, tmp_path):
+def test_jobs_happy_path_sync(sdb_server, worker, tmp_path, capsys):
     token = sdb_server.key(("jobs", "distill"), models=[MODEL])
     with Client(sdb_server.url, token) as c:
         job = c.jobs.submit("distill", PARAMS, idempotency_key="sdk-1")
@@ -39,6 +40,18 @@ def test_jobs_happy_path_sync(sdb_server, worker, tmp_path):
         assert names == ["curves.png", "report.json", "student.safetensors"]
         for n in names:
             assert c.jobs.download(job["id"], n, tmp_path).stat().st_size > 0
+    # the same from the command line: a remote user without admin had no way to fetch a student but the API
+    cli = ["--url", sdb_server.url, "--api-key", token]
+    assert main(["jobs", "artifacts", job["id"], *cli]) == 0
+    listed = capsys.readouterr().out.split()
+    assert listed[0::2] == names and all(int(size) > 0 for size in listed[1::2])
+    out = tmp_path / "cli"
+    assert main(["jobs", "download", job["id"], *cli, "--out", f"{out}/"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == names
+    assert (out / "report.json").read_bytes() == (tmp_path / "report.json").read_bytes()
+    assert main(["jobs", "download", job["id"], "student.safetensors", *cli, "--out", str(tmp_path / "s.st")]) == 0
+    assert (tmp_path / "s.st").read_bytes() == (tmp_path / "student.safetensors").read_bytes()
+    assert token not in capsys.readouterr().out
 
 
 @pytest.mark.anyio
