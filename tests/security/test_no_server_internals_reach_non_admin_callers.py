@@ -64,6 +64,19 @@ async def test_metrics_show_no_key_id_without_an_admin_key(service):
     assert f'sdb_samples_total{{key_id="{user_id}",kind="distill",model="digits-a"}} 2.0' in by_key
 
 
+async def test_the_operators_metrics_are_an_admins_alone(service):
+    """The interpreter's version, the process's memory and every tenant's job queue are an operator's: a public
+    /metrics (SDB_PUBLIC_PREDICT on) showed them to anyone, and a key without admin reads them no more."""
+    c, user = service.client, service.auth(service.key(("distill", "jobs")))
+    operator = ("python_info", "process_resident_memory_bytes", "sdb_jobs{", "sdb_job_workers_busy")
+    for who, headers in (("anonymous", {}), ("a distill and jobs key", user)):
+        text = (await c.get("/metrics", headers=headers)).text
+        assert "sdb_requests_total" in text
+        assert not [name for name in operator if name in text], f"{who} reads the operator's series"
+    admin = (await c.get("/metrics", headers=service.admin)).text
+    assert all(name in admin for name in operator), admin[-2000:]
+
+
 async def test_readyz_and_the_repository_index_show_no_server_path(service, bundles, tmp_path_factory):
     c, root = service.client, tmp_path_factory.getbasetemp()
     # A bundle the server refuses to load: its reason names the bundle's path on the server.

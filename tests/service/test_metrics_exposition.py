@@ -194,15 +194,6 @@ def test_a_store_that_does_not_answer_is_its_own_code_and_the_scrape_goes_on(ser
     assert value(scrape(server), "sdb_jobs", kind="distill", status="queued") == 0  # back with the store
 
 
-def test_the_operators_series_are_an_admins_alone(server):
-    """The interpreter's version, the process's memory and every tenant's job queue are an operator's: a public
-    /metrics (SDB_PUBLIC_PREDICT on) showed them to anyone."""
-    anyone, admin = scrape(server, admin=False), scrape(server)
-    for name in ("python_info", "process_resident_memory_bytes", "sdb_jobs", "sdb_job_workers_busy"):
-        assert name in admin and name not in anyone, name
-    assert "sdb_requests" in anyone
-
-
 def test_a_stalled_store_holds_no_scrape_past_its_wait_and_one_thread_at_most():
     """A frozen database held every scrape (past Prometheus' 10 s timeout: the whole target down) and a thread each."""
     from service.metrics import JOBS_WAIT_S, _JobsInStore
