@@ -159,5 +159,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.put_in_front(cors_origins=settings.cors_origin_list(), max_payload_bytes=settings.max_payload_bytes,
                      metrics=metrics, host_of=lambda: app.state.host,
                      upload_routes=dict.fromkeys(UPLOAD_ROUTES, (upload, allowed)), address_limiter=address_limiter,
-                     direct=DirectRoutes(route for r in routers for route in r.routes))
+                     direct=DirectRoutes(route for r in routers for route in r.routes),
+                     # app.routes holds the routers whole: their own routes, for a label, and FastAPI's /openapi.json
+                     routes=[*(r for r in app.routes if hasattr(r, "path")), *(route for r in routers for route in r.routes)])
     return app

@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request, Response
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.routing import get_route_path
+from starlette.routing import Match, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .direct import DirectRoutes
@@ -39,7 +39,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 class ServiceMiddleware:
     def __init__(self, app: ASGIApp, *, max_payload_bytes: int, metrics, host_of,
                  upload_routes: dict[tuple[str, str], tuple[int, str]] | None = None, address_limiter=None,
-                 direct: DirectRoutes | None = None):
+                 direct: DirectRoutes | None = None, routes: list | None = None):
         self.app, self.limit, self.metrics, self.host_of = app, max_payload_bytes, metrics, host_of
         self.what = f"bodies up to {max_payload_bytes} bytes (SDB_MAX_PAYLOAD_BYTES)"
         # (method, path) → its own body limit and what it allows, in words: file uploads
@@ -52,6 +52,7 @@ class ServiceMiddleware:
         self.unproven = (RateLimiter(address_limiter.rate, address_limiter.burst) if address_limiter is not None
                          else None)
         self.direct = direct  # the inference routes, called from here (service.direct)
+        self.routes = routes or []  # every route, one by one: the labels of requests no route ran
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,9 +120,11 @@ class ServiceMiddleware:
                     scope["app"].state.key_limiter.take(scope[_VALID_KEY])
                 else:
                     self.unproven.take(unproven)
-            route = scope.get("route")
+            route, params = scope.get("route"), scope.get("path_params")
+            if route is None:  # refused before routing (rate, size, a key in the URL), or a route Starlette's own
+                route, params = _route_of(scope, self.routes)
             template = getattr(route, "path", None) or "<unmatched>"
-            name = (scope.get("path_params") or {}).get("name")
+            name = (params or {}).get("name")
             host = self.host_of()
             model = name if name and host is not None and name in host else ""
             code, refused = scope.get(ERROR_CODE, ""), received.get(REFUSED_BODY)
@@ -247,6 +250,20 @@ CORS_HEADERS = ["Authorization", "Content-Type", "Content-Encoding", "Inference-
                 "Idempotency-Key"]
 CORS_EXPOSED = ["Retry-After", "Retry-After-Ms", "Inference-Header-Content-Length", "SDB-Model", "SDB-Model-Version",
                 "SDB-Temperature", "X-Model-Version", "Content-Disposition", "Allow", "WWW-Authenticate"]
+
+
+def _route_of(scope: Scope, routes: list) -> tuple[object | None, dict | None]:
+    """The route a request was for, and its path parameters, without running it: the label of a request refused
+    before routing (a throttled predict counted under its template and model, not ``<unmatched>``), and of routes
+    that leave no ``route`` in the scope (``/openapi.json``). Only such requests pay for the walk."""
+    partial = None, None
+    for route in routes:
+        match, child = route.matches(scope)
+        if match is Match.FULL:
+            return route, child.get("path_params")
+        if match is Match.PARTIAL and partial[0] is None:  # the path's route, another method: its 405
+            partial = route, child.get("path_params")
+    return partial
 
 
 class ServiceApp(FastAPI):

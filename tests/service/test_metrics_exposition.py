@@ -215,3 +215,23 @@ def test_a_stalled_store_holds_no_scrape_past_its_wait_and_one_thread_at_most():
         assert sum(t.name == "sdb-metrics-jobs" for t in threading.enumerate()) == 1
     finally:
         gate.set()
+
+
+def test_a_request_refused_before_routing_is_counted_under_its_route_and_model(server):
+    """A throttled or oversized predict was ``<unmatched>`` with no model (the route was never reached), so an operator
+    could not see which route or model was refused; ``/openapi.json``, a route that leaves no trace in the request,
+    was ``<unmatched>`` at 200."""
+    limit = server.app.state.settings.max_payload_bytes
+    r = httpx.post(server.url + "/v1/models/digits-a/predict", content=b"x" * (limit + 1),
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413, r.text
+    r = httpx.post(server.url + "/v1/models/digits-a/predict?api_key=sdb_x", json={"inputs": []}, timeout=30)
+    assert r.status_code == 401, r.text
+    assert httpx.get(server.url + "/openapi.json", timeout=30).status_code == 200
+    assert httpx.delete(server.url + "/nowhere", timeout=30).status_code == 404
+    m = scrape(server)
+    assert value(m, "sdb_errors_by_code_total", route=PREDICT, code="payload_too_large") == 1
+    assert value(m, "sdb_errors_by_code_total", route=PREDICT, code="key_in_url") == 1
+    assert value(m, "sdb_requests_total", route=PREDICT, method="POST", model="digits-a", status="413") == 1
+    assert value(m, "sdb_requests_total", route="/openapi.json", method="GET", model="", status="200") == 1
+    assert value(m, "sdb_requests_total", route="<unmatched>", method="DELETE", model="", status="404") == 1
