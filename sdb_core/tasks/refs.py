@@ -200,16 +200,20 @@ def _numbered(names: list[str]) -> bool:
 
 def class_order(model_labels: list[str] | None, data, who: str) -> list[int] | None:
     """Where each of the data set's classes is among the outputs of a model that names its classes (a bundle's
-    ``labels``): None when they are in the same order, or when either side only numbers them (nothing to tell).
-    The same names in another order give the reordering; other names are a ValueError, in words: a teacher or
-    target scored against a set whose classes are not its own taught its students nothing (0 % here, and an audit
+    ``labels``): None when they are in the same order, or when one side only numbers them and the other names
+    them (nothing to tell them by). The same names in another order give the reordering, numbers too: an image
+    folder of classes "0" … "11" reads them as text ("0", "1", "10", "11", "2", ...), a model wrapped on an
+    ``.npz`` without labels numbers them 0 … 11. Other names are a ValueError, in words: a teacher or target
+    scored against a set whose classes are not its own taught its students nothing (0 % here, and an audit
     verdict against scrambled labels), without an error."""
     names = [unicodedata.normalize("NFC", str(n)) for n in model_labels or []]
     ours = [unicodedata.normalize("NFC", str(n)) for n in data.labels]
-    if not names or names == ours or _numbered(names) or _numbered(ours):
+    if not names or names == ours:
         return None
     if sorted(names) == sorted(ours) and len(set(names)) == len(names):
         return [names.index(c) for c in ours]
+    if _numbered(names) or _numbered(ours):
+        return None
     differ = sorted(set(ours) - set(names))[:5]
     raise ValueError(f"{who} answers the classes {names[:10]}{' ...' if len(names) > 10 else ''}; the data set "
                      f"{data.name!r} has {ours[:10]}{' ...' if len(ours) > 10 else ''} ({differ} not among its): use a "

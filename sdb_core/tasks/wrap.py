@@ -169,26 +169,63 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
 
 
 LEARNED_MARGIN = 5.0  # points above chance a given teacher must score on the data's own training inputs
+# Points by which a given teacher must score better with its outputs read in another class order, and above chance,
+# for that order to be taken as its own: a teacher at chance gains a few points from the best mapping by luck on a
+# small set, one trained on the classes in another order gains tens.
+ORDER_MARGIN = 25.0
 
 
 def _require_learned(teacher, data):
     """Refuse, saying why, a given teacher that scores at chance on the data's training inputs (up to 2,000): it
-    was trained on other inputs than these, and a box of it would protect nothing worth having. Returns the
-    teacher as scored (inside :func:`~sdb_core.protect.teacher.check_teacher`'s adapter, if it needs one)."""
-    from torch.utils.data import TensorDataset
-
+    was trained on other inputs than these, and a box of it would protect nothing worth having; or that answers
+    these classes in another order (it scores far better with its outputs mapped to the set's classes one to one),
+    a box of which would teach every student the wrong class. Returns the teacher as scored (inside
+    :func:`~sdb_core.protect.teacher.check_teacher`'s adapter, if it needs one)."""
     from ..protect.teacher import check_teacher, shown
-    from ..train import accuracy
+    from ..train import predict_logits
 
     x, y = (t[:2000] for t in data.train.tensors)
     checked = check_teacher(teacher, data)
-    fit, chance = accuracy(checked, TensorDataset(x, y)), 100.0 / data.num_classes
+    predicted = predict_logits(checked, x).argmax(1)
+    fit, chance = 100.0 * (predicted == y).float().mean().item(), 100.0 / data.num_classes
+    mapped, outputs = _best_mapping(predicted, y, data.num_classes)
+    if mapped >= fit + ORDER_MARGIN and mapped >= chance + ORDER_MARGIN:
+        moved = [f"{data.labels[c]!r} (class {c}) -> output {o}" for c, o in enumerate(outputs) if c != o]
+        raise ValueError(
+            f"the teacher's classes seem to be in another order than the data set's ({_names(data.labels)}): it "
+            f"scores {fit:.1f}% on the data's training inputs, {mapped:.1f}% with the set's classes read from its "
+            f"outputs as {', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''}. The box gives it the classes in "
+            "the data set's order (an .npz's y, an image folder's class folders sorted by name: '10' before '2'): "
+            "give the data with its classes in the teacher's order (an .npz whose y numbers them as the teacher's "
+            "outputs, with its labels; class folders named to sort so, e.g. '00' to '11')")
     if fit < chance + LEARNED_MARGIN:
         raise ValueError(
             f"the teacher scores {fit:.1f}% on the data's training inputs (chance {chance:.1f}%): it was trained on "
             "other inputs than these. The box gives it each input normalised per channel by the training split's "
             f"mean and std {shown(data.mean)}, {shown(data.std)}, its classes in the data set's order "
-            f"({', '.join(data.labels[:5])}{', ...' if len(data.labels) > 5 else ''}). A network trained on inputs "
-            "normalised otherwise: give that normalisation (sdb wrap --teacher-mean/--teacher-std, a job's "
-            "teacher.mean/std); trained on another class order: give the data in its order")
+            f"({_names(data.labels)}). A network trained on inputs normalised otherwise: give that normalisation "
+            "(sdb wrap --teacher-mean/--teacher-std, a job's teacher.mean/std); trained on another class order: "
+            "give the data in its order")
     return checked
+
+
+def _best_mapping(predicted, y, num_classes: int) -> tuple[float, list[int]]:
+    """The accuracy in percent of ``predicted`` outputs with each class read from one output of its own, the
+    mapping that scores best, and that mapping (class -> output). Greedy on the confusion counts, largest first:
+    the check needs a mapping far better than the identity, not the very best one."""
+    import torch
+
+    counts = torch.zeros(num_classes, max(num_classes, int(predicted.max()) + 1), dtype=torch.long)
+    counts.index_put_((y.long(), predicted.long()), torch.ones_like(y, dtype=torch.long), accumulate=True)
+    outputs, free = [-1] * num_classes, counts.clone()
+    for _ in range(num_classes):
+        c, o = divmod(int(free.argmax()), free.shape[1])
+        outputs[c] = o
+        free[c, :], free[:, o] = -1, -1
+    hits = sum(int(counts[c, o]) for c, o in enumerate(outputs))
+    return 100.0 * hits / max(len(y), 1), outputs
+
+
+def _names(labels, first: int = 5) -> str:
+    """The first class names, each quoted: a name may hold a comma ("tench, Tinca tinca")."""
+    return ", ".join(repr(str(n)) for n in labels[:first]) + (", ..." if len(labels) > first else "")
