@@ -55,6 +55,28 @@ def _entries(value: str) -> list[str]:
     """A comma-separated setting's entries, trimmed, empty ones left out."""
     return [e for e in (e.strip() for e in value.split(",")) if e]
 
+
+def _proxy(entry: str) -> str:
+    """A trusted proxy (SDB_FORWARDED_ALLOW_IPS) as uvicorn parses it: an address, or a network without host bits
+    (192.168.1.10/24, as `ip addr` prints a host's, is 192.168.1.0/24)."""
+    try:
+        return str(ipaddress.ip_network(entry, strict=False) if "/" in entry else ipaddress.ip_address(entry))
+    except ValueError:
+        raise ValueError(f"{entry!r} is not an IP address or network: it takes addresses or networks (10.0.0.0/8), "
+                         "comma-separated, \"*\" (any) or \"\" (none)") from None
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
+def _origin(entry: str) -> str:
+    """An allowed origin (SDB_CORS_ORIGINS) as a browser's Origin header writes it: scheme and host in lower case,
+    no default port (https://App.Example:443 is https://app.example)."""
+    origin = entry.lower()
+    default_port = _DEFAULT_PORTS.get(origin.partition(":")[0], "")
+    return origin.removesuffix(default_port) if default_port else origin
+
+
 class Settings(BaseSettings):
     # No inf or nan: every number here is a size, a count or a period, and an infinite one never ends.
     model_config = SettingsConfigDict(env_prefix="SDB_", extra="ignore", allow_inf_nan=False)
@@ -214,15 +236,17 @@ class Settings(BaseSettings):
     @field_validator("forwarded_allow_ips")
     @classmethod
     def _proxies(cls, value: str) -> str:
-        # uvicorn reads an entry it cannot parse as a name it never sees: a typo would trust no proxy, silently
-        for entry in _entries(value):
-            if entry != "*":
-                try:
-                    ipaddress.ip_network(entry, strict=False)
-                except ValueError:
-                    raise ValueError(f"{entry!r} is not an IP address or network: it takes addresses or networks "
-                                     "(10.0.0.0/8), comma-separated, \"*\" (any) or \"\" (none)") from None
-        return value
+        # written as uvicorn parses it (strictly, "*" only alone and exact): an entry it cannot parse it reads as a
+        # name it never sees, so a typo, a host's address with its prefix (192.168.1.10/24), a trailing blank after
+        # "*" or a "*" among other entries would trust no proxy, silently
+        entries = _entries(value)
+        if "*" in entries:
+            if set(entries) != {"*"}:
+                raise ValueError(f"{value.strip()!r} mixes \"*\" (every peer) with other entries, and uvicorn would "
+                                 "ignore that \"*\": give \"*\" alone, or the proxies' addresses and networks "
+                                 "without it")
+            return "*"
+        return ",".join(_proxy(entry) for entry in entries)
 
     @field_validator("root_path")
     @classmethod
@@ -240,12 +264,15 @@ class Settings(BaseSettings):
     @classmethod
     def _origins(cls, value: str) -> str:
         # an origin is scheme://host[:port], nothing after it: a browser's Origin header never matches a path
+        # and is written as a browser writes it (lower case, no default port), which Starlette compares exactly
+        origins = []
         for entry in _entries(value):
-            if entry != "*" and not re.fullmatch(r"https?://[^/\s]+", entry):
+            if entry != "*" and not re.fullmatch(r"https?://[^/\s]+", entry, flags=re.IGNORECASE):
                 raise ValueError(f"{entry!r} is not an origin: it takes origins such as https://app.example or "
                                  "http://localhost:3000 (scheme and host, no path), comma-separated, \"*\" (any) or "
                                  "\"\" (none)")
-        return value
+            origins.append(_origin(entry))
+        return ",".join(origins)
 
     def cors_origin_list(self) -> list[str]:
         return _entries(self.cors_origins)

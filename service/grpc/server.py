@@ -8,11 +8,14 @@ encoding differs (:mod:`service.grpc.codec`).
 
 Authentication is the HTTP routes': the ``authorization`` metadata (``Bearer sdb_…``), the same key
 checks, scopes and per-key rate; a call without a key spends its address's rate, as an HTTP request
-does (health is never limited). An error is the call's status: the HTTP status's gRPC code
-(:data:`CODES`) with the same message; ``retry-after`` goes back as trailing metadata. Anything else
-is logged and answered INTERNAL without a word of it. Messages over ``SDB_MAX_PAYLOAD_BYTES`` are
-refused by gRPC itself (RESOURCE_EXHAUSTED) before they are read; bytes that are not the RPC's message
-are INVALID_ARGUMENT (:func:`_handlers` decodes them here, not in grpcio, which answers UNKNOWN).
+does (health is never limited). A caller's address is HTTP's too: from a proxy ``SDB_FORWARDED_ALLOW_IPS``
+trusts, the client its ``x-forwarded-for`` metadata names (:func:`client_address`).
+
+An error is the call's status: the HTTP status's gRPC code (:data:`CODES`) with the same message;
+``retry-after`` goes back as trailing metadata. Anything else is logged and answered INTERNAL without a
+word of it. Messages over ``SDB_MAX_PAYLOAD_BYTES`` are refused by gRPC itself (RESOURCE_EXHAUSTED) before
+they are read; bytes that are not the RPC's message are INVALID_ARGUMENT (:func:`_handlers` decodes them
+here, not in grpcio, which answers UNKNOWN).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from .. import oip
 from ..auth import ApiKey
 from ..deps import Serving, authenticate, caller_of
 from ..errors import INTERNAL, ApiError
+from ..forwarded import TrustedProxies, forwarded_client
 from ..ratelimit import ANONYMOUS_CALLER, client_network
 
 _MISSING = ("SDB_GRPC_PORT needs the grpc extra (grpcio>=1.81.1, protobuf>=6.33.5): pip install -e '.[grpc]' in the "
@@ -77,13 +81,22 @@ def status_details(message: str) -> str:
     return data[:MAX_STATUS_DETAILS].decode(errors="ignore") + "…"
 
 
-def peer_address(peer: str) -> str:
-    """The client from gRPC's peer string (``ipv4:10.0.0.1:5000``, ``ipv6:%5B::1%5D:5000``), as the HTTP routes
-    know it in their per-address limits (an IPv6 client's /64: :func:`~service.ratelimit.client_network`)."""
+def peer_host(peer: str) -> str:
+    """The host of gRPC's peer string (``ipv4:10.0.0.1:5000``, ``ipv6:%5B::1%5D:5000``): ``10.0.0.1``, ``::1``."""
     kind, _, rest = unquote(peer).partition(":")
     if kind in ("ipv4", "ipv6"):
-        return client_network(rest.rsplit(":", 1)[0].strip("[]"))
+        return rest.rsplit(":", 1)[0].strip("[]")
     return rest
+
+
+def client_address(context: aio.ServicerContext, proxies: TrustedProxies) -> str:
+    """The client a call is from, as the HTTP routes know it in their per-address limits and batches: its peer, or,
+    from a proxy ``proxies`` trusts, the client its ``x-forwarded-for`` metadata names (nginx's ``grpc_set_header``;
+    read as HTTP's header, :func:`~service.forwarded.forwarded_client`); an IPv6 client as its /64
+    (:func:`~service.ratelimit.client_network`)."""
+    metadata = context.invocation_metadata() or ()
+    forwarded_for = [v for k, v in metadata if k == "x-forwarded-for" and isinstance(v, str)]
+    return client_network(forwarded_client(proxies, peer_host(context.peer()), forwarded_for))
 
 
 def _authorization(context: aio.ServicerContext) -> str | None:
@@ -141,6 +154,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def __init__(self, state: Any):
         self.state = state
+        self.proxies = TrustedProxies(state.settings.forwarded_allow_ips)  # who may name the client (HTTP's too)
 
     # ------------------------------------------------------------------ callers
     async def _key(self, context: aio.ServicerContext) -> ApiKey | None:
@@ -150,7 +164,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if authorization is None:
             self._limit_address(context)
             return None
-        return await authenticate(self.state, authorization, peer_address(context.peer()))
+        return await authenticate(self.state, authorization, client_address(context, self.proxies))
 
     async def _limit_unkeyed(self, context: aio.ServicerContext) -> None:
         """On an RPC that needs no key: a call with a valid one spends that key's rate, one without its address's
@@ -169,14 +183,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _limit_address(self, context: aio.ServicerContext) -> None:
         """A call without a key spends its address's rate, as the HTTP middleware charges it."""
         limiter = self.state.address_limiter
-        wait = limiter.take(peer_address(context.peer()))
+        wait = limiter.take(client_address(context, self.proxies))
         if wait:
             raise limiter.refusal(wait, ANONYMOUS_CALLER)
 
     async def _caller(self, context: aio.ServicerContext) -> Serving:
         s = self.state
         key = await self._key(context)
-        return Serving(s.settings, s.host, s.keyring, s.metrics, key, caller_of(key, peer_address(context.peer())))
+        address = client_address(context, self.proxies)
+        return Serving(s.settings, s.host, s.keyring, s.metrics, key, caller_of(key, address))
 
     # ------------------------------------------------------------------ one call
     async def _answer(self, method: str, context: aio.ServicerContext, model: str,

@@ -5,7 +5,8 @@ every caller's: a tenant could deploy a graph whose answer to each sample carrie
 (a mean over the batch axis, here), call its own model while others did, and read their inputs off its
 answers. Now a model whose name a non-admin key owns batches each caller (its key, or its address without
 one) apart; one caller's concurrent requests still share a call, and an admin's models batch across callers.
-Against the real app in process, the batcher told to wait for company so that concurrent requests meet.
+Against the real app in process, the batcher told to wait for company so that concurrent requests meet. Over
+gRPC too, where callers without a key behind a trusted proxy are the clients its ``x-forwarded-for`` names.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.security.test_hand_made_bundles_are_refused_clearly import _edit, _sdb, _settings, plain  # noqa: F401
-from tests.service.conftest import start_service
+from tests.service.conftest import free_port, start_service
 
 pytestmark = pytest.mark.anyio
 
@@ -77,6 +78,44 @@ async def test_concurrent_callers_never_share_a_tenants_call(tmp_path, plain):  
                                        svc.client.post("/v2/models/tenants/infer", json=v2_other, headers=bob))
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
         assert answers[0].json()["outputs"][0]["data"] == pytest.approx(alone, abs=1e-3)
+    finally:
+        await svc.client.aclose()
+        await manager.__aexit__(None, None, None)
+
+
+async def test_clients_a_trusted_proxy_forwards_over_grpc_never_share_a_tenants_call(tmp_path, plain):  # noqa: F811
+    # every gRPC caller behind a trusted proxy (this test, on 127.0.0.1: the default SDB_FORWARDED_ALLOW_IPS) was
+    # the proxy's address, one caller: one client's answer carried another's input, as it never did over HTTP
+    from grpc import aio
+
+    from service.grpc import grpc_predict_v2_pb2 as pb
+    from service.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    port = free_port()
+    settings = _settings(tmp_path).model_copy(update={"batch_max_wait_ms": 300.0, "grpc_port": port})
+    svc, manager = await start_service(settings)
+    try:
+        r = await svc.client.post("/v1/models", files={"file": ("m.sdb", _sdb(_edit(plain, onnx=_batch_mean_graph())))},
+                                  data={"name": "tenants"}, headers=svc.auth(svc.key(("deploy",))))
+        assert r.status_code == 201, r.text
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            async def infer(pixel: float, client: str) -> list[float]:
+                request = pb.ModelInferRequest(model_name="tenants")
+                request.inputs.add(name="input", datatype="FP32", shape=[1, 3, 8, 8])
+                request.raw_input_contents.append(np.full((1, 3, 8, 8), pixel, np.float32).tobytes())
+                request.outputs.add(name="probabilities")
+                answer = await stub.ModelInfer(request, metadata=(("x-forwarded-for", client),), timeout=60)
+                return np.frombuffer(answer.raw_output_contents[0], np.float32).tolist()
+
+            alone = await infer(0.0, "203.0.113.1")
+            assert alone == pytest.approx([0.25] * 4, abs=1e-6)
+            first, _ = await asyncio.gather(infer(0.0, "203.0.113.1"), infer(0.01, "203.0.113.2"))
+            assert first == pytest.approx(alone, abs=1e-3), first
+            # one client's own calls still share one (so the two above would have met)
+            first, _ = await asyncio.gather(infer(0.0, "203.0.113.1"), infer(0.01, "203.0.113.1"))
+            assert first != pytest.approx(alone, abs=1e-3), first
     finally:
         await svc.client.aclose()
         await manager.__aexit__(None, None, None)

@@ -68,6 +68,18 @@ async def test_an_allowed_origin_may_call_and_read_every_answer(served):
     assert r.status_code == 400
 
 
+@pytest.mark.parametrize("served", ["https://App.Example, HTTP://Localhost:80",
+                                    "https://app.example:443, http://localhost:80"], indirect=True)
+async def test_an_origin_is_allowed_as_a_browser_writes_it(served):
+    # a browser's Origin header is in lower case and leaves out its scheme's default port, and is compared exactly:
+    # an origin named otherwise was never allowed (its preflights were 400s)
+    for page in (PAGE, "http://localhost"):
+        r = await served.client.options("/v1/models", headers=preflight(page, method="GET"))
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page, (page, r.status_code)
+    r = await served.client.options("/v1/models", headers=preflight("http://localhost:3000", method="GET"))
+    assert r.status_code == 400  # another port is another origin
+
+
 @pytest.mark.parametrize("origins", ["app.example", "https://app.example/", "https://app.example/page", "ftp://x"])
 def test_an_origin_that_is_not_one_is_refused_naming_the_setting(origins, tmp_path, monkeypatch):
     monkeypatch.setenv("SDB_CORS_ORIGINS", origins)

@@ -237,6 +237,31 @@ def test_compose_commands_settings_and_ports_exist(mode):
     assert interpolate(SERVICES["worker"]["deploy"]["replicas"], shell) == ("0" if mode == "scale" else "1")
 
 
+def test_compose_passes_the_reverse_proxy_settings_to_the_api():
+    """Behind a proxy container, the api could neither trust it nor take its prefix: compose passed neither
+    SDB_FORWARDED_ALLOW_IPS nor SDB_ROOT_PATH, so every caller was the proxy's address (docs/deploy.md)."""
+    env, fields = SERVICES["api"]["environment"], Settings.model_fields
+    names = {"SDB_FORWARDED_ALLOW_IPS": "forwarded_allow_ips", "SDB_ROOT_PATH": "root_path"}
+    assert {k: interpolate(env.get(k), {}) for k in names} == {k: fields[f].default for k, f in names.items()}
+    shell = {"SDB_FORWARDED_ALLOW_IPS": "172.18.0.0/16", "SDB_ROOT_PATH": "/sdb"}
+    settings = Settings(**{k[4:].lower(): interpolate(v, shell) for k, v in env.items() if k.startswith("SDB_")})
+    assert {k: getattr(settings, f) for k, f in names.items()} == shell
+
+
+def test_the_docs_nginx_snippets_forward_the_client():
+    """docs/deploy.md's nginx prefix snippet sent no X-Forwarded-For: behind it every client was the proxy, one
+    rate for all. Each location there that passes to the server (HTTP or gRPC) appends the client."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    snippets = re.findall(r"```nginx\n(.*?)```", text, flags=re.DOTALL)
+    locations = re.findall(r"location\s[^{]*\{([^{}]*)\}", "\n".join(snippets))
+    passing = {kind: [loc for loc in locations if f"{kind}_pass " in loc] for kind in ("proxy", "grpc")}
+    assert passing["proxy"] and passing["grpc"], locations
+    for kind, found in passing.items():
+        for loc in found:
+            assert re.search(rf"{kind}_set_header\s+X-Forwarded-For\s+\$proxy_add_x_forwarded_for;", loc), loc
+    assert "proxy_pass" not in re.sub(r"```nginx\n.*?```", "", text, flags=re.DOTALL)  # none outside the snippets
+
+
 def test_compose_gives_every_sdb_process_time_to_stop_before_it_kills():
     """Docker kills 10 s after SIGTERM by default: a server still waiting for its requests in flight
     (SDB_SHUTDOWN_TIMEOUT_S) then died before it stopped its job workers (docs/deploy.md#stopping-and-restarting)."""
