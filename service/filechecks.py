@@ -190,21 +190,24 @@ def _member_name(info: zipfile.ZipInfo) -> str:
     """A member's name as its archiver meant it, in Unicode NFC: macOS's Archive Utility and ``ditto`` (and Windows
     tools in a UTF-8 code page) write UTF-8 names without the UTF-8 flag, which zipfile reads as cp437 (``café``
     became ``cafe╠ü``); such a name is read as UTF-8 when its bytes are valid UTF-8 (cp437 text seldom is), and
-    macOS's decomposed form (NFD) is composed, so that a class folder has one name whichever tool zipped it. Only
-    the name is changed: ``orig_filename``, which ``ZipFile.open`` checks against the local header, is kept."""
+    macOS's decomposed form (NFD) is composed, so that a class folder has one name whichever tool zipped it. Windows
+    PowerShell 5.1's ``Compress-Archive`` separates folders with ``\\`` (``cat\\0.png``): read as ``/``, so that
+    :func:`member_problem`'s checks (``..``, absolute paths, drive letters) see the folders it names. Only the name
+    is changed: ``orig_filename``, which ``ZipFile.open`` checks against the local header, is kept."""
     name = info.filename
     if not info.flag_bits & _UTF8_NAMES:
         try:
             name = info.orig_filename.encode("cp437").decode("utf-8")
         except UnicodeError:
             pass
-    return unicodedata.normalize("NFC", name)
+    return unicodedata.normalize("NFC", name).replace("\\", "/")
 
 
 def member_problem(info: zipfile.ZipInfo) -> str | None:
-    """Why a member may not be unpacked (it would leave its folder, or is not a plain file or folder)."""
-    name = info.filename
-    if not name or "\x00" in name or "\\" in name:
+    """Why a member may not be unpacked (it would leave its folder, or is not a plain file or folder). Its name is
+    :func:`_member_name`'s, ``\\`` read as a folder separator."""
+    name = info.filename.replace("\\", "/")
+    if not name or "\x00" in name:
         return "has an unusable name"
     if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
         return "is an absolute path"
@@ -304,7 +307,8 @@ def _data_root(folder: Path) -> Path:
 
 def _check_imagefolder(out: Path, filename: str, limits: Limits) -> Checked:
     # the loader's own rules (imports torch: here only)
-    from sdb_core.data.imagefolder import IMAGE_EXTENSIONS, split_dirs
+    from sdb_core.data.base import DatasetError
+    from sdb_core.data.imagefolder import IMAGE_EXTENSIONS, class_images, split_dirs
 
     root = _data_root(out / "data")
     found_splits = split_dirs(root)
@@ -332,8 +336,10 @@ def _check_imagefolder(out: Path, filename: str, limits: Limits) -> Checked:
             raise rejected("dataset", f"{filename}: {where} has classes that are not in "
                            f"{found_splits[0].name}/: {unknown[:10]}")
         for d in dirs:
-            found = [p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                     and not _skipped(p.relative_to(d))]
+            try:
+                found = class_images(d, root)  # a folder of classes or a split is no class: refused, as locally
+            except DatasetError as e:
+                raise rejected("dataset", f"{filename}: {e}") from None
             if not found:
                 raise rejected("dataset", f"{filename}: class folder {d.relative_to(root)} holds no images "
                                f"({', '.join(sorted(IMAGE_EXTENSIONS))})")

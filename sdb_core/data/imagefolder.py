@@ -1,4 +1,4 @@
-"""``imagefolder:PATH``: one sub-folder per class, images inside (searched recursively).
+"""``imagefolder:PATH``: one sub-folder per class, images inside (searched recursively, through linked folders).
 
 If PATH holds ``train/`` and ``test/`` (or ``val/``, ``valid/``, ``validation/``; ``training/``, ``testing/``; in
 any case: ``Train/``) those are the splits, and the classes are the train folder's; a ``train/`` alone holds the
@@ -8,11 +8,17 @@ through Ghostscript), resized to a square of ``image_size`` (default 32) and kep
 grayscale, else converted to RGB. Hidden files and folders (a name starting with ``.``) and archivers' and file
 servers' leftovers (``__MACOSX/``, ``@eaDir/``) are skipped at any depth (:func:`skipped`: the upload check's rule
 too). Class names are the folders' names in Unicode NFC (macOS writes them decomposed, NFD): ``train/café`` and
-``test/café`` are one class whichever form each was written in.
+``test/café`` are one class whichever form each was written in. A class folder that holds no image of its own and
+keeps its images in two or more sub-folders (Kaggle's ``training_set/training_set/{cats,dogs}``) is a folder of
+classes or a split, not a class: refused (:func:`class_images`: the upload check's rule too), not read as one class.
+Symbolic links to folders are followed at any depth (the SDK's folder upload sends what they hold: one rule for both);
+a link back to a folder it lies in is refused.
 """
 from __future__ import annotations
 
+import os
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path, PurePath, PurePosixPath
 
 import numpy as np
@@ -22,13 +28,15 @@ from sdb_core.class_names import name_problem
 from sdb_core.data.base import DatasetError, DataSplits, make_splits, register_dataset, stratified_split
 from sdb_core.pixels import open_checked, unit_pixels
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                              ".pgm"})  # .jfif: a JPEG as Windows and browsers save some
 # What Pillow may read them as: the formats of those extensions (it picks a file's format by its content, and some it
 # knows, EPS, hand the file to an outside program)
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # JPEG opens MPO (a phone camera's JPEG) too
 TRAIN_NAMES = ("train", "training")
 TEST_NAMES = ("test", "val", "valid", "validation", "testing")
 _GRAY_BANDS = {("L",), ("L", "A"), ("1",), ("I",), ("F",)}
+_PALETTE_MODES = ("P", "PA")
 _SPLIT_SEED = 0
 DEFAULT_SIZE = 32
 # What archivers and file servers add beside a tree (macOS resource forks, Synology's thumbnails): skipped like dot-files
@@ -70,11 +78,39 @@ def _class_dirs(folder: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: (class_name(p), p.name))
 
 
+def _files_under(folder: Path) -> Iterator[Path]:
+    """The files under ``folder`` but the skipped ones, through linked folders too (the SDK's folder upload,
+    ``sdb_client._base.folder_files``, sends what they hold); a link back to a folder it lies in is refused."""
+    for d, dirs, files in os.walk(folder, followlinks=True):
+        here = Path(d)
+        real = os.path.realpath(here)
+        if any(os.path.realpath(folder / above) == real for above in here.relative_to(folder).parents):
+            raise DatasetError(f"{here} links back to a folder it lies in: remove the link")
+        dirs[:] = sorted(n for n in dirs if not skipped(n))
+        yield from (here / f for f in files if not skipped(f))
+
+
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not skipped(p.relative_to(folder))
-    )
+    return sorted(p for p in _files_under(folder) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def class_images(folder: Path, root: Path) -> list[Path]:
+    """A class folder's images, at any depth; DatasetError (naming folders relative to ``root``, the tree's) when it
+    holds none of its own and keeps them in two or more folders: a folder of class folders, or a split (Kaggle's
+    ``training_set/training_set/{cats,dogs}``), that would otherwise be read as one class of them all."""
+    found = _images_in(folder)
+    holders = sorted({p.parent for p in found})
+    if len(holders) >= 2 and folder not in holders:
+        def shown(p: Path | str) -> str:
+            return Path(p).relative_to(root).as_posix()
+
+        listed = ", ".join(f"{shown(h)}/" for h in holders[:4]) + (", ..." if len(holders) > 4 else "")
+        raise DatasetError(
+            f"class folder {shown(folder)}/ holds no images of its own, and its images lie in {len(holders)} folders "
+            f"({listed}): it looks like a folder of classes or a split, not one class. Give the folder whose "
+            f"sub-folders are the classes ({shown(os.path.commonpath(holders))}/), laid out as <class>/<images>, or "
+            "as train/<class>/<images> and test/<class>/<images> for a split of your own")
+    return found
 
 
 def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int], list[str]]:
@@ -94,12 +130,24 @@ def _scan(folder: Path, classes: list[str] | None) -> tuple[list[Path], list[int
         raise DatasetError(f"{folder} has classes that are not in the train split: {unknown}")
     files, targets = [], []
     for d in dirs:
-        found = _images_in(d)
+        try:
+            found = class_images(d, folder)
+        except DatasetError as e:
+            raise DatasetError(f"{folder}: {e}") from None
         if not found:
             raise DatasetError(f"class folder {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         files += found
         targets += [classes.index(class_name(d))] * len(found)
     return files, targets, classes
+
+
+def _is_gray(im: Image.Image) -> bool:
+    """Whether an image holds gray values only: a gray mode, or a palette (a GIF's, an 8-bit PNG's) whose every entry
+    is gray (Pillow reads a grayscale GIF as a palette image)."""
+    if im.mode in _PALETTE_MODES:
+        entries = np.asarray(im.getpalette("RGB") or [], dtype=np.uint8).reshape(-1, 3)
+        return bool((entries == entries[:, :1]).all())
+    return im.getbands() in _GRAY_BANDS
 
 
 def _read(files: list[Path], size: int) -> tuple[np.ndarray, bool]:
@@ -109,7 +157,7 @@ def _read(files: list[Path], size: int) -> tuple[np.ndarray, bool]:
     for i, f in enumerate(files):
         try:
             with open_image(f) as im:
-                all_gray &= im.getbands() in _GRAY_BANDS
+                all_gray &= _is_gray(im)
                 rgb = unit_pixels(im, "RGB", (size, size))  # a 16-bit image over its depth, not clipped
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DatasetError(f"cannot read image {f}: {e}") from e

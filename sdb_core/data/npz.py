@@ -5,7 +5,7 @@ PIL, OpenCV and TensorFlow keep them: read so when C is 1 or 3 and the second ax
 ``uint16`` (0..65535, in either byte order: FITS and MATLAB write big-endian ``>u2``) or floats in [0, 1] (finite: no
 NaN or Inf; wider unsigned pixels, ``uint32`` or ``uint64``, are refused: their depth is not what they hold); or feature vectors (N, D), integers or finite floats of any scale, each feature
 standardised by its mean and standard deviation on the training split (a tabular set's columns: one scale for all
-would let the widest drown the rest and hide the key, which is unit-variance noise for a non-image input); ``y`` integer labels in [0, K), shape (N,), K >= 2; without ``labels`` each
+would let the widest drown the rest and hide the key, which is unit-variance noise for a non-image input); ``y`` integer labels in [0, K), shape (N,) (or (N, 1), as ``keras.datasets`` gives them: read as (N,)), K >= 2; without ``labels`` each
 class index 0..K-1 has a sample (1-based labels, codes with gaps: refused, not renumbered). Optional: ``x_test``
 and ``y_test``, the test split (else a fixed stratified 80/20 split, seed 0, whatever the ``seed`` argument, as for
 ``imagefolder``); ``labels``, K class names (a string array of distinct, non-blank names; default "0" … "K-1"); ``layout``, the string
@@ -117,8 +117,9 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None, whole: bool 
             raise DatasetError(f"{path}: {xs} holds {dtype.name} pixels; image pixels are uint8 (0..255), uint16 "
                                "(0..65535) or floats in [0, 1]: send x.astype(np.uint16) if the values are 16-bit, "
                                "else x / DEPTH as float32 (DEPTH: the largest value the sensor or format gives)")
-        if len(yshape) != 1 or yshape[0] != shape[0]:
-            raise DatasetError(f"{path}: {ys} has shape {list(yshape)}; expected ({shape[0]},), one label per image")
+        if yshape not in ((shape[0],), (shape[0], 1)):  # (N, 1): keras.datasets' labels, one a row
+            raise DatasetError(f"{path}: {ys} has shape {list(yshape)}; expected ({shape[0]},) or ({shape[0]}, 1), "
+                               "one label per image")
         if ydtype.kind not in "iu":
             raise DatasetError(f"{path}: {ys} is {ydtype}; expected integer labels")
         sample = (1, *shape[1:]) if len(shape) == 3 and not signals else shape[1:]  # as the model takes one
@@ -128,7 +129,7 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None, whole: bool 
             raise DatasetError(f"{path}: x_test {'samples' if len(shape) == 2 else 'images'} are {list(sample)}, "
                                f"x's are {list(image)}")
     with np.load(path, allow_pickle=False) as data:
-        ys = [np.asarray(data[k]) for k in ("y", "y_test") if k in arrays]
+        ys = [np.asarray(data[k]).reshape(-1) for k in ("y", "y_test") if k in arrays]  # their dtype: uint64 too
         labels = np.asarray(data["labels"]) if "labels" in arrays else None
         for xs in ("x", "x_test"):  # a NaN or Inf pixel would turn every loss into NaN: refused here, in words
             if xs in arrays and arrays[xs][1].kind == "f":
@@ -165,6 +166,11 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None, whole: bool 
         raise DatasetError(f"{path}: one class (every label is 0); a classifier needs at least 2")
     return {"samples": n, "shape": list(image), "classes": classes,
             "splits": "x_test" if "x_test" in arrays else "80/20", **({"layout": "signals"} if signals else {})}
+
+
+def _labels(y: np.ndarray) -> np.ndarray:
+    """Labels as (N,) int64: an (N, 1) column (keras.datasets' form, which describe_npz allows) raveled."""
+    return np.asarray(y, dtype=np.int64).reshape(-1)
 
 
 def _signals(path: Path, arrays: dict) -> bool:
@@ -245,11 +251,11 @@ def npz(path: Path | None, *, image_size: int | None = None, seed: int = 0) -> D
     if (len(info["shape"]) == 1 or signals) and image_size is not None:
         raise DatasetError(f"{path}: image_size resizes images; x holds {'signals' if signals else 'feature vectors'}")
     with np.load(path, allow_pickle=False) as data:
-        x, y = _pixels(data["x"], signals), np.asarray(data["y"], dtype=np.int64)
+        x, y = _pixels(data["x"], signals), _labels(data["y"])
         labels = [str(s) for s in data["labels"]] if "labels" in data.files else \
             [str(i) for i in range(info["classes"])]
         if "x_test" in data.files:
-            x_test, y_test = _pixels(data["x_test"], signals), np.asarray(data["y_test"], dtype=np.int64)
+            x_test, y_test = _pixels(data["x_test"], signals), _labels(data["y_test"])
         else:
             train, test = stratified_split(y, round(0.2 * len(y)), _SPLIT_SEED)
             x, x_test, y, y_test = x[train], x[test], y[train], y[test]

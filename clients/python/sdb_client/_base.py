@@ -41,6 +41,10 @@ DEFAULT_URL = "http://127.0.0.1:8000"  # `sdb serve` with no settings
 # Timeouts and retries. Each is overridable per client (constructor) and per call
 # (`client.with_options(timeout=..., max_retries=...)`).
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=5.0)  # seconds: read/write/pool 60, connect 5
+# An upload (Files.upload) is answered once the server has checked the whole file: a dataset zip of 100,000 images
+# takes minutes. Its read phase waits this long at least, whatever the client's timeout: a client that gave up first
+# left the server keeping the file, and its resend kept a duplicate (docs/sdk.md#batches-timeouts-retries).
+UPLOAD_READ_TIMEOUT_S = 1800.0
 DEFAULT_MAX_RETRIES = 3  # resends after the first attempt
 BACKOFF_INITIAL_S = 0.25  # first wait; doubles per attempt, with jitter
 BACKOFF_MAX_S = 8.0
@@ -406,13 +410,26 @@ def connection_error(e: httpx.TransportError, base_url: str | None = None, attem
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     if base_url is None:
         return cls(redact(cause), code=code)
-    if cls is exc.APITimeoutError:
+    if cls is exc.APITimeoutError and _is_upload(e):
+        text = (f"no answer from {base_url}{tries} ({cause}) while it checked the upload: it may still keep the "
+                "file; look for it with files.list() before uploading again, or give the upload a longer timeout "
+                "(timeout=...)")
+    elif cls is exc.APITimeoutError:
         text = (f"no answer from {base_url}{tries} ({cause}): the server is busy or the request is large; "
                 "raise the timeout (timeout=...) or send smaller batches (batch_size=...)")
     else:
         text = (f"cannot reach {base_url}{tries} ({cause}): is the SDB server running there? "
                 f"(the URL comes from url or {ENV_URL})")
     return cls(redact(text), code=code)
+
+
+def _is_upload(e: httpx.TransportError) -> bool:
+    """Whether the request that got no answer sent a file (a multipart form: an upload or a deploy), which no
+    smaller batch would help."""
+    try:
+        return e.request.headers.get("content-type", "").startswith("multipart/form-data")
+    except RuntimeError:  # an error raised without its request
+        return False
 
 
 def log_retry(method: str, path: str, delay: float, attempt: int, max_retries: int, *,
@@ -873,9 +890,23 @@ def deploy_fields(name: str | None, policy: str | None, top_k: int | None, decim
     return {k: v for k, v in given.items() if v is not None}
 
 
+# A bundle's own files, the only ones a bundle folder's upload sends (a NOTES.txt, .DS_Store or .git/ beside them is
+# left out, as `sdb models add DIR` leaves it): sdb_core.bundle.BUNDLE_FILES, which the SDK cannot import
+# (tests/client/test_uploads.py keeps the two alike).
+BUNDLE_FILES = ("model.onnx", "meta.json", "key.sealed")
+
+
+def upload_timeout(timeout: httpx.Timeout) -> httpx.Timeout:
+    """The client's ``timeout`` for an upload: its read phase (the server checking the file) at least
+    :data:`UPLOAD_READ_TIMEOUT_S`."""
+    read = None if timeout.read is None else max(timeout.read, UPLOAD_READ_TIMEOUT_S)
+    return httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write, pool=timeout.pool)
+
+
 def folder_files(root: Path) -> list[Path]:
-    """The files under ``root``, sorted, through symbolic links to folders too (a class folder linked in, as the local
-    ImageFolder loader reads it); a link back to a folder it is in is refused, not followed for ever."""
+    """The files under ``root``, sorted, through symbolic links to folders at any depth (a class folder linked in, a
+    linked folder inside a class), as the local ImageFolder loader reads them (``sdb_core.data.imagefolder``: one
+    rule for both); a link back to a folder it is in is refused, not followed for ever."""
     found: list[Path] = []
     for d, dirs, files in os.walk(root, followlinks=True):
         here = Path(d)
@@ -894,7 +925,8 @@ def folder_files(root: Path) -> list[Path]:
 @contextlib.contextmanager
 def upload_part(path: str | os.PathLike, purpose: str) -> Iterator[tuple[str, Any, str]]:
     """The multipart ``file`` part for ``path``, streamed from disk: a file as it is; a folder zipped
-    first (a dataset's ImageFolder tree, or a bundle directory as a ``.sdb``) into a temporary file."""
+    first (a dataset's ImageFolder tree, or a bundle directory's own files, :data:`BUNDLE_FILES`, as a ``.sdb``)
+    into a temporary file."""
     if purpose not in FILE_PURPOSES:
         raise exc.BadRequest(f"purpose must be one of {', '.join(FILE_PURPOSES)}, got {purpose!r}",
                              code="invalid_request")
@@ -902,9 +934,10 @@ def upload_part(path: str | os.PathLike, purpose: str) -> Iterator[tuple[str, An
     if p.is_dir():
         if purpose not in ("dataset", "bundle"):
             raise exc.BadRequest(f"{p} is a folder; a {purpose} is one file", code="invalid_request")
+        files = [p / n for n in BUNDLE_FILES if (p / n).is_file()] if purpose == "bundle" else folder_files(p)
         with tempfile.TemporaryFile() as tmp:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-                for f in folder_files(p):
+                for f in files:
                     z.write(f, f.relative_to(p).as_posix())
             tmp.seek(0)
             yield (p.name + (".sdb" if purpose == "bundle" else ".zip"), tmp, "application/zip")

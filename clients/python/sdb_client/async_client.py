@@ -297,10 +297,12 @@ class AsyncFiles:
     def __init__(self, client: AsyncClient):
         self._c = client
 
-    async def upload(self, path: str | os.PathLike, purpose: str, *, shared: bool = False) -> dict:
+    async def upload(self, path: str | os.PathLike, purpose: str, *, shared: bool = False,
+                     timeout: float | httpx.Timeout | None = None) -> dict:
+        c = self._c.with_options(timeout=b.upload_timeout(self._c.options.timeout) if timeout is None else timeout)
         with b.upload_part(path, purpose) as part:
-            return await self._c._json("POST", "/v1/files", files={"file": part},
-                                       data=b.file_fields(purpose, shared), idempotent=False)
+            return await c._json("POST", "/v1/files", files={"file": part},
+                                 data=b.file_fields(purpose, shared), idempotent=False)
 
     async def list(self, *, limit: int | None = None, before: str | None = None, all: bool = False) -> b.Page:
         if all:

@@ -304,13 +304,16 @@ class Files:
     def __init__(self, client: Client):
         self._c = client
 
-    def upload(self, path: str | os.PathLike, purpose: str, *, shared: bool = False) -> dict:
+    def upload(self, path: str | os.PathLike, purpose: str, *, shared: bool = False,
+               timeout: float | httpx.Timeout | None = None) -> dict:
         """Upload ``path`` as ``weights``, ``dataset`` (a zip or folder of an ImageFolder tree, or an
         ``.npz``), ``image`` or ``bundle``; the server checks it first. ``shared`` (admin keys): every
-        key may use it."""
+        key may use it. ``timeout``: by default the client's, waiting for the server's check at least
+        ``UPLOAD_READ_TIMEOUT_S`` (30 minutes: a large dataset's check takes minutes)."""
+        c = self._c.with_options(timeout=b.upload_timeout(self._c.options.timeout) if timeout is None else timeout)
         with b.upload_part(path, purpose) as part:
-            return self._c._json("POST", "/v1/files", files={"file": part}, data=b.file_fields(purpose, shared),
-                                 idempotent=False)
+            return c._json("POST", "/v1/files", files={"file": part}, data=b.file_fields(purpose, shared),
+                           idempotent=False)
 
     def list(self, *, limit: int | None = None, before: str | None = None, all: bool = False) -> b.Page:
         """This key's files and the shared ones (every file with an admin key), newest first: one page (the server's
