@@ -104,7 +104,7 @@ def cmd_distill(args) -> int:
         if args.remote:
             remote.close()
             remote.client.close()
-    print(f"student {args.student} from {source} on {outcome.transfer_size} images: "
+    print(f"student {args.student} from {source} on {outcome.transfer_size} images, {len(outcome.history)} epochs: "
           f"test accuracy {outcome.accuracy:.2f}%")
     print(f"saved to {args.out}")
     return 0
@@ -134,5 +134,6 @@ def add_commands(sub) -> None:
     base = DistillConfig()
     d.add_argument("--temperature", type=float, default=base.temperature)
     d.add_argument("--alpha", type=float, default=base.alpha)
-    add_training_flags(d, epochs=base.train.epochs, lr=base.train.lr, batch=base.train.batch_size)
+    # no --epochs: the task's default, sized by optimiser steps (DistillConfig.min_steps)
+    add_training_flags(d, epochs=None, lr=base.train.lr, batch=base.train.batch_size)
     d.set_defaults(fn=cmd_distill)

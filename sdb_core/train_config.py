@@ -41,6 +41,12 @@ class TrainConfig:
         check_device(self.device, "TrainConfig.device")
 
 
+def epochs_for_steps(steps: int, samples: int, batch_size: int) -> int:
+    """Epochs that give at least ``steps`` optimiser steps over ``samples`` items in batches of ``batch_size`` (the
+    last batch of an epoch partial, as ``fit`` cuts them)."""
+    return math.ceil(steps / max(math.ceil(samples / batch_size), 1))
+
+
 def gentler(train: TrainConfig, clip: float, lr_factor: float = 0.5) -> TrainConfig:
     """The training to retry a run that diverged with: the step times ``lr_factor`` and gradients clipped at
     ``clip``, unless ``train`` clips tighter already."""

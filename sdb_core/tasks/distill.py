@@ -26,10 +26,12 @@ class DistillTask:
     def from_options(cls, student: str, data: str, *, temperature: float | None = None, alpha: float | None = None,
                      epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
                      **task) -> DistillTask:
-        """The task from the flat options the CLI's flags and the job's params share; ``None`` keeps a default."""
+        """The task from the flat options the CLI's flags and the job's params share; ``None`` keeps a default
+        (``epochs``: the default sized by optimiser steps, :attr:`DistillConfig.min_steps`; given, exactly that many)."""
         given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
         base = DistillConfig()
         dcfg = replace(base, **given(temperature=temperature, alpha=alpha),
+                       min_steps=base.min_steps if epochs is None else None,
                        train=replace(base.train, **given(epochs=epochs, lr=lr, batch_size=batch_size)))
         return cls(student=student, data=data, distill=dcfg, **task)
 
@@ -112,7 +114,8 @@ def run(cfg: DistillTask, out: str | os.PathLike, hooks: Hooks | None = None, *,
     transfer = transfer_split(data, cfg.transfer, cfg.seed) if cfg.transfer else data.train
     seed_everything(cfg.seed)
     student = create_model(cfg.student, num_classes=data.num_classes, in_shape=data.in_shape)
-    dcfg = replace(cfg.distill, train=replace(cfg.distill.train, seed=cfg.seed))
+    dcfg = cfg.distill.for_transfer(len(transfer))  # its epochs fixed: the history says how many it trained
+    dcfg = replace(dcfg, train=replace(dcfg.train, seed=cfg.seed))
     if charge is not None and teacher is not None:  # a cached teacher is asked once per sample, else every epoch
         charge(len(transfer) * (1 if dcfg.cache_teacher else dcfg.train.epochs))
     result = distill(student, transfer, teacher, dcfg, progress=hooks.phase("distill"), should_cancel=hooks.should_cancel)

@@ -34,7 +34,10 @@ def test_the_cli_defaults_build_the_library_defaults():
     args = build_parser().parse_args(["distill", "--student", "mlp", "--data", "digits", "--out", "s"])
     task = DistillTask.from_options(args.student, args.data, temperature=args.temperature, alpha=args.alpha,
                                     epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
-    assert task.distill == DistillConfig()
+    assert task.distill == DistillConfig()  # no --epochs: sized by optimiser steps, as the library's default
+    args = build_parser().parse_args(["distill", "--student", "mlp", "--data", "digits", "--out", "s", "--epochs", "20"])
+    given = DistillTask.from_options(args.student, args.data, epochs=args.epochs).distill
+    assert given.for_transfer(1000).train.epochs == 20  # a flag given is kept, even the default's own count
 
 
 def test_options_change_only_what_they_name():

@@ -35,7 +35,10 @@ class DistillParams(JobParams):
                                 "is charged to the key's quota) or uploaded weights ({file, arch})")
     student: str
     data: str = Field(description="an embedded data set (digits, mnist-5k, ...) or an uploaded dataset's file id")
-    epochs: int = Field(DistillConfig().train.epochs, ge=1, le=1000)
+    epochs: int | None = Field(None, ge=1, le=1000, description=f"epochs over the transfer set; default "
+                               f"{DistillConfig().train.epochs}, or on a smaller set enough for "
+                               f"{DistillConfig().min_steps:,} optimiser steps at batch_size (the result's epochs "
+                               "says how many it trained)")
     transfer: int = Field(0, ge=0, description="transfer-set size from the train split; 0: all")
     temperature: float = Field(DistillConfig().temperature, gt=0, le=100)
     alpha: float = Field(DistillConfig().alpha, ge=0, le=1)
@@ -87,9 +90,10 @@ def run(ctx, p: DistillParams) -> dict:
     charge = (lambda n: ctx.charge(p.teacher.model, n)) if keyed else None
     outcome = distill.run(task, ctx.artifacts / "student.safetensors", ctx.hooks,
                           master_key=ctx.settings.master_key, charge=charge)
-    ctx.log(f"student test accuracy {outcome.accuracy:.2f}% on {outcome.transfer_size} transfer images")
+    ctx.log(f"student test accuracy {outcome.accuracy:.2f}% on {outcome.transfer_size} transfer images, "
+            f"{len(outcome.history)} epochs")
     return {"summary": f"student {p.student}: test accuracy {outcome.accuracy:.2f}%",
             "metrics": {"student_acc": outcome.accuracy},
             "result": {"weights": "student.safetensors", "student": p.student, "source": source,
-                       "transfer_size": outcome.transfer_size},
+                       "transfer_size": outcome.transfer_size, "epochs": len(outcome.history)},
             "history": outcome.history, "seconds": outcome.seconds}
