@@ -12,8 +12,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from .auth import ANONYMOUS, ApiKey, Keyring, check_scope, key_store_unavailable
 from .batching import BatcherClosed, Gate, GateTimeout
@@ -23,6 +25,7 @@ from .registry import HostedModel
 from .schemas import OutputPolicy
 
 log = logging.getLogger("sdb.service")
+T = TypeVar("T")
 
 
 async def _served(call: Awaitable[np.ndarray], model: HostedModel) -> np.ndarray:
@@ -59,6 +62,37 @@ def require_task(model: HostedModel, tasks: tuple[str, ...] = ("classification",
     where = TASK_ROUTES.get(task)
     hint = f": {where.format(name=model.name)}" if where else f"; this route serves {', '.join(tasks)} models"
     raise ApiError(400, "wrong_task", f"model {model.name!r} is a {task} model{hint}")
+
+
+# --------------------------------------------------------------------------- the answer's size
+# Past this many values an answer is built in a worker thread: softmax, ranking and encoding take time in proportion,
+# and on the event loop every other caller (health probes included) waited for them. Below it the thread hop would
+# cost more than the work (the demo model's largest answer, 1024 samples x 10 classes, stays on the loop).
+OFF_LOOP_VALUES = 1 << 14
+
+
+def check_answer_size(classes: int, samples: int, outputs: int, max_values: int) -> None:
+    """413 ``answer_too_large`` for an answer of more than ``max_values`` values (``SDB_MAX_ANSWER_VALUES``):
+    ``samples`` x ``classes`` for each of ``outputs`` (the paths asked: public, keyed, a distill's soft targets),
+    checked before any model time is spent; the message says how many samples fit."""
+    per_sample = classes * outputs
+    if samples * per_sample <= max_values:
+        return
+    fit = max_values // per_sample
+    what = f"{classes} classes" + (f" x {outputs} outputs" if outputs > 1 else "")
+    hint = (f"send at most {fit} samples per request" if fit else
+            "not one sample of this model fits: the server's operator may raise SDB_MAX_ANSWER_VALUES")
+    raise ApiError(413, "answer_too_large", f"the answer to {samples} samples ({what} each) would hold "
+                   f"{samples * per_sample:,} values, over this server's bound of {max_values:,} "
+                   f"(SDB_MAX_ANSWER_VALUES): {hint}")
+
+
+async def built(values: int, build: Callable[..., T], *args) -> T:
+    """``build(*args)``, an answer of ``values`` values: in a worker thread past :data:`OFF_LOOP_VALUES`, so that
+    the event loop serves other callers meanwhile; on the loop below it."""
+    if values <= OFF_LOOP_VALUES:
+        return build(*args)
+    return await run_in_threadpool(build, *args)
 
 
 # --------------------------------------------------------------------------- the output policy

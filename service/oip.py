@@ -24,11 +24,11 @@ as BYTES ``"value:index:label"``; ``classes`` holds no score to rank.
 
 The API (a transport imports these; names are added, never renamed): :class:`Tensor`,
 :class:`Caller`, :data:`INPUT_DATATYPES`, :data:`EXTENSIONS`, :func:`server_metadata`,
-:func:`served_model`, :func:`model_metadata`, :func:`model_config`, :func:`model_statistics`,
+:func:`served_model`, :func:`model_metadata`, :func:`model_config`, :func:`max_batch_size`, :func:`model_statistics`,
 :func:`repository_index`, :func:`output_names`,
 :func:`requested_outputs`, :func:`check_output_count`, :func:`not_one_input`,
 :func:`tensor_shape`, :func:`check_samples`, :func:`classification_counts`, :func:`unsupported_datatype`,
-:func:`model_input`, :func:`infer`;
+:func:`model_input`, :func:`infer`, :func:`answer_size`;
 raw tensor bytes (gRPC's ``raw_input_contents``) decode with :func:`service.oip_binary.from_raw`.
 # oip core: stable API
 """
@@ -49,7 +49,9 @@ from .auth import ApiKey, Keyring
 from .disclosure import hide_paths
 from .errors import ApiError, invalid, quoted
 from .inference import (
+    built,
     charge_keyed,
+    check_answer_size,
     keyed_logits,
     listable,
     policy_outputs,
@@ -60,7 +62,7 @@ from .inference import (
 )
 from .metrics import Metrics
 from .registry import HostedModel, ModelHost
-from .schemas import OutputPolicy
+from .schemas import MAX_TOP_K, OutputPolicy
 from .settings import Settings
 from .tensors import as_batch, finite_float32, images_to_inputs, softmax
 
@@ -140,17 +142,37 @@ def model_metadata(host: ModelHost, model: HostedModel) -> dict:
             "outputs": outputs}
 
 
-def model_config(host: ModelHost, model: HostedModel, max_batch_size: int) -> dict:
+# Bytes of a request besides its input tensor: the binary extension's JSON header, or the protobuf's other fields
+# (tritonclient's take a few hundred).
+REQUEST_HEADER_ROOM = 1024
+
+
+def max_batch_size(settings: Settings, model: HostedModel, outputs: int) -> int:
+    """The most samples of ``model`` one request may hold and be answered (at least 1): ``max_request_samples``,
+    fewer where the payload limit holds fewer in the binary layout (FP32 tensors, as tritonclient and gRPC send
+    them) or the answer bound fewer answers of ``outputs`` paths. A client that batches by it is never refused."""
+    sample_bytes = 4 * math.prod(model.in_shape)
+    fit = [settings.max_request_samples, (settings.max_payload_bytes - REQUEST_HEADER_ROOM) // sample_bytes]
+    if outputs:
+        fit.append(settings.max_answer_values // max(len(model.labels) * outputs, 1))
+    return max(min(fit), 1)
+
+
+def model_config(host: ModelHost, model: HostedModel, max_samples: int | None = None) -> dict:
     """Triton's model configuration extension, read only: the metadata's tensors as a ``config.pbtxt`` in JSON
-    (``TYPE_`` datatypes, dims without the batch, which ``max_batch_size`` bounds). Triton's own tools ask for it
-    (perf_analyzer, tritonclient's ``get_model_config``); it says nothing the metadata does not."""
+    (``TYPE_`` datatypes, dims without the batch, which ``max_batch_size`` bounds: :func:`max_batch_size` under the
+    host's settings, and at most ``max_samples`` when given). Triton's own tools ask for it (perf_analyzer,
+    tritonclient's ``get_model_config``) and batch by it; it says nothing else the metadata does not."""
     meta = model_metadata(host, model)
+    paths = {PUBLIC_OUTPUT if t["name"] == CLASSES_OUTPUT else t["name"] for t in meta["outputs"]}
+    batch = max_batch_size(host.settings, model, len(paths))
 
     def tensors(specs: list[dict]) -> list[dict]:
         return [{"name": t["name"], "data_type": f"TYPE_{t['datatype']}", "dims": t["shape"][1:]} for t in specs]
 
     return {"name": model.name, "platform": meta["platform"], "backend": "onnxruntime",
-            "max_batch_size": max_batch_size, "input": tensors(meta["inputs"]), "output": tensors(meta["outputs"])}
+            "max_batch_size": batch if max_samples is None else min(batch, max_samples),
+            "input": tensors(meta["inputs"]), "output": tensors(meta["outputs"])}
 
 
 async def model_statistics(ctx: Caller, name: str = "", version: str = "") -> dict:
@@ -311,15 +333,16 @@ def _public_values(probs: np.ndarray, policy: OutputPolicy) -> dict[str, np.ndar
 
 def classification_counts(model: HostedModel, wanted: Sequence[str], asked: Mapping[str, Any]) -> dict[str, int]:
     """The classification extension's ``class_count`` of each output that asks one (0: none, as Triton reads it),
-    checked before any model time is spent: a positive integer, on an output that holds scores (``probabilities``,
-    ``distill_logits``); 422 otherwise."""
+    checked before any model time is spent: an integer from 0 to :data:`~service.schemas.MAX_TOP_K` (v1's bound
+    on top_k), on an output that holds scores (``probabilities``, ``distill_logits``); 422 otherwise."""
     counts = {}
     for name, k in asked.items():
         if name not in wanted or k is None:
             continue
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise invalid(f"output {name!r}: classification (class_count) must be a non-negative integer, "
-                          f"got {quoted(k)}", "invalid_request")
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_K:
+            raise invalid(f"output {name!r}: classification (class_count) must be a non-negative integer, got "
+                          f"{quoted(k)}: it ranks at most {MAX_TOP_K} classes per sample, as /v1's top_k",
+                          "invalid_request")
         if k and name == CLASSES_OUTPUT:
             scored = [n for n in output_names(model) if n == PUBLIC_OUTPUT] + [KEYED_OUTPUT]
             raise invalid(f"output {CLASSES_OUTPUT!r} holds class indices, not scores; classification ranks "
@@ -349,8 +372,9 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outpu
 
     In order: the model's task (a classifier), the outputs' names and their ``classification`` (the extension's
     class_count, by output name), a key for ``distill_logits`` (401) and predict access for the public ones, the
-    input, then the keyed path's scope and quota charge (before any model time is spent). Both paths, asked
-    together, ride in the same ONNX Runtime call. An output with a class_count answers BYTES (N, k) instead.
+    input and the answer's size (413 past ``max_answer_values``), then the keyed path's scope and quota charge
+    (before any model time is spent). Both paths, asked together, ride in the same ONNX Runtime call. An output
+    with a class_count answers BYTES (N, k) instead. A large answer is built in a worker thread.
     """
     require_task(model)
     wanted = requested_outputs(model, outputs)
@@ -363,6 +387,8 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outpu
     if served_public:
         require_predict(ctx.key, model.name, ctx.settings.public_predict)
     x = await model_input(model, inputs, ctx.settings.max_request_samples)
+    classes, paths = len(model.labels), bool(served_public) + keyed
+    check_answer_size(classes, len(x), paths, ctx.settings.max_answer_values)
     jobs = {}
     if keyed:  # the scope and a quota before anything runs (a key without one: beside the model's call)
         charge = await charge_keyed(model, len(x), ctx.key, ctx.keyring)
@@ -378,8 +404,15 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outpu
         if failed is not None:
             raise failed
         results = dict(zip(jobs, done))
-    values = _public_values(softmax(results["public"]), model.policy) if served_public else {}
-    if keyed:
+    return await built(len(x) * classes * paths, _answer, model, wanted, counts, results)
+
+
+def _answer(model: HostedModel, wanted: Sequence[str], counts: Mapping[str, int],
+            results: Mapping[str, np.ndarray]) -> list[Tensor]:
+    """The output tensors of the paths' logits (``results``: ``"public"``, :data:`KEYED_OUTPUT`), in the order
+    asked: work in proportion to samples x classes, which :func:`infer` moves off the event loop when large."""
+    values = _public_values(softmax(results["public"]), model.policy) if "public" in results else {}
+    if KEYED_OUTPUT in results:
         values[KEYED_OUTPUT] = results[KEYED_OUTPUT]
     answer = []
     for name in wanted:
@@ -391,3 +424,9 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outpu
             answer.append(Tensor(name, "INT64" if name == CLASSES_OUTPUT else "FP32", list(values[name].shape),
                                  values[name]))
     return answer
+
+
+def answer_size(outputs: Sequence[Tensor]) -> int:
+    """The values an answer's tensors hold: a transport encodes a large answer in a worker thread
+    (:func:`service.inference.built`)."""
+    return sum(t.data.size for t in outputs)

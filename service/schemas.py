@@ -42,14 +42,19 @@ NO_NUL = r"^[^\x00]*$"
 Text = Annotated[str, Field(pattern=NO_NUL)]
 
 
+# The most classes one sample's answer ranks: v1's top_k and v2's classification (class_count) alike; an answer's
+# whole size is bounded apart (SDB_MAX_ANSWER_VALUES).
+MAX_TOP_K = 1000
+
+
 class PredictRequest(BaseModel):
     inputs: Tensor = Field(description="normalised model inputs: [N, C, H, W], one [C, H, W] sample, "
                                        "or [N, C·H·W] rows")
-    top_k: int = Field(5, ge=1, le=1000, description="labels per sample (capped at the number of classes)")
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="labels per sample (capped at the number of classes)")
 
 
 class PredictOptions(BaseModel):
-    top_k: int = Field(5, ge=1, le=1000)
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K)
 
 
 class OutputPolicy(BaseModel):
@@ -62,7 +67,7 @@ class OutputPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     policy: Literal[POLICIES] = "probs"
-    top_k: int | None = Field(None, ge=1, le=1000, description=f"k of the top_k policy (default {AuditConfig().top_k}); "
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description=f"k of the top_k policy (default {AuditConfig().top_k}); "
                               "only with top_k")
     decimals: int | None = Field(None, ge=1, le=8, description="round served probabilities to this many decimals")
 

@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     batch_max_samples: int | None = Field(None, ge=1)
     batch_max_wait_ms: float = Field(0.0, ge=0.0, le=1000.0)
     max_request_samples: int = Field(1024, ge=1)
+    # The values one answer may hold: samples x the model's classes, for each output path asked; past it a 413
+    # before any model time (an answer's memory and time grow with it, and one caller's must not hold the others').
+    max_answer_values: int = Field(4_194_304, ge=1)
     # Model versions kept loaded in ONNX Runtime, in MiB of their bundle files (an ORT session takes ~3x its
     # bundle's size): past it the least recently used version is unloaded, and loaded again (verified) on its
     # next request; one always stays. Every version stays servable whatever the bound.

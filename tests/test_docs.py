@@ -266,3 +266,25 @@ def test_documented_job_params_validate():
         except (ValidationError, ValueError) as e:
             problems.append(f"{md}: {kind} {json.dumps(params)[:120]}\n    {str(e).splitlines()[0:3]}")
     assert problems == [], "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- settings
+def documented_settings(text: str) -> set[str]:
+    """The ``SDB_*`` variables a page's ``## Settings`` section names in code spans (a row may name several)."""
+    section = text.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"`(SDB_[A-Z0-9_]+)`", section))
+
+
+def test_every_setting_is_in_the_settings_table():
+    # An operator reads the table to learn what can be set: SDB_REGISTER_DEMO, SDB_ORT_INTER_OP_THREADS and
+    # SDB_JOB_REAP_S were set nowhere a reader would find them.
+    from service.settings import Settings
+
+    prefix = Settings.model_config["env_prefix"]
+    named = documented_settings((DOCS / "api.md").read_text())
+    assert sorted({f"{prefix}{field.upper()}" for field in Settings.model_fields} - named) == []
+
+
+def test_an_undocumented_setting_is_caught():
+    page = "# API\n\n## Settings\n\n| `SDB_HOST`, `SDB_PORT` | x |\n\n## Next\n\n`SDB_LATER`\n"
+    assert documented_settings(page) == {"SDB_HOST", "SDB_PORT"}

@@ -32,6 +32,7 @@ from ..auth import ApiKey
 from ..deps import Serving, authenticate, caller_of
 from ..errors import INTERNAL, ApiError
 from ..forwarded import TrustedProxies, forwarded_client
+from ..inference import built
 from ..ratelimit import ANONYMOUS_CALLER, client_network
 
 _MISSING = ("SDB_GRPC_PORT needs the grpc extra (grpcio>=1.81.1, protobuf>=6.33.5): pip install -e '.[grpc]' in the "
@@ -295,7 +296,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = await oip.served_model(caller, request.model_name, request.model_version or None)
             inputs = codec.request_inputs(request, caller.settings.max_request_samples)
             outputs = await oip.infer(caller, model, inputs, *codec.requested_outputs(request))
-            return codec.infer_response(model.name, model.version, request.id, outputs)
+            # a large answer's message is built off the loop, which every HTTP caller shares
+            return await built(oip.answer_size(outputs), codec.infer_response, model.name, model.version, request.id,
+                               outputs)
         return answer
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable],

@@ -37,6 +37,8 @@ from ..direct import direct
 from ..errors import ApiError, invalid, not_found, quoted
 from ..inference import (
     PREDICT_TASKS,
+    built,
+    check_answer_size,
     class_predictions,
     keyed_logits,
     listable,
@@ -49,6 +51,7 @@ from ..inference import (
 from ..registry import HostedModel, ModelHost
 from ..schemas import (
     AUTH,
+    MAX_TOP_K,
     MODEL_EXAMPLE,
     NO_NUL,
     DistillOptions,
@@ -83,7 +86,7 @@ _UPLOAD_DOC = {npy.NPY: _NPY_BODY_DOC, "multipart/form-data": {"schema": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
                  "description": "PNG or JPEG images, one part each: several parts are several samples, answered "
                                 "in order"},
-        "top_k": {"type": "integer", "minimum": 1, "maximum": 1000}},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K}},
     "required": ["file"]}}, "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
 
@@ -96,7 +99,9 @@ _NO_KEY = "a key that is not valid; or none, when predict needs one (public_pred
 _SERVING_ERRORS = {
     400: "a body that is not a JSON object or not a valid .npy array (a malformed header, truncated, or longer "
          "than its header says), or a model of another task (the message names its route)",
-    401: _NO_KEY, 413: "over the payload limit (SDB_MAX_PAYLOAD_BYTES), or images that together hold over 100 M pixels",
+    401: _NO_KEY, 413: "over the payload limit (SDB_MAX_PAYLOAD_BYTES), images that together hold over 100 M pixels, or "
+                      "an answer of more values than SDB_MAX_ANSWER_VALUES (samples x classes; the message says how "
+                      "many samples fit)",
     415: "a media type the route does not take, or an image that is not a readable PNG or JPEG",
     422: "inputs of the wrong shape or type, NaN or Inf, too many samples, a bad option, or one given in the query "
          "and the body with different values (conflicting_options)",
@@ -185,7 +190,7 @@ def _options(cls: type[BaseModel], sent: dict, query: dict[str, str], where: str
 
 
 _TOP_K_DOC = {"name": "top_k", "in": "query", "required": False,
-              "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+              "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
               "description": "labels to return (at most the output policy's k; one under the label policy); also "
                              "in the body, it must be the same (another value is a 422 conflicting_options)"}
 _TEMPERATURE_DOC = {"name": "temperature", "in": "query", "required": False,
@@ -217,25 +222,37 @@ async def predict(request: Request) -> Response:
     task = require_task(model, PREDICT_TASKS)
     body = await _body(request, model, s, _INPUT_TYPES)
     max_samples = s.settings.max_request_samples
+    labels, max_values = model.labels, s.settings.max_answer_values
     if task == "pose":  # keypoints instead of labels, same inputs
         sizes: list[tuple[int, int]] = []  # of images sent as files: their own pixels too, a user draws on them
-        heatmaps = await public_logits(model, await _inputs(model, body, max_samples, sizes), s.key, s.keyring,
-                                       s.metrics, s.caller)
-        return json_response({"model": model.name, "version": model.version, "task": "pose",
-                              **pose_predictions(model.meta, heatmaps, model.in_shape, sizes or None)})
+        x = await _inputs(model, body, max_samples, sizes)
+        check_answer_size(len(labels), len(x), 1, max_values)
+        heatmaps = await public_logits(model, x, s.key, s.keyring, s.metrics, s.caller)
+        return await built(heatmaps.size, _pose_answer, model, heatmaps, sizes)
     if body.json is not None:  # the options are checked before the tensor, the images after decoding
         opts = _options(PredictOptions, body.json, query, "JSON body")
         x = await _inputs(model, body, max_samples)
     else:  # a .npy body (top_k in the query) or images (top_k a form field or in the query)
         x = await _inputs(model, body, max_samples)
         opts = _options(PredictOptions, body.fields, query, "form")
+    check_answer_size(len(labels), len(x), 1, max_values)
     z = await public_logits(model, x, s.key, s.keyring, s.metrics, s.caller)
-    k = min(opts.top_k, len(model.labels))
+    return await built(z.size, _predict_answer, model, task, z, min(opts.top_k, len(labels)), labels)
+
+
+def _pose_answer(model: HostedModel, heatmaps: np.ndarray, sizes: list[tuple[int, int]]) -> Response:
+    return json_response({"model": model.name, "version": model.version, "task": "pose",
+                          **pose_predictions(model.meta, heatmaps, model.in_shape, sizes or None)})
+
+
+def _predict_answer(model: HostedModel, task: str, z: np.ndarray, k: int, labels: list[str]) -> Response:
+    """A classifier's or a multilabel model's answer to its logits ``z``: work in proportion to samples x classes,
+    which :func:`predict` moves off the event loop when large."""
     if task == "multilabel":
         return json_response({"model": model.name, "version": model.version, "task": task,
-                              "predictions": multilabel_predictions(z, k, model.labels, model.policy)})
+                              "predictions": multilabel_predictions(z, k, labels, model.policy)})
     return json_response({"model": model.name, "version": model.version,
-                          "predictions": class_predictions(softmax(z), k, model.labels, model.policy)})
+                          "predictions": class_predictions(softmax(z), k, labels, model.policy)})
 
 
 @router.post("/{name}/distill", response_model=DistillResponse,
@@ -264,17 +281,24 @@ async def distill(request: Request) -> Response:
     require_task(model)
     body = await _body(request, model, s, (JSON, npy.NPY), what="distill")
     opts = _options(DistillOptions, body.json or {}, query, "JSON body")
-    x = await _inputs(model, body, s.settings.max_request_samples)  # every check passed: only now the quota
-    z = await keyed_logits(model, x, s.key, s.keyring, s.metrics)
-    if wants_npy(request):  # the logits alone; soft targets are softmax(logits / T), for the caller to take
+    x = await _inputs(model, body, s.settings.max_request_samples)
+    as_npy = wants_npy(request)
+    outputs = 1 if as_npy or opts.temperature is None else 2  # the logits, and in JSON their soft targets
+    check_answer_size(len(model.labels), len(x), outputs, s.settings.max_answer_values)
+    z = await keyed_logits(model, x, s.key, s.keyring, s.metrics)  # every check passed: only now the quota
+    return await built(z.size * outputs, _distill_answer, model, z, opts.temperature, as_npy)
+
+
+def _distill_answer(model: HostedModel, z: np.ndarray, temperature: float | None, as_npy: bool) -> Response:
+    if as_npy:  # the logits alone; soft targets are softmax(logits / T), for the caller to take
         headers = {"SDB-Model": quote(model.name, safe=""), "SDB-Model-Version": quote(model.version, safe="")}
-        if opts.temperature is not None:
-            headers["SDB-Temperature"] = repr(opts.temperature)
+        if temperature is not None:
+            headers["SDB-Temperature"] = repr(temperature)
         return Response(npy.encode(np.asarray(z, np.float32)), media_type=npy.NPY, headers=headers)
     answer = {"model": model.name, "version": model.version, "logits": z}
-    if opts.temperature is not None:
-        answer["temperature"] = opts.temperature
-        answer["soft_targets"] = softmax(z, opts.temperature)
+    if temperature is not None:
+        answer["temperature"] = temperature
+        answer["soft_targets"] = softmax(z, temperature)
     return json_response(answer)
 
 

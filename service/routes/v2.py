@@ -35,7 +35,7 @@ from ..deps import (
 )
 from ..direct import direct
 from ..errors import ApiError, invalid
-from ..inference import require_task
+from ..inference import built, require_task
 from ..oip import (
     CLASSES_OUTPUT,
     INPUT_DATATYPES,
@@ -48,7 +48,7 @@ from ..oip import (
 )
 from ..oip_binary import HEADER_LENGTH, OCTET_STREAM
 from ..registry import HostedModel
-from ..schemas import AUTH, json_body_doc, json_response, ok, responses
+from ..schemas import AUTH, MAX_TOP_K, json_body_doc, json_response, ok, responses
 from ..tensors import parse_json, to_array
 from .health import not_ready
 
@@ -72,9 +72,9 @@ class InferInput(BaseModel):
 
 class InferOutputParameters(BaseModel):
     binary_data: bool | None = Field(None, description="answer this output as raw bytes after the JSON header")
-    classification: int | None = Field(None, ge=0, description="the classification extension: answer the k highest "
-                                       "scores of each sample instead, as BYTES \"value:index:label\", decreasing "
-                                       f"({PUBLIC_OUTPUT} or {KEYED_OUTPUT}; 0: none)")
+    classification: int | None = Field(None, ge=0, le=MAX_TOP_K, description="the classification extension: answer "
+                                       "the k highest scores of each sample instead, as BYTES \"value:index:label\", "
+                                       f"decreasing ({PUBLIC_OUTPUT} or {KEYED_OUTPUT}; 0: none)")
 
 
 class InferOutputRequest(BaseModel):
@@ -140,7 +140,9 @@ class ModelConfig(BaseModel):
     name: str
     platform: str
     backend: str
-    max_batch_size: int = Field(description="the most samples one request may hold (SDB_MAX_REQUEST_SAMPLES)")
+    max_batch_size: int = Field(description="the most samples one request may hold: SDB_MAX_REQUEST_SAMPLES, fewer "
+                                "where fewer FP32 samples fit SDB_MAX_PAYLOAD_BYTES or their answer (every output) "
+                                "SDB_MAX_ANSWER_VALUES")
     input: list[ConfigTensor]
     output: list[ConfigTensor] = Field(description="as the metadata's outputs")
 
@@ -455,6 +457,11 @@ async def _infer(model: HostedModel, request: Request, s: Serving) -> Response:
     body: dict = {"model_name": model.name, "model_version": model.version}
     if header.get("id") is not None:
         body["id"] = header["id"]
+    return await built(oip.answer_size(outputs), _encoded, body, outputs, binary_outputs, binary_default)
+
+
+def _encoded(body: dict, outputs: list[Tensor], binary_outputs: dict[str, bool], binary_default: bool) -> Response:
+    """The answer: ``body`` with the outputs, JSON or (any asked in binary) the binary extension's layout."""
     described, raws = [], []
     for t in outputs:
         if binary_outputs.get(t.name, binary_default):
@@ -499,12 +506,14 @@ _INFER_RESPONSES = {**_INFER_OK, **responses(400, *AUTH, 404, 413, 415, 503, v2=
     403: f"{KEYED_OUTPUT} asked by a key without the distill scope for this model; with public_predict off, a key "
          "that may not predict with it (checked before the model is looked up)",
     413: "a body (JSON header and tensors together) over the payload limit (SDB_MAX_PAYLOAD_BYTES), as sent or once "
-         "inflated (Content-Encoding gzip or deflate), or BYTES images that together hold over 100 M pixels",
+         "inflated (Content-Encoding gzip or deflate), BYTES images that together hold over 100 M pixels, or an "
+         "answer of more values than SDB_MAX_ANSWER_VALUES (samples x classes for each of the public and keyed "
+         "outputs: the message says how many samples fit)",
     415: "a Content-Encoding other than gzip, deflate or identity, or BYTES that are not a readable PNG or JPEG "
          "image",
     422: "not exactly one input named as the model's, a datatype it does not take or that does not convert "
-         "exactly, a shape that does not match the data, an output this model does not serve, or more outputs than "
-         f"any model serves ({len(oip.OUTPUT_NAMES)})",
+         "exactly, a shape that does not match the data, an output this model does not serve, more outputs than "
+         f"any model serves ({len(oip.OUTPUT_NAMES)}), or a classification over {MAX_TOP_K}",
     429: f"over the request rate, or the key's sample quota ({KEYED_OUTPUT})"})}
 
 

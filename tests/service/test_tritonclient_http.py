@@ -28,7 +28,7 @@ from tritonclient.utils import (
 
 import sdb_core
 from sdb_core.bundle import load_bundle
-from service import oip_binary
+from service import oip, oip_binary
 from service.store import Store
 from service.tensors import image_to_input
 from tests.service.conftest import Server, sdb_bytes
@@ -100,8 +100,12 @@ def test_model_configuration_is_the_metadata_in_tritons_form(client, server):
     # Triton's tools (perf_analyzer among them) read the model's configuration, as the extension advertises
     assert "model_configuration" in client.get_server_metadata()["extensions"]
     config = client.get_model_config("digits-a")
+    # max_batch_size: the samples one request may hold, here fewer than SDB_MAX_REQUEST_SAMPLES under the payload
+    # limit of 64 KiB (1x8x8 FP32 samples, 256 bytes each, beside the request's JSON header); they are answered
+    fit = (LIMIT - oip.REQUEST_HEADER_ROOM) // 256
+    assert fit < server.settings.max_request_samples
     assert config == {"name": "digits-a", "platform": "onnxruntime_onnx", "backend": "onnxruntime",
-                      "max_batch_size": server.settings.max_request_samples,
+                      "max_batch_size": fit,
                       "input": [{"name": "input", "data_type": "TYPE_FP32", "dims": [1, 8, 8]}],
                       "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10]},
                                  {"name": "distill_logits", "data_type": "TYPE_FP32", "dims": [10]}]}
@@ -112,6 +116,8 @@ def test_model_configuration_is_the_metadata_in_tritons_form(client, server):
     with pytest.raises(InferenceServerException) as e:
         client.get_model_config("digits-a", "9")
     assert e.value.status() == "404" and "9" in e.value.message()
+    x = np.zeros((fit, 1, 8, 8), np.float32)
+    assert client.infer("digits-a", [infer_input(x, "FP32")]).as_numpy("probabilities").shape == (fit, 10)
 
 
 def _by_version(stats: dict) -> dict:
