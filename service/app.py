@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import errors
 from .auth import Keyring
-from .copies import sweep_orphans
+from .copies import sweep_leftovers
 from .direct import DirectRoutes
 from .jobs.queue import JobQueue
 from .metrics import Metrics
@@ -79,7 +79,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             host = ModelHost(settings, store, on_batch=metrics.observe_batch)
             host.sync()
             register_demo(settings, store, host)
-            sweep_orphans(settings, [m.path for m in store.list_models()])  # set aside, logged, never deleted
+            sweep_leftovers(settings, store)  # what killed processes left (bundles, uploads, jobs): set aside, logged
             return store, Keyring(store, settings.pepper, settings.auth_cache_s), host
 
         store, keyring, host = await run_in_threadpool(start)

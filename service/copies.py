@@ -17,10 +17,15 @@ import re
 import secrets
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import no_room, room_for
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .store import Store
 
 log = logging.getLogger("sdb.service")
 
@@ -119,6 +124,27 @@ def discard_served(settings: Settings, path: str) -> None:
 ORPHAN_AGE_S = 3600.0
 
 
+@dataclass(frozen=True)
+class Leftovers:
+    """What a start-up sweep sets aside, in the words its log uses."""
+
+    what: str  # "bundle copies"
+    row: str  # what names one in the store: "model version"
+    left_by: str  # who leaves one: "a deploy that died midway"
+    keep: str  # what an operator does with those left in place
+    moved: str  # what an operator does with those set aside
+
+
+BUNDLES = Leftovers("bundle copies", "model version", "a deploy that died midway",
+                    "register the ones to serve with sdb models add PATH",
+                    "delete them, or register one again with sdb models add PATH")
+FILES = Leftovers("uploaded file folders", "file", "an upload or a file delete that died midway",
+                  "move back into files/ what the store should name", "delete them: no file id names them")
+JOBS = Leftovers("job folders", "job", "a job delete that died midway",
+                 "move back into jobs/ what the store should name", "delete them: no job names them")
+JOB_ID = re.compile(r"[0-9a-f]{32}")  # service.jobs.queue's uuid4().hex
+
+
 def sweep_orphans(settings: Settings, registered: list[str], now: float | None = None) -> list[Path]:
     """Blocking: set aside the server's copies (:func:`copy_new`'s files) that no registered version (``registered``:
     every ``ModelRow.path``) names and that are older than :data:`ORPHAN_AGE_S`, into ``bundles/.orphaned/<name>/``
@@ -138,18 +164,63 @@ def sweep_orphans(settings: Settings, registered: list[str], now: float | None =
     if not unnamed:
         return []
     missing = [p for p in registered if not bundle_path(settings, p).exists()]
-    if not registered or missing:
-        why = (f"the store's version bundle {missing[0]} is missing here ({len(missing)} missing)" if missing
-               else "the store holds no model version")
-        log.warning("%d bundle copies in %s are named by no model version, and were left where they are: %s, so the "
-                    "store may not be this data dir's; register the ones to serve with sdb models add PATH",
-                    len(unnamed), root, why)
+    return _set_aside_all(root, unnamed, bool(registered), missing, BUNDLES)
+
+
+def sweep_folders(root: Path, pattern: re.Pattern, named: set[str], expected: set[str], kind: Leftovers,
+                  now: float | None = None) -> list[Path]:
+    """Blocking: :func:`sweep_orphans`' rule for the folders of ``root`` named by a store row's id (``pattern``):
+    those no row names (``named``) and older than :data:`ORPHAN_AGE_S` are set aside into ``root/.orphaned/`` and
+    logged; the paths they have now. Such a folder was left by a process killed between moving it into place and
+    recording its row (an upload), or between removing the row and the folder (a file's or a job's delete).
+    ``expected``: the ids whose folder this data dir must have: nothing is set aside when one is missing, or when
+    the store names none (it may not be this data dir's)."""
+    if not root.is_dir():
+        return []
+    cutoff = (time.time() if now is None else now) - ORPHAN_AGE_S
+    unnamed = []
+    for d in root.iterdir():
+        try:
+            if (pattern.fullmatch(d.name) and d.name not in named and d.is_dir() and not d.is_symlink()
+                    and d.stat().st_mtime < cutoff):
+                unnamed.append(d)
+        except OSError:  # gone meanwhile: another process's sweep
+            continue
+    if not unnamed:
+        return []
+    missing = sorted(i for i in expected if not (root / i).is_dir())
+    return _set_aside_all(root, unnamed, bool(named), missing, kind)
+
+
+def sweep_leftovers(settings: Settings, store: Store) -> None:
+    """Blocking, when a server starts: set aside (logged, never deleted) what processes killed midway left in the
+    data dir: bundle copies no version names (:func:`sweep_orphans`), upload folders no file names, and job folders
+    no job names (:func:`sweep_folders`; a job's folder is sure to be here once it succeeded)."""
+    from .files import FILE_ID_RE
+
+    sweep_orphans(settings, [m.path for m in store.list_models()])
+    files = store.file_ids()
+    sweep_folders(settings.files_dir, FILE_ID_RE, files, files, FILES)
+    jobs = store.job_statuses()
+    sweep_folders(settings.jobs_dir, JOB_ID, set(jobs), {j for j, status in jobs.items() if status == "succeeded"},
+                  JOBS)
+
+
+def _set_aside_all(root: Path, unnamed: list[Path], stored_any: bool, missing: list[str],
+                   kind: Leftovers) -> list[Path]:
+    """Set ``unnamed`` aside (:func:`_set_aside`) and log it, unless the store may not be this data dir's: it names
+    none (``stored_any``), or what it names is ``missing`` here."""
+    if not stored_any or missing:
+        why = (f"the store's {kind.row} {missing[0]} is missing here ({len(missing)} missing)" if missing
+               else f"the store holds no {kind.row}")
+        log.warning("%d %s in %s are named by no %s, and were left where they are: %s, so the store may not be this "
+                    "data dir's; %s", len(unnamed), kind.what, root, kind.row, why, kind.keep)
         return []
     moved = [m for m in (_set_aside(root, p) for p in unnamed) if m is not None]
     if moved:
-        log.warning("moved %d bundle copies that no model version names (left by a deploy that died midway) to %s: "
-                    "%s; delete them, or register one again with sdb models add PATH", len(moved), root / ORPHANED,
-                    ", ".join(f"{p.parent.name}/{p.name}" for p in moved[:5]))
+        log.warning("moved %d %s that no %s names (left by %s) to %s: %s; %s", len(moved), kind.what, kind.row,
+                    kind.left_by, root / ORPHANED, ", ".join(str(p.relative_to(root / ORPHANED)) for p in moved[:5]),
+                    kind.moved)
     return moved
 
 
@@ -166,17 +237,18 @@ def _old_copies(settings: Settings, now: float) -> list[Path]:
     return old
 
 
-def _set_aside(root: Path, copy: Path) -> Path | None:
-    """Move ``copy`` to ``bundles/.orphaned/<name>/`` (its name's folder goes once empty); None when another
-    process's sweep took it first."""
-    target = root / ORPHANED / copy.parent.name / copy.name
+def _set_aside(root: Path, leftover: Path) -> Path | None:
+    """Move ``leftover`` (a copy ``<name>/<file>``, or a folder) to the same place under ``root/.orphaned/`` (a copy's
+    name folder goes once empty); None when another process's sweep took it first."""
+    target = root / ORPHANED / leftover.relative_to(root)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(copy, target)
+        os.replace(leftover, target)
     except FileNotFoundError:
         return None
-    try:
-        copy.parent.rmdir()
-    except OSError:  # other versions are in it
-        pass
+    if leftover.parent != root:
+        try:
+            leftover.parent.rmdir()
+        except OSError:  # other versions are in it
+            pass
     return target

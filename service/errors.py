@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import get_route_path
 from starlette.types import Receive, Scope, Send
 
-from .store import READ_ONLY, is_read_only
+from .store import MOVED, READ_ONLY, STORE_FULL, is_full, is_moved, is_read_only
 
 log = logging.getLogger("sdb.service")
 
@@ -143,8 +143,12 @@ def response_for(exc: Exception) -> Response:
         # the database went away or stopped answering (a restart, a failover): an outage to wait out, not a bug
         # (each was a 500 and a traceback); its reason is the driver's, which may name hosts: logged, not answered
         log.warning("the store is unavailable: %s", " ".join(str(getattr(exc, "orig", exc)).split())[:300])
-        # a read-only SQLite file waits for an operator, not a moment: the message says what to fix
-        message = READ_ONLY if is_read_only(exc) else "the server's store is unavailable for a moment: retry"
+        if is_full(exc):  # its disk full: as an upload's is (no_room), not an outage of a moment
+            return error_response(507, "insufficient_storage", STORE_FULL)
+        # a read-only SQLite file, or one deleted under the server, waits for an operator, not a moment: the message
+        # says what to fix
+        message = (READ_ONLY if is_read_only(exc) else MOVED if is_moved(exc)
+                   else "the server's store is unavailable for a moment: retry")
         return error_response(503, "store_unavailable", message, {"Retry-After": "1"})
     if isinstance(exc, RequestValidationError):
         return error_response(422, "invalid_request", _validation_message(exc))

@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.functions import FunctionElement
@@ -57,10 +57,10 @@ from .store_schema import (
 
 log = logging.getLogger("sdb.service")
 
-__all__ = ["JOB_DONE", "MIGRATIONS", "READ_ONLY", "ApiKeyRow", "AsJson", "AuditRow", "Base", "DeployRefused",
-           "FileReservationRow", "FileRow", "JobRow", "ModelNameRow", "ModelRow", "SchemaVersion", "Store",
-           "StoreUnavailable", "UsageRow", "db_now", "is_read_only", "may_deploy", "migrate", "newest_first",
-           "normalise_url", "open_store", "version_key"]
+__all__ = ["JOB_DONE", "MIGRATIONS", "MOVED", "READ_ONLY", "STORE_FULL", "ApiKeyRow", "AsJson", "AuditRow", "Base",
+           "DeployRefused", "FileReservationRow", "FileRow", "JobRow", "ModelNameRow", "ModelRow", "SchemaVersion",
+           "Store", "StoreFull", "StoreUnavailable", "UsageRow", "db_now", "is_full", "is_moved", "is_read_only",
+           "may_deploy", "migrate", "newest_first", "normalise_url", "open_store", "version_key"]
 
 # An upload's or a deploy's reservation is renewed every RESERVATION_RENEW_S while its process holds it
 # (Store._renew_reservations): one not renewed for RESERVATION_TTL_S was left by a process that died mid-check. A
@@ -157,8 +157,37 @@ def is_read_only(e: BaseException) -> bool:
     cause = getattr(e, "orig", None) or e
     if not isinstance(cause, sqlite3.OperationalError):
         return False
-    code = cause.sqlite_errorcode
+    code = getattr(cause, "sqlite_errorcode", 0)  # one SQLite raised (ours, _FileMoved, has no code)
     return code & 0xFF == sqlite3.SQLITE_READONLY and code != sqlite3.SQLITE_READONLY_DBMOVED
+
+
+STORE_FULL = ("the server's disk is full: its store could not write what this request changes (nothing of it was "
+              "kept); try again once an administrator has freed space on the store's disk")
+_DISK_FULL_SQLSTATE = "53100"  # PostgreSQL's disk_full
+
+
+def is_full(e: BaseException) -> bool:
+    """Whether a store error (SQLAlchemy's or the driver's) says the store's disk is full: SQLite's SQLITE_FULL (the
+    disk, or the database's page limit), PostgreSQL's disk_full."""
+    cause = getattr(e, "orig", None) or e
+    if isinstance(cause, StoreFull):  # ping()'s report of it
+        return True
+    if isinstance(cause, sqlite3.OperationalError):  # one SQLite raised (ours, _FileMoved, has no code)
+        return getattr(cause, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
+    return getattr(cause, "sqlstate", None) == _DISK_FULL_SQLSTATE
+
+
+MOVED = ("the server's store file was deleted or replaced while the server ran: nothing of this request was kept; an "
+         "administrator must restart the server (or move the file, or its data dir, back where it was)")
+
+
+class _FileMoved(sqlite3.OperationalError):
+    """The SQLite file a process opened is no longer at its path (deleted, replaced, its folder renamed)."""
+
+
+def is_moved(e: BaseException) -> bool:
+    """Whether a store error is a write refused because the SQLite file was deleted or replaced under the process."""
+    return isinstance(getattr(e, "orig", None) or e, _FileMoved)
 
 
 def open_store(url: str) -> Store:
@@ -205,6 +234,10 @@ def _reason(e: BaseException) -> str:
     return lines[0].strip() if lines else type(cause).__name__
 
 
+class StoreFull(StoreUnavailable):
+    """The store's disk was full at its last write (:func:`is_full`), and no write has passed since."""
+
+
 class DeployRefused(Exception):
     """A version the store will not add (``code`` model_not_owned, key_invalid or model_exists), or a name whose
     claim it will not release (model_in_use)."""
@@ -246,6 +279,11 @@ class Store:
                                     pool_pre_ping=not sqlite)
         self._generation = 0  # of the connections: one more each time they are all reopened (_reopen_when_read_only)
         self._writes_unproven = sqlite  # ping() tries a write until one passes, and again after a read-only error
+        self._sqlite_file: tuple[str, tuple[int, int] | None] | None = None  # set once migrated, below
+        self._full = False  # a write met a full disk, and none has passed since: ping() (readiness) says so
+        self.failed_at: float | None = None  # when (monotonic) a store call of this process last failed to reach it
+        event.listen(self.engine, "handle_error", self._note_failure)
+        event.listen(self.engine, "commit", self._before_commit)
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "connect", self._stamp_generation)
@@ -253,8 +291,8 @@ class Store:
             event.listen(self.engine, "handle_error", self._reopen_when_read_only)
         self.session: sessionmaker[Session] = sessionmaker(self.engine, expire_on_commit=False)
         migrate(self.engine)
-        # A SQLite file deleted or replaced under a running server: its open connections go on with the
-        # old inode, which no `sdb keys|models` command sees any more. ping() (readiness) says so.
+        # A SQLite file deleted or replaced under a running server: its open connections go on with the old inode,
+        # which no `sdb keys|models` command sees any more. Every commit (_before_commit) and ping() check it.
         database = self.engine.url.database if sqlite else None
         self._sqlite_file = (database, _file_id(database)) if database and database != ":memory:" else None
         self._held: dict[str, float] = {}  # this process's reservations: id -> when made (monotonic)
@@ -273,6 +311,35 @@ class Store:
             self._writes_unproven = True
             self.engine.dispose()
 
+    def _note_failure(self, context) -> None:
+        """Every store error of this process: the time of one that says the store did not answer or could not write
+        (what the job reaper waits out: :meth:`service.jobs.queue.JobQueue.reap`), and a full disk (readiness)."""
+        e = context.sqlalchemy_exception or context.original_exception
+        if context.is_disconnect or isinstance(e, (OperationalError, InterfaceError)):
+            self.failed_at = time.monotonic()
+        if is_full(context.original_exception):
+            self._full = True
+
+    def _before_commit(self, conn) -> None:
+        """Before each commit: a SQLite file deleted or replaced under this process refuses it (its rows went into a
+        file no other process reads: a key created answered 201, and was unknown after a restart), and a write
+        committed (SQLite's driver opens a transaction for writes only; every PostgreSQL commit counts) ends a full
+        disk's report (a commit that fails for it reports it again)."""
+        moved = self._moved()
+        if moved is not None:
+            raise OperationalError("COMMIT", None, _FileMoved(moved))
+        if self._full and getattr(conn.connection.dbapi_connection, "in_transaction", True):
+            self._full = False
+
+    def _moved(self) -> str | None:
+        """Why this process's SQLite file is no longer the one it opened (one stat), or None."""
+        if self._sqlite_file is None:
+            return None
+        path, opened = self._sqlite_file
+        if _file_id(path) == opened:
+            return None
+        return f"the SQLite file {path} was deleted or replaced while this process had it open: restart it"
+
     def _stamp_generation(self, _dbapi_conn, record) -> None:
         record.info["generation"] = self._generation
 
@@ -286,18 +353,19 @@ class Store:
 
     def ping(self) -> None:
         """Raises when the store does not answer, or (SQLite) cannot be written (:func:`is_read_only`) or is no
-        longer the file this process opened."""
+        longer the file this process opened, or when its disk was full at the last write (:class:`StoreFull`, until
+        a write passes)."""
         with self.engine.connect() as conn:
             conn.execute(select(1))
             if self._writes_unproven:  # a write rolled back: a read-only file reads well, and failed every write
                 conn.execute(update(SchemaVersion.__table__).values(version=SchemaVersion.version))
                 conn.rollback()
                 self._writes_unproven = False
-        if self._sqlite_file is not None:
-            path, opened = self._sqlite_file
-            if _file_id(path) != opened:
-                raise StoreUnavailable(f"the SQLite file {path} was deleted or replaced while this process had it "
-                                       "open: restart it")
+        moved = self._moved()
+        if moved is not None:
+            raise StoreUnavailable(moved)
+        if self._full:
+            raise StoreFull(STORE_FULL)
 
     # ---------------------------------------------------------------- audit
     def audit(self, actor: str, action: str, target: str = "", detail: str = "") -> None:
@@ -708,6 +776,8 @@ class Store:
 
     def release_file_bytes(self, reservation: str) -> None:
         """Give back the bytes of an upload that failed."""
+        with self._held_lock:  # renewed no more: if the store does not take the delete, they lapse (RESERVATION_TTL_S)
+            self._held.pop(reservation, None)
         with self.session.begin() as s:
             s.execute(delete(FileReservationRow).where(FileReservationRow.id == reservation))
 
@@ -724,6 +794,16 @@ class Store:
             if owner is not None:
                 q = q.where((FileRow.owner == owner) | FileRow.shared) if shared else q.where(FileRow.owner == owner)
             return list(s.scalars(newest_first(q, FileRow, before, limit)))
+
+    def file_ids(self) -> set[str]:
+        """The id of every file (the start-up sweep: :func:`service.copies.sweep_leftovers`)."""
+        with self.session() as s:
+            return set(s.scalars(select(FileRow.id)))
+
+    def job_statuses(self) -> dict[str, str]:
+        """Every job's status, by id (the start-up sweep: :func:`service.copies.sweep_leftovers`)."""
+        with self.session() as s:
+            return {row.id: row.status for row in s.execute(select(JobRow.id, JobRow.status))}
 
     def delete_file(self, file_id: str) -> FileRow | None:
         """The row removed, or None when there was none."""

@@ -9,7 +9,8 @@ row count tells whether it won, so concurrent workers, the API and the reaper ca
 - a worker's heartbeat, progress and finish only apply while the job is still its own and
   ``running``: a job the reaper has failed or requeued cannot be overwritten by a late worker.
 - the reaper fails (or requeues once, if training had not started) a running job whose
-  heartbeat is older than ``stale_s``.
+  heartbeat is older than ``stale_s``; it reaps nothing until the store has answered this process
+  for ``stale_s`` since its last failure (an outage silenced every worker's heartbeat).
 
 The times of a job's run (claimed, heartbeat, training, finished) are the database's clock (:func:`db_now`), never
 the writing host's: a reaper compared another host's heartbeat with its own clock, and hosts whose clocks differed
@@ -18,6 +19,8 @@ by more than ``stale_s`` reaped each other's healthy jobs ("worker lost").
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +29,8 @@ from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..store import JOB_DONE, AsJson, JobRow, Store, db_now, lock_owner, newest_first
+
+log = logging.getLogger("sdb.jobs")
 
 MAX_ATTEMPTS = 2  # a job that died before training started is requeued once
 
@@ -49,6 +54,8 @@ class TooManyJobs(Exception):
 class JobQueue:
     def __init__(self, store: Store):
         self.store = store
+        self._failure_seen: float | None = None  # the store's last failure (Store.failed_at) the reaper knows of
+        self._answering_since = -math.inf  # when (monotonic) the reaper first found the store answering after it
 
     # ------------------------------------------------------------ API side
     def submit(self, kind: str, params: dict, owner: str, *, backend: str = "embedded",
@@ -226,9 +233,15 @@ class JobQueue:
     # ------------------------------------------------------------ reaper
     def reap(self, stale_s: float) -> list[tuple[str, str]]:
         """End or requeue running jobs whose worker stopped heartbeating; returns (id, new status). Heartbeats are
-        judged by the database's clock, which stamped them (:func:`db_now`), whatever this host's says."""
+        judged by the database's clock, which stamped them (:func:`db_now`), whatever this host's says.
+
+        Nothing is reaped until the store has answered for ``stale_s`` since a store call of this process last
+        failed (:attr:`Store.failed_at`): while it did not answer, no worker could heartbeat either, and an outage
+        longer than ``stale_s`` failed every running job "worker lost"."""
         with self.store.session() as s:
             now = s.scalar(select(db_now()))
+            if not self._store_answered_for(stale_s):
+                return []
             cutoff = now - stale_s
             stale = list(s.scalars(select(JobRow).where(
                 JobRow.status == "running", or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff))))
@@ -252,3 +265,12 @@ class JobQueue:
             if won:
                 done.append((job.id, values["status"]))
         return done
+
+    def _store_answered_for(self, stale_s: float) -> bool:
+        """Whether the store has answered for ``stale_s`` (monotonic) since it last failed: called as it answers."""
+        failed = self.store.failed_at
+        if failed != self._failure_seen:  # it failed since the last look, and answers now: the wait starts
+            self._failure_seen, self._answering_since = failed, time.monotonic()
+            log.info("the store answers again: jobs whose workers stopped heartbeating are reaped from %.0f s on "
+                     "(their heartbeats failed while it did not answer)", stale_s)
+        return time.monotonic() - self._answering_since >= stale_s

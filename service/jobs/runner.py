@@ -177,13 +177,15 @@ def job_dir(settings: Settings, job_id: str):
     return settings.jobs_dir / job_id
 
 
-# How long a job's end waits for the store to answer (an outage, a full disk): then the reaper settles it.
+# How long a job's end (or its deploy) waits for the store to answer (an outage, a full disk): then the reaper
+# settles it.
 SETTLE_S = 60.0
 
 
-def _settled(call, *args, **kwargs):
-    """``call`` (a queue write that ends a job) once the store takes it: retried through a store outage or a full
-    disk for up to :data:`SETTLE_S` (it raised out of the worker, which exited, and the job ended "worker lost")."""
+def settled(call, *args, **kwargs):
+    """``call`` (a queue write that ends a job, or a store call of its deploy) once the store takes it: retried
+    through a store outage or a full disk for up to :data:`SETTLE_S` (it raised out of the worker, which exited, and
+    the job ended "worker lost"; a deploy's failed the job "with an unexpected error")."""
     wait, deadline = 0.5, time.monotonic() + SETTLE_S
     while True:
         try:
@@ -191,7 +193,8 @@ def _settled(call, *args, **kwargs):
         except (SQLAlchemyError, OSError) as e:
             if time.monotonic() + wait > deadline:
                 raise
-            log.warning("the store did not take the job's end (%s): again in %.1f s", type(e).__name__, wait)
+            log.warning("the store did not take the job's %s (%s): again in %.1f s",
+                        getattr(call, "__name__", "write").replace("_", " "), type(e).__name__, wait)
             time.sleep(wait)
             wait = min(wait * 2, 8.0)
 
@@ -235,7 +238,7 @@ def fail_setup(settings: Settings, queue: JobQueue, job: JobRow, worker: str, e:
     Left running it had no heartbeat, and the reaper requeued it, then failed it as "worker lost"."""
     reason = setup_failure(e, settings)
     log.error("job %s (%s): its folder could not be made: %s", job.id, job.kind, e)
-    ended = _settled(queue.finish, job.id, worker, "failed", error=reason, message="failed")
+    ended = settled(queue.finish, job.id, worker, "failed", error=reason, message="failed")
     return "failed" if ended else "lost"
 
 
@@ -275,7 +278,7 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             ctx.halt(over, drop_artifacts=True)
             raise Cancelled(over)
         try:
-            ok = _settled(queue.finish, job.id, worker, "succeeded", message=report.get("summary", "done"),
+            ok = settled(queue.finish, job.id, worker, "succeeded", message=report.get("summary", "done"),
                           result=finite_json(report.get("result", {})), metrics=finite_json(report.get("metrics", {})),
                           artifact_bytes=used)
         except (SQLAlchemyError, OSError):  # not the recipe's failure: the reaper settles the job, its artifacts kept
@@ -289,7 +292,7 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             ctx.log(f"stopped: the job was taken from this worker ({e})")
             return "lost"
         if ctx.key_stop is not None:
-            _settled(queue.finish, job.id, worker, "cancelled", message=f"cancelled: {ctx.key_stop}",
+            settled(queue.finish, job.id, worker, "cancelled", message=f"cancelled: {ctx.key_stop}",
                          artifact_bytes=ctx.artifact_bytes())
             ctx.log(f"cancelled: {ctx.key_stop}")
             return "cancelled"
@@ -297,10 +300,10 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             end_halted(ctx)
             return "failed"
         if ctx.stop.is_set() and not ctx.cancel.is_set():
-            _settled(queue.release, job.id, worker, f"requeued: worker {worker} shut down")
+            settled(queue.release, job.id, worker, f"requeued: worker {worker} shut down")
             ctx.log("released: the worker is shutting down; the job goes back to the queue")
             return "queued"
-        _settled(queue.finish, job.id, worker, "cancelled", message=str(e), artifact_bytes=ctx.artifact_bytes())
+        settled(queue.finish, job.id, worker, "cancelled", message=str(e), artifact_bytes=ctx.artifact_bytes())
         ctx.log(f"cancelled: {e}")
         return "cancelled"
     except Exception as e:  # any error of a recipe fails the job
@@ -323,7 +326,7 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
         else:
             log.exception("job %s (%s) failed", job.id, job.kind)
         ctx.log(f"failed: {reason}")
-        _settled(queue.finish, job.id, worker, "failed", error=reason, message="failed",
+        settled(queue.finish, job.id, worker, "failed", error=reason, message="failed",
                  artifact_bytes=ctx.artifact_bytes())
         return "failed"
     finally:

@@ -17,7 +17,7 @@ from ..deps import SERVING_DOC, MetricsDep, ModelHostDep, OptionalApiKeyDep, Set
 from ..disclosure import hide_paths
 from ..errors import ApiError
 from ..schemas import AUTH, json_response, ok, responses
-from ..store import READ_ONLY, is_read_only
+from ..store import READ_ONLY, STORE_FULL, is_full, is_read_only
 
 router = APIRouter(tags=["health"])
 
@@ -50,13 +50,16 @@ async def healthz() -> Response:
 @router.get("/readyz", summary="Models loaded and the store reachable", response_model=Readiness,
             responses={**ok({"status": "ready", "models": 1, "failed_models": 0, "failed": {}}),
                        **responses(503, why={503: "starting or stopping (not_ready), or the store does not answer "
-                                                   "(store_unreachable) or cannot be written (store_read_only)"})})
+                                                   "(store_unreachable) or cannot be written (store_read_only; "
+                                                   "store_full, its disk)"})})
 async def readyz(request: Request, store: StoreDep, host: ModelHostDep, settings: SettingsDep) -> Response:
     if not getattr(request.app.state, "ready", False):
         raise not_ready(request.app.state)
     failure = await _store_failure(request.app.state, store)
     if failure is not None and is_read_only(failure):
         raise ApiError(503, "store_read_only", READ_ONLY)
+    if failure is not None and is_full(failure):
+        raise ApiError(503, "store_full", STORE_FULL)
     if failure is not None:
         raise ApiError(503, "store_unreachable", "the store does not answer")
     failed = host.failures()  # a copy: a sync changing it while this iterated was a 500

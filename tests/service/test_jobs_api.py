@@ -472,6 +472,34 @@ def test_a_worker_waits_out_a_store_that_fails_and_then_runs_the_queue(tmp_path,
     assert "the job store or disk failed" in caplog.text
 
 
+@pytest.mark.anyio
+async def test_a_wraps_deploy_waits_out_a_store_that_refuses_it_a_moment(jsvc, caplog):
+    """A wrap whose deploy met a store outage failed "at step 'deploying' with an unexpected error", its bundle
+    trained and lost: the deploy's store calls now wait the outage out as the job's end does."""
+    import threading
+
+    import anyio
+
+    from service.jobs.worker import run_worker
+
+    tok = jsvc.key(("jobs", "deploy"))
+    job = (await submit(jsvc, tok, "wrap", {**WRAP, "teacher_epochs": 1})).json()
+    # the deploy's first write: the bytes of its copy, held against the key's storage cap
+    undo = refuse(jsvc.app.state.store, "INSERT", "file_reservations")
+    worker = threading.Thread(target=run_worker, args=(jsvc.settings,), kwargs={"once": True}, daemon=True)
+    with caplog.at_level("WARNING", logger="sdb.jobs"):
+        worker.start()
+        while "did not take the job's deploy bundle" not in caplog.text and worker.is_alive():
+            await anyio.sleep(0.1)
+        await anyio.sleep(2.0)  # refused for a while
+        undo()
+        await anyio.to_thread.run_sync(worker.join, 120)
+    done = (await jsvc.client.get(f"/v1/jobs/{job['id']}", headers=jsvc.auth(tok))).json()
+    assert done["status"] == "succeeded", done
+    assert done["result"]["deployed"] is True and done["result"]["version"] == "1", done
+    assert jsvc.app.state.store.get_model("digits-demo").version == "1"
+
+
 def test_a_full_disk_is_told_as_such():
     import errno
 

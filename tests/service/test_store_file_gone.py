@@ -7,15 +7,18 @@ found no key. Now readiness answers 503 ``store_unreachable``. ``open_store`` (w
 """
 from __future__ import annotations
 
+import io
 import shutil
 
 import httpx
+import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 
 from service.app import build_app
+from service.auth import create_key
 from service.settings import Settings
-from service.store import Store, StoreUnavailable, open_store
+from service.store import MOVED, Store, StoreUnavailable, open_store
 
 
 def test_ping_fails_once_the_sqlite_file_is_deleted_or_replaced(tmp_path):
@@ -49,6 +52,33 @@ async def test_readyz_is_503_when_the_store_file_is_deleted(tmp_path, monkeypatc
                 p.unlink()
             r = await c.get("/readyz")
             assert r.status_code == 503 and r.json()["error"]["code"] == "store_unreachable"
+
+
+@pytest.mark.anyio
+async def test_writes_are_refused_once_the_store_file_is_deleted(tmp_path, monkeypatch):
+    """With the file deleted, readiness said 503 while a key was created (201, its secret shown) and a file uploaded
+    into the deleted file's inode: both unknown after a restart. Each commit now checks the file first: 503, nothing
+    kept, no secret shown."""
+    for k in ("SDB_DATABASE_URL", "SDB_MASTER_KEY_FILE", "SDB_PEPPER_FILE", "SDB_SECRETS_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    settings = Settings(data_dir=tmp_path / "data", register_demo=False, workers=0)
+    app = build_app(settings)
+    async with LifespanManager(app):
+        admin, _ = create_key(app.state.store, settings.pepper, scopes=("admin",))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t",
+                                     headers={"Authorization": f"Bearer {admin}"}) as c:
+            assert (await c.get("/v1/keys")).status_code == 200  # the admin key read and cached
+            for p in settings.data_dir.glob("sdb.sqlite3*"):
+                p.unlink()
+            r = await c.post("/v1/keys", json={"scopes": ["predict"]})
+            assert r.status_code == 503 and r.json()["error"] == {"code": "store_unavailable", "message": MOVED}, r.text
+            assert "sdb_" not in r.text and str(tmp_path) not in r.text
+            data = io.BytesIO()
+            np.savez(data, x=np.zeros((4, 1, 8, 8), np.float32), y=np.arange(4))
+            r = await c.post("/v1/files", files={"file": ("d.npz", data.getvalue())}, data={"purpose": "dataset"})
+            assert r.status_code == 503, r.text
+    assert list((settings.files_dir).glob("file-*")) == []  # the upload left nothing behind
 
 
 @pytest.mark.parametrize(("url", "needle"), [

@@ -390,3 +390,37 @@ def test_a_store_from_before_fingerprints_records_a_master_key_only_if_it_opens_
         assert store.recorded_secret("master_key") is not None
     finally:
         store.close()
+
+
+def test_a_store_outage_longer_than_stale_s_does_not_reap_the_jobs_it_kept_from_heartbeating():
+    """A PostgreSQL outage longer than SDB_JOB_STALE_S failed every running job "worker lost" as the store came back:
+    no worker could heartbeat while it did not answer, and the reaper counted that time as their silence. The reaper
+    now reaps once the store has answered it for stale_s; a worker that stays silent after that is still reaped."""
+    from .pgcluster import Cluster, Databases
+
+    stale = 2.0
+    cluster = Cluster().start()
+    try:
+        url = Databases(cluster.admin_url).create()
+        with closing(Store(url)) as api, closing(Store(url)) as worker_store:
+            reaper, worker = JobQueue(api), JobQueue(worker_store)
+            job = reaper.submit("wrap", {}, "owner")[0]
+            assert worker.claim("w1").id == job.id
+            assert worker.heartbeat(job.id, "w1", training=True).owned
+            cluster.pause()
+            with pytest.raises(OperationalError):
+                reaper.reap(stale)  # the reaper's own look fails while the store is away
+            time.sleep(stale + 1)  # longer than stale_s: the worker's last heartbeat is older than that
+            cluster.resume()
+            assert reaper.reap(stale) == []
+            assert worker.heartbeat(job.id, "w1").owned  # its first heartbeat since
+            lost = reaper.submit("wrap", {}, "owner")[0]
+            assert worker.claim("w2").id == lost.id
+            assert worker.heartbeat(lost.id, "w2", training=True).owned  # then w2 dies
+            time.sleep(stale + 0.5)
+            assert worker.heartbeat(job.id, "w1").owned
+            assert reaper.reap(stale) == [(lost.id, "failed")]
+            assert worker.finish(job.id, "w1", "succeeded")
+            assert reaper.get(job.id).status == "succeeded"
+    finally:
+        cluster.stop()

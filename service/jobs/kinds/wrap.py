@@ -116,20 +116,22 @@ def deploy(ctx, bundle, name: str, output_policy=None) -> dict:
     from sdb_core.progress import Cancelled
 
     from ...deploy import deploy_bundle
-    from ..runner import artifacts_over_cap
+    from ..runner import artifacts_over_cap, settled
 
     # The last step that cannot be taken back, so it is taken only for a job that ends "succeeded": not
     # for one a cap or its key stopped while the recipe ran, nor for one whose artifacts already take its
     # key past its storage cap (the runner would fail it and drop the bundle, leaving a version served).
-    ctx.check_key()
-    over = artifacts_over_cap(ctx, ctx.artifact_bytes())
+    # Its store calls wait out an outage as the job's end does (settled): the job failed "with an unexpected error".
+    settled(ctx.check_key)
+    over = settled(artifacts_over_cap, ctx, ctx.artifact_bytes())
     if over is not None:
         ctx.halt(over, drop_artifacts=True)
     if ctx.key_stop is not None or ctx.failure is not None or ctx.cancel.is_set():
         raise Cancelled(ctx.key_stop or ctx.failure or "cancelled before deploying")
-    row = deploy_bundle(ctx.settings, ctx.queue.store, bundle, key=ctx.key, actor=f"job:{ctx.job.id}",
-                        name=name, policy=output_policy, shown="bundle.sdb", job=(ctx.job.id, ctx.worker),
-                        capped=not ctx.key.grants("admin"))  # check_key read it: the job stops without one
+    # a try the store did not take leaves nothing (deploy_bundle discards its copy): the next one deploys anew
+    row = settled(deploy_bundle, ctx.settings, ctx.queue.store, bundle, key=ctx.key, actor=f"job:{ctx.job.id}",
+                   name=name, policy=output_policy, shown="bundle.sdb", job=(ctx.job.id, ctx.worker),
+                   capped=not ctx.key.grants("admin"))  # check_key read it: the job stops without one
     ctx.log(f"deployed {row.name} version {row.version}")
     # every API process serves it from now on (loaded on its first request); where the bundle lies is the
     # server's business (the store and audit log have it)
