@@ -85,7 +85,7 @@ grpc:
 	$(PYTHON) service/grpc/generate.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check sdb_core service sdb_cli tests benchmarks
+	$(BIN)/ruff check sdb_core service sdb_cli tests benchmarks clients/python
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/protection.py --data mnist-5k --seeds 0 1 2 --json benchmarks/results/protection.json

@@ -508,8 +508,9 @@ def add_commands(sub) -> None:
     md.add_argument("path", help="bundle directory or .sdb file, or a file-… id of an uploaded bundle")
     md.add_argument("--name", help="serve it under this name (default the bundle's)")
     for sp in (ma, md):
-        sp.add_argument("--policy", choices=POLICIES, help="what the public routes return: probs (the default), "
-                        "the top_k classes renormalised, or the label alone")
+        sp.add_argument("--policy", choices=POLICIES, help="what the public routes return: probs, the top_k classes "
+                        "renormalised, or the label alone (default: the bundle's own, as sdb wrap --policy set it, "
+                        "else probs)")
         sp.add_argument("--top-k", type=int, help=f"k of the top_k policy (default {AuditConfig().top_k})")
         sp.add_argument("--decimals", type=int, help="round served probabilities to this many decimals "
                         "(default: unrounded)")

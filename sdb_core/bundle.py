@@ -694,6 +694,10 @@ def verify(files: dict[str, bytes], where: str = "bundle") -> dict:
     if not isinstance(listed, dict) or MODEL_FILE not in listed:
         raise BundleError(f"{where}: {META_FILE} lists no file hashes")
     for n, digest in listed.items():
+        if n not in BUNDLE_FILES:  # model.onnx.data, a graph's external data: never read, so it read as "missing"
+            raise BundleError(f"{where}: {META_FILE} lists {n[:200]!r}, which is not a bundle file (a bundle holds "
+                              f"{MODEL_FILE}, {META_FILE} and {KEY_FILE} only; a graph's weights in external data, "
+                              "as for models over ONNX's 2 GiB protobuf limit, are not supported)")
         if n not in files:
             raise BundleError(f"{where}: {n} is missing")
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
@@ -1151,8 +1155,9 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a user sees one clear error
         if "external data" in str(e).lower():  # ORT refuses to read files beside a graph given as bytes; its
             # message quotes the path the graph names, resolved on the server: not shown
-            raise BundleError(f"{path}: model.onnx keeps weights in external data files; a bundle's graph holds "
-                              "its weights itself (export or save it without external data)") from None
+            raise BundleError(f"{path}: model.onnx keeps weights in external data files, which a bundle does not "
+                              "hold: its graph holds its weights itself, so models over ONNX's 2 GiB protobuf limit "
+                              "are not supported (a smaller one: save it without external data)") from None
         raise BundleError(f"{path}: model.onnx does not load in ONNX Runtime ({e})") from None
     digest = _sha256(files[META_FILE])
     check_output_shape(session, meta, str(path), run=verified is None or digest != verified)

@@ -51,6 +51,7 @@ def _hidden(text: str, root: Path | None, roots: list[str] | None) -> str:
     if "/" not in text and ":" not in text:  # most strings of a record (its keys, names, figures): nothing to hide
         return text
     roots = _roots(root) if roots is None else roots
+    text = _relative_to_roots(text, roots)
     top = _top_level()
 
     def short(m: re.Match) -> str:
@@ -64,6 +65,15 @@ def _hidden(text: str, root: Path | None, roots: list[str] | None) -> str:
         return f"…/{name}" if name else "…"
 
     return _WORKER_ID.sub(r"\1:…", _ABS_PATH.sub(short, text))
+
+
+def _relative_to_roots(text: str, roots: list[str]) -> str:
+    """``text`` with the data dir's own paths made relative to it, before the pattern: a data dir holding a space
+    ("/srv/sdb data", "/home/Alice Smith/sdb") ended the pattern's match there, and the rest of the path was shown."""
+    for r in roots:  # the longest first: a resolved root under the other one's name is taken whole
+        if r + "/" in text:
+            text = re.sub(r"(?<![\w.~/\\-])" + re.escape(r) + "/(?=[^/\\s])", "", text)
+    return text
 
 
 def hide_paths_in(value: Any, root: Path | None = None) -> Any:

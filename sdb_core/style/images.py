@@ -112,16 +112,6 @@ def shorter_side(img: Tensor, side: int) -> Tensor:
     return F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
 
 
-def resize_max(img: Tensor, max_side: int) -> Tensor:
-    """Shrink so that the longer side is at most ``max_side`` (aspect kept); never enlarge."""
-    _, h, w = img.shape
-    if max(h, w) <= max_side:
-        return img
-    scale = max_side / max(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    return F.interpolate(img[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
-
-
 def to_pil(img: Tensor) -> Image.Image:
     arr = (img.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     return Image.fromarray(arr, "RGB")

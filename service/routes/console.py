@@ -69,9 +69,20 @@ def _file(request: Request, p: Path, media_type: str) -> Response:
     new release is seen at once and an unchanged one costs no body."""
     body, etag = _read(p, p.stat().st_mtime_ns, request.scope.get("root_path", "").rstrip("/"))
     headers = {**HEADERS, "Cache-Control": "no-cache", "ETag": etag}
-    if request.headers.get("if-none-match") == etag:
+    if _holds(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type=media_type, headers=headers)
+
+
+def _holds(if_none_match: str | None, etag: str) -> bool:
+    """Whether If-None-Match names this version, compared weakly as RFC 9110 has it for this header: a proxy that
+    compresses the page (nginx's gzip) makes its ETag weak (W/"..."), and the browser sends that back; a list of
+    tags, or "*", holds it too. (Our tags are hex in quotes: no comma inside one.)"""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in if_none_match.split(","))
 
 
 @router.get("/")

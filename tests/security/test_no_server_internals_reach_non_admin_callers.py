@@ -253,3 +253,18 @@ def test_a_record_is_cleaned_of_paths_with_its_data_dir_resolved_once(tmp_path, 
     assert len(calls) == 1
     assert shown["error"] == "cannot read files/x.npz or …/hosts" and shown["worker"] == "worker:…"
     assert shown["params"] == record["params"]
+
+    # A data dir holding a space, by its own name and as it resolves: the pattern of a path stops at a space, and
+    # "/home/Alice Smith/sdb data/files/x.npz" showed the rest of it ("…/Alice Smith/sdb data/files/x.npz")
+    home = tmp_path / "home" / "Alice Smith"
+    spaced = home / "sdb data"
+    spaced.mkdir(parents=True)
+    (tmp_path / "srv").mkdir()
+    link = tmp_path / "srv" / "sdb link"
+    link.symlink_to(spaced)
+    calls.clear()
+    record = {"error": f"cannot read {link}/files/x.npz, then '{spaced}/jobs/j1/log.txt'", "data_dir": f"{link}/"}
+    shown = hide_paths_in(record, link)
+    assert len(calls) == 1
+    assert shown["error"] == "cannot read files/x.npz, then 'jobs/j1/log.txt'", shown
+    assert "Alice" not in str(shown) and str(tmp_path) not in str(shown), shown

@@ -215,6 +215,21 @@ async def test_console_is_served_with_a_strict_policy_and_no_inline_code(svc):
     assert (CONSOLE_DIR / "index.html").is_file()
 
 
+async def test_the_page_is_a_304_for_its_etag_made_weak_by_a_compressing_proxy(svc):
+    """Behind nginx's gzip the ETag reaches the browser weak (W/"..."), which it sends back: compared exactly, the
+    console page was sent whole on every load. If-None-Match compares weakly, and takes a list or "*"."""
+    page = await svc.client.get("/")
+    etag = page.headers["etag"]
+    for held in (f"W/{etag}", f'"0123", W/{etag}', f'{etag},"other"', "*"):
+        r = await svc.client.get("/", headers={"If-None-Match": held})
+        assert r.status_code == 304 and r.content == b"", held
+    for other in ('W/"0123"', '"0123", W/"4567"', etag.strip('"')):  # another version's, or a tag without its quotes
+        assert (await svc.client.get("/", headers={"If-None-Match": other})).status_code == 200, other
+    js = await svc.client.get("/console/static/lib.js")
+    assert (await svc.client.get("/console/static/lib.js", headers={"If-None-Match": "W/" + js.headers["etag"]})
+            ).status_code == 304
+
+
 def expected_samples() -> dict:
     """The console's test images: the first test-split image of each class of each embedded set, as PNG."""
     from sdb_core.data import load_dataset

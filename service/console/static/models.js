@@ -3,8 +3,8 @@ import { barChart, columnChart } from "./charts.js";
 import { deployHowTo } from "./files.js";
 import { labelled } from "./forms.js";
 import {
-  MODES, allowsModel, api, announce, enc, errorBox, facts, grants, h, human, num, pct, policyText, put, table, url,
-  when,
+  MODES, allowsModel, api, announce, enc, errorBox, facts, grants, h, human, npyBlob, num, pct, policyText, put, table,
+  url, when,
 } from "./lib.js";
 
 export async function list(el) {
@@ -213,7 +213,8 @@ function tryIt(m) {
       const f2 = new FormData();
       f2.append("file", blob, filename);
       const x = await api(`/v1/models/${enc(m.name)}/inputs${q}`, { method: "POST", body: f2 });
-      const d = await api(`/v1/models/${enc(m.name)}/distill${q}`, { method: "POST", json: { inputs: x.inputs } });
+      // as .npy: the same values as JSON took 5 times the bytes, past the JSON body limit for a 3x384x384 photo
+      const d = await api(`/v1/models/${enc(m.name)}/distill${q}`, { method: "POST", body: npyBlob(x.inputs, x.shape) });
       keyedCol.append(logitTable(d.logits[0], m.labels));
     } catch (e) { keyedCol.append(errorBox(e)); }
   };
@@ -252,11 +253,25 @@ function predictionTable(p) {
   return table(["Rank", "Label", "Score"], rows, { caption: "Public top-k" });
 }
 
+const TOP_LOGITS = 100; // rows the keyed table shows at first: a model of 50,000 classes drew them all
+
+// The keyed logits, highest first, with their softmax: the top TOP_LOGITS rows, and a button that shows them all.
 function logitTable(z, labels) {
-  const e = z.map((v) => Math.exp(v - Math.max(...z)));
+  let max = -Infinity; // once, in a loop: Math.max(...z) for each value was quadratic, and overflowed the stack
+  for (const v of z) if (v > max) max = v;
+  const e = z.map((v) => Math.exp(v - max));
   const sum = e.reduce((a, b) => a + b, 0);
   const order = z.map((v, i) => i).sort((a, b) => z[b] - z[a]);
-  return table(["Label", "Logit", "Softmax"], order.map((i) => [labels[i] ?? String(i), num(z[i], 3),
-    [h("meter", { min: 0, max: 1, value: e[i] / sum, "aria-hidden": "true" }), " ", num(e[i] / sum, 4)]]),
-  { numeric: [1], caption: "Keyed logits" });
+  const rows = (n) => order.slice(0, n).map((i) => [labels[i] ?? String(i), num(z[i], 3),
+    [h("meter", { min: 0, max: 1, value: e[i] / sum, "aria-hidden": "true" }), " ", num(e[i] / sum, 4)]]);
+  const box = h("div", { tabindex: -1 }); // where the keyboard goes once its button is gone
+  const showAll = () => {
+    put(box, table(["Label", "Logit", "Softmax"], rows(order.length), { numeric: [1], caption: "Keyed logits" }));
+    box.focus();
+    announce(`all ${num(order.length)} classes shown`);
+  };
+  put(box, table(["Label", "Logit", "Softmax"], rows(TOP_LOGITS), { numeric: [1], caption: "Keyed logits" }),
+    order.length > TOP_LOGITS ? h("p", { class: "more" }, `The ${TOP_LOGITS} highest of ${num(order.length)} classes. `,
+      h("button", { type: "button", class: "secondary", onclick: showAll }, `Show all ${num(order.length)}`)) : null);
+  return box;
 }
