@@ -83,6 +83,19 @@ def _release(store: Store, reservation: str | None) -> None:
         store.release_file_bytes(reservation)
 
 
+def _discard_unless_served(store: Store, copy: Path) -> None:
+    """Delete a failed deploy's copy unless a version is served from it: a commit whose answer was lost (the
+    connection cut during COMMIT) registered the version all the same, and deleting the copy left it with no file.
+    When the store cannot say, the copy stays: one no version names is set aside at the next start
+    (:func:`service.copies.sweep_leftovers`), and a served one deleted is lost."""
+    try:
+        served = store.names_path(str(copy.resolve()))
+    except Exception:  # noqa: BLE001 - the store away: see above
+        served = True
+    if not served:
+        discard(copy)
+
+
 # Names a route takes for itself: GET /v2/models/stats is the statistics of every model (the Open Inference
 # Protocol's statistics extension, which Triton's clients call), so a model of that name had no v2 metadata.
 RESERVED_NAMES = {"stats": "GET /v2/models/stats is the statistics of every model (the Open Inference Protocol's "
@@ -177,7 +190,7 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, key: Api
         store.audit(actor, "model.refused", name, e.message)
         raise
     except BaseException:
-        discard(target)
+        _discard_unless_served(store, target)
         _release(store, reservation)
         raise
     store.audit(actor, "model.add", f"{row.name}@{row.version}", str(target))

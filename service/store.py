@@ -32,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.functions import FunctionElement
@@ -161,6 +161,7 @@ def is_read_only(e: BaseException) -> bool:
     return code & 0xFF == sqlite3.SQLITE_READONLY and code != sqlite3.SQLITE_READONLY_DBMOVED
 
 
+_PROBE_CHARS = 16384  # more than a page of either store (SQLite's 4 KiB by default, PostgreSQL's 8 KiB)
 STORE_FULL = ("the server's disk is full: its store could not write what this request changes (nothing of it was "
               "kept); try again once an administrator has freed space on the store's disk")
 _DISK_FULL_SQLSTATE = "53100"  # PostgreSQL's disk_full
@@ -175,6 +176,30 @@ def is_full(e: BaseException) -> bool:
     if isinstance(cause, sqlite3.OperationalError):  # one SQLite raised (ours, _FileMoved, has no code)
         return getattr(cause, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
     return getattr(cause, "sqlstate", None) == _DISK_FULL_SQLSTATE
+
+
+_SQLITE_UNREACHABLE = (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL)
+# PostgreSQL's SQLSTATEs of a server that takes no statement now: its connection (class 08), its resources (53: disk,
+# memory, connections), its system (58: I/O) and a shutdown or a start (57P01-57P03). Not a deadlock or a
+# serialization failure (40), a lock or statement timeout (55P03, 57014), nor any other SQL error: those are one
+# statement's, among others that pass.
+_PG_UNREACHABLE_CLASSES = ("08", "53", "58")
+_PG_UNREACHABLE = ("57P01", "57P02", "57P03")
+
+
+def _unreachable(context) -> bool:
+    """Whether a store error (SQLAlchemy's ``handle_error`` context) says this process could not reach the store, or
+    write to it at all: a connection lost (``is_disconnect``) or not made (no ``connection``), SQLite's
+    CANTOPEN, IOERR or FULL, PostgreSQL's :data:`_PG_UNREACHABLE`. Not "database is locked", a failing statement,
+    a deadlock or a timeout: the store answers then, and a worker's heartbeat passes (counted, contention more often
+    than every SDB_JOB_STALE_S held the reaping of a dead worker's job for ever)."""
+    if context.is_disconnect or context.connection is None:
+        return True
+    cause = context.original_exception
+    if isinstance(cause, sqlite3.Error):
+        return getattr(cause, "sqlite_errorcode", 0) & 0xFF in _SQLITE_UNREACHABLE
+    sqlstate = getattr(cause, "sqlstate", None) or ""
+    return sqlstate[:2] in _PG_UNREACHABLE_CLASSES or sqlstate in _PG_UNREACHABLE
 
 
 MOVED = ("the server's store file was deleted or replaced while the server ran: nothing of this request was kept; an "
@@ -312,10 +337,10 @@ class Store:
             self.engine.dispose()
 
     def _note_failure(self, context) -> None:
-        """Every store error of this process: the time of one that says the store did not answer or could not write
-        (what the job reaper waits out: :meth:`service.jobs.queue.JobQueue.reap`), and a full disk (readiness)."""
-        e = context.sqlalchemy_exception or context.original_exception
-        if context.is_disconnect or isinstance(e, (OperationalError, InterfaceError)):
+        """Every store error of this process: the time of one that says the store could not be reached
+        (:func:`_unreachable`: what the job reaper waits out, :meth:`service.jobs.queue.JobQueue.reap`), and a full
+        disk (readiness)."""
+        if _unreachable(context):
             self.failed_at = time.monotonic()
         if is_full(context.original_exception):
             self._full = True
@@ -354,7 +379,7 @@ class Store:
     def ping(self) -> None:
         """Raises when the store does not answer, or (SQLite) cannot be written (:func:`is_read_only`) or is no
         longer the file this process opened, or when its disk was full at the last write (:class:`StoreFull`, until
-        a write passes)."""
+        a write passes: while it is, each ping tries one, :meth:`_write_needing_room`)."""
         with self.engine.connect() as conn:
             conn.execute(select(1))
             if self._writes_unproven:  # a write rolled back: a read-only file reads well, and failed every write
@@ -364,8 +389,25 @@ class Store:
         moved = self._moved()
         if moved is not None:
             raise StoreUnavailable(moved)
-        if self._full:
+        if self._full:  # only a write ends the report, and a replica out of rotation gets none but this one
+            self._write_needing_room()
+        if self._full:  # another write met the full disk meanwhile
             raise StoreFull(STORE_FULL)
+
+    def _write_needing_room(self) -> None:
+        """Commit a write that needs room on the store's disk, changing nothing: an audit row larger than a page
+        (:data:`_PROBE_CHARS`), added and deleted in one transaction. Its pages are allocated (SQLite grows the
+        file or takes its free pages; PostgreSQL its table's) and written at the commit, so it fails as any write
+        does while the disk is full (:func:`is_full`), and its commit ends the report (:meth:`_before_commit`).
+        A no-op UPDATE would not do: it rewrites a page the file has, and passed on a full disk. No reader sees
+        the row (on PostgreSQL it takes a number of the audit log's sequence: ids have gaps there anyway)."""
+        with self.session.begin() as s:
+            # random: PostgreSQL would compress a repeated character to a few bytes
+            probe = AuditRow(at=time.time(), actor="server", action="store.room_probe",
+                             detail=secrets.token_hex(_PROBE_CHARS // 2))
+            s.add(probe)
+            s.flush()
+            s.delete(probe)
 
     # ---------------------------------------------------------------- audit
     def audit(self, actor: str, action: str, target: str = "", detail: str = "") -> None:
@@ -402,6 +444,11 @@ class Store:
                 return s.get(ModelRow, (name, version))
             rows = list(s.scalars(select(ModelRow).where(ModelRow.name == name)))
             return max(rows, key=lambda r: version_key(r.version), default=None)
+
+    def names_path(self, path: str) -> bool:
+        """Whether a version is served from ``path`` (absolute, as :meth:`add_version` took it)."""
+        with self.session() as s:
+            return s.scalar(select(ModelRow.name).where(ModelRow.path == path).limit(1)) is not None
 
     def add_model(self, name: str, version: str, path: str, meta_sha256: str | None = None,
                   **policy) -> ModelRow | None:

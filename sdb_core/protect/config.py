@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..train_config import TrainConfig
+from ..train_config import TrainConfig, epochs_for_steps
 
 
 @dataclass
@@ -216,4 +216,4 @@ class AuditConfig:
         """Epochs of a student on ``n`` transfer images: ``steps`` optimisation steps, else ``train.epochs``."""
         if self.steps is None:
             return self.train.epochs
-        return math.ceil(self.steps / math.ceil(n / self.train.batch_size))
+        return epochs_for_steps(self.steps, n, self.train.batch_size)

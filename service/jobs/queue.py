@@ -9,8 +9,9 @@ row count tells whether it won, so concurrent workers, the API and the reaper ca
 - a worker's heartbeat, progress and finish only apply while the job is still its own and
   ``running``: a job the reaper has failed or requeued cannot be overwritten by a late worker.
 - the reaper fails (or requeues once, if training had not started) a running job whose
-  heartbeat is older than ``stale_s``; it reaps nothing until the store has answered this process
-  for ``stale_s`` since its last failure (an outage silenced every worker's heartbeat).
+  heartbeat is older than ``stale_s``; until the store has answered this process for ``stale_s``
+  since it last failed to reach it (an outage silenced every worker's heartbeat), only one silent
+  for ``stale_s`` plus the longest outage it has seen.
 
 The times of a job's run (claimed, heartbeat, training, finished) are the database's clock (:func:`db_now`), never
 the writing host's: a reaper compared another host's heartbeat with its own clock, and hosts whose clocks differed
@@ -56,6 +57,8 @@ class JobQueue:
         self.store = store
         self._failure_seen: float | None = None  # the store's last failure (Store.failed_at) the reaper knows of
         self._answering_since = -math.inf  # when (monotonic) the reaper first found the store answering after it
+        self._last_answer = time.monotonic()  # the reaper's last look at a store that answered (none yet: from now)
+        self._longest_outage = 0.0  # seconds: the longest the reaper has gone without an answer over a failure
 
     # ------------------------------------------------------------ API side
     def submit(self, kind: str, params: dict, owner: str, *, backend: str = "embedded",
@@ -235,14 +238,14 @@ class JobQueue:
         """End or requeue running jobs whose worker stopped heartbeating; returns (id, new status). Heartbeats are
         judged by the database's clock, which stamped them (:func:`db_now`), whatever this host's says.
 
-        Nothing is reaped until the store has answered for ``stale_s`` since a store call of this process last
-        failed (:attr:`Store.failed_at`): while it did not answer, no worker could heartbeat either, and an outage
-        longer than ``stale_s`` failed every running job "worker lost"."""
+        Until the store has answered for ``stale_s`` since a store call of this process last failed to reach it
+        (:attr:`Store.failed_at`), a job is reaped only once silent for ``stale_s`` plus the longest outage seen
+        (:meth:`_silence_to_reap`): while the store did not answer, no worker could heartbeat either, and an outage
+        longer than ``stale_s`` failed every running job "worker lost"; a wait without that bound kept a dead
+        worker's job running for ever where failures came more often than every ``stale_s``."""
         with self.store.session() as s:
             now = s.scalar(select(db_now()))
-            if not self._store_answered_for(stale_s):
-                return []
-            cutoff = now - stale_s
+            cutoff = now - self._silence_to_reap(stale_s)
             stale = list(s.scalars(select(JobRow).where(
                 JobRow.status == "running", or_(JobRow.heartbeat_at.is_(None), JobRow.heartbeat_at < cutoff))))
         done = []
@@ -266,11 +269,21 @@ class JobQueue:
                 done.append((job.id, values["status"]))
         return done
 
-    def _store_answered_for(self, stale_s: float) -> bool:
-        """Whether the store has answered for ``stale_s`` (monotonic) since it last failed: called as it answers."""
+    def _silence_to_reap(self, stale_s: float) -> float:
+        """The seconds a job's heartbeat may be silent before it is reaped: ``stale_s`` once the store has answered
+        for ``stale_s`` (monotonic) since it last failed to reach it, until then ``stale_s`` plus the longest outage
+        seen. An outage is measured from the reaper's last look at a store that answered to its first look after the
+        failure: no shorter than the outage, so a job silent only for it is not reaped. Called as the store
+        answers."""
+        at = time.monotonic()
         failed = self.store.failed_at
         if failed != self._failure_seen:  # it failed since the last look, and answers now: the wait starts
-            self._failure_seen, self._answering_since = failed, time.monotonic()
+            self._longest_outage = max(self._longest_outage, at - self._last_answer)
+            self._failure_seen, self._answering_since = failed, at
             log.info("the store answers again: jobs whose workers stopped heartbeating are reaped from %.0f s on "
-                     "(their heartbeats failed while it did not answer)", stale_s)
-        return time.monotonic() - self._answering_since >= stale_s
+                     "(their heartbeats failed while it did not answer), those silent for %.0f s at once",
+                     stale_s, stale_s + self._longest_outage)
+        self._last_answer = at
+        if at - self._answering_since >= stale_s:
+            return stale_s
+        return stale_s + self._longest_outage

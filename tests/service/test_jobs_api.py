@@ -522,3 +522,38 @@ async def test_a_jobs_log_says_where_it_trains(jsvc):
     log = (await jsvc.client.get(f"/v1/jobs/{job['id']}/logs", headers=jsvc.auth(tok))).json()["text"]
     first = log.splitlines()[0]
     assert re.search(r"attempt 1 on worker worker:…, training on (cuda:\d+ \(.+\)|the CPU \(\d+ threads?\))$", first), log
+
+
+@pytest.mark.anyio
+async def test_a_wraps_deploy_whose_commit_was_not_acknowledged_deploys_once(jsvc, monkeypatch):
+    """The version's commit reached the store and its answer did not (the connection cut during COMMIT): the retry
+    deployed the bundle again, the job served version 2, and the failed try's cleanup deleted the copy version 1 was
+    served from. The retry now finds the version in the job's row, and the cleanup keeps a copy a version names."""
+    from pathlib import Path
+
+    import anyio
+    from sqlalchemy.exc import OperationalError
+
+    from service.jobs.worker import run_worker
+
+    real, added = Store.add_version, []
+
+    def add_version(self, *args, **kwargs):  # the commit lands; its answer is lost the first time
+        row = real(self, *args, **kwargs)
+        added.append(row.version)
+        if len(added) == 1:
+            raise OperationalError("COMMIT", None, Exception("server closed the connection unexpectedly"))
+        return row
+
+    monkeypatch.setattr(Store, "add_version", add_version)
+    tok = jsvc.key(("jobs", "deploy"))
+    job = (await submit(jsvc, tok, "wrap", {**WRAP, "teacher_epochs": 1})).json()
+    await anyio.to_thread.run_sync(lambda: run_worker(jsvc.settings, once=True))
+    done = (await jsvc.client.get(f"/v1/jobs/{job['id']}", headers=jsvc.auth(tok))).json()
+    assert done["status"] == "succeeded", done
+    assert done["result"]["deployed"] is True and done["result"]["version"] == "1", done
+    assert added == ["1"]  # one version: the retry added none
+    served = [m for m in jsvc.app.state.store.list_models() if m.name == "digits-demo"]
+    assert [m.version for m in served] == ["1"] and Path(served[0].path).is_file()
+    assert [p.name for p in (jsvc.settings.bundles_dir / "digits-demo").iterdir()] == [Path(served[0].path).name]
+    assert jsvc.app.state.store.has_audit("model.add")

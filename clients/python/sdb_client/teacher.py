@@ -7,7 +7,7 @@ Three ways to use it::
     # 1. a callable, x -> logits, same type as x (numpy in, numpy out; torch in, torch out):
     #    the teacher of sdb_core.distill.distill, or any loop. A large x is split into
     #    batch_size requests with `prefetch` more in flight; results in input order.
-    distill(student, transfer, teacher, DistillConfig())
+    distill(student, transfer, teacher, DistillConfig().for_transfer(len(transfer)))
 
     # 2. a KD loop that trains on batch i while batch i+1's logits are on their way:
     for xb, yb, tb in teacher.iter_batches(x, y, batch_size=64, shuffle=True, seed=epoch):

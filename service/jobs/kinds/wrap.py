@@ -9,6 +9,7 @@ version as soon as the job reports it.
 """
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field
@@ -115,7 +116,7 @@ def deploy(ctx, bundle, name: str, output_policy=None) -> dict:
     the transaction that adds the version: a job queued before either allowed it deploys nothing)."""
     from sdb_core.progress import Cancelled
 
-    from ...deploy import deploy_bundle
+    from ... import deploy as deploying
     from ..runner import artifacts_over_cap, settled
 
     # The last step that cannot be taken back, so it is taken only for a job that ends "succeeded": not
@@ -128,11 +129,43 @@ def deploy(ctx, bundle, name: str, output_policy=None) -> dict:
         ctx.halt(over, drop_artifacts=True)
     if ctx.key_stop is not None or ctx.failure is not None or ctx.cancel.is_set():
         raise Cancelled(ctx.key_stop or ctx.failure or "cancelled before deploying")
-    # a try the store did not take leaves nothing (deploy_bundle discards its copy): the next one deploys anew
-    row = settled(deploy_bundle, ctx.settings, ctx.queue.store, bundle, key=ctx.key, actor=f"job:{ctx.job.id}",
-                   name=name, policy=output_policy, shown="bundle.sdb", job=(ctx.job.id, ctx.worker),
-                   capped=not ctx.key.grants("admin"))  # check_key read it: the job stops without one
+    tried = False
+
+    def deploy_bundle():  # the name settled() logs a retry under
+        """A try of :func:`service.deploy.deploy_bundle`, or, after one that raised, the version it registered: a
+        commit whose answer was lost (the connection cut during COMMIT) added it all the same, and a second try
+        added another version (a second copy, held against the key's storage cap)."""
+        nonlocal tried
+        if tried:
+            row = _deployed_by(ctx, name)
+            if row is not None:
+                return row
+        tried = True
+        # a try the store did not take leaves nothing (deploy_bundle discards its copy): the next one deploys anew
+        return deploying.deploy_bundle(ctx.settings, ctx.queue.store, bundle, key=ctx.key, actor=f"job:{ctx.job.id}",
+                                       name=name, policy=output_policy, shown="bundle.sdb",
+                                       job=(ctx.job.id, ctx.worker),
+                                       capped=not ctx.key.grants("admin"))  # check_key read it: no job without one
+
+    row = settled(deploy_bundle)
     ctx.log(f"deployed {row.name} version {row.version}")
     # every API process serves it from now on (loaded on its first request); where the bundle lies is the
     # server's business (the store and audit log have it)
     return {"deployed": True, "version": row.version}
+
+
+def _deployed_by(ctx, name: str):
+    """The version of ``name`` the job's deploy registered, or None: the job's row says what it served, written in
+    the transaction that added the version (:func:`service.store._hold_job_for_deploy`), while the job is still this
+    worker's. Its ``model.add`` audit row, which the lost answer kept deploy_bundle from writing, is written here."""
+    job = ctx.queue.get(ctx.job.id)
+    if job is None or job.worker != ctx.worker or job.status != "running":
+        return None
+    served = json.loads(job.result or "{}")
+    if not served.get("deployed") or served.get("model") != name:
+        return None
+    row = ctx.queue.store.get_model(name, str(served["version"]))
+    if row is not None:
+        ctx.queue.store.audit(f"job:{ctx.job.id}", "model.add", f"{row.name}@{row.version}", row.path)
+        ctx.log(f"the store had taken the deploy whose answer was lost: version {row.version}")
+    return row
