@@ -80,7 +80,40 @@ class FromProbabilities(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(logits_of(self.model(x)).clamp_min(_TINY))
+        return _log_probabilities(logits_of(self.model(x)))
+
+
+def _log_probabilities(p: torch.Tensor) -> torch.Tensor:
+    """log p, from log(:data:`_TINY`) = -69 up: the logits a teacher's probabilities are read for."""
+    return torch.log(p.clamp_min(_TINY))
+
+
+# The logit spread (largest minus smallest, on each input the check scores) past which a teacher's soft labels at
+# the box's temperature (T = 4) are its hard labels: a class 200 below the top gets e^-50 of it, and float32
+# resolves the top's soft label to 2^-24 = e^-16.6, so every class past 67 below the top weighs nothing.
+# Trained as usual, a teacher spreads far less: the zoo's mlp, cnn, lenet and resnet8 on digits and mnist-5k
+# (6 and 30 epochs) up to 30 on the two inputs the check scores and 49 over 512 training inputs, an MLP
+# overtrained for 500 epochs 47-54 and 100.
+# A last layer scaled x10 (-170..130) wrapped only at the check's 3rd or 4th attempt, x30 and x100
+# (+-500 to +-2,000) never (best public 35-92 % vs 93-98 %), the same network ending in a softmax at its 2nd or 3rd.
+_SATURATED_SPREAD = 200.0
+
+
+class FromSaturatedLogits(FromProbabilities):
+    """The network of a teacher whose logits spread past :data:`_SATURATED_SPREAD` on every input the check
+    scores (a last layer scaled up: +-500 and more): it answers its log-probabilities, clamped as
+    :class:`FromProbabilities` clamps a softmax's, the same logits (up to a constant per row) and top-1 spanning at
+    most 69. Read raw, such logits give hard labels at T = 4 and the fine-tuned box's public path fell to chance."""
+
+    def __init__(self, model: nn.Module, spread: float = _SATURATED_SPREAD) -> None:
+        super().__init__(model)
+        self.spread = spread
+        self.why = (f"the teacher's logits span {spread:.3g} an input (past {_SATURATED_SPREAD:.0f}, its soft labels "
+                    "at T = 4 are its hard labels): its log-probabilities, clamped at -69 as a final softmax's are, "
+                    "are the logits the box learns and serves")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _log_probabilities(torch.softmax(logits_of(self.model(x)), 1))
 
 
 class FromOneScore(nn.Module):
@@ -237,6 +270,8 @@ def copy_teacher(teacher: nn.Module) -> nn.Module:
         return type(teacher)(copy_teacher(teacher.model))
     if isinstance(teacher, FromOneScore):
         return FromOneScore(copy_teacher(teacher.model), teacher.probability)
+    if isinstance(teacher, FromSaturatedLogits):
+        return FromSaturatedLogits(copy_teacher(teacher.model), teacher.spread)
     if isinstance(teacher, torch.jit.ScriptModule):
         buf = io.BytesIO()
         torch.jit.save(teacher, buf)
@@ -262,6 +297,8 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     256 training inputs in [0, 1], rows not summing to 1: a sigmoid on each), and inside :class:`FromOneScore`
     when a binary classifier answers one score per input ((N, 1) or (N,)): a probability when every score on up
     to 256 training inputs is in [0, 1] (a trained logit is negative for the first class), else a logit; inside
+    :class:`FromSaturatedLogits` when its logits spread past :data:`_SATURATED_SPREAD` on both inputs (soft labels
+    at T = 4 that are its hard labels: a last layer scaled up; a TorchScript one is refused, naming the span); inside
     :class:`CopiesInput` when its forward writes into its input. The adapters say what they did in ``why``."""
     teacher = plain_teacher(teacher)
     x = data.train.tensors[0][:2]
@@ -315,10 +352,17 @@ def check_teacher(teacher: nn.Module, data) -> nn.Module:
     if sigmoids and isinstance(teacher, torch.jit.ScriptModule):
         raise ValueError(f"the TorchScript teacher answers one probability per class (a sigmoid on each): script "
                          f"(or trace) a module that answers its {k} logits, or pass the nn.Module unscripted")
+    spread = None if one_score or probabilities or sigmoids else float((z.amax(1) - z.amin(1)).min())
+    saturated = spread is not None and spread > _SATURATED_SPREAD
+    if saturated and isinstance(teacher, torch.jit.ScriptModule):
+        raise ValueError(f"the TorchScript teacher's logits span {spread:.3g} an input (past {_SATURATED_SPREAD:.0f}, "
+                         "its soft labels at T = 4 are its hard labels and the box cannot learn from them): pass the "
+                         "nn.Module unscripted (its log-probabilities are read), or script one whose logits span less")
     adapted = (FromOneScore(net, _scores_are_probabilities(probed, data)) if one_score
-               else FromProbabilities(net) if probabilities else FromClassSigmoids(net) if sigmoids else net)
-    if adapted is not net and isinstance(net, CopiesInput):
-        adapted.why = f"{adapted.why}; {net.why}"
+               else FromProbabilities(net) if probabilities else FromClassSigmoids(net) if sigmoids
+               else FromSaturatedLogits(net, spread) if saturated else net)
+    if adapted is not net and hasattr(net, "why"):  # an ONNX teacher's or CopiesInput's own reading, said first
+        adapted.why = f"{net.why}; {adapted.why}"
     return adapted
 
 
