@@ -4,7 +4,8 @@ An owner's training split is divided once (stratified, fixed seed) into the data
 fits and a validation split it never sees; the test split is never read. Each attempt wraps
 the teacher with one setting and measures on the validation split what the protection
 benchmark measures: the public path's accuracy drop against the teacher, the keyed path's
-drop (SDB; a Nasty box has no keyed path), and a short leak check (a student distilled from
+drop (SDB; a Nasty box has no keyed path), each overall and class-balanced (a rare class weighs as much as a
+common one), and a short leak check (a student distilled from
 the public outputs against one trained on labels alone). A miss moves the next attempt's
 setting in the direction that fixes it (each recipe's :class:`Recipe` says how); the first
 setting that meets every threshold is exported with its measured report, and when the
@@ -346,25 +347,24 @@ def checked_wrap(
             continue
         r = result.report
         keyed = "keyed_acc" in r  # a Nasty box has no keyed path: no keyed figures, no keyed threshold
-        figures = {"teacher_acc": r["teacher_acc"], "public_acc": r["public_acc"],
-                   **({"keyed_acc": r["keyed_acc"]} if keyed else {}),
-                   "public_drop": r["teacher_acc"] - r["public_acc"], "public_drop_se": r["public_drop_se"],
-                   **({"keyed_drop": r["teacher_acc"] - r["keyed_acc"], "keyed_drop_se": r["keyed_drop_se"]}
-                      if keyed else {}),
-                   "fit_public_drop": teacher_fit_acc - accuracy(result.box.public_logits, fit_part)}
+        figures = {**_drops(r, keyed), "fit_public_drop": teacher_fit_acc - accuracy(result.box.public_logits, fit_part)}
         if keyed:
             from .sdb import guessed_key_share
 
             figures["guessed_key_share"] = guessed_key_share(result.box, teacher_val, fit_data, cfg)
+            if figures["guessed_key_share"] is None:
+                log(f"self-check attempt {i + 1}: the guessed-key share is unmeasured: the keyed path's soft labels "
+                    "are no nearer the teacher's than the confusion target's"
+                    + ("" if th.min_guessed_key_share <= th.GUESSED_KEY_SHARE_FLOOR else ", a miss of its bound"))
         if check.leak_check:
             earlier = next((a["figures"]["labels_only"] for a in attempts if "labels_only" in a.get("figures", {})), None)
             figures.update(leak_check(result.box, fit_data, check, should_cancel, labels_only=earlier))
-        figures = {k: round(v, 3) for k, v in figures.items()}
+        figures = {k: v if v is None else round(v, 3) for k, v in figures.items()}
         misses = th.misses(figures)
         attempt = {"attempt": i + 1, "settings": recipe.settings(cfg), "figures": figures, "misses": misses,
                    "passed": not misses, "seconds": round(time.perf_counter() - ta, 2)}
         attempts.append(attempt)
-        log(f"self-check attempt {i + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in figures.items())
+        log(f"self-check attempt {i + 1}: " + ", ".join(f"{k} {_shown(v)}" for k, v in figures.items())
             + (" -> ok" if not misses else " -> missed " + ", ".join(f"{k} by {v:.2f}" for k, v in misses.items())))
         shortfall = sum(misses.values())
         if best is None or shortfall < best[0]:
@@ -373,10 +373,11 @@ def checked_wrap(
             break
         underfit = figures["fit_public_drop"] > th.max_accuracy_drop
         narrow = figures["public_drop"] - max(figures["fit_public_drop"], 0.0) > th.max_accuracy_drop
-        nxt, direction = recipe.adapt(cfg, misses, step, underfit, narrow)
+        moves = _by_path(misses, figures)
+        nxt, direction = recipe.adapt(cfg, moves, step, underfit, narrow)
         if direction and direction == -last_direction:  # overshot: bracket the setting more finely
             step /= 2
-            nxt, direction = recipe.adapt(cfg, misses, step, underfit, narrow)
+            nxt, direction = recipe.adapt(cfg, moves, step, underfit, narrow)
         cfg, last_direction = nxt, direction or last_direction
 
     if best is None:
@@ -404,15 +405,75 @@ def checked_wrap(
                else "")
             + (f", KD from public {best_fig['kd_public']:.2f}% vs labels only {best_fig['labels_only']:.2f}% "
                f"(min margin {th.min_leak_margin})" if "kd_public" in best_fig else "")
-            + (f", a guessed key's share {best_fig['guessed_key_share']:.2f} (min {th.min_guessed_key_share}: random "
-               "keys open the keyed path)" if "guessed" in chosen["misses"] else "")
+            + _balanced_missed(best_fig, chosen["misses"], th)
+            + _guessed_missed(best_fig, chosen["misses"], th)
             + "; missed " + ", ".join(f"{k} by {v:.2f}" + ("" if k == "guessed" else " points")
                                       for k, v in chosen["misses"].items())
             + (_measured_on(report["val_size"], best_fig["teacher_acc"], teacher_fit_acc, check.teacher_apart)
-               if {"public", "keyed"} & set(chosen["misses"]) else "")
+               if {"public", "keyed", "public_balanced", "keyed_balanced"} & set(chosen["misses"]) else "")
             + _unmeasurable_leak(chosen, data.num_classes, min(check.transfer_n, report["fit_size"]), th),
             report, result)
     return result
+
+
+def _drops(r: dict, keyed: bool) -> dict[str, float]:
+    """An attempt's accuracy figures from its recipe's report (:func:`~.sdb.public_report` on the held-out part):
+    each path's top-1 and class-balanced top-1 (mean per-class recall) and their drops against the teacher's, with
+    each drop's standard error; the keyed path's where the box has one."""
+    paths = ("public", "keyed") if keyed else ("public",)
+    out = {"teacher_acc": r["teacher_acc"], "teacher_balanced_acc": r["teacher_balanced_acc"]}
+    for path in paths:
+        out |= {f"{path}_acc": r[f"{path}_acc"], f"{path}_balanced_acc": r[f"{path}_balanced_acc"]}
+    for path in paths:
+        out |= {f"{path}_drop": r["teacher_acc"] - r[f"{path}_acc"], f"{path}_drop_se": r[f"{path}_drop_se"],
+                f"{path}_balanced_drop": r["teacher_balanced_acc"] - r[f"{path}_balanced_acc"],
+                f"{path}_balanced_drop_se": r[f"{path}_balanced_drop_se"]}
+    return out
+
+
+def _shown(v: float | None) -> str:
+    return "unmeasured" if v is None else f"{v:.2f}"
+
+
+def _by_path(misses: dict[str, float], figures: dict) -> dict[str, float]:
+    """The misses as a recipe's ``adapt`` reads them. A class-balanced drop's miss is its path's (the larger
+    shortfall): the same moves keep a path's top-1, on a rare class too. An unmeasured guessed-key share (the keyed
+    path no nearer the teacher than the confusion target) is a keyed miss: more of the image through the key and
+    longer training bring the keyed path nearer the teacher, where less of it (a guessed-key miss) would not."""
+    out = dict(misses)
+    for path in ("public", "keyed"):
+        balanced = out.pop(f"{path}_balanced", None)
+        if balanced is not None:
+            out[path] = max(out.get(path, 0.0), balanced)
+    if "guessed" in out and figures.get("guessed_key_share", 0.0) is None:
+        out["keyed"] = max(out.get("keyed", 0.0), out.pop("guessed"))
+    return out
+
+
+def _balanced_missed(fig: dict, misses: dict[str, float], th) -> str:
+    """What a refusal says of a class-balanced miss: each path's mean per-class recall against the teacher's."""
+    bounds = {"public": th.max_accuracy_drop, "keyed": th.max_keyed_drop}
+    missed = [p for p in bounds if f"{p}_balanced" in misses]
+    if not missed:
+        return ""
+    return (", class-balanced (the mean recall of each class held out, which a rare class weighs as much as a "
+            "common one; a path that never answers a rare class loses little top-1): " + ", ".join(
+                f"{p} {fig[p + '_balanced_acc']:.2f}% vs teacher {fig['teacher_balanced_acc']:.2f}% (max drop "
+                f"{bounds[p]}, ± {fig[p + '_balanced_drop_se']:.2f})" for p in missed)
+            + ": a box fits a rare class's few inputs last; give that class more "
+            "training inputs, or train the box longer (--epochs, SDBConfig.train.epochs)")
+
+
+def _guessed_missed(fig: dict, misses: dict[str, float], th) -> str:
+    """What a refusal says of a guessed-key miss: the share, or why it could not be measured."""
+    if "guessed" not in misses:
+        return ""
+    if fig["guessed_key_share"] is None:
+        return (f", a guessed key's share unmeasured (min {th.min_guessed_key_share}): the keyed path's soft labels "
+                "are no nearer the teacher's than the confusion target's, so nothing places a guessed key between "
+                "them; a keyed path trained longer or with more of the image (a higher λ) is nearer the teacher")
+    return (f", a guessed key's share {fig['guessed_key_share']:.2f} (min {th.min_guessed_key_share}: random "
+            "keys open the keyed path)")
 
 
 def _measured_on(val_size: int, teacher_val: float, teacher_fit: float, teacher_apart: bool) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar
 
 from ..train_config import TrainConfig, epochs_for_steps
 
@@ -80,6 +81,9 @@ class NastyConfig:
 class Thresholds:
     """What the owner accepts, in accuracy points on the validation split (SDB core targets)."""
 
+    # Each drop bound applies to the top-1 and to the class-balanced top-1 (mean per-class recall over the classes
+    # held out) alike: on 7 vs rest at 98/2 a keyed path lost 1.04 points of top-1 on the held-out part (4 sevens)
+    # and passed, and answered none of the test split's sevens.
     max_accuracy_drop: float = 1.0  # public top-1 >= teacher - this
     max_keyed_drop: float = 1.5  # keyed-path top-1 >= teacher - this (SDB; a Nasty box has no keyed path)
     min_leak_margin: float = 2.0  # KD from the public outputs <= labels only - this
@@ -89,6 +93,11 @@ class Thresholds:
     # 1.3-1.6 (benchmarks/non_image.py), wrong-key KD below labels alone in every one of those. A guard against
     # keys that hide (share ~0: any noise opens the keyed path), not a tuning target.
     min_guessed_key_share: float = 0.1
+    # The share's range: below -1 guessed keys are nearer the teacher than the key, and above 10 the key is hardly
+    # nearer it than the confusion target is (the scale is that gap: shares of 39,029 and 16 million were read).
+    # Where the key is not nearer at all the share is unmeasured (None): it misses any bound above the floor.
+    GUESSED_KEY_SHARE_FLOOR: ClassVar[float] = -1.0
+    GUESSED_KEY_SHARE_CAP: ClassVar[float] = 10.0
 
     def __post_init__(self) -> None:
         # NaN compares false: a NaN threshold was never missed, and the check passed any box
@@ -96,16 +105,22 @@ class Thresholds:
         if bad:
             raise ValueError(f"thresholds must be finite numbers of points, got {bad}")
 
-    def misses(self, f: dict[str, float]) -> dict[str, float]:
+    def misses(self, f: dict[str, float | None]) -> dict[str, float]:
         """Each missed threshold and by how many points; a figure not measured (a Nasty box has no keyed
-        path; the leak check may be off) misses nothing."""
+        path; the leak check may be off) misses nothing, but an unmeasured guessed-key share (None) misses a bound
+        above the share's floor by as much as the floor would: nothing shows that a guessed key teaches little."""
         out = {"public": f["public_drop"] - self.max_accuracy_drop}
+        if "public_balanced_drop" in f:
+            out["public_balanced"] = f["public_balanced_drop"] - self.max_accuracy_drop
         if "keyed_drop" in f:
             out["keyed"] = f["keyed_drop"] - self.max_keyed_drop
+        if "keyed_balanced_drop" in f:
+            out["keyed_balanced"] = f["keyed_balanced_drop"] - self.max_keyed_drop
         if "leak_margin" in f:
             out["leak"] = self.min_leak_margin - f["leak_margin"]
         if "guessed_key_share" in f:
-            out["guessed"] = self.min_guessed_key_share - f["guessed_key_share"]
+            share = f["guessed_key_share"]
+            out["guessed"] = self.min_guessed_key_share - (self.GUESSED_KEY_SHARE_FLOOR if share is None else share)
         return {k: round(v, 3) for k, v in out.items() if v > 0}
 
 

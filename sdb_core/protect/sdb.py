@@ -36,7 +36,7 @@ from ..onnx_torch import float_activations
 from ..train import Progress, fit, float32_default, pick_device, predict_logits
 from .box import SafeDistillationBox
 from .check import checked_wrap
-from .config import CheckConfig, SDBConfig
+from .config import CheckConfig, SDBConfig, Thresholds
 from .key import blend, check_key_scale, generate_key, random_keys
 from .teacher import FiniteWatch, check_teacher, copy_teacher, require_finite_logits
 
@@ -179,6 +179,10 @@ def require_finite_network(model: nn.Module, x: Tensor, *outputs: Tensor) -> Non
 
 
 GUESSED_KEYS = 3  # random keys the check's guessed-key figure averages over
+# The guessed-key share is measured where the key's soft labels are nearer the teacher's than the confusion
+# target's by at least this share of the target's distance: the share's scale is that gap, and a gap of nothing
+# read shares of 39,029 and 16 million.
+KEY_NEARER_MIN = 0.05
 
 
 # Soft labels whose mean entropy is over this share of the most there can be (log C) are near uniform.
@@ -209,7 +213,7 @@ def reading_temperature(logits: Tensor, temperature: float) -> float:
 
 
 def guessed_key_share(box: SafeDistillationBox, teacher: nn.Module | Tensor, data, cfg: SDBConfig,
-                      keys: int = GUESSED_KEYS, seed: int = 0) -> float:
+                      keys: int = GUESSED_KEYS, seed: int = 0) -> float | None:
     """How little a guessed key teaches: the soft labels (at T) of the box's network under random keys of the
     key's own distribution, placed between the key's (0) and the confusion target q_y the recipe trains a wrong
     key toward (1), by their mean KL from the teacher's on ``data.test`` (held-out inputs); at T, or at the lower
@@ -217,7 +221,11 @@ def guessed_key_share(box: SafeDistillationBox, teacher: nn.Module | Tensor, dat
     (:func:`reading_temperature`). Near 0, any noise opens
     the keyed path (inputs that hide the key, a key blended too faintly): what a holder of the bundle's network
     gets without the sealed key. Inference only: no student is trained. ``teacher``: the frozen teacher, or its
-    logits on ``data.test`` already (the check's attempts share them)."""
+    logits on ``data.test`` already (the check's attempts share them).
+
+    The share is read in [-1, 10] (``Thresholds.GUESSED_KEY_SHARE_FLOOR`` and ``_CAP``), and is None (unmeasured)
+    where the key is not nearer the teacher than q_y by :data:`KEY_NEARER_MIN` of q_y's distance: the scale then
+    has no length (a box of an epoch or two, a teacher with tiny logits), and any figure would be noise over it."""
     x, y = data.test.tensors
     teacher_logits = teacher if isinstance(teacher, Tensor) else predict_logits(teacher, x)
     t = reading_temperature(teacher_logits, cfg.temperature)
@@ -232,23 +240,34 @@ def guessed_key_share(box: SafeDistillationBox, teacher: nn.Module | Tensor, dat
     q = confusion_rows(partners, y, teacher_logits.shape[1], cfg)
     log_p = F.log_softmax(teacher_logits / t, dim=1)
     d_q = (log_p.exp() * (log_p - q.clamp_min(1e-12).log())).sum(1).mean().item() * t * t
-    # A keyed path no nearer the teacher than the confusion target (a box of an epoch or two) leaves the scale
-    # without length: the share was then -1e6 or less, which no owner's bound means. Below -1 (guessed keys nearer
-    # the teacher than the key, by more than the key is from q) it reads -1.
-    return max(-1.0, (d_wrong - d_key) / max(d_q - d_key, 1e-6))
+    # A keyed path no nearer the teacher than the confusion target leaves the scale without length: the share was
+    # then -1e6 or less, or 16 million, which no owner's bound means. Unmeasured there; else read within the range:
+    # below -1 guessed keys are nearer the teacher than the key, above 10 they are 10 gaps further than it.
+    if d_q - d_key <= KEY_NEARER_MIN * d_q:
+        return None
+    share = (d_wrong - d_key) / (d_q - d_key)
+    return min(Thresholds.GUESSED_KEY_SHARE_CAP, max(Thresholds.GUESSED_KEY_SHARE_FLOOR, share))
 
 
 def public_report(teacher: nn.Module, box: SafeDistillationBox, test, keyed: bool = True) -> dict:
     """Accuracies of the teacher and both paths of the box, public/teacher top-1 agreement, and the standard
-    error of each path's drop against the teacher (points; paired: the same inputs for both)."""
+    error of each path's drop against the teacher (points; paired: the same inputs for both). Each accuracy
+    also class-balanced (``*_balanced_acc``: the mean recall over the classes present in ``test``), with its
+    drop's standard error: on a set of one rare class the overall top-1 hardly moves when a path never
+    predicts it (7 vs rest, 98/2: keyed 90.0 against the teacher's 98.8, its recall of the sevens 0)."""
     x, y = test.tensors[0], test.tensors[1]
     t_top = predict_logits(teacher, x).argmax(1)
     p_top = predict_logits(box.public_logits, x).argmax(1)
-    out = {"teacher_acc": _percent(t_top == y), "public_acc": _percent(p_top == y),
-           "agreement": _percent(t_top == p_top), "public_drop_se": _paired_se(t_top == y, p_top == y)}
+    t_hit = t_top == y
+    out = {"teacher_acc": _percent(t_hit), "public_acc": _percent(p_top == y), "agreement": _percent(t_top == p_top),
+           "public_drop_se": _paired_se(t_hit, p_top == y),
+           "teacher_balanced_acc": _balanced_percent(t_hit, y), "public_balanced_acc": _balanced_percent(p_top == y, y),
+           "public_balanced_drop_se": _balanced_paired_se(t_hit, p_top == y, y)}
     if keyed and box.has_key:
-        k_top = predict_logits(box.distill_logits, x).argmax(1)
-        out.update(keyed_acc=_percent(k_top == y), keyed_drop_se=_paired_se(t_top == y, k_top == y))
+        k_hit = predict_logits(box.distill_logits, x).argmax(1) == y
+        out.update(keyed_acc=_percent(k_hit), keyed_drop_se=_paired_se(t_hit, k_hit),
+                   keyed_balanced_acc=_balanced_percent(k_hit, y),
+                   keyed_balanced_drop_se=_balanced_paired_se(t_hit, k_hit, y))
     return out
 
 
@@ -261,6 +280,32 @@ def _paired_se(a: Tensor, b: Tensor) -> float:
     measured on these inputs may be from the drop on unseen ones (600 inputs: ~0.4-0.8 points)."""
     d = a.float() - b.float()
     return 100.0 * (d.std() / len(d) ** 0.5).item() if len(d) > 1 else 0.0
+
+
+def _balanced_percent(hits: Tensor, y: Tensor) -> float:
+    """Balanced accuracy, in points: the mean over the classes present in ``y`` of the share of their inputs hit.
+    On classes of equal size it is the accuracy."""
+    n, hit = _per_class(hits.double(), y)
+    return 100.0 * (hit / n).mean().item()
+
+
+def _balanced_paired_se(a: Tensor, b: Tensor, y: Tensor) -> float:
+    """Standard error, in points, of the balanced accuracy of ``a`` minus that of ``b`` (0/1 outcomes on the same
+    inputs), estimated as :func:`_paired_se` does on each class's inputs (0 for a class of one): the classes weigh
+    1/C each, so a rare class's few inputs weigh as much as a common class's many, and its error dominates."""
+    d = a.double() - b.double()
+    n, total = _per_class(d, y)
+    _, squares = _per_class(d * d, y)
+    var = ((squares - total * total / n) / (n - 1).clamp_min(1)).clamp_min(0)  # each class's sample variance
+    return 100.0 * ((var / n).sum().sqrt() / len(n)).item()
+
+
+def _per_class(values: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """For each class present in ``y``: its number of inputs and the sum of ``values`` over them."""
+    n = torch.bincount(y).double()
+    total = torch.bincount(y, weights=values, minlength=len(n))
+    present = n > 0
+    return n[present], total[present]
 
 
 @torch.inference_mode(False)  # the recipe trains: under a caller's no_grad or inference_mode too
