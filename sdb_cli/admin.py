@@ -294,8 +294,22 @@ def keys_create(settings: Settings, *, scopes: str, models: str | None, quota: i
           f"models {'all' if key.models is None else ','.join(sorted(key.models))}; "
           f"quota {'unlimited' if key.quota is None else key.quota}; expires {_when(key.expires_at)}", file=sys.stderr)
     print("the key below is shown this once; store it now:", file=sys.stderr)
-    print(token)  # alone on stdout: KEY=$(sdb keys create ...)
+    try:
+        print(token, flush=True)  # alone on stdout: KEY=$(sdb keys create ...)
+    except OSError:  # stdout full or gone: a key no one holds would stay active, unrevocable by its holder
+        _revoke_unheld(settings, key.id)
+        raise
     return 0
+
+
+def _revoke_unheld(settings: Settings, key_id: str) -> None:
+    store = _open_store(settings)
+    try:
+        store.revoke_key(key_id)
+        store.audit("cli", "key.revoke", key_id)
+    finally:
+        store.close()
+    print(f"sdb: the key could not be printed, so key {key_id} is revoked: run keys create again", file=sys.stderr)
 
 
 def keys_list(settings: Settings, *, as_json: bool = False) -> int:

@@ -3,20 +3,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
 from service.settings import Settings
 
-# An API key (service/auth.py: sdb_<12 hex id>_<64 hex secret>): what no message may echo, e.g. a key
-# given where a URL or an argument goes. Its id stays, to tell which key it was.
-_API_KEY = re.compile(r"(sdb_[0-9a-fA-F]{12}_)[0-9a-fA-F]{64}")
-
 
 def redact(text: str) -> str:
-    """``text`` with every API key's secret replaced by an ellipsis."""
-    return _API_KEY.sub(r"\1…", text)
+    """``text`` with every API key's secret replaced by an ellipsis: what no message may echo, e.g. a key given where
+    a URL or an argument goes. Its id stays, to tell which key it was. The SDK's pattern, which takes a key cut short
+    or run on too (a secret of 63 digits was echoed whole)."""
+    from sdb_client._base import _KEY_LIKE  # here: the SDK imports numpy, which a usage error needs not
+
+    return _KEY_LIKE.sub(r"\1…", text)
 
 
 def err(msg: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,15 @@ def _ended(job: dict) -> int:
     return 1
 
 
+def _download_folder(out: str | None) -> str | None:
+    """``--out`` for several artifacts: a folder (one that exists, or ``NAME/``, made by the download), never one
+    file that each artifact would overwrite in turn."""
+    if out is None or Path(out).is_dir() or out.endswith(("/", os.sep)):
+        return out
+    raise ValueError(f"--out {out}: several artifacts go into a folder, and {out} is not one: name a folder that "
+                     f"exists, or end the name with / to make it ({out}/), or name one artifact")
+
+
 def cmd_jobs(args) -> int:
     return over_http(args, _run, needs_key="jobs")
 
@@ -91,8 +101,9 @@ def _run(client, args) -> int:
         return 0
     if cmd == "download":
         names = args.names or [a["name"] for a in client.jobs.artifacts(args.job_id)]
+        out = _download_folder(args.out) if len(names) > 1 else args.out
         for name in names:
-            print(client.jobs.download(args.job_id, name, args.out))
+            print(client.jobs.download(args.job_id, name, out))
         return 0
     jobs = listed(client.jobs, args, "jobs", status=args.status, kind=args.kind)
     if args.json:
@@ -126,7 +137,8 @@ def add_commands(sub) -> None:
     jdl = js.add_parser("download", help="save a job's artifacts (all, or those named); prints each file's path")
     jdl.add_argument("job_id")
     jdl.add_argument("names", nargs="*", help="artifact names (default: every one)")
-    jdl.add_argument("--out", help="a directory (default: the current one), or a file for one artifact")
+    jdl.add_argument("--out", help="a directory (default: the current one; NAME/ makes it), or a file for one "
+                     "artifact")
     jls = js.add_parser("list", help="your jobs (all jobs with an admin key)")
     jls.add_argument("--status")
     jls.add_argument("--kind")
@@ -134,5 +146,6 @@ def add_commands(sub) -> None:
     jls.add_argument("--json", action="store_true", help="print the jobs as a JSON list (for scripts)")
     for sp in js.choices.values():
         sp.add_argument("--url", help="the server (env SDB_URL, default http://127.0.0.1:8000)")
-        sp.add_argument("--api-key", help="a key with the jobs scope (env SDB_API_KEY)")
+        sp.add_argument("--api-key", help="a key with the jobs scope; better env SDB_API_KEY: `ps` shows a "
+                        "command's arguments to every local user")
     j.set_defaults(fn=cmd_jobs)

@@ -7,9 +7,11 @@ commands over HTTP through ``sdb_client``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 class DefaultsShown(argparse.HelpFormatter):
@@ -48,7 +50,86 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """A SIGTERM (a CI cancel, Kubernetes stopping a pod) or a SIGHUP (the terminal closed), raised where the
+    command is, as a Ctrl-C is: the same cleanups run (a download's ``.part``, the bundle writer's temporary copy)
+    before ``sdb`` exits 128 + the signal's number, as a shell reports a process the signal killed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+class _Signals:
+    """The signal handlers ``main`` runs under. A Ctrl-C that lands inside a C extension's import (onnxruntime's)
+    can come out as the extension's own ImportError with no KeyboardInterrupt chained to it: ``interrupted``
+    remembers that one arrived."""
+
+    def __init__(self) -> None:
+        self.interrupted = False
+
+    def on_sigint(self, signum, frame) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt  # what Python's own handler does
+
+    @staticmethod
+    def on_termination(signum, frame) -> None:
+        raise Terminated(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        wanted = {signal.SIGINT: self.on_sigint, signal.SIGTERM: self.on_termination}
+        if hasattr(signal, "SIGHUP"):
+            wanted[signal.SIGHUP] = self.on_termination
+        before = {}
+        try:
+            for signum, handler in wanted.items():
+                if signal.getsignal(signum) in (signal.SIG_IGN, None):  # nohup's SIGHUP, a background job's
+                    continue  # SIGINT, or a handler set outside Python (it could not be put back): kept
+                before[signum] = signal.signal(signum, handler)
+        except ValueError:  # not the main thread (main called from a thread): Python's own handling stays
+            pass
+        try:
+            yield
+        finally:
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
+
+
+def _interrupt_in_chain(e: BaseException) -> bool:
+    """Whether ``e`` was raised because of a Ctrl-C: a KeyboardInterrupt among its causes or contexts (an import
+    that a Ctrl-C broke is re-raised by the package as an ImportError of its own)."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signals = _Signals()
+    with signals.installed():
+        try:
+            return _dispatch(argv)
+        except KeyboardInterrupt:
+            return _interrupted()
+        except Terminated as e:
+            print(f"sdb: {e} received: stopped", file=sys.stderr)
+            return e.exit_code
+        except Exception as e:
+            if signals.interrupted or _interrupt_in_chain(e):
+                return _interrupted()
+            raise
+
+
+def _interrupted() -> int:
+    print("sdb: interrupted", file=sys.stderr)
+    return 130
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a name or label the terminal's encoding lacks, escaped, not an exit 2
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -60,17 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         err(str(e))
         return 2
-    except KeyboardInterrupt:
-        print("sdb: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # its reader stopped (`sdb files list --json | head`): nothing more to say, no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flush would raise again
         return 141  # as a shell reports a process killed by SIGPIPE
+    except OSError as e:  # a path below a file, a full disk, stdout on /dev/full: the reason, not a traceback
+        return _os_error(e)
     except Exception as e:
         # the CLI's own imports stay light: SQLAlchemy's only once something is raised
         from sqlalchemy.exc import SQLAlchemyError
 
-        if not isinstance(e, SQLAlchemyError):
+        if not isinstance(e, SQLAlchemyError) or _interrupt_in_chain(e):
             raise
         from .console import err
 
@@ -80,6 +160,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         err(f"the data dir's store refused this ({reason[0] if reason else type(e).__name__}): check that it is "
             "writable and has room, or that its database is up (SDB_DATABASE_URL), then run it again")
         return 2
+
+
+def _os_error(e: OSError) -> int:
+    from .console import err
+
+    where = " ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    err(f"{e.strerror or e}{': ' + where if where else ''}")
+    if e.filename is None:  # stdout or stderr itself (a full disk, /dev/full): Python's exit flush would fail again
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 2
 
 
 if __name__ == "__main__":

@@ -66,10 +66,13 @@ def cmd_demo(args) -> int:
     """Wrap the demo model on the embedded MNIST digits and print the protection table."""
     from sdb_core.bundle import export_bundle
     from sdb_core.data import load_dataset
+    from sdb_core.outputs import out_file
     from sdb_core.protect import SDBConfig, WrapRefused
     from sdb_core.protect.measure import MeasureConfig, format_table, run_protection, summarize
     from sdb_core.train import TrainConfig
 
+    if args.json:
+        out_file(args.json, "--json")  # before any work: a path it cannot write is refused now, not after the demo
     log = lambda s: print(s, file=sys.stderr, flush=True)
     data = load_dataset(args.data)
     log(f"demo: {args.data}, {len(data.train)} training / {len(data.test)} test images; "

@@ -42,6 +42,7 @@ import orjson
 
 from .class_names import name_problem
 from .graph_size import MAX_GRAPH_ENTRIES, graph_entries
+from .outputs import file_above
 from .protect.seal import SealError, seal, unseal
 
 if TYPE_CHECKING:  # torch only where a bundle is made: loading one must stay light
@@ -579,6 +580,9 @@ def bundle_target(out: str | os.PathLike) -> Path:
     if not str(out).strip():
         raise BundleError("the bundle's path is empty: name a new folder (or FILE.sdb)")
     p = Path(out)
+    blocker = file_above(p)
+    if blocker is not None:  # found when written, after the training
+        raise BundleError(f"{p}: {blocker} is a file, not a folder")
     if p.suffix == ".sdb":
         if p.is_dir():
             raise BundleError(f"{p} is a folder: a .sdb bundle is a file")

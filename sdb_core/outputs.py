@@ -13,19 +13,35 @@ def _given(out: str | os.PathLike, what: str) -> Path:
     return Path(out)
 
 
+def file_above(p: Path) -> Path | None:
+    """The file in the way of ``p``'s folders, if the nearest of them that exists is one (``afile/sub/x``): the
+    missing folders could never be made, which a run found only when it wrote, after the work."""
+    for above in p.absolute().parents:
+        if above.exists():
+            return None if above.is_dir() else above
+    return None
+
+
+def _check_folders_above(p: Path, what: str) -> None:
+    blocker = file_above(p)
+    if blocker is not None:
+        raise ValueError(f"{what} {p}: {blocker} is a file, not a folder")
+
+
 def out_file(out: str | os.PathLike, what: str = "the output file") -> Path:
-    """A file a run writes (replaced if it exists): not a folder."""
+    """A file a run writes (replaced if it exists): not a folder, nor below a file."""
     p = _given(out, what)
     if p.is_dir():
         raise ValueError(f"{what} {p} is a folder: name a file in it")
-    if p.parent.exists() and not p.parent.is_dir():
-        raise ValueError(f"{what} {p}: {p.parent} is a file, not a folder")
+    _check_folders_above(p, what)
     return p
 
 
 def out_dir(out: str | os.PathLike, what: str = "the output folder") -> Path:
-    """A folder a run writes its files into (made if missing; files of the same names replaced): not a file."""
+    """A folder a run writes its files into (made if missing; files of the same names replaced): not a file, nor
+    below one."""
     p = _given(out, what)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{what} {p} is a file: name a folder")
+    _check_folders_above(p, what)
     return p

@@ -12,6 +12,7 @@ echoed; `models add --top-k 0` did not say which flag.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -216,6 +217,29 @@ def test_keys_create_prints_the_key_alone_on_stdout(data, capsys):
     assert "new data dir" not in capsys.readouterr().err
 
 
+def test_keys_create_revokes_a_key_it_could_not_print(data, tmp_path):
+    """`sdb keys create > /dev/full` was a traceback, exit 1, and the key stayed active with no one holding it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDB_")} | {"SDB_DATA_DIR": str(data)}
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([*SDB, "keys", "create", "--scopes", "jobs"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, env=env, cwd=ROOT, timeout=120, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "is revoked: run keys create again" in r.stderr and r.stderr.splitlines()[-1].startswith("sdb: error: ")
+    listed = subprocess.run([*SDB, "keys", "list", "--json"], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=120, check=True)
+    keys = json.loads(listed.stdout)
+    assert len(keys) == 1 and keys[0]["revoked_at"], keys
+
+
+@pytest.mark.parametrize("secret", ["5e" * 31 + "5", "5e" * 32 + "5", "5e" * 20])
+def test_a_key_cut_short_or_run_on_is_not_echoed(data, capsys, secret):
+    """`sdb keys revoke sdb_<id>_<63 hex>` echoed the 63 digits: only exactly 64 were taken for a key."""
+    assert main(["keys", "create", "--scopes", "jobs"]) == 0
+    capsys.readouterr()
+    err = one_line_error(capsys, main(["keys", "revoke", "sdb_0123456789ab_" + secret]), "no API key")
+    assert secret[:16] not in err and "sdb_0123456789ab_" in err
+
+
 @pytest.mark.parametrize("flags", [["--expires", "inf"], ["--expires", "1e300"], ["--expires", "nan"],
                                    ["--quota", str(10**30)], ["--quota", "5", "--quota-window", str(2**63)],
                                    ["--quota-window", "60"], ["--models", ""]])
@@ -290,6 +314,19 @@ def test_wrap_refuses_settings_that_would_mean_nothing(data, capsys, tmp_path, t
     (["transfer", "rank", "--source", "mlp:10:{t}", "--target-data", "digits", "--out", "{tmp}/r", "--probe", "-5"],
      "probe must be >= 1"),  # it drew all but five images
     (["transfer", "rank", "--source", "", "--target-data", "digits", "--out", "{tmp}/r"], "names no model"),
+    # below a file further up (afile/sub/...): refused only after the work, a traceback
+    (["distill", "--student", "mlp", "--data", "digits", "--out", "{t}/sub/s.safetensors"], "is a file, not a folder"),
+    (["wrap", "--teacher", "{t}", "--arch", "mlp", "--data", "digits", "--out", "{t}/b.sdb"],
+     "is a file, not a folder"),
+    (["wrap", "--teacher", "{t}", "--arch", "mlp", "--data", "digits", "--out", "{t}/sub/b"],
+     "is a file, not a folder"),
+    (["wrap", "--train-teacher", "--arch", "mlp", "--data", "digits", "--out", "{tmp}/b.sdb", "--save-teacher",
+      "{t}/sub/t.safetensors"], "is a file, not a folder"),
+    (["audit", "--teacher", "{t}", "--arch", "mlp", "--data", "digits", "--out", "{t}/sub"],
+     "is a file, not a folder"),
+    (["transfer", "rank", "--source", "mlp:10:{t}", "--target-data", "digits", "--out", "{t}/sub"],
+     "is a file, not a folder"),
+    (["demo", "--data", "digits", "--json", "{t}/sub/s.json"], "is a file, not a folder"),
 ])
 def test_local_commands_refuse_what_they_cannot_do_before_any_work(data, capsys, tmp_path, teacher_file, argv,
                                                                    needle):

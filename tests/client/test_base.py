@@ -159,6 +159,25 @@ def test_a_url_no_request_could_use_is_a_configuration_error(url, why):
     assert sdb_client.Client("http://[::1]:8000/").base_url == "http://[::1]:8000"
 
 
+def test_a_url_with_a_password_is_refused_and_never_shown(monkeypatch):
+    """SDB_URL=http://admin:hunter2@host printed the password in every error, and httpx sent it as Basic auth in
+    place of the key (401); a ?token=... was refused, the refusal repeating it."""
+    with pytest.raises(e.ConfigurationError, match="no user:password in the URL") as info:
+        b.resolve_url("http://u:p@h:1")
+    assert "p@" not in str(info.value) and "SDB_API_KEY" in info.value.message
+    monkeypatch.setenv("SDB_URL", "http://admin:hunter2@127.0.0.1:1")
+    for cls in (sdb_client.Client, sdb_client.AsyncClient):
+        with pytest.raises(e.ConfigurationError) as info:
+            cls()
+        assert "hunter2" not in str(info.value) and "admin" not in str(info.value)
+    with pytest.raises(e.ConfigurationError, match="no query") as info:
+        b.resolve_url("http://h:1/?token=s3cret")
+    assert "s3cret" not in str(info.value)
+    with pytest.raises(e.ConfigurationError) as info:  # one urlsplit refuses: masked all the same
+        b.resolve_url("http://u:s3cret@[::1?token=s3cret")
+    assert "s3cret" not in str(info.value)
+
+
 def test_no_answer_names_the_server_and_what_to_check():
     """A connection error used to read `ConnectError: [Errno 111] Connection refused`, naming no server."""
     req = httpx.Request("GET", "http://h:1/v1/models")

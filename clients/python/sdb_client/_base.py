@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -95,7 +95,7 @@ def resolve_url(url: str | None) -> str:
     def refused(why: str = "") -> exc.ConfigurationError:
         hint = " (that is an API key: give it as api_key)" if KEY_RE.fullmatch(raw.strip()) else ""
         return exc.ConfigurationError(f"{source} must be an http(s) URL like http://127.0.0.1:8000{why}, "
-                                      f"got {redact(repr(raw))}{hint}", code="invalid_url")
+                                      f"got {redact(repr(url_shown(raw)))}{hint}", code="invalid_url")
 
     try:
         parts = urlsplit(raw.strip())
@@ -106,9 +106,25 @@ def resolve_url(url: str | None) -> str:
         raise refused()
     if port == 0:
         raise refused(" (a port from 1 to 65535)")
+    if "@" in parts.netloc:  # httpx would send it as Basic auth in place of the key, and messages would show it
+        raise refused(" (no user:password in the URL: the key goes in SDB_API_KEY or api_key)")
     if parts.query or parts.fragment or "?" in raw or "#" in raw:  # the routes' paths would follow them
         raise refused(" (no query or fragment: the client adds each route's path)")
     return raw.strip().rstrip("/")
+
+
+def url_shown(url: str) -> str:
+    """``url`` as a message may show it: a user:password and a query (``?token=...``) masked, as secrets may be."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:  # not one that splits ("http://[::1"): what a password or a query could be, masked
+        return re.sub(r"[?#].*", "?***", re.sub(r"(//)?[^/]*@", r"\1***@", url.strip(), count=1))
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "***" if parts.query else ""
+    fragment = "***" if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
 def resolve_key(api_key: str | None) -> str | None:

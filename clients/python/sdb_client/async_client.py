@@ -357,12 +357,15 @@ class AsyncJobs:
             with open(tmp, "wb") as f:  # noqa: ASYNC230  (local writes are short; the network is awaited)
                 async for chunk in resp.aiter_bytes():
                     f.write(chunk)
+            os.replace(tmp, target)  # a folder of that name: refused here, the .part removed below
+        except httpx.TransportError as e:  # the body cut short or stalled: the SDK's error, as for any request
+            tmp.unlink(missing_ok=True)
+            raise b.connection_error(e, self._c.base_url) from None
         except BaseException:
             tmp.unlink(missing_ok=True)  # no half-written .part left behind
             raise
         finally:
             await resp.aclose()
-        os.replace(tmp, target)
         return target
 
     async def wait(self, job_id: str, *, timeout: float | None = None, poll_s: float = b.DEFAULT_POLL_S) -> dict:
