@@ -15,6 +15,7 @@ import pytest
 from sdb_client import APIConnectionError, APITimeoutError, AsyncClient, Client
 
 from sdb_cli.main import main
+from tests.cli.test_operator_mistakes import one_line_error as one_line
 
 from .conftest import Reply
 
@@ -27,16 +28,6 @@ def two_artifacts(stub) -> None:
     stub.on("GET", "/v1/jobs/j1/artifacts", Reply(200, ARTIFACTS))
     stub.on("GET", "/v1/jobs/j1/artifacts/bundle.sdb", Reply(200, b"\x00\x01\x02\x03"))
     stub.on("GET", "/v1/jobs/j1/artifacts/report.json", Reply(200, b"{}"))
-
-
-def one_line(capsys, code: int, *needles: str) -> str:
-    out = capsys.readouterr()
-    err = out.err.strip()
-    assert code == 2, (code, err)
-    assert err.startswith("sdb: error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 def test_several_artifacts_need_a_folder(stub, tmp_path, capsys, monkeypatch):

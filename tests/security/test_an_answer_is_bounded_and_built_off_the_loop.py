@@ -23,7 +23,7 @@ from sdb_core.protect.box import SafeDistillationBox
 from sdb_core.protect.key import load_or_create_master_key
 from service.schemas import MAX_TOP_K
 from service.settings import Settings
-from tests.service.conftest import free_port, start_service
+from tests.service.conftest import served_with_grpc
 
 pytestmark = pytest.mark.anyio
 
@@ -48,12 +48,8 @@ def many_classes(tmp_path_factory):
 async def wide(tmp_path, many_classes):
     """The app serving it, with gRPC on, in this test's event loop."""
     bundle, master_file = many_classes
-    settings = Settings(data_dir=tmp_path / "data", master_key_file=master_file, ort_intra_op_threads=1,
-                        ort_inter_op_threads=1, grpc_port=free_port(), grpc_host="127.0.0.1")
-    service, manager = await start_service(settings, bundle)
-    yield service
-    await service.client.aclose()
-    await manager.__aexit__(None, None, None)
+    async for service in served_with_grpc(tmp_path, master_file, bundle):
+        yield service
 
 
 def _features(n: int) -> np.ndarray:

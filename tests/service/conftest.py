@@ -182,6 +182,17 @@ async def svc(tmp_path, bundles):
     await manager.__aexit__(None, None, None)
 
 
+async def served_with_grpc(tmp_path: Path, master_file: Path, bundle: Path):
+    """The app serving ``bundle`` in this test's event loop, gRPC on a free port too (a fixture's body: yields it,
+    then stops it)."""
+    settings = Settings(data_dir=tmp_path / "data", master_key_file=master_file, ort_intra_op_threads=1,
+                        ort_inter_op_threads=1, grpc_port=free_port(), grpc_host="127.0.0.1")
+    service, manager = await start_service(settings, bundle)
+    yield service
+    await service.client.aclose()
+    await manager.__aexit__(None, None, None)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

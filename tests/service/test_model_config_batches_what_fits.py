@@ -14,9 +14,8 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from sdb_core.bundle import export_bundle
 from sdb_core.protect.key import load_or_create_master_key
-from service.settings import Settings
 
-from .conftest import free_port, start_service
+from .conftest import served_with_grpc
 
 pytestmark = pytest.mark.anyio
 
@@ -31,12 +30,8 @@ async def imagenet_sized(tmp_path):
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 10)).eval()
     bundle = export_bundle(net, tmp_path / "big-input", name="big-input", in_shape=IN_SHAPE, mean=[0.5], std=[0.25],
                            master_key=load_or_create_master_key(master_file))
-    settings = Settings(data_dir=tmp_path / "data", master_key_file=master_file, ort_intra_op_threads=1,
-                        ort_inter_op_threads=1, grpc_port=free_port(), grpc_host="127.0.0.1")
-    service, manager = await start_service(settings, bundle)
-    yield service
-    await service.client.aclose()
-    await manager.__aexit__(None, None, None)
+    async for service in served_with_grpc(tmp_path, master_file, bundle):
+        yield service
 
 
 def _binary_infer(x: np.ndarray) -> dict:
