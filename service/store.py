@@ -178,19 +178,24 @@ def is_full(e: BaseException) -> bool:
     return getattr(cause, "sqlstate", None) == _DISK_FULL_SQLSTATE
 
 
-_SQLITE_UNREACHABLE = (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL)
+# A read-only file (a restore with the wrong owner, a read-only mount) fails every heartbeat while reads pass:
+# an outage for the workers, as a file that does not open is
+_SQLITE_UNREACHABLE = (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY)
 # PostgreSQL's SQLSTATEs of a server that takes no statement now: its connection (class 08), its resources (53: disk,
 # memory, connections), its system (58: I/O) and a shutdown or a start (57P01-57P03). Not a deadlock or a
 # serialization failure (40), a lock or statement timeout (55P03, 57014), nor any other SQL error: those are one
 # statement's, among others that pass.
 _PG_UNREACHABLE_CLASSES = ("08", "53", "58")
-_PG_UNREACHABLE = ("57P01", "57P02", "57P03")
+_PG_UNREACHABLE = ("57P01", "57P02", "57P03", "25006")  # 25006: a write sent to a replica a failover demoted
+
+
+OUTAGE_GAP_S = 30.0  # failures further apart than this, with no write between, are two outages
 
 
 def _unreachable(context) -> bool:
     """Whether a store error (SQLAlchemy's ``handle_error`` context) says this process could not reach the store, or
     write to it at all: a connection lost (``is_disconnect``) or not made (no ``connection``), SQLite's
-    CANTOPEN, IOERR or FULL, PostgreSQL's :data:`_PG_UNREACHABLE`. Not "database is locked", a failing statement,
+    CANTOPEN, IOERR, FULL or READONLY, PostgreSQL's :data:`_PG_UNREACHABLE`. Not "database is locked", a failing statement,
     a deadlock or a timeout: the store answers then, and a worker's heartbeat passes (counted, contention more often
     than every SDB_JOB_STALE_S held the reaping of a dead worker's job for ever)."""
     if context.is_disconnect or context.connection is None:
@@ -307,6 +312,9 @@ class Store:
         self._sqlite_file: tuple[str, tuple[int, int] | None] | None = None  # set once migrated, below
         self._full = False  # a write met a full disk, and none has passed since: ping() (readiness) says so
         self.failed_at: float | None = None  # when (monotonic) a store call of this process last failed to reach it
+        # when (monotonic) the run of failures that failed_at ends began: a write commits between two runs, or
+        # OUTAGE_GAP_S pass without a failure (a process that writes seldom)
+        self.failing_since: float | None = None
         event.listen(self.engine, "handle_error", self._note_failure)
         event.listen(self.engine, "commit", self._before_commit)
         if sqlite:
@@ -341,7 +349,10 @@ class Store:
         (:func:`_unreachable`: what the job reaper waits out, :meth:`service.jobs.queue.JobQueue.reap`), and a full
         disk (readiness)."""
         if _unreachable(context):
-            self.failed_at = time.monotonic()
+            now = time.monotonic()
+            if self.failing_since is None or self.failed_at is None or now - self.failed_at > OUTAGE_GAP_S:
+                self.failing_since = now
+            self.failed_at = now
         if is_full(context.original_exception):
             self._full = True
 
@@ -353,8 +364,8 @@ class Store:
         moved = self._moved()
         if moved is not None:
             raise OperationalError("COMMIT", None, _FileMoved(moved))
-        if self._full and getattr(conn.connection.dbapi_connection, "in_transaction", True):
-            self._full = False
+        if getattr(conn.connection.dbapi_connection, "in_transaction", True):  # a write: a run of failures is over
+            self._full, self.failing_since = False, None
 
     def _moved(self) -> str | None:
         """Why this process's SQLite file is no longer the one it opened (one stat), or None."""

@@ -266,12 +266,12 @@ def copy_teacher(teacher: nn.Module) -> nn.Module:
     gives parameters that are not leaves (nothing can train or freeze them). The owner's forward hooks that only
     observe (answer None) are left out of the copy (:class:`_OwnersHook`)."""
     teacher = plain_teacher(teacher)
+    if isinstance(teacher, FromSaturatedLogits):  # before its base class, FromProbabilities: its spread kept
+        return FromSaturatedLogits(copy_teacher(teacher.model), teacher.spread)
     if isinstance(teacher, Logits | FromProbabilities | FromClassSigmoids | CopiesInput):
         return type(teacher)(copy_teacher(teacher.model))
     if isinstance(teacher, FromOneScore):
         return FromOneScore(copy_teacher(teacher.model), teacher.probability)
-    if isinstance(teacher, FromSaturatedLogits):
-        return FromSaturatedLogits(copy_teacher(teacher.model), teacher.spread)
     if isinstance(teacher, torch.jit.ScriptModule):
         buf = io.BytesIO()
         torch.jit.save(teacher, buf)

@@ -272,13 +272,16 @@ class JobQueue:
     def _silence_to_reap(self, stale_s: float) -> float:
         """The seconds a job's heartbeat may be silent before it is reaped: ``stale_s`` once the store has answered
         for ``stale_s`` (monotonic) since it last failed to reach it, until then ``stale_s`` plus the longest outage
-        seen. An outage is measured from the reaper's last look at a store that answered to its first look after the
-        failure: no shorter than the outage, so a job silent only for it is not reaped. Called as the store
-        answers."""
+        seen. An outage is the store's own run of failures in this process (:attr:`Store.failing_since` to
+        :attr:`Store.failed_at`: a read-only file fails every write while the reaper's reads pass), ``stale_s`` before
+        it (a reaper that only reads fails first when it writes, once jobs look stale: ``stale_s`` into the outage)
+        and the time to this look after it (at most ``stale_s``: a worker reaps only between jobs): no shorter than
+        the outage, so a job silent only for it is not reaped. Called as the store answers."""
         at = time.monotonic()
-        failed = self.store.failed_at
+        failed, since = self.store.failed_at, self.store.failing_since
         if failed != self._failure_seen:  # it failed since the last look, and answers now: the wait starts
-            self._longest_outage = max(self._longest_outage, at - self._last_answer)
+            run = failed - since if failed is not None and since is not None else 0.0
+            self._longest_outage = max(self._longest_outage, stale_s + run + min(at - self._last_answer, stale_s))
             self._failure_seen, self._answering_since = failed, at
             log.info("the store answers again: jobs whose workers stopped heartbeating are reaped from %.0f s on "
                      "(their heartbeats failed while it did not answer), those silent for %.0f s at once",

@@ -231,9 +231,10 @@ def test_keys_create_revokes_a_key_it_could_not_print(data, tmp_path):
     assert len(keys) == 1 and keys[0]["revoked_at"], keys
 
 
-@pytest.mark.parametrize("secret", ["5e" * 31 + "5", "5e" * 32 + "5", "5e" * 20])
+@pytest.mark.parametrize("secret", ["5e" * 31 + "5", "5e" * 32 + "5", "5e" * 20, "5E" * 32])
 def test_a_key_cut_short_or_run_on_is_not_echoed(data, capsys, secret):
-    """`sdb keys revoke sdb_<id>_<63 hex>` echoed the 63 digits: only exactly 64 were taken for a key."""
+    """`sdb keys revoke sdb_<id>_<63 hex>` echoed the 63 digits: only exactly 64 were taken for a key; and once the
+    SDK's pattern was used, an upper-cased key was echoed whole (its lower-cased form is the key)."""
     assert main(["keys", "create", "--scopes", "jobs"]) == 0
     capsys.readouterr()
     err = one_line_error(capsys, main(["keys", "revoke", "sdb_0123456789ab_" + secret]), "no API key")

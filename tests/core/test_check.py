@@ -300,7 +300,7 @@ def test_a_diverging_setting_is_retried_gentler_and_the_report_says_so():
 
     data, teacher = trained("signals")
     # (no share bound: a box of 2 epochs may have a keyed path no nearer the teacher than its confusion target,
-    # and then guessed_key_share's denominator is its floor, 1e-6: the share was once below -100)
+    # and then guessed_key_share is unmeasured, None, which misses any bound above its floor, -1)
     lax = Thresholds(max_accuracy_drop=100.0, max_keyed_drop=100.0, min_leak_margin=-100.0, min_guessed_key_share=-1e12)
     # lr 1 without a clip: the loss is NaN within the first epoch (it crashed the wrap before).
     result = wrap(teacher, data, SDBConfig(train=TrainConfig(epochs=2, lr=1.0)),

@@ -92,3 +92,11 @@ def test_a_scripted_overconfident_teacher_is_refused_before_any_training_naming_
     """An adapter around a TorchScript module does not export: the owner is told the scale and what to pass."""
     with pytest.raises(ValueError, match=r"logits span .* pass the nn.Module unscripted"):
         check_teacher(torch.jit.script(_scaled(mlp, 100.0)), digits.checked())
+
+
+def test_a_copy_of_the_adapter_keeps_its_spread():
+    """copy_teacher took FromSaturatedLogits for its base class, FromProbabilities: the copy said "span 200"."""
+    from sdb_core.protect.teacher import FromSaturatedLogits, copy_teacher
+
+    copied = copy_teacher(FromSaturatedLogits(torch.nn.Linear(4, 3), 1234.0))
+    assert type(copied) is FromSaturatedLogits and copied.spread == 1234.0 and "1.23e+03" in copied.why

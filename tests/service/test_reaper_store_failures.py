@@ -4,7 +4,8 @@ Before the fix, any OperationalError of the reaper's process (SQLite's "database
 PostgreSQL's timeouts and deadlocks) counted as an outage and postponed reaping by ``stale_s``: contention more often
 than that kept a dead worker's job running for ever. Now only a store this process could not reach counts (a
 connection lost or not made, SQLite's CANTOPEN, IOERR or FULL, PostgreSQL's connection and resource errors), and even
-an outage that comes back again and again holds a job silent for ``stale_s`` plus the longest outage seen no longer.
+an outage that comes back again and again holds the reaping only until the store has answered for ``stale_s``; a
+read-only store (writes fail, reads pass) is one outage from its first failure to its last.
 The outages are real: the SQLite file's folder moved away, so that a new connection cannot open it (CANTOPEN), as
 when a volume is unmounted. PostgreSQL's restart is in test_store_postgres.py.
 """
@@ -106,19 +107,55 @@ def test_an_outage_longer_than_stale_s_still_holds_the_reaping_of_jobs_it_silenc
     assert worker.heartbeat(job, "w1").owned  # its first heartbeat since: the job lives on
 
 
-def test_outages_again_and_again_hold_the_reaping_of_a_dead_workers_job_no_longer_than_stale_s_more(sqlite_stores):
-    """A store that fails this process more often than every stale_s (a flapping mount, a failover loop): each
-    failure restarted the wait, and a dead worker's job was never reaped. Now one silent for stale_s plus the longest
-    outage seen is; a job whose worker heartbeats through them is not."""
+def test_outages_again_and_again_hold_the_reaping_of_a_dead_workers_job_until_the_store_answers_for_stale_s(
+        sqlite_stores):
+    """A store that fails this process again and again (a flapping mount, a failover loop) holds the reaping of a
+    dead worker's job while it fails (its workers' beats failed too, and a failure that ends only on a write is one
+    outage), and no longer: once it has answered for stale_s the dead job is reaped; a job whose worker heartbeats
+    through it all never is."""
     api, worker_store, folder = sqlite_stores
     reaper, worker = JobQueue(api), JobQueue(worker_store)
     dead = dead_workers_job(reaper, worker)
     alive = dead_workers_job(reaper, worker, "w2")
-    reaped, t0 = [], time.monotonic()
-    while not reaped and time.monotonic() - t0 < 4 * STALE:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2 * STALE:
         assert worker.heartbeat(alive, "w2").owned
-        reaped = reaper.reap(STALE)
+        assert reaper.reap(STALE) == []
         fail_to_reach(api, folder)
         time.sleep(0.1)
-    assert reaped == [(dead, "failed")], f"not reaped in {time.monotonic() - t0:.1f} s"
-    assert time.monotonic() - t0 >= STALE  # not before its silence passed stale_s
+    reaped, t1 = [], time.monotonic()
+    while not reaped and time.monotonic() - t1 < 3 * STALE:
+        assert worker.heartbeat(alive, "w2").owned
+        reaped = reaper.reap(STALE)
+        time.sleep(0.1)
+    assert reaped == [(dead, "failed")], f"not reaped {time.monotonic() - t1:.1f} s after the store came back"
+
+
+def test_a_read_only_spell_longer_than_stale_s_does_not_reap_the_jobs_it_kept_from_heartbeating(sqlite_stores):
+    """A read-only store (a restore with the wrong owner, a read-only mount: SQLITE_READONLY) fails every heartbeat
+    while the reaper's reads pass. It did not count as an outage, and an outage was measured by the reaper's own
+    reads: once writes resumed, the first reap failed live jobs "worker lost" before their workers' next beat."""
+    api, worker_store, _ = sqlite_stores
+    read_only = False
+
+    def guard(conn, _record):
+        if read_only:
+            conn.execute("PRAGMA query_only=ON")  # writes fail as on a read-only file: SQLITE_READONLY
+
+    for store in (api, worker_store):
+        event.listen(store.engine, "connect", guard)
+    reaper, worker = JobQueue(api), JobQueue(worker_store)
+    job = dead_workers_job(reaper, worker)
+    read_only = True
+    api.engine.dispose(), worker_store.engine.dispose()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < STALE + 0.5:  # the worker lives, and each of its beats fails; the reaper looks
+        with pytest.raises(OperationalError, match="readonly"):
+            worker.heartbeat(job, "w1")
+        with contextlib.suppress(OperationalError):  # its reads pass; a write of a stale job's end fails
+            reaper.reap(STALE)
+        time.sleep(0.2)
+    read_only = False
+    api.engine.dispose(), worker_store.engine.dispose()
+    assert reaper.reap(STALE) == []
+    assert worker.heartbeat(job, "w1").owned

@@ -79,7 +79,9 @@ JOB_DONE = frozenset({"succeeded", "failed", "cancelled"})
 logger = logging.getLogger("sdb_client")
 
 KEY_RE = re.compile(r"sdb_[0-9a-f]{12}_[0-9a-f]{64}")
-_KEY_LIKE = re.compile(r"(sdb_[0-9a-f]{12}_)[0-9a-f]{4,}")  # for scrubbing any text we show
+# for scrubbing any text we show; in any case: the server refuses an upper-cased key, but its lower-cased form is
+# the key
+_KEY_LIKE = re.compile(r"(sdb_[0-9a-f]{12}_)[0-9a-f]{4,}", re.IGNORECASE)
 
 Inputs = np.ndarray | Sequence[Any]
 # http clients a forked child inherited from its parent: kept, never closed (closing could end the parent's connections)
