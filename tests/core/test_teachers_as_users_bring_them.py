@@ -15,7 +15,7 @@ from torch import nn
 
 from sdb_core.bundle import BundleError, export_bundle, load_bundle
 from sdb_core.protect import CheckConfig, SDBConfig, Thresholds, wrap
-from sdb_core.protect.key import new_master_key
+from sdb_core.protect.key import new_master_key, random_keys
 from sdb_core.protect.teacher import (
     CopiesInput,
     FromClassSigmoids,
@@ -26,6 +26,18 @@ from sdb_core.protect.teacher import (
 from sdb_core.train import TrainConfig, predict_logits
 
 ONE_EPOCH = SDBConfig(train=TrainConfig(epochs=1, lr=0.01, seed=0))
+
+
+@pytest.fixture(autouse=True)
+def seeded_key(monkeypatch):
+    """Each wrap's key from a seeded generator, not the OS: a one-epoch box's agreement with its teacher depends on
+    its key (0.59 to 0.86 over keys for the softmax-ended cnn), and these tests assert it (one failed CI run)."""
+    import sdb_core.protect.sdb as recipe
+
+    def seeded(in_shape, mean, std):
+        return random_keys(1, in_shape, mean, std, generator=torch.Generator().manual_seed(7))[0]
+
+    monkeypatch.setattr(recipe, "generate_key", seeded)
 
 
 class Net(nn.Module):
