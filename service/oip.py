@@ -154,7 +154,7 @@ def max_batch_size(settings: Settings, model: HostedModel, outputs: int) -> int:
     sample_bytes = 4 * math.prod(model.in_shape)
     fit = [settings.max_request_samples, (settings.max_payload_bytes - REQUEST_HEADER_ROOM) // sample_bytes]
     if outputs:
-        fit.append(settings.max_answer_values // max(len(model.labels) * outputs, 1))
+        fit.append(settings.max_answer_values // max(model.num_classes * outputs, 1))
     return max(min(fit), 1)
 
 
@@ -208,7 +208,7 @@ def repository_index(ctx: Caller, ready: bool = False) -> list[dict]:
 
 def output_names(model: HostedModel) -> list[str]:
     """The public outputs a model serves, in order: what an infer request that names none gets."""
-    return [o["name"] for o in public_outputs(model.policy, len(model.labels))]
+    return [o["name"] for o in public_outputs(model.policy, model.num_classes)]
 
 
 def requested_outputs(model: HostedModel, names: Sequence[str] | None) -> list[str]:
@@ -387,7 +387,7 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outpu
     if served_public:
         require_predict(ctx.key, model.name, ctx.settings.public_predict)
     x = await model_input(model, inputs, ctx.settings.max_request_samples)
-    classes, paths = len(model.labels), bool(served_public) + keyed
+    classes, paths = model.num_classes, bool(served_public) + keyed
     check_answer_size(classes, len(x), paths, ctx.settings.max_answer_values)
     jobs = {}
     if keyed:  # the scope and a quota before anything runs (a key without one: beside the model's call)

@@ -436,6 +436,15 @@ class HostedModel:
         return labels
 
     @property
+    def num_classes(self) -> int:
+        """``len(self.labels)`` without building the list: the inference routes count a model's classes on every
+        request (a 50,000-class model's labels were copied for it)."""
+        shape = self.meta.get("output", {}).get("shape")
+        if not self.meta["labels"] and self.task in LABELLED_TASKS and shape:
+            return int(shape[0])
+        return len(self.meta["labels"])
+
+    @property
     def distillable(self) -> bool:
         return self.has_key
 

@@ -284,7 +284,7 @@ async def distill(request: Request) -> Response:
     x = await _inputs(model, body, s.settings.max_request_samples)
     as_npy = wants_npy(request)
     outputs = 1 if as_npy or opts.temperature is None else 2  # the logits, and in JSON their soft targets
-    check_answer_size(len(model.labels), len(x), outputs, s.settings.max_answer_values)
+    check_answer_size(model.num_classes, len(x), outputs, s.settings.max_answer_values)
     z = await keyed_logits(model, x, s.key, s.keyring, s.metrics)  # every check passed: only now the quota
     return await built(z.size * outputs, _distill_answer, model, z, opts.temperature, as_npy)
 

@@ -560,3 +560,19 @@ def test_the_highest_version_is_read_as_people_number_them():
                "2024-01-01", "2024-02-01"]
     shuffled = ordered[::-1][1::2] + ordered[::-1][::2]
     assert sorted(shuffled, key=version_key) == ordered
+
+
+def test_a_models_class_count_is_its_labels_count_without_building_them():
+    """HostedModel.num_classes, what the inference routes count classes by on every request (they copied a
+    50,000-class model's labels for it), is len(labels) for a bundle with labels and one without."""
+    from service.registry import HostedModel
+
+    def hosted(meta: dict) -> HostedModel:
+        return HostedModel("m", "1", "/nowhere", 0.0, meta, True, bundles=None, batcher=None)
+
+    named = hosted({"labels": ["cat", "dog", "eel"], "output": {"shape": [3]}})
+    numbered = hosted({"labels": [], "output": {"shape": [7]}})
+    pose = hosted({"labels": [], "task": "pose", "output": {"shape": [17, 16, 16]}})
+    for m in (named, numbered, pose):
+        assert m.num_classes == len(m.labels), m.meta
+    assert (named.num_classes, numbered.num_classes) == (3, 7)
