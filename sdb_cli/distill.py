@@ -123,7 +123,8 @@ def add_commands(sub) -> None:
     t.add_argument("--remote", metavar="URL", help="an SDB server: distill from its keyed path over HTTP (with --model)")
     d.add_argument("--model", metavar="NAME", help="with --remote: the served model's name")
     d.add_argument("--version", help="with --remote: the model's version (default: its highest, pinned at the start)")
-    d.add_argument("--api-key", help="with --remote: a key with the distill scope (default: env SDB_API_KEY)")
+    d.add_argument("--api-key", help="with --remote: a key with the distill scope; better env SDB_API_KEY: `ps` shows a "
+                   "command's arguments to every local user")
     d.add_argument("--teacher-batch-size", type=int, metavar="N", help="with --remote: samples per request to the "
                    "server at most (default: the SDK's 256, fewer where they would be over its body limit)")
     d.add_argument("--teacher-arch", help="with --teacher WEIGHTS: their architecture (default cnn); not with an "

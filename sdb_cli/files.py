@@ -56,5 +56,6 @@ def add_commands(sub) -> None:
     fd.add_argument("file_id")
     for sp in fs.choices.values():
         sp.add_argument("--url", help="the server (env SDB_URL, default http://127.0.0.1:8000)")
-        sp.add_argument("--api-key", help="a key with the jobs or deploy scope (env SDB_API_KEY)")
+        sp.add_argument("--api-key", help="a key with the jobs or deploy scope; better env SDB_API_KEY: `ps` shows a "
+                        "command's arguments to every local user")
     f.set_defaults(fn=cmd_files)

@@ -70,4 +70,5 @@ def add_release_command(actions) -> None:
 def add_remote_flags(sp) -> None:
     sp.add_argument("--url", help="the server (env SDB_URL, default http://127.0.0.1:8000); with --url or --api-key "
                     "the action runs there, as the key")
-    sp.add_argument("--api-key", help="a key with the deploy scope, or admin (env SDB_API_KEY)")
+    sp.add_argument("--api-key", help="a key with the deploy scope, or admin; better env SDB_API_KEY: `ps` shows "
+                    "a command's arguments to every local user")
