@@ -158,14 +158,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.proxies = TrustedProxies(state.settings.forwarded_allow_ips)  # who may name the client (HTTP's too)
 
     # ------------------------------------------------------------------ callers
-    async def _key(self, context: aio.ServicerContext) -> ApiKey | None:
+    async def _key(self, context: aio.ServicerContext, address: str) -> ApiKey | None:
         """The caller's key from the ``authorization`` metadata, as HTTP's header (:func:`service.deps.authenticate`):
-        None without one, after spending the address's rate as HTTP's middleware does; one sent must be valid."""
+        None without one, after spending ``address``'s rate as HTTP's middleware does; one sent must be valid."""
         authorization = _authorization(context)
         if authorization is None:
-            self._limit_address(context)
+            self._limit_address(address)
             return None
-        return await authenticate(self.state, authorization, client_address(context, self.proxies))
+        return await authenticate(self.state, authorization, address)
 
     async def _limit_unkeyed(self, context: aio.ServicerContext) -> None:
         """On an RPC that needs no key: a call with a valid one spends that key's rate, one without its address's
@@ -179,19 +179,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if key is not None:  # a valid key spends its own rate, as on the RPCs that check it
                 self.state.key_limiter.check(key.id, "this key")
                 return
-        self._limit_address(context)
+        self._limit_address(client_address(context, self.proxies))
 
-    def _limit_address(self, context: aio.ServicerContext) -> None:
+    def _limit_address(self, address: str) -> None:
         """A call without a key spends its address's rate, as the HTTP middleware charges it."""
         limiter = self.state.address_limiter
-        wait = limiter.take(client_address(context, self.proxies))
+        wait = limiter.take(address)
         if wait:
             raise limiter.refusal(wait, ANONYMOUS_CALLER)
 
     async def _caller(self, context: aio.ServicerContext) -> Serving:
         s = self.state
-        key = await self._key(context)
-        address = client_address(context, self.proxies)
+        address = client_address(context, self.proxies)  # once a call: its metadata read, the proxies' rule applied
+        key = await self._key(context, address)
         return Serving(s.settings, s.host, s.keyring, s.metrics, key, caller_of(key, address))
 
     # ------------------------------------------------------------------ one call

@@ -193,6 +193,15 @@ async def served_with_grpc(tmp_path: Path, master_file: Path, bundle: Path):
     await manager.__aexit__(None, None, None)
 
 
+@pytest.fixture
+def own_settings(tmp_path, monkeypatch) -> Settings:
+    """Settings of an app on its own SQLite data dir and secrets, whatever the environment names (a suite run
+    against PostgreSQL sets SDB_DATABASE_URL): no demo, no workers."""
+    for k in ("SDB_DATABASE_URL", "SDB_MASTER_KEY_FILE", "SDB_PEPPER_FILE", "SDB_SECRETS_DIR"):
+        monkeypatch.delenv(k, raising=False)
+    return Settings(data_dir=tmp_path / "data", register_demo=False, workers=0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -41,10 +41,8 @@ def _folder(root, name: str, age_s: float):
 
 
 @pytest.fixture
-def settings(tmp_path, monkeypatch) -> Settings:
-    for k in ("SDB_DATABASE_URL", "SDB_MASTER_KEY_FILE", "SDB_PEPPER_FILE", "SDB_SECRETS_DIR"):
-        monkeypatch.delenv(k, raising=False)
-    return Settings(data_dir=tmp_path / "data", register_demo=False, workers=0)
+def settings(own_settings) -> Settings:
+    return own_settings
 
 
 @pytest.mark.anyio

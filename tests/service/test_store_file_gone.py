@@ -17,7 +17,6 @@ from asgi_lifespan import LifespanManager
 
 from service.app import build_app
 from service.auth import create_key
-from service.settings import Settings
 from service.store import MOVED, Store, StoreUnavailable, open_store
 
 
@@ -39,10 +38,8 @@ def test_ping_fails_once_the_sqlite_file_is_deleted_or_replaced(tmp_path):
 
 
 @pytest.mark.anyio
-async def test_readyz_is_503_when_the_store_file_is_deleted(tmp_path, monkeypatch):
-    for k in ("SDB_DATABASE_URL", "SDB_MASTER_KEY_FILE", "SDB_PEPPER_FILE", "SDB_SECRETS_DIR"):
-        monkeypatch.delenv(k, raising=False)
-    settings = Settings(data_dir=tmp_path / "data", register_demo=False, workers=0)
+async def test_readyz_is_503_when_the_store_file_is_deleted(tmp_path, own_settings):
+    settings = own_settings
     app = build_app(settings)
     async with LifespanManager(app):
         transport = httpx.ASGITransport(app=app)
@@ -55,13 +52,11 @@ async def test_readyz_is_503_when_the_store_file_is_deleted(tmp_path, monkeypatc
 
 
 @pytest.mark.anyio
-async def test_writes_are_refused_once_the_store_file_is_deleted(tmp_path, monkeypatch):
+async def test_writes_are_refused_once_the_store_file_is_deleted(tmp_path, own_settings):
     """With the file deleted, readiness said 503 while a key was created (201, its secret shown) and a file uploaded
     into the deleted file's inode: both unknown after a restart. Each commit now checks the file first: 503, nothing
     kept, no secret shown."""
-    for k in ("SDB_DATABASE_URL", "SDB_MASTER_KEY_FILE", "SDB_PEPPER_FILE", "SDB_SECRETS_DIR"):
-        monkeypatch.delenv(k, raising=False)
-    settings = Settings(data_dir=tmp_path / "data", register_demo=False, workers=0)
+    settings = own_settings
     app = build_app(settings)
     async with LifespanManager(app):
         admin, _ = create_key(app.state.store, settings.pepper, scopes=("admin",))

@@ -17,7 +17,6 @@ from sqlalchemy.exc import OperationalError
 
 from service.app import build_app
 from service.auth import create_key
-from service.settings import Settings
 from service.store import STORE_FULL, Store
 
 
@@ -42,11 +41,9 @@ def fill(store: Store, pepper: bytes) -> None:
 
 
 @pytest.fixture
-async def full_app(tmp_path, monkeypatch):
+async def full_app(own_settings):
     """The app on a SQLite store whose disk is full (its page limit reached), and an admin key's secret."""
-    for k in ("SDB_DATABASE_URL", "SDB_MASTER_KEY_FILE", "SDB_PEPPER_FILE", "SDB_SECRETS_DIR"):
-        monkeypatch.delenv(k, raising=False)
-    settings = Settings(data_dir=tmp_path / "data", register_demo=False, workers=0)
+    settings = own_settings
     app = build_app(settings)
     async with LifespanManager(app):
         store = app.state.store
