@@ -47,14 +47,21 @@ Text = Annotated[str, Field(pattern=NO_NUL)]
 MAX_TOP_K = 1000
 
 
+# Labels per sample when neither the body nor the query says.
+DEFAULT_TOP_K = 5
+
+
 class PredictRequest(BaseModel):
     inputs: Tensor = Field(description="normalised model inputs: [N, C, H, W], one [C, H, W] sample, "
                                        "or [N, C·H·W] rows")
-    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="labels per sample (capped at the number of classes)")
+    # null in the schema, not DEFAULT_TOP_K: a client generated from /openapi.json sends every default, and a body's
+    # top_k beside the query's is a conflict when they differ (PredictOptions holds the effective default).
+    top_k: int | None = Field(None, ge=1, le=MAX_TOP_K, description="labels per sample (capped at the number of "
+                              f"classes); null or omitted: the query's top_k, else {DEFAULT_TOP_K}")
 
 
 class PredictOptions(BaseModel):
-    top_k: int = Field(5, ge=1, le=MAX_TOP_K)
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
 
 
 class OutputPolicy(BaseModel):

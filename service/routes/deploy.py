@@ -4,8 +4,8 @@ The bundle comes in the request (multipart field ``file``) or as an uploaded fil
 ``bundle`` (``{"file": "file-…"}``); never as a server path. :func:`service.deploy.deploy_bundle`
 does the rest, as for a job that deploys: a new file beside the served bundles (never over one),
 verified, and served as the next version of its name (the bundle's own, or the ``name`` field)
-with the output policy of the ``policy``, ``top_k`` and ``decimals`` fields (none given: the one
-the bundle was wrapped with, else every probability), in one transaction
+with the output policy of the ``policy``, ``top_k`` and ``decimals`` fields (none given, a null one
+being not given: the one the bundle was wrapped with, else every probability), in one transaction
 that checks the name is this key's (or unclaimed, or the key is an admin's). A key with a model
 allowlist deploys only under a name on it, checked once the name is known (the bundle's own when the
 request gives none). The audit log records which key deployed it.
@@ -13,12 +13,14 @@ request gives none). The audit log records which key deployed it.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
+
+from sdb_core.protect.config import POLICIES
 
 from .. import files
 from ..auth import ApiKey, check_scope
@@ -42,6 +44,19 @@ class DeployRequest(OutputPolicy):
 
     file: str = Field(pattern=r"^file-[0-9a-f]{24}$", description="an uploaded file of purpose bundle")
     name: str | None = Field(None, pattern=NAME_PATTERN, description="serve it under this name; default the bundle's")
+    # null in the schema, not OutputPolicy's probs: a client generated from /openapi.json sends every default, and a
+    # probs it never chose would serve every probability of a box wrapped to answer labels alone.
+    policy: Literal[POLICIES] | None = Field(  # type: ignore[valid-type]
+        None, description="probs, top_k or label. Null or omitted (top_k and decimals alike): not given; none of the "
+        "three given: the bundle's own policy (its meta.json output_policy), else probs; decimals alone: probs")
+
+    @model_validator(mode="after")
+    def _k_with_top_k(self):  # OutputPolicy's, by name: with no policy, deploy.check_policy checks what was given
+        return self if self.policy is None else super()._k_with_top_k()
+
+    def given_policy(self) -> dict:
+        """The policy fields the caller gave: a null one is not given (the bundle's own when none is)."""
+        return self.model_dump(include=set(_POLICY), exclude_none=True)
 
 
 async def _deployer(key: ApiKeyDep) -> ApiKey:
@@ -55,7 +70,8 @@ _DOC = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary", "description": "a .sdb bundle"},
         "name": {"type": "string", "pattern": NAME_PATTERN, "description": "default the bundle's name"},
-        "policy": {"type": "string", "enum": ["probs", "top_k", "label"], "description": "output policy"},
+        "policy": {"type": "string", "enum": list(POLICIES),
+                   "description": DeployRequest.model_fields["policy"].description},
         "top_k": {"type": "integer", "description": _POLICY["top_k"].description},
         "decimals": {"type": "integer", "description": _POLICY["decimals"].description}}}},
     "application/json": {"schema": DeployRequest.model_json_schema(),
@@ -110,7 +126,7 @@ async def deploy(request: Request, key: DeployKeyDep, host: ModelHostDep, store:
     elif media in (JSON, ""):
         body = await _request_body(request, settings.max_payload_bytes)
         path = await run_in_threadpool(files.resolve_file, store, settings, key, body.file, "bundle")
-        policy = body.model_dump(include=set(_POLICY), exclude_unset=True)  # unset: the bundle's own
+        policy = body.given_policy()
         row = await run_in_threadpool(serve, path, body.file, body.name, policy)
     else:
         raise ApiError(415, "unsupported_media_type", f"send multipart/form-data or application/json, not {media}")
