@@ -5,7 +5,7 @@ output has the input's size. ``fast`` bundles take one image; ``adain`` bundles 
 content image, a style image and ``alpha`` (1 = all style, 0 = the content reconstructed).
 Bodies: ``multipart/form-data`` (``file``, and ``style`` for AdaIN, ``alpha`` as a field),
 JSON (``{"image": base64, "style": base64, "alpha": 0.8}``) or a raw ``image/png|jpeg``
-body (no style image, so fast bundles only). ``alpha`` may also be a query parameter.
+body (no style image, so fast bundles only). ``alpha`` may also be a query parameter (in both places: the same).
 
 Images are checked before any model runs: PNG or JPEG only, each side between
 ``MIN_SIDE`` and ``MAX_SIDE`` pixels (a stylization costs time and memory in proportion
@@ -34,6 +34,7 @@ from ..inference import require_predict, stylized
 from ..registry import HostedModel, ModelHost
 from ..schemas import AUTH, NO_NUL, json_body_doc, options, responses
 from ..tensors import MAX_IMAGE_PIXELS, image_format
+from .models import _options
 
 router = APIRouter(prefix="/v1/style", tags=["style"])
 
@@ -45,7 +46,8 @@ _BODY_TYPES = (MULTIPART, JSON, *IMAGE_TYPES)
 class StyleRequest(BaseModel):
     image: str = Field(description="the content image, PNG or JPEG, base64")
     style: str | None = Field(None, description="the style image (AdaIN bundles only), PNG or JPEG, base64")
-    alpha: float | None = Field(None, ge=0.0, le=1.0, description="AdaIN's content-style trade-off (default 1)")
+    alpha: float | None = Field(None, ge=0.0, le=1.0, description="AdaIN's content-style trade-off; "
+                                 "null or omitted: the query's alpha, else 1")
 
 
 class StyleOptions(BaseModel):
@@ -122,9 +124,13 @@ async def _style_model(host: ModelHost, name: str, version: str | None) -> Hoste
 
 
 def _images(body: Body, alpha_query: float | None) -> tuple[bytes, bytes | None, float | None]:
-    """The content image, the style image if sent, and alpha, from whichever body was sent."""
+    """The content image, the style image if sent, and alpha, from whichever body was sent. alpha follows the
+    inference routes' rule for an option in the body and the query (a null or empty one is not given; two
+    different values are a 422), so a generated client's ``"alpha": null`` leaves ``?alpha=`` in force."""
+    query = {} if alpha_query is None else {"alpha": alpha_query}
     if body.json is not None:
-        req = options(StyleRequest, {"alpha": alpha_query, **body.json})
+        alpha = _options(StyleOptions, body.json, query, "JSON body").alpha
+        req = options(StyleRequest, {**body.json, "alpha": alpha})
         return _b64(req.image, "image"), (_b64(req.style, "style") if req.style else None), req.alpha
     repeated = sorted({n for n in body.names if n in ("file", "style") and body.names.count(n) > 1})
     if repeated:  # one content image (and one style): the last of several was styled without a word
@@ -137,7 +143,7 @@ def _images(body: Body, alpha_query: float | None) -> tuple[bytes, bytes | None,
         raise invalid("field 'style' must be an image file", "invalid_request")
     if "alpha" in body.files:
         raise invalid("field 'alpha' must be a number, not a file", "invalid_request")
-    opts = options(StyleOptions, {"alpha": body.fields.get("alpha", alpha_query)})
+    opts = _options(StyleOptions, body.fields, query, "form")
     return content, body.files.get("style"), opts.alpha
 
 
@@ -161,7 +167,8 @@ _PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAAAAAA6mKC9AAAAEUlEQVR4nGNsYEAFTAwj
                             413: "over the payload limit, or an image over 1024 pixels a side",
                             415: "a media type the route does not take, or an image that is not a readable PNG or JPEG",
                             422: "an image under 16 pixels a side, bad base64, a style image where none is "
-                                 "taken (or none where one is needed), alpha out of [0, 1]"})},
+                                 "taken (or none where one is needed), alpha out of [0, 1], or alpha in the body and the "
+                                 "query with different values (conflicting_options)"})},
              openapi_extra={**json_body_doc(StyleRequest, *_UPLOAD_DOC.items(),
                                             example={"image": _PNG_B64, "alpha": 0.8}), **SERVING_DOC})
 async def style(name: ModelName, request: Request, s: ServingDep,

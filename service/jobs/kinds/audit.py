@@ -37,8 +37,13 @@ class AuditParams(JobParams):
     target: ModelParam = Field(description="a hosted model (its public outputs) or a plain model's uploaded "
                                "weights ({file, arch})")
     data: str = Field(description="an embedded data set (digits, mnist-5k, ...) or an uploaded dataset's file id")
-    policy: Literal[POLICIES] = AuditConfig().policy  # type: ignore[valid-type]
-    top_k: int = Field(AuditConfig().top_k, ge=1, le=100)
+    # null in the schema, not AuditConfig's probs and 3: a client generated from /openapi.json (or the console's
+    # form) sends every default, and a probs it never chose was a 422 for a model served under another policy.
+    policy: Literal[POLICIES] | None = Field(  # type: ignore[valid-type]
+        None, description="probs, top_k or label. Null or omitted: the policy a hosted target is served with "
+        f"(uploaded weights: {AuditConfig().policy}); another one than the served needs an admin key")
+    top_k: int | None = Field(None, ge=1, le=100, description="k of the top_k policy. Null or omitted: the served "
+                              f"one's (else {AuditConfig().top_k}); another one than the served needs an admin key")
     transfer: int = Field(AuditConfig().transfer_n, ge=20, le=100_000, description="the attacker's transfer-set size")
     student: str = AuditConfig().student
     steps: int = Field(AuditConfig().steps, ge=10, le=100_000, description="optimisation steps per student")
@@ -70,19 +75,23 @@ def check(p: AuditParams, sub: Submission) -> AuditParams:
 
 def _under_the_served_policy(p: AuditParams, sub: Submission) -> AuditParams:
     """A hosted model is audited under the output policy it is served with: what its callers get is all
-    an attacker gets. Only an admin key may audit it under another policy (what would a change leak?)."""
-    if p.target.model is None or sub.key.grants("admin"):
-        return p
+    an attacker gets. Only an admin key may audit it under another policy (what would a change leak?).
+    A null policy or top_k is not given: the served one's (uploaded weights: the audit's defaults)."""
+    if p.target.model is None:
+        return _given_else(p, AuditConfig().policy, AuditConfig().top_k)
     served = sub.models.get(p.target.model, p.target.version).policy
-    asked = p.model_fields_set & {"policy", "top_k"}
-    if asked and (p.policy != served.policy or (served.policy == "top_k" and p.top_k != served.top_k)):
+    audited = _given_else(p, served.policy, served.top_k or AuditConfig().top_k)
+    other = audited.policy != served.policy or (served.policy == "top_k" and audited.top_k != served.top_k)
+    if other and not sub.key.grants("admin"):
         raise invalid(f"model {p.target.model!r} is served under the {served.policy!r} policy"
                       + (f" (top {served.top_k})" if served.policy == "top_k" else "")
                       + "; its audit runs under that policy (another one needs an admin key)", "invalid_params")
-    update = {"policy": served.policy}
-    if served.policy == "top_k" and served.top_k is not None:
-        update["top_k"] = served.top_k
-    return p.model_copy(update=update)
+    return audited
+
+
+def _given_else(p: AuditParams, policy: str, top_k: int) -> AuditParams:
+    """``p`` with the policy and top_k it gives, and ``policy`` and ``top_k`` for those it leaves null."""
+    return p.model_copy(update={"policy": p.policy or policy, "top_k": p.top_k or top_k})
 
 
 @job_kind("audit", AuditParams, check)
