@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from fastapi import Request
+from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -108,6 +108,35 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", JSON).split(";")[0].strip().lower()
 
 
+def is_json(media: str) -> bool:
+    """Whether a body of ``media`` (:func:`media_type`) is read as JSON: ``application/json``, a structured
+    ``application/…+json`` type, or none named (an empty header; a route's pydantic body takes none: JSON_ONLY)."""
+    return media in (JSON, "") or (media.startswith("application/") and media.endswith("+json"))
+
+
+def unsupported(media: str, accept: tuple[str, ...], what: str | None = None) -> ApiError:
+    """The 415 for a body of ``media`` ("": it named none), naming the types the route takes (``what``: the route,
+    "… takes")."""
+    choices = ", ".join(accept[:-1]) + " or " + accept[-1] if len(accept) > 1 else accept[0]
+    sent = f", not {media}" if media else " and name it in Content-Type (this body named none)"
+    return ApiError(415, "unsupported_media_type", f"{what + ' takes' if what else 'send'} {choices}{sent}")
+
+
+async def _json_only(request: Request) -> None:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if (media and is_json(media)) or (not media and not await request.body()):  # no body at all: its fields' 422
+        return
+    raise unsupported(media, (JSON,))
+
+
+# The dependency of a route whose body is a pydantic model, which FastAPI parses only from a body its Content-Type
+# says is JSON (strict_content_type: a body that names no type too), and passed any other to the model as bytes:
+# a 422 "Input should be a valid dictionary" that said nothing of the type (curl -d sends form-urlencoded). The
+# body was read already (FastAPI reads it before the dependencies). NOT_JSON: its 415 in the route's answers.
+JSON_ONLY = Depends(_json_only)
+NOT_JSON = "a body sent as another media type than JSON, or naming none (Content-Type: application/json)"
+
+
 def _payload_limit(request: Request) -> int:
     return request.app.state.settings.max_payload_bytes
 
@@ -131,7 +160,8 @@ async def read_body(request: Request, accept: tuple[str, ...], *, what: str | No
     ``max_bytes``, the largest array it reads: both are checked from the header, before the data.
     """
     media = media_type(request)
-    if content_coding(request) != "identity" and media not in (JSON, "", *IMAGE_TYPES):  # read as they stream in: as sent
+    # a .npy or multipart body is read as it streams in: as sent
+    if content_coding(request) != "identity" and not is_json(media) and media not in IMAGE_TYPES:
         raise ApiError(415, "unsupported_media_type", f"a {media} body is read as sent: send it without "
                        "Content-Encoding (JSON and image bodies may come gzip or deflate)")
     if media == NPY and NPY in accept:
@@ -156,10 +186,9 @@ async def read_body(request: Request, accept: tuple[str, ...], *, what: str | No
     if media in IMAGE_TYPES and media in accept:
         raw = await read_bytes(request, _payload_limit(request))
         return Body(files={"file": raw}, uploads=(raw,), names=("file",))
-    if media in (JSON, "") and JSON in accept:
+    if is_json(media) and JSON in accept:
         return Body(json=await read_json(request))
-    choices = ", ".join(accept[:-1]) + " or " + accept[-1] if len(accept) > 1 else accept[0]
-    raise ApiError(415, "unsupported_media_type", f"{what + ' takes' if what else 'send'} {choices}, not {media}")
+    raise unsupported(media, accept, what)
 
 
 def wants_npy(request: Request) -> bool:

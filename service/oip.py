@@ -61,7 +61,7 @@ from .inference import (
     rounded,
 )
 from .metrics import Metrics
-from .registry import HostedModel, ModelHost
+from .registry import HostedModel, ModelHost, PairedPaths
 from .schemas import MAX_TOP_K, OutputPolicy
 from .settings import Settings
 from .tensors import as_batch, finite_float32, images_to_inputs, softmax
@@ -373,8 +373,9 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outpu
     In order: the model's task (a classifier), the outputs' names and their ``classification`` (the extension's
     class_count, by output name), a key for ``distill_logits`` (401) and predict access for the public ones, the
     input and the answer's size (413 past ``max_answer_values``), then the keyed path's scope and quota charge
-    (before any model time is spent). Both paths, asked together, ride in the same ONNX Runtime call. An output
-    with a class_count answers BYTES (N, k) instead. A large answer is built in a worker thread.
+    (before any model time is spent). Both paths, asked together, are one item of the model's batcher
+    (:class:`~service.registry.PairedPaths`): one ONNX Runtime call, one request of N samples in its statistics.
+    An output with a class_count answers BYTES (N, k) instead. A large answer is built in a worker thread.
     """
     require_task(model)
     wanted = requested_outputs(model, outputs)
@@ -390,11 +391,12 @@ async def infer(ctx: Caller, model: HostedModel, inputs: Sequence[Tensor], outpu
     classes, paths = model.num_classes, bool(served_public) + keyed
     check_answer_size(classes, len(x), paths, ctx.settings.max_answer_values)
     jobs = {}
+    source = PairedPaths(model) if keyed and served_public else model  # both: one batcher item, one request
     if keyed:  # the scope and a quota before anything runs (a key without one: beside the model's call)
         charge = await charge_keyed(model, len(x), ctx.key, ctx.keyring)
-        jobs[KEYED_OUTPUT] = keyed_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, charge=charge)
+        jobs[KEYED_OUTPUT] = keyed_logits(source, x, ctx.key, ctx.keyring, ctx.metrics, charge=charge)
     if served_public:
-        jobs["public"] = public_logits(model, x, ctx.key, ctx.keyring, ctx.metrics, ctx.caller)
+        jobs["public"] = public_logits(source, x, ctx.key, ctx.keyring, ctx.metrics, ctx.caller)
     if len(jobs) == 1:  # one path (nearly every request): awaited as it is, without gather's task around it
         (name, job), = jobs.items()
         results = {name: await job}

@@ -393,6 +393,11 @@ class BundleCache:
         return len(self._lru)
 
 
+# A batcher item's ``keyed`` for one request that asks both paths (v2 infer's probabilities and distill_logits):
+# answered as a (public, keyed) pair, counted as one request of its samples (HostedModel.logits, PairedPaths).
+BOTH = "both"
+
+
 @dataclass
 class HostedModel:
     name: str
@@ -448,11 +453,17 @@ class HostedModel:
     def distillable(self) -> bool:
         return self.has_key
 
-    def run(self, items: Sequence[tuple[np.ndarray, bool]]) -> list[np.ndarray | ApiError]:
-        """Blocking: logits for each (inputs, keyed) item, all in one ORT call."""
+    def run(self, items: Sequence[tuple[np.ndarray, bool | str]]) -> list[np.ndarray | tuple | ApiError]:
+        """Blocking: logits for each (inputs, keyed) item, all in one ORT call; keyed :data:`BOTH`: a (public,
+        keyed) pair, its inputs' rows in the call twice (:meth:`logits`)."""
         bundle = self.bundle  # held for the whole batch, whatever the cache drops meanwhile
         t0 = time.perf_counter_ns()  # (after a load the cache may have had to make: not the input's time)
-        xs = [bundle.keyed_input(x) if keyed else x for x, keyed in items]
+        xs = []
+        for one, keyed in items:  # BOTH: its public rows, then its keyed ones
+            if keyed is not True:
+                xs.append(one)
+            if keyed:
+                xs.append(bundle.keyed_input(one))
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         t1 = time.perf_counter_ns()
         with self.deadline() as options:
@@ -468,18 +479,32 @@ class HostedModel:
         # A request whose inputs, finite but far out of the network's scale (3e38 everywhere), overflowed it fails
         # alone: its NaN, through the public form, read as a valid answer (class 0). One pass over the whole batch.
         finite = np.isfinite(z.reshape(len(z), -1)).all(1)
-        out, start = [], 0
-        for one, (_, keyed) in zip(xs, items, strict=True):
-            part = z[start:start + len(one)]
-            bad = len(one) - int(finite[start:start + len(one)].sum())
-            # the keyed path's scale, or an SDB box's public form
-            out.append(ApiError(422, "non_finite_output", f"model {self.name!r} answers NaN or Inf on {bad} of "
-                                f"{len(part)} input(s): are they on the scale it takes (normalised as its "
-                                "normalize says)?") if bad
-                       else bundle.keyed_answer(part) if keyed else bundle.public_answer(part))
-            start += len(one)
-        self.stats.executed(len(items), len(x), t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
+        out, start, samples = [], 0, 0
+        for one, keyed in items:
+            n = len(one)
+            samples += n
+            if keyed is BOTH:  # the request fails when either path does (the keyed path's error first)
+                public = self._cut(bundle, z, finite, start, n, False)
+                logits = self._cut(bundle, z, finite, start + n, n, True)
+                failed = logits if isinstance(logits, ApiError) else public if isinstance(public, ApiError) else None
+                out.append((public, logits) if failed is None else failed)
+                start += 2 * n
+            else:
+                out.append(self._cut(bundle, z, finite, start, n, keyed))
+                start += n
+        # samples: the requests' (a BOTH request's once: the statistics count samples answered, not rows run)
+        self.stats.executed(len(items), samples, t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
         return out
+
+    def _cut(self, bundle: Bundle, z: np.ndarray, finite: np.ndarray, start: int, n: int,
+             keyed: bool) -> np.ndarray | ApiError:
+        """The answer of one path of one request: its ``n`` rows of the call's logits ``z`` from ``start``."""
+        bad = n - int(finite[start:start + n].sum())
+        if bad:  # the keyed path's scale, or an SDB box's public form
+            return ApiError(422, "non_finite_output", f"model {self.name!r} answers NaN or Inf on {bad} of {n} "
+                            "input(s): are they on the scale it takes (normalised as its normalize says)?")
+        part = z[start:start + n]
+        return bundle.keyed_answer(part) if keyed else bundle.public_answer(part)
 
     def run_feeds(self, items: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
         """Blocking: the output for each item of named inputs, one ORT call each.
@@ -495,13 +520,16 @@ class HostedModel:
             self.stats.executed(1, 1, 0, time.perf_counter_ns() - t0, 0)
         return out
 
-    async def logits(self, x: np.ndarray, keyed: bool = False, caller: str | None = None,
-                     gate: Gate | None = None) -> np.ndarray:
-        """``caller`` (a key id, or an address without a key): whom the request is for, which an isolated model's
-        batches keep apart; ``gate``: checked beside the model's call, its refusal this request's (:meth:`MicroBatcher.submit`)."""
+    async def logits(self, x: np.ndarray, keyed: bool | str = False, caller: str | None = None,
+                     gate: Gate | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """``keyed`` :data:`BOTH`: the (public, keyed) logits of one request that asks both paths, one item of the
+        batcher (:class:`PairedPaths`). ``caller`` (a key id, or an address without a key): whom the request is for,
+        which an isolated model's batches keep apart; ``gate``: checked beside the model's call, its refusal this
+        request's (:meth:`MicroBatcher.submit`)."""
         if keyed and not self.distillable:
             raise ApiError(400, "not_distillable", f"model {self.name!r} has no keyed path ({self.meta['mode']} mode)")
-        return await self._answered(self.batcher.submit((x, keyed), len(x), caller if self.isolated else None, gate))
+        rows = len(x) if keyed is not BOTH else 2 * len(x)  # the call's rows, which bound its batch
+        return await self._answered(self.batcher.submit((x, keyed), rows, caller if self.isolated else None, gate))
 
     async def outputs(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The output for one request of named inputs (a style bundle's), through the batcher."""
@@ -525,6 +553,38 @@ class HostedModel:
                 "normalize": m["normalize"], "labels": self.labels, "temperature": m.get("temperature"),
                 "metrics": m.get("metrics", {}), "protection": protection_report(m.get("check")),
                 "output_policy": self.policy.model_dump(), "added_at": self.added_at}
+
+
+class PairedPaths:
+    """A model's two paths for one request that asks both (v2 infer's ``probabilities`` and ``distill_logits``), as
+    one item of its batcher: its statistics count one request of ``len(x)`` samples, where the two items it was
+    counted two requests and every sample twice. It stands in for the model in
+    :func:`service.inference.keyed_logits` and :func:`~service.inference.public_logits`, which check, charge and
+    count each path as their own (they read ``name`` and ``logits``): the keyed call submits the item, with its
+    gate and caller; the public call waits for its half. A failure of either fails both, so the keyed charge is
+    given back for an answer that is never served."""
+
+    def __init__(self, model: HostedModel):
+        self.model, self.name = model, model.name
+        self._public: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def logits(self, x: np.ndarray, keyed: bool = False, caller: str | None = None,
+                     gate: Gate | None = None) -> np.ndarray:
+        if not keyed:
+            return await self._public
+        half = self._public  # the public call's: done already when that call was cancelled meanwhile
+        try:
+            public, z = await self.model.logits(x, BOTH, caller, gate)
+        except asyncio.CancelledError:
+            half.cancel()
+            raise
+        except Exception as e:
+            if not half.done():
+                half.set_exception(e)
+            raise
+        if not half.done():
+            half.set_result(public)
+        return z
 
 
 def protection_report(check: dict | None) -> dict | None:

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import FileResponse, Response
 
 from ..auth import ApiKey
+from ..bodies import JSON_ONLY, NOT_JSON
 from ..copies import bundle_path
 from ..deps import JobQueueDep, JobsKeyDep, ModelHostDep, SettingsDep
 from ..disclosure import hide_paths, hide_paths_in
@@ -78,13 +79,14 @@ def _shown(row: JobRow, key: ApiKey, settings: Settings) -> dict:
                                    settings.data_dir)}
 
 
-@router.post("", status_code=202, response_model=JobPublic,
+@router.post("", status_code=202, response_model=JobPublic, dependencies=[JSON_ONLY],
              summary="Queue a job; the same Idempotency-Key returns the same job",
-             responses={**ok(_JOB, 202), **responses(400, *AUTH, 404, 409, 413, why={
+             responses={**ok(_JOB, 202), **responses(400, *AUTH, 404, 409, 413, 415, why={
                  403: "the key lacks the jobs scope, or a model or file the params name is not this key's to use",
                  404: "a model or file the params name does not exist for this key",
                  409: "this Idempotency-Key was used for a different job",
                  413: "the body is over the payload limit, or the key's jobs keep their cap of artifact bytes",
+                 415: NOT_JSON,
                  422: "an unknown kind, or params that fail the kind's checks (server paths from a non-admin key)",
                  429: "over the request rate, or the key has its most jobs queued or running"})})
 def submit(body: Annotated[JobSubmit, Body(openapi_examples=_SUBMIT_EXAMPLES)], key: JobsKeyDep, queue: JobQueueDep,
@@ -191,8 +193,8 @@ def get_job(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: Settin
 @router.post("/{job_id}/cancel", response_model=JobPublic,
              summary="Cancel: a queued job at once, a running one within seconds",
              responses={**ok({**_JOB, "status": "cancelled", "cancel_requested": True}),
-                        **responses(*AUTH, 404, 409, why={**_SCOPE, 404: "no such job for this key",
-                                                          409: "the job already succeeded or failed"})})
+                        **responses(*AUTH, 404, 409, 413, why={**_SCOPE, 404: "no such job for this key",
+                                                               409: "the job already succeeded or failed"})})
 def cancel(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
     row = _own(queue, job_id, key)
     if row.status in ("succeeded", "failed"):

@@ -10,6 +10,7 @@ from pydantic_core import PydanticCustomError
 from starlette.responses import Response
 
 from ..auth import ApiKey, create_key, refuse_booleans
+from ..bodies import JSON_ONLY, NOT_JSON
 from ..deps import AdminKeyDep, KeyringDep, SettingsDep, StoreDep
 from ..errors import invalid, not_found
 from ..schemas import (
@@ -54,10 +55,11 @@ be served its whole quota just before a window ends and again just after, twice 
 
 
 @router.post("", status_code=201, response_model=KeyCreated, summary="Create a key; its secret is shown once",
-             description=_CREATE_DOC,
+             description=_CREATE_DOC, dependencies=[JSON_ONLY],
              responses={**ok({**_KEY, "key": "sdb_0a1b2c3d4e5f_" + "0" * 64}, 201),
-                        **responses(400, *AUTH, 413, why={**_ADMIN, 422: "unknown scopes, a negative quota, a quota on "
-                                                          "a key without distill, an allowlist of no model, ..."})})
+                        **responses(400, *AUTH, 413, 415, why={
+                            **_ADMIN, 415: NOT_JSON, 422: "unknown scopes, a negative quota, a quota on a key without "
+                                                          "distill, an allowlist of no model, ..."})})
 def create(body: Annotated[CreateKeyRequest, BeforeValidator(_numbers_as_sent)], admin: AdminKeyDep, store: StoreDep,
            settings: SettingsDep) -> Response:
     try:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from .. import npy
 from ..auth import check_scope
-from ..bodies import IMAGE_TYPES, JSON, MULTIPART, Body, read_body, wants_npy
+from ..bodies import IMAGE_TYPES, JSON, JSON_ONLY, MULTIPART, NOT_JSON, Body, read_body, wants_npy
 from ..deploy import refused
 from ..deps import (
     DISTILLING_DOC,
@@ -336,12 +336,12 @@ class NameReleased(BaseModel):
     previous_owner: str | None = Field(description="the key it belonged to; null: an admin's, or nobody's")
 
 
-@router.post("/{name}/release", response_model=NameReleased,
+@router.post("/{name}/release", response_model=NameReleased, dependencies=[JSON_ONLY],
              summary="Release a model name's claim, or give it to another key (admin)",
              responses={**ok({"name": "mnist-demo", "owner": None, "previous_owner": "0a1b2c3d4e5f"}),
-                        **responses(400, *AUTH, 404, 409, 413, why={
+                        **responses(400, *AUTH, 404, 409, 413, 415, why={
                             403: "not an admin key", 404: "no model was ever deployed under the name, or no such key",
-                            409: "the name still serves versions (model_in_use): remove them first",
+                            409: "the name still serves versions (model_in_use): remove them first", 415: NOT_JSON,
                             422: "a bad field, or a key that is revoked or expired"})})
 def release_name(name: ModelName, body: ReleaseRequest, admin: AdminKeyDep, store: StoreDep) -> Response:
     # A name stays the key's that first deployed it, even once that key is revoked (a new tenant must not step into
