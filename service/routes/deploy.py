@@ -24,7 +24,7 @@ from sdb_core.protect.config import POLICIES
 
 from .. import files
 from ..auth import ApiKey, check_scope
-from ..bodies import JSON, MULTIPART, media_type
+from ..bodies import JSON, MULTIPART, is_json, media_type, unsupported
 from ..deploy import deploy_bundle
 from ..deps import ApiKeyDep, ModelHostDep, SettingsDep, StoreDep
 from ..errors import ApiError, invalid
@@ -123,11 +123,11 @@ async def deploy(request: Request, key: DeployKeyDep, host: ModelHostDep, store:
                 raise invalid(f"name must match {NAME_PATTERN}", "invalid_request")
             policy = {k: got.fields[k] for k in _POLICY if got.fields.get(k)}
             row = await run_in_threadpool(serve, got.path, got.filename, name, policy)
-    elif media in (JSON, ""):
+    elif is_json(media):
         body = await _request_body(request, settings.max_payload_bytes)
         path = await run_in_threadpool(files.resolve_file, store, settings, key, body.file, "bundle")
         policy = body.given_policy()
         row = await run_in_threadpool(serve, path, body.file, body.name, policy)
     else:
-        raise ApiError(415, "unsupported_media_type", f"send multipart/form-data or application/json, not {media}")
+        raise unsupported(media, (MULTIPART, JSON))
     return json_response(_describe(host, await host.aget(row.name, row.version)), status=201)
