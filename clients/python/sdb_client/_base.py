@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import functools
+import importlib.util
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -17,7 +19,9 @@ import os
 import random
 import re
 import tempfile
+import threading
 import time
+import urllib.request
 import zipfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -89,6 +93,16 @@ FORKED: list[Any] = []
 Images = Any  # an image file's path, a PNG/JPEG file's bytes or a PIL image, or a list of them
 
 
+def forked_http_client(pid: int) -> exc.ConfigurationError:
+    """The error for a client given its own ``http_client`` in process ``pid`` and used in a child forked from it: the
+    pool's keep-alive sockets are the parent's, and two processes on one socket read each other's answers."""
+    return exc.ConfigurationError(
+        f"this client was given its own http_client in process {pid}, and this process ({os.getpid()}) was forked "
+        "from it: that http client's pooled connections are the parent's, and a child using them reads other "
+        "processes' answers. Make the client (and its http_client) per process, after the fork, or give no "
+        "http_client (a client that makes its own opens new connections in each process)", code="forked_http_client")
+
+
 def resolve_url(url: str | None) -> str:
     """The base URL from the argument, else ``SDB_URL``, else the local default; no trailing slash."""
     raw = url if url is not None else os.environ.get(ENV_URL) or DEFAULT_URL
@@ -129,6 +143,80 @@ def url_shown(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
+# --------------------------------------------------------------------------- proxies
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")  # what httpx takes
+
+
+@dataclass(frozen=True)
+class EnvProxy:
+    """The proxy the environment names for a client's server, and the variable that named it."""
+
+    url: str
+    variable: str
+
+    def __str__(self) -> str:  # never its user:password
+        return f"the proxy {url_shown(self.url)} (from {self.variable})"
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` (and names under ``.localhost``, RFC 6761), 127.0.0.0/8 and ::1 (IPv4-mapped too)."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def env_proxy(base_url: str) -> EnvProxy | None:
+    """The proxy a client made by the SDK goes through to ``base_url``: ``HTTP_PROXY``, ``HTTPS_PROXY`` or
+    ``ALL_PROXY`` (either case) as httpx reads them, none for a host ``NO_PROXY`` names, and none for a loopback host
+    (a proxy set for the machine saw every request to a local server, its key included, and a dead one made the
+    server look down). One httpx cannot use is a ``ConfigurationError`` naming its variable (docs/sdk.md#proxies).
+    """
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    if is_loopback(host):
+        return None
+    found = urllib.request.getproxies()  # the variables, else the system's settings (macOS, Windows), as httpx reads
+    key = parts.scheme if found.get(parts.scheme) else "all"
+    raw = found.get(key)
+    if not raw or urllib.request.proxy_bypass(host):
+        return None
+    proxy = EnvProxy(raw if "://" in raw else f"http://{raw}", _proxy_variable(key, raw))
+    scheme = urlsplit(proxy.url).scheme.lower()
+    if scheme not in PROXY_SCHEMES:
+        raise exc.ConfigurationError(
+            f"{proxy.variable} names {url_shown(proxy.url)!r}, a proxy the SDK (httpx) cannot use: give an http://, "
+            f"https:// or socks5:// proxy URL, or add {host} to NO_PROXY to reach the server directly",
+            code="invalid_proxy")
+    if scheme.startswith("socks") and importlib.util.find_spec("socksio") is None:
+        raise exc.ConfigurationError(
+            f"{proxy.variable} names a SOCKS proxy ({url_shown(proxy.url)}), which needs the socksio package: "
+            f"pip install 'httpx[socks]'; or add {host} to NO_PROXY to reach the server directly",
+            code="invalid_proxy")
+    return proxy
+
+
+def _proxy_variable(key: str, value: str) -> str:
+    """The variable that set proxy ``key`` (http, https, all) to ``value``: the lower-case one first, as urllib."""
+    names = sorted((n for n in os.environ if n.lower() == f"{key}_proxy"), key=lambda n: n != n.lower())
+    return next((n for n in names if os.environ[n] == value), "the system's proxy settings")
+
+
+def new_http(client_cls: type, transport_cls: type, timeout: httpx.Timeout, proxy: EnvProxy | None) -> Any:
+    """An httpx client (``client_cls``, with a ``transport_cls``) for a client's one server, through ``proxy`` or
+    direct. Its transport is given, so httpx reads no proxy from the environment itself (``env_proxy`` decided);
+    ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` still apply."""
+    try:
+        return client_cls(timeout=timeout, transport=transport_cls(proxy=None if proxy is None else proxy.url))
+    except (ImportError, ValueError) as e:  # a proxy this httpx version cannot use (env_proxy checked the others)
+        raise exc.ConfigurationError(f"{proxy}: {e}", code="invalid_proxy") from None
+
+
 def resolve_key(api_key: str | None) -> str | None:
     """The API key from the argument, else ``SDB_API_KEY``, else None (public predict only).
 
@@ -160,6 +248,63 @@ def version_params(version: str | int | None) -> dict[str, str] | None:
     if not v:
         raise exc.BadRequest("version is empty: give a version (e.g. '2') or None for the highest", code="invalid_request")
     return {"version": v}
+
+
+class VersionPin:
+    """The version of model ``name`` that one call (``distill``, ``predict``) or one ``RemoteTeacher`` asks for: the
+    caller's, else the first the server answered from (the model's description, or a batch's answer), sent with every
+    later request. A deploy during a call then changes nothing: one call's logits come from one network, never rows of
+    two (docs/sdk.md, "Versions")."""
+
+    def __init__(self, name: str, version: str | int | None):
+        pinned = version_params(version)
+        self.name, self.version = name, None if pinned is None else pinned["version"]
+        self.served = False  # the server answered from self.version: a 404 for it now means it went away
+        self._lock = threading.Lock()  # a RemoteTeacher's threads answer at once
+
+    def params(self) -> dict[str, str] | None:
+        """The ``?version=`` of a request."""
+        return version_params(self.version)
+
+    def learn(self, description: Any) -> None:
+        """The model's description (``GET /v1/models/{name}``) came: its version is pinned if none was."""
+        version = description.get("version") if isinstance(description, dict) else None
+        if isinstance(version, str) and version:
+            with self._lock:
+                self.version = self.version or version
+                self.served = self.served or version == self.version
+
+    def answered(self, part: Any) -> None:
+        """A batch's answer came: pinned to its version if none was; one from another version is refused."""
+        version = part.get("version") if isinstance(part, dict) else None
+        if not isinstance(version, str) or not version:  # a server that does not say: merge_distilled checks the form
+            return
+        with self._lock:
+            if self.version is not None and version != self.version:
+                raise exc.ModelChanged(f"model {self.name!r} answered from version {version!r} where this call is "
+                                       f"pinned to {self.version!r}: the model changed mid-run, and rows of two "
+                                       "versions are not merged", code="model_changed")
+            self.version, self.served = version, True
+
+    def gone(self, e: BaseException) -> BaseException:
+        """``e``; or, when it says the version the server answered from before is no longer served, a
+        ``ModelChanged`` carrying what ``e`` carried (the rows answered before it)."""
+        if not (self.served and isinstance(e, exc.NotFound) and e.code == "model_not_found"):
+            return e
+        changed = exc.ModelChanged(
+            f"model {self.name!r} version {self.version!r}, which this call or teacher is pinned to (its answers came "
+            f"from it), is no longer served: the model changed mid-run ({e.message}). No rows of another version "
+            "were merged; start again for the version served now, or pin one with version=...",
+            status=e.status, code="model_changed")
+        changed.partial, changed.partial_rows, changed.answered_after = e.partial, e.partial_rows, e.answered_after
+        return changed
+
+    def __getstate__(self) -> dict:  # a RemoteTeacher pickles for spawned workers; its lock does not
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 def with_params(kw: dict[str, Any], params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -420,15 +565,22 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str] | N
                retry_after=retry_after(headers))
 
 
-def connection_error(e: httpx.TransportError, base_url: str | None = None, attempts: int = 1) -> exc.APIConnectionError:
-    """The error for a request that got no answer: which server, what the transport said, and what to check."""
+def connection_error(e: httpx.TransportError, base_url: str | None = None, attempts: int = 1,
+                     proxy: EnvProxy | None = None) -> exc.APIConnectionError:
+    """The error for a request that got no answer: which server (and ``proxy``, the one it went through), what the
+    transport said, and what to check."""
     cls = exc.APITimeoutError if isinstance(e, httpx.TimeoutException) else exc.APIConnectionError
     code = "timeout" if cls is exc.APITimeoutError else "connection_error"
     cause = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
     tries = f" after {attempts} attempts" if attempts > 1 else ""
     if base_url is None:
         return cls(redact(cause), code=code)
-    if cls is exc.APITimeoutError and _is_upload(e):
+    if proxy is not None:  # the proxy, not the server, may be what failed
+        tries = f" through {proxy}{tries}"
+    if cls is exc.APIConnectionError and proxy is not None:
+        text = (f"cannot reach {base_url}{tries} ({cause}): is that proxy up, and does it reach the server? "
+                f"(add {urlsplit(base_url).hostname} to NO_PROXY to connect directly)")
+    elif cls is exc.APITimeoutError and _is_upload(e):
         text = (f"no answer from {base_url}{tries} ({cause}) while it checked the upload: it may still keep the "
                 "file; look for it with files.list() before uploading again, or give the upload a longer timeout "
                 "(timeout=...)")
@@ -852,9 +1004,15 @@ def soft_targets(logits: np.ndarray, temperature: float) -> np.ndarray:
 def merge_distilled(parts: Sequence[dict], temperature: float | None = None,
                     samples: int | None = None) -> Distilled:
     """The batches' answers as one; the soft targets at ``temperature`` computed here when the answers
-    (``.npy``: logits alone) do not carry them. ``samples``: how many were sent (one row of logits each)."""
+    (``.npy``: logits alone) do not carry them. ``samples``: how many were sent (one row of logits each). Answers
+    from two versions of the model are refused, never merged (``VersionPin`` keeps one call on one)."""
     first = parts[0]
     each = [np.asarray(field(p, "logits"), dtype=np.float32) for p in parts]
+    versions = sorted({str(field(p, "version")) for p in parts})
+    if len(versions) > 1:
+        raise exc.ModelChanged(f"the batches of one call came from versions {versions} of model "
+                               f"{field(first, 'model')!r}: the model changed mid-run, and they are not merged",
+                               code="model_changed")
     if any(z.ndim != 2 or z.shape[1] != each[0].shape[1] for z in each):
         raise ValueError(f"logits of shapes {[list(z.shape) for z in each][:4]}, not (N, C) rows of one width")
     logits = np.concatenate(each)

@@ -10,7 +10,8 @@
     ├── NotFound                 404: no such model, key, job or artifact (or route)
     ├── PayloadTooLarge          413: one sample is over the server's body limit (a batch is resent in halves)
     ├── QuotaError               429: the key's sample quota is spent; .retry_after when it refills
-    └── ServerError              5xx: the server failed or is not ready
+    ├── ServerError              5xx: the server failed or is not ready
+    └── ModelChanged             the version a distill call or RemoteTeacher is pinned to went away mid-run
 
 A 4xx that no other class claims (405, 409, ...) is an ``SDBError`` itself. Messages come
 from the server's ``{"error": {"code", "message"}}`` body; an API key is never part of one.
@@ -88,12 +89,19 @@ class ServerError(SDBError):
     """5xx: the server failed (500) or cannot serve now (503, after the retries)."""
 
 
+class ModelChanged(SDBError):
+    """The model version a ``distill`` call or a ``RemoteTeacher`` is pinned to (the caller's, else the one its first
+    answer came from) is no longer served, or another one answered: the model changed mid-run. No rows of two
+    versions are merged; what was answered before comes with it (``partial``)."""
+
+
 __all__ = [
     "APIConnectionError",
     "APITimeoutError",
     "AuthError",
     "BadRequest",
     "ConfigurationError",
+    "ModelChanged",
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",

@@ -42,7 +42,8 @@ class AsyncClient(b.BaseClient):
             raise b.exc.ConfigurationError(f"max_concurrency must be >= 1, got {max_concurrency}",
                                            code="invalid_option")
         self.max_concurrency = max_concurrency
-        self._http = http_client or httpx.AsyncClient(timeout=self.options.timeout)
+        self._proxy = None if http_client is not None else b.env_proxy(self.base_url)
+        self._http = http_client or self._new_http()
         self._owns_http = self._made_http = http_client is None
         self._pid, self._loop = os.getpid(), None  # the process and event loop self._http's connections belong to
         self.keys = AsyncKeys(self)
@@ -63,15 +64,21 @@ class AsyncClient(b.BaseClient):
         if self._owns_http and self._pid == os.getpid() and self._loop in (None, asyncio.get_running_loop()):
             await self._http.aclose()
 
+    def _new_http(self) -> httpx.AsyncClient:
+        return b.new_http(httpx.AsyncClient, httpx.AsyncHTTPTransport, self.options.timeout, self._proxy)
+
     def _client(self) -> httpx.AsyncClient:
         """This process's and event loop's ``httpx.AsyncClient``: its connections belong to the loop that opened them,
         so a second ``asyncio.run()`` (or a forked child, as ``Client._client``) gets a new one; the old one is left
-        unclosed (its loop is gone, or its sockets are the parent's). A given ``http_client`` is kept as it is."""
+        unclosed (its loop is gone, or its sockets are the parent's). A given ``http_client`` is kept as it is, and
+        refused in a forked child (``Client._client``)."""
         loop = asyncio.get_running_loop()
+        if self._pid != os.getpid() and not self._made_http:
+            raise b.forked_http_client(self._pid)
         if self._made_http and (self._pid != os.getpid() or self._loop not in (None, loop)):
             if self._pid != os.getpid():
                 b.FORKED.append(self._http)
-            self._http, self._owns_http, self._pid = httpx.AsyncClient(timeout=self.options.timeout), True, os.getpid()
+            self._http, self._owns_http, self._pid = self._new_http(), True, os.getpid()
         self._loop = loop
         return self._http
 
@@ -100,7 +107,7 @@ class AsyncClient(b.BaseClient):
             except httpx.TransportError as e:
                 delay = b.retry_delay(attempt, self.options.max_retries, error=e, idempotent=idempotent)
                 if delay is None:
-                    raise b.connection_error(e, self.base_url, attempt + 1) from None
+                    raise b.connection_error(e, self.base_url, attempt + 1, self._proxy) from None
                 b.log_retry(method, path, delay, attempt, self.options.max_retries, error=e)
                 await asyncio.sleep(delay)
                 waited += delay
@@ -173,26 +180,29 @@ class AsyncClient(b.BaseClient):
     async def model(self, name: str, *, version: str | int | None = None) -> dict:
         return await self._json("GET", b.model_path(name), params=b.version_params(version))
 
-    async def _batches(self, name: str, x: np.ndarray, batch_size: int | None, version: str | int | None,
+    async def _batches(self, name: str, x: np.ndarray, batch_size: int | None, pin: b.VersionPin,
                        encoding: str, *, cut: bool = False) -> tuple[np.ndarray, b.Batches]:
+        """``Client._batches``: the description's version pinned before the concurrent requests go."""
         plan = self._tensor_batches(x, batch_size, encoding)
         if cut or b.needs_rank(x, plan.end(0)):
-            x = b.with_batch_axis(x, await self.model(name, version=version))
+            info = await self.model(name, version=pin.version)
+            pin.learn(info)
+            x = b.with_batch_axis(x, info)
             plan = self._tensor_batches(x, batch_size, encoding)
         return x, plan
 
-    async def _send_tensors(self, name: str, x: np.ndarray, batch_size: int | None, version: str | int | None,
+    async def _send_tensors(self, name: str, x: np.ndarray, batch_size: int | None, pin: b.VersionPin,
                             encoding: str, send: Callable[[np.ndarray], Awaitable[T]],
                             partial: Partial | None = None) -> tuple[np.ndarray, list[T]]:
         """``Client._send_tensors``, its requests sent concurrently (``_in_order``)."""
-        x, plan = await self._batches(name, x, batch_size, version, encoding)
+        x, plan = await self._batches(name, x, batch_size, pin, encoding)
         if plan.end(0) == len(x):  # one request: x may be one sample without its batch axis (the server tells)
             try:
                 return x, [await send(x)]
             except b.exc.SDBError as e:
                 if not b.refused_for_size(e):
                     raise
-                x, plan = await self._batches(name, x, batch_size, version, encoding, cut=True)
+                x, plan = await self._batches(name, x, batch_size, pin, encoding, cut=True)
                 if not plan.smaller(e, 0, len(x)):  # one sample: nothing to halve
                     raise
         return x, await self._in_order(x, plan, send, partial)
@@ -201,18 +211,18 @@ class AsyncClient(b.BaseClient):
                       image_path: b.Images = None, top_k: int = 1, version: str | int | None = None,
                       batch_size: int | None = None, encoding: str | None = None) -> list[dict]:
         b.check_batch_size(batch_size)
-        path, pin = b.model_path(name, "predict"), b.version_params(version)
+        path, pin = b.model_path(name, "predict"), b.VersionPin(name, version)
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
             images = b.image_upload(image_path)
             parts = await self._in_order(images, self._image_batches(images, batch_size), lambda files: self._json(
-                "POST", path, files=files, data={"top_k": str(top_k)}, params=pin))
+                "POST", path, files=files, data={"top_k": str(top_k)}, params=pin.params()))
             return b.merge_predictions(parts)
         x, enc = b.as_array(inputs), self._encoding(encoding)
         try:
-            _, parts = await self._send_tensors(name, x, batch_size, version, enc, lambda xb: self._json(
-                "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin)))
+            _, parts = await self._send_tensors(name, x, batch_size, pin, enc, lambda xb: self._json(
+                "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin.params())))
         except b.exc.SDBError as e:
             if not self._npy_refused(e, encoding, enc):
                 raise
@@ -220,26 +230,33 @@ class AsyncClient(b.BaseClient):
         return b.merge_predictions(parts)
 
     async def _distill_part(self, path: str, xb: np.ndarray, temperature: float | None, enc: str,
-                            pin: dict | None = None) -> dict:
-        kw = b.with_params(b.distill_request(xb, temperature, enc), pin)
-        return b.parse_distilled(await self._request("POST", path, **kw))
+                            pin: b.VersionPin) -> dict:
+        kw = b.with_params(b.distill_request(xb, temperature, enc), pin.params())
+        part = b.parse_distilled(await self._request("POST", path, **kw))
+        pin.answered(part)
+        return part
 
     async def distill(self, name: str, inputs: Inputs, temperature: float | None = None, *,
                       version: str | int | None = None, batch_size: int | None = None,
                       encoding: str | None = None) -> Distilled:
+        """``Client.distill``: one version for all the call's batches (the description's, asked before they go)."""
+        return await self._distill(name, inputs, temperature, b.VersionPin(name, version), batch_size, encoding)
+
+    async def _distill(self, name: str, inputs: Inputs, temperature: float | None, pin: b.VersionPin,
+                       batch_size: int | None, encoding: str | None) -> Distilled:
         b.check_temperature(temperature, optional=True)
         b.check_batch_size(batch_size)
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        path, pin = b.model_path(name, "distill"), b.version_params(version)
+        path = b.model_path(name, "distill")
         try:
             x, parts = await self._send_tensors(
-                name, x, batch_size, version, enc, lambda xb: self._distill_part(path, xb, temperature, enc, pin),
+                name, x, batch_size, pin, enc, lambda xb: self._distill_part(path, xb, temperature, enc, pin),
                 partial=lambda e, before, after: b.with_partial(e, [p["logits"] for p in before],
                                                                 [(i, p["logits"]) for i, p in after]))
         except b.exc.SDBError as e:
             if not self._npy_refused(e, encoding, enc):
-                raise
-            return await self.distill(name, inputs, temperature, version=version, batch_size=batch_size)
+                raise pin.gone(e) from None
+            return await self._distill(name, inputs, temperature, pin, batch_size, None)
         return b.merge_distilled(parts, temperature, samples=len(x))
 
     async def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
@@ -360,7 +377,7 @@ class AsyncJobs:
             os.replace(tmp, target)  # a folder of that name: refused here, the .part removed below
         except httpx.TransportError as e:  # the body cut short or stalled: the SDK's error, as for any request
             tmp.unlink(missing_ok=True)
-            raise b.connection_error(e, self._c.base_url) from None
+            raise b.connection_error(e, self._c.base_url, proxy=self._c._proxy) from None
         except BaseException:
             tmp.unlink(missing_ok=True)  # no half-written .part left behind
             raise

@@ -25,7 +25,9 @@ class Client(b.BaseClient):
     ``SDB_API_KEY`` (none: public predict only). ``timeout`` (seconds or an
     ``httpx.Timeout``), ``max_retries``, ``batch_size`` (samples per request) and ``encoding``
     (how tensors travel: ``"npy"``, the default, or ``"json"``) override the defaults in ``_base``;
-    ``with_options`` overrides them for some calls only.
+    ``with_options`` overrides them for some calls only. A loopback server is reached directly, any other through
+    the proxy ``HTTP_PROXY``/``HTTPS_PROXY``/``ALL_PROXY`` name unless ``NO_PROXY`` does (docs/sdk.md#proxies); a
+    given ``http_client`` is used as it is, in the process that made it only.
     """
 
     def __init__(self, url: str | None = None, api_key: str | None = None, *,
@@ -34,7 +36,8 @@ class Client(b.BaseClient):
                  http_client: httpx.Client | None = None):
         super().__init__(url, api_key, timeout=timeout, max_retries=max_retries, batch_size=batch_size,
                          encoding=encoding)
-        self._http = http_client or httpx.Client(timeout=self.options.timeout)
+        self._proxy = None if http_client is not None else b.env_proxy(self.base_url)
+        self._http = http_client or self._new_http()
         self._owns_http = self._made_http = http_client is None
         self._pid = os.getpid()
         self.keys = Keys(self)
@@ -56,13 +59,19 @@ class Client(b.BaseClient):
         if self._owns_http and self._pid == os.getpid():
             self._http.close()
 
+    def _new_http(self) -> httpx.Client:
+        return b.new_http(httpx.Client, httpx.HTTPTransport, self.options.timeout, self._proxy)
+
     def _client(self) -> httpx.Client:
         """This process's ``httpx.Client``. In a child forked after a request (a multiprocessing or DataLoader worker),
         the pool's keep-alive sockets are the parent's: two processes on one socket read each other's answers. The child
-        leaves them to the parent, unclosed (b.FORKED keeps them), and makes its own (a given ``http_client``: kept)."""
-        if self._pid != os.getpid() and self._made_http:
+        leaves them to the parent, unclosed (b.FORKED keeps them), and makes its own; a given ``http_client`` is
+        refused there, as the SDK cannot make one like it."""
+        if self._pid != os.getpid():
+            if not self._made_http:
+                raise b.forked_http_client(self._pid)
             b.FORKED.append(self._http)
-            self._http, self._owns_http, self._pid = httpx.Client(timeout=self.options.timeout), True, os.getpid()
+            self._http, self._owns_http, self._pid = self._new_http(), True, os.getpid()
         return self._http
 
     def __getstate__(self) -> dict:
@@ -103,7 +112,7 @@ class Client(b.BaseClient):
             except httpx.TransportError as e:
                 delay = b.retry_delay(attempt, self.options.max_retries, error=e, idempotent=idempotent)
                 if delay is None:
-                    raise b.connection_error(e, self.base_url, attempt + 1) from None
+                    raise b.connection_error(e, self.base_url, attempt + 1, self._proxy) from None
                 b.log_retry(method, path, delay, attempt, self.options.max_retries, error=e)
                 time.sleep(delay)
                 waited += delay
@@ -137,30 +146,32 @@ class Client(b.BaseClient):
         when given, else of its highest version."""
         return self._json("GET", b.model_path(name), params=b.version_params(version))
 
-    def _batches(self, name: str, x: np.ndarray, batch_size: int | None, version: str | int | None, encoding: str,
+    def _batches(self, name: str, x: np.ndarray, batch_size: int | None, pin: b.VersionPin, encoding: str,
                  *, cut: bool = False) -> tuple[np.ndarray, b.Batches]:
         """``x`` with its batch axis, asked of the model where it is cut into requests (or about to be: ``cut``),
-        and how it is cut."""
+        and how it is cut. The description's version is ``pin``'s from then on: the requests to come ask for it."""
         plan = self._tensor_batches(x, batch_size, encoding)
         if cut or b.needs_rank(x, plan.end(0)):
-            x = b.with_batch_axis(x, self.model(name, version=version))
+            info = self.model(name, version=pin.version)
+            pin.learn(info)
+            x = b.with_batch_axis(x, info)
             plan = self._tensor_batches(x, batch_size, encoding)
         return x, plan
 
-    def _send_tensors(self, name: str, x: np.ndarray, batch_size: int | None, version: str | int | None,
+    def _send_tensors(self, name: str, x: np.ndarray, batch_size: int | None, pin: b.VersionPin,
                       encoding: str, send: Callable[[np.ndarray], T],
                       answered: Callable[[b.exc.SDBError, list[T]], b.exc.SDBError] | None = None,
                       ) -> tuple[np.ndarray, list[T]]:
         """``send(batch)`` for each request of ``x``, in order (``_one_by_one``); ``x`` with its batch axis, and the
         answers."""
-        x, plan = self._batches(name, x, batch_size, version, encoding)
+        x, plan = self._batches(name, x, batch_size, pin, encoding)
         if plan.end(0) == len(x):  # one request: x may be one sample without its batch axis (the server tells)
             try:
                 return x, [send(x)]
             except b.exc.SDBError as e:
                 if not b.refused_for_size(e):
                     raise
-                x, plan = self._batches(name, x, batch_size, version, encoding, cut=True)  # a batch, to halve?
+                x, plan = self._batches(name, x, batch_size, pin, encoding, cut=True)  # a batch, to halve?
                 if not plan.smaller(e, 0, len(x)):  # one sample: nothing to halve
                     raise
         return x, self._one_by_one(x, plan, send, answered)
@@ -193,18 +204,18 @@ class Client(b.BaseClient):
         ``image_path``: file paths, a PNG/JPEG file's bytes or PIL images, one or a list (sent in batches too).
         ``version`` pins a version of the model (default: its highest, which a new deploy changes)."""
         b.check_batch_size(batch_size)
-        path, pin = b.model_path(name, "predict"), b.version_params(version)
+        path, pin = b.model_path(name, "predict"), b.VersionPin(name, version)
         if (inputs is None) == (image_path is None):
             raise BadRequest("give either inputs or image_path", code="invalid_request")
         if image_path is not None:
             images = b.image_upload(image_path)
             parts = self._one_by_one(images, self._image_batches(images, batch_size), lambda files: self._json(
-                "POST", path, files=files, data={"top_k": str(top_k)}, params=pin))
+                "POST", path, files=files, data={"top_k": str(top_k)}, params=pin.params()))
             return b.merge_predictions(parts)
         x, enc = b.as_array(inputs), self._encoding(encoding)
         try:
-            _, parts = self._send_tensors(name, x, batch_size, version, enc, lambda xb: self._json(
-                "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin)))
+            _, parts = self._send_tensors(name, x, batch_size, pin, enc, lambda xb: self._json(
+                "POST", path, **b.with_params(b.predict_request(xb, top_k, enc), pin.params())))
         except b.exc.SDBError as e:
             if not self._npy_refused(e, encoding, enc):
                 raise
@@ -217,23 +228,34 @@ class Client(b.BaseClient):
         """The keyed path (a key with the ``distill`` scope for ``name``): logits, and with
         ``temperature`` also ``softmax(logits / T)``. Batched, in input order; the tensors travel
         as ``.npy`` (the default) or with ``encoding="json"`` as JSON, with the same answer. ``version``
-        pins a version of the model (default: its highest). An error part-way carries the logits answered before
-        it as ``partial`` (``partial_rows``)."""
+        pins a version of the model (default: its highest when the call starts, kept for all its batches: a deploy
+        during the call changes nothing, and that version removed during it is a ``ModelChanged``). An error
+        part-way carries the logits answered before it as ``partial`` (``partial_rows``)."""
+        return self._distill(name, inputs, temperature, b.VersionPin(name, version), batch_size, encoding)
+
+    def _distill(self, name: str, inputs: Inputs, temperature: float | None, pin: b.VersionPin,
+                 batch_size: int | None, encoding: str | None) -> Distilled:
+        """``distill`` on ``pin``'s version (a ``RemoteTeacher`` keeps one pin for all its calls)."""
         b.check_temperature(temperature, optional=True)
         b.check_batch_size(batch_size)
         x, enc = b.as_array(inputs), self._encoding(encoding)
-        path, pin = b.model_path(name, "distill"), b.version_params(version)
+        path = b.model_path(name, "distill")
         try:
             x, parts = self._send_tensors(
-                name, x, batch_size, version, enc,
-                lambda xb: b.parse_distilled(self._request("POST", path, **b.with_params(
-                    b.distill_request(xb, temperature, enc), pin))),
+                name, x, batch_size, pin, enc, lambda xb: self._distill_part(path, xb, temperature, enc, pin),
                 answered=lambda e, done: b.with_partial(e, [p["logits"] for p in done]))
         except b.exc.SDBError as e:
             if not self._npy_refused(e, encoding, enc):
-                raise
-            return self.distill(name, inputs, temperature, version=version, batch_size=batch_size)
+                raise pin.gone(e) from None
+            return self._distill(name, inputs, temperature, pin, batch_size, None)
         return b.merge_distilled(parts, temperature, samples=len(x))
+
+    def _distill_part(self, path: str, xb: np.ndarray, temperature: float | None, enc: str,
+                      pin: b.VersionPin) -> dict:
+        kw = b.with_params(b.distill_request(xb, temperature, enc), pin.params())
+        part = b.parse_distilled(self._request("POST", path, **kw))
+        pin.answered(part)
+        return part
 
     def distill_logits(self, name: str, inputs: Inputs, temperature: float = 1.0, *,
                        version: str | int | None = None, batch_size: int | None = None,
@@ -382,7 +404,7 @@ class Jobs:
             os.replace(tmp, target)  # a folder of that name: refused here, the .part removed below
         except httpx.TransportError as e:  # the body cut short or stalled: the SDK's error, as for any request
             tmp.unlink(missing_ok=True)
-            raise b.connection_error(e, self._c.base_url) from None
+            raise b.connection_error(e, self._c.base_url, proxy=self._c._proxy) from None
         except BaseException:
             tmp.unlink(missing_ok=True)  # no half-written .part left behind
             raise

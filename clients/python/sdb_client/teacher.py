@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._base import (
+    VersionPin,
     answered_in,
     as_array,
     batch_slices,
@@ -103,7 +104,8 @@ class RemoteTeacher:
     samples go in one request (default: the client's; fewer where they would be over the server's body
     limit); ``prefetch`` more requests are kept in flight in background threads while the caller works. ``encoding`` is how the tensors
     travel (default: the client's, ``.npy``; ``"json"`` on request). ``version`` pins a version of the
-    model (default: its highest, so a deploy during training would change the teacher under the student).
+    model; without it the teacher pins the version its first answer came from (``teacher.version``), so a deploy
+    during training does not change the teacher under the student, and that version removed is a ``ModelChanged``.
     """
 
     def __init__(self, client: Client, model: str, temperature: float | None = None,
@@ -120,7 +122,7 @@ class RemoteTeacher:
         if self.batch_size < 1:
             raise ConfigurationError(f"batch_size must be >= 1, got {self.batch_size}", code="invalid_option")
         self.prefetch = prefetch
-        self.version = None if version is None else str(version)
+        self._pin = VersionPin(model, version)
         client._encoding(encoding)  # checked now; None stays the client's, which turns JSON for an older server
         self._asked = encoding
         self._new_pool()
@@ -145,6 +147,12 @@ class RemoteTeacher:
         self._new_pool()
 
     @property
+    def version(self) -> str | None:
+        """The version every request asks for: the one given, else the one the first answer came from (None before
+        it)."""
+        return self._pin.version
+
+    @property
     def encoding(self) -> str:
         """How the tensors travel now: the one asked for, else the client's (JSON once its server refused .npy)."""
         return self.client._encoding(self._asked)
@@ -155,8 +163,7 @@ class RemoteTeacher:
         return self._ask(x)
 
     def _ask(self, x: np.ndarray) -> np.ndarray:
-        return self.client.distill_logits(self.model, x, batch_size=len(x), encoding=self._asked,
-                                          version=self.version)
+        return self.client._distill(self.model, x, None, self._pin, len(x), self._asked).logits
 
     def _submit(self, x: np.ndarray, stop: threading.Event) -> Future:
         """Ask for ``x``'s logits in the pool, unless ``stop`` is set by the time a thread takes it: set when one of
@@ -164,6 +171,8 @@ class RemoteTeacher:
         self.requests += 1
         if self._pid != os.getpid():  # a forked child (a DataLoader worker): the parent's pool came without its threads
             self._new_pool()
+        if self.prefetch > 1 and self._pin.version is None:  # the version pinned before answers race in from two
+            self._pin.learn(self.client.model(self.model))
 
         def ask() -> np.ndarray:
             if stop.is_set():
@@ -178,7 +187,10 @@ class RemoteTeacher:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for a float32 array of any length, requests pipelined, in input order."""
-        x, plan = self.client._batches(self.model, x, self.batch_size, self.version, self.encoding)
+        try:
+            x, plan = self.client._batches(self.model, x, self.batch_size, self._pin, self.encoding)
+        except SDBError as e:  # the pinned version gone since the last call
+            raise self._pin.gone(e) from None
         parts = plan.slices()
         out: list[np.ndarray] = []
         if len(parts) == 1 or self.prefetch == 0:
