@@ -284,30 +284,54 @@ def _inline_functions(model):
         raise ValueError(f"the ONNX graph's functions cannot be inlined: {str(e)[:300]}") from None
 
 
-def _scores_output(g) -> str:
-    """The name of the tensor that holds a classifier's scores: the graph's first output, unless that is not a float
-    tensor or has one axis (the label a converter answers first: skl2onnx's int64 ArgMax) and a later one is a
-    float tensor of two or more axes (the scores or probabilities that label was taken from). An output an
-    ai.onnx.ml ZipMap makes (skl2onnx's default probabilities: a sequence of maps, label to probability) stands
-    for the float tensor it maps, which is not an output of the graph then."""
-    floats = (1, *_OTHER_FLOATS)
+_FLOATS = (1, *_OTHER_FLOATS)  # ONNX's float32 and the other float types
+
+
+def _float_shape(o) -> tuple | None:
+    """A graph output's declared shape (None for a free axis) where it is a float tensor; () for one of unknown rank;
+    None for anything else (an integer tensor, a ZipMap's maps)."""
+    t = o.type.tensor_type
+    if not o.type.HasField("tensor_type") or t.elem_type not in _FLOATS:
+        return None
+    return tuple(_axis_size(d) for d in t.shape.dim) if t.HasField("shape") else ()
+
+
+def _answers_classes(shape: tuple | None, classes: int) -> bool:
+    """Whether a declared shape is ``classes`` scores per input: (N, K), or with singleton axes around them."""
+    return bool(shape) and len(shape) >= 2 and [d for d in shape[1:] if d != 1] == [classes]
+
+
+def _scores_output(g, classes: int | None = None) -> tuple[str, str]:
+    """The name of the tensor that holds a classifier's scores. ``classes`` (the data's, where known): the one float
+    output whose declared shape answers that many scores per input (:func:`_answers_classes`), wherever it stands
+    (a (features, logits) export); where several do, the one computed from all the others (the logits of K-wide
+    features) if one is. Else the graph's first output, unless that is not a float tensor or has one axis (the label
+    a converter answers first: skl2onnx's int64 ArgMax) and a later one is a float tensor of two or more axes (the
+    scores or probabilities that label was taken from). An output an ai.onnx.ml ZipMap makes (skl2onnx's default
+    probabilities: a sequence of maps, label to probability) stands for the float tensor it maps, which is not an
+    output of the graph then. With the name, how it was chosen by the data's classes, for the log ("" otherwise)."""
+    if classes is not None:
+        fitting = [o.name for o in g.output if _answers_classes(_float_shape(o), classes)]
+        if len(fitting) == 1:
+            return fitting[0], f"the one of the data's {classes} classes"
+        heads = [a for a in fitting if all(b in _needed(g, a)[1] for b in fitting)]
+        if len(heads) == 1:
+            return heads[0], f"of those of the data's {classes} classes, the one computed from the others"
     zipped = {n.output[0]: n.input[0] for n in g.node if n.op_type == "ZipMap" and n.domain == "ai.onnx.ml"}
 
-    def rank(o) -> int | None:  # of a float tensor; None for anything else (an integer tensor, a ZipMap's maps)
-        t = o.type.tensor_type
-        if not o.type.HasField("tensor_type") or t.elem_type not in floats:
-            return None
-        return len(t.shape.dim) if t.HasField("shape") else -1  # (-1: an unknown rank)
+    def rank(o) -> int | None:  # of a float tensor; None for anything else; -1: an unknown rank
+        shape = _float_shape(o)
+        return None if shape is None else len(shape) if o.type.tensor_type.HasField("shape") else -1
 
     first = g.output[0]
     if rank(first) not in (None, 1):
-        return first.name
+        return first.name, ""
     for k, o in enumerate(g.output):
         if o.name in zipped:
-            return zipped[o.name]
+            return zipped[o.name], ""
         if k and (rank(o) or 0) >= 2:
-            return o.name
-    return first.name
+            return o.name, ""
+    return first.name, ""
 
 
 def _in_training_mode(n, opset: int) -> bool:
@@ -319,11 +343,11 @@ def _in_training_mode(n, opset: int) -> bool:
     return bool(_attrs(n).get("training_mode", 0)) if opset >= 14 else sum(1 for o in n.output if o) > 1
 
 
-def _needed(g) -> tuple[list, set[str]]:
-    """The nodes the graph's scores (:func:`_scores_output`, the logits) depend on, in the graph's order, and the
-    names they read: a branch that computes something else (another output, an auxiliary head, the argmax beside
-    the logits) is neither run nor refused."""
-    wanted, kept = {_scores_output(g)}, []
+def _needed(g, output: str) -> tuple[list, set[str]]:
+    """The nodes tensor ``output`` (the graph's scores, :func:`_scores_output`: the logits) depends on, in the graph's
+    order, and the names they read (``output`` too): a branch that computes something else (another output, an
+    auxiliary head, the argmax beside the logits) is neither run nor refused."""
+    wanted, kept = {output}, []
     for n in reversed(g.node):  # nodes are stored in topological order
         if any(o in wanted for o in n.output):
             kept.append(n)
@@ -360,9 +384,12 @@ class OnnxModule(nn.Module):
     in the API server, reads a graph its uploader wrote). ``input_shape`` is the graph's own input shape
     (None for a free axis); ``fixed_batch`` the batch size it was exported at, when that axis is not free, or
     ``batch``, where the graph declares it free but runs at that batch only (:func:`onnx_classifier` finds it).
+    ``classes``: the data's number of classes, where known, to pick the output that holds the scores by
+    (:func:`_scores_output`).
     """
 
-    def __init__(self, model_bytes: bytes, trainable: bool = False, fold: bool = False, batch: int | None = None):
+    def __init__(self, model_bytes: bytes, trainable: bool = False, fold: bool = False, batch: int | None = None,
+                 classes: int | None = None):
         super().__init__()
         import onnx
 
@@ -373,7 +400,8 @@ class OnnxModule(nn.Module):
         if fold:  # computed here, where folding may compute (a job's worker), never in an upload's check
             _stored_quantized_as_floats(g)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-        needed, read = _needed(g)
+        self.output_name, self.scores_chosen = _scores_output(g, classes)
+        needed, read = _needed(g, self.output_name)
         unsupported = sorted(_ops(needed) - set(OPS) - {"Constant", "If"})
         if unsupported:
             raise ValueError(_unsupported(unsupported))
@@ -414,8 +442,9 @@ class OnnxModule(nn.Module):
         self.fixed_batch = self.input_shape[0] if self.input_shape and self.input_shape[0] else batch
         self.graph_outputs = [o.name for o in g.output]
         self.flat_output = False  # a classifier's scores with singleton axes around them, as (N, K) (onnx_classifier)
-        self.output_name = _scores_output(g)
         self.first_output = g.output[0].name  # (where it is not the scores, onnx_classifier's log says so)
+        # the float tensors it answers by their declared shapes, for the log and refusals to name
+        self.float_outputs = {o.name: shape for o in g.output if (shape := _float_shape(o)) is not None}
         weights = _weights(g, stored) if trainable else set()
         self._consts: dict[str, str] = {}
         # Small stored tensors (shapes, axes, slice bounds, scales) as Python values too: read from a GPU, each
@@ -655,23 +684,31 @@ class ChannelsLast(nn.Module):
         return x.permute(0, *range(2, x.dim()), 1)
 
 
-def _taking(model_bytes: bytes, given: tuple[int, ...], batch: int | None = None) -> OnnxModule | ChannelsLast:
+def _taking(model_bytes: bytes, given: tuple[int, ...], batch: int | None = None,
+            classes: int | None = None) -> OnnxModule | ChannelsLast:
     """The graph as a trainable module (eval mode) taking inputs of shape ``given`` batched: channels last where its
-    input takes them so and not as they are (the one reading of its shape). ``batch``: :class:`OnnxModule`'s."""
+    input takes them so and not as they are (:func:`_layouts`). ``batch``, ``classes``: :class:`OnnxModule`'s."""
     from google.protobuf.message import DecodeError
 
     try:
-        net = OnnxModule(model_bytes, trainable=True, fold=True, batch=batch).eval()
+        net = OnnxModule(model_bytes, trainable=True, fold=True, batch=batch, classes=classes).eval()
     except (DecodeError, KeyError, TypeError, RuntimeError) as e:  # not an ONNX model, or not a whole one
         raise ValueError(f"not a readable ONNX model ({type(e).__name__})") from None
-    want = tuple(net.input_shape[1:])
+    layouts = _layouts(net.input_shape, given)
+    if not layouts:
+        raise ValueError(f"the ONNX model takes inputs of shape {_shown(net.input_shape)}, the data's are "
+                         f"(N, {', '.join(map(str, given))})")
+    return ChannelsLast(net) if layouts[0] else net
+
+
+def _layouts(shape: tuple, given: tuple[int, ...]) -> list[bool]:
+    """How a graph whose input is ``shape`` may take the data's inputs of shape ``given``: as they are (False), and,
+    for images (C, H, W) and sequences (C, L), channels last (True), in that order. Both where the graph leaves the
+    axes free (a Keras export's (b, h, w, c)): :func:`onnx_classifier` sees which it runs on."""
+    want = tuple(shape[1:])
     fits = lambda target: len(want) == len(target) and all(d is None or d == t for d, t in zip(want, target))
-    if fits(given):
-        return net
-    if len(given) in (2, 3) and fits(given[1:] + given[:1]):  # images (H, W, C), a sequence (L, C)
-        return ChannelsLast(net)
-    raise ValueError(f"the ONNX model takes inputs of shape {_shown(net.input_shape)}, the data's are "
-                     f"(N, {', '.join(map(str, given))})")
+    return [last for last, target in ((False, given), (True, given[1:] + given[:1]))
+            if fits(target) and (not last or len(given) in (2, 3))]
 
 
 def _shown(shape: tuple) -> str:
@@ -734,19 +771,21 @@ def _clipped(text: str, size: int = 300) -> str:
     return text if len(text) <= size else f"{text[:size // 2]} ... {text[-size // 2:]}"
 
 
-def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
+def onnx_classifier(source: str | PathLike | bytes, in_shape, classes: int | None = None) -> nn.Module:
     """A classifier an owner brings as ONNX, as a torch network whose weights train (eval mode), taking inputs of
     ``in_shape`` (C, H, W), (C, L) or (D,) batched; a channels-last graph ((N, H, W, C), (N, L, C)) gets them
     permuted. It is run beside ONNX Runtime on random inputs and must agree; a graph exported at one batch size
-    (or that declares a free batch axis but runs at one alone) must also run at others. ValueError, saying why,
-    otherwise: an unsupported operator, another input shape, a graph too large."""
+    (or that declares a free batch axis but runs at one alone) must also run at others. ``classes``: the data's
+    number of classes, where known: of a graph's several outputs, the one that answers that many scores is read
+    (:func:`_scores_output`), and one of several outputs none of which does is refused naming them. ValueError,
+    saying why, otherwise: an unsupported operator, another input shape, a graph too large."""
     import onnxruntime as ort
 
     model_bytes = source if isinstance(source, bytes) else open(source, "rb").read()  # noqa: SIM115
     if graph_entries(model_bytes) > MAX_GRAPH_ENTRIES:
         raise ValueError(f"the ONNX graph holds more than {MAX_GRAPH_ENTRIES} nodes, initializers and value infos")
     given = tuple(int(d) for d in in_shape)
-    net = _taking(model_bytes, given)
+    net = _taking(model_bytes, given, classes=classes)
     inner = net.net if isinstance(net, ChannelsLast) else net
     why: list[str] = []  # how the graph is read, for the task's log
     if isinstance(net, ChannelsLast):
@@ -768,9 +807,19 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
         want_out, failed = answers(x[:batch]), None
     except Exception as e:  # noqa: BLE001 (as above)
         failed = _clipped(str(e))
+    if failed is not None and _layouts(inner.input_shape, given) == [False, True]:
+        # Its axes all free, it was given the inputs as they are: a Keras export's (b, h, w, c) takes them last
+        net = ChannelsLast(inner)  # (what ``answers`` feeds)
+        try:
+            want_out, failed = answers(x[:batch]), None
+        except Exception as e:  # noqa: BLE001 (as above)
+            net, failed = inner, failed + _layout_unknown(inner, given, _clipped(str(e)))
+        else:
+            why.append(f"the ONNX model's input, {_shown(inner.input_shape)}, leaves its axes free and ONNX Runtime "
+                       "runs it on the inputs channels last, not as they are: given them so")
     if failed is not None:
         stored = _batch_it_runs_at(inner, given, answers, batch, failed)
-        net = _taking(model_bytes, given, batch=stored)
+        net = _taking(model_bytes, given, batch=stored, classes=classes)
         inner = net.net if isinstance(net, ChannelsLast) else net
         why.append(f"the ONNX model declares a free batch axis but ONNX Runtime runs it at batch {stored} only (a "
                    f"batch its reshapes store): read as exported at batch {stored}")
@@ -808,6 +857,8 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
     if inner.output_name not in inner.graph_outputs:
         why.append(f"the ONNX model's probabilities are a ZipMap's maps of labels to them: the tensor it maps, "
                    f"{inner.output_name[:60]!r}, is read")
+    elif len(inner.float_outputs) > 1:
+        why.append(_outputs_read(inner))
     elif inner.output_name != inner.first_output:
         why.append(f"the ONNX model's first output, {inner.first_output[:60]!r}, is not a float tensor of scores: its "
                    f"output {inner.output_name[:60]!r} is read")
@@ -820,6 +871,8 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
     if got.ndim > 2 and all(d == 1 for k, d in enumerate(got.shape) if k not in (0, scores)):
         inner.flat_output = True
         why.append(f"the ONNX model answers {got.shape[1:]} per input: its scores, read as ({got.shape[scores]},)")
+    if classes is not None:
+        _refuse_other_scores(inner, got.shape[scores:scores + 1] if inner.flat_output else got.shape[1:], classes)
     # Probabilities teach a student nothing read as logits (distillation tempers logits): where the output is a
     # softmax's or a sigmoid's (one per class, or a binary classifier's one score; through layout alone: a squeeze,
     # a transpose), its input, the graph's own logits, is what a task gets, once checked to be what that softmax or
@@ -852,6 +905,55 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape) -> nn.Module:
     if why:
         net.why = "; ".join(why)
     return net
+
+
+def _declared(shape: tuple | None) -> str:
+    """An output's declared shape in words: its free batch axis N, another free one ?."""
+    if not shape:
+        return "(shape not declared)"
+    return f"({', '.join('N' if k == 0 and d is None else '?' if d is None else str(d) for k, d in enumerate(shape))})"
+
+
+def _outputs_listed(net: OnnxModule) -> str:
+    """A graph's float outputs and their declared shapes, in words."""
+    return ", ".join(f"{name[:60]!r} {_declared(shape)}" for name, shape in list(net.float_outputs.items())[:6])
+
+
+def _how_read(net: OnnxModule) -> str:
+    """Why a graph's output read as the scores is (:func:`_scores_output`), in words."""
+    return net.scores_chosen or ("its first" if net.output_name == net.first_output
+                                 else "its first float tensor of two or more axes")
+
+
+def _outputs_read(net: OnnxModule) -> str:
+    """Which of a graph's several float outputs is read as the scores, and why, for the log."""
+    return (f"the ONNX model answers {len(net.float_outputs)} float tensors, {_outputs_listed(net)}: "
+            f"{net.output_name[:60]!r} is read as the scores ({_how_read(net)})")
+
+
+def _refuse_other_scores(net: OnnxModule, answered: tuple, classes: int) -> None:
+    """Refuse, naming its outputs, a graph of several float outputs whose output read as the scores answers other
+    than the data's ``classes`` scores per input (a (features, logits) export whose logits' width is not declared):
+    the teacher's own check would say its shape alone, not which output was read nor what the others are. A graph of
+    one output is left to that check."""
+    if len(net.float_outputs) < 2 or tuple(answered) == (classes,) or classes == 2 and tuple(answered) in ((), (1,)):
+        return
+    fitting = [name for name, shape in net.float_outputs.items() if _answers_classes(shape, classes)]
+    which = (f"{', '.join(repr(n[:60]) for n in fitting)} each declare (N, {classes}) and none is computed from the "
+             "others" if fitting else f"none declares (N, {classes})")
+    raise ValueError(f"the ONNX model's output {net.output_name[:60]!r}, read as its scores ({_how_read(net)}), "
+                     f"answers {tuple(answered)} per input, and the data has {classes} classes: of its outputs, "
+                     f"{_outputs_listed(net)}, {which}. Export the classifier with its (N, {classes}) logits as its "
+                     "first output, or its only one")
+
+
+def _layout_unknown(net: OnnxModule, given: tuple[int, ...], failed_last: str) -> str:
+    """What an error says where a graph whose input leaves its axes free runs on the data's inputs neither as they
+    are nor channels last (``failed_last``: ONNX Runtime's error then)."""
+    last = given[1:] + given[:1]
+    return (f" (the graph's input, {_shown(net.input_shape)}, leaves its axes free, so the layout is the likely cause: "
+            f"it was given the inputs as they are, (N, {', '.join(map(str, given))}); given them channels last, "
+            f"(N, {', '.join(map(str, last))}), it fails too: {failed_last})")
 
 
 def _check_inputs(net: OnnxModule, shape: tuple, seed: int) -> Tensor:

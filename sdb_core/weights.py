@@ -19,6 +19,16 @@ class WeightsError(ValueError):
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return _read(path)[0]
+
+
+# Where training scripts keep the state dict in a checkpoint: {"state_dict": ...} (Lightning, timm),
+# {"model_state_dict": ...} (PyTorch's tutorials) or {"model": ...}. The first found is read.
+_WRAPPERS = ("state_dict", "model_state_dict", "model")
+
+
+def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict in the file at ``path``, and what its reading took from a checkpoint, for the log."""
     p = Path(path)
     if not p.is_file():
         raise WeightsError(f"no weights file at {p}")
@@ -29,13 +39,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - both readers raise many types for a corrupt or unsafe file
         raise _unreadable(p, e) from None
-    # Training scripts often save {"state_dict": ...}, {"model_state_dict": ...} (PyTorch's tutorials) or {"model": ...}.
-    for wrapper in ("state_dict", "model_state_dict", "model"):
+    notes = []
+    for wrapper in _WRAPPERS:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            others = [k for k, v in state.items() if k != wrapper and _holds_tensors(v)]
+            if others:  # timm's {"state_dict", "state_dict_ema"}: the weights as trained, not their moving average
+                notes.append(f"the checkpoint holds {wrapper!r} and {', '.join(map(repr, others[:3]))}: "
+                             f"{wrapper!r} is read")
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{p} does not hold a state dict of tensors")
-    return state
+    return state, notes
+
+
+def _holds_tensors(value) -> bool:
+    """Whether a checkpoint's entry is a state dict of its own (an EMA's copy of the weights)."""
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def _unreadable(p: Path, e: Exception) -> WeightsError:
@@ -45,12 +64,30 @@ def _unreadable(p: Path, e: Exception) -> WeightsError:
                             "network, so give no architecture with it)")
     found = re.search(r"GLOBAL ([\w.]+)", str(e))
     if isinstance(e, pickle.UnpicklingError) and found:  # weights_only met a class: not tensors in plain containers
-        return WeightsError(f"{p} holds pickled Python objects ({found.group(1)[:100]}), not tensors alone (a whole "
-                            "network saved with torch.save(model)?), and nothing is unpickled here: save its "
-                            "model.state_dict() (torch.save or safetensors), or export the network to ONNX (a .onnx "
-                            "file)")
+        classes = _classes_in(p) or [found.group(1)]
+        named = ", ".join(c[:100] for c in classes[:3]) + (", ..." if len(classes) > 3 else "")
+        if any(c.startswith("torch.nn.") for c in classes):  # a module's layers: the network itself was pickled
+            return WeightsError(f"{p} holds pickled Python objects, a whole network saved with torch.save(model) "
+                                f"({named}), not its weights alone, and nothing is unpickled here: save its "
+                                "model.state_dict() (torch.save or safetensors), or export the network to ONNX (a "
+                                ".onnx file)")
+        lightning = any(c.startswith(("lightning.", "pytorch_lightning.")) for c in classes)
+        return WeightsError(f"{p} holds pickled Python objects beside its weights ({named}: "
+                            + ("a Lightning checkpoint's hyper_parameters saved as a class, " if lightning else "")
+                            + "classes torch.load(weights_only=True) refuses), and nothing is unpickled here: save the "
+                            "state dict alone, torch.save(model.state_dict()) or safetensors' save_file")
     return WeightsError(f"cannot read weights from {p}: it is neither a safetensors file nor a state dict saved by "
                         f"torch.save ({_reason(e)})")
+
+
+def _classes_in(p: Path) -> list[str]:
+    """The classes and functions a torch.save file names that its weights_only reader refuses, read off its pickle's
+    opcodes without running any (torch's static listing); [] where it cannot be listed (an old, non-zip file)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(p)
+    except Exception:  # noqa: BLE001 - a file torch cannot list: the refusal's own class is named instead
+        return []
+    return sorted(found, key=lambda c: (c.startswith("torch."), c))  # the owner's own classes first
 
 
 def _reason(e: Exception) -> str:
@@ -86,13 +123,24 @@ def _looks_like_onnx(p: Path) -> bool:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    state, prefix = _unwrapped(read_state_dict(path), set(model.state_dict()))
+    """``model`` with the weights in ``path`` loaded; what was taken from a checkpoint to find them is said in its
+    ``why`` (which a wrap logs of its teacher)."""
+    state, notes = _read(path)
+    names = set(model.state_dict())
+    state, prefix = _unwrapped(state, names)
+    part = _network_part(state, names) if set(state) != names else None
+    if part is not None:
+        state, inner, left = part
+        notes.append(_left_out(prefix + inner, [prefix + k for k in left]))
+        prefix += inner
     try:
         model.load_state_dict(state)
     except RuntimeError:
         raise WeightsError(f"weights in {path} do not fit {type(model).__name__}: {_misfit(model, state, prefix)}; "
                            "were they saved from this architecture, for this number of classes and input "
                            "channels?") from None
+    if notes:
+        model.why = "; ".join([model.why, *notes]) if isinstance(getattr(model, "why", None), str) else "; ".join(notes)
     return model
 
 
@@ -135,6 +183,37 @@ def _unwrapped(state: dict[str, torch.Tensor], names: set[str]) -> tuple[dict[st
         cut = len(head) + 1
         state, prefix = {k[cut:]: v for k, v in state.items()}, prefix + head + "."
     return state, prefix
+
+
+# The attributes a training wrapper keeps the network in: Lightning modules' usual ``model`` or ``net``,
+# DataParallel's, DDP's and AveragedModel's ``module``, torch.compile's ``_orig_mod``.
+_NETWORK_ATTRIBUTES = ("model", "module", "net", "_orig_mod")
+
+
+def _network_part(state: dict[str, torch.Tensor], names: set[str]
+                  ) -> tuple[dict[str, torch.Tensor], str, list[str]] | None:
+    """The tensors under one wrapper's prefix (:data:`_NETWORK_ATTRIBUTES`) where, that prefix taken off, their names
+    are exactly ``names`` and the file holds others beside them (a Lightning module's loss with a class-weight buffer,
+    ``criterion.weight``; an AveragedModel's ``n_averaged``): those tensors, the prefix and the others' names. None
+    where no prefix's tensors are exactly the network's: the file is not taken in part on a guess."""
+    for head in _NETWORK_ATTRIBUTES:
+        mark = head + "."
+        part = {k[len(mark):]: v for k, v in state.items() if k.startswith(mark)}
+        if not part or len(part) == len(state):
+            continue
+        inner, deeper = _unwrapped(part, names)  # nested wrappers: model._orig_mod.
+        if set(inner) == names:
+            return inner, mark + deeper, [k for k in state if not k.startswith(mark)]
+    return None
+
+
+def _left_out(prefix: str, left: list[str]) -> str:
+    """What the log says of the tensors a checkpoint holds beside the network's (:func:`_network_part`)."""
+    if left == ["n_averaged"] and prefix == "module.":
+        return ("the weights file is an AveragedModel's state dict (torch.optim.swa_utils: EMA or SWA): its averaged "
+                "network under 'module.' is read, its count 'n_averaged' left out")
+    shown = ", ".join(map(repr, left[:5])) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+    return f"the weights file's tensors under {prefix!r} are the network's and are read; {shown} left out"
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:

@@ -160,7 +160,7 @@ class ModelRef:
             from ..onnx_torch import onnx_classifier
 
             try:
-                net = onnx_classifier(self.weights, in_shape)
+                net = onnx_classifier(self.weights, in_shape, classes=self.num_classes or num_classes)
             except ValueError as e:
                 raise ValueError(f"{self.describe()}: {e}") from None
         else:
