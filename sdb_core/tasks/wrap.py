@@ -137,7 +137,7 @@ def run(cfg: WrapTask, out: str | os.PathLike, hooks: Hooks | None = None, *, ma
     teacher_history: list[dict] = []
     if not trained:  # a zoo architecture's weights, or an ONNX model
         teacher = cfg.teacher.network(data.num_classes, data.in_shape, (data.mean, data.std))
-        scored = _require_learned(teacher, data)
+        scored = _require_learned(teacher, data, normalisation_given=cfg.teacher.mean is not None)
     else:  # not on the part the wrap's check holds out: there it must be unseen
         teacher = create_model(arch, num_classes=data.num_classes, in_shape=data.in_shape)
         train = teacher_data(data, check).train
@@ -173,13 +173,22 @@ LEARNED_MARGIN = 5.0  # points above chance a given teacher must score on the da
 # for that order to be taken as its own: a teacher at chance gains a few points from the best mapping by luck on a
 # small set, one trained on the classes in another order gains tens.
 ORDER_MARGIN = 25.0
+# Points by which a given teacher, its normalisation not given, must score better under another usual input
+# convention than as the box gives it its inputs (and above chance) to be refused as trained on that one. Fed another
+# scale, a network loses tens of points (a CNN trained on digits' pixels in [0, 1]: 54 % as given, 96 % in [0, 1]; an
+# MLP on raw tabular features: 45 % vs 100 %); 15 is far past the sampling noise of the same up to 2,000 inputs (an
+# accuracy's standard error there is at most 1.1 points) and past what a teacher trained on the data's own
+# normalisation gains by chance under another.
+SCALE_MARGIN = 15.0
 
 
-def _require_learned(teacher, data):
+def _require_learned(teacher, data, *, normalisation_given: bool = False):
     """Refuse, saying why, a given teacher that scores at chance on the data's training inputs (up to 2,000): it
-    was trained on other inputs than these, and a box of it would protect nothing worth having; or that answers
-    these classes in another order (it scores far better with its outputs mapped to the set's classes one to one),
-    a box of which would teach every student the wrong class. Returns the teacher as scored (inside
+    was trained on other inputs than these, and a box of it would protect nothing worth having; or, its normalisation
+    not given (``normalisation_given``: the owner's --teacher-mean/--teacher-std), that scores far better under
+    another usual input convention (:func:`_require_own_scale`): a box of it would serve a crippled teacher; or that
+    answers these classes in another order (it scores far better with its outputs mapped to the set's classes one to
+    one), a box of which would teach every student the wrong class. Returns the teacher as scored (inside
     :func:`~sdb_core.protect.teacher.check_teacher`'s adapter, if it needs one)."""
     from ..protect.teacher import check_teacher, shown
     from ..train import predict_logits
@@ -188,6 +197,10 @@ def _require_learned(teacher, data):
     checked = check_teacher(teacher, data)
     predicted = predict_logits(checked, x).argmax(1)
     fit, chance = 100.0 * (predicted == y).float().mean().item(), 100.0 / data.num_classes
+    # Given, the owner said what the network takes, and is not second-guessed: a wrong one far off scores at chance
+    # (refused below), and giving one (the data's own too) is the way past this check for a teacher it misjudges.
+    if not normalisation_given:
+        _require_own_scale(checked, data, x, y, fit, chance)
     mapped, outputs = _best_mapping(predicted, y, data.num_classes)
     if mapped >= fit + ORDER_MARGIN and mapped >= chance + ORDER_MARGIN:
         moved = [f"{data.labels[c]!r} (class {c}) -> output {o}" for c, o in enumerate(outputs) if c != o]
@@ -207,6 +220,70 @@ def _require_learned(teacher, data):
             "(sdb wrap --teacher-mean/--teacher-std, a job's teacher.mean/std); trained on another class order: "
             "give the data in its order")
     return checked
+
+
+def _require_own_scale(checked, data, x, y, fit: float, chance: float) -> None:
+    """Refuse ``checked`` (a teacher as :func:`_require_learned` scores it: ``fit`` percent on ``x``, ``y``) if it
+    scores :data:`SCALE_MARGIN` points better (and as far above chance) on the same inputs under another usual
+    input convention (:func:`_input_conventions`): it was trained on those, and the box, which gives it the data's
+    own normalisation, would protect a crippled teacher. The message names the convention and the flags that give
+    it; the wrap never switches to it silently."""
+    from ..protect.teacher import Renormalized, shown
+    from ..train import device_of, predict_logits
+
+    if fit > 100.0 - SCALE_MARGIN:  # no convention can score that much better
+        return
+    scores = []
+    for what, mean, std in _input_conventions(data, x):
+        net = Renormalized(checked, (data.mean, data.std), (mean, std), data.in_shape).to(device_of(checked))
+        scores.append((100.0 * (predict_logits(net, x).argmax(1) == y).float().mean().item(), what, mean, std))
+    best, what, mean, std = max(scores, key=lambda s: s[0], default=(0.0, "", (), ()))
+    if best < fit + SCALE_MARGIN or best < chance + SCALE_MARGIN:
+        return
+    own = (f"--teacher-mean {_flag(data.mean)} --teacher-std {_flag(data.std)}" if len(data.mean) <= 8 else
+           f"the training split's mean and std of each of its {len(data.mean)} channels")
+    raise ValueError(
+        f"the teacher scores {fit:.1f}% on the data's training inputs as the box gives them (normalised per channel "
+        f"by the training split's mean and std {shown(data.mean)}, {shown(data.std)}), {best:.1f}% given {what}: it "
+        f"seems to have been trained on those. Say so: sdb wrap --teacher-mean {_flag(mean)} --teacher-std "
+        f"{_flag(std)} (a job's teacher.mean [{_flag(mean, ', ')}], teacher.std [{_flag(std, ', ')}]). If it does "
+        f"take the data's own normalisation, give that: {own}")
+
+
+def _input_conventions(data, x) -> list[tuple[str, tuple[float, ...], tuple[float, ...]]]:
+    """The usual ways a network's inputs are scaled besides the data's own normalisation, for the data's kind, as
+    ``(what, mean, std)`` of ``(raw - mean) / std`` on its raw values (a ModelRef's mean and std: --teacher-mean and
+    --teacher-std): images whose raw values are pixels in [0, 1] (every loader's, checked on ``x``), those pixels
+    as they are, in [-1, 1], in 0-255 and, with 3 channels, by ImageNet's statistics; any other inputs (features,
+    signals, images built by hand on another scale), their raw units."""
+    from ..style.loss_net import IMAGENET_MEAN, IMAGENET_STD
+
+    if not _pixels_in_unit_range(data, x):
+        return [("the data's raw values (not standardised)", (0.0,), (1.0,))]
+    found = [("pixels in [0, 1], not normalised (a ToTensor without Normalize)", (0.0,), (1.0,)),
+             ("pixels in [-1, 1], (x - 0.5) / 0.5", (0.5,), (0.5,)),
+             ("pixels in 0-255", (0.0,), (1.0 / 255.0,))]
+    if data.in_shape[0] == 3:
+        found.append(("pixels normalised by ImageNet's mean and std", IMAGENET_MEAN, IMAGENET_STD))
+    return found
+
+
+def _pixels_in_unit_range(data, x) -> bool:
+    """Whether ``data`` holds images (C, H, W) whose inputs ``x``, mapped back from the normalisation, are pixels in
+    [0, 1] (up to float rounding)."""
+    import torch
+
+    if len(data.in_shape) != 3:
+        return False
+    view = (1, -1, 1, 1)
+    raw = x * torch.tensor(data.std).view(view) + torch.tensor(data.mean).view(view)
+    return bool(raw.min() >= -1e-3 and raw.max() <= 1.0 + 1e-3)
+
+
+def _flag(values, sep: str = ",") -> str:
+    """Per-channel values as a flag or a job's list takes them (8 significant digits: 1/255 and a set's measured
+    statistics to well within float32's input rounding)."""
+    return sep.join(f"{float(v):.8g}" for v in values)
 
 
 def _best_mapping(predicted, y, num_classes: int) -> tuple[float, list[int]]:
