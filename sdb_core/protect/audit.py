@@ -34,7 +34,7 @@ from ..data import transfer_split
 from ..reports import report_json
 from ..train import Progress
 from .attacks import ATTACK_FAMILIES, Attack, PublicAPI, Round, public_api
-from .config import FAMILIES, AuditConfig
+from .config import FAMILIES, AuditConfig, no_attack
 
 
 # --------------------------------------------------------------------------- the report
@@ -143,7 +143,15 @@ def score(accs: dict[str, list[float]], families: dict[str, str], policy: str = 
 
 
 def verdict_of(attacks: dict[str, dict]) -> tuple[str, str, float]:
-    """(reference, worst attack, its advantage) of scored attacks."""
+    """(reference, worst attack, its advantage) of scored attacks.
+
+    With no attack at all (the labels-only students alone) there is no verdict: a ValueError, never ``protected``.
+    Under the ``label`` policy attacks on the transfer images run and score as labels-only (what they were shown is
+    labels): their verdict is the reference's, advantage 0.
+    """
+    if not any(not label_only(n, a["family"]) for n, a in attacks.items()):
+        raise ValueError(f"no attack was run (only the labels-only students {sorted(attacks)}): an audit without an "
+                         "attack has no verdict")
     reference = max((n for n, a in attacks.items() if a["label_only"]), key=lambda n: attacks[n]["acc"])
     scored = {n: a["advantage"] for n, a in attacks.items() if not a["label_only"]}
     if not scored:
@@ -155,10 +163,19 @@ def verdict_of(attacks: dict[str, dict]) -> tuple[str, str, float]:
 def attack_plan(cfg: AuditConfig, api: PublicAPI) -> list[Attack]:
     """The attacks of ``cfg`` on ``api``, family by family in the order of ``FAMILIES``.
 
-    The labels-only family always runs: every advantage is measured against it.
+    The labels-only family always runs: every advantage is measured against it. A plan without an attack (see
+    :func:`~.config.no_attack`) is refused: its verdict would say ``protected`` of any model.
     """
-    return [attack for family in FAMILIES if family == "labels" or family in cfg.families
+    why = no_attack(cfg.families, cfg.keys, api.lam is not None)
+    if why is not None:
+        raise ValueError(f"{api.name}: {why}")
+    plan = [attack for family in FAMILIES if family == "labels" or family in cfg.families
             for attack in ATTACK_FAMILIES.get(family)(cfg, api)]
+    if all(label_only(a.name, a.family) for a in plan):  # e.g. kd with no temperature, topk with k = 1 alone
+        raise ValueError(f"{api.name}: families {list(cfg.families)} score no attack with these settings (they train "
+                         f"only labels-only students: {', '.join(a.name for a in plan)}): an audit without an attack "
+                         "has no verdict")
+    return plan
 
 
 def audit(

@@ -161,6 +161,33 @@ POLICIES = ("probs", "top_k", "label")  # what the public API returns
 FAMILIES = ("labels", "kd", "topk", "smooth", "skeptical", "keys")
 
 
+def _attacking(families, keys: int, keyed: bool | None = None) -> tuple[str, ...]:
+    """The families of ``families`` that run an attack, in the order of ``FAMILIES``: every one but ``labels`` (the
+    reference every attack is measured against), and ``keys`` only with ``keys`` >= 1 on a target with a keyed path
+    (``keyed`` None: the target is not known yet)."""
+    return tuple(f for f in FAMILIES if f in families and f != "labels"
+                 and (f != "keys" or (keys > 0 and keyed is not False)))
+
+
+def no_attack(families, keys: int, keyed: bool | None = None) -> str | None:
+    """Why an audit of ``families`` would score no attack, in words; None when it scores one.
+
+    Such an audit trains the labels-only reference alone, and its largest advantage (0, of nothing) read as
+    ``protected`` for any model, a plain teacher that the full audit finds leaking included: it is refused before
+    any training (the library, the job's submission)."""
+    if _attacking(families, keys, keyed):
+        return None
+    why = f"families {list(families)} score no attack"
+    if "keys" in families:
+        why += (" ('keys' with keys 0 blends in no key)" if keys <= 0
+                else " on this target ('keys' attacks a keyed path, and it has none)")
+    add = ", ".join(f for f in FAMILIES if f not in ("labels", "keys"))
+    add += ("" if keyed is False else ", or keys with keys >= 1" if "keys" in families and keys <= 0
+            else ", or keys (a target with a keyed path)")
+    return (f"{why}: only the labels-only reference ('labels') would run, and an audit without an attack has no "
+            f"verdict; add an attack family: {add}")
+
+
 @dataclass
 class AuditConfig:
     transfer_n: int = 300
@@ -226,6 +253,9 @@ class AuditConfig:
         unknown = set(self.families) - set(FAMILIES)
         if unknown:
             raise ValueError(f"unknown attack families {sorted(unknown)}; known: {', '.join(FAMILIES)}")
+        why = no_attack(self.families, self.keys)
+        if why is not None:
+            raise ValueError(why)
 
     def epochs_for(self, n: int) -> int:
         """Epochs of a student on ``n`` transfer images: ``steps`` optimisation steps, else ``train.epochs``."""

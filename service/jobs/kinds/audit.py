@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sdb_core.protect.config import FAMILIES, POLICIES, AuditConfig
+from sdb_core.protect.config import FAMILIES, POLICIES, AuditConfig, no_attack
 from sdb_core.reports import report_json
 from sdb_core.tasks import audit
 from sdb_core.tasks.audit import AuditTask
@@ -61,6 +61,9 @@ class AuditParams(JobParams):
     def _families(self):
         if self.families is not None and "labels" not in self.families:
             raise ValueError("families must include 'labels': the advantage is measured against it")
+        why = no_attack(self.families or FAMILIES, self.keys)  # the target's keyed path: in check()
+        if why is not None:
+            raise ValueError(why)
         return self
 
     def reads(self) -> list[Access]:
@@ -70,7 +73,17 @@ class AuditParams(JobParams):
 def check(p: AuditParams, sub: Submission) -> AuditParams:
     data_set(p.data, sub)
     p = p.model_copy(update={"target": check_model(p.target, sub, "public", "target")})
+    _attacks_the_target(p, sub)
     return _under_the_served_policy(p, sub)
+
+
+def _attacks_the_target(p: AuditParams, sub: Submission) -> None:
+    """A 422 for families that attack nothing on this target: 'keys' alone on a model with no keyed path (a hosted
+    plain or Nasty model; uploaded weights are a plain network). Its audit would fail at start; no job runs for it."""
+    keyed = p.target.model is not None and sub.models.get(p.target.model, p.target.version).distillable
+    why = no_attack(p.families or FAMILIES, p.keys, keyed)
+    if why is not None:
+        raise invalid(f"{p.target.describe()}: {why}", "invalid_params")
 
 
 def _under_the_served_policy(p: AuditParams, sub: Submission) -> AuditParams:
