@@ -33,8 +33,7 @@ class AuditOutcome:
 def load_target(ref: ModelRef, data, threads: int = 0):
     """What the attacker queries: a bundle loaded without its key, or a plain network; its input must be the data's."""
     if ref.kind == "weights":
-        ref.check_classes(data, "target")
-        return ref.network(data.num_classes, data.in_shape, (data.mean, data.std))
+        return ref.classifier(data, "target")
     from ..bundle import load_bundle
 
     options = None

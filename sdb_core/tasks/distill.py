@@ -85,8 +85,7 @@ def teacher_of(cfg: DistillTask, data, master_key: bytes | None = None) -> Calla
     if ref.kind == "bundle":
         return bundle_teacher(ref.bundle, master_key, cfg.keyed, data)
     if ref.kind == "weights":  # on the device the student trains on: asked once per sample there
-        ref.check_classes(data, "teacher")
-        return ref.network(data.num_classes, data.in_shape, (data.mean, data.std)).to(pick_device(cfg.distill.train.device))
+        return ref.classifier(data, "teacher").to(pick_device(cfg.distill.train.device))
     raise ValueError(f"distill needs a teacher with weights or a bundle, got {ref.describe()}")
 
 

@@ -193,6 +193,23 @@ class ModelRef:
             raise ValueError(f"the {role} answers {self.num_classes} classes (its num_classes) but the data set has "
                              f"{data.num_classes}: give weights trained on this set's classes, or its own data set")
 
+    def classifier(self, data, role: str) -> Any:
+        """This plain model's network (:meth:`network`) as a classifier of ``data``, checked right after loading and
+        before any training by the check a wrap runs on its teacher (:func:`~sdb_core.protect.teacher.check_teacher`):
+        a network that does not answer the set's classes (an ONNX graph's 10 outputs for 8 classes, whatever its
+        ``num_classes`` says: the graph is not told it) is a ValueError naming both, not a loss of mismatched shapes
+        deep in training. Returns the network as that check reads it (inside its adapter where it needs one, e.g. a
+        final softmax's probabilities read as their logarithms)."""
+        from ..protect.teacher import check_teacher
+
+        self.check_classes(data, role)  # a declared count first: no network is loaded for it
+        net = self.network(data.num_classes, data.in_shape, (data.mean, data.std))
+        try:
+            return check_teacher(net, data)
+        except ValueError as e:
+            given = "" if self.num_classes is None else f" (given num_classes {self.num_classes})"
+            raise ValueError(f"the {role}, {self.describe()}{given}: {e}") from None
+
 
 def _numbered(names: list[str]) -> bool:
     return names == [str(i) for i in range(len(names))]
