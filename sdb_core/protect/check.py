@@ -397,6 +397,7 @@ def checked_wrap(
     result.report["check"] = report
     if not chosen["passed"]:
         best_fig = chosen["figures"]
+        config = "NastyConfig" if recipe.mode == "nasty" else "SDBConfig"
         raise WrapRefused(
             f"the {'Nasty ' if recipe.mode == 'nasty' else ''}box missed the owner's thresholds after "
             f"{len(attempts)} attempt(s); best (attempt {chosen['attempt']}): public {best_fig['public_acc']:.2f}% "
@@ -405,12 +406,13 @@ def checked_wrap(
                else "")
             + (f", KD from public {best_fig['kd_public']:.2f}% vs labels only {best_fig['labels_only']:.2f}% "
                f"(min margin {th.min_leak_margin})" if "kd_public" in best_fig else "")
-            + _balanced_missed(best_fig, chosen["misses"], th)
+            + _balanced_missed(best_fig, chosen["misses"], th, config)
             + _guessed_missed(best_fig, chosen["misses"], th)
             + "; missed " + ", ".join(f"{k} by {v:.2f}" + ("" if k == "guessed" else " points")
                                       for k, v in chosen["misses"].items())
             + (_measured_on(report["val_size"], best_fig["teacher_acc"], teacher_fit_acc, check.teacher_apart)
                if {"public", "keyed", "public_balanced", "keyed_balanced"} & set(chosen["misses"]) else "")
+            + _collapsed(result, fit_data.test, teacher_val, chosen, th, config)
             + _unmeasurable_leak(chosen, data.num_classes, min(check.transfer_n, report["fit_size"]), th),
             report, result)
     return result
@@ -450,18 +452,69 @@ def _by_path(misses: dict[str, float], figures: dict) -> dict[str, float]:
     return out
 
 
-def _balanced_missed(fig: dict, misses: dict[str, float], th) -> str:
-    """What a refusal says of a class-balanced miss: each path's mean per-class recall against the teacher's."""
-    bounds = {"public": th.max_accuracy_drop, "keyed": th.max_keyed_drop}
+def _option(flag: str, param: str | None, python: str) -> str:
+    """An option as each caller of the check gives it, which a refusal names without knowing which of them it answers
+    (as :mod:`sdb_core.tasks.wrap`'s messages do): the ``sdb wrap`` flag, the ``wrap`` job's param (None: it has
+    none) and the library's name."""
+    return f"sdb wrap {flag}" + (f", a job's {param}" if param else "") + f"; {python} in Python"
+
+
+def _bounds(th) -> dict[str, float]:
+    """Each path's bound on its top-1 drop, overall and class-balanced alike."""
+    return {"public": th.max_accuracy_drop, "keyed": th.max_keyed_drop}
+
+
+def _class_level(fig: dict, path: str, bound: float) -> bool:
+    """Whether ``path``'s class-balanced drop is clearly worse than its top-1 drop: by more than the path's bound (at
+    least a point), which the classes' uneven recall alone would miss (7 vs rest at 98/2, no seven answered: 2.1
+    overall, ~50 balanced). On classes of equal size the two are one figure (a collapsed box: 87.1 and 87.1), and a
+    miss of both is no rare class's."""
+    return fig[f"{path}_balanced_drop"] - fig[f"{path}_drop"] > max(bound, 1.0)
+
+
+def _balanced_missed(fig: dict, misses: dict[str, float], th, config: str = "SDBConfig") -> str:
+    """What a refusal says of a class-balanced miss: each path's mean per-class recall against the teacher's, and,
+    where it is clearly worse than the top-1 (:func:`_class_level`), what a rare class needs."""
+    bounds = _bounds(th)
     missed = [p for p in bounds if f"{p}_balanced" in misses]
     if not missed:
         return ""
+    rare = any(_class_level(fig, p, bounds[p]) for p in missed)
     return (", class-balanced (the mean recall of each class held out, which a rare class weighs as much as a "
             "common one; a path that never answers a rare class loses little top-1): " + ", ".join(
                 f"{p} {fig[p + '_balanced_acc']:.2f}% vs teacher {fig['teacher_balanced_acc']:.2f}% (max drop "
                 f"{bounds[p]}, ± {fig[p + '_balanced_drop_se']:.2f})" for p in missed)
-            + ": a box fits a rare class's few inputs last; give that class more "
-            "training inputs, or train the box longer (--epochs, SDBConfig.train.epochs)")
+            + (": a box fits a rare class's few inputs last; give that class more training inputs, or train the box "
+               f"longer ({_option('--epochs', 'epochs', config + '.train.epochs')})" if rare else
+               ": no worse than the top-1, every class missed alike"))
+
+
+def _collapsed(result: WrapResult, held_out, teacher_val: torch.Tensor, chosen: dict, th, config: str) -> str:
+    """What a refusal says of a box that collapsed: a path that answers at most half the classes the teacher answers
+    on the held-out inputs while it misses its top-1 bound, and not for a rare class (:func:`_class_level`: a path
+    that never answers the rare one of two classes answers half of them too). A learning rate too high for the
+    network does that (a wrap at lr 10 on balanced digits: one class for every input, 10%, a training loss of
+    2,302), where no rare class's inputs nor longer training help: the refusal says so, and names the rate."""
+    from ..train import predict_logits
+
+    fig, bounds = chosen["figures"], _bounds(th)
+    x = held_out.tensors[0]
+    taught = int(teacher_val.argmax(1).unique().numel())
+    paths = {"public": result.box.public_logits, **({"keyed": result.box.distill_logits} if "keyed_acc" in fig else {})}
+    answered = {p: int(predict_logits(fn, x).argmax(1).unique().numel()) for p, fn in paths.items()}
+    collapsed = [p for p, n in answered.items() if taught >= 2 and n <= taught // 2
+                 and fig[f"{p}_drop"] > bounds[p] and not _class_level(fig, p, bounds[p])]
+    if not collapsed:
+        return ""
+    history = result.report.get("history") or []
+    loss = (f" (its training loss {history[-1]['loss']:.4g} in the last epoch)"
+            if history and "loss" in history[-1] else "")
+    return (f". The box collapsed: of the {taught} classes the teacher answers on the held-out inputs, the "
+            + ", the ".join(f"{p} path answers {answered[p]}" for p in collapsed) + loss
+            + ": a learning rate too high for the network does that (each step leaps past what the last one "
+            "learned), not a rare class nor too few epochs; lower the learning rate, "
+            f"{chosen['settings']['lr']:g} in attempt {chosen['attempt']} "
+            f"({_option('--lr', 'lr', config + '.train.lr')})")
 
 
 def _guessed_missed(fig: dict, misses: dict[str, float], th) -> str:
@@ -484,8 +537,8 @@ def _measured_on(val_size: int, teacher_val: float, teacher_fit: float, teacher_
         return f" (measured on {val_size} held-out training inputs)"
     return (f" (measured on {val_size} held-out training inputs, where the teacher scores as on its fit inputs, "
             f"{teacher_fit:.2f}%: a teacher trained on them scores its training accuracy there, which overstates every "
-            "drop; train it without them: --train-teacher does, and in Python "
-            "sdb_core.protect.check.teacher_data(data, check) is the rest)")
+            "drop; train it without them: sdb wrap --train-teacher does, as does a job's teacher given as {arch} "
+            "alone; in Python sdb_core.protect.check.teacher_data(data, check) is the rest)")
 
 
 def _unmeasurable_leak(chosen: dict, classes: int, transfer: int, th) -> str:
@@ -502,11 +555,13 @@ def _unmeasurable_leak(chosen: dict, classes: int, transfer: int, th) -> str:
         return (f". A student on labels alone reaches {labels_only:.2f}% from {transfer} transfer inputs, within "
                 f"{th.min_leak_margin} points of every input right: the labels alone teach this task, the public "
                 "outputs (their top-1 is the label) cannot teach a student less than that, and no leak beyond the "
-                "labels is left to refuse. --min-leak-margin 0 (CheckConfig.thresholds) accepts a box whose "
-                "public outputs teach no more than the labels do")
+                "labels is left to refuse. A leak margin of 0 accepts a box whose public outputs teach no more "
+                "than the labels do ("
+                + _option("--min-leak-margin 0", "min_leak_margin 0", "CheckConfig.thresholds.min_leak_margin") + ")")
     if labels_only - chance >= th.min_leak_margin:
         return ""
     return (f". The leak check cannot show that margin here: a student on labels alone reaches {labels_only:.2f}% "
             f"(chance {chance:.2f}%) from {transfer} transfer inputs, {transfer / classes:.1f} per class, so none can "
-            f"fall {th.min_leak_margin} points below it: give more inputs per class (CheckConfig.transfer_n, the "
-            "training split) or a lower leak margin (--min-leak-margin)")
+            f"fall {th.min_leak_margin} points below it: give more inputs per class (a larger training split; "
+            "CheckConfig.transfer_n in Python too) or a lower leak margin "
+            f"({_option('--min-leak-margin', 'min_leak_margin', 'CheckConfig.thresholds.min_leak_margin')})")

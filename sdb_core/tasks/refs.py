@@ -152,7 +152,7 @@ class ModelRef:
         taking inputs normalised as ``data_norm`` = ``(mean, std)`` says (the data's), when it was trained on
         others (:attr:`mean`, :attr:`std`)."""
         from ..models import create_model
-        from ..weights import load_weights
+        from ..weights import WeightsError, load_weights
 
         if self.weights is None:
             raise ValueError(f"{self.describe()} is not a plain model with weights")
@@ -167,7 +167,11 @@ class ModelRef:
             n = self.num_classes or num_classes
             if n is None:
                 raise ValueError(f"{self.describe()}: the number of classes is not known")
-            net = load_weights(create_model(self.arch, num_classes=n, in_shape=tuple(in_shape)), self.weights).eval()
+            try:
+                net = load_weights(create_model(self.arch, num_classes=n, in_shape=tuple(in_shape)), self.weights)
+            except WeightsError as e:
+                raise WeightsError(f"{e}{_inputs_read(self.weights, in_shape)}") from None
+            net = net.eval()
         own = None if self.mean is None else (self.mean, self.std)
         if own is None and self.is_onnx and data_norm is not None:
             import torch
@@ -209,6 +213,29 @@ class ModelRef:
         except ValueError as e:
             given = "" if self.num_classes is None else f" (given num_classes {self.num_classes})"
             raise ValueError(f"the {role}, {self.describe()}{given}: {e}") from None
+
+
+def _inputs_read(weights: str, in_shape) -> str:
+    """What to add where weights do not fit the zoo network built for the data: the shape its inputs were read at,
+    which sizes the network's layers (the cnn's classifier takes 64 features per 4x4 pixels: weights trained on 8x8
+    digits fit no network built for 32x32 inputs), and, for images of an image folder's default side, that the folder
+    was read at that size whatever the weights were trained on ('' where the file itself could not be read: its
+    error says all)."""
+    from ..data.imagefolder import DEFAULT_SIZE
+    from ..weights import WeightsError, read_state_dict
+
+    try:
+        read_state_dict(weights)
+    except WeightsError:
+        return ""
+    shape = tuple(int(d) for d in in_shape)
+    note = f" The data's inputs are {shape}, the shape the network was built for"
+    if len(shape) == 3 and shape[1:] == (DEFAULT_SIZE, DEFAULT_SIZE):
+        note += (f": an image folder is read at {DEFAULT_SIZE} px (unless the task's model fixes a size: an ONNX "
+                 "model's, a bundle's), whatever size its images or the weights were; for weights trained on images "
+                 "of another size, give the data as an .npz at that size (in Python, "
+                 "load_dataset(..., image_size=SIZE))")
+    return note + "."
 
 
 def _numbered(names: list[str]) -> bool:
