@@ -6,7 +6,8 @@ attack trains that student and is scored by its test accuracy and its *distillat
 advantage*: accuracy minus that of the best labels-only student (the public top-1 labels
 with cross-entropy and label smoothing 0, 0.1 or 0.2; a regulariser that needs no
 knowledge of the model is not a leak). Verdict: ``protected`` when the largest mean
-advantage is at most ``threshold`` points, else ``leaks``, naming the attack.
+advantage is at most ``threshold`` points, else ``leaks``, naming the attack; none (a ValueError)
+when no attack is scored or the labels-only reference learned nothing (:func:`unlearned`).
 
 Attacks (every one sees the public outputs only, through :class:`~.attacks.PublicAPI`) come in
 families, registered by name in :mod:`.attacks`, run in the order of ``FAMILIES``: ``labels``
@@ -160,6 +161,29 @@ def verdict_of(attacks: dict[str, dict]) -> tuple[str, str, float]:
     return reference, worst, scored[worst]
 
 
+# A labels-only reference that gains less than this share of the target's public top-1 over chance learned nothing (nor
+# did its attacks: every advantage ~0, read `protected`); normal audits gain 0.6-0.95 of it (docs/audit.md#attacks).
+MIN_LEARNED_SHARE = 0.1
+
+
+def chance_of(labels: torch.Tensor) -> float:
+    """Accuracy (%) of the best constant answer on ``labels``: its most common class's share (an unbalanced set's)."""
+    return 100.0 * torch.bincount(labels).max().item() / len(labels)
+
+
+def unlearned(reference: float, public_acc: float, chance: float, cfg: AuditConfig) -> str | None:
+    """Why the labels-only reference's test accuracy ``reference`` shows its students learned nothing, in words; None
+    when it learned. Such an audit has no verdict: its advantages over a student at chance are noise, never
+    ``protected``."""
+    if reference - chance >= MIN_LEARNED_SHARE * (public_acc - chance):
+        return None
+    more = (f"more steps (steps {cfg.steps})" if cfg.steps is not None else f"more epochs ({cfg.train.epochs})")
+    return (f"the labels-only reference scores {reference:.1f}% on the test split, chance {chance:.1f}% (the target's "
+            f"public top-1 {public_acc:.1f}%): the {cfg.student} students stayed at chance and learned nothing, so "
+            f"their advantages measure nothing and the audit has no verdict; give them {more}, more transfer images "
+            f"(transfer {cfg.transfer_n}) or pick another student")
+
+
 def attack_plan(cfg: AuditConfig, api: PublicAPI) -> list[Attack]:
     """The attacks of ``cfg`` on ``api``, family by family in the order of ``FAMILIES``.
 
@@ -191,6 +215,8 @@ def audit(
     cfg = cfg or AuditConfig()
     api = public_api(target, cfg.policy, cfg.top_k)
     plan = attack_plan(cfg, api)
+    x_test, y_test = data.test.tensors
+    public_acc = 100.0 * (api(x_test).argmax(1) == y_test).float().mean().item()
     total, done = sum(a.students for a in plan) * len(cfg.seeds), 0
     t0 = time.perf_counter()
     accs: dict[str, list[float]] = {a.name: [] for a in plan}
@@ -224,12 +250,16 @@ def audit(
                 log(f"seed {seed}: a {attack.name} student diverged ({retry['diverged']}); trained again at lr "
                     f"{retry['retried_lr']:g}, gradient clipped at {retry['retried_grad_clip']:g}")
         log(f"seed {seed}: " + "  ".join(f"{n} {v[-1]:.1f}" for n, v in accs.items()))
+        # each seed's reference, as score() takes it: one that learned nothing ends the audit now, not after every seed
+        why = unlearned(max(accs[a.name][-1] for a in plan if label_only(a.name, a.family, cfg.policy)),
+                        public_acc, chance_of(y_test), cfg)
+        if why is not None:
+            raise ValueError(f"{api.name}: seed {seed}: {why}")
 
     attacks = score(accs, {a.name: a.family for a in plan}, cfg.policy)
     for name in attacks:
         attacks[name]["detail"] = detail[name]
     reference, worst, max_adv = verdict_of(attacks)
-    public_acc = 100.0 * (api(data.test.tensors[0]).argmax(1) == data.test.tensors[1]).float().mean().item()
     return AuditReport(
         dataset=data.name, target=api.name, policy=cfg.policy,
         config={**{k: v for k, v in asdict(cfg).items() if k != "train"}, "train": asdict(cfg.train)},

@@ -146,14 +146,12 @@ def test_a_diverged_student_is_trained_again_gentler_and_noted(digits, digits_te
     lines = []
     cfg = AuditConfig(**{**TINY, "train": TrainConfig(lr=1000.0, batch_size=32)}, families=("kd",),
                       temperatures=(4.0,), alphas=(0.9,), seeds=(0,))
-    report = audit(digits_teacher, digits, cfg, log=lines.append)
-    assert report.verdict in ("protected", "leaks")
+    # retried at lr 250 they finish, at chance: an audit of students that learned nothing has no verdict
+    with pytest.raises(ValueError, match="stayed at chance"):
+        audit(digits_teacher, digits, cfg, log=lines.append)
     for name in ("labels_ls0", "kd_T4_a0.9"):
-        (retry,) = report.attacks[name]["detail"]
-        assert retry["seed"] == 0 and "nan" in retry["diverged"].lower()
-        assert retry["retried_lr"] == 250.0 and retry["retried_grad_clip"] == RETRY_GRAD_CLIP
-        assert math.isfinite(report.attacks[name]["acc"])
-    assert any("kd_T4_a0.9 student diverged" in line for line in lines)
+        assert any(f"seed 0: a {name} student diverged (loss became nan" in line
+                   and f"trained again at lr 250, gradient clipped at {RETRY_GRAD_CLIP:g}" in line for line in lines), lines
 
 
 def test_a_student_that_diverges_twice_ends_the_audit_saying_both(digits, digits_teacher):

@@ -44,7 +44,7 @@ def test_keys_alone_on_a_model_without_a_keyed_path_is_refused(digits, digits_te
         audit(digits_teacher, digits, cfg)
     # on a box with a keyed path the same families run the keyed attacks (and nothing is refused)
     box = SafeDistillationBox(digits_teacher, generate_key(digits.in_shape, digits.mean, digits.std), lam=0.5)
-    tiny = AuditConfig(families=("labels", "keys"), keys=1, transfer_n=40, steps=5, label_smoothings=(0.0,))
+    tiny = AuditConfig(families=("labels", "keys"), keys=1, transfer_n=40, steps=20, label_smoothings=(0.0,))
     report = audit(box, digits, tiny)
     assert set(report.advantages) == {"key_mean", "key_ensemble"} and report.worst_attack in report.advantages
 
