@@ -18,12 +18,7 @@ TINY = {"transfer_n": 60, "steps": 20, "keys": 2, "smooth_taus": (2.0,), "smooth
         "train": TrainConfig(lr=0.01, batch_size=32)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

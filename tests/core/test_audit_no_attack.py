@@ -14,6 +14,7 @@ import torch
 from sdb_core.protect import SafeDistillationBox, generate_key
 from sdb_core.protect.attacks import PublicAPI
 from sdb_core.protect.audit import AuditConfig, audit, score, verdict_of
+from tests.core.conftest import serving_plain_digits
 
 NO_ATTACK = re.escape("score no attack: only the labels-only reference ('labels') would run")
 
@@ -77,23 +78,11 @@ def anyio_backend():
 @pytest.fixture
 async def jobs_app(tmp_path, digits):
     """The real app on a real store, serving ``plain-digits``: a plain model (no keyed path)."""
-    from sdb_core.bundle import export_bundle
     from sdb_core.models import create_model
-    from sdb_core.protect.key import load_or_create_master_key
-    from service.settings import Settings
-    from tests.service.conftest import start_service
 
-    master_file = tmp_path / "master.key"
-    load_or_create_master_key(master_file)
-    plain = export_bundle(create_model("cnn", num_classes=10, in_shape=digits.in_shape).eval(), tmp_path / "plain",
-                          name="plain-digits", in_shape=digits.in_shape, mean=digits.mean, std=digits.std,
-                          labels=digits.labels)
-    settings = Settings(data_dir=tmp_path / "data", master_key_file=master_file, ort_intra_op_threads=1,
-                        ort_inter_op_threads=1)
-    service, manager = await start_service(settings, plain)
-    yield service
-    await service.client.aclose()
-    await manager.__aexit__(None, None, None)
+    untrained = create_model("cnn", num_classes=10, in_shape=digits.in_shape).eval()
+    async with serving_plain_digits(tmp_path, digits, untrained) as service:
+        yield service
 
 
 @pytest.mark.anyio

@@ -13,6 +13,7 @@ from sdb_cli.main import main
 from sdb_core.protect.audit import AuditConfig, audit, chance_of, unlearned
 from sdb_core.train import TrainConfig
 from sdb_core.weights import save_weights
+from tests.core.conftest import serving_plain_digits
 
 AT_CHANCE = "students stayed at chance and learned nothing"
 # One seed of the explorer's job (transfer 300, steps 10, a LeNet student) with one KD attack: the old code said
@@ -21,12 +22,7 @@ STUCK = {"transfer_n": 300, "steps": 10, "student": "lenet", "families": ("label
          "alphas": (0.9,), "label_smoothings": (0.0,)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_an_audit_whose_students_stayed_at_chance_is_refused_not_protected(digits, digits_teacher):
@@ -82,21 +78,8 @@ def anyio_backend():
 @pytest.fixture
 async def served(tmp_path, digits, digits_teacher):
     """The real app on a real store, serving ``plain-digits``: the plain digits teacher (public top-1 93.3 %)."""
-    from sdb_core.bundle import export_bundle
-    from sdb_core.protect.key import load_or_create_master_key
-    from service.settings import Settings
-    from tests.service.conftest import start_service
-
-    master_file = tmp_path / "master.key"
-    load_or_create_master_key(master_file)
-    plain = export_bundle(digits_teacher, tmp_path / "plain", name="plain-digits", in_shape=digits.in_shape,
-                          mean=digits.mean, std=digits.std, labels=digits.labels)
-    settings = Settings(data_dir=tmp_path / "data", master_key_file=master_file, ort_intra_op_threads=1,
-                        ort_inter_op_threads=1)
-    service, manager = await start_service(settings, plain)
-    yield service
-    await service.client.aclose()
-    await manager.__aexit__(None, None, None)
+    async with serving_plain_digits(tmp_path, digits, digits_teacher) as service:
+        yield service
 
 
 @pytest.mark.anyio
