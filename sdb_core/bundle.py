@@ -194,6 +194,12 @@ def _export_eval(model: nn.Module, in_shape: Sequence[int], dynamic_spatial: boo
         names.append(name)
         args.append(torch.zeros(2, *shape, device=device, dtype=torch.float32))
         axes[name] = a
+    if not isinstance(traced, torch.jit.ScriptModule) and any(
+            isinstance(m, torch.jit.ScriptModule) for m in traced.modules()):
+        # A TorchScript submodule (scripted or traced by the owner) stops the exporter's own trace ("not part of the
+        # active trace"); a trace of the whole network (already in eval mode) exports, its submodules inlined.
+        with torch.no_grad():
+            traced = torch.jit.trace(traced, tuple(args), check_trace=False)
     out_axes: dict[int, str] = {0: "batch"}
     if dynamic_spatial:
         out_axes.update({2: "out_height", 3: "out_width"})
@@ -359,7 +365,14 @@ def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[st
         batches.append([samples, *(torch.randn(len(samples), *shape, generator=g, dtype=f32) for _, shape in inputs[1:])])
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own hierarchy (InvalidGraph, Fail, ...)
+        first = (str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__).rstrip(".")
+        raise BundleError(
+            f"the ONNX export does not load in ONNX Runtime: {first}. One cause: a forward that computes in half precision "
+            "(torch.autocast, .half() or .bfloat16() inside it) exports operations ONNX Runtime has no kernel for "
+            "at that precision: compute in float32") from None
     extra = [i.name for i in session.get_inputs() if i.name not in {name for name, _ in inputs}]
     if extra:  # a caller feeds the inputs a bundle declares, and ONNX Runtime refuses a call without the others
         raise BundleError(

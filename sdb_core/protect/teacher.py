@@ -260,11 +260,44 @@ def dropped_hooks(teacher: nn.Module) -> list[str]:
             for hook in getattr(m, kind, {}).values() if _observer(hook)]
 
 
+def _copy_script(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """A TorchScript module's copy through ``torch.jit.save``/``load``: ``copy.deepcopy`` of one gives parameters
+    that are not leaves (nothing can train or freeze them)."""
+    buf = io.BytesIO()
+    torch.jit.save(module, buf)
+    buf.seek(0)
+    return torch.jit.load(buf, map_location=device_of(module))
+
+
+def _deepcopy_memo(teacher: nn.Module) -> dict:
+    """What ``copy.deepcopy(teacher, memo)`` takes as already copied: each TorchScript submodule as its
+    :func:`_copy_script`, and each plain tensor attribute computed with autograd on (the weight an old-style
+    ``weight_norm``/``spectral_norm`` or a ``torch.nn.utils.prune`` hook keeps, after a training step or right after
+    ``prune.*``), which ``copy.deepcopy`` refuses, as a detached clone: the hook computes it again on the next forward.
+    The owner's modules are only read."""
+    memo: dict = {}
+    stack = list(teacher.children())
+    while stack:
+        m = stack.pop()
+        if isinstance(m, torch.jit.ScriptModule):  # copied whole, its submodules with it
+            memo[id(m)] = _copy_script(m)
+            continue
+        stack.extend(m.children())
+    for m in teacher.modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            continue
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return memo
+
+
 def copy_teacher(teacher: nn.Module) -> nn.Module:
     """An independent copy of ``teacher`` (:func:`plain_teacher`) with leaf parameters: a TorchScript module
-    (``torch.jit.script``/``trace``) is copied through ``torch.jit.save``/``load``, since ``copy.deepcopy`` of one
-    gives parameters that are not leaves (nothing can train or freeze them). The owner's forward hooks that only
-    observe (answer None) are left out of the copy (:class:`_OwnersHook`)."""
+    (``torch.jit.script``/``trace``), the teacher or one inside it, is copied through ``torch.jit.save``/``load``
+    (:func:`_copy_script`); a weight an old-style hook computed with autograd on is copied detached
+    (:func:`_deepcopy_memo`). The owner's forward hooks that only observe (answer None) are left out of the copy
+    (:class:`_OwnersHook`)."""
     teacher = plain_teacher(teacher)
     if isinstance(teacher, FromSaturatedLogits):  # before its base class, FromProbabilities: its spread kept
         return FromSaturatedLogits(copy_teacher(teacher.model), teacher.spread)
@@ -273,11 +306,8 @@ def copy_teacher(teacher: nn.Module) -> nn.Module:
     if isinstance(teacher, FromOneScore):
         return FromOneScore(copy_teacher(teacher.model), teacher.probability)
     if isinstance(teacher, torch.jit.ScriptModule):
-        buf = io.BytesIO()
-        torch.jit.save(teacher, buf)
-        buf.seek(0)
-        return torch.jit.load(buf, map_location=device_of(teacher))
-    clone = copy.deepcopy(teacher)
+        return _copy_script(teacher)
+    clone = copy.deepcopy(teacher, _deepcopy_memo(teacher))
     _own_hooks(teacher, clone)
     return clone
 
