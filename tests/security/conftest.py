@@ -4,6 +4,7 @@ from tests.service.conftest import (  # noqa: F401  (fixtures, found by name)
     anyio_backend,
     bundles,
     db_url,
+    own_settings,
     pg_databases,
     server_factory,
     servers,

@@ -1,6 +1,6 @@
 """A client generated from ``/openapi.json`` (or the console's form built from a job kind's params schema) sends every
 field's schema default, so a schema default must mean what leaving the field out means (as for deploy and predict:
-tests/service/test_generated_client_defaults.py).
+tests/security/test_schema_defaults_never_widen_the_served_policy.py).
 
 It did not for two more fields. An ``audit`` job's ``policy`` defaulted to ``probs`` while an omitted one is the
 policy the model is served with: such a client's audit of a label-served model was a 422 for a non-admin key, and an

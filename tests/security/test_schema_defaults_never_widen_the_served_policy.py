@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .conftest import start_service
+from tests.service.conftest import start_service
 
 pytestmark = pytest.mark.anyio
 
