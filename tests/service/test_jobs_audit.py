@@ -8,7 +8,9 @@ from sdb_client import BadRequest, Client, NotFound
 
 from .jobs_helpers import JobServer, key, prepare
 
-TINY = {"target": {"model": "digits-a"}, "data": "digits", "transfer": 60, "steps": 30, "keys": 1,
+# digits-a is a one-epoch box (public top-1 ~28%): at transfer 60 and 30 steps its labels-only reference learned
+# too little one run in six (~11% against the 12% the audit needs: no verdict); at 200 and 100 it scores ~18%.
+TINY = {"target": {"model": "digits-a"}, "data": "digits", "transfer": 200, "steps": 100, "keys": 1,
         "families": ["labels", "kd"], "seeds": [0]}
 
 
