@@ -123,6 +123,16 @@ async def test_job_kinds_are_the_schemas_the_jobs_api_validates_with(svc):
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_scope"
 
 
+async def test_a_model_field_lists_only_the_sources_its_kind_takes(svc):
+    """A wrap's teacher listed ``model`` and ``version`` (a hosted model), which it always refuses: the console drew
+    them in its form and a generated client offered them. A kind that takes hosted models keeps them."""
+    r = await svc.client.get("/v1/job-kinds", headers=svc.auth(svc.key(("jobs",))))
+    schemas = {k["name"]: k["params_schema"] for k in r.json()["kinds"]}
+    teacher = schemas["wrap"]["$defs"]["WrapTeacher"]["properties"]
+    assert "model" not in teacher and "version" not in teacher and {"file", "arch"} <= teacher.keys()
+    assert {"model", "version", "file"} <= schemas["distill"]["$defs"]["ModelParam"]["properties"].keys()
+
+
 # ------------------------------------------------------------------------------------------ image → inputs
 async def test_image_inputs_are_what_predict_makes_of_the_image(svc, bundles):
     x = bundles.x[:1] * 0.3081 + 0.1307  # any picture in [0, 1]: the exact pixels do not matter

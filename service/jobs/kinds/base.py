@@ -289,7 +289,7 @@ class ModelParam(BaseModel):
     uploaded ONNX model (``file`` alone), or, where a kind trains the network itself, an architecture alone
     (``arch``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema, cls: cls._accepted_only(schema))
     SOURCES: ClassVar[tuple[str, ...]] = ("hosted", "file")  # what this kind's field accepts
     HOSTED_ARCH: ClassVar[bool] = False  # arch means something for a hosted model (a family to rebuild into)
     ONNX: ClassVar[bool] = True  # an uploaded ONNX model may be the file (its own network: no arch)
@@ -312,6 +312,14 @@ class ModelParam(BaseModel):
     @property
     def source(self) -> str:
         return "hosted" if self.model is not None else "file" if self.file is not None else "arch"
+
+    @classmethod
+    def _accepted_only(cls, schema: dict) -> None:
+        """The schema lists only the fields of the sources this kind accepts: a wrap's teacher showed ``model`` and
+        ``version`` (the console drew them in its form, a generated client offered them), always refused."""
+        if "hosted" not in cls.SOURCES:
+            for name in ("model", "version"):
+                schema["properties"].pop(name, None)
 
     def _check_arch(self, arch: str) -> None:
         check_arch(arch)
