@@ -22,6 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Match, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .bodies import is_json
 from .direct import DirectRoutes
 from .errors import INTERNAL, ApiError, error_response
 from .metrics import CLIENT_CLOSED_REQUEST, COUNT_REFUSAL, ERROR_CODE, REFUSED_BODY
@@ -216,9 +217,9 @@ def _key_in_url(scope: Scope) -> bool:
 
 
 def _counted_json(scope: Scope, declared: int | None) -> bool:
-    """Whether a request's body is JSON as sent (no Content-Encoding; a JSON type, or none, which FastAPI and the
-    inference routes read as JSON), and may be large enough that its arrays and objects are counted (its length
-    unknown or over JSON_COUNTED_ABOVE): a v2 JSON infer's few kilobytes are not."""
+    """Whether a request's body is JSON as sent (no Content-Encoding; a type :func:`~.bodies.is_json` reads as
+    JSON), and may be large enough that its arrays and objects are counted (its length unknown or over
+    JSON_COUNTED_ABOVE): a v2 JSON infer's few kilobytes are not."""
     if declared is not None and declared <= JSON_COUNTED_ABOVE:
         return False
     kind = encoding = b""
@@ -227,7 +228,7 @@ def _counted_json(scope: Scope, declared: int | None) -> bool:
             kind = v.split(b";", 1)[0].strip().lower()
         elif k == b"content-encoding":
             encoding = v.strip().lower()
-    return (kind in (b"", b"application/json") or kind.endswith(b"+json")) and encoding in (b"", b"identity")
+    return is_json(kind.decode("latin-1")) and encoding in (b"", b"identity")
 
 
 def _content_length(scope: Scope) -> int | None:

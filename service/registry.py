@@ -651,6 +651,10 @@ class ModelHost:
     def versions(self, name: str) -> list[str]:
         return sorted(self._models.get(name, {}), key=version_key)
 
+    def described(self, model: HostedModel) -> dict:
+        """What the model routes answer of ``model``: its description and every version of its name served here."""
+        return {**model.describe(), "versions": self.versions(model.name)}
+
     def names(self) -> list[str]:
         return sorted(self._models)
 

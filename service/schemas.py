@@ -34,6 +34,19 @@ def options(cls: type[BaseModel], obj: dict) -> Any:
         raise invalid(msg, "invalid_request") from None
 
 
+def given_options(cls: type[BaseModel], sent: dict, query: dict[str, str], where: str) -> Any:
+    """A route's options (``cls``) from the body's fields (``sent``, in the ``where``) and the query's. An option
+    given in both with different values is a 422 naming both: one of them silently won before (the query over a
+    JSON body, a form field over the query), and the caller could not tell which was served."""
+    sent = {k: v for k, v in sent.items() if v is not None and v != ""}  # null or empty: not given (as the query's)
+    for name in cls.model_fields.keys() & sent.keys() & query.keys():
+        in_body, in_query = (getattr(options(cls, {name: given[name]}), name) for given in (sent, query))
+        if in_body != in_query:
+            raise invalid(f"{name} is {in_body} in the {where} but {in_query} in the query: give it once, or the "
+                          "same in both", "conflicting_options")
+    return options(cls, {**sent, **query})
+
+
 Tensor = list[Any]
 
 # PostgreSQL text holds no NUL byte: a name, id or filter with one is a 422 at the boundary, never a

@@ -31,7 +31,6 @@ from ..errors import ApiError, invalid
 from ..jobs.kinds.base import NAME_PATTERN
 from ..schemas import AUTH, MODEL_EXAMPLE, ModelInfo, OutputPolicy, json_response, ok, responses
 from ..tensors import parse_json
-from .models import _describe
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -130,4 +129,4 @@ async def deploy(request: Request, key: DeployKeyDep, host: ModelHostDep, store:
         row = await run_in_threadpool(serve, path, body.file, body.name, policy)
     else:
         raise unsupported(media, (MULTIPART, JSON))
-    return json_response(_describe(host, await host.aget(row.name, row.version)), status=201)
+    return json_response(host.described(await host.aget(row.name, row.version)), status=201)

@@ -4,7 +4,6 @@ release a name's claim (an admin) (deploying an uploaded bundle, ``POST /v1/mode
 from __future__ import annotations
 
 import time
-from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -48,7 +47,7 @@ from ..inference import (
     require_predict,
     require_task,
 )
-from ..registry import HostedModel, ModelHost
+from ..registry import HostedModel
 from ..schemas import (
     AUTH,
     MAX_TOP_K,
@@ -63,10 +62,10 @@ from ..schemas import (
     PredictOptions,
     PredictRequest,
     PredictResponse,
+    given_options,
     json_body_doc,
     json_response,
     ok,
-    options,
     responses,
 )
 from ..store import DeployRefused
@@ -91,10 +90,6 @@ _UPLOAD_DOC = {npy.NPY: _NPY_BODY_DOC, "multipart/form-data": {"schema": {
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}}}
 
 
-def _describe(host: ModelHost, model: HostedModel) -> dict:
-    return {**model.describe(), "versions": host.versions(model.name)}
-
-
 _NO_KEY = "a key that is not valid; or none, when predict needs one (public_predict off)"
 _SERVING_ERRORS = {
     400: "a body that is not a JSON object or not a valid .npy array (a malformed header, truncated, or longer "
@@ -115,7 +110,7 @@ _SAMPLE = [[[0.0, 0.5], [1.0, 0.25]]]  # one [C, H, W] sample, for the examples:
             openapi_extra=SERVING_DOC)
 async def list_models(host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep) -> Response:
     shown = listable(key, settings.public_predict)  # metadata follows predict: the scope, then the key's allowlist
-    return json_response({"models": [_describe(host, m) for m in host.all() if shown(m.name)]})
+    return json_response({"models": [host.described(m) for m in host.all() if shown(m.name)]})
 
 
 @router.get("/{name}", response_model=ModelInfo, summary="One model: input shape, labels, versions",
@@ -124,7 +119,7 @@ async def list_models(host: ModelHostDep, settings: SettingsDep, key: OptionalAp
 async def get_model(name: ModelName, host: ModelHostDep, settings: SettingsDep, key: OptionalApiKeyDep,
                     version: str | None = VersionQuery) -> Response:
     require_predict(key, name, settings.public_predict)  # before the lookup: no probing names
-    return json_response(_describe(host, await host.aget(name, version)))
+    return json_response(host.described(await host.aget(name, version)))
 
 
 async def _body(request: Request, model: HostedModel, s: Serving, accept: tuple[str, ...],
@@ -176,19 +171,6 @@ def _query_options(request: Request, *names: str) -> dict[str, str]:
     return {n: v for n in names if (v := request.query_params.get(n))}
 
 
-def _options(cls: type[BaseModel], sent: dict, query: dict[str, str], where: str) -> Any:
-    """A route's options (``cls``) from the body's fields (``sent``, in the ``where``) and the query's. An option
-    given in both with different values is a 422 naming both: one of them silently won before (the query over a
-    JSON body, a form field over the query), and the caller could not tell which was served."""
-    sent = {k: v for k, v in sent.items() if v is not None and v != ""}  # null or empty: not given (as the query's)
-    for name in cls.model_fields.keys() & sent.keys() & query.keys():
-        in_body, in_query = (getattr(options(cls, {name: given[name]}), name) for given in (sent, query))
-        if in_body != in_query:
-            raise invalid(f"{name} is {in_body} in the {where} but {in_query} in the query: give it once, or the "
-                          "same in both", "conflicting_options")
-    return options(cls, {**sent, **query})
-
-
 _TOP_K_DOC = {"name": "top_k", "in": "query", "required": False,
               "schema": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K},
               "description": "labels to return (at most the output policy's k; one under the label policy); also "
@@ -230,11 +212,11 @@ async def predict(request: Request) -> Response:
         heatmaps = await public_logits(model, x, s.key, s.keyring, s.metrics, s.caller)
         return await built(heatmaps.size, _pose_answer, model, heatmaps, sizes)
     if body.json is not None:  # the options are checked before the tensor, the images after decoding
-        opts = _options(PredictOptions, body.json, query, "JSON body")
+        opts = given_options(PredictOptions, body.json, query, "JSON body")
         x = await _inputs(model, body, max_samples)
     else:  # a .npy body (top_k in the query) or images (top_k a form field or in the query)
         x = await _inputs(model, body, max_samples)
-        opts = _options(PredictOptions, body.fields, query, "form")
+        opts = given_options(PredictOptions, body.fields, query, "form")
     check_answer_size(len(labels), len(x), 1, max_values)
     z = await public_logits(model, x, s.key, s.keyring, s.metrics, s.caller)
     return await built(z.size, _predict_answer, model, task, z, min(opts.top_k, len(labels)), labels)
@@ -280,7 +262,7 @@ async def distill(request: Request) -> Response:
     model = await s.host.aget(name, _version(request))
     require_task(model)
     body = await _body(request, model, s, (JSON, npy.NPY), what="distill")
-    opts = _options(DistillOptions, body.json or {}, query, "JSON body")
+    opts = given_options(DistillOptions, body.json or {}, query, "JSON body")
     x = await _inputs(model, body, s.settings.max_request_samples)
     as_npy = wants_npy(request)
     outputs = 1 if as_npy or opts.temperature is None else 2  # the logits, and in JSON their soft targets

@@ -32,9 +32,8 @@ from ..deps import SERVING_DOC, ModelName, ServingDep
 from ..errors import ApiError, bad_request, invalid
 from ..inference import require_predict, stylized
 from ..registry import HostedModel, ModelHost
-from ..schemas import AUTH, NO_NUL, json_body_doc, options, responses
+from ..schemas import AUTH, NO_NUL, given_options, json_body_doc, options, responses
 from ..tensors import MAX_IMAGE_PIXELS, image_format
-from .models import _options
 
 router = APIRouter(prefix="/v1/style", tags=["style"])
 
@@ -129,7 +128,7 @@ def _images(body: Body, alpha_query: float | None) -> tuple[bytes, bytes | None,
     different values are a 422), so a generated client's ``"alpha": null`` leaves ``?alpha=`` in force."""
     query = {} if alpha_query is None else {"alpha": alpha_query}
     if body.json is not None:
-        alpha = _options(StyleOptions, body.json, query, "JSON body").alpha
+        alpha = given_options(StyleOptions, body.json, query, "JSON body").alpha
         req = options(StyleRequest, {**body.json, "alpha": alpha})
         return _b64(req.image, "image"), (_b64(req.style, "style") if req.style else None), req.alpha
     repeated = sorted({n for n in body.names if n in ("file", "style") and body.names.count(n) > 1})
@@ -143,7 +142,7 @@ def _images(body: Body, alpha_query: float | None) -> tuple[bytes, bytes | None,
         raise invalid("field 'style' must be an image file", "invalid_request")
     if "alpha" in body.files:
         raise invalid("field 'alpha' must be a number, not a file", "invalid_request")
-    opts = _options(StyleOptions, body.fields, query, "form")
+    opts = given_options(StyleOptions, body.fields, query, "form")
     return content, body.files.get("style"), opts.alpha
 
 
