@@ -371,6 +371,11 @@ def checked_wrap(
             best = (shortfall, result, attempt)
         if not misses:
             break
+        if _collapse(result, fit_data.test, teacher_val, figures, th)[2]:  # no other setting mends a rate too high
+            log(f"self-check attempt {i + 1}: the box collapsed to a few classes -> half the learning rate, "
+                "gradients clipped")
+            cfg = gentler(cfg)
+            continue
         underfit = figures["fit_public_drop"] > th.max_accuracy_drop
         narrow = figures["public_drop"] - max(figures["fit_public_drop"], 0.0) > th.max_accuracy_drop
         moves = _by_path(misses, figures)
@@ -489,21 +494,26 @@ def _balanced_missed(fig: dict, misses: dict[str, float], th, config: str = "SDB
                ": no worse than the top-1, every class missed alike"))
 
 
-def _collapsed(result: WrapResult, held_out, teacher_val: torch.Tensor, chosen: dict, th, config: str) -> str:
-    """What a refusal says of a box that collapsed: a path that answers at most half the classes the teacher answers
-    on the held-out inputs while it misses its top-1 bound, and not for a rare class (:func:`_class_level`: a path
-    that never answers the rare one of two classes answers half of them too). A learning rate too high for the
-    network does that (a wrap at lr 10 on balanced digits: one class for every input, 10%, a training loss of
-    2,302), where no rare class's inputs nor longer training help: the refusal says so, and names the rate."""
+def _collapse(result: WrapResult, held_out, teacher_val: torch.Tensor, fig: dict, th) -> tuple[int, dict, list]:
+    """The paths of a box that collapsed: a path that answers at most half the classes the teacher answers on the
+    held-out inputs while it misses its top-1 bound, and not for a rare class (:func:`_class_level`: a path that
+    never answers the rare one of two classes answers half of them too). A learning rate too high for the network
+    does that (a wrap at lr 10 on balanced digits: one class for every input, 10%, a training loss of 2,302), where
+    no rare class's inputs nor longer training help. Returns the classes taught, those each path answers, and the
+    collapsed paths (none: [])."""
     from ..train import predict_logits
 
-    fig, bounds = chosen["figures"], _bounds(th)
-    x = held_out.tensors[0]
+    bounds, x = _bounds(th), held_out.tensors[0]
     taught = int(teacher_val.argmax(1).unique().numel())
     paths = {"public": result.box.public_logits, **({"keyed": result.box.distill_logits} if "keyed_acc" in fig else {})}
     answered = {p: int(predict_logits(fn, x).argmax(1).unique().numel()) for p, fn in paths.items()}
-    collapsed = [p for p, n in answered.items() if taught >= 2 and n <= taught // 2
-                 and fig[f"{p}_drop"] > bounds[p] and not _class_level(fig, p, bounds[p])]
+    return taught, answered, [p for p, n in answered.items() if taught >= 2 and n <= taught // 2
+                              and fig[f"{p}_drop"] > bounds[p] and not _class_level(fig, p, bounds[p])]
+
+
+def _collapsed(result: WrapResult, held_out, teacher_val: torch.Tensor, chosen: dict, th, config: str) -> str:
+    """What a refusal says of a box that collapsed (:func:`_collapse`): so, and the learning rate to lower."""
+    taught, answered, collapsed = _collapse(result, held_out, teacher_val, chosen["figures"], th)
     if not collapsed:
         return ""
     history = result.report.get("history") or []

@@ -40,6 +40,23 @@ def test_a_collapsed_box_is_told_to_lower_its_learning_rate_not_to_feed_a_rare_c
     assert "sdb wrap --lr, a job's lr; SDBConfig.train.lr in Python" in message, message
 
 
+def test_after_a_collapse_the_next_attempt_halves_the_learning_rate(digits):
+    """The self-check lowered the rate only after a NaN: a box collapsed by lr 10 was retried at lr 10 (its other
+    settings moved, which mend no rate too high) in every attempt. The attempt after a collapse halves it."""
+    check = CheckConfig(max_attempts=2, leak_check=False, teacher_apart=True)
+    seed_everything(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    train_classifier(teacher, teacher_data(digits, check).train, TrainConfig(epochs=10, lr=0.05, seed=0))
+    key = random_keys(1, digits.in_shape, digits.mean, digits.std, generator=torch.Generator().manual_seed(7))[0]
+    cfg = SDBConfig(train=replace(SDBConfig().train, epochs=1, lr=10.0))
+    with pytest.raises(WrapRefused) as refused:
+        wrap(teacher.eval(), digits, cfg, check=check, key=key)
+    first, second = refused.value.report["attempts"]
+    assert first["settings"]["lr"] == 10.0 and first["figures"]["public_drop"] > 50, first
+    assert second["settings"]["lr"] == 5.0, second
+    assert second["settings"]["epochs"] == first["settings"]["epochs"], second  # the rate alone moved
+
+
 def test_the_rare_class_advice_is_for_a_class_level_miss_in_both_callers_words():
     """The advice follows the figures: a class-balanced drop far past the top-1's (7 vs rest at 98/2) is a rare
     class's, with the epochs as a flag and a job's param; one no worse than the top-1's is every class's."""
