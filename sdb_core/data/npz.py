@@ -148,7 +148,8 @@ def describe_npz(path: str | Path, *, max_bytes: int | None = None, whole: bool 
                 lo, hi = float(pixels.min()), float(pixels.max())
                 if lo < 0.0 or hi > 1.0:
                     raise DatasetError(f"{path}: {xs} holds float pixels from {lo:.4g} to {hi:.4g}; float pixels are "
-                                       "in [0, 1]: give uint8 0..255 (or x / 255), not normalised values")
+                                       "in [0, 1]: give x / DEPTH as float32 (DEPTH: the largest value the format gives: 255 for 8-bit "
+                                       "pixels, 16 for scikit-learn's digits), or uint8 0..255; not normalised values")
     lo, hi = min(int(y.min()) for y in ys), max(int(y.max()) for y in ys)
     if lo < 0:
         raise DatasetError(f"{path}: labels must be >= 0, found {lo}")

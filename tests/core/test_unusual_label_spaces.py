@@ -56,9 +56,10 @@ def test_labels_with_class_names_may_leave_declared_classes_empty_and_small_int_
                                np.random.default_rng(0).normal(size=(40, 8, 8))])
 def test_float_pixels_outside_0_1_are_refused(tmp_path, x):
     """0..255 floats (or standardised ones) were normalised by their own statistics: the bundle then served
-    images as (pixel / 255 - 127) / 74, and a key was a near-constant image."""
+    images as (pixel / 255 - 127) / 74, and a key was a near-constant image. The advice is the format's depth, not
+    255 (scikit-learn's digits, 0..16, divided by 255 are dark images in [0, 0.063])."""
     np.savez(tmp_path / "f.npz", x=x, y=np.arange(40) % 4)
-    with pytest.raises(DatasetError, match=r"float pixels from .* are in \[0, 1\]"):
+    with pytest.raises(DatasetError, match=r"float pixels from .* are in \[0, 1\]: give x / DEPTH .*16 for"):
         load_dataset(f"npz:{tmp_path / 'f.npz'}")
 
 
