@@ -326,6 +326,11 @@ def accuracy(fn: Callable[[Tensor], Tensor] | nn.Module, data: Dataset, batch_si
     return 100.0 * (predict_logits(fn, x, batch_size).argmax(1) == y).float().mean().item()
 
 
+def chance_of(labels: Tensor) -> float:
+    """Accuracy (%) of the best constant answer on ``labels``: its most common class's share (an unbalanced set's)."""
+    return 100.0 * torch.bincount(labels).max().item() / len(labels)
+
+
 def random_shift(x: Tensor, pixels: int) -> Tensor:
     """Each image moved by up to ``pixels`` in each direction (edges replicated), independently."""
     if pixels <= 0:

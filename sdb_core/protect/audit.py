@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 
 from ..data import transfer_split
 from ..reports import report_json
-from ..train import Progress
+from ..train import Progress, chance_of
 from .attacks import ATTACK_FAMILIES, Attack, PublicAPI, Round, public_api
 from .config import FAMILIES, AuditConfig, no_attack
 
@@ -164,11 +164,6 @@ def verdict_of(attacks: dict[str, dict]) -> tuple[str, str, float]:
 # A labels-only reference that gains less than this share of the target's public top-1 over chance learned nothing (nor
 # did its attacks: every advantage ~0, read `protected`); normal audits gain 0.6-0.95 of it (docs/audit.md#attacks).
 MIN_LEARNED_SHARE = 0.1
-
-
-def chance_of(labels: torch.Tensor) -> float:
-    """Accuracy (%) of the best constant answer on ``labels``: its most common class's share (an unbalanced set's)."""
-    return 100.0 * torch.bincount(labels).max().item() / len(labels)
 
 
 def unlearned(reference: float, public_acc: float, chance: float, cfg: AuditConfig) -> str | None:

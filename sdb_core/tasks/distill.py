@@ -36,6 +36,11 @@ class DistillTask:
         return cls(student=student, data=data, distill=dcfg, **task)
 
 
+# A student within this share of the way from chance to 100% learned little (a job's explicit epochs: 2 at transfer
+# 300 ran 10 steps and stayed at 9% on digits, and the job "succeeded" without a word); said in the log.
+LEARNED_LITTLE = 0.1
+
+
 @dataclass
 class DistillOutcome:
     student: Any
@@ -99,7 +104,7 @@ def run(cfg: DistillTask, out: str | os.PathLike, hooks: Hooks | None = None, *,
     from ..distill import distill
     from ..models import create_model
     from ..outputs import out_file
-    from ..train import accuracy, seed_everything
+    from ..train import accuracy, chance_of, seed_everything
     from ..weights import save_weights
 
     out_file(out, "the student's weights file")  # before any work: a path it cannot write is refused now
@@ -119,5 +124,10 @@ def run(cfg: DistillTask, out: str | os.PathLike, hooks: Hooks | None = None, *,
         charge(len(transfer) * (1 if dcfg.cache_teacher else dcfg.train.epochs))
     result = distill(student, transfer, teacher, dcfg, progress=hooks.phase("distill"), should_cancel=hooks.should_cancel)
     save_weights(student, out)
-    return DistillOutcome(student, accuracy(student, data.test), len(transfer), result.history.epochs,
-                          result.history.seconds)
+    acc, chance = accuracy(student, data.test), chance_of(data.test.tensors[1])
+    if acc - chance < LEARNED_LITTLE * (100.0 - chance):  # said, not refused: the weights are what was asked for
+        steps = dcfg.train.epochs * -(-len(transfer) // dcfg.train.batch_size)
+        hooks.log(f"warning: the student scores {acc:.1f}% on the test split, chance {chance:.1f}%: it learned "
+                  f"little in {dcfg.train.epochs} epoch(s) of {len(transfer)} images ({steps} optimiser steps); "
+                  "train more epochs (left out, the recipe's schedule) or give it more transfer images")
+    return DistillOutcome(student, acc, len(transfer), result.history.epochs, result.history.seconds)

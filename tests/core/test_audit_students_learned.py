@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from sdb_cli.main import main
-from sdb_core.protect.audit import AuditConfig, audit, chance_of, unlearned
-from sdb_core.train import TrainConfig
+from sdb_core.protect.audit import AuditConfig, audit, unlearned
+from sdb_core.train import TrainConfig, chance_of
 from sdb_core.weights import save_weights
 from tests.core.conftest import serving_plain_digits
 

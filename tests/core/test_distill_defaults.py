@@ -47,3 +47,20 @@ def test_the_default_epochs_follow_the_transfer_set_and_given_epochs_are_kept():
     assert DistillTask.from_options("mlp", "digits").distill == base
     exact = DistillConfig(min_steps=None, train=TrainConfig(epochs=7))
     assert exact.for_transfer(10).train.epochs == 7
+
+
+def test_a_student_that_learned_little_is_said_so_in_the_log(digits, digits_teacher, tmp_path):
+    """A job's explicit epochs 2 at transfer 300 ran 10 steps: the student stayed at chance (9%) and the job
+    succeeded without a word. Its weights are what was asked for; the log says it learned little, and why."""
+    from sdb_core.progress import Hooks
+
+    said: list[str] = []
+    task = DistillTask.from_options("mlp", "digits", transfer=300, epochs=2)
+    out = distill.run(task, tmp_path / "s.safetensors", hooks=Hooks(log=said.append), teacher=digits_teacher,
+                      data=digits)
+    assert out.accuracy < 30, out.accuracy
+    assert any(line.startswith("warning: the student scores") and "10 optimiser steps" in line for line in said), said
+    said.clear()
+    learned = distill.run(DistillTask("mlp", "digits", transfer=300), tmp_path / "t.safetensors",
+                          hooks=Hooks(log=said.append), teacher=digits_teacher, data=digits)
+    assert learned.accuracy > 60 and not any("learned little" in line for line in said), (learned.accuracy, said)
