@@ -76,7 +76,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             except BaseException:
                 store.close()
                 raise
-            host = ModelHost(settings, store, on_batch=metrics.observe_batch)
+            host = ModelHost(settings, store, on_batch=metrics.observe_batch, on_forget=metrics.forget)
             host.sync()
             register_demo(settings, store, host)
             sweep_leftovers(settings, store)  # what killed processes left (bundles, uploads, jobs): set aside, logged
@@ -95,6 +95,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
                 host.close()
                 store.close()
                 raise
+        metrics.hosted = host.__contains__  # a series names a model only while it is hosted (Metrics.forget)
         metrics.models.set_function(lambda: len(host.all()))
         metrics.bundles.set_function(lambda: len(host.bundles))
         metrics.reloads.set_function(lambda: host.bundles.loads)

@@ -88,20 +88,21 @@ class Metrics:
         self.operator.register(self.jobs)
         ProcessCollector(registry=self.operator)  # memory, CPU, open files against their limit, start time
         PlatformCollector(registry=self.operator)  # python_info: the interpreter's version
-        # Each series once looked up: as bounded as the labels themselves (templates, hosted models, key ids, codes)
+        # Each series once looked up: as bounded as the labels themselves (templates, hosted models, key ids, codes).
+        # A model's go with its name (forget): else the series of every name ever deployed piled up, removed or not.
         self._request_series: dict[tuple, tuple] = {}
         self._code_series: dict[tuple, Any] = {}
         self._sample_series: dict[tuple, Any] = {}
+        self._batch_series: dict[tuple, tuple] = {}
+        self.hosted: Callable[[str], bool] = lambda model: True  # the app's ModelHost.__contains__, once it has one
+        self._lock = threading.Lock()  # a model's series made (on first use) or forgotten, one at a time
 
     def observe_request(self, route: str, method: str, model: str, status: int, seconds: float,
                         code: str = "") -> None:
         """One request answered (``code``: its error's, when it was one)."""
         series = self._request_series.get((route, method, model, status))
         if series is None:  # prometheus_client's labels() checks and locks: ~1 µs a call, 3 calls a request
-            error = status >= 400 and status != CLIENT_CLOSED_REQUEST
-            series = self._request_series[route, method, model, status] = (
-                self.requests.labels(route, method, model, str(status)), self.latency.labels(route, model),
-                self.errors.labels(route, model, str(status)) if error else None)
+            series = self._first_use(self._request_series, (route, method, model, status), 2, self._request_labels)
         series[0].inc()
         series[1].observe(seconds)
         if series[2] is not None:
@@ -113,9 +114,7 @@ class Metrics:
         :data:`BELOW_APP`, with no method, model or latency (its head may not even have arrived)."""
         series = self._request_series.get((BELOW_APP, "", "", status))
         if series is None:
-            series = self._request_series[BELOW_APP, "", "", status] = (
-                self.requests.labels(BELOW_APP, "", "", str(status)), None,
-                self.errors.labels(BELOW_APP, "", str(status)))
+            series = self._first_use(self._request_series, (BELOW_APP, "", "", status), 2, self._refusal_labels)
         series[0].inc()
         series[2].inc()
         self._count_code(BELOW_APP, code)
@@ -129,12 +128,63 @@ class Metrics:
     def count_samples(self, model: str, kind: str, key_id: str, samples: int) -> None:
         series = self._sample_series.get((model, kind, key_id))
         if series is None:
-            series = self._sample_series[model, kind, key_id] = self.samples.labels(model, kind, key_id)
+            series = self._first_use(self._sample_series, (model, kind, key_id), 0, self.samples.labels)
         series.inc(samples)
 
     def observe_batch(self, model: str, requests: int, samples: int) -> None:
-        self.batch_requests.labels(model).observe(requests)
-        self.batch_samples.labels(model).observe(samples)
+        series = self._batch_series.get((model,))
+        if series is None:
+            series = self._first_use(self._batch_series, (model,), 0, lambda m: (
+                self.batch_requests.labels(m), self.batch_samples.labels(m)))
+        series[0].observe(requests)
+        series[1].observe(samples)
+
+    def _first_use(self, cache: dict[tuple, Any], key: tuple, at: int, make: Callable[..., Any]) -> Any:
+        """The series of ``key`` (its model label at ``at``), made and cached on its first use. A model no longer
+        hosted is counted under the empty one, as the middleware labels it: a request answered as its name was
+        removed (a batch in flight, its samples) would make the name's series again after :meth:`forget`, for good."""
+        with self._lock:
+            if key[at] and not self.hosted(key[at]):
+                key = (*key[:at], "", *key[at + 1:])
+            series = cache.get(key)
+            if series is None:
+                series = cache[key] = make(*key)
+            return series
+
+    def _request_labels(self, route: str, method: str, model: str, status: int) -> tuple:
+        error = status >= 400 and status != CLIENT_CLOSED_REQUEST
+        return (self.requests.labels(route, method, model, str(status)), self.latency.labels(route, model),
+                self.errors.labels(route, model, str(status)) if error else None)
+
+    def _refusal_labels(self, route: str, method: str, model: str, status: int) -> tuple:
+        return (self.requests.labels(route, method, model, str(status)), None,
+                self.errors.labels(route, model, str(status)))
+
+    def forget(self, model: str) -> None:
+        """``model``'s name is deployed no more (its last version removed): every series that names it goes, from
+        every registry and from the caches, so that names deployed and removed do not pile up series (memory, scrape
+        time) nor stay readable. Each series is removed once, by its labels: the older prometheus_client that
+        pyproject allows raises KeyError for a series not there."""
+        with self._lock:
+            latency, errors = set(), set()
+            for key in [k for k in self._request_series if k[2] == model]:
+                route, method, _, status = key
+                _, timed, counted = self._request_series.pop(key)
+                self.requests.remove(route, method, model, str(status))
+                if timed is not None:
+                    latency.add(route)
+                if counted is not None:
+                    errors.add((route, str(status)))
+            for route in latency:
+                self.latency.remove(route, model)
+            for route, status in errors:
+                self.errors.remove(route, model, status)
+            for key in [k for k in self._sample_series if k[0] == model]:
+                del self._sample_series[key]
+                self.samples.remove(*key)
+            if self._batch_series.pop((model,), None) is not None:
+                self.batch_requests.remove(model)
+                self.batch_samples.remove(model)
 
     def render(self, per_key: bool = False) -> bytes:
         """The exposition; ``per_key`` (an admin key) adds the series by key id, the process's and the jobs'. Reads

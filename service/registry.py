@@ -50,7 +50,7 @@ from sdb_core.bundle import (
 from .batching import BatcherClosed, Gate, MicroBatcher
 from .copies import bundle_path, discard_served
 from .disclosure import hide_paths
-from .errors import ApiError, not_found, quoted
+from .errors import STORE_DOWN, ApiError, not_found, quoted
 from .schemas import OutputPolicy
 from .settings import Settings
 from .statistics import ModelStatistics
@@ -608,8 +608,10 @@ class ModelHost:
     """The models being served, by name and version, each behind its own micro-batcher."""
 
     def __init__(self, settings: Settings, store: Store,
-                 on_batch: Callable[[str, int, int], None] | None = None):
+                 on_batch: Callable[[str, int, int], None] | None = None,
+                 on_forget: Callable[[str], None] | None = None):
         self.settings, self.store, self.on_batch = settings, store, on_batch
+        self.on_forget = on_forget  # a name deployed no more: what others keep per name goes (the metrics' series)
         self.executor = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="sdb-ort")
         self._owner_slots: dict[str, asyncio.Semaphore] = {}  # a tenant key's id → its share of the pool
         # The keyed requests' charges (a store read), beside their model calls: a stalled store holds these only.
@@ -846,6 +848,25 @@ class ModelHost:
         if old is not None:
             old.batcher.close()
             self.bundles.drop(old)
+        if not versions:  # old None too: a removed version this process never served may have been the name's last
+            self._name_left(name)
+
+    def _name_left(self, name: str) -> None:
+        """No version of ``name`` is served here any more. When the store has none either (removed, by this process
+        or another), what is kept per name goes: its load gate and, through :attr:`on_forget`, its metrics' series.
+        A version replaced (a new row, installed next) or one this process has not loaded yet keeps the name's.
+        A load on demand that raced the removal holds its own gate, and the store refuses it (:meth:`_removed`)."""
+        try:
+            if self.store.get_model(name) is not None:
+                return
+        except STORE_DOWN as e:  # the removal is done: kept series are the lesser harm than failing it here
+            log.warning("model %s: the store did not say whether its name is still deployed (%s): its metrics' "
+                        "series are kept", name, " ".join(str(e).split())[:300])
+            return
+        with self._loading_guard:
+            self._loading.pop(name, None)
+        if self.on_forget is not None:
+            self.on_forget(name)
 
     def add(self, path: str | Path, actor: str, *, policy: OutputPolicy | None = None) -> HostedModel:
         """An admin's registration in place (``sdb models add``, the demo): verify the bundle, record it
