@@ -164,9 +164,9 @@ class StoppingServer(uvicorn.Server):
     SIGTERM inside ``uvicorn.run`` (exit 143), before ``serve`` stopped its job workers, and a SIGHUP, which uvicorn
     leaves alone, killed it at once (no lifespan teardown: the usage write-behind lost)."""
 
-    def __init__(self, config: uvicorn.Config, state, drain_s: float):
+    def __init__(self, config: uvicorn.Config, state, drain_s: float, on_listening=None):
         super().__init__(config)
-        self.state, self.drain_s = state, drain_s
+        self.state, self.drain_s, self.on_listening = state, drain_s, on_listening
         self.drain_until: float | None = None
         self.stop_signal: int | None = None  # logged by the loop: a handler that wrote could interrupt a write
 
@@ -183,6 +183,11 @@ class StoppingServer(uvicorn.Server):
         finally:
             for sig, handler in before.items():
                 signal.signal(sig, handler)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)  # the lifespan's start, then the listening sockets
+        if self.started and self.on_listening is not None:
+            self.on_listening()
 
     def handle_exit(self, sig: int, frame) -> None:
         self.state.ready, self.state.stopping = False, True
@@ -221,11 +226,18 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
         except ImportError as e:
             raise ValueError(str(e)) from None
         grpc_service.check_address(settings.grpc_host or settings.host, settings.grpc_port)
-    print(f"sdb: serving on http://{settings.host}:{settings.port} (data {settings.data_dir.resolve()}, "
-          f"docs at {settings.root_path}/docs)", file=sys.stderr, flush=True)
-    if settings.grpc_port:
-        address = grpc_service.listen_address(settings.grpc_host or settings.host, settings.grpc_port)
-        print(f"sdb: gRPC (Open Inference Protocol) on {address}", file=sys.stderr, flush=True)
+    if settings.jobs_backend == "ray":  # the cluster before anything listens: one that does not answer is one line
+        from service.jobs.ray_backend import start_ray
+
+        start_ray(settings)  # RayUnavailable (exit 2) past its window; the lifespan finds it started
+
+    def listening() -> None:  # said once it listens (it said so before the lifespan, which can take minutes, or fail)
+        print(f"sdb: serving on http://{settings.host}:{settings.port} (data {settings.data_dir.resolve()}, "
+              f"docs at {settings.root_path}/docs)", file=sys.stderr, flush=True)
+        if settings.grpc_port:
+            address = grpc_service.listen_address(settings.grpc_host or settings.host, settings.grpc_port)
+            print(f"sdb: gRPC (Open Inference Protocol) on {address}", file=sys.stderr, flush=True)
+
     try:  # each connection is an open file: the soft limit (often 1024) up to the hard one, which needs no privilege
         import resource
 
@@ -256,7 +268,7 @@ def serve(settings: Settings, *, access_log: bool = False) -> int:
                                 access_log=access_log, server_header=False, proxy_headers=False,  # ForwardedClient
                                 forwarded_allow_ips=settings.forwarded_allow_ips,  # reads them
                                 timeout_graceful_shutdown=settings.shutdown_timeout_s)
-        server = StoppingServer(config, app.state, settings.shutdown_drain_s)
+        server = StoppingServer(config, app.state, settings.shutdown_drain_s, listening)
         server.run()  # returns once stopped, by a signal too
     finally:
         if pool is not None:

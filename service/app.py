@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -52,13 +53,40 @@ def register_demo(settings: Settings, store: Store, host: ModelHost) -> None:
     store.audit("server", "model.demo", DEMO_NAME, str(path))
 
 
+REPEAT_LOG_S = 60.0  # a background task that keeps failing the same way says so once a minute
+
+
+def _said(e: BaseException) -> str:
+    """A failure in one line: its type and its message's first line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 async def _every(seconds: float, fn: Callable[[], None], what: str) -> None:
+    """Call ``fn`` every ``seconds``. A failure is logged with its traceback the first time; the same failure again
+    (a store down for minutes: a traceback every tick flooded the log) once a minute in one line, and the recovery
+    when ``fn`` passes again."""
+    failing: str | None = None  # the failure logged with its traceback; None while fn passes
+    since = last_said = 0.0
+    count = 0
     while True:
         await asyncio.sleep(seconds)
         try:
             await run_in_threadpool(fn)
-        except Exception:
-            log.exception("%s failed; will retry", what)
+        except Exception as e:
+            now, said = time.monotonic(), _said(e)
+            if said != failing:
+                log.exception("%s failed; will retry every %g s", what, seconds)
+                failing, since, last_said, count = said, now, now, 1
+                continue
+            count += 1
+            if now - last_said >= REPEAT_LOG_S:
+                log.warning("%s still failing (%d times in %.0f s): %s", what, count, now - since, said)
+                last_said = now
+            continue
+        if failing is not None:
+            log.info("%s recovered after %d failure(s) in %.0f s", what, count, time.monotonic() - since)
+            failing = None
 
 
 def build_app(settings: Settings | None = None) -> FastAPI:

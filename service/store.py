@@ -231,10 +231,10 @@ def open_store(url: str) -> Store:
     try:
         store = Store(url)
     except SchemaTooNew as e:
-        raise StoreUnavailable(f"the store {_shown_url(url)}: {e}") from None
+        raise StoreUnavailable(f"the store {shown_url(url)}: {e}") from None
     except (SQLAlchemyError, ImportError) as e:
-        raise StoreUnavailable(f"cannot open the store {_shown_url(url)} (SDB_DATABASE_URL; unset: SQLite in "
-                               f"SDB_DATA_DIR): {_reason(e)}") from None
+        raise StoreUnavailable(f"cannot open the store {shown_url(url)} (SDB_DATABASE_URL; unset: SQLite in "
+                               f"SDB_DATA_DIR): {unreachable_reason(e)}") from None
     # A SQLite file corrupt past its header opened, then failed the server's start with a traceback: its pages are
     # checked first (quick_check reads each once: milliseconds for a store of keys, models and jobs)
     problem = None
@@ -243,20 +243,22 @@ def open_store(url: str) -> Store:
             with store.session() as s:
                 problem = s.connection().exec_driver_sql("PRAGMA quick_check(1)").scalar()
     except SQLAlchemyError as e:
-        problem = _reason(e)
+        problem = unreachable_reason(e)
     if problem not in (None, "ok"):
         store.close()
-        raise StoreUnavailable(f"the store {_shown_url(url)} is corrupt ({' '.join(str(problem).split())[:200]}): "
+        raise StoreUnavailable(f"the store {shown_url(url)} is corrupt ({' '.join(str(problem).split())[:200]}): "
                                "restore it from a "
                                "backup, or recover what it holds with sqlite3 FILE '.recover'")
     return store
 
 
-def _shown_url(url: str) -> str:
+def shown_url(url: str) -> str:
+    """The store's URL as logs and errors show it: its password hidden."""
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _reason(e: BaseException) -> str:
+def unreachable_reason(e: BaseException) -> str:
+    """Why the store did not answer, in one line (the driver's first line, or the driver missing)."""
     cause = e.orig if isinstance(e, DBAPIError) and e.orig is not None else e
     if isinstance(cause, ImportError):
         return f"no driver for it is installed ({cause.name or cause}); SDB supports SQLite and PostgreSQL"
@@ -825,7 +827,7 @@ class Store:
                     kept = set(s.scalars(select(r.id).where(r.id.in_(ids))))
             except Exception as e:  # noqa: BLE001 - the store away a moment: the next round renews them (a thread
                 # that ended here left the reservations of every later check to lapse)
-                log.warning("upload reservations not renewed (%s): %s", type(e).__name__, _reason(e))
+                log.warning("upload reservations not renewed (%s): %s", type(e).__name__, unreachable_reason(e))
                 continue
             with self._held_lock:
                 for rid in ids:

@@ -131,9 +131,38 @@ def run_task(settings_dict: dict, job_id: str, mark: str | None = None) -> str:
 # How long the API keeps trying a Ray cluster that does not answer yet: compose starts the API
 # beside the Ray head (depends_on waits for the container, not for Ray inside it).
 RAY_CONNECT_S = 120.0
+RAY_RETRY_S = 2.0  # between two tries of a cluster that does not answer
 
 
-def start_ray(settings: Settings) -> None:
+class RayUnavailable(ValueError):
+    """The Ray cluster of SDB_RAY_ADDRESS did not answer within the connect window: one line for the operator."""
+
+
+def shown_address(address: str) -> str:
+    """SDB_RAY_ADDRESS as a message may show it: a user and password in it (``ray://user:pw@host:port``) hidden."""
+    scheme, sep, rest = address.rpartition("://")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}{sep}{rest}"
+
+
+def _port_refused(address: str) -> str | None:
+    """Why ``address``'s host:port takes no connection now (refused, no such host), or None when it does or the
+    address names none (``auto``). Probed before ``ray.init``, whose own tries take 30 s even on a closed port."""
+    host, _, port = address.rpartition("://")[2].rpartition("@")[2].partition("/")[0].rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_RETRY_S).close()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def start_ray(settings: Settings, connect_s: float | None = None) -> None:
+    """Join the Ray cluster of SDB_RAY_ADDRESS, or start a local instance without one. A cluster is tried for
+    ``connect_s`` (default :data:`RAY_CONNECT_S`), then :class:`RayUnavailable` names the address (never its
+    credentials): an unreachable one ended the server's start in a 90-line traceback."""
     if not settings.ray_address:
         # A local instance serves this host only: Ray reads this switch (at import) to put every
         # address of a single-node instance on 127.0.0.1 instead of the machine's interface.
@@ -143,23 +172,30 @@ def start_ray(settings: Settings) -> None:
     if ray.is_initialized():
         return
     if settings.ray_address:
-        deadline = time.monotonic() + RAY_CONNECT_S
-        while True:
-            try:
-                ray.init(address=settings.ray_address, log_to_driver=False)
-                break
-            except (ConnectionError, RuntimeError, TimeoutError) as e:
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("Ray at %s not ready (%s: %s); retrying", settings.ray_address, type(e).__name__,
-                            str(e).splitlines()[0] if str(e) else "")
-                ray.shutdown()
-                time.sleep(2.0)
+        _join(ray, settings.ray_address, RAY_CONNECT_S if connect_s is None else connect_s)
     else:  # a local instance with one CPU per configured worker, on loopback: it serves this host only
         # "local": a new instance of its own. With no address Ray joins what it finds by itself (RAY_ADDRESS, the
         # last `ray start` head on this host), which is not this server's, and fails there on num_cpus.
         ray.init(address="local", num_cpus=max(settings.workers, 1), include_dashboard=False, log_to_driver=False)
     log.info("jobs run on Ray: %s", ray.get_runtime_context().gcs_address)
+
+
+def _join(ray, address: str, connect_s: float) -> None:
+    shown, deadline = shown_address(address), time.monotonic() + connect_s
+    while True:
+        why = _port_refused(address)
+        if why is None:
+            try:
+                ray.init(address=address, log_to_driver=False)
+                return
+            except (ConnectionError, RuntimeError, TimeoutError) as e:
+                ray.shutdown()
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".replace(address, shown)
+        if time.monotonic() + RAY_RETRY_S > deadline:
+            raise RayUnavailable(f"the Ray cluster at {shown} (SDB_RAY_ADDRESS) did not answer within {connect_s:.0f} s "
+                                 f"({why}): start it, or fix SDB_RAY_ADDRESS (unset: a local Ray instance)")
+        log.warning("Ray at %s not ready (%s); retrying", shown, why)
+        time.sleep(RAY_RETRY_S)
 
 
 @dataclass

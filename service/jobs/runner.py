@@ -178,24 +178,30 @@ def job_dir(settings: Settings, job_id: str):
 
 
 # How long a job's end (or its deploy) waits for the store to answer (an outage, a full disk): then the reaper
-# settles it.
+# settles it. A worker's own end of a job waits longer (settled's ``until``).
 SETTLE_S = 60.0
 
 
-def settled(call, *args, **kwargs):
+def settled(call, *args, until: threading.Event | None = None, **kwargs):
     """``call`` (a queue write that ends a job, or a store call of its deploy) once the store takes it: retried
     through a store outage or a full disk for up to :data:`SETTLE_S` (it raised out of the worker, which exited, and
-    the job ended "worker lost"; a deploy's failed the job "with an unexpected error")."""
+    the job ended "worker lost"; a deploy's failed the job "with an unexpected error"). Given ``until`` (the worker's
+    stop), retried until that is set instead: the job's heartbeat goes on meanwhile, so the reaper leaves the job
+    alone once the store answers, and the end stored is the job's own (after 60 s the reaper recorded a job that
+    failed on a full disk as "worker lost ... (killed or out of memory?)")."""
     wait, deadline = 0.5, time.monotonic() + SETTLE_S
     while True:
         try:
             return call(*args, **kwargs)
         except (SQLAlchemyError, OSError) as e:
-            if time.monotonic() + wait > deadline:
+            if until.is_set() if until is not None else time.monotonic() + wait > deadline:
                 raise
             log.warning("the store did not take the job's %s (%s): again in %.1f s",
                         getattr(call, "__name__", "write").replace("_", " "), type(e).__name__, wait)
-            time.sleep(wait)
+            if until is not None:
+                until.wait(wait)
+            else:
+                time.sleep(wait)
             wait = min(wait * 2, 8.0)
 
 
@@ -279,8 +285,8 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             raise Cancelled(over)
         try:
             ok = settled(queue.finish, job.id, worker, "succeeded", message=report.get("summary", "done"),
-                          result=finite_json(report.get("result", {})), metrics=finite_json(report.get("metrics", {})),
-                          artifact_bytes=used)
+                         result=finite_json(report.get("result", {})), metrics=finite_json(report.get("metrics", {})),
+                         artifact_bytes=used, until=ctx.stop)
         except (SQLAlchemyError, OSError):  # not the recipe's failure: the reaper settles the job, its artifacts kept
             log.exception("job %s succeeded, but the store did not take its end", job.id)
             ctx.log("succeeded, but the store did not take it: the reaper will settle the job")
@@ -293,7 +299,7 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             return "lost"
         if ctx.key_stop is not None:
             settled(queue.finish, job.id, worker, "cancelled", message=f"cancelled: {ctx.key_stop}",
-                         artifact_bytes=ctx.artifact_bytes())
+                    artifact_bytes=ctx.artifact_bytes(), until=ctx.stop)
             ctx.log(f"cancelled: {ctx.key_stop}")
             return "cancelled"
         if ctx.failure is not None:
@@ -303,7 +309,8 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             settled(queue.release, job.id, worker, f"requeued: worker {worker} shut down")
             ctx.log("released: the worker is shutting down; the job goes back to the queue")
             return "queued"
-        settled(queue.finish, job.id, worker, "cancelled", message=str(e), artifact_bytes=ctx.artifact_bytes())
+        settled(queue.finish, job.id, worker, "cancelled", message=str(e), artifact_bytes=ctx.artifact_bytes(),
+                until=ctx.stop)
         ctx.log(f"cancelled: {e}")
         return "cancelled"
     except Exception as e:  # any error of a recipe fails the job
@@ -327,7 +334,7 @@ def execute(settings: Settings, queue: JobQueue, job: JobRow, worker: str, stop:
             log.exception("job %s (%s) failed", job.id, job.kind)
         ctx.log(f"failed: {reason}")
         settled(queue.finish, job.id, worker, "failed", error=reason, message="failed",
-                 artifact_bytes=ctx.artifact_bytes())
+                artifact_bytes=ctx.artifact_bytes(), until=ctx.stop)
         return "failed"
     finally:
         hb.done.set()

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sdb_core.bundle import cuda_visible
 
 from ..settings import Settings, log_to_stderr
-from ..store import Store
+from ..store import Store, shown_url, unreachable_reason
 from .queue import JobQueue
 from .runner import execute, prepare_process
 
@@ -67,7 +67,9 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
     stop = stop or threading.Event()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _ = settings.master_key  # created on first use, as the server does
-    store = Store(settings.db_url)
+    store = open_when_up(settings, stop, once)
+    if store is None:  # stopped while the store was unreachable
+        return 0
     queue = JobQueue(store)
     me = worker_id()
     # A worker without a GPU in a pool with some leaves a new job to them for a few polls: an idle GPU worker
@@ -96,8 +98,8 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
                 log.info("job %s: %s", job.id, status)
             except (SQLAlchemyError, OSError) as e:
                 # The store gone a moment, or a full disk: this worker waits it out (it exited, and a standalone
-                # `sdb worker` stayed dead); a job it held is settled by the reaper if its end could not be stored.
-                outage = min(max(outage * 2, settings.job_poll_s), 30.0)
+                # `sdb worker` stayed dead); a job's end is stored once the store takes it (runner.settled).
+                outage = backoff(outage, settings)
                 log.warning("the job store or disk failed (%s: %s); trying again in %.0f s", type(e).__name__,
                             str(e).splitlines()[0][:200] if str(e) else "", outage)
                 if once:
@@ -106,6 +108,33 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
     finally:
         store.close()
     return 0
+
+
+OUTAGE_WAIT_MOST_S = 30.0  # the longest wait between two tries of a store that does not answer
+
+
+def backoff(wait: float, settings: Settings) -> float:
+    """The next wait for a store that still does not answer: doubled from ``job_poll_s``, at most 30 s."""
+    return min(max(wait * 2, settings.job_poll_s), OUTAGE_WAIT_MOST_S)
+
+
+def open_when_up(settings: Settings, stop: threading.Event, once: bool = False) -> Store | None:
+    """The job store, waited for while it does not answer (a PostgreSQL down, a SQLite folder unmounted): a worker
+    the pool (re)started during an outage exited with a traceback every few seconds. Each wait is one warning naming
+    the store (never its password); None if ``stop`` is set meanwhile. A store that answers but cannot be used (a
+    newer schema, a corrupt file) raises, as with ``once``: waiting does not mend it."""
+    wait = 0.0
+    while True:
+        try:
+            return Store(settings.db_url)
+        except (SQLAlchemyError, OSError) as e:
+            if once:
+                raise
+            wait = backoff(wait, settings)
+            log.warning("the job store %s is unreachable (%s); trying again in %.0f s", shown_url(settings.db_url),
+                        unreachable_reason(e), wait)
+            if stop.wait(wait):
+                return None
 
 
 PARENT_ENV = "SDB_WORKER_PARENT_PID"  # set by WorkerPool: the worker stops when that server is gone
