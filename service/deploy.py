@@ -1,17 +1,18 @@
 """Deploying a bundle: the one way a key makes a model servable (``POST /v1/models``, and the ``wrap``
 and ``style`` jobs with ``deploy: true``).
 
-:func:`deploy_bundle` copies the bundle into a new file beside the served ones (never over one),
-verifies that copy the way every server process will load it, and registers it in one store
-transaction that checks the name's owner and assigns the next version
-(:meth:`service.store.Store.add_version`). The job kinds' submission checks ask the same rules
-(:func:`check_deploy_rights`: a name that can be served, on the key's allowlist, not another key's) for an
-early answer; the deploy asks again, so a name taken between submission and deploy fails the job. See
-docs/security.md, "Model ownership".
+:func:`deploy_bundle` (a job's) and :func:`serve_bundle` (the route's, which then serves it in its own
+process at once) copy the bundle into a new file beside the served ones (never over one), verify that copy
+the way every server process will load it, and register it in one store transaction that checks the name's
+owner and assigns the next version (:meth:`service.store.Store.add_version`). The job kinds' submission
+checks ask the same rules (:func:`check_deploy_rights`: a name that can be served, on the key's allowlist,
+not another key's) for an early answer; the deploy asks again, so a name taken between submission and
+deploy fails the job. See docs/security.md, "Model ownership".
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,22 +26,26 @@ from .copies import copy_new, discard
 from .errors import ApiError, invalid, no_room
 from .filechecks import read_bundle
 from .jobs.kinds.base import NAME_PATTERN
-from .registry import verify_bundle
+from .registry import removed_meanwhile, verify_bundle
 from .schemas import OutputPolicy
 from .settings import Settings
 from .store import DeployRefused, ModelRow, Store
 
 if TYPE_CHECKING:
+    from sdb_core.bundle import Bundle
+
     from .auth import ApiKey
-    from .registry import ModelHost
+    from .registry import HostedModel, ModelHost
 
 POLICY_TASKS = ("classification", "multilabel")  # tasks whose outputs are class scores: the policies apply
-_STATUS = {"model_not_owned": 403, "key_invalid": 403, "model_exists": 409, "model_in_use": 409}
+# key_invalid: the deploying key revoked or expired since the request's own check: the 401 every route answers it
+_STATUS = {"model_not_owned": 403, "key_invalid": 401, "model_exists": 409, "model_in_use": 409}
 _JOB_REFUSALS = ("job_lost", "job_cancelled")  # a job's deploy its worker may no longer make: the job stops
 
 
 def refused(e: DeployRefused) -> ApiError:
-    return ApiError(_STATUS.get(e.code, 403), e.code, e.message)
+    status = _STATUS.get(e.code, 403)
+    return ApiError(status, e.code, e.message, {"WWW-Authenticate": "Bearer"} if status == 401 else None)
 
 
 def check_deploy_rights(store: Store, name: str, key: ApiKey) -> None:
@@ -118,18 +123,39 @@ def check_served_name(name: str, version: str | None = None) -> None:
                       f"that matches {NAME_PATTERN} (a number: at most 18 digits)", "invalid_request")
 
 
+def serve_bundle(host: ModelHost, src: str | Path, *, key: ApiKey, actor: str, **kw) -> HostedModel:
+    """Blocking: :func:`deploy_bundle` (``kw``: its options) through this server, which serves the version at
+    once: the model it installed, for the route to describe (a lookup after the deploy answered 404 when a
+    removal came in between, for a version that was deployed). 409 ``model_removed`` when a removal of the
+    model came between the version's registration and its install: the version is not served, as the removal
+    answered."""
+    row, bundle = _register(host.settings, host.store, src, key=key, actor=actor, load=host.load, **kw)
+    model = host.serve(row, bundle)
+    if model is None:
+        raise removed_meanwhile(row)
+    return model
+
+
 def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, key: ApiKey, actor: str,
-                  name: str | None = None, policy: OutputPolicy | dict | None = None, shown: str = "bundle",
-                  host: ModelHost | None = None, job: tuple[str, str] | None = None, tenant: bool = False,
-                  capped: bool = False) -> ModelRow:
-    """Blocking: serve the ``.sdb`` at ``src`` as the next version of ``name`` (default the bundle's own),
-    for ``key`` (the deployer; ``actor`` goes to the audit log). With ``host`` this process serves it
-    at once; every other process loads it on its first request for it.
+                  **kw) -> ModelRow:
+    """Blocking: register the ``.sdb`` at ``src`` as the next version of its name, served by every server process
+    from its first request for it (a job's deploy; :func:`serve_bundle` through a server). See :func:`_register`."""
+    return _register(settings, store, src, key=key, actor=actor,
+                     load=lambda path: verify_bundle(path, settings.master_key), **kw)[0]
+
+
+def _register(settings: Settings, store: Store, src: str | Path, *, key: ApiKey, actor: str,
+              load: Callable[[Path], Bundle], name: str | None = None, policy: OutputPolicy | dict | None = None,
+              shown: str = "bundle", job: tuple[str, str] | None = None, tenant: bool = False,
+              capped: bool = False) -> tuple[ModelRow, Bundle]:
+    """Blocking: register the ``.sdb`` at ``src`` as the next version of ``name`` (default the bundle's own),
+    for ``key`` (the deployer; ``actor`` goes to the audit log): the row, and its copy's bundle as ``load``
+    verified it.
 
     ApiError when refused, and then nothing stays: 400 ``bundle_refused`` (verification), 422 (the name or
     the policy), 403 ``model_not_allowed`` (a name outside the key's allowlist) or ``model_not_owned`` (checked
-    again in the transaction that adds the version), 507
-    ``insufficient_storage`` (the copy did not fit on the disk: :func:`service.copies.copy_new`). ``shown``
+    again in the transaction that adds the version), 401 ``key_invalid`` (the key revoked or expired meanwhile),
+    507 ``insufficient_storage`` (the copy did not fit on the disk: :func:`service.copies.copy_new`). ``shown``
     stands for the bundle in messages: a server path is never in one.
 
     ``tenant``: a graph a non-admin key wrote, which may use the standard ONNX operators only
@@ -168,7 +194,7 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, key: Api
     try:
         try:  # what is served is the copy: verified again, whole
             copied = read_bundle(target, limits, shown)
-            bundle = host.load(target) if host is not None else verify_bundle(target, settings.master_key)
+            bundle = load(target)
             digest = bundle.meta_sha256  # every later load of the version must find this meta.json
         except ApiError as e:
             raise ApiError(400, "bundle_refused", f"bundle refused: {e.message}") from None
@@ -194,6 +220,4 @@ def deploy_bundle(settings: Settings, store: Store, src: str | Path, *, key: Api
         _release(store, reservation)
         raise
     store.audit(actor, "model.add", f"{row.name}@{row.version}", str(target))
-    if host is not None:
-        host.serve(row, bundle)
-    return row
+    return row, bundle

@@ -596,6 +596,14 @@ def protection_report(check: dict | None) -> dict | None:
             "held_out": check["val_size"]}
 
 
+def removed_meanwhile(row: ModelRow) -> ApiError:
+    """409 ``model_removed``: the version was registered and then removed (``DELETE /v1/models/{name}``) before
+    this process served it (:meth:`ModelHost.serve`): it is not served, and its copy went with the removal."""
+    return ApiError(409, "model_removed", f"model {quoted(row.name)} version {quoted(row.version)} was registered "
+                    f"and then removed (DELETE /v1/models/{row.name}) before it could be served: nothing of it is "
+                    "served; deploy it again to serve it")
+
+
 # The threads every model's ONNX Runtime calls share (ORT releases the GIL: a few let several models run at once).
 POOL_THREADS = 4
 # The most of them one tenant's models hold at once, all its names and versions together: a key kept four busy
@@ -775,11 +783,10 @@ class ModelHost:
             current = self.loaded(row.name, row.version)
             if current is not None and current.added_at == row.added_at:
                 return current
-            bundle = self._load_row(row)
-            with self._lock:  # removed meanwhile (by this process or another): not served
-                if self._removed(row.name, row.version, row.added_at):
-                    raise not_found(f"model {name!r} was removed", "model_not_found")
-                return self.serve(row, bundle)
+            model = self.serve(row, self._load_row(row))
+            if model is None:  # removed meanwhile (by this process or another): not served
+                raise not_found(f"model {name!r} was removed", "model_not_found")
+            return model
 
     def _load_row(self, row: ModelRow) -> Bundle:
         """The row's verified bundle; 503 ``model_unavailable`` with the reason (no server path) when it fails,
@@ -870,8 +877,10 @@ class ModelHost:
 
     def add(self, path: str | Path, actor: str, *, policy: OutputPolicy | None = None) -> HostedModel:
         """An admin's registration in place (``sdb models add``, the demo): verify the bundle, record it
-        under its own name and version, serve it. 400 when refused, 409 when that version is present.
-        Deploys by keys (uploads, jobs) go through :func:`service.deploy.deploy_bundle` instead."""
+        under its own name and version, serve it. 400 when refused, 409 when that version is present (or another
+        process removed it before it was served: :func:`removed_meanwhile`). Deploys by keys go through
+        :mod:`service.deploy` instead (uploads :func:`~service.deploy.serve_bundle`, jobs
+        :func:`~service.deploy.deploy_bundle`)."""
         path = str(Path(path).expanduser().resolve())
         try:
             bundle = self.load(path)
@@ -894,16 +903,25 @@ class ModelHost:
             if row is None:
                 raise ApiError(409, "model_exists", f"model {name!r} version {version!r} is already registered")
             self.store.audit(actor, "model.add", f"{name}@{row.version}", path)
-            return self.serve(row, bundle)
+            model = self.serve(row, bundle)
+            if model is None:  # another process removed it meanwhile
+                raise removed_meanwhile(row)
+            return model
 
-    def serve(self, row: ModelRow, bundle: Bundle) -> HostedModel:
-        """Serve a registered row's verified bundle in this process now (a deploy through this server). A row
-        already served (a sync got to it first) stays as it is: replacing it closed the batcher that requests
+    def serve(self, row: ModelRow, bundle: Bundle) -> HostedModel | None:
+        """Serve a registered row's verified bundle in this process now (a deploy through this server, a load on
+        demand); None, and nothing served, when the store no longer has the row (removed or replaced, by any
+        process, since it was read): installed after a removal that found nothing loaded to unload (its copy
+        deleted), it would serve a removed version. Asked under the lock a removal here holds, so that one of the
+        two sees the other. A
+        row already served (a sync got to it first) stays as it is: replacing it closed the batcher that requests
         were already holding, and they answered 404 "was removed" for a version being served."""
         with self._lock:
             current = self.loaded(row.name, row.version)
             if current is not None and current.added_at == row.added_at:
                 return current
+            if self._removed(row.name, row.version, row.added_at):
+                return None
             model = self._host(row, bundle)
             self._install(model)
             self.failed.pop((row.name, row.version), None)

@@ -125,14 +125,16 @@ class JobQueue:
             return list(s.scalars(q))
 
     def cancel(self, job_id: str) -> JobRow | None:
-        """A queued job is cancelled at once; a running one is asked to stop (its worker ends it)."""
+        """A queued job is cancelled at once; a running one is asked to stop (its worker ends it). The row as the
+        cancel left it, read in its transaction (None: no such job): a job that had ended (its worker finished it,
+        or a delete removed it) since the caller looked is answered as it is, not as a later read finds it."""
         with self.store.session.begin() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
                       .values(status="cancelled", cancel_requested=True, finished_at=db_now(), step="cancelled",
                               message="cancelled before it started"))
             s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "running")
                       .values(cancel_requested=True, message="cancel requested"))
-        return self.get(job_id)
+            return s.get(JobRow, job_id)
 
     def delete(self, job_id: str) -> JobRow | None:
         """Remove a finished job's row (its folder is the caller's to remove); None if it is not finished."""

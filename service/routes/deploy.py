@@ -1,7 +1,7 @@
 """``POST /v1/models``: serve an uploaded ``.sdb`` bundle (scope ``deploy``, or ``admin``).
 
 The bundle comes in the request (multipart field ``file``) or as an uploaded file of purpose
-``bundle`` (``{"file": "file-…"}``); never as a server path. :func:`service.deploy.deploy_bundle`
+``bundle`` (``{"file": "file-…"}``); never as a server path. :func:`service.deploy.serve_bundle`
 does the rest, as for a job that deploys: a new file beside the served bundles (never over one),
 verified, and served as the next version of its name (the bundle's own, or the ``name`` field)
 with the output policy of the ``policy``, ``top_k`` and ``decimals`` fields (none given, a null one
@@ -13,7 +13,7 @@ request gives none). The audit log records which key deployed it.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import Field, ValidationError, model_validator
@@ -25,12 +25,15 @@ from sdb_core.protect.config import POLICIES
 from .. import files
 from ..auth import ApiKey, check_scope
 from ..bodies import JSON, MULTIPART, is_json, media_type, unsupported
-from ..deploy import deploy_bundle
+from ..deploy import serve_bundle
 from ..deps import ApiKeyDep, ModelHostDep, SettingsDep, StoreDep
 from ..errors import ApiError, invalid
 from ..jobs.kinds.base import NAME_PATTERN
 from ..schemas import AUTH, MODEL_EXAMPLE, ModelInfo, OutputPolicy, json_response, ok, responses
 from ..tensors import parse_json
+
+if TYPE_CHECKING:
+    from ..registry import HostedModel
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -80,8 +83,10 @@ _ERRORS = {**ok(MODEL_EXAMPLE, 201), **responses(400, *AUTH, 404, 409, 413, 415,
     400: "the bundle failed verification, or a malformed body", 404: "no such file for this key",
     403: "the key lacks the deploy scope, the name is not on its model allowlist (model_not_allowed), or the name "
          "is another key's (model_not_owned)",
-    409: "that version was registered meanwhile", 413: "over the upload limit (SDB_MAX_FILE_BYTES), or past the key's storage cap "
-         "(storage_exceeded: its files and deployed versions, SDB_MAX_FILE_STORAGE_PER_KEY)",
+    409: "that version was registered meanwhile, or the version deployed was removed (DELETE /v1/models/{name}) "
+         "before it could be served (model_removed: nothing of it is served)",
+    413: "over the upload limit (SDB_MAX_FILE_BYTES), or past the key's storage cap (storage_exceeded: its files "
+         "and deployed versions, SDB_MAX_FILE_STORAGE_PER_KEY)",
     415: "neither multipart nor JSON", 422: "a bad field, a server path, a file of another purpose, or a name no "
                                              "model can be served under (stats: the v2 statistics route's)"})}
 
@@ -110,9 +115,9 @@ async def deploy(request: Request, key: DeployKeyDep, host: ModelHostDep, store:
                  settings: SettingsDep) -> Response:
     media = media_type(request)
 
-    def serve(path, shown: str, name: str | None, policy: dict):
-        return deploy_bundle(settings, store, path, key=key, actor=key.id, name=name, policy=policy,
-                             shown=shown, host=host, tenant=not key.grants("admin"), capped=not key.grants("admin"))
+    def serve(path, shown: str, name: str | None, policy: dict) -> HostedModel:
+        return serve_bundle(host, path, key=key, actor=key.id, name=name, policy=policy, shown=shown,
+                            tenant=not key.grants("admin"), capped=not key.grants("admin"))
 
     if media == MULTIPART:
         async with files.Staging(settings.files_dir) as stage:
@@ -121,12 +126,13 @@ async def deploy(request: Request, key: DeployKeyDep, host: ModelHostDep, store:
             if name is not None and not re.fullmatch(NAME_PATTERN, name):
                 raise invalid(f"name must match {NAME_PATTERN}", "invalid_request")
             policy = {k: got.fields[k] for k in _POLICY if got.fields.get(k)}
-            row = await run_in_threadpool(serve, got.path, got.filename, name, policy)
+            model = await run_in_threadpool(serve, got.path, got.filename, name, policy)
     elif is_json(media):
         body = await _request_body(request, settings.max_payload_bytes)
         path = await run_in_threadpool(files.resolve_file, store, settings, key, body.file, "bundle")
         policy = body.given_policy()
-        row = await run_in_threadpool(serve, path, body.file, body.name, policy)
+        model = await run_in_threadpool(serve, path, body.file, body.name, policy)
     else:
         raise unsupported(media, (MULTIPART, JSON))
-    return json_response(host.described(await host.aget(row.name, row.version)), status=201)
+    # what was installed, not a lookup after it: a removal since would answer 404 for a version deployed
+    return json_response(host.described(model), status=201)

@@ -66,8 +66,12 @@ _SUBMIT_EXAMPLES = {"audit": {"summary": "a leak audit of a served model",
 def _own(queue, job_id: str, key: ApiKey) -> JobRow:
     row = queue.get(job_id)
     if row is None or (row.owner != key.id and not key.grants("admin")):
-        raise not_found(f"no job with id {job_id!r}", "job_not_found")
+        raise _no_job(job_id)
     return row
+
+
+def _no_job(job_id: str) -> ApiError:
+    return not_found(f"no job with id {job_id!r}", "job_not_found")
 
 
 def _shown(row: JobRow, key: ApiKey, settings: Settings) -> dict:
@@ -196,10 +200,13 @@ def get_job(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: Settin
                         **responses(*AUTH, 404, 409, 413, why={**_SCOPE, 404: "no such job for this key",
                                                                409: "the job already succeeded or failed"})})
 def cancel(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: SettingsDep) -> Response:
-    row = _own(queue, job_id, key)
+    _own(queue, job_id, key)  # another key's job: a 404, and nothing is asked of it
+    # Answered by the row as the cancel found it, not as first read: a delete or the job's end may come between.
+    row = queue.cancel(job_id)
+    if row is None:
+        raise _no_job(job_id)
     if row.status in ("succeeded", "failed"):
         raise ApiError(409, "job_finished", f"job {job_id} already {row.status}")
-    row = queue.cancel(job_id)
     queue.store.audit(key.id, "job.cancel", job_id)
     return json_response(_shown(row, key, settings))
 
@@ -223,7 +230,7 @@ def delete_job(job_id: JobId, key: JobsKeyDep, queue: JobQueueDep, settings: Set
                        "deleting the job would stop serving it. Remove those versions first (DELETE "
                        "/v1/models/NAME?version=V, or `sdb models remove NAME --version V`), then delete the job")
     if queue.delete(job_id) is None:
-        raise not_found(f"no job with id {job_id!r}", "job_not_found")
+        raise _no_job(job_id)
     shutil.rmtree(job_dir(settings, job_id), ignore_errors=True)  # the row first: no reader finds half a job
     queue.store.audit(key.id, "job.delete", job_id, f"{row.kind} {row.artifact_bytes or 0} artifact bytes")
     return json_response({"id": job_id, "deleted": True})
