@@ -80,6 +80,10 @@ BARE_ONNX_HINT = ("a bare ONNX graph is not a bundle: a bundle holds model.onnx 
                   "normalisation, labels) and a protected model's sealed key; to protect an ONNX classifier, wrap "
                   "it: sdb wrap --teacher model.onnx, or upload it as weights and submit a wrap job naming its file; "
                   "sdb_core.bundle.export_bundle writes one of any nn.Module")
+# What an owner of a network of token ids or other indices is told, wherever it shows (an integer input, a float one
+# cast to integers, a forward that indexes by its input): a key blended into ids is no ids (docs/protection.md).
+IDS_ADVICE = ("a key blended into ids (λx + (1−λ)k) is no ids: wrap the network after its embedding (an ONNX export of "
+              "the part that runs on the embeddings, or that module in Python), with the embeddings as the data")
 KEY_BINDING = 2  # meta["key_binding"]: what key.sealed's associated data covers (docs/security.md#bundles)
 # Tasks whose output is one score per label: the service indexes ``labels`` with the output.
 LABELLED_TASKS = ("classification", "multilabel")
@@ -386,8 +390,7 @@ def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[st
             "forward that takes its input through numpy or Python values (x.numpy(), .tolist(), .item()) exports "
             "the answer to the trace's zeros: write it with tensor ops")
     for batch in batches:
-        with torch.no_grad():
-            want = cpu(*(b.clone() for b in batch)).float().numpy()  # copies: a forward may write into them
+        want = _probed(cpu, batch)
         got = session.run(None, {name: b.numpy() for (name, _), b in zip(inputs, batch, strict=True)})[0]
         scale = float(np.abs(want).max()) if want.size else 0.0
         if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-4 * (1.0 + scale)):
@@ -404,6 +407,28 @@ def _check_export(model: nn.Module, onnx_bytes: bytes, inputs: Sequence[tuple[st
                 "(torch.where, x.shape[0], x.flatten(1)). Or an operator computes otherwise in ONNX Runtime than "
                 "in torch where float32 runs out of precision (a saturated sigmoid or exp read back through a log, "
                 "as log(p / (1 - p)) of p near 0 or 1): clamp its input, or answer the logits themselves")
+
+
+def _probed(model: nn.Module, batch: Sequence[Tensor]) -> np.ndarray:
+    """``model``'s answer to an export check's batch (copies: a forward may write into them), or a
+    :class:`BundleError` naming its error: the random probes are values the data's inputs take once a key is blended
+    into them, and a forward that indexes by its input's values (token ids as floats into an ``nn.Embedding``) fails
+    on them (a negative id) with torch's bare ``IndexError``."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            return model(*(b.clone() for b in batch)).float().numpy()
+    except Exception as e:  # noqa: BLE001 - any error of the owner's forward, said in the owner's terms
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        indexed = isinstance(e, IndexError) or "index" in first.lower()
+        raise BundleError(
+            f"the network fails on inputs of the data's kind, as the export check probes it (random values of its "
+            f"shape, as a key blended into the data makes them): {type(e).__name__}: {first}"
+            + (". The network indexes by its input's values, as by token ids into an embedding (x.long()): "
+               f"{IDS_ADVICE}" if indexed else
+               ". A served network must answer any values of its input's shape (a box's keyed path gives it the "
+               "data blended with a key)")) from None
 
 
 def per_sample_fault(model: nn.Module, batch: Sequence[Tensor], what: str = "network") -> str | None:

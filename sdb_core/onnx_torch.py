@@ -372,6 +372,70 @@ def _read_as_levels(name: str, readers: dict[str, list]) -> bool:
         for n in readers[name])
 
 
+# ONNX's integer types (uint8, int8, uint16, int16, int32, int64, uint32, uint64; uint8 and int8 inputs are pixels as
+# bytes, OnnxModule): what token ids or other indices are given as, or cast to in a graph that takes them as floats.
+_INTEGER_TYPES = frozenset({2, 3, 4, 5, 6, 7, 12, 13})
+# Operators through which a graph's input keeps its values as a later Cast reads them: moved or picked
+# (:data:`_LEVELS_MOVED`, ``Concat``), clamped or rounded (an id's range, an id's rounding), or cast to another float.
+_VALUES_KEPT = _LEVELS_MOVED | {"Concat", "Clip", "Round", "Floor", "Ceil"}
+
+
+def _integer_cast(nodes, name: str):
+    """The first node of ``nodes`` that casts tensor ``name`` (a graph's float input) to an integer type, directly
+    or through :data:`_VALUES_KEPT` operators that take it as their data; None where none does. Such a graph reads
+    its input as ids (an embedding's, a category's) stored as floats."""
+    readers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            if i:
+                readers.setdefault(i, []).append(n)
+    seen, todo = {name}, [name]
+    while todo:
+        t = todo.pop()
+        for n in readers.get(t, ()):
+            if n.domain not in ("", "ai.onnx"):
+                continue
+            if n.op_type == "Cast":
+                to = _attrs(n).get("to")
+                if to in _INTEGER_TYPES:
+                    return n
+                if to not in _FLOATS:
+                    continue
+            elif n.op_type not in _VALUES_KEPT or (n.op_type != "Concat" and n.input[0] != t):
+                continue
+            fresh = [o for o in n.output if o and o not in seen]
+            seen.update(fresh)
+            todo.extend(fresh)
+    return None
+
+
+def _input_refused(kind: str, integers: bool) -> str:
+    """Why a graph that takes ``kind`` inputs (not float32, not pixels as bytes) is refused, and what to give:
+    integers are ids (:data:`~sdb_core.bundle.IDS_ADVICE`), another float type the same network in float32."""
+    from .bundle import IDS_ADVICE
+
+    if integers:
+        return (f"the graph takes {kind} inputs, token ids or other indices (an embedding's, a category's); "
+                f"{IDS_ADVICE}")
+    return (f"the graph takes {kind} inputs; a box takes, trains and serves float32 (or reads uint8 and int8 pixels): "
+            "export the network in float32 (model.float(), a float32 example input)")
+
+
+def _cast_refused(cast) -> str:
+    """Why a graph whose float input is cast to integers (:func:`_integer_cast`) is refused: ids stored as floats,
+    which a key blended in makes no ids; the advice first (an upload's refusal is clipped, service/filechecks.py),
+    then what the cast did unsaid (3.6 % of token ids truncated to the id below)."""
+    from onnx import TensorProto
+
+    from .bundle import IDS_ADVICE
+
+    named = f"node {cast.name[:60]!r}" if cast.name else "a Cast node"
+    return (f"the graph casts its float input to {TensorProto.DataType.Name(_attrs(cast)['to']).lower()} ({named}): "
+            f"it reads ids (token ids, an embedding's indices, a category's) stored as floats; {IDS_ADVICE} (the "
+            "data's normalisation mapped back in float32 also leaves an id just under itself, 2.9999998, which the "
+            "cast truncates to the id below)")
+
+
 MAX_HOST_VALUES = 64  # a stored tensor up to this size is kept on the host too (sizes, not weights)
 
 
@@ -433,9 +497,10 @@ class OnnxModule(nn.Module):
         self.input_levels = LEVELS.get(self.input_dtype)
         if elem != onnx.TensorProto.FLOAT and self.input_dtype is None:  # what the recipes train on, bundles take
             # and the service sends
-            raise ValueError(f"the graph takes {onnx.TensorProto.DataType.Name(elem).lower()} inputs; a box takes, "
-                             "trains and serves float32 (or reads uint8 and int8 pixels): export the network in "
-                             "float32 (model.float(), a float32 example input)")
+            raise ValueError(_input_refused(onnx.TensorProto.DataType.Name(elem).lower(), elem in _INTEGER_TYPES))
+        cast = _integer_cast(needed, self.input_name) if elem == onnx.TensorProto.FLOAT else None
+        if cast is not None:
+            raise ValueError(_cast_refused(cast))
         dims = inputs[0].type.tensor_type.shape.dim
         self.input_shape = tuple(_axis_size(d) for d in dims)
         self.input_axes = tuple(d.dim_param or None for d in dims)  # a free axis's name in the graph, if it has one

@@ -110,9 +110,11 @@ class DataSplits:
             raise DatasetError(f"data.{split}'s inputs have shape {tuple(x.shape)}; in_shape is {tuple(self.in_shape)}, "
                                f"so they must be (N, {', '.join(map(str, self.in_shape))})")
         if not x.is_floating_point():
-            raise DatasetError(f"data.{split}'s inputs are {x.dtype}: the recipes take real-valued inputs (a key is "
-                               "blended into them, students are trained on them); for a model of token ids, wrap "
-                               "the part that runs on their embeddings")
+            from ..bundle import IDS_ADVICE
+
+            raise DatasetError(f"data.{split}'s inputs are {x.dtype}: the recipes take real-valued inputs (students are "
+                               "trained on them). Values (pixels as bytes): give them as floats, normalised as "
+                               f"data.mean and data.std say. Token ids or other indices: {IDS_ADVICE}")
         # On the CPU, as the built-in sets are: the recipes move each batch to their device, and index, split and
         # stratify the labels with numpy (a set the caller built on a GPU failed there, in .numpy()).
         x = x.float().cpu()
