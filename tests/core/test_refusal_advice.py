@@ -20,11 +20,9 @@ from sdb_core.weights import WeightsError, save_weights
 RARE = "a rare class's few inputs"
 
 
-def test_a_collapsed_box_is_told_to_lower_its_learning_rate_not_to_feed_a_rare_class(digits):
-    """A wrap at lr 10 on digits (balanced classes) collapses: each path answers one class or a few, ~10%. Its
-    class-balanced miss is its top-1 miss, so the refusal gave the rare-class advice (more inputs, more epochs) and
-    never named the learning rate; it says the box collapsed and names the rate as a flag and as a job's param."""
-    check = CheckConfig(max_attempts=1, leak_check=False, teacher_apart=True)
+def _wrapped_at_lr_10(digits, attempts: int) -> pytest.ExceptionInfo[WrapRefused]:
+    """A small MLP teacher of digits wrapped at lr 10 (one epoch an attempt): refused, the box collapsed."""
+    check = CheckConfig(max_attempts=attempts, leak_check=False, teacher_apart=True)
     seed_everything(0)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     train_classifier(teacher, teacher_data(digits, check).train, TrainConfig(epochs=10, lr=0.05, seed=0))
@@ -32,6 +30,14 @@ def test_a_collapsed_box_is_told_to_lower_its_learning_rate_not_to_feed_a_rare_c
     cfg = SDBConfig(train=replace(SDBConfig().train, epochs=1, lr=10.0))
     with pytest.raises(WrapRefused) as refused:
         wrap(teacher.eval(), digits, cfg, check=check, key=key)
+    return refused
+
+
+def test_a_collapsed_box_is_told_to_lower_its_learning_rate_not_to_feed_a_rare_class(digits):
+    """A wrap at lr 10 on digits (balanced classes) collapses: each path answers one class or a few, ~10%. Its
+    class-balanced miss is its top-1 miss, so the refusal gave the rare-class advice (more inputs, more epochs) and
+    never named the learning rate; it says the box collapsed and names the rate as a flag and as a job's param."""
+    refused = _wrapped_at_lr_10(digits, attempts=1)
     message, figures = str(refused.value), refused.value.report["figures"]
     assert figures["public_drop"] > 50 and figures["public_balanced_drop"] == pytest.approx(
         figures["public_drop"], abs=1.0), figures
@@ -43,14 +49,7 @@ def test_a_collapsed_box_is_told_to_lower_its_learning_rate_not_to_feed_a_rare_c
 def test_after_a_collapse_the_next_attempt_halves_the_learning_rate(digits):
     """The self-check lowered the rate only after a NaN: a box collapsed by lr 10 was retried at lr 10 (its other
     settings moved, which mend no rate too high) in every attempt. The attempt after a collapse halves it."""
-    check = CheckConfig(max_attempts=2, leak_check=False, teacher_apart=True)
-    seed_everything(0)
-    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-    train_classifier(teacher, teacher_data(digits, check).train, TrainConfig(epochs=10, lr=0.05, seed=0))
-    key = random_keys(1, digits.in_shape, digits.mean, digits.std, generator=torch.Generator().manual_seed(7))[0]
-    cfg = SDBConfig(train=replace(SDBConfig().train, epochs=1, lr=10.0))
-    with pytest.raises(WrapRefused) as refused:
-        wrap(teacher.eval(), digits, cfg, check=check, key=key)
+    refused = _wrapped_at_lr_10(digits, attempts=2)
     first, second = refused.value.report["attempts"]
     assert first["settings"]["lr"] == 10.0 and first["figures"]["public_drop"] > 50, first
     assert second["settings"]["lr"] == 5.0, second

@@ -182,6 +182,15 @@ async def svc(tmp_path, bundles):
     await manager.__aexit__(None, None, None)
 
 
+@pytest.fixture
+async def bare_svc(tmp_path, bundles):
+    """The app serving nothing yet (a test deploys what it needs)."""
+    service, manager = await start_service(make_settings(tmp_path / "data", bundles))
+    yield service
+    await service.client.aclose()
+    await manager.__aexit__(None, None, None)
+
+
 async def served_with_grpc(tmp_path: Path, master_file: Path, bundle: Path):
     """The app serving ``bundle`` in this test's event loop, gRPC on a free port too (a fixture's body: yields it,
     then stops it)."""

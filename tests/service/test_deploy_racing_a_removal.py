@@ -12,17 +12,14 @@ import pytest
 from service.registry import ModelHost
 from service.store import Store
 
-from .conftest import deploy, make_settings, start_service
+from .conftest import deploy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("db_url")]
 
 
 @pytest.fixture
-async def svc(tmp_path, bundles):
-    service, manager = await start_service(make_settings(tmp_path / "data", bundles))
-    yield service
-    await service.client.aclose()
-    await manager.__aexit__(None, None, None)
+def svc(bare_svc):
+    return bare_svc
 
 
 def routed(svc, method: str, url: str, headers: dict):

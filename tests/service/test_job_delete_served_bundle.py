@@ -12,15 +12,12 @@ from service.auth import create_key
 from service.jobs.queue import JobQueue
 from service.jobs.runner import attempt_artifacts, job_dir
 
-from .conftest import make_settings, sdb_bytes, start_service
+from .conftest import sdb_bytes
 
 
 @pytest.fixture
-async def svc(tmp_path, bundles):
-    service, manager = await start_service(make_settings(tmp_path / "data", bundles))
-    yield service
-    await service.client.aclose()
-    await manager.__aexit__(None, None, None)
+def svc(bare_svc):
+    return bare_svc
 
 
 def finished_job_with_a_bundle(svc, bundle) -> tuple[str, str, os.PathLike]:
