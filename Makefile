@@ -53,10 +53,9 @@ browser:
 # Two processes (pytest-xdist), a test file each at a time: most of the suite waits on servers, workers
 # and Ray it starts, and its torch runs one thread (tests/conftest.py), so one process leaves a core idle.
 # A file stays in one process because its module fixtures (trained models, a served app) are built once.
-# Files go out in the order tests/conftest.py gives them, the slowest first (SLOW_FIRST), not xdist's by test count.
 TEST_WORKERS ?= 2
 test: $(STAMP) postgres browser
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # docker-compose.yml's secrets: 32 random bytes each, hex, made once and kept, in a directory
 # private to you. Each file is mode 0600 and owned by the image's user (uid 10001), who reads it
