@@ -71,12 +71,23 @@ class Heartbeat(threading.Thread):
             self.ctx.halt(over, drop_artifacts=True)
 
     def run(self) -> None:
+        failures = 0  # in a row: the first is logged with its traceback, the rest in a line each (an outage of
+        # minutes logged a traceback every beat, and a job's end now waits for the store with its heartbeat going)
         while not self.done.wait(self.interval):
             try:
                 self.beat()
-            except Exception:  # the store briefly unreachable must not kill the job
-                log.warning("job %s: heartbeat failed", self.ctx.job.id, exc_info=True)
-                self.ctx.log("heartbeat failed: the store did not answer; trying again")
+            except Exception as e:  # the store briefly unreachable must not kill the job
+                failures += 1
+                if failures == 1:
+                    log.warning("job %s: heartbeat failed", self.ctx.job.id, exc_info=True)
+                    self.ctx.log("heartbeat failed: the store did not answer; trying again")
+                else:
+                    log.warning("job %s: heartbeat failed again (%d in a row): %s: %s", self.ctx.job.id, failures,
+                                type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+            else:
+                if failures:
+                    log.info("job %s: the heartbeat answered again after %d failure(s)", self.ctx.job.id, failures)
+                    failures = 0
             if self.hard_stop is not None and self.ctx.stuck(self.ctx.settings.job_stale_s) and not self.done.is_set():
                 grace = self.ctx.settings.job_stale_s
                 log.error("job %s did not stop within %.0f s of being asked (%s); ending its process",

@@ -17,7 +17,8 @@ from service.settings import Settings
 from service.store import Store
 
 
-def test_a_job_that_failed_during_an_outage_longer_than_settle_s_ends_with_its_own_reason(tmp_path, monkeypatch):
+def test_a_job_that_failed_during_an_outage_longer_than_settle_s_ends_with_its_own_reason(tmp_path, monkeypatch,
+                                                                                          caplog):
     for k in ("SDB_DATABASE_URL", "SDB_MASTER_KEY_FILE", "SDB_PEPPER_FILE", "SDB_SECRETS_DIR"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(runner, "SETTLE_S", 0.3)
@@ -41,6 +42,9 @@ def test_a_job_that_failed_during_an_outage_longer_than_settle_s_ends_with_its_o
         away.rename(folder)
         t.join(timeout=10)
         assert ended == ["failed"]
+    # Its heartbeat failed every 0.2 s meanwhile: one traceback, then a line a beat (a traceback each flooded the log)
+    beats = [r for r in caplog.records if r.name == runner.log.name and "heartbeat failed" in r.getMessage()]
+    assert len(beats) >= 3 and sum(r.exc_info is not None for r in beats) == 1, [r.getMessage() for r in beats]
     with closing(Store(url)) as api:
         assert JobQueue(api).reap(settings.job_stale_s) == []
         with api.session() as s:
