@@ -213,16 +213,16 @@ async def keyed_logits(model: HostedModel, x: np.ndarray, key: ApiKey, keyring: 
                        charge: KeyedCharge | None = None) -> np.ndarray:
     """The keyed logits of ``x``; ``charge``: what :func:`charge_keyed` took for them, when the caller passed it
     already. A call that fails after a quota's charge (the model timed out, ran out of memory, was removed, answered
-    NaN) gives the samples back before its error leaves: they were never served."""
+    NaN) or is cancelled gives the samples back before its error leaves: they were never served."""
     if charge is None:
         charge = await charge_keyed(model, len(x), key, keyring)
     try:
         z = await _served(model.logits(x, keyed=True, caller=key.id, gate=charge.gate), model)
     except GateTimeout:
         raise key_store_unavailable() from None
-    except Exception:
-        if charge.window is not None:
-            await _refund(keyring, key, len(x), charge.window)
+    except (Exception, asyncio.CancelledError):  # cancelled too (a server shutting down): nothing was served
+        if charge.window is not None:  # shielded: a cancelled request's refund still reaches the store
+            await asyncio.shield(_refund(keyring, key, len(x), charge.window))
         raise
     _count(model, "distill", len(x), key, keyring, metrics)
     return z

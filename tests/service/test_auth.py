@@ -282,3 +282,39 @@ def test_concurrent_flushes_record_usage_once_and_a_flush_returns_only_once_it_i
             ("digits-a", 1, 3), ("digits-b", 1, 2)]
     finally:
         store.close()
+
+
+async def test_a_keyed_call_cancelled_after_its_charge_gives_the_samples_back(svc, monkeypatch):
+    """The samples were given back on an error, not when the request itself was cancelled after its charge (a server
+    shutting down cancels what is in flight): they were never served, and stayed charged."""
+    import asyncio
+    import threading
+
+    from sdb_core.bundle import Bundle
+
+    release, real = threading.Event(), Bundle.network_logits
+
+    def held(self, *args, **kwargs):  # the model still running when the request is cancelled
+        release.wait(10)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Bundle, "network_logits", held)
+    h = svc.auth(svc.key(("distill",), quota=2, quota_window_s=3600))
+    used = lambda: svc.client.get("/v1/keys/me", headers=h)
+    call = asyncio.ensure_future(svc.client.post("/v1/models/digits-a/distill", json={"inputs": X.tolist()},
+                                                 headers=h))
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        if (await used()).json()["quota_used"] == 2:
+            break
+    else:
+        pytest.fail("the call was never charged")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    release.set()
+    for _ in range(100):  # the refund is made off the cancelled request, in a moment
+        if (await used()).json()["quota_used"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await used()).json()["quota_used"] == 0
