@@ -23,6 +23,7 @@ from . import errors
 from .auth import Keyring
 from .copies import sweep_leftovers
 from .direct import DirectRoutes
+from .disclosure import one_line
 from .jobs.queue import JobQueue
 from .metrics import Metrics
 from .middleware import ServiceApp
@@ -56,12 +57,6 @@ def register_demo(settings: Settings, store: Store, host: ModelHost) -> None:
 REPEAT_LOG_S = 60.0  # a background task that keeps failing the same way says so once a minute
 
 
-def _said(e: BaseException) -> str:
-    """A failure in one line: its type and its message's first line."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
 async def _every(seconds: float, fn: Callable[[], None], what: str) -> None:
     """Call ``fn`` every ``seconds``. A failure is logged with its traceback the first time; the same failure again
     (a store down for minutes: a traceback every tick flooded the log) once a minute in one line, and the recovery
@@ -74,7 +69,7 @@ async def _every(seconds: float, fn: Callable[[], None], what: str) -> None:
         try:
             await run_in_threadpool(fn)
         except Exception as e:
-            now, said = time.monotonic(), _said(e)
+            now, said = time.monotonic(), one_line(e)
             if said != failing:
                 log.exception("%s failed; will retry every %g s", what, seconds)
                 failing, since, last_said, count = said, now, now, 1

@@ -108,3 +108,9 @@ def failure_reason(e: BaseException, step: str, root: Path | None = None) -> str
             return text[:2000]
     return (f"the job failed at step {step!r} with an unexpected error; an administrator can read "
             "the details in the worker's log")
+
+
+def one_line(e: BaseException) -> str:
+    """An error in one line for an operator's log: its type and its message's first line (at most 200 characters)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__

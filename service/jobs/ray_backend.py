@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
+from ..disclosure import one_line
 from ..settings import Settings
 from ..store import JOB_DONE, JobRow, Store
 from .kinds import StaleJob, stored_params
@@ -190,7 +191,7 @@ def _join(ray, address: str, connect_s: float) -> None:
                 return
             except (ConnectionError, RuntimeError, TimeoutError) as e:
                 ray.shutdown()
-                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".replace(address, shown)
+                why = one_line(e).replace(address, shown)
         if time.monotonic() + RAY_RETRY_S > deadline:
             raise RayUnavailable(f"the Ray cluster at {shown} (SDB_RAY_ADDRESS) did not answer within {connect_s:.0f} s "
                                  f"({why}): start it, or fix SDB_RAY_ADDRESS (unset: a local Ray instance)")

@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sdb_core.progress import Cancelled
 from sdb_core.reports import finite_json, report_json
 
-from ..disclosure import failure_reason, hide_paths_in
+from ..disclosure import failure_reason, hide_paths_in, one_line
 from ..settings import Settings
 from ..store import JobRow
 from .context import JobContext
@@ -82,8 +82,8 @@ class Heartbeat(threading.Thread):
                     log.warning("job %s: heartbeat failed", self.ctx.job.id, exc_info=True)
                     self.ctx.log("heartbeat failed: the store did not answer; trying again")
                 else:
-                    log.warning("job %s: heartbeat failed again (%d in a row): %s: %s", self.ctx.job.id, failures,
-                                type(e).__name__, (str(e).splitlines() or [""])[0][:200])
+                    log.warning("job %s: heartbeat failed again (%d in a row): %s", self.ctx.job.id, failures,
+                                one_line(e))
             else:
                 if failures:
                     log.info("job %s: the heartbeat answered again after %d failure(s)", self.ctx.job.id, failures)

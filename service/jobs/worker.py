@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from sdb_core.bundle import cuda_visible
 
+from ..disclosure import one_line
 from ..settings import Settings, log_to_stderr
 from ..store import Store, shown_url, unreachable_reason
 from .queue import JobQueue
@@ -100,8 +101,7 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
                 # The store gone a moment, or a full disk: this worker waits it out (it exited, and a standalone
                 # `sdb worker` stayed dead); a job's end is stored once the store takes it (runner.settled).
                 outage = backoff(outage, settings)
-                log.warning("the job store or disk failed (%s: %s); trying again in %.0f s", type(e).__name__,
-                            str(e).splitlines()[0][:200] if str(e) else "", outage)
+                log.warning("the job store or disk failed (%s); trying again in %.0f s", one_line(e), outage)
                 if once:
                     raise
                 stop.wait(outage)
