@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sdb_client import Client, RemoteTeacher, SDBError
 from sdb_client import _base as wire
 
-from sdb_core.bundle import export_bundle, load_bundle
+from sdb_core.bundle import export_bundle, load_bundle, ort_options
 from sdb_core.data import load_dataset, transfer_split
 from sdb_core.distill import DistillConfig, distill, kd_loss
 from sdb_core.models import create_model
@@ -109,19 +109,6 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
-
-
-def session_options(threads: int):
-    """ONNX Runtime settings for the local keyed path: the server's (service/registry.py), so that both
-    teachers get the same threads; ORT's default (a thread per core, spinning while idle) takes CPU from
-    the student's training in the same process."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return so
 
 
 def student_for(data, args):
@@ -230,7 +217,7 @@ def main() -> int:
         print(f"building the {args.data} bundle (teacher {args.teacher_epochs} epochs, wrap {args.wrap_epochs})...",
               flush=True)
         bundle_path, master = build_bundle(data, root, args)
-        bundle = load_bundle(bundle_path, master, session_options=session_options(args.threads))
+        bundle = load_bundle(bundle_path, master, session_options=ort_options(args.threads, 1))  # the server's threads
         server = Server(root, bundle_path, args.threads)
         try:
             client = Client(server.url, server.key, batch_size=args.request_batch)

@@ -846,6 +846,8 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape, classes: int | Non
     saying why, otherwise: an unsupported operator, another input shape, a graph too large."""
     import onnxruntime as ort
 
+    from .bundle import ort_options
+
     model_bytes = source if isinstance(source, bytes) else open(source, "rb").read()  # noqa: SIM115
     if graph_entries(model_bytes) > MAX_GRAPH_ENTRIES:
         raise ValueError(f"the ONNX graph holds more than {MAX_GRAPH_ENTRIES} nodes, initializers and value infos")
@@ -857,7 +859,7 @@ def onnx_classifier(source: str | PathLike | bytes, in_shape, classes: int | Non
         why.append(f"the ONNX model takes its inputs channels last, {_shown(inner.input_shape)}: given them so")
     try:
         session = ort.InferenceSession(_with_output(model_bytes, inner.output_name, inner.graph_outputs),
-                                       providers=["CPUExecutionProvider"])
+                                       ort_options(), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 (onnxruntime's Fail, InvalidGraph, ... derive from Exception alone)
         raise ValueError(f"ONNX Runtime cannot run the graph: {_clipped(str(e))}") from None
 
@@ -1104,8 +1106,10 @@ class _Graph:
         import onnxruntime as ort
         from onnx.utils import Extractor
 
+        from .bundle import ort_options
+
         sub = Extractor(onnx.shape_inference.infer_shapes(self.model)).extract_model([start], [self.output])
-        session = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(sub.SerializeToString(), ort_options(), providers=["CPUExecutionProvider"])
         basis = np.concatenate([np.zeros((1, width)), np.eye(width)]).astype(np.float32)
         out = session.run(None, {start: basis})[0]
         return (out[1:] - out[0]).T, out[0]
@@ -1175,7 +1179,7 @@ def teacher_from_bundle(path: str | PathLike, family: str) -> tuple[nn.Module, d
     import onnxruntime as ort
 
     from .amalgamate.config import FAMILIES
-    from .bundle import INPUT_NAME
+    from .bundle import INPUT_NAME, ort_options
 
     if family not in FAMILIES:
         raise ValueError(f"unknown teacher family {family!r}; hosted teachers are {', '.join(FAMILIES)} networks")
@@ -1196,7 +1200,7 @@ def teacher_from_bundle(path: str | PathLike, family: str) -> tuple[nn.Module, d
 
     # The rebuild must compute what the hosted graph computes; random [0, 1] images, both ways.
     x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model_bytes, ort_options(), providers=["CPUExecutionProvider"])
     want = session.run(None, {INPUT_NAME: ((x.numpy() - np.array(mean, np.float32).reshape(1, -1, 1, 1))
                                            / np.array(std, np.float32).reshape(1, -1, 1, 1))})[0]
     with torch.no_grad():

@@ -43,6 +43,7 @@ from sdb_core.bundle import (
     check_class_names,
     load_bundle,
     onnx_providers,
+    ort_options,
     ort_out_of_memory,
     output_shape,
 )
@@ -719,13 +720,9 @@ class ModelHost:
     def session_options(self):
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.settings.ort_intra_op_threads
-        so.inter_op_num_threads = self.settings.ort_inter_op_threads
+        # threads that sleep between calls: spinning ones would steal the core the event loop needs
+        so = ort_options(self.settings.ort_intra_op_threads, self.settings.ort_inter_op_threads)
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Spinning worker threads would steal the core the event loop needs between calls.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if shared_cpu_arena(self.settings.model_memory_mb):
             so.add_session_config_entry("session.use_env_allocators", "1")
         return so

@@ -34,15 +34,9 @@ def load_target(ref: ModelRef, data, threads: int = 0):
     """What the attacker queries: a bundle loaded without its key, or a plain network; its input must be the data's."""
     if ref.kind == "weights":
         return ref.classifier(data, "target")
-    from ..bundle import load_bundle
+    from ..bundle import load_bundle, ort_options
 
-    options = None
-    if threads:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-    target = load_bundle(ref.bundle, session_options=options)
+    target = load_bundle(ref.bundle, session_options=ort_options(threads))
     if list(target.meta["input"]["shape"]) != list(data.in_shape):
         raise ValueError(f"{ref.describe()}: input shape {target.meta['input']['shape']} does not match "
                          f"{data.name}'s {list(data.in_shape)}")

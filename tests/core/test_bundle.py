@@ -439,3 +439,24 @@ def test_a_float32_network_exports_under_a_float64_default(tmp_path):
         torch.set_default_dtype(torch.float32)
     with torch.no_grad():
         assert np.abs(load_bundle(path).public_logits(x.numpy()) - net(x).numpy()).max() <= 1e-4
+
+
+def test_a_loaded_bundles_threads_sleep_between_runs_unless_the_caller_says_otherwise(tmp_path, digits, box, master):
+    """ONNX Runtime's default spins its threads after each run; a bundle is run beside other work in its process
+    (a distill's torch steps between its teacher's calls), which the spinning took the core from."""
+    import onnxruntime as ort
+
+    path = _export(box, digits, tmp_path / "b", master)
+
+    def spinning(b) -> dict:
+        options = b.session.get_session_options()
+        return {pool: options.get_session_config_entry(f"session.{pool}.allow_spinning") for pool in ("intra_op",
+                                                                                                      "inter_op")}
+
+    assert spinning(load_bundle(path, master)) == {"intra_op": "0", "inter_op": "0"}
+    given = ort.SessionOptions()
+    given.intra_op_num_threads = 1
+    given.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    b = load_bundle(path, master, session_options=given)
+    options = b.session.get_session_options()
+    assert options.intra_op_num_threads == 1 and options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
