@@ -23,7 +23,6 @@ SETTINGS = {"signals": SDBConfig(lam=0.5, train=replace(SDBConfig().train, epoch
 
 @pytest.fixture(scope="module", params=sorted(SETTINGS))
 def wrapped(request):
-    torch.set_num_threads(2)
     data, teacher = trained(request.param)
     key = random_keys(1, data.in_shape, data.mean, data.std, generator=torch.Generator().manual_seed(3))[0]
     return request.param, data, teacher, train_box(teacher, data, SETTINGS[request.param], key=key)
