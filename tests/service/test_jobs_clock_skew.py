@@ -24,6 +24,8 @@ from .jobs_helpers import FAST, QUICK, JobServer, key, prepare, stop_worker, wai
 pytestmark = pytest.mark.usefixtures("db_url")  # on SQLite and on PostgreSQL
 
 SKEW_S = 30.0  # twice the default SDB_JOB_STALE_S, ten times the tests' (FAST)
+# Reaper passes every 0.1 s (FAST's 0.5 s): a job of a few seconds meets dozens, and the test need not train for long.
+REAPING = {**FAST, "SDB_JOB_REAP_S": "0.1"}
 REAL_TIME = time.time
 
 
@@ -87,7 +89,7 @@ SKEWED_WORKER = ("import os, sys, time; real = time.time; skew = float(os.enviro
 
 
 def start_skewed_worker(data: Path, bundles, skew_s: float, log: Path) -> subprocess.Popen:
-    env = {**sdb_env(data, bundles), **FAST, "SDB_TEST_CLOCK_SKEW_S": str(skew_s)}
+    env = {**sdb_env(data, bundles), **REAPING, "SDB_TEST_CLOCK_SKEW_S": str(skew_s)}
     with log.open("w") as f:
         return subprocess.Popen([sys.executable, "-c", SKEWED_WORKER], env=env, stdout=subprocess.DEVNULL, stderr=f)
 
@@ -99,17 +101,17 @@ def test_workers_whose_clocks_are_30_s_apart_each_run_a_job_to_success(tmp_path,
     logs = {skew: tmp_path / f"worker{skew:+.0f}.log" for skew in (SKEW_S, -SKEW_S)}
     workers = {skew: start_skewed_worker(data, bundles, skew, log) for skew, log in logs.items()}
     try:
-        servers.append(JobServer(data, bundles, SDB_WORKERS="0"))  # its reaper's clock is right
+        servers.append(JobServer(data, bundles, **{**REAPING, "SDB_WORKERS": "0"}))  # its reaper's clock is right
         wait_for(lambda: all("worker worker:" in log.read_text() for log in logs.values()), 90, "both workers up")
         with Client(servers[0].url, token) as c:
-            # each job runs over many reaper passes (SDB_JOB_REAP_S 0.5 s): a host 30 s off, past SDB_JOB_STALE_S (3 s),
-            # took its heartbeats for a dead worker's at the first one
-            ids = [c.jobs.submit("distill", {**QUICK, "epochs": 200, "transfer": 1000, "seed": i})["id"]
+            # each job runs over many reaper passes (REAPING): a host 30 s off, past SDB_JOB_STALE_S (3 s), took its
+            # heartbeats for a dead worker's at the first one
+            ids = [c.jobs.submit("distill", {**QUICK, "epochs": 50, "transfer": 1000, "seed": i})["id"]
                    for i in range(2)]
             jobs = [c.jobs.wait(i, timeout=240, poll_s=0.2) for i in ids]
         for job in jobs:
             assert (job["status"], job["attempts"], job["error"]) == ("succeeded", 1, None), job
-            assert job["finished_at"] - job["started_at"] > 4 * float(FAST["SDB_JOB_REAP_S"]), job
+            assert job["finished_at"] - job["started_at"] > 4 * float(REAPING["SDB_JOB_REAP_S"]), job
         ran = {worker_pid(settings, j) for j in jobs}
         assert ran == {w.pid for w in workers.values()}, "each worker ran one job"
         for log in logs.values():
