@@ -78,12 +78,14 @@ def _new_data_dir_note(settings: Settings) -> str:
 
 def _preflight(settings: Settings, pepper: bool = True) -> None:
     """What ``sdb serve`` and ``sdb worker`` check before anything runs, each refusal one line naming the
-    setting: the data dir, the secrets (a worker reads no pepper), the store, the ONNX Runtime providers."""
+    setting: the data dir (the store's other processes' own), the secrets (a worker reads no pepper), the store, the
+    ONNX Runtime providers."""
     settings.prepare_data_dir()
     settings.check_secrets(pepper)  # SecretsError (exit 2, its message)
     store = open_store(settings.db_url)
     try:
         settings.check_fingerprints(store, pepper)  # a store made just now records them
+        settings.check_data_dir(store)
     finally:
         store.close()
     asked = [p.strip() for p in settings.ort_providers.split(",") if p.strip()]

@@ -94,8 +94,9 @@ def build_app(settings: Settings | None = None) -> FastAPI:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
             _ = settings.master_key, settings.pepper  # created 0600 on first start
             store = Store(settings.db_url)
-            try:  # a new store records them; another process's secrets are refused (settings.check_secrets)
+            try:  # a new store records them; another process's secrets or data dir are refused
                 settings.check_fingerprints(store)
+                settings.check_data_dir(store)
             except BaseException:
                 store.close()
                 raise

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sdb_core.protect.seal import MASTER_KEY_BYTES, load_or_create_master_key
 
 log = logging.getLogger("sdb.service")
+
+
+# In the data dir: its mark (Settings.data_dir_mark). The name is from when only Ray tasks checked it: a data dir
+# keeps the mark it has.
+DATA_DIR_MARK = ".ray-shared-mark"
 
 
 def _holds(store, table) -> bool:
@@ -369,6 +375,31 @@ class Settings(BaseSettings):
         finally:
             if store is not None:
                 store.close()
+
+    def data_dir_mark(self) -> str:
+        """The data dir's mark, a random id made on first use: the same wherever that filesystem is mounted."""
+        path = self.data_dir / DATA_DIR_MARK
+        try:
+            with open(path, "x") as f:
+                f.write(secrets.token_hex(16))
+        except FileExistsError:
+            pass
+        return path.read_text().strip()
+
+    def check_data_dir(self, store) -> None:
+        """SettingsError when this data dir is not the one the store's other processes use (the first one on the store
+        recorded its mark): a worker on a host with a data dir of its own ran jobs "succeeded" whose artifacts, logs
+        and deployed bundles the server never saw. A server and its workers write where the others read."""
+        mark = self.data_dir_mark()
+        if store.secret_matches("data_dir", mark):
+            return
+        path = self.data_dir / DATA_DIR_MARK
+        raise SettingsError(
+            f"SDB_DATA_DIR {self.data_dir} is not the data dir this store's other processes use (its mark, {path}, "
+            "is not the one the store recorded): every server and worker on one store shares one data dir, the same "
+            "filesystem at the same path, or the jobs' artifacts and the deployed bundles are written where the "
+            "others never read them. Mount the server's data dir here. If the one the store recorded is gone for "
+            f"good and this one replaces it, write the store's mark, {store.recorded_secret('data_dir')}, into {path}")
 
     def check_fingerprints(self, store, pepper: bool = True) -> None:
         """SecretsError when the master key or the pepper here is not the one the store records (its first process

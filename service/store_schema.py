@@ -234,9 +234,10 @@ def _v7(conn: Connection) -> None:
 
 
 class SecretCheckRow(Base):
-    """A fingerprint of each secret the store's rows are made under (an HMAC of a fixed label under the secret: it
-    tells nothing of the secret): a process whose master key or pepper is another's refuses to start (two replicas
-    on one store, each with its own secrets dir, each made its own)."""
+    """What every process on the store must share: a fingerprint of each secret its rows are made under (an HMAC of a
+    fixed label under the secret: it tells nothing of the secret), and the data dir's mark ("data_dir", a random id
+    kept in the data dir: Settings.check_data_dir). A process whose master key, pepper or data dir is another's
+    refuses to start (two replicas on one store, each with its own secrets dir, each made its own)."""
 
     __tablename__ = "secret_checks"
     name: Mapped[str] = mapped_column(String(32), primary_key=True)  # "master_key", "pepper"

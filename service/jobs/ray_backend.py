@@ -7,7 +7,7 @@ with the same runner as an embedded worker: heartbeat, progress, cancel, log and
 through the same store and data dir. The cluster's workers therefore need the data dir on a
 shared filesystem and the store reachable (PostgreSQL, or SQLite for a one-machine cluster); a task on
 a node whose data dir is another (no mount: a local folder at that path) fails its job saying so
-(:func:`shared_mark`) rather than leave its artifacts, or a deployed bundle, where the server never sees them.
+(``Settings.data_dir_mark``) rather than leave its artifacts, or a deployed bundle, where the server never sees them.
 A task whose process dies stops heartbeating, and the reaper ends its job like any other. Jobs are sent
 oldest first; one whose params no longer validate (queued before the server changed) fails there, saying
 so, and the jobs after it are sent as usual.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -39,7 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
 from ..disclosure import one_line
-from ..settings import Settings
+from ..settings import DATA_DIR_MARK, Settings
 from ..store import JOB_DONE, JobRow, Store
 from .kinds import StaleJob, stored_params
 from .queue import JobQueue
@@ -81,27 +80,13 @@ def node_settings(sent: dict) -> Settings:
     return Settings(**sent)
 
 
-SHARED_MARK = ".ray-shared-mark"  # in the data dir: a random id, the same wherever that filesystem is mounted
-
-
-def shared_mark(settings: Settings) -> str:
-    """The data dir's mark (made on first use): a task finds the same one where the data dir is shared with it."""
-    path = settings.data_dir / SHARED_MARK
-    try:
-        with open(path, "x") as f:
-            f.write(secrets.token_hex(16))
-    except FileExistsError:
-        pass
-    return path.read_text().strip()
-
-
 NOT_SHARED = ("it ran on a Ray node that does not share the server's data dir (the same filesystem at the same "
               "path), where its artifacts would be lost: an admin must mount it there on every Ray node")
 
 
 def run_task(settings_dict: dict, job_id: str, mark: str | None = None) -> str:
     """The Ray task: claim ``job_id`` and run it; ``skipped`` when it is no longer queued. On a node whose data dir
-    is not the server's (``mark``, :func:`shared_mark`) the job fails, saying so, and nothing is written there."""
+    is not the server's (``mark``, ``Settings.data_dir_mark``) the job fails, saying so, and nothing is written there."""
     from .runner import execute, prepare_process
     from .worker import end_process, first_to_go, worker_id
 
@@ -117,7 +102,7 @@ def run_task(settings_dict: dict, job_id: str, mark: str | None = None) -> str:
             return "skipped"
         if mark is not None:
             try:
-                here = (settings.data_dir / SHARED_MARK).read_text().strip()
+                here = (settings.data_dir / DATA_DIR_MARK).read_text().strip()
             except OSError:
                 here = None
             if here != mark:
@@ -224,14 +209,14 @@ class RayDispatcher(threading.Thread):
         self.inflight: dict[str, Sent] = {}  # job id → the task sent for it
         # A task whose job ended is given this long to return before it is ended.
         self.grace_s = max(settings.job_stale_s, 2 * settings.job_heartbeat_s)
-        self.mark: str | None = None  # the data dir's (shared_mark), sent with every task
+        self.mark: str | None = None  # the data dir's (Settings.data_dir_mark), sent with every task
 
     def run(self) -> None:
         import ray
 
         task = ray.remote(run_task)
         sent = task_settings(self.settings)
-        self.mark = shared_mark(self.settings)
+        self.mark = self.settings.data_dir_mark()
         while not self.stopped.wait(self.settings.job_poll_s):
             try:
                 self.poll(ray, task, sent)

@@ -71,6 +71,11 @@ def run_worker(settings: Settings, *, stop: threading.Event | None = None, once:
     store = open_when_up(settings, stop, once)
     if store is None:  # stopped while the store was unreachable
         return 0
+    try:  # what it writes (artifacts, logs, deployed bundles) is read by the others where they read it
+        settings.check_data_dir(store)
+    except BaseException:
+        store.close()
+        raise
     queue = JobQueue(store)
     me = worker_id()
     # A worker without a GPU in a pool with some leaves a new job to them for a few polls: an idle GPU worker

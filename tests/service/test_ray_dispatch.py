@@ -218,7 +218,7 @@ def test_a_task_on_a_node_without_the_shared_data_dir_fails_its_job_and_writes_n
         (_, args, _), = wait_for(lambda: fake_ray.sent, 10, "sent")
     finally:
         d.stop()
-    mark = (settings.data_dir / ray_backend.SHARED_MARK).read_text().strip()
+    mark = settings.data_dir_mark()
     assert args[2] == mark and len(mark) == 32
     # the same task on a node whose folder at that path is another one; run here, in the tests' process, which
     # must not become the first the kernel kills (servers started after it would inherit that, and the tests
