@@ -124,7 +124,8 @@ def _read_only_store(data_dir: Path) -> str:
     store = Store(settings.db_url)
     try:
         token, _ = create_key(store, settings.pepper, scopes=("admin",))
-        settings.check_fingerprints(store)  # as the first process on a store records them
+        settings.check_fingerprints(store)  # as the first process on a store records them, and its data dir's mark
+        settings.check_data_dir(store)
     finally:
         store.close()
     for p in data_dir.glob("sdb.sqlite3*"):
