@@ -1205,7 +1205,7 @@ def load_bundle(path: str | os.PathLike, master_key: bytes | None = None, *,
             raise BundleError(f"{path}: key shape {list(k.shape)} does not match the input shape")
         key = k.astype(np.float32)
     try:
-        session = ort.InferenceSession(files[MODEL_FILE], sess_options=session_options or ort_options(),
+        session = ort.InferenceSession(files[MODEL_FILE], sess_options=ort_options() if session_options is None else session_options,
                                        providers=providers or onnx_providers(), disabled_optimizers=UNFOLDED)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own hierarchy; a user sees one clear error
         if "external data" in str(e).lower():  # ORT refuses to read files beside a graph given as bytes; its

@@ -739,14 +739,14 @@ class Store:
 
     # ---------------------------------------------------------------- secrets
     def recorded_secret(self, name: str) -> str | None:
-        """The fingerprint recorded for the secret ``name`` (None: none yet)."""
+        """The fingerprint recorded for the secret ``name``, or the data dir's mark for "data_dir" (None: none yet)."""
         with self.session() as s:
             row = s.get(SecretCheckRow, name)
             return None if row is None else row.fingerprint
 
     def secret_matches(self, name: str, fingerprint: str) -> bool:
-        """Whether ``fingerprint`` is the one the store recorded for the secret ``name``; the first one given is
-        recorded (two processes starting at once: one records, the other compares with it)."""
+        """Whether ``fingerprint`` is the one the store recorded for ``name`` (a secret, or "data_dir": its mark); the
+        first one given is recorded (two processes starting at once: one records, the other compares with it)."""
         for _ in range(2):
             with self.session() as s:
                 row = s.get(SecretCheckRow, name)
